@@ -1,0 +1,28 @@
+"""Packaging for ION. Install with `pip install .` (twistd then finds the `cc` plugin)."""
+
+import re
+
+from setuptools import find_packages, setup
+
+with open("ion/__init__.py") as f:
+    version = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+setup(
+    name="ion",
+    version=version,
+    description="ION capability container and data pump on Twisted",
+    packages=find_packages(include=["ion", "ion.*"]) + ["twisted.plugins"],
+    package_data={"ion.core.messaging": ["*.xml"]},
+    python_requires=">=3.11",
+    install_requires=[
+        "twisted[tls,conch]>=23.10",
+        "txamqp>=0.8.2",
+        "msgpack>=1.0",
+        "treq>=23.1",
+        "pyopenssl",
+        "service-identity",
+        "zope.interface",
+    ],
+    extras_require={"test": ["pika>=1.3"]},
+    entry_points={"console_scripts": ["ion = ion.__main__:main"]},
+)
