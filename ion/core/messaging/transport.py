@@ -1,0 +1,116 @@
+"""The transport interface: what every wire (memory://, amqp://) offers the layers above.
+
+A transport owns exchanges, queues and bindings on one broker connection and moves opaque
+byte bodies with a small set of AMQP-like properties. Everything above it (envelopes,
+conversations, processes) is written against this interface only, so that the same tests
+run on every transport.
+
+Semantics every transport keeps:
+- exchanges are `topic`, `direct` or `fanout`; topic bindings use `*` (one word) and `#`
+  (zero or more words), words separated by dots;
+- `publish(..., mandatory=True)` of a message that no queue receives raises `Unroutable`
+  at once (the caller learns that the receiver does not exist);
+- a consumer gets at most `prefetch` unacknowledged deliveries; `nack(requeue=True)` puts the
+  message back at the head of its queue with `redelivered` set;
+- exclusive queues belong to the connection that declared them; auto-delete queues vanish
+  when their last consumer is cancelled.
+"""
+
+import attr
+from zope.interface import Attribute, Interface
+
+
+class TransportError(Exception):
+    """Something went wrong on the wire (connection lost, broker refused an operation)."""
+
+
+class Unroutable(TransportError):
+    """A mandatory message matched no queue: nobody is there to receive it."""
+
+    def __init__(self, exchange, routing_key):
+        super().__init__(f"no queue for routing key {routing_key!r} on exchange {exchange!r}")
+        self.exchange = exchange
+        self.routing_key = routing_key
+
+
+class ConnectionLost(TransportError):
+    """The broker connection went away before the operation completed."""
+
+
+class QueueInUse(TransportError):
+    """An exclusive queue is owned by another connection, or already has a consumer."""
+
+
+class NotFound(TransportError):
+    """The named exchange or queue does not exist."""
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Properties:
+    """AMQP basic properties a transport carries. `user_id` is set by the transport on publish
+    to the connection's authenticated user; receivers may trust it."""
+
+    content_type: str = "application/msgpack"
+    delivery_mode: int = 1  # 1 transient, 2 persistent
+    message_id: str | None = None
+    user_id: str | None = None
+    headers: dict = attr.ib(factory=dict)
+    timestamp: int | None = None
+    expiration: str | None = None
+
+
+class IDelivery(Interface):
+    """One message handed to a consumer."""
+
+    body = Attribute("bytes")
+    exchange = Attribute("name of the exchange it was published to")
+    routing_key = Attribute("str")
+    properties = Attribute("Properties")
+    redelivered = Attribute("bool: this message was delivered before and not acked")
+
+    def ack():
+        """Settle the message: it is gone from the queue."""
+
+    def nack(requeue=True):
+        """Refuse the message; with requeue it goes back to the head of its queue."""
+
+
+class IConsumer(Interface):
+    queue = Attribute("name of the queue consumed")
+
+    def cancel():
+        """Stop delivering; unacked messages return to the queue. Returns a Deferred."""
+
+
+class ITransport(Interface):
+    """One connection to a broker. All methods return Deferreds (or are coroutines)."""
+
+    user = Attribute("the authenticated user name of this connection")
+
+    def connect():
+        """Open the connection."""
+
+    def close():
+        """Close; consumers are cancelled, exclusive queues deleted."""
+
+    def declare_exchange(name, type="topic", durable=False, auto_delete=False):
+        """Create the exchange if missing (idempotent)."""
+
+    def declare_queue(name, durable=False, exclusive=False, auto_delete=False):
+        """Create the queue if missing (idempotent); returns its name."""
+
+    def delete_queue(name):
+        """Delete the queue and the messages in it."""
+
+    def bind(queue, exchange, routing_key):
+        """Route messages matching routing_key on exchange into queue."""
+
+    def unbind(queue, exchange, routing_key):
+        """Remove a binding."""
+
+    def publish(exchange, routing_key, body, properties=None, mandatory=True):
+        """Publish bytes. Fires when the broker has accepted the message (confirmed);
+        fails with Unroutable when mandatory and no queue matched."""
+
+    def consume(queue, callback, prefetch=100):
+        """Deliver messages of queue to callback(IDelivery); returns an IConsumer."""
