@@ -1,0 +1,161 @@
+"""
+Per-namespace log levels and password redaction on top of L{twisted.logger}.
+
+Levels come from C{res/config/loglevels.cfg} (and an optional
+C{loglevelslocal.cfg}): a literal list of C{(namespace, level)} pairs where a
+namespace covers the dotted names below it. Every line written through
+L{make_observer} has the passwords of URLs replaced by C{***}.
+"""
+
+import os
+import re
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    InvalidLogLevelError,
+    LogLevel,
+    LogLevelFilterPredicate,
+    eventAsText,
+    textFileLogObserver,
+)
+from zope.interface import implementer
+
+from ion.core.config import ConfigError, node_line, read_literal_tree
+
+LEVELS_FILES = ("loglevels.cfg", "loglevelslocal.cfg")
+
+_PAIRS = "a list of (namespace, level) pairs"
+_LEVEL_NAMES = ", ".join(level.name for level in LogLevel.iterconstants())
+
+
+def _parse_level(name):
+    try:
+        return LogLevel.levelWithName(name.lower())
+    except InvalidLogLevelError:
+        return None
+
+
+def read_levels_file(path):
+    """
+    Read one log levels file.
+
+    @return: a list of C{(namespace, LogLevel)} in file order.
+    @raise ConfigError: the file is missing or malformed, or names an unknown level.
+    """
+    entries, node = read_literal_tree(path, (list, tuple), _PAIRS)
+    levels = []
+    for index, entry in enumerate(entries):
+        line = node_line(node, index)
+        if (
+            not isinstance(entry, (tuple, list))
+            or len(entry) != 2
+            or not all(isinstance(part, str) for part in entry)
+        ):
+            raise ConfigError(
+                f"each entry must be a (namespace, level) pair of strings, got {entry!r}",
+                path,
+                line,
+            )
+        namespace, name = entry
+        level = _parse_level(name)
+        if level is None:
+            raise ConfigError(
+                f"unknown log level {name!r} in {entry!r}; valid levels are {_LEVEL_NAMES}",
+                path,
+                line,
+            )
+        levels.append((namespace, level))
+    return levels
+
+
+def load_levels(res_dir="res"):
+    """
+    Read C{<res_dir>/config/loglevels.cfg} (required) and then
+    C{loglevelslocal.cfg} (if present).
+
+    @return: a list of C{(namespace, LogLevel)}; later entries win.
+    @raise ConfigError: a file is missing or malformed, or names an unknown level.
+    """
+    required, local = (os.path.join(res_dir, "config", name) for name in LEVELS_FILES)
+    levels = read_levels_file(required)
+    if os.path.exists(local):
+        levels += read_levels_file(local)
+    return levels
+
+
+def level_predicate(levels, default=LogLevel.info):
+    """
+    A filter predicate passing events at or above their namespace's level.
+
+    @param levels: C{(namespace, LogLevel)} pairs; later pairs win. A namespace
+        covers the dotted names below it unless they have their own pair.
+    @param default: the level for namespaces no pair covers.
+    @rtype: L{LogLevelFilterPredicate}
+    """
+    predicate = LogLevelFilterPredicate(defaultLogLevel=default)
+    for namespace, level in levels:
+        predicate.setLogLevelForNamespace(namespace, level)
+    return predicate
+
+
+# scheme://user:password@ -- the password is everything up to the last '@'
+# before the host, as urllib.parse reads it, so an unescaped '@' in the
+# password cannot leak its tail. Quotes and brackets end a URL in prose/reprs.
+_URL_PASSWORD = re.compile(
+    r"(?P<prefix>[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#:'\"<>]*:)"
+    r"(?P<password>[^\s/?#'\"<>]+)"
+    r"(?=@)"
+)
+
+
+def redact(text):
+    """
+    Replace the password of every URL with credentials in C{text} by C{***}.
+
+    C{amqp://user:secret@host/vh} becomes C{amqp://user:***@host/vh}; URLs
+    without a password are left alone.
+    """
+    return _URL_PASSWORD.sub(r"\g<prefix>***", text)
+
+
+_KEPT_FIELDS = ("log_time", "log_level", "log_namespace")
+
+
+@implementer(ILogObserver)
+class RedactingObserver:
+    """
+    Pass events on with every password in their text redacted.
+
+    The wrapped observer receives a copy of each event whose C{log_format} is
+    the redacted, fully formatted message (traceback included) and which keeps
+    only time, level, namespace and system: the raw fields and the failure,
+    which may hold secrets, are dropped.
+    """
+
+    def __init__(self, observer):
+        self._observer = observer
+
+    def __call__(self, event):
+        text = redact(eventAsText(event, includeTimestamp=False, includeSystem=False))
+        safe = {key: event[key] for key in _KEPT_FIELDS if key in event}
+        safe["log_format"] = text.replace("{", "{{").replace("}", "}}")
+        if event.get("log_system") is not None:
+            try:
+                safe["log_system"] = redact(str(event["log_system"]))
+            except Exception:  # noqa: BLE001 -- a log line must never raise
+                safe["log_system"] = "UNFORMATTABLE"
+        self._observer(safe)
+
+
+def make_observer(file, levels, default=LogLevel.info):
+    """
+    An observer writing redacted text lines to C{file}, filtered by C{levels}.
+
+    @param file: a text file, as for L{textFileLogObserver}.
+    @param levels: C{(namespace, LogLevel)} pairs, e.g. from L{load_levels}.
+    @param default: the level for namespaces no pair covers.
+    """
+    return FilteringLogObserver(
+        RedactingObserver(textFileLogObserver(file)), [level_predicate(levels, default)]
+    )
