@@ -1,0 +1,183 @@
+"""`.app` and `.rel` files: Python literals describing applications and releases.
+
+An application file (`res/apps/<name>.app`):
+
+    {'type': 'application', 'name': 'hello', 'description': '...', 'version': '0.1',
+     'mod': ('ion.apps.hello.app', [], {'instances': 1}),
+     'applications': ['ioncore'], 'registered': ['hello'],
+     'config': {'ion.apps.hello': {'greeting': 'Hello'}}}
+
+A release file (`res/deploy/<name>.rel`):
+
+    {'type': 'release', 'name': 'demo', 'version': '0.1',
+     'apps': [{'name': 'hello', 'version': '0.1', 'config': {...}, 'args': {...}, 'mult': 1}]}
+
+Both are read with `ast.literal_eval` and checked before anything starts; every problem is an
+`AppFileError` with one line naming the file and the key.
+"""
+
+import os
+
+import attr
+
+from ion.core.config import ConfigError, read_literal_file
+
+APP_KEYS = {
+    "type": str,
+    "name": str,
+    "description": str,
+    "version": str,
+    "mod": tuple,
+    "applications": list,
+    "registered": list,
+    "config": dict,
+}
+APP_REQUIRED = ("type", "name", "mod")
+REL_KEYS = {"type": str, "name": str, "description": str, "version": str, "apps": list}
+REL_APP_KEYS = {"name": str, "version": str, "config": dict, "args": dict, "mult": int}
+
+
+class AppFileError(Exception):
+    """A bad .app or .rel file; the message is one line naming the file and the key."""
+
+
+@attr.s(auto_attribs=True)
+class AppSpec:
+    path: str
+    name: str
+    module: str
+    args: list
+    kwargs: dict
+    version: str = ""
+    description: str = ""
+    applications: list = attr.ib(factory=list)
+    registered: list = attr.ib(factory=list)
+    config: dict = attr.ib(factory=dict)
+
+
+@attr.s(auto_attribs=True)
+class RelEntry:
+    name: str
+    version: str = ""
+    config: dict = attr.ib(factory=dict)
+    args: dict = attr.ib(factory=dict)
+    mult: int = 1
+
+
+@attr.s(auto_attribs=True)
+class RelSpec:
+    path: str
+    name: str
+    version: str
+    apps: list
+
+
+def _type_name(t):
+    return {str: "a string", list: "a list", tuple: "a tuple", dict: "a dict", int: "an int"}[t]
+
+
+def _check_keys(path, data, keys, where=""):
+    unknown = sorted(set(data) - set(keys), key=str)
+    if unknown:
+        raise AppFileError(
+            f"{path}: unknown key {unknown[0]!r}{where}; valid keys are {', '.join(sorted(keys))}"
+        )
+    for key, expected in keys.items():
+        if key in data:
+            value = data[key]
+            ok = isinstance(value, expected) or (expected is tuple and isinstance(value, list))
+            if not ok or (expected is int and isinstance(value, bool)):
+                raise AppFileError(
+                    f"{path}: key {key!r}{where} must be {_type_name(expected)}, "
+                    f"got {type(value).__name__}"
+                )
+
+
+def _read(path):
+    try:
+        data = read_literal_file(path, expect=dict)
+    except ConfigError as e:
+        raise AppFileError(str(e)) from None
+    return data
+
+
+def read_app(path):
+    """Parse and check an .app file; returns an AppSpec."""
+    data = _read(path)
+    _check_keys(path, data, APP_KEYS)
+    for key in APP_REQUIRED:
+        if key not in data:
+            raise AppFileError(f"{path}: missing key {key!r}")
+    if data["type"] != "application":
+        raise AppFileError(f"{path}: key 'type' must be 'application', got {data['type']!r}")
+    mod = tuple(data["mod"])
+    if not 1 <= len(mod) <= 3 or not isinstance(mod[0], str) or not mod[0]:
+        raise AppFileError(f"{path}: key 'mod' must be (module, [args], {{kwargs}})")
+    args = mod[1] if len(mod) > 1 else []
+    kwargs = mod[2] if len(mod) > 2 else {}
+    if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+        raise AppFileError(f"{path}: key 'mod' must be (module, [args], {{kwargs}})")
+    for key in ("applications", "registered"):
+        for item in data.get(key, []):
+            if not isinstance(item, str):
+                raise AppFileError(f"{path}: key {key!r} must list names (strings), got {item!r}")
+    _check_config(path, data.get("config", {}), "config")
+    return AppSpec(
+        path=path,
+        name=data["name"],
+        module=mod[0],
+        args=list(args),
+        kwargs=dict(kwargs),
+        version=data.get("version", ""),
+        description=data.get("description", ""),
+        applications=list(data.get("applications", [])),
+        registered=list(data.get("registered", [])),
+        config=data.get("config", {}),
+    )
+
+
+def _check_config(path, config, where):
+    for module, section in config.items():
+        if not isinstance(module, str) or not isinstance(section, dict):
+            raise AppFileError(
+                f"{path}: key {where!r} must map module names to dicts, got {module!r}: "
+                f"{type(section).__name__}"
+            )
+
+
+def read_rel(path):
+    """Parse and check a .rel file; returns a RelSpec."""
+    data = _read(path)
+    _check_keys(path, data, REL_KEYS)
+    for key in ("type", "name", "apps"):
+        if key not in data:
+            raise AppFileError(f"{path}: missing key {key!r}")
+    if data["type"] != "release":
+        raise AppFileError(f"{path}: key 'type' must be 'release', got {data['type']!r}")
+    entries = []
+    for i, entry in enumerate(data["apps"]):
+        where = f" in apps[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict):
+            raise AppFileError(f"{path}: apps[{i}] must be a dict or an app name")
+        _check_keys(path, entry, REL_APP_KEYS, where)
+        if "name" not in entry:
+            raise AppFileError(f"{path}: missing key 'name'{where}")
+        _check_config(path, entry.get("config", {}), f"apps[{i}].config")
+        entries.append(RelEntry(**entry))
+    return RelSpec(path=path, name=data["name"], version=data.get("version", ""), apps=entries)
+
+
+def find_file(name_or_path, res_dir, kind):
+    """A path for an app/rel given by path or by name (looked up in res/apps or res/deploy)."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    folder = {"app": "apps", "rel": "deploy"}[kind]
+    base = os.path.basename(name_or_path)
+    if not base.endswith("." + kind):
+        base += "." + kind
+    candidate = os.path.join(res_dir, folder, base)
+    if os.path.exists(candidate):
+        return candidate
+    raise AppFileError(f"{name_or_path}: no such file (also looked for {candidate})")

@@ -1,0 +1,154 @@
+"""Starting and stopping applications in dependency order.
+
+`AppController.start_files([...])` reads every .app/.rel given (and, by name from res/apps, the
+apps they depend on), checks them all, and only then starts the apps, dependencies first
+(`graphlib`); `stop_all()` stops them in reverse. An app module offers
+`start(container, app, **kwargs)` returning its state (usually its top process, or an awaitable
+of it) and optionally `stop(container, state)`; without `stop`, the state's `terminate()` is
+awaited.
+
+Per-app kwargs: the `mod` kwargs of the .app < `args` of the .rel entry < `apparg_<app>` given
+on the command line. App `config` and then rel entry `config` are layered into the live config
+before the app starts.
+"""
+
+import graphlib
+import importlib
+import inspect
+
+from twisted.logger import Logger
+
+from ion.core.app.appfile import AppFileError, find_file, read_app, read_rel
+
+log = Logger()
+
+
+class RunningApp:
+    def __init__(self, spec, module, state):
+        self.spec = spec
+        self.module = module
+        self.state = state
+
+    @property
+    def name(self):
+        return self.spec.name
+
+
+class AppController:
+    """The apps of one container."""
+
+    def __init__(self, container, apparg=None):
+        self.container = container
+        self.apparg = dict(apparg or {})
+        self.running = {}
+
+    def plan(self, files):
+        """Read and check files (and dependencies); returns [(AppSpec, kwargs, config layers)]
+        in start order, leaving out apps already running. Raises AppFileError."""
+        res_dir = self.container.res_dir
+        wanted = {}  # name -> (spec, rel entry or None)
+        for item in files:
+            if item.endswith(".rel"):
+                rel = read_rel(find_file(item, res_dir, "rel"))
+                for entry in rel.apps:
+                    spec = read_app(find_file(entry.name, res_dir, "app"))
+                    wanted[spec.name] = (spec, entry)
+            else:
+                spec = read_app(find_file(item, res_dir, "app"))
+                wanted[spec.name] = (spec, wanted.get(spec.name, (None, None))[1])
+        graph = {}
+        todo = list(wanted)
+        while todo:
+            name = todo.pop()
+            spec = wanted[name][0]
+            graph[name] = set(spec.applications)
+            for dep in spec.applications:
+                if dep not in wanted and dep not in self.running:
+                    try:
+                        path = find_file(dep, res_dir, "app")
+                    except AppFileError:
+                        raise AppFileError(
+                            f"{spec.path}: key 'applications' names {dep!r}, "
+                            f"but there is no {res_dir}/apps/{dep}.app"
+                        ) from None
+                    wanted[dep] = (read_app(path), None)
+                    todo.append(dep)
+        try:
+            order = list(graphlib.TopologicalSorter(graph).static_order())
+        except graphlib.CycleError as e:
+            cycle = " -> ".join(e.args[1])
+            raise AppFileError(f"{wanted[e.args[1][0]][0].path}: dependency cycle {cycle}") from None
+        self._check_registered([wanted[n][0] for n in order if n in wanted])
+        plan = []
+        for name in order:
+            if name in self.running or name not in wanted:
+                continue
+            spec, entry = wanted[name]
+            try:
+                importlib.import_module(spec.module)
+            except ImportError as e:
+                raise AppFileError(f"{spec.path}: key 'mod': cannot import {spec.module!r}: {e}")
+            kwargs = dict(spec.kwargs)
+            layers = [(f"app {name}", spec.config)]
+            if entry is not None:
+                kwargs.update(entry.args)
+                layers.append((f"rel entry {name}", entry.config))
+            kwargs.update(self._apparg(name))
+            plan.append((spec, kwargs, layers))
+        return plan
+
+    def _apparg(self, name):
+        value = self.apparg.get(name, {})
+        if not isinstance(value, dict):
+            raise AppFileError(f"apparg_{name}: must be a dict literal, got {value!r}")
+        return value
+
+    def _check_registered(self, specs):
+        owner = {}
+        for app in self.running.values():
+            for reg in app.spec.registered:
+                owner[reg] = app.spec
+        for spec in specs:
+            for reg in spec.registered:
+                if reg in owner and owner[reg].name != spec.name:
+                    raise AppFileError(
+                        f"{spec.path}: key 'registered': {reg!r} is already registered by "
+                        f"app {owner[reg].name!r} ({owner[reg].path})"
+                    )
+                owner[reg] = spec
+
+    async def start_files(self, files):
+        """Check everything, then start the apps in dependency order."""
+        for spec, kwargs, layers in self.plan(files):
+            await self._start(spec, kwargs, layers)
+
+    async def _start(self, spec, kwargs, layers):
+        for name, layer in layers:
+            if layer:
+                self.container.config.add_layer(name, layer)
+        module = importlib.import_module(spec.module)
+        state = module.start(self.container, spec, *spec.args, **kwargs)
+        if inspect.isawaitable(state):
+            state = await state
+        self.running[spec.name] = RunningApp(spec, module, state)
+        log.info("started app {name} {version}", name=spec.name, version=spec.version)
+
+    async def stop(self, name):
+        app = self.running.pop(name)
+        stop = getattr(app.module, "stop", None)
+        if stop is not None:
+            result = stop(self.container, app.state)
+        elif app.state is not None and hasattr(app.state, "terminate"):
+            result = None if app.state.lifecycle.final else app.state.terminate()
+        else:
+            result = None
+        if inspect.isawaitable(result):
+            await result
+        log.info("stopped app {name}", name=name)
+
+    async def stop_all(self):
+        for name in reversed(list(self.running)):
+            try:
+                await self.stop(name)
+            except Exception:
+                log.failure("app {name} failed to stop", name=name)

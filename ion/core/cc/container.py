@@ -1,0 +1,117 @@
+"""The capability container: the composition root that wires config, transport and processes.
+
+One container = one broker connection (transport), one system (sysname), a process registry
+and the apps it runs. Several containers may live in one OS process (tests do this): nothing
+here is global, the reactor and config are passed in.
+"""
+
+import os
+import socket
+
+from twisted.logger import Logger
+
+from ion.core.app.controller import AppController
+from ion.core.messaging import codec
+from ion.core.messaging.messenger import Messenger
+from ion.core.process.registry import ProcessRegistry, resolve
+
+log = Logger()
+
+MESSAGING = "ion.core.messaging"
+
+
+def default_container_id():
+    """`<host>_<pid>`, the host's short name with characters that routing keys dislike replaced."""
+    host = socket.gethostname().split(".")[0] or "localhost"
+    host = "".join(c if c.isalnum() or c == "-" else "-" for c in host)
+    return f"{host}_{os.getpid()}"
+
+
+def make_transport(url, reactor, memory_broker=None):
+    """The transport for a broker URL: `memory://` or `amqp[s]://user:pass@host:port/vhost`."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "memory":
+        from ion.core.messaging.memory import MemoryBroker, MemoryTransport
+
+        return MemoryTransport(memory_broker or MemoryBroker(), reactor)
+    if scheme in ("amqp", "amqps"):
+        from ion.core.messaging.amqp import AmqpTransport
+
+        return AmqpTransport(url, reactor)
+    raise ValueError(f"unsupported broker URL scheme {scheme!r}: use memory://, amqp:// or amqps://")
+
+
+class Container:
+    """A running container. Start with `await start()`, stop with `await stop()`."""
+
+    def __init__(
+        self, config, reactor, transport, container_id=None, sysname=None, res_dir="res", clock=None
+    ):
+        self.config = config
+        self.reactor = reactor
+        self.clock = clock or reactor  # timeouts and timers; tests pass a task.Clock
+        self.transport = transport
+        self.id = container_id or default_container_id()
+        self.sysname = sysname or config.get(MESSAGING, "sysname", "ion")
+        self.res_dir = res_dir
+        limits = codec.Limits.from_config(config.section(MESSAGING))
+        self.messenger = Messenger(transport, self.sysname, limits)
+        self.registry = ProcessRegistry(self.id)
+        self.apps = AppController(self)
+        self.running = False
+
+    def __repr__(self):
+        return f"<Container {self.id} sysname={self.sysname}>"
+
+    async def start(self):
+        await self.transport.connect()
+        await self.messenger.start()
+        self.running = True
+        log.info("container {id} started in system {sysname}", id=self.id, sysname=self.sysname)
+
+    async def stop(self):
+        """Stop apps (reverse start order), then remaining processes (newest first), then the
+        connection."""
+        if not self.running:
+            return
+        self.running = False
+        await self.apps.stop_all()
+        for proc in reversed(self.registry.top_level()):
+            if not proc.lifecycle.final:
+                try:
+                    await proc.terminate()
+                except Exception:
+                    log.failure("could not terminate {proc!r}", proc=proc)
+        await self.transport.close()
+        log.info("container {id} stopped", id=self.id)
+
+    async def spawn(self, spec, name=None, args=None, parent=None, register=False):
+        """Create, initialize and activate a process; returns it once it can receive.
+        `register=True` reserves `name` in the registry (unique in this container)."""
+        cls = resolve(spec)
+        proc = cls(self, self.registry.next_pid(), name=name, args=args, parent=parent)
+        self.registry.add(proc, registered=name if register else None)
+        try:
+            await proc.initialize()
+            await proc.activate()
+        except BaseException:
+            if not proc.lifecycle.final:
+                await proc.terminate()
+            self.registry.remove(proc)
+            raise
+        log.info("spawned {proc!r}", proc=proc)
+        return proc
+
+    async def terminate(self, pid_or_name):
+        proc = self.registry.get(pid_or_name)
+        if proc is None:
+            raise KeyError(f"no process {pid_or_name!r} in container {self.id}")
+        await proc.terminate()
+        return proc
+
+    def ps(self):
+        """Rows (pid, name, class, state, parent pid) of the live processes, in spawn order."""
+        return [
+            (p.pid, p.name, type(p).__name__, p.state, p.parent.pid if p.parent else "")
+            for p in self.registry
+        ]

@@ -1,0 +1,32 @@
+"""The core app (`res/apps/ioncore.app`): the container's own process.
+
+It serves the service `cc_<containerid>` with ops `ping` (who and where am I) and `ps` (the
+processes of this container), so tools and other containers can ask a container about itself.
+"""
+
+import os
+import time
+
+from ion.core.process import ServiceProcess
+
+
+class ContainerProcess(ServiceProcess):
+    def __init__(self, container, pid, name=None, args=None, parent=None):
+        args = dict(args or {}, service=f"cc_{container.id}")
+        super().__init__(container, pid, name, args, parent)
+        self.started = time.time()
+
+    def op_ping(self, content, headers):
+        return {
+            "container": self.container.id,
+            "sysname": self.container.sysname,
+            "os_pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 3),
+        }
+
+    def op_ps(self, content, headers):
+        return [list(row) for row in self.container.ps()]
+
+
+def start(container, app):
+    return container.spawn(ContainerProcess)

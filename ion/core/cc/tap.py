@@ -1,0 +1,287 @@
+"""`twistd -n cc [options] [app and rel files]`: command line options and the container service.
+
+Bad input (a missing or malformed .app/.rel/config file, a bad -D) is one line on stderr and
+exit status 2; nothing starts. The container boots once the reactor runs: transport, the core
+app, then the given apps in dependency order. A failed boot is logged and the process exits
+with status 1. SIGTERM/SIGINT (and Ctrl-D in the shell) stop apps in reverse order.
+"""
+
+import ast
+import atexit
+import os
+import signal
+import sys
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.logger import ILogObserver, Logger, LogLevel
+from twisted.python import usage
+
+import ion
+from ion.core import log as ionlog
+from ion.core.app.appfile import AppFileError
+from ion.core.app.controller import AppController
+from ion.core.config import Config, ConfigError, parse_define
+
+log = Logger()
+
+CORE_APP = "ioncore"
+
+
+def find_res_dir():
+    """`./res` when run from a checkout (the README's way), else the res/ next to the package."""
+    if os.path.isdir("res"):
+        return "res"
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ion.__file__))), "res")
+
+
+def parse_args_option(text):
+    """`-a k=v,k2=v2` or `-a "{'k': v}"` -> dict; values are literals when they parse."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError) as e:
+            raise usage.UsageError(f"-a/--args: not a dict literal: {e}") from None
+        if not isinstance(value, dict):
+            raise usage.UsageError("-a/--args: not a dict literal")
+        return value
+    result = {}
+    for part in filter(None, text.split(",")):
+        key, sep, raw = part.partition("=")
+        if not sep or not key.strip():
+            raise usage.UsageError(f"-a/--args: expected key=value, got {part!r}")
+        try:
+            result[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            result[key.strip()] = raw
+    return result
+
+
+def fail_input(message):
+    """Bad input: one line on stderr, exit status 2, no traceback."""
+    sys.stderr.write(f"cc: {ionlog.redact(str(message))}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
+
+
+class Options(usage.Options):
+    synopsis = "[options] [app and rel files]"
+    longdesc = (
+        "Start an ION capability container running the given .app/.rel files (looked up by "
+        "path, or by name in res/apps and res/deploy). With a tty on stdin and no --no-shell, "
+        "an interactive shell opens."
+    )
+    optFlags = [["no-shell", "n", "Do not open the interactive shell."]]
+    optParameters = [
+        ["broker", None, None, "Broker URL: memory:// (default, in-process), amqp://user@host:port/vhost, amqps://..."],
+        ["broker-host", "h", None, "Broker host (amqp)."],
+        ["broker-port", "p", None, "Broker port (amqp).", int],
+        ["broker-vhost", None, None, "Broker virtual host (amqp)."],
+        ["broker-user", None, None, "Broker user (amqp)."],
+        ["sysname", "s", None, "System name: containers with the same sysname on one broker form one system."],
+        ["args", "a", None, "Container args: k=v,k=v or a dict literal; apparg_<app>={...} sets an app's kwargs."],
+        ["res", None, None, "The res/ directory (default ./res, else the one shipped with ION)."],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["defines"] = []
+        self["files"] = []
+        self["container_args"] = {}
+
+    def opt_version(self):
+        """Print the ION version and exit."""
+        print(f"ION {ion.__version__}")
+        sys.exit(0)
+
+    def opt_define(self, text):
+        """Override config: module:key=value (repeatable)."""
+        try:
+            self["defines"].append(parse_define(text))
+        except ValueError as e:
+            fail_input(f"-D/--define: {e}")
+
+    opt_D = opt_define
+
+    def parseArgs(self, *files):
+        self["files"] = list(files)
+
+    def postOptions(self):
+        if self["args"]:
+            self["container_args"] = parse_args_option(self["args"])
+        res = self["res"] or find_res_dir()
+        self["res"] = res
+        try:
+            config = Config.load(res)
+            for module, key, value in self["defines"]:
+                config.define(module, key, value)
+            levels = ionlog.load_levels(res)
+        except (ConfigError, ValueError) as e:
+            fail_input(e)
+        self["config"] = config
+        self["levels"] = levels
+        cargs = self["container_args"]
+        self["sysname"] = self["sysname"] or cargs.get("sysname") or config.get(
+            "ion.core.messaging", "sysname", "ion"
+        )
+        self["broker_url"] = self._broker_url(config)
+        apparg = {k[len("apparg_") :]: v for k, v in cargs.items() if k.startswith("apparg_")}
+        self["apparg"] = apparg
+        try:
+            AppController(_PlanContext(config, res), apparg).plan([CORE_APP] + self["files"])
+        except AppFileError as e:
+            fail_input(e)
+
+    def _broker_url(self, config):
+        url = self["broker"] or config.get("ion.core.messaging", "broker", "memory://")
+        if not (self["broker-host"] or self["broker-port"] or self["broker-user"] or self["broker-vhost"]):
+            return url
+        from urllib.parse import quote, urlsplit
+
+        base = urlsplit(url if url.startswith("amqp") else "amqp://guest@localhost:5672/")
+        host = self["broker-host"] or base.hostname or "localhost"
+        port = self["broker-port"] or base.port or (5671 if base.scheme == "amqps" else 5672)
+        user = self["broker-user"] or base.username or "guest"
+        auth = quote(user, safe="") + (f":{base.password}" if base.password else "")
+        vhost = self["broker-vhost"] if self["broker-vhost"] is not None else base.path.lstrip("/")
+        return f"{base.scheme}://{auth}@{host}:{port}/{quote(vhost, safe='')}"
+
+
+class _PlanContext:
+    """What AppController.plan needs to check files before any container exists."""
+
+    def __init__(self, config, res_dir):
+        self.config = config
+        self.res_dir = res_dir
+
+
+class LogOutput:
+    """Where the container's log lines go: stdout, a file, or above the shell's prompt."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.divert = None
+
+    def write(self, text):
+        if self.divert is not None:
+            self.divert(text)
+        else:
+            self.stream.write(text)
+            self.stream.flush()
+
+    def flush(self):
+        if self.divert is None:
+            self.stream.flush()
+
+
+class ContainerService(MultiService):
+    """Boots a Container after the reactor runs and stops it on shutdown."""
+
+    def __init__(self, options, reactor):
+        super().__init__()
+        self.options = options
+        self.reactor = reactor
+        self.container = None
+        self.exit_code = 0
+        self.output = LogOutput(sys.stdout)
+
+    def setServiceParent(self, parent):
+        super().setServiceParent(parent)
+        # twistd asks the application for a log observer before it starts logging: ours filters
+        # by the per-module levels of res/config/loglevels.cfg and redacts passwords.
+        if hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer())
+
+    def log_observer(self):
+        logfile = None
+        parent_opts = getattr(self.options, "parent", None)
+        if parent_opts is not None:
+            logfile = parent_opts.get("logfile")
+        if logfile and logfile != "-":
+            from twisted.python.logfile import LogFile
+
+            self.output = LogOutput(LogFile.fromFullPath(logfile))
+        return ionlog.make_observer(self.output, self.options["levels"])
+
+    def startService(self):
+        super().startService()
+        self.reactor.callWhenRunning(self._install_signal_handlers)
+        self.reactor.callWhenRunning(self._boot)
+
+    def _install_signal_handlers(self):
+        # A container stopped by SIGTERM/SIGINT has done its job: stop gracefully and exit 0
+        # (twistd's own handlers would re-raise the signal after shutdown).
+        def stop(signum, frame):
+            log.info("{signal}: stopping the container", signal=signal.Signals(signum).name)
+            self.reactor.callFromThread(self._stop_reactor)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def _stop_reactor(self):
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def _boot(self):
+        d = defer.Deferred.fromCoroutine(self.boot())
+        d.addErrback(self._boot_failed)
+
+    async def boot(self):
+        from ion.core.cc.container import Container, make_transport
+
+        opts = self.options
+        transport = make_transport(opts["broker_url"], self.reactor)
+        self.container = Container(
+            opts["config"],
+            self.reactor,
+            transport,
+            sysname=opts["sysname"],
+            res_dir=opts["res"],
+        )
+        self.container.apps.apparg = opts["apparg"]
+        log.info(
+            "ION {version}: container {id}, broker {url}, sysname {sysname}",
+            version=ion.__version__,
+            id=self.container.id,
+            url=ionlog.redact(opts["broker_url"]),
+            sysname=opts["sysname"],
+        )
+        await self.container.start()
+        await self.container.apps.start_files([CORE_APP] + opts["files"])
+        log.info("container {id} running apps: {apps}", id=self.container.id,
+                 apps=", ".join(self.container.apps.running))
+        if not opts["no-shell"] and sys.stdin.isatty():
+            from ion.core.cc.shell import start_shell
+
+            done = start_shell(self.container, self.reactor, self.output)
+            done.addCallback(lambda _: self.reactor.stop())
+
+    def _boot_failed(self, failure):
+        self.exit_code = 1
+        log.failure("container failed to start", failure, level=LogLevel.critical)
+        sys.stderr.write(f"cc: container failed to start: {ionlog.redact(str(failure.value))}\n")
+        self._exit_after_shutdown(1)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def _exit_after_shutdown(self, code):
+        # twistd has no way to set the exit status; this runs after twistd has cleaned up.
+        def leave():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+        atexit.register(leave)
+
+    def stopService(self):
+        super().stopService()
+        if self.container is None:
+            return defer.succeed(None)
+        return defer.Deferred.fromCoroutine(self.container.stop())
+
+
+def makeService(options):
+    from twisted.internet import reactor
+
+    return ContainerService(options, reactor)

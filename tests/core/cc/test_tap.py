@@ -1,0 +1,146 @@
+"""The `twistd -n cc` command line: options, clean errors for bad input, boot and stop."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from twisted.python import usage
+from twisted.trial import unittest
+
+import ion
+from ion.core.cc import tap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+RES = os.path.join(ROOT, "res")
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def twistd(*args, cwd=None, timeout=60, **kw):
+    """Run `twistd --pidfile= -n cc ...` (the installed plugin) and return the CompletedProcess."""
+    cmd = [*TWISTD, "--pidfile=", "-n", "cc", *args]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run(
+        cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        stdin=subprocess.DEVNULL, **kw
+    )
+
+
+class OptionsTests(unittest.SynchronousTestCase):
+    def parse(self, *argv):
+        opts = tap.Options()
+        opts.parseOptions(["--res", RES, *argv])
+        return opts
+
+    def bad(self, *argv):
+        """Parse argv expecting bad input: returns the single stderr line."""
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        e = self.assertRaises(SystemExit, self.parse, *argv)
+        self.assertEqual(e.code, 2)
+        lines = err.getvalue().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        return lines[0]
+
+    def test_defaults(self):
+        """With no options the container runs on memory:// as system 'ion' with the core app."""
+        opts = self.parse()
+        self.assertEqual(opts["broker_url"], "memory://")
+        self.assertEqual(opts["sysname"], "ion")
+        self.assertEqual(opts["files"], [])
+
+    def test_defines_reach_config(self):
+        """-D module:key=value overrides config; values are literals when they parse."""
+        opts = self.parse("-D", "ion.core.process:rpc_timeout=3", "-D", "ion.apps.hello:greeting=Hi there")
+        self.assertEqual(opts["config"].get("ion.core.process", "rpc_timeout"), 3)
+        self.assertEqual(opts["config"].get("ion.apps.hello", "greeting"), "Hi there")
+
+    def test_bad_define(self):
+        self.assertIn("module:key=value", self.bad("-D", "nocolon"))
+
+    def test_broker_options(self):
+        """Broker host/port/user/vhost options build an amqp URL; --broker is taken as is."""
+        opts = self.parse("-h", "rabbit.example", "-p", "5673", "--broker-vhost", "v1")
+        self.assertEqual(opts["broker_url"], "amqp://guest@rabbit.example:5673/v1")
+        opts = self.parse("--broker", "amqp://u:p@h:1/x", "-s", "sys2")
+        self.assertEqual((opts["broker_url"], opts["sysname"]), ("amqp://u:p@h:1/x", "sys2"))
+
+    def test_args(self):
+        """-a takes k=v pairs or a dict literal; apparg_<app> becomes that app's kwargs."""
+        opts = self.parse("-a", "sysname=s3,apparg_hello={'instances': 2}")
+        self.assertEqual(opts["sysname"], "s3")
+        self.assertEqual(opts["apparg"], {"hello": {"instances": 2}})
+        self.assertRaises(usage.UsageError, self.parse, "-a", "{'unclosed'")
+
+    def test_missing_app_file(self):
+        """A missing app file is one line naming it, exit status 2."""
+        line = self.bad(os.path.join(RES, "apps", "missing.app"))
+        self.assertIn("missing.app", line)
+        self.assertIn("no such file", line)
+
+    def test_malformed_app_file(self):
+        """A malformed app file is one line naming the file and line."""
+        path = self.mktemp() + ".app"
+        with open(path, "w") as f:
+            f.write("{\n 'type': 'application',\n 'name': 'x'\n 'mod': ('m',),\n}\n")
+        line = self.bad(path)
+        self.assertTrue(line.startswith(f"cc: {path}:"), line)
+
+    def test_unknown_app_key(self):
+        path = self.mktemp() + ".app"
+        with open(path, "w") as f:
+            f.write("{'type': 'application', 'name': 'x', 'mod': ('ion.apps.hello.app',), 'aplications': []}")
+        line = self.bad(path)
+        self.assertIn("unknown key 'aplications'", line)
+        self.assertIn("valid keys are", line)
+
+
+class TwistdTests(unittest.TestCase):
+    """The real command, as a subprocess."""
+
+    def test_version(self):
+        result = twistd("--version")
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, f"ION {ion.__version__}"))
+
+    def test_missing_file_exit_2_no_traceback(self):
+        result = twistd("res/apps/missing.app")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr.strip().count("\n"), 0, result.stderr)
+        self.assertIn("res/apps/missing.app", result.stderr)
+        self.assertNotIn("Traceback", result.stderr + result.stdout)
+
+    def test_malformed_config_exit_2(self):
+        """A malformed ionlocal.config stops the container before it starts: one line, status 2."""
+        res = self.mktemp()
+        os.makedirs(os.path.join(res, "config"))
+        for name in ("ion.config", "loglevels.cfg"):
+            with open(os.path.join(RES, "config", name)) as src, open(os.path.join(res, "config", name), "w") as dst:
+                dst.write(src.read())
+        with open(os.path.join(res, "config", "ionlocal.config"), "w") as f:
+            f.write("{'ion.core.process': {'rpc_timeout': 5,}\n")
+        result = twistd("--res", os.path.abspath(res))
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertIn("ionlocal.config:", result.stderr)
+        self.assertNotIn("Traceback", result.stderr + result.stdout)
+
+    def test_boot_and_sigterm(self):
+        """The hello app boots on memory:// and a SIGTERM stops the container cleanly (status 0)."""
+        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "-n", "res/apps/hello.app"]
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "running apps" in line or not line:
+                break
+        self.assertIn("ioncore, hello", "".join(lines))
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        self.assertEqual(proc.returncode, 0, "".join(lines) + out)
+        self.assertIn("stopped", out)
+        self.assertNotIn("Traceback", "".join(lines) + out)
