@@ -78,7 +78,7 @@ class AppController:
         except graphlib.CycleError as e:
             cycle = " -> ".join(e.args[1])
             raise AppFileError(f"{wanted[e.args[1][0]][0].path}: dependency cycle {cycle}") from None
-        self._check_registered([wanted[n][0] for n in order if n in wanted])
+        self._check_registered([spec for spec, _ in wanted.values()])
         plan = []
         for name in order:
             if name in self.running or name not in wanted:

@@ -1,0 +1,12 @@
+"""An app module for the controller tests: records starts and stops in `events`."""
+
+events = []
+
+
+def start(container, app, tag, **kwargs):
+    events.append(("start", tag))
+    return {"tag": tag, "kwargs": dict(kwargs, tag=tag)}
+
+
+def stop(container, state):
+    events.append(("stop", state["tag"]))
