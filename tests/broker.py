@@ -1,0 +1,328 @@
+"""A private RabbitMQ node for the integration tests, which they may stop, kill and restart.
+
+The node runs as a child process with its own node name, AMQP port, distribution port, data
+and log directories, plugins file, config files and Erlang cookie, all under a temporary
+directory, so it never touches (or is touched by) a system RabbitMQ on the default ports.
+`get_broker()` hands every test in the process the same node, started on first use.
+"""
+
+import atexit
+import os
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+import unittest
+
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+_FORBIDDEN_PORTS = {4369, 5672, 15672, 25672}  # epmd and the default RabbitMQ ports
+
+
+def find_rabbitmq_server():
+    """Path of the real `rabbitmq-server` script, or None when RabbitMQ is not installed.
+
+    Debian's `/usr/sbin/rabbitmq-server` is a wrapper that switches to the `rabbitmq` user and
+    directory; the script it wraps lives next to it and honours our environment.
+    """
+    candidates = ["/usr/lib/rabbitmq/bin/rabbitmq-server"]
+    on_path = shutil.which("rabbitmq-server")
+    if on_path:
+        real = os.path.realpath(on_path)
+        if os.path.basename(real) == "rabbitmq-script-wrapper":
+            real = os.path.join(os.path.dirname(real), "rabbitmq-server")
+        candidates.append(real)
+    for path in candidates:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def skip_or_fail_without_rabbitmq():
+    """Skip the calling test when RabbitMQ is not installed; fail instead when `CI` is set."""
+    if find_rabbitmq_server() is not None:
+        return
+    reason = (
+        "rabbitmq-server is not installed (looked for /usr/lib/rabbitmq/bin/rabbitmq-server "
+        "and rabbitmq-server on PATH); install it (apt-get install rabbitmq-server) to run "
+        "the AMQP integration tests"
+    )
+    if os.environ.get("CI"):
+        raise AssertionError(f"CI is set and {reason}")
+    raise unittest.SkipTest(reason)
+
+
+def _free_port():
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _FORBIDDEN_PORTS:
+            return port
+
+
+class BrokerError(Exception):
+    """The private node did not start or stop as asked."""
+
+
+class PrivateBroker:
+    """One RabbitMQ node owned by the test process.
+
+    Ports and the data directory are chosen once, so `restart()` brings back the same node
+    with its durable state. The node runs in its own process group: `kill()` and `pause()`
+    reach beam.smp and its helpers, not just the shell script that started them.
+    """
+
+    user = "guest"
+    password = "guest"
+    host = "127.0.0.1"
+
+    def __init__(self, server=None, nodename=None):
+        self.server = server or find_rabbitmq_server()
+        if self.server is None:
+            raise BrokerError("rabbitmq-server not found")
+        self.nodename = nodename or f"iontest-{os.getpid()}@localhost"
+        self.port = _free_port()
+        self.dist_port = _free_port()
+        while self.dist_port == self.port:
+            self.dist_port = _free_port()
+        self.base = tempfile.mkdtemp(prefix="ion-rabbitmq-")
+        self.process = None
+        self.start_seconds = None
+        self._prepare()
+
+    def __repr__(self):
+        return f"<PrivateBroker {self.nodename} amqp={self.port} dist={self.dist_port}>"
+
+    @property
+    def url(self):
+        return f"amqp://{self.user}:{self.password}@{self.host}:{self.port}/"
+
+    @property
+    def log_dir(self):
+        return os.path.join(self.base, "log")
+
+    def _prepare(self):
+        home = os.path.join(self.base, "home")
+        for d in ("home", "mnesia", "log"):
+            os.makedirs(os.path.join(self.base, d), exist_ok=True)
+        cookie = os.path.join(home, ".erlang.cookie")
+        with open(cookie, "w") as f:
+            f.write(secrets.token_hex(20).upper())
+        os.chmod(cookie, 0o400)
+        with open(os.path.join(self.base, "enabled_plugins"), "w") as f:
+            f.write("[].\n")
+        with open(os.path.join(self.base, "rabbitmq.conf"), "w") as f:
+            f.write(f"listeners.tcp.default = {self.host}:{self.port}\n")
+        with open(os.path.join(self.base, "advanced.config"), "w") as f:
+            f.write("[].\n")
+        # An empty env file, so the system's rabbitmq-env.conf (node name, ERL_FLAGS) is not read.
+        open(os.path.join(self.base, "rabbitmq-env.conf"), "w").close()
+
+    def _environment(self):
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("RABBITMQ_", "ERL_")) and k != "CONF_ENV_FILE"
+        }
+        env.update(
+            HOME=os.path.join(self.base, "home"),
+            RABBITMQ_CONF_ENV_FILE=os.path.join(self.base, "rabbitmq-env.conf"),
+            RABBITMQ_NODENAME=self.nodename,
+            RABBITMQ_NODE_IP_ADDRESS=self.host,
+            RABBITMQ_NODE_PORT=str(self.port),
+            RABBITMQ_DIST_PORT=str(self.dist_port),
+            RABBITMQ_MNESIA_BASE=os.path.join(self.base, "mnesia"),
+            RABBITMQ_LOG_BASE=self.log_dir,
+            RABBITMQ_ENABLED_PLUGINS_FILE=os.path.join(self.base, "enabled_plugins"),
+            RABBITMQ_CONFIG_FILE=os.path.join(self.base, "rabbitmq.conf"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=os.path.join(self.base, "advanced.config"),
+            RABBITMQ_PID_FILE=os.path.join(self.base, "rabbitmq.pid"),
+            # Keep Erlang distribution (and an epmd this node may have to start) on loopback.
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+            ERL_EPMD_ADDRESS="127.0.0.1",
+        )
+        return env
+
+    @property
+    def running(self):
+        return self.process is not None and self.process.poll() is None
+
+    def start(self, timeout=START_TIMEOUT):
+        """Start the node; return once it accepts AMQP connections and opens the vhost."""
+        if self.running:
+            raise BrokerError(f"{self!r} is already running")
+        began = time.monotonic()
+        self._output = open(os.path.join(self.log_dir, "console.log"), "ab")
+        self.process = subprocess.Popen(
+            [self.server],
+            env=self._environment(),
+            cwd=self.base,
+            stdin=subprocess.DEVNULL,
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = began + timeout
+        while True:
+            if self.process.poll() is not None:
+                self._close_output()
+                raise BrokerError(
+                    f"{self!r} exited with status {self.process.returncode} while starting; "
+                    f"see {self.log_dir}:\n{self._console_tail()}"
+                )
+            if amqp_ready(self.host, self.port, self.user, self.password):
+                break
+            if time.monotonic() > deadline:
+                self.kill()
+                raise BrokerError(
+                    f"{self!r} not ready after {timeout:.0f} s; see {self.log_dir}:\n"
+                    f"{self._console_tail()}"
+                )
+            time.sleep(0.1)
+        self.start_seconds = time.monotonic() - began
+
+    def stop(self, timeout=STOP_TIMEOUT):
+        """Stop the node cleanly (SIGTERM), or kill it if it does not stop within timeout."""
+        if not self.running:
+            return
+        self._signal(signal.SIGCONT)
+        self._signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
+
+    def kill(self):
+        """SIGKILL the whole node (beam.smp and its port programs) without any shutdown."""
+        if self.process is None:
+            return
+        self._signal(signal.SIGKILL)
+        self.process.wait()
+        self._close_output()
+
+    def restart(self, timeout=START_TIMEOUT):
+        """Stop the node if it runs, then start it again with the same ports and data."""
+        self.stop()
+        self.start(timeout)
+
+    def pause(self):
+        """Freeze the node (SIGSTOP): the socket stays open but nothing answers, not even
+        heartbeats."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self):
+        """Let a paused node run again (SIGCONT)."""
+        self._signal(signal.SIGCONT)
+
+    def cleanup(self):
+        """Stop the node and remove its directory."""
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def _signal(self, signum):
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def _close_output(self):
+        output, self._output = getattr(self, "_output", None), None
+        if output is not None:
+            output.close()
+
+    def _console_tail(self, lines=30):
+        try:
+            with open(os.path.join(self.log_dir, "console.log"), "rb") as f:
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def amqp_ready(host, port, user, password, timeout=2.0):
+    """True when an AMQP 0-9-1 server at host:port lets user open the default vhost.
+
+    A bare TCP connect is not enough: RabbitMQ opens its listener before every boot step has
+    run, so this performs the handshake up to connection.open-ok and then closes.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(b"AMQP\x00\x00\x09\x01")
+            if _read_method(s)[0] != (10, 10):  # connection.start
+                return False
+            response = f"\0{user}\0{password}".encode()
+            s.sendall(
+                _method_frame(
+                    10,
+                    11,
+                    b"\0\0\0\0" + _shortstr(b"PLAIN") + _longstr(response) + _shortstr(b"en_US"),
+                )
+            )
+            method, tune = _read_method(s)
+            if method != (10, 30):  # connection.tune: answer with the broker's limits
+                return False
+            channel_max, frame_max, _heartbeat = struct.unpack("!HIH", tune)
+            s.sendall(_method_frame(10, 31, struct.pack("!HIH", channel_max, frame_max, 0)))
+            s.sendall(_method_frame(10, 40, _shortstr(b"/") + _shortstr(b"") + b"\0"))
+            if _read_method(s)[0] != (10, 41):  # connection.open-ok
+                return False
+            s.sendall(_method_frame(10, 50, struct.pack("!H", 200) + _shortstr(b"") + b"\0" * 4))
+            return True
+    except (OSError, struct.error):
+        return False
+
+
+def _shortstr(b):
+    return bytes([len(b)]) + b
+
+
+def _longstr(b):
+    return struct.pack("!I", len(b)) + b
+
+
+def _method_frame(class_id, method_id, arguments):
+    payload = struct.pack("!HH", class_id, method_id) + arguments
+    return struct.pack("!BHI", 1, 0, len(payload)) + payload + b"\xce"
+
+
+def _read_exactly(s, n):
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise OSError("connection closed during the AMQP handshake")
+        data += chunk
+    return data
+
+
+def _read_method(s):
+    """Read one frame; return ((class id, method id), arguments) for a method frame."""
+    kind, _channel, size = struct.unpack("!BHI", _read_exactly(s, 7))
+    payload = _read_exactly(s, size + 1)[:-1]
+    if kind != 1:
+        return None, b""
+    return struct.unpack("!HH", payload[:4]), payload[4:]
+
+
+_shared = None
+
+
+def get_broker():
+    """The private node shared by every test in this process, started on first use and
+    stopped when the process exits. Tests that stop or kill it must start it again."""
+    global _shared
+    skip_or_fail_without_rabbitmq()
+    if _shared is None:
+        broker = PrivateBroker()
+        atexit.register(broker.cleanup)
+        broker.start()
+        _shared = broker
+    elif not _shared.running:
+        _shared.start()
+    return _shared
