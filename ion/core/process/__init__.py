@@ -7,8 +7,9 @@ from ion.core.conversation.errors import (
     ProcessTerminated,
     RemoteError,
 )
+from ion.core.conversation.conversation import Refused
 from ion.core.process.lifecycle import IllegalTransition
-from ion.core.process.process import Process, ServiceProcess
+from ion.core.process.process import Process, ServiceProcess, explicit_agree
 from ion.core.process.registry import SpawnError
 from ion.core.process.supervisor import Supervisor
 
@@ -19,8 +20,10 @@ __all__ = [
     "NoSuchReceiver",
     "Process",
     "ProcessTerminated",
+    "Refused",
     "RemoteError",
     "ServiceProcess",
     "SpawnError",
     "Supervisor",
+    "explicit_agree",
 ]

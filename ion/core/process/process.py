@@ -20,18 +20,28 @@ The process reaches its container through `self.container`, which offers `messen
 `clock`, `sysname`, `id` and `spawn(...)`.
 """
 
+import contextvars
 import inspect
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from ion.core.conversation.errors import ApplicationError, ProcessTerminated
-from ion.core.conversation.rpc import INFORM, REPLIES, REQUEST, Calls, reply
+from ion.core.conversation.conversation import Conversations
+from ion.core.conversation.errors import ApplicationError
 from ion.core.messaging import names
-from ion.core.messaging.transport import Unroutable
 from ion.core.process.lifecycle import ACTIVE, IllegalTransition, Lifecycle
 
 CONFIG = "ion.core.process"
+
+# The participant conversation being served in the current task (identity flows from it).
+_serving = contextvars.ContextVar("ion_serving", default=None)
+
+
+def explicit_agree(op):
+    """Mark a request op that calls `self.conversation.agree()` or `.refuse(reason)` itself;
+    other ops agree automatically when they start."""
+    op.explicit_agree = True
+    return op
 
 
 async def _maybe_await(value):
@@ -52,7 +62,9 @@ class Process:
         self.children = []
         self.lifecycle = Lifecycle()
         self.log = Logger(namespace=type(self).__module__, source=self)
-        self.calls = Calls(container.messenger, container.clock, pid, self.name)
+        self.conversations = Conversations(
+            container.messenger, container.clock, container.config, pid, self.name
+        )
         self._own_consumer = None
         self._inflight = set()
         self._exit_observers = []
@@ -161,7 +173,7 @@ class Process:
             )
 
     async def _release(self):
-        self.calls.fail_all(ProcessTerminated(f"{self.name} terminated"))
+        self.conversations.fail_all(f"{self.name} terminated")
         consumer, self._own_consumer = self._own_consumer, None
         if consumer is not None:
             try:
@@ -184,16 +196,32 @@ class Process:
 
     # -- messaging -------------------------------------------------------------------------
 
+    @property
+    def conversation(self):
+        """The conversation being served by the op running now (None outside ops)."""
+        return _serving.get()
+
+    def _open(self, protocol, dest, op, content, timeout):
+        serving = _serving.get()
+        user_id = serving.user_id if serving is not None else None
+        if timeout is None and protocol != "inform":
+            timeout = self.config("rpc_timeout", 15)
+        return self.conversations.initiate(protocol, dest, op, content, timeout, user_id)
+
     def rpc(self, dest, op, content=None, timeout=None):
         """Call op on dest (a service name or pid). Returns a Deferred of the reply content,
-        failing with RemoteError, ConversationTimeout or NoSuchReceiver. Cancel it to give up."""
-        if timeout is None:
-            timeout = self.config("rpc_timeout", 15)
-        return self.calls.call(dest, op, content, timeout)
+        failing with RemoteError, ConversationTimeout or NoSuchReceiver. Many calls may be in
+        flight; cancelling the Deferred ends the conversation (a late reply is dropped)."""
+        return self._open("rpc", dest, op, content, timeout).when_done()
+
+    def request(self, dest, op, content=None, timeout=None):
+        """Start a FIPA request. Returns the Conversation: `await conv.when_agreed()` (fails
+        with Refused), `await conv.when_done()` for the result."""
+        return self._open("request", dest, op, content, timeout)
 
     async def send(self, dest, op, content=None):
-        """One-way message to dest; raises NoSuchReceiver if nobody listens there."""
-        await self.calls.inform(dest, op, content)
+        """One-way message (inform) to dest; raises NoSuchReceiver if nobody listens there."""
+        await self._open("inform", dest, op, content, None).when_done()
 
     async def spawn_child(self, spec, name=None, args=None):
         """Spawn a process supervised by this one; it is terminated before this one."""
@@ -207,36 +235,36 @@ class Process:
             self.children.remove(child)
 
     def _receive(self, msg):
-        performative = msg.headers.get("performative")
-        if performative in REPLIES:
-            self.calls.on_reply(msg.headers, msg.content)
+        conv = self.conversations.receive(msg.headers, msg.content)
+        if conv is None:
             msg.ack()
-        elif performative in (REQUEST, INFORM):
-            d = defer.Deferred.fromCoroutine(self._serve(msg))
-            d.addErrback(
-                lambda f: self.log.failure("{proc!r}: serving a message failed", f, proc=self)
-            )
-        else:
-            self.log.warn(
-                "{proc!r}: dropped a message with performative {p!r} from {sender}",
-                proc=self,
-                p=performative,
-                sender=msg.headers.get("sender"),
-            )
-            msg.ack()
+            return
+        d = defer.Deferred.fromCoroutine(self._serve(msg, conv))
+        d.addErrback(lambda f: self.log.failure("{proc!r}: serving a message failed", f, proc=self))
 
-    async def _serve(self, msg):
+    def _identity(self, msg):
+        """Who this request acts for: the broker-validated sender, or, from a peer of our own
+        system (same broker user), the identity it was acting for."""
+        claimed = msg.headers.get("user-id")
+        if claimed and msg.user_id == self.container.transport.user:
+            return claimed
+        return msg.user_id
+
+    async def _serve(self, msg, conv):
         headers = msg.headers
+        conv.user_id = self._identity(msg)
+        headers["user-id"] = conv.user_id
+        token = _serving.set(conv)
         # Registered before the op runs: the op may hand control to others (who may terminate
         # this process) before it returns.
         done = defer.Deferred()
         self._inflight.add(done)
         try:
-            if msg.user_id is not None:
-                headers["user-id"] = msg.user_id
             try:
-                result = await self._dispatch(headers, msg.content)
-                error = None
+                method = self._op(headers.get("op"))
+                if conv.protocol == "request" and not getattr(method, "explicit_agree", False):
+                    await conv.agree()
+                result, error = await _maybe_await(method(msg.content, headers)), None
             except ApplicationError as e:
                 result, error = None, e
             except Exception as e:
@@ -244,33 +272,26 @@ class Process:
                     "{proc!r}: op {op!r} raised; the caller gets a 500", proc=self, op=headers.get("op")
                 )
                 result, error = None, e
-            if headers.get("performative") == REQUEST and headers.get("reply-to"):
-                try:
-                    await reply(self.container.messenger, self.pid, headers, result, error)
-                except Unroutable:
-                    self.log.info(
-                        "{proc!r}: the caller {to} of op {op!r} is gone; reply dropped",
-                        proc=self,
-                        to=headers.get("reply-to"),
-                        op=headers.get("op"),
-                    )
-                except Exception:
-                    self.log.failure(
-                        "{proc!r}: could not reply to {to}", proc=self, to=headers.get("reply-to")
-                    )
+            try:
+                await self.conversations.finish(conv, result, error)
+            except Exception:
+                self.log.failure("{proc!r}: could not answer {to}", proc=self, to=conv.peer)
         finally:
+            _serving.reset(token)
             self._inflight.discard(done)
             done.callback(None)
             msg.ack()
 
-    async def _dispatch(self, headers, content):
+    def _op(self, op):
         if self.state != ACTIVE:
             raise ApplicationError(f"{self.name} is not active ({self.state})", code=503)
-        op = headers.get("op")
         method = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if method is None:
             raise ApplicationError(f"{self.name} has no op {op!r}", code=404)
-        return await _maybe_await(method(content, headers))
+        return method
+
+    async def _dispatch(self, headers, content):
+        return await _maybe_await(self._op(headers.get("op"))(content, headers))
 
 
 class ServiceProcess(Process):

@@ -160,7 +160,7 @@ class ProcessScenarios:
         self.assertIn("5 s", str(e))
         echo.held.callback("late")
         self.assertEqual(await caller.rpc("echo", "echo", "after", timeout=5), "after")
-        self.assertEqual(len(caller.calls), 0)
+        self.assertEqual(len(caller.conversations), 0)
 
     async def test_default_timeout_from_config(self):
         """Without an explicit timeout, rpc uses ion.core.process rpc_timeout (looked up now)."""

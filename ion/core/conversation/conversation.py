@@ -1,0 +1,342 @@
+"""Conversations of one process: open ones, their deadlines, and the tombstones they leave.
+
+`Conversations` is what a process talks through. As initiator it opens rpc, request and inform
+conversations; as participant it answers requests. Every message carries `conv-id` and
+`conv-seq`; every state change goes through the protocol tables (`protocols.py`), including
+timeouts (driven by the injected clock) and cancellation.
+
+A finished conversation leaves a tombstone for `tombstone_ttl` seconds (config
+`ion.core.conversation`, default 60): a late or duplicate message for it is dropped and logged
+at info, never dispatched. Tombstones are collected as new ones are laid, so memory stays
+bounded by the traffic of one TTL.
+"""
+
+import collections
+import uuid
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from ion.core.conversation import protocols as P
+from ion.core.conversation.errors import (
+    ConversationTimeout,
+    NoSuchReceiver,
+    ProcessTerminated,
+    RemoteError,
+    error_from_wire,
+    error_to_wire,
+)
+from ion.core.messaging.transport import Unroutable
+
+log = Logger()
+
+CONFIG = "ion.core.conversation"
+LOG_LIMIT = 16  # messages kept per conversation log (headers only)
+# A participant keeps working this long past the caller's reply-by, for clock skew.
+PARTICIPANT_GRACE = 1.0
+
+
+class Refused(RemoteError):
+    """The participant of a request refused it."""
+
+
+class Conversation:
+    """One conversation seen from one side. `state` follows the protocol table."""
+
+    def __init__(self, owner, conv_id, protocol, role, peer, op):
+        self.owner = owner
+        self.conv_id = conv_id
+        self.protocol = protocol
+        self.role = role
+        self.peer = peer
+        self.op = op
+        self.state = P.START
+        self.seq = 0
+        self.log = collections.deque(maxlen=LOG_LIMIT)
+        self.timer = None
+        self.request_headers = None
+        self.user_id = None  # the identity this conversation acts for
+        # initiator side: what the peer said, and who waits for it
+        self._agreement = None  # (ok, value) once agreed/refused/ended before agreeing
+        self._outcome = None  # (ok, value) once the conversation's result is known
+        self._agree_waiters = []
+        self._result_waiters = []
+
+    def __repr__(self):
+        return f"<Conversation {self.protocol} {self.role} {self.conv_id} {self.state}>"
+
+    @property
+    def final(self):
+        return self.state in P.FINAL
+
+    def transition(self, event):
+        before = self.state
+        self.state = P.next_state(self.protocol, self.role, self.state, event)
+        if self.final:
+            self.owner._finished(self)
+        return before
+
+    def _record(self, direction, headers):
+        self.log.append((direction, {k: v for k, v in headers.items() if k != "ts"}))
+
+    # -- initiator side --------------------------------------------------------------------
+
+    def when_agreed(self):
+        """A Deferred: True once the participant agreed; fails if it refused or the
+        conversation ended first."""
+        return self._wait(self._agreement, self._agree_waiters)
+
+    def when_done(self):
+        """A Deferred of the outcome: the result content, or a typed error. Cancelling it
+        cancels the conversation (a late answer is then dropped)."""
+        return self._wait(self._outcome, self._result_waiters)
+
+    def _wait(self, known, waiters):
+        if known is not None:
+            ok, value = known
+            return defer.succeed(value) if ok else defer.fail(value)
+        d = defer.Deferred(lambda d: self.cancel())
+        waiters.append(d)
+        return d
+
+    def cancel(self):
+        """Give up on this conversation (initiator): final state `cancelled`."""
+        if not self.final:
+            self.transition(P.CANCEL)
+            self._settle(False, defer.CancelledError(f"conversation {self.conv_id} cancelled"))
+
+    def _agree(self, ok, value):
+        if self._agreement is None:
+            self._agreement = (ok, value)
+            waiters, self._agree_waiters = self._agree_waiters, []
+            for d in waiters:
+                if not d.called:
+                    d.callback(value) if ok else d.errback(value)
+
+    def _settle(self, ok, value):
+        """Record the outcome and fire the waiters (an error also answers agreement)."""
+        if not ok:
+            self._agree(False, value)
+        if self._outcome is None:
+            self._outcome = (ok, value)
+            waiters, self._result_waiters = self._result_waiters, []
+            for d in waiters:
+                if not d.called:
+                    d.callback(value) if ok else d.errback(value)
+
+    # -- participant side ------------------------------------------------------------------
+
+    async def agree(self):
+        """Tell the initiator of a request that it will be done (explicit agree)."""
+        await self.owner._say(self, P.AGREE, None)
+
+    async def refuse(self, reason, code=403):
+        """Refuse a request; final. The initiator gets `Refused` with the reason."""
+        await self.owner._say(self, P.REFUSE, {"code": code, "type": "Refused", "message": reason})
+
+
+class Conversations:
+    """The conversation table of one process (see the module docstring)."""
+
+    def __init__(self, messenger, clock, config, sender, sender_name=None):
+        self.messenger = messenger
+        self.clock = clock
+        self.config = config
+        self.sender = sender
+        self.sender_name = sender_name or sender
+        self.open = {}
+        self.tombstones = collections.OrderedDict()
+        self.recent = collections.deque(maxlen=LOG_LIMIT)
+
+    def __len__(self):
+        return len(self.open)
+
+    def _ttl(self):
+        return self.config.get(CONFIG, "tombstone_ttl", 60)
+
+    def _finished(self, conv):
+        self.open.pop(conv.conv_id, None)
+        if conv.timer is not None and conv.timer.active():
+            conv.timer.cancel()
+        now = self.clock.seconds()
+        self.tombstones[conv.conv_id] = now + self._ttl()
+        self.tombstones.move_to_end(conv.conv_id)
+        self.recent.append(conv)
+        self.collect(now)
+
+    def collect(self, now=None):
+        """Forget tombstones whose TTL has passed."""
+        now = self.clock.seconds() if now is None else now
+        while self.tombstones:
+            conv_id, expires = next(iter(self.tombstones.items()))
+            if expires > now:
+                break
+            del self.tombstones[conv_id]
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _headers(self, conv, performative):
+        conv.seq += 1
+        headers = {
+            "sender": self.sender,
+            "sender-name": self.sender_name,
+            "conv-id": conv.conv_id,
+            "conv-seq": conv.seq,
+            "protocol": conv.protocol,
+            "performative": performative,
+            "op": conv.op,
+        }
+        if conv.role == P.INITIATOR:
+            headers["reply-to"] = self.sender
+        return headers
+
+    async def _say(self, conv, performative, content):
+        """Send performative in conv (participant side), moving its state first."""
+        if conv.final:
+            log.info(
+                "{conv!r}: not sending {p}: the conversation already ended", conv=conv, p=performative
+            )
+            return
+        conv.transition(performative)
+        headers = self._headers(conv, performative)
+        headers["status"] = "ERROR" if performative in (P.FAILURE, P.REFUSE) else "OK"
+        conv._record("out", headers)
+        try:
+            await self.messenger.send(conv.peer, headers, content)
+        except Unroutable:
+            log.info("{conv!r}: the initiator {to} is gone; {p} dropped", conv=conv,
+                     to=conv.peer, p=performative)
+
+    def initiate(self, protocol, receiver, op, content, timeout=None, user_id=None):
+        """Open a conversation as initiator and send its first message. Returns the
+        Conversation; `conv.when_done()` gives the outcome (for inform: once sent)."""
+        conv = Conversation(self, uuid.uuid4().hex, protocol, P.INITIATOR, receiver, op)
+        first = P.INFORM if protocol == "inform" else P.REQUEST
+        headers = self._headers(conv, first)
+        if user_id is not None:
+            headers["user-id"] = user_id
+        if timeout is not None:
+            headers["reply-by"] = int((self.clock.seconds() + timeout) * 1000)
+        conv._record("out", headers)
+        conv.transition(first)
+        if not conv.final:
+            self.open[conv.conv_id] = conv
+            conv.timer = self.clock.callLater(timeout, self._expire, conv, timeout)
+
+        def sent(_):
+            if protocol == "inform":
+                conv._settle(True, None)
+
+        def not_sent(f):
+            error = NoSuchReceiver(receiver) if f.check(Unroutable) else f.value
+            if not conv.final:
+                conv.transition(P.FAILURE)
+            conv._settle(False, error)
+
+        d = defer.Deferred.fromCoroutine(self.messenger.send(receiver, headers, content))
+        d.addCallbacks(sent, not_sent)
+        return conv
+
+    def _expire(self, conv, timeout):
+        if conv.final:
+            return
+        conv.transition(P.TIMEOUT)
+        if conv.role == P.INITIATOR:
+            conv._settle(False, ConversationTimeout(conv.peer, conv.op, timeout))
+        else:
+            log.info("{conv!r}: the caller's deadline passed; its answer will not be sent",
+                     conv=conv)
+
+    def fail_all(self, reason):
+        """End every open initiator conversation with `ProcessTerminated(reason)`."""
+        for conv in list(self.open.values()):
+            if conv.role != P.INITIATOR or conv.final:
+                continue
+            conv.transition(P.CANCEL)
+            conv._settle(False, ProcessTerminated(reason))
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def receive(self, headers, content):
+        """Route an incoming message. Returns a new participant Conversation when the message
+        starts one (request or inform) for the process to serve, else None (handled here)."""
+        conv_id = headers.get("conv-id")
+        performative = headers.get("performative")
+        conv = self.open.get(conv_id)
+        if conv is not None and conv.role == P.INITIATOR:
+            conv._record("in", headers)
+            self._initiator_event(conv, performative, content)
+            return None
+        if conv_id in self.tombstones:
+            self.collect()
+            if conv_id in self.tombstones:
+                log.info(
+                    "dropped {p} for finished conversation {conv} from {sender}",
+                    p=performative, conv=conv_id, sender=headers.get("sender"),
+                )
+                return None
+        if performative in (P.REQUEST, P.INFORM) and conv is None and conv_id:
+            protocol = headers.get("protocol") or "rpc"
+            if (protocol, P.PARTICIPANT) not in P.TABLES:
+                log.warn("dropped a message of unknown protocol {protocol!r} from {sender}",
+                         protocol=protocol, sender=headers.get("sender"))
+                return None
+            conv = Conversation(
+                self, conv_id, protocol, P.PARTICIPANT, headers.get("reply-to"), headers.get("op")
+            )
+            conv.request_headers = headers
+            conv.seq = int(headers.get("conv-seq", 1)) if isinstance(headers.get("conv-seq"), int) else 1
+            conv._record("in", headers)
+            try:
+                conv.transition(performative)
+            except P.ProtocolViolation as e:
+                log.warn("{conv!r}: {error}", conv=conv, error=e)
+                return None
+            if not conv.final:
+                self.open[conv_id] = conv
+                reply_by = headers.get("reply-by")
+                if isinstance(reply_by, (int, float)):
+                    delay = reply_by / 1000.0 - self.clock.seconds() + PARTICIPANT_GRACE
+                    conv.timer = self.clock.callLater(max(delay, 0), self._expire, conv, delay)
+            return conv
+        log.info(
+            "dropped {p} for unknown conversation {conv} from {sender}",
+            p=performative, conv=conv_id, sender=headers.get("sender"),
+        )
+        return None
+
+    def _initiator_event(self, conv, performative, content):
+        try:
+            conv.transition(performative)
+        except P.ProtocolViolation as e:
+            log.warn("{conv!r} failed: {error}", conv=conv, error=e)
+            conv.state = P.FAILED
+            self._finished(conv)
+            conv._settle(False, RemoteError(500, "ProtocolViolation", str(e), conv.peer, conv.op))
+            return
+        if performative == P.AGREE:
+            conv._agree(True, True)
+        elif performative == P.REFUSE:
+            wire = error_from_wire(content, conv.peer, conv.op)
+            conv._settle(False, Refused(wire.code, wire.type, wire.message, conv.peer, conv.op))
+        elif performative == P.INFORM_RESULT:
+            conv._agree(True, True)
+            conv._settle(True, content)
+        elif performative == P.FAILURE:
+            conv._settle(False, error_from_wire(content, conv.peer, conv.op))
+
+    # -- participant outcome ---------------------------------------------------------------
+
+    async def finish(self, conv, result=None, error=None):
+        """Send the outcome of a served request (inform_result or failure). For a request
+        not yet agreed, agree first (FIPA: agree precedes the result)."""
+        if conv.protocol == "inform" or conv.final:
+            if conv.final and conv.state != P.REFUSED and conv.protocol != "inform":
+                log.info("{conv!r}: outcome not sent: the conversation already ended", conv=conv)
+            return
+        if error is None:
+            if conv.protocol == "request" and conv.state == "received":
+                await self._say(conv, P.AGREE, None)
+            await self._say(conv, P.INFORM_RESULT, result)
+        else:
+            await self._say(conv, P.FAILURE, error_to_wire(error))
