@@ -1,0 +1,194 @@
+"""Turns ION messages into bytes and back: msgpack with explicit limits on what a peer may send.
+
+This is the only module that imports msgpack. Everything that decodes bytes from the wire goes
+through `decode` (or `decode_envelope`), which refuses oversized, truncated, malformed or too
+deeply nested input with a `DecodeError` instead of letting the interpreter exhaust memory or
+the C stack. Extension types are not part of ION's wire format: `decode` rejects them.
+"""
+
+import attr
+import msgpack
+
+MiB = 1024 * 1024
+
+_HEADER_SCALARS = (str, int, float, bool)
+_PLAIN_TYPES = frozenset([str, int, float, bool, type(None)])
+
+
+class DecodeError(Exception):
+    """Bytes received from the wire are not an acceptable ION message."""
+
+
+class EncodeError(TypeError):
+    """An object cannot be represented in msgpack (the message names the offending type)."""
+
+
+def _positive_int(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Limits:
+    """The most a single decoded message may contain. Lengths of str and bin are in bytes;
+    lengths of arrays and maps in items. Nesting depth is bounded by msgpack itself."""
+
+    max_message_bytes: int = attr.ib(default=16 * MiB, validator=_positive_int)
+    max_str_len: int = attr.ib(default=16 * MiB, validator=_positive_int)
+    max_bin_len: int = attr.ib(default=16 * MiB, validator=_positive_int)
+    max_array_len: int = attr.ib(default=1_000_000, validator=_positive_int)
+    max_map_len: int = attr.ib(default=100_000, validator=_positive_int)
+
+    @classmethod
+    def from_config(cls, section):
+        """Build limits from a config section (a mapping). Keys named like the attributes
+        override the defaults; other keys belong to other settings and are ignored. Values
+        may be ints or strings of digits."""
+        values = {}
+        for field in attr.fields(cls):
+            if field.name not in section:
+                continue
+            value = section[field.name]
+            if isinstance(value, str):
+                try:
+                    value = int(value.strip().replace("_", ""))
+                except ValueError:
+                    raise ValueError(
+                        f"{field.name} must be a positive integer, got {section[field.name]!r}"
+                    ) from None
+            values[field.name] = value
+        return cls(**values)
+
+
+def _refuse(obj):
+    if isinstance(obj, int):
+        raise EncodeError(f"cannot encode integer outside the 64-bit range: {obj!r:.80}")
+    kind = type(obj).__qualname__
+    if type(obj).__module__ != "builtins":
+        kind = f"{type(obj).__module__}.{kind}"
+    raise EncodeError(
+        f"cannot encode {kind} object {obj!r:.80}: "
+        "msgpack carries None, bool, int, float, str, bytes, list/tuple and dict only"
+    )
+
+
+def encode(obj):
+    """Pack obj into msgpack bytes (str as str, bytes as bin). Raises EncodeError for values
+    msgpack cannot carry: unsupported types, integers beyond 64 bits, too deep nesting."""
+    try:
+        return msgpack.packb(obj, use_bin_type=True, datetime=False, default=_refuse)
+    except EncodeError:
+        raise
+    except OverflowError as e:
+        raise EncodeError(f"cannot encode integer outside the 64-bit range: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise EncodeError(f"cannot encode object: {e}") from None
+
+
+def decode(data, limits):
+    """Unpack one msgpack value from data, enforcing limits. Raises DecodeError for any input
+    that is not exactly one acceptable msgpack value."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"decode expects bytes, got {type(data).__name__}")
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > limits.max_message_bytes:
+        raise DecodeError(f"message too large: {size} bytes > limit {limits.max_message_bytes}")
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=False,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_bin_len,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+            max_ext_len=0,
+        )
+    except msgpack.ExtraData as e:
+        raise DecodeError(f"trailing data: {len(e.extra)} bytes after the message") from None
+    except (msgpack.StackError, RecursionError):
+        raise DecodeError("message nested too deeply") from None
+    except msgpack.FormatError:
+        raise DecodeError("malformed message: not valid msgpack") from None
+    except UnicodeDecodeError as e:
+        raise DecodeError(f"malformed message: string is not valid UTF-8 ({e.reason})") from None
+    except ValueError as e:
+        text = str(e)
+        if "incomplete input" in text:
+            raise DecodeError("truncated message") from None
+        if "max_ext_len" in text:
+            raise DecodeError("msgpack extension types are not accepted") from None
+        if "exceeds max_" in text:
+            raise DecodeError(f"message exceeds a decode limit: {text}") from None
+        raise DecodeError(f"malformed message: {text}") from None
+    except TypeError as e:
+        raise DecodeError(f"malformed message: unusable map key ({e})") from None
+    except Exception as e:
+        raise DecodeError(f"malformed message: {type(e).__name__}: {e}") from None
+
+
+@attr.s(auto_attribs=True)
+class Envelope:
+    """One ION message: headers (a map of str to plain values; names in DESIGN section 5) and
+    content (any msgpack value)."""
+
+    headers: dict = attr.ib(factory=dict)
+    content: object = None
+
+
+def _header_problem(headers):
+    """Describe why headers are not a map of str to plain values, or return None."""
+    if not isinstance(headers, dict):
+        return f"headers must be a map, got {type(headers).__name__}"
+    for name, value in headers.items():
+        if type(name) is not str and not isinstance(name, str):
+            return f"header names must be strings, got {type(name).__name__} {name!r:.80}"
+        if type(value) in _PLAIN_TYPES:
+            continue
+        pending = [value]
+        while pending:
+            item = pending.pop()
+            if item is None or isinstance(item, _HEADER_SCALARS):
+                continue
+            if isinstance(item, (list, tuple)):
+                pending.extend(item)
+            elif isinstance(item, dict):
+                for key, nested in item.items():
+                    if not isinstance(key, str):
+                        return f"header {name!r}: map keys must be strings, got {key!r:.80}"
+                    pending.append(nested)
+            else:
+                return (
+                    f"header {name!r}: values must be str, int, float, bool, None, map or list,"
+                    f" got {type(item).__name__}"
+                )
+    return None
+
+
+def encode_envelope(envelope):
+    """Pack an Envelope. Raises EncodeError when headers are not a map of str to plain values
+    or when any part cannot be encoded."""
+    data = encode({"headers": envelope.headers, "content": envelope.content})
+    problem = _header_problem(envelope.headers)
+    if problem is not None:
+        raise EncodeError(f"cannot encode envelope: {problem}")
+    return data
+
+
+def decode_envelope(data, limits):
+    """Unpack and validate an Envelope: a map with exactly the keys 'headers' and 'content',
+    headers a map of str to plain values. Raises DecodeError otherwise."""
+    obj = decode(data, limits)
+    if not isinstance(obj, dict):
+        raise DecodeError(
+            f"envelope must be a map with 'headers' and 'content', got {type(obj).__name__}"
+        )
+    if obj.keys() != {"headers", "content"}:
+        keys = ", ".join(sorted(repr(k) for k in obj)[:5]) + (", ..." if len(obj) > 5 else "")
+        raise DecodeError(
+            f"envelope must be a map with 'headers' and 'content', got keys {keys or 'none'}"
+        )
+    problem = _header_problem(obj["headers"])
+    if problem is not None:
+        raise DecodeError(f"bad envelope: {problem}")
+    return Envelope(headers=obj["headers"], content=obj["content"])

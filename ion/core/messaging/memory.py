@@ -1,0 +1,628 @@
+"""The memory:// transport: an in-process broker with RabbitMQ's semantics for what ION uses.
+
+This is the embedded default transport, not a test double. One `MemoryBroker` holds exchanges,
+queues and bindings; any number of `MemoryTransport` connections attach to it, each with its
+own user name, consumers and exclusive queues.
+
+What it keeps from RabbitMQ:
+- exchanges `topic`, `direct` and `fanout`, plus the default exchange `''` that routes to the
+  queue named by the routing key; a message reaches each matching queue exactly once;
+- topic words are separated by dots and may be empty (`*.b` matches `.b`); `*` is one word,
+  `#` zero or more; the empty routing key has zero words;
+- redeclaring with the same arguments is a no-op; with different ones it fails;
+- exclusive queues belong to the connection that declared them (others get `QueueInUse`) and
+  vanish when it closes; auto-delete queues vanish when their last consumer is cancelled;
+- each consumer has at most `prefetch` unacknowledged deliveries (0 means no limit); a queue's
+  consumers take turns (round robin); nacked-with-requeue and cancelled-while-unacked messages
+  go back to the head of the queue with `redelivered` set.
+
+What it does not do: persistence (`durable` is recorded only), message TTL (`expiration` is
+carried but not enforced), dead-letter exchanges.
+
+Callbacks are never run from inside `publish`, `ack`, `nack` or `cancel`: a message assigned to a
+consumer is queued on that consumer's connection and handed over from a `callLater(0)` drain,
+in batches. A callback may return a Deferred or a coroutine; it need not ack before returning.
+
+Rules for consumers:
+- an exception escaping a callback (raised, or failing the Deferred or coroutine it returned)
+  is logged; if the message was not acked or nacked yet it is nacked without requeue, i.e.
+  dropped, so that a poison message cannot loop forever;
+- acking or nacking a delivery a second time raises TransportError (it is a bug);
+- once the consumer is cancelled, its queue deleted or its connection closed, the message is
+  back in the queue (or gone with it) and a first ack or nack of the old delivery does nothing:
+  a handler finishing during shutdown is not an error.
+"""
+
+import collections
+import functools
+import inspect
+import re
+import uuid
+
+import attr
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ion.core.messaging.transport import (
+    ConnectionLost,
+    IConsumer,
+    IDelivery,
+    ITransport,
+    NotFound,
+    Properties,
+    QueueInUse,
+    TransportError,
+    Unroutable,
+)
+
+log = Logger()
+
+EXCHANGE_TYPES = ("topic", "direct", "fanout")
+
+# Deliveries handed to callbacks per reactor turn: large enough for throughput, small enough
+# that a busy queue does not starve the rest of the reactor.
+_DELIVERY_BATCH = 10_000
+
+# Routing keys remembered per topic exchange; cleared when full, since sr3-style keys can be
+# unique per message.
+_ROUTE_CACHE_SIZE = 10_000
+
+
+@functools.lru_cache(maxsize=4096)
+def _topic_regex(pattern):
+    """Compile a topic binding key, or return None when it has no wildcard word.
+
+    Keys are matched in the form '.w1.w2...wn' (empty for zero words) so that an empty
+    routing key (zero words) differs from a key made of one empty word."""
+    words = pattern.split(".") if pattern else []
+    if "*" not in words and "#" not in words:
+        return None
+    parts = []
+    for i, word in enumerate(words):
+        if word == "#":
+            if i and words[i - 1] == "#":
+                continue
+            parts.append(r"(?:\.[^.]*)*")
+        elif word == "*":
+            parts.append(r"\.[^.]*")
+        else:
+            parts.append(r"\." + re.escape(word))
+    return re.compile("".join(parts))
+
+
+def topic_matches(pattern, routing_key):
+    """Whether a topic binding key matches a routing key, as RabbitMQ decides it."""
+    regex = _topic_regex(pattern)
+    if regex is None:
+        return pattern == routing_key
+    return regex.fullmatch("." + routing_key if routing_key else "") is not None
+
+
+class _Message:
+    """A message sitting in one queue (each queue gets its own, for `redelivered`).
+
+    `properties` is None for a message published without any: each delivery then gets fresh
+    default Properties, so a backlog does not hold one Properties object per message."""
+
+    __slots__ = ("body", "exchange", "routing_key", "properties", "user_id", "redelivered")
+
+    def __init__(self, body, exchange, routing_key, properties, user_id):
+        self.body = body
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.properties = properties
+        self.user_id = user_id
+        self.redelivered = False
+
+
+class _Exchange:
+    def __init__(self, name, type, durable, auto_delete):
+        self.name = name
+        self.type = type
+        self.durable = durable
+        self.auto_delete = auto_delete
+        self.bindings = {}  # (queue name, binding key) -> _Queue
+        self._stale = True
+
+    def add_binding(self, queue, key):
+        self.bindings[(queue.name, key)] = queue
+        queue.bindings.add((self.name, key))
+        self._stale = True
+
+    def remove_binding(self, queue, key):
+        self.bindings.pop((queue.name, key), None)
+        queue.bindings.discard((self.name, key))
+        self._stale = True
+
+    def _reindex(self):
+        exact, wild, everyone = {}, [], {}
+        for (_, key), queue in self.bindings.items():
+            everyone[queue] = None
+            regex = _topic_regex(key) if self.type == "topic" else None
+            if regex is None:
+                exact.setdefault(key, {})[queue] = None
+            else:
+                wild.append((regex, queue))
+        self._exact = {key: tuple(queues) for key, queues in exact.items()}
+        self._wild = wild
+        self._everyone = tuple(everyone)
+        self._cache = {}
+        self._stale = False
+
+    def route(self, routing_key):
+        """The queues that receive a message with this routing key, each once."""
+        if self._stale:
+            self._reindex()
+        if self.type == "fanout":
+            return self._everyone
+        if not self._wild:
+            return self._exact.get(routing_key, ())
+        queues = self._cache.get(routing_key)
+        if queues is None:
+            found = dict.fromkeys(self._exact.get(routing_key, ()))
+            dotted = "." + routing_key if routing_key else ""
+            for regex, queue in self._wild:
+                if queue not in found and regex.fullmatch(dotted):
+                    found[queue] = None
+            queues = tuple(found)
+            if len(self._cache) >= _ROUTE_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[routing_key] = queues
+        return queues
+
+
+class _DefaultExchange:
+    """The nameless direct exchange every queue is implicitly bound to by its own name."""
+
+    name = ""
+    type = "direct"
+
+    def __init__(self, queues):
+        self._queues = queues
+
+    def route(self, routing_key):
+        queue = self._queues.get(routing_key)
+        return () if queue is None else (queue,)
+
+
+class _Queue:
+    def __init__(self, name, durable, owner, auto_delete):
+        self.name = name
+        self.durable = durable
+        self.owner = owner  # the MemoryTransport of an exclusive queue, else None
+        self.auto_delete = auto_delete
+        self.messages = collections.deque()
+        self.consumers = []
+        self.bindings = set()  # (exchange name, binding key)
+        self._turn = 0
+
+    def put(self, message):
+        self.messages.append(message)
+        if self.consumers:
+            self.dispatch()
+
+    def requeue(self, messages):
+        """Put messages back at the head, in their original order, marked redelivered."""
+        for message in reversed(messages):
+            message.redelivered = True
+            self.messages.appendleft(message)
+        self.dispatch()
+
+    def dispatch(self):
+        """Assign waiting messages to consumers with room, taking turns."""
+        messages, consumers = self.messages, self.consumers
+        while messages and consumers:
+            count = len(consumers)
+            for _ in range(count):
+                consumer = consumers[self._turn]
+                self._turn = (self._turn + 1) % count
+                if not consumer.prefetch or len(consumer.unacked) < consumer.prefetch:
+                    break
+            else:
+                return
+            consumer.assign(messages.popleft())
+
+
+@implementer(IDelivery)
+class _Delivery:
+    __slots__ = ("body", "exchange", "routing_key", "properties", "redelivered", "_consumer")
+
+    def __init__(self, message, consumer):
+        self.body = message.body
+        self.exchange = message.exchange
+        self.routing_key = message.routing_key
+        self.properties = message.properties or Properties(user_id=message.user_id)
+        self.redelivered = message.redelivered
+        self._consumer = consumer
+
+    @property
+    def settled(self):
+        return self._consumer is None
+
+    def _settle(self, action):
+        consumer = self._consumer
+        if consumer is None:
+            raise TransportError(
+                f"cannot {action} message {self.routing_key!r}: it was already acked or nacked"
+            )
+        self._consumer = None
+        if consumer.active:
+            return consumer
+        return None
+
+    def ack(self):
+        """Settle the message: it is gone from the queue. Acking or nacking a second time
+        raises TransportError; after the consumer was cancelled or its connection closed the
+        message is already back in the queue and a first ack or nack does nothing."""
+        consumer = self._settle("ack")
+        if consumer is not None:
+            del consumer.unacked[self]
+            consumer.queue_state.dispatch()
+
+    def nack(self, requeue=True):
+        """Refuse the message: with requeue it goes back to the head of its queue marked
+        redelivered, otherwise it is dropped. Same double-settle rule as `ack`."""
+        consumer = self._settle("nack")
+        if consumer is not None:
+            message = consumer.unacked.pop(self)
+            if requeue:
+                consumer.queue_state.requeue([message])
+            else:
+                consumer.queue_state.dispatch()
+
+
+@implementer(IConsumer)
+class _Consumer:
+    def __init__(self, transport, queue, callback, prefetch):
+        self.queue = queue.name
+        self.queue_state = queue
+        self.prefetch = prefetch
+        self.unacked = {}  # _Delivery -> _Message, in delivery order
+        self.active = True
+        self._transport = transport
+        self._callback = callback
+
+    def __repr__(self):
+        return f"<consumer of {self.queue!r} for {self._transport.user!r}>"
+
+    def cancel(self):
+        """Stop delivering; unacked messages return to the head of the queue, redelivered."""
+        self._transport.broker._cancel(self)
+        return defer.succeed(None)
+
+    def assign(self, message):
+        delivery = _Delivery(message, self)
+        self.unacked[delivery] = message
+        self._transport._hand_over(delivery)
+
+    def invoke(self, delivery):
+        try:
+            result = self._callback(delivery)
+        except Exception:
+            self._failed(Failure(), delivery)
+            return
+        if result is not None and (
+            isinstance(result, defer.Deferred) or inspect.iscoroutine(result)
+        ):
+            defer.ensureDeferred(result).addErrback(self._failed, delivery)
+
+    def _failed(self, failure, delivery):
+        if delivery.settled:
+            outcome = "it had already been settled"
+        elif not self.active:
+            outcome = "it had already returned to the queue"
+        else:
+            outcome = "message dropped"
+            delivery.nack(requeue=False)
+        log.failure(
+            "consumer of queue {queue!r} failed on message {routing_key!r}; {outcome}",
+            failure,
+            queue=self.queue,
+            routing_key=delivery.routing_key,
+            outcome=outcome,
+        )
+
+
+class MemoryBroker:
+    """Exchanges, queues and bindings shared by the `MemoryTransport`s attached to it.
+
+    The query methods (`queues`, `queue_depth`, ...) are for tests and the ops console;
+    everything else goes through a transport."""
+
+    def __init__(self):
+        self._queues = {}
+        self._exchanges = {"": _DefaultExchange(self._queues)}
+
+    # Inspection.
+
+    def queues(self):
+        """Names of all queues, sorted."""
+        return sorted(self._queues)
+
+    def exchanges(self):
+        """{name: type} of the declared exchanges (the default exchange '' is not listed)."""
+        return {name: ex.type for name, ex in sorted(self._exchanges.items()) if name}
+
+    def bindings(self):
+        """(exchange, queue, binding key) triples, sorted."""
+        return sorted(
+            (name, queue, key)
+            for name, ex in self._exchanges.items()
+            if name
+            for (queue, key) in ex.bindings
+        )
+
+    def queue_depth(self, name):
+        """Messages waiting in the queue (not counting those delivered and unacked)."""
+        return len(self._queue(name).messages)
+
+    def unacked(self, name):
+        """Messages of the queue delivered to consumers and not yet acked or nacked."""
+        return sum(len(c.unacked) for c in self._queue(name).consumers)
+
+    def consumer_count(self, name):
+        """Consumers currently attached to the queue."""
+        return len(self._queue(name).consumers)
+
+    # Operations, called by MemoryTransport on behalf of a connection (`owner`).
+
+    def _queue(self, name):
+        queue = self._queues.get(name)
+        if queue is None:
+            raise NotFound(f"no queue {name!r}")
+        return queue
+
+    def _exchange(self, name):
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            raise NotFound(f"no exchange {name!r}")
+        return exchange
+
+    def _accessible_queue(self, name, owner):
+        queue = self._queue(name)
+        if queue.owner is not None and queue.owner is not owner:
+            raise QueueInUse(f"queue {name!r} is exclusive to another connection")
+        return queue
+
+    def _declare_exchange(self, name, type, durable, auto_delete):
+        if not name:
+            raise TransportError("the default exchange '' cannot be declared")
+        if type not in EXCHANGE_TYPES:
+            raise TransportError(
+                f"unknown exchange type {type!r} for {name!r};"
+                f" use one of {', '.join(EXCHANGE_TYPES)}"
+            )
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            self._exchanges[name] = _Exchange(name, type, durable, auto_delete)
+            return
+        wanted = {"type": type, "durable": durable, "auto_delete": auto_delete}
+        for key, value in wanted.items():
+            if getattr(exchange, key) != value:
+                raise TransportError(
+                    f"exchange {name!r} already declared with {key}={getattr(exchange, key)!r},"
+                    f" not {value!r}"
+                )
+
+    def _declare_queue(self, owner, name, durable, exclusive, auto_delete):
+        if not name:
+            name = f"amq.gen-{uuid.uuid4().hex}"
+        queue = self._queues.get(name)
+        if queue is None:
+            self._queues[name] = _Queue(name, durable, owner if exclusive else None, auto_delete)
+            return name
+        self._accessible_queue(name, owner)
+        if exclusive and queue.owner is None:
+            raise QueueInUse(f"queue {name!r} already exists and is not exclusive")
+        wanted = {"durable": durable, "auto_delete": auto_delete}
+        for key, value in wanted.items():
+            if getattr(queue, key) != value:
+                raise TransportError(
+                    f"queue {name!r} already declared with {key}={getattr(queue, key)!r},"
+                    f" not {value!r}"
+                )
+        return name
+
+    def _delete_queue(self, owner, name):
+        if name in self._queues:
+            self._remove_queue(self._accessible_queue(name, owner))
+
+    def _remove_queue(self, queue):
+        del self._queues[queue.name]
+        for exchange_name, key in list(queue.bindings):
+            self._remove_binding(self._exchanges[exchange_name], queue, key)
+        for consumer in queue.consumers:
+            consumer.active = False
+            consumer.unacked.clear()
+            consumer._transport._consumers.pop(consumer, None)
+        queue.consumers.clear()
+        queue.messages.clear()
+
+    def _remove_binding(self, exchange, queue, key):
+        exchange.remove_binding(queue, key)
+        if exchange.auto_delete and not exchange.bindings:
+            del self._exchanges[exchange.name]
+
+    def _binding_parties(self, owner, queue, exchange):
+        if not exchange:
+            raise TransportError("queues cannot be bound to the default exchange ''")
+        return self._accessible_queue(queue, owner), self._exchange(exchange)
+
+    def _bind(self, owner, queue, exchange, routing_key):
+        queue, exchange = self._binding_parties(owner, queue, exchange)
+        exchange.add_binding(queue, routing_key)
+
+    def _unbind(self, owner, queue, exchange, routing_key):
+        queue, exchange = self._binding_parties(owner, queue, exchange)
+        if (queue.name, routing_key) in exchange.bindings:
+            self._remove_binding(exchange, queue, routing_key)
+
+    def _consume(self, transport, name, callback, prefetch):
+        if not callable(callback):
+            raise TypeError(f"consume needs a callable, got {callback!r}")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"prefetch must be an integer >= 0 (0: no limit), got {prefetch!r}")
+        queue = self._accessible_queue(name, transport)
+        consumer = _Consumer(transport, queue, callback, prefetch)
+        queue.consumers.append(consumer)
+        transport._consumers[consumer] = None
+        queue.dispatch()
+        return consumer
+
+    def _cancel(self, consumer):
+        if not consumer.active:
+            return
+        consumer.active = False
+        consumer._transport._consumers.pop(consumer, None)
+        queue = consumer.queue_state
+        queue.consumers.remove(consumer)
+        queue._turn = 0
+        unacked = list(consumer.unacked.values())
+        consumer.unacked.clear()
+        if queue.auto_delete and not queue.consumers:
+            self._remove_queue(queue)
+        elif unacked:
+            queue.requeue(unacked)
+
+    def _disconnect(self, transport):
+        for consumer in list(transport._consumers):
+            self._cancel(consumer)
+        for queue in [q for q in self._queues.values() if q.owner is transport]:
+            self._remove_queue(queue)
+
+
+_NEW, _OPEN, _CLOSED = "new", "open", "closed"
+
+
+@implementer(ITransport)
+class MemoryTransport:
+    """One connection to a `MemoryBroker`, authenticated as `user`.
+
+    `reactor` is anything with `callLater`; deliveries are handed to callbacks from it.
+    Every method returns a Deferred, failed with a `TransportError` subclass on refusal.
+    Operations before `connect()` fail with TransportError, after `close()` with
+    ConnectionLost. Consumer rules (callback exceptions, double acks) are in the module
+    docstring."""
+
+    def __init__(self, broker, reactor, user="ion"):
+        self.broker = broker
+        self.user = user
+        self._reactor = reactor
+        self._state = _NEW
+        self._consumers = {}  # _Consumer -> None, in creation order
+        self._outbox = collections.deque()
+        self._drain_call = None
+        self._draining = False
+
+    def __repr__(self):
+        return f"<MemoryTransport user={self.user!r} {self._state}>"
+
+    def _unavailable(self):
+        if self._state is _NEW:
+            return TransportError("memory transport is not connected; call connect() first")
+        return ConnectionLost(f"memory transport of user {self.user!r} is closed")
+
+    def _do(self, operation, *args):
+        if self._state is not _OPEN:
+            return defer.fail(self._unavailable())
+        try:
+            return defer.succeed(operation(*args))
+        except Exception:
+            return defer.fail()
+
+    def connect(self):
+        """Attach to the broker. Fires with this transport."""
+        if self._state is _CLOSED:
+            return defer.fail(self._unavailable())
+        self._state = _OPEN
+        return defer.succeed(self)
+
+    def close(self):
+        """Cancel this connection's consumers (their unacked messages are requeued) and delete
+        its exclusive queues. Closing twice is harmless."""
+        if self._state is _OPEN:
+            self.broker._disconnect(self)
+        self._state = _CLOSED
+        self._outbox.clear()
+        if self._drain_call is not None:
+            self._drain_call.cancel()
+            self._drain_call = None
+        return defer.succeed(None)
+
+    def declare_exchange(self, name, type="topic", durable=False, auto_delete=False):
+        """Create the exchange if missing; fails with TransportError if it exists with other
+        arguments."""
+        return self._do(self.broker._declare_exchange, name, type, durable, auto_delete)
+
+    def declare_queue(self, name="", durable=False, exclusive=False, auto_delete=False):
+        """Create the queue if missing and fire with its name (generated when name is '')."""
+        return self._do(self.broker._declare_queue, self, name, durable, exclusive, auto_delete)
+
+    def delete_queue(self, name):
+        """Delete the queue, its messages and bindings; its consumers stop. Missing is fine."""
+        return self._do(self.broker._delete_queue, self, name)
+
+    def bind(self, queue, exchange, routing_key):
+        return self._do(self.broker._bind, self, queue, exchange, routing_key)
+
+    def unbind(self, queue, exchange, routing_key):
+        return self._do(self.broker._unbind, self, queue, exchange, routing_key)
+
+    def publish(self, exchange, routing_key, body, properties=None, mandatory=True):
+        """Route body to every matching queue once. Fires with None at once (the broker has
+        it), or fails with NotFound (no such exchange) or, when mandatory, Unroutable.
+        `properties.user_id` is set to this connection's user."""
+        if self._state is not _OPEN:
+            return defer.fail(self._unavailable())
+        # Every queued copy gets its own Properties and headers dict, as if it had crossed a
+        # wire: neither the publisher nor another receiver can change it afterwards.
+        if properties is not None:
+            properties = attr.evolve(
+                properties, user_id=self.user, headers=dict(properties.headers)
+            )
+        if type(body) is not bytes:
+            if not isinstance(body, (bytearray, memoryview)):
+                return defer.fail(TypeError(f"body must be bytes, got {type(body).__name__}"))
+            body = bytes(body)
+        target = self.broker._exchanges.get(exchange)
+        if target is None:
+            return defer.fail(NotFound(f"no exchange {exchange!r}"))
+        queues = target.route(routing_key)
+        if not queues:
+            if mandatory:
+                return defer.fail(Unroutable(exchange, routing_key))
+            return defer.succeed(None)
+        for i, queue in enumerate(queues):
+            if i and properties is not None:
+                properties = attr.evolve(properties, headers=dict(properties.headers))
+            queue.put(_Message(body, exchange, routing_key, properties, self.user))
+        return defer.succeed(None)
+
+    def consume(self, queue, callback, prefetch=100):
+        """Deliver messages of queue to callback(IDelivery), at most prefetch unacked at a time
+        (0: no limit). Fires with an IConsumer. See the class docstring for callback errors."""
+        return self._do(self.broker._consume, self, queue, callback, prefetch)
+
+    def _hand_over(self, delivery):
+        self._outbox.append(delivery)
+        if self._drain_call is None and not self._draining:
+            self._drain_call = self._reactor.callLater(0, self._drain)
+
+    def _drain(self):
+        self._drain_call = None
+        self._draining = True
+        outbox = self._outbox
+        try:
+            for _ in range(_DELIVERY_BATCH):
+                if not outbox:
+                    break
+                delivery = outbox.popleft()
+                consumer = delivery._consumer
+                if consumer is not None and consumer.active:
+                    consumer.invoke(delivery)
+        finally:
+            self._draining = False
+        if outbox and self._state is _OPEN:
+            self._drain_call = self._reactor.callLater(0, self._drain)
