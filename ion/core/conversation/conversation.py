@@ -297,7 +297,12 @@ class Conversations:
                 reply_by = headers.get("reply-by")
                 if isinstance(reply_by, (int, float)):
                     delay = reply_by / 1000.0 - self.clock.seconds() + PARTICIPANT_GRACE
-                    conv.timer = self.clock.callLater(max(delay, 0), self._expire, conv, delay)
+                    if delay <= 0:
+                        log.info("{conv!r}: dropped: its caller's deadline passed before it "
+                                 "arrived", conv=conv)
+                        conv.transition(P.TIMEOUT)
+                        return None
+                    conv.timer = self.clock.callLater(delay, self._expire, conv, delay)
             return conv
         log.info(
             "dropped {p} for unknown conversation {conv} from {sender}",
