@@ -309,6 +309,14 @@ class Config:
 
         @raise ConfigKeyError: no layer defines it and no default was given.
         """
+        # Fast path (this runs on every message): the top layer holding a plain value wins.
+        for _name, mapping in reversed(self.layers):
+            found = mapping.get(module)
+            if found is not None and key in found:
+                value = found[key]
+                if isinstance(value, (str, int, float, bool, type(None), bytes)):
+                    return value
+                break
         section = self.section(module)
         if key in section:
             return section[key]
