@@ -196,6 +196,11 @@ class Process:
 
     # -- messaging -------------------------------------------------------------------------
 
+    def op_ping(self, content, headers):
+        """Every process answers ping: who and where it is."""
+        return {"pid": self.pid, "name": self.name, "state": self.state,
+                "container": self.container.id}
+
     @property
     def conversation(self):
         """The conversation being served by the op running now (None outside ops)."""

@@ -1,0 +1,163 @@
+"""`ion` (or `python -m ion`): talk to a running ION system from a terminal.
+
+    ion rpc [--broker URL] [--sysname S] [--timeout T] <service> <op> [json-content]
+    ion ping [--broker URL] [--sysname S] [--timeout T] <service>
+    ion containers            the containers of the system (from their agents)
+    ion ps [container]        processes of one container (or of every container)
+    ion spawn <module> [--container ID]
+
+Results are printed as JSON on stdout. Exit status: 0 ok, 1 the remote side answered with an
+error (message on stderr), 2 usage error, 3 timeout, no such service, or no broker.
+"""
+
+import argparse
+import base64
+import json
+import os
+import sys
+
+from twisted.internet import defer
+
+from ion.core.cc.container import Container, make_transport
+from ion.core.config import Config, ConfigError
+from ion.core.conversation.errors import ConversationTimeout, NoSuchReceiver, RemoteError
+from ion.core.log import redact
+from ion.core.messaging.transport import TransportError
+from ion.core.process import Process
+
+OK, REMOTE_ERROR, USAGE, UNREACHABLE = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _to_json(value):
+    def default(obj):
+        if isinstance(obj, bytes):
+            try:
+                return obj.decode("utf-8")
+            except UnicodeDecodeError:
+                return {"base64": base64.b64encode(obj).decode("ascii")}
+        return repr(obj)
+
+    return json.dumps(value, default=default, indent=None, sort_keys=True)
+
+
+def build_parser():
+    common = _Parser(add_help=False)
+    common.add_argument("--broker", help="broker URL (default: config ion.core.messaging broker)")
+    common.add_argument("--sysname", help="system name (default: config, 'ion')")
+    common.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    common.add_argument("--res", help="res/ directory (default ./res or the installed one)")
+    parser = _Parser(prog="ion", description="Talk to a running ION system.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("rpc", parents=[common], help="call an op and print the result")
+    p.add_argument("service")
+    p.add_argument("op")
+    p.add_argument("content", nargs="?", help="JSON content (default null)")
+    p = sub.add_parser("ping", parents=[common], help="check that a service answers")
+    p.add_argument("service")
+    sub.add_parser("containers", parents=[common], help="list the containers of the system")
+    p = sub.add_parser("ps", parents=[common], help="list processes")
+    p.add_argument("container", nargs="?")
+    p = sub.add_parser("spawn", parents=[common], help="spawn a process in a container")
+    p.add_argument("module")
+    p.add_argument("--container", help="container id (default: any one)")
+    return parser
+
+
+class _Client(Process):
+    """The process the CLI talks through."""
+
+
+async def _run(reactor, args):
+    from ion.core.cc.tap import find_res_dir
+
+    config = Config.load(args.res or find_res_dir())
+    url = args.broker or config.get("ion.core.messaging", "broker", "memory://")
+    sysname = args.sysname or config.get("ion.core.messaging", "sysname", "ion")
+    container = Container(config, reactor, make_transport(url, reactor), sysname=sysname,
+                          container_id=f"cli_{os.getpid()}")
+    try:
+        connecting = defer.Deferred.fromCoroutine(container.start())
+        connecting.addTimeout(args.timeout, reactor)
+        await connecting
+    except (defer.TimeoutError, TransportError, OSError) as e:
+        raise TransportError(f"cannot reach broker {redact(url)}: {e or 'timed out'}") from None
+    try:
+        client = await container.spawn(_Client, name="ion-cli")
+        return await _command(client, args)
+    finally:
+        await container.stop()
+
+
+async def _command(client, args):
+    t = args.timeout
+    if args.command == "rpc":
+        try:
+            content = json.loads(args.content) if args.content is not None else None
+        except json.JSONDecodeError as e:
+            raise UsageError(f"content is not JSON: {e}") from None
+        return await client.rpc(args.service, args.op, content, timeout=t)
+    if args.command == "ping":
+        return await client.rpc(args.service, "ping", None, timeout=t)
+    if args.command == "containers":
+        return await client.rpc("ccagent", "containers", None, timeout=t)
+    if args.command == "ps":
+        if args.container:
+            return await client.rpc(f"cc_{args.container}", "ps", None, timeout=t)
+        peers = await client.rpc("ccagent", "containers", None, timeout=t)
+        result = {}
+        for peer in peers:
+            cid = peer["container"]
+            result[cid] = await client.rpc(f"cc_{cid}", "ps", None, timeout=t)
+        return result
+    if args.command == "spawn":
+        dest = f"ccagent_{args.container}" if args.container else "ccagent"
+        return await client.rpc(dest, "spawn", {"module": args.module}, timeout=t)
+    raise UsageError(f"unknown command {args.command}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        sys.stderr.write(f"{parser.format_usage()}ion: error: {e}\n")
+        return USAGE
+    outcome = {}
+
+    async def go(reactor):
+        try:
+            outcome["result"] = await _run(reactor, args)
+            outcome["code"] = OK
+        except UsageError as e:
+            outcome["error"], outcome["code"] = str(e), USAGE
+        except ConfigError as e:
+            outcome["error"], outcome["code"] = str(e), USAGE
+        except RemoteError as e:
+            outcome["error"], outcome["code"] = str(e), REMOTE_ERROR
+        except (ConversationTimeout, NoSuchReceiver, TransportError) as e:
+            outcome["error"], outcome["code"] = str(e), UNREACHABLE
+
+    from twisted.internet import reactor
+
+    def start():
+        d = defer.Deferred.fromCoroutine(go(reactor))
+        d.addErrback(lambda f: outcome.update(error=f.getTraceback(), code=REMOTE_ERROR))
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    if outcome.get("code") == OK:
+        print(_to_json(outcome.get("result")))
+        return OK
+    sys.stderr.write(f"ion: {redact(outcome.get('error', 'failed'))}\n")
+    return outcome.get("code", UNREACHABLE)
