@@ -25,7 +25,7 @@ from ion.core.config import Config, ConfigError, parse_define
 
 log = Logger()
 
-CORE_APP = "ioncore"
+CORE_APPS = ["ioncore", "ccagent"]
 
 
 def find_res_dir():
@@ -129,7 +129,7 @@ class Options(usage.Options):
         apparg = {k[len("apparg_") :]: v for k, v in cargs.items() if k.startswith("apparg_")}
         self["apparg"] = apparg
         try:
-            AppController(_PlanContext(config, res), apparg).plan([CORE_APP] + self["files"])
+            AppController(_PlanContext(config, res), apparg).plan(CORE_APPS + self["files"])
         except AppFileError as e:
             fail_input(e)
 
@@ -248,7 +248,7 @@ class ContainerService(MultiService):
             sysname=opts["sysname"],
         )
         await self.container.start()
-        await self.container.apps.start_files([CORE_APP] + opts["files"])
+        await self.container.apps.start_files(CORE_APPS + opts["files"])
         log.info("container {id} running apps: {apps}", id=self.container.id,
                  apps=", ".join(self.container.apps.running))
         if not opts["no-shell"] and sys.stdin.isatty():

@@ -155,12 +155,13 @@ class Conversations:
         return self.config.get(CONFIG, "tombstone_ttl", 60)
 
     def _finished(self, conv):
-        self.open.pop(conv.conv_id, None)
+        key = (conv.conv_id, conv.role)
+        self.open.pop(key, None)
         if conv.timer is not None and conv.timer.active():
             conv.timer.cancel()
         now = self.clock.seconds()
-        self.tombstones[conv.conv_id] = now + self._ttl()
-        self.tombstones.move_to_end(conv.conv_id)
+        self.tombstones[key] = now + self._ttl()
+        self.tombstones.move_to_end(key)
         self.recent.append(conv)
         self.collect(now)
 
@@ -168,10 +169,10 @@ class Conversations:
         """Forget tombstones whose TTL has passed."""
         now = self.clock.seconds() if now is None else now
         while self.tombstones:
-            conv_id, expires = next(iter(self.tombstones.items()))
+            key, expires = next(iter(self.tombstones.items()))
             if expires > now:
                 break
-            del self.tombstones[conv_id]
+            del self.tombstones[key]
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -220,7 +221,7 @@ class Conversations:
         conv._record("out", headers)
         conv.transition(first)
         if not conv.final:
-            self.open[conv.conv_id] = conv
+            self.open[(conv.conv_id, P.INITIATOR)] = conv
             conv.timer = self.clock.callLater(timeout, self._expire, conv, timeout)
 
         def sent(_):
@@ -262,20 +263,22 @@ class Conversations:
         starts one (request or inform) for the process to serve, else None (handled here)."""
         conv_id = headers.get("conv-id")
         performative = headers.get("performative")
-        conv = self.open.get(conv_id)
-        if conv is not None and conv.role == P.INITIATOR:
+        starts = performative in (P.REQUEST, P.INFORM)
+        role = P.PARTICIPANT if starts else P.INITIATOR
+        conv = self.open.get((conv_id, role))
+        if conv is not None and not starts:
             conv._record("in", headers)
             self._initiator_event(conv, performative, content)
             return None
-        if conv_id in self.tombstones:
+        if (conv_id, role) in self.tombstones:
             self.collect()
-            if conv_id in self.tombstones:
+            if (conv_id, role) in self.tombstones:
                 log.info(
                     "dropped {p} for finished conversation {conv} from {sender}",
                     p=performative, conv=conv_id, sender=headers.get("sender"),
                 )
                 return None
-        if performative in (P.REQUEST, P.INFORM) and conv is None and conv_id:
+        if starts and conv is None and isinstance(conv_id, str) and conv_id:
             protocol = headers.get("protocol") or "rpc"
             if (protocol, P.PARTICIPANT) not in P.TABLES:
                 log.warn("dropped a message of unknown protocol {protocol!r} from {sender}",
@@ -293,7 +296,7 @@ class Conversations:
                 log.warn("{conv!r}: {error}", conv=conv, error=e)
                 return None
             if not conv.final:
-                self.open[conv_id] = conv
+                self.open[(conv_id, P.PARTICIPANT)] = conv
                 reply_by = headers.get("reply-by")
                 if isinstance(reply_by, (int, float)):
                     delay = reply_by / 1000.0 - self.clock.seconds() + PARTICIPANT_GRACE

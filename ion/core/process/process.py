@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from ion.core.conversation.conversation import Conversations
 from ion.core.conversation.errors import ApplicationError
 from ion.core.messaging import names
+from ion.core.messaging.transport import ConnectionLost
 from ion.core.process.lifecycle import ACTIVE, IllegalTransition, Lifecycle
 
 CONFIG = "ion.core.process"
@@ -153,6 +154,21 @@ class Process:
         await self._release()
         self._notify_exit()
 
+    async def crash(self, reason):
+        """-> FAILED now, without running on_terminate: what a crash looks like to the
+        supervisor. Releases the queue (open calls fail), terminates the children (last spawned
+        first), then tells the exit observers. IllegalTransition if already TERMINATED/FAILED."""
+        self.lifecycle.fail()
+        self.log.error("{proc!r} crashed: {reason}", proc=self, reason=reason)
+        await self._release()
+        for child in reversed(list(self.children)):
+            if not child.lifecycle.final:
+                try:
+                    await child.terminate()
+                except Exception:
+                    self.log.failure("{proc!r}: child {child!r} failed to terminate", proc=self, child=child)
+        self._notify_exit()
+
     async def _stop_serving(self):
         """Hook for subclasses that consume more queues (services)."""
 
@@ -179,6 +195,8 @@ class Process:
             try:
                 await consumer.cancel()
                 await self.container.messenger.delete_receiver(self.pid)
+            except ConnectionLost:
+                pass  # the queue went with the connection
             except Exception:
                 self.log.failure("{proc!r}: could not release its queue", proc=self)
 

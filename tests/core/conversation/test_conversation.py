@@ -267,7 +267,7 @@ class ConversationScenarios:
         claims = {"sender": client.pid, "reply-to": client.pid, "conv-id": "c" * 32,
                   "conv-seq": 1, "protocol": "rpc", "performative": "request",
                   "op": "whoami", "user-id": "alice"}
-        client.conversations.open["c" * 32] = conv2 = type(conv)(
+        client.conversations.open[("c" * 32, P.INITIATOR)] = conv2 = type(conv)(
             client.conversations, "c" * 32, "rpc", P.INITIATOR, "worker", "whoami")
         conv2.state = "requested"
         await c.messenger.send("worker", claims, "second")
