@@ -5,7 +5,8 @@ apps they depend on), checks them all, and only then starts the apps, dependenci
 (`graphlib`); `stop_all()` stops them in reverse. An app module offers
 `start(container, app, **kwargs)` returning its state (usually its top process, or an awaitable
 of it) and optionally `stop(container, state)`; without `stop`, the state's `terminate()` is
-awaited.
+awaited. An app whose top process ends FAILED (its supervisor gave up) is logged as failed and
+dropped from `running`; the other apps keep running.
 
 Per-app kwargs: the `mod` kwargs of the .app < `args` of the .rel entry < `apparg_<app>` given
 on the command line. App `config` and then rel entry `config` are layered into the live config
@@ -19,6 +20,8 @@ import inspect
 from twisted.logger import Logger
 
 from ion.core.app.appfile import AppFileError, find_file, read_app, read_rel
+from ion.core.process.lifecycle import FAILED
+from ion.core.process.process import Process
 
 log = Logger()
 
@@ -131,7 +134,18 @@ class AppController:
         if inspect.isawaitable(state):
             state = await state
         self.running[spec.name] = RunningApp(spec, module, state)
+        if isinstance(state, Process):
+            state.add_exit_observer(lambda proc: self._top_process_exited(spec.name, proc))
         log.info("started app {name} {version}", name=spec.name, version=spec.version)
+
+    def _top_process_exited(self, name, proc):
+        """An app whose top process (its supervisor) fails is no longer running; the other
+        apps carry on."""
+        app = self.running.get(name)
+        if app is None or app.state is not proc or proc.state != FAILED:
+            return
+        del self.running[name]
+        log.error("app {name} failed: its top process {proc!r} ended FAILED", name=name, proc=proc)
 
     async def stop(self, name):
         app = self.running.pop(name)
