@@ -28,7 +28,7 @@ from twisted.logger import Logger
 
 from ion.core.conversation.conversation import Conversations
 from ion.core.conversation.errors import ApplicationError
-from ion.core.messaging import names
+from ion.core.messaging import names, subscription
 from ion.core.messaging.transport import ConnectionLost
 from ion.core.process.lifecycle import ACTIVE, IllegalTransition, Lifecycle
 
@@ -67,6 +67,7 @@ class Process:
             container.messenger, container.clock, container.config, pid, self.name
         )
         self._own_consumer = None
+        self._subscriptions = []
         self._inflight = set()
         self._exit_observers = []
 
@@ -170,7 +171,14 @@ class Process:
         self._notify_exit()
 
     async def _stop_serving(self):
-        """Hook for subclasses that consume more queues (services)."""
+        """Stop taking new work: cancel subscriptions (unacked messages go back to their
+        queues). Services also stop consuming their service queue."""
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for consumer in subscriptions:
+            try:
+                await consumer.cancel()
+            except ConnectionLost:
+                pass
 
     async def _drain(self, timeout):
         pending = list(self._inflight)
@@ -189,6 +197,7 @@ class Process:
             )
 
     async def _release(self):
+        await self._stop_serving()
         self.conversations.fail_all(f"{self.name} terminated")
         consumer, self._own_consumer = self._own_consumer, None
         if consumer is not None:
@@ -245,6 +254,31 @@ class Process:
     async def send(self, dest, op, content=None):
         """One-way message (inform) to dest; raises NoSuchReceiver if nobody listens there."""
         await self._open("inform", dest, op, content, None).when_done()
+
+    async def subscribe(self, exchange, keys, handler, queue=None, **options):
+        """Consume raw (non-envelope) messages from `exchange` bound with topic patterns
+        `keys`: handler(delivery) gets `body`, `routing_key`, `properties` (with the trusted
+        `user_id`), `redelivered`, and must `ack()` or `nack(requeue)` each one. The queue is
+        durable and named `queue` (default: an exclusive one named after this process).
+        Options: exchange_type, durable, exclusive, auto_delete, prefetch. The subscription
+        ends when the process stops serving."""
+        if queue is None:
+            queue = f"{self.pid}.sub{len(self._subscriptions) + 1}"
+            options.setdefault("exclusive", True)
+            options.setdefault("auto_delete", True)
+            options.setdefault("durable", False)
+        consumer = await subscription.subscribe(
+            self.container.messenger.transport, exchange, queue, list(keys), handler, **options
+        )
+        self._subscriptions.append(consumer)
+        return consumer
+
+    async def publish(self, exchange, routing_key, body, **options):
+        """Publish a raw message (bytes) to exchange; fires when the broker confirmed it.
+        Options: headers, content_type, persistent (default True), mandatory, declare."""
+        await subscription.publish(
+            self.container.messenger.transport, exchange, routing_key, body, **options
+        )
 
     async def spawn_child(self, spec, name=None, args=None):
         """Spawn a process supervised by this one; it is terminated before this one."""
@@ -346,8 +380,8 @@ class ServiceProcess(Process):
     async def _stop_serving(self):
         consumer, self._service_consumer = self._service_consumer, None
         if consumer is not None:
-            await consumer.cancel()
-
-    async def _release(self):
-        await self._stop_serving()
-        await super()._release()
+            try:
+                await consumer.cancel()
+            except ConnectionLost:
+                pass
+        await super()._stop_serving()

@@ -309,3 +309,30 @@ class ProcessScenarios:
 
 class MemoryProcessTests(ProcessScenarios, unittest.TestCase):
     """The scenarios on the memory:// transport."""
+
+
+class RawSubscriptionTests(unittest.TestCase):
+    """Processes can consume and publish raw messages on other exchanges (the pump does)."""
+
+    async def test_subscribe_publish_and_stop(self):
+        c = await make_container(self)
+        proc = await c.spawn(Caller)
+        got = []
+        arrived = defer.Deferred()
+
+        def handler(delivery):
+            got.append((delivery.routing_key, delivery.body, delivery.properties.content_type))
+            delivery.ack()
+            if len(got) == 2:
+                arrived.callback(None)
+
+        await proc.subscribe("xpublic", ["v03.a.#"], handler, queue="q_test.sub")
+        for key in ("v03.a.b", "v03.x", "v03.a"):
+            await proc.publish("xpublic", key, key.encode())
+        await arrived
+        self.assertEqual([g[0] for g in got], ["v03.a.b", "v03.a"])
+        self.assertEqual(got[0][2], "application/json")
+        await proc.terminate()
+        # the durable queue stays (messages wait for the subscriber to come back)
+        await proc.container.transport.publish("xpublic", "v03.a.c", b"later")
+        self.assertEqual(c.transport.broker.queue_depth("q_test.sub"), 1)
