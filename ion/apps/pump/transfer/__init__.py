@@ -1,0 +1,57 @@
+"""Move files between this machine and file, http(s), sftp and ftp servers.
+
+Three operations, each an C{async def} taking the reactor first:
+
+- L{get}C{(reactor, url, dest_path, ...)} -> L{TransferResult}: stream a remote file to a
+  temporary name beside C{dest_path}, verify size and checksum, apply mtime and mode, fsync and
+  rename into place. Nothing unverified ever appears at C{dest_path}.
+- L{put}C{(reactor, src_path, url, ...)} -> L{TransferResult}: send a local file, to a
+  temporary remote name renamed into place where the scheme allows it.
+- L{list}C{(reactor, url, ...)} -> [L{Entry}]: the entries of a remote directory.
+
+Failures raise L{TransferError} subclasses whose C{transient} and C{code} tell a caller whether
+to retry and what to report. Supporting pieces: L{Timeouts} (connect and idle), L{HostLimiter}
+(concurrent transfers per host), L{Credentials} (the credentials file).
+"""
+
+from ion.apps.pump.transfer.credentials import Credential, Credentials, CredentialsError
+from ion.apps.pump.transfer.errors import (
+    AuthFailed,
+    BadRequest,
+    ChecksumMismatch,
+    ConnectionFailed,
+    LocalFailure,
+    NotFound,
+    ServerNotTrusted,
+    ShortTransfer,
+    SizeMismatch,
+    TransferError,
+    TransferTimeout,
+)
+from ion.apps.pump.transfer.limits import HostLimiter, Timeouts
+from ion.apps.pump.transfer.operations import get, list, put
+from ion.apps.pump.transfer.results import Entry, TransferResult
+
+__all__ = [
+    "AuthFailed",
+    "BadRequest",
+    "ChecksumMismatch",
+    "ConnectionFailed",
+    "Credential",
+    "Credentials",
+    "CredentialsError",
+    "Entry",
+    "HostLimiter",
+    "LocalFailure",
+    "NotFound",
+    "ServerNotTrusted",
+    "ShortTransfer",
+    "SizeMismatch",
+    "Timeouts",
+    "TransferError",
+    "TransferResult",
+    "TransferTimeout",
+    "get",
+    "list",
+    "put",
+]

@@ -1,0 +1,122 @@
+"""Typed errors a transfer ends with, each carrying an HTTP-like code and whether a retry may help.
+
+A caller decides between "retry later" and "report the failure" from two attributes every
+error has: `transient` (a retry may succeed) and `code` (the report code to publish, from the
+pump's report codes: 4xx the request's fault, 5xx the remote side's or ours). Only codes of
+that list are used: an HTTP 401 is reported as 403, an HTTP 502 as 503.
+
+| error              | code            | transient | raised when                                              |
+|--------------------|-----------------|-----------|----------------------------------------------------------|
+| `NotFound`         | 404             | no        | the remote file or directory does not exist              |
+| `AuthFailed`       | 403             | no        | credentials missing or refused, permission denied        |
+| `ServerNotTrusted` | 403             | no        | TLS certificate or SSH host key not verified             |
+| `ChecksumMismatch` | 499             | yes       | the received bytes do not match the announced checksum   |
+| `ShortTransfer`    | 499             | yes       | fewer bytes arrived than announced (connection cut)      |
+| `SizeMismatch`     | 499             | yes       | more bytes arrived than announced                        |
+| `TransferTimeout`  | 504             | yes       | no connection within `connect` s, or no byte for `idle` s |
+| `ConnectionFailed` | 503             | yes       | connection refused or lost, server-side 5xx              |
+| `LocalFailure`     | 500             | depends   | reading the source or writing the destination failed     |
+| `BadRequest`       | 417, 422        | no        | unusable URL or checksum method, unsupported operation   |
+
+`ChecksumMismatch` is transient: the usual cause is a file rewritten upstream while it was
+being fetched, which a later attempt gets right. A caller's retry horizon turns a mismatch
+that persists into a permanent failure (code 499) -- this module cannot tell the two apart.
+
+Messages never hold passwords: every URL in them went through `ion.core.log.redact`.
+"""
+
+import errno
+
+
+class TransferError(Exception):
+    """A transfer failed; `code` is HTTP-like, `transient` says whether a retry may succeed."""
+
+    code = 499
+    transient = True
+
+    def __init__(self, message, code=None, transient=None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = int(code)
+        if transient is not None:
+            self.transient = bool(transient)
+
+    def __repr__(self):
+        return (
+            f"{type(self).__name__}({self.message!r}, code={self.code}, transient={self.transient})"
+        )
+
+
+class NotFound(TransferError):
+    """The remote file or directory does not exist."""
+
+    code = 404
+    transient = False
+
+
+class AuthFailed(TransferError):
+    """The server refused our credentials or the operation (HTTP 401 and 403 alike)."""
+
+    code = 403
+    transient = False
+
+
+class ServerNotTrusted(TransferError):
+    """The server's TLS certificate or SSH host key could not be verified; nothing was sent."""
+
+    code = 403
+    transient = False
+
+
+class ChecksumMismatch(TransferError):
+    """The received bytes do not hash to the expected value."""
+
+    code = 499
+    transient = True
+
+
+class SizeMismatch(TransferError):
+    """The number of bytes received differs from the announced size."""
+
+    code = 499
+    transient = True
+
+
+class ShortTransfer(SizeMismatch):
+    """Fewer bytes arrived than announced: the body was cut short."""
+
+
+class TransferTimeout(TransferError):
+    """No connection within the connect timeout, or no byte for the idle timeout."""
+
+    code = 504
+    transient = True
+
+
+class ConnectionFailed(TransferError):
+    """The server could not be reached, dropped the connection or answered with a 5xx."""
+
+    code = 503
+    transient = True
+
+
+class LocalFailure(TransferError):
+    """Reading or writing a local file failed (transient only when the disk was full)."""
+
+    code = 500
+    transient = False
+
+    @classmethod
+    def from_os_error(cls, what, exc):
+        """The error for an C{OSError} met while doing C{what} (a phrase naming the file)."""
+        transient = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EIO)
+        reason = exc.strerror or str(exc)
+        return cls(f"{what}: {reason}", transient=transient)
+
+
+class BadRequest(TransferError):
+    """The request itself is unusable: a bad URL, an unknown checksum method, ..."""
+
+    code = 422
+    transient = False

@@ -1,0 +1,144 @@
+"""A file being received: written under a temporary name beside its destination and renamed
+onto it only once its size and checksum are verified."""
+
+import base64
+import hashlib
+import os
+import secrets
+
+from ion.apps.pump.transfer.errors import (
+    BadRequest,
+    ChecksumMismatch,
+    LocalFailure,
+    ShortTransfer,
+    SizeMismatch,
+)
+from ion.apps.pump.transfer.results import TransferResult
+
+CHECKSUM_METHODS = ("sha512", "md5")
+INFLIGHT_SUFFIX = ".inflight"
+
+
+def check_method(method):
+    """
+    C{method} if this module can compute it.
+
+    @raise BadRequest: (417) any other method; C{arbitrary} and C{random} identities cannot be
+        verified, C{cod} names its algorithm in its value.
+    """
+    if method not in CHECKSUM_METHODS:
+        raise BadRequest(
+            f"cannot verify checksum method {method!r}; use one of {', '.join(CHECKSUM_METHODS)}",
+            code=417,
+        )
+    return method
+
+
+def inflight_name(dest_path):
+    """A fresh temporary name in C{dest_path}'s directory: C{.<name>.<random>.inflight}."""
+    directory, name = os.path.split(dest_path)
+    # Keep the temporary name within the usual 255-byte limit of a file name.
+    name = name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore")
+    return os.path.join(directory, f".{name}.{secrets.token_hex(6)}{INFLIGHT_SUFFIX}")
+
+
+def b64digest(hasher):
+    return base64.b64encode(hasher.digest()).decode("ascii")
+
+
+class InflightFile:
+    """
+    Receive a file for C{dest_path}: L{write} the bytes as they come, then L{finish} (verify,
+    apply mtime and mode, fsync, rename onto C{dest_path}) or L{discard}.
+
+    Nothing ever appears at C{dest_path} but a complete, verified file; a file already there is
+    replaced only by L{finish}.
+
+    @ivar declared_size: the size the server announced (Content-Length, stat), or C{None}.
+    """
+
+    def __init__(self, dest_path, methods=("sha512",)):
+        self.dest_path = dest_path
+        self.temp_path = inflight_name(dest_path)
+        self.size = 0
+        self.declared_size = None
+        self._hashers = {method: hashlib.new(check_method(method)) for method in methods}
+        try:
+            self._file = open(self.temp_path, "xb")
+        except OSError as exc:
+            raise LocalFailure.from_os_error(f"cannot create {self.temp_path}", exc) from None
+
+    def write(self, data):
+        """Append C{data} and hash it."""
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise LocalFailure.from_os_error(f"cannot write {self.temp_path}", exc) from None
+        for hasher in self._hashers.values():
+            hasher.update(data)
+        self.size += len(data)
+
+    def finish(self, what, expected_size=None, expected_checksum=None, mtime=None, mode=None):
+        """
+        Verify, apply C{mtime} and C{mode}, fsync and rename onto the destination.
+
+        @param what: the source, for messages (a redacted URL).
+        @param expected_checksum: C{(method, base64 value)} or C{None}.
+        @return: the L{TransferResult}.
+        @raise TransferError: a size or checksum mismatch, or a local failure; the temporary
+            file is gone.
+        """
+        try:
+            self._verify(what, expected_size, expected_checksum)
+            self._file.flush()
+            fd = self._file.fileno()
+            if mode is not None:
+                os.fchmod(fd, mode)
+            if mtime is not None:
+                os.utime(fd, (mtime, mtime))
+            os.fsync(fd)
+            self._file.close()
+            os.replace(self.temp_path, self.dest_path)
+            _fsync_directory(os.path.dirname(self.dest_path) or ".")
+        except OSError as exc:
+            self.discard()
+            raise LocalFailure.from_os_error(f"cannot finish {self.dest_path}", exc) from None
+        except BaseException:
+            self.discard()
+            raise
+        checksum = {method: b64digest(hasher) for method, hasher in self._hashers.items()}
+        return TransferResult(self.size, checksum, mtime, mode, self.dest_path)
+
+    def _verify(self, what, expected_size, expected_checksum):
+        for announced, by in ((self.declared_size, "the server"), (expected_size, "the caller")):
+            if announced is not None and self.size < announced:
+                raise ShortTransfer(
+                    f"{what}: got {self.size} bytes, {by} announced {announced}: body cut short"
+                )
+            if announced is not None and self.size > announced:
+                raise SizeMismatch(f"{what}: got {self.size} bytes, {by} announced {announced}")
+        if expected_checksum is not None:
+            method, value = expected_checksum
+            actual = b64digest(self._hashers[method])
+            if actual != value:
+                raise ChecksumMismatch(
+                    f"{what}: {method} checksum of the {self.size} bytes received is {actual}, "
+                    f"expected {value}"
+                )
+
+    def discard(self):
+        """Close and remove the temporary file (idempotent)."""
+        if not self._file.closed:
+            self._file.close()
+        try:
+            os.unlink(self.temp_path)
+        except FileNotFoundError:
+            pass
+
+
+def _fsync_directory(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

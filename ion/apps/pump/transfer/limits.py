@@ -1,0 +1,105 @@
+"""Timeouts and per-host concurrency limits for transfers."""
+
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.internet.defer import DeferredSemaphore
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21, "sftp": 22}
+
+
+@attrs.frozen
+class Timeouts:
+    """
+    @ivar connect: seconds to set up a connection (TCP, TLS or SSH handshake, login).
+    @ivar idle: seconds without a byte from the server before a transfer is abandoned.
+    """
+
+    connect: float = 10
+    idle: float = 30
+
+
+class IdleTimer:
+    """
+    Calls C{expire} once when C{touch} has not been called for C{seconds}.
+
+    Touching only records the time: the timer is rescheduled when it fires early, so a
+    transfer delivering many small chunks costs no timer churn.
+    """
+
+    def __init__(self, reactor, seconds, expire):
+        self._reactor = reactor
+        self._seconds = seconds
+        self._expire = expire
+        self._last = reactor.seconds()
+        self._call = reactor.callLater(seconds, self._check)
+        self.expired = False
+
+    def touch(self):
+        """Note activity: the countdown starts again."""
+        self._last = self._reactor.seconds()
+
+    def stop(self):
+        """Never fire."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _check(self):
+        remaining = self._last + self._seconds - self._reactor.seconds()
+        if remaining > 0:
+            self._call = self._reactor.callLater(remaining, self._check)
+            return
+        self._call = None
+        self.expired = True
+        self._expire()
+
+
+def host_key(url):
+    """The C{(scheme, host, port)} a URL connects to; local files all share one key."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        return ("file", "", 0)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return (scheme, (parts.hostname or "").lower(), port or DEFAULT_PORTS.get(scheme, 0))
+
+
+class HostLimiter:
+    """
+    At most C{per_host} transfers at a time to each C{(scheme, host, port)}.
+
+    One limiter is shared by all the transfers of a process; pass it as C{limiter=}.
+    """
+
+    def __init__(self, per_host=4):
+        if per_host < 1:
+            raise ValueError(f"per_host must be at least 1, got {per_host!r}")
+        self.per_host = per_host
+        self._semaphores = {}
+
+    async def acquire(self, url):
+        """Wait for a slot for C{url}'s host; returns the key to give to L{release}."""
+        key = host_key(url)
+        semaphore = self._semaphores.get(key)
+        if semaphore is None:
+            semaphore = self._semaphores[key] = DeferredSemaphore(self.per_host)
+        await semaphore.acquire()
+        return key
+
+    def release(self, key):
+        """Free the slot taken by L{acquire}."""
+        semaphore = self._semaphores[key]
+        semaphore.release()
+        # Idle hosts are forgotten so a long-running pump does not collect one per host seen.
+        # (Releasing may have run a waiter to completion, which already forgot this one.)
+        if semaphore.tokens == semaphore.limit and self._semaphores.get(key) is semaphore:
+            del self._semaphores[key]
+
+    def active(self, url):
+        """How many transfers to C{url}'s host hold a slot now."""
+        semaphore = self._semaphores.get(host_key(url))
+        return 0 if semaphore is None else semaphore.limit - semaphore.tokens

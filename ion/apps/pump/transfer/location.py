@@ -1,0 +1,94 @@
+"""Where a transfer goes: a URL taken apart, with the login that applies to it."""
+
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import attrs
+
+from ion.apps.pump.transfer.credentials import url_parts
+from ion.apps.pump.transfer.errors import BadRequest
+from ion.apps.pump.transfer.limits import Timeouts
+from ion.core.log import redact
+
+SCHEMES = ("file", "http", "https", "sftp", "ftp")
+
+
+@attrs.frozen
+class Settings:
+    """
+    How to reach a server, beyond its URL.
+
+    @ivar ca_file: PEM file of the certificate authorities trusted for https (default: the
+        system's trust store).
+    @ivar known_hosts: OpenSSH known_hosts file holding the sftp servers' host keys
+        (default C{~/.ssh/known_hosts}); a server whose key is not there is refused.
+    """
+
+    timeouts: Timeouts = Timeouts()
+    ca_file: str | None = None
+    known_hosts: str | None = None
+
+
+@attrs.frozen
+class Location:
+    """
+    A URL taken apart. C{shown} is the URL with its password redacted, for messages; C{path}
+    is percent-decoded (a local path for C{file}).
+    """
+
+    shown: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+    user: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    ssh_key: str | None = None
+    request_url: str = attrs.field(default="", repr=False)
+
+
+def locate(url, credentials=None):
+    """
+    The L{Location} of C{url}, with the login from the URL or else from C{credentials}.
+
+    @raise BadRequest: unknown scheme or malformed URL.
+    """
+    shown = redact(url)
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in SCHEMES:
+        raise BadRequest(
+            f"{shown}: unsupported scheme {scheme!r}; supported are {', '.join(SCHEMES)}"
+        )
+    if scheme == "file":
+        return Location(shown, "file", "", 0, _local_path(url, shown))
+    try:
+        scheme, host, port, user, password, path = url_parts(url)
+    except ValueError:
+        raise BadRequest(f"{shown}: bad port number") from None
+    if not host:
+        raise BadRequest(f"{shown}: no host in URL")
+    ssh_key = None
+    if password is None and credentials is not None:
+        entry = credentials.find(url)
+        if entry is not None:
+            user, password, ssh_key = entry.user, entry.password, entry.ssh_key
+    parts = urlsplit(url)
+    netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    if ":" in parts.hostname:
+        netloc = f"[{parts.hostname}]" + ("" if parts.port is None else f":{parts.port}")
+    request_url = urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
+    return Location(shown, scheme, host, port, unquote(path), user, password, ssh_key, request_url)
+
+
+def _local_path(url, shown):
+    rest = url[len("file:") :]
+    if rest.startswith("//"):
+        host, slash, path = rest[2:].partition("/")
+        if host not in ("", "localhost"):
+            raise BadRequest(f"{shown}: file URLs name local files only, not host {host!r}")
+        path = slash + path
+    else:
+        path = rest
+    path = unquote(path.split("?", 1)[0].split("#", 1)[0])
+    if not path or "\0" in path:
+        raise BadRequest(f"{shown}: no usable path")
+    return path

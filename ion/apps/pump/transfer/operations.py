@@ -1,0 +1,155 @@
+"""The three transfer operations -- get, put, list -- dispatched to the scheme modules."""
+
+import contextlib
+
+from ion.apps.pump.transfer import file, ftp, http, sftp
+from ion.apps.pump.transfer.inflight import InflightFile, check_method
+from ion.apps.pump.transfer.limits import Timeouts
+from ion.apps.pump.transfer.location import Settings, locate
+from ion.apps.pump.transfer.outgoing import OutgoingFile
+from ion.apps.pump.transfer.results import TransferResult
+
+_SCHEMES = {"file": file, "http": http, "https": http, "sftp": sftp, "ftp": ftp}
+
+# Only permission bits travel; set-id bits from a remote server are never applied.
+MODE_MASK = 0o777
+
+
+@contextlib.asynccontextmanager
+async def _slot(limiter, url):
+    if limiter is None:
+        yield
+        return
+    key = await limiter.acquire(url)
+    try:
+        yield
+    finally:
+        limiter.release(key)
+
+
+async def get(
+    reactor,
+    url,
+    dest_path,
+    *,
+    expected_size=None,
+    expected_checksum=None,
+    cod=None,
+    mtime=None,
+    mode=None,
+    timeouts=Timeouts(),
+    credentials=None,
+    limiter=None,
+    ca_file=None,
+    known_hosts=None,
+):
+    """
+    Fetch C{url} into the local file C{dest_path}.
+
+    The bytes go to C{.<name>.<random>.inflight} beside C{dest_path} while being hashed; once
+    complete the size and checksum are verified, mtime and mode applied, the file fsynced and
+    renamed onto C{dest_path}. On any failure or cancellation the temporary file is removed and
+    C{dest_path} is left as it was.
+
+    @param expected_size: bytes announced by the caller, verified.
+    @param expected_checksum: C{(method, base64 value)} with method C{sha512} or C{md5}, verified.
+    @param cod: C{sha512} or C{md5}: compute this checksum too (checksum on download).
+    @param mtime: modification time to apply (default: the server's, when it tells it).
+    @param mode: permission bits to apply (default: the server's, when it tells them).
+    @param timeouts: a L{Timeouts}.
+    @param credentials: L{Credentials} consulted when C{url} holds no password.
+    @param limiter: a L{HostLimiter} shared by the caller's transfers.
+    @param ca_file: https: PEM file of trusted certificate authorities.
+    @param known_hosts: sftp: known_hosts file (default C{~/.ssh/known_hosts}).
+    @return: a L{TransferResult}; its checksum holds every method computed (C{sha512} when
+        none was asked for).
+    @raise TransferError: see L{ion.apps.pump.transfer.errors}.
+    """
+    location = locate(url, credentials)
+    methods = []
+    for method in (expected_checksum[0] if expected_checksum else None, cod):
+        if method is not None and method not in methods:
+            methods.append(check_method(method))
+    settings = Settings(timeouts, ca_file, known_hosts)
+    async with _slot(limiter, url):
+        sink = InflightFile(dest_path, methods or ["sha512"])
+        try:
+            source_mtime, source_mode = await _SCHEMES[location.scheme].fetch(
+                reactor, location, sink, settings
+            )
+        except BaseException:
+            sink.discard()
+            raise
+        if mtime is None:
+            mtime = source_mtime
+        if mode is None:
+            mode = source_mode
+        return sink.finish(
+            location.shown,
+            expected_size,
+            tuple(expected_checksum) if expected_checksum else None,
+            mtime,
+            None if mode is None else mode & MODE_MASK,
+        )
+
+
+async def put(
+    reactor,
+    src_path,
+    url,
+    *,
+    timeouts=Timeouts(),
+    credentials=None,
+    limiter=None,
+    ca_file=None,
+    known_hosts=None,
+):
+    """
+    Send the local file C{src_path} to C{url}.
+
+    The remote file is written under a temporary name and renamed into place where the scheme
+    allows it (file, sftp, ftp); mtime and mode follow where the scheme can set them (file, sftp).
+
+    @return: a L{TransferResult} for the bytes sent (C{path} is the redacted URL).
+    @raise TransferError: see L{ion.apps.pump.transfer.errors}.
+    """
+    location = locate(url, credentials)
+    settings = Settings(timeouts, ca_file, known_hosts)
+    async with _slot(limiter, url):
+        outgoing = OutgoingFile(src_path)
+        try:
+            await _SCHEMES[location.scheme].store(reactor, outgoing, location, settings)
+        finally:
+            outgoing.close()
+        return TransferResult(
+            outgoing.sent,
+            outgoing.checksum(),
+            outgoing.mtime,
+            outgoing.mode & MODE_MASK,
+            location.shown,
+        )
+
+
+async def list(
+    reactor,
+    url,
+    *,
+    timeouts=Timeouts(),
+    credentials=None,
+    limiter=None,
+    ca_file=None,
+    known_hosts=None,
+):
+    """
+    The entries of the remote directory C{url}, sorted by name (C{.} and C{..} left out).
+
+    @rtype: a list of L{Entry}
+    @raise TransferError: see L{ion.apps.pump.transfer.errors}.
+    """
+    location = locate(url, credentials)
+    settings = Settings(timeouts, ca_file, known_hosts)
+    async with _slot(limiter, url):
+        entries = await _SCHEMES[location.scheme].listdir(reactor, location, settings)
+    return sorted(
+        (entry for entry in entries if entry.name not in (".", "..")), key=lambda e: e.name
+    )

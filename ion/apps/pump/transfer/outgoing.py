@@ -1,0 +1,49 @@
+"""A local file being sent: read in chunks and hashed on the way."""
+
+import hashlib
+import os
+import stat
+
+from ion.apps.pump.transfer.errors import LocalFailure
+from ion.apps.pump.transfer.inflight import b64digest
+
+
+class OutgoingFile:
+    """
+    The local source of a put. C{size}, C{mtime} and C{mode} are those of the open file;
+    L{read} hashes what it returns so the checksum of exactly the bytes sent is known.
+    """
+
+    def __init__(self, path, methods=("sha512",)):
+        self.path = path
+        try:
+            self._file = open(path, "rb")
+        except OSError as exc:
+            raise LocalFailure.from_os_error(f"cannot open {path}", exc) from None
+        info = os.fstat(self._file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            self._file.close()
+            raise LocalFailure(f"cannot send {path}: not a regular file")
+        self.size = info.st_size
+        self.mtime = info.st_mtime
+        self.mode = stat.S_IMODE(info.st_mode)
+        self.sent = 0
+        self._hashers = {method: hashlib.new(method) for method in methods}
+
+    def read(self, length):
+        """Up to C{length} next bytes; C{b""} at the end."""
+        try:
+            data = self._file.read(length)
+        except OSError as exc:
+            raise LocalFailure.from_os_error(f"cannot read {self.path}", exc) from None
+        for hasher in self._hashers.values():
+            hasher.update(data)
+        self.sent += len(data)
+        return data
+
+    def checksum(self):
+        """C{{method: base64 digest}} of the bytes read so far."""
+        return {method: b64digest(hasher) for method, hasher in self._hashers.items()}
+
+    def close(self):
+        self._file.close()

@@ -1,0 +1,40 @@
+"""What a transfer returns: the outcome of a get, and the entries of a directory listing."""
+
+import attrs
+
+
+@attrs.frozen
+class TransferResult:
+    """
+    A file delivered by `get` (or `put` to a local file).
+
+    @ivar size: bytes written.
+    @ivar checksum: C{{method: base64 digest}} for every method computed while streaming.
+    @ivar mtime: the modification time applied (seconds since the epoch), or C{None}.
+    @ivar mode: the permission bits applied, or C{None} when the source did not say.
+    @ivar path: the final path.
+    """
+
+    size: int
+    checksum: dict
+    mtime: float | None
+    mode: int | None
+    path: str
+
+
+@attrs.frozen
+class Entry:
+    """
+    One name in a remote directory.
+
+    @ivar type: C{'file'}, C{'dir'} or C{'link'}.
+    @ivar size: bytes, or C{None} when the listing gives none or only a rounded one.
+    @ivar mtime: seconds since the epoch, or C{None}; as precise as the listing format.
+    @ivar mode: permission bits, or C{None}.
+    """
+
+    name: str
+    size: int | None
+    mtime: float | None
+    mode: int | None
+    type: str

@@ -1,0 +1,540 @@
+"""
+Tests for L{ion.apps.pump.transfer}: errors, credentials, limits, delivery, and the file scheme.
+
+The network schemes have their own modules (C{test_transfer_http}, C{..._sftp}, C{..._ftp});
+constant memory is checked in C{test_transfer_memory}.
+"""
+
+import base64
+import hashlib
+import os
+import stat
+
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+import ion.apps.pump.transfer as transfer
+from ion.apps.pump.transfer import (
+    AuthFailed,
+    BadRequest,
+    ChecksumMismatch,
+    ConnectionFailed,
+    Credentials,
+    CredentialsError,
+    Entry,
+    HostLimiter,
+    LocalFailure,
+    NotFound,
+    ServerNotTrusted,
+    ShortTransfer,
+    SizeMismatch,
+    Timeouts,
+    TransferError,
+    TransferTimeout,
+)
+from ion.apps.pump.transfer.inflight import InflightFile
+from ion.apps.pump.transfer.limits import IdleTimer
+from tests.apps.pump.servers import leftovers, write_file
+
+SECRET = "s3cr3t-Pa55"
+
+
+def sha512(data):
+    return base64.b64encode(hashlib.sha512(data).digest()).decode()
+
+
+def md5(data):
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+class ExportsTests(SynchronousTestCase):
+    """
+    The package exports its public API and nothing else.
+    """
+
+    def test_all(self):
+        """
+        Every name in C{__all__} exists; the operations are coroutine functions.
+        """
+        for name in transfer.__all__:
+            self.assertTrue(hasattr(transfer, name), name)
+        import inspect
+
+        for name in ("get", "put", "list"):
+            self.assertTrue(inspect.iscoroutinefunction(getattr(transfer, name)))
+
+
+class ErrorTests(SynchronousTestCase):
+    """
+    Each error says whether a retry may help and which report code applies.
+    """
+
+    def test_table(self):
+        """
+        Codes and transience follow the documented table.
+        """
+        table = [
+            (NotFound, 404, False),
+            (AuthFailed, 403, False),
+            (ServerNotTrusted, 403, False),
+            (ChecksumMismatch, 499, True),
+            (ShortTransfer, 499, True),
+            (SizeMismatch, 499, True),
+            (TransferTimeout, 504, True),
+            (ConnectionFailed, 503, True),
+            (LocalFailure, 500, False),
+            (BadRequest, 422, False),
+        ]
+        for cls, code, transient in table:
+            error = cls("x")
+            self.assertIsInstance(error, TransferError)
+            self.assertEqual((error.code, error.transient), (code, transient), cls)
+
+    def test_override(self):
+        """
+        Code and transience can be given per instance; the message is the str.
+        """
+        error = TransferError("server answered 502", code=503, transient=True)
+        self.assertEqual(
+            (str(error), error.code, error.transient), ("server answered 502", 503, True)
+        )
+        self.assertIn("code=503", repr(error))
+
+    def test_diskFullIsTransient(self):
+        """
+        A full disk is worth retrying; a permission problem is not.
+        """
+        import errno
+
+        full = LocalFailure.from_os_error("x", OSError(errno.ENOSPC, "No space left on device"))
+        denied = LocalFailure.from_os_error("x", OSError(errno.EACCES, "Permission denied"))
+        self.assertTrue(full.transient)
+        self.assertFalse(denied.transient)
+        self.assertIn("No space left", full.message)
+
+
+class CredentialsTests(SynchronousTestCase):
+    """
+    L{Credentials} reads the sr3-style credentials file and finds the line for a URL.
+    """
+
+    TEXT = (
+        "# pump credentials\n"
+        "\n"
+        f"https://alice:{SECRET}@data.example.org/\n"
+        "ftp://anon:p%40ss%20word@ftp.example.org:2121/\n"
+        "sftp://bob@feed.example.org/ ssh_key=/keys/id_ed25519\n"
+        "sftp://carol:pw1@feed.example.org/\n"
+        "sftp://carol:pw2@feed.example.org/incoming/\n"
+    )
+
+    def write(self, text, mode=0o600):
+        path = self.mktemp()
+        write_file(path, text.encode())
+        os.chmod(path, mode)
+        return path
+
+    def test_load(self):
+        """
+        A private file loads; each line gives scheme, host, port, user, password, options.
+        """
+        creds = Credentials.load(self.write(self.TEXT))
+        self.assertEqual(len(creds.entries), 5)
+        alice = creds.find("https://data.example.org/some/file")
+        self.assertEqual((alice.user, alice.password, alice.port), ("alice", SECRET, 443))
+        bob = creds.find("sftp://bob@feed.example.org/x")
+        self.assertEqual((bob.user, bob.password, bob.ssh_key), ("bob", None, "/keys/id_ed25519"))
+
+    def test_percentEncoding(self):
+        """
+        Passwords are percent-decoded; the port must match.
+        """
+        creds = Credentials.parse(self.TEXT)
+        self.assertEqual(creds.find("ftp://ftp.example.org:2121/a").password, "p@ss word")
+        self.assertIsNone(creds.find("ftp://ftp.example.org/a"))
+
+    def test_longestPathWins(self):
+        """
+        A line with a path serves URLs under it, before a line for the whole host.
+        """
+        creds = Credentials.parse(self.TEXT)
+        self.assertEqual(creds.find("sftp://carol@feed.example.org/incoming/f").password, "pw2")
+        self.assertEqual(creds.find("sftp://carol@feed.example.org/other/f").password, "pw1")
+        self.assertEqual(creds.find("sftp://feed.example.org/incomingx").user, "bob")
+
+    def test_noMatch(self):
+        """
+        Another host, scheme or user finds nothing.
+        """
+        creds = Credentials.parse(self.TEXT)
+        self.assertIsNone(creds.find("http://data.example.org/"))
+        self.assertIsNone(creds.find("https://other.example.org/"))
+        self.assertIsNone(creds.find("sftp://dave@feed.example.org/"))
+
+    def test_groupReadableRefused(self):
+        """
+        A file readable by group or others is refused, and the error names the fix without
+        showing any password.
+        """
+        for mode in (0o644, 0o640, 0o604):
+            path = self.write(self.TEXT, mode)
+            error = self.assertRaises(CredentialsError, Credentials.load, path)
+            self.assertIn("chmod 600", str(error))
+            self.assertIn(f"{mode:04o}", str(error))
+            self.assertNotIn(SECRET, str(error))
+
+    def test_missingFile(self):
+        """
+        A missing file is a L{CredentialsError} naming it.
+        """
+        error = self.assertRaises(CredentialsError, Credentials.load, "/nonexistent/creds")
+        self.assertIn("/nonexistent/creds", str(error))
+
+    def test_badLines(self):
+        """
+        Malformed lines are refused with their line number and without their password.
+        """
+        cases = [
+            f"gopher://u:{SECRET}@h/\n",
+            f"https://u:{SECRET}@h/ colour=blue\n",
+            f"https://u:{SECRET}@h/ {SECRET}\n",
+            f"https://u:{SECRET}@h:{SECRET}/\n",
+            f"u:{SECRET}@h\n",
+        ]
+        for text in cases:
+            error = self.assertRaises(CredentialsError, Credentials.parse, "\n" + text, "f")
+            self.assertIn("f, line 2", str(error))
+            self.assertNotIn(SECRET, str(error))
+
+    def test_reprHidesPassword(self):
+        """
+        Neither a credential's repr nor the collection's shows a password.
+        """
+        creds = Credentials.parse(self.TEXT)
+        self.assertNotIn(SECRET, repr(creds))
+        self.assertNotIn(SECRET, repr(creds.entries))
+
+
+class HostLimiterTests(TestCase):
+    """
+    L{HostLimiter} bounds concurrent transfers per scheme, host and port.
+    """
+
+    def test_limit(self):
+        """
+        Past C{per_host}, a transfer waits for a slot on the same host; other hosts are free.
+        """
+        limiter = HostLimiter(per_host=2)
+        url = "sftp://h.example.org/a"
+        held = [Deferred.fromCoroutine(limiter.acquire(url)) for _ in range(3)]
+        self.assertEqual([d.called for d in held], [True, True, False])
+        other = Deferred.fromCoroutine(limiter.acquire("sftp://h.example.org:2222/a"))
+        self.assertTrue(other.called)
+        self.assertEqual(limiter.active(url), 2)
+        limiter.release(self.successResultOf(held[0]))
+        self.assertTrue(held[2].called)
+        for d in held[1:] + [other]:
+            limiter.release(self.successResultOf(d))
+        self.assertEqual(limiter.active(url), 0)
+        self.assertEqual(limiter._semaphores, {})
+
+    def test_sameHostDefaultPort(self):
+        """
+        A URL with the default port and one without it share slots.
+        """
+        limiter = HostLimiter(per_host=1)
+        first = Deferred.fromCoroutine(limiter.acquire("https://H.example.org/a"))
+        second = Deferred.fromCoroutine(limiter.acquire("https://h.example.org:443/b"))
+        self.assertTrue(first.called)
+        self.assertFalse(second.called)
+        second.cancel()
+        self.failureResultOf(second, CancelledError)
+
+    def test_badLimit(self):
+        """
+        A limit below 1 is refused.
+        """
+        self.assertRaises(ValueError, HostLimiter, 0)
+
+
+class IdleTimerTests(SynchronousTestCase):
+    """
+    L{IdleTimer} fires after C{seconds} without a touch.
+    """
+
+    def test_touchPostpones(self):
+        """
+        Each touch restarts the countdown; the timer fires once, C{seconds} after the last.
+        """
+        clock = Clock()
+        fired = []
+        timer = IdleTimer(clock, 5, lambda: fired.append(clock.seconds()))
+        for _ in range(3):
+            clock.advance(4)
+            timer.touch()
+        clock.advance(4.9)
+        self.assertEqual(fired, [])
+        clock.advance(0.1)
+        self.assertEqual(fired, [17])
+        self.assertTrue(timer.expired)
+        clock.advance(100)
+        self.assertEqual(fired, [17])
+
+    def test_stop(self):
+        """
+        A stopped timer never fires and leaves no call pending.
+        """
+        clock = Clock()
+        timer = IdleTimer(clock, 5, self.fail)
+        timer.stop()
+        clock.advance(10)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class InflightFileTests(SynchronousTestCase):
+    """
+    L{InflightFile} writes beside the destination and renames only verified files.
+    """
+
+    def setUp(self):
+        self.dir = self.mktemp()
+        os.mkdir(self.dir)
+        self.dest = os.path.join(self.dir, "data.bin")
+
+    def test_temporaryName(self):
+        """
+        Bytes go to C{.<name>.<random>.inflight} in the destination directory.
+        """
+        sink = InflightFile(self.dest)
+        sink.write(b"abc")
+        name = os.path.basename(sink.temp_path)
+        self.assertTrue(name.startswith(".data.bin.") and name.endswith(".inflight"), name)
+        self.assertFalse(os.path.exists(self.dest))
+        sink.discard()
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_longName(self):
+        """
+        A destination name near the 255-byte limit still gets a usable temporary name.
+        """
+        sink = InflightFile(os.path.join(self.dir, "é" * 127))
+        sink.write(b"x")
+        result = sink.finish("src")
+        self.assertEqual(result.size, 1)
+
+    def test_finish(self):
+        """
+        Finishing applies mode and mtime, returns the checksums and leaves only the file.
+        """
+        sink = InflightFile(self.dest, ["sha512", "md5"])
+        sink.write(b"hello ")
+        sink.write(b"world")
+        result = sink.finish("src", 11, ("md5", md5(b"hello world")), 1_000_000_000.5, 0o640)
+        self.assertEqual(
+            result.checksum, {"sha512": sha512(b"hello world"), "md5": md5(b"hello world")}
+        )
+        self.assertEqual((result.size, result.path), (11, self.dest))
+        info = os.stat(self.dest)
+        self.assertEqual((stat.S_IMODE(info.st_mode), info.st_mtime), (0o640, 1_000_000_000.5))
+        self.assertEqual(os.listdir(self.dir), ["data.bin"])
+
+    def test_sizeChecks(self):
+        """
+        Fewer bytes than announced is a L{ShortTransfer}, more a L{SizeMismatch}; either way the
+        temporary file is removed.
+        """
+        for size, error in ((4, ShortTransfer), (2, SizeMismatch)):
+            sink = InflightFile(self.dest)
+            sink.write(b"abc")
+            sink.declared_size = size
+            self.assertRaises(error, sink.finish, "src")
+            self.assertEqual(os.listdir(self.dir), [])
+
+
+class FileSchemeTests(TestCase):
+    """
+    C{file:} URLs: local copies with the same delivery guarantees as the network schemes.
+    """
+
+    def setUp(self):
+        self.src_dir = os.path.abspath(self.mktemp())
+        self.dest_dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.src_dir)
+        os.makedirs(self.dest_dir)
+        self.data = os.urandom(300_000)
+        self.src = write_file(os.path.join(self.src_dir, "a file.bin"), self.data)
+        os.utime(self.src, (1_600_000_000, 1_600_000_000.25))
+        os.chmod(self.src, 0o604)
+        self.url = "file://" + self.src.replace(" ", "%20")
+        self.dest = os.path.join(self.dest_dir, "copy.bin")
+
+    async def test_get(self):
+        """
+        A file is copied with its mtime and mode; the result names the checksums computed.
+        """
+        result = await transfer.get(
+            reactor, self.url, self.dest, expected_checksum=("sha512", sha512(self.data)), cod="md5"
+        )
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), self.data)
+        self.assertEqual(result.checksum, {"sha512": sha512(self.data), "md5": md5(self.data)})
+        self.assertEqual(
+            (result.size, result.mtime, result.mode), (300_000, 1_600_000_000.25, 0o604)
+        )
+        info = os.stat(self.dest)
+        self.assertEqual((info.st_mtime, stat.S_IMODE(info.st_mode)), (1_600_000_000.25, 0o604))
+        self.assertEqual(leftovers(self.dest_dir), [])
+
+    async def test_modeAndMtimeOverride(self):
+        """
+        An mtime and mode given by the caller (from the message) win over the source's.
+        """
+        result = await transfer.get(reactor, self.url, self.dest, mtime=1234.0, mode=0o4755)
+        info = os.stat(self.dest)
+        self.assertEqual((info.st_mtime, stat.S_IMODE(info.st_mode)), (1234.0, 0o755))
+        self.assertEqual(result.mode, 0o755)
+
+    async def test_relativeUrl(self):
+        """
+        C{file:relative/path} is relative to the working directory.
+        """
+        relative = os.path.relpath(self.src)
+        await transfer.get(reactor, "file:" + relative, self.dest)
+        self.assertEqual(os.path.getsize(self.dest), len(self.data))
+
+    async def test_checksumMismatch(self):
+        """
+        A wrong checksum leaves no file, and an existing destination untouched.
+        """
+        write_file(self.dest, b"previous")
+        with self.assertRaises(ChecksumMismatch) as caught:
+            await transfer.get(reactor, self.url, self.dest, expected_checksum=("md5", md5(b"x")))
+        self.assertTrue(caught.exception.transient)
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), b"previous")
+        self.assertEqual(leftovers(self.dest_dir), [])
+
+    async def test_expectedSize(self):
+        """
+        A size differing from the caller's is refused.
+        """
+        with self.assertRaises(ShortTransfer):
+            await transfer.get(reactor, self.url, self.dest, expected_size=len(self.data) + 1)
+        self.assertFalse(os.path.exists(self.dest))
+        self.assertEqual(leftovers(self.dest_dir), [])
+
+    async def test_missing(self):
+        """
+        A missing source is L{NotFound}, permanent, and leaves nothing.
+        """
+        with self.assertRaises(NotFound) as caught:
+            await transfer.get(reactor, self.url + ".missing", self.dest)
+        self.assertEqual((caught.exception.code, caught.exception.transient), (404, False))
+        self.assertEqual(os.listdir(self.dest_dir), [])
+
+    async def test_directoryIsNotAFile(self):
+        """
+        Getting a directory is a L{BadRequest}.
+        """
+        with self.assertRaises(BadRequest):
+            await transfer.get(reactor, "file://" + self.src_dir, self.dest)
+        self.assertEqual(os.listdir(self.dest_dir), [])
+
+    async def test_unknownChecksumMethod(self):
+        """
+        Only sha512 and md5 can be verified: another method is a 417 before anything starts.
+        """
+        with self.assertRaises(BadRequest) as caught:
+            await transfer.get(reactor, self.url, self.dest, expected_checksum=("arbitrary", "x"))
+        self.assertEqual(caught.exception.code, 417)
+        with self.assertRaises(BadRequest):
+            await transfer.get(reactor, self.url, self.dest, cod="sha1")
+        self.assertEqual(os.listdir(self.dest_dir), [])
+
+    async def test_badUrls(self):
+        """
+        Unknown schemes and remote file hosts are refused without touching the disk; a
+        password in the URL never shows in the message.
+        """
+        for url in (f"gopher://u:{SECRET}@h/x", "file://elsewhere/x", "file:"):
+            with self.assertRaises(BadRequest) as caught:
+                await transfer.get(reactor, url, self.dest)
+            self.assertNotIn(SECRET, str(caught.exception))
+        self.assertEqual(os.listdir(self.dest_dir), [])
+
+    async def test_cancel(self):
+        """
+        Cancelling a transfer in progress removes the temporary file.
+        """
+        big = write_file(os.path.join(self.src_dir, "big"), b"\0" * (32 * 1024 * 1024))
+        d = Deferred.fromCoroutine(transfer.get(reactor, "file://" + big, self.dest))
+        self.assertEqual(len(leftovers(self.dest_dir)), 1)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(os.listdir(self.dest_dir), [])
+
+    async def test_limiter(self):
+        """
+        With a limiter, transfers beyond the per-host limit wait their turn.
+        """
+        limiter = HostLimiter(per_host=1)
+        key = await limiter.acquire(self.url)
+        d = Deferred.fromCoroutine(transfer.get(reactor, self.url, self.dest, limiter=limiter))
+        self.assertFalse(d.called)
+        self.assertFalse(os.path.exists(self.dest))
+        limiter.release(key)
+        result = await d
+        self.assertEqual(result.size, len(self.data))
+        self.assertEqual(limiter.active(self.url), 0)
+
+    async def test_put(self):
+        """
+        Put copies to the destination path with mtime and mode, via an inflight name.
+        """
+        result = await transfer.put(reactor, self.src, "file://" + self.dest)
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), self.data)
+        self.assertEqual(result.checksum, {"sha512": sha512(self.data)})
+        self.assertEqual(os.stat(self.dest).st_mtime, 1_600_000_000.25)
+        self.assertEqual(leftovers(self.dest_dir), [])
+
+    async def test_putMissingSource(self):
+        """
+        Putting a missing local file is a L{LocalFailure}.
+        """
+        with self.assertRaises(LocalFailure):
+            await transfer.put(reactor, self.src + ".missing", "file://" + self.dest)
+
+    async def test_list(self):
+        """
+        Listing gives files, directories and links (not followed), sorted by name.
+        """
+        os.mkdir(os.path.join(self.src_dir, "sub"))
+        os.symlink("a file.bin", os.path.join(self.src_dir, "link"))
+        entries = await transfer.list(reactor, "file://" + self.src_dir)
+        self.assertEqual(
+            [(e.name, e.type) for e in entries],
+            [("a file.bin", "file"), ("link", "link"), ("sub", "dir")],
+        )
+        self.assertEqual(entries[0], Entry("a file.bin", 300_000, 1_600_000_000.25, 0o604, "file"))
+
+    async def test_listMissing(self):
+        """
+        Listing a missing directory is L{NotFound}.
+        """
+        with self.assertRaises(NotFound):
+            await transfer.list(reactor, "file://" + self.src_dir + "/nope")
+
+
+class TimeoutsTests(SynchronousTestCase):
+    """
+    L{Timeouts} defaults.
+    """
+
+    def test_defaults(self):
+        """
+        Ten seconds to connect, thirty without a byte.
+        """
+        self.assertEqual((Timeouts().connect, Timeouts().idle), (10, 30))
