@@ -1,0 +1,176 @@
+"""Path safety for the pump: every relPath or remote name passes here before any filesystem call.
+
+A notification message names files with a `relPath` chosen by whoever published it, and a
+listing returns names chosen by a remote server; neither may reach outside the directory tree
+ION writes into. `safe_relpath` and `safe_name` look only at the text (they never touch the
+filesystem) and raise `UnsafePath` for:
+
+- `..` components, also when percent-encoded once or several times (`%2e%2e`, `%252E%252e`,
+  `..%2f`, `..%5c`), since a later decoding step (an HTTP server, a plugin) would undo it;
+- `.` and empty components (`a/./b`, `a//b`, `a/`): they would shift `strip=N` mappings;
+- absolute paths: sr3 3.3.1 writes relPaths without a leading `/` (see the reference messages),
+  so one is refused unless the caller passes `allow_leading_slash=True`, which then reads it as
+  relative to the destination root (for peers converting older v02 messages);
+- NUL (also as `%00`), control characters (C0, DEL, C1), backslashes, a Windows drive letter
+  (`C:`) as first component, a component over 255 bytes or a path over 4096 bytes of UTF-8.
+
+`resolve_under` then places checked components under a root and refuses the result when the
+deepest part of it that already exists resolves (through symbolic links) outside the root. It
+reads the filesystem and never creates anything. Its answer holds at the moment of the call:
+code that then creates directories or files must still not follow links planted afterwards.
+"""
+
+import os
+import re
+from urllib.parse import unquote
+
+NAME_MAX_BYTES = 255
+PATH_MAX_BYTES = 4096
+_DECODE_ROUNDS = 16
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SEPARATORS = re.compile(r"[/\\]")
+_DRIVE = re.compile(r"[A-Za-z]:")
+_STRIP_MODE = re.compile(r"strip=(\d+)", re.ASCII)
+
+
+class UnsafePath(ValueError):
+    """A path or name could escape the destination tree or confuse the filesystem (report 422)."""
+
+    code = 422
+
+
+def _show(value, limit=80):
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_text(kind, text):
+    """The checks shared by whole paths and single names; raise UnsafePath on the first failure."""
+
+    def refuse(why):
+        raise UnsafePath(f"unsafe {kind} {_show(text)}: {why}")
+
+    if not isinstance(text, str):
+        refuse(f"not a string but {type(text).__name__}")
+    if not text:
+        refuse("empty")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        refuse("not valid UTF-8")
+    if size > PATH_MAX_BYTES:
+        refuse(f"{size} bytes long (the limit is {PATH_MAX_BYTES})")
+    if "\x00" in text:
+        refuse("contains a NUL character")
+    control = _CONTROL.search(text)
+    if control:
+        refuse(f"contains control character U+{ord(control.group()):04X}")
+    if "\\" in text:
+        refuse("contains a backslash")
+    layer = text
+    for _ in range(_DECODE_ROUNDS):
+        decoded = unquote(layer)
+        if decoded == layer:
+            return
+        if ".." in _SEPARATORS.split(decoded):
+            refuse("contains a percent-encoded '..' component")
+        if "\x00" in decoded:
+            refuse("contains a percent-encoded NUL")
+        layer = decoded
+    refuse(f"more than {_DECODE_ROUNDS} layers of percent-encoding")
+
+
+def _check_component(kind, text, part, first):
+    def refuse(why):
+        raise UnsafePath(f"unsafe {kind} {_show(text)}: {why}")
+
+    if part == "":
+        refuse("empty component (a doubled or trailing '/')")
+    if part in (".", ".."):
+        refuse(f"{part!r} component")
+    size = len(part.encode("utf-8"))
+    if size > NAME_MAX_BYTES:
+        refuse(f"a component is {size} bytes long (the limit is {NAME_MAX_BYTES})")
+    if first and _DRIVE.match(part):
+        refuse("starts with a Windows drive letter")
+
+
+def safe_relpath(rel_path, *, allow_leading_slash=False):
+    """The components of a relPath, or UnsafePath saying why it cannot be used."""
+    _check_text("path", rel_path)
+    body = rel_path
+    if body.startswith("/"):
+        if not allow_leading_slash:
+            raise UnsafePath(f"unsafe path {_show(rel_path)}: absolute (starts with '/')")
+        body = body[1:]
+    parts = body.split("/")
+    for index, part in enumerate(parts):
+        _check_component("path", rel_path, part, first=index == 0)
+    return parts
+
+
+def safe_name(name):
+    """A single directory entry name (listing entry, link or rename name), or UnsafePath."""
+    return _check_name(name, first=True)
+
+
+def _check_name(name, first):
+    _check_text("name", name)
+    if "/" in name:
+        raise UnsafePath(f"unsafe name {_show(name)}: contains '/'")
+    _check_component("name", name, name, first)
+    return name
+
+
+def _within(path, root):
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def resolve_under(root, rel_parts):
+    """The absolute path of `rel_parts` under the real path of `root`, checked against symlinks.
+
+    Raises UnsafePath if a component is unsafe or if the deepest existing part of the result
+    (the file itself, or its nearest existing ancestor) resolves outside the root.
+    """
+    if isinstance(rel_parts, (str, bytes)):
+        raise TypeError("rel_parts must be a list of components (see safe_relpath)")
+    rel_parts = list(rel_parts)
+    if not rel_parts:
+        raise UnsafePath("unsafe path '': no components to place under the root")
+    for index, part in enumerate(rel_parts):
+        _check_name(part, first=index == 0)
+    shown = "/".join(rel_parts)
+    base = os.path.realpath(root)
+    target = os.path.join(base, *rel_parts)
+    probe = target
+    while probe != base:
+        if os.path.lexists(probe):
+            if not _within(os.path.realpath(probe), base):
+                raise UnsafePath(
+                    f"unsafe path {_show(shown)}: {_show(probe)} leads outside {_show(base)} "
+                    "through a symbolic link"
+                )
+            break
+        probe = os.path.dirname(probe)
+    return target
+
+
+def destination(root, notice, mode="mirror", *, allow_leading_slash=False):
+    """Where a consumer writes the file a notice announces, checked by the rules above.
+
+    Modes: `mirror` keeps relPath's directories under `root`; `directory` puts every file
+    directly in `root`; `strip=N` drops the first N components of relPath (always keeping the
+    file name, so a large N behaves like `directory`).
+    """
+    parts = safe_relpath(notice.rel_path, allow_leading_slash=allow_leading_slash)
+    strip = _STRIP_MODE.fullmatch(mode) if isinstance(mode, str) else None
+    if mode == "directory":
+        parts = parts[-1:]
+    elif strip:
+        parts = parts[min(int(strip.group(1)), len(parts) - 1) :]
+    elif mode != "mirror":
+        raise ValueError(
+            f"unknown destination mode {mode!r}; use 'mirror', 'directory' or 'strip=N'"
+        )
+    return resolve_under(root, parts)
