@@ -282,6 +282,16 @@ class IdleTimerTests(SynchronousTestCase):
         clock.advance(100)
         self.assertEqual(fired, [17])
 
+    def test_firstDelay(self):
+        """
+        A longer first delay (to connect) is cut short by the first touch.
+        """
+        clock = Clock()
+        fired = []
+        IdleTimer(clock, 1, lambda: fired.append(clock.seconds()), first=10).touch()
+        clock.advance(1)
+        self.assertEqual(fired, [1])
+
     def test_stop(self):
         """
         A stopped timer never fires and leaves no call pending.

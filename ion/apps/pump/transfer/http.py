@@ -1,10 +1,341 @@
-"""The http scheme (not written yet)."""
+"""The C{http} and C{https} schemes: GET streamed to disk, PUT streamed from disk, and
+directory listings read from index pages (see L{ion.apps.pump.transfer.listings}).
 
-from ion.apps.pump.transfer.errors import BadRequest
+Requests go through C{twisted.web.client.Agent} (following redirects; credentials are dropped
+on a redirect to another origin). treq is not used for transfers: its client always asks for
+and decodes gzip content-encoding, which would hand us other bytes than the file's (a
+C{.gz} file served with C{Content-Encoding: gzip} arrives decompressed) and break sizes and
+checksums. We ask for the identity encoding and refuse any other.
+
+https certificates are verified by default against the system's trust store, or against the
+certificate authorities of C{ca_file}; a failed verification is L{ServerNotTrusted}.
+No C{Range} request is ever sent: every GET fetches the whole file.
+"""
+
+import base64
+import re
+
+from OpenSSL import SSL
+from twisted.internet import error as net_error
+from twisted.internet import ssl
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Cooperator
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    PartialDownloadError,
+    RedirectAgent,
+    ResponseDone,
+    ResponseFailed,
+)
+from twisted.web.http import PotentialDataLoss, stringToDatetime
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.python.failure import Failure
+
+from ion.apps.pump.transfer.errors import (
+    AuthFailed,
+    BadRequest,
+    ConnectionFailed,
+    LocalFailure,
+    NotFound,
+    ServerNotTrusted,
+    ShortTransfer,
+    TransferError,
+    TransferTimeout,
+)
+from ion.apps.pump.transfer.limits import IdleTimer, cancellable
+from ion.apps.pump.transfer.listings import parse_html_index
+
+# An index page larger than this is not a directory listing we want to hold in memory.
+MAX_INDEX_BYTES = 32 * 1024 * 1024
+PUT_CHUNK_SIZE = 64 * 1024
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def _trust_root(ca_file):
+    if ca_file is None:
+        return None
+    try:
+        with open(ca_file, "rb") as f:
+            blocks = _PEM_CERTIFICATE.findall(f.read())
+    except OSError as exc:
+        raise LocalFailure.from_os_error(f"cannot read CA file {ca_file}", exc) from None
+    if not blocks:
+        raise BadRequest(f"CA file {ca_file} holds no PEM certificate")
+    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in blocks])
+
+
+def _agent(reactor, settings):
+    """A redirect-following agent whose connections serve one request each."""
+    policy = BrowserLikePolicyForHTTPS(trustRoot=_trust_root(settings.ca_file))
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    agent = Agent(
+        reactor, contextFactory=policy, connectTimeout=settings.timeouts.connect, pool=pool
+    )
+    return RedirectAgent(agent)
+
+
+def _headers(location):
+    headers = Headers({b"Accept-Encoding": [b"identity"], b"User-Agent": [b"ion-pump"]})
+    if location.user is not None and location.password is not None:
+        token = f"{location.user}:{location.password}".encode("utf-8")
+        headers.setRawHeaders(b"Authorization", [b"Basic " + base64.b64encode(token)])
+    return headers
+
+
+def _failures(reason):
+    """The failure and, for Twisted's wrapper exceptions, the failures it wraps."""
+    yield reason
+    for inner in getattr(reason.value, "reasons", None) or ():
+        yield from _failures(inner)
+
+
+def _untrusted(reason):
+    for failure in _failures(reason):
+        if failure.check(SSL.Error) or type(failure.value).__name__ == "VerificationError":
+            return True
+    return False
+
+
+def _request_error(location, reason, timer, timeouts):
+    """The L{TransferError} for a request that got no response."""
+    if timer.expired:
+        return TransferTimeout(
+            f"{location.shown}: no response within {timeouts.connect + timeouts.idle:g} s"
+        )
+    if reason.check(net_error.TimeoutError):
+        return TransferTimeout(f"{location.shown}: no connection within {timeouts.connect:g} s")
+    if _untrusted(reason):
+        return ServerNotTrusted(
+            f"{location.shown}: TLS certificate not verified (give the issuing CA as ca_file "
+            f"if it is a private one)"
+        )
+    if reason.check(net_error.DNSLookupError):
+        return ConnectionFailed(f"{location.shown}: cannot resolve host {location.host!r}")
+    if reason.check(net_error.ConnectionRefusedError):
+        return ConnectionFailed(f"{location.shown}: connection refused")
+    return ConnectionFailed(f"{location.shown}: request failed: {reason.getErrorMessage()}")
+
+
+def _status_error(location, response):
+    """The L{TransferError} for a response with an unwanted status."""
+    code = response.code
+    text = f"{location.shown}: server answered {code} {response.phrase.decode('latin-1')}"
+    if code in (404, 410):
+        return NotFound(text)
+    if code in (401, 403, 407):
+        return AuthFailed(text)
+    if code in (408, 429) or code >= 500:
+        return TransferError(text, code=504 if code in (408, 504) else 503, transient=True)
+    return TransferError(text, code=499, transient=False)
+
+
+async def _request(agent, location, settings, method, timer, body=None):
+    """Send a request; returns the response once its headers are in."""
+    d = agent.request(method, location.request_url.encode("ascii"), _headers(location), body)
+    timer.expire = d.cancel
+    try:
+        return await cancellable(d)
+    except CancelledError:
+        raise
+    except Exception:
+        raise _request_error(location, Failure(), timer, settings.timeouts) from None
+
+
+class _BodyReceiver(Protocol):
+    """Hands each chunk of a response body to C{write}; C{done} fires at the end."""
+
+    def __init__(self, write, timer):
+        self._write = write
+        self._timer = timer
+        self.received = 0
+        self.error = None
+        self.done = Deferred(lambda _: self.abort())
+
+    def abort(self):
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data):
+        if self.error is not None:
+            return
+        self._timer.touch()
+        self.received += len(data)
+        try:
+            self._write(data)
+        except Exception as exc:
+            self.error = exc
+            self.abort()
+
+    def connectionLost(self, reason):
+        if self.done.called:
+            return
+        if self.error is not None:
+            self.done.errback(self.error)
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+
+class _Discard(Protocol):
+    def connectionMade(self):
+        self.transport.stopProducing()
+
+
+async def _receive_body(reactor, location, response, write, timer, idle):
+    receiver = _BodyReceiver(write, timer)
+    timer.expire = receiver.abort
+    response.deliverBody(receiver)
+    try:
+        await receiver.done
+    except (ResponseFailed, PartialDownloadError, net_error.ConnectionLost):
+        if timer.expired:
+            raise TransferTimeout(
+                f"{location.shown}: no data for {idle:g} s after {receiver.received} bytes"
+            ) from None
+        expected = "" if response.length == UNKNOWN_LENGTH else f" of {response.length}"
+        raise ShortTransfer(
+            f"{location.shown}: connection lost after {receiver.received}{expected} bytes"
+        ) from None
+
+
+def _check_encoding(location, response):
+    encodings = response.headers.getRawHeaders(b"content-encoding") or [b"identity"]
+    if any(value.strip().lower() not in (b"identity", b"") for value in encodings):
+        raise TransferError(
+            f"{location.shown}: server sent an encoded body ({b', '.join(encodings).decode()}) "
+            "although identity was asked for",
+            code=499,
+            transient=False,
+        )
+
+
+def _last_modified(response):
+    value = response.headers.getRawHeaders(b"last-modified")
+    if not value:
+        return None
+    try:
+        return float(stringToDatetime(value[0]))
+    except (ValueError, IndexError):
+        return None
+
+
+async def _get(reactor, location, settings, write):
+    """GET C{location}, feeding the body to C{write}; returns the response."""
+    timeouts = settings.timeouts
+    timer = IdleTimer(reactor, timeouts.idle, first=timeouts.connect + timeouts.idle)
+    agent = _agent(reactor, settings)
+    try:
+        response = await _request(agent, location, settings, b"GET", timer)
+        timer.touch()
+        try:
+            if response.code != 200:
+                raise _status_error(location, response)
+            _check_encoding(location, response)
+            if response.length != UNKNOWN_LENGTH:
+                write.declare(response.length)
+        except BaseException:
+            response.deliverBody(_Discard())
+            raise
+        await _receive_body(reactor, location, response, write, timer, timeouts.idle)
+        return response
+    finally:
+        timer.stop()
+
+
+class _SinkWriter:
+    def __init__(self, sink):
+        self.sink = sink
+
+    def __call__(self, data):
+        self.sink.write(data)
+
+    def declare(self, length):
+        self.sink.declared_size = length
+
+
+class _BufferWriter:
+    """Collects an index page in memory, up to C{limit} bytes."""
+
+    def __init__(self, limit, shown):
+        self.chunks = []
+        self.size = 0
+        self.limit = limit
+        self.shown = shown
+
+    def __call__(self, data):
+        self.size += len(data)
+        self._check(self.size)
+        self.chunks.append(data)
+
+    def declare(self, length):
+        self._check(length)
+
+    def _check(self, size):
+        if size > self.limit:
+            raise TransferError(
+                f"{self.shown}: index page larger than {self.limit} bytes",
+                code=413,
+                transient=False,
+            )
 
 
 async def fetch(reactor, location, sink, settings):
-    raise BadRequest(f"{location.shown}: http is not supported yet")
+    """Stream the body of a GET into C{sink}; returns C{(Last-Modified, None)}."""
+    response = await _get(reactor, location, settings, _SinkWriter(sink))
+    return _last_modified(response), None
 
 
-store = listdir = fetch
+async def listdir(reactor, location, settings):
+    """The entries of the index page at C{location} (see L{parse_html_index})."""
+    buffer = _BufferWriter(MAX_INDEX_BYTES, location.shown)
+    response = await _get(reactor, location, settings, buffer)
+    content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].decode("latin-1")
+    match = re.search(r"charset=([\w.:-]+)", content_type, re.IGNORECASE)
+    charset = match.group(1) if match else "utf-8"
+    try:
+        text = b"".join(buffer.chunks).decode(charset, "replace")
+    except LookupError:
+        text = b"".join(buffer.chunks).decode("utf-8", "replace")
+    return parse_html_index(text, location.request_url)
+
+
+class _TouchingReader:
+    """A file-like view of an L{OutgoingFile} that notes each read as progress."""
+
+    def __init__(self, outgoing, timer):
+        self._outgoing = outgoing
+        self._timer = timer
+
+    def read(self, length):
+        self._timer.touch()
+        return self._outgoing.read(length)
+
+    def close(self):
+        """The caller closes the file."""
+
+
+async def store(reactor, outgoing, location, settings):
+    """PUT C{outgoing} to C{location} (no temporary name: HTTP has no rename)."""
+    timeouts = settings.timeouts
+    timer = IdleTimer(reactor, timeouts.idle, first=timeouts.connect + timeouts.idle)
+    cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+    body = FileBodyProducer(_TouchingReader(outgoing, timer), cooperator, PUT_CHUNK_SIZE)
+    body.length = outgoing.size
+    agent = _agent(reactor, settings)
+    try:
+        response = await _request(agent, location, settings, b"PUT", timer, body)
+        response.deliverBody(_Discard())
+        if response.code not in (200, 201, 204):
+            raise _status_error(location, response)
+    finally:
+        timer.stop()
+        cooperator.stop()

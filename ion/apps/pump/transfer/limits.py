@@ -3,7 +3,8 @@
 from urllib.parse import urlsplit
 
 import attrs
-from twisted.internet.defer import DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.python.failure import Failure
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21, "sftp": 22}
 
@@ -21,23 +22,28 @@ class Timeouts:
 
 class IdleTimer:
     """
-    Calls C{expire} once when C{touch} has not been called for C{seconds}.
+    Calls C{expire} once when C{touch} has not been called for C{seconds} (C{first} seconds
+    before the first touch, when given: e.g. connect plus idle timeouts).
 
-    Touching only records the time: the timer is rescheduled when it fires early, so a
-    transfer delivering many small chunks costs no timer churn.
+    C{expire} may be replaced as the transfer goes from one phase to the next. Touching only
+    records the time: the timer is rescheduled when it fires early, so a transfer delivering
+    many small chunks costs no timer churn.
     """
 
-    def __init__(self, reactor, seconds, expire):
+    def __init__(self, reactor, seconds, expire=None, first=None):
+        self.expire = expire
+        self.expired = False
         self._reactor = reactor
         self._seconds = seconds
-        self._expire = expire
-        self._last = reactor.seconds()
-        self._call = reactor.callLater(seconds, self._check)
-        self.expired = False
+        self._deadline = reactor.seconds() + (seconds if first is None else first)
+        self._call = reactor.callLater(self._deadline - reactor.seconds(), self._check)
 
     def touch(self):
         """Note activity: the countdown starts again."""
-        self._last = self._reactor.seconds()
+        self._deadline = self._reactor.seconds() + self._seconds
+        if self._call is not None and self._call.getTime() > self._deadline:
+            # Only after a longer first delay can the new deadline come before the call.
+            self._call.reset(self._seconds)
 
     def stop(self):
         """Never fire."""
@@ -46,13 +52,38 @@ class IdleTimer:
         self._call = None
 
     def _check(self):
-        remaining = self._last + self._seconds - self._reactor.seconds()
+        remaining = self._deadline - self._reactor.seconds()
         if remaining > 0:
             self._call = self._reactor.callLater(remaining, self._check)
             return
         self._call = None
         self.expired = True
-        self._expire()
+        if self.expire is not None:
+            self.expire()
+
+
+def cancellable(d):
+    """
+    A Deferred with C{d}'s result that fails with C{CancelledError} when cancelled, whatever
+    C{d} fails with once cancelled in turn (Twisted's clients fail with their own errors).
+    """
+
+    def cancel(outer):
+        outer.errback(CancelledError())
+        d.cancel()
+
+    outer = Deferred(cancel)
+
+    def forward(result):
+        if outer.called:
+            return
+        if isinstance(result, Failure):
+            outer.errback(result)
+        else:
+            outer.callback(result)
+
+    d.addBoth(forward)
+    return outer
 
 
 def host_key(url):

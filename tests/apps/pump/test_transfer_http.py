@@ -1,0 +1,294 @@
+"""
+Tests for the http and https schemes of L{ion.apps.pump.transfer}, against twisted.web on
+loopback.
+"""
+
+import base64
+import hashlib
+import os
+import stat
+import time
+
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from ion.apps.pump import transfer
+from ion.apps.pump.transfer import (
+    AuthFailed,
+    ChecksumMismatch,
+    ConnectionFailed,
+    Credentials,
+    NotFound,
+    ServerNotTrusted,
+    ShortTransfer,
+    Timeouts,
+    TransferTimeout,
+)
+from tests.apps.pump.servers import leftovers, make_tls, settle, start_http, write_file
+
+SECRET = "pa55-w0rd-XyZ"
+
+
+def sha512(data):
+    return base64.b64encode(hashlib.sha512(data).digest()).decode()
+
+
+class HTTPTests(TestCase):
+    """
+    GET, PUT and listings over http.
+    """
+
+    def setUp(self):
+        self.root = os.path.abspath(self.mktemp())
+        self.dest_dir = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(self.root, "sub"))
+        os.makedirs(self.dest_dir)
+        self.data = os.urandom(200_000)
+        write_file(os.path.join(self.root, "data.bin"), self.data)
+        write_file(os.path.join(self.root, "small.txt"), b"hello")
+        os.utime(os.path.join(self.root, "data.bin"), (1_500_000_000, 1_500_000_000))
+        self.server = start_http(self, self.root, user="alice", password=SECRET)
+        self.dest = os.path.join(self.dest_dir, "out.bin")
+        self.addCleanup(settle)
+
+    def assertNothingLeft(self):
+        self.assertEqual(leftovers(self.dest_dir), [])
+
+    async def test_get(self):
+        """
+        A file arrives whole with its Last-Modified as mtime and its checksums.
+        """
+        result = await transfer.get(
+            reactor,
+            self.server.url + "/files/data.bin",
+            self.dest,
+            expected_size=len(self.data),
+            expected_checksum=("sha512", sha512(self.data)),
+            cod="md5",
+        )
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), self.data)
+        self.assertEqual(result.size, len(self.data))
+        self.assertEqual(set(result.checksum), {"sha512", "md5"})
+        self.assertEqual((result.mtime, result.mode), (1_500_000_000.0, None))
+        self.assertEqual(os.stat(self.dest).st_mtime, 1_500_000_000)
+        self.assertNothingLeft()
+
+    async def test_mode(self):
+        """
+        http tells no mode: the caller's applies.
+        """
+        await transfer.get(reactor, self.server.url + "/files/small.txt", self.dest, mode=0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(self.dest).st_mode), 0o600)
+
+    async def test_notFound(self):
+        """
+        A 404 is L{NotFound}, permanent, and leaves no file.
+        """
+        with self.assertRaises(NotFound) as caught:
+            await transfer.get(reactor, self.server.url + "/files/missing", self.dest)
+        self.assertFalse(caught.exception.transient)
+        self.assertIn("404", str(caught.exception))
+        self.assertEqual(os.listdir(self.dest_dir), [])
+
+    async def test_authFailed(self):
+        """
+        Missing or wrong credentials are L{AuthFailed}, permanent, with no file and no
+        password in the message.
+        """
+        for url in (
+            self.server.url + "/auth/small.txt",
+            self.server.url.replace("//", "//alice:wrong@") + "/auth/small.txt",
+        ):
+            with self.assertRaises(AuthFailed) as caught:
+                await transfer.get(reactor, url, self.dest)
+            self.assertEqual((caught.exception.code, caught.exception.transient), (403, False))
+            self.assertNotIn("wrong", str(caught.exception))
+        self.assertEqual(os.listdir(self.dest_dir), [])
+
+    async def test_authFromUrl(self):
+        """
+        A password in the URL is sent as basic auth.
+        """
+        url = self.server.url.replace("//", f"//alice:{SECRET}@") + "/auth/small.txt"
+        result = await transfer.get(reactor, url, self.dest)
+        self.assertEqual(result.size, 5)
+
+    async def test_authFromCredentials(self):
+        """
+        Without a password in the URL, the credentials file's line for the host is used.
+        """
+        creds = Credentials.parse(
+            f"http://alice:{SECRET}@127.0.0.1:{self.server.port.getHost().port}/\n"
+        )
+        result = await transfer.get(
+            reactor, self.server.url + "/auth/small.txt", self.dest, credentials=creds
+        )
+        self.assertEqual(result.size, 5)
+
+    async def test_shortBody(self):
+        """
+        A body shorter than its Content-Length is a transient L{ShortTransfer}; the previous
+        file stays.
+        """
+        write_file(self.dest, b"previous")
+        with self.assertRaises(ShortTransfer) as caught:
+            await transfer.get(reactor, self.server.url + "/short/100000", self.dest)
+        self.assertTrue(caught.exception.transient)
+        self.assertIn("50000 of 100000", str(caught.exception))
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), b"previous")
+        self.assertNothingLeft()
+
+    async def test_checksumMismatch(self):
+        """
+        A checksum mismatch leaves the previous file untouched and no temporary file.
+        """
+        write_file(self.dest, b"previous")
+        with self.assertRaises(ChecksumMismatch):
+            await transfer.get(
+                reactor,
+                self.server.url + "/files/data.bin",
+                self.dest,
+                expected_checksum=("sha512", sha512(b"other")),
+            )
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), b"previous")
+        self.assertNothingLeft()
+
+    async def test_stalled(self):
+        """
+        A server that stops sending mid-body is abandoned after the idle timeout with a
+        transient L{TransferTimeout}, while another transfer from it completes.
+        """
+        timeouts = Timeouts(connect=5, idle=0.5)
+        start = time.monotonic()
+        stalled = Deferred.fromCoroutine(
+            transfer.get(reactor, self.server.url + "/stall/100000", self.dest, timeouts=timeouts)
+        )
+        other = os.path.join(self.dest_dir, "other.bin")
+        result = await transfer.get(
+            reactor, self.server.url + "/files/data.bin", other, timeouts=timeouts
+        )
+        self.assertEqual(result.size, len(self.data))
+        self.assertFalse(stalled.called)
+        with self.assertRaises(TransferTimeout) as caught:
+            await stalled
+        elapsed = time.monotonic() - start
+        self.assertTrue(0.5 <= elapsed < 3, elapsed)
+        self.assertTrue(caught.exception.transient)
+        self.assertEqual(caught.exception.code, 504)
+        self.assertFalse(os.path.exists(self.dest))
+        self.assertNothingLeft()
+
+    async def test_cancel(self):
+        """
+        Cancelling a transfer in progress removes its temporary file.
+        """
+        d = Deferred.fromCoroutine(
+            transfer.get(reactor, self.server.url + "/stall/100000", self.dest)
+        )
+        while (
+            not leftovers(self.dest_dir)
+            or os.path.getsize(os.path.join(self.dest_dir, leftovers(self.dest_dir)[0])) < 50000
+        ):
+            await deferLater(reactor, 0.01, lambda: None)
+        d.cancel()
+        with self.assertRaises(CancelledError):
+            await d
+        self.assertEqual(os.listdir(self.dest_dir), [])
+
+    async def test_connectionRefused(self):
+        """
+        Nobody listening is a transient L{ConnectionFailed}.
+        """
+        port = reactor.listenTCP(0, self.server.site, interface="127.0.0.1")
+        number = port.getHost().port
+        await port.stopListening()
+        with self.assertRaises(ConnectionFailed) as caught:
+            await transfer.get(reactor, f"http://127.0.0.1:{number}/x", self.dest)
+        self.assertTrue(caught.exception.transient)
+        self.assertEqual(os.listdir(self.dest_dir), [])
+
+    async def test_parallel(self):
+        """
+        Several transfers run at once under a host limiter.
+        """
+        limiter = transfer.HostLimiter(per_host=2)
+        results = await gatherResults(
+            [
+                Deferred.fromCoroutine(
+                    transfer.get(
+                        reactor,
+                        self.server.url + "/files/data.bin",
+                        os.path.join(self.dest_dir, f"{n}.bin"),
+                        limiter=limiter,
+                    )
+                )
+                for n in range(5)
+            ]
+        )
+        self.assertEqual([r.size for r in results], [len(self.data)] * 5)
+
+    async def test_list(self):
+        """
+        twisted.web's directory listing gives files (exact sizes below 1 KiB) and directories.
+        """
+        entries = await transfer.list(reactor, self.server.url + "/files/")
+        self.assertEqual(
+            [(e.name, e.type, e.size) for e in entries],
+            [("data.bin", "file", None), ("small.txt", "file", 5), ("sub", "dir", None)],
+        )
+
+    async def test_listNotFound(self):
+        """
+        Listing a missing directory is L{NotFound}.
+        """
+        with self.assertRaises(NotFound):
+            await transfer.list(reactor, self.server.url + "/files/nope/")
+
+    async def test_put(self):
+        """
+        PUT streams a local file to the server.
+        """
+        src = write_file(os.path.join(self.dest_dir, "up.bin"), self.data)
+        result = await transfer.put(reactor, src, self.server.url + "/upload/up.bin")
+        with open(os.path.join(self.root, "up.bin"), "rb") as f:
+            self.assertEqual(f.read(), self.data)
+        self.assertEqual(result.checksum, {"sha512": sha512(self.data)})
+
+
+class HTTPSTests(TestCase):
+    """
+    https verifies the server's certificate by default.
+    """
+
+    def setUp(self):
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+        write_file(os.path.join(self.root, "small.txt"), b"hello")
+        self.ca_file, options = make_tls(self.root)
+        self.server = start_http(self, self.root, tls=options)
+        self.dest = os.path.abspath(self.mktemp())
+        self.addCleanup(settle)
+
+    async def test_trustedCA(self):
+        """
+        With the issuing CA given as C{ca_file}, the transfer works.
+        """
+        result = await transfer.get(
+            reactor, self.server.url + "/files/small.txt", self.dest, ca_file=self.ca_file
+        )
+        self.assertEqual(result.size, 5)
+
+    async def test_untrusted(self):
+        """
+        A certificate from a CA not trusted is refused, permanently, with no file.
+        """
+        with self.assertRaises(ServerNotTrusted) as caught:
+            await transfer.get(reactor, self.server.url + "/files/small.txt", self.dest)
+        self.assertFalse(caught.exception.transient)
+        self.assertIn("ca_file", str(caught.exception))
+        self.assertFalse(os.path.exists(self.dest))
