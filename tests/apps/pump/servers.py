@@ -4,15 +4,25 @@ stopped by the test's cleanup, and small file helpers."""
 import datetime
 import ipaddress
 import os
+import posixpath
+import stat
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
+from twisted.conch import avatar
+from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
+from twisted.conch.ls import lsLine
+from twisted.conch.ssh import factory, filetransfer, keys, session, userauth
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet import reactor, ssl, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.python import components
 from twisted.web import resource, server, static
+from zope.interface import implementer
 
 from ion.apps.pump.transfer.inflight import INFLIGHT_SUFFIX
 
@@ -257,3 +267,259 @@ def make_tls(directory):
     )
     pem = key_pem + cert.public_bytes(serialization.Encoding.PEM)
     return ca_file, ssl.PrivateCertificate.loadPEM(pem).options()
+
+
+def _sftp_attrs(info):
+    return {
+        "size": info.st_size,
+        "uid": info.st_uid,
+        "gid": info.st_gid,
+        "permissions": info.st_mode,
+        "atime": int(info.st_atime),
+        "mtime": int(info.st_mtime),
+    }
+
+
+def _apply_attrs(path, attrs):
+    if "permissions" in attrs:
+        os.chmod(path, stat.S_IMODE(attrs["permissions"]))
+    if "atime" in attrs and "mtime" in attrs:
+        os.utime(path, (attrs["atime"], attrs["mtime"]))
+
+
+def _sftp_call(function, *args):
+    """Run C{function}, turning C{OSError} into the matching C{SFTPError}."""
+    try:
+        return function(*args)
+    except FileNotFoundError as exc:
+        raise filetransfer.SFTPError(filetransfer.FX_NO_SUCH_FILE, exc.strerror)
+    except PermissionError as exc:
+        raise filetransfer.SFTPError(filetransfer.FX_PERMISSION_DENIED, exc.strerror)
+    except OSError as exc:
+        raise filetransfer.SFTPError(filetransfer.FX_FAILURE, exc.strerror or str(exc))
+
+
+@implementer(filetransfer.ISFTPFile)
+class _SFTPFile:
+    def __init__(self, server, path, flags):
+        self.server = server
+        self.path = path
+        self.stall = os.path.basename(path) in server.stalled_names
+        mode = os.O_RDONLY
+        if flags & filetransfer.FXF_WRITE:
+            mode = os.O_RDWR if flags & filetransfer.FXF_READ else os.O_WRONLY
+        for sftp_flag, os_flag in (
+            (filetransfer.FXF_APPEND, os.O_APPEND),
+            (filetransfer.FXF_CREAT, os.O_CREAT),
+            (filetransfer.FXF_TRUNC, os.O_TRUNC),
+            (filetransfer.FXF_EXCL, os.O_EXCL),
+        ):
+            if flags & sftp_flag:
+                mode |= os_flag
+        self.fd = _sftp_call(os.open, path, mode, 0o644)
+
+    def readChunk(self, offset, length):
+        if self.stall and offset > 0:
+            return Deferred()
+        data = _sftp_call(os.pread, self.fd, length, offset)
+        if not data:
+            raise EOFError()
+        return data
+
+    def writeChunk(self, offset, data):
+        _sftp_call(os.pwrite, self.fd, data, offset)
+
+    def getAttrs(self):
+        return _sftp_attrs(_sftp_call(os.fstat, self.fd))
+
+    def setAttrs(self, attrs):
+        _apply_attrs(self.path, attrs)
+
+    def close(self):
+        os.close(self.fd)
+
+
+class _SFTPDirectory:
+    def __init__(self, path):
+        self.path = path
+        self.names = iter(sorted(_sftp_call(os.listdir, path)))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        name = next(self.names)
+        info = os.lstat(os.path.join(self.path, name))
+        return name.encode(), lsLine(name, info).encode(), _sftp_attrs(info)
+
+    def close(self):
+        pass
+
+
+@implementer(filetransfer.ISFTPServer)
+class _RootedSFTPServer:
+    """SFTP over one directory: paths are resolved below it and cannot leave it."""
+
+    def __init__(self, avatar):
+        self.root = avatar.root
+        self.stalled_names = avatar.stalled_names
+
+    def _path(self, path):
+        relative = posixpath.normpath("/" + path.decode()).lstrip("/")
+        return os.path.join(self.root, relative)
+
+    def gotVersion(self, otherVersion, extData):
+        return {}
+
+    def openFile(self, filename, flags, attrs):
+        return _SFTPFile(self, self._path(filename), flags)
+
+    def removeFile(self, filename):
+        _sftp_call(os.remove, self._path(filename))
+
+    def renameFile(self, oldpath, newpath):
+        # Like OpenSSH's SFTP v3 rename: an existing target is an error.
+        new = self._path(newpath)
+        if os.path.lexists(new):
+            raise filetransfer.SFTPError(filetransfer.FX_FAILURE, "target exists")
+        _sftp_call(os.rename, self._path(oldpath), new)
+
+    def makeDirectory(self, path, attrs):
+        _sftp_call(os.mkdir, self._path(path))
+
+    def removeDirectory(self, path):
+        _sftp_call(os.rmdir, self._path(path))
+
+    def openDirectory(self, path):
+        return _SFTPDirectory(self._path(path))
+
+    def getAttrs(self, path, followLinks):
+        get = os.stat if followLinks else os.lstat
+        return _sftp_attrs(_sftp_call(get, self._path(path)))
+
+    def setAttrs(self, path, attrs):
+        _sftp_call(_apply_attrs, self._path(path), attrs)
+
+    def readLink(self, path):
+        return _sftp_call(os.readlink, self._path(path)).encode()
+
+    def makeLink(self, linkPath, targetPath):
+        _sftp_call(os.symlink, targetPath.decode(), self._path(linkPath))
+
+    def realPath(self, path):
+        return ("/" + posixpath.normpath("/" + path.decode()).lstrip("/")).encode()
+
+    def extendedRequest(self, extendedName, extendedData):
+        raise NotImplementedError()
+
+
+class _SFTPAvatar(avatar.ConchUser):
+    def __init__(self, root, stalled_names):
+        super().__init__()
+        self.root = root
+        self.stalled_names = stalled_names
+        self.channelLookup[b"session"] = session.SSHSession
+        self.subsystemLookup[b"sftp"] = filetransfer.FileTransferServer
+
+    def logout(self):
+        pass
+
+
+components.registerAdapter(_RootedSFTPServer, _SFTPAvatar, filetransfer.ISFTPServer)
+
+
+@implementer(IRealm)
+class _SFTPRealm:
+    def __init__(self, root, stalled_names):
+        self.root = root
+        self.stalled_names = stalled_names
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        user = _SFTPAvatar(self.root, self.stalled_names)
+        return interfaces[0], user, user.logout
+
+
+class _QuickUserAuth(userauth.SSHUserAuthServer):
+    """No delay after a wrong password: the tests need not wait."""
+
+    passwordDelay = 0
+
+
+class _TrackingSSHFactory(factory.SSHFactory):
+    def __init__(self):
+        self.connections = set()
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        lost = protocol.connectionLost
+        self.connections.add(protocol)
+
+        def connectionLost(reason):
+            self.connections.discard(protocol)
+            return lost(reason)
+
+        protocol.connectionLost = connectionLost
+        return protocol
+
+
+_KEYS = {}
+
+
+def ssh_key(name):
+    """An ed25519 key made once per test run and kept under C{name}."""
+    if name not in _KEYS:
+        _KEYS[name] = keys.Key(ed25519.Ed25519PrivateKey.generate())
+    return _KEYS[name]
+
+
+class SFTPServer:
+    """
+    A conch SFTP server on 127.0.0.1 over C{root}: user C{user} logs in with C{password} or
+    with the key L{ssh_key}C{("client")}. Reads of files named in C{stalled_names} are never
+    answered past their first chunk.
+    """
+
+    def __init__(self, root, user="bob", password="secret", stalled_names=()):
+        self.root = root
+        self.user = user
+        self.host_key = ssh_key("host")
+        checkers = [
+            InMemoryUsernamePasswordDatabaseDontUse(**{user: password.encode()}),
+            SSHPublicKeyChecker(InMemorySSHKeyDB({user.encode(): [ssh_key("client").public()]})),
+        ]
+        self.factory = _TrackingSSHFactory()
+        self.factory.portal = Portal(_SFTPRealm(root, set(stalled_names)), checkers)
+        self.factory.publicKeys = {b"ssh-ed25519": self.host_key.public()}
+        self.factory.privateKeys = {b"ssh-ed25519": self.host_key}
+        self.factory.services = dict(self.factory.services)
+        self.factory.services[b"ssh-userauth"] = _QuickUserAuth
+        self.port = None
+
+    def start(self):
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.url = f"sftp://{self.user}@127.0.0.1:{self.port.getHost().port}"
+        return self
+
+    def known_hosts_line(self, key=None):
+        """A known_hosts line for this server (with another C{key} to fake a change)."""
+        key = (key or self.host_key).public().toString("openssh").decode()
+        return f"[127.0.0.1]:{self.port.getHost().port} {key}\n"
+
+    def write_client_key(self, path):
+        """Write the client's private key to C{path} (mode 0600); returns C{path}."""
+        write_file(path, ssh_key("client").toString("openssh"))
+        os.chmod(path, 0o600)
+        return path
+
+    async def stop(self):
+        await self.port.stopListening()
+        for protocol in list(self.factory.connections):
+            protocol.transport.abortConnection()
+        await settle()
+
+
+def start_sftp(testcase, root, **kwargs):
+    """A started L{SFTPServer}, stopped when C{testcase} is cleaned up."""
+    sftp_server = SFTPServer(root, **kwargs).start()
+    testcase.addCleanup(lambda: Deferred.fromCoroutine(sftp_server.stop()))
+    return sftp_server
