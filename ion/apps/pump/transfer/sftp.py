@@ -333,22 +333,31 @@ async def _read_into(handle, write):
     """Read the open file C{handle} from start to end, C{WINDOW} reads in flight."""
     pending = deque()
     offset = 0
-    while True:
-        while len(pending) < WINDOW:
-            pending.append((offset, CHUNK_SIZE, handle.readChunk(offset, CHUNK_SIZE)))
-            offset += CHUNK_SIZE
-        start, length, d = pending.popleft()
-        try:
-            data = await d
-        except EOFError:
-            await _drain(pending)
-            return
-        write(data)
-        if len(data) < length:
-            # A short read (end of file, or a server with smaller reads): what is in flight
-            # beyond it is useless; carry on from where this read ended.
-            await _drain(pending)
-            offset = start + len(data)
+    try:
+        while True:
+            while len(pending) < WINDOW:
+                pending.append((offset, CHUNK_SIZE, handle.readChunk(offset, CHUNK_SIZE)))
+                offset += CHUNK_SIZE
+            start, length, d = pending.popleft()
+            try:
+                data = await d
+            except EOFError:
+                await _drain(pending)
+                return
+            write(data)
+            if len(data) < length:
+                # A short read (end of file, or a server with smaller reads): what is in
+                # flight beyond it is useless; carry on from where this read ended.
+                await _drain(pending)
+                offset = start + len(data)
+    finally:
+        _ignore_failures(d for _, _, d in pending)
+
+
+def _ignore_failures(deferreds):
+    """Requests left in flight by a failure fail too (connection lost): nobody waits for them."""
+    for d in deferreds:
+        d.addErrback(lambda _: None)
 
 
 async def fetch(reactor, location, sink, settings):
@@ -421,13 +430,16 @@ async def _write_from(handle, outgoing):
     """Write C{outgoing} to the open file C{handle}, C{WINDOW} writes in flight."""
     pending = deque()
     offset = 0
-    while data := outgoing.read(CHUNK_SIZE):
-        pending.append(handle.writeChunk(offset, data))
-        offset += len(data)
-        if len(pending) >= WINDOW:
+    try:
+        while data := outgoing.read(CHUNK_SIZE):
+            pending.append(handle.writeChunk(offset, data))
+            offset += len(data)
+            if len(pending) >= WINDOW:
+                await pending.popleft()
+        while pending:
             await pending.popleft()
-    while pending:
-        await pending.popleft()
+    finally:
+        _ignore_failures(pending)
 
 
 async def _rename(client, session, old, new):
