@@ -18,9 +18,11 @@ from twisted.conch.ssh import factory, filetransfer, keys, session, userauth
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import reactor, ssl, tcp
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
+from twisted.protocols import ftp
 from twisted.python import components
+from twisted.python.filepath import FilePath
 from twisted.web import resource, server, static
 from zope.interface import implementer
 
@@ -523,3 +525,90 @@ def start_sftp(testcase, root, **kwargs):
     sftp_server = SFTPServer(root, **kwargs).start()
     testcase.addCleanup(lambda: Deferred.fromCoroutine(sftp_server.stop()))
     return sftp_server
+
+
+@implementer(ftp.IReadFile)
+class _StallingReader:
+    """Sends some bytes, then nothing, forever."""
+
+    def send(self, consumer):
+        consumer.write(b"s" * 50000)
+        return Deferred()
+
+
+class _FTPShell(ftp.FTPShell):
+    def __init__(self, root, stalled_names):
+        super().__init__(root)
+        self.stalled_names = stalled_names
+
+    def openForReading(self, path):
+        if path and path[-1] in self.stalled_names:
+            return succeed(_StallingReader())
+        return super().openForReading(path)
+
+
+@implementer(IRealm)
+class _FTPRealm:
+    def __init__(self, root, stalled_names):
+        self.root = FilePath(root)
+        self.stalled_names = stalled_names
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        for interface in interfaces:
+            if interface is ftp.IFTPShell:
+                return interface, _FTPShell(self.root, self.stalled_names), lambda: None
+        raise NotImplementedError()
+
+
+class _TrackingFTPFactory(ftp.FTPFactory):
+    def __init__(self, portal):
+        super().__init__(portal)
+        self.connections = set()
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            lost = protocol.connectionLost
+            self.connections.add(protocol)
+
+            def connectionLost(reason):
+                self.connections.discard(protocol)
+                return lost(reason)
+
+            protocol.connectionLost = connectionLost
+        return protocol
+
+
+class FTPServer:
+    """
+    A twisted FTP server on 127.0.0.1 over C{root}: user C{user} logs in with C{password};
+    anonymous logins are refused. Files named in C{stalled_names} send 50000 bytes, then stall.
+    """
+
+    def __init__(self, root, user="carol", password="secret", stalled_names=()):
+        checker = InMemoryUsernamePasswordDatabaseDontUse()
+        # twisted's FTP server hands the checker text, not bytes.
+        checker.addUser(user, password)
+        portal = Portal(_FTPRealm(root, set(stalled_names)), [checker])
+        self.factory = _TrackingFTPFactory(portal)
+        self.factory.allowAnonymous = False
+        self.user = user
+        self.port = None
+
+    def start(self):
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.url = f"ftp://{self.user}@127.0.0.1:{self.port.getHost().port}"
+        return self
+
+    async def stop(self):
+        await self.port.stopListening()
+        for protocol in list(self.factory.connections):
+            protocol.transport.abortConnection()
+        await settle()
+
+
+def start_ftp(testcase, root, **kwargs):
+    """A started L{FTPServer}, stopped when C{testcase} is cleaned up."""
+    ftp_server = FTPServer(root, **kwargs).start()
+    testcase.addCleanup(lambda: Deferred.fromCoroutine(ftp_server.stop()))
+    return ftp_server

@@ -1,10 +1,375 @@
-"""The ftp scheme (not written yet)."""
+"""The C{ftp} scheme: twisted.protocols.ftp's client in passive mode, binary type.
 
-from ion.apps.pump.transfer.errors import BadRequest
+One control connection per operation, logged in as the URL's or credentials file's user
+(C{anonymous} when none is given). A get asks C{SIZE} and C{MDTM} (when the server answers
+them) for the announced size and mtime, then streams C{RETR} to disk. A put sends C{STOR} to
+C{.<name>.<random>.inflight} beside the target, then renames it with C{RNFR}/C{RNTO} (removing
+an existing target first if the server refuses to replace it); the mtime follows with C{MFMT}
+when the server lists it in C{FEAT}. A list uses C{MLSD} when C{FEAT} lists it, else C{LIST}
+(see L{ion.apps.pump.transfer.listings} for the formats read).
+
+Reply codes: 530 is L{AuthFailed}, 550 L{NotFound}, other 4xx replies are transient, other
+5xx permanent.
+"""
+
+import calendar
+import posixpath
+import time
+
+from twisted.internet import error as net_error
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.protocols.basic import FileSender
+from twisted.protocols.ftp import CommandFailed, FTPClient, FTPError
+
+from ion.apps.pump.transfer.errors import (
+    AuthFailed,
+    BadRequest,
+    ConnectionFailed,
+    NotFound,
+    TransferError,
+    TransferTimeout,
+)
+from ion.apps.pump.transfer.inflight import inflight_name
+from ion.apps.pump.transfer.limits import IdleTimer, cancellable
+from ion.apps.pump.transfer.listings import parse_list_line, parse_mlsd_line
+
+MAX_LISTING_BYTES = 32 * 1024 * 1024
+
+
+def _wire(path):
+    """A path as the client sends it: UTF-8 bytes (the client writes latin-1 text)."""
+    if "\r" in path or "\n" in path:
+        raise BadRequest(f"path {path!r} holds a line break, which FTP cannot send")
+    return path.encode("utf-8").decode("latin-1")
+
+
+class _Session:
+    """The control connection, the current data connection, and the idle timer over both."""
+
+    def __init__(self, reactor, location, settings):
+        self.reactor = reactor
+        self.location = location
+        self.settings = settings
+        self.data_transport = None
+        self.closed = Deferred()
+        timeouts = settings.timeouts
+        self.timer = IdleTimer(
+            reactor, timeouts.idle, self.abort, first=timeouts.connect + timeouts.idle
+        )
+        self.control = _Control(self)
+
+    def abort(self):
+        for transport in (self.control.transport, self.data_transport):
+            if transport is not None:
+                transport.abortConnection()
+
+    def connect_data(self, host, port, factory):
+        return self.reactor.connectTCP(host, port, factory, timeout=self.settings.timeouts.connect)
+
+    async def close(self):
+        if self.control.transport is not None and not self.closed.called:
+            self.control.transport.loseConnection()
+            await self.closed
+
+
+class _Control(FTPClient):
+    """An FTP client that logs in when told to, and reports activity and loss to its session."""
+
+    def __init__(self, session):
+        self.session = session
+        super().__init__(passive=1)
+        self.connectFactory = session.connect_data
+
+    def queueLogin(self, username, password):
+        """Logging in is done by L{_login}, which can tell a refused login from other errors."""
+
+    def lineReceived(self, line):
+        self.session.timer.touch()
+        super().lineReceived(line)
+
+    def connectionLost(self, reason):
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.session.timer.stop()
+            self.session.closed.callback(None)
+
+
+class _Receiver(Protocol):
+    """Hands each chunk of a data connection to C{write}."""
+
+    def __init__(self, session, write):
+        self.session = session
+        self.write = write
+        self.error = None
+        self.received = 0
+
+    def connectionMade(self):
+        self.session.data_transport = self.transport
+
+    def dataReceived(self, data):
+        if self.error is not None:
+            return
+        self.session.timer.touch()
+        self.received += len(data)
+        try:
+            self.write(data)
+        except Exception as exc:
+            self.error = exc
+            self.transport.abortConnection()
+
+
+def _reply(exc):
+    """The last reply line of a failed command."""
+    lines = exc.args[0] if exc.args else []
+    return lines[-1] if isinstance(lines, list) and lines else str(exc)
+
+
+def _command_error(location, exc, what):
+    reply = _reply(exc)
+    text = f"{location.shown}: {what}: server replied {reply!r}"
+    code = reply[:3]
+    if code == "530":
+        return AuthFailed(text)
+    if code == "550":
+        return NotFound(text)
+    if code.startswith("4"):
+        return TransferError(text, code=503, transient=True)
+    return TransferError(text, code=499, transient=False)
+
+
+def _inner_command_failure(exc):
+    """The C{CommandFailed} a C{ConnectionLost("FTP connection lost", failure)} wraps."""
+    for arg in exc.args:
+        value = getattr(arg, "value", None)
+        if isinstance(value, CommandFailed):
+            return value
+    return None
+
+
+async def _login(session, location):
+    control = session.control
+    user = location.user or "anonymous"
+    password = location.password
+    if password is None and user == "anonymous":
+        password = "anonymous@"
+    try:
+        reply = await control.queueStringCommand("USER " + _wire(user), public=0)
+        if reply[-1].startswith("331"):
+            if password is None:
+                raise AuthFailed(
+                    f"{location.shown}: server asks a password for {user!r}; none in the URL "
+                    "or the credentials file"
+                )
+            await control.queueStringCommand("PASS " + _wire(password), public=0)
+    except CommandFailed as exc:
+        if _reply(exc).startswith("530"):
+            raise AuthFailed(f"{location.shown}: server refused the login of user {user!r}")
+        raise
+    await control.queueStringCommand("TYPE I")
+
+
+async def _with_session(reactor, location, settings, work):
+    """Connect and log in, run C{work(session)}, disconnect; errors become L{TransferError}s."""
+    session = _Session(reactor, location, settings)
+    endpoint = HostnameEndpoint(
+        reactor, location.host, location.port, timeout=settings.timeouts.connect
+    )
+    try:
+        try:
+            await cancellable(connectProtocol(endpoint, session.control))
+        except (net_error.TimeoutError, net_error.ConnectingCancelledError):
+            raise TransferTimeout(
+                f"{location.shown}: no connection within {settings.timeouts.connect:g} s"
+            ) from None
+        except net_error.ConnectError as exc:
+            raise ConnectionFailed(f"{location.shown}: cannot connect: {exc}") from None
+        await _login(session, location)
+        return await work(session)
+    except (CancelledError, TransferError):
+        raise
+    except CommandFailed as exc:
+        raise _command_error(location, exc, "command failed") from None
+    except (FTPError, net_error.ConnectionLost, net_error.ConnectionDone) as exc:
+        if session.timer.expired:
+            raise TransferTimeout(
+                f"{location.shown}: no data for {settings.timeouts.idle:g} s"
+            ) from None
+        inner = _inner_command_failure(exc)
+        if inner is not None:
+            raise _command_error(location, inner, "command failed") from None
+        raise ConnectionFailed(f"{location.shown}: connection lost") from None
+    finally:
+        session.timer.stop()
+        await session.close()
+
+
+async def _optional(control, command):
+    """The reply to a command the server may not support, or C{None}."""
+    try:
+        return await control.queueStringCommand(command)
+    except CommandFailed:
+        return None
+
+
+def _mdtm(reply):
+    if not reply:
+        return None
+    value = reply[-1][4:].strip()
+    try:
+        return float(calendar.timegm(time.strptime(value[:14], "%Y%m%d%H%M%S")))
+    except ValueError:
+        return None
 
 
 async def fetch(reactor, location, sink, settings):
-    raise BadRequest(f"{location.shown}: ftp is not supported yet")
+    """Stream C{RETR} into C{sink}; returns C{(MDTM, None)}."""
+
+    async def work(session):
+        control = session.control
+        path = _wire(location.path)
+        size = await _optional(control, "SIZE " + path)
+        if size and size[-1][4:].strip().isdigit():
+            sink.declared_size = int(size[-1][4:].strip())
+        mtime = _mdtm(await _optional(control, "MDTM " + path))
+        receiver = _Receiver(session, sink.write)
+        try:
+            await control.retrieveFile(path, receiver)
+        except Exception:
+            if receiver.error is not None:
+                raise receiver.error from None
+            raise
+        if receiver.error is not None:
+            raise receiver.error
+        return mtime, None
+
+    return await _with_session(reactor, location, settings, work)
 
 
-store = listdir = fetch
+async def _features(control):
+    reply = await _optional(control, "FEAT") or []
+    return {line.strip().split(" ")[0].upper() for line in reply[1:-1]}
+
+
+class _Collector:
+    """Collects a listing in memory, up to C{MAX_LISTING_BYTES}."""
+
+    def __init__(self, shown):
+        self.chunks = []
+        self.size = 0
+        self.shown = shown
+
+    def __call__(self, data):
+        self.size += len(data)
+        if self.size > MAX_LISTING_BYTES:
+            raise TransferError(
+                f"{self.shown}: listing larger than {MAX_LISTING_BYTES} bytes",
+                code=413,
+                transient=False,
+            )
+        self.chunks.append(data)
+
+    def lines(self):
+        text = b"".join(self.chunks)
+        try:
+            decoded = text.decode("utf-8")
+        except UnicodeDecodeError:
+            decoded = text.decode("latin-1")
+        return [line.rstrip("\r") for line in decoded.split("\n") if line.strip()]
+
+
+async def listdir(reactor, location, settings):
+    """The entries of the remote directory, from C{MLSD} or C{LIST}."""
+
+    async def work(session):
+        control = session.control
+        use_mlsd = "MLSD" in await _features(control)
+        collector = _Collector(location.shown)
+        receiver = _Receiver(session, collector)
+        command = ("MLSD " if use_mlsd else "LIST ") + _wire(location.path)
+        try:
+            await control.receiveFromConnection([command], receiver)
+        except Exception:
+            if receiver.error is not None:
+                raise receiver.error from None
+            raise
+        if receiver.error is not None:
+            raise receiver.error
+        now = reactor.seconds()
+        entries = []
+        for line in collector.lines():
+            entry = parse_mlsd_line(line) if use_mlsd else parse_list_line(line, now)
+            if entry is not None:
+                entries.append(entry)
+        return entries
+
+    return await _with_session(reactor, location, settings, work)
+
+
+class _TouchingReader:
+    """A file-like view of an L{OutgoingFile} that notes each read as progress."""
+
+    def __init__(self, outgoing, timer):
+        self._outgoing = outgoing
+        self._timer = timer
+
+    def read(self, length):
+        self._timer.touch()
+        return self._outgoing.read(length)
+
+
+async def _rename(control, old, new):
+    try:
+        await control.rename(old, new)
+    except CommandFailed:
+        # Some servers refuse to replace an existing file: remove it and try again.
+        await _optional(control, "DELE " + new)
+        await control.rename(old, new)
+
+
+def _fail_with(consumer_ready, done):
+    """Make C{consumer_ready} fail when C{done} fails first (the data connection never came:
+    PASV or STOR refused, connection lost)."""
+
+    def failed(failure):
+        if not consumer_ready.called:
+            consumer_ready.errback(failure)
+        return failure
+
+    done.addErrback(failed)
+
+
+async def store(reactor, outgoing, location, settings):
+    """C{STOR} to a temporary name beside the target, then C{RNFR}/C{RNTO} into place."""
+
+    async def work(session):
+        control = session.control
+        path = _wire(location.path)
+        temp = _wire(inflight_name(location.path))
+        features = await _features(control)
+        consumer_ready, done = control.storeFile(temp)
+        _fail_with(consumer_ready, done)
+        try:
+            try:
+                consumer = await consumer_ready
+            except CommandFailed as exc:
+                directory = posixpath.dirname(location.path) or "/"
+                raise _command_error(location, exc, f"cannot write in {directory}") from None
+            session.data_transport = consumer.transport
+            reader = _TouchingReader(outgoing, session.timer)
+            await FileSender().beginFileTransfer(reader, consumer)
+            consumer.finish()
+            await done
+            if "MFMT" in features:
+                stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(outgoing.mtime))
+                await _optional(control, f"MFMT {stamp} {temp}")
+            await _rename(control, temp, path)
+        except BaseException:
+            done.addErrback(lambda _: None)
+            if not session.closed.called:
+                await _optional(control, "DELE " + temp)
+            raise
+
+    await _with_session(reactor, location, settings, work)
