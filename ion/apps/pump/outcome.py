@@ -1,0 +1,49 @@
+"""What a failed transfer means for the pump: retry it later, or report it as failed for good.
+
+One rule, used by the consumer for every failure whatever its origin (a transfer error code
+carried by `RemoteError`, no answer in time, no transfer service yet):
+
+- transient (retry with backoff until the horizon): 499 transfer failed, 500 local failure,
+  503 unavailable, 504 timed out;
+- permanent (one failure report, no retry): every other code, in practice the 4xx ones (404 not
+  found, 403 refused, 417 unusable checksum method, 422 unusable path, ...).
+"""
+
+import attrs
+
+from ion.core.process import ConversationTimeout, NoSuchReceiver, RemoteError
+
+TRANSIENT_CODES = frozenset({499, 500, 503, 504})
+
+
+def is_transient(code):
+    """Whether a failure with this HTTP-like code may succeed when tried again later."""
+    return code in TRANSIENT_CODES
+
+
+@attrs.frozen
+class Failure:
+    """A classified failure: the report code, a one-line message, and whether to retry."""
+
+    code: int
+    message: str
+
+    @property
+    def transient(self):
+        return is_transient(self.code)
+
+
+def classify(error):
+    """The `Failure` for an exception raised by a call to the transfer service.
+
+    `RemoteError` keeps the code the service gave; no answer in time is a 504 and no transfer
+    service listening (none started yet, or all restarting) a 503. Anything else is a local
+    failure (500).
+    """
+    if isinstance(error, RemoteError):
+        return Failure(error.code, error.message)
+    if isinstance(error, ConversationTimeout):
+        return Failure(504, str(error))
+    if isinstance(error, NoSuchReceiver):
+        return Failure(503, f"no transfer service is running ({error})")
+    return Failure(500, f"{type(error).__name__}: {error}")

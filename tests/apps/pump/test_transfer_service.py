@@ -1,0 +1,232 @@
+"""The transfer service: get, put and list as ops, with the library's error codes kept."""
+
+import base64
+import hashlib
+import os
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from ion.apps.pump import outcome
+from ion.apps.pump.transfer import CredentialsError
+from ion.apps.pump.transfer_service import TransferService
+from ion.core.cc.testing import make_container
+from ion.core.process import (
+    ConversationTimeout,
+    NoSuchReceiver,
+    Process,
+    RemoteError,
+)
+from tests.apps.pump.fixtures import write_source
+
+
+class Caller(Process):
+    pass
+
+
+def sha512(data):
+    return base64.b64encode(hashlib.sha512(data).digest()).decode()
+
+
+class TransferServiceTests(unittest.TestCase):
+    async def setUp(self):
+        self.base = os.path.abspath(self.mktemp())
+        self.src = os.path.join(self.base, "src")
+        self.dest = os.path.join(self.base, "dest")
+        os.makedirs(self.src)
+        os.makedirs(self.dest)
+        self.credentials = os.path.join(self.base, "credentials.conf")
+        with open(self.credentials, "w") as f:
+            f.write("# none\n")
+        os.chmod(self.credentials, 0o600)
+        self.container = await make_container(self)
+        self.service = await self.container.spawn(
+            TransferService, args={"credentials": self.credentials, "per_host": 2}
+        )
+        self.caller = await self.container.spawn(Caller)
+
+    async def test_get_file(self):
+        """get fetches a file:// URL into the given path, verified against size and sha512,
+        with the notice's mtime and mode applied, and says what it delivered."""
+        data = b"hello pump\n" * 100
+        write_source(self.src, "a/f.dat", data)
+        path = os.path.join(self.dest, "f.dat")
+        result = await self.caller.rpc(
+            "transfer",
+            "get",
+            {
+                "url": "file://" + os.path.join(self.src, "a", "f.dat"),
+                "path": path,
+                "size": len(data),
+                "identity": {"method": "sha512", "value": sha512(data)},
+                "mtime": 1700000000.5,
+                "mode": 0o640,
+            },
+        )
+        self.assertEqual(result["size"], len(data))
+        self.assertEqual(result["checksum"], {"sha512": sha512(data)})
+        self.assertEqual(result["path"], path)
+        self.assertEqual(result["mode"], 0o640)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertEqual(os.stat(path).st_mtime, 1700000000.5)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o640)
+
+    async def test_get_cod_computes_checksum(self):
+        """A `cod` identity names the checksum to compute on download; it comes back."""
+        data = b"x" * 10
+        src = write_source(self.src, "c.dat", data)
+        result = await self.caller.rpc(
+            "transfer",
+            "get",
+            {
+                "url": "file://" + src,
+                "path": os.path.join(self.dest, "c.dat"),
+                "identity": {"method": "cod", "value": "md5"},
+            },
+        )
+        md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+        self.assertEqual(result["checksum"]["md5"], md5)
+
+    async def test_get_missing_is_404(self):
+        """A missing source file is a RemoteError with code 404 (permanent)."""
+        e = await self.assertFailure(
+            self.caller.rpc(
+                "transfer",
+                "get",
+                {"url": "file://" + os.path.join(self.src, "nope"), "path": self.dest + "/x"},
+            ),
+            RemoteError,
+        )
+        self.assertEqual(e.code, 404)
+        self.assertFalse(outcome.is_transient(e.code))
+        self.assertEqual(os.listdir(self.dest), [])
+
+    async def test_get_checksum_mismatch_is_499(self):
+        """Bytes that do not match the announced checksum: 499 (transient: the file may have
+        been rewritten while it was read); nothing appears at the destination."""
+        src = write_source(self.src, "m.dat", b"actual")
+        e = await self.assertFailure(
+            self.caller.rpc(
+                "transfer",
+                "get",
+                {
+                    "url": "file://" + src,
+                    "path": os.path.join(self.dest, "m.dat"),
+                    "identity": {"method": "sha512", "value": sha512(b"announced")},
+                },
+            ),
+            RemoteError,
+        )
+        self.assertEqual(e.code, 499)
+        self.assertTrue(outcome.is_transient(e.code))
+        self.assertEqual(os.listdir(self.dest), [])
+
+    async def test_put_and_list(self):
+        """put copies a local file to a URL; list returns the entries of a remote directory
+        as maps {name, size, mtime, mode, type}, sorted by name."""
+        data = b"outgoing"
+        src = write_source(self.src, "out.dat", data)
+        os.makedirs(os.path.join(self.dest, "sub"))
+        result = await self.caller.rpc(
+            "transfer", "put", {"path": src, "url": "file://" + self.dest + "/out.dat"}
+        )
+        self.assertEqual(result["size"], len(data))
+        with open(os.path.join(self.dest, "out.dat"), "rb") as f:
+            self.assertEqual(f.read(), data)
+        entries = await self.caller.rpc("transfer", "list", {"url": "file://" + self.dest})
+        self.assertEqual(
+            [(e["name"], e["type"], e["size"]) for e in entries],
+            [("out.dat", "file", len(data)), ("sub", "dir", None)],
+        )
+
+    async def test_list_missing_is_404(self):
+        e = await self.assertFailure(
+            self.caller.rpc("transfer", "list", {"url": "file://" + self.base + "/nope"}),
+            RemoteError,
+        )
+        self.assertEqual(e.code, 404)
+
+    async def test_bad_requests_are_400(self):
+        """Content that is not a usable request is refused with 400, naming the problem."""
+        for op, content in [
+            ("get", None),
+            ("get", {"url": "file:///x"}),
+            ("get", {"url": "file:///x", "path": "/tmp/y", "size": -1}),
+            ("put", {"path": 3, "url": "file:///x"}),
+            ("list", {}),
+        ]:
+            e = await self.assertFailure(self.caller.rpc("transfer", op, content), RemoteError)
+            self.assertEqual(e.code, 400, (op, content))
+
+    async def test_unsupported_scheme_is_permanent(self):
+        """An unsupported URL scheme is a 4xx: reported, never retried."""
+        e = await self.assertFailure(
+            self.caller.rpc("transfer", "get", {"url": "gopher://h/x", "path": self.dest + "/x"}),
+            RemoteError,
+        )
+        self.assertFalse(outcome.is_transient(e.code))
+
+    async def test_instances_share_the_service(self):
+        """Several instances serve `transfer` together; a request reaches one of them."""
+        await self.container.spawn(TransferService, args={"credentials": self.credentials})
+        src = write_source(self.src, "s.dat", b"s")
+        for i in range(4):
+            await self.caller.rpc(
+                "transfer", "get", {"url": "file://" + src, "path": f"{self.dest}/s{i}"}
+            )
+        self.assertEqual(len(os.listdir(self.dest)), 4)
+
+
+class TransferServiceStartTests(unittest.TestCase):
+    async def test_private_credentials_required(self):
+        """A credentials file readable by group or others stops the service from starting."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("https://alice:secret@example.org/\n")
+        os.chmod(path, 0o640)
+        container = await make_container(self)
+        e = await self.assertFailure(
+            defer.ensureDeferred(container.spawn(TransferService, args={"credentials": path})),
+            CredentialsError,
+        )
+        self.assertIn("chmod 600", str(e))
+        self.assertNotIn("secret", str(e))
+        self.flushLoggedErrors(CredentialsError)
+
+    async def test_bad_args(self):
+        """Unknown or malformed args are a clear error at start."""
+        container = await make_container(self)
+        for args, text in [
+            ({"workers": 2}, "unknown argument 'workers'"),
+            ({"per_host": 0}, "per_host"),
+            ({"timeouts": {"connect": -1}}, "timeouts connect"),
+        ]:
+            e = await self.assertFailure(
+                defer.ensureDeferred(container.spawn(TransferService, args=args)), ValueError
+            )
+            self.assertIn(text, str(e))
+        self.flushLoggedErrors(ValueError)
+
+
+class OutcomeTests(unittest.SynchronousTestCase):
+    def test_is_transient(self):
+        """499, 500, 503 and 504 are retried; every other code is final."""
+        for code in (499, 500, 503, 504):
+            self.assertTrue(outcome.is_transient(code), code)
+        for code in (201, 400, 403, 404, 410, 413, 417, 422, 501, 502):
+            self.assertFalse(outcome.is_transient(code), code)
+
+    def test_classify(self):
+        """No reply in time is a 504, no transfer service a 503, a remote error keeps its code,
+        anything else is a local failure (500); all but the 404 are retried."""
+        cases = [
+            (RemoteError(404, "ApplicationError", "gone"), 404, False),
+            (RemoteError(503, "ApplicationError", "down"), 503, True),
+            (ConversationTimeout("transfer", "get", 600), 504, True),
+            (NoSuchReceiver("transfer"), 503, True),
+            (OSError("disk"), 500, True),
+        ]
+        for error, code, transient in cases:
+            failure = outcome.classify(error)
+            self.assertEqual((failure.code, failure.transient), (code, transient), error)
