@@ -27,9 +27,11 @@ from ion.apps.pump.transfer import (
     HostLimiter,
     LocalFailure,
     NotFound,
+    Refused,
     ServerNotTrusted,
     ShortTransfer,
     SizeMismatch,
+    TRANSIENT_CODES,
     Timeouts,
     TransferError,
     TransferTimeout,
@@ -84,13 +86,30 @@ class ErrorTests(SynchronousTestCase):
             (SizeMismatch, 499, True),
             (TransferTimeout, 504, True),
             (ConnectionFailed, 503, True),
-            (LocalFailure, 500, False),
+            (LocalFailure, 500, True),
             (BadRequest, 422, False),
+            (Refused, 422, False),
         ]
         for cls, code, transient in table:
             error = cls("x")
             self.assertIsInstance(error, TransferError)
             self.assertEqual((error.code, error.transient), (code, transient), cls)
+
+    def test_codeTellsTransience(self):
+        """
+        Every error class is transient exactly when its code is in C{TRANSIENT_CODES}, so the
+        code alone, once it crossed the wire, gives the same decision.
+        """
+        import ion.apps.pump.transfer.errors as errors
+
+        classes = [
+            value
+            for value in vars(errors).values()
+            if isinstance(value, type) and issubclass(value, TransferError)
+        ]
+        self.assertGreater(len(classes), 10)
+        for cls in classes:
+            self.assertEqual(cls.transient, cls.code in TRANSIENT_CODES, cls)
 
     def test_override(self):
         """
@@ -104,14 +123,14 @@ class ErrorTests(SynchronousTestCase):
 
     def test_diskFullIsTransient(self):
         """
-        A full disk is worth retrying; a permission problem is not.
+        A full disk is worth retrying (500); a permission problem is not (422).
         """
         import errno
 
         full = LocalFailure.from_os_error("x", OSError(errno.ENOSPC, "No space left on device"))
         denied = LocalFailure.from_os_error("x", OSError(errno.EACCES, "Permission denied"))
-        self.assertTrue(full.transient)
-        self.assertFalse(denied.transient)
+        self.assertEqual((full.code, full.transient), (500, True))
+        self.assertEqual((denied.code, denied.transient), (422, False))
         self.assertIn("No space left", full.message)
 
 
@@ -514,8 +533,17 @@ class FileSchemeTests(TestCase):
         """
         Putting a missing local file is a L{LocalFailure}.
         """
-        with self.assertRaises(LocalFailure):
+        with self.assertRaises(LocalFailure) as caught:
             await transfer.put(reactor, self.src + ".missing", "file://" + self.dest)
+        self.assertEqual((caught.exception.code, caught.exception.transient), (422, False))
+
+    async def test_destinationDirectoryMissing(self):
+        """
+        A destination whose directory is missing is a permanent L{LocalFailure} (422).
+        """
+        with self.assertRaises(LocalFailure) as caught:
+            await transfer.get(reactor, self.url, os.path.join(self.dest_dir, "no", "x"))
+        self.assertEqual((caught.exception.code, caught.exception.transient), (422, False))
 
     async def test_list(self):
         """

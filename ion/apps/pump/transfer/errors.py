@@ -7,16 +7,20 @@ that list are used: an HTTP 401 is reported as 403, an HTTP 502 as 503.
 
 | error              | code            | transient | raised when                                              |
 |--------------------|-----------------|-----------|----------------------------------------------------------|
-| `NotFound`         | 404             | no        | the remote file or directory does not exist              |
+| `NotFound`         | 404 (410)       | no        | the remote file or directory does not exist (gone)       |
 | `AuthFailed`       | 403             | no        | credentials missing or refused, permission denied        |
 | `ServerNotTrusted` | 403             | no        | TLS certificate or SSH host key not verified             |
+| `Refused`          | 422             | no        | the server refuses the request for good (HTTP 4xx, FTP 5xx) |
+| `BadRequest`       | 417, 422        | no        | unusable URL or checksum method, unsupported operation   |
 | `ChecksumMismatch` | 499             | yes       | the received bytes do not match the announced checksum   |
 | `ShortTransfer`    | 499             | yes       | fewer bytes arrived than announced (connection cut)      |
 | `SizeMismatch`     | 499             | yes       | more bytes arrived than announced                        |
+| `LocalFailure`     | 500 or 422      | 500 only  | local disk full or failing (500); path unusable (422)    |
+| `ConnectionFailed` | 503             | yes       | connection refused or lost, server busy (HTTP 5xx, FTP 4xx) |
 | `TransferTimeout`  | 504             | yes       | no connection within `connect` s, or no byte for `idle` s |
-| `ConnectionFailed` | 503             | yes       | connection refused or lost, server-side 5xx              |
-| `LocalFailure`     | 500             | depends   | reading the source or writing the destination failed     |
-| `BadRequest`       | 417, 422        | no        | unusable URL or checksum method, unsupported operation   |
+
+An error is transient exactly when its code is one of `TRANSIENT_CODES` (499, 500, 503, 504),
+so a caller that only sees the code (after it crossed the wire) decides the same way.
 
 `ChecksumMismatch` is transient: the usual cause is a file rewritten upstream while it was
 being fetched, which a later attempt gets right. A caller's retry horizon turns a mismatch
@@ -26,6 +30,8 @@ Messages never hold passwords: every URL in them went through `ion.core.log.reda
 """
 
 import errno
+
+TRANSIENT_CODES = frozenset({499, 500, 503, 504})
 
 
 class TransferError(Exception):
@@ -102,17 +108,30 @@ class ConnectionFailed(TransferError):
 
 
 class LocalFailure(TransferError):
-    """Reading or writing a local file failed (transient only when the disk was full)."""
+    """Reading or writing a local file failed."""
 
     code = 500
-    transient = False
+    transient = True
 
     @classmethod
     def from_os_error(cls, what, exc):
-        """The error for an C{OSError} met while doing C{what} (a phrase naming the file)."""
-        transient = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EIO)
+        """
+        The error for an C{OSError} met while doing C{what} (a phrase naming the file): a full
+        or failing disk is transient (500), anything else (permissions, missing directory, not
+        a directory) makes the path unusable (422, permanent).
+        """
         reason = exc.strerror or str(exc)
-        return cls(f"{what}: {reason}", transient=transient)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EIO):
+            return cls(f"{what}: {reason}")
+        return cls(f"{what}: {reason}", code=422, transient=False)
+
+
+class Refused(TransferError):
+    """The server refuses the request for good (an HTTP 4xx or FTP 5xx reply that is neither
+    "not found" nor "not allowed")."""
+
+    code = 422
+    transient = False
 
 
 class BadRequest(TransferError):

@@ -8,8 +8,8 @@ an existing target first if the server refuses to replace it); the mtime follows
 when the server lists it in C{FEAT}. A list uses C{MLSD} when C{FEAT} lists it, else C{LIST}
 (see L{ion.apps.pump.transfer.listings} for the formats read).
 
-Reply codes: 530 is L{AuthFailed}, 550 L{NotFound}, other 4xx replies are transient, other
-5xx permanent.
+Reply codes: 530 is L{AuthFailed}, 550 L{NotFound}, other 4xx replies L{ConnectionFailed}
+(transient), other 5xx L{Refused} (permanent).
 """
 
 import calendar
@@ -28,6 +28,7 @@ from ion.apps.pump.transfer.errors import (
     BadRequest,
     ConnectionFailed,
     NotFound,
+    Refused,
     TransferError,
     TransferTimeout,
 )
@@ -136,8 +137,8 @@ def _command_error(location, exc, what):
     if code == "550":
         return NotFound(text)
     if code.startswith("4"):
-        return TransferError(text, code=503, transient=True)
-    return TransferError(text, code=499, transient=False)
+        return ConnectionFailed(text)
+    return Refused(text)
 
 
 def _inner_command_failure(exc):

@@ -42,6 +42,7 @@ from ion.apps.pump.transfer.errors import (
     ConnectionFailed,
     LocalFailure,
     NotFound,
+    Refused,
     ServerNotTrusted,
     ShortTransfer,
     TransferError,
@@ -128,13 +129,17 @@ def _status_error(location, response):
     """The L{TransferError} for a response with an unwanted status."""
     code = response.code
     text = f"{location.shown}: server answered {code} {response.phrase.decode('latin-1')}"
-    if code in (404, 410):
+    if code == 404:
         return NotFound(text)
+    if code == 410:
+        return NotFound(text, code=410)
     if code in (401, 403, 407):
         return AuthFailed(text)
-    if code in (408, 429) or code >= 500:
-        return TransferError(text, code=504 if code in (408, 504) else 503, transient=True)
-    return TransferError(text, code=499, transient=False)
+    if code in (408, 504):
+        return TransferTimeout(text)
+    if code == 429 or code >= 500:
+        return ConnectionFailed(text)
+    return Refused(text)
 
 
 async def _request(agent, location, settings, method, timer, body=None):
@@ -210,11 +215,9 @@ async def _receive_body(reactor, location, response, write, timer, idle):
 def _check_encoding(location, response):
     encodings = response.headers.getRawHeaders(b"content-encoding") or [b"identity"]
     if any(value.strip().lower() not in (b"identity", b"") for value in encodings):
-        raise TransferError(
+        raise Refused(
             f"{location.shown}: server sent an encoded body ({b', '.join(encodings).decode()}) "
-            "although identity was asked for",
-            code=499,
-            transient=False,
+            "although identity was asked for"
         )
 
 

@@ -278,7 +278,7 @@ def _sftp_error(location, exc, path):
         return AuthFailed(f"{shown}: permission denied: {path}")
     if code in (filetransfer.FX_NO_CONNECTION, filetransfer.FX_CONNECTION_LOST):
         return ConnectionFailed(f"{shown}: {exc.message}")
-    return TransferError(f"{shown}: server failed on {path}: {exc.message}", code=503)
+    return ConnectionFailed(f"{shown}: server failed on {path}: {exc.message}")
 
 
 async def _with_session(reactor, location, settings, work):
