@@ -7,6 +7,9 @@ directory, so it never touches (or is touched by) a system RabbitMQ on the defau
 """
 
 import atexit
+import base64
+import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -80,6 +83,9 @@ class PrivateBroker:
     user = "guest"
     password = "guest"
     host = "127.0.0.1"
+    # Extra users (password = name) with full rights on vhost '/', for tests that need
+    # connections with distinct identities.
+    users = ("alice", "bob", "carol", "dave")
 
     def __init__(self, server=None, nodename=None):
         self.server = server or find_rabbitmq_server()
@@ -102,6 +108,12 @@ class PrivateBroker:
     def url(self):
         return f"amqp://{self.user}:{self.password}@{self.host}:{self.port}/"
 
+    def url_for(self, user):
+        """The URL for one of `users` (its password is its name)."""
+        if user not in self.users:
+            raise ValueError(f"{user!r} is not one of the broker's users {self.users}")
+        return f"amqp://{user}:{user}@{self.host}:{self.port}/"
+
     @property
     def log_dir(self):
         return os.path.join(self.base, "log")
@@ -116,12 +128,36 @@ class PrivateBroker:
         os.chmod(cookie, 0o400)
         with open(os.path.join(self.base, "enabled_plugins"), "w") as f:
             f.write("[].\n")
+        definitions = os.path.join(self.base, "definitions.json")
+        with open(definitions, "w") as f:
+            json.dump(self._definitions(), f)
         with open(os.path.join(self.base, "rabbitmq.conf"), "w") as f:
             f.write(f"listeners.tcp.default = {self.host}:{self.port}\n")
+            f.write(f"load_definitions = {definitions}\n")
         with open(os.path.join(self.base, "advanced.config"), "w") as f:
             f.write("[].\n")
         # An empty env file, so the system's rabbitmq-env.conf (node name, ERL_FLAGS) is not read.
         open(os.path.join(self.base, "rabbitmq-env.conf"), "w").close()
+
+    def _definitions(self):
+        accounts = [(self.user, self.password, "administrator")]
+        accounts += [(name, name, "") for name in self.users]
+        return {
+            "vhosts": [{"name": "/"}],
+            "users": [
+                {
+                    "name": name,
+                    "password_hash": _password_hash(password),
+                    "hashing_algorithm": "rabbit_password_hashing_sha256",
+                    "tags": tags,
+                }
+                for name, password, tags in accounts
+            ],
+            "permissions": [
+                {"user": name, "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}
+                for name, _, _ in accounts
+            ],
+        }
 
     def _environment(self):
         env = {
@@ -243,6 +279,12 @@ class PrivateBroker:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def _password_hash(password):
+    """RabbitMQ's salted SHA-256 password hash, as its definitions files carry it."""
+    salt = secrets.token_bytes(4)
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
 
 
 def amqp_ready(host, port, user, password, timeout=2.0):

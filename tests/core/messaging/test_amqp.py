@@ -1,0 +1,355 @@
+"""Tests for the amqp:// transport: URL parsing and field tables without a broker; the shared
+transport semantics, confirms, returns, identity and reconnection on a private RabbitMQ node
+(tests/broker.py), which these tests may kill, pause and restart."""
+
+import decimal
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from ion.core.messaging.amqp import (
+    AmqpAddress,
+    AmqpTransport,
+    decode_table,
+    encode_table,
+    load_spec,
+)
+from ion.core.messaging.transport import (
+    ConnectionLost,
+    NotFound,
+    Properties,
+    QueueInUse,
+    TransportError,
+    Unroutable,
+)
+from tests.broker import get_broker, skip_or_fail_without_rabbitmq
+from tests.core.messaging.test_transport import Inbox, TransportSemantics
+
+# url -> (tls, host, port, user, password, vhost)
+URL_CASES = [
+    ("amqp://guest:guest@localhost:5672/", (False, "localhost", 5672, "guest", "guest", "/")),
+    ("amqp://localhost", (False, "localhost", 5672, "guest", "guest", "/")),
+    ("amqps://u:p@broker.example", (True, "broker.example", 5671, "u", "p", "/")),
+    ("amqps://u:p@broker.example:1234/prod", (True, "broker.example", 1234, "u", "p", "prod")),
+    ("amqp://u:p@h/%2F", (False, "h", 5672, "u", "p", "/")),
+    ("amqp://u:p@h/a%2Fb", (False, "h", 5672, "u", "p", "a/b")),
+    ("amqp://us%40er:p%3Ass%2Fw%40rd@h/", (False, "h", 5672, "us@er", "p:ss/w@rd", "/")),
+    ("amqp://u@h/", (False, "h", 5672, "u", "guest", "/")),
+    ("AMQP://u:p@H:5/", (False, "h", 5, "u", "p", "/")),
+    ("amqp://u:p@[::1]:5673/v", (False, "::1", 5673, "u", "p", "v")),
+]
+
+BAD_URLS = [
+    "http://u:p@h/",
+    "amqp://",
+    "amqp://u:sekrit@h:notaport/",
+    "amqp://u:sekrit@h/a/b",
+    "amqp://u:sekrit@h/?heartbeat=5",
+    "amqp://u:sekrit@h:99999/",
+]
+
+
+class AddressTests(unittest.SynchronousTestCase):
+    def test_parse_table(self):
+        """URLs follow RabbitMQ's URI spec: percent-encoded parts, default ports, vhost '/'
+        when there is no path."""
+        for url, expected in URL_CASES:
+            a = AmqpAddress.parse(url)
+            self.assertEqual((a.tls, a.host, a.port, a.user, a.password, a.vhost), expected, url)
+
+    def test_bad_urls(self):
+        """Bad URLs raise ValueError naming the problem, with the password hidden."""
+        for url in BAD_URLS:
+            error = self.assertRaises(ValueError, AmqpAddress.parse, url)
+            self.assertNotIn("sekrit", str(error), url)
+            self.assertIn("AMQP URL", str(error))
+
+    def test_password_never_shown(self):
+        """str() and repr() of addresses and transports show the password as ***."""
+        url = "amqps://alice:s3cr%40t@broker.example:5671/prod"
+        address = AmqpAddress.parse(url)
+        self.assertEqual(address.password, "s3cr@t")
+        self.assertEqual(str(address), "amqps://alice:***@broker.example:5671/prod")
+        transport = AmqpTransport(url, reactor)
+        for text in (str(address), repr(address), str(transport), repr(transport)):
+            self.assertNotIn("s3cr", text)
+            self.assertIn("alice", text)
+
+    def test_transport_user(self):
+        """The transport's user is the one it authenticates as."""
+        self.assertEqual(AmqpTransport("amqp://bob:x@h/", reactor).user, "bob")
+
+
+class FieldTableTests(unittest.SynchronousTestCase):
+    def test_round_trip(self):
+        """Every value type ION puts in headers survives encoding, including the ones txamqp's
+        own codec cannot carry (booleans, negative and 64-bit integers, nesting, bytes)."""
+        table = {
+            "s": "text é",
+            "i": -5,
+            "big": 2**40,
+            "t": True,
+            "f": False,
+            "d": 1.5,
+            "none": None,
+            "bin": b"\xff\x00",
+            "list": [1, "two", [3], {"four": 4}],
+            "nested": {"capabilities": {"basic.nack": True}},
+            "dec": decimal.Decimal("1.25"),
+        }
+        encoded = encode_table(table)
+        self.assertEqual(decode_table(encoded[4:]), table)
+
+    def test_rabbitmq_types(self):
+        """Types other clients and RabbitMQ send (x-death has arrays and timestamps) decode."""
+        data = (
+            b"\x01a" + b"b\xff"
+            + b"\x01b" + b"s\xff\xfe"
+            + b"\x01c" + b"T\x00\x00\x00\x00\x65\x00\x00\x00"
+            + b"\x01e" + b"A\x00\x00\x00\x0bS\x00\x00\x00\x01xI\x00\x00\x00\x07"
+            + b"\x01f" + b"f\x3f\xc0\x00\x00"
+        )  # fmt: skip
+        self.assertEqual(
+            decode_table(data),
+            {"a": -1, "b": -2, "c": 0x65000000, "e": ["x", 7], "f": 1.5},
+        )
+
+    def test_unencodable(self):
+        """A value a table cannot hold raises TypeError before anything is sent."""
+        self.assertRaises(TypeError, encode_table, {"x": object()})
+        self.assertRaises(ValueError, encode_table, {"x": 2**70})
+
+
+class SpecTests(unittest.SynchronousTestCase):
+    def test_rabbitmq_extensions(self):
+        """The spec file has what ION uses beyond plain 0-9-1, at RabbitMQ's indices."""
+        spec = load_spec()
+        self.assertEqual(spec.classes.byname["confirm"].id, 85)
+        basic = spec.classes.byname["basic"]
+        self.assertEqual(basic.methods.byname["nack"].id, 120)
+        self.assertEqual(spec.classes.byname["exchange"].methods.byname["unbind-ok"].id, 51)
+        # Broker-initiated methods must reach the delegate, not a waiting caller.
+        for name in ("ack", "nack", "cancel", "deliver", "return"):
+            self.assertFalse(basic.methods.byname[name].response, name)
+        self.assertTrue(spec.classes.byname["confirm"].methods.byname["select-ok"].response)
+
+
+class BrokerTestCase(unittest.TestCase):
+    """Runs on the private RabbitMQ node; skipped (or failed under CI) without RabbitMQ."""
+
+    users = ("alice", "bob", "carol", "dave")
+
+    def setUp(self):
+        skip_or_fail_without_rabbitmq()
+        self.broker = get_broker()
+
+    async def connect(self, user="alice", **options):
+        transport = AmqpTransport(self.broker.url_for(user), reactor, **options)
+        self.assertIs(await transport.connect(), transport)
+        self.addCleanup(transport.close)
+        return transport
+
+
+class AmqpTransportTests(TransportSemantics, BrokerTestCase):
+    async def make_transports(self, n):
+        return [await self.connect(user) for user in self.users[:n]]
+
+
+class AmqpTests(BrokerTestCase):
+    def unique(self, label):
+        return TransportSemantics.unique(self, label)
+
+    async def queue(self, transport, **flags):
+        name = await transport.declare_queue(self.unique("q"), **flags)
+        self.addCleanup(self._delete_quietly, transport, name)
+        return name
+
+    async def _delete_quietly(self, transport, name):
+        try:
+            await transport.delete_queue(name)
+        except TransportError:
+            pass
+
+    async def test_confirms_and_returns_interleaved(self):
+        """Many publishes in flight at once, routable and not: each one's Deferred learns its
+        own fate, although basic.return carries no delivery tag."""
+        t = await self.connect()
+        ex = self.unique("topic")
+        await t.declare_exchange(ex, "topic")
+        q = await self.queue(t)
+        await t.bind(q, ex, "yes.#")
+        inbox = Inbox()
+        await t.consume(q, inbox, prefetch=0)
+        keys = ["yes.%d" % i if i % 3 else "no.%d" % i for i in range(90)]
+        results = await defer.DeferredList(
+            [t.publish(ex, key, key.encode()) for key in keys], consumeErrors=True
+        )
+        for key, (ok, result) in zip(keys, results):
+            if key.startswith("yes"):
+                self.assertTrue(ok, key)
+            else:
+                self.assertFalse(ok, key)
+                result.trap(Unroutable)
+                self.assertEqual(result.value.routing_key, key)
+        await inbox.wait(60)
+        self.assertEqual(inbox.bodies, [k.encode() for k in keys if k.startswith("yes")])
+
+    async def test_missing_exchange_does_not_hurt_others(self):
+        """A publish to a missing exchange fails with NotFound; the publishes around it,
+        in flight on the same channel, are still delivered and confirmed."""
+        t = await self.connect()
+        q = await self.queue(t)
+        inbox = Inbox()
+        await t.consume(q, inbox)
+        before = t.publish("", q, b"before")
+        bad = t.publish(self.unique("missing"), "k", b"lost")
+        after = [t.publish("", q, b"after%d" % i) for i in range(5)]
+        await self.assertFailure(bad, NotFound)
+        await before
+        await defer.gatherResults(after)
+        await inbox.wait(6)
+        self.assertEqual(inbox.bodies, [b"before"] + [b"after%d" % i for i in range(5)])
+
+    async def test_user_id_is_the_connection_user(self):
+        """user_id on the wire is the authenticated user, whatever the caller put there;
+        RabbitMQ verifies it, so receivers can trust it."""
+        alice = await self.connect("alice")
+        bob = await self.connect("bob")
+        q = await self.queue(bob)
+        inbox = Inbox()
+        await bob.consume(q, inbox)
+        await alice.publish("", q, b"x", Properties(user_id="bob"))
+        (delivery,) = await inbox.wait(1)
+        self.assertEqual(delivery.properties.user_id, "alice")
+
+    async def test_headers_of_every_type(self):
+        """Headers keep their types end to end (booleans, nested tables, lists, bytes)."""
+        t = await self.connect()
+        q = await self.queue(t)
+        inbox = Inbox()
+        await t.consume(q, inbox)
+        headers = {"flag": True, "n": -3, "big": 2**40, "list": [1, "a"], "map": {"k": b"\0"}}
+        await t.publish("", q, b"x", Properties(headers=headers, expiration="60000"))
+        (delivery,) = await inbox.wait(1)
+        self.assertEqual(delivery.properties.headers, headers)
+        self.assertEqual(delivery.properties.expiration, "60000")
+
+    async def test_bad_header_fails_only_its_publish(self):
+        """A header value no field table can hold fails that publish at once; the
+        connection goes on."""
+        t = await self.connect()
+        q = await self.queue(t)
+        bad = t.publish("", q, b"x", Properties(headers={"x": object()}))
+        self.failureResultOf(bad, TypeError)
+        await t.publish("", q, b"fine")
+
+    async def test_large_and_utf8_bodies(self):
+        """Bodies are bytes whatever they contain, also when split over many frames."""
+        t = await self.connect()
+        q = await self.queue(t)
+        inbox = Inbox()
+        await t.consume(q, inbox)
+        bodies = [b"", "héllo".encode(), b"\xff" * 10, ("é" * 200_000).encode(), b"x" * 300_001]
+        for body in bodies:
+            await t.publish("", q, body)
+        await inbox.wait(len(bodies))
+        self.assertEqual(inbox.bodies, bodies)
+        self.assertTrue(all(type(b) is bytes for b in inbox.bodies))
+
+    async def test_refusal_closes_only_a_channel(self):
+        """A refused declaration fails with the mapped error and the connection stays up."""
+        t = await self.connect()
+        other = await self.connect("bob")
+        q = await self.queue(t, exclusive=True)
+        await self.assertFailure(other.declare_queue(q), QueueInUse)
+        await self.assertFailure(t.declare_queue(q, durable=True), TransportError)
+        await self.assertFailure(t.bind(q, self.unique("nope"), "k"), NotFound)
+        self.assertEqual(await t.declare_queue(q, exclusive=True), q)
+        await t.publish("", q, b"still connected")
+
+    async def test_bad_password(self):
+        """Wrong credentials fail connect() with a TransportError that does not show the
+        password, and no retry follows."""
+        url = f"amqp://alice:wrong-sekrit@127.0.0.1:{self.broker.port}/"
+        transport = AmqpTransport(url, reactor)
+        error = await self.assertFailure(transport.connect(), TransportError)
+        self.assertNotIn("sekrit", str(error))
+        self.assertIn("refused", str(error))
+        await self.assertFailure(transport.declare_queue("q"), ConnectionLost)
+
+    async def test_nobody_listening(self):
+        """connect() to a port where nobody listens fails with ConnectionLost."""
+        from tests.broker import _free_port
+
+        transport = AmqpTransport(f"amqp://u:p@127.0.0.1:{_free_port()}/", reactor)
+        await self.assertFailure(transport.connect(), ConnectionLost)
+        await transport.close()
+
+    async def test_not_connected_and_closed(self):
+        """Operations before connect() fail with TransportError, after close() with
+        ConnectionLost."""
+        t = AmqpTransport(self.broker.url_for("alice"), reactor)
+        self.failureResultOf(t.declare_queue("q"), TransportError)
+        await t.connect()
+        await t.close()
+        self.failureResultOf(t.declare_queue("q"), ConnectionLost)
+        self.failureResultOf(t.publish("", "q", b"x"), ConnectionLost)
+        self.failureResultOf(t.whenConnected(), ConnectionLost)
+
+    async def test_broker_cancels_consumer(self):
+        """When another connection deletes the queue, the broker cancels our consumer
+        (consumer cancel notification); the transport logs it and ends the consumer."""
+        t = await self.connect("alice")
+        other = await self.connect("bob")
+        q = await other.declare_queue(self.unique("q"))
+        consumer = await t.consume(q, Inbox())
+        await other.delete_queue(q)
+        for _ in range(50):
+            if not consumer.active:
+                break
+            await task.deferLater(reactor, 0.02, lambda: None)
+        self.assertFalse(consumer.active)
+        await consumer.cancel()
+
+    async def test_reconnect_after_broker_restart(self):
+        """When the broker dies, unconfirmed publishes fail with ConnectionLost and so does
+        everything tried while it is away; once it is back the transport reconnects on its
+        own, declares its exchanges, queues and bindings again and re-attaches consumers."""
+        retry = lambda attempt: 0.2  # noqa: E731
+        t = await self.connect("alice", retry_policy=retry)
+        ex = self.unique("topic")
+        await t.declare_exchange(ex, "topic")
+        q = await t.declare_queue(self.unique("q"))
+        self.addCleanup(self._delete_quietly, t, q)
+        await t.bind(q, ex, "a.*")
+        inbox = Inbox()
+        consumer = await t.consume(q, inbox)
+        await t.publish(ex, "a.b", b"before")
+        await inbox.wait(1)
+
+        self.broker.kill()
+        await self.assertFailure(t.publish(ex, "a.b", b"lost"), ConnectionLost)
+        await self.assertFailure(t.declare_queue(self.unique("q")), ConnectionLost)
+        waiting = t.whenConnected()
+        self.assertNoResult(waiting)
+        self.broker.start()
+        self.assertIs(await waiting.addTimeout(30, reactor), t)
+
+        await t.publish(ex, "a.b", b"after")
+        await inbox.wait(2)
+        self.assertEqual(inbox.bodies, [b"before", b"after"])
+        self.assertTrue(consumer.active)
+
+    async def test_heartbeat_detects_a_frozen_broker(self):
+        """A broker that stops answering (SIGSTOP) is given up after three missed heartbeats;
+        the transport reconnects once the broker runs again."""
+        t = await self.connect("alice", heartbeat=1, retry_policy=lambda attempt: 0.2)
+        q = await self.queue(t)
+        self.broker.pause()
+        try:
+            lost = t.publish("", q, b"x")
+            await self.assertFailure(lost.addTimeout(10, reactor), ConnectionLost)
+        finally:
+            self.broker.resume()
+        await t.whenConnected().addTimeout(30, reactor)
+        await t.publish("", q, b"y")
