@@ -10,6 +10,7 @@ from twisted.trial import unittest
 
 from ion.core.conversation import protocols as P
 from ion.core.cc.testing import make_container
+from tests.broker import get_broker
 from ion.core.messaging.memory import MemoryBroker
 from ion.core.process import (
     ApplicationError,
@@ -131,7 +132,8 @@ class ConversationScenarios:
 
     async def setup(self, clock=None):
         self._broker = getattr(self, "_broker", None) or self.new_broker()
-        c = await make_container(self, url=self.url, memory_broker=self._broker, clock=clock)
+        c = await make_container(self, url=self.url, memory_broker=self._broker, clock=clock,
+                                 sysname=f"conv-{id(self):x}")
         worker = await c.spawn(Worker)
         client = await c.spawn(Client)
         return c, worker, client
@@ -288,3 +290,13 @@ class ConversationScenarios:
 
 class MemoryConversationTests(ConversationScenarios, unittest.TestCase):
     """The scenarios on memory://."""
+
+
+class AmqpConversationTests(ConversationScenarios, unittest.TestCase):
+    """The same scenarios on the private RabbitMQ node."""
+
+    def setUp(self):
+        self.url = get_broker().url
+
+    def new_broker(self):
+        return None

@@ -8,6 +8,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from ion.core.cc.testing import call_op, make_container
+from tests.broker import get_broker
 from ion.core.messaging.memory import MemoryBroker
 from ion.core.process import (
     ApplicationError,
@@ -89,11 +90,15 @@ class ProcessScenarios:
     def new_broker(self):
         return MemoryBroker()
 
+    def system(self, sysname):
+        """The sysname to use: tests sharing one real broker must not see each other."""
+        return sysname
+
     async def container(self, sysname="test", **kw):
         if not hasattr(self, "_broker"):
             self._broker = self.new_broker()
         return await make_container(
-            self, url=self.url, memory_broker=self._broker, sysname=sysname, **kw
+            self, url=self.url, memory_broker=self._broker, sysname=self.system(sysname), **kw
         )
 
     async def pair(self):
@@ -192,9 +197,9 @@ class ProcessScenarios:
     async def test_send_one_way_carries_user_id(self):
         """send delivers a one-way message; the receiver sees the broker-validated user id."""
         c, echo, caller = await self.pair()
-        caller.noted = defer.Deferred()
+        noted = caller.noted = defer.Deferred()
         await echo.send(caller.pid, "note", "hi")
-        self.assertEqual(await caller.noted, "hi")
+        self.assertEqual(await noted, "hi")
         self.assertEqual(caller.notes, [("hi", c.transport.user)])
 
     async def test_service_round_robin(self):
@@ -334,5 +339,18 @@ class RawSubscriptionTests(unittest.TestCase):
         self.assertEqual(got[0][2], "application/json")
         await proc.terminate()
         # the durable queue stays (messages wait for the subscriber to come back)
-        await proc.container.transport.publish("xpublic", "v03.a.c", b"later")
+        await c.transport.publish("xpublic", "v03.a.c", b"later")
         self.assertEqual(c.transport.broker.queue_depth("q_test.sub"), 1)
+
+
+class AmqpProcessTests(ProcessScenarios, unittest.TestCase):
+    """The same scenarios on the private RabbitMQ node."""
+
+    def setUp(self):
+        self.url = get_broker().url
+
+    def new_broker(self):
+        return None
+
+    def system(self, sysname):
+        return f"{sysname}-{id(self):x}"
