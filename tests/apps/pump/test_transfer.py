@@ -350,17 +350,17 @@ class InflightFileTests(SynchronousTestCase):
         """
         sink = InflightFile(os.path.join(self.dir, "é" * 127))
         sink.write(b"x")
-        result = sink.finish("src")
+        result = sink.finish()
         self.assertEqual(result.size, 1)
 
     def test_finish(self):
         """
         Finishing applies mode and mtime, returns the checksums and leaves only the file.
         """
-        sink = InflightFile(self.dest, ["sha512", "md5"])
+        sink = InflightFile(self.dest, ["sha512", "md5"], expected_size=11)
         sink.write(b"hello ")
         sink.write(b"world")
-        result = sink.finish("src", 11, ("md5", md5(b"hello world")), 1_000_000_000.5, 0o640)
+        result = sink.finish(("md5", md5(b"hello world")), 1_000_000_000.5, 0o640)
         self.assertEqual(
             result.checksum, {"sha512": sha512(b"hello world"), "md5": md5(b"hello world")}
         )
@@ -371,15 +371,32 @@ class InflightFileTests(SynchronousTestCase):
 
     def test_sizeChecks(self):
         """
-        Fewer bytes than announced is a L{ShortTransfer}, more a L{SizeMismatch}; either way the
-        temporary file is removed.
+        Fewer bytes than announced is a L{ShortTransfer} when finishing; more is a
+        L{SizeMismatch} as soon as they arrive; either way the temporary file goes.
         """
-        for size, error in ((4, ShortTransfer), (2, SizeMismatch)):
-            sink = InflightFile(self.dest)
-            sink.write(b"abc")
-            sink.declared_size = size
-            self.assertRaises(error, sink.finish, "src")
-            self.assertEqual(os.listdir(self.dir), [])
+        sink = InflightFile(self.dest)
+        sink.write(b"abc")
+        sink.declare(4)
+        self.assertRaises(ShortTransfer, sink.finish)
+        self.assertEqual(os.listdir(self.dir), [])
+        sink = InflightFile(self.dest, what="http://h/x")
+        sink.declare(2)
+        error = self.assertRaises(SizeMismatch, sink.write, b"abc")
+        self.assertIn("http://h/x", str(error))
+        self.assertEqual(sink.size, 3)
+        sink.discard()
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_expectedSize(self):
+        """
+        The caller's size bounds the transfer: a server announcing another size is refused at
+        once, and so is a byte beyond it.
+        """
+        sink = InflightFile(self.dest, expected_size=3)
+        self.assertRaises(SizeMismatch, sink.declare, 4)
+        sink.write(b"abc")
+        self.assertRaises(SizeMismatch, sink.write, b"d")
+        sink.discard()
 
 
 class FileSchemeTests(TestCase):
@@ -449,7 +466,7 @@ class FileSchemeTests(TestCase):
         """
         A size differing from the caller's is refused.
         """
-        with self.assertRaises(ShortTransfer):
+        with self.assertRaises(SizeMismatch):
             await transfer.get(reactor, self.url, self.dest, expected_size=len(self.data) + 1)
         self.assertFalse(os.path.exists(self.dest))
         self.assertEqual(leftovers(self.dest_dir), [])

@@ -183,6 +183,16 @@ class HTTPTests(TestCase):
         self.assertFalse(os.path.exists(self.dest))
         self.assertNothingLeft()
 
+    async def test_sizeDiffers(self):
+        """
+        A Content-Length other than the expected size stops the transfer before the body.
+        """
+        with self.assertRaises(transfer.SizeMismatch):
+            await transfer.get(
+                reactor, self.server.url + "/generated/100000000", self.dest, expected_size=10
+            )
+        self.assertEqual(os.listdir(self.dest_dir), [])
+
     async def test_cancel(self):
         """
         Cancelling a transfer in progress removes its temporary file.

@@ -10,7 +10,8 @@ import stat
 import time
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from ion.apps.pump import transfer
@@ -174,6 +175,22 @@ class SFTPTests(TestCase):
         self.assertTrue(0.5 <= time.monotonic() - start < 3)
         self.assertFalse(os.path.exists(self.dest))
         self.assertEqual(leftovers(self.local), [])
+
+    async def test_cancel(self):
+        """
+        Cancelling a transfer in progress removes its temporary file and closes the
+        connection.
+        """
+        d = Deferred.fromCoroutine(self.get("/stall.bin"))
+        while not leftovers(self.local) or not os.path.getsize(
+            os.path.join(self.local, leftovers(self.local)[0])
+        ):
+            await deferLater(reactor, 0.01, lambda: None)
+        d.cancel()
+        with self.assertRaises(CancelledError):
+            await d
+        self.assertEqual(leftovers(self.local), [])
+        self.assertFalse(os.path.exists(self.dest))
 
     async def test_list(self):
         """

@@ -46,7 +46,7 @@ async def fetch(reactor, location, sink, settings):
     with source:
         if not stat.S_ISREG(info.st_mode):
             raise BadRequest(f"{location.shown}: not a regular file")
-        sink.declared_size = info.st_size
+        sink.declare(info.st_size)
 
         def read(size):
             try:
@@ -60,14 +60,14 @@ async def fetch(reactor, location, sink, settings):
 
 async def store(reactor, outgoing, location, settings):
     """Copy C{outgoing} to the local path of C{location} (inflight name, then rename)."""
-    sink = InflightFile(location.path, methods=())
+    sink = InflightFile(location.path, methods=(), what=location.shown)
     try:
-        sink.declared_size = outgoing.size
+        sink.declare(outgoing.size)
         await copy(reactor, outgoing.read, sink.write)
     except BaseException:
         sink.discard()
         raise
-    sink.finish(location.shown, mtime=outgoing.mtime, mode=outgoing.mode)
+    sink.finish(mtime=outgoing.mtime, mode=outgoing.mode)
 
 
 async def listdir(reactor, location, settings):

@@ -233,7 +233,7 @@ async def fetch(reactor, location, sink, settings):
         path = _wire(location.path)
         size = await _optional(control, "SIZE " + path)
         if size and size[-1][4:].strip().isdigit():
-            sink.declared_size = int(size[-1][4:].strip())
+            sink.declare(int(size[-1][4:].strip()))
         mtime = _mdtm(await _optional(control, "MDTM " + path))
         receiver = _Receiver(session, sink.write)
         try:

@@ -262,7 +262,7 @@ class _SinkWriter:
         self.sink.write(data)
 
     def declare(self, length):
-        self.sink.declared_size = length
+        self.sink.declare(length)
 
 
 class _BufferWriter:

@@ -52,44 +52,67 @@ class InflightFile:
     apply mtime and mode, fsync, rename onto C{dest_path}) or L{discard}.
 
     Nothing ever appears at C{dest_path} but a complete, verified file; a file already there is
-    replaced only by L{finish}.
+    replaced only by L{finish}. A transfer stops as soon as it goes past the size announced by
+    the caller (C{expected_size}) or the server (L{declare}), so an endless body cannot fill
+    the disk.
 
     @ivar declared_size: the size the server announced (Content-Length, stat), or C{None}.
     """
 
-    def __init__(self, dest_path, methods=("sha512",)):
+    def __init__(self, dest_path, methods=("sha512",), expected_size=None, what=None):
         self.dest_path = dest_path
         self.temp_path = inflight_name(dest_path)
+        self.what = what or dest_path
         self.size = 0
+        self.expected_size = expected_size
         self.declared_size = None
+        self._limit = expected_size
         self._hashers = {method: hashlib.new(check_method(method)) for method in methods}
         try:
             self._file = open(self.temp_path, "xb")
         except OSError as exc:
             raise LocalFailure.from_os_error(f"cannot create {self.temp_path}", exc) from None
 
+    def declare(self, size):
+        """
+        The server announces C{size} bytes.
+
+        @raise SizeMismatch: the caller expects another size.
+        """
+        self.declared_size = size
+        if self.expected_size is not None and size != self.expected_size:
+            raise SizeMismatch(
+                f"{self.what}: the server announces {size} bytes, {self.expected_size} expected"
+            )
+        self._limit = size
+
     def write(self, data):
-        """Append C{data} and hash it."""
+        """
+        Append C{data} and hash it.
+
+        @raise SizeMismatch: more bytes than announced arrived.
+        """
+        self.size += len(data)
+        if self._limit is not None and self.size > self._limit:
+            raise SizeMismatch(f"{self.what}: more than the {self._limit} bytes announced arrived")
         try:
             self._file.write(data)
         except OSError as exc:
             raise LocalFailure.from_os_error(f"cannot write {self.temp_path}", exc) from None
         for hasher in self._hashers.values():
             hasher.update(data)
-        self.size += len(data)
 
-    def finish(self, what, expected_size=None, expected_checksum=None, mtime=None, mode=None):
+    def finish(self, expected_checksum=None, mtime=None, mode=None):
         """
         Verify, apply C{mtime} and C{mode}, fsync and rename onto the destination.
 
-        @param what: the source, for messages (a redacted URL).
         @param expected_checksum: C{(method, base64 value)} or C{None}.
         @return: the L{TransferResult}.
         @raise TransferError: a size or checksum mismatch, or a local failure; the temporary
             file is gone.
         """
         try:
-            self._verify(what, expected_size, expected_checksum)
+            self._verify(expected_checksum)
             self._file.flush()
             fd = self._file.fileno()
             if mode is not None:
@@ -109,21 +132,23 @@ class InflightFile:
         checksum = {method: b64digest(hasher) for method, hasher in self._hashers.items()}
         return TransferResult(self.size, checksum, mtime, mode, self.dest_path)
 
-    def _verify(self, what, expected_size, expected_checksum):
-        for announced, by in ((self.declared_size, "the server"), (expected_size, "the caller")):
+    def _verify(self, expected_checksum):
+        for announced, by in (
+            (self.declared_size, "the server"),
+            (self.expected_size, "the caller"),
+        ):
             if announced is not None and self.size < announced:
                 raise ShortTransfer(
-                    f"{what}: got {self.size} bytes, {by} announced {announced}: body cut short"
+                    f"{self.what}: got {self.size} bytes, {by} announced {announced}: "
+                    "body cut short"
                 )
-            if announced is not None and self.size > announced:
-                raise SizeMismatch(f"{what}: got {self.size} bytes, {by} announced {announced}")
         if expected_checksum is not None:
             method, value = expected_checksum
             actual = b64digest(self._hashers[method])
             if actual != value:
                 raise ChecksumMismatch(
-                    f"{what}: {method} checksum of the {self.size} bytes received is {actual}, "
-                    f"expected {value}"
+                    f"{self.what}: {method} checksum of the {self.size} bytes received is "
+                    f"{actual}, expected {value}"
                 )
 
     def discard(self):

@@ -72,7 +72,7 @@ async def get(
             methods.append(check_method(method))
     settings = Settings(timeouts, ca_file, known_hosts)
     async with _slot(limiter, url):
-        sink = InflightFile(dest_path, methods or ["sha512"])
+        sink = InflightFile(dest_path, methods or ["sha512"], expected_size, location.shown)
         try:
             source_mtime, source_mode = await _SCHEMES[location.scheme].fetch(
                 reactor, location, sink, settings
@@ -85,8 +85,6 @@ async def get(
         if mode is None:
             mode = source_mode
         return sink.finish(
-            location.shown,
-            expected_size,
             tuple(expected_checksum) if expected_checksum else None,
             mtime,
             None if mode is None else mode & MODE_MASK,

@@ -369,7 +369,7 @@ async def fetch(reactor, location, sink, settings):
         if _is_dir(attrs):
             raise BadRequest(f"{location.shown}: is a directory")
         if "size" in attrs:
-            sink.declared_size = attrs["size"]
+            sink.declare(attrs["size"])
         handle = await client.openFile(path, filetransfer.FXF_READ, {})
         try:
             await _read_into(handle, sink.write)
