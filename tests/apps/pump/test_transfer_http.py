@@ -76,6 +76,14 @@ class HTTPTests(TestCase):
         self.assertEqual(os.stat(self.dest).st_mtime, 1_500_000_000)
         self.assertNothingLeft()
 
+    async def test_nonAsciiName(self):
+        """
+        A URL with spaces and non-ASCII characters is percent-encoded on the wire.
+        """
+        write_file(os.path.join(self.root, "é x.txt"), b"accent")
+        result = await transfer.get(reactor, self.server.url + "/files/é x.txt", self.dest)
+        self.assertEqual(result.size, 6)
+
     async def test_mode(self):
         """
         http tells no mode: the caller's applies.

@@ -8,7 +8,8 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from ion.apps.pump import transfer
-from tests.apps.pump.servers import pattern, settle, start_http
+from ion.apps.pump.transfer import Credentials
+from tests.apps.pump.servers import pattern, settle, start_ftp, start_http, start_sftp, write_file
 
 SIZE = 64 * 1024 * 1024
 # Allowed growth of the resident set; buffering the whole file would cost 64 MiB or more.
@@ -23,12 +24,26 @@ def rss():
 
 class ConstantMemoryTests(TestCase):
     """
-    64 MiB files cross http and file:// with less than 20 MB of memory growth.
+    64 MiB files cross http, file://, sftp and ftp with less than 20 MB of memory growth.
     """
 
     def setUp(self):
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
+
+    def sparse(self, name):
+        path = os.path.join(self.dir, name)
+        with open(path, "wb") as f:
+            f.truncate(SIZE)
+        return path
+
+    async def measure(self, url, **kwargs):
+        dest = os.path.join(self.dir, "out.bin")
+        before = rss()
+        result = await transfer.get(reactor, url, dest, **kwargs)
+        growth = rss() - before
+        self.assertEqual(result.size, SIZE)
+        self.assertLess(growth, ALLOWED, f"RSS grew by {growth / 1e6:.1f} MB")
 
     async def test_http(self):
         """
@@ -49,12 +64,28 @@ class ConstantMemoryTests(TestCase):
         """
         A sparse local file is copied chunk by chunk.
         """
-        src = os.path.join(self.dir, "sparse.bin")
-        with open(src, "wb") as f:
-            f.truncate(SIZE)
-        dest = os.path.join(self.dir, "copy.bin")
-        before = rss()
-        result = await transfer.get(reactor, "file://" + src, dest, cod="md5")
-        growth = rss() - before
-        self.assertEqual(result.size, SIZE)
-        self.assertLess(growth, ALLOWED, f"RSS grew by {growth / 1e6:.1f} MB")
+        await self.measure("file://" + self.sparse("sparse.bin"), cod="md5")
+
+    async def test_sftp(self):
+        """
+        sftp reads are pipelined within a bounded window.
+        """
+        self.sparse("sparse.bin")
+        server = start_sftp(self, self.dir, user="bob", password="pw")
+        self.addCleanup(settle)
+        known_hosts = write_file(
+            os.path.join(self.dir, "known_hosts"), server.known_hosts_line().encode()
+        )
+        port = server.port.getHost().port
+        creds = Credentials.parse(f"sftp://bob:pw@127.0.0.1:{port}/")
+        await self.measure(server.url + "/sparse.bin", credentials=creds, known_hosts=known_hosts)
+
+    async def test_ftp(self):
+        """
+        An ftp data connection goes to disk chunk by chunk.
+        """
+        self.sparse("sparse.bin")
+        server = start_ftp(self, self.dir, user="carol", password="pw")
+        self.addCleanup(settle)
+        url = server.url.replace("carol@", "carol:pw@")
+        await self.measure(url + "/sparse.bin")

@@ -21,6 +21,7 @@ from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
+from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
@@ -34,7 +35,6 @@ from twisted.web.client import (
 from twisted.web.http import PotentialDataLoss, stringToDatetime
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
-from twisted.python.failure import Failure
 
 from ion.apps.pump.transfer.errors import (
     AuthFailed,
@@ -195,7 +195,7 @@ class _Discard(Protocol):
         self.transport.stopProducing()
 
 
-async def _receive_body(reactor, location, response, write, timer, idle):
+async def _receive_body(location, response, write, timer, idle):
     receiver = _BodyReceiver(write, timer)
     timer.expire = receiver.abort
     response.deliverBody(receiver)
@@ -248,7 +248,7 @@ async def _get(reactor, location, settings, write):
         except BaseException:
             response.deliverBody(_Discard())
             raise
-        await _receive_body(reactor, location, response, write, timer, timeouts.idle)
+        await _receive_body(location, response, write, timer, timeouts.idle)
         return response
     finally:
         timer.stop()

@@ -1,6 +1,6 @@
 """Where a transfer goes: a URL taken apart, with the login that applies to it."""
 
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import attrs
 
@@ -10,6 +10,7 @@ from ion.apps.pump.transfer.limits import Timeouts
 from ion.core.log import redact
 
 SCHEMES = ("file", "http", "https", "sftp", "ftp")
+_URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
 
 
 @attrs.frozen
@@ -75,7 +76,10 @@ def locate(url, credentials=None):
     netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
     if ":" in parts.hostname:
         netloc = f"[{parts.hostname}]" + ("" if parts.port is None else f":{parts.port}")
-    request_url = urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
+    # Agents send ASCII: percent-encode what is not, leave existing escapes alone.
+    request_url = quote(
+        urlunsplit((scheme, netloc, parts.path or "/", parts.query, "")), safe=_URL_SAFE
+    )
     return Location(shown, scheme, host, port, unquote(path), user, password, ssh_key, request_url)
 
 
