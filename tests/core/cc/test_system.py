@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from ion.core.cc.testing import make_container
 from ion.core.process import Process
-from tests.broker import get_broker
+from tests.broker import find_rabbitmq_server, get_broker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -153,9 +153,14 @@ class SystemTests(unittest.TestCase):
         leftovers = await threads.deferToThread(self.leftover_queues, ids)
         self.assertEqual(leftovers, [])
 
+    @property
+    def rabbitmqctl(self):
+        # next to the real server script (Debian's wrapper would switch to the rabbitmq user)
+        return os.path.join(os.path.dirname(find_rabbitmq_server()), "rabbitmqctl")
+
     def leftover_queues(self, ids):
         out = subprocess.run(
-            ["rabbitmqctl", "-n", self.broker.nodename, "-q", "list_queues", "name"],
+            [self.rabbitmqctl, "-n", self.broker.nodename, "-q", "list_queues", "name"],
             env=self.broker._environment(), capture_output=True, text=True, timeout=60,
         )
         if out.returncode != 0:
