@@ -96,13 +96,19 @@ class PrivateBroker:
         self.dist_port = _free_port()
         while self.dist_port == self.port:
             self.dist_port = _free_port()
+        self.tls_port = _free_port()
+        while self.tls_port in (self.port, self.dist_port):
+            self.tls_port = _free_port()
         self.base = tempfile.mkdtemp(prefix="ion-rabbitmq-")
         self.process = None
         self.start_seconds = None
         self._prepare()
 
     def __repr__(self):
-        return f"<PrivateBroker {self.nodename} amqp={self.port} dist={self.dist_port}>"
+        return (
+            f"<PrivateBroker {self.nodename} amqp={self.port} amqps={self.tls_port}"
+            f" dist={self.dist_port}>"
+        )
 
     @property
     def url(self):
@@ -113,6 +119,16 @@ class PrivateBroker:
         if user not in self.users:
             raise ValueError(f"{user!r} is not one of the broker's users {self.users}")
         return f"amqp://{user}:{user}@{self.host}:{self.port}/"
+
+    def tls_url_for(self, user, host="localhost"):
+        """The amqps:// URL for one of `users`. The broker's certificate (signed by the CA in
+        `ca_file`) names only `localhost`, so any other host name fails verification."""
+        self.url_for(user)
+        return f"amqps://{user}:{user}@{host}:{self.tls_port}/"
+
+    @property
+    def ca_file(self):
+        return os.path.join(self.base, "tls", "ca.pem")
 
     @property
     def log_dir(self):
@@ -131,8 +147,16 @@ class PrivateBroker:
         definitions = os.path.join(self.base, "definitions.json")
         with open(definitions, "w") as f:
             json.dump(self._definitions(), f)
+        tls = os.path.join(self.base, "tls")
+        _make_certificates(tls)
         with open(os.path.join(self.base, "rabbitmq.conf"), "w") as f:
             f.write(f"listeners.tcp.default = {self.host}:{self.port}\n")
+            f.write(f"listeners.ssl.default = {self.host}:{self.tls_port}\n")
+            f.write(f"ssl_options.cacertfile = {tls}/ca.pem\n")
+            f.write(f"ssl_options.certfile = {tls}/server.pem\n")
+            f.write(f"ssl_options.keyfile = {tls}/server.key\n")
+            f.write("ssl_options.verify = verify_none\n")
+            f.write("ssl_options.fail_if_no_peer_cert = false\n")
             f.write(f"load_definitions = {definitions}\n")
         with open(os.path.join(self.base, "advanced.config"), "w") as f:
             f.write("[].\n")
@@ -279,6 +303,53 @@ class PrivateBroker:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def _make_certificates(directory):
+    """A throwaway CA (ca.pem) and a server certificate for `localhost` signed by it
+    (server.pem, server.key)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    os.makedirs(directory, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject, issuer, key, signing_key, ca, names=()):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if names:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
+            )
+        return builder.sign(signing_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("ION test CA", "ION test CA", ca_key, ca_key, True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    server = certificate("localhost", "ION test CA", key, ca_key, False, ["localhost"])
+    pem = serialization.Encoding.PEM
+    files = {
+        "ca.pem": ca.public_bytes(pem),
+        "server.pem": server.public_bytes(pem),
+        "server.key": key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    }
+    for name, data in files.items():
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(data)
 
 
 def _password_hash(password):

@@ -1131,7 +1131,7 @@ class AmqpTransport:
         self._connected_once = False
         self._waiters = []
         self._exchanges = {}  # name -> (type, durable, auto_delete)
-        self._queues = {}  # name -> (durable, exclusive, auto_delete); client-named only
+        self._queues = {}  # name -> (durable, exclusive, auto_delete, server-named)
         self._bindings = {}  # (queue, exchange, routing key) -> None
         self._consumers = {}  # _Consumer -> None
 
@@ -1236,7 +1236,7 @@ class AmqpTransport:
                 return
             self._failures += 1
             if not self._connected_once:
-                self._give_up(error)
+                self._give_up(type(error)(f"cannot connect to {self.address}: {error}"))
             else:
                 log.warn(
                     "AMQP: setting up the connection to {address} failed: {error}",
@@ -1272,7 +1272,13 @@ class AmqpTransport:
             except TransportError as e:
                 self._forget("exchange", name, e)
                 self._exchanges.pop(name, None)
-        for name, (durable, exclusive, auto_delete) in list(self._queues.items()):
+        for name, (durable, exclusive, auto_delete, generated) in list(self._queues.items()):
+            if generated:
+                log.warn(
+                    "AMQP: server-named queue {name!r} does not survive the reconnect", name=name
+                )
+                self._drop_queue(name)
+                continue
             try:
                 await self._declare_queue_on(session, name, durable, exclusive, auto_delete)
             except QueueInUse:
@@ -1345,7 +1351,7 @@ class AmqpTransport:
             session.closing = True
             for consumer in consumers:
                 await consumer._close_channel()
-            for name, (_, exclusive, _) in list(self._queues.items()):
+            for name, (_, exclusive, _, _) in list(self._queues.items()):
                 if exclusive:
                     try:
                         await session.control_call("queue_delete", queue=name)
@@ -1402,8 +1408,7 @@ class AmqpTransport:
         session = self._live_session()
         _shortstr(name, "queue name")
         declared = await self._declare_queue_on(session, name, durable, exclusive, auto_delete)
-        if name:
-            self._queues[name] = (durable, exclusive, auto_delete)
+        self._queues[declared] = (durable, exclusive, auto_delete, not name)
         return declared
 
     @_as_deferred

@@ -210,6 +210,36 @@ class AmqpTests(BrokerTestCase):
         await inbox.wait(6)
         self.assertEqual(inbox.bodies, [b"before"] + [b"after%d" % i for i in range(5)])
 
+    async def test_exchange_gone_after_first_use(self):
+        """An exchange that vanishes after it was used (here: auto-deleted with its last
+        binding) fails the next publish to it with NotFound; publishes sent after it on the
+        same channel are sent again and arrive."""
+        t = await self.connect()
+        ex = self.unique("fanout")
+        await t.declare_exchange(ex, "fanout", auto_delete=True)
+        doomed = await t.declare_queue(self.unique("q"))
+        await t.bind(doomed, ex, "")
+        await t.publish(ex, "", b"routed")
+        await t.delete_queue(doomed)
+        q = await self.queue(t)
+        inbox = Inbox()
+        await t.consume(q, inbox)
+        bad = t.publish(ex, "", b"lost")
+        after = [t.publish("", q, b"%d" % i) for i in range(3)]
+        await self.assertFailure(bad, NotFound)
+        await defer.gatherResults(after)
+        await inbox.wait(3)
+        self.assertEqual(inbox.bodies, [b"0", b"1", b"2"])
+
+    async def test_server_named_queue_deleted_at_close(self):
+        """Exclusive queues are deleted by close(), server-named ones included, so another
+        connection sees them gone at once."""
+        t = await self.connect("alice")
+        other = await self.connect("bob")
+        named = await t.declare_queue("", exclusive=True)
+        await t.close()
+        await self.assertFailure(other.consume(named, Inbox()), NotFound)
+
     async def test_user_id_is_the_connection_user(self):
         """user_id on the wire is the authenticated user, whatever the caller put there;
         RabbitMQ verifies it, so receivers can trust it."""
@@ -353,3 +383,33 @@ class AmqpTests(BrokerTestCase):
             self.broker.resume()
         await t.whenConnected().addTimeout(30, reactor)
         await t.publish("", q, b"y")
+
+
+class TlsTests(BrokerTestCase):
+    async def test_amqps_with_ca_file(self):
+        """amqps:// verifies the broker's certificate against the given CA file and its host
+        name; then everything works as over amqp://."""
+        t = AmqpTransport(
+            self.broker.tls_url_for("alice"), reactor, tls_ca_file=self.broker.ca_file
+        )
+        await t.connect()
+        self.addCleanup(t.close)
+        q = await t.declare_queue("", exclusive=True)
+        inbox = Inbox()
+        await t.consume(q, inbox)
+        await t.publish("", q, b"secret")
+        (delivery,) = await inbox.wait(1)
+        self.assertEqual((delivery.body, delivery.properties.user_id), (b"secret", "alice"))
+
+    async def test_wrong_host_name(self):
+        """A certificate that does not name the host connected to is refused."""
+        url = self.broker.tls_url_for("alice", host="127.0.0.1")
+        t = AmqpTransport(url, reactor, tls_ca_file=self.broker.ca_file)
+        await self.assertFailure(t.connect(), ConnectionLost)
+        await t.close()
+
+    async def test_unknown_ca(self):
+        """Without the test CA (the system's trust store only) the broker is refused."""
+        t = AmqpTransport(self.broker.tls_url_for("alice"), reactor)
+        await self.assertFailure(t.connect(), ConnectionLost)
+        await t.close()
