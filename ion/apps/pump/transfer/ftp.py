@@ -54,6 +54,7 @@ class _Session:
         self.location = location
         self.settings = settings
         self.data_transport = None
+        self.connected = False
         self.closed = Deferred()
         timeouts = settings.timeouts
         self.timer = IdleTimer(
@@ -86,11 +87,21 @@ class _Control(FTPClient):
     def queueLogin(self, username, password):
         """Logging in is done by L{_login}, which can tell a refused login from other errors."""
 
+    def connectionMade(self):
+        self.session.connected = True
+        super().connectionMade()
+
     def lineReceived(self, line):
         self.session.timer.touch()
         super().lineReceived(line)
 
+    def fail(self, error):
+        # The client gives up on the connection: commands queued from now on would wait forever.
+        self.session.connected = False
+        return super().fail(error)
+
     def connectionLost(self, reason):
+        self.session.connected = False
         try:
             super().connectionLost(reason)
         finally:
@@ -207,10 +218,13 @@ async def _with_session(reactor, location, settings, work):
         await session.close()
 
 
-async def _optional(control, command):
-    """The reply to a command the server may not support, or C{None}."""
+async def _optional(session, command):
+    """The reply to a command the server may not support, or C{None} (also when the
+    connection is gone)."""
+    if not session.connected:
+        return None
     try:
-        return await control.queueStringCommand(command)
+        return await session.control.queueStringCommand(command)
     except CommandFailed:
         return None
 
@@ -231,10 +245,10 @@ async def fetch(reactor, location, sink, settings):
     async def work(session):
         control = session.control
         path = _wire(location.path)
-        size = await _optional(control, "SIZE " + path)
+        size = await _optional(session, "SIZE " + path)
         if size and size[-1][4:].strip().isdigit():
             sink.declare(int(size[-1][4:].strip()))
-        mtime = _mdtm(await _optional(control, "MDTM " + path))
+        mtime = _mdtm(await _optional(session, "MDTM " + path))
         receiver = _Receiver(session, sink.write)
         try:
             await control.retrieveFile(path, receiver)
@@ -249,8 +263,8 @@ async def fetch(reactor, location, sink, settings):
     return await _with_session(reactor, location, settings, work)
 
 
-async def _features(control):
-    reply = await _optional(control, "FEAT") or []
+async def _features(session):
+    reply = await _optional(session, "FEAT") or []
     return {line.strip().split(" ")[0].upper() for line in reply[1:-1]}
 
 
@@ -286,7 +300,7 @@ async def listdir(reactor, location, settings):
 
     async def work(session):
         control = session.control
-        use_mlsd = "MLSD" in await _features(control)
+        use_mlsd = "MLSD" in await _features(session)
         collector = _Collector(location.shown)
         receiver = _Receiver(session, collector)
         command = ("MLSD " if use_mlsd else "LIST ") + _wire(location.path)
@@ -315,18 +329,25 @@ class _TouchingReader:
     def __init__(self, outgoing, timer):
         self._outgoing = outgoing
         self._timer = timer
+        self.error = None
 
     def read(self, length):
         self._timer.touch()
-        return self._outgoing.read(length)
+        try:
+            return self._outgoing.read(length)
+        except Exception as exc:
+            # Raised inside the data connection's producer: kept to be reported by store.
+            self.error = exc
+            raise
 
 
-async def _rename(control, old, new):
+async def _rename(session, old, new):
+    control = session.control
     try:
         await control.rename(old, new)
     except CommandFailed:
         # Some servers refuse to replace an existing file: remove it and try again.
-        await _optional(control, "DELE " + new)
+        await _optional(session, "DELE " + new)
         await control.rename(old, new)
 
 
@@ -349,7 +370,7 @@ async def store(reactor, outgoing, location, settings):
         control = session.control
         path = _wire(location.path)
         temp = _wire(inflight_name(location.path))
-        features = await _features(control)
+        features = await _features(session)
         consumer_ready, done = control.storeFile(temp)
         _fail_with(consumer_ready, done)
         try:
@@ -360,17 +381,23 @@ async def store(reactor, outgoing, location, settings):
                 raise _command_error(location, exc, f"cannot write in {directory}") from None
             session.data_transport = consumer.transport
             reader = _TouchingReader(outgoing, session.timer)
-            await FileSender().beginFileTransfer(reader, consumer)
+            try:
+                await FileSender().beginFileTransfer(reader, consumer)
+            except Exception:
+                # The data connection ended early: the reader or the control reply says why.
+                if reader.error is not None:
+                    raise reader.error from None
+                await done
+                raise ConnectionFailed(f"{location.shown}: data connection closed early") from None
             consumer.finish()
             await done
             if "MFMT" in features:
                 stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(outgoing.mtime))
-                await _optional(control, f"MFMT {stamp} {temp}")
-            await _rename(control, temp, path)
+                await _optional(session, f"MFMT {stamp} {temp}")
+            await _rename(session, temp, path)
         except BaseException:
             done.addErrback(lambda _: None)
-            if not session.closed.called:
-                await _optional(control, "DELE " + temp)
+            await _optional(session, "DELE " + temp)
             raise
 
     await _with_session(reactor, location, settings, work)

@@ -58,6 +58,7 @@ class _Session:
         self.closed = Deferred()
         self.failure = None
         self.transport = None
+        self.connected = False
         self.key = _load_key(location) if location.ssh_key else None
         self.server_extensions = {}
         timeouts = settings.timeouts
@@ -78,6 +79,7 @@ class _Session:
 
     def lost(self, reason):
         """Called first thing when the connection is gone: explain it before anybody asks."""
+        self.connected = False
         self.fail(self._lost_error(reason))
         self.timer.stop()
 
@@ -93,7 +95,7 @@ class _Session:
         return ConnectionFailed(f"{shown}: connection lost ({reason.getErrorMessage()})")
 
     async def close(self):
-        if self.transport is not None and not self.closed.called:
+        if self.connected:
             self.transport.loseConnection()
             await self.closed
 
@@ -104,6 +106,7 @@ class _ClientTransport(transport.SSHClientTransport):
 
     def connectionMade(self):
         self.session.transport = self
+        self.session.connected = True
         super().connectionMade()
 
     def dataReceived(self, data):
@@ -265,7 +268,7 @@ class _SFTPChannel(channel.SSHChannel):
     def closed(self):
         if self.client is not None:
             self.client.connectionLost(Failure(net_error.ConnectionDone()))
-        if not self.session.closed.called:
+        if self.session.connected:
             self.session.transport.loseConnection()
 
 
@@ -374,7 +377,7 @@ async def fetch(reactor, location, sink, settings):
         try:
             await _read_into(handle, sink.write)
         finally:
-            if session.transport is not None and not session.closed.called:
+            if session.connected:
                 await handle.close()
         mode, mtime = attrs.get("permissions"), attrs.get("mtime")
         return (
@@ -478,7 +481,7 @@ async def store(reactor, outgoing, location, settings):
             await client.setAttrs(temp, attrs)
             await _rename(client, session, temp, path.encode("utf-8"))
         except BaseException:
-            if not session.closed.called:
+            if session.connected:
                 try:
                     await client.removeFile(temp)
                 except Exception:
