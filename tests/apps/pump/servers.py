@@ -6,6 +6,7 @@ import ipaddress
 import os
 import posixpath
 import stat
+import time
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -18,7 +19,7 @@ from twisted.conch.ssh import factory, filetransfer, keys, session, userauth
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import reactor, ssl, tcp
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import deferLater
 from twisted.protocols import ftp
 from twisted.python import components
@@ -560,6 +561,32 @@ class _FTPRealm:
         raise NotImplementedError()
 
 
+class _MLSDFTP(ftp.FTP):
+    """twisted's FTP server plus C{MLSD} (RFC 3659), listed in C{FEAT}."""
+
+    FEATURES = ftp.FTP.FEATURES + ["MLSD"]
+
+    def ftp_MLSD(self, path=""):
+        if self.dtpInstance is None or not self.dtpInstance.isConnected:
+            return fail(ftp.BadCmdSequenceError("must send PASV before MLSD"))
+        try:
+            segments = ftp.toSegments(self.workingDirectory, path)
+        except ftp.InvalidPath:
+            return fail(ftp.FileNotFoundError(path))
+        directory = self.shell.filesystemRoot.descendant(segments).path
+        if not os.path.isdir(directory):
+            return fail(ftp.FileNotFoundError(path))
+        self.reply(ftp.DATA_CNX_ALREADY_OPEN_START_XFR)
+        for name in sorted(os.listdir(directory)):
+            info = os.lstat(os.path.join(directory, name))
+            kind = "dir" if stat.S_ISDIR(info.st_mode) else "file"
+            modify = time.strftime("%Y%m%d%H%M%S", time.gmtime(info.st_mtime))
+            facts = f"type={kind};size={info.st_size};modify={modify};UNIX.mode=0{stat.S_IMODE(info.st_mode):o};"
+            self.dtpInstance.sendLine(f"{facts} {name}".encode())
+        self.dtpInstance.transport.loseConnection()
+        return succeed((ftp.TXFR_COMPLETE_OK,))
+
+
 class _TrackingFTPFactory(ftp.FTPFactory):
     def __init__(self, portal):
         super().__init__(portal)
@@ -583,15 +610,18 @@ class FTPServer:
     """
     A twisted FTP server on 127.0.0.1 over C{root}: user C{user} logs in with C{password};
     anonymous logins are refused. Files named in C{stalled_names} send 50000 bytes, then stall.
+    With C{mlsd=True} the server also answers C{MLSD}.
     """
 
-    def __init__(self, root, user="carol", password="secret", stalled_names=()):
+    def __init__(self, root, user="carol", password="secret", stalled_names=(), mlsd=False):
         checker = InMemoryUsernamePasswordDatabaseDontUse()
         # twisted's FTP server hands the checker text, not bytes.
         checker.addUser(user, password)
         portal = Portal(_FTPRealm(root, set(stalled_names)), [checker])
         self.factory = _TrackingFTPFactory(portal)
         self.factory.allowAnonymous = False
+        if mlsd:
+            self.factory.protocol = _MLSDFTP
         self.user = user
         self.port = None
 

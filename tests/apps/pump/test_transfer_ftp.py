@@ -158,6 +158,22 @@ class FTPTests(TestCase):
         self.assertEqual(entries[0].mode, 0o640)
         self.assertIsNotNone(entries[0].mtime)
 
+    async def test_listMLSD(self):
+        """
+        A server with MLSD gives exact mtimes and modes through it.
+        """
+        server = start_ftp(self, self.root, user="carol", password=SECRET, mlsd=True)
+        url = server.url.replace("carol@", f"carol:{SECRET}@") + "/"
+        entries = await transfer.list(reactor, url)
+        self.assertEqual(
+            entries[0], transfer.Entry("data.bin", len(self.data), 1.5e9, 0o640, "file")
+        )
+        self.assertEqual(
+            [(e.name, e.type) for e in entries[1:]], [("stall.bin", "file"), ("sub", "dir")]
+        )
+        with self.assertRaises(NotFound):
+            await transfer.list(reactor, url + "nope/")
+
     async def test_listNotFound(self):
         """
         Listing a missing directory is L{NotFound}.
