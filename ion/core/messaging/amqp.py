@@ -1349,8 +1349,10 @@ class AmqpTransport:
             consumer.active = False
         if session is not None and not session.is_lost:
             session.closing = True
-            for consumer in consumers:
-                await consumer._close_channel()
+            await defer.gatherResults(
+                [defer.Deferred.fromCoroutine(c._close_channel()) for c in consumers],
+                consumeErrors=True,
+            )
             for name, (_, exclusive, _, _) in list(self._queues.items()):
                 if exclusive:
                     try:
