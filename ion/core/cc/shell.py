@@ -41,9 +41,14 @@ log = Logger()
 FLUSH_TIMEOUT = 2
 
 HELP = [
-    ("ps()", "list the processes: pid, name, class, state, parent"),
+    ("ps()", "the process tree: app > supervisor > process, with states and restarts"),
+    ("containers()", "the containers of this system (from the container agents)"),
+    ("msc(conv_id=None, last=20)", "message sequence chart (needs the observer app)"),
     ("apps()", "list the running apps"),
-    ("spawn(module_or_class, name=None, **args)", "spawn a process; prints its pid"),
+    (
+        "spawn(module_or_class, name=None, container=None, **args)",
+        "spawn a process (here, or in another container); prints its pid",
+    ),
     ("send(dest, op, content=None)", "send a one-way message to a service or pid"),
     (
         "rpc(dest, op, content=None, timeout=None)",
@@ -135,7 +140,8 @@ class ShellHelpers:
 
     def namespace(self):
         """The names the shell offers."""
-        names = ["ps", "apps", "spawn", "send", "rpc", "kill", "start_app", "stop_app", "help"]
+        names = ["ps", "apps", "containers", "msc", "spawn", "send", "rpc", "kill", "start_app",
+                 "stop_app", "help"]
         namespace = {name: getattr(self, name) for name in names}
         namespace["container"] = self.container
         return namespace
@@ -145,7 +151,8 @@ class ShellHelpers:
         return (
             f"ION shell: container {self.container.id}, system {self.container.sysname}, "
             f"apps: {apps}\n"
-            "Helpers: ps() apps() spawn() send() rpc() kill() start_app() stop_app() help(); "
+            "Helpers: ps() apps() containers() spawn() send() rpc() kill() start_app() "
+            "stop_app() msc() help(); "
             "Ctrl-D leaves (and stops the container).\n"
         )
 
@@ -195,9 +202,61 @@ class ShellHelpers:
         self.print("\n".join(f"{usage.ljust(width)}  {text}" for usage, text in HELP))
 
     def ps(self):
-        """Print the container's processes."""
-        rows = self.container.ps()
-        self.print(format_table(("pid", "name", "class", "state", "parent"), rows))
+        """Print the process tree: app > supervisor > process, with states and restarts."""
+        app_of = {}
+        for app in self.container.apps.running.values():
+            pid = getattr(app.state, "pid", None)
+            if pid:
+                app_of[pid] = app.name
+        rows = []
+
+        def walk(proc, depth, restarts):
+            label = "  " * depth + proc.name
+            app = app_of.get(proc.pid, "")
+            rows.append((label, proc.pid, type(proc).__name__, proc.state, restarts, app))
+            counts = getattr(proc, "restarts", {})
+            ids = {}
+            for child_id in counts:
+                try:
+                    current = proc.child(child_id)
+                except KeyError:
+                    current = None
+                if current is not None:
+                    ids[current.pid] = counts[child_id]
+            for child in list(proc.children):
+                walk(child, depth + 1, ids.get(child.pid, ""))
+
+        for proc in self.container.registry.top_level():
+            walk(proc, 0, "")
+        self.print(format_table(("name", "pid", "class", "state", "restarts", "app"), rows))
+
+    def containers(self):
+        """Print the containers of this system, as the container agents know them."""
+
+        async def ask():
+            proc = await self.shell_process()
+            return await proc.rpc("ccagent", "containers")
+
+        def table(rows):
+            return format_table(
+                ("container", "host", "os pid", "uptime s", "last beat s", "apps"),
+                [
+                    (r["container"], r["host"], r["os_pid"], r["uptime"], r["last_heartbeat"],
+                     ", ".join(r["apps"]))
+                    for r in rows
+                ],
+            )
+
+        return self._start("containers()", ask(), table)
+
+    def msc(self, conv_id=None, last=20):
+        """Print a message sequence chart from this container's observer."""
+        from ion.apps.observer.msc import msc_for_shell
+
+        async def chart():
+            return await msc_for_shell(self.container, conv_id=conv_id, last=last)
+
+        return self._start("msc()", chart(), lambda text: text)
 
     def apps(self):
         """Print the running apps."""
@@ -207,10 +266,17 @@ class ShellHelpers:
             rows.append((app.name, app.spec.version, top, app.spec.description))
         self.print(format_table(("app", "version", "top process", "description"), rows))
 
-    def spawn(self, module_or_class, name=None, **args):
-        """Spawn a process; prints its pid (also `.result` of what it returns)."""
+    def spawn(self, module_or_class, name=None, container=None, **args):
+        """Spawn a process, here or (container=<id>) through another container's agent;
+        prints its pid (also `.result` of what it returns)."""
 
         async def spawn():
+            if container not in (None, self.container.id):
+                if not isinstance(module_or_class, str):
+                    raise ValueError("to spawn in another container, name the module as a string")
+                proc = await self.shell_process()
+                request = {"module": module_or_class, "name": name, "args": args or None}
+                return await proc.rpc(f"ccagent_{container}", "spawn", request)
             proc = await self.container.spawn(module_or_class, name=name, args=args or None)
             return proc.pid
 

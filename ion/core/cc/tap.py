@@ -251,7 +251,7 @@ class ContainerService(MultiService):
         await self.container.apps.start_files(CORE_APPS + opts["files"])
         log.info("container {id} running apps: {apps}", id=self.container.id,
                  apps=", ".join(self.container.apps.running))
-        if not opts["no-shell"] and sys.stdin.isatty() and sys.stdout.isatty():
+        if not opts["no-shell"] and os.isatty(0) and os.isatty(1):
             from ion.core.cc.shell import start_shell
 
             done = start_shell(self.container, self.reactor, self.output)

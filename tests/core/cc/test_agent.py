@@ -74,3 +74,21 @@ class AgentTests(unittest.TestCase):
         self.assertIn(c.id, agent_a.peers)
         await c.stop()
         await settle(self, lambda: c.id not in agent_a.peers)
+
+    async def test_shell_helpers(self):
+        """In the shell, containers() tables the system and spawn(..., container=id) spawns
+        in that container."""
+        from ion.core.cc.shell import ShellHelpers
+
+        a, b = await self.system(2)
+        await settle(self, lambda: len(self.agent(a).peers) == 2)
+        printed = []
+        helpers = ShellHelpers(a, printed.append)
+        pending = helpers.containers()
+        await pending.when_done()
+        self.assertIn(b.id, printed[-1])
+        self.assertTrue(printed[-1].startswith("container"))
+        pending = helpers.spawn("ion.apps.hello.service", container=b.id)
+        await pending.when_done()
+        self.assertTrue(pending.result.startswith(b.id + "."))
+        self.assertIn(pending.result, [row[0] for row in b.ps()])

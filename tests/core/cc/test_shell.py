@@ -65,16 +65,28 @@ class HelperTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_ps(self):
-        """ps() prints one row per process: pid, name, class, state, parent."""
+        """ps() prints the process tree: children indented under their parent, with states,
+        restart counts of supervised children, and the app a top process belongs to."""
+        from ion.core.process import Supervisor
+
         helpers = yield defer.Deferred.fromCoroutine(self.make())
         parent = yield defer.Deferred.fromCoroutine(self.container.spawn(HelloService))
         child = yield defer.Deferred.fromCoroutine(parent.spawn_child(HelloService, name="kid"))
+        sup = yield defer.Deferred.fromCoroutine(self.container.spawn(
+            Supervisor, name="sup", args={"children": [{"id": "w", "spec": HelloService}]}))
+        worker = sup.child("w")
+        yield defer.Deferred.fromCoroutine(worker.crash("test"))
+        self.flushLoggedErrors()
+        yield defer.Deferred.fromCoroutine(sup.settled())
         self.assertIsNone(helpers.ps())
         lines = self.printed.take().splitlines()
-        self.assertEqual(lines[0].split(), ["pid", "name", "class", "state", "parent"])
-        self.assertEqual(lines[1].split(), [parent.pid, "hello", "HelloService", "ACTIVE"])
-        self.assertEqual(lines[2].split(), [child.pid, "kid", "HelloService", "ACTIVE", parent.pid])
-        self.assertEqual(len(lines), 3)
+        self.assertEqual(lines[0].split(), ["name", "pid", "class", "state", "restarts", "app"])
+        self.assertEqual(lines[1].split(), ["hello", parent.pid, "HelloService", "ACTIVE"])
+        self.assertEqual(lines[2].split(), ["kid", child.pid, "HelloService", "ACTIVE"])
+        self.assertTrue(lines[2].startswith("  kid"))
+        self.assertEqual(lines[3].split(), ["sup", sup.pid, "Supervisor", "ACTIVE"])
+        self.assertEqual(lines[4].split(), ["hello", sup.child("w").pid, "HelloService", "ACTIVE", "1"])
+        self.assertEqual(len(lines), 5)
 
     @defer.inlineCallbacks
     def test_spawn(self):
@@ -564,7 +576,7 @@ class EndToEndTests(unittest.TestCase):
         process.write(b"spawn('ion.apps.hello.service')\r")
         yield session.wait_for(rb"\r\n'[^'\r\n]+\.\d+'\r\n")
         process.write(b"ps()\r")
-        yield session.wait_for(rb"pid +name +class +state +parent\r\n")
+        yield session.wait_for(rb"name +pid +class +state +restarts +app\r\n")
         table = yield session.wait_for(rb"((?:[^\r\n]+\r\n)+)>>> ")
         rows = table.group(1).decode().splitlines()
         self.assertEqual(len([row for row in rows if " HelloService " in row]), 2, rows)
