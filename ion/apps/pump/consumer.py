@@ -1,0 +1,688 @@
+"""The consumer: one subscription of the pump, from notices on an exchange to verified files.
+
+A `Consumer` consumes a durable queue `q_<user>.consumer.<name>` bound to `exchange` (default
+`xpublic`) with the topic patterns `topics`. For each message, in this order:
+
+1. decode and validate the v03 notice. Undecodable: logged and acked. Valid JSON that fails
+   validation: a 417 report when the body names its `source` (on `xpublic` the pump's ingest
+   stamped it); a body over `max_notice_bytes`: likewise with 413;
+2. filter the notice's URL (`notice.url()`) through the accept/reject rules (first full match
+   wins; unmatched URLs are accepted unless `accept_unmatched` is False); rejected: acked,
+   counted, no report;
+3. place it under `directory` (mirror, directory, or strip=N; see `ion.apps.pump.paths`); a
+   path that could leave the tree: one 422 report, nothing touched on disk;
+4. suppress duplicates (`dup_key`: identity and relPath, or relPath, mtime and size) with a
+   cache kept on disk (`dupcache.py`) for `dup_ttl` seconds: acked, counted, no report;
+5. ask the `transfer` service to fetch the file, verified against the notice's size and
+   checksum, at most `parallel` transfers at a time. Delivered: optional re-announce (sarra
+   mode), a 201 report, the key added to the duplicate cache. A transient failure (see
+   `ion.apps.pump.outcome`: 499/500/503/504, no reply in time, no transfer service running)
+   goes to the on-disk retry queue (`retryqueue.py`); a permanent one gets one failure report.
+
+The message is acked only once its outcome is durable, so a crash at any point leaves the
+message in the broker or its outcome on disk:
+
+- delivered: file renamed into place (by the transfer service, fsynced) -> re-announce
+  confirmed -> report confirmed -> key in the duplicate cache -> ack;
+- transient failure: retry entry fsynced -> ack (the retry queue owns the work from then on);
+- permanent failure and 4xx outcomes: report confirmed -> ack.
+
+A crash after the report but before the ack redelivers the message; the duplicate cache then
+says it was delivered and it is acked without a second report. A crash between the report and
+the cache write downloads again and reports again under the same `report_id`, which the report
+router drops: each outcome reaches its source once.
+
+Reports are copies of the notice with `report` {code, timeCompleted, message} and `report_id`,
+published persistent and confirmed to `report_exchange` (default `xreport`) with the notice's
+topic. `self.stats` counts what happened; op `stats` returns it.
+
+Args (checked by `check_args` before anything starts): see `DEFAULTS`; `name` is required,
+`directory` too unless `discard` is set; `filters` is an ordered list of
+`('accept'|'reject', regex)`, or `accept`/`reject` give two lists (rejects are tried first);
+`reannounce` is {exchange, base_url}.
+"""
+
+import collections
+import copy
+import hashlib
+import json
+import os
+import re
+import time
+
+from twisted.internet import defer
+
+from ion.apps.pump import paths
+from ion.apps.pump.dupcache import DupCache
+from ion.apps.pump.notice import (
+    MAX_NOTICE_BYTES,
+    REPORT_CODES,
+    InvalidNotice,
+    Notice,
+    format_time,
+    parse_time,
+)
+from ion.apps.pump.outcome import classify
+from ion.apps.pump.retryqueue import RetryQueue
+from ion.core.process import Process
+
+DEFAULTS = {
+    "name": None,
+    "exchange": "xpublic",
+    "topics": ["v03.#"],
+    "filters": None,
+    "accept": None,
+    "reject": None,
+    "accept_unmatched": True,
+    "directory": None,
+    "mirror": True,
+    "strip": None,
+    "parallel": 8,
+    "prefetch": 100,
+    "user": None,
+    "state_dir": None,
+    "discard": False,
+    "reannounce": None,
+    "retry_initial": 2,
+    "retry_max": 300,
+    "retry_horizon": 3600,
+    "retry_jitter": 0.2,
+    "dup_ttl": 3600,
+    "transfer_timeout": 600,
+    "max_notice_bytes": MAX_NOTICE_BYTES,
+    "report_exchange": "xreport",
+    "stop_grace": 10,
+}
+
+_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
+# Fields copied into the report of an oversized message (the rest could be what is too big).
+_OVERSIZE_KEEP = ("pubTime", "baseUrl", "relPath", "retrievePath", "source", "size", "mtime")
+
+
+class Filter:
+    """Accept/reject rules for URLs: the first rule whose regex matches the whole URL decides;
+    a URL no rule matches is accepted when `accept_unmatched` (the default)."""
+
+    def __init__(self, rules=(), accept_unmatched=True, who="filter"):
+        self.rules = []
+        for index, rule in enumerate(rules):
+            if not isinstance(rule, (list, tuple)) or len(rule) != 2:
+                raise ValueError(
+                    f"{who}: rule {index} must be ('accept'|'reject', regex), got {rule!r}"
+                )
+            action, pattern = rule
+            if action not in ("accept", "reject"):
+                raise ValueError(
+                    f"{who}: rule {index} action must be 'accept' or 'reject', got {action!r}"
+                )
+            if not isinstance(pattern, str):
+                raise ValueError(f"{who}: rule {index} regex must be a string, got {pattern!r}")
+            try:
+                regex = re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{who}: rule {index} ({action} {pattern!r}): bad regex: {e}")
+            self.rules.append((action == "accept", regex))
+        self.accept_unmatched = bool(accept_unmatched)
+
+    @classmethod
+    def from_args(cls, filters=None, accept=None, reject=None, accept_unmatched=True, who="filter"):
+        """The rules of `filters` (ordered pairs), or of `reject` then `accept` (two lists)."""
+        if filters is not None and (accept is not None or reject is not None):
+            raise ValueError(f"{who}: give either filters or accept/reject lists, not both")
+        if filters is None:
+            filters = []
+            for action, patterns in (("reject", reject), ("accept", accept)):
+                if patterns is None:
+                    continue
+                if isinstance(patterns, str) or not isinstance(patterns, (list, tuple)):
+                    raise ValueError(f"{who}: {action} must be a list of regexes, got {patterns!r}")
+                filters.extend((action, pattern) for pattern in patterns)
+        elif not isinstance(filters, (list, tuple)):
+            raise ValueError(f"{who}: filters must be a list of (action, regex), got {filters!r}")
+        return cls(filters, accept_unmatched, who)
+
+    def accepts(self, url):
+        for accept, regex in self.rules:
+            if regex.fullmatch(url):
+                return accept
+        return self.accept_unmatched
+
+
+def dup_key(notice):
+    """The duplicate-suppression key of a valid notice: its identity (unless `cod`, whose value
+    names an algorithm) with its relPath, else relPath, mtime and size. The relPath is part of
+    the key so that the same bytes announced under two names are delivered twice."""
+    identity = notice.identity
+    if identity is not None and identity.get("method") != "cod":
+        return f"{identity['method']}:{identity['value']}\n{notice.rel_path}"
+    return f"{notice.rel_path}\n{notice.mtime}\n{notice.size}"
+
+
+def report_id(subscriber, source, key, code):
+    """The stable id of a report: the same outcome of the same notice for the same subscriber
+    always has the same id, so the report router can drop repeats."""
+    text = "\n".join((subscriber, source or "", key, str(code)))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def make_report(notice, code, message, when=None):
+    """A copy of `notice` carrying `report` {code, timeCompleted, message}."""
+    if code in REPORT_CODES:
+        return notice.with_report(code, message, when)
+    # A transfer code outside the report table (403 refused): reported as it is.
+    reported = notice.copy()
+    reported["report"] = {
+        "code": code,
+        "timeCompleted": format_time(time.time() if when is None else when),
+        "message": message,
+    }
+    return reported
+
+
+def _positive(args, key, integer=False, zero=False):
+    value = args[key]
+    kinds = (int,) if integer else (int, float)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kinds)
+        or value < 0
+        or (value == 0 and not zero)
+    ):
+        what = "an int" if integer else "a number"
+        raise ValueError(
+            f"consumer {args['name']}: {key} must be {what} {'>= 0' if zero else '> 0'}, "
+            f"got {value!r}"
+        )
+
+
+def check_args(args):
+    """The consumer's args with defaults filled in; ValueError naming the bad one otherwise."""
+    unknown = sorted(set(args) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"consumer {args.get('name')!r}: unknown argument {unknown[0]!r}; "
+            f"valid ones are {', '.join(DEFAULTS)}"
+        )
+    merged = copy.deepcopy(DEFAULTS)
+    merged.update(args)
+    name = merged["name"]
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"consumer name must be letters, digits, '_' and '-' (dots between words), "
+            f"got {name!r}"
+        )
+    who = f"consumer {name}"
+    for key in ("exchange", "report_exchange"):
+        if not isinstance(merged[key], str) or not _NAME.fullmatch(merged[key]):
+            raise ValueError(f"{who}: {key} must be an exchange name, got {merged[key]!r}")
+    topics = merged["topics"]
+    if (
+        isinstance(topics, str)
+        or not isinstance(topics, (list, tuple))
+        or not topics
+        or not all(isinstance(t, str) and t for t in topics)
+    ):
+        raise ValueError(f"{who}: topics must be a non-empty list of patterns, got {topics!r}")
+    merged["filter"] = Filter.from_args(
+        merged["filters"], merged["accept"], merged["reject"], merged["accept_unmatched"], who
+    )
+    if merged["directory"] is None and not merged["discard"]:
+        raise ValueError(f"{who}: directory (where files go) is required unless discard is set")
+    if merged["directory"] is not None and not isinstance(merged["directory"], str):
+        raise ValueError(f"{who}: directory must be a path, got {merged['directory']!r}")
+    strip = merged["strip"]
+    if strip is not None:
+        _positive(merged, "strip", integer=True, zero=True)
+        merged["mode"] = f"strip={strip}"
+    else:
+        merged["mode"] = "mirror" if merged["mirror"] else "directory"
+    for key in ("parallel", "prefetch"):
+        _positive(merged, key, integer=True)
+    for key in ("retry_initial", "retry_max", "retry_horizon", "dup_ttl", "transfer_timeout"):
+        _positive(merged, key)
+    _positive(merged, "stop_grace", zero=True)
+    _positive(merged, "max_notice_bytes", integer=True)
+    jitter = merged["retry_jitter"]
+    if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
+        raise ValueError(f"{who}: retry_jitter must be a fraction in [0, 1), got {jitter!r}")
+    reannounce = merged["reannounce"]
+    if reannounce is not None:
+        if (
+            not isinstance(reannounce, dict)
+            or set(reannounce) != {"exchange", "base_url"}
+            or not all(isinstance(v, str) and v for v in reannounce.values())
+        ):
+            raise ValueError(
+                f"{who}: reannounce must be {{'exchange': ..., 'base_url': ...}}, got {reannounce!r}"
+            )
+    for key in ("user", "state_dir"):
+        if merged[key] is not None and not isinstance(merged[key], str):
+            raise ValueError(f"{who}: {key} must be a string, got {merged[key]!r}")
+    return merged
+
+
+class Consumer(Process):
+    """One subscription: notices in, verified files and reports out (see the module docstring)."""
+
+    def on_init(self):
+        args = check_args(self.args)
+        self.settings = args
+        self.subscription = args["name"]
+        self.filter = args["filter"]
+        self.discard = bool(args["discard"])
+        self.directory = os.path.abspath(args["directory"]) if args["directory"] else None
+        self.mode = args["mode"]
+        self.user = args["user"] or self.container.transport.user
+        self.queue = f"q_{self.user}.consumer.{self.subscription}"
+        self.subscriber = f"{self.user}.{self.subscription}"
+        self.state_dir = args["state_dir"] or os.path.join("var", "pump", self.subscription)
+        clock = self.container.clock
+        if self.directory is not None:
+            os.makedirs(self.directory, exist_ok=True)
+        self.dupcache = DupCache(
+            os.path.join(self.state_dir, "dupcache.jsonl"), args["dup_ttl"], clock
+        )
+        self.retries = RetryQueue(
+            os.path.join(self.state_dir, "retries.jsonl"),
+            clock,
+            initial=args["retry_initial"],
+            maximum=args["retry_max"],
+            horizon=args["retry_horizon"],
+            jitter=args["retry_jitter"],
+        )
+        self.stats = {
+            "received": 0,
+            "accepted": 0,
+            "rejected": 0,
+            "invalid": 0,
+            "duplicates": 0,
+            "discarded": 0,
+            "delivered": 0,
+            "bytes": 0,
+            "retrying": len(self.retries),
+            "retried": 0,
+            "failures": {},
+        }
+        self._transfers = defer.DeferredSemaphore(args["parallel"])
+        self._tasks = set()
+        self._working = set()  # duplicate keys of the messages being fetched
+        self._declared = set()
+        self._retry_call = None
+        self._stopping = False
+
+    async def on_activate(self):
+        await self.subscribe(
+            self.settings["exchange"],
+            self.settings["topics"],
+            self._on_delivery,
+            queue=self.queue,
+            durable=True,
+            prefetch=self.settings["prefetch"],
+        )
+        self._schedule_retries()
+
+    async def terminate(self, timeout=None):
+        """Stop taking messages (new ones go back to the queue), let those in hand finish
+        within `stop_grace` seconds, then stop as every process does."""
+        if not self.lifecycle.final:
+            self._stop_timers()
+            await self._settle_tasks(self.settings["stop_grace"])
+        await super().terminate(timeout)
+
+    async def crash(self, reason):
+        if not self.lifecycle.final:
+            self._stop_timers()
+        await super().crash(reason)
+
+    def on_terminate(self):
+        self.dupcache.close()
+        self.retries.close()
+
+    def _stop_timers(self):
+        self._stopping = True
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None
+
+    async def _settle_tasks(self, grace):
+        pending = list(self._tasks)
+        if not pending:
+            return
+        done = defer.DeferredList(pending, consumeErrors=True)
+        # Real time, not the container's clock: a shutdown bound must hold in tests too.
+        done.addTimeout(grace, self.container.reactor)
+        try:
+            await done
+        except defer.TimeoutError:
+            self.log.warn(
+                "consumer {name}: {n} messages still in hand after {grace} s; they go back "
+                "to the queue",
+                name=self.subscription,
+                n=len(pending),
+                grace=grace,
+            )
+
+    def op_stats(self, content, headers):
+        """The counters: received, accepted, rejected, invalid, duplicates, discarded,
+        delivered, bytes, retrying, retried, failures {code: n}."""
+        stats = dict(self.stats)
+        stats["failures"] = dict(self.stats["failures"])
+        return stats
+
+    # -- one message ---------------------------------------------------------------------
+
+    def _on_delivery(self, delivery):
+        if self._stopping:
+            delivery.nack(requeue=True)
+            return
+        self._track(self._handle(delivery))
+
+    def _track(self, coro):
+        d = defer.Deferred.fromCoroutine(coro)
+        self._tasks.add(d)
+        d.addBoth(lambda _: self._tasks.discard(d))
+
+    def _ack(self, delivery):
+        """Settle a message whose outcome is durable (a separate method: tests simulate a
+        crash before the ack by overriding it)."""
+        delivery.ack()
+
+    async def _handle(self, delivery):
+        self.stats["received"] += 1
+        try:
+            await self._process(delivery)
+        except Exception:
+            # A bug, or the broker went away while reporting: once more, then give up on it.
+            requeue = not delivery.redelivered
+            self.log.failure(
+                "consumer {name}: message {key!r} failed; {what}",
+                name=self.subscription,
+                key=delivery.routing_key,
+                what="requeued" if requeue else "dropped (it had been redelivered)",
+            )
+            try:
+                delivery.nack(requeue=requeue)
+            except Exception:
+                pass
+
+    async def _process(self, delivery):
+        body = delivery.body
+        limit = self.settings["max_notice_bytes"]
+        if len(body) > limit:
+            await self._refuse_oversized(delivery, limit)
+            return
+        try:
+            notice = Notice.from_json(body, max_bytes=limit)
+        except InvalidNotice as e:
+            self.stats["invalid"] += 1
+            self.log.warn(
+                "consumer {name}: undecodable message {key!r} dropped: {reason}",
+                name=self.subscription,
+                key=delivery.routing_key,
+                reason=e,
+            )
+            self._ack(delivery)
+            return
+        try:
+            notice.validate()
+        except InvalidNotice as e:
+            await self._refuse_invalid(delivery, notice, e)
+            return
+        url = notice.url()
+        if not self.filter.accepts(url):
+            self.stats["rejected"] += 1
+            self.log.debug("consumer {name}: rejected {url}", name=self.subscription, url=url)
+            self._ack(delivery)
+            return
+        self.stats["accepted"] += 1
+        key = dup_key(notice)
+        # A copy arriving while the first is still being fetched is a duplicate too: the first
+        # one's message stays unacked until its outcome is durable.
+        if key in self.dupcache or key in self._working or self.retries.has_key(key):
+            self.stats["duplicates"] += 1
+            self._ack(delivery)
+            return
+        if self.discard:
+            self.dupcache.add(key)
+            self.stats["discarded"] += 1
+            self._ack(delivery)
+            return
+        self._working.add(key)
+        try:
+            await self._deliver(delivery, notice, url, key)
+        finally:
+            self._working.discard(key)
+
+    async def _deliver(self, delivery, notice, url, key):
+        try:
+            path = self.destination_for(notice)
+        except paths.UnsafePath as e:
+            self.log.warn("consumer {name}: {reason}", name=self.subscription, reason=e)
+            await self._fail(notice, key, 422, str(e), delivery.routing_key)
+            self._ack(delivery)
+            return
+        result, failure = await self._fetch(notice, url, path)
+        if failure is None:
+            await self._delivered(notice, key, path, result)
+        elif failure.transient:
+            self.retries.add(
+                key, notice.to_dict(), delivery.routing_key, failure.code, failure.message
+            )
+            self.stats["retrying"] = len(self.retries)
+            self.log.info(
+                "consumer {name}: {url} failed ({code} {message}); will retry",
+                name=self.subscription,
+                url=url,
+                code=failure.code,
+                message=failure.message,
+            )
+            self._schedule_retries()
+        else:
+            await self._fail(notice, key, failure.code, failure.message, delivery.routing_key)
+        self._ack(delivery)
+
+    def destination_for(self, notice):
+        """The checked local path for a notice's file (raises paths.UnsafePath)."""
+        return paths.destination(self.directory, notice, self.mode)
+
+    async def _fetch(self, notice, url, path):
+        """(result, None) when the file is in place, else (None, outcome.Failure)."""
+        request = {"url": url, "path": path}
+        if notice.size is not None:
+            request["size"] = notice.size
+        if notice.identity is not None:
+            request["identity"] = notice.identity
+        if notice.mtime is not None:
+            request["mtime"] = parse_time(notice.mtime)
+        if notice.mode is not None:
+            request["mode"] = int(notice.mode, 8)
+        await self._transfers.acquire()
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            result = await self.rpc(
+                "transfer", "get", request, timeout=self.settings["transfer_timeout"]
+            )
+        except Exception as e:
+            return None, classify(e)
+        finally:
+            self._transfers.release()
+        return result, None
+
+    async def _delivered(self, notice, key, path, result):
+        if self.settings["reannounce"] is not None:
+            await self._reannounce(notice, path, result)
+        size = result.get("size", 0)
+        await self._report(notice, key, 201, f"delivered ({size} bytes)")
+        self.dupcache.add(key)
+        self.stats["delivered"] += 1
+        self.stats["bytes"] += size
+
+    async def _fail(self, notice, key, code, message, routing_key=None):
+        failures = self.stats["failures"]
+        failures[str(code)] = failures.get(str(code), 0) + 1
+        await self._report(notice, key, code, message, routing_key)
+
+    # -- reports and re-announcements ----------------------------------------------------
+
+    async def _publish(self, exchange, routing_key, body):
+        declare = None
+        if exchange not in self._declared:
+            declare = "topic"
+        await self.publish(exchange, routing_key, body, declare=declare)
+        self._declared.add(exchange)
+
+    async def _report(self, notice, key, code, message, routing_key=None):
+        """Publish a report (confirmed) for `notice`; the routing key is the notice's topic,
+        or `routing_key` when it has no usable relPath."""
+        reported = make_report(notice, code, message)
+        reported["report_id"] = report_id(self.subscriber, notice.source, key, code)
+        try:
+            topic = notice.topic()
+        except (InvalidNotice, ValueError):
+            topic = routing_key or "v03"
+        await self._publish(self.settings["report_exchange"], topic, reported.to_json())
+
+    async def _reannounce(self, notice, path, result):
+        """Announce the delivered file downstream with our own baseUrl (sarra mode)."""
+        target = self.settings["reannounce"]
+        rel_path = os.path.relpath(path, os.path.realpath(self.directory)).replace(os.sep, "/")
+        announced = notice.copy()
+        announced.base_url = target["base_url"]
+        announced.rel_path = rel_path
+        announced.retrieve_path = None
+        announced.report = None
+        identity = notice.identity
+        sha512 = result.get("checksum", {}).get("sha512")
+        if (identity is None or identity.get("method") == "cod") and sha512:
+            announced.identity = {"method": "sha512", "value": sha512}
+        await self._publish(target["exchange"], announced.topic(), announced.to_json())
+
+    async def _refuse_invalid(self, delivery, notice, error):
+        self.stats["invalid"] += 1
+        source = notice.source
+        known = isinstance(source, str) and source
+        self.log.warn(
+            "consumer {name}: invalid notice {key!r} ({reason}){what}",
+            name=self.subscription,
+            key=delivery.routing_key,
+            reason=error,
+            what=" reported to its source" if known else "; no source to report to",
+        )
+        if known:
+            key = hashlib.sha256(delivery.body).hexdigest()
+            await self._fail(notice, key, 417, f"invalid notice: {error}", delivery.routing_key)
+        self._ack(delivery)
+
+    async def _refuse_oversized(self, delivery, limit):
+        self.stats["invalid"] += 1
+        size = len(delivery.body)
+        fields = None
+        # The bytes are in memory already; decoding them once finds whom to tell.
+        try:
+            fields = json.loads(delivery.body)
+        except (ValueError, RecursionError):
+            pass
+        source = fields.get("source") if isinstance(fields, dict) else None
+        known = isinstance(source, str) and source
+        self.log.warn(
+            "consumer {name}: message {key!r} of {size} bytes is over the limit of {limit}{what}",
+            name=self.subscription,
+            key=delivery.routing_key,
+            size=size,
+            limit=limit,
+            what=" (reported to its source)" if known else "; no source to report to",
+        )
+        if known:
+            kept = collections.OrderedDict(
+                (k, fields[k])
+                for k in _OVERSIZE_KEEP
+                if k in fields and len(json.dumps(fields[k])) <= 4096
+            )
+            key = hashlib.sha256(delivery.body).hexdigest()
+            message = f"message of {size} bytes is over the limit of {limit}"
+            await self._fail(Notice(dict(kept)), key, 413, message, delivery.routing_key)
+        self._ack(delivery)
+
+    # -- retries -------------------------------------------------------------------------
+
+    def _schedule_retries(self):
+        """Make sure a timer fires when the earliest retry entry is due."""
+        if self._stopping:
+            return
+        due = self.retries.next_due()
+        call = self._retry_call
+        if due is None:
+            if call is not None and call.active():
+                call.cancel()
+            self._retry_call = None
+            return
+        if call is not None and call.active():
+            if call.getTime() <= due:
+                return
+            call.cancel()
+        clock = self.container.clock
+        self._retry_call = clock.callLater(max(0, due - clock.seconds()), self._run_retries)
+
+    def _run_retries(self):
+        self._retry_call = None
+        if self._stopping:
+            return
+        for entry in self.retries.pop_due():
+            self._track(self._retry(entry))
+        self._schedule_retries()
+
+    async def _retry(self, entry):
+        self.stats["retried"] += 1
+        try:
+            await self._try_again(entry)
+        except Exception as e:
+            self.log.failure(
+                "consumer {name}: retrying {path!r} failed", name=self.subscription, path=entry.key
+            )
+            if not self.retries.failed_again(entry, 500, f"{type(e).__name__}: {e}"):
+                self.retries.done(entry)
+        finally:
+            self.stats["retrying"] = len(self.retries)
+            self._schedule_retries()
+
+    async def _try_again(self, entry):
+        if entry.key in self.dupcache:
+            self.retries.done(entry)
+            return
+        notice = Notice(copy.deepcopy(entry.body))
+        try:
+            path = self.destination_for(notice)
+        except paths.UnsafePath as e:
+            await self._fail(notice, entry.key, 422, str(e), entry.routing_key)
+            self.retries.done(entry)
+            return
+        url = notice.url()
+        result, failure = await self._fetch(notice, url, path)
+        if failure is None:
+            await self._delivered(notice, entry.key, path, result)
+            self.retries.done(entry)
+            return
+        if failure.transient and self.retries.failed_again(entry, failure.code, failure.message):
+            self.log.info(
+                "consumer {name}: {url} failed again ({code} {message}); attempt {n}",
+                name=self.subscription,
+                url=url,
+                code=failure.code,
+                message=failure.message,
+                n=entry.attempts,
+            )
+            return
+        why = "gave up after the retry horizon" if failure.transient else "failed"
+        self.log.warn(
+            "consumer {name}: {url} {why}: {code} {message}",
+            name=self.subscription,
+            url=url,
+            why=why,
+            code=failure.code,
+            message=failure.message,
+        )
+        await self._fail(notice, entry.key, failure.code, failure.message, entry.routing_key)
+        self.retries.done(entry)
+
+
+process_class = Consumer

@@ -1,0 +1,221 @@
+"""The report router: every report goes back to the source that published the data, and only
+to it.
+
+`ReportRouter` consumes `exchange` (default `xreport`) with `#` from the durable queue
+`q_<user>.report_router`. For each report:
+
+- a body that is not a JSON object with a `report` {code: int, ...}: logged, acked, counted
+  as `invalid` (reports of invalid notices carry little else, so nothing more is required);
+- no usable `source` (a name of letters, digits, `_`, `-`, `.`): logged, acked, counted as
+  `unroutable`. The source is the body's `source` field: on `xpublic` the pump's ingest stamped
+  it from the broker-validated publisher (`ion.apps.pump.ingest.stamp_source`), so a report
+  cannot be sent to someone else by a body that lies;
+- a `report_id` forwarded before (within `dup_ttl` seconds, remembered on disk in
+  `<state_dir>/report_ids.jsonl` across restarts): acked, counted as `duplicates`;
+- otherwise published, persistent and confirmed, to `xr_<source>` (declared topic, durable) with
+  the routing key it came with, then its id remembered, then acked. Counted per source and code.
+
+With `log_path`, each report handled is also written to that file as one JSON line
+{time, source, code, routing_key, relPath, report_id, message, outcome}.
+
+The order (publish, remember, ack) means a crash between the publish and the remembering sends
+that one report twice; everything else is delivered once.
+"""
+
+import json
+import os
+import re
+import time
+
+from twisted.internet import defer
+
+from ion.apps.pump.dupcache import DupCache
+from ion.core.process import Process
+
+DEFAULTS = {
+    "exchange": "xreport",
+    "user": None,
+    "state_dir": None,
+    "dup_ttl": 3600,
+    "log_path": None,
+    "prefetch": 100,
+}
+_SOURCE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
+
+
+def check_args(args):
+    """The router's args with defaults filled in; ValueError naming the bad one otherwise."""
+    unknown = sorted(set(args) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"report router: unknown argument {unknown[0]!r}; valid ones are {', '.join(DEFAULTS)}"
+        )
+    merged = dict(DEFAULTS, **args)
+    for key in ("exchange",):
+        if not isinstance(merged[key], str) or not _SOURCE.fullmatch(merged[key]):
+            raise ValueError(f"report router: {key} must be an exchange name, got {merged[key]!r}")
+    for key in ("user", "state_dir", "log_path"):
+        if merged[key] is not None and not isinstance(merged[key], str):
+            raise ValueError(f"report router: {key} must be a string, got {merged[key]!r}")
+    ttl = merged["dup_ttl"]
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
+        raise ValueError(f"report router: dup_ttl must be seconds > 0, got {ttl!r}")
+    prefetch = merged["prefetch"]
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
+        raise ValueError(f"report router: prefetch must be an int >= 1, got {prefetch!r}")
+    return merged
+
+
+class ReportRouter(Process):
+    """Routes reports from `xreport` to `xr_<source>` (see the module docstring)."""
+
+    def on_init(self):
+        self.settings = check_args(self.args)
+        self.user = self.settings["user"] or self.container.transport.user
+        self.queue = f"q_{self.user}.report_router"
+        state_dir = self.settings["state_dir"] or os.path.join("var", "pump", "report_router")
+        self.seen = DupCache(
+            os.path.join(state_dir, "report_ids.jsonl"),
+            self.settings["dup_ttl"],
+            self.container.clock,
+        )
+        self._log_file = None
+        if self.settings["log_path"]:
+            directory = os.path.dirname(self.settings["log_path"])
+            if directory:
+                os.makedirs(directory, exist_ok=True)
+            self._log_file = open(self.settings["log_path"], "a", encoding="utf-8")
+        self._declared = set()
+        self._routing = {}  # report id being forwarded -> Deferreds of its later copies
+        self.stats = {
+            "received": 0,
+            "forwarded": 0,
+            "duplicates": 0,
+            "unroutable": 0,
+            "invalid": 0,
+            "by_source": {},
+        }
+
+    async def on_activate(self):
+        await self.subscribe(
+            self.settings["exchange"],
+            ["#"],
+            self._on_delivery,
+            queue=self.queue,
+            durable=True,
+            prefetch=self.settings["prefetch"],
+        )
+
+    def on_terminate(self):
+        self.seen.close()
+        if self._log_file is not None:
+            self._log_file.close()
+
+    def op_stats(self, content, headers):
+        """Counters: received, forwarded, duplicates, unroutable, invalid, and
+        by_source {source: {code: n}} for the reports forwarded."""
+        stats = dict(self.stats)
+        stats["by_source"] = {s: dict(codes) for s, codes in self.stats["by_source"].items()}
+        return stats
+
+    async def _on_delivery(self, delivery):
+        self.stats["received"] += 1
+        try:
+            await self._route(delivery)
+        except Exception:
+            requeue = not delivery.redelivered
+            self.log.failure(
+                "report router: report {key!r} failed; {what}",
+                key=delivery.routing_key,
+                what="requeued" if requeue else "dropped (it had been redelivered)",
+            )
+            try:
+                delivery.nack(requeue=requeue)
+            except Exception:
+                pass
+
+    async def _route(self, delivery):
+        try:
+            fields = json.loads(delivery.body)
+        except (ValueError, RecursionError):
+            fields = None
+        report = fields.get("report") if isinstance(fields, dict) else None
+        code = report.get("code") if isinstance(report, dict) else None
+        if isinstance(code, bool) or not isinstance(code, int):
+            self.stats["invalid"] += 1
+            self.log.warn(
+                "report router: not a report (a JSON object with report.code), key {key!r}; "
+                "dropped",
+                key=delivery.routing_key,
+            )
+            delivery.ack()
+            return
+        source = fields.get("source")
+        if not isinstance(source, str) or not _SOURCE.fullmatch(source):
+            self.stats["unroutable"] += 1
+            self.log.warn(
+                "report router: report {code} for {path!r} has no usable source ({source!r}); "
+                "dropped",
+                code=code,
+                path=fields.get("relPath"),
+                source=source,
+            )
+            self._write_log(fields, delivery, None, code, "unroutable")
+            delivery.ack()
+            return
+        rid = fields.get("report_id")
+        if not isinstance(rid, str):
+            rid = None
+        # The same id may arrive again while its first copy waits for the broker's confirm.
+        while rid is not None and rid in self._routing:
+            waiter = defer.Deferred()
+            self._routing[rid].append(waiter)
+            await waiter
+        if rid is not None and rid in self.seen:
+            self.stats["duplicates"] += 1
+            self.log.info(
+                "report router: report {rid} already forwarded to {source}; dropped",
+                rid=rid,
+                source=source,
+            )
+            self._write_log(fields, delivery, source, code, "duplicate")
+            delivery.ack()
+            return
+        exchange = f"xr_{source}"
+        declare = None if exchange in self._declared else "topic"
+        if rid is not None:
+            self._routing[rid] = []
+        try:
+            await self.publish(exchange, delivery.routing_key, delivery.body, declare=declare)
+            self._declared.add(exchange)
+            if rid is not None:
+                self.seen.add(rid)
+        finally:
+            if rid is not None:
+                for waiter in self._routing.pop(rid):
+                    waiter.callback(None)
+        self.stats["forwarded"] += 1
+        codes = self.stats["by_source"].setdefault(source, {})
+        codes[str(code)] = codes.get(str(code), 0) + 1
+        self._write_log(fields, delivery, source, code, "forwarded")
+        delivery.ack()
+
+    def _write_log(self, fields, delivery, source, code, outcome):
+        if self._log_file is None:
+            return
+        report = fields.get("report") or {}
+        line = {
+            "time": time.time(),
+            "source": source,
+            "code": code,
+            "routing_key": delivery.routing_key,
+            "relPath": fields.get("relPath"),
+            "report_id": fields.get("report_id"),
+            "message": report.get("message"),
+            "outcome": outcome,
+        }
+        self._log_file.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self._log_file.flush()
+
+
+process_class = ReportRouter

@@ -1,0 +1,276 @@
+"""The consumer's on-disk queue of transfers to try again, with exponential backoff and a horizon.
+
+A notice whose transfer failed transiently is added here (and the file fsynced) before its AMQP
+message is acked, so the broker's copy can go: from then on this file is the only record of the
+work. Each entry is tried again when it is due; a failure reschedules it `initial * 2**(n-1)`
+seconds later (n: failures so far), at most `maximum` seconds, spread by `±jitter` (a fraction)
+so that entries failed together do not all come back together; no attempt is scheduled past
+`first failure + horizon`, and an entry failing at or after its horizon is given up.
+
+File: JSON lines, appended; one record per event, replayed on open:
+
+    {"op": "add", "entry": {id, key, body, routing_key, first_failed, attempts, due, code, message}}
+    {"op": "update", "id": ..., "attempts": ..., "due": ..., "code": ..., "message": ...}
+    {"op": "done", "id": ...}
+
+Only `add` is fsynced. A lost `update` makes an entry due earlier than planned, a lost `done`
+makes a finished entry come back once after a restart, where the consumer's duplicate cache
+recognises it. The file is rewritten with the pending entries when it holds more than four times
+as many records as entries.
+
+Times come from `clock.seconds()` (the container's clock: `task.Clock` in tests).
+"""
+
+import heapq
+import itertools
+import json
+import os
+import random
+import uuid
+
+import attrs
+
+COMPACT_MIN_LINES = 1000
+
+
+@attrs.define
+class RetryEntry:
+    """One notice waiting for another transfer attempt.
+
+    @ivar key: the notice's duplicate-suppression key.
+    @ivar body: the notice's fields (a dict), as received.
+    @ivar routing_key: the routing key it arrived with.
+    @ivar first_failed: when the first attempt failed (clock seconds).
+    @ivar attempts: attempts made so far.
+    @ivar due: when to try again (clock seconds).
+    @ivar code: the code of the last failure; @ivar message: its message.
+    """
+
+    id: str
+    key: str
+    body: dict
+    routing_key: str
+    first_failed: float
+    attempts: int
+    due: float
+    code: int
+    message: str
+
+
+class RetryQueue:
+    """Pending transfer retries, persisted at `path` (see the module docstring)."""
+
+    def __init__(
+        self,
+        path,
+        clock,
+        initial=2.0,
+        maximum=300.0,
+        horizon=3600.0,
+        jitter=0.2,
+        rng=None,
+        compact_min_lines=COMPACT_MIN_LINES,
+    ):
+        for name, value in (("initial", initial), ("maximum", maximum), ("horizon", horizon)):
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"retry {name} must be a number of seconds > 0, got {value!r}")
+        if not (isinstance(jitter, (int, float)) and 0 <= jitter < 1):
+            raise ValueError(f"retry jitter must be a fraction in [0, 1), got {jitter!r}")
+        self.path = path
+        self.clock = clock
+        self.initial = initial
+        self.maximum = maximum
+        self.horizon = horizon
+        self.jitter = jitter
+        self.rng = rng or random.Random()
+        self.compact_min_lines = compact_min_lines
+        self.skipped_lines = 0
+        self._entries = {}  # id -> RetryEntry, in insertion order
+        self._by_key = {}  # key -> id
+        self._heap = []  # (due, seq, id); stale items are skipped when popped
+        self._seq = itertools.count()
+        self._lines = 0
+        directory = os.path.dirname(path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        self._load()
+        self._file = open(path, "a", encoding="utf-8")
+        if self._lines > len(self._entries):
+            self.compact()
+
+    def __repr__(self):
+        return f"<RetryQueue {self.path} {len(self._entries)} entries>"
+
+    def __len__(self):
+        return len(self._entries)
+
+    def __iter__(self):
+        return iter(list(self._entries.values()))
+
+    def has_key(self, key):
+        """Whether a notice with this duplicate key is waiting here already."""
+        return key in self._by_key
+
+    # -- reading the file back ---------------------------------------------------------------
+
+    def _load(self):
+        try:
+            f = open(self.path, encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return
+        with f:
+            for line in f:
+                self._lines += 1
+                try:
+                    self._replay(json.loads(line))
+                except (ValueError, KeyError, TypeError):
+                    self.skipped_lines += 1
+        for entry in self._entries.values():
+            self._by_key[entry.key] = entry.id
+            self._push(entry)
+
+    def _replay(self, record):
+        op = record["op"]
+        if op == "add":
+            entry = RetryEntry(**record["entry"])
+            self._entries[entry.id] = entry
+        elif op == "update":
+            entry = self._entries.get(record["id"])
+            if entry is not None:
+                entry.attempts = record["attempts"]
+                entry.due = record["due"]
+                entry.code = record["code"]
+                entry.message = record["message"]
+        elif op == "done":
+            self._entries.pop(record["id"], None)
+        else:
+            raise ValueError(f"unknown record {op!r}")
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def delay(self, attempts):
+        """Seconds to wait after the `attempts`-th failure (backoff, cap, then jitter)."""
+        base = min(self.maximum, self.initial * 2 ** (attempts - 1))
+        if self.jitter:
+            base *= self.rng.uniform(1 - self.jitter, 1 + self.jitter)
+        return base
+
+    def add(self, key, body, routing_key, code, message):
+        """Record a notice whose first attempt just failed; fsynced when this returns."""
+        now = self.clock.seconds()
+        entry = RetryEntry(
+            id=uuid.uuid4().hex,
+            key=key,
+            body=body,
+            routing_key=routing_key,
+            first_failed=now,
+            attempts=1,
+            due=self._next_due(now, now, 1),
+            code=code,
+            message=message,
+        )
+        self._write({"op": "add", "entry": attrs.asdict(entry)}, sync=True)
+        self._entries[entry.id] = entry
+        self._by_key[key] = entry.id
+        self._push(entry)
+        return entry
+
+    def failed_again(self, entry, code, message):
+        """Note another failed attempt. Returns True if the entry is rescheduled, False if its
+        horizon has passed (the caller reports the failure and calls `done`)."""
+        now = self.clock.seconds()
+        entry.attempts += 1
+        entry.code = code
+        entry.message = message
+        if self.past_horizon(entry, now):
+            return False
+        entry.due = self._next_due(now, entry.first_failed, entry.attempts)
+        self._write(
+            {
+                "op": "update",
+                "id": entry.id,
+                "attempts": entry.attempts,
+                "due": entry.due,
+                "code": code,
+                "message": message,
+            }
+        )
+        self._push(entry)
+        return True
+
+    def done(self, entry):
+        """Forget an entry (delivered, given up, or found to be a duplicate)."""
+        if self._entries.pop(entry.id, None) is None:
+            return
+        if self._by_key.get(entry.key) == entry.id:
+            del self._by_key[entry.key]
+        self._write({"op": "done", "id": entry.id})
+        if self._lines > max(self.compact_min_lines, 4 * len(self._entries)):
+            self.compact()
+
+    def past_horizon(self, entry, now=None):
+        now = self.clock.seconds() if now is None else now
+        return now >= entry.first_failed + self.horizon
+
+    def _next_due(self, now, first_failed, attempts):
+        return min(now + self.delay(attempts), first_failed + self.horizon)
+
+    # -- what is due -------------------------------------------------------------------------
+
+    def _push(self, entry):
+        heapq.heappush(self._heap, (entry.due, next(self._seq), entry.id, entry))
+
+    def _live(self, item):
+        due, _, entry_id, entry = item
+        return self._entries.get(entry_id) is entry and entry.due == due
+
+    def next_due(self):
+        """The time the next entry is due, or None when the queue is empty."""
+        heap = self._heap
+        while heap and not self._live(heap[0]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def pop_due(self, now=None):
+        """The entries due now, earliest first. They stay in the queue (and on disk) until
+        `failed_again` reschedules them or `done` removes them."""
+        now = self.clock.seconds() if now is None else now
+        due = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            item = heapq.heappop(heap)
+            if self._live(item):
+                due.append(item[3])
+        return due
+
+    # -- the file -----------------------------------------------------------------------------
+
+    def _write(self, record, sync=False):
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.flush()
+        if sync:
+            os.fsync(self._file.fileno())
+        self._lines += 1
+
+    def compact(self):
+        """Rewrite the file with the pending entries only (temporary file, fsync, rename)."""
+        temp = f"{self.path}.compact"
+        with open(temp, "w", encoding="utf-8") as f:
+            for entry in self._entries.values():
+                record = {"op": "add", "entry": attrs.asdict(entry)}
+                f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, self.path)
+        fd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._file.close()
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._lines = len(self._entries)
+
+    def close(self):
+        if not self._file.closed:
+            self._file.close()

@@ -1,0 +1,103 @@
+"""Helpers for the pump process tests: real source files and the notices announcing them, a
+process that collects what arrives on an exchange, and waiting for a condition."""
+
+import base64
+import hashlib
+import json
+import os
+import time
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from ion.apps.pump.notice import format_time
+from ion.core.process import Process
+
+MTIME = 1700000000.25
+
+
+def write_source(directory, rel_path, data):
+    """Write `data` at `directory/rel_path` (directories made); returns the path."""
+    path = os.path.join(directory, *rel_path.split("/"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def notice_fields(base_url, rel_path, data=None, source="alice", **extra):
+    """The fields of a v03 notice for a file holding `data` (size and sha512 identity), with
+    `mtime` MTIME and mode 644; `extra` adds or replaces fields (None removes one)."""
+    fields = {
+        "pubTime": format_time(time.time()),
+        "baseUrl": base_url,
+        "relPath": rel_path,
+        "mtime": format_time(MTIME),
+        "mode": "644",
+    }
+    if data is not None:
+        fields["size"] = len(data)
+        digest = hashlib.sha512(data).digest()
+        fields["identity"] = {"method": "sha512", "value": base64.b64encode(digest).decode()}
+    if source is not None:
+        fields["source"] = source
+    for key, value in extra.items():
+        if value is None:
+            fields.pop(key, None)
+        else:
+            fields[key] = value
+    return fields
+
+
+def encode(fields):
+    return json.dumps(fields).encode("utf-8")
+
+
+def topic(rel_path):
+    return ".".join(["v03"] + rel_path.split("/")[:-1])
+
+
+def file_url(directory):
+    return "file://" + os.path.abspath(directory) + "/"
+
+
+async def until(predicate, timeout=5.0, what="the condition"):
+    """Let the reactor run until `predicate()` is true; AssertionError after `timeout` s."""
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await deferLater(reactor, 0.002, lambda: None)
+
+
+async def quiet(seconds=0.05):
+    """Let the reactor run a little, so that anything still on its way arrives."""
+    await deferLater(reactor, seconds, lambda: None)
+
+
+class Collector(Process):
+    """Collects the JSON bodies of the messages arriving on the exchanges it listens to, and
+    publishes for the tests."""
+
+    def on_init(self):
+        self.got = []
+
+    async def listen(self, exchange, keys=("#",)):
+        # durable: the exchange is declared as the pump declares it (the queue is still ours).
+        await self.subscribe(exchange, list(keys), self._take, durable=True)
+
+    def _take(self, delivery):
+        self.got.append((delivery.exchange, delivery.routing_key, json.loads(delivery.body)))
+        delivery.ack()
+
+    def bodies(self, exchange=None):
+        return [body for ex, _, body in self.got if exchange is None or ex == exchange]
+
+    async def post(self, fields, exchange="xpublic", routing_key=None):
+        """Publish a notice (a dict, or raw bytes with routing_key)."""
+        if isinstance(fields, dict):
+            body = encode(fields)
+            routing_key = routing_key or topic(fields.get("relPath", "x"))
+        else:
+            body = fields
+        await self.publish(exchange, routing_key or "v03", body, declare="topic")

@@ -1,0 +1,785 @@
+"""The consumer: filtering, destinations, duplicate suppression, retries, reports, durability.
+
+Unit tests for the filter, the duplicate cache and the retry queue come first. The scenarios
+(`ConsumerScenarios`) run a consumer, the transfer service and the report router on the
+memory:// transport, with real files under the test's temporary directory; they are written
+against `url`/`new_broker()` so that they can also run on the private RabbitMQ.
+"""
+
+import json
+import os
+import random
+import types
+
+from twisted.internet import task
+from twisted.trial import unittest
+
+from ion.apps.pump import app as pump_app
+from ion.apps.pump import paths
+from ion.apps.pump.consumer import Consumer, Filter, check_args, dup_key, report_id
+from ion.apps.pump.dupcache import DupCache
+from ion.apps.pump.notice import Notice
+from ion.apps.pump.report_router import ReportRouter
+from ion.apps.pump.retryqueue import RetryQueue
+from ion.apps.pump.transfer_service import TransferService
+from ion.core.app.appfile import read_app
+from ion.core.cc.testing import make_container
+from ion.core.messaging.memory import MemoryBroker
+from ion.core.process import ApplicationError, ServiceProcess
+from tests.apps.pump.fixtures import (
+    MTIME,
+    Collector,
+    file_url,
+    notice_fields,
+    quiet,
+    until,
+    write_source,
+)
+from tests.apps.pump.servers import start_http
+
+RES = os.path.join(os.path.dirname(__file__), "..", "..", "..", "res")
+
+# -- units --------------------------------------------------------------------------------
+
+
+class FilterTests(unittest.SynchronousTestCase):
+    def test_first_match_wins(self):
+        """Rules are tried in order against the whole URL; the first that matches decides."""
+        f = Filter(
+            [
+                ("reject", r".*/secret/.*"),
+                ("accept", r".*\.grib2"),
+                ("reject", r".*\.txt"),
+                ("accept", r".*/public/.*"),
+            ]
+        )
+        table = [
+            ("http://h/public/a.grib2", True),
+            ("http://h/secret/a.grib2", False),
+            ("http://h/public/a.txt", False),
+            ("http://h/public/a.csv", True),
+            ("http://h/other/a.csv", True),  # unmatched: accepted by default
+        ]
+        for url, accepted in table:
+            self.assertEqual(f.accepts(url), accepted, url)
+
+    def test_fullmatch_is_anchored(self):
+        """A regex must match the whole URL, not a part of it."""
+        f = Filter([("accept", r"grib2")], accept_unmatched=False)
+        self.assertFalse(f.accepts("http://h/a.grib2"))
+        self.assertTrue(Filter([("accept", r".*grib2")], False).accepts("http://h/a.grib2"))
+
+    def test_unmatched_default(self):
+        """URLs matching no rule are accepted unless accept_unmatched is False."""
+        self.assertTrue(Filter([("reject", r".*x")]).accepts("http://h/y"))
+        self.assertFalse(Filter([("accept", r".*x")], False).accepts("http://h/y"))
+        self.assertTrue(Filter([]).accepts("http://h/y"))
+
+    def test_two_lists(self):
+        """With separate accept and reject lists, rejects are tried first."""
+        f = Filter.from_args(accept=[r".*\.dat"], reject=[r".*/tmp/.*"], accept_unmatched=False)
+        self.assertTrue(f.accepts("http://h/a/f.dat"))
+        self.assertFalse(f.accepts("http://h/tmp/f.dat"))
+        self.assertFalse(f.accepts("http://h/a/f.txt"))
+
+    def test_bad_rules(self):
+        """Bad rules are refused when the consumer starts, naming the rule."""
+        for rules, text in [
+            ([("maybe", ".*")], "action"),
+            ([("accept", "(")], "bad regex"),
+            (["accept"], "rule 0"),
+        ]:
+            e = self.assertRaises(ValueError, Filter, rules)
+            self.assertIn(text, str(e))
+        self.assertRaises(ValueError, Filter.from_args, [("accept", ".*")], accept=[".*"])
+
+
+class ArgsTests(unittest.SynchronousTestCase):
+    def test_modes(self):
+        """mirror (default), directory (mirror False) and strip=N map to destination modes,
+        which place files as documented."""
+        root = os.path.abspath(self.mktemp())
+        notice = Notice({"relPath": "a/b/c/f.dat"})
+        table = [
+            ({}, "mirror", "a/b/c/f.dat"),
+            ({"mirror": False}, "directory", "f.dat"),
+            ({"strip": 2}, "strip=2", "c/f.dat"),
+            ({"strip": 9}, "strip=9", "f.dat"),
+        ]
+        for extra, mode, where in table:
+            args = check_args(dict({"name": "t", "directory": root}, **extra))
+            self.assertEqual(args["mode"], mode)
+            path = paths.destination(root, notice, args["mode"])
+            self.assertEqual(path, os.path.join(os.path.realpath(root), where))
+
+    def test_bad_args(self):
+        """Unknown or malformed args are refused with a message naming them."""
+        for args, text in [
+            ({"name": "t", "directory": "/x", "polls": []}, "unknown argument 'polls'"),
+            ({"directory": "/x"}, "name"),
+            ({"name": "t"}, "directory"),
+            ({"name": "t", "directory": "/x", "topics": "v03.#"}, "topics"),
+            ({"name": "t", "directory": "/x", "parallel": 0}, "parallel"),
+            ({"name": "t", "directory": "/x", "retry_jitter": 1.5}, "retry_jitter"),
+            ({"name": "t", "directory": "/x", "reannounce": {"exchange": "x"}}, "reannounce"),
+        ]:
+            e = self.assertRaises(ValueError, check_args, args)
+            self.assertIn(text, str(e))
+        self.assertTrue(check_args({"name": "t", "discard": True})["discard"])
+
+    def test_dup_key_and_report_id(self):
+        """The duplicate key is identity + relPath, or relPath + mtime + size (also for `cod`,
+        whose value is not a checksum); report ids differ by subscriber, source, key and code."""
+        identity = {"method": "sha512", "value": "abc"}
+        a = Notice({"relPath": "a/f", "identity": identity, "mtime": "1", "size": 1})
+        b = Notice({"relPath": "b/f", "identity": identity, "mtime": "1", "size": 1})
+        c = Notice({"relPath": "a/f", "identity": {"method": "cod", "value": "md5"}, "size": 1})
+        self.assertNotEqual(dup_key(a), dup_key(b))
+        self.assertNotIn("md5", dup_key(c))
+        ids = {
+            report_id("u.s", "alice", "k", 201),
+            report_id("u.t", "alice", "k", 201),
+            report_id("u.s", "bob", "k", 201),
+            report_id("u.s", "alice", "k2", 201),
+            report_id("u.s", "alice", "k", 404),
+        }
+        self.assertEqual(len(ids), 5)
+        self.assertEqual(report_id("u.s", "alice", "k", 201), report_id("u.s", "alice", "k", 201))
+
+
+class DupCacheTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.path = os.path.join(os.path.abspath(self.mktemp()), "dup.jsonl")
+
+    def test_ttl(self):
+        """A key is a duplicate for ttl seconds after it was added."""
+        cache = DupCache(self.path, 10, self.clock)
+        cache.add("k")
+        self.assertIn("k", cache)
+        self.clock.advance(9.9)
+        self.assertIn("k", cache)
+        self.clock.advance(0.1)
+        self.assertNotIn("k", cache)
+        self.assertEqual(len(cache), 0)
+
+    def test_survives_restart(self):
+        """Keys are read back when the cache is opened again; expired ones are dropped and a
+        torn last line (a crash while writing) is skipped."""
+        cache = DupCache(self.path, 10, self.clock)
+        cache.add("old")
+        self.clock.advance(5)
+        cache.add("new")
+        cache.close()
+        with open(self.path, "a") as f:
+            f.write('{"key": "torn", "exp')
+        self.clock.advance(6)
+        again = DupCache(self.path, 10, self.clock)
+        self.assertNotIn("old", again)
+        self.assertIn("new", again)
+        self.assertEqual(again.skipped_lines, 1)
+        again.close()
+        with open(self.path) as f:
+            self.assertEqual([json.loads(line)["key"] for line in f], ["new"])
+
+    def test_compaction(self):
+        """The file is rewritten with the live keys when it has grown past twice their number."""
+        cache = DupCache(self.path, 10, self.clock, compact_min_lines=10)
+        for i in range(30):
+            cache.add("same")
+            self.clock.advance(0.1)
+        cache.sync()
+        with open(self.path) as f:
+            lines = f.readlines()
+        self.assertLessEqual(len(lines), 10)
+        self.assertEqual({json.loads(line)["key"] for line in lines}, {"same"})
+
+
+class RetryQueueTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.path = os.path.join(os.path.abspath(self.mktemp()), "retries.jsonl")
+
+    def queue(self, **kw):
+        kw.setdefault("jitter", 0)
+        return RetryQueue(self.path, self.clock, initial=2, maximum=10, horizon=30, **kw)
+
+    def test_backoff_cap_and_horizon(self):
+        """Retries back off 2, 4, 8 s, then stay at the cap (10 s); no attempt is scheduled
+        past the horizon and a failure at the horizon gives up."""
+        q = self.queue()
+        entry = q.add("k", {"relPath": "f"}, "v03", 503, "down")
+        dues = [entry.due]
+        while True:
+            self.clock.advance(entry.due - self.clock.seconds())
+            self.assertEqual(q.pop_due(), [entry])
+            if not q.failed_again(entry, 503, "down"):
+                break
+            dues.append(entry.due)
+        self.assertEqual(dues, [2, 6, 14, 24, 30])
+        self.assertEqual(self.clock.seconds(), 30)
+
+    def test_jitter(self):
+        """Jitter spreads each delay within ±jitter of the backoff."""
+        q = self.queue(jitter=0.2, rng=random.Random(7))
+        delays = [q.delay(3) for _ in range(200)]
+        self.assertTrue(all(6.4 <= d <= 9.6 for d in delays))
+        self.assertGreater(max(delays) - min(delays), 2)
+
+    def test_persisted(self):
+        """Entries are on disk (the add fsynced) and come back after a restart, with their
+        attempts and due times; finished ones do not."""
+        q = self.queue()
+        a = q.add("a", {"relPath": "a"}, "v03", 503, "down")
+        b = q.add("b", {"relPath": "b"}, "v03", 504, "slow")
+        self.clock.advance(2)
+        q.pop_due()
+        q.failed_again(a, 499, "short")
+        q.done(b)
+        q.close()
+        again = self.queue()
+        (entry,) = list(again)
+        self.assertEqual((entry.key, entry.attempts, entry.due, entry.code), ("a", 2, 6, 499))
+        self.assertTrue(again.has_key("a"))
+        self.assertFalse(again.has_key("b"))
+        self.assertEqual(again.next_due(), 6)
+
+    def test_due_order(self):
+        """pop_due returns what is due, earliest first; next_due tells when the next one is."""
+        q = self.queue()
+        a = q.add("a", {}, "v03", 503, "")
+        self.clock.advance(1)
+        b = q.add("b", {}, "v03", 503, "")
+        self.assertEqual(q.next_due(), 2)
+        self.assertEqual(q.pop_due(), [])
+        self.clock.advance(2)
+        self.assertEqual(q.pop_due(), [a, b])
+        self.assertIsNone(q.next_due())
+
+
+# -- scenarios -----------------------------------------------------------------------------
+
+
+class NoAckConsumer(Consumer):
+    """Crashes (in effect) after its outcome is durable and before the ack."""
+
+    def _ack(self, delivery):
+        self.unacked = getattr(self, "unacked", 0) + 1
+
+
+class ForgetfulConsumer(Consumer):
+    """Loses its first duplicate-cache write and its first ack: the message comes back, as
+    after a crash between the report and the cache write."""
+
+    def on_init(self):
+        super().on_init()
+        remember = self.dupcache.add
+        self.forgotten = []
+
+        def add(key):
+            if not self.forgotten:
+                self.forgotten.append(key)
+                return
+            remember(key)
+
+        self.dupcache.add = add
+
+    def _ack(self, delivery):
+        if len(self.forgotten) == 1 and not delivery.redelivered:
+            delivery.nack(requeue=True)
+        else:
+            delivery.ack()
+
+
+class FlakyTransfer(TransferService):
+    """The transfer service failing its first `failures` gets with `code`."""
+
+    failures = 0
+    code = 503
+
+    def on_init(self):
+        super().on_init()
+        self.calls = 0
+
+    async def op_get(self, content, headers):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ApplicationError("server unavailable", code=self.code)
+        return await super().op_get(content, headers)
+
+
+class AlwaysDown(ServiceProcess):
+    service = "transfer"
+
+    def on_init(self):
+        self.calls = 0
+
+    def op_get(self, content, headers):
+        self.calls += 1
+        raise ApplicationError("server unavailable", code=503)
+
+
+class ConsumerScenarios:
+    """Scenarios every transport must pass. Subclasses set `url` and `new_broker()`."""
+
+    url = "memory://"
+
+    def new_broker(self):
+        return MemoryBroker()
+
+    async def container(self, **kw):
+        if not hasattr(self, "_broker"):
+            self._broker = self.new_broker()
+        return await make_container(self, url=self.url, memory_broker=self._broker, **kw)
+
+    def setUp(self):
+        self.base = os.path.abspath(self.mktemp())
+        for name in ("src", "dest", "state"):
+            path = os.path.join(self.base, name)
+            os.makedirs(path)
+            setattr(self, name, path)
+        self.credentials = os.path.join(self.base, "credentials.conf")
+        with open(self.credentials, "w") as f:
+            f.write("")
+        os.chmod(self.credentials, 0o600)
+        self.base_url = file_url(self.src)
+
+    async def receivers(self, clock=None, sources=("alice", "bob")):
+        """A container with the report router and a collector listening to xr_<source>."""
+        c = await self.container(clock=clock)
+        self.router = await c.spawn(
+            ReportRouter, args={"state_dir": os.path.join(self.base, "router")}
+        )
+        self.collector = await c.spawn(Collector)
+        for source in sources:
+            await self.collector.listen(f"xr_{source}")
+        return c
+
+    async def spawn_transfer(self, container, cls=TransferService):
+        return await container.spawn(cls, args={"credentials": self.credentials})
+
+    async def spawn_consumer(self, container, cls=Consumer, **args):
+        args = dict({"name": "sub", "directory": self.dest, "state_dir": self.state}, **args)
+        args.setdefault("retry_jitter", 0)
+        return await container.spawn(cls, args=args)
+
+    async def pump(self, clock=None, transfer=TransferService, consumer=Consumer, **args):
+        c = await self.receivers(clock)
+        if transfer is not None:
+            self.transfer = await self.spawn_transfer(c, transfer)
+        self.consumer = await self.spawn_consumer(c, consumer, **args)
+        return c
+
+    def reports(self, source="alice"):
+        return self.collector.bodies(f"xr_{source}")
+
+    async def wait_reports(self, n, source="alice"):
+        await until(lambda: len(self.reports(source)) >= n, what=f"{n} reports for {source}")
+        await quiet()
+        return self.reports(source)
+
+    def post_file(self, rel_path, data, **extra):
+        write_source(self.src, rel_path, data)
+        return self.collector.post(notice_fields(self.base_url, rel_path, data, **extra))
+
+    def settled(self, queue="q_ion.consumer.sub"):
+        broker = self._broker
+        return broker.queue_depth(queue) == 0 and broker.unacked(queue) == 0
+
+    def dest_files(self):
+        found = []
+        for top, _, names in os.walk(self.dest):
+            found.extend(os.path.relpath(os.path.join(top, n), self.dest) for n in names)
+        return sorted(found)
+
+    # -- the data path ---------------------------------------------------------------------
+
+    async def test_end_to_end(self):
+        """Files announced on xpublic land verified under the destination (mirrored, with the
+        announced mtime and mode), each with exactly one 201 report to its source's xr_
+        exchange and nothing to another source's."""
+        await self.pump()
+        files = {f"d{i % 2}/sub/f{i}.dat": os.urandom(1000 + i) for i in range(6)}
+        for rel_path, data in files.items():
+            await self.post_file(rel_path, data)
+        reports = await self.wait_reports(6)
+        self.assertEqual(self.dest_files(), sorted(files))
+        for rel_path, data in files.items():
+            path = os.path.join(self.dest, rel_path)
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(), data)
+            self.assertEqual(os.stat(path).st_mtime, MTIME)
+            self.assertEqual(os.stat(path).st_mode & 0o777, 0o644)
+        self.assertEqual(len(reports), 6)
+        self.assertEqual({r["relPath"] for r in reports}, set(files))
+        self.assertEqual({r["report"]["code"] for r in reports}, {201})
+        self.assertEqual(len({r["report_id"] for r in reports}), 6)
+        self.assertEqual(self.reports("bob"), [])
+        stats = await self.collector.rpc(self.consumer.pid, "stats")
+        self.assertEqual(stats["delivered"], 6)
+        self.assertEqual(stats["bytes"], sum(len(d) for d in files.values()))
+        self.assertEqual(stats["received"], 6)
+        self.assertEqual(self.router.stats["by_source"], {"alice": {"201": 6}})
+        await until(self.settled)
+
+    async def test_end_to_end_http(self):
+        """The same over http: files served by a web server are fetched and verified."""
+        server = start_http(self, self.src)
+        self.base_url = f"{server.url}/files/"
+        await self.pump()
+        for i in range(3):
+            await self.post_file(f"h/f{i}.dat", os.urandom(5000))
+        reports = await self.wait_reports(3)
+        self.assertEqual([r["report"]["code"] for r in reports], [201] * 3)
+        self.assertEqual(self.dest_files(), ["h/f0.dat", "h/f1.dat", "h/f2.dat"])
+
+    async def test_two_sources(self):
+        """Each source hears about its own files only."""
+        await self.pump()
+        await self.post_file("a/f.dat", b"a", source="alice")
+        await self.post_file("b/f.dat", b"b", source="bob")
+        await until(lambda: self.reports("alice") and self.reports("bob"))
+        await quiet()
+        self.assertEqual([r["relPath"] for r in self.reports("alice")], ["a/f.dat"])
+        self.assertEqual([r["relPath"] for r in self.reports("bob")], ["b/f.dat"])
+
+    async def test_topics_and_filters(self):
+        """Only notices on the bound topics arrive; rejected URLs are acked without a report
+        or a download; unmatched ones follow accept_unmatched."""
+        await self.pump(
+            topics=["v03.obs.#"],
+            filters=[("reject", r".*/secret/.*"), ("accept", r".*\.dat")],
+            accept_unmatched=False,
+        )
+        await self.post_file("obs/a.dat", b"1")
+        await self.post_file("obs/secret/b.dat", b"2")
+        await self.post_file("obs/c.txt", b"3")
+        await self.post_file("model/d.dat", b"4")
+        await self.wait_reports(1)
+        await until(self.settled)
+        self.assertEqual(self.dest_files(), ["obs/a.dat"])
+        self.assertEqual(len(self.reports()), 1)
+        self.assertEqual(self.consumer.stats["rejected"], 2)
+        self.assertEqual(self.consumer.stats["received"], 3)
+
+    async def test_strip_and_reannounce(self):
+        """strip=N drops leading directories; in sarra mode the delivered file is announced
+        again with our baseUrl and its new relPath and topic."""
+        await self.pump(strip=1, reannounce={"exchange": "xsarra", "base_url": "http://me/"})
+        await self.collector.listen("xsarra")
+        data = b"relayed"
+        await self.post_file("top/mid/f.dat", data)
+        await self.wait_reports(1)
+        await until(lambda: self.collector.bodies("xsarra"))
+        self.assertEqual(self.dest_files(), ["mid/f.dat"])
+        ((_, key, announced),) = [g for g in self.collector.got if g[0] == "xsarra"]
+        self.assertEqual(key, "v03.mid")
+        self.assertEqual(announced["baseUrl"], "http://me/")
+        self.assertEqual(announced["relPath"], "mid/f.dat")
+        self.assertEqual(announced["size"], len(data))
+        self.assertNotIn("report", announced)
+
+    async def test_directory_mode(self):
+        """With mirror off, every file lands directly in the destination directory."""
+        await self.pump(mirror=False)
+        await self.post_file("x/y/one.dat", b"1")
+        await self.post_file("z/two.dat", b"2")
+        await self.wait_reports(2)
+        self.assertEqual(self.dest_files(), ["one.dat", "two.dat"])
+
+    async def test_duplicates(self):
+        """The same notice twice (also while the first is being fetched, and again later): one
+        download, one report; the copies are acked and counted."""
+        await self.pump()
+        data = b"once"
+        write_source(self.src, "d/f.dat", data)
+        fields = notice_fields(self.base_url, "d/f.dat", data)
+        await self.collector.post(fields)
+        await self.collector.post(fields)
+        await self.wait_reports(1)
+        await self.collector.post(dict(fields, pubTime="20300101T000000"))
+        await until(lambda: self.consumer.stats["duplicates"] == 2)
+        await until(self.settled)
+        self.assertEqual(len(self.reports()), 1)
+        self.assertEqual(self.consumer.stats["delivered"], 1)
+
+    async def test_discard(self):
+        """In discard mode notices are filtered, deduplicated and acked, nothing is fetched
+        or reported."""
+        await self.pump(transfer=None, discard=True, directory=None)
+        fields = notice_fields(self.base_url, "d/f.dat", b"x")
+        for _ in range(3):
+            await self.collector.post(fields)
+        await self.collector.post(notice_fields(self.base_url, "d/g.dat", b"y"))
+        await until(lambda: self.consumer.stats["received"] == 4)
+        await until(self.settled)
+        self.assertEqual(self.consumer.stats["discarded"], 2)
+        self.assertEqual(self.consumer.stats["duplicates"], 2)
+        self.assertEqual(self.reports(), [])
+
+    # -- failures and retries ----------------------------------------------------------------
+
+    async def test_permanent_failure(self):
+        """A missing file (404) gets exactly one 404 report and no retry."""
+        await self.pump()
+        await self.collector.post(notice_fields(self.base_url, "gone/f.dat", b"x"))
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["code"], 404)
+        await until(self.settled)
+        self.assertEqual(len(self.consumer.retries), 0)
+        self.assertEqual(self.consumer.stats["failures"], {"404": 1})
+        self.assertEqual(self.dest_files(), [])
+
+    async def test_retry_until_service_appears(self):
+        """With no transfer service, the notice goes to the on-disk retry queue and its message
+        is acked; retries follow the backoff (2 s, then 4 s later) on the container's clock,
+        and once a transfer service runs the file is delivered with one 201 report."""
+        clock = task.Clock()
+        c = await self.pump(clock=clock, transfer=None)
+        data = b"later"
+        await self.post_file("r/f.dat", data)
+        await until(lambda: len(self.consumer.retries) == 1)
+        await until(self.settled)
+        with open(os.path.join(self.state, "retries.jsonl")) as f:
+            (record,) = [json.loads(line) for line in f]
+        self.assertEqual((record["op"], record["entry"]["code"]), ("add", 503))
+        clock.advance(1.9)
+        await quiet()
+        self.assertEqual(self.consumer.stats["retried"], 0)
+        clock.advance(0.1)
+        await until(lambda: self.consumer.stats["retried"] == 1)
+        (entry,) = list(self.consumer.retries)
+        await until(lambda: entry.attempts == 2)
+        self.assertEqual(entry.due, 6)
+        await self.spawn_transfer(c)
+        clock.advance(3.9)
+        await quiet()
+        self.assertEqual(self.consumer.stats["retried"], 1)
+        clock.advance(0.1)
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["code"], 201)
+        self.assertEqual(self.dest_files(), ["r/f.dat"])
+        self.assertEqual(len(self.consumer.retries), 0)
+        self.assertEqual(self.consumer.stats["retrying"], 0)
+
+    async def test_retry_then_success(self):
+        """A transfer failing twice with 503 is retried and then delivered: one 201 report."""
+        clock = task.Clock()
+        flaky = type("Flaky", (FlakyTransfer,), {"failures": 2})
+        await self.pump(clock=clock, transfer=flaky)
+        await self.post_file("f/f.dat", b"eventually")
+        await until(lambda: len(self.consumer.retries) == 1)
+        (entry,) = list(self.consumer.retries)
+        clock.advance(2)
+        await until(lambda: self.transfer.calls == 2 and entry.attempts == 2)
+        self.assertEqual(self.reports(), [])
+        clock.advance(4)
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["code"], 201)
+        self.assertEqual(self.transfer.calls, 3)
+
+    async def test_horizon(self):
+        """A transfer that keeps failing with 503 is tried at 0, 2, 6 and 10 s (the horizon),
+        then gets exactly one 503 failure report, and is not tried again."""
+        clock = task.Clock()
+        await self.pump(clock=clock, transfer=AlwaysDown, retry_horizon=10)
+        await self.post_file("h/f.dat", b"never")
+        await until(lambda: self.transfer.calls == 1 and len(self.consumer.retries) == 1)
+        for now, calls in ((2, 2), (6, 3), (10, 4)):
+            clock.advance(now - clock.seconds())
+            await until(lambda: self.transfer.calls == calls, what=f"attempt {calls}")
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["code"], 503)
+        self.assertEqual(len(self.consumer.retries), 0)
+        clock.advance(1000)
+        await quiet()
+        self.assertEqual(self.transfer.calls, 4)
+        self.assertEqual(len(self.reports()), 1)
+        self.assertEqual(self.consumer.stats["failures"], {"503": 1})
+
+    async def test_retries_survive_restart(self):
+        """Retry entries are on disk: a consumer started again with the same state directory
+        picks them up and delivers."""
+        clock = task.Clock()
+        await self.receivers(clock)
+        first = await self.container(clock=clock)
+        consumer = await self.spawn_consumer(first)
+        await self.post_file("s/f.dat", b"kept")
+        await until(lambda: len(consumer.retries) == 1)
+        await until(self.settled)
+        await first.stop()
+        second = await self.container(clock=clock)
+        await self.spawn_transfer(second)
+        restarted = await self.spawn_consumer(second)
+        self.assertEqual(len(restarted.retries), 1)
+        clock.advance(2)
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["code"], 201)
+        self.assertEqual(len(restarted.retries), 0)
+
+    # -- hostile input -------------------------------------------------------------------------
+
+    async def test_hostile_paths(self):
+        """relPaths that could leave the destination (.., %2e%2e, absolute, NUL, backslash, a
+        symbolic link in the tree pointing outside) get one 422 report each; nothing outside
+        the destination changes and nothing is fetched."""
+        outside = os.path.join(self.base, "outside")
+        os.makedirs(outside)
+        sentinel = write_source(outside, "x", b"sentinel")
+        os.symlink(outside, os.path.join(self.dest, "link"))
+        await self.pump()
+        hostile = ["../x", "%2e%2e/x", "/etc/x", "a\x00b/x", "a\\..\\x", "link/x", "link/new/x"]
+        for rel_path in hostile:
+            fields = notice_fields(self.base_url, rel_path, b"evil")
+            await self.collector.post(fields, routing_key="v03.evil")
+        reports = await self.wait_reports(len(hostile))
+        self.assertEqual(sorted(r["relPath"] for r in reports), sorted(hostile))
+        self.assertEqual({r["report"]["code"] for r in reports}, {422})
+        with open(sentinel, "rb") as f:
+            self.assertEqual(f.read(), b"sentinel")
+        self.assertEqual(os.listdir(outside), ["x"])
+        self.assertEqual(sorted(os.listdir(self.dest)), ["link"])
+        self.assertEqual(self.consumer.stats["failures"], {"422": len(hostile)})
+
+    async def test_invalid_messages(self):
+        """Undecodable messages are dropped (no source to tell); invalid notices that name
+        their source get a 417 report; the consumer keeps consuming."""
+        await self.pump()
+        await self.collector.post(b"{not json", routing_key="v03.x")
+        await self.collector.post(b"[1, 2]", routing_key="v03.x")
+        await self.collector.post({"source": "alice", "relPath": "a/no_pubtime"})
+        await self.collector.post(
+            notice_fields("no-scheme", "a/bad_url", b"x"), routing_key="v03.a"
+        )
+        await self.collector.post({"relPath": "a/no_source"})
+        await self.post_file("a/good.dat", b"good")
+        reports = await self.wait_reports(3)
+        codes = sorted((r["report"]["code"], r["relPath"]) for r in reports)
+        self.assertEqual(codes, [(201, "a/good.dat"), (417, "a/bad_url"), (417, "a/no_pubtime")])
+        self.assertIn(
+            "pubTime",
+            [r for r in reports if r["relPath"] == "a/no_pubtime"][0]["report"]["message"],
+        )
+        await until(self.settled)
+        self.assertEqual(self.consumer.stats["invalid"], 5)
+
+    async def test_oversized(self):
+        """A message over max_notice_bytes gets a 413 report (without its bulk) when it names
+        its source."""
+        await self.pump(max_notice_bytes=2000)
+        fields = notice_fields(self.base_url, "big/f.dat", b"x", padding="p" * 5000)
+        await self.collector.post(fields)
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["code"], 413)
+        self.assertEqual(report["relPath"], "big/f.dat")
+        self.assertNotIn("padding", report)
+        await until(self.settled)
+
+    # -- exactly once --------------------------------------------------------------------------
+
+    async def test_crash_before_ack(self):
+        """A consumer that dies after its report was published but before the ack: the message
+        is redelivered to the next consumer on the same queue and state, which recognises it
+        from the duplicate cache; no second report reaches the source."""
+        await self.receivers()
+        first = await self.container()
+        await self.spawn_transfer(first)
+        crashing = await self.spawn_consumer(first, NoAckConsumer)
+        await self.post_file("c/f.dat", b"once only")
+        await self.wait_reports(1)
+        await until(lambda: getattr(crashing, "unacked", 0) == 1)
+        self.assertEqual(self._broker.unacked("q_ion.consumer.sub"), 1)
+        await first.stop()
+        self.assertEqual(self._broker.queue_depth("q_ion.consumer.sub"), 1)
+        second = await self.container()
+        await self.spawn_transfer(second)
+        consumer = await self.spawn_consumer(second)
+        await until(lambda: consumer.stats["duplicates"] == 1)
+        await until(self.settled)
+        await quiet()
+        self.assertEqual(len(self.reports()), 1)
+        self.assertEqual(self.router.stats["duplicates"], 0)
+
+    async def test_crash_before_cache_write(self):
+        """A crash between the report and the duplicate-cache write: the message comes back,
+        the file is fetched again and reported again under the same report_id, and the report
+        router drops the repeat; the source hears once."""
+        await self.pump(consumer=ForgetfulConsumer)
+        await self.post_file("c/f.dat", b"twice fetched")
+        await until(lambda: self.consumer.stats["delivered"] == 2)
+        await until(lambda: self.router.stats["duplicates"] == 1)
+        await until(self.settled)
+        await quiet()
+        self.assertEqual(len(self.reports()), 1)
+        self.assertEqual(self.router.stats["forwarded"], 1)
+
+    # -- the app -----------------------------------------------------------------------------
+
+    async def test_app(self):
+        """The pump app starts one rest_for_one supervisor over the report router, the transfer
+        workers and one consumer per subscription, which deliver end to end."""
+        c = await self.container()
+        collector = self.collector = await c.spawn(Collector)
+        await collector.listen("xr_alice")
+        sup = await pump_app.start(
+            c,
+            types.SimpleNamespace(name="pump"),
+            subscriptions=[
+                {
+                    "name": "obs",
+                    "directory": self.dest,
+                    "state_dir": self.state,
+                    "topics": ["v03.#"],
+                }
+            ],
+            transfer={"workers": 2, "credentials": self.credentials},
+            report_router={"state_dir": os.path.join(self.base, "router")},
+        )
+        self.assertEqual(sup.strategy, "rest_for_one")
+        self.assertEqual(
+            [spec.id for spec in sup.child_specs],
+            ["report_router", "transfer1", "transfer2", "consumer.obs"],
+        )
+        await self.post_file("app/f.dat", b"via the app")
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["code"], 201)
+        await sup.terminate()
+
+
+class MemoryConsumerTests(ConsumerScenarios, unittest.TestCase):
+    """The scenarios on the memory:// transport."""
+
+
+class AppArgsTests(unittest.SynchronousTestCase):
+    def test_unknown_kwarg(self):
+        """An unknown app argument (polls are not implemented yet) is a clear error naming the
+        valid ones; so are bad subscriptions."""
+        e = self.assertRaises(ValueError, pump_app.plan, polls=[])
+        self.assertIn("unknown argument 'polls'", str(e))
+        self.assertIn("subscriptions", str(e))
+        e = self.assertRaises(
+            ValueError, pump_app.plan, subscriptions=[{"name": "a", "directory": "/x"}] * 2
+        )
+        self.assertIn("two subscriptions", str(e))
+        e = self.assertRaises(ValueError, pump_app.plan, transfer={"workers": 0})
+        self.assertIn("workers", str(e))
+        e = self.assertRaises(ValueError, pump_app.plan, subscriptions=[{"name": "a"}])
+        self.assertIn("directory", str(e))
+
+    def test_default_plan(self):
+        """Without kwargs: one subscription `pump` on xpublic v03.# into pump/destination/,
+        two transfer workers, the router first."""
+        plan = pump_app.plan()
+        self.assertEqual(
+            [c["id"] for c in plan["children"]],
+            ["report_router", "transfer1", "transfer2", "consumer.pump"],
+        )
+        consumer = plan["children"][-1]["args"]
+        self.assertEqual(consumer["directory"], "pump/destination/")
+        self.assertEqual(consumer["topics"], ["v03.#"])
+
+    def test_app_file(self):
+        """res/apps/pump.app passes the app checks and its kwargs make a valid plan."""
+        spec = read_app(os.path.join(RES, "apps", "pump.app"))
+        self.assertEqual(spec.name, "pump")
+        pump_app.plan(**spec.kwargs)
