@@ -39,11 +39,12 @@ from ion.apps.pump.transfer.listings import parse_list_line, parse_mlsd_line
 MAX_LISTING_BYTES = 32 * 1024 * 1024
 
 
-def _wire(path):
-    """A path as the client sends it: UTF-8 bytes (the client writes latin-1 text)."""
-    if "\r" in path or "\n" in path:
-        raise BadRequest(f"path {path!r} holds a line break, which FTP cannot send")
-    return path.encode("utf-8").decode("latin-1")
+def _wire(text, what="the path"):
+    """C{text} as the client sends it: UTF-8 bytes (the client writes latin-1 text)."""
+    if "\r" in text or "\n" in text:
+        # The text itself is left out: it may be a password.
+        raise BadRequest(f"{what} holds a line break, which FTP cannot send")
+    return text.encode("utf-8").decode("latin-1")
 
 
 class _Session:
@@ -168,14 +169,14 @@ async def _login(session, location):
     if password is None and user == "anonymous":
         password = "anonymous@"
     try:
-        reply = await control.queueStringCommand("USER " + _wire(user), public=0)
+        reply = await control.queueStringCommand("USER " + _wire(user, "the user name"), public=0)
         if reply[-1].startswith("331"):
             if password is None:
                 raise AuthFailed(
                     f"{location.shown}: server asks a password for {user!r}; none in the URL "
                     "or the credentials file"
                 )
-            await control.queueStringCommand("PASS " + _wire(password), public=0)
+            await control.queueStringCommand("PASS " + _wire(password, "the password"), public=0)
     except CommandFailed as exc:
         if _reply(exc).startswith("530"):
             raise AuthFailed(f"{location.shown}: server refused the login of user {user!r}")
