@@ -8,11 +8,13 @@ A `Consumer` consumes a durable queue `q_<user>.consumer.<name>` bound to `excha
    stamped it); a body over `max_notice_bytes`: likewise with 413;
 2. filter the notice's URL (`notice.url()`) through the accept/reject rules (first full match
    wins; unmatched URLs are accepted unless `accept_unmatched` is False); rejected: acked,
-   counted, no report;
-3. place it under `directory` (mirror, directory, or strip=N; see `ion.apps.pump.paths`); a
+   counted, no report. Notices with a `fileOp` (links, renames, removals, directories) are
+   not carried out yet: acked and counted as `unsupported`;
+3. suppress duplicates (`dup_key`: identity and relPath, or relPath, mtime and size) with a
+   cache kept on disk (`dupcache.py`) for `dup_ttl` seconds: acked, counted, no report. With
+   `discard` (benchmarks) the message ends here: its key is remembered and it is acked;
+4. place it under `directory` (mirror, directory, or strip=N; see `ion.apps.pump.paths`); a
    path that could leave the tree: one 422 report, nothing touched on disk;
-4. suppress duplicates (`dup_key`: identity and relPath, or relPath, mtime and size) with a
-   cache kept on disk (`dupcache.py`) for `dup_ttl` seconds: acked, counted, no report;
 5. ask the `transfer` service to fetch the file, verified against the notice's size and
    checksum, at most `parallel` transfers at a time. Delivered: optional re-announce (sarra
    mode), a 201 report, the key added to the duplicate cache. A transient failure (see
@@ -297,6 +299,7 @@ class Consumer(Process):
             "invalid": 0,
             "duplicates": 0,
             "discarded": 0,
+            "unsupported": 0,
             "delivered": 0,
             "bytes": 0,
             "retrying": len(self.retries),
@@ -364,7 +367,7 @@ class Consumer(Process):
 
     def op_stats(self, content, headers):
         """The counters: received, accepted, rejected, invalid, duplicates, discarded,
-        delivered, bytes, retrying, retried, failures {code: n}."""
+        unsupported (fileOp notices), delivered, bytes, retrying, retried, failures {code: n}."""
         stats = dict(self.stats)
         stats["failures"] = dict(self.stats["failures"])
         return stats
@@ -373,7 +376,8 @@ class Consumer(Process):
 
     def _on_delivery(self, delivery):
         if self._stopping:
-            delivery.nack(requeue=True)
+            # Left unsettled: it goes back to the queue when the subscription ends (a nack
+            # would hand it straight back to us).
             return
         self._track(self._handle(delivery))
 
@@ -435,6 +439,17 @@ class Consumer(Process):
             self._ack(delivery)
             return
         self.stats["accepted"] += 1
+        if notice.file_op is not None:
+            # Links, renames, removals and directories are not carried out yet.
+            self.stats["unsupported"] += 1
+            self.log.info(
+                "consumer {name}: fileOp {op} for {path!r} is not supported yet; skipped",
+                name=self.subscription,
+                op=sorted(notice.file_op),
+                path=notice.rel_path,
+            )
+            self._ack(delivery)
+            return
         key = dup_key(notice)
         # A copy arriving while the first is still being fetched is a duplicate too: the first
         # one's message stays unacked until its outcome is durable.

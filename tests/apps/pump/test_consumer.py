@@ -11,12 +11,19 @@ import os
 import random
 import types
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from ion.apps.pump import app as pump_app
 from ion.apps.pump import paths
-from ion.apps.pump.consumer import Consumer, Filter, check_args, dup_key, report_id
+from ion.apps.pump.consumer import (
+    Consumer,
+    Filter,
+    check_args,
+    dup_key,
+    make_report,
+    report_id,
+)
 from ion.apps.pump.dupcache import DupCache
 from ion.apps.pump.notice import Notice
 from ion.apps.pump.report_router import ReportRouter
@@ -145,6 +152,21 @@ class ArgsTests(unittest.SynchronousTestCase):
         }
         self.assertEqual(len(ids), 5)
         self.assertEqual(report_id("u.s", "alice", "k", 201), report_id("u.s", "alice", "k", 201))
+
+
+class ReportTests(unittest.SynchronousTestCase):
+    def test_make_report(self):
+        """A report is a copy of the notice with report {code, timeCompleted, message}; codes
+        outside the report table (a 403 refusal) are reported as they are."""
+        notice = Notice({"relPath": "a/f", "source": "alice", "extra": [1]})
+        for code in (201, 403):
+            reported = make_report(notice, code, "why", when=0)
+            self.assertEqual(
+                reported.report,
+                {"code": code, "timeCompleted": "19700101T000000", "message": "why"},
+            )
+            self.assertEqual(reported["extra"], [1])
+        self.assertNotIn("report", notice)
 
 
 class DupCacheTests(unittest.SynchronousTestCase):
@@ -317,6 +339,21 @@ class AlwaysDown(ServiceProcess):
     def op_get(self, content, headers):
         self.calls += 1
         raise ApplicationError("server unavailable", code=503)
+
+
+class HeldTransfer(TransferService):
+    """The transfer service holding every get until `release` fires."""
+
+    def on_init(self):
+        super().on_init()
+        self.started = defer.Deferred()
+        self.release = defer.Deferred()
+
+    async def op_get(self, content, headers):
+        if not self.started.called:
+            self.started.callback(None)
+        await self.release
+        return await super().op_get(content, headers)
 
 
 class ConsumerScenarios:
@@ -516,6 +553,38 @@ class ConsumerScenarios:
         self.assertEqual(self.consumer.stats["discarded"], 2)
         self.assertEqual(self.consumer.stats["duplicates"], 2)
         self.assertEqual(self.reports(), [])
+
+    async def test_file_ops_skipped(self):
+        """Notices with a fileOp (links, renames, removals) are not carried out yet: acked and
+        counted, nothing fetched or reported."""
+        await self.pump()
+        await self.collector.post(notice_fields(self.base_url, "o/f.dat", fileOp={"remove": ""}))
+        await until(lambda: self.consumer.stats["unsupported"] == 1)
+        await until(self.settled)
+        await quiet()
+        self.assertEqual((self.reports(), self.dest_files()), ([], []))
+
+    async def test_stop_finishes_work_in_hand(self):
+        """Stopping a consumer lets the transfers in hand finish, be reported and acked;
+        messages arriving meanwhile are not started and go back to the queue."""
+        await self.receivers()
+        c = await self.container()
+        held = await self.spawn_transfer(c, HeldTransfer)
+        consumer = await self.spawn_consumer(c, parallel=1)
+        await self.post_file("w/f1.dat", b"1")
+        await self.post_file("w/f2.dat", b"2")
+        await held.started
+        stopping = defer.ensureDeferred(consumer.terminate())
+        await self.post_file("w/f3.dat", b"3")
+        await quiet()
+        self.assertNoResult(stopping)
+        held.release.callback(None)
+        await stopping
+        reports = await self.wait_reports(2)
+        self.assertEqual(sorted(r["relPath"] for r in reports), ["w/f1.dat", "w/f2.dat"])
+        self.assertEqual(self.dest_files(), ["w/f1.dat", "w/f2.dat"])
+        self.assertEqual(self._broker.queue_depth("q_ion.consumer.sub"), 1)
+        self.assertEqual(self._broker.unacked("q_ion.consumer.sub"), 0)
 
     # -- failures and retries ----------------------------------------------------------------
 

@@ -1,0 +1,158 @@
+"""Consumer benchmark: notices/s through the pump consumer's decoding, filtering and duplicate
+suppression, with downloads off (`discard`), against a baseline measured in the same run: a raw
+subscriber that only acks.
+
+    venv/bin/python bench/consume.py --transport memory
+    venv/bin/python bench/consume.py --transport amqp --broker amqp://guest:guest@127.0.0.1:5672/
+
+The queue is filled first (n v03 notices, one in ten a repeat of an earlier one, one in ten
+rejected by the filter), then drained. Prints one result line:
+
+    consume transport=memory n=20000 rate=... msgs/s baseline=... msgs/s
+"""
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from twisted.internet import defer, task  # noqa: E402
+
+from ion.apps.pump.consumer import Consumer  # noqa: E402
+from ion.apps.pump.notice import format_time  # noqa: E402
+from ion.core.cc.container import Container, make_transport  # noqa: E402
+from ion.core.cc.testing import test_config  # noqa: E402
+from ion.core.process import Process  # noqa: E402
+
+EXCHANGE = "bench_xpublic"
+FILTERS = [("reject", r".*/tmp/.*"), ("reject", r".*\.part"), ("accept", r".*")]
+
+
+class RawSink(Process):
+    """The baseline: acks whatever arrives."""
+
+    def on_init(self):
+        self.received = 0
+
+    def take(self, delivery):
+        self.received += 1
+        delivery.ack()
+
+
+def _digest(j):
+    return base64.b64encode(hashlib.sha512(str(j).encode()).digest()).decode()
+
+
+def notices(n):
+    """(routing key, body) of n notices: every 10th repeats an earlier one, every 10th
+    (offset) is under tmp/ and rejected."""
+    now = format_time(time.time())
+    for i in range(n):
+        j = i - 5 if i % 10 == 9 else i
+        directory = "tmp" if j % 10 == 4 else f"d{j % 50}"
+        rel_path = f"{directory}/f{j:07d}.dat"
+        body = {
+            "pubTime": now,
+            "baseUrl": "http://127.0.0.1:8000/data/",
+            "relPath": rel_path,
+            "source": "bench",
+            "size": 4096,
+            "mtime": now,
+            "mode": "644",
+            "identity": {"method": "sha512", "value": _digest(j)},
+        }
+        yield f"v03.{directory}", json.dumps(body).encode()
+
+
+async def fill(proc, n):
+    window = []
+    for key, body in notices(n):
+        window.append(defer.ensureDeferred(proc.publish(EXCHANGE, key, body)))
+        if len(window) >= 500:
+            await defer.gatherResults(window)
+            window = []
+    await defer.gatherResults(window)
+
+
+async def wait(reactor, done):
+    while not done():
+        await task.deferLater(reactor, 0.001, lambda: None)
+
+
+async def run(reactor, args):
+    url = "memory://" if args.transport == "memory" else args.broker
+    container = Container(test_config(), reactor, make_transport(url, reactor), sysname="bench")
+    await container.start()
+    state = tempfile.mkdtemp(prefix="ion-bench-consume-")
+    try:
+        publisher = await container.spawn(Process)
+        await publisher.publish(EXCHANGE, "v03", b"{}", declare="topic")
+
+        # Baseline: a raw subscriber on its own durable queue, filled while nobody consumes.
+        baseline_queue = "q_bench.baseline"
+        sink = await container.spawn(RawSink)
+        await sink.subscribe(EXCHANGE, ["v03.#"], sink.take, queue=baseline_queue)
+        await sink.terminate()
+        await fill(publisher, args.n)
+        sink = await container.spawn(RawSink)
+        start = time.perf_counter()
+        await sink.subscribe(
+            EXCHANGE, ["v03.#"], sink.take, queue=baseline_queue, prefetch=args.prefetch
+        )
+        await wait(reactor, lambda: sink.received >= args.n)
+        baseline = args.n / (time.perf_counter() - start)
+        await sink.terminate()
+
+        consumer_args = {
+            "name": "bench",
+            "user": "bench",
+            "exchange": EXCHANGE,
+            "topics": ["v03.#"],
+            "filters": FILTERS,
+            "discard": True,
+            "state_dir": state,
+            "prefetch": args.prefetch,
+        }
+        # Declare and bind the consumer's queue, then fill it while nobody consumes.
+        consumer = await container.spawn(Consumer, args=consumer_args)
+        await consumer.terminate()
+        shutil.rmtree(state)
+        await fill(publisher, args.n)
+        start = time.perf_counter()
+        consumer = await container.spawn(Consumer, args=consumer_args)
+        await wait(reactor, lambda: consumer.stats["received"] >= args.n and not consumer._tasks)
+        rate = args.n / (time.perf_counter() - start)
+        stats = consumer.stats
+        expected = (stats["discarded"] + stats["duplicates"] + stats["rejected"]) == args.n
+        await consumer.terminate()
+        if not expected:
+            raise SystemExit(f"consume: counts do not add up: {stats}")
+        print(
+            f"consume transport={args.transport} n={args.n} rate={rate:.0f} msgs/s "
+            f"baseline={baseline:.0f} msgs/s",
+            flush=True,
+        )
+    finally:
+        await container.stop()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--transport", choices=["memory", "amqp"], default="memory")
+    parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("-n", type=int, default=20000)
+    parser.add_argument("--prefetch", type=int, default=100)
+    args = parser.parse_args()
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor, args)))
+
+
+if __name__ == "__main__":
+    main()
