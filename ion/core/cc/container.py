@@ -64,10 +64,16 @@ class Container:
         return f"<Container {self.id} sysname={self.sysname}>"
 
     async def start(self):
+        self.transport.on_connection_lost(self._connection_lost)
         await self.transport.connect()
         await self.messenger.start()
         self.running = True
         log.info("container {id} started in system {sysname}", id=self.id, sysname=self.sysname)
+
+    def _connection_lost(self, error):
+        """Calls in flight cannot get their answers any more: fail them now."""
+        for proc in self.registry:
+            proc.conversations.fail_open(error)
 
     async def stop(self):
         """Stop apps (reverse start order), then remaining processes (newest first), then the

@@ -250,11 +250,23 @@ class Conversations:
 
     def fail_all(self, reason):
         """End every open initiator conversation with `ProcessTerminated(reason)`."""
+        self.fail_open(ProcessTerminated(reason))
+
+    def fail_open(self, error):
+        """End every open initiator conversation with error (e.g. the connection was lost,
+        so the answers they wait for are gone)."""
         for conv in list(self.open.values()):
             if conv.role != P.INITIATOR or conv.final:
                 continue
             conv.transition(P.CANCEL)
-            conv._settle(False, ProcessTerminated(reason))
+            conv._settle(False, error)
+
+    def close(self):
+        """The process is gone: stop every timer and forget open conversations."""
+        for conv in list(self.open.values()):
+            if conv.timer is not None and conv.timer.active():
+                conv.timer.cancel()
+        self.open.clear()
 
     # -- receiving -------------------------------------------------------------------------
 

@@ -1134,6 +1134,7 @@ class AmqpTransport:
         self._queues = {}  # name -> (durable, exclusive, auto_delete, server-named)
         self._bindings = {}  # (queue, exchange, routing key) -> None
         self._consumers = {}  # _Consumer -> None
+        self._loss_listeners = []
 
     def __repr__(self):
         return f"<AmqpTransport {self.address} {self._state}>"
@@ -1322,6 +1323,16 @@ class AmqpTransport:
                 address=self.address,
                 reason=reason.getErrorMessage(),
             )
+            error = ConnectionLost(f"connection to {self.address} lost: {reason.getErrorMessage()}")
+            for listener in list(self._loss_listeners):
+                try:
+                    listener(error)
+                except Exception:
+                    log.failure("AMQP: a connection-loss listener failed")
+
+    def on_connection_lost(self, listener):
+        """listener(ConnectionLost) is called each time the connection is lost (not on close)."""
+        self._loss_listeners.append(listener)
 
     def _live_session(self):
         if self._state is _NEW:

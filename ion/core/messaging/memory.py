@@ -532,6 +532,9 @@ class MemoryTransport:
         except Exception:
             return defer.fail()
 
+    def on_connection_lost(self, listener):
+        """An in-process broker connection is never lost, only closed: nothing to report."""
+
     def connect(self):
         """Attach to the broker. Fires with this transport."""
         if self._state is _CLOSED:

@@ -114,3 +114,8 @@ class ITransport(Interface):
 
     def consume(queue, callback, prefetch=100):
         """Deliver messages of queue to callback(IDelivery); returns an IConsumer."""
+
+    def on_connection_lost(listener):
+        """Call listener(ConnectionLost) whenever the connection is lost unexpectedly (a
+        reconnecting transport then restores its exchanges, queues and consumers). Replies
+        that were on their way are gone: callers waiting for them should fail now."""

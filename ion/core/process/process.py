@@ -199,6 +199,7 @@ class Process:
     async def _release(self):
         await self._stop_serving()
         self.conversations.fail_all(f"{self.name} terminated")
+        self.conversations.close()
         consumer, self._own_consumer = self._own_consumer, None
         if consumer is not None:
             try:
@@ -311,7 +312,9 @@ class Process:
         headers = msg.headers
         conv.user_id = self._identity(msg)
         headers["user-id"] = conv.user_id
-        token = _serving.set(conv)
+        # This coroutine runs in its own copy of the context (Deferred.fromCoroutine), so the
+        # value never leaks to other tasks and needs no reset.
+        _serving.set(conv)
         # Registered before the op runs: the op may hand control to others (who may terminate
         # this process) before it returns.
         done = defer.Deferred()
@@ -334,7 +337,6 @@ class Process:
             except Exception:
                 self.log.failure("{proc!r}: could not answer {to}", proc=self, to=conv.peer)
         finally:
-            _serving.reset(token)
             self._inflight.discard(done)
             done.callback(None)
             msg.ack()
