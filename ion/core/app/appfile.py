@@ -12,6 +12,8 @@ A release file (`res/deploy/<name>.rel`):
     {'type': 'release', 'name': 'demo', 'version': '0.1',
      'apps': [{'name': 'hello', 'version': '0.1', 'config': {...}, 'args': {...}, 'mult': 1}]}
 
+`mult: N` in a rel entry runs N copies of the app (named hello, hello.2, ... hello.N).
+
 Both are read with `ast.literal_eval` and checked before anything starts; every problem is an
 `AppFileError` with one line naming the file and the key.
 """
@@ -164,6 +166,8 @@ def read_rel(path):
         _check_keys(path, entry, REL_APP_KEYS, where)
         if "name" not in entry:
             raise AppFileError(f"{path}: missing key 'name'{where}")
+        if entry.get("mult", 1) < 1:
+            raise AppFileError(f"{path}: key 'mult'{where} must be 1 or more")
         _check_config(path, entry.get("config", {}), f"apps[{i}].config")
         entries.append(RelEntry(**entry))
     return RelSpec(path=path, name=data["name"], version=data.get("version", ""), apps=entries)

@@ -97,7 +97,8 @@ class AppController:
                 kwargs.update(entry.args)
                 layers.append((f"rel entry {name}", entry.config))
             kwargs.update(self._apparg(name))
-            plan.append((spec, kwargs, layers))
+            mult = entry.mult if entry is not None else 1
+            plan.append((spec, kwargs, layers, mult))
         return plan
 
     def _apparg(self, name):
@@ -122,21 +123,23 @@ class AppController:
 
     async def start_files(self, files):
         """Check everything, then start the apps in dependency order."""
-        for spec, kwargs, layers in self.plan(files):
-            await self._start(spec, kwargs, layers)
+        for spec, kwargs, layers, mult in self.plan(files):
+            for name, layer in layers:
+                if layer:
+                    self.container.config.add_layer(name, layer)
+            for copy in range(1, mult + 1):
+                # a rel entry with mult: N runs N copies: hello, hello.2, ... hello.N
+                await self._start(spec, kwargs, spec.name if copy == 1 else f"{spec.name}.{copy}")
 
-    async def _start(self, spec, kwargs, layers):
-        for name, layer in layers:
-            if layer:
-                self.container.config.add_layer(name, layer)
+    async def _start(self, spec, kwargs, run_name):
         module = importlib.import_module(spec.module)
         state = module.start(self.container, spec, *spec.args, **kwargs)
         if inspect.isawaitable(state):
             state = await state
-        self.running[spec.name] = RunningApp(spec, module, state)
+        self.running[run_name] = RunningApp(spec, module, state)
         if isinstance(state, Process):
-            state.add_exit_observer(lambda proc: self._top_process_exited(spec.name, proc))
-        log.info("started app {name} {version}", name=spec.name, version=spec.version)
+            state.add_exit_observer(lambda proc: self._top_process_exited(run_name, proc))
+        log.info("started app {name} {version}", name=run_name, version=spec.version)
 
     def _top_process_exited(self, name, proc):
         """An app whose top process (its supervisor) fails is no longer running; the other

@@ -72,6 +72,7 @@ class AppFileTests(AppFiles, unittest.SynchronousTestCase):
             ("{'type': 'release', 'name': 'r', 'apps': [{'name': 'a', 'mul': 2}]}", "unknown key 'mul' in apps[0]"),
             ("{'type': 'release', 'name': 'r', 'apps': [{'name': 'a', 'mult': 'x'}]}", "key 'mult' in apps[0] must be an int"),
             ("{'type': 'release', 'name': 'r', 'apps': [{'version': '1'}]}", "missing key 'name' in apps[0]"),
+            ("{'type': 'release', 'name': 'r', 'apps': [{'name': 'a', 'mult': 0}]}", "key 'mult' in apps[0] must be 1 or more"),
         ]
         for text, expected in cases:
             path = self.write("r.rel", text)
@@ -141,3 +142,16 @@ class ControllerTests(AppFiles, unittest.TestCase):
         kwargs = c.apps.running["k"].state["kwargs"]
         self.assertEqual((kwargs["a"], kwargs["b"], kwargs["c"]), ("app", "rel", "cmdline"))
         self.assertEqual(c.config.section("k.mod"), {"x": "app", "y": "rel"})
+
+    async def test_rel_mult_runs_copies(self):
+        """A rel entry with mult: 3 runs three copies of the app; all stop, last first."""
+        self.app("m")
+        rel = self.write("m.rel", repr({"type": "release", "name": "rel",
+                                        "apps": [{"name": "m", "mult": 3}]}))
+        c = await self.container()
+        await c.apps.start_files([rel])
+        self.assertEqual(list(c.apps.running), ["m", "m.2", "m.3"])
+        self.assertEqual(self.events, [("start", "m")] * 3)
+        await c.apps.stop_all()
+        self.assertEqual(self.events[3:], [("stop", "m")] * 3)
+        self.assertEqual(c.apps.running, {})
