@@ -21,6 +21,7 @@ and the terminal plumbing: `ShellTerminal` (conch's manhole, printing above the 
 
 import fcntl
 import os
+import re
 import pprint
 import struct
 import termios
@@ -380,6 +381,34 @@ class ShellInterpreter(ManholeInterpreter):
         super().displayhook(obj)
 
 
+def completions(namespace, word):
+    """Names that complete `word` (`name` or `obj.attr.partial`) from the namespace, without
+    calling or evaluating anything: attributes are looked up with getattr only."""
+    *path, partial = word.split(".")
+    if not path:
+        import builtins
+
+        candidates = set(namespace) | set(dir(builtins))
+        prefix = ""
+    else:
+        if path[0] not in namespace:
+            return []
+        obj = namespace[path[0]]
+        for part in path[1:]:
+            try:
+                obj = getattr(obj, part)
+            except Exception:
+                return []
+        candidates = set(dir(obj))
+        prefix = ".".join(path) + "."
+    hide_private = not partial.startswith("_")
+    return sorted(
+        prefix + name
+        for name in candidates
+        if name.startswith(partial) and not (hide_private and name.startswith("_"))
+    )
+
+
 class ShellTerminal(ColoredManhole):
     """Conch's colored manhole that keeps the terminal's history (no screen reset), leaves
     on Ctrl-D or `exit()` by calling `on_leave()`, and can print above the prompt."""
@@ -406,6 +435,25 @@ class ShellTerminal(ColoredManhole):
         if self.on_leave is not None:
             on_leave, self.on_leave = self.on_leave, None
             on_leave()
+
+    def handle_TAB(self):
+        """Complete the name before the cursor; with several candidates, list them above
+        the prompt. At the start of a line, TAB indents as usual."""
+        before = b"".join(self.lineBuffer[: self.lineBufferIndex]).decode("utf-8", "replace")
+        match = re.search(r"[A-Za-z_][\w.]*$", before)
+        if match is None:
+            return super().handle_TAB()
+        word = match.group(0)
+        matches = completions(self.namespace, word)
+        if not matches:
+            self.terminal.write(b"\x07")
+            return
+        common = os.path.commonprefix(matches)
+        if len(common) > len(word):
+            for ch in common[len(word) :]:
+                self.characterReceived(ch.encode("utf-8"), False)
+        elif len(matches) > 1:
+            self.show_above("  ".join(m.rsplit(".", 1)[-1] for m in matches) + "\n")
 
     def lineReceived(self, line):
         self._executing = True

@@ -278,6 +278,36 @@ class TerminalTests(unittest.SynchronousTestCase):
     def type(self, data):
         self.server.dataReceived(data)
 
+    def test_tab_completion(self):
+        """TAB completes helper names and attributes; with several candidates it lists them
+        above the prompt."""
+
+        class Obj:
+            alpha = 1
+            alphabet = 2
+
+        terminal = self.connect({"containers": 1, "obj": Obj()})
+        self.type(b"conta\t")
+        self.assertEqual(b"".join(terminal.lineBuffer), b"containers")
+        terminal = self.connect({"containers": 1, "obj": Obj()})
+        self.type(b"obj.al\t")
+        self.assertEqual(b"".join(terminal.lineBuffer), b"obj.alpha")
+        self.written()
+        self.type(b"\t")
+        self.assertIn(b"alpha  alphabet", self.written())
+        self.assertEqual(b"".join(terminal.lineBuffer), b"obj.alpha")
+
+    def test_completions_table(self):
+        """completions() looks names up in the namespace and attributes with getattr only;
+        private names only when asked for."""
+        ns = {"ps": 1, "print_it": 2, "obj": type("O", (), {"x1": 1, "x2": 2, "_p": 3})()}
+        self.assertEqual(shell.completions(ns, "ps"), ["ps"])
+        self.assertIn("print_it", shell.completions(ns, "pr"))
+        self.assertEqual(shell.completions(ns, "obj.x"), ["obj.x1", "obj.x2"])
+        self.assertEqual(shell.completions(ns, "nope.x"), [])
+        self.assertNotIn("obj._p", shell.completions(ns, "obj."))
+        self.assertIn("obj._p", shell.completions(ns, "obj._"))
+
     def test_banner_then_prompt(self):
         """The banner and the prompt are written without clearing the screen."""
         self.connect()
