@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
@@ -157,6 +158,35 @@ class SystemTests(unittest.TestCase):
     def rabbitmqctl(self):
         # next to the real server script (Debian's wrapper would switch to the rabbitmq user)
         return os.path.join(os.path.dirname(find_rabbitmq_server()), "rabbitmqctl")
+
+    async def test_killed_container_leaves_peer_table(self):
+        """With 1 s heartbeats, a container killed with -9 is gone from the other agents'
+        tables within 3 heartbeats; `ion containers` and `ion ps` show the system."""
+        a, b = await self.start_containers(2, "-D", "ion.core.cc.agent:heartbeat_interval=1")
+        client = await self.client()
+
+        async def table():
+            return {row["container"] for row in await client.rpc("ccagent", "containers")}
+
+        for _ in range(100):
+            if {a.container_id, b.container_id} <= await table():
+                break
+            await task.deferLater(reactor, 0.1, lambda: None)
+        cli = ["--broker", self.broker.url, "--sysname", self.sysname]
+        result = await threads.deferToThread(run_cli, "containers", *cli)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        listed = {row["container"] for row in json.loads(result.stdout)}
+        self.assertEqual(listed, {a.container_id, b.container_id})
+        result = await threads.deferToThread(run_cli, "ps", *cli, b.container_id)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("ContainerAgent", result.stdout)
+
+        a.stop(signal.SIGKILL)
+        killed = time.monotonic()
+        while a.container_id in await table():
+            self.assertLess(time.monotonic() - killed, 3 * 1 + 2.5, "still in the peer table")
+            await task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(await table(), {b.container_id})
 
     def leftover_queues(self, ids):
         out = subprocess.run(
