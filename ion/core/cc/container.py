@@ -55,7 +55,7 @@ class Container:
         self.sysname = sysname or config.get(MESSAGING, "sysname", "ion")
         self.res_dir = res_dir
         limits = codec.Limits.from_config(config.section(MESSAGING))
-        self.messenger = Messenger(transport, self.sysname, limits)
+        self.messenger = Messenger(transport, self.sysname, limits, config)
         self.registry = ProcessRegistry(self.id)
         self.apps = AppController(self)
         self.running = False

@@ -4,17 +4,29 @@ A `Messenger` binds one transport to one system (sysname). It encodes envelopes 
 codec, publishes them with the receiver name as routing key (mandatory, so an unknown receiver
 fails at once with `Unroutable`), and decodes what arrives on a queue. A message that fails to
 decode is logged and dropped (nacked without requeue), and the listener keeps going.
+
+Tracing: with config `ion.core.messaging: {'trace': True}` (looked up at every send), each sent
+envelope is also published, without its content, to the fanout exchange `ion.<sysname>.trace`
+for observers (`ion.apps.observer`). The copy keeps every header; its content is
+`{'type': <type name of the content>, 'size': <bytes of the whole message>}`. Observers bind
+their own queues to that exchange, never to the system exchange, so a send to an unknown
+receiver still fails at once (its trace copy is published all the same: the send was tried).
+The copy is not mandatory and its failures are only logged (at debug): tracing never fails a
+send.
 """
 
 import time
 
 import attr
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from ion.core.messaging import codec, names
 from ion.core.messaging.transport import Properties
 
 log = Logger()
+
+MESSAGING = "ion.core.messaging"
 
 
 @attr.s(auto_attribs=True, slots=True)
@@ -31,14 +43,29 @@ class Message:
 
 
 class Messenger:
-    def __init__(self, transport, sysname, limits=None):
+    def __init__(self, transport, sysname, limits=None, config=None):
         self.transport = transport
         self.sysname = sysname
         self.exchange = names.system_exchange(sysname)
+        self.trace_exchange = f"{self.exchange}.trace"
         self.limits = limits or codec.Limits()
+        self.config = config
 
     async def start(self):
         await self.transport.declare_exchange(self.exchange, "topic")
+        await self.transport.declare_exchange(self.trace_exchange, "fanout")
+
+    def tracing(self):
+        """Whether sends are traced now (config `ion.core.messaging: {'trace': ...}`)."""
+        if self.config is None:
+            return False
+        # The top layer that sets the key wins, as in Config.get; walked here because Config.get
+        # merges whole sections when no layer sets it (the usual case), too slow for every send.
+        for _name, layer in reversed(self.config.layers):
+            section = layer.get(MESSAGING)
+            if section is not None and "trace" in section:
+                return bool(section["trace"])
+        return False
 
     async def declare_receiver(self, queue, key, exclusive=False, auto_delete=True):
         """Create queue (if missing) and route messages addressed to `key` into it."""
@@ -48,13 +75,34 @@ class Messenger:
     async def delete_receiver(self, queue):
         await self.transport.delete_queue(queue)
 
+    async def declare_trace_receiver(self, queue):
+        """Create an exclusive queue that gets the trace copy of every traced send of this
+        system (read it with `listen`)."""
+        await self.transport.declare_queue(queue, exclusive=True, auto_delete=True)
+        await self.transport.bind(queue, self.trace_exchange, "")
+
     async def send(self, receiver, headers, content):
         """Publish an envelope to receiver; fails with Unroutable if nobody listens there."""
         headers["receiver"] = receiver
         headers.setdefault("ts", int(time.time() * 1000))
         headers.setdefault("encoding", "msgpack")
         body = codec.encode_envelope(codec.Envelope(headers=headers, content=content))
+        if self.tracing():
+            # Before the message itself: then an observer never sees a reply before its request.
+            defer.Deferred.fromCoroutine(self._trace(receiver, headers, content, len(body)))
         await self.transport.publish(self.exchange, receiver, body, Properties(), mandatory=True)
+
+    async def _trace(self, receiver, headers, content, size):
+        """Publish the trace copy of a sent envelope. Not awaited by `send` and never fails:
+        tracing must not slow down or break the traffic it watches."""
+        summary = {"type": type(content).__name__, "size": size}
+        try:
+            body = codec.encode_envelope(codec.Envelope(headers=headers, content=summary))
+            await self.transport.publish(
+                self.trace_exchange, receiver, body, Properties(), mandatory=False
+            )
+        except Exception as e:
+            log.debug("trace copy to {receiver} not published: {error}", receiver=receiver, error=e)
 
     async def listen(self, queue, handler, prefetch=100):
         """Call handler(Message) for each decodable message on queue; returns the consumer.

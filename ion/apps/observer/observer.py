@@ -1,0 +1,187 @@
+"""The Observer: records the trace of a system's traffic and draws it as sequence charts.
+
+`Observer` (service `observer`) reads the trace exchange of its system through a queue of its
+own (exclusive, deleted with it) and keeps the headers of the last `keep` messages (config
+`ion.apps.observer`, read when it starts; default 10000), indexed by conv-id. Ops:
+
+- `msc` `{'conv_id': id}` or `{'last': n}` (default: the last 20 messages) -> the text chart;
+- `svg` the same plus `'path'` (ending in `.svg`) -> writes the SVG chart there, returns the path;
+- `conversations` (optionally `{'last': n}`) -> one summary dict per conversation kept.
+
+`msc_for_shell(container, ...)` and `svg_for_shell(container, path, ...)` give the shell the
+charts of the Observer running in its own container.
+"""
+
+import collections
+import os
+
+from ion.apps.observer import msc
+from ion.core.process import ApplicationError, ServiceProcess
+
+CONFIG = "ion.apps.observer"
+DEFAULT_LAST = 20
+
+
+class NoObserver(LookupError):
+    """The shell asked for a chart but no Observer runs in this container."""
+
+
+class Observer(ServiceProcess):
+    """Keeps the traced messages of its system and answers chart requests about them."""
+
+    service = "observer"
+
+    def on_init(self):
+        keep = self.config("keep", 10000, module=CONFIG)
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep <= 0:
+            raise ValueError(f"{CONFIG}: keep must be a positive integer, got {keep!r}")
+        self.keep = keep
+        self.messages = collections.deque()  # header dicts, in the order they arrived
+        self.by_conv = {}  # conv-id -> deque of the same dicts
+        self._trace_consumer = None
+
+    async def on_activate(self):
+        messenger = self.container.messenger
+        queue = f"{self.pid}.trace"
+        await messenger.declare_trace_receiver(queue)
+        self._trace_consumer = await messenger.listen(queue, self._observe)
+
+    async def on_deactivate(self):
+        await self._stop_observing()
+
+    async def on_terminate(self):
+        await self._stop_observing()
+
+    async def _stop_observing(self):
+        # The queue is auto-delete: it goes with its consumer.
+        consumer, self._trace_consumer = self._trace_consumer, None
+        if consumer is not None:
+            await consumer.cancel()
+
+    def _observe(self, msg):
+        record = dict(msg.headers)
+        if isinstance(msg.content, dict):
+            record["content-type"] = msg.content.get("type")
+            record["size"] = msg.content.get("size")
+        msg.ack()
+        if len(self.messages) >= self.keep:
+            self._forget(self.messages.popleft())
+        self.messages.append(record)
+        conv_id = record.get("conv-id")
+        if isinstance(conv_id, str):
+            self.by_conv.setdefault(conv_id, collections.deque()).append(record)
+
+    def _forget(self, record):
+        conv_id = record.get("conv-id")
+        kept = self.by_conv.get(conv_id) if isinstance(conv_id, str) else None
+        if kept:
+            kept.popleft()  # the oldest message overall is the oldest of its conversation
+            if not kept:
+                del self.by_conv[conv_id]
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def select(self, conv_id=None, last=DEFAULT_LAST):
+        """The messages of one conversation (by conv-seq), or the last `last` ones."""
+        if conv_id is not None:
+            kept = self.by_conv.get(conv_id)
+            if not kept:
+                raise ApplicationError(
+                    f"no messages of conversation {conv_id!r} kept "
+                    f"(this observer keeps the last {self.keep} messages)",
+                    code=404,
+                )
+            return sorted(kept, key=msc.conv_seq)
+        if isinstance(last, bool) or not isinstance(last, int) or last <= 0:
+            raise ApplicationError(f"last must be a positive integer, got {last!r}")
+        return list(self.messages)[-last:]
+
+    def chart(self, conv_id=None, last=DEFAULT_LAST):
+        """The text chart of one conversation or of the last messages."""
+        return msc.render_text(self.select(conv_id, last))
+
+    def write_svg(self, path, conv_id=None, last=DEFAULT_LAST):
+        """Write the SVG chart to path (which must end in .svg); returns the absolute path."""
+        if not isinstance(path, str) or not path.endswith(".svg"):
+            raise ApplicationError(f"path must be a file name ending in .svg, got {path!r}")
+        svg = msc.render_svg(self.select(conv_id, last))
+        path = os.path.abspath(path)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(svg)
+        return path
+
+    def summaries(self, last=None):
+        """One dict per conversation kept, oldest first: conv_id, protocol, op, participants,
+        final (the performative of its latest message) and messages (how many are kept)."""
+        rows = []
+        for conv_id, kept in self.by_conv.items():
+            ordered = sorted(kept, key=msc.conv_seq)
+            rows.append(
+                {
+                    "conv_id": conv_id,
+                    "protocol": ordered[0].get("protocol"),
+                    "op": ordered[0].get("op"),
+                    "participants": msc.Lifelines(ordered).names(),
+                    "final": ordered[-1].get("performative"),
+                    "messages": len(ordered),
+                }
+            )
+        return rows if last is None else rows[-last:]
+
+    # -- ops -------------------------------------------------------------------------------
+
+    def op_msc(self, content, headers):
+        return self.chart(**_chart_args(content))
+
+    def op_svg(self, content, headers):
+        args = _chart_args(content, extra=("path",))
+        return self.write_svg(args.pop("path", None), **args)
+
+    def op_conversations(self, content, headers):
+        last = _chart_args(content).get("last")
+        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last <= 0):
+            raise ApplicationError(f"last must be a positive integer, got {last!r}")
+        return self.summaries(last)
+
+
+def _chart_args(content, extra=()):
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise ApplicationError(
+            f"expected a dict like {{'conv_id': ...}} or {{'last': 20}}, got {type(content).__name__}"
+        )
+    allowed = ("conv_id", "last") + extra
+    unknown = sorted(str(k) for k in content if k not in allowed)
+    if unknown:
+        raise ApplicationError(f"unknown keys {unknown}; valid keys are {list(allowed)}")
+    return dict(content)
+
+
+def find_observer(container):
+    """The Observer process running in container, or None."""
+    for proc in container.registry:
+        if isinstance(proc, Observer) and not proc.lifecycle.final:
+            return proc
+    return None
+
+
+def _local_observer(container):
+    observer = find_observer(container)
+    if observer is None:
+        raise NoObserver("no observer in this container: start res/apps/observer.app")
+    return observer
+
+
+def msc_for_shell(container, conv_id=None, last=DEFAULT_LAST):
+    """For the shell's `msc(conv_id)` / `msc(last=20)`: the text chart from the Observer in
+    this container. Raises NoObserver when none runs here."""
+    return _local_observer(container).chart(conv_id, last)
+
+
+def svg_for_shell(container, path, conv_id=None, last=DEFAULT_LAST):
+    """For the shell: write the SVG chart to path; returns the absolute path written."""
+    return _local_observer(container).write_svg(path, conv_id, last)
+
+
+process_class = Observer
