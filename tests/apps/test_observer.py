@@ -1,5 +1,6 @@
 """The observer app: tracing without breaking fail-fast routing, and sequence charts of it."""
 
+import os
 import xml.etree.ElementTree as ET
 
 from twisted.internet import defer, task
@@ -324,3 +325,24 @@ class RenderTests(unittest.SynchronousTestCase):
     def test_empty(self):
         self.assertEqual(msc.render_text([]), "(no messages)")
         ET.fromstring(msc.render_svg([]))
+
+
+class ShellMscTests(unittest.TestCase):
+    """The shell's msc() prints the observer's chart, or says how to get one."""
+
+    async def test_shell_msc(self):
+        from ion.core.cc.shell import ShellHelpers
+
+        c = await make_container(self)
+        printed = []
+        helpers = ShellHelpers(c, printed.append)
+        helpers.msc()
+        self.assertIn("start res/apps/observer.app", printed[-1])
+        await c.apps.start_files([os.path.join(c.res_dir, "apps", "observer.app")])
+        pending = helpers.rpc("observer", "conversations")
+        await pending.when_done()
+        helpers.msc(last=5)
+        self.assertIn("conversations request", printed[-1])
+        svg = os.path.abspath(self.mktemp() + ".svg")
+        helpers.msc(last=5, svg=svg)
+        self.assertTrue(os.path.exists(svg))

@@ -44,7 +44,10 @@ FLUSH_TIMEOUT = 2
 HELP = [
     ("ps()", "the process tree: app > supervisor > process, with states and restarts"),
     ("containers()", "the containers of this system (from the container agents)"),
-    ("msc(conv_id=None, last=20)", "message sequence chart (needs the observer app)"),
+    (
+        "msc(conv_id=None, last=20, svg=None)",
+        "message sequence chart from the observer app (svg='x.svg' also writes SVG)",
+    ),
     ("apps()", "list the running apps"),
     (
         "spawn(module_or_class, name=None, container=None, **args)",
@@ -250,22 +253,17 @@ class ShellHelpers:
 
         return self._start("containers()", ask(), table)
 
-    def msc(self, conv_id=None, last=20):
-        """Print a message sequence chart from this container's observer."""
-        from ion.apps.observer.msc import msc_for_shell
+    def msc(self, conv_id=None, last=20, svg=None):
+        """Print a message sequence chart from this container's observer (the observer app
+        must run here); with svg='file.svg' also write it as SVG."""
+        from ion.apps.observer.observer import msc_for_shell, svg_for_shell
 
-        async def chart():
-            return await msc_for_shell(self.container, conv_id=conv_id, last=last)
-
-        return self._start("msc()", chart(), lambda text: text)
-
-    def apps(self):
-        """Print the running apps."""
-        rows = []
-        for app in self.container.apps.running.values():
-            top = getattr(app.state, "pid", "")
-            rows.append((app.name, app.spec.version, top, app.spec.description))
-        self.print(format_table(("app", "version", "top process", "description"), rows))
+        try:
+            if svg is not None:
+                self.print(f"wrote {svg_for_shell(self.container, svg, conv_id=conv_id, last=last)}")
+            self.print(msc_for_shell(self.container, conv_id=conv_id, last=last))
+        except Exception as e:
+            self.print(describe_error(e))
 
     def spawn(self, module_or_class, name=None, container=None, **args):
         """Spawn a process, here or (container=<id>) through another container's agent;
