@@ -4,6 +4,7 @@ subscriber that only acks.
 
     venv/bin/python bench/consume.py --transport memory
     venv/bin/python bench/consume.py --transport amqp --broker amqp://guest:guest@127.0.0.1:5672/
+    venv/bin/python bench/consume.py --transport amqp --profile consume.prof   # cProfile the drain
 
 The queue is filled first (n v03 notices, one in ten a repeat of an earlier one, one in ten
 rejected by the filter), then drained. Prints one result line:
@@ -12,6 +13,7 @@ rejected by the filter), then drained. Prints one result line:
 """
 
 import argparse
+import cProfile
 import base64
 import hashlib
 import json
@@ -91,12 +93,16 @@ async def run(reactor, args):
     container = Container(test_config(), reactor, make_transport(url, reactor), sysname="bench")
     await container.start()
     state = tempfile.mkdtemp(prefix="ion-bench-consume-")
+    baseline_queue = "q_bench.baseline"
+    consumer_queue = "q_bench.consumer.bench"
     try:
+        # Durable queues left by an earlier run on the same broker would skew the counts.
+        for queue in (baseline_queue, consumer_queue):
+            await container.transport.delete_queue(queue)
         publisher = await container.spawn(Process)
         await publisher.publish(EXCHANGE, "v03", b"{}", declare="topic")
 
         # Baseline: a raw subscriber on its own durable queue, filled while nobody consumes.
-        baseline_queue = "q_bench.baseline"
         sink = await container.spawn(RawSink)
         await sink.subscribe(EXCHANGE, ["v03.#"], sink.take, queue=baseline_queue)
         await sink.terminate()
@@ -125,10 +131,16 @@ async def run(reactor, args):
         await consumer.terminate()
         shutil.rmtree(state)
         await fill(publisher, args.n)
+        profile = cProfile.Profile() if args.profile else None
+        if profile is not None:
+            profile.enable()
         start = time.perf_counter()
         consumer = await container.spawn(Consumer, args=consumer_args)
         await wait(reactor, lambda: consumer.stats["received"] >= args.n and not consumer._tasks)
         rate = args.n / (time.perf_counter() - start)
+        if profile is not None:
+            profile.disable()
+            profile.dump_stats(args.profile)
         stats = consumer.stats
         expected = (stats["discarded"] + stats["duplicates"] + stats["rejected"]) == args.n
         await consumer.terminate()
@@ -139,6 +151,8 @@ async def run(reactor, args):
             f"baseline={baseline:.0f} msgs/s",
             flush=True,
         )
+        for queue in (baseline_queue, consumer_queue):
+            await container.transport.delete_queue(queue)
     finally:
         await container.stop()
         shutil.rmtree(state, ignore_errors=True)
@@ -150,6 +164,9 @@ def main():
     parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("-n", type=int, default=20000)
     parser.add_argument("--prefetch", type=int, default=100)
+    parser.add_argument(
+        "--profile", metavar="FILE", help="write a cProfile of the consumer's drain to FILE"
+    )
     args = parser.parse_args()
     task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor, args)))
 

@@ -12,7 +12,8 @@ A `Consumer` consumes a durable queue `q_<user>.consumer.<name>` bound to `excha
    not carried out yet: acked and counted as `unsupported`;
 3. suppress duplicates (`dup_key`: identity and relPath, or relPath, mtime and size) with a
    cache kept on disk (`dupcache.py`) for `dup_ttl` seconds: acked, counted, no report. With
-   `discard` (benchmarks) the message ends here: its key is remembered and it is acked;
+   `discard` (benchmarks) the message ends here: its key is remembered (written to the
+   file once per reactor turn) and it is acked;
 4. place it under `directory` (mirror, directory, or strip=N; see `ion.apps.pump.paths`); a
    path that could leave the tree: one 422 report, nothing touched on disk;
 5. ask the `transfer` service to fetch the file, verified against the notice's size and
@@ -311,6 +312,7 @@ class Consumer(Process):
         self._working = set()  # duplicate keys of the messages being fetched
         self._declared = set()
         self._retry_call = None
+        self._flush_call = None
         self._stopping = False
 
     async def on_activate(self):
@@ -341,8 +343,16 @@ class Consumer(Process):
         self.dupcache.close()
         self.retries.close()
 
+    def _flush_dupcache(self):
+        self._flush_call = None
+        self.dupcache.flush()
+
     def _stop_timers(self):
         self._stopping = True
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+            self.dupcache.flush()
+        self._flush_call = None
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
         self._retry_call = None
@@ -379,42 +389,59 @@ class Consumer(Process):
             # Left unsettled: it goes back to the queue when the subscription ends (a nack
             # would hand it straight back to us).
             return
-        self._track(self._handle(delivery))
+        self.stats["received"] += 1
+        try:
+            work = self._triage(delivery)
+        except Exception:
+            self._failed(delivery)
+            return
+        # Most messages (filtered, duplicates, discarded) are settled by now, without a
+        # coroutine or a Deferred; the others have work that waits for the broker or a transfer.
+        if work is not None:
+            self._track(self._finish(delivery, work))
 
     def _track(self, coro):
         d = defer.Deferred.fromCoroutine(coro)
-        self._tasks.add(d)
-        d.addBoth(lambda _: self._tasks.discard(d))
+        if not d.called:
+            self._tasks.add(d)
+            d.addBoth(self._untrack, d)
+
+    def _untrack(self, result, d):
+        self._tasks.discard(d)
+        return result
 
     def _ack(self, delivery):
         """Settle a message whose outcome is durable (a separate method: tests simulate a
         crash before the ack by overriding it)."""
         delivery.ack()
 
-    async def _handle(self, delivery):
-        self.stats["received"] += 1
+    async def _finish(self, delivery, work):
         try:
-            await self._process(delivery)
+            await work
         except Exception:
-            # A bug, or the broker went away while reporting: once more, then give up on it.
-            requeue = not delivery.redelivered
-            self.log.failure(
-                "consumer {name}: message {key!r} failed; {what}",
-                name=self.subscription,
-                key=delivery.routing_key,
-                what="requeued" if requeue else "dropped (it had been redelivered)",
-            )
-            try:
-                delivery.nack(requeue=requeue)
-            except Exception:
-                pass
+            self._failed(delivery)
 
-    async def _process(self, delivery):
+    def _failed(self, delivery):
+        # A bug, or the broker went away while reporting: once more, then give up on it.
+        requeue = not delivery.redelivered
+        self.log.failure(
+            "consumer {name}: message {key!r} failed; {what}",
+            name=self.subscription,
+            key=delivery.routing_key,
+            what="requeued" if requeue else "dropped (it had been redelivered)",
+        )
+        try:
+            delivery.nack(requeue=requeue)
+        except Exception:
+            pass
+
+    def _triage(self, delivery):
+        """Settle what needs no waiting (undecodable, filtered, fileOp, duplicate, discarded)
+        and return None; otherwise return the coroutine that finishes the message."""
         body = delivery.body
         limit = self.settings["max_notice_bytes"]
         if len(body) > limit:
-            await self._refuse_oversized(delivery, limit)
-            return
+            return self._refuse_oversized(delivery, limit)
         try:
             notice = Notice.from_json(body, max_bytes=limit)
         except InvalidNotice as e:
@@ -426,18 +453,17 @@ class Consumer(Process):
                 reason=e,
             )
             self._ack(delivery)
-            return
+            return None
         try:
             notice.validate()
         except InvalidNotice as e:
-            await self._refuse_invalid(delivery, notice, e)
-            return
+            return self._refuse_invalid(delivery, notice, e)
         url = notice.url()
         if not self.filter.accepts(url):
             self.stats["rejected"] += 1
             self.log.debug("consumer {name}: rejected {url}", name=self.subscription, url=url)
             self._ack(delivery)
-            return
+            return None
         self.stats["accepted"] += 1
         if notice.file_op is not None:
             # Links, renames, removals and directories are not carried out yet.
@@ -449,20 +475,26 @@ class Consumer(Process):
                 path=notice.rel_path,
             )
             self._ack(delivery)
-            return
+            return None
         key = dup_key(notice)
         # A copy arriving while the first is still being fetched is a duplicate too: the first
         # one's message stays unacked until its outcome is durable.
         if key in self.dupcache or key in self._working or self.retries.has_key(key):
             self.stats["duplicates"] += 1
             self._ack(delivery)
-            return
+            return None
         if self.discard:
-            self.dupcache.add(key)
+            # Written out once per reactor turn rather than once per message.
+            self.dupcache.add(key, flush=False)
+            if self._flush_call is None:
+                self._flush_call = self.container.reactor.callLater(0, self._flush_dupcache)
             self.stats["discarded"] += 1
             self._ack(delivery)
-            return
+            return None
         self._working.add(key)
+        return self._deliver_new(delivery, notice, url, key)
+
+    async def _deliver_new(self, delivery, notice, url, key):
         try:
             await self._deliver(delivery, notice, url, key)
         finally:

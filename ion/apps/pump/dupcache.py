@@ -10,7 +10,9 @@ remembered.
 `add` writes the line through to the operating system before it returns (a crash of the
 process loses nothing) but does not fsync it: callers that must survive a power loss call
 `sync()`. The consumer relies on that choice: losing a key costs one extra download, whose
-report the report router recognises by its id and drops.
+report the report router recognises by its id and drops. `add(key, flush=False)` leaves the
+line in the process's buffer until `flush()`, for callers adding keys in bulk (the consumer's
+discard mode flushes once per reactor turn).
 
 Times come from `clock.seconds()` (the container's clock, a `task.Clock` in tests).
 """
@@ -78,18 +80,29 @@ class DupCache:
                 if expires > now:
                     self._entries[key] = expires
 
-    def add(self, key):
-        """Remember `key` for `ttl` seconds from now (again, if it was already known)."""
+    def add(self, key, flush=True):
+        """Remember `key` for `ttl` seconds from now (again, if it was already known).
+
+        With `flush=False` the line may stay in this process's buffer until the next `flush()`
+        (or an `add` that flushes): cheaper when many keys arrive together, but a crash of the
+        process can lose it."""
         now = self.clock.seconds()
         expires = now + self.ttl
-        self._entries.pop(key, None)
-        self._entries[key] = expires
-        self._file.write(json.dumps({"key": key, "expires": expires}) + "\n")
-        self._file.flush()
+        entries = self._entries
+        if key in entries:
+            del entries[key]
+        entries[key] = expires
+        self._file.write(_line(key, expires))
+        if flush:
+            self._file.flush()
         self._lines += 1
         self.purge(now)
-        if self._lines > max(self.compact_min_lines, 2 * len(self._entries)):
+        if self._lines > self.compact_min_lines and self._lines > 2 * len(entries):
             self.compact()
+
+    def flush(self):
+        """Hand the lines added with `flush=False` to the operating system."""
+        self._file.flush()
 
     def purge(self, now=None):
         """Forget the keys whose time is up (the file catches up at the next compaction)."""
@@ -107,7 +120,7 @@ class DupCache:
         temp = f"{self.path}.compact"
         with open(temp, "w", encoding="utf-8") as f:
             for key, expires in self._entries.items():
-                f.write(json.dumps({"key": key, "expires": expires}) + "\n")
+                f.write(_line(key, expires))
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, self.path)
@@ -124,6 +137,12 @@ class DupCache:
     def close(self):
         if not self._file.closed:
             self._file.close()
+
+
+def _line(key, expires):
+    """The file's line for a key: {"key": ..., "expires": ...} (formatted by hand: this runs
+    for every message)."""
+    return f'{{"key": {json.dumps(key)}, "expires": {float(expires)!r}}}\n'
 
 
 def _fsync_directory(path):

@@ -213,7 +213,13 @@ class Notice:
         """A Notice holding a deep copy of `fields` (legacy sr3 key names read as current ones)."""
         if not isinstance(fields, dict):
             raise InvalidNotice("message", f"expected a JSON object, got {type(fields).__name__}")
-        fields = copy.deepcopy(fields)
+        return cls._adopt(copy.deepcopy(fields))
+
+    @classmethod
+    def _adopt(cls, fields):
+        """A Notice owning `fields` (nobody else holds it), legacy key names renamed in place."""
+        if not isinstance(fields, dict):
+            raise InvalidNotice("message", f"expected a JSON object, got {type(fields).__name__}")
         for old, new in _LEGACY_KEYS.items():
             if old in fields and new not in fields:
                 fields[new] = fields.pop(old)
@@ -239,12 +245,13 @@ class Notice:
             except UnicodeDecodeError as e:
                 raise InvalidNotice("message", f"not valid UTF-8 (byte {e.start})") from None
         try:
-            fields = json.loads(data, parse_constant=_refuse_constant)
+            fields = _DECODER.decode(data)
         except RecursionError:
             raise InvalidNotice("message", "JSON nested too deeply") from None
         except ValueError as e:
             raise InvalidNotice("message", f"not JSON ({e})") from None
-        return cls.from_dict(fields)
+        # Freshly decoded: nobody else holds these objects, so no copy is needed.
+        return cls._adopt(fields)
 
     def to_json(self):
         """The message as compact UTF-8 JSON bytes, keys in their original order."""
@@ -367,6 +374,10 @@ def _refuse_constant(name):
     raise ValueError(f"{name} is not a JSON value")
 
 
+# One decoder for every message (json.loads builds a new one per call when given options).
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def _require_string(fields, key):
     if key not in fields:
         raise InvalidNotice(key, "missing")
@@ -376,10 +387,28 @@ def _require_string(fields, key):
 
 
 def _check_time(value, field):
+    # Fast path for the common case, a well-formed time on a date seen recently; anything
+    # else goes through parse_time, which says what is wrong.
+    match = _TIME.fullmatch(value) if isinstance(value, str) else None
+    if (
+        match is not None
+        and value[:8] in _VALID_DATES
+        and value[9:11] < "24"
+        and value[11:13] < "60"
+        and value[13:15] < "60"
+    ):
+        return
     try:
         parse_time(value)
     except ValueError as e:
         raise InvalidNotice(field, str(e)) from None
+    if len(_VALID_DATES) >= 4096:
+        _VALID_DATES.clear()
+    _VALID_DATES.add(value[:8])
+
+
+# Dates (YYYYMMDD) that parse_time accepted: checking a time on one of them needs no calendar.
+_VALID_DATES = set()
 
 
 def _decode_base64(value):

@@ -204,6 +204,17 @@ class DupCacheTests(unittest.SynchronousTestCase):
         with open(self.path) as f:
             self.assertEqual([json.loads(line)["key"] for line in f], ["new"])
 
+    def test_buffered_adds(self):
+        """Keys added with flush=False are known at once and reach the file at flush()."""
+        cache = DupCache(self.path, 10, self.clock)
+        cache.add("now")
+        cache.add("later", flush=False)
+        self.assertIn("later", cache)
+        cache.flush()
+        with open(self.path) as f:
+            self.assertEqual([json.loads(line)["key"] for line in f], ["now", "later"])
+        cache.close()
+
     def test_compaction(self):
         """The file is rewritten with the live keys when it has grown past twice their number."""
         cache = DupCache(self.path, 10, self.clock, compact_min_lines=10)
