@@ -377,9 +377,11 @@ class Consumer(Process):
 
     def op_stats(self, content, headers):
         """The counters: received, accepted, rejected, invalid, duplicates, discarded,
-        unsupported (fileOp notices), delivered, bytes, retrying, retried, failures {code: n}."""
+        unsupported (fileOp notices), delivered, bytes, retrying, retried, failures {code: n},
+        and in_hand (messages and retries being worked on now)."""
         stats = dict(self.stats)
         stats["failures"] = dict(self.stats["failures"])
+        stats["in_hand"] = len(self._tasks)
         return stats
 
     # -- one message ---------------------------------------------------------------------
@@ -563,6 +565,12 @@ class Consumer(Process):
         self.dupcache.add(key)
         self.stats["delivered"] += 1
         self.stats["bytes"] += size
+        self.log.info(
+            "consumer {name}: delivered {path} ({size} bytes)",
+            name=self.subscription,
+            path=path,
+            size=size,
+        )
 
     async def _fail(self, notice, key, code, message, routing_key=None):
         failures = self.stats["failures"]
