@@ -1,15 +1,30 @@
 # The pump application: a data pump in the spirit of MetPX-Sarracenia sr3 (see
-# ion/apps/pump/app.py). One consumer per subscription fetches the files announced on an
-# exchange through the transfer service and reports each outcome to its source.
+# ion/apps/pump/app.py for every kwarg). Out of the box, run from any working directory:
+# files dropped into pump/source/ are announced (poll), passed to xpublic (ingest), fetched
+# and verified into pump/destination/ with the same tree (consumer), and each outcome is
+# reported; the report router writes every report as a JSON line to var/pump/reports.jsonl.
+# State (seen files, duplicate caches, retry queues) lives under var/pump/.
+#
+# Override any kwarg on the command line, e.g.
+#   twistd -n cc -a "apparg_pump={'polls': [{'name': 'src', 'url': 'file:/data/in/'}]}" pump
 {
     'type': 'application',
     'name': 'pump',
-    'description': 'Data pump: subscribe to v03 notices, fetch and verify files, report back',
-    'version': '0.1',
+    'description': 'Data pump: poll sources, announce v03 notices, fetch and verify files, report',
+    'version': '0.2',
     'mod': (
         'ion.apps.pump.app',
         [],
         {
+            'polls': [
+                {
+                    'name': 'source',
+                    'url': 'file:pump/source/',
+                    'interval': 2,
+                    # Files modified within the last second may still be being written.
+                    'min_age': 1,
+                },
+            ],
             'subscriptions': [
                 {
                     'name': 'pump',
@@ -20,6 +35,8 @@
                 },
             ],
             'transfer': {'workers': 2},
+            'report_router': {'log_path': 'var/pump/reports.jsonl'},
+            'progress': {'interval': 10},
         },
     ),
     'applications': ['ioncore'],

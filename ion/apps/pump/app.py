@@ -1,26 +1,36 @@
 """Starts the pump app: one rest_for_one supervisor over, in this order, the report router, the
-transfer service workers, and one consumer per subscription.
+transfer service workers, the ingest, one consumer per subscription, one poll per source, and
+the progress summary.
 
-Receivers come first, so a consumer never runs without someone to take its reports and do its
-transfers; with rest_for_one, a restarted router or transfer worker restarts the processes
-after it, and a restarted consumer restarts alone.
+Receivers come first, so a process never runs without someone to take what it sends: a poll
+announces to `xs_<user>` where the ingest already listens, the ingest passes notices on to
+`xpublic` where the consumers already listen, and every consumer has the transfer service
+and the report router. With rest_for_one, a restarted process restarts the processes after it.
 
-kwargs (from `res/apps/pump.app`, a rel file or `-a apparg_pump=...`):
+kwargs (from `res/apps/pump.app`, a rel file's `args` or `-a "apparg_pump={...}"`):
 
+- `polls`: a list of poll args (see `ion.apps.pump.poll`), each with a unique `name`: `url`,
+  `interval`, `accept`, `reject`, `exchange`, `min_age`, `recursive`, `state_dir`,
+  `base_url`...;
 - `subscriptions`: a list of consumer args (see `ion.apps.pump.consumer`), each with a unique
-  `name`;
+  `name`: `exchange`, `topics`, `accept`, `reject`, `directory`, `mirror`, `strip`...;
 - `transfer`: {workers: N (default 2), and the transfer service args: timeouts, per_host,
   credentials};
-- `report_router`: report router args (see `ion.apps.pump.report_router`);
-- `user`: broker user naming the queues (`q_<user>....`); default the container's.
+- `ingest`: ingest args (see `ion.apps.pump.ingest`), e.g. {users: ['alice', 'bob']} for the
+  exchanges `xs_alice`, `xs_bob` (default: the pump's user's only);
+- `report_router`: report router args (see `ion.apps.pump.report_router`), e.g. `log_path`;
+- `progress`: {interval: seconds between summary lines (default 10)};
+- `user`: the pump's broker user: it names the queues (`q_<user>....`) and the exchange the
+  polls announce to (`xs_<user>`); default the config `ion.apps.pump: user`, else `ion` for
+  polls and ingest and the container's broker user for queues.
 
 Anything else is an error naming the valid kwargs.
 """
 
-from ion.apps.pump import consumer, report_router
+from ion.apps.pump import consumer, ingest, poll, progress, report_router
 from ion.core.process import Supervisor
 
-KWARGS = ("report_router", "subscriptions", "transfer", "user")
+KWARGS = ("ingest", "polls", "progress", "report_router", "subscriptions", "transfer", "user")
 DEFAULT_SUBSCRIPTIONS = [
     {
         "name": "pump",
@@ -32,6 +42,18 @@ DEFAULT_SUBSCRIPTIONS = [
 ]
 
 
+def _entries(app_name, kwargs, key, default):
+    entries = kwargs.get(key)
+    if entries is None:
+        entries = default
+    if not isinstance(entries, (list, tuple)):
+        raise ValueError(f"{app_name}: {key} must be a list, got {entries!r}")
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ValueError(f"{app_name}: each of {key} must be a dict, got {entry!r}")
+    return [dict(entry) for entry in entries]
+
+
 def plan(app_name="pump", **kwargs):
     """The supervisor args for these kwargs, checked; ValueError naming the problem."""
     unknown = sorted(set(kwargs) - set(KWARGS))
@@ -40,11 +62,8 @@ def plan(app_name="pump", **kwargs):
             f"{app_name}: unknown argument {unknown[0]!r}; valid arguments are {', '.join(KWARGS)}"
         )
     user = kwargs.get("user")
-    subscriptions = kwargs.get("subscriptions")
-    if subscriptions is None:
-        subscriptions = DEFAULT_SUBSCRIPTIONS
-    if not isinstance(subscriptions, (list, tuple)):
-        raise ValueError(f"{app_name}: subscriptions must be a list, got {subscriptions!r}")
+    subscriptions = _entries(app_name, kwargs, "subscriptions", DEFAULT_SUBSCRIPTIONS)
+    polls = _entries(app_name, kwargs, "polls", [])
     transfer = dict(kwargs.get("transfer") or {})
     workers = transfer.pop("workers", 2)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -56,35 +75,59 @@ def plan(app_name="pump", **kwargs):
             "timeouts, per_host, credentials"
         )
     router_args = dict(kwargs.get("report_router") or {})
+    ingest_args = dict(kwargs.get("ingest") or {})
     if user is not None:
         router_args.setdefault("user", user)
+        ingest_args.setdefault("user", user)
     report_router.check_args(router_args)
+    ingest.check_args(ingest_args)
+    progress_args = dict(kwargs.get("progress") or {})
 
     children = [{"id": "report_router", "spec": "ion.apps.pump.report_router", "args": router_args}]
     for i in range(1, workers + 1):
         children.append(
             {"id": f"transfer{i}", "spec": "ion.apps.pump.transfer_service", "args": dict(transfer)}
         )
+    children.append({"id": "ingest", "spec": "ion.apps.pump.ingest", "args": ingest_args})
     names = set()
-    for entry in subscriptions:
-        if not isinstance(entry, dict):
-            raise ValueError(f"{app_name}: each subscription must be a dict, got {entry!r}")
-        args = dict(entry)
+    consumer_ids = []
+    for args in subscriptions:
         if user is not None:
             args.setdefault("user", user)
         checked = consumer.check_args(args)
         if checked["name"] in names:
             raise ValueError(f"{app_name}: two subscriptions are named {checked['name']!r}")
         names.add(checked["name"])
+        consumer_ids.append(f"consumer.{checked['name']}")
         children.append(
             {
-                "id": f"consumer.{checked['name']}",
+                "id": consumer_ids[-1],
                 "spec": "ion.apps.pump.consumer",
                 "args": args,
                 # Messages in hand get the consumer's stop_grace to finish.
                 "shutdown": int(checked["stop_grace"] * 1000) + 5000,
             }
         )
+    names = set()
+    for args in polls:
+        if user is not None:
+            args.setdefault("user", user)
+        checked = poll.check_args(args)
+        if checked["name"] in names:
+            raise ValueError(f"{app_name}: two polls are named {checked['name']!r}")
+        names.add(checked["name"])
+        children.append(
+            {
+                "id": f"poll.{checked['name']}",
+                "spec": "ion.apps.pump.poll",
+                "args": args,
+                "shutdown": int(checked["stop_grace"] * 1000) + 5000,
+            }
+        )
+    progress_args.setdefault("consumers", consumer_ids)
+    progress_args.setdefault("name", app_name)
+    progress.check_args(progress_args)
+    children.append({"id": "progress", "spec": "ion.apps.pump.progress", "args": progress_args})
     return {"children": children, "strategy": "rest_for_one"}
 
 

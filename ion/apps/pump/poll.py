@@ -1,0 +1,616 @@
+"""The poll: announce the files of a directory tree, local or remote, as v03 notices.
+
+A `PollService` (one per source) lists `url` every `interval` seconds through the `transfer`
+service's `list` op, and publishes one notice for every file that is new or changed since it
+was last announced (changed: another size or mtime). Each notice carries `pubTime`, `baseUrl`
+(`base_url`, default the polled url), `relPath` (relative to the polled directory), `size`,
+`mtime` and `mode` when the listing tells them, and the identity `{method: cod, value: sha512}`
+(listings carry no checksums: the consumer computes one on download). It goes to `exchange`
+(default `xs_<user>`, where the pump's ingest picks it up) with the notice's topic, persistent
+and confirmed by the broker.
+
+Listings the poll can read (see `ion.apps.pump.transfer.listings`):
+
+- `file://` (or `file:relative/dir/`, made absolute): the local directory; symbolic links are
+  not followed. A local directory that does not exist is created;
+- `http://`, `https://`: HTML index pages from twisted.web's static.File, Apache
+  mod_autoindex, nginx autoindex, or any page linking its children followed by a date and a
+  size. static.File pages give no dates, so a change there is a change of size; rounded sizes
+  (`1.2K`) are unknown, so a change there is a change of date;
+- `sftp://`: the server's directory listing (exact sizes, mtimes to the second, modes);
+- `ftp://`: MLSD when the server offers it, else LIST in the Unix or DOS layout (mtimes to
+  the minute at best).
+
+Only files are announced: links (where the listing tells them apart) are skipped, and
+directories are descended into when `recursive` (the default). Every listed name passes
+`ion.apps.pump.paths.safe_name` (a hostile name -- `..`, a `/`, control characters,
+percent-encoded tricks -- is skipped with a warning), and names that a URL cannot carry back
+(`?`, `#`, a `%XX` escape) are skipped too, since the consumer could not fetch them.
+
+Filters (`accept`, `reject` lists of regexes, or `filters`, an ordered list of
+`('accept'|'reject', regex)`; see `ion.apps.pump.consumer.Filter`) match the whole relPath:
+the first matching rule decides; with `accept` rules, an unmatched file is rejected unless
+`accept_unmatched` says otherwise. A file whose mtime is less than `min_age` seconds old waits
+for a later pass (it may still be being written).
+
+State: what was announced lives in `<state_dir>/seen.sqlite3` (default state_dir
+`var/pump/poll-<name>`), one row per file (directory, name) -> (size, mtime), so a restart
+does not announce unchanged files again. A file's row is written only after the broker
+confirmed its notice, in batches of `batch` files: a crash announces at most the batch in
+flight again, and the consumers' duplicate suppression absorbs that. Files gone from the
+listing are forgotten (announced again if they come back); so are whole directories that a
+complete pass did not see. Changing `url` starts from an empty state.
+
+Memory: a pass lists one directory at a time and looks up only that directory's rows, so a
+tree of any size is polled with memory bounded by its largest directory (one listing is one
+reply of the transfer service, itself bounded by the messaging limits: about 100,000 entries).
+
+A pass still running when the next one is due makes that one skip (counted as `skipped`).
+Op `poll` runs a pass now (or waits for the running one) and returns the counters of the
+last pass; op `stats` returns the totals.
+"""
+
+import copy
+import os
+import re
+import sqlite3
+from urllib.parse import quote, unquote, urlsplit
+
+from twisted.internet import defer, task
+
+from ion.apps.pump import paths
+from ion.apps.pump.consumer import Filter
+from ion.apps.pump.notice import Notice, format_time
+from ion.core.process import Process, RemoteError
+
+DEFAULTS = {
+    "name": None,
+    "url": None,
+    "interval": 2,
+    "filters": None,
+    "accept": None,
+    "reject": None,
+    "accept_unmatched": None,
+    "exchange": None,
+    "user": None,
+    "min_age": 0,
+    "recursive": True,
+    "state_dir": None,
+    "base_url": None,
+    "batch": 100,
+    "list_timeout": 60,
+    "stop_grace": 10,
+}
+CONFIG = "ion.apps.pump"
+DEFAULT_USER = "ion"
+SCHEMES = ("file", "http", "https", "sftp", "ftp")
+COD = {"method": "cod", "value": "sha512"}
+
+_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+_PASS_COUNTERS = (
+    "listed",
+    "announced",
+    "unchanged",
+    "young",
+    "rejected",
+    "unsafe",
+    "skipped_entries",
+    "errors",
+)
+
+
+def _number(args, key, zero=False):
+    value = args[key]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value < 0
+        or (value == 0 and not zero)
+    ):
+        raise ValueError(
+            f"poll {args['name']}: {key} must be a number {'>= 0' if zero else '> 0'}, "
+            f"got {value!r}"
+        )
+
+
+def root_url(url):
+    """The directory URL a poll lists: with a trailing `/`; a relative or bare `file:` path made
+    absolute (and percent-encoded, since the transfer library decodes file URLs)."""
+    if url.startswith("file:") and not url.startswith("file://"):
+        local = url[len("file:") :]
+        url = "file://" + quote(os.path.abspath(local), safe="/")
+    return url if url.endswith("/") else url + "/"
+
+
+def local_directory(url):
+    """The local path of a `file://` root URL, or None for other schemes."""
+    if not url.startswith("file://"):
+        return None
+    path = unquote(urlsplit(url).path)
+    return path or "/"
+
+
+def check_args(args):
+    """The poll's args with defaults filled in; ValueError naming the bad one otherwise."""
+    unknown = sorted(set(args) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"poll {args.get('name')!r}: unknown argument {unknown[0]!r}; "
+            f"valid ones are {', '.join(DEFAULTS)}"
+        )
+    merged = copy.deepcopy(DEFAULTS)
+    merged.update(args)
+    name = merged["name"]
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"poll name must be letters, digits, '_' and '-' (dots between words), got {name!r}"
+        )
+    who = f"poll {name}"
+    url = merged["url"]
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"{who}: url (the directory to poll) is required")
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in SCHEMES:
+        raise ValueError(
+            f"{who}: url {url!r} has scheme {scheme!r}; supported are {', '.join(SCHEMES)} "
+            "(a local directory is file:path/ or file:///abs/path/)"
+        )
+    merged["url"] = root_url(url)
+    base_url = merged["base_url"]
+    if base_url is not None and (not isinstance(base_url, str) or ":" not in base_url):
+        raise ValueError(f"{who}: base_url must be a URL, got {base_url!r}")
+    merged["base_url"] = root_url(base_url) if base_url else merged["url"]
+    for key in ("interval", "list_timeout"):
+        _number(merged, key)
+    for key in ("min_age", "stop_grace"):
+        _number(merged, key, zero=True)
+    batch = merged["batch"]
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"{who}: batch must be an int >= 1, got {batch!r}")
+    merged["filter"] = Filter.from_args(
+        merged["filters"], merged["accept"], merged["reject"], True, who
+    )
+    accept_unmatched = merged["accept_unmatched"]
+    if accept_unmatched is None:
+        # Naming what to accept means the rest is not wanted.
+        accept_unmatched = not any(accept for accept, _ in merged["filter"].rules)
+    merged["filter"].accept_unmatched = bool(accept_unmatched)
+    exchange = merged["exchange"]
+    if exchange is not None and (not isinstance(exchange, str) or not _NAME.fullmatch(exchange)):
+        raise ValueError(f"{who}: exchange must be an exchange name, got {exchange!r}")
+    user = merged["user"]
+    if user is not None and (not isinstance(user, str) or not _NAME.fullmatch(user)):
+        raise ValueError(f"{who}: user must be a user name, got {user!r}")
+    if merged["state_dir"] is not None and not isinstance(merged["state_dir"], str):
+        raise ValueError(f"{who}: state_dir must be a path, got {merged['state_dir']!r}")
+    merged["recursive"] = bool(merged["recursive"])
+    return merged
+
+
+def unfetchable(name):
+    """Why a URL built from `name` would not lead back to it, or None."""
+    for char in "?#":
+        if char in name:
+            return f"contains {char!r}, which a URL cannot carry in a path"
+    if _ESCAPE.search(name):
+        return "contains a %XX escape, which a URL would decode"
+    return None
+
+
+class SeenFiles:
+    """What a poll has announced: (directory, name) -> (size, mtime), in SQLite at `path`.
+
+    SQLite (in the standard library, unlike a usable dbm on every Python) keeps the rows on
+    disk with atomic commits; only the rows of the directory being looked at are read.
+    """
+
+    def __init__(self, path, root):
+        directory = os.path.dirname(path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # A power loss may lose the last commits: those files are announced again, which the
+        # consumers' duplicate suppression absorbs.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        with self.db:
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS files (dir TEXT, name TEXT, size INTEGER, "
+                "mtime REAL, PRIMARY KEY (dir, name)) WITHOUT ROWID"
+            )
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS dirs (dir TEXT PRIMARY KEY, pass INTEGER) "
+                "WITHOUT ROWID"
+            )
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'root'").fetchone()
+            self.reset = row is not None and row[0] != root
+            if self.reset:
+                self.db.execute("DELETE FROM files")
+                self.db.execute("DELETE FROM dirs")
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('root', ?)", (root,))
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'pass'").fetchone()
+            self.passes = int(row[0]) if row else 0
+
+    def __len__(self):
+        return self.db.execute("SELECT count(*) FROM files").fetchone()[0]
+
+    def directory(self, rel_dir):
+        """{name: (size, mtime)} of the files announced in directory `rel_dir` ('' the root)."""
+        rows = self.db.execute("SELECT name, size, mtime FROM files WHERE dir = ?", (rel_dir,))
+        return {name: (size, mtime) for name, size, mtime in rows}
+
+    def get(self, rel_path):
+        """(size, mtime) as last announced for `rel_path`, or None."""
+        rel_dir, _, name = rel_path.rpartition("/")
+        row = self.db.execute(
+            "SELECT size, mtime FROM files WHERE dir = ? AND name = ?", (rel_dir, name)
+        ).fetchone()
+        return None if row is None else tuple(row)
+
+    def start_pass(self):
+        self.passes += 1
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('pass', ?)", (str(self.passes),))
+        return self.passes
+
+    def record(self, rel_dir, rows):
+        """Remember [(name, size, mtime)] of `rel_dir` as announced (one commit)."""
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
+                ((rel_dir, name, size, mtime) for name, size, mtime in rows),
+            )
+
+    def forget(self, rel_dir, names):
+        with self.db:
+            self.db.executemany(
+                "DELETE FROM files WHERE dir = ? AND name = ?", ((rel_dir, n) for n in names)
+            )
+
+    def visited(self, rel_dir, pass_number):
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO dirs VALUES (?, ?)", (rel_dir, pass_number))
+
+    def forget_unvisited(self, pass_number):
+        """Forget the files of every directory a complete pass `pass_number` did not list."""
+        with self.db:
+            self.db.execute(
+                "DELETE FROM files WHERE dir NOT IN (SELECT dir FROM dirs WHERE pass = ?)",
+                (pass_number,),
+            )
+            self.db.execute("DELETE FROM dirs WHERE pass != ?", (pass_number,))
+
+    def close(self):
+        self.db.close()
+
+
+class PollService(Process):
+    """Lists one source every interval and announces its new and changed files (see the module
+    docstring)."""
+
+    def on_init(self):
+        args = check_args(self.args)
+        self.settings = args
+        self.source = args["name"]
+        self.url = args["url"]
+        self.base_url = args["base_url"]
+        self.filter = args["filter"]
+        self.user = args["user"] or self.config("user", None, module=CONFIG) or DEFAULT_USER
+        self.exchange = args["exchange"] or f"xs_{self.user}"
+        local = local_directory(self.url)
+        if local is not None:
+            os.makedirs(local, exist_ok=True)
+        state_dir = args["state_dir"] or os.path.join("var", "pump", f"poll-{self.source}")
+        self.store = SeenFiles(os.path.join(state_dir, "seen.sqlite3"), self.url)
+        if self.store.reset:
+            self.log.warn(
+                "poll {name}: url changed to {url}; every file will be announced again",
+                name=self.source,
+                url=self.url,
+            )
+        self.stats = {"passes": 0, "skipped": 0, **{key: 0 for key in _PASS_COUNTERS}}
+        self.last_pass = None
+        self._loop = None
+        self._loop_done = None
+        self._pass = None
+        self._declared = False
+        self._stopping = False
+        self._last_error = None
+
+    def on_activate(self):
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = self.container.clock
+        self._loop_done = self._loop.start(self.settings["interval"], now=True)
+        self._loop_done.addErrback(
+            lambda f: self.log.failure("poll {name}: the poll loop failed", f, name=self.source)
+        )
+
+    async def terminate(self, timeout=None):
+        """Stop polling: the pass under way gets `stop_grace` seconds to finish, then it is
+        cancelled (its unconfirmed files are announced again by the next run)."""
+        if not self.lifecycle.final:
+            await self._stop_polling(self.settings["stop_grace"])
+        await super().terminate(timeout)
+
+    async def crash(self, reason):
+        if not self.lifecycle.final:
+            await self._stop_polling(0)
+            self.store.close()
+        await super().crash(reason)
+
+    def on_terminate(self):
+        self.store.close()
+
+    async def _stop_polling(self, grace):
+        self._stopping = True
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        running = self._pass
+        if running is None:
+            return
+        if grace > 0:
+            waiting = self._chain(running)
+            # Real time, not the container's clock: a shutdown bound must hold in tests too.
+            waiting.addTimeout(grace, self.container.reactor)
+            try:
+                await waiting
+            except defer.TimeoutError:
+                pass
+        if self._pass is not None:
+            self._pass.cancel()
+
+    def _tick(self):
+        # Nothing returned: the loop keeps its rhythm, and a pass still running makes this
+        # tick skip.
+        if self._pass is not None:
+            self.stats["skipped"] += 1
+            self.log.debug("poll {name}: previous pass still running; skipped", name=self.source)
+            return
+        self.poll_now()
+
+    def poll_now(self):
+        """Start a pass unless one is running; returns a Deferred firing (with None) when the
+        pass under way, new or not, has ended, whatever its outcome."""
+        if self._pass is None and not self._stopping:
+            d = defer.Deferred.fromCoroutine(self._run_pass())
+            d.addErrback(self._pass_failed)
+            self._pass = d
+
+            def done(result):
+                self._pass = None
+                return result
+
+            d.addBoth(done)
+        if self._pass is None:
+            return defer.succeed(None)
+        return self._chain(self._pass)
+
+    @staticmethod
+    def _chain(d):
+        follower = defer.Deferred()
+
+        def follow(result):
+            if not follower.called:
+                follower.callback(None)
+            return result
+
+        d.addBoth(follow)
+        return follower
+
+    def _pass_failed(self, failure):
+        if failure.check(defer.CancelledError):
+            return None
+        self.stats["errors"] += 1
+        self.log.failure("poll {name}: pass failed", failure, name=self.source)
+        return None
+
+    async def op_poll(self, content, headers):
+        """Run a pass now (or wait for the one running); the counters of the last pass."""
+        await self.poll_now()
+        return dict(self.last_pass or {})
+
+    def op_stats(self, content, headers):
+        """Totals: passes, skipped (passes not run because one was running), listed,
+        announced, unchanged, young (waiting for min_age), rejected (filters), unsafe (names
+        skipped), skipped_entries (links and the like), errors (listings or publishes that
+        failed), and `known`: files in the state."""
+        stats = dict(self.stats)
+        stats["known"] = len(self.store)
+        return stats
+
+    # -- one pass ------------------------------------------------------------------------
+
+    async def _run_pass(self):
+        clock = self.container.clock
+        started = clock.seconds()
+        number = self.store.start_pass()
+        counts = dict.fromkeys(_PASS_COUNTERS, 0)
+        complete = True
+        errors = []
+        pending = [""]
+        while pending and not self._stopping:
+            rel_dir = pending.pop()
+            try:
+                entries = await self._list(rel_dir)
+            except RemoteError as e:
+                if e.code == 404 and rel_dir:
+                    # Gone since its parent was listed: its files are forgotten below.
+                    continue
+                complete = False
+                counts["errors"] += 1
+                errors.append(f"cannot list {self._dir_url(rel_dir)}: {e.code} {e.message}")
+                continue
+            except defer.CancelledError:
+                raise
+            except Exception as e:
+                complete = False
+                counts["errors"] += 1
+                errors.append(f"cannot list {self._dir_url(rel_dir)}: {e}")
+                continue
+            self.store.visited(rel_dir, number)
+            try:
+                subdirs = await self._directory(rel_dir, entries, counts)
+            except defer.CancelledError:
+                raise
+            except Exception as e:
+                # The broker refused or went away: the next pass tries again.
+                complete = False
+                counts["errors"] += 1
+                errors.append(f"cannot publish to {self.exchange}: {e}")
+                break
+            pending.extend(reversed(subdirs))
+        if complete and not self._stopping:
+            self.store.forget_unvisited(number)
+        self._note_errors(errors)
+        elapsed = clock.seconds() - started
+        self.stats["passes"] += 1
+        for key, value in counts.items():
+            self.stats[key] += value
+        self.last_pass = dict(counts, seconds=elapsed, complete=complete and not self._stopping)
+        if counts["announced"]:
+            self.log.info(
+                "poll {name}: announced {n} new or changed files ({listed} listed) in {t:.2f} s",
+                name=self.source,
+                n=counts["announced"],
+                listed=counts["listed"],
+                t=elapsed,
+            )
+
+    def _note_errors(self, errors):
+        """Warn about listing failures, once while the same first failure repeats."""
+        first = errors[0] if errors else None
+        if first is not None and first != self._last_error:
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            self.log.warn("poll {name}: {what}{more}", name=self.source, what=first, more=more)
+        elif first is None and self._last_error is not None:
+            self.log.info("poll {name}: passes work again", name=self.source)
+        self._last_error = first
+
+    def _dir_url(self, rel_dir):
+        return self.url + (rel_dir + "/" if rel_dir else "")
+
+    async def _list(self, rel_dir):
+        return await self.rpc(
+            "transfer",
+            "list",
+            {"url": self._dir_url(rel_dir)},
+            timeout=self.settings["list_timeout"],
+        )
+
+    async def _directory(self, rel_dir, entries, counts):
+        """Announce what changed among one directory's entries; returns its subdirectories."""
+        now = self.container.clock.seconds()
+        min_age = self.settings["min_age"]
+        known = self.store.directory(rel_dir)
+        present = set()
+        subdirs = []
+        wanted = []
+        for entry in entries:
+            counts["listed"] += 1
+            name = entry.get("name") if isinstance(entry, dict) else None
+            rel_path = self._checked(rel_dir, name)
+            if rel_path is None:
+                counts["unsafe"] += 1
+                continue
+            kind = entry.get("type")
+            if kind == "dir":
+                if self.settings["recursive"]:
+                    subdirs.append(rel_path)
+                continue
+            if kind != "file":
+                counts["skipped_entries"] += 1
+                continue
+            present.add(name)
+            if not self.filter.accepts(rel_path):
+                counts["rejected"] += 1
+                continue
+            size, mtime = entry.get("size"), entry.get("mtime")
+            if known.get(name) == (size, mtime):
+                counts["unchanged"] += 1
+                continue
+            if min_age and mtime is not None and now - mtime < min_age:
+                counts["young"] += 1
+                continue
+            wanted.append((name, rel_path, entry))
+        gone = [name for name in known if name not in present]
+        if gone:
+            self.store.forget(rel_dir, gone)
+        size = self.settings["batch"]
+        for start in range(0, len(wanted), size):
+            if self._stopping:
+                break
+            counts["announced"] += await self._announce(rel_dir, wanted[start : start + size])
+        return subdirs
+
+    def _checked(self, rel_dir, name):
+        """The relPath of a listed name, or None (with a warning) when it is unusable."""
+        try:
+            paths.safe_name(name)
+            why = unfetchable(name)
+            if why is not None:
+                raise paths.UnsafePath(f"unusable name {name!r}: {why}")
+            rel_path = f"{rel_dir}/{name}" if rel_dir else name
+            paths.safe_relpath(rel_path)
+        except paths.UnsafePath as e:
+            self.log.warn(
+                "poll {name}: skipped a name listed in {url}: {reason}",
+                name=self.source,
+                url=self._dir_url(rel_dir),
+                reason=e,
+            )
+            return None
+        return rel_path
+
+    def notice_for(self, rel_path, entry, now):
+        """The v03 notice fields announcing the listed file `entry` at `rel_path`."""
+        fields = {
+            "pubTime": format_time(now),
+            "baseUrl": self.base_url,
+            "relPath": rel_path,
+        }
+        if entry.get("size") is not None:
+            fields["size"] = entry["size"]
+        if entry.get("mtime") is not None:
+            fields["mtime"] = format_time(entry["mtime"])
+        if entry.get("mode") is not None:
+            fields["mode"] = f"{entry['mode'] & 0o7777:o}"
+        fields["identity"] = dict(COD)
+        return fields
+
+    async def _announce(self, rel_dir, batch):
+        """Publish a batch of notices, then record the confirmed ones; raises the first
+        failure after recording the others. Returns how many were confirmed."""
+        now = self.container.clock.seconds()
+        # Until a publish has declared the exchange, each one of the batch declares it.
+        declare = None if self._declared else "topic"
+        results = await defer.DeferredList(
+            [
+                defer.Deferred.fromCoroutine(self._publish(rel_path, entry, now, declare))
+                for _, rel_path, entry in batch
+            ],
+            consumeErrors=True,
+        )
+        confirmed = [
+            (name, entry.get("size"), entry.get("mtime"))
+            for (ok, _), (name, _, entry) in zip(results, batch)
+            if ok
+        ]
+        if confirmed:
+            self._declared = True
+            self.store.record(rel_dir, confirmed)
+        for ok, failure in results:
+            if not ok:
+                failure.raiseException()
+        return len(confirmed)
+
+    async def _publish(self, rel_path, entry, now, declare):
+        notice = Notice(self.notice_for(rel_path, entry, now))
+        await self.publish(
+            self.exchange, notice.topic(), notice.to_json(), persistent=True, declare=declare
+        )
+
+
+process_class = PollService

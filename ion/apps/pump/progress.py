@@ -1,0 +1,142 @@
+"""Progress: one summary line of the pump's deliveries every `interval` seconds (default 10).
+
+`Progress` runs under the pump's supervisor and asks the consumers named in `consumers` (their
+child ids in that supervisor, e.g. `consumer.pump`) for their `stats` each interval, then logs
+at info, for all of them together:
+
+    pump: 12.4 files/s, 3.1 MB/s; 1240 delivered; 8 in hand, 0 retrying; failures: none
+
+files/s and bytes/s are the deliveries since the previous line; "in hand" is the messages
+taken from the broker and not settled yet (waiting for or in a transfer); "retrying" the
+files in the on-disk retry queues; failures count the files given up on, by report code, since
+the consumers started. While nothing moves and nothing waits, one "idle" line is logged and
+then nothing until work arrives again.
+"""
+
+from twisted.internet import defer, task
+
+from ion.core.process import Process
+
+DEFAULTS = {"consumers": (), "interval": 10, "name": "pump", "timeout": 5}
+
+
+def check_args(args):
+    """The args with defaults filled in; ValueError naming the bad one otherwise."""
+    unknown = sorted(set(args) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"progress: unknown argument {unknown[0]!r}; valid ones are {', '.join(DEFAULTS)}"
+        )
+    merged = dict(DEFAULTS, **args)
+    consumers = merged["consumers"]
+    if isinstance(consumers, str) or not all(isinstance(c, str) for c in consumers):
+        raise ValueError(f"progress: consumers must be a list of child ids, got {consumers!r}")
+    for key in ("interval", "timeout"):
+        value = merged[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"progress: {key} must be seconds > 0, got {value!r}")
+    return merged
+
+
+def human_bytes(count):
+    """A byte rate or size for people: 512 B, 3.1 kB, 12.0 MB..."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+
+
+class Progress(Process):
+    """Logs the consumers' summary line every interval (see the module docstring)."""
+
+    def on_init(self):
+        self.settings = check_args(self.args)
+        self._previous = {}  # child id -> (delivered, bytes) at the previous line
+        self._last_time = None
+        self._idle = False
+        self._loop = None
+        self.last_line = None
+
+    def on_activate(self):
+        self._last_time = self.container.clock.seconds()
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = self.container.clock
+        done = self._loop.start(self.settings["interval"], now=False)
+        done.addErrback(lambda f: self.log.failure("progress: the loop failed", f))
+
+    def on_terminate(self):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    async def crash(self, reason):
+        self.on_terminate()
+        await super().crash(reason)
+
+    def _tick(self):
+        d = defer.Deferred.fromCoroutine(self.summarize())
+        d.addErrback(lambda f: self.log.failure("progress: summary failed", f))
+        return d
+
+    def _consumers(self):
+        """(child id, process) of the consumers running now."""
+        parent = self.parent
+        found = []
+        for child_id in self.settings["consumers"]:
+            try:
+                proc = parent.child(child_id) if hasattr(parent, "child") else None
+            except KeyError:
+                proc = None
+            if proc is not None and not proc.lifecycle.final:
+                found.append((child_id, proc))
+        return found
+
+    async def summarize(self):
+        """Collect the consumers' stats and log the summary line; returns it (None when it
+        was not logged: still idle)."""
+        now = self.container.clock.seconds()
+        elapsed = max(now - self._last_time, 1e-9)
+        self._last_time = now
+        totals = {"delivered": 0, "bytes": 0, "in_hand": 0, "retrying": 0}
+        new_files = new_bytes = 0
+        failures = {}
+        for child_id, proc in self._consumers():
+            try:
+                stats = await self.rpc(proc.pid, "stats", timeout=self.settings["timeout"])
+            except Exception as e:
+                self.log.debug("progress: no stats from {id}: {e}", id=child_id, e=e)
+                continue
+            delivered, size = stats.get("delivered", 0), stats.get("bytes", 0)
+            before = self._previous.get(child_id, (0, 0))
+            if delivered < before[0]:
+                before = (0, 0)  # a restarted consumer counts from zero again
+            new_files += delivered - before[0]
+            new_bytes += size - before[1]
+            self._previous[child_id] = (delivered, size)
+            totals["delivered"] += delivered
+            totals["bytes"] += size
+            totals["in_hand"] += stats.get("in_hand", 0)
+            totals["retrying"] += stats.get("retrying", 0)
+            for code, n in (stats.get("failures") or {}).items():
+                failures[code] = failures.get(code, 0) + n
+        busy = new_files or totals["in_hand"] or totals["retrying"]
+        if not busy and self._idle:
+            return None
+        self._idle = not busy
+        failed = ", ".join(f"{code}={n}" for code, n in sorted(failures.items())) or "none"
+        if busy:
+            line = (
+                f"{self.settings['name']}: {new_files / elapsed:.1f} files/s, "
+                f"{human_bytes(new_bytes / elapsed)}/s; {totals['delivered']} delivered; "
+                f"{totals['in_hand']} in hand, {totals['retrying']} retrying; failures: {failed}"
+            )
+        else:
+            line = (
+                f"{self.settings['name']}: idle; {totals['delivered']} delivered "
+                f"({human_bytes(totals['bytes'])}); failures: {failed}"
+            )
+        self.last_line = line
+        self.log.info("{line}", line=line)
+        return line
+
+
+process_class = Progress

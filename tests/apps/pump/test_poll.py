@@ -1,0 +1,485 @@
+"""The poll: what it announces, what it remembers across restarts, what it skips."""
+
+import os
+import time
+
+from twisted.internet import defer, task
+from twisted.trial import unittest
+
+from ion.apps.pump.notice import Notice, parse_time
+from ion.apps.pump.poll import PollService, SeenFiles, check_args, root_url, unfetchable
+from ion.apps.pump.transfer_service import TransferService
+from ion.core.cc.testing import call_op, make_container
+from ion.core.messaging.memory import MemoryBroker
+from ion.core.process import ApplicationError, ServiceProcess
+from tests.apps.pump.fixtures import Collector, quiet, until, write_source
+
+OLD = time.time() - 3600
+
+
+def write_old(directory, rel_path, data, mtime=OLD):
+    """A source file with an mtime well in the past (min_age never holds it back)."""
+    path = write_source(directory, rel_path, data)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+class FakeLister(ServiceProcess):
+    """A `transfer` service whose `list` answers from `listings` {url: entries or an error
+    code}; with `gate` set, every list waits for it."""
+
+    service = "transfer"
+
+    def on_init(self):
+        self.listings = {}
+        self.gate = None
+        self.calls = []
+
+    async def op_list(self, content, headers):
+        self.calls.append(content["url"])
+        if self.gate is not None:
+            await self.gate
+        answer = self.listings.get(content["url"], 404)
+        if isinstance(answer, int):
+            raise ApplicationError(f"listing {content['url']} failed", code=answer)
+        return answer
+
+
+def entry(name, size=1, mtime=OLD, mode=0o644, type="file"):
+    return {"name": name, "size": size, "mtime": mtime, "mode": mode, "type": type}
+
+
+class ArgsTests(unittest.SynchronousTestCase):
+    def test_defaults(self):
+        """A poll needs a name and a url; a relative file: url becomes absolute, every url
+        ends with '/', and the baseUrl of announcements defaults to it."""
+        args = check_args({"name": "src", "url": "file:some/dir"})
+        self.assertEqual(args["url"], "file://" + os.path.abspath("some/dir") + "/")
+        self.assertEqual(args["base_url"], args["url"])
+        self.assertEqual((args["interval"], args["min_age"], args["recursive"]), (2, 0, True))
+        args = check_args({"name": "w", "url": "http://h/d", "base_url": "https://mirror/d"})
+        self.assertEqual((args["url"], args["base_url"]), ("http://h/d/", "https://mirror/d/"))
+        self.assertEqual(root_url("file:/a b%"), "file:///a%20b%25/")
+
+    def test_bad_args(self):
+        """Bad args are errors naming the poll and the argument."""
+        table = [
+            ({"url": "file:x"}, "poll name"),
+            ({"name": "p"}, "url"),
+            ({"name": "p", "url": "gopher://h/"}, "scheme 'gopher'"),
+            ({"name": "p", "url": "file:x", "interval": 0}, "interval"),
+            ({"name": "p", "url": "file:x", "min_age": -1}, "min_age"),
+            ({"name": "p", "url": "file:x", "batch": 0}, "batch"),
+            ({"name": "p", "url": "file:x", "accept": "x"}, "accept"),
+            ({"name": "p", "url": "file:x", "reject": ["("]}, "bad regex"),
+            ({"name": "p", "url": "file:x", "exchange": "a b"}, "exchange"),
+            ({"name": "p", "url": "file:x", "colour": 1}, "unknown argument 'colour'"),
+        ]
+        for args, expected in table:
+            e = self.assertRaises(ValueError, check_args, args)
+            self.assertIn(expected, str(e), args)
+
+    def test_filters(self):
+        """Naming files to accept rejects the others; rejects alone accept the rest; the
+        first matching rule decides."""
+        accepts = check_args({"name": "p", "url": "file:x", "accept": [r".*\.txt"]})["filter"]
+        self.assertEqual(
+            [accepts.accepts(p) for p in ("a.txt", "d/b.txt", "c.dat")], [True, True, False]
+        )
+        rejects = check_args({"name": "p", "url": "file:x", "reject": [r".*\.tmp"]})["filter"]
+        self.assertEqual([rejects.accepts(p) for p in ("a.tmp", "c.dat")], [False, True])
+        ordered = check_args(
+            {"name": "p", "url": "file:x", "filters": [("accept", "keep/.*"), ("reject", ".*")]}
+        )["filter"]
+        self.assertEqual([ordered.accepts(p) for p in ("keep/x", "other/x")], [True, False])
+
+    def test_unfetchable(self):
+        """Names a URL cannot carry back to the server are recognised."""
+        for name in ("a?b", "a#b", "100%41"):
+            self.assertIsNotNone(unfetchable(name), name)
+        for name in ("plain", "100%", "a b", "%zz"):
+            self.assertIsNone(unfetchable(name), name)
+
+
+class SeenFilesTests(unittest.TestCase):
+    def test_store(self):
+        """Rows per directory survive reopening; another root starts empty; directories a
+        complete pass did not visit are forgotten."""
+        path = os.path.join(self.mktemp(), "seen.sqlite3")
+        store = SeenFiles(path, "file:///a/")
+        number = store.start_pass()
+        store.visited("", number)
+        store.visited("d", number)
+        store.record("", [("f", 1, 2.5)])
+        store.record("d", [("g", None, None), ("h", 3, 4.0)])
+        store.close()
+        store = SeenFiles(path, "file:///a/")
+        self.assertFalse(store.reset)
+        self.assertEqual(store.directory("d"), {"g": (None, None), "h": (3, 4.0)})
+        self.assertEqual(store.get("f"), (1, 2.5))
+        number = store.start_pass()
+        store.visited("", number)
+        store.forget_unvisited(number)
+        self.assertEqual((store.directory("d"), len(store)), ({}, 1))
+        store.forget("", ["f"])
+        self.assertEqual(len(store), 0)
+        store.record("", [("f", 1, 2.5)])
+        store.close()
+        store = SeenFiles(path, "file:///b/")
+        self.addCleanup(store.close)
+        self.assertTrue(store.reset)
+        self.assertEqual(len(store), 0)
+
+
+class PollTests(unittest.TestCase):
+    """A poll over real files (file://), the transfer service and the memory broker."""
+
+    async def setUp(self):
+        self.base = os.path.abspath(self.mktemp())
+        self.src = os.path.join(self.base, "src")
+        self.state = os.path.join(self.base, "state")
+        os.makedirs(self.src)
+        credentials = os.path.join(self.base, "credentials.conf")
+        with open(credentials, "w"):
+            pass
+        os.chmod(credentials, 0o600)
+        self.broker = MemoryBroker()
+        self.c = await make_container(self, memory_broker=self.broker)
+        self.collector = await self.c.spawn(Collector)
+        await self.collector.listen("xs_ion")
+        self.transfer = await self.c.spawn(TransferService, args={"credentials": credentials})
+
+    async def start_poll(self, container=None, **args):
+        args.setdefault("name", "src")
+        args.setdefault("url", "file://" + self.src + "/")
+        args.setdefault("state_dir", self.state)
+        args.setdefault("interval", 3600)
+        proc = await (container or self.c).spawn(PollService, args=args)
+        self.addCleanup(self.stop, proc)
+        await proc.poll_now()
+        await quiet()
+        return proc
+
+    async def stop(self, proc):
+        if not proc.lifecycle.final:
+            await proc.terminate()
+
+    async def announced(self, proc):
+        """Run a pass and return the relPaths announced since the last call, sorted."""
+        await proc.poll_now()
+        await quiet()
+        got = sorted(body["relPath"] for body in self.collector.bodies())
+        self.collector.got.clear()
+        return got
+
+    async def test_announces_tree(self):
+        """Every file of the tree is announced once, as a valid v03 notice on xs_<user> with
+        the routing key of its directories, its size, mtime and mode, and a cod identity."""
+        write_old(self.src, "top.txt", b"top")
+        path = write_old(self.src, "a/b/deep.dat", b"deep data", mtime=1700000000.5)
+        os.chmod(path, 0o640)
+        os.makedirs(os.path.join(self.src, "empty"))
+        proc = await self.start_poll()
+        await quiet()
+        got = {body["relPath"]: (ex, key, body) for ex, key, body in self.collector.got}
+        self.assertEqual(sorted(got), ["a/b/deep.dat", "top.txt"])
+        exchange, key, body = got["a/b/deep.dat"]
+        self.assertEqual((exchange, key), ("xs_ion", "v03.a.b"))
+        notice = Notice(body).validate()
+        self.assertEqual(notice.base_url, "file://" + self.src + "/")
+        self.assertEqual((notice.size, notice.mode), (9, "640"))
+        self.assertEqual(parse_time(notice.mtime), 1700000000.5)
+        self.assertEqual(notice.identity, {"method": "cod", "value": "sha512"})
+        self.assertIsNone(notice.source)
+        self.assertEqual(notice.url(), "file://" + path)
+        self.assertEqual(got["top.txt"][1], "v03")
+        stats = await call_op(proc, "stats")
+        self.assertEqual((stats["announced"], stats["known"], stats["passes"]), (2, 2, 1))
+
+    async def test_changes(self):
+        """A second pass announces nothing; a file with another size or mtime is announced
+        again, a new one once; a deleted file is forgotten and announced when it returns."""
+        write_old(self.src, "d/same", b"same")
+        write_old(self.src, "d/grows", b"1")
+        write_old(self.src, "touched", b"t")
+        gone = write_old(self.src, "d/gone", b"g")
+        proc = await self.start_poll()
+        self.collector.got.clear()
+        self.assertEqual(await self.announced(proc), [])
+        write_old(self.src, "d/grows", b"12")
+        write_old(self.src, "touched", b"t", mtime=OLD + 1)
+        write_old(self.src, "d/new", b"n")
+        os.unlink(gone)
+        self.assertEqual(await self.announced(proc), ["d/grows", "d/new", "touched"])
+        self.assertIsNone(proc.store.get("d/gone"))
+        write_old(self.src, "d/gone", b"g")
+        self.assertEqual(await self.announced(proc), ["d/gone"])
+        self.assertEqual(proc.last_pass["unchanged"], 4)
+
+    async def test_removed_directory_forgotten(self):
+        """The files of a directory that disappeared are forgotten after a complete pass."""
+        write_old(self.src, "keep/f", b"k")
+        write_old(self.src, "drop/sub/f", b"d")
+        proc = await self.start_poll()
+        self.collector.got.clear()
+        self.assertEqual(proc.store.get("drop/sub/f"), (1, OLD))
+        for path in ("drop/sub/f",):
+            os.unlink(os.path.join(self.src, path))
+        os.rmdir(os.path.join(self.src, "drop", "sub"))
+        os.rmdir(os.path.join(self.src, "drop"))
+        self.assertEqual(await self.announced(proc), [])
+        self.assertIsNone(proc.store.get("drop/sub/f"))
+        self.assertEqual(proc.store.get("keep/f"), (1, OLD))
+
+    async def test_state_survives_restart(self):
+        """A new poll process on the same state does not announce unchanged files again,
+        only what changed while it was away."""
+        for i in range(5):
+            write_old(self.src, f"d{i % 2}/f{i}", b"x" * i)
+        first = await self.start_poll()
+        await quiet()
+        self.assertEqual(len(self.collector.bodies()), 5)
+        await first.terminate()
+        self.collector.got.clear()
+        write_old(self.src, "d1/f3", b"changed")
+        second = await self.start_poll()
+        await quiet()
+        self.assertEqual([b["relPath"] for b in self.collector.bodies()], ["d1/f3"])
+        self.assertEqual(second.last_pass["unchanged"], 4)
+
+    async def test_url_change_starts_over(self):
+        """Pointing a poll's state at another url announces everything there."""
+        write_old(self.src, "f", b"f")
+        other = os.path.join(self.base, "other")
+        write_old(other, "f", b"f")
+        first = await self.start_poll()
+        await first.terminate()
+        self.collector.got.clear()
+        await self.start_poll(url="file://" + other)
+        await quiet()
+        self.assertEqual([b["relPath"] for b in self.collector.bodies()], ["f"])
+
+    async def test_min_age(self):
+        """A file younger than min_age waits for a pass where it is old enough."""
+        write_old(self.src, "old", b"o")
+        write_source(self.src, "fresh", b"f")
+        proc = await self.start_poll(min_age=60)
+        await quiet()
+        self.assertEqual([b["relPath"] for b in self.collector.bodies()], ["old"])
+        self.assertEqual(proc.last_pass["young"], 1)
+        self.collector.got.clear()
+        self.assertEqual(await self.announced(proc), [])
+        os.utime(os.path.join(self.src, "fresh"), (OLD, OLD))
+        self.assertEqual(await self.announced(proc), ["fresh"])
+
+    async def test_accept_reject(self):
+        """accept/reject regexes match the relPath; rejects tried first; with accepts, the
+        unmatched files are not announced."""
+        for name in ("a.txt", "b.dat", "c.tmp.txt", "sub/d.txt", "sub/e.dat"):
+            write_old(self.src, name, b"x")
+        proc = await self.start_poll(accept=[r".*\.txt"], reject=[r".*\.tmp\..*"])
+        await quiet()
+        self.assertEqual(
+            sorted(b["relPath"] for b in self.collector.bodies()), ["a.txt", "sub/d.txt"]
+        )
+        self.assertEqual(proc.last_pass["rejected"], 3)
+
+    async def test_not_recursive(self):
+        """recursive=False announces the top directory's files only."""
+        write_old(self.src, "f", b"f")
+        write_old(self.src, "d/g", b"g")
+        await self.start_poll(recursive=False)
+        await quiet()
+        self.assertEqual([b["relPath"] for b in self.collector.bodies()], ["f"])
+
+    async def test_unusable_local_names(self):
+        """Local names with control characters or URL escapes are skipped with a warning;
+        symbolic links are not announced nor followed."""
+        write_old(self.src, "good", b"g")
+        write_old(self.src, "bad\x01name", b"b")
+        write_old(self.src, "esc%41ped", b"e")
+        write_old(self.base, "outside/secret", b"s")
+        os.symlink(os.path.join(self.base, "outside"), os.path.join(self.src, "linkdir"))
+        os.symlink(os.path.join(self.base, "outside", "secret"), os.path.join(self.src, "lf"))
+        proc = await self.start_poll()
+        await quiet()
+        self.assertEqual([b["relPath"] for b in self.collector.bodies()], ["good"])
+        self.assertEqual((proc.last_pass["unsafe"], proc.last_pass["skipped_entries"]), (2, 2))
+
+    async def test_base_url_and_exchange(self):
+        """base_url replaces the polled url in announcements; exchange and user choose where
+        they go."""
+        write_old(self.src, "d/f", b"f")
+        await self.collector.listen("xs_alice")
+        await self.collector.listen("custom")
+        await self.start_poll(name="a", user="alice", base_url="https://example.org/data")
+        await self.start_poll(name="b", exchange="custom", state_dir=self.state + "b")
+        await quiet()
+        got = {ex: body for ex, _, body in self.collector.got}
+        self.assertEqual(sorted(got), ["custom", "xs_alice"])
+        self.assertEqual(got["xs_alice"]["baseUrl"], "https://example.org/data/")
+
+    async def test_creates_local_directory(self):
+        """A local directory to poll that does not exist is created."""
+        missing = os.path.join(self.base, "not", "yet")
+        await self.start_poll(url="file:" + missing)
+        self.assertTrue(os.path.isdir(missing))
+
+    async def test_unconfirmed_not_recorded(self):
+        """A file whose announcement the broker did not confirm is not recorded: the next
+        pass announces it; the ones confirmed are not announced again."""
+        for name in ("a", "b", "c"):
+            write_old(self.src, name, b"x")
+        original = PollService.publish
+        failing = {"b"}
+
+        async def publish(proc, exchange, key, body, **options):
+            if Notice.from_json(body).rel_path in failing:
+                raise ConnectionError("broker went away")
+            await original(proc, exchange, key, body, **options)
+
+        self.patch(PollService, "publish", publish)
+        proc = await self.start_poll()
+        await quiet()
+        self.assertEqual(sorted(b["relPath"] for b in self.collector.bodies()), ["a", "c"])
+        self.assertEqual((proc.last_pass["errors"], proc.last_pass["complete"]), (1, False))
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+        failing.clear()
+        self.collector.got.clear()
+        self.assertEqual(await self.announced(proc), ["b"])
+        self.assertTrue(proc.last_pass["complete"])
+
+    async def test_batches(self):
+        """Directories are handled one at a time, in batches: a tree of many files in many
+        directories is announced whole, once, and recorded."""
+        for i in range(300):
+            write_old(self.src, f"d{i % 12}/s{i % 5}/f{i}", b"%d" % i)
+        proc = await self.start_poll(batch=7)
+        await quiet()
+        announced = sorted(b["relPath"] for b in self.collector.bodies())
+        self.assertEqual(len(announced), 300)
+        self.assertEqual(len(set(announced)), 300)
+        self.assertEqual(len(proc.store), 300)
+
+
+class FakeListingTests(unittest.TestCase):
+    """A poll against a fake transfer service: hostile listings, failures, overlapping passes."""
+
+    async def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(time.time())
+        self.c = await make_container(self, memory_broker=MemoryBroker(), clock=self.clock)
+        self.collector = await self.c.spawn(Collector)
+        await self.collector.listen("xs_ion")
+        self.lister = await self.c.spawn(FakeLister)
+        self.state = os.path.abspath(self.mktemp())
+
+    async def start_poll(self, **args):
+        args.setdefault("name", "remote")
+        args.setdefault("url", "sftp://feed.example/data/")
+        args.setdefault("state_dir", self.state)
+        args.setdefault("interval", 10)
+        proc = await self.c.spawn(PollService, args=args)
+        self.addCleanup(lambda: None if proc.lifecycle.final else proc.terminate())
+        return proc
+
+    async def test_hostile_names(self):
+        """Listing names that could escape the tree or confuse a path are skipped with a
+        warning; the rest is announced."""
+        root = "sftp://feed.example/data/"
+        self.lister.listings[root] = [
+            entry(".."),
+            entry("../../etc/passwd"),
+            entry("a/b"),
+            entry("nul\x00"),
+            entry("%2e%2e"),
+            entry("back\\slash"),
+            entry("C:"),
+            entry("x" * 300),
+            entry("line\nbreak"),
+            entry("q?x"),
+            entry(".", type="dir"),
+            entry("..", type="dir"),
+            entry("ok.txt"),
+            entry("sub", type="dir"),
+        ]
+        self.lister.listings[root + "sub/"] = [entry("inner"), entry("%252e%252e", type="dir")]
+        proc = await self.start_poll()
+        await proc.poll_now()
+        await quiet()
+        self.assertEqual(
+            sorted(b["relPath"] for b in self.collector.bodies()), ["ok.txt", "sub/inner"]
+        )
+        self.assertEqual(proc.last_pass["unsafe"], 13)
+        self.assertEqual(self.lister.calls, [root, root + "sub/"])
+
+    async def test_no_overlapping_passes(self):
+        """A pass still running when the next is due makes that one skip; the pass after it
+        runs again."""
+        root = "sftp://feed.example/data/"
+        self.lister.listings[root] = [entry("f")]
+        self.lister.gate = defer.Deferred()
+        proc = await self.start_poll(interval=10)
+        await until(lambda: self.lister.calls)
+        self.clock.advance(10)
+        self.clock.advance(10)
+        self.assertEqual((proc.stats["skipped"], len(self.lister.calls)), (2, 1))
+        gate, self.lister.gate = self.lister.gate, None
+        gate.callback(None)
+        await until(lambda: proc.stats["passes"] == 1)
+        self.clock.advance(10)
+        await until(lambda: proc.stats["passes"] == 2)
+        self.assertEqual(len(self.lister.calls), 2)
+        await quiet()
+        self.assertEqual([b["relPath"] for b in self.collector.bodies()], ["f"])
+
+    async def test_listing_failures(self):
+        """A listing that fails is warned about once while it keeps failing, and what is
+        known stays known; a subdirectory gone since its parent was listed is no error."""
+        root = "sftp://feed.example/data/"
+        self.lister.listings[root] = [entry("f"), entry("d", type="dir"), entry("gone", type="dir")]
+        self.lister.listings[root + "d/"] = [entry("g")]
+        proc = await self.start_poll()
+        await proc.poll_now()
+        self.assertEqual((len(proc.store), proc.last_pass["errors"]), (2, 0))
+        self.lister.listings[root + "d/"] = 503
+        for _ in range(3):
+            self.clock.advance(10)
+            await proc.poll_now()
+        self.assertEqual(proc.stats["errors"], 3)
+        self.assertEqual(proc.store.get("d/g"), (1, OLD))
+        self.lister.listings[root] = 503
+        self.clock.advance(10)
+        await proc.poll_now()
+        self.assertEqual(proc.store.get("f"), (1, OLD))
+
+    async def test_terminate_cancels_a_stuck_pass(self):
+        """Terminating a poll whose pass hangs gives it stop_grace seconds, then cancels it."""
+        self.lister.gate = defer.Deferred()
+        self.lister.listings["sftp://feed.example/data/"] = [entry("f")]
+        proc = await self.start_poll(stop_grace=0.1)
+        await until(lambda: self.lister.calls)
+        await proc.terminate()
+        self.assertEqual(proc.state, "TERMINATED")
+        self.lister.gate.callback(None)
+        await quiet()
+        self.assertEqual(self.collector.bodies(), [])
+
+    async def test_unknown_sizes_and_times(self):
+        """Listings without sizes or times (some HTTP index pages) announce a file once, and
+        again when what they do tell changes."""
+        root = "sftp://feed.example/data/"
+        self.lister.listings[root] = [entry("f", size=None, mtime=None, mode=None)]
+        proc = await self.start_poll(min_age=60)
+        await proc.poll_now()
+        await quiet()
+        (body,) = self.collector.bodies()
+        self.assertNotIn("size", body)
+        self.assertNotIn("mtime", body)
+        self.clock.advance(10)
+        await proc.poll_now()
+        self.lister.listings[root] = [entry("f", size=5, mtime=None, mode=None)]
+        self.clock.advance(10)
+        await proc.poll_now()
+        await quiet()
+        self.assertEqual([b.get("size") for b in self.collector.bodies()], [None, 5])
