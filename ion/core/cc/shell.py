@@ -265,6 +265,14 @@ class ShellHelpers:
         except Exception as e:
             self.print(describe_error(e))
 
+    def apps(self):
+        """Print the running apps."""
+        rows = []
+        for name, app in self.container.apps.running.items():
+            top = getattr(app.state, "pid", "")
+            rows.append((name, app.spec.version, top, app.spec.description))
+        self.print(format_table(("app", "version", "top process", "description"), rows))
+
     def spawn(self, module_or_class, name=None, container=None, **args):
         """Spawn a process, here or (container=<id>) through another container's agent;
         prints its pid (also `.result` of what it returns)."""
