@@ -1,0 +1,283 @@
+"""The whole pump: poll -> ingest -> consumer -> destination, over file, http and sftp sources,
+as the app builds it and as `twistd -n cc res/apps/pump.app` runs it."""
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import types
+
+from twisted.trial import unittest
+
+from ion.apps.pump import app as pump_app
+from ion.apps.pump.transfer import sftp as sftp_scheme
+from ion.apps.pump.transfer.inflight import INFLIGHT_SUFFIX
+from ion.core.app.appfile import read_app, read_rel
+from ion.core.cc.testing import make_container
+from ion.core.messaging.memory import MemoryBroker
+from tests.apps.pump.fixtures import Collector, quiet, until
+from tests.apps.pump.servers import settle, start_http, start_sftp, write_file
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+RES = os.path.join(REPO, "res")
+OLD = time.time() - 3600
+
+
+def digests(root):
+    """{relPath: sha512 hex} of every file under root."""
+    found = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as f:
+                digest = hashlib.sha512(f.read()).hexdigest()
+            found[os.path.relpath(path, root).replace(os.sep, "/")] = digest
+    return found
+
+
+def make_tree(root, count, rng, dirs=(10, 10), max_size=3000):
+    """`count` files of random bytes spread over nested directories, mtimes in the past."""
+    for i in range(count):
+        top, sub = i % dirs[0], (i // dirs[0]) % dirs[1]
+        path = os.path.join(root, f"top{top}", f"sub{sub}", f"file{i}.bin")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_file(path, rng.randbytes(rng.randrange(max_size)))
+        os.utime(path, (OLD, OLD))
+
+
+def inflight_files(root):
+    return [
+        os.path.join(directory, name)
+        for directory, _, names in os.walk(root)
+        for name in names
+        if name.endswith(INFLIGHT_SUFFIX)
+    ]
+
+
+class PumpFlowTests(unittest.TestCase):
+    """The pump app on the memory broker, with real files."""
+
+    async def setUp(self):
+        self.base = os.path.abspath(self.mktemp())
+        self.src = os.path.join(self.base, "src")
+        self.dest = os.path.join(self.base, "dest")
+        os.makedirs(self.src)
+        self.credentials = os.path.join(self.base, "credentials.conf")
+        write_file(self.credentials, b"")
+        os.chmod(self.credentials, 0o600)
+        self.c = await make_container(self, memory_broker=MemoryBroker())
+        self.collector = await self.c.spawn(Collector)
+        await self.collector.listen("xr_ion")
+
+    async def start_pump(self, url, **poll):
+        poll = dict({"name": "src", "url": url, "interval": 0.5}, **poll)
+        poll.setdefault("state_dir", os.path.join(self.base, "poll"))
+        self.sup = await pump_app.start(
+            self.c,
+            types.SimpleNamespace(name="pump"),
+            polls=[poll],
+            subscriptions=[
+                {
+                    "name": "sub",
+                    "directory": self.dest,
+                    "state_dir": os.path.join(self.base, "consumer"),
+                }
+            ],
+            transfer={"workers": 2, "credentials": self.credentials},
+            report_router={"state_dir": os.path.join(self.base, "router")},
+        )
+        self.addCleanup(self.sup.terminate)
+        return self.sup
+
+    def delivered(self):
+        return self.sup.child("consumer.sub").stats["delivered"]
+
+    def reports(self, code=201):
+        return [b["relPath"] for b in self.collector.bodies() if b["report"]["code"] == code]
+
+    async def test_file_tree_mirrored(self):
+        """A tree of 1,000 files in nested directories is mirrored exactly (every sha512
+        equal) and reported to its source once per file; then a modified file is delivered
+        again and the unchanged ones are not."""
+        started = time.monotonic()
+        make_tree(self.src, 1000, random.Random(1))
+        await self.start_pump("file://" + self.src)
+        self.assertEqual(
+            [spec.id for spec in self.sup.child_specs],
+            [
+                "report_router",
+                "transfer1",
+                "transfer2",
+                "ingest",
+                "consumer.sub",
+                "poll.src",
+                "progress",
+            ],
+        )
+        await until(lambda: self.delivered() == 1000, timeout=60, what="1000 deliveries")
+        await until(lambda: len(self.reports()) == 1000, what="1000 reports")
+        self.assertEqual(digests(self.dest), digests(self.src))
+        self.assertEqual(len(set(self.reports())), 1000)
+        changed = os.path.join(self.src, "top3", "sub4", "file43.bin")
+        write_file(changed, b"changed content")
+        await until(lambda: self.delivered() == 1001, what="the changed file")
+        await until(lambda: len(self.reports()) == 1001)
+        with open(os.path.join(self.dest, "top3", "sub4", "file43.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"changed content")
+        poll = self.sup.child("poll.src")
+        await poll.poll_now()
+        await poll.poll_now()
+        await quiet(0.2)
+        self.assertEqual(self.delivered(), 1001)
+        self.assertEqual(self.reports().count("top3/sub4/file43.bin"), 2)
+        self.assertEqual(inflight_files(self.dest), [])
+        self.assertLess(time.monotonic() - started, 15)
+
+    async def test_http_source(self):
+        """A tree served over HTTP (twisted.web index pages) is mirrored."""
+        make_tree(self.src, 40, random.Random(2), dirs=(3, 2))
+        server = start_http(self, self.src)
+        self.addCleanup(settle)
+        await self.start_pump(server.url + "/files/")
+        await until(lambda: self.delivered() == 40, timeout=30, what="40 deliveries")
+        self.assertEqual(digests(self.dest), digests(self.src))
+
+    async def test_sftp_source(self):
+        """A tree on an SFTP server (host key checked, password from the credentials file) is
+        mirrored with its mtimes."""
+        make_tree(self.src, 30, random.Random(3), dirs=(3, 2))
+        server = start_sftp(self, self.src, user="bob", password="sftp-secret")
+        self.addCleanup(settle)
+        known_hosts = write_file(
+            os.path.join(self.base, "known_hosts"), server.known_hosts_line().encode()
+        )
+        self.patch(sftp_scheme, "DEFAULT_KNOWN_HOSTS", known_hosts)
+        port = server.port.getHost().port
+        write_file(self.credentials, f"sftp://bob:sftp-secret@127.0.0.1:{port}/\n".encode())
+        await self.start_pump(server.url + "/")
+        await until(lambda: self.delivered() == 30, timeout=30, what="30 deliveries")
+        self.assertEqual(digests(self.dest), digests(self.src))
+        some = os.path.join("top1", "sub1", "file4.bin")
+        self.assertEqual(int(os.stat(os.path.join(self.dest, some)).st_mtime), int(OLD))
+
+
+class AppPlanTests(unittest.SynchronousTestCase):
+    def test_plan_order(self):
+        """Receivers first: router, transfer workers, ingest, consumers, polls, progress; the
+        progress summary knows the consumers; the pump user reaches every process."""
+        plan = pump_app.plan(
+            polls=[{"name": "a", "url": "file:/a"}, {"name": "b", "url": "http://h/"}],
+            subscriptions=[{"name": "s", "directory": "/d"}],
+            transfer={"workers": 1},
+            user="pumpy",
+        )
+        children = plan["children"]
+        self.assertEqual(
+            [c["id"] for c in children],
+            ["report_router", "transfer1", "ingest", "consumer.s", "poll.a", "poll.b", "progress"],
+        )
+        self.assertEqual(plan["strategy"], "rest_for_one")
+        self.assertEqual(children[-1]["args"]["consumers"], ["consumer.s"])
+        for child in ("report_router", "ingest", "consumer.s", "poll.a"):
+            args = next(c["args"] for c in children if c["id"] == child)
+            self.assertEqual(args["user"], "pumpy", child)
+
+    def test_bad_kwargs(self):
+        """Unknown kwargs, duplicate names and bad poll args are errors naming them."""
+        table = [
+            ({"pols": []}, "unknown argument 'pols'"),
+            ({"polls": {"name": "a"}}, "polls must be a list"),
+            ({"polls": [{"name": "a", "url": "file:/a"}] * 2}, "two polls are named 'a'"),
+            ({"polls": [{"name": "a"}]}, "url"),
+            ({"polls": [{"name": "a", "url": "file:/a", "interval": -1}]}, "interval"),
+            ({"ingest": {"users": "alice"}}, "users"),
+            ({"progress": {"interval": 0}}, "interval"),
+            ({"subscriptions": [{"name": "a", "directory": "/x"}] * 2}, "two subscriptions"),
+        ]
+        for kwargs, expected in table:
+            e = self.assertRaises(ValueError, pump_app.plan, **kwargs)
+            self.assertIn(expected, str(e), kwargs)
+
+    def test_app_and_rel_files(self):
+        """res/apps/pump.app polls pump/source/ into pump/destination/ with reports logged,
+        and res/deploy/pump-http.rel polls an HTTP server; both make valid plans."""
+        spec = read_app(os.path.join(RES, "apps", "pump.app"))
+        plan = pump_app.plan(**spec.kwargs)
+        by_id = {c["id"]: c["args"] for c in plan["children"]}
+        self.assertEqual(by_id["poll.source"]["url"], "file:pump/source/")
+        self.assertEqual(by_id["consumer.pump"]["directory"], "pump/destination/")
+        self.assertTrue(by_id["report_router"]["log_path"].startswith("var/pump/"))
+        rel = read_rel(os.path.join(RES, "deploy", "pump-http.rel"))
+        (entry,) = rel.apps
+        self.assertEqual(entry.name, "pump")
+        plan = pump_app.plan(**dict(spec.kwargs, **entry.args))
+        by_id = {c["id"]: c["args"] for c in plan["children"]}
+        self.assertTrue(by_id["poll.web"]["url"].startswith("http://localhost:8000/"))
+        self.assertNotIn("poll.source", by_id)
+
+
+class TwistdTests(unittest.TestCase):
+    """`twistd -n cc res/apps/pump.app` as a user runs it, in a fresh working directory."""
+
+    async def test_pump_app(self):
+        """Files dropped into pump/source/ arrive in pump/destination/ with the same bytes,
+        each delivery and the progress are logged, the report log has a line per file, and
+        SIGTERM stops the container cleanly (exit 0) with no temporary files left."""
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        env = dict(os.environ, PYTHONPATH=REPO, HOME=cwd)
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        log_path = os.path.join(cwd, "twistd.log")
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [twistd, "--pidfile=", "-n", "cc", "-n", os.path.join(RES, "apps", "pump.app")],
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+
+        def log_text():
+            with open(log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+
+        await until(
+            lambda: "running apps" in log_text() or proc.poll() is not None,
+            timeout=30,
+            what="the container to start",
+        )
+        self.assertIsNone(proc.poll(), log_text())
+        source = os.path.join(cwd, "pump", "source")
+        self.assertTrue(os.path.isdir(source))
+        rng = random.Random(4)
+        files = {"one.txt": b"hello pump\n", "deep/er/two.bin": rng.randbytes(200_000)}
+        for rel, data in files.items():
+            path = os.path.join(source, *rel.split("/"))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_file(path + ".tmp", data)
+            os.rename(path + ".tmp", path)
+        dest = os.path.join(cwd, "pump", "destination")
+
+        def arrived():
+            return all(os.path.exists(os.path.join(dest, *rel.split("/"))) for rel in files)
+
+        await until(arrived, timeout=30, what="the files in pump/destination/")
+        self.assertEqual(digests(dest), digests(source))
+        await until(
+            lambda: log_text().count("delivered") >= 2, timeout=10, what="the delivery lines"
+        )
+        proc.send_signal(signal.SIGTERM)
+        await until(lambda: proc.poll() is not None, timeout=30, what="the container to exit")
+        text = log_text()
+        self.assertEqual(proc.returncode, 0, text)
+        self.assertIn("consumer pump: delivered", text)
+        self.assertIn("poll source: announced", text)
+        self.assertNotIn("Traceback", text)
+        self.assertEqual(inflight_files(cwd), [])
+        with open(os.path.join(cwd, "var", "pump", "reports.jsonl")) as f:
+            self.assertEqual(f.read().count('"code": 201'), 2)
