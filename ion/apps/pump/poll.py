@@ -15,8 +15,10 @@ Listings the poll can read (see `ion.apps.pump.transfer.listings`):
   not followed. A local directory that does not exist is created;
 - `http://`, `https://`: HTML index pages from twisted.web's static.File, Apache
   mod_autoindex, nginx autoindex, or any page linking its children followed by a date and a
-  size. static.File pages give no dates, so a change there is a change of size; rounded sizes
-  (`1.2K`) are unknown, so a change there is a change of date;
+  size. A change is what the page shows changing: static.File pages give no dates and round
+  sizes over 1 KiB (`4K`), so there only a small file's change of size is seen (a larger file
+  is announced once); Apache's rounded sizes (`1.2K`) leave its dates to show changes. Pages
+  with names only (python's http.server) announce each file once;
 - `sftp://`: the server's directory listing (exact sizes, mtimes to the second, modes);
 - `ftp://`: MLSD when the server offers it, else LIST in the Unix or DOS layout (mtimes to
   the minute at best).
@@ -42,8 +44,9 @@ listing are forgotten (announced again if they come back); so are whole director
 complete pass did not see. Changing `url` starts from an empty state.
 
 Memory: a pass lists one directory at a time and looks up only that directory's rows, so a
-tree of any size is polled with memory bounded by its largest directory (one listing is one
-reply of the transfer service, itself bounded by the messaging limits: about 100,000 entries).
+tree of any size is polled with memory bounded by its largest directory. One directory's
+listing is one reply of the transfer service, so it must fit the messaging limits
+(`ion.core.messaging: max_message_bytes`, 16 MB by default: some 150,000 entries).
 
 A pass still running when the next one is due makes that one skip (counted as `skipped`).
 Op `poll` runs a pass now (or waits for the running one) and returns the counters of the
