@@ -6,7 +6,7 @@
 # State (seen files, duplicate caches, retry queues) lives under var/pump/.
 #
 # Override any kwarg on the command line, e.g.
-#   twistd -n cc -a "apparg_pump={'polls': [{'name': 'src', 'url': 'file:/data/in/'}]}" pump
+#   twistd -n cc -a "{'apparg_pump': {'polls': [{'name': 'src', 'url': 'file:/data/in/'}]}}" pump
 {
     'type': 'application',
     'name': 'pump',

@@ -2,6 +2,7 @@
 as the app builds it and as `twistd -n cc res/apps/pump.app` runs it."""
 
 import hashlib
+import itertools
 import os
 import random
 import signal
@@ -10,20 +11,24 @@ import sys
 import time
 import types
 
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from ion.apps.pump import app as pump_app
 from ion.apps.pump.transfer import sftp as sftp_scheme
 from ion.apps.pump.transfer.inflight import INFLIGHT_SUFFIX
 from ion.core.app.appfile import read_app, read_rel
+from ion.core.cc.container import make_transport
 from ion.core.cc.testing import make_container
 from ion.core.messaging.memory import MemoryBroker
 from tests.apps.pump.fixtures import Collector, quiet, until
 from tests.apps.pump.servers import settle, start_http, start_sftp, write_file
+from tests.broker import get_broker
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 RES = os.path.join(REPO, "res")
 OLD = time.time() - 3600
+_tags = itertools.count(1)
 
 
 def digests(root):
@@ -162,6 +167,67 @@ class PumpFlowTests(unittest.TestCase):
         self.assertEqual(digests(self.dest), digests(self.src))
         some = os.path.join("top1", "sub1", "file4.bin")
         self.assertEqual(int(os.stat(os.path.join(self.dest, some)).st_mtime), int(OLD))
+
+
+class AmqpPumpFlowTests(unittest.TestCase):
+    """The pump app on the private RabbitMQ node: confirms, durable queues, user_id."""
+
+    async def test_file_tree_mirrored(self):
+        """A tree of 300 files is mirrored exactly through a real broker, and reported to the
+        source named by the xs_ exchange the poll announced on."""
+        broker = get_broker()
+        tag = f"e2e-{os.getpid()}-{next(_tags)}"
+        base = os.path.abspath(self.mktemp())
+        src, dest = os.path.join(base, "src"), os.path.join(base, "dest")
+        os.makedirs(base)
+        credentials = write_file(os.path.join(base, "credentials.conf"), b"")
+        os.chmod(credentials, 0o600)
+        make_tree(src, 300, random.Random(5))
+        queues = [
+            f"q_{tag}.consumer.sub",
+            f"q_{tag}.report_router",
+            f"q_{tag}.ingest.xs_{tag}",
+        ]
+
+        async def delete_queues():
+            transport = make_transport(broker.url, reactor)
+            await transport.connect()
+            try:
+                for queue in queues:
+                    await transport.delete_queue(queue)
+            finally:
+                await transport.close()
+
+        await delete_queues()
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(delete_queues()))
+        c = await make_container(self, url=broker.url, sysname=tag)
+        collector = await c.spawn(Collector)
+        await collector.listen(f"xr_{tag}")
+        xpublic, xreport = f"xpublic-{tag}", f"xreport-{tag}"
+        sup = await pump_app.start(
+            c,
+            types.SimpleNamespace(name="pump"),
+            user=tag,
+            polls=[{"name": "src", "url": "file://" + src, "state_dir": os.path.join(base, "p")}],
+            ingest={"exchange": xpublic, "report_exchange": xreport},
+            subscriptions=[
+                {
+                    "name": "sub",
+                    "exchange": xpublic,
+                    "report_exchange": xreport,
+                    "directory": dest,
+                    "state_dir": os.path.join(base, "consumer"),
+                }
+            ],
+            transfer={"credentials": credentials},
+            report_router={"exchange": xreport, "state_dir": os.path.join(base, "router")},
+        )
+        self.addCleanup(sup.terminate)
+        consumer = sup.child("consumer.sub")
+        await until(lambda: consumer.stats["delivered"] == 300, timeout=60, what="deliveries")
+        await until(lambda: len(collector.bodies()) == 300, timeout=30, what="reports")
+        self.assertEqual(digests(dest), digests(src))
+        self.assertEqual({b["source"] for b in collector.bodies()}, {tag})
 
 
 class AppPlanTests(unittest.SynchronousTestCase):
