@@ -1,5 +1,6 @@
 """The whole pump: poll -> ingest -> consumer -> destination, over file, http and sftp sources,
-as the app builds it and as `twistd -n cc res/apps/pump.app` runs it."""
+as the app builds it (on memory:// and RabbitMQ) and as `twistd -n cc res/apps/pump.app` runs
+it; the app's plan and its progress summary."""
 
 import hashlib
 import itertools
@@ -11,16 +12,18 @@ import sys
 import time
 import types
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from ion.apps.pump import app as pump_app
+from ion.apps.pump.progress import Progress, human_bytes
 from ion.apps.pump.transfer import sftp as sftp_scheme
 from ion.apps.pump.transfer.inflight import INFLIGHT_SUFFIX
 from ion.core.app.appfile import read_app, read_rel
 from ion.core.cc.container import make_transport
 from ion.core.cc.testing import make_container
 from ion.core.messaging.memory import MemoryBroker
+from ion.core.process import Process, Supervisor
 from tests.apps.pump.fixtures import Collector, quiet, until
 from tests.apps.pump.servers import settle, start_http, start_sftp, write_file
 from tests.broker import get_broker
@@ -228,6 +231,68 @@ class AmqpPumpFlowTests(unittest.TestCase):
         await until(lambda: len(collector.bodies()) == 300, timeout=30, what="reports")
         self.assertEqual(digests(dest), digests(src))
         self.assertEqual({b["source"] for b in collector.bodies()}, {tag})
+
+
+class FakeConsumer(Process):
+    """Answers `stats` with whatever the test sets."""
+
+    def on_init(self):
+        self.stats = {"delivered": 0, "bytes": 0, "in_hand": 0, "retrying": 0, "failures": {}}
+
+    def op_stats(self, content, headers):
+        return dict(self.stats)
+
+
+class ProgressTests(unittest.TestCase):
+    async def test_summary_lines(self):
+        """Every interval the consumers' deliveries since the last line become rates; work in
+        hand or retrying keeps the lines coming; an idle pump logs one idle line, then
+        nothing; a restarted consumer counting from zero again is no negative rate."""
+        clock = task.Clock()
+        c = await make_container(self, memory_broker=MemoryBroker(), clock=clock)
+        sup = await c.spawn(
+            Supervisor,
+            args={
+                "children": [
+                    {"id": "consumer.a", "spec": FakeConsumer},
+                    {"id": "consumer.b", "spec": FakeConsumer},
+                    {
+                        "id": "progress",
+                        "spec": Progress,
+                        "args": {"consumers": ["consumer.a", "consumer.b"]},
+                    },
+                ]
+            },
+        )
+        self.addCleanup(sup.terminate)
+        a, b, progress = (sup.child(i) for i in ("consumer.a", "consumer.b", "progress"))
+
+        async def tick():
+            progress.last_line = None
+            clock.advance(10)
+            await quiet()
+            return progress.last_line
+
+        a.stats.update(delivered=15, bytes=1_500_000, in_hand=3, failures={"404": 1})
+        b.stats.update(delivered=5, bytes=500_000, retrying=2, failures={"404": 1, "499": 2})
+        line = await tick()
+        self.assertEqual(
+            line,
+            "pump: 2.0 files/s, 200.0 kB/s; 20 delivered; 3 in hand, 2 retrying; "
+            "failures: 404=2, 499=2",
+        )
+        a.stats.update(in_hand=0)
+        b.stats.update(retrying=0)
+        self.assertIn("idle; 20 delivered (2.0 MB)", await tick())
+        self.assertIsNone(await tick())
+        b.stats.update(delivered=1, bytes=100)
+        self.assertIn("pump: 0.1 files/s, 10 B/s; 16 delivered", await tick())
+
+    def test_human_bytes(self):
+        self.assertEqual(
+            [human_bytes(n) for n in (0, 999, 1000, 2_500_000, 3e12, 5e15)],
+            ["0 B", "999 B", "1.0 kB", "2.5 MB", "3.0 TB", "5000.0 TB"],
+        )
 
 
 class AppPlanTests(unittest.SynchronousTestCase):
