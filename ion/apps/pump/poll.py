@@ -103,6 +103,10 @@ _PASS_COUNTERS = (
 )
 
 
+class PublishFailed(Exception):
+    """The broker did not confirm an announcement; the pass ends, the next one retries."""
+
+
 def _number(args, key, zero=False):
     value = args[key]
     if (
@@ -432,7 +436,7 @@ class PollService(Process):
         number = self.store.start_pass()
         counts = dict.fromkeys(_PASS_COUNTERS, 0)
         complete = True
-        errors = []
+        first_error = None
         pending = [""]
         while pending and not self._stopping:
             rel_dir = pending.pop()
@@ -444,30 +448,30 @@ class PollService(Process):
                     continue
                 complete = False
                 counts["errors"] += 1
-                errors.append(f"cannot list {self._dir_url(rel_dir)}: {e.code} {e.message}")
+                first_error = (
+                    first_error or f"cannot list {self._dir_url(rel_dir)}: {e.code} {e.message}"
+                )
                 continue
             except defer.CancelledError:
                 raise
             except Exception as e:
                 complete = False
                 counts["errors"] += 1
-                errors.append(f"cannot list {self._dir_url(rel_dir)}: {e}")
+                first_error = first_error or f"cannot list {self._dir_url(rel_dir)}: {e}"
                 continue
             self.store.visited(rel_dir, number)
             try:
                 subdirs = await self._directory(rel_dir, entries, counts)
-            except defer.CancelledError:
-                raise
-            except Exception as e:
+            except PublishFailed as e:
                 # The broker refused or went away: the next pass tries again.
                 complete = False
                 counts["errors"] += 1
-                errors.append(f"cannot publish to {self.exchange}: {e}")
+                first_error = first_error or str(e)
                 break
             pending.extend(reversed(subdirs))
         if complete and not self._stopping:
             self.store.forget_unvisited(number)
-        self._note_errors(errors)
+        self._note_errors(first_error, counts["errors"])
         elapsed = clock.seconds() - started
         self.stats["passes"] += 1
         for key, value in counts.items():
@@ -482,11 +486,10 @@ class PollService(Process):
                 t=elapsed,
             )
 
-    def _note_errors(self, errors):
-        """Warn about listing failures, once while the same first failure repeats."""
-        first = errors[0] if errors else None
+    def _note_errors(self, first, count):
+        """Warn about a pass's failures, once while the same first failure repeats."""
         if first is not None and first != self._last_error:
-            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            more = f" (and {count - 1} more)" if count > 1 else ""
             self.log.warn("poll {name}: {what}{more}", name=self.source, what=first, more=more)
         elif first is None and self._last_error is not None:
             self.log.info("poll {name}: passes work again", name=self.source)
@@ -584,8 +587,8 @@ class PollService(Process):
         return fields
 
     async def _announce(self, rel_dir, batch):
-        """Publish a batch of notices, then record the confirmed ones; raises the first
-        failure after recording the others. Returns how many were confirmed."""
+        """Publish a batch of notices, then record the confirmed ones; raises PublishFailed
+        after recording them when some were not confirmed. Returns how many were."""
         now = self.container.clock.seconds()
         # Until a publish has declared the exchange, each one of the batch declares it.
         declare = None if self._declared else "topic"
@@ -606,7 +609,11 @@ class PollService(Process):
             self.store.record(rel_dir, confirmed)
         for ok, failure in results:
             if not ok:
-                failure.raiseException()
+                if failure.check(defer.CancelledError):
+                    raise defer.CancelledError()
+                raise PublishFailed(
+                    f"cannot publish to {self.exchange}: {failure.getErrorMessage()}"
+                )
         return len(confirmed)
 
     async def _publish(self, rel_path, entry, now, declare):

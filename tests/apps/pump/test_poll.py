@@ -465,6 +465,26 @@ class FakeListingTests(unittest.TestCase):
         await quiet()
         self.assertEqual(self.collector.bodies(), [])
 
+    async def test_terminate_while_publishing(self):
+        """A poll stopped while the broker has not confirmed its announcements ends without
+        recording them and without reporting an error."""
+        self.lister.listings["sftp://feed.example/data/"] = [entry("f"), entry("g")]
+        hung = []
+
+        async def publish(proc, exchange, key, body, **options):
+            d = defer.Deferred()
+            hung.append(d)
+            await d
+
+        self.patch(PollService, "publish", publish)
+        proc = await self.start_poll(stop_grace=0.1)
+        await until(lambda: len(hung) == 2)
+        await proc.terminate()
+        self.assertEqual((proc.state, proc.stats["errors"]), ("TERMINATED", 0))
+        store = SeenFiles(os.path.join(self.state, "seen.sqlite3"), "sftp://feed.example/data/")
+        self.addCleanup(store.close)
+        self.assertEqual(len(store), 0)
+
     async def test_unknown_sizes_and_times(self):
         """Listings without sizes or times (some HTTP index pages) announce a file once, and
         again when what they do tell changes."""
