@@ -47,15 +47,41 @@ def parse_args_option(text):
             raise usage.UsageError("-a/--args: not a dict literal")
         return value
     result = {}
-    for part in filter(None, text.split(",")):
-        key, sep, raw = part.partition("=")
+    parts = text.split(",")
+    i = 0
+    while i < len(parts):
+        if not parts[i].strip():
+            i += 1
+            continue
+        key, sep, raw = parts[i].partition("=")
         if not sep or not key.strip():
-            raise usage.UsageError(f"-a/--args: expected key=value, got {part!r}")
+            raise usage.UsageError(f"-a/--args: expected key=value, got {parts[i]!r}")
+        i += 1
+        # a value may itself hold commas ([1, 2], {'a': 1, 'b': 2}): take more parts until
+        # its brackets and quotes are closed
+        while i < len(parts) and _open_brackets(raw):
+            raw += "," + parts[i]
+            i += 1
         try:
-            result[key.strip()] = ast.literal_eval(raw)
+            result[key.strip()] = ast.literal_eval(raw.strip())
         except (ValueError, SyntaxError):
             result[key.strip()] = raw
     return result
+
+
+def _open_brackets(text):
+    depth, quote = 0, None
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+    return depth > 0 or quote is not None
 
 
 def fail_input(message):
@@ -79,6 +105,9 @@ class Options(usage.Options):
         ["broker-port", "p", None, "Broker port (amqp).", int],
         ["broker-vhost", None, None, "Broker virtual host (amqp)."],
         ["broker-user", None, None, "Broker user (amqp)."],
+        ["credentials", None, None, "Broker passwords file, for a broker URL with a user and no password (default "
+         "~/.config/ion/credentials.conf when it exists): lines amqp[s]://user:password@host[:port]/, "
+         "readable by its owner only."],
         ["sysname", "s", None, "System name: containers with the same sysname on one broker form one system."],
         ["args", "a", None, "Container args: k=v,k=v or a dict literal; apparg_<app>={...} sets an app's kwargs."],
         ["res", None, None, "The res/ directory (default ./res, else the one shipped with ION)."],
@@ -125,7 +154,7 @@ class Options(usage.Options):
         self["sysname"] = self["sysname"] or cargs.get("sysname") or config.get(
             "ion.core.messaging", "sysname", "ion"
         )
-        self["broker_url"] = self._broker_url(config)
+        self["broker_url"] = self._with_password(self._broker_url(config))
         apparg = {k[len("apparg_") :]: v for k, v in cargs.items() if k.startswith("apparg_")}
         self["apparg"] = apparg
         try:
@@ -146,6 +175,37 @@ class Options(usage.Options):
         auth = quote(user, safe="") + (f":{base.password}" if base.password else "")
         vhost = self["broker-vhost"] if self["broker-vhost"] is not None else base.path.lstrip("/")
         return f"{base.scheme}://{auth}@{host}:{port}/{quote(vhost, safe='')}"
+
+    default_credentials = "~/.config/ion/credentials.conf"
+
+    def _with_password(self, url):
+        """The broker URL with the password from the credentials file when it names a user
+        but no password; the file is read only then."""
+        from urllib.parse import quote, urlsplit
+
+        from ion.core.credentials import CredentialsError, find_password, load_credentials
+
+        try:
+            parts = urlsplit(url)
+            needs_password = parts.username is not None and parts.password is None
+        except ValueError:
+            return url  # reported when the transport parses it
+        if not needs_password or parts.scheme.lower() not in ("amqp", "amqps"):
+            return url
+        path = self["credentials"]
+        if path is None:
+            path = os.path.expanduser(self.default_credentials)
+            if not os.path.exists(path):
+                return url
+        try:
+            password = find_password(load_credentials(path), url)
+        except CredentialsError as e:
+            fail_input(e)
+        if password is None:
+            return url
+        userinfo, _, host = parts.netloc.rpartition("@")
+        netloc = f"{userinfo}:{quote(password, safe='')}@{host}"
+        return parts._replace(netloc=netloc).geturl()
 
 
 class _PlanContext:

@@ -73,6 +73,9 @@ class OptionsTests(unittest.SynchronousTestCase):
         self.assertEqual(opts["sysname"], "s3")
         self.assertEqual(opts["apparg"], {"hello": {"instances": 2}})
         self.assertRaises(usage.UsageError, self.parse, "-a", "{'unclosed'")
+        opts = self.parse("-a", "apparg_hello={'instances': 2, 'x': [1, 2]},sysname=s4")
+        self.assertEqual(opts["apparg"], {"hello": {"instances": 2, "x": [1, 2]}})
+        self.assertEqual(opts["sysname"], "s4")
 
     def test_missing_app_file(self):
         """A missing app file is one line naming it, exit status 2."""
