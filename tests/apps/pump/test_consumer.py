@@ -1,17 +1,20 @@
 """The consumer: filtering, destinations, duplicate suppression, retries, reports, durability.
 
 Unit tests for the filter, the duplicate cache and the retry queue come first. The scenarios
-(`ConsumerScenarios`) run a consumer, the transfer service and the report router on the
-memory:// transport, with real files under the test's temporary directory; they are written
-against `url`/`new_broker()` so that they can also run on the private RabbitMQ.
+(`ConsumerScenarios`) run a consumer, the transfer service and the report router with real
+files under the test's temporary directory, once on the memory:// transport and once on the
+private RabbitMQ node (`OnPrivateRabbitMQ`), where every test gets its own exchanges, sysname
+and durable queues.
 """
 
+import itertools
 import json
 import os
 import random
+import subprocess
 import types
 
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from ion.apps.pump import app as pump_app
@@ -30,6 +33,7 @@ from ion.apps.pump.report_router import ReportRouter
 from ion.apps.pump.retryqueue import RetryQueue
 from ion.apps.pump.transfer_service import TransferService
 from ion.core.app.appfile import read_app
+from ion.core.cc.container import make_transport
 from ion.core.cc.testing import make_container
 from ion.core.messaging.memory import MemoryBroker
 from ion.core.process import ApplicationError, ServiceProcess
@@ -43,6 +47,7 @@ from tests.apps.pump.fixtures import (
     write_source,
 )
 from tests.apps.pump.servers import start_http
+from tests.broker import find_rabbitmq_server, get_broker
 
 RES = os.path.join(os.path.dirname(__file__), "..", "..", "..", "res")
 
@@ -367,20 +372,115 @@ class HeldTransfer(TransferService):
         return await super().op_get(content, headers)
 
 
-class ConsumerScenarios:
-    """Scenarios every transport must pass. Subclasses set `url` and `new_broker()`."""
+# -- two transports ----------------------------------------------------------------------
+
+
+def rabbitmq_queues(broker):
+    """{queue: (ready, unacked)} on the private RabbitMQ node, read with the real `rabbitmqctl`
+    next to its server script (Debian's wrapper would switch to the rabbitmq user)."""
+    ctl = os.path.join(os.path.dirname(find_rabbitmq_server()), "rabbitmqctl")
+    out = subprocess.run(
+        [ctl, "-n", broker.nodename, "-q", "list_queues", "--no-table-headers", "name",
+         "messages_ready", "messages_unacknowledged"],
+        env=broker._environment(), capture_output=True, text=True, timeout=60,
+    )
+    if out.returncode != 0:
+        raise AssertionError(f"rabbitmqctl list_queues failed: {out.stderr}")
+    counts = {}
+    for line in out.stdout.splitlines():
+        fields = line.split()
+        if len(fields) == 3:
+            counts[fields[0]] = (int(fields[1]), int(fields[2]))
+    return counts
+
+
+class OnMemory:
+    """Scenario hooks for the memory:// transport: a broker of the test's own, sr3's names."""
 
     url = "memory://"
+    poll = 0.002
+    # How long "nothing more arrives" is watched for: a message on its way through a real
+    # broker (and the report router) takes longer than through memory.
+    quiet_seconds = 0.05
 
     def new_broker(self):
         return MemoryBroker()
 
+    def name(self, name):
+        """The name to use for an exchange, subscription or system called `name`."""
+        return name
+
+    def setUp(self):
+        # Durable queues the test made (the shared broker deletes them afterwards).
+        self.durable_queues = set()
+        return super().setUp()
+
+    def quiet(self):
+        """Let the reactor run a while, so that anything still on its way arrives."""
+        return quiet(self.quiet_seconds)
+
+    async def queue_counts(self, queue):
+        """(ready, unacked) messages of `queue`."""
+        return self._broker.queue_depth(queue), self._broker.unacked(queue)
+
+
+_tags = itertools.count(1)
+
+
+class OnPrivateRabbitMQ(OnMemory):
+    """Scenario hooks for the private RabbitMQ node that every test of the run shares: each
+    test gets exchanges, subscription names and a sysname of its own (sr3's exchanges are
+    broker-wide, not per system), and the durable queues it made are deleted before and after
+    it, so no test sees another's messages."""
+
+    timeout = 120
+    poll = 0.1
+    quiet_seconds = 0.5
+    # Durable queues whose names do not depend on the test (the report router's).
+    shared_queues = ("q_guest.report_router",)
+
+    def new_broker(self):
+        return None
+
+    def name(self, name):
+        return f"{name}-{self.tag}"
+
+    def setUp(self):
+        self.broker = get_broker()
+        self.url = self.broker.url
+        self.tag = f"t{os.getpid()}x{next(_tags)}"
+        super().setUp()
+        self.durable_queues.update(self.shared_queues)
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.delete_queues()))
+        return defer.Deferred.fromCoroutine(self.delete_queues())
+
+    async def delete_queues(self):
+        transport = make_transport(self.url, reactor)
+        await transport.connect()
+        try:
+            for queue in sorted(self.durable_queues):
+                await transport.delete_queue(queue)
+        finally:
+            await transport.close()
+
+    async def queue_counts(self, queue):
+        counts = await threads.deferToThread(rabbitmq_queues, self.broker)
+        return counts.get(queue, (0, 0))
+
+
+class ConsumerScenarios:
+    """Scenarios every transport must pass, written against the hooks of `OnMemory`."""
+
     async def container(self, **kw):
         if not hasattr(self, "_broker"):
             self._broker = self.new_broker()
+        kw.setdefault("sysname", self.name("test"))
         return await make_container(self, url=self.url, memory_broker=self._broker, **kw)
 
     def setUp(self):
+        self.xpublic = self.name("xpublic")
+        self.xreport = self.name("xreport")
+        self.subscription = self.name("sub")
         self.base = os.path.abspath(self.mktemp())
         for name in ("src", "dest", "state"):
             path = os.path.join(self.base, name)
@@ -396,8 +496,10 @@ class ConsumerScenarios:
         """A container with the report router and a collector listening to xr_<source>."""
         c = await self.container(clock=clock)
         self.router = await c.spawn(
-            ReportRouter, args={"state_dir": os.path.join(self.base, "router")}
+            ReportRouter,
+            args={"state_dir": os.path.join(self.base, "router"), "exchange": self.xreport},
         )
+        self.durable_queues.add(self.router.queue)
         self.collector = await c.spawn(Collector)
         for source in sources:
             await self.collector.listen(f"xr_{source}")
@@ -407,9 +509,18 @@ class ConsumerScenarios:
         return await container.spawn(cls, args={"credentials": self.credentials})
 
     async def spawn_consumer(self, container, cls=Consumer, **args):
-        args = dict({"name": "sub", "directory": self.dest, "state_dir": self.state}, **args)
-        args.setdefault("retry_jitter", 0)
-        return await container.spawn(cls, args=args)
+        defaults = {
+            "name": self.subscription,
+            "directory": self.dest,
+            "state_dir": self.state,
+            "exchange": self.xpublic,
+            "report_exchange": self.xreport,
+            "retry_jitter": 0,
+        }
+        consumer = await container.spawn(cls, args=dict(defaults, **args))
+        self.consumer_queue = consumer.queue
+        self.durable_queues.add(consumer.queue)
+        return consumer
 
     async def pump(self, clock=None, transfer=TransferService, consumer=Consumer, **args):
         c = await self.receivers(clock)
@@ -423,16 +534,36 @@ class ConsumerScenarios:
 
     async def wait_reports(self, n, source="alice"):
         await until(lambda: len(self.reports(source)) >= n, what=f"{n} reports for {source}")
-        await quiet()
+        await self.quiet()
         return self.reports(source)
+
+    def post(self, fields, routing_key=None):
+        """Publish a notice (a dict, or bytes with a routing key) to the test's xpublic."""
+        return self.collector.post(fields, self.xpublic, routing_key)
 
     def post_file(self, rel_path, data, **extra):
         write_source(self.src, rel_path, data)
-        return self.collector.post(notice_fields(self.base_url, rel_path, data, **extra))
+        return self.post(notice_fields(self.base_url, rel_path, data, **extra))
 
-    def settled(self, queue="q_ion.consumer.sub"):
-        broker = self._broker
-        return broker.queue_depth(queue) == 0 and broker.unacked(queue) == 0
+    async def until_counts(self, ready, unacked, queue=None, timeout=10.0):
+        """Wait until the consumer's queue (or `queue`) holds `ready` messages waiting and
+        `unacked` ones delivered but not settled."""
+        queue = queue or self.consumer_queue
+        deadline = reactor.seconds() + timeout
+        while True:
+            counts = await self.queue_counts(queue)
+            if counts == (ready, unacked):
+                return
+            if reactor.seconds() > deadline:
+                raise AssertionError(
+                    f"queue {queue}: (ready, unacked) still {counts} after {timeout} s, "
+                    f"expected {(ready, unacked)}"
+                )
+            await task.deferLater(reactor, self.poll, lambda: None)
+
+    def settle(self, queue=None):
+        """Wait until every message of the consumer's queue (or `queue`) is settled."""
+        return self.until_counts(0, 0, queue)
 
     def dest_files(self):
         found = []
@@ -468,7 +599,7 @@ class ConsumerScenarios:
         self.assertEqual(stats["bytes"], sum(len(d) for d in files.values()))
         self.assertEqual(stats["received"], 6)
         self.assertEqual(self.router.stats["by_source"], {"alice": {"201": 6}})
-        await until(self.settled)
+        await self.settle()
 
     async def test_end_to_end_http(self):
         """The same over http: files served by a web server are fetched and verified."""
@@ -487,7 +618,7 @@ class ConsumerScenarios:
         await self.post_file("a/f.dat", b"a", source="alice")
         await self.post_file("b/f.dat", b"b", source="bob")
         await until(lambda: self.reports("alice") and self.reports("bob"))
-        await quiet()
+        await self.quiet()
         self.assertEqual([r["relPath"] for r in self.reports("alice")], ["a/f.dat"])
         self.assertEqual([r["relPath"] for r in self.reports("bob")], ["b/f.dat"])
 
@@ -504,7 +635,7 @@ class ConsumerScenarios:
         await self.post_file("obs/c.txt", b"3")
         await self.post_file("model/d.dat", b"4")
         await self.wait_reports(1)
-        await until(self.settled)
+        await self.settle()
         self.assertEqual(self.dest_files(), ["obs/a.dat"])
         self.assertEqual(len(self.reports()), 1)
         self.assertEqual(self.consumer.stats["rejected"], 2)
@@ -513,14 +644,15 @@ class ConsumerScenarios:
     async def test_strip_and_reannounce(self):
         """strip=N drops leading directories; in sarra mode the delivered file is announced
         again with our baseUrl and its new relPath and topic."""
-        await self.pump(strip=1, reannounce={"exchange": "xsarra", "base_url": "http://me/"})
-        await self.collector.listen("xsarra")
+        xsarra = self.name("xsarra")
+        await self.pump(strip=1, reannounce={"exchange": xsarra, "base_url": "http://me/"})
+        await self.collector.listen(xsarra)
         data = b"relayed"
         await self.post_file("top/mid/f.dat", data)
         await self.wait_reports(1)
-        await until(lambda: self.collector.bodies("xsarra"))
+        await until(lambda: self.collector.bodies(xsarra))
         self.assertEqual(self.dest_files(), ["mid/f.dat"])
-        ((_, key, announced),) = [g for g in self.collector.got if g[0] == "xsarra"]
+        ((_, key, announced),) = [g for g in self.collector.got if g[0] == xsarra]
         self.assertEqual(key, "v03.mid")
         self.assertEqual(announced["baseUrl"], "http://me/")
         self.assertEqual(announced["relPath"], "mid/f.dat")
@@ -542,12 +674,12 @@ class ConsumerScenarios:
         data = b"once"
         write_source(self.src, "d/f.dat", data)
         fields = notice_fields(self.base_url, "d/f.dat", data)
-        await self.collector.post(fields)
-        await self.collector.post(fields)
+        await self.post(fields)
+        await self.post(fields)
         await self.wait_reports(1)
-        await self.collector.post(dict(fields, pubTime="20300101T000000"))
+        await self.post(dict(fields, pubTime="20300101T000000"))
         await until(lambda: self.consumer.stats["duplicates"] == 2)
-        await until(self.settled)
+        await self.settle()
         self.assertEqual(len(self.reports()), 1)
         self.assertEqual(self.consumer.stats["delivered"], 1)
 
@@ -557,10 +689,10 @@ class ConsumerScenarios:
         await self.pump(transfer=None, discard=True, directory=None)
         fields = notice_fields(self.base_url, "d/f.dat", b"x")
         for _ in range(3):
-            await self.collector.post(fields)
-        await self.collector.post(notice_fields(self.base_url, "d/g.dat", b"y"))
+            await self.post(fields)
+        await self.post(notice_fields(self.base_url, "d/g.dat", b"y"))
         await until(lambda: self.consumer.stats["received"] == 4)
-        await until(self.settled)
+        await self.settle()
         self.assertEqual(self.consumer.stats["discarded"], 2)
         self.assertEqual(self.consumer.stats["duplicates"], 2)
         self.assertEqual(self.reports(), [])
@@ -569,10 +701,10 @@ class ConsumerScenarios:
         """Notices with a fileOp (links, renames, removals) are not carried out yet: acked and
         counted, nothing fetched or reported."""
         await self.pump()
-        await self.collector.post(notice_fields(self.base_url, "o/f.dat", fileOp={"remove": ""}))
+        await self.post(notice_fields(self.base_url, "o/f.dat", fileOp={"remove": ""}))
         await until(lambda: self.consumer.stats["unsupported"] == 1)
-        await until(self.settled)
-        await quiet()
+        await self.settle()
+        await self.quiet()
         self.assertEqual((self.reports(), self.dest_files()), ([], []))
 
     async def test_stop_finishes_work_in_hand(self):
@@ -587,25 +719,25 @@ class ConsumerScenarios:
         await held.started
         stopping = defer.ensureDeferred(consumer.terminate())
         await self.post_file("w/f3.dat", b"3")
-        await quiet()
+        await self.quiet()
         self.assertNoResult(stopping)
         held.release.callback(None)
         await stopping
         reports = await self.wait_reports(2)
         self.assertEqual(sorted(r["relPath"] for r in reports), ["w/f1.dat", "w/f2.dat"])
         self.assertEqual(self.dest_files(), ["w/f1.dat", "w/f2.dat"])
-        self.assertEqual(self._broker.queue_depth("q_ion.consumer.sub"), 1)
-        self.assertEqual(self._broker.unacked("q_ion.consumer.sub"), 0)
+        # The message that arrived while stopping went back to the queue, unsettled.
+        await self.until_counts(1, 0)
 
     # -- failures and retries ----------------------------------------------------------------
 
     async def test_permanent_failure(self):
         """A missing file (404) gets exactly one 404 report and no retry."""
         await self.pump()
-        await self.collector.post(notice_fields(self.base_url, "gone/f.dat", b"x"))
+        await self.post(notice_fields(self.base_url, "gone/f.dat", b"x"))
         (report,) = await self.wait_reports(1)
         self.assertEqual(report["report"]["code"], 404)
-        await until(self.settled)
+        await self.settle()
         self.assertEqual(len(self.consumer.retries), 0)
         self.assertEqual(self.consumer.stats["failures"], {"404": 1})
         self.assertEqual(self.dest_files(), [])
@@ -619,12 +751,12 @@ class ConsumerScenarios:
         data = b"later"
         await self.post_file("r/f.dat", data)
         await until(lambda: len(self.consumer.retries) == 1)
-        await until(self.settled)
+        await self.settle()
         with open(os.path.join(self.state, "retries.jsonl")) as f:
             (record,) = [json.loads(line) for line in f]
         self.assertEqual((record["op"], record["entry"]["code"]), ("add", 503))
         clock.advance(1.9)
-        await quiet()
+        await self.quiet()
         self.assertEqual(self.consumer.stats["retried"], 0)
         clock.advance(0.1)
         await until(lambda: self.consumer.stats["retried"] == 1)
@@ -633,7 +765,7 @@ class ConsumerScenarios:
         self.assertEqual(entry.due, 6)
         await self.spawn_transfer(c)
         clock.advance(3.9)
-        await quiet()
+        await self.quiet()
         self.assertEqual(self.consumer.stats["retried"], 1)
         clock.advance(0.1)
         (report,) = await self.wait_reports(1)
@@ -665,14 +797,23 @@ class ConsumerScenarios:
         await self.pump(clock=clock, transfer=AlwaysDown, retry_horizon=10)
         await self.post_file("h/f.dat", b"never")
         await until(lambda: self.transfer.calls == 1 and len(self.consumer.retries) == 1)
-        for now, calls in ((2, 2), (6, 3), (10, 4)):
+        (entry,) = list(self.consumer.retries)
+        for now, calls, due in ((2, 2, 6), (6, 3, 10)):
             clock.advance(now - clock.seconds())
-            await until(lambda: self.transfer.calls == calls, what=f"attempt {calls}")
+            # The consumer has seen the failure (not just the transfer service the call)
+            # before the clock moves on.
+            await until(
+                lambda: self.transfer.calls == calls and entry.attempts == calls,
+                what=f"attempt {calls}",
+            )
+            self.assertEqual(entry.due, due)
+        clock.advance(10 - clock.seconds())
+        await until(lambda: self.transfer.calls == 4, what="attempt 4")
         (report,) = await self.wait_reports(1)
         self.assertEqual(report["report"]["code"], 503)
         self.assertEqual(len(self.consumer.retries), 0)
         clock.advance(1000)
-        await quiet()
+        await self.quiet()
         self.assertEqual(self.transfer.calls, 4)
         self.assertEqual(len(self.reports()), 1)
         self.assertEqual(self.consumer.stats["failures"], {"503": 1})
@@ -686,7 +827,7 @@ class ConsumerScenarios:
         consumer = await self.spawn_consumer(first)
         await self.post_file("s/f.dat", b"kept")
         await until(lambda: len(consumer.retries) == 1)
-        await until(self.settled)
+        await self.settle()
         await first.stop()
         second = await self.container(clock=clock)
         await self.spawn_transfer(second)
@@ -711,7 +852,7 @@ class ConsumerScenarios:
         hostile = ["../x", "%2e%2e/x", "/etc/x", "a\x00b/x", "a\\..\\x", "link/x", "link/new/x"]
         for rel_path in hostile:
             fields = notice_fields(self.base_url, rel_path, b"evil")
-            await self.collector.post(fields, routing_key="v03.evil")
+            await self.post(fields, routing_key="v03.evil")
         reports = await self.wait_reports(len(hostile))
         self.assertEqual(sorted(r["relPath"] for r in reports), sorted(hostile))
         self.assertEqual({r["report"]["code"] for r in reports}, {422})
@@ -725,13 +866,13 @@ class ConsumerScenarios:
         """Undecodable messages are dropped (no source to tell); invalid notices that name
         their source get a 417 report; the consumer keeps consuming."""
         await self.pump()
-        await self.collector.post(b"{not json", routing_key="v03.x")
-        await self.collector.post(b"[1, 2]", routing_key="v03.x")
-        await self.collector.post({"source": "alice", "relPath": "a/no_pubtime"})
-        await self.collector.post(
+        await self.post(b"{not json", routing_key="v03.x")
+        await self.post(b"[1, 2]", routing_key="v03.x")
+        await self.post({"source": "alice", "relPath": "a/no_pubtime"})
+        await self.post(
             notice_fields("no-scheme", "a/bad_url", b"x"), routing_key="v03.a"
         )
-        await self.collector.post({"relPath": "a/no_source"})
+        await self.post({"relPath": "a/no_source"})
         await self.post_file("a/good.dat", b"good")
         reports = await self.wait_reports(3)
         codes = sorted((r["report"]["code"], r["relPath"]) for r in reports)
@@ -740,7 +881,7 @@ class ConsumerScenarios:
             "pubTime",
             [r for r in reports if r["relPath"] == "a/no_pubtime"][0]["report"]["message"],
         )
-        await until(self.settled)
+        await self.settle()
         self.assertEqual(self.consumer.stats["invalid"], 5)
 
     async def test_oversized(self):
@@ -748,12 +889,12 @@ class ConsumerScenarios:
         its source."""
         await self.pump(max_notice_bytes=2000)
         fields = notice_fields(self.base_url, "big/f.dat", b"x", padding="p" * 5000)
-        await self.collector.post(fields)
+        await self.post(fields)
         (report,) = await self.wait_reports(1)
         self.assertEqual(report["report"]["code"], 413)
         self.assertEqual(report["relPath"], "big/f.dat")
         self.assertNotIn("padding", report)
-        await until(self.settled)
+        await self.settle()
 
     # -- exactly once --------------------------------------------------------------------------
 
@@ -768,15 +909,15 @@ class ConsumerScenarios:
         await self.post_file("c/f.dat", b"once only")
         await self.wait_reports(1)
         await until(lambda: getattr(crashing, "unacked", 0) == 1)
-        self.assertEqual(self._broker.unacked("q_ion.consumer.sub"), 1)
+        await self.until_counts(0, 1)
         await first.stop()
-        self.assertEqual(self._broker.queue_depth("q_ion.consumer.sub"), 1)
+        await self.until_counts(1, 0)
         second = await self.container()
         await self.spawn_transfer(second)
         consumer = await self.spawn_consumer(second)
         await until(lambda: consumer.stats["duplicates"] == 1)
-        await until(self.settled)
-        await quiet()
+        await self.settle()
+        await self.quiet()
         self.assertEqual(len(self.reports()), 1)
         self.assertEqual(self.router.stats["duplicates"], 0)
 
@@ -788,8 +929,8 @@ class ConsumerScenarios:
         await self.post_file("c/f.dat", b"twice fetched")
         await until(lambda: self.consumer.stats["delivered"] == 2)
         await until(lambda: self.router.stats["duplicates"] == 1)
-        await until(self.settled)
-        await quiet()
+        await self.settle()
+        await self.quiet()
         self.assertEqual(len(self.reports()), 1)
         self.assertEqual(self.router.stats["forwarded"], 1)
 
@@ -806,19 +947,22 @@ class ConsumerScenarios:
             types.SimpleNamespace(name="pump"),
             subscriptions=[
                 {
-                    "name": "obs",
+                    "name": self.subscription,
                     "directory": self.dest,
                     "state_dir": self.state,
                     "topics": ["v03.#"],
+                    "exchange": self.xpublic,
+                    "report_exchange": self.xreport,
                 }
             ],
             transfer={"workers": 2, "credentials": self.credentials},
-            report_router={"state_dir": os.path.join(self.base, "router")},
+            report_router={"state_dir": os.path.join(self.base, "router"), "exchange": self.xreport},
         )
+        self.durable_queues.add(f"q_{c.transport.user}.consumer.{self.subscription}")
         self.assertEqual(sup.strategy, "rest_for_one")
         self.assertEqual(
             [spec.id for spec in sup.child_specs],
-            ["report_router", "transfer1", "transfer2", "consumer.obs"],
+            ["report_router", "transfer1", "transfer2", f"consumer.{self.subscription}"],
         )
         await self.post_file("app/f.dat", b"via the app")
         (report,) = await self.wait_reports(1)
@@ -826,8 +970,12 @@ class ConsumerScenarios:
         await sup.terminate()
 
 
-class MemoryConsumerTests(ConsumerScenarios, unittest.TestCase):
+class MemoryConsumerTests(OnMemory, ConsumerScenarios, unittest.TestCase):
     """The scenarios on the memory:// transport."""
+
+
+class AmqpConsumerTests(OnPrivateRabbitMQ, ConsumerScenarios, unittest.TestCase):
+    """The same scenarios on the private RabbitMQ node."""
 
 
 class AppArgsTests(unittest.SynchronousTestCase):

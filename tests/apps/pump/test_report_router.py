@@ -3,12 +3,13 @@
 import json
 import os
 
+from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from ion.apps.pump.report_router import ReportRouter, check_args
 from ion.core.cc.testing import make_container
-from ion.core.messaging.memory import MemoryBroker
-from tests.apps.pump.fixtures import Collector, notice_fields, quiet, until
+from tests.apps.pump.fixtures import Collector, notice_fields, until
+from tests.apps.pump.test_consumer import OnMemory, OnPrivateRabbitMQ
 
 
 def report(rel_path="a/f.dat", code=201, source="alice", report_id="r1", **extra):
@@ -20,42 +21,49 @@ def report(rel_path="a/f.dat", code=201, source="alice", report_id="r1", **extra
 
 
 class RouterScenarios:
-    """Scenarios every transport must pass. Subclasses set `url` and `new_broker()`."""
+    """Scenarios every transport must pass, written against the hooks of `OnMemory` (the
+    private RabbitMQ's give each test its own report exchange)."""
 
-    url = "memory://"
-
-    def new_broker(self):
-        return MemoryBroker()
+    def setUp(self):
+        self.xreport = self.name("xreport")
 
     async def container(self, **kw):
         if not hasattr(self, "_broker"):
             self._broker = self.new_broker()
+        kw.setdefault("sysname", self.name("test"))
         return await make_container(self, url=self.url, memory_broker=self._broker, **kw)
 
     async def start(self, container=None, **args):
         self.state = getattr(self, "state", None) or os.path.abspath(self.mktemp())
         c = container or await self.container()
         args.setdefault("state_dir", self.state)
+        args.setdefault("exchange", self.xreport)
         router = await c.spawn(ReportRouter, args=args)
+        self.router_queue = router.queue
+        self.durable_queues.add(router.queue)
         if not hasattr(self, "collector"):
             self.collector = await c.spawn(Collector)
             for source in ("alice", "bob"):
                 await self.collector.listen(f"xr_{source}")
         return router
 
-    def settled(self):
-        queue = "q_ion.report_router"
-        return self._broker.queue_depth(queue) == 0 and self._broker.unacked(queue) == 0
+    async def settle(self, timeout=10.0):
+        """Wait until every report in the router's queue is settled."""
+        deadline = reactor.seconds() + timeout
+        while (counts := await self.queue_counts(self.router_queue)) != (0, 0):
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"router queue: (ready, unacked) still {counts}")
+            await task.deferLater(reactor, self.poll, lambda: None)
 
     async def test_routes_by_source(self):
         """A report goes to xr_<source> with its routing key, and to no other source; counters
         are kept per source and code."""
         router = await self.start()
-        await self.collector.post(report("a/f.dat", source="alice", report_id="1"), "xreport")
-        await self.collector.post(report("b/g.dat", 404, "bob", "2"), "xreport")
-        await self.collector.post(report("b/h.dat", 201, "bob", "3"), "xreport")
+        await self.collector.post(report("a/f.dat", source="alice", report_id="1"), self.xreport)
+        await self.collector.post(report("b/g.dat", 404, "bob", "2"), self.xreport)
+        await self.collector.post(report("b/h.dat", 201, "bob", "3"), self.xreport)
         await until(lambda: len(self.collector.got) == 3)
-        await quiet()
+        await self.quiet()
         self.assertEqual(
             [
                 (ex, key, body["relPath"])
@@ -73,33 +81,33 @@ class RouterScenarios:
         """A report whose report_id was forwarded already is dropped, also after a restart of
         the router (the ids are kept on disk); reports without an id are always forwarded."""
         router = await self.start()
-        await self.collector.post(report(report_id="same"), "xreport")
-        await self.collector.post(report(report_id="same"), "xreport")
-        await self.collector.post(report(report_id=None), "xreport")
-        await self.collector.post(report(report_id=None), "xreport")
+        await self.collector.post(report(report_id="same"), self.xreport)
+        await self.collector.post(report(report_id="same"), self.xreport)
+        await self.collector.post(report(report_id=None), self.xreport)
+        await self.collector.post(report(report_id=None), self.xreport)
         await until(lambda: router.stats["received"] == 4)
-        await until(self.settled)
-        await quiet()
+        await self.settle()
+        await self.quiet()
         self.assertEqual(len(self.collector.bodies("xr_alice")), 3)
         self.assertEqual(router.stats["duplicates"], 1)
         await router.terminate()
         again = await self.start()
-        await self.collector.post(report(report_id="same"), "xreport")
+        await self.collector.post(report(report_id="same"), self.xreport)
         await until(lambda: again.stats["duplicates"] == 1)
-        await quiet()
+        await self.quiet()
         self.assertEqual(len(self.collector.bodies("xr_alice")), 3)
 
     async def test_unroutable_and_invalid(self):
         """A report without a usable source, or a body that is not a report, is logged, acked
         and counted; routing carries on."""
         router = await self.start()
-        await self.collector.post(report(source=None, report_id="a"), "xreport")
-        await self.collector.post(report(source="../evil", report_id="b"), "xreport")
-        await self.collector.post(b"not json", "xreport", "v03")
-        await self.collector.post({"relPath": "x", "source": "alice"}, "xreport")
-        await self.collector.post(report(report_id="c"), "xreport")
+        await self.collector.post(report(source=None, report_id="a"), self.xreport)
+        await self.collector.post(report(source="../evil", report_id="b"), self.xreport)
+        await self.collector.post(b"not json", self.xreport, "v03")
+        await self.collector.post({"relPath": "x", "source": "alice"}, self.xreport)
+        await self.collector.post(report(report_id="c"), self.xreport)
         await until(lambda: self.collector.bodies("xr_alice"))
-        await until(self.settled)
+        await self.settle()
         self.assertEqual((router.stats["unroutable"], router.stats["invalid"]), (2, 2))
         self.assertEqual(len(self.collector.bodies("xr_alice")), 1)
 
@@ -109,21 +117,21 @@ class RouterScenarios:
         await self.start()
         await self.collector.post(
             report(source="alice", report_id="x", to_clusters="bob", from_cluster="bob"),
-            "xreport",
+            self.xreport,
         )
         await until(lambda: self.collector.bodies("xr_alice"))
-        await quiet()
+        await self.quiet()
         self.assertEqual(self.collector.bodies("xr_bob"), [])
 
     async def test_report_log(self):
         """With log_path, every report handled is one JSON line in the log."""
         log_path = os.path.join(os.path.abspath(self.mktemp()), "reports.log")
         router = await self.start(log_path=log_path)
-        await self.collector.post(report(report_id="1"), "xreport")
-        await self.collector.post(report(report_id="1"), "xreport")
-        await self.collector.post(report(source=None, report_id="2"), "xreport")
+        await self.collector.post(report(report_id="1"), self.xreport)
+        await self.collector.post(report(report_id="1"), self.xreport)
+        await self.collector.post(report(source=None, report_id="2"), self.xreport)
         await until(lambda: router.stats["received"] == 3)
-        await until(self.settled)
+        await self.settle()
         with open(log_path) as f:
             lines = [json.loads(line) for line in f]
         self.assertEqual(
@@ -132,8 +140,12 @@ class RouterScenarios:
         )
 
 
-class MemoryRouterTests(RouterScenarios, unittest.TestCase):
+class MemoryRouterTests(OnMemory, RouterScenarios, unittest.TestCase):
     """The scenarios on the memory:// transport."""
+
+
+class AmqpRouterTests(OnPrivateRabbitMQ, RouterScenarios, unittest.TestCase):
+    """The same scenarios on the private RabbitMQ node."""
 
 
 class ArgsTests(unittest.SynchronousTestCase):
