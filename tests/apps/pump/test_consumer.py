@@ -399,6 +399,7 @@ class OnMemory:
 
     url = "memory://"
     poll = 0.002
+    shared_queues = ()
     # How long "nothing more arrives" is watched for: a message on its way through a real
     # broker (and the report router) takes longer than through memory.
     quiet_seconds = 0.05
@@ -411,8 +412,8 @@ class OnMemory:
         return name
 
     def setUp(self):
-        # Durable queues the test made (the shared broker deletes them afterwards).
-        self.durable_queues = set()
+        # Durable queues the test makes (on a shared broker they are deleted afterwards).
+        self.durable_queues = set(self.shared_queues)
         return super().setUp()
 
     def quiet(self):
@@ -445,14 +446,15 @@ class OnPrivateRabbitMQ(OnMemory):
     def name(self, name):
         return f"{name}-{self.tag}"
 
-    def setUp(self):
+    async def setUp(self):
         self.broker = get_broker()
         self.url = self.broker.url
         self.tag = f"t{os.getpid()}x{next(_tags)}"
-        super().setUp()
-        self.durable_queues.update(self.shared_queues)
+        started = super().setUp()  # the scenario's own (a coroutine runs after the cleanup)
+        await self.delete_queues()
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.delete_queues()))
-        return defer.Deferred.fromCoroutine(self.delete_queues())
+        if started is not None:
+            await started
 
     async def delete_queues(self):
         transport = make_transport(self.url, reactor)
@@ -938,7 +940,8 @@ class ConsumerScenarios:
 
     async def test_app(self):
         """The pump app starts one rest_for_one supervisor over the report router, the transfer
-        workers and one consumer per subscription, which deliver end to end."""
+        workers, the ingest, one consumer per subscription and the progress summary; files
+        are delivered end to end."""
         c = await self.container()
         collector = self.collector = await c.spawn(Collector)
         await collector.listen("xr_alice")
@@ -957,12 +960,26 @@ class ConsumerScenarios:
             ],
             transfer={"workers": 2, "credentials": self.credentials},
             report_router={"state_dir": os.path.join(self.base, "router"), "exchange": self.xreport},
+            ingest={
+                "user": "ion",
+                "users": [self.name("feed")],
+                "exchange": self.xpublic,
+                "report_exchange": self.xreport,
+            },
         )
         self.durable_queues.add(f"q_{c.transport.user}.consumer.{self.subscription}")
+        self.durable_queues.add(f"q_ion.ingest.xs_{self.name('feed')}")
         self.assertEqual(sup.strategy, "rest_for_one")
         self.assertEqual(
             [spec.id for spec in sup.child_specs],
-            ["report_router", "transfer1", "transfer2", f"consumer.{self.subscription}"],
+            [
+                "report_router",
+                "transfer1",
+                "transfer2",
+                "ingest",
+                f"consumer.{self.subscription}",
+                "progress",
+            ],
         )
         await self.post_file("app/f.dat", b"via the app")
         (report,) = await self.wait_reports(1)
@@ -980,10 +997,10 @@ class AmqpConsumerTests(OnPrivateRabbitMQ, ConsumerScenarios, unittest.TestCase)
 
 class AppArgsTests(unittest.SynchronousTestCase):
     def test_unknown_kwarg(self):
-        """An unknown app argument (polls are not implemented yet) is a clear error naming the
-        valid ones; so are bad subscriptions."""
-        e = self.assertRaises(ValueError, pump_app.plan, polls=[])
-        self.assertIn("unknown argument 'polls'", str(e))
+        """An unknown app argument (senders are not implemented yet) is a clear error naming
+        the valid ones; so are bad subscriptions."""
+        e = self.assertRaises(ValueError, pump_app.plan, senders=[])
+        self.assertIn("unknown argument 'senders'", str(e))
         self.assertIn("subscriptions", str(e))
         e = self.assertRaises(
             ValueError, pump_app.plan, subscriptions=[{"name": "a", "directory": "/x"}] * 2
@@ -996,13 +1013,14 @@ class AppArgsTests(unittest.SynchronousTestCase):
 
     def test_default_plan(self):
         """Without kwargs: one subscription `pump` on xpublic v03.# into pump/destination/,
-        two transfer workers, the router first."""
+        two transfer workers, the router first, the ingest before the consumer, the progress
+        summary last."""
         plan = pump_app.plan()
         self.assertEqual(
             [c["id"] for c in plan["children"]],
-            ["report_router", "transfer1", "transfer2", "consumer.pump"],
+            ["report_router", "transfer1", "transfer2", "ingest", "consumer.pump", "progress"],
         )
-        consumer = plan["children"][-1]["args"]
+        consumer = plan["children"][-2]["args"]
         self.assertEqual(consumer["directory"], "pump/destination/")
         self.assertEqual(consumer["topics"], ["v03.#"])
 

@@ -1,4 +1,6 @@
-"""The transfer service: get, put and list as ops, with the library's error codes kept."""
+"""The transfer service: get, put and list as ops, with the library's error codes kept.
+
+The op scenarios run on the memory:// transport and on the private RabbitMQ node."""
 
 import base64
 import hashlib
@@ -18,6 +20,7 @@ from ion.core.process import (
     RemoteError,
 )
 from tests.apps.pump.fixtures import write_source
+from tests.apps.pump.test_consumer import OnMemory, OnPrivateRabbitMQ
 
 
 class Caller(Process):
@@ -28,7 +31,9 @@ def sha512(data):
     return base64.b64encode(hashlib.sha512(data).digest()).decode()
 
 
-class TransferServiceTests(unittest.TestCase):
+class TransferServiceScenarios:
+    """Scenarios every transport must pass, written against the hooks of `OnMemory`."""
+
     async def setUp(self):
         self.base = os.path.abspath(self.mktemp())
         self.src = os.path.join(self.base, "src")
@@ -39,7 +44,9 @@ class TransferServiceTests(unittest.TestCase):
         with open(self.credentials, "w") as f:
             f.write("# none\n")
         os.chmod(self.credentials, 0o600)
-        self.container = await make_container(self)
+        self.container = await make_container(
+            self, url=self.url, memory_broker=self.new_broker(), sysname=self.name("test")
+        )
         self.service = await self.container.spawn(
             TransferService, args={"credentials": self.credentials, "per_host": 2}
         )
@@ -176,6 +183,14 @@ class TransferServiceTests(unittest.TestCase):
                 "transfer", "get", {"url": "file://" + src, "path": f"{self.dest}/s{i}"}
             )
         self.assertEqual(len(os.listdir(self.dest)), 4)
+
+
+class MemoryTransferServiceTests(OnMemory, TransferServiceScenarios, unittest.TestCase):
+    """The scenarios on the memory:// transport."""
+
+
+class AmqpTransferServiceTests(OnPrivateRabbitMQ, TransferServiceScenarios, unittest.TestCase):
+    """The same scenarios on the private RabbitMQ node."""
 
 
 class TransferServiceStartTests(unittest.TestCase):
