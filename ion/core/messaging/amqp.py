@@ -24,9 +24,12 @@ While the connection is down, operations fail at once with `ConnectionLost`; `wh
 tells when it is back. Queues with server-generated names cannot be declared again under the
 same name, so they and their consumers do not survive a reconnect.
 
-This is the only module that imports txamqp. txamqp's own frame codec is replaced here (see
-`_Client`): its field tables know only strings and unsigned 32-bit integers, and it hands
-message bodies back as `str` whenever they happen to be valid UTF-8.
+This is the only module that imports txamqp, and uses it for the synchronous calls (handshake,
+declarations, channels). Frames are encoded and decoded here (see `_Client`): txamqp's field
+tables know only strings and unsigned 32-bit integers, and its Deferred queue, lock and timer
+reset per frame cost more than the broker's own work per message. So a publish is one write,
+deliveries, confirms and returns reach their handlers as soon as their last frame is read, and
+the acks of a reactor turn go together (`_Acks`).
 """
 
 import collections
@@ -49,7 +52,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txamqp import spec as txamqp_spec
 from txamqp.client import Closed, TwistedDelegate
-from txamqp.codec import Codec
 from txamqp.connection import Body, Frame, Header, Heartbeat, Method
 from txamqp.content import Content
 from txamqp.message import Message
@@ -163,7 +165,7 @@ class AmqpAddress:
         return f"AmqpAddress({str(self)!r})"
 
 
-# Field tables and frames. txamqp's Codec is kept for the scalar types; tables are ours.
+# Field tables.
 
 
 class _EncodedTable(bytes):
@@ -291,103 +293,247 @@ def _text(data):
         return bytes(data)
 
 
-class _FieldCodec(Codec):
-    def encode_table(self, table):
-        self.write(table if isinstance(table, _EncodedTable) else encode_table(table))
-
-    def decode_table(self):
-        return decode_table(self.read(self.decode_long()))
-
+# Frames. txamqp's own path costs more than the broker's work per message: a Deferred queue hop
+# and a locked channel lookup per frame, a stream codec call per field, a copy of the whole
+# receive buffer per frame, and heartbeat timers restarted on every frame sent and received.
+# Frames are therefore encoded and decoded here, and what the broker sends is handed to the
+# delegate (or to the call waiting for it) as soon as it is complete.
 
 _FRAME = struct.Struct("!BHI")
 _FRAME_END = b"\xce"
+_FRAME_END_OCTET = 0xCE
+_METHOD_FRAME, _HEADER_FRAME, _BODY_FRAME, _HEARTBEAT_FRAME = 1, 2, 3, 8
 _PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
+_METHOD_ID = struct.Struct("!I")  # class id and method id
+_CONTENT_HEADER = struct.Struct("!HHQ")  # class id, weight, body size
+_FLAGS = struct.Struct("!H")
+_NUMBERS = {
+    "octet": struct.Struct("!B"),
+    "short": struct.Struct("!H"),
+    "long": struct.Struct("!I"),
+    "longlong": struct.Struct("!Q"),
+    "timestamp": struct.Struct("!Q"),
+}
 
 
-def _pack_payload(payload):
-    out = io.BytesIO()
-    codec = _FieldCodec(out)
-    if isinstance(payload, Method):
-        codec.encode_short(payload.method.klass.id)
-        codec.encode_short(payload.method.id)
-        for field, value in zip(payload.method.fields, payload.args):
-            codec.encode(field.type, value)
-    elif isinstance(payload, Header):
-        fields = payload.klass.fields.items
-        codec.encode_short(payload.klass.id)
-        codec.encode_short(payload.weight)
-        codec.encode_longlong(payload.size)
-        # Property flags: 15 per 16-bit word, first property in the high bit, low bit set
-        # when another word follows.
-        words = []
-        for start in range(0, max(len(fields), 1), 15):
-            word = 0
-            for i, field in enumerate(fields[start : start + 15]):
-                if payload.properties.get(field.name) is not None:
-                    word |= 1 << (15 - i)
-            words.append(word)
-        for i, word in enumerate(words):
-            codec.encode_short(word | (1 if i + 1 < len(words) else 0))
-        for field in fields:
-            value = payload.properties.get(field.name)
-            if value is not None:
-                codec.encode(field.type, value)
-    elif isinstance(payload, Body):
-        codec.write(bytes(payload.content))
-    codec.flush()
-    return out.getvalue()
+class _ProtocolError(Exception):
+    """The broker sent bytes that are not AMQP 0-9-1 as we know it."""
 
 
-def _unpack_payload(spec, kind, data):
-    if kind == Frame.BODY:
-        return Body(data)
-    if kind == Frame.HEARTBEAT:
-        return Heartbeat()
-    codec = _FieldCodec(io.BytesIO(data))
-    klass = spec.classes.byid[codec.decode_short()]
-    if kind == Frame.METHOD:
-        method = klass.methods.byid[codec.decode_short()]
-        return Method(method, *[codec.decode(field.type) for field in method.fields])
-    weight = codec.decode_short()
-    size = codec.decode_longlong()
+@functools.cache
+def _field_types(method_or_class):
+    return tuple(field.type for field in method_or_class.fields)
+
+
+@functools.cache
+def _field_names(method):
+    return tuple(txamqp_spec.pythonize(field.name) for field in method.fields)
+
+
+def _encode_field(kind, value):
+    number = _NUMBERS.get(kind)
+    if number is not None:
+        return number.pack(value)
+    if kind == "shortstr":
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        if len(data) > 255:
+            raise ValueError(f"short string longer than 255 bytes: {data[:40]!r}...")
+        return bytes((len(data),)) + data
+    if kind == "longstr":
+        if isinstance(value, dict):
+            return encode_table(value)
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        return _LENGTH.pack(len(data)) + data
+    if kind == "table":
+        return value if isinstance(value, _EncodedTable) else encode_table(value)
+    raise TypeError(f"cannot encode AMQP fields of type {kind!r}")
+
+
+def _encode_fields(kinds, values):
+    """Method arguments as bytes; consecutive bits share octets, first bit lowest."""
+    out = []
+    bits = count = 0
+    for kind, value in zip(kinds, values):
+        if kind == "bit":
+            if value:
+                bits |= 1 << count
+            count += 1
+            if count == 8:
+                out.append(bytes((bits,)))
+                bits = count = 0
+            continue
+        if count:
+            out.append(bytes((bits,)))
+            bits = count = 0
+        out.append(_encode_field(kind, value))
+    if count:
+        out.append(bytes((bits,)))
+    return b"".join(out)
+
+
+def _decode_field(kind, data, pos):
+    number = _NUMBERS.get(kind)
+    if number is not None:
+        return number.unpack_from(data, pos)[0], pos + number.size
+    if kind == "shortstr":
+        end = pos + 1 + data[pos]
+        return _text(data[pos + 1 : end]), end
+    if kind in ("longstr", "table"):
+        start = pos + 4
+        end = start + _LENGTH.unpack_from(data, pos)[0]
+        if kind == "table":
+            return decode_table(data[start:end]), end
+        return _text(data[start:end]), end
+    raise _ProtocolError(f"cannot decode AMQP fields of type {kind!r}")
+
+
+def _decode_fields(kinds, data, pos):
+    """Method arguments from data[pos:]: (values, position after them)."""
+    values = []
+    bits, count = 0, 8
+    for kind in kinds:
+        if kind == "bit":
+            if count == 8:
+                bits, count = data[pos], 0
+                pos += 1
+            values.append(bool(bits >> count & 1))
+            count += 1
+            continue
+        count = 8
+        value, pos = _decode_field(kind, data, pos)
+        values.append(value)
+    return values, pos
+
+
+@functools.cache
+def _property_layout(klass):
+    """name -> (position, type) of a class's content properties."""
+    return {field.name: (i, field.type) for i, field in enumerate(klass.fields.items)}
+
+
+def _encode_properties(klass, properties):
+    """Content properties (a dict keyed by spec name, None meaning absent) as bytes: property
+    flags, 15 per 16-bit word with the first property in the high bit and the low bit set when
+    another word follows, then the values present in spec order."""
+    layout = _property_layout(klass)
     present = []
+    for name, value in properties.items():
+        if value is not None:
+            position, kind = layout[name]
+            present.append((position, kind, value))
+    present.sort()
+    words = [0] * (len(layout) // 15 + 1)
+    for position, _, _ in present:
+        words[position // 15] |= 1 << (15 - position % 15)
+    while len(words) > 1 and not words[-1]:
+        words.pop()
+    for i in range(len(words) - 1):
+        words[i] |= 1
+    flags = b"".join([_FLAGS.pack(word) for word in words])
+    return flags + b"".join([_encode_field(kind, value) for _, kind, value in present])
+
+
+def _decode_properties(klass, data, pos):
+    """Content properties from data[pos:]: (dict keyed by spec name, position after them)."""
+    words = []
     while True:
-        word = codec.decode_short()
-        present.extend(bool(word & (1 << bit)) for bit in range(15, 0, -1))
+        (word,) = _FLAGS.unpack_from(data, pos)
+        pos += 2
+        words.append(word & 0xFFFE)
         if not word & 1:
             break
-    properties = {
-        field.name: codec.decode(field.type)
-        for field, flag in zip(klass.fields.items, present)
-        if flag
-    }
-    return Header(klass, weight, size, **properties)
+    fields = klass.fields.items
+    properties = {}
+    for i, word in enumerate(words):
+        while word:
+            top = word.bit_length() - 1
+            field = fields[i * 15 + 15 - top]
+            properties[field.name], pos = _decode_field(field.type, data, pos)
+            word ^= 1 << top
+    return properties, pos
+
+
+def _frame(kind, channel, payload):
+    return b"".join((_FRAME.pack(kind, channel, len(payload)), payload, _FRAME_END))
+
+
+def _method_frame(channel, method, args):
+    payload = _METHOD_ID.pack(method.klass.id << 16 | method.id) + _encode_fields(
+        _field_types(method), args
+    )
+    return _frame(_METHOD_FRAME, channel, payload)
+
+
+def _content_frames(channel, klass, properties, body, max_body):
+    """The header frame and the body frames of one message, as one bytes object."""
+    header = _CONTENT_HEADER.pack(klass.id, 0, len(body)) + _encode_properties(klass, properties)
+    parts = [_FRAME.pack(_HEADER_FRAME, channel, len(header)), header, _FRAME_END]
+    for start in range(0, len(body), max_body):
+        chunk = body if len(body) <= max_body else body[start : start + max_body]
+        parts += (_FRAME.pack(_BODY_FRAME, channel, len(chunk)), chunk, _FRAME_END)
+    return b"".join(parts)
+
+
+class _IncomingContent:
+    """A content-carrying method (basic.deliver, basic.return) waiting for its header and body
+    frames."""
+
+    __slots__ = ("method", "args", "properties", "size", "chunks", "received")
+
+    def __init__(self, method, args):
+        self.method = method
+        self.args = args
+        self.properties = None
+        self.size = 0
+        self.chunks = []
+        self.received = 0
 
 
 class _Client(AMQClient):
     """txamqp's protocol with our frame codec, the 0-9-1 protocol header, and hooks that tell
-    the session about connection and channel events."""
+    the session about connection and channel events. txamqp still makes the synchronous calls
+    (declarations, channel open and close, the handshake); frames in both directions go through
+    the codec above."""
 
     def __init__(self, session, spec, vhost, heartbeat, clock):
         self.session = session
         super().__init__(_Delegate(session), vhost, spec, heartbeat=heartbeat, clock=clock)
-        self._frame_types = {c.id: txamqp_spec.pythonize(c.name) for c in spec.constants}
+        self._methods = {
+            klass.id << 16 | method.id: method for klass in spec.classes for method in klass.methods
+        }
+        self._classes = {klass.id: klass for klass in spec.classes}
+        basic = spec.classes.byname["basic"]
+        self._basic = basic
+        self._basic_publish = basic.methods.byname["publish"]
+        self._basic_ack = basic.methods.byname["ack"]
+        self._basic_nack = basic.methods.byname["nack"]
+        self._unread = b""
+        self._incoming = {}  # channel number -> _IncomingContent
+        self._last_read = clock.seconds()
 
     def send_init_string(self):
         self.transport.write(_PROTOCOL_HEADER)
 
+    # Writing. txamqp writes the frames of its calls as soon as they are queued, so frames
+    # written directly here keep their order with those.
+
     def _pack_frame(self, frame):
         payload = frame.payload
-        kind = self.spec.constants.bypyname[payload.type].id
-        data = _pack_payload(payload)
-        return _FRAME.pack(kind, frame.channel, len(data)) + data + _FRAME_END
+        if isinstance(payload, Method):
+            return _method_frame(frame.channel, payload.method, payload.args)
+        if isinstance(payload, Header):
+            data = _CONTENT_HEADER.pack(payload.klass.id, payload.weight, payload.size)
+            data += _encode_properties(payload.klass, payload.properties)
+            return _frame(_HEADER_FRAME, frame.channel, data)
+        if isinstance(payload, Body):
+            return _frame(_BODY_FRAME, frame.channel, bytes(payload.content))
+        if isinstance(payload, Heartbeat):
+            return _frame(_HEARTBEAT_FRAME, frame.channel, b"")
+        raise TypeError(f"cannot encode an AMQP frame of {payload!r}")
 
-    def _unpack_frame(self, data):
-        kind, channel, size = _FRAME.unpack_from(data)
-        if data[_FRAME.size + size : _FRAME.size + size + 1] != _FRAME_END:
-            raise ValueError("AMQP frame does not end with the frame-end octet")
-        payload = data[_FRAME.size : _FRAME.size + size]
-        return Frame(channel, _unpack_payload(self.spec, self._frame_types[kind], payload))
+    def send_frame(self, frame):
+        # Without txamqp's heartbeat reset: ours are sent every interval regardless of traffic.
+        self.transport.write(self._pack_frame(frame))
 
     def writer(self, frame):
         try:
@@ -400,7 +546,146 @@ class _Client(AMQClient):
                 self.transport.abortConnection()
         self.outgoing.get().addCallback(self.writer)
 
+    def send_publish(self, channel, exchange, routing_key, mandatory, properties, body):
+        """basic.publish with its content, in one write. Raises (before writing anything)
+        when a field cannot be encoded."""
+        data = _method_frame(
+            channel, self._basic_publish, (0, exchange, routing_key, mandatory, False)
+        ) + _content_frames(channel, self._basic, properties, body, self.MAX_LENGTH - 8)
+        self.transport.write(data)
+
+    def send_ack(self, channel, tag, multiple):
+        self.transport.write(_method_frame(channel, self._basic_ack, (tag, multiple)))
+
+    def send_nack(self, channel, tag, requeue):
+        self.transport.write(_method_frame(channel, self._basic_nack, (tag, False, requeue)))
+
+    # Reading.
+
+    def dataReceived(self, data):
+        self._last_read = self.clock.seconds()
+        if self._unread:
+            data = self._unread + data
+        pos, size = 0, len(data)
+        try:
+            while size - pos > _FRAME.size:
+                kind, channel, length = _FRAME.unpack_from(data, pos)
+                if length > self.MAX_LENGTH:
+                    raise _ProtocolError(f"a frame of {length} bytes exceeds frame_max")
+                start = pos + _FRAME.size
+                end = start + length
+                if end >= size:
+                    break
+                if data[end] != _FRAME_END_OCTET:
+                    raise _ProtocolError("a frame does not end with the frame-end octet")
+                pos = end + 1
+                self._frame_received(kind, channel, data, start, end)
+                if self.transport.disconnecting:
+                    break
+        except Exception:
+            log.failure("AMQP: cannot read what the broker sent; dropping the connection")
+            self._unread = b""
+            self.transport.abortConnection()
+            return
+        self._unread = data[pos:]
+
+    def _frame_received(self, kind, channel, data, start, end):
+        if kind == _METHOD_FRAME:
+            (method_id,) = _METHOD_ID.unpack_from(data, start)
+            method = self._methods.get(method_id)
+            if method is None:
+                raise _ProtocolError(f"unknown method {method_id >> 16}.{method_id & 0xFFFF}")
+            args, pos = _decode_fields(_field_types(method), data, start + 4)
+            if pos > end:
+                raise _ProtocolError(f"truncated {method.klass.name}.{method.name}")
+            if channel in self._incoming:
+                raise _ProtocolError("a method arrived before the content it interrupts")
+            if method.content:
+                self._incoming[channel] = _IncomingContent(method, args)
+            else:
+                self._dispatch(channel, method, args, None)
+        elif kind == _HEADER_FRAME:
+            incoming = self._incoming.get(channel)
+            if incoming is None or incoming.properties is not None:
+                raise _ProtocolError("a content header without its method")
+            class_id, _, incoming.size = _CONTENT_HEADER.unpack_from(data, start)
+            incoming.properties, pos = _decode_properties(
+                self._classes[class_id], data, start + _CONTENT_HEADER.size
+            )
+            if pos > end:
+                raise _ProtocolError("truncated content header")
+            if incoming.size == 0:
+                self._content_received(channel, incoming)
+        elif kind == _BODY_FRAME:
+            incoming = self._incoming.get(channel)
+            if incoming is None or incoming.properties is None:
+                raise _ProtocolError("a content body without its header")
+            incoming.chunks.append(data[start:end])
+            incoming.received += end - start
+            if incoming.received > incoming.size:
+                raise _ProtocolError("a content body longer than its header says")
+            if incoming.received == incoming.size:
+                self._content_received(channel, incoming)
+        elif kind != _HEARTBEAT_FRAME:
+            raise _ProtocolError(f"unknown frame type {kind}")
+
+    def _content_received(self, channel, incoming):
+        del self._incoming[channel]
+        chunks = incoming.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        content = Content(body, [], incoming.properties)
+        self._dispatch(channel, incoming.method, incoming.args, content)
+
+    def _dispatch(self, number, method, args, content):
+        channel = self.channels.get(number)
+        if channel is None:
+            channel = self.channels[number] = self.channelFactory(number, self.outgoing, self)
+        if method.response:
+            # The reply to a call waiting in txamqp's AMQChannel.invoke, which reads frames.
+            channel.responses.put(Frame(number, Method(method, *args)))
+            if content is not None:
+                size = len(content.body)
+                header = Header(method.klass, 0, size, **content.properties)
+                channel.responses.put(Frame(number, header))
+                if size:
+                    channel.responses.put(Frame(number, Body(content.body)))
+            return
+        message = Message(method, tuple(args), content)
+        # Plain attributes: txamqp's Message looks each field up by name in the spec.
+        message.__dict__.update(zip(_field_names(method), args))
+        self.delegate.dispatch(channel, message)
+
+    # Heartbeats: one sent every interval, and the connection dropped once nothing at all has
+    # arrived for MAX_UNSEEN_HEARTBEAT intervals. txamqp restarts both timers on every frame.
+
+    def reschedule_send_heartbeat(self):
+        if self.heartbeatInterval > 0 and not self.sendHB.running:
+            self.sendHB.start(self.heartbeatInterval, now=False)
+
+    def reschedule_check_heartbeat(self):
+        if self.checkHB.active():
+            self.checkHB.cancel()
+        self.checkHB = self.clock.callLater(
+            self.heartbeatInterval * self.MAX_UNSEEN_HEARTBEAT, self.check_heartbeat
+        )
+
+    def check_heartbeat(self):
+        limit = self.heartbeatInterval * self.MAX_UNSEEN_HEARTBEAT
+        silent = self.clock.seconds() - self._last_read
+        if silent < limit:
+            self.checkHB = self.clock.callLater(limit - silent, self.check_heartbeat)
+            return
+        # The broker is unresponsive: no use closing cleanly or flushing what is pending.
+        self.transport.abortConnection()
+
+    # Connection and channel events.
+
     def connectionMade(self):
+        # Small frames (acks, confirms, rpc requests) must not wait for the previous segment's
+        # ACK (Nagle's algorithm); RabbitMQ sets the same on its side.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         super().connectionMade()
         self.session.connected()
 
@@ -532,10 +817,6 @@ def _spawn(coroutine, what):
     return d
 
 
-def _ignore(deferred):
-    deferred.addErrback(lambda _: None)
-
-
 def _as_deferred(method):
     """Make an `async def` method return a Deferred, as ITransport callers expect."""
 
@@ -569,6 +850,7 @@ class _Session:
         self.control_lock = defer.DeferredLock()
         self.publisher = _Publisher(self)
         self.consumers = {}  # consumer tag -> _Consumer
+        self.acks = {}  # txamqp channel -> _Acks, for channels that received deliveries
         self.is_lost = False
         self.closing = False
         self._channels = {}  # number -> txamqp channel (None while being created)
@@ -594,6 +876,9 @@ class _Session:
     def lost(self, reason):
         # State first, errbacks last: callers woken by a failed publish may act at once.
         self.is_lost = True
+        for acks in self.acks.values():
+            acks.discard()
+        self.acks.clear()
         self.transport._session_lost(self, reason)
         for consumer in list(self.consumers.values()):
             consumer.detached(self)
@@ -628,8 +913,14 @@ class _Session:
             del self._channels[channel.id]
         if self.client.channels.get(channel.id) is channel:
             del self.client.channels[channel.id]
+        acks = self.acks.pop(channel, None)
+        if acks is not None:
+            acks.discard()
 
     async def close_channel(self, channel):
+        acks = self.acks.get(channel)
+        if acks is not None:
+            acks.flush()
         if not channel.closed and not self.is_lost:
             try:
                 await _call(channel.channel_close(reply_code=200, reply_text="closed by client"))
@@ -657,9 +948,15 @@ class _Session:
             return await _call(getattr(self.control, method)(**arguments))
 
     def deliver(self, channel, message):
+        if self._channels.get(channel.id) is not channel:
+            return  # released: its consumer is gone and the broker has requeued the message
+        acks = self.acks.get(channel)
+        if acks is None:
+            acks = self.acks[channel] = _Acks(self, channel)
+        acks.received(message.delivery_tag)
         consumer = self.consumers.get(message.consumer_tag)
         if consumer is not None:
-            consumer.deliver(channel, message)
+            consumer.deliver(channel, acks, message)
 
     def cancelled_by_broker(self, tag):
         consumer = self.consumers.pop(tag, None)
@@ -671,6 +968,8 @@ class _Session:
         self.closing = True
         if self.is_lost:
             return
+        for acks in list(self.acks.values()):
+            acks.flush()
         channel0 = await self.client.channel(0)
         closing = channel0.connection_close(reply_code=200, reply_text="closed by client")
         closing.addTimeout(CLOSE_TIMEOUT, self.transport.reactor)
@@ -709,7 +1008,7 @@ class _Publisher:
         self.session = session
         self.channel = None
         self.next_tag = 1
-        self.unconfirmed = {}  # delivery tag -> _Publish, in tag order
+        self.unconfirmed = collections.OrderedDict()  # delivery tag -> _Publish, in tag order
         self.returns = []  # (exchange, routing key, body) of returns not yet matched
         self.known_exchanges = {""}
         self.backlog = None  # deque of _Publish waiting to be sent, or None
@@ -733,17 +1032,20 @@ class _Publisher:
         return message.deferred
 
     def _send(self, message):
+        try:
+            self.session.client.send_publish(
+                self.channel.id,
+                message.exchange,
+                message.routing_key,
+                message.mandatory,
+                message.properties,
+                message.body,
+            )
+        except Exception as e:
+            message.deferred.errback(TransportError(f"cannot encode the message: {e}"))
+            return
         self.unconfirmed[self.next_tag] = message
         self.next_tag += 1
-        content = Content(message.body, properties=message.properties)
-        _ignore(
-            self.channel.basic_publish(
-                exchange=message.exchange,
-                routing_key=message.routing_key,
-                mandatory=message.mandatory,
-                content=content,
-            )
-        )
 
     def _enqueue(self, messages, front=False):
         if self.backlog is None:
@@ -795,19 +1097,20 @@ class _Publisher:
 
     def returned(self, channel, message):
         if channel is self.channel:
-            body = message.content.body
-            if isinstance(body, str):
-                body = body.encode()
-            self.returns.append((message.exchange, message.routing_key, body))
+            self.returns.append((message.exchange, message.routing_key, message.content.body))
 
     def confirmed(self, channel, tag, multiple, error):
         if channel is not self.channel:
             return
         if multiple:
-            tags = [t for t in self.unconfirmed if t <= tag]
+            tags = []
+            for t in self.unconfirmed:
+                if t > tag:
+                    break
+                tags.append(t)
         else:
             tags = [tag] if tag in self.unconfirmed else []
-        unroutable = self._match_returns(tags)
+        unroutable = self._match_returns(tags) if self.returns else ()
         settled = [(t, self.unconfirmed.pop(t)) for t in tags]
         for t, message in settled:
             if t in unroutable:
@@ -839,7 +1142,7 @@ class _Publisher:
         error = _transport_error(Closed(reason))
         text = getattr(reason, "reply_text", "")
         pending = list(self.unconfirmed.values())
-        self.unconfirmed = {}
+        self.unconfirmed = collections.OrderedDict()
         self.returns = []
         self.channel = None
         culprit = next((i for i, m in enumerate(pending) if f"exchange '{m.exchange}'" in text), 0)
@@ -856,7 +1159,7 @@ class _Publisher:
 
     def connection_lost(self):
         pending = list(self.unconfirmed.values()) + list(self.backlog or ())
-        self.unconfirmed = {}
+        self.unconfirmed = collections.OrderedDict()
         self.backlog = None
         self.returns = []
         self.channel = None
@@ -869,6 +1172,79 @@ class _Publisher:
 # Consumers and deliveries.
 
 
+class _Acks:
+    """Sends the acks and nacks of one consumer channel.
+
+    Acks wait for the end of the reactor turn. Then the run of settled messages at the head of
+    the channel's unsettled ones goes as one basic.ack with `multiple`, and acks behind a
+    message still being worked on go one by one, so that a slow message never holds back the
+    prefetch window. A nack goes at once, after the acks before it. Every delivery on the
+    channel is counted, also those no consumer takes, so that `multiple` never covers a message
+    nobody settled."""
+
+    def __init__(self, session, channel):
+        self.session = session
+        self.channel = channel
+        self._unsettled = collections.deque()  # delivery tags received, oldest first
+        self._acked = set()  # acked, not yet sent
+        self._sent = set()  # acked or nacked on the wire, still in _unsettled
+        self._flush = None
+
+    def received(self, tag):
+        self._unsettled.append(tag)
+
+    def ack(self, tag):
+        self._acked.add(tag)
+        if self._flush is None:
+            self._flush = self.session.transport.reactor.callLater(0, self.flush)
+
+    def nack(self, tag, requeue):
+        self.flush()
+        if self._writable():
+            self.session.client.send_nack(self.channel.id, tag, requeue)
+            self._sent.add(tag)
+
+    def flush(self):
+        """Send the acks waiting now."""
+        self._cancel()
+        acked = self._acked
+        if not acked or not self._writable():
+            acked.clear()
+            return
+        unsettled, sent = self._unsettled, self._sent
+        last = None
+        while unsettled:
+            tag = unsettled[0]
+            if tag in acked:
+                acked.remove(tag)
+                last = tag
+            elif tag in sent:
+                sent.remove(tag)
+            else:
+                break
+            unsettled.popleft()
+        client, number = self.session.client, self.channel.id
+        if last is not None:
+            client.send_ack(number, last, True)
+        for tag in sorted(acked):
+            client.send_ack(number, tag, False)
+        sent.update(acked)
+        acked.clear()
+
+    def discard(self):
+        """The channel or the connection is gone, and with it what was not sent."""
+        self._cancel()
+        self._acked.clear()
+
+    def _cancel(self):
+        flush, self._flush = self._flush, None
+        if flush is not None and flush.active():
+            flush.cancel()
+
+    def _writable(self):
+        return not self.session.is_lost and not self.channel.closed
+
+
 @implementer(IDelivery)
 class _Delivery:
     __slots__ = (
@@ -877,20 +1253,19 @@ class _Delivery:
         "routing_key",
         "properties",
         "redelivered",
-        "_channel",
+        "_acks",
         "_tag",
         "_settled",
     )
 
-    def __init__(self, channel, message):
+    def __init__(self, acks, message):
         content = message.content
-        body = content.body
-        self.body = body.encode() if isinstance(body, str) else body
+        self.body = content.body
         self.exchange = message.exchange
         self.routing_key = message.routing_key
         self.properties = _properties_from_amqp(content.properties)
-        self.redelivered = bool(message.redelivered)
-        self._channel = channel
+        self.redelivered = message.redelivered
+        self._acks = acks
         self._tag = message.delivery_tag
         self._settled = False
 
@@ -904,22 +1279,21 @@ class _Delivery:
                 f"cannot {action} message {self.routing_key!r}: it was already acked or nacked"
             )
         self._settled = True
-        return not self._channel.closed
+        return not self._acks.channel.closed
 
     def ack(self):
         """Settle the message: it is gone from the queue. Acking or nacking twice raises
         TransportError. Once the consumer was cancelled or the connection lost the broker has
-        put the message back in the queue, and a first ack or nack does nothing."""
+        put the message back in the queue, and a first ack or nack does nothing. The ack goes
+        to the broker at the end of the reactor turn (before the consumer's channel closes)."""
         if self._settle("ack"):
-            _ignore(self._channel.basic_ack(delivery_tag=self._tag, multiple=False))
+            self._acks.ack(self._tag)
 
     def nack(self, requeue=True):
         """Refuse the message: with requeue it goes back to the head of its queue marked
         redelivered, otherwise it is dropped. Same double-settle rule as `ack`."""
         if self._settle("nack"):
-            _ignore(
-                self._channel.basic_nack(delivery_tag=self._tag, multiple=False, requeue=requeue)
-            )
+            self._acks.nack(self._tag, requeue)
 
 
 @implementer(IConsumer)
@@ -1009,10 +1383,10 @@ class _Consumer:
         if self._session is session:
             _spawn(self._close_channel(), "closing a cancelled consumer's channel")
 
-    def deliver(self, channel, message):
+    def deliver(self, channel, acks, message):
         if not self.active or channel is not self.channel:
             return
-        delivery = _Delivery(channel, message)
+        delivery = _Delivery(acks, message)
         try:
             result = self._callback(delivery)
         except Exception:
