@@ -719,6 +719,8 @@ class ConsumerScenarios:
         await self.post_file("w/f1.dat", b"1")
         await self.post_file("w/f2.dat", b"2")
         await held.started
+        # Both are in hand (the second waits for a transfer slot) before the stop begins.
+        await until(lambda: consumer.stats["received"] == 2)
         stopping = defer.ensureDeferred(consumer.terminate())
         await self.post_file("w/f3.dat", b"3")
         await self.quiet()
