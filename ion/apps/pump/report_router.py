@@ -13,19 +13,29 @@ to it.
 - a `report_id` forwarded before (within `dup_ttl` seconds, remembered on disk in
   `<state_dir>/report_ids.jsonl` across restarts): acked, counted as `duplicates`;
 - otherwise published, persistent and confirmed, to `xr_<source>` (declared topic, durable) with
-  the routing key it came with, then its id remembered, then acked. Counted per source and code.
+  the routing key it came with and a `report_id` header, then its id remembered, then acked.
+  Counted per source and code.
 
 With `log_path`, each report handled is also written to that file as one JSON line
 {time, source, code, routing_key, relPath, report_id, message, outcome}.
 
-The order (publish, remember, ack) means a crash between the publish and the remembering sends
-that one report twice; everything else is delivered once.
+Exactly once across crashes. The order (publish, remember, ack) leaves one gap: a crash after
+the broker took the publish but before the id was written down. The broker's own record closes
+it: the durable queue `q_<user>.report_router.sent` is bound (`#`) to every `xr_` exchange the
+router publishes to, so each forwarded report lands there too, in the same routing step as at
+the source's queues. The router consumes that queue and remembers the `report_id` header of
+whatever it finds. A report that comes back redelivered with an id not remembered may be such a
+case: the router then publishes a marker to `x_<user>.report_router.sent` (also bound to that
+queue) and waits until the marker comes through, by which time every copy the broker took
+earlier has been read and remembered, and only then decides. Reports without a `report_id` are
+forwarded at least once.
 """
 
 import json
 import os
 import re
 import time
+import uuid
 
 from twisted.internet import defer
 
@@ -41,6 +51,8 @@ DEFAULTS = {
     "prefetch": 100,
 }
 _SOURCE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
+# How long a redelivered report waits for the marker before it is forwarded anyway.
+CATCH_UP_TIMEOUT = 30
 
 
 def check_args(args):
@@ -73,6 +85,8 @@ class ReportRouter(Process):
         self.settings = check_args(self.args)
         self.user = self.settings["user"] or self.container.transport.user
         self.queue = f"q_{self.user}.report_router"
+        self.sent_queue = f"{self.queue}.sent"
+        self.marker_exchange = f"x_{self.user}.report_router.sent"
         state_dir = self.settings["state_dir"] or os.path.join("var", "pump", "report_router")
         self.seen = DupCache(
             os.path.join(state_dir, "report_ids.jsonl"),
@@ -87,6 +101,7 @@ class ReportRouter(Process):
             self._log_file = open(self.settings["log_path"], "a", encoding="utf-8")
         self._declared = set()
         self._routing = {}  # report id being forwarded -> Deferreds of its later copies
+        self._markers = {}  # marker published -> Deferred fired when it comes back
         self.stats = {
             "received": 0,
             "forwarded": 0,
@@ -97,6 +112,15 @@ class ReportRouter(Process):
         }
 
     async def on_activate(self):
+        # What the broker took from earlier runs is read first (see the module docstring).
+        await self.subscribe(
+            self.marker_exchange,
+            ["#"],
+            self._on_sent,
+            queue=self.sent_queue,
+            durable=True,
+            prefetch=self.settings["prefetch"],
+        )
         await self.subscribe(
             self.settings["exchange"],
             ["#"],
@@ -166,6 +190,9 @@ class ReportRouter(Process):
         rid = fields.get("report_id")
         if not isinstance(rid, str):
             rid = None
+        if rid is not None and delivery.redelivered and rid not in self.seen:
+            # Perhaps forwarded by a run that did not live to write the id down.
+            await self._catch_up()
         # The same id may arrive again while its first copy waits for the broker's confirm.
         while rid is not None and rid in self._routing:
             waiter = defer.Deferred()
@@ -182,23 +209,66 @@ class ReportRouter(Process):
             delivery.ack()
             return
         exchange = f"xr_{source}"
-        declare = None if exchange in self._declared else "topic"
         if rid is not None:
             self._routing[rid] = []
         try:
-            await self.publish(exchange, delivery.routing_key, delivery.body, declare=declare)
-            self._declared.add(exchange)
-            if rid is not None:
+            if exchange not in self._declared:
+                await self._declare_route(exchange)
+            headers = {"report_id": rid} if rid is not None else None
+            await self.publish(exchange, delivery.routing_key, delivery.body, headers=headers)
+            if rid is not None and rid not in self.seen:
                 self.seen.add(rid)
+            self.stats["forwarded"] += 1
+            codes = self.stats["by_source"].setdefault(source, {})
+            codes[str(code)] = codes.get(str(code), 0) + 1
+            self._write_log(fields, delivery, source, code, "forwarded")
+            delivery.ack()
         finally:
+            # Later copies are looked at once this one is done with (and logged first).
             if rid is not None:
                 for waiter in self._routing.pop(rid):
                     waiter.callback(None)
-        self.stats["forwarded"] += 1
-        codes = self.stats["by_source"].setdefault(source, {})
-        codes[str(code)] = codes.get(str(code), 0) + 1
-        self._write_log(fields, delivery, source, code, "forwarded")
+
+    async def _declare_route(self, exchange):
+        """Declare a source's exchange and bind the sent queue to it, before the first report
+        goes there. (The process facade subscribes but does not bind alone, hence the
+        transport: a binding without a consumer keeps one consumer, and its order, on the
+        sent queue.)"""
+        transport = self.container.messenger.transport
+        await transport.declare_exchange(exchange, "topic", durable=True)
+        await transport.bind(self.sent_queue, exchange, "#")
+        self._declared.add(exchange)
+
+    def _on_sent(self, delivery):
+        """A copy of a report the broker took from us (or a marker): remember its id."""
+        headers = delivery.properties.headers or {}
+        rid = headers.get("report_id")
+        if isinstance(rid, str) and rid not in self.seen:
+            self.seen.add(rid)
         delivery.ack()
+        marker = headers.get("marker")
+        waiter = self._markers.pop(marker, None) if isinstance(marker, str) else None
+        if waiter is not None:
+            waiter.callback(None)
+
+    async def _catch_up(self):
+        """Return once the sent queue has been read up to now: every report the broker took
+        from an earlier run is remembered by then."""
+        marker = uuid.uuid4().hex
+        waiter = self._markers[marker] = defer.Deferred()
+        waiter.addTimeout(CATCH_UP_TIMEOUT, self.container.reactor)
+        try:
+            await self.publish(self.marker_exchange, "marker", b"{}", headers={"marker": marker})
+            await waiter
+        except defer.TimeoutError:
+            self.log.warn(
+                "report router: no marker back from {queue} after {timeout} s; deciding on "
+                "what is known",
+                queue=self.sent_queue,
+                timeout=CATCH_UP_TIMEOUT,
+            )
+        finally:
+            self._markers.pop(marker, None)
 
     def _write_log(self, fields, delivery, source, code, outcome):
         if self._log_file is None:

@@ -438,7 +438,7 @@ class OnPrivateRabbitMQ(OnMemory):
     poll = 0.1
     quiet_seconds = 0.5
     # Durable queues whose names do not depend on the test (the report router's).
-    shared_queues = ("q_guest.report_router",)
+    shared_queues = ("q_guest.report_router", "q_guest.report_router.sent")
 
     def new_broker(self):
         return None
@@ -501,7 +501,7 @@ class ConsumerScenarios:
             ReportRouter,
             args={"state_dir": os.path.join(self.base, "router"), "exchange": self.xreport},
         )
-        self.durable_queues.add(self.router.queue)
+        self.durable_queues.update((self.router.queue, self.router.sent_queue))
         self.collector = await c.spawn(Collector)
         for source in sources:
             await self.collector.listen(f"xr_{source}")
