@@ -195,7 +195,7 @@ class CrashTests(unittest.TestCase):
             await collector.post(fields, f"xpublic-{tag}", topic(rel_path))
 
         # Mid-batch: some reports are in, most files are still to come.
-        await until(lambda: len(reports()) >= self.files // 5, timeout=60, what="first reports")
+        await until(lambda: len(reports()) >= self.files // 10, timeout=60, what="first reports")
         children[0].stop(signal.SIGKILL)
         at_kill = len(reports())
         self.assertLess(at_kill, self.files, "the batch was over before the kill")
