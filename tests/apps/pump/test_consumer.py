@@ -379,10 +379,13 @@ def rabbitmq_queues(broker):
     """{queue: (ready, unacked)} on the private RabbitMQ node, read with the real `rabbitmqctl`
     next to its server script (Debian's wrapper would switch to the rabbitmq user)."""
     ctl = os.path.join(os.path.dirname(find_rabbitmq_server()), "rabbitmqctl")
+    columns = ["name", "messages_ready", "messages_unacknowledged"]
     out = subprocess.run(
-        [ctl, "-n", broker.nodename, "-q", "list_queues", "--no-table-headers", "name",
-         "messages_ready", "messages_unacknowledged"],
-        env=broker._environment(), capture_output=True, text=True, timeout=60,
+        [ctl, "-n", broker.nodename, "-q", "list_queues", "--no-table-headers", *columns],
+        env=broker._environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if out.returncode != 0:
         raise AssertionError(f"rabbitmqctl list_queues failed: {out.stderr}")
@@ -961,7 +964,10 @@ class ConsumerScenarios:
                 }
             ],
             transfer={"workers": 2, "credentials": self.credentials},
-            report_router={"state_dir": os.path.join(self.base, "router"), "exchange": self.xreport},
+            report_router={
+                "state_dir": os.path.join(self.base, "router"),
+                "exchange": self.xreport,
+            },
             ingest={
                 "user": "ion",
                 "users": [self.name("feed")],

@@ -216,7 +216,7 @@ class CrashTests(unittest.TestCase):
         self.assertEqual(set(counts), {(rel_path, 201) for rel_path in files})
 
         received = tree(os.path.join(base, "dest"))
-        final = {path: data for path, data in received.items() if not path.endswith(INFLIGHT_SUFFIX)}
+        final = {p: data for p, data in received.items() if not p.endswith(INFLIGHT_SUFFIX)}
         self.assertEqual(sorted(final), sorted(files))
         wrong = [path for path, data in final.items() if data != files[path]]
         self.assertEqual(wrong, [], "files at their final names with other bytes")
