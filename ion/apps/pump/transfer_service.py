@@ -16,19 +16,28 @@ A failed transfer is an `ApplicationError` with the library's HTTP-like code (40
 refused, 499 short or corrupt, 503 unreachable, 504 timed out, ...); callers decide between
 retrying and reporting with `ion.apps.pump.outcome.is_transient(code)`. Bad requests are 400.
 
-Args: `timeouts` {connect, idle} (seconds; defaults 10 and 30), `per_host` (transfers at a time
-to one server, per instance; default 4), `credentials` (path of the credentials file; default
+Args: `timeouts` {connect, idle} (seconds; defaults 10 and 30), `parallel` (transfers at a
+time, per instance; default 8), `per_host` (transfers at a time to one server, per instance;
+default 4), `credentials` (path of the credentials file; default
 `~/.config/ion/credentials.conf` when it exists). A credentials file readable by group or
-others, or unreadable, stops the service from starting.
+others, or unreadable, stops the service from starting. N instances thus run at most
+N * `parallel` transfers, N * `per_host` to one server.
+
+Each instance owns, from start to terminate, a thread pool of `parallel` threads doing the local
+disk work of its transfers (create, write, fsync, rename: the reactor thread never waits for
+the disk) and its kept-open http(s) connections (at most `per_host` idle ones to a server).
 """
 
 import os
+
+from twisted.internet.defer import DeferredSemaphore
+from twisted.python.threadpool import ThreadPool
 
 from ion.apps.pump import transfer
 from ion.core.process import ApplicationError, ServiceProcess
 
 DEFAULT_CREDENTIALS = "~/.config/ion/credentials.conf"
-ARGS = ("credentials", "per_host", "service", "timeouts")
+ARGS = ("credentials", "parallel", "per_host", "service", "timeouts")
 
 
 def load_credentials(path):
@@ -70,20 +79,41 @@ class TransferService(ServiceProcess):
             connect=_number(timeouts.get("connect", 10), "timeouts connect"),
             idle=_number(timeouts.get("idle", 30), "timeouts idle"),
         )
-        per_host = self.args.get("per_host", 4)
-        if isinstance(per_host, bool) or not isinstance(per_host, int) or per_host < 1:
-            raise ValueError(f"transfer service: per_host must be an int >= 1, got {per_host!r}")
+        per_host = _count(self.args.get("per_host", 4), "per_host")
+        parallel = _count(self.args.get("parallel", 8), "parallel")
         self.limiter = transfer.HostLimiter(per_host)
+        self.slots = DeferredSemaphore(parallel)
         self.credentials = load_credentials(self.args.get("credentials"))
+        reactor = self.container.reactor
+        self.pool = ThreadPool(minthreads=0, maxthreads=parallel, name=f"transfer-{self.pid}")
+        self.pool.start()
+        # A crashed process gets no on_terminate: its threads still stop with the reactor.
+        self._pool_trigger = reactor.addSystemEventTrigger("during", "shutdown", self.pool.stop)
+        self.http_connections = transfer.HTTPConnections(reactor, per_host)
+
+    async def on_terminate(self):
+        self.container.reactor.removeSystemEventTrigger(self._pool_trigger)
+        # In-flight ops are over (or given up on): this waits only for a disk job still running.
+        self.pool.stop()
+        await self.http_connections.close()
 
     def _options(self):
-        return {"timeouts": self.timeouts, "credentials": self.credentials, "limiter": self.limiter}
+        return {
+            "timeouts": self.timeouts,
+            "credentials": self.credentials,
+            "limiter": self.limiter,
+            "pool": self.pool,
+            "http_connections": self.http_connections,
+        }
 
     async def _run(self, operation, *args, **kwargs):
+        await self.slots.acquire()
         try:
             return await operation(self.container.reactor, *args, **kwargs, **self._options())
         except transfer.TransferError as e:
             raise ApplicationError(e.message, code=e.code) from None
+        finally:
+            self.slots.release()
 
     async def op_get(self, content, headers):
         url, path = _strings(content, "get", "url", "path")
@@ -126,6 +156,12 @@ class TransferService(ServiceProcess):
             {"name": e.name, "size": e.size, "mtime": e.mtime, "mode": e.mode, "type": e.type}
             for e in entries
         ]
+
+
+def _count(value, what):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"transfer service: {what} must be an int >= 1, got {value!r}")
+    return value
 
 
 def _strings(content, op, *keys):

@@ -57,21 +57,29 @@ async def settle(timeout=2.0):
 
 
 class _TrackingSite(server.Site):
-    """A Site that can abort the connections it still has."""
+    """A Site that counts the connections it accepted and can abort those it still has."""
 
     def __init__(self, resource):
         super().__init__(resource)
         self.connections = set()
+        self.accepted = 0
 
     def buildProtocol(self, addr):
+        self.accepted += 1
         protocol = super().buildProtocol(addr)
-        lost = protocol.connectionLost
+        made, lost = protocol.makeConnection, protocol.connectionLost
         self.connections.add(protocol)
+
+        def makeConnection(transport):
+            # The protocol is a wrapper that does not keep the transport: we do, to close it.
+            protocol.transport = transport
+            return made(transport)
 
         def connectionLost(reason):
             self.connections.discard(protocol)
             return lost(reason)
 
+        protocol.makeConnection = makeConnection
         protocol.connectionLost = connectionLost
         return protocol
 

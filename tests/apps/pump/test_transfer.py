@@ -9,10 +9,13 @@ import base64
 import hashlib
 import os
 import stat
+import threading
+import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import ion.apps.pump.transfer as transfer
@@ -36,7 +39,13 @@ from ion.apps.pump.transfer import (
     TransferError,
     TransferTimeout,
 )
-from ion.apps.pump.transfer.inflight import InflightFile
+from ion.apps.pump.transfer import inflight
+from ion.apps.pump.transfer.inflight import (
+    BACKLOG_LIMIT,
+    BUFFER_LIMIT,
+    DirectorySyncs,
+    InflightFile,
+)
 from ion.apps.pump.transfer.limits import IdleTimer
 from tests.apps.pump.servers import leftovers, write_file
 
@@ -350,7 +359,7 @@ class InflightFileTests(SynchronousTestCase):
         """
         sink = InflightFile(os.path.join(self.dir, "é" * 127))
         sink.write(b"x")
-        result = sink.finish()
+        result = self.successResultOf(Deferred.fromCoroutine(sink.finish()))
         self.assertEqual(result.size, 1)
 
     def test_finish(self):
@@ -360,7 +369,8 @@ class InflightFileTests(SynchronousTestCase):
         sink = InflightFile(self.dest, ["sha512", "md5"], expected_size=11)
         sink.write(b"hello ")
         sink.write(b"world")
-        result = sink.finish(("md5", md5(b"hello world")), 1_000_000_000.5, 0o640)
+        finished = sink.finish(("md5", md5(b"hello world")), 1_000_000_000.5, 0o640)
+        result = self.successResultOf(Deferred.fromCoroutine(finished))
         self.assertEqual(
             result.checksum, {"sha512": sha512(b"hello world"), "md5": md5(b"hello world")}
         )
@@ -377,7 +387,7 @@ class InflightFileTests(SynchronousTestCase):
         sink = InflightFile(self.dest)
         sink.write(b"abc")
         sink.declare(4)
-        self.assertRaises(ShortTransfer, sink.finish)
+        self.failureResultOf(Deferred.fromCoroutine(sink.finish()), ShortTransfer)
         self.assertEqual(os.listdir(self.dir), [])
         sink = InflightFile(self.dest, what="http://h/x")
         sink.declare(2)
@@ -397,6 +407,274 @@ class InflightFileTests(SynchronousTestCase):
         sink.write(b"abc")
         self.assertRaises(SizeMismatch, sink.write, b"d")
         sink.discard()
+
+
+class InflightFileDiskTests(SynchronousTestCase):
+    """
+    Small bodies are written in one go at the end; big ones stream to disk as they come.
+    """
+
+    def setUp(self):
+        self.dir = self.mktemp()
+        os.mkdir(self.dir)
+        self.dest = os.path.join(self.dir, "data.bin")
+
+    def finish(self, sink, *args):
+        return self.successResultOf(Deferred.fromCoroutine(sink.finish(*args)))
+
+    def test_smallBodyWrittenAtTheEnd(self):
+        """
+        Up to C{BUFFER_LIMIT} bytes, nothing is on disk before L{InflightFile.finish}.
+        """
+        sink = InflightFile(self.dest)
+        sink.declare(BUFFER_LIMIT)
+        for _ in range(4):
+            sink.write(b"x" * (BUFFER_LIMIT // 4))
+        self.assertEqual(os.listdir(self.dir), [])
+        self.assertEqual(self.finish(sink).size, BUFFER_LIMIT)
+        self.assertEqual(os.listdir(self.dir), ["data.bin"])
+
+    def test_bigBodyStreams(self):
+        """
+        A body announced bigger than C{BUFFER_LIMIT} goes to the temporary file as it comes.
+        """
+        data = os.urandom(BUFFER_LIMIT + 10)
+        sink = InflightFile(self.dest, expected_size=len(data))
+        sink.write(data[:10])
+        self.assertEqual(leftovers(self.dir), [os.path.basename(sink.temp_path)])
+        sink.write(data[10:])
+        self.assertGreater(os.path.getsize(sink.temp_path), BUFFER_LIMIT // 2)
+        result = self.finish(sink, ("sha512", sha512(data)))
+        self.assertEqual(result.checksum, {"sha512": sha512(data)})
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertEqual(leftovers(self.dir), [])
+
+    def test_unannouncedBodyStreamsPastTheLimit(self):
+        """
+        A body of unknown size starts streaming once it grows past C{BUFFER_LIMIT}.
+        """
+        sink = InflightFile(self.dest)
+        sink.write(b"x" * BUFFER_LIMIT)
+        self.assertEqual(leftovers(self.dir), [])
+        sink.write(b"y")
+        self.assertGreater(os.path.getsize(sink.temp_path), BUFFER_LIMIT // 2)
+        self.successResultOf(sink.discard())
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_streamingFailureStopsTheTransfer(self):
+        """
+        A streaming body whose temporary file cannot be created fails at the next write.
+        """
+        sink = InflightFile(os.path.join(self.dir, "missing", "x"))
+        sink.declare(BUFFER_LIMIT * 2)
+        error = self.assertRaises(LocalFailure, sink.write, b"x")
+        self.assertEqual((error.code, error.transient), (422, False))
+        self.successResultOf(sink.discard())
+
+
+class InflightFilePoolTests(TestCase):
+    """
+    With a thread pool, the disk work runs in its threads; cancelling a commit either stops it
+    before the rename or returns its result.
+    """
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.mkdir(self.dir)
+        self.dest = os.path.join(self.dir, "data.bin")
+        self.pool = ThreadPool(minthreads=0, maxthreads=2)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+
+    def sink(self, *args, **kwargs):
+        return InflightFile(self.dest, *args, reactor=reactor, pool=self.pool, **kwargs)
+
+    def block(self, cls_or_obj, name):
+        """Make C{name} wait in its thread until the returned C{release} event is set;
+        C{reached} is set once a thread waits there."""
+        reached, release = threading.Event(), threading.Event()
+        original = getattr(cls_or_obj, name)
+
+        def blocked(*args, **kwargs):
+            reached.set()
+            release.wait(10)
+            return original(*args, **kwargs)
+
+        self.patch(cls_or_obj, name, blocked)
+        self.addCleanup(release.set)
+        return reached, release
+
+    async def until(self, event):
+        while not event.is_set():
+            await deferLater(reactor, 0.005, lambda: None)
+
+    async def test_diskWorkInPoolThreads(self):
+        """
+        Creating, writing, fsyncing and renaming happen outside the reactor thread.
+        """
+        threads = []
+        original = inflight.directories.sync
+
+        def sync(path):
+            threads.append(threading.current_thread())
+            original(path)
+
+        self.patch(inflight.directories, "sync", sync)
+        data = os.urandom(3 * BUFFER_LIMIT)
+        sink = self.sink(expected_size=len(data))
+        for start in range(0, len(data), 65536):
+            sink.write(data[start : start + 65536])
+        result = await sink.finish(("sha512", sha512(data)), 1234.0, 0o600)
+        self.assertEqual((result.size, result.mtime, result.mode), (len(data), 1234.0, 0o600))
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertEqual(len(threads), 1)
+        self.assertIsNot(threads[0], threading.main_thread())
+        self.assertEqual(leftovers(self.dir), [])
+
+    async def test_checksumMismatchInPool(self):
+        """
+        A mismatch found in the pool leaves the previous file and no temporary file.
+        """
+        write_file(self.dest, b"previous")
+        sink = self.sink()
+        sink.write(b"actual")
+        with self.assertRaises(ChecksumMismatch):
+            await sink.finish(("sha512", sha512(b"announced")))
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), b"previous")
+        self.assertEqual(leftovers(self.dir), [])
+
+    async def test_backlogPausesTheSource(self):
+        """
+        While the disk is slow, a streaming body reports itself backlogged once
+        C{BACKLOG_LIMIT} bytes wait; L{InflightFile.drained} fires once they went to disk.
+        """
+        reached, release = self.block(InflightFile, "_write")
+        data = os.urandom(BACKLOG_LIMIT + 4 * 65536)
+        sink = self.sink(expected_size=len(data))
+        await self.until(reached)
+        for start in range(0, BACKLOG_LIMIT, 65536):
+            self.assertFalse(sink.backlogged)
+            sink.write(data[start : start + 65536])
+        self.assertTrue(sink.backlogged)
+        drained = sink.drained()
+        self.assertNoResult(drained)
+        release.set()
+        await drained
+        self.assertFalse(sink.backlogged)
+        for start in range(BACKLOG_LIMIT, len(data), 65536):
+            sink.write(data[start : start + 65536])
+        await sink.finish(("sha512", sha512(data)))
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    async def test_cancelBeforeRename(self):
+        """
+        A commit cancelled before its rename ends with C{CancelledError}, the previous file
+        in place and no temporary file.
+        """
+        write_file(self.dest, b"previous")
+        reached, release = self.block(InflightFile, "_verify")
+        sink = self.sink()
+        sink.write(b"new")
+        d = Deferred.fromCoroutine(sink.finish())
+        await self.until(reached)
+        d.cancel()
+        self.assertNoResult(d)
+        release.set()
+        with self.assertRaises(CancelledError):
+            await d
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), b"previous")
+        self.assertEqual(leftovers(self.dir), [])
+
+    async def test_cancelAfterRename(self):
+        """
+        A commit cancelled after its rename returns its result: the file is in place.
+        """
+        reached, release = self.block(inflight.directories, "sync")
+        sink = self.sink()
+        sink.write(b"new")
+        d = Deferred.fromCoroutine(sink.finish())
+        await self.until(reached)
+        d.cancel()
+        release.set()
+        result = await d
+        self.assertEqual(result.size, 3)
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), b"new")
+        self.assertEqual(leftovers(self.dir), [])
+
+    async def test_discardWaitsForTheDisk(self):
+        """
+        Discarding while a write is in the pool removes the temporary file once it is done.
+        """
+        reached, release = self.block(InflightFile, "_write")
+        sink = self.sink(expected_size=2 * BUFFER_LIMIT)
+        await self.until(reached)
+        sink.write(b"x" * 1000)
+        gone = sink.discard()
+        self.assertNoResult(gone)
+        release.set()
+        await gone
+        self.assertEqual(os.listdir(self.dir), [])
+
+
+class DirectorySyncsTests(SynchronousTestCase):
+    """
+    Renames into one directory share its fsyncs.
+    """
+
+    def test_groupCommit(self):
+        """
+        Callers arriving while an fsync of their directory runs share the next one; each
+        returns only after an fsync that started after it called.
+        """
+        syncs = DirectorySyncs()
+        calls = []
+        started, release = threading.Event(), threading.Event()
+
+        def fsync(path):
+            calls.append(path)
+            if len(calls) == 1:
+                started.set()
+                release.wait(10)
+
+        self.patch(inflight, "_fsync_directory", fsync)
+        leader = threading.Thread(target=syncs.sync, args=("d",))
+        leader.start()
+        started.wait(10)
+        followers = [threading.Thread(target=syncs.sync, args=("d",)) for _ in range(5)]
+        for thread in followers:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while syncs._directories["d"].requested < 6 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        self.assertEqual(len(calls), 1)
+        release.set()
+        for thread in [leader] + followers:
+            thread.join(10)
+        self.assertEqual(calls, ["d", "d"])
+        self.assertEqual(syncs._directories, {})
+
+    def test_failure(self):
+        """
+        A failed fsync fails its caller; the next caller fsyncs again.
+        """
+        syncs = DirectorySyncs()
+        outcomes = [OSError(5, "Input/output error"), None]
+
+        def fsync(path):
+            error = outcomes.pop(0)
+            if error is not None:
+                raise error
+
+        self.patch(inflight, "_fsync_directory", fsync)
+        self.assertRaises(OSError, syncs.sync, "d")
+        syncs.sync("d")
+        self.assertEqual((outcomes, syncs._directories), ([], {}))
 
 
 class FileSchemeTests(TestCase):

@@ -21,6 +21,7 @@ from ion.apps.pump.transfer import (
     Timeouts,
     TransferTimeout,
 )
+from ion.apps.pump.transfer.inflight import BUFFER_LIMIT
 from tests.apps.pump.servers import leftovers, settle, start_ftp, write_file
 
 SECRET = "ftp-Pa55-word"
@@ -46,7 +47,11 @@ class FTPTests(TestCase):
         os.chmod(src, 0o640)
         write_file(os.path.join(self.root, "stall.bin"), b"s" * 100_000)
         self.server = start_ftp(
-            self, self.root, user="carol", password=SECRET, stalled_names=["stall.bin"]
+            self,
+            self.root,
+            user="carol",
+            password=SECRET,
+            stalled_names=["stall.bin", "big-stall.bin"],
         )
         self.addCleanup(settle)
         port = self.server.port.getHost().port
@@ -129,9 +134,11 @@ class FTPTests(TestCase):
     async def test_cancel(self):
         """
         Cancelling a transfer in progress removes its temporary file and closes the
-        connection.
+        connection (a file bigger than C{BUFFER_LIMIT} streams to disk from the start).
         """
-        d = Deferred.fromCoroutine(self.get("/stall.bin"))
+        with open(os.path.join(self.root, "big-stall.bin"), "wb") as f:
+            f.truncate(2 * BUFFER_LIMIT)
+        d = Deferred.fromCoroutine(self.get("/big-stall.bin"))
         while not leftovers(self.local) or not os.path.getsize(
             os.path.join(self.local, leftovers(self.local)[0])
         ):

@@ -12,6 +12,7 @@ import time
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.task import deferLater
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
 from ion.apps.pump import transfer
@@ -26,6 +27,7 @@ from ion.apps.pump.transfer import (
     Timeouts,
     TransferTimeout,
 )
+from ion.apps.pump.transfer.inflight import BUFFER_LIMIT
 from tests.apps.pump.servers import leftovers, make_tls, settle, start_http, write_file
 
 SECRET = "pa55-w0rd-XyZ"
@@ -203,16 +205,34 @@ class HTTPTests(TestCase):
 
     async def test_cancel(self):
         """
-        Cancelling a transfer in progress removes its temporary file.
+        Cancelling a transfer in progress removes its temporary file (a body announced bigger
+        than C{BUFFER_LIMIT} streams to disk from the start).
         """
         d = Deferred.fromCoroutine(
-            transfer.get(reactor, self.server.url + "/stall/100000", self.dest)
+            transfer.get(reactor, self.server.url + f"/stall/{3 * BUFFER_LIMIT}", self.dest)
         )
         while (
             not leftovers(self.dest_dir)
             or os.path.getsize(os.path.join(self.dest_dir, leftovers(self.dest_dir)[0])) < 50000
         ):
             await deferLater(reactor, 0.01, lambda: None)
+        d.cancel()
+        with self.assertRaises(CancelledError):
+            await d
+        self.assertEqual(os.listdir(self.dest_dir), [])
+
+    async def test_cancelSmall(self):
+        """
+        A small body is kept in memory until complete: cancelled halfway, it never touched
+        the disk.
+        """
+        d = Deferred.fromCoroutine(
+            transfer.get(reactor, self.server.url + "/stall/100000", self.dest)
+        )
+        while not self.server.site.connections:
+            await deferLater(reactor, 0.01, lambda: None)
+        await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(os.listdir(self.dest_dir), [])
         d.cancel()
         with self.assertRaises(CancelledError):
             await d
@@ -276,6 +296,108 @@ class HTTPTests(TestCase):
         with open(os.path.join(self.root, "up.bin"), "rb") as f:
             self.assertEqual(f.read(), self.data)
         self.assertEqual(result.checksum, {"sha512": sha512(self.data)})
+
+
+class HTTPConnectionsTests(TestCase):
+    """
+    L{HTTPConnections} keeps connections open between a caller's GETs.
+    """
+
+    def setUp(self):
+        self.root = os.path.abspath(self.mktemp())
+        self.dest_dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+        os.makedirs(self.dest_dir)
+        self.data = os.urandom(4096)
+        write_file(os.path.join(self.root, "f.bin"), self.data)
+        self.server = start_http(self, self.root)
+        self.url = self.server.url + "/files/f.bin"
+        self.connections = transfer.HTTPConnections(reactor, per_host=2)
+        self.addCleanup(settle)
+        self.addCleanup(self.connections.close)
+        self.pool = ThreadPool(minthreads=0, maxthreads=4)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+
+    def get(self, n, **kwargs):
+        return Deferred.fromCoroutine(
+            transfer.get(
+                reactor,
+                self.url,
+                os.path.join(self.dest_dir, f"{n}.bin"),
+                expected_checksum=("sha512", sha512(self.data)),
+                http_connections=self.connections,
+                pool=self.pool,
+                **kwargs,
+            )
+        )
+
+    async def test_sequentialGetsShareOneConnection(self):
+        """
+        Twenty GETs one after the other go over one connection, and every file arrives whole.
+        """
+        for n in range(20):
+            await self.get(n)
+        self.assertEqual(self.server.site.accepted, 1)
+        for n in range(20):
+            with open(os.path.join(self.dest_dir, f"{n}.bin"), "rb") as f:
+                self.assertEqual(f.read(), self.data)
+        self.assertNothingLeft()
+
+    async def test_parallelGetsBoundedByPerHost(self):
+        """
+        Twenty GETs at once under a limiter of two per host use at most two connections.
+        """
+        limiter = transfer.HostLimiter(per_host=2)
+        await gatherResults([self.get(n, limiter=limiter) for n in range(20)])
+        self.assertIn(self.server.site.accepted, (1, 2))
+        self.assertNothingLeft()
+
+    async def test_serverClosedIdleConnection(self):
+        """
+        A kept connection the server has closed meanwhile costs nothing but a new connection.
+        """
+        await self.get(0)
+        for protocol in list(self.server.site.connections):
+            protocol.transport.loseConnection()
+        await deferLater(reactor, 0.05, lambda: None)
+        await self.get(1)
+        self.assertEqual(self.server.site.accepted, 2)
+
+    async def test_failedResponseNotReused(self):
+        """
+        A connection whose response was refused (404) or cut short is closed, not reused.
+        """
+        with self.assertRaises(NotFound):
+            await transfer.get(
+                reactor,
+                self.server.url + "/files/missing",
+                self.dest_dir + "/x",
+                http_connections=self.connections,
+            )
+        with self.assertRaises(ShortTransfer):
+            await transfer.get(
+                reactor,
+                self.server.url + "/short/1000",
+                self.dest_dir + "/x",
+                http_connections=self.connections,
+            )
+        await self.get(0)
+        self.assertEqual(self.server.site.accepted, 3)
+        self.assertNothingLeft()
+
+    async def test_close(self):
+        """
+        Closing the connections leaves none open.
+        """
+        await self.get(0)
+        self.assertEqual(len(self.server.site.connections), 1)
+        await self.connections.close()
+        await settle()
+        self.assertEqual(len(self.server.site.connections), 0)
+
+    def assertNothingLeft(self):
+        self.assertEqual(leftovers(self.dest_dir), [])
 
 
 class HTTPSTests(TestCase):

@@ -5,6 +5,7 @@ Transfers stream: memory stays flat however big the file (L{ion.apps.pump.transf
 import os
 
 from twisted.internet import reactor
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
 from ion.apps.pump import transfer
@@ -59,6 +60,33 @@ class ConstantMemoryTests(TestCase):
         self.assertLess(growth, ALLOWED, f"RSS grew by {growth / 1e6:.1f} MB")
         with open(dest, "rb") as f:
             self.assertEqual(f.read(65536 * 3), pattern(65536 * 3))
+
+    async def test_httpThreadPool(self):
+        """
+        With a thread pool writing to disk, a server faster than the disk is paused rather
+        than buffered, over a kept-open connection.
+        """
+        server = start_http(self, self.dir)
+        self.addCleanup(settle)
+        pool = ThreadPool(minthreads=0, maxthreads=2)
+        pool.start()
+        self.addCleanup(pool.stop)
+        connections = transfer.HTTPConnections(reactor)
+        self.addCleanup(connections.close)
+        await self.measure(
+            f"{server.url}/generated/{SIZE}", pool=pool, http_connections=connections
+        )
+        with open(os.path.join(self.dir, "out.bin"), "rb") as f:
+            self.assertEqual(f.read(65536 * 3), pattern(65536 * 3))
+
+    async def test_fileThreadPool(self):
+        """
+        A local copy with a thread pool writing to disk waits for it instead of buffering.
+        """
+        pool = ThreadPool(minthreads=0, maxthreads=2)
+        pool.start()
+        self.addCleanup(pool.stop)
+        await self.measure("file://" + self.sparse("sparse.bin"), pool=pool)
 
     async def test_file(self):
         """

@@ -20,6 +20,7 @@ from ion.core.process import (
     RemoteError,
 )
 from tests.apps.pump.fixtures import write_source
+from tests.apps.pump.servers import settle, start_http
 from tests.apps.pump.test_consumer import OnMemory, OnPrivateRabbitMQ
 
 
@@ -215,6 +216,8 @@ class TransferServiceStartTests(unittest.TestCase):
         for args, text in [
             ({"workers": 2}, "unknown argument 'workers'"),
             ({"per_host": 0}, "per_host"),
+            ({"parallel": 0}, "parallel"),
+            ({"parallel": True}, "parallel"),
             ({"timeouts": {"connect": -1}}, "timeouts connect"),
         ]:
             e = await self.assertFailure(
@@ -222,6 +225,77 @@ class TransferServiceStartTests(unittest.TestCase):
             )
             self.assertIn(text, str(e))
         self.flushLoggedErrors(ValueError)
+
+
+class TransferServiceResourceTests(unittest.TestCase):
+    """Each instance owns a disk thread pool and kept-open http connections, from start to
+    terminate."""
+
+    async def setUp(self):
+        self.base = os.path.abspath(self.mktemp())
+        self.dest = os.path.join(self.base, "dest")
+        os.makedirs(os.path.join(self.base, "src"))
+        os.makedirs(self.dest)
+        self.data = os.urandom(4096)
+        write_source(os.path.join(self.base, "src"), "f.dat", self.data)
+        self.server = start_http(self, os.path.join(self.base, "src"))
+        self.addCleanup(settle)
+        credentials = os.path.join(self.base, "credentials.conf")
+        with open(credentials, "w") as f:
+            f.write("# none\n")
+        os.chmod(credentials, 0o600)
+        self.container = await make_container(self)
+        self.service = await self.container.spawn(
+            TransferService, args={"credentials": credentials, "per_host": 2, "parallel": 3}
+        )
+        self.caller = await self.container.spawn(Caller)
+
+    async def test_gets_share_connections(self):
+        """Files fetched one after the other from one server go over one connection, and
+        their disk work runs in the instance's pool of `parallel` threads."""
+        for i in range(10):
+            result = await self.caller.rpc(
+                "transfer",
+                "get",
+                {
+                    "url": self.server.url + "/files/f.dat",
+                    "path": os.path.join(self.dest, f"{i}.dat"),
+                    "identity": {"method": "sha512", "value": sha512(self.data)},
+                },
+            )
+            self.assertEqual(result["size"], len(self.data))
+        self.assertEqual(self.server.site.accepted, 1)
+        self.assertEqual(self.service.pool.max, 3)
+        self.assertTrue(self.service.pool.started)
+
+    async def test_terminate_releases(self):
+        """Terminating an instance stops its threads and closes its connections."""
+        await self.caller.rpc(
+            "transfer",
+            "get",
+            {"url": self.server.url + "/files/f.dat", "path": os.path.join(self.dest, "f.dat")},
+        )
+        self.assertEqual(len(self.server.site.connections), 1)
+        await self.service.terminate()
+        await settle()
+        self.assertFalse(self.service.pool.started)
+        self.assertFalse(any(thread.is_alive() for thread in self.service.pool.threads))
+        self.assertEqual(len(self.server.site.connections), 0)
+
+    async def test_parallel_bounds_transfers(self):
+        """At most `parallel` transfers run at once in an instance; the others wait."""
+        gate = defer.Deferred()
+        running = []
+
+        async def held(reactor, *args, **kwargs):
+            running.append(args)
+            await gate
+
+        calls = [defer.ensureDeferred(self.service._run(held, i)) for i in range(5)]
+        self.assertEqual(len(running), 3)
+        gate.callback(None)
+        await defer.gatherResults(calls)
+        self.assertEqual(len(running), 5)
 
 
 class OutcomeTests(unittest.SynchronousTestCase):

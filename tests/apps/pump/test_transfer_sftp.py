@@ -25,6 +25,7 @@ from ion.apps.pump.transfer import (
     Timeouts,
     TransferTimeout,
 )
+from ion.apps.pump.transfer.inflight import BUFFER_LIMIT
 from tests.apps.pump.servers import leftovers, settle, ssh_key, start_sftp, write_file
 
 SECRET = "sftp-Pa55-word"
@@ -51,7 +52,11 @@ class SFTPTests(TestCase):
         write_file(os.path.join(self.root, "stall.bin"), b"s" * 200_000)
         os.symlink("data.bin", os.path.join(self.root, "link"))
         self.server = start_sftp(
-            self, self.root, user="bob", password=SECRET, stalled_names=["stall.bin"]
+            self,
+            self.root,
+            user="bob",
+            password=SECRET,
+            stalled_names=["stall.bin", "big-stall.bin"],
         )
         self.addCleanup(settle)
         self.known_hosts = write_file(
@@ -179,9 +184,11 @@ class SFTPTests(TestCase):
     async def test_cancel(self):
         """
         Cancelling a transfer in progress removes its temporary file and closes the
-        connection.
+        connection (a file bigger than C{BUFFER_LIMIT} streams to disk from the start).
         """
-        d = Deferred.fromCoroutine(self.get("/stall.bin"))
+        with open(os.path.join(self.root, "big-stall.bin"), "wb") as f:
+            f.truncate(2 * BUFFER_LIMIT)
+        d = Deferred.fromCoroutine(self.get("/big-stall.bin"))
         while not leftovers(self.local) or not os.path.getsize(
             os.path.join(self.local, leftovers(self.local)[0])
         ):

@@ -26,13 +26,16 @@ def _source_error(shown, exc):
     return LocalFailure.from_os_error(shown, exc)
 
 
-async def copy(reactor, read, write):
-    """Move chunks from C{read(size)} to C{write(data)} until C{read} returns nothing."""
+async def copy(reactor, read, sink):
+    """Move chunks from C{read(size)} to C{sink} (an L{InflightFile}) until C{read} returns
+    nothing, waiting whenever the sink has too much waiting for the disk."""
     chunks = 0
     while data := read(CHUNK_SIZE):
-        write(data)
+        sink.write(data)
         chunks += 1
-        if chunks % CHUNKS_PER_TURN == 0:
+        if sink.backlogged:
+            await sink.drained()
+        elif chunks % CHUNKS_PER_TURN == 0:
             await deferLater(reactor, 0, lambda: None)
 
 
@@ -54,20 +57,22 @@ async def fetch(reactor, location, sink, settings):
             except OSError as exc:
                 raise LocalFailure.from_os_error(f"cannot read {location.shown}", exc) from None
 
-        await copy(reactor, read, sink.write)
+        await copy(reactor, read, sink)
     return info.st_mtime, stat.S_IMODE(info.st_mode)
 
 
 async def store(reactor, outgoing, location, settings):
     """Copy C{outgoing} to the local path of C{location} (inflight name, then rename)."""
-    sink = InflightFile(location.path, methods=(), what=location.shown)
+    sink = InflightFile(
+        location.path, methods=(), what=location.shown, reactor=reactor, pool=settings.pool
+    )
     try:
         sink.declare(outgoing.size)
-        await copy(reactor, outgoing.read, sink.write)
+        await copy(reactor, outgoing.read, sink)
     except BaseException:
-        sink.discard()
+        await sink.discard()
         raise
-    sink.finish(mtime=outgoing.mtime, mode=outgoing.mode)
+    await sink.finish(mtime=outgoing.mtime, mode=outgoing.mode)
 
 
 async def listdir(reactor, location, settings):

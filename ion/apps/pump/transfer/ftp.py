@@ -111,11 +111,14 @@ class _Control(FTPClient):
 
 
 class _Receiver(Protocol):
-    """Hands each chunk of a data connection to C{write}."""
+    """Hands each chunk of a data connection to C{write}; with a C{sink} (an
+    L{InflightFile}), the connection is paused while the sink has too much waiting for the
+    disk."""
 
-    def __init__(self, session, write):
+    def __init__(self, session, write, sink=None):
         self.session = session
         self.write = write
+        self.sink = sink
         self.error = None
         self.received = 0
 
@@ -132,6 +135,15 @@ class _Receiver(Protocol):
         except Exception as exc:
             self.error = exc
             self.transport.abortConnection()
+            return
+        if self.sink is not None and self.sink.backlogged:
+            self.transport.pauseProducing()
+            self.sink.drained().addCallback(self._resume)
+
+    def _resume(self, _):
+        if self.transport.connected:
+            self.session.timer.touch()
+            self.transport.resumeProducing()
 
 
 def _reply(exc):
@@ -250,7 +262,7 @@ async def fetch(reactor, location, sink, settings):
         if size and size[-1][4:].strip().isdigit():
             sink.declare(int(size[-1][4:].strip()))
         mtime = _mdtm(await _optional(session, "MDTM " + path))
-        receiver = _Receiver(session, sink.write)
+        receiver = _Receiver(session, sink.write, sink)
         try:
             await control.retrieveFile(path, receiver)
         except Exception:

@@ -10,6 +10,11 @@ checksums. We ask for the identity encoding and refuse any other.
 https certificates are verified by default against the system's trust store, or against the
 certificate authorities of C{ca_file}; a failed verification is L{ServerNotTrusted}.
 No C{Range} request is ever sent: every GET fetches the whole file.
+
+GETs reuse the connections of the caller's L{HTTPConnections} when given: a connection goes back
+to them only after a complete response; one cut short, refused or with an error status is
+closed. A PUT always opens a connection of its own (Twisted retries only idempotent requests
+without a body on a kept connection the server has meanwhile closed).
 """
 
 import base64
@@ -18,7 +23,7 @@ import re
 from OpenSSL import SSL
 from twisted.internet import error as net_error
 from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
@@ -73,14 +78,51 @@ def _trust_root(ca_file):
     return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in blocks])
 
 
-def _agent(reactor, settings):
-    """A redirect-following agent whose connections serve one request each."""
+def _agent(reactor, settings, pool=None):
+    """A redirect-following agent; without a C{pool}, its connections serve one request each."""
     policy = BrowserLikePolicyForHTTPS(trustRoot=_trust_root(settings.ca_file))
-    pool = HTTPConnectionPool(reactor, persistent=False)
+    if pool is None:
+        pool = HTTPConnectionPool(reactor, persistent=False)
     agent = Agent(
         reactor, contextFactory=policy, connectTimeout=settings.timeouts.connect, pool=pool
     )
     return RedirectAgent(agent)
+
+
+class HTTPConnections:
+    """
+    http(s) connections kept open between the transfers of one owner (a process), at most
+    C{per_host} idle ones to each server, each closed after C{idle_timeout} seconds unused.
+    Connections made under different trust roots (C{ca_file}) are never shared. L{close} when
+    done.
+    """
+
+    def __init__(self, reactor, per_host=4, idle_timeout=60):
+        self._reactor = reactor
+        self.per_host = per_host
+        self.idle_timeout = idle_timeout
+        self._pools = {}
+        self._agents = {}
+
+    def agent(self, settings):
+        """The agent for requests made with C{settings} (its C{ca_file} and connect timeout)."""
+        key = (settings.ca_file, settings.timeouts.connect)
+        agent = self._agents.get(key)
+        if agent is None:
+            pool = self._pools.get(settings.ca_file)
+            if pool is None:
+                pool = self._pools[settings.ca_file] = HTTPConnectionPool(
+                    self._reactor, persistent=True
+                )
+                pool.maxPersistentPerHost = self.per_host
+                pool.cachedConnectionTimeout = self.idle_timeout
+            agent = self._agents[key] = _agent(self._reactor, settings, pool)
+        return agent
+
+    def close(self):
+        """Close the idle connections; a Deferred that fires once they are closed."""
+        pools, self._pools, self._agents = list(self._pools.values()), {}, {}
+        return gatherResults([pool.closeCachedConnections() for pool in pools])
 
 
 def _headers(location):
@@ -178,6 +220,15 @@ class _BodyReceiver(Protocol):
         except Exception as exc:
             self.error = exc
             self.abort()
+            return
+        if self._write.backlogged:
+            self.transport.pauseProducing()
+            self._write.drained().addCallback(self._resume)
+
+    def _resume(self, _):
+        if not self.done.called:
+            self._timer.touch()
+            self.transport.resumeProducing()
 
     def connectionLost(self, reason):
         if self.done.called:
@@ -235,7 +286,10 @@ async def _get(reactor, location, settings, write):
     """GET C{location}, feeding the body to C{write}; returns the response."""
     timeouts = settings.timeouts
     timer = IdleTimer(reactor, timeouts.idle, first=timeouts.connect + timeouts.idle)
-    agent = _agent(reactor, settings)
+    if settings.http_connections is None:
+        agent = _agent(reactor, settings)
+    else:
+        agent = settings.http_connections.agent(settings)
     try:
         response = await _request(agent, location, settings, b"GET", timer)
         timer.touch()
@@ -264,9 +318,18 @@ class _SinkWriter:
     def declare(self, length):
         self.sink.declare(length)
 
+    @property
+    def backlogged(self):
+        return self.sink.backlogged
+
+    def drained(self):
+        return self.sink.drained()
+
 
 class _BufferWriter:
     """Collects an index page in memory, up to C{limit} bytes."""
+
+    backlogged = False
 
     def __init__(self, limit, shown):
         self.chunks = []

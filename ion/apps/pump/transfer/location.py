@@ -22,11 +22,17 @@ class Settings:
         system's trust store).
     @ivar known_hosts: OpenSSH known_hosts file holding the sftp servers' host keys
         (default C{~/.ssh/known_hosts}); a server whose key is not there is refused.
+    @ivar http_connections: the caller's kept-open http(s) connections (an
+        L{ion.apps.pump.transfer.http.HTTPConnections}), or C{None}: one connection a request.
+    @ivar pool: the caller's C{ThreadPool} for local disk work, or C{None}: done in the
+        reactor thread.
     """
 
     timeouts: Timeouts = Timeouts()
     ca_file: str | None = None
     known_hosts: str | None = None
+    http_connections: object = None
+    pool: object = None
 
 
 @attrs.frozen

@@ -42,6 +42,8 @@ async def get(
     limiter=None,
     ca_file=None,
     known_hosts=None,
+    pool=None,
+    http_connections=None,
 ):
     """
     Fetch C{url} into the local file C{dest_path}.
@@ -61,6 +63,10 @@ async def get(
     @param limiter: a L{HostLimiter} shared by the caller's transfers.
     @param ca_file: https: PEM file of trusted certificate authorities.
     @param known_hosts: sftp: known_hosts file (default C{~/.ssh/known_hosts}).
+    @param pool: a started C{ThreadPool} for the local disk work (create, write, fsync,
+        rename), shared by the caller's transfers; without one that work blocks the reactor.
+    @param http_connections: L{HTTPConnections} kept open between the caller's http(s)
+        transfers; without them each request opens and closes its own connection.
     @return: a L{TransferResult}; its checksum holds every method computed (C{sha512} when
         none was asked for).
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
@@ -70,21 +76,23 @@ async def get(
     for method in (expected_checksum[0] if expected_checksum else None, cod):
         if method is not None and method not in methods:
             methods.append(check_method(method))
-    settings = Settings(timeouts, ca_file, known_hosts)
+    settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool)
     async with _slot(limiter, url):
-        sink = InflightFile(dest_path, methods or ["sha512"], expected_size, location.shown)
+        sink = InflightFile(
+            dest_path, methods or ["sha512"], expected_size, location.shown, reactor, pool
+        )
         try:
             source_mtime, source_mode = await _SCHEMES[location.scheme].fetch(
                 reactor, location, sink, settings
             )
         except BaseException:
-            sink.discard()
+            await sink.discard()
             raise
         if mtime is None:
             mtime = source_mtime
         if mode is None:
             mode = source_mode
-        return sink.finish(
+        return await sink.finish(
             tuple(expected_checksum) if expected_checksum else None,
             mtime,
             None if mode is None else mode & MODE_MASK,
@@ -101,18 +109,22 @@ async def put(
     limiter=None,
     ca_file=None,
     known_hosts=None,
+    pool=None,
+    http_connections=None,
 ):
     """
     Send the local file C{src_path} to C{url}.
 
     The remote file is written under a temporary name and renamed into place where the scheme
     allows it (file, sftp, ftp); mtime and mode follow where the scheme can set them (file, sftp).
+    C{pool} is used as in L{get} by the file scheme; an http PUT always opens a connection of
+    its own (a request with a body is not retried on a kept connection the server closed).
 
     @return: a L{TransferResult} for the bytes sent (C{path} is the redacted URL).
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
     """
     location = locate(url, credentials)
-    settings = Settings(timeouts, ca_file, known_hosts)
+    settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool)
     async with _slot(limiter, url):
         outgoing = OutgoingFile(src_path)
         try:
@@ -137,15 +149,18 @@ async def list(
     limiter=None,
     ca_file=None,
     known_hosts=None,
+    pool=None,
+    http_connections=None,
 ):
     """
     The entries of the remote directory C{url}, sorted by name (C{.} and C{..} left out).
+    C{http_connections} as in L{get}; C{pool} is not used (listings are read in memory).
 
     @rtype: a list of L{Entry}
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
     """
     location = locate(url, credentials)
-    settings = Settings(timeouts, ca_file, known_hosts)
+    settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool)
     async with _slot(limiter, url):
         entries = await _SCHEMES[location.scheme].listdir(reactor, location, settings)
     return sorted(

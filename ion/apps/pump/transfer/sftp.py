@@ -332,8 +332,9 @@ async def _drain(pending):
             pass
 
 
-async def _read_into(handle, write):
-    """Read the open file C{handle} from start to end, C{WINDOW} reads in flight."""
+async def _read_into(handle, sink):
+    """Read the open file C{handle} from start to end into C{sink}, C{WINDOW} reads in flight
+    (their answers wait while the sink has too much waiting for the disk)."""
     pending = deque()
     offset = 0
     try:
@@ -347,7 +348,9 @@ async def _read_into(handle, write):
             except EOFError:
                 await _drain(pending)
                 return
-            write(data)
+            sink.write(data)
+            if sink.backlogged:
+                await sink.drained()
             if len(data) < length:
                 # A short read (end of file, or a server with smaller reads): what is in
                 # flight beyond it is useless; carry on from where this read ended.
@@ -375,7 +378,7 @@ async def fetch(reactor, location, sink, settings):
             sink.declare(attrs["size"])
         handle = await client.openFile(path, filetransfer.FXF_READ, {})
         try:
-            await _read_into(handle, sink.write)
+            await _read_into(handle, sink)
         finally:
             if session.connected:
                 await handle.close()
