@@ -14,8 +14,10 @@ kwargs (from `res/apps/pump.app`, a rel file's `args` or `-a "apparg_pump={...}"
   `base_url`...;
 - `subscriptions`: a list of consumer args (see `ion.apps.pump.consumer`), each with a unique
   `name`: `exchange`, `topics`, `accept`, `reject`, `directory`, `mirror`, `strip`...;
-- `transfer`: {workers: N (default 2), and the transfer service args: timeouts, per_host,
-  credentials};
+- `transfer`: {workers: N transfer service instances (default 2; the polls list through them),
+  timeouts, per_host, credentials, parallel}: the settings of `ion.apps.pump.transfer.worker`.
+  Consumers fetch files themselves with the same timeouts, per_host and credentials (a
+  subscription's own `transfer` wins) and their own `parallel`;
 - `ingest`: ingest args (see `ion.apps.pump.ingest`), e.g. {users: ['alice', 'bob']} for the
   exchanges `xs_alice`, `xs_bob` (default: the pump's user's only);
 - `report_router`: report router args (see `ion.apps.pump.report_router`), e.g. `log_path`;
@@ -28,6 +30,7 @@ Anything else is an error naming the valid kwargs.
 """
 
 from ion.apps.pump import consumer, ingest, poll, progress, report_router
+from ion.apps.pump.transfer.worker import SETTINGS, check_settings
 from ion.core.process import Supervisor
 
 KWARGS = ("ingest", "polls", "progress", "report_router", "subscriptions", "transfer", "user")
@@ -68,12 +71,14 @@ def plan(app_name="pump", **kwargs):
     workers = transfer.pop("workers", 2)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"{app_name}: transfer workers must be an int >= 1, got {workers!r}")
-    bad = sorted(set(transfer) - {"credentials", "per_host", "timeouts"})
+    bad = sorted(set(transfer) - set(SETTINGS))
     if bad:
         raise ValueError(
             f"{app_name}: unknown transfer argument {bad[0]!r}; valid ones are workers, "
-            "timeouts, per_host, credentials"
+            f"{', '.join(SETTINGS)}"
         )
+    check_settings(transfer, f"{app_name}: transfer")
+    fetching = {k: v for k, v in transfer.items() if k != "parallel"}
     router_args = dict(kwargs.get("report_router") or {})
     ingest_args = dict(kwargs.get("ingest") or {})
     if user is not None:
@@ -94,6 +99,8 @@ def plan(app_name="pump", **kwargs):
     for args in subscriptions:
         if user is not None:
             args.setdefault("user", user)
+        if fetching:
+            args["transfer"] = dict(fetching, **(args.get("transfer") or {}))
         checked = consumer.check_args(args)
         if checked["name"] in names:
             raise ValueError(f"{app_name}: two subscriptions are named {checked['name']!r}")

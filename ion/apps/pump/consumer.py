@@ -16,16 +16,22 @@ A `Consumer` consumes a durable queue `q_<user>.consumer.<name>` bound to `excha
    file once per reactor turn) and it is acked;
 4. place it under `directory` (mirror, directory, or strip=N; see `ion.apps.pump.paths`); a
    path that could leave the tree: one 422 report, nothing touched on disk;
-5. ask the `transfer` service to fetch the file, verified against the notice's size and
-   checksum, at most `parallel` transfers at a time. Delivered: optional re-announce (sarra
-   mode), a 201 report, the key added to the duplicate cache. A transient failure (see
-   `ion.apps.pump.outcome`: 499/500/503/504, no reply in time, no transfer service running)
-   goes to the on-disk retry queue (`retryqueue.py`); a permanent one gets one failure report.
+5. fetch the file itself (`ion.apps.pump.transfer.worker.Transfers`, with the `transfer`
+   settings: timeouts, per_host, credentials), verified against the notice's size and
+   checksum, at most `parallel` transfers at a time, each given up after `transfer_timeout`
+   seconds. Delivered: optional re-announce (sarra mode), a 201 report, the key added to the
+   duplicate cache. A transient failure (see `ion.apps.pump.outcome`: 499/500/503/504) goes
+   to the on-disk retry queue (`retryqueue.py`); a permanent one gets one failure report.
+
+   The fetch runs in the consumer's own process rather than as a call to the `transfer`
+   service: a call per file doubled the broker messages of every delivery. To fetch more at
+   a time, run more consumers of the same subscription (they share its queue), in this
+   container or others.
 
 The message is acked only once its outcome is durable, so a crash at any point leaves the
 message in the broker or its outcome on disk:
 
-- delivered: file renamed into place (by the transfer service, fsynced) -> re-announce
+- delivered: file renamed into place (fsynced) -> re-announce
   confirmed -> report confirmed -> key in the duplicate cache -> ack;
 - transient failure: retry entry fsynced -> ack (the retry queue owns the work from then on);
 - permanent failure and 4xx outcomes: report confirmed -> ack.
@@ -42,7 +48,8 @@ topic. `self.stats` counts what happened; op `stats` returns it.
 Args (checked by `check_args` before anything starts): see `DEFAULTS`; `name` is required,
 `directory` too unless `discard` is set; `filters` is an ordered list of
 `('accept'|'reject', regex)`, or `accept`/`reject` give two lists (rejects are tried first);
-`reannounce` is {exchange, base_url}.
+`reannounce` is {exchange, base_url}; `transfer` is {timeouts, per_host, credentials} (see
+`ion.apps.pump.transfer.worker`).
 """
 
 import collections
@@ -65,8 +72,10 @@ from ion.apps.pump.notice import (
     format_time,
     parse_time,
 )
-from ion.apps.pump.outcome import classify
+from ion.apps.pump.outcome import Failure, classify
 from ion.apps.pump.retryqueue import RetryQueue
+from ion.apps.pump.transfer import TransferError
+from ion.apps.pump.transfer.worker import Transfers, check_settings
 from ion.core.process import Process
 
 DEFAULTS = {
@@ -92,6 +101,7 @@ DEFAULTS = {
     "retry_jitter": 0.2,
     "dup_ttl": 3600,
     "transfer_timeout": 600,
+    "transfer": None,
     "max_notice_bytes": MAX_NOTICE_BYTES,
     "report_exchange": "xreport",
     "stop_grace": 10,
@@ -258,6 +268,13 @@ def check_args(args):
             raise ValueError(
                 f"{who}: reannounce must be {{'exchange': ..., 'base_url': ...}}, got {reannounce!r}"
             )
+    transfer = merged["transfer"] or {}
+    if not isinstance(transfer, dict):
+        raise ValueError(f"{who}: transfer must be a dict of transfer settings, got {transfer!r}")
+    if "parallel" in transfer:
+        raise ValueError(f"{who}: parallel is a consumer argument, not a transfer setting")
+    check_settings(dict(transfer, parallel=merged["parallel"]), who)
+    merged["transfer"] = dict(transfer)
     for key in ("user", "state_dir"):
         if merged[key] is not None and not isinstance(merged[key], str):
             raise ValueError(f"{who}: {key} must be a string, got {merged[key]!r}")
@@ -307,7 +324,13 @@ class Consumer(Process):
             "retried": 0,
             "failures": {},
         }
-        self._transfers = defer.DeferredSemaphore(args["parallel"])
+        self.transfers = None
+        if not self.discard:
+            self.transfers = Transfers(
+                self.container.reactor,
+                dict(args["transfer"], parallel=args["parallel"]),
+                who=f"consumer {self.subscription}",
+            )
         self._tasks = set()
         self._working = set()  # duplicate keys of the messages being fetched
         self._declared = set()
@@ -337,11 +360,19 @@ class Consumer(Process):
     async def crash(self, reason):
         if not self.lifecycle.final:
             self._stop_timers()
+            self._close_transfers()
         await super().crash(reason)
 
-    def on_terminate(self):
+    async def on_terminate(self):
         self.dupcache.close()
         self.retries.close()
+        await self._close_transfers()
+
+    def _close_transfers(self):
+        transfers, self.transfers = self.transfers, None
+        if transfers is None:
+            return defer.succeed(None)
+        return defer.Deferred.fromCoroutine(transfers.close())
 
     def _flush_dupcache(self):
         self._flush_call = None
@@ -535,32 +566,42 @@ class Consumer(Process):
         return paths.destination(self.directory, notice, self.mode)
 
     async def _fetch(self, notice, url, path):
-        """(result, None) when the file is in place, else (None, outcome.Failure)."""
-        request = {"url": url, "path": path}
+        """(TransferResult, None) when the file is in place, else (None, outcome.Failure)."""
+        options = {}
         if notice.size is not None:
-            request["size"] = notice.size
-        if notice.identity is not None:
-            request["identity"] = notice.identity
+            options["expected_size"] = notice.size
+        identity = notice.identity
+        if identity is not None:
+            method = identity.get("method")
+            if method == "cod":
+                options["cod"] = identity["value"]
+            elif method in ("sha512", "md5"):
+                options["expected_checksum"] = (method, identity["value"])
         if notice.mtime is not None:
-            request["mtime"] = parse_time(notice.mtime)
+            options["mtime"] = parse_time(notice.mtime)
         if notice.mode is not None:
-            request["mode"] = int(notice.mode, 8)
-        await self._transfers.acquire()
+            options["mode"] = int(notice.mode, 8)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            result = await self.rpc(
-                "transfer", "get", request, timeout=self.settings["transfer_timeout"]
-            )
+            fetching = defer.Deferred.fromCoroutine(self._get(url, path, options))
+            fetching.addTimeout(self.settings["transfer_timeout"], self.container.clock)
+            return await fetching, None
+        except defer.TimeoutError:
+            timeout = self.settings["transfer_timeout"]
+            return None, Failure(504, f"transfer not done after {timeout} s")
         except Exception as e:
             return None, classify(e)
-        finally:
-            self._transfers.release()
-        return result, None
+
+    async def _get(self, url, path, options):
+        """One transfer (a separate method: tests make transfers fail by overriding it)."""
+        if self.transfers is None:
+            raise TransferError("the consumer is stopping", code=503)
+        return await self.transfers.get(url, path, **options)
 
     async def _delivered(self, notice, key, path, result):
         if self.settings["reannounce"] is not None:
             await self._reannounce(notice, path, result)
-        size = result.get("size", 0)
+        size = result.size
         await self._report(notice, key, 201, f"delivered ({size} bytes)")
         self.dupcache.add(key)
         self.stats["delivered"] += 1
@@ -607,7 +648,7 @@ class Consumer(Process):
         announced.retrieve_path = None
         announced.report = None
         identity = notice.identity
-        sha512 = result.get("checksum", {}).get("sha512")
+        sha512 = result.checksum.get("sha512")
         if (identity is None or identity.get("method") == "cod") and sha512:
             announced.identity = {"method": "sha512", "value": sha512}
         await self._publish(target["exchange"], announced.topic(), announced.to_json())

@@ -1,7 +1,8 @@
 """What a failed transfer means for the pump: retry it later, or report it as failed for good.
 
-One rule, used by the consumer for every failure whatever its origin (a transfer error code
-carried by `RemoteError`, no answer in time, no transfer service yet):
+One rule, used by the consumer for every failure whatever its origin (a `TransferError` of its
+own transfers, or a transfer service's code carried by `RemoteError`, no answer in time, no
+transfer service yet):
 
 - transient (retry with backoff until the horizon): 499 transfer failed, 500 local failure,
   503 unavailable, 504 timed out;
@@ -11,6 +12,7 @@ carried by `RemoteError`, no answer in time, no transfer service yet):
 
 import attrs
 
+from ion.apps.pump.transfer.errors import TransferError
 from ion.core.process import ConversationTimeout, NoSuchReceiver, RemoteError
 
 TRANSIENT_CODES = frozenset({499, 500, 503, 504})
@@ -34,13 +36,13 @@ class Failure:
 
 
 def classify(error):
-    """The `Failure` for an exception raised by a call to the transfer service.
+    """The `Failure` for an exception raised by a transfer or a call to the transfer service.
 
-    `RemoteError` keeps the code the service gave; no answer in time is a 504 and no transfer
+    `TransferError` and `RemoteError` keep their code; no answer in time is a 504 and no transfer
     service listening (none started yet, or all restarting) a 503. Anything else is a local
     failure (500).
     """
-    if isinstance(error, RemoteError):
+    if isinstance(error, (TransferError, RemoteError)):
         return Failure(error.code, error.message)
     if isinstance(error, ConversationTimeout):
         return Failure(504, str(error))

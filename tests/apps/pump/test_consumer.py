@@ -31,12 +31,11 @@ from ion.apps.pump.dupcache import DupCache
 from ion.apps.pump.notice import Notice
 from ion.apps.pump.report_router import ReportRouter
 from ion.apps.pump.retryqueue import RetryQueue
-from ion.apps.pump.transfer_service import TransferService
+from ion.apps.pump.transfer import TransferError
 from ion.core.app.appfile import read_app
 from ion.core.cc.container import make_transport
 from ion.core.cc.testing import make_container
 from ion.core.messaging.memory import MemoryBroker
-from ion.core.process import ApplicationError, ServiceProcess
 from tests.apps.pump.fixtures import (
     MTIME,
     Collector,
@@ -329,8 +328,9 @@ class ForgetfulConsumer(Consumer):
             delivery.ack()
 
 
-class FlakyTransfer(TransferService):
-    """The transfer service failing its first `failures` gets with `code`."""
+class FlakyConsumer(Consumer):
+    """A consumer whose first `failures` transfers fail with `code` (as when the server is
+    down), and every one while `down` is set."""
 
     failures = 0
     code = 503
@@ -338,38 +338,34 @@ class FlakyTransfer(TransferService):
     def on_init(self):
         super().on_init()
         self.calls = 0
+        self.down = False
 
-    async def op_get(self, content, headers):
+    async def _get(self, url, path, options):
         self.calls += 1
-        if self.calls <= self.failures:
-            raise ApplicationError("server unavailable", code=self.code)
-        return await super().op_get(content, headers)
+        if self.down or self.calls <= self.failures:
+            raise TransferError("server unavailable", code=self.code)
+        return await super()._get(url, path, options)
 
 
-class AlwaysDown(ServiceProcess):
-    service = "transfer"
-
+class AlwaysDown(FlakyConsumer):
     def on_init(self):
-        self.calls = 0
-
-    def op_get(self, content, headers):
-        self.calls += 1
-        raise ApplicationError("server unavailable", code=503)
+        super().on_init()
+        self.down = True
 
 
-class HeldTransfer(TransferService):
-    """The transfer service holding every get until `release` fires."""
+class HeldConsumer(Consumer):
+    """A consumer holding every transfer until `release` fires."""
 
     def on_init(self):
         super().on_init()
         self.started = defer.Deferred()
         self.release = defer.Deferred()
 
-    async def op_get(self, content, headers):
+    async def _get(self, url, path, options):
         if not self.started.called:
             self.started.callback(None)
         await self.release
-        return await super().op_get(content, headers)
+        return await super()._get(url, path, options)
 
 
 # -- two transports ----------------------------------------------------------------------
@@ -510,9 +506,6 @@ class ConsumerScenarios:
             await self.collector.listen(f"xr_{source}")
         return c
 
-    async def spawn_transfer(self, container, cls=TransferService):
-        return await container.spawn(cls, args={"credentials": self.credentials})
-
     async def spawn_consumer(self, container, cls=Consumer, **args):
         defaults = {
             "name": self.subscription,
@@ -521,16 +514,15 @@ class ConsumerScenarios:
             "exchange": self.xpublic,
             "report_exchange": self.xreport,
             "retry_jitter": 0,
+            "transfer": {"credentials": self.credentials},
         }
         consumer = await container.spawn(cls, args=dict(defaults, **args))
         self.consumer_queue = consumer.queue
         self.durable_queues.add(consumer.queue)
         return consumer
 
-    async def pump(self, clock=None, transfer=TransferService, consumer=Consumer, **args):
+    async def pump(self, clock=None, consumer=Consumer, **args):
         c = await self.receivers(clock)
-        if transfer is not None:
-            self.transfer = await self.spawn_transfer(c, transfer)
         self.consumer = await self.spawn_consumer(c, consumer, **args)
         return c
 
@@ -691,7 +683,7 @@ class ConsumerScenarios:
     async def test_discard(self):
         """In discard mode notices are filtered, deduplicated and acked, nothing is fetched
         or reported."""
-        await self.pump(transfer=None, discard=True, directory=None)
+        await self.pump(discard=True, directory=None, transfer=None)
         fields = notice_fields(self.base_url, "d/f.dat", b"x")
         for _ in range(3):
             await self.post(fields)
@@ -717,18 +709,17 @@ class ConsumerScenarios:
         messages arriving meanwhile are not started and go back to the queue."""
         await self.receivers()
         c = await self.container()
-        held = await self.spawn_transfer(c, HeldTransfer)
-        consumer = await self.spawn_consumer(c, parallel=1)
+        consumer = await self.spawn_consumer(c, HeldConsumer, parallel=1)
         await self.post_file("w/f1.dat", b"1")
         await self.post_file("w/f2.dat", b"2")
-        await held.started
+        await consumer.started
         # Both are in hand (the second waits for a transfer slot) before the stop begins.
         await until(lambda: consumer.stats["received"] == 2)
         stopping = defer.ensureDeferred(consumer.terminate())
         await self.post_file("w/f3.dat", b"3")
         await self.quiet()
         self.assertNoResult(stopping)
-        held.release.callback(None)
+        consumer.release.callback(None)
         await stopping
         reports = await self.wait_reports(2)
         self.assertEqual(sorted(r["relPath"] for r in reports), ["w/f1.dat", "w/f2.dat"])
@@ -749,12 +740,13 @@ class ConsumerScenarios:
         self.assertEqual(self.consumer.stats["failures"], {"404": 1})
         self.assertEqual(self.dest_files(), [])
 
-    async def test_retry_until_service_appears(self):
-        """With no transfer service, the notice goes to the on-disk retry queue and its message
-        is acked; retries follow the backoff (2 s, then 4 s later) on the container's clock,
-        and once a transfer service runs the file is delivered with one 201 report."""
+    async def test_retry_until_server_answers(self):
+        """While the server is unavailable (503), the notice goes to the on-disk retry queue and
+        its message is acked; retries follow the backoff (2 s, then 4 s later) on the
+        container's clock, and once the server answers the file is delivered with one 201
+        report."""
         clock = task.Clock()
-        c = await self.pump(clock=clock, transfer=None)
+        await self.pump(clock=clock, consumer=AlwaysDown)
         data = b"later"
         await self.post_file("r/f.dat", data)
         await until(lambda: len(self.consumer.retries) == 1)
@@ -770,7 +762,7 @@ class ConsumerScenarios:
         (entry,) = list(self.consumer.retries)
         await until(lambda: entry.attempts == 2)
         self.assertEqual(entry.due, 6)
-        await self.spawn_transfer(c)
+        self.consumer.down = False
         clock.advance(3.9)
         await self.quiet()
         self.assertEqual(self.consumer.stats["retried"], 1)
@@ -784,44 +776,44 @@ class ConsumerScenarios:
     async def test_retry_then_success(self):
         """A transfer failing twice with 503 is retried and then delivered: one 201 report."""
         clock = task.Clock()
-        flaky = type("Flaky", (FlakyTransfer,), {"failures": 2})
-        await self.pump(clock=clock, transfer=flaky)
+        flaky = type("Flaky", (FlakyConsumer,), {"failures": 2})
+        await self.pump(clock=clock, consumer=flaky)
         await self.post_file("f/f.dat", b"eventually")
         await until(lambda: len(self.consumer.retries) == 1)
         (entry,) = list(self.consumer.retries)
         clock.advance(2)
-        await until(lambda: self.transfer.calls == 2 and entry.attempts == 2)
+        await until(lambda: self.consumer.calls == 2 and entry.attempts == 2)
         self.assertEqual(self.reports(), [])
         clock.advance(4)
         (report,) = await self.wait_reports(1)
         self.assertEqual(report["report"]["code"], 201)
-        self.assertEqual(self.transfer.calls, 3)
+        self.assertEqual(self.consumer.calls, 3)
 
     async def test_horizon(self):
         """A transfer that keeps failing with 503 is tried at 0, 2, 6 and 10 s (the horizon),
         then gets exactly one 503 failure report, and is not tried again."""
         clock = task.Clock()
-        await self.pump(clock=clock, transfer=AlwaysDown, retry_horizon=10)
+        await self.pump(clock=clock, consumer=AlwaysDown, retry_horizon=10)
         await self.post_file("h/f.dat", b"never")
-        await until(lambda: self.transfer.calls == 1 and len(self.consumer.retries) == 1)
+        await until(lambda: self.consumer.calls == 1 and len(self.consumer.retries) == 1)
         (entry,) = list(self.consumer.retries)
         for now, calls, due in ((2, 2, 6), (6, 3, 10)):
             clock.advance(now - clock.seconds())
             # The consumer has seen the failure (not just the transfer service the call)
             # before the clock moves on.
             await until(
-                lambda: self.transfer.calls == calls and entry.attempts == calls,
+                lambda: self.consumer.calls == calls and entry.attempts == calls,
                 what=f"attempt {calls}",
             )
             self.assertEqual(entry.due, due)
         clock.advance(10 - clock.seconds())
-        await until(lambda: self.transfer.calls == 4, what="attempt 4")
+        await until(lambda: self.consumer.calls == 4, what="attempt 4")
         (report,) = await self.wait_reports(1)
         self.assertEqual(report["report"]["code"], 503)
         self.assertEqual(len(self.consumer.retries), 0)
         clock.advance(1000)
         await self.quiet()
-        self.assertEqual(self.transfer.calls, 4)
+        self.assertEqual(self.consumer.calls, 4)
         self.assertEqual(len(self.reports()), 1)
         self.assertEqual(self.consumer.stats["failures"], {"503": 1})
 
@@ -831,13 +823,12 @@ class ConsumerScenarios:
         clock = task.Clock()
         await self.receivers(clock)
         first = await self.container(clock=clock)
-        consumer = await self.spawn_consumer(first)
+        consumer = await self.spawn_consumer(first, AlwaysDown)
         await self.post_file("s/f.dat", b"kept")
         await until(lambda: len(consumer.retries) == 1)
         await self.settle()
         await first.stop()
         second = await self.container(clock=clock)
-        await self.spawn_transfer(second)
         restarted = await self.spawn_consumer(second)
         self.assertEqual(len(restarted.retries), 1)
         clock.advance(2)
@@ -911,7 +902,6 @@ class ConsumerScenarios:
         from the duplicate cache; no second report reaches the source."""
         await self.receivers()
         first = await self.container()
-        await self.spawn_transfer(first)
         crashing = await self.spawn_consumer(first, NoAckConsumer)
         await self.post_file("c/f.dat", b"once only")
         await self.wait_reports(1)
@@ -920,7 +910,6 @@ class ConsumerScenarios:
         await first.stop()
         await self.until_counts(1, 0)
         second = await self.container()
-        await self.spawn_transfer(second)
         consumer = await self.spawn_consumer(second)
         await until(lambda: consumer.stats["duplicates"] == 1)
         await self.settle()

@@ -9,7 +9,7 @@ import os
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from ion.apps.pump import outcome
+from ion.apps.pump import outcome, transfer
 from ion.apps.pump.transfer import CredentialsError
 from ion.apps.pump.transfer_service import TransferService
 from ion.core.cc.testing import make_container
@@ -265,8 +265,8 @@ class TransferServiceResourceTests(unittest.TestCase):
             )
             self.assertEqual(result["size"], len(self.data))
         self.assertEqual(self.server.site.accepted, 1)
-        self.assertEqual(self.service.pool.max, 3)
-        self.assertTrue(self.service.pool.started)
+        self.assertEqual(self.service.transfers.pool.max, 3)
+        self.assertTrue(self.service.transfers.pool.started)
 
     async def test_terminate_releases(self):
         """Terminating an instance stops its threads and closes its connections."""
@@ -278,8 +278,8 @@ class TransferServiceResourceTests(unittest.TestCase):
         self.assertEqual(len(self.server.site.connections), 1)
         await self.service.terminate()
         await settle()
-        self.assertFalse(self.service.pool.started)
-        self.assertFalse(any(thread.is_alive() for thread in self.service.pool.threads))
+        self.assertFalse(self.service.transfers.pool.started)
+        self.assertFalse(any(thread.is_alive() for thread in self.service.transfers.pool.threads))
         self.assertEqual(len(self.server.site.connections), 0)
 
     async def test_parallel_bounds_transfers(self):
@@ -291,7 +291,7 @@ class TransferServiceResourceTests(unittest.TestCase):
             running.append(args)
             await gate
 
-        calls = [defer.ensureDeferred(self.service._run(held, i)) for i in range(5)]
+        calls = [defer.ensureDeferred(self.service.transfers._run(held, i)) for i in range(5)]
         self.assertEqual(len(running), 3)
         gate.callback(None)
         await defer.gatherResults(calls)
@@ -314,6 +314,8 @@ class OutcomeTests(unittest.SynchronousTestCase):
             (RemoteError(503, "ApplicationError", "down"), 503, True),
             (ConversationTimeout("transfer", "get", 600), 504, True),
             (NoSuchReceiver("transfer"), 503, True),
+            (transfer.NotFound("gone"), 404, False),
+            (transfer.ConnectionFailed("refused"), 503, True),
             (OSError("disk"), 500, True),
         ]
         for error, code, transient in cases:
