@@ -12,7 +12,8 @@ on the same workload, the same broker and the same server.
 The workload: `-n` files of `--size` random bytes spread over `--dirs` directories, served by
 twisted.web (static.File on 127.0.0.1, port 0, no access log) in a process of its own, so the
 server's CPU is not charged to the pump. One v03 notice per file (pubTime, baseUrl, relPath,
-size, mtime, mode, identity sha512), published by this script with pika, persistent with
+size, mtime, mode, identity sha512, and source `bench` as a pump's ingest stamps it, so that
+ION's reports are routed back to `xr_bench`), published by this script with pika, persistent with
 content type application/json, to the durable topic exchange `xpublic` with the notice's
 topic (`v03.<dir>`) as routing key ("feed=post").
 
@@ -250,6 +251,8 @@ def make_notices(files, size, base_url):
                 "mtime": format_time(mtime),
                 "mode": "644",
                 "identity": {"method": "sha512", "value": digest},
+                # As a pump's ingest stamps it on xpublic: the reports go back to xr_bench.
+                "source": "bench",
             }
         ).validate()
         notices.append((notice.topic(), notice.to_json().decode()))

@@ -28,6 +28,9 @@ A `Consumer` consumes a durable queue `q_<user>.consumer.<name>` bound to `excha
    a time, run more consumers of the same subscription (they share its queue), in this
    container or others.
 
+On start, temporary files (`.<name>.<random>.inflight`) that a killed earlier run left in the
+destination tree are removed, in a thread (files other processes are writing are kept).
+
 The message is acked only once its outcome is durable, so a crash at any point leaves the
 message in the broker or its outcome on disk:
 
@@ -60,7 +63,7 @@ import os
 import re
 import time
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
 from ion.apps.pump import paths
 from ion.apps.pump.dupcache import DupCache
@@ -75,6 +78,7 @@ from ion.apps.pump.notice import (
 from ion.apps.pump.outcome import Failure, classify
 from ion.apps.pump.retryqueue import RetryQueue
 from ion.apps.pump.transfer import TransferError
+from ion.apps.pump.transfer.inflight import sweep
 from ion.apps.pump.transfer.worker import Transfers, check_settings
 from ion.core.process import Process
 
@@ -297,8 +301,11 @@ class Consumer(Process):
         self.subscriber = f"{self.user}.{self.subscription}"
         self.state_dir = args["state_dir"] or os.path.join("var", "pump", self.subscription)
         clock = self.container.clock
+        self.real_directory = None
         if self.directory is not None:
             os.makedirs(self.directory, exist_ok=True)
+            # Resolved once: the files go where the directory was when the consumer started.
+            self.real_directory = os.path.realpath(self.directory)
         self.dupcache = DupCache(
             os.path.join(self.state_dir, "dupcache.jsonl"), args["dup_ttl"], clock
         )
@@ -348,6 +355,26 @@ class Consumer(Process):
             prefetch=self.settings["prefetch"],
         )
         self._schedule_retries()
+        if self.transfers is not None:
+            sweeping = threads.deferToThreadPool(
+                self.container.reactor, self.transfers.pool, sweep, self.real_directory
+            )
+            sweeping.addCallbacks(self._swept, self._sweep_failed)
+
+    def _swept(self, removed):
+        if removed:
+            self.log.info(
+                "consumer {name}: removed {n} temporary files left by an earlier run",
+                name=self.subscription,
+                n=len(removed),
+            )
+
+    def _sweep_failed(self, failure):
+        self.log.failure(
+            "consumer {name}: looking for old temporary files failed",
+            failure,
+            name=self.subscription,
+        )
 
     async def terminate(self, timeout=None):
         """Stop taking messages (new ones go back to the queue), let those in hand finish
@@ -563,7 +590,9 @@ class Consumer(Process):
 
     def destination_for(self, notice):
         """The checked local path for a notice's file (raises paths.UnsafePath)."""
-        return paths.destination(self.directory, notice, self.mode)
+        return paths.destination(
+            self.directory, notice, self.mode, real_root=self.real_directory
+        )
 
     async def _fetch(self, notice, url, path):
         """(TransferResult, None) when the file is in place, else (None, outcome.Failure)."""
@@ -641,7 +670,7 @@ class Consumer(Process):
     async def _reannounce(self, notice, path, result):
         """Announce the delivered file downstream with our own baseUrl (sarra mode)."""
         target = self.settings["reannounce"]
-        rel_path = os.path.relpath(path, os.path.realpath(self.directory)).replace(os.sep, "/")
+        rel_path = os.path.relpath(path, self.real_directory).replace(os.sep, "/")
         announced = notice.copy()
         announced.base_url = target["base_url"]
         announced.rel_path = rel_path

@@ -14,14 +14,16 @@ filesystem) and raise `UnsafePath` for:
 - NUL (also as `%00`), control characters (C0, DEL, C1), backslashes, a Windows drive letter
   (`C:`) as first component, a component over 255 bytes or a path over 4096 bytes of UTF-8.
 
-`resolve_under` then places checked components under a root and refuses the result when the
-deepest part of it that already exists resolves (through symbolic links) outside the root. It
-reads the filesystem and never creates anything. Its answer holds at the moment of the call:
+`resolve_under` then places checked components under a root and refuses the result when a part
+of it that already exists is a symbolic link resolving outside the root. It reads the filesystem
+(one lstat per existing component; a caller that resolved the root once passes it as
+`real_root`) and never creates anything. Its answer holds at the moment of the call:
 code that then creates directories or files must still not follow links planted afterwards.
 """
 
 import os
 import re
+import stat
 from urllib.parse import unquote
 
 NAME_MAX_BYTES = 255
@@ -127,11 +129,12 @@ def _within(path, root):
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def resolve_under(root, rel_parts):
+def resolve_under(root, rel_parts, *, real_root=None):
     """The absolute path of `rel_parts` under the real path of `root`, checked against symlinks.
 
-    Raises UnsafePath if a component is unsafe or if the deepest existing part of the result
-    (the file itself, or its nearest existing ancestor) resolves outside the root.
+    Raises UnsafePath if a component is unsafe or if an existing part of the result (a
+    directory on the way, or the file itself) is a symbolic link resolving outside the root.
+    `real_root` is `os.path.realpath(root)` when the caller knows it already.
     """
     if isinstance(rel_parts, (str, bytes)):
         raise TypeError("rel_parts must be a list of components (see safe_relpath)")
@@ -140,23 +143,23 @@ def resolve_under(root, rel_parts):
         raise UnsafePath("unsafe path '': no components to place under the root")
     for index, part in enumerate(rel_parts):
         _check_name(part, first=index == 0)
-    shown = "/".join(rel_parts)
-    base = os.path.realpath(root)
-    target = os.path.join(base, *rel_parts)
-    probe = target
-    while probe != base:
-        if os.path.lexists(probe):
-            if not _within(os.path.realpath(probe), base):
-                raise UnsafePath(
-                    f"unsafe path {_show(shown)}: {_show(probe)} leads outside {_show(base)} "
-                    "through a symbolic link"
-                )
-            break
-        probe = os.path.dirname(probe)
-    return target
+    base = real_root if real_root is not None else os.path.realpath(root)
+    probe = base
+    for part in rel_parts:
+        probe = os.path.join(probe, part)
+        try:
+            mode = os.lstat(probe).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            break  # nothing deeper exists: nothing to follow
+        if stat.S_ISLNK(mode) and not _within(os.path.realpath(probe), base):
+            raise UnsafePath(
+                f"unsafe path {_show('/'.join(rel_parts))}: {_show(probe)} leads outside "
+                f"{_show(base)} through a symbolic link"
+            )
+    return os.path.join(base, *rel_parts)
 
 
-def destination(root, notice, mode="mirror", *, allow_leading_slash=False):
+def destination(root, notice, mode="mirror", *, allow_leading_slash=False, real_root=None):
     """Where a consumer writes the file a notice announces, checked by the rules above.
 
     Modes: `mirror` keeps relPath's directories under `root`; `directory` puts every file
@@ -173,4 +176,4 @@ def destination(root, notice, mode="mirror", *, allow_leading_slash=False):
         raise ValueError(
             f"unknown destination mode {mode!r}; use 'mirror', 'directory' or 'strip=N'"
         )
-    return resolve_under(root, parts)
+    return resolve_under(root, parts, real_root=real_root)

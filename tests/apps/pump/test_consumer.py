@@ -704,6 +704,15 @@ class ConsumerScenarios:
         await self.quiet()
         self.assertEqual((self.reports(), self.dest_files()), ([], []))
 
+    async def test_start_sweeps_stale_temporary_files(self):
+        """Temporary files a killed earlier run left in the destination tree (nobody holds
+        their lock) are removed when the consumer starts; other files stay."""
+        stale = write_source(self.dest, "a/.f.dat.0123abcd.inflight", b"partial")
+        kept = write_source(self.dest, "a/f.dat", b"whole")
+        await self.pump()
+        await until(lambda: not os.path.exists(stale), what="the stale file removed")
+        self.assertTrue(os.path.exists(kept))
+
     async def test_stop_finishes_work_in_hand(self):
         """Stopping a consumer lets the transfers in hand finish, be reported and acked;
         messages arriving meanwhile are not started and go back to the queue."""

@@ -9,6 +9,8 @@ import base64
 import hashlib
 import os
 import stat
+import subprocess
+import sys
 import threading
 import time
 
@@ -471,6 +473,68 @@ class InflightFileDiskTests(SynchronousTestCase):
         error = self.assertRaises(LocalFailure, sink.write, b"x")
         self.assertEqual((error.code, error.transient), (422, False))
         self.successResultOf(sink.discard())
+
+
+class SweepTests(SynchronousTestCase):
+    """
+    L{inflight.sweep} removes the temporary files of killed writers and nothing else.
+    """
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(self.dir, "sub"))
+
+    def killed_writer(self, dest):
+        """The temporary file of a writer in another process killed with -9 mid-file."""
+        script = (
+            "import os, sys\n"
+            "from ion.apps.pump.transfer.inflight import InflightFile, BUFFER_LIMIT\n"
+            "sink = InflightFile(sys.argv[1])\n"
+            "sink.declare(2 * BUFFER_LIMIT)\n"
+            "sink.write(b'x' * (BUFFER_LIMIT + 1))\n"
+            "print(sink.temp_path, flush=True)\n"
+            "sys.stdin.read()\n"
+        )
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+        child = subprocess.Popen(
+            [sys.executable, "-c", script, dest],
+            env=dict(os.environ, PYTHONPATH=os.path.abspath(root)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        temp_path = child.stdout.readline().strip()
+        # The child is alive and writing: its file is not swept.
+        self.assertEqual(inflight.sweep(self.dir), [])
+        child.kill()
+        child.wait()
+        child.stdout.close()
+        child.stdin.close()
+        return temp_path
+
+    def test_killedWriterSwept(self):
+        """
+        A temporary file whose writer was killed is removed; a file being written by a live
+        writer, regular files, and a link named like a temporary file are kept.
+        """
+        stale = self.killed_writer(os.path.join(self.dir, "sub", "f.dat"))
+        self.assertTrue(os.path.exists(stale))
+        live = InflightFile(os.path.join(self.dir, "g.dat"))
+        live.declare(2 * BUFFER_LIMIT)
+        live.write(b"y" * (BUFFER_LIMIT + 1))
+        write_file(os.path.join(self.dir, "sub", "kept.dat"), b"kept")
+        write_file(os.path.join(self.dir, ".kept.inflight.txt"), b"kept")
+        os.symlink(os.path.join(self.dir, "sub", "kept.dat"), os.path.join(self.dir, ".l.inflight"))
+        self.assertEqual(inflight.sweep(self.dir), [stale])
+        self.assertFalse(os.path.exists(stale))
+        self.assertTrue(os.path.exists(live.temp_path))
+        live.write(b"y" * (BUFFER_LIMIT - 1))
+        result = self.successResultOf(Deferred.fromCoroutine(live.finish()))
+        self.assertEqual(result.size, 2 * BUFFER_LIMIT)
+        self.assertEqual(
+            sorted(os.listdir(self.dir)), [".kept.inflight.txt", ".l.inflight", "g.dat", "sub"]
+        )
+        self.assertEqual(os.listdir(os.path.join(self.dir, "sub")), ["kept.dat"])
 
 
 class InflightFilePoolTests(TestCase):

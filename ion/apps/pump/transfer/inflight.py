@@ -9,11 +9,17 @@ transfer then never touches the disk); a bigger one streams to disk as it arrive
 paused (L{InflightFile.backlogged}, L{InflightFile.drained}) while C{BACKLOG_LIMIT} bytes wait
 for the disk. Renames into one directory that finish close together share one fsync of the
 directory.
+
+The writer holds an exclusive C{flock} on its temporary file from creation to rename, so a file
+left behind by a killed process (the lock dies with it) can be told from one being written:
+L{sweep} removes the former only.
 """
 
 import base64
+import fcntl
 import hashlib
 import os
+import stat
 import secrets
 import threading
 
@@ -303,6 +309,8 @@ class InflightFile:
         except OSError as exc:
             raise LocalFailure.from_os_error(f"cannot create {self.temp_path}", exc) from None
         self._created = True
+        # Held until the file is renamed into place: see sweep.
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
 
     def _hash(self, chunks):
         for hasher in self._hashers.values():
@@ -333,12 +341,14 @@ class InflightFile:
             if mtime is not None:
                 os.utime(fd, (mtime, mtime))
             os.fsync(fd)
-            self._fd = None
-            os.close(fd)
             with self._lock:
                 if self._abandoned:
                     raise CancelledError()
                 os.replace(self.temp_path, self.dest_path)
+            # Closed (and unlocked) only once renamed: a sweep never takes a file in use.
+            self._fd = None
+            self._created = False
+            os.close(fd)
             directories.sync(os.path.dirname(self.dest_path) or ".")
         except OSError as exc:
             self._remove()
@@ -442,3 +452,38 @@ def _fsync_directory(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sweep(root):
+    """
+    Remove the temporary files (C{.<name>.<random>.inflight}) under C{root} that no process is
+    writing any more: those whose writer was killed before it could remove them. A file whose
+    C{flock} is held is being written and is left alone. Runs blocking (call it in a thread).
+
+    @return: the paths removed.
+    """
+    removed = []
+    for directory, subdirectories, names in os.walk(root):
+        for name in names:
+            if not (name.startswith(".") and name.endswith(INFLIGHT_SUFFIX)):
+                continue
+            path = os.path.join(directory, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue  # gone already, or a link
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its writer is alive
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                removed.append(path)
+            finally:
+                os.close(fd)
+    return removed
