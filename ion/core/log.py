@@ -17,7 +17,7 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     eventAsText,
-    textFileLogObserver,
+    formatTime,
 )
 from zope.interface import implementer
 
@@ -148,6 +148,49 @@ class RedactingObserver:
         self._observer(safe)
 
 
+@implementer(ILogObserver)
+class RedactedTextFileObserver:
+    """
+    Write each event to C{file} as one classic text line, C{<time> [<system>] <text>}
+    (continuation lines indented by a tab), with every password redacted.
+
+    The same lines as L{RedactingObserver} wrapped around a L{textFileLogObserver}, at half
+    the cost: the event is formatted once, and the timestamp text (whole seconds) is reused
+    for the events of the same second.
+    """
+
+    def __init__(self, file):
+        self._file = file
+        self._second = None
+        self._stamp = "-"
+
+    def _timestamp(self, when):
+        if when is None:
+            return "-"
+        second = int(when)
+        if second != self._second:
+            self._second, self._stamp = second, formatTime(when)
+        return self._stamp
+
+    def __call__(self, event):
+        text = redact(eventAsText(event, includeTimestamp=False, includeSystem=False))
+        if not text:
+            return
+        system = event.get("log_system")
+        if system is None:
+            level = event.get("log_level")
+            namespace = event.get("log_namespace", "-")
+            system = f"{namespace}#{'-' if level is None else level.name}"
+        else:
+            try:
+                system = redact(str(system))
+            except Exception:  # noqa: BLE001 -- a log line must never raise
+                system = "UNFORMATTABLE"
+        line = f"{self._timestamp(event.get('log_time'))} [{system}] {text}"
+        self._file.write(line.replace("\n", "\n\t") + "\n")
+        self._file.flush()
+
+
 def make_observer(file, levels, default=LogLevel.info):
     """
     An observer writing redacted text lines to C{file}, filtered by C{levels}.
@@ -157,5 +200,5 @@ def make_observer(file, levels, default=LogLevel.info):
     @param default: the level for namespaces no pair covers.
     """
     return FilteringLogObserver(
-        RedactingObserver(textFileLogObserver(file)), [level_predicate(levels, default)]
+        RedactedTextFileObserver(file), [level_predicate(levels, default)]
     )

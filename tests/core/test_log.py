@@ -5,12 +5,13 @@ Tests for L{ion.core.log}.
 import io
 import os
 
-from twisted.logger import Logger, LogLevel, LogPublisher, PredicateResult
+from twisted.logger import Logger, LogLevel, LogPublisher, PredicateResult, textFileLogObserver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from ion.core.config import ConfigError
 from ion.core.log import (
+    RedactedTextFileObserver,
     RedactingObserver,
     level_predicate,
     load_levels,
@@ -287,3 +288,30 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(safe["log_namespace"], "ion")
         self.assertEqual(safe["log_system"], "conn amqp://u:***@h")
         self.assertTrue(safe["log_format"].startswith("amqp://u:***@h\n"))
+
+    def test_linesAsTwistedWritesThem(self):
+        """
+        Events without secrets come out exactly as twisted's text file observer writes them:
+        time, system (or namespace#level), text, tab-indented continuation lines.
+        """
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            failure = Failure()
+        events = [
+            {"log_format": "a {x} b", "x": 1, "log_level": LogLevel.info,
+             "log_namespace": "ion.pump", "log_time": 1700000000.25},
+            {"log_format": "same second", "log_level": LogLevel.warn,
+             "log_namespace": "ion", "log_time": 1700000000.75},
+            {"log_format": "failed", "log_failure": failure, "log_level": LogLevel.error,
+             "log_system": "proc 1", "log_time": 1700000001.0},
+            {"log_format": "no time or level"},
+        ]
+        ours, twisteds = io.StringIO(), io.StringIO()
+        observer = RedactedTextFileObserver(ours)
+        reference = textFileLogObserver(twisteds)
+        for e in events:
+            observer(dict(e))
+            reference(dict(e))
+        self.assertEqual(ours.getvalue(), twisteds.getvalue())
+        self.assertIn("\n\tTraceback", ours.getvalue())
