@@ -19,7 +19,8 @@ Times come from `clock.seconds()` (the container's clock, a `task.Clock` in test
 
 import collections
 import json
-import os
+
+from ion.apps.pump.journal import Journal
 
 COMPACT_MIN_LINES = 1000
 
@@ -34,17 +35,13 @@ class DupCache:
         self.ttl = ttl
         self.clock = clock
         self.compact_min_lines = compact_min_lines
-        self.skipped_lines = 0
         # key -> expiry, oldest first: with one ttl, expiries grow along the order, so purging
         # only ever looks at the front.
         self._entries = collections.OrderedDict()
-        self._lines = 0
-        directory = os.path.dirname(path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        self._load()
-        self._file = open(path, "a", encoding="utf-8")
-        if self._lines > len(self._entries):
+        self._journal = Journal(path)
+        self._now = clock.seconds()
+        self._journal.replay(self._replay)
+        if self._journal.lines > len(self._entries):
             self.compact()
 
     def __repr__(self):
@@ -58,27 +55,18 @@ class DupCache:
         expires = self._entries.get(key)
         return expires is not None and expires > self.clock.seconds()
 
-    def _load(self):
-        now = self.clock.seconds()
-        try:
-            f = open(self.path, encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return
-        with f:
-            for line in f:
-                self._lines += 1
-                try:
-                    record = json.loads(line)
-                    key, expires = record["key"], float(record["expires"])
-                except (ValueError, KeyError, TypeError):
-                    self.skipped_lines += 1
-                    continue
-                if not isinstance(key, str):
-                    self.skipped_lines += 1
-                    continue
-                self._entries.pop(key, None)
-                if expires > now:
-                    self._entries[key] = expires
+    @property
+    def skipped_lines(self):
+        """Lines of the file that could not be read back (a torn last line, say)."""
+        return self._journal.skipped_lines
+
+    def _replay(self, record):
+        key, expires = record["key"], float(record["expires"])
+        if not isinstance(key, str):
+            raise TypeError("key must be a string")
+        self._entries.pop(key, None)
+        if expires > self._now:
+            self._entries[key] = expires
 
     def add(self, key, flush=True):
         """Remember `key` for `ttl` seconds from now (again, if it was already known).
@@ -92,17 +80,15 @@ class DupCache:
         if key in entries:
             del entries[key]
         entries[key] = expires
-        self._file.write(_line(key, expires))
-        if flush:
-            self._file.flush()
-        self._lines += 1
+        self._journal.append(_line(key, expires), flush=flush)
         self.purge(now)
-        if self._lines > self.compact_min_lines and self._lines > 2 * len(entries):
+        lines = self._journal.lines
+        if lines > self.compact_min_lines and lines > 2 * len(entries):
             self.compact()
 
     def flush(self):
         """Hand the lines added with `flush=False` to the operating system."""
-        self._file.flush()
+        self._journal.flush()
 
     def purge(self, now=None):
         """Forget the keys whose time is up (the file catches up at the next compaction)."""
@@ -117,37 +103,17 @@ class DupCache:
     def compact(self):
         """Rewrite the file with the live keys only (atomically: temporary file, rename)."""
         self.purge()
-        temp = f"{self.path}.compact"
-        with open(temp, "w", encoding="utf-8") as f:
-            for key, expires in self._entries.items():
-                f.write(_line(key, expires))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, self.path)
-        _fsync_directory(os.path.dirname(self.path) or ".")
-        self._file.close()
-        self._file = open(self.path, "a", encoding="utf-8")
-        self._lines = len(self._entries)
+        self._journal.rewrite(_line(key, expires) for key, expires in self._entries.items())
 
     def sync(self):
         """Make the keys added so far survive a power loss (fsync)."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._journal.sync()
 
     def close(self):
-        if not self._file.closed:
-            self._file.close()
+        self._journal.close()
 
 
 def _line(key, expires):
     """The file's line for a key: {"key": ..., "expires": ...} (formatted by hand: this runs
     for every message)."""
     return f'{{"key": {json.dumps(key)}, "expires": {float(expires)!r}}}\n'
-
-
-def _fsync_directory(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -23,12 +23,12 @@ Times come from `clock.seconds()` (the container's clock: `task.Clock` in tests)
 
 import heapq
 import itertools
-import json
-import os
 import random
 import uuid
 
 import attrs
+
+from ion.apps.pump.journal import Journal, json_line
 
 COMPACT_MIN_LINES = 1000
 
@@ -84,18 +84,16 @@ class RetryQueue:
         self.jitter = jitter
         self.rng = rng or random.Random()
         self.compact_min_lines = compact_min_lines
-        self.skipped_lines = 0
         self._entries = {}  # id -> RetryEntry, in insertion order
         self._by_key = {}  # key -> id
         self._heap = []  # (due, seq, id); stale items are skipped when popped
         self._seq = itertools.count()
-        self._lines = 0
-        directory = os.path.dirname(path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        self._load()
-        self._file = open(path, "a", encoding="utf-8")
-        if self._lines > len(self._entries):
+        self._journal = Journal(path)
+        self._journal.replay(self._replay)
+        for entry in self._entries.values():
+            self._by_key[entry.key] = entry.id
+            self._push(entry)
+        if self._journal.lines > len(self._entries):
             self.compact()
 
     def __repr__(self):
@@ -111,23 +109,12 @@ class RetryQueue:
         """Whether a notice with this duplicate key is waiting here already."""
         return key in self._by_key
 
-    # -- reading the file back ---------------------------------------------------------------
+    @property
+    def skipped_lines(self):
+        """Lines of the file that could not be read back (a torn last line, say)."""
+        return self._journal.skipped_lines
 
-    def _load(self):
-        try:
-            f = open(self.path, encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return
-        with f:
-            for line in f:
-                self._lines += 1
-                try:
-                    self._replay(json.loads(line))
-                except (ValueError, KeyError, TypeError):
-                    self.skipped_lines += 1
-        for entry in self._entries.values():
-            self._by_key[entry.key] = entry.id
-            self._push(entry)
+    # -- reading the file back ---------------------------------------------------------------
 
     def _replay(self, record):
         op = record["op"]
@@ -205,7 +192,7 @@ class RetryQueue:
         if self._by_key.get(entry.key) == entry.id:
             del self._by_key[entry.key]
         self._write({"op": "done", "id": entry.id})
-        if self._lines > max(self.compact_min_lines, 4 * len(self._entries)):
+        if self._journal.lines > max(self.compact_min_lines, 4 * len(self._entries)):
             self.compact()
 
     def past_horizon(self, entry, now=None):
@@ -246,31 +233,14 @@ class RetryQueue:
     # -- the file -----------------------------------------------------------------------------
 
     def _write(self, record, sync=False):
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._file.flush()
-        if sync:
-            os.fsync(self._file.fileno())
-        self._lines += 1
+        self._journal.append(json_line(record), sync=sync)
 
     def compact(self):
         """Rewrite the file with the pending entries only (temporary file, fsync, rename)."""
-        temp = f"{self.path}.compact"
-        with open(temp, "w", encoding="utf-8") as f:
-            for entry in self._entries.values():
-                record = {"op": "add", "entry": attrs.asdict(entry)}
-                f.write(json.dumps(record, separators=(",", ":")) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, self.path)
-        fd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._file.close()
-        self._file = open(self.path, "a", encoding="utf-8")
-        self._lines = len(self._entries)
+        self._journal.rewrite(
+            json_line({"op": "add", "entry": attrs.asdict(entry)})
+            for entry in self._entries.values()
+        )
 
     def close(self):
-        if not self._file.closed:
-            self._file.close()
+        self._journal.close()
