@@ -231,12 +231,9 @@ class ReportRouter(Process):
 
     async def _declare_route(self, exchange):
         """Declare a source's exchange and bind the sent queue to it, before the first report
-        goes there. (The process facade subscribes but does not bind alone, hence the
-        transport: a binding without a consumer keeps one consumer, and its order, on the
-        sent queue.)"""
-        transport = self.container.messenger.transport
-        await transport.declare_exchange(exchange, "topic", durable=True)
-        await transport.bind(self.sent_queue, exchange, "#")
+        goes there (a binding, not another subscription: the sent queue keeps one consumer,
+        and its order)."""
+        await self.bind(self.sent_queue, exchange, "#")
         self._declared.add(exchange)
 
     def _on_sent(self, delivery):

@@ -281,6 +281,15 @@ class Process:
             self.container.messenger.transport, exchange, routing_key, body, **options
         )
 
+    async def bind(self, queue, exchange, keys, exchange_type="topic", durable=True):
+        """Bind the existing `queue` to `exchange` (declared first: `exchange_type`, `durable`)
+        with each routing pattern of `keys`, so that the queue's one consumer also receives
+        what is published there."""
+        transport = self.container.messenger.transport
+        await transport.declare_exchange(exchange, exchange_type, durable=durable)
+        for key in [keys] if isinstance(keys, str) else keys:
+            await transport.bind(queue, exchange, key)
+
     async def spawn_child(self, spec, name=None, args=None):
         """Spawn a process supervised by this one; it is terminated before this one."""
         child = await self.container.spawn(spec, name=name, args=args, parent=self)

@@ -299,6 +299,30 @@ class ProcessScenarios:
         self.assertEqual(await call_op(echo, "echo", 5), 5)
         await self.assertFailure(defer.ensureDeferred(call_op(echo, "fail")), ApplicationError)
 
+    async def test_bind_queue_to_another_exchange(self):
+        """A subscribed queue bound to a second exchange delivers what is published there to
+        the same handler, and only what matches the binding."""
+        c = await self.container()
+        proc = await c.spawn(Caller)
+        first, second = self.system("xfirst"), self.system("xsecond")
+        queue = self.system("q_bind")
+        got = []
+        arrived = defer.Deferred()
+
+        def handler(delivery):
+            got.append((delivery.routing_key, delivery.body))
+            delivery.ack()
+            if len(got) == 2:
+                arrived.callback(None)
+
+        await proc.subscribe(first, ["a.#"], handler, queue=queue, durable=False, auto_delete=True)
+        await proc.bind(queue, second, ["b.#"], durable=False)
+        await proc.publish(second, "c.1", b"not bound", mandatory=False)
+        await proc.publish(second, "b.1", b"from second")
+        await proc.publish(first, "a.1", b"from first")
+        await arrived
+        self.assertEqual(sorted(got), [("a.1", b"from first"), ("b.1", b"from second")])
+
     async def test_bad_spawn_specs(self):
         """Spawning something that is not a process says what is wrong."""
         c = await self.container()
