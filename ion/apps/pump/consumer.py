@@ -111,6 +111,9 @@ DEFAULTS = {
     "stop_grace": 10,
 }
 
+# Directories remembered as existing (forgotten all at once beyond this many, and each one
+# after a failed transfer into it).
+MADE_DIRECTORIES = 10000
 _NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
 # Fields copied into the report of an oversized message (the rest could be what is too big).
 _OVERSIZE_KEEP = ("pubTime", "baseUrl", "relPath", "retrievePath", "source", "size", "mtime")
@@ -340,6 +343,7 @@ class Consumer(Process):
             )
         self._tasks = set()
         self._working = set()  # duplicate keys of the messages being fetched
+        self._made = set()  # directories made (or found) under the destination
         self._declared = set()
         self._retry_call = None
         self._flush_call = None
@@ -610,16 +614,26 @@ class Consumer(Process):
             options["mtime"] = parse_time(notice.mtime)
         if notice.mode is not None:
             options["mode"] = int(notice.mode, 8)
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fetching = defer.Deferred.fromCoroutine(self._get(url, path, options))
-            fetching.addTimeout(self.settings["transfer_timeout"], self.container.clock)
-            return await fetching, None
-        except defer.TimeoutError:
-            timeout = self.settings["transfer_timeout"]
-            return None, Failure(504, f"transfer not done after {timeout} s")
-        except Exception as e:
-            return None, classify(e)
+        directory = os.path.dirname(path)
+        while True:
+            made = directory in self._made
+            try:
+                if not made:
+                    os.makedirs(directory, exist_ok=True)
+                    if len(self._made) >= MADE_DIRECTORIES:
+                        self._made.clear()
+                    self._made.add(directory)
+                fetching = defer.Deferred.fromCoroutine(self._get(url, path, options))
+                fetching.addTimeout(self.settings["transfer_timeout"], self.container.clock)
+                return await fetching, None
+            except defer.TimeoutError:
+                timeout = self.settings["transfer_timeout"]
+                return None, Failure(504, f"transfer not done after {timeout} s")
+            except Exception as e:
+                self._made.discard(directory)
+                if made and not os.path.isdir(directory):
+                    continue  # removed since we made it: made again, and tried once more
+                return None, classify(e)
 
     async def _get(self, url, path, options):
         """One transfer (a separate method: tests make transfers fail by overriding it)."""

@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import subprocess
 import types
 
@@ -703,6 +704,18 @@ class ConsumerScenarios:
         await self.settle()
         await self.quiet()
         self.assertEqual((self.reports(), self.dest_files()), ([], []))
+
+    async def test_directory_removed_between_files(self):
+        """A destination directory removed after a delivery into it is made again for the
+        next file, which is delivered: no failure."""
+        await self.pump()
+        await self.post_file("gone/f1.dat", b"first")
+        await self.wait_reports(1)
+        shutil.rmtree(os.path.join(self.dest, "gone"))
+        await self.post_file("gone/f2.dat", b"second")
+        reports = await self.wait_reports(2)
+        self.assertEqual([r["report"]["code"] for r in reports], [201, 201])
+        self.assertEqual(self.dest_files(), ["gone/f2.dat"])
 
     async def test_start_sweeps_stale_temporary_files(self):
         """Temporary files a killed earlier run left in the destination tree (nobody holds
