@@ -1,48 +1,190 @@
-"""Broker passwords kept out of command lines and config files, in a private credentials file.
+"""The credentials file: every login ION uses, kept out of command lines and config files.
 
-The file has one broker account per line, `amqp[s]://user:password@host[:port]/` (user and
-password percent-encoded as in any URL), blank lines and `#` comments. It must be readable by
-its owner only (`chmod 600`): a file that group or others may read or write is refused, as the
-passwords in it may already have leaked.
+One private file, by default ``~/.config/ion/credentials.conf``, holds the broker accounts of
+the container and the server logins of the pump's transfers. One login per line, blank lines
+and lines starting with ``#`` ignored; after the URL, a blank followed by ``#`` starts a
+comment::
 
-    creds = load_credentials(os.path.expanduser("~/.config/ion/credentials.conf"))
-    password = find_password(creds, "amqp://alice@broker.example/")
+    scheme://user[:password]@host[:port][/path] [option=value ...]
 
-No error message ever contains a password, or a line of the file (which would hold one).
+    amqp://ion:s3cret@rabbit.example.org/           # the container's broker
+    amqps://ion:tls-pw@rabbit.example.org/
+    https://alice:s3cret@data.example.org/
+    ftp://anonymous:guest@ftp.example.org:2121/
+    sftp://bob@feed.example.org/ ssh_key=~/.ssh/id_ed25519
+    sftp://carol:pw@other.example.org/incoming/
+
+- Schemes: amqp, amqps, http, https, ftp, sftp. The port defaults to the scheme's (amqp 5672,
+  amqps 5671, http 80, https 443, ftp 21, sftp 22); host names are not case sensitive.
+- The user and password are percent-encoded as in any URL (``p%40ss`` is ``p@ss``; encode
+  ``@ : / ? # %`` and blanks). The password is optional, e.g. for an sftp line with a key.
+- A path other than ``/`` restricts the line to URLs under that path; the longest match wins,
+  the first line among equals.
+- Option ``ssh_key=PATH``: a private key file (OpenSSH or PEM format, without passphrase)
+  tried before the password for sftp; ``~`` is expanded.
+- A broker line (amqp, amqps) is exactly ``amqp[s]://user:password@host[:port]/``: its
+  password serves that user on every virtual host, so it takes no path and no option.
+
+The file must be a regular file readable by its owner only (``chmod 600``): a file that group
+or others may read or write is refused, as the passwords in it may already have leaked. A
+malformed line makes the whole file unusable. No error message or repr ever contains a
+password, or a line of the file (which may hold one); errors name the file and line number.
+
+    credentials = Credentials.load(os.path.expanduser("~/.config/ion/credentials.conf"))
+    credentials.find("sftp://feed.example.org/data/x.bin")       # a Credential, or None
+    credentials.password("amqp://ion@rabbit.example.org/")       # "s3cret", or None
+
+``load_credentials`` and ``find_password`` are the same for callers that want a list.
 """
 
 import os
 import stat
-import urllib.parse
+from urllib.parse import unquote, urlsplit
 
-import attr
+import attrs
 
-DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
-LINE_FORMAT = "amqp[s]://user:password@host[:port]/"
+DEFAULT_CREDENTIALS = "~/.config/ion/credentials.conf"
+DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671, "http": 80, "https": 443, "ftp": 21, "sftp": 22}
+BROKER_SCHEMES = ("amqp", "amqps")
+OPTIONS = ("ssh_key",)
+LINE_FORMAT = "scheme://user[:password]@host[:port][/path] [option=value ...]"
+BROKER_LINE_FORMAT = "amqp[s]://user:password@host[:port]/"
 
 
 class CredentialsError(Exception):
-    """The credentials file cannot be used (unreadable, not private, or malformed)."""
+    """The credentials file cannot be used (unreadable, not private, or malformed). The
+    message names the file (and line), never a password."""
 
 
-@attr.s(frozen=True, slots=True)
+@attrs.frozen
 class Credential:
-    """One line of a credentials file; repr() leaves the password out."""
+    """One line of the credentials file; repr() leaves the password out."""
 
-    scheme = attr.ib()
-    host = attr.ib()
-    port = attr.ib()
-    user = attr.ib()
-    password = attr.ib(repr=False)
+    scheme: str
+    host: str
+    port: int
+    user: str | None
+    password: str | None = attrs.field(default=None, repr=False)
+    path: str = "/"
+    ssh_key: str | None = None
 
-    def matches(self, scheme, host, port, user):
-        return (self.scheme, self.host, self.port, self.user) == (scheme, host, port, user)
+    def matches(self, scheme, host, port, user, path="/"):
+        """Whether this line serves a URL with these parts (C{user=None}: any user)."""
+        return (
+            self.scheme == scheme
+            and self.host == host
+            and self.port == port
+            and (user is None or self.user == user)
+            and _under(path, self.path)
+        )
+
+
+def _under(path, prefix):
+    if prefix in ("", "/"):
+        return True
+    prefix = prefix.rstrip("/")
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def url_parts(url):
+    """C{(scheme, host, port, user, password, path)} of a URL: scheme and host lower-cased,
+    the scheme's default port filled in (0 for a scheme not listed), user and password
+    percent-decoded (C{None} when absent), path C{/} when empty. Raises ValueError for a
+    malformed URL or a bad port number (the message may quote the URL: do not show it)."""
+    parts = urlsplit(url)  # ValueError for a malformed URL; its message may quote the URL
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("bad port number") from None
+    user = unquote(parts.username) if parts.username is not None else None
+    password = unquote(parts.password) if parts.password is not None else None
+    port = port or DEFAULT_PORTS.get(scheme, 0)
+    return scheme, (parts.hostname or "").lower(), port, user, password, parts.path or "/"
+
+
+class Credentials:
+    """The lines of a credentials file, in file order, looked up by URL."""
+
+    def __init__(self, entries=()):
+        self.entries = tuple(entries)
+
+    def __repr__(self):
+        return f"<Credentials: {len(self.entries)} entries>"
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self):
+        return len(self.entries)
+
+    @classmethod
+    def load(cls, path):
+        """
+        Read the credentials file at C{path}.
+
+        @raise CredentialsError: the file is missing or unreadable, not a regular file, open
+            to group or others, not UTF-8, or has a malformed line.
+        """
+        return cls.parse(_read_private(path), path)
+
+    @classmethod
+    def parse(cls, text, path="<credentials>"):
+        """The credentials in C{text} (the file's content); C{path} only names it in errors."""
+        entries = []
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            entries.append(_parse_line(line, f"{path}, line {number}"))
+        return cls(entries)
+
+    def find(self, url):
+        """The credential for C{url}, or C{None}: the longest path match among the lines of
+        the same scheme, host and port (and user, when the URL names one)."""
+        try:
+            scheme, host, port, user, _, path = url_parts(url)
+        except ValueError:
+            return None
+        return _best(self.entries, scheme, host, port, user, path)
+
+    def password(self, url):
+        """The password for the user named in C{url} (a broker URL, say), or C{None} when the
+        URL names no user or no line with a password serves it."""
+        return find_password(self.entries, url)
+
+
+def _best(entries, scheme, host, port, user, path):
+    best = None
+    for entry in entries:
+        if entry.matches(scheme, host, port, user, path):
+            if best is None or len(entry.path) > len(best.path):
+                best = entry
+    return best
 
 
 def load_credentials(path):
-    """Read the credentials file at path: a list of Credential, in file order. Raises
-    CredentialsError if it cannot be read, group or others have any access to it, or a line
-    is neither blank, a comment, nor `amqp[s]://user:password@host[:port]/`."""
+    """The lines of the credentials file at C{path}: a list of L{Credential}, in file order.
+    Raises L{CredentialsError} as L{Credentials.load} does."""
+    return list(Credentials.load(path))
+
+
+def find_password(credentials, url):
+    """The password of the line (of C{credentials}, any iterable of L{Credential}) for the
+    scheme, host, port (default ports filled in) and user of C{url}; C{None} when the URL names
+    no user, or no line serves it."""
+    try:
+        scheme, host, port, user, _, path = url_parts(url)
+    except ValueError:
+        return None
+    if user is None or scheme not in DEFAULT_PORTS:
+        return None
+    best = _best(credentials, scheme, host, port, user, path)
+    return None if best is None else best.password
+
+
+def _read_private(path):
+    """The text of the file at C{path}, after checking that only its owner has access."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not hang us
     except OSError as e:
@@ -64,66 +206,53 @@ def load_credentials(path):
     finally:
         os.close(fd)
     try:
-        text = data.decode()
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise CredentialsError(f"credentials file {path} is not UTF-8 text") from None
-    credentials = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        credential = _parse_line(line)
-        if credential is None:
-            raise CredentialsError(f"{path}, line {number}: expected {LINE_FORMAT}")
-        credentials.append(credential)
-    return credentials
 
 
-def _parse_line(line):
-    # A URL has no blanks, so a blank ends it and may start a comment.
-    url, *rest = line.split(None, 1)
-    if rest and not rest[0].startswith("#"):
-        return None
-    address = _address(url)
-    if address is None:
-        return None
-    scheme, host, port, user, password, path = address
-    if user is None or password is None or path not in ("", "/"):
-        return None
-    return Credential(scheme, host, port, user, password)
-
-
-def _address(url):
-    """(scheme, host, port, user, password, path) of an amqp[s] URL, None for anything else."""
+def _parse_line(line, where):
+    """The L{Credential} of one line, stripped, neither blank nor a comment. Error messages
+    show nothing of the line: any part of it may be (or hold) a password."""
+    # A URL has no blanks, so a blank ends it; what follows is options, then maybe a comment.
+    url, *words = line.split()
+    options = []
+    for word in words:
+        if word.startswith("#"):
+            break
+        options.append(word)
     try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
+        parts = urlsplit(url)
+    except ValueError:  # its message may quote the user and password
+        raise CredentialsError(f"{where}: malformed URL; expected {LINE_FORMAT}") from None
+    try:
+        scheme, host, port, user, password, path = url_parts(url)
     except ValueError:
-        return None
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS or not parts.hostname or parts.query or parts.fragment:
-        return None
-    unquote = urllib.parse.unquote
-    return (
-        scheme,
-        parts.hostname,
-        port or DEFAULT_PORTS[scheme],
-        unquote(parts.username) if parts.username is not None else None,
-        unquote(parts.password) if parts.password is not None else None,
-        parts.path,
-    )
-
-
-def find_password(credentials, url):
-    """The password of the first credential with the scheme, host, port (default ports
-    filled in) and user of the broker URL; None when none matches or the URL names no user."""
-    address = _address(url)
-    if address is None:
-        return None
-    scheme, host, port, user, _, _ = address
-    if user is None:
-        return None
-    for credential in credentials:
-        if credential.matches(scheme, host, port, user):
-            return credential.password
-    return None
+        raise CredentialsError(f"{where}: bad port number") from None
+    if "://" not in url or not scheme or not host:
+        raise CredentialsError(f"{where}: expected {LINE_FORMAT}")
+    if scheme not in DEFAULT_PORTS:
+        known = ", ".join(DEFAULT_PORTS)
+        raise CredentialsError(f"{where}: unknown scheme; the schemes are {known}")
+    if parts.query or parts.fragment:
+        raise CredentialsError(
+            f"{where}: a credentials URL has no ?query or #fragment "
+            "(in a user or password, write ? as %3F and # as %23)"
+        )
+    if scheme in BROKER_SCHEMES:
+        if user is None or password is None or path != "/" or options:
+            raise CredentialsError(
+                f"{where}: expected {BROKER_LINE_FORMAT} (no path or option on a broker line)"
+            )
+        return Credential(scheme, host, port, user, password)
+    values = {}
+    for option in options:
+        name, sep, value = option.partition("=")
+        if name not in OPTIONS or not sep or not value:
+            # Nothing of it is echoed: text after the URL may be part of a password.
+            raise CredentialsError(
+                f"{where}: unknown option after the URL; options are "
+                f"{', '.join(name + '=...' for name in OPTIONS)}"
+            )
+        values[name] = os.path.expanduser(value)
+    return Credential(scheme, host, port, user, password, path, **values)

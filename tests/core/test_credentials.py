@@ -1,11 +1,19 @@
-"""The broker credentials file: private files only, lines matched by scheme, host, port and
-user, and passwords that never show up in an error."""
+"""The credentials file: private files only, one line format for every scheme (broker
+accounts and the pump's server logins alike), lines matched by scheme, host, port, user and
+path, and passwords that never show up in an error."""
 
 import os
+import threading
 
 from twisted.trial import unittest
 
-from ion.core.credentials import CredentialsError, find_password, load_credentials
+from ion.core.credentials import (
+    Credential,
+    Credentials,
+    CredentialsError,
+    find_password,
+    load_credentials,
+)
 
 SECRET = "s3cr3t-Pa55"
 
@@ -72,11 +80,21 @@ class CredentialsFileTests(unittest.SynchronousTestCase):
             self.assertEqual(len(load_credentials(self.write(LINES, mode))), 7)
 
     def test_bad_lines(self):
-        """A line that is not amqp[s]://user:password@host[:port]/ names its line number, never
-        its content."""
+        """A malformed line, or a broker line that is not amqp[s]://user:password@host[:port]/,
+        names its line number, never its content."""
         bad = [
-            f"http://alice:{SECRET}@h/",
+            f"gopher://alice:{SECRET}@h/",
             f"amqp://alice:{SECRET}@h/vhost",
+            f"amqp://alice:{SECRET}@h/ ssh_key=/k",
+            "amqp://alice@h/",
+            f"https://alice:{SECRET}@h/ colour=blue",
+            f"https://alice:{SECRET}@h/ {SECRET}",
+            f"https://alice:{SECRET}@h/ ssh_key=",
+            f"https://alice:{SECRET}@h/#frag",
+            f"sftp://alice:{SECRET}@h:{SECRET}/",
+            f"alice:{SECRET}@h",
+            f"https://alice:{SECRET}\uff03x@h/",  # urllib's own error would quote it
+            f"https://alice:{SECRET}@[::1/",
             f"amqp://alice:{SECRET}@h:99999/",
             f"amqp://{SECRET}@h/",
             f"amqp://alice:{SECRET}@/",
@@ -116,3 +134,113 @@ class CredentialsFileTests(unittest.SynchronousTestCase):
 
     def test_comments_and_blank_lines_only(self):
         self.assertEqual(load_credentials(self.write("# nothing yet\n\n   \n\t# indented\n")), [])
+
+
+# Broker accounts and the pump's logins, side by side in one file.
+MIXED = f"""\
+# the container's broker
+amqp://ion:{SECRET}@rabbit.example/   # default vhost and any other
+sftp://ion:sftp-pw@rabbit.example/
+# the pump's servers
+sftp://bob@feed.example.org/ ssh_key=/keys/id_ed25519
+sftp://carol:pw1@feed.example.org/
+sftp://carol:pw2@feed.example.org/incoming/
+ftp://anon:p%40ss%20word@ftp.example.org:2121/
+https://alice:https-pw@data.example.org/private/
+"""
+
+
+class OneFileForEverySchemeTests(unittest.SynchronousTestCase):
+    """The container and the pump read the same file with the same reader."""
+
+    def write(self, text, mode=0o600):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)
+        return path
+
+    def test_broker_and_pump_lookups(self):
+        """A file with an amqp line and sftp, ftp and https lines serves the broker lookup
+        (load_credentials/find_password, Credentials.password) and the pump's
+        (Credentials.find)."""
+        path = self.write(MIXED)
+        lines = load_credentials(path)
+        self.assertEqual([c.scheme for c in lines], ["amqp"] + ["sftp"] * 4 + ["ftp", "https"])
+        for url in ("amqp://ion@rabbit.example/", "amqp://ion@RABBIT.example:5672/vhost"):
+            self.assertEqual(find_password(lines, url), SECRET)
+        self.assertIsNone(find_password(lines, "amqps://ion@rabbit.example/"))
+        self.assertIsNone(find_password(lines, "amqp://bob@rabbit.example/"))
+        creds = Credentials.load(path)
+        self.assertEqual(creds.password("amqp://ion@rabbit.example/"), SECRET)
+        self.assertEqual(creds.password("sftp://ion@rabbit.example/x"), "sftp-pw")
+        self.assertEqual(creds.find("sftp://rabbit.example/x").password, "sftp-pw")
+        bob = creds.find("sftp://bob@feed.example.org/x")
+        self.assertEqual((bob.port, bob.password, bob.ssh_key), (22, None, "/keys/id_ed25519"))
+        self.assertEqual(creds.find("sftp://carol@feed.example.org/incoming/f").password, "pw2")
+        self.assertEqual(creds.find("sftp://carol@feed.example.org/other/f").password, "pw1")
+        self.assertEqual(creds.find("ftp://ftp.example.org:2121/a").password, "p@ss word")
+        self.assertIsNone(creds.find("ftp://ftp.example.org/a"))
+        self.assertEqual(creds.find("https://data.example.org/private/a").user, "alice")
+        self.assertIsNone(creds.find("https://data.example.org/public/a"))
+        self.assertIsNone(creds.find("http://data.example.org/private/a"))
+        self.assertEqual(creds.find("amqp://rabbit.example/"), lines[0])
+
+    def test_default_ports(self):
+        """Each scheme's default port is filled in, on the line and in the URL looked up."""
+        text = "".join(
+            f"{scheme}://u:pw-{port}@h.example/\n"
+            for scheme, port in [("amqp", 5672), ("amqps", 5671), ("http", 80), ("https", 443),
+                                 ("ftp", 21), ("sftp", 22)]
+        )
+        creds = Credentials.parse(text)
+        self.assertEqual([c.port for c in creds], [5672, 5671, 80, 443, 21, 22])
+        for c in creds:
+            self.assertEqual(creds.password(f"{c.scheme}://u@h.example:{c.port}/"), f"pw-{c.port}")
+            self.assertEqual(creds.password(f"{c.scheme}://u@h.example/"), f"pw-{c.port}")
+
+    def test_parse_fields_and_options(self):
+        """A line gives scheme, host, port, user, password, path and options; the password is
+        optional outside broker lines, a blank then `#` starts a comment, `~` in ssh_key is
+        expanded."""
+        creds = Credentials.parse(
+            "SFTP://bob@Feed.Example.org:2222/in/ ssh_key=~/k # bob's key\n"
+            "https://data.example.org/\n"
+        )
+        self.assertEqual(
+            creds.entries,
+            (
+                Credential("sftp", "feed.example.org", 2222, "bob", None, "/in/",
+                           os.path.expanduser("~/k")),
+                Credential("https", "data.example.org", 443, None),
+            ),
+        )
+
+    def test_fifo_does_not_hang(self):
+        """A FIFO named as the credentials file is refused at once, not waited on."""
+        path = self.mktemp()
+        os.mkfifo(path, 0o600)
+        outcome = []
+
+        def load():
+            try:
+                Credentials.load(path)
+            except CredentialsError as e:
+                outcome.append(str(e))
+
+        thread = threading.Thread(target=load, daemon=True)
+        thread.start()
+        thread.join(10)
+        if thread.is_alive():
+            # Unblock the reader so that the test run can end, then fail.
+            with open(path, "w"):
+                pass
+            self.fail("loading a FIFO hung")
+        self.assertEqual(len(outcome), 1)
+        self.assertIn("regular file", outcome[0])
+
+    def test_reprs_hide_passwords(self):
+        creds = Credentials.load(self.write(MIXED))
+        self.assertNotIn(SECRET, repr(creds))
+        self.assertNotIn(SECRET, repr(creds.entries))
+        self.assertNotIn(SECRET, repr(load_credentials(self.write(MIXED))))

@@ -22,6 +22,7 @@ from ion.core import log as ionlog
 from ion.core.app.appfile import AppFileError
 from ion.core.app.controller import AppController
 from ion.core.config import Config, ConfigError, parse_define
+from ion.core.credentials import DEFAULT_CREDENTIALS
 
 log = Logger()
 
@@ -105,9 +106,9 @@ class Options(usage.Options):
         ["broker-port", "p", None, "Broker port (amqp).", int],
         ["broker-vhost", None, None, "Broker virtual host (amqp)."],
         ["broker-user", None, None, "Broker user (amqp)."],
-        ["credentials", None, None, "Broker passwords file, for a broker URL with a user and no password (default "
-         "~/.config/ion/credentials.conf when it exists): lines amqp[s]://user:password@host[:port]/, "
-         "readable by its owner only."],
+        ["credentials", None, None, "The credentials file, read for a broker URL with a user and no password "
+         "(default ~/.config/ion/credentials.conf when it exists; the pump reads its server logins there "
+         "too): broker lines amqp[s]://user:password@host[:port]/, readable by its owner only."],
         ["sysname", "s", None, "System name: containers with the same sysname on one broker form one system."],
         ["args", "a", None, "Container args: k=v,k=v or a dict literal; apparg_<app>={...} sets an app's kwargs."],
         ["res", None, None, "The res/ directory (default ./res, else the one shipped with ION)."],
@@ -176,11 +177,13 @@ class Options(usage.Options):
         vhost = self["broker-vhost"] if self["broker-vhost"] is not None else base.path.lstrip("/")
         return f"{base.scheme}://{auth}@{host}:{port}/{quote(vhost, safe='')}"
 
-    default_credentials = "~/.config/ion/credentials.conf"
+    default_credentials = DEFAULT_CREDENTIALS
 
     def _with_password(self, url):
         """The broker URL with the password from the credentials file when it names a user
-        but no password; the file is read only then."""
+        but no password; the file is read only then. The file is the one the pump reads too:
+        its lines for other schemes (sftp, ftp, http(s)) are checked like any other, and
+        only an amqp[s] line of the URL's host, port and user gives the password."""
         from urllib.parse import quote, urlsplit
 
         from ion.core.credentials import CredentialsError, find_password, load_credentials

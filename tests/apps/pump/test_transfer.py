@@ -49,6 +49,7 @@ from ion.apps.pump.transfer.inflight import (
     InflightFile,
 )
 from ion.apps.pump.transfer.limits import IdleTimer
+from ion.core import credentials as core_credentials
 from tests.apps.pump.servers import leftovers, write_file
 
 SECRET = "s3cr3t-Pa55"
@@ -147,7 +148,8 @@ class ErrorTests(SynchronousTestCase):
 
 class CredentialsTests(SynchronousTestCase):
     """
-    L{Credentials} reads the sr3-style credentials file and finds the line for a URL.
+    L{Credentials} reads the sr3-style credentials file and finds the line for a URL. It is
+    L{ion.core.credentials}' reader: the file the container takes its broker password from.
     """
 
     TEXT = (
@@ -245,6 +247,31 @@ class CredentialsTests(SynchronousTestCase):
         creds = Credentials.parse(self.TEXT)
         self.assertNotIn(SECRET, repr(creds))
         self.assertNotIn(SECRET, repr(creds.entries))
+
+    def test_oneReader(self):
+        """
+        The pump's names are the core reader's: one class of error, one of credentials.
+        """
+        self.assertIs(Credentials, core_credentials.Credentials)
+        self.assertIs(CredentialsError, core_credentials.CredentialsError)
+        self.assertIs(transfer.Credential, core_credentials.Credential)
+
+    def test_brokerLineBeside(self):
+        """
+        A file that also holds the container's broker account (an amqp line) loads for the
+        pump, whose lookups are unchanged, and serves the broker lookup from the same file.
+        """
+        path = self.write("amqp://ion:broker-pw@rabbit.example.org/  # the broker\n" + self.TEXT)
+        creds = Credentials.load(path)
+        self.assertEqual(len(creds.entries), 6)
+        self.assertEqual(creds.find("sftp://carol@feed.example.org/incoming/f").password, "pw2")
+        self.assertEqual(creds.find("ftp://ftp.example.org:2121/a").password, "p@ss word")
+        self.assertEqual(creds.find("https://data.example.org/x").password, SECRET)
+        broker = "amqp://ion@rabbit.example.org/"
+        self.assertEqual(creds.password(broker), "broker-pw")
+        lines = core_credentials.load_credentials(path)
+        self.assertEqual(core_credentials.find_password(lines, broker), "broker-pw")
+        self.assertIsNone(creds.find("sftp://rabbit.example.org/"))
 
 
 class HostLimiterTests(TestCase):

@@ -103,3 +103,31 @@ class CredentialsOptionTests(unittest.SynchronousTestCase):
         path = self.write("amqp://alice:pa55@rabbit.example/vhost\n")
         line = self.bad("--broker", "amqp://alice@rabbit.example/", "--credentials", path)
         self.assertIn("line 1", line)
+
+    def test_pump_logins_in_the_same_file(self):
+        """The file is also the pump's: sftp, ftp and https lines beside the amqp one (even
+        for the broker's host and user) do not stop the container, which still finds its
+        broker password, from --credentials or the default file."""
+        text = (
+            "# the pump's servers\n"
+            "sftp://alice:sftp-pw@rabbit.example/\n"
+            "sftp://bob@feed.example.org/ ssh_key=/keys/id_ed25519\n"
+            "ftp://anon:p%40ss@ftp.example.org:2121/incoming/\n"
+            "https://alice:https-pw@rabbit.example/private/\n"
+            + FILE
+        )
+        path = self.write(text)
+        opts = self.parse("--broker", "amqp://alice@rabbit.example/", "--credentials", path)
+        self.assertEqual(opts["broker_url"], "amqp://alice:pa55%3Aw%2Frd%231@rabbit.example/")
+        self.write(text, path=tap.Options.default_credentials)
+        opts = self.parse("--broker", "amqps://bob@rabbit.example/v")
+        self.assertEqual(opts["broker_url"], "amqps://bob:bob-tls@rabbit.example/v")
+
+    def test_pump_logins_only(self):
+        """A file with only the pump's lines leaves the broker URL as it is: an sftp line for
+        the broker's host and user is not a broker password."""
+        path = self.write(
+            "sftp://alice:sftp-pw@rabbit.example/\nftp://alice:ftp-pw@rabbit.example/\n"
+        )
+        opts = self.parse("--broker", "amqp://alice@rabbit.example/", "--credentials", path)
+        self.assertEqual(opts["broker_url"], "amqp://alice@rabbit.example/")

@@ -11,13 +11,13 @@ Three operations, each an C{async def} taking the reactor first:
 
 Failures raise L{TransferError} subclasses whose C{transient} and C{code} tell a caller whether
 to retry and what to report. Supporting pieces: L{Timeouts} (connect and idle), L{HostLimiter}
-(concurrent transfers per host), L{Credentials} (the credentials file), L{HTTPConnections}
+(concurrent transfers per host), L{Credentials} (the credentials file, shared with the
+container: see L{ion.core.credentials}), L{HTTPConnections}
 (http(s) connections kept open between transfers). A long-running caller also passes a started
 C{ThreadPool} as C{pool=}: the local disk work (create, write, fsync, rename) then runs there
 instead of blocking the reactor.
 """
 
-from ion.apps.pump.transfer.credentials import Credential, Credentials, CredentialsError
 from ion.apps.pump.transfer.errors import (
     AuthFailed,
     BadRequest,
@@ -37,6 +37,7 @@ from ion.apps.pump.transfer.http import HTTPConnections
 from ion.apps.pump.transfer.limits import HostLimiter, Timeouts
 from ion.apps.pump.transfer.operations import get, list, put
 from ion.apps.pump.transfer.results import Entry, TransferResult
+from ion.core.credentials import Credential, Credentials, CredentialsError
 
 __all__ = [
     "AuthFailed",

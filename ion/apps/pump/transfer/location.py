@@ -4,9 +4,9 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import attrs
 
-from ion.apps.pump.transfer.credentials import url_parts
 from ion.apps.pump.transfer.errors import BadRequest
 from ion.apps.pump.transfer.limits import Timeouts
+from ion.core.credentials import url_parts
 from ion.core.log import redact
 
 SCHEMES = ("file", "http", "https", "sftp", "ftp")

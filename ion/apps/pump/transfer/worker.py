@@ -21,11 +21,11 @@ from twisted.internet.defer import DeferredSemaphore
 from twisted.python.threadpool import ThreadPool
 
 from ion.apps.pump.transfer.credentials import Credentials
+from ion.core.credentials import DEFAULT_CREDENTIALS
 from ion.apps.pump.transfer.http import HTTPConnections
 from ion.apps.pump.transfer.limits import HostLimiter, Timeouts
 from ion.apps.pump.transfer.operations import get, list, put
 
-DEFAULT_CREDENTIALS = "~/.config/ion/credentials.conf"
 SETTINGS = ("credentials", "parallel", "per_host", "timeouts")
 
 
