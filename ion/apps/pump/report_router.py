@@ -29,6 +29,14 @@ case: the router then publishes a marker to `x_<user>.report_router.sent` (also 
 queue) and waits until the marker comes through, by which time every copy the broker took
 earlier has been read and remembered, and only then decides. Reports without a `report_id` are
 forwarded at least once.
+
+A broker crash is the other gap: RabbitMQ keeps an unconfirmed message in some of the queues it
+was routed to and not in others, so the sent queue's copy of a forward that was never confirmed
+does not prove the source has it. So the copy of a forward of this run is held unacked until
+the forward's confirm (then the id is written down and the copy acked), and a forward that
+failed unconfirmed is forwarded again when its report comes back, whatever the sent queue says:
+across a broker crash a source may receive a report again, with the same `report_id` (at
+least once, never lost).
 """
 
 import json
@@ -101,6 +109,10 @@ class ReportRouter(Process):
             self._log_file = open(self.settings["log_path"], "a", encoding="utf-8")
         self._declared = set()
         self._routing = {}  # report id being forwarded -> Deferreds of its later copies
+        # Ids whose forward failed unconfirmed (the connection went): the broker may or may not
+        # have kept it at the source, so a copy seen on the sent queue proves nothing.
+        self._unsure = set()
+        self._held = {}  # report id being forwarded -> its copies from the sent queue, unacked
         self._markers = {}  # marker published -> Deferred fired when it comes back
         self.stats = {
             "received": 0,
@@ -190,7 +202,12 @@ class ReportRouter(Process):
         rid = fields.get("report_id")
         if not isinstance(rid, str):
             rid = None
-        if rid is not None and delivery.redelivered and rid not in self.seen:
+        if (
+            rid is not None
+            and delivery.redelivered
+            and rid not in self.seen
+            and rid not in self._unsure
+        ):
             # Perhaps forwarded by a run that did not live to write the id down.
             await self._catch_up()
         # The same id may arrive again while its first copy waits for the broker's confirm.
@@ -215,17 +232,29 @@ class ReportRouter(Process):
             if exchange not in self._declared:
                 await self._declare_route(exchange)
             headers = {"report_id": rid} if rid is not None else None
-            await self.publish(exchange, delivery.routing_key, delivery.body, headers=headers)
-            if rid is not None and rid not in self.seen:
-                self.seen.add(rid)
+            try:
+                await self.publish(exchange, delivery.routing_key, delivery.body, headers=headers)
+            except Exception:
+                if rid is not None:
+                    self._unsure.add(rid)
+                raise
+            if rid is not None:
+                self._unsure.discard(rid)
+                if rid not in self.seen:
+                    self.seen.add(rid)
             self.stats["forwarded"] += 1
             codes = self.stats["by_source"].setdefault(source, {})
             codes[str(code)] = codes.get(str(code), 0) + 1
             self._write_log(fields, delivery, source, code, "forwarded")
             delivery.ack()
         finally:
-            # Later copies are looked at once this one is done with (and logged first).
             if rid is not None:
+                for held in self._held.pop(rid, ()):
+                    try:
+                        held.ack()
+                    except Exception:
+                        pass  # the connection went: the copy comes back, rid is unsure
+                # Later copies are looked at once this one is done with (and logged first).
                 for waiter in self._routing.pop(rid):
                     waiter.callback(None)
 
@@ -240,7 +269,14 @@ class ReportRouter(Process):
         """A copy of a report the broker took from us (or a marker): remember its id."""
         headers = delivery.properties.headers or {}
         rid = headers.get("report_id")
-        if isinstance(rid, str) and rid not in self.seen:
+        if isinstance(rid, str) and rid in self._routing:
+            # Our forward waiting for its confirm: settled with it (see _route). Acked now, a
+            # crash before the confirm would lose both the copy and the id.
+            self._held.setdefault(rid, []).append(delivery)
+            return
+        # A copy of a forward whose confirm never came (the connection went) is no proof that
+        # the source has it: the broker persists queue by queue.
+        if isinstance(rid, str) and rid not in self.seen and rid not in self._unsure:
             self.seen.add(rid)
         delivery.ack()
         marker = headers.get("marker")

@@ -1499,6 +1499,9 @@ class AmqpTransport:
         self._state = _NEW
         self._service = None
         self._session = None
+        # The session being set up once its consumers are re-attached: their handlers run at
+        # once (redelivered messages first) and may publish, ack and declare on it.
+        self._restoring = None
         self._failures = 0  # consecutive failed handshakes, added to the backoff attempt
         self._first = None  # what connect() returned
         self._stopping = None  # stopping the service after a failed first attempt
@@ -1602,6 +1605,7 @@ class AmqpTransport:
         try:
             await setup
         except Exception as e:
+            self._restoring = None
             error = _transport_error(e)
             if isinstance(e, defer.TimeoutError):
                 error = ConnectionLost(f"no AMQP handshake within {self.connect_timeout} s")
@@ -1619,6 +1623,7 @@ class AmqpTransport:
                     error=error,
                 )
             return
+        self._restoring = None
         if self._state is not _OPEN:
             await session.close()
             return
@@ -1669,6 +1674,9 @@ class AmqpTransport:
             except TransportError as e:
                 self._forget("binding", f"{exchange}/{key} -> {queue}", e)
                 self._bindings.pop((queue, exchange, key), None)
+        # Everything a handler may use is declared again by now; from the first consumer on,
+        # deliveries arrive and are handled while the others are attached.
+        self._restoring = session
         for consumer in list(self._consumers):
             try:
                 await consumer.attach(session)
@@ -1688,7 +1696,10 @@ class AmqpTransport:
         )
 
     def _session_lost(self, session, reason):
-        if session is not self._session:
+        if session is self._restoring:
+            # Lost while its consumers were being re-attached: handlers may have used it.
+            self._restoring = None
+        elif session is not self._session:
             return
         self._session = None
         if self._state is _OPEN and not session.closing:
@@ -1713,9 +1724,10 @@ class AmqpTransport:
             raise TransportError("AMQP transport is not connected; call connect() first")
         if self._state is _CLOSED:
             raise ConnectionLost(f"{self.address}: transport is closed")
-        if self._session is None or self._session.is_lost:
+        session = self._session or self._restoring
+        if session is None or session.is_lost:
             raise ConnectionLost(f"not connected to {self.address} (reconnecting)")
-        return self._session
+        return session
 
     @_as_deferred
     async def close(self):

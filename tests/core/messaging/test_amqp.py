@@ -370,6 +370,49 @@ class AmqpTests(BrokerTestCase):
         self.assertEqual(inbox.bodies, [b"before", b"after"])
         self.assertTrue(consumer.active)
 
+    async def test_redelivered_during_restore(self):
+        """After a broker restart the messages handed out again reach their consumer while the
+        transport is still re-attaching the consumers after it; the handler can publish and ack
+        at once (it used to fail with ConnectionLost, and the pump's processes drop a message
+        that fails after a redelivery)."""
+        t = await self.connect("alice", retry_policy=lambda attempt: 0.2)
+        first = await self.queue(t, durable=True)
+        outbox = await self.queue(t, durable=True)
+        for i in range(5):
+            await t.publish("", first, b"%d" % i, Properties(delivery_mode=2))
+        held, outcomes = [], []
+
+        def handler(delivery):
+            if not delivery.redelivered:
+                held.append(delivery)  # left unacked until the broker dies
+                return
+            d = t.publish("", outbox, delivery.body)
+            d.addCallback(lambda _: delivery.ack())
+            d.addCallbacks(lambda _: outcomes.append("ok"), lambda f: outcomes.append(f.value))
+
+        await t.consume(first, handler)
+        # Consumers re-attached after `first`, one round trip each.
+        for _ in range(5):
+            await t.consume(await self.queue(t), Inbox())
+        for _ in range(250):
+            if len(held) == 5:
+                break
+            await task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(len(held), 5)
+
+        self.broker.kill()
+        self.broker.start()
+        await t.whenConnected().addTimeout(30, reactor)
+        for _ in range(250):
+            if len(outcomes) == 5:
+                break
+            await task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(outcomes, ["ok"] * 5)
+        inbox = Inbox()
+        await t.consume(outbox, inbox)
+        await inbox.wait(5)
+        self.assertEqual(sorted(inbox.bodies), [b"%d" % i for i in range(5)])
+
     async def test_heartbeat_detects_a_frozen_broker(self):
         """A broker that stops answering (SIGSTOP) is given up after three missed heartbeats;
         the transport reconnects once the broker runs again."""
