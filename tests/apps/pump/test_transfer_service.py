@@ -6,11 +6,12 @@ import base64
 import hashlib
 import os
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from ion.apps.pump import outcome, transfer
 from ion.apps.pump.transfer import CredentialsError
+from ion.apps.pump.transfer.worker import Transfers
 from ion.apps.pump.transfer_service import TransferService
 from ion.core.cc.testing import make_container
 from ion.core.process import (
@@ -296,6 +297,37 @@ class TransferServiceResourceTests(unittest.TestCase):
         gate.callback(None)
         await defer.gatherResults(calls)
         self.assertEqual(len(running), 5)
+
+
+class TransfersTests(unittest.TestCase):
+    """The transfers of one process (ion.apps.pump.transfer.worker.Transfers)."""
+
+    timeout = 30
+
+    async def test_many_failing_at_once(self):
+        """Hundreds of transfers queued behind a few slots that all fail at once (a URL no
+        scheme serves) each get their error; none is left waiting and every slot comes back
+        (released in a chain, they used to hit the recursion limit and hang)."""
+        transfers = Transfers(reactor, {"parallel": 2})
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(transfers.close()))
+        dest = os.path.abspath(self.mktemp())
+        gate = defer.Deferred()
+
+        async def held(reactor, *args, **kwargs):
+            await gate
+
+        first = [defer.Deferred.fromCoroutine(transfers._run(held)) for _ in range(2)]
+        calls = [
+            defer.Deferred.fromCoroutine(transfers.get(f"gopher://h/{i}", f"{dest}/{i}"))
+            for i in range(1000)
+        ]
+        gate.callback(None)
+        await defer.gatherResults(first)
+        results = await defer.DeferredList(calls, consumeErrors=True)
+        codes = {result.value.code for ok, result in results if not ok}
+        self.assertEqual((sum(ok for ok, _ in results), codes), (0, {422}))
+        await task.deferLater(reactor, 0, lambda: None)  # releases run through the reactor
+        self.assertEqual(transfers.slots.tokens, 2)
 
 
 class OutcomeTests(unittest.SynchronousTestCase):

@@ -123,7 +123,13 @@ class Transfers:
                 http_connections=self.http_connections,
             )
         finally:
-            self.slots.release()
+            if self.slots.waiting:
+                # Through the reactor: released here, the next waiter would run inside this
+                # call, and a queue of transfers failing at once (a bad URL) would nest one
+                # frame deeper each, up to the recursion limit.
+                self.reactor.callLater(0, self.slots.release)
+            else:
+                self.slots.release()
 
     async def get(self, url, path, **options):
         """`ion.apps.pump.transfer.get` of `url` into `path` (options: expected_size,
