@@ -59,13 +59,39 @@ def skip_or_fail_without_rabbitmq():
     raise unittest.SkipTest(reason)
 
 
+# The node's ports lie below the kernel's ephemeral range (32768-60999 by default), so a port
+# the node gives up while it is killed cannot go to a socket bound to port 0 in the meantime,
+# and they are picked from the pid, so that the nodes of parallel trial workers never choose
+# the same ones (with ports from bind(0), two workers could, and the second node's tests then
+# talked to the first node: a pause() of their own node did not stop it).
+_PORT_BASE = 20000
+_PORT_SLOTS = 3000  # four ports each: 20000-31999
+
+
 def _free_port():
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _FORBIDDEN_PORTS:
-            return port
+    """A port nothing listens on now (for tests that need one nobody answers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _can_bind(port):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_ports(count=3):
+    first = os.getpid() % _PORT_SLOTS
+    for i in range(_PORT_SLOTS):
+        base = _PORT_BASE + 4 * ((first + i) % _PORT_SLOTS)
+        ports = list(range(base, base + count))
+        if all(p not in _FORBIDDEN_PORTS and _can_bind(p) for p in ports):
+            return ports
+    raise BrokerError(f"no {count} free ports between {_PORT_BASE} and {_PORT_BASE + 4 * _PORT_SLOTS}")
 
 
 class BrokerError(Exception):
@@ -92,13 +118,7 @@ class PrivateBroker:
         if self.server is None:
             raise BrokerError("rabbitmq-server not found")
         self.nodename = nodename or f"iontest-{os.getpid()}@localhost"
-        self.port = _free_port()
-        self.dist_port = _free_port()
-        while self.dist_port == self.port:
-            self.dist_port = _free_port()
-        self.tls_port = _free_port()
-        while self.tls_port in (self.port, self.dist_port):
-            self.tls_port = _free_port()
+        self.port, self.dist_port, self.tls_port = _free_ports(3)
         self.base = tempfile.mkdtemp(prefix="ion-rabbitmq-")
         self.process = None
         self.start_seconds = None
