@@ -49,13 +49,18 @@ LOOKUPS = [
 ]
 
 
-class CredentialsFileTests(unittest.SynchronousTestCase):
+class FileWriting:
+    """Tests writing credentials files of their own."""
+
     def write(self, text, mode=0o600):
         path = self.mktemp()
         with open(path, "w") as f:
             f.write(text)
         os.chmod(path, mode)
         return path
+
+
+class CredentialsFileTests(FileWriting, unittest.SynchronousTestCase):
 
     def test_lookup_table(self):
         """A URL's user gets the password of the first line with the same scheme, host, port
@@ -150,15 +155,8 @@ https://alice:https-pw@data.example.org/private/
 """
 
 
-class OneFileForEverySchemeTests(unittest.SynchronousTestCase):
+class OneFileForEverySchemeTests(FileWriting, unittest.SynchronousTestCase):
     """The container and the pump read the same file with the same reader."""
-
-    def write(self, text, mode=0o600):
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write(text)
-        os.chmod(path, mode)
-        return path
 
     def test_broker_and_pump_lookups(self):
         """A file with an amqp line and sftp, ftp and https lines serves the broker lookup

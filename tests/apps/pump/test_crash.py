@@ -97,10 +97,15 @@ def write_app(path, tag, base, credentials):
             "state_dir": os.path.join(base, "state", "router"),
         },
     }
+    return write_pump_app(path, kwargs, "the pump under a kill -9 test")
+
+
+def write_pump_app(path, kwargs, description):
+    """Write a pump .app file running `ion.apps.pump.app` with `kwargs`; returns `path`."""
     app = {
         "type": "application",
         "name": "pump",
-        "description": "the pump under a kill -9 test",
+        "description": description,
         "version": "0.1",
         "mod": ("ion.apps.pump.app", [], kwargs),
         "applications": ["ioncore"],

@@ -44,7 +44,7 @@ from ion.core.cc.container import make_transport
 from ion.core.cc.testing import make_container
 from tests.apps.pump.fixtures import Collector, until
 from tests.apps.pump.test_consumer import rabbitmq_queues
-from tests.apps.pump.test_crash import PumpChild
+from tests.apps.pump.test_crash import PumpChild, write_pump_app
 from tests.broker import get_broker
 
 FILES = 2000
@@ -99,18 +99,7 @@ def write_app(path, tag, dest, credentials):
         "report_router": {"exchange": f"xreport-{tag}", "log_path": "var/pump/reports.jsonl"},
         "progress": {"interval": 5},
     }
-    app = {
-        "type": "application",
-        "name": "pump",
-        "description": "the pump under a restart test",
-        "version": "0.1",
-        "mod": ("ion.apps.pump.app", [], kwargs),
-        "applications": ["ioncore"],
-        "registered": [],
-    }
-    with open(path, "w") as f:
-        f.write(repr(app) + "\n")
-    return path
+    return write_pump_app(path, kwargs, "the pump under a restart test")
 
 
 class ReportCollector(Collector):
