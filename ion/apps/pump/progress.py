@@ -10,7 +10,10 @@ files/s and bytes/s are the deliveries since the previous line; "in hand" is the
 taken from the broker and not settled yet (waiting for or in a transfer); "retrying" the
 files in the on-disk retry queues; failures count the files given up on, by report code, since
 the consumers started. While nothing moves and nothing waits, one "idle" line is logged and
-then nothing until work arrives again.
+then nothing until work arrives again. A consumer that does not answer in `timeout` seconds
+(the broker is down, or it is stuck) is named on the line instead of being counted as idle:
+
+    pump: 0.0 files/s, 0 B/s; 1240 delivered; 0 in hand, 0 retrying; failures: none; not answering: consumer.pump
 """
 
 from twisted.internet import defer, task
@@ -99,11 +102,13 @@ class Progress(Process):
         totals = {"delivered": 0, "bytes": 0, "in_hand": 0, "retrying": 0}
         new_files = new_bytes = 0
         failures = {}
+        silent = []
         for child_id, proc in self._consumers():
             try:
                 stats = await self.rpc(proc.pid, "stats", timeout=self.settings["timeout"])
             except Exception as e:
                 self.log.debug("progress: no stats from {id}: {e}", id=child_id, e=e)
+                silent.append(child_id)
                 continue
             delivered, size = stats.get("delivered", 0), stats.get("bytes", 0)
             before = self._previous.get(child_id, (0, 0))
@@ -118,7 +123,7 @@ class Progress(Process):
             totals["retrying"] += stats.get("retrying", 0)
             for code, n in (stats.get("failures") or {}).items():
                 failures[code] = failures.get(code, 0) + n
-        busy = new_files or totals["in_hand"] or totals["retrying"]
+        busy = new_files or totals["in_hand"] or totals["retrying"] or silent
         if not busy and self._idle:
             return None
         self._idle = not busy
@@ -129,6 +134,8 @@ class Progress(Process):
                 f"{human_bytes(new_bytes / elapsed)}/s; {totals['delivered']} delivered; "
                 f"{totals['in_hand']} in hand, {totals['retrying']} retrying; failures: {failed}"
             )
+            if silent:
+                line += f"; not answering: {', '.join(silent)}"
         else:
             line = (
                 f"{self.settings['name']}: idle; {totals['delivered']} delivered "

@@ -238,9 +238,18 @@ class FakeConsumer(Process):
 
     def on_init(self):
         self.stats = {"delivered": 0, "bytes": 0, "in_hand": 0, "retrying": 0, "failures": {}}
+        self.broken = False
+        self.unanswered = []
 
     def op_stats(self, content, headers):
+        if self.broken:  # answers only when the test ends
+            self.unanswered.append(defer.Deferred())
+            return self.unanswered[-1]
         return dict(self.stats)
+
+    def answer_late(self):
+        for d in self.unanswered:
+            d.callback(dict(self.stats))
 
 
 class ProgressTests(unittest.TestCase):
@@ -287,6 +296,44 @@ class ProgressTests(unittest.TestCase):
         self.assertIsNone(await tick())
         b.stats.update(delivered=1, bytes=100)
         self.assertIn("pump: 0.1 files/s, 10 B/s; 16 delivered", await tick())
+
+    async def test_consumer_not_answering(self):
+        """A consumer that gives no stats (broker down, stuck) is named on every line, never
+        taken for an idle pump."""
+        clock = task.Clock()
+        c = await make_container(self, memory_broker=MemoryBroker(), clock=clock)
+        sup = await c.spawn(
+            Supervisor,
+            args={
+                "children": [
+                    {"id": "consumer.a", "spec": FakeConsumer},
+                    {"id": "consumer.b", "spec": FakeConsumer},
+                    {
+                        "id": "progress",
+                        "spec": Progress,
+                        "args": {"consumers": ["consumer.a", "consumer.b"], "timeout": 1},
+                    },
+                ]
+            },
+        )
+        self.addCleanup(sup.terminate)
+        a, progress = sup.child("consumer.a"), sup.child("progress")
+        self.addCleanup(a.answer_late)
+        for _ in range(2):
+            progress.last_line = None
+            clock.advance(10)
+            await quiet()
+        self.assertIsNone(progress.last_line)  # idle once, then quiet
+        a.broken = True
+        for _ in range(2):
+            progress.last_line = None
+            clock.advance(10)
+            await quiet()
+            clock.advance(1)  # the stats call times out
+            await quiet()
+            self.assertIsNotNone(progress.last_line)
+            self.assertNotIn("idle", progress.last_line)
+            self.assertTrue(progress.last_line.endswith("; not answering: consumer.a"))
 
     def test_human_bytes(self):
         self.assertEqual(
