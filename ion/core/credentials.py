@@ -91,7 +91,10 @@ def url_parts(url):
     the scheme's default port filled in (0 for a scheme not listed), user and password
     percent-decoded (C{None} when absent), path C{/} when empty. Raises ValueError for a
     malformed URL or a bad port number (the message may quote the URL: do not show it)."""
-    parts = urlsplit(url)  # ValueError for a malformed URL; its message may quote the URL
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # its message may quote the URL, password and all
+        raise ValueError("malformed URL (unbalanced [] around the host?)") from None
     scheme = parts.scheme.lower()
     try:
         port = parts.port

@@ -157,7 +157,10 @@ def check_args(args):
     url = merged["url"]
     if not isinstance(url, str) or not url:
         raise ValueError(f"{who}: url (the directory to poll) is required")
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:  # the URL may hold a password: not quoted
+        raise ValueError(f"{who}: url is malformed (unbalanced [] around the host?)") from None
     if scheme not in SCHEMES:
         raise ValueError(
             f"{who}: url {url!r} has scheme {scheme!r}; supported are {', '.join(SCHEMES)} "

@@ -41,6 +41,20 @@ def make_transport(url, reactor, memory_broker=None):
     raise ValueError(f"unsupported broker URL scheme {scheme!r}: use memory://, amqp:// or amqps://")
 
 
+def check_broker_url(url):
+    """ValueError (never quoting a password) when `url` cannot name a broker; no connection is
+    made."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme in ("amqp", "amqps"):
+        from ion.core.messaging.amqp import AmqpAddress
+
+        AmqpAddress.parse(url)
+    elif scheme != "memory":
+        raise ValueError(
+            f"unsupported broker URL scheme {scheme!r}: use memory://, amqp:// or amqps://"
+        )
+
+
 class Container:
     """A running container. Start with `await start()`, stop with `await stop()`."""
 

@@ -29,6 +29,19 @@ log = Logger()
 CORE_APPS = ["ioncore", "ccagent"]
 
 
+def _expected_cause(error):
+    """The bad input or unreachable broker behind a failed start (through the supervisors that
+    could not start a child), or None when it looks like a bug."""
+    from ion.core.messaging.transport import TransportError
+    from ion.core.process.supervisor import ChildStartError
+
+    while isinstance(error, ChildStartError):
+        error = error.__cause__
+    if isinstance(error, (ValueError, AppFileError, TransportError)):
+        return error
+    return None
+
+
 def find_res_dir():
     """`./res` when run from a checkout (the README's way), else the res/ next to the package."""
     if os.path.isdir("res"):
@@ -155,7 +168,13 @@ class Options(usage.Options):
         self["sysname"] = self["sysname"] or cargs.get("sysname") or config.get(
             "ion.core.messaging", "sysname", "ion"
         )
-        self["broker_url"] = self._with_password(self._broker_url(config))
+        from ion.core.cc.container import check_broker_url
+
+        try:
+            self["broker_url"] = self._with_password(self._broker_url(config))
+            check_broker_url(self["broker_url"])
+        except ValueError as e:
+            fail_input(e)
         apparg = {k[len("apparg_") :]: v for k, v in cargs.items() if k.startswith("apparg_")}
         self["apparg"] = apparg
         try:
@@ -169,6 +188,9 @@ class Options(usage.Options):
             return url
         from urllib.parse import quote, urlsplit
 
+        from ion.core.cc.container import check_broker_url
+
+        check_broker_url(url)  # the parts below are then safe to take
         base = urlsplit(url if url.startswith("amqp") else "amqp://guest@localhost:5672/")
         host = self["broker-host"] or base.hostname or "localhost"
         port = self["broker-port"] or base.port or (5671 if base.scheme == "amqps" else 5672)
@@ -321,10 +343,15 @@ class ContainerService(MultiService):
             done.addCallback(lambda _: self.reactor.stop())
 
     def _boot_failed(self, failure):
-        self.exit_code = 1
-        log.failure("container failed to start", failure, level=LogLevel.critical)
+        cause = _expected_cause(failure.value)
+        code = 2 if isinstance(cause, (ValueError, AppFileError)) else 1
+        self.exit_code = code
+        if cause is None:  # a bug: its traceback helps
+            log.failure("container failed to start", failure, level=LogLevel.critical)
+        else:
+            log.critical("container failed to start: {why}", why=ionlog.redact(str(failure.value)))
         sys.stderr.write(f"cc: container failed to start: {ionlog.redact(str(failure.value))}\n")
-        self._exit_after_shutdown(1)
+        self._exit_after_shutdown(code)
         if self.reactor.running:
             self.reactor.stop()
 

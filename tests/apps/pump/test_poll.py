@@ -67,6 +67,7 @@ class ArgsTests(unittest.SynchronousTestCase):
             ({"url": "file:x"}, "poll name"),
             ({"name": "p"}, "url"),
             ({"name": "p", "url": "gopher://h/"}, "scheme 'gopher'"),
+            ({"name": "p", "url": "http://u:pw@[::1/"}, "poll p: url is malformed"),
             ({"name": "p", "url": "file:x", "interval": 0}, "interval"),
             ({"name": "p", "url": "file:x", "min_age": -1}, "min_age"),
             ({"name": "p", "url": "file:x", "batch": 0}, "batch"),

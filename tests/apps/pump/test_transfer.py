@@ -873,10 +873,17 @@ class FileSchemeTests(TestCase):
         Unknown schemes and remote file hosts are refused without touching the disk; a
         password in the URL never shows in the message.
         """
-        for url in (f"gopher://u:{SECRET}@h/x", "file://elsewhere/x", "file:"):
+        for url, why in (
+            (f"gopher://u:{SECRET}@h/x", "unsupported scheme 'gopher'"),
+            ("file://elsewhere/x", "local files only"),
+            ("file:", "no usable path"),
+            (f"http://u:{SECRET}@[::1/x", "malformed URL"),
+            (f"sftp://u:{SECRET}@h:99999/x", "bad port number"),
+        ):
             with self.assertRaises(BadRequest) as caught:
                 await transfer.get(reactor, url, self.dest)
             self.assertNotIn(SECRET, str(caught.exception))
+            self.assertIn(why, str(caught.exception))
         self.assertEqual(os.listdir(self.dest_dir), [])
 
     async def test_cancel(self):

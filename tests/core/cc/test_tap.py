@@ -67,6 +67,19 @@ class OptionsTests(unittest.SynchronousTestCase):
         opts = self.parse("--broker", "amqp://u:p@h:1/x", "-s", "sys2")
         self.assertEqual((opts["broker_url"], opts["sysname"]), ("amqp://u:p@h:1/x", "sys2"))
 
+    def test_bad_broker_url(self):
+        """A broker URL that cannot work is one line, status 2, the password never shown."""
+        for argv, expected in [
+            (("--broker", "amqp://h:99999/"), "Port out of range"),
+            (("--broker", "amqp://h:99999/", "-h", "x"), "Port out of range"),
+            (("--broker", "amqp://u:sekrit@[::1/"), "Invalid IPv6 URL"),
+            (("--broker", "amqp://u:sekrit@[::1/", "--broker-user", "bob"), "Invalid IPv6 URL"),
+            (("--broker", "mqtt://h/"), "unsupported broker URL scheme 'mqtt'"),
+        ]:
+            line = self.bad(*argv)
+            self.assertIn(expected, line)
+            self.assertNotIn("sekrit", line)
+
     def test_args(self):
         """-a takes k=v pairs or a dict literal; apparg_<app> becomes that app's kwargs."""
         opts = self.parse("-a", "sysname=s3,apparg_hello={'instances': 2}")
@@ -112,6 +125,23 @@ class TwistdTests(unittest.TestCase):
         self.assertEqual(result.returncode, 2)
         self.assertEqual(result.stderr.strip().count("\n"), 0, result.stderr)
         self.assertIn("res/apps/missing.app", result.stderr)
+        self.assertNotIn("Traceback", result.stderr + result.stdout)
+
+    def test_bad_app_kwargs_exit_2_no_traceback(self):
+        """Pump kwargs that fail their checks when the app starts: the reason in one line,
+        status 2, no traceback."""
+        cwd = self.mktemp()
+        os.makedirs(cwd)
+        bad = "apparg_pump={'subscriptions': [{'name': 's', 'directory': 5}]}"
+        result = twistd("--res", RES, "--no-shell", "-a", bad, os.path.join(RES, "apps", "pump.app"), cwd=cwd)
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertIn("cc: container failed to start: consumer s: directory must be a path", result.stdout + result.stderr)
+        self.assertNotIn("Traceback", result.stderr + result.stdout)
+
+    def test_unreachable_broker_exit_1_no_traceback(self):
+        result = twistd("--no-shell", "--broker", "amqp://127.0.0.1:1/")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("cannot connect to amqp://guest:***@127.0.0.1:1/", result.stdout + result.stderr)
         self.assertNotIn("Traceback", result.stderr + result.stdout)
 
     def test_malformed_config_exit_2(self):

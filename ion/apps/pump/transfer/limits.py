@@ -1,12 +1,10 @@
 """Timeouts and per-host concurrency limits for transfers."""
 
-from urllib.parse import urlsplit
-
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
 from twisted.python.failure import Failure
 
-DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21, "sftp": 22}
+from ion.core.credentials import url_parts
 
 
 @attrs.frozen
@@ -88,15 +86,10 @@ def cancellable(d):
 
 def host_key(url):
     """The C{(scheme, host, port)} a URL connects to; local files all share one key."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+    scheme, host, port, *_ = url_parts(url)  # the URL was checked when it was located
     if scheme == "file":
         return ("file", "", 0)
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return (scheme, (parts.hostname or "").lower(), port or DEFAULT_PORTS.get(scheme, 0))
+    return (scheme, host, port)
 
 
 class HostLimiter:

@@ -60,17 +60,17 @@ def locate(url, credentials=None):
     @raise BadRequest: unknown scheme or malformed URL.
     """
     shown = redact(url)
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme, *_ = url_parts(url)
+    except ValueError as e:
+        raise BadRequest(f"{shown}: {e}") from None
     if scheme not in SCHEMES:
         raise BadRequest(
             f"{shown}: unsupported scheme {scheme!r}; supported are {', '.join(SCHEMES)}"
         )
     if scheme == "file":
         return Location(shown, "file", "", 0, _local_path(url, shown))
-    try:
-        scheme, host, port, user, password, path = url_parts(url)
-    except ValueError:
-        raise BadRequest(f"{shown}: bad port number") from None
+    scheme, host, port, user, password, path = url_parts(url)
     if not host:
         raise BadRequest(f"{shown}: no host in URL")
     ssh_key = None
