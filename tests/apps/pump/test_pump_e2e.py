@@ -253,27 +253,25 @@ class FakeConsumer(Process):
 
 
 class ProgressTests(unittest.TestCase):
+    async def start_progress(self, **args):
+        """A supervisor over two fake consumers and a progress summary of them, on a clock."""
+        clock = task.Clock()
+        c = await make_container(self, memory_broker=MemoryBroker(), clock=clock)
+        args["consumers"] = ["consumer.a", "consumer.b"]
+        children = [
+            {"id": "consumer.a", "spec": FakeConsumer},
+            {"id": "consumer.b", "spec": FakeConsumer},
+            {"id": "progress", "spec": Progress, "args": args},
+        ]
+        sup = await c.spawn(Supervisor, args={"children": children})
+        self.addCleanup(sup.terminate)
+        return clock, sup
+
     async def test_summary_lines(self):
         """Every interval the consumers' deliveries since the last line become rates; work in
         hand or retrying keeps the lines coming; an idle pump logs one idle line, then
         nothing; a restarted consumer counting from zero again is no negative rate."""
-        clock = task.Clock()
-        c = await make_container(self, memory_broker=MemoryBroker(), clock=clock)
-        sup = await c.spawn(
-            Supervisor,
-            args={
-                "children": [
-                    {"id": "consumer.a", "spec": FakeConsumer},
-                    {"id": "consumer.b", "spec": FakeConsumer},
-                    {
-                        "id": "progress",
-                        "spec": Progress,
-                        "args": {"consumers": ["consumer.a", "consumer.b"]},
-                    },
-                ]
-            },
-        )
-        self.addCleanup(sup.terminate)
+        clock, sup = await self.start_progress()
         a, b, progress = (sup.child(i) for i in ("consumer.a", "consumer.b", "progress"))
 
         async def tick():
@@ -300,23 +298,7 @@ class ProgressTests(unittest.TestCase):
     async def test_consumer_not_answering(self):
         """A consumer that gives no stats (broker down, stuck) is named on every line, never
         taken for an idle pump."""
-        clock = task.Clock()
-        c = await make_container(self, memory_broker=MemoryBroker(), clock=clock)
-        sup = await c.spawn(
-            Supervisor,
-            args={
-                "children": [
-                    {"id": "consumer.a", "spec": FakeConsumer},
-                    {"id": "consumer.b", "spec": FakeConsumer},
-                    {
-                        "id": "progress",
-                        "spec": Progress,
-                        "args": {"consumers": ["consumer.a", "consumer.b"], "timeout": 1},
-                    },
-                ]
-            },
-        )
-        self.addCleanup(sup.terminate)
+        clock, sup = await self.start_progress(timeout=1)
         a, progress = sup.child("consumer.a"), sup.child("progress")
         self.addCleanup(a.answer_late)
         for _ in range(2):
