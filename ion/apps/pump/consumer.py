@@ -437,13 +437,20 @@ class Consumer(Process):
                 grace=grace,
             )
 
-    def op_stats(self, content, headers):
+    async def op_stats(self, content, headers):
         """The counters: received, accepted, rejected, invalid, duplicates, discarded,
         unsupported (fileOp notices), delivered, bytes, retrying, retried, failures {code: n},
-        and in_hand (messages and retries being worked on now)."""
+        in_hand (messages and retries being worked on now) and queued (messages waiting in
+        the subscription's queue on the broker; None when the broker did not say)."""
+        try:
+            queued = await self.queue_depth(self.queue)
+        except Exception as e:
+            self.log.debug("consumer {name}: no queue depth: {e}", name=self.subscription, e=e)
+            queued = None
         stats = dict(self.stats)
         stats["failures"] = dict(self.stats["failures"])
         stats["in_hand"] = len(self._tasks)
+        stats["queued"] = queued
         return stats
 
     # -- one message ---------------------------------------------------------------------

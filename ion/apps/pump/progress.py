@@ -4,16 +4,17 @@
 child ids in that supervisor, e.g. `consumer.pump`) for their `stats` each interval, then logs
 at info, for all of them together:
 
-    pump: 12.4 files/s, 3.1 MB/s; 1240 delivered; 8 in hand, 0 retrying; failures: none
+    pump: 12.4 files/s, 3.1 MB/s; 1240 delivered; 310 queued, 8 in hand, 0 retrying; failures: none
 
-files/s and bytes/s are the deliveries since the previous line; "in hand" is the messages
+files/s and bytes/s are the deliveries since the previous line; "queued" is the notices
+waiting in the consumers' queues on the broker; "in hand" is the messages
 taken from the broker and not settled yet (waiting for or in a transfer); "retrying" the
 files in the on-disk retry queues; failures count the files given up on, by report code, since
 the consumers started. While nothing moves and nothing waits, one "idle" line is logged and
 then nothing until work arrives again. A consumer that does not answer in `timeout` seconds
 (the broker is down, or it is stuck) is named on the line instead of being counted as idle:
 
-    pump: 0.0 files/s, 0 B/s; 1240 delivered; 0 in hand, 0 retrying; failures: none; not answering: consumer.pump
+    pump: 0.0 files/s, 0 B/s; 1240 delivered; 0 queued, 0 in hand, 0 retrying; failures: none; not answering: consumer.pump
 """
 
 from twisted.internet import defer, task
@@ -99,7 +100,7 @@ class Progress(Process):
         now = self.container.clock.seconds()
         elapsed = max(now - self._last_time, 1e-9)
         self._last_time = now
-        totals = {"delivered": 0, "bytes": 0, "in_hand": 0, "retrying": 0}
+        totals = {"delivered": 0, "bytes": 0, "queued": 0, "in_hand": 0, "retrying": 0}
         new_files = new_bytes = 0
         failures = {}
         silent = []
@@ -119,11 +120,12 @@ class Progress(Process):
             self._previous[child_id] = (delivered, size)
             totals["delivered"] += delivered
             totals["bytes"] += size
+            totals["queued"] += stats.get("queued") or 0
             totals["in_hand"] += stats.get("in_hand", 0)
             totals["retrying"] += stats.get("retrying", 0)
             for code, n in (stats.get("failures") or {}).items():
                 failures[code] = failures.get(code, 0) + n
-        busy = new_files or totals["in_hand"] or totals["retrying"] or silent
+        busy = new_files or totals["queued"] or totals["in_hand"] or totals["retrying"] or silent
         if not busy and self._idle:
             return None
         self._idle = not busy
@@ -132,7 +134,8 @@ class Progress(Process):
             line = (
                 f"{self.settings['name']}: {new_files / elapsed:.1f} files/s, "
                 f"{human_bytes(new_bytes / elapsed)}/s; {totals['delivered']} delivered; "
-                f"{totals['in_hand']} in hand, {totals['retrying']} retrying; failures: {failed}"
+                f"{totals['queued']} queued, {totals['in_hand']} in hand, "
+                f"{totals['retrying']} retrying; failures: {failed}"
             )
             if silent:
                 line += f"; not answering: {', '.join(silent)}"

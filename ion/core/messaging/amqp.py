@@ -1811,6 +1811,16 @@ class AmqpTransport:
         return declared
 
     @_as_deferred
+    async def queue_depth(self, name):
+        """Fire with the messages ready in the queue (a passive declare: nothing is created;
+        NotFound when the queue does not exist)."""
+        session = self._live_session()
+        result = await session.control_call(
+            "queue_declare", queue=_shortstr(name, "queue name"), passive=True
+        )
+        return result.message_count
+
+    @_as_deferred
     async def delete_queue(self, name):
         """Delete the queue, its messages and bindings; its consumers stop. Missing is fine."""
         session = self._live_session()

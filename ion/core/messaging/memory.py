@@ -567,6 +567,10 @@ class MemoryTransport:
         """Delete the queue, its messages and bindings; its consumers stop. Missing is fine."""
         return self._do(self.broker._delete_queue, self, name)
 
+    def queue_depth(self, name):
+        """Fire with the messages ready in the queue; NotFound when there is none."""
+        return self._do(self.broker.queue_depth, name)
+
     def bind(self, queue, exchange, routing_key):
         return self._do(self.broker._bind, self, queue, exchange, routing_key)
 

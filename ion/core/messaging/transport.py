@@ -102,6 +102,10 @@ class ITransport(Interface):
     def delete_queue(name):
         """Delete the queue and the messages in it."""
 
+    def queue_depth(name):
+        """Fires with the number of messages ready in the queue (those delivered and not yet
+        acked are not counted); fails with NotFound when there is no such queue."""
+
     def bind(queue, exchange, routing_key):
         """Route messages matching routing_key on exchange into queue."""
 

@@ -290,6 +290,11 @@ class Process:
         for key in [keys] if isinstance(keys, str) else keys:
             await transport.bind(queue, exchange, key)
 
+    async def queue_depth(self, queue):
+        """The number of messages waiting in `queue` on the broker (not counting those
+        delivered and not yet acked); NotFound when it does not exist."""
+        return await self.container.messenger.transport.queue_depth(queue)
+
     async def spawn_child(self, spec, name=None, args=None):
         """Spawn a process supervised by this one; it is terminated before this one."""
         child = await self.container.spawn(spec, name=name, args=args, parent=self)

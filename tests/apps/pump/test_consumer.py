@@ -726,6 +726,24 @@ class ConsumerScenarios:
         await until(lambda: not os.path.exists(stale), what="the stale file removed")
         self.assertTrue(os.path.exists(kept))
 
+    async def test_stats_count_queued_and_in_hand(self):
+        """The consumer's stats tell what waits on the broker apart from what it holds: with
+        one transfer held and a prefetch of one, the other notices are queued."""
+        await self.receivers()
+        c = await self.container()
+        consumer = await self.spawn_consumer(c, HeldConsumer, parallel=1, prefetch=1)
+        for i in range(4):
+            await self.post_file(f"q/f{i}.dat", b"%d" % i)
+        await consumer.started
+        await self.until_counts(3, 1)
+        stats = await self.collector.rpc(consumer.pid, "stats")
+        self.assertEqual((stats["queued"], stats["in_hand"]), (3, 1))
+        consumer.release.callback(None)
+        await self.wait_reports(4)
+        await self.settle()
+        stats = await self.collector.rpc(consumer.pid, "stats")
+        self.assertEqual((stats["queued"], stats["in_hand"], stats["delivered"]), (0, 0, 4))
+
     async def test_stop_finishes_work_in_hand(self):
         """Stopping a consumer lets the transfers in hand finish, be reported and acked;
         messages arriving meanwhile are not started and go back to the queue."""

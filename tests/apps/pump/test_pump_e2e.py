@@ -282,14 +282,18 @@ class ProgressTests(unittest.TestCase):
 
         a.stats.update(delivered=15, bytes=1_500_000, in_hand=3, failures={"404": 1})
         b.stats.update(delivered=5, bytes=500_000, retrying=2, failures={"404": 1, "499": 2})
+        b.stats.update(queued=40)
         line = await tick()
         self.assertEqual(
             line,
-            "pump: 2.0 files/s, 200.0 kB/s; 20 delivered; 3 in hand, 2 retrying; "
+            "pump: 2.0 files/s, 200.0 kB/s; 20 delivered; 40 queued, 3 in hand, 2 retrying; "
             "failures: 404=2, 499=2",
         )
         a.stats.update(in_hand=0)
         b.stats.update(retrying=0)
+        # Nothing delivered, nothing in hand, but notices waiting on the broker: not idle.
+        self.assertIn("0.0 files/s, 0 B/s; 20 delivered; 40 queued, 0 in hand", await tick())
+        b.stats.update(queued=None)  # a consumer whose broker did not tell
         self.assertIn("idle; 20 delivered (2.0 MB)", await tick())
         self.assertIsNone(await tick())
         b.stats.update(delivered=1, bytes=100)

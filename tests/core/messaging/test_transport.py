@@ -335,6 +335,23 @@ class TransportSemantics:
         await t.declare_queue(q)
         await self.assertFailure(t.publish(ex, "k", b"x"), Unroutable)
 
+    async def test_queue_depth(self):
+        """A queue's depth counts the messages waiting, not those delivered and unacked; a
+        missing queue is NotFound and is not created by asking."""
+        (t,) = await self.make_transports(1)
+        q = await self.queue(t)
+        self.assertEqual(await t.queue_depth(q), 0)
+        for i in range(5):
+            await t.publish("", q, b"%d" % i)
+        self.assertEqual(await t.queue_depth(q), 5)
+        inbox = Inbox(ack=False)
+        await t.consume(q, inbox, prefetch=2)
+        await inbox.wait(2)
+        self.assertEqual(await t.queue_depth(q), 3)
+        missing = self.unique("nope")
+        await self.assertFailure(t.queue_depth(missing), NotFound)
+        await self.assertQueueGone(t, missing)
+
     async def test_consume_missing_queue(self):
         """Consuming a queue that does not exist fails with NotFound."""
         (t,) = await self.make_transports(1)
