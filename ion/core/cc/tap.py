@@ -270,6 +270,7 @@ class ContainerService(MultiService):
         self.container = None
         self.exit_code = 0
         self.output = LogOutput(sys.stdout)
+        self._stop_requested = False
 
     def setServiceParent(self, parent):
         super().setServiceParent(parent)
@@ -305,6 +306,11 @@ class ContainerService(MultiService):
         signal.signal(signal.SIGINT, stop)
 
     def _stop_reactor(self):
+        """Stop the reactor once: a second signal (Ctrl-C pressed again, a supervisor's
+        repeated SIGTERM) or a failed boot during the shutdown changes nothing."""
+        if self._stop_requested:
+            return
+        self._stop_requested = True
         if self.reactor.running:
             self.reactor.stop()
 
@@ -340,7 +346,7 @@ class ContainerService(MultiService):
             from ion.core.cc.shell import start_shell
 
             done = start_shell(self.container, self.reactor, self.output)
-            done.addCallback(lambda _: self.reactor.stop())
+            done.addCallback(lambda _: self._stop_reactor())
 
     def _boot_failed(self, failure):
         cause = _expected_cause(failure.value)
@@ -352,8 +358,7 @@ class ContainerService(MultiService):
             log.critical("container failed to start: {why}", why=ionlog.redact(str(failure.value)))
         sys.stderr.write(f"cc: container failed to start: {ionlog.redact(str(failure.value))}\n")
         self._exit_after_shutdown(code)
-        if self.reactor.running:
-            self.reactor.stop()
+        self._stop_reactor()
 
     def _exit_after_shutdown(self, code):
         # twistd has no way to set the exit status; this runs after twistd has cleaned up.

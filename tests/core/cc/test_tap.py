@@ -160,6 +160,14 @@ class TwistdTests(unittest.TestCase):
 
     def test_boot_and_sigterm(self):
         """The hello app boots on memory:// and a SIGTERM stops the container cleanly (status 0)."""
+        self.boot_and_stop(signal.SIGTERM)
+
+    def test_repeated_signals(self):
+        """A second signal while stopping (Ctrl-C after a SIGTERM, a repeated SIGTERM) changes
+        nothing: the same clean stop, status 0, no traceback."""
+        self.boot_and_stop(signal.SIGTERM, signal.SIGTERM, signal.SIGINT)
+
+    def boot_and_stop(self, *signals):
         cmd = [*TWISTD, "--pidfile=", "-n", "cc", "-n", "res/apps/hello.app"]
         env = dict(os.environ, PYTHONPATH=ROOT)
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
@@ -172,7 +180,8 @@ class TwistdTests(unittest.TestCase):
             if "running apps" in line or not line:
                 break
         self.assertIn("ioncore, hello", "".join(lines))
-        proc.send_signal(signal.SIGTERM)
+        for signum in signals:
+            proc.send_signal(signum)
         out, _ = proc.communicate(timeout=30)
         self.assertEqual(proc.returncode, 0, "".join(lines) + out)
         self.assertIn("stopped", out)
