@@ -52,7 +52,7 @@ def _to_json(value):
 def build_parser():
     common = _Parser(add_help=False)
     common.add_argument("--broker", help="broker URL (default: config ion.core.messaging broker)")
-    common.add_argument("--sysname", help="system name (default: config, 'ion')")
+    common.add_argument("-s", "--sysname", help="system name (default: config, 'ion')")
     common.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     common.add_argument("--res", help="res/ directory (default ./res or the installed one)")
     parser = _Parser(prog="ion", description="Talk to a running ION system.")

@@ -107,7 +107,7 @@ class SystemTests(unittest.TestCase):
         self.assertGreater(min(by_container.values()), 200, by_container)
 
         result = await threads.deferToThread(
-            run_cli, "rpc", "--broker", self.broker.url, "--sysname", self.sysname,
+            run_cli, "rpc", "--broker", self.broker.url, "-s", self.sysname,
             "hello", "hello", '"cli"')
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("Hello, cli!", json.loads(result.stdout))
