@@ -721,6 +721,7 @@ class ConsumerScenarios:
         """Temporary files a killed earlier run left in the destination tree (nobody holds
         their lock) are removed when the consumer starts; other files stay."""
         stale = write_source(self.dest, "a/.f.dat.0123abcd.inflight", b"partial")
+        os.utime(stale, (MTIME, MTIME))  # left by a run killed a while ago
         kept = write_source(self.dest, "a/f.dat", b"whole")
         await self.pump()
         await until(lambda: not os.path.exists(stale), what="the stale file removed")

@@ -537,7 +537,26 @@ class SweepTests(SynchronousTestCase):
         child.wait()
         child.stdout.close()
         child.stdin.close()
+        # Younger files are left alone (see test_freshUnlockedFileKept): this one was killed
+        # a while ago.
+        old = time.time() - inflight.SWEEP_MIN_AGE - 1
+        os.utime(temp_path, (old, old))
         return temp_path
+
+    def test_freshUnlockedFileKept(self):
+        """
+        A temporary file nobody has locked yet but modified within the last
+        C{SWEEP_MIN_AGE} seconds is kept: its writer may be between creating and locking it
+        (a consumer's first file while the start-up sweep runs). Older, it is swept.
+        """
+        path = os.path.join(self.dir, "sub", ".f.dat.0123abcd" + inflight.INFLIGHT_SUFFIX)
+        write_file(path, b"just created")
+        self.assertEqual(inflight.sweep(self.dir), [])
+        self.assertTrue(os.path.exists(path))
+        old = time.time() - inflight.SWEEP_MIN_AGE - 1
+        os.utime(path, (old, old))
+        self.assertEqual(inflight.sweep(self.dir), [path])
+        self.assertFalse(os.path.exists(path))
 
     def test_killedWriterSwept(self):
         """

@@ -12,7 +12,8 @@ directory.
 
 The writer holds an exclusive C{flock} on its temporary file from creation to rename, so a file
 left behind by a killed process (the lock dies with it) can be told from one being written:
-L{sweep} removes the former only.
+L{sweep} removes the former only. Creating the file and locking it are two system calls: a
+file modified in the last C{SWEEP_MIN_AGE} seconds may be in between and is never swept.
 """
 
 import base64
@@ -22,6 +23,7 @@ import os
 import stat
 import secrets
 import threading
+import time
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -39,6 +41,8 @@ from ion.apps.pump.transfer.results import TransferResult
 
 CHECKSUM_METHODS = ("sha512", "md5")
 INFLIGHT_SUFFIX = ".inflight"
+# Seconds since its last change before an unlocked temporary file counts as abandoned.
+SWEEP_MIN_AGE = 5
 # Bodies up to this size are written in one go once complete; bigger ones stream to disk.
 BUFFER_LIMIT = 1024 * 1024
 # A streaming source is paused while this many bytes wait for the disk.
@@ -454,11 +458,13 @@ def _fsync_directory(path):
         os.close(fd)
 
 
-def sweep(root):
+def sweep(root, min_age=SWEEP_MIN_AGE):
     """
     Remove the temporary files (C{.<name>.<random>.inflight}) under C{root} that no process is
     writing any more: those whose writer was killed before it could remove them. A file whose
-    C{flock} is held is being written and is left alone. Runs blocking (call it in a thread).
+    C{flock} is held is being written and is left alone, and so is one modified less than
+    C{min_age} seconds ago (its writer may have created it and not locked it yet). Runs
+    blocking (call it in a thread).
 
     @return: the paths removed.
     """
@@ -479,6 +485,9 @@ def sweep(root):
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # its writer is alive
+                # Checked with the lock held: a writer that locks it from now on is too late.
+                if os.fstat(fd).st_mtime > time.time() - min_age:
+                    continue  # maybe created a moment ago, its lock not taken yet
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
