@@ -199,7 +199,9 @@ def make_report(notice, code, message, when=None):
     return reported
 
 
-def _positive(args, key, integer=False, zero=False):
+def check_number(who, args, key, integer=False, zero=False):
+    """ValueError unless `args[key]` is a number > 0 (>= 0 with `zero`; an int with
+    `integer`)."""
     value = args[key]
     kinds = (int,) if integer else (int, float)
     if (
@@ -209,29 +211,32 @@ def _positive(args, key, integer=False, zero=False):
         or (value == 0 and not zero)
     ):
         what = "an int" if integer else "a number"
-        raise ValueError(
-            f"consumer {args['name']}: {key} must be {what} {'>= 0' if zero else '> 0'}, "
-            f"got {value!r}"
-        )
+        raise ValueError(f"{who}: {key} must be {what} {'>= 0' if zero else '> 0'}, got {value!r}")
 
 
-def check_args(args):
-    """The consumer's args with defaults filled in; ValueError naming the bad one otherwise."""
-    unknown = sorted(set(args) - set(DEFAULTS))
+def named_args(kind, args, defaults):
+    """`args` over a copy of `defaults`, with `who` ("<kind> <name>") for messages; ValueError
+    for an unknown argument or a missing or malformed `name`."""
+    unknown = sorted(set(args) - set(defaults))
     if unknown:
         raise ValueError(
-            f"consumer {args.get('name')!r}: unknown argument {unknown[0]!r}; "
-            f"valid ones are {', '.join(DEFAULTS)}"
+            f"{kind} {args.get('name')!r}: unknown argument {unknown[0]!r}; "
+            f"valid ones are {', '.join(defaults)}"
         )
-    merged = copy.deepcopy(DEFAULTS)
+    merged = copy.deepcopy(defaults)
     merged.update(args)
     name = merged["name"]
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(
-            f"consumer name must be letters, digits, '_' and '-' (dots between words), "
+            f"{kind} name must be letters, digits, '_' and '-' (dots between words), "
             f"got {name!r}"
         )
-    who = f"consumer {name}"
+    return merged, f"{kind} {name}"
+
+
+def check_args(args):
+    """The consumer's args with defaults filled in; ValueError naming the bad one otherwise."""
+    merged, who = named_args("consumer", args, DEFAULTS)
     for key in ("exchange", "report_exchange"):
         if not isinstance(merged[key], str) or not _NAME.fullmatch(merged[key]):
             raise ValueError(f"{who}: {key} must be an exchange name, got {merged[key]!r}")
@@ -252,16 +257,16 @@ def check_args(args):
         raise ValueError(f"{who}: directory must be a path, got {merged['directory']!r}")
     strip = merged["strip"]
     if strip is not None:
-        _positive(merged, "strip", integer=True, zero=True)
+        check_number(who, merged, "strip", integer=True, zero=True)
         merged["mode"] = f"strip={strip}"
     else:
         merged["mode"] = "mirror" if merged["mirror"] else "directory"
     for key in ("parallel", "prefetch"):
-        _positive(merged, key, integer=True)
+        check_number(who, merged, key, integer=True)
     for key in ("retry_initial", "retry_max", "retry_horizon", "dup_ttl", "transfer_timeout"):
-        _positive(merged, key)
-    _positive(merged, "stop_grace", zero=True)
-    _positive(merged, "max_notice_bytes", integer=True)
+        check_number(who, merged, key)
+    check_number(who, merged, "stop_grace", zero=True)
+    check_number(who, merged, "max_notice_bytes", integer=True)
     jitter = merged["retry_jitter"]
     if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
         raise ValueError(f"{who}: retry_jitter must be a fraction in [0, 1), got {jitter!r}")

@@ -53,7 +53,6 @@ Op `poll` runs a pass now (or waits for the running one) and returns the counter
 last pass; op `stats` returns the totals.
 """
 
-import copy
 import os
 import re
 import sqlite3
@@ -62,7 +61,7 @@ from urllib.parse import quote, unquote, urlsplit
 from twisted.internet import defer, task
 
 from ion.apps.pump import paths
-from ion.apps.pump.consumer import Filter
+from ion.apps.pump.consumer import Filter, check_number, named_args
 from ion.apps.pump.notice import Notice, format_time
 from ion.core.process import Process, RemoteError
 
@@ -107,20 +106,6 @@ class PublishFailed(Exception):
     """The broker did not confirm an announcement; the pass ends, the next one retries."""
 
 
-def _number(args, key, zero=False):
-    value = args[key]
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or value < 0
-        or (value == 0 and not zero)
-    ):
-        raise ValueError(
-            f"poll {args['name']}: {key} must be a number {'>= 0' if zero else '> 0'}, "
-            f"got {value!r}"
-        )
-
-
 def root_url(url):
     """The directory URL a poll lists: with a trailing `/`; a relative or bare `file:` path made
     absolute (and percent-encoded, since the transfer library decodes file URLs)."""
@@ -140,20 +125,7 @@ def local_directory(url):
 
 def check_args(args):
     """The poll's args with defaults filled in; ValueError naming the bad one otherwise."""
-    unknown = sorted(set(args) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"poll {args.get('name')!r}: unknown argument {unknown[0]!r}; "
-            f"valid ones are {', '.join(DEFAULTS)}"
-        )
-    merged = copy.deepcopy(DEFAULTS)
-    merged.update(args)
-    name = merged["name"]
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(
-            f"poll name must be letters, digits, '_' and '-' (dots between words), got {name!r}"
-        )
-    who = f"poll {name}"
+    merged, who = named_args("poll", args, DEFAULTS)
     url = merged["url"]
     if not isinstance(url, str) or not url:
         raise ValueError(f"{who}: url (the directory to poll) is required")
@@ -172,12 +144,10 @@ def check_args(args):
         raise ValueError(f"{who}: base_url must be a URL, got {base_url!r}")
     merged["base_url"] = root_url(base_url) if base_url else merged["url"]
     for key in ("interval", "list_timeout"):
-        _number(merged, key)
+        check_number(who, merged, key)
     for key in ("min_age", "stop_grace"):
-        _number(merged, key, zero=True)
-    batch = merged["batch"]
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"{who}: batch must be an int >= 1, got {batch!r}")
+        check_number(who, merged, key, zero=True)
+    check_number(who, merged, "batch", integer=True)
     merged["filter"] = Filter.from_args(
         merged["filters"], merged["accept"], merged["reject"], True, who
     )
