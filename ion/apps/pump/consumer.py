@@ -29,7 +29,8 @@ A `Consumer` consumes a durable queue `q_<user>.consumer.<name>` bound to `excha
    container or others.
 
 On start, temporary files (`.<name>.<random>.inflight`) that a killed earlier run left in the
-destination tree are removed, in a thread (files other processes are writing are kept).
+destination tree are removed, in a thread (files other processes are writing are kept; one
+changed in the last few seconds is looked at again a few seconds later).
 
 The message is acked only once its outcome is durable, so a crash at any point leaves the
 message in the broker or its outcome on disk:
@@ -78,7 +79,7 @@ from ion.apps.pump.notice import (
 from ion.apps.pump.outcome import Failure, classify
 from ion.apps.pump.retryqueue import RetryQueue
 from ion.apps.pump.transfer import TransferError
-from ion.apps.pump.transfer.inflight import sweep
+from ion.apps.pump.transfer.inflight import SWEEP_MIN_AGE, sweep, sweep_files
 from ion.apps.pump.transfer.worker import Transfers, check_settings
 from ion.core.process import Process
 
@@ -352,6 +353,7 @@ class Consumer(Process):
         self._declared = set()
         self._retry_call = None
         self._flush_call = None
+        self._sweep_call = None
         self._stopping = False
 
     async def on_activate(self):
@@ -364,18 +366,30 @@ class Consumer(Process):
             prefetch=self.settings["prefetch"],
         )
         self._schedule_retries()
-        if self.transfers is not None:
-            sweeping = threads.deferToThreadPool(
-                self.container.reactor, self.transfers.pool, sweep, self.real_directory
-            )
-            sweeping.addCallbacks(self._swept, self._sweep_failed)
+        self._sweep(sweep, self.real_directory)
 
-    def _swept(self, removed):
+    def _sweep(self, function, *args):
+        """Remove the temporary files of killed earlier runs, in a pool thread."""
+        self._sweep_call = None
+        if self.transfers is None or self._stopping:
+            return
+        sweeping = threads.deferToThreadPool(
+            self.container.reactor, self.transfers.pool, function, *args
+        )
+        sweeping.addCallbacks(self._swept, self._sweep_failed)
+
+    def _swept(self, result):
+        removed, young = result
         if removed:
             self.log.info(
                 "consumer {name}: removed {n} temporary files left by an earlier run",
                 name=self.subscription,
                 n=len(removed),
+            )
+        if young and not self._stopping:
+            # Unlocked but just modified: looked at again once they are old enough to tell.
+            self._sweep_call = self.container.clock.callLater(
+                SWEEP_MIN_AGE, self._sweep, sweep_files, young
             )
 
     def _sweep_failed(self, failure):
@@ -423,6 +437,9 @@ class Consumer(Process):
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
         self._retry_call = None
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = None
 
     async def _settle_tasks(self, grace):
         pending = list(self._tasks)

@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import subprocess
+import time
 import types
 
 from twisted.internet import defer, reactor, task, threads
@@ -33,6 +34,7 @@ from ion.apps.pump.notice import Notice
 from ion.apps.pump.report_router import ReportRouter
 from ion.apps.pump.retryqueue import RetryQueue
 from ion.apps.pump.transfer import TransferError
+from ion.apps.pump.transfer.inflight import SWEEP_MIN_AGE
 from ion.core.app.appfile import read_app
 from ion.core.cc.container import make_transport
 from ion.core.cc.testing import make_container
@@ -726,6 +728,20 @@ class ConsumerScenarios:
         await self.pump()
         await until(lambda: not os.path.exists(stale), what="the stale file removed")
         self.assertTrue(os.path.exists(kept))
+
+    async def test_start_sweep_looks_again_at_young_files(self):
+        """A temporary file nobody holds but changed a moment ago (a writer may be about to
+        lock it) survives the start-up sweep, and is removed by a second look once it has
+        stayed unlocked for SWEEP_MIN_AGE seconds."""
+        clock = task.Clock()
+        young = write_source(self.dest, "a/.g.dat.4567cdef.inflight", b"partial")
+        await self.pump(clock=clock)
+        await until(lambda: self.consumer._sweep_call is not None, what="the first sweep")
+        self.assertTrue(os.path.exists(young))
+        old = time.time() - SWEEP_MIN_AGE - 1
+        os.utime(young, (old, old))  # as if SWEEP_MIN_AGE seconds had passed
+        clock.advance(SWEEP_MIN_AGE)
+        await until(lambda: not os.path.exists(young), what="the young file removed")
 
     async def test_stats_count_queued_and_in_hand(self):
         """The consumer's stats tell what waits on the broker apart from what it holds: with

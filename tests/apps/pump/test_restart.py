@@ -39,7 +39,7 @@ import time
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
-from ion.apps.pump.transfer.inflight import INFLIGHT_SUFFIX
+from ion.apps.pump.transfer.inflight import INFLIGHT_SUFFIX, SWEEP_MIN_AGE
 from ion.core.cc.container import make_transport
 from ion.core.cc.testing import make_container
 from tests.apps.pump.fixtures import Collector, until
@@ -243,6 +243,16 @@ def tree(root):
     return found, sorted(hidden)
 
 
+def temporary_files(root):
+    """The paths of the transfers' temporary files under root."""
+    return [
+        os.path.join(directory, name)
+        for directory, _, names in os.walk(root)
+        for name in names
+        if name.startswith(".") and name.endswith(INFLIGHT_SUFFIX)
+    ]
+
+
 class RestartTests(unittest.TestCase):
     """kill -9 of the pump, then of the broker, in the middle of 2,000 files."""
 
@@ -299,6 +309,13 @@ class RestartTests(unittest.TestCase):
         # Anything still on its way (a second report) has had the time to arrive.
         await task.deferLater(reactor, 2, lambda: None)
         flow_seconds = time.monotonic() - started
+        # The temporary files of the killed container: swept by the restarted one, those
+        # changed just before the kill once they are SWEEP_MIN_AGE seconds old.
+        await until(
+            lambda: not temporary_files(flow.dest),
+            timeout=SWEEP_MIN_AGE + 10,
+            what="the killed container's temporary files swept",
+        )
         watcher.stop()
 
         # 1. Every file at its final name with its bytes, nothing else there.

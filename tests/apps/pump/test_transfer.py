@@ -532,7 +532,7 @@ class SweepTests(SynchronousTestCase):
         )
         temp_path = child.stdout.readline().strip()
         # The child is alive and writing: its file is not swept.
-        self.assertEqual(inflight.sweep(self.dir), [])
+        self.assertEqual(inflight.sweep(self.dir), ([], []))
         child.kill()
         child.wait()
         child.stdout.close()
@@ -551,11 +551,11 @@ class SweepTests(SynchronousTestCase):
         """
         path = os.path.join(self.dir, "sub", ".f.dat.0123abcd" + inflight.INFLIGHT_SUFFIX)
         write_file(path, b"just created")
-        self.assertEqual(inflight.sweep(self.dir), [])
+        self.assertEqual(inflight.sweep(self.dir), ([], [path]))
         self.assertTrue(os.path.exists(path))
         old = time.time() - inflight.SWEEP_MIN_AGE - 1
         os.utime(path, (old, old))
-        self.assertEqual(inflight.sweep(self.dir), [path])
+        self.assertEqual(inflight.sweep_files([path]), ([path], []))
         self.assertFalse(os.path.exists(path))
 
     def test_killedWriterSwept(self):
@@ -571,7 +571,7 @@ class SweepTests(SynchronousTestCase):
         write_file(os.path.join(self.dir, "sub", "kept.dat"), b"kept")
         write_file(os.path.join(self.dir, ".kept.inflight.txt"), b"kept")
         os.symlink(os.path.join(self.dir, "sub", "kept.dat"), os.path.join(self.dir, ".l.inflight"))
-        self.assertEqual(inflight.sweep(self.dir), [stale])
+        self.assertEqual(inflight.sweep(self.dir), ([stale], []))
         self.assertFalse(os.path.exists(stale))
         self.assertTrue(os.path.exists(live.temp_path))
         live.write(b"y" * (BUFFER_LIMIT - 1))

@@ -463,36 +463,44 @@ def sweep(root, min_age=SWEEP_MIN_AGE):
     Remove the temporary files (C{.<name>.<random>.inflight}) under C{root} that no process is
     writing any more: those whose writer was killed before it could remove them. A file whose
     C{flock} is held is being written and is left alone, and so is one modified less than
-    C{min_age} seconds ago (its writer may have created it and not locked it yet). Runs
+    C{min_age} seconds ago (its writer may have created it and not locked it yet): those are
+    returned as young, for L{sweep_files} to look at again once C{min_age} has passed. Runs
     blocking (call it in a thread).
 
-    @return: the paths removed.
+    @return: C{(removed, young)}, lists of paths.
     """
-    removed = []
+    found = []
     for directory, subdirectories, names in os.walk(root):
         for name in names:
-            if not (name.startswith(".") and name.endswith(INFLIGHT_SUFFIX)):
+            if name.startswith(".") and name.endswith(INFLIGHT_SUFFIX):
+                found.append(os.path.join(directory, name))
+    return sweep_files(found, min_age)
+
+
+def sweep_files(paths, min_age=SWEEP_MIN_AGE):
+    """L{sweep} for the temporary files at C{paths}: C{(removed, young)}."""
+    removed, young = [], []
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue  # gone already, or a link
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 continue
-            path = os.path.join(directory, name)
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            except OSError:
-                continue  # gone already, or a link
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its writer is alive
+            # Checked with the lock held: a writer that locks it from now on is too late.
+            if os.fstat(fd).st_mtime > time.time() - min_age:
+                young.append(path)  # maybe created a moment ago, its lock not taken yet
+                continue
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    continue
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # its writer is alive
-                # Checked with the lock held: a writer that locks it from now on is too late.
-                if os.fstat(fd).st_mtime > time.time() - min_age:
-                    continue  # maybe created a moment ago, its lock not taken yet
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    continue
-                removed.append(path)
-            finally:
-                os.close(fd)
-    return removed
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed, young
