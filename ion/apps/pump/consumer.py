@@ -279,7 +279,8 @@ def check_args(args):
             or not all(isinstance(v, str) and v for v in reannounce.values())
         ):
             raise ValueError(
-                f"{who}: reannounce must be {{'exchange': ..., 'base_url': ...}}, got {reannounce!r}"
+                f"{who}: reannounce must be {{'exchange': ..., 'base_url': ...}}, "
+                f"got {reannounce!r}"
             )
     transfer = merged["transfer"] or {}
     if not isinstance(transfer, dict):
@@ -462,8 +463,10 @@ class Consumer(Process):
     async def op_stats(self, content, headers):
         """The counters: received, accepted, rejected, invalid, duplicates, discarded,
         unsupported (fileOp notices), delivered, bytes, retrying, retried, failures {code: n},
-        in_hand (messages and retries being worked on now) and queued (messages waiting in
-        the subscription's queue on the broker; None when the broker did not say)."""
+        in_hand (messages and retries being worked on now), bytes_received (by all transfers
+        since the start, delivered or not), bytes_in_flight (those of the files being
+        fetched now) and queued (messages waiting in the subscription's queue on the broker;
+        None when the broker did not say)."""
         try:
             queued = await self.queue_depth(self.queue)
         except Exception as e:
@@ -472,6 +475,9 @@ class Consumer(Process):
         stats = dict(self.stats)
         stats["failures"] = dict(self.stats["failures"])
         stats["in_hand"] = len(self._tasks)
+        received = None if self.transfers is None else self.transfers.received
+        stats["bytes_received"] = 0 if received is None else received.total
+        stats["bytes_in_flight"] = 0 if received is None else received.in_flight
         stats["queued"] = queued
         return stats
 

@@ -6,9 +6,11 @@ at info, for all of them together:
 
     pump: 12.4 files/s, 3.1 MB/s; 1240 delivered; 310 queued, 8 in hand, 0 retrying; failures: none
 
-files/s and bytes/s are the deliveries since the previous line; "queued" is the notices
-waiting in the consumers' queues on the broker; "in hand" is the messages
-taken from the broker and not settled yet (waiting for or in a transfer); "retrying" the
+files/s are the deliveries since the previous line, bytes/s the bytes received since then
+(of files delivered, failed or still on their way); "queued" is the notices waiting in the
+consumers' queues on the broker; "in hand" is the messages taken from the broker and not
+settled yet (waiting for or in a transfer), with the bytes of the files being fetched
+received so far, e.g. "2 in hand (1.3 GB received)"; "retrying" the
 files in the on-disk retry queues; failures count the files given up on, by report code, since
 the consumers started. While nothing moves and nothing waits, one "idle" line is logged and
 then nothing until work arrives again. A consumer that does not answer in `timeout` seconds
@@ -100,7 +102,9 @@ class Progress(Process):
         now = self.container.clock.seconds()
         elapsed = max(now - self._last_time, 1e-9)
         self._last_time = now
-        totals = {"delivered": 0, "bytes": 0, "queued": 0, "in_hand": 0, "retrying": 0}
+        totals = {
+            "delivered": 0, "bytes": 0, "queued": 0, "in_hand": 0, "receiving": 0, "retrying": 0
+        }
         new_files = new_bytes = 0
         failures = {}
         silent = []
@@ -112,14 +116,18 @@ class Progress(Process):
                 silent.append(child_id)
                 continue
             delivered, size = stats.get("delivered", 0), stats.get("bytes", 0)
+            # Received, not delivered, bytes make the rate: a long transfer shows its own.
+            received = stats.get("bytes_received", 0)
+            receiving = stats.get("bytes_in_flight", 0)
             before = self._previous.get(child_id, (0, 0))
-            if delivered < before[0]:
+            if delivered < before[0] or received < before[1]:
                 before = (0, 0)  # a restarted consumer counts from zero again
             new_files += delivered - before[0]
-            new_bytes += size - before[1]
-            self._previous[child_id] = (delivered, size)
+            new_bytes += received - before[1]
+            self._previous[child_id] = (delivered, received)
             totals["delivered"] += delivered
             totals["bytes"] += size
+            totals["receiving"] += receiving
             totals["queued"] += stats.get("queued") or 0
             totals["in_hand"] += stats.get("in_hand", 0)
             totals["retrying"] += stats.get("retrying", 0)
@@ -134,8 +142,9 @@ class Progress(Process):
             line = (
                 f"{self.settings['name']}: {new_files / elapsed:.1f} files/s, "
                 f"{human_bytes(new_bytes / elapsed)}/s; {totals['delivered']} delivered; "
-                f"{totals['queued']} queued, {totals['in_hand']} in hand, "
-                f"{totals['retrying']} retrying; failures: {failed}"
+                f"{totals['queued']} queued, {totals['in_hand']} in hand"
+                + (f" ({human_bytes(totals['receiving'])} received)" if totals["receiving"] else "")
+                + f", {totals['retrying']} retrying; failures: {failed}"
             )
             if silent:
                 line += f"; not answering: {', '.join(silent)}"

@@ -760,6 +760,7 @@ class ConsumerScenarios:
         await self.settle()
         stats = await self.collector.rpc(consumer.pid, "stats")
         self.assertEqual((stats["queued"], stats["in_hand"], stats["delivered"]), (0, 0, 4))
+        self.assertEqual((stats["bytes_received"], stats["bytes_in_flight"]), (4, 0))
 
     async def test_stop_finishes_work_in_hand(self):
         """Stopping a consumer lets the transfers in hand finish, be reported and acked;

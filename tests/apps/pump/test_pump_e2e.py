@@ -280,23 +280,30 @@ class ProgressTests(unittest.TestCase):
             await quiet()
             return progress.last_line
 
-        a.stats.update(delivered=15, bytes=1_500_000, in_hand=3, failures={"404": 1})
-        b.stats.update(delivered=5, bytes=500_000, retrying=2, failures={"404": 1, "499": 2})
-        b.stats.update(queued=40)
+        a.stats.update(delivered=15, bytes=1_500_000, bytes_received=1_500_000, in_hand=3)
+        a.stats.update(failures={"404": 1})
+        b.stats.update(delivered=5, bytes=500_000, bytes_received=500_000, retrying=2, queued=40)
+        b.stats.update(failures={"404": 1, "499": 2})
         line = await tick()
         self.assertEqual(
             line,
             "pump: 2.0 files/s, 200.0 kB/s; 20 delivered; 40 queued, 3 in hand, 2 retrying; "
             "failures: 404=2, 499=2",
         )
-        a.stats.update(in_hand=0)
+        # One big file on its way: no delivery, but its bytes make the rate.
+        a.stats.update(bytes_received=4_500_000, bytes_in_flight=3_000_000, in_hand=1)
+        self.assertIn(
+            "0.0 files/s, 300.0 kB/s; 20 delivered; 40 queued, 1 in hand (3.0 MB received), ",
+            await tick(),
+        )
+        a.stats.update(in_hand=0, bytes_in_flight=0)
         b.stats.update(retrying=0)
         # Nothing delivered, nothing in hand, but notices waiting on the broker: not idle.
         self.assertIn("0.0 files/s, 0 B/s; 20 delivered; 40 queued, 0 in hand", await tick())
         b.stats.update(queued=None)  # a consumer whose broker did not tell
         self.assertIn("idle; 20 delivered (2.0 MB)", await tick())
         self.assertIsNone(await tick())
-        b.stats.update(delivered=1, bytes=100)
+        b.stats.update(delivered=1, bytes=100, bytes_received=100)
         self.assertIn("pump: 0.1 files/s, 10 B/s; 16 delivered", await tick())
 
     async def test_consumer_not_answering(self):

@@ -330,6 +330,31 @@ class TransfersTests(unittest.TestCase):
         self.assertEqual(transfers.slots.tokens, 2)
 
 
+    async def test_bytes_received(self):
+        """Bytes received count while a file is on its way and stay counted once its transfer
+        ends, delivered or not; in flight are only those of the transfers running."""
+        root = os.path.abspath(self.mktemp())
+        write_source(root, "a.bin", b"a" * 3000)
+        server = start_http(self, root)
+        transfers = Transfers(reactor, {})
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(transfers.close()))
+        dest = os.path.abspath(self.mktemp())
+        os.makedirs(dest)
+        await transfers.get(f"{server.url}/files/a.bin", os.path.join(dest, "a.bin"))
+        self.assertEqual((transfers.received.total, transfers.received.in_flight), (3000, 0))
+        stalled = defer.Deferred.fromCoroutine(
+            transfers.get(f"{server.url}/stall/100000", os.path.join(dest, "s.bin"))
+        )
+        deadline = reactor.seconds() + 10
+        while transfers.received.in_flight < 50000 and reactor.seconds() < deadline:
+            await task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual((transfers.received.total, transfers.received.in_flight), (53000, 50000))
+        stalled.cancel()
+        with self.assertRaises(defer.CancelledError):
+            await stalled
+        self.assertEqual((transfers.received.total, transfers.received.in_flight), (53000, 0))
+
+
 class OutcomeTests(unittest.SynchronousTestCase):
     def test_is_transient(self):
         """499, 500, 503 and 504 are retried; every other code is final."""

@@ -44,6 +44,7 @@ async def get(
     known_hosts=None,
     pool=None,
     http_connections=None,
+    active=None,
 ):
     """
     Fetch C{url} into the local file C{dest_path}.
@@ -67,6 +68,9 @@ async def get(
         rename), shared by the caller's transfers; without one that work blocks the reactor.
     @param http_connections: L{HTTPConnections} kept open between the caller's http(s)
         transfers; without them each request opens and closes its own connection.
+    @param active: told C{add(sink)} when the transfer's L{InflightFile} is made and
+        C{discard(sink)} when the transfer ends, however it ends (C{sink.size} is the bytes
+        received so far), for the caller's progress figures; a set will do.
     @return: a L{TransferResult}; its checksum holds every method computed (C{sha512} when
         none was asked for).
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
@@ -81,22 +85,28 @@ async def get(
         sink = InflightFile(
             dest_path, methods or ["sha512"], expected_size, location.shown, reactor, pool
         )
+        if active is not None:
+            active.add(sink)
         try:
-            source_mtime, source_mode = await _SCHEMES[location.scheme].fetch(
-                reactor, location, sink, settings
+            try:
+                source_mtime, source_mode = await _SCHEMES[location.scheme].fetch(
+                    reactor, location, sink, settings
+                )
+            except BaseException:
+                await sink.discard()
+                raise
+            if mtime is None:
+                mtime = source_mtime
+            if mode is None:
+                mode = source_mode
+            return await sink.finish(
+                tuple(expected_checksum) if expected_checksum else None,
+                mtime,
+                None if mode is None else mode & MODE_MASK,
             )
-        except BaseException:
-            await sink.discard()
-            raise
-        if mtime is None:
-            mtime = source_mtime
-        if mode is None:
-            mode = source_mode
-        return await sink.finish(
-            tuple(expected_checksum) if expected_checksum else None,
-            mtime,
-            None if mode is None else mode & MODE_MASK,
-        )
+        finally:
+            if active is not None:
+                active.discard(sink)
 
 
 async def put(

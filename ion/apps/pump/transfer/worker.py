@@ -80,6 +80,31 @@ def check_settings(settings, who="transfers"):
     }
 
 
+class Received:
+    """Bytes received by a process's gets: `total` since it started (delivered, failed or
+    still on their way; it only grows) and `in_flight`, those of the gets running now."""
+
+    def __init__(self):
+        self._running = set()  # their InflightFiles
+        self._ended = 0
+
+    def add(self, sink):
+        self._running.add(sink)
+
+    def discard(self, sink):
+        if sink in self._running:
+            self._running.remove(sink)
+            self._ended += sink.size
+
+    @property
+    def in_flight(self):
+        return sum(sink.size for sink in self._running)
+
+    @property
+    def total(self):
+        return self._ended + self.in_flight
+
+
 class Transfers:
     """get, put and list with one process's shared settings and resources (see the module
     docstring). Raises ValueError for bad settings, CredentialsError for an unusable
@@ -97,6 +122,7 @@ class Transfers:
         # An owner that crashes never calls close: its threads still stop with the reactor.
         self._trigger = reactor.addSystemEventTrigger("during", "shutdown", self.pool.stop)
         self.http_connections = HTTPConnections(reactor, checked["per_host"])
+        self.received = Received()
         self._closed = False
 
     async def close(self):
@@ -134,7 +160,7 @@ class Transfers:
     async def get(self, url, path, **options):
         """`ion.apps.pump.transfer.get` of `url` into `path` (options: expected_size,
         expected_checksum, cod, mtime, mode)."""
-        return await self._run(get, url, path, **options)
+        return await self._run(get, url, path, active=self.received, **options)
 
     async def put(self, path, url):
         return await self._run(put, path, url)
