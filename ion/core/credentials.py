@@ -51,9 +51,10 @@ LINE_FORMAT = "scheme://user[:password]@host[:port][/path] [option=value ...]"
 BROKER_LINE_FORMAT = "amqp[s]://user:password@host[:port]/"
 
 
-class CredentialsError(Exception):
+class CredentialsError(ValueError):
     """The credentials file cannot be used (unreadable, not private, or malformed). The
-    message names the file (and line), never a password."""
+    message names the file (and line), never a password. A ValueError: bad input, like bad
+    arguments."""
 
 
 @attrs.frozen

@@ -101,9 +101,21 @@ class Process:
     async def _run_hook(self, hook):
         try:
             await _maybe_await(hook())
-        except BaseException:
+        except BaseException as e:
             self.lifecycle.fail()
-            self.log.failure("{proc!r}: lifecycle hook {hook} failed", proc=self, hook=hook.__name__)
+            if isinstance(e, ValueError) or getattr(e, "bad_input", False):
+                # Bad arguments or configuration (the convention of every check, also for a
+                # supervisor's child): the message says it all, a traceback would hide it.
+                self.log.error(
+                    "{proc!r}: lifecycle hook {hook} failed: {error}",
+                    proc=self,
+                    hook=hook.__name__,
+                    error=e,
+                )
+            else:
+                self.log.failure(
+                    "{proc!r}: lifecycle hook {hook} failed", proc=self, hook=hook.__name__
+                )
             await self._release()
             self._notify_exit()
             raise

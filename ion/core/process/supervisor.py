@@ -60,7 +60,8 @@ STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
 
 
 class ChildStartError(Exception):
-    """A supervisor could not start one of its children (`child_id`); the cause is chained."""
+    """A supervisor could not start one of its children (`child_id`); the cause is chained.
+    `bad_input` is true when the cause was bad arguments or configuration (a ValueError)."""
 
     def __init__(self, supervisor, child_id, error):
         super().__init__(
@@ -68,6 +69,7 @@ class ChildStartError(Exception):
             f"{type(error).__name__}: {error}"
         )
         self.child_id = child_id
+        self.bad_input = isinstance(error, ValueError) or getattr(error, "bad_input", False)
 
 
 @attr.s(auto_attribs=True, frozen=True)

@@ -132,11 +132,23 @@ class TwistdTests(unittest.TestCase):
         status 2, no traceback."""
         cwd = self.mktemp()
         os.makedirs(cwd)
-        bad = "apparg_pump={'subscriptions': [{'name': 's', 'directory': 5}]}"
-        result = twistd("--res", RES, "--no-shell", "-a", bad, os.path.join(RES, "apps", "pump.app"), cwd=cwd)
-        self.assertEqual(result.returncode, 2, result.stderr)
-        self.assertIn("cc: container failed to start: consumer s: directory must be a path", result.stdout + result.stderr)
-        self.assertNotIn("Traceback", result.stderr + result.stdout)
+        for bad, expected in [
+            (
+                "apparg_pump={'subscriptions': [{'name': 's', 'directory': 5}]}",
+                "consumer s: directory must be a path",
+            ),
+            (  # found by a process of the pump as it starts, below a supervisor
+                "apparg_pump={'transfer': {'credentials': '/nonexistent/credentials.conf'}}",
+                "cannot read credentials file /nonexistent/credentials.conf",
+            ),
+        ]:
+            pump = os.path.join(RES, "apps", "pump.app")
+            result = twistd("--res", RES, "--no-shell", "-a", bad, pump, cwd=cwd)
+            output = result.stdout + result.stderr
+            self.assertEqual(result.returncode, 2, output)
+            self.assertIn("cc: container failed to start: ", output)
+            self.assertIn(expected, output)
+            self.assertNotIn("Traceback", output)
 
     def test_unreachable_broker_exit_1_no_traceback(self):
         result = twistd("--no-shell", "--broker", "amqp://127.0.0.1:1/")

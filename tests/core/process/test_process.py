@@ -5,6 +5,7 @@ transport here, the private RabbitMQ in the AMQP test module.
 """
 
 from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from ion.core.cc.testing import call_op, make_container
@@ -68,6 +69,8 @@ class Hooks(Process):
         self.args.setdefault("seen", []).append(name)
         if self.args.get("fail") == name:
             raise RuntimeError(f"{name} failed on purpose")
+        if self.args.get("bad") == name:
+            raise ValueError(f"hooks: {name} got a bad argument")
 
     def on_init(self):
         self._hook("init")
@@ -257,6 +260,23 @@ class ProcessScenarios:
         self.assertEqual(proc.state, "FAILED")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         await self.assertFailure(caller.rpc(proc.pid, "x"), NoSuchReceiver)
+
+    async def test_bad_arguments_fail_without_traceback(self):
+        """A hook refusing its arguments (a ValueError, as every argument check raises) fails
+        the spawn with that error and logs its message in one line, not as a traceback."""
+        c, echo, caller = await self.pair()
+        logged = []
+        observer = logged.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        d = defer.ensureDeferred(c.spawn(Hooks, args={"bad": "init"}))
+        error = await self.assertFailure(d, ValueError)
+        self.assertEqual(str(error), "hooks: init got a bad argument")
+        self.assertEqual(self.flushLoggedErrors(ValueError), [])
+        events = [e for e in logged if "lifecycle hook" in (e.get("log_format") or "")]
+        self.assertEqual(len(events), 1, events)
+        self.assertNotIn("log_failure", events[0])
+        self.assertIn("on_init failed: hooks: init got a bad argument", formatEvent(events[0]))
 
     async def test_terminate_waits_for_in_flight_ops(self):
         """Terminating an ACTIVE process lets the ops it is serving finish and reply first."""
