@@ -281,8 +281,12 @@ class PollService(Process):
         self.user = args["user"] or self.config("user", None, module=CONFIG) or DEFAULT_USER
         self.exchange = args["exchange"] or f"xs_{self.user}"
         local = local_directory(self.url)
-        if local is not None:
+        if local is not None and not os.path.isdir(local):
             os.makedirs(local, exist_ok=True)
+            # Said aloud: a mistyped path would otherwise be a new, silently empty source.
+            self.log.info(
+                "poll {name}: created {path}, which did not exist", name=self.source, path=local
+            )
         state_dir = args["state_dir"] or os.path.join("var", "pump", f"poll-{self.source}")
         self.store = SeenFiles(os.path.join(state_dir, "seen.sqlite3"), self.url)
         if self.store.reset:

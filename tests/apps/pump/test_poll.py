@@ -4,6 +4,7 @@ import os
 import time
 
 from twisted.internet import defer, task
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from ion.apps.pump.notice import Notice, parse_time
@@ -321,10 +322,16 @@ class PollTests(unittest.TestCase):
         self.assertEqual(got["xs_alice"]["baseUrl"], "https://example.org/data/")
 
     async def test_creates_local_directory(self):
-        """A local directory to poll that does not exist is created."""
+        """A local directory to poll that does not exist is created, and the log says so
+        (a mistyped path is then seen at once)."""
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         missing = os.path.join(self.base, "not", "yet")
         await self.start_poll(url="file:" + missing)
         self.assertTrue(os.path.isdir(missing))
+        lines = [formatEvent(e) for e in logged if "which did not exist" in formatEvent(e)]
+        self.assertEqual(lines, [f"poll src: created {missing}/, which did not exist"])
 
     async def test_unconfirmed_not_recorded(self):
         """A file whose announcement the broker did not confirm is not recorded: the next
