@@ -61,7 +61,7 @@ def locate(url, credentials=None):
     """
     shown = redact(url)
     try:
-        scheme, *_ = url_parts(url)
+        scheme, host, port, user, password, path = url_parts(url)
     except ValueError as e:
         raise BadRequest(f"{shown}: {e}") from None
     if scheme not in SCHEMES:
@@ -70,7 +70,6 @@ def locate(url, credentials=None):
         )
     if scheme == "file":
         return Location(shown, "file", "", 0, _local_path(url, shown))
-    scheme, host, port, user, password, path = url_parts(url)
     if not host:
         raise BadRequest(f"{shown}: no host in URL")
     ssh_key = None
