@@ -23,8 +23,8 @@ kwargs (from `res/apps/pump.app`, a rel file's `args` or `-a "apparg_pump={...}"
 - `report_router`: report router args (see `ion.apps.pump.report_router`), e.g. `log_path`;
 - `progress`: {interval: seconds between summary lines (default 10)};
 - `user`: the pump's broker user: it names the queues (`q_<user>....`) and the exchange the
-  polls announce to (`xs_<user>`); default the config `ion.apps.pump: user`, else `ion` for
-  polls and ingest and the container's broker user for queues.
+  polls announce to (`xs_<user>`); default the config `ion.apps.pump: user`, else the
+  container's broker login (`ion` on the embedded broker); see `ion.apps.pump.user`.
 
 Anything else is an error naming the valid kwargs.
 """

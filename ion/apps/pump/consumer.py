@@ -81,6 +81,7 @@ from ion.apps.pump.retryqueue import RetryQueue
 from ion.apps.pump.transfer import TransferError
 from ion.apps.pump.transfer.inflight import SWEEP_MIN_AGE, sweep, sweep_files
 from ion.apps.pump.transfer.worker import Transfers, check_settings
+from ion.apps.pump.user import pump_user
 from ion.core.process import Process
 
 DEFAULTS = {
@@ -306,7 +307,7 @@ class Consumer(Process):
         self.discard = bool(args["discard"])
         self.directory = os.path.abspath(args["directory"]) if args["directory"] else None
         self.mode = args["mode"]
-        self.user = args["user"] or self.container.transport.user
+        self.user = pump_user(self, args["user"])
         self.queue = f"q_{self.user}.consumer.{self.subscription}"
         self.subscriber = f"{self.user}.{self.subscription}"
         self.state_dir = args["state_dir"] or os.path.join("var", "pump", self.subscription)

@@ -35,6 +35,7 @@ import re
 
 from ion.apps.pump.consumer import make_report, report_id
 from ion.apps.pump.notice import MAX_NOTICE_BYTES, InvalidNotice, Notice, format_time
+from ion.apps.pump.user import pump_user
 from ion.core.process import Process
 
 _SOURCE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
@@ -79,8 +80,6 @@ DEFAULTS = {
     "prefetch": 100,
     "max_notice_bytes": MAX_NOTICE_BYTES,
 }
-CONFIG = "ion.apps.pump"
-DEFAULT_USER = "ion"
 
 
 def check_args(args):
@@ -119,8 +118,7 @@ class Ingest(Process):
 
     def on_init(self):
         self.settings = check_args(self.args)
-        self.user = self.settings["user"] or self.config("user", None, module=CONFIG)
-        self.user = self.user or DEFAULT_USER
+        self.user = pump_user(self, self.settings["user"])
         users = self.settings["users"]
         self.users = list(users) if users is not None else [self.user]
         self.subscriber = f"{self.user}.ingest"

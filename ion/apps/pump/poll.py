@@ -63,6 +63,7 @@ from twisted.internet import defer, task
 from ion.apps.pump import paths
 from ion.apps.pump.consumer import Filter, check_number, named_args
 from ion.apps.pump.notice import Notice, format_time
+from ion.apps.pump.user import pump_user
 from ion.core.process import Process, RemoteError
 
 DEFAULTS = {
@@ -83,8 +84,6 @@ DEFAULTS = {
     "list_timeout": 60,
     "stop_grace": 10,
 }
-CONFIG = "ion.apps.pump"
-DEFAULT_USER = "ion"
 SCHEMES = ("file", "http", "https", "sftp", "ftp")
 COD = {"method": "cod", "value": "sha512"}
 
@@ -278,7 +277,7 @@ class PollService(Process):
         self.url = args["url"]
         self.base_url = args["base_url"]
         self.filter = args["filter"]
-        self.user = args["user"] or self.config("user", None, module=CONFIG) or DEFAULT_USER
+        self.user = pump_user(self, args["user"])
         self.exchange = args["exchange"] or f"xs_{self.user}"
         local = local_directory(self.url)
         if local is not None and not os.path.isdir(local):

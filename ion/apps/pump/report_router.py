@@ -48,6 +48,7 @@ import uuid
 from twisted.internet import defer
 
 from ion.apps.pump.dupcache import DupCache
+from ion.apps.pump.user import pump_user
 from ion.core.process import Process
 
 DEFAULTS = {
@@ -91,7 +92,7 @@ class ReportRouter(Process):
 
     def on_init(self):
         self.settings = check_args(self.args)
-        self.user = self.settings["user"] or self.container.transport.user
+        self.user = pump_user(self, self.settings["user"])
         self.queue = f"q_{self.user}.report_router"
         self.sent_queue = f"{self.queue}.sent"
         self.marker_exchange = f"x_{self.user}.report_router.sent"

@@ -19,6 +19,7 @@ from ion.apps.pump import app as pump_app
 from ion.apps.pump.progress import Progress, human_bytes
 from ion.apps.pump.transfer import sftp as sftp_scheme
 from ion.apps.pump.transfer.inflight import INFLIGHT_SUFFIX
+from ion.apps.pump.user import pump_user
 from ion.core.app.appfile import read_app, read_rel
 from ion.core.cc.container import make_transport
 from ion.core.cc.testing import make_container
@@ -333,6 +334,27 @@ class ProgressTests(unittest.TestCase):
             [human_bytes(n) for n in (0, 999, 1000, 2_500_000, 3e12, 5e15)],
             ["0 B", "999 B", "1.0 kB", "2.5 MB", "3.0 TB", "5000.0 TB"],
         )
+
+
+class PumpUserTests(unittest.SynchronousTestCase):
+    def test_order(self):
+        """Every pump process names its queues and exchanges after one user: its `user`
+        arg, else the config `ion.apps.pump: user`, else the broker login of its container
+        (before, polls and ingest fell back to `ion` and the rest to the login, so a pump on
+        RabbitMQ as `alice` announced to `xs_ion` but queued as `q_alice`)."""
+        config = {}
+
+        def process(login):
+            return types.SimpleNamespace(
+                config=lambda key, default, module: config.get((module, key), default),
+                container=types.SimpleNamespace(transport=types.SimpleNamespace(user=login)),
+            )
+
+        self.assertEqual(pump_user(process("alice")), "alice")
+        self.assertEqual(pump_user(process("ion")), "ion")  # the embedded broker's login
+        config["ion.apps.pump", "user"] = "feeder"
+        self.assertEqual(pump_user(process("alice")), "feeder")
+        self.assertEqual(pump_user(process("alice"), "bob"), "bob")
 
 
 class AppPlanTests(unittest.SynchronousTestCase):
