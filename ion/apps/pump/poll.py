@@ -253,6 +253,12 @@ class SeenFiles:
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO dirs VALUES (?, ?)", (rel_dir, pass_number))
 
+    def forget_all(self):
+        """Forget every announcement: the next pass announces every file again."""
+        with self.db:
+            self.db.execute("DELETE FROM files")
+            self.db.execute("DELETE FROM dirs")
+
     def forget_unvisited(self, pass_number):
         """Forget the files of every directory a complete pass `pass_number` did not list."""
         with self.db:
@@ -293,6 +299,16 @@ class PollService(Process):
                 "poll {name}: url changed to {url}; every file will be announced again",
                 name=self.source,
                 url=self.url,
+            )
+        elif self.container.transport.lost_messages and len(self.store):
+            # Notices announced before may have died in the embedded broker's queues before
+            # a consumer took them: announced again, they are delivered now, and the
+            # consumers' duplicate suppression skips those they already delivered.
+            self.store.forget_all()
+            self.log.warn(
+                "poll {name}: the broker lost queued notices when it last stopped; every file "
+                "will be announced again (files already delivered are skipped as duplicates)",
+                name=self.source,
             )
         self.stats = {"passes": 0, "skipped": 0, **{key: 0 for key in _PASS_COUNTERS}}
         self.last_pass = None

@@ -271,6 +271,7 @@ class ContainerService(MultiService):
         self.exit_code = 0
         self.output = LogOutput(sys.stdout)
         self._stop_requested = False
+        self.memory_broker = None
 
     def setServiceParent(self, parent):
         super().setServiceParent(parent)
@@ -320,9 +321,19 @@ class ContainerService(MultiService):
 
     async def boot(self):
         from ion.core.cc.container import Container, make_transport
+        from ion.core.messaging.memory import MemoryBroker
 
         opts = self.options
-        transport = make_transport(opts["broker_url"], self.reactor)
+        if opts["broker_url"].lower().startswith("memory:"):
+            record = opts["config"].get("ion.core.messaging", "memory_run_record", None)
+            self.memory_broker = MemoryBroker(run_record=record)
+            if self.memory_broker.lost_messages:
+                log.warn(
+                    "the embedded broker's previous run ended with messages still queued "
+                    "(stopped with a backlog, or killed): they are gone; processes that "
+                    "depend on them recover now (polls announce their files again)"
+                )
+        transport = make_transport(opts["broker_url"], self.reactor, self.memory_broker)
         self.container = Container(
             opts["config"],
             self.reactor,
@@ -373,7 +384,18 @@ class ContainerService(MultiService):
         super().stopService()
         if self.container is None:
             return defer.succeed(None)
-        return defer.Deferred.fromCoroutine(self.container.stop())
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self):
+        await self.container.stop()
+        if self.memory_broker is not None:
+            left = self.memory_broker.record_stop()
+            if left:
+                log.warn(
+                    "{n} messages still queued die with the embedded broker; the next start "
+                    "recovers them where it can (polls announce their files again)",
+                    n=left,
+                )
 
 
 def makeService(options):

@@ -1476,6 +1476,9 @@ class AmqpTransport:
     message, the message is nacked without requeue, i.e. dropped.
     """
 
+    # RabbitMQ keeps the persistent messages of durable queues across its restarts.
+    lost_messages = False
+
     def __init__(
         self,
         url,

@@ -16,8 +16,12 @@ What it keeps from RabbitMQ:
   consumers take turns (round robin); nacked-with-requeue and cancelled-while-unacked messages
   go back to the head of the queue with `redelivered` set.
 
-What it does not do: persistence (`durable` is recorded only), message TTL (`expiration` is
-carried but not enforced), dead-letter exchanges.
+What it does not do: persistence (`durable` is recorded only: everything dies with the
+process), message TTL (`expiration` is carried but not enforced), dead-letter exchanges. So
+that a process depending on queued messages can tell it needs to recover, a broker given a
+`run_record` file notes there how its run ended; when the previous run crashed or stopped with
+messages still in durable queues, `lost_messages` is true (on every transport: always false
+on RabbitMQ, which keeps them).
 
 Callbacks are never run from inside `publish`, `ack`, `nack` or `cancel`: a message assigned to a
 consumer is queued on that consumer's connection and handed over from a `callLater(0)` drain,
@@ -36,6 +40,7 @@ Rules for consumers:
 import collections
 import functools
 import inspect
+import os
 import re
 import uuid
 
@@ -325,15 +330,58 @@ class _Consumer:
         )
 
 
+STOPPED_EMPTY = "stopped with nothing queued"
+
+
 class MemoryBroker:
     """Exchanges, queues and bindings shared by the `MemoryTransport`s attached to it.
 
     The query methods (`queues`, `queue_depth`, ...) are for tests and the ops console;
     everything else goes through a transport."""
 
-    def __init__(self):
+    def __init__(self, run_record=None):
+        """`run_record`: a file where the broker notes whether its run ended with durable
+        messages still queued (see `lost_messages`); None keeps no record."""
         self._queues = {}
         self._exchanges = {"": _DefaultExchange(self._queues)}
+        self.run_record = run_record
+        self.lost_messages = False
+        if run_record is not None:
+            try:
+                with open(run_record, encoding="utf-8") as f:
+                    previous = f.read().strip()
+            except FileNotFoundError:
+                previous = STOPPED_EMPTY  # the first run
+            self.lost_messages = previous != STOPPED_EMPTY
+            self._write_record("running")
+
+    def _write_record(self, text):
+        directory = os.path.dirname(self.run_record)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        temporary = f"{self.run_record}.tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, self.run_record)
+
+    def durable_messages(self):
+        """Messages in durable queues: waiting, or delivered and not yet acked."""
+        return sum(
+            len(q.messages) + sum(len(c.unacked) for c in q.consumers)
+            for q in self._queues.values()
+            if q.durable
+        )
+
+    def record_stop(self):
+        """Note in the run record how this run ended: with nothing left in durable queues, or
+        with messages that die with the process (the next run's `lost_messages`)."""
+        if self.run_record is None:
+            return 0
+        left = self.durable_messages()
+        self._write_record(STOPPED_EMPTY if not left else f"stopped with {left} messages queued")
+        return left
 
     # Inspection.
 
@@ -518,6 +566,12 @@ class MemoryTransport:
 
     def __repr__(self):
         return f"<MemoryTransport user={self.user!r} {self._state}>"
+
+    @property
+    def lost_messages(self):
+        """True when the broker's previous run ended with messages in durable queues (they
+        died with it): see the module docstring."""
+        return self.broker.lost_messages
 
     def _unavailable(self):
         if self._state is _NEW:

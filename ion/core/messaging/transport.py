@@ -86,6 +86,11 @@ class ITransport(Interface):
     """One connection to a broker. All methods return Deferreds (or are coroutines)."""
 
     user = Attribute("the authenticated user name of this connection")
+    lost_messages = Attribute(
+        "True when messages of durable queues may have been lost before this connection: the "
+        "embedded broker's previous run crashed or stopped with messages queued (RabbitMQ "
+        "keeps persistent messages: always False there)"
+    )
 
     def connect():
         """Open the connection."""

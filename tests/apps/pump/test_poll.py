@@ -249,6 +249,22 @@ class PollTests(unittest.TestCase):
         self.assertEqual([b["relPath"] for b in self.collector.bodies()], ["d1/f3"])
         self.assertEqual(second.last_pass["unchanged"], 4)
 
+    async def test_broker_lost_notices_announces_again(self):
+        """After an embedded broker whose previous run ended with messages queued (they died
+        with it), a poll announces every file again, unchanged ones too; with a broker that
+        lost nothing, a restart announces only what changed."""
+        for i in range(3):
+            write_old(self.src, f"d/f{i}", b"x" * i)
+        first = await self.start_poll()
+        self.assertEqual(len(self.collector.bodies()), 3)
+        await first.terminate()
+        self.collector.got.clear()
+        self.broker.lost_messages = True  # as after a run_record saying so
+        await self.start_poll()
+        self.assertEqual(
+            sorted(b["relPath"] for b in self.collector.bodies()), ["d/f0", "d/f1", "d/f2"]
+        )
+
     async def test_url_change_starts_over(self):
         """Pointing a poll's state at another url announces everything there."""
         write_old(self.src, "f", b"f")

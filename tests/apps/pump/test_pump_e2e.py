@@ -412,6 +412,40 @@ class AppPlanTests(unittest.SynchronousTestCase):
         self.assertNotIn("poll.source", by_id)
 
 
+def start_pump_process(testcase, cwd, log_name="twistd.log"):
+    """`twistd -n cc res/apps/pump.app` in `cwd`, its output in `log_name` there: the process
+    and a function returning the log so far."""
+    env = dict(os.environ, PYTHONPATH=REPO, HOME=cwd)
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    log_path = os.path.join(cwd, log_name)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [twistd, "--pidfile=", "-n", "cc", "-n", os.path.join(RES, "apps", "pump.app")],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    testcase.addCleanup(lambda: proc.poll() is None and proc.kill())
+
+    def log_text():
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    return proc, log_text
+
+
+async def stop_pump_process(testcase, proc, log_text):
+    """SIGTERM, then a clean exit (status 0, no traceback); returns the log."""
+    proc.send_signal(signal.SIGTERM)
+    await until(lambda: proc.poll() is not None, timeout=60, what="the container to exit")
+    text = log_text()
+    testcase.assertEqual(proc.returncode, 0, text)
+    testcase.assertNotIn("Traceback", text)
+    return text
+
+
 class TwistdTests(unittest.TestCase):
     """`twistd -n cc res/apps/pump.app` as a user runs it, in a fresh working directory."""
 
@@ -421,24 +455,7 @@ class TwistdTests(unittest.TestCase):
         SIGTERM stops the container cleanly (exit 0) with no temporary files left."""
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
-        env = dict(os.environ, PYTHONPATH=REPO, HOME=cwd)
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        log_path = os.path.join(cwd, "twistd.log")
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [twistd, "--pidfile=", "-n", "cc", "-n", os.path.join(RES, "apps", "pump.app")],
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
-
-        def log_text():
-            with open(log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-
+        proc, log_text = start_pump_process(self, cwd)
         await until(
             lambda: "running apps" in log_text() or proc.poll() is not None,
             timeout=30,
@@ -464,13 +481,38 @@ class TwistdTests(unittest.TestCase):
         await until(
             lambda: log_text().count("delivered") >= 2, timeout=10, what="the delivery lines"
         )
-        proc.send_signal(signal.SIGTERM)
-        await until(lambda: proc.poll() is not None, timeout=30, what="the container to exit")
-        text = log_text()
-        self.assertEqual(proc.returncode, 0, text)
+        text = await stop_pump_process(self, proc, log_text)
         self.assertIn("consumer pump: delivered", text)
         self.assertIn("poll source: announced", text)
-        self.assertNotIn("Traceback", text)
         self.assertEqual(inflight_files(cwd), [])
         with open(os.path.join(cwd, "var", "pump", "reports.jsonl")) as f:
             self.assertEqual(f.read().count('"code": 201'), 2)
+
+    async def test_stop_with_backlog_loses_nothing(self):
+        """On the embedded broker, notices still queued when the container stops die with it;
+        the next start knows (the broker's run record) and the poll announces every file
+        again: all of them arrive, none twice."""
+        cwd = os.path.abspath(self.mktemp())
+        source = os.path.join(cwd, "pump", "source")
+        make_tree(source, 3000, random.Random(6))
+        proc, log_text = start_pump_process(self, cwd, "first.log")
+        await until(lambda: "announced 3000" in log_text(), timeout=60, what="the announcements")
+        await stop_pump_process(self, proc, log_text)
+        dest = os.path.join(cwd, "pump", "destination")
+
+        def delivered():
+            return sum(
+                1 for _, _, names in os.walk(dest) for name in names if not name.startswith(".")
+            )
+
+        before = delivered()
+        self.assertLess(before, 3000, "no backlog at the stop: nothing was tested")
+        with open(os.path.join(cwd, "var", "memory-broker.run")) as f:
+            self.assertIn("messages queued", f.read())
+
+        proc, log_text = start_pump_process(self, cwd, "second.log")
+        await until(lambda: delivered() == 3000, timeout=90, what="every file after the restart")
+        text = await stop_pump_process(self, proc, log_text)
+        self.assertIn("the broker lost queued notices when it last stopped", text)
+        self.assertEqual(digests(dest), digests(source))
+        self.assertEqual(text.count("consumer pump: delivered"), 3000 - before)

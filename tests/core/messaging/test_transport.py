@@ -5,6 +5,7 @@
 bodies can run against a shared broker.
 """
 
+import os
 import uuid
 
 import attr
@@ -589,6 +590,42 @@ class TransportSemantics:
         one.properties.headers["hop"] = 2
         (other,) = await second.wait(1)
         self.assertEqual(other.properties.headers, {"hop": 1})
+
+
+class MemoryRunRecordTests(unittest.TestCase):
+    """The embedded broker keeps nothing across restarts, but tells the next run when its
+    previous one ended with messages of durable queues (`lost_messages`)."""
+
+    async def run_once(self, record, durable_left=0, other_left=0, stop=True):
+        broker = MemoryBroker(run_record=record)
+        t = MemoryTransport(broker, reactor)
+        await t.connect()
+        await t.declare_queue("kept", durable=True)
+        await t.declare_queue("scratch")
+        for i in range(durable_left):
+            await t.publish("", "kept", b"%d" % i)
+        for i in range(other_left):
+            await t.publish("", "scratch", b"%d" % i)
+        await t.close()
+        if stop:
+            broker.record_stop()
+        return broker
+
+    async def test_lost_messages(self):
+        record = os.path.join(self.mktemp(), "memory-broker.run")
+        first = await self.run_once(record, durable_left=2)
+        self.assertFalse(first.lost_messages)  # the first run lost nothing before it
+        second = await self.run_once(record, other_left=3)  # non-durable ones do not count
+        self.assertTrue(second.lost_messages)
+        third = await self.run_once(record, stop=False)  # killed: no record of its stop
+        self.assertFalse(third.lost_messages)
+        fourth = await self.run_once(record)
+        self.assertTrue(fourth.lost_messages)
+        fifth = MemoryBroker(run_record=record)
+        self.assertFalse(fifth.lost_messages)
+        t = MemoryTransport(fifth, reactor)
+        self.assertIs(t.lost_messages, False)
+        self.assertFalse(MemoryBroker().lost_messages)  # no record kept
 
 
 class MemoryTransportTests(TransportSemantics, unittest.TestCase):
