@@ -27,23 +27,9 @@ def default_container_id():
     return f"{host}_{os.getpid()}"
 
 
-def make_transport(url, reactor, memory_broker=None):
-    """The transport for a broker URL: `memory://` or `amqp[s]://user:pass@host:port/vhost`."""
-    scheme = url.split(":", 1)[0].lower()
-    if scheme == "memory":
-        from ion.core.messaging.memory import MemoryBroker, MemoryTransport
-
-        return MemoryTransport(memory_broker or MemoryBroker(), reactor)
-    if scheme in ("amqp", "amqps"):
-        from ion.core.messaging.amqp import AmqpTransport
-
-        return AmqpTransport(url, reactor)
-    raise ValueError(f"unsupported broker URL scheme {scheme!r}: use memory://, amqp:// or amqps://")
-
-
 def check_broker_url(url):
-    """ValueError (never quoting a password) when `url` cannot name a broker; no connection is
-    made."""
+    """The URL's scheme (`memory`, `amqp` or `amqps`); ValueError (never quoting a password)
+    when `url` cannot name a broker. No connection is made."""
     scheme = url.split(":", 1)[0].lower()
     if scheme in ("amqp", "amqps"):
         from ion.core.messaging.amqp import AmqpAddress
@@ -53,6 +39,18 @@ def check_broker_url(url):
         raise ValueError(
             f"unsupported broker URL scheme {scheme!r}: use memory://, amqp:// or amqps://"
         )
+    return scheme
+
+
+def make_transport(url, reactor, memory_broker=None):
+    """The transport for a broker URL: `memory://` or `amqp[s]://user:pass@host:port/vhost`."""
+    if check_broker_url(url) == "memory":
+        from ion.core.messaging.memory import MemoryBroker, MemoryTransport
+
+        return MemoryTransport(memory_broker or MemoryBroker(), reactor)
+    from ion.core.messaging.amqp import AmqpTransport
+
+    return AmqpTransport(url, reactor)
 
 
 class Container:

@@ -320,11 +320,11 @@ class ContainerService(MultiService):
         d.addErrback(self._boot_failed)
 
     async def boot(self):
-        from ion.core.cc.container import Container, make_transport
+        from ion.core.cc.container import Container, check_broker_url, make_transport
         from ion.core.messaging.memory import MemoryBroker
 
         opts = self.options
-        if opts["broker_url"].lower().startswith("memory:"):
+        if check_broker_url(opts["broker_url"]) == "memory":
             record = opts["config"].get("ion.core.messaging", "memory_run_record", None)
             self.memory_broker = MemoryBroker(run_record=record)
             if self.memory_broker.lost_messages:
