@@ -45,6 +45,7 @@ from ion.core.cc.testing import make_container
 from tests.apps.pump.fixtures import Collector, until
 from tests.apps.pump.test_consumer import rabbitmq_queues
 from tests.apps.pump.test_crash import PumpChild, write_pump_app
+from tests.apps.pump.test_pump_e2e import inflight_files
 from tests.broker import get_broker
 
 FILES = 2000
@@ -243,16 +244,6 @@ def tree(root):
     return found, sorted(hidden)
 
 
-def temporary_files(root):
-    """The paths of the transfers' temporary files under root."""
-    return [
-        os.path.join(directory, name)
-        for directory, _, names in os.walk(root)
-        for name in names
-        if name.startswith(".") and name.endswith(INFLIGHT_SUFFIX)
-    ]
-
-
 class RestartTests(unittest.TestCase):
     """kill -9 of the pump, then of the broker, in the middle of 2,000 files."""
 
@@ -312,7 +303,7 @@ class RestartTests(unittest.TestCase):
         # The temporary files of the killed container: swept by the restarted one, those
         # changed just before the kill once they are SWEEP_MIN_AGE seconds old.
         await until(
-            lambda: not temporary_files(flow.dest),
+            lambda: not inflight_files(flow.dest),
             timeout=SWEEP_MIN_AGE + 10,
             what="the killed container's temporary files swept",
         )
