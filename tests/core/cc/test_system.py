@@ -104,7 +104,9 @@ class SystemTests(unittest.TestCase):
             by_container[cid] = by_container.get(cid, 0) + 1
         self.assertEqual(set(by_container), {a.container_id, b.container_id})
         self.assertEqual(sum(by_container.values()), 1000)
-        self.assertGreater(min(by_container.values()), 200, by_container)
+        # Both take a real share; how even it is depends on which one works faster (with
+        # 1,000 calls at once and a prefetch of 100, 800/200 was seen on a loaded machine).
+        self.assertGreaterEqual(min(by_container.values()), 100, by_container)
 
         result = await threads.deferToThread(
             run_cli, "rpc", "--broker", self.broker.url, "-s", self.sysname,
