@@ -18,7 +18,7 @@ import time
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.protocols.basic import FileSender
 from twisted.protocols.ftp import CommandFailed, FTPClient, FTPError
@@ -34,6 +34,7 @@ from ion.apps.pump.transfer.errors import (
 )
 from ion.apps.pump.transfer.inflight import inflight_name
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
+from ion.apps.pump.transfer.policy import client_endpoint
 from ion.apps.pump.transfer.listings import parse_list_line, parse_mlsd_line
 
 MAX_LISTING_BYTES = 32 * 1024 * 1024
@@ -199,11 +200,9 @@ async def _login(session, location):
 async def _with_session(reactor, location, settings, work):
     """Connect and log in, run C{work(session)}, disconnect; errors become L{TransferError}s."""
     session = _Session(reactor, location, settings)
-    endpoint = HostnameEndpoint(
-        reactor, location.host, location.port, timeout=settings.timeouts.connect
-    )
     try:
         try:
+            endpoint = await client_endpoint(reactor, location, settings)
             await cancellable(connectProtocol(endpoint, session.control))
         except (net_error.TimeoutError, net_error.ConnectingCancelledError):
             raise TransferTimeout(

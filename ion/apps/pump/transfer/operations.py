@@ -45,6 +45,7 @@ async def get(
     pool=None,
     http_connections=None,
     active=None,
+    access=None,
 ):
     """
     Fetch C{url} into the local file C{dest_path}.
@@ -71,16 +72,24 @@ async def get(
     @param active: told C{add(sink)} when the transfer's L{InflightFile} is made and
         C{discard(sink)} when the transfer ends, however it ends (C{sink.size} is the bytes
         received so far), for the caller's progress figures; a set will do.
+    @param access: the L{Access} the URL policy gave the notice naming C{url}
+        (L{ion.apps.pump.transfer.policy}): its normalized URL is fetched, the credentials
+        file serves it only when the access allows, and connections (redirects included) go
+        only to addresses it accepts. C{None}: a URL the caller trusts, fetched as it is.
     @return: a L{TransferResult}; its checksum holds every method computed (C{sha512} when
         none was asked for).
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
     """
+    if access is not None:
+        url = access.url
+        if not access.credentials:
+            credentials = None
     location = locate(url, credentials)
     methods = []
     for method in (expected_checksum[0] if expected_checksum else None, cod):
         if method is not None and method not in methods:
             methods.append(check_method(method))
-    settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool)
+    settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool, access)
     async with _slot(limiter, url):
         sink = InflightFile(
             dest_path, methods or ["sha512"], expected_size, location.shown, reactor, pool
