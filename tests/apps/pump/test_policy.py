@@ -7,13 +7,18 @@ import ipaddress
 import os
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientFactory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server
 
 from ion.apps.pump import transfer
 from ion.apps.pump.transfer import Credentials
+from ion.apps.pump.transfer import ftp
 from ion.apps.pump.transfer.errors import BadRequest
+from ion.apps.pump.transfer.location import Settings, locate
 from ion.apps.pump.transfer.policy import (
     Forbidden,
     OwnAddresses,
@@ -279,3 +284,17 @@ class FetchTests(TestCase):
             await self.assertRefused(url)
         self.assertEqual(built, [])
 
+
+
+class FTPDataConnectionTests(SynchronousTestCase):
+    def test_passive_data_goes_to_the_control_peer(self):
+        """The address in a PASV reply is ignored: the data connection goes to the control
+        connection's peer (the checked address), only the port is taken from the reply."""
+        memory = MemoryReactorClock()
+        location = locate("ftp://198.51.100.7/f")
+        session = ftp._Session(memory, location, Settings())
+        session.control.makeConnection(
+            StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.7", 21))
+        )
+        session.connect_data("127.0.0.1", 2121, ClientFactory())
+        self.assertEqual(memory.tcpClients[0][:2], ("198.51.100.7", 2121))

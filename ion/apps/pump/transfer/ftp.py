@@ -8,6 +8,9 @@ an existing target first if the server refuses to replace it); the mtime follows
 when the server lists it in C{FEAT}. A list uses C{MLSD} when C{FEAT} lists it, else C{LIST}
 (see L{ion.apps.pump.transfer.listings} for the formats read).
 
+Passive data connections go to the control connection's peer address, whatever address the
+PASV reply names.
+
 Reply codes: 530 is L{AuthFailed}, 550 L{NotFound}, other 4xx replies L{ConnectionFailed}
 (transient), other 5xx L{Refused} (permanent).
 """
@@ -70,7 +73,10 @@ class _Session:
                 transport.abortConnection()
 
     def connect_data(self, host, port, factory):
-        return self.reactor.connectTCP(host, port, factory, timeout=self.settings.timeouts.connect)
+        # The PASV reply's address is the server's say: data goes to the control connection's
+        # peer, the address that was checked (see ion.apps.pump.transfer.policy).
+        peer = self.control.transport.getPeer().host
+        return self.reactor.connectTCP(peer, port, factory, timeout=self.settings.timeouts.connect)
 
     async def close(self):
         if self.control.transport is not None and not self.closed.called:
