@@ -5,17 +5,20 @@ normalized URL and on the addresses actually connected to, against real loopback
 
 import ipaddress
 import os
+from types import SimpleNamespace
 
 from twisted.internet import reactor
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server
+from zope.interface import implementer
 
 from ion.apps.pump import transfer
-from ion.apps.pump.transfer import Credentials
+from ion.apps.pump.transfer import Credentials, ServerNotTrusted
 from ion.apps.pump.transfer import ftp
 from ion.apps.pump.transfer.errors import BadRequest
 from ion.apps.pump.transfer.location import Settings, locate
@@ -26,7 +29,14 @@ from ion.apps.pump.transfer.policy import (
     normalize,
     special_address,
 )
-from tests.apps.pump.servers import settle, start_ftp, start_sftp
+from tests.apps.pump.servers import (
+    make_tls,
+    settle,
+    start_ftp,
+    start_http,
+    start_sftp,
+    write_file,
+)
 
 PUMP = "pump"
 BODY = b"the file's bytes\n"
@@ -298,3 +308,59 @@ class FTPDataConnectionTests(SynchronousTestCase):
         )
         session.connect_data("127.0.0.1", 2121, ClientFactory())
         self.assertEqual(memory.tcpClients[0][:2], ("198.51.100.7", 2121))
+
+
+class HTTPSTests(TestCase):
+    async def test_tls_verifies_the_name_while_connecting_to_the_checked_address(self):
+        """Under a restricted access the connection goes to the address checked, and the
+        certificate is still verified against the URL's host name."""
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        write_file(os.path.join(root, "small.txt"), b"hello")
+        ca_file, options = make_tls(root)
+        server = start_http(self, root, tls=options)
+        self.addCleanup(settle)
+        url = f"https://localhost:{server.port.getHost().port}/files/small.txt"
+        access = UrlPolicy([url.rsplit("/", 2)[0] + "/"], own_user=PUMP).judge(url, "bob")
+        dest = os.path.join(root, "out")
+        result = await transfer.get(reactor, url, dest, access=access, ca_file=ca_file)
+        self.assertEqual(result.size, 5)
+        with self.assertRaises(ServerNotTrusted):
+            await transfer.get(reactor, url, dest + "2", access=access)
+
+
+@implementer(IHostnameResolver)
+class _FakeResolver:
+    """Answers every name with the given addresses, and counts the questions."""
+
+    def __init__(self, addresses):
+        self.addresses = addresses
+        self.asked = 0
+
+    def resolveHostName(self, receiver, hostName, portNumber=0, *args, **kwargs):
+        self.asked += 1
+        receiver.resolutionBegan(None)
+        for address in self.addresses:
+            kind = IPv6Address if ":" in address else IPv4Address
+            receiver.addressResolved(kind("TCP", address, portNumber))
+        receiver.resolutionComplete()
+
+
+class ResolutionTests(TestCase):
+    async def test_every_address_checked_once(self):
+        """A name resolving to a public and a loopback address is refused; the name is
+        resolved once per connection and the addresses handed out are the ones checked."""
+        resolver = _FakeResolver(["93.184.216.34", "127.0.0.1"])
+        fake = SimpleNamespace(
+            nameResolver=resolver,
+            getThreadPool=reactor.getThreadPool,
+            callFromThread=reactor.callFromThread,
+        )
+        policy = UrlPolicy(own_user=PUMP, own_addresses=_own())
+        access = policy.judge("http://mixed.example/f", "bob")
+        with self.assertRaises(Forbidden):
+            await access.addresses(fake, "http", "mixed.example", 80)
+        resolver.addresses = ["93.184.216.34", "2001:db8::1"]
+        found = await access.addresses(fake, "http", "mixed.example", 80)
+        self.assertEqual(found, ["93.184.216.34", "2001:db8::1"])
+        self.assertEqual(resolver.asked, 2)

@@ -21,13 +21,14 @@ without a body on a kept connection the server has meanwhile closed).
 """
 
 import base64
+import functools
 import re
 from urllib.parse import urljoin, urlsplit
 
 from OpenSSL import SSL
 from twisted.internet import error as net_error
 from twisted.internet import ssl
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.protocol import Protocol
@@ -62,7 +63,7 @@ from ion.apps.pump.transfer.errors import (
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
 from ion.apps.pump.transfer.listings import parse_html_index
 from ion.apps.pump.transfer.location import request_url
-from ion.apps.pump.transfer.policy import MAX_REDIRECTS, Forbidden
+from ion.apps.pump.transfer.policy import MAX_REDIRECTS, AddressesEndpoint, Forbidden
 
 # An index page larger than this is not a directory listing we want to hold in memory.
 MAX_INDEX_BYTES = 32 * 1024 * 1024
@@ -109,11 +110,12 @@ class _CheckedEndpoint:
     async def _connect(self, factory):
         uri = self._uri
         scheme, host = uri.scheme.decode("ascii"), uri.host.decode("ascii")
-        address = await self._access.address(self._reactor, scheme, host, uri.port)
-        tcp = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
-        endpoint = tcp(self._reactor, address, uri.port, timeout=self._timeout)
+        addresses = await self._access.addresses(self._reactor, scheme, host, uri.port)
+        wrap = None
         if scheme == "https":
-            endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+            # TLS verifies the host name, whichever checked address answers.
+            wrap = functools.partial(wrapClientTLS, self._tls.creatorForNetloc(uri.host, uri.port))
+        endpoint = AddressesEndpoint(self._reactor, addresses, uri.port, self._timeout, wrap)
         return await endpoint.connect(factory)
 
 

@@ -40,7 +40,7 @@ normalized URL is the one fetched.
 
 The address checked is the address connected to: the host is resolved once (through the
 reactor's resolver, never blocking it), every address it resolves to is checked, and the
-connection goes to the checked address (L{Access.address}); TLS still verifies the host name.
+connection goes to a checked address (L{Access.addresses}); TLS still verifies the host name.
 This machine's own addresses are those of C{/proc/net/fib_trie} (local IPv4) and
 C{/proc/net/if_inet6}, with what C{gethostname()} resolves to, looked up in a thread at most
 once a minute.
@@ -55,7 +55,8 @@ from urllib.parse import quote, unquote, urlsplit
 import attrs
 from twisted.internet import defer, threads
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IResolutionReceiver
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -472,12 +473,12 @@ class Access:
             raise Forbidden("redirect to a URL under none of the subscription's sources")
         return Access(self.policy, normal, trusted=False, credentials=False)
 
-    async def address(self, reactor, scheme, host, port):
-        """The address to connect to for C{host}: resolved once, every address checked;
+    async def addresses(self, reactor, scheme, host, port):
+        """The addresses to connect to for C{host}: resolved once, every one checked;
         L{Forbidden} when one of them is not for this notice's source."""
         addresses = await resolve(reactor, host, port)
         if self.trusted or self.policy.names_origin((scheme, host, port)):
-            return addresses[0]
+            return addresses
         own = await self.policy.own_addresses.get(reactor)
         for address in addresses:
             why = special_address(address, own)
@@ -487,7 +488,7 @@ class Access:
                     f"{scheme}://{shown}:{port}: address {address} is {why}; not fetched for "
                     "notices from other sources unless the subscription's sources list it"
                 )
-        return addresses[0]
+        return addresses
 
 
 async def client_endpoint(reactor, location, settings):
@@ -497,6 +498,33 @@ async def client_endpoint(reactor, location, settings):
     access = settings.access
     if access is None or access.trusted:
         return HostnameEndpoint(reactor, location.host, location.port, timeout=timeout)
-    address = await access.address(reactor, location.scheme, location.host, location.port)
-    tcp = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
-    return tcp(reactor, address, location.port, timeout=timeout)
+    addresses = await access.addresses(reactor, location.scheme, location.host, location.port)
+    return AddressesEndpoint(reactor, addresses, location.port, timeout)
+
+
+@implementer(IStreamClientEndpoint)
+class AddressesEndpoint:
+    """Connects to checked addresses (IP literals), trying each in turn until one answers;
+    C{wrap} (TLS, say) is applied to each address's endpoint."""
+
+    def __init__(self, reactor, addresses, port, timeout, wrap=None):
+        self._reactor = reactor
+        self._addresses = list(addresses)
+        self._port = port
+        self._timeout = timeout
+        self._wrap = wrap
+
+    def connect(self, factory):
+        return defer.Deferred.fromCoroutine(self._connect(factory))
+
+    async def _connect(self, factory):
+        for index, address in enumerate(self._addresses):
+            tcp = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
+            endpoint = tcp(self._reactor, address, self._port, timeout=self._timeout)
+            if self._wrap is not None:
+                endpoint = self._wrap(endpoint)
+            try:
+                return await endpoint.connect(factory)
+            except ConnectError:
+                if index == len(self._addresses) - 1:
+                    raise
