@@ -956,7 +956,9 @@ class ConsumerScenarios:
         reports = await self.wait_reports(2)
         self.assertEqual([r["report"]["code"] for r in reports], [422, 422])
         await self.post(
-            notice_fields("file:///", "a/innocent.dat", source="bob", retrievePath=self.credentials)
+            notice_fields(
+                "file:///", "a/innocent.dat", source="bob", retrievePath=self.credentials
+            )
         )
         reports = await self.wait_reports(1, source="bob")
         self.assertEqual(reports[0]["report"]["code"], 403)

@@ -149,11 +149,15 @@ class PolicyTests(SynchronousTestCase):
         """With sources, only URLs under a prefix are accepted, matched on the normalized URL
         and on path segments; '..' cannot climb out of a prefix."""
         policy = UrlPolicy(
-            ["http://127.0.0.1:18080/ok/", {"url": "http://127.0.0.1:18090/private/", "credentials": True}],
+            [
+                "http://127.0.0.1:18080/ok/",
+                {"url": "http://127.0.0.1:18090/private/", "credentials": True},
+            ],
             own_user=PUMP,
         )
         self.assertFalse(policy.judge("http://127.1:18080/ok/x", "bob").credentials)
-        self.assertTrue(policy.judge("HTTP://[::ffff:127.0.0.1]:18090/private/x", "bob").credentials)
+        mapped = "HTTP://[::ffff:127.0.0.1]:18090/private/x"
+        self.assertTrue(policy.judge(mapped, "bob").credentials)
         for url in (
             "http://127.0.0.1:18080/okay",
             "http://127.0.0.1:18080/ok/../x",
@@ -198,7 +202,8 @@ class FetchTests(TestCase):
         self.addCleanup(settle)
 
     def get(self, url, access, **kwargs):
-        return Deferred.fromCoroutine(transfer.get(reactor, url, self.dest, access=access, **kwargs))
+        fetching = transfer.get(reactor, url, self.dest, access=access, **kwargs)
+        return Deferred.fromCoroutine(fetching)
 
     def judge(self, url, sources=None, source="bob", own=()):
         policy = UrlPolicy(sources, own_user=PUMP, own_addresses=_own(own))
@@ -257,11 +262,22 @@ class FetchTests(TestCase):
         await self.get(url, self.judge(url, [self.server.url + "/", other.url + "/"]))
         self.assertEqual(other.seen, [("/f", None)])
 
+    async def test_credentials_stay_with_their_origin(self):
+        """A redirect to another origin goes without the Authorization header, also for the
+        pump's own user."""
+        other = start_recorder(self)
+        url = f"{self.server.url}/go/{other.port}/f"
+        credentials = Credentials.parse(f"http://pumpuser:pw@127.0.0.1:{self.server.port}/\n")
+        await self.get(url, self.judge(url, source=PUMP), credentials=credentials)
+        self.assertTrue(self.server.seen[0][1].startswith(b"Basic "))
+        self.assertEqual(other.seen, [("/f", None)])
+
     async def test_credentials_only_where_sources_allow(self):
         """A credentials line for /private/ is not used for another source's notice unless
         sources allows credentials there; '/private/../ok/x' never gets it."""
         base = self.server.url
-        credentials = Credentials.parse(f"http://pumpuser:pw@127.0.0.1:{self.server.port}/private/\n")
+        line = f"http://pumpuser:pw@127.0.0.1:{self.server.port}/private/\n"
+        credentials = Credentials.parse(line)
         plain = [base + "/"]
         allowed = [{"url": base + "/private/", "credentials": True}, base + "/ok/"]
         for url, sources in (
@@ -271,7 +287,8 @@ class FetchTests(TestCase):
         ):
             await self.get(url, self.judge(url, sources), credentials=credentials)
             os.unlink(self.dest)
-        await self.get(f"{base}/private/x", self.judge(f"{base}/private/x", allowed), credentials=credentials)
+        url = f"{base}/private/x"
+        await self.get(url, self.judge(url, allowed), credentials=credentials)
         headers = [auth for _, auth in self.server.seen]
         self.assertEqual(headers[:3], [None, None, None])
         self.assertTrue(headers[3].startswith(b"Basic "))
@@ -286,7 +303,7 @@ class FetchTests(TestCase):
         built = []
         for listening in (sftp, ftp):
             build = listening.factory.buildProtocol
-            listening.factory.buildProtocol = lambda addr, build=build: built.append(addr) or build(addr)
+            listening.factory.buildProtocol = lambda a, build=build: built.append(a) or build(a)
         for url in (
             f"sftp://root@127.0.0.1:{sftp.port.getHost().port}/etc/shadow",
             f"ftp://127.0.0.1:{ftp.port.getHost().port}/f",

@@ -1,14 +1,15 @@
 """The C{http} and C{https} schemes: GET streamed to disk, PUT streamed from disk, and
 directory listings read from index pages (see L{ion.apps.pump.transfer.listings}).
 
-Requests go through C{twisted.web.client.Agent}. A GET follows at most
-L{MAX_REDIRECTS} redirects, each only to a URL the notice's L{Access} accepts (else
-L{Forbidden}, 403); credentials are dropped on a redirect to another origin. With an access
-that is not trusted, each connection goes to the address the access checked (resolved once;
-TLS still verifies the host name): see L{ion.apps.pump.transfer.policy}. treq is not used for transfers: its client always asks for
-and decodes gzip content-encoding, which would hand us other bytes than the file's (a
-C{.gz} file served with C{Content-Encoding: gzip} arrives decompressed) and break sizes and
-checksums. We ask for the identity encoding and refuse any other.
+Requests go through C{twisted.web.client.Agent}. A GET follows at most L{MAX_REDIRECTS}
+redirects, each only to a URL the notice's L{Access} accepts (else L{Forbidden}, 403);
+credentials are dropped on a redirect to another origin. With an access that is not trusted,
+each connection goes to an address the access checked (resolved once; TLS still verifies the
+host name): see L{ion.apps.pump.transfer.policy}. A PUT follows no redirect.
+
+treq is not used for transfers: its client always asks for and decodes gzip
+content-encoding, which would hand us other bytes than the file's (a C{.gz} file served with
+C{Content-Encoding: gzip} arrives decompressed) and break sizes and checksums. We ask for the identity encoding and refuse any other.
 
 https certificates are verified by default against the system's trust store, or against the
 certificate authorities of C{ca_file}; a failed verification is L{ServerNotTrusted}.
