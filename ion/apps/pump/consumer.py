@@ -15,7 +15,10 @@ A `Consumer` consumes a durable queue `q_<user>.consumer.<name>` bound to `excha
    `discard` (benchmarks) the message ends here: its key is remembered (written to the
    file once per reactor turn) and it is acked;
 4. place it under `directory` (mirror, directory, or strip=N; see `ion.apps.pump.paths`); a
-   path that could leave the tree: one 422 report, nothing touched on disk;
+   path that could leave the tree: one 422 report, nothing touched on disk (a `retrievePath`
+   passes the same rules). Then judge its URL by the URL policy of `sources` and the notice's
+   `source` (`ion.apps.pump.transfer.policy`): refused, one log line and a 403 report, never
+   retried;
 5. fetch the file itself (`ion.apps.pump.transfer.worker.Transfers`, with the `transfer`
    settings: timeouts, per_host, credentials), verified against the notice's size and
    checksum, at most `parallel` transfers at a time, each given up after `transfer_timeout`

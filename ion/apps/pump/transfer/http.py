@@ -96,11 +96,11 @@ def _restricted(settings):
 
 @implementer(IStreamClientEndpoint)
 class _CheckedEndpoint:
-    """Connects to the address the access checked for the URI's host, not to the name."""
+    """Connects to the addresses the policy checked for the URI's host, not to the name."""
 
-    def __init__(self, reactor, access, uri, tls, timeout):
+    def __init__(self, reactor, policy, uri, tls, timeout):
         self._reactor = reactor
-        self._access = access
+        self._policy = policy
         self._uri = uri
         self._tls = tls
         self._timeout = timeout
@@ -111,7 +111,7 @@ class _CheckedEndpoint:
     async def _connect(self, factory):
         uri = self._uri
         scheme, host = uri.scheme.decode("ascii"), uri.host.decode("ascii")
-        addresses = await self._access.addresses(self._reactor, scheme, host, uri.port)
+        addresses = await self._policy.addresses(self._reactor, scheme, host, uri.port)
         wrap = None
         if scheme == "https":
             # TLS verifies the host name, whichever checked address answers.
@@ -122,26 +122,27 @@ class _CheckedEndpoint:
 
 @implementer(IAgentEndpointFactory)
 class _CheckedEndpoints:
-    def __init__(self, reactor, access, tls, timeout):
-        self._args = (reactor, access, tls, timeout)
+    def __init__(self, reactor, policy, tls, timeout):
+        self._args = (reactor, policy, tls, timeout)
 
     def endpointForURI(self, uri):
-        reactor, access, tls, timeout = self._args
-        return _CheckedEndpoint(reactor, access, uri, tls, timeout)
+        reactor, policy, tls, timeout = self._args
+        return _CheckedEndpoint(reactor, policy, uri, tls, timeout)
 
 
 def _agent(reactor, settings, pool=None):
     """An agent (redirects are followed by L{_request}); without a C{pool}, its connections
     serve one request each. Under a restricted access, its connections go only to checked
     addresses."""
-    policy = BrowserLikePolicyForHTTPS(trustRoot=_trust_root(settings.ca_file))
+    tls = BrowserLikePolicyForHTTPS(trustRoot=_trust_root(settings.ca_file))
     if pool is None:
         pool = HTTPConnectionPool(reactor, persistent=False)
-    if _restricted(settings) is None:
+    restricted = _restricted(settings)
+    if restricted is None:
         return Agent(
-            reactor, contextFactory=policy, connectTimeout=settings.timeouts.connect, pool=pool
+            reactor, contextFactory=tls, connectTimeout=settings.timeouts.connect, pool=pool
         )
-    endpoints = _CheckedEndpoints(reactor, settings.access, policy, settings.timeouts.connect)
+    endpoints = _CheckedEndpoints(reactor, restricted, tls, settings.timeouts.connect)
     return Agent.usingEndpointFactory(reactor, endpoints, pool)
 
 

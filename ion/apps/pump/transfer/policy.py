@@ -438,6 +438,25 @@ class UrlPolicy:
             self, normal, trusted=False, credentials=any(p.credentials for p in matched)
         )
 
+    async def addresses(self, reactor, scheme, host, port, trusted=False):
+        """The addresses C{host} resolves to, once, each checked: any for a C{trusted}
+        source or an origin C{sources} names, else none of the special ones (L{Forbidden}).
+        The decision depends on the origin only, so connections may be shared by the
+        notices of one policy."""
+        addresses = await resolve(reactor, host, port)
+        if trusted or self.names_origin((scheme, host, port)):
+            return addresses
+        own = await self.own_addresses.get(reactor)
+        for address in addresses:
+            why = special_address(address, own)
+            if why is not None:
+                shown = f"[{host}]" if ":" in host else host
+                raise Forbidden(
+                    f"{scheme}://{shown}:{port}: address {address} is {why}; not fetched for "
+                    "notices from other sources unless the subscription's sources list it"
+                )
+        return addresses
+
     def names_origin(self, origin):
         """Whether a prefix of C{sources} names this (scheme, host, port)."""
         return self.prefixes is not None and any(p.url.origin == origin for p in self.prefixes)
@@ -476,19 +495,7 @@ class Access:
     async def addresses(self, reactor, scheme, host, port):
         """The addresses to connect to for C{host}: resolved once, every one checked;
         L{Forbidden} when one of them is not for this notice's source."""
-        addresses = await resolve(reactor, host, port)
-        if self.trusted or self.policy.names_origin((scheme, host, port)):
-            return addresses
-        own = await self.policy.own_addresses.get(reactor)
-        for address in addresses:
-            why = special_address(address, own)
-            if why is not None:
-                shown = f"[{host}]" if ":" in host else host
-                raise Forbidden(
-                    f"{scheme}://{shown}:{port}: address {address} is {why}; not fetched for "
-                    "notices from other sources unless the subscription's sources list it"
-                )
-        return addresses
+        return await self.policy.addresses(reactor, scheme, host, port, self.trusted)
 
 
 async def client_endpoint(reactor, location, settings):
