@@ -313,6 +313,26 @@ class FetchTests(TestCase):
 
 
 
+    async def test_sftp_and_ftp_allowed_by_sources(self):
+        """Listed in sources, the same servers are fetched from (connected by address), with
+        the password the notice's URL carries."""
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        write_file(os.path.join(root, "f"), BODY)
+        sftp = start_sftp(self, root, user="bob", password="pw")
+        ftp_server = start_ftp(self, root, user="carol", password="pw")
+        known_hosts = write_file(
+            os.path.join(root, "known_hosts"), sftp.known_hosts_line().encode()
+        )
+        for listening, user in ((sftp, "bob"), (ftp_server, "carol")):
+            scheme = "sftp" if listening is sftp else "ftp"
+            prefix = f"{scheme}://127.0.0.1:{listening.port.getHost().port}/"
+            url = prefix.replace("://", f"://{user}:pw@") + "f"
+            result = await self.get(url, self.judge(url, [prefix]), known_hosts=known_hosts)
+            self.assertEqual(result.size, len(BODY))
+            os.unlink(self.dest)
+
+
 class FTPDataConnectionTests(SynchronousTestCase):
     def test_passive_data_goes_to_the_control_peer(self):
         """The address in a PASV reply is ignored: the data connection goes to the control
