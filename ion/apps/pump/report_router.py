@@ -8,7 +8,7 @@ to it.
   as `invalid` (reports of invalid notices carry little else, so nothing more is required);
 - no usable `source` (a name of letters, digits, `_`, `-`, `.`): logged, acked, counted as
   `unroutable`. The source is the body's `source` field: on `xpublic` the pump's ingest stamped
-  it from the broker-validated publisher (`ion.apps.pump.ingest.stamp_source`), so a report
+  it from the broker-validated publisher (`ion.apps.pump.ingest.source_of`), so a report
   cannot be sent to someone else by a body that lies;
 - a `report_id` forwarded before (within `dup_ttl` seconds, remembered on disk in
   `<state_dir>/report_ids.jsonl` across restarts): acked, counted as `duplicates`;
