@@ -17,7 +17,8 @@ to it.
   Counted per source and code.
 
 With `log_path`, each report handled is also written to that file as one JSON line
-{time, source, code, routing_key, relPath, report_id, message, outcome}.
+{time, source, code, routing_key, relPath, report_id, message, outcome}, in ASCII (other
+characters, unencodable ones included, as JSON escapes).
 
 Exactly once across crashes. The order (publish, remember, ack) leaves one gap: a crash after
 the broker took the publish but before the id was written down. The broker's own record closes
@@ -318,7 +319,9 @@ class ReportRouter(Process):
             "message": report.get("message"),
             "outcome": outcome,
         }
-        self._log_file.write(json.dumps(line, ensure_ascii=False) + "\n")
+        # ASCII with escapes: a lone surrogate (undecodable bytes in a file name) cannot be
+        # written as UTF-8, and would cost the line; escaped, it reads back as it came.
+        self._log_file.write(json.dumps(line) + "\n")
         self._log_file.flush()
 
 
