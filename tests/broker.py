@@ -152,13 +152,10 @@ class PrivateBroker:
         self.url_for(user)
         exchange_bind(self.host, self.port, user, user, destination, source, routing_key)
 
-    def publish_without_properties(self, user, exchange, routing_key, body):
-        """basic.publish with no user_id as one of the users (see
-        `publish_without_properties`)."""
+    def publish_raw(self, user, exchange, routing_key, body, user_id=None):
+        """basic.publish as one of the users, as another client may (see `publish_raw`)."""
         self.url_for(user)
-        publish_without_properties(
-            self.host, self.port, user, user, exchange, routing_key, body
-        )
+        publish_raw(self.host, self.port, user, user, exchange, routing_key, body, user_id)
 
     def tls_url_for(self, user, host="localhost"):
         """The amqps:// URL for one of `users`. The broker's certificate (signed by the CA in
@@ -450,19 +447,26 @@ def exchange_bind(host, port, user, password, destination, source, routing_key, 
         _close_connection(s)
 
 
-def publish_without_properties(host, port, user, password, exchange, routing_key, body,
-                               timeout=5.0):
-    """Publish `body` as `user` with no properties at all (no user_id: RabbitMQ then checks
-    nothing), as a client other than ours may. Returns once the broker has handled it; raises
-    BrokerError with the broker's reply when refused."""
+def publish_raw(host, port, user, password, exchange, routing_key, body, user_id=None,
+                timeout=5.0):
+    """Publish `body` as `user` as a client other than ours may: with no properties but
+    `user_id` (None: none at all, and RabbitMQ then checks nothing), and any routing key
+    (bytes: not necessarily UTF-8). Returns once the broker has handled it; raises BrokerError
+    with the broker's reply when refused."""
     with socket.create_connection((host, port), timeout=timeout) as s:
         if not _open_connection(s, user, password):
             raise BrokerError(f"{user} could not log in to {host}:{port}")
         s.sendall(_method_frame(20, 10, _shortstr(b""), channel=1))  # channel.open
         if _read_method(s)[0] != (20, 11):
             raise BrokerError("channel.open refused")
-        arguments = b"\0\0" + _shortstr(exchange.encode()) + _shortstr(routing_key.encode())
-        header = struct.pack("!HHQH", 60, 0, len(body), 0)  # basic, no property flags
+        if isinstance(routing_key, str):
+            routing_key = routing_key.encode()
+        arguments = b"\0\0" + _shortstr(exchange.encode()) + _shortstr(routing_key)
+        header = struct.pack("!HHQ", 60, 0, len(body))  # class basic, weight, body size
+        if user_id is None:
+            header += struct.pack("!H", 0)  # no property flags
+        else:
+            header += struct.pack("!H", 1 << 4) + _shortstr(user_id.encode())  # user-id only
         s.sendall(
             _method_frame(60, 40, arguments + b"\0", channel=1)  # basic.publish
             + _frame(2, 1, header)

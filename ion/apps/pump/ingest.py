@@ -8,9 +8,9 @@ each user `u` in `users` (default: the pump's user), bound with `#`. For each me
 3. publish it, persistent and confirmed, to `exchange` (default `xpublic`) with the routing key
    it came with, then ack.
 
-An invalid notice (undecodable, over `max_notice_bytes`, or failing validation) is logged and
-acked, and its source gets a 417 report on `report_exchange` (default
-`xreport`; the report router passes it to `xr_<source>`). A publish that fails (the broker
+An invalid notice (undecodable, over `max_notice_bytes`, failing validation, or posted with a
+routing key that is not UTF-8) is logged and acked, and its source gets a 417 report on
+`report_exchange` (default `xreport`; the report router passes it to `xr_<source>`). A publish that fails (the broker
 went away) leaves the message unacked: it goes back to its queue.
 
 A message is taken only when it was published to `xs_<u>`, for one of `users`, by `u`
@@ -186,6 +186,11 @@ class Ingest(Process):
             delivery.ack()
             self._log_refusal(delivery, e)
             return
+        if not isinstance(delivery.routing_key, str):
+            # The transports hand over a key that is not UTF-8 as bytes; it could not be
+            # published again.
+            await self._refuse(delivery, source, InvalidNotice("routing key", "not UTF-8"))
+            return
         limit = self.settings["max_notice_bytes"]
         try:
             notice = Notice.from_json(delivery.body, max_bytes=limit)
@@ -245,9 +250,10 @@ class Ingest(Process):
         key = hashlib.sha256(delivery.body).hexdigest()
         report = make_report(notice, 417, f"invalid notice: {error}")
         report["report_id"] = report_id(self.subscriber, source, key, 417)
-        await self._publish(
-            self.settings["report_exchange"], delivery.routing_key, report.to_json()
-        )
+        key = delivery.routing_key
+        if not isinstance(key, str):
+            key = bytes(key).decode("utf-8", "replace")
+        await self._publish(self.settings["report_exchange"], key, report.to_json())
         delivery.ack()
 
 

@@ -257,6 +257,7 @@ class AmqpIngestTests(unittest.TestCase):
         tag = f"ingest{os.getpid()}n{next(_tags)}"
         # Restricted users may read exchanges named x...public, and so bind to them.
         self.public = f"x{tag}public"
+        self.xreport = f"xreport{tag}"
         self.queues = [f"q_{tag}.ingest.xs_{u}" for u in self.broker.restricted_users]
         await self.delete_queues()
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.delete_queues()))
@@ -269,7 +270,7 @@ class AmqpIngestTests(unittest.TestCase):
                 "user": tag,
                 "users": list(self.broker.restricted_users),
                 "exchange": self.public,
-                "report_exchange": f"xreport{tag}",
+                "report_exchange": self.xreport,
             },
         )
 
@@ -315,9 +316,7 @@ class AmqpIngestTests(unittest.TestCase):
         e = await self.assertFailure(defer.Deferred.fromCoroutine(refused), TransportError)
         self.assertIn("ACCESS_REFUSED", str(e))
         body = encode(notice_fields("file:///x/", "c/f", b"d"))
-        await threads.deferToThread(
-            self.broker.publish_without_properties, "rita", "xs_rita", "v03.c", body
-        )
+        await threads.deferToThread(self.broker.publish_raw, "rita", "xs_rita", "v03.c", body)
         await self.collector.post(notice_fields("file:///x/", "d/f", b"d"), "xs_rita")
         await until(lambda: self.ingest.stats["refused"] == 2)
         await quiet()
@@ -325,3 +324,18 @@ class AmqpIngestTests(unittest.TestCase):
             [(body["relPath"], body["source"]) for body in self.collector.bodies()],
             [("a/f", "rita")],
         )
+
+    async def test_routing_key_not_utf8(self):
+        """A notice posted with a routing key that is not UTF-8 (RabbitMQ passes any bytes
+        on) is an invalid notice: a 417 report to its poster, nothing passed on, no error."""
+        await self.collector.listen(self.xreport)
+        body = encode(notice_fields("file:///x/", "s/f", b"d"))
+        await threads.deferToThread(
+            self.broker.publish_raw, "rita", "xs_rita", b"v03.s\xff", body, user_id="rita"
+        )
+        await until(lambda: self.collector.bodies(self.xreport))
+        await quiet()
+        (report,) = self.collector.bodies()
+        self.assertEqual((report["source"], report["report"]["code"]), ("rita", 417))
+        self.assertIn("routing key", report["report"]["message"])
+        self.assertEqual(self.ingest.stats["invalid"], 1)
