@@ -10,8 +10,9 @@ each user `u` in `users` (default: the pump's user), bound with `#`. For each me
 
 An invalid notice (undecodable, over `max_notice_bytes`, failing validation, or posted with a
 routing key that is not UTF-8) is logged and acked, and its source gets a 417 report on
-`report_exchange` (default `xreport`; the report router passes it to `xr_<source>`). A publish that fails (the broker
-went away) leaves the message unacked: it goes back to its queue.
+`report_exchange` (default `xreport`; the report router passes it to `xr_<source>`). A
+publish that fails (the broker went away) leaves the message unacked: it goes back to its
+queue.
 
 A message is taken only when it was published to `xs_<u>`, for one of `users`, by `u`
 itself (`source_of`, below); everything else is acked, counted as `refused` and logged (one

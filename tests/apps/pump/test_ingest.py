@@ -149,7 +149,8 @@ class IngestTests(unittest.TestCase):
     async def test_spoofed_source_restamped(self):
         """A notice on xs_alice claiming to be bob's reaches xpublic as alice's, with the
         routing key it was posted with; one without a source gets one."""
-        await post_as(self.alice, notice_fields("file:///x/", "a/f", b"d", source="bob"), "xs_alice")
+        spoofed = notice_fields("file:///x/", "a/f", b"d", source="bob")
+        await post_as(self.alice, spoofed, "xs_alice")
         await post_as(self.bob, notice_fields("file:///x/", "b/g", b"d", source=None), "xs_bob")
         await until(lambda: len(self.collector.bodies("xpublic")) == 2)
         got = {body["relPath"]: (key, body["source"]) for _, key, body in self.collector.got}
