@@ -1,10 +1,15 @@
 """`ion` (or `python -m ion`): talk to a running ION system from a terminal.
 
-    ion rpc [--broker URL] [--sysname S] [--timeout T] <service> <op> [json-content]
-    ion ping [--broker URL] [--sysname S] [--timeout T] <service>
+    ion rpc [--broker URL] [--credentials PATH] [--sysname S] [--timeout T] <service> <op> [json]
+    ion ping [--broker URL] [--credentials PATH] [--sysname S] [--timeout T] <service>
     ion containers            the containers of the system (from their agents)
     ion ps [container]        processes of one container (or of every container)
     ion spawn <module> [--container ID]
+
+A broker URL with a user and no password (`amqp://alice@rabbit.example/`) gets its password
+from the credentials file, as for `twistd cc`: `--credentials PATH`, by default
+~/.config/ion/credentials.conf when it exists. So no password needs to be on the command line,
+where `ps` shows it to every user of the machine.
 
 Results are printed as JSON on stdout. Exit status: 0 ok, 1 the remote side answered with an
 error (message on stderr), 2 usage error, 3 timeout, no such service, or no broker.
@@ -20,6 +25,7 @@ from twisted.internet import defer
 
 from ion.core.cc.container import Container, make_transport
 from ion.core.config import Config, ConfigError
+from ion.core.credentials import DEFAULT_CREDENTIALS
 from ion.core.conversation.errors import ConversationTimeout, NoSuchReceiver, RemoteError
 from ion.core.log import redact
 from ion.core.messaging.transport import TransportError
@@ -52,6 +58,11 @@ def _to_json(value):
 def build_parser():
     common = _Parser(add_help=False)
     common.add_argument("--broker", help="broker URL (default: config ion.core.messaging broker)")
+    common.add_argument(
+        "--credentials",
+        help="credentials file giving the password of a broker URL with a user and none "
+        f"(default {DEFAULT_CREDENTIALS} when it exists)",
+    )
     common.add_argument("-s", "--sysname", help="system name (default: config, 'ion')")
     common.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     common.add_argument("--res", help="res/ directory (default ./res or the installed one)")
@@ -76,11 +87,24 @@ class _Client(Process):
     """The process the CLI talks through."""
 
 
+# The file read when --credentials is not given (tests point it elsewhere).
+default_credentials = DEFAULT_CREDENTIALS
+
+
+def broker_url(args, config):
+    """The broker URL to use: --broker, else config; with the password from the credentials
+    file when it names a user and no password. CredentialsError when the file is unusable."""
+    from ion.core.cc.tap import broker_url_with_password
+
+    url = args.broker or config.get("ion.core.messaging", "broker", "memory://")
+    return broker_url_with_password(url, args.credentials, default_credentials)
+
+
 async def _run(reactor, args):
     from ion.core.cc.tap import find_res_dir
 
     config = Config.load(args.res or find_res_dir())
-    url = args.broker or config.get("ion.core.messaging", "broker", "memory://")
+    url = broker_url(args, config)
     sysname = args.sysname or config.get("ion.core.messaging", "sysname", "ion")
     container = Container(config, reactor, make_transport(url, reactor), sysname=sysname,
                           container_id=f"cli_{os.getpid()}")
@@ -140,7 +164,8 @@ def main(argv=None):
             outcome["code"] = OK
         except UsageError as e:
             outcome["error"], outcome["code"] = str(e), USAGE
-        except ConfigError as e:
+        except (ConfigError, ValueError) as e:
+            # A config file, credentials file or broker URL that cannot be used.
             outcome["error"], outcome["code"] = str(e), USAGE
         except RemoteError as e:
             outcome["error"], outcome["code"] = str(e), REMOTE_ERROR

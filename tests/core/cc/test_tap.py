@@ -12,6 +12,8 @@ from twisted.trial import unittest
 
 import ion
 from ion.core.cc import tap
+from ion.core.messaging.amqp import AmqpAddress
+from tests.core.test_log import NASTY_PASSWORDS, assertHidden
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 RES = os.path.join(ROOT, "res")
@@ -79,6 +81,26 @@ class OptionsTests(unittest.SynchronousTestCase):
             line = self.bad(*argv)
             self.assertIn(expected, line)
             self.assertNotIn("sekrit", line)
+
+    def test_nasty_broker_passwords(self):
+        """A broker password holding characters that end a URL early (a quote, a space,
+        '/', '?', '#', '@', brackets) is not shown by the error for a URL that cannot work."""
+        for password in NASTY_PASSWORDS:
+            for url in (
+                f"amqp://pump:{password}@broker.example:99999/",
+                f"amqp://pump:{password}@broker.example/?heartbeat=5",
+                f"amqp://pump:{password}@broker.example:5672/a/b",
+            ):
+                line = self.bad("--broker", url)
+                assertHidden(self, password, line)
+                self.assertIn("bad AMQP URL", line)
+            url = f"amqp://pump:{password}@broker.example:5672/"
+            try:
+                address = AmqpAddress.parse(url)
+            except ValueError as e:
+                assertHidden(self, password, str(e))
+            else:
+                assertHidden(self, password, f"{address} {address!r}")
 
     def test_args(self):
         """-a takes k=v pairs or a dict literal; apparg_<app> becomes that app's kwargs."""
