@@ -311,6 +311,7 @@ class Consumer(Process):
         self.queue = f"q_{self.user}.consumer.{self.subscription}"
         self.subscriber = f"{self.user}.{self.subscription}"
         self.state_dir = args["state_dir"] or os.path.join("var", "pump", self.subscription)
+        self.claim_directory(self.state_dir)
         clock = self.container.clock
         self.real_directory = None
         if self.directory is not None:

@@ -293,6 +293,7 @@ class PollService(Process):
                 "poll {name}: created {path}, which did not exist", name=self.source, path=local
             )
         state_dir = args["state_dir"] or os.path.join("var", "pump", f"poll-{self.source}")
+        self.claim_directory(state_dir)
         self.store = SeenFiles(os.path.join(state_dir, "seen.sqlite3"), self.url)
         if self.store.reset:
             self.log.warn(

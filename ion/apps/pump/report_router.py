@@ -98,6 +98,7 @@ class ReportRouter(Process):
         self.sent_queue = f"{self.queue}.sent"
         self.marker_exchange = f"x_{self.user}.report_router.sent"
         state_dir = self.settings["state_dir"] or os.path.join("var", "pump", "report_router")
+        self.claim_directory(state_dir)
         self.seen = DupCache(
             os.path.join(state_dir, "report_ids.jsonl"),
             self.settings["dup_ttl"],

@@ -11,7 +11,8 @@ from the credentials file, as for `twistd cc`: `--credentials PATH`, by default
 ~/.config/ion/credentials.conf when it exists. So no password needs to be on the command line,
 where `ps` shows it to every user of the machine.
 
-Results are printed as JSON on stdout. Exit status: 0 ok, 1 the remote side answered with an
+`containers` and `ps` print aligned tables, the other commands JSON; `--json` prints any
+result as JSON (one line, for scripts). Exit status: 0 ok, 1 the remote side answered with an
 error (message on stderr), 2 usage error, 3 timeout, no such service, or no broker.
 """
 
@@ -66,6 +67,7 @@ def build_parser():
     common.add_argument("-s", "--sysname", help="system name (default: config, 'ion')")
     common.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     common.add_argument("--res", help="res/ directory (default ./res or the installed one)")
+    common.add_argument("--json", action="store_true", help="print the result as JSON")
     parser = _Parser(prog="ion", description="Talk to a running ION system.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("rpc", parents=[common], help="call an op and print the result")
@@ -148,6 +150,44 @@ async def _command(client, args):
     raise UsageError(f"unknown command {args.command}")
 
 
+def format_table(headings, rows):
+    """Rows of cells as text columns under their headings, each as wide as its widest cell."""
+    cells = [list(headings)] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headings))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _containers_table(peers, args):
+    rows = [
+        (
+            p.get("container"),
+            p.get("host"),
+            p.get("os_pid"),
+            f"{p.get('uptime', 0):.0f} s",
+            f"{p.get('last_heartbeat', 0):.1f} s ago",
+            ", ".join(p.get("apps") or ()),
+        )
+        for p in peers
+    ]
+    table = format_table(("CONTAINER", "HOST", "PID", "UP", "HEARTBEAT", "APPS"), rows)
+    return f"{table}\n{len(rows)} container{'s' if len(rows) != 1 else ''}"
+
+
+def _ps_table(result, args):
+    by_container = {args.container: result} if args.container else result
+    rows = [
+        (cid, *row)
+        for cid, processes in sorted(by_container.items())
+        for row in processes
+    ]
+    table = format_table(("CONTAINER", "PID", "NAME", "CLASS", "STATE", "PARENT"), rows)
+    return f"{table}\n{len(rows)} process{'es' if len(rows) != 1 else ''}"
+
+
+_TABLES = {"containers": _containers_table, "ps": _ps_table}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -182,7 +222,9 @@ def main(argv=None):
     reactor.callWhenRunning(start)
     reactor.run()
     if outcome.get("code") == OK:
-        print(_to_json(outcome.get("result")))
+        result = outcome.get("result")
+        table = None if args.json else _TABLES.get(args.command)
+        print(_to_json(result) if table is None else table(result, args))
         return OK
     sys.stderr.write(f"ion: {redact(outcome.get('error', 'failed'))}\n")
     return outcome.get("code", UNREACHABLE)

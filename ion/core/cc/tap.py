@@ -43,10 +43,15 @@ def _expected_cause(error):
 
 
 def find_res_dir():
-    """`./res` when run from a checkout (the README's way), else the res/ next to the package."""
-    if os.path.isdir("res"):
+    """`./res` when run from a checkout (the README's way), else the res/ shipped with ION:
+    `ion/_res` of an installed package, or the checkout's res/ beside an editable one."""
+    if os.path.isfile(os.path.join("res", "config", "ion.config")):
         return "res"
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ion.__file__))), "res")
+    package = os.path.dirname(os.path.abspath(ion.__file__))
+    shipped = os.path.join(package, "_res")
+    if os.path.isdir(shipped):
+        return shipped
+    return os.path.join(os.path.dirname(package), "res")
 
 
 def parse_args_option(text):

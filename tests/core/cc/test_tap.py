@@ -192,6 +192,33 @@ class TwistdTests(unittest.TestCase):
         self.assertIn("ionlocal.config:", result.stderr)
         self.assertNotIn("Traceback", result.stderr + result.stdout)
 
+    def test_second_pump_on_one_directory_exit_2(self):
+        """A second container started from the working directory of a running pump refuses
+        to start: one line naming the state directory and the owner's pid, status 2."""
+        cwd = self.mktemp()
+        os.makedirs(cwd)
+        pump = os.path.join(RES, "apps", "pump.app")
+        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "-n", "--res", RES, pump]
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        first = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(first.wait)
+        self.addCleanup(first.kill)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            line = first.stdout.readline()
+            if "running apps" in line or not line:
+                break
+        self.assertIn("running apps", line)
+        result = twistd("--no-shell", "--res", RES, pump, cwd=cwd)
+        output = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 2, output)
+        self.assertIn(f"is in use by process {first.pid}", output)
+        self.assertIn("state directory var/pump/", output)
+        self.assertNotIn("Traceback", output)
+        first.send_signal(signal.SIGTERM)
+        self.assertEqual(first.wait(timeout=30), 0)
+
     def test_boot_and_sigterm(self):
         """The hello app boots on memory:// and a SIGTERM stops the container cleanly (status 0)."""
         self.boot_and_stop(signal.SIGTERM)
