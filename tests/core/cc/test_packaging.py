@@ -99,9 +99,11 @@ class WheelTest(TestCase):
         ).strip()
         with open(os.path.join(target, "ion-test-deps.pth"), "w") as f:
             f.write("\n".join(site.getsitepackages()) + "\n")
+        # --target: pip would otherwise find the test's own (editable) ion through that path
+        # line and take the wheel as installed already.
         self._command(
-            sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps",
-            "--no-index", wheel,
+            sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+            "--target", target, wheel,
         )
         return python
 
