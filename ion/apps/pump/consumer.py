@@ -22,9 +22,10 @@ A `Consumer` consumes a durable queue `q_<user>.consumer.<name>` bound to `excha
    checksum, at most `parallel` transfers at a time, each given up after `transfer_timeout`
    seconds, cut when it passes the announced size or `max_size` (413, not retried) or
    receives less than `min_rate` (default {bytes_per_s: 1024, window: 60}: fewer than
-   bytes_per_s * window bytes in the last window seconds; 504, retried). Delivered: optional re-announce (sarra mode), a 201 report, the key added to the
-   duplicate cache. A transient failure (see `ion.apps.pump.outcome`: 499/500/503/504) goes
-   to the on-disk retry queue (`retryqueue.py`); a permanent one gets one failure report.
+   bytes_per_s * window bytes in the last window seconds; 504, retried). Delivered:
+   optional re-announce (sarra mode), a 201 report, the key added to the duplicate cache.
+   A transient failure (see `ion.apps.pump.outcome`: 499/500/503/504) goes to the on-disk
+   retry queue (`retryqueue.py`); a permanent one gets one failure report.
 
    The fetch runs in the consumer's own process rather than as a call to the `transfer`
    service: a call per file doubled the broker messages of every delivery. To fetch more at

@@ -18,7 +18,7 @@ that list are used: an HTTP 401 is reported as 403, an HTTP 502 as 503.
 | `TooLarge`         | 413             | no        | more bytes than announced or than `max_size`             |
 | `LocalFailure`     | 500 or 422      | 500 only  | local disk full or failing (500); path unusable (422)    |
 | `ConnectionFailed` | 503             | yes       | connection refused or lost, server busy (HTTP 5xx, FTP 4xx) |
-| `TransferTimeout`  | 504             | yes       | no connection within `connect` s, or no byte for `idle` s |
+| `TransferTimeout`  | 504             | yes       | no connection within `connect` s, no byte for `idle` s, or under `min_rate` |
 
 An error is transient exactly when its code is one of `TRANSIENT_CODES` (499, 500, 503, 504),
 so a caller that only sees the code (after it crossed the wire) decides the same way.

@@ -188,9 +188,9 @@ class HostLimiter:
     A transfer takes its server's slot first and one of the C{parallel} ones second, so
     transfers waiting for a busy server hold none of those and transfers to other servers go
     ahead. C{per_host} is lowered to C{parallel - 1} at most (1 when C{parallel} is 1): with
-    C{parallel} > 1, one server never holds every slot. With a C{reactor}, a slot someone waits for is handed on in the
-    next reactor turn (a queue of transfers failing at once would otherwise nest a frame deeper
-    each, up to the recursion limit).
+    C{parallel} > 1, one server never holds every slot. With a C{reactor}, a slot someone
+    waits for is handed on in the next reactor turn (a queue of transfers failing at once
+    would otherwise nest a frame deeper each, up to the recursion limit).
 
     One limiter is shared by all the transfers of a process; pass it as C{limiter=}.
     """

@@ -109,7 +109,9 @@ async def get(
             active.add(sink)
         try:
             try:
-                source_mtime, source_mode = await _fetch(reactor, location, sink, settings, min_rate)
+                source_mtime, source_mode = await _fetch(
+                    reactor, location, sink, settings, min_rate
+                )
             except BaseException:
                 await sink.discard()
                 raise

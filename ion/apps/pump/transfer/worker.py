@@ -1,11 +1,11 @@
 """The transfers of one long-running process: settings, limits and resources, start to close.
 
 `Transfers` holds what every transfer of a process shares: its timeouts, its credentials, its
-bounds on a get (`max_size`, `min_rate`), a
-limit of `parallel` transfers at a time and of `per_host` at a time to one server, a thread
-pool of `parallel` threads for the local disk work (create, write, fsync, rename: the reactor
-thread never waits for the disk) and the kept-open http(s) connections (at most `per_host` idle
-ones to a server). The transfer service and the consumers each own one.
+bounds on a get (`max_size`, `min_rate`), a limit of `parallel` transfers at a time and of
+`per_host` at a time to one server, a thread pool of `parallel` threads for the local disk
+work (create, write, fsync, rename: the reactor thread never waits for the disk) and the
+kept-open http(s) connections (at most `per_host` idle ones to a server). The transfer
+service and the consumers each own one.
 
 Settings (`check_settings` validates them; `who` names the owner in the errors):
 
