@@ -979,6 +979,19 @@ class ConsumerScenarios:
         self.assertEqual(server.site.accepted, 1)
         self.assertEqual(self.dest_files(), [])
 
+    async def test_too_slow_retried(self):
+        """A server trickling a byte every 0.1 s, under the subscription's min_rate: the
+        transfer fails as too slow within about a window, and goes to the retry queue."""
+        server = start_hostile_http(self, self.src, trickle_interval=0.1)
+        clock = task.Clock()
+        await self.pump(clock=clock, min_rate={"bytes_per_s": 100, "window": 0.5})
+        await self.post(notice_fields(f"{server.url}/trickle/", "1000", size=None))
+        await until(lambda: len(self.consumer.retries) == 1, what="a retry entry")
+        (entry,) = list(self.consumer.retries)
+        self.assertEqual(entry.code, 504)
+        self.assertIn("too slow", entry.message)
+        self.assertEqual(self.dest_files(), [])
+
     async def test_oversized(self):
         """A message over max_notice_bytes gets a 413 report (without its bulk) when it names
         its source."""
