@@ -361,6 +361,23 @@ class FairnessTests(TestCase):
         transfers = await self.check({"parallel": 2, "per_host": 4}, stalled=2)
         self.assertEqual(transfers.limiter.per_host, 1)
 
+    def test_cancelledWaiterGivesBackItsServerSlot(self):
+        """
+        A transfer cancelled while it waits for one of the C{parallel} slots gives back the
+        slot of its server it already held.
+        """
+        limiter = HostLimiter(per_host=1, parallel=2)
+        held = [Deferred.fromCoroutine(limiter.acquire(f"http://h{i}/")) for i in range(2)]
+        waiting = Deferred.fromCoroutine(limiter.acquire("http://other/"))
+        self.assertEqual(limiter.active("http://other/"), 1)
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        self.assertEqual(limiter.active("http://other/"), 0)
+        for d in held:
+            limiter.release(self.successResultOf(d))
+        self.assertEqual(limiter._semaphores, {})
+        self.assertEqual(limiter._total.tokens, 2)
+
     def test_perHostCap(self):
         self.assertEqual(HostLimiter(4, parallel=8).per_host, 4)
         self.assertEqual(HostLimiter(8, parallel=8).per_host, 7)
