@@ -14,14 +14,18 @@ A `Consumer` consumes a durable queue `q_<user>.consumer.<name>` bound to `excha
    cache kept on disk (`dupcache.py`) for `dup_ttl` seconds: acked, counted, no report. With
    `discard` (benchmarks) the message ends here: its key is remembered (written to the
    file once per reactor turn) and it is acked;
-4. place it under `directory` (mirror, directory, or strip=N; see `ion.apps.pump.paths`); a
+4. a `size` over `max_size` (default 10 GiB): one 413 report, nothing fetched, no retry;
+   place it under `directory` (mirror, directory, or strip=N; see `ion.apps.pump.paths`); a
    path that could leave the tree: one 422 report, nothing touched on disk;
 5. fetch the file itself (`ion.apps.pump.transfer.worker.Transfers`, with the `transfer`
    settings: timeouts, per_host, credentials), verified against the notice's size and
    checksum, at most `parallel` transfers at a time, each given up after `transfer_timeout`
-   seconds. Delivered: optional re-announce (sarra mode), a 201 report, the key added to the
-   duplicate cache. A transient failure (see `ion.apps.pump.outcome`: 499/500/503/504) goes
-   to the on-disk retry queue (`retryqueue.py`); a permanent one gets one failure report.
+   seconds, cut when it passes the announced size or `max_size` (413, not retried) or
+   receives less than `min_rate` (default {bytes_per_s: 1024, window: 60}: fewer than
+   bytes_per_s * window bytes in the last window seconds; 504, retried). Delivered:
+   optional re-announce (sarra mode), a 201 report, the key added to the duplicate cache.
+   A transient failure (see `ion.apps.pump.outcome`: 499/500/503/504) goes to the on-disk
+   retry queue (`retryqueue.py`); a permanent one gets one failure report.
 
    The fetch runs in the consumer's own process rather than as a call to the `transfer`
    service: a call per file doubled the broker messages of every delivery. To fetch more at
@@ -80,7 +84,7 @@ from ion.apps.pump.outcome import Failure, classify
 from ion.apps.pump.retryqueue import RetryQueue
 from ion.apps.pump.transfer import TransferError
 from ion.apps.pump.transfer.inflight import SWEEP_MIN_AGE, sweep, sweep_files
-from ion.apps.pump.transfer.worker import Transfers, check_settings
+from ion.apps.pump.transfer.worker import MAX_SIZE, Transfers, check_settings
 from ion.apps.pump.user import pump_user
 from ion.core.process import Process
 
@@ -107,6 +111,8 @@ DEFAULTS = {
     "retry_jitter": 0.2,
     "dup_ttl": 3600,
     "transfer_timeout": 600,
+    "max_size": MAX_SIZE,
+    "min_rate": {"bytes_per_s": 1024, "window": 60},
     "transfer": None,
     "max_notice_bytes": MAX_NOTICE_BYTES,
     "report_exchange": "xreport",
@@ -117,6 +123,8 @@ DEFAULTS = {
 # after a failed transfer into it).
 MADE_DIRECTORIES = 10000
 _NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
+# Consumer args that are settings of its Transfers.
+_OWN_SETTINGS = ("parallel", "max_size", "min_rate")
 # Fields copied into the report of an oversized message (the rest could be what is too big).
 _OVERSIZE_KEEP = ("pubTime", "baseUrl", "relPath", "retrievePath", "source", "size", "mtime")
 
@@ -286,10 +294,12 @@ def check_args(args):
     transfer = merged["transfer"] or {}
     if not isinstance(transfer, dict):
         raise ValueError(f"{who}: transfer must be a dict of transfer settings, got {transfer!r}")
-    if "parallel" in transfer:
-        raise ValueError(f"{who}: parallel is a consumer argument, not a transfer setting")
-    check_settings(dict(transfer, parallel=merged["parallel"]), who)
-    merged["transfer"] = dict(transfer)
+    for key in _OWN_SETTINGS:
+        if key in transfer:
+            raise ValueError(f"{who}: {key} is a consumer argument, not a transfer setting")
+    # The consumer's Transfers take these from the consumer's own args.
+    merged["transfer"] = dict(transfer, **{key: merged[key] for key in _OWN_SETTINGS})
+    check_settings(merged["transfer"], who)
     for key in ("user", "state_dir"):
         if merged[key] is not None and not isinstance(merged[key], str):
             raise ValueError(f"{who}: {key} must be a string, got {merged[key]!r}")
@@ -346,9 +356,7 @@ class Consumer(Process):
         self.transfers = None
         if not self.discard:
             self.transfers = Transfers(
-                self.container.reactor,
-                dict(args["transfer"], parallel=args["parallel"]),
-                who=f"consumer {self.subscription}",
+                self.container.reactor, args["transfer"], who=f"consumer {self.subscription}"
             )
         self._tasks = set()
         self._working = set()  # duplicate keys of the messages being fetched
@@ -602,6 +610,18 @@ class Consumer(Process):
             self._working.discard(key)
 
     async def _deliver(self, delivery, notice, url, key):
+        max_size = self.settings["max_size"]
+        if max_size is not None and notice.size is not None and notice.size > max_size:
+            message = f"announced size {notice.size} bytes is over max_size {max_size}"
+            self.log.warn(
+                "consumer {name}: {url} refused: {message}",
+                name=self.subscription,
+                url=url,
+                message=message,
+            )
+            await self._fail(notice, key, 413, message, delivery.routing_key)
+            self._ack(delivery)
+            return
         try:
             path = self.destination_for(notice)
         except paths.UnsafePath as e:

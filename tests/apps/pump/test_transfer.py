@@ -38,6 +38,7 @@ from ion.apps.pump.transfer import (
     SizeMismatch,
     TRANSIENT_CODES,
     Timeouts,
+    TooLarge,
     TransferError,
     TransferTimeout,
 )
@@ -96,6 +97,7 @@ class ErrorTests(SynchronousTestCase):
             (ChecksumMismatch, 499, True),
             (ShortTransfer, 499, True),
             (SizeMismatch, 499, True),
+            (TooLarge, 413, False),
             (TransferTimeout, 504, True),
             (ConnectionFailed, 503, True),
             (LocalFailure, 500, True),
@@ -411,7 +413,7 @@ class InflightFileTests(SynchronousTestCase):
     def test_sizeChecks(self):
         """
         Fewer bytes than announced is a L{ShortTransfer} when finishing; more is a
-        L{SizeMismatch} as soon as they arrive; either way the temporary file goes.
+        permanent L{TooLarge} as soon as they arrive; either way the temporary file goes.
         """
         sink = InflightFile(self.dest)
         sink.write(b"abc")
@@ -420,7 +422,8 @@ class InflightFileTests(SynchronousTestCase):
         self.assertEqual(os.listdir(self.dir), [])
         sink = InflightFile(self.dest, what="http://h/x")
         sink.declare(2)
-        error = self.assertRaises(SizeMismatch, sink.write, b"abc")
+        error = self.assertRaises(TooLarge, sink.write, b"abc")
+        self.assertFalse(error.transient)
         self.assertIn("http://h/x", str(error))
         self.assertEqual(sink.size, 3)
         sink.discard()
@@ -434,7 +437,7 @@ class InflightFileTests(SynchronousTestCase):
         sink = InflightFile(self.dest, expected_size=3)
         self.assertRaises(SizeMismatch, sink.declare, 4)
         sink.write(b"abc")
-        self.assertRaises(SizeMismatch, sink.write, b"d")
+        self.assertRaises(TooLarge, sink.write, b"d")
         sink.discard()
 
 

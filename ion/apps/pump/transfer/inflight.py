@@ -35,6 +35,7 @@ from ion.apps.pump.transfer.errors import (
     LocalFailure,
     ShortTransfer,
     SizeMismatch,
+    TooLarge,
     TransferError,
 )
 from ion.apps.pump.transfer.results import TransferResult
@@ -64,6 +65,11 @@ def check_method(method):
             code=417,
         )
     return method
+
+
+def _lowest(*limits):
+    """The lowest of the C{limits} that are not C{None}, or C{None}."""
+    return min((limit for limit in limits if limit is not None), default=None)
 
 
 def inflight_name(dest_path):
@@ -119,8 +125,8 @@ class InflightFile:
 
     Nothing ever appears at C{dest_path} but a complete, verified, fsynced file; a file already
     there is replaced only by L{finish}. A transfer stops as soon as it goes past the size
-    announced by the caller (C{expected_size}) or the server (L{declare}), so an endless body
-    cannot fill the disk.
+    announced by the caller (C{expected_size}) or the server (L{declare}), or past
+    C{max_size}, so an endless body cannot fill the disk.
 
     @param pool: a started C{twisted.python.threadpool.ThreadPool} for the disk work (then
         C{reactor} is needed too), or C{None} to do it in the calling thread.
@@ -128,7 +134,14 @@ class InflightFile:
     """
 
     def __init__(
-        self, dest_path, methods=("sha512",), expected_size=None, what=None, reactor=None, pool=None
+        self,
+        dest_path,
+        methods=("sha512",),
+        expected_size=None,
+        what=None,
+        reactor=None,
+        pool=None,
+        max_size=None,
     ):
         self.dest_path = dest_path
         self.temp_path = inflight_name(dest_path)
@@ -136,7 +149,8 @@ class InflightFile:
         self.size = 0
         self.expected_size = expected_size
         self.declared_size = None
-        self._limit = expected_size
+        self.max_size = max_size
+        self._limit = _lowest(expected_size, max_size)
         self._hashers = {method: hashlib.new(check_method(method)) for method in methods}
         self._reactor = reactor
         self._pool = pool
@@ -164,8 +178,13 @@ class InflightFile:
         The server announces C{size} bytes.
 
         @raise SizeMismatch: the caller expects another size.
+        @raise TooLarge: C{size} is over C{max_size}.
         """
         self.declared_size = size
+        if self.max_size is not None and size > self.max_size:
+            raise TooLarge(
+                f"{self.what}: the server announces {size} bytes, over max_size {self.max_size}"
+            )
         if self.expected_size is not None and size != self.expected_size:
             raise SizeMismatch(
                 f"{self.what}: the server announces {size} bytes, {self.expected_size} expected"
@@ -178,14 +197,15 @@ class InflightFile:
         """
         Take the next C{data}. Bytes arriving after L{discard} are dropped.
 
-        @raise SizeMismatch: more bytes than announced arrived.
+        @raise TooLarge: more bytes than announced, or than C{max_size}, arrived.
         @raise LocalFailure: writing the bytes so far to disk failed.
         """
         if self._removal is not None:
             return
         self.size += len(data)
         if self._limit is not None and self.size > self._limit:
-            raise SizeMismatch(f"{self.what}: more than the {self._limit} bytes announced arrived")
+            what = "max_size" if self._limit == self.max_size else "announced"
+            raise TooLarge(f"{self.what}: more than the {self._limit} bytes {what} arrived")
         if self._error is not None:
             raise self._error
         self._pending.append(data)

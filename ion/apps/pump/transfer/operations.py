@@ -2,9 +2,12 @@
 
 import contextlib
 
+from twisted.internet.defer import Deferred
+
 from ion.apps.pump.transfer import file, ftp, http, sftp
+from ion.apps.pump.transfer.errors import TooLarge, TransferTimeout
 from ion.apps.pump.transfer.inflight import InflightFile, check_method
-from ion.apps.pump.transfer.limits import Timeouts
+from ion.apps.pump.transfer.limits import RateWatch, Timeouts
 from ion.apps.pump.transfer.location import Settings, locate
 from ion.apps.pump.transfer.outgoing import OutgoingFile
 from ion.apps.pump.transfer.results import TransferResult
@@ -45,6 +48,8 @@ async def get(
     pool=None,
     http_connections=None,
     active=None,
+    max_size=None,
+    min_rate=None,
 ):
     """
     Fetch C{url} into the local file C{dest_path}.
@@ -71,11 +76,20 @@ async def get(
     @param active: told C{add(sink)} when the transfer's L{InflightFile} is made and
         C{discard(sink)} when the transfer ends, however it ends (C{sink.size} is the bytes
         received so far), for the caller's progress figures; a set will do.
+    @param max_size: the most bytes to take: a larger C{expected_size} is refused before
+        connecting, a larger size announced by the server as soon as it says so, and the
+        transfer is cut as soon as more arrive (L{TooLarge}, 413, permanent).
+    @param min_rate: a L{MinRate}: a transfer that received fewer bytes than it asks over its
+        window fails as too slow (L{TransferTimeout}, 504, transient).
     @return: a L{TransferResult}; its checksum holds every method computed (C{sha512} when
         none was asked for).
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
     """
     location = locate(url, credentials)
+    if max_size is not None and expected_size is not None and expected_size > max_size:
+        raise TooLarge(
+            f"{location.shown}: announced size {expected_size} bytes is over max_size {max_size}"
+        )
     methods = []
     for method in (expected_checksum[0] if expected_checksum else None, cod):
         if method is not None and method not in methods:
@@ -83,14 +97,20 @@ async def get(
     settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool)
     async with _slot(limiter, url):
         sink = InflightFile(
-            dest_path, methods or ["sha512"], expected_size, location.shown, reactor, pool
+            dest_path,
+            methods or ["sha512"],
+            expected_size,
+            location.shown,
+            reactor,
+            pool,
+            max_size=max_size,
         )
         if active is not None:
             active.add(sink)
         try:
             try:
-                source_mtime, source_mode = await _SCHEMES[location.scheme].fetch(
-                    reactor, location, sink, settings
+                source_mtime, source_mode = await _fetch(
+                    reactor, location, sink, settings, min_rate
                 )
             except BaseException:
                 await sink.discard()
@@ -107,6 +127,28 @@ async def get(
         finally:
             if active is not None:
                 active.discard(sink)
+
+
+async def _fetch(reactor, location, sink, settings, min_rate):
+    """The scheme's fetch into C{sink}, cancelled as too slow when it falls below C{min_rate}."""
+    fetching = Deferred.fromCoroutine(
+        _SCHEMES[location.scheme].fetch(reactor, location, sink, settings)
+    )
+    if min_rate is None:
+        return await fetching
+    watch = RateWatch(reactor, min_rate, lambda: sink.size, fetching.cancel)
+    try:
+        return await fetching
+    except BaseException:
+        if watch.slow is None:
+            raise
+        # Whatever the cancelled scheme ended with, the reason is the rate.
+        raise TransferTimeout(
+            f"{location.shown}: too slow: {watch.slow} bytes in {min_rate.window:g} s "
+            f"(min_rate {min_rate.bytes_per_s:g} bytes/s)"
+        ) from None
+    finally:
+        watch.stop()
 
 
 async def put(
