@@ -19,7 +19,9 @@ A `Consumer` consumes a durable queue `q_<user>.consumer.<name>` bound to `excha
 5. fetch the file itself (`ion.apps.pump.transfer.worker.Transfers`, with the `transfer`
    settings: timeouts, per_host, credentials), verified against the notice's size and
    checksum, at most `parallel` transfers at a time, each given up after `transfer_timeout`
-   seconds. Delivered: optional re-announce (sarra mode), a 201 report, the key added to the
+   seconds. The directories of a file are made (and its inflight file written) from a
+   descriptor of the destination directory, never through a symbolic link (see
+   `ion.apps.pump.transfer.inflight`). Delivered: optional re-announce (sarra mode), a 201 report, the key added to the
    duplicate cache. A transient failure (see `ion.apps.pump.outcome`: 499/500/503/504) goes
    to the on-disk retry queue (`retryqueue.py`); a permanent one gets one failure report.
 
@@ -79,7 +81,12 @@ from ion.apps.pump.notice import (
 from ion.apps.pump.outcome import Failure, classify
 from ion.apps.pump.retryqueue import RetryQueue
 from ion.apps.pump.transfer import TransferError
-from ion.apps.pump.transfer.inflight import SWEEP_MIN_AGE, sweep, sweep_files
+from ion.apps.pump.transfer.inflight import (
+    SWEEP_MIN_AGE,
+    DestinationRoot,
+    sweep,
+    sweep_files,
+)
 from ion.apps.pump.transfer.worker import Transfers, check_settings
 from ion.apps.pump.user import pump_user
 from ion.core.process import Process
@@ -113,9 +120,6 @@ DEFAULTS = {
     "stop_grace": 10,
 }
 
-# Directories remembered as existing (forgotten all at once beyond this many, and each one
-# after a failed transfer into it).
-MADE_DIRECTORIES = 10000
 _NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
 # Fields copied into the report of an oversized message (the rest could be what is too big).
 _OVERSIZE_KEEP = ("pubTime", "baseUrl", "relPath", "retrievePath", "source", "size", "mtime")
@@ -343,7 +347,9 @@ class Consumer(Process):
             "failures": {},
         }
         self.transfers = None
+        self.root = None
         if not self.discard:
+            self.root = DestinationRoot(self.real_directory)
             self.transfers = Transfers(
                 self.container.reactor,
                 dict(args["transfer"], parallel=args["parallel"]),
@@ -351,7 +357,6 @@ class Consumer(Process):
             )
         self._tasks = set()
         self._working = set()  # duplicate keys of the messages being fetched
-        self._made = set()  # directories made (or found) under the destination
         self._declared = set()
         self._retry_call = None
         self._flush_call = None
@@ -421,6 +426,8 @@ class Consumer(Process):
         await self._close_transfers()
 
     def _close_transfers(self):
+        if self.root is not None:
+            self.root.close()
         transfers, self.transfers = self.transfers, None
         if transfers is None:
             return defer.succeed(None)
@@ -650,26 +657,17 @@ class Consumer(Process):
             options["mtime"] = parse_time(notice.mtime)
         if notice.mode is not None:
             options["mode"] = int(notice.mode, 8)
-        directory = os.path.dirname(path)
-        while True:
-            made = directory in self._made
-            try:
-                if not made:
-                    os.makedirs(directory, exist_ok=True)
-                    if len(self._made) >= MADE_DIRECTORIES:
-                        self._made.clear()
-                    self._made.add(directory)
-                fetching = defer.Deferred.fromCoroutine(self._get(url, path, options))
-                fetching.addTimeout(self.settings["transfer_timeout"], self.container.clock)
-                return await fetching, None
-            except defer.TimeoutError:
-                timeout = self.settings["transfer_timeout"]
-                return None, Failure(504, f"transfer not done after {timeout} s")
-            except Exception as e:
-                self._made.discard(directory)
-                if made and not os.path.isdir(directory):
-                    continue  # removed since we made it: made again, and tried once more
-                return None, classify(e)
+        # The directories of `path` are made by the transfer, from the root's descriptor.
+        options["dest_root"] = self.root
+        try:
+            fetching = defer.Deferred.fromCoroutine(self._get(url, path, options))
+            fetching.addTimeout(self.settings["transfer_timeout"], self.container.clock)
+            return await fetching, None
+        except defer.TimeoutError:
+            timeout = self.settings["transfer_timeout"]
+            return None, Failure(504, f"transfer not done after {timeout} s")
+        except Exception as e:
+            return None, classify(e)
 
     async def _get(self, url, path, options):
         """One transfer (a separate method: tests make transfers fail by overriding it)."""

@@ -626,9 +626,9 @@ class InflightFilePoolTests(TestCase):
         threads = []
         original = inflight.directories.sync
 
-        def sync(path):
+        def sync(key, fd):
             threads.append(threading.current_thread())
-            original(path)
+            original(key, fd)
 
         self.patch(inflight.directories, "sync", sync)
         data = os.urandom(3 * BUFFER_LIMIT)
@@ -746,17 +746,17 @@ class DirectorySyncsTests(SynchronousTestCase):
         calls = []
         started, release = threading.Event(), threading.Event()
 
-        def fsync(path):
-            calls.append(path)
+        def fsync(fd):
+            calls.append(fd)
             if len(calls) == 1:
                 started.set()
                 release.wait(10)
 
         self.patch(inflight, "_fsync_directory", fsync)
-        leader = threading.Thread(target=syncs.sync, args=("d",))
+        leader = threading.Thread(target=syncs.sync, args=("d", 7))
         leader.start()
         started.wait(10)
-        followers = [threading.Thread(target=syncs.sync, args=("d",)) for _ in range(5)]
+        followers = [threading.Thread(target=syncs.sync, args=("d", 7)) for _ in range(5)]
         for thread in followers:
             thread.start()
         deadline = time.monotonic() + 10
@@ -766,7 +766,7 @@ class DirectorySyncsTests(SynchronousTestCase):
         release.set()
         for thread in [leader] + followers:
             thread.join(10)
-        self.assertEqual(calls, ["d", "d"])
+        self.assertEqual(calls, [7, 7])
         self.assertEqual(syncs._directories, {})
 
     def test_failure(self):
@@ -776,14 +776,14 @@ class DirectorySyncsTests(SynchronousTestCase):
         syncs = DirectorySyncs()
         outcomes = [OSError(5, "Input/output error"), None]
 
-        def fsync(path):
+        def fsync(fd):
             error = outcomes.pop(0)
             if error is not None:
                 raise error
 
         self.patch(inflight, "_fsync_directory", fsync)
-        self.assertRaises(OSError, syncs.sync, "d")
-        syncs.sync("d")
+        self.assertRaises(OSError, syncs.sync, "d", 7)
+        syncs.sync("d", 7)
         self.assertEqual((outcomes, syncs._directories), ([], {}))
 
 

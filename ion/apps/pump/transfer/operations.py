@@ -45,6 +45,7 @@ async def get(
     pool=None,
     http_connections=None,
     active=None,
+    dest_root=None,
 ):
     """
     Fetch C{url} into the local file C{dest_path}.
@@ -71,6 +72,10 @@ async def get(
     @param active: told C{add(sink)} when the transfer's L{InflightFile} is made and
         C{discard(sink)} when the transfer ends, however it ends (C{sink.size} is the bytes
         received so far), for the caller's progress figures; a set will do.
+    @param dest_root: the L{DestinationRoot} (or directory path) that C{dest_path} is under:
+        the directories in between are made when missing and never reached through a
+        symbolic link (a link there fails the transfer with 422). Default: the directory of
+        C{dest_path}, which must exist.
     @return: a L{TransferResult}; its checksum holds every method computed (C{sha512} when
         none was asked for).
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
@@ -83,7 +88,13 @@ async def get(
     settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool)
     async with _slot(limiter, url):
         sink = InflightFile(
-            dest_path, methods or ["sha512"], expected_size, location.shown, reactor, pool
+            dest_path,
+            methods or ["sha512"],
+            expected_size,
+            location.shown,
+            reactor,
+            pool,
+            root=dest_root,
         )
         if active is not None:
             active.add(sink)

@@ -159,7 +159,7 @@ class Transfers:
 
     async def get(self, url, path, **options):
         """`ion.apps.pump.transfer.get` of `url` into `path` (options: expected_size,
-        expected_checksum, cod, mtime, mode)."""
+        expected_checksum, cod, mtime, mode, dest_root)."""
         return await self._run(get, url, path, active=self.received, **options)
 
     async def put(self, path, url):
