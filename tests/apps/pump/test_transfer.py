@@ -50,6 +50,7 @@ from ion.apps.pump.transfer.inflight import (
 )
 from ion.apps.pump.transfer.limits import IdleTimer
 from ion.core import credentials as core_credentials
+from tests.apps.pump.fixtures import unblock_after
 from tests.apps.pump.servers import leftovers, write_file
 
 SECRET = "s3cr3t-Pa55"
@@ -976,6 +977,225 @@ class FileSchemeTests(TestCase):
         """
         with self.assertRaises(NotFound):
             await transfer.list(reactor, "file://" + self.src_dir + "/nope")
+
+
+class SwapOnWrite:
+    """
+    An C{active} set for L{transfer.get} that calls C{swap(sink)} right after the first bytes
+    (or, with C{on_disk}, the first bytes once the temporary file exists) reached the
+    transfer's sink: a deterministic moment "while the file is being fetched".
+    """
+
+    def __init__(self, swap, on_disk=False):
+        self.swap = swap
+        self.on_disk = on_disk
+        self.swapped = False
+
+    def add(self, sink):
+        write = sink.write
+
+        def hooked(data):
+            write(data)
+            if not self.swapped and (not self.on_disk or os.path.exists(sink.temp_path)):
+                self.swapped = True
+                self.swap(sink)
+
+        sink.write = hooked
+
+    def discard(self, sink):
+        pass
+
+
+class LocalSafetyTests(TestCase):
+    """
+    Local files are opened without following a final link or waiting on a pipe, and files
+    are written below a destination root without ever following a link planted in it.
+    """
+
+    def setUp(self):
+        base = os.path.abspath(self.mktemp())
+        self.src_dir = os.path.join(base, "src")
+        self.root = os.path.join(base, "root")
+        self.outside = os.path.join(base, "outside")
+        for path in (self.src_dir, self.root, self.outside):
+            os.makedirs(path)
+        self.data = os.urandom(300_000)
+        self.src = write_file(os.path.join(self.src_dir, "f.bin"), self.data)
+        self.big = os.urandom(3 * BUFFER_LIMIT)
+        self.big_src = write_file(os.path.join(self.src_dir, "big.bin"), self.big)
+        self.pool = ThreadPool(minthreads=0, maxthreads=2)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+
+    async def test_fifoRefusedAtOnce(self):
+        """
+        A named pipe (or a device) as source fails at once with a permanent 422 "not a
+        regular file", with or without a pool: opening it never waits for a writer, which
+        would freeze the reactor.
+        """
+        fifo = os.path.join(self.src_dir, "pipe")
+        os.mkfifo(fifo)
+        writer_came = unblock_after(self, fifo, 2)
+        dest = os.path.join(self.root, "x")
+        for url, pool in (
+            ("file://" + fifo, None),
+            ("file://" + fifo, self.pool),
+            ("file:///dev/null", self.pool),
+        ):
+            with self.assertRaises(BadRequest) as caught:
+                await transfer.get(reactor, url, dest, pool=pool)
+            self.assertFalse(writer_came.is_set(), "the open waited for a writer")
+            error = caught.exception
+            self.assertEqual((error.code, error.transient), (422, False))
+            self.assertIn("not a regular file", error.message)
+        self.assertEqual(os.listdir(self.root), [])
+
+    async def test_finalLinkNotFollowed(self):
+        """
+        A file: URL whose last component is a symbolic link is refused (422), even one to a
+        readable regular file.
+        """
+        link = os.path.join(self.src_dir, "link")
+        os.symlink(self.src, link)
+        dest = os.path.join(self.root, "x")
+        with self.assertRaises(BadRequest) as caught:
+            await transfer.get(reactor, "file://" + link, dest, pool=self.pool)
+        self.assertEqual(caught.exception.code, 422)
+        self.assertIn("symbolic link", caught.exception.message)
+        self.assertEqual(os.listdir(self.root), [])
+
+    async def test_sourceReadInPool(self):
+        """
+        With a pool, the source file is opened and read in its threads, not the reactor's.
+        """
+        threads = []
+        source_fds = set()
+        real_open, real_read = os.open, os.read
+
+        def opening(path, *args, **kwargs):
+            fd = real_open(path, *args, **kwargs)
+            if path == self.big_src:
+                threads.append(threading.current_thread())
+                source_fds.add(fd)
+            return fd
+
+        def reading(fd, size):
+            if fd in source_fds:
+                threads.append(threading.current_thread())
+            return real_read(fd, size)
+
+        self.patch(os, "open", opening)
+        self.patch(os, "read", reading)
+        dest = os.path.join(self.root, "x")
+        result = await transfer.get(reactor, "file://" + self.big_src, dest, pool=self.pool)
+        self.assertEqual(result.size, len(self.big))
+        self.assertGreater(len(threads), 2)
+        self.assertNotIn(threading.main_thread(), threads)
+
+    async def test_directoriesMadeBelowRoot(self):
+        """
+        With a destination root, the directories between it and the file are made; small and
+        streamed files alike land in place.
+        """
+        for name, data in (("f.bin", self.data), ("big.bin", self.big)):
+            dest = os.path.join(self.root, "a", "b", name)
+            result = await transfer.get(
+                reactor,
+                "file://" + os.path.join(self.src_dir, name),
+                dest,
+                dest_root=self.root,
+                expected_checksum=("sha512", sha512(data)),
+                pool=self.pool,
+            )
+            self.assertEqual(result.path, dest)
+            with open(dest, "rb") as f:
+                self.assertEqual(f.read(), data)
+        self.assertEqual(sorted(os.listdir(os.path.join(self.root, "a", "b"))), ["big.bin", "f.bin"])
+
+    async def test_linkBelowRootRefused(self):
+        """
+        A symbolic link between the root and the file (to a directory outside, or even
+        inside) is never followed: 422, nothing written.
+        """
+        os.symlink(self.outside, os.path.join(self.root, "out"))
+        os.makedirs(os.path.join(self.root, "in"))
+        os.symlink(os.path.join(self.root, "in"), os.path.join(self.root, "inlink"))
+        for rel in ("out/x", "out/new/x", "inlink/x"):
+            with self.assertRaises(LocalFailure) as caught:
+                await transfer.get(
+                    reactor,
+                    "file://" + self.src,
+                    os.path.join(self.root, *rel.split("/")),
+                    dest_root=self.root,
+                    pool=self.pool,
+                )
+            self.assertEqual((caught.exception.code, caught.exception.transient), (422, False))
+            self.assertIn("is a symbolic link", caught.exception.message)
+        self.assertEqual(os.listdir(self.outside), [])
+        self.assertEqual(os.listdir(os.path.join(self.root, "in")), [])
+
+    def swap_to_outside(self, directory):
+        """Replace C{directory} by a symbolic link to the outside directory (the attack)."""
+        os.rename(directory, directory + ".old")
+        os.symlink(self.outside, directory)
+
+    async def test_directorySwappedWhileBuffered(self):
+        """
+        A small file's directory replaced by a link to the outside while the bytes arrive:
+        the file fails with 422 when it is written, and nothing is written outside.
+        """
+        directory = os.path.join(self.root, "a")
+        os.makedirs(directory)
+        hook = SwapOnWrite(lambda sink: self.swap_to_outside(directory))
+        with self.assertRaises(LocalFailure) as caught:
+            await transfer.get(
+                reactor,
+                "file://" + self.src,
+                os.path.join(directory, "x"),
+                dest_root=self.root,
+                active=hook,
+                pool=self.pool,
+            )
+        self.assertTrue(hook.swapped)
+        self.assertEqual(caught.exception.code, 422)
+        self.assertEqual(os.listdir(self.outside), [])
+        self.assertEqual(os.listdir(directory + ".old"), [])
+
+    async def test_directorySwappedWhileStreaming(self):
+        """
+        A streamed file's directory replaced by a link to the outside after its temporary
+        file was created there: the file is not renamed into the old directory as if
+        delivered, it fails with 422; nothing is written outside and no temporary file stays.
+        """
+        directory = os.path.join(self.root, "a")
+
+        def swap(sink):
+            self.assertEqual(len(leftovers(directory)), 1)
+            self.swap_to_outside(directory)
+
+        hook = SwapOnWrite(swap, on_disk=True)
+        with self.assertRaises(LocalFailure) as caught:
+            await transfer.get(
+                reactor,
+                "file://" + self.big_src,
+                os.path.join(directory, "x"),
+                dest_root=self.root,
+                active=hook,
+            )
+        self.assertTrue(hook.swapped)
+        self.assertEqual(caught.exception.code, 422)
+        self.assertIn("replaced during the transfer", caught.exception.message)
+        self.assertEqual(os.listdir(self.outside), [])
+        self.assertEqual(os.listdir(directory + ".old"), [])
+
+    async def test_destinationOutsideRootRefused(self):
+        """
+        A destination path that is not below the root given is refused before any disk work.
+        """
+        for dest in (os.path.join(self.outside, "x"), os.path.join(self.root, "..", "x")):
+            with self.assertRaises(BadRequest):
+                await transfer.get(reactor, "file://" + self.src, dest, dest_root=self.root)
+        self.assertEqual(os.listdir(self.outside), [])
 
 
 class TimeoutsTests(SynchronousTestCase):
