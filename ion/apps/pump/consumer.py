@@ -349,7 +349,7 @@ class Consumer(Process):
         self.transfers = None
         self.root = None
         if not self.discard:
-            self.root = DestinationRoot(self.real_directory)
+            self.root = DestinationRoot(self.real_directory, make=True)
             self.transfers = Transfers(
                 self.container.reactor,
                 dict(args["transfer"], parallel=args["parallel"]),

@@ -8,6 +8,7 @@ constant memory is checked in C{test_transfer_memory}.
 import base64
 import hashlib
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -45,6 +46,7 @@ from ion.apps.pump.transfer import inflight
 from ion.apps.pump.transfer.inflight import (
     BACKLOG_LIMIT,
     BUFFER_LIMIT,
+    DestinationRoot,
     DirectorySyncs,
     InflightFile,
 )
@@ -1111,6 +1113,33 @@ class LocalSafetyTests(TestCase):
             with open(dest, "rb") as f:
                 self.assertEqual(f.read(), data)
         self.assertEqual(sorted(os.listdir(os.path.join(self.root, "a", "b"))), ["big.bin", "f.bin"])
+
+    async def test_rootHeldOpen(self):
+        """
+        A L{DestinationRoot} is opened once for all the files placed under it; one made with
+        C{make} is made again if it was removed, and a closed one refuses new files (503).
+        """
+        opened = []
+        real_open = os.open
+
+        def opening(path, *args, **kwargs):
+            if path == self.root:
+                opened.append(path)
+            return real_open(path, *args, **kwargs)
+
+        self.patch(os, "open", opening)
+        root = DestinationRoot(self.root, make=True)
+        url = "file://" + self.src
+        for name in ("1", "2"):
+            await transfer.get(reactor, url, os.path.join(self.root, "a", name), dest_root=root)
+        self.assertEqual(len(opened), 1)
+        shutil.rmtree(self.root)
+        await transfer.get(reactor, url, os.path.join(self.root, "a", "3"), dest_root=root)
+        self.assertEqual(os.listdir(os.path.join(self.root, "a")), ["3"])
+        root.close()
+        with self.assertRaises(LocalFailure) as caught:
+            await transfer.get(reactor, url, os.path.join(self.root, "a", "4"), dest_root=root)
+        self.assertEqual((caught.exception.code, caught.exception.transient), (503, True))
 
     async def test_linkBelowRootRefused(self):
         """

@@ -136,10 +136,14 @@ class DestinationRoot:
 
     Thread-safe; the descriptor is opened by the first disk job that needs it and closed by
     L{close} once no job uses it any more.
+
+    @param make: make the root directory (and its parents) when it is missing, as when an
+        operator removed it while the process ran.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, make=False):
         self.path = path
+        self.make = make
         self._lock = threading.Lock()
         self._fd = None
         self._stale = []  # descriptors replaced by a reopen, closed once no job uses them
@@ -158,7 +162,7 @@ class DestinationRoot:
                 raise LocalFailure(f"{self.path}: the destination is closed", code=503)
             if self._fd is None or reopen:
                 try:
-                    fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    fd = self._open()
                 except OSError as exc:
                     raise LocalFailure.from_os_error(
                         f"cannot open destination directory {self.path}", exc
@@ -168,6 +172,16 @@ class DestinationRoot:
                 self._fd = fd
             self._users += 1
             return self._fd
+
+    def _open(self):
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        try:
+            return os.open(self.path, flags)
+        except FileNotFoundError:
+            if not self.make:
+                raise
+        os.makedirs(self.path, exist_ok=True)
+        return os.open(self.path, flags)
 
     def release(self):
         """A job is done with the descriptor L{acquire} gave it."""
