@@ -952,6 +952,20 @@ class FileSchemeTests(TestCase):
             await transfer.put(reactor, self.src + ".missing", "file://" + self.dest)
         self.assertEqual((caught.exception.code, caught.exception.transient), (422, False))
 
+    async def test_putFifoSource(self):
+        """
+        Putting a named pipe fails at once (422 "not a regular file") instead of waiting for
+        a writer with the reactor stopped.
+        """
+        fifo = os.path.join(self.src_dir, "pipe")
+        os.mkfifo(fifo)
+        writer_came = unblock_after(self, fifo, 2)
+        with self.assertRaises(LocalFailure) as caught:
+            await transfer.put(reactor, fifo, "file://" + self.dest)
+        self.assertFalse(writer_came.is_set(), "the open waited for a writer")
+        self.assertEqual(caught.exception.code, 422)
+        self.assertIn("not a regular file", caught.exception.message)
+
     async def test_destinationDirectoryMissing(self):
         """
         A destination whose directory is missing is a permanent L{LocalFailure} (422).

@@ -5,7 +5,7 @@ A source file is opened with C{O_NOFOLLOW | O_NONBLOCK}, so neither a symbolic l
 last component nor a named pipe waiting for a writer can redirect or stall it, and is checked
 with C{fstat} on the descriptor: only a regular file is copied (anything else is a permanent
 422). The open and the reads run in the caller's thread pool, so a slow disk never holds up
-the reactor; without a pool they run at once.
+the reactor; without a pool they run at once. So do directory listings.
 """
 
 import errno
@@ -168,7 +168,14 @@ async def store(reactor, outgoing, location, settings):
 
 
 async def listdir(reactor, location, settings):
-    """The entries of the local directory at C{location} (symbolic links are not followed)."""
+    """The entries of the local directory at C{location} (symbolic links are not followed),
+    read in the pool when there is one."""
+    if settings.pool is None:
+        return _listdir(location)
+    return await deferToThreadPool(reactor, settings.pool, _listdir, location)
+
+
+def _listdir(location):
     entries = []
     try:
         with os.scandir(location.path) as names:

@@ -175,7 +175,7 @@ async def list(
 ):
     """
     The entries of the remote directory C{url}, sorted by name (C{.} and C{..} left out).
-    C{http_connections} as in L{get}; C{pool} is not used (listings are read in memory).
+    C{http_connections} as in L{get}; C{pool} reads local (file) directories.
 
     @rtype: a list of L{Entry}
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
