@@ -19,9 +19,7 @@ A `Consumer` consumes a durable queue `q_<user>.consumer.<name>` bound to `excha
 5. fetch the file itself (`ion.apps.pump.transfer.worker.Transfers`, with the `transfer`
    settings: timeouts, per_host, credentials), verified against the notice's size and
    checksum, at most `parallel` transfers at a time, each given up after `transfer_timeout`
-   seconds. The directories of a file are made (and its inflight file written) from a
-   descriptor of the destination directory, never through a symbolic link (see
-   `ion.apps.pump.transfer.inflight`). Delivered: optional re-announce (sarra mode), a 201 report, the key added to the
+   seconds. Delivered: optional re-announce (sarra mode), a 201 report, the key added to the
    duplicate cache. A transient failure (see `ion.apps.pump.outcome`: 499/500/503/504) goes
    to the on-disk retry queue (`retryqueue.py`); a permanent one gets one failure report.
 
@@ -29,6 +27,10 @@ A `Consumer` consumes a durable queue `q_<user>.consumer.<name>` bound to `excha
    service: a call per file doubled the broker messages of every delivery. To fetch more at
    a time, run more consumers of the same subscription (they share its queue), in this
    container or others.
+
+   The file's directories are made, and the file written, in the transfer's disk thread from
+   a descriptor of `directory` held open (`DestinationRoot`), never through a symbolic link:
+   a link below `directory`, also one planted during the fetch, fails the file with 422.
 
 On start, temporary files (`.<name>.<random>.inflight`) that a killed earlier run left in the
 destination tree are removed, in a thread (files other processes are writing are kept; one

@@ -1126,7 +1126,8 @@ class LocalSafetyTests(TestCase):
             self.assertEqual(result.path, dest)
             with open(dest, "rb") as f:
                 self.assertEqual(f.read(), data)
-        self.assertEqual(sorted(os.listdir(os.path.join(self.root, "a", "b"))), ["big.bin", "f.bin"])
+        made = os.path.join(self.root, "a", "b")
+        self.assertEqual(sorted(os.listdir(made)), ["big.bin", "f.bin"])
 
     async def test_rootHeldOpen(self):
         """

@@ -452,7 +452,7 @@ class InflightFile:
             except _NotADirectory as crossed:
                 self._root.release()
                 raise LocalFailure(
-                    f"cannot create {self.temp_path}: {self._shown(crossed.depth)} {crossed}",
+                    f"cannot write {self.dest_path}: {self._shown(crossed.depth)} {crossed}",
                     code=422,
                     transient=False,
                 ) from None
