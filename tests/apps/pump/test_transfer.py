@@ -42,6 +42,7 @@ from ion.apps.pump.transfer import (
     TransferError,
     TransferTimeout,
 )
+from ion.apps.pump.transfer import file as file_scheme
 from ion.apps.pump.transfer import inflight
 from ion.apps.pump.transfer.inflight import (
     BACKLOG_LIMIT,
@@ -995,6 +996,17 @@ class FileSchemeTests(TestCase):
             await transfer.list(reactor, "file://" + self.src_dir + "/nope")
 
 
+def descriptors_to(path):
+    """How many of this process's file descriptors are open on C{path}."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == path
+        except OSError:
+            pass
+    return count
+
+
 class SwapOnWrite:
     """
     An C{active} set for L{transfer.get} that calls C{swap(sink)} right after the first bytes
@@ -1107,6 +1119,37 @@ class LocalSafetyTests(TestCase):
         self.assertEqual(result.size, len(self.big))
         self.assertGreater(len(threads), 2)
         self.assertNotIn(threading.main_thread(), threads)
+
+    async def test_cancelWhileOpeningInPool(self):
+        """
+        A get cancelled while the pool opens its source ends without waiting for the open;
+        the source is closed once the open is done, and nothing is left in the destination.
+        """
+        reached, release = threading.Event(), threading.Event()
+        original = file_scheme._Source._open
+
+        def blocked(source):
+            reached.set()
+            release.wait(10)
+            return original(source)
+
+        self.patch(file_scheme._Source, "_open", blocked)
+        self.addCleanup(release.set)
+        dest = os.path.join(self.root, "x")
+        d = Deferred.fromCoroutine(
+            transfer.get(reactor, "file://" + self.big_src, dest, pool=self.pool)
+        )
+        while not reached.is_set():
+            await deferLater(reactor, 0.005, lambda: None)
+        d.cancel()
+        with self.assertRaises(CancelledError):
+            await d  # without waiting for the open
+        release.set()
+        deadline = time.monotonic() + 5
+        while descriptors_to(self.big_src) and time.monotonic() < deadline:
+            await deferLater(reactor, 0.005, lambda: None)
+        self.assertEqual(descriptors_to(self.big_src), 0)
+        self.assertEqual(os.listdir(self.root), [])
 
     async def test_directoriesMadeBelowRoot(self):
         """
