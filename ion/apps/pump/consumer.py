@@ -398,7 +398,7 @@ class Consumer(Process):
         if young and not self._stopping:
             # Unlocked but just modified: looked at again once they are old enough to tell.
             self._sweep_call = self.container.clock.callLater(
-                SWEEP_MIN_AGE, self._sweep, sweep_files, young
+                SWEEP_MIN_AGE, self._sweep, sweep_files, young, SWEEP_MIN_AGE, self.real_directory
             )
 
     def _sweep_failed(self, failure):

@@ -587,6 +587,48 @@ class SweepTests(SynchronousTestCase):
         self.assertEqual(os.listdir(os.path.join(self.dir, "sub")), ["kept.dat"])
 
 
+class SweepLinkTests(SynchronousTestCase):
+    """
+    The sweep removes files through directory descriptors: a directory of the tree replaced by
+    a link never sends a removal outside the tree.
+    """
+
+    def setUp(self):
+        base = os.path.abspath(self.mktemp())
+        self.root = os.path.join(base, "root")
+        self.outside = os.path.join(base, "outside")
+        os.makedirs(os.path.join(self.root, "sub"))
+        os.makedirs(self.outside)
+
+    def old_file(self, directory, name):
+        path = write_file(os.path.join(directory, name), b"left over")
+        old = time.time() - inflight.SWEEP_MIN_AGE - 1
+        os.utime(path, (old, old))
+        return path
+
+    def test_secondLookThroughSwappedDirectory(self):
+        """
+        A young file looked at again after its directory was replaced by a link to a
+        directory holding a file of the same name: that file stays; the real tree's old
+        temporary files are removed.
+        """
+        name = ".f.dat.0123456789ab" + inflight.INFLIGHT_SUFFIX
+        young = write_file(os.path.join(self.root, "sub", name), b"young")
+        self.assertEqual(inflight.sweep(self.root), ([], [young]))
+        os.rename(os.path.join(self.root, "sub"), os.path.join(self.root, "moved"))
+        os.symlink(self.outside, os.path.join(self.root, "sub"))
+        victim = self.old_file(self.outside, name)
+        self.assertEqual(inflight.sweep_files([young], 0, root=self.root), ([], []))
+        self.assertTrue(os.path.exists(victim))
+        top = self.old_file(self.root, name)
+        self.assertEqual(inflight.sweep_files([top], 0, root=self.root), ([top], []))
+        moved = os.path.join(self.root, "moved", name)
+        old = time.time() - inflight.SWEEP_MIN_AGE - 1
+        os.utime(moved, (old, old))
+        self.assertEqual(inflight.sweep(self.root), ([moved], []))
+        self.assertTrue(os.path.exists(victim))
+
+
 class InflightFilePoolTests(TestCase):
     """
     With a thread pool, the disk work runs in its threads; cancelling a commit either stops it

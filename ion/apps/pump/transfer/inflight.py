@@ -737,42 +737,74 @@ def sweep(root, min_age=SWEEP_MIN_AGE):
     C{flock} is held is being written and is left alone, and so is one modified less than
     C{min_age} seconds ago (its writer may have created it and not locked it yet): those are
     returned as young, for L{sweep_files} to look at again once C{min_age} has passed. Runs
-    blocking (call it in a thread).
+    blocking (call it in a thread). The tree is walked by directory descriptors (C{os.fwalk})
+    and each file removed through its directory's: a link swapped into the tree meanwhile
+    cannot send a removal elsewhere.
 
     @return: C{(removed, young)}, lists of paths.
     """
-    found = []
-    for directory, subdirectories, names in os.walk(root):
+    removed, young = [], []
+    for directory, subdirectories, names, dir_fd in os.fwalk(root):
         for name in names:
             if is_inflight_name(name):
-                found.append(os.path.join(directory, name))
-    return sweep_files(found, min_age)
-
-
-def sweep_files(paths, min_age=SWEEP_MIN_AGE):
-    """L{sweep} for the temporary files at C{paths}: C{(removed, young)}."""
-    removed, young = [], []
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            continue  # gone already, or a link
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its writer is alive
-            # Checked with the lock held: a writer that locks it from now on is too late.
-            if os.fstat(fd).st_mtime > time.time() - min_age:
-                young.append(path)  # maybe created a moment ago, its lock not taken yet
-                continue
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                continue
-            removed.append(path)
-        finally:
-            os.close(fd)
+                _sweep_one(dir_fd, name, os.path.join(directory, name), min_age, removed, young)
     return removed, young
+
+
+def sweep_files(paths, min_age=SWEEP_MIN_AGE, root=None):
+    """
+    L{sweep} for the temporary files at C{paths}: C{(removed, young)}. With C{root} (the
+    directory C{paths} are under), each file's directory is reached from it without
+    following links, as L{InflightFile} does; a path crossing a link is left alone.
+    """
+    removed, young = [], []
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        root_fd = None if root is None else os.open(root, flags)
+    except OSError:
+        return removed, young  # the whole tree is gone
+    try:
+        for path in paths:
+            directory, name = os.path.split(path)
+            try:
+                if root_fd is None:
+                    dir_fd = os.open(directory or ".", flags)
+                else:
+                    dir_fd = _walk(root_fd, _components(root, directory, path), make=False)
+            except (OSError, BadRequest, _NotADirectory):
+                continue  # gone already, or not reachable without a link
+            try:
+                _sweep_one(dir_fd, name, path, min_age, removed, young)
+            finally:
+                if dir_fd != root_fd:
+                    os.close(dir_fd)
+    finally:
+        if root_fd is not None:
+            os.close(root_fd)
+    return removed, young
+
+
+def _sweep_one(dir_fd, name, path, min_age, removed, young):
+    try:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except OSError:
+        return  # gone already, or a link
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # its writer is alive
+        # Checked with the lock held: a writer that locks it from now on is too late.
+        if os.fstat(fd).st_mtime > time.time() - min_age:
+            young.append(path)  # maybe created a moment ago, its lock not taken yet
+            return
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return
+        removed.append(path)
+    finally:
+        os.close(fd)
