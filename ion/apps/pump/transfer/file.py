@@ -5,7 +5,7 @@ A source file is opened with C{O_NOFOLLOW | O_NONBLOCK}, so neither a symbolic l
 last component nor a named pipe waiting for a writer can redirect or stall it, and is checked
 with C{fstat} on the descriptor: only a regular file is copied (anything else is a permanent
 422). The open and the reads run in the caller's thread pool, so a slow disk never holds up
-the reactor; without a pool they run at once. So do directory listings.
+the reactor (without a pool they run at once); directory listings are read there too.
 """
 
 import errno
