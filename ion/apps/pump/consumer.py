@@ -32,6 +32,10 @@ A `Consumer` consumes a durable queue `q_<user>.consumer.<name>` bound to `excha
    a time, run more consumers of the same subscription (they share its queue), in this
    container or others.
 
+   The file's directories are made, and the file written, in the transfer's disk thread from
+   a descriptor of `directory` held open (`DestinationRoot`), never through a symbolic link:
+   a link below `directory`, also one planted during the fetch, fails the file with 422.
+
 On start, temporary files (`.<name>.<random>.inflight`) that a killed earlier run left in the
 destination tree are removed, in a thread (files other processes are writing are kept; one
 changed in the last few seconds is looked at again a few seconds later).
@@ -83,7 +87,12 @@ from ion.apps.pump.notice import (
 from ion.apps.pump.outcome import Failure, classify
 from ion.apps.pump.retryqueue import RetryQueue
 from ion.apps.pump.transfer import TransferError
-from ion.apps.pump.transfer.inflight import SWEEP_MIN_AGE, sweep, sweep_files
+from ion.apps.pump.transfer.inflight import (
+    SWEEP_MIN_AGE,
+    DestinationRoot,
+    sweep,
+    sweep_files,
+)
 from ion.apps.pump.transfer.worker import MAX_SIZE, Transfers, check_settings
 from ion.apps.pump.user import pump_user
 from ion.core.process import Process
@@ -119,9 +128,6 @@ DEFAULTS = {
     "stop_grace": 10,
 }
 
-# Directories remembered as existing (forgotten all at once beyond this many, and each one
-# after a failed transfer into it).
-MADE_DIRECTORIES = 10000
 _NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
 # Consumer args that are settings of its Transfers.
 _OWN_SETTINGS = ("parallel", "max_size", "min_rate")
@@ -354,13 +360,14 @@ class Consumer(Process):
             "failures": {},
         }
         self.transfers = None
+        self.root = None
         if not self.discard:
+            self.root = DestinationRoot(self.real_directory, make=True)
             self.transfers = Transfers(
                 self.container.reactor, args["transfer"], who=f"consumer {self.subscription}"
             )
         self._tasks = set()
         self._working = set()  # duplicate keys of the messages being fetched
-        self._made = set()  # directories made (or found) under the destination
         self._declared = set()
         self._retry_call = None
         self._flush_call = None
@@ -400,7 +407,7 @@ class Consumer(Process):
         if young and not self._stopping:
             # Unlocked but just modified: looked at again once they are old enough to tell.
             self._sweep_call = self.container.clock.callLater(
-                SWEEP_MIN_AGE, self._sweep, sweep_files, young
+                SWEEP_MIN_AGE, self._sweep, sweep_files, young, SWEEP_MIN_AGE, self.real_directory
             )
 
     def _sweep_failed(self, failure):
@@ -430,6 +437,8 @@ class Consumer(Process):
         await self._close_transfers()
 
     def _close_transfers(self):
+        if self.root is not None:
+            self.root.close()
         transfers, self.transfers = self.transfers, None
         if transfers is None:
             return defer.succeed(None)
@@ -671,26 +680,17 @@ class Consumer(Process):
             options["mtime"] = parse_time(notice.mtime)
         if notice.mode is not None:
             options["mode"] = int(notice.mode, 8)
-        directory = os.path.dirname(path)
-        while True:
-            made = directory in self._made
-            try:
-                if not made:
-                    os.makedirs(directory, exist_ok=True)
-                    if len(self._made) >= MADE_DIRECTORIES:
-                        self._made.clear()
-                    self._made.add(directory)
-                fetching = defer.Deferred.fromCoroutine(self._get(url, path, options))
-                fetching.addTimeout(self.settings["transfer_timeout"], self.container.clock)
-                return await fetching, None
-            except defer.TimeoutError:
-                timeout = self.settings["transfer_timeout"]
-                return None, Failure(504, f"transfer not done after {timeout} s")
-            except Exception as e:
-                self._made.discard(directory)
-                if made and not os.path.isdir(directory):
-                    continue  # removed since we made it: made again, and tried once more
-                return None, classify(e)
+        # The directories of `path` are made by the transfer, from the root's descriptor.
+        options["dest_root"] = self.root
+        try:
+            fetching = defer.Deferred.fromCoroutine(self._get(url, path, options))
+            fetching.addTimeout(self.settings["transfer_timeout"], self.container.clock)
+            return await fetching, None
+        except defer.TimeoutError:
+            timeout = self.settings["transfer_timeout"]
+            return None, Failure(504, f"transfer not done after {timeout} s")
+        except Exception as e:
+            return None, classify(e)
 
     async def _get(self, url, path, options):
         """One transfer (a separate method: tests make transfers fail by overriding it)."""

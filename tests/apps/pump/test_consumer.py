@@ -45,6 +45,7 @@ from tests.apps.pump.fixtures import (
     file_url,
     notice_fields,
     quiet,
+    unblock_after,
     until,
     write_source,
 )
@@ -924,6 +925,60 @@ class ConsumerScenarios:
         self.assertEqual(os.listdir(outside), ["x"])
         self.assertEqual(sorted(os.listdir(self.dest)), ["link"])
         self.assertEqual(self.consumer.stats["failures"], {"422": len(hostile)})
+
+    async def test_fifo_source_refused_at_once(self):
+        """A notice whose file: path is a named pipe gets a 422 report at once, and the
+        consumer goes on answering and delivering: opening the pipe never waits for a writer
+        (it froze the whole container). The notice comes from the pump's own user, whose
+        file: URLs are allowed."""
+        await self.pump(user="alice")
+        fifo = os.path.join(self.src, "p", "pipe")
+        os.makedirs(os.path.dirname(fifo))
+        os.mkfifo(fifo)
+        writer_came = unblock_after(self, fifo, 4)
+        await self.post(notice_fields(self.base_url, "p/pipe"))
+        await self.post_file("q/f.dat", b"delivered meanwhile")
+        reports = await self.wait_reports(2)
+        stats = await self.collector.rpc(self.consumer.pid, "stats")
+        self.assertFalse(writer_came.is_set(), "the consumer waited for a writer")
+        codes = {r["relPath"]: r["report"]["code"] for r in reports}
+        self.assertEqual(codes, {"p/pipe": 422, "q/f.dat": 201})
+        self.assertEqual(stats["failures"], {"422": 1})
+        self.assertEqual(self.dest_files(), ["q/f.dat"])
+        await self.settle()
+
+    async def test_directory_swapped_for_link_during_fetch(self):
+        """While a file is being fetched, its directory in the destination is replaced by a
+        symbolic link to a directory outside: the delivery fails with 422 and nothing is
+        written outside (the file used to land there, reported 201)."""
+        outside = os.path.join(self.base, "outside")
+        os.makedirs(outside)
+        directory = os.path.join(self.dest, "a")
+        os.makedirs(directory)
+        await self.pump(consumer=HeldConsumer, user="alice")
+        await self.post_file("a/f.dat", b"must not leave the destination")
+        await self.consumer.started
+        os.rename(directory, directory + ".old")
+        os.symlink(outside, directory)
+        self.consumer.release.callback(None)
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["code"], 422)
+        self.assertIn("symbolic link", report["report"]["message"])
+        self.assertEqual(os.listdir(outside), [])
+        self.assertEqual(os.listdir(directory + ".old"), [])
+        await self.settle()
+
+    async def test_inflight_named_relpath_refused(self):
+        """A relPath named like a transfer's temporary file is refused with 422 and not
+        delivered: the next start-up sweep would remove it."""
+        await self.pump(user="alice")
+        rel_path = "a/.x.txt.0123456789ab.inflight"
+        await self.post_file(rel_path, b"would be swept")
+        (report,) = await self.wait_reports(1)
+        self.assertEqual((report["relPath"], report["report"]["code"]), (rel_path, 422))
+        self.assertIn("temporary file", report["report"]["message"])
+        self.assertEqual(self.dest_files(), [])
+        await self.settle()
 
     async def test_invalid_messages(self):
         """Undecodable messages are dropped (no source to tell); invalid notices that name

@@ -50,6 +50,7 @@ async def get(
     active=None,
     max_size=None,
     min_rate=None,
+    dest_root=None,
 ):
     """
     Fetch C{url} into the local file C{dest_path}.
@@ -81,6 +82,10 @@ async def get(
         transfer is cut as soon as more arrive (L{TooLarge}, 413, permanent).
     @param min_rate: a L{MinRate}: a transfer that received fewer bytes than it asks over its
         window fails as too slow (L{TransferTimeout}, 504, transient).
+    @param dest_root: the L{DestinationRoot} (or directory path) that C{dest_path} is under:
+        the directories in between are made when missing and never reached through a
+        symbolic link (a link there fails the transfer with 422). Default: the directory of
+        C{dest_path}, which must exist.
     @return: a L{TransferResult}; its checksum holds every method computed (C{sha512} when
         none was asked for).
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
@@ -104,6 +109,7 @@ async def get(
             reactor,
             pool,
             max_size=max_size,
+            root=dest_root,
         )
         if active is not None:
             active.add(sink)
@@ -206,7 +212,7 @@ async def list(
 ):
     """
     The entries of the remote directory C{url}, sorted by name (C{.} and C{..} left out).
-    C{http_connections} as in L{get}; C{pool} is not used (listings are read in memory).
+    C{http_connections} as in L{get}; C{pool} reads local (file) directories.
 
     @rtype: a list of L{Entry}
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.

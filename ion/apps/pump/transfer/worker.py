@@ -166,7 +166,7 @@ class Transfers:
 
     async def get(self, url, path, **options):
         """`ion.apps.pump.transfer.get` of `url` into `path` (options: expected_size,
-        expected_checksum, cod, mtime, mode), bounded by `max_size` and `min_rate`."""
+        expected_checksum, cod, mtime, mode, dest_root), bounded by `max_size` and `min_rate`."""
         options.setdefault("max_size", self.max_size)
         options.setdefault("min_rate", self.min_rate)
         return await self._run(get, url, path, active=self.received, **options)
