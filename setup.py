@@ -11,8 +11,14 @@ setup(
     name="ion",
     version=version,
     description="ION capability container and data pump on Twisted",
-    packages=find_packages(include=["ion", "ion.*"]) + ["twisted.plugins"],
-    package_data={"ion.core.messaging": ["*.xml"]},
+    packages=find_packages(include=["ion", "ion.*"]) + ["twisted.plugins", "ion._res"],
+    # res/ (config, apps, releases) ships inside the package as ion/_res, where a container
+    # started outside a checkout finds it (ion.core.cc.tap.find_res_dir).
+    package_dir={"ion._res": "res"},
+    package_data={
+        "ion.core.messaging": ["*.xml"],
+        "ion._res": ["apps/*.app", "deploy/*.rel", "config/ion.config", "config/loglevels.cfg"],
+    },
     python_requires=">=3.11",
     install_requires=[
         "twisted[tls,conch]>=23.10",

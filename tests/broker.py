@@ -112,6 +112,11 @@ class PrivateBroker:
     # Extra users (password = name) with full rights on vhost '/', for tests that need
     # connections with distinct identities.
     users = ("alice", "bob", "carol", "dave")
+    # Users (password = name) restricted as on a shared sr3 pump: each may configure and write
+    # only its own queues `q_<user>...` and exchange `xs_<user>...`, and read those, its
+    # `xl_`/`xr_`/`xs_` exchanges and the public ones (`xpublic`). The pump itself runs as
+    # one of the full-rights users and declares xpublic, xreport and the xr_ exchanges.
+    restricted_users = ("rita", "ross")
 
     def __init__(self, server=None, nodename=None):
         self.server = server or find_rabbitmq_server()
@@ -135,10 +140,22 @@ class PrivateBroker:
         return f"amqp://{self.user}:{self.password}@{self.host}:{self.port}/"
 
     def url_for(self, user):
-        """The URL for one of `users` (its password is its name)."""
-        if user not in self.users:
-            raise ValueError(f"{user!r} is not one of the broker's users {self.users}")
+        """The URL for one of `users` or `restricted_users` (its password is its name)."""
+        if user not in self.users + self.restricted_users:
+            raise ValueError(
+                f"{user!r} is not one of the broker's users {self.users + self.restricted_users}"
+            )
         return f"amqp://{user}:{user}@{self.host}:{self.port}/"
+
+    def exchange_bind(self, user, destination, source, routing_key):
+        """exchange.bind as one of `users` or `restricted_users` (see `exchange_bind`)."""
+        self.url_for(user)
+        exchange_bind(self.host, self.port, user, user, destination, source, routing_key)
+
+    def publish_raw(self, user, exchange, routing_key, body, user_id=None):
+        """basic.publish as one of the users, as another client may (see `publish_raw`)."""
+        self.url_for(user)
+        publish_raw(self.host, self.port, user, user, exchange, routing_key, body, user_id)
 
     def tls_url_for(self, user, host="localhost"):
         """The amqps:// URL for one of `users`. The broker's certificate (signed by the CA in
@@ -186,6 +203,7 @@ class PrivateBroker:
     def _definitions(self):
         accounts = [(self.user, self.password, "administrator")]
         accounts += [(name, name, "") for name in self.users]
+        restricted = [(name, name, "") for name in self.restricted_users]
         return {
             "vhosts": [{"name": "/"}],
             "users": [
@@ -195,11 +213,21 @@ class PrivateBroker:
                     "hashing_algorithm": "rabbit_password_hashing_sha256",
                     "tags": tags,
                 }
-                for name, password, tags in accounts
+                for name, password, tags in accounts + restricted
             ],
             "permissions": [
                 {"user": name, "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}
                 for name, _, _ in accounts
+            ]
+            + [
+                {
+                    "user": name,
+                    "vhost": "/",
+                    "configure": f"^q_{name}.*|^xs_{name}.*",
+                    "write": f"^q_{name}.*|^xs_{name}.*",
+                    "read": f"^q_{name}.*|^x[lrs]_{name}.*|^x.*public$",
+                }
+                for name, _, _ in restricted
             ],
         }
 
@@ -386,29 +414,104 @@ def amqp_ready(host, port, user, password, timeout=2.0):
     """
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
-            s.sendall(b"AMQP\x00\x00\x09\x01")
-            if _read_method(s)[0] != (10, 10):  # connection.start
+            if not _open_connection(s, user, password):
                 return False
-            response = f"\0{user}\0{password}".encode()
-            s.sendall(
-                _method_frame(
-                    10,
-                    11,
-                    b"\0\0\0\0" + _shortstr(b"PLAIN") + _longstr(response) + _shortstr(b"en_US"),
-                )
-            )
-            method, tune = _read_method(s)
-            if method != (10, 30):  # connection.tune: answer with the broker's limits
-                return False
-            channel_max, frame_max, _heartbeat = struct.unpack("!HIH", tune)
-            s.sendall(_method_frame(10, 31, struct.pack("!HIH", channel_max, frame_max, 0)))
-            s.sendall(_method_frame(10, 40, _shortstr(b"/") + _shortstr(b"") + b"\0"))
-            if _read_method(s)[0] != (10, 41):  # connection.open-ok
-                return False
-            s.sendall(_method_frame(10, 50, struct.pack("!H", 200) + _shortstr(b"") + b"\0" * 4))
+            _close_connection(s)
             return True
     except (OSError, struct.error):
         return False
+
+
+def exchange_bind(host, port, user, password, destination, source, routing_key, timeout=5.0):
+    """Bind exchange `destination` to exchange `source` as `user` (RabbitMQ's exchange.bind,
+    which needs write permission on the destination and read on the source), as any AMQP
+    client of the broker could. Raises BrokerError with the broker's reply when refused."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        if not _open_connection(s, user, password):
+            raise BrokerError(f"{user} could not log in to {host}:{port}")
+        s.sendall(_method_frame(20, 10, _shortstr(b""), channel=1))  # channel.open
+        if _read_method(s)[0] != (20, 11):
+            raise BrokerError("channel.open refused")
+        arguments = (
+            b"\0\0"
+            + _shortstr(destination.encode())
+            + _shortstr(source.encode())
+            + _shortstr(routing_key.encode())
+            + b"\0"  # no-wait off
+            + _longstr(b"")  # no arguments
+        )
+        s.sendall(_method_frame(40, 30, arguments, channel=1))
+        method, reply = _read_method(s)
+        if method != (40, 31):  # exchange.bind-ok; else channel.close with code and text
+            raise BrokerError(f"exchange.bind refused {_reply_text(reply)}")
+        _close_connection(s)
+
+
+def publish_raw(host, port, user, password, exchange, routing_key, body, user_id=None,
+                timeout=5.0):
+    """Publish `body` as `user` as a client other than ours may: with no properties but
+    `user_id` (None: none at all, and RabbitMQ then checks nothing), and any routing key
+    (bytes: not necessarily UTF-8). Returns once the broker has handled it; raises BrokerError
+    with the broker's reply when refused."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        if not _open_connection(s, user, password):
+            raise BrokerError(f"{user} could not log in to {host}:{port}")
+        s.sendall(_method_frame(20, 10, _shortstr(b""), channel=1))  # channel.open
+        if _read_method(s)[0] != (20, 11):
+            raise BrokerError("channel.open refused")
+        if isinstance(routing_key, str):
+            routing_key = routing_key.encode()
+        arguments = b"\0\0" + _shortstr(exchange.encode()) + _shortstr(routing_key)
+        header = struct.pack("!HHQ", 60, 0, len(body))  # class basic, weight, body size
+        if user_id is None:
+            header += struct.pack("!H", 0)  # no property flags
+        else:
+            header += struct.pack("!H", 1 << 4) + _shortstr(user_id.encode())  # user-id only
+        s.sendall(
+            _method_frame(60, 40, arguments + b"\0", channel=1)  # basic.publish
+            + _frame(2, 1, header)
+            + _frame(3, 1, body)
+            # channel.close: its close-ok comes after the publish was handled
+            + _method_frame(20, 40, struct.pack("!H", 200) + _shortstr(b"") + b"\0" * 4, 1)
+        )
+        method, reply = _read_method(s)
+        if method != (20, 41):
+            raise BrokerError(f"basic.publish refused: {_reply_text(reply)}")
+        _close_connection(s)
+
+
+def _reply_text(reply):
+    """'(code): text' of a channel.close or connection.close."""
+    if len(reply) < 3:
+        return "(no reply)"
+    code = struct.unpack("!H", reply[:2])[0]
+    return f"({code}): {reply[3 : 3 + reply[2]].decode(errors='replace')}"
+
+
+def _open_connection(s, user, password):
+    """The AMQP handshake on socket s, up to connection.open-ok; False when refused."""
+    s.sendall(b"AMQP\x00\x00\x09\x01")
+    if _read_method(s)[0] != (10, 10):  # connection.start
+        return False
+    response = f"\0{user}\0{password}".encode()
+    s.sendall(
+        _method_frame(
+            10,
+            11,
+            b"\0\0\0\0" + _shortstr(b"PLAIN") + _longstr(response) + _shortstr(b"en_US"),
+        )
+    )
+    method, tune = _read_method(s)
+    if method != (10, 30):  # connection.tune: answer with the broker's limits
+        return False
+    channel_max, frame_max, _heartbeat = struct.unpack("!HIH", tune)
+    s.sendall(_method_frame(10, 31, struct.pack("!HIH", channel_max, frame_max, 0)))
+    s.sendall(_method_frame(10, 40, _shortstr(b"/") + _shortstr(b"") + b"\0"))
+    return _read_method(s)[0] == (10, 41)  # connection.open-ok
+
+
+def _close_connection(s):
+    s.sendall(_method_frame(10, 50, struct.pack("!H", 200) + _shortstr(b"") + b"\0" * 4))
 
 
 def _shortstr(b):
@@ -419,9 +522,12 @@ def _longstr(b):
     return struct.pack("!I", len(b)) + b
 
 
-def _method_frame(class_id, method_id, arguments):
-    payload = struct.pack("!HH", class_id, method_id) + arguments
-    return struct.pack("!BHI", 1, 0, len(payload)) + payload + b"\xce"
+def _method_frame(class_id, method_id, arguments, channel=0):
+    return _frame(1, channel, struct.pack("!HH", class_id, method_id) + arguments)
+
+
+def _frame(kind, channel, payload):
+    return struct.pack("!BHI", kind, channel, len(payload)) + payload + b"\xce"
 
 
 def _read_exactly(s, n):

@@ -99,14 +99,13 @@ def level_predicate(levels, default=LogLevel.info):
     return predicate
 
 
-# scheme://user:password@ -- the password is everything up to the last '@'
-# before the host, as urllib.parse reads it, so an unescaped '@' in the
-# password cannot leak its tail. Quotes and brackets end a URL in prose/reprs.
-_URL_PASSWORD = re.compile(
-    r"(?P<prefix>[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#:'\"<>]*:)"
-    r"(?P<password>[^\s/?#'\"<>]+)"
-    r"(?=@)"
-)
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# A scheme:// right after one of these (or at the start of a line) begins another URL; one
+# after anything else (a password holding "x://") may be inside the previous URL's password.
+_BEFORE_URL = frozenset(" \t'\"<([{,;=")
+# A user name runs up to the first ':'; one of these before it means that ':' is not in the
+# authority (a path like /a:b@c), so there is no password.
+_NOT_IN_USER = frozenset("/?#") | frozenset(" \t")
 
 
 def redact(text):
@@ -115,8 +114,46 @@ def redact(text):
 
     C{amqp://user:secret@host/vh} becomes C{amqp://user:***@host/vh}; URLs
     without a password are left alone.
+
+    The text is free (a message, a repr, a traceback), so where a URL ends is a
+    guess, and the guess is made so that no part of a password shows: a
+    password may hold any character but a line break (a quote, a space, C{@},
+    C{/}, C{?}, C{#}, brackets, as written unescaped by someone), so it is
+    taken to run from the C{:} after the user name to the I{last} C{@} before
+    the end of the line or the start of the next URL. A URL without a password
+    but with a port, followed later on its line by an C{@} (C{http://h:80/a@b}),
+    is therefore shown as C{http://h:***@b}: hidden too much rather than too
+    little.
     """
-    return _URL_PASSWORD.sub(r"\g<prefix>***", text)
+    starts = [m for m in _SCHEME.finditer(text)]
+    if not starts:
+        return text
+    out = []
+    done = 0  # text[:done] is in out
+    for index, match in enumerate(starts):
+        begin = match.end()
+        if begin <= done:
+            continue  # inside a password already hidden
+        end = len(text)
+        for later in starts[index + 1 :]:
+            at = later.start()
+            if text[at - 1] in _BEFORE_URL or text[at - 1] in "\r\n":
+                end = at
+                break
+        newline = text.find("\n", begin, end)
+        if newline >= 0:
+            end = newline
+        at = text.rfind("@", begin, end)
+        if at < 0:
+            continue
+        colon = text.find(":", begin, at)
+        if colon < 0 or any(ch in _NOT_IN_USER for ch in text[begin:colon]):
+            continue
+        out.append(text[done : colon + 1])
+        out.append("***")
+        done = at
+    out.append(text[done:])
+    return "".join(out)
 
 
 _KEPT_FIELDS = ("log_time", "log_level", "log_namespace")
@@ -187,7 +224,13 @@ class RedactedTextFileObserver:
             except Exception:  # noqa: BLE001 -- a log line must never raise
                 system = "UNFORMATTABLE"
         line = f"{self._timestamp(event.get('log_time'))} [{system}] {text}"
-        self._file.write(line.replace("\n", "\n\t") + "\n")
+        line = line.replace("\n", "\n\t") + "\n"
+        try:
+            self._file.write(line)
+        except UnicodeEncodeError:
+            # A lone surrogate (undecodable bytes of a file name) cannot be encoded: write it
+            # as a backslash escape rather than lose the line.
+            self._file.write(line.encode("utf-8", "backslashreplace").decode("utf-8"))
         self._file.flush()
 
 

@@ -183,14 +183,70 @@ class RedactTests(SynchronousTestCase):
             ("amqp://u:p%40ss@h/", "amqp://u:***@h/"),
             ("amqp://user@host/vh", "amqp://user@host/vh"),
             ("amqp://host:5672/vh", "amqp://host:5672/vh"),
-            ("http://user@host:8080/a@b", "http://user@host:8080/a@b"),
-            ("http://host:8080/?mail=a@b", "http://host:8080/?mail=a@b"),
+            ("http://user@host/a@b", "http://user@host/a@b"),
+            ("http://host/a:b@c", "http://host/a:b@c"),
+            ("http://host/?mail=a@b", "http://host/?mail=a@b"),
+            # A port followed by an '@' on its line reads as a password: too much hidden,
+            # never too little (the password could be '8080/a').
+            ("http://user@host:8080/a@b", "http://user@host:***@b"),
+            ("http://host:8080/?mail=a@b", "http://host:***@b"),
+            ("amqp://u:p@h/\nmail a@b", "amqp://u:***@h/\nmail a@b"),
+            ("x=amqp://u:a://b@h/", "x=amqp://u:***@h/"),
             ("memory://", "memory://"),
             ("no url here: a@b", "no url here: a@b"),
             ("", ""),
         ]
         for text, expected in cases:
             self.assertEqual(redact(text), expected, text)
+
+    def test_nasty_passwords(self):
+        """
+        A password holding characters that end a URL in prose or a repr (quotes, space,
+        C{@ / ? #}, brackets, braces, backslash, C{:}) is hidden whole, wherever the URL
+        stands: alone, in a sentence, quoted, in a repr, with another URL after it.
+        """
+        for password in NASTY_PASSWORDS:
+            url = f"amqp://pump:{password}@broker.example:5672/"
+            for text in [
+                url,
+                f"cannot reach {url}: refused",
+                f"url='{url}'",
+                repr({"broker": url, "n": 1}),
+                repr([url]),
+                f"from {url} to sftp://b:x@h2/d",
+            ]:
+                shown = redact(text)
+                assertHidden(self, password, shown)
+                self.assertIn("amqp://pump:***@broker.example:5672/", shown)
+
+
+# Passwords that end a regex for URLs early: a part of each (S3cr, 3tXy) must never show.
+NASTY_PASSWORDS = [
+    'S3cr"3tXy',
+    "S3cr'3tXy",
+    "S3cr@3tXy",
+    "S3cr@@3tXy",
+    "S3cr/3tXy",
+    "S3cr?3tXy",
+    "S3cr#3tXy",
+    "S3cr 3tXy",
+    "S3cr:3tXy",
+    "S3cr[3tXy",
+    "S3cr]3tXy",
+    "S3cr(3tXy",
+    "S3cr)3tXy",
+    "S3cr<3tXy",
+    "S3cr{3tXy}",
+    "S3cr\\3tXy",
+    "S3cr%223tXy",
+    "S3cr\"'@/?# ([{3tXy",
+]
+
+
+def assertHidden(testcase, password, shown):
+    """No piece of the password (split at its odd characters) shows in `shown`."""
+    for piece in ("S3cr", "3tXy"):
+        testcase.assertNotIn(piece, shown, (password, shown))
 
 
 class ObserverTests(SynchronousTestCase):
@@ -241,6 +297,36 @@ class ObserverTests(SynchronousTestCase):
         text = self.output.getvalue()
         self.assertIn("Unable to format event", text)
         self.assertNotIn("pw", text)
+
+    def test_nastyPasswordsInEvents(self):
+        """
+        Through the whole logging path, a broker URL's password is never written, whatever
+        it holds: in a field, in a repr of the arguments, in a failure's message.
+        """
+        self.observe()
+        for password in NASTY_PASSWORDS:
+            url = f"amqp://pump:{password}@broker.example:5672/"
+            self.log.info("connecting to {url}", url=url)
+            self.log.info("args {args}", args={"broker": url, "sysname": "ion"})
+            try:
+                raise ConnectionError(f"cannot reach {url}")
+            except ConnectionError:
+                self.log.failure("connection to {url} lost", url=url)
+        text = self.output.getvalue()
+        assertHidden(self, "any", text)
+        self.assertEqual(text.count("amqp://pump:***@broker.example:5672/"), 4 * 18)
+
+    def test_unencodableText(self):
+        """
+        A line holding a lone surrogate (undecodable bytes of a file name) is written, with
+        the surrogate escaped, to a strict UTF-8 stream; the observer does not fail.
+        """
+        raw = io.BytesIO()
+        output = io.TextIOWrapper(raw, encoding="utf-8")
+        self.publisher.addObserver(make_observer(output, [("ion", LogLevel.debug)]))
+        self.log.info("got {path}", path="a\udcff.txt")
+        output.flush()
+        self.assertIn(b"got a\\udcff.txt", raw.getvalue())
 
     def test_bracesInFields(self):
         """

@@ -15,9 +15,10 @@ kwargs (from `res/apps/pump.app`, a rel file's `args` or `-a "apparg_pump={...}"
 - `subscriptions`: a list of consumer args (see `ion.apps.pump.consumer`), each with a unique
   `name`: `exchange`, `topics`, `accept`, `reject`, `directory`, `mirror`, `strip`...;
 - `transfer`: {workers: N transfer service instances (default 2; the polls list through them),
-  timeouts, per_host, credentials, parallel}: the settings of `ion.apps.pump.transfer.worker`.
-  Consumers fetch files themselves with the same timeouts, per_host and credentials (a
-  subscription's own `transfer` wins) and their own `parallel`;
+  timeouts, per_host, credentials, parallel, max_size, min_rate}: the settings of
+  `ion.apps.pump.transfer.worker`. Consumers fetch files themselves with the same timeouts,
+  per_host and credentials (a subscription's own `transfer` wins) and their own `parallel`;
+  `max_size` and `min_rate` given here are the subscriptions' defaults too;
 - `ingest`: ingest args (see `ion.apps.pump.ingest`), e.g. {users: ['alice', 'bob']} for the
   exchanges `xs_alice`, `xs_bob` (default: the pump's user's only);
 - `report_router`: report router args (see `ion.apps.pump.report_router`), e.g. `log_path`;
@@ -34,6 +35,8 @@ from ion.apps.pump.transfer.worker import SETTINGS, check_settings
 from ion.core.process import Supervisor
 
 KWARGS = ("ingest", "polls", "progress", "report_router", "subscriptions", "transfer", "user")
+# Transfer settings that are consumer args of their own (a subscription may set its own).
+_BOUNDS = ("max_size", "min_rate")
 DEFAULT_SUBSCRIPTIONS = [
     {
         "name": "pump",
@@ -78,7 +81,7 @@ def plan(app_name="pump", **kwargs):
             f"{', '.join(SETTINGS)}"
         )
     check_settings(transfer, f"{app_name}: transfer")
-    fetching = {k: v for k, v in transfer.items() if k != "parallel"}
+    fetching = {k: v for k, v in transfer.items() if k not in ("parallel", *_BOUNDS)}
     router_args = dict(kwargs.get("report_router") or {})
     ingest_args = dict(kwargs.get("ingest") or {})
     if user is not None:
@@ -101,6 +104,9 @@ def plan(app_name="pump", **kwargs):
             args.setdefault("user", user)
         if fetching:
             args["transfer"] = dict(fetching, **(args.get("transfer") or {}))
+        for key in _BOUNDS:
+            if key in transfer:
+                args.setdefault(key, transfer[key])
         checked = consumer.check_args(args)
         if checked["name"] in names:
             raise ValueError(f"{app_name}: two subscriptions are named {checked['name']!r}")

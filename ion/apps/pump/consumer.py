@@ -14,7 +14,8 @@ A `Consumer` consumes a durable queue `q_<user>.consumer.<name>` bound to `excha
    cache kept on disk (`dupcache.py`) for `dup_ttl` seconds: acked, counted, no report. With
    `discard` (benchmarks) the message ends here: its key is remembered (written to the
    file once per reactor turn) and it is acked;
-4. place it under `directory` (mirror, directory, or strip=N; see `ion.apps.pump.paths`); a
+4. a `size` over `max_size` (default 10 GiB): one 413 report, nothing fetched, no retry;
+   place it under `directory` (mirror, directory, or strip=N; see `ion.apps.pump.paths`); a
    path that could leave the tree: one 422 report, nothing touched on disk (a `retrievePath`
    passes the same rules). Then judge its URL by the URL policy of `sources` and the notice's
    `source` (`ion.apps.pump.transfer.policy`): refused, one log line and a 403 report, never
@@ -22,14 +23,21 @@ A `Consumer` consumes a durable queue `q_<user>.consumer.<name>` bound to `excha
 5. fetch the file itself (`ion.apps.pump.transfer.worker.Transfers`, with the `transfer`
    settings: timeouts, per_host, credentials), verified against the notice's size and
    checksum, at most `parallel` transfers at a time, each given up after `transfer_timeout`
-   seconds. Delivered: optional re-announce (sarra mode), a 201 report, the key added to the
-   duplicate cache. A transient failure (see `ion.apps.pump.outcome`: 499/500/503/504) goes
-   to the on-disk retry queue (`retryqueue.py`); a permanent one gets one failure report.
+   seconds, cut when it passes the announced size or `max_size` (413, not retried) or
+   receives less than `min_rate` (default {bytes_per_s: 1024, window: 60}: fewer than
+   bytes_per_s * window bytes in the last window seconds; 504, retried). Delivered:
+   optional re-announce (sarra mode), a 201 report, the key added to the duplicate cache.
+   A transient failure (see `ion.apps.pump.outcome`: 499/500/503/504) goes to the on-disk
+   retry queue (`retryqueue.py`); a permanent one gets one failure report.
 
    The fetch runs in the consumer's own process rather than as a call to the `transfer`
    service: a call per file doubled the broker messages of every delivery. To fetch more at
    a time, run more consumers of the same subscription (they share its queue), in this
    container or others.
+
+   The file's directories are made, and the file written, in the transfer's disk thread from
+   a descriptor of `directory` held open (`DestinationRoot`), never through a symbolic link:
+   a link below `directory`, also one planted during the fetch, fails the file with 422.
 
 On start, temporary files (`.<name>.<random>.inflight`) that a killed earlier run left in the
 destination tree are removed, in a thread (files other processes are writing are kept; one
@@ -83,9 +91,14 @@ from ion.apps.pump.notice import (
 from ion.apps.pump.outcome import Failure, classify
 from ion.apps.pump.retryqueue import RetryQueue
 from ion.apps.pump.transfer import TransferError
-from ion.apps.pump.transfer.inflight import SWEEP_MIN_AGE, sweep, sweep_files
+from ion.apps.pump.transfer.inflight import (
+    SWEEP_MIN_AGE,
+    DestinationRoot,
+    sweep,
+    sweep_files,
+)
 from ion.apps.pump.transfer.policy import UrlPolicy, normalize
-from ion.apps.pump.transfer.worker import Transfers, check_settings
+from ion.apps.pump.transfer.worker import MAX_SIZE, Transfers, check_settings
 from ion.apps.pump.user import pump_user
 from ion.core.log import redact
 from ion.core.process import Process
@@ -113,6 +126,8 @@ DEFAULTS = {
     "retry_jitter": 0.2,
     "dup_ttl": 3600,
     "transfer_timeout": 600,
+    "max_size": MAX_SIZE,
+    "min_rate": {"bytes_per_s": 1024, "window": 60},
     "transfer": None,
     "sources": None,
     "max_notice_bytes": MAX_NOTICE_BYTES,
@@ -120,10 +135,9 @@ DEFAULTS = {
     "stop_grace": 10,
 }
 
-# Directories remembered as existing (forgotten all at once beyond this many, and each one
-# after a failed transfer into it).
-MADE_DIRECTORIES = 10000
 _NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
+# Consumer args that are settings of its Transfers.
+_OWN_SETTINGS = ("parallel", "max_size", "min_rate")
 # Fields copied into the report of an oversized message (the rest could be what is too big).
 _OVERSIZE_KEEP = ("pubTime", "baseUrl", "relPath", "retrievePath", "source", "size", "mtime")
 
@@ -308,11 +322,13 @@ def check_args(args):
     transfer = merged["transfer"] or {}
     if not isinstance(transfer, dict):
         raise ValueError(f"{who}: transfer must be a dict of transfer settings, got {transfer!r}")
-    if "parallel" in transfer:
-        raise ValueError(f"{who}: parallel is a consumer argument, not a transfer setting")
-    check_settings(dict(transfer, parallel=merged["parallel"]), who)
+    for key in _OWN_SETTINGS:
+        if key in transfer:
+            raise ValueError(f"{who}: {key} is a consumer argument, not a transfer setting")
+    # The consumer's Transfers take these from the consumer's own args.
+    merged["transfer"] = dict(transfer, **{key: merged[key] for key in _OWN_SETTINGS})
+    check_settings(merged["transfer"], who)
     UrlPolicy(merged["sources"], who=who)
-    merged["transfer"] = dict(transfer)
     for key in ("user", "state_dir"):
         if merged[key] is not None and not isinstance(merged[key], str):
             raise ValueError(f"{who}: {key} must be a string, got {merged[key]!r}")
@@ -337,6 +353,7 @@ class Consumer(Process):
             args["sources"], own_user=self.user, who=f"consumer {self.subscription}"
         )
         self.state_dir = args["state_dir"] or os.path.join("var", "pump", self.subscription)
+        self.claim_directory(self.state_dir)
         clock = self.container.clock
         self.real_directory = None
         if self.directory is not None:
@@ -369,15 +386,14 @@ class Consumer(Process):
             "failures": {},
         }
         self.transfers = None
+        self.root = None
         if not self.discard:
+            self.root = DestinationRoot(self.real_directory, make=True)
             self.transfers = Transfers(
-                self.container.reactor,
-                dict(args["transfer"], parallel=args["parallel"]),
-                who=f"consumer {self.subscription}",
+                self.container.reactor, args["transfer"], who=f"consumer {self.subscription}"
             )
         self._tasks = set()
         self._working = set()  # duplicate keys of the messages being fetched
-        self._made = set()  # directories made (or found) under the destination
         self._declared = set()
         self._retry_call = None
         self._flush_call = None
@@ -417,7 +433,7 @@ class Consumer(Process):
         if young and not self._stopping:
             # Unlocked but just modified: looked at again once they are old enough to tell.
             self._sweep_call = self.container.clock.callLater(
-                SWEEP_MIN_AGE, self._sweep, sweep_files, young
+                SWEEP_MIN_AGE, self._sweep, sweep_files, young, SWEEP_MIN_AGE, self.real_directory
             )
 
     def _sweep_failed(self, failure):
@@ -447,6 +463,8 @@ class Consumer(Process):
         await self._close_transfers()
 
     def _close_transfers(self):
+        if self.root is not None:
+            self.root.close()
         transfers, self.transfers = self.transfers, None
         if transfers is None:
             return defer.succeed(None)
@@ -627,6 +645,18 @@ class Consumer(Process):
             self._working.discard(key)
 
     async def _deliver(self, delivery, notice, url, key):
+        max_size = self.settings["max_size"]
+        if max_size is not None and notice.size is not None and notice.size > max_size:
+            message = f"announced size {notice.size} bytes is over max_size {max_size}"
+            self.log.warn(
+                "consumer {name}: {url} refused: {message}",
+                name=self.subscription,
+                url=url,
+                message=message,
+            )
+            await self._fail(notice, key, 413, message, delivery.routing_key)
+            self._ack(delivery)
+            return
         try:
             path = self.destination_for(notice)
         except paths.UnsafePath as e:
@@ -699,26 +729,17 @@ class Consumer(Process):
             options["mtime"] = parse_time(notice.mtime)
         if notice.mode is not None:
             options["mode"] = int(notice.mode, 8)
-        directory = os.path.dirname(path)
-        while True:
-            made = directory in self._made
-            try:
-                if not made:
-                    os.makedirs(directory, exist_ok=True)
-                    if len(self._made) >= MADE_DIRECTORIES:
-                        self._made.clear()
-                    self._made.add(directory)
-                fetching = defer.Deferred.fromCoroutine(self._get(url, path, options))
-                fetching.addTimeout(self.settings["transfer_timeout"], self.container.clock)
-                return await fetching, None
-            except defer.TimeoutError:
-                timeout = self.settings["transfer_timeout"]
-                return None, Failure(504, f"transfer not done after {timeout} s")
-            except Exception as e:
-                self._made.discard(directory)
-                if made and not os.path.isdir(directory):
-                    continue  # removed since we made it: made again, and tried once more
-                return None, classify(e)
+        # The directories of `path` are made by the transfer, from the root's descriptor.
+        options["dest_root"] = self.root
+        try:
+            fetching = defer.Deferred.fromCoroutine(self._get(url, path, options))
+            fetching.addTimeout(self.settings["transfer_timeout"], self.container.clock)
+            return await fetching, None
+        except defer.TimeoutError:
+            timeout = self.settings["transfer_timeout"]
+            return None, Failure(504, f"transfer not done after {timeout} s")
+        except Exception as e:
+            return None, classify(e)
 
     async def _get(self, url, path, options):
         """One transfer (a separate method: tests make transfers fail by overriding it)."""

@@ -3,29 +3,34 @@
 `Ingest` consumes the durable queues `q_<user>.ingest.xs_<u>`, one per exchange `xs_<u>` for
 each user `u` in `users` (default: the pump's user), bound with `#`. For each message:
 
-1. decode and validate the v03 notice;
-2. stamp its `source` (`stamp_source`, below) from the exchange it arrived on and the
-   broker-validated publisher, replacing whatever the body said;
+1. check who published it, and to which exchange (below);
+2. decode and validate the v03 notice, and set its `source` to that publisher;
 3. publish it, persistent and confirmed, to `exchange` (default `xpublic`) with the routing key
    it came with, then ack.
 
-An invalid notice (undecodable, over `max_notice_bytes`, or failing validation) is logged and
-acked; when its source is known, that source gets a 417 report on `report_exchange` (default
-`xreport`; the report router passes it to `xr_<source>`). A publish that fails (the broker
-went away) leaves the message unacked: it goes back to its queue.
+An invalid notice (undecodable, over `max_notice_bytes`, failing validation, or posted with a
+routing key that is not UTF-8) is logged and acked, and its source gets a 417 report on
+`report_exchange` (default `xreport`; the report router passes it to `xr_<source>`). A
+publish that fails (the broker went away) leaves the message unacked: it goes back to its
+queue.
 
-On a multi-user pump a notice's `source` decides who gets its reports (`xr_<source>`), so it is
-never taken from the body: anyone can write anything there. It comes from what the broker
-vouches for instead:
+A message is taken only when it was published to `xs_<u>`, for one of `users`, by `u`
+itself (`source_of`, below); everything else is acked, counted as `refused` and logged (one
+line, then at most one a minute with the count), never passed on. The notice's `source` is
+that `u`, never what the body said: on a multi-user pump the source decides who gets its
+reports (`xr_<source>`), and anyone can write anything in a body. Both halves of the check
+are things the broker vouches for:
 
-- the exchange the notice arrived on, `xs_<user>` (or `xs_<user>_<suffix>`): broker
-  permissions let only that user (and the pump's own administrative user) write to it;
-- otherwise the broker-validated user that published it (the AMQP `user_id` property, which
-  RabbitMQ checks against the connection's login).
-
-When both are known and the exchange is `xs_<user_id>` or `xs_<user_id>_...`, the user id is
-the source (user names may contain `_`, which makes the exchange name alone ambiguous);
-otherwise the exchange's first word after `xs_` is.
+- the delivery's exchange is the exchange the message was *published to*, not one it was
+  routed through. On RabbitMQ anyone who may read `xpublic` and write `xs_<self>` may bind
+  `xs_<self>` to `xpublic` (exchange.bind); the ingest's own output would then come back to
+  it, and be passed on again, for ever. Such a copy arrives with exchange `xpublic`: refused;
+- the AMQP `user_id` property, which RabbitMQ checks against the publisher's login when it is
+  set, must be `u`: permissions normally let only `u` (and administrators) write `xs_<u>`.
+  The pump's own processes publish as its broker login, which may differ from the pump's user
+  name (`user`), so a message on the pump's own `xs_<user>` from that login is taken too. A
+  message without `user_id` (clients need not set it, and then nothing is checked) is taken
+  only on a single-user pump, where `users` is just the pump's own user.
 """
 
 import copy
@@ -40,36 +45,36 @@ from ion.core.process import Process
 
 _SOURCE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
 
-
-class UnknownSource(ValueError):
-    """Neither the exchange nor the publisher tells who posted a notice (report 417)."""
-
-    code = 417
+# After a refusal is logged, further ones are only counted, and summed up in one line at most
+# this often (a routing loop or a flood must not turn into one log line per message).
+REFUSAL_LOG_INTERVAL = 60.0
 
 
-def source_of(exchange, user_id):
-    """The source vouched for by the exchange a notice arrived on and its publisher's user id;
-    UnknownSource when neither gives a usable name."""
-    if isinstance(exchange, str) and exchange.startswith("xs_"):
-        if user_id and (exchange == f"xs_{user_id}" or exchange.startswith(f"xs_{user_id}_")):
-            candidate = user_id
-        else:
-            candidate = exchange[3:].split("_", 1)[0]
-    else:
-        candidate = user_id
-    if isinstance(candidate, str) and _SOURCE.fullmatch(candidate):
-        return candidate
-    raise UnknownSource(
-        f"cannot tell who posted a notice on exchange {exchange!r} "
-        f"(publisher user id {user_id!r}): post to xs_<user> as that user"
-    )
+class NotPostedHere(ValueError):
+    """A message that was not published to `xs_<u>` by `u` (see the module docstring)."""
 
 
-def stamp_source(notice, exchange, user_id):
-    """Set `notice.source` from the exchange it arrived on and its publisher's broker-validated
-    user id, replacing whatever the body said. Returns the notice (changed in place)."""
-    notice.source = source_of(exchange, user_id)
-    return notice
+def source_of(exchange, user_id, users, pump=None, login=None):
+    """The user who posted a message: `u` when it was published to exchange `xs_<u>`, `u` one
+    of `users`, with broker-validated user id `u`. The pump's own user `pump` may also post to
+    its `xs_<pump>` as its broker `login`; a message without a user id is accepted only when
+    `users` is just `[pump]`. NotPostedHere, saying why, otherwise."""
+    user = exchange[3:] if isinstance(exchange, str) and exchange.startswith("xs_") else None
+    if user not in users:
+        raise NotPostedHere(
+            f"published to exchange {exchange!r}, not to the xs_ exchange of one of this "
+            "pump's users (a binding between exchanges brought it here)"
+        )
+    if user_id == user or (user == pump and user_id is not None and user_id == login):
+        return user
+    if user_id is None:
+        if list(users) == [pump]:
+            return user
+        raise NotPostedHere(
+            f"no user_id on a message to {exchange}: on a pump with several users, set the "
+            "AMQP user_id property to the user you log in as"
+        )
+    raise NotPostedHere(f"published to {exchange} by {user_id!r}, not by {user!r}")
 
 
 DEFAULTS = {
@@ -122,8 +127,16 @@ class Ingest(Process):
         users = self.settings["users"]
         self.users = list(users) if users is not None else [self.user]
         self.subscriber = f"{self.user}.ingest"
-        self.stats = {"received": 0, "published": 0, "invalid": 0, "by_source": {}}
+        self.stats = {
+            "received": 0,
+            "published": 0,
+            "invalid": 0,
+            "refused": 0,
+            "by_source": {},
+        }
         self._declared = set()
+        self._refusals_unlogged = 0
+        self._refusal_logged_at = None
 
     async def on_activate(self):
         for user in self.users:
@@ -138,7 +151,8 @@ class Ingest(Process):
             )
 
     def op_stats(self, content, headers):
-        """Counters: received, published, invalid, by_source {source: notices published}."""
+        """Counters: received, published, invalid, refused (not posted by the user of the
+        exchange they were published to), by_source {source: notices published}."""
         return dict(self.stats, by_source=dict(self.stats["by_source"]))
 
     async def _on_delivery(self, delivery):
@@ -161,13 +175,22 @@ class Ingest(Process):
     async def _ingest(self, delivery):
         user_id = getattr(delivery.properties, "user_id", None)
         try:
-            source = source_of(delivery.exchange, user_id)
-        except UnknownSource as e:
-            self.stats["invalid"] += 1
-            self.log.warn(
-                "ingest: message {key!r} dropped: {reason}", key=delivery.routing_key, reason=e
+            source = source_of(
+                delivery.exchange,
+                user_id,
+                self.users,
+                pump=self.user,
+                login=self.container.transport.user,
             )
+        except NotPostedHere as e:
+            self.stats["refused"] += 1
             delivery.ack()
+            self._log_refusal(delivery, e)
+            return
+        if not isinstance(delivery.routing_key, str):
+            # The transports hand over a key that is not UTF-8 as bytes; it could not be
+            # published again.
+            await self._refuse(delivery, source, InvalidNotice("routing key", "not UTF-8"))
             return
         limit = self.settings["max_notice_bytes"]
         try:
@@ -181,6 +204,23 @@ class Ingest(Process):
         self.stats["published"] += 1
         self.stats["by_source"][source] = self.stats["by_source"].get(source, 0) + 1
         delivery.ack()
+
+    def _log_refusal(self, delivery, reason):
+        """One line for a refused message; then, while refusals keep coming, one line at most
+        every REFUSAL_LOG_INTERVAL seconds with how many there were since."""
+        now = self.container.clock.seconds()
+        last = self._refusal_logged_at
+        if last is not None and now - last < REFUSAL_LOG_INTERVAL:
+            self._refusals_unlogged += 1
+            return
+        more, self._refusals_unlogged = self._refusals_unlogged, 0
+        self._refusal_logged_at = now
+        self.log.warn(
+            "ingest: message {key!r} refused, not passed on: {reason}{more}",
+            key=delivery.routing_key,
+            reason=reason,
+            more=f" ({more} more refused since the last such line)" if more else "",
+        )
 
     async def _publish(self, exchange, routing_key, body):
         declare = None if exchange in self._declared else "topic"
@@ -211,9 +251,10 @@ class Ingest(Process):
         key = hashlib.sha256(delivery.body).hexdigest()
         report = make_report(notice, 417, f"invalid notice: {error}")
         report["report_id"] = report_id(self.subscriber, source, key, 417)
-        await self._publish(
-            self.settings["report_exchange"], delivery.routing_key, report.to_json()
-        )
+        key = delivery.routing_key
+        if not isinstance(key, str):
+            key = bytes(key).decode("utf-8", "replace")
+        await self._publish(self.settings["report_exchange"], key, report.to_json())
         delivery.ack()
 
 

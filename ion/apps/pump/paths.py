@@ -12,7 +12,9 @@ filesystem) and raise `UnsafePath` for:
   so one is refused unless the caller passes `allow_leading_slash=True`, which then reads it as
   relative to the destination root (for peers converting older v02 messages);
 - NUL (also as `%00`), control characters (C0, DEL, C1), backslashes, a Windows drive letter
-  (`C:`) as first component, a component over 255 bytes or a path over 4096 bytes of UTF-8.
+  (`C:`) as first component, a component over 255 bytes or a path over 4096 bytes of UTF-8;
+- a component named like a temporary file of a transfer (`.<name>.<random>.inflight`): the
+  start-up sweep of the destination would remove it as left over by a killed transfer.
 
 `resolve_under` then places checked components under a root and refuses the result when a part
 of it that already exists is a symbolic link resolving outside the root. It reads the filesystem
@@ -25,6 +27,8 @@ import os
 import re
 import stat
 from urllib.parse import unquote
+
+from ion.apps.pump.transfer.inflight import is_inflight_name
 
 NAME_MAX_BYTES = 255
 PATH_MAX_BYTES = 4096
@@ -96,6 +100,8 @@ def _check_component(kind, text, part, first):
         refuse(f"a component is {size} bytes long (the limit is {NAME_MAX_BYTES})")
     if first and _DRIVE.match(part):
         refuse("starts with a Windows drive letter")
+    if is_inflight_name(part):
+        refuse(f"{part!r} is named like a temporary file ('.<name>.<random>.inflight')")
 
 
 def safe_relpath(rel_path, *, allow_leading_slash=False):

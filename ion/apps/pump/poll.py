@@ -28,6 +28,8 @@ directories are descended into when `recursive` (the default). Every listed name
 `ion.apps.pump.paths.safe_name` (a hostile name -- `..`, a `/`, control characters,
 percent-encoded tricks -- is skipped with a warning), and names that a URL cannot carry back
 (`?`, `#`, a `%XX` escape) are skipped too, since the consumer could not fetch them.
+Temporary files of transfers (`.<name>.<random>.inflight`, being written into the polled tree)
+are skipped quietly: the file is listed under its own name once complete.
 
 Filters (`accept`, `reject` lists of regexes, or `filters`, an ordered list of
 `('accept'|'reject', regex)`; see `ion.apps.pump.consumer.Filter`) match the whole relPath:
@@ -63,6 +65,7 @@ from twisted.internet import defer, task
 from ion.apps.pump import paths
 from ion.apps.pump.consumer import Filter, check_number, named_args
 from ion.apps.pump.notice import Notice, format_time
+from ion.apps.pump.transfer.inflight import is_inflight_name
 from ion.apps.pump.user import pump_user
 from ion.core.process import Process, RemoteError
 
@@ -293,6 +296,7 @@ class PollService(Process):
                 "poll {name}: created {path}, which did not exist", name=self.source, path=local
             )
         state_dir = args["state_dir"] or os.path.join("var", "pump", f"poll-{self.source}")
+        self.claim_directory(state_dir)
         self.store = SeenFiles(os.path.join(state_dir, "seen.sqlite3"), self.url)
         if self.store.reset:
             self.log.warn(
@@ -509,6 +513,9 @@ class PollService(Process):
         for entry in entries:
             counts["listed"] += 1
             name = entry.get("name") if isinstance(entry, dict) else None
+            if isinstance(name, str) and is_inflight_name(name):
+                counts["skipped_entries"] += 1
+                continue
             rel_path = self._checked(rel_dir, name)
             if rel_path is None:
                 counts["unsafe"] += 1

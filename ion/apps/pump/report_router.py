@@ -8,7 +8,7 @@ to it.
   as `invalid` (reports of invalid notices carry little else, so nothing more is required);
 - no usable `source` (a name of letters, digits, `_`, `-`, `.`): logged, acked, counted as
   `unroutable`. The source is the body's `source` field: on `xpublic` the pump's ingest stamped
-  it from the broker-validated publisher (`ion.apps.pump.ingest.stamp_source`), so a report
+  it from the broker-validated publisher (`ion.apps.pump.ingest.source_of`), so a report
   cannot be sent to someone else by a body that lies;
 - a `report_id` forwarded before (within `dup_ttl` seconds, remembered on disk in
   `<state_dir>/report_ids.jsonl` across restarts): acked, counted as `duplicates`;
@@ -17,7 +17,8 @@ to it.
   Counted per source and code.
 
 With `log_path`, each report handled is also written to that file as one JSON line
-{time, source, code, routing_key, relPath, report_id, message, outcome}.
+{time, source, code, routing_key, relPath, report_id, message, outcome}, in ASCII (other
+characters, unencodable ones included, as JSON escapes).
 
 Exactly once across crashes. The order (publish, remember, ack) leaves one gap: a crash after
 the broker took the publish but before the id was written down. The broker's own record closes
@@ -97,6 +98,7 @@ class ReportRouter(Process):
         self.sent_queue = f"{self.queue}.sent"
         self.marker_exchange = f"x_{self.user}.report_router.sent"
         state_dir = self.settings["state_dir"] or os.path.join("var", "pump", "report_router")
+        self.claim_directory(state_dir)
         self.seen = DupCache(
             os.path.join(state_dir, "report_ids.jsonl"),
             self.settings["dup_ttl"],
@@ -318,7 +320,9 @@ class ReportRouter(Process):
             "message": report.get("message"),
             "outcome": outcome,
         }
-        self._log_file.write(json.dumps(line, ensure_ascii=False) + "\n")
+        # ASCII with escapes: a lone surrogate (undecodable bytes in a file name) cannot be
+        # written as UTF-8, and would cost the line; escaped, it reads back as it came.
+        self._log_file.write(json.dumps(line) + "\n")
         self._log_file.flush()
 
 

@@ -17,7 +17,8 @@ refused, 499 short or corrupt, 503 unreachable, 504 timed out, ...); callers dec
 retrying and reporting with `ion.apps.pump.outcome.is_transient(code)`. Bad requests are 400.
 
 Args: the transfer settings of `ion.apps.pump.transfer.worker` (`timeouts` {connect, idle},
-`parallel`, `per_host`, `credentials`), and `service` (the name to serve under, default
+`parallel`, `per_host`, `credentials`, `max_size`, `min_rate`: a get over `max_size` fails
+with 413), and `service` (the name to serve under, default
 `transfer`). N instances thus run at most N * `parallel` transfers, N * `per_host` to one
 server. A credentials file readable by group or others, or unreadable, stops the service from
 starting. Each instance owns its `Transfers` (thread pool, kept-open connections) from start

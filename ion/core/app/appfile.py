@@ -174,14 +174,32 @@ def read_rel(path):
 
 
 def find_file(name_or_path, res_dir, kind):
-    """A path for an app/rel given by path or by name (looked up in res/apps or res/deploy)."""
-    if os.path.exists(name_or_path):
+    """A path for an app/rel given by path or by name.
+
+    A file at C{name_or_path} wins; a relative path that is not a file here is looked for
+    under C{res_dir} (C{res/apps/pump.app} and C{apps/pump.app} both name the shipped
+    C{<res_dir>/apps/pump.app}), then the bare name in C{res_dir}'s C{apps} or C{deploy}. A
+    directory is never taken for an app or rel file (C{pump} is the app even where the pump
+    has made a C{./pump/} directory).
+    """
+    if os.path.isfile(name_or_path):
         return name_or_path
+    candidates = []
+    if not os.path.isabs(name_or_path):
+        relative = os.path.normpath(name_or_path)
+        first, _, rest = relative.partition(os.sep)
+        if first == "res" and rest:
+            relative = rest
+        if not relative.startswith(os.pardir):
+            candidates.append(os.path.join(res_dir, relative))
     folder = {"app": "apps", "rel": "deploy"}[kind]
-    base = os.path.basename(name_or_path)
+    base = os.path.basename(name_or_path.rstrip("/" + os.sep))
     if not base.endswith("." + kind):
         base += "." + kind
-    candidate = os.path.join(res_dir, folder, base)
-    if os.path.exists(candidate):
-        return candidate
-    raise AppFileError(f"{name_or_path}: no such file (also looked for {candidate})")
+    candidates.append(os.path.join(res_dir, folder, base))
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    others = [c for c in dict.fromkeys(candidates) if c != name_or_path]
+    looked = f" (also looked for {' and '.join(others)})" if others else ""
+    raise AppFileError(f"{name_or_path}: no such file{looked}")

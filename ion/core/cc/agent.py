@@ -48,6 +48,15 @@ class ContainerAgent(ServiceProcess):
         except Exception as e:
             self.log.info("could not announce leaving: {e}", e=e)
 
+    def _apps(self):
+        """The apps running here, this agent's own included (it announces itself while its
+        app is still starting)."""
+        apps = list(self.container.apps.running)
+        own = self.args.get("app")
+        if own and own not in apps:
+            apps.append(own)
+        return apps
+
     def _interval(self):
         return self.config("heartbeat_interval", 5, module=CONFIG)
 
@@ -58,7 +67,7 @@ class ContainerAgent(ServiceProcess):
             "host": socket.gethostname(),
             "os_pid": os.getpid(),
             "sysname": self.container.sysname,
-            "apps": list(self.container.apps.running),
+            "apps": self._apps(),
             "started": self.started,
         }
 
@@ -139,4 +148,4 @@ class ContainerAgent(ServiceProcess):
 
 
 def start(container, app):
-    return container.spawn(ContainerAgent)
+    return container.spawn(ContainerAgent, args={"app": app.name})

@@ -1,12 +1,18 @@
 """`ion` (or `python -m ion`): talk to a running ION system from a terminal.
 
-    ion rpc [--broker URL] [--sysname S] [--timeout T] <service> <op> [json-content]
-    ion ping [--broker URL] [--sysname S] [--timeout T] <service>
+    ion rpc [--broker URL] [--credentials PATH] [--sysname S] [--timeout T] <service> <op> [json]
+    ion ping [--broker URL] [--credentials PATH] [--sysname S] [--timeout T] <service>
     ion containers            the containers of the system (from their agents)
     ion ps [container]        processes of one container (or of every container)
     ion spawn <module> [--container ID]
 
-Results are printed as JSON on stdout. Exit status: 0 ok, 1 the remote side answered with an
+A broker URL with a user and no password (`amqp://alice@rabbit.example/`) gets its password
+from the credentials file, as for `twistd cc`: `--credentials PATH`, by default
+~/.config/ion/credentials.conf when it exists. So no password needs to be on the command line,
+where `ps` shows it to every user of the machine.
+
+`containers` and `ps` print aligned tables, the other commands JSON; `--json` prints any
+result as JSON (one line, for scripts). Exit status: 0 ok, 1 the remote side answered with an
 error (message on stderr), 2 usage error, 3 timeout, no such service, or no broker.
 """
 
@@ -20,6 +26,7 @@ from twisted.internet import defer
 
 from ion.core.cc.container import Container, make_transport
 from ion.core.config import Config, ConfigError
+from ion.core.credentials import DEFAULT_CREDENTIALS
 from ion.core.conversation.errors import ConversationTimeout, NoSuchReceiver, RemoteError
 from ion.core.log import redact
 from ion.core.messaging.transport import TransportError
@@ -52,9 +59,15 @@ def _to_json(value):
 def build_parser():
     common = _Parser(add_help=False)
     common.add_argument("--broker", help="broker URL (default: config ion.core.messaging broker)")
+    common.add_argument(
+        "--credentials",
+        help="credentials file giving the password of a broker URL with a user and none "
+        f"(default {DEFAULT_CREDENTIALS} when it exists)",
+    )
     common.add_argument("-s", "--sysname", help="system name (default: config, 'ion')")
     common.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     common.add_argument("--res", help="res/ directory (default ./res or the installed one)")
+    common.add_argument("--json", action="store_true", help="print the result as JSON")
     parser = _Parser(prog="ion", description="Talk to a running ION system.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("rpc", parents=[common], help="call an op and print the result")
@@ -76,11 +89,24 @@ class _Client(Process):
     """The process the CLI talks through."""
 
 
+# The file read when --credentials is not given (tests point it elsewhere).
+default_credentials = DEFAULT_CREDENTIALS
+
+
+def broker_url(args, config):
+    """The broker URL to use: --broker, else config; with the password from the credentials
+    file when it names a user and no password. CredentialsError when the file is unusable."""
+    from ion.core.cc.tap import broker_url_with_password
+
+    url = args.broker or config.get("ion.core.messaging", "broker", "memory://")
+    return broker_url_with_password(url, args.credentials, default_credentials)
+
+
 async def _run(reactor, args):
     from ion.core.cc.tap import find_res_dir
 
     config = Config.load(args.res or find_res_dir())
-    url = args.broker or config.get("ion.core.messaging", "broker", "memory://")
+    url = broker_url(args, config)
     sysname = args.sysname or config.get("ion.core.messaging", "sysname", "ion")
     container = Container(config, reactor, make_transport(url, reactor), sysname=sysname,
                           container_id=f"cli_{os.getpid()}")
@@ -124,6 +150,44 @@ async def _command(client, args):
     raise UsageError(f"unknown command {args.command}")
 
 
+def format_table(headings, rows):
+    """Rows of cells as text columns under their headings, each as wide as its widest cell."""
+    cells = [list(headings)] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headings))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _containers_table(peers, args):
+    rows = [
+        (
+            p.get("container"),
+            p.get("host"),
+            p.get("os_pid"),
+            f"{p.get('uptime', 0):.0f} s",
+            f"{p.get('last_heartbeat', 0):.1f} s ago",
+            ", ".join(p.get("apps") or ()),
+        )
+        for p in peers
+    ]
+    table = format_table(("CONTAINER", "HOST", "PID", "UP", "HEARTBEAT", "APPS"), rows)
+    return f"{table}\n{len(rows)} container{'s' if len(rows) != 1 else ''}"
+
+
+def _ps_table(result, args):
+    by_container = {args.container: result} if args.container else result
+    rows = [
+        (cid, *row)
+        for cid, processes in sorted(by_container.items())
+        for row in processes
+    ]
+    table = format_table(("CONTAINER", "PID", "NAME", "CLASS", "STATE", "PARENT"), rows)
+    return f"{table}\n{len(rows)} process{'es' if len(rows) != 1 else ''}"
+
+
+_TABLES = {"containers": _containers_table, "ps": _ps_table}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -140,7 +204,8 @@ def main(argv=None):
             outcome["code"] = OK
         except UsageError as e:
             outcome["error"], outcome["code"] = str(e), USAGE
-        except ConfigError as e:
+        except (ConfigError, ValueError) as e:
+            # A config file, credentials file or broker URL that cannot be used.
             outcome["error"], outcome["code"] = str(e), USAGE
         except RemoteError as e:
             outcome["error"], outcome["code"] = str(e), REMOTE_ERROR
@@ -157,7 +222,9 @@ def main(argv=None):
     reactor.callWhenRunning(start)
     reactor.run()
     if outcome.get("code") == OK:
-        print(_to_json(outcome.get("result")))
+        result = outcome.get("result")
+        table = None if args.json else _TABLES.get(args.command)
+        print(_to_json(result) if table is None else table(result, args))
         return OK
     sys.stderr.write(f"ion: {redact(outcome.get('error', 'failed'))}\n")
     return outcome.get("code", UNREACHABLE)

@@ -43,10 +43,15 @@ def _expected_cause(error):
 
 
 def find_res_dir():
-    """`./res` when run from a checkout (the README's way), else the res/ next to the package."""
-    if os.path.isdir("res"):
+    """`./res` when run from a checkout (the README's way), else the res/ shipped with ION:
+    `ion/_res` of an installed package, or the checkout's res/ beside an editable one."""
+    if os.path.isfile(os.path.join("res", "config", "ion.config")):
         return "res"
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ion.__file__))), "res")
+    package = os.path.dirname(os.path.abspath(ion.__file__))
+    shipped = os.path.join(package, "_res")
+    if os.path.isdir(shipped):
+        return shipped
+    return os.path.join(os.path.dirname(package), "res")
 
 
 def parse_args_option(text):
@@ -202,35 +207,42 @@ class Options(usage.Options):
     default_credentials = DEFAULT_CREDENTIALS
 
     def _with_password(self, url):
-        """The broker URL with the password from the credentials file when it names a user
-        but no password; the file is read only then. The file is the one the pump reads too:
-        its lines for other schemes (sftp, ftp, http(s)) are checked like any other, and
-        only an amqp[s] line of the URL's host, port and user gives the password."""
-        from urllib.parse import quote, urlsplit
-
-        from ion.core.credentials import CredentialsError, find_password, load_credentials
-
+        """The broker URL with the password from the credentials file (see
+        `broker_url_with_password`); a file that cannot be used stops here."""
         try:
-            parts = urlsplit(url)
-            needs_password = parts.username is not None and parts.password is None
-        except ValueError:
-            return url  # reported when the transport parses it
-        if not needs_password or parts.scheme.lower() not in ("amqp", "amqps"):
-            return url
-        path = self["credentials"]
-        if path is None:
-            path = os.path.expanduser(self.default_credentials)
-            if not os.path.exists(path):
-                return url
-        try:
-            password = find_password(load_credentials(path), url)
-        except CredentialsError as e:
+            return broker_url_with_password(url, self["credentials"], self.default_credentials)
+        except ValueError as e:
             fail_input(e)
-        if password is None:
+
+
+def broker_url_with_password(url, path=None, default=DEFAULT_CREDENTIALS):
+    """The broker URL with the password from the credentials file `path` (None: `default`,
+    when it exists) when the URL names a user but no password; the file is read only then.
+    The file is the one the pump reads too: its lines for other schemes (sftp, ftp, http(s))
+    are checked like any other, and only an amqp[s] line of the URL's host, port and user
+    gives the password. CredentialsError (a ValueError naming the file, never a password)
+    when the file cannot be used. `twistd cc` and the `ion` command line both use this."""
+    from urllib.parse import quote, urlsplit
+
+    from ion.core.credentials import find_password, load_credentials
+
+    try:
+        parts = urlsplit(url)
+        needs_password = parts.username is not None and parts.password is None
+    except ValueError:
+        return url  # reported when the transport parses it
+    if not needs_password or parts.scheme.lower() not in ("amqp", "amqps"):
+        return url
+    if path is None:
+        path = os.path.expanduser(default)
+        if not os.path.exists(path):
             return url
-        userinfo, _, host = parts.netloc.rpartition("@")
-        netloc = f"{userinfo}:{quote(password, safe='')}@{host}"
-        return parts._replace(netloc=netloc).geturl()
+    password = find_password(load_credentials(path), url)
+    if password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    netloc = f"{userinfo}:{quote(password, safe='')}@{host}"
+    return parts._replace(netloc=netloc).geturl()
 
 
 class _PlanContext:

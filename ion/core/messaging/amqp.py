@@ -124,7 +124,7 @@ class AmqpAddress:
             parts = urllib.parse.urlsplit(url)
             port = parts.port
         except ValueError as e:
-            raise ValueError(f"bad AMQP URL {shown!r}: {e}") from None
+            raise ValueError(f"bad AMQP URL {shown!r}: {_url_problem(e)}") from None
         scheme = parts.scheme.lower()
         if scheme not in DEFAULT_PORTS:
             raise ValueError(f"bad AMQP URL {shown!r}: the scheme must be amqp or amqps")
@@ -163,6 +163,18 @@ class AmqpAddress:
 
     def __repr__(self):
         return f"AmqpAddress({str(self)!r})"
+
+
+def _url_problem(error):
+    """What urllib found wrong with a URL, without the text it quotes: its port and netloc
+    messages quote what it took for the port or host, which may be a piece of a password."""
+    text = str(error)
+    if text.startswith("Port out of range") or text == "Invalid IPv6 URL":
+        return text
+    return (
+        "cannot read its host and port (a '/', '?', '#' or '@' in a user name or password "
+        "must be written %2F, %3F, %23, %40)"
+    )
 
 
 # Field tables.

@@ -22,6 +22,7 @@ The process reaches its container through `self.container`, which offers `messen
 
 import contextvars
 import inspect
+import os
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -30,6 +31,7 @@ from ion.core.conversation.conversation import Conversations
 from ion.core.conversation.errors import ApplicationError
 from ion.core.messaging import names, subscription
 from ion.core.messaging.transport import ConnectionLost
+from ion.core.process import statedir
 from ion.core.process.lifecycle import ACTIVE, IllegalTransition, Lifecycle
 
 CONFIG = "ion.core.process"
@@ -70,6 +72,7 @@ class Process:
         self._subscriptions = []
         self._inflight = set()
         self._exit_observers = []
+        self._claims = []
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name} ({self.pid}) {self.state}>"
@@ -81,6 +84,14 @@ class Process:
     def config(self, key, default=None, module=CONFIG):
         """A config value, looked up now (config layers may change while the container runs)."""
         return self.container.config.get(module, key, default)
+
+    def claim_directory(self, path):
+        """Make the directory C{path} (created if missing) this process's own until it ends,
+        however it ends: a second process claiming it meanwhile, in this container or in any
+        other process, fails with L{statedir.DirectoryInUse} naming the owner. For state that
+        two writers would corrupt (caches, journals, queues kept on disk)."""
+        owner = f"{os.getpid()} {self.container.id}"
+        self._claims.append(statedir.claim(path, owner))
 
     # -- lifecycle hooks (override) --------------------------------------------------------
 
@@ -209,6 +220,9 @@ class Process:
             )
 
     async def _release(self):
+        claims, self._claims = self._claims, []
+        for claim in claims:
+            claim.release()
         await self._stop_serving()
         self.conversations.fail_all(f"{self.name} terminated")
         self.conversations.close()

@@ -5,6 +5,7 @@ import base64
 import hashlib
 import json
 import os
+import threading
 import time
 
 from twisted.internet import reactor
@@ -73,6 +74,28 @@ async def until(predicate, timeout=5.0, what="the condition"):
 async def quiet(seconds=0.05):
     """Let the reactor run a little, so that anything still on its way arrives."""
     await deferLater(reactor, seconds, lambda: None)
+
+
+def unblock_after(testcase, fifo, seconds):
+    """
+    Open the named pipe C{fifo} for writing after C{seconds}, in a thread: a reader stuck in
+    C{open()} then goes on, so a test of a reader that blocks fails instead of hanging. The
+    returned event is set once that happened.
+    """
+    came = threading.Event()
+
+    def writer():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass  # no reader waiting
+        came.set()
+
+    timer = threading.Timer(seconds, writer)
+    timer.daemon = True
+    timer.start()
+    testcase.addCleanup(timer.cancel)
+    return came
 
 
 class Collector(Process):

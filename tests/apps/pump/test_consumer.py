@@ -45,9 +45,11 @@ from tests.apps.pump.fixtures import (
     file_url,
     notice_fields,
     quiet,
+    unblock_after,
     until,
     write_source,
 )
+from tests.apps.pump.hostile_servers import start_hostile_http
 from tests.apps.pump.servers import start_http
 from tests.broker import find_rabbitmq_server, get_broker
 
@@ -138,6 +140,12 @@ class ArgsTests(unittest.SynchronousTestCase):
             ({"name": "t", "directory": "/x", "reannounce": {"exchange": "x"}}, "reannounce"),
             ({"name": "t", "directory": "/x", "sources": "http://h/"}, "consumer t: sources"),
             ({"name": "t", "directory": "/x", "sources": ["h/x"]}, "consumer t: a sources"),
+            ({"name": "t", "directory": "/x", "max_size": "1G"}, "max_size"),
+            ({"name": "t", "directory": "/x", "min_rate": {"bytes": 1}}, "min_rate"),
+            (
+                {"name": "t", "directory": "/x", "transfer": {"max_size": 10}},
+                "max_size is a consumer argument",
+            ),
         ]:
             e = self.assertRaises(ValueError, check_args, args)
             self.assertIn(text, str(e))
@@ -979,6 +987,60 @@ class ConsumerScenarios:
         self.assertEqual(server.site.accepted, 0)
         await self.settle()
 
+    async def test_fifo_source_refused_at_once(self):
+        """A notice whose file: path is a named pipe gets a 422 report at once, and the
+        consumer goes on answering and delivering: opening the pipe never waits for a writer
+        (it froze the whole container). The notice comes from the pump's own user, whose
+        file: URLs are allowed."""
+        await self.pump(user="alice")
+        fifo = os.path.join(self.src, "p", "pipe")
+        os.makedirs(os.path.dirname(fifo))
+        os.mkfifo(fifo)
+        writer_came = unblock_after(self, fifo, 4)
+        await self.post(notice_fields(self.base_url, "p/pipe"))
+        await self.post_file("q/f.dat", b"delivered meanwhile")
+        reports = await self.wait_reports(2)
+        stats = await self.collector.rpc(self.consumer.pid, "stats")
+        self.assertFalse(writer_came.is_set(), "the consumer waited for a writer")
+        codes = {r["relPath"]: r["report"]["code"] for r in reports}
+        self.assertEqual(codes, {"p/pipe": 422, "q/f.dat": 201})
+        self.assertEqual(stats["failures"], {"422": 1})
+        self.assertEqual(self.dest_files(), ["q/f.dat"])
+        await self.settle()
+
+    async def test_directory_swapped_for_link_during_fetch(self):
+        """While a file is being fetched, its directory in the destination is replaced by a
+        symbolic link to a directory outside: the delivery fails with 422 and nothing is
+        written outside (the file used to land there, reported 201)."""
+        outside = os.path.join(self.base, "outside")
+        os.makedirs(outside)
+        directory = os.path.join(self.dest, "a")
+        os.makedirs(directory)
+        await self.pump(consumer=HeldConsumer, user="alice")
+        await self.post_file("a/f.dat", b"must not leave the destination")
+        await self.consumer.started
+        os.rename(directory, directory + ".old")
+        os.symlink(outside, directory)
+        self.consumer.release.callback(None)
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["code"], 422)
+        self.assertIn("symbolic link", report["report"]["message"])
+        self.assertEqual(os.listdir(outside), [])
+        self.assertEqual(os.listdir(directory + ".old"), [])
+        await self.settle()
+
+    async def test_inflight_named_relpath_refused(self):
+        """A relPath named like a transfer's temporary file is refused with 422 and not
+        delivered: the next start-up sweep would remove it."""
+        await self.pump(user="alice")
+        rel_path = "a/.x.txt.0123456789ab.inflight"
+        await self.post_file(rel_path, b"would be swept")
+        (report,) = await self.wait_reports(1)
+        self.assertEqual((report["relPath"], report["report"]["code"]), (rel_path, 422))
+        self.assertIn("temporary file", report["report"]["message"])
+        self.assertEqual(self.dest_files(), [])
+        await self.settle()
+
     async def test_invalid_messages(self):
         """Undecodable messages are dropped (no source to tell); invalid notices that name
         their source get a 417 report; the consumer keeps consuming."""
@@ -1000,6 +1062,51 @@ class ConsumerScenarios:
         )
         await self.settle()
         self.assertEqual(self.consumer.stats["invalid"], 5)
+
+    async def test_announced_size_over_max_size(self):
+        """A notice announcing 1 TB, over max_size: one 413 report, nothing fetched (no
+        connection to the server, no directory made), no retry."""
+        server = start_hostile_http(self, self.src)
+        await self.pump(max_size=10**6)
+        fields = notice_fields(f"{server.url}/files/", "big/f.dat", b"x", size=2**40)
+        await self.post(fields)
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["code"], 413)
+        self.assertIn("over max_size 1000000", report["report"]["message"])
+        await self.settle()
+        self.assertEqual(server.site.accepted, 0)
+        self.assertEqual(len(self.consumer.retries), 0)
+        self.assertEqual(os.listdir(self.dest), [])  # not even its directory made
+
+    async def test_endless_body_cut_at_max_size(self):
+        """A notice without size for a body that never ends: cut once past max_size, one
+        413 report, not retried, nothing left in the destination."""
+        server = start_hostile_http(self, self.src)
+        clock = task.Clock()
+        await self.pump(clock=clock, max_size=100_000)
+        await self.post(notice_fields(f"{server.url}/", "endless", size=None))
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["code"], 413)
+        self.assertIn("more than the 100000 bytes max_size", report["report"]["message"])
+        await self.settle()
+        self.assertEqual(len(self.consumer.retries), 0)
+        clock.advance(3600)
+        await self.quiet()
+        self.assertEqual(server.site.accepted, 1)
+        self.assertEqual(self.dest_files(), [])
+
+    async def test_too_slow_retried(self):
+        """A server trickling a byte every 0.1 s, under the subscription's min_rate: the
+        transfer fails as too slow within about a window, and goes to the retry queue."""
+        server = start_hostile_http(self, self.src, trickle_interval=0.1)
+        clock = task.Clock()
+        await self.pump(clock=clock, min_rate={"bytes_per_s": 100, "window": 0.5})
+        await self.post(notice_fields(f"{server.url}/trickle/", "1000", size=None))
+        await until(lambda: len(self.consumer.retries) == 1, what="a retry entry")
+        (entry,) = list(self.consumer.retries)
+        self.assertEqual(entry.code, 504)
+        self.assertIn("too slow", entry.message)
+        self.assertEqual(self.dest_files(), [])
 
     async def test_oversized(self):
         """A message over max_notice_bytes gets a 413 report (without its bulk) when it names
@@ -1140,6 +1247,26 @@ class AppArgsTests(unittest.SynchronousTestCase):
         consumer = plan["children"][-2]["args"]
         self.assertEqual(consumer["directory"], "pump/destination/")
         self.assertEqual(consumer["topics"], ["v03.#"])
+        checked = check_args(consumer)
+        self.assertEqual(checked["max_size"], 10 * 2**30)
+        self.assertEqual(checked["min_rate"], {"bytes_per_s": 1024, "window": 60})
+
+    def test_pump_bounds_are_subscription_defaults(self):
+        """max_size and min_rate of the pump's transfer settings bound the transfer service
+        and are the default of every subscription, which may set its own."""
+        plan = pump_app.plan(
+            transfer={"max_size": 5000, "min_rate": 10},
+            subscriptions=[
+                {"name": "a", "directory": "a"},
+                {"name": "b", "directory": "b", "max_size": 7},
+            ],
+        )
+        args = {c["id"]: c["args"] for c in plan["children"]}
+        self.assertEqual(args["transfer1"]["max_size"], 5000)
+        self.assertEqual(
+            [(args[f"consumer.{n}"]["max_size"], args[f"consumer.{n}"]["min_rate"]) for n in "ab"],
+            [(5000, 10), (7, 10)],
+        )
 
     def test_app_file(self):
         """res/apps/pump.app passes the app checks and its kwargs make a valid plan."""

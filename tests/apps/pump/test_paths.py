@@ -58,6 +58,8 @@ HOSTILE = [
     ("a\ud800b", "not valid UTF-8"),
     (b"a/b", "not a string but bytes"),
     (None, "not a string but NoneType"),
+    ("a/.x.txt.0123456789ab.inflight", "named like a temporary file"),
+    (".f.inflight/x", "named like a temporary file"),
 ]
 
 NORMAL = [
@@ -258,7 +260,8 @@ class NameTests(unittest.SynchronousTestCase):
 
     def test_accepted(self):
         """Ordinary names come back unchanged."""
-        for name in ("f.dat", "été", "..x", "a b", "%41", "x" * 255):
+        accepted = ("f.dat", "été", "..x", "a b", "%41", "x" * 255, "x.inflight", ".x.inflight.gz")
+        for name in accepted:
             self.assertEqual(safe_name(name), name)
 
     def test_refused(self):
@@ -275,6 +278,7 @@ class NameTests(unittest.SynchronousTestCase):
             ("x\n", "U+000A"),
             ("%2e%2e", "percent-encoded '..'"),
             ("x" * 256, "256 bytes long"),
+            (".x.txt.0123456789ab.inflight", "named like a temporary file"),
         ]
         for name, reason in cases:
             with self.assertRaises(UnsafePath) as caught:

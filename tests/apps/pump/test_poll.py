@@ -324,6 +324,20 @@ class PollTests(unittest.TestCase):
         self.assertEqual([b["relPath"] for b in self.collector.bodies()], ["good"])
         self.assertEqual((proc.last_pass["unsafe"], proc.last_pass["skipped_entries"]), (2, 2))
 
+    async def test_inflight_files_skipped_quietly(self):
+        """A transfer's temporary file in the polled tree is neither announced (a consumer
+        would refuse its name, and it is partial) nor warned about."""
+        write_old(self.src, "good", b"g")
+        write_old(self.src, "d/.f.dat.0123456789ab.inflight", b"partial")
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        proc = await self.start_poll()
+        await quiet()
+        self.assertEqual([b["relPath"] for b in self.collector.bodies()], ["good"])
+        self.assertEqual((proc.last_pass["unsafe"], proc.last_pass["skipped_entries"]), (0, 1))
+        self.assertEqual([e for e in logged if "skipped a name" in formatEvent(e)], [])
+
     async def test_base_url_and_exchange(self):
         """base_url replaces the polled url in announcements; exchange and user choose where
         they go."""

@@ -206,6 +206,26 @@ class RouterScenarios:
             lines.index(("alice", 201, "forwarded")), lines.index(("alice", 201, "duplicate"))
         )
 
+    async def test_report_log_unencodable_text(self):
+        """A relPath or message holding a lone surrogate (what undecodable bytes in a file
+        name become) is written to the log escaped: its line is there, one JSON object that
+        reads back as the text the report carried, and the report is still forwarded."""
+        log_path = os.path.join(os.path.abspath(self.mktemp()), "reports.log")
+        router = await self.start(log_path=log_path)
+        odd = "s/a\udcff\ud800.txt"
+        forwarded = report(odd, report_id="1")
+        forwarded["report"]["message"] = "no \udcfe"
+        await self.collector.post(forwarded, self.xreport)
+        await self.collector.post(report(odd, source=None, report_id="2"), self.xreport)
+        await until(lambda: router.stats["received"] == 2)
+        await self.settle()
+        with open(log_path, "rb") as f:
+            lines = [json.loads(line) for line in f.read().splitlines()]
+        got = sorted((line["outcome"], line["relPath"], line["message"]) for line in lines)
+        self.assertEqual(got, [("forwarded", odd, "no \udcfe"), ("unroutable", odd, "m")])
+        (copy,) = self.collector.bodies("xr_alice")
+        self.assertEqual(copy["relPath"], odd)
+
 
 class MemoryRouterTests(OnMemory, RouterScenarios, unittest.TestCase):
     """The scenarios on the memory:// transport."""

@@ -8,6 +8,7 @@ constant memory is checked in C{test_transfer_memory}.
 import base64
 import hashlib
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -38,18 +39,22 @@ from ion.apps.pump.transfer import (
     SizeMismatch,
     TRANSIENT_CODES,
     Timeouts,
+    TooLarge,
     TransferError,
     TransferTimeout,
 )
+from ion.apps.pump.transfer import file as file_scheme
 from ion.apps.pump.transfer import inflight
 from ion.apps.pump.transfer.inflight import (
     BACKLOG_LIMIT,
     BUFFER_LIMIT,
+    DestinationRoot,
     DirectorySyncs,
     InflightFile,
 )
 from ion.apps.pump.transfer.limits import IdleTimer
 from ion.core import credentials as core_credentials
+from tests.apps.pump.fixtures import unblock_after
 from tests.apps.pump.servers import leftovers, write_file
 
 SECRET = "s3cr3t-Pa55"
@@ -96,6 +101,7 @@ class ErrorTests(SynchronousTestCase):
             (ChecksumMismatch, 499, True),
             (ShortTransfer, 499, True),
             (SizeMismatch, 499, True),
+            (TooLarge, 413, False),
             (TransferTimeout, 504, True),
             (ConnectionFailed, 503, True),
             (LocalFailure, 500, True),
@@ -411,7 +417,7 @@ class InflightFileTests(SynchronousTestCase):
     def test_sizeChecks(self):
         """
         Fewer bytes than announced is a L{ShortTransfer} when finishing; more is a
-        L{SizeMismatch} as soon as they arrive; either way the temporary file goes.
+        permanent L{TooLarge} as soon as they arrive; either way the temporary file goes.
         """
         sink = InflightFile(self.dest)
         sink.write(b"abc")
@@ -420,7 +426,8 @@ class InflightFileTests(SynchronousTestCase):
         self.assertEqual(os.listdir(self.dir), [])
         sink = InflightFile(self.dest, what="http://h/x")
         sink.declare(2)
-        error = self.assertRaises(SizeMismatch, sink.write, b"abc")
+        error = self.assertRaises(TooLarge, sink.write, b"abc")
+        self.assertFalse(error.transient)
         self.assertIn("http://h/x", str(error))
         self.assertEqual(sink.size, 3)
         sink.discard()
@@ -434,7 +441,7 @@ class InflightFileTests(SynchronousTestCase):
         sink = InflightFile(self.dest, expected_size=3)
         self.assertRaises(SizeMismatch, sink.declare, 4)
         sink.write(b"abc")
-        self.assertRaises(SizeMismatch, sink.write, b"d")
+        self.assertRaises(TooLarge, sink.write, b"d")
         sink.discard()
 
 
@@ -583,6 +590,48 @@ class SweepTests(SynchronousTestCase):
         self.assertEqual(os.listdir(os.path.join(self.dir, "sub")), ["kept.dat"])
 
 
+class SweepLinkTests(SynchronousTestCase):
+    """
+    The sweep removes files through directory descriptors: a directory of the tree replaced by
+    a link never sends a removal outside the tree.
+    """
+
+    def setUp(self):
+        base = os.path.abspath(self.mktemp())
+        self.root = os.path.join(base, "root")
+        self.outside = os.path.join(base, "outside")
+        os.makedirs(os.path.join(self.root, "sub"))
+        os.makedirs(self.outside)
+
+    def old_file(self, directory, name):
+        path = write_file(os.path.join(directory, name), b"left over")
+        old = time.time() - inflight.SWEEP_MIN_AGE - 1
+        os.utime(path, (old, old))
+        return path
+
+    def test_secondLookThroughSwappedDirectory(self):
+        """
+        A young file looked at again after its directory was replaced by a link to a
+        directory holding a file of the same name: that file stays; the real tree's old
+        temporary files are removed.
+        """
+        name = ".f.dat.0123456789ab" + inflight.INFLIGHT_SUFFIX
+        young = write_file(os.path.join(self.root, "sub", name), b"young")
+        self.assertEqual(inflight.sweep(self.root), ([], [young]))
+        os.rename(os.path.join(self.root, "sub"), os.path.join(self.root, "moved"))
+        os.symlink(self.outside, os.path.join(self.root, "sub"))
+        victim = self.old_file(self.outside, name)
+        self.assertEqual(inflight.sweep_files([young], 0, root=self.root), ([], []))
+        self.assertTrue(os.path.exists(victim))
+        top = self.old_file(self.root, name)
+        self.assertEqual(inflight.sweep_files([top], 0, root=self.root), ([top], []))
+        moved = os.path.join(self.root, "moved", name)
+        old = time.time() - inflight.SWEEP_MIN_AGE - 1
+        os.utime(moved, (old, old))
+        self.assertEqual(inflight.sweep(self.root), ([moved], []))
+        self.assertTrue(os.path.exists(victim))
+
+
 class InflightFilePoolTests(TestCase):
     """
     With a thread pool, the disk work runs in its threads; cancelling a commit either stops it
@@ -626,9 +675,9 @@ class InflightFilePoolTests(TestCase):
         threads = []
         original = inflight.directories.sync
 
-        def sync(path):
+        def sync(key, fd):
             threads.append(threading.current_thread())
-            original(path)
+            original(key, fd)
 
         self.patch(inflight.directories, "sync", sync)
         data = os.urandom(3 * BUFFER_LIMIT)
@@ -746,17 +795,17 @@ class DirectorySyncsTests(SynchronousTestCase):
         calls = []
         started, release = threading.Event(), threading.Event()
 
-        def fsync(path):
-            calls.append(path)
+        def fsync(fd):
+            calls.append(fd)
             if len(calls) == 1:
                 started.set()
                 release.wait(10)
 
         self.patch(inflight, "_fsync_directory", fsync)
-        leader = threading.Thread(target=syncs.sync, args=("d",))
+        leader = threading.Thread(target=syncs.sync, args=("d", 7))
         leader.start()
         started.wait(10)
-        followers = [threading.Thread(target=syncs.sync, args=("d",)) for _ in range(5)]
+        followers = [threading.Thread(target=syncs.sync, args=("d", 7)) for _ in range(5)]
         for thread in followers:
             thread.start()
         deadline = time.monotonic() + 10
@@ -766,7 +815,7 @@ class DirectorySyncsTests(SynchronousTestCase):
         release.set()
         for thread in [leader] + followers:
             thread.join(10)
-        self.assertEqual(calls, ["d", "d"])
+        self.assertEqual(calls, [7, 7])
         self.assertEqual(syncs._directories, {})
 
     def test_failure(self):
@@ -776,14 +825,14 @@ class DirectorySyncsTests(SynchronousTestCase):
         syncs = DirectorySyncs()
         outcomes = [OSError(5, "Input/output error"), None]
 
-        def fsync(path):
+        def fsync(fd):
             error = outcomes.pop(0)
             if error is not None:
                 raise error
 
         self.patch(inflight, "_fsync_directory", fsync)
-        self.assertRaises(OSError, syncs.sync, "d")
-        syncs.sync("d")
+        self.assertRaises(OSError, syncs.sync, "d", 7)
+        syncs.sync("d", 7)
         self.assertEqual((outcomes, syncs._directories), ([], {}))
 
 
@@ -949,6 +998,20 @@ class FileSchemeTests(TestCase):
             await transfer.put(reactor, self.src + ".missing", "file://" + self.dest)
         self.assertEqual((caught.exception.code, caught.exception.transient), (422, False))
 
+    async def test_putFifoSource(self):
+        """
+        Putting a named pipe fails at once (422 "not a regular file") instead of waiting for
+        a writer with the reactor stopped.
+        """
+        fifo = os.path.join(self.src_dir, "pipe")
+        os.mkfifo(fifo)
+        writer_came = unblock_after(self, fifo, 2)
+        with self.assertRaises(LocalFailure) as caught:
+            await transfer.put(reactor, fifo, "file://" + self.dest)
+        self.assertFalse(writer_came.is_set(), "the open waited for a writer")
+        self.assertEqual(caught.exception.code, 422)
+        self.assertIn("not a regular file", caught.exception.message)
+
     async def test_destinationDirectoryMissing(self):
         """
         A destination whose directory is missing is a permanent L{LocalFailure} (422).
@@ -976,6 +1039,295 @@ class FileSchemeTests(TestCase):
         """
         with self.assertRaises(NotFound):
             await transfer.list(reactor, "file://" + self.src_dir + "/nope")
+
+
+def descriptors_to(path):
+    """How many of this process's file descriptors are open on C{path}."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == path
+        except OSError:
+            pass
+    return count
+
+
+class SwapOnWrite:
+    """
+    An C{active} set for L{transfer.get} that calls C{swap(sink)} right after the first bytes
+    (or, with C{on_disk}, the first bytes once the temporary file exists) reached the
+    transfer's sink: a deterministic moment "while the file is being fetched".
+    """
+
+    def __init__(self, swap, on_disk=False):
+        self.swap = swap
+        self.on_disk = on_disk
+        self.swapped = False
+
+    def add(self, sink):
+        write = sink.write
+
+        def hooked(data):
+            write(data)
+            if not self.swapped and (not self.on_disk or os.path.exists(sink.temp_path)):
+                self.swapped = True
+                self.swap(sink)
+
+        sink.write = hooked
+
+    def discard(self, sink):
+        pass
+
+
+class LocalSafetyTests(TestCase):
+    """
+    Local files are opened without following a final link or waiting on a pipe, and files
+    are written below a destination root without ever following a link planted in it.
+    """
+
+    def setUp(self):
+        base = os.path.abspath(self.mktemp())
+        self.src_dir = os.path.join(base, "src")
+        self.root = os.path.join(base, "root")
+        self.outside = os.path.join(base, "outside")
+        for path in (self.src_dir, self.root, self.outside):
+            os.makedirs(path)
+        self.data = os.urandom(300_000)
+        self.src = write_file(os.path.join(self.src_dir, "f.bin"), self.data)
+        self.big = os.urandom(3 * BUFFER_LIMIT)
+        self.big_src = write_file(os.path.join(self.src_dir, "big.bin"), self.big)
+        self.pool = ThreadPool(minthreads=0, maxthreads=2)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+
+    async def test_fifoRefusedAtOnce(self):
+        """
+        A named pipe (or a device) as source fails at once with a permanent 422 "not a
+        regular file", with or without a pool: opening it never waits for a writer, which
+        would freeze the reactor.
+        """
+        fifo = os.path.join(self.src_dir, "pipe")
+        os.mkfifo(fifo)
+        writer_came = unblock_after(self, fifo, 2)
+        dest = os.path.join(self.root, "x")
+        for url, pool in (
+            ("file://" + fifo, None),
+            ("file://" + fifo, self.pool),
+            ("file:///dev/null", self.pool),
+        ):
+            with self.assertRaises(BadRequest) as caught:
+                await transfer.get(reactor, url, dest, pool=pool)
+            self.assertFalse(writer_came.is_set(), "the open waited for a writer")
+            error = caught.exception
+            self.assertEqual((error.code, error.transient), (422, False))
+            self.assertIn("not a regular file", error.message)
+        self.assertEqual(os.listdir(self.root), [])
+
+    async def test_finalLinkNotFollowed(self):
+        """
+        A file: URL whose last component is a symbolic link is refused (422), even one to a
+        readable regular file.
+        """
+        link = os.path.join(self.src_dir, "link")
+        os.symlink(self.src, link)
+        dest = os.path.join(self.root, "x")
+        with self.assertRaises(BadRequest) as caught:
+            await transfer.get(reactor, "file://" + link, dest, pool=self.pool)
+        self.assertEqual(caught.exception.code, 422)
+        self.assertIn("symbolic link", caught.exception.message)
+        self.assertEqual(os.listdir(self.root), [])
+
+    async def test_sourceReadInPool(self):
+        """
+        With a pool, the source file is opened and read in its threads, not the reactor's.
+        """
+        threads = []
+        source_fds = set()
+        real_open, real_read = os.open, os.read
+
+        def opening(path, *args, **kwargs):
+            fd = real_open(path, *args, **kwargs)
+            if path == self.big_src:
+                threads.append(threading.current_thread())
+                source_fds.add(fd)
+            return fd
+
+        def reading(fd, size):
+            if fd in source_fds:
+                threads.append(threading.current_thread())
+            return real_read(fd, size)
+
+        self.patch(os, "open", opening)
+        self.patch(os, "read", reading)
+        dest = os.path.join(self.root, "x")
+        result = await transfer.get(reactor, "file://" + self.big_src, dest, pool=self.pool)
+        self.assertEqual(result.size, len(self.big))
+        self.assertGreater(len(threads), 2)
+        self.assertNotIn(threading.main_thread(), threads)
+
+    async def test_cancelWhileOpeningInPool(self):
+        """
+        A get cancelled while the pool opens its source ends without waiting for the open;
+        the source is closed once the open is done, and nothing is left in the destination.
+        """
+        reached, release = threading.Event(), threading.Event()
+        original = file_scheme._Source._open
+
+        def blocked(source):
+            reached.set()
+            release.wait(10)
+            return original(source)
+
+        self.patch(file_scheme._Source, "_open", blocked)
+        self.addCleanup(release.set)
+        dest = os.path.join(self.root, "x")
+        d = Deferred.fromCoroutine(
+            transfer.get(reactor, "file://" + self.big_src, dest, pool=self.pool)
+        )
+        while not reached.is_set():
+            await deferLater(reactor, 0.005, lambda: None)
+        d.cancel()
+        with self.assertRaises(CancelledError):
+            await d  # without waiting for the open
+        release.set()
+        deadline = time.monotonic() + 5
+        while descriptors_to(self.big_src) and time.monotonic() < deadline:
+            await deferLater(reactor, 0.005, lambda: None)
+        self.assertEqual(descriptors_to(self.big_src), 0)
+        self.assertEqual(os.listdir(self.root), [])
+
+    async def test_directoriesMadeBelowRoot(self):
+        """
+        With a destination root, the directories between it and the file are made; small and
+        streamed files alike land in place.
+        """
+        for name, data in (("f.bin", self.data), ("big.bin", self.big)):
+            dest = os.path.join(self.root, "a", "b", name)
+            result = await transfer.get(
+                reactor,
+                "file://" + os.path.join(self.src_dir, name),
+                dest,
+                dest_root=self.root,
+                expected_checksum=("sha512", sha512(data)),
+                pool=self.pool,
+            )
+            self.assertEqual(result.path, dest)
+            with open(dest, "rb") as f:
+                self.assertEqual(f.read(), data)
+        made = os.path.join(self.root, "a", "b")
+        self.assertEqual(sorted(os.listdir(made)), ["big.bin", "f.bin"])
+
+    async def test_rootHeldOpen(self):
+        """
+        A L{DestinationRoot} is opened once for all the files placed under it; one made with
+        C{make} is made again if it was removed, and a closed one refuses new files (503).
+        """
+        opened = []
+        real_open = os.open
+
+        def opening(path, *args, **kwargs):
+            if path == self.root:
+                opened.append(path)
+            return real_open(path, *args, **kwargs)
+
+        self.patch(os, "open", opening)
+        root = DestinationRoot(self.root, make=True)
+        url = "file://" + self.src
+        for name in ("1", "2"):
+            await transfer.get(reactor, url, os.path.join(self.root, "a", name), dest_root=root)
+        self.assertEqual(len(opened), 1)
+        shutil.rmtree(self.root)
+        await transfer.get(reactor, url, os.path.join(self.root, "a", "3"), dest_root=root)
+        self.assertEqual(os.listdir(os.path.join(self.root, "a")), ["3"])
+        root.close()
+        with self.assertRaises(LocalFailure) as caught:
+            await transfer.get(reactor, url, os.path.join(self.root, "a", "4"), dest_root=root)
+        self.assertEqual((caught.exception.code, caught.exception.transient), (503, True))
+
+    async def test_linkBelowRootRefused(self):
+        """
+        A symbolic link between the root and the file (to a directory outside, or even
+        inside) is never followed: 422, nothing written.
+        """
+        os.symlink(self.outside, os.path.join(self.root, "out"))
+        os.makedirs(os.path.join(self.root, "in"))
+        os.symlink(os.path.join(self.root, "in"), os.path.join(self.root, "inlink"))
+        for rel in ("out/x", "out/new/x", "inlink/x"):
+            with self.assertRaises(LocalFailure) as caught:
+                await transfer.get(
+                    reactor,
+                    "file://" + self.src,
+                    os.path.join(self.root, *rel.split("/")),
+                    dest_root=self.root,
+                    pool=self.pool,
+                )
+            self.assertEqual((caught.exception.code, caught.exception.transient), (422, False))
+            self.assertIn("is a symbolic link", caught.exception.message)
+        self.assertEqual(os.listdir(self.outside), [])
+        self.assertEqual(os.listdir(os.path.join(self.root, "in")), [])
+
+    def swap_to_outside(self, directory):
+        """Replace C{directory} by a symbolic link to the outside directory (the attack)."""
+        os.rename(directory, directory + ".old")
+        os.symlink(self.outside, directory)
+
+    async def test_directorySwappedWhileBuffered(self):
+        """
+        A small file's directory replaced by a link to the outside while the bytes arrive:
+        the file fails with 422 when it is written, and nothing is written outside.
+        """
+        directory = os.path.join(self.root, "a")
+        os.makedirs(directory)
+        hook = SwapOnWrite(lambda sink: self.swap_to_outside(directory))
+        with self.assertRaises(LocalFailure) as caught:
+            await transfer.get(
+                reactor,
+                "file://" + self.src,
+                os.path.join(directory, "x"),
+                dest_root=self.root,
+                active=hook,
+                pool=self.pool,
+            )
+        self.assertTrue(hook.swapped)
+        self.assertEqual(caught.exception.code, 422)
+        self.assertEqual(os.listdir(self.outside), [])
+        self.assertEqual(os.listdir(directory + ".old"), [])
+
+    async def test_directorySwappedWhileStreaming(self):
+        """
+        A streamed file's directory replaced by a link to the outside after its temporary
+        file was created there: the file is not renamed into the old directory as if
+        delivered, it fails with 422; nothing is written outside and no temporary file stays.
+        """
+        directory = os.path.join(self.root, "a")
+
+        def swap(sink):
+            self.assertEqual(len(leftovers(directory)), 1)
+            self.swap_to_outside(directory)
+
+        hook = SwapOnWrite(swap, on_disk=True)
+        with self.assertRaises(LocalFailure) as caught:
+            await transfer.get(
+                reactor,
+                "file://" + self.big_src,
+                os.path.join(directory, "x"),
+                dest_root=self.root,
+                active=hook,
+            )
+        self.assertTrue(hook.swapped)
+        self.assertEqual(caught.exception.code, 422)
+        self.assertIn("replaced during the transfer", caught.exception.message)
+        self.assertEqual(os.listdir(self.outside), [])
+        self.assertEqual(os.listdir(directory + ".old"), [])
+
+    async def test_destinationOutsideRootRefused(self):
+        """
+        A destination path that is not below the root given is refused before any disk work.
+        """
+        for dest in (os.path.join(self.outside, "x"), os.path.join(self.root, "..", "x")):
+            with self.assertRaises(BadRequest):
+                await transfer.get(reactor, "file://" + self.src, dest, dest_root=self.root)
+        self.assertEqual(os.listdir(self.outside), [])
 
 
 class TimeoutsTests(SynchronousTestCase):

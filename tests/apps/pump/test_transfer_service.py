@@ -284,15 +284,21 @@ class TransferServiceResourceTests(unittest.TestCase):
         self.assertEqual(len(self.server.site.connections), 0)
 
     async def test_parallel_bounds_transfers(self):
-        """At most `parallel` transfers run at once in an instance; the others wait."""
+        """At most `parallel` transfers run at once in an instance (to as many servers);
+        the others wait."""
         gate = defer.Deferred()
         running = []
 
-        async def held(reactor, *args, **kwargs):
-            running.append(args)
+        async def held(reactor, url, limiter, **kwargs):
+            key = await limiter.acquire(url)
+            running.append(url)
             await gate
+            limiter.release(key)
 
-        calls = [defer.ensureDeferred(self.service.transfers._run(held, i)) for i in range(5)]
+        calls = [
+            defer.ensureDeferred(self.service.transfers._run(held, f"http://h{i}/"))
+            for i in range(5)
+        ]
         self.assertEqual(len(running), 3)
         gate.callback(None)
         await defer.gatherResults(calls)
@@ -305,20 +311,34 @@ class TransfersTests(unittest.TestCase):
     timeout = 30
 
     async def test_many_failing_at_once(self):
-        """Hundreds of transfers queued behind a few slots that all fail at once (a URL no
-        scheme serves) each get their error; none is left waiting and every slot comes back
-        (released in a chain, they used to hit the recursion limit and hang)."""
+        """Hundreds of transfers queued behind a few slots that all fail at once each get
+        their error; none is left waiting and every slot comes back (released in a chain,
+        they used to hit the recursion limit and hang). Half go to one server (queued for
+        its slot), half to as many servers (queued for one of the `parallel` slots)."""
         transfers = Transfers(reactor, {"parallel": 2})
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(transfers.close()))
-        dest = os.path.abspath(self.mktemp())
         gate = defer.Deferred()
 
-        async def held(reactor, *args, **kwargs):
+        async def held(reactor, url, limiter, **kwargs):
+            key = await limiter.acquire(url)
             await gate
+            limiter.release(key)
 
-        first = [defer.Deferred.fromCoroutine(transfers._run(held)) for _ in range(2)]
+        async def failing(reactor, url, limiter, **kwargs):
+            key = await limiter.acquire(url)
+            try:
+                raise transfer.TransferError("refused", code=422)
+            finally:
+                limiter.release(key)
+
+        first = [
+            defer.Deferred.fromCoroutine(transfers._run(held, f"http://busy{i}/"))
+            for i in range(2)
+        ]
         calls = [
-            defer.Deferred.fromCoroutine(transfers.get(f"gopher://h/{i}", f"{dest}/{i}"))
+            defer.Deferred.fromCoroutine(
+                transfers._run(failing, f"http://h{i if i % 2 else ''}/{i}")
+            )
             for i in range(1000)
         ]
         gate.callback(None)
@@ -327,7 +347,8 @@ class TransfersTests(unittest.TestCase):
         codes = {result.value.code for ok, result in results if not ok}
         self.assertEqual((sum(ok for ok, _ in results), codes), (0, {422}))
         await task.deferLater(reactor, 0, lambda: None)  # releases run through the reactor
-        self.assertEqual(transfers.slots.tokens, 2)
+        self.assertEqual(transfers.limiter.active("http://h/"), 0)
+        self.assertEqual(transfers.limiter._total.tokens, 2)
 
 
     async def test_bytes_received(self):

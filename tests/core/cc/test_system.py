@@ -175,13 +175,30 @@ class SystemTests(unittest.TestCase):
                 break
             await task.deferLater(reactor, 0.1, lambda: None)
         cli = ["--broker", self.broker.url, "--sysname", self.sysname]
+        result = await threads.deferToThread(run_cli, "containers", "--json", *cli)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        rows = json.loads(result.stdout)
+        self.assertEqual({row["container"] for row in rows}, {a.container_id, b.container_id})
+        for row in rows:
+            self.assertEqual(set(row["apps"]), {"ioncore", "ccagent"}, row)
         result = await threads.deferToThread(run_cli, "containers", *cli)
         self.assertEqual(result.returncode, 0, result.stderr)
-        listed = {row["container"] for row in json.loads(result.stdout)}
-        self.assertEqual(listed, {a.container_id, b.container_id})
+        lines = result.stdout.splitlines()
+        self.assertEqual(lines[0].split(), ["CONTAINER", "HOST", "PID", "UP", "HEARTBEAT", "APPS"])
+        self.assertEqual(lines[-1], "2 containers")
+        for cid in (a.container_id, b.container_id):
+            (line,) = [line for line in lines if line.startswith(cid + " ")]
+            self.assertTrue(line.endswith("ioncore, ccagent"), line)
         result = await threads.deferToThread(run_cli, "ps", *cli, b.container_id)
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertIn("ContainerAgent", result.stdout)
+        lines = result.stdout.splitlines()
+        self.assertEqual(lines[0].split(), ["CONTAINER", "PID", "NAME", "CLASS", "STATE", "PARENT"])
+        agent = [line.split() for line in lines if "ContainerAgent" in line]
+        self.assertEqual(len(agent), 1, lines)
+        self.assertEqual(agent[0][0], b.container_id)
+        self.assertEqual(agent[0][4], "ACTIVE")
+        result = await threads.deferToThread(run_cli, "ps", "--json", *cli, b.container_id)
+        self.assertIn("ContainerAgent", [row[2] for row in json.loads(result.stdout)])
 
         a.stop(signal.SIGKILL)
         killed = time.monotonic()

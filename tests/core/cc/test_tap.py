@@ -12,6 +12,8 @@ from twisted.trial import unittest
 
 import ion
 from ion.core.cc import tap
+from ion.core.messaging.amqp import AmqpAddress
+from tests.core.test_log import NASTY_PASSWORDS, assertHidden
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 RES = os.path.join(ROOT, "res")
@@ -79,6 +81,26 @@ class OptionsTests(unittest.SynchronousTestCase):
             line = self.bad(*argv)
             self.assertIn(expected, line)
             self.assertNotIn("sekrit", line)
+
+    def test_nasty_broker_passwords(self):
+        """A broker password holding characters that end a URL early (a quote, a space,
+        '/', '?', '#', '@', brackets) is not shown by the error for a URL that cannot work."""
+        for password in NASTY_PASSWORDS:
+            for url in (
+                f"amqp://pump:{password}@broker.example:99999/",
+                f"amqp://pump:{password}@broker.example/?heartbeat=5",
+                f"amqp://pump:{password}@broker.example:5672/a/b",
+            ):
+                line = self.bad("--broker", url)
+                assertHidden(self, password, line)
+                self.assertIn("bad AMQP URL", line)
+            url = f"amqp://pump:{password}@broker.example:5672/"
+            try:
+                address = AmqpAddress.parse(url)
+            except ValueError as e:
+                assertHidden(self, password, str(e))
+            else:
+                assertHidden(self, password, f"{address} {address!r}")
 
     def test_args(self):
         """-a takes k=v pairs or a dict literal; apparg_<app> becomes that app's kwargs."""
@@ -169,6 +191,33 @@ class TwistdTests(unittest.TestCase):
         self.assertEqual(result.returncode, 2, result.stderr)
         self.assertIn("ionlocal.config:", result.stderr)
         self.assertNotIn("Traceback", result.stderr + result.stdout)
+
+    def test_second_pump_on_one_directory_exit_2(self):
+        """A second container started from the working directory of a running pump refuses
+        to start: one line naming the state directory and the owner's pid, status 2."""
+        cwd = self.mktemp()
+        os.makedirs(cwd)
+        pump = os.path.join(RES, "apps", "pump.app")
+        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "-n", "--res", RES, pump]
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        first = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(first.wait)
+        self.addCleanup(first.kill)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            line = first.stdout.readline()
+            if "running apps" in line or not line:
+                break
+        self.assertIn("running apps", line)
+        result = twistd("--no-shell", "--res", RES, pump, cwd=cwd)
+        output = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 2, output)
+        self.assertIn(f"is in use by process {first.pid}", output)
+        self.assertIn("state directory var/pump/", output)
+        self.assertNotIn("Traceback", output)
+        first.send_signal(signal.SIGTERM)
+        self.assertEqual(first.wait(timeout=30), 0)
 
     def test_boot_and_sigterm(self):
         """The hello app boots on memory:// and a SIGTERM stops the container cleanly (status 0)."""

@@ -30,6 +30,7 @@ from ion.apps.pump.transfer.errors import (
     ShortTransfer,
     SizeMismatch,
     TRANSIENT_CODES,
+    TooLarge,
     TransferError,
     TransferTimeout,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "SizeMismatch",
     "TRANSIENT_CODES",
     "Timeouts",
+    "TooLarge",
     "TransferError",
     "TransferResult",
     "TransferTimeout",

@@ -14,13 +14,17 @@ that list are used: an HTTP 401 is reported as 403, an HTTP 502 as 503.
 | `BadRequest`       | 417, 422        | no        | unusable URL or checksum method, unsupported operation   |
 | `ChecksumMismatch` | 499             | yes       | the received bytes do not match the announced checksum   |
 | `ShortTransfer`    | 499             | yes       | fewer bytes arrived than announced (connection cut)      |
-| `SizeMismatch`     | 499             | yes       | more bytes arrived than announced                        |
+| `SizeMismatch`     | 499             | yes       | the server announces another size than the caller        |
+| `TooLarge`         | 413             | no        | more bytes than announced or than `max_size`             |
 | `LocalFailure`     | 500 or 422      | 500 only  | local disk full or failing (500); path unusable (422)    |
 | `ConnectionFailed` | 503             | yes       | connection refused or lost, server busy (HTTP 5xx, FTP 4xx) |
-| `TransferTimeout`  | 504             | yes       | no connection within `connect` s, or no byte for `idle` s |
+| `TransferTimeout`  | 504             | yes       | no connection within `connect` s, no byte for `idle` s, or under `min_rate` |
 
 An error is transient exactly when its code is one of `TRANSIENT_CODES` (499, 500, 503, 504),
 so a caller that only sees the code (after it crossed the wire) decides the same way.
+
+`TooLarge` is permanent: a server sending more than it announced (or than the caller allows)
+is not asked again, and the code is one a caller seeing only the code does not retry either.
 
 `ChecksumMismatch` is transient: the usual cause is a file rewritten upstream while it was
 being fetched, which a later attempt gets right. A caller's retry horizon turns a mismatch
@@ -91,6 +95,14 @@ class SizeMismatch(TransferError):
 
 class ShortTransfer(SizeMismatch):
     """Fewer bytes arrived than announced: the body was cut short."""
+
+
+class TooLarge(SizeMismatch):
+    """More bytes than announced, or than the caller's C{max_size}, arrived or are announced:
+    the transfer is cut at once and not worth trying again."""
+
+    code = 413
+    transient = False
 
 
 class TransferTimeout(TransferError):

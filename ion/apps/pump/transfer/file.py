@@ -1,11 +1,21 @@
 """The C{file} scheme: copy local files (C{file:///abs/path}, C{file:relative/path}) and list
-local directories, with the same verify-then-rename delivery as the network schemes."""
+local directories, with the same verify-then-rename delivery as the network schemes.
+
+A source file is opened with C{O_NOFOLLOW | O_NONBLOCK}, so neither a symbolic link as its
+last component nor a named pipe waiting for a writer can redirect or stall it, and is checked
+with C{fstat} on the descriptor: only a regular file is copied (anything else is a permanent
+422). The open and the reads run in the caller's thread pool, so a slow disk never holds up
+the reactor (without a pool they run at once); directory listings are read there too.
+"""
 
 import errno
 import os
 import stat
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 
 from ion.apps.pump.transfer.errors import AuthFailed, BadRequest, LocalFailure, NotFound
 from ion.apps.pump.transfer.inflight import InflightFile
@@ -14,6 +24,7 @@ from ion.apps.pump.transfer.results import Entry
 CHUNK_SIZE = 256 * 1024
 # Give the reactor a turn after this many chunks (4 MiB) so a big copy does not starve it.
 CHUNKS_PER_TURN = 16
+_SOURCE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def _source_error(shown, exc):
@@ -21,16 +32,20 @@ def _source_error(shown, exc):
         return NotFound(f"{shown}: no such file or directory")
     if isinstance(exc, PermissionError):
         return AuthFailed(f"{shown}: permission denied")
+    if exc.errno == errno.ELOOP:
+        return BadRequest(f"{shown}: a symbolic link (not followed)")
+    if exc.errno == errno.ENXIO:
+        return BadRequest(f"{shown}: not a regular file")
     if exc.errno in (errno.EISDIR, errno.ENOTDIR):
         return BadRequest(f"{shown}: {exc.strerror}")
     return LocalFailure.from_os_error(shown, exc)
 
 
 async def copy(reactor, read, sink):
-    """Move chunks from C{read(size)} to C{sink} (an L{InflightFile}) until C{read} returns
-    nothing, waiting whenever the sink has too much waiting for the disk."""
+    """Move chunks from C{await read(size)} to C{sink} (an L{InflightFile}) until C{read}
+    returns nothing, waiting whenever the sink has too much waiting for the disk."""
     chunks = 0
-    while data := read(CHUNK_SIZE):
+    while data := await read(CHUNK_SIZE):
         sink.write(data)
         chunks += 1
         if sink.backlogged:
@@ -39,25 +54,98 @@ async def copy(reactor, read, sink):
             await deferLater(reactor, 0, lambda: None)
 
 
+class _Source:
+    """
+    A local regular file, opened and read by jobs in C{pool} (one at a time) or at once
+    without a pool. The first chunk is read with the open, and a short read is the end: a
+    small file costs one job. A job still running when its caller is cancelled runs to its
+    end; L{close} then closes the file after it.
+    """
+
+    def __init__(self, reactor, pool, location):
+        self._reactor = reactor
+        self._pool = pool
+        self._location = location
+        self._fd = None
+        self._ahead = None  # the chunk read with the open
+        self._job = None  # the pool job running, if any
+
+    async def open(self):
+        """The C{os.stat_result} of the opened file."""
+        return await self._call(self._open)
+
+    async def read(self, size):
+        if self._ahead is not None:
+            data, self._ahead = self._ahead, None
+            return data
+        if self._fd is None:
+            return b""
+        return await self._call(self._read, size)
+
+    def close(self):
+        if self._job is not None:
+            self._job.addBoth(lambda _: self._close())
+        else:
+            self._close()
+
+    async def _call(self, work, *args):
+        if self._pool is None:
+            return work(*args)
+        job = self._job = deferToThreadPool(self._reactor, self._pool, work, *args)
+        outcome = Deferred()
+
+        def settle(result):
+            self._job = None
+            if not outcome.called:
+                if isinstance(result, Failure):
+                    outcome.errback(result)
+                else:
+                    outcome.callback(result)
+
+        job.addBoth(settle)
+        return await outcome
+
+    # -- in the pool --------------------------------------------------------------------
+
+    def _open(self):
+        shown = self._location.shown
+        try:
+            self._fd = os.open(self._location.path, _SOURCE_FLAGS)
+            info = os.fstat(self._fd)
+        except OSError as exc:
+            self._close()
+            raise _source_error(shown, exc) from None
+        if not stat.S_ISREG(info.st_mode):
+            self._close()
+            raise BadRequest(f"{shown}: not a regular file")
+        self._ahead = self._read(CHUNK_SIZE)
+        return info
+
+    def _read(self, size):
+        try:
+            data = os.read(self._fd, size)
+        except OSError as exc:
+            self._close()
+            raise LocalFailure.from_os_error(f"cannot read {self._location.shown}", exc) from None
+        if len(data) < size:
+            self._close()  # the end: a regular file reads short only there
+        return data
+
+    def _close(self):
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
 async def fetch(reactor, location, sink, settings):
     """Copy the local file at C{location} into C{sink}; returns its C{(mtime, mode)}."""
+    source = _Source(reactor, settings.pool, location)
     try:
-        source = open(location.path, "rb")
-        info = os.fstat(source.fileno())
-    except OSError as exc:
-        raise _source_error(location.shown, exc) from None
-    with source:
-        if not stat.S_ISREG(info.st_mode):
-            raise BadRequest(f"{location.shown}: not a regular file")
+        info = await source.open()
         sink.declare(info.st_size)
-
-        def read(size):
-            try:
-                return source.read(size)
-            except OSError as exc:
-                raise LocalFailure.from_os_error(f"cannot read {location.shown}", exc) from None
-
-        await copy(reactor, read, sink)
+        await copy(reactor, source.read, sink)
+    finally:
+        source.close()
     return info.st_mtime, stat.S_IMODE(info.st_mode)
 
 
@@ -68,7 +156,11 @@ async def store(reactor, outgoing, location, settings):
     )
     try:
         sink.declare(outgoing.size)
-        await copy(reactor, outgoing.read, sink)
+
+        async def read(size):
+            return outgoing.read(size)
+
+        await copy(reactor, read, sink)
     except BaseException:
         await sink.discard()
         raise
@@ -76,7 +168,14 @@ async def store(reactor, outgoing, location, settings):
 
 
 async def listdir(reactor, location, settings):
-    """The entries of the local directory at C{location} (symbolic links are not followed)."""
+    """The entries of the local directory at C{location} (symbolic links are not followed),
+    read in the pool when there is one."""
+    if settings.pool is None:
+        return _listdir(location)
+    return await deferToThreadPool(reactor, settings.pool, _listdir, location)
+
+
+def _listdir(location):
     entries = []
     try:
         with os.scandir(location.path) as names:

@@ -113,7 +113,7 @@ class _Control(FTPClient):
         try:
             super().connectionLost(reason)
         finally:
-            self.session.timer.stop()
+            # The timer runs on until the operation ends (a data connection may outlive this).
             self.session.closed.callback(None)
 
 
@@ -188,14 +188,16 @@ async def _login(session, location):
     if password is None and user == "anonymous":
         password = "anonymous@"
     try:
-        reply = await control.queueStringCommand("USER " + _wire(user, "the user name"), public=0)
+        # Public commands, unlike Twisted's own login: only those fail when the connection is
+        # lost (a server that never greets, cut by the idle timer, would leave them waiting).
+        reply = await control.queueStringCommand("USER " + _wire(user, "the user name"))
         if reply[-1].startswith("331"):
             if password is None:
                 raise AuthFailed(
                     f"{location.shown}: server asks a password for {user!r}; none in the URL "
                     "or the credentials file"
                 )
-            await control.queueStringCommand("PASS " + _wire(password, "the password"), public=0)
+            await control.queueStringCommand("PASS " + _wire(password, "the password"))
     except CommandFailed as exc:
         if _reply(exc).startswith("530"):
             raise AuthFailed(f"{location.shown}: server refused the login of user {user!r}")

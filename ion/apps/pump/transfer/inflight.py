@@ -14,9 +14,19 @@ The writer holds an exclusive C{flock} on its temporary file from creation to re
 left behind by a killed process (the lock dies with it) can be told from one being written:
 L{sweep} removes the former only. Creating the file and locking it are two system calls: a
 file modified in the last C{SWEEP_MIN_AGE} seconds may be in between and is never swept.
+
+Every path is reached from a directory descriptor of the destination root (a
+L{DestinationRoot}, opened once and shared by a process's transfers; by default the
+destination's own directory): each directory below the root is opened with C{O_NOFOLLOW}
+relative to its parent's descriptor (and made when missing), the temporary file is created,
+renamed and its directory fsynced through the descriptor of its directory. A symbolic link in
+the destination tree, planted before or while a file is received, therefore makes the file fail
+(422) and never redirects a write: a file streamed to disk checks again before its rename that
+its directory is still the one its path leads to.
 """
 
 import base64
+import errno
 import fcntl
 import hashlib
 import os
@@ -35,6 +45,7 @@ from ion.apps.pump.transfer.errors import (
     LocalFailure,
     ShortTransfer,
     SizeMismatch,
+    TooLarge,
     TransferError,
 )
 from ion.apps.pump.transfer.results import TransferResult
@@ -64,6 +75,14 @@ def check_method(method):
             code=417,
         )
     return method
+
+
+def _lowest(*limits):
+    """The lowest of the C{limits} that are not C{None}, or C{None}."""
+    return min((limit for limit in limits if limit is not None), default=None)
+def is_inflight_name(name):
+    """Whether the file name C{name} looks like a temporary file: L{sweep} would remove it."""
+    return name.startswith(".") and name.endswith(INFLIGHT_SUFFIX)
 
 
 def inflight_name(dest_path):
@@ -112,6 +131,83 @@ class _Outcome:
         return d
 
 
+class DestinationRoot:
+    """
+    A directory that received files are placed under, held open: L{InflightFile}s reach their
+    destinations from its descriptor, so the root stays the directory it was when first used
+    and nothing below it is reached through a symbolic link. The root itself is opened by its
+    path, links and all (it comes from the configuration, not from a notice).
+
+    Thread-safe; the descriptor is opened by the first disk job that needs it and closed by
+    L{close} once no job uses it any more.
+
+    @param make: make the root directory (and its parents) when it is missing, as when an
+        operator removed it while the process ran.
+    """
+
+    def __init__(self, path, make=False):
+        self.path = path
+        self.make = make
+        self._lock = threading.Lock()
+        self._fd = None
+        self._stale = []  # descriptors replaced by a reopen, closed once no job uses them
+        self._users = 0
+        self._closed = False
+
+    def acquire(self, reopen=False):
+        """
+        The root's descriptor, for a disk job that calls L{release} when done with it.
+        C{reopen}: open the path again (the directory held may have been removed).
+
+        @raise LocalFailure: the root cannot be opened (422), or L{close} was called (503).
+        """
+        with self._lock:
+            if self._closed:
+                raise LocalFailure(f"{self.path}: the destination is closed", code=503)
+            if self._fd is None or reopen:
+                try:
+                    fd = self._open()
+                except OSError as exc:
+                    raise LocalFailure.from_os_error(
+                        f"cannot open destination directory {self.path}", exc
+                    ) from None
+                if self._fd is not None:
+                    self._stale.append(self._fd)
+                self._fd = fd
+            self._users += 1
+            return self._fd
+
+    def _open(self):
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        try:
+            return os.open(self.path, flags)
+        except FileNotFoundError:
+            if not self.make:
+                raise
+        os.makedirs(self.path, exist_ok=True)
+        return os.open(self.path, flags)
+
+    def release(self):
+        """A job is done with the descriptor L{acquire} gave it."""
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                for fd in self._stale:
+                    os.close(fd)
+                self._stale.clear()
+                if self._closed and self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
+
+    def close(self):
+        """Close the descriptor once the jobs using it are done; L{acquire} fails from now."""
+        with self._lock:
+            self._closed = True
+            if self._users == 0 and self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
 class InflightFile:
     """
     Receive a file for C{dest_path}: L{write} the bytes as they come, then L{finish} (verify,
@@ -119,24 +215,47 @@ class InflightFile:
 
     Nothing ever appears at C{dest_path} but a complete, verified, fsynced file; a file already
     there is replaced only by L{finish}. A transfer stops as soon as it goes past the size
-    announced by the caller (C{expected_size}) or the server (L{declare}), so an endless body
-    cannot fill the disk.
+    announced by the caller (C{expected_size}) or the server (L{declare}), or past
+    C{max_size}, so an endless body cannot fill the disk.
 
     @param pool: a started C{twisted.python.threadpool.ThreadPool} for the disk work (then
         C{reactor} is needed too), or C{None} to do it in the calling thread.
+    @param root: the L{DestinationRoot} (or the path of the directory) that C{dest_path} is
+        under: the directories between them are reached without following links and made
+        when missing. Default: the directory of C{dest_path}, which must exist.
     @ivar declared_size: the size the server announced (Content-Length, stat), or C{None}.
     """
 
     def __init__(
-        self, dest_path, methods=("sha512",), expected_size=None, what=None, reactor=None, pool=None
+        self,
+        dest_path,
+        methods=("sha512",),
+        expected_size=None,
+        what=None,
+        reactor=None,
+        pool=None,
+        max_size=None,
+        root=None,
     ):
         self.dest_path = dest_path
         self.temp_path = inflight_name(dest_path)
         self.what = what or dest_path
+        directory, self._name = os.path.split(dest_path)
+        self._directory = directory or "."
+        self._temp_name = os.path.basename(self.temp_path)
+        # A root of our own is opened by our first disk job and closed by our last.
+        self._owns_root = not isinstance(root, DestinationRoot)
+        if root is None:
+            root = DestinationRoot(self._directory)
+        elif self._owns_root:
+            root = DestinationRoot(root)
+        self._root = root
+        self._below = _components(root.path, self._directory, dest_path)
         self.size = 0
         self.expected_size = expected_size
         self.declared_size = None
-        self._limit = expected_size
+        self.max_size = max_size
+        self._limit = _lowest(expected_size, max_size)
         self._hashers = {method: hashlib.new(check_method(method)) for method in methods}
         self._reactor = reactor
         self._pool = pool
@@ -151,6 +270,8 @@ class InflightFile:
         # Touched by the disk jobs only (one at a time), then read here once they are done.
         self._fd = None
         self._created = False
+        self._root_fd = None  # acquired from the root while the directory is open
+        self._dir_fd = None  # the directory of dest_path
         # Cancelling a commit: checked and set under the lock, so the rename happens or not.
         self._lock = threading.Lock()
         self._abandoned = False
@@ -164,8 +285,13 @@ class InflightFile:
         The server announces C{size} bytes.
 
         @raise SizeMismatch: the caller expects another size.
+        @raise TooLarge: C{size} is over C{max_size}.
         """
         self.declared_size = size
+        if self.max_size is not None and size > self.max_size:
+            raise TooLarge(
+                f"{self.what}: the server announces {size} bytes, over max_size {self.max_size}"
+            )
         if self.expected_size is not None and size != self.expected_size:
             raise SizeMismatch(
                 f"{self.what}: the server announces {size} bytes, {self.expected_size} expected"
@@ -178,14 +304,15 @@ class InflightFile:
         """
         Take the next C{data}. Bytes arriving after L{discard} are dropped.
 
-        @raise SizeMismatch: more bytes than announced arrived.
+        @raise TooLarge: more bytes than announced, or than C{max_size}, arrived.
         @raise LocalFailure: writing the bytes so far to disk failed.
         """
         if self._removal is not None:
             return
         self.size += len(data)
         if self._limit is not None and self.size > self._limit:
-            raise SizeMismatch(f"{self.what}: more than the {self._limit} bytes announced arrived")
+            what = "max_size" if self._limit == self.max_size else "announced"
+            raise TooLarge(f"{self.what}: more than the {self._limit} bytes {what} arrived")
         if self._error is not None:
             raise self._error
         self._pending.append(data)
@@ -308,13 +435,85 @@ class InflightFile:
     # -- the disk side (a pool thread, one job at a time per file) --------------------------
 
     def _create(self):
+        self._open_directory()
         try:
-            self._fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            self._fd = os.open(
+                self._temp_name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o666,
+                dir_fd=self._dir_fd,
+            )
         except OSError as exc:
             raise LocalFailure.from_os_error(f"cannot create {self.temp_path}", exc) from None
         self._created = True
         # Held until the file is renamed into place: see sweep.
         fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def _open_directory(self):
+        """Open the directory of C{dest_path} from the root, making what is missing; once more
+        from a freshly opened root if a directory vanished on the way."""
+        for attempt in (0, 1):
+            root_fd = self._root.acquire(reopen=attempt > 0)
+            try:
+                self._dir_fd = _walk(root_fd, self._below, make=True)
+            except FileNotFoundError as exc:
+                self._root.release()
+                if attempt == 0:
+                    continue
+                raise LocalFailure.from_os_error(f"cannot create {self.temp_path}", exc) from None
+            except _NotADirectory as crossed:
+                self._root.release()
+                raise LocalFailure(
+                    f"cannot write {self.dest_path}: {self._shown(crossed.depth)} {crossed}",
+                    code=422,
+                    transient=False,
+                ) from None
+            except OSError as exc:
+                self._root.release()
+                raise LocalFailure.from_os_error(f"cannot create {self.temp_path}", exc) from None
+            except BaseException:
+                self._root.release()
+                raise
+            self._root_fd = root_fd
+            return
+
+    def _shown(self, depth):
+        return os.path.join(self._root.path, *self._below[: depth + 1])
+
+    def _check_directory(self):
+        """
+        Make sure the directory the file was created in is still the one its path leads to:
+        one replaced by a link (or moved away) while the file streamed in fails the file.
+        """
+        try:
+            fd = _walk(self._root_fd, self._below, make=False)
+        except (OSError, _NotADirectory) as exc:
+            why = str(exc) if isinstance(exc, _NotADirectory) else "gone"
+            raise LocalFailure(
+                f"cannot finish {self.dest_path}: its directory was replaced during the "
+                f"transfer ({why})",
+                code=422,
+                transient=False,
+            ) from None
+        try:
+            now, held = os.fstat(fd), os.fstat(self._dir_fd)
+        finally:
+            os.close(fd)
+        if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            raise LocalFailure(
+                f"cannot finish {self.dest_path}: its directory was replaced during the transfer",
+                code=422,
+                transient=False,
+            )
+
+    def _close_directory(self):
+        if self._dir_fd is not None:
+            if self._dir_fd != self._root_fd:
+                os.close(self._dir_fd)
+            self._dir_fd = self._root_fd = None
+            self._root.release()
+        if self._owns_root:
+            self._root.close()
 
     def _hash(self, chunks):
         for hasher in self._hashers.values():
@@ -336,7 +535,8 @@ class InflightFile:
         try:
             self._hash(chunks)
             self._verify(expected_checksum)
-            if self._fd is None:
+            streamed = self._fd is not None
+            if not streamed:
                 self._create()
             fd = self._fd
             _write_all(fd, chunks)
@@ -345,15 +545,23 @@ class InflightFile:
             if mtime is not None:
                 os.utime(fd, (mtime, mtime))
             os.fsync(fd)
+            if streamed and self._below:
+                self._check_directory()
             with self._lock:
                 if self._abandoned:
                     raise CancelledError()
-                os.replace(self.temp_path, self.dest_path)
+                os.rename(
+                    self._temp_name,
+                    self._name,
+                    src_dir_fd=self._dir_fd,
+                    dst_dir_fd=self._dir_fd,
+                )
             # Closed (and unlocked) only once renamed: a sweep never takes a file in use.
             self._fd = None
             self._created = False
             os.close(fd)
-            directories.sync(os.path.dirname(self.dest_path) or ".")
+            directories.sync(self._directory, self._dir_fd)
+            self._close_directory()
         except OSError as exc:
             self._remove()
             raise LocalFailure.from_os_error(f"cannot finish {self.dest_path}", exc) from None
@@ -379,10 +587,88 @@ class InflightFile:
             fd, self._fd = self._fd, None
             os.close(fd)
         if self._created:
+            self._created = False
             try:
-                os.unlink(self.temp_path)
+                os.unlink(self._temp_name, dir_fd=self._dir_fd)
             except FileNotFoundError:
                 pass
+        self._close_directory()
+
+
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _NotADirectory(Exception):
+    """The component at C{depth} below the root is a symbolic link or not a directory."""
+
+    def __init__(self, depth, link):
+        super().__init__(
+            "is a symbolic link (links are not followed below the destination root)"
+            if link
+            else "is not a directory"
+        )
+        self.depth = depth
+
+
+def _components(root, directory, dest_path):
+    """The names of the directories from C{root} down to C{directory}.
+
+    @raise BadRequest: C{directory} is not C{root} or below it.
+    """
+    root = root.rstrip(os.sep) or os.sep
+    directory = directory.rstrip(os.sep) or os.sep
+    if directory == root:
+        return ()
+    prefix = root if root.endswith(os.sep) else root + os.sep
+    parts = tuple(directory[len(prefix) :].split(os.sep))
+    if not directory.startswith(prefix) or any(p in ("", ".", "..") for p in parts):
+        raise BadRequest(f"{dest_path} is not below the destination root {root}")
+    return parts
+
+
+def _walk(root_fd, parts, make):
+    """
+    The descriptor of the directory C{parts} below C{root_fd} (C{root_fd} itself for no
+    parts), each opened relative to its parent without following a link; missing ones made
+    when C{make}. Runs blocking.
+
+    @raise _NotADirectory: a component is a link or not a directory.
+    @raise OSError: any other failure.
+    """
+    fd = root_fd
+    try:
+        for depth, part in enumerate(parts):
+            try:
+                child = _enter(fd, part, make)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+                try:
+                    link = stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode)
+                except OSError:
+                    link = False
+                raise _NotADirectory(depth, link) from None
+            if fd != root_fd:
+                os.close(fd)
+            fd = child
+    except BaseException:
+        if fd != root_fd:
+            os.close(fd)
+        raise
+    return fd
+
+
+def _enter(parent, name, make):
+    try:
+        return os.open(name, _DIRECTORY_FLAGS, dir_fd=parent)
+    except FileNotFoundError:
+        if not make:
+            raise
+    try:
+        os.mkdir(name, 0o777, dir_fd=parent)
+    except FileExistsError:
+        pass  # made meanwhile by another transfer, or a link: the open tells
+    return os.open(name, _DIRECTORY_FLAGS, dir_fd=parent)
 
 
 def _write_all(fd, chunks):
@@ -409,11 +695,13 @@ class DirectorySyncs:
         self._lock = threading.Lock()
         self._directories = {}
 
-    def sync(self, path):
+    def sync(self, key, fd):
+        """Return once an fsync of the directory C{key} names (its path), open as C{fd},
+        that started after this call has succeeded."""
         with self._lock:
-            state = self._directories.get(path)
+            state = self._directories.get(key)
             if state is None:
-                state = self._directories[path] = _Directory(threading.Condition(self._lock))
+                state = self._directories[key] = _Directory(threading.Condition(self._lock))
             state.callers += 1
             state.requested += 1
             ticket = state.requested
@@ -426,7 +714,7 @@ class DirectorySyncs:
                     covered = state.requested
                     self._lock.release()
                     try:
-                        _fsync_directory(path)
+                        _fsync_directory(fd)
                     finally:
                         self._lock.acquire()
                         state.syncing = False
@@ -435,7 +723,7 @@ class DirectorySyncs:
             finally:
                 state.callers -= 1
                 if state.callers == 0:
-                    del self._directories[path]
+                    del self._directories[key]
 
 
 class _Directory:
@@ -450,12 +738,8 @@ class _Directory:
 directories = DirectorySyncs()
 
 
-def _fsync_directory(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _fsync_directory(fd):
+    os.fsync(fd)
 
 
 def sweep(root, min_age=SWEEP_MIN_AGE):
@@ -465,42 +749,74 @@ def sweep(root, min_age=SWEEP_MIN_AGE):
     C{flock} is held is being written and is left alone, and so is one modified less than
     C{min_age} seconds ago (its writer may have created it and not locked it yet): those are
     returned as young, for L{sweep_files} to look at again once C{min_age} has passed. Runs
-    blocking (call it in a thread).
+    blocking (call it in a thread). The tree is walked by directory descriptors (C{os.fwalk})
+    and each file removed through its directory's: a link swapped into the tree meanwhile
+    cannot send a removal elsewhere.
 
     @return: C{(removed, young)}, lists of paths.
     """
-    found = []
-    for directory, subdirectories, names in os.walk(root):
-        for name in names:
-            if name.startswith(".") and name.endswith(INFLIGHT_SUFFIX):
-                found.append(os.path.join(directory, name))
-    return sweep_files(found, min_age)
-
-
-def sweep_files(paths, min_age=SWEEP_MIN_AGE):
-    """L{sweep} for the temporary files at C{paths}: C{(removed, young)}."""
     removed, young = [], []
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            continue  # gone already, or a link
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its writer is alive
-            # Checked with the lock held: a writer that locks it from now on is too late.
-            if os.fstat(fd).st_mtime > time.time() - min_age:
-                young.append(path)  # maybe created a moment ago, its lock not taken yet
-                continue
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                continue
-            removed.append(path)
-        finally:
-            os.close(fd)
+    for directory, subdirectories, names, dir_fd in os.fwalk(root):
+        for name in names:
+            if is_inflight_name(name):
+                _sweep_one(dir_fd, name, os.path.join(directory, name), min_age, removed, young)
     return removed, young
+
+
+def sweep_files(paths, min_age=SWEEP_MIN_AGE, root=None):
+    """
+    L{sweep} for the temporary files at C{paths}: C{(removed, young)}. With C{root} (the
+    directory C{paths} are under), each file's directory is reached from it without
+    following links, as L{InflightFile} does; a path crossing a link is left alone.
+    """
+    removed, young = [], []
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        root_fd = None if root is None else os.open(root, flags)
+    except OSError:
+        return removed, young  # the whole tree is gone
+    try:
+        for path in paths:
+            directory, name = os.path.split(path)
+            try:
+                if root_fd is None:
+                    dir_fd = os.open(directory or ".", flags)
+                else:
+                    dir_fd = _walk(root_fd, _components(root, directory, path), make=False)
+            except (OSError, BadRequest, _NotADirectory):
+                continue  # gone already, or not reachable without a link
+            try:
+                _sweep_one(dir_fd, name, path, min_age, removed, young)
+            finally:
+                if dir_fd != root_fd:
+                    os.close(dir_fd)
+    finally:
+        if root_fd is not None:
+            os.close(root_fd)
+    return removed, young
+
+
+def _sweep_one(dir_fd, name, path, min_age, removed, young):
+    try:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except OSError:
+        return  # gone already, or a link
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # its writer is alive
+        # Checked with the lock held: a writer that locks it from now on is too late.
+        if os.fstat(fd).st_mtime > time.time() - min_age:
+            young.append(path)  # maybe created a moment ago, its lock not taken yet
+            return
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return
+        removed.append(path)
+    finally:
+        os.close(fd)

@@ -1,4 +1,6 @@
-"""Timeouts and per-host concurrency limits for transfers."""
+"""Timeouts, the minimum rate and per-host concurrency limits for transfers."""
+
+import collections
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
@@ -16,6 +18,92 @@ class Timeouts:
 
     connect: float = 10
     idle: float = 30
+
+
+@attrs.frozen
+class MinRate:
+    """
+    The slowest a transfer may go: at least C{bytes_per_s} on average over every C{window}
+    seconds, else it fails as too slow (see L{RateWatch}).
+    """
+
+    bytes_per_s: float = 1024
+    window: float = 60
+
+    @classmethod
+    def parse(cls, value, who="transfers"):
+        """
+        The L{MinRate} of a setting: C{{'bytes_per_s': n, 'window': s}} (either key may be
+        left out for its default), a number (bytes per second over the default window), or
+        C{0}/C{None} for none (returns C{None}). ValueError for anything else.
+        """
+        if value is None or (not isinstance(value, bool) and value == 0):
+            return None
+        if isinstance(value, dict) and not set(value) - {"bytes_per_s", "window"}:
+            fields = value
+        elif not isinstance(value, (bool, dict)) and isinstance(value, (int, float)):
+            fields = {"bytes_per_s": value}
+        else:
+            fields = None
+        default = cls()
+        rate = window = None
+        if fields is not None:
+            rate = fields.get("bytes_per_s", default.bytes_per_s)
+            window = fields.get("window", default.window)
+        if not all(
+            not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0
+            for v in (rate, window)
+        ):
+            raise ValueError(
+                f"{who}: min_rate must be {{'bytes_per_s': n, 'window': seconds}} (numbers "
+                f"> 0), a number of bytes per second, or 0 for none, got {value!r}"
+            )
+        return cls(rate, window)
+
+
+class RateWatch:
+    """
+    Calls C{expire} once when C{count()} (bytes so far) grew by less than C{min_rate.window}
+    times C{min_rate.bytes_per_s} over the last C{window} seconds; C{slow} then holds that
+    growth. Looked at every quarter of the window, so a transfer that slows down is cut at
+    most a quarter window after a whole window went by too slowly.
+    """
+
+    STEPS = 4
+
+    def __init__(self, reactor, min_rate, count, expire):
+        self.min_rate = min_rate
+        self.slow = None
+        self._reactor = reactor
+        self._count = count
+        self._expire = expire
+        self._samples = collections.deque([(reactor.seconds(), count())])
+        self._step = min_rate.window / self.STEPS
+        self._call = reactor.callLater(self._step, self._check)
+
+    def stop(self):
+        """Never fire."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _check(self):
+        now, count = self._reactor.seconds(), self._count()
+        samples = self._samples
+        samples.append((now, count))
+        window = self.min_rate.window
+        # (A little slack: a quarter window added four times may fall a hair short of one.)
+        oldest = now - window * (1 - 1e-9)
+        # Keep the newest sample at least a window old: the growth since it covers the window.
+        while len(samples) > 1 and samples[1][0] <= oldest:
+            samples.popleft()
+        start, counted = samples[0]
+        if start <= oldest and count - counted < self.min_rate.bytes_per_s * window:
+            self._call = None
+            self.slow = count - counted
+            self._expire()
+            return
+        self._call = self._reactor.callLater(self._step, self._check)
 
 
 class IdleTimer:
@@ -94,29 +182,62 @@ def host_key(url):
 
 class HostLimiter:
     """
-    At most C{per_host} transfers at a time to each C{(scheme, host, port)}.
+    At most C{per_host} transfers at a time to each C{(scheme, host, port)} and, with
+    C{parallel}, at most C{parallel} in all.
+
+    A transfer takes its server's slot first and one of the C{parallel} ones second, so
+    transfers waiting for a busy server hold none of those and transfers to other servers go
+    ahead. C{per_host} is lowered to C{parallel - 1} at most (1 when C{parallel} is 1): with
+    C{parallel} > 1, one server never holds every slot. With a C{reactor}, a slot someone
+    waits for is handed on in the next reactor turn (a queue of transfers failing at once
+    would otherwise nest a frame deeper each, up to the recursion limit).
 
     One limiter is shared by all the transfers of a process; pass it as C{limiter=}.
     """
 
-    def __init__(self, per_host=4):
+    def __init__(self, per_host=4, parallel=None, reactor=None):
         if per_host < 1:
             raise ValueError(f"per_host must be at least 1, got {per_host!r}")
+        if parallel is not None and parallel < 1:
+            raise ValueError(f"parallel must be at least 1, got {parallel!r}")
+        if parallel is not None:
+            per_host = min(per_host, max(1, parallel - 1))
         self.per_host = per_host
+        self.parallel = parallel
+        self._total = None if parallel is None else DeferredSemaphore(parallel)
+        self._reactor = reactor
         self._semaphores = {}
 
     async def acquire(self, url):
-        """Wait for a slot for C{url}'s host; returns the key to give to L{release}."""
+        """Wait for a slot for C{url}'s host, then for one of all; returns the key to give to
+        L{release}."""
         key = host_key(url)
         semaphore = self._semaphores.get(key)
         if semaphore is None:
             semaphore = self._semaphores[key] = DeferredSemaphore(self.per_host)
         await semaphore.acquire()
+        if self._total is not None:
+            try:
+                await self._total.acquire()
+            except BaseException:
+                self._release_host(key, semaphore)
+                raise
         return key
 
     def release(self, key):
-        """Free the slot taken by L{acquire}."""
+        """Free the slots taken by L{acquire}."""
+        if self._total is not None:
+            self._hand_on(self._total, self._total.release)
         semaphore = self._semaphores[key]
+        self._hand_on(semaphore, self._release_host, key, semaphore)
+
+    def _hand_on(self, semaphore, release, *args):
+        if semaphore.waiting and self._reactor is not None:
+            self._reactor.callLater(0, release, *args)
+        else:
+            release(*args)
+
+    def _release_host(self, key, semaphore):
         semaphore.release()
         # Idle hosts are forgotten so a long-running pump does not collect one per host seen.
         # (Releasing may have run a waiter to completion, which already forgot this one.)

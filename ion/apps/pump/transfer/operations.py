@@ -2,9 +2,12 @@
 
 import contextlib
 
+from twisted.internet.defer import Deferred
+
 from ion.apps.pump.transfer import file, ftp, http, sftp
+from ion.apps.pump.transfer.errors import TooLarge, TransferTimeout
 from ion.apps.pump.transfer.inflight import InflightFile, check_method
-from ion.apps.pump.transfer.limits import Timeouts
+from ion.apps.pump.transfer.limits import RateWatch, Timeouts
 from ion.apps.pump.transfer.location import Settings, locate
 from ion.apps.pump.transfer.outgoing import OutgoingFile
 from ion.apps.pump.transfer.results import TransferResult
@@ -45,6 +48,9 @@ async def get(
     pool=None,
     http_connections=None,
     active=None,
+    max_size=None,
+    min_rate=None,
+    dest_root=None,
     access=None,
 ):
     """
@@ -72,6 +78,15 @@ async def get(
     @param active: told C{add(sink)} when the transfer's L{InflightFile} is made and
         C{discard(sink)} when the transfer ends, however it ends (C{sink.size} is the bytes
         received so far), for the caller's progress figures; a set will do.
+    @param max_size: the most bytes to take: a larger C{expected_size} is refused before
+        connecting, a larger size announced by the server as soon as it says so, and the
+        transfer is cut as soon as more arrive (L{TooLarge}, 413, permanent).
+    @param min_rate: a L{MinRate}: a transfer that received fewer bytes than it asks over its
+        window fails as too slow (L{TransferTimeout}, 504, transient).
+    @param dest_root: the L{DestinationRoot} (or directory path) that C{dest_path} is under:
+        the directories in between are made when missing and never reached through a
+        symbolic link (a link there fails the transfer with 422). Default: the directory of
+        C{dest_path}, which must exist.
     @param access: the L{Access} the URL policy gave the notice naming C{url}
         (L{ion.apps.pump.transfer.policy}): its normalized URL is fetched, the credentials
         file serves it only when the access allows, and connections (redirects included) go
@@ -85,6 +100,10 @@ async def get(
         if not access.credentials:
             credentials = None
     location = locate(url, credentials)
+    if max_size is not None and expected_size is not None and expected_size > max_size:
+        raise TooLarge(
+            f"{location.shown}: announced size {expected_size} bytes is over max_size {max_size}"
+        )
     methods = []
     for method in (expected_checksum[0] if expected_checksum else None, cod):
         if method is not None and method not in methods:
@@ -92,14 +111,21 @@ async def get(
     settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool, access)
     async with _slot(limiter, url):
         sink = InflightFile(
-            dest_path, methods or ["sha512"], expected_size, location.shown, reactor, pool
+            dest_path,
+            methods or ["sha512"],
+            expected_size,
+            location.shown,
+            reactor,
+            pool,
+            max_size=max_size,
+            root=dest_root,
         )
         if active is not None:
             active.add(sink)
         try:
             try:
-                source_mtime, source_mode = await _SCHEMES[location.scheme].fetch(
-                    reactor, location, sink, settings
+                source_mtime, source_mode = await _fetch(
+                    reactor, location, sink, settings, min_rate
                 )
             except BaseException:
                 await sink.discard()
@@ -116,6 +142,28 @@ async def get(
         finally:
             if active is not None:
                 active.discard(sink)
+
+
+async def _fetch(reactor, location, sink, settings, min_rate):
+    """The scheme's fetch into C{sink}, cancelled as too slow when it falls below C{min_rate}."""
+    fetching = Deferred.fromCoroutine(
+        _SCHEMES[location.scheme].fetch(reactor, location, sink, settings)
+    )
+    if min_rate is None:
+        return await fetching
+    watch = RateWatch(reactor, min_rate, lambda: sink.size, fetching.cancel)
+    try:
+        return await fetching
+    except BaseException:
+        if watch.slow is None:
+            raise
+        # Whatever the cancelled scheme ended with, the reason is the rate.
+        raise TransferTimeout(
+            f"{location.shown}: too slow: {watch.slow} bytes in {min_rate.window:g} s "
+            f"(min_rate {min_rate.bytes_per_s:g} bytes/s)"
+        ) from None
+    finally:
+        watch.stop()
 
 
 async def put(
@@ -173,7 +221,7 @@ async def list(
 ):
     """
     The entries of the remote directory C{url}, sorted by name (C{.} and C{..} left out).
-    C{http_connections} as in L{get}; C{pool} is not used (listings are read in memory).
+    C{http_connections} as in L{get}; C{pool} reads local (file) directories.
 
     @rtype: a list of L{Entry}
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.

@@ -17,13 +17,17 @@ class OutgoingFile:
     def __init__(self, path, methods=("sha512",)):
         self.path = path
         try:
-            self._file = open(path, "rb")
+            # Non-blocking: a named pipe at the path must not wait for a writer.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise LocalFailure.from_os_error(f"cannot open {path}", exc) from None
+        self._file = open(fd, "rb")
         info = os.fstat(self._file.fileno())
         if not stat.S_ISREG(info.st_mode):
             self._file.close()
-            raise LocalFailure(f"cannot send {path}: not a regular file")
+            raise LocalFailure(
+                f"cannot send {path}: not a regular file", code=422, transient=False
+            )
         self.size = info.st_size
         self.mtime = info.st_mtime
         self.mode = stat.S_IMODE(info.st_mode)

@@ -1,32 +1,42 @@
 """The transfers of one long-running process: settings, limits and resources, start to close.
 
-`Transfers` holds what every transfer of a process shares: its timeouts, its credentials, a
-limit of `parallel` transfers at a time and of `per_host` at a time to one server, a thread
-pool of `parallel` threads for the local disk work (create, write, fsync, rename: the reactor
-thread never waits for the disk) and the kept-open http(s) connections (at most `per_host` idle
-ones to a server). The transfer service and the consumers each own one.
+`Transfers` holds what every transfer of a process shares: its timeouts, its credentials, its
+bounds on a get (`max_size`, `min_rate`), a limit of `parallel` transfers at a time and of
+`per_host` at a time to one server, a thread pool of `parallel` threads for the local disk
+work (create, write, fsync, rename: the reactor thread never waits for the disk) and the
+kept-open http(s) connections (at most `per_host` idle ones to a server). The transfer
+service and the consumers each own one.
 
 Settings (`check_settings` validates them; `who` names the owner in the errors):
 
 - `timeouts` {connect, idle}: seconds (defaults 10 and 30);
 - `parallel`: transfers at a time (default 8);
-- `per_host`: transfers at a time to one server (default 4);
+- `per_host`: transfers at a time to one server (default 4), lowered to `parallel - 1` when
+  `parallel` > 1, so one server never holds every slot. A transfer takes its server's slot
+  before one of the `parallel` ones (see `HostLimiter`): transfers waiting for a busy server
+  hold none of those, and transfers to other servers go ahead;
+- `max_size`: the most bytes a get takes (default 10 GiB; None for no limit): a larger
+  announced size is refused before connecting, a transfer going past it is cut (413, not
+  retried);
+- `min_rate`: {bytes_per_s, window} (default 1024 bytes/s over 60 s), a number of bytes per
+  second, or 0/None for none: a get receiving fewer than `bytes_per_s * window` bytes in the
+  last `window` seconds fails as too slow (504, retried later);
 - `credentials`: path of the credentials file (default `~/.config/ion/credentials.conf` when it
   exists). A file readable by group or others, unreadable or malformed, is refused.
 """
 
 import os
 
-from twisted.internet.defer import DeferredSemaphore
 from twisted.python.threadpool import ThreadPool
 
 from ion.apps.pump.transfer.credentials import Credentials
 from ion.core.credentials import DEFAULT_CREDENTIALS
 from ion.apps.pump.transfer.http import HTTPConnections
-from ion.apps.pump.transfer.limits import HostLimiter, Timeouts
+from ion.apps.pump.transfer.limits import HostLimiter, MinRate, Timeouts
 from ion.apps.pump.transfer.operations import get, list, put
 
-SETTINGS = ("credentials", "parallel", "per_host", "timeouts")
+SETTINGS = ("credentials", "max_size", "min_rate", "parallel", "per_host", "timeouts")
+MAX_SIZE = 10 * 1024**3
 
 
 def load_credentials(path):
@@ -69,6 +79,9 @@ def check_settings(settings, who="transfers"):
     credentials = settings.get("credentials")
     if credentials is not None and (not isinstance(credentials, str) or not credentials):
         raise ValueError(f"{who}: credentials must be a file path, got {credentials!r}")
+    max_size = settings.get("max_size", MAX_SIZE)
+    if max_size is not None:
+        _count(max_size, "max_size", who)
     return {
         "timeouts": Timeouts(
             connect=_number(timeouts.get("connect", 10), "timeouts connect", who),
@@ -77,6 +90,8 @@ def check_settings(settings, who="transfers"):
         "parallel": _count(settings.get("parallel", 8), "parallel", who),
         "per_host": _count(settings.get("per_host", 4), "per_host", who),
         "credentials": credentials,
+        "max_size": max_size,
+        "min_rate": MinRate.parse(settings.get("min_rate", {}), who),
     }
 
 
@@ -115,8 +130,9 @@ class Transfers:
         self.reactor = reactor
         self.timeouts = checked["timeouts"]
         self.credentials = load_credentials(checked["credentials"])
-        self.limiter = HostLimiter(checked["per_host"])
-        self.slots = DeferredSemaphore(checked["parallel"])
+        self.max_size = checked["max_size"]
+        self.min_rate = checked["min_rate"]
+        self.limiter = HostLimiter(checked["per_host"], checked["parallel"], reactor)
         self.pool = ThreadPool(minthreads=0, maxthreads=checked["parallel"], name=who)
         self.pool.start()
         # An owner that crashes never calls close: its threads still stop with the reactor.
@@ -136,30 +152,23 @@ class Transfers:
         await self.http_connections.close()
 
     async def _run(self, operation, *args, **kwargs):
-        await self.slots.acquire()
-        try:
-            return await operation(
-                self.reactor,
-                *args,
-                **kwargs,
-                timeouts=self.timeouts,
-                credentials=self.credentials,
-                limiter=self.limiter,
-                pool=self.pool,
-                http_connections=self.http_connections,
-            )
-        finally:
-            if self.slots.waiting:
-                # Through the reactor: released here, the next waiter would run inside this
-                # call, and a queue of transfers failing at once (a bad URL) would nest one
-                # frame deeper each, up to the recursion limit.
-                self.reactor.callLater(0, self.slots.release)
-            else:
-                self.slots.release()
+        # The limiter holds both the per-server and the `parallel` slots.
+        return await operation(
+            self.reactor,
+            *args,
+            **kwargs,
+            timeouts=self.timeouts,
+            credentials=self.credentials,
+            limiter=self.limiter,
+            pool=self.pool,
+            http_connections=self.http_connections,
+        )
 
     async def get(self, url, path, **options):
         """`ion.apps.pump.transfer.get` of `url` into `path` (options: expected_size,
-        expected_checksum, cod, mtime, mode)."""
+        expected_checksum, cod, mtime, mode, dest_root), bounded by `max_size` and `min_rate`."""
+        options.setdefault("max_size", self.max_size)
+        options.setdefault("min_rate", self.min_rate)
         return await self._run(get, url, path, active=self.received, **options)
 
     async def put(self, path, url):
