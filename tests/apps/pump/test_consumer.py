@@ -1067,7 +1067,7 @@ class ConsumerScenarios:
         """A notice announcing 1 TB, over max_size: one 413 report, nothing fetched (no
         connection to the server, no directory made), no retry."""
         server = start_hostile_http(self, self.src)
-        await self.pump(max_size=10**6)
+        await self.pump(max_size=10**6, sources=[f"{server.url}/"])
         fields = notice_fields(f"{server.url}/files/", "big/f.dat", b"x", size=2**40)
         await self.post(fields)
         (report,) = await self.wait_reports(1)
@@ -1083,7 +1083,7 @@ class ConsumerScenarios:
         413 report, not retried, nothing left in the destination."""
         server = start_hostile_http(self, self.src)
         clock = task.Clock()
-        await self.pump(clock=clock, max_size=100_000)
+        await self.pump(clock=clock, max_size=100_000, sources=[f"{server.url}/"])
         await self.post(notice_fields(f"{server.url}/", "endless", size=None))
         (report,) = await self.wait_reports(1)
         self.assertEqual(report["report"]["code"], 413)
@@ -1100,7 +1100,11 @@ class ConsumerScenarios:
         transfer fails as too slow within about a window, and goes to the retry queue."""
         server = start_hostile_http(self, self.src, trickle_interval=0.1)
         clock = task.Clock()
-        await self.pump(clock=clock, min_rate={"bytes_per_s": 100, "window": 0.5})
+        await self.pump(
+            clock=clock,
+            min_rate={"bytes_per_s": 100, "window": 0.5},
+            sources=[f"{server.url}/"],
+        )
         await self.post(notice_fields(f"{server.url}/trickle/", "1000", size=None))
         await until(lambda: len(self.consumer.retries) == 1, what="a retry entry")
         (entry,) = list(self.consumer.retries)
