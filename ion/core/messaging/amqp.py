@@ -62,6 +62,8 @@ from zope.interface import implementer
 import ion
 from ion.core.log import redact
 from ion.core.messaging.transport import (
+    HEADER_DEPTH,
+    HEADER_VALUES,
     ConnectionLost,
     IConsumer,
     IDelivery,
@@ -78,8 +80,8 @@ log = Logger()
 SPEC_FILE = os.path.join(os.path.dirname(__file__), "amqp0-9-1.xml")
 EXCHANGE_TYPES = ("topic", "direct", "fanout")
 DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
-TABLE_DEPTH = 16  # levels of nested tables and arrays in a field table, the top one included
-TABLE_ENTRIES = 10_000  # values in a field table, nested ones included
+TABLE_DEPTH = HEADER_DEPTH  # levels of nested tables and arrays, the top table included
+TABLE_ENTRIES = HEADER_VALUES  # values in a field table, nested ones included
 CLOSE_TIMEOUT = 5.0
 
 CLIENT_CAPABILITIES = {
