@@ -516,8 +516,8 @@ def _content_frames(channel, klass, properties, body, max_body):
 
 class _IncomingContent:
     """A content-carrying method (basic.deliver, basic.return) waiting for its header and body
-    frames. `error` says why its properties could not be decoded: its body frames are then
-    counted and dropped."""
+    frames. `error` says why its properties could not be decoded: the body frames of such a
+    delivery are counted and dropped."""
 
     __slots__ = ("method", "args", "properties", "size", "chunks", "received", "error")
 
@@ -673,7 +673,7 @@ class _Client(AMQClient):
             incoming = self._incoming.get(channel)
             if incoming is None or incoming.properties is None:
                 raise _ProtocolError("a content body without its header")
-            if incoming.error is None:
+            if incoming.error is None or incoming.method is not self._basic_deliver:
                 incoming.chunks.append(data[start:end])
             incoming.received += end - start
             if incoming.received > incoming.size:
@@ -686,24 +686,26 @@ class _Client(AMQClient):
     def _content_received(self, channel, incoming):
         del self._incoming[channel]
         if incoming.error is not None:
-            self._undecodable(channel, incoming)
-            return
+            if incoming.method is self._basic_deliver:
+                self._reject(channel, incoming)
+                return
+            # A basic.return of one of our publishes: its body, not its properties, matches
+            # it to the publish, which must still learn that it was unroutable.
+            log.warn(
+                "AMQP: the properties of a {method} cannot be decoded ({error}); ignored",
+                method=f"{incoming.method.klass.name}.{incoming.method.name}",
+                error=incoming.error,
+            )
         chunks = incoming.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         content = Content(body, [], incoming.properties)
         self._dispatch(channel, incoming.method, incoming.args, content)
 
-    def _undecodable(self, number, incoming):
-        arguments = dict(zip(_field_names(incoming.method), incoming.args))
+    def _reject(self, number, incoming):
         channel = self.channels.get(number)
-        if incoming.method is self._basic_deliver and channel is not None:
+        if channel is not None:
+            arguments = dict(zip(_field_names(incoming.method), incoming.args))
             self.session.reject(channel, arguments, incoming.error)
-            return
-        log.warn(
-            "AMQP: dropped a {method} whose properties cannot be decoded: {error}",
-            method=f"{incoming.method.klass.name}.{incoming.method.name}",
-            error=incoming.error,
-        )
 
     def _dispatch(self, number, method, args, content):
         channel = self.channels.get(number)
