@@ -692,7 +692,8 @@ class _Client(AMQClient):
             # A basic.return of one of our publishes: its body, not its properties, matches
             # it to the publish, which must still learn that it was unroutable.
             log.warn(
-                "AMQP: the properties of a {method} cannot be decoded ({error}); ignored",
+                "AMQP: the properties of a {method} cannot be decoded ({error}); handled "
+                "without them",
                 method=f"{incoming.method.klass.name}.{incoming.method.name}",
                 error=incoming.error,
             )
@@ -1783,8 +1784,8 @@ class AmqpTransport:
     def _forget(self, what, name, error, session):
         """Log that the broker refused to restore something, which the caller then drops.
         Raises error instead when it says nothing about the thing itself: the connection was
-        lost (forgetting then would leave a consumer behind for every lost attempt, and the
-        transport deaf) or an exclusive queue is still held by the previous connection."""
+        lost (dropping then would lose one more consumer at every cut restore, until the
+        transport is deaf) or an exclusive queue is still held by the previous connection."""
         if isinstance(error, (ConnectionLost, QueueInUse)) or session.is_lost:
             raise error
         log.error(

@@ -436,7 +436,9 @@ class AmqpTests(BrokerTestCase):
         consumer = await t.consume(q, inbox)
         logged = self.capture_log()
         poison = b"p" * 300_000
-        await threads.deferToThread(raw_publish, self.broker, "bob", ex, "a", nested_table(2_000), poison)
+        await threads.deferToThread(
+            raw_publish, self.broker, "bob", ex, "a", nested_table(2_000), poison
+        )
         bob = await self.connect("bob")
         await bob.publish(ex, "b", b"after", Properties(headers={"k": [1, {"x": True}]}))
         (delivery,) = await inbox.wait(1)

@@ -592,7 +592,8 @@ class TransportSemantics:
         for _ in range(2_000):
             too_deep = {"k": too_deep}
         for headers in ({"map": {"k": fits["map"]}}, {"list": [[fits["map"]]]}, too_deep):
-            await self.assertFailure(t.publish("", q, b"no", Properties(headers=headers)), ValueError)
+            refused = t.publish("", q, b"no", Properties(headers=headers))
+            await self.assertFailure(refused, ValueError)
         await self.assertFailure(
             t.publish("", q, b"no", Properties(headers={"list": [None] * 10_000})), ValueError
         )
