@@ -48,20 +48,6 @@ class Limits:
     max_array_len: int = attr.ib(default=1_000_000, validator=_positive_int)
     max_map_len: int = attr.ib(default=100_000, validator=_positive_int)
     max_objects: int = attr.ib(default=2_000_000, validator=_positive_int)
-    # msgpack's keyword arguments, made once: decode runs for every message.
-    _unpack_options: dict = attr.ib(init=False, eq=False, repr=False)
-
-    def __attrs_post_init__(self):
-        options = {
-            "raw": False,
-            "strict_map_key": False,
-            "max_str_len": self.max_str_len,
-            "max_bin_len": self.max_bin_len,
-            "max_array_len": self.max_array_len,
-            "max_map_len": self.max_map_len,
-            "max_ext_len": 0,
-        }
-        object.__setattr__(self, "_unpack_options", options)
 
     @classmethod
     def from_config(cls, section):
@@ -70,7 +56,7 @@ class Limits:
         may be ints or strings of digits."""
         values = {}
         for field in attr.fields(cls):
-            if not field.init or field.name not in section:
+            if field.name not in section:
                 continue
             value = section[field.name]
             if isinstance(value, str):
@@ -144,12 +130,21 @@ def decode(data, limits):
     size = data.nbytes if isinstance(data, memoryview) else len(data)
     if size > limits.max_message_bytes:
         raise DecodeError(f"message too large: {size} bytes > limit {limits.max_message_bytes}")
-    try:
-        if size <= limits.max_objects:
-            return msgpack.unpackb(data, **limits._unpack_options)
+    count_array = count_map = None
+    if size > limits.max_objects:
         count_array, count_map = _object_counters(limits.max_objects)
+    try:
         return msgpack.unpackb(
-            data, list_hook=count_array, object_hook=count_map, **limits._unpack_options
+            data,
+            raw=False,
+            strict_map_key=False,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_bin_len,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+            max_ext_len=0,
+            list_hook=count_array,
+            object_hook=count_map,
         )
     except _TooManyObjects:
         raise DecodeError(
