@@ -170,32 +170,42 @@ def _expect(sock, method):
         return payload[4:-1]
 
 
+def _raw_channel(broker, user):
+    """A socket with an AMQP connection as `user` (password = name) and channel 1 open, and
+    the frame size the broker allows."""
+    sock = socket.create_connection((broker.host, broker.port), timeout=10)
+    sock.sendall(b"AMQP\x00\x00\x09\x01")
+    _expect(sock, (10, 10))
+    response = f"\0{user}\0{user}".encode()
+    start_ok = b"\0\0\0\0" + _short(b"PLAIN") + struct.pack("!I", len(response)) + response
+    sock.sendall(_method(0, 10, 11, start_ok + _short(b"en_US")))
+    channel_max, frame_max, _ = struct.unpack("!HIH", _expect(sock, (10, 30)))
+    sock.sendall(_method(0, 10, 31, struct.pack("!HIH", channel_max, frame_max, 0)))
+    sock.sendall(_method(0, 10, 40, _short(b"/") + _short(b"") + b"\0"))
+    _expect(sock, (10, 41))
+    sock.sendall(_method(1, 20, 10, _short(b"")))
+    _expect(sock, (20, 11))
+    return sock, frame_max
+
+
+def raw_declare_queue(broker, user, queue, dead_letter_exchange):
+    """Declare a queue whose rejected messages go to dead_letter_exchange (our transport
+    declares queues without arguments). Blocking: run it in a thread."""
+    sock, _ = _raw_channel(broker, user)
+    with sock:
+        dlx = dead_letter_exchange.encode()
+        table = _short(b"x-dead-letter-exchange") + b"S" + struct.pack("!I", len(dlx)) + dlx
+        arguments = b"\0\0" + _short(queue.encode()) + b"\0" + struct.pack("!I", len(table))
+        sock.sendall(_method(1, 50, 10, arguments + table))
+        _expect(sock, (50, 11))
+
+
 def raw_publish(broker, user, exchange, routing_key, header_entries, body):
     """Publish one message as `user` with a hand-made headers table (its entries as bytes), as
     any AMQP client of the broker can, and wait for the broker's confirm. Blocking: run it in
     a thread."""
-    with socket.create_connection((broker.host, broker.port), timeout=10) as sock:
-        sock.sendall(b"AMQP\x00\x00\x09\x01")
-        _expect(sock, (10, 10))
-        response = f"\0{user}\0{user}".encode()
-        sock.sendall(
-            _method(
-                0,
-                10,
-                11,
-                b"\0\0\0\0"
-                + _short(b"PLAIN")
-                + struct.pack("!I", len(response))
-                + response
-                + _short(b"en_US"),
-            )
-        )
-        channel_max, frame_max, _ = struct.unpack("!HIH", _expect(sock, (10, 30)))
-        sock.sendall(_method(0, 10, 31, struct.pack("!HIH", channel_max, frame_max, 0)))
-        sock.sendall(_method(0, 10, 40, _short(b"/") + _short(b"") + b"\0"))
-        _expect(sock, (10, 41))
-        sock.sendall(_method(1, 20, 10, _short(b"")))
-        _expect(sock, (20, 11))
+    sock, frame_max = _raw_channel(broker, user)
+    with sock:
         sock.sendall(_method(1, 85, 10, b"\0"))  # confirm.select
         _expect(sock, (85, 11))
         arguments = b"\0\0" + _short(exchange.encode()) + _short(routing_key.encode()) + b"\0"
@@ -420,9 +430,9 @@ class AmqpTests(BrokerTestCase):
 
     async def test_undecodable_headers_rejected_alone(self):
         """A message whose headers nest tables 2,000 deep, published by another user with a
-        plain AMQP client, is rejected alone: nacked without requeue (so RabbitMQ
-        dead-letters it when the queue has a dead-letter exchange), logged once with its
-        queue and the reason. The connection stays up and the messages after it arrive; its
+        plain AMQP client, is rejected alone: nacked without requeue (RabbitMQ dead-letters
+        it: this queue has a dead-letter exchange), logged once with its queue and the
+        reason. The connection stays up and the messages after it arrive; its
         body, over several frames, is skipped. (It used to raise RecursionError in the frame
         reader and drop the connection, again at every redelivery.)"""
         t = await self.connect("alice")
@@ -430,7 +440,13 @@ class AmqpTests(BrokerTestCase):
         t.on_connection_lost(losses.append)
         ex = self.unique("topic")
         await t.declare_exchange(ex, "topic")
-        q = await self.queue(t, durable=True)
+        dlx = self.unique("dlx")
+        await t.declare_exchange(dlx, "fanout")
+        dead = await self.queue(t)
+        await t.bind(dead, dlx, "")
+        q = self.unique("q")
+        await threads.deferToThread(raw_declare_queue, self.broker, "alice", q, dlx)
+        self.addCleanup(self._delete_quietly, t, q)
         await t.bind(q, ex, "#")
         inbox = Inbox()
         consumer = await t.consume(q, inbox)
@@ -445,9 +461,15 @@ class AmqpTests(BrokerTestCase):
         self.assertEqual(delivery.body, b"after")
         self.assertEqual(delivery.properties.headers, {"k": [1, {"x": True}]})
         self.assertEqual(losses, [])
-        # Gone from the queue, not held unacked (cancelling would requeue it).
+        # Gone from the queue, not held unacked (cancelling would requeue it), and
+        # dead-lettered.
         await consumer.cancel()
         self.assertEqual(await t.queue_depth(q), 0)
+        for _ in range(100):  # dead-lettering goes through the broker's queue processes
+            if await t.queue_depth(dead):
+                break
+            await task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(await t.queue_depth(dead), 1)
         rejected = [formatEvent(e) for e in logged if "rejected a message" in formatEvent(e)]
         self.assertEqual(len(rejected), 1, rejected)
         self.assertIn(repr(q), rejected[0])
