@@ -37,10 +37,11 @@ def _positive_int(instance, attribute, value):
 @attr.s(auto_attribs=True, frozen=True)
 class Limits:
     """The most a single decoded message may contain. Lengths of str and bin are in bytes;
-    lengths of arrays and maps in items. `max_objects` counts every value: the items of
-    arrays, the keys and values of maps, and the containers themselves (a 16 MB directory
-    listing of 150,000 entries is 1.7 million); decoding stops at most one array or map past
-    it. Nesting depth is bounded by msgpack itself."""
+    lengths of arrays and maps in items. `max_objects` bounds the values of a message: the
+    top one, the items of arrays, the keys and values of maps (a 16 MB directory listing of
+    150,000 entries holds 1.7 million). Each array or map is counted when it is complete, so
+    decoding stops at the first one that takes the count past the limit. Nesting depth is
+    bounded by msgpack itself."""
 
     max_message_bytes: int = attr.ib(default=16 * MiB, validator=_positive_int)
     max_str_len: int = attr.ib(default=16 * MiB, validator=_positive_int)
