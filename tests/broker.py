@@ -319,10 +319,37 @@ class PrivateBroker:
         self.stop()
         self.start(timeout)
 
-    def pause(self):
+    def pause(self, timeout=5.0):
         """Freeze the node (SIGSTOP): the socket stays open but nothing answers, not even
-        heartbeats."""
+        heartbeats. Returns once every process of the node is stopped: a stop signal takes
+        effect when a thread is next scheduled, and a busy machine may let the node answer
+        one more frame meanwhile."""
         self._signal(signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while not self._all_stopped():
+            if time.monotonic() > deadline:
+                raise BrokerError(f"{self.nodename} did not stop within {timeout} s")
+            time.sleep(0.01)
+
+    def _all_stopped(self):
+        """Whether every thread of every process in the node's process group is stopped."""
+        group = self.process.pid
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[2]) != group:  # pgrp
+                    continue
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        state = f.read().rsplit(")", 1)[1].split()[0]
+                    if state not in ("T", "t", "Z", "X"):
+                        return False
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+        return True
 
     def resume(self):
         """Let a paused node run again (SIGCONT)."""

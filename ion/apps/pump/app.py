@@ -7,6 +7,10 @@ announces to `xs_<user>` where the ingest already listens, the ingest passes not
 `xpublic` where the consumers already listen, and every consumer has the transfer service
 and the report router. With rest_for_one, a restarted process restarts the processes after it.
 
+State lives under `var/<app name>/` (`var/pump/`; `var/pump.2/` for the second copy of a rel's
+`mult`) unless a process is given its own `state_dir`: each process claims its directory, so
+two pumps never share one.
+
 kwargs (from `res/apps/pump.app`, a rel file's `args` or `-a "apparg_pump={...}"`):
 
 - `polls`: a list of poll args (see `ion.apps.pump.poll`), each with a unique `name`: `url`,
@@ -29,6 +33,8 @@ kwargs (from `res/apps/pump.app`, a rel file's `args` or `-a "apparg_pump={...}"
 
 Anything else is an error naming the valid kwargs.
 """
+
+import os
 
 from ion.apps.pump import consumer, ingest, poll, progress, report_router
 from ion.apps.pump.transfer.worker import SETTINGS, check_settings
@@ -82,7 +88,10 @@ def plan(app_name="pump", **kwargs):
         )
     check_settings(transfer, f"{app_name}: transfer")
     fetching = {k: v for k, v in transfer.items() if k not in ("parallel", *_BOUNDS)}
+    # Every copy of the app (a rel's mult) keeps its state in a directory of its own.
+    state_root = os.path.join("var", app_name)
     router_args = dict(kwargs.get("report_router") or {})
+    router_args.setdefault("state_dir", os.path.join(state_root, "report_router"))
     ingest_args = dict(kwargs.get("ingest") or {})
     if user is not None:
         router_args.setdefault("user", user)
@@ -102,6 +111,8 @@ def plan(app_name="pump", **kwargs):
     for args in subscriptions:
         if user is not None:
             args.setdefault("user", user)
+        if isinstance(args.get("name"), str):
+            args.setdefault("state_dir", os.path.join(state_root, args["name"]))
         if fetching:
             args["transfer"] = dict(fetching, **(args.get("transfer") or {}))
         for key in _BOUNDS:
@@ -125,6 +136,8 @@ def plan(app_name="pump", **kwargs):
     for args in polls:
         if user is not None:
             args.setdefault("user", user)
+        if isinstance(args.get("name"), str):
+            args.setdefault("state_dir", os.path.join(state_root, f"poll-{args['name']}"))
         checked = poll.check_args(args)
         if checked["name"] in names:
             raise ValueError(f"{app_name}: two polls are named {checked['name']!r}")

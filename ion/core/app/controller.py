@@ -17,6 +17,8 @@ import graphlib
 import importlib
 import inspect
 
+import attr
+
 from twisted.logger import Logger
 
 from ion.core.app.appfile import AppFileError, find_file, read_app, read_rel
@@ -128,8 +130,10 @@ class AppController:
                 if layer:
                     self.container.config.add_layer(name, layer)
             for copy in range(1, mult + 1):
-                # a rel entry with mult: N runs N copies: hello, hello.2, ... hello.N
-                await self._start(spec, kwargs, spec.name if copy == 1 else f"{spec.name}.{copy}")
+                # A rel entry with mult: N runs N copies: hello, hello.2, ... hello.N. Each
+                # copy's start() is given its own name as the app's, to keep its state apart.
+                run_name = spec.name if copy == 1 else f"{spec.name}.{copy}"
+                await self._start(attr.evolve(spec, name=run_name), kwargs, run_name)
 
     async def _start(self, spec, kwargs, run_name):
         module = importlib.import_module(spec.module)

@@ -62,6 +62,8 @@ from zope.interface import implementer
 import ion
 from ion.core.log import redact
 from ion.core.messaging.transport import (
+    HEADER_DEPTH,
+    HEADER_VALUES,
     ConnectionLost,
     IConsumer,
     IDelivery,
@@ -78,6 +80,8 @@ log = Logger()
 SPEC_FILE = os.path.join(os.path.dirname(__file__), "amqp0-9-1.xml")
 EXCHANGE_TYPES = ("topic", "direct", "fanout")
 DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
+TABLE_DEPTH = HEADER_DEPTH  # levels of nested tables and arrays, the top table included
+TABLE_ENTRIES = HEADER_VALUES  # values in a field table, nested ones included
 CLOSE_TIMEOUT = 5.0
 
 CLIENT_CAPABILITIES = {
@@ -177,7 +181,13 @@ def _url_problem(error):
     )
 
 
-# Field tables.
+# Field tables. Headers come from any user of the broker, so decoding is bounded: at most
+# TABLE_DEPTH levels of nested tables and arrays (the decoder recurses once per level) and
+# TABLE_ENTRIES values in all, whatever the frame size the broker negotiated.
+
+
+class FieldTableError(ValueError):
+    """A field table that is malformed or exceeds TABLE_DEPTH or TABLE_ENTRIES."""
 
 
 class _EncodedTable(bytes):
@@ -186,7 +196,15 @@ class _EncodedTable(bytes):
 
 
 def encode_table(table):
-    """Encode a dict as an AMQP field table (with its 4-byte length)."""
+    """Encode a dict as an AMQP field table (with its 4-byte length). Raises ValueError or
+    TypeError for what a table cannot hold, FieldTableError past the limits that receivers
+    enforce (TABLE_DEPTH, TABLE_ENTRIES)."""
+    return _encode_table(table, 1, [TABLE_ENTRIES])
+
+
+def _encode_table(table, depth, budget):
+    if depth > TABLE_DEPTH:
+        raise FieldTableError(f"field table nested deeper than {TABLE_DEPTH} levels")
     out = io.BytesIO()
     for key, value in table.items():
         name = key.encode() if isinstance(key, str) else bytes(key)
@@ -194,12 +212,15 @@ def encode_table(table):
             raise ValueError(f"field table key {key!r} is longer than 255 bytes")
         out.write(bytes([len(name)]))
         out.write(name)
-        _encode_value(out, value)
+        _encode_value(out, value, depth, budget)
     data = out.getvalue()
     return struct.pack("!I", len(data)) + data
 
 
-def _encode_value(out, value):
+def _encode_value(out, value, depth, budget):
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise FieldTableError(f"field table holds more than {TABLE_ENTRIES} values")
     if value is None:
         out.write(b"V")
     elif isinstance(value, bool):
@@ -220,11 +241,13 @@ def _encode_value(out, value):
         data = bytes(value)
         out.write(b"x" + struct.pack("!I", len(data)) + data)
     elif isinstance(value, dict):
-        out.write(b"F" + encode_table(value))
+        out.write(b"F" + _encode_table(value, depth + 1, budget))
     elif isinstance(value, (list, tuple)):
+        if depth >= TABLE_DEPTH:
+            raise FieldTableError(f"field table nested deeper than {TABLE_DEPTH} levels")
         items = io.BytesIO()
         for item in value:
-            _encode_value(items, item)
+            _encode_value(items, item, depth + 1, budget)
         data = items.getvalue()
         out.write(b"A" + struct.pack("!I", len(data)) + data)
     elif isinstance(value, decimal.Decimal):
@@ -253,18 +276,33 @@ _LENGTH = struct.Struct("!I")
 
 
 def decode_table(data):
-    """Decode the entries of a field table (without its length prefix) into a dict."""
+    """Decode the entries of a field table (without its length prefix) into a dict. Raises
+    FieldTableError when data is malformed or exceeds TABLE_DEPTH or TABLE_ENTRIES."""
+    try:
+        return _decode_table(data, 1, [TABLE_ENTRIES])
+    except FieldTableError:
+        raise
+    except (ValueError, IndexError, struct.error) as e:
+        raise FieldTableError(f"malformed field table: {e}") from None
+
+
+def _decode_table(data, depth, budget):
+    if depth > TABLE_DEPTH:
+        raise FieldTableError(f"field table nested deeper than {TABLE_DEPTH} levels")
     table = {}
     pos = 0
     while pos < len(data):
         size = data[pos]
         key = _text(data[pos + 1 : pos + 1 + size])
-        value, pos = _decode_value(data, pos + 1 + size)
+        value, pos = _decode_value(data, pos + 1 + size, depth, budget)
         table[key] = value
     return table
 
 
-def _decode_value(data, pos):
+def _decode_value(data, pos, depth, budget):
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise FieldTableError(f"field table holds more than {TABLE_ENTRIES} values")
     kind = data[pos : pos + 1]
     pos += 1
     scalar = _SCALARS.get(kind)
@@ -282,20 +320,22 @@ def _decode_value(data, pos):
         pos += 4
         chunk = data[pos : pos + size]
         if len(chunk) != size:
-            raise ValueError("field table value runs past its end")
+            raise FieldTableError("field table value runs past its end")
         pos += size
         if kind == b"S":
             return _text(chunk), pos
         if kind == b"x":
             return bytes(chunk), pos
         if kind == b"F":
-            return decode_table(chunk), pos
+            return _decode_table(chunk, depth + 1, budget), pos
+        if depth >= TABLE_DEPTH:
+            raise FieldTableError(f"field table nested deeper than {TABLE_DEPTH} levels")
         items, at = [], 0
         while at < size:
-            item, at = _decode_value(chunk, at)
+            item, at = _decode_value(chunk, at, depth + 1, budget)
             items.append(item)
         return items, pos
-    raise ValueError(f"unknown field type {kind!r} in a field table")
+    raise FieldTableError(f"unknown field type {kind!r} in a field table")
 
 
 def _text(data):
@@ -488,9 +528,10 @@ def _content_frames(channel, klass, properties, body, max_body):
 
 class _IncomingContent:
     """A content-carrying method (basic.deliver, basic.return) waiting for its header and body
-    frames."""
+    frames. `error` says why its properties could not be decoded: the body frames of such a
+    delivery are counted and dropped."""
 
-    __slots__ = ("method", "args", "properties", "size", "chunks", "received")
+    __slots__ = ("method", "args", "properties", "size", "chunks", "received", "error")
 
     def __init__(self, method, args):
         self.method = method
@@ -499,6 +540,7 @@ class _IncomingContent:
         self.size = 0
         self.chunks = []
         self.received = 0
+        self.error = None
 
 
 class _Client(AMQClient):
@@ -519,6 +561,7 @@ class _Client(AMQClient):
         self._basic_publish = basic.methods.byname["publish"]
         self._basic_ack = basic.methods.byname["ack"]
         self._basic_nack = basic.methods.byname["nack"]
+        self._basic_deliver = basic.methods.byname["deliver"]
         self._unread = b""
         self._incoming = {}  # channel number -> _IncomingContent
         self._last_read = clock.seconds()
@@ -621,18 +664,29 @@ class _Client(AMQClient):
             if incoming is None or incoming.properties is not None:
                 raise _ProtocolError("a content header without its method")
             class_id, _, incoming.size = _CONTENT_HEADER.unpack_from(data, start)
-            incoming.properties, pos = _decode_properties(
-                self._classes[class_id], data, start + _CONTENT_HEADER.size
-            )
-            if pos > end:
-                raise _ProtocolError("truncated content header")
+            klass = self._classes.get(class_id)
+            if klass is None:
+                raise _ProtocolError(f"a content header of unknown class {class_id}")
+            # The properties were written by whoever published the message, not by the
+            # broker: what we cannot read fails that message only. The frame's length, not
+            # its properties, says where the next frame starts, so the stream stays in step.
+            try:
+                incoming.properties, pos = _decode_properties(
+                    klass, data[start:end], _CONTENT_HEADER.size
+                )
+                if pos > end - start:
+                    raise FieldTableError("the properties run past the end of the frame")
+            except (FieldTableError, ValueError, IndexError, struct.error) as e:
+                incoming.properties = {}
+                incoming.error = str(e) if isinstance(e, FieldTableError) else f"malformed: {e}"
             if incoming.size == 0:
                 self._content_received(channel, incoming)
         elif kind == _BODY_FRAME:
             incoming = self._incoming.get(channel)
             if incoming is None or incoming.properties is None:
                 raise _ProtocolError("a content body without its header")
-            incoming.chunks.append(data[start:end])
+            if incoming.error is None or incoming.method is not self._basic_deliver:
+                incoming.chunks.append(data[start:end])
             incoming.received += end - start
             if incoming.received > incoming.size:
                 raise _ProtocolError("a content body longer than its header says")
@@ -643,10 +697,28 @@ class _Client(AMQClient):
 
     def _content_received(self, channel, incoming):
         del self._incoming[channel]
+        if incoming.error is not None:
+            if incoming.method is self._basic_deliver:
+                self._reject(channel, incoming)
+                return
+            # A basic.return of one of our publishes: its body, not its properties, matches
+            # it to the publish, which must still learn that it was unroutable.
+            log.warn(
+                "AMQP: the properties of a {method} cannot be decoded ({error}); handled "
+                "without them",
+                method=f"{incoming.method.klass.name}.{incoming.method.name}",
+                error=incoming.error,
+            )
         chunks = incoming.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         content = Content(body, [], incoming.properties)
         self._dispatch(channel, incoming.method, incoming.args, content)
+
+    def _reject(self, number, incoming):
+        channel = self.channels.get(number)
+        if channel is not None:
+            arguments = dict(zip(_field_names(incoming.method), incoming.args))
+            self.session.reject(channel, arguments, incoming.error)
 
     def _dispatch(self, number, method, args, content):
         channel = self.channels.get(number)
@@ -969,6 +1041,27 @@ class _Session:
         consumer = self.consumers.get(message.consumer_tag)
         if consumer is not None:
             consumer.deliver(channel, acks, message)
+
+    def reject(self, channel, arguments, error):
+        """Refuse a delivery whose properties cannot be decoded: nack without requeue (to the
+        queue's dead-letter exchange, if it has one), log it once, keep the connection."""
+        if self._channels.get(channel.id) is not channel:
+            return  # released: the broker has requeued it, and will deliver it again
+        acks = self.acks.get(channel)
+        if acks is None:
+            acks = self.acks[channel] = _Acks(self, channel)
+        tag = arguments["delivery_tag"]
+        acks.received(tag)
+        acks.nack(tag, requeue=False)
+        consumer = self.consumers.get(arguments["consumer_tag"])
+        log.warn(
+            "AMQP: rejected a message on queue {queue!r} (exchange {exchange!r}, routing key "
+            "{routing_key!r}): its properties cannot be decoded: {error}",
+            queue=consumer.queue if consumer is not None else None,
+            exchange=arguments["exchange"],
+            routing_key=arguments["routing_key"],
+            error=error,
+        )
 
     def cancelled_by_broker(self, tag):
         consumer = self.consumers.pop(tag, None)
@@ -1620,7 +1713,8 @@ class AmqpTransport:
         try:
             await setup
         except Exception as e:
-            self._restoring = None
+            # `_restoring` stays until the connection is gone (`_session_lost`), so that the
+            # loss listeners learn of it: handlers may have sent requests on it.
             error = _transport_error(e)
             if isinstance(e, defer.TimeoutError):
                 error = ConnectionLost(f"no AMQP handshake within {self.connect_timeout} s")
@@ -1659,13 +1753,14 @@ class AmqpTransport:
 
     async def _restore(self, session):
         """Declare again what this transport declared before, and re-attach consumers. A lock
-        on an exclusive queue (the broker has not yet noticed the old connection died) fails
-        the attempt, to be retried; other refusals drop what was refused."""
+        on an exclusive queue (the broker has not yet noticed the old connection died) or the
+        loss of this connection fails the attempt, to be retried with everything; only what
+        the broker refused on a live connection is dropped."""
         for name, (type, durable, auto_delete) in list(self._exchanges.items()):
             try:
                 await self._declare_exchange_on(session, name, type, durable, auto_delete)
             except TransportError as e:
-                self._forget("exchange", name, e)
+                self._forget("exchange", name, e, session)
                 self._exchanges.pop(name, None)
         for name, (durable, exclusive, auto_delete, generated) in list(self._queues.items()):
             if generated:
@@ -1676,10 +1771,8 @@ class AmqpTransport:
                 continue
             try:
                 await self._declare_queue_on(session, name, durable, exclusive, auto_delete)
-            except QueueInUse:
-                raise
             except TransportError as e:
-                self._forget("queue", name, e)
+                self._forget("queue", name, e, session)
                 self._drop_queue(name)
         for queue, exchange, key in list(self._bindings):
             try:
@@ -1687,7 +1780,7 @@ class AmqpTransport:
                     "queue_bind", queue=queue, exchange=exchange, routing_key=key
                 )
             except TransportError as e:
-                self._forget("binding", f"{exchange}/{key} -> {queue}", e)
+                self._forget("binding", f"{exchange}/{key} -> {queue}", e, session)
                 self._bindings.pop((queue, exchange, key), None)
         # Everything a handler may use is declared again by now; from the first consumer on,
         # deliveries arrive and are handled while the others are attached.
@@ -1695,14 +1788,18 @@ class AmqpTransport:
         for consumer in list(self._consumers):
             try:
                 await consumer.attach(session)
-            except QueueInUse:
-                raise
             except TransportError as e:
-                self._forget("consumer of", consumer.queue, e)
+                self._forget("consumer of", consumer.queue, e, session)
                 consumer.active = False
                 self._consumers.pop(consumer, None)
 
-    def _forget(self, what, name, error):
+    def _forget(self, what, name, error, session):
+        """Log that the broker refused to restore something, which the caller then drops.
+        Raises error instead when it says nothing about the thing itself: the connection was
+        lost (dropping then would lose one more consumer at every cut restore, until the
+        transport is deaf) or an exclusive queue is still held by the previous connection."""
+        if isinstance(error, (ConnectionLost, QueueInUse)) or session.is_lost:
+            raise error
         log.error(
             "AMQP: after reconnecting, could not restore {what} {name!r}: {error}",
             what=what,

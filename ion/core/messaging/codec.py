@@ -4,6 +4,12 @@ This is the only module that imports msgpack. Everything that decodes bytes from
 through `decode` (or `decode_envelope`), which refuses oversized, truncated, malformed or too
 deeply nested input with a `DecodeError` instead of letting the interpreter exhaust memory or
 the C stack. Extension types are not part of ION's wire format: `decode` rejects them.
+
+Lengths alone do not bound memory: one byte of msgpack can become a 64-byte Python object (an
+empty map), so 16 MB of `[{}, {}, ...]` arrays took 1.2 GB. `max_objects` bounds the objects
+of one message. A message of N bytes holds at most N objects, so only messages longer than
+`max_objects` bytes are counted (hooks on every array and map, which cost time); smaller
+ones decode at full speed.
 """
 
 import attr
@@ -31,13 +37,18 @@ def _positive_int(instance, attribute, value):
 @attr.s(auto_attribs=True, frozen=True)
 class Limits:
     """The most a single decoded message may contain. Lengths of str and bin are in bytes;
-    lengths of arrays and maps in items. Nesting depth is bounded by msgpack itself."""
+    lengths of arrays and maps in items. `max_objects` bounds the values of a message: the
+    top one, the items of arrays, the keys and values of maps (a 16 MB directory listing of
+    150,000 entries holds 1.7 million). Each array or map is counted when it is complete, so
+    decoding stops at the first one that takes the count past the limit. Nesting depth is
+    bounded by msgpack itself."""
 
     max_message_bytes: int = attr.ib(default=16 * MiB, validator=_positive_int)
     max_str_len: int = attr.ib(default=16 * MiB, validator=_positive_int)
     max_bin_len: int = attr.ib(default=16 * MiB, validator=_positive_int)
     max_array_len: int = attr.ib(default=1_000_000, validator=_positive_int)
     max_map_len: int = attr.ib(default=100_000, validator=_positive_int)
+    max_objects: int = attr.ib(default=2_000_000, validator=_positive_int)
 
     @classmethod
     def from_config(cls, section):
@@ -85,6 +96,33 @@ def encode(obj):
         raise EncodeError(f"cannot encode object: {e}") from None
 
 
+class _TooManyObjects(Exception):
+    pass
+
+
+def _object_counters(limit):
+    """list_hook and object_hook for msgpack that raise _TooManyObjects once the message
+    decoded so far has more than limit values: the top one and the items of every array and
+    map decoded (a map item is a key and a value)."""
+    left = limit - 1
+
+    def count_array(items):
+        nonlocal left
+        left -= len(items)
+        if left < 0:
+            raise _TooManyObjects
+        return items
+
+    def count_map(items):
+        nonlocal left
+        left -= 2 * len(items)
+        if left < 0:
+            raise _TooManyObjects
+        return items
+
+    return count_array, count_map
+
+
 def decode(data, limits):
     """Unpack one msgpack value from data, enforcing limits. Raises DecodeError for any input
     that is not exactly one acceptable msgpack value."""
@@ -93,6 +131,9 @@ def decode(data, limits):
     size = data.nbytes if isinstance(data, memoryview) else len(data)
     if size > limits.max_message_bytes:
         raise DecodeError(f"message too large: {size} bytes > limit {limits.max_message_bytes}")
+    count_array = count_map = None
+    if size > limits.max_objects:
+        count_array, count_map = _object_counters(limits.max_objects)
     try:
         return msgpack.unpackb(
             data,
@@ -103,7 +144,13 @@ def decode(data, limits):
             max_array_len=limits.max_array_len,
             max_map_len=limits.max_map_len,
             max_ext_len=0,
+            list_hook=count_array,
+            object_hook=count_map,
         )
+    except _TooManyObjects:
+        raise DecodeError(
+            f"message exceeds a decode limit: more than {limits.max_objects} objects"
+        ) from None
     except msgpack.ExtraData as e:
         raise DecodeError(f"trailing data: {len(e.extra)} bytes after the message") from None
     except (msgpack.StackError, RecursionError):

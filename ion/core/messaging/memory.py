@@ -60,6 +60,7 @@ from ion.core.messaging.transport import (
     QueueInUse,
     TransportError,
     Unroutable,
+    check_headers,
 )
 
 log = Logger()
@@ -640,6 +641,11 @@ class MemoryTransport:
         # Every queued copy gets its own Properties and headers dict, as if it had crossed a
         # wire: neither the publisher nor another receiver can change it afterwards.
         if properties is not None:
+            if properties.headers:
+                try:
+                    check_headers(properties.headers)
+                except ValueError:
+                    return defer.fail()
             properties = attr.evolve(
                 properties, user_id=self.user, headers=dict(properties.headers)
             )

@@ -13,11 +13,35 @@ Semantics every transport keeps:
 - a consumer gets at most `prefetch` unacknowledged deliveries; `nack(requeue=True)` puts the
   message back at the head of its queue with `redelivered` set;
 - exclusive queues belong to the connection that declared them; auto-delete queues vanish
-  when their last consumer is cancelled.
+  when their last consumer is cancelled;
+- message headers hold at most HEADER_DEPTH levels of nested maps and lists and HEADER_VALUES
+  values in all (AMQP field tables from any broker user are decoded within these bounds): a
+  publish past them fails with ValueError.
 """
 
 import attr
 from zope.interface import Attribute, Interface
+
+
+HEADER_DEPTH = 16  # levels of nested maps and lists in headers, the headers map included
+HEADER_VALUES = 10_000  # values in headers, nested ones included
+
+
+def check_headers(headers):
+    """Raise ValueError when headers exceed HEADER_DEPTH or HEADER_VALUES."""
+    values = 0
+    pending = [(headers, 1)]
+    while pending:
+        container, depth = pending.pop()
+        if depth > HEADER_DEPTH:
+            raise ValueError(f"headers nested deeper than {HEADER_DEPTH} levels")
+        items = container.values() if isinstance(container, dict) else container
+        values += len(items)
+        if values > HEADER_VALUES:
+            raise ValueError(f"headers hold more than {HEADER_VALUES} values")
+        for item in items:
+            if isinstance(item, (dict, list, tuple)):
+                pending.append((item, depth + 1))
 
 
 class TransportError(Exception):

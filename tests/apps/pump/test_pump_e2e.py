@@ -2,6 +2,7 @@
 as the app builds it (on memory:// and RabbitMQ) and as `twistd -n cc res/apps/pump.app` runs
 it; the app's plan and its progress summary."""
 
+import copy
 import hashlib
 import itertools
 import os
@@ -377,6 +378,22 @@ class AppPlanTests(unittest.SynchronousTestCase):
         for child in ("report_router", "ingest", "consumer.s", "poll.a"):
             args = next(c["args"] for c in children if c["id"] == child)
             self.assertEqual(args["user"], "pumpy", child)
+
+    def test_state_directories_per_copy(self):
+        """The pump keeps its state under var/<app name>/: var/pump/ for the app, var/pump.2/
+        for the second copy of a rel's mult; a state_dir given wins."""
+        kwargs = {
+            "polls": [{"name": "a", "url": "file:/a"}],
+            "subscriptions": [{"name": "s", "directory": "/d"}, {"name": "t", "directory": "/e",
+                                                                 "state_dir": "/mine"}],
+        }
+        for app_name, root in (("pump", "var/pump"), ("pump.2", "var/pump.2")):
+            plan = pump_app.plan(app_name, **copy.deepcopy(kwargs))
+            by_id = {c["id"]: c["args"] for c in plan["children"]}
+            self.assertEqual(by_id["consumer.s"]["state_dir"], f"{root}/s")
+            self.assertEqual(by_id["consumer.t"]["state_dir"], "/mine")
+            self.assertEqual(by_id["poll.a"]["state_dir"], f"{root}/poll-a")
+            self.assertEqual(by_id["report_router"]["state_dir"], f"{root}/report_router")
 
     def test_bad_kwargs(self):
         """Unknown kwargs, duplicate names and bad poll args are errors naming them."""

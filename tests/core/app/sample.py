@@ -5,7 +5,7 @@ events = []
 
 def start(container, app, tag, **kwargs):
     events.append(("start", tag))
-    return {"tag": tag, "kwargs": dict(kwargs, tag=tag)}
+    return {"tag": tag, "app": app.name, "kwargs": dict(kwargs, tag=tag)}
 
 
 def stop(container, state):

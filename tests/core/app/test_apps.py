@@ -144,13 +144,16 @@ class ControllerTests(AppFiles, unittest.TestCase):
         self.assertEqual(c.config.section("k.mod"), {"x": "app", "y": "rel"})
 
     async def test_rel_mult_runs_copies(self):
-        """A rel entry with mult: 3 runs three copies of the app; all stop, last first."""
+        """A rel entry with mult: 3 runs three copies of the app, each knowing its name; all
+        stop, last first."""
         self.app("m")
         rel = self.write("m.rel", repr({"type": "release", "name": "rel",
                                         "apps": [{"name": "m", "mult": 3}]}))
         c = await self.container()
         await c.apps.start_files([rel])
         self.assertEqual(list(c.apps.running), ["m", "m.2", "m.3"])
+        # Each copy's start() is told its own name, to keep its state apart.
+        self.assertEqual([app.state["app"] for app in c.apps.running.values()], ["m", "m.2", "m.3"])
         self.assertEqual(self.events, [("start", "m")] * 3)
         await c.apps.stop_all()
         self.assertEqual(self.events[3:], [("stop", "m")] * 3)

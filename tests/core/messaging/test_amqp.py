@@ -3,13 +3,19 @@ transport semantics, confirms, returns, identity and reconnection on a private R
 (tests/broker.py), which these tests may kill, pause and restart."""
 
 import decimal
+import socket
+import struct
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from ion.core.messaging.amqp import (
     AmqpAddress,
+    TABLE_DEPTH,
+    TABLE_ENTRIES,
     AmqpTransport,
+    FieldTableError,
     decode_table,
     encode_table,
     load_spec,
@@ -118,6 +124,149 @@ class FieldTableTests(unittest.SynchronousTestCase):
         """A value a table cannot hold raises TypeError before anything is sent."""
         self.assertRaises(TypeError, encode_table, {"x": object()})
         self.assertRaises(ValueError, encode_table, {"x": 2**70})
+
+
+def nested_table(depth):
+    """The entries of a field table holding `depth` levels of tables, the top one included."""
+    entries = b""
+    for _ in range(depth - 1):
+        entries = b"\x01k" + b"F" + struct.pack("!I", len(entries)) + entries
+    return entries
+
+
+def _frame(kind, channel, payload):
+    return struct.pack("!BHI", kind, channel, len(payload)) + payload + b"\xce"
+
+
+def _method(channel, class_id, method_id, arguments=b""):
+    return _frame(1, channel, struct.pack("!HH", class_id, method_id) + arguments)
+
+
+def _short(data):
+    return bytes([len(data)]) + data
+
+
+def _expect(sock, method):
+    """Read frames until a method frame; fail unless it is `method` (class id, method id)."""
+    while True:
+        header = b""
+        while len(header) < 7:
+            chunk = sock.recv(7 - len(header))
+            if not chunk:
+                raise AssertionError(f"the broker closed the connection, waiting for {method}")
+            header += chunk
+        kind, _, size = struct.unpack("!BHI", header)
+        payload = b""
+        while len(payload) < size + 1:
+            chunk = sock.recv(size + 1 - len(payload))
+            if not chunk:
+                raise AssertionError(f"the broker closed the connection, waiting for {method}")
+            payload += chunk
+        if kind != 1:
+            continue
+        got = struct.unpack("!HH", payload[:4])
+        if got != method:
+            raise AssertionError(f"expected method {method}, got {got}: {payload[4:80]!r}")
+        return payload[4:-1]
+
+
+def _raw_channel(broker, user):
+    """A socket with an AMQP connection as `user` (password = name) and channel 1 open, and
+    the frame size the broker allows."""
+    sock = socket.create_connection((broker.host, broker.port), timeout=10)
+    sock.sendall(b"AMQP\x00\x00\x09\x01")
+    _expect(sock, (10, 10))
+    response = f"\0{user}\0{user}".encode()
+    start_ok = b"\0\0\0\0" + _short(b"PLAIN") + struct.pack("!I", len(response)) + response
+    sock.sendall(_method(0, 10, 11, start_ok + _short(b"en_US")))
+    channel_max, frame_max, _ = struct.unpack("!HIH", _expect(sock, (10, 30)))
+    sock.sendall(_method(0, 10, 31, struct.pack("!HIH", channel_max, frame_max, 0)))
+    sock.sendall(_method(0, 10, 40, _short(b"/") + _short(b"") + b"\0"))
+    _expect(sock, (10, 41))
+    sock.sendall(_method(1, 20, 10, _short(b"")))
+    _expect(sock, (20, 11))
+    return sock, frame_max
+
+
+def raw_declare_queue(broker, user, queue, dead_letter_exchange):
+    """Declare a queue whose rejected messages go to dead_letter_exchange (our transport
+    declares queues without arguments). Blocking: run it in a thread."""
+    sock, _ = _raw_channel(broker, user)
+    with sock:
+        dlx = dead_letter_exchange.encode()
+        table = _short(b"x-dead-letter-exchange") + b"S" + struct.pack("!I", len(dlx)) + dlx
+        arguments = b"\0\0" + _short(queue.encode()) + b"\0" + struct.pack("!I", len(table))
+        sock.sendall(_method(1, 50, 10, arguments + table))
+        _expect(sock, (50, 11))
+
+
+def raw_publish(broker, user, exchange, routing_key, header_entries, body):
+    """Publish one message as `user` with a hand-made headers table (its entries as bytes), as
+    any AMQP client of the broker can, and wait for the broker's confirm. Blocking: run it in
+    a thread."""
+    sock, frame_max = _raw_channel(broker, user)
+    with sock:
+        sock.sendall(_method(1, 85, 10, b"\0"))  # confirm.select
+        _expect(sock, (85, 11))
+        arguments = b"\0\0" + _short(exchange.encode()) + _short(routing_key.encode()) + b"\0"
+        header = struct.pack("!HHQH", 60, 0, len(body), 0x2000)  # property flags: headers
+        header += struct.pack("!I", len(header_entries)) + header_entries
+        frames = [_method(1, 60, 40, arguments), _frame(2, 1, header)]
+        step = frame_max - 8
+        frames += [_frame(3, 1, body[i : i + step]) for i in range(0, len(body), step)]
+        sock.sendall(b"".join(frames))
+        _expect(sock, (60, 80))  # basic.ack: the broker has routed it
+
+
+class FieldTableLimitTests(unittest.SynchronousTestCase):
+    def test_deep_table(self):
+        """A table nested 2,000 deep (any user of the broker can publish one in headers) is
+        refused with FieldTableError, never RecursionError; TABLE_DEPTH levels decode."""
+        self.assertEqual(TABLE_DEPTH, 16)
+        table = decode_table(nested_table(TABLE_DEPTH))
+        for _ in range(TABLE_DEPTH - 1):
+            table = table["k"]
+        self.assertEqual(table, {})
+        for depth in (TABLE_DEPTH + 1, 2_000):
+            error = self.assertRaises(FieldTableError, decode_table, nested_table(depth))
+            self.assertIn("nested deeper than 16 levels", str(error))
+
+    def test_deep_arrays(self):
+        """Arrays count as levels, also arrays of arrays."""
+        value = []
+        for _ in range(TABLE_DEPTH - 2):
+            value = [value]
+        self.assertEqual(decode_table(encode_table({"a": value})[4:]), {"a": value})
+        self.assertRaises(FieldTableError, encode_table, {"a": [value]})
+        nested = b"A\x00\x00\x00\x00"
+        for _ in range(3_000):
+            nested = b"A" + struct.pack("!I", len(nested)) + nested
+        self.assertRaises(FieldTableError, decode_table, b"\x01a" + nested)
+
+    def test_too_many_values(self):
+        """At most TABLE_ENTRIES values in all, nested ones included."""
+        def array_of(count):
+            return b"\x01a" + b"A" + struct.pack("!I", count) + b"V" * count
+
+        # The array itself is one value.
+        self.assertEqual(decode_table(array_of(TABLE_ENTRIES - 1)), {"a": [None] * 9_999})
+        error = self.assertRaises(FieldTableError, decode_table, array_of(TABLE_ENTRIES))
+        self.assertIn("more than 10000 values", str(error))
+        self.assertRaises(FieldTableError, encode_table, {"a": [None] * TABLE_ENTRIES})
+
+    def test_encoder_keeps_the_limits(self):
+        """Our own publishes never carry what receivers refuse: a header nested deeper than
+        TABLE_DEPTH fails to encode with FieldTableError (a ValueError), 2,000 deep too."""
+        for depth in (TABLE_DEPTH + 1, 2_000):
+            table = {}
+            for _ in range(depth - 1):
+                table = {"k": table}
+            self.assertRaises(FieldTableError, encode_table, table)
+
+    def test_malformed(self):
+        """Truncated values and unknown types are FieldTableErrors too."""
+        for data in (b"\x01aS\x00\x00\x00\x09abc", b"\x01a?", b"\x01aI\x00", b"\x05a"):
+            self.assertRaises(FieldTableError, decode_table, data)
 
 
 class SpecTests(unittest.SynchronousTestCase):
@@ -272,6 +421,122 @@ class AmqpTests(BrokerTestCase):
         bad = t.publish("", q, b"x", Properties(headers={"x": object()}))
         self.failureResultOf(bad, TypeError)
         await t.publish("", q, b"fine")
+
+    def capture_log(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    async def test_undecodable_headers_rejected_alone(self):
+        """A message whose headers nest tables 2,000 deep, published by another user with a
+        plain AMQP client, is rejected alone: nacked without requeue (RabbitMQ dead-letters
+        it: this queue has a dead-letter exchange), logged once with its queue and the
+        reason. The connection stays up and the messages after it arrive; its
+        body, over several frames, is skipped. (It used to raise RecursionError in the frame
+        reader and drop the connection, again at every redelivery.)"""
+        t = await self.connect("alice")
+        losses = []
+        t.on_connection_lost(losses.append)
+        ex = self.unique("topic")
+        await t.declare_exchange(ex, "topic")
+        dlx = self.unique("dlx")
+        await t.declare_exchange(dlx, "fanout")
+        dead = await self.queue(t)
+        await t.bind(dead, dlx, "")
+        q = self.unique("q")
+        await threads.deferToThread(raw_declare_queue, self.broker, "alice", q, dlx)
+        self.addCleanup(self._delete_quietly, t, q)
+        await t.bind(q, ex, "#")
+        inbox = Inbox()
+        consumer = await t.consume(q, inbox)
+        logged = self.capture_log()
+        poison = b"p" * 300_000
+        await threads.deferToThread(
+            raw_publish, self.broker, "bob", ex, "a", nested_table(2_000), poison
+        )
+        bob = await self.connect("bob")
+        await bob.publish(ex, "b", b"after", Properties(headers={"k": [1, {"x": True}]}))
+        (delivery,) = await inbox.wait(1)
+        self.assertEqual(delivery.body, b"after")
+        self.assertEqual(delivery.properties.headers, {"k": [1, {"x": True}]})
+        self.assertEqual(losses, [])
+        # Gone from the queue, not held unacked (cancelling would requeue it), and
+        # dead-lettered.
+        await consumer.cancel()
+        self.assertEqual(await t.queue_depth(q), 0)
+        for _ in range(100):  # dead-lettering goes through the broker's queue processes
+            if await t.queue_depth(dead):
+                break
+            await task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(await t.queue_depth(dead), 1)
+        rejected = [formatEvent(e) for e in logged if "rejected a message" in formatEvent(e)]
+        self.assertEqual(len(rejected), 1, rejected)
+        self.assertIn(repr(q), rejected[0])
+        self.assertIn("nested deeper than 16 levels", rejected[0])
+        self.assertNotIn("RecursionError", "".join(formatEvent(e) for e in logged))
+
+    async def test_every_consumer_restored_after_every_reconnect(self):
+        """50 reconnects in a row, every other one cut again while the consumers are being
+        re-attached (by a message that drops the connection whenever it is delivered, as an
+        undecodable one used to): after each, every consumer - of a process queue, a service
+        queue and a durable pump queue - gets a message. (A connection lost during the
+        restore used to make the transport forget the consumers not yet re-attached, for
+        good: after a few such loops the pump was deaf.)"""
+        t = await self.connect("alice", retry_policy=lambda attempt: 0.01)
+        losses = []
+        t.on_connection_lost(losses.append)
+
+        def drop_connection():
+            # What the broker, a proxy or a decoding failure can do at any moment.
+            session = t._session or t._restoring
+            session.client.transport.abortConnection()
+
+        # Re-attached first: its message comes back during every restore.
+        trap = await self.queue(t, durable=True)
+        await t.publish("", trap, b"trap", Properties(delivery_mode=2))
+        armed = []
+
+        def trap_handler(delivery):
+            if armed:
+                armed.clear()
+                drop_connection()
+
+        await t.consume(trap, trap_handler)
+        ex = self.unique("topic")
+        await t.declare_exchange(ex, "topic")
+        process = await self.queue(t, exclusive=True, auto_delete=True)
+        service = await self.queue(t, auto_delete=True)
+        pump = await self.queue(t, durable=True)
+        inboxes = {}
+        for name, key in ((process, "process"), (service, "service"), (pump, "v03.pump.#")):
+            await t.bind(name, ex, key)
+            inboxes[name] = Inbox()
+            await t.consume(name, inboxes[name])
+
+        expected_losses = 0
+        for round in range(1, 51):
+            if round % 2:
+                armed.append(True)
+                expected_losses += 2
+            else:
+                expected_losses += 1
+            drop_connection()
+            for _ in range(1000):
+                if len(losses) >= expected_losses and not armed:
+                    break
+                await task.deferLater(reactor, 0.005, lambda: None)
+            await t.whenConnected().addTimeout(10, reactor)
+            self.assertEqual(len(losses), expected_losses)
+            body = b"%d" % round
+            for key in ("process", "service", "v03.pump.x"):
+                await t.publish(ex, key, body)
+            for _ in range(1000):
+                if all(body in inbox.bodies for inbox in inboxes.values()):
+                    break
+                await task.deferLater(reactor, 0.005, lambda: None)
+            for name, inbox in inboxes.items():
+                self.assertIn(body, inbox.bodies, f"round {round}: nothing on {name}")
 
     async def test_large_and_utf8_bodies(self):
         """Bodies are bytes whatever they contain, also when split over many frames."""

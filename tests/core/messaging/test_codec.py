@@ -1,6 +1,21 @@
 """Tests for ion.core.messaging.codec: envelopes survive the wire, hostile input does not hurt."""
 
+import os
+import resource
+import struct
+import subprocess
+import sys
+import uuid
+
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
+
+import ion
+from ion.core.cc.testing import make_container
+from ion.core.messaging import names
+from ion.core.messaging.memory import MemoryBroker
+from ion.core.process import Process, ServiceProcess
+from tests.broker import get_broker
 
 from ion.core.messaging.codec import (
     DecodeError,
@@ -12,6 +27,9 @@ from ion.core.messaging.codec import (
     encode,
     encode_envelope,
 )
+
+# 16 MB: 1 million arrays of 15 empty maps, one byte each.
+EMPTY_MAP_BOMB = b"\xdd" + struct.pack("!I", 1_000_000) + (b"\x9f" + b"\x80" * 15) * 1_000_000
 
 SMALL = Limits(
     max_message_bytes=1000, max_str_len=10, max_bin_len=10, max_array_len=5, max_map_len=5
@@ -71,13 +89,19 @@ class LimitsTests(unittest.SynchronousTestCase):
         return error
 
     def test_defaults(self):
-        """Defaults: 16 MiB messages, strings and binaries; 1e6 array items; 1e5 map items."""
-        self.assertEqual(Limits(), Limits(16 * 2**20, 16 * 2**20, 16 * 2**20, 1_000_000, 100_000))
+        """Defaults: 16 MiB messages, strings and binaries; 1e6 array items; 1e5 map items;
+        2e6 objects in all."""
+        self.assertEqual(
+            Limits(), Limits(16 * 2**20, 16 * 2**20, 16 * 2**20, 1_000_000, 100_000, 2_000_000)
+        )
 
     def test_from_config(self):
         """A config section overrides limits by name, accepts digit strings, ignores the rest."""
-        limits = Limits.from_config({"max_map_len": "10", "max_str_len": 7, "rpc_timeout": 15})
+        limits = Limits.from_config(
+            {"max_map_len": "10", "max_str_len": 7, "rpc_timeout": 15, "max_objects": "5_000"}
+        )
         self.assertEqual(limits.max_map_len, 10)
+        self.assertEqual(limits.max_objects, 5_000)
         self.assertEqual(limits.max_str_len, 7)
         self.assertEqual(limits.max_message_bytes, 16 * 2**20)
 
@@ -112,6 +136,40 @@ class LimitsTests(unittest.SynchronousTestCase):
         """A header claiming 4 billion items is refused before anything is allocated."""
         self.assertRejected(b"\xdd\xff\xff\xff\xff", Limits(), "max_array_len")
         self.assertRejected(b"\xdf\xff\xff\xff\xff", Limits(), "max_map_len")
+
+    def test_too_many_objects(self):
+        """max_objects counts every value, containers included: exactly max_objects decode,
+        one more is refused, however it is spread over arrays and maps."""
+        limits = Limits(max_objects=10)
+        fits = [[None, None], {"a": 1, "b": [2]}]  # 1 + 3 + 5 + 1 objects
+        self.assertEqual(decode(encode(fits), limits), fits)
+        for message in (fits + [None], [[{}, {}, {}]] * 3, {"a": {"b": {"c": {"d": {}}}}, "e": 1}):
+            self.assertRejected(encode(message), limits, "more than 10 objects")
+
+    def test_empty_map_bomb(self):
+        """16 MB of 1 million arrays of 15 empty maps (one byte each on the wire, 64 bytes each
+        once decoded) is refused with DecodeError after a bounded amount of work: the decoding
+        process grows by less than 200 MB (it took 1.2 GB)."""
+        script = """
+import resource
+from ion.core.messaging import codec
+from tests.core.messaging.test_codec import EMPTY_MAP_BOMB
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    codec.decode(EMPTY_MAP_BOMB, codec.Limits())
+except codec.DecodeError as e:
+    print(e)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+        root = os.path.dirname(os.path.dirname(os.path.abspath(ion.__file__)))
+        env = dict(os.environ, PYTHONPATH=root)
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+        refusal, grown_mb = out.stdout.splitlines()
+        self.assertEqual(refusal, "message exceeds a decode limit: more than 2000000 objects")
+        self.assertLess(int(grown_mb), 200)
 
     def test_deeply_nested(self):
         """100k nested arrays are refused cleanly instead of crashing the interpreter."""
@@ -204,3 +262,60 @@ class EncodeTests(unittest.SynchronousTestCase):
         self.assertRaises(EncodeError, encode_envelope, Envelope(headers={"op": object()}))
         self.assertRaises(EncodeError, encode_envelope, Envelope(headers={1: "x"}))
         self.assertRaises(EncodeError, encode_envelope, Envelope(headers=["op"]))
+
+
+class Echo(ServiceProcess):
+    service = "echo"
+
+    def op_echo(self, content, headers):
+        return content
+
+
+class HostileMessageScenarios:
+    """What arrives on the container's exchange from anyone who may publish there.
+    Subclasses set `url` and `new_broker()`."""
+
+    async def test_undecodable_messages_dropped_alone(self):
+        """Messages to a service that are not envelopes - garbage, and 16 MB of arrays of
+        empty maps that once took 1.2 GB - are each logged once with the queue and dropped
+        (nacked without requeue); the service goes on serving, and the container grew by
+        less than 200 MB."""
+        sysname = f"hostile-{uuid.uuid4().hex[:8]}"
+        container = await make_container(
+            self, url=self.url, memory_broker=self.new_broker(), sysname=sysname
+        )
+        await container.spawn(Echo)
+        caller = await container.spawn(Process)
+        self.assertEqual(await caller.rpc("echo", "echo", "before"), "before")
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        exchange = container.messenger.exchange
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        await container.transport.publish(exchange, "echo", b"\xc1 not msgpack")
+        await container.transport.publish(exchange, "echo", EMPTY_MAP_BOMB)
+        self.assertEqual(await caller.rpc("echo", "echo", "after"), "after")
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+        self.assertLess(grown_mb, 200)
+        dropped = [formatEvent(e) for e in events if "undecodable" in formatEvent(e)]
+        self.assertEqual(len(dropped), 2, dropped)
+        self.assertIn("not valid msgpack", dropped[0])
+        self.assertIn("more than 2000000 objects", dropped[1])
+        for line in dropped:
+            self.assertIn(names.service_queue(sysname, "echo"), line)
+        self.assertEqual(await caller.rpc("echo", "echo", "still"), "still")
+
+
+class MemoryHostileMessageTests(HostileMessageScenarios, unittest.TestCase):
+    url = "memory://"
+
+    def new_broker(self):
+        return MemoryBroker()
+
+
+class AmqpHostileMessageTests(HostileMessageScenarios, unittest.TestCase):
+    def setUp(self):
+        self.url = get_broker().url
+
+    def new_broker(self):
+        return None

@@ -15,6 +15,7 @@ from zope.interface.verify import verifyObject
 
 from ion.core.messaging.memory import MemoryBroker, MemoryTransport, topic_matches
 from ion.core.messaging.transport import (
+    HEADER_DEPTH,
     ConnectionLost,
     IConsumer,
     IDelivery,
@@ -574,6 +575,32 @@ class TransportSemantics:
         self.assertEqual(first.properties, attr.evolve(claimed, user_id=t1.user))
         self.assertEqual(second.properties.user_id, t1.user)
         self.assertNotEqual(t1.user, t2.user)
+
+    async def test_header_limits(self):
+        """Headers nest up to 16 levels (the headers map included) and hold up to 10,000
+        values; a publish past that fails with ValueError on every transport, also 2,000
+        levels deep, and the transport goes on."""
+        (t,) = await self.make_transports(1)
+        q = await self.queue(t)
+        inbox = Inbox()
+        await t.consume(q, inbox)
+        fits = {"list": [None] * 9_984, "map": {}}  # 10,000 values
+        for _ in range(HEADER_DEPTH - 2):
+            fits["map"] = {"k": fits["map"]}
+        await t.publish("", q, b"fits", Properties(headers=fits))
+        too_deep = {"k": {}}
+        for _ in range(2_000):
+            too_deep = {"k": too_deep}
+        for headers in ({"map": {"k": fits["map"]}}, {"list": [[fits["map"]]]}, too_deep):
+            refused = t.publish("", q, b"no", Properties(headers=headers))
+            await self.assertFailure(refused, ValueError)
+        await self.assertFailure(
+            t.publish("", q, b"no", Properties(headers={"list": [None] * 10_000})), ValueError
+        )
+        await t.publish("", q, b"after")
+        await inbox.wait(2)
+        self.assertEqual(inbox.bodies, [b"fits", b"after"])
+        self.assertEqual(inbox.deliveries[0].properties.headers, fits)
 
     async def test_headers_are_copies(self):
         """Each receiver gets its own headers: changes by the publisher after publishing, or by
