@@ -506,10 +506,12 @@ def group_pids(pgid):
 # -- ION -----------------------------------------------------------------------------------------
 
 
-def ion_app(directory, poll_url=None):
-    """The pump app of res/apps/pump.app with its subscription writing to `directory`, and a
-    poll of `poll_url` every second in place of the local poll when given.
-    State goes to the container's working directory (the temp dir)."""
+def ion_app(directory, base_url, poll_url=None):
+    """The pump app of res/apps/pump.app with its subscription writing to `directory` and
+    fetching from `base_url` (the bench's notices come from source `bench`, not the pump's
+    user: the URL policy needs it listed), and a poll of `poll_url` every second in place of
+    the local poll when given. State goes to the container's working directory (the temp
+    dir)."""
     kwargs = {
         "subscriptions": [
             {
@@ -518,6 +520,7 @@ def ion_app(directory, poll_url=None):
                 "topics": ["v03.#"],
                 "directory": directory,
                 "mirror": True,
+                "sources": [base_url],
             }
         ],
         "transfer": {"workers": 2},
@@ -575,7 +578,8 @@ def run_ion(setup):
     dest = os.path.join(work, "destination")
     os.makedirs(work, exist_ok=True)
     app_files = [os.path.join(work, "benchpump.app")]
-    write_literal(app_files[0], ion_app(dest, setup.base_url if args.poll else None))
+    poll_url = setup.base_url if args.poll else None
+    write_literal(app_files[0], ion_app(dest, setup.base_url, poll_url))
     mark = os.path.join(work, "mark.json")
     url = "memory://" if args.transport == "memory" else setup.broker.url
     if args.transport == "memory" and not args.poll:

@@ -80,6 +80,22 @@ class Credential:
         )
 
 
+def _without_dots(path):
+    """C{path} with its C{.} and C{..} segments resolved, as a server reads it: a line for
+    C{/private/} must not serve C{/private/../ok/x}."""
+    kept = []
+    segments = path.split("/")
+    for segment in segments:
+        if segment == "..":
+            if len(kept) > 1:
+                kept.pop()
+        elif segment != ".":
+            kept.append(segment)
+    if segments[-1] in (".", "..") and kept[-1:] != [""]:
+        kept.append("")
+    return "/".join(kept) or "/"
+
+
 def _under(path, prefix):
     if prefix in ("", "/"):
         return True
@@ -150,7 +166,7 @@ class Credentials:
             scheme, host, port, user, _, path = url_parts(url)
         except ValueError:
             return None
-        return _best(self.entries, scheme, host, port, user, path)
+        return _best(self.entries, scheme, host, port, user, _without_dots(path))
 
     def password(self, url):
         """The password for the user named in C{url} (a broker URL, say), or C{None} when the

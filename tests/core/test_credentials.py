@@ -62,6 +62,14 @@ class FileWriting:
 
 class CredentialsFileTests(FileWriting, unittest.SynchronousTestCase):
 
+    def test_path_dots_resolved(self):
+        """A line for /private/ does not serve /private/../ok/x, which a server reads as
+        /ok/x; /ok/./../private/x is under /private/ and is served."""
+        creds = Credentials.parse("http://pump:pw@127.0.0.1:18090/private/\n")
+        self.assertIsNone(creds.find("http://127.0.0.1:18090/private/../ok/x"))
+        self.assertIsNone(creds.find("http://127.0.0.1:18090/private/.."))
+        self.assertEqual(creds.find("http://127.0.0.1:18090/ok/./../private/x").user, "pump")
+
     def test_lookup_table(self):
         """A URL's user gets the password of the first line with the same scheme, host, port
         (default ports filled in; host case does not matter) and user."""

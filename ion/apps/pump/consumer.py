@@ -16,7 +16,10 @@ A `Consumer` consumes a durable queue `q_<user>.consumer.<name>` bound to `excha
    file once per reactor turn) and it is acked;
 4. a `size` over `max_size` (default 10 GiB): one 413 report, nothing fetched, no retry;
    place it under `directory` (mirror, directory, or strip=N; see `ion.apps.pump.paths`); a
-   path that could leave the tree: one 422 report, nothing touched on disk;
+   path that could leave the tree: one 422 report, nothing touched on disk (a `retrievePath`
+   passes the same rules). Then judge its URL by the URL policy of `sources` and the notice's
+   `source` (`ion.apps.pump.transfer.policy`): refused, one log line and a 403 report, never
+   retried;
 5. fetch the file itself (`ion.apps.pump.transfer.worker.Transfers`, with the `transfer`
    settings: timeouts, per_host, credentials), verified against the notice's size and
    checksum, at most `parallel` transfers at a time, each given up after `transfer_timeout`
@@ -72,6 +75,7 @@ import os
 import re
 import time
 
+import attrs
 from twisted.internet import defer, threads
 
 from ion.apps.pump import paths
@@ -93,8 +97,10 @@ from ion.apps.pump.transfer.inflight import (
     sweep,
     sweep_files,
 )
+from ion.apps.pump.transfer.policy import UrlPolicy, normalize
 from ion.apps.pump.transfer.worker import MAX_SIZE, Transfers, check_settings
 from ion.apps.pump.user import pump_user
+from ion.core.log import redact
 from ion.core.process import Process
 
 DEFAULTS = {
@@ -123,6 +129,7 @@ DEFAULTS = {
     "max_size": MAX_SIZE,
     "min_rate": {"bytes_per_s": 1024, "window": 60},
     "transfer": None,
+    "sources": None,
     "max_notice_bytes": MAX_NOTICE_BYTES,
     "report_exchange": "xreport",
     "stop_grace": 10,
@@ -182,6 +189,21 @@ class Filter:
             if regex.fullmatch(url):
                 return accept
         return self.accept_unmatched
+
+
+def check_retrieve_path(notice):
+    """UnsafePath unless a notice's retrievePath (its path part, before any ?query) passes the
+    relPath rules and the joined URL stays under baseUrl's path once normalized."""
+    path = notice.retrieve_path.split("?", 1)[0].split("#", 1)[0]
+    paths.safe_relpath(path, allow_leading_slash=True)
+    try:
+        base, joined = normalize(notice.base_url), normalize(notice.url())
+    except ValueError:
+        return  # an unusable URL is the policy's to refuse
+    if not joined.under(attrs.evolve(base, path=base.path.rstrip("/") + "/")):
+        raise paths.UnsafePath(
+            f"unsafe retrievePath {notice.retrieve_path!r}: leaves baseUrl's directory"
+        )
 
 
 def dup_key(notice):
@@ -306,6 +328,7 @@ def check_args(args):
     # The consumer's Transfers take these from the consumer's own args.
     merged["transfer"] = dict(transfer, **{key: merged[key] for key in _OWN_SETTINGS})
     check_settings(merged["transfer"], who)
+    UrlPolicy(merged["sources"], who=who)
     for key in ("user", "state_dir"):
         if merged[key] is not None and not isinstance(merged[key], str):
             raise ValueError(f"{who}: {key} must be a string, got {merged[key]!r}")
@@ -326,6 +349,9 @@ class Consumer(Process):
         self.user = pump_user(self, args["user"])
         self.queue = f"q_{self.user}.consumer.{self.subscription}"
         self.subscriber = f"{self.user}.{self.subscription}"
+        self.policy = UrlPolicy(
+            args["sources"], own_user=self.user, who=f"consumer {self.subscription}"
+        )
         self.state_dir = args["state_dir"] or os.path.join("var", "pump", self.subscription)
         self.claim_directory(self.state_dir)
         clock = self.container.clock
@@ -638,7 +664,14 @@ class Consumer(Process):
             await self._fail(notice, key, 422, str(e), delivery.routing_key)
             self._ack(delivery)
             return
-        result, failure = await self._fetch(notice, url, path)
+        try:
+            access = self.policy.judge(url, notice.source)
+        except TransferError as e:
+            self._refused(url, e.code, e.message)
+            await self._fail(notice, key, e.code, e.message, delivery.routing_key)
+            self._ack(delivery)
+            return
+        result, failure = await self._fetch(notice, url, path, access)
         if failure is None:
             await self._delivered(notice, key, path, result)
         elif failure.transient:
@@ -655,18 +688,34 @@ class Consumer(Process):
             )
             self._schedule_retries()
         else:
+            if failure.code == 403:
+                self._refused(url, failure.code, failure.message)
             await self._fail(notice, key, failure.code, failure.message, delivery.routing_key)
         self._ack(delivery)
 
+    def _refused(self, url, code, message):
+        self.log.warn(
+            "consumer {name}: {url} refused ({code} {message})",
+            name=self.subscription,
+            url=redact(url),
+            code=code,
+            message=message,
+        )
+
     def destination_for(self, notice):
-        """The checked local path for a notice's file (raises paths.UnsafePath)."""
+        """The checked local path for a notice's file (raises paths.UnsafePath). A
+        retrievePath, which names the file at the source, passes the same path rules as a
+        relPath (a leading `/` allowed: it is relative to baseUrl all the same)."""
+        if notice.retrieve_path:
+            check_retrieve_path(notice)
         return paths.destination(
             self.directory, notice, self.mode, real_root=self.real_directory
         )
 
-    async def _fetch(self, notice, url, path):
-        """(TransferResult, None) when the file is in place, else (None, outcome.Failure)."""
-        options = {}
+    async def _fetch(self, notice, url, path, access=None):
+        """(TransferResult, None) when the file is in place, else (None, outcome.Failure).
+        `access`: what the URL policy allows the notice (see `UrlPolicy.judge`)."""
+        options = {} if access is None else {"access": access}
         if notice.size is not None:
             options["expected_size"] = notice.size
         identity = notice.identity
@@ -853,7 +902,14 @@ class Consumer(Process):
             self.retries.done(entry)
             return
         url = notice.url()
-        result, failure = await self._fetch(notice, url, path)
+        try:
+            access = self.policy.judge(url, notice.source)
+        except TransferError as e:
+            self._refused(url, e.code, e.message)
+            await self._fail(notice, entry.key, e.code, e.message, entry.routing_key)
+            self.retries.done(entry)
+            return
+        result, failure = await self._fetch(notice, url, path, access)
         if failure is None:
             await self._delivered(notice, entry.key, path, result)
             self.retries.done(entry)

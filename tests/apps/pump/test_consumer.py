@@ -138,6 +138,8 @@ class ArgsTests(unittest.SynchronousTestCase):
             ({"name": "t", "directory": "/x", "parallel": 0}, "parallel"),
             ({"name": "t", "directory": "/x", "retry_jitter": 1.5}, "retry_jitter"),
             ({"name": "t", "directory": "/x", "reannounce": {"exchange": "x"}}, "reannounce"),
+            ({"name": "t", "directory": "/x", "sources": "http://h/"}, "consumer t: sources"),
+            ({"name": "t", "directory": "/x", "sources": ["h/x"]}, "consumer t: a sources"),
             ({"name": "t", "directory": "/x", "max_size": "1G"}, "max_size"),
             ({"name": "t", "directory": "/x", "min_rate": {"bytes": 1}}, "min_rate"),
             (
@@ -526,6 +528,8 @@ class ConsumerScenarios:
             "report_exchange": self.xreport,
             "retry_jitter": 0,
             "transfer": {"credentials": self.credentials},
+            # The test's sources post as alice and bob: their files are this test's to allow.
+            "sources": [self.base_url],
         }
         consumer = await container.spawn(cls, args=dict(defaults, **args))
         self.consumer_queue = consumer.queue
@@ -926,6 +930,63 @@ class ConsumerScenarios:
         self.assertEqual(sorted(os.listdir(self.dest)), ["link"])
         self.assertEqual(self.consumer.stats["failures"], {"422": len(hostile)})
 
+    async def test_file_urls_of_other_sources_refused(self):
+        """bob's notice for a local file outside the sources (file:/// and a path, in any
+        case) gets one 403 report, nothing is delivered or retried; the same notice from
+        the pump's own user is delivered (its polls announce file: URLs)."""
+        outside = os.path.join(self.base, "outside")
+        secret = write_source(outside, "secret", b"the pump's secret")
+        rel_path = secret.lstrip("/")
+        await self.pump(user="alice", sources=None)
+        for size, base_url in enumerate(("file:///", "FILE:///")):
+            # Sizes differ so that the second is not a duplicate of the first.
+            await self.post(notice_fields(base_url, rel_path, source="bob", size=size))
+        reports = await self.wait_reports(2, source="bob")
+        self.assertEqual([r["report"]["code"] for r in reports], [403, 403])
+        self.assertEqual(self.dest_files(), [])
+        self.assertEqual(self.consumer.stats["failures"], {"403": 2})
+        self.assertEqual(self.consumer.stats["retrying"], 0)
+        await self.post(notice_fields("file:///", rel_path, b"the pump's secret", source="alice"))
+        reports = await self.wait_reports(1, source="alice")
+        self.assertEqual(reports[0]["report"]["code"], 201)
+        self.assertEqual(self.dest_files(), [rel_path])
+        await self.settle()
+
+    async def test_retrieve_path_checked_like_rel_path(self):
+        """A retrievePath leading out of baseUrl (to the pump's credentials file, here) gets a
+        422 report like an unsafe relPath, even from the pump's own user; one naming the
+        file absolutely under a file:/// baseUrl is refused for another source (403)."""
+        await self.pump(user="alice")
+        hostile = ["../credentials.conf", "a/%2e%2e/../../credentials.conf"]
+        for index, retrieve in enumerate(hostile):
+            fields = notice_fields(self.base_url, f"a/innocent{index}.dat", retrievePath=retrieve)
+            await self.post(fields)
+        reports = await self.wait_reports(2)
+        self.assertEqual([r["report"]["code"] for r in reports], [422, 422])
+        await self.post(
+            notice_fields(
+                "file:///", "a/innocent.dat", source="bob", retrievePath=self.credentials
+            )
+        )
+        reports = await self.wait_reports(1, source="bob")
+        self.assertEqual(reports[0]["report"]["code"], 403)
+        self.assertEqual(self.dest_files(), [])
+        await self.settle()
+
+    async def test_loopback_http_of_other_sources_refused(self):
+        """A notice pointing at a web server on loopback is refused (403, not retried) unless
+        the subscription's sources list it."""
+        server = start_http(self, self.src)
+        self.base_url = f"{server.url}/files/"
+        await self.pump(sources=None)
+        await self.post_file("h/f.dat", b"local service answer")
+        reports = await self.wait_reports(1)
+        self.assertEqual(reports[0]["report"]["code"], 403)
+        self.assertEqual(self.dest_files(), [])
+        self.assertEqual(self.consumer.stats["retrying"], 0)
+        self.assertEqual(server.site.accepted, 0)
+        await self.settle()
+
     async def test_fifo_source_refused_at_once(self):
         """A notice whose file: path is a named pipe gets a 422 report at once, and the
         consumer goes on answering and delivering: opening the pipe never waits for a writer
@@ -1006,7 +1067,7 @@ class ConsumerScenarios:
         """A notice announcing 1 TB, over max_size: one 413 report, nothing fetched (no
         connection to the server, no directory made), no retry."""
         server = start_hostile_http(self, self.src)
-        await self.pump(max_size=10**6)
+        await self.pump(max_size=10**6, sources=[f"{server.url}/"])
         fields = notice_fields(f"{server.url}/files/", "big/f.dat", b"x", size=2**40)
         await self.post(fields)
         (report,) = await self.wait_reports(1)
@@ -1022,7 +1083,7 @@ class ConsumerScenarios:
         413 report, not retried, nothing left in the destination."""
         server = start_hostile_http(self, self.src)
         clock = task.Clock()
-        await self.pump(clock=clock, max_size=100_000)
+        await self.pump(clock=clock, max_size=100_000, sources=[f"{server.url}/"])
         await self.post(notice_fields(f"{server.url}/", "endless", size=None))
         (report,) = await self.wait_reports(1)
         self.assertEqual(report["report"]["code"], 413)
@@ -1039,7 +1100,11 @@ class ConsumerScenarios:
         transfer fails as too slow within about a window, and goes to the retry queue."""
         server = start_hostile_http(self, self.src, trickle_interval=0.1)
         clock = task.Clock()
-        await self.pump(clock=clock, min_rate={"bytes_per_s": 100, "window": 0.5})
+        await self.pump(
+            clock=clock,
+            min_rate={"bytes_per_s": 100, "window": 0.5},
+            sources=[f"{server.url}/"],
+        )
         await self.post(notice_fields(f"{server.url}/trickle/", "1000", size=None))
         await until(lambda: len(self.consumer.retries) == 1, what="a retry entry")
         (entry,) = list(self.consumer.retries)
@@ -1115,6 +1180,7 @@ class ConsumerScenarios:
                     "topics": ["v03.#"],
                     "exchange": self.xpublic,
                     "report_exchange": self.xreport,
+                    "sources": [self.base_url],
                 }
             ],
             transfer={"workers": 2, "credentials": self.credentials},

@@ -116,7 +116,9 @@ class SpoofTests(unittest.TestCase):
         for source in ("alice", "bob"):
             await collector.listen(f"xr_{source}")
         await c.spawn(TransferService, args={"credentials": credentials})
-        await c.spawn(Consumer, args={"name": "sub", "directory": dest, "state_dir": state})
+        # alice's file: URLs are the test's to allow (the pump's user is another).
+        sub = {"name": "sub", "directory": dest, "state_dir": state, "sources": [file_url(src)]}
+        await c.spawn(Consumer, args=sub)
         await c.spawn(Ingest, args={"users": ["alice"]})
         data = b"from alice really"
         write_source(src, "s/f.dat", data)

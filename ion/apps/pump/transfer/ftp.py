@@ -8,6 +8,9 @@ an existing target first if the server refuses to replace it); the mtime follows
 when the server lists it in C{FEAT}. A list uses C{MLSD} when C{FEAT} lists it, else C{LIST}
 (see L{ion.apps.pump.transfer.listings} for the formats read).
 
+Passive data connections go to the control connection's peer address, whatever address the
+PASV reply names.
+
 Reply codes: 530 is L{AuthFailed}, 550 L{NotFound}, other 4xx replies L{ConnectionFailed}
 (transient), other 5xx L{Refused} (permanent).
 """
@@ -18,7 +21,7 @@ import time
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.protocols.basic import FileSender
 from twisted.protocols.ftp import CommandFailed, FTPClient, FTPError
@@ -34,6 +37,7 @@ from ion.apps.pump.transfer.errors import (
 )
 from ion.apps.pump.transfer.inflight import inflight_name
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
+from ion.apps.pump.transfer.policy import client_endpoint
 from ion.apps.pump.transfer.listings import parse_list_line, parse_mlsd_line
 
 MAX_LISTING_BYTES = 32 * 1024 * 1024
@@ -69,7 +73,10 @@ class _Session:
                 transport.abortConnection()
 
     def connect_data(self, host, port, factory):
-        return self.reactor.connectTCP(host, port, factory, timeout=self.settings.timeouts.connect)
+        # The PASV reply's address is the server's say: data goes to the control connection's
+        # peer, the address that was checked (see ion.apps.pump.transfer.policy).
+        peer = self.control.transport.getPeer().host
+        return self.reactor.connectTCP(peer, port, factory, timeout=self.settings.timeouts.connect)
 
     async def close(self):
         if self.control.transport is not None and not self.closed.called:
@@ -201,11 +208,9 @@ async def _login(session, location):
 async def _with_session(reactor, location, settings, work):
     """Connect and log in, run C{work(session)}, disconnect; errors become L{TransferError}s."""
     session = _Session(reactor, location, settings)
-    endpoint = HostnameEndpoint(
-        reactor, location.host, location.port, timeout=settings.timeouts.connect
-    )
     try:
         try:
+            endpoint = await client_endpoint(reactor, location, settings)
             await cancellable(connectProtocol(endpoint, session.control))
         except (net_error.TimeoutError, net_error.ConnectingCancelledError):
             raise TransferTimeout(

@@ -1,11 +1,15 @@
 """The C{http} and C{https} schemes: GET streamed to disk, PUT streamed from disk, and
 directory listings read from index pages (see L{ion.apps.pump.transfer.listings}).
 
-Requests go through C{twisted.web.client.Agent} (following redirects; credentials are dropped
-on a redirect to another origin). treq is not used for transfers: its client always asks for
-and decodes gzip content-encoding, which would hand us other bytes than the file's (a
-C{.gz} file served with C{Content-Encoding: gzip} arrives decompressed) and break sizes and
-checksums. We ask for the identity encoding and refuse any other.
+Requests go through C{twisted.web.client.Agent}. A GET follows at most L{MAX_REDIRECTS}
+redirects, each only to a URL the notice's L{Access} accepts (else L{Forbidden}, 403);
+credentials are dropped on a redirect to another origin. With an access that is not trusted,
+each connection goes to an address the access checked (resolved once; TLS still verifies the
+host name): see L{ion.apps.pump.transfer.policy}. A PUT follows no redirect.
+
+treq is not used for transfers: its client always asks for and decodes gzip
+content-encoding, which would hand us other bytes than the file's (a C{.gz} file served with
+C{Content-Encoding: gzip} arrives decompressed) and break sizes and checksums. We ask for the identity encoding and refuse any other.
 
 https certificates are verified by default against the system's trust store, or against the
 certificate authorities of C{ca_file}; a failed verification is L{ServerNotTrusted}.
@@ -18,11 +22,15 @@ without a body on a kept connection the server has meanwhile closed).
 """
 
 import base64
+import functools
 import re
+from urllib.parse import urljoin, urlsplit
 
 from OpenSSL import SSL
 from twisted.internet import error as net_error
 from twisted.internet import ssl
+from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
@@ -33,13 +41,13 @@ from twisted.web.client import (
     FileBodyProducer,
     HTTPConnectionPool,
     PartialDownloadError,
-    RedirectAgent,
     ResponseDone,
     ResponseFailed,
 )
 from twisted.web.http import PotentialDataLoss, stringToDatetime
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory
+from zope.interface import implementer
 
 from ion.apps.pump.transfer.errors import (
     AuthFailed,
@@ -55,6 +63,8 @@ from ion.apps.pump.transfer.errors import (
 )
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
 from ion.apps.pump.transfer.listings import parse_html_index
+from ion.apps.pump.transfer.location import request_url
+from ion.apps.pump.transfer.policy import MAX_REDIRECTS, AddressesEndpoint, Forbidden
 
 # An index page larger than this is not a directory listing we want to hold in memory.
 MAX_INDEX_BYTES = 32 * 1024 * 1024
@@ -78,23 +88,70 @@ def _trust_root(ca_file):
     return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in blocks])
 
 
+def _restricted(settings):
+    """The policy whose address rules the connections of C{settings} follow, or None."""
+    access = settings.access
+    return None if access is None or access.trusted else access.policy
+
+
+@implementer(IStreamClientEndpoint)
+class _CheckedEndpoint:
+    """Connects to the addresses the policy checked for the URI's host, not to the name."""
+
+    def __init__(self, reactor, policy, uri, tls, timeout):
+        self._reactor = reactor
+        self._policy = policy
+        self._uri = uri
+        self._tls = tls
+        self._timeout = timeout
+
+    def connect(self, factory):
+        return Deferred.fromCoroutine(self._connect(factory))
+
+    async def _connect(self, factory):
+        uri = self._uri
+        scheme, host = uri.scheme.decode("ascii"), uri.host.decode("ascii")
+        addresses = await self._policy.addresses(self._reactor, scheme, host, uri.port)
+        wrap = None
+        if scheme == "https":
+            # TLS verifies the host name, whichever checked address answers.
+            wrap = functools.partial(wrapClientTLS, self._tls.creatorForNetloc(uri.host, uri.port))
+        endpoint = AddressesEndpoint(self._reactor, addresses, uri.port, self._timeout, wrap)
+        return await endpoint.connect(factory)
+
+
+@implementer(IAgentEndpointFactory)
+class _CheckedEndpoints:
+    def __init__(self, reactor, policy, tls, timeout):
+        self._args = (reactor, policy, tls, timeout)
+
+    def endpointForURI(self, uri):
+        reactor, policy, tls, timeout = self._args
+        return _CheckedEndpoint(reactor, policy, uri, tls, timeout)
+
+
 def _agent(reactor, settings, pool=None):
-    """A redirect-following agent; without a C{pool}, its connections serve one request each."""
-    policy = BrowserLikePolicyForHTTPS(trustRoot=_trust_root(settings.ca_file))
+    """An agent (redirects are followed by L{_request}); without a C{pool}, its connections
+    serve one request each. Under a restricted access, its connections go only to checked
+    addresses."""
+    tls = BrowserLikePolicyForHTTPS(trustRoot=_trust_root(settings.ca_file))
     if pool is None:
         pool = HTTPConnectionPool(reactor, persistent=False)
-    agent = Agent(
-        reactor, contextFactory=policy, connectTimeout=settings.timeouts.connect, pool=pool
-    )
-    return RedirectAgent(agent)
+    restricted = _restricted(settings)
+    if restricted is None:
+        return Agent(
+            reactor, contextFactory=tls, connectTimeout=settings.timeouts.connect, pool=pool
+        )
+    endpoints = _CheckedEndpoints(reactor, restricted, tls, settings.timeouts.connect)
+    return Agent.usingEndpointFactory(reactor, endpoints, pool)
 
 
 class HTTPConnections:
     """
     http(s) connections kept open between the transfers of one owner (a process), at most
     C{per_host} idle ones to each server, each closed after C{idle_timeout} seconds unused.
-    Connections made under different trust roots (C{ca_file}) are never shared. L{close} when
-    done.
+    Connections made under different trust roots (C{ca_file}), or for trusted and restricted
+    accesses (see L{ion.apps.pump.transfer.policy}), are never shared. L{close} when done.
     """
 
     def __init__(self, reactor, per_host=4, idle_timeout=60):
@@ -106,12 +163,15 @@ class HTTPConnections:
 
     def agent(self, settings):
         """The agent for requests made with C{settings} (its C{ca_file} and connect timeout)."""
-        key = (settings.ca_file, settings.timeouts.connect)
+        # A connection a trusted transfer opened to a local service must not serve a
+        # restricted one: the restricted agent checks addresses when it connects.
+        restricted = _restricted(settings)
+        key = (settings.ca_file, settings.timeouts.connect, restricted)
         agent = self._agents.get(key)
         if agent is None:
-            pool = self._pools.get(settings.ca_file)
+            pool = self._pools.get((settings.ca_file, restricted))
             if pool is None:
-                pool = self._pools[settings.ca_file] = HTTPConnectionPool(
+                pool = self._pools[(settings.ca_file, restricted)] = HTTPConnectionPool(
                     self._reactor, persistent=True
                 )
                 pool.maxPersistentPerHost = self.per_host
@@ -184,13 +244,46 @@ def _status_error(location, response):
     return Refused(text)
 
 
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+def _origin(url):
+    parts = urlsplit(url)
+    return (parts.scheme, parts.hostname, parts.port)
+
+
 async def _request(agent, location, settings, method, timer, body=None):
-    """Send a request; returns the response once its headers are in."""
-    d = agent.request(method, location.request_url.encode("ascii"), _headers(location), body)
+    """Send a request, following a GET's redirects; returns the response once its headers
+    are in."""
+    url = location.request_url
+    headers = _headers(location)
+    access = settings.access
+    for _ in range(MAX_REDIRECTS + 1):
+        response = await _send(agent, location, settings, method, url, headers, timer, body)
+        target = response.headers.getRawHeaders(b"location")
+        if method != b"GET" or response.code not in _REDIRECTS or not target:
+            return response
+        response.deliverBody(_Discard())
+        timer.touch()
+        following = urljoin(url, target[0].decode("latin-1"))
+        if access is not None:
+            access = access.redirect(following)
+            following = access.url
+        elif urlsplit(following).scheme.lower() not in ("http", "https"):
+            raise Forbidden(f"{location.shown}: redirect to a non-http URL refused")
+        following = request_url(following)
+        if _origin(following) != _origin(url):
+            headers.removeHeader(b"Authorization")
+        url = following
+    raise Refused(f"{location.shown}: more than {MAX_REDIRECTS} redirects")
+
+
+async def _send(agent, location, settings, method, url, headers, timer, body):
+    d = agent.request(method, url.encode("ascii"), headers, body)
     timer.expire = d.cancel
     try:
         return await cancellable(d)
-    except CancelledError:
+    except (CancelledError, TransferError):
         raise
     except Exception:
         raise _request_error(location, Failure(), timer, settings.timeouts) from None

@@ -26,6 +26,8 @@ class Settings:
         L{ion.apps.pump.transfer.http.HTTPConnections}), or C{None}: one connection a request.
     @ivar pool: the caller's C{ThreadPool} for local disk work, or C{None}: done in the
         reactor thread.
+    @ivar access: the L{ion.apps.pump.transfer.policy.Access} of a notice's URL: connections
+        go only to the addresses it accepts. C{None}: a trusted URL, no address check.
     """
 
     timeouts: Timeouts = Timeouts()
@@ -33,6 +35,7 @@ class Settings:
     known_hosts: str | None = None
     http_connections: object = None
     pool: object = None
+    access: object = None
 
 
 @attrs.frozen
@@ -77,15 +80,24 @@ def locate(url, credentials=None):
         entry = credentials.find(url)
         if entry is not None:
             user, password, ssh_key = entry.user, entry.password, entry.ssh_key
+    return Location(
+        shown, scheme, host, port, unquote(path), user, password, ssh_key, request_url(url)
+    )
+
+
+def request_url(url):
+    """C{url} as an http request names it: no user, password or fragment, ASCII only."""
     parts = urlsplit(url)
+    if not parts.hostname:
+        raise BadRequest(f"{redact(url)}: no host in URL")
     netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
     if ":" in parts.hostname:
         netloc = f"[{parts.hostname}]" + ("" if parts.port is None else f":{parts.port}")
     # Agents send ASCII: percent-encode what is not, leave existing escapes alone.
-    request_url = quote(
-        urlunsplit((scheme, netloc, parts.path or "/", parts.query, "")), safe=_URL_SAFE
+    return quote(
+        urlunsplit((parts.scheme.lower(), netloc, parts.path or "/", parts.query, "")),
+        safe=_URL_SAFE,
     )
-    return Location(shown, scheme, host, port, unquote(path), user, password, ssh_key, request_url)
 
 
 def _local_path(url, shown):

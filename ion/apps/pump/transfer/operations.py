@@ -51,6 +51,7 @@ async def get(
     max_size=None,
     min_rate=None,
     dest_root=None,
+    access=None,
 ):
     """
     Fetch C{url} into the local file C{dest_path}.
@@ -86,10 +87,18 @@ async def get(
         the directories in between are made when missing and never reached through a
         symbolic link (a link there fails the transfer with 422). Default: the directory of
         C{dest_path}, which must exist.
+    @param access: the L{Access} the URL policy gave the notice naming C{url}
+        (L{ion.apps.pump.transfer.policy}): its normalized URL is fetched, the credentials
+        file serves it only when the access allows, and connections (redirects included) go
+        only to addresses it accepts. C{None}: a URL the caller trusts, fetched as it is.
     @return: a L{TransferResult}; its checksum holds every method computed (C{sha512} when
         none was asked for).
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
     """
+    if access is not None:
+        url = access.url
+        if not access.credentials:
+            credentials = None
     location = locate(url, credentials)
     if max_size is not None and expected_size is not None and expected_size > max_size:
         raise TooLarge(
@@ -99,7 +108,7 @@ async def get(
     for method in (expected_checksum[0] if expected_checksum else None, cod):
         if method is not None and method not in methods:
             methods.append(check_method(method))
-    settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool)
+    settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool, access)
     async with _slot(limiter, url):
         sink = InflightFile(
             dest_path,

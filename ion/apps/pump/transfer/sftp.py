@@ -23,7 +23,7 @@ from twisted.conch.error import HostKeyChanged
 from twisted.conch.ssh import channel, common, connection, filetransfer, keys, transport, userauth
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
@@ -39,6 +39,7 @@ from ion.apps.pump.transfer.errors import (
 )
 from ion.apps.pump.transfer.inflight import inflight_name
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
+from ion.apps.pump.transfer.policy import client_endpoint
 from ion.apps.pump.transfer.results import Entry
 
 CHUNK_SIZE = 32 * 1024
@@ -289,11 +290,9 @@ async def _with_session(reactor, location, settings, work):
     if not location.user:
         raise BadRequest(f"{location.shown}: no user name (give it in the URL or credentials)")
     session = _Session(reactor, location, settings)
-    endpoint = HostnameEndpoint(
-        reactor, location.host, location.port, timeout=settings.timeouts.connect
-    )
     try:
         try:
+            endpoint = await client_endpoint(reactor, location, settings)
             await cancellable(connectProtocol(endpoint, _ClientTransport(session)))
         except (net_error.TimeoutError, net_error.ConnectingCancelledError):
             raise TransferTimeout(
