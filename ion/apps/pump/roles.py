@@ -158,12 +158,12 @@ def broker_setup(args, stdin, stdout, stderr, getpass=None):
         return USAGE
     if not args.apply:
         ctl = args.rabbitmqctl or "rabbitmqctl"
-        asks = any(step.password for step in todo)
         stdout.write(
-            f"# {args.user}: broker role {args.role} on vhost {args.vhost}; run as the broker's "
-            "administrator"
-            + (" (add_user asks for the password), or use --apply.\n" if asks else ".\n")
+            f"# {args.user}: broker role {args.role} on vhost {args.vhost}, to run as the "
+            "broker's administrator\n"
         )
+        if any(step.password for step in todo):
+            stdout.write("# (add_user asks for the password; or use --apply)\n")
         for step in todo:
             stdout.write(command_line(ctl, args.node, step) + "\n")
         return OK
@@ -192,8 +192,12 @@ def broker_setup(args, stdin, stdout, stderr, getpass=None):
 def _read_password(user, stdin, getpass=None):
     if stdin.isatty():
         getpass = getpass or _getpass.getpass
-        first = getpass(f"Password for {user}: ")
-        if first != getpass("Again: "):
+        try:
+            first = getpass(f"Password for {user}: ")
+            again = getpass("Again: ")
+        except (EOFError, KeyboardInterrupt):
+            raise RoleError("no password given") from None
+        if first != again:
             raise RoleError("the two passwords differ")
     else:
         first = stdin.readline().rstrip("\r\n")

@@ -90,7 +90,8 @@ def build_parser():
         help="print (or --apply) the rabbitmqctl commands giving a user a role on a shared pump",
     )
     p.add_argument("--user", required=True, help="the broker user (letters, digits, _ and -)")
-    p.add_argument("--role", required=True, metavar="{subscriber,source,feeder,admin}")
+    p.add_argument("--role", required=True, metavar="{subscriber,source,feeder,admin}",
+                   help="what the user may do (README: Broker roles)")
     p.add_argument("--vhost", default="/", help="the pump's vhost (default /)")
     p.add_argument(
         "--public-exchange", default="xpublic",
