@@ -1,7 +1,8 @@
 """Ingest: how a notice posted by a user enters the pump (the pump's sarra/shovel step).
 
 `Ingest` consumes the durable queues `q_<user>.ingest.xs_<u>`, one per exchange `xs_<u>` for
-each user `u` in `users` (default: the pump's user), bound with `#`. For each message:
+each user `u` in `users` (default: the pump's user), bound with `#`, and declares each user's
+report exchange `xr_<u>` on start. For each message:
 
 1. check who published it, and to which exchange (below);
 2. decode and validate the v03 notice, and set its `source` to that publisher;
@@ -140,6 +141,10 @@ class Ingest(Process):
 
     async def on_activate(self):
         for user in self.users:
+            # Declared before any report goes there: a source may read its xr_ exchange but
+            # not declare it (ion.apps.pump.roles), so it can subscribe to its reports
+            # before its first post only if the pump declared the exchange.
+            await self.container.transport.declare_exchange(f"xr_{user}", "topic", durable=True)
             exchange = f"xs_{user}"
             await self.subscribe(
                 exchange,

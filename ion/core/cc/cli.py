@@ -5,6 +5,9 @@
     ion containers            the containers of the system (from their agents)
     ion ps [container]        processes of one container (or of every container)
     ion spawn <module> [--container ID]
+    ion broker-setup --user NAME --role subscriber|source|feeder|admin [--apply]
+                              the rabbitmqctl commands giving a user a pump role (see
+                              ion.apps.pump.roles); --apply runs them on the local broker
 
 A broker URL with a user and no password (`amqp://alice@rabbit.example/`) gets its password
 from the credentials file, as for `twistd cc`: `--credentials PATH`, by default
@@ -82,6 +85,26 @@ def build_parser():
     p = sub.add_parser("spawn", parents=[common], help="spawn a process in a container")
     p.add_argument("module")
     p.add_argument("--container", help="container id (default: any one)")
+    p = sub.add_parser(
+        "broker-setup",
+        help="print (or --apply) the rabbitmqctl commands giving a user a role on a shared pump",
+    )
+    p.add_argument("--user", required=True, help="the broker user (letters, digits, _ and -)")
+    p.add_argument("--role", required=True, metavar="{subscriber,source,feeder,admin}",
+                   help="what the user may do (README: Broker roles)")
+    p.add_argument("--vhost", default="/", help="the pump's vhost (default /)")
+    p.add_argument(
+        "--public-exchange", default="xpublic",
+        help="the exchange subscribers read, the ingest's exchange (default xpublic)",
+    )
+    p.add_argument("--existing", action="store_true",
+                   help="the user exists: set its role only, its password stays")
+    p.add_argument("--no-password", action="store_true",
+                   help="a user without a password (logs in with a client certificate)")
+    p.add_argument("--apply", action="store_true",
+                   help="run the commands (password asked for, or the first line of stdin)")
+    p.add_argument("--rabbitmqctl", help="the rabbitmqctl to run (default: the one on PATH)")
+    p.add_argument("--node", help="the RabbitMQ node (rabbitmqctl -n; default its own)")
     return parser
 
 
@@ -196,6 +219,11 @@ def main(argv=None):
     except UsageError as e:
         sys.stderr.write(f"{parser.format_usage()}ion: error: {e}\n")
         return USAGE
+    if args.command == "broker-setup":
+        # Nothing to connect to: rabbitmqctl does the work.
+        from ion.apps.pump.roles import broker_setup
+
+        return broker_setup(args, sys.stdin, sys.stdout, sys.stderr)
     outcome = {}
 
     async def go(reactor):

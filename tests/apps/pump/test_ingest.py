@@ -160,6 +160,15 @@ class IngestTests(unittest.TestCase):
         stats = await call_op(self.ingest, "stats")
         self.assertEqual((stats["published"], stats["by_source"]), (2, {"alice": 1, "bob": 1}))
 
+    async def test_report_exchanges_declared(self):
+        """Each user's xr_ exchange exists once the ingest runs: a source, which may read it
+        but not declare it (ion.apps.pump.roles), can subscribe to its reports before its
+        first post."""
+        for user, transport in (("alice", self.alice), ("bob", self.bob)):
+            queue = f"q_{user}.reports"
+            await transport.declare_queue(queue, exclusive=True, auto_delete=True)
+            await transport.bind(queue, f"xr_{user}", "#")
+
     async def test_invalid_reported_to_source(self):
         """Invalid notices are not passed on: the source named by the exchange gets a 417
         report (also for a body that is not JSON), and the message is acked."""
