@@ -142,7 +142,7 @@ class Ingest(Process):
     async def on_activate(self):
         for user in self.users:
             # Declared before any report goes there: a source may read its xr_ exchange but
-            # not declare it (ion.apps.pump.roles), so it can subscribe to its reports
+            # not declare it (ion.core.cc.roles), so it can subscribe to its reports
             # before its first post only if the pump declared the exchange.
             await self.container.transport.declare_exchange(f"xr_{user}", "topic", durable=True)
             exchange = f"xs_{user}"

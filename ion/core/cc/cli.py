@@ -7,7 +7,7 @@
     ion spawn <module> [--container ID]
     ion broker-setup --user NAME --role subscriber|source|feeder|admin [--apply]
                               the rabbitmqctl commands giving a user a pump role (see
-                              ion.apps.pump.roles); --apply runs them on the local broker
+                              ion.core.cc.roles); --apply runs them on the local broker
 
 A broker URL with a user and no password (`amqp://alice@rabbit.example/`) gets its password
 from the credentials file, as for `twistd cc`: `--credentials PATH`, by default
@@ -221,7 +221,7 @@ def main(argv=None):
         return USAGE
     if args.command == "broker-setup":
         # Nothing to connect to: rabbitmqctl does the work.
-        from ion.apps.pump.roles import broker_setup
+        from ion.core.cc.roles import broker_setup
 
         return broker_setup(args, sys.stdin, sys.stdout, sys.stderr)
     outcome = {}

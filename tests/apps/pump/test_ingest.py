@@ -162,7 +162,7 @@ class IngestTests(unittest.TestCase):
 
     async def test_report_exchanges_declared(self):
         """Each user's xr_ exchange exists once the ingest runs: a source, which may read it
-        but not declare it (ion.apps.pump.roles), can subscribe to its reports before its
+        but not declare it (ion.core.cc.roles), can subscribe to its reports before its
         first post."""
         for user, transport in (("alice", self.alice), ("bob", self.bob)):
             queue = f"q_{user}.reports"

@@ -15,7 +15,7 @@ from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from ion.apps.pump import app as pump_app
-from ion.apps.pump.roles import RoleError, broker_setup, permissions
+from ion.core.cc.roles import RoleError, broker_setup, permissions
 from ion.core.cc import cli
 from ion.core.cc.container import make_transport
 from ion.core.cc.testing import make_container
@@ -315,6 +315,8 @@ class BrokerRoleTests(unittest.TestCase):
                     "report_exchange": self.xreport},
             subscriptions=[{"name": "sub", "exchange": self.public,
                             "report_exchange": self.xreport, "directory": dest,
+                            # The sources post files of this machine: listed, as they must be.
+                            "sources": [file_url(self.src)],
                             "state_dir": os.path.join(self.base, "consumer")}],
             transfer={"credentials": credentials, "workers": 1},
             report_router={"exchange": self.xreport, "state_dir": os.path.join(self.base, "rr")},
