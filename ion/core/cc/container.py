@@ -89,7 +89,7 @@ class Container:
 
     async def stop(self):
         """Stop apps (reverse start order), then remaining processes (newest first), then the
-        connection."""
+        connection. The last container of the system removes the system's exchanges."""
         if not self.running:
             return
         self.running = False
@@ -100,6 +100,8 @@ class Container:
                     await proc.terminate()
                 except Exception:
                     log.failure("could not terminate {proc!r}", proc=proc)
+        if await self.messenger.remove_exchanges():
+            log.info("system {sysname}: last container, exchanges removed", sysname=self.sysname)
         await self.transport.close()
         log.info("container {id} stopped", id=self.id)
 

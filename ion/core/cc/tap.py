@@ -4,6 +4,10 @@ Bad input (a missing or malformed .app/.rel/config file, a bad -D) is one line o
 exit status 2; nothing starts. The container boots once the reactor runs: transport, the core
 app, then the given apps in dependency order. A failed boot is logged and the process exits
 with status 1. SIGTERM/SIGINT (and Ctrl-D in the shell) stop apps in reverse order.
+
+Without twistd's `-n` the container runs as a daemon: the log goes to `--logfile` (default
+twistd.log), SIGUSR1 reopens it, and the `twistd` command returns only once the boot is over
+(see `ContainerService.startService`).
 """
 
 import ast
@@ -282,8 +286,17 @@ class ContainerService(MultiService):
         self.container = None
         self.exit_code = 0
         self.output = LogOutput(sys.stdout)
+        self._logfile = None
         self._stop_requested = False
         self.memory_broker = None
+        self._twistd = getattr(options, "parent", None) or {}
+        self._caller_stderr = None
+        self._status_pipe = None
+
+    @property
+    def daemon(self):
+        """Whether twistd runs us as a daemon (no `-n`/`--nodaemon`)."""
+        return "nodaemon" in self._twistd and not self._twistd["nodaemon"]
 
     def setServiceParent(self, parent):
         super().setServiceParent(parent)
@@ -291,22 +304,56 @@ class ContainerService(MultiService):
         # by the per-module levels of res/config/loglevels.cfg and redacts passwords.
         if hasattr(parent, "setComponent"):
             parent.setComponent(ILogObserver, self.log_observer())
+        if self.daemon:
+            # Still in the process the caller started: keep its stderr for the one line that
+            # says why a boot failed (the daemon's own stderr is /dev/null).
+            self._caller_stderr = os.dup(2)
 
     def log_observer(self):
-        logfile = None
-        parent_opts = getattr(self.options, "parent", None)
-        if parent_opts is not None:
-            logfile = parent_opts.get("logfile")
+        logfile = self._twistd.get("logfile")
+        if self.daemon and logfile == "-":
+            fail_input("--logfile -: a daemon cannot log to stdout; name a file or run twistd -n")
+        if self.daemon and not logfile:
+            logfile = "twistd.log"  # twistd's own default for a daemon
         if logfile and logfile != "-":
             from twisted.python.logfile import LogFile
 
-            self.output = LogOutput(LogFile.fromFullPath(logfile))
+            try:
+                self._logfile = LogFile.fromFullPath(logfile)
+            except OSError as e:
+                fail_input(f"--logfile {logfile}: {e.strerror}")
+            self.output = LogOutput(self._logfile)
         return ionlog.make_observer(self.output, self.options["levels"])
 
     def startService(self):
         super().startService()
+        # A daemon: twistd's parent process, the `twistd` command the caller waits for, exits
+        # when the daemon writes to twistd's status pipe, which twistd does itself right after
+        # this method returns, before the reactor runs and so before the boot. Taking the pipe
+        # from twistd's options here makes twistd skip its report; ours follows the boot
+        # (`_report_start`, at exit after a failed boot), so a failed boot makes `twistd`
+        # exit 1.
+        self._status_pipe = self._twistd.get("statusPipe")
+        if self._status_pipe is not None:
+            self._twistd["statusPipe"] = None
         self.reactor.callWhenRunning(self._install_signal_handlers)
         self.reactor.callWhenRunning(self._boot)
+
+    def _report_start(self, code=0, why=None):
+        """Tell the caller of a daemon how the boot went, once: the reason on its stderr, then
+        twistd's status pipe ("0" lets `twistd` exit 0; anything else makes it exit 1 and
+        print the text after the first two bytes)."""
+        stderr, self._caller_stderr = self._caller_stderr, None
+        pipe, self._status_pipe = self._status_pipe, None
+        if stderr is not None:
+            if why is not None:
+                _write_all(stderr, f"cc: container failed to start: {why}\n")
+            os.close(stderr)
+        if pipe is not None:
+            kind = " (bad input)" if code == 2 else ""
+            status = "0" if code == 0 else f"1 container failed to start, status {code}{kind}"
+            _write_all(pipe, status)
+            os.close(pipe)
 
     def _install_signal_handlers(self):
         # A container stopped by SIGTERM/SIGINT has done its job: stop gracefully and exit 0
@@ -317,6 +364,13 @@ class ContainerService(MultiService):
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        if self._logfile is not None:
+            # Log rotation (logrotate, newsyslog): the file was moved away, SIGUSR1 opens a new
+            # one at the configured path. twistd's own SIGUSR1 handler serves only its logger.
+            def reopen(signum, frame):
+                self.reactor.callFromThread(self._logfile.reopen)
+
+            signal.signal(signal.SIGUSR1, reopen)
 
     def _stop_reactor(self):
         """Stop the reactor once: a second signal (Ctrl-C pressed again, a supervisor's
@@ -365,6 +419,7 @@ class ContainerService(MultiService):
         await self.container.apps.start_files(CORE_APPS + opts["files"])
         log.info("container {id} running apps: {apps}", id=self.container.id,
                  apps=", ".join(self.container.apps.running))
+        self._report_start()
         if not opts["no-shell"] and os.isatty(0) and os.isatty(1):
             from ion.core.cc.shell import start_shell
 
@@ -380,12 +435,14 @@ class ContainerService(MultiService):
         else:
             log.critical("container failed to start: {why}", why=ionlog.redact(str(failure.value)))
         sys.stderr.write(f"cc: container failed to start: {ionlog.redact(str(failure.value))}\n")
-        self._exit_after_shutdown(code)
+        self._exit_after_shutdown(code, ionlog.redact(str(failure.value)))
         self._stop_reactor()
 
-    def _exit_after_shutdown(self, code):
-        # twistd has no way to set the exit status; this runs after twistd has cleaned up.
+    def _exit_after_shutdown(self, code, why):
+        # twistd has no way to set the exit status; this runs after twistd has cleaned up (the
+        # pid file is gone), and only then is a daemon's caller told: it may start again.
         def leave():
+            self._report_start(code, why)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
@@ -394,6 +451,8 @@ class ContainerService(MultiService):
 
     def stopService(self):
         super().stopService()
+        if self._status_pipe is not None and not self.exit_code:  # a signal during the boot
+            atexit.register(self._report_start, 1, "stopped before it finished starting")
         if self.container is None:
             return defer.succeed(None)
         return defer.Deferred.fromCoroutine(self._stop())
@@ -408,6 +467,16 @@ class ContainerService(MultiService):
                     "recovers them where it can (polls announce their files again)",
                     n=left,
                 )
+
+
+def _write_all(fd, text):
+    """Write text to fd; a caller gone meanwhile (a closed pipe) is no error of ours."""
+    data = text.encode("utf-8", "backslashreplace")
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+    except OSError:
+        pass
 
 
 def makeService(options):

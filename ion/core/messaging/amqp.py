@@ -1914,6 +1914,18 @@ class AmqpTransport:
         self._exchanges[name] = (type, durable, auto_delete)
 
     @_as_deferred
+    async def delete_exchange(self, name, if_unused=False):
+        """Delete the exchange and its bindings; missing is fine. With if_unused, fails with
+        TransportError (the broker's 406 "in use") while a queue is bound to it."""
+        session = self._live_session()
+        if not _shortstr(name, "exchange name"):
+            raise TransportError("the default exchange '' cannot be deleted")
+        await session.control_call("exchange_delete", exchange=name, if_unused=if_unused)
+        self._exchanges.pop(name, None)
+        for binding in [b for b in self._bindings if b[1] == name]:
+            del self._bindings[binding]
+
+    @_as_deferred
     async def declare_queue(self, name="", durable=False, exclusive=False, auto_delete=False):
         """Create the queue if missing and fire with its name (generated when name is '')."""
         session = self._live_session()

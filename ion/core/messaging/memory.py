@@ -455,6 +455,18 @@ class MemoryBroker:
                     f" not {value!r}"
                 )
 
+    def _delete_exchange(self, name, if_unused):
+        if not name:
+            raise TransportError("the default exchange '' cannot be deleted")
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            return
+        if if_unused and exchange.bindings:
+            raise TransportError(f"exchange {name!r} in use: {len(exchange.bindings)} bindings")
+        for (_queue, key), queue in exchange.bindings.items():
+            queue.bindings.discard((name, key))
+        del self._exchanges[name]
+
     def _declare_queue(self, owner, name, durable, exclusive, auto_delete):
         if not name:
             name = f"amq.gen-{uuid.uuid4().hex}"
@@ -613,6 +625,11 @@ class MemoryTransport:
         """Create the exchange if missing; fails with TransportError if it exists with other
         arguments."""
         return self._do(self.broker._declare_exchange, name, type, durable, auto_delete)
+
+    def delete_exchange(self, name, if_unused=False):
+        """Delete the exchange and its bindings; missing is fine. With if_unused, fails with
+        TransportError while a queue is bound to it."""
+        return self._do(self.broker._delete_exchange, name, if_unused)
 
     def declare_queue(self, name="", durable=False, exclusive=False, auto_delete=False):
         """Create the queue if missing and fire with its name (generated when name is '')."""

@@ -22,7 +22,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from ion.core.messaging import codec, names
-from ion.core.messaging.transport import Properties
+from ion.core.messaging.transport import Properties, TransportError
 
 log = Logger()
 
@@ -54,6 +54,20 @@ class Messenger:
     async def start(self):
         await self.transport.declare_exchange(self.exchange, "topic")
         await self.transport.declare_exchange(self.trace_exchange, "fanout")
+
+    async def remove_exchanges(self):
+        """Delete the system's exchanges if this was the last container of the system: the
+        system exchange only while no queue is bound to it (every running container keeps its
+        agent's queue bound there, so the broker itself answers "is anyone left?" atomically),
+        and the trace exchange only after it, so that a running container never loses the
+        exchange it traces to. Returns whether they were removed; a refusal is not an error."""
+        try:
+            await self.transport.delete_exchange(self.exchange, if_unused=True)
+            await self.transport.delete_exchange(self.trace_exchange, if_unused=True)
+        except TransportError as e:
+            log.debug("system exchanges kept: {error}", error=e)
+            return False
+        return True
 
     def tracing(self):
         """Whether sends are traced now (config `ion.core.messaging: {'trace': ...}`)."""

@@ -125,6 +125,10 @@ class ITransport(Interface):
     def declare_exchange(name, type="topic", durable=False, auto_delete=False):
         """Create the exchange if missing (idempotent)."""
 
+    def delete_exchange(name, if_unused=False):
+        """Delete the exchange and its bindings (missing is fine); with if_unused, fails with
+        TransportError instead while a queue is bound to it."""
+
     def declare_queue(name, durable=False, exclusive=False, auto_delete=False):
         """Create the queue if missing (idempotent); returns its name."""
 

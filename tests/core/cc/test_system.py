@@ -207,13 +207,30 @@ class SystemTests(unittest.TestCase):
             await task.deferLater(reactor, 0.2, lambda: None)
         self.assertEqual(await table(), {b.container_id})
 
+    async def test_last_container_removes_exchanges(self):
+        """The system's exchanges stay while a container of the system runs and are gone once
+        the last one stopped cleanly."""
+        a, b = await self.start_containers(2)
+        names = {f"ion.{self.sysname}", f"ion.{self.sysname}.trace"}
+        self.assertEqual(names & await threads.deferToThread(self.exchanges), names)
+        self.assertEqual(await threads.deferToThread(a.stop), 0, "".join(a.lines))
+        self.assertEqual(names & await threads.deferToThread(self.exchanges), names)
+        self.assertEqual(await threads.deferToThread(b.stop), 0, "".join(b.lines))
+        self.assertEqual(names & await threads.deferToThread(self.exchanges), set())
+
+    def exchanges(self):
+        return set(self.rabbitmqctl_list("list_exchanges", "name"))
+
     def leftover_queues(self, ids):
+        names = self.rabbitmqctl_list("list_queues", "name")
+        return [n for n in names if any(n.startswith(cid + ".") for cid in ids)
+                or n.startswith(self.sysname + ".hello")]
+
+    def rabbitmqctl_list(self, *command):
         out = subprocess.run(
-            [self.rabbitmqctl, "-n", self.broker.nodename, "-q", "list_queues", "name"],
+            [self.rabbitmqctl, "-n", self.broker.nodename, "-q", *command],
             env=self.broker._environment(), capture_output=True, text=True, timeout=60,
         )
         if out.returncode != 0:
             raise AssertionError(f"rabbitmqctl failed: {out.stderr}")
-        names = out.stdout.split()
-        return [n for n in names if any(n.startswith(cid + ".") for cid in ids)
-                or n.startswith(self.sysname + ".hello")]
+        return out.stdout.split()

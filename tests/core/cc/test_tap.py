@@ -247,3 +247,106 @@ class TwistdTests(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, "".join(lines) + out)
         self.assertIn("stopped", out)
         self.assertNotIn("Traceback", "".join(lines) + out)
+
+
+class DaemonTests(unittest.TestCase):
+    """`twistd --logfile var/ion.log --pidfile var/ion.pid cc ...` without `-n`: a daemon."""
+
+    def daemon(self, *args, logfile="var/ion.log"):
+        """Start the daemon from a fresh working directory; returns (CompletedProcess of the
+        `twistd` command, working directory). A daemon left running is killed at cleanup."""
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(cwd, "var"))
+        cmd = [*TWISTD, "--logfile", logfile, "--pidfile", "var/ion.pid", "cc", "--res", RES, *args]
+        result = subprocess.run(cmd, cwd=cwd, env=dict(os.environ, PYTHONPATH=ROOT),
+                                capture_output=True, text=True, timeout=60,
+                                stdin=subprocess.DEVNULL)
+        self.addCleanup(_kill_if_running, os.path.join(cwd, "var", "ion.pid"))
+        return result, cwd
+
+    def read(self, cwd, name):
+        with open(os.path.join(cwd, "var", name)) as f:
+            return f.read()
+
+    def test_run_rotate_stop(self):
+        """The command returns once the apps run, with the pid file written and ION's log
+        observer writing the file (twistd's own info lines filtered out by loglevels.cfg);
+        SIGUSR1 after moving the log away opens a new one at the same path; SIGTERM stops the
+        container cleanly and removes the pid file."""
+        result, cwd = self.daemon(os.path.join(RES, "apps", "hello.app"))
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        with open(os.path.join(cwd, "var", "ion.pid")) as f:
+            pid = int(f.read())
+        self.assertIn("running apps: ioncore, hello, ccagent", self.read(cwd, "ion.log"))
+        self.assertNotIn("starting up", self.read(cwd, "ion.log"))
+
+        os.rename(os.path.join(cwd, "var", "ion.log"), os.path.join(cwd, "var", "ion.log.1"))
+        os.kill(pid, signal.SIGUSR1)
+        _wait_for(lambda: os.path.exists(os.path.join(cwd, "var", "ion.log")), "a new log file")
+        os.kill(pid, signal.SIGTERM)
+        _wait_for(lambda: not _alive(pid), "the daemon to exit")
+        self.assertFalse(os.path.exists(os.path.join(cwd, "var", "ion.pid")))
+        new, old = self.read(cwd, "ion.log"), self.read(cwd, "ion.log.1")
+        self.assertIn("SIGTERM: stopping the container", new)
+        self.assertIn("stopped", new)
+        self.assertNotIn("SIGTERM", old)
+        self.assertNotIn("Traceback", new + old)
+
+    def test_failed_start(self):
+        """A boot that fails in the daemon makes the `twistd` command exit 1 with the reason
+        as the first line on stderr (bad input marked as status 2), passwords hidden in it and
+        in the log; no daemon is left and no pid file. Bad input found before the daemon
+        starts is one line and status 2 as with -n."""
+        result, cwd = self.daemon(
+            "-a", "apparg_pump={'subscriptions': [{'name': 's', 'directory': 5}]}",
+            os.path.join(RES, "apps", "pump.app"),
+        )
+        lines = result.stderr.splitlines()
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(
+            lines[0], "cc: container failed to start: consumer s: directory must be a path, got 5"
+        )
+        self.assertIn("status 2 (bad input)", lines[1])
+        self.assertFalse(os.path.exists(os.path.join(cwd, "var", "ion.pid")))
+
+        result, cwd = self.daemon("--broker", "amqp://pump:sekrit@127.0.0.1:1/")
+        lines = result.stderr.splitlines()
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertTrue(
+            lines[0].startswith("cc: container failed to start: cannot connect to "
+                                "amqp://pump:***@127.0.0.1:1/"), lines)
+        self.assertIn("status 1", lines[1])
+        self.assertIn("cannot connect to amqp://pump:***@", self.read(cwd, "ion.log"))
+        self.assertNotIn("sekrit", result.stderr + self.read(cwd, "ion.log"))
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertFalse(os.path.exists(os.path.join(cwd, "var", "ion.pid")))
+
+        result, cwd = self.daemon(logfile="-")
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertEqual(result.stderr,
+                         "cc: --logfile -: a daemon cannot log to stdout; name a file or run twistd -n\n")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _kill_if_running(pidfile):
+    """Kill the daemon of a test that failed half-way (its pid file is removed as it exits)."""
+    try:
+        with open(pidfile) as f:
+            os.kill(int(f.read()), signal.SIGKILL)
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+
+
+def _wait_for(condition, what, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -308,6 +308,31 @@ class TransportSemantics:
         await t.declare_exchange(ex, "topic")
         await self.assertFailure(t.declare_exchange(ex, "fanout"), TransportError)
 
+    async def test_delete_exchange_if_unused(self):
+        """With if_unused an exchange a queue is bound to is kept (the call fails) and the
+        channel stays usable; once unbound it goes: publishing there fails, a queue bound to
+        it before does not get it back when redeclared. Deleting a missing one is fine."""
+        (t,) = await self.make_transports(1)
+        ex = await self.exchange(t)
+        q = await self.bound_queue(t, ex, "k")
+        await self.assertFailure(t.delete_exchange(ex, if_unused=True), TransportError)
+        await t.publish(ex, "k", b"still routed")
+        await t.unbind(q, ex, "k")
+        await t.delete_exchange(ex, if_unused=True)
+        await self.assertFailure(t.publish(ex, "k", b"x"), NotFound)
+        await t.delete_exchange(ex)
+        await t.declare_exchange(ex)
+        await self.assertFailure(t.publish(ex, "k", b"x"), Unroutable)
+
+    async def test_delete_exchange_removes_bindings(self):
+        """Without if_unused the exchange goes with its bindings."""
+        (t,) = await self.make_transports(1)
+        ex = await self.exchange(t)
+        await self.bound_queue(t, ex, "k")
+        await t.delete_exchange(ex)
+        await t.declare_exchange(ex)
+        await self.assertFailure(t.publish(ex, "k", b"x"), Unroutable)
+
     async def test_redeclare_queue_keeps_messages(self):
         """Redeclaring a queue with the same arguments changes nothing, messages included."""
         (t,) = await self.make_transports(1)
