@@ -179,7 +179,7 @@ class PrivateBroker:
         return f"amqps://{user}:{user}@{host}:{self.tls_port}/"
 
     def tls_file(self, name):
-        """A file made by `_make_certificates`: ca.pem, server.pem, client.pem, client.key
+        """A file made by `make_certificates`: ca.pem, ca.key, server.pem, client.pem, client.key
         (mode 0600), stranger-ca.pem (a CA that signed nothing of this node) and stranger.pem,
         stranger.key (a client certificate for `cert_user` signed by that CA)."""
         return os.path.join(self.base, "tls", name)
@@ -215,7 +215,7 @@ class PrivateBroker:
         with open(definitions, "w") as f:
             json.dump(self._definitions(), f)
         tls = os.path.join(self.base, "tls")
-        _make_certificates(tls, self.cert_user)
+        make_certificates(tls, self.cert_user)
         with open(os.path.join(self.base, "rabbitmq.conf"), "w") as f:
             f.write(f"listeners.tcp.default = {self.host}:{self.port}\n")
             f.write(f"listeners.ssl.default = {self.host}:{self.tls_port}\n")
@@ -425,62 +425,77 @@ class PrivateBroker:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _make_certificates(directory, client):
-    """A throwaway CA (ca.pem) and, signed by it, a server certificate for `localhost`
+def make_certificates(directory, client):
+    """A throwaway CA (ca.pem, ca.key) and, signed by it, a server certificate for `localhost`
     (server.pem, server.key) and a client certificate with CN `client` (client.pem,
     client.key); another CA (stranger-ca.pem) and a client certificate it signed with the
-    same CN (stranger.pem, stranger.key). Keys are PKCS#8 PEM, mode 0600."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
+    same CN (stranger.pem, stranger.key). Files are PEM, mode 0600."""
     os.makedirs(directory, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def certificate(subject, issuer, key, signing_key, ca, names=()):
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if names:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
-            )
-        return builder.sign(signing_key, hashes.SHA256())
-
-    pem = serialization.Encoding.PEM
-    files = {}
-
-    def issue(name, subject, issuer, issuer_key, names=()):
-        key = ec.generate_private_key(ec.SECP256R1())
-        files[f"{name}.pem"] = certificate(
-            subject, issuer, key, issuer_key, False, names
-        ).public_bytes(pem)
-        files[f"{name}.key"] = key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-
     for prefix, ca_name, issued in [
         ("", "ION test CA", [("server", "localhost", ["localhost"]), ("client", client, [])]),
         ("stranger-", "Stranger CA", [("stranger", client, [])]),
     ]:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        files[f"{prefix}ca.pem"] = certificate(ca_name, ca_name, ca_key, ca_key, True).public_bytes(pem)
+        ca_key = new_key()
+        ca = issue_certificate(ca_name, ca_key, ca=True)
+        write_pem(os.path.join(directory, f"{prefix}ca.pem"), [ca])
+        write_pem(os.path.join(directory, f"{prefix}ca.key"), key=ca_key)
         for name, subject, names in issued:
-            issue(name, subject, ca_name, ca_key, names)
-    for name, data in files.items():
-        path = os.path.join(directory, name)
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            f.write(data)
+            key = new_key()
+            certificate = issue_certificate(subject, key, ca, ca_key, names=names)
+            write_pem(os.path.join(directory, f"{name}.pem"), [certificate])
+            write_pem(os.path.join(directory, f"{name}.key"), key=key)
+
+
+def new_key():
+    """A new private key (EC P-256: quick to make)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def issue_certificate(subject, key, issuer=None, issuer_key=None, ca=False, names=(), days=30):
+    """A certificate with CN `subject` for `key`'s public key, signed by `issuer` (a
+    certificate) with `issuer_key`, else self-signed; for the DNS `names`; valid from yesterday
+    for `days` days (0: expired since yesterday)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject if issuer is not None else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days - 1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
+        )
+    return builder.sign(issuer_key if issuer_key is not None else key, hashes.SHA256())
+
+
+def write_pem(path, certificates=(), key=None, mode=0o600):
+    """Write `certificates` and/or `key` (unencrypted PKCS#8) as PEM to a new file `path`."""
+    from cryptography.hazmat.primitives import serialization
+
+    pem = serialization.Encoding.PEM
+    data = b"".join(c.public_bytes(pem) for c in certificates)
+    if key is not None:
+        data += key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+    return path
 
 
 def _password_hash(password):
