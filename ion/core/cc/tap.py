@@ -252,6 +252,8 @@ def broker_tls(url, ca_file=None, cert_file=None, key_file=None, config=None):
         path = given[keyword]
         if path is None and config is not None:
             path = config.get("ion.core.messaging", key, None)
+            if path is not None and not isinstance(path, str):
+                raise ValueError(f"config ion.core.messaging {key}: not a file name: {path!r}")
         files[keyword] = None if path is None else os.path.expanduser(path)
     ClientTls.load(files["tls_ca_file"], files["tls_cert_file"], files["tls_key_file"])
     return files

@@ -88,13 +88,14 @@ class OptionsTests(unittest.SynchronousTestCase):
                                f"(mode 0644); make it private with: chmod 600 {key}")
 
     def test_bad_files_exit_2(self):
-        """A missing CA file, a certificate without its key, files for a URL that is not
-        amqps://: one line each, exit status 2."""
+        """A missing CA file, a certificate without its key, a config value that is no file
+        name, files for a URL that is not amqps://: one line each, exit status 2."""
         missing = self.path("missing.pem")
         for argv, expected in [
             (("--broker-ca", missing), f"cannot read broker CA file {missing}"),
             (("--broker-cert", self.path("client.pem")), "--broker-cert and --broker-key"),
             (("--broker-ca", self.path("client.key")), "holds no PEM certificate"),
+            (("-D", "ion.core.messaging:broker_key=5"), "broker_key: not a file name: 5"),
         ]:
             self.assertIn(expected, self.bad("--broker", self.url, *argv))
         for url in ("amqp://h/", "memory://"):
