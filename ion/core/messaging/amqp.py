@@ -1632,14 +1632,14 @@ class AmqpTransport:
             )
         self._tls = ClientTls.load(*files) if self.address.tls else None
         self.external = self._tls is not None and self._tls.has_certificate
-        self.user = self.address.user
         if self.external and urllib.parse.urlsplit(url).username is None:
             if self._tls.user is None:
                 raise ValueError(
                     f"the client certificate {tls_cert_file} has no CN: name the broker user "
                     "in the URL (amqps://user@host/)"
                 )
-            self.user = self._tls.user
+            self.address = attr.evolve(self.address, user=self._tls.user)
+        self.user = self.address.user
         self.reactor = reactor
         self.heartbeat = heartbeat
         self.prefetch = _check_prefetch(prefetch)

@@ -76,7 +76,8 @@ class OptionsTests(unittest.SynchronousTestCase):
         (the certificate names it), where they would otherwise mean guest."""
         opts = self.parse("--broker", "amqps://h/", "-p", "5999", *self.client_options())
         self.assertEqual(opts["broker_url"], "amqps://h:5999/")
-        opts = self.parse("--broker", "amqps://h/", "-p", "5999", "--broker-ca", self.path("ca.pem"))
+        opts = self.parse("--broker", "amqps://h/", "-p", "5999",
+                          "--broker-ca", self.path("ca.pem"))
         self.assertEqual(opts["broker_url"], "amqps://guest@h:5999/")
 
     def test_key_open_to_others_exit_2(self):
@@ -169,3 +170,14 @@ def _read_until(proc, text, timeout=30):
         if text in line or not line:
             break
     return lines
+
+
+class MakeTransportTests(unittest.SynchronousTestCase):
+    def test_tls_files_need_amqps(self):
+        """TLS files given for the embedded broker are a mistake, not silently ignored."""
+        from twisted.internet import reactor
+
+        from ion.core.cc.container import make_transport
+
+        e = self.assertRaises(ValueError, make_transport, "memory://", reactor, tls_ca_file="x")
+        self.assertIn("needs an amqps:// URL", str(e))

@@ -789,6 +789,7 @@ class ClientCertificateTests(unittest.TestCase):
         for url in (None, self.broker.tls_url_for("tess")):
             t = self.transport(url)
             self.assertEqual(t.user, "tess")
+            self.assertIn("amqps://tess:***@localhost", str(t))
             await t.connect()
             self.addCleanup(t.close)
             q = await t.declare_queue("", exclusive=True)
