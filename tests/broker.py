@@ -84,8 +84,8 @@ def _can_bind(port):
     return True
 
 
-def _free_ports(count=3):
-    first = os.getpid() % _PORT_SLOTS
+def _free_ports(count=3, offset=0):
+    first = (os.getpid() + offset) % _PORT_SLOTS
     for i in range(_PORT_SLOTS):
         base = _PORT_BASE + 4 * ((first + i) % _PORT_SLOTS)
         ports = list(range(base, base + count))
@@ -117,13 +117,25 @@ class PrivateBroker:
     # `xl_`/`xr_`/`xs_` exchanges and the public ones (`xpublic`). The pump itself runs as
     # one of the full-rights users and declares xpublic, xreport and the xr_ exchanges.
     restricted_users = ("rita", "ross")
+    # A user with no password (full rights on '/'), who logs in with EXTERNAL and the client
+    # certificate `client_cert_file` / `client_key_file` (CN tess, signed by `ca_file`).
+    cert_user = "tess"
 
-    def __init__(self, server=None, nodename=None):
+    def __init__(self, server=None, nodename=None, client_certificates=False):
+        """With `client_certificates`, the TLS listener asks every client for a certificate
+        signed by `ca_file` (verify_peer, fail_if_no_peer_cert) and offers EXTERNAL login (the
+        rabbitmq_auth_mechanism_ssl plugin, user from the certificate's CN); else it takes any
+        client, as most brokers do (verify_none)."""
         self.server = server or find_rabbitmq_server()
         if self.server is None:
             raise BrokerError("rabbitmq-server not found")
-        self.nodename = nodename or f"iontest-{os.getpid()}@localhost"
-        self.port, self.dist_port, self.tls_port = _free_ports(3)
+        self.client_certificates = client_certificates
+        suffix = "-certs" if client_certificates else ""
+        self.nodename = nodename or f"iontest-{os.getpid()}{suffix}@localhost"
+        # The second node of a process looks for ports half the range away, so that it never
+        # takes those of a parallel worker's node that has not started listening yet.
+        offset = _PORT_SLOTS // 2 if client_certificates else 0
+        self.port, self.dist_port, self.tls_port = _free_ports(3, offset)
         self.base = tempfile.mkdtemp(prefix="ion-rabbitmq-")
         self.process = None
         self.start_seconds = None
@@ -158,14 +170,31 @@ class PrivateBroker:
         publish_raw(self.host, self.port, user, user, exchange, routing_key, body, user_id)
 
     def tls_url_for(self, user, host="localhost"):
-        """The amqps:// URL for one of `users`. The broker's certificate (signed by the CA in
-        `ca_file`) names only `localhost`, so any other host name fails verification."""
+        """The amqps:// URL for one of `users` (for `cert_user`: with no password). The
+        broker's certificate (signed by the CA in `ca_file`) names only `localhost`, so any
+        other host name fails verification."""
+        if user == self.cert_user:
+            return f"amqps://{user}@{host}:{self.tls_port}/"
         self.url_for(user)
         return f"amqps://{user}:{user}@{host}:{self.tls_port}/"
 
+    def tls_file(self, name):
+        """A file made by `make_certificates`: ca.pem, ca.key, server.pem, client.pem, client.key
+        (mode 0600), stranger-ca.pem (a CA that signed nothing of this node) and stranger.pem,
+        stranger.key (a client certificate for `cert_user` signed by that CA)."""
+        return os.path.join(self.base, "tls", name)
+
     @property
     def ca_file(self):
-        return os.path.join(self.base, "tls", "ca.pem")
+        return self.tls_file("ca.pem")
+
+    @property
+    def client_cert_file(self):
+        return self.tls_file("client.pem")
+
+    @property
+    def client_key_file(self):
+        return self.tls_file("client.key")
 
     @property
     def log_dir(self):
@@ -179,21 +208,29 @@ class PrivateBroker:
         with open(cookie, "w") as f:
             f.write(secrets.token_hex(20).upper())
         os.chmod(cookie, 0o400)
+        plugins = "rabbitmq_auth_mechanism_ssl" if self.client_certificates else ""
         with open(os.path.join(self.base, "enabled_plugins"), "w") as f:
-            f.write("[].\n")
+            f.write(f"[{plugins}].\n")
         definitions = os.path.join(self.base, "definitions.json")
         with open(definitions, "w") as f:
             json.dump(self._definitions(), f)
         tls = os.path.join(self.base, "tls")
-        _make_certificates(tls)
+        make_certificates(tls, self.cert_user)
         with open(os.path.join(self.base, "rabbitmq.conf"), "w") as f:
             f.write(f"listeners.tcp.default = {self.host}:{self.port}\n")
             f.write(f"listeners.ssl.default = {self.host}:{self.tls_port}\n")
             f.write(f"ssl_options.cacertfile = {tls}/ca.pem\n")
             f.write(f"ssl_options.certfile = {tls}/server.pem\n")
             f.write(f"ssl_options.keyfile = {tls}/server.key\n")
-            f.write("ssl_options.verify = verify_none\n")
-            f.write("ssl_options.fail_if_no_peer_cert = false\n")
+            if self.client_certificates:
+                f.write("ssl_options.verify = verify_peer\n")
+                f.write("ssl_options.fail_if_no_peer_cert = true\n")
+                f.write("auth_mechanisms.1 = PLAIN\n")
+                f.write("auth_mechanisms.2 = EXTERNAL\n")
+                f.write("ssl_cert_login_from = common_name\n")
+            else:
+                f.write("ssl_options.verify = verify_none\n")
+                f.write("ssl_options.fail_if_no_peer_cert = false\n")
             f.write(f"load_definitions = {definitions}\n")
         with open(os.path.join(self.base, "advanced.config"), "w") as f:
             f.write("[].\n")
@@ -214,10 +251,18 @@ class PrivateBroker:
                     "tags": tags,
                 }
                 for name, password, tags in accounts + restricted
+            ]
+            + [
+                {
+                    "name": self.cert_user,
+                    "password_hash": "",  # no password: no PLAIN login
+                    "hashing_algorithm": "rabbit_password_hashing_sha256",
+                    "tags": "",
+                }
             ],
             "permissions": [
                 {"user": name, "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}
-                for name, _, _ in accounts
+                for name, _, _ in accounts + [(self.cert_user, None, None)]
             ]
             + [
                 {
@@ -380,51 +425,77 @@ class PrivateBroker:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _make_certificates(directory):
-    """A throwaway CA (ca.pem) and a server certificate for `localhost` signed by it
-    (server.pem, server.key)."""
+def make_certificates(directory, client):
+    """A throwaway CA (ca.pem, ca.key) and, signed by it, a server certificate for `localhost`
+    (server.pem, server.key) and a client certificate with CN `client` (client.pem,
+    client.key); another CA (stranger-ca.pem) and a client certificate it signed with the
+    same CN (stranger.pem, stranger.key). Files are PEM, mode 0600."""
+    os.makedirs(directory, exist_ok=True)
+    for prefix, ca_name, issued in [
+        ("", "ION test CA", [("server", "localhost", ["localhost"]), ("client", client, [])]),
+        ("stranger-", "Stranger CA", [("stranger", client, [])]),
+    ]:
+        ca_key = new_key()
+        ca = issue_certificate(ca_name, ca_key, ca=True)
+        write_pem(os.path.join(directory, f"{prefix}ca.pem"), [ca])
+        write_pem(os.path.join(directory, f"{prefix}ca.key"), key=ca_key)
+        for name, subject, names in issued:
+            key = new_key()
+            certificate = issue_certificate(subject, key, ca, ca_key, names=names)
+            write_pem(os.path.join(directory, f"{name}.pem"), [certificate])
+            write_pem(os.path.join(directory, f"{name}.key"), key=key)
+
+
+def new_key():
+    """A new private key (EC P-256: quick to make)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def issue_certificate(subject, key, issuer=None, issuer_key=None, ca=False, names=(), days=30):
+    """A certificate with CN `subject` for `key`'s public key, signed by `issuer` (a
+    certificate) with `issuer_key`, else self-signed; for the DNS `names`; valid from yesterday
+    for `days` days (0: expired since yesterday)."""
     import datetime
 
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
 
-    os.makedirs(directory, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
-
-    def certificate(subject, issuer, key, signing_key, ca, names=()):
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject if issuer is not None else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days - 1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
         )
-        if names:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
-            )
-        return builder.sign(signing_key, hashes.SHA256())
+    return builder.sign(issuer_key if issuer_key is not None else key, hashes.SHA256())
 
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = certificate("ION test CA", "ION test CA", ca_key, ca_key, True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    server = certificate("localhost", "ION test CA", key, ca_key, False, ["localhost"])
+
+def write_pem(path, certificates=(), key=None, mode=0o600):
+    """Write `certificates` and/or `key` (unencrypted PKCS#8) as PEM to a new file `path`."""
+    from cryptography.hazmat.primitives import serialization
+
     pem = serialization.Encoding.PEM
-    files = {
-        "ca.pem": ca.public_bytes(pem),
-        "server.pem": server.public_bytes(pem),
-        "server.key": key.private_bytes(
+    data = b"".join(c.public_bytes(pem) for c in certificates)
+    if key is not None:
+        data += key.private_bytes(
             pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
-    }
-    for name, data in files.items():
-        with open(os.path.join(directory, name), "wb") as f:
-            f.write(data)
+        )
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+    return path
 
 
 def _password_hash(password):
@@ -577,6 +648,23 @@ def _read_method(s):
 
 
 _shared = None
+_certs = None
+
+
+def get_cert_broker():
+    """A second private node, whose TLS listener takes only clients with a certificate
+    signed by its CA and offers EXTERNAL login (see `PrivateBroker`), shared like
+    `get_broker()`'s; started on first use, so that only the tests that need it pay for it."""
+    global _certs
+    skip_or_fail_without_rabbitmq()
+    if _certs is None:
+        broker = PrivateBroker(client_certificates=True)
+        atexit.register(broker.cleanup)
+        broker.start()
+        _certs = broker
+    elif not _certs.running:
+        _certs.start()
+    return _certs
 
 
 def get_broker():

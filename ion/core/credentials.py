@@ -204,31 +204,45 @@ def find_password(credentials, url):
 
 
 def _read_private(path):
-    """The text of the file at C{path}, after checking that only its owner has access."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not hang us
-    except OSError as e:
-        raise CredentialsError(f"cannot read credentials file {path}: {e.strerror}") from None
-    # Checked on the open file, so that the file read is the file checked.
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise CredentialsError(f"credentials file {path} is not a regular file")
-        if mode & 0o077:
-            raise CredentialsError(
-                f"credentials file {path} is open to group or others (mode "
-                f"{stat.S_IMODE(mode):04o}); make it private with: chmod 600 {path}"
-            )
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read()
-    except OSError as e:
-        raise CredentialsError(f"cannot read credentials file {path}: {e.strerror}") from None
-    finally:
-        os.close(fd)
+    """The text of the credentials file at C{path}, after checking that only its owner has
+    access."""
+    data = read_private_file(path)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise CredentialsError(f"credentials file {path} is not UTF-8 text") from None
+
+
+def read_private_file(path, what="credentials file"):
+    """
+    The bytes of the file at C{path}, after checking that it is a regular file only its owner
+    has access to. Any file holding a secret is read this way: the credentials file, the
+    broker's TLS client key.
+
+    @param what: names the file in error messages ("credentials file", "broker key file").
+    @raise CredentialsError: one line naming the file, and for a file open to group or
+        others the C{chmod} that fixes it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not hang us
+    except OSError as e:
+        raise CredentialsError(f"cannot read {what} {path}: {e.strerror}") from None
+    # Checked on the open file, so that the file read is the file checked.
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CredentialsError(f"{what} {path} is not a regular file")
+        if mode & 0o077:
+            raise CredentialsError(
+                f"{what} {path} is open to group or others (mode "
+                f"{stat.S_IMODE(mode):04o}); make it private with: chmod 600 {path}"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as e:
+        raise CredentialsError(f"cannot read {what} {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def _parse_line(line, where):

@@ -12,7 +12,9 @@
 A broker URL with a user and no password (`amqp://alice@rabbit.example/`) gets its password
 from the credentials file, as for `twistd cc`: `--credentials PATH`, by default
 ~/.config/ion/credentials.conf when it exists. So no password needs to be on the command line,
-where `ps` shows it to every user of the machine.
+where `ps` shows it to every user of the machine. For amqps://, `--broker-ca FILE` names the
+CA certificates to trust, and `--broker-cert FILE --broker-key FILE` a client certificate,
+which logs in with EXTERNAL (no password at all), as for `twistd cc`.
 
 `containers` and `ps` print aligned tables, the other commands JSON; `--json` prints any
 result as JSON (one line, for scripts). Exit status: 0 ok, 1 the remote side answered with an
@@ -67,6 +69,13 @@ def build_parser():
         help="credentials file giving the password of a broker URL with a user and none "
         f"(default {DEFAULT_CREDENTIALS} when it exists)",
     )
+    common.add_argument("--broker-ca", metavar="FILE",
+                        help="amqps://: PEM CA certificates trusted for the broker "
+                        "(default: config broker_ca, else the system's)")
+    common.add_argument("--broker-cert", metavar="FILE",
+                        help="amqps://: PEM client certificate; the login is then EXTERNAL")
+    common.add_argument("--broker-key", metavar="FILE",
+                        help="amqps://: unencrypted PEM key of --broker-cert, mode 0600")
     common.add_argument("-s", "--sysname", help="system name (default: config, 'ion')")
     common.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     common.add_argument("--res", help="res/ directory (default ./res or the installed one)")
@@ -126,12 +135,13 @@ def broker_url(args, config):
 
 
 async def _run(reactor, args):
-    from ion.core.cc.tap import find_res_dir
+    from ion.core.cc.tap import broker_tls, find_res_dir
 
     config = Config.load(args.res or find_res_dir())
     url = broker_url(args, config)
+    tls = broker_tls(url, args.broker_ca, args.broker_cert, args.broker_key, config)
     sysname = args.sysname or config.get("ion.core.messaging", "sysname", "ion")
-    container = Container(config, reactor, make_transport(url, reactor), sysname=sysname,
+    container = Container(config, reactor, make_transport(url, reactor, **tls), sysname=sysname,
                           container_id=f"cli_{os.getpid()}")
     try:
         connecting = defer.Deferred.fromCoroutine(container.start())

@@ -42,15 +42,19 @@ def check_broker_url(url):
     return scheme
 
 
-def make_transport(url, reactor, memory_broker=None):
-    """The transport for a broker URL: `memory://` or `amqp[s]://user:pass@host:port/vhost`."""
+def make_transport(url, reactor, memory_broker=None, **tls_files):
+    """The transport for a broker URL: `memory://` or `amqp[s]://user:pass@host:port/vhost`.
+    `tls_files` (`tls_ca_file`, `tls_cert_file`, `tls_key_file`, see AmqpTransport) are read
+    for amqps:// now: ValueError when they cannot be used or the URL is not amqps://."""
     if check_broker_url(url) == "memory":
         from ion.core.messaging.memory import MemoryBroker, MemoryTransport
 
+        if any(path is not None for path in tls_files.values()):
+            raise ValueError("a CA file, client certificate or key needs an amqps:// URL")
         return MemoryTransport(memory_broker or MemoryBroker(), reactor)
     from ion.core.messaging.amqp import AmqpTransport
 
-    return AmqpTransport(url, reactor)
+    return AmqpTransport(url, reactor, **tls_files)
 
 
 class Container:

@@ -128,6 +128,12 @@ class Options(usage.Options):
         ["broker-port", "p", None, "Broker port (amqp).", int],
         ["broker-vhost", None, None, "Broker virtual host (amqp)."],
         ["broker-user", None, None, "Broker user (amqp)."],
+        ["broker-ca", None, None, "amqps://: PEM file of the CA certificates trusted for the broker "
+         "(default: config ion.core.messaging broker_ca, else the system's)."],
+        ["broker-cert", None, None, "amqps://: PEM client certificate (with --broker-key); the login is "
+         "then EXTERNAL, as the user the broker reads from it (its CN, unless the URL names the user)."],
+        ["broker-key", None, None, "amqps://: the unencrypted PEM private key of --broker-cert, "
+         "readable by its owner only (mode 0600)."],
         ["credentials", None, None, "The credentials file, read for a broker URL with a user and no password "
          "(default ~/.config/ion/credentials.conf when it exists; the pump reads its server logins there "
          "too): broker lines amqp[s]://user:password@host[:port]/, readable by its owner only."],
@@ -182,6 +188,10 @@ class Options(usage.Options):
         try:
             self["broker_url"] = self._with_password(self._broker_url(config))
             check_broker_url(self["broker_url"])
+            self["broker_tls"] = broker_tls(
+                self["broker_url"], self["broker-ca"], self["broker-cert"], self["broker-key"],
+                config,
+            )
         except ValueError as e:
             fail_input(e)
         apparg = {k[len("apparg_") :]: v for k, v in cargs.items() if k.startswith("apparg_")}
@@ -203,10 +213,15 @@ class Options(usage.Options):
         base = urlsplit(url if url.startswith("amqp") else "amqp://guest@localhost:5672/")
         host = self["broker-host"] or base.hostname or "localhost"
         port = self["broker-port"] or base.port or (5671 if base.scheme == "amqps" else 5672)
-        user = self["broker-user"] or base.username or "guest"
-        auth = quote(user, safe="") + (f":{base.password}" if base.password else "")
+        user = self["broker-user"] or base.username
+        certificate = self["broker-cert"] or config.get("ion.core.messaging", "broker_cert", None)
+        if user is None and not certificate:
+            user = "guest"  # a client certificate names its user itself
+        auth = ""
+        if user is not None:
+            auth = quote(user, safe="") + (f":{base.password}" if base.password else "") + "@"
         vhost = self["broker-vhost"] if self["broker-vhost"] is not None else base.path.lstrip("/")
-        return f"{base.scheme}://{auth}@{host}:{port}/{quote(vhost, safe='')}"
+        return f"{base.scheme}://{auth}{host}:{port}/{quote(vhost, safe='')}"
 
     default_credentials = DEFAULT_CREDENTIALS
 
@@ -217,6 +232,35 @@ class Options(usage.Options):
             return broker_url_with_password(url, self["credentials"], self.default_credentials)
         except ValueError as e:
             fail_input(e)
+
+
+def broker_tls(url, ca_file=None, cert_file=None, key_file=None, config=None):
+    """The TLS files for the broker at `url`, as `make_transport`'s keywords (`tls_ca_file`,
+    `tls_cert_file`, `tls_key_file`): each one given (on a command line), else the config's
+    `broker_ca`, `broker_cert`, `broker_key` (section ion.core.messaging), which serve
+    amqps:// URLs only; `~` is expanded. The files are read once here to check them.
+    ValueError (one line naming the file) when they cannot be used, or are given for a URL
+    that is not amqps://. `twistd cc` and the `ion` command line both use this."""
+    from ion.core.messaging.tls import ClientTls
+
+    given = {"tls_ca_file": ca_file, "tls_cert_file": cert_file, "tls_key_file": key_file}
+    if url.split(":", 1)[0].lower() != "amqps":
+        if any(path is not None for path in given.values()):
+            raise ValueError(
+                "--broker-ca, --broker-cert and --broker-key are for an amqps:// broker URL"
+            )
+        return {}
+    files = {}
+    for keyword, key in [("tls_ca_file", "broker_ca"), ("tls_cert_file", "broker_cert"),
+                         ("tls_key_file", "broker_key")]:
+        path = given[keyword]
+        if path is None and config is not None:
+            path = config.get("ion.core.messaging", key, None)
+            if path is not None and not isinstance(path, str):
+                raise ValueError(f"config ion.core.messaging {key}: not a file name: {path!r}")
+        files[keyword] = None if path is None else os.path.expanduser(path)
+    ClientTls.load(files["tls_ca_file"], files["tls_cert_file"], files["tls_key_file"])
+    return files
 
 
 def broker_url_with_password(url, path=None, default=DEFAULT_CREDENTIALS):
@@ -399,7 +443,9 @@ class ContainerService(MultiService):
                     "(stopped with a backlog, or killed): they are gone; processes that "
                     "depend on them recover now (polls announce their files again)"
                 )
-        transport = make_transport(opts["broker_url"], self.reactor, self.memory_broker)
+        transport = make_transport(
+            opts["broker_url"], self.reactor, self.memory_broker, **opts["broker_tls"]
+        )
         self.container = Container(
             opts["config"],
             self.reactor,

@@ -18,7 +18,8 @@ What it guarantees on the wire:
 - a refused operation closes only its channel: 404 becomes `NotFound`, 405 `QueueInUse`, other
   codes `TransportError`; the connection stays up;
 - heartbeats are on (10 s by default); TLS (amqps://) always verifies the broker's certificate
-  and host name.
+  and host name; with a client certificate the login is EXTERNAL (the broker takes the user
+  from the certificate), else PLAIN with the URL's user and password.
 
 While the connection is down, operations fail at once with `ConnectionLost`; `whenConnected()`
 tells when it is back. Queues with server-generated names cannot be declared again under the
@@ -38,14 +39,13 @@ import functools
 import io
 import os
 import platform
-import re
 import struct
 import urllib.parse
 import uuid
 
 import attr
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import defer, ssl, task
+from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -61,6 +61,7 @@ from zope.interface import implementer
 
 import ion
 from ion.core.log import redact
+from ion.core.messaging.tls import ClientTls, describe_failure
 from ion.core.messaging.transport import (
     HEADER_DEPTH,
     HEADER_VALUES,
@@ -813,11 +814,24 @@ class _Delegate(TwistedDelegate):
         mechanisms = message.mechanisms
         if isinstance(mechanisms, bytes):
             mechanisms = mechanisms.decode("ascii", "replace")
-        if "PLAIN" not in mechanisms.split():
-            log.error("AMQP: the broker offers no PLAIN authentication ({m})", m=mechanisms)
+        mechanism = self.client.mechanism
+        if mechanism not in mechanisms.split():
+            hint = ""
+            if mechanism == "EXTERNAL":
+                hint = (
+                    "; a client certificate logs in with EXTERNAL, which RabbitMQ offers with "
+                    "the rabbitmq_auth_mechanism_ssl plugin and EXTERNAL in auth_mechanisms"
+                )
+            self.client.started.fail(
+                TransportError(
+                    f"the broker does not offer {mechanism} authentication (it offers "
+                    f"{mechanisms or 'none'}){hint}"
+                )
+            )
+            return
         channel.connection_start_ok(
             client_properties=self.session.client_properties(),
-            mechanism="PLAIN",
+            mechanism=mechanism,
             response=self.client.response,
             locale="en_US",
         )
@@ -881,6 +895,9 @@ def _transport_error(exc):
             return ConnectionLost(f"the broker closed the connection: {code} {text}")
         if isinstance(reason, Failure):
             reason = reason.value
+        tls_problem = describe_failure(reason)
+        if tls_problem is not None:
+            return ConnectionLost(tls_problem)
         return ConnectionLost(f"connection lost ({reason or 'closed'})")
     if isinstance(exc, QueueClosed):
         return ConnectionLost("connection lost")
@@ -952,9 +969,14 @@ class _Session:
 
     async def open(self):
         """Authenticate, open the vhost and the publish channel."""
-        address = self.transport.address
-        response = b"\0" + address.user.encode() + b"\0" + address.password.encode()
-        await _call(self.client.start(response, mechanism="PLAIN", locale="en_US"))
+        if self.transport.external:
+            # The broker takes the user from the client certificate it verified.
+            mechanism, response = "EXTERNAL", b""
+        else:
+            address = self.transport.address
+            mechanism = "PLAIN"
+            response = b"\0" + address.user.encode() + b"\0" + address.password.encode()
+        await _call(self.client.start(response, mechanism=mechanism, locale="en_US"))
         await self.publisher.open()
 
     def lost(self, reason):
@@ -1567,8 +1589,14 @@ class AmqpTransport:
     """One reconnecting connection to RabbitMQ at `url` (amqp:// or amqps://).
 
     `heartbeat` is the AMQP heartbeat in seconds (0 turns it off); `prefetch` is the default
-    for `consume`; `tls_ca_file` is a PEM file with the CA certificates that amqps:// trusts
-    (default: the system's). `retry_policy(attempt) -> seconds` spaces reconnect attempts
+    for `consume`. For amqps:// (see `ion.core.messaging.tls`): `tls_ca_file` is a PEM file
+    with the CA certificates trusted for the broker (default: the system's); `tls_cert_file`
+    and `tls_key_file` are a client certificate and its key (mode 0600), with which the
+    connection logs in with EXTERNAL as the user the broker reads from the certificate: the
+    URL's user when it names one (it must be that name: messages carry it as `user_id`),
+    else the certificate's CN (RabbitMQ's `ssl_cert_login_from = common_name`). The files are
+    read here: ValueError when they cannot be used, or are given for an amqp:// URL.
+    `retry_policy(attempt) -> seconds` spaces reconnect attempts
     (default: exponential backoff from 0.5 s up to 30 s, plus up to 1 s of jitter).
     `connect_timeout` bounds the TCP connect and the AMQP handshake.
 
@@ -1591,16 +1619,31 @@ class AmqpTransport:
         heartbeat=10,
         prefetch=100,
         tls_ca_file=None,
+        tls_cert_file=None,
+        tls_key_file=None,
         retry_policy=None,
         connect_timeout=30.0,
     ):
         self.address = AmqpAddress.parse(url)
+        files = (tls_ca_file, tls_cert_file, tls_key_file)
+        if not self.address.tls and any(f is not None for f in files):
+            raise ValueError(
+                f"{self.address}: a CA file, client certificate or key needs an amqps:// URL"
+            )
+        self._tls = ClientTls.load(*files) if self.address.tls else None
+        self.external = self._tls is not None and self._tls.has_certificate
+        if self.external and urllib.parse.urlsplit(url).username is None:
+            if self._tls.user is None:
+                raise ValueError(
+                    f"the client certificate {tls_cert_file} has no CN: name the broker user "
+                    "in the URL (amqps://user@host/)"
+                )
+            self.address = attr.evolve(self.address, user=self._tls.user)
         self.user = self.address.user
         self.reactor = reactor
         self.heartbeat = heartbeat
         self.prefetch = _check_prefetch(prefetch)
         self.connect_timeout = connect_timeout
-        self._tls_ca_file = tls_ca_file
         self._retry_policy = retry_policy or backoffPolicy(
             initialDelay=0.5, maxDelay=30.0, factor=1.6
         )
@@ -1633,17 +1676,7 @@ class AmqpTransport:
         )
         if not address.tls:
             return endpoint
-        trust = None
-        if self._tls_ca_file is not None:
-            with open(self._tls_ca_file, "rb") as f:
-                pem = f.read()
-            blocks = re.findall(
-                rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.DOTALL
-            )
-            if not blocks:
-                raise ValueError(f"no PEM certificate in {self._tls_ca_file}")
-            trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
-        return wrapClientTLS(ssl.optionsForClientTLS(address.host, trustRoot=trust), endpoint)
+        return wrapClientTLS(self._tls.creator(address.host), endpoint)
 
     def _make_client(self, session):
         return _Client(session, load_spec(), self.address.vhost, self.heartbeat, self.reactor)

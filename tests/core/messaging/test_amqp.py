@@ -3,6 +3,7 @@ transport semantics, confirms, returns, identity and reconnection on a private R
 (tests/broker.py), which these tests may kill, pause and restart."""
 
 import decimal
+import os
 import socket
 import struct
 
@@ -28,7 +29,14 @@ from ion.core.messaging.transport import (
     TransportError,
     Unroutable,
 )
-from tests.broker import get_broker, skip_or_fail_without_rabbitmq
+from tests.broker import (
+    get_broker,
+    get_cert_broker,
+    issue_certificate,
+    new_key,
+    skip_or_fail_without_rabbitmq,
+    write_pem,
+)
 from tests.core.messaging.test_transport import Inbox, TransportSemantics
 
 # url -> (tls, host, port, user, password, vhost)
@@ -721,3 +729,112 @@ class TlsTests(BrokerTestCase):
         t = AmqpTransport(self.broker.tls_url_for("alice"), reactor)
         await self.assertFailure(t.connect(), ConnectionLost)
         await t.close()
+
+    async def test_wrong_ca(self):
+        """A CA file of another CA: the broker's certificate is not verified, and the error
+        says so in one line."""
+        t = AmqpTransport(
+            self.broker.tls_url_for("alice"), reactor,
+            tls_ca_file=self.broker.tls_file("stranger-ca.pem"),
+        )
+        error = await self.assertFailure(t.connect(), ConnectionLost)
+        await t.close()
+        self.assertIn("TLS: the broker's certificate is not verified (certificate verify "
+                      "failed", str(error))
+        self.assertNotIn("\n", str(error))
+
+    async def test_client_certificate_needs_external(self):
+        """A client certificate logs in with EXTERNAL: a broker that does not offer it (no
+        rabbitmq_auth_mechanism_ssl) is refused at once, saying what it lacks."""
+        t = AmqpTransport(
+            self.broker.tls_url_for("tess"), reactor, tls_ca_file=self.broker.ca_file,
+            tls_cert_file=self.broker.client_cert_file, tls_key_file=self.broker.client_key_file,
+        )
+        error = await self.assertFailure(t.connect(), TransportError)
+        await t.close()
+        self.assertIn("the broker does not offer EXTERNAL authentication", str(error))
+        self.assertIn("rabbitmq_auth_mechanism_ssl", str(error))
+
+    def test_tls_files_need_amqps(self):
+        """TLS files for an amqp:// URL are a mistake, not silently ignored."""
+        error = self.assertRaises(
+            ValueError, AmqpTransport, self.broker.url_for("alice"), reactor,
+            tls_ca_file=self.broker.ca_file,
+        )
+        self.assertIn("needs an amqps:// URL", str(error))
+
+
+class ClientCertificateTests(unittest.TestCase):
+    """On the private node whose TLS listener verifies client certificates (verify_peer,
+    fail_if_no_peer_cert) and offers EXTERNAL login."""
+
+    def setUp(self):
+        skip_or_fail_without_rabbitmq()
+        self.broker = get_cert_broker()
+
+    def transport(self, url=None, cert="client.pem", key="client.key", **options):
+        b = self.broker
+        files = {}
+        if cert is not None:
+            files = dict(tls_cert_file=b.tls_file(cert), tls_key_file=b.tls_file(key))
+        return AmqpTransport(
+            url or f"amqps://localhost:{b.tls_port}/", reactor, tls_ca_file=b.ca_file,
+            **files, **options,
+        )
+
+    async def test_external_login(self):
+        """With a client certificate and a URL without user or password, the connection logs
+        in with EXTERNAL as the certificate's CN; messages carry that user, checked by the
+        broker."""
+        for url in (None, self.broker.tls_url_for("tess")):
+            t = self.transport(url)
+            self.assertEqual(t.user, "tess")
+            self.assertIn("amqps://tess:***@localhost", str(t))
+            await t.connect()
+            self.addCleanup(t.close)
+            q = await t.declare_queue("", exclusive=True)
+            inbox = Inbox()
+            await t.consume(q, inbox)
+            await t.publish("", q, b"signed")
+            (delivery,) = await inbox.wait(1)
+            self.assertEqual((delivery.body, delivery.properties.user_id), (b"signed", "tess"))
+
+    async def test_no_client_certificate(self):
+        """The broker asks for a client certificate: without one the connection is refused,
+        saying what is missing."""
+        t = self.transport(self.broker.tls_url_for("alice"), cert=None)
+        error = await self.assertFailure(t.connect(), ConnectionLost)
+        await t.close()
+        self.assertIn("TLS: the broker asks for a client certificate", str(error))
+
+    async def test_certificate_of_another_ca(self):
+        """A client certificate the broker's CA did not sign is refused."""
+        t = self.transport(cert="stranger.pem", key="stranger.key")
+        error = await self.assertFailure(t.connect(), ConnectionLost)
+        await t.close()
+        self.assertIn("TLS: the broker refused the client certificate", str(error))
+
+    async def test_certificate_with_its_chain(self):
+        """A certificate issued by an intermediate CA is accepted when its file carries the
+        intermediate's certificate too: the broker trusts only the root."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        with open(self.broker.ca_file, "rb") as f:
+            root = x509.load_pem_x509_certificate(f.read())
+        with open(self.broker.tls_file("ca.key"), "rb") as f:
+            root_key = serialization.load_pem_private_key(f.read(), None)
+        middle_key, key = new_key(), new_key()
+        middle = issue_certificate("ION test intermediate", middle_key, root, root_key, ca=True)
+        own = issue_certificate("tess", key, middle, middle_key)
+        directory = self.mktemp()
+        os.makedirs(directory)
+        cert = write_pem(os.path.join(directory, "chain.pem"), [own, middle])
+        key_file = write_pem(os.path.join(directory, "chain.key"), key=key)
+        t = AmqpTransport(
+            f"amqps://localhost:{self.broker.tls_port}/", reactor,
+            tls_ca_file=self.broker.ca_file, tls_cert_file=cert, tls_key_file=key_file,
+        )
+        await t.connect()
+        self.addCleanup(t.close)
+        self.assertEqual(t.user, "tess")
