@@ -182,9 +182,7 @@ def _timeouts(value, self):
         )
     for key in value:
         if not _is_number(value[key]) or value[key] <= 0:
-            raise BadArgument(
-                f"{self.who}: timeouts {key} must be seconds > 0, got {value[key]!r}"
-            )
+            raise BadArgument(f"{self.who}: timeouts {key} must be seconds > 0, got {value[key]!r}")
     return Timeouts(**value)
 
 
@@ -313,7 +311,8 @@ class ConsumerArgs(_Named):
     retry_max = attrs.field(default=300, validator=SECONDS)
     retry_horizon = attrs.field(default=3600, validator=SECONDS)
     retry_jitter = attrs.field(
-        default=0.2, validator=_check(lambda v: _is_number(v) and 0 <= v < 1, "a fraction in [0, 1)")
+        default=0.2,
+        validator=_check(lambda v: _is_number(v) and 0 <= v < 1, "a fraction in [0, 1)"),
     )
     dup_ttl = attrs.field(default=3600, validator=SECONDS)
     transfer_timeout = attrs.field(default=600, validator=SECONDS)
@@ -387,9 +386,7 @@ class PollArgs(_Named):
     min_age = attrs.field(default=0, validator=SECONDS_OR_ZERO)
     recursive = attrs.field(default=True, converter=bool)
     state_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
-    base_url = attrs.field(
-        default=None, converter=attrs.Converter(_poll_base_url, takes_self=True)
-    )
+    base_url = attrs.field(default=None, converter=attrs.Converter(_poll_base_url, takes_self=True))
     batch = attrs.field(default=100, validator=COUNT)
     list_timeout = attrs.field(default=60, validator=SECONDS)
     stop_grace = attrs.field(default=10, validator=SECONDS_OR_ZERO)
