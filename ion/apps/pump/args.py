@@ -67,6 +67,7 @@ def _check(test, what, optional=False):
 SECONDS = _check(lambda v: _is_number(v) and v > 0, "seconds > 0")
 SECONDS_OR_ZERO = _check(lambda v: _is_number(v) and v >= 0, "seconds >= 0")
 COUNT = _check(lambda v: _is_int(v) and v >= 1, "an int >= 1")
+OPTIONAL_COUNT = _check(lambda v: _is_int(v) and v >= 1, "an int >= 1", optional=True)
 EXCHANGE = _check(_is_name, "an exchange name")
 OPTIONAL_EXCHANGE = _check(_is_name, "an exchange name", optional=True)
 OPTIONAL_USER = _check(_is_name, "a user name", optional=True)
@@ -95,7 +96,8 @@ def _named(kind):
     return attrs.Factory(who, takes_self=True)
 
 
-def _who(text):
+def _fixed_who(text):
+    """The `who` of a process kind that has no name."""
     return attrs.field(default=text, init=False, eq=False, repr=False)
 
 
@@ -105,9 +107,7 @@ def _derived(compute):
 
 def _max_size():
     """`max_size`: the most bytes a get takes; None for no limit."""
-    return attrs.field(
-        default=MAX_SIZE, validator=_check(lambda v: _is_int(v) and v >= 1, "an int >= 1", True)
-    )
+    return attrs.field(default=MAX_SIZE, validator=OPTIONAL_COUNT)
 
 
 def _min_rate():
@@ -139,19 +139,19 @@ class _Arguments:
         return [a.alias for a in attrs.fields(cls) if a.init and a.name != "who"]
 
     @classmethod
-    def parse(cls, args, **context):
-        """The checked arguments of the dict `args` (`context`: `who` for the classes that
-        are told it); BadArgument naming the bad one otherwise."""
-        who = context.get("who") or cls._who_of(args)
+    def parse(cls, args, who=None):
+        """The checked arguments of the dict `args` (`who`: for the classes that are told
+        it); BadArgument naming the bad one otherwise."""
+        shown = who or cls._who_of(args)
         if not isinstance(args, dict):
-            raise BadArgument(f"{who}: arguments must be a dict, got {args!r}")
+            raise BadArgument(f"{shown}: arguments must be a dict, got {args!r}")
         names = cls.names()
         unknown = [key for key in args if key not in names]
         if unknown:
             raise BadArgument(
-                f"{who}: unknown {cls.UNKNOWN} {unknown[0]!r}; valid ones are {', '.join(names)}"
+                f"{shown}: unknown {cls.UNKNOWN} {unknown[0]!r}; valid ones are {', '.join(names)}"
             )
-        return cls(**context, **args)
+        return cls(**args) if who is None else cls(who=who, **args)
 
     @classmethod
     def _who_of(cls, args):
@@ -396,7 +396,7 @@ class PollArgs(_Named):
 class IngestArgs(_Arguments):
     """The ingest (`ion.apps.pump.ingest`); `users` None: the pump's user only."""
 
-    who = _who("ingest")
+    who = _fixed_who("ingest")
     users = attrs.field(
         default=None,
         validator=_check(
@@ -416,7 +416,7 @@ class IngestArgs(_Arguments):
 class ReportRouterArgs(_Arguments):
     """The report router (`ion.apps.pump.report_router`)."""
 
-    who = _who("report router")
+    who = _fixed_who("report router")
     exchange = attrs.field(default="xreport", validator=EXCHANGE)
     user = attrs.field(default=None, validator=OPTIONAL_USER)
     state_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
@@ -430,7 +430,7 @@ class ProgressArgs(_Arguments):
     """The progress line (`ion.apps.pump.progress`): `consumers` are child ids in the pump's
     supervisor, `name` starts the line."""
 
-    who = _who("progress")
+    who = _fixed_who("progress")
     consumers = attrs.field(
         default=(),
         validator=_check(
