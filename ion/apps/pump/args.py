@@ -188,11 +188,8 @@ def _timeouts(value, self):
 
 @attrs.frozen(kw_only=True)
 class TransferSettings(_Arguments):
-    """The settings of a process's transfers (`ion.apps.pump.transfer.worker.Transfers`):
-    `timeouts` {connect, idle} in seconds (10, 30), `parallel` transfers at a time (8),
-    `per_host` at a time to one server (4), `credentials` (path of the credentials file;
-    None: the default one when it exists), `max_size` (10 GiB) and `min_rate`
-    ({bytes_per_s: 1024, window: 60})."""
+    """The settings of a process's `Transfers`; `ion.apps.pump.transfer.worker` says what
+    each one means."""
 
     UNKNOWN = "transfer setting"
 
