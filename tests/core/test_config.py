@@ -3,6 +3,7 @@ Tests for L{ion.core.config}.
 """
 
 import os
+import re
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -160,7 +161,30 @@ class ConfigLoadTests(SynchronousTestCase):
         self.assertEqual(config.get("ion.core.messaging", "broker"), "memory://")
         self.assertEqual(config.get("ion.core.messaging", "max_message_bytes"), 16777216)
         self.assertEqual(config.get("ion.core.conversation", "tombstone_ttl"), 60)
-        self.assertEqual(config.get("ion.core.cc", "shutdown_grace"), 10)
+        self.assertEqual(config.get("ion.core.process", "terminate_timeout"), 10)
+
+    def test_shippedKeysAreRead(self):
+        """
+        Every key of the shipped C{res/config/ion.config} is named in the code of ion/: a
+        documented setting that nothing reads would silently do nothing.
+        """
+        here = os.path.dirname(os.path.abspath(__file__))
+        checkout = os.path.join(here, os.pardir, os.pardir)
+        layer = read_literal_file(os.path.join(checkout, "res", "config", "ion.config"))
+        sources = []
+        for root, _, files in os.walk(os.path.join(checkout, "ion")):
+            for name in files:
+                if name.endswith(".py"):
+                    with open(os.path.join(root, name), encoding="utf-8") as f:
+                        sources.append(f.read())
+        code = "\n".join(sources)
+        unread = [
+            f"{module}: {key}"
+            for module, section in layer.items()
+            for key in section
+            if not re.search(rf"\b{key}\b", code)
+        ]
+        self.assertEqual(unread, [])
 
     def test_layerOrder(self):
         """

@@ -31,84 +31,53 @@ kwargs (from `res/apps/pump.app`, a rel file's `args` or `-a "apparg_pump={...}"
   polls announce to (`xs_<user>`); default the config `ion.apps.pump: user`, else the
   container's broker login (`ion` on the embedded broker); see `ion.apps.pump.user`.
 
-Anything else is an error naming the valid kwargs.
+The kwargs are `ion.apps.pump.args.PumpArgs`; anything else is an error naming the valid
+kwargs.
 """
 
 import os
 
-from ion.apps.pump import consumer, ingest, poll, progress, report_router
-from ion.apps.pump.transfer.worker import SETTINGS, check_settings
+from ion.apps.pump.args import (
+    ConsumerArgs,
+    IngestArgs,
+    PollArgs,
+    ProgressArgs,
+    PumpArgs,
+    ReportRouterArgs,
+)
 from ion.core.process import Supervisor
 
-KWARGS = ("ingest", "polls", "progress", "report_router", "subscriptions", "transfer", "user")
 # Transfer settings that are consumer args of their own (a subscription may set its own).
 _BOUNDS = ("max_size", "min_rate")
-DEFAULT_SUBSCRIPTIONS = [
-    {
-        "name": "pump",
-        "exchange": "xpublic",
-        "topics": ["v03.#"],
-        "directory": "pump/destination/",
-        "mirror": True,
-    }
-]
-
-
-def _entries(app_name, kwargs, key, default):
-    entries = kwargs.get(key)
-    if entries is None:
-        entries = default
-    if not isinstance(entries, (list, tuple)):
-        raise ValueError(f"{app_name}: {key} must be a list, got {entries!r}")
-    for entry in entries:
-        if not isinstance(entry, dict):
-            raise ValueError(f"{app_name}: each of {key} must be a dict, got {entry!r}")
-    return [dict(entry) for entry in entries]
 
 
 def plan(app_name="pump", **kwargs):
     """The supervisor args for these kwargs, checked; ValueError naming the problem."""
-    unknown = sorted(set(kwargs) - set(KWARGS))
-    if unknown:
-        raise ValueError(
-            f"{app_name}: unknown argument {unknown[0]!r}; valid arguments are {', '.join(KWARGS)}"
-        )
-    user = kwargs.get("user")
-    subscriptions = _entries(app_name, kwargs, "subscriptions", DEFAULT_SUBSCRIPTIONS)
-    polls = _entries(app_name, kwargs, "polls", [])
-    transfer = dict(kwargs.get("transfer") or {})
-    workers = transfer.pop("workers", 2)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"{app_name}: transfer workers must be an int >= 1, got {workers!r}")
-    bad = sorted(set(transfer) - set(SETTINGS))
-    if bad:
-        raise ValueError(
-            f"{app_name}: unknown transfer argument {bad[0]!r}; valid ones are workers, "
-            f"{', '.join(SETTINGS)}"
-        )
-    check_settings(transfer, f"{app_name}: transfer")
+    pump = PumpArgs.parse(kwargs, who=app_name)
+    user = pump.user
+    transfer = pump.transfer_settings
     fetching = {k: v for k, v in transfer.items() if k not in ("parallel", *_BOUNDS)}
     # Every copy of the app (a rel's mult) keeps its state in a directory of its own.
     state_root = os.path.join("var", app_name)
-    router_args = dict(kwargs.get("report_router") or {})
+    router_args = dict(pump.report_router)
     router_args.setdefault("state_dir", os.path.join(state_root, "report_router"))
-    ingest_args = dict(kwargs.get("ingest") or {})
+    ingest_args = dict(pump.ingest)
     if user is not None:
         router_args.setdefault("user", user)
         ingest_args.setdefault("user", user)
-    report_router.check_args(router_args)
-    ingest.check_args(ingest_args)
-    progress_args = dict(kwargs.get("progress") or {})
+    ReportRouterArgs.parse(router_args)
+    IngestArgs.parse(ingest_args)
+    progress_args = dict(pump.progress)
 
     children = [{"id": "report_router", "spec": "ion.apps.pump.report_router", "args": router_args}]
-    for i in range(1, workers + 1):
+    for i in range(1, pump.workers + 1):
         children.append(
             {"id": f"transfer{i}", "spec": "ion.apps.pump.transfer_service", "args": dict(transfer)}
         )
     children.append({"id": "ingest", "spec": "ion.apps.pump.ingest", "args": ingest_args})
     names = set()
     consumer_ids = []
-    for args in subscriptions:
+    for args in map(dict, pump.subscriptions):
         if user is not None:
             args.setdefault("user", user)
         if isinstance(args.get("name"), str):
@@ -118,41 +87,41 @@ def plan(app_name="pump", **kwargs):
         for key in _BOUNDS:
             if key in transfer:
                 args.setdefault(key, transfer[key])
-        checked = consumer.check_args(args)
-        if checked["name"] in names:
-            raise ValueError(f"{app_name}: two subscriptions are named {checked['name']!r}")
-        names.add(checked["name"])
-        consumer_ids.append(f"consumer.{checked['name']}")
+        checked = ConsumerArgs.parse(args)
+        if checked.name in names:
+            raise ValueError(f"{app_name}: two subscriptions are named {checked.name!r}")
+        names.add(checked.name)
+        consumer_ids.append(f"consumer.{checked.name}")
         children.append(
             {
                 "id": consumer_ids[-1],
                 "spec": "ion.apps.pump.consumer",
                 "args": args,
                 # Messages in hand get the consumer's stop_grace to finish.
-                "shutdown": int(checked["stop_grace"] * 1000) + 5000,
+                "shutdown": int(checked.stop_grace * 1000) + 5000,
             }
         )
     names = set()
-    for args in polls:
+    for args in map(dict, pump.polls):
         if user is not None:
             args.setdefault("user", user)
         if isinstance(args.get("name"), str):
             args.setdefault("state_dir", os.path.join(state_root, f"poll-{args['name']}"))
-        checked = poll.check_args(args)
-        if checked["name"] in names:
-            raise ValueError(f"{app_name}: two polls are named {checked['name']!r}")
-        names.add(checked["name"])
+        checked = PollArgs.parse(args)
+        if checked.name in names:
+            raise ValueError(f"{app_name}: two polls are named {checked.name!r}")
+        names.add(checked.name)
         children.append(
             {
-                "id": f"poll.{checked['name']}",
+                "id": f"poll.{checked.name}",
                 "spec": "ion.apps.pump.poll",
                 "args": args,
-                "shutdown": int(checked["stop_grace"] * 1000) + 5000,
+                "shutdown": int(checked.stop_grace * 1000) + 5000,
             }
         )
     progress_args.setdefault("consumers", consumer_ids)
     progress_args.setdefault("name", app_name)
-    progress.check_args(progress_args)
+    ProgressArgs.parse(progress_args)
     children.append({"id": "progress", "spec": "ion.apps.pump.progress", "args": progress_args})
     return {"children": children, "strategy": "rest_for_one"}
 

@@ -60,11 +60,11 @@ Reports are copies of the notice with `report` {code, timeCompleted, message} an
 published persistent and confirmed to `report_exchange` (default `xreport`) with the notice's
 topic. `self.stats` counts what happened; op `stats` returns it.
 
-Args (checked by `check_args` before anything starts): see `DEFAULTS`; `name` is required,
-`directory` too unless `discard` is set; `filters` is an ordered list of
-`('accept'|'reject', regex)`, or `accept`/`reject` give two lists (rejects are tried first);
-`reannounce` is {exchange, base_url}; `transfer` is {timeouts, per_host, credentials} (see
-`ion.apps.pump.transfer.worker`).
+Args (`ion.apps.pump.args.ConsumerArgs`, checked before anything starts): `name` is
+required, `directory` too unless `discard` is set; `filters` is an ordered list of
+`('accept'|'reject', regex)`, or `accept`/`reject` give two lists (rejects are tried first;
+see `ion.apps.pump.filters`); `reannounce` is {exchange, base_url}; `transfer` is
+{timeouts, per_host, credentials} (see `ion.apps.pump.transfer.worker`).
 """
 
 import collections
@@ -72,16 +72,15 @@ import copy
 import hashlib
 import json
 import os
-import re
 import time
 
 import attrs
 from twisted.internet import defer, threads
 
 from ion.apps.pump import paths
+from ion.apps.pump.args import ConsumerArgs
 from ion.apps.pump.dupcache import DupCache
 from ion.apps.pump.notice import (
-    MAX_NOTICE_BYTES,
     REPORT_CODES,
     InvalidNotice,
     Notice,
@@ -98,97 +97,13 @@ from ion.apps.pump.transfer.inflight import (
     sweep_files,
 )
 from ion.apps.pump.transfer.policy import UrlPolicy, normalize
-from ion.apps.pump.transfer.worker import MAX_SIZE, Transfers, check_settings
+from ion.apps.pump.transfer.worker import Transfers
 from ion.apps.pump.user import pump_user
 from ion.core.log import redact
 from ion.core.process import Process
 
-DEFAULTS = {
-    "name": None,
-    "exchange": "xpublic",
-    "topics": ["v03.#"],
-    "filters": None,
-    "accept": None,
-    "reject": None,
-    "accept_unmatched": True,
-    "directory": None,
-    "mirror": True,
-    "strip": None,
-    "parallel": 8,
-    "prefetch": 100,
-    "user": None,
-    "state_dir": None,
-    "discard": False,
-    "reannounce": None,
-    "retry_initial": 2,
-    "retry_max": 300,
-    "retry_horizon": 3600,
-    "retry_jitter": 0.2,
-    "dup_ttl": 3600,
-    "transfer_timeout": 600,
-    "max_size": MAX_SIZE,
-    "min_rate": {"bytes_per_s": 1024, "window": 60},
-    "transfer": None,
-    "sources": None,
-    "max_notice_bytes": MAX_NOTICE_BYTES,
-    "report_exchange": "xreport",
-    "stop_grace": 10,
-}
-
-_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
-# Consumer args that are settings of its Transfers.
-_OWN_SETTINGS = ("parallel", "max_size", "min_rate")
 # Fields copied into the report of an oversized message (the rest could be what is too big).
 _OVERSIZE_KEEP = ("pubTime", "baseUrl", "relPath", "retrievePath", "source", "size", "mtime")
-
-
-class Filter:
-    """Accept/reject rules for URLs: the first rule whose regex matches the whole URL decides;
-    a URL no rule matches is accepted when `accept_unmatched` (the default)."""
-
-    def __init__(self, rules=(), accept_unmatched=True, who="filter"):
-        self.rules = []
-        for index, rule in enumerate(rules):
-            if not isinstance(rule, (list, tuple)) or len(rule) != 2:
-                raise ValueError(
-                    f"{who}: rule {index} must be ('accept'|'reject', regex), got {rule!r}"
-                )
-            action, pattern = rule
-            if action not in ("accept", "reject"):
-                raise ValueError(
-                    f"{who}: rule {index} action must be 'accept' or 'reject', got {action!r}"
-                )
-            if not isinstance(pattern, str):
-                raise ValueError(f"{who}: rule {index} regex must be a string, got {pattern!r}")
-            try:
-                regex = re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"{who}: rule {index} ({action} {pattern!r}): bad regex: {e}")
-            self.rules.append((action == "accept", regex))
-        self.accept_unmatched = bool(accept_unmatched)
-
-    @classmethod
-    def from_args(cls, filters=None, accept=None, reject=None, accept_unmatched=True, who="filter"):
-        """The rules of `filters` (ordered pairs), or of `reject` then `accept` (two lists)."""
-        if filters is not None and (accept is not None or reject is not None):
-            raise ValueError(f"{who}: give either filters or accept/reject lists, not both")
-        if filters is None:
-            filters = []
-            for action, patterns in (("reject", reject), ("accept", accept)):
-                if patterns is None:
-                    continue
-                if isinstance(patterns, str) or not isinstance(patterns, (list, tuple)):
-                    raise ValueError(f"{who}: {action} must be a list of regexes, got {patterns!r}")
-                filters.extend((action, pattern) for pattern in patterns)
-        elif not isinstance(filters, (list, tuple)):
-            raise ValueError(f"{who}: filters must be a list of (action, regex), got {filters!r}")
-        return cls(filters, accept_unmatched, who)
-
-    def accepts(self, url):
-        for accept, regex in self.rules:
-            if regex.fullmatch(url):
-                return accept
-        return self.accept_unmatched
 
 
 def check_retrieve_path(notice):
@@ -237,122 +152,21 @@ def make_report(notice, code, message, when=None):
     return reported
 
 
-def check_number(who, args, key, integer=False, zero=False):
-    """ValueError unless `args[key]` is a number > 0 (>= 0 with `zero`; an int with
-    `integer`)."""
-    value = args[key]
-    kinds = (int,) if integer else (int, float)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, kinds)
-        or value < 0
-        or (value == 0 and not zero)
-    ):
-        what = "an int" if integer else "a number"
-        raise ValueError(f"{who}: {key} must be {what} {'>= 0' if zero else '> 0'}, got {value!r}")
-
-
-def named_args(kind, args, defaults):
-    """`args` over a copy of `defaults`, with `who` ("<kind> <name>") for messages; ValueError
-    for an unknown argument or a missing or malformed `name`."""
-    unknown = sorted(set(args) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"{kind} {args.get('name')!r}: unknown argument {unknown[0]!r}; "
-            f"valid ones are {', '.join(defaults)}"
-        )
-    merged = copy.deepcopy(defaults)
-    merged.update(args)
-    name = merged["name"]
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(
-            f"{kind} name must be letters, digits, '_' and '-' (dots between words), "
-            f"got {name!r}"
-        )
-    return merged, f"{kind} {name}"
-
-
-def check_args(args):
-    """The consumer's args with defaults filled in; ValueError naming the bad one otherwise."""
-    merged, who = named_args("consumer", args, DEFAULTS)
-    for key in ("exchange", "report_exchange"):
-        if not isinstance(merged[key], str) or not _NAME.fullmatch(merged[key]):
-            raise ValueError(f"{who}: {key} must be an exchange name, got {merged[key]!r}")
-    topics = merged["topics"]
-    if (
-        isinstance(topics, str)
-        or not isinstance(topics, (list, tuple))
-        or not topics
-        or not all(isinstance(t, str) and t for t in topics)
-    ):
-        raise ValueError(f"{who}: topics must be a non-empty list of patterns, got {topics!r}")
-    merged["filter"] = Filter.from_args(
-        merged["filters"], merged["accept"], merged["reject"], merged["accept_unmatched"], who
-    )
-    if merged["directory"] is None and not merged["discard"]:
-        raise ValueError(f"{who}: directory (where files go) is required unless discard is set")
-    if merged["directory"] is not None and not isinstance(merged["directory"], str):
-        raise ValueError(f"{who}: directory must be a path, got {merged['directory']!r}")
-    strip = merged["strip"]
-    if strip is not None:
-        check_number(who, merged, "strip", integer=True, zero=True)
-        merged["mode"] = f"strip={strip}"
-    else:
-        merged["mode"] = "mirror" if merged["mirror"] else "directory"
-    for key in ("parallel", "prefetch"):
-        check_number(who, merged, key, integer=True)
-    for key in ("retry_initial", "retry_max", "retry_horizon", "dup_ttl", "transfer_timeout"):
-        check_number(who, merged, key)
-    check_number(who, merged, "stop_grace", zero=True)
-    check_number(who, merged, "max_notice_bytes", integer=True)
-    jitter = merged["retry_jitter"]
-    if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
-        raise ValueError(f"{who}: retry_jitter must be a fraction in [0, 1), got {jitter!r}")
-    reannounce = merged["reannounce"]
-    if reannounce is not None:
-        if (
-            not isinstance(reannounce, dict)
-            or set(reannounce) != {"exchange", "base_url"}
-            or not all(isinstance(v, str) and v for v in reannounce.values())
-        ):
-            raise ValueError(
-                f"{who}: reannounce must be {{'exchange': ..., 'base_url': ...}}, "
-                f"got {reannounce!r}"
-            )
-    transfer = merged["transfer"] or {}
-    if not isinstance(transfer, dict):
-        raise ValueError(f"{who}: transfer must be a dict of transfer settings, got {transfer!r}")
-    for key in _OWN_SETTINGS:
-        if key in transfer:
-            raise ValueError(f"{who}: {key} is a consumer argument, not a transfer setting")
-    # The consumer's Transfers take these from the consumer's own args.
-    merged["transfer"] = dict(transfer, **{key: merged[key] for key in _OWN_SETTINGS})
-    check_settings(merged["transfer"], who)
-    UrlPolicy(merged["sources"], who=who)
-    for key in ("user", "state_dir"):
-        if merged[key] is not None and not isinstance(merged[key], str):
-            raise ValueError(f"{who}: {key} must be a string, got {merged[key]!r}")
-    return merged
-
-
 class Consumer(Process):
     """One subscription: notices in, verified files and reports out (see the module docstring)."""
 
     def on_init(self):
-        args = check_args(self.args)
-        self.settings = args
-        self.subscription = args["name"]
-        self.filter = args["filter"]
-        self.discard = bool(args["discard"])
-        self.directory = os.path.abspath(args["directory"]) if args["directory"] else None
-        self.mode = args["mode"]
-        self.user = pump_user(self, args["user"])
+        args = self.settings = ConsumerArgs.parse(self.args)
+        self.subscription = args.name
+        self.filter = args.filter
+        self.discard = args.discard
+        self.directory = os.path.abspath(args.directory) if args.directory else None
+        self.mode = args.mode
+        self.user = pump_user(self, args.user)
         self.queue = f"q_{self.user}.consumer.{self.subscription}"
         self.subscriber = f"{self.user}.{self.subscription}"
-        self.policy = UrlPolicy(
-            args["sources"], own_user=self.user, who=f"consumer {self.subscription}"
-        )
-        self.state_dir = args["state_dir"] or os.path.join("var", "pump", self.subscription)
+        self.policy = UrlPolicy(args.sources, own_user=self.user, who=args.who)
+        self.state_dir = args.state_dir or os.path.join("var", "pump", self.subscription)
         self.claim_directory(self.state_dir)
         clock = self.container.clock
         self.real_directory = None
@@ -361,15 +175,15 @@ class Consumer(Process):
             # Resolved once: the files go where the directory was when the consumer started.
             self.real_directory = os.path.realpath(self.directory)
         self.dupcache = DupCache(
-            os.path.join(self.state_dir, "dupcache.jsonl"), args["dup_ttl"], clock
+            os.path.join(self.state_dir, "dupcache.jsonl"), args.dup_ttl, clock
         )
         self.retries = RetryQueue(
             os.path.join(self.state_dir, "retries.jsonl"),
             clock,
-            initial=args["retry_initial"],
-            maximum=args["retry_max"],
-            horizon=args["retry_horizon"],
-            jitter=args["retry_jitter"],
+            initial=args.retry_initial,
+            maximum=args.retry_max,
+            horizon=args.retry_horizon,
+            jitter=args.retry_jitter,
         )
         self.stats = {
             "received": 0,
@@ -389,9 +203,7 @@ class Consumer(Process):
         self.root = None
         if not self.discard:
             self.root = DestinationRoot(self.real_directory, make=True)
-            self.transfers = Transfers(
-                self.container.reactor, args["transfer"], who=f"consumer {self.subscription}"
-            )
+            self.transfers = Transfers(self.container.reactor, args.transfer, who=args.who)
         self._tasks = set()
         self._working = set()  # duplicate keys of the messages being fetched
         self._declared = set()

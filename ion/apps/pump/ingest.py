@@ -34,17 +34,14 @@ are things the broker vouches for:
   only on a single-user pump, where `users` is just the pump's own user.
 """
 
-import copy
 import hashlib
 import json
-import re
 
+from ion.apps.pump.args import IngestArgs
 from ion.apps.pump.consumer import make_report, report_id
-from ion.apps.pump.notice import MAX_NOTICE_BYTES, InvalidNotice, Notice, format_time
+from ion.apps.pump.notice import InvalidNotice, Notice, format_time
 from ion.apps.pump.user import pump_user
 from ion.core.process import Process
-
-_SOURCE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
 
 # After a refusal is logged, further ones are only counted, and summed up in one line at most
 # this often (a routing loop or a flood must not turn into one log line per message).
@@ -78,54 +75,14 @@ def source_of(exchange, user_id, users, pump=None, login=None):
     raise NotPostedHere(f"published to {exchange} by {user_id!r}, not by {user!r}")
 
 
-DEFAULTS = {
-    "users": None,
-    "user": None,
-    "exchange": "xpublic",
-    "report_exchange": "xreport",
-    "prefetch": 100,
-    "max_notice_bytes": MAX_NOTICE_BYTES,
-}
-
-
-def check_args(args):
-    """The ingest's args with defaults filled in; ValueError naming the bad one otherwise."""
-    unknown = sorted(set(args) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"ingest: unknown argument {unknown[0]!r}; valid ones are {', '.join(DEFAULTS)}"
-        )
-    merged = copy.deepcopy(DEFAULTS)
-    merged.update(args)
-    users = merged["users"]
-    if users is not None and (
-        isinstance(users, str)
-        or not isinstance(users, (list, tuple))
-        or not all(isinstance(u, str) and _SOURCE.fullmatch(u) for u in users)
-    ):
-        raise ValueError(f"ingest: users must be a list of user names, got {users!r}")
-    for key in ("exchange", "report_exchange"):
-        if not isinstance(merged[key], str) or not _SOURCE.fullmatch(merged[key]):
-            raise ValueError(f"ingest: {key} must be an exchange name, got {merged[key]!r}")
-    if merged["user"] is not None and (
-        not isinstance(merged["user"], str) or not _SOURCE.fullmatch(merged["user"])
-    ):
-        raise ValueError(f"ingest: user must be a user name, got {merged['user']!r}")
-    for key in ("prefetch", "max_notice_bytes"):
-        value = merged[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"ingest: {key} must be an int >= 1, got {value!r}")
-    return merged
-
-
 class Ingest(Process):
     """Takes notices from users' `xs_` exchanges, stamps their source, passes them on to
     `xpublic` (see the module docstring)."""
 
     def on_init(self):
-        self.settings = check_args(self.args)
-        self.user = pump_user(self, self.settings["user"])
-        users = self.settings["users"]
+        self.settings = IngestArgs.parse(self.args)
+        self.user = pump_user(self, self.settings.user)
+        users = self.settings.users
         self.users = list(users) if users is not None else [self.user]
         self.subscriber = f"{self.user}.ingest"
         self.stats = {

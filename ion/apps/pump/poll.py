@@ -32,7 +32,7 @@ Temporary files of transfers (`.<name>.<random>.inflight`, being written into th
 are skipped quietly: the file is listed under its own name once complete.
 
 Filters (`accept`, `reject` lists of regexes, or `filters`, an ordered list of
-`('accept'|'reject', regex)`; see `ion.apps.pump.consumer.Filter`) match the whole relPath:
+`('accept'|'reject', regex)`; see `ion.apps.pump.filters`) match the whole relPath:
 the first matching rule decides; with `accept` rules, an unmatched file is rejected unless
 `accept_unmatched` says otherwise. A file whose mtime is less than `min_age` seconds old waits
 for a later pass (it may still be being written).
@@ -58,39 +58,19 @@ last pass; op `stats` returns the totals.
 import os
 import re
 import sqlite3
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer, task
 
 from ion.apps.pump import paths
-from ion.apps.pump.consumer import Filter, check_number, named_args
+from ion.apps.pump.args import PollArgs
 from ion.apps.pump.notice import Notice, format_time
 from ion.apps.pump.transfer.inflight import is_inflight_name
 from ion.apps.pump.user import pump_user
 from ion.core.process import Process, RemoteError
 
-DEFAULTS = {
-    "name": None,
-    "url": None,
-    "interval": 2,
-    "filters": None,
-    "accept": None,
-    "reject": None,
-    "accept_unmatched": None,
-    "exchange": None,
-    "user": None,
-    "min_age": 0,
-    "recursive": True,
-    "state_dir": None,
-    "base_url": None,
-    "batch": 100,
-    "list_timeout": 60,
-    "stop_grace": 10,
-}
-SCHEMES = ("file", "http", "https", "sftp", "ftp")
 COD = {"method": "cod", "value": "sha512"}
 
-_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _PASS_COUNTERS = (
     "listed",
@@ -108,66 +88,12 @@ class PublishFailed(Exception):
     """The broker did not confirm an announcement; the pass ends, the next one retries."""
 
 
-def root_url(url):
-    """The directory URL a poll lists: with a trailing `/`; a relative or bare `file:` path made
-    absolute (and percent-encoded, since the transfer library decodes file URLs)."""
-    if url.startswith("file:") and not url.startswith("file://"):
-        local = url[len("file:") :]
-        url = "file://" + quote(os.path.abspath(local), safe="/")
-    return url if url.endswith("/") else url + "/"
-
-
 def local_directory(url):
     """The local path of a `file://` root URL, or None for other schemes."""
     if not url.startswith("file://"):
         return None
     path = unquote(urlsplit(url).path)
     return path or "/"
-
-
-def check_args(args):
-    """The poll's args with defaults filled in; ValueError naming the bad one otherwise."""
-    merged, who = named_args("poll", args, DEFAULTS)
-    url = merged["url"]
-    if not isinstance(url, str) or not url:
-        raise ValueError(f"{who}: url (the directory to poll) is required")
-    try:
-        scheme = urlsplit(url).scheme.lower()
-    except ValueError:  # the URL may hold a password: not quoted
-        raise ValueError(f"{who}: url is malformed (unbalanced [] around the host?)") from None
-    if scheme not in SCHEMES:
-        raise ValueError(
-            f"{who}: url {url!r} has scheme {scheme!r}; supported are {', '.join(SCHEMES)} "
-            "(a local directory is file:path/ or file:///abs/path/)"
-        )
-    merged["url"] = root_url(url)
-    base_url = merged["base_url"]
-    if base_url is not None and (not isinstance(base_url, str) or ":" not in base_url):
-        raise ValueError(f"{who}: base_url must be a URL, got {base_url!r}")
-    merged["base_url"] = root_url(base_url) if base_url else merged["url"]
-    for key in ("interval", "list_timeout"):
-        check_number(who, merged, key)
-    for key in ("min_age", "stop_grace"):
-        check_number(who, merged, key, zero=True)
-    check_number(who, merged, "batch", integer=True)
-    merged["filter"] = Filter.from_args(
-        merged["filters"], merged["accept"], merged["reject"], True, who
-    )
-    accept_unmatched = merged["accept_unmatched"]
-    if accept_unmatched is None:
-        # Naming what to accept means the rest is not wanted.
-        accept_unmatched = not any(accept for accept, _ in merged["filter"].rules)
-    merged["filter"].accept_unmatched = bool(accept_unmatched)
-    exchange = merged["exchange"]
-    if exchange is not None and (not isinstance(exchange, str) or not _NAME.fullmatch(exchange)):
-        raise ValueError(f"{who}: exchange must be an exchange name, got {exchange!r}")
-    user = merged["user"]
-    if user is not None and (not isinstance(user, str) or not _NAME.fullmatch(user)):
-        raise ValueError(f"{who}: user must be a user name, got {user!r}")
-    if merged["state_dir"] is not None and not isinstance(merged["state_dir"], str):
-        raise ValueError(f"{who}: state_dir must be a path, got {merged['state_dir']!r}")
-    merged["recursive"] = bool(merged["recursive"])
-    return merged
 
 
 def unfetchable(name):
@@ -280,14 +206,13 @@ class PollService(Process):
     docstring)."""
 
     def on_init(self):
-        args = check_args(self.args)
-        self.settings = args
-        self.source = args["name"]
-        self.url = args["url"]
-        self.base_url = args["base_url"]
-        self.filter = args["filter"]
-        self.user = pump_user(self, args["user"])
-        self.exchange = args["exchange"] or f"xs_{self.user}"
+        args = self.settings = PollArgs.parse(self.args)
+        self.source = args.name
+        self.url = args.url
+        self.base_url = args.base_url
+        self.filter = args.filter
+        self.user = pump_user(self, args.user)
+        self.exchange = args.exchange or f"xs_{self.user}"
         local = local_directory(self.url)
         if local is not None and not os.path.isdir(local):
             os.makedirs(local, exist_ok=True)
@@ -295,7 +220,7 @@ class PollService(Process):
             self.log.info(
                 "poll {name}: created {path}, which did not exist", name=self.source, path=local
             )
-        state_dir = args["state_dir"] or os.path.join("var", "pump", f"poll-{self.source}")
+        state_dir = args.state_dir or os.path.join("var", "pump", f"poll-{self.source}")
         self.claim_directory(state_dir)
         self.store = SeenFiles(os.path.join(state_dir, "seen.sqlite3"), self.url)
         if self.store.reset:

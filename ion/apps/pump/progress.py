@@ -21,28 +21,8 @@ then nothing until work arrives again. A consumer that does not answer in `timeo
 
 from twisted.internet import defer, task
 
+from ion.apps.pump.args import ProgressArgs
 from ion.core.process import Process
-
-DEFAULTS = {"consumers": (), "interval": 10, "name": "pump", "timeout": 5}
-
-
-def check_args(args):
-    """The args with defaults filled in; ValueError naming the bad one otherwise."""
-    unknown = sorted(set(args) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"progress: unknown argument {unknown[0]!r}; valid ones are {', '.join(DEFAULTS)}"
-        )
-    merged = dict(DEFAULTS, **args)
-    consumers = merged["consumers"]
-    if isinstance(consumers, str) or not all(isinstance(c, str) for c in consumers):
-        raise ValueError(f"progress: consumers must be a list of child ids, got {consumers!r}")
-    for key in ("interval", "timeout"):
-        value = merged[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"progress: {key} must be seconds > 0, got {value!r}")
-    return merged
-
 
 def human_bytes(count):
     """A byte rate or size for people: 512 B, 3.1 kB, 12.0 MB..."""
@@ -56,7 +36,7 @@ class Progress(Process):
     """Logs the consumers' summary line every interval (see the module docstring)."""
 
     def on_init(self):
-        self.settings = check_args(self.args)
+        self.settings = ProgressArgs.parse(self.args)
         self._previous = {}  # child id -> (delivered, bytes) at the previous line
         self._last_time = None
         self._idle = False

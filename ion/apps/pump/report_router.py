@@ -42,57 +42,25 @@ least once, never lost).
 
 import json
 import os
-import re
 import time
 import uuid
 
 from twisted.internet import defer
 
+from ion.apps.pump.args import NAME, ReportRouterArgs
 from ion.apps.pump.dupcache import DupCache
 from ion.apps.pump.user import pump_user
 from ion.core.process import Process
 
-DEFAULTS = {
-    "exchange": "xreport",
-    "user": None,
-    "state_dir": None,
-    "dup_ttl": 3600,
-    "log_path": None,
-    "prefetch": 100,
-}
-_SOURCE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
 # How long a redelivered report waits for the marker before it is forwarded anyway.
 CATCH_UP_TIMEOUT = 30
-
-
-def check_args(args):
-    """The router's args with defaults filled in; ValueError naming the bad one otherwise."""
-    unknown = sorted(set(args) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"report router: unknown argument {unknown[0]!r}; valid ones are {', '.join(DEFAULTS)}"
-        )
-    merged = dict(DEFAULTS, **args)
-    for key in ("exchange",):
-        if not isinstance(merged[key], str) or not _SOURCE.fullmatch(merged[key]):
-            raise ValueError(f"report router: {key} must be an exchange name, got {merged[key]!r}")
-    for key in ("user", "state_dir", "log_path"):
-        if merged[key] is not None and not isinstance(merged[key], str):
-            raise ValueError(f"report router: {key} must be a string, got {merged[key]!r}")
-    ttl = merged["dup_ttl"]
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
-        raise ValueError(f"report router: dup_ttl must be seconds > 0, got {ttl!r}")
-    prefetch = merged["prefetch"]
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
-        raise ValueError(f"report router: prefetch must be an int >= 1, got {prefetch!r}")
-    return merged
 
 
 class ReportRouter(Process):
     """Routes reports from `xreport` to `xr_<source>` (see the module docstring)."""
 
     def on_init(self):
-        self.settings = check_args(self.args)
+        self.settings = ReportRouterArgs.parse(self.args)
         self.user = pump_user(self, self.settings["user"])
         self.queue = f"q_{self.user}.report_router"
         self.sent_queue = f"{self.queue}.sent"
@@ -190,7 +158,7 @@ class ReportRouter(Process):
             delivery.ack()
             return
         source = fields.get("source")
-        if not isinstance(source, str) or not _SOURCE.fullmatch(source):
+        if not isinstance(source, str) or not NAME.fullmatch(source):
             self.stats["unroutable"] += 1
             self.log.warn(
                 "report router: report {code} for {path!r} has no usable source ({source!r}); "

@@ -16,7 +16,8 @@ A failed transfer is an `ApplicationError` with the library's HTTP-like code (40
 refused, 499 short or corrupt, 503 unreachable, 504 timed out, ...); callers decide between
 retrying and reporting with `ion.apps.pump.outcome.is_transient(code)`. Bad requests are 400.
 
-Args: the transfer settings of `ion.apps.pump.transfer.worker` (`timeouts` {connect, idle},
+Args (`ion.apps.pump.args.TransferServiceArgs`): the transfer settings of
+`ion.apps.pump.transfer.worker` (`timeouts` {connect, idle},
 `parallel`, `per_host`, `credentials`, `max_size`, `min_rate`: a get over `max_size` fails
 with 413), and `service` (the name to serve under, default
 `transfer`). N instances thus run at most N * `parallel` transfers, N * `per_host` to one
@@ -26,7 +27,8 @@ to terminate.
 """
 
 from ion.apps.pump import transfer
-from ion.apps.pump.transfer.worker import SETTINGS, Transfers
+from ion.apps.pump.args import TransferServiceArgs
+from ion.apps.pump.transfer.worker import Transfers
 from ion.core.process import ApplicationError, ServiceProcess
 
 
@@ -36,16 +38,9 @@ class TransferService(ServiceProcess):
     service = "transfer"
 
     def on_init(self):
-        settings = dict(self.args)
-        settings.pop("service", None)
-        unknown = sorted(set(settings) - set(SETTINGS))
-        if unknown:
-            raise ValueError(
-                f"transfer service: unknown argument {unknown[0]!r}; "
-                f"valid ones are {', '.join((*SETTINGS, 'service'))}"
-            )
+        who = f"transfer service {self.pid}"
         self.transfers = Transfers(
-            self.container.reactor, settings, who=f"transfer service {self.pid}"
+            self.container.reactor, TransferServiceArgs.parse(self.args, who=who), who=who
         )
 
     async def on_terminate(self):

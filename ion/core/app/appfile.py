@@ -20,7 +20,7 @@ Both are read with `ast.literal_eval` and checked before anything starts; every 
 
 import os
 
-import attr
+import attrs
 
 from ion.core.config import ConfigError, read_literal_file
 
@@ -43,7 +43,7 @@ class AppFileError(Exception):
     """A bad .app or .rel file; the message is one line naming the file and the key."""
 
 
-@attr.s(auto_attribs=True)
+@attrs.define
 class AppSpec:
     path: str
     name: str
@@ -52,21 +52,21 @@ class AppSpec:
     kwargs: dict
     version: str = ""
     description: str = ""
-    applications: list = attr.ib(factory=list)
-    registered: list = attr.ib(factory=list)
-    config: dict = attr.ib(factory=dict)
+    applications: list = attrs.field(factory=list)
+    registered: list = attrs.field(factory=list)
+    config: dict = attrs.field(factory=dict)
 
 
-@attr.s(auto_attribs=True)
+@attrs.define
 class RelEntry:
     name: str
     version: str = ""
-    config: dict = attr.ib(factory=dict)
-    args: dict = attr.ib(factory=dict)
+    config: dict = attrs.field(factory=dict)
+    args: dict = attrs.field(factory=dict)
     mult: int = 1
 
 
-@attr.s(auto_attribs=True)
+@attrs.define
 class RelSpec:
     path: str
     name: str

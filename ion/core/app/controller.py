@@ -17,7 +17,7 @@ import graphlib
 import importlib
 import inspect
 
-import attr
+import attrs
 
 from twisted.logger import Logger
 
@@ -133,7 +133,7 @@ class AppController:
                 # A rel entry with mult: N runs N copies: hello, hello.2, ... hello.N. Each
                 # copy's start() is given its own name as the app's, to keep its state apart.
                 run_name = spec.name if copy == 1 else f"{spec.name}.{copy}"
-                await self._start(attr.evolve(spec, name=run_name), kwargs, run_name)
+                await self._start(attrs.evolve(spec, name=run_name), kwargs, run_name)
 
     async def _start(self, spec, kwargs, run_name):
         module = importlib.import_module(spec.module)

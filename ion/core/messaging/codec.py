@@ -12,7 +12,7 @@ of one message. A message of N bytes holds at most N objects, so only messages l
 ones decode at full speed.
 """
 
-import attr
+import attrs
 import msgpack
 
 MiB = 1024 * 1024
@@ -34,7 +34,7 @@ def _positive_int(instance, attribute, value):
         raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
 
 
-@attr.s(auto_attribs=True, frozen=True)
+@attrs.frozen
 class Limits:
     """The most a single decoded message may contain. Lengths of str and bin are in bytes;
     lengths of arrays and maps in items. `max_objects` bounds the values of a message: the
@@ -43,12 +43,12 @@ class Limits:
     decoding stops at the first one that takes the count past the limit. Nesting depth is
     bounded by msgpack itself."""
 
-    max_message_bytes: int = attr.ib(default=16 * MiB, validator=_positive_int)
-    max_str_len: int = attr.ib(default=16 * MiB, validator=_positive_int)
-    max_bin_len: int = attr.ib(default=16 * MiB, validator=_positive_int)
-    max_array_len: int = attr.ib(default=1_000_000, validator=_positive_int)
-    max_map_len: int = attr.ib(default=100_000, validator=_positive_int)
-    max_objects: int = attr.ib(default=2_000_000, validator=_positive_int)
+    max_message_bytes: int = attrs.field(default=16 * MiB, validator=_positive_int)
+    max_str_len: int = attrs.field(default=16 * MiB, validator=_positive_int)
+    max_bin_len: int = attrs.field(default=16 * MiB, validator=_positive_int)
+    max_array_len: int = attrs.field(default=1_000_000, validator=_positive_int)
+    max_map_len: int = attrs.field(default=100_000, validator=_positive_int)
+    max_objects: int = attrs.field(default=2_000_000, validator=_positive_int)
 
     @classmethod
     def from_config(cls, section):
@@ -56,7 +56,7 @@ class Limits:
         override the defaults; other keys belong to other settings and are ignored. Values
         may be ints or strings of digits."""
         values = {}
-        for field in attr.fields(cls):
+        for field in attrs.fields(cls):
             if field.name not in section:
                 continue
             value = section[field.name]
@@ -174,12 +174,12 @@ def decode(data, limits):
         raise DecodeError(f"malformed message: {type(e).__name__}: {e}") from None
 
 
-@attr.s(auto_attribs=True)
+@attrs.define
 class Envelope:
     """One ION message: headers (a map of str to plain values; names in DESIGN section 5) and
     content (any msgpack value)."""
 
-    headers: dict = attr.ib(factory=dict)
+    headers: dict = attrs.field(factory=dict)
     content: object = None
 
 

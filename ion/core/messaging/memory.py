@@ -44,7 +44,7 @@ import os
 import re
 import uuid
 
-import attr
+import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -663,7 +663,7 @@ class MemoryTransport:
                     check_headers(properties.headers)
                 except ValueError:
                     return defer.fail()
-            properties = attr.evolve(
+            properties = attrs.evolve(
                 properties, user_id=self.user, headers=dict(properties.headers)
             )
         if type(body) is not bytes:
@@ -680,7 +680,7 @@ class MemoryTransport:
             return defer.succeed(None)
         for i, queue in enumerate(queues):
             if i and properties is not None:
-                properties = attr.evolve(properties, headers=dict(properties.headers))
+                properties = attrs.evolve(properties, headers=dict(properties.headers))
             queue.put(_Message(body, exchange, routing_key, properties, self.user))
         return defer.succeed(None)
 

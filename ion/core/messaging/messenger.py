@@ -17,7 +17,7 @@ send.
 
 import time
 
-import attr
+import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -29,14 +29,14 @@ log = Logger()
 MESSAGING = "ion.core.messaging"
 
 
-@attr.s(auto_attribs=True, slots=True)
+@attrs.define
 class Message:
     """A decoded envelope as received: `user_id` is the broker-validated sender identity."""
 
     headers: dict
     content: object
     user_id: str | None
-    delivery: object = attr.ib(repr=False)
+    delivery: object = attrs.field(repr=False)
 
     def ack(self):
         self.delivery.ack()

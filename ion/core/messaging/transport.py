@@ -19,7 +19,7 @@ Semantics every transport keeps:
   publish past them fails with ValueError.
 """
 
-import attr
+import attrs
 from zope.interface import Attribute, Interface
 
 
@@ -69,7 +69,7 @@ class NotFound(TransportError):
     """The named exchange or queue does not exist."""
 
 
-@attr.s(auto_attribs=True, frozen=True)
+@attrs.frozen
 class Properties:
     """AMQP basic properties a transport carries. `user_id` is set by the transport on publish
     to the connection's authenticated user; receivers may trust it."""
@@ -78,7 +78,7 @@ class Properties:
     delivery_mode: int = 1  # 1 transient, 2 persistent
     message_id: str | None = None
     user_id: str | None = None
-    headers: dict = attr.ib(factory=dict)
+    headers: dict = attrs.field(factory=dict)
     timestamp: int | None = None
     expiration: str | None = None
 

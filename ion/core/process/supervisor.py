@@ -47,7 +47,7 @@ A restarted child is a new process with a new pid; `child(id)` is the current on
 `restarts[id]` counts how often that child was started again.
 """
 
-import attr
+import attrs
 from twisted.internet import defer, task
 
 from ion.core.process.lifecycle import FAILED, IllegalTransition
@@ -72,14 +72,14 @@ class ChildStartError(Exception):
         self.bad_input = isinstance(error, ValueError) or getattr(error, "bad_input", False)
 
 
-@attr.s(auto_attribs=True, frozen=True)
+@attrs.frozen
 class ChildSpec:
     """One checked child spec (see the module docstring for the keys)."""
 
     id: str
     spec: object
     name: object = None
-    args: dict = attr.ib(factory=dict)
+    args: dict = attrs.field(factory=dict)
     restart: str = "permanent"
     shutdown: object = 5000
 

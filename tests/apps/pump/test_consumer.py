@@ -1,6 +1,6 @@
 """The consumer: filtering, destinations, duplicate suppression, retries, reports, durability.
 
-Unit tests for the filter, the duplicate cache and the retry queue come first. The scenarios
+Unit tests for the duplicate cache and the retry queue come first. The scenarios
 (`ConsumerScenarios`) run a consumer, the transfer service and the report router with real
 files under the test's temporary directory, once on the memory:// transport and once on the
 private RabbitMQ node (`OnPrivateRabbitMQ`), where every test gets its own exchanges, sysname
@@ -21,20 +21,15 @@ from twisted.trial import unittest
 
 from ion.apps.pump import app as pump_app
 from ion.apps.pump import paths
-from ion.apps.pump.consumer import (
-    Consumer,
-    Filter,
-    check_args,
-    dup_key,
-    make_report,
-    report_id,
-)
+from ion.apps.pump.args import ConsumerArgs
+from ion.apps.pump.consumer import Consumer, dup_key, make_report, report_id
 from ion.apps.pump.dupcache import DupCache
 from ion.apps.pump.notice import Notice
 from ion.apps.pump.report_router import ReportRouter
 from ion.apps.pump.retryqueue import RetryQueue
 from ion.apps.pump.transfer import TransferError
 from ion.apps.pump.transfer.inflight import SWEEP_MIN_AGE
+from ion.apps.pump.transfer.limits import MinRate
 from ion.core.app.appfile import read_app
 from ion.core.cc.container import make_transport
 from ion.core.cc.testing import make_container
@@ -58,58 +53,6 @@ RES = os.path.join(os.path.dirname(__file__), "..", "..", "..", "res")
 # -- units --------------------------------------------------------------------------------
 
 
-class FilterTests(unittest.SynchronousTestCase):
-    def test_first_match_wins(self):
-        """Rules are tried in order against the whole URL; the first that matches decides."""
-        f = Filter(
-            [
-                ("reject", r".*/secret/.*"),
-                ("accept", r".*\.grib2"),
-                ("reject", r".*\.txt"),
-                ("accept", r".*/public/.*"),
-            ]
-        )
-        table = [
-            ("http://h/public/a.grib2", True),
-            ("http://h/secret/a.grib2", False),
-            ("http://h/public/a.txt", False),
-            ("http://h/public/a.csv", True),
-            ("http://h/other/a.csv", True),  # unmatched: accepted by default
-        ]
-        for url, accepted in table:
-            self.assertEqual(f.accepts(url), accepted, url)
-
-    def test_fullmatch_is_anchored(self):
-        """A regex must match the whole URL, not a part of it."""
-        f = Filter([("accept", r"grib2")], accept_unmatched=False)
-        self.assertFalse(f.accepts("http://h/a.grib2"))
-        self.assertTrue(Filter([("accept", r".*grib2")], False).accepts("http://h/a.grib2"))
-
-    def test_unmatched_default(self):
-        """URLs matching no rule are accepted unless accept_unmatched is False."""
-        self.assertTrue(Filter([("reject", r".*x")]).accepts("http://h/y"))
-        self.assertFalse(Filter([("accept", r".*x")], False).accepts("http://h/y"))
-        self.assertTrue(Filter([]).accepts("http://h/y"))
-
-    def test_two_lists(self):
-        """With separate accept and reject lists, rejects are tried first."""
-        f = Filter.from_args(accept=[r".*\.dat"], reject=[r".*/tmp/.*"], accept_unmatched=False)
-        self.assertTrue(f.accepts("http://h/a/f.dat"))
-        self.assertFalse(f.accepts("http://h/tmp/f.dat"))
-        self.assertFalse(f.accepts("http://h/a/f.txt"))
-
-    def test_bad_rules(self):
-        """Bad rules are refused when the consumer starts, naming the rule."""
-        for rules, text in [
-            ([("maybe", ".*")], "action"),
-            ([("accept", "(")], "bad regex"),
-            (["accept"], "rule 0"),
-        ]:
-            e = self.assertRaises(ValueError, Filter, rules)
-            self.assertIn(text, str(e))
-        self.assertRaises(ValueError, Filter.from_args, [("accept", ".*")], accept=[".*"])
-
-
 class ArgsTests(unittest.SynchronousTestCase):
     def test_modes(self):
         """mirror (default), directory (mirror False) and strip=N map to destination modes,
@@ -123,7 +66,7 @@ class ArgsTests(unittest.SynchronousTestCase):
             ({"strip": 9}, "strip=9", "f.dat"),
         ]
         for extra, mode, where in table:
-            args = check_args(dict({"name": "t", "directory": root}, **extra))
+            args = ConsumerArgs.parse(dict({"name": "t", "directory": root}, **extra))
             self.assertEqual(args["mode"], mode)
             path = paths.destination(root, notice, args["mode"])
             self.assertEqual(path, os.path.join(os.path.realpath(root), where))
@@ -147,9 +90,9 @@ class ArgsTests(unittest.SynchronousTestCase):
                 "max_size is a consumer argument",
             ),
         ]:
-            e = self.assertRaises(ValueError, check_args, args)
+            e = self.assertRaises(ValueError, ConsumerArgs.parse, args)
             self.assertIn(text, str(e))
-        self.assertTrue(check_args({"name": "t", "discard": True})["discard"])
+        self.assertTrue(ConsumerArgs.parse({"name": "t", "discard": True})["discard"])
 
     def test_dup_key_and_report_id(self):
         """The duplicate key is identity + relPath, or relPath + mtime + size (also for `cod`,
@@ -1251,9 +1194,9 @@ class AppArgsTests(unittest.SynchronousTestCase):
         consumer = plan["children"][-2]["args"]
         self.assertEqual(consumer["directory"], "pump/destination/")
         self.assertEqual(consumer["topics"], ["v03.#"])
-        checked = check_args(consumer)
-        self.assertEqual(checked["max_size"], 10 * 2**30)
-        self.assertEqual(checked["min_rate"], {"bytes_per_s": 1024, "window": 60})
+        checked = ConsumerArgs.parse(consumer)
+        self.assertEqual(checked.max_size, 10 * 2**30)
+        self.assertEqual(checked.min_rate, MinRate(bytes_per_s=1024, window=60))
 
     def test_pump_bounds_are_subscription_defaults(self):
         """max_size and min_rate of the pump's transfer settings bound the transfer service

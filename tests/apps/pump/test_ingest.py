@@ -7,12 +7,12 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from ion.apps.pump.args import IngestArgs
 from ion.apps.pump.consumer import Consumer
 from ion.apps.pump.ingest import (
     REFUSAL_LOG_INTERVAL,
     Ingest,
     NotPostedHere,
-    check_args,
     source_of,
 )
 from ion.apps.pump.notice import Notice
@@ -253,7 +253,7 @@ class IngestTests(unittest.TestCase):
             ({"prefetch": 0}, "prefetch"),
             ({"colour": 1}, "unknown argument 'colour'"),
         ]:
-            e = self.assertRaises(ValueError, check_args, args)
+            e = self.assertRaises(ValueError, IngestArgs.parse, args)
             self.assertIn(expected, str(e))
 
 

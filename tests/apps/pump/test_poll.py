@@ -8,7 +8,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from ion.apps.pump.notice import Notice, parse_time
-from ion.apps.pump.poll import PollService, SeenFiles, check_args, root_url, unfetchable
+from ion.apps.pump.args import PollArgs, root_url
+from ion.apps.pump.poll import PollService, SeenFiles, unfetchable
 from ion.apps.pump.transfer_service import TransferService
 from ion.core.cc.testing import call_op, make_container
 from ion.core.messaging.memory import MemoryBroker
@@ -54,11 +55,11 @@ class ArgsTests(unittest.SynchronousTestCase):
     def test_defaults(self):
         """A poll needs a name and a url; a relative file: url becomes absolute, every url
         ends with '/', and the baseUrl of announcements defaults to it."""
-        args = check_args({"name": "src", "url": "file:some/dir"})
+        args = PollArgs.parse({"name": "src", "url": "file:some/dir"})
         self.assertEqual(args["url"], "file://" + os.path.abspath("some/dir") + "/")
         self.assertEqual(args["base_url"], args["url"])
         self.assertEqual((args["interval"], args["min_age"], args["recursive"]), (2, 0, True))
-        args = check_args({"name": "w", "url": "http://h/d", "base_url": "https://mirror/d"})
+        args = PollArgs.parse({"name": "w", "url": "http://h/d", "base_url": "https://mirror/d"})
         self.assertEqual((args["url"], args["base_url"]), ("http://h/d/", "https://mirror/d/"))
         self.assertEqual(root_url("file:/a b%"), "file:///a%20b%25/")
 
@@ -78,19 +79,19 @@ class ArgsTests(unittest.SynchronousTestCase):
             ({"name": "p", "url": "file:x", "colour": 1}, "unknown argument 'colour'"),
         ]
         for args, expected in table:
-            e = self.assertRaises(ValueError, check_args, args)
+            e = self.assertRaises(ValueError, PollArgs.parse, args)
             self.assertIn(expected, str(e), args)
 
     def test_filters(self):
         """Naming files to accept rejects the others; rejects alone accept the rest; the
         first matching rule decides."""
-        accepts = check_args({"name": "p", "url": "file:x", "accept": [r".*\.txt"]})["filter"]
+        accepts = PollArgs.parse({"name": "p", "url": "file:x", "accept": [r".*\.txt"]})["filter"]
         self.assertEqual(
             [accepts.accepts(p) for p in ("a.txt", "d/b.txt", "c.dat")], [True, True, False]
         )
-        rejects = check_args({"name": "p", "url": "file:x", "reject": [r".*\.tmp"]})["filter"]
+        rejects = PollArgs.parse({"name": "p", "url": "file:x", "reject": [r".*\.tmp"]})["filter"]
         self.assertEqual([rejects.accepts(p) for p in ("a.tmp", "c.dat")], [False, True])
-        ordered = check_args(
+        ordered = PollArgs.parse(
             {"name": "p", "url": "file:x", "filters": [("accept", "keep/.*"), ("reject", ".*")]}
         )["filter"]
         self.assertEqual([ordered.accepts(p) for p in ("keep/x", "other/x")], [True, False])

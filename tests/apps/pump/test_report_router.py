@@ -6,7 +6,8 @@ import os
 from twisted.internet import reactor, task
 from twisted.trial import unittest
 
-from ion.apps.pump.report_router import ReportRouter, check_args
+from ion.apps.pump.args import ReportRouterArgs
+from ion.apps.pump.report_router import ReportRouter
 from ion.core.cc.testing import make_container
 from tests.apps.pump.fixtures import Collector, notice_fields, until
 from tests.apps.pump.test_consumer import OnMemory, OnPrivateRabbitMQ
@@ -242,5 +243,5 @@ class ArgsTests(unittest.SynchronousTestCase):
             ({"dup_ttl": 0}, "dup_ttl"),
             ({"routes": {}}, "unknown argument 'routes'"),
         ]:
-            e = self.assertRaises(ValueError, check_args, args)
+            e = self.assertRaises(ValueError, ReportRouterArgs.parse, args)
             self.assertIn(text, str(e))

@@ -12,9 +12,10 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ion.apps.pump import transfer
+from ion.apps.pump.args import MAX_SIZE, TransferSettings
 from ion.apps.pump.transfer import Timeouts, TooLarge, TransferTimeout
 from ion.apps.pump.transfer.limits import HostLimiter, MinRate, RateWatch
-from ion.apps.pump.transfer.worker import MAX_SIZE, Transfers, check_settings
+from ion.apps.pump.transfer.worker import Transfers
 from tests.apps.pump.hostile_servers import start_hostile_http, start_silent
 from tests.apps.pump.servers import leftovers, settle, start_http, write_file
 
@@ -277,10 +278,10 @@ class SettingsTests(SynchronousTestCase):
         """
         10 GiB, 1 KiB/s over 60 s.
         """
-        checked = check_settings({})
-        self.assertEqual(checked["max_size"], MAX_SIZE)
+        checked = TransferSettings.parse({})
+        self.assertEqual(checked.max_size, MAX_SIZE)
         self.assertEqual(MAX_SIZE, 10 * 2**30)
-        self.assertEqual(checked["min_rate"], MinRate(1024, 60))
+        self.assertEqual(checked.min_rate, MinRate(1024, 60))
 
     def test_forms(self):
         self.assertEqual(MinRate.parse({"bytes_per_s": 10, "window": 5}), MinRate(10, 5))
@@ -288,7 +289,7 @@ class SettingsTests(SynchronousTestCase):
         self.assertEqual(MinRate.parse(512), MinRate(512, 60))
         self.assertIsNone(MinRate.parse(0))
         self.assertIsNone(MinRate.parse(None))
-        self.assertIsNone(check_settings({"max_size": None})["max_size"])
+        self.assertIsNone(TransferSettings.parse({"max_size": None}).max_size)
 
     def test_bad(self):
         """
@@ -296,11 +297,11 @@ class SettingsTests(SynchronousTestCase):
         """
         for bad in ({"rate": 1}, {"bytes_per_s": -1}, {"window": 0}, "fast", True, -5):
             with self.assertRaises(ValueError) as caught:
-                check_settings({"min_rate": bad}, "consumer x")
+                TransferSettings.parse({"min_rate": bad}, "consumer x")
             self.assertIn("consumer x: min_rate must be", str(caught.exception))
         for bad in (0, -1, 1.5, "10G", True):
             with self.assertRaises(ValueError) as caught:
-                check_settings({"max_size": bad}, "consumer x")
+                TransferSettings.parse({"max_size": bad}, "consumer x")
             self.assertIn("consumer x: max_size", str(caught.exception))
 
 

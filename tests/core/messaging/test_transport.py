@@ -8,7 +8,7 @@ bodies can run against a shared broker.
 import os
 import uuid
 
-import attr
+import attrs
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -597,7 +597,7 @@ class TransportSemantics:
         await t1.publish("", q, b"x", claimed)
         await t1.publish("", q, b"y")
         first, second = await inbox.wait(2)
-        self.assertEqual(first.properties, attr.evolve(claimed, user_id=t1.user))
+        self.assertEqual(first.properties, attrs.evolve(claimed, user_id=t1.user))
         self.assertEqual(second.properties.user_id, t1.user)
         self.assertNotEqual(t1.user, t2.user)
 

@@ -7,7 +7,8 @@ work (create, write, fsync, rename: the reactor thread never waits for the disk)
 kept-open http(s) connections (at most `per_host` idle ones to a server). The transfer
 service and the consumers each own one.
 
-Settings (`check_settings` validates them; `who` names the owner in the errors):
+Settings (`ion.apps.pump.args.TransferSettings` defines and checks them; `who` names the owner
+in the errors):
 
 - `timeouts` {connect, idle}: seconds (defaults 10 and 30);
 - `parallel`: transfers at a time (default 8);
@@ -29,14 +30,12 @@ import os
 
 from twisted.python.threadpool import ThreadPool
 
+from ion.apps.pump.args import TransferSettings
 from ion.apps.pump.transfer.credentials import Credentials
 from ion.core.credentials import DEFAULT_CREDENTIALS
 from ion.apps.pump.transfer.http import HTTPConnections
-from ion.apps.pump.transfer.limits import HostLimiter, MinRate, Timeouts
+from ion.apps.pump.transfer.limits import HostLimiter
 from ion.apps.pump.transfer.operations import get, list, put
-
-SETTINGS = ("credentials", "max_size", "min_rate", "parallel", "per_host", "timeouts")
-MAX_SIZE = 10 * 1024**3
 
 
 def load_credentials(path):
@@ -48,51 +47,6 @@ def load_credentials(path):
             return None
         path = default
     return Credentials.load(os.path.expanduser(path))
-
-
-def _number(value, what, who):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"{who}: {what} must be a number > 0, got {value!r}")
-    return value
-
-
-def _count(value, what, who):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{who}: {what} must be an int >= 1, got {value!r}")
-    return value
-
-
-def check_settings(settings, who="transfers"):
-    """`settings` with defaults filled in; ValueError naming the bad one otherwise."""
-    if not isinstance(settings, dict):
-        raise ValueError(f"{who}: transfer settings must be a dict, got {settings!r}")
-    unknown = sorted(set(settings) - set(SETTINGS))
-    if unknown:
-        raise ValueError(
-            f"{who}: unknown transfer setting {unknown[0]!r}; valid ones are {', '.join(SETTINGS)}"
-        )
-    timeouts = settings.get("timeouts") or {}
-    if not isinstance(timeouts, dict) or set(timeouts) - {"connect", "idle"}:
-        raise ValueError(
-            f"{who}: timeouts must be a dict with keys connect and idle, got {timeouts!r}"
-        )
-    credentials = settings.get("credentials")
-    if credentials is not None and (not isinstance(credentials, str) or not credentials):
-        raise ValueError(f"{who}: credentials must be a file path, got {credentials!r}")
-    max_size = settings.get("max_size", MAX_SIZE)
-    if max_size is not None:
-        _count(max_size, "max_size", who)
-    return {
-        "timeouts": Timeouts(
-            connect=_number(timeouts.get("connect", 10), "timeouts connect", who),
-            idle=_number(timeouts.get("idle", 30), "timeouts idle", who),
-        ),
-        "parallel": _count(settings.get("parallel", 8), "parallel", who),
-        "per_host": _count(settings.get("per_host", 4), "per_host", who),
-        "credentials": credentials,
-        "max_size": max_size,
-        "min_rate": MinRate.parse(settings.get("min_rate", {}), who),
-    }
 
 
 class Received:
@@ -122,22 +76,23 @@ class Received:
 
 class Transfers:
     """get, put and list with one process's shared settings and resources (see the module
-    docstring). Raises ValueError for bad settings, CredentialsError for an unusable
-    credentials file; `close` releases the threads and connections."""
+    docstring; `settings`: a TransferSettings or the dict of one). Raises ValueError for bad
+    settings, CredentialsError for an unusable credentials file; `close` releases the threads
+    and connections."""
 
     def __init__(self, reactor, settings, who="transfers"):
-        checked = check_settings(settings, who)
+        checked = TransferSettings.parse(settings, who)
         self.reactor = reactor
-        self.timeouts = checked["timeouts"]
-        self.credentials = load_credentials(checked["credentials"])
-        self.max_size = checked["max_size"]
-        self.min_rate = checked["min_rate"]
-        self.limiter = HostLimiter(checked["per_host"], checked["parallel"], reactor)
-        self.pool = ThreadPool(minthreads=0, maxthreads=checked["parallel"], name=who)
+        self.timeouts = checked.timeouts
+        self.credentials = load_credentials(checked.credentials)
+        self.max_size = checked.max_size
+        self.min_rate = checked.min_rate
+        self.limiter = HostLimiter(checked.per_host, checked.parallel, reactor)
+        self.pool = ThreadPool(minthreads=0, maxthreads=checked.parallel, name=who)
         self.pool.start()
         # An owner that crashes never calls close: its threads still stop with the reactor.
         self._trigger = reactor.addSystemEventTrigger("during", "shutdown", self.pool.stop)
-        self.http_connections = HTTPConnections(reactor, checked["per_host"])
+        self.http_connections = HTTPConnections(reactor, checked.per_host)
         self.received = Received()
         self._closed = False
 
