@@ -21,18 +21,19 @@ setup(
     },
     python_requires=">=3.11",
     # Exactly the distributions ion/ imports (tests/test_setup.py checks it). The tls extra
-    # brings service-identity and idna, without which Twisted's TLS skips the host name check;
-    # conch's brings cryptography and bcrypt for SFTP. No treq: see docs/ARCHITECTURE.md.
+    # brings idna, without which Twisted's TLS skips the host name check; conch's brings
+    # bcrypt for SFTP. No treq: see docs/ARCHITECTURE.md.
     install_requires=[
         "twisted[tls,conch]>=23.10",
         "txamqp>=0.8.2",
         "msgpack>=1.0",
         "attrs>=24.1",
         "automat>=22.10",
+        "cryptography",
         "pyopenssl",
+        "service-identity",
         "zope.interface",
     ],
-    # tests/broker.py makes TLS certificates with cryptography (twisted[conch] has it too).
-    extras_require={"test": ["pika>=1.3", "cryptography"]},
+    extras_require={"test": ["pika>=1.3"]},
     entry_points={"console_scripts": ["ion = ion.__main__:main"]},
 )
