@@ -34,7 +34,7 @@ from twisted.internet import defer, fdesc, stdio
 from twisted.logger import Logger
 from twisted.python import threadable
 
-from ion.core.process import Process
+from ion.core.process import NoSuchReceiver, Process
 
 log = Logger()
 
@@ -254,16 +254,25 @@ class ShellHelpers:
         return self._start("containers()", ask(), table)
 
     def msc(self, conv_id=None, last=20, svg=None):
-        """Print a message sequence chart from this container's observer (the observer app
-        must run here); with svg='file.svg' also write it as SVG."""
-        from ion.apps.observer.observer import msc_for_shell, svg_for_shell
+        """Print a message sequence chart from the system's observer (the observer app's
+        `observer` service, asked over rpc); with svg='file.svg' the observer also writes it
+        as SVG (on its own host)."""
+        request = {"last": last} if conv_id is None else {"conv_id": conv_id}
 
-        try:
-            if svg is not None:
-                self.print(f"wrote {svg_for_shell(self.container, svg, conv_id=conv_id, last=last)}")
-            self.print(msc_for_shell(self.container, conv_id=conv_id, last=last))
-        except Exception as e:
-            self.print(describe_error(e))
+        async def chart():
+            proc = await self.shell_process()
+            try:
+                if svg is not None:
+                    path = os.path.abspath(svg) if isinstance(svg, str) else svg
+                    written = await proc.rpc("observer", "svg", dict(request, path=path))
+                    self.print(f"wrote {written}")
+                return await proc.rpc("observer", "msc", request)
+            except NoSuchReceiver:
+                raise LookupError(
+                    "no observer in this system: start res/apps/observer.app"
+                ) from None
+
+        return self._start("msc()", chart(), lambda text: text)
 
     def apps(self):
         """Print the running apps."""
