@@ -360,8 +360,9 @@ class Consumer(Process):
             os.makedirs(self.directory, exist_ok=True)
             # Resolved once: the files go where the directory was when the consumer started.
             self.real_directory = os.path.realpath(self.directory)
+        reactor = self.container.reactor
         self.dupcache = DupCache(
-            os.path.join(self.state_dir, "dupcache.jsonl"), args["dup_ttl"], clock
+            os.path.join(self.state_dir, "dupcache.jsonl"), args["dup_ttl"], clock, reactor
         )
         self.retries = RetryQueue(
             os.path.join(self.state_dir, "retries.jsonl"),
@@ -370,6 +371,7 @@ class Consumer(Process):
             maximum=args["retry_max"],
             horizon=args["retry_horizon"],
             jitter=args["retry_jitter"],
+            reactor=reactor,
         )
         self.stats = {
             "received": 0,
@@ -458,8 +460,8 @@ class Consumer(Process):
         await super().crash(reason)
 
     async def on_terminate(self):
-        self.dupcache.close()
-        self.retries.close()
+        await self.dupcache.close()
+        await self.retries.close()
         await self._close_transfers()
 
     def _close_transfers(self):
@@ -675,7 +677,7 @@ class Consumer(Process):
         if failure is None:
             await self._delivered(notice, key, path, result)
         elif failure.transient:
-            self.retries.add(
+            await self.retries.add(
                 key, notice.to_dict(), delivery.routing_key, failure.code, failure.message
             )
             self.stats["retrying"] = len(self.retries)

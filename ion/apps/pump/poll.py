@@ -64,6 +64,7 @@ from twisted.internet import defer, task
 
 from ion.apps.pump import paths
 from ion.apps.pump.consumer import Filter, check_number, named_args
+from ion.apps.pump.journal import DiskQueue
 from ion.apps.pump.notice import Notice, format_time
 from ion.apps.pump.transfer.inflight import is_inflight_name
 from ion.apps.pump.user import pump_user
@@ -184,15 +185,19 @@ class SeenFiles:
     """What a poll has announced: (directory, name) -> (size, mtime), in SQLite at `path`.
 
     SQLite (in the standard library, unlike a usable dbm on every Python) keeps the rows on
-    disk with atomic commits; only the rows of the directory being looked at are read.
+    disk with atomic commits; only the rows of the directory being looked at are read. Opening
+    reads and writes on the calling thread (once, at start); every later call runs in a thread
+    of `reactor`'s pool, one at a time in the order asked for, and returns a Deferred.
     """
 
-    def __init__(self, path, root):
+    def __init__(self, path, root, reactor=None):
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(path)
+        self._disk = DiskQueue(reactor)
+        # Used from one pool thread at a time (the DiskQueue's order), never concurrently.
+        self.db = sqlite3.connect(path, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         # A power loss may lose the last commits: those files are announced again, which the
         # consumers' duplicate suppression absorbs.
@@ -215,64 +220,92 @@ class SeenFiles:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('root', ?)", (root,))
             row = self.db.execute("SELECT value FROM meta WHERE key = 'pass'").fetchone()
             self.passes = int(row[0]) if row else 0
+        self.known_at_open = self._count()
 
-    def __len__(self):
+    def _run(self, function, *args):
+        return self._disk.run(function, *args)
+
+    def _count(self):
         return self.db.execute("SELECT count(*) FROM files").fetchone()[0]
+
+    def count(self):
+        """How many files are known."""
+        return self._run(self._count)
 
     def directory(self, rel_dir):
         """{name: (size, mtime)} of the files announced in directory `rel_dir` ('' the root)."""
-        rows = self.db.execute("SELECT name, size, mtime FROM files WHERE dir = ?", (rel_dir,))
-        return {name: (size, mtime) for name, size, mtime in rows}
+
+        def read():
+            rows = self.db.execute(
+                "SELECT name, size, mtime FROM files WHERE dir = ?", (rel_dir,)
+            )
+            return {name: (size, mtime) for name, size, mtime in rows}
+
+        return self._run(read)
 
     def get(self, rel_path):
         """(size, mtime) as last announced for `rel_path`, or None."""
         rel_dir, _, name = rel_path.rpartition("/")
-        row = self.db.execute(
-            "SELECT size, mtime FROM files WHERE dir = ? AND name = ?", (rel_dir, name)
-        ).fetchone()
-        return None if row is None else tuple(row)
+
+        def read():
+            row = self.db.execute(
+                "SELECT size, mtime FROM files WHERE dir = ? AND name = ?", (rel_dir, name)
+            ).fetchone()
+            return None if row is None else tuple(row)
+
+        return self._run(read)
 
     def start_pass(self):
+        """The number of a new pass (kept across restarts)."""
         self.passes += 1
-        with self.db:
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('pass', ?)", (str(self.passes),))
-        return self.passes
+        number = self.passes
+        statement = ("INSERT OR REPLACE INTO meta VALUES ('pass', ?)", (str(number),))
+        return self._run(self._commit, [statement]).addCallback(lambda _: number)
 
     def record(self, rel_dir, rows):
         """Remember [(name, size, mtime)] of `rel_dir` as announced (one commit)."""
-        with self.db:
-            self.db.executemany(
-                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
-                ((rel_dir, name, size, mtime) for name, size, mtime in rows),
-            )
+        rows = [(rel_dir, name, size, mtime) for name, size, mtime in rows]
+        sql = "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)"
+        return self._run(self._commit_many, sql, rows)
 
     def forget(self, rel_dir, names):
-        with self.db:
-            self.db.executemany(
-                "DELETE FROM files WHERE dir = ? AND name = ?", ((rel_dir, n) for n in names)
-            )
+        rows = [(rel_dir, name) for name in names]
+        return self._run(self._commit_many, "DELETE FROM files WHERE dir = ? AND name = ?", rows)
 
     def visited(self, rel_dir, pass_number):
-        with self.db:
-            self.db.execute("INSERT OR REPLACE INTO dirs VALUES (?, ?)", (rel_dir, pass_number))
+        return self._run(
+            self._commit, [("INSERT OR REPLACE INTO dirs VALUES (?, ?)", (rel_dir, pass_number))]
+        )
 
     def forget_all(self):
         """Forget every announcement: the next pass announces every file again."""
-        with self.db:
-            self.db.execute("DELETE FROM files")
-            self.db.execute("DELETE FROM dirs")
+        return self._run(self._commit, [("DELETE FROM files", ()), ("DELETE FROM dirs", ())])
 
     def forget_unvisited(self, pass_number):
         """Forget the files of every directory a complete pass `pass_number` did not list."""
+        return self._run(
+            self._commit,
+            [
+                (
+                    "DELETE FROM files WHERE dir NOT IN (SELECT dir FROM dirs WHERE pass = ?)",
+                    (pass_number,),
+                ),
+                ("DELETE FROM dirs WHERE pass != ?", (pass_number,)),
+            ],
+        )
+
+    def _commit(self, statements):
         with self.db:
-            self.db.execute(
-                "DELETE FROM files WHERE dir NOT IN (SELECT dir FROM dirs WHERE pass = ?)",
-                (pass_number,),
-            )
-            self.db.execute("DELETE FROM dirs WHERE pass != ?", (pass_number,))
+            for sql, parameters in statements:
+                self.db.execute(sql, parameters)
+
+    def _commit_many(self, sql, rows):
+        with self.db:
+            self.db.executemany(sql, rows)
 
     def close(self):
-        self.db.close()
+        """Close the database once the calls asked for so far are done; a Deferred."""
+        return self._run(self.db.close)
 
 
 class PollService(Process):
@@ -297,14 +330,16 @@ class PollService(Process):
             )
         state_dir = args["state_dir"] or os.path.join("var", "pump", f"poll-{self.source}")
         self.claim_directory(state_dir)
-        self.store = SeenFiles(os.path.join(state_dir, "seen.sqlite3"), self.url)
+        self.store = SeenFiles(
+            os.path.join(state_dir, "seen.sqlite3"), self.url, self.container.reactor
+        )
         if self.store.reset:
             self.log.warn(
                 "poll {name}: url changed to {url}; every file will be announced again",
                 name=self.source,
                 url=self.url,
             )
-        elif self.container.transport.lost_messages and len(self.store):
+        elif self.container.transport.lost_messages and self.store.known_at_open:
             # Notices announced before may have died in the embedded broker's queues before
             # a consumer took them: announced again, they are delivered now, and the
             # consumers' duplicate suppression skips those they already delivered.
@@ -341,11 +376,11 @@ class PollService(Process):
     async def crash(self, reason):
         if not self.lifecycle.final:
             await self._stop_polling(0)
-            self.store.close()
+            await self.store.close()
         await super().crash(reason)
 
-    def on_terminate(self):
-        self.store.close()
+    async def on_terminate(self):
+        await self.store.close()
 
     async def _stop_polling(self, grace):
         self._stopping = True
@@ -415,13 +450,13 @@ class PollService(Process):
         await self.poll_now()
         return dict(self.last_pass or {})
 
-    def op_stats(self, content, headers):
+    async def op_stats(self, content, headers):
         """Totals: passes, skipped (passes not run because one was running), listed,
         announced, unchanged, young (waiting for min_age), rejected (filters), unsafe (names
         skipped), skipped_entries (links and the like), errors (listings or publishes that
         failed), and `known`: files in the state."""
         stats = dict(self.stats)
-        stats["known"] = len(self.store)
+        stats["known"] = await self.store.count()
         return stats
 
     # -- one pass ------------------------------------------------------------------------
@@ -429,7 +464,7 @@ class PollService(Process):
     async def _run_pass(self):
         clock = self.container.clock
         started = clock.seconds()
-        number = self.store.start_pass()
+        number = await self.store.start_pass()
         counts = dict.fromkeys(_PASS_COUNTERS, 0)
         complete = True
         first_error = None
@@ -455,7 +490,7 @@ class PollService(Process):
                 counts["errors"] += 1
                 first_error = first_error or f"cannot list {self._dir_url(rel_dir)}: {e}"
                 continue
-            self.store.visited(rel_dir, number)
+            await self.store.visited(rel_dir, number)
             try:
                 subdirs = await self._directory(rel_dir, entries, counts)
             except PublishFailed as e:
@@ -466,7 +501,7 @@ class PollService(Process):
                 break
             pending.extend(reversed(subdirs))
         if complete and not self._stopping:
-            self.store.forget_unvisited(number)
+            await self.store.forget_unvisited(number)
         self._note_errors(first_error, counts["errors"])
         elapsed = clock.seconds() - started
         self.stats["passes"] += 1
@@ -506,7 +541,7 @@ class PollService(Process):
         """Announce what changed among one directory's entries; returns its subdirectories."""
         now = self.container.clock.seconds()
         min_age = self.settings["min_age"]
-        known = self.store.directory(rel_dir)
+        known = await self.store.directory(rel_dir)
         present = set()
         subdirs = []
         wanted = []
@@ -542,7 +577,7 @@ class PollService(Process):
             wanted.append((name, rel_path, entry))
         gone = [name for name in known if name not in present]
         if gone:
-            self.store.forget(rel_dir, gone)
+            await self.store.forget(rel_dir, gone)
         size = self.settings["batch"]
         for start in range(0, len(wanted), size):
             if self._stopping:
@@ -605,7 +640,7 @@ class PollService(Process):
         ]
         if confirmed:
             self._declared = True
-            self.store.record(rel_dir, confirmed)
+            await self.store.record(rel_dir, confirmed)
         for ok, failure in results:
             if not ok:
                 if failure.check(defer.CancelledError):

@@ -103,6 +103,7 @@ class ReportRouter(Process):
             os.path.join(state_dir, "report_ids.jsonl"),
             self.settings["dup_ttl"],
             self.container.clock,
+            self.container.reactor,
         )
         self._log_file = None
         if self.settings["log_path"]:
@@ -145,10 +146,10 @@ class ReportRouter(Process):
             prefetch=self.settings["prefetch"],
         )
 
-    def on_terminate(self):
-        self.seen.close()
+    async def on_terminate(self):
         if self._log_file is not None:
             self._log_file.close()
+        await self.seen.close()
 
     def op_stats(self, content, headers):
         """Counters: received, forwarded, duplicates, unroutable, invalid, and
