@@ -11,6 +11,7 @@ from ion.apps.observer.observer import Observer
 from ion.core.cc.testing import make_container, test_config
 from ion.core.messaging.memory import MemoryBroker
 from ion.core.process import NoSuchReceiver, Process, ServiceProcess
+from tests.waiting import until
 
 SVG_TEXT = "{http://www.w3.org/2000/svg}text"
 TRACE_ON = {"ion.core.messaging": {"trace": True}}
@@ -63,16 +64,6 @@ def arrows(text):
 
 
 class ObserverTests(unittest.TestCase):
-    async def settle(self, condition, timeout=5.0):
-        from twisted.internet import reactor
-
-        waited = 0.0
-        while not condition():
-            if waited > timeout:
-                self.fail("condition not reached")
-            await task.deferLater(reactor, 0.01, lambda: None)
-            waited += 0.01
-
     async def system(self, clock=None):
         """A container running the observer app and processes A, B and C."""
         self.broker = MemoryBroker()
@@ -89,7 +80,7 @@ class ObserverTests(unittest.TestCase):
         self.assertEqual(await a.rpc("obs_b", "work", 21), 42)
         outer = a.conversations.recent[-1].conv_id
         inner = [conv for conv in b.conversations.recent if conv.role == "initiator"][-1].conv_id
-        await self.settle(
+        await until(
             lambda: len(observer.by_conv.get(outer, ())) == 2
             and len(observer.by_conv.get(inner, ())) == 3
         )
@@ -234,7 +225,7 @@ class ObserverTests(unittest.TestCase):
         self.assertEqual(await q.rpc("obs_c", "compute", 1), 2)
         self.assertEqual(await d.rpc("obs_c", "compute", 2), 4)
         conv_id = d.conversations.recent[-1].conv_id
-        await self.settle(lambda: len(observer.by_conv.get(conv_id, ())) == 2)
+        await until(lambda: len(observer.by_conv.get(conv_id, ())) == 2)
         self.assertEqual(
             arrows(observer.chart(conv_id))[0],
             ("1", f"d/{d.pid}", f"obs_c/{w.pid}", "compute request"),
@@ -260,7 +251,7 @@ class ObserverTests(unittest.TestCase):
         for i in range(4):
             await a.send("obs_c", "compute", i)
         last = a.conversations.recent[-1].conv_id
-        await self.settle(lambda: observer.messages and observer.messages[-1]["conv-id"] == last)
+        await until(lambda: observer.messages and observer.messages[-1]["conv-id"] == last)
         firsts = [conv.conv_id for conv in a.conversations.recent]
         self.assertEqual(len(observer.messages), 3)
         self.assertEqual(list(observer.by_conv), firsts[1:])

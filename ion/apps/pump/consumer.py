@@ -73,7 +73,6 @@ import hashlib
 import json
 import os
 import re
-import time
 
 import attrs
 from twisted.internet import defer, threads
@@ -223,15 +222,16 @@ def report_id(subscriber, source, key, code):
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def make_report(notice, code, message, when=None):
-    """A copy of `notice` carrying `report` {code, timeCompleted, message}."""
+def make_report(notice, code, message, when):
+    """A copy of `notice` carrying `report` {code, timeCompleted (`when`, seconds since the
+    epoch), message}."""
     if code in REPORT_CODES:
         return notice.with_report(code, message, when)
     # A transfer code outside the report table (403 refused): reported as it is.
     reported = notice.copy()
     reported["report"] = {
         "code": code,
-        "timeCompleted": format_time(time.time() if when is None else when),
+        "timeCompleted": format_time(when),
         "message": message,
     }
     return reported
@@ -781,7 +781,7 @@ class Consumer(Process):
     async def _report(self, notice, key, code, message, routing_key=None):
         """Publish a report (confirmed) for `notice`; the routing key is the notice's topic,
         or `routing_key` when it has no usable relPath."""
-        reported = make_report(notice, code, message)
+        reported = make_report(notice, code, message, self.container.clock.seconds())
         reported["report_id"] = report_id(self.subscriber, notice.source, key, code)
         try:
             topic = notice.topic()

@@ -391,8 +391,7 @@ class PollService(Process):
             return
         if grace > 0:
             waiting = self._chain(running)
-            # Real time, not the container's clock: a shutdown bound must hold in tests too.
-            waiting.addTimeout(grace, self.container.reactor)
+            waiting.addTimeout(grace, self.container.clock)
             try:
                 await waiting
             except defer.TimeoutError:

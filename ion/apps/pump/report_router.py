@@ -43,7 +43,6 @@ least once, never lost).
 import json
 import os
 import re
-import time
 import uuid
 
 from twisted.internet import defer
@@ -293,7 +292,7 @@ class ReportRouter(Process):
         from an earlier run is remembered by then."""
         marker = uuid.uuid4().hex
         waiter = self._markers[marker] = defer.Deferred()
-        waiter.addTimeout(CATCH_UP_TIMEOUT, self.container.reactor)
+        waiter.addTimeout(CATCH_UP_TIMEOUT, self.container.clock)
         try:
             await self.publish(self.marker_exchange, "marker", b"{}", headers={"marker": marker})
             await waiter
@@ -312,7 +311,7 @@ class ReportRouter(Process):
             return
         report = fields.get("report") or {}
         line = {
-            "time": time.time(),
+            "time": self.container.clock.seconds(),
             "source": source,
             "code": code,
             "routing_key": delivery.routing_key,

@@ -407,6 +407,20 @@ def rabbitmq_queues(broker):
     return counts
 
 
+async def until_queue(broker, queue, predicate, timeout=30):
+    """Wait until predicate(ready, unacked) holds for `queue` on the private RabbitMQ node;
+    returns the counts."""
+    seen = [None]
+
+    async def holds():
+        seen[0] = counts = (await threads.deferToThread(rabbitmq_queues, broker)).get(queue)
+        return counts if counts is not None and predicate(*counts) else None
+
+    return await until(
+        holds, timeout, lambda _: f"queue {queue}: (ready, unacked) still {seen[0]}", 0.2
+    )
+
+
 class OnMemory:
     """Scenario hooks for the memory:// transport: a broker of the test's own, sr3's names."""
 
@@ -562,17 +576,18 @@ class ConsumerScenarios:
         """Wait until the consumer's queue (or `queue`) holds `ready` messages waiting and
         `unacked` ones delivered but not settled."""
         queue = queue or self.consumer_queue
-        deadline = reactor.seconds() + timeout
-        while True:
-            counts = await self.queue_counts(queue)
-            if counts == (ready, unacked):
-                return
-            if reactor.seconds() > deadline:
-                raise AssertionError(
-                    f"queue {queue}: (ready, unacked) still {counts} after {timeout} s, "
-                    f"expected {(ready, unacked)}"
-                )
-            await task.deferLater(reactor, self.poll, lambda: None)
+        seen = [None]
+
+        async def reached():
+            seen[0] = await self.queue_counts(queue)
+            return seen[0] == (ready, unacked)
+
+        await until(
+            reached,
+            timeout,
+            lambda _: f"queue {queue}: (ready, unacked) {(ready, unacked)}, still {seen[0]}",
+            self.poll,
+        )
 
     def settle(self, queue=None):
         """Wait until every message of the consumer's queue (or `queue`) is settled."""
@@ -843,6 +858,16 @@ class ConsumerScenarios:
         self.assertEqual(self.dest_files(), ["r/f.dat"])
         self.assertEqual(len(self.consumer.retries), 0)
         self.assertEqual(self.consumer.stats["retrying"], 0)
+
+    async def test_reports_stamped_from_the_container_clock(self):
+        """A report's timeCompleted comes from the container's clock, like every other time
+        of the pump (a task.Clock here, the reactor's wall clock in service)."""
+        clock = task.Clock()
+        clock.advance(1_700_000_000.25)
+        await self.pump(clock=clock)
+        await self.post_file("c/f.dat", b"stamped")
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["timeCompleted"], "20231114T221320.25")
 
     async def test_ack_waits_for_the_retry_fsync(self):
         """The message of a failed transfer is acked only once its retry entry is fsynced

@@ -513,12 +513,17 @@ class FakeListingTests(unittest.TestCase):
         self.assertEqual(await proc.store.get("f"), (1, OLD))
 
     async def test_terminate_cancels_a_stuck_pass(self):
-        """Terminating a poll whose pass hangs gives it stop_grace seconds, then cancels it."""
+        """Terminating a poll whose pass hangs gives it stop_grace seconds (on the container's
+        clock), then cancels it."""
         self.lister.gate = defer.Deferred()
         self.lister.listings["sftp://feed.example/data/"] = [entry("f")]
-        proc = await self.start_poll(stop_grace=0.1)
+        proc = await self.start_poll(stop_grace=60, list_timeout=3600)
         await until(lambda: self.lister.calls)
-        await proc.terminate()
+        stopping = defer.Deferred.fromCoroutine(proc.terminate())
+        self.clock.advance(59.9)
+        self.assertNoResult(stopping)
+        self.clock.advance(0.1)
+        await stopping.addTimeout(5, reactor)
         self.assertEqual(proc.state, "TERMINATED")
         self.lister.gate.callback(None)
         await quiet()
@@ -536,9 +541,11 @@ class FakeListingTests(unittest.TestCase):
             await d
 
         self.patch(PollService, "publish", publish)
-        proc = await self.start_poll(stop_grace=0.1)
+        proc = await self.start_poll(stop_grace=60)
         await until(lambda: len(hung) == 2)
-        await proc.terminate()
+        stopping = defer.Deferred.fromCoroutine(proc.terminate())
+        self.clock.advance(60)
+        await stopping.addTimeout(5, reactor)
         self.assertEqual((proc.state, proc.stats["errors"]), ("TERMINATED", 0))
         store = SeenFiles(os.path.join(self.state, "seen.sqlite3"), "sftp://feed.example/data/")
         self.addCleanup(store.close)

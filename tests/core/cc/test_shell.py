@@ -6,7 +6,7 @@ import sys
 import termios
 
 from twisted.conch.insults import insults
-from twisted.internet import defer, main, protocol, reactor, task
+from twisted.internet import defer, main, protocol, reactor
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import StringTransport
 from twisted.python import failure
@@ -16,6 +16,7 @@ from ion.apps.hello.service import HelloService
 from ion.core.cc import shell
 from ion.core.cc.testing import make_container
 from ion.core.process import ServiceProcess
+from tests.waiting import until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -451,15 +452,16 @@ class PseudoTerminal:
 
     async def read_until(self, text, timeout=10):
         """Read what the shell wrote until `text` appears; returns everything read so far."""
-        for _ in range(int(timeout / 0.02)):
+
+        def seen():
             try:
                 self.output += os.read(self.master, 65536)
             except BlockingIOError:
                 pass
-            if text in self.output:
-                return self.output
-            await task.deferLater(reactor, 0.02)
-        raise AssertionError(f"{text!r} not seen within {timeout} s; got {self.output!r}")
+            return text in self.output
+
+        await until(seen, timeout, lambda _: f"{text!r}; got {self.output!r}", interval=0.02)
+        return self.output
 
 
 class StartShellTests(unittest.TestCase):
