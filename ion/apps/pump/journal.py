@@ -168,19 +168,28 @@ class Journal:
 
 def _replace_file(path, lines):
     """Write `lines` to a temporary file, fsync it, rename it over `path`, fsync the
-    directory; the new file, opened for appending."""
+    directory; the new file, opened for appending. Once the rename is done the new file is
+    returned whatever happens next: the old one is gone from the directory."""
     temp = f"{path}.compact"
     with open(temp, "w", encoding="utf-8") as f:
         f.writelines(lines)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(temp, path)
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    new_file = open(temp, "a", encoding="utf-8")
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return open(path, "a", encoding="utf-8")
+        os.replace(temp, path)
+    except BaseException:
+        new_file.close()
+        raise
+    try:
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log.warn("could not fsync the directory of {path}: {error}", path=path, error=e)
+    return new_file
 
 
 def json_line(record):

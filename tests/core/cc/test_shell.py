@@ -6,7 +6,7 @@ import sys
 import termios
 
 from twisted.conch.insults import insults
-from twisted.internet import defer, main, protocol, reactor
+from twisted.internet import defer, main, protocol, reactor, task
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import StringTransport
 from twisted.python import failure
@@ -53,8 +53,8 @@ class Printed:
 class HelperTests(unittest.TestCase):
     """The helpers against a container on the memory transport (no terminal)."""
 
-    async def make(self):
-        self.container = await make_container(self)
+    async def make(self, clock=None):
+        self.container = await make_container(self, clock=clock)
         self.printed = Printed()
         self.helpers = shell.ShellHelpers(self.container, self.printed)
         return self.helpers
@@ -154,9 +154,12 @@ class HelperTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_rpc_timeout(self):
         """An rpc nobody answers in time prints ConversationTimeout."""
-        helpers = yield defer.Deferred.fromCoroutine(self.make())
+        clock = task.Clock()
+        helpers = yield defer.Deferred.fromCoroutine(self.make(clock))
         stuck = yield defer.Deferred.fromCoroutine(self.container.spawn(Stuck))
-        pending = helpers.rpc("stuck", "wait", timeout=0.2)
+        pending = helpers.rpc("stuck", "wait", timeout=30)
+        yield defer.Deferred.fromCoroutine(until(lambda: stuck.answers, what="the request"))
+        clock.advance(30)
         printed = yield defer.Deferred.fromCoroutine(self.finish(pending))
         self.assertTrue(printed.startswith("ConversationTimeout "), printed)
         for answer in stuck.answers:
