@@ -20,12 +20,12 @@ and the terminal plumbing: `ShellTerminal` (conch's manhole, printing above the 
 """
 
 import fcntl
+import itertools
 import os
-import re
 import pprint
+import re
 import struct
 import termios
-import time
 import tty
 
 from twisted.conch.insults import insults
@@ -71,6 +71,9 @@ class ShellProcess(Process):
     """The process the shell's `rpc()` and `send()` speak from (spawned on first use)."""
 
 
+_numbers = itertools.count()  # orders Pending handles and the lines typed
+
+
 class Pending:
     """What a helper started. Its outcome is printed when it arrives; then `done` is true and
     `result` (or `error`) holds it. `when_done()` is a Deferred firing with this object."""
@@ -82,7 +85,7 @@ class Pending:
         self.error = None
         self._waiters = []
         # Lets the shell tell the handle a helper just returned (not echoed) from an old one.
-        self.started = time.monotonic()
+        self.number = next(_numbers)
 
     def __repr__(self):
         if not self.done:
@@ -380,17 +383,17 @@ class ShellInterpreter(ManholeInterpreter):
     """The manhole's interpreter, where `exit()` leaves the shell and the `Pending` a helper
     just returned is not echoed (its outcome is printed when it arrives)."""
 
-    line_started = 0.0
+    line_started = -1  # the number the Pending handles made by the current line start after
 
     def runcode(self, *args, **kwargs):
-        self.line_started = time.monotonic()
+        self.line_started = next(_numbers)
         try:
             super().runcode(*args, **kwargs)
         except SystemExit:
             self.handler.leave()
 
     def displayhook(self, obj):
-        if isinstance(obj, Pending) and obj.started >= self.line_started:
+        if isinstance(obj, Pending) and obj.number > self.line_started:
             self.locals["_"] = obj
             return
         super().displayhook(obj)
