@@ -55,6 +55,7 @@ Op `poll` runs a pass now (or waits for the running one) and returns the counter
 last pass; op `stats` returns the totals.
 """
 
+import functools
 import os
 import re
 import sqlite3
@@ -186,8 +187,8 @@ class SeenFiles:
 
     SQLite (in the standard library, unlike a usable dbm on every Python) keeps the rows on
     disk with atomic commits; only the rows of the directory being looked at are read. Opening
-    reads and writes on the calling thread (once, at start); every later call runs in a thread
-    of `reactor`'s pool, one at a time in the order asked for, and returns a Deferred.
+    reads and writes on the calling thread (once, at start); the methods run in a thread of
+    `reactor`'s pool, one at a time in the order called, and return Deferreds.
     """
 
     def __init__(self, path, root, reactor=None):
@@ -196,7 +197,7 @@ class SeenFiles:
             os.makedirs(directory, exist_ok=True)
         self.path = path
         self._disk = DiskQueue(reactor)
-        # Used from one pool thread at a time (the DiskQueue's order), never concurrently.
+        # Used by one thread at a time (the DiskQueue's), never by two at once.
         self.db = sqlite3.connect(path, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         # A power loss may lose the last commits: those files are announced again, which the
@@ -220,92 +221,87 @@ class SeenFiles:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('root', ?)", (root,))
             row = self.db.execute("SELECT value FROM meta WHERE key = 'pass'").fetchone()
             self.passes = int(row[0]) if row else 0
-        self.known_at_open = self._count()
+        self.known_at_open = self.db.execute("SELECT count(*) FROM files").fetchone()[0]
 
-    def _run(self, function, *args):
-        return self._disk.run(function, *args)
+    def _in_thread(method):
+        """The blocking `method` run through the store's DiskQueue: callers get a Deferred."""
 
-    def _count(self):
-        return self.db.execute("SELECT count(*) FROM files").fetchone()[0]
+        @functools.wraps(method)
+        def call(self, *args):
+            return self._disk.run(method, self, *args)
 
+        return call
+
+    @_in_thread
     def count(self):
         """How many files are known."""
-        return self._run(self._count)
+        return self.db.execute("SELECT count(*) FROM files").fetchone()[0]
 
+    @_in_thread
     def directory(self, rel_dir):
         """{name: (size, mtime)} of the files announced in directory `rel_dir` ('' the root)."""
+        rows = self.db.execute("SELECT name, size, mtime FROM files WHERE dir = ?", (rel_dir,))
+        return {name: (size, mtime) for name, size, mtime in rows}
 
-        def read():
-            rows = self.db.execute(
-                "SELECT name, size, mtime FROM files WHERE dir = ?", (rel_dir,)
-            )
-            return {name: (size, mtime) for name, size, mtime in rows}
-
-        return self._run(read)
-
+    @_in_thread
     def get(self, rel_path):
         """(size, mtime) as last announced for `rel_path`, or None."""
         rel_dir, _, name = rel_path.rpartition("/")
+        row = self.db.execute(
+            "SELECT size, mtime FROM files WHERE dir = ? AND name = ?", (rel_dir, name)
+        ).fetchone()
+        return None if row is None else tuple(row)
 
-        def read():
-            row = self.db.execute(
-                "SELECT size, mtime FROM files WHERE dir = ? AND name = ?", (rel_dir, name)
-            ).fetchone()
-            return None if row is None else tuple(row)
-
-        return self._run(read)
-
+    @_in_thread
     def start_pass(self):
-        """The number of a new pass (kept across restarts)."""
         self.passes += 1
-        number = self.passes
-        statement = ("INSERT OR REPLACE INTO meta VALUES ('pass', ?)", (str(number),))
-        return self._run(self._commit, [statement]).addCallback(lambda _: number)
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('pass', ?)", (str(self.passes),))
+        return self.passes
 
+    @_in_thread
     def record(self, rel_dir, rows):
         """Remember [(name, size, mtime)] of `rel_dir` as announced (one commit)."""
-        rows = [(rel_dir, name, size, mtime) for name, size, mtime in rows]
-        sql = "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)"
-        return self._run(self._commit_many, sql, rows)
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
+                ((rel_dir, name, size, mtime) for name, size, mtime in rows),
+            )
 
+    @_in_thread
     def forget(self, rel_dir, names):
-        rows = [(rel_dir, name) for name in names]
-        return self._run(self._commit_many, "DELETE FROM files WHERE dir = ? AND name = ?", rows)
+        with self.db:
+            self.db.executemany(
+                "DELETE FROM files WHERE dir = ? AND name = ?", ((rel_dir, n) for n in names)
+            )
 
+    @_in_thread
     def visited(self, rel_dir, pass_number):
-        return self._run(
-            self._commit, [("INSERT OR REPLACE INTO dirs VALUES (?, ?)", (rel_dir, pass_number))]
-        )
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO dirs VALUES (?, ?)", (rel_dir, pass_number))
 
+    @_in_thread
     def forget_all(self):
         """Forget every announcement: the next pass announces every file again."""
-        return self._run(self._commit, [("DELETE FROM files", ()), ("DELETE FROM dirs", ())])
+        with self.db:
+            self.db.execute("DELETE FROM files")
+            self.db.execute("DELETE FROM dirs")
 
+    @_in_thread
     def forget_unvisited(self, pass_number):
         """Forget the files of every directory a complete pass `pass_number` did not list."""
-        return self._run(
-            self._commit,
-            [
-                (
-                    "DELETE FROM files WHERE dir NOT IN (SELECT dir FROM dirs WHERE pass = ?)",
-                    (pass_number,),
-                ),
-                ("DELETE FROM dirs WHERE pass != ?", (pass_number,)),
-            ],
-        )
-
-    def _commit(self, statements):
         with self.db:
-            for sql, parameters in statements:
-                self.db.execute(sql, parameters)
+            self.db.execute(
+                "DELETE FROM files WHERE dir NOT IN (SELECT dir FROM dirs WHERE pass = ?)",
+                (pass_number,),
+            )
+            self.db.execute("DELETE FROM dirs WHERE pass != ?", (pass_number,))
 
-    def _commit_many(self, sql, rows):
-        with self.db:
-            self.db.executemany(sql, rows)
-
+    @_in_thread
     def close(self):
-        """Close the database once the calls asked for so far are done; a Deferred."""
-        return self._run(self.db.close)
+        self.db.close()
+
+    del _in_thread
 
 
 class PollService(Process):
