@@ -457,6 +457,10 @@ class Consumer(Process):
         if not self.lifecycle.final:
             self._stop_timers()
             self._close_transfers()
+            # The stores' queued disk work ends before the state directory is let go: a
+            # consumer restarted on it must not see a rewrite of ours land after it opened.
+            await self.dupcache.close()
+            await self.retries.close()
         await super().crash(reason)
 
     async def on_terminate(self):

@@ -106,7 +106,6 @@ class Journal:
 
     def sync(self):
         """A Deferred firing once every line appended so far is on the disk (fsync)."""
-        self._file.flush()
         waiter = defer.Deferred()
         self._sync_waiters.append(waiter)
         if len(self._sync_waiters) == 1:
@@ -115,8 +114,13 @@ class Journal:
 
     def _start_sync(self):
         waiters, self._sync_waiters = self._sync_waiters, []
-        self._file.flush()
-        syncing = self._disk.in_thread(os.fsync, self._file.fileno())
+        try:
+            self._file.flush()
+            fd = self._file.fileno()
+        except ValueError as e:  # closed: the lines may not be on disk, say so
+            syncing = defer.fail(e)
+        else:
+            syncing = self._disk.in_thread(os.fsync, fd)
 
         def synced(_):
             for waiter in waiters:

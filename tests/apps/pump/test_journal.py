@@ -132,3 +132,10 @@ class JournalTests(unittest.TestCase):
         d = j.sync()
         disk.release()
         self.failureResultOf(d, OSError)
+
+    def test_sync_after_close_fails(self):
+        """Lines appended after the journal closed are not reported as synced."""
+        j = self.open(HeldDisk())
+        j.close()
+        d = j.sync()
+        self.failureResultOf(d, ValueError)
