@@ -7,10 +7,11 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from ion.apps.observer import msc
-from ion.apps.observer.observer import NoObserver, Observer, msc_for_shell, svg_for_shell
+from ion.apps.observer.observer import Observer
 from ion.core.cc.testing import make_container, test_config
 from ion.core.messaging.memory import MemoryBroker
 from ion.core.process import NoSuchReceiver, Process, ServiceProcess
+from tests.waiting import until
 
 SVG_TEXT = "{http://www.w3.org/2000/svg}text"
 TRACE_ON = {"ion.core.messaging": {"trace": True}}
@@ -63,16 +64,6 @@ def arrows(text):
 
 
 class ObserverTests(unittest.TestCase):
-    async def settle(self, condition, timeout=5.0):
-        from twisted.internet import reactor
-
-        waited = 0.0
-        while not condition():
-            if waited > timeout:
-                self.fail("condition not reached")
-            await task.deferLater(reactor, 0.01, lambda: None)
-            waited += 0.01
-
     async def system(self, clock=None):
         """A container running the observer app and processes A, B and C."""
         self.broker = MemoryBroker()
@@ -89,7 +80,7 @@ class ObserverTests(unittest.TestCase):
         self.assertEqual(await a.rpc("obs_b", "work", 21), 42)
         outer = a.conversations.recent[-1].conv_id
         inner = [conv for conv in b.conversations.recent if conv.role == "initiator"][-1].conv_id
-        await self.settle(
+        await until(
             lambda: len(observer.by_conv.get(outer, ())) == 2
             and len(observer.by_conv.get(inner, ())) == 3
         )
@@ -139,14 +130,15 @@ class ObserverTests(unittest.TestCase):
             ],
         )
         self.assertEqual([t for t, *_ in arrows(observer.chart(last=2))], [f"{i}:3", f"{o}:2"])
-        self.assertEqual(msc_for_shell(c, last=5), text)
-        self.assertEqual(msc_for_shell(c, conv_id=inner), observer.chart(conv_id=inner))
+        self.assertEqual(
+            await a.rpc("observer", "msc", {"conv_id": inner}), observer.chart(conv_id=inner)
+        )
 
     async def test_svg(self):
         """The SVG chart is well-formed XML naming the participants and the ops."""
         c, observer, a, b, w = await self.system()
         outer, inner = await self.call_through(observer, a, b)
-        last = ET.fromstring(open(svg_for_shell(c, self.mktemp() + ".svg", last=5)).read())
+        last = ET.fromstring(open(observer.write_svg(self.mktemp() + ".svg", last=5)).read())
         texts = [e.text for e in last.iter(SVG_TEXT)]
         self.assertIn("work request", texts)
         self.assertIn("compute request", texts)
@@ -233,7 +225,7 @@ class ObserverTests(unittest.TestCase):
         self.assertEqual(await q.rpc("obs_c", "compute", 1), 2)
         self.assertEqual(await d.rpc("obs_c", "compute", 2), 4)
         conv_id = d.conversations.recent[-1].conv_id
-        await self.settle(lambda: len(observer.by_conv.get(conv_id, ())) == 2)
+        await until(lambda: len(observer.by_conv.get(conv_id, ())) == 2)
         self.assertEqual(
             arrows(observer.chart(conv_id))[0],
             ("1", f"d/{d.pid}", f"obs_c/{w.pid}", "compute request"),
@@ -246,8 +238,8 @@ class ObserverTests(unittest.TestCase):
         c, observer, a, b, w = await self.system()
         await c.apps.stop("observer")
         self.assertFalse(c.messenger.tracing())
-        e = self.assertRaises(NoObserver, msc_for_shell, c)
-        self.assertEqual(str(e), "no observer in this container: start res/apps/observer.app")
+        with self.assertRaises(NoSuchReceiver):
+            await a.rpc("observer", "msc", {"last": 5}, timeout=5)
 
     async def test_keeps_the_last_n(self):
         """The store is bounded by `keep`; forgetting a message forgets it in its conversation."""
@@ -259,7 +251,7 @@ class ObserverTests(unittest.TestCase):
         for i in range(4):
             await a.send("obs_c", "compute", i)
         last = a.conversations.recent[-1].conv_id
-        await self.settle(lambda: observer.messages and observer.messages[-1]["conv-id"] == last)
+        await until(lambda: observer.messages and observer.messages[-1]["conv-id"] == last)
         firsts = [conv.conv_id for conv in a.conversations.recent]
         self.assertEqual(len(observer.messages), 3)
         self.assertEqual(list(observer.by_conv), firsts[1:])
@@ -336,13 +328,15 @@ class ShellMscTests(unittest.TestCase):
         c = await make_container(self)
         printed = []
         helpers = ShellHelpers(c, printed.append)
-        helpers.msc()
-        self.assertIn("start res/apps/observer.app", printed[-1])
+        await helpers.msc().when_done()
+        self.assertEqual(
+            printed[-1], "LookupError no observer in this system: start res/apps/observer.app\n"
+        )
         await c.apps.start_files([os.path.join(c.res_dir, "apps", "observer.app")])
-        pending = helpers.rpc("observer", "conversations")
-        await pending.when_done()
-        helpers.msc(last=5)
+        await helpers.rpc("observer", "conversations").when_done()
+        await helpers.msc(last=5).when_done()
         self.assertIn("conversations request", printed[-1])
-        svg = os.path.abspath(self.mktemp() + ".svg")
-        helpers.msc(last=5, svg=svg)
-        self.assertTrue(os.path.exists(svg))
+        svg = self.mktemp() + ".svg"
+        await helpers.msc(last=5, svg=svg).when_done()
+        self.assertEqual(printed[-2], f"wrote {os.path.abspath(svg)}\n")
+        self.assertIn("<svg", open(svg).read())

@@ -7,9 +7,7 @@ own (exclusive, deleted with it) and keeps the headers of the last `keep` messag
 - `msc` `{'conv_id': id}` or `{'last': n}` (default: the last 20 messages) -> the text chart;
 - `svg` the same plus `'path'` (ending in `.svg`) -> writes the SVG chart there, returns the path;
 - `conversations` (optionally `{'last': n}`) -> one summary dict per conversation kept.
-
-`msc_for_shell(container, ...)` and `svg_for_shell(container, path, ...)` give the shell the
-charts of the Observer running in its own container.
+The shell's `msc()` asks for its charts over rpc, like any other client.
 """
 
 import collections
@@ -20,10 +18,6 @@ from ion.core.process import ApplicationError, ServiceProcess
 
 CONFIG = "ion.apps.observer"
 DEFAULT_LAST = 20
-
-
-class NoObserver(LookupError):
-    """The shell asked for a chart but no Observer runs in this container."""
 
 
 class Observer(ServiceProcess):
@@ -156,32 +150,6 @@ def _chart_args(content, extra=()):
     if unknown:
         raise ApplicationError(f"unknown keys {unknown}; valid keys are {list(allowed)}")
     return dict(content)
-
-
-def find_observer(container):
-    """The Observer process running in container, or None."""
-    for proc in container.registry:
-        if isinstance(proc, Observer) and not proc.lifecycle.final:
-            return proc
-    return None
-
-
-def _local_observer(container):
-    observer = find_observer(container)
-    if observer is None:
-        raise NoObserver("no observer in this container: start res/apps/observer.app")
-    return observer
-
-
-def msc_for_shell(container, conv_id=None, last=DEFAULT_LAST):
-    """For the shell's `msc(conv_id)` / `msc(last=20)`: the text chart from the Observer in
-    this container. Raises NoObserver when none runs here."""
-    return _local_observer(container).chart(conv_id, last)
-
-
-def svg_for_shell(container, path, conv_id=None, last=DEFAULT_LAST):
-    """For the shell: write the SVG chart to path; returns the absolute path written."""
-    return _local_observer(container).write_svg(path, conv_id, last)
 
 
 process_class = Observer

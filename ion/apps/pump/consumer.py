@@ -72,7 +72,6 @@ import copy
 import hashlib
 import json
 import os
-import time
 
 import attrs
 from twisted.internet import defer, threads
@@ -138,15 +137,16 @@ def report_id(subscriber, source, key, code):
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def make_report(notice, code, message, when=None):
-    """A copy of `notice` carrying `report` {code, timeCompleted, message}."""
+def make_report(notice, code, message, when):
+    """A copy of `notice` carrying `report` {code, timeCompleted (`when`, seconds since the
+    epoch), message}."""
     if code in REPORT_CODES:
         return notice.with_report(code, message, when)
     # A transfer code outside the report table (403 refused): reported as it is.
     reported = notice.copy()
     reported["report"] = {
         "code": code,
-        "timeCompleted": format_time(time.time() if when is None else when),
+        "timeCompleted": format_time(when),
         "message": message,
     }
     return reported
@@ -174,8 +174,9 @@ class Consumer(Process):
             os.makedirs(self.directory, exist_ok=True)
             # Resolved once: the files go where the directory was when the consumer started.
             self.real_directory = os.path.realpath(self.directory)
+        reactor = self.container.reactor
         self.dupcache = DupCache(
-            os.path.join(self.state_dir, "dupcache.jsonl"), args.dup_ttl, clock
+            os.path.join(self.state_dir, "dupcache.jsonl"), args.dup_ttl, clock, reactor
         )
         self.retries = RetryQueue(
             os.path.join(self.state_dir, "retries.jsonl"),
@@ -184,6 +185,7 @@ class Consumer(Process):
             maximum=args.retry_max,
             horizon=args.retry_horizon,
             jitter=args.retry_jitter,
+            reactor=reactor,
         )
         self.stats = {
             "received": 0,
@@ -267,11 +269,15 @@ class Consumer(Process):
         if not self.lifecycle.final:
             self._stop_timers()
             self._close_transfers()
+            # The stores' queued disk work ends before the state directory is let go: a
+            # consumer restarted on it must not see a rewrite of ours land after it opened.
+            await self.dupcache.close()
+            await self.retries.close()
         await super().crash(reason)
 
     async def on_terminate(self):
-        self.dupcache.close()
-        self.retries.close()
+        await self.dupcache.close()
+        await self.retries.close()
         await self._close_transfers()
 
     def _close_transfers(self):
@@ -487,7 +493,7 @@ class Consumer(Process):
         if failure is None:
             await self._delivered(notice, key, path, result)
         elif failure.transient:
-            self.retries.add(
+            await self.retries.add(
                 key, notice.to_dict(), delivery.routing_key, failure.code, failure.message
             )
             self.stats["retrying"] = len(self.retries)
@@ -591,7 +597,7 @@ class Consumer(Process):
     async def _report(self, notice, key, code, message, routing_key=None):
         """Publish a report (confirmed) for `notice`; the routing key is the notice's topic,
         or `routing_key` when it has no usable relPath."""
-        reported = make_report(notice, code, message)
+        reported = make_report(notice, code, message, self.container.clock.seconds())
         reported["report_id"] = report_id(self.subscriber, notice.source, key, code)
         try:
             topic = notice.topic()

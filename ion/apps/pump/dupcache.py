@@ -8,19 +8,20 @@ when it holds more than twice as many lines as live keys, so it stays proportion
 remembered.
 
 `add` writes the line through to the operating system before it returns (a crash of the
-process loses nothing) but does not fsync it: callers that must survive a power loss call
+process loses nothing) but does not fsync it: callers that must survive a power loss wait for
 `sync()`. The consumer relies on that choice: losing a key costs one extra download, whose
 report the report router recognises by its id and drops. `add(key, flush=False)` leaves the
 line in the process's buffer until `flush()`, for callers adding keys in bulk (the consumer's
 discard mode flushes once per reactor turn).
 
-Times come from `clock.seconds()` (the container's clock, a `task.Clock` in tests).
+Times come from `clock.seconds()` (the container's clock, a `task.Clock` in tests). The fsyncs
+and rewrites of the file run in threads of `reactor`'s pool (see `ion.apps.pump.journal`).
 """
 
 import collections
 import json
 
-from ion.apps.pump.journal import Journal
+from ion.apps.pump.journal import DiskQueue, Journal
 
 COMPACT_MIN_LINES = 1000
 
@@ -28,7 +29,7 @@ COMPACT_MIN_LINES = 1000
 class DupCache:
     """Keys seen within the last `ttl` seconds, persisted at `path` (see the module docstring)."""
 
-    def __init__(self, path, ttl, clock, compact_min_lines=COMPACT_MIN_LINES):
+    def __init__(self, path, ttl, clock, reactor=None, compact_min_lines=COMPACT_MIN_LINES):
         if not ttl > 0:
             raise ValueError(f"dup cache ttl must be a number of seconds > 0, got {ttl!r}")
         self.path = path
@@ -38,7 +39,7 @@ class DupCache:
         # key -> expiry, oldest first: with one ttl, expiries grow along the order, so purging
         # only ever looks at the front.
         self._entries = collections.OrderedDict()
-        self._journal = Journal(path)
+        self._journal = Journal(path, DiskQueue(reactor))
         self._now = clock.seconds()
         self._journal.replay(self._replay)
         if self._journal.lines > len(self._entries):
@@ -101,16 +102,18 @@ class DupCache:
             del entries[key]
 
     def compact(self):
-        """Rewrite the file with the live keys only (atomically: temporary file, rename)."""
+        """Rewrite the file with the live keys only (atomically: temporary file, rename); a
+        Deferred firing when done."""
         self.purge()
-        self._journal.rewrite(_line(key, expires) for key, expires in self._entries.items())
+        return self._journal.rewrite(_line(key, expires) for key, expires in self._entries.items())
 
     def sync(self):
-        """Make the keys added so far survive a power loss (fsync)."""
-        self._journal.sync()
+        """A Deferred firing once the keys added so far survive a power loss (fsync)."""
+        return self._journal.sync()
 
     def close(self):
-        self._journal.close()
+        """Close the file once its pending disk work is done; a Deferred."""
+        return self._journal.close()
 
 
 def _line(key, expires):

@@ -211,7 +211,8 @@ class Ingest(Process):
         notice = Notice(fields)
         notice.source = source
         key = hashlib.sha256(delivery.body).hexdigest()
-        report = make_report(notice, 417, f"invalid notice: {error}")
+        now = self.container.clock.seconds()
+        report = make_report(notice, 417, f"invalid notice: {error}", now)
         report["report_id"] = report_id(self.subscriber, source, key, 417)
         key = delivery.routing_key
         if not isinstance(key, str):

@@ -30,7 +30,6 @@ import datetime
 import json
 import math
 import re
-import time as _time
 
 CONTENT_TYPE = "application/json"
 MAX_NOTICE_BYTES = 1024 * 1024
@@ -327,10 +326,11 @@ class Notice:
         _require_string(self._fields, "relPath")
         return topic_for(self.rel_path, prefix, escape_dots=escape_dots)
 
-    def with_report(self, code, message, time=None):
+    def with_report(self, code, message, time):
         """A copy of this message carrying `report` {code, timeCompleted, message}.
 
-        `code` must be one of REPORT_CODES; `time` (seconds since the epoch) defaults to now.
+        `code` must be one of REPORT_CODES; `time` is when it completed (seconds since the
+        epoch, from the caller's clock).
         (Named `with_report` because `report` is the property holding a received report.)
         """
         if code not in REPORT_CODES:
@@ -339,7 +339,7 @@ class Notice:
         reported = self.copy()
         reported._fields["report"] = {
             "code": code,
-            "timeCompleted": format_time(_time.time() if time is None else time),
+            "timeCompleted": format_time(time),
             "message": message,
         }
         return reported

@@ -55,6 +55,7 @@ Op `poll` runs a pass now (or waits for the running one) and returns the counter
 last pass; op `stats` returns the totals.
 """
 
+import functools
 import os
 import re
 import sqlite3
@@ -64,6 +65,7 @@ from twisted.internet import defer, task
 
 from ion.apps.pump import paths
 from ion.apps.pump.args import PollArgs
+from ion.apps.pump.journal import DiskQueue
 from ion.apps.pump.notice import Notice, format_time
 from ion.apps.pump.transfer.inflight import is_inflight_name
 from ion.apps.pump.user import pump_user
@@ -110,15 +112,19 @@ class SeenFiles:
     """What a poll has announced: (directory, name) -> (size, mtime), in SQLite at `path`.
 
     SQLite (in the standard library, unlike a usable dbm on every Python) keeps the rows on
-    disk with atomic commits; only the rows of the directory being looked at are read.
+    disk with atomic commits; only the rows of the directory being looked at are read. Opening
+    reads and writes on the calling thread (once, at start); the methods run in a thread of
+    `reactor`'s pool, one at a time in the order called, and return Deferreds.
     """
 
-    def __init__(self, path, root):
+    def __init__(self, path, root, reactor=None):
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(path)
+        self._disk = DiskQueue(reactor)
+        # Used by one thread at a time (the DiskQueue's), never by two at once.
+        self.db = sqlite3.connect(path, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         # A power loss may lose the last commits: those files are announced again, which the
         # consumers' duplicate suppression absorbs.
@@ -141,15 +147,29 @@ class SeenFiles:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('root', ?)", (root,))
             row = self.db.execute("SELECT value FROM meta WHERE key = 'pass'").fetchone()
             self.passes = int(row[0]) if row else 0
+        self.known_at_open = self.db.execute("SELECT count(*) FROM files").fetchone()[0]
 
-    def __len__(self):
+    def _in_thread(method):
+        """The blocking `method` run through the store's DiskQueue: callers get a Deferred."""
+
+        @functools.wraps(method)
+        def call(self, *args):
+            return self._disk.run(method, self, *args)
+
+        return call
+
+    @_in_thread
+    def count(self):
+        """How many files are known."""
         return self.db.execute("SELECT count(*) FROM files").fetchone()[0]
 
+    @_in_thread
     def directory(self, rel_dir):
         """{name: (size, mtime)} of the files announced in directory `rel_dir` ('' the root)."""
         rows = self.db.execute("SELECT name, size, mtime FROM files WHERE dir = ?", (rel_dir,))
         return {name: (size, mtime) for name, size, mtime in rows}
 
+    @_in_thread
     def get(self, rel_path):
         """(size, mtime) as last announced for `rel_path`, or None."""
         rel_dir, _, name = rel_path.rpartition("/")
@@ -158,12 +178,14 @@ class SeenFiles:
         ).fetchone()
         return None if row is None else tuple(row)
 
+    @_in_thread
     def start_pass(self):
         self.passes += 1
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('pass', ?)", (str(self.passes),))
         return self.passes
 
+    @_in_thread
     def record(self, rel_dir, rows):
         """Remember [(name, size, mtime)] of `rel_dir` as announced (one commit)."""
         with self.db:
@@ -172,22 +194,26 @@ class SeenFiles:
                 ((rel_dir, name, size, mtime) for name, size, mtime in rows),
             )
 
+    @_in_thread
     def forget(self, rel_dir, names):
         with self.db:
             self.db.executemany(
                 "DELETE FROM files WHERE dir = ? AND name = ?", ((rel_dir, n) for n in names)
             )
 
+    @_in_thread
     def visited(self, rel_dir, pass_number):
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO dirs VALUES (?, ?)", (rel_dir, pass_number))
 
+    @_in_thread
     def forget_all(self):
         """Forget every announcement: the next pass announces every file again."""
         with self.db:
             self.db.execute("DELETE FROM files")
             self.db.execute("DELETE FROM dirs")
 
+    @_in_thread
     def forget_unvisited(self, pass_number):
         """Forget the files of every directory a complete pass `pass_number` did not list."""
         with self.db:
@@ -197,8 +223,11 @@ class SeenFiles:
             )
             self.db.execute("DELETE FROM dirs WHERE pass != ?", (pass_number,))
 
+    @_in_thread
     def close(self):
         self.db.close()
+
+    del _in_thread
 
 
 class PollService(Process):
@@ -222,14 +251,16 @@ class PollService(Process):
             )
         state_dir = args.state_dir or os.path.join("var", "pump", f"poll-{self.source}")
         self.claim_directory(state_dir)
-        self.store = SeenFiles(os.path.join(state_dir, "seen.sqlite3"), self.url)
+        self.store = SeenFiles(
+            os.path.join(state_dir, "seen.sqlite3"), self.url, self.container.reactor
+        )
         if self.store.reset:
             self.log.warn(
                 "poll {name}: url changed to {url}; every file will be announced again",
                 name=self.source,
                 url=self.url,
             )
-        elif self.container.transport.lost_messages and len(self.store):
+        elif self.container.transport.lost_messages and self.store.known_at_open:
             # Notices announced before may have died in the embedded broker's queues before
             # a consumer took them: announced again, they are delivered now, and the
             # consumers' duplicate suppression skips those they already delivered.
@@ -266,11 +297,11 @@ class PollService(Process):
     async def crash(self, reason):
         if not self.lifecycle.final:
             await self._stop_polling(0)
-            self.store.close()
+            await self.store.close()
         await super().crash(reason)
 
-    def on_terminate(self):
-        self.store.close()
+    async def on_terminate(self):
+        await self.store.close()
 
     async def _stop_polling(self, grace):
         self._stopping = True
@@ -281,8 +312,7 @@ class PollService(Process):
             return
         if grace > 0:
             waiting = self._chain(running)
-            # Real time, not the container's clock: a shutdown bound must hold in tests too.
-            waiting.addTimeout(grace, self.container.reactor)
+            waiting.addTimeout(grace, self.container.clock)
             try:
                 await waiting
             except defer.TimeoutError:
@@ -340,13 +370,13 @@ class PollService(Process):
         await self.poll_now()
         return dict(self.last_pass or {})
 
-    def op_stats(self, content, headers):
+    async def op_stats(self, content, headers):
         """Totals: passes, skipped (passes not run because one was running), listed,
         announced, unchanged, young (waiting for min_age), rejected (filters), unsafe (names
         skipped), skipped_entries (links and the like), errors (listings or publishes that
         failed), and `known`: files in the state."""
         stats = dict(self.stats)
-        stats["known"] = len(self.store)
+        stats["known"] = await self.store.count()
         return stats
 
     # -- one pass ------------------------------------------------------------------------
@@ -354,7 +384,7 @@ class PollService(Process):
     async def _run_pass(self):
         clock = self.container.clock
         started = clock.seconds()
-        number = self.store.start_pass()
+        number = await self.store.start_pass()
         counts = dict.fromkeys(_PASS_COUNTERS, 0)
         complete = True
         first_error = None
@@ -380,7 +410,7 @@ class PollService(Process):
                 counts["errors"] += 1
                 first_error = first_error or f"cannot list {self._dir_url(rel_dir)}: {e}"
                 continue
-            self.store.visited(rel_dir, number)
+            await self.store.visited(rel_dir, number)
             try:
                 subdirs = await self._directory(rel_dir, entries, counts)
             except PublishFailed as e:
@@ -391,7 +421,7 @@ class PollService(Process):
                 break
             pending.extend(reversed(subdirs))
         if complete and not self._stopping:
-            self.store.forget_unvisited(number)
+            await self.store.forget_unvisited(number)
         self._note_errors(first_error, counts["errors"])
         elapsed = clock.seconds() - started
         self.stats["passes"] += 1
@@ -431,7 +461,7 @@ class PollService(Process):
         """Announce what changed among one directory's entries; returns its subdirectories."""
         now = self.container.clock.seconds()
         min_age = self.settings["min_age"]
-        known = self.store.directory(rel_dir)
+        known = await self.store.directory(rel_dir)
         present = set()
         subdirs = []
         wanted = []
@@ -467,7 +497,7 @@ class PollService(Process):
             wanted.append((name, rel_path, entry))
         gone = [name for name in known if name not in present]
         if gone:
-            self.store.forget(rel_dir, gone)
+            await self.store.forget(rel_dir, gone)
         size = self.settings["batch"]
         for start in range(0, len(wanted), size):
             if self._stopping:
@@ -530,7 +560,7 @@ class PollService(Process):
         ]
         if confirmed:
             self._declared = True
-            self.store.record(rel_dir, confirmed)
+            await self.store.record(rel_dir, confirmed)
         for ok, failure in results:
             if not ok:
                 if failure.check(defer.CancelledError):

@@ -42,7 +42,6 @@ least once, never lost).
 
 import json
 import os
-import time
 import uuid
 
 from twisted.internet import defer
@@ -71,6 +70,7 @@ class ReportRouter(Process):
             os.path.join(state_dir, "report_ids.jsonl"),
             self.settings["dup_ttl"],
             self.container.clock,
+            self.container.reactor,
         )
         self._log_file = None
         if self.settings["log_path"]:
@@ -113,10 +113,10 @@ class ReportRouter(Process):
             prefetch=self.settings["prefetch"],
         )
 
-    def on_terminate(self):
-        self.seen.close()
+    async def on_terminate(self):
         if self._log_file is not None:
             self._log_file.close()
+        await self.seen.close()
 
     def op_stats(self, content, headers):
         """Counters: received, forwarded, duplicates, unroutable, invalid, and
@@ -260,7 +260,7 @@ class ReportRouter(Process):
         from an earlier run is remembered by then."""
         marker = uuid.uuid4().hex
         waiter = self._markers[marker] = defer.Deferred()
-        waiter.addTimeout(CATCH_UP_TIMEOUT, self.container.reactor)
+        waiter.addTimeout(CATCH_UP_TIMEOUT, self.container.clock)
         try:
             await self.publish(self.marker_exchange, "marker", b"{}", headers={"marker": marker})
             await waiter
@@ -279,7 +279,7 @@ class ReportRouter(Process):
             return
         report = fields.get("report") or {}
         line = {
-            "time": time.time(),
+            "time": self.container.clock.seconds(),
             "source": source,
             "code": code,
             "routing_key": delivery.routing_key,

@@ -18,7 +18,9 @@ makes a finished entry come back once after a restart, where the consumer's dupl
 recognises it. The file is rewritten with the pending entries when it holds more than four times
 as many records as entries.
 
-Times come from `clock.seconds()` (the container's clock: `task.Clock` in tests).
+Times come from `clock.seconds()` (the container's clock: `task.Clock` in tests). The fsyncs
+and rewrites of the file run in threads of `reactor`'s pool (see `ion.apps.pump.journal`);
+adds that wait for their fsync together share one.
 """
 
 import heapq
@@ -28,7 +30,7 @@ import uuid
 
 import attrs
 
-from ion.apps.pump.journal import Journal, json_line
+from ion.apps.pump.journal import DiskQueue, Journal, json_line
 
 COMPACT_MIN_LINES = 1000
 
@@ -69,6 +71,7 @@ class RetryQueue:
         horizon=3600.0,
         jitter=0.2,
         rng=None,
+        reactor=None,
         compact_min_lines=COMPACT_MIN_LINES,
     ):
         for name, value in (("initial", initial), ("maximum", maximum), ("horizon", horizon)):
@@ -88,7 +91,7 @@ class RetryQueue:
         self._by_key = {}  # key -> id
         self._heap = []  # (due, seq, id); stale items are skipped when popped
         self._seq = itertools.count()
-        self._journal = Journal(path)
+        self._journal = Journal(path, DiskQueue(reactor))
         self._journal.replay(self._replay)
         for entry in self._entries.values():
             self._by_key[entry.key] = entry.id
@@ -143,7 +146,8 @@ class RetryQueue:
         return base
 
     def add(self, key, body, routing_key, code, message):
-        """Record a notice whose first attempt just failed; fsynced when this returns."""
+        """Record a notice whose first attempt just failed. Returns a Deferred firing with its
+        `RetryEntry` once the record is fsynced (it is pending in memory at once)."""
         now = self.clock.seconds()
         entry = RetryEntry(
             id=uuid.uuid4().hex,
@@ -156,11 +160,20 @@ class RetryQueue:
             code=code,
             message=message,
         )
-        self._write({"op": "add", "entry": attrs.asdict(entry)}, sync=True)
+        self._write({"op": "add", "entry": attrs.asdict(entry)})
         self._entries[entry.id] = entry
         self._by_key[key] = entry.id
         self._push(entry)
-        return entry
+
+        def not_kept(failure):
+            # Not on disk for sure: the caller must not settle the message; its line may come
+            # back at the next start, where the duplicate cache sorts it out.
+            self._entries.pop(entry.id, None)
+            if self._by_key.get(key) == entry.id:
+                del self._by_key[key]
+            return failure
+
+        return self._journal.sync().addCallbacks(lambda _: entry, not_kept)
 
     def failed_again(self, entry, code, message):
         """Note another failed attempt. Returns True if the entry is rescheduled, False if its
@@ -232,15 +245,17 @@ class RetryQueue:
 
     # -- the file -----------------------------------------------------------------------------
 
-    def _write(self, record, sync=False):
-        self._journal.append(json_line(record), sync=sync)
+    def _write(self, record):
+        self._journal.append(json_line(record))
 
     def compact(self):
-        """Rewrite the file with the pending entries only (temporary file, fsync, rename)."""
-        self._journal.rewrite(
+        """Rewrite the file with the pending entries only (temporary file, fsync, rename); a
+        Deferred firing when done."""
+        return self._journal.rewrite(
             json_line({"op": "add", "entry": attrs.asdict(entry)})
             for entry in self._entries.values()
         )
 
     def close(self):
-        self._journal.close()
+        """Close the file once its pending disk work is done; a Deferred."""
+        return self._journal.close()

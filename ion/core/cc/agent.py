@@ -13,7 +13,6 @@ Ops: `containers`, `ping`, `spawn` ({module, name, args} -> pid, in this contain
 
 import os
 import socket
-import time
 
 from twisted.internet import defer, task
 
@@ -28,7 +27,7 @@ class ContainerAgent(ServiceProcess):
 
     def on_init(self):
         self.peers = {}
-        self.started = time.time()
+        self.started = self.container.clock.seconds()
         self._beat = None
 
     async def on_activate(self):
@@ -113,21 +112,20 @@ class ContainerAgent(ServiceProcess):
 
     def op_containers(self, content, headers):
         now = self.container.clock.seconds()
-        wall = time.time()
         return [
             {
                 "container": p["container"],
                 "host": p.get("host"),
                 "os_pid": p.get("os_pid"),
                 "apps": p.get("apps", []),
-                "uptime": round(wall - p.get("started", wall), 1),
+                "uptime": round(now - p.get("started", now), 1),
                 "last_heartbeat": round(now - p["seen"], 1),
             }
             for p in sorted(self.peers.values(), key=lambda p: p["container"])
         ]
 
     def op_ping(self, content, headers):
-        return dict(self.info(), uptime=round(time.time() - self.started, 3))
+        return dict(self.info(), uptime=round(self.container.clock.seconds() - self.started, 3))
 
     async def op_spawn(self, content, headers):
         if not isinstance(content, dict) or not isinstance(content.get("module"), str):

@@ -65,13 +65,15 @@ class Container:
     ):
         self.config = config
         self.reactor = reactor
-        self.clock = clock or reactor  # timeouts and timers; tests pass a task.Clock
+        # Every timer and timestamp of the container and its processes (see
+        # docs/ARCHITECTURE.md, "Time"); tests pass a task.Clock.
+        self.clock = clock or reactor
         self.transport = transport
         self.id = container_id or default_container_id()
         self.sysname = sysname or config.get(MESSAGING, "sysname", "ion")
         self.res_dir = res_dir
         limits = codec.Limits.from_config(config.section(MESSAGING))
-        self.messenger = Messenger(transport, self.sysname, limits, config)
+        self.messenger = Messenger(transport, self.sysname, self.clock, limits, config)
         self.registry = ProcessRegistry(self.id)
         self.apps = AppController(self)
         self.running = False

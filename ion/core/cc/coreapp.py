@@ -5,7 +5,6 @@ processes of this container), so tools and other containers can ask a container 
 """
 
 import os
-import time
 
 from ion.core.process import ServiceProcess
 
@@ -14,14 +13,14 @@ class ContainerProcess(ServiceProcess):
     def __init__(self, container, pid, name=None, args=None, parent=None):
         args = dict(args or {}, service=f"cc_{container.id}")
         super().__init__(container, pid, name, args, parent)
-        self.started = time.time()
+        self.started = container.clock.seconds()
 
     def op_ping(self, content, headers):
         return {
             "container": self.container.id,
             "sysname": self.container.sysname,
             "os_pid": os.getpid(),
-            "uptime": round(time.time() - self.started, 3),
+            "uptime": round(self.container.clock.seconds() - self.started, 3),
         }
 
     def op_ps(self, content, headers):

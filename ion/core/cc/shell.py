@@ -20,12 +20,12 @@ and the terminal plumbing: `ShellTerminal` (conch's manhole, printing above the 
 """
 
 import fcntl
+import itertools
 import os
-import re
 import pprint
+import re
 import struct
 import termios
-import time
 import tty
 
 from twisted.conch.insults import insults
@@ -34,7 +34,7 @@ from twisted.internet import defer, fdesc, stdio
 from twisted.logger import Logger
 from twisted.python import threadable
 
-from ion.core.process import Process
+from ion.core.process import NoSuchReceiver, Process
 
 log = Logger()
 
@@ -71,6 +71,9 @@ class ShellProcess(Process):
     """The process the shell's `rpc()` and `send()` speak from (spawned on first use)."""
 
 
+_numbers = itertools.count()  # orders Pending handles and the lines typed
+
+
 class Pending:
     """What a helper started. Its outcome is printed when it arrives; then `done` is true and
     `result` (or `error`) holds it. `when_done()` is a Deferred firing with this object."""
@@ -82,7 +85,7 @@ class Pending:
         self.error = None
         self._waiters = []
         # Lets the shell tell the handle a helper just returned (not echoed) from an old one.
-        self.started = time.monotonic()
+        self.number = next(_numbers)
 
     def __repr__(self):
         if not self.done:
@@ -254,16 +257,25 @@ class ShellHelpers:
         return self._start("containers()", ask(), table)
 
     def msc(self, conv_id=None, last=20, svg=None):
-        """Print a message sequence chart from this container's observer (the observer app
-        must run here); with svg='file.svg' also write it as SVG."""
-        from ion.apps.observer.observer import msc_for_shell, svg_for_shell
+        """Print a message sequence chart from the system's observer (the observer app's
+        `observer` service, asked over rpc); with svg='file.svg' the observer also writes it
+        as SVG (on its own host)."""
+        request = {"last": last} if conv_id is None else {"conv_id": conv_id}
 
-        try:
-            if svg is not None:
-                self.print(f"wrote {svg_for_shell(self.container, svg, conv_id=conv_id, last=last)}")
-            self.print(msc_for_shell(self.container, conv_id=conv_id, last=last))
-        except Exception as e:
-            self.print(describe_error(e))
+        async def chart():
+            proc = await self.shell_process()
+            try:
+                if svg is not None:
+                    path = os.path.abspath(svg) if isinstance(svg, str) else svg
+                    written = await proc.rpc("observer", "svg", dict(request, path=path))
+                    self.print(f"wrote {written}")
+                return await proc.rpc("observer", "msc", request)
+            except NoSuchReceiver:
+                raise LookupError(
+                    "no observer in this system: start res/apps/observer.app"
+                ) from None
+
+        return self._start("msc()", chart(), lambda text: text)
 
     def apps(self):
         """Print the running apps."""
@@ -371,17 +383,17 @@ class ShellInterpreter(ManholeInterpreter):
     """The manhole's interpreter, where `exit()` leaves the shell and the `Pending` a helper
     just returned is not echoed (its outcome is printed when it arrives)."""
 
-    line_started = 0.0
+    line_started = -1  # the number the Pending handles made by the current line start after
 
     def runcode(self, *args, **kwargs):
-        self.line_started = time.monotonic()
+        self.line_started = next(_numbers)
         try:
             super().runcode(*args, **kwargs)
         except SystemExit:
             self.handler.leave()
 
     def displayhook(self, obj):
-        if isinstance(obj, Pending) and obj.started >= self.line_started:
+        if isinstance(obj, Pending) and obj.number > self.line_started:
             self.locals["_"] = obj
             return
         super().displayhook(obj)

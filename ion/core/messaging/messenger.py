@@ -15,7 +15,6 @@ The copy is not mandatory and its failures are only logged (at debug): tracing n
 send.
 """
 
-import time
 
 import attrs
 from twisted.internet import defer
@@ -43,8 +42,12 @@ class Message:
 
 
 class Messenger:
-    def __init__(self, transport, sysname, limits=None, config=None):
+    """Sends and receives the envelopes of one system over `transport`; a send is stamped
+    `ts` (milliseconds) from `clock` (the container's)."""
+
+    def __init__(self, transport, sysname, clock, limits=None, config=None):
         self.transport = transport
+        self.clock = clock
         self.sysname = sysname
         self.exchange = names.system_exchange(sysname)
         self.trace_exchange = f"{self.exchange}.trace"
@@ -98,7 +101,7 @@ class Messenger:
     async def send(self, receiver, headers, content):
         """Publish an envelope to receiver; fails with Unroutable if nobody listens there."""
         headers["receiver"] = receiver
-        headers.setdefault("ts", int(time.time() * 1000))
+        headers.setdefault("ts", int(self.clock.seconds() * 1000))
         headers.setdefault("encoding", "msgpack")
         body = codec.encode_envelope(codec.Envelope(headers=headers, content=content))
         if self.tracing():

@@ -8,11 +8,9 @@ import os
 import threading
 import time
 
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
-
 from ion.apps.pump.notice import format_time
 from ion.core.process import Process
+from tests.waiting import quiet, until  # noqa: F401 (the pump tests import them from here)
 
 MTIME = 1700000000.25
 
@@ -60,20 +58,6 @@ def topic(rel_path):
 
 def file_url(directory):
     return "file://" + os.path.abspath(directory) + "/"
-
-
-async def until(predicate, timeout=5.0, what="the condition"):
-    """Let the reactor run until `predicate()` is true; AssertionError after `timeout` s."""
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await deferLater(reactor, 0.002, lambda: None)
-
-
-async def quiet(seconds=0.05):
-    """Let the reactor run a little, so that anything still on its way arrives."""
-    await deferLater(reactor, seconds, lambda: None)
 
 
 def unblock_after(testcase, fifo, seconds):

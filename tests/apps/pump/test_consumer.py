@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import subprocess
+import threading
 import time
 import types
 
@@ -20,7 +21,7 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from ion.apps.pump import app as pump_app
-from ion.apps.pump import paths
+from ion.apps.pump import journal, paths
 from ion.apps.pump.args import ConsumerArgs
 from ion.apps.pump.consumer import Consumer, dup_key, make_report, report_id
 from ion.apps.pump.dupcache import DupCache
@@ -201,7 +202,7 @@ class RetryQueueTests(unittest.SynchronousTestCase):
         """Retries back off 2, 4, 8 s, then stay at the cap (10 s); no attempt is scheduled
         past the horizon and a failure at the horizon gives up."""
         q = self.queue()
-        entry = q.add("k", {"relPath": "f"}, "v03", 503, "down")
+        entry = self.successResultOf(q.add("k", {"relPath": "f"}, "v03", 503, "down"))
         dues = [entry.due]
         while True:
             self.clock.advance(entry.due - self.clock.seconds())
@@ -223,8 +224,8 @@ class RetryQueueTests(unittest.SynchronousTestCase):
         """Entries are on disk (the add fsynced) and come back after a restart, with their
         attempts and due times; finished ones do not."""
         q = self.queue()
-        a = q.add("a", {"relPath": "a"}, "v03", 503, "down")
-        b = q.add("b", {"relPath": "b"}, "v03", 504, "slow")
+        a = self.successResultOf(q.add("a", {"relPath": "a"}, "v03", 503, "down"))
+        b = self.successResultOf(q.add("b", {"relPath": "b"}, "v03", 504, "slow"))
         self.clock.advance(2)
         q.pop_due()
         q.failed_again(a, 499, "short")
@@ -240,9 +241,9 @@ class RetryQueueTests(unittest.SynchronousTestCase):
     def test_due_order(self):
         """pop_due returns what is due, earliest first; next_due tells when the next one is."""
         q = self.queue()
-        a = q.add("a", {}, "v03", 503, "")
+        a = self.successResultOf(q.add("a", {}, "v03", 503, ""))
         self.clock.advance(1)
-        b = q.add("b", {}, "v03", 503, "")
+        b = self.successResultOf(q.add("b", {}, "v03", 503, ""))
         self.assertEqual(q.next_due(), 2)
         self.assertEqual(q.pop_due(), [])
         self.clock.advance(2)
@@ -347,6 +348,20 @@ def rabbitmq_queues(broker):
         if len(fields) == 3:
             counts[fields[0]] = (int(fields[1]), int(fields[2]))
     return counts
+
+
+async def until_queue(broker, queue, predicate, timeout=30):
+    """Wait until predicate(ready, unacked) holds for `queue` on the private RabbitMQ node;
+    returns the counts."""
+    seen = [None]
+
+    async def holds():
+        seen[0] = counts = (await threads.deferToThread(rabbitmq_queues, broker)).get(queue)
+        return counts if counts is not None and predicate(*counts) else None
+
+    return await until(
+        holds, timeout, lambda _: f"queue {queue}: (ready, unacked) still {seen[0]}", 0.2
+    )
 
 
 class OnMemory:
@@ -504,17 +519,18 @@ class ConsumerScenarios:
         """Wait until the consumer's queue (or `queue`) holds `ready` messages waiting and
         `unacked` ones delivered but not settled."""
         queue = queue or self.consumer_queue
-        deadline = reactor.seconds() + timeout
-        while True:
-            counts = await self.queue_counts(queue)
-            if counts == (ready, unacked):
-                return
-            if reactor.seconds() > deadline:
-                raise AssertionError(
-                    f"queue {queue}: (ready, unacked) still {counts} after {timeout} s, "
-                    f"expected {(ready, unacked)}"
-                )
-            await task.deferLater(reactor, self.poll, lambda: None)
+        seen = [None]
+
+        async def reached():
+            seen[0] = await self.queue_counts(queue)
+            return seen[0] == (ready, unacked)
+
+        await until(
+            reached,
+            timeout,
+            lambda _: f"queue {queue}: (ready, unacked) {(ready, unacked)}, still {seen[0]}",
+            self.poll,
+        )
 
     def settle(self, queue=None):
         """Wait until every message of the consumer's queue (or `queue`) is settled."""
@@ -762,7 +778,7 @@ class ConsumerScenarios:
         await self.pump(clock=clock, consumer=AlwaysDown)
         data = b"later"
         await self.post_file("r/f.dat", data)
-        await until(lambda: len(self.consumer.retries) == 1)
+        await until(lambda: self.consumer.stats["retrying"] == 1)
         await self.settle()
         with open(os.path.join(self.state, "retries.jsonl")) as f:
             (record,) = [json.loads(line) for line in f]
@@ -786,13 +802,44 @@ class ConsumerScenarios:
         self.assertEqual(len(self.consumer.retries), 0)
         self.assertEqual(self.consumer.stats["retrying"], 0)
 
+    async def test_reports_stamped_from_the_container_clock(self):
+        """A report's timeCompleted comes from the container's clock, like every other time
+        of the pump (a task.Clock here, the reactor's wall clock in service)."""
+        clock = task.Clock()
+        clock.advance(1_700_000_000.25)
+        await self.pump(clock=clock)
+        await self.post_file("c/f.dat", b"stamped")
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["timeCompleted"], "20231114T221320.25")
+
+    async def test_ack_waits_for_the_retry_fsync(self):
+        """The message of a failed transfer is acked only once its retry entry is fsynced
+        (the fsync runs in a pool thread, the reactor goes on meanwhile)."""
+        reached, release = threading.Event(), threading.Event()
+        fsync = journal.os.fsync
+
+        def slow_fsync(fd):
+            reached.set()
+            release.wait(10)
+            fsync(fd)
+
+        self.patch(journal.os, "fsync", slow_fsync)
+        self.addCleanup(release.set)
+        await self.pump(clock=task.Clock(), consumer=AlwaysDown)
+        await self.post_file("r/f.dat", b"later")
+        await until(reached.is_set, what="the retry entry's fsync")
+        await self.until_counts(0, 1)
+        release.set()
+        await self.settle()
+        self.assertEqual(self.consumer.stats["retrying"], 1)
+
     async def test_retry_then_success(self):
         """A transfer failing twice with 503 is retried and then delivered: one 201 report."""
         clock = task.Clock()
         flaky = type("Flaky", (FlakyConsumer,), {"failures": 2})
         await self.pump(clock=clock, consumer=flaky)
         await self.post_file("f/f.dat", b"eventually")
-        await until(lambda: len(self.consumer.retries) == 1)
+        await until(lambda: self.consumer.stats["retrying"] == 1)
         (entry,) = list(self.consumer.retries)
         clock.advance(2)
         await until(lambda: self.consumer.calls == 2 and entry.attempts == 2)
@@ -808,7 +855,7 @@ class ConsumerScenarios:
         clock = task.Clock()
         await self.pump(clock=clock, consumer=AlwaysDown, retry_horizon=10)
         await self.post_file("h/f.dat", b"never")
-        await until(lambda: self.consumer.calls == 1 and len(self.consumer.retries) == 1)
+        await until(lambda: self.consumer.calls == 1 and self.consumer.stats["retrying"] == 1)
         (entry,) = list(self.consumer.retries)
         for now, calls, due in ((2, 2, 6), (6, 3, 10)):
             clock.advance(now - clock.seconds())
@@ -838,7 +885,7 @@ class ConsumerScenarios:
         first = await self.container(clock=clock)
         consumer = await self.spawn_consumer(first, AlwaysDown)
         await self.post_file("s/f.dat", b"kept")
-        await until(lambda: len(consumer.retries) == 1)
+        await until(lambda: consumer.stats["retrying"] == 1)
         await self.settle()
         await first.stop()
         second = await self.container(clock=clock)
@@ -1049,7 +1096,7 @@ class ConsumerScenarios:
             sources=[f"{server.url}/"],
         )
         await self.post(notice_fields(f"{server.url}/trickle/", "1000", size=None))
-        await until(lambda: len(self.consumer.retries) == 1, what="a retry entry")
+        await until(lambda: self.consumer.stats["retrying"] == 1, what="a retry entry")
         (entry,) = list(self.consumer.retries)
         self.assertEqual(entry.code, 504)
         self.assertIn("too slow", entry.message)

@@ -24,7 +24,7 @@ from ion.apps.pump.transfer.inflight import INFLIGHT_SUFFIX
 from ion.core.cc.container import make_transport
 from ion.core.cc.testing import make_container
 from tests.apps.pump.fixtures import Collector, file_url, notice_fields, topic, until, write_source
-from tests.apps.pump.test_consumer import rabbitmq_queues
+from tests.apps.pump.test_consumer import rabbitmq_queues, until_queue
 from tests.broker import get_broker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -236,11 +236,4 @@ class CrashTests(unittest.TestCase):
 
     async def until_queue(self, broker, queue, predicate, timeout=30):
         """Wait until predicate(ready, unacked) holds for `queue` (read with rabbitmqctl)."""
-        deadline = reactor.seconds() + timeout
-        while True:
-            counts = (await threads.deferToThread(rabbitmq_queues, broker)).get(queue)
-            if counts is not None and predicate(*counts):
-                return counts
-            if reactor.seconds() > deadline:
-                raise AssertionError(f"queue {queue}: (ready, unacked) still {counts}")
-            await task.deferLater(reactor, 0.2, lambda: None)
+        return await until_queue(broker, queue, predicate, timeout)

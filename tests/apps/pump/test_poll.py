@@ -1,9 +1,10 @@
 """The poll: what it announces, what it remembers across restarts, what it skips."""
 
 import os
+import threading
 import time
 
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
@@ -105,33 +106,48 @@ class ArgsTests(unittest.SynchronousTestCase):
 
 
 class SeenFilesTests(unittest.TestCase):
-    def test_store(self):
+    async def test_store(self):
         """Rows per directory survive reopening; another root starts empty; directories a
         complete pass did not visit are forgotten."""
         path = os.path.join(self.mktemp(), "seen.sqlite3")
-        store = SeenFiles(path, "file:///a/")
-        number = store.start_pass()
-        store.visited("", number)
-        store.visited("d", number)
-        store.record("", [("f", 1, 2.5)])
-        store.record("d", [("g", None, None), ("h", 3, 4.0)])
-        store.close()
-        store = SeenFiles(path, "file:///a/")
+        store = SeenFiles(path, "file:///a/", reactor)
+        number = await store.start_pass()
+        await store.visited("", number)
+        await store.visited("d", number)
+        await store.record("", [("f", 1, 2.5)])
+        await store.record("d", [("g", None, None), ("h", 3, 4.0)])
+        await store.close()
+        store = SeenFiles(path, "file:///a/", reactor)
         self.assertFalse(store.reset)
-        self.assertEqual(store.directory("d"), {"g": (None, None), "h": (3, 4.0)})
-        self.assertEqual(store.get("f"), (1, 2.5))
-        number = store.start_pass()
-        store.visited("", number)
-        store.forget_unvisited(number)
-        self.assertEqual((store.directory("d"), len(store)), ({}, 1))
-        store.forget("", ["f"])
-        self.assertEqual(len(store), 0)
-        store.record("", [("f", 1, 2.5)])
-        store.close()
-        store = SeenFiles(path, "file:///b/")
+        self.assertEqual(store.known_at_open, 3)
+        self.assertEqual(await store.directory("d"), {"g": (None, None), "h": (3, 4.0)})
+        self.assertEqual(await store.get("f"), (1, 2.5))
+        number = await store.start_pass()
+        await store.visited("", number)
+        await store.forget_unvisited(number)
+        self.assertEqual((await store.directory("d"), await store.count()), ({}, 1))
+        await store.forget("", ["f"])
+        self.assertEqual(await store.count(), 0)
+        await store.record("", [("f", 1, 2.5)])
+        await store.close()
+        store = SeenFiles(path, "file:///b/", reactor)
         self.addCleanup(store.close)
         self.assertTrue(store.reset)
-        self.assertEqual(len(store), 0)
+        self.assertEqual(await store.count(), 0)
+
+    async def test_commits_off_the_reactor_thread(self):
+        """A poll's SQLite commits run in pool threads, one at a time in the order asked for:
+        the reactor does not wait for the disk."""
+        store = SeenFiles(os.path.join(self.mktemp(), "seen.sqlite3"), "file:///a/", reactor)
+        threads = set()
+        store.db.set_trace_callback(lambda sql: threads.add(threading.current_thread()))
+        writes = [store.record("", [(f"f{n}", n, 1.0)]) for n in range(5)]
+        writes.append(store.forget("", ["f0"]))
+        self.assertEqual(await store.directory(""), {f"f{n}": (n, 1.0) for n in range(1, 5)})
+        await defer.gatherResults(writes)
+        await store.close()
+        self.assertTrue(threads)
+        self.assertNotIn(threading.main_thread(), threads)
 
 
 class PollTests(unittest.TestCase):
@@ -214,7 +230,7 @@ class PollTests(unittest.TestCase):
         write_old(self.src, "d/new", b"n")
         os.unlink(gone)
         self.assertEqual(await self.announced(proc), ["d/grows", "d/new", "touched"])
-        self.assertIsNone(proc.store.get("d/gone"))
+        self.assertIsNone(await proc.store.get("d/gone"))
         write_old(self.src, "d/gone", b"g")
         self.assertEqual(await self.announced(proc), ["d/gone"])
         self.assertEqual(proc.last_pass["unchanged"], 4)
@@ -225,14 +241,14 @@ class PollTests(unittest.TestCase):
         write_old(self.src, "drop/sub/f", b"d")
         proc = await self.start_poll()
         self.collector.got.clear()
-        self.assertEqual(proc.store.get("drop/sub/f"), (1, OLD))
+        self.assertEqual(await proc.store.get("drop/sub/f"), (1, OLD))
         for path in ("drop/sub/f",):
             os.unlink(os.path.join(self.src, path))
         os.rmdir(os.path.join(self.src, "drop", "sub"))
         os.rmdir(os.path.join(self.src, "drop"))
         self.assertEqual(await self.announced(proc), [])
-        self.assertIsNone(proc.store.get("drop/sub/f"))
-        self.assertEqual(proc.store.get("keep/f"), (1, OLD))
+        self.assertIsNone(await proc.store.get("drop/sub/f"))
+        self.assertEqual(await proc.store.get("keep/f"), (1, OLD))
 
     async def test_state_survives_restart(self):
         """A new poll process on the same state does not announce unchanged files again,
@@ -398,7 +414,7 @@ class PollTests(unittest.TestCase):
         announced = sorted(b["relPath"] for b in self.collector.bodies())
         self.assertEqual(len(announced), 300)
         self.assertEqual(len(set(announced)), 300)
-        self.assertEqual(len(proc.store), 300)
+        self.assertEqual(await proc.store.count(), 300)
 
 
 class FakeListingTests(unittest.TestCase):
@@ -480,25 +496,30 @@ class FakeListingTests(unittest.TestCase):
         self.lister.listings[root + "d/"] = [entry("g")]
         proc = await self.start_poll()
         await proc.poll_now()
-        self.assertEqual((len(proc.store), proc.last_pass["errors"]), (2, 0))
+        self.assertEqual((await proc.store.count(), proc.last_pass["errors"]), (2, 0))
         self.lister.listings[root + "d/"] = 503
         for _ in range(3):
             self.clock.advance(10)
             await proc.poll_now()
         self.assertEqual(proc.stats["errors"], 3)
-        self.assertEqual(proc.store.get("d/g"), (1, OLD))
+        self.assertEqual(await proc.store.get("d/g"), (1, OLD))
         self.lister.listings[root] = 503
         self.clock.advance(10)
         await proc.poll_now()
-        self.assertEqual(proc.store.get("f"), (1, OLD))
+        self.assertEqual(await proc.store.get("f"), (1, OLD))
 
     async def test_terminate_cancels_a_stuck_pass(self):
-        """Terminating a poll whose pass hangs gives it stop_grace seconds, then cancels it."""
+        """Terminating a poll whose pass hangs gives it stop_grace seconds (on the container's
+        clock), then cancels it."""
         self.lister.gate = defer.Deferred()
         self.lister.listings["sftp://feed.example/data/"] = [entry("f")]
-        proc = await self.start_poll(stop_grace=0.1)
+        proc = await self.start_poll(stop_grace=60, list_timeout=3600)
         await until(lambda: self.lister.calls)
-        await proc.terminate()
+        stopping = defer.Deferred.fromCoroutine(proc.terminate())
+        self.clock.advance(59.9)
+        self.assertNoResult(stopping)
+        self.clock.advance(0.1)
+        await stopping.addTimeout(5, reactor)
         self.assertEqual(proc.state, "TERMINATED")
         self.lister.gate.callback(None)
         await quiet()
@@ -516,13 +537,15 @@ class FakeListingTests(unittest.TestCase):
             await d
 
         self.patch(PollService, "publish", publish)
-        proc = await self.start_poll(stop_grace=0.1)
+        proc = await self.start_poll(stop_grace=60)
         await until(lambda: len(hung) == 2)
-        await proc.terminate()
+        stopping = defer.Deferred.fromCoroutine(proc.terminate())
+        self.clock.advance(60)
+        await stopping.addTimeout(5, reactor)
         self.assertEqual((proc.state, proc.stats["errors"]), ("TERMINATED", 0))
         store = SeenFiles(os.path.join(self.state, "seen.sqlite3"), "sftp://feed.example/data/")
         self.addCleanup(store.close)
-        self.assertEqual(len(store), 0)
+        self.assertEqual(store.known_at_open, 0)
 
     async def test_unknown_sizes_and_times(self):
         """Listings without sizes or times (some HTTP index pages) announce a file once, and

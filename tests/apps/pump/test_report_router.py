@@ -3,7 +3,6 @@
 import json
 import os
 
-from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from ion.apps.pump.args import ReportRouterArgs
@@ -96,11 +95,16 @@ class RouterScenarios:
 
     async def settle(self, timeout=10.0):
         """Wait until every report in the router's queue is settled."""
-        deadline = reactor.seconds() + timeout
-        while (counts := await self.queue_counts(self.router_queue)) != (0, 0):
-            if reactor.seconds() > deadline:
-                raise AssertionError(f"router queue: (ready, unacked) still {counts}")
-            await task.deferLater(reactor, self.poll, lambda: None)
+        seen = []
+
+        async def settled():
+            seen.append(await self.queue_counts(self.router_queue))
+            return seen[-1] == (0, 0)
+
+        await until(
+            settled, timeout, lambda _: f"router queue (ready, unacked) {seen[-1]} to be (0, 0)",
+            interval=self.poll,
+        )
 
     async def test_routes_by_source(self):
         """A report goes to xr_<source> with its routing key, and to no other source; counters

@@ -43,7 +43,7 @@ from ion.apps.pump.transfer.inflight import INFLIGHT_SUFFIX, SWEEP_MIN_AGE
 from ion.core.cc.container import make_transport
 from ion.core.cc.testing import make_container
 from tests.apps.pump.fixtures import Collector, until
-from tests.apps.pump.test_consumer import rabbitmq_queues
+from tests.apps.pump.test_consumer import rabbitmq_queues, until_queue
 from tests.apps.pump.test_crash import PumpChild, write_pump_app
 from tests.apps.pump.test_pump_e2e import inflight_files
 from tests.broker import get_broker
@@ -472,11 +472,4 @@ class Flow:
 
     async def until_queue(self, queue, predicate, timeout=30):
         """Wait until predicate(ready, unacked) holds for `queue` (read with rabbitmqctl)."""
-        deadline = reactor.seconds() + timeout
-        while True:
-            counts = (await threads.deferToThread(rabbitmq_queues, self.broker)).get(queue)
-            if counts is not None and predicate(*counts):
-                return counts
-            if reactor.seconds() > deadline:
-                raise AssertionError(f"queue {queue}: (ready, unacked) still {counts}")
-            await task.deferLater(reactor, 0.2, lambda: None)
+        return await until_queue(self.broker, queue, predicate, timeout)

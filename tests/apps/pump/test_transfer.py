@@ -17,7 +17,7 @@ import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -56,6 +56,7 @@ from ion.apps.pump.transfer.limits import IdleTimer
 from ion.core import credentials as core_credentials
 from tests.apps.pump.fixtures import unblock_after
 from tests.apps.pump.servers import leftovers, write_file
+from tests.waiting import until
 
 SECRET = "s3cr3t-Pa55"
 
@@ -665,8 +666,7 @@ class InflightFilePoolTests(TestCase):
         return reached, release
 
     async def until(self, event):
-        while not event.is_set():
-            await deferLater(reactor, 0.005, lambda: None)
+        await until(event.is_set, 10, "the blocked call to be reached")
 
     async def test_diskWorkInPoolThreads(self):
         """
@@ -1184,16 +1184,12 @@ class LocalSafetyTests(TestCase):
         d = Deferred.fromCoroutine(
             transfer.get(reactor, "file://" + self.big_src, dest, pool=self.pool)
         )
-        while not reached.is_set():
-            await deferLater(reactor, 0.005, lambda: None)
+        await until(reached.is_set, 10, "the open to be reached")
         d.cancel()
         with self.assertRaises(CancelledError):
             await d  # without waiting for the open
         release.set()
-        deadline = time.monotonic() + 5
-        while descriptors_to(self.big_src) and time.monotonic() < deadline:
-            await deferLater(reactor, 0.005, lambda: None)
-        self.assertEqual(descriptors_to(self.big_src), 0)
+        await until(lambda: descriptors_to(self.big_src) == 0, 5, "the source to be closed")
         self.assertEqual(os.listdir(self.root), [])
 
     async def test_directoriesMadeBelowRoot(self):

@@ -11,7 +11,6 @@ import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
-from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
@@ -28,7 +27,15 @@ from ion.apps.pump.transfer import (
     TransferTimeout,
 )
 from ion.apps.pump.transfer.inflight import BUFFER_LIMIT
-from tests.apps.pump.servers import leftovers, make_tls, settle, start_http, write_file
+from tests.apps.pump.servers import (
+    leftovers,
+    make_tls,
+    partly_written,
+    settle,
+    start_http,
+    write_file,
+)
+from tests.waiting import quiet, until
 
 SECRET = "pa55-w0rd-XyZ"
 
@@ -211,11 +218,7 @@ class HTTPTests(TestCase):
         d = Deferred.fromCoroutine(
             transfer.get(reactor, self.server.url + f"/stall/{3 * BUFFER_LIMIT}", self.dest)
         )
-        while (
-            not leftovers(self.dest_dir)
-            or os.path.getsize(os.path.join(self.dest_dir, leftovers(self.dest_dir)[0])) < 50000
-        ):
-            await deferLater(reactor, 0.01, lambda: None)
+        await until(lambda: partly_written(self.dest_dir, 50000), 10, "50000 bytes on disk")
         d.cancel()
         with self.assertRaises(CancelledError):
             await d
@@ -229,9 +232,8 @@ class HTTPTests(TestCase):
         d = Deferred.fromCoroutine(
             transfer.get(reactor, self.server.url + "/stall/100000", self.dest)
         )
-        while not self.server.site.connections:
-            await deferLater(reactor, 0.01, lambda: None)
-        await deferLater(reactor, 0.1, lambda: None)
+        await until(lambda: self.server.site.connections, 10, "a connection")
+        await quiet(0.1)
         self.assertEqual(os.listdir(self.dest_dir), [])
         d.cancel()
         with self.assertRaises(CancelledError):
@@ -360,7 +362,7 @@ class HTTPConnectionsTests(TestCase):
         await self.get(0)
         for protocol in list(self.server.site.connections):
             protocol.transport.loseConnection()
-        await deferLater(reactor, 0.05, lambda: None)
+        await quiet()
         await self.get(1)
         self.assertEqual(self.server.site.accepted, 2)
 

@@ -22,6 +22,7 @@ from ion.core.process import (
 )
 from tests.apps.pump.fixtures import write_source
 from tests.apps.pump.servers import settle, start_http
+from tests.waiting import until
 from tests.apps.pump.test_consumer import OnMemory, OnPrivateRabbitMQ
 
 
@@ -366,9 +367,7 @@ class TransfersTests(unittest.TestCase):
         stalled = defer.Deferred.fromCoroutine(
             transfers.get(f"{server.url}/stall/100000", os.path.join(dest, "s.bin"))
         )
-        deadline = reactor.seconds() + 10
-        while transfers.received.in_flight < 50000 and reactor.seconds() < deadline:
-            await task.deferLater(reactor, 0.01, lambda: None)
+        await until(lambda: transfers.received.in_flight >= 50000, 10, "50000 bytes in flight")
         self.assertEqual((transfers.received.total, transfers.received.in_flight), (53000, 50000))
         stalled.cancel()
         with self.assertRaises(defer.CancelledError):

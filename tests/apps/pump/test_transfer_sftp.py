@@ -11,7 +11,6 @@ import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from ion.apps.pump import transfer
@@ -26,7 +25,15 @@ from ion.apps.pump.transfer import (
     TransferTimeout,
 )
 from ion.apps.pump.transfer.inflight import BUFFER_LIMIT
-from tests.apps.pump.servers import leftovers, settle, ssh_key, start_sftp, write_file
+from tests.apps.pump.servers import (
+    leftovers,
+    partly_written,
+    settle,
+    ssh_key,
+    start_sftp,
+    write_file,
+)
+from tests.waiting import until
 
 SECRET = "sftp-Pa55-word"
 
@@ -190,10 +197,7 @@ class SFTPTests(TestCase):
         with open(os.path.join(self.root, "big-stall.bin"), "wb") as f:
             f.truncate(2 * BUFFER_LIMIT)
         d = Deferred.fromCoroutine(self.get("/big-stall.bin"))
-        while not leftovers(self.local) or not os.path.getsize(
-            os.path.join(self.local, leftovers(self.local)[0])
-        ):
-            await deferLater(reactor, 0.01, lambda: None)
+        await until(lambda: partly_written(self.local), 10, "a partly written file")
         d.cancel()
         with self.assertRaises(CancelledError):
             await d

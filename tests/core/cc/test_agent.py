@@ -1,25 +1,17 @@
 """Container agents: containers of one system see each other, spawn remotely, drop the dead."""
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import task
 from twisted.trial import unittest
 
 from ion.core.cc.agent import ContainerAgent
 from ion.core.cc.testing import make_container
 from ion.core.messaging.memory import MemoryBroker
 from ion.core.process import Process, RemoteError
+from tests.waiting import quiet, until
 
 
 class Client(Process):
     pass
-
-
-async def settle(testcase, condition, timeout=5.0):
-    waited = 0.0
-    while not condition():
-        if waited > timeout:
-            testcase.fail("condition not reached")
-        await task.deferLater(reactor, 0.01, lambda: None)
-        waited += 0.01
 
 
 class AgentTests(unittest.TestCase):
@@ -39,7 +31,7 @@ class AgentTests(unittest.TestCase):
     async def test_containers_see_each_other(self):
         """Each agent's table lists every container of the system, itself included."""
         a, b = await self.system(2)
-        await settle(self, lambda: len(self.agent(a).peers) == 2 and len(self.agent(b).peers) == 2)
+        await until(lambda: len(self.agent(a).peers) == 2 and len(self.agent(b).peers) == 2)
         client = await a.spawn(Client)
         table = await client.rpc("ccagent", "containers")
         self.assertEqual(sorted(row["container"] for row in table), sorted([a.id, b.id]))
@@ -61,19 +53,19 @@ class AgentTests(unittest.TestCase):
         heartbeats; one that stops cleanly leaves at once."""
         a, b, c = await self.system(3)
         agent_a = self.agent(a)
-        await settle(self, lambda: len(agent_a.peers) == 3)
+        await until(lambda: len(agent_a.peers) == 3)
         # b dies without a word: its heartbeats stop and its queues vanish.
         self.agent(b)._beat.stop()
         await b.transport.close()
         for _ in range(3):
             self.clock.advance(5)
-            await task.deferLater(reactor, 0.05, lambda: None)  # heartbeats get delivered
+            await quiet()  # heartbeats get delivered
         self.assertIn(b.id, agent_a.peers)
         self.clock.advance(5.1)
-        await settle(self, lambda: b.id not in agent_a.peers)
+        await until(lambda: b.id not in agent_a.peers)
         self.assertIn(c.id, agent_a.peers)
         await c.stop()
-        await settle(self, lambda: c.id not in agent_a.peers)
+        await until(lambda: c.id not in agent_a.peers)
 
     async def test_shell_helpers(self):
         """In the shell, containers() tables the system and spawn(..., container=id) spawns
@@ -81,7 +73,7 @@ class AgentTests(unittest.TestCase):
         from ion.core.cc.shell import ShellHelpers
 
         a, b = await self.system(2)
-        await settle(self, lambda: len(self.agent(a).peers) == 2)
+        await until(lambda: len(self.agent(a).peers) == 2)
         printed = []
         helpers = ShellHelpers(a, printed.append)
         pending = helpers.containers()

@@ -14,6 +14,7 @@ from ion.core.cc.testing import make_container
 from ion.core.messaging.transport import ConnectionLost
 from ion.core.process import Process, ServiceProcess
 from tests.broker import get_broker
+from tests.waiting import until
 
 MESSAGES = 5000
 ROUNDS = 3
@@ -80,8 +81,7 @@ class BrokerFaultTests(unittest.TestCase):
         of refused publishes)."""
         confirmed, refused = set(), 0
         held = sender.rpc("faults_receiver", "hold", None, timeout=60)
-        while receiver.gate is None:
-            await task.deferLater(reactor, 0.01, lambda: None)
+        await until(lambda: receiver.gate is not None, 10, "the held call to arrive")
         todo = list(range(MESSAGES))
         killed_at = MESSAGES // 3
         restarted = None
@@ -122,7 +122,8 @@ class BrokerFaultTests(unittest.TestCase):
                 await task.deferLater(reactor, 0.2, lambda: None)
         self.assertLess(time.monotonic() - back, 10)
         # everything confirmed arrives
-        deadline = time.monotonic() + 30
-        while not confirmed <= set(receiver.received) and time.monotonic() < deadline:
-            await task.deferLater(reactor, 0.1, lambda: None)
+        try:
+            await until(lambda: confirmed <= set(receiver.received), 30, interval=0.1)
+        except AssertionError:
+            pass  # the caller names what is missing
         return confirmed, refused

@@ -16,6 +16,7 @@ from ion.apps.hello.service import HelloService
 from ion.core.cc import shell
 from ion.core.cc.testing import make_container
 from ion.core.process import ServiceProcess
+from tests.waiting import until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -52,8 +53,8 @@ class Printed:
 class HelperTests(unittest.TestCase):
     """The helpers against a container on the memory transport (no terminal)."""
 
-    async def make(self):
-        self.container = await make_container(self)
+    async def make(self, clock=None):
+        self.container = await make_container(self, clock=clock)
         self.printed = Printed()
         self.helpers = shell.ShellHelpers(self.container, self.printed)
         return self.helpers
@@ -153,9 +154,12 @@ class HelperTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_rpc_timeout(self):
         """An rpc nobody answers in time prints ConversationTimeout."""
-        helpers = yield defer.Deferred.fromCoroutine(self.make())
+        clock = task.Clock()
+        helpers = yield defer.Deferred.fromCoroutine(self.make(clock))
         stuck = yield defer.Deferred.fromCoroutine(self.container.spawn(Stuck))
-        pending = helpers.rpc("stuck", "wait", timeout=0.2)
+        pending = helpers.rpc("stuck", "wait", timeout=30)
+        yield defer.Deferred.fromCoroutine(until(lambda: stuck.answers, what="the request"))
+        clock.advance(30)
         printed = yield defer.Deferred.fromCoroutine(self.finish(pending))
         self.assertTrue(printed.startswith("ConversationTimeout "), printed)
         for answer in stuck.answers:
@@ -451,15 +455,16 @@ class PseudoTerminal:
 
     async def read_until(self, text, timeout=10):
         """Read what the shell wrote until `text` appears; returns everything read so far."""
-        for _ in range(int(timeout / 0.02)):
+
+        def seen():
             try:
                 self.output += os.read(self.master, 65536)
             except BlockingIOError:
                 pass
-            if text in self.output:
-                return self.output
-            await task.deferLater(reactor, 0.02)
-        raise AssertionError(f"{text!r} not seen within {timeout} s; got {self.output!r}")
+            return text in self.output
+
+        await until(seen, timeout, lambda _: f"{text!r}; got {self.output!r}", interval=0.02)
+        return self.output
 
 
 class StartShellTests(unittest.TestCase):

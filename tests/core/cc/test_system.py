@@ -10,14 +10,14 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from ion.core.cc.testing import make_container
 from ion.core.process import Process
 from tests.broker import find_rabbitmq_server, get_broker
+from tests.waiting import until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -126,12 +126,11 @@ class SystemTests(unittest.TestCase):
         children = await self.start_containers(3)
         ids = sorted(c.container_id for c in children)
         client = await self.client()
-        for _ in range(100):
+        async def all_known():
             table = await client.rpc("ccagent", "containers", timeout=10)
-            if set(ids) <= {row["container"] for row in table}:
-                break
-            await task.deferLater(reactor, 0.1, lambda: None)
-        self.assertTrue(set(ids) <= {row["container"] for row in table}, table)
+            return set(ids) <= {row["container"] for row in table}
+
+        await until(all_known, 10, f"the agents to list {ids}", interval=0.1)
 
         result = await threads.deferToThread(
             run_cli, "spawn", "--broker", self.broker.url, "--sysname", self.sysname,
@@ -170,10 +169,10 @@ class SystemTests(unittest.TestCase):
         async def table():
             return {row["container"] for row in await client.rpc("ccagent", "containers")}
 
-        for _ in range(100):
-            if {a.container_id, b.container_id} <= await table():
-                break
-            await task.deferLater(reactor, 0.1, lambda: None)
+        async def both_known():
+            return {a.container_id, b.container_id} <= await table()
+
+        await until(both_known, 10, "both containers in the peer table", interval=0.1)
         cli = ["--broker", self.broker.url, "--sysname", self.sysname]
         result = await threads.deferToThread(run_cli, "containers", "--json", *cli)
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -201,10 +200,10 @@ class SystemTests(unittest.TestCase):
         self.assertIn("ContainerAgent", [row[2] for row in json.loads(result.stdout)])
 
         a.stop(signal.SIGKILL)
-        killed = time.monotonic()
-        while a.container_id in await table():
-            self.assertLess(time.monotonic() - killed, 3 * 1 + 2.5, "still in the peer table")
-            await task.deferLater(reactor, 0.2, lambda: None)
+        async def gone():
+            return a.container_id not in await table()
+
+        await until(gone, 3 * 1 + 2.5, "the killed container to leave the table", interval=0.2)
         self.assertEqual(await table(), {b.container_id})
 
     async def test_last_container_removes_exchanges(self):

@@ -11,6 +11,7 @@ from twisted.trial import unittest
 from ion.core.conversation import protocols as P
 from ion.core.cc.testing import make_container
 from tests.broker import get_broker
+from tests.waiting import until
 from ion.core.messaging.memory import MemoryBroker
 from ion.core.process import (
     ApplicationError,
@@ -186,11 +187,11 @@ class ConversationScenarios:
         logs = LogCapture(self)
         worker.gate = defer.Deferred()
         d = client.rpc("worker", "work", "slow", timeout=3)
-        await self.settle(lambda: len(worker.conversations) == 1)
+        await until(lambda: len(worker.conversations) == 1)
         clock.advance(3)
         self.failureResultOf(d, ConversationTimeout)
         worker.gate.callback(None)
-        await self.settle(lambda: logs.texts("dropped inform_result for finished conversation"))
+        await until(lambda: logs.texts("dropped inform_result for finished conversation"))
         self.assertEqual(len(client.conversations.tombstones), 1)
         clock.advance(c.config.get("ion.core.conversation", "tombstone_ttl"))
         client.conversations.collect()
@@ -204,11 +205,11 @@ class ConversationScenarios:
         logs = LogCapture(self)
         worker.gate = defer.Deferred()
         d = client.rpc("worker", "work", "slow", timeout=2)
-        await self.settle(lambda: len(worker.conversations) == 1)
+        await until(lambda: len(worker.conversations) == 1)
         clock.advance(2 + 1.5)
         self.failureResultOf(d, ConversationTimeout)
         worker.gate.callback(None)
-        await self.settle(lambda: logs.texts("outcome not sent"))
+        await until(lambda: logs.texts("outcome not sent"))
         self.assertEqual(logs.texts("dropped inform_result"), [])
 
     async def test_duplicate_reply_dropped(self):
@@ -220,7 +221,7 @@ class ConversationScenarios:
         dup = {"sender": worker.pid, "conv-id": conv.conv_id, "conv-seq": 2, "protocol": "rpc",
                "performative": "inform_result", "op": "work"}
         await c.messenger.send(client.pid, dup, "again")
-        await self.settle(lambda: logs.texts("for finished conversation"))
+        await until(lambda: logs.texts("for finished conversation"))
         self.assertEqual(await conv.when_done(), {"done": 1})
 
     async def test_cancel_ends_conversation(self):
@@ -233,7 +234,7 @@ class ConversationScenarios:
         self.failureResultOf(d, defer.CancelledError)
         self.assertEqual(len(client.conversations), 0)
         worker.gate.callback(None)
-        await self.settle(lambda: logs.texts("for finished conversation"))
+        await until(lambda: logs.texts("for finished conversation"))
 
     async def test_unexpected_performative_fails_conversation(self):
         """An agree inside an rpc (not in its table) fails that conversation with a logged
@@ -276,16 +277,6 @@ class ConversationScenarios:
         self.assertEqual(await conv2.when_done(), "alice")
         self.assertEqual(second.seen_users[-1], "alice")
 
-    async def settle(self, condition, timeout=5.0):
-        """Wait (real time) until condition() is true."""
-        from twisted.internet import reactor
-
-        waited = 0.0
-        while not condition():
-            if waited > timeout:
-                self.fail("condition not reached")
-            await task.deferLater(reactor, 0.01, lambda: None)
-            waited += 0.01
 
 
 class MemoryConversationTests(ConversationScenarios, unittest.TestCase):
