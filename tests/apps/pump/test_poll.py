@@ -497,7 +497,11 @@ class FakeListingTests(unittest.TestCase):
         self.lister.listings["sftp://feed.example/data/"] = [entry("f")]
         proc = await self.start_poll(stop_grace=0.1)
         await until(lambda: self.lister.calls)
-        await proc.terminate()
+        stopping = defer.ensureDeferred(proc.terminate())
+        self.clock.advance(0.09)
+        self.assertNoResult(stopping)
+        self.clock.advance(0.01)
+        await stopping
         self.assertEqual(proc.state, "TERMINATED")
         self.lister.gate.callback(None)
         await quiet()
@@ -517,7 +521,9 @@ class FakeListingTests(unittest.TestCase):
         self.patch(PollService, "publish", publish)
         proc = await self.start_poll(stop_grace=0.1)
         await until(lambda: len(hung) == 2)
-        await proc.terminate()
+        stopping = defer.ensureDeferred(proc.terminate())
+        self.clock.advance(0.1)
+        await stopping
         self.assertEqual((proc.state, proc.stats["errors"]), ("TERMINATED", 0))
         store = SeenFiles(os.path.join(self.state, "seen.sqlite3"), "sftp://feed.example/data/")
         self.addCleanup(store.close)
