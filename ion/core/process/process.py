@@ -260,7 +260,12 @@ class Process:
         pending = list(self._inflight) + list(self._in_hand)
         if not pending:
             return
-        done = defer.DeferredList(pending, consumeErrors=True)
+        # Waited for through a Deferred of our own: a timeout cancelling the DeferredList
+        # would cancel the work itself, which is to be abandoned, not interrupted.
+        done = defer.Deferred()
+        defer.DeferredList(pending, consumeErrors=True).addCallback(
+            lambda _: None if done.called else done.callback(None)
+        )
         done.addTimeout(timeout, self.container.clock)
         try:
             await done
