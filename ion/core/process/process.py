@@ -37,7 +37,7 @@ from ion.core.conversation.conversation import Conversations
 from ion.core.conversation.errors import ApplicationError
 from ion.core.log import redact
 from ion.core.messaging import names, subscription
-from ion.core.messaging.transport import ConnectionLost, Properties
+from ion.core.messaging.transport import ConnectionLost
 from ion.core.process import statedir
 from ion.core.process.lifecycle import ACTIVE, IllegalTransition, Lifecycle
 
@@ -60,13 +60,6 @@ async def _maybe_await(value):
     return value
 
 
-# Headers a dead-lettered message gets (see Process.subscribe).
-DEAD_REASON = "dead-reason"
-DEAD_EXCHANGE = "dead-exchange"
-DEAD_ROUTING_KEY = "dead-routing-key"
-_REASON_CHARS = 1000  # of the reason kept in the header
-
-
 @attr.s(auto_attribs=True, eq=False)
 class _Subscription:
     """One subscription of a process: where its dead letters go, and whether it still holds
@@ -76,10 +69,6 @@ class _Subscription:
     durable: bool
     exclusive: bool
     consumer: object = None
-
-    @property
-    def dead_queue(self):
-        return f"{self.queue}.dead"
 
 
 class Process:
@@ -398,77 +387,38 @@ class Process:
 
     async def _failed(self, failure, delivery, sub):
         """The failure policy of subscriptions: requeue once, then dead-letter."""
+        if delivery.settled:
+            outcome = "it was settled already"
+        elif sub.consumer is None:
+            outcome = "it is back in the queue already"
+        elif not delivery.redelivered:
+            outcome = "requeued once"
+        else:
+            outcome = f"it had been redelivered: moving it to {sub.queue}.dead"
         key = delivery.routing_key
-        if delivery.settled or sub.consumer is None:
-            self.log.failure(
-                "{proc!r}: message {key!r} from {queue} failed after it was {what}",
-                failure,
-                proc=self,
-                key=key,
-                queue=sub.queue,
-                what="settled" if delivery.settled else "handed back to the queue",
-            )
-            return
-        if not delivery.redelivered:
-            self.log.failure(
-                "{proc!r}: message {key!r} from {queue} failed; requeued once",
-                failure,
-                proc=self,
-                key=key,
-                queue=sub.queue,
-            )
-            delivery.nack(requeue=True)
-            return
-        reason = redact(f"{failure.type.__name__}: {failure.getErrorMessage()}")[:_REASON_CHARS]
         self.log.failure(
-            "{proc!r}: message {key!r} from {queue} failed again; moving it to {dead}",
+            "{proc!r}: message {key!r} from {queue} failed; {outcome}",
             failure,
             proc=self,
             key=key,
             queue=sub.queue,
-            dead=sub.dead_queue,
+            outcome=outcome,
         )
-        await self._dead_letter(delivery, sub, reason)
-
-    async def _dead_letter(self, delivery, sub, reason):
-        transport = self.container.messenger.transport
-        props = delivery.properties
-        key = delivery.routing_key
-        if not isinstance(key, str):
-            key = bytes(key).decode("utf-8", "replace")
-        headers = dict(props.headers or {})
-        headers.update(
-            {DEAD_REASON: reason, DEAD_EXCHANGE: delivery.exchange, DEAD_ROUTING_KEY: key}
-        )
-        properties = Properties(
-            content_type=props.content_type,
-            delivery_mode=2 if sub.durable else 1,
-            message_id=props.message_id,
-            headers=headers,
-            timestamp=props.timestamp,
-        )
-        try:
-            await transport.declare_queue(
-                sub.dead_queue, durable=sub.durable, exclusive=sub.exclusive
-            )
-            await transport.publish("", sub.dead_queue, delivery.body, properties, mandatory=True)
-        except ConnectionLost:
-            self.log.warn(
-                "{proc!r}: connection lost while moving message {key!r} to {dead}; it is back "
-                "in {queue}",
-                proc=self,
-                key=key,
-                dead=sub.dead_queue,
-                queue=sub.queue,
-            )
+        if delivery.settled or sub.consumer is None:
             return
-        except Exception:
-            self.log.failure(
-                "{proc!r}: could not move message {key!r} to {dead}; dropped",
-                proc=self,
-                key=key,
-                dead=sub.dead_queue,
+        if not delivery.redelivered:
+            delivery.nack(requeue=True)
+            return
+        reason = redact(f"{failure.type.__name__}: {failure.getErrorMessage()}")
+        try:
+            await subscription.dead_letter(
+                self.container.messenger.transport, delivery, sub.queue, reason, sub.durable,
+                sub.exclusive,
             )
+        except ConnectionLost:
+            return  # the message is back in its queue
+        except Exception:
+            self.log.failure("{proc!r}: could not dead-letter {key!r}; dropped", proc=self, key=key)
             delivery.nack(requeue=False)
             return
         try:

@@ -815,7 +815,8 @@ class ConsumerScenarios:
         await self.post_file("bug/f.dat", b"x")
         (report,) = await self.wait_reports(1)
         self.assertEqual(report["report"]["code"], 500)
-        self.assertIn(f"failed twice, moved to {dead}: RuntimeError: a bug", report["report"]["message"])
+        message = report["report"]["message"]
+        self.assertIn(f"failed twice, moved to {dead}: RuntimeError: a bug", message)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
         await self.settle()
         await self.until_counts(1, 0, queue=dead)

@@ -143,8 +143,9 @@ class SubscribeScenarios:
         (dead,) = await self.dead_letters(1)
         self.assertEqual(dead.body, b"poison")
         headers = dead.properties.headers
+        names = ("trace", "dead-reason", "dead-exchange", "dead-routing-key")
         self.assertEqual(
-            {k: headers.get(k) for k in ("trace", "dead-reason", "dead-exchange", "dead-routing-key")},
+            {k: headers.get(k) for k in names},
             {
                 "trace": "t1",
                 "dead-reason": "ValueError: bad message 2",
