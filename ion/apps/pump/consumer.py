@@ -51,6 +51,10 @@ message in the broker or its outcome on disk:
 - transient failure: retry entry fsynced -> ack (the retry queue owns the work from then on);
 - permanent failure and 4xx outcomes: report confirmed -> ack.
 
+A message whose handling fails (a bug, or the broker went away while reporting) is handed
+back once; failing again, it goes to the queue `<queue>.dead` and its source gets a 500 report
+(`ion.core.process.Process.subscribe`).
+
 A crash after the report but before the ack redelivers the message; the duplicate cache then
 says it was delivered and it is acked without a second report. A crash between the report and
 the cache write downloads again and reports again under the same `report_id`, which the report
@@ -206,7 +210,6 @@ class Consumer(Process):
         if not self.discard:
             self.root = DestinationRoot(self.real_directory, make=True)
             self.transfers = Transfers(self.container.reactor, args.transfer, who=args.who)
-        self._tasks = set()
         self._working = set()  # duplicate keys of the messages being fetched
         self._declared = set()
         self._retry_call = None
@@ -257,12 +260,15 @@ class Consumer(Process):
             name=self.subscription,
         )
 
+    def stop_timeout(self):
+        """Messages and retries in hand get `stop_grace` seconds to finish on terminate."""
+        return self.settings["stop_grace"]
+
     async def terminate(self, timeout=None):
-        """Stop taking messages (new ones go back to the queue), let those in hand finish
-        within `stop_grace` seconds, then stop as every process does."""
+        """Stop the timers (no retry or sweep starts), then stop as every process does:
+        messages arriving go back to the queue, those in hand get `stop_grace` seconds."""
         if not self.lifecycle.final:
             self._stop_timers()
-            await self._settle_tasks(self.settings["stop_grace"])
         await super().terminate(timeout)
 
     async def crash(self, reason):
@@ -305,24 +311,6 @@ class Consumer(Process):
             self._sweep_call.cancel()
         self._sweep_call = None
 
-    async def _settle_tasks(self, grace):
-        pending = list(self._tasks)
-        if not pending:
-            return
-        done = defer.DeferredList(pending, consumeErrors=True)
-        # Real time, not the container's clock: a shutdown bound must hold in tests too.
-        done.addTimeout(grace, self.container.reactor)
-        try:
-            await done
-        except defer.TimeoutError:
-            self.log.warn(
-                "consumer {name}: {n} messages still in hand after {grace} s; they go back "
-                "to the queue",
-                name=self.subscription,
-                n=len(pending),
-                grace=grace,
-            )
-
     async def op_stats(self, content, headers):
         """The counters: received, accepted, rejected, invalid, duplicates, discarded,
         unsupported (fileOp notices), delivered, bytes, retrying, retried, failures {code: n},
@@ -337,7 +325,7 @@ class Consumer(Process):
             queued = None
         stats = dict(self.stats)
         stats["failures"] = dict(self.stats["failures"])
-        stats["in_hand"] = len(self._tasks)
+        stats["in_hand"] = self.in_hand
         received = None if self.transfers is None else self.transfers.received
         stats["bytes_received"] = 0 if received is None else received.total
         stats["bytes_in_flight"] = 0 if received is None else received.in_flight
@@ -347,55 +335,27 @@ class Consumer(Process):
     # -- one message ---------------------------------------------------------------------
 
     def _on_delivery(self, delivery):
-        if self._stopping:
-            # Left unsettled: it goes back to the queue when the subscription ends (a nack
-            # would hand it straight back to us).
-            return
         self.stats["received"] += 1
-        try:
-            work = self._triage(delivery)
-        except Exception:
-            self._failed(delivery)
-            return
         # Most messages (filtered, duplicates, discarded) are settled by now, without a
         # coroutine or a Deferred; the others have work that waits for the broker or a transfer.
-        if work is not None:
-            self._track(self._finish(delivery, work))
-
-    def _track(self, coro):
-        d = defer.Deferred.fromCoroutine(coro)
-        if not d.called:
-            self._tasks.add(d)
-            d.addBoth(self._untrack, d)
-
-    def _untrack(self, result, d):
-        self._tasks.discard(d)
-        return result
+        return self._triage(delivery)
 
     def _ack(self, delivery):
         """Settle a message whose outcome is durable (a separate method: tests simulate a
         crash before the ack by overriding it)."""
         delivery.ack()
 
-    async def _finish(self, delivery, work):
+    async def on_dead_letter(self, delivery, reason):
+        """A message that failed twice (a bug, or the broker went away while reporting): its
+        source gets a 500 report when the message was a notice naming one."""
         try:
-            await work
-        except Exception:
-            self._failed(delivery)
-
-    def _failed(self, delivery):
-        # A bug, or the broker went away while reporting: once more, then give up on it.
-        requeue = not delivery.redelivered
-        self.log.failure(
-            "consumer {name}: message {key!r} failed; {what}",
-            name=self.subscription,
-            key=delivery.routing_key,
-            what="requeued" if requeue else "dropped (it had been redelivered)",
-        )
-        try:
-            delivery.nack(requeue=requeue)
-        except Exception:
-            pass
+            notice = Notice.from_json(delivery.body, max_bytes=self.settings["max_notice_bytes"])
+            notice.validate()
+        except InvalidNotice:
+            return
+        if isinstance(notice.source, str) and notice.source:
+            message = f"failed twice, moved to {self.queue}.dead: {reason}"
+            await self._fail(notice, dup_key(notice), 500, message, delivery.routing_key)
 
     def _triage(self, delivery):
         """Settle what needs no waiting (undecodable, filtered, fileOp, duplicate, discarded)
@@ -691,7 +651,7 @@ class Consumer(Process):
         if self._stopping:
             return
         for entry in self.retries.pop_due():
-            self._track(self._retry(entry))
+            self.track(self._retry(entry))
         self._schedule_retries()
 
     async def _retry(self, entry):

@@ -12,8 +12,8 @@ report exchange `xr_<u>` on start. For each message:
 An invalid notice (undecodable, over `max_notice_bytes`, failing validation, or posted with a
 routing key that is not UTF-8) is logged and acked, and its source gets a 417 report on
 `report_exchange` (default `xreport`; the report router passes it to `xr_<source>`). A
-publish that fails (the broker went away) leaves the message unacked: it goes back to its
-queue.
+message whose handling fails (the publish failed: the broker went away) goes back to its queue
+once; failing again, it goes to `<queue>.dead` (`ion.core.process.Process.subscribe`).
 
 A message is taken only when it was published to `xs_<u>`, for one of `users`, by `u`
 itself (`source_of`, below); everything else is acked, counted as `refused` and logged (one
@@ -117,22 +117,9 @@ class Ingest(Process):
         exchange they were published to), by_source {source: notices published}."""
         return dict(self.stats, by_source=dict(self.stats["by_source"]))
 
-    async def _on_delivery(self, delivery):
+    def _on_delivery(self, delivery):
         self.stats["received"] += 1
-        try:
-            await self._ingest(delivery)
-        except Exception:
-            requeue = not delivery.redelivered
-            self.log.failure(
-                "ingest: message {key!r} on {exchange} failed; {what}",
-                key=delivery.routing_key,
-                exchange=delivery.exchange,
-                what="requeued" if requeue else "dropped (it had been redelivered)",
-            )
-            try:
-                delivery.nack(requeue=requeue)
-            except Exception:
-                pass
+        return self._ingest(delivery)
 
     async def _ingest(self, delivery):
         user_id = getattr(delivery.properties, "user_id", None)

@@ -287,36 +287,35 @@ class PollService(Process):
             lambda f: self.log.failure("poll {name}: the poll loop failed", f, name=self.source)
         )
 
+    def stop_timeout(self):
+        """The pass under way gets `stop_grace` seconds to finish on terminate."""
+        return self.settings["stop_grace"]
+
     async def terminate(self, timeout=None):
-        """Stop polling: the pass under way gets `stop_grace` seconds to finish, then it is
-        cancelled (its unconfirmed files are announced again by the next run)."""
+        """Stop polling; the pass under way is work in hand: it gets `stop_grace` seconds to
+        finish, then it is cancelled (its unconfirmed files are announced again by the next
+        run)."""
         if not self.lifecycle.final:
-            await self._stop_polling(self.settings["stop_grace"])
+            self._stop_polling()
         await super().terminate(timeout)
 
     async def crash(self, reason):
         if not self.lifecycle.final:
-            await self._stop_polling(0)
+            self._stop_polling()
+            self._cancel_pass()
             await self.store.close()
         await super().crash(reason)
 
     async def on_terminate(self):
+        self._cancel_pass()
         await self.store.close()
 
-    async def _stop_polling(self, grace):
+    def _stop_polling(self):
         self._stopping = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        running = self._pass
-        if running is None:
-            return
-        if grace > 0:
-            waiting = self._chain(running)
-            waiting.addTimeout(grace, self.container.clock)
-            try:
-                await waiting
-            except defer.TimeoutError:
-                pass
+
+    def _cancel_pass(self):
         if self._pass is not None:
             self._pass.cancel()
 
@@ -333,7 +332,7 @@ class PollService(Process):
         """Start a pass unless one is running; returns a Deferred firing (with None) when the
         pass under way, new or not, has ended, whatever its outcome."""
         if self._pass is None and not self._stopping:
-            d = defer.Deferred.fromCoroutine(self._run_pass())
+            d = self.track(self._run_pass())
             d.addErrback(self._pass_failed)
             self._pass = d
 

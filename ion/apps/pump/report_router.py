@@ -16,6 +16,9 @@ to it.
   the routing key it came with and a `report_id` header, then its id remembered, then acked.
   Counted per source and code.
 
+A report whose routing fails (the broker went away) goes back to the queue once; failing
+again, it goes to `q_<user>.report_router.dead` (`ion.core.process.Process.subscribe`).
+
 With `log_path`, each report handled is also written to that file as one JSON line
 {time, source, code, routing_key, relPath, report_id, message, outcome}, in ASCII (other
 characters, unencodable ones included, as JSON escapes).
@@ -125,21 +128,9 @@ class ReportRouter(Process):
         stats["by_source"] = {s: dict(codes) for s, codes in self.stats["by_source"].items()}
         return stats
 
-    async def _on_delivery(self, delivery):
+    def _on_delivery(self, delivery):
         self.stats["received"] += 1
-        try:
-            await self._route(delivery)
-        except Exception:
-            requeue = not delivery.redelivered
-            self.log.failure(
-                "report router: report {key!r} failed; {what}",
-                key=delivery.routing_key,
-                what="requeued" if requeue else "dropped (it had been redelivered)",
-            )
-            try:
-                delivery.nack(requeue=requeue)
-            except Exception:
-                pass
+        return self._route(delivery)
 
     async def _route(self, delivery):
         try:

@@ -4,10 +4,17 @@ Processes talk to each other in envelopes on the system exchange (`messenger.py`
 applications also speak other formats on other exchanges — the pump exchanges v03 JSON
 notifications on sr3-style exchanges (`xpublic`, `xs_<user>`, `xreport`...). These helpers do
 that over the same transport: declare the exchange and a queue, bind topic patterns, consume
-with a prefetch limit, publish with confirms.
+with a prefetch limit, publish with confirms, and move a message that cannot be handled to its
+queue's dead-letter queue.
 """
 
 from ion.core.messaging.transport import Properties
+
+# Headers of a dead-lettered message: why, and where it was published.
+DEAD_REASON = "dead-reason"
+DEAD_EXCHANGE = "dead-exchange"
+DEAD_ROUTING_KEY = "dead-routing-key"
+REASON_CHARS = 1000  # of the reason kept
 
 
 async def subscribe(
@@ -54,3 +61,29 @@ async def publish(
         headers=dict(headers or {}),
     )
     await transport.publish(exchange, routing_key, body, properties, mandatory=mandatory)
+
+
+async def dead_letter(transport, delivery, queue, reason, durable=True, exclusive=False):
+    """Publish a copy of `delivery` (taken from `queue`) to the queue `<queue>.dead`, declared
+    first (`durable`, `exclusive`), through the default exchange, with its headers plus
+    DEAD_REASON, DEAD_EXCHANGE and DEAD_ROUTING_KEY; fires once the broker confirmed it. The
+    same on every transport (RabbitMQ's own dead-lettering has no counterpart in memory://).
+    Settling `delivery` is the caller's."""
+    dead = f"{queue}.dead"
+    props = delivery.properties
+    key = delivery.routing_key
+    if not isinstance(key, str):
+        key = bytes(key).decode("utf-8", "replace")
+    headers = dict(props.headers or {})
+    headers[DEAD_REASON] = reason[:REASON_CHARS]
+    headers[DEAD_EXCHANGE] = delivery.exchange
+    headers[DEAD_ROUTING_KEY] = key
+    properties = Properties(
+        content_type=props.content_type,
+        delivery_mode=2 if durable else 1,
+        message_id=props.message_id,
+        headers=headers,
+        timestamp=props.timestamp,
+    )
+    await transport.declare_queue(dead, durable=durable, exclusive=exclusive)
+    await transport.publish("", dead, delivery.body, properties, mandatory=True)

@@ -91,6 +91,7 @@ class IDelivery(Interface):
     routing_key = Attribute("str")
     properties = Attribute("Properties")
     redelivered = Attribute("bool: this message was delivered before and not acked")
+    settled = Attribute("bool: ack() or nack() was called")
 
     def ack():
         """Settle the message: it is gone from the queue."""

@@ -16,6 +16,10 @@ while serving a request, and replies still reach it.
 Lifecycle hooks `on_init`, `on_activate`, `on_deactivate`, `on_terminate` (sync or async) run on
 the transitions of `ion.core.process.lifecycle`. A hook that raises moves the process to FAILED.
 
+Raw messages from other exchanges come through `subscribe(exchange, keys, handler)`: the
+handler settles each delivery; the process tracks the deliveries in hand, lets them finish when
+it stops and applies the failure policy (one redelivery, then the queue's dead-letter queue).
+
 The process reaches its container through `self.container`, which offers `messenger`, `config`,
 `clock`, `sysname`, `id` and `spawn(...)`.
 """
@@ -24,11 +28,14 @@ import contextvars
 import inspect
 import os
 
+import attr
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ion.core.conversation.conversation import Conversations
 from ion.core.conversation.errors import ApplicationError
+from ion.core.log import redact
 from ion.core.messaging import names, subscription
 from ion.core.messaging.transport import ConnectionLost
 from ion.core.process import statedir
@@ -53,6 +60,17 @@ async def _maybe_await(value):
     return value
 
 
+@attr.s(auto_attribs=True, eq=False)
+class _Subscription:
+    """One subscription of a process: where its dead letters go, and whether it still holds
+    its messages (once cancelled, the unsettled ones are back in the queue)."""
+
+    queue: str
+    durable: bool
+    exclusive: bool
+    consumer: object = None
+
+
 class Process:
     """A lifecycle-managed process with its own queue (see the module docstring)."""
 
@@ -70,7 +88,9 @@ class Process:
         )
         self._own_consumer = None
         self._subscriptions = []
-        self._inflight = set()
+        self._inflight = set()  # ops being served
+        self._in_hand = set()  # deliveries being handled, work started with track()
+        self._draining = False
         self._exit_observers = []
         self._claims = []
 
@@ -106,6 +126,17 @@ class Process:
 
     def on_terminate(self):
         pass
+
+    def on_dead_letter(self, delivery, reason):
+        """A message of a subscription failed twice and is now in `<queue>.dead` (see
+        `subscribe`); `reason` is the handler's error. Sync or async; the message is acked
+        once this returns. Override to tell someone (a failure report)."""
+
+    def stop_timeout(self):
+        """Seconds the work in hand (ops, deliveries, tracked work) gets to finish when the
+        process terminates: config `ion.core.process: terminate_timeout` (default 10).
+        Override where the process has its own setting."""
+        return self.config("terminate_timeout", 10)
 
     # -- lifecycle transitions ------------------------------------------------------------
 
@@ -155,13 +186,19 @@ class Process:
         await self._run_hook(self.on_deactivate)
 
     async def terminate(self, timeout=None):
-        """-> TERMINATED: stop serving, wait for in-flight ops (bounded), terminate children
-        (last spawned first), run on_terminate, release the queue."""
+        """-> TERMINATED: stop taking work, wait for the ops, deliveries and tracked work in
+        hand (at most `timeout` seconds, default `stop_timeout()`; what still runs then is
+        abandoned), end the subscriptions (unsettled messages go back to their queues),
+        terminate children (last spawned first), run on_terminate, release the queue."""
         if self.lifecycle.final:
             raise IllegalTransition(self.state, "terminate")
         if self.state == ACTIVE:
+            # Deliveries arriving from now on are left unsettled; the subscriptions stay until
+            # those in hand are done, since ending one hands its unsettled messages back.
+            self._draining = True
+            await self._stop_service()
+            await self._drain(self.stop_timeout() if timeout is None else timeout)
             await self._stop_serving()
-            await self._drain(self.config("terminate_timeout", 10) if timeout is None else timeout)
         for child in reversed(list(self.children)):
             if not child.lifecycle.final:
                 try:
@@ -193,29 +230,41 @@ class Process:
                     self.log.failure("{proc!r}: child {child!r} failed to terminate", proc=self, child=child)
         self._notify_exit()
 
+    async def _stop_service(self):
+        """Stop taking requests from a service queue (see ServiceProcess)."""
+
     async def _stop_serving(self):
         """Stop taking new work: cancel subscriptions (unacked messages go back to their
         queues). Services also stop consuming their service queue."""
+        await self._stop_service()
         subscriptions, self._subscriptions = self._subscriptions, []
-        for consumer in subscriptions:
+        for sub in subscriptions:
+            sub.consumer, consumer = None, sub.consumer
             try:
                 await consumer.cancel()
             except ConnectionLost:
                 pass
 
     async def _drain(self, timeout):
-        pending = list(self._inflight)
+        pending = list(self._inflight) + list(self._in_hand)
         if not pending:
             return
-        done = defer.DeferredList(pending, consumeErrors=True)
+        # Waited for through a Deferred of our own: a timeout cancelling the DeferredList
+        # would cancel the work itself, which is to be abandoned, not interrupted.
+        done = defer.Deferred()
+        defer.DeferredList(pending, consumeErrors=True).addCallback(
+            lambda _: None if done.called else done.callback(None)
+        )
         done.addTimeout(timeout, self.container.clock)
         try:
             await done
         except defer.TimeoutError:
+            running = sum(1 for d in pending if not d.called)
             self.log.warn(
-                "{proc!r}: {n} ops still running after {t} s; terminating anyway",
+                "{proc!r}: {n} ops or messages still in hand after {t} s; abandoned (their "
+                "messages go back to the queue)",
                 proc=self,
-                n=len(pending),
+                n=running,
                 t=timeout,
             )
 
@@ -285,20 +334,121 @@ class Process:
     async def subscribe(self, exchange, keys, handler, queue=None, **options):
         """Consume raw (non-envelope) messages from `exchange` bound with topic patterns
         `keys`: handler(delivery) gets `body`, `routing_key`, `properties` (with the trusted
-        `user_id`), `redelivered`, and must `ack()` or `nack(requeue)` each one. The queue is
-        durable and named `queue` (default: an exclusive one named after this process).
-        Options: exchange_type, durable, exclusive, auto_delete, prefetch. The subscription
-        ends when the process stops serving."""
+        `user_id`), `redelivered`, and must `ack()` or `nack(requeue)` each one. It may return
+        an awaitable: the message is in hand until that finishes. The queue is durable and
+        named `queue` (default: an exclusive one named after this process). Options:
+        exchange_type, durable, exclusive, auto_delete, prefetch.
+
+        The process owns the rest. A handler that raises (or whose awaitable fails) before
+        settling its message gets it back once (requeued, `redelivered` set); when it fails on
+        the redelivered message too, the message is published, confirmed, to the queue
+        `<queue>.dead` (declared then, durable like `queue`; through the default exchange)
+        with the headers `dead-reason`, `dead-exchange` and `dead-routing-key`, then
+        `on_dead_letter(delivery, reason)` runs, then the message is acked. On terminate no
+        new message is taken (those arriving go back to the queue), those in hand get
+        `stop_timeout()` seconds, then the subscription ends."""
         if queue is None:
             queue = f"{self.pid}.sub{len(self._subscriptions) + 1}"
             options.setdefault("exclusive", True)
             options.setdefault("auto_delete", True)
             options.setdefault("durable", False)
-        consumer = await subscription.subscribe(
-            self.container.messenger.transport, exchange, queue, list(keys), handler, **options
+        sub = _Subscription(queue, options.get("durable", True), options.get("exclusive", False))
+        sub.consumer = await subscription.subscribe(
+            self.container.messenger.transport,
+            exchange,
+            queue,
+            list(keys),
+            self._delivery_handler(handler, sub),
+            **options,
         )
-        self._subscriptions.append(consumer)
-        return consumer
+        self._subscriptions.append(sub)
+        return sub.consumer
+
+    def _delivery_handler(self, handler, sub):
+        def deliver(delivery):
+            if self._draining:
+                return  # left unsettled: back to the queue when the subscription ends
+            try:
+                result = handler(delivery)
+            except Exception:
+                self._hold(defer.Deferred.fromCoroutine(self._failed(Failure(), delivery, sub)))
+                return
+            # Messages settled at once cost no Deferred; the others are in hand until done.
+            if result is not None and inspect.isawaitable(result):
+                self._hold(defer.Deferred.fromCoroutine(self._finish(result, delivery, sub)))
+
+        return deliver
+
+    async def _finish(self, work, delivery, sub):
+        try:
+            await work
+        except Exception:
+            await self._failed(Failure(), delivery, sub)
+
+    async def _failed(self, failure, delivery, sub):
+        """The failure policy of subscriptions: requeue once, then dead-letter."""
+        if delivery.settled:
+            outcome = "it was settled already"
+        elif sub.consumer is None:
+            outcome = "it is back in the queue already"
+        elif not delivery.redelivered:
+            outcome = "requeued once"
+        else:
+            outcome = f"it had been redelivered: moving it to {sub.queue}.dead"
+        key = delivery.routing_key
+        self.log.failure(
+            "{proc!r}: message {key!r} from {queue} failed; {outcome}",
+            failure,
+            proc=self,
+            key=key,
+            queue=sub.queue,
+            outcome=outcome,
+        )
+        if delivery.settled or sub.consumer is None:
+            return
+        if not delivery.redelivered:
+            delivery.nack(requeue=True)
+            return
+        reason = redact(f"{failure.type.__name__}: {failure.getErrorMessage()}")
+        try:
+            await subscription.dead_letter(
+                self.container.messenger.transport, delivery, sub.queue, reason, sub.durable,
+                sub.exclusive,
+            )
+        except ConnectionLost:
+            return  # the message is back in its queue
+        except Exception:
+            self.log.failure("{proc!r}: could not dead-letter {key!r}; dropped", proc=self, key=key)
+            delivery.nack(requeue=False)
+            return
+        try:
+            await _maybe_await(self.on_dead_letter(delivery, reason))
+        except Exception:
+            self.log.failure("{proc!r}: on_dead_letter failed", proc=self)
+        if not delivery.settled:
+            delivery.ack()
+
+    def track(self, work):
+        """Run `work` (a coroutine or Deferred) as work in hand: counted in `in_hand`, and
+        waited for (within `stop_timeout()`) when the process terminates. Returns its
+        Deferred; failures are the caller's to handle."""
+        d = defer.ensureDeferred(work)
+        self._hold(d)
+        return d
+
+    def _hold(self, d):
+        if not d.called:
+            self._in_hand.add(d)
+            d.addBoth(self._release_hold, d)
+
+    def _release_hold(self, result, d):
+        self._in_hand.discard(d)
+        return result
+
+    @property
+    def in_hand(self):
+        """How many deliveries and tracked works are in hand now."""
+        return len(self._in_hand)
 
     async def publish(self, exchange, routing_key, body, **options):
         """Publish a raw message (bytes) to exchange; fires when the broker confirmed it.
@@ -419,11 +569,10 @@ class ServiceProcess(Process):
         await self._stop_serving()
         await super().deactivate()
 
-    async def _stop_serving(self):
+    async def _stop_service(self):
         consumer, self._service_consumer = self._service_consumer, None
         if consumer is not None:
             try:
                 await consumer.cancel()
             except ConnectionLost:
                 pass
-        await super()._stop_serving()

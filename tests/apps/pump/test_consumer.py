@@ -310,6 +310,13 @@ class AlwaysDown(FlakyConsumer):
         self.down = True
 
 
+class BuggyConsumer(Consumer):
+    """A consumer with a bug on the way to every file."""
+
+    def destination_for(self, notice):
+        raise RuntimeError("a bug")
+
+
 class HeldConsumer(Consumer):
     """A consumer holding every transfer until `release` fires."""
 
@@ -757,6 +764,23 @@ class ConsumerScenarios:
         await self.until_counts(1, 0)
 
     # -- failures and retries ----------------------------------------------------------------
+
+    async def test_failing_twice_is_dead_lettered_and_reported(self):
+        """A message the consumer fails on (a bug) comes back once; failing again, it is moved
+        to the subscription's `.dead` queue and its source gets one 500 report saying so."""
+        await self.pump(consumer=BuggyConsumer)
+        dead = f"{self.consumer_queue}.dead"
+        self.durable_queues.add(dead)
+        await self.post_file("bug/f.dat", b"x")
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["code"], 500)
+        message = report["report"]["message"]
+        self.assertIn(f"failed twice, moved to {dead}: RuntimeError: a bug", message)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        await self.settle()
+        await self.until_counts(1, 0, queue=dead)
+        self.assertEqual(self.consumer.stats["failures"], {"500": 1})
+        self.assertEqual(self.dest_files(), [])
 
     async def test_permanent_failure(self):
         """A missing file (404) gets exactly one 404 report and no retry."""

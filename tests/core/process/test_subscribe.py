@@ -1,0 +1,253 @@
+"""What `Process.subscribe` does for every subscribing process: the failure policy (one
+redelivery, then the dead-letter queue and the process's hook) and draining on terminate.
+
+The scenarios are written once (`SubscribeScenarios`) and run on the memory transport and on
+the private RabbitMQ node.
+"""
+
+from twisted.internet import defer, task
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial import unittest
+
+from ion.core.cc.testing import make_container, test_config
+from ion.core.messaging.memory import MemoryBroker
+from ion.core.process import Process
+from tests.broker import get_broker
+
+
+class Subscriber(Process):
+    """Hands each delivery to `self.handle` (set by the test) and records its dead letters."""
+
+    def on_init(self):
+        self.handle = None
+        self.dead = []  # (routing key, reason, settled, dead queue depth) at on_dead_letter
+        self.dead_lettered = defer.Deferred()
+
+    def _on_delivery(self, delivery):
+        return self.handle(delivery)
+
+    async def on_dead_letter(self, delivery, reason):
+        # Where things stand when the hook runs: the dead letter is confirmed, the original
+        # not yet acked.
+        depth = await self.container.transport.queue_depth(f"{self.queue}.dead")
+        self.dead.append((delivery.routing_key, reason, delivery.settled, depth))
+        self.dead_lettered.callback(None)
+
+
+class SubscribeScenarios:
+    """Scenarios every transport must pass. Subclasses set `url` and `new_broker()`."""
+
+    url = "memory://"
+
+    def new_broker(self):
+        return MemoryBroker()
+
+    def name(self, base):
+        """A name of its own on a broker the tests share."""
+        return base
+
+    async def start(self, clock=None, config=None, durable=True):
+        self.broker = self.new_broker()
+        self.c = await make_container(
+            self,
+            url=self.url,
+            memory_broker=self.broker,
+            sysname=self.name("test"),
+            clock=clock,
+            config=config,
+        )
+        self.exchange = self.name("xsub")
+        self.queue = self.name("q_sub")
+        proc = await self.c.spawn(Subscriber)
+        proc.queue = self.queue
+        for queue in (self.queue, f"{self.queue}.dead"):
+            self.addCleanup(self.delete_queue, queue)
+        await proc.subscribe(
+            self.exchange, ["#"], proc._on_delivery, queue=self.queue, durable=durable
+        )
+        return proc
+
+    async def delete_queue(self, queue):
+        """Durable queues outlive the test on RabbitMQ."""
+        await self.c.transport.delete_queue(queue)
+
+    async def post(self, proc, key, body, headers=None):
+        await proc.publish(self.exchange, key, body, headers=headers)
+
+    async def dead_letters(self, count):
+        """The first `count` messages of the dead-letter queue, taken (acked)."""
+        got, done = [], defer.Deferred()
+
+        def take(delivery):
+            got.append(delivery)
+            delivery.ack()
+            if len(got) == count:
+                done.callback(None)
+
+        consumer = await self.c.transport.consume(f"{self.queue}.dead", take)
+        await done
+        await consumer.cancel()
+        return got
+
+    def turn(self):
+        return task.deferLater(self.c.reactor, 0, lambda: None)
+
+    def logged(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    # -- the failure policy ------------------------------------------------------------------
+
+    async def test_failure_once_redelivers(self):
+        """A handler that raises on a message gets it once more, marked redelivered; handled
+        then, it goes nowhere else and the hook is not told."""
+        proc = await self.start()
+        seen, done = [], defer.Deferred()
+
+        def handle(delivery):
+            seen.append(delivery.redelivered)
+            if not delivery.redelivered:
+                raise RuntimeError("not this time")
+            delivery.ack()
+            done.callback(None)
+
+        proc.handle = handle
+        await self.post(proc, "a.b", b"payload")
+        await done
+        self.assertEqual(seen, [False, True])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        await proc.terminate()
+        self.assertEqual(proc.dead, [])
+        self.assertEqual(await self.c.transport.queue_depth(self.queue), 0)
+
+    async def test_second_failure_dead_letters(self):
+        """A message whose (async) handler fails on its redelivery too goes to `<queue>.dead`
+        with its body and headers and the reason, exchange and routing key in headers; the
+        hook is told once the dead letter is confirmed, and the original is acked after it."""
+        proc = await self.start()
+        calls = []
+
+        async def handle(delivery):
+            calls.append(delivery.redelivered)
+            await defer.succeed(None)
+            raise ValueError(f"bad message {len(calls)}")
+
+        proc.handle = handle
+        await self.post(proc, "a.b", b"poison", headers={"trace": "t1"})
+        await proc.dead_lettered
+        self.assertEqual(calls, [False, True])
+        self.assertEqual(proc.dead, [("a.b", "ValueError: bad message 2", False, 1)])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 2)
+        (dead,) = await self.dead_letters(1)
+        self.assertEqual(dead.body, b"poison")
+        headers = dead.properties.headers
+        names = ("trace", "dead-reason", "dead-exchange", "dead-routing-key")
+        self.assertEqual(
+            {k: headers.get(k) for k in names},
+            {
+                "trace": "t1",
+                "dead-reason": "ValueError: bad message 2",
+                "dead-exchange": self.exchange,
+                "dead-routing-key": "a.b",
+            },
+        )
+        self.assertEqual(dead.properties.delivery_mode, 2)
+        await proc.terminate()
+        self.assertEqual(await self.c.transport.queue_depth(self.queue), 0)
+
+    async def test_sync_failure_dead_letters_too(self):
+        """A handler that raises at once follows the same policy, and the process goes on
+        handling the next messages."""
+        proc = await self.start()
+        handled = defer.Deferred()
+
+        def handle(delivery):
+            if delivery.body == b"bad":
+                raise KeyError("missing")
+            delivery.ack()
+            handled.callback(delivery.body)
+
+        proc.handle = handle
+        await self.post(proc, "k", b"bad")
+        await proc.dead_lettered
+        self.assertEqual([d[:2] for d in proc.dead], [("k", "KeyError: 'missing'")])
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 2)
+        await self.post(proc, "k", b"good")
+        self.assertEqual(await handled, b"good")
+
+    # -- stopping ----------------------------------------------------------------------------
+
+    async def test_stop_drains_in_flight(self):
+        """Terminate waits for the message in hand to be handled and acked; a message arriving
+        meanwhile is not handled and goes back to the queue."""
+        proc = await self.start()
+        started, release = defer.Deferred(), defer.Deferred()
+        handled = []
+
+        async def handle(delivery):
+            handled.append(delivery.body)
+            if not started.called:
+                started.callback(None)
+            await release
+            delivery.ack()
+
+        proc.handle = handle
+        await self.post(proc, "k", b"first")
+        await started
+        await self.turn()  # the handler returns
+        self.assertEqual(proc.in_hand, 1)
+        stopping = defer.ensureDeferred(proc.terminate())
+        await self.post(proc, "k", b"second")
+        await task.deferLater(self.c.reactor, 0.05, lambda: None)
+        self.assertNoResult(stopping)
+        release.callback(None)
+        await stopping
+        self.assertEqual((handled, proc.in_hand), ([b"first"], 0))
+        self.assertEqual(await self.c.transport.queue_depth(self.queue), 1)
+
+    async def test_stop_abandons_after_timeout(self):
+        """A handler still running after `ion.core.process: terminate_timeout` seconds (on the
+        container's clock) is abandoned with a log line; its message goes back to the queue."""
+        clock = task.Clock()
+        config = test_config(**{"ion.core.process": {"terminate_timeout": 3}})
+        proc = await self.start(clock=clock, config=config)
+        started = defer.Deferred()
+
+        def handle(delivery):
+            started.callback(None)
+            return defer.Deferred()  # never done
+
+        proc.handle = handle
+        events = self.logged()
+        await self.post(proc, "k", b"stuck")
+        await started
+        await self.turn()  # the handler returns
+        stopping = defer.ensureDeferred(proc.terminate())
+        clock.advance(2.9)
+        self.assertNoResult(stopping)
+        clock.advance(0.1)
+        await stopping
+        self.assertEqual(proc.state, "TERMINATED")
+        lines = [formatEvent(e) for e in events if "abandoned" in (e.get("log_format") or "")]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("1 ops or messages still in hand after 3 s", lines[0])
+        self.assertEqual(await self.c.transport.queue_depth(self.queue), 1)
+
+
+class MemorySubscribeTests(SubscribeScenarios, unittest.TestCase):
+    """The scenarios on the memory:// transport."""
+
+
+class AmqpSubscribeTests(SubscribeScenarios, unittest.TestCase):
+    """The same scenarios on the private RabbitMQ node."""
+
+    def setUp(self):
+        self.url = get_broker().url
+
+    def new_broker(self):
+        return None
+
+    def name(self, base):
+        return f"{base}-{id(self):x}"
