@@ -15,7 +15,6 @@ from ion.apps.pump.ingest import (
     NotPostedHere,
     source_of,
 )
-from ion.apps.pump.notice import Notice
 from ion.apps.pump.report_router import ReportRouter
 from ion.apps.pump.transfer_service import TransferService
 from ion.core.cc.container import make_transport

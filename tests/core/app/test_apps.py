@@ -1,7 +1,6 @@
 """Application and release files: checked before anything starts, started in dependency order."""
 
 import os
-import sys
 import textwrap
 
 from twisted.trial import unittest
