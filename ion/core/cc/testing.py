@@ -4,7 +4,7 @@
     proc = await container.spawn(MyService)
     result = await call_op(proc, "greet", "Ann")        # runs the op directly, no messages
 
-Containers made with the same `broker` share it (so they form one system when they share a
+Containers made with the same C{broker} share it (so they form one system when they share a
 sysname, and stay isolated when they don't).
 """
 
