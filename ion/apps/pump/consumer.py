@@ -3,41 +3,41 @@
 A L{Consumer} consumes a durable queue C{q_<user>.consumer.<name>} bound to C{exchange} (default
 C{xpublic}) with the topic patterns C{topics}. For each message, in this order:
 
-1. decode and validate the v03 notice. Undecodable: logged and acked. Valid JSON that fails
-   validation: a 417 report when the body names its C{source} (on C{xpublic} the pump's ingest
-   stamped it); a body over C{max_notice_bytes}: likewise with 413;
-2. filter the notice's URL (C{notice.url()}) through the accept/reject rules (first full match
-   wins; unmatched URLs are accepted unless C{accept_unmatched} is False); rejected: acked,
-   counted, no report. Notices with a C{fileOp} (links, renames, removals, directories) are
-   not carried out yet: acked and counted as C{unsupported};
-3. suppress duplicates (L{dup_key}: identity and relPath, or relPath, mtime and size) with a
-   cache kept on disk (C{dupcache.py}) for C{dup_ttl} seconds: acked, counted, no report. With
-   C{discard} (benchmarks) the message ends here: its key is remembered (written to the
-   file once per reactor turn) and it is acked;
-4. a C{size} over C{max_size} (default 10 GiB): one 413 report, nothing fetched, no retry;
-   place it under C{directory} (mirror, directory, or strip=N; see L{ion.apps.pump.paths}); a
-   path that could leave the tree: one 422 report, nothing touched on disk (a C{retrievePath}
-   passes the same rules). Then judge its URL by the URL policy of C{sources} and the notice's
-   C{source} (L{ion.apps.pump.transfer.policy}): refused, one log line and a 403 report, never
-   retried;
-5. fetch the file itself (L{ion.apps.pump.transfer.worker.Transfers}, with the C{transfer}
-   settings: timeouts, per_host, credentials), verified against the notice's size and
-   checksum, at most C{parallel} transfers at a time, each given up after C{transfer_timeout}
-   seconds, cut when it passes the announced size or C{max_size} (413, not retried) or
-   receives less than C{min_rate} (default {bytes_per_s: 1024, window: 60}: fewer than
-   bytes_per_s * window bytes in the last window seconds; 504, retried). Delivered:
-   optional re-announce (sarra mode), a 201 report, the key added to the duplicate cache.
-   A transient failure (see L{ion.apps.pump.outcome}: 499/500/503/504) goes to the on-disk
-   retry queue (C{retryqueue.py}); a permanent one gets one failure report.
+  1. decode and validate the v03 notice. Undecodable: logged and acked. Valid JSON that fails
+     validation: a 417 report when the body names its C{source} (on C{xpublic} the pump's ingest
+     stamped it); a body over C{max_notice_bytes}: likewise with 413;
+  2. filter the notice's URL (C{notice.url()}) through the accept/reject rules (first full match
+     wins; unmatched URLs are accepted unless C{accept_unmatched} is False); rejected: acked,
+     counted, no report. Notices with a C{fileOp} (links, renames, removals, directories) are
+     not carried out yet: acked and counted as C{unsupported};
+  3. suppress duplicates (L{dup_key}: identity and relPath, or relPath, mtime and size) with a
+     cache kept on disk (C{dupcache.py}) for C{dup_ttl} seconds: acked, counted, no report. With
+     C{discard} (benchmarks) the message ends here: its key is remembered (written to the
+     file once per reactor turn) and it is acked;
+  4. a C{size} over C{max_size} (default 10 GiB): one 413 report, nothing fetched, no retry;
+     place it under C{directory} (mirror, directory, or strip=N; see L{ion.apps.pump.paths}); a
+     path that could leave the tree: one 422 report, nothing touched on disk (a C{retrievePath}
+     passes the same rules). Then judge its URL by the URL policy of C{sources} and the notice's
+     C{source} (L{ion.apps.pump.transfer.policy}): refused, one log line and a 403 report, never
+     retried;
+  5. fetch the file itself (L{ion.apps.pump.transfer.worker.Transfers}, with the C{transfer}
+     settings: timeouts, per_host, credentials), verified against the notice's size and
+     checksum, at most C{parallel} transfers at a time, each given up after C{transfer_timeout}
+     seconds, cut when it passes the announced size or C{max_size} (413, not retried) or
+     receives less than C{min_rate} (default {bytes_per_s: 1024, window: 60}: fewer than
+     bytes_per_s * window bytes in the last window seconds; 504, retried). Delivered:
+     optional re-announce (sarra mode), a 201 report, the key added to the duplicate cache.
+     A transient failure (see L{ion.apps.pump.outcome}: 499/500/503/504) goes to the on-disk
+     retry queue (C{retryqueue.py}); a permanent one gets one failure report.
 
-   The fetch runs in the consumer's own process rather than as a call to the C{transfer}
-   service: a call per file doubled the broker messages of every delivery. To fetch more at
-   a time, run more consumers of the same subscription (they share its queue), in this
-   container or others.
+     The fetch runs in the consumer's own process rather than as a call to the C{transfer}
+     service: a call per file doubled the broker messages of every delivery. To fetch more at
+     a time, run more consumers of the same subscription (they share its queue), in this
+     container or others.
 
-   The file's directories are made, and the file written, in the transfer's disk thread from
-   a descriptor of C{directory} held open (L{DestinationRoot}), never through a symbolic link:
-   a link below C{directory}, also one planted during the fetch, fails the file with 422.
+     The file's directories are made, and the file written, in the transfer's disk thread from
+     a descriptor of C{directory} held open (L{DestinationRoot}), never through a symbolic link:
+     a link below C{directory}, also one planted during the fetch, fails the file with 422.
 
 On start, temporary files (C{.<name>.<random>.inflight}) that a killed earlier run left in the
 destination tree are removed, in a thread (files other processes are writing are kept; one
@@ -46,10 +46,10 @@ changed in the last few seconds is looked at again a few seconds later).
 The message is acked only once its outcome is durable, so a crash at any point leaves the
 message in the broker or its outcome on disk:
 
-- delivered: file renamed into place (fsynced) -> re-announce
-  confirmed -> report confirmed -> key in the duplicate cache -> ack;
-- transient failure: retry entry fsynced -> ack (the retry queue owns the work from then on);
-- permanent failure and 4xx outcomes: report confirmed -> ack.
+  - delivered: file renamed into place (fsynced) -> re-announce
+    confirmed -> report confirmed -> key in the duplicate cache -> ack;
+  - transient failure: retry entry fsynced -> ack (the retry queue owns the work from then on);
+  - permanent failure and 4xx outcomes: report confirmed -> ack.
 
 A message whose handling fails (a bug, or the broker went away while reporting) is handed
 back once; failing again, it goes to the queue C{<queue>.dead} and its source gets a 500 report

@@ -4,10 +4,10 @@ L{Ingest} consumes the durable queues C{q_<user>.ingest.xs_<u>}, one per exchang
 each user C{u} in C{users} (default: the pump's user), bound with C{#}, and declares each user's
 report exchange C{xr_<u>} on start. For each message:
 
-1. check who published it, and to which exchange (below);
-2. decode and validate the v03 notice, and set its C{source} to that publisher;
-3. publish it, persistent and confirmed, to C{exchange} (default C{xpublic}) with the routing key
-   it came with, then ack.
+  1. check who published it, and to which exchange (below);
+  2. decode and validate the v03 notice, and set its C{source} to that publisher;
+  3. publish it, persistent and confirmed, to C{exchange} (default C{xpublic}) with the routing key
+     it came with, then ack.
 
 An invalid notice (undecodable, over C{max_notice_bytes}, failing validation, or posted with a
 routing key that is not UTF-8) is logged and acked, and its source gets a 417 report on
@@ -22,16 +22,16 @@ that C{u}, never what the body said: on a multi-user pump the source decides who
 reports (C{xr_<source>}), and anyone can write anything in a body. Both halves of the check
 are things the broker vouches for:
 
-- the delivery's exchange is the exchange the message was I{published to}, not one it was
-  routed through. On RabbitMQ anyone who may read C{xpublic} and write C{xs_<self>} may bind
-  C{xs_<self>} to C{xpublic} (exchange.bind); the ingest's own output would then come back to
-  it, and be passed on again, for ever. Such a copy arrives with exchange C{xpublic}: refused;
-- the AMQP C{user_id} property, which RabbitMQ checks against the publisher's login when it is
-  set, must be C{u}: permissions normally let only C{u} (and administrators) write C{xs_<u>}.
-  The pump's own processes publish as its broker login, which may differ from the pump's user
-  name (C{user}), so a message on the pump's own C{xs_<user>} from that login is taken too. A
-  message without C{user_id} (clients need not set it, and then nothing is checked) is taken
-  only on a single-user pump, where C{users} is just the pump's own user.
+  - the delivery's exchange is the exchange the message was I{published to}, not one it was
+    routed through. On RabbitMQ anyone who may read C{xpublic} and write C{xs_<self>} may bind
+    C{xs_<self>} to C{xpublic} (exchange.bind); the ingest's own output would then come back to
+    it, and be passed on again, for ever. Such a copy arrives with exchange C{xpublic}: refused;
+  - the AMQP C{user_id} property, which RabbitMQ checks against the publisher's login when it is
+    set, must be C{u}: permissions normally let only C{u} (and administrators) write C{xs_<u>}.
+    The pump's own processes publish as its broker login, which may differ from the pump's user
+    name (C{user}), so a message on the pump's own C{xs_<user>} from that login is taken too. A
+    message without C{user_id} (clients need not set it, and then nothing is checked) is taken
+    only on a single-user pump, where C{users} is just the pump's own user.
 """
 
 import hashlib

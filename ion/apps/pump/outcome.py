@@ -4,10 +4,10 @@ One rule, used by the consumer for every failure whatever its origin (a L{Transf
 own transfers, or a transfer service's code carried by L{RemoteError}, no answer in time, no
 transfer service yet):
 
-- transient (retry with backoff until the horizon): 499 transfer failed, 500 local failure,
-  503 unavailable, 504 timed out;
-- permanent (one failure report, no retry): every other code, in practice the 4xx ones (404 not
-  found, 403 refused, 417 unusable checksum method, 422 unusable path, ...).
+  - transient (retry with backoff until the horizon): 499 transfer failed, 500 local failure,
+    503 unavailable, 504 timed out;
+  - permanent (one failure report, no retry): every other code, in practice the 4xx ones (404 not
+    found, 403 refused, 417 unusable checksum method, 422 unusable path, ...).
 """
 
 import attrs

@@ -5,16 +5,16 @@ listing returns names chosen by a remote server; neither may reach outside the d
 ION writes into. L{safe_relpath} and L{safe_name} look only at the text (they never touch the
 filesystem) and raise L{UnsafePath} for:
 
-- C{..} components, also when percent-encoded once or several times (C{%2e%2e}, C{%252E%252e},
-  C{..%2f}, C{..%5c}), since a later decoding step (an HTTP server, a plugin) would undo it;
-- C{.} and empty components (C{a/./b}, C{a//b}, C{a/}): they would shift C{strip=N} mappings;
-- absolute paths: sr3 3.3.1 writes relPaths without a leading C{/} (see the reference messages),
-  so one is refused unless the caller passes C{allow_leading_slash=True}, which then reads it as
-  relative to the destination root (for peers converting older v02 messages);
-- NUL (also as C{%00}), control characters (C0, DEL, C1), backslashes, a Windows drive letter
-  (C{C:}) as first component, a component over 255 bytes or a path over 4096 bytes of UTF-8;
-- a component named like a temporary file of a transfer (C{.<name>.<random>.inflight}): the
-  start-up sweep of the destination would remove it as left over by a killed transfer.
+  - C{..} components, also when percent-encoded once or several times (C{%2e%2e}, C{%252E%252e},
+    C{..%2f}, C{..%5c}), since a later decoding step (an HTTP server, a plugin) would undo it;
+  - C{.} and empty components (C{a/./b}, C{a//b}, C{a/}): they would shift C{strip=N} mappings;
+  - absolute paths: sr3 3.3.1 writes relPaths without a leading C{/} (see the reference messages),
+    so one is refused unless the caller passes C{allow_leading_slash=True}, which then reads it as
+    relative to the destination root (for peers converting older v02 messages);
+  - NUL (also as C{%00}), control characters (C0, DEL, C1), backslashes, a Windows drive letter
+    (C{C:}) as first component, a component over 255 bytes or a path over 4096 bytes of UTF-8;
+  - a component named like a temporary file of a transfer (C{.<name>.<random>.inflight}): the
+    start-up sweep of the destination would remove it as left over by a killed transfer.
 
 L{resolve_under} then places checked components under a root and refuses the result when a part
 of it that already exists is a symbolic link resolving outside the root. It reads the filesystem

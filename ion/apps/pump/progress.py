@@ -2,7 +2,7 @@
 
 L{Progress} runs under the pump's supervisor and asks the consumers named in C{consumers} (their
 child ids in that supervisor, e.g. C{consumer.pump}) for their C{stats} each interval, then logs
-at info, for all of them together:
+at info, for all of them together::
 
     pump: 12.4 files/s, 3.1 MB/s; 1240 delivered; 310 queued, 8 in hand, 0 retrying; failures: none
 
@@ -14,7 +14,7 @@ received so far, e.g. "2 in hand (1.3 GB received)"; "retrying" the
 files in the on-disk retry queues; failures count the files given up on, by report code, since
 the consumers started. While nothing moves and nothing waits, one "idle" line is logged and
 then nothing until work arrives again. A consumer that does not answer in C{timeout} seconds
-(the broker is down, or it is stuck) is named on the line instead of being counted as idle:
+(the broker is down, or it is stuck) is named on the line instead of being counted as idle::
 
     pump: 0.0 files/s, 0 B/s; 1240 delivered; 0 queued, 0 in hand, 0 retrying; failures: none; not answering: consumer.pump
 """

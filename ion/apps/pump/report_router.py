@@ -4,17 +4,17 @@ to it.
 L{ReportRouter} consumes C{exchange} (default C{xreport}) with C{#} from the durable queue
 C{q_<user>.report_router}. For each report:
 
-- a body that is not a JSON object with a C{report} {code: int, ...}: logged, acked, counted
-  as C{invalid} (reports of invalid notices carry little else, so nothing more is required);
-- no usable C{source} (a name of letters, digits, C{_}, C{-}, C{.}): logged, acked, counted as
-  C{unroutable}. The source is the body's C{source} field: on C{xpublic} the pump's ingest stamped
-  it from the broker-validated publisher (L{ion.apps.pump.ingest.source_of}), so a report
-  cannot be sent to someone else by a body that lies;
-- a C{report_id} forwarded before (within C{dup_ttl} seconds, remembered on disk in
-  C{<state_dir>/report_ids.jsonl} across restarts): acked, counted as C{duplicates};
-- otherwise published, persistent and confirmed, to C{xr_<source>} (declared topic, durable) with
-  the routing key it came with and a C{report_id} header, then its id remembered, then acked.
-  Counted per source and code.
+  - a body that is not a JSON object with a C{report} {code: int, ...}: logged, acked, counted
+    as C{invalid} (reports of invalid notices carry little else, so nothing more is required);
+  - no usable C{source} (a name of letters, digits, C{_}, C{-}, C{.}): logged, acked, counted as
+    C{unroutable}. The source is the body's C{source} field: on C{xpublic} the pump's ingest stamped
+    it from the broker-validated publisher (L{ion.apps.pump.ingest.source_of}), so a report
+    cannot be sent to someone else by a body that lies;
+  - a C{report_id} forwarded before (within C{dup_ttl} seconds, remembered on disk in
+    C{<state_dir>/report_ids.jsonl} across restarts): acked, counted as C{duplicates};
+  - otherwise published, persistent and confirmed, to C{xr_<source>} (declared topic, durable) with
+    the routing key it came with and a C{report_id} header, then its id remembered, then acked.
+    Counted per source and code.
 
 A report whose routing fails (the broker went away) goes back to the queue once; failing
 again, it goes to C{q_<user>.report_router.dead} (L{ion.core.process.Process.subscribe}).

@@ -7,7 +7,7 @@ seconds later (n: failures so far), at most C{maximum} seconds, spread by C{±ji
 so that entries failed together do not all come back together; no attempt is scheduled past
 C{first failure + horizon}, and an entry failing at or after its horizon is given up.
 
-File: JSON lines, appended; one record per event, replayed on open:
+File: JSON lines, appended; one record per event, replayed on open::
 
     {"op": "add", "entry": {id, key, body, routing_key, first_failed, attempts, due, code, message}}
     {"op": "update", "id": ..., "attempts": ..., "due": ..., "code": ..., "message": ...}

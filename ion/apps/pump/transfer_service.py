@@ -3,14 +3,14 @@
 Service C{transfer}; any number of instances may run, in any container of the system, and each
 request goes to one of them. Ops (content -> reply):
 
-- C{get} {url, path, size?, identity?: {method, value}, mtime?, mode?} ->
-  {size, checksum: {method: base64}, mtime, mode, path}: fetch C{url} into the local file C{path}
-  (its directory must exist). C{size} and a C{sha512}/C{md5} identity are verified; a C{cod}
-  identity names the checksum to compute; C{arbitrary} and C{random} identities are not
-  checked. C{mtime} (seconds since the epoch) and C{mode} (permission bits) are applied when
-  given, else the server's when it tells them. Nothing unverified ever appears at C{path}.
-- C{put} {path, url} -> the same map, for the bytes sent.
-- C{list} {url} -> [{name, size, mtime, mode, type}], sorted by name.
+  - C{get} {url, path, size?, identity?: {method, value}, mtime?, mode?} ->
+    {size, checksum: {method: base64}, mtime, mode, path}: fetch C{url} into the local file C{path}
+    (its directory must exist). C{size} and a C{sha512}/C{md5} identity are verified; a C{cod}
+    identity names the checksum to compute; C{arbitrary} and C{random} identities are not
+    checked. C{mtime} (seconds since the epoch) and C{mode} (permission bits) are applied when
+    given, else the server's when it tells them. Nothing unverified ever appears at C{path}.
+  - C{put} {path, url} -> the same map, for the bytes sent.
+  - C{list} {url} -> [{name, size, mtime, mode, type}], sorted by name.
 
 A failed transfer is an L{ApplicationError} with the library's HTTP-like code (404 missing, 403
 refused, 499 short or corrupt, 503 unreachable, 504 timed out, ...); callers decide between
