@@ -4,10 +4,10 @@ L{Observer} (service C{observer}) reads the trace exchange of its system through
 own (exclusive, deleted with it) and keeps the headers of the last C{keep} messages (config
 C{ion.apps.observer}, read when it starts; default 10000), indexed by conv-id. Ops:
 
-- C{msc} C{{'conv_id': id}} or C{{'last': n}} (default: the last 20 messages) -> the text chart;
-- C{svg} the same plus C{'path'} (ending in C{.svg}) -> writes the SVG chart there, returns the
-  path;
-- C{conversations} (optionally C{{'last': n}}) -> one summary dict per conversation kept.
+  - C{msc} C{{'conv_id': id}} or C{{'last': n}} (default: the last 20 messages) -> the text chart;
+  - C{svg} the same plus C{'path'} (ending in C{.svg}) -> writes the SVG chart there, returns the
+    path;
+  - C{conversations} (optionally C{{'last': n}}) -> one summary dict per conversation kept.
 The shell's C{msc()} asks for its charts over rpc, like any other client.
 """
 
