@@ -1,13 +1,13 @@
 """C{.app} and C{.rel} files: Python literals describing applications and releases.
 
-An application file (C{res/apps/<name>.app}):
+An application file (C{res/apps/<name>.app})::
 
     {'type': 'application', 'name': 'hello', 'description': '...', 'version': '0.1',
      'mod': ('ion.apps.hello.app', [], {'instances': 1}),
      'applications': ['ioncore'], 'registered': ['hello'],
      'config': {'ion.apps.hello': {'greeting': 'Hello'}}}
 
-A release file (C{res/deploy/<name>.rel}):
+A release file (C{res/deploy/<name>.rel})::
 
     {'type': 'release', 'name': 'demo', 'version': '0.1',
      'apps': [{'name': 'hello', 'version': '0.1', 'config': {...}, 'args': {...}, 'mult': 1}]}

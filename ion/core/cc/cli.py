@@ -1,5 +1,7 @@
 """C{ion} (or C{python -m ion}): talk to a running ION system from a terminal.
 
+Usage::
+
     ion rpc [--broker URL] [--credentials PATH] [--sysname S] [--timeout T] <service> <op> [json]
     ion ping [--broker URL] [--credentials PATH] [--sysname S] [--timeout T] <service>
     ion containers            the containers of the system (from their agents)

@@ -7,18 +7,18 @@ AMQP user_id against the login) but not for where a user may publish or read: th
 permissions, three regular expressions per user and vhost (configure, write, read) matched
 against exchange and queue names. The roles, after sr3's (U is the user):
 
-- C{admin}: everything, and the C{administrator} tag (rabbitmqctl, management).
-- C{feeder}: everything, no tag: the pump's own user. It declares C{xpublic}, C{xreport}, the
-  C{xr_} exchanges, its system's exchanges and queues, and reads every user's C{xs_} exchange.
-- C{source}: posts files. Configure and write its own queues C{q_U.*} and its exchange C{xs_U};
-  read its queues, the public exchange and its reports C{xr_U}. It may not write C{xpublic},
-  another user's C{xs_}, or C{xreport}, nor read another user's C{xr_}; it may not configure
-  (so delete) C{xr_U}, which the pump's report router publishes to.
-- C{subscriber}: only reads. Configure and write its own queues, read them and the public
-  exchange. sr3 lets a subscriber write C{xs_U} to send reports upstream; this pump takes no
-  reports from outside (its own consumers report through C{xreport} as the pump's user), and
-  the ingest would take them for notices, so a subscriber writes no exchange at all. That
-  also keeps it from binding an exchange of its own to C{xpublic}.
+  - C{admin}: everything, and the C{administrator} tag (rabbitmqctl, management).
+  - C{feeder}: everything, no tag: the pump's own user. It declares C{xpublic}, C{xreport}, the
+    C{xr_} exchanges, its system's exchanges and queues, and reads every user's C{xs_} exchange.
+  - C{source}: posts files. Configure and write its own queues C{q_U.*} and its exchange C{xs_U};
+    read its queues, the public exchange and its reports C{xr_U}. It may not write C{xpublic},
+    another user's C{xs_}, or C{xreport}, nor read another user's C{xr_}; it may not configure
+    (so delete) C{xr_U}, which the pump's report router publishes to.
+  - C{subscriber}: only reads. Configure and write its own queues, read them and the public
+    exchange. sr3 lets a subscriber write C{xs_U} to send reports upstream; this pump takes no
+    reports from outside (its own consumers report through C{xreport} as the pump's user), and
+    the ingest would take them for notices, so a subscriber writes no exchange at all. That
+    also keeps it from binding an exchange of its own to C{xpublic}.
 
 Unlike sr3's expressions, these are anchored at both ends and a queue prefix ends with its
 dot, so user C{bob} gets nothing of user C{bobby}'s (C{^q_bob.*} would give it C{q_bobby...}).

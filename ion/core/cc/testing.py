@@ -1,5 +1,7 @@
 """Helpers for testing services on a real container: part of the product, not just our tests.
 
+For example::
+
     container = await make_container(self)             # memory://, stopped at test end
     proc = await container.spawn(MyService)
     result = await call_op(proc, "greet", "Ann")        # runs the op directly, no messages

@@ -3,10 +3,10 @@
 On the wire an error is a map C{{code, type, message}} (HTTP-like codes: 4xx the caller's
 fault, 5xx the receiver's). Callers get typed exceptions:
 
-- L{RemoteError}: the receiver answered with a failure (has C{code}, C{type}, C{message});
-- L{ConversationTimeout}: no answer before the deadline;
-- L{NoSuchReceiver}: nobody listens on that name (known at once, not after a timeout);
-- C{ConnectionLost} (from the transport) when the broker went away mid-call.
+  - L{RemoteError}: the receiver answered with a failure (has C{code}, C{type}, C{message});
+  - L{ConversationTimeout}: no answer before the deadline;
+  - L{NoSuchReceiver}: nobody listens on that name (known at once, not after a timeout);
+  - C{ConnectionLost} (from the transport) when the broker went away mid-call.
 
 Ops raise C{ApplicationError(message, code=4xx)} for expected failures; any other exception is
 reported to the caller as a 500 with its type and message, and its traceback stays in the

@@ -4,6 +4,8 @@ A table maps C{state -> {event: next state}}. Events are the performatives of th
 conversation sends or receives, plus C{timeout} and C{cancel}. Every table starts in C{start},
 has a timeout transition from every non-final state, and ends in one of L{FINAL}.
 
+The tables::
+
     rpc        initiator   start -request-> requested -inform_result-> done
                                                       -failure-> failed
                participant start -request-> received -inform_result-> done | -failure-> failed

@@ -5,16 +5,17 @@ queues and bindings; any number of L{MemoryTransport} connections attach to it, 
 own user name, consumers and exclusive queues.
 
 What it keeps from RabbitMQ:
-- exchanges C{topic}, C{direct} and C{fanout}, plus the default exchange C{''} that routes to the
-  queue named by the routing key; a message reaches each matching queue exactly once;
-- topic words are separated by dots and may be empty (C{*.b} matches C{.b}); C{*} is one word,
-  C{#} zero or more; the empty routing key has zero words;
-- redeclaring with the same arguments is a no-op; with different ones it fails;
-- exclusive queues belong to the connection that declared them (others get L{QueueInUse}) and
-  vanish when it closes; auto-delete queues vanish when their last consumer is cancelled;
-- each consumer has at most C{prefetch} unacknowledged deliveries (0 means no limit); a queue's
-  consumers take turns (round robin); nacked-with-requeue and cancelled-while-unacked messages
-  go back to the head of the queue with C{redelivered} set.
+
+  - exchanges C{topic}, C{direct} and C{fanout}, plus the default exchange C{''} that routes to the
+    queue named by the routing key; a message reaches each matching queue exactly once;
+  - topic words are separated by dots and may be empty (C{*.b} matches C{.b}); C{*} is one word,
+    C{#} zero or more; the empty routing key has zero words;
+  - redeclaring with the same arguments is a no-op; with different ones it fails;
+  - exclusive queues belong to the connection that declared them (others get L{QueueInUse}) and
+    vanish when it closes; auto-delete queues vanish when their last consumer is cancelled;
+  - each consumer has at most C{prefetch} unacknowledged deliveries (0 means no limit); a queue's
+    consumers take turns (round robin); nacked-with-requeue and cancelled-while-unacked messages
+    go back to the head of the queue with C{redelivered} set.
 
 What it does not do: persistence (C{durable} is recorded only: everything dies with the
 process), message TTL (C{expiration} is carried but not enforced), dead-letter exchanges. So
@@ -28,13 +29,14 @@ a consumer is queued on that consumer's connection and handed over from a C{call
 in batches. A callback may return a Deferred or a coroutine; it need not ack before returning.
 
 Rules for consumers:
-- an exception escaping a callback (raised, or failing the Deferred or coroutine it returned)
-  is logged; if the message was not acked or nacked yet it is nacked without requeue, i.e.
-  dropped, so that a poison message cannot loop forever;
-- acking or nacking a delivery a second time raises TransportError (it is a bug);
-- once the consumer is cancelled, its queue deleted or its connection closed, the message is
-  back in the queue (or gone with it) and a first ack or nack of the old delivery does nothing:
-  a handler finishing during shutdown is not an error.
+
+  - an exception escaping a callback (raised, or failing the Deferred or coroutine it returned)
+    is logged; if the message was not acked or nacked yet it is nacked without requeue, i.e.
+    dropped, so that a poison message cannot loop forever;
+  - acking or nacking a delivery a second time raises TransportError (it is a bug);
+  - once the consumer is cancelled, its queue deleted or its connection closed, the message is
+    back in the queue (or gone with it) and a first ack or nack of the old delivery does nothing:
+    a handler finishing during shutdown is not an error.
 """
 
 import collections

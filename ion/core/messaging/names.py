@@ -1,8 +1,8 @@
 """Names on the broker: one topic exchange per system; receivers are routing keys on it.
 
-- the system exchange is C{ion.<sysname>};
-- a process listens on queue C{<pid>} bound with key C{<pid>} (pid = C{<containerid>.<n>});
-- a service's instances share queue C{<sysname>.<service>} bound with key C{<service>}.
+  - the system exchange is C{ion.<sysname>};
+  - a process listens on queue C{<pid>} bound with key C{<pid>} (pid = C{<containerid>.<n>});
+  - a service's instances share queue C{<sysname>.<service>} bound with key C{<service>}.
 So C{send('hello', ...)} reaches one instance of service hello, C{send(pid, ...)} one process.
 """
 

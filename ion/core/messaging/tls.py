@@ -1,5 +1,7 @@
 """TLS for amqps://: which broker certificates to trust, and the client certificate to show.
 
+For example::
+
     tls = ClientTls.load(ca_file="ca.pem", cert_file="pump.pem", key_file="pump.key")
     creator = tls.creator("rabbit.example.org")   # for wrapClientTLS
     tls.user                                      # the certificate's CN ("pump"), or None

@@ -1,5 +1,7 @@
 """The process lifecycle as a state machine (Automat).
 
+The transitions::
+
     INIT --initialize--> READY --activate--> ACTIVE --deactivate--> READY
     READY, ACTIVE, INIT --terminate--> TERMINATED
     any non-final state --fail--> FAILED

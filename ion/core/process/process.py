@@ -1,6 +1,6 @@
 """Processes: the unit of work in a container, addressed by pid and talking only by messages.
 
-A process is a plain class with ops:
+A process is a plain class with ops::
 
     class Greeter(ServiceProcess):
         service = "greeter"

@@ -1,6 +1,8 @@
 """Supervisor: a process that starts child processes, restarts them when they end, and gives up
 (which its own parent sees as a crash) when they end too often.
 
+For example::
+
     container.spawn(Supervisor, name="pump-sup", args={
         "children": [
             {"id": "reader", "spec": "ion.apps.pump.reader"},
@@ -33,9 +35,10 @@ C{temporary} ones never. A child that is not restarted stays stopped, also when 
 of its siblings' group happens.
 
 Strategies, for a child that is to be restarted:
-- one_for_one: restart just that child;
-- one_for_all: stop all the other children (in reverse order), then start them all in order;
-- rest_for_one: stop the children listed after it (in reverse), then start it and them in order.
+
+  - one_for_one: restart just that child;
+  - one_for_all: stop all the other children (in reverse order), then start them all in order;
+  - rest_for_one: stop the children listed after it (in reverse), then start it and them in order.
 
 Intensity: each such restart is counted (a group restart counts once, a restart that fails to
 start counts again and is retried). More than C{intensity} restarts within C{period} seconds of
