@@ -1,4 +1,4 @@
-"""`python -m ion ...`: the ION command line (see ion.core.cc.cli)."""
+"""C{python -m ion ...}: the ION command line (see ion.core.cc.cli)."""
 
 import sys
 

@@ -5,7 +5,7 @@ A config file is a dict literal keyed by module name::
 
     {'ion.core.process': {'rpc_timeout': 15}}
 
-Layers are kept lowest first (``ion.config`` < ``ionlocal.config`` < app and rel
+Layers are kept lowest first (C{ion.config} < C{ionlocal.config} < app and rel
 layers < command line) and merged deeply each time a value is asked for, so a layer
 added later is seen by the next lookup.
 """

@@ -1,8 +1,8 @@
 """The credentials file: every login ION uses, kept out of command lines and config files.
 
-One private file, by default ``~/.config/ion/credentials.conf``, holds the broker accounts of
+One private file, by default C{~/.config/ion/credentials.conf}, holds the broker accounts of
 the container and the server logins of the pump's transfers. One login per line, blank lines
-and lines starting with ``#`` ignored; after the URL, a blank followed by ``#`` starts a
+and lines starting with C{#} ignored; after the URL, a blank followed by C{#} starts a
 comment::
 
     scheme://user[:password]@host[:port][/path] [option=value ...]
@@ -14,27 +14,29 @@ comment::
     sftp://bob@feed.example.org/ ssh_key=~/.ssh/id_ed25519
     sftp://carol:pw@other.example.org/incoming/
 
-- Schemes: amqp, amqps, http, https, ftp, sftp. The port defaults to the scheme's (amqp 5672,
-  amqps 5671, http 80, https 443, ftp 21, sftp 22); host names are not case sensitive.
-- The user and password are percent-encoded as in any URL (``p%40ss`` is ``p@ss``; encode
-  ``@ : / ? # %`` and blanks). The password is optional, e.g. for an sftp line with a key.
-- A path other than ``/`` restricts the line to URLs under that path; the longest match wins,
-  the first line among equals.
-- Option ``ssh_key=PATH``: a private key file (OpenSSH or PEM format, without passphrase)
-  tried before the password for sftp; ``~`` is expanded.
-- A broker line (amqp, amqps) is exactly ``amqp[s]://user:password@host[:port]/``: its
-  password serves that user on every virtual host, so it takes no path and no option.
+  - Schemes: amqp, amqps, http, https, ftp, sftp. The port defaults to the scheme's (amqp 5672,
+    amqps 5671, http 80, https 443, ftp 21, sftp 22); host names are not case sensitive.
+  - The user and password are percent-encoded as in any URL (C{p%40ss} is C{p@ss}; encode
+    C{@ : / ? # %} and blanks). The password is optional, e.g. for an sftp line with a key.
+  - A path other than C{/} restricts the line to URLs under that path; the longest match wins,
+    the first line among equals.
+  - Option C{ssh_key=PATH}: a private key file (OpenSSH or PEM format, without passphrase)
+    tried before the password for sftp; C{~} is expanded.
+  - A broker line (amqp, amqps) is exactly C{amqp[s]://user:password@host[:port]/}: its
+    password serves that user on every virtual host, so it takes no path and no option.
 
-The file must be a regular file readable by its owner only (``chmod 600``): a file that group
+The file must be a regular file readable by its owner only (C{chmod 600}): a file that group
 or others may read or write is refused, as the passwords in it may already have leaked. A
 malformed line makes the whole file unusable. No error message or repr ever contains a
 password, or a line of the file (which may hold one); errors name the file and line number.
+
+For example::
 
     credentials = Credentials.load(os.path.expanduser("~/.config/ion/credentials.conf"))
     credentials.find("sftp://feed.example.org/data/x.bin")       # a Credential, or None
     credentials.password("amqp://ion@rabbit.example.org/")       # "s3cret", or None
 
-``load_credentials`` and ``find_password`` are the same for callers that want a list.
+L{load_credentials} and L{find_password} are the same for callers that want a list.
 """
 
 import os

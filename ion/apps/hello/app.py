@@ -1,4 +1,4 @@
-"""Starts the hello app: a supervisor over `instances` HelloService processes."""
+"""Starts the hello app: a supervisor over C{instances} HelloService processes."""
 
 from ion.core.process import Supervisor
 

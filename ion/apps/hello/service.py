@@ -4,7 +4,7 @@ from ion.core.process import ApplicationError, ServiceProcess
 
 
 class HelloService(ServiceProcess):
-    """Answers `hello` with a greeting; the greeting comes from config `ion.apps.hello`."""
+    """Answers C{hello} with a greeting; the greeting comes from config C{ion.apps.hello}."""
 
     service = "hello"
 

@@ -1,10 +1,10 @@
 """Message sequence charts: traced ION messages drawn as text (for a terminal) or as SVG.
 
 Both renderers take a list of message header dicts, in time order, as the observer records
-them (the ION headers `sender`, `sender-name`, `receiver`, `conv-id`, `conv-seq`, `op`,
-`performative`, `protocol`, ...). Each participant gets a lifeline, named `sender-name/pid`; a
+them (the ION headers C{sender}, C{sender-name}, C{receiver}, C{conv-id}, C{conv-seq}, C{op},
+C{performative}, C{protocol}, ...). Each participant gets a lifeline, named C{sender-name/pid}; a
 service name used as receiver is drawn on the lifeline of the process that answered in that
-conversation. Each message is one arrow, labelled `op request` for the message that opens a
+conversation. Each message is one arrow, labelled C{op request} for the message that opens a
 conversation and with its performative for the others. These are pure functions: no I/O.
 """
 
@@ -24,7 +24,7 @@ def conv_seq(message):
 
 
 def arrow_label(message):
-    """`op performative` for a conversation's opening message, the performative otherwise."""
+    """C{op performative} for a conversation's opening message, the performative otherwise."""
     performative = str(message.get("performative") or "?")
     if performative in OPENING:
         return f"{message.get('op') or '?'} {performative}"
@@ -42,8 +42,8 @@ def _shorten(text, room):
 
 
 class Lifelines:
-    """Who takes part in a list of messages: `columns` (keys in order of appearance),
-    `labels` (key -> text) and `ends` (for each message, its (sender key, receiver key))."""
+    """Who takes part in a list of messages: C{columns} (keys in order of appearance),
+    C{labels} (key -> text) and C{ends} (for each message, its (sender key, receiver key))."""
 
     def __init__(self, messages):
         names = {}
@@ -117,7 +117,7 @@ def _text_arrow(label, length, rightwards):
 
 
 def render_text(messages, width=100):
-    """The chart as lines of text at most `width` wide (wider only when there are too many
+    """The chart as lines of text at most C{width} wide (wider only when there are too many
     participants to fit): one column per participant, one line per message, in the order
     given, each line starting with its conv-seq."""
     if not messages:

@@ -1,13 +1,14 @@
 """The Observer: records the trace of a system's traffic and draws it as sequence charts.
 
-`Observer` (service `observer`) reads the trace exchange of its system through a queue of its
-own (exclusive, deleted with it) and keeps the headers of the last `keep` messages (config
-`ion.apps.observer`, read when it starts; default 10000), indexed by conv-id. Ops:
+L{Observer} (service C{observer}) reads the trace exchange of its system through a queue of its
+own (exclusive, deleted with it) and keeps the headers of the last C{keep} messages (config
+C{ion.apps.observer}, read when it starts; default 10000), indexed by conv-id. Ops:
 
-- `msc` `{'conv_id': id}` or `{'last': n}` (default: the last 20 messages) -> the text chart;
-- `svg` the same plus `'path'` (ending in `.svg`) -> writes the SVG chart there, returns the path;
-- `conversations` (optionally `{'last': n}`) -> one summary dict per conversation kept.
-The shell's `msc()` asks for its charts over rpc, like any other client.
+  - C{msc} C{{'conv_id': id}} or C{{'last': n}} (default: the last 20 messages) -> the text chart;
+  - C{svg} the same plus C{'path'} (ending in C{.svg}) -> writes the SVG chart there, returns the
+    path;
+  - C{conversations} (optionally C{{'last': n}}) -> one summary dict per conversation kept.
+The shell's C{msc()} asks for its charts over rpc, like any other client.
 """
 
 import collections
@@ -76,7 +77,7 @@ class Observer(ServiceProcess):
     # -- queries ---------------------------------------------------------------------------
 
     def select(self, conv_id=None, last=DEFAULT_LAST):
-        """The messages of one conversation (by conv-seq), or the last `last` ones."""
+        """The messages of one conversation (by conv-seq), or the last C{last} ones."""
         if conv_id is not None:
             kept = self.by_conv.get(conv_id)
             if not kept:

@@ -3,35 +3,35 @@ transfer service workers, the ingest, one consumer per subscription, one poll pe
 the progress summary.
 
 Receivers come first, so a process never runs without someone to take what it sends: a poll
-announces to `xs_<user>` where the ingest already listens, the ingest passes notices on to
-`xpublic` where the consumers already listen, and every consumer has the transfer service
+announces to C{xs_<user>} where the ingest already listens, the ingest passes notices on to
+C{xpublic} where the consumers already listen, and every consumer has the transfer service
 and the report router. With rest_for_one, a restarted process restarts the processes after it.
 
-State lives under `var/<app name>/` (`var/pump/`; `var/pump.2/` for the second copy of a rel's
-`mult`) unless a process is given its own `state_dir`: each process claims its directory, so
+State lives under C{var/<app name>/} (C{var/pump/}; C{var/pump.2/} for the second copy of a rel's
+C{mult}) unless a process is given its own C{state_dir}: each process claims its directory, so
 two pumps never share one.
 
-kwargs (from `res/apps/pump.app`, a rel file's `args` or `-a "apparg_pump={...}"`):
+kwargs (from C{res/apps/pump.app}, a rel file's C{args} or C{-a "apparg_pump={...}"}):
 
-- `polls`: a list of poll args (see `ion.apps.pump.poll`), each with a unique `name`: `url`,
-  `interval`, `accept`, `reject`, `exchange`, `min_age`, `recursive`, `state_dir`,
-  `base_url`...;
-- `subscriptions`: a list of consumer args (see `ion.apps.pump.consumer`), each with a unique
-  `name`: `exchange`, `topics`, `accept`, `reject`, `directory`, `mirror`, `strip`...;
-- `transfer`: {workers: N transfer service instances (default 2; the polls list through them),
-  timeouts, per_host, credentials, parallel, max_size, min_rate}: the settings of
-  `ion.apps.pump.transfer.worker`. Consumers fetch files themselves with the same timeouts,
-  per_host and credentials (a subscription's own `transfer` wins) and their own `parallel`;
-  `max_size` and `min_rate` given here are the subscriptions' defaults too;
-- `ingest`: ingest args (see `ion.apps.pump.ingest`), e.g. {users: ['alice', 'bob']} for the
-  exchanges `xs_alice`, `xs_bob` (default: the pump's user's only);
-- `report_router`: report router args (see `ion.apps.pump.report_router`), e.g. `log_path`;
-- `progress`: {interval: seconds between summary lines (default 10)};
-- `user`: the pump's broker user: it names the queues (`q_<user>....`) and the exchange the
-  polls announce to (`xs_<user>`); default the config `ion.apps.pump: user`, else the
-  container's broker login (`ion` on the embedded broker); see `ion.apps.pump.user`.
+  - C{polls}: a list of poll args (see L{ion.apps.pump.poll}), each with a unique C{name}: C{url},
+    C{interval}, C{accept}, C{reject}, C{exchange}, C{min_age}, C{recursive}, C{state_dir},
+    C{base_url}...;
+  - C{subscriptions}: a list of consumer args (see L{ion.apps.pump.consumer}), each with a unique
+    C{name}: C{exchange}, C{topics}, C{accept}, C{reject}, C{directory}, C{mirror}, C{strip}...;
+  - C{transfer}: {workers: N transfer service instances (default 2; the polls list through them),
+    timeouts, per_host, credentials, parallel, max_size, min_rate}: the settings of
+    L{ion.apps.pump.transfer.worker}. Consumers fetch files themselves with the same timeouts,
+    per_host and credentials (a subscription's own C{transfer} wins) and their own C{parallel};
+    C{max_size} and C{min_rate} given here are the subscriptions' defaults too;
+  - C{ingest}: ingest args (see L{ion.apps.pump.ingest}), e.g. {users: ['alice', 'bob']} for the
+    exchanges C{xs_alice}, C{xs_bob} (default: the pump's user's only);
+  - C{report_router}: report router args (see L{ion.apps.pump.report_router}), e.g. C{log_path};
+  - C{progress}: {interval: seconds between summary lines (default 10)};
+  - C{user}: the pump's broker user: it names the queues (C{q_<user>....}) and the exchange the
+    polls announce to (C{xs_<user>}); default the config C{ion.apps.pump: user}, else the
+    container's broker login (C{ion} on the embedded broker); see L{ion.apps.pump.user}.
 
-The kwargs are `ion.apps.pump.args.PumpArgs`; anything else is an error naming the valid
+The kwargs are L{ion.apps.pump.args.PumpArgs}; anything else is an error naming the valid
 kwargs.
 """
 

@@ -1,21 +1,21 @@
 """The arguments of the pump and its processes: one attrs class per kind, each argument
 defined once with its default and its check.
 
-`<Kind>Args.parse(args)` takes the dict a process is given (from `res/apps/pump.app`, a rel
+C{<Kind>Args.parse(args)} takes the dict a process is given (from C{res/apps/pump.app}, a rel
 file or the command line) and returns the checked arguments as typed attributes
-(`args.max_size`); `args["max_size"]` reads the same. Anything wrong is a `BadArgument`, a
+(C{args.max_size}); C{args["max_size"]} reads the same. Anything wrong is a L{BadArgument}, a
 ValueError, whose message is one line naming the process, the argument and the bad value
-(`consumer pump: parallel must be an int >= 1, got 0`): at boot that is exit status 2, not
+(C{consumer pump: parallel must be an int >= 1, got 0}): at boot that is exit status 2, not
 a traceback. A key that is not an argument is refused the same way, listing the valid ones.
 
-The message prefix is `who`: `<kind> <name>` for the processes that have a name (consumer,
+The message prefix is C{who}: C{<kind> <name>} for the processes that have a name (consumer,
 poll; the name is checked first, since every other message carries it), the kind for the
-others, the caller's for transfer settings (`consumer pump`, `pump: transfer`).
+others, the caller's for transfer settings (C{consumer pump}, C{pump: transfer}).
 
-Arguments derived from others are attributes too: a consumer's and a poll's `filter`
-(`ion.apps.pump.filters.Filter`), a consumer's destination `mode` and its `transfer`
-settings (a `TransferSettings` holding its own `parallel`, `max_size` and `min_rate`), a
-poll's `url` and `base_url` made directory URLs.
+Arguments derived from others are attributes too: a consumer's and a poll's C{filter}
+(L{ion.apps.pump.filters.Filter}), a consumer's destination C{mode} and its C{transfer}
+settings (a L{TransferSettings} holding its own C{parallel}, C{max_size} and C{min_rate}), a
+poll's C{url} and C{base_url} made directory URLs.
 """
 
 import os
@@ -54,8 +54,8 @@ def _is_name(value):
 
 
 def _check(test, what, optional=False):
-    """An attrs validator: BadArgument `<who>: <key> must be <what>, got <value>` unless
-    `test(value)` (or the value is None, when `optional`)."""
+    """An attrs validator: BadArgument C{<who>: <key> must be <what>, got <value>} unless
+    C{test(value)} (or the value is None, when C{optional})."""
 
     def check(instance, attribute, value):
         if not (optional and value is None) and not test(value):
@@ -83,7 +83,7 @@ def _pattern_list(value):
 
 
 def _named(kind):
-    """The `who` of a process with a name, `<kind> <name>`, once the name is checked."""
+    """The C{who} of a process with a name, C{<kind> <name>}, once the name is checked."""
 
     def who(self):
         if not _is_name(self.name):
@@ -97,7 +97,7 @@ def _named(kind):
 
 
 def _fixed_who(text):
-    """The `who` of a process kind that has no name."""
+    """The C{who} of a process kind that has no name."""
     return attrs.field(default=text, init=False, eq=False, repr=False)
 
 
@@ -106,12 +106,12 @@ def _derived(compute):
 
 
 def _max_size():
-    """`max_size`: the most bytes a get takes; None for no limit."""
+    """C{max_size}: the most bytes a get takes; None for no limit."""
     return attrs.field(default=MAX_SIZE, validator=OPTIONAL_COUNT)
 
 
 def _min_rate():
-    """`min_rate`: see `MinRate.parse` for its forms; a MinRate, or None for none."""
+    """C{min_rate}: see L{MinRate.parse} for its forms; a MinRate, or None for none."""
 
     def convert(value, self):
         if isinstance(value, MinRate):
@@ -127,7 +127,7 @@ def _min_rate():
 
 
 class _Arguments:
-    """What every argument class shares: `parse` and the `args[key]` view."""
+    """What every argument class shares: L{parse} and the C{args[key]} view."""
 
     __slots__ = ()
     # Says what the keys are in the message refusing an unknown one.
@@ -140,7 +140,7 @@ class _Arguments:
 
     @classmethod
     def parse(cls, args, who=None):
-        """The checked arguments of the dict `args` (`who`: for the classes that are told
+        """The checked arguments of the dict C{args} (C{who}: for the classes that are told
         it); BadArgument naming the bad one otherwise."""
         shown = who or cls._who_of(args)
         if not isinstance(args, dict):
@@ -188,7 +188,7 @@ def _timeouts(value, self):
 
 @attrs.frozen(kw_only=True)
 class TransferSettings(_Arguments):
-    """The settings of a process's `Transfers`; `ion.apps.pump.transfer.worker` says what
+    """The settings of a process's C{Transfers}; L{ion.apps.pump.transfer.worker} says what
     each one means."""
 
     UNKNOWN = "transfer setting"
@@ -214,8 +214,8 @@ class TransferSettings(_Arguments):
 
 @attrs.frozen(kw_only=True)
 class TransferServiceArgs(TransferSettings):
-    """A transfer service instance (`ion.apps.pump.transfer_service`): its transfer settings
-    and `service`, the name it serves under (`transfer`)."""
+    """A transfer service instance (L{ion.apps.pump.transfer_service}): its transfer settings
+    and C{service}, the name it serves under (C{transfer})."""
 
     UNKNOWN = "argument"
 
@@ -229,8 +229,8 @@ def _consumer_mode(self):
 
 
 def _consumer_transfer(value, self):
-    """A consumer's transfer settings: its `transfer` dict with its own `parallel`,
-    `max_size` and `min_rate`."""
+    """A consumer's transfer settings: its C{transfer} dict with its own C{parallel},
+    C{max_size} and C{min_rate}."""
     if value is None:
         value = {}
     if not isinstance(value, dict):
@@ -271,8 +271,8 @@ def _check_sources(instance, attribute, value):
 
 @attrs.frozen(kw_only=True)
 class ConsumerArgs(_Named):
-    """A subscription (`ion.apps.pump.consumer`); `name` is required, `directory` too
-    unless `discard` is set."""
+    """A subscription (L{ion.apps.pump.consumer}); C{name} is required, C{directory} too
+    unless C{discard} is set."""
 
     KIND = "consumer"
 
@@ -325,7 +325,7 @@ class ConsumerArgs(_Named):
 
 
 def root_url(url):
-    """The directory URL a poll lists: with a trailing `/`; a relative or bare `file:` path made
+    """The directory URL a poll lists: with a trailing C{/}; a relative or bare C{file:} path made
     absolute (and percent-encoded, since the transfer library decodes file URLs)."""
     if url.startswith("file:") and not url.startswith("file://"):
         local = url[len("file:") :]
@@ -360,8 +360,8 @@ def _poll_base_url(value, self):
 
 @attrs.frozen(kw_only=True)
 class PollArgs(_Named):
-    """A poll (`ion.apps.pump.poll`); `name` and `url` are required. With `accept` rules
-    and no `accept_unmatched`, files no rule matches are not announced."""
+    """A poll (L{ion.apps.pump.poll}); C{name} and C{url} are required. With C{accept} rules
+    and no C{accept_unmatched}, files no rule matches are not announced."""
 
     KIND = "poll"
 
@@ -391,7 +391,7 @@ class PollArgs(_Named):
 
 @attrs.frozen(kw_only=True)
 class IngestArgs(_Arguments):
-    """The ingest (`ion.apps.pump.ingest`); `users` None: the pump's user only."""
+    """The ingest (L{ion.apps.pump.ingest}); C{users} None: the pump's user only."""
 
     who = _fixed_who("ingest")
     users = attrs.field(
@@ -411,7 +411,7 @@ class IngestArgs(_Arguments):
 
 @attrs.frozen(kw_only=True)
 class ReportRouterArgs(_Arguments):
-    """The report router (`ion.apps.pump.report_router`)."""
+    """The report router (L{ion.apps.pump.report_router})."""
 
     who = _fixed_who("report router")
     exchange = attrs.field(default="xreport", validator=EXCHANGE)
@@ -424,8 +424,8 @@ class ReportRouterArgs(_Arguments):
 
 @attrs.frozen(kw_only=True)
 class ProgressArgs(_Arguments):
-    """The progress line (`ion.apps.pump.progress`): `consumers` are child ids in the pump's
-    supervisor, `name` starts the line."""
+    """The progress line (L{ion.apps.pump.progress}): C{consumers} are child ids in the pump's
+    supervisor, C{name} starts the line."""
 
     who = _fixed_who("progress")
     consumers = attrs.field(
@@ -479,7 +479,7 @@ _DICT = _check(lambda v: isinstance(v, dict), "a dict")
 
 
 def _given_or(default, validator):
-    """An app kwarg whose default `default()` also stands for a None given."""
+    """An app kwarg whose default C{default()} also stands for a None given."""
     return attrs.field(
         default=None,
         converter=attrs.converters.default_if_none(factory=default),
@@ -489,9 +489,9 @@ def _given_or(default, validator):
 
 @attrs.frozen(kw_only=True)
 class PumpArgs(_Arguments):
-    """The pump app's kwargs (`ion.apps.pump.app`); `who` is the app's name. The entries of
-    `polls`, `subscriptions`, `ingest`, `report_router` and `progress` are the dicts the
-    processes are given (and check); `transfer` holds the transfer settings and `workers`."""
+    """The pump app's kwargs (L{ion.apps.pump.app}); C{who} is the app's name. The entries of
+    C{polls}, C{subscriptions}, C{ingest}, C{report_router} and C{progress} are the dicts the
+    processes are given (and check); C{transfer} holds the transfer settings and L{workers}."""
 
     who = attrs.field(default="pump", eq=False, repr=False)
     ingest = _given_or(dict, _DICT)

@@ -1,74 +1,74 @@
 """The consumer: one subscription of the pump, from notices on an exchange to verified files.
 
-A `Consumer` consumes a durable queue `q_<user>.consumer.<name>` bound to `exchange` (default
-`xpublic`) with the topic patterns `topics`. For each message, in this order:
+A L{Consumer} consumes a durable queue C{q_<user>.consumer.<name>} bound to C{exchange} (default
+C{xpublic}) with the topic patterns C{topics}. For each message, in this order:
 
-1. decode and validate the v03 notice. Undecodable: logged and acked. Valid JSON that fails
-   validation: a 417 report when the body names its `source` (on `xpublic` the pump's ingest
-   stamped it); a body over `max_notice_bytes`: likewise with 413;
-2. filter the notice's URL (`notice.url()`) through the accept/reject rules (first full match
-   wins; unmatched URLs are accepted unless `accept_unmatched` is False); rejected: acked,
-   counted, no report. Notices with a `fileOp` (links, renames, removals, directories) are
-   not carried out yet: acked and counted as `unsupported`;
-3. suppress duplicates (`dup_key`: identity and relPath, or relPath, mtime and size) with a
-   cache kept on disk (`dupcache.py`) for `dup_ttl` seconds: acked, counted, no report. With
-   `discard` (benchmarks) the message ends here: its key is remembered (written to the
-   file once per reactor turn) and it is acked;
-4. a `size` over `max_size` (default 10 GiB): one 413 report, nothing fetched, no retry;
-   place it under `directory` (mirror, directory, or strip=N; see `ion.apps.pump.paths`); a
-   path that could leave the tree: one 422 report, nothing touched on disk (a `retrievePath`
-   passes the same rules). Then judge its URL by the URL policy of `sources` and the notice's
-   `source` (`ion.apps.pump.transfer.policy`): refused, one log line and a 403 report, never
-   retried;
-5. fetch the file itself (`ion.apps.pump.transfer.worker.Transfers`, with the `transfer`
-   settings: timeouts, per_host, credentials), verified against the notice's size and
-   checksum, at most `parallel` transfers at a time, each given up after `transfer_timeout`
-   seconds, cut when it passes the announced size or `max_size` (413, not retried) or
-   receives less than `min_rate` (default {bytes_per_s: 1024, window: 60}: fewer than
-   bytes_per_s * window bytes in the last window seconds; 504, retried). Delivered:
-   optional re-announce (sarra mode), a 201 report, the key added to the duplicate cache.
-   A transient failure (see `ion.apps.pump.outcome`: 499/500/503/504) goes to the on-disk
-   retry queue (`retryqueue.py`); a permanent one gets one failure report.
+  1. decode and validate the v03 notice. Undecodable: logged and acked. Valid JSON that fails
+     validation: a 417 report when the body names its C{source} (on C{xpublic} the pump's ingest
+     stamped it); a body over C{max_notice_bytes}: likewise with 413;
+  2. filter the notice's URL (C{notice.url()}) through the accept/reject rules (first full match
+     wins; unmatched URLs are accepted unless C{accept_unmatched} is False); rejected: acked,
+     counted, no report. Notices with a C{fileOp} (links, renames, removals, directories) are
+     not carried out yet: acked and counted as C{unsupported};
+  3. suppress duplicates (L{dup_key}: identity and relPath, or relPath, mtime and size) with a
+     cache kept on disk (C{dupcache.py}) for C{dup_ttl} seconds: acked, counted, no report. With
+     C{discard} (benchmarks) the message ends here: its key is remembered (written to the
+     file once per reactor turn) and it is acked;
+  4. a C{size} over C{max_size} (default 10 GiB): one 413 report, nothing fetched, no retry;
+     place it under C{directory} (mirror, directory, or strip=N; see L{ion.apps.pump.paths}); a
+     path that could leave the tree: one 422 report, nothing touched on disk (a C{retrievePath}
+     passes the same rules). Then judge its URL by the URL policy of C{sources} and the notice's
+     C{source} (L{ion.apps.pump.transfer.policy}): refused, one log line and a 403 report, never
+     retried;
+  5. fetch the file itself (L{ion.apps.pump.transfer.worker.Transfers}, with the C{transfer}
+     settings: timeouts, per_host, credentials), verified against the notice's size and
+     checksum, at most C{parallel} transfers at a time, each given up after C{transfer_timeout}
+     seconds, cut when it passes the announced size or C{max_size} (413, not retried) or
+     receives less than C{min_rate} (default {bytes_per_s: 1024, window: 60}: fewer than
+     bytes_per_s * window bytes in the last window seconds; 504, retried). Delivered:
+     optional re-announce (sarra mode), a 201 report, the key added to the duplicate cache.
+     A transient failure (see L{ion.apps.pump.outcome}: 499/500/503/504) goes to the on-disk
+     retry queue (C{retryqueue.py}); a permanent one gets one failure report.
 
-   The fetch runs in the consumer's own process rather than as a call to the `transfer`
-   service: a call per file doubled the broker messages of every delivery. To fetch more at
-   a time, run more consumers of the same subscription (they share its queue), in this
-   container or others.
+     The fetch runs in the consumer's own process rather than as a call to the C{transfer}
+     service: a call per file doubled the broker messages of every delivery. To fetch more at
+     a time, run more consumers of the same subscription (they share its queue), in this
+     container or others.
 
-   The file's directories are made, and the file written, in the transfer's disk thread from
-   a descriptor of `directory` held open (`DestinationRoot`), never through a symbolic link:
-   a link below `directory`, also one planted during the fetch, fails the file with 422.
+     The file's directories are made, and the file written, in the transfer's disk thread from
+     a descriptor of C{directory} held open (L{DestinationRoot}), never through a symbolic link:
+     a link below C{directory}, also one planted during the fetch, fails the file with 422.
 
-On start, temporary files (`.<name>.<random>.inflight`) that a killed earlier run left in the
+On start, temporary files (C{.<name>.<random>.inflight}) that a killed earlier run left in the
 destination tree are removed, in a thread (files other processes are writing are kept; one
 changed in the last few seconds is looked at again a few seconds later).
 
 The message is acked only once its outcome is durable, so a crash at any point leaves the
 message in the broker or its outcome on disk:
 
-- delivered: file renamed into place (fsynced) -> re-announce
-  confirmed -> report confirmed -> key in the duplicate cache -> ack;
-- transient failure: retry entry fsynced -> ack (the retry queue owns the work from then on);
-- permanent failure and 4xx outcomes: report confirmed -> ack.
+  - delivered: file renamed into place (fsynced) -> re-announce
+    confirmed -> report confirmed -> key in the duplicate cache -> ack;
+  - transient failure: retry entry fsynced -> ack (the retry queue owns the work from then on);
+  - permanent failure and 4xx outcomes: report confirmed -> ack.
 
 A message whose handling fails (a bug, or the broker went away while reporting) is handed
-back once; failing again, it goes to the queue `<queue>.dead` and its source gets a 500 report
-(`ion.core.process.Process.subscribe`).
+back once; failing again, it goes to the queue C{<queue>.dead} and its source gets a 500 report
+(L{ion.core.process.Process.subscribe}).
 
 A crash after the report but before the ack redelivers the message; the duplicate cache then
 says it was delivered and it is acked without a second report. A crash between the report and
-the cache write downloads again and reports again under the same `report_id`, which the report
+the cache write downloads again and reports again under the same C{report_id}, which the report
 router drops: each outcome reaches its source once.
 
-Reports are copies of the notice with `report` {code, timeCompleted, message} and `report_id`,
-published persistent and confirmed to `report_exchange` (default `xreport`) with the notice's
-topic. `self.stats` counts what happened; op `stats` returns it.
+Reports are copies of the notice with C{report} {code, timeCompleted, message} and C{report_id},
+published persistent and confirmed to C{report_exchange} (default C{xreport}) with the notice's
+topic. C{self.stats} counts what happened; op C{stats} returns it.
 
-Args (`ion.apps.pump.args.ConsumerArgs`, checked before anything starts): `name` is
-required, `directory` too unless `discard` is set; `filters` is an ordered list of
-`('accept'|'reject', regex)`, or `accept`/`reject` give two lists (rejects are tried first;
-see `ion.apps.pump.filters`); `reannounce` is {exchange, base_url}; `transfer` is
-{timeouts, per_host, credentials} (see `ion.apps.pump.transfer.worker`).
+Args (L{ion.apps.pump.args.ConsumerArgs}, checked before anything starts): C{name} is
+required, C{directory} too unless C{discard} is set; C{filters} is an ordered list of
+C{('accept'|'reject', regex)}, or C{accept}/C{reject} give two lists (rejects are tried first;
+see L{ion.apps.pump.filters}); C{reannounce} is {exchange, base_url}; C{transfer} is
+{timeouts, per_host, credentials} (see L{ion.apps.pump.transfer.worker}).
 """
 
 import collections
@@ -125,7 +125,7 @@ def check_retrieve_path(notice):
 
 
 def dup_key(notice):
-    """The duplicate-suppression key of a valid notice: its identity (unless `cod`, whose value
+    """The duplicate-suppression key of a valid notice: its identity (unless C{cod}, whose value
     names an algorithm) with its relPath, else relPath, mtime and size. The relPath is part of
     the key so that the same bytes announced under two names are delivered twice."""
     identity = notice.identity
@@ -142,7 +142,7 @@ def report_id(subscriber, source, key, code):
 
 
 def make_report(notice, code, message, when):
-    """A copy of `notice` carrying `report` {code, timeCompleted (`when`, seconds since the
+    """A copy of C{notice} carrying C{report} {code, timeCompleted (C{when}, seconds since the
     epoch), message}."""
     if code in REPORT_CODES:
         return notice.with_report(code, message, when)
@@ -261,12 +261,12 @@ class Consumer(Process):
         )
 
     def stop_timeout(self):
-        """Messages and retries in hand get `stop_grace` seconds to finish on terminate."""
+        """Messages and retries in hand get C{stop_grace} seconds to finish on terminate."""
         return self.settings["stop_grace"]
 
     async def terminate(self, timeout=None):
         """Stop the timers (no retry or sweep starts), then stop as every process does:
-        messages arriving go back to the queue, those in hand get `stop_grace` seconds."""
+        messages arriving go back to the queue, those in hand get C{stop_grace} seconds."""
         if not self.lifecycle.final:
             self._stop_timers()
         await super().terminate(timeout)
@@ -483,7 +483,7 @@ class Consumer(Process):
     def destination_for(self, notice):
         """The checked local path for a notice's file (raises paths.UnsafePath). A
         retrievePath, which names the file at the source, passes the same path rules as a
-        relPath (a leading `/` allowed: it is relative to baseUrl all the same)."""
+        relPath (a leading C{/} allowed: it is relative to baseUrl all the same)."""
         if notice.retrieve_path:
             check_retrieve_path(notice)
         return paths.destination(
@@ -492,7 +492,7 @@ class Consumer(Process):
 
     async def _fetch(self, notice, url, path, access=None):
         """(TransferResult, None) when the file is in place, else (None, outcome.Failure).
-        `access`: what the URL policy allows the notice (see `UrlPolicy.judge`)."""
+        C{access}: what the URL policy allows the notice (see L{UrlPolicy.judge})."""
         options = {} if access is None else {"access": access}
         if notice.size is not None:
             options["expected_size"] = notice.size
@@ -555,8 +555,8 @@ class Consumer(Process):
         self._declared.add(exchange)
 
     async def _report(self, notice, key, code, message, routing_key=None):
-        """Publish a report (confirmed) for `notice`; the routing key is the notice's topic,
-        or `routing_key` when it has no usable relPath."""
+        """Publish a report (confirmed) for C{notice}; the routing key is the notice's topic,
+        or C{routing_key} when it has no usable relPath."""
         reported = make_report(notice, code, message, self.container.clock.seconds())
         reported["report_id"] = report_id(self.subscriber, notice.source, key, code)
         try:

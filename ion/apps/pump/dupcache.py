@@ -1,21 +1,21 @@
 """A set of recently seen keys that survives restarts: the pump's duplicate suppression.
 
-Each key is kept for `ttl` seconds after it was last added. The set lives in memory and in an
-append-only file of JSON lines `{"key": ..., "expires": ...}`; opening the cache reads the file
+Each key is kept for C{ttl} seconds after it was last added. The set lives in memory and in an
+append-only file of JSON lines C{{"key": ..., "expires": ...}}; opening the cache reads the file
 back (a later line for a key wins, expired keys are dropped, a torn last line from a crash is
 skipped). The file is rewritten with only the live keys (to a temporary name, fsynced, renamed)
 when it holds more than twice as many lines as live keys, so it stays proportional to what is
 remembered.
 
-`add` writes the line through to the operating system before it returns (a crash of the
+C{add} writes the line through to the operating system before it returns (a crash of the
 process loses nothing) but does not fsync it: callers that must survive a power loss wait for
-`sync()`. The consumer relies on that choice: losing a key costs one extra download, whose
-report the report router recognises by its id and drops. `add(key, flush=False)` leaves the
-line in the process's buffer until `flush()`, for callers adding keys in bulk (the consumer's
+C{sync()}. The consumer relies on that choice: losing a key costs one extra download, whose
+report the report router recognises by its id and drops. C{add(key, flush=False)} leaves the
+line in the process's buffer until C{flush()}, for callers adding keys in bulk (the consumer's
 discard mode flushes once per reactor turn).
 
-Times come from `clock.seconds()` (the container's clock, a `task.Clock` in tests). The fsyncs
-and rewrites of the file run in threads of `reactor`'s pool (see `ion.apps.pump.journal`).
+Times come from C{clock.seconds()} (the container's clock, a C{task.Clock} in tests). The fsyncs
+and rewrites of the file run in threads of C{reactor}'s pool (see L{ion.apps.pump.journal}).
 """
 
 import collections
@@ -27,7 +27,7 @@ COMPACT_MIN_LINES = 1000
 
 
 class DupCache:
-    """Keys seen within the last `ttl` seconds, persisted at `path` (see the module docstring)."""
+    """Keys seen within the last C{ttl} seconds, persisted at C{path} (see the module docstring)."""
 
     def __init__(self, path, ttl, clock, reactor=None, compact_min_lines=COMPACT_MIN_LINES):
         if not ttl > 0:
@@ -70,10 +70,10 @@ class DupCache:
             self._entries[key] = expires
 
     def add(self, key, flush=True):
-        """Remember `key` for `ttl` seconds from now (again, if it was already known).
+        """Remember C{key} for C{ttl} seconds from now (again, if it was already known).
 
-        With `flush=False` the line may stay in this process's buffer until the next `flush()`
-        (or an `add` that flushes): cheaper when many keys arrive together, but a crash of the
+        With C{flush=False} the line may stay in this process's buffer until the next C{flush()}
+        (or an L{add} that flushes): cheaper when many keys arrive together, but a crash of the
         process can lose it."""
         now = self.clock.seconds()
         expires = now + self.ttl
@@ -88,7 +88,7 @@ class DupCache:
             self.compact()
 
     def flush(self):
-        """Hand the lines added with `flush=False` to the operating system."""
+        """Hand the lines added with C{flush=False} to the operating system."""
         self._journal.flush()
 
     def purge(self, now=None):

@@ -1,7 +1,7 @@
 """Accept/reject rules for the pump: which URLs a subscription takes, which files a poll
 announces.
 
-A rule is `('accept'|'reject', regex)`; the regex must match the whole string (a URL for a
+A rule is C{('accept'|'reject', regex)}; the regex must match the whole string (a URL for a
 consumer, a relPath for a poll), and the first rule that matches decides.
 """
 
@@ -10,8 +10,8 @@ import re
 
 class Filter:
     """Accept/reject rules: the first rule whose regex matches the whole string decides; a
-    string no rule matches is accepted when `accept_unmatched` (the default). ValueError,
-    naming `who` and the rule, for a malformed rule."""
+    string no rule matches is accepted when C{accept_unmatched} (the default). ValueError,
+    naming C{who} and the rule, for a malformed rule."""
 
     def __init__(self, rules=(), accept_unmatched=True, who="filter"):
         self.rules = []
@@ -36,8 +36,8 @@ class Filter:
 
     @classmethod
     def from_args(cls, filters=None, accept=None, reject=None, accept_unmatched=True, who="filter"):
-        """The rules of `filters` (ordered pairs), or of `reject` then `accept` (two lists).
-        `accept_unmatched` None: unmatched strings are accepted only when no rule accepts
+        """The rules of C{filters} (ordered pairs), or of C{reject} then C{accept} (two lists).
+        C{accept_unmatched} None: unmatched strings are accepted only when no rule accepts
         (naming what to accept means the rest is not wanted)."""
         if filters is not None and (accept is not None or reject is not None):
             raise ValueError(f"{who}: give either filters or accept/reject lists, not both")

@@ -1,37 +1,37 @@
 """Ingest: how a notice posted by a user enters the pump (the pump's sarra/shovel step).
 
-`Ingest` consumes the durable queues `q_<user>.ingest.xs_<u>`, one per exchange `xs_<u>` for
-each user `u` in `users` (default: the pump's user), bound with `#`, and declares each user's
-report exchange `xr_<u>` on start. For each message:
+L{Ingest} consumes the durable queues C{q_<user>.ingest.xs_<u>}, one per exchange C{xs_<u>} for
+each user C{u} in C{users} (default: the pump's user), bound with C{#}, and declares each user's
+report exchange C{xr_<u>} on start. For each message:
 
-1. check who published it, and to which exchange (below);
-2. decode and validate the v03 notice, and set its `source` to that publisher;
-3. publish it, persistent and confirmed, to `exchange` (default `xpublic`) with the routing key
-   it came with, then ack.
+  1. check who published it, and to which exchange (below);
+  2. decode and validate the v03 notice, and set its C{source} to that publisher;
+  3. publish it, persistent and confirmed, to C{exchange} (default C{xpublic}) with the routing key
+     it came with, then ack.
 
-An invalid notice (undecodable, over `max_notice_bytes`, failing validation, or posted with a
+An invalid notice (undecodable, over C{max_notice_bytes}, failing validation, or posted with a
 routing key that is not UTF-8) is logged and acked, and its source gets a 417 report on
-`report_exchange` (default `xreport`; the report router passes it to `xr_<source>`). A
+C{report_exchange} (default C{xreport}; the report router passes it to C{xr_<source>}). A
 message whose handling fails (the publish failed: the broker went away) goes back to its queue
-once; failing again, it goes to `<queue>.dead` (`ion.core.process.Process.subscribe`).
+once; failing again, it goes to C{<queue>.dead} (L{ion.core.process.Process.subscribe}).
 
-A message is taken only when it was published to `xs_<u>`, for one of `users`, by `u`
-itself (`source_of`, below); everything else is acked, counted as `refused` and logged (one
-line, then at most one a minute with the count), never passed on. The notice's `source` is
-that `u`, never what the body said: on a multi-user pump the source decides who gets its
-reports (`xr_<source>`), and anyone can write anything in a body. Both halves of the check
+A message is taken only when it was published to C{xs_<u>}, for one of C{users}, by C{u}
+itself (L{source_of}, below); everything else is acked, counted as C{refused} and logged (one
+line, then at most one a minute with the count), never passed on. The notice's C{source} is
+that C{u}, never what the body said: on a multi-user pump the source decides who gets its
+reports (C{xr_<source>}), and anyone can write anything in a body. Both halves of the check
 are things the broker vouches for:
 
-- the delivery's exchange is the exchange the message was *published to*, not one it was
-  routed through. On RabbitMQ anyone who may read `xpublic` and write `xs_<self>` may bind
-  `xs_<self>` to `xpublic` (exchange.bind); the ingest's own output would then come back to
-  it, and be passed on again, for ever. Such a copy arrives with exchange `xpublic`: refused;
-- the AMQP `user_id` property, which RabbitMQ checks against the publisher's login when it is
-  set, must be `u`: permissions normally let only `u` (and administrators) write `xs_<u>`.
-  The pump's own processes publish as its broker login, which may differ from the pump's user
-  name (`user`), so a message on the pump's own `xs_<user>` from that login is taken too. A
-  message without `user_id` (clients need not set it, and then nothing is checked) is taken
-  only on a single-user pump, where `users` is just the pump's own user.
+  - the delivery's exchange is the exchange the message was I{published to}, not one it was
+    routed through. On RabbitMQ anyone who may read C{xpublic} and write C{xs_<self>} may bind
+    C{xs_<self>} to C{xpublic} (exchange.bind); the ingest's own output would then come back to
+    it, and be passed on again, for ever. Such a copy arrives with exchange C{xpublic}: refused;
+  - the AMQP C{user_id} property, which RabbitMQ checks against the publisher's login when it is
+    set, must be C{u}: permissions normally let only C{u} (and administrators) write C{xs_<u>}.
+    The pump's own processes publish as its broker login, which may differ from the pump's user
+    name (C{user}), so a message on the pump's own C{xs_<user>} from that login is taken too. A
+    message without C{user_id} (clients need not set it, and then nothing is checked) is taken
+    only on a single-user pump, where C{users} is just the pump's own user.
 """
 
 import hashlib
@@ -49,14 +49,14 @@ REFUSAL_LOG_INTERVAL = 60.0
 
 
 class NotPostedHere(ValueError):
-    """A message that was not published to `xs_<u>` by `u` (see the module docstring)."""
+    """A message that was not published to C{xs_<u>} by C{u} (see the module docstring)."""
 
 
 def source_of(exchange, user_id, users, pump=None, login=None):
-    """The user who posted a message: `u` when it was published to exchange `xs_<u>`, `u` one
-    of `users`, with broker-validated user id `u`. The pump's own user `pump` may also post to
-    its `xs_<pump>` as its broker `login`; a message without a user id is accepted only when
-    `users` is just `[pump]`. NotPostedHere, saying why, otherwise."""
+    """The user who posted a message: C{u} when it was published to exchange C{xs_<u>}, C{u} one
+    of C{users}, with broker-validated user id C{u}. The pump's own user C{pump} may also post to
+    its C{xs_<pump>} as its broker C{login}; a message without a user id is accepted only when
+    C{users} is just C{[pump]}. NotPostedHere, saying why, otherwise."""
     user = exchange[3:] if isinstance(exchange, str) and exchange.startswith("xs_") else None
     if user not in users:
         raise NotPostedHere(
@@ -76,8 +76,8 @@ def source_of(exchange, user_id, users, pump=None, login=None):
 
 
 class Ingest(Process):
-    """Takes notices from users' `xs_` exchanges, stamps their source, passes them on to
-    `xpublic` (see the module docstring)."""
+    """Takes notices from users' C{xs_} exchanges, stamps their source, passes them on to
+    C{xpublic} (see the module docstring)."""
 
     def on_init(self):
         self.settings = IngestArgs.parse(self.args)

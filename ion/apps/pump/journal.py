@@ -1,17 +1,17 @@
 """An append-only file of JSON lines: the on-disk half of the pump's small stores (the duplicate
-cache, the retry queue); and `DiskQueue`, which keeps their blocking disk calls off the reactor.
+cache, the retry queue); and L{DiskQueue}, which keeps their blocking disk calls off the reactor.
 
 A store keeps its state in memory and appends one line per change here; opening it replays the
 lines in order (a line that does not parse or apply, such as a torn last line after a crash, is
-counted in `skipped_lines` and passed over); `rewrite` replaces the whole file with the lines of
+counted in C{skipped_lines} and passed over); C{rewrite} replaces the whole file with the lines of
 the current state (temporary file, fsync, rename, fsync of the directory) so that the file stays
-proportional to what is kept. `lines` counts the lines in the file, for the store to decide
+proportional to what is kept. C{lines} counts the lines in the file, for the store to decide
 when to rewrite.
 
-`append` hands its line to the operating system at once (a write to the page cache, on the
+C{append} hands its line to the operating system at once (a write to the page cache, on the
 calling thread: the line survives a crash of the process). What waits on the disk runs in a
-pool thread, one call at a time and in the order asked for: `sync` (fsync) and `rewrite`
-return Deferreds. `sync` is a group commit: the callers that ask while an earlier call is under
+pool thread, one call at a time and in the order asked for: C{sync} (fsync) and C{rewrite}
+return Deferreds. C{sync} is a group commit: the callers that ask while an earlier call is under
 way share one fsync, which covers every line appended before it started. Lines appended while a
 rewrite runs go to the old file and, once it is replaced, to the new one, so none is lost
 whichever way the rewrite ends.
@@ -35,13 +35,13 @@ class DiskQueue:
         self._lock = defer.DeferredLock()
 
     def run(self, function, *args):
-        """A Deferred firing with `function(*args)`, called in a pool thread once the calls
+        """A Deferred firing with C{function(*args)}, called in a pool thread once the calls
         asked for before have returned."""
         return self.turn(self.in_thread, function, *args)
 
     def turn(self, start, *args):
-        """Call `start(*args)` on the reactor thread once the calls asked for before have
-        returned; the next call waits for the Deferred it returns (it may use `in_thread`).
+        """Call C{start(*args)} on the reactor thread once the calls asked for before have
+        returned; the next call waits for the Deferred it returns (it may use L{in_thread}).
         Cancelling what this returns does not end the call early: a thread cannot be stopped,
         and the next call must not start beside it."""
         done = self._lock.run(start, *args)
@@ -58,8 +58,8 @@ class DiskQueue:
 
 
 class Journal:
-    """The JSON-lines file at `path` (see the module docstring); its directory is created.
-    Disk waits run through `disk` (a `DiskQueue`; by default one on the calling thread)."""
+    """The JSON-lines file at C{path} (see the module docstring); its directory is created.
+    Disk waits run through C{disk} (a L{DiskQueue}; by default one on the calling thread)."""
 
     def __init__(self, path, disk=None):
         self.path = path
@@ -74,8 +74,8 @@ class Journal:
         self._rewrites = []  # per rewrite asked for, the lines appended since
 
     def replay(self, apply):
-        """Call `apply(record)` for each line's JSON value, in order; then open the file for
-        appending. A line for which parsing or `apply` raises ValueError, KeyError or
+        """Call C{apply(record)} for each line's JSON value, in order; then open the file for
+        appending. A line for which parsing or C{apply} raises ValueError, KeyError or
         TypeError is skipped."""
         try:
             f = open(self.path, encoding="utf-8", errors="replace")
@@ -92,8 +92,8 @@ class Journal:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def append(self, line, flush=True):
-        """Append `line` (text ending in a newline). Handed to the operating system unless
-        `flush` is False (then at the next flush or sync)."""
+        """Append C{line} (text ending in a newline). Handed to the operating system unless
+        L{flush} is False (then at the next flush or sync)."""
         self._file.write(line)
         if flush:
             self._file.flush()
@@ -133,7 +133,7 @@ class Journal:
         return syncing.addCallbacks(synced, failed)
 
     def rewrite(self, lines):
-        """Replace the file's content with `lines` (an iterable of text lines, taken now),
+        """Replace the file's content with C{lines} (an iterable of text lines, taken now),
         atomically; returns a Deferred firing once the new file is in place (or, when that
         failed, logged, with the old file kept and appended to)."""
         snapshot = list(lines)
@@ -171,7 +171,7 @@ class Journal:
 
 
 def _replace_file(path, lines):
-    """Write `lines` to a temporary file, fsync it, rename it over `path`, fsync the
+    """Write C{lines} to a temporary file, fsync it, rename it over C{path}, fsync the
     directory; the new file, opened for appending. Once the rename is done the new file is
     returned whatever happens next: the old one is gone from the directory."""
     temp = f"{path}.compact"
@@ -197,5 +197,5 @@ def _replace_file(path, lines):
 
 
 def json_line(record):
-    """`record` as one compact JSON line."""
+    """C{record} as one compact JSON line."""
     return json.dumps(record, separators=(",", ":")) + "\n"

@@ -1,25 +1,25 @@
 """v03 notification messages: decode, check, encode, and derive their AMQP routing key.
 
-A `Notice` keeps the whole JSON object as a dict, so fields ION does not know about travel on
+A L{Notice} keeps the whole JSON object as a dict, so fields ION does not know about travel on
 unchanged; properties give snake_case access to the known camelCase keys. Decoding
-(`Notice.from_json`) only checks that the bytes are a JSON object of acceptable size;
-`Notice.validate` then checks the known fields and raises `InvalidNotice` naming the first
+(L{Notice.from_json}) only checks that the bytes are a JSON object of acceptable size;
+L{Notice.validate} then checks the known fields and raises L{InvalidNotice} naming the first
 bad one. The two steps are separate so a consumer can still build a 417 report (which needs
 the message's relPath and source) for a message that fails validation.
 
-Times are `YYYYMMDDTHHMMSS[.fraction]` in UTC. sr3 writes the fraction as `'%.9g' % (t % 1)`
+Times are C{YYYYMMDDTHHMMSS[.fraction]} in UTC. sr3 writes the fraction as C{'%.9g' % (t % 1)}
 minus its first character, so it has 0 to 12 digits and, when the fraction is below 1e-4, an
-exponent whose leading digit has been cut off (`20261123T183935.23977661e-05`). `parse_time`
-reads every form the way sr3 reads it back, as `0.` + the fraction text (for the exponent form
-that is off by less than 1e-4 s); `format_time` writes a plain fraction of at most 9 digits.
+exponent whose leading digit has been cut off (C{20261123T183935.23977661e-05}). L{parse_time}
+reads every form the way sr3 reads it back, as C{0.} + the fraction text (for the exponent form
+that is off by less than 1e-4 s); L{format_time} writes a plain fraction of at most 9 digits.
 
-Routing keys (`topic_for`): the prefix, then one word per directory of relPath (the file name
-is not part of the key), joined with dots. Like sr3, `#` is written `%23` and `*` is written
-`%22` (sic: sr3's choice, kept so keys match), and a dot inside a directory name is left alone,
-so `a.b/f` gives `v03.a.b` exactly as sr3 does; `escape_dots=True` writes it `%2E` instead for
+Routing keys (L{topic_for}): the prefix, then one word per directory of relPath (the file name
+is not part of the key), joined with dots. Like sr3, C{#} is written C{%23} and C{*} is written
+C{%22} (sic: sr3's choice, kept so keys match), and a dot inside a directory name is left alone,
+so C{a.b/f} gives C{v03.a.b} exactly as sr3 does; C{escape_dots=True} writes it C{%2E} instead for
 networks that want one word per directory. A key longer than 255 bytes (the AMQP limit) loses
 whole words from its end, never part of one, so it stays a valid, coarser key that bindings
-such as `v03.a.#` still match (sr3 cuts at the byte limit, splitting the last word).
+such as C{v03.a.#} still match (sr3 cuts at the byte limit, splitting the last word).
 """
 
 import base64
@@ -85,7 +85,7 @@ _TOPIC_ESCAPES = {"#": "%23", "*": "%22"}
 
 
 class InvalidNotice(ValueError):
-    """A notification message is malformed; `str()` is one line starting with the field name."""
+    """A notification message is malformed; C{str()} is one line starting with the field name."""
 
     code = 417
 
@@ -102,7 +102,7 @@ def _show(value, limit=60):
 
 
 def format_time(epoch):
-    """Seconds since the epoch -> `YYYYMMDDTHHMMSS[.fraction]` in UTC (fraction up to 9 digits)."""
+    """Seconds since the epoch -> C{YYYYMMDDTHHMMSS[.fraction]} in UTC (fraction up to 9 digits)."""
     if not math.isfinite(epoch):
         raise ValueError(f"cannot format {epoch!r} as a time")
     whole = math.floor(epoch)
@@ -119,7 +119,7 @@ def format_time(epoch):
 
 
 def parse_time(text):
-    """`YYYYMMDDTHHMMSS[.fraction]` (UTC, sr3's exponent form included) -> seconds since the epoch.
+    """C{YYYYMMDDTHHMMSS[.fraction]} (UTC, sr3's exponent form included) -> seconds since the epoch.
 
     Raises ValueError naming the expected form.
     """
@@ -139,7 +139,7 @@ def parse_time(text):
 
 
 def topic_for(rel_path, prefix="v03", *, escape_dots=False):
-    """The AMQP routing key for a file at `rel_path`: prefix + its directories, at most 255 bytes.
+    """The AMQP routing key for a file at C{rel_path}: prefix + its directories, at most 255 bytes.
 
     See the module docstring for the escaping and truncation rules.
     """
@@ -193,8 +193,8 @@ def _copy_fields(value):
 class Notice:
     """One v03 notification message: the decoded JSON object plus typed views of known fields.
 
-    Build one with `from_json` (bytes off the wire) or `from_dict`; `Notice(fields)` adopts the
-    given dict without copying. Item access (`notice["anyKey"]`) reaches every field.
+    Build one with L{from_json} (bytes off the wire) or L{from_dict}; C{Notice(fields)} adopts the
+    given dict without copying. Item access (C{notice["anyKey"]}) reaches every field.
     """
 
     __slots__ = ("_fields",)
@@ -222,14 +222,14 @@ class Notice:
 
     @classmethod
     def from_dict(cls, fields):
-        """A Notice holding a deep copy of `fields` (legacy sr3 key names read as current ones)."""
+        """A Notice holding a deep copy of C{fields} (legacy sr3 key names read as current ones)."""
         if not isinstance(fields, dict):
             raise InvalidNotice("message", f"expected a JSON object, got {type(fields).__name__}")
         return cls._adopt(copy.deepcopy(fields))
 
     @classmethod
     def _adopt(cls, fields):
-        """A Notice owning `fields` (nobody else holds it), legacy key names renamed in place."""
+        """A Notice owning C{fields} (nobody else holds it), legacy key names renamed in place."""
         if not isinstance(fields, dict):
             raise InvalidNotice("message", f"expected a JSON object, got {type(fields).__name__}")
         for old, new in _LEGACY_KEYS.items():
@@ -239,9 +239,9 @@ class Notice:
 
     @classmethod
     def from_json(cls, data, max_bytes=MAX_NOTICE_BYTES):
-        """Decode a message body (bytes or str) into a Notice; call `validate` to check its fields.
+        """Decode a message body (bytes or str) into a Notice; call L{validate} to check its fields.
 
-        Raises InvalidNotice (field `message`) for oversized input, bad UTF-8, bad JSON, the
+        Raises InvalidNotice (field C{message}) for oversized input, bad UTF-8, bad JSON, the
         non-standard constants NaN/Infinity, or anything but a JSON object.
         """
         if isinstance(data, str):
@@ -309,7 +309,7 @@ class Notice:
     def url(self):
         """Where to fetch the file: baseUrl joined with retrievePath when present, else relPath.
 
-        The join puts exactly one `/` between the two; nothing is percent-encoded.
+        The join puts exactly one C{/} between the two; nothing is percent-encoded.
         """
         for key in ("baseUrl", "relPath"):
             _require_string(self._fields, key)
@@ -322,16 +322,16 @@ class Notice:
         return f"{base}/{path}"
 
     def topic(self, prefix="v03", *, escape_dots=False):
-        """The routing key to publish this message with (see `topic_for`)."""
+        """The routing key to publish this message with (see L{topic_for})."""
         _require_string(self._fields, "relPath")
         return topic_for(self.rel_path, prefix, escape_dots=escape_dots)
 
     def with_report(self, code, message, time):
-        """A copy of this message carrying `report` {code, timeCompleted, message}.
+        """A copy of this message carrying C{report} {code, timeCompleted, message}.
 
-        `code` must be one of REPORT_CODES; `time` is when it completed (seconds since the
+        C{code} must be one of REPORT_CODES; C{time} is when it completed (seconds since the
         epoch, from the caller's clock).
-        (Named `with_report` because `report` is the property holding a received report.)
+        (Named L{with_report} because C{report} is the property holding a received report.)
         """
         if code not in REPORT_CODES:
             known = ", ".join(str(c) for c in REPORT_CODES)

@@ -1,13 +1,13 @@
 """What a failed transfer means for the pump: retry it later, or report it as failed for good.
 
-One rule, used by the consumer for every failure whatever its origin (a `TransferError` of its
-own transfers, or a transfer service's code carried by `RemoteError`, no answer in time, no
+One rule, used by the consumer for every failure whatever its origin (a L{TransferError} of its
+own transfers, or a transfer service's code carried by L{RemoteError}, no answer in time, no
 transfer service yet):
 
-- transient (retry with backoff until the horizon): 499 transfer failed, 500 local failure,
-  503 unavailable, 504 timed out;
-- permanent (one failure report, no retry): every other code, in practice the 4xx ones (404 not
-  found, 403 refused, 417 unusable checksum method, 422 unusable path, ...).
+  - transient (retry with backoff until the horizon): 499 transfer failed, 500 local failure,
+    503 unavailable, 504 timed out;
+  - permanent (one failure report, no retry): every other code, in practice the 4xx ones (404 not
+    found, 403 refused, 417 unusable checksum method, 422 unusable path, ...).
 """
 
 import attrs
@@ -36,9 +36,9 @@ class Failure:
 
 
 def classify(error):
-    """The `Failure` for an exception raised by a transfer or a call to the transfer service.
+    """The L{Failure} for an exception raised by a transfer or a call to the transfer service.
 
-    `TransferError` and `RemoteError` keep their code; no answer in time is a 504 and no transfer
+    L{TransferError} and L{RemoteError} keep their code; no answer in time is a 504 and no transfer
     service listening (none started yet, or all restarting) a 503. Anything else is a local
     failure (500).
     """

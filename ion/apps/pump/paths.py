@@ -1,25 +1,25 @@
 """Path safety for the pump: every relPath or remote name passes here before any filesystem call.
 
-A notification message names files with a `relPath` chosen by whoever published it, and a
+A notification message names files with a C{relPath} chosen by whoever published it, and a
 listing returns names chosen by a remote server; neither may reach outside the directory tree
-ION writes into. `safe_relpath` and `safe_name` look only at the text (they never touch the
-filesystem) and raise `UnsafePath` for:
+ION writes into. L{safe_relpath} and L{safe_name} look only at the text (they never touch the
+filesystem) and raise L{UnsafePath} for:
 
-- `..` components, also when percent-encoded once or several times (`%2e%2e`, `%252E%252e`,
-  `..%2f`, `..%5c`), since a later decoding step (an HTTP server, a plugin) would undo it;
-- `.` and empty components (`a/./b`, `a//b`, `a/`): they would shift `strip=N` mappings;
-- absolute paths: sr3 3.3.1 writes relPaths without a leading `/` (see the reference messages),
-  so one is refused unless the caller passes `allow_leading_slash=True`, which then reads it as
-  relative to the destination root (for peers converting older v02 messages);
-- NUL (also as `%00`), control characters (C0, DEL, C1), backslashes, a Windows drive letter
-  (`C:`) as first component, a component over 255 bytes or a path over 4096 bytes of UTF-8;
-- a component named like a temporary file of a transfer (`.<name>.<random>.inflight`): the
-  start-up sweep of the destination would remove it as left over by a killed transfer.
+  - C{..} components, also when percent-encoded once or several times (C{%2e%2e}, C{%252E%252e},
+    C{..%2f}, C{..%5c}), since a later decoding step (an HTTP server, a plugin) would undo it;
+  - C{.} and empty components (C{a/./b}, C{a//b}, C{a/}): they would shift C{strip=N} mappings;
+  - absolute paths: sr3 3.3.1 writes relPaths without a leading C{/} (see the reference messages),
+    so one is refused unless the caller passes C{allow_leading_slash=True}, which then reads it as
+    relative to the destination root (for peers converting older v02 messages);
+  - NUL (also as C{%00}), control characters (C0, DEL, C1), backslashes, a Windows drive letter
+    (C{C:}) as first component, a component over 255 bytes or a path over 4096 bytes of UTF-8;
+  - a component named like a temporary file of a transfer (C{.<name>.<random>.inflight}): the
+    start-up sweep of the destination would remove it as left over by a killed transfer.
 
-`resolve_under` then places checked components under a root and refuses the result when a part
+L{resolve_under} then places checked components under a root and refuses the result when a part
 of it that already exists is a symbolic link resolving outside the root. It reads the filesystem
 (one lstat per existing component; a caller that resolved the root once passes it as
-`real_root`) and never creates anything. Its answer holds at the moment of the call:
+C{real_root}) and never creates anything. Its answer holds at the moment of the call:
 code that then creates directories or files must still not follow links planted afterwards.
 """
 
@@ -136,11 +136,11 @@ def _within(path, root):
 
 
 def resolve_under(root, rel_parts, *, real_root=None):
-    """The absolute path of `rel_parts` under the real path of `root`, checked against symlinks.
+    """The absolute path of C{rel_parts} under the real path of C{root}, checked against symlinks.
 
     Raises UnsafePath if a component is unsafe or if an existing part of the result (a
     directory on the way, or the file itself) is a symbolic link resolving outside the root.
-    `real_root` is `os.path.realpath(root)` when the caller knows it already.
+    C{real_root} is C{os.path.realpath(root)} when the caller knows it already.
     """
     if isinstance(rel_parts, (str, bytes)):
         raise TypeError("rel_parts must be a list of components (see safe_relpath)")
@@ -168,9 +168,9 @@ def resolve_under(root, rel_parts, *, real_root=None):
 def destination(root, notice, mode="mirror", *, allow_leading_slash=False, real_root=None):
     """Where a consumer writes the file a notice announces, checked by the rules above.
 
-    Modes: `mirror` keeps relPath's directories under `root`; `directory` puts every file
-    directly in `root`; `strip=N` drops the first N components of relPath (always keeping the
-    file name, so a large N behaves like `directory`).
+    Modes: C{mirror} keeps relPath's directories under C{root}; C{directory} puts every file
+    directly in C{root}; C{strip=N} drops the first N components of relPath (always keeping the
+    file name, so a large N behaves like C{directory}).
     """
     parts = safe_relpath(notice.rel_path, allow_leading_slash=allow_leading_slash)
     strip = _STRIP_MODE.fullmatch(mode) if isinstance(mode, str) else None

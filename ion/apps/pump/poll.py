@@ -1,58 +1,58 @@
 """The poll: announce the files of a directory tree, local or remote, as v03 notices.
 
-A `PollService` (one per source) lists `url` every `interval` seconds through the `transfer`
-service's `list` op, and publishes one notice for every file that is new or changed since it
-was last announced (changed: another size or mtime). Each notice carries `pubTime`, `baseUrl`
-(`base_url`, default the polled url), `relPath` (relative to the polled directory), `size`,
-`mtime` and `mode` when the listing tells them, and the identity `{method: cod, value: sha512}`
-(listings carry no checksums: the consumer computes one on download). It goes to `exchange`
-(default `xs_<user>`, where the pump's ingest picks it up) with the notice's topic, persistent
+A L{PollService} (one per source) lists C{url} every C{interval} seconds through the C{transfer}
+service's C{list} op, and publishes one notice for every file that is new or changed since it
+was last announced (changed: another size or mtime). Each notice carries C{pubTime}, C{baseUrl}
+(C{base_url}, default the polled url), C{relPath} (relative to the polled directory), C{size},
+C{mtime} and C{mode} when the listing tells them, and the identity C{{method: cod, value: sha512}}
+(listings carry no checksums: the consumer computes one on download). It goes to C{exchange}
+(default C{xs_<user>}, where the pump's ingest picks it up) with the notice's topic, persistent
 and confirmed by the broker.
 
-Listings the poll can read (see `ion.apps.pump.transfer.listings`):
+Listings the poll can read (see L{ion.apps.pump.transfer.listings}):
 
-- `file://` (or `file:relative/dir/`, made absolute): the local directory; symbolic links are
-  not followed. A local directory that does not exist is created;
-- `http://`, `https://`: HTML index pages from twisted.web's static.File, Apache
-  mod_autoindex, nginx autoindex, or any page linking its children followed by a date and a
-  size. A change is what the page shows changing: static.File pages give no dates and round
-  sizes over 1 KiB (`4K`), so there only a small file's change of size is seen (a larger file
-  is announced once); Apache's rounded sizes (`1.2K`) leave its dates to show changes. Pages
-  with names only (python's http.server) announce each file once;
-- `sftp://`: the server's directory listing (exact sizes, mtimes to the second, modes);
-- `ftp://`: MLSD when the server offers it, else LIST in the Unix or DOS layout (mtimes to
-  the minute at best).
+  - C{file://} (or C{file:relative/dir/}, made absolute): the local directory; symbolic links are
+    not followed. A local directory that does not exist is created;
+  - C{http://}, C{https://}: HTML index pages from twisted.web's static.File, Apache
+    mod_autoindex, nginx autoindex, or any page linking its children followed by a date and a
+    size. A change is what the page shows changing: static.File pages give no dates and round
+    sizes over 1 KiB (C{4K}), so there only a small file's change of size is seen (a larger file
+    is announced once); Apache's rounded sizes (C{1.2K}) leave its dates to show changes. Pages
+    with names only (python's http.server) announce each file once;
+  - C{sftp://}: the server's directory listing (exact sizes, mtimes to the second, modes);
+  - C{ftp://}: MLSD when the server offers it, else LIST in the Unix or DOS layout (mtimes to
+    the minute at best).
 
 Only files are announced: links (where the listing tells them apart) are skipped, and
-directories are descended into when `recursive` (the default). Every listed name passes
-`ion.apps.pump.paths.safe_name` (a hostile name -- `..`, a `/`, control characters,
+directories are descended into when C{recursive} (the default). Every listed name passes
+L{ion.apps.pump.paths.safe_name} (a hostile name -- C{..}, a C{/}, control characters,
 percent-encoded tricks -- is skipped with a warning), and names that a URL cannot carry back
-(`?`, `#`, a `%XX` escape) are skipped too, since the consumer could not fetch them.
-Temporary files of transfers (`.<name>.<random>.inflight`, being written into the polled tree)
+(C{?}, C{#}, a C{%XX} escape) are skipped too, since the consumer could not fetch them.
+Temporary files of transfers (C{.<name>.<random>.inflight}, being written into the polled tree)
 are skipped quietly: the file is listed under its own name once complete.
 
-Filters (`accept`, `reject` lists of regexes, or `filters`, an ordered list of
-`('accept'|'reject', regex)`; see `ion.apps.pump.filters`) match the whole relPath:
-the first matching rule decides; with `accept` rules, an unmatched file is rejected unless
-`accept_unmatched` says otherwise. A file whose mtime is less than `min_age` seconds old waits
+Filters (C{accept}, C{reject} lists of regexes, or C{filters}, an ordered list of
+C{('accept'|'reject', regex)}; see L{ion.apps.pump.filters}) match the whole relPath:
+the first matching rule decides; with C{accept} rules, an unmatched file is rejected unless
+C{accept_unmatched} says otherwise. A file whose mtime is less than C{min_age} seconds old waits
 for a later pass (it may still be being written).
 
-State: what was announced lives in `<state_dir>/seen.sqlite3` (default state_dir
-`var/pump/poll-<name>`), one row per file (directory, name) -> (size, mtime), so a restart
+State: what was announced lives in C{<state_dir>/seen.sqlite3} (default state_dir
+C{var/pump/poll-<name>}), one row per file (directory, name) -> (size, mtime), so a restart
 does not announce unchanged files again. A file's row is written only after the broker
-confirmed its notice, in batches of `batch` files: a crash announces at most the batch in
+confirmed its notice, in batches of C{batch} files: a crash announces at most the batch in
 flight again, and the consumers' duplicate suppression absorbs that. Files gone from the
 listing are forgotten (announced again if they come back); so are whole directories that a
-complete pass did not see. Changing `url` starts from an empty state.
+complete pass did not see. Changing C{url} starts from an empty state.
 
 Memory: a pass lists one directory at a time and looks up only that directory's rows, so a
 tree of any size is polled with memory bounded by its largest directory. One directory's
 listing is one reply of the transfer service, so it must fit the messaging limits
-(`ion.core.messaging: max_message_bytes`, 16 MB by default: some 150,000 entries).
+(C{ion.core.messaging: max_message_bytes}, 16 MB by default: some 150,000 entries).
 
-A pass still running when the next one is due makes that one skip (counted as `skipped`).
-Op `poll` runs a pass now (or waits for the running one) and returns the counters of the
-last pass; op `stats` returns the totals.
+A pass still running when the next one is due makes that one skip (counted as C{skipped}).
+Op C{poll} runs a pass now (or waits for the running one) and returns the counters of the
+last pass; op C{stats} returns the totals.
 """
 
 import functools
@@ -91,7 +91,7 @@ class PublishFailed(Exception):
 
 
 def local_directory(url):
-    """The local path of a `file://` root URL, or None for other schemes."""
+    """The local path of a C{file://} root URL, or None for other schemes."""
     if not url.startswith("file://"):
         return None
     path = unquote(urlsplit(url).path)
@@ -99,7 +99,7 @@ def local_directory(url):
 
 
 def unfetchable(name):
-    """Why a URL built from `name` would not lead back to it, or None."""
+    """Why a URL built from C{name} would not lead back to it, or None."""
     for char in "?#":
         if char in name:
             return f"contains {char!r}, which a URL cannot carry in a path"
@@ -109,12 +109,12 @@ def unfetchable(name):
 
 
 class SeenFiles:
-    """What a poll has announced: (directory, name) -> (size, mtime), in SQLite at `path`.
+    """What a poll has announced: (directory, name) -> (size, mtime), in SQLite at C{path}.
 
     SQLite (in the standard library, unlike a usable dbm on every Python) keeps the rows on
     disk with atomic commits; only the rows of the directory being looked at are read. Opening
     reads and writes on the calling thread (once, at start); the methods run in a thread of
-    `reactor`'s pool, one at a time in the order called, and return Deferreds.
+    C{reactor}'s pool, one at a time in the order called, and return Deferreds.
     """
 
     def __init__(self, path, root, reactor=None):
@@ -150,7 +150,7 @@ class SeenFiles:
         self.known_at_open = self.db.execute("SELECT count(*) FROM files").fetchone()[0]
 
     def _in_thread(method):
-        """The blocking `method` run through the store's DiskQueue: callers get a Deferred."""
+        """The blocking C{method} run through the store's DiskQueue: callers get a Deferred."""
 
         @functools.wraps(method)
         def call(self, *args):
@@ -165,13 +165,13 @@ class SeenFiles:
 
     @_in_thread
     def directory(self, rel_dir):
-        """{name: (size, mtime)} of the files announced in directory `rel_dir` ('' the root)."""
+        """{name: (size, mtime)} of the files announced in directory C{rel_dir} ('' the root)."""
         rows = self.db.execute("SELECT name, size, mtime FROM files WHERE dir = ?", (rel_dir,))
         return {name: (size, mtime) for name, size, mtime in rows}
 
     @_in_thread
     def get(self, rel_path):
-        """(size, mtime) as last announced for `rel_path`, or None."""
+        """(size, mtime) as last announced for C{rel_path}, or None."""
         rel_dir, _, name = rel_path.rpartition("/")
         row = self.db.execute(
             "SELECT size, mtime FROM files WHERE dir = ? AND name = ?", (rel_dir, name)
@@ -187,7 +187,7 @@ class SeenFiles:
 
     @_in_thread
     def record(self, rel_dir, rows):
-        """Remember [(name, size, mtime)] of `rel_dir` as announced (one commit)."""
+        """Remember [(name, size, mtime)] of C{rel_dir} as announced (one commit)."""
         with self.db:
             self.db.executemany(
                 "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
@@ -215,7 +215,7 @@ class SeenFiles:
 
     @_in_thread
     def forget_unvisited(self, pass_number):
-        """Forget the files of every directory a complete pass `pass_number` did not list."""
+        """Forget the files of every directory a complete pass C{pass_number} did not list."""
         with self.db:
             self.db.execute(
                 "DELETE FROM files WHERE dir NOT IN (SELECT dir FROM dirs WHERE pass = ?)",
@@ -288,11 +288,11 @@ class PollService(Process):
         )
 
     def stop_timeout(self):
-        """The pass under way gets `stop_grace` seconds to finish on terminate."""
+        """The pass under way gets C{stop_grace} seconds to finish on terminate."""
         return self.settings["stop_grace"]
 
     async def terminate(self, timeout=None):
-        """Stop polling; the pass under way is work in hand: it gets `stop_grace` seconds to
+        """Stop polling; the pass under way is work in hand: it gets C{stop_grace} seconds to
         finish, then it is cancelled (its unconfirmed files are announced again by the next
         run)."""
         if not self.lifecycle.final:
@@ -373,7 +373,7 @@ class PollService(Process):
         """Totals: passes, skipped (passes not run because one was running), listed,
         announced, unchanged, young (waiting for min_age), rejected (filters), unsafe (names
         skipped), skipped_entries (links and the like), errors (listings or publishes that
-        failed), and `known`: files in the state."""
+        failed), and C{known}: files in the state."""
         stats = dict(self.stats)
         stats["known"] = await self.store.count()
         return stats
@@ -524,7 +524,7 @@ class PollService(Process):
         return rel_path
 
     def notice_for(self, rel_path, entry, now):
-        """The v03 notice fields announcing the listed file `entry` at `rel_path`."""
+        """The v03 notice fields announcing the listed file C{entry} at C{rel_path}."""
         fields = {
             "pubTime": format_time(now),
             "baseUrl": self.base_url,

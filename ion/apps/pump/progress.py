@@ -1,8 +1,8 @@
-"""Progress: one summary line of the pump's deliveries every `interval` seconds (default 10).
+"""Progress: one summary line of the pump's deliveries every C{interval} seconds (default 10).
 
-`Progress` runs under the pump's supervisor and asks the consumers named in `consumers` (their
-child ids in that supervisor, e.g. `consumer.pump`) for their `stats` each interval, then logs
-at info, for all of them together:
+L{Progress} runs under the pump's supervisor and asks the consumers named in C{consumers} (their
+child ids in that supervisor, e.g. C{consumer.pump}) for their C{stats} each interval, then logs
+at info, for all of them together::
 
     pump: 12.4 files/s, 3.1 MB/s; 1240 delivered; 310 queued, 8 in hand, 0 retrying; failures: none
 
@@ -13,8 +13,8 @@ settled yet (waiting for or in a transfer), with the bytes of the files being fe
 received so far, e.g. "2 in hand (1.3 GB received)"; "retrying" the
 files in the on-disk retry queues; failures count the files given up on, by report code, since
 the consumers started. While nothing moves and nothing waits, one "idle" line is logged and
-then nothing until work arrives again. A consumer that does not answer in `timeout` seconds
-(the broker is down, or it is stuck) is named on the line instead of being counted as idle:
+then nothing until work arrives again. A consumer that does not answer in C{timeout} seconds
+(the broker is down, or it is stuck) is named on the line instead of being counted as idle::
 
     pump: 0.0 files/s, 0 B/s; 1240 delivered; 0 queued, 0 in hand, 0 retrying; failures: none; not answering: consumer.pump
 """

@@ -1,37 +1,37 @@
 """The report router: every report goes back to the source that published the data, and only
 to it.
 
-`ReportRouter` consumes `exchange` (default `xreport`) with `#` from the durable queue
-`q_<user>.report_router`. For each report:
+L{ReportRouter} consumes C{exchange} (default C{xreport}) with C{#} from the durable queue
+C{q_<user>.report_router}. For each report:
 
-- a body that is not a JSON object with a `report` {code: int, ...}: logged, acked, counted
-  as `invalid` (reports of invalid notices carry little else, so nothing more is required);
-- no usable `source` (a name of letters, digits, `_`, `-`, `.`): logged, acked, counted as
-  `unroutable`. The source is the body's `source` field: on `xpublic` the pump's ingest stamped
-  it from the broker-validated publisher (`ion.apps.pump.ingest.source_of`), so a report
-  cannot be sent to someone else by a body that lies;
-- a `report_id` forwarded before (within `dup_ttl` seconds, remembered on disk in
-  `<state_dir>/report_ids.jsonl` across restarts): acked, counted as `duplicates`;
-- otherwise published, persistent and confirmed, to `xr_<source>` (declared topic, durable) with
-  the routing key it came with and a `report_id` header, then its id remembered, then acked.
-  Counted per source and code.
+  - a body that is not a JSON object with a C{report} {code: int, ...}: logged, acked, counted
+    as C{invalid} (reports of invalid notices carry little else, so nothing more is required);
+  - no usable C{source} (a name of letters, digits, C{_}, C{-}, C{.}): logged, acked, counted as
+    C{unroutable}. The source is the body's C{source} field: on C{xpublic} the pump's ingest stamped
+    it from the broker-validated publisher (L{ion.apps.pump.ingest.source_of}), so a report
+    cannot be sent to someone else by a body that lies;
+  - a C{report_id} forwarded before (within C{dup_ttl} seconds, remembered on disk in
+    C{<state_dir>/report_ids.jsonl} across restarts): acked, counted as C{duplicates};
+  - otherwise published, persistent and confirmed, to C{xr_<source>} (declared topic, durable) with
+    the routing key it came with and a C{report_id} header, then its id remembered, then acked.
+    Counted per source and code.
 
 A report whose routing fails (the broker went away) goes back to the queue once; failing
-again, it goes to `q_<user>.report_router.dead` (`ion.core.process.Process.subscribe`).
+again, it goes to C{q_<user>.report_router.dead} (L{ion.core.process.Process.subscribe}).
 
-With `log_path`, each report handled is also written to that file as one JSON line
+With C{log_path}, each report handled is also written to that file as one JSON line
 {time, source, code, routing_key, relPath, report_id, message, outcome}, in ASCII (other
 characters, unencodable ones included, as JSON escapes).
 
 Exactly once across crashes. The order (publish, remember, ack) leaves one gap: a crash after
 the broker took the publish but before the id was written down. The broker's own record closes
-it: the durable queue `q_<user>.report_router.sent` is bound (`#`) to every `xr_` exchange the
+it: the durable queue C{q_<user>.report_router.sent} is bound (C{#}) to every C{xr_} exchange the
 router publishes to, so each forwarded report lands there too, in the same routing step as at
-the source's queues. The router consumes that queue and remembers the `report_id` header of
+the source's queues. The router consumes that queue and remembers the C{report_id} header of
 whatever it finds. A report that comes back redelivered with an id not remembered may be such a
-case: the router then publishes a marker to `x_<user>.report_router.sent` (also bound to that
+case: the router then publishes a marker to C{x_<user>.report_router.sent} (also bound to that
 queue) and waits until the marker comes through, by which time every copy the broker took
-earlier has been read and remembered, and only then decides. Reports without a `report_id` are
+earlier has been read and remembered, and only then decides. Reports without a C{report_id} are
 forwarded at least once.
 
 A broker crash is the other gap: RabbitMQ keeps an unconfirmed message in some of the queues it
@@ -39,7 +39,7 @@ was routed to and not in others, so the sent queue's copy of a forward that was 
 does not prove the source has it. So the copy of a forward of this run is held unacked until
 the forward's confirm (then the id is written down and the copy acked), and a forward that
 failed unconfirmed is forwarded again when its report comes back, whatever the sent queue says:
-across a broker crash a source may receive a report again, with the same `report_id` (at
+across a broker crash a source may receive a report again, with the same C{report_id} (at
 least once, never lost).
 """
 
@@ -59,7 +59,7 @@ CATCH_UP_TIMEOUT = 30
 
 
 class ReportRouter(Process):
-    """Routes reports from `xreport` to `xr_<source>` (see the module docstring)."""
+    """Routes reports from C{xreport} to C{xr_<source>} (see the module docstring)."""
 
     def on_init(self):
         self.settings = ReportRouterArgs.parse(self.args)

@@ -2,24 +2,24 @@
 
 A notice whose transfer failed transiently is added here (and the file fsynced) before its AMQP
 message is acked, so the broker's copy can go: from then on this file is the only record of the
-work. Each entry is tried again when it is due; a failure reschedules it `initial * 2**(n-1)`
-seconds later (n: failures so far), at most `maximum` seconds, spread by `±jitter` (a fraction)
+work. Each entry is tried again when it is due; a failure reschedules it C{initial * 2**(n-1)}
+seconds later (n: failures so far), at most C{maximum} seconds, spread by C{±jitter} (a fraction)
 so that entries failed together do not all come back together; no attempt is scheduled past
-`first failure + horizon`, and an entry failing at or after its horizon is given up.
+C{first failure + horizon}, and an entry failing at or after its horizon is given up.
 
-File: JSON lines, appended; one record per event, replayed on open:
+File: JSON lines, appended; one record per event, replayed on open::
 
     {"op": "add", "entry": {id, key, body, routing_key, first_failed, attempts, due, code, message}}
     {"op": "update", "id": ..., "attempts": ..., "due": ..., "code": ..., "message": ...}
     {"op": "done", "id": ...}
 
-Only `add` is fsynced. A lost `update` makes an entry due earlier than planned, a lost `done`
+Only C{add} is fsynced. A lost C{update} makes an entry due earlier than planned, a lost C{done}
 makes a finished entry come back once after a restart, where the consumer's duplicate cache
 recognises it. The file is rewritten with the pending entries when it holds more than four times
 as many records as entries.
 
-Times come from `clock.seconds()` (the container's clock: `task.Clock` in tests). The fsyncs
-and rewrites of the file run in threads of `reactor`'s pool (see `ion.apps.pump.journal`);
+Times come from C{clock.seconds()} (the container's clock: C{task.Clock} in tests). The fsyncs
+and rewrites of the file run in threads of C{reactor}'s pool (see L{ion.apps.pump.journal});
 adds that wait for their fsync together share one.
 """
 
@@ -60,7 +60,7 @@ class RetryEntry:
 
 
 class RetryQueue:
-    """Pending transfer retries, persisted at `path` (see the module docstring)."""
+    """Pending transfer retries, persisted at C{path} (see the module docstring)."""
 
     def __init__(
         self,
@@ -139,7 +139,7 @@ class RetryQueue:
     # -- changes ---------------------------------------------------------------------------
 
     def delay(self, attempts):
-        """Seconds to wait after the `attempts`-th failure (backoff, cap, then jitter)."""
+        """Seconds to wait after the C{attempts}-th failure (backoff, cap, then jitter)."""
         base = min(self.maximum, self.initial * 2 ** (attempts - 1))
         if self.jitter:
             base *= self.rng.uniform(1 - self.jitter, 1 + self.jitter)
@@ -147,7 +147,7 @@ class RetryQueue:
 
     def add(self, key, body, routing_key, code, message):
         """Record a notice whose first attempt just failed. Returns a Deferred firing with its
-        `RetryEntry` once the record is fsynced (it is pending in memory at once)."""
+        L{RetryEntry} once the record is fsynced (it is pending in memory at once)."""
         now = self.clock.seconds()
         entry = RetryEntry(
             id=uuid.uuid4().hex,
@@ -177,7 +177,7 @@ class RetryQueue:
 
     def failed_again(self, entry, code, message):
         """Note another failed attempt. Returns True if the entry is rescheduled, False if its
-        horizon has passed (the caller reports the failure and calls `done`)."""
+        horizon has passed (the caller reports the failure and calls L{done})."""
         now = self.clock.seconds()
         entry.attempts += 1
         entry.code = code
@@ -233,7 +233,7 @@ class RetryQueue:
 
     def pop_due(self, now=None):
         """The entries due now, earliest first. They stay in the queue (and on disk) until
-        `failed_again` reschedules them or `done` removes them."""
+        L{failed_again} reschedules them or L{done} removes them."""
         now = self.clock.seconds() if now is None else now
         due = []
         heap = self._heap

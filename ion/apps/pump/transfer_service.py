@@ -1,28 +1,28 @@
-"""The transfer service: the pump's file transfers (`ion.apps.pump.transfer`) offered as ops.
+"""The transfer service: the pump's file transfers (L{ion.apps.pump.transfer}) offered as ops.
 
-Service `transfer`; any number of instances may run, in any container of the system, and each
+Service C{transfer}; any number of instances may run, in any container of the system, and each
 request goes to one of them. Ops (content -> reply):
 
-- `get` {url, path, size?, identity?: {method, value}, mtime?, mode?} ->
-  {size, checksum: {method: base64}, mtime, mode, path}: fetch `url` into the local file `path`
-  (its directory must exist). `size` and a `sha512`/`md5` identity are verified; a `cod`
-  identity names the checksum to compute; `arbitrary` and `random` identities are not
-  checked. `mtime` (seconds since the epoch) and `mode` (permission bits) are applied when
-  given, else the server's when it tells them. Nothing unverified ever appears at `path`.
-- `put` {path, url} -> the same map, for the bytes sent.
-- `list` {url} -> [{name, size, mtime, mode, type}], sorted by name.
+  - C{get} {url, path, size?, identity?: {method, value}, mtime?, mode?} ->
+    {size, checksum: {method: base64}, mtime, mode, path}: fetch C{url} into the local file C{path}
+    (its directory must exist). C{size} and a C{sha512}/C{md5} identity are verified; a C{cod}
+    identity names the checksum to compute; C{arbitrary} and C{random} identities are not
+    checked. C{mtime} (seconds since the epoch) and C{mode} (permission bits) are applied when
+    given, else the server's when it tells them. Nothing unverified ever appears at C{path}.
+  - C{put} {path, url} -> the same map, for the bytes sent.
+  - C{list} {url} -> [{name, size, mtime, mode, type}], sorted by name.
 
-A failed transfer is an `ApplicationError` with the library's HTTP-like code (404 missing, 403
+A failed transfer is an L{ApplicationError} with the library's HTTP-like code (404 missing, 403
 refused, 499 short or corrupt, 503 unreachable, 504 timed out, ...); callers decide between
-retrying and reporting with `ion.apps.pump.outcome.is_transient(code)`. Bad requests are 400.
+retrying and reporting with C{ion.apps.pump.outcome.is_transient(code)}. Bad requests are 400.
 
-Args (`ion.apps.pump.args.TransferServiceArgs`): the transfer settings of
-`ion.apps.pump.transfer.worker` (`timeouts` {connect, idle},
-`parallel`, `per_host`, `credentials`, `max_size`, `min_rate`: a get over `max_size` fails
-with 413), and `service` (the name to serve under, default
-`transfer`). N instances thus run at most N * `parallel` transfers, N * `per_host` to one
+Args (L{ion.apps.pump.args.TransferServiceArgs}): the transfer settings of
+L{ion.apps.pump.transfer.worker} (C{timeouts} {connect, idle},
+C{parallel}, C{per_host}, C{credentials}, C{max_size}, C{min_rate}: a get over C{max_size} fails
+with 413), and C{service} (the name to serve under, default
+C{transfer}). N instances thus run at most N * C{parallel} transfers, N * C{per_host} to one
 server. A credentials file readable by group or others, or unreadable, stops the service from
-starting. Each instance owns its `Transfers` (thread pool, kept-open connections) from start
+starting. Each instance owns its L{Transfers} (thread pool, kept-open connections) from start
 to terminate.
 """
 
@@ -33,7 +33,7 @@ from ion.core.process import ApplicationError, ServiceProcess
 
 
 class TransferService(ServiceProcess):
-    """Ops `get`, `put` and `list` over the transfer library (see the module docstring)."""
+    """Ops C{get}, C{put} and C{list} over the transfer library (see the module docstring)."""
 
     service = "transfer"
 

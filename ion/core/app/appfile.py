@@ -1,21 +1,21 @@
-"""`.app` and `.rel` files: Python literals describing applications and releases.
+"""C{.app} and C{.rel} files: Python literals describing applications and releases.
 
-An application file (`res/apps/<name>.app`):
+An application file (C{res/apps/<name>.app})::
 
     {'type': 'application', 'name': 'hello', 'description': '...', 'version': '0.1',
      'mod': ('ion.apps.hello.app', [], {'instances': 1}),
      'applications': ['ioncore'], 'registered': ['hello'],
      'config': {'ion.apps.hello': {'greeting': 'Hello'}}}
 
-A release file (`res/deploy/<name>.rel`):
+A release file (C{res/deploy/<name>.rel})::
 
     {'type': 'release', 'name': 'demo', 'version': '0.1',
      'apps': [{'name': 'hello', 'version': '0.1', 'config': {...}, 'args': {...}, 'mult': 1}]}
 
-`mult: N` in a rel entry runs N copies of the app (named hello, hello.2, ... hello.N).
+C{mult: N} in a rel entry runs N copies of the app (named hello, hello.2, ... hello.N).
 
-Both are read with `ast.literal_eval` and checked before anything starts; every problem is an
-`AppFileError` with one line naming the file and the key.
+Both are read with C{ast.literal_eval} and checked before anything starts; every problem is an
+L{AppFileError} with one line naming the file and the key.
 """
 
 import os

@@ -1,15 +1,15 @@
 """Starting and stopping applications in dependency order.
 
-`AppController.start_files([...])` reads every .app/.rel given (and, by name from res/apps, the
+C{AppController.start_files([...])} reads every .app/.rel given (and, by name from res/apps, the
 apps they depend on), checks them all, and only then starts the apps, dependencies first
-(`graphlib`); `stop_all()` stops them in reverse. An app module offers
-`start(container, app, **kwargs)` returning its state (usually its top process, or an awaitable
-of it) and optionally `stop(container, state)`; without `stop`, the state's `terminate()` is
+(C{graphlib}); C{stop_all()} stops them in reverse. An app module offers
+C{start(container, app, **kwargs)} returning its state (usually its top process, or an awaitable
+of it) and optionally C{stop(container, state)}; without C{stop}, the state's C{terminate()} is
 awaited. An app whose top process ends FAILED (its supervisor gave up) is logged as failed and
-dropped from `running`; the other apps keep running.
+dropped from C{running}; the other apps keep running.
 
-Per-app kwargs: the `mod` kwargs of the .app < `args` of the .rel entry < `apparg_<app>` given
-on the command line. App `config` and then rel entry `config` are layered into the live config
+Per-app kwargs: the C{mod} kwargs of the .app < C{args} of the .rel entry < C{apparg_<app>} given
+on the command line. App C{config} and then rel entry C{config} are layered into the live config
 before the app starts.
 """
 

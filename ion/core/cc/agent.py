@@ -1,14 +1,14 @@
-"""The container agent (`res/apps/ccagent.app`): containers of one system know each other.
+"""The container agent (C{res/apps/ccagent.app}): containers of one system know each other.
 
 Every container runs one agent. It announces the container when it starts and stops, sends a
-heartbeat every `heartbeat_interval` seconds (config `ion.core.cc.agent`, default 5) and keeps a
+heartbeat every C{heartbeat_interval} seconds (config C{ion.core.cc.agent}, default 5) and keeps a
 peer table (container id, host, OS pid, apps, uptime, last heartbeat). A peer silent for
-`missed_heartbeats` intervals (default 3) is dropped, with a log line.
+C{missed_heartbeats} intervals (default 3) is dropped, with a log line.
 
-Addresses: `ccagent` reaches any agent of the system (all keep the whole table);
-`ccagent_<containerid>` reaches one container's agent; broadcasts go to key `ccagent.events`.
-Ops: `containers`, `ping`, `spawn` ({module, name, args} -> pid, in this container),
-`stop_app` (name).
+Addresses: C{ccagent} reaches any agent of the system (all keep the whole table);
+C{ccagent_<containerid>} reaches one container's agent; broadcasts go to key C{ccagent.events}.
+Ops: C{containers}, C{ping}, C{spawn} ({module, name, args} -> pid, in this container),
+C{stop_app} (name).
 """
 
 import os

@@ -1,4 +1,6 @@
-"""`ion` (or `python -m ion`): talk to a running ION system from a terminal.
+"""C{ion} (or C{python -m ion}): talk to a running ION system from a terminal.
+
+Usage::
 
     ion rpc [--broker URL] [--credentials PATH] [--sysname S] [--timeout T] <service> <op> [json]
     ion ping [--broker URL] [--credentials PATH] [--sysname S] [--timeout T] <service>
@@ -9,14 +11,14 @@
                               the rabbitmqctl commands giving a user a pump role (see
                               ion.core.cc.roles); --apply runs them on the local broker
 
-A broker URL with a user and no password (`amqp://alice@rabbit.example/`) gets its password
-from the credentials file, as for `twistd cc`: `--credentials PATH`, by default
+A broker URL with a user and no password (C{amqp://alice@rabbit.example/}) gets its password
+from the credentials file, as for C{twistd cc}: C{--credentials PATH}, by default
 ~/.config/ion/credentials.conf when it exists. So no password needs to be on the command line,
-where `ps` shows it to every user of the machine. For amqps://, `--broker-ca FILE` names the
-CA certificates to trust, and `--broker-cert FILE --broker-key FILE` a client certificate,
-which logs in with EXTERNAL (no password at all), as for `twistd cc`.
+where C{ps} shows it to every user of the machine. For amqps://, C{--broker-ca FILE} names the
+CA certificates to trust, and C{--broker-cert FILE --broker-key FILE} a client certificate,
+which logs in with EXTERNAL (no password at all), as for C{twistd cc}.
 
-`containers` and `ps` print aligned tables, the other commands JSON; `--json` prints any
+C{containers} and C{ps} print aligned tables, the other commands JSON; C{--json} prints any
 result as JSON (one line, for scripts). Exit status: 0 ok, 1 the remote side answered with an
 error (message on stderr), 2 usage error, 3 timeout, no such service, or no broker.
 """

@@ -21,15 +21,15 @@ MESSAGING = "ion.core.messaging"
 
 
 def default_container_id():
-    """`<host>_<pid>`, the host's short name with characters that routing keys dislike replaced."""
+    """C{<host>_<pid>}, the host's short name with characters that routing keys dislike replaced."""
     host = socket.gethostname().split(".")[0] or "localhost"
     host = "".join(c if c.isalnum() or c == "-" else "-" for c in host)
     return f"{host}_{os.getpid()}"
 
 
 def check_broker_url(url):
-    """The URL's scheme (`memory`, `amqp` or `amqps`); ValueError (never quoting a password)
-    when `url` cannot name a broker. No connection is made."""
+    """The URL's scheme (C{memory}, C{amqp} or C{amqps}); ValueError (never quoting a password)
+    when C{url} cannot name a broker. No connection is made."""
     scheme = url.split(":", 1)[0].lower()
     if scheme in ("amqp", "amqps"):
         from ion.core.messaging.amqp import AmqpAddress
@@ -43,8 +43,8 @@ def check_broker_url(url):
 
 
 def make_transport(url, reactor, memory_broker=None, **tls_files):
-    """The transport for a broker URL: `memory://` or `amqp[s]://user:pass@host:port/vhost`.
-    `tls_files` (`tls_ca_file`, `tls_cert_file`, `tls_key_file`, see AmqpTransport) are read
+    """The transport for a broker URL: C{memory://} or C{amqp[s]://user:pass@host:port/vhost}.
+    C{tls_files} (C{tls_ca_file}, C{tls_cert_file}, C{tls_key_file}, see AmqpTransport) are read
     for amqps:// now: ValueError when they cannot be used or the URL is not amqps://."""
     if check_broker_url(url) == "memory":
         from ion.core.messaging.memory import MemoryBroker, MemoryTransport
@@ -58,7 +58,7 @@ def make_transport(url, reactor, memory_broker=None, **tls_files):
 
 
 class Container:
-    """A running container. Start with `await start()`, stop with `await stop()`."""
+    """A running container. Start with C{await start()}, stop with C{await stop()}."""
 
     def __init__(
         self, config, reactor, transport, container_id=None, sysname=None, res_dir="res", clock=None
@@ -113,7 +113,7 @@ class Container:
 
     async def spawn(self, spec, name=None, args=None, parent=None, register=False):
         """Create, initialize and activate a process; returns it once it can receive.
-        `register=True` reserves `name` in the registry (unique in this container)."""
+        C{register=True} reserves C{name} in the registry (unique in this container)."""
         cls = resolve(spec)
         proc = cls(self, self.registry.next_pid(), name=name, args=args, parent=parent)
         self.registry.add(proc, registered=name if register else None)

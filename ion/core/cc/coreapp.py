@@ -1,6 +1,6 @@
-"""The core app (`res/apps/ioncore.app`): the container's own process.
+"""The core app (C{res/apps/ioncore.app}): the container's own process.
 
-It serves the service `cc_<containerid>` with ops `ping` (who and where am I) and `ps` (the
+It serves the service C{cc_<containerid>} with ops C{ping} (who and where am I) and C{ps} (the
 processes of this container), so tools and other containers can ask a container about itself.
 """
 

@@ -1,28 +1,28 @@
-"""Broker roles of a pump shared by several users on RabbitMQ, and the `rabbitmqctl` commands
-that give a user one of them (`ion broker-setup`).
+"""Broker roles of a pump shared by several users on RabbitMQ, and the C{rabbitmqctl} commands
+that give a user one of them (C{ion broker-setup}).
 
-The ingest stamps each notice with the user who published it to `xs_<user>`, and that stamp
-decides who gets the reports (`xr_<user>`). RabbitMQ vouches for the publisher (it checks the
+The ingest stamps each notice with the user who published it to C{xs_<user>}, and that stamp
+decides who gets the reports (C{xr_<user>}). RabbitMQ vouches for the publisher (it checks the
 AMQP user_id against the login) but not for where a user may publish or read: that takes
 permissions, three regular expressions per user and vhost (configure, write, read) matched
 against exchange and queue names. The roles, after sr3's (U is the user):
 
-- `admin`: everything, and the `administrator` tag (rabbitmqctl, management).
-- `feeder`: everything, no tag: the pump's own user. It declares `xpublic`, `xreport`, the
-  `xr_` exchanges, its system's exchanges and queues, and reads every user's `xs_` exchange.
-- `source`: posts files. Configure and write its own queues `q_U.*` and its exchange `xs_U`;
-  read its queues, the public exchange and its reports `xr_U`. It may not write `xpublic`,
-  another user's `xs_`, or `xreport`, nor read another user's `xr_`; it may not configure
-  (so delete) `xr_U`, which the pump's report router publishes to.
-- `subscriber`: only reads. Configure and write its own queues, read them and the public
-  exchange. sr3 lets a subscriber write `xs_U` to send reports upstream; this pump takes no
-  reports from outside (its own consumers report through `xreport` as the pump's user), and
-  the ingest would take them for notices, so a subscriber writes no exchange at all. That
-  also keeps it from binding an exchange of its own to `xpublic`.
+  - C{admin}: everything, and the C{administrator} tag (rabbitmqctl, management).
+  - C{feeder}: everything, no tag: the pump's own user. It declares C{xpublic}, C{xreport}, the
+    C{xr_} exchanges, its system's exchanges and queues, and reads every user's C{xs_} exchange.
+  - C{source}: posts files. Configure and write its own queues C{q_U.*} and its exchange C{xs_U};
+    read its queues, the public exchange and its reports C{xr_U}. It may not write C{xpublic},
+    another user's C{xs_}, or C{xreport}, nor read another user's C{xr_}; it may not configure
+    (so delete) C{xr_U}, which the pump's report router publishes to.
+  - C{subscriber}: only reads. Configure and write its own queues, read them and the public
+    exchange. sr3 lets a subscriber write C{xs_U} to send reports upstream; this pump takes no
+    reports from outside (its own consumers report through C{xreport} as the pump's user), and
+    the ingest would take them for notices, so a subscriber writes no exchange at all. That
+    also keeps it from binding an exchange of its own to C{xpublic}.
 
 Unlike sr3's expressions, these are anchored at both ends and a queue prefix ends with its
-dot, so user `bob` gets nothing of user `bobby`'s (`^q_bob.*` would give it `q_bobby...`).
-For the same reason a user name has no dots: `q_a.` would cover user `a.b`'s queues.
+dot, so user C{bob} gets nothing of user C{bobby}'s (C{^q_bob.*} would give it C{q_bobby...}).
+For the same reason a user name has no dots: C{q_a.} would cover user C{a.b}'s queues.
 """
 
 import getpass as _getpass
@@ -68,8 +68,8 @@ def _either(*alternatives):
 
 
 def permissions(role, user, public=PUBLIC_EXCHANGE):
-    """The Permissions of `role` for `user`; `public` is the exchange subscribers read (the
-    ingest's `exchange`). RoleError for an unknown role or a bad name."""
+    """The Permissions of C{role} for C{user}; C{public} is the exchange subscribers read (the
+    ingest's C{exchange}). RoleError for an unknown role or a bad name."""
     check_user(user)
     if not isinstance(public, str) or not _EXCHANGE.fullmatch(public):
         raise RoleError(f"public exchange {public!r} must be letters, digits, '_', '.' and '-'")
@@ -104,11 +104,11 @@ class Step:
 
 
 def steps(user, role, vhost="/", public=PUBLIC_EXCHANGE, add=True, password=True):
-    """The rabbitmqctl commands (after `rabbitmqctl [-n node]`) that give `user` `role` on
-    `vhost`: add the user (unless `add` is false: it exists, its password stays), set its tags
+    """The rabbitmqctl commands (after C{rabbitmqctl [-n node]}) that give C{user} C{role} on
+    C{vhost}: add the user (unless C{add} is false: it exists, its password stays), set its tags
     (none but admin's, so a user moved off admin loses the tag), set its permissions. The
     password is never an argument: rabbitmqctl reads it from its standard input (it asks for
-    it on a terminal); with `password` false the user gets none and can only log in another
+    it on a terminal); with C{password} false the user gets none and can only log in another
     way (EXTERNAL, with a client certificate)."""
     perms = permissions(role, user, public)
     check_vhost(vhost)
@@ -140,7 +140,7 @@ OK, FAILED, USAGE = 0, 1, 2
 
 
 def broker_setup(args, stdin, stdout, stderr, getpass=None):
-    """`ion broker-setup`: print the commands for args.user and args.role, or with args.apply
+    """C{ion broker-setup}: print the commands for args.user and args.role, or with args.apply
     run them one by one, a line for each; the exit status. The password is asked for on a
     terminal (twice), else read as the first line of stdin, and goes to rabbitmqctl on its
     stdin: never an argument, never printed."""

@@ -1,6 +1,6 @@
 """The interactive shell of a container: a Python prompt on the terminal with helpers for it.
 
-`twistd -n cc` opens it when stdin is a terminal (not with `--no-shell`):
+C{twistd -n cc} opens it when stdin is a terminal (not with C{--no-shell}):
 
     >>> rpc('hello', 'hello', 'Hi')
     'Hello, Hi! (from host_123.3)'
@@ -10,13 +10,13 @@
 
 The container keeps running while you type. A helper starts its operation and returns at once;
 the outcome is printed above the prompt when it arrives, like the container's log lines, without
-disturbing the line being typed. Ctrl-D, `exit()` or `quit()` leave the shell, which stops the
+disturbing the line being typed. Ctrl-D, C{exit()} or C{quit()} leave the shell, which stops the
 container.
 
-Two layers: `ShellHelpers` (the commands, against a container and a print function, no terminal)
-and the terminal plumbing: `ShellTerminal` (conch's manhole, printing above the prompt) and
-`TerminalShell` (raw mode on stdio, log lines diverted, the terminal restored), which
-`start_shell` runs.
+Two layers: L{ShellHelpers} (the commands, against a container and a print function, no terminal)
+and the terminal plumbing: L{ShellTerminal} (conch's manhole, printing above the prompt) and
+L{TerminalShell} (raw mode on stdio, log lines diverted, the terminal restored), which
+L{start_shell} runs.
 """
 
 import fcntl
@@ -68,15 +68,15 @@ HELP = [
 
 
 class ShellProcess(Process):
-    """The process the shell's `rpc()` and `send()` speak from (spawned on first use)."""
+    """The process the shell's C{rpc()} and C{send()} speak from (spawned on first use)."""
 
 
 _numbers = itertools.count()  # orders Pending handles and the lines typed
 
 
 class Pending:
-    """What a helper started. Its outcome is printed when it arrives; then `done` is true and
-    `result` (or `error`) holds it. `when_done()` is a Deferred firing with this object."""
+    """What a helper started. Its outcome is printed when it arrives; then C{done} is true and
+    C{result} (or C{error}) holds it. C{when_done()} is a Deferred firing with this object."""
 
     def __init__(self, what):
         self.what = what
@@ -111,7 +111,7 @@ class Pending:
 
 
 def describe_error(error):
-    """One line for an error: its type and message (`RemoteError 404 ...`)."""
+    """One line for an error: its type and message (C{RemoteError 404 ...})."""
     if isinstance(error, KeyError) and len(error.args) == 1:
         message = str(error.args[0])
     else:
@@ -134,8 +134,8 @@ def format_table(header, rows):
 class ShellHelpers:
     """The shell's commands, working against one container.
 
-    `show(text)` prints text for the user (in the shell: above the prompt). Helpers that wait
-    for the container return a `Pending` at once and print the outcome when it arrives; a
+    C{show(text)} prints text for the user (in the shell: above the prompt). Helpers that wait
+    for the container return a L{Pending} at once and print the outcome when it arrives; a
     failure is printed as one line and never raised.
     """
 
@@ -172,7 +172,7 @@ class ShellHelpers:
     # -- what runs in the background ---------------------------------------------------------
 
     def _start(self, what, work, report=format_value):
-        """Run the coroutine `work`; print `report(result)` (unless None) or the error."""
+        """Run the coroutine C{work}; print C{report(result)} (unless None) or the error."""
         pending = Pending(what)
         d = defer.Deferred.fromCoroutine(work)
 
@@ -258,7 +258,7 @@ class ShellHelpers:
 
     def msc(self, conv_id=None, last=20, svg=None):
         """Print a message sequence chart from the system's observer (the observer app's
-        `observer` service, asked over rpc); with svg='file.svg' the observer also writes it
+        C{observer} service, asked over rpc); with svg='file.svg' the observer also writes it
         as SVG (on its own host)."""
         request = {"last": last} if conv_id is None else {"conv_id": conv_id}
 
@@ -287,7 +287,7 @@ class ShellHelpers:
 
     def spawn(self, module_or_class, name=None, container=None, **args):
         """Spawn a process, here or (container=<id>) through another container's agent;
-        prints its pid (also `.result` of what it returns)."""
+        prints its pid (also C{.result} of what it returns)."""
 
         async def spawn():
             if container not in (None, self.container.id):
@@ -311,7 +311,7 @@ class ShellHelpers:
         return self._start(f"send({dest!r}, {op!r})", send(), lambda _: f"sent {op!r} to {dest!r}")
 
     def rpc(self, dest, op, content=None, timeout=None):
-        """Call op on dest from the shell process; prints the reply (also `.result`)."""
+        """Call op on dest from the shell process; prints the reply (also C{.result})."""
 
         async def call():
             proc = await self.shell_process()
@@ -370,7 +370,7 @@ class ShellHelpers:
 
 
 class Leave:
-    """`exit()` and `quit()` in the shell. (Python's own would close sys.stdin, the terminal.)"""
+    """C{exit()} and C{quit()} in the shell. (Python's own would close sys.stdin, the terminal.)"""
 
     def __repr__(self):
         return "Use exit() or Ctrl-D to leave the shell (this stops the container)"
@@ -380,7 +380,7 @@ class Leave:
 
 
 class ShellInterpreter(ManholeInterpreter):
-    """The manhole's interpreter, where `exit()` leaves the shell and the `Pending` a helper
+    """The manhole's interpreter, where C{exit()} leaves the shell and the L{Pending} a helper
     just returned is not echoed (its outcome is printed when it arrives)."""
 
     line_started = -1  # the number the Pending handles made by the current line start after
@@ -400,7 +400,7 @@ class ShellInterpreter(ManholeInterpreter):
 
 
 def completions(namespace, word):
-    """Names that complete `word` (`name` or `obj.attr.partial`) from the namespace, without
+    """Names that complete C{word} (C{name} or C{obj.attr.partial}) from the namespace, without
     calling or evaluating anything: attributes are looked up with getattr only."""
     *path, partial = word.split(".")
     if not path:
@@ -429,7 +429,7 @@ def completions(namespace, word):
 
 class ShellTerminal(ColoredManhole):
     """Conch's colored manhole that keeps the terminal's history (no screen reset), leaves
-    on Ctrl-D or `exit()` by calling `on_leave()`, and can print above the prompt."""
+    on Ctrl-D or C{exit()} by calling C{on_leave()}, and can print above the prompt."""
 
     def __init__(self, namespace, banner="", on_leave=None, terminal_width=None):
         super().__init__({"exit": Leave(), "quit": Leave(), **namespace})
@@ -638,10 +638,10 @@ class TerminalShell:
 
 
 def start_shell(container, reactor, output, stdin=0, stdout=1):
-    """Run the shell on the terminal `stdin`/`stdout` until the user leaves.
+    """Run the shell on the terminal C{stdin}/C{stdout} until the user leaves.
 
-    Returns a Deferred fired (with None) when the user leaves (Ctrl-D, `exit()`). While the
-    shell runs, the lines `output` would write (`output.divert`) go above the prompt. The
+    Returns a Deferred fired (with None) when the user leaves (Ctrl-D, C{exit()}). While the
+    shell runs, the lines C{output} would write (C{output.divert}) go above the prompt. The
     terminal is put back as it was when the user leaves, and also when the reactor stops
     first (then the Deferred never fires: the process is ending anyway).
     """

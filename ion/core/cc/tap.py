@@ -1,13 +1,13 @@
-"""`twistd -n cc [options] [app and rel files]`: command line options and the container service.
+"""C{twistd -n cc [options] [app and rel files]}: command line options and the container service.
 
 Bad input (a missing or malformed .app/.rel/config file, a bad -D) is one line on stderr and
 exit status 2; nothing starts. The container boots once the reactor runs: transport, the core
 app, then the given apps in dependency order. A failed boot is logged and the process exits
 with status 1. SIGTERM/SIGINT (and Ctrl-D in the shell) stop apps in reverse order.
 
-Without twistd's `-n` the container runs as a daemon: the log goes to `--logfile` (default
-twistd.log), SIGUSR1 reopens it, and the `twistd` command returns only once the boot is over
-(see `ContainerService.startService`).
+Without twistd's C{-n} the container runs as a daemon: the log goes to C{--logfile} (default
+twistd.log), SIGUSR1 reopens it, and the C{twistd} command returns only once the boot is over
+(see L{ContainerService.startService}).
 """
 
 import ast
@@ -47,8 +47,8 @@ def _expected_cause(error):
 
 
 def find_res_dir():
-    """`./res` when run from a checkout (the README's way), else the res/ shipped with ION:
-    `ion/_res` of an installed package, or the checkout's res/ beside an editable one."""
+    """C{./res} when run from a checkout (the README's way), else the res/ shipped with ION:
+    C{ion/_res} of an installed package, or the checkout's res/ beside an editable one."""
     if os.path.isfile(os.path.join("res", "config", "ion.config")):
         return "res"
     package = os.path.dirname(os.path.abspath(ion.__file__))
@@ -59,7 +59,7 @@ def find_res_dir():
 
 
 def parse_args_option(text):
-    """`-a k=v,k2=v2` or `-a "{'k': v}"` -> dict; values are literals when they parse."""
+    """C{-a k=v,k2=v2} or C{-a "{'k': v}"} -> dict; values are literals when they parse."""
     text = text.strip()
     if text.startswith("{"):
         try:
@@ -227,7 +227,7 @@ class Options(usage.Options):
 
     def _with_password(self, url):
         """The broker URL with the password from the credentials file (see
-        `broker_url_with_password`); a file that cannot be used stops here."""
+        L{broker_url_with_password}); a file that cannot be used stops here."""
         try:
             return broker_url_with_password(url, self["credentials"], self.default_credentials)
         except ValueError as e:
@@ -235,12 +235,12 @@ class Options(usage.Options):
 
 
 def broker_tls(url, ca_file=None, cert_file=None, key_file=None, config=None):
-    """The TLS files for the broker at `url`, as `make_transport`'s keywords (`tls_ca_file`,
-    `tls_cert_file`, `tls_key_file`): each one given (on a command line), else the config's
-    `broker_ca`, `broker_cert`, `broker_key` (section ion.core.messaging), which serve
-    amqps:// URLs only; `~` is expanded. The files are read once here to check them.
+    """The TLS files for the broker at C{url}, as C{make_transport}'s keywords (C{tls_ca_file},
+    C{tls_cert_file}, C{tls_key_file}): each one given (on a command line), else the config's
+    C{broker_ca}, C{broker_cert}, C{broker_key} (section ion.core.messaging), which serve
+    amqps:// URLs only; C{~} is expanded. The files are read once here to check them.
     ValueError (one line naming the file) when they cannot be used, or are given for a URL
-    that is not amqps://. `twistd cc` and the `ion` command line both use this."""
+    that is not amqps://. C{twistd cc} and the C{ion} command line both use this."""
     from ion.core.messaging.tls import ClientTls
 
     given = {"tls_ca_file": ca_file, "tls_cert_file": cert_file, "tls_key_file": key_file}
@@ -264,12 +264,12 @@ def broker_tls(url, ca_file=None, cert_file=None, key_file=None, config=None):
 
 
 def broker_url_with_password(url, path=None, default=DEFAULT_CREDENTIALS):
-    """The broker URL with the password from the credentials file `path` (None: `default`,
+    """The broker URL with the password from the credentials file C{path} (None: C{default},
     when it exists) when the URL names a user but no password; the file is read only then.
     The file is the one the pump reads too: its lines for other schemes (sftp, ftp, http(s))
     are checked like any other, and only an amqp[s] line of the URL's host, port and user
     gives the password. CredentialsError (a ValueError naming the file, never a password)
-    when the file cannot be used. `twistd cc` and the `ion` command line both use this."""
+    when the file cannot be used. C{twistd cc} and the C{ion} command line both use this."""
     from urllib.parse import quote, urlsplit
 
     from ion.core.credentials import find_password, load_credentials
@@ -339,7 +339,7 @@ class ContainerService(MultiService):
 
     @property
     def daemon(self):
-        """Whether twistd runs us as a daemon (no `-n`/`--nodaemon`)."""
+        """Whether twistd runs us as a daemon (no C{-n}/C{--nodaemon})."""
         return "nodaemon" in self._twistd and not self._twistd["nodaemon"]
 
     def setServiceParent(self, parent):
@@ -385,7 +385,7 @@ class ContainerService(MultiService):
 
     def _report_start(self, code=0, why=None):
         """Tell the caller of a daemon how the boot went, once: the reason on its stderr, then
-        twistd's status pipe ("0" lets `twistd` exit 0; anything else makes it exit 1 and
+        twistd's status pipe ("0" lets C{twistd} exit 0; anything else makes it exit 1 and
         print the text after the first two bytes)."""
         stderr, self._caller_stderr = self._caller_stderr, None
         pipe, self._status_pipe = self._status_pipe, None

@@ -1,10 +1,12 @@
 """Helpers for testing services on a real container: part of the product, not just our tests.
 
+For example::
+
     container = await make_container(self)             # memory://, stopped at test end
     proc = await container.spawn(MyService)
     result = await call_op(proc, "greet", "Ann")        # runs the op directly, no messages
 
-Containers made with the same `broker` share it (so they form one system when they share a
+Containers made with the same C{broker} share it (so they form one system when they share a
 sysname, and stay isolated when they don't).
 """
 

@@ -1,12 +1,12 @@
 """Conversations of one process: open ones, their deadlines, and the tombstones they leave.
 
-`Conversations` is what a process talks through. As initiator it opens rpc, request and inform
-conversations; as participant it answers requests. Every message carries `conv-id` and
-`conv-seq`; every state change goes through the protocol tables (`protocols.py`), including
+L{Conversations} is what a process talks through. As initiator it opens rpc, request and inform
+conversations; as participant it answers requests. Every message carries C{conv-id} and
+C{conv-seq}; every state change goes through the protocol tables (C{protocols.py}), including
 timeouts (driven by the injected clock) and cancellation.
 
-A finished conversation leaves a tombstone for `tombstone_ttl` seconds (config
-`ion.core.conversation`, default 60): a late or duplicate message for it is dropped and logged
+A finished conversation leaves a tombstone for C{tombstone_ttl} seconds (config
+C{ion.core.conversation}, default 60): a late or duplicate message for it is dropped and logged
 at info, never dispatched. Tombstones are collected as new ones are laid, so memory stays
 bounded by the traffic of one TTL.
 """
@@ -41,7 +41,7 @@ class Refused(RemoteError):
 
 
 class Conversation:
-    """One conversation seen from one side. `state` follows the protocol table."""
+    """One conversation seen from one side. C{state} follows the protocol table."""
 
     def __init__(self, owner, conv_id, protocol, role, peer, op):
         self.owner = owner
@@ -100,7 +100,7 @@ class Conversation:
         return d
 
     def cancel(self):
-        """Give up on this conversation (initiator): final state `cancelled`."""
+        """Give up on this conversation (initiator): final state C{cancelled}."""
         if not self.final:
             self.transition(P.CANCEL)
             self._settle(False, defer.CancelledError(f"conversation {self.conv_id} cancelled"))
@@ -131,7 +131,7 @@ class Conversation:
         await self.owner._say(self, P.AGREE, None)
 
     async def refuse(self, reason, code=403):
-        """Refuse a request; final. The initiator gets `Refused` with the reason."""
+        """Refuse a request; final. The initiator gets L{Refused} with the reason."""
         await self.owner._say(self, P.REFUSE, {"code": code, "type": "Refused", "message": reason})
 
 
@@ -210,7 +210,7 @@ class Conversations:
 
     def initiate(self, protocol, receiver, op, content, timeout=None, user_id=None):
         """Open a conversation as initiator and send its first message. Returns the
-        Conversation; `conv.when_done()` gives the outcome (for inform: once sent)."""
+        Conversation; C{conv.when_done()} gives the outcome (for inform: once sent)."""
         conv = Conversation(self, uuid.uuid4().hex, protocol, P.INITIATOR, receiver, op)
         first = P.INFORM if protocol == "inform" else P.REQUEST
         headers = self._headers(conv, first)
@@ -249,7 +249,7 @@ class Conversations:
                      conv=conv)
 
     def fail_all(self, reason):
-        """End every open initiator conversation with `ProcessTerminated(reason)`."""
+        """End every open initiator conversation with C{ProcessTerminated(reason)}."""
         self.fail_open(ProcessTerminated(reason))
 
     def fail_open(self, error):

@@ -1,14 +1,14 @@
 """Errors a conversation can end with, and how they cross the wire as data.
 
-On the wire an error is a map `{code, type, message}` (HTTP-like codes: 4xx the caller's
+On the wire an error is a map C{{code, type, message}} (HTTP-like codes: 4xx the caller's
 fault, 5xx the receiver's). Callers get typed exceptions:
 
-- `RemoteError`: the receiver answered with a failure (has `code`, `type`, `message`);
-- `ConversationTimeout`: no answer before the deadline;
-- `NoSuchReceiver`: nobody listens on that name (known at once, not after a timeout);
-- `ConnectionLost` (from the transport) when the broker went away mid-call.
+  - L{RemoteError}: the receiver answered with a failure (has C{code}, C{type}, C{message});
+  - L{ConversationTimeout}: no answer before the deadline;
+  - L{NoSuchReceiver}: nobody listens on that name (known at once, not after a timeout);
+  - C{ConnectionLost} (from the transport) when the broker went away mid-call.
 
-Ops raise `ApplicationError(message, code=4xx)` for expected failures; any other exception is
+Ops raise C{ApplicationError(message, code=4xx)} for expected failures; any other exception is
 reported to the caller as a 500 with its type and message, and its traceback stays in the
 receiver's log.
 """
@@ -63,7 +63,7 @@ class ProcessTerminated(ConversationError):
 
 
 def error_to_wire(exc):
-    """The `{code, type, message}` map for an exception raised by an op."""
+    """The C{{code, type, message}} map for an exception raised by an op."""
     if isinstance(exc, ApplicationError):
         return {"code": exc.code, "type": type(exc).__name__, "message": exc.message}
     if isinstance(exc, RemoteError):
@@ -73,7 +73,7 @@ def error_to_wire(exc):
 
 
 def error_from_wire(content, receiver=None, op=None):
-    """The `RemoteError` for a failure map received from `receiver`; tolerant of bad maps."""
+    """The L{RemoteError} for a failure map received from C{receiver}; tolerant of bad maps."""
     if not isinstance(content, dict):
         content = {"message": repr(content)}
     code = content.get("code", 500)

@@ -1,8 +1,10 @@
 """Conversation protocols as data: one state table per protocol and role.
 
-A table maps `state -> {event: next state}`. Events are the performatives of the messages a
-conversation sends or receives, plus `timeout` and `cancel`. Every table starts in `start`,
-has a timeout transition from every non-final state, and ends in one of `FINAL`.
+A table maps C{state -> {event: next state}}. Events are the performatives of the messages a
+conversation sends or receives, plus C{timeout} and C{cancel}. Every table starts in C{start},
+has a timeout transition from every non-final state, and ends in one of L{FINAL}.
+
+The tables::
 
     rpc        initiator   start -request-> requested -inform_result-> done
                                                       -failure-> failed
@@ -13,7 +15,7 @@ has a timeout transition from every non-final state, and ends in one of `FINAL`.
     inform     both        start -inform-> done   (one message, no reply)
 
 An event that a table does not allow in the current state is a protocol violation: the
-conversation ends `failed` with the reason logged, and the process carries on.
+conversation ends C{failed} with the reason logged, and the process carries on.
 """
 
 START = "start"

@@ -1,14 +1,14 @@
 """Turns ION messages into bytes and back: msgpack with explicit limits on what a peer may send.
 
 This is the only module that imports msgpack. Everything that decodes bytes from the wire goes
-through `decode` (or `decode_envelope`), which refuses oversized, truncated, malformed or too
-deeply nested input with a `DecodeError` instead of letting the interpreter exhaust memory or
-the C stack. Extension types are not part of ION's wire format: `decode` rejects them.
+through L{decode} (or L{decode_envelope}), which refuses oversized, truncated, malformed or too
+deeply nested input with a L{DecodeError} instead of letting the interpreter exhaust memory or
+the C stack. Extension types are not part of ION's wire format: L{decode} rejects them.
 
 Lengths alone do not bound memory: one byte of msgpack can become a 64-byte Python object (an
-empty map), so 16 MB of `[{}, {}, ...]` arrays took 1.2 GB. `max_objects` bounds the objects
+empty map), so 16 MB of C{[{}, {}, ...]} arrays took 1.2 GB. C{max_objects} bounds the objects
 of one message. A message of N bytes holds at most N objects, so only messages longer than
-`max_objects` bytes are counted (hooks on every array and map, which cost time); smaller
+C{max_objects} bytes are counted (hooks on every array and map, which cost time); smaller
 ones decode at full speed.
 """
 
@@ -37,7 +37,7 @@ def _positive_int(instance, attribute, value):
 @attrs.frozen
 class Limits:
     """The most a single decoded message may contain. Lengths of str and bin are in bytes;
-    lengths of arrays and maps in items. `max_objects` bounds the values of a message: the
+    lengths of arrays and maps in items. C{max_objects} bounds the values of a message: the
     top one, the items of arrays, the keys and values of maps (a 16 MB directory listing of
     150,000 entries holds 1.7 million). Each array or map is counted when it is complete, so
     decoding stops at the first one that takes the count past the limit. Nesting depth is

@@ -1,40 +1,42 @@
 """The memory:// transport: an in-process broker with RabbitMQ's semantics for what ION uses.
 
-This is the embedded default transport, not a test double. One `MemoryBroker` holds exchanges,
-queues and bindings; any number of `MemoryTransport` connections attach to it, each with its
+This is the embedded default transport, not a test double. One L{MemoryBroker} holds exchanges,
+queues and bindings; any number of L{MemoryTransport} connections attach to it, each with its
 own user name, consumers and exclusive queues.
 
 What it keeps from RabbitMQ:
-- exchanges `topic`, `direct` and `fanout`, plus the default exchange `''` that routes to the
-  queue named by the routing key; a message reaches each matching queue exactly once;
-- topic words are separated by dots and may be empty (`*.b` matches `.b`); `*` is one word,
-  `#` zero or more; the empty routing key has zero words;
-- redeclaring with the same arguments is a no-op; with different ones it fails;
-- exclusive queues belong to the connection that declared them (others get `QueueInUse`) and
-  vanish when it closes; auto-delete queues vanish when their last consumer is cancelled;
-- each consumer has at most `prefetch` unacknowledged deliveries (0 means no limit); a queue's
-  consumers take turns (round robin); nacked-with-requeue and cancelled-while-unacked messages
-  go back to the head of the queue with `redelivered` set.
 
-What it does not do: persistence (`durable` is recorded only: everything dies with the
-process), message TTL (`expiration` is carried but not enforced), dead-letter exchanges. So
+  - exchanges C{topic}, C{direct} and C{fanout}, plus the default exchange C{''} that routes to the
+    queue named by the routing key; a message reaches each matching queue exactly once;
+  - topic words are separated by dots and may be empty (C{*.b} matches C{.b}); C{*} is one word,
+    C{#} zero or more; the empty routing key has zero words;
+  - redeclaring with the same arguments is a no-op; with different ones it fails;
+  - exclusive queues belong to the connection that declared them (others get L{QueueInUse}) and
+    vanish when it closes; auto-delete queues vanish when their last consumer is cancelled;
+  - each consumer has at most C{prefetch} unacknowledged deliveries (0 means no limit); a queue's
+    consumers take turns (round robin); nacked-with-requeue and cancelled-while-unacked messages
+    go back to the head of the queue with C{redelivered} set.
+
+What it does not do: persistence (C{durable} is recorded only: everything dies with the
+process), message TTL (C{expiration} is carried but not enforced), dead-letter exchanges. So
 that a process depending on queued messages can tell it needs to recover, a broker given a
-`run_record` file notes there how its run ended; when the previous run crashed or stopped with
-messages still in durable queues, `lost_messages` is true (on every transport: always false
+C{run_record} file notes there how its run ended; when the previous run crashed or stopped with
+messages still in durable queues, C{lost_messages} is true (on every transport: always false
 on RabbitMQ, which keeps them).
 
-Callbacks are never run from inside `publish`, `ack`, `nack` or `cancel`: a message assigned to a
-consumer is queued on that consumer's connection and handed over from a `callLater(0)` drain,
+Callbacks are never run from inside C{publish}, C{ack}, C{nack} or C{cancel}: a message assigned to
+a consumer is queued on that consumer's connection and handed over from a C{callLater(0)} drain,
 in batches. A callback may return a Deferred or a coroutine; it need not ack before returning.
 
 Rules for consumers:
-- an exception escaping a callback (raised, or failing the Deferred or coroutine it returned)
-  is logged; if the message was not acked or nacked yet it is nacked without requeue, i.e.
-  dropped, so that a poison message cannot loop forever;
-- acking or nacking a delivery a second time raises TransportError (it is a bug);
-- once the consumer is cancelled, its queue deleted or its connection closed, the message is
-  back in the queue (or gone with it) and a first ack or nack of the old delivery does nothing:
-  a handler finishing during shutdown is not an error.
+
+  - an exception escaping a callback (raised, or failing the Deferred or coroutine it returned)
+    is logged; if the message was not acked or nacked yet it is nacked without requeue, i.e.
+    dropped, so that a poison message cannot loop forever;
+  - acking or nacking a delivery a second time raises TransportError (it is a bug);
+  - once the consumer is cancelled, its queue deleted or its connection closed, the message is
+    back in the queue (or gone with it) and a first ack or nack of the old delivery does nothing:
+    a handler finishing during shutdown is not an error.
 """
 
 import collections
@@ -107,9 +109,9 @@ def topic_matches(pattern, routing_key):
 
 
 class _Message:
-    """A message sitting in one queue (each queue gets its own, for `redelivered`).
+    """A message sitting in one queue (each queue gets its own, for C{redelivered}).
 
-    `properties` is None for a message published without any: each delivery then gets fresh
+    C{properties} is None for a message published without any: each delivery then gets fresh
     default Properties, so a backlog does not hold one Properties object per message."""
 
     __slots__ = ("body", "exchange", "routing_key", "properties", "user_id", "redelivered")
@@ -269,7 +271,7 @@ class _Delivery:
 
     def nack(self, requeue=True):
         """Refuse the message: with requeue it goes back to the head of its queue marked
-        redelivered, otherwise it is dropped. Same double-settle rule as `ack`."""
+        redelivered, otherwise it is dropped. Same double-settle rule as L{ack}."""
         consumer = self._settle("nack")
         if consumer is not None:
             message = consumer.unacked.pop(self)
@@ -335,14 +337,14 @@ STOPPED_EMPTY = "stopped with nothing queued"
 
 
 class MemoryBroker:
-    """Exchanges, queues and bindings shared by the `MemoryTransport`s attached to it.
+    """Exchanges, queues and bindings shared by the L{MemoryTransport}s attached to it.
 
-    The query methods (`queues`, `queue_depth`, ...) are for tests and the ops console;
+    The query methods (L{queues}, L{queue_depth}, ...) are for tests and the ops console;
     everything else goes through a transport."""
 
     def __init__(self, run_record=None):
-        """`run_record`: a file where the broker notes whether its run ended with durable
-        messages still queued (see `lost_messages`); None keeps no record."""
+        """C{run_record}: a file where the broker notes whether its run ended with durable
+        messages still queued (see C{lost_messages}); None keeps no record."""
         self._queues = {}
         self._exchanges = {"": _DefaultExchange(self._queues)}
         self.run_record = run_record
@@ -377,7 +379,7 @@ class MemoryBroker:
 
     def record_stop(self):
         """Note in the run record how this run ended: with nothing left in durable queues, or
-        with messages that die with the process (the next run's `lost_messages`)."""
+        with messages that die with the process (the next run's C{lost_messages})."""
         if self.run_record is None:
             return 0
         left = self.durable_messages()
@@ -559,11 +561,11 @@ _NEW, _OPEN, _CLOSED = "new", "open", "closed"
 
 @implementer(ITransport)
 class MemoryTransport:
-    """One connection to a `MemoryBroker`, authenticated as `user`.
+    """One connection to a L{MemoryBroker}, authenticated as C{user}.
 
-    `reactor` is anything with `callLater`; deliveries are handed to callbacks from it.
-    Every method returns a Deferred, failed with a `TransportError` subclass on refusal.
-    Operations before `connect()` fail with TransportError, after `close()` with
+    C{reactor} is anything with C{callLater}; deliveries are handed to callbacks from it.
+    Every method returns a Deferred, failed with a L{TransportError} subclass on refusal.
+    Operations before C{connect()} fail with TransportError, after C{close()} with
     ConnectionLost. Consumer rules (callback exceptions, double acks) are in the module
     docstring."""
 
@@ -652,7 +654,7 @@ class MemoryTransport:
     def publish(self, exchange, routing_key, body, properties=None, mandatory=True):
         """Route body to every matching queue once. Fires with None at once (the broker has
         it), or fails with NotFound (no such exchange) or, when mandatory, Unroutable.
-        `properties.user_id` is set to this connection's user."""
+        C{properties.user_id} is set to this connection's user."""
         if self._state is not _OPEN:
             return defer.fail(self._unavailable())
         # Every queued copy gets its own Properties and headers dict, as if it had crossed a

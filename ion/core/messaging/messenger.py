@@ -1,14 +1,14 @@
 """Envelopes on a system exchange: what processes use to send and receive messages.
 
-A `Messenger` binds one transport to one system (sysname). It encodes envelopes with the
+A L{Messenger} binds one transport to one system (sysname). It encodes envelopes with the
 codec, publishes them with the receiver name as routing key (mandatory, so an unknown receiver
-fails at once with `Unroutable`), and decodes what arrives on a queue. A message that fails to
+fails at once with C{Unroutable}), and decodes what arrives on a queue. A message that fails to
 decode is logged and dropped (nacked without requeue), and the listener keeps going.
 
-Tracing: with config `ion.core.messaging: {'trace': True}` (looked up at every send), each sent
-envelope is also published, without its content, to the fanout exchange `ion.<sysname>.trace`
-for observers (`ion.apps.observer`). The copy keeps every header; its content is
-`{'type': <type name of the content>, 'size': <bytes of the whole message>}`. Observers bind
+Tracing: with config C{ion.core.messaging: {'trace': True}} (looked up at every send), each sent
+envelope is also published, without its content, to the fanout exchange C{ion.<sysname>.trace}
+for observers (L{ion.apps.observer}). The copy keeps every header; its content is
+C{{'type': <type name of the content>, 'size': <bytes of the whole message>}}. Observers bind
 their own queues to that exchange, never to the system exchange, so a send to an unknown
 receiver still fails at once (its trace copy is published all the same: the send was tried).
 The copy is not mandatory and its failures are only logged (at debug): tracing never fails a
@@ -30,7 +30,7 @@ MESSAGING = "ion.core.messaging"
 
 @attrs.define
 class Message:
-    """A decoded envelope as received: `user_id` is the broker-validated sender identity."""
+    """A decoded envelope as received: C{user_id} is the broker-validated sender identity."""
 
     headers: dict
     content: object
@@ -42,8 +42,8 @@ class Message:
 
 
 class Messenger:
-    """Sends and receives the envelopes of one system over `transport`; a send is stamped
-    `ts` (milliseconds) from `clock` (the container's)."""
+    """Sends and receives the envelopes of one system over C{transport}; a send is stamped
+    C{ts} (milliseconds) from C{clock} (the container's)."""
 
     def __init__(self, transport, sysname, clock, limits=None, config=None):
         self.transport = transport
@@ -73,7 +73,7 @@ class Messenger:
         return True
 
     def tracing(self):
-        """Whether sends are traced now (config `ion.core.messaging: {'trace': ...}`)."""
+        """Whether sends are traced now (config C{ion.core.messaging: {'trace': ...}})."""
         if self.config is None:
             return False
         # The top layer that sets the key wins, as in Config.get; walked here because Config.get
@@ -85,7 +85,7 @@ class Messenger:
         return False
 
     async def declare_receiver(self, queue, key, exclusive=False, auto_delete=True):
-        """Create queue (if missing) and route messages addressed to `key` into it."""
+        """Create queue (if missing) and route messages addressed to C{key} into it."""
         await self.transport.declare_queue(queue, exclusive=exclusive, auto_delete=auto_delete)
         await self.transport.bind(queue, self.exchange, key)
 
@@ -94,7 +94,7 @@ class Messenger:
 
     async def declare_trace_receiver(self, queue):
         """Create an exclusive queue that gets the trace copy of every traced send of this
-        system (read it with `listen`)."""
+        system (read it with L{listen})."""
         await self.transport.declare_queue(queue, exclusive=True, auto_delete=True)
         await self.transport.bind(queue, self.trace_exchange, "")
 
@@ -110,7 +110,7 @@ class Messenger:
         await self.transport.publish(self.exchange, receiver, body, Properties(), mandatory=True)
 
     async def _trace(self, receiver, headers, content, size):
-        """Publish the trace copy of a sent envelope. Not awaited by `send` and never fails:
+        """Publish the trace copy of a sent envelope. Not awaited by L{send} and never fails:
         tracing must not slow down or break the traffic it watches."""
         summary = {"type": type(content).__name__, "size": size}
         try:
@@ -123,7 +123,7 @@ class Messenger:
 
     async def listen(self, queue, handler, prefetch=100):
         """Call handler(Message) for each decodable message on queue; returns the consumer.
-        The handler acks (through `Message.ack`) when it is done with the message."""
+        The handler acks (through L{Message.ack}) when it is done with the message."""
 
         def on_delivery(delivery):
             try:

@@ -1,9 +1,9 @@
 """Names on the broker: one topic exchange per system; receivers are routing keys on it.
 
-- the system exchange is `ion.<sysname>`;
-- a process listens on queue `<pid>` bound with key `<pid>` (pid = `<containerid>.<n>`);
-- a service's instances share queue `<sysname>.<service>` bound with key `<service>`.
-So `send('hello', ...)` reaches one instance of service hello, `send(pid, ...)` one process.
+  - the system exchange is C{ion.<sysname>};
+  - a process listens on queue C{<pid>} bound with key C{<pid>} (pid = C{<containerid>.<n>});
+  - a service's instances share queue C{<sysname>.<service>} bound with key C{<service>}.
+So C{send('hello', ...)} reaches one instance of service hello, C{send(pid, ...)} one process.
 """
 
 import re

@@ -1,8 +1,8 @@
 """Raw subscriptions: consume and publish non-envelope messages on any exchange.
 
-Processes talk to each other in envelopes on the system exchange (`messenger.py`). Some
+Processes talk to each other in envelopes on the system exchange (C{messenger.py}). Some
 applications also speak other formats on other exchanges — the pump exchanges v03 JSON
-notifications on sr3-style exchanges (`xpublic`, `xs_<user>`, `xreport`...). These helpers do
+notifications on sr3-style exchanges (C{xpublic}, C{xs_<user>}, C{xreport}...). These helpers do
 that over the same transport: declare the exchange and a queue, bind topic patterns, consume
 with a prefetch limit, publish with confirms, and move a message that cannot be handled to its
 queue's dead-letter queue.
@@ -52,7 +52,7 @@ async def publish(
     declare=None,
 ):
     """Publish body; fires once the broker has taken it (publisher confirm).
-    `declare='topic'` (or another type) declares the exchange (durable) first."""
+    C{declare='topic'} (or another type) declares the exchange (durable) first."""
     if declare:
         await transport.declare_exchange(exchange, declare, durable=True)
     properties = Properties(
@@ -64,11 +64,11 @@ async def publish(
 
 
 async def dead_letter(transport, delivery, queue, reason, durable=True, exclusive=False):
-    """Publish a copy of `delivery` (taken from `queue`) to the queue `<queue>.dead`, declared
-    first (`durable`, `exclusive`), through the default exchange, with its headers plus
+    """Publish a copy of C{delivery} (taken from C{queue}) to the queue C{<queue>.dead}, declared
+    first (C{durable}, C{exclusive}), through the default exchange, with its headers plus
     DEAD_REASON, DEAD_EXCHANGE and DEAD_ROUTING_KEY; fires once the broker confirmed it. The
     same on every transport (RabbitMQ's own dead-lettering has no counterpart in memory://).
-    Settling `delivery` is the caller's."""
+    Settling C{delivery} is the caller's."""
     dead = f"{queue}.dead"
     props = delivery.properties
     key = delivery.routing_key

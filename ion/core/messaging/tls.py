@@ -1,15 +1,17 @@
 """TLS for amqps://: which broker certificates to trust, and the client certificate to show.
 
+For example::
+
     tls = ClientTls.load(ca_file="ca.pem", cert_file="pump.pem", key_file="pump.key")
     creator = tls.creator("rabbit.example.org")   # for wrapClientTLS
     tls.user                                      # the certificate's CN ("pump"), or None
 
 The broker's certificate and host name are always verified (service_identity), against the
-certificates of `ca_file` when given, else the system's trust store. `cert_file` holds the
+certificates of C{ca_file} when given, else the system's trust store. C{cert_file} holds the
 client certificate in PEM, optionally followed by the intermediate CA certificates between it
-and the CA the broker trusts; `key_file` holds its private key, PEM and unencrypted, and must
+and the CA the broker trusts; C{key_file} holds its private key, PEM and unencrypted, and must
 be private to its owner (mode 0600) like the credentials file. The files are read once, by
-`load`; every problem with them is a ValueError of one line naming the file.
+C{load}; every problem with them is a ValueError of one line naming the file.
 """
 
 import datetime
@@ -34,7 +36,7 @@ class TlsFileError(ValueError):
 
 
 class ClientTls:
-    """What an amqps:// connection trusts and presents. Make one with `load`."""
+    """What an amqps:// connection trusts and presents. Make one with L{load}."""
 
     def __init__(self, trust_root=None, certificate=None, chain=(), user=None):
         self._trust_root = trust_root
@@ -88,8 +90,8 @@ class ClientTls:
         return cls(trust_root, certificate, [_twisted(c).original for c in chain], user)
 
     def creator(self, host):
-        """The client connection creator for a broker at `host` (wrapClientTLS's first
-        argument): verifies the broker's certificate and that it names `host`."""
+        """The client connection creator for a broker at C{host} (wrapClientTLS's first
+        argument): verifies the broker's certificate and that it names C{host}."""
         extra = {"extraCertChain": self._chain} if self._chain else None
         return ssl.optionsForClientTLS(
             host,
@@ -108,7 +110,7 @@ def _read(path, what):
 
 
 def _certificates(data, what, path):
-    """The certificates of the PEM blocks in `data`, in file order (other blocks, a key for
+    """The certificates of the PEM blocks in C{data}, in file order (other blocks, a key for
     instance, are skipped)."""
     blocks = _CERTIFICATE.findall(data)
     if not blocks:
@@ -160,7 +162,7 @@ _REFUSED_CERTIFICATE = (
 
 def describe_failure(error):
     """One line saying why a TLS handshake failed, for an exception that ended the
-    connection; None when `error` is not about TLS."""
+    connection; None when C{error} is not about TLS."""
     from OpenSSL import SSL
     from service_identity import VerificationError
 

@@ -6,17 +6,18 @@ conversations, processes) is written against this interface only, so that the sa
 run on every transport.
 
 Semantics every transport keeps:
-- exchanges are `topic`, `direct` or `fanout`; topic bindings use `*` (one word) and `#`
-  (zero or more words), words separated by dots;
-- `publish(..., mandatory=True)` of a message that no queue receives raises `Unroutable`
-  at once (the caller learns that the receiver does not exist);
-- a consumer gets at most `prefetch` unacknowledged deliveries; `nack(requeue=True)` puts the
-  message back at the head of its queue with `redelivered` set;
-- exclusive queues belong to the connection that declared them; auto-delete queues vanish
-  when their last consumer is cancelled;
-- message headers hold at most HEADER_DEPTH levels of nested maps and lists and HEADER_VALUES
-  values in all (AMQP field tables from any broker user are decoded within these bounds): a
-  publish past them fails with ValueError.
+
+  - exchanges are C{topic}, C{direct} or C{fanout}; topic bindings use C{*} (one word) and C{#}
+    (zero or more words), words separated by dots;
+  - C{publish(..., mandatory=True)} of a message that no queue receives raises L{Unroutable}
+    at once (the caller learns that the receiver does not exist);
+  - a consumer gets at most C{prefetch} unacknowledged deliveries; C{nack(requeue=True)} puts the
+    message back at the head of its queue with C{redelivered} set;
+  - exclusive queues belong to the connection that declared them; auto-delete queues vanish
+    when their last consumer is cancelled;
+  - message headers hold at most HEADER_DEPTH levels of nested maps and lists and HEADER_VALUES
+    values in all (AMQP field tables from any broker user are decoded within these bounds): a
+    publish past them fails with ValueError.
 """
 
 import attrs
@@ -71,7 +72,7 @@ class NotFound(TransportError):
 
 @attrs.frozen
 class Properties:
-    """AMQP basic properties a transport carries. `user_id` is set by the transport on publish
+    """AMQP basic properties a transport carries. C{user_id} is set by the transport on publish
     to the connection's authenticated user; receivers may trust it."""
 
     content_type: str = "application/msgpack"

@@ -1,11 +1,13 @@
 """The process lifecycle as a state machine (Automat).
 
+The transitions::
+
     INIT --initialize--> READY --activate--> ACTIVE --deactivate--> READY
     READY, ACTIVE, INIT --terminate--> TERMINATED
     any non-final state --fail--> FAILED
 
 TERMINATED and FAILED are final. An input that is not legal in the current state raises
-`IllegalTransition`, naming the state and the input, and leaves the state unchanged.
+L{IllegalTransition}, naming the state and the input, and leaves the state unchanged.
 """
 
 from automat import MethodicalMachine, NoTransition
@@ -27,7 +29,7 @@ class IllegalTransition(Exception):
 
 
 class Lifecycle:
-    """Lifecycle states of one process. `state` is one of the names above."""
+    """Lifecycle states of one process. L{state} is one of the names above."""
 
     _machine = MethodicalMachine()
 

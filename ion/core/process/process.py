@@ -1,6 +1,6 @@
 """Processes: the unit of work in a container, addressed by pid and talking only by messages.
 
-A process is a plain class with ops:
+A process is a plain class with ops::
 
     class Greeter(ServiceProcess):
         service = "greeter"
@@ -8,20 +8,20 @@ A process is a plain class with ops:
         async def op_greet(self, content, headers):
             return f"hello {content}"
 
-`op_<name>(content, headers)` may be sync or async; its return value is the reply. Raise
-`ApplicationError(message, code=4xx)` for an expected failure; any other exception becomes a
+C{op_<name>(content, headers)} may be sync or async; its return value is the reply. Raise
+C{ApplicationError(message, code=4xx)} for an expected failure; any other exception becomes a
 500 for the caller (traceback logged here only). Ops run concurrently: a process may call others
 while serving a request, and replies still reach it.
 
-Lifecycle hooks `on_init`, `on_activate`, `on_deactivate`, `on_terminate` (sync or async) run on
-the transitions of `ion.core.process.lifecycle`. A hook that raises moves the process to FAILED.
+Lifecycle hooks C{on_init}, C{on_activate}, C{on_deactivate}, C{on_terminate} (sync or async) run on
+the transitions of L{ion.core.process.lifecycle}. A hook that raises moves the process to FAILED.
 
-Raw messages from other exchanges come through `subscribe(exchange, keys, handler)`: the
+Raw messages from other exchanges come through C{subscribe(exchange, keys, handler)}: the
 handler settles each delivery; the process tracks the deliveries in hand, lets them finish when
 it stops and applies the failure policy (one redelivery, then the queue's dead-letter queue).
 
-The process reaches its container through `self.container`, which offers `messenger`, `config`,
-`clock`, `sysname`, `id` and `spawn(...)`.
+The process reaches its container through C{self.container}, which offers C{messenger}, C{config},
+C{clock}, C{sysname}, C{id} and C{spawn(...)}.
 """
 
 import contextvars
@@ -48,7 +48,7 @@ _serving = contextvars.ContextVar("ion_serving", default=None)
 
 
 def explicit_agree(op):
-    """Mark a request op that calls `self.conversation.agree()` or `.refuse(reason)` itself;
+    """Mark a request op that calls C{self.conversation.agree()} or C{.refuse(reason)} itself;
     other ops agree automatically when they start."""
     op.explicit_agree = True
     return op
@@ -128,13 +128,13 @@ class Process:
         pass
 
     def on_dead_letter(self, delivery, reason):
-        """A message of a subscription failed twice and is now in `<queue>.dead` (see
-        `subscribe`); `reason` is the handler's error. Sync or async; the message is acked
+        """A message of a subscription failed twice and is now in C{<queue>.dead} (see
+        L{subscribe}); C{reason} is the handler's error. Sync or async; the message is acked
         once this returns. Override to tell someone (a failure report)."""
 
     def stop_timeout(self):
         """Seconds the work in hand (ops, deliveries, tracked work) gets to finish when the
-        process terminates: config `ion.core.process: terminate_timeout` (default 10).
+        process terminates: config C{ion.core.process: terminate_timeout} (default 10).
         Override where the process has its own setting."""
         return self.config("terminate_timeout", 10)
 
@@ -187,7 +187,7 @@ class Process:
 
     async def terminate(self, timeout=None):
         """-> TERMINATED: stop taking work, wait for the ops, deliveries and tracked work in
-        hand (at most `timeout` seconds, default `stop_timeout()`; what still runs then is
+        hand (at most C{timeout} seconds, default C{stop_timeout()}; what still runs then is
         abandoned), end the subscriptions (unsettled messages go back to their queues),
         terminate children (last spawned first), run on_terminate, release the queue."""
         if self.lifecycle.final:
@@ -323,8 +323,8 @@ class Process:
         return self._open("rpc", dest, op, content, timeout).when_done()
 
     def request(self, dest, op, content=None, timeout=None):
-        """Start a FIPA request. Returns the Conversation: `await conv.when_agreed()` (fails
-        with Refused), `await conv.when_done()` for the result."""
+        """Start a FIPA request. Returns the Conversation: C{await conv.when_agreed()} (fails
+        with Refused), C{await conv.when_done()} for the result."""
         return self._open("request", dest, op, content, timeout)
 
     async def send(self, dest, op, content=None):
@@ -332,21 +332,21 @@ class Process:
         await self._open("inform", dest, op, content, None).when_done()
 
     async def subscribe(self, exchange, keys, handler, queue=None, **options):
-        """Consume raw (non-envelope) messages from `exchange` bound with topic patterns
-        `keys`: handler(delivery) gets `body`, `routing_key`, `properties` (with the trusted
-        `user_id`), `redelivered`, and must `ack()` or `nack(requeue)` each one. It may return
+        """Consume raw (non-envelope) messages from C{exchange} bound with topic patterns
+        C{keys}: handler(delivery) gets C{body}, C{routing_key}, C{properties} (with the trusted
+        C{user_id}), C{redelivered}, and must C{ack()} or C{nack(requeue)} each one. It may return
         an awaitable: the message is in hand until that finishes. The queue is durable and
-        named `queue` (default: an exclusive one named after this process). Options:
+        named C{queue} (default: an exclusive one named after this process). Options:
         exchange_type, durable, exclusive, auto_delete, prefetch.
 
         The process owns the rest. A handler that raises (or whose awaitable fails) before
-        settling its message gets it back once (requeued, `redelivered` set); when it fails on
+        settling its message gets it back once (requeued, C{redelivered} set); when it fails on
         the redelivered message too, the message is published, confirmed, to the queue
-        `<queue>.dead` (declared then, durable like `queue`; through the default exchange)
-        with the headers `dead-reason`, `dead-exchange` and `dead-routing-key`, then
-        `on_dead_letter(delivery, reason)` runs, then the message is acked. On terminate no
+        C{<queue>.dead} (declared then, durable like C{queue}; through the default exchange)
+        with the headers C{dead-reason}, C{dead-exchange} and C{dead-routing-key}, then
+        C{on_dead_letter(delivery, reason)} runs, then the message is acked. On terminate no
         new message is taken (those arriving go back to the queue), those in hand get
-        `stop_timeout()` seconds, then the subscription ends."""
+        C{stop_timeout()} seconds, then the subscription ends."""
         if queue is None:
             queue = f"{self.pid}.sub{len(self._subscriptions) + 1}"
             options.setdefault("exclusive", True)
@@ -429,8 +429,8 @@ class Process:
             delivery.ack()
 
     def track(self, work):
-        """Run `work` (a coroutine or Deferred) as work in hand: counted in `in_hand`, and
-        waited for (within `stop_timeout()`) when the process terminates. Returns its
+        """Run C{work} (a coroutine or Deferred) as work in hand: counted in L{in_hand}, and
+        waited for (within C{stop_timeout()}) when the process terminates. Returns its
         Deferred; failures are the caller's to handle."""
         d = defer.ensureDeferred(work)
         self._hold(d)
@@ -458,8 +458,8 @@ class Process:
         )
 
     async def bind(self, queue, exchange, keys, exchange_type="topic", durable=True):
-        """Bind the existing `queue` to `exchange` (declared first: `exchange_type`, `durable`)
-        with each routing pattern of `keys`, so that the queue's one consumer also receives
+        """Bind the existing C{queue} to C{exchange} (declared first: C{exchange_type}, C{durable})
+        with each routing pattern of C{keys}, so that the queue's one consumer also receives
         what is published there."""
         transport = self.container.messenger.transport
         await transport.declare_exchange(exchange, exchange_type, durable=durable)
@@ -467,7 +467,7 @@ class Process:
             await transport.bind(queue, exchange, key)
 
     async def queue_depth(self, queue):
-        """The number of messages waiting in `queue` on the broker (not counting those
+        """The number of messages waiting in C{queue} on the broker (not counting those
         delivered and not yet acked); NotFound when it does not exist."""
         return await self.container.messenger.transport.queue_depth(queue)
 
@@ -545,7 +545,7 @@ class Process:
 
 class ServiceProcess(Process):
     """A process that also serves a named service: all instances of a service share the queue
-    `<sysname>.<service>`, and each request goes to one of them (round robin)."""
+    C{<sysname>.<service>}, and each request goes to one of them (round robin)."""
 
     service = None
 

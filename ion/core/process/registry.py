@@ -1,7 +1,7 @@
 """The processes of one container: pids, registered names, and how a spec becomes a process.
 
-A spawn spec is a Process subclass, or a string: `'pkg.module:Class'`, `'pkg.module.Class'`, or
-`'pkg.module'` when that module names its process class in `process_class` (or defines exactly
+A spawn spec is a Process subclass, or a string: C{'pkg.module:Class'}, C{'pkg.module.Class'}, or
+C{'pkg.module'} when that module names its process class in C{process_class} (or defines exactly
 one Process subclass). Spawning returns only when the new process is ACTIVE and can receive.
 """
 

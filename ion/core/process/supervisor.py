@@ -1,6 +1,8 @@
 """Supervisor: a process that starts child processes, restarts them when they end, and gives up
 (which its own parent sees as a crash) when they end too often.
 
+For example::
+
     container.spawn(Supervisor, name="pump-sup", args={
         "children": [
             {"id": "reader", "spec": "ion.apps.pump.reader"},
@@ -11,8 +13,8 @@
         "intensity": 3, "period": 10,    # the defaults: over 3 restarts within 10 s is too many
     })
 
-Child spec keys: `id` (required, unique among the siblings), `spec` (required: a Process
-subclass or `'module[:Class]'`), `name` and `args` (passed to spawn), `restart` and `shutdown`
+Child spec keys: C{id} (required, unique among the siblings), C{spec} (required: a Process
+subclass or C{'module[:Class]'}), C{name} and C{args} (passed to spawn), C{restart} and C{shutdown}
 (below). Specs and arguments are checked when the supervisor is created: a bad one is a
 ValueError saying which child and which key.
 
@@ -21,30 +23,31 @@ fails to start, those already started are stopped in reverse and the supervisor 
 with ChildStartError naming the child.
 
 Stop: terminating the supervisor stops its children in reverse order, one at a time, before it
-stops itself. A child gets `shutdown` ms (default 5000; None waits for ever, as a child that is a
+stops itself. A child gets C{shutdown} ms (default 5000; None waits for ever, as a child that is a
 supervisor may need) to terminate; after that its terminate is cancelled, it is abandoned as
 FAILED and the supervisor carries on. Children ending while the supervisor stops are not
 restarted.
 
 How a child ended decides whether it is restarted: FAILED (a hook raised, or it crashed) is an
-abnormal exit; TERMINATED without the supervisor asking is a normal exit. `permanent` children
-(the default) are restarted after either, `transient` ones only after an abnormal exit,
-`temporary` ones never. A child that is not restarted stays stopped, also when a later restart
+abnormal exit; TERMINATED without the supervisor asking is a normal exit. C{permanent} children
+(the default) are restarted after either, C{transient} ones only after an abnormal exit,
+C{temporary} ones never. A child that is not restarted stays stopped, also when a later restart
 of its siblings' group happens.
 
 Strategies, for a child that is to be restarted:
-- one_for_one: restart just that child;
-- one_for_all: stop all the other children (in reverse order), then start them all in order;
-- rest_for_one: stop the children listed after it (in reverse), then start it and them in order.
+
+  - one_for_one: restart just that child;
+  - one_for_all: stop all the other children (in reverse order), then start them all in order;
+  - rest_for_one: stop the children listed after it (in reverse), then start it and them in order.
 
 Intensity: each such restart is counted (a group restart counts once, a restart that fails to
-start counts again and is retried). More than `intensity` restarts within `period` seconds of
-`container.clock` and the supervisor gives up: it stops its children in reverse and crashes,
+start counts again and is retried). More than C{intensity} restarts within C{period} seconds of
+C{container.clock} and the supervisor gives up: it stops its children in reverse and crashes,
 so that its parent supervisor restarts it by its own rules (escalation) or, at the top of an
 app, the app is reported failed.
 
-A restarted child is a new process with a new pid; `child(id)` is the current one and
-`restarts[id]` counts how often that child was started again.
+A restarted child is a new process with a new pid; C{child(id)} is the current one and
+C{restarts[id]} counts how often that child was started again.
 """
 
 import attrs
@@ -60,8 +63,8 @@ STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
 
 
 class ChildStartError(Exception):
-    """A supervisor could not start one of its children (`child_id`); the cause is chained.
-    `bad_input` is true when the cause was bad arguments or configuration (a ValueError)."""
+    """A supervisor could not start one of its children (C{child_id}); the cause is chained.
+    C{bad_input} is true when the cause was bad arguments or configuration (a ValueError)."""
 
     def __init__(self, supervisor, child_id, error):
         super().__init__(
@@ -177,7 +180,7 @@ class Supervisor(Process):
         self._stopping = False
 
     def child(self, child_id):
-        """The current process of child `child_id`, or None while it is not running."""
+        """The current process of child C{child_id}, or None while it is not running."""
         if child_id not in self.restarts:
             raise KeyError(f"supervisor {self.name} has no child {child_id!r}")
         return self._running.get(child_id)

@@ -2,12 +2,12 @@
 
 Three operations, each an C{async def} taking the reactor first:
 
-- L{get}C{(reactor, url, dest_path, ...)} -> L{TransferResult}: stream a remote file to a
-  temporary name beside C{dest_path}, verify size and checksum, apply mtime and mode, fsync and
-  rename into place. Nothing unverified ever appears at C{dest_path}.
-- L{put}C{(reactor, src_path, url, ...)} -> L{TransferResult}: send a local file, to a
-  temporary remote name renamed into place where the scheme allows it.
-- L{list}C{(reactor, url, ...)} -> [L{Entry}]: the entries of a remote directory.
+  - L{get}C{(reactor, url, dest_path, ...)} -> L{TransferResult}: stream a remote file to a
+    temporary name beside C{dest_path}, verify size and checksum, apply mtime and mode, fsync and
+    rename into place. Nothing unverified ever appears at C{dest_path}.
+  - L{put}C{(reactor, src_path, url, ...)} -> L{TransferResult}: send a local file, to a
+    temporary remote name renamed into place where the scheme allows it.
+  - L{list}C{(reactor, url, ...)} -> [L{Entry}]: the entries of a remote directory.
 
 Failures raise L{TransferError} subclasses whose C{transient} and C{code} tell a caller whether
 to retry and what to report. Supporting pieces: L{Timeouts} (connect and idle), L{HostLimiter}

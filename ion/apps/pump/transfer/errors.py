@@ -1,36 +1,39 @@
 """Typed errors a transfer ends with, each carrying an HTTP-like code and whether a retry may help.
 
 A caller decides between "retry later" and "report the failure" from two attributes every
-error has: `transient` (a retry may succeed) and `code` (the report code to publish, from the
+error has: C{transient} (a retry may succeed) and C{code} (the report code to publish, from the
 pump's report codes: 4xx the request's fault, 5xx the remote side's or ours). Only codes of
 that list are used: an HTTP 401 is reported as 403, an HTTP 502 as 503.
 
-| error              | code            | transient | raised when                                              |
-|--------------------|-----------------|-----------|----------------------------------------------------------|
-| `NotFound`         | 404 (410)       | no        | the remote file or directory does not exist (gone)       |
-| `AuthFailed`       | 403             | no        | credentials missing or refused, permission denied        |
-| `ServerNotTrusted` | 403             | no        | TLS certificate or SSH host key not verified             |
-| `Refused`          | 422             | no        | the server refuses the request for good (HTTP 4xx, FTP 5xx) |
-| `BadRequest`       | 417, 422        | no        | unusable URL or checksum method, unsupported operation   |
-| `ChecksumMismatch` | 499             | yes       | the received bytes do not match the announced checksum   |
-| `ShortTransfer`    | 499             | yes       | fewer bytes arrived than announced (connection cut)      |
-| `SizeMismatch`     | 499             | yes       | the server announces another size than the caller        |
-| `TooLarge`         | 413             | no        | more bytes than announced or than `max_size`             |
-| `LocalFailure`     | 500 or 422      | 500 only  | local disk full or failing (500); path unusable (422)    |
-| `ConnectionFailed` | 503             | yes       | connection refused or lost, server busy (HTTP 5xx, FTP 4xx) |
-| `TransferTimeout`  | 504             | yes       | no connection within `connect` s, no byte for `idle` s, or under `min_rate` |
+Each error, its code, whether it is transient and when it is raised::
 
-An error is transient exactly when its code is one of `TRANSIENT_CODES` (499, 500, 503, 504),
+    NotFound           404 (410)    no        the remote file or directory does not exist (gone)
+    AuthFailed         403          no        credentials missing or refused, permission denied
+    ServerNotTrusted   403          no        TLS certificate or SSH host key not verified
+    Refused            422          no        the server refuses the request for good
+                                              (HTTP 4xx, FTP 5xx)
+    BadRequest         417, 422     no        unusable URL or checksum method, unsupported operation
+    ChecksumMismatch   499          yes       the received bytes do not match the announced checksum
+    ShortTransfer      499          yes       fewer bytes arrived than announced (connection cut)
+    SizeMismatch       499          yes       the server announces another size than the caller
+    TooLarge           413          no        more bytes than announced or than max_size
+    LocalFailure       500 or 422   500 only  local disk full or failing (500); path unusable (422)
+    ConnectionFailed   503          yes       connection refused or lost, server busy
+                                              (HTTP 5xx, FTP 4xx)
+    TransferTimeout    504          yes       no connection within connect s, no byte for idle s,
+                                              or under min_rate
+
+An error is transient exactly when its code is one of L{TRANSIENT_CODES} (499, 500, 503, 504),
 so a caller that only sees the code (after it crossed the wire) decides the same way.
 
-`TooLarge` is permanent: a server sending more than it announced (or than the caller allows)
+L{TooLarge} is permanent: a server sending more than it announced (or than the caller allows)
 is not asked again, and the code is one a caller seeing only the code does not retry either.
 
-`ChecksumMismatch` is transient: the usual cause is a file rewritten upstream while it was
+L{ChecksumMismatch} is transient: the usual cause is a file rewritten upstream while it was
 being fetched, which a later attempt gets right. A caller's retry horizon turns a mismatch
 that persists into a permanent failure (code 499) -- this module cannot tell the two apart.
 
-Messages never hold passwords: every URL in them went through `ion.core.log.redact`.
+Messages never hold passwords: every URL in them went through L{ion.core.log.redact}.
 """
 
 import errno
@@ -39,7 +42,7 @@ TRANSIENT_CODES = frozenset({499, 500, 503, 504})
 
 
 class TransferError(Exception):
-    """A transfer failed; `code` is HTTP-like, `transient` says whether a retry may succeed."""
+    """A transfer failed; C{code} is HTTP-like, C{transient} says whether a retry may succeed."""
 
     code = 499
     transient = True

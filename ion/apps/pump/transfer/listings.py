@@ -2,11 +2,11 @@
 
 HTML index pages (http and https), recognised by their links and the text that follows each:
 
-- twisted.web's C{static.File} listing (a table: name, size like C{123B}/C{4K}, type);
-- Apache C{mod_autoindex}, table or C{<pre>} (fancy) layout: name, C{YYYY-MM-DD HH:MM}, size
-  like C{1.2K} or C{-};
-- nginx C{autoindex} (C{<pre>}): name, C{DD-Mon-YYYY HH:MM}, size in bytes or C{-};
-- and any page whose links name the directory's children followed by such a date and size.
+  - twisted.web's C{static.File} listing (a table: name, size like C{123B}/C{4K}, type);
+  - Apache C{mod_autoindex}, table or C{<pre>} (fancy) layout: name, C{YYYY-MM-DD HH:MM}, size
+    like C{1.2K} or C{-};
+  - nginx C{autoindex} (C{<pre>}): name, C{DD-Mon-YYYY HH:MM}, size in bytes or C{-};
+  - and any page whose links name the directory's children followed by such a date and size.
 
 Only links to direct children of the listed directory count (sort links with a query, the
 parent link, absolute links elsewhere are skipped); a link ending in C{/} is a directory.

@@ -17,15 +17,15 @@ under that prefix::
 
 The decision, for a notice whose C{source} is not the pump's own user:
 
-- with C{sources}: the URL must be under one of the prefixes, else it is refused. A prefix names
-  its origin (scheme, host, port): the addresses that origin's host resolves to are accepted
-  whatever they are (the operator listed it), so a prefix is how a loopback or C{file:} source
-  is allowed;
-- without C{sources}: C{http}, C{https}, C{sftp} and C{ftp} URLs to any host, except a host
-  that resolves to a loopback, link-local, unspecified (C{0.0.0.0/8}, C{::}) or multicast
-  address or to one of this machine's own addresses; C{file:} is refused;
-- the pump's credentials file serves the URL only under a prefix given with
-  C{'credentials': True}. A user and password in the URL itself are the poster's and are used.
+  - with C{sources}: the URL must be under one of the prefixes, else it is refused. A prefix names
+    its origin (scheme, host, port): the addresses that origin's host resolves to are accepted
+    whatever they are (the operator listed it), so a prefix is how a loopback or C{file:} source
+    is allowed;
+  - without C{sources}: C{http}, C{https}, C{sftp} and C{ftp} URLs to any host, except a host
+    that resolves to a loopback, link-local, unspecified (C{0.0.0.0/8}, C{::}) or multicast
+    address or to one of this machine's own addresses; C{file:} is refused;
+  - the pump's credentials file serves the URL only under a prefix given with
+    C{'credentials': True}. A user and password in the URL itself are the poster's and are used.
 
 Notices from the pump's own user (its polls and watches) are trusted: any scheme the transfers
 know, any address, the credentials file.

@@ -6,7 +6,7 @@ import attrs
 @attrs.frozen
 class TransferResult:
     """
-    A file delivered by `get` (or `put` to a local file).
+    A file delivered by C{get} (or C{put} to a local file).
 
     @ivar size: bytes written.
     @ivar checksum: C{{method: base64 digest}} for every method computed while streaming.

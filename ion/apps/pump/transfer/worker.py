@@ -1,29 +1,29 @@
 """The transfers of one long-running process: settings, limits and resources, start to close.
 
-`Transfers` holds what every transfer of a process shares: its timeouts, its credentials, its
-bounds on a get (`max_size`, `min_rate`), a limit of `parallel` transfers at a time and of
-`per_host` at a time to one server, a thread pool of `parallel` threads for the local disk
+L{Transfers} holds what every transfer of a process shares: its timeouts, its credentials, its
+bounds on a get (C{max_size}, C{min_rate}), a limit of C{parallel} transfers at a time and of
+C{per_host} at a time to one server, a thread pool of C{parallel} threads for the local disk
 work (create, write, fsync, rename: the reactor thread never waits for the disk) and the
-kept-open http(s) connections (at most `per_host` idle ones to a server). The transfer
+kept-open http(s) connections (at most C{per_host} idle ones to a server). The transfer
 service and the consumers each own one.
 
-Settings (`ion.apps.pump.args.TransferSettings` defines and checks them; `who` names the owner
+Settings (L{ion.apps.pump.args.TransferSettings} defines and checks them; C{who} names the owner
 in the errors):
 
-- `timeouts` {connect, idle}: seconds (defaults 10 and 30);
-- `parallel`: transfers at a time (default 8);
-- `per_host`: transfers at a time to one server (default 4), lowered to `parallel - 1` when
-  `parallel` > 1, so one server never holds every slot. A transfer takes its server's slot
-  before one of the `parallel` ones (see `HostLimiter`): transfers waiting for a busy server
-  hold none of those, and transfers to other servers go ahead;
-- `max_size`: the most bytes a get takes (default 10 GiB; None for no limit): a larger
-  announced size is refused before connecting, a transfer going past it is cut (413, not
-  retried);
-- `min_rate`: {bytes_per_s, window} (default 1024 bytes/s over 60 s), a number of bytes per
-  second, or 0/None for none: a get receiving fewer than `bytes_per_s * window` bytes in the
-  last `window` seconds fails as too slow (504, retried later);
-- `credentials`: path of the credentials file (default `~/.config/ion/credentials.conf` when it
-  exists). A file readable by group or others, unreadable or malformed, is refused.
+  - C{timeouts} {connect, idle}: seconds (defaults 10 and 30);
+  - C{parallel}: transfers at a time (default 8);
+  - C{per_host}: transfers at a time to one server (default 4), lowered to C{parallel - 1} when
+    C{parallel} > 1, so one server never holds every slot. A transfer takes its server's slot
+    before one of the C{parallel} ones (see L{HostLimiter}): transfers waiting for a busy server
+    hold none of those, and transfers to other servers go ahead;
+  - C{max_size}: the most bytes a get takes (default 10 GiB; None for no limit): a larger
+    announced size is refused before connecting, a transfer going past it is cut (413, not
+    retried);
+  - C{min_rate}: {bytes_per_s, window} (default 1024 bytes/s over 60 s), a number of bytes per
+    second, or 0/None for none: a get receiving fewer than C{bytes_per_s * window} bytes in the
+    last C{window} seconds fails as too slow (504, retried later);
+  - C{credentials}: path of the credentials file (default C{~/.config/ion/credentials.conf} when it
+    exists). A file readable by group or others, unreadable or malformed, is refused.
 """
 
 import os
@@ -39,7 +39,7 @@ from ion.apps.pump.transfer.operations import get, list, put
 
 
 def load_credentials(path):
-    """The Credentials of `path`, of the default file when `path` is None and it exists, or
+    """The Credentials of C{path}, of the default file when C{path} is None and it exists, or
     None. Raises CredentialsError for an unusable file (missing, not private, malformed)."""
     if path is None:
         default = os.path.expanduser(DEFAULT_CREDENTIALS)
@@ -50,8 +50,8 @@ def load_credentials(path):
 
 
 class Received:
-    """Bytes received by a process's gets: `total` since it started (delivered, failed or
-    still on their way; it only grows) and `in_flight`, those of the gets running now."""
+    """Bytes received by a process's gets: L{total} since it started (delivered, failed or
+    still on their way; it only grows) and L{in_flight}, those of the gets running now."""
 
     def __init__(self):
         self._running = set()  # their InflightFiles
@@ -76,8 +76,8 @@ class Received:
 
 class Transfers:
     """get, put and list with one process's shared settings and resources (see the module
-    docstring; `settings`: a TransferSettings or the dict of one). Raises ValueError for bad
-    settings, CredentialsError for an unusable credentials file; `close` releases the threads
+    docstring; C{settings}: a TransferSettings or the dict of one). Raises ValueError for bad
+    settings, CredentialsError for an unusable credentials file; L{close} releases the threads
     and connections."""
 
     def __init__(self, reactor, settings, who="transfers"):
@@ -120,8 +120,8 @@ class Transfers:
         )
 
     async def get(self, url, path, **options):
-        """`ion.apps.pump.transfer.get` of `url` into `path` (options: expected_size,
-        expected_checksum, cod, mtime, mode, dest_root), bounded by `max_size` and `min_rate`."""
+        """L{ion.apps.pump.transfer.get} of C{url} into C{path} (options: expected_size,
+        expected_checksum, cod, mtime, mode, dest_root), bounded by C{max_size} and C{min_rate}."""
         options.setdefault("max_size", self.max_size)
         options.setdefault("min_rate", self.min_rate)
         return await self._run(get, url, path, active=self.received, **options)
