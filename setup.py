@@ -16,13 +16,13 @@ setup(
     # started outside a checkout finds it (ion.core.cc.tap.find_res_dir).
     package_dir={"ion._res": "res"},
     package_data={
-        "ion.core.messaging": ["*.xml"],
+        "ion.core.messaging.amqp": ["*.xml"],
         "ion._res": ["apps/*.app", "deploy/*.rel", "config/ion.config", "config/loglevels.cfg"],
     },
     python_requires=">=3.11",
     install_requires=[
         "twisted[tls,conch]>=23.10",
-        "txamqp>=0.8.2",
+        "txamqp==0.8.2",
         "msgpack>=1.0",
         "treq>=23.1",
         "pyopenssl",
