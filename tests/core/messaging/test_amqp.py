@@ -489,7 +489,7 @@ class AmqpTests(BrokerTestCase):
 
         def drop_connection():
             # What the broker, a proxy or a decoding failure can do at any moment.
-            session = t._session or t._restoring
+            session = t._session
             session.client.transport.abortConnection()
 
         # Re-attached first: its message comes back during every restore.

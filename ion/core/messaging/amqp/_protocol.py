@@ -285,7 +285,6 @@ class _Client(AMQClient):
         if set_no_delay is not None:
             set_no_delay(True)
         super().connectionMade()
-        self.session.connected()
 
     def connectionLost(self, reason):
         super().connectionLost(reason)

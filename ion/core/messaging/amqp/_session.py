@@ -44,6 +44,7 @@ class _Session:
         self.acks = {}  # txamqp channel -> _Acks, for channels that received deliveries
         self.is_lost = False
         self.closing = False
+        self.prepared = False  # set up, as the ClientService's prepareConnection
         self._channels = {}  # number -> txamqp channel (None while being created)
 
     def client_properties(self):
@@ -53,9 +54,6 @@ class _Session:
             "platform": f"Python {platform.python_version()} (Twisted, txamqp)",
             "capabilities": CLIENT_CAPABILITIES,
         }
-
-    def connected(self):
-        self.transport._session_started(self)
 
     async def open(self):
         """Authenticate, open the vhost and the publish channel."""

@@ -5,7 +5,8 @@ import re
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, ssl, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -31,17 +32,68 @@ EXCHANGE_TYPES = ("topic", "direct", "fanout")
 # The transport.
 
 
-class _ClientFactory(Factory):
+class _ProtocolFactory(Factory):
+    """Builds the protocol of each connection, with its session."""
+
     noisy = False
 
     def __init__(self, transport):
         self.transport = transport
+        self.built = None  # the protocol built last
 
     def buildProtocol(self, addr):
-        return _Session(self.transport, self.transport._make_client).client
+        self.built = _Session(self.transport, self.transport._make_client).client
+        return self.built
 
 
-_NEW, _OPEN, _CLOSED = "new", "open", "closed"
+class _ShieldedEndpoint:
+    """The endpoint the ClientService connects through, keeping from it the loss of a
+    connection that it does not take as connected.
+
+    ClientService learns of lost connections from a wrapper around the protocol, and its state
+    machine (Twisted 26.10) has no transition for a connection lost while `prepareConnection`
+    runs or after it failed: automat raises NoTransition out of connectionLost. Both happen
+    here: the broker closes a connection it refused, a restore is cut. The loss of such a
+    connection goes to our protocol only; a failed prepare already counts as a failed attempt.
+    """
+
+    def __init__(self, endpoint, factory):
+        self._endpoint = endpoint
+        self._factory = factory
+
+    def connect(self, service_factory):
+        connecting = self._endpoint.connect(_ShieldFactory(service_factory, self._factory))
+        return connecting.addCallback(lambda shield: shield.wrapper)
+
+
+class _ShieldFactory(Factory):
+    noisy = False
+
+    def __init__(self, service_factory, factory):
+        self.service_factory = service_factory
+        self.factory = factory
+
+    def buildProtocol(self, addr):
+        wrapper = self.service_factory.buildProtocol(addr)  # builds through self.factory
+        return _Shield(wrapper, self.factory.built)
+
+
+class _Shield(Protocol):
+    def __init__(self, wrapper, protocol):
+        self.wrapper = wrapper
+        self.protocol = protocol
+
+    def makeConnection(self, transport):
+        self.wrapper.makeConnection(transport)
+
+    def dataReceived(self, data):
+        self.protocol.dataReceived(data)
+
+    def connectionLost(self, reason):
+        if self.protocol.session.prepared:
+            self.wrapper.connectionLost(reason)
+        else:
+            self.protocol.connectionLost(reason)
 
 
 @implementer(ITransport)
@@ -86,17 +138,12 @@ class AmqpTransport:
         self._retry_policy = retry_policy or backoffPolicy(
             initialDelay=0.5, maxDelay=30.0, factor=1.6
         )
-        self._state = _NEW
-        self._service = None
+        self._service = None  # the ClientService, from connect() on
+        self._connected = None  # what connect() returned
+        # The session in use: from the moment its consumers are re-attached (their handlers
+        # run at once, redelivered messages first, and may publish, ack and declare on it)
+        # until it is lost.
         self._session = None
-        # The session being set up once its consumers are re-attached: their handlers run at
-        # once (redelivered messages first) and may publish, ack and declare on it.
-        self._restoring = None
-        self._failures = 0  # consecutive failed handshakes, added to the backoff attempt
-        self._first = None  # what connect() returned
-        self._stopping = None  # stopping the service after a failed first attempt
-        self._connected_once = False
-        self._waiters = []
         self._exchanges = {}  # name -> (type, durable, auto_delete)
         self._queues = {}  # name -> (durable, exclusive, auto_delete, server-named)
         self._bindings = {}  # (queue, exchange, routing key) -> None
@@ -104,7 +151,8 @@ class AmqpTransport:
         self._loss_listeners = []
 
     def __repr__(self):
-        return f"<AmqpTransport {self.address} {self._state}>"
+        state = "new" if self._service is None else "open" if self._service.running else "closed"
+        return f"<AmqpTransport {self.address} {state}>"
 
     # Connection.
 
@@ -133,103 +181,82 @@ class AmqpTransport:
     def connect(self):
         """Connect, authenticate and open the channels. Fires with this transport; fails
         (and gives up) if the first attempt fails. Later losses are repaired on their own."""
-        if self._state is _CLOSED:
-            return defer.fail(ConnectionLost(f"{self.address}: transport is closed"))
-        if self._first is not None:
+        if self._service is not None:
             return self.whenConnected()
         try:
             endpoint = self._endpoint()
         except (OSError, ValueError) as e:
             return defer.fail(TransportError(f"{self.address}: {e}"))
-        self._state = _OPEN
-        self._first = defer.Deferred()
+        factory = _ProtocolFactory(self)
         self._service = ClientService(
-            endpoint,
-            _ClientFactory(self),
-            retryPolicy=lambda attempt: self._retry_policy(attempt + self._failures),
+            _ShieldedEndpoint(endpoint, factory),
+            factory,
+            retryPolicy=self._retry_policy,
             clock=self.reactor,
+            prepareConnection=lambda protocol: defer.Deferred.fromCoroutine(
+                self._prepare(protocol.session)
+            ),
         )
         self._service.startService()
-        self._service.whenConnected(failAfterFailures=1).addErrback(self._first_attempt_failed)
-        return self._first
+        self._connected = self._service.whenConnected(failAfterFailures=1)
+        self._connected.addCallbacks(lambda _: self, self._first_attempt_failed)
+        return self._connected
 
     def _first_attempt_failed(self, failure):
         if failure.check(defer.CancelledError):
-            return
-        # Called from inside ClientService's state machine, which cannot be stopped from here.
-        self._give_up(
-            ConnectionLost(f"cannot connect to {self.address}: {failure.value}"),
-            stop=lambda: task.deferLater(self.reactor, 0, self._service.stopService),
-        )
-
-    def _give_up(self, error, stop=None):
-        """The first connection attempt failed: stop trying and report it."""
-        self._state = _CLOSED
-        self._stopping = (stop or self._service.stopService)()
-        self._stopping.addErrback(lambda f: log.failure("AMQP: stopping failed", f))
-        if not self._first.called:
-            self._first.errback(error)
-        self._fail_waiters(error)
+            raise ConnectionLost(f"{self.address}: closed while connecting")
+        error = failure.value
+        if not isinstance(error, TransportError):
+            error = ConnectionLost(error)
+        error = type(error)(f"cannot connect to {self.address}: {error}")
+        # Failed from inside the ClientService's state machine, which cannot stop from there.
+        stopping = task.deferLater(self.reactor, 0, self._service.stopService)
+        return stopping.addCallback(lambda _: Failure(error))
 
     def whenConnected(self):
-        """Fires with this transport once it is connected (at once if it is now)."""
-        if self._state is _CLOSED:
+        """Fires with this transport once it is connected (on the next turn if it is now)."""
+        if self._service is None:
+            return defer.fail(TransportError("AMQP transport is not connected; call connect()"))
+        if not self._service.running:
             return defer.fail(ConnectionLost(f"{self.address}: transport is closed"))
-        if self._session is not None and not self._session.is_lost:
-            return defer.succeed(self)
-        waiter = defer.Deferred()
-        self._waiters.append(waiter)
-        return waiter
+        # The ClientService learns of a lost connection after our protocol, whose errbacks may
+        # call here first, and it refuses calls from its own callbacks: ask on the next turn.
+        waiting = task.deferLater(self.reactor, 0, self._service.whenConnected)
+        waiting.addCallback(lambda _: self)
+        waiting.addErrback(self._closed_while_waiting)
+        return waiting
 
-    def _fail_waiters(self, error):
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.errback(error)
+    def _closed_while_waiting(self, failure):
+        failure.trap(defer.CancelledError)
+        raise ConnectionLost(f"{self.address}: transport is closed")
 
-    def _session_started(self, session):
-        _spawn(self._set_up(session), "setting up an AMQP connection")
-
-    async def _set_up(self, session):
-        setup = defer.Deferred.fromCoroutine(self._handshake(session))
+    async def _prepare(self, session):
+        """Set up a new connection: the ClientService's prepareConnection. A failure fails
+        the attempt, which the ClientService retries after its backoff."""
+        setup = defer.Deferred.fromCoroutine(self._set_up(session))
         setup.addTimeout(self.connect_timeout, self.reactor)
         try:
             await setup
         except Exception as e:
-            # `_restoring` stays until the connection is gone (`_session_lost`), so that the
+            # `_session` stays until the connection is gone (`_session_lost`), so that the
             # loss listeners learn of it: handlers may have sent requests on it.
             error = _transport_error(e)
             if isinstance(e, defer.TimeoutError):
                 error = ConnectionLost(f"no AMQP handshake within {self.connect_timeout} s")
             if not session.is_lost:
                 session.client.transport.abortConnection()
-            if self._state is not _OPEN:
-                return
-            self._failures += 1
-            if not self._connected_once:
-                self._give_up(type(error)(f"cannot connect to {self.address}: {error}"))
-            else:
+            if self._connected.called:
                 log.warn(
                     "AMQP: setting up the connection to {address} failed: {error}",
                     address=self.address,
                     error=error,
                 )
-            return
-        self._restoring = None
-        if self._state is not _OPEN:
-            await session.close()
-            return
-        self._failures = 0
-        self._session = session
-        if self._connected_once:
+            raise error from None
+        session.prepared = True
+        if self._connected.called:
             log.info("AMQP: reconnected to {address}", address=self.address)
-        else:
-            self._connected_once = True
-            self._first.callback(self)
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(self)
 
-    async def _handshake(self, session):
+    async def _set_up(self, session):
         await session.open()
         await self._restore(session)
 
@@ -266,7 +293,7 @@ class AmqpTransport:
                 self._bindings.pop((queue, exchange, key), None)
         # Everything a handler may use is declared again by now; from the first consumer on,
         # deliveries arrive and are handled while the others are attached.
-        self._restoring = session
+        self._session = session
         for consumer in list(self._consumers):
             try:
                 await consumer.attach(session)
@@ -290,13 +317,10 @@ class AmqpTransport:
         )
 
     def _session_lost(self, session, reason):
-        if session is self._restoring:
-            # Lost while its consumers were being re-attached: handlers may have used it.
-            self._restoring = None
-        elif session is not self._session:
+        if session is not self._session:
             return
         self._session = None
-        if self._state is _OPEN and not session.closing:
+        if self._service.running and not session.closing:
             log.warn(
                 "AMQP: connection to {address} lost ({reason}); reconnecting",
                 address=self.address,
@@ -314,11 +338,11 @@ class AmqpTransport:
         self._loss_listeners.append(listener)
 
     def _live_session(self):
-        if self._state is _NEW:
+        if self._service is None:
             raise TransportError("AMQP transport is not connected; call connect() first")
-        if self._state is _CLOSED:
+        if not self._service.running:
             raise ConnectionLost(f"{self.address}: transport is closed")
-        session = self._session or self._restoring
+        session = self._session
         if session is None or session.is_lost:
             raise ConnectionLost(f"not connected to {self.address} (reconnecting)")
         return session
@@ -327,13 +351,8 @@ class AmqpTransport:
     async def close(self):
         """Cancel this connection's consumers (the broker requeues their unacked messages),
         delete its exclusive queues and close the connection. Closing twice is harmless."""
-        if self._state is _CLOSED:
-            stopping, self._stopping = self._stopping, None
-            if stopping is not None:
-                await stopping
+        if self._service is None:
             return
-        was_new = self._state is _NEW
-        self._state = _CLOSED
         session, self._session = self._session, None
         consumers, self._consumers = list(self._consumers), {}
         for consumer in consumers:
@@ -351,11 +370,7 @@ class AmqpTransport:
                     except TransportError:
                         pass
             await session.close()
-        if not was_new:
-            self._fail_waiters(ConnectionLost(f"{self.address}: transport is closed"))
-            if not self._first.called:
-                self._first.errback(ConnectionLost(f"{self.address}: closed while connecting"))
-            await self._service.stopService()
+        await self._service.stopService()
 
     # Declarations.
 
