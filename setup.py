@@ -22,7 +22,6 @@ setup(
     python_requires=">=3.11",
     install_requires=[
         "twisted[tls,conch]>=23.10",
-        "txamqp==0.8.2",
         "msgpack>=1.0",
         "treq>=23.1",
         "pyopenssl",

@@ -1,9 +1,9 @@
-"""The amqp:// and amqps:// transports: RabbitMQ through txamqp, reconnecting on its own.
+"""The amqp:// and amqps:// transports: RabbitMQ over AMQP 0-9-1, reconnecting on its own.
 
 `AmqpTransport` keeps one AMQP 0-9-1 connection, made and remade by a `ClientService` with
-exponential backoff and jitter. After every (re)connect it declares again each exchange, queue
-and binding it declared before and re-attaches its consumers, so the layers above keep their
-objects across a broker restart.
+exponential backoff and jitter. Its `prepareConnection` does the handshake, then declares again
+each exchange, queue and binding declared before and re-attaches the consumers, so the layers
+above keep their objects across a broker restart; a failed prepare is a failed attempt.
 
 What it guarantees on the wire:
 - publishes go out on one channel in confirm mode: `publish` fires when the broker acked the
@@ -25,20 +25,19 @@ tells when it is back. Queues with server-generated names cannot be declared aga
 same name, so they and their consumers do not survive a reconnect.
 
 The modules, all private behind this one:
-- `_wire`: field tables (bounded when decoding) and the frame codec;
+- `_wire`: the spec (amqp0-9-1.xml), field tables (bounded when decoding), the frame codec;
 - `_address`: AMQP URLs;
-- `_protocol`: the connection's protocol, which reads and writes frames with `_wire`;
-- `_session`: one live connection and its channels;
+- `_protocol`: the connection's protocol (a Twisted `Protocol`): frames, handshake, channels
+  and their synchronous calls, heartbeats;
+- `_session`: one live connection: control, publish and consumer channels;
 - `_publish`: the publish channel in confirm mode, with returns;
 - `_consume`: consumers, deliveries and ack batching;
-- `_transport`: `AmqpTransport`, the reconnecting connection and what it declared.
+- `_transport`: `AmqpTransport`, the ClientService and what was declared.
 
-Only this package imports txamqp, and uses it for the synchronous calls (handshake,
-declarations, channels). Frames are encoded and decoded here (see `_protocol`): txamqp's field
-tables know only strings and unsigned 32-bit integers, and its Deferred queue, lock and timer
-reset per frame cost more than the broker's own work per message. So a publish is one write,
-deliveries, confirms and returns reach their handlers as soon as their last frame is read, and
-the acks of a reactor turn go together (`_consume._Acks`).
+No AMQP library is used, so none of its internals can break this package: the protocol
+class, the codec and the spec loader are ours. A publish is one write; deliveries, confirms
+and returns reach their handlers as soon as their last frame is read; the acks of a reactor
+turn go together (`_consume._Acks`).
 """
 
 from ion.core.messaging.amqp._address import AmqpAddress

@@ -8,7 +8,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ion.core.messaging.amqp._protocol import _as_deferred, _call, _spawn
+from ion.core.messaging.amqp._protocol import _as_deferred, _spawn
 from ion.core.messaging.transport import IConsumer, IDelivery, Properties, TransportError
 
 log = Logger()
@@ -104,11 +104,10 @@ class _Delivery:
     )
 
     def __init__(self, acks, message):
-        content = message.content
-        self.body = content.body
+        self.body = message.body
         self.exchange = message.exchange
         self.routing_key = message.routing_key
-        self.properties = _properties_from_amqp(content.properties)
+        self.properties = _properties_from_amqp(message.properties)
         self.redelivered = message.redelivered
         self._acks = acks
         self._tag = message.delivery_tag
@@ -163,10 +162,10 @@ class _Consumer:
         tag = f"ion.{uuid.uuid4().hex}"
         try:
             if self.prefetch:
-                await _call(channel.basic_qos(prefetch_count=self.prefetch))
+                await channel.call("basic_qos", prefetch_count=self.prefetch)
             self._session, self.channel, self._tag = session, channel, tag
             session.consumers[tag] = self
-            await _call(channel.basic_consume(queue=self.queue, consumer_tag=tag))
+            await channel.call("basic_consume", queue=self.queue, consumer_tag=tag)
         except BaseException:
             session.consumers.pop(tag, None)
             if self.channel is channel:

@@ -1,18 +1,15 @@
-"""The protocol of one AMQP connection: txamqp's client with our frame codec and heartbeats,
-and the mapping of txamqp's errors to ours."""
+"""The protocol of one AMQP 0-9-1 connection: frames in and out (with `_wire`), the handshake,
+channels and their synchronous calls, and heartbeats. What the broker sends on its own
+(deliveries, confirms, returns, closes, consumer cancellations) goes to the session."""
 
+import collections
 import functools
 import struct
+import types
 
-from twisted.internet import defer
+from twisted.internet import defer, task
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from txamqp.client import Closed, TwistedDelegate
-from txamqp.connection import Body, Frame, Header, Heartbeat, Method
-from txamqp.content import Content
-from txamqp.message import Message
-from txamqp.protocol import AMQClient
-from txamqp.queue import Closed as QueueClosed
 
 from ion.core.messaging.amqp._wire import (
     _BODY_FRAME,
@@ -28,7 +25,6 @@ from ion.core.messaging.amqp._wire import (
     _content_frames,
     _decode_fields,
     _decode_properties,
-    _encode_properties,
     _field_names,
     _field_types,
     _frame,
@@ -38,6 +34,27 @@ from ion.core.messaging.amqp._wire import (
 from ion.core.messaging.transport import ConnectionLost, NotFound, QueueInUse, TransportError
 
 log = Logger()
+
+FRAME_MIN_SIZE = 4096  # the largest frame either side may send before connection.tune
+MAX_UNSEEN_HEARTBEATS = 3  # intervals without a byte from the broker before it is given up
+_DEFAULTS = {"bit": False, "shortstr": "", "longstr": b"", "table": {}}
+
+
+@functools.cache
+def _argument_layout(method):
+    """name -> position of a method's arguments, and their defaults."""
+    names = _field_names(method)
+    defaults = tuple(_DEFAULTS.get(kind, 0) for kind in _field_types(method))
+    return {name: i for i, name in enumerate(names)}, defaults
+
+
+def _closed_error(klass, code, text):
+    """The error for a channel.close or connection.close from the broker."""
+    if klass == "channel":
+        return {404: NotFound, 405: QueueInUse}.get(code, TransportError)(text)
+    if code in (402, 403, 530):
+        return TransportError(f"the broker refused the connection: {text}")
+    return ConnectionLost(f"the broker closed the connection: {code} {text}")
 
 
 class _IncomingContent:
@@ -57,70 +74,120 @@ class _IncomingContent:
         self.error = None
 
 
-class _Client(AMQClient):
-    """txamqp's protocol with our frame codec, the 0-9-1 protocol header, and hooks that tell
-    the session about connection and channel events. txamqp still makes the synchronous calls
-    (declarations, channel open and close, the handshake); frames in both directions go through
-    the codec above."""
+class _Channel:
+    """One channel. Its synchronous calls get their replies in the order they were sent."""
 
-    def __init__(self, session, spec, vhost, heartbeat, clock):
+    def __init__(self, protocol, number):
+        self.protocol = protocol
+        self.id = number
+        self.closed = False
+        self.error = None  # why it closed
+        self._waiting = collections.deque()  # Deferreds of the calls sent, oldest first
+
+    def call(self, name, **arguments):
+        """Send a synchronous method ("queue_declare", ...) and fire with its reply, whose
+        arguments are attributes. Fails with our TransportError subclasses."""
+        if self.closed:
+            return defer.fail(self.error or TransportError(f"channel {self.id} is closed"))
+        try:
+            self.protocol.send_method(self.id, self.protocol.method(name), arguments)
+        except Exception:
+            return defer.fail()
+        waiting = defer.Deferred()
+        self._waiting.append(waiting)
+        return waiting
+
+    def replied(self, reply):
+        if not self._waiting:
+            raise _ProtocolError(f"a reply on channel {self.id} that no call waits for")
+        self._waiting.popleft().callback(reply)
+
+    def close(self, error):
+        """No more calls: those waiting fail with error."""
+        self.closed = True
+        self.error = error
+        waiting, self._waiting = self._waiting, collections.deque()
+        for call in waiting:
+            call.errback(error)
+
+
+class _Protocol(Protocol):
+    """An AMQP 0-9-1 client connection. `opened` fires once the vhost is open; `channels`
+    maps numbers to the open `_Channel`s (0 is the connection's own)."""
+
+    def __init__(self, session, spec, vhost, response, heartbeat, clock):
         self.session = session
-        super().__init__(_Delegate(session), vhost, spec, heartbeat=heartbeat, clock=clock)
+        self.vhost = vhost
+        self.heartbeat = heartbeat
+        self.clock = clock
+        self.frame_max = FRAME_MIN_SIZE
+        self.opened = defer.Deferred()
+        self.channels = {0: _Channel(self, 0)}
+        self._response = response
         self._methods = {
-            klass.id << 16 | method.id: method for klass in spec.classes for method in klass.methods
+            klass.id << 16 | method.id: method
+            for klass in spec.classes.values()
+            for method in klass.methods.values()
         }
-        self._classes = {klass.id: klass for klass in spec.classes}
-        basic = spec.classes.byname["basic"]
-        self._basic = basic
-        self._basic_publish = basic.methods.byname["publish"]
-        self._basic_ack = basic.methods.byname["ack"]
-        self._basic_nack = basic.methods.byname["nack"]
-        self._basic_deliver = basic.methods.byname["deliver"]
+        self._by_name = {
+            f"{method.klass.name}_{method.name.replace('-', '_')}": method
+            for method in self._methods.values()
+        }
+        self._classes = {klass.id: klass for klass in spec.classes.values()}
+        self._basic = spec.classes["basic"]
+        self._basic_publish = self.method("basic_publish")
+        self._basic_ack = self.method("basic_ack")
+        self._basic_nack = self.method("basic_nack")
+        self._basic_deliver = self.method("basic_deliver")
+        self._handlers = {
+            self.method(name): handler
+            for name, handler in (
+                ("connection_start", self._start),
+                ("connection_tune", self._tune),
+                ("connection_close", self._connection_close),
+                ("connection_blocked", self._blocked),
+                ("connection_unblocked", self._unblocked),
+                ("channel_close", self._channel_close),
+                ("basic_deliver", session.deliver),
+                ("basic_return", session.publisher.returned),
+                ("basic_ack", self._acked),
+                ("basic_nack", self._nacked),
+                ("basic_cancel", self._cancelled),
+            )
+        }
         self._unread = b""
         self._incoming = {}  # channel number -> _IncomingContent
         self._last_read = clock.seconds()
+        self._closed_by_broker = None  # the error of the broker's connection.close
+        self._beat = None  # LoopingCall sending heartbeats
+        self._check = None  # DelayedCall checking the broker's
 
-    def send_init_string(self):
-        self.transport.write(_PROTOCOL_HEADER)
+    def method(self, name):
+        """The spec's method called `name` ("queue_declare", "basic_ack", ...)."""
+        return self._by_name[name]
 
-    # Writing. txamqp writes the frames of its calls as soon as they are queued, so frames
-    # written directly here keep their order with those.
+    def channel(self, number):
+        """A new channel (not yet opened: call its "channel_open")."""
+        channel = self.channels[number] = _Channel(self, number)
+        return channel
 
-    def _pack_frame(self, frame):
-        payload = frame.payload
-        if isinstance(payload, Method):
-            return _method_frame(frame.channel, payload.method, payload.args)
-        if isinstance(payload, Header):
-            data = _CONTENT_HEADER.pack(payload.klass.id, payload.weight, payload.size)
-            data += _encode_properties(payload.klass, payload.properties)
-            return _frame(_HEADER_FRAME, frame.channel, data)
-        if isinstance(payload, Body):
-            return _frame(_BODY_FRAME, frame.channel, bytes(payload.content))
-        if isinstance(payload, Heartbeat):
-            return _frame(_HEARTBEAT_FRAME, frame.channel, b"")
-        raise TypeError(f"cannot encode an AMQP frame of {payload!r}")
+    # Writing.
 
-    def send_frame(self, frame):
-        # Without txamqp's heartbeat reset: ours are sent every interval regardless of traffic.
-        self.transport.write(self._pack_frame(frame))
-
-    def writer(self, frame):
-        try:
-            self.send_frame(frame)
-        except Exception:
-            # A frame that cannot be encoded would leave the stream inconsistent (a method
-            # without its content); drop the connection and let it be remade.
-            log.failure("cannot encode an AMQP frame; dropping the connection")
-            if self.transport is not None:
-                self.transport.abortConnection()
-        self.outgoing.get().addCallback(self.writer)
+    def send_method(self, channel, method, arguments):
+        """Write one method frame; raises (before writing anything) when an argument cannot be
+        encoded."""
+        positions, args = _argument_layout(method)
+        args = list(args)
+        for name, value in arguments.items():
+            args[positions[name]] = value
+        self.transport.write(_method_frame(channel, method, args))
 
     def send_publish(self, channel, exchange, routing_key, mandatory, properties, body):
         """basic.publish with its content, in one write. Raises (before writing anything)
         when a field cannot be encoded."""
         data = _method_frame(
             channel, self._basic_publish, (0, exchange, routing_key, mandatory, False)
-        ) + _content_frames(channel, self._basic, properties, body, self.MAX_LENGTH - 8)
+        ) + _content_frames(channel, self._basic, properties, body, self.frame_max - 8)
         self.transport.write(data)
 
     def send_ack(self, channel, tag, multiple):
@@ -139,7 +206,7 @@ class _Client(AMQClient):
         try:
             while size - pos > _FRAME.size:
                 kind, channel, length = _FRAME.unpack_from(data, pos)
-                if length > self.MAX_LENGTH:
+                if length > self.frame_max:
                     raise _ProtocolError(f"a frame of {length} bytes exceeds frame_max")
                 start = pos + _FRAME.size
                 end = start + length
@@ -225,8 +292,7 @@ class _Client(AMQClient):
             )
         chunks = incoming.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        content = Content(body, [], incoming.properties)
-        self._dispatch(channel, incoming.method, incoming.args, content)
+        self._dispatch(channel, incoming.method, incoming.args, (body, incoming.properties))
 
     def _reject(self, number, incoming):
         channel = self.channels.get(number)
@@ -237,46 +303,131 @@ class _Client(AMQClient):
     def _dispatch(self, number, method, args, content):
         channel = self.channels.get(number)
         if channel is None:
-            channel = self.channels[number] = self.channelFactory(number, self.outgoing, self)
-        if method.response:
-            # The reply to a call waiting in txamqp's AMQChannel.invoke, which reads frames.
-            channel.responses.put(Frame(number, Method(method, *args)))
-            if content is not None:
-                size = len(content.body)
-                header = Header(method.klass, 0, size, **content.properties)
-                channel.responses.put(Frame(number, header))
-                if size:
-                    channel.responses.put(Frame(number, Body(content.body)))
+            # Released: the session closed it, and what the broker still sent on it (it
+            # requeues deliveries) has no one to go to.
             return
-        message = Message(method, tuple(args), content)
-        # Plain attributes: txamqp's Message looks each field up by name in the spec.
-        message.__dict__.update(zip(_field_names(method), args))
-        self.delegate.dispatch(channel, message)
+        message = types.SimpleNamespace(**dict(zip(_field_names(method), args)))
+        if content is not None:
+            message.body, message.properties = content
+        if method.response:
+            channel.replied(message)
+            return
+        handler = self._handlers.get(method)
+        if handler is None:
+            log.warn(
+                "AMQP: ignored {method} from the broker",
+                method=f"{method.klass.name}.{method.name}",
+            )
+            return
+        # A handler that raises must not cut the connection for the others.
+        try:
+            handler(channel, message)
+        except Exception:
+            log.failure(
+                "AMQP: handling {method} from the broker failed",
+                method=f"{method.klass.name}.{method.name}",
+            )
 
-    # Heartbeats: one sent every interval, and the connection dropped once nothing at all has
-    # arrived for MAX_UNSEEN_HEARTBEAT intervals. txamqp restarts both timers on every frame.
+    # The handshake, and what the broker sends on its own.
 
-    def reschedule_send_heartbeat(self):
-        if self.heartbeatInterval > 0 and not self.sendHB.running:
-            self.sendHB.start(self.heartbeatInterval, now=False)
-
-    def reschedule_check_heartbeat(self):
-        if self.checkHB.active():
-            self.checkHB.cancel()
-        self.checkHB = self.clock.callLater(
-            self.heartbeatInterval * self.MAX_UNSEEN_HEARTBEAT, self.check_heartbeat
+    def _start(self, channel, message):
+        mechanisms = message.mechanisms
+        if isinstance(mechanisms, bytes):
+            mechanisms = mechanisms.decode("ascii", "replace")
+        if "PLAIN" not in mechanisms.split():
+            log.error("AMQP: the broker offers no PLAIN authentication ({m})", m=mechanisms)
+        self.send_method(
+            0,
+            self.method("connection_start_ok"),
+            {
+                "client_properties": self.session.client_properties(),
+                "mechanism": "PLAIN",
+                "response": self._response,
+                "locale": "en_US",
+            },
         )
 
-    def check_heartbeat(self):
-        limit = self.heartbeatInterval * self.MAX_UNSEEN_HEARTBEAT
+    def _tune(self, channel, message):
+        self.frame_max = message.frame_max or 131072
+        self.session.channel_max = message.channel_max or 2047
+        self.send_method(
+            0,
+            self.method("connection_tune_ok"),
+            {
+                "channel_max": self.session.channel_max,
+                "frame_max": self.frame_max,
+                "heartbeat": self.heartbeat,
+            },
+        )
+        self._start_heartbeats()
+        opening = channel.call("connection_open", virtual_host=self.vhost)
+        opening.addCallbacks(self._open, self._not_open)
+
+    def _open(self, reply):
+        if not self.opened.called:
+            self.opened.callback(None)
+
+    def _not_open(self, failure):
+        if not self.opened.called:
+            self.opened.errback(failure)
+
+    def _connection_close(self, channel, message):
+        log.warn(
+            "AMQP: the broker closed the connection: {code} {text}",
+            code=message.reply_code,
+            text=message.reply_text,
+        )
+        self._closed_by_broker = _closed_error("connection", message.reply_code, message.reply_text)
+        self.send_method(0, self.method("connection_close_ok"), {})
+        self._fail(self._closed_by_broker)
+        self.transport.loseConnection()
+
+    def _blocked(self, channel, message):
+        log.warn("AMQP: the broker blocked publishing: {reason}", reason=message.reason)
+
+    def _unblocked(self, channel, message):
+        log.info("AMQP: the broker unblocked publishing")
+
+    def _channel_close(self, channel, message):
+        self.send_method(channel.id, self.method("channel_close_ok"), {})
+        channel.close(_closed_error("channel", message.reply_code, message.reply_text))
+        if self.channels.get(channel.id) is channel:
+            del self.channels[channel.id]
+        self.session.channel_failed(channel, message)
+
+    def _acked(self, channel, message):
+        self.session.publisher.confirmed(channel, message.delivery_tag, message.multiple, None)
+
+    def _nacked(self, channel, message):
+        error = TransportError("the broker could not take the message (basic.nack)")
+        self.session.publisher.confirmed(channel, message.delivery_tag, message.multiple, error)
+
+    def _cancelled(self, channel, message):
+        self.session.cancelled_by_broker(message.consumer_tag)
+
+    # Heartbeats: one sent every interval, and the connection dropped once nothing at all has
+    # arrived for MAX_UNSEEN_HEARTBEATS intervals.
+
+    def _start_heartbeats(self):
+        if self.heartbeat <= 0:
+            return
+        self._beat = task.LoopingCall(self.transport.write, _frame(_HEARTBEAT_FRAME, 0, b""))
+        self._beat.clock = self.clock
+        self._beat.start(self.heartbeat, now=False)
+        self._check = self.clock.callLater(
+            self.heartbeat * MAX_UNSEEN_HEARTBEATS, self._check_heartbeat
+        )
+
+    def _check_heartbeat(self):
+        limit = self.heartbeat * MAX_UNSEEN_HEARTBEATS
         silent = self.clock.seconds() - self._last_read
         if silent < limit:
-            self.checkHB = self.clock.callLater(limit - silent, self.check_heartbeat)
+            self._check = self.clock.callLater(limit - silent, self._check_heartbeat)
             return
         # The broker is unresponsive: no use closing cleanly or flushing what is pending.
         self.transport.abortConnection()
 
-    # Connection and channel events.
+    # The connection.
 
     def connectionMade(self):
         # Small frames (acks, confirms, rpc requests) must not wait for the previous segment's
@@ -284,128 +435,26 @@ class _Client(AMQClient):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
-        super().connectionMade()
+        self.transport.write(_PROTOCOL_HEADER)
 
     def connectionLost(self, reason):
-        super().connectionLost(reason)
+        if self._beat is not None and self._beat.running:
+            self._beat.stop()
+        if self._check is not None and self._check.active():
+            self._check.cancel()
+        error = self._closed_by_broker
+        if error is None:
+            error = ConnectionLost(f"connection lost ({reason.getErrorMessage()})")
+        self._fail(error)
         self.session.lost(reason)
 
-    def do_close(self, reason):
-        # txamqp's own iterates over self.channels while closing them, and closing a channel
-        # fails its pending calls, whose handlers release channels: iterate over a copy.
+    def _fail(self, error):
+        # State first: callers woken by a failed call may look at the session at once.
         self.session.is_lost = True
         for channel in list(self.channels.values()):
-            channel.close(reason)
-        for queue in list(self.queues.values()):
-            queue.close()
-        self.delegate.close(reason)
-
-    def channel_failed(self, channel, reason):
-        self.session.channel_failed(channel, reason.value)
-
-
-class _Delegate(TwistedDelegate):
-    """Handles what the broker sends on its own: handshake, closes, confirms, returns,
-    deliveries and consumer cancellations. Handlers must not raise: txamqp closes the whole
-    connection when one does."""
-
-    def __init__(self, session):
-        super().__init__()
-        self.session = session
-
-    def dispatch(self, channel, message):
-        try:
-            return super().dispatch(channel, message)
-        except Exception:
-            log.failure(
-                "AMQP: handling {method} from the broker failed",
-                method=f"{message.method.klass.name}.{message.method.name}",
-            )
-
-    def connection_start(self, channel, message):
-        mechanisms = message.mechanisms
-        if isinstance(mechanisms, bytes):
-            mechanisms = mechanisms.decode("ascii", "replace")
-        if "PLAIN" not in mechanisms.split():
-            log.error("AMQP: the broker offers no PLAIN authentication ({m})", m=mechanisms)
-        channel.connection_start_ok(
-            client_properties=self.session.client_properties(),
-            mechanism="PLAIN",
-            response=self.client.response,
-            locale="en_US",
-        )
-
-    def connection_tune(self, channel, message):
-        self.client.MAX_LENGTH = message.frame_max or 131072
-        self.session.channel_max = message.channel_max or 2047
-        channel.connection_tune_ok(
-            channel_max=self.session.channel_max,
-            frame_max=self.client.MAX_LENGTH,
-            heartbeat=self.client.heartbeatInterval,
-        )
-        self.client.started.fire()
-
-    def connection_close(self, channel, message):
-        log.warn(
-            "AMQP: the broker closed the connection: {code} {text}",
-            code=message.reply_code,
-            text=message.reply_text,
-        )
-        super().connection_close(channel, message)
-
-    def connection_blocked(self, channel, message):
-        log.warn("AMQP: the broker blocked publishing: {reason}", reason=message.reason)
-
-    def connection_unblocked(self, channel, message):
-        log.info("AMQP: the broker unblocked publishing")
-
-    def basic_deliver(self, channel, message):
-        self.session.deliver(channel, message)
-
-    def basic_return_(self, channel, message):
-        self.session.publisher.returned(channel, message)
-
-    def basic_ack(self, channel, message):
-        self.session.publisher.confirmed(channel, message.delivery_tag, message.multiple, None)
-
-    def basic_nack(self, channel, message):
-        error = TransportError("the broker could not take the message (basic.nack)")
-        self.session.publisher.confirmed(channel, message.delivery_tag, message.multiple, error)
-
-    def basic_cancel(self, channel, message):
-        self.session.cancelled_by_broker(message.consumer_tag)
-
-
-# Errors.
-
-
-def _transport_error(exc):
-    """Map what txamqp raises to our exceptions (others pass through unchanged)."""
-    if isinstance(exc, TransportError):
-        return exc
-    if isinstance(exc, Closed):
-        reason = exc.args[0] if exc.args else None
-        if isinstance(reason, Message) and reason.method.name == "close":
-            code, text = reason.reply_code, reason.reply_text
-            if reason.method.klass.name == "channel":
-                return {404: NotFound, 405: QueueInUse}.get(code, TransportError)(text)
-            if code in (402, 403, 530):
-                return TransportError(f"the broker refused the connection: {text}")
-            return ConnectionLost(f"the broker closed the connection: {code} {text}")
-        if isinstance(reason, Failure):
-            reason = reason.value
-        return ConnectionLost(f"connection lost ({reason or 'closed'})")
-    if isinstance(exc, QueueClosed):
-        return ConnectionLost("connection lost")
-    return exc
-
-
-async def _call(deferred):
-    """Await a txamqp call, raising our exceptions instead of txamqp's."""
-    try:
-        return await deferred
-    except (Closed, QueueClosed) as e:
-        raise _transport_error(e) from None
+            channel.close(error)
+        if not self.opened.called:
+            self.opened.errback(error)
 
 
 def _spawn(coroutine, what):

@@ -5,9 +5,8 @@ import collections
 import attr
 from twisted.internet import defer
 from twisted.logger import Logger
-from txamqp.client import Closed
 
-from ion.core.messaging.amqp._protocol import _call, _spawn, _transport_error
+from ion.core.messaging.amqp._protocol import _closed_error, _spawn
 from ion.core.messaging.amqp._wire import _EncodedTable, _shortstr, encode_table
 from ion.core.messaging.transport import ConnectionLost, TransportError, Unroutable
 
@@ -50,7 +49,7 @@ class _Publisher:
 
     async def open(self):
         channel = await self.session.open_channel()
-        await _call(channel.confirm_select())
+        await channel.call("confirm_select")
         self.channel = channel
         self.next_tag = 1
 
@@ -131,7 +130,7 @@ class _Publisher:
 
     def returned(self, channel, message):
         if channel is self.channel:
-            self.returns.append((message.exchange, message.routing_key, message.content.body))
+            self.returns.append((message.exchange, message.routing_key, message.body))
 
     def confirmed(self, channel, tag, multiple, error):
         if channel is not self.channel:
@@ -173,8 +172,8 @@ class _Publisher:
         or access was refused), because of the first unconfirmed publish naming the exchange
         in the error, else the first unconfirmed one. Earlier publishes were taken but lost
         their confirms; later ones were never looked at, so they are sent again."""
-        error = _transport_error(Closed(reason))
-        text = getattr(reason, "reply_text", "")
+        text = reason.reply_text
+        error = _closed_error("channel", reason.reply_code, text)
         pending = list(self.unconfirmed.values())
         self.unconfirmed = collections.OrderedDict()
         self.returns = []
@@ -204,7 +203,8 @@ class _Publisher:
 
 
 def _amqp_properties(properties, user):
-    """Our Properties as txamqp content properties, with user-id set to user."""
+    """Our Properties as AMQP content properties (keyed by spec name), with user-id set to
+    user."""
     amqp = {"user-id": user, "delivery-mode": properties.delivery_mode or 1}
     if properties.content_type is not None:
         amqp["content-type"] = _shortstr(properties.content_type, "content_type")

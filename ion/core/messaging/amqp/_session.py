@@ -7,7 +7,6 @@ from twisted.logger import Logger
 
 import ion
 from ion.core.messaging.amqp._consume import _Acks
-from ion.core.messaging.amqp._protocol import _call
 from ion.core.messaging.amqp._publish import _Publisher
 from ion.core.messaging.transport import ConnectionLost, TransportError
 
@@ -35,31 +34,28 @@ class _Session:
 
     def __init__(self, transport, client_factory):
         self.transport = transport
-        self.client = client_factory(self)
         self.channel_max = 2047
         self.control = None
         self.control_lock = defer.DeferredLock()
         self.publisher = _Publisher(self)
         self.consumers = {}  # consumer tag -> _Consumer
-        self.acks = {}  # txamqp channel -> _Acks, for channels that received deliveries
+        self.acks = {}  # channel -> _Acks, for channels that received deliveries
         self.is_lost = False
         self.closing = False
         self.prepared = False  # set up, as the ClientService's prepareConnection
-        self._channels = {}  # number -> txamqp channel (None while being created)
+        self.client = client_factory(self)
 
     def client_properties(self):
         return {
             "product": "ION",
             "version": ion.__version__,
-            "platform": f"Python {platform.python_version()} (Twisted, txamqp)",
+            "platform": f"Python {platform.python_version()} (Twisted)",
             "capabilities": CLIENT_CAPABILITIES,
         }
 
     async def open(self):
         """Authenticate, open the vhost and the publish channel."""
-        address = self.transport.address
-        response = b"\0" + address.user.encode() + b"\0" + address.password.encode()
-        await _call(self.client.start(response, mechanism="PLAIN", locale="en_US"))
+        await self.client.opened
         await self.publisher.open()
 
     def lost(self, reason):
@@ -78,18 +74,12 @@ class _Session:
         if self.is_lost:
             raise ConnectionLost("connection lost")
         numbers = range(1, self.channel_max + 1)
-        number = next((n for n in numbers if n not in self._channels), None)
+        number = next((n for n in numbers if n not in self.client.channels), None)
         if number is None:
             raise TransportError(f"all {self.channel_max} AMQP channels are in use")
-        self._channels[number] = None
+        channel = self.client.channel(number)
         try:
-            channel = await self.client.channel(number)
-        except BaseException:
-            del self._channels[number]
-            raise
-        self._channels[number] = channel
-        try:
-            await _call(channel.channel_open())
+            await channel.call("channel_open")
         except BaseException:
             self.release(channel)
             raise
@@ -98,8 +88,6 @@ class _Session:
     def release(self, channel):
         """Forget a closed channel, so that its number can be used again. Releasing twice is
         harmless, also after the number went to a new channel."""
-        if self._channels.get(channel.id) is channel:
-            del self._channels[channel.id]
         if self.client.channels.get(channel.id) is channel:
             del self.client.channels[channel.id]
         acks = self.acks.pop(channel, None)
@@ -112,14 +100,15 @@ class _Session:
             acks.flush()
         if not channel.closed and not self.is_lost:
             try:
-                await _call(channel.channel_close(reply_code=200, reply_text="closed by client"))
+                await channel.call("channel_close", reply_code=200, reply_text="closed by client")
             except TransportError:
                 pass
             channel.close(None)
         self.release(channel)
 
     def channel_failed(self, channel, reason):
-        """The broker closed a channel (reason: its channel.close method)."""
+        """The broker closed a channel (reason: its channel.close method, channel.error the
+        error it means)."""
         self.release(channel)
         if channel is self.publisher.channel:
             self.publisher.channel_failed(reason)
@@ -134,11 +123,9 @@ class _Session:
         async with self.control_lock:
             if self.control is None or self.control.closed:
                 self.control = await self.open_channel()
-            return await _call(getattr(self.control, method)(**arguments))
+            return await self.control.call(method, **arguments)
 
     def deliver(self, channel, message):
-        if self._channels.get(channel.id) is not channel:
-            return  # released: its consumer is gone and the broker has requeued the message
         acks = self.acks.get(channel)
         if acks is None:
             acks = self.acks[channel] = _Acks(self, channel)
@@ -150,8 +137,6 @@ class _Session:
     def reject(self, channel, arguments, error):
         """Refuse a delivery whose properties cannot be decoded: nack without requeue (to the
         queue's dead-letter exchange, if it has one), log it once, keep the connection."""
-        if self._channels.get(channel.id) is not channel:
-            return  # released: the broker has requeued it, and will deliver it again
         acks = self.acks.get(channel)
         if acks is None:
             acks = self.acks[channel] = _Acks(self, channel)
@@ -180,8 +165,9 @@ class _Session:
             return
         for acks in list(self.acks.values()):
             acks.flush()
-        channel0 = await self.client.channel(0)
-        closing = channel0.connection_close(reply_code=200, reply_text="closed by client")
+        closing = self.client.channels[0].call(
+            "connection_close", reply_code=200, reply_text="closed by client"
+        )
         closing.addTimeout(CLOSE_TIMEOUT, self.transport.reactor)
         try:
             await closing

@@ -12,7 +12,7 @@ from zope.interface import implementer
 
 from ion.core.messaging.amqp._address import AmqpAddress
 from ion.core.messaging.amqp._consume import _Consumer
-from ion.core.messaging.amqp._protocol import _as_deferred, _Client, _spawn, _transport_error
+from ion.core.messaging.amqp._protocol import _as_deferred, _Protocol, _spawn
 from ion.core.messaging.amqp._publish import _amqp_properties, _Publish
 from ion.core.messaging.amqp._session import _Session
 from ion.core.messaging.amqp._wire import _shortstr, load_spec
@@ -176,7 +176,9 @@ class AmqpTransport:
         return wrapClientTLS(ssl.optionsForClientTLS(address.host, trustRoot=trust), endpoint)
 
     def _make_client(self, session):
-        return _Client(session, load_spec(), self.address.vhost, self.heartbeat, self.reactor)
+        address = self.address
+        response = b"\0" + address.user.encode() + b"\0" + address.password.encode()
+        return _Protocol(session, load_spec(), address.vhost, response, self.heartbeat, self.reactor)
 
     def connect(self):
         """Connect, authenticate and open the channels. Fires with this transport; fails
@@ -240,7 +242,7 @@ class AmqpTransport:
         except Exception as e:
             # `_session` stays until the connection is gone (`_session_lost`), so that the
             # loss listeners learn of it: handlers may have sent requests on it.
-            error = _transport_error(e)
+            error = e
             if isinstance(e, defer.TimeoutError):
                 error = ConnectionLost(f"no AMQP handshake within {self.connect_timeout} s")
             if not session.is_lost:

@@ -1,12 +1,13 @@
-"""The AMQP 0-9-1 wire format: field tables (bounded when decoding) and the frame codec."""
+"""The AMQP 0-9-1 wire format: the spec of its methods, field tables (bounded when decoding)
+and the frame codec."""
 
 import decimal
 import functools
 import io
+import keyword
 import os
 import struct
-
-from txamqp import spec as txamqp_spec
+from xml.etree import ElementTree
 
 from ion.core.messaging.transport import HEADER_DEPTH, HEADER_VALUES
 
@@ -15,10 +16,71 @@ TABLE_DEPTH = HEADER_DEPTH  # levels of nested tables and arrays, the top table 
 TABLE_ENTRIES = HEADER_VALUES  # values in a field table, nested ones included
 
 
+class _Field:
+    __slots__ = ("name", "type")
+
+    def __init__(self, name, type):
+        self.name = name  # as the spec writes it: "delivery-tag"
+        self.type = type  # a primitive type: "octet", "shortstr", "table", ...
+
+
+class _Class:
+    """A class of methods; `fields` are its content properties."""
+
+    def __init__(self, name, id, fields):
+        self.name = name
+        self.id = id
+        self.fields = fields
+        self.methods = {}  # name -> _Method
+
+
+class _Method:
+    """`content`: a message follows it; `response`: it answers a synchronous method of its
+    class (so a call waits for it)."""
+
+    def __init__(self, klass, name, id, fields, content, response):
+        self.klass = klass
+        self.name = name
+        self.id = id
+        self.fields = fields
+        self.content = content
+        self.response = response
+
+
+class _Spec:
+    def __init__(self, classes):
+        self.classes = classes  # name -> _Class
+
+
 @functools.cache
 def load_spec():
-    """The AMQP 0-9-1 spec with RabbitMQ's extensions, as txamqp objects (loaded once)."""
-    return txamqp_spec.load(SPEC_FILE)
+    """The AMQP 0-9-1 spec with RabbitMQ's extensions, from SPEC_FILE (loaded once)."""
+    root = ElementTree.parse(SPEC_FILE).getroot()
+    domains = {domain.get("name"): domain.get("type") for domain in root.iter("domain")}
+
+    def fields(element):
+        return tuple(
+            _Field(field.get("name"), domains[field.get("domain")])
+            for field in element.findall("field")
+        )
+
+    classes = {}
+    for element in root.iter("class"):
+        klass = _Class(element.get("name"), int(element.get("index")), fields(element))
+        methods = element.findall("method")
+        answers = {response.get("name") for m in methods for response in m.findall("response")}
+        for method in methods:
+            name = method.get("name")
+            klass.methods[name] = _Method(
+                klass,
+                name,
+                int(method.get("index")),
+                fields(method),
+                method.get("content") == "1",
+                name in answers,
+            )
+        classes[klass.name] = klass
+    return _Spec(classes)
 
 
 # Field tables. Headers come from any user of the broker, so decoding is bounded: at most
@@ -185,11 +247,9 @@ def _text(data):
         return bytes(data)
 
 
-# Frames. txamqp's own path costs more than the broker's work per message: a Deferred queue hop
-# and a locked channel lookup per frame, a stream codec call per field, a copy of the whole
-# receive buffer per frame, and heartbeat timers restarted on every frame sent and received.
-# Frames are therefore encoded and decoded here, and what the broker sends is handed to the
-# delegate (or to the call waiting for it) as soon as it is complete.
+# Frames. Each is encoded in one piece and decoded in place from the receive buffer: at
+# thousands of messages a second, a codec call per field or a copy of the buffer per frame
+# costs more than the broker's own work per message.
 
 _FRAME = struct.Struct("!BHI")
 _FRAME_END = b"\xce"
@@ -213,13 +273,19 @@ class _ProtocolError(Exception):
 
 
 @functools.cache
-def _field_types(method_or_class):
-    return tuple(field.type for field in method_or_class.fields)
+def _field_types(method):
+    return tuple(field.type for field in method.fields)
 
 
 @functools.cache
 def _field_names(method):
-    return tuple(txamqp_spec.pythonize(field.name) for field in method.fields)
+    return tuple(_python_name(field.name) for field in method.fields)
+
+
+def _python_name(name):
+    """A spec name as an identifier: "delivery-tag" -> "delivery_tag", "global" -> "global_"."""
+    name = name.replace("-", "_")
+    return name + "_" if keyword.iskeyword(name) else name
 
 
 def _encode_field(kind, value):
@@ -300,7 +366,7 @@ def _decode_fields(kinds, data, pos):
 @functools.cache
 def _property_layout(klass):
     """name -> (position, type) of a class's content properties."""
-    return {field.name: (i, field.type) for i, field in enumerate(klass.fields.items)}
+    return {field.name: (i, field.type) for i, field in enumerate(klass.fields)}
 
 
 def _encode_properties(klass, properties):
@@ -334,7 +400,7 @@ def _decode_properties(klass, data, pos):
         words.append(word & 0xFFFE)
         if not word & 1:
             break
-    fields = klass.fields.items
+    fields = klass.fields
     properties = {}
     for i, word in enumerate(words):
         while word:
