@@ -306,7 +306,8 @@ class _Protocol(Protocol):
             # Released: the session closed it, and what the broker still sent on it (it
             # requeues deliveries) has no one to go to.
             return
-        message = types.SimpleNamespace(**dict(zip(_field_names(method), args)))
+        message = types.SimpleNamespace()
+        message.__dict__.update(zip(_field_names(method), args))
         if content is not None:
             message.body, message.properties = content
         if method.response:
@@ -360,16 +361,7 @@ class _Protocol(Protocol):
             },
         )
         self._start_heartbeats()
-        opening = channel.call("connection_open", virtual_host=self.vhost)
-        opening.addCallbacks(self._open, self._not_open)
-
-    def _open(self, reply):
-        if not self.opened.called:
-            self.opened.callback(None)
-
-    def _not_open(self, failure):
-        if not self.opened.called:
-            self.opened.errback(failure)
+        channel.call("connection_open", virtual_host=self.vhost).chainDeferred(self.opened)
 
     def _connection_close(self, channel, message):
         log.warn(

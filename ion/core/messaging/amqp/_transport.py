@@ -46,7 +46,7 @@ class _ProtocolFactory(Factory):
         return self.built
 
 
-class _ShieldedEndpoint:
+class _ShieldedEndpoint(Factory):
     """The endpoint the ClientService connects through, keeping from it the loss of a
     connection that it does not take as connected.
 
@@ -57,25 +57,20 @@ class _ShieldedEndpoint:
     connection goes to our protocol only; a failed prepare already counts as a failed attempt.
     """
 
+    noisy = False
+
     def __init__(self, endpoint, factory):
         self._endpoint = endpoint
         self._factory = factory
+        self._service_factory = None  # the ClientService's, for the attempt under way
 
     def connect(self, service_factory):
-        connecting = self._endpoint.connect(_ShieldFactory(service_factory, self._factory))
-        return connecting.addCallback(lambda shield: shield.wrapper)
-
-
-class _ShieldFactory(Factory):
-    noisy = False
-
-    def __init__(self, service_factory, factory):
-        self.service_factory = service_factory
-        self.factory = factory
+        self._service_factory = service_factory
+        return self._endpoint.connect(self).addCallback(lambda shield: shield.wrapper)
 
     def buildProtocol(self, addr):
-        wrapper = self.service_factory.buildProtocol(addr)  # builds through self.factory
-        return _Shield(wrapper, self.factory.built)
+        wrapper = self._service_factory.buildProtocol(addr)  # builds through self._factory
+        return _Shield(wrapper, self._factory.built)
 
 
 class _Shield(Protocol):
@@ -450,30 +445,25 @@ class AmqpTransport:
     @_as_deferred
     async def bind(self, queue, exchange, routing_key):
         """Route messages matching routing_key on exchange into queue."""
-        session = self._live_session()
-        if not exchange:
-            raise TransportError("queues cannot be bound to the default exchange ''")
-        await session.control_call(
-            "queue_bind",
-            queue=_shortstr(queue, "queue name"),
-            exchange=_shortstr(exchange, "exchange name"),
-            routing_key=_shortstr(routing_key, "routing key"),
-        )
+        await self._binding("queue_bind", queue, exchange, routing_key)
         self._bindings[(queue, exchange, routing_key)] = None
 
     @_as_deferred
     async def unbind(self, queue, exchange, routing_key):
         """Remove a binding; removing a missing binding is fine."""
+        await self._binding("queue_unbind", queue, exchange, routing_key)
+        self._bindings.pop((queue, exchange, routing_key), None)
+
+    async def _binding(self, method, queue, exchange, routing_key):
         session = self._live_session()
         if not exchange:
             raise TransportError("queues cannot be bound to the default exchange ''")
         await session.control_call(
-            "queue_unbind",
+            method,
             queue=_shortstr(queue, "queue name"),
             exchange=_shortstr(exchange, "exchange name"),
             routing_key=_shortstr(routing_key, "routing key"),
         )
-        self._bindings.pop((queue, exchange, routing_key), None)
 
     # Messages.
 

@@ -16,71 +16,47 @@ TABLE_DEPTH = HEADER_DEPTH  # levels of nested tables and arrays, the top table 
 TABLE_ENTRIES = HEADER_VALUES  # values in a field table, nested ones included
 
 
-class _Field:
-    __slots__ = ("name", "type")
+class _Part:
+    """A part of the spec, its attributes given by name."""
 
-    def __init__(self, name, type):
-        self.name = name  # as the spec writes it: "delivery-tag"
-        self.type = type  # a primitive type: "octet", "shortstr", "table", ...
-
-
-class _Class:
-    """A class of methods; `fields` are its content properties."""
-
-    def __init__(self, name, id, fields):
-        self.name = name
-        self.id = id
-        self.fields = fields
-        self.methods = {}  # name -> _Method
-
-
-class _Method:
-    """`content`: a message follows it; `response`: it answers a synchronous method of its
-    class (so a call waits for it)."""
-
-    def __init__(self, klass, name, id, fields, content, response):
-        self.klass = klass
-        self.name = name
-        self.id = id
-        self.fields = fields
-        self.content = content
-        self.response = response
-
-
-class _Spec:
-    def __init__(self, classes):
-        self.classes = classes  # name -> _Class
+    def __init__(self, **attributes):
+        self.__dict__.update(attributes)
 
 
 @functools.cache
 def load_spec():
-    """The AMQP 0-9-1 spec with RabbitMQ's extensions, from SPEC_FILE (loaded once)."""
+    """The AMQP 0-9-1 spec with RabbitMQ's extensions, from SPEC_FILE (loaded once).
+
+    `classes` maps names to classes: `name`, `id`, `fields` (the content properties) and
+    `methods`, which maps names to methods: `klass`, `name`, `id`, `fields`, `content` (a
+    message follows) and `response` (it answers a call). A field has a `name` as the spec
+    writes it ("delivery-tag") and a primitive `type` ("octet", "shortstr", "table", ...)."""
     root = ElementTree.parse(SPEC_FILE).getroot()
     domains = {domain.get("name"): domain.get("type") for domain in root.iter("domain")}
 
     def fields(element):
         return tuple(
-            _Field(field.get("name"), domains[field.get("domain")])
+            _Part(name=field.get("name"), type=domains[field.get("domain")])
             for field in element.findall("field")
         )
 
     classes = {}
     for element in root.iter("class"):
-        klass = _Class(element.get("name"), int(element.get("index")), fields(element))
+        name, id = element.get("name"), int(element.get("index"))
+        klass = classes[name] = _Part(name=name, id=id, fields=fields(element), methods={})
         methods = element.findall("method")
         answers = {response.get("name") for m in methods for response in m.findall("response")}
         for method in methods:
             name = method.get("name")
-            klass.methods[name] = _Method(
-                klass,
-                name,
-                int(method.get("index")),
-                fields(method),
-                method.get("content") == "1",
-                name in answers,
+            klass.methods[name] = _Part(
+                klass=klass,
+                name=name,
+                id=int(method.get("index")),
+                fields=fields(method),
+                content=method.get("content") == "1",
+                response=name in answers,
             )
-        classes[klass.name] = klass
-    return _Spec(classes)
+    return _Part(classes=classes)
 
 
 # Field tables. Headers come from any user of the broker, so decoding is bounded: at most
@@ -298,8 +274,6 @@ def _encode_field(kind, value):
             raise ValueError(f"short string longer than 255 bytes: {data[:40]!r}...")
         return bytes((len(data),)) + data
     if kind == "longstr":
-        if isinstance(value, dict):
-            return encode_table(value)
         data = value.encode() if isinstance(value, str) else bytes(value)
         return _LENGTH.pack(len(data)) + data
     if kind == "table":
