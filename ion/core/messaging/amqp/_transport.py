@@ -64,6 +64,9 @@ class _ShieldedEndpoint(Factory):
         self._factory = factory
         self._service_factory = None  # the ClientService's, for the attempt under way
 
+    def __repr__(self):
+        return repr(self._endpoint)  # ClientService names it in its retry log lines
+
     def connect(self, service_factory):
         self._service_factory = service_factory
         return self._endpoint.connect(self).addCallback(lambda shield: shield.wrapper)
