@@ -16,7 +16,7 @@ setup(
     # started outside a checkout finds it (ion.core.cc.tap.find_res_dir).
     package_dir={"ion._res": "res"},
     package_data={
-        "ion.core.messaging": ["*.xml"],
+        "ion.core.messaging.amqp": ["*.xml"],
         "ion._res": ["apps/*.app", "deploy/*.rel", "config/ion.config", "config/loglevels.cfg"],
     },
     python_requires=">=3.11",
@@ -25,7 +25,6 @@ setup(
     # bcrypt for SFTP. No treq: see docs/ARCHITECTURE.md.
     install_requires=[
         "twisted[tls,conch]>=23.10",
-        "txamqp>=0.8.2",
         "msgpack>=1.0",
         "attrs>=24.1",
         "automat>=22.10",

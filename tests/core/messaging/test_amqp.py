@@ -281,14 +281,14 @@ class SpecTests(unittest.SynchronousTestCase):
     def test_rabbitmq_extensions(self):
         """The spec file has what ION uses beyond plain 0-9-1, at RabbitMQ's indices."""
         spec = load_spec()
-        self.assertEqual(spec.classes.byname["confirm"].id, 85)
-        basic = spec.classes.byname["basic"]
-        self.assertEqual(basic.methods.byname["nack"].id, 120)
-        self.assertEqual(spec.classes.byname["exchange"].methods.byname["unbind-ok"].id, 51)
-        # Broker-initiated methods must reach the delegate, not a waiting caller.
+        self.assertEqual(spec.classes["confirm"].id, 85)
+        basic = spec.classes["basic"]
+        self.assertEqual(basic.methods["nack"].id, 120)
+        self.assertEqual(spec.classes["exchange"].methods["unbind-ok"].id, 51)
+        # Broker-initiated methods must reach their handlers, not a waiting caller.
         for name in ("ack", "nack", "cancel", "deliver", "return"):
-            self.assertFalse(basic.methods.byname[name].response, name)
-        self.assertTrue(spec.classes.byname["confirm"].methods.byname["select-ok"].response)
+            self.assertFalse(basic.methods[name].response, name)
+        self.assertTrue(spec.classes["confirm"].methods["select-ok"].response)
 
 
 class BrokerTestCase(unittest.TestCase):
@@ -497,7 +497,7 @@ class AmqpTests(BrokerTestCase):
 
         def drop_connection():
             # What the broker, a proxy or a decoding failure can do at any moment.
-            session = t._session or t._restoring
+            session = t._session
             session.client.transport.abortConnection()
 
         # Re-attached first: its message comes back during every restore.

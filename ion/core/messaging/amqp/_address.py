@@ -1,0 +1,86 @@
+"""AMQP URLs: where and as whom to connect."""
+
+import urllib.parse
+
+import attr
+
+from ion.core.log import redact
+
+DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
+
+
+@attr.s(frozen=True, slots=True, repr=False)
+class AmqpAddress:
+    """Where and as whom to connect, from `amqp[s]://user:password@host:port/vhost`.
+
+    Its str() and repr() show the password as `***`.
+    """
+
+    tls = attr.ib()
+    host = attr.ib()
+    port = attr.ib()
+    user = attr.ib()
+    password = attr.ib()
+    vhost = attr.ib()
+
+    @classmethod
+    def parse(cls, url):
+        """Read an AMQP URL (RabbitMQ's URI spec: user, password and vhost percent-encoded;
+        no path or `/` means the vhost `/`). Missing user and password mean guest/guest.
+        Raises ValueError, whose message never contains the password."""
+        shown = redact(url)
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise ValueError(f"bad AMQP URL {shown!r}: {_url_problem(e)}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in DEFAULT_PORTS:
+            raise ValueError(f"bad AMQP URL {shown!r}: the scheme must be amqp or amqps")
+        if not parts.hostname:
+            raise ValueError(f"bad AMQP URL {shown!r}: no host")
+        if parts.query or parts.fragment:
+            raise ValueError(f"bad AMQP URL {shown!r}: query parameters are not supported")
+        path = parts.path
+        if path in ("", "/"):
+            vhost = "/"
+        else:
+            if "/" in path[1:]:
+                raise ValueError(
+                    f"bad AMQP URL {shown!r}: write a '/' inside the vhost name as %2F"
+                )
+            vhost = urllib.parse.unquote(path[1:])
+        unquote = urllib.parse.unquote
+        return cls(
+            tls=scheme == "amqps",
+            host=parts.hostname,
+            port=port or DEFAULT_PORTS[scheme],
+            user=unquote(parts.username) if parts.username is not None else "guest",
+            password=unquote(parts.password) if parts.password is not None else "guest",
+            vhost=vhost,
+        )
+
+    @property
+    def scheme(self):
+        return "amqps" if self.tls else "amqp"
+
+    def __str__(self):
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        user = urllib.parse.quote(self.user, safe="")
+        vhost = urllib.parse.quote(self.vhost, safe="")
+        return f"{self.scheme}://{user}:***@{host}:{self.port}/{vhost}"
+
+    def __repr__(self):
+        return f"AmqpAddress({str(self)!r})"
+
+
+def _url_problem(error):
+    """What urllib found wrong with a URL, without the text it quotes: its port and netloc
+    messages quote what it took for the port or host, which may be a piece of a password."""
+    text = str(error)
+    if text.startswith("Port out of range") or text == "Invalid IPv6 URL":
+        return text
+    return (
+        "cannot read its host and port (a '/', '?', '#' or '@' in a user name or password "
+        "must be written %2F, %3F, %23, %40)"
+    )

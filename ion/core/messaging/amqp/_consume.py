@@ -1,0 +1,269 @@
+"""Consumers that outlive connections, their deliveries, and acks batched per reactor turn."""
+
+import collections
+import uuid
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ion.core.messaging.amqp._protocol import _as_deferred, _spawn
+from ion.core.messaging.transport import IConsumer, IDelivery, Properties, TransportError
+
+log = Logger()
+
+
+# Consumers and deliveries.
+
+
+class _Acks:
+    """Sends the acks and nacks of one consumer channel.
+
+    Acks wait for the end of the reactor turn. Then the run of settled messages at the head of
+    the channel's unsettled ones goes as one basic.ack with `multiple`, and acks behind a
+    message still being worked on go one by one, so that a slow message never holds back the
+    prefetch window. A nack goes at once, after the acks before it. Every delivery on the
+    channel is counted, also those no consumer takes, so that `multiple` never covers a message
+    nobody settled."""
+
+    def __init__(self, session, channel):
+        self.session = session
+        self.channel = channel
+        self._unsettled = collections.deque()  # delivery tags received, oldest first
+        self._acked = set()  # acked, not yet sent
+        self._sent = set()  # acked or nacked on the wire, still in _unsettled
+        self._flush = None
+
+    def received(self, tag):
+        self._unsettled.append(tag)
+
+    def ack(self, tag):
+        self._acked.add(tag)
+        if self._flush is None:
+            self._flush = self.session.transport.reactor.callLater(0, self.flush)
+
+    def nack(self, tag, requeue):
+        self.flush()
+        if self._writable():
+            self.session.client.send_nack(self.channel.id, tag, requeue)
+            self._sent.add(tag)
+
+    def flush(self):
+        """Send the acks waiting now."""
+        self._cancel()
+        acked = self._acked
+        if not acked or not self._writable():
+            acked.clear()
+            return
+        unsettled, sent = self._unsettled, self._sent
+        last = None
+        while unsettled:
+            tag = unsettled[0]
+            if tag in acked:
+                acked.remove(tag)
+                last = tag
+            elif tag in sent:
+                sent.remove(tag)
+            else:
+                break
+            unsettled.popleft()
+        client, number = self.session.client, self.channel.id
+        if last is not None:
+            client.send_ack(number, last, True)
+        for tag in sorted(acked):
+            client.send_ack(number, tag, False)
+        sent.update(acked)
+        acked.clear()
+
+    def discard(self):
+        """The channel or the connection is gone, and with it what was not sent."""
+        self._cancel()
+        self._acked.clear()
+
+    def _cancel(self):
+        flush, self._flush = self._flush, None
+        if flush is not None and flush.active():
+            flush.cancel()
+
+    def _writable(self):
+        return not self.session.is_lost and not self.channel.closed
+
+
+@implementer(IDelivery)
+class _Delivery:
+    __slots__ = (
+        "body",
+        "exchange",
+        "routing_key",
+        "properties",
+        "redelivered",
+        "_acks",
+        "_tag",
+        "_settled",
+    )
+
+    def __init__(self, acks, message):
+        self.body = message.body
+        self.exchange = message.exchange
+        self.routing_key = message.routing_key
+        self.properties = _properties_from_amqp(message.properties)
+        self.redelivered = message.redelivered
+        self._acks = acks
+        self._tag = message.delivery_tag
+        self._settled = False
+
+    @property
+    def settled(self):
+        return self._settled
+
+    def _settle(self, action):
+        if self._settled:
+            raise TransportError(
+                f"cannot {action} message {self.routing_key!r}: it was already acked or nacked"
+            )
+        self._settled = True
+        return not self._acks.channel.closed
+
+    def ack(self):
+        """Settle the message: it is gone from the queue. Acking or nacking twice raises
+        TransportError. Once the consumer was cancelled or the connection lost the broker has
+        put the message back in the queue, and a first ack or nack does nothing. The ack goes
+        to the broker at the end of the reactor turn (before the consumer's channel closes)."""
+        if self._settle("ack"):
+            self._acks.ack(self._tag)
+
+    def nack(self, requeue=True):
+        """Refuse the message: with requeue it goes back to the head of its queue marked
+        redelivered, otherwise it is dropped. Same double-settle rule as `ack`."""
+        if self._settle("nack"):
+            self._acks.nack(self._tag, requeue)
+
+
+@implementer(IConsumer)
+class _Consumer:
+    """A consumer that outlives connections: each (re)connect attaches it on a new channel."""
+
+    def __init__(self, transport, queue, callback, prefetch):
+        self.queue = queue
+        self.prefetch = prefetch
+        self.active = True
+        self.channel = None
+        self._transport = transport
+        self._callback = callback
+        self._session = None
+        self._tag = None
+
+    def __repr__(self):
+        return f"<consumer of {self.queue!r} on {self._transport.address}>"
+
+    async def attach(self, session):
+        channel = await session.open_channel()
+        tag = f"ion.{uuid.uuid4().hex}"
+        try:
+            if self.prefetch:
+                await channel.call("basic_qos", prefetch_count=self.prefetch)
+            self._session, self.channel, self._tag = session, channel, tag
+            session.consumers[tag] = self
+            await channel.call("basic_consume", queue=self.queue, consumer_tag=tag)
+        except BaseException:
+            session.consumers.pop(tag, None)
+            if self.channel is channel:
+                self._session = self.channel = None
+            await session.close_channel(channel)
+            raise
+
+    @_as_deferred
+    async def cancel(self):
+        """Stop delivering; the broker puts unacked messages back at the head of the queue,
+        marked redelivered."""
+        if not self.active:
+            return
+        self.active = False
+        self._transport._consumer_ended(self)
+        await self._close_channel()
+
+    async def _close_channel(self):
+        session, channel = self._session, self.channel
+        self._session = self.channel = None
+        if session is not None:
+            session.consumers.pop(self._tag, None)
+            await session.close_channel(channel)
+
+    def detached(self, session):
+        """The connection went away: the broker requeues what we held."""
+        if self._session is session:
+            self._session = self.channel = None
+
+    def channel_failed(self, session, reason):
+        session.consumers.pop(self._tag, None)
+        self._session = self.channel = None
+        if not self.active:
+            return
+        log.warn(
+            "AMQP: consumer of {queue!r} lost its channel ({code} {text}); attaching again",
+            queue=self.queue,
+            code=getattr(reason, "reply_code", None),
+            text=getattr(reason, "reply_text", reason),
+        )
+        _spawn(self._reattach(session), f"re-attaching the consumer of {self.queue!r}")
+
+    async def _reattach(self, session):
+        try:
+            await self.attach(session)
+        except TransportError as e:
+            if not session.is_lost:
+                log.error("AMQP: consumer of {queue!r} ended: {error}", queue=self.queue, error=e)
+                self.active = False
+                self._transport._consumer_ended(self)
+
+    def cancelled_by_broker(self, session):
+        log.warn(
+            "AMQP: the broker cancelled the consumer of {queue!r} (queue deleted?)",
+            queue=self.queue,
+        )
+        self.active = False
+        self._transport._consumer_ended(self, queue_gone=True)
+        if self._session is session:
+            _spawn(self._close_channel(), "closing a cancelled consumer's channel")
+
+    def deliver(self, channel, acks, message):
+        if not self.active or channel is not self.channel:
+            return
+        delivery = _Delivery(acks, message)
+        try:
+            result = self._callback(delivery)
+        except Exception:
+            self._failed(Failure(), delivery)
+            return
+        if isinstance(result, defer.Deferred) or hasattr(result, "__await__"):
+            defer.ensureDeferred(result).addErrback(self._failed, delivery)
+
+    def _failed(self, failure, delivery):
+        if delivery.settled:
+            log.failure(
+                "consumer of queue {queue!r} failed after settling message {routing_key!r}",
+                failure,
+                queue=self.queue,
+                routing_key=delivery.routing_key,
+            )
+            return
+        log.failure(
+            "consumer of queue {queue!r} failed on message {routing_key!r}; message dropped",
+            failure,
+            queue=self.queue,
+            routing_key=delivery.routing_key,
+        )
+        delivery.nack(requeue=False)
+
+
+def _properties_from_amqp(amqp):
+    return Properties(
+        content_type=amqp.get("content-type"),
+        delivery_mode=amqp.get("delivery-mode") or 1,
+        message_id=amqp.get("message-id"),
+        user_id=amqp.get("user-id"),
+        headers=amqp.get("headers") or {},
+        timestamp=amqp.get("timestamp"),
+        expiration=amqp.get("expiration"),
+    )

@@ -1,0 +1,415 @@
+"""The AMQP 0-9-1 wire format: the spec of its methods, field tables (bounded when decoding)
+and the frame codec."""
+
+import decimal
+import functools
+import io
+import keyword
+import os
+import struct
+from xml.etree import ElementTree
+
+from ion.core.messaging.transport import HEADER_DEPTH, HEADER_VALUES
+
+SPEC_FILE = os.path.join(os.path.dirname(__file__), "amqp0-9-1.xml")
+TABLE_DEPTH = HEADER_DEPTH  # levels of nested tables and arrays, the top table included
+TABLE_ENTRIES = HEADER_VALUES  # values in a field table, nested ones included
+
+
+class _Part:
+    """A part of the spec, its attributes given by name."""
+
+    def __init__(self, **attributes):
+        self.__dict__.update(attributes)
+
+
+@functools.cache
+def load_spec():
+    """The AMQP 0-9-1 spec with RabbitMQ's extensions, from SPEC_FILE (loaded once).
+
+    `classes` maps names to classes: `name`, `id`, `fields` (the content properties) and
+    `methods`, which maps names to methods: `klass`, `name`, `id`, `fields`, `content` (a
+    message follows) and `response` (it answers a call). A field has a `name` as the spec
+    writes it ("delivery-tag") and a primitive `type` ("octet", "shortstr", "table", ...)."""
+    root = ElementTree.parse(SPEC_FILE).getroot()
+    domains = {domain.get("name"): domain.get("type") for domain in root.iter("domain")}
+
+    def fields(element):
+        return tuple(
+            _Part(name=field.get("name"), type=domains[field.get("domain")])
+            for field in element.findall("field")
+        )
+
+    classes = {}
+    for element in root.iter("class"):
+        name, id = element.get("name"), int(element.get("index"))
+        klass = classes[name] = _Part(name=name, id=id, fields=fields(element), methods={})
+        methods = element.findall("method")
+        answers = {response.get("name") for m in methods for response in m.findall("response")}
+        for method in methods:
+            name = method.get("name")
+            klass.methods[name] = _Part(
+                klass=klass,
+                name=name,
+                id=int(method.get("index")),
+                fields=fields(method),
+                content=method.get("content") == "1",
+                response=name in answers,
+            )
+    return _Part(classes=classes)
+
+
+# Field tables. Headers come from any user of the broker, so decoding is bounded: at most
+# TABLE_DEPTH levels of nested tables and arrays (the decoder recurses once per level) and
+# TABLE_ENTRIES values in all, whatever the frame size the broker negotiated.
+
+
+class FieldTableError(ValueError):
+    """A field table that is malformed or exceeds TABLE_DEPTH or TABLE_ENTRIES."""
+
+
+class _EncodedTable(bytes):
+    """A field table already encoded (length prefix included), checked before it is queued
+    for the wire so that a bad header fails its publish, not the connection."""
+
+
+def encode_table(table):
+    """Encode a dict as an AMQP field table (with its 4-byte length). Raises ValueError or
+    TypeError for what a table cannot hold, FieldTableError past the limits that receivers
+    enforce (TABLE_DEPTH, TABLE_ENTRIES)."""
+    return _encode_table(table, 1, [TABLE_ENTRIES])
+
+
+def _encode_table(table, depth, budget):
+    if depth > TABLE_DEPTH:
+        raise FieldTableError(f"field table nested deeper than {TABLE_DEPTH} levels")
+    out = io.BytesIO()
+    for key, value in table.items():
+        name = key.encode() if isinstance(key, str) else bytes(key)
+        if len(name) > 255:
+            raise ValueError(f"field table key {key!r} is longer than 255 bytes")
+        out.write(bytes([len(name)]))
+        out.write(name)
+        _encode_value(out, value, depth, budget)
+    data = out.getvalue()
+    return struct.pack("!I", len(data)) + data
+
+
+def _encode_value(out, value, depth, budget):
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise FieldTableError(f"field table holds more than {TABLE_ENTRIES} values")
+    if value is None:
+        out.write(b"V")
+    elif isinstance(value, bool):
+        out.write(b"t\x01" if value else b"t\x00")
+    elif isinstance(value, int):
+        if -(2**31) <= value < 2**31:
+            out.write(b"I" + struct.pack("!i", value))
+        elif -(2**63) <= value < 2**63:
+            out.write(b"l" + struct.pack("!q", value))
+        else:
+            raise ValueError(f"integer {value} does not fit in 64 bits")
+    elif isinstance(value, float):
+        out.write(b"d" + struct.pack("!d", value))
+    elif isinstance(value, str):
+        data = value.encode()
+        out.write(b"S" + struct.pack("!I", len(data)) + data)
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        out.write(b"x" + struct.pack("!I", len(data)) + data)
+    elif isinstance(value, dict):
+        out.write(b"F" + _encode_table(value, depth + 1, budget))
+    elif isinstance(value, (list, tuple)):
+        if depth >= TABLE_DEPTH:
+            raise FieldTableError(f"field table nested deeper than {TABLE_DEPTH} levels")
+        items = io.BytesIO()
+        for item in value:
+            _encode_value(items, item, depth + 1, budget)
+        data = items.getvalue()
+        out.write(b"A" + struct.pack("!I", len(data)) + data)
+    elif isinstance(value, decimal.Decimal):
+        sign, digits, exponent = value.as_tuple()
+        if not isinstance(exponent, int) or not -255 <= exponent <= 0:
+            raise ValueError(f"decimal {value} cannot be sent (scale 0..255 only)")
+        out.write(b"D" + struct.pack("!Bi", -exponent, int(value.scaleb(-exponent))))
+    else:
+        raise TypeError(f"a field table cannot hold {type(value).__name__} values")
+
+
+_SCALARS = {
+    b"b": struct.Struct("!b"),
+    b"B": struct.Struct("!B"),
+    b"s": struct.Struct("!h"),
+    b"u": struct.Struct("!H"),
+    b"I": struct.Struct("!i"),
+    b"i": struct.Struct("!I"),
+    b"l": struct.Struct("!q"),
+    b"L": struct.Struct("!Q"),
+    b"f": struct.Struct("!f"),
+    b"d": struct.Struct("!d"),
+    b"T": struct.Struct("!Q"),
+}
+_LENGTH = struct.Struct("!I")
+
+
+def decode_table(data):
+    """Decode the entries of a field table (without its length prefix) into a dict. Raises
+    FieldTableError when data is malformed or exceeds TABLE_DEPTH or TABLE_ENTRIES."""
+    try:
+        return _decode_table(data, 1, [TABLE_ENTRIES])
+    except FieldTableError:
+        raise
+    except (ValueError, IndexError, struct.error) as e:
+        raise FieldTableError(f"malformed field table: {e}") from None
+
+
+def _decode_table(data, depth, budget):
+    if depth > TABLE_DEPTH:
+        raise FieldTableError(f"field table nested deeper than {TABLE_DEPTH} levels")
+    table = {}
+    pos = 0
+    while pos < len(data):
+        size = data[pos]
+        key = _text(data[pos + 1 : pos + 1 + size])
+        value, pos = _decode_value(data, pos + 1 + size, depth, budget)
+        table[key] = value
+    return table
+
+
+def _decode_value(data, pos, depth, budget):
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise FieldTableError(f"field table holds more than {TABLE_ENTRIES} values")
+    kind = data[pos : pos + 1]
+    pos += 1
+    scalar = _SCALARS.get(kind)
+    if scalar is not None:
+        return scalar.unpack_from(data, pos)[0], pos + scalar.size
+    if kind == b"t":
+        return data[pos] != 0, pos + 1
+    if kind == b"V":
+        return None, pos
+    if kind == b"D":
+        scale, value = struct.unpack_from("!Bi", data, pos)
+        return decimal.Decimal(value).scaleb(-scale), pos + 5
+    if kind in (b"S", b"x", b"A", b"F"):
+        (size,) = _LENGTH.unpack_from(data, pos)
+        pos += 4
+        chunk = data[pos : pos + size]
+        if len(chunk) != size:
+            raise FieldTableError("field table value runs past its end")
+        pos += size
+        if kind == b"S":
+            return _text(chunk), pos
+        if kind == b"x":
+            return bytes(chunk), pos
+        if kind == b"F":
+            return _decode_table(chunk, depth + 1, budget), pos
+        if depth >= TABLE_DEPTH:
+            raise FieldTableError(f"field table nested deeper than {TABLE_DEPTH} levels")
+        items, at = [], 0
+        while at < size:
+            item, at = _decode_value(chunk, at, depth + 1, budget)
+            items.append(item)
+        return items, pos
+    raise FieldTableError(f"unknown field type {kind!r} in a field table")
+
+
+def _text(data):
+    try:
+        return bytes(data).decode()
+    except UnicodeDecodeError:
+        return bytes(data)
+
+
+# Frames. Each is encoded in one piece and decoded in place from the receive buffer: at
+# thousands of messages a second, a codec call per field or a copy of the buffer per frame
+# costs more than the broker's own work per message.
+
+_FRAME = struct.Struct("!BHI")
+_FRAME_END = b"\xce"
+_FRAME_END_OCTET = 0xCE
+_METHOD_FRAME, _HEADER_FRAME, _BODY_FRAME, _HEARTBEAT_FRAME = 1, 2, 3, 8
+_PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
+_METHOD_ID = struct.Struct("!I")  # class id and method id
+_CONTENT_HEADER = struct.Struct("!HHQ")  # class id, weight, body size
+_FLAGS = struct.Struct("!H")
+_NUMBERS = {
+    "octet": struct.Struct("!B"),
+    "short": struct.Struct("!H"),
+    "long": struct.Struct("!I"),
+    "longlong": struct.Struct("!Q"),
+    "timestamp": struct.Struct("!Q"),
+}
+
+
+class _ProtocolError(Exception):
+    """The broker sent bytes that are not AMQP 0-9-1 as we know it."""
+
+
+@functools.cache
+def _field_types(method):
+    return tuple(field.type for field in method.fields)
+
+
+@functools.cache
+def _field_names(method):
+    return tuple(_python_name(field.name) for field in method.fields)
+
+
+def _python_name(name):
+    """A spec name as an identifier: "delivery-tag" -> "delivery_tag", "global" -> "global_"."""
+    name = name.replace("-", "_")
+    return name + "_" if keyword.iskeyword(name) else name
+
+
+def _encode_field(kind, value):
+    number = _NUMBERS.get(kind)
+    if number is not None:
+        return number.pack(value)
+    if kind == "shortstr":
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        if len(data) > 255:
+            raise ValueError(f"short string longer than 255 bytes: {data[:40]!r}...")
+        return bytes((len(data),)) + data
+    if kind == "longstr":
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        return _LENGTH.pack(len(data)) + data
+    if kind == "table":
+        return value if isinstance(value, _EncodedTable) else encode_table(value)
+    raise TypeError(f"cannot encode AMQP fields of type {kind!r}")
+
+
+def _encode_fields(kinds, values):
+    """Method arguments as bytes; consecutive bits share octets, first bit lowest."""
+    out = []
+    bits = count = 0
+    for kind, value in zip(kinds, values):
+        if kind == "bit":
+            if value:
+                bits |= 1 << count
+            count += 1
+            if count == 8:
+                out.append(bytes((bits,)))
+                bits = count = 0
+            continue
+        if count:
+            out.append(bytes((bits,)))
+            bits = count = 0
+        out.append(_encode_field(kind, value))
+    if count:
+        out.append(bytes((bits,)))
+    return b"".join(out)
+
+
+def _decode_field(kind, data, pos):
+    number = _NUMBERS.get(kind)
+    if number is not None:
+        return number.unpack_from(data, pos)[0], pos + number.size
+    if kind == "shortstr":
+        end = pos + 1 + data[pos]
+        return _text(data[pos + 1 : end]), end
+    if kind in ("longstr", "table"):
+        start = pos + 4
+        end = start + _LENGTH.unpack_from(data, pos)[0]
+        if kind == "table":
+            return decode_table(data[start:end]), end
+        return _text(data[start:end]), end
+    raise _ProtocolError(f"cannot decode AMQP fields of type {kind!r}")
+
+
+def _decode_fields(kinds, data, pos):
+    """Method arguments from data[pos:]: (values, position after them)."""
+    values = []
+    bits, count = 0, 8
+    for kind in kinds:
+        if kind == "bit":
+            if count == 8:
+                bits, count = data[pos], 0
+                pos += 1
+            values.append(bool(bits >> count & 1))
+            count += 1
+            continue
+        count = 8
+        value, pos = _decode_field(kind, data, pos)
+        values.append(value)
+    return values, pos
+
+
+@functools.cache
+def _property_layout(klass):
+    """name -> (position, type) of a class's content properties."""
+    return {field.name: (i, field.type) for i, field in enumerate(klass.fields)}
+
+
+def _encode_properties(klass, properties):
+    """Content properties (a dict keyed by spec name, None meaning absent) as bytes: property
+    flags, 15 per 16-bit word with the first property in the high bit and the low bit set when
+    another word follows, then the values present in spec order."""
+    layout = _property_layout(klass)
+    present = []
+    for name, value in properties.items():
+        if value is not None:
+            position, kind = layout[name]
+            present.append((position, kind, value))
+    present.sort()
+    words = [0] * (len(layout) // 15 + 1)
+    for position, _, _ in present:
+        words[position // 15] |= 1 << (15 - position % 15)
+    while len(words) > 1 and not words[-1]:
+        words.pop()
+    for i in range(len(words) - 1):
+        words[i] |= 1
+    flags = b"".join([_FLAGS.pack(word) for word in words])
+    return flags + b"".join([_encode_field(kind, value) for _, kind, value in present])
+
+
+def _decode_properties(klass, data, pos):
+    """Content properties from data[pos:]: (dict keyed by spec name, position after them)."""
+    words = []
+    while True:
+        (word,) = _FLAGS.unpack_from(data, pos)
+        pos += 2
+        words.append(word & 0xFFFE)
+        if not word & 1:
+            break
+    fields = klass.fields
+    properties = {}
+    for i, word in enumerate(words):
+        while word:
+            top = word.bit_length() - 1
+            field = fields[i * 15 + 15 - top]
+            properties[field.name], pos = _decode_field(field.type, data, pos)
+            word ^= 1 << top
+    return properties, pos
+
+
+def _frame(kind, channel, payload):
+    return b"".join((_FRAME.pack(kind, channel, len(payload)), payload, _FRAME_END))
+
+
+def _method_frame(channel, method, args):
+    payload = _METHOD_ID.pack(method.klass.id << 16 | method.id) + _encode_fields(
+        _field_types(method), args
+    )
+    return _frame(_METHOD_FRAME, channel, payload)
+
+
+def _content_frames(channel, klass, properties, body, max_body):
+    """The header frame and the body frames of one message, as one bytes object."""
+    header = _CONTENT_HEADER.pack(klass.id, 0, len(body)) + _encode_properties(klass, properties)
+    parts = [_FRAME.pack(_HEADER_FRAME, channel, len(header)), header, _FRAME_END]
+    for start in range(0, len(body), max_body):
+        chunk = body if len(body) <= max_body else body[start : start + max_body]
+        parts += (_FRAME.pack(_BODY_FRAME, channel, len(chunk)), chunk, _FRAME_END)
+    return b"".join(parts)
+
+
+
+def _shortstr(value, what):
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+    if len(value.encode()) > 255:
+        raise ValueError(f"{what} is longer than 255 bytes: {value[:40]!r}...")
+    return value
