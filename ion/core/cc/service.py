@@ -1,6 +1,7 @@
 """The container as twistd runs it: a tree of services, built at boot.
 
-    ContainerService     boots once the reactor runs, reports a daemon's start, sets the status
+    ContainerService     boots once the reactor runs, reports a daemon's start, sets the exit
+                         status, stops the reactor on SIGTERM/SIGINT
       TransportService   the broker connection: the boot awaits its connect; closed last
       ProcessesService   on stop, ends the processes no app owns (a shell's, an agent's spawns)
       AppsService        starts the apps in dependency order; stops them in reverse
@@ -173,6 +174,7 @@ class ContainerService(MultiService):
         d.addErrback(self._boot_failed)
 
     async def boot(self):
+        """Build the tree, awaiting each child as it is added, then open the shell (a tty)."""
         opts = self.options
         self.container = self._make_container()
         transport = TransportService(self.container)
