@@ -144,8 +144,10 @@ class ContainerService(MultiService):
             os.close(pipe)
 
     def _install_signal_handlers(self):
-        # A container stopped by SIGTERM/SIGINT has done its job: stop gracefully and exit 0
-        # (twistd's own handlers would re-raise the signal after shutdown).
+        # A container stopped by SIGTERM/SIGINT has done its job: stop gracefully and exit 0.
+        # twistd's own handlers get this wrong for us: the reactor records the signal and,
+        # after shutdown, twistd.runApp re-sends it to the process (app._exitWithSignal), so
+        # the exit status would be that of a killed process, not 0.
         def stop(signum, frame):
             log.info("{signal}: stopping the container", signal=signal.Signals(signum).name)
             self.reactor.callFromThread(self._stop_reactor)
