@@ -29,7 +29,8 @@ import json
 import os
 import sys
 
-from twisted.internet import defer
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
 
 from ion.core.cc.container import Container, make_transport
 from ion.core.config import Config, ConfigError
@@ -224,6 +225,8 @@ _TABLES = {"containers": _containers_table, "ps": _ps_table}
 
 
 def main(argv=None):
+    """Run one command. A usage error and C{broker-setup} return the exit status; a command that
+    talks to the system runs under C{task.react}, which ends with SystemExit(status)."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     try:
@@ -236,35 +239,29 @@ def main(argv=None):
         from ion.core.cc.roles import broker_setup
 
         return broker_setup(args, sys.stdin, sys.stdout, sys.stderr)
-    outcome = {}
+    task.react(_react, [args])
 
-    async def go(reactor):
-        try:
-            outcome["result"] = await _run(reactor, args)
-            outcome["code"] = OK
-        except UsageError as e:
-            outcome["error"], outcome["code"] = str(e), USAGE
-        except (ConfigError, ValueError) as e:
-            # A config file, credentials file or broker URL that cannot be used.
-            outcome["error"], outcome["code"] = str(e), USAGE
-        except RemoteError as e:
-            outcome["error"], outcome["code"] = str(e), REMOTE_ERROR
-        except (ConversationTimeout, NoSuchReceiver, TransportError) as e:
-            outcome["error"], outcome["code"] = str(e), UNREACHABLE
 
-    from twisted.internet import reactor
+async def _react(reactor, args):
+    """The command under C{task.react}: print its result, or one line saying why it failed and
+    leave with that status (SystemExit, which react turns into the exit status)."""
+    try:
+        result = await _run(reactor, args)
+    except UsageError as e:
+        raise _fail(e, USAGE)
+    except (ConfigError, ValueError) as e:
+        # A config file, credentials file or broker URL that cannot be used.
+        raise _fail(e, USAGE)
+    except RemoteError as e:
+        raise _fail(e, REMOTE_ERROR)
+    except (ConversationTimeout, NoSuchReceiver, TransportError) as e:
+        raise _fail(e, UNREACHABLE)
+    except Exception:
+        raise _fail(Failure().getTraceback(), REMOTE_ERROR)
+    table = None if args.json else _TABLES.get(args.command)
+    print(_to_json(result) if table is None else table(result, args))
 
-    def start():
-        d = defer.Deferred.fromCoroutine(go(reactor))
-        d.addErrback(lambda f: outcome.update(error=f.getTraceback(), code=REMOTE_ERROR))
-        d.addBoth(lambda _: reactor.stop())
 
-    reactor.callWhenRunning(start)
-    reactor.run()
-    if outcome.get("code") == OK:
-        result = outcome.get("result")
-        table = None if args.json else _TABLES.get(args.command)
-        print(_to_json(result) if table is None else table(result, args))
-        return OK
-    sys.stderr.write(f"ion: {redact(outcome.get('error', 'failed'))}\n")
-    return outcome.get("code", UNREACHABLE)
+def _fail(error, code):
+    sys.stderr.write(f"ion: {redact(str(error))}\n")
+    return SystemExit(code)

@@ -95,17 +95,27 @@ class Container:
 
     async def stop(self):
         """Stop apps (reverse start order), then remaining processes (newest first), then the
-        connection. The last container of the system removes the system's exchanges."""
+        connection; under twistd the services of ion.core.cc.service take these steps."""
         if not self.running:
             return
         self.running = False
         await self.apps.stop_all()
+        await self.stop_processes()
+        await self.close_connection()
+
+    async def stop_processes(self):
+        """Terminate the top-level processes still running, newest first."""
         for proc in reversed(self.registry.top_level()):
             if not proc.lifecycle.final:
                 try:
                     await proc.terminate()
                 except Exception:
                     log.failure("could not terminate {proc!r}", proc=proc)
+
+    async def close_connection(self):
+        """The last step of a stop: the last container of the system removes the system's
+        exchanges, then the connection closes."""
+        self.running = False
         if await self.messenger.remove_exchanges():
             log.info("system {sysname}: last container, exchanges removed", sysname=self.sysname)
         await self.transport.close()

@@ -1,43 +1,45 @@
 """The amqp:// and amqps:// transports: RabbitMQ over AMQP 0-9-1, reconnecting on its own.
 
-`AmqpTransport` keeps one AMQP 0-9-1 connection, made and remade by a `ClientService` with
-exponential backoff and jitter. Its `prepareConnection` does the handshake, then declares again
+L{AmqpTransport} keeps one AMQP 0-9-1 connection, made and remade by a C{ClientService} with
+exponential backoff and jitter. Its C{prepareConnection} does the handshake, then declares again
 each exchange, queue and binding declared before and re-attaches the consumers, so the layers
 above keep their objects across a broker restart; a failed prepare is a failed attempt.
 
 What it guarantees on the wire:
-- publishes go out on one channel in confirm mode: `publish` fires when the broker acked the
-  message, fails with `Unroutable` when a mandatory message reached no queue (basic.return),
-  with `NotFound` when the exchange is missing, and with `ConnectionLost` when the connection
-  (or the publish channel) went away before the broker confirmed;
-- `user_id` is set to the connection's user on every message; RabbitMQ checks it, so receivers
-  can trust it;
-- each consumer has its own channel with its own prefetch (basic.qos); cancelling it closes the
-  channel, which puts its unacked messages back at the head of the queue; the broker's consumer
-  cancel notification (the queue was deleted) is logged and ends the consumer;
-- a refused operation closes only its channel: 404 becomes `NotFound`, 405 `QueueInUse`, other
-  codes `TransportError`; the connection stays up;
-- heartbeats are on (10 s by default); TLS (amqps://) always verifies the broker's certificate
-  and host name.
 
-While the connection is down, operations fail at once with `ConnectionLost`; `whenConnected()`
+  - publishes go out on one channel in confirm mode: C{publish} fires when the broker acked the
+    message, fails with C{Unroutable} when a mandatory message reached no queue (basic.return),
+    with C{NotFound} when the exchange is missing, and with C{ConnectionLost} when the connection
+    (or the publish channel) went away before the broker confirmed;
+  - C{user_id} is set to the connection's user on every message; RabbitMQ checks it, so receivers
+    can trust it;
+  - each consumer has its own channel with its own prefetch (basic.qos); cancelling it closes the
+    channel, which puts its unacked messages back at the head of the queue; the broker's consumer
+    cancel notification (the queue was deleted) is logged and ends the consumer;
+  - a refused operation closes only its channel: 404 becomes C{NotFound}, 405 C{QueueInUse}, other
+    codes C{TransportError}; the connection stays up;
+  - heartbeats are on (10 s by default); TLS (amqps://) always verifies the broker's certificate
+    and host name.
+
+While the connection is down, operations fail at once with C{ConnectionLost}; C{whenConnected()}
 tells when it is back. Queues with server-generated names cannot be declared again under the
 same name, so they and their consumers do not survive a reconnect.
 
 The modules, all private behind this one:
-- `_wire`: the spec (amqp0-9-1.xml), field tables (bounded when decoding), the frame codec;
-- `_address`: AMQP URLs;
-- `_protocol`: the connection's protocol (a Twisted `Protocol`): frames, handshake, channels
-  and their synchronous calls, heartbeats;
-- `_session`: one live connection: control, publish and consumer channels;
-- `_publish`: the publish channel in confirm mode, with returns;
-- `_consume`: consumers, deliveries and ack batching;
-- `_transport`: `AmqpTransport`, the ClientService and what was declared.
+
+  - C{_wire}: the spec (amqp0-9-1.xml), field tables (bounded when decoding), the frame codec;
+  - C{_address}: AMQP URLs;
+  - C{_protocol}: the connection's protocol (a Twisted C{Protocol}): frames, handshake, channels
+    and their synchronous calls, heartbeats;
+  - C{_session}: one live connection: control, publish and consumer channels;
+  - C{_publish}: the publish channel in confirm mode, with returns;
+  - C{_consume}: consumers, deliveries and ack batching;
+  - C{_transport}: L{AmqpTransport}, the ClientService and what was declared.
 
 No AMQP library is used, so none of its internals can break this package: the protocol
 class, the codec and the spec loader are ours. A publish is one write; deliveries, confirms
 and returns reach their handlers as soon as their last frame is read; the acks of a reactor
-turn go together (`_consume._Acks`).
+turn go together (C{_consume._Acks}).
 """
 
 from ion.core.messaging.amqp._address import AmqpAddress

@@ -11,9 +11,9 @@ DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
 
 @attr.s(frozen=True, slots=True, repr=False)
 class AmqpAddress:
-    """Where and as whom to connect, from `amqp[s]://user:password@host:port/vhost`.
+    """Where and as whom to connect, from C{amqp[s]://user:password@host:port/vhost}.
 
-    Its str() and repr() show the password as `***`.
+    Its str() and repr() show the password as C{***}.
     """
 
     tls = attr.ib()
@@ -26,7 +26,7 @@ class AmqpAddress:
     @classmethod
     def parse(cls, url):
         """Read an AMQP URL (RabbitMQ's URI spec: user, password and vhost percent-encoded;
-        no path or `/` means the vhost `/`). Missing user and password mean guest/guest.
+        no path or C{/} means the vhost C{/}). Missing user and password mean guest/guest.
         Raises ValueError, whose message never contains the password."""
         shown = redact(url)
         try:

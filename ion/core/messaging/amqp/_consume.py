@@ -21,10 +21,10 @@ class _Acks:
     """Sends the acks and nacks of one consumer channel.
 
     Acks wait for the end of the reactor turn. Then the run of settled messages at the head of
-    the channel's unsettled ones goes as one basic.ack with `multiple`, and acks behind a
+    the channel's unsettled ones goes as one basic.ack with C{multiple}, and acks behind a
     message still being worked on go one by one, so that a slow message never holds back the
     prefetch window. A nack goes at once, after the acks before it. Every delivery on the
-    channel is counted, also those no consumer takes, so that `multiple` never covers a message
+    channel is counted, also those no consumer takes, so that C{multiple} never covers a message
     nobody settled."""
 
     def __init__(self, session, channel):
@@ -135,7 +135,7 @@ class _Delivery:
 
     def nack(self, requeue=True):
         """Refuse the message: with requeue it goes back to the head of its queue marked
-        redelivered, otherwise it is dropped. Same double-settle rule as `ack`."""
+        redelivered, otherwise it is dropped. Same double-settle rule as L{ack}."""
         if self._settle("nack"):
             self._acks.nack(self._tag, requeue)
 

@@ -1,4 +1,4 @@
-"""The protocol of one AMQP 0-9-1 connection: frames in and out (with `_wire`), the handshake,
+"""The protocol of one AMQP 0-9-1 connection: frames in and out (with C{_wire}), the handshake,
 channels and their synchronous calls, and heartbeats. What the broker sends on its own
 (deliveries, confirms, returns, closes, consumer cancellations) goes to the session."""
 
@@ -60,7 +60,7 @@ def _closed_error(klass, code, text):
 
 class _IncomingContent:
     """A content-carrying method (basic.deliver, basic.return) waiting for its header and body
-    frames. `error` says why its properties could not be decoded: the body frames of such a
+    frames. C{error} says why its properties could not be decoded: the body frames of such a
     delivery are counted and dropped."""
 
     __slots__ = ("method", "args", "properties", "size", "chunks", "received", "error")
@@ -113,8 +113,8 @@ class _Channel:
 
 
 class _Protocol(Protocol):
-    """An AMQP 0-9-1 client connection. `opened` fires once the vhost is open; `channels`
-    maps numbers to the open `_Channel`s (0 is the connection's own)."""
+    """An AMQP 0-9-1 client connection. C{opened} fires once the vhost is open; C{channels}
+    maps numbers to the open L{_Channel}s (0 is the connection's own)."""
 
     def __init__(self, session, spec, vhost, mechanism, response, heartbeat, clock):
         self.session = session
@@ -165,7 +165,7 @@ class _Protocol(Protocol):
         self._check = None  # DelayedCall checking the broker's
 
     def method(self, name):
-        """The spec's method called `name` ("queue_declare", "basic_ack", ...)."""
+        """The spec's method called C{name} ("queue_declare", "basic_ack", ...)."""
         return self._by_name[name]
 
     def channel(self, number):
@@ -474,7 +474,7 @@ def _spawn(coroutine, what):
 
 
 def _as_deferred(method):
-    """Make an `async def` method return a Deferred, as ITransport callers expect."""
+    """Make an C{async def} method return a Deferred, as ITransport callers expect."""
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):

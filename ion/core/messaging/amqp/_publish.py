@@ -25,7 +25,7 @@ class _Publish:
 
 class _Publisher:
     """The publish channel in confirm mode: delivery tags count publishes from 1, and
-    basic.ack/basic.nack (possibly `multiple`) settle them.
+    basic.ack/basic.nack (possibly C{multiple}) settle them.
 
     basic.return carries no delivery tag. RabbitMQ sends it before the ack of the returned
     message and acks an unroutable message at once, so a return belongs to one of the
@@ -34,7 +34,7 @@ class _Publisher:
 
     Publishing to a missing exchange would close the channel and lose the confirms of every
     publish in flight, so an exchange not yet seen on this connection is first checked with a
-    passive declare. Publishes wait in `backlog`, in order, while that check runs or while the
+    passive declare. Publishes wait in C{backlog}, in order, while that check runs or while the
     channel is reopened."""
 
     def __init__(self, session):

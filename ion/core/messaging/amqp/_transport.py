@@ -1,4 +1,4 @@
-"""`AmqpTransport`: the reconnecting connection and what it declared, behind ITransport."""
+"""L{AmqpTransport}: the reconnecting connection and what it declared, behind ITransport."""
 
 import urllib.parse
 
@@ -53,7 +53,7 @@ class _ShieldedEndpoint(Factory):
     connection that it does not take as connected.
 
     ClientService learns of lost connections from a wrapper around the protocol, and its state
-    machine (Twisted 26.10) has no transition for a connection lost while `prepareConnection`
+    machine (Twisted 26.10) has no transition for a connection lost while C{prepareConnection}
     runs or after it failed: automat raises NoTransition out of connectionLost. Both happen
     here: the broker closes a connection it refused, a restore is cut. The loss of such a
     connection goes to our protocol only; a failed prepare already counts as a failed attempt.
@@ -98,23 +98,23 @@ class _Shield(Protocol):
 
 @implementer(ITransport)
 class AmqpTransport:
-    """One reconnecting connection to RabbitMQ at `url` (amqp:// or amqps://).
+    """One reconnecting connection to RabbitMQ at C{url} (amqp:// or amqps://).
 
-    `heartbeat` is the AMQP heartbeat in seconds (0 turns it off); `prefetch` is the default
-    for `consume`. For amqps:// (see `ion.core.messaging.tls`): `tls_ca_file` is a PEM file
-    with the CA certificates trusted for the broker (default: the system's); `tls_cert_file`
-    and `tls_key_file` are a client certificate and its key (mode 0600), with which the
+    C{heartbeat} is the AMQP heartbeat in seconds (0 turns it off); C{prefetch} is the default
+    for L{consume}. For amqps:// (see L{ion.core.messaging.tls}): C{tls_ca_file} is a PEM file
+    with the CA certificates trusted for the broker (default: the system's); C{tls_cert_file}
+    and C{tls_key_file} are a client certificate and its key (mode 0600), with which the
     connection logs in with EXTERNAL as the user the broker reads from the certificate: the
-    URL's user when it names one (it must be that name: messages carry it as `user_id`),
-    else the certificate's CN (RabbitMQ's `ssl_cert_login_from = common_name`). The files are
+    URL's user when it names one (it must be that name: messages carry it as C{user_id}),
+    else the certificate's CN (RabbitMQ's C{ssl_cert_login_from = common_name}). The files are
     read here: ValueError when they cannot be used, or are given for an amqp:// URL.
-    `retry_policy(attempt) -> seconds` spaces reconnect attempts
+    C{retry_policy(attempt) -> seconds} spaces reconnect attempts
     (default: exponential backoff from 0.5 s up to 30 s, plus up to 1 s of jitter).
-    `connect_timeout` bounds the TCP connect and the AMQP handshake.
+    C{connect_timeout} bounds the TCP connect and the AMQP handshake.
 
-    Every method returns a Deferred, failed with a `TransportError` subclass on refusal.
-    Operations before `connect()` fail with TransportError, while disconnected and after
-    `close()` with ConnectionLost.
+    Every method returns a Deferred, failed with a L{TransportError} subclass on refusal.
+    Operations before C{connect()} fail with TransportError, while disconnected and after
+    C{close()} with ConnectionLost.
 
     Callback rule: an exception escaping a consumer callback (raised, or failing the Deferred
     or coroutine it returned) is logged and, if the callback had not acked or nacked the
@@ -506,7 +506,7 @@ class AmqpTransport:
         """Publish body; fires with None once the broker confirmed it. Fails with Unroutable
         (mandatory and no queue matched), NotFound (no such exchange) or ConnectionLost (not
         confirmed before the connection went away: the message may or may not have arrived).
-        `properties.user_id` is set to this connection's user."""
+        C{properties.user_id} is set to this connection's user."""
         try:
             session = self._live_session()
             if not isinstance(body, bytes):

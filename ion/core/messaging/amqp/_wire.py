@@ -27,10 +27,10 @@ class _Part:
 def load_spec():
     """The AMQP 0-9-1 spec with RabbitMQ's extensions, from SPEC_FILE (loaded once).
 
-    `classes` maps names to classes: `name`, `id`, `fields` (the content properties) and
-    `methods`, which maps names to methods: `klass`, `name`, `id`, `fields`, `content` (a
-    message follows) and `response` (it answers a call). A field has a `name` as the spec
-    writes it ("delivery-tag") and a primitive `type` ("octet", "shortstr", "table", ...)."""
+    C{classes} maps names to classes: C{name}, C{id}, C{fields} (the content properties) and
+    C{methods}, which maps names to methods: C{klass}, C{name}, C{id}, C{fields}, C{content} (a
+    message follows) and C{response} (it answers a call). A field has a C{name} as the spec
+    writes it ("delivery-tag") and a primitive C{type} ("octet", "shortstr", "table", ...)."""
     root = ElementTree.parse(SPEC_FILE).getroot()
     domains = {domain.get("name"): domain.get("type") for domain in root.iter("domain")}
 
