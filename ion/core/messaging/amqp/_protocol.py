@@ -351,7 +351,9 @@ class _Protocol(Protocol):
             )
             self._closed_by_broker = error
             self._fail(error)
-            self.transport.loseConnection()
+            # Nothing to say to a broker we cannot log in to (a TLS close would wait for its
+            # answer).
+            self.transport.abortConnection()
             return
         self.send_method(
             0,
