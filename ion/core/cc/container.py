@@ -39,6 +39,9 @@ def check_broker_url(url):
         raise ValueError(
             f"unsupported broker URL scheme {scheme!r}: use memory://, amqp:// or amqps://"
         )
+    elif url.lower() != "memory://":
+        # the embedded broker has no host, port or path: anything there is a mistake
+        raise ValueError("a memory:// broker URL takes no host or path: write memory://")
     return scheme
 
 

@@ -23,7 +23,7 @@ TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 def twistd(*args, cwd=None, timeout=60, **kw):
     """Run `twistd --pidfile= -n cc ...` (the installed plugin) and return the CompletedProcess."""
     cmd = [*TWISTD, "--pidfile=", "-n", "cc", *args]
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = kw.pop("env", None) or dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.run(
         cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout,
         stdin=subprocess.DEVNULL, **kw
@@ -171,6 +171,28 @@ class TwistdTests(unittest.TestCase):
             self.assertIn("cc: container failed to start: ", output)
             self.assertIn(expected, output)
             self.assertNotIn("Traceback", output)
+
+    def test_bad_input_one_line_exit_2(self):
+        """An empty .app file, a memory:// URL with a host, and a broker user without a
+        password (no credentials line for it): one line each, status 2, nothing started."""
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        empty = os.path.join(cwd, "empty.app")
+        open(empty, "w").close()
+        home = os.path.join(cwd, "home")
+        default = os.path.join(home, ".config", "ion", "credentials.conf")
+        for args, expected in [
+            ((empty,), f"cc: {empty}: empty file"),
+            (("--broker", "memory://foo"),
+             "cc: a memory:// broker URL takes no host or path: write memory://"),
+            (("--broker", "amqp://alice@127.0.0.1:1/"),
+             f"cc: no password for alice@127.0.0.1 in {default} (no such file)"),
+        ]:
+            result = twistd("--res", RES, "--no-shell", *args, cwd=cwd,
+                            env=dict(os.environ, PYTHONPATH=ROOT, HOME=home))
+            self.assertEqual(result.returncode, 2, result.stderr)
+            self.assertEqual(result.stderr.splitlines(), [expected])
+            self.assertNotIn("Traceback", result.stdout)
 
     def test_unreachable_broker_exit_1_no_traceback(self):
         result = twistd("--no-shell", "--broker", "amqp://127.0.0.1:1/")
