@@ -117,6 +117,9 @@ class Options(usage.Options):
         ["credentials", None, None, "The credentials file, read for a broker URL with a user and no password "
          "(default ~/.config/ion/credentials.conf when it exists; the pump reads its server logins there "
          "too): broker lines amqp[s]://user:password@host[:port]/, readable by its owner only."],
+        ["broker-retry", None, None, "Seconds to keep trying to reach the broker at boot, with "
+         "backoff (for a pump started before its broker); default: config ion.core.messaging "
+         "broker_retry, else 0: an unreachable broker fails the boot at once.", float],
         ["sysname", "s", None, "System name: containers with the same sysname on one broker form one system."],
         ["args", "a", None, "Container args: k=v,k=v or a dict literal; apparg_<app>={...} sets an app's kwargs."],
         ["res", None, None, "The res/ directory (default ./res, else the one shipped with ION)."],
@@ -174,6 +177,12 @@ class Options(usage.Options):
             )
         except ValueError as e:
             fail_input(e)
+        retry = self["broker-retry"]
+        if retry is None:
+            retry = config.get("ion.core.messaging", "broker_retry", 0)
+        if isinstance(retry, bool) or not isinstance(retry, (int, float)) or not retry >= 0:
+            fail_input(f"--broker-retry / broker_retry: seconds >= 0 expected, got {retry!r}")
+        self["broker_retry"] = retry
         apparg = {k[len("apparg_") :]: v for k, v in cargs.items() if k.startswith("apparg_")}
         self["apparg"] = apparg
         try:
