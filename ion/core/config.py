@@ -120,6 +120,8 @@ def read_literal_tree(path, expect=dict, what=None):
         raise ConfigError("no such file", path) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read: {e}", path) from None
+    if not text.strip():
+        raise ConfigError("empty file", path)
     try:
         tree = ast.parse(text, filename=path, mode="eval")
     except SyntaxError as e:

@@ -49,7 +49,12 @@ DEFAULT_CREDENTIALS = "~/.config/ion/credentials.conf"
 DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671, "http": 80, "https": 443, "ftp": 21, "sftp": 22}
 BROKER_SCHEMES = ("amqp", "amqps")
 OPTIONS = ("ssh_key",)
-LINE_FORMAT = "scheme://user[:password]@host[:port][/path] [option=value ...]"
+# Shown in errors, which go through ion.core.log.redact: written so that no part of it looks
+# like a password in a URL (redact would mask "[:password]@host" too).
+LINE_FORMAT = (
+    "scheme://user@host[:port][/path] [option=value ...], "
+    "a password (if any) after the user as user:password"
+)
 BROKER_LINE_FORMAT = "amqp[s]://user:password@host[:port]/"
 
 

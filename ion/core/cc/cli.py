@@ -16,7 +16,9 @@ from the credentials file, as for C{twistd cc}: C{--credentials PATH}, by defaul
 ~/.config/ion/credentials.conf when it exists. So no password needs to be on the command line,
 where C{ps} shows it to every user of the machine. For amqps://, C{--broker-ca FILE} names the
 CA certificates to trust, and C{--broker-cert FILE --broker-key FILE} a client certificate,
-which logs in with EXTERNAL (no password at all), as for C{twistd cc}.
+which logs in with EXTERNAL (no password at all), as for C{twistd cc}. A user with no password
+there (other than C{guest}) is an error, as is no broker at all: the embedded memory:// broker
+of a container lives in that container's process, out of reach.
 
 C{containers} and C{ps} print aligned tables, the other commands JSON; C{--json} prints any
 result as JSON (one line, for scripts). Exit status: 0 ok, 1 the remote side answered with an
@@ -32,7 +34,9 @@ import sys
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from ion.core.cc.container import Container, make_transport
+import ion
+
+from ion.core.cc.container import Container, check_broker_url, make_transport
 from ion.core.config import Config, ConfigError
 from ion.core.credentials import DEFAULT_CREDENTIALS
 from ion.core.conversation.errors import ConversationTimeout, NoSuchReceiver, RemoteError
@@ -45,6 +49,10 @@ OK, REMOTE_ERROR, USAGE, UNREACHABLE = 0, 1, 2, 3
 
 class UsageError(Exception):
     pass
+
+
+class NoSuchContainer(LookupError):
+    """C{ion ps <container>}: no container of that id answers."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +72,16 @@ def _to_json(value):
     return json.dumps(value, default=default, indent=None, sort_keys=True)
 
 
+def _positive_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"timeout must be > 0, got {text}")
+    return value
+
+
 def build_parser():
     common = _Parser(add_help=False)
     common.add_argument("--broker", help="broker URL (default: config ion.core.messaging broker)")
@@ -80,10 +98,12 @@ def build_parser():
     common.add_argument("--broker-key", metavar="FILE",
                         help="amqps://: unencrypted PEM key of --broker-cert, mode 0600")
     common.add_argument("-s", "--sysname", help="system name (default: config, 'ion')")
-    common.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    common.add_argument("--timeout", type=_positive_seconds, default=10.0,
+                        help="seconds (default 10)")
     common.add_argument("--res", help="res/ directory (default ./res or the installed one)")
     common.add_argument("--json", action="store_true", help="print the result as JSON")
     parser = _Parser(prog="ion", description="Talk to a running ION system.")
+    parser.add_argument("--version", action="version", version=f"ION {ion.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("rpc", parents=[common], help="call an op and print the result")
     p.add_argument("service")
@@ -134,7 +154,8 @@ def broker_url(args, config):
     from ion.core.cc.tap import broker_url_with_password
 
     url = args.broker or config.get("ion.core.messaging", "broker", "memory://")
-    return broker_url_with_password(url, args.credentials, default_credentials)
+    certificate = args.broker_cert or config.get("ion.core.messaging", "broker_cert", None)
+    return broker_url_with_password(url, args.credentials, default_credentials, bool(certificate))
 
 
 async def _run(reactor, args):
@@ -142,6 +163,12 @@ async def _run(reactor, args):
 
     config = Config.load(args.res or find_res_dir())
     url = broker_url(args, config)
+    if check_broker_url(url) == "memory":
+        # A memory:// broker lives inside one process: this one's would be new and empty.
+        raise UsageError(
+            "no broker: give --broker amqp://... (a container on the embedded memory:// "
+            "broker cannot be reached from outside)"
+        )
     tls = broker_tls(url, args.broker_ca, args.broker_cert, args.broker_key, config)
     sysname = args.sysname or config.get("ion.core.messaging", "sysname", "ion")
     container = Container(config, reactor, make_transport(url, reactor, **tls), sysname=sysname,
@@ -173,7 +200,13 @@ async def _command(client, args):
         return await client.rpc("ccagent", "containers", None, timeout=t)
     if args.command == "ps":
         if args.container:
-            return await client.rpc(f"cc_{args.container}", "ps", None, timeout=t)
+            try:
+                return await client.rpc(f"cc_{args.container}", "ps", None, timeout=t)
+            except NoSuchReceiver:
+                raise NoSuchContainer(
+                    f"no container {args.container} in system {client.container.sysname} "
+                    "(ion containers lists them)"
+                ) from None
         peers = await client.rpc("ccagent", "containers", None, timeout=t)
         result = {}
         for peer in peers:
@@ -232,7 +265,7 @@ def main(argv=None):
     try:
         args = parser.parse_args(argv)
     except UsageError as e:
-        sys.stderr.write(f"{parser.format_usage()}ion: error: {e}\n")
+        sys.stderr.write(f"ion: error: {e} (ion -h for help)\n")
         return USAGE
     if args.command == "broker-setup":
         # Nothing to connect to: rabbitmqctl does the work.
@@ -254,7 +287,7 @@ async def _react(reactor, args):
         raise _fail(e, USAGE)
     except RemoteError as e:
         raise _fail(e, REMOTE_ERROR)
-    except (ConversationTimeout, NoSuchReceiver, TransportError) as e:
+    except (ConversationTimeout, NoSuchReceiver, NoSuchContainer, TransportError) as e:
         raise _fail(e, UNREACHABLE)
     except Exception:
         raise _fail(Failure().getTraceback(), REMOTE_ERROR)

@@ -8,11 +8,14 @@ here is global, the reactor and config are passed in.
 import os
 import socket
 
+from twisted.application.internet import backoffPolicy
+from twisted.internet import task
 from twisted.logger import Logger
 
 from ion.core.app.controller import AppController
 from ion.core.messaging import codec
 from ion.core.messaging.messenger import Messenger
+from ion.core.messaging.transport import TransportError
 from ion.core.process.registry import ProcessRegistry, resolve
 
 log = Logger()
@@ -39,6 +42,9 @@ def check_broker_url(url):
         raise ValueError(
             f"unsupported broker URL scheme {scheme!r}: use memory://, amqp:// or amqps://"
         )
+    elif url.lower() != "memory://":
+        # the embedded broker has no host, port or path: anything there is a mistake
+        raise ValueError("a memory:// broker URL takes no host or path: write memory://")
     return scheme
 
 
@@ -81,12 +87,34 @@ class Container:
     def __repr__(self):
         return f"<Container {self.id} sysname={self.sysname}>"
 
-    async def start(self):
+    async def start(self, connect_retry=0):
+        """Connect, then open the messenger. A broker that cannot be reached fails the start,
+        at once with C{connect_retry=0}, else after trying again with backoff (2 s doubling
+        up to 30 s, one warning per failed attempt) for up to C{connect_retry} seconds: a
+        pump started at machine boot before its broker then comes up once the broker does."""
         self.transport.on_connection_lost(self._connection_lost)
-        await self.transport.connect()
+        await self._connect(connect_retry)
         await self.messenger.start()
         self.running = True
         log.info("container {id} started in system {sysname}", id=self.id, sysname=self.sysname)
+
+    async def _connect(self, retry_for):
+        policy = backoffPolicy(initialDelay=1.0, maxDelay=30.0, factor=2.0, jitter=lambda: 0)
+        give_up = self.clock.seconds() + retry_for
+        attempt = 0
+        while True:
+            try:
+                return await self.transport.connect()
+            except TransportError as e:
+                attempt += 1
+                delay = policy(attempt)
+                if self.clock.seconds() + delay > give_up:
+                    if attempt > 1:
+                        raise type(e)(f"{e} (gave up after {attempt} attempts)") from None
+                    raise
+                log.warn("broker not reached (attempt {attempt}, next in {delay:.0f} s): {error}",
+                         error=e, attempt=attempt, delay=delay)
+                await task.deferLater(self.clock, delay, lambda: None)
 
     def _connection_lost(self, error):
         """Calls in flight cannot get their answers any more: fail them now."""

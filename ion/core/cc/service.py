@@ -179,7 +179,7 @@ class ContainerService(MultiService):
         """Build the tree, awaiting each child as it is added, then open the shell (a tty)."""
         opts = self.options
         self.container = self._make_container()
-        transport = TransportService(self.container)
+        transport = TransportService(self.container, opts["broker_retry"])
         transport.setServiceParent(self)
         await transport.connected
         if not self.running:  # stopped (a signal) while connecting
@@ -285,13 +285,14 @@ class TransportService(Service):
     system's exchanges and the connection closes. A connect still under way when it stops is
     left to end with the reactor."""
 
-    def __init__(self, container):
+    def __init__(self, container, retry=0):
         self.container = container
+        self.retry = retry  # seconds to keep trying an unreachable broker (Container.start)
         self.connected = None
 
     def startService(self):
         super().startService()
-        self.connected = defer.Deferred.fromCoroutine(self.container.start())
+        self.connected = defer.Deferred.fromCoroutine(self.container.start(self.retry))
 
     def stopService(self):
         super().stopService()

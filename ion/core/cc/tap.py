@@ -117,6 +117,9 @@ class Options(usage.Options):
         ["credentials", None, None, "The credentials file, read for a broker URL with a user and no password "
          "(default ~/.config/ion/credentials.conf when it exists; the pump reads its server logins there "
          "too): broker lines amqp[s]://user:password@host[:port]/, readable by its owner only."],
+        ["broker-retry", None, None, "Seconds to keep trying to reach the broker at boot, with "
+         "backoff (for a pump started before its broker); default: config ion.core.messaging "
+         "broker_retry, else 0: an unreachable broker fails the boot at once.", float],
         ["sysname", "s", None, "System name: containers with the same sysname on one broker form one system."],
         ["args", "a", None, "Container args: k=v,k=v or a dict literal; apparg_<app>={...} sets an app's kwargs."],
         ["res", None, None, "The res/ directory (default ./res, else the one shipped with ION)."],
@@ -174,6 +177,12 @@ class Options(usage.Options):
             )
         except ValueError as e:
             fail_input(e)
+        retry = self["broker-retry"]
+        if retry is None:
+            retry = config.get("ion.core.messaging", "broker_retry", 0)
+        if isinstance(retry, bool) or not isinstance(retry, (int, float)) or not retry >= 0:
+            fail_input(f"--broker-retry / broker_retry: seconds >= 0 expected, got {retry!r}")
+        self["broker_retry"] = retry
         apparg = {k[len("apparg_") :]: v for k, v in cargs.items() if k.startswith("apparg_")}
         self["apparg"] = apparg
         try:
@@ -209,7 +218,10 @@ class Options(usage.Options):
         """The broker URL with the password from the credentials file (see
         L{broker_url_with_password}); a file that cannot be used stops here."""
         try:
-            return broker_url_with_password(url, self["credentials"], self.default_credentials)
+            certificate = self["broker-cert"] or self["config"].get(
+                "ion.core.messaging", "broker_cert", None)
+            return broker_url_with_password(url, self["credentials"], self.default_credentials,
+                                            bool(certificate))
         except ValueError as e:
             fail_input(e)
 
@@ -243,16 +255,19 @@ def broker_tls(url, ca_file=None, cert_file=None, key_file=None, config=None):
     return files
 
 
-def broker_url_with_password(url, path=None, default=DEFAULT_CREDENTIALS):
+def broker_url_with_password(url, path=None, default=DEFAULT_CREDENTIALS, certificate=False):
     """The broker URL with the password from the credentials file C{path} (None: C{default},
     when it exists) when the URL names a user but no password; the file is read only then.
     The file is the one the pump reads too: its lines for other schemes (sftp, ftp, http(s))
     are checked like any other, and only an amqp[s] line of the URL's host, port and user
     gives the password. CredentialsError (a ValueError naming the file, never a password)
-    when the file cannot be used. C{twistd cc} and the C{ion} command line both use this."""
+    when the file cannot be used, or has no password for the user: a login bound to fail is
+    not tried with some default password. Exceptions: user C{guest} (RabbitMQ's default
+    account, password guest) and a C{certificate} login (EXTERNAL, no password). C{twistd cc}
+    and the C{ion} command line both use this."""
     from urllib.parse import quote, urlsplit
 
-    from ion.core.credentials import find_password, load_credentials
+    from ion.core.credentials import CredentialsError, find_password, load_credentials
 
     try:
         parts = urlsplit(url)
@@ -261,13 +276,15 @@ def broker_url_with_password(url, path=None, default=DEFAULT_CREDENTIALS):
         return url  # reported when the transport parses it
     if not needs_password or parts.scheme.lower() not in ("amqp", "amqps"):
         return url
-    if path is None:
-        path = os.path.expanduser(default)
-        if not os.path.exists(path):
-            return url
-    password = find_password(load_credentials(path), url)
-    if password is None:
+    if certificate or parts.username == "guest":
         return url
+    if path is None and not os.path.exists(os.path.expanduser(default)):
+        password, where = None, f"{os.path.expanduser(default)} (no such file)"
+    else:
+        where = path or os.path.expanduser(default)
+        password = find_password(load_credentials(where), url)
+    if password is None:
+        raise CredentialsError(f"no password for {parts.username}@{parts.hostname} in {where}")
     userinfo, _, host = parts.netloc.rpartition("@")
     netloc = f"{userinfo}:{quote(password, safe='')}@{host}"
     return parts._replace(netloc=netloc).geturl()

@@ -9,6 +9,7 @@ import sys
 from twisted.internet import threads
 from twisted.trial import unittest
 
+import ion
 from ion.apps.hello.service import HelloService
 from ion.core.cc import cli
 from ion.core.cc.testing import make_container
@@ -65,14 +66,16 @@ class BrokerUrlTests(unittest.SynchronousTestCase):
             self.url("--broker", "amqp://alice@rabbit.example/", "--credentials", path),
             "amqp://alice:p%40ss%3Aw@rabbit.example/",
         )
-        for url in ("amqp://bob@rabbit.example/", "amqp://alice:given@rabbit.example/"):
+        for url in ("amqp://guest@rabbit.example/", "amqp://alice:given@rabbit.example/"):
             self.assertEqual(self.url("--broker", url, "--credentials", path), url)
         self.assertEqual(self.url(), "memory://")
 
     def test_default_file(self):
-        """Without --credentials the default file is read when it exists."""
+        """Without --credentials the default file is read when it exists; without it, a URL
+        with a user and no password is refused naming the file."""
         url = "amqp://alice@rabbit.example/"
-        self.assertEqual(self.url("--broker", url), url)
+        e = self.assertRaises(CredentialsError, self.url, "--broker", url)
+        self.assertIn(f"no password for alice@rabbit.example in {cli.default_credentials}", str(e))
         write_private(cli.default_credentials, "amqp://alice:pw@rabbit.example/\n")
         self.assertEqual(self.url("--broker", url), "amqp://alice:pw@rabbit.example/")
 
@@ -129,3 +132,73 @@ class CommandLineTests(unittest.TestCase):
         none = await threads.deferToThread(run_cli, *call, '"none"', home=self.mktemp())
         self.assertNotEqual(none.returncode, 0)
         self.assertNotIn("alice:alice", none.stderr)
+
+
+class OneLineErrorTests(unittest.TestCase):
+    """Issue 22: every mistake on the `ion` command line is one line on stderr with its exit
+    status (2 bad input, 3 nothing answers), never a traceback."""
+
+    def one_line(self, result, status):
+        self.assertEqual(result.returncode, status, result.stderr)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+        (line,) = result.stderr.splitlines()
+        return line
+
+    def test_bad_input_exit_2(self):
+        """An unknown scheme, a timeout of 0, and no broker at all (the embedded memory://
+        broker of a new process is empty: nothing there to talk to)."""
+        home = os.path.abspath(self.mktemp())
+        foo = run_cli("ping", "--broker", "foo://x", "hello", home=home)
+        self.assertIn("unsupported broker URL scheme 'foo'", self.one_line(foo, 2))
+        zero = run_cli("ping", "--broker", "amqp://127.0.0.1:1/", "--timeout", "0", "hello")
+        self.assertIn("timeout must be > 0", self.one_line(zero, 2))
+        nobroker = run_cli("ping", "hello", home=home)
+        self.assertEqual(
+            self.one_line(nobroker, 2),
+            "ion: no broker: give --broker amqp://... (a container on the embedded memory:// "
+            "broker cannot be reached from outside)",
+        )
+
+    def test_no_password(self):
+        """A broker URL with a user and no password, and no line for it: say so, rather than
+        trying some default password."""
+        home = os.path.abspath(self.mktemp())
+        result = run_cli("ping", "--broker", "amqp://alice@127.0.0.1:1/", "svc", home=home)
+        default = os.path.join(home, ".config", "ion", "credentials.conf")
+        self.assertEqual(
+            self.one_line(result, 2),
+            f"ion: no password for alice@127.0.0.1 in {default} (no such file)",
+        )
+        path = write_private(os.path.join(home, "c.conf"), "amqp://bob:pw@127.0.0.1/\n")
+        result = run_cli("ping", "--broker", "amqp://alice@127.0.0.1:1/", "--credentials", path,
+                         "svc", home=home)
+        self.assertEqual(self.one_line(result, 2), f"ion: no password for alice@127.0.0.1 in {path}")
+
+    def test_malformed_credentials_hint_readable(self):
+        """The error for a malformed credentials line shows the expected format whole: the
+        masking of passwords does not eat part of it."""
+        home = os.path.abspath(self.mktemp())
+        path = write_private(os.path.join(home, "c.conf"), "nonsense\n")
+        result = run_cli("ping", "--broker", "amqp://alice@127.0.0.1:1/", "--credentials", path,
+                         "svc", home=home)
+        line = self.one_line(result, 2)
+        self.assertIn("scheme://user@host[:port][/path]", line)
+        self.assertIn("user:password", line)
+        self.assertNotIn("***", line)
+
+    def test_version(self):
+        result = run_cli("--version")
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, f"ION {ion.__version__}"))
+
+    async def test_ps_no_such_container(self):
+        """`ion ps nosuch` names the container and the system, and the command listing them,
+        not the internal name of the container's process."""
+        broker = get_broker()
+        sysname = f"clips{os.getpid()}"
+        result = await threads.deferToThread(
+            run_cli, "ps", "--broker", broker.url, "-s", sysname, "--timeout", "5", "nosuch"
+        )
+        self.assertEqual(
+            self.one_line(result, 3),
+            f"ion: no container nosuch in system {sysname} (ion containers lists them)",
+        )

@@ -7,12 +7,14 @@ import subprocess
 import sys
 import time
 
+from twisted.internet import threads
 from twisted.python import usage
 from twisted.trial import unittest
 
 import ion
 from ion.core.cc import tap
 from ion.core.messaging.amqp import AmqpAddress
+from tests.broker import get_broker
 from tests.core.test_log import NASTY_PASSWORDS, assertHidden
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -23,7 +25,7 @@ TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 def twistd(*args, cwd=None, timeout=60, **kw):
     """Run `twistd --pidfile= -n cc ...` (the installed plugin) and return the CompletedProcess."""
     cmd = [*TWISTD, "--pidfile=", "-n", "cc", *args]
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = kw.pop("env", None) or dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.run(
         cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout,
         stdin=subprocess.DEVNULL, **kw
@@ -171,6 +173,30 @@ class TwistdTests(unittest.TestCase):
             self.assertIn("cc: container failed to start: ", output)
             self.assertIn(expected, output)
             self.assertNotIn("Traceback", output)
+
+    def test_bad_input_one_line_exit_2(self):
+        """An empty .app file, a memory:// URL with a host, and a broker user without a
+        password (no credentials line for it): one line each, status 2, nothing started."""
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        empty = os.path.join(cwd, "empty.app")
+        open(empty, "w").close()
+        home = os.path.join(cwd, "home")
+        default = os.path.join(home, ".config", "ion", "credentials.conf")
+        for args, expected in [
+            ((empty,), f"cc: {empty}: empty file"),
+            (("--broker", "memory://foo"),
+             "cc: a memory:// broker URL takes no host or path: write memory://"),
+            (("--broker-retry", "-1"),
+             "cc: --broker-retry / broker_retry: seconds >= 0 expected, got -1.0"),
+            (("--broker", "amqp://alice@127.0.0.1:1/"),
+             f"cc: no password for alice@127.0.0.1 in {default} (no such file)"),
+        ]:
+            result = twistd("--res", RES, "--no-shell", *args, cwd=cwd,
+                            env=dict(os.environ, PYTHONPATH=ROOT, HOME=home))
+            self.assertEqual(result.returncode, 2, result.stderr)
+            self.assertEqual(result.stderr.splitlines(), [expected])
+            self.assertNotIn("Traceback", result.stdout)
 
     def test_unreachable_broker_exit_1_no_traceback(self):
         result = twistd("--no-shell", "--broker", "amqp://127.0.0.1:1/")
@@ -350,3 +376,67 @@ def _wait_for(condition, what, timeout=20):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+class BrokerRetryTests(unittest.TestCase):
+    """--broker-retry: a pump started before its broker (at machine boot) comes up once the
+    broker does, each failed attempt logged once."""
+
+    def start(self, port, retry):
+        url = f"amqp://guest:guest@127.0.0.1:{port}/"
+        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "--no-shell", "--res", RES,
+               "--broker-retry", str(retry), "--broker", url, "-s", f"retry{os.getpid()}"]
+        cwd = self.mktemp()
+        os.makedirs(cwd)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=dict(os.environ, PYTHONPATH=ROOT),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        self.addCleanup(proc.stdout.close)
+        return proc
+
+    async def read_until(self, proc, lines, text):
+        while True:
+            line = await threads.deferToThread(proc.stdout.readline)
+            lines.append(line)
+            if text in line:
+                return
+            if not line:
+                self.fail(f"{text!r} never came:\n{''.join(lines)}")
+
+    async def test_broker_appearing(self):
+        """The broker's port refuses, then answers: the boot goes on, after one warning."""
+        from twisted.internet import reactor
+        from twisted.protocols.portforward import ProxyFactory
+
+        from tests.broker import _free_port
+
+        broker = get_broker()
+        port = _free_port()
+        proc = self.start(port, 30)
+        lines = []
+        await self.read_until(proc, lines, "broker not reached (attempt 1, next in 2 s)")
+        # the broker appears on that port
+        listening = reactor.listenTCP(port, ProxyFactory(broker.host, broker.port),
+                                      interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        await self.read_until(proc, lines, "running apps")
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = await threads.deferToThread(proc.communicate, timeout=30)
+        output = "".join(lines) + rest
+        self.assertEqual(proc.returncode, 0, output)
+        self.assertEqual(output.count("broker not reached"), 1, output)
+        self.assertNotIn("Traceback", output)
+
+    async def test_gives_up(self):
+        """A broker that stays away: one warning per attempt, then the boot fails (status 1)
+        saying how many attempts were made."""
+        from tests.broker import _free_port
+
+        proc = self.start(_free_port(), 3)
+        output, _ = await threads.deferToThread(proc.communicate, timeout=30)
+        self.assertEqual(proc.returncode, 1, output)
+        self.assertEqual(output.count("broker not reached (attempt 1, next in 2 s)"), 1, output)
+        self.assertEqual(output.count("broker not reached"), 1, output)
+        self.assertIn("(gave up after 2 attempts)", output)
+        self.assertNotIn("Traceback", output)

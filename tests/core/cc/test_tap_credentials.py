@@ -60,11 +60,12 @@ class CredentialsOptionTests(unittest.SynchronousTestCase):
         self.assertIn("alice:pa55", opts["broker_url"])
 
     def test_no_match_or_no_need(self):
-        """No matching line leaves the URL as it is; a URL with a password or without a user,
-        or memory://, never reads the file (not even a refused one)."""
+        """No matching line stops the container (issue 22: no default password is tried); a
+        URL with a password or without a user, or memory://, never reads the file (not even a
+        refused one)."""
         path = self.write()
-        opts = self.parse("--broker", "amqp://carol@rabbit.example/", "--credentials", path)
-        self.assertEqual(opts["broker_url"], "amqp://carol@rabbit.example/")
+        line = self.bad("--broker", "amqp://carol@rabbit.example/", "--credentials", path)
+        self.assertEqual(line, f"cc: no password for carol@rabbit.example in {path}")
         refused = self.write(mode=0o644)
         for url in ("amqp://alice:given@rabbit.example/", "amqp://rabbit.example/", "memory://"):
             opts = self.parse("--broker", url, "--credentials", refused)
@@ -124,10 +125,10 @@ class CredentialsOptionTests(unittest.SynchronousTestCase):
         self.assertEqual(opts["broker_url"], "amqps://bob:bob-tls@rabbit.example/v")
 
     def test_pump_logins_only(self):
-        """A file with only the pump's lines leaves the broker URL as it is: an sftp line for
-        the broker's host and user is not a broker password."""
+        """A file with only the pump's lines gives no broker password: an sftp line for the
+        broker's host and user is not one."""
         path = self.write(
             "sftp://alice:sftp-pw@rabbit.example/\nftp://alice:ftp-pw@rabbit.example/\n"
         )
-        opts = self.parse("--broker", "amqp://alice@rabbit.example/", "--credentials", path)
-        self.assertEqual(opts["broker_url"], "amqp://alice@rabbit.example/")
+        line = self.bad("--broker", "amqp://alice@rabbit.example/", "--credentials", path)
+        self.assertEqual(line, f"cc: no password for alice@rabbit.example in {path}")

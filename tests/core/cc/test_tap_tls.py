@@ -111,7 +111,7 @@ class TwistdTests(unittest.TestCase):
         """A broker whose certificate the given CA did not sign: one line saying the
         certificate is not verified, exit status 1, no traceback."""
         broker = get_broker()
-        url = f"amqps://alice@localhost:{broker.tls_port}/"
+        url = f"amqps://alice:alice@localhost:{broker.tls_port}/"
         result = await threads.deferToThread(
             twistd, "--no-shell", "--broker", url,
             "--broker-ca", broker.tls_file("stranger-ca.pem"),

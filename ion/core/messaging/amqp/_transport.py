@@ -160,6 +160,7 @@ class AmqpTransport:
             initialDelay=0.5, maxDelay=30.0, factor=1.6
         )
         self._service = None  # the ClientService, from connect() on
+        self._may_retry = False  # the first connect() failed: connect() may try again
         self._connected = None  # what connect() returned
         # The session in use: from the moment its consumers are re-attached (their handlers
         # run at once, redelivered messages first, and may publish, ack and declare on it)
@@ -200,9 +201,11 @@ class AmqpTransport:
 
     def connect(self):
         """Connect, authenticate and open the channels. Fires with this transport; fails
-        (and gives up) if the first attempt fails. Later losses are repaired on their own."""
-        if self._service is not None:
+        (and gives up) if the first attempt fails; called again then, it tries once more.
+        Later losses are repaired on their own."""
+        if self._service is not None and not self._may_retry:
             return self.whenConnected()
+        self._may_retry = False
         try:
             endpoint = self._endpoint()
         except (OSError, ValueError) as e:
@@ -231,7 +234,13 @@ class AmqpTransport:
         error = type(error)(f"cannot connect to {self.address}: {error}")
         # Failed from inside the ClientService's state machine, which cannot stop from there.
         stopping = task.deferLater(self.reactor, 0, self._service.stopService)
-        return stopping.addCallback(lambda _: Failure(error))
+        return stopping.addCallback(self._forget_service, error)
+
+    def _forget_service(self, _, error):
+        # Stopped before it ever connected: a later connect() (a boot retrying, see
+        # Container.start) starts afresh; other operations fail as on a closed transport.
+        self._may_retry = True
+        return Failure(error)
 
     def whenConnected(self):
         """Fires with this transport once it is connected (on the next turn if it is now)."""
@@ -371,6 +380,7 @@ class AmqpTransport:
     async def close(self):
         """Cancel this connection's consumers (the broker requeues their unacked messages),
         delete its exclusive queues and close the connection. Closing twice is harmless."""
+        self._may_retry = False
         if self._service is None:
             return
         session, self._session = self._session, None
