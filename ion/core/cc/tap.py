@@ -101,11 +101,11 @@ class Options(usage.Options):
         "path, or by name in res/apps and res/deploy). With a tty on stdin and no --no-shell, "
         "an interactive shell opens."
     )
-    optFlags = [["no-shell", "n", "Do not open the interactive shell."]]
+    optFlags = [["no-shell", None, "Do not open the interactive shell."]]
     optParameters = [
         ["broker", None, None, "Broker URL: memory:// (default, in-process), amqp://user@host:port/vhost, amqps://..."],
-        ["broker-host", "h", None, "Broker host (amqp)."],
-        ["broker-port", "p", None, "Broker port (amqp).", int],
+        ["broker-host", None, None, "Broker host (amqp)."],
+        ["broker-port", None, None, "Broker port (amqp).", int],
         ["broker-vhost", None, None, "Broker virtual host (amqp)."],
         ["broker-user", None, None, "Broker user (amqp)."],
         ["broker-ca", None, None, "amqps://: PEM file of the CA certificates trusted for the broker "
@@ -141,6 +141,9 @@ class Options(usage.Options):
             fail_input(f"-D/--define: {e}")
 
     opt_D = opt_define
+
+    # -h is help everywhere (the broker host is --broker-host only)
+    opt_h = usage.Options.opt_help
 
     def parseArgs(self, *files):
         self["files"] = list(files)

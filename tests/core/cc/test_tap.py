@@ -64,7 +64,7 @@ class OptionsTests(unittest.SynchronousTestCase):
 
     def test_broker_options(self):
         """Broker host/port/user/vhost options build an amqp URL; --broker is taken as is."""
-        opts = self.parse("-h", "rabbit.example", "-p", "5673", "--broker-vhost", "v1")
+        opts = self.parse("--broker-host", "rabbit.example", "--broker-port", "5673", "--broker-vhost", "v1")
         self.assertEqual(opts["broker_url"], "amqp://guest@rabbit.example:5673/v1")
         opts = self.parse("--broker", "amqp://u:p@h:1/x", "-s", "sys2")
         self.assertEqual((opts["broker_url"], opts["sysname"]), ("amqp://u:p@h:1/x", "sys2"))
@@ -73,7 +73,7 @@ class OptionsTests(unittest.SynchronousTestCase):
         """A broker URL that cannot work is one line, status 2, the password never shown."""
         for argv, expected in [
             (("--broker", "amqp://h:99999/"), "Port out of range"),
-            (("--broker", "amqp://h:99999/", "-h", "x"), "Port out of range"),
+            (("--broker", "amqp://h:99999/", "--broker-host", "x"), "Port out of range"),
             (("--broker", "amqp://u:sekrit@[::1/"), "Invalid IPv6 URL"),
             (("--broker", "amqp://u:sekrit@[::1/", "--broker-user", "bob"), "Invalid IPv6 URL"),
             (("--broker", "mqtt://h/"), "unsupported broker URL scheme 'mqtt'"),
@@ -142,6 +142,18 @@ class TwistdTests(unittest.TestCase):
         result = twistd("--version")
         self.assertEqual((result.returncode, result.stdout.strip()), (0, f"ION {ion.__version__}"))
 
+    def test_short_options_do_not_collide(self):
+        """-h is help (not the broker host); -n is twistd's "no daemon" only: cc has
+        --no-shell, --broker-host and --broker-port in their long forms."""
+        result = twistd("-h")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("--broker-host=", result.stdout)
+        self.assertNotIn("-p, --broker-port", result.stdout)
+        for short in ("-n", "-p"):
+            result = twistd(short, "5672", "--no-shell")
+            self.assertNotEqual(result.returncode, 0)
+            self.assertIn(f"option {short} not recognized", result.stdout + result.stderr)
+
     def test_missing_file_exit_2_no_traceback(self):
         result = twistd("res/apps/missing.app")
         self.assertEqual(result.returncode, 2)
@@ -198,7 +210,7 @@ class TwistdTests(unittest.TestCase):
         cwd = self.mktemp()
         os.makedirs(cwd)
         pump = os.path.join(RES, "apps", "pump.app")
-        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "-n", "--res", RES, pump]
+        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "--no-shell", "--res", RES, pump]
         env = dict(os.environ, PYTHONPATH=ROOT)
         first = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -229,7 +241,7 @@ class TwistdTests(unittest.TestCase):
         self.boot_and_stop(signal.SIGTERM, signal.SIGTERM, signal.SIGINT)
 
     def boot_and_stop(self, *signals):
-        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "-n", "res/apps/hello.app"]
+        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "--no-shell", "res/apps/hello.app"]
         env = dict(os.environ, PYTHONPATH=ROOT)
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
