@@ -15,6 +15,7 @@ import ast
 import os
 import sys
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 import ion
@@ -24,6 +25,8 @@ from ion.core.app.controller import AppController
 from ion.core.cc.service import CORE_APPS
 from ion.core.config import Config, ConfigError, parse_define
 from ion.core.credentials import DEFAULT_CREDENTIALS
+
+log = Logger()
 
 
 def find_res_dir():
@@ -180,9 +183,12 @@ class Options(usage.Options):
         apparg = {k[len("apparg_") :]: v for k, v in cargs.items() if k.startswith("apparg_")}
         self["apparg"] = apparg
         try:
-            AppController(_PlanContext(config, res), apparg).plan(CORE_APPS + self["files"])
-        except AppFileError as e:
+            plan = AppController(_PlanContext(config, res), apparg).plan(CORE_APPS + self["files"])
+            layers = [layer for _spec, _kwargs, app_layers, _mult in plan for layer in app_layers]
+            config.check_with(layers)
+        except (AppFileError, ConfigError) as e:
             fail_input(e)
+        _warn_unused(config, apparg, plan, layers)
 
     def _broker_url(self, config):
         url = self["broker"] or config.get("ion.core.messaging", "broker", "memory://")
@@ -215,6 +221,19 @@ class Options(usage.Options):
             return broker_url_with_password(url, self["credentials"], self.default_credentials)
         except ValueError as e:
             fail_input(e)
+
+
+def _warn_unused(config, apparg, plan, layers):
+    """Warn (once, at start) of a -D module and of an apparg_<app> that nothing will read:
+    most likely a typo, which would otherwise be silently ignored."""
+    known = {module for _name, mapping in layers for module in mapping}
+    for module in config.unknown_modules(known):
+        log.warn("-D/--define: no module {module!r} reads config (not in res/config/ion.config "
+                 "nor in the apps started); ignored", module=module)
+    starting = {spec.name for spec, _kwargs, _layers, _mult in plan}
+    for name in sorted(set(apparg) - starting):
+        log.warn("-a/--args: apparg_{name}: no app {name!r} among those started ({apps}); "
+                 "ignored", name=name, apps=", ".join(sorted(starting)))
 
 
 def broker_tls(url, ca_file=None, cert_file=None, key_file=None, config=None):

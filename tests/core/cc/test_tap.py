@@ -204,6 +204,32 @@ class TwistdTests(unittest.TestCase):
         self.assertIn("ionlocal.config:", result.stderr)
         self.assertNotIn("Traceback", result.stderr + result.stdout)
 
+    def test_bad_config_value_exit_2_no_traceback(self):
+        """A known config key given a value of the wrong type or out of range (-D, or an app
+        config a -D leaves alone) stops the container before it starts: one line naming the
+        option, module, key and value, status 2."""
+        for args, expected in [
+            (("-D", "ion.core.process:rpc_timeout=abc"),
+             "cc: -D/--define: ion.core.process:rpc_timeout must be a number > 0, got 'abc'"),
+            (("-D", "ion.core.cc.agent:missed_heartbeats=0", "res/apps/hello.app"),
+             "cc: -D/--define: ion.core.cc.agent:missed_heartbeats must be an integer > 0, got 0"),
+        ]:
+            result = twistd("--no-shell", *args)
+            self.assertEqual(result.returncode, 2, result.stderr)
+            self.assertEqual(result.stderr.splitlines(), [expected])
+            self.assertNotIn("Traceback", result.stdout)
+
+    def test_unused_define_and_apparg_warned_once(self):
+        """A -D of a module nothing reads and an apparg_ of an app not started are one warn
+        line each at start; the container still starts and stops cleanly."""
+        lines = self.boot_and_stop(
+            signal.SIGTERM, args=("-D", "nosuch.module:key=1", "-a", "{'apparg_pmp': {}}")
+        )
+        warned = [line for line in lines if "#warn]" in line]
+        self.assertEqual(len(warned), 2, lines)
+        self.assertIn("-D/--define: no module 'nosuch.module' reads config", warned[0])
+        self.assertIn("-a/--args: apparg_pmp: no app 'pmp' among those started", warned[1])
+
     def test_second_pump_on_one_directory_exit_2(self):
         """A second container started from the working directory of a running pump refuses
         to start: one line naming the state directory and the owner's pid, status 2."""
@@ -240,8 +266,9 @@ class TwistdTests(unittest.TestCase):
         nothing: the same clean stop, status 0, no traceback."""
         self.boot_and_stop(signal.SIGTERM, signal.SIGTERM, signal.SIGINT)
 
-    def boot_and_stop(self, *signals):
-        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "--no-shell", "res/apps/hello.app"]
+    def boot_and_stop(self, *signals, args=()):
+        """Boot the hello app, send the signals, check a clean stop; returns the output lines."""
+        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "--no-shell", *args, "res/apps/hello.app"]
         env = dict(os.environ, PYTHONPATH=ROOT)
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -259,6 +286,7 @@ class TwistdTests(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, "".join(lines) + out)
         self.assertIn("stopped", out)
         self.assertNotIn("Traceback", "".join(lines) + out)
+        return "".join(lines + [out]).splitlines()
 
 
 class DaemonTests(unittest.TestCase):
