@@ -415,6 +415,19 @@ class Config:
             mentioned.update(mapping)
         return sorted(module for module in self._defines if module not in mentioned)
 
+    def unknown_keys(self):
+        """
+        The C{(module, key)} set on the command line (C{-D}) for a module of L{SCHEMA}
+        that has no such key: a misspelt key would otherwise be ignored silently.
+        """
+        return sorted(
+            (module, key)
+            for module, section in self._defines.items()
+            if module in SCHEMA
+            for key in section
+            if key not in SCHEMA[module]
+        )
+
     def define(self, module, key, value):
         """
         Set C{key} of C{module} in the command line layer.

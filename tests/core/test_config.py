@@ -540,3 +540,13 @@ class SchemaTests(SynchronousTestCase):
         for module in ("nosuch.module", "ion.core.process", "ion.apps.mine", "other"):
             config.define(module, "key", 1)
         self.assertEqual(config.unknown_modules(known={"ion.apps.mine"}), ["nosuch.module", "other"])
+
+    def test_unknownKeys(self):
+        """
+        A key the schema does not know in a module it knows is reported (a misspelling).
+        """
+        config = Config.load(RES)
+        config.define("ion.core.process", "rpc_timout", 3)
+        config.define("ion.core.process", "rpc_timeout", 3)
+        config.define("my.module", "whatever", 1)
+        self.assertEqual(config.unknown_keys(), [("ion.core.process", "rpc_timout")])

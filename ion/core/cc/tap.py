@@ -23,7 +23,7 @@ from ion.core import log as ionlog
 from ion.core.app.appfile import AppFileError
 from ion.core.app.controller import AppController
 from ion.core.cc.service import CORE_APPS
-from ion.core.config import Config, ConfigError, parse_define
+from ion.core.config import SCHEMA, Config, ConfigError, parse_define
 from ion.core.credentials import DEFAULT_CREDENTIALS
 
 log = Logger()
@@ -230,6 +230,9 @@ def _warn_unused(config, apparg, plan, layers):
     for module in config.unknown_modules(known):
         log.warn("-D/--define: no module {module!r} reads config (not in res/config/ion.config "
                  "nor in the apps started); ignored", module=module)
+    for module, key in config.unknown_keys():
+        log.warn("-D/--define: {module} has no key {key!r} (it has {keys}); ignored",
+                 module=module, key=key, keys=", ".join(SCHEMA[module]))
     starting = {spec.name for spec, _kwargs, _layers, _mult in plan}
     for name in sorted(set(apparg) - starting):
         log.warn("-a/--args: apparg_{name}: no app {name!r} among those started ({apps}); "

@@ -223,12 +223,14 @@ class TwistdTests(unittest.TestCase):
         """A -D of a module nothing reads and an apparg_ of an app not started are one warn
         line each at start; the container still starts and stops cleanly."""
         lines = self.boot_and_stop(
-            signal.SIGTERM, args=("-D", "nosuch.module:key=1", "-a", "{'apparg_pmp': {}}")
+            signal.SIGTERM, args=("-D", "nosuch.module:key=1", "-D", "ion.core.process:rpc_timout=3",
+                                  "-a", "{'apparg_pmp': {}}")
         )
         warned = [line for line in lines if "#warn]" in line]
-        self.assertEqual(len(warned), 2, lines)
+        self.assertEqual(len(warned), 3, lines)
         self.assertIn("-D/--define: no module 'nosuch.module' reads config", warned[0])
-        self.assertIn("-a/--args: apparg_pmp: no app 'pmp' among those started", warned[1])
+        self.assertIn("-D/--define: ion.core.process has no key 'rpc_timout'", warned[1])
+        self.assertIn("-a/--args: apparg_pmp: no app 'pmp' among those started", warned[2])
 
     def test_second_pump_on_one_directory_exit_2(self):
         """A second container started from the working directory of a running pump refuses
