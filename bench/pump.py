@@ -596,7 +596,7 @@ def run_ion(setup):
         for directory in setup.directories():
             os.rename(os.path.join(setup.source, directory), os.path.join(staging, directory))
     profile = ["--profile", args.profile, "--savestats"] if args.profile else []
-    cmd = [*TWISTD, "--pidfile=", *profile, "-n", "cc", "-n", "--broker", url, *app_files]
+    cmd = [*TWISTD, "--pidfile=", *profile, "-n", "cc", "--no-shell", "--broker", url, *app_files]
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = setup.children.start(
         cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -8,6 +8,12 @@ A config file is a dict literal keyed by module name::
 Layers are kept lowest first (C{ion.config} < C{ionlocal.config} < app and rel
 layers < command line) and merged deeply each time a value is asked for, so a layer
 added later is seen by the next lookup.
+
+The keys ION itself reads are in L{SCHEMA}, each with the kind of value it takes:
+L{Config.check} finds a value of the wrong type or out of range once the layers are
+merged (C{twistd cc} calls it before anything starts), and L{Config.add_layer} checks
+the values a layer added later brings, so a typo is one line at start, not a TypeError
+at the first use.
 """
 
 import ast
@@ -218,6 +224,90 @@ def _split_path(key):
     return parts
 
 
+class Setting:
+    """
+    The kind of value a config key takes: C{check(value)} returns what is wrong, or None.
+
+    @ivar kind: what the value must be, for an error (C{"a number > 0"}).
+    """
+
+    def __init__(self, kind, test):
+        self.kind = kind
+        self._test = test
+
+    def check(self, value):
+        return None if self._test(value) else f"must be {self.kind}, got {value!r}"
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_number():
+    return Setting("a number > 0", lambda v: _is_number(v) and v > 0)
+
+
+def _positive_int(digits=False):
+    # The message size limits also take a string of digits (see codec.Limits.from_config).
+    def test(value):
+        if digits and isinstance(value, str):
+            value = value.strip().replace("_", "")
+            value = int(value) if value.isdigit() else None
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    return Setting("an integer > 0", test)
+
+
+def _text(optional=False):
+    kind = "a non-empty string" + (" or None" if optional else "")
+    return Setting(kind, lambda v: (optional and v is None) or (isinstance(v, str) and v != ""))
+
+
+_BOOL = Setting("True or False", lambda v: isinstance(v, bool))
+
+#: The config keys ION reads, per module: res/config/ion.config's, and those of the
+#: shipped apps (set in their .app files). Other keys and modules are the user's own.
+SCHEMA = {
+    "ion.core.messaging": {
+        "broker": _text(),
+        "broker_ca": _text(optional=True),
+        "broker_cert": _text(optional=True),
+        "broker_key": _text(optional=True),
+        "broker_retry": Setting("a number of seconds >= 0", lambda v: _is_number(v) and v >= 0),
+        "sysname": _text(),
+        **{key: _positive_int(digits=True) for key in (
+            "max_message_bytes", "max_str_len", "max_bin_len", "max_array_len",
+            "max_map_len", "max_objects",
+        )},
+        "prefetch": _positive_int(),
+        "memory_run_record": _text(optional=True),
+        "trace": _BOOL,
+    },
+    "ion.core.process": {
+        "rpc_timeout": _positive_number(),
+        "terminate_timeout": _positive_number(),
+    },
+    "ion.core.conversation": {
+        "tombstone_ttl": Setting("a number >= 0", lambda v: _is_number(v) and v >= 0),
+    },
+    "ion.core.cc.agent": {
+        "heartbeat_interval": _positive_number(),
+        "missed_heartbeats": _positive_int(),
+    },
+    "ion.apps.hello": {"greeting": Setting("a string", lambda v: isinstance(v, str))},
+    "ion.apps.observer": {"keep": _positive_int()},
+    "ion.apps.pump": {"user": _text(optional=True)},
+}
+
+
+def _layer_label(name, path):
+    if name == COMMAND_LINE:
+        return "-D/--define"
+    if path is not None:
+        return path
+    return f"config layer {name!r}"
+
+
 class Config:
     """
     Named configuration layers, lowest first, merged deeply at lookup time.
@@ -229,6 +319,7 @@ class Config:
     def __init__(self):
         self._layers = []
         self._defines = {}
+        self._paths = {}
 
     @classmethod
     def load(cls, res_dir="res", extra_layers=()):
@@ -247,6 +338,7 @@ class Config:
             mapping, node = read_literal_tree(path, dict, _SECTIONS)
             _check_layer(mapping, path, node)
             config._layers.append((name, mapping))
+            config._paths[name] = path
         for name, mapping in extra_layers:
             config.add_layer(name, mapping)
         return config
@@ -268,10 +360,76 @@ class Config:
 
         The mapping is copied: changing it afterwards does not change the config.
 
-        @raise ConfigError: C{mapping} is not a dict of module names to dicts.
+        @raise ConfigError: C{mapping} is not a dict of module names to dicts, or a
+            value it brings does not fit L{SCHEMA}; the layer is then not added.
         """
         _check_layer(mapping, name=name)
         self._layers.append((name, copy.deepcopy(mapping)))
+        try:
+            self.check(mapping)
+        except ConfigError:
+            self._layers.pop()
+            raise
+
+    def check(self, modules=None):
+        """
+        Check the merged values of the keys in L{SCHEMA} (of C{modules}, default all).
+
+        @raise ConfigError: one line naming the layer the bad value comes from (its
+            file, C{-D/--define} or its layer name), the module, the key and the value.
+        """
+        for module in SCHEMA if modules is None else modules:
+            settings = SCHEMA.get(module)
+            if not settings:
+                continue
+            section = self.section(module)
+            for key, setting in settings.items():
+                if key not in section:
+                    continue
+                problem = setting.check(section[key])
+                if problem is not None:
+                    raise ConfigError(f"{module}:{key} {problem}", self._origin(module, key))
+
+    def check_with(self, layers):
+        """
+        L{check} the values as they will be once C{layers} (C{(name, mapping)}, the
+        config of the apps about to start) are added, without adding them.
+        """
+        probe = copy.copy(self)
+        probe._layers = list(self._layers)
+        for name, mapping in layers:
+            probe.add_layer(name, mapping)
+        probe.check()
+
+    def _origin(self, module, key):
+        for name, mapping in reversed(self.layers):
+            if key in mapping.get(module, {}):
+                return _layer_label(name, self._paths.get(name))
+        return None
+
+    def unknown_modules(self, known=()):
+        """
+        The modules set on the command line (C{-D}) that neither L{SCHEMA}, a config
+        layer, nor C{known} (the modules the apps about to start configure) mention:
+        most likely a typo, as nothing reads them.
+        """
+        mentioned = set(SCHEMA) | set(known)
+        for _name, mapping in self._layers:
+            mentioned.update(mapping)
+        return sorted(module for module in self._defines if module not in mentioned)
+
+    def unknown_keys(self):
+        """
+        The C{(module, key)} set on the command line (C{-D}) for a module of L{SCHEMA}
+        that has no such key: a misspelt key would otherwise be ignored silently.
+        """
+        return sorted(
+            (module, key)
+            for module, section in self._defines.items()
+            if module in SCHEMA
+            for key in section
+            if key not in SCHEMA[module]
+        )
 
     def define(self, module, key, value):
         """

@@ -11,6 +11,7 @@ from ion.core.config import (
     Config,
     ConfigError,
     ConfigKeyError,
+    SCHEMA,
     parse_define,
     read_literal_file,
 )
@@ -429,3 +430,123 @@ class ParseDefineTests(SynchronousTestCase):
         config.add_layer("ion.config", {"ion.apps.pump": {"transfer": {"workers": 1}}})
         config.define(*parse_define("ion.apps.pump:transfer.workers=4"))
         self.assertEqual(config.get("ion.apps.pump", "transfer.workers"), 4)
+
+
+RES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "res")
+
+
+class SchemaTests(SynchronousTestCase):
+    """
+    L{Config.check} and L{Config.add_layer} hold the keys ION reads to L{SCHEMA}: a bad
+    value is one line naming where it comes from, the module, the key and the value.
+    """
+
+    def test_shippedConfigFits(self):
+        """
+        Every key of res/config/ion.config has a schema entry, and its default fits it.
+        """
+        shipped = read_literal_file(os.path.join(RES, "config", "ion.config"))
+        for module, section in shipped.items():
+            for key, value in section.items():
+                self.assertIn(key, SCHEMA.get(module, {}), f"{module}:{key}")
+                self.assertIsNone(SCHEMA[module][key].check(value), f"{module}:{key}")
+        Config.load(RES).check()
+
+    def test_badDefine(self):
+        """
+        A -D of the wrong type or out of range names the option, module, key and value.
+        """
+        cases = [
+            ("ion.core.process", "rpc_timeout", "abc", "must be a number > 0, got 'abc'"),
+            ("ion.core.process", "rpc_timeout", 0, "must be a number > 0, got 0"),
+            ("ion.core.process", "rpc_timeout", True, "must be a number > 0, got True"),
+            ("ion.core.cc.agent", "missed_heartbeats", 1.5, "must be an integer > 0, got 1.5"),
+            ("ion.core.messaging", "max_str_len", "lots", "must be an integer > 0, got 'lots'"),
+            ("ion.core.messaging", "sysname", "", "must be a non-empty string, got ''"),
+            ("ion.core.messaging", "trace", "yes", "must be True or False, got 'yes'"),
+        ]
+        for module, key, value, problem in cases:
+            config = Config.load(RES)
+            config.define(module, key, value)
+            error = self.assertRaises(ConfigError, config.check)
+            self.assertEqual(str(error), f"-D/--define: {module}:{key} {problem}")
+
+    def test_goodValuesPass(self):
+        config = Config.load(RES)
+        for module, key, value in [
+            ("ion.core.process", "rpc_timeout", 2.5),
+            ("ion.core.messaging", "max_str_len", "1_000"),
+            ("ion.core.messaging", "broker_ca", None),
+            ("ion.core.conversation", "tombstone_ttl", 0),
+            ("my.own.module", "anything", object()),
+        ]:
+            config.define(module, key, value)
+        config.check()
+
+    def test_badFileValueNamesTheFile(self):
+        res = self.mktemp()
+        write(os.path.join(res, "config", "ion.config"), "{'ion.core.process': {'rpc_timeout': 15}}")
+        local = write(
+            os.path.join(res, "config", "ionlocal.config"),
+            "{'ion.core.process': {'rpc_timeout': '15'}}",
+        )
+        error = self.assertRaises(ConfigError, Config.load(res).check)
+        self.assertEqual(
+            str(error), f"{local}: ion.core.process:rpc_timeout must be a number > 0, got '15'"
+        )
+
+    def test_commandLineFixesFile(self):
+        """
+        Values are checked once merged: a -D correcting a bad file value is fine.
+        """
+        config = Config()
+        config.add_layer("base", {"ion.core.process": {}})
+        config.define("ion.core.process", "rpc_timeout", 3)
+        config.add_layer("app x", {"ion.core.process": {"rpc_timeout": "abc"}})
+        config.check()
+
+    def test_addLayerChecked(self):
+        """
+        A layer added later (an app's config) with a bad value is refused and not added.
+        """
+        config = Config.load(RES)
+        before = len(config.layers)
+        error = self.assertRaises(
+            ConfigError, config.add_layer, "app hello", {"ion.apps.hello": {"greeting": 5}}
+        )
+        self.assertEqual(
+            str(error), "config layer 'app hello': ion.apps.hello:greeting must be a string, got 5"
+        )
+        self.assertEqual(len(config.layers), before)
+        self.assertEqual(config.get("ion.apps.hello", "greeting", None), None)
+
+    def test_checkWith(self):
+        """
+        C{check_with} checks the layers of apps about to start without adding them.
+        """
+        config = Config.load(RES)
+        before = config.layers
+        self.assertRaises(
+            ConfigError, config.check_with, [("app x", {"ion.core.process": {"rpc_timeout": -1}})]
+        )
+        config.check_with([("app x", {"ion.core.process": {"rpc_timeout": 1}})])
+        self.assertEqual(config.layers, before)
+
+    def test_unknownModules(self):
+        """
+        Modules defined on the command line that nothing mentions are reported.
+        """
+        config = Config.load(RES)
+        for module in ("nosuch.module", "ion.core.process", "ion.apps.mine", "other"):
+            config.define(module, "key", 1)
+        self.assertEqual(config.unknown_modules(known={"ion.apps.mine"}), ["nosuch.module", "other"])
+
+    def test_unknownKeys(self):
+        """
+        A key the schema does not know in a module it knows is reported (a misspelling).
+        """
+        config = Config.load(RES)
+        config.define("ion.core.process", "rpc_timout", 3)
+        config.define("ion.core.process", "rpc_timeout", 3)
+        config.define("my.module", "whatever", 1)
+        self.assertEqual(config.unknown_keys(), [("ion.core.process", "rpc_timout")])

@@ -10,8 +10,8 @@ C{twistd -n cc} opens it when stdin is a terminal (not with C{--no-shell}):
 
 The container keeps running while you type. A helper starts its operation and returns at once;
 the outcome is printed above the prompt when it arrives, like the container's log lines, without
-disturbing the line being typed. Ctrl-D, C{exit()} or C{quit()} leave the shell, which stops the
-container.
+disturbing the line being typed. Ctrl-D, Ctrl-C, C{exit()} or C{quit()} leave the shell, which
+stops the container.
 
 Two layers: L{ShellHelpers} (the commands, against a container and a print function, no terminal)
 and the terminal plumbing: L{ShellTerminal} (conch's manhole, printing above the prompt) and
@@ -63,7 +63,7 @@ HELP = [
     ("stop_app(name)", "stop a running app"),
     ("help()", "this list"),
     ("container", "the Container itself"),
-    ("exit(), Ctrl-D", "leave the shell and stop the container"),
+    ("exit(), Ctrl-D, Ctrl-C", "leave the shell and stop the container"),
 ]
 
 
@@ -160,7 +160,7 @@ class ShellHelpers:
             f"apps: {apps}\n"
             "Helpers: ps() apps() containers() spawn() send() rpc() kill() start_app() "
             "stop_app() msc() help(); "
-            "Ctrl-D leaves (and stops the container).\n"
+            "Ctrl-D or Ctrl-C leaves (and stops the container).\n"
         )
 
     def print(self, text):
@@ -429,7 +429,7 @@ def completions(namespace, word):
 
 class ShellTerminal(ColoredManhole):
     """Conch's colored manhole that keeps the terminal's history (no screen reset), leaves
-    on Ctrl-D or C{exit()} by calling C{on_leave()}, and can print above the prompt."""
+    on Ctrl-D, Ctrl-C or C{exit()} by calling C{on_leave()}, and can print above the prompt."""
 
     def __init__(self, namespace, banner="", on_leave=None, terminal_width=None):
         super().__init__({"exit": Leave(), "quit": Leave(), **namespace})
@@ -490,6 +490,12 @@ class ShellTerminal(ColoredManhole):
     def leave(self):
         """Leave once the line being run has finished."""
         self._leaving = True
+
+    def handle_INT(self):
+        # The terminal is raw, so Ctrl-C is a key here, not SIGINT: make it stop the container
+        # as SIGINT does without a shell (and as the README says), not clear the line.
+        self.terminal.write(b"^C")
+        self.handle_QUIT()
 
     def handle_QUIT(self):
         # Not terminal.loseConnection(): that resets the terminal, clearing the screen.

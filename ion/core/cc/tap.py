@@ -15,6 +15,7 @@ import ast
 import os
 import sys
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 import ion
@@ -22,8 +23,10 @@ from ion.core import log as ionlog
 from ion.core.app.appfile import AppFileError
 from ion.core.app.controller import AppController
 from ion.core.cc.service import CORE_APPS
-from ion.core.config import Config, ConfigError, parse_define
+from ion.core.config import SCHEMA, Config, ConfigError, parse_define
 from ion.core.credentials import DEFAULT_CREDENTIALS
+
+log = Logger()
 
 
 def find_res_dir():
@@ -101,11 +104,11 @@ class Options(usage.Options):
         "path, or by name in res/apps and res/deploy). With a tty on stdin and no --no-shell, "
         "an interactive shell opens."
     )
-    optFlags = [["no-shell", "n", "Do not open the interactive shell."]]
+    optFlags = [["no-shell", None, "Do not open the interactive shell."]]
     optParameters = [
         ["broker", None, None, "Broker URL: memory:// (default, in-process), amqp://user@host:port/vhost, amqps://..."],
-        ["broker-host", "h", None, "Broker host (amqp)."],
-        ["broker-port", "p", None, "Broker port (amqp).", int],
+        ["broker-host", None, None, "Broker host (amqp)."],
+        ["broker-port", None, None, "Broker port (amqp).", int],
         ["broker-vhost", None, None, "Broker virtual host (amqp)."],
         ["broker-user", None, None, "Broker user (amqp)."],
         ["broker-ca", None, None, "amqps://: PEM file of the CA certificates trusted for the broker "
@@ -144,6 +147,9 @@ class Options(usage.Options):
             fail_input(f"-D/--define: {e}")
 
     opt_D = opt_define
+
+    # -h is help everywhere (the broker host is --broker-host only)
+    opt_h = usage.Options.opt_help
 
     def parseArgs(self, *files):
         self["files"] = list(files)
@@ -186,9 +192,12 @@ class Options(usage.Options):
         apparg = {k[len("apparg_") :]: v for k, v in cargs.items() if k.startswith("apparg_")}
         self["apparg"] = apparg
         try:
-            AppController(_PlanContext(config, res), apparg).plan(CORE_APPS + self["files"])
-        except AppFileError as e:
+            plan = AppController(_PlanContext(config, res), apparg).plan(CORE_APPS + self["files"])
+            layers = [layer for _spec, _kwargs, app_layers, _mult in plan for layer in app_layers]
+            config.check_with(layers)
+        except (AppFileError, ConfigError) as e:
             fail_input(e)
+        _warn_unused(config, apparg, plan, layers)
 
     def _broker_url(self, config):
         url = self["broker"] or config.get("ion.core.messaging", "broker", "memory://")
@@ -224,6 +233,22 @@ class Options(usage.Options):
                                             bool(certificate))
         except ValueError as e:
             fail_input(e)
+
+
+def _warn_unused(config, apparg, plan, layers):
+    """Warn (once, at start) of a -D module and of an apparg_<app> that nothing will read:
+    most likely a typo, which would otherwise be silently ignored."""
+    known = {module for _name, mapping in layers for module in mapping}
+    for module in config.unknown_modules(known):
+        log.warn("-D/--define: no module {module!r} reads config (not in res/config/ion.config "
+                 "nor in the apps started); ignored", module=module)
+    for module, key in config.unknown_keys():
+        log.warn("-D/--define: {module} has no key {key!r} (it has {keys}); ignored",
+                 module=module, key=key, keys=", ".join(SCHEMA[module]))
+    starting = {spec.name for spec, _kwargs, _layers, _mult in plan}
+    for name in sorted(set(apparg) - starting):
+        log.warn("-a/--args: apparg_{name}: no app {name!r} among those started ({apps}); "
+                 "ignored", name=name, apps=", ".join(sorted(starting)))
 
 
 def broker_tls(url, ca_file=None, cert_file=None, key_file=None, config=None):

@@ -36,7 +36,7 @@ class PumpChild:
     """`twistd -n cc <app>` as a child process; its output goes to `log_path`."""
 
     def __init__(self, url, sysname, app_path, cwd, log_path):
-        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "-n", "--broker", url, "-s", sysname, app_path]
+        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "--no-shell", "--broker", url, "-s", sysname, app_path]
         self.log_path = log_path
         self._log = open(log_path, "a")
         self.proc = subprocess.Popen(

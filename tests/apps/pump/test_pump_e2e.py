@@ -437,7 +437,7 @@ def start_pump_process(testcase, cwd, log_name="twistd.log"):
     log_path = os.path.join(cwd, log_name)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [twistd, "--pidfile=", "-n", "cc", "-n", os.path.join(RES, "apps", "pump.app")],
+            [twistd, "--pidfile=", "-n", "cc", "--no-shell", os.path.join(RES, "apps", "pump.app")],
             cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,

@@ -125,7 +125,7 @@ class WheelTest(TestCase):
         log = open(os.path.join(self.work, "container.log"), "w+")
         self.addCleanup(log.close)
         container = subprocess.Popen(
-            [python, "-c", _TWISTD, "-n", "--pidfile=", "cc", "-n", "res/apps/pump.app"],
+            [python, "-c", _TWISTD, "-n", "--pidfile=", "cc", "--no-shell", "res/apps/pump.app"],
             cwd=run_dir, env=self._env(), stdout=log, stderr=subprocess.STDOUT,
         )
         self.addCleanup(lambda: container.poll() is None and container.kill())

@@ -394,6 +394,17 @@ class TerminalTests(unittest.SynchronousTestCase):
         self.server.connectionLost(None)
         self.assertEqual(self.left, [True])
 
+    def test_ctrl_c_leaves(self):
+        """Ctrl-C leaves the shell (which stops the container), whatever is typed on the line,
+        rather than printing KeyboardInterrupt and staying."""
+        self.connect()
+        self.written()
+        self.type(b"1 +\x03")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertNotIn(b"KeyboardInterrupt", self.written())
+        self.server.connectionLost(None)
+        self.assertEqual(self.left, [True])
+
     def test_exit_leaves(self):
         """exit() and raising SystemExit leave once the line has run."""
         for line in (b"exit()\r", b"quit()\r", b"raise SystemExit(3)\r"):
@@ -622,3 +633,27 @@ class EndToEndTests(unittest.TestCase):
             self.assertIsInstance(ended, ProcessTerminated)
             self.fail(f"exit status {ended.exitCode}, signal {ended.signal}: {session.output!r}")
         self.assertIn(b"\x1b[4l", session.output)  # the terminal left insert mode
+
+    @defer.inlineCallbacks
+    def test_ctrl_c_stops_the_container(self):
+        """Ctrl-C at the prompt stops the container cleanly (status 0), as the README says."""
+        session = TerminalSession()
+        env = dict(os.environ, PYTHONPATH=ROOT, TERM="xterm")
+        process = reactor.spawnProcess(
+            session, sys.executable, [*TWISTD, "--pidfile=", "-n", "cc", "res/apps/hello.app"],
+            env=env, path=ROOT, usePTY=True,
+        )
+
+        def kill_if_running():
+            if process.pid is not None:
+                process.signalProcess("KILL")
+                return session.when_ended()
+
+        self.addCleanup(kill_if_running)
+        yield session.wait_for(rb">>> ")
+        process.write(b"ps(\x03")
+        ended = yield session.when_ended().addTimeout(20, reactor)
+        self.assertIsInstance(ended, ProcessDone, session.output)
+        self.assertIn(b"stopped", session.output)
+        self.assertNotIn(b"KeyboardInterrupt", session.output)
+        self.assertNotIn(b"Traceback", session.output)

@@ -27,7 +27,7 @@ class ContainerProcess:
     """A `twistd -n cc` child process; its output is collected in `lines`."""
 
     def __init__(self, url, sysname, *files):
-        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "-n", "--broker", url, "-s", sysname, *files]
+        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "--no-shell", "--broker", url, "-s", sysname, *files]
         env = dict(os.environ, PYTHONPATH=ROOT)
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

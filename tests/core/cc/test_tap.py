@@ -66,7 +66,7 @@ class OptionsTests(unittest.SynchronousTestCase):
 
     def test_broker_options(self):
         """Broker host/port/user/vhost options build an amqp URL; --broker is taken as is."""
-        opts = self.parse("-h", "rabbit.example", "-p", "5673", "--broker-vhost", "v1")
+        opts = self.parse("--broker-host", "rabbit.example", "--broker-port", "5673", "--broker-vhost", "v1")
         self.assertEqual(opts["broker_url"], "amqp://guest@rabbit.example:5673/v1")
         opts = self.parse("--broker", "amqp://u:p@h:1/x", "-s", "sys2")
         self.assertEqual((opts["broker_url"], opts["sysname"]), ("amqp://u:p@h:1/x", "sys2"))
@@ -75,7 +75,7 @@ class OptionsTests(unittest.SynchronousTestCase):
         """A broker URL that cannot work is one line, status 2, the password never shown."""
         for argv, expected in [
             (("--broker", "amqp://h:99999/"), "Port out of range"),
-            (("--broker", "amqp://h:99999/", "-h", "x"), "Port out of range"),
+            (("--broker", "amqp://h:99999/", "--broker-host", "x"), "Port out of range"),
             (("--broker", "amqp://u:sekrit@[::1/"), "Invalid IPv6 URL"),
             (("--broker", "amqp://u:sekrit@[::1/", "--broker-user", "bob"), "Invalid IPv6 URL"),
             (("--broker", "mqtt://h/"), "unsupported broker URL scheme 'mqtt'"),
@@ -143,6 +143,18 @@ class TwistdTests(unittest.TestCase):
     def test_version(self):
         result = twistd("--version")
         self.assertEqual((result.returncode, result.stdout.strip()), (0, f"ION {ion.__version__}"))
+
+    def test_short_options_do_not_collide(self):
+        """-h is help (not the broker host); -n is twistd's "no daemon" only: cc has
+        --no-shell, --broker-host and --broker-port in their long forms."""
+        result = twistd("-h")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("--broker-host=", result.stdout)
+        self.assertNotIn("-p, --broker-port", result.stdout)
+        for short in ("-n", "-p"):
+            result = twistd(short, "5672", "--no-shell")
+            self.assertNotEqual(result.returncode, 0)
+            self.assertIn(f"option {short} not recognized", result.stdout + result.stderr)
 
     def test_missing_file_exit_2_no_traceback(self):
         result = twistd("res/apps/missing.app")
@@ -218,13 +230,41 @@ class TwistdTests(unittest.TestCase):
         self.assertIn("ionlocal.config:", result.stderr)
         self.assertNotIn("Traceback", result.stderr + result.stdout)
 
+    def test_bad_config_value_exit_2_no_traceback(self):
+        """A known config key given a value of the wrong type or out of range (-D, or an app
+        config a -D leaves alone) stops the container before it starts: one line naming the
+        option, module, key and value, status 2."""
+        for args, expected in [
+            (("-D", "ion.core.process:rpc_timeout=abc"),
+             "cc: -D/--define: ion.core.process:rpc_timeout must be a number > 0, got 'abc'"),
+            (("-D", "ion.core.cc.agent:missed_heartbeats=0", "res/apps/hello.app"),
+             "cc: -D/--define: ion.core.cc.agent:missed_heartbeats must be an integer > 0, got 0"),
+        ]:
+            result = twistd("--no-shell", *args)
+            self.assertEqual(result.returncode, 2, result.stderr)
+            self.assertEqual(result.stderr.splitlines(), [expected])
+            self.assertNotIn("Traceback", result.stdout)
+
+    def test_unused_define_and_apparg_warned_once(self):
+        """A -D of a module nothing reads and an apparg_ of an app not started are one warn
+        line each at start; the container still starts and stops cleanly."""
+        lines = self.boot_and_stop(
+            signal.SIGTERM, args=("-D", "nosuch.module:key=1", "-D", "ion.core.process:rpc_timout=3",
+                                  "-a", "{'apparg_pmp': {}}")
+        )
+        warned = [line for line in lines if "#warn]" in line]
+        self.assertEqual(len(warned), 3, lines)
+        self.assertIn("-D/--define: no module 'nosuch.module' reads config", warned[0])
+        self.assertIn("-D/--define: ion.core.process has no key 'rpc_timout'", warned[1])
+        self.assertIn("-a/--args: apparg_pmp: no app 'pmp' among those started", warned[2])
+
     def test_second_pump_on_one_directory_exit_2(self):
         """A second container started from the working directory of a running pump refuses
         to start: one line naming the state directory and the owner's pid, status 2."""
         cwd = self.mktemp()
         os.makedirs(cwd)
         pump = os.path.join(RES, "apps", "pump.app")
-        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "-n", "--res", RES, pump]
+        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "--no-shell", "--res", RES, pump]
         env = dict(os.environ, PYTHONPATH=ROOT)
         first = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -254,8 +294,9 @@ class TwistdTests(unittest.TestCase):
         nothing: the same clean stop, status 0, no traceback."""
         self.boot_and_stop(signal.SIGTERM, signal.SIGTERM, signal.SIGINT)
 
-    def boot_and_stop(self, *signals):
-        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "-n", "res/apps/hello.app"]
+    def boot_and_stop(self, *signals, args=()):
+        """Boot the hello app, send the signals, check a clean stop; returns the output lines."""
+        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "--no-shell", *args, "res/apps/hello.app"]
         env = dict(os.environ, PYTHONPATH=ROOT)
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -273,6 +314,7 @@ class TwistdTests(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, "".join(lines) + out)
         self.assertIn("stopped", out)
         self.assertNotIn("Traceback", "".join(lines) + out)
+        return "".join(lines + [out]).splitlines()
 
 
 class DaemonTests(unittest.TestCase):

@@ -49,7 +49,7 @@ class CredentialsOptionTests(unittest.SynchronousTestCase):
     def test_broker_options_use_the_file(self):
         """-h/-p/--broker-user build the URL whose password is looked up."""
         path = self.write()
-        opts = self.parse("-h", "rabbit.example", "-p", "5673", "--broker-user", "alice",
+        opts = self.parse("--broker-host", "rabbit.example", "--broker-port", "5673", "--broker-user", "alice",
                           "--credentials", path)
         self.assertEqual(opts["broker_url"], "amqp://alice:other@rabbit.example:5673/")
 

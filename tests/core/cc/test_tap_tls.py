@@ -74,9 +74,9 @@ class OptionsTests(unittest.SynchronousTestCase):
     def test_client_certificate_names_the_user(self):
         """-h/-p with a client certificate and no --broker-user leave the user out of the URL
         (the certificate names it), where they would otherwise mean guest."""
-        opts = self.parse("--broker", "amqps://h/", "-p", "5999", *self.client_options())
+        opts = self.parse("--broker", "amqps://h/", "--broker-port", "5999", *self.client_options())
         self.assertEqual(opts["broker_url"], "amqps://h:5999/")
-        opts = self.parse("--broker", "amqps://h/", "-p", "5999",
+        opts = self.parse("--broker", "amqps://h/", "--broker-port", "5999",
                           "--broker-ca", self.path("ca.pem"))
         self.assertEqual(opts["broker_url"], "amqps://guest@h:5999/")
 
@@ -134,7 +134,7 @@ class TwistdTests(unittest.TestCase):
         url = f"amqps://localhost:{broker.tls_port}/"
         files = ["--broker-ca", broker.ca_file, "--broker-cert", broker.client_cert_file,
                  "--broker-key", broker.client_key_file]
-        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "-n", "--broker", url, *files, "-s", sysname,
+        cmd = [*TWISTD, "--pidfile=", "-n", "cc", "--no-shell", "--broker", url, *files, "-s", sysname,
                os.path.join(RES, "apps", "hello.app")]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
