@@ -23,6 +23,8 @@
                     'interval': 2,
                     # Files modified within the last second may still be being written.
                     'min_age': 1,
+                    # The pump's own source is created if missing (another poll's is not).
+                    'create': True,
                 },
             ],
             'subscriptions': [

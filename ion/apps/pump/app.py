@@ -102,6 +102,7 @@ def plan(app_name="pump", **kwargs):
             }
         )
     names = set()
+    poll_ids = []
     for args in map(dict, pump.polls):
         if user is not None:
             args.setdefault("user", user)
@@ -111,15 +112,17 @@ def plan(app_name="pump", **kwargs):
         if checked.name in names:
             raise ValueError(f"{app_name}: two polls are named {checked.name!r}")
         names.add(checked.name)
+        poll_ids.append(f"poll.{checked.name}")
         children.append(
             {
-                "id": f"poll.{checked.name}",
+                "id": poll_ids[-1],
                 "spec": "ion.apps.pump.poll",
                 "args": args,
                 "shutdown": int(checked.stop_grace * 1000) + 5000,
             }
         )
     progress_args.setdefault("consumers", consumer_ids)
+    progress_args.setdefault("polls", poll_ids)
     progress_args.setdefault("name", app_name)
     ProgressArgs.parse(progress_args)
     children.append({"id": "progress", "spec": "ion.apps.pump.progress", "args": progress_args})

@@ -387,6 +387,9 @@ class PollArgs(_Named):
     batch = attrs.field(default=100, validator=COUNT)
     list_timeout = attrs.field(default=60, validator=SECONDS)
     stop_grace = attrs.field(default=10, validator=SECONDS_OR_ZERO)
+    # Only the pump's own default source is created: a mistyped path is an error, not a new
+    # and silently empty source.
+    create = attrs.field(default=False, converter=bool)
 
 
 @attrs.frozen(kw_only=True)
@@ -424,11 +427,18 @@ class ReportRouterArgs(_Arguments):
 
 @attrs.frozen(kw_only=True)
 class ProgressArgs(_Arguments):
-    """The progress line (L{ion.apps.pump.progress}): C{consumers} are child ids in the pump's
-    supervisor, C{name} starts the line."""
+    """The progress line (L{ion.apps.pump.progress}): C{consumers} and C{polls} are child ids in
+    the pump's supervisor, C{name} starts the line."""
 
     who = _fixed_who("progress")
     consumers = attrs.field(
+        default=(),
+        validator=_check(
+            lambda v: isinstance(v, (list, tuple)) and all(isinstance(c, str) for c in v),
+            "a list of child ids",
+        ),
+    )
+    polls = attrs.field(
         default=(),
         validator=_check(
             lambda v: isinstance(v, (list, tuple)) and all(isinstance(c, str) for c in v),

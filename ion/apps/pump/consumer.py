@@ -104,6 +104,7 @@ from ion.apps.pump.transfer.worker import Transfers
 from ion.apps.pump.user import pump_user
 from ion.core.log import redact
 from ion.core.process import Process
+from ion.core.process.statedir import unusable
 
 # Fields copied into the report of an oversized message (the rest could be what is too big).
 _OVERSIZE_KEEP = ("pubTime", "baseUrl", "relPath", "retrievePath", "source", "size", "mtime")
@@ -175,7 +176,10 @@ class Consumer(Process):
         clock = self.container.clock
         self.real_directory = None
         if self.directory is not None:
-            os.makedirs(self.directory, exist_ok=True)
+            try:
+                os.makedirs(self.directory, exist_ok=True)
+            except OSError as e:  # read-only, or under a regular file
+                raise unusable(f"{args.who}: cannot create directory", args.directory, e) from None
             # Resolved once: the files go where the directory was when the consumer started.
             self.real_directory = os.path.realpath(self.directory)
         reactor = self.container.reactor

@@ -12,7 +12,8 @@ and confirmed by the broker.
 Listings the poll can read (see L{ion.apps.pump.transfer.listings}):
 
   - C{file://} (or C{file:relative/dir/}, made absolute): the local directory; symbolic links are
-    not followed. A local directory that does not exist is created;
+    not followed. A local directory that does not exist is created only when C{create} is true
+    (the pump app's own default source sets it); otherwise each pass fails, saying so;
   - C{http://}, C{https://}: HTML index pages from twisted.web's static.File, Apache
     mod_autoindex, nginx autoindex, or any page linking its children followed by a date and a
     size. A change is what the page shows changing: static.File pages give no dates and round
@@ -243,7 +244,7 @@ class PollService(Process):
         self.user = pump_user(self, args.user)
         self.exchange = args.exchange or f"xs_{self.user}"
         local = local_directory(self.url)
-        if local is not None and not os.path.isdir(local):
+        if local is not None and args.create and not os.path.isdir(local):
             os.makedirs(local, exist_ok=True)
             # Said aloud: a mistyped path would otherwise be a new, silently empty source.
             self.log.info(
@@ -270,7 +271,9 @@ class PollService(Process):
                 "will be announced again (files already delivered are skipped as duplicates)",
                 name=self.source,
             )
-        self.stats = {"passes": 0, "skipped": 0, **{key: 0 for key in _PASS_COUNTERS}}
+        self.stats = {
+            "passes": 0, "failed_passes": 0, "skipped": 0, **{key: 0 for key in _PASS_COUNTERS}
+        }
         self.last_pass = None
         self._loop = None
         self._loop_done = None
@@ -361,6 +364,7 @@ class PollService(Process):
         if failure.check(defer.CancelledError):
             return None
         self.stats["errors"] += 1
+        self.stats["failed_passes"] += 1
         self.log.failure("poll {name}: pass failed", failure, name=self.source)
         return None
 
@@ -370,7 +374,8 @@ class PollService(Process):
         return dict(self.last_pass or {})
 
     async def op_stats(self, content, headers):
-        """Totals: passes, skipped (passes not run because one was running), listed,
+        """Totals: passes, failed_passes (passes with an error), skipped (passes not run
+        because one was running), listed,
         announced, unchanged, young (waiting for min_age), rejected (filters), unsafe (names
         skipped), skipped_entries (links and the like), errors (listings or publishes that
         failed), and C{known}: files in the state."""
@@ -424,6 +429,8 @@ class PollService(Process):
         self._note_errors(first_error, counts["errors"])
         elapsed = clock.seconds() - started
         self.stats["passes"] += 1
+        if first_error is not None:
+            self.stats["failed_passes"] += 1
         for key, value in counts.items():
             self.stats[key] += value
         self.last_pass = dict(counts, seconds=elapsed, complete=complete and not self._stopping)
@@ -437,10 +444,13 @@ class PollService(Process):
             )
 
     def _note_errors(self, first, count):
-        """Warn about a pass's failures, once while the same first failure repeats."""
+        """Warn about a pass's failures, once while the same first failure repeats (then at
+        debug: the progress line counts the failed passes)."""
+        more = f" (and {count - 1} more)" if count > 1 else ""
         if first is not None and first != self._last_error:
-            more = f" (and {count - 1} more)" if count > 1 else ""
             self.log.warn("poll {name}: {what}{more}", name=self.source, what=first, more=more)
+        elif first is not None:
+            self.log.debug("poll {name}: {what}{more}", name=self.source, what=first, more=more)
         elif first is None and self._last_error is not None:
             self.log.info("poll {name}: passes work again", name=self.source)
         self._last_error = first

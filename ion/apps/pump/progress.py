@@ -12,8 +12,10 @@ consumers' queues on the broker; "in hand" is the messages taken from the broker
 settled yet (waiting for or in a transfer), with the bytes of the files being fetched
 received so far, e.g. "2 in hand (1.3 GB received)"; "retrying" the
 files in the on-disk retry queues; failures count the files given up on, by report code, since
-the consumers started. While nothing moves and nothing waits, one "idle" line is logged and
-then nothing until work arrives again. A consumer that does not answer in C{timeout} seconds
+the consumers started, and the failed passes of each poll in C{polls} (child ids: a source that
+cannot be listed shows as C{failures: poll.source=12}). While nothing moves and nothing waits,
+one "idle" line is logged and then nothing until work arrives or the failures change. A consumer
+that does not answer in C{timeout} seconds
 (the broker is down, or it is stuck) is named on the line instead of being counted as idle::
 
     pump: 0.0 files/s, 0 B/s; 1240 delivered; 0 queued, 0 in hand, 0 retrying; failures: none; not answering: consumer.pump
@@ -40,6 +42,7 @@ class Progress(Process):
         self._previous = {}  # child id -> (delivered, bytes) at the previous line
         self._last_time = None
         self._idle = False
+        self._idle_failed = None
         self._loop = None
         self.last_line = None
 
@@ -63,11 +66,11 @@ class Progress(Process):
         d.addErrback(lambda f: self.log.failure("progress: summary failed", f))
         return d
 
-    def _consumers(self):
-        """(child id, process) of the consumers running now."""
+    def _running(self, key):
+        """(child id, process) of the consumers (C{key} "consumers") or polls running now."""
         parent = self.parent
         found = []
-        for child_id in self.settings["consumers"]:
+        for child_id in self.settings[key]:
             try:
                 proc = parent.child(child_id) if hasattr(parent, "child") else None
             except KeyError:
@@ -88,7 +91,7 @@ class Progress(Process):
         new_files = new_bytes = 0
         failures = {}
         silent = []
-        for child_id, proc in self._consumers():
+        for child_id, proc in self._running("consumers"):
             try:
                 stats = await self.rpc(proc.pid, "stats", timeout=self.settings["timeout"])
             except Exception as e:
@@ -113,11 +116,22 @@ class Progress(Process):
             totals["retrying"] += stats.get("retrying", 0)
             for code, n in (stats.get("failures") or {}).items():
                 failures[code] = failures.get(code, 0) + n
+        for child_id, proc in self._running("polls"):
+            try:
+                stats = await self.rpc(proc.pid, "stats", timeout=self.settings["timeout"])
+            except Exception as e:
+                self.log.debug("progress: no stats from {id}: {e}", id=child_id, e=e)
+                silent.append(child_id)
+                continue
+            if stats.get("failed_passes"):
+                failures[child_id] = stats["failed_passes"]
         busy = new_files or totals["queued"] or totals["in_hand"] or totals["retrying"] or silent
-        if not busy and self._idle:
+        failed = ", ".join(f"{code}={n}" for code, n in sorted(failures.items(), key=str)) or "none"
+        # Idle is said once, and again only when failures (a poll's, say) change it.
+        if not busy and self._idle and failed == self._idle_failed:
             return None
         self._idle = not busy
-        failed = ", ".join(f"{code}={n}" for code, n in sorted(failures.items())) or "none"
+        self._idle_failed = failed
         if busy:
             line = (
                 f"{self.settings['name']}: {new_files / elapsed:.1f} files/s, "

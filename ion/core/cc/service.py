@@ -18,7 +18,7 @@ import sys
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.logger import ILogObserver, Logger, LogLevel
+from twisted.logger import ILogObserver, Logger, LoggingFile, LogLevel
 
 import ion
 from ion.core import log as ionlog
@@ -33,11 +33,12 @@ def _expected_cause(error):
     """The bad input or unreachable broker behind a failed start (through the supervisors that
     could not start a child), or None when it looks like a bug."""
     from ion.core.messaging.transport import TransportError
+    from ion.core.process.statedir import EnvironmentFailure
     from ion.core.process.supervisor import ChildStartError
 
     while isinstance(error, ChildStartError):
         error = error.__cause__
-    if isinstance(error, (ValueError, AppFileError, TransportError)):
+    if isinstance(error, (ValueError, AppFileError, TransportError, EnvironmentFailure)):
         return error
     return None
 
@@ -240,7 +241,8 @@ class ContainerService(MultiService):
         self.exit_code = code
         if cause is None:  # a bug: its traceback helps
             log.failure("container failed to start", failure, level=LogLevel.critical)
-        else:
+        elif not isinstance(sys.stderr, LoggingFile):
+            # Else twistd sends stderr to the log: the line below is the log's record of it.
             log.critical("container failed to start: {why}", why=ionlog.redact(str(failure.value)))
         sys.stderr.write(f"cc: container failed to start: {ionlog.redact(str(failure.value))}\n")
         self._exit_after_shutdown(code, ionlog.redact(str(failure.value)))

@@ -351,12 +351,19 @@ class MemoryBroker:
         self.lost_messages = False
         if run_record is not None:
             try:
-                with open(run_record, encoding="utf-8") as f:
-                    previous = f.read().strip()
-            except FileNotFoundError:
-                previous = STOPPED_EMPTY  # the first run
-            self.lost_messages = previous != STOPPED_EMPTY
-            self._write_record("running")
+                try:
+                    with open(run_record, encoding="utf-8") as f:
+                        previous = f.read().strip()
+                except FileNotFoundError:
+                    previous = STOPPED_EMPTY  # the first run
+                self.lost_messages = previous != STOPPED_EMPTY
+                self._write_record("running")
+            except OSError as e:
+                # A read-only or mistaken working directory: the environment, not a bug.
+                raise TransportError(
+                    f"the embedded broker cannot keep its run record {run_record}: "
+                    f"{e.strerror or e}"
+                ) from None
 
     def _write_record(self, text):
         directory = os.path.dirname(self.run_record)

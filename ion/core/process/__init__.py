@@ -11,13 +11,14 @@ from ion.core.conversation.conversation import Refused
 from ion.core.process.lifecycle import IllegalTransition
 from ion.core.process.process import Process, ServiceProcess, explicit_agree
 from ion.core.process.registry import SpawnError
-from ion.core.process.statedir import DirectoryInUse
+from ion.core.process.statedir import DirectoryInUse, EnvironmentFailure
 from ion.core.process.supervisor import Supervisor
 
 __all__ = [
     "ApplicationError",
     "ConversationTimeout",
     "DirectoryInUse",
+    "EnvironmentFailure",
     "IllegalTransition",
     "NoSuchReceiver",
     "Process",

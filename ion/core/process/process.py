@@ -145,10 +145,12 @@ class Process:
             await _maybe_await(hook())
         except BaseException as e:
             self.lifecycle.fail()
-            if isinstance(e, ValueError) or getattr(e, "bad_input", False):
+            if statedir.expected(e):
                 # Bad arguments or configuration (the convention of every check, also for a
-                # supervisor's child): the message says it all, a traceback would hide it.
-                self.log.error(
+                # supervisor's child) or an environment failure: the message says it all, and
+                # the caller (the boot, a supervisor's restart) reports it; said here too, it
+                # would be printed twice.
+                self.log.debug(
                     "{proc!r}: lifecycle hook {hook} failed: {error}",
                     proc=self,
                     hook=hook.__name__,

@@ -18,6 +18,27 @@ class DirectoryInUse(ValueError):
     line and exit status 2 at boot)."""
 
 
+class EnvironmentFailure(Exception):
+    """The machine does not allow what a process needs (a directory that cannot be written:
+    read-only, under a regular file); the message names the path and the reason. Reported in
+    one line without a traceback, exit status 1 at boot."""
+
+
+def unusable(what, path, error):
+    """The L{EnvironmentFailure} for the OSError C{error} on C{path}, C{what} naming its use."""
+    return EnvironmentFailure(f"{what} {path}: {error.strerror or error}")
+
+
+def expected(error):
+    """Whether C{error} is bad input (a ValueError or C{bad_input}) or an environment failure
+    (C{environment}): its message says it all, without a traceback."""
+    return (
+        isinstance(error, (ValueError, EnvironmentFailure))
+        or getattr(error, "bad_input", False)
+        or getattr(error, "environment", False)
+    )
+
+
 class DirectoryClaim:
     """A claimed directory; L{release} gives it up (idempotent)."""
 
@@ -37,12 +58,17 @@ def claim(path, owner):
 
     @raise DirectoryInUse: a live process holds it; the message names the directory and that
         process.
-    @raise OSError: the directory or its owner file cannot be created.
+    @raise EnvironmentFailure: the directory or its owner file cannot be created.
     """
-    os.makedirs(path, exist_ok=True)
-    fd = os.open(
-        os.path.join(path, OWNER_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644
-    )
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(
+            os.path.join(path, OWNER_FILE),
+            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o644,
+        )
+    except OSError as e:
+        raise unusable("cannot create state directory", path, e) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:

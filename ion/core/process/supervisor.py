@@ -55,6 +55,7 @@ from twisted.internet import defer, task
 
 from ion.core.process.lifecycle import FAILED, IllegalTransition
 from ion.core.process.process import Process
+from ion.core.process.statedir import EnvironmentFailure
 
 CHILD_KEYS = ("args", "id", "name", "restart", "shutdown", "spec")
 SUPERVISOR_KEYS = ("children", "intensity", "period", "strategy")
@@ -64,15 +65,20 @@ STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
 
 class ChildStartError(Exception):
     """A supervisor could not start one of its children (C{child_id}); the cause is chained.
-    C{bad_input} is true when the cause was bad arguments or configuration (a ValueError)."""
+    C{bad_input} is true when the cause was bad arguments or configuration (a ValueError),
+    C{environment} when it was an L{EnvironmentFailure}."""
 
     def __init__(self, supervisor, child_id, error):
-        super().__init__(
-            f"supervisor {supervisor}: child {child_id!r} failed to start: "
-            f"{type(error).__name__}: {error}"
-        )
         self.child_id = child_id
         self.bad_input = isinstance(error, ValueError) or getattr(error, "bad_input", False)
+        self.environment = isinstance(error, EnvironmentFailure) or getattr(
+            error, "environment", False
+        )
+        # An expected error's message says it all; a bug's type helps.
+        kind = "" if self.bad_input or self.environment else f"{type(error).__name__}: "
+        super().__init__(
+            f"supervisor {supervisor}: child {child_id!r} failed to start: {kind}{error}"
+        )
 
 
 @attrs.frozen

@@ -5,7 +5,7 @@ import threading
 import time
 
 from twisted.internet import defer, reactor, task
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from ion.apps.pump.notice import Notice, parse_time
@@ -369,16 +369,33 @@ class PollTests(unittest.TestCase):
         self.assertEqual(got["xs_alice"]["baseUrl"], "https://example.org/data/")
 
     async def test_creates_local_directory(self):
-        """A local directory to poll that does not exist is created, and the log says so
-        (a mistyped path is then seen at once)."""
+        """A local directory to poll that does not exist is created when the poll says
+        C{create} (the pump's own default source), and the log says so."""
         logged = []
         globalLogPublisher.addObserver(logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         missing = os.path.join(self.base, "not", "yet")
-        await self.start_poll(url="file:" + missing)
+        await self.start_poll(url="file:" + missing, create=True)
         self.assertTrue(os.path.isdir(missing))
         lines = [formatEvent(e) for e in logged if "which did not exist" in formatEvent(e)]
         self.assertEqual(lines, [f"poll src: created {missing}/, which did not exist"])
+
+    async def test_missing_directory_is_an_error(self):
+        """A mistyped local directory is not created: each pass fails, warned about once and
+        counted in the poll's stats."""
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        missing = os.path.join(self.base, "mistyped")
+        proc = await self.start_poll(url="file:" + missing)
+        await proc.poll_now()
+        await proc.poll_now()
+        self.assertFalse(os.path.exists(missing))
+        warned = [formatEvent(e) for e in logged if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(len(warned), 1, warned)
+        self.assertIn("no such file or directory", warned[0])
+        stats = await call_op(proc, "stats")
+        self.assertGreaterEqual(stats["failed_passes"], 2)
 
     async def test_unconfirmed_not_recorded(self):
         """A file whose announcement the broker did not confirm is not recorded: the next
@@ -565,3 +582,40 @@ class FakeListingTests(unittest.TestCase):
         await proc.poll_now()
         await quiet()
         self.assertEqual([b.get("size") for b in self.collector.bodies()], [None, 5])
+
+
+class PollCommandTest(unittest.TestCase):
+    """Polls that cannot list their source, in the real command (`twistd -n cc pump`)."""
+
+    def test_unreachable_and_missing_sources_one_line_each(self):
+        """An sftp or ftp host that does not resolve and a mistyped local directory: each poll
+        says why in one warn line (not on every pass, no traceback), the directory is not
+        created, and the progress line counts the failed passes."""
+        from tests.core.cc.running import run_for
+
+        cwd = self.mktemp()
+        os.makedirs(cwd)
+        missing = os.path.abspath(os.path.join(cwd, "mistyped", "dir"))
+        polls = [
+            {"name": "s", "url": "sftp://bob@nosuchhost.invalid/x/", "interval": 0.5},
+            {"name": "f", "url": "ftp://bob@nosuchhost.invalid/x/", "interval": 0.5},
+            {"name": "l", "url": "file:" + missing + "/", "interval": 0.5},
+        ]
+        kwargs = {"polls": polls, "progress": {"interval": 1}}
+        output = run_for(
+            4, "--no-shell", "-a", f"apparg_pump={kwargs!r}", "pump", cwd=cwd,
+            until="poll.s=",
+        )
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("critical", output)
+        for name in ("s", "f"):
+            lines = [line for line in output.splitlines() if f"poll {name}:" in line]
+            self.assertEqual(len(lines), 1, output)
+            self.assertIn("cannot resolve host 'nosuchhost.invalid'", lines[0])
+        lines = [line for line in output.splitlines() if "poll l:" in line]
+        self.assertEqual(len(lines), 1, output)
+        self.assertIn("no such file or directory", lines[0])
+        self.assertFalse(os.path.exists(missing))
+        progress = [line for line in output.splitlines() if "poll.s=" in line]
+        self.assertTrue(progress, output)
+        self.assertIn("poll.l=", progress[-1])

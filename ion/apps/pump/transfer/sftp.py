@@ -298,6 +298,13 @@ async def _with_session(reactor, location, settings, work):
             raise TransferTimeout(
                 f"{location.shown}: no connection within {settings.timeouts.connect:g} s"
             ) from None
+        except net_error.DNSLookupError:
+            # Not a ConnectError: without this it would reach the caller as a server fault.
+            raise ConnectionFailed(
+                f"{location.shown}: cannot resolve host {location.host!r}"
+            ) from None
+        except net_error.ConnectionRefusedError:
+            raise ConnectionFailed(f"{location.shown}: connection refused") from None
         except net_error.ConnectError as exc:
             raise ConnectionFailed(f"{location.shown}: cannot connect: {exc}") from None
         client = await cancellable(session.ready)

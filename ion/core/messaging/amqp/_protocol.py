@@ -9,7 +9,7 @@ import types
 
 from twisted.internet import defer, task
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from ion.core.messaging.amqp._wire import (
     _BODY_FRAME,
@@ -382,7 +382,10 @@ class _Protocol(Protocol):
         channel.call("connection_open", virtual_host=self.vhost).chainDeferred(self.opened)
 
     def _connection_close(self, channel, message):
-        log.warn(
+        # Before the connection is open (a refused login, say) the error is the attempt's
+        # outcome, which its caller reports: said here too, it would be printed twice.
+        log.emit(
+            LogLevel.warn if self.opened.called else LogLevel.debug,
             "AMQP: the broker closed the connection: {code} {text}",
             code=message.reply_code,
             text=message.reply_text,
