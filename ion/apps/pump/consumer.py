@@ -103,7 +103,7 @@ from ion.apps.pump.transfer.policy import UrlPolicy, normalize
 from ion.apps.pump.transfer.worker import Transfers
 from ion.apps.pump.user import pump_user
 from ion.core.log import redact
-from ion.core.process import Process
+from ion.core.process import ServiceProcess
 
 # Fields copied into the report of an oversized message (the rest could be what is too big).
 _OVERSIZE_KEEP = ("pubTime", "baseUrl", "relPath", "retrievePath", "source", "size", "mtime")
@@ -156,8 +156,10 @@ def make_report(notice, code, message, when):
     return reported
 
 
-class Consumer(Process):
+class Consumer(ServiceProcess):
     """One subscription: notices in, verified files and reports out (see the module docstring)."""
+
+    service_optional = True  # named by the pump app: its name is a service (ion rpc)
 
     def on_init(self):
         args = self.settings = ConsumerArgs.parse(self.args)

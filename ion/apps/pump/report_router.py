@@ -52,14 +52,16 @@ from twisted.internet import defer
 from ion.apps.pump.args import NAME, ReportRouterArgs
 from ion.apps.pump.dupcache import DupCache
 from ion.apps.pump.user import pump_user
-from ion.core.process import Process
+from ion.core.process import ServiceProcess
 
 # How long a redelivered report waits for the marker before it is forwarded anyway.
 CATCH_UP_TIMEOUT = 30
 
 
-class ReportRouter(Process):
+class ReportRouter(ServiceProcess):
     """Routes reports from C{xreport} to C{xr_<source>} (see the module docstring)."""
+
+    service_optional = True  # named by the pump app: its name is a service (ion rpc)
 
     def on_init(self):
         self.settings = ReportRouterArgs.parse(self.args)

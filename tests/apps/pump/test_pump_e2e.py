@@ -146,6 +146,24 @@ class PumpFlowTests(unittest.TestCase):
         self.assertEqual(inflight_files(self.dest), [])
         self.assertLess(time.monotonic() - started, 15)
 
+    async def test_processes_named(self):
+        """Every pump process shows its name in ps() and answers `stats` by that name, as
+        `ion rpc pump.consumer.sub stats` asks it."""
+        await self.start_pump("file://" + self.src)
+        names = {row[1] for row in self.c.ps()}
+        expected = {
+            "pump.report_router": "forwarded",
+            "pump.ingest": None,
+            "pump.consumer.sub": "delivered",
+            "pump.poll.src": None,
+        }
+        self.assertLessEqual({*expected, "pump.progress"}, names)
+        for name, field in expected.items():
+            stats = await self.collector.rpc(name, "stats", timeout=5)
+            self.assertIsInstance(stats, dict, name)
+            if field:
+                self.assertIn(field, stats)
+
     async def test_http_source(self):
         """A tree served over HTTP (twisted.web index pages) is mirrored."""
         make_tree(self.src, 40, random.Random(2), dirs=(3, 2))
@@ -261,7 +279,7 @@ class ProgressTests(unittest.TestCase):
         c = await make_container(self, memory_broker=MemoryBroker(), clock=clock)
         args["consumers"] = ["consumer.a", "consumer.b"]
         children = [
-            {"id": "consumer.a", "spec": FakeConsumer},
+            {"id": "consumer.a", "name": "pump.consumer.a", "spec": FakeConsumer},
             {"id": "consumer.b", "spec": FakeConsumer},
             {"id": "progress", "spec": Progress, "args": args},
         ]
@@ -328,7 +346,8 @@ class ProgressTests(unittest.TestCase):
             await quiet()
             self.assertIsNotNone(progress.last_line)
             self.assertNotIn("idle", progress.last_line)
-            self.assertTrue(progress.last_line.endswith("; not answering: consumer.a"))
+            # By the name `ion rpc` knows it by, not the supervisor's child id.
+            self.assertTrue(progress.last_line.endswith("; not answering: pump.consumer.a"))
 
     def test_human_bytes(self):
         self.assertEqual(
