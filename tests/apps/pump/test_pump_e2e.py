@@ -207,8 +207,9 @@ class AmqpPumpFlowTests(unittest.TestCase):
         os.chmod(credentials, 0o600)
         make_tree(src, 300, random.Random(5))
         queues = [
-            f"q_{tag}.consumer.sub",
-            f"q_{tag}.report_router",
+            f"q_{tag}.{tag}.consumer.sub",
+            f"q_xreport-{tag}.report_router",
+            f"q_{tag}.{tag}.report_router.sent",
             f"q_{tag}.ingest.xs_{tag}",
         ]
 
@@ -251,6 +252,87 @@ class AmqpPumpFlowTests(unittest.TestCase):
         await until(lambda: len(collector.bodies()) == 300, timeout=30, what="reports")
         self.assertEqual(digests(dest), digests(src))
         self.assertEqual({b["source"] for b in collector.bodies()}, {tag})
+
+
+    async def test_two_pumps_one_broker(self):
+        """Two pumps (two systems, two users) on one broker, both subscribed to xpublic: a file
+        polled by pump A reaches both destinations, and each of the two delivery reports
+        reaches the source once: the report routers share one queue."""
+        broker = get_broker()
+        tag = f"two-{os.getpid()}-{next(_tags)}"
+        base = os.path.abspath(self.mktemp())
+        src = os.path.join(base, "src")
+        os.makedirs(base)
+        credentials = write_file(os.path.join(base, "credentials.conf"), b"")
+        os.chmod(credentials, 0o600)
+        make_tree(src, 20, random.Random(7), dirs=(2, 2))
+        xpublic, xreport = f"xpublic-{tag}", f"xreport-{tag}"
+        pumps = [(f"alice-{tag}", f"sA-{tag}"), (f"bob-{tag}", f"sB-{tag}")]
+        queues = [f"q_{xreport}.report_router"]
+        for user, sysname in pumps:
+            queues += [
+                f"q_{user}.{sysname}.consumer.pump",
+                f"q_{user}.{sysname}.report_router.sent",
+                f"q_{user}.ingest.xs_{user}",
+            ]
+
+        async def delete_queues():
+            transport = make_transport(broker.url, reactor)
+            await transport.connect()
+            try:
+                for queue in queues:
+                    await transport.delete_queue(queue)
+            finally:
+                await transport.close()
+
+        await delete_queues()
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(delete_queues()))
+        sups, collector = [], None
+        # B first: both consumers listen before A's poll announces.
+        for i, (user, sysname) in reversed(list(enumerate(pumps))):
+            c = await make_container(self, url=broker.url, sysname=sysname)
+            if collector is None:
+                collector = await c.spawn(Collector)
+                await collector.listen(f"xr_{pumps[0][0]}")
+            polls = []
+            if i == 0:
+                polls = [{"name": "src", "url": "file://" + src,
+                          "state_dir": os.path.join(base, "p")}]
+            sup = await pump_app.start(
+                c,
+                types.SimpleNamespace(name="pump"),
+                user=user,
+                polls=polls,
+                ingest={"exchange": xpublic, "report_exchange": xreport},
+                subscriptions=[
+                    {
+                        "name": "pump",
+                        "exchange": xpublic,
+                        "report_exchange": xreport,
+                        "directory": os.path.join(base, f"dest{i}"),
+                        "sources": ["file://" + src + "/"],  # B fetches from A's source
+                        "state_dir": os.path.join(base, f"consumer{i}"),
+                    }
+                ],
+                transfer={"credentials": credentials},
+                report_router={"exchange": xreport, "state_dir": os.path.join(base, f"r{i}")},
+            )
+            self.addCleanup(sup.terminate)
+            sups.append(sup)
+        consumers = [sup.child("consumer.pump") for sup in sups]
+        self.assertNotEqual(consumers[0].queue, consumers[1].queue)
+        await until(
+            lambda: [c.stats["delivered"] for c in consumers] == [20, 20],
+            timeout=20,
+            what=lambda _: f"both pumps' deliveries: {[c.stats for c in consumers]}",
+        )
+        await until(lambda: len(collector.bodies()) >= 40, timeout=30, what="40 reports")
+        await quiet(1.0)
+        bodies = collector.bodies()
+        self.assertEqual(len(bodies), 40)
+        self.assertEqual(len({b["report_id"] for b in bodies}), 40)
+        routed = [sup.child("report_router").stats["forwarded"] for sup in sups]
+        self.assertEqual(sum(routed), 40)
 
 
 class FakeConsumer(Process):
