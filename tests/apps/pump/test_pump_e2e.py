@@ -459,6 +459,38 @@ class PumpUserTests(unittest.SynchronousTestCase):
         self.assertEqual(pump_user(process("alice"), "bob"), "bob")
 
 
+class QueueNameTests(unittest.TestCase):
+    async def test_two_systems_never_share_a_consumer_queue(self):
+        """Two pumps of one user started as two systems (-s sA, -s sB) on one broker get a
+        consumer queue each, so neither takes the other's notices; in the default system
+        `ion` the name stays q_<user>.consumer.<subscription>. The report routers share
+        theirs."""
+        broker = MemoryBroker()
+        base = os.path.abspath(self.mktemp())
+        found = {}
+        for sysname in ("ion", "sA", "sB"):
+            c = await make_container(self, memory_broker=broker, sysname=sysname)
+            sup = await pump_app.start(
+                c,
+                types.SimpleNamespace(name="pump"),
+                user="alice",
+                subscriptions=[{"name": "pump", "directory": os.path.join(base, sysname),
+                                "state_dir": os.path.join(base, sysname, "state")}],
+                report_router={"state_dir": os.path.join(base, sysname, "router")},
+            )
+            self.addCleanup(sup.terminate)
+            found[sysname] = (sup.child("consumer.pump").queue, sup.child("report_router").queue)
+        self.assertEqual(
+            {name: queues[0] for name, queues in found.items()},
+            {
+                "ion": "q_alice.consumer.pump",
+                "sA": "q_alice.sA.consumer.pump",
+                "sB": "q_alice.sB.consumer.pump",
+            },
+        )
+        self.assertEqual({queues[1] for queues in found.values()}, {"q_xreport.report_router"})
+
+
 class AppPlanTests(unittest.SynchronousTestCase):
     def test_plan_order(self):
         """Receivers first: router, transfer workers, ingest, consumers, polls, progress; the
