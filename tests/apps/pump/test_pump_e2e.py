@@ -3,6 +3,7 @@ as the app builds it (on memory:// and RabbitMQ) and as `twistd -n cc res/apps/p
 it; the app's plan and its progress summary."""
 
 import copy
+import json
 import hashlib
 import itertools
 import os
@@ -13,7 +14,7 @@ import sys
 import time
 import types
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from ion.apps.pump import app as pump_app
@@ -562,7 +563,7 @@ class AppPlanTests(unittest.SynchronousTestCase):
         self.assertNotIn("poll.source", by_id)
 
 
-def start_pump_process(testcase, cwd, log_name="twistd.log"):
+def start_pump_process(testcase, cwd, log_name="twistd.log", options=()):
     """`twistd -n cc res/apps/pump.app` in `cwd`, its output in `log_name` there: the process
     and a function returning the log so far."""
     env = dict(os.environ, PYTHONPATH=REPO, HOME=cwd)
@@ -570,7 +571,7 @@ def start_pump_process(testcase, cwd, log_name="twistd.log"):
     log_path = os.path.join(cwd, log_name)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [twistd, "--pidfile=", "-n", "cc", "-n", os.path.join(RES, "apps", "pump.app")],
+            [twistd, "--pidfile=", "-n", "cc", "-n", *options, os.path.join(RES, "apps", "pump.app")],
             cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -598,6 +599,54 @@ async def stop_pump_process(testcase, proc, log_text):
 
 class TwistdTests(unittest.TestCase):
     """`twistd -n cc res/apps/pump.app` as a user runs it, in a fresh working directory."""
+
+    async def test_ion_rpc_stats_by_name(self):
+        """On RabbitMQ, `ion rpc pump.consumer.pump stats` (the name the progress line gives)
+        answers the consumer's counters, and `ion rpc pump.poll.source stats` the poll's."""
+        broker = get_broker()
+        sysname = f"rpc{os.getpid()}x{next(_tags)}"
+        login = "guest"
+        queues = [
+            f"q_{login}.{sysname}.consumer.pump",
+            f"q_{login}.{sysname}.report_router.sent",
+            # pump.app's own exchange names: no other test uses them on this broker.
+            "q_xreport.report_router",
+            f"q_{login}.ingest.xs_{login}",
+        ]
+
+        async def delete_queues():
+            transport = make_transport(broker.url, reactor)
+            await transport.connect()
+            try:
+                for queue in queues:
+                    await transport.delete_queue(queue)
+            finally:
+                await transport.close()
+
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(delete_queues()))
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        proc, log_text = start_pump_process(
+            self, cwd, options=("--broker", broker.url, "-s", sysname)
+        )
+        self.addCleanup(lambda: proc.poll() is None and proc.send_signal(signal.SIGTERM))
+        await until(
+            lambda: "running apps" in log_text() or proc.poll() is not None,
+            timeout=30,
+            what="the container to start",
+        )
+        self.assertIsNone(proc.poll(), log_text())
+        env = dict(os.environ, PYTHONPATH=REPO, HOME=cwd)
+        for name, field in (("pump.consumer.pump", "delivered"), ("pump.poll.source", "passes")):
+            result = await threads.deferToThread(
+                subprocess.run,
+                [sys.executable, "-m", "ion", "rpc", "--broker", broker.url, "-s", sysname,
+                 name, "stats"],
+                cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
+            )
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn(field, json.loads(result.stdout))
+        await stop_pump_process(self, proc, log_text)
 
     async def test_pump_app(self):
         """Files dropped into pump/source/ arrive in pump/destination/ with the same bytes,
