@@ -1,8 +1,9 @@
 """The consumer: one subscription of the pump, from notices on an exchange to verified files.
 
-A L{Consumer} consumes a durable queue C{q_<user>.consumer.<name>} (C{q_<user>.<sysname>.consumer.<name>}
-in a system other than C{ion}: L{ion.apps.pump.user.own_prefix}) bound to C{exchange} (default
-C{xpublic}) with the topic patterns C{topics}. For each message, in this order:
+A L{Consumer} consumes a durable queue C{q_<user>.consumer.<name>}
+(C{q_<user>.<sysname>.consumer.<name>} in a system other than C{ion}:
+L{ion.apps.pump.user.own_prefix}) bound to C{exchange} (default C{xpublic}) with the topic
+patterns C{topics}. For each message, in this order:
 
   1. decode and validate the v03 notice. Undecodable: logged and acked. Valid JSON that fails
      validation: a 417 report when the body names its C{source} (on C{xpublic} the pump's ingest

@@ -29,14 +29,14 @@ characters, unencodable ones included, as JSON escapes).
 Exactly once across crashes. The order (publish, remember, ack) leaves one gap: a crash after
 the broker took the publish but before the id was written down. The broker's own record closes
 it: the router's own durable queue C{q_<user>.report_router.sent} (C{q_<user>.<sysname>....} in
-a system other than C{ion}: L{ion.apps.pump.user.own_prefix}) is bound (C{#}) to every C{xr_} exchange the
-router publishes to, so each forwarded report lands there too, in the same routing step as at
-the source's queues. The router consumes that queue and remembers the C{report_id} header of
-whatever it finds. A report that comes back redelivered with an id not remembered may be such a
-case: the router then publishes a marker to its C{x_<user>.report_router.sent} (also bound to that
-queue) and waits until the marker comes through, by which time every copy the broker took
-earlier has been read and remembered, and only then decides. Reports without a C{report_id} are
-forwarded at least once.
+a system other than C{ion}: L{ion.apps.pump.user.own_prefix}) is bound (C{#}) to every C{xr_}
+exchange the router publishes to, so each forwarded report lands there too, in the same
+routing step as at the source's queues. The router consumes that queue and remembers the
+C{report_id} header of whatever it finds. A report that comes back redelivered with an id not
+remembered may be such a case: the router then publishes a marker to its
+C{x_<user>.report_router.sent} (also bound to that queue) and waits until the marker comes
+through, by which time every copy the broker took earlier has been read and remembered, and
+only then decides. Reports without a C{report_id} are forwarded at least once.
 
 Several routers on one queue. Each sent queue is bound to every C{xr_} exchange its router
 has published to, so it also gets the forwards of the other routers to those sources: a

@@ -571,7 +571,8 @@ def start_pump_process(testcase, cwd, log_name="twistd.log", options=()):
     log_path = os.path.join(cwd, log_name)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [twistd, "--pidfile=", "-n", "cc", "-n", *options, os.path.join(RES, "apps", "pump.app")],
+            [twistd, "--pidfile=", "-n", "cc", "-n", *options,
+             os.path.join(RES, "apps", "pump.app")],
             cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
