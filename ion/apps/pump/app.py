@@ -2,6 +2,11 @@
 transfer service workers, the ingest, one consumer per subscription, one poll per source, and
 the progress summary.
 
+Each process is named and serves its name (L{ion.core.process.ServiceProcess}):
+C{<app>.report_router}, C{<app>.ingest}, C{<app>.consumer.<subscription>}, C{<app>.poll.<poll>},
+C{<app>.progress} (app C{pump}, or C{pump.2}... for a rel's C{mult}), so
+C{ion rpc pump.consumer.pump stats} asks that consumer. The transfer workers serve C{transfer}.
+
 Receivers come first, so a process never runs without someone to take what it sends: a poll
 announces to C{xs_<user>} where the ingest already listens, the ingest passes notices on to
 C{xpublic} where the consumers already listen, and every consumer has the transfer service
@@ -69,12 +74,22 @@ def plan(app_name="pump", **kwargs):
     IngestArgs.parse(ingest_args)
     progress_args = dict(pump.progress)
 
-    children = [{"id": "report_router", "spec": "ion.apps.pump.report_router", "args": router_args}]
+    children = [
+        {
+            "id": "report_router",
+            "name": f"{app_name}.report_router",
+            "spec": "ion.apps.pump.report_router",
+            "args": router_args,
+        }
+    ]
     for i in range(1, pump.workers + 1):
         children.append(
             {"id": f"transfer{i}", "spec": "ion.apps.pump.transfer_service", "args": dict(transfer)}
         )
-    children.append({"id": "ingest", "spec": "ion.apps.pump.ingest", "args": ingest_args})
+    children.append(
+        {"id": "ingest", "name": f"{app_name}.ingest", "spec": "ion.apps.pump.ingest",
+         "args": ingest_args}
+    )
     names = set()
     consumer_ids = []
     for args in map(dict, pump.subscriptions):
@@ -95,6 +110,7 @@ def plan(app_name="pump", **kwargs):
         children.append(
             {
                 "id": consumer_ids[-1],
+                "name": f"{app_name}.{consumer_ids[-1]}",
                 "spec": "ion.apps.pump.consumer",
                 "args": args,
                 # Messages in hand get the consumer's stop_grace to finish.
@@ -116,6 +132,7 @@ def plan(app_name="pump", **kwargs):
         children.append(
             {
                 "id": poll_ids[-1],
+                "name": f"{app_name}.poll.{checked.name}",
                 "spec": "ion.apps.pump.poll",
                 "args": args,
                 "shutdown": int(checked.stop_grace * 1000) + 5000,
@@ -125,7 +142,10 @@ def plan(app_name="pump", **kwargs):
     progress_args.setdefault("polls", poll_ids)
     progress_args.setdefault("name", app_name)
     ProgressArgs.parse(progress_args)
-    children.append({"id": "progress", "spec": "ion.apps.pump.progress", "args": progress_args})
+    children.append(
+        {"id": "progress", "name": f"{app_name}.progress", "spec": "ion.apps.pump.progress",
+         "args": progress_args}
+    )
     return {"children": children, "strategy": "rest_for_one"}
 
 

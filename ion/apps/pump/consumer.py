@@ -1,7 +1,9 @@
 """The consumer: one subscription of the pump, from notices on an exchange to verified files.
 
-A L{Consumer} consumes a durable queue C{q_<user>.consumer.<name>} bound to C{exchange} (default
-C{xpublic}) with the topic patterns C{topics}. For each message, in this order:
+A L{Consumer} consumes a durable queue C{q_<user>.consumer.<name>}
+(C{q_<user>.<sysname>.consumer.<name>} in a system other than C{ion}:
+L{ion.apps.pump.user.own_prefix}) bound to C{exchange} (default C{xpublic}) with the topic
+patterns C{topics}. For each message, in this order:
 
   1. decode and validate the v03 notice. Undecodable: logged and acked. Valid JSON that fails
      validation: a 417 report when the body names its C{source} (on C{xpublic} the pump's ingest
@@ -101,9 +103,9 @@ from ion.apps.pump.transfer.inflight import (
 )
 from ion.apps.pump.transfer.policy import UrlPolicy, normalize
 from ion.apps.pump.transfer.worker import Transfers
-from ion.apps.pump.user import pump_user
+from ion.apps.pump.user import own_prefix, pump_user
 from ion.core.log import redact
-from ion.core.process import Process
+from ion.core.process import ServiceProcess
 from ion.core.process.statedir import unusable
 
 # Fields copied into the report of an oversized message (the rest could be what is too big).
@@ -157,8 +159,10 @@ def make_report(notice, code, message, when):
     return reported
 
 
-class Consumer(Process):
+class Consumer(ServiceProcess):
     """One subscription: notices in, verified files and reports out (see the module docstring)."""
+
+    service_optional = True  # named by the pump app: its name is a service (ion rpc)
 
     def on_init(self):
         args = self.settings = ConsumerArgs.parse(self.args)
@@ -168,7 +172,7 @@ class Consumer(Process):
         self.directory = os.path.abspath(args.directory) if args.directory else None
         self.mode = args.mode
         self.user = pump_user(self, args.user)
-        self.queue = f"q_{self.user}.consumer.{self.subscription}"
+        self.queue = f"q_{own_prefix(self, self.user)}consumer.{self.subscription}"
         self.subscriber = f"{self.user}.{self.subscription}"
         self.policy = UrlPolicy(args.sources, own_user=self.user, who=args.who)
         self.state_dir = args.state_dir or os.path.join("var", "pump", self.subscription)

@@ -41,7 +41,7 @@ from ion.apps.pump.args import IngestArgs
 from ion.apps.pump.consumer import make_report, report_id
 from ion.apps.pump.notice import InvalidNotice, Notice, format_time
 from ion.apps.pump.user import pump_user
-from ion.core.process import Process
+from ion.core.process import ServiceProcess
 
 # After a refusal is logged, further ones are only counted, and summed up in one line at most
 # this often (a routing loop or a flood must not turn into one log line per message).
@@ -75,9 +75,11 @@ def source_of(exchange, user_id, users, pump=None, login=None):
     raise NotPostedHere(f"published to {exchange} by {user_id!r}, not by {user!r}")
 
 
-class Ingest(Process):
+class Ingest(ServiceProcess):
     """Takes notices from users' C{xs_} exchanges, stamps their source, passes them on to
     C{xpublic} (see the module docstring)."""
+
+    service_optional = True  # named by the pump app: its name is a service (ion rpc)
 
     def on_init(self):
         self.settings = IngestArgs.parse(self.args)

@@ -70,7 +70,7 @@ from ion.apps.pump.journal import DiskQueue
 from ion.apps.pump.notice import Notice, format_time
 from ion.apps.pump.transfer.inflight import is_inflight_name
 from ion.apps.pump.user import pump_user
-from ion.core.process import Process, RemoteError
+from ion.core.process import RemoteError, ServiceProcess
 
 COD = {"method": "cod", "value": "sha512"}
 
@@ -231,9 +231,11 @@ class SeenFiles:
     del _in_thread
 
 
-class PollService(Process):
+class PollService(ServiceProcess):
     """Lists one source every interval and announces its new and changed files (see the module
     docstring)."""
+
+    service_optional = True  # named by the pump app: its name is a service (ion rpc)
 
     def on_init(self):
         args = self.settings = PollArgs.parse(self.args)

@@ -15,16 +15,17 @@ files in the on-disk retry queues; failures count the files given up on, by repo
 the consumers started, and the failed passes of each poll in C{polls} (child ids: a source that
 cannot be listed shows as C{failures: poll.source=12}). While nothing moves and nothing waits,
 one "idle" line is logged and then nothing until work arrives or the failures change. A consumer
-that does not answer in C{timeout} seconds
-(the broker is down, or it is stuck) is named on the line instead of being counted as idle::
+that does not answer in C{timeout} seconds (the broker is down, or it is stuck) is named on the
+line, by its process name (the service C{ion rpc} calls it by), instead of being counted as
+idle::
 
-    pump: 0.0 files/s, 0 B/s; 1240 delivered; 0 queued, 0 in hand, 0 retrying; failures: none; not answering: consumer.pump
+    pump: 0.0 files/s, 0 B/s; 1240 delivered; 0 queued, 0 in hand, 0 retrying; failures: none; not answering: pump.consumer.pump
 """
 
 from twisted.internet import defer, task
 
 from ion.apps.pump.args import ProgressArgs
-from ion.core.process import Process
+from ion.core.process import ServiceProcess
 
 def human_bytes(count):
     """A byte rate or size for people: 512 B, 3.1 kB, 12.0 MB..."""
@@ -34,8 +35,10 @@ def human_bytes(count):
         count /= 1000
 
 
-class Progress(Process):
+class Progress(ServiceProcess):
     """Logs the consumers' summary line every interval (see the module docstring)."""
+
+    service_optional = True  # named by the pump app: its name is a service (ion rpc)
 
     def on_init(self):
         self.settings = ProgressArgs.parse(self.args)
@@ -96,7 +99,7 @@ class Progress(Process):
                 stats = await self.rpc(proc.pid, "stats", timeout=self.settings["timeout"])
             except Exception as e:
                 self.log.debug("progress: no stats from {id}: {e}", id=child_id, e=e)
-                silent.append(child_id)
+                silent.append(proc.name or child_id)
                 continue
             delivered, size = stats.get("delivered", 0), stats.get("bytes", 0)
             # Received, not delivered, bytes make the rate: a long transfer shows its own.

@@ -2,7 +2,10 @@
 to it.
 
 L{ReportRouter} consumes C{exchange} (default C{xreport}) with C{#} from the durable queue
-C{q_<user>.report_router}. For each report:
+C{q_<exchange>.report_router} (C{q_xreport.report_router}), which every report router on the
+broker shares, whoever its user and whatever its system: each report goes to one of them, so
+it is routed once however many pumps run (creating it takes the configure permission on it,
+which the feeder role has). For each report:
 
   - a body that is not a JSON object with a C{report} {code: int, ...}: logged, acked, counted
     as C{invalid} (reports of invalid notices carry little else, so nothing more is required);
@@ -17,7 +20,7 @@ C{q_<user>.report_router}. For each report:
     Counted per source and code.
 
 A report whose routing fails (the broker went away) goes back to the queue once; failing
-again, it goes to C{q_<user>.report_router.dead} (L{ion.core.process.Process.subscribe}).
+again, it goes to C{q_<exchange>.report_router.dead} (L{ion.core.process.Process.subscribe}).
 
 With C{log_path}, each report handled is also written to that file as one JSON line
 {time, source, code, routing_key, relPath, report_id, message, outcome}, in ASCII (other
@@ -25,14 +28,21 @@ characters, unencodable ones included, as JSON escapes).
 
 Exactly once across crashes. The order (publish, remember, ack) leaves one gap: a crash after
 the broker took the publish but before the id was written down. The broker's own record closes
-it: the durable queue C{q_<user>.report_router.sent} is bound (C{#}) to every C{xr_} exchange the
-router publishes to, so each forwarded report lands there too, in the same routing step as at
-the source's queues. The router consumes that queue and remembers the C{report_id} header of
-whatever it finds. A report that comes back redelivered with an id not remembered may be such a
-case: the router then publishes a marker to C{x_<user>.report_router.sent} (also bound to that
-queue) and waits until the marker comes through, by which time every copy the broker took
-earlier has been read and remembered, and only then decides. Reports without a C{report_id} are
-forwarded at least once.
+it: the router's own durable queue C{q_<user>.report_router.sent} (C{q_<user>.<sysname>....} in
+a system other than C{ion}: L{ion.apps.pump.user.own_prefix}) is bound (C{#}) to every C{xr_}
+exchange the router publishes to, so each forwarded report lands there too, in the same
+routing step as at the source's queues. The router consumes that queue and remembers the
+C{report_id} header of whatever it finds. A report that comes back redelivered with an id not
+remembered may be such a case: the router then publishes a marker to its
+C{x_<user>.report_router.sent} (also bound to that queue) and waits until the marker comes
+through, by which time every copy the broker took earlier has been read and remembered, and
+only then decides. Reports without a C{report_id} are forwarded at least once.
+
+Several routers on one queue. Each sent queue is bound to every C{xr_} exchange its router
+has published to, so it also gets the forwards of the other routers to those sources: a
+router knows their ids too, and drops a report another router forwarded. One gap remains: a
+report redelivered to a router that has never forwarded to its source, after another router
+forwarded it and crashed before acking, is forwarded again (with the same C{report_id}).
 
 A broker crash is the other gap: RabbitMQ keeps an unconfirmed message in some of the queues it
 was routed to and not in others, so the sent queue's copy of a forward that was never confirmed
@@ -51,22 +61,27 @@ from twisted.internet import defer
 
 from ion.apps.pump.args import NAME, ReportRouterArgs
 from ion.apps.pump.dupcache import DupCache
-from ion.apps.pump.user import pump_user
-from ion.core.process import Process
+from ion.apps.pump.user import own_prefix, pump_user
+from ion.core.process import ServiceProcess
 
 # How long a redelivered report waits for the marker before it is forwarded anyway.
 CATCH_UP_TIMEOUT = 30
 
 
-class ReportRouter(Process):
+class ReportRouter(ServiceProcess):
     """Routes reports from C{xreport} to C{xr_<source>} (see the module docstring)."""
+
+    service_optional = True  # named by the pump app: its name is a service (ion rpc)
 
     def on_init(self):
         self.settings = ReportRouterArgs.parse(self.args)
         self.user = pump_user(self, self.settings["user"])
-        self.queue = f"q_{self.user}.report_router"
-        self.sent_queue = f"{self.queue}.sent"
-        self.marker_exchange = f"x_{self.user}.report_router.sent"
+        # One queue for every router on the broker reading this exchange: each report is
+        # routed once, however many pumps run. The bookkeeping is each router's own.
+        self.queue = f"q_{self.settings['exchange']}.report_router"
+        own = own_prefix(self, self.user)
+        self.sent_queue = f"q_{own}report_router.sent"
+        self.marker_exchange = f"x_{own}report_router.sent"
         state_dir = self.settings["state_dir"] or os.path.join("var", "pump", "report_router")
         self.claim_directory(state_dir)
         self.seen = DupCache(

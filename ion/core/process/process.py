@@ -550,17 +550,22 @@ class ServiceProcess(Process):
     C{<sysname>.<service>}, and each request goes to one of them (round robin)."""
 
     service = None
+    # True: without a service name (spawned unnamed) it is a plain process, serving nothing.
+    service_optional = False
 
     def __init__(self, container, pid, name=None, args=None, parent=None):
         self.service = (args or {}).get("service") or self.service or name
-        if not self.service:
+        if not self.service and not self.service_optional:
             raise ValueError(f"{type(self).__name__} needs a service name")
-        names.check_name("service", self.service)
+        if self.service:
+            names.check_name("service", self.service)
         super().__init__(container, pid, name or self.service, args, parent)
         self._service_consumer = None
 
     async def activate(self):
         await super().activate()
+        if not self.service:
+            return
         messenger = self.container.messenger
         queue = names.service_queue(messenger.sysname, self.service)
         await messenger.declare_receiver(queue, self.service, exclusive=False, auto_delete=True)

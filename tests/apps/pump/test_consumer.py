@@ -414,8 +414,6 @@ class OnPrivateRabbitMQ(OnMemory):
     timeout = 120
     poll = 0.1
     quiet_seconds = 0.5
-    # Durable queues whose names do not depend on the test (the report router's).
-    shared_queues = ("q_guest.report_router", "q_guest.report_router.sent")
 
     def new_broker(self):
         return None
@@ -1209,7 +1207,7 @@ class ConsumerScenarios:
                 "report_exchange": self.xreport,
             },
         )
-        self.durable_queues.add(f"q_{c.transport.user}.consumer.{self.subscription}")
+        self.durable_queues.add(f"q_{c.transport.user}.{c.sysname}.consumer.{self.subscription}")
         self.durable_queues.add(f"q_ion.ingest.xs_{self.name('feed')}")
         self.assertEqual(sup.strategy, "rest_for_one")
         self.assertEqual(

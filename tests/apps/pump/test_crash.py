@@ -153,12 +153,13 @@ class CrashTests(unittest.TestCase):
         for rel_path, data in files.items():
             write_source(src, rel_path, data)
 
-        consumer_queue = f"q_{tag}.consumer.sub"
-        router_queue = f"q_{tag}.report_router"
+        consumer_queue = f"q_{tag}.{tag}.consumer.sub"  # user and sysname both tag
+        router_queue = f"q_xreport-{tag}.report_router"
+        sent_queue = f"q_{tag}.{tag}.report_router.sent"
         queues = [
             consumer_queue,
             router_queue,
-            f"{router_queue}.sent",
+            sent_queue,
             f"q_{tag}.ingest.xs_{tag}",
         ]
 
@@ -210,7 +211,7 @@ class CrashTests(unittest.TestCase):
 
         await start_child()
         await until(lambda: delivered() == set(files), timeout=120, what="every file reported")
-        for queue in (consumer_queue, router_queue, f"{router_queue}.sent"):
+        for queue in (consumer_queue, router_queue, sent_queue):
             await self.until_queue(broker, queue, lambda ready, unacked: (ready, unacked) == (0, 0))
         # Anything still on its way (a second report) has had the time to arrive.
         await task.deferLater(reactor, 2, lambda: None)

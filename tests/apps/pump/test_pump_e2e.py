@@ -3,6 +3,7 @@ as the app builds it (on memory:// and RabbitMQ) and as `twistd -n cc res/apps/p
 it; the app's plan and its progress summary."""
 
 import copy
+import json
 import hashlib
 import itertools
 import os
@@ -13,7 +14,7 @@ import sys
 import time
 import types
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from ion.apps.pump import app as pump_app
@@ -146,6 +147,24 @@ class PumpFlowTests(unittest.TestCase):
         self.assertEqual(inflight_files(self.dest), [])
         self.assertLess(time.monotonic() - started, 15)
 
+    async def test_processes_named(self):
+        """Every pump process shows its name in ps() and answers `stats` by that name, as
+        `ion rpc pump.consumer.sub stats` asks it."""
+        await self.start_pump("file://" + self.src)
+        names = {row[1] for row in self.c.ps()}
+        expected = {
+            "pump.report_router": "forwarded",
+            "pump.ingest": None,
+            "pump.consumer.sub": "delivered",
+            "pump.poll.src": None,
+        }
+        self.assertLessEqual({*expected, "pump.progress"}, names)
+        for name, field in expected.items():
+            stats = await self.collector.rpc(name, "stats", timeout=5)
+            self.assertIsInstance(stats, dict, name)
+            if field:
+                self.assertIn(field, stats)
+
     async def test_http_source(self):
         """A tree served over HTTP (twisted.web index pages) is mirrored."""
         make_tree(self.src, 40, random.Random(2), dirs=(3, 2))
@@ -189,8 +208,9 @@ class AmqpPumpFlowTests(unittest.TestCase):
         os.chmod(credentials, 0o600)
         make_tree(src, 300, random.Random(5))
         queues = [
-            f"q_{tag}.consumer.sub",
-            f"q_{tag}.report_router",
+            f"q_{tag}.{tag}.consumer.sub",
+            f"q_xreport-{tag}.report_router",
+            f"q_{tag}.{tag}.report_router.sent",
             f"q_{tag}.ingest.xs_{tag}",
         ]
 
@@ -235,6 +255,87 @@ class AmqpPumpFlowTests(unittest.TestCase):
         self.assertEqual({b["source"] for b in collector.bodies()}, {tag})
 
 
+    async def test_two_pumps_one_broker(self):
+        """Two pumps (two systems, two users) on one broker, both subscribed to xpublic: a file
+        polled by pump A reaches both destinations, and each of the two delivery reports
+        reaches the source once: the report routers share one queue."""
+        broker = get_broker()
+        tag = f"two-{os.getpid()}-{next(_tags)}"
+        base = os.path.abspath(self.mktemp())
+        src = os.path.join(base, "src")
+        os.makedirs(base)
+        credentials = write_file(os.path.join(base, "credentials.conf"), b"")
+        os.chmod(credentials, 0o600)
+        make_tree(src, 20, random.Random(7), dirs=(2, 2))
+        xpublic, xreport = f"xpublic-{tag}", f"xreport-{tag}"
+        pumps = [(f"alice-{tag}", f"sA-{tag}"), (f"bob-{tag}", f"sB-{tag}")]
+        queues = [f"q_{xreport}.report_router"]
+        for user, sysname in pumps:
+            queues += [
+                f"q_{user}.{sysname}.consumer.pump",
+                f"q_{user}.{sysname}.report_router.sent",
+                f"q_{user}.ingest.xs_{user}",
+            ]
+
+        async def delete_queues():
+            transport = make_transport(broker.url, reactor)
+            await transport.connect()
+            try:
+                for queue in queues:
+                    await transport.delete_queue(queue)
+            finally:
+                await transport.close()
+
+        await delete_queues()
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(delete_queues()))
+        sups, collector = [], None
+        # B first: both consumers listen before A's poll announces.
+        for i, (user, sysname) in reversed(list(enumerate(pumps))):
+            c = await make_container(self, url=broker.url, sysname=sysname)
+            if collector is None:
+                collector = await c.spawn(Collector)
+                await collector.listen(f"xr_{pumps[0][0]}")
+            polls = []
+            if i == 0:
+                polls = [{"name": "src", "url": "file://" + src,
+                          "state_dir": os.path.join(base, "p")}]
+            sup = await pump_app.start(
+                c,
+                types.SimpleNamespace(name="pump"),
+                user=user,
+                polls=polls,
+                ingest={"exchange": xpublic, "report_exchange": xreport},
+                subscriptions=[
+                    {
+                        "name": "pump",
+                        "exchange": xpublic,
+                        "report_exchange": xreport,
+                        "directory": os.path.join(base, f"dest{i}"),
+                        "sources": ["file://" + src + "/"],  # B fetches from A's source
+                        "state_dir": os.path.join(base, f"consumer{i}"),
+                    }
+                ],
+                transfer={"credentials": credentials},
+                report_router={"exchange": xreport, "state_dir": os.path.join(base, f"r{i}")},
+            )
+            self.addCleanup(sup.terminate)
+            sups.append(sup)
+        consumers = [sup.child("consumer.pump") for sup in sups]
+        self.assertNotEqual(consumers[0].queue, consumers[1].queue)
+        await until(
+            lambda: [c.stats["delivered"] for c in consumers] == [20, 20],
+            timeout=20,
+            what=lambda _: f"both pumps' deliveries: {[c.stats for c in consumers]}",
+        )
+        await until(lambda: len(collector.bodies()) >= 40, timeout=30, what="40 reports")
+        await quiet(1.0)
+        bodies = collector.bodies()
+        self.assertEqual(len(bodies), 40)
+        self.assertEqual(len({b["report_id"] for b in bodies}), 40)
+        routed = [sup.child("report_router").stats["forwarded"] for sup in sups]
+        self.assertEqual(sum(routed), 40)
+
+
 class FakeConsumer(Process):
     """Answers `stats` with whatever the test sets."""
 
@@ -261,7 +362,7 @@ class ProgressTests(unittest.TestCase):
         c = await make_container(self, memory_broker=MemoryBroker(), clock=clock)
         args["consumers"] = ["consumer.a", "consumer.b"]
         children = [
-            {"id": "consumer.a", "spec": FakeConsumer},
+            {"id": "consumer.a", "name": "pump.consumer.a", "spec": FakeConsumer},
             {"id": "consumer.b", "spec": FakeConsumer},
             {"id": "progress", "spec": Progress, "args": args},
         ]
@@ -328,7 +429,8 @@ class ProgressTests(unittest.TestCase):
             await quiet()
             self.assertIsNotNone(progress.last_line)
             self.assertNotIn("idle", progress.last_line)
-            self.assertTrue(progress.last_line.endswith("; not answering: consumer.a"))
+            # By the name `ion rpc` knows it by, not the supervisor's child id.
+            self.assertTrue(progress.last_line.endswith("; not answering: pump.consumer.a"))
 
     def test_human_bytes(self):
         self.assertEqual(
@@ -356,6 +458,38 @@ class PumpUserTests(unittest.SynchronousTestCase):
         config["ion.apps.pump", "user"] = "feeder"
         self.assertEqual(pump_user(process("alice")), "feeder")
         self.assertEqual(pump_user(process("alice"), "bob"), "bob")
+
+
+class QueueNameTests(unittest.TestCase):
+    async def test_two_systems_never_share_a_consumer_queue(self):
+        """Two pumps of one user started as two systems (-s sA, -s sB) on one broker get a
+        consumer queue each, so neither takes the other's notices; in the default system
+        `ion` the name stays q_<user>.consumer.<subscription>. The report routers share
+        theirs."""
+        broker = MemoryBroker()
+        base = os.path.abspath(self.mktemp())
+        found = {}
+        for sysname in ("ion", "sA", "sB"):
+            c = await make_container(self, memory_broker=broker, sysname=sysname)
+            sup = await pump_app.start(
+                c,
+                types.SimpleNamespace(name="pump"),
+                user="alice",
+                subscriptions=[{"name": "pump", "directory": os.path.join(base, sysname),
+                                "state_dir": os.path.join(base, sysname, "state")}],
+                report_router={"state_dir": os.path.join(base, sysname, "router")},
+            )
+            self.addCleanup(sup.terminate)
+            found[sysname] = (sup.child("consumer.pump").queue, sup.child("report_router").queue)
+        self.assertEqual(
+            {name: queues[0] for name, queues in found.items()},
+            {
+                "ion": "q_alice.consumer.pump",
+                "sA": "q_alice.sA.consumer.pump",
+                "sB": "q_alice.sB.consumer.pump",
+            },
+        )
+        self.assertEqual({queues[1] for queues in found.values()}, {"q_xreport.report_router"})
 
 
 class AppPlanTests(unittest.SynchronousTestCase):
@@ -429,7 +563,7 @@ class AppPlanTests(unittest.SynchronousTestCase):
         self.assertNotIn("poll.source", by_id)
 
 
-def start_pump_process(testcase, cwd, log_name="twistd.log"):
+def start_pump_process(testcase, cwd, log_name="twistd.log", options=()):
     """`twistd -n cc res/apps/pump.app` in `cwd`, its output in `log_name` there: the process
     and a function returning the log so far."""
     env = dict(os.environ, PYTHONPATH=REPO, HOME=cwd)
@@ -437,7 +571,8 @@ def start_pump_process(testcase, cwd, log_name="twistd.log"):
     log_path = os.path.join(cwd, log_name)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [twistd, "--pidfile=", "-n", "cc", "--no-shell", os.path.join(RES, "apps", "pump.app")],
+            [twistd, "--pidfile=", "-n", "cc", "--no-shell", *options,
+             os.path.join(RES, "apps", "pump.app")],
             cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -465,6 +600,54 @@ async def stop_pump_process(testcase, proc, log_text):
 
 class TwistdTests(unittest.TestCase):
     """`twistd -n cc res/apps/pump.app` as a user runs it, in a fresh working directory."""
+
+    async def test_ion_rpc_stats_by_name(self):
+        """On RabbitMQ, `ion rpc pump.consumer.pump stats` (the name the progress line gives)
+        answers the consumer's counters, and `ion rpc pump.poll.source stats` the poll's."""
+        broker = get_broker()
+        sysname = f"rpc{os.getpid()}x{next(_tags)}"
+        login = "guest"
+        queues = [
+            f"q_{login}.{sysname}.consumer.pump",
+            f"q_{login}.{sysname}.report_router.sent",
+            # pump.app's own exchange names: no other test uses them on this broker.
+            "q_xreport.report_router",
+            f"q_{login}.ingest.xs_{login}",
+        ]
+
+        async def delete_queues():
+            transport = make_transport(broker.url, reactor)
+            await transport.connect()
+            try:
+                for queue in queues:
+                    await transport.delete_queue(queue)
+            finally:
+                await transport.close()
+
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(delete_queues()))
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        proc, log_text = start_pump_process(
+            self, cwd, options=("--broker", broker.url, "-s", sysname)
+        )
+        self.addCleanup(lambda: proc.poll() is None and proc.send_signal(signal.SIGTERM))
+        await until(
+            lambda: "running apps" in log_text() or proc.poll() is not None,
+            timeout=30,
+            what="the container to start",
+        )
+        self.assertIsNone(proc.poll(), log_text())
+        env = dict(os.environ, PYTHONPATH=REPO, HOME=cwd)
+        for name, field in (("pump.consumer.pump", "delivered"), ("pump.poll.source", "passes")):
+            result = await threads.deferToThread(
+                subprocess.run,
+                [sys.executable, "-m", "ion", "rpc", "--broker", broker.url, "-s", sysname,
+                 name, "stats"],
+                cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
+            )
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn(field, json.loads(result.stdout))
+        await stop_pump_process(self, proc, log_text)
 
     async def test_pump_app(self):
         """Files dropped into pump/source/ arrive in pump/destination/ with the same bytes,

@@ -392,13 +392,13 @@ class Flow:
         self.app_path = write_app(
             os.path.join(self.base, "restart.app"), self.tag, self.dest, credentials
         )
-        self.consumer_queue = f"q_{self.tag}.consumer.sub"
-        self.router_queue = f"q_{self.tag}.report_router"
+        self.consumer_queue = f"q_{self.tag}.{self.tag}.consumer.sub"  # user and sysname: tag
+        self.router_queue = f"q_xreport-{self.tag}.report_router"
         self.queues = [
             f"q_{self.tag}.ingest.xs_{self.tag}",
             self.consumer_queue,
             self.router_queue,
-            f"{self.router_queue}.sent",
+            f"q_{self.tag}.{self.tag}.report_router.sent",
         ]
         self.collector_queue = f"q_{self.tag}.test.reports"
         self.children = []
