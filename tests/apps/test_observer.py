@@ -304,6 +304,25 @@ class RenderTests(unittest.SynchronousTestCase):
         self.assertTrue(all(len(line) <= 100 for line in text.splitlines()), text)
         self.assertEqual(len(text.splitlines()), 3 + 9 + 1)
 
+    def test_names_whole_in_narrow_columns(self):
+        """Where a column is too narrow for C{name/pid}, the name stays whole and the pid
+        gives way (C{transfer/~62.4}, not C{trans~962.4})."""
+        pids = [f"vm_24683.{960 + i}" for i in range(8)]
+        names = ["transfer", "pump", "poll", "ingest"] * 2
+        messages = [
+            self.message(1, pids[i], pids[i + 1], "request", conv=f"c{i}", op="get")
+            for i in range(7)
+        ]
+        for message in messages:
+            message["sender-name"] = names[pids.index(message["sender"])]
+        messages.append(self.message(2, pids[7], pids[6], "inform_result", conv="c6"))
+        messages[-1]["sender-name"] = names[7]
+        header = msc.render_text(messages).splitlines()[1].split()[1:]
+        self.assertEqual([label.split("/")[0] for label in header], names)
+        for label, pid in zip(header, pids):
+            self.assertTrue(label == label.split("/")[0] or pid.endswith(label.split("~")[-1]),
+                            label)
+
     def test_message_to_self(self):
         text = msc.render_text([self.message(1, "p1", "p1", "inform", op="tick")])
         self.assertIn("+-- tick inform (to self)", text)

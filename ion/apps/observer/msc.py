@@ -41,6 +41,19 @@ def _shorten(text, room):
     return f"{text[:head]}~{text[len(text) - (room - 1 - head):]}"
 
 
+def _fit_label(label, room):
+    """A participant's C{name/pid} label in at most room characters: the name whole when it
+    fits, with as much of the pid's end as is left (C{transfer/~62.4}), rather than both cut in
+    the middle (C{trans~962.4})."""
+    if len(label) <= room or "/" not in label:
+        return _shorten(label, room)
+    name, _, pid = label.rpartition("/")
+    if len(name) > room:
+        return _shorten(name, room)
+    left = room - len(name) - 2  # for "/~"
+    return f"{name}/~{pid[-left:]}" if left >= 2 else name
+
+
 class Lifelines:
     """Who takes part in a list of messages: C{columns} (keys in order of appearance),
     C{labels} (key -> text) and C{ends} (for each message, its (sender key, receiver key))."""
@@ -144,7 +157,7 @@ def render_text(messages, width=100):
     header = [" "] * line_width
     put(header, 0, heading.rjust(gutter - 2))
     for key, x in zip(lanes.columns, xs):
-        label = _shorten(lanes.labels[key], column - 1)
+        label = _fit_label(lanes.labels[key], column - 1)
         start = max(0, min(x - len(label) // 2, line_width - len(label)))
         put(header, start, label)
     lines = [_title(messages), "".join(header).rstrip(), "".join(blank()).rstrip()]
