@@ -21,7 +21,6 @@ import time
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.protocols.basic import FileSender
 from twisted.protocols.ftp import CommandFailed, FTPClient, FTPError
@@ -36,8 +35,8 @@ from ion.apps.pump.transfer.errors import (
     TransferTimeout,
 )
 from ion.apps.pump.transfer.inflight import inflight_name
-from ion.apps.pump.transfer.limits import IdleTimer, cancellable
-from ion.apps.pump.transfer.policy import client_endpoint
+from ion.apps.pump.transfer.limits import IdleTimer
+from ion.apps.pump.transfer.policy import connect
 from ion.apps.pump.transfer.listings import parse_list_line, parse_mlsd_line
 
 MAX_LISTING_BYTES = 32 * 1024 * 1024
@@ -209,22 +208,7 @@ async def _with_session(reactor, location, settings, work):
     """Connect and log in, run C{work(session)}, disconnect; errors become L{TransferError}s."""
     session = _Session(reactor, location, settings)
     try:
-        try:
-            endpoint = await client_endpoint(reactor, location, settings)
-            await cancellable(connectProtocol(endpoint, session.control))
-        except (net_error.TimeoutError, net_error.ConnectingCancelledError):
-            raise TransferTimeout(
-                f"{location.shown}: no connection within {settings.timeouts.connect:g} s"
-            ) from None
-        except net_error.DNSLookupError:
-            # Not a ConnectError: without this it would reach the caller as a server fault.
-            raise ConnectionFailed(
-                f"{location.shown}: cannot resolve host {location.host!r}"
-            ) from None
-        except net_error.ConnectionRefusedError:
-            raise ConnectionFailed(f"{location.shown}: connection refused") from None
-        except net_error.ConnectError as exc:
-            raise ConnectionFailed(f"{location.shown}: cannot connect: {exc}") from None
+        await connect(reactor, location, settings, session.control)
         await _login(session, location)
         return await work(session)
     except (CancelledError, TransferError):

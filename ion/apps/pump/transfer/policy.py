@@ -54,13 +54,25 @@ from urllib.parse import quote, unquote, urlsplit
 
 import attrs
 from twisted.internet import defer, threads
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet import error as net_error
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+)
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ion.apps.pump.transfer.errors import BadRequest, ConnectionFailed, TransferError
+from ion.apps.pump.transfer.errors import (
+    BadRequest,
+    ConnectionFailed,
+    TransferError,
+    TransferTimeout,
+)
+from ion.apps.pump.transfer.limits import cancellable
 from ion.core.credentials import DEFAULT_PORTS
 
 # What a notice may name without being from the pump's own user.
@@ -507,6 +519,27 @@ async def client_endpoint(reactor, location, settings):
         return HostnameEndpoint(reactor, location.host, location.port, timeout=timeout)
     addresses = await access.addresses(reactor, location.scheme, location.host, location.port)
     return AddressesEndpoint(reactor, addresses, location.port, timeout)
+
+
+async def connect(reactor, location, settings, protocol):
+    """Connect C{protocol} to C{location} (sftp, ftp) through L{client_endpoint}; a failure
+    to connect becomes a L{TransferError} (L{TransferTimeout}, or L{ConnectionFailed} for a
+    host that does not resolve, a refused or failed connection)."""
+    shown = location.shown
+    try:
+        endpoint = await client_endpoint(reactor, location, settings)
+        return await cancellable(connectProtocol(endpoint, protocol))
+    except (net_error.TimeoutError, net_error.ConnectingCancelledError):
+        raise TransferTimeout(
+            f"{shown}: no connection within {settings.timeouts.connect:g} s"
+        ) from None
+    except net_error.DNSLookupError:
+        # Not a ConnectError: without this it would reach the caller as a server fault.
+        raise ConnectionFailed(f"{shown}: cannot resolve host {location.host!r}") from None
+    except net_error.ConnectionRefusedError:
+        raise ConnectionFailed(f"{shown}: connection refused") from None
+    except net_error.ConnectError as exc:
+        raise ConnectionFailed(f"{shown}: cannot connect: {exc}") from None
 
 
 @implementer(IStreamClientEndpoint)

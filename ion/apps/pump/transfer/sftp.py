@@ -23,7 +23,6 @@ from twisted.conch.error import HostKeyChanged
 from twisted.conch.ssh import channel, common, connection, filetransfer, keys, transport, userauth
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.endpoints import connectProtocol
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
@@ -39,7 +38,7 @@ from ion.apps.pump.transfer.errors import (
 )
 from ion.apps.pump.transfer.inflight import inflight_name
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
-from ion.apps.pump.transfer.policy import client_endpoint
+from ion.apps.pump.transfer.policy import connect
 from ion.apps.pump.transfer.results import Entry
 
 CHUNK_SIZE = 32 * 1024
@@ -291,22 +290,7 @@ async def _with_session(reactor, location, settings, work):
         raise BadRequest(f"{location.shown}: no user name (give it in the URL or credentials)")
     session = _Session(reactor, location, settings)
     try:
-        try:
-            endpoint = await client_endpoint(reactor, location, settings)
-            await cancellable(connectProtocol(endpoint, _ClientTransport(session)))
-        except (net_error.TimeoutError, net_error.ConnectingCancelledError):
-            raise TransferTimeout(
-                f"{location.shown}: no connection within {settings.timeouts.connect:g} s"
-            ) from None
-        except net_error.DNSLookupError:
-            # Not a ConnectError: without this it would reach the caller as a server fault.
-            raise ConnectionFailed(
-                f"{location.shown}: cannot resolve host {location.host!r}"
-            ) from None
-        except net_error.ConnectionRefusedError:
-            raise ConnectionFailed(f"{location.shown}: connection refused") from None
-        except net_error.ConnectError as exc:
-            raise ConnectionFailed(f"{location.shown}: cannot connect: {exc}") from None
+        await connect(reactor, location, settings, _ClientTransport(session))
         client = await cancellable(session.ready)
         return await work(client, session)
     except (CancelledError, TransferError):
