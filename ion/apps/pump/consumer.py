@@ -105,8 +105,7 @@ from ion.apps.pump.transfer.policy import UrlPolicy, normalize
 from ion.apps.pump.transfer.worker import Transfers
 from ion.apps.pump.user import own_prefix, pump_user
 from ion.core.log import redact
-from ion.core.process import ServiceProcess
-from ion.core.process.statedir import unusable
+from ion.core.process import EnvironmentFailure, ServiceProcess
 
 # Fields copied into the report of an oversized message (the rest could be what is too big).
 _OVERSIZE_KEEP = ("pubTime", "baseUrl", "relPath", "retrievePath", "source", "size", "mtime")
@@ -183,7 +182,9 @@ class Consumer(ServiceProcess):
             try:
                 os.makedirs(self.directory, exist_ok=True)
             except OSError as e:  # read-only, or under a regular file
-                raise unusable(f"{args.who}: cannot create directory", args.directory, e) from None
+                raise EnvironmentFailure(
+                    f"{args.who}: cannot create directory {args.directory}: {e.strerror or e}"
+                ) from None
             # Resolved once: the files go where the directory was when the consumer started.
             self.real_directory = os.path.realpath(self.directory)
         reactor = self.container.reactor
