@@ -8,7 +8,10 @@ import os
 import threading
 import time
 
+from twisted.internet import reactor
+
 from ion.apps.pump.notice import format_time
+from ion.core.cc.container import make_transport
 from ion.core.process import Process
 from tests.waiting import quiet, until  # noqa: F401 (the pump tests import them from here)
 
@@ -108,3 +111,15 @@ class Collector(Process):
         else:
             body = fields
         await self.publish(exchange, routing_key or "v03", body, declare="topic")
+
+
+async def delete_queues(url, queues):
+    """Delete C{queues} on the broker at C{url} (a queue that does not exist is fine): the
+    durable queues a test on the private broker leaves behind."""
+    transport = make_transport(url, reactor)
+    await transport.connect()
+    try:
+        for queue in queues:
+            await transport.delete_queue(queue)
+    finally:
+        await transport.close()

@@ -17,7 +17,7 @@ import threading
 import time
 import types
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, task, threads
 from twisted.trial import unittest
 
 from ion.apps.pump import app as pump_app
@@ -32,12 +32,12 @@ from ion.apps.pump.transfer import TransferError
 from ion.apps.pump.transfer.inflight import SWEEP_MIN_AGE
 from ion.apps.pump.transfer.limits import MinRate
 from ion.core.app.appfile import read_app
-from ion.core.cc.container import make_transport
 from ion.core.cc.testing import make_container
 from ion.core.messaging.memory import MemoryBroker
 from tests.apps.pump.fixtures import (
-    MTIME,
     Collector,
+    MTIME,
+    delete_queues,
     file_url,
     notice_fields,
     quiet,
@@ -432,13 +432,7 @@ class OnPrivateRabbitMQ(OnMemory):
             await started
 
     async def delete_queues(self):
-        transport = make_transport(self.url, reactor)
-        await transport.connect()
-        try:
-            for queue in sorted(self.durable_queues):
-                await transport.delete_queue(queue)
-        finally:
-            await transport.close()
+        await delete_queues(self.url, sorted(self.durable_queues))
 
     async def queue_counts(self, queue):
         counts = await threads.deferToThread(rabbitmq_queues, self.broker)

@@ -21,9 +21,16 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from ion.apps.pump.transfer.inflight import INFLIGHT_SUFFIX
-from ion.core.cc.container import make_transport
 from ion.core.cc.testing import make_container
-from tests.apps.pump.fixtures import Collector, file_url, notice_fields, topic, until, write_source
+from tests.apps.pump.fixtures import (
+    Collector,
+    delete_queues,
+    file_url,
+    notice_fields,
+    topic,
+    until,
+    write_source,
+)
 from tests.apps.pump.test_consumer import rabbitmq_queues, until_queue
 from tests.broker import get_broker
 
@@ -163,17 +170,11 @@ class CrashTests(unittest.TestCase):
             f"q_{tag}.ingest.xs_{tag}",
         ]
 
-        async def delete_queues():
-            transport = make_transport(broker.url, reactor)
-            await transport.connect()
-            try:
-                for queue in queues:
-                    await transport.delete_queue(queue)
-            finally:
-                await transport.close()
+        async def drop_queues():
+            await delete_queues(broker.url, queues)
 
-        await delete_queues()
-        self.addCleanup(lambda: defer.Deferred.fromCoroutine(delete_queues()))
+        await drop_queues()
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(drop_queues()))
 
         children = []
 

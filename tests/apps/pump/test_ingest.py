@@ -23,6 +23,7 @@ from ion.core.messaging.memory import MemoryBroker, MemoryTransport
 from ion.core.messaging.transport import Properties, TransportError
 from tests.apps.pump.fixtures import (
     Collector,
+    delete_queues,
     encode,
     file_url,
     notice_fields,
@@ -286,13 +287,7 @@ class AmqpIngestTests(unittest.TestCase):
         )
 
     async def delete_queues(self):
-        transport = make_transport(self.broker.url, reactor)
-        await transport.connect()
-        try:
-            for queue in self.queues:
-                await transport.delete_queue(queue)
-        finally:
-            await transport.close()
+        await delete_queues(self.broker.url, self.queues)
 
     async def connect(self, user):
         transport = make_transport(self.broker.url_for(user), reactor)

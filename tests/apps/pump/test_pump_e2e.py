@@ -14,7 +14,7 @@ import sys
 import time
 import types
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, task, threads
 from twisted.trial import unittest
 
 from ion.apps.pump import app as pump_app
@@ -23,11 +23,10 @@ from ion.apps.pump.transfer import sftp as sftp_scheme
 from ion.apps.pump.transfer.inflight import INFLIGHT_SUFFIX
 from ion.apps.pump.user import pump_user
 from ion.core.app.appfile import read_app, read_rel
-from ion.core.cc.container import make_transport
 from ion.core.cc.testing import make_container
 from ion.core.messaging.memory import MemoryBroker
 from ion.core.process import Process, Supervisor
-from tests.apps.pump.fixtures import Collector, quiet, until
+from tests.apps.pump.fixtures import Collector, delete_queues, quiet, until
 from tests.apps.pump.servers import settle, start_http, start_sftp, write_file
 from tests.broker import get_broker
 
@@ -214,17 +213,11 @@ class AmqpPumpFlowTests(unittest.TestCase):
             f"q_{tag}.ingest.xs_{tag}",
         ]
 
-        async def delete_queues():
-            transport = make_transport(broker.url, reactor)
-            await transport.connect()
-            try:
-                for queue in queues:
-                    await transport.delete_queue(queue)
-            finally:
-                await transport.close()
+        async def drop_queues():
+            await delete_queues(broker.url, queues)
 
-        await delete_queues()
-        self.addCleanup(lambda: defer.Deferred.fromCoroutine(delete_queues()))
+        await drop_queues()
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(drop_queues()))
         c = await make_container(self, url=broker.url, sysname=tag)
         collector = await c.spawn(Collector)
         await collector.listen(f"xr_{tag}")
@@ -254,7 +247,6 @@ class AmqpPumpFlowTests(unittest.TestCase):
         self.assertEqual(digests(dest), digests(src))
         self.assertEqual({b["source"] for b in collector.bodies()}, {tag})
 
-
     async def test_two_pumps_one_broker(self):
         """Two pumps (two systems, two users) on one broker, both subscribed to xpublic: a file
         polled by pump A reaches both destinations, and each of the two delivery reports
@@ -277,17 +269,11 @@ class AmqpPumpFlowTests(unittest.TestCase):
                 f"q_{user}.ingest.xs_{user}",
             ]
 
-        async def delete_queues():
-            transport = make_transport(broker.url, reactor)
-            await transport.connect()
-            try:
-                for queue in queues:
-                    await transport.delete_queue(queue)
-            finally:
-                await transport.close()
+        async def drop_queues():
+            await delete_queues(broker.url, queues)
 
-        await delete_queues()
-        self.addCleanup(lambda: defer.Deferred.fromCoroutine(delete_queues()))
+        await drop_queues()
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(drop_queues()))
         sups, collector = [], None
         # B first: both consumers listen before A's poll announces.
         for i, (user, sysname) in reversed(list(enumerate(pumps))):
@@ -615,16 +601,10 @@ class TwistdTests(unittest.TestCase):
             f"q_{login}.ingest.xs_{login}",
         ]
 
-        async def delete_queues():
-            transport = make_transport(broker.url, reactor)
-            await transport.connect()
-            try:
-                for queue in queues:
-                    await transport.delete_queue(queue)
-            finally:
-                await transport.close()
+        async def drop_queues():
+            await delete_queues(broker.url, queues)
 
-        self.addCleanup(lambda: defer.Deferred.fromCoroutine(delete_queues()))
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(drop_queues()))
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
         proc, log_text = start_pump_process(

@@ -40,9 +40,8 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from ion.apps.pump.transfer.inflight import INFLIGHT_SUFFIX, SWEEP_MIN_AGE
-from ion.core.cc.container import make_transport
 from ion.core.cc.testing import make_container
-from tests.apps.pump.fixtures import Collector, until
+from tests.apps.pump.fixtures import Collector, delete_queues, until
 from tests.apps.pump.test_consumer import rabbitmq_queues, until_queue
 from tests.apps.pump.test_crash import PumpChild, write_pump_app
 from tests.apps.pump.test_pump_e2e import inflight_files
@@ -417,13 +416,7 @@ class Flow:
     async def delete_queues(self):
         if not self.broker.running:
             self.broker.start()
-        transport = make_transport(self.broker.url, reactor)
-        await transport.connect()
-        try:
-            for queue in [*self.queues, self.collector_queue]:
-                await transport.delete_queue(queue)
-        finally:
-            await transport.close()
+        await delete_queues(self.broker.url, [*self.queues, self.collector_queue])
 
     def kill_children(self):
         for child in self.children:

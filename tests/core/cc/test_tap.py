@@ -32,14 +32,16 @@ def twistd(*args, cwd=None, timeout=60, **kw):
     )
 
 
-class OptionsTests(unittest.SynchronousTestCase):
+class OptionParsing:
+    """For test cases of `cc`'s options: parse them as twistd does."""
+
     def parse(self, *argv):
         opts = tap.Options()
         opts.parseOptions(["--res", RES, *argv])
         return opts
 
     def bad(self, *argv):
-        """Parse argv expecting bad input: returns the single stderr line."""
+        """Parse argv expecting bad input: returns the single stderr line (exit status 2)."""
         err = io.StringIO()
         self.patch(sys, "stderr", err)
         e = self.assertRaises(SystemExit, self.parse, *argv)
@@ -47,6 +49,9 @@ class OptionsTests(unittest.SynchronousTestCase):
         lines = err.getvalue().splitlines()
         self.assertEqual(len(lines), 1, lines)
         return lines[0]
+
+
+class OptionsTests(OptionParsing, unittest.SynchronousTestCase):
 
     def test_defaults(self):
         """With no options the container runs on memory:// as system 'ion' with the core app."""

@@ -2,23 +2,20 @@
 anything starts, passed down to the transport, and a broker that cannot be trusted refused in
 one line."""
 
-import io
 import json
 import os
 import subprocess
-import sys
 import time
 
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from ion.core.cc import tap
 from tests.broker import get_broker, get_cert_broker, make_certificates
 from tests.core.cc.test_cli import run_cli
-from tests.core.cc.test_tap import RES, ROOT, TWISTD, twistd
+from tests.core.cc.test_tap import RES, ROOT, TWISTD, OptionParsing, twistd
 
 
-class OptionsTests(unittest.SynchronousTestCase):
+class OptionsTests(OptionParsing, unittest.SynchronousTestCase):
     def setUp(self):
         self.dir = os.path.abspath(self.mktemp())
         make_certificates(self.dir, "tess")
@@ -26,21 +23,6 @@ class OptionsTests(unittest.SynchronousTestCase):
 
     def path(self, name):
         return os.path.join(self.dir, name)
-
-    def parse(self, *argv):
-        opts = tap.Options()
-        opts.parseOptions(["--res", RES, *argv])
-        return opts
-
-    def bad(self, *argv):
-        """Parse argv expecting bad input: returns the single stderr line (exit status 2)."""
-        err = io.StringIO()
-        self.patch(sys, "stderr", err)
-        e = self.assertRaises(SystemExit, self.parse, *argv)
-        self.assertEqual(e.code, 2)
-        lines = err.getvalue().splitlines()
-        self.assertEqual(len(lines), 1, lines)
-        return lines[0]
 
     def client_options(self):
         return ("--broker-ca", self.path("ca.pem"), "--broker-cert", self.path("client.pem"),
