@@ -2,7 +2,7 @@
 
 import collections
 
-import attr
+import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -13,14 +13,14 @@ from ion.core.messaging.transport import ConnectionLost, TransportError, Unrouta
 log = Logger()
 
 
-@attr.s(slots=True)
+@attrs.define
 class _Publish:
-    exchange = attr.ib()
-    routing_key = attr.ib()
-    body = attr.ib()
-    properties = attr.ib()
-    mandatory = attr.ib()
-    deferred = attr.ib(factory=defer.Deferred)
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: dict
+    mandatory: bool
+    deferred: defer.Deferred = attrs.Factory(defer.Deferred)
 
 
 class _Publisher:

@@ -2,7 +2,7 @@
 
 import urllib.parse
 
-import attr
+import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -150,7 +150,7 @@ class AmqpTransport:
                     f"the client certificate {tls_cert_file} has no CN: name the broker user "
                     "in the URL (amqps://user@host/)"
                 )
-            self.address = attr.evolve(self.address, user=self._tls.user)
+            self.address = attrs.evolve(self.address, user=self._tls.user)
         self.user = self.address.user
         self.reactor = reactor
         self.heartbeat = heartbeat
