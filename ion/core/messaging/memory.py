@@ -4,18 +4,11 @@ This is the embedded default transport, not a test double. One L{MemoryBroker} h
 queues and bindings; any number of L{MemoryTransport} connections attach to it, each with its
 own user name, consumers and exclusive queues.
 
-What it keeps from RabbitMQ:
-
-  - exchanges C{topic}, C{direct} and C{fanout}, plus the default exchange C{''} that routes to the
-    queue named by the routing key; a message reaches each matching queue exactly once;
-  - topic words are separated by dots and may be empty (C{*.b} matches C{.b}); C{*} is one word,
-    C{#} zero or more; the empty routing key has zero words;
-  - redeclaring with the same arguments is a no-op; with different ones it fails;
-  - exclusive queues belong to the connection that declared them (others get L{QueueInUse}) and
-    vanish when it closes; auto-delete queues vanish when their last consumer is cancelled;
-  - each consumer has at most C{prefetch} unacknowledged deliveries (0 means no limit); a queue's
-    consumers take turns (round robin); nacked-with-requeue and cancelled-while-unacked messages
-    go back to the head of the queue with C{redelivered} set.
+Beyond what L{ion.core.messaging.transport} says every transport keeps, it keeps from RabbitMQ:
+the default exchange C{''} routes to the queue named by the routing key; topic words may be
+empty (C{*.b} matches C{.b}) and the empty routing key has zero words; redeclaring with other
+arguments fails; a queue's consumers take turns (round robin); cancelled-while-unacked messages
+go back to the head of the queue with C{redelivered} set.
 
 What it does not do: persistence (C{durable} is recorded only: everything dies with the
 process), message TTL (C{expiration} is carried but not enforced), dead-letter exchanges. So
@@ -41,7 +34,6 @@ Rules for consumers:
 
 import collections
 import functools
-import inspect
 import os
 import re
 import uuid
@@ -49,7 +41,6 @@ import uuid
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ion.core.messaging.transport import (
@@ -62,12 +53,13 @@ from ion.core.messaging.transport import (
     QueueInUse,
     TransportError,
     Unroutable,
+    body_bytes,
+    call_consumer,
+    check_exchange,
     check_headers,
 )
 
 log = Logger()
-
-EXCHANGE_TYPES = ("topic", "direct", "fanout")
 
 # Deliveries handed to callbacks per reactor turn: large enough for throughput, small enough
 # that a busy queue does not starve the rest of the reactor.
@@ -108,31 +100,29 @@ def topic_matches(pattern, routing_key):
     return regex.fullmatch("." + routing_key if routing_key else "") is not None
 
 
+@attrs.define(eq=False)
 class _Message:
     """A message sitting in one queue (each queue gets its own, for C{redelivered}).
 
     C{properties} is None for a message published without any: each delivery then gets fresh
     default Properties, so a backlog does not hold one Properties object per message."""
 
-    __slots__ = ("body", "exchange", "routing_key", "properties", "user_id", "redelivered")
-
-    def __init__(self, body, exchange, routing_key, properties, user_id):
-        self.body = body
-        self.exchange = exchange
-        self.routing_key = routing_key
-        self.properties = properties
-        self.user_id = user_id
-        self.redelivered = False
+    body: bytes
+    exchange: str
+    routing_key: str
+    properties: Properties | None
+    user_id: str
+    redelivered: bool = False
 
 
+@attrs.define(eq=False, slots=False)  # the routing index is built in _reindex
 class _Exchange:
-    def __init__(self, name, type, durable, auto_delete):
-        self.name = name
-        self.type = type
-        self.durable = durable
-        self.auto_delete = auto_delete
-        self.bindings = {}  # (queue name, binding key) -> _Queue
-        self._stale = True
+    name: str
+    type: str
+    durable: bool
+    auto_delete: bool
+    bindings: dict = attrs.Factory(dict)  # (queue name, binding key) -> _Queue
+    _stale: bool = True
 
     def add_binding(self, queue, key):
         self.bindings[(queue.name, key)] = queue
@@ -195,16 +185,16 @@ class _DefaultExchange:
         return () if queue is None else (queue,)
 
 
+@attrs.define(eq=False)
 class _Queue:
-    def __init__(self, name, durable, owner, auto_delete):
-        self.name = name
-        self.durable = durable
-        self.owner = owner  # the MemoryTransport of an exclusive queue, else None
-        self.auto_delete = auto_delete
-        self.messages = collections.deque()
-        self.consumers = []
-        self.bindings = set()  # (exchange name, binding key)
-        self._turn = 0
+    name: str
+    durable: bool
+    owner: object  # the MemoryTransport of an exclusive queue, else None
+    auto_delete: bool
+    messages: collections.deque = attrs.Factory(collections.deque)
+    consumers: list = attrs.Factory(list)
+    bindings: set = attrs.Factory(set)  # (exchange name, binding key)
+    _turn: int = 0
 
     def put(self, message):
         self.messages.append(message)
@@ -305,32 +295,8 @@ class _Consumer:
         self.unacked[delivery] = message
         self._transport._hand_over(delivery)
 
-    def invoke(self, delivery):
-        try:
-            result = self._callback(delivery)
-        except Exception:
-            self._failed(Failure(), delivery)
-            return
-        if result is not None and (
-            isinstance(result, defer.Deferred) or inspect.iscoroutine(result)
-        ):
-            defer.ensureDeferred(result).addErrback(self._failed, delivery)
-
-    def _failed(self, failure, delivery):
-        if delivery.settled:
-            outcome = "it had already been settled"
-        elif not self.active:
-            outcome = "it had already returned to the queue"
-        else:
-            outcome = "message dropped"
-            delivery.nack(requeue=False)
-        log.failure(
-            "consumer of queue {queue!r} failed on message {routing_key!r}; {outcome}",
-            failure,
-            queue=self.queue,
-            routing_key=delivery.routing_key,
-            outcome=outcome,
-        )
+    def inactive(self):
+        return not self.active
 
 
 STOPPED_EMPTY = "stopped with nothing queued"
@@ -445,13 +411,7 @@ class MemoryBroker:
         return queue
 
     def _declare_exchange(self, name, type, durable, auto_delete):
-        if not name:
-            raise TransportError("the default exchange '' cannot be declared")
-        if type not in EXCHANGE_TYPES:
-            raise TransportError(
-                f"unknown exchange type {type!r} for {name!r};"
-                f" use one of {', '.join(EXCHANGE_TYPES)}"
-            )
+        check_exchange(name, type)
         exchange = self._exchanges.get(name)
         if exchange is None:
             self._exchanges[name] = _Exchange(name, type, durable, auto_delete)
@@ -675,10 +635,10 @@ class MemoryTransport:
             properties = attrs.evolve(
                 properties, user_id=self.user, headers=dict(properties.headers)
             )
-        if type(body) is not bytes:
-            if not isinstance(body, (bytearray, memoryview)):
-                return defer.fail(TypeError(f"body must be bytes, got {type(body).__name__}"))
-            body = bytes(body)
+        try:
+            body = body_bytes(body)
+        except TypeError:
+            return defer.fail()
         target = self.broker._exchanges.get(exchange)
         if target is None:
             return defer.fail(NotFound(f"no exchange {exchange!r}"))
@@ -714,7 +674,7 @@ class MemoryTransport:
                 delivery = outbox.popleft()
                 consumer = delivery._consumer
                 if consumer is not None and consumer.active:
-                    consumer.invoke(delivery)
+                    call_consumer(consumer._callback, delivery, consumer.queue, consumer.inactive)
         finally:
             self._draining = False
         if outbox and self._state is _OPEN:

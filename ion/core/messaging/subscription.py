@@ -33,7 +33,9 @@ async def subscribe(
     """Declare exchange and queue, bind each key, and deliver to callback(IDelivery).
     The callback acks or nacks each delivery itself. Returns the consumer."""
     await transport.declare_exchange(exchange, exchange_type, durable=durable)
-    await transport.declare_queue(queue, durable=durable, exclusive=exclusive, auto_delete=auto_delete)
+    await transport.declare_queue(
+        queue, durable=durable, exclusive=exclusive, auto_delete=auto_delete
+    )
     for key in keys:
         await transport.bind(queue, exchange, key)
     return await transport.consume(queue, callback, prefetch=prefetch)

@@ -26,9 +26,7 @@ from twisted.internet import ssl
 
 from ion.core.credentials import read_private_file
 
-_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
-)
+_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 class TlsFileError(ValueError):
@@ -180,7 +178,8 @@ def describe_failure(error):
     if not isinstance(error, SSL.Error):
         return None
     reasons = [
-        entry[2] for entry in (error.args[0] if error.args else ())
+        entry[2]
+        for entry in (error.args[0] if error.args else ())
         if isinstance(entry, tuple) and len(entry) == 3 and entry[2]
     ]
     reason = "; ".join(reasons) or str(error)

@@ -20,9 +20,17 @@ Semantics every transport keeps:
     publish past them fails with ValueError.
 """
 
+import inspect
+
 import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
+log = Logger()
+
+EXCHANGE_TYPES = ("topic", "direct", "fanout")
 
 HEADER_DEPTH = 16  # levels of nested maps and lists in headers, the headers map included
 HEADER_VALUES = 10_000  # values in headers, nested ones included
@@ -43,6 +51,57 @@ def check_headers(headers):
         for item in items:
             if isinstance(item, (dict, list, tuple)):
                 pending.append((item, depth + 1))
+
+
+def check_exchange(name, type):
+    """Raise TransportError unless an exchange C{name} of C{type} may be declared."""
+    if not name:
+        raise TransportError("the default exchange '' cannot be declared")
+    if type not in EXCHANGE_TYPES:
+        raise TransportError(
+            f"unknown exchange type {type!r} for {name!r}; use one of {', '.join(EXCHANGE_TYPES)}"
+        )
+
+
+def body_bytes(body):
+    """The body of a publish as bytes; TypeError when it is not bytes-like."""
+    if type(body) is bytes:
+        return body
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        raise TypeError(f"body must be bytes, got {type(body).__name__}")
+    return bytes(body)
+
+
+def call_consumer(callback, delivery, queue, requeued=None):
+    """Hand delivery to a consumer's callback, which may return a Deferred or a coroutine.
+
+    An exception escaping it (raised, or failing what it returned) is logged; if the message
+    is not settled, nor back in the queue (C{requeued()}), it is nacked without requeue, i.e.
+    dropped, so that a poison message cannot loop forever."""
+    try:
+        result = callback(delivery)
+    except Exception:
+        _consumer_failed(Failure(), delivery, queue, requeued)
+        return
+    if inspect.isawaitable(result):
+        defer.ensureDeferred(result).addErrback(_consumer_failed, delivery, queue, requeued)
+
+
+def _consumer_failed(failure, delivery, queue, requeued):
+    if delivery.settled:
+        outcome = "it had already been settled"
+    elif requeued is not None and requeued():
+        outcome = "it had already returned to the queue"
+    else:
+        outcome = "message dropped"
+        delivery.nack(requeue=False)
+    log.failure(
+        "consumer of queue {queue!r} failed on message {routing_key!r}; {outcome}",
+        failure,
+        queue=queue,
+        routing_key=delivery.routing_key,
+        outcome=outcome,
+    )
 
 
 class TransportError(Exception):

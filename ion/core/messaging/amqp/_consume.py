@@ -3,13 +3,17 @@
 import collections
 import uuid
 
-from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ion.core.messaging.amqp._protocol import _as_deferred, _spawn
-from ion.core.messaging.transport import IConsumer, IDelivery, Properties, TransportError
+from ion.core.messaging.transport import (
+    IConsumer,
+    IDelivery,
+    Properties,
+    TransportError,
+    call_consumer,
+)
 
 log = Logger()
 
@@ -230,31 +234,7 @@ class _Consumer:
     def deliver(self, channel, acks, message):
         if not self.active or channel is not self.channel:
             return
-        delivery = _Delivery(acks, message)
-        try:
-            result = self._callback(delivery)
-        except Exception:
-            self._failed(Failure(), delivery)
-            return
-        if isinstance(result, defer.Deferred) or hasattr(result, "__await__"):
-            defer.ensureDeferred(result).addErrback(self._failed, delivery)
-
-    def _failed(self, failure, delivery):
-        if delivery.settled:
-            log.failure(
-                "consumer of queue {queue!r} failed after settling message {routing_key!r}",
-                failure,
-                queue=self.queue,
-                routing_key=delivery.routing_key,
-            )
-            return
-        log.failure(
-            "consumer of queue {queue!r} failed on message {routing_key!r}; message dropped",
-            failure,
-            queue=self.queue,
-            routing_key=delivery.routing_key,
-        )
-        delivery.nack(requeue=False)
+        call_consumer(self._callback, _Delivery(acks, message), self.queue)
 
 
 def _properties_from_amqp(amqp):

@@ -24,11 +24,11 @@ from ion.core.messaging.transport import (
     Properties,
     QueueInUse,
     TransportError,
+    body_bytes,
+    check_exchange,
 )
 
 log = Logger()
-
-EXCHANGE_TYPES = ("topic", "direct", "fanout")
 
 
 # The transport.
@@ -429,14 +429,7 @@ class AmqpTransport:
         """Create the exchange if missing; fails with TransportError if it exists with other
         arguments."""
         session = self._live_session()
-        _shortstr(name, "exchange name")
-        if not name:
-            raise TransportError("the default exchange '' cannot be declared")
-        if type not in EXCHANGE_TYPES:
-            raise TransportError(
-                f"unknown exchange type {type!r} for {name!r}; "
-                f"use one of {', '.join(EXCHANGE_TYPES)}"
-            )
+        check_exchange(_shortstr(name, "exchange name"), type)
         await self._declare_exchange_on(session, name, type, durable, auto_delete)
         self._exchanges[name] = (type, durable, auto_delete)
 
@@ -519,14 +512,10 @@ class AmqpTransport:
         C{properties.user_id} is set to this connection's user."""
         try:
             session = self._live_session()
-            if not isinstance(body, bytes):
-                if not isinstance(body, (bytearray, memoryview)):
-                    raise TypeError(f"body must be bytes, got {type(body).__name__}")
-                body = bytes(body)
             message = _Publish(
                 _shortstr(exchange, "exchange name"),
                 _shortstr(routing_key, "routing key"),
-                body,
+                body_bytes(body),
                 _amqp_properties(properties or Properties(), self.user),
                 bool(mandatory),
             )
