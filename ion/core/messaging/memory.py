@@ -20,16 +20,9 @@ on RabbitMQ, which keeps them).
 Callbacks are never run from inside C{publish}, C{ack}, C{nack} or C{cancel}: a message assigned to
 a consumer is queued on that consumer's connection and handed over from a C{callLater(0)} drain,
 in batches. A callback may return a Deferred or a coroutine; it need not ack before returning.
-
-Rules for consumers:
-
-  - an exception escaping a callback (raised, or failing the Deferred or coroutine it returned)
-    is logged; if the message was not acked or nacked yet it is nacked without requeue, i.e.
-    dropped, so that a poison message cannot loop forever;
-  - acking or nacking a delivery a second time raises TransportError (it is a bug);
-  - once the consumer is cancelled, its queue deleted or its connection closed, the message is
-    back in the queue (or gone with it) and a first ack or nack of the old delivery does nothing:
-    a handler finishing during shutdown is not an error.
+The rules for consumers are L{call_consumer}'s and L{IDelivery}'s; once a delivery's queue is
+deleted, a first ack or nack of it does nothing either (a handler finishing during shutdown is
+not an error).
 """
 
 import collections
@@ -251,17 +244,12 @@ class _Delivery:
         return None
 
     def ack(self):
-        """Settle the message: it is gone from the queue. Acking or nacking a second time
-        raises TransportError; after the consumer was cancelled or its connection closed the
-        message is already back in the queue and a first ack or nack does nothing."""
         consumer = self._settle("ack")
         if consumer is not None:
             del consumer.unacked[self]
             consumer.queue_state.dispatch()
 
     def nack(self, requeue=True):
-        """Refuse the message: with requeue it goes back to the head of its queue marked
-        redelivered, otherwise it is dropped. Same double-settle rule as L{ack}."""
         consumer = self._settle("nack")
         if consumer is not None:
             message = consumer.unacked.pop(self)
@@ -415,14 +403,8 @@ class MemoryBroker:
         exchange = self._exchanges.get(name)
         if exchange is None:
             self._exchanges[name] = _Exchange(name, type, durable, auto_delete)
-            return
-        wanted = {"type": type, "durable": durable, "auto_delete": auto_delete}
-        for key, value in wanted.items():
-            if getattr(exchange, key) != value:
-                raise TransportError(
-                    f"exchange {name!r} already declared with {key}={getattr(exchange, key)!r},"
-                    f" not {value!r}"
-                )
+        else:
+            _check_same("exchange", exchange, type=type, durable=durable, auto_delete=auto_delete)
 
     def _delete_exchange(self, name, if_unused):
         if not name:
@@ -446,13 +428,7 @@ class MemoryBroker:
         self._accessible_queue(name, owner)
         if exclusive and queue.owner is None:
             raise QueueInUse(f"queue {name!r} already exists and is not exclusive")
-        wanted = {"durable": durable, "auto_delete": auto_delete}
-        for key, value in wanted.items():
-            if getattr(queue, key) != value:
-                raise TransportError(
-                    f"queue {name!r} already declared with {key}={getattr(queue, key)!r},"
-                    f" not {value!r}"
-                )
+        _check_same("queue", queue, durable=durable, auto_delete=auto_delete)
         return name
 
     def _delete_queue(self, owner, name):
@@ -523,6 +499,16 @@ class MemoryBroker:
             self._remove_queue(queue)
 
 
+def _check_same(kind, declared, **wanted):
+    """Raise TransportError unless a redeclare asks for what was declared."""
+    for key, value in wanted.items():
+        if getattr(declared, key) != value:
+            raise TransportError(
+                f"{kind} {declared.name!r} already declared with {key}={getattr(declared, key)!r},"
+                f" not {value!r}"
+            )
+
+
 _NEW, _OPEN, _CLOSED = "new", "open", "closed"
 
 
@@ -533,8 +519,7 @@ class MemoryTransport:
     C{reactor} is anything with C{callLater}; deliveries are handed to callbacks from it.
     Every method returns a Deferred, failed with a L{TransportError} subclass on refusal.
     Operations before C{connect()} fail with TransportError, after C{close()} with
-    ConnectionLost. Consumer rules (callback exceptions, double acks) are in the module
-    docstring."""
+    ConnectionLost."""
 
     def __init__(self, broker, reactor, user="ion"):
         self.broker = broker
@@ -572,15 +557,12 @@ class MemoryTransport:
         """An in-process broker connection is never lost, only closed: nothing to report."""
 
     def connect(self):
-        """Attach to the broker. Fires with this transport."""
         if self._state is _CLOSED:
             return defer.fail(self._unavailable())
         self._state = _OPEN
         return defer.succeed(self)
 
     def close(self):
-        """Cancel this connection's consumers (their unacked messages are requeued) and delete
-        its exclusive queues. Closing twice is harmless."""
         if self._state is _OPEN:
             self.broker._disconnect(self)
         self._state = _CLOSED
@@ -591,25 +573,18 @@ class MemoryTransport:
         return defer.succeed(None)
 
     def declare_exchange(self, name, type="topic", durable=False, auto_delete=False):
-        """Create the exchange if missing; fails with TransportError if it exists with other
-        arguments."""
         return self._do(self.broker._declare_exchange, name, type, durable, auto_delete)
 
     def delete_exchange(self, name, if_unused=False):
-        """Delete the exchange and its bindings; missing is fine. With if_unused, fails with
-        TransportError while a queue is bound to it."""
         return self._do(self.broker._delete_exchange, name, if_unused)
 
     def declare_queue(self, name="", durable=False, exclusive=False, auto_delete=False):
-        """Create the queue if missing and fire with its name (generated when name is '')."""
         return self._do(self.broker._declare_queue, self, name, durable, exclusive, auto_delete)
 
     def delete_queue(self, name):
-        """Delete the queue, its messages and bindings; its consumers stop. Missing is fine."""
         return self._do(self.broker._delete_queue, self, name)
 
     def queue_depth(self, name):
-        """Fire with the messages ready in the queue; NotFound when there is none."""
         return self._do(self.broker.queue_depth, name)
 
     def bind(self, queue, exchange, routing_key):
@@ -654,8 +629,6 @@ class MemoryTransport:
         return defer.succeed(None)
 
     def consume(self, queue, callback, prefetch=100):
-        """Deliver messages of queue to callback(IDelivery), at most prefetch unacked at a time
-        (0: no limit). Fires with an IConsumer. See the class docstring for callback errors."""
         return self._do(self.broker._consume, self, queue, callback, prefetch)
 
     def _hand_over(self, delivery):

@@ -18,9 +18,6 @@ from ion.core.messaging.transport import (
 log = Logger()
 
 
-# Consumers and deliveries.
-
-
 class _Acks:
     """Sends the acks and nacks of one consumer channel.
 
@@ -130,16 +127,11 @@ class _Delivery:
         return not self._acks.channel.closed
 
     def ack(self):
-        """Settle the message: it is gone from the queue. Acking or nacking twice raises
-        TransportError. Once the consumer was cancelled or the connection lost the broker has
-        put the message back in the queue, and a first ack or nack does nothing. The ack goes
-        to the broker at the end of the reactor turn (before the consumer's channel closes)."""
+        # Sent at the end of the reactor turn (before the consumer's channel closes).
         if self._settle("ack"):
             self._acks.ack(self._tag)
 
     def nack(self, requeue=True):
-        """Refuse the message: with requeue it goes back to the head of its queue marked
-        redelivered, otherwise it is dropped. Same double-settle rule as L{ack}."""
         if self._settle("nack"):
             self._acks.nack(self._tag, requeue)
 
