@@ -17,6 +17,7 @@ C{load}; every problem with them is a ValueError of one line naming the file.
 import datetime
 import re
 
+import attrs
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -33,14 +34,14 @@ class TlsFileError(ValueError):
     """A CA, certificate or key file that cannot be used; the message names the file."""
 
 
+@attrs.define
 class ClientTls:
     """What an amqps:// connection trusts and presents. Make one with L{load}."""
 
-    def __init__(self, trust_root=None, certificate=None, chain=(), user=None):
-        self._trust_root = trust_root
-        self._certificate = certificate  # a twisted PrivateCertificate, or None
-        self._chain = list(chain)
-        self.user = user
+    _trust_root: object = None
+    _certificate: object = None  # a twisted PrivateCertificate, or None
+    _chain: list = attrs.Factory(list)
+    user: str | None = None
 
     @property
     def has_certificate(self):

@@ -1,6 +1,7 @@
 """Publishing on one channel in confirm mode, with mandatory returns matched to publishes."""
 
 import collections
+import itertools
 
 import attrs
 from twisted.internet import defer
@@ -123,9 +124,7 @@ class _Publisher:
             self._draining = False
 
     def _discard(self, message):
-        if self.backlog and self.backlog[0] is message:
-            self.backlog.popleft()
-        elif self.backlog and message in self.backlog:
+        if self.backlog and message in self.backlog:
             self.backlog.remove(message)
 
     def returned(self, channel, message):
@@ -136,11 +135,7 @@ class _Publisher:
         if channel is not self.channel:
             return
         if multiple:
-            tags = []
-            for t in self.unconfirmed:
-                if t > tag:
-                    break
-                tags.append(t)
+            tags = list(itertools.takewhile(lambda t: t <= tag, self.unconfirmed))
         else:
             tags = [tag] if tag in self.unconfirmed else []
         unroutable = self._match_returns(tags) if self.returns else ()

@@ -25,9 +25,6 @@ CLIENT_CAPABILITIES = {
 }
 
 
-# One connection.
-
-
 class _Session:
     """One live AMQP connection: handshake, a control channel for declarations, the publish
     channel, and one channel per consumer."""
@@ -125,10 +122,14 @@ class _Session:
                 self.control = await self.open_channel()
             return await self.control.call(method, **arguments)
 
-    def deliver(self, channel, message):
+    def _acks(self, channel):
         acks = self.acks.get(channel)
         if acks is None:
             acks = self.acks[channel] = _Acks(self, channel)
+        return acks
+
+    def deliver(self, channel, message):
+        acks = self._acks(channel)
         acks.received(message.delivery_tag)
         consumer = self.consumers.get(message.consumer_tag)
         if consumer is not None:
@@ -137,9 +138,7 @@ class _Session:
     def reject(self, channel, arguments, error):
         """Refuse a delivery whose properties cannot be decoded: nack without requeue (to the
         queue's dead-letter exchange, if it has one), log it once, keep the connection."""
-        acks = self.acks.get(channel)
-        if acks is None:
-            acks = self.acks[channel] = _Acks(self, channel)
+        acks = self._acks(channel)
         tag = arguments["delivery_tag"]
         acks.received(tag)
         acks.nack(tag, requeue=False)

@@ -31,9 +31,6 @@ from ion.core.messaging.transport import (
 log = Logger()
 
 
-# The transport.
-
-
 class _ProtocolFactory(Factory):
     """Builds the protocol of each connection, with its session."""
 
@@ -114,11 +111,7 @@ class AmqpTransport:
 
     Every method returns a Deferred, failed with a L{TransportError} subclass on refusal.
     Operations before C{connect()} fail with TransportError, while disconnected and after
-    C{close()} with ConnectionLost.
-
-    Callback rule: an exception escaping a consumer callback (raised, or failing the Deferred
-    or coroutine it returned) is logged and, if the callback had not acked or nacked the
-    message, the message is nacked without requeue, i.e. dropped.
+    C{close()} with ConnectionLost. Consumer callbacks follow L{call_consumer}'s rule.
     """
 
     # RabbitMQ keeps the persistent messages of durable queues across its restarts.
@@ -295,10 +288,8 @@ class AmqpTransport:
         loss of this connection fails the attempt, to be retried with everything; only what
         the broker refused on a live connection is dropped."""
         for name, (type, durable, auto_delete) in list(self._exchanges.items()):
-            try:
-                await self._declare_exchange_on(session, name, type, durable, auto_delete)
-            except TransportError as e:
-                self._forget("exchange", name, e, session)
+            step = self._declare_exchange_on(session, name, type, durable, auto_delete)
+            if not await self._redo(session, step, "exchange", name):
                 self._exchanges.pop(name, None)
         for name, (durable, exclusive, auto_delete, generated) in list(self._queues.items()):
             if generated:
@@ -307,43 +298,43 @@ class AmqpTransport:
                 )
                 self._drop_queue(name)
                 continue
-            try:
-                await self._declare_queue_on(session, name, durable, exclusive, auto_delete)
-            except TransportError as e:
-                self._forget("queue", name, e, session)
+            step = self._declare_queue_on(session, name, durable, exclusive, auto_delete)
+            if not await self._redo(session, step, "queue", name):
                 self._drop_queue(name)
         for queue, exchange, key in list(self._bindings):
-            try:
-                await session.control_call(
-                    "queue_bind", queue=queue, exchange=exchange, routing_key=key
-                )
-            except TransportError as e:
-                self._forget("binding", f"{exchange}/{key} -> {queue}", e, session)
+            step = session.control_call(
+                "queue_bind", queue=queue, exchange=exchange, routing_key=key
+            )
+            if not await self._redo(session, step, "binding", f"{exchange}/{key} -> {queue}"):
                 self._bindings.pop((queue, exchange, key), None)
         # Everything a handler may use is declared again by now; from the first consumer on,
         # deliveries arrive and are handled while the others are attached.
         self._session = session
         for consumer in list(self._consumers):
-            try:
-                await consumer.attach(session)
-            except TransportError as e:
-                self._forget("consumer of", consumer.queue, e, session)
+            step = consumer.attach(session)
+            if not await self._redo(session, step, "consumer of", consumer.queue):
                 consumer.active = False
                 self._consumers.pop(consumer, None)
 
-    def _forget(self, what, name, error, session):
-        """Log that the broker refused to restore something, which the caller then drops.
-        Raises error instead when it says nothing about the thing itself: the connection was
-        lost (dropping then would lose one more consumer at every cut restore, until the
-        transport is deaf) or an exclusive queue is still held by the previous connection."""
-        if isinstance(error, (ConnectionLost, QueueInUse)) or session.is_lost:
-            raise error
-        log.error(
-            "AMQP: after reconnecting, could not restore {what} {name!r}: {error}",
-            what=what,
-            name=name,
-            error=error,
-        )
+    async def _redo(self, session, step, what, name):
+        """Await step (restoring something); when the broker refuses it, log that and return
+        False: the caller drops the thing. Raises instead when the error says nothing about the
+        thing itself: the connection was lost (dropping then would lose one more consumer at
+        every cut restore, until the transport is deaf) or an exclusive queue is still held by
+        the previous connection."""
+        try:
+            await step
+        except TransportError as error:
+            if isinstance(error, (ConnectionLost, QueueInUse)) or session.is_lost:
+                raise
+            log.error(
+                "AMQP: after reconnecting, could not restore {what} {name!r}: {error}",
+                what=what,
+                name=name,
+                error=error,
+            )
+            return False
+        return True
 
     def _session_lost(self, session, reason):
         if session is not self._session:
@@ -378,8 +369,6 @@ class AmqpTransport:
 
     @_as_deferred
     async def close(self):
-        """Cancel this connection's consumers (the broker requeues their unacked messages),
-        delete its exclusive queues and close the connection. Closing twice is harmless."""
         self._may_retry = False
         if self._service is None:
             return
@@ -426,8 +415,6 @@ class AmqpTransport:
 
     @_as_deferred
     async def declare_exchange(self, name, type="topic", durable=False, auto_delete=False):
-        """Create the exchange if missing; fails with TransportError if it exists with other
-        arguments."""
         session = self._live_session()
         check_exchange(_shortstr(name, "exchange name"), type)
         await self._declare_exchange_on(session, name, type, durable, auto_delete)
@@ -435,8 +422,6 @@ class AmqpTransport:
 
     @_as_deferred
     async def delete_exchange(self, name, if_unused=False):
-        """Delete the exchange and its bindings; missing is fine. With if_unused, fails with
-        TransportError (the broker's 406 "in use") while a queue is bound to it."""
         session = self._live_session()
         if not _shortstr(name, "exchange name"):
             raise TransportError("the default exchange '' cannot be deleted")
@@ -447,7 +432,6 @@ class AmqpTransport:
 
     @_as_deferred
     async def declare_queue(self, name="", durable=False, exclusive=False, auto_delete=False):
-        """Create the queue if missing and fire with its name (generated when name is '')."""
         session = self._live_session()
         _shortstr(name, "queue name")
         declared = await self._declare_queue_on(session, name, durable, exclusive, auto_delete)
@@ -456,8 +440,7 @@ class AmqpTransport:
 
     @_as_deferred
     async def queue_depth(self, name):
-        """Fire with the messages ready in the queue (a passive declare: nothing is created;
-        NotFound when the queue does not exist)."""
+        """A passive declare: nothing is created."""
         session = self._live_session()
         result = await session.control_call(
             "queue_declare", queue=_shortstr(name, "queue name"), passive=True
@@ -466,7 +449,6 @@ class AmqpTransport:
 
     @_as_deferred
     async def delete_queue(self, name):
-        """Delete the queue, its messages and bindings; its consumers stop. Missing is fine."""
         session = self._live_session()
         await session.control_call("queue_delete", queue=_shortstr(name, "queue name"))
         self._drop_queue(name)
@@ -482,13 +464,11 @@ class AmqpTransport:
 
     @_as_deferred
     async def bind(self, queue, exchange, routing_key):
-        """Route messages matching routing_key on exchange into queue."""
         await self._binding("queue_bind", queue, exchange, routing_key)
         self._bindings[(queue, exchange, routing_key)] = None
 
     @_as_deferred
     async def unbind(self, queue, exchange, routing_key):
-        """Remove a binding; removing a missing binding is fine."""
         await self._binding("queue_unbind", queue, exchange, routing_key)
         self._bindings.pop((queue, exchange, routing_key), None)
 
@@ -525,8 +505,7 @@ class AmqpTransport:
 
     @_as_deferred
     async def consume(self, queue, callback, prefetch=None):
-        """Deliver messages of queue to callback(IDelivery), at most prefetch unacked at a time
-        (0: no limit; default: the transport's). Fires with an IConsumer."""
+        """As L{ITransport.consume}; prefetch defaults to the transport's."""
         session = self._live_session()
         if not callable(callback):
             raise TypeError(f"consume needs a callable, got {callback!r}")
