@@ -330,20 +330,15 @@ class MemoryBroker:
             os.fsync(f.fileno())
         os.replace(temporary, self.run_record)
 
-    def durable_messages(self):
-        """Messages in durable queues: waiting, or delivered and not yet acked."""
-        return sum(
-            len(q.messages) + sum(len(c.unacked) for c in q.consumers)
-            for q in self._queues.values()
-            if q.durable
-        )
-
     def record_stop(self):
-        """Note in the run record how this run ended: with nothing left in durable queues, or
-        with messages that die with the process (the next run's C{lost_messages})."""
+        """Note in the run record how this run ended: with nothing left in durable queues
+        (waiting, or delivered and not yet acked), or with messages that die with the process
+        (the next run's C{lost_messages})."""
         if self.run_record is None:
             return 0
-        left = self.durable_messages()
+        left = sum(
+            len(q.messages) + self.unacked(q.name) for q in self._queues.values() if q.durable
+        )
         self._write_record(STOPPED_EMPTY if not left else f"stopped with {left} messages queued")
         return left
 
@@ -601,18 +596,15 @@ class MemoryTransport:
             return defer.fail(self._unavailable())
         # Every queued copy gets its own Properties and headers dict, as if it had crossed a
         # wire: neither the publisher nor another receiver can change it afterwards.
-        if properties is not None:
-            if properties.headers:
-                try:
-                    check_headers(properties.headers)
-                except ValueError:
-                    return defer.fail()
-            properties = attrs.evolve(
-                properties, user_id=self.user, headers=dict(properties.headers)
-            )
         try:
+            if properties is not None:
+                if properties.headers:
+                    check_headers(properties.headers)
+                properties = attrs.evolve(
+                    properties, user_id=self.user, headers=dict(properties.headers)
+                )
             body = body_bytes(body)
-        except TypeError:
+        except Exception:
             return defer.fail()
         target = self.broker._exchanges.get(exchange)
         if target is None:

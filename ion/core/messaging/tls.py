@@ -50,8 +50,7 @@ class ClientTls:
 
     @classmethod
     def load(cls, ca_file=None, cert_file=None, key_file=None):
-        """
-        Read and check the files; None leaves a part out. A client certificate needs its key
+        """Read and check the files; None leaves a part out. A client certificate needs its key
         and the key its certificate.
 
         @raise TlsFileError: a file is missing or unreadable, holds no (or a bad) PEM

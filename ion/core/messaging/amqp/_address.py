@@ -12,9 +12,7 @@ DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
 @attrs.frozen(repr=False)
 class AmqpAddress:
     """Where and as whom to connect, from C{amqp[s]://user:password@host:port/vhost}.
-
-    Its str() and repr() show the password as C{***}.
-    """
+    Its str() and repr() show the password as C{***}."""
 
     tls: bool
     host: str

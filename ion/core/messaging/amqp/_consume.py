@@ -93,16 +93,8 @@ class _Acks:
 
 @implementer(IDelivery)
 class _Delivery:
-    __slots__ = (
-        "body",
-        "exchange",
-        "routing_key",
-        "properties",
-        "redelivered",
-        "_acks",
-        "_tag",
-        "_settled",
-    )
+    __slots__ = ("body", "exchange", "routing_key", "properties", "redelivered")
+    __slots__ += ("_acks", "_tag", "settled")
 
     def __init__(self, acks, message):
         self.body = message.body
@@ -112,18 +104,14 @@ class _Delivery:
         self.redelivered = message.redelivered
         self._acks = acks
         self._tag = message.delivery_tag
-        self._settled = False
-
-    @property
-    def settled(self):
-        return self._settled
+        self.settled = False
 
     def _settle(self, action):
-        if self._settled:
+        if self.settled:
             raise TransportError(
                 f"cannot {action} message {self.routing_key!r}: it was already acked or nacked"
             )
-        self._settled = True
+        self.settled = True
         return not self._acks.channel.closed
 
     def ack(self):

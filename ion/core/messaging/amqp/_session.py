@@ -1,5 +1,6 @@
 """One live AMQP connection: handshake, control channel, publish channel, consumer channels."""
 
+import contextlib
 import platform
 
 from twisted.internet import defer
@@ -96,10 +97,8 @@ class _Session:
         if acks is not None:
             acks.flush()
         if not channel.closed and not self.is_lost:
-            try:
+            with contextlib.suppress(TransportError):
                 await channel.call("channel_close", reply_code=200, reply_text="closed by client")
-            except TransportError:
-                pass
             channel.close(None)
         self.release(channel)
 
@@ -168,8 +167,6 @@ class _Session:
             "connection_close", reply_code=200, reply_text="closed by client"
         )
         closing.addTimeout(CLOSE_TIMEOUT, self.transport.reactor)
-        try:
+        with contextlib.suppress(Exception):
             await closing
-        except Exception:
-            pass
         self.client.transport.loseConnection()

@@ -1,5 +1,6 @@
 """L{AmqpTransport}: the reconnecting connection and what it declared, behind ITransport."""
 
+import contextlib
 import urllib.parse
 
 import attrs
@@ -53,8 +54,7 @@ class _ShieldedEndpoint(Factory):
     machine (Twisted 26.10) has no transition for a connection lost while C{prepareConnection}
     runs or after it failed: automat raises NoTransition out of connectionLost. Both happen
     here: the broker closes a connection it refused, a restore is cut. The loss of such a
-    connection goes to our protocol only; a failed prepare already counts as a failed attempt.
-    """
+    connection goes to our protocol only; a failed prepare already counts as a failed attempt."""
 
     noisy = False
 
@@ -111,8 +111,7 @@ class AmqpTransport:
 
     Every method returns a Deferred, failed with a L{TransportError} subclass on refusal.
     Operations before C{connect()} fail with TransportError, while disconnected and after
-    C{close()} with ConnectionLost. Consumer callbacks follow L{call_consumer}'s rule.
-    """
+    C{close()} with ConnectionLost. Consumer callbacks follow L{call_consumer}'s rule."""
 
     # RabbitMQ keeps the persistent messages of durable queues across its restarts.
     lost_messages = False
@@ -237,10 +236,10 @@ class AmqpTransport:
 
     def whenConnected(self):
         """Fires with this transport once it is connected (on the next turn if it is now)."""
-        if self._service is None:
-            return defer.fail(TransportError("AMQP transport is not connected; call connect()"))
-        if not self._service.running:
-            return defer.fail(ConnectionLost(f"{self.address}: transport is closed"))
+        try:
+            self._check_open()
+        except TransportError:
+            return defer.fail()
         # The ClientService learns of a lost connection after our protocol, whose errbacks may
         # call here first, and it refuses calls from its own callbacks: ask on the next turn.
         waiting = task.deferLater(self.reactor, 0, self._service.whenConnected)
@@ -283,10 +282,8 @@ class AmqpTransport:
         await self._restore(session)
 
     async def _restore(self, session):
-        """Declare again what this transport declared before, and re-attach consumers. A lock
-        on an exclusive queue (the broker has not yet noticed the old connection died) or the
-        loss of this connection fails the attempt, to be retried with everything; only what
-        the broker refused on a live connection is dropped."""
+        """Declare again what this transport declared before, and re-attach consumers; only
+        what the broker refused on a live connection is dropped (see L{_redo})."""
         for name, (type, durable, auto_delete) in list(self._exchanges.items()):
             step = self._declare_exchange_on(session, name, type, durable, auto_delete)
             if not await self._redo(session, step, "exchange", name):
@@ -321,7 +318,8 @@ class AmqpTransport:
         False: the caller drops the thing. Raises instead when the error says nothing about the
         thing itself: the connection was lost (dropping then would lose one more consumer at
         every cut restore, until the transport is deaf) or an exclusive queue is still held by
-        the previous connection."""
+        the previous connection (the broker has not yet noticed it died): the attempt fails,
+        to be retried with everything."""
         try:
             await step
         except TransportError as error:
@@ -357,11 +355,14 @@ class AmqpTransport:
         """listener(ConnectionLost) is called each time the connection is lost (not on close)."""
         self._loss_listeners.append(listener)
 
-    def _live_session(self):
+    def _check_open(self):
         if self._service is None:
             raise TransportError("AMQP transport is not connected; call connect() first")
         if not self._service.running:
             raise ConnectionLost(f"{self.address}: transport is closed")
+
+    def _live_session(self):
+        self._check_open()
         session = self._session
         if session is None or session.is_lost:
             raise ConnectionLost(f"not connected to {self.address} (reconnecting)")
@@ -384,10 +385,8 @@ class AmqpTransport:
             )
             for name, (_, exclusive, _, _) in list(self._queues.items()):
                 if exclusive:
-                    try:
+                    with contextlib.suppress(TransportError):
                         await session.control_call("queue_delete", queue=name)
-                    except TransportError:
-                        pass
             await session.close()
         await self._service.stopService()
 
