@@ -1,11 +1,8 @@
 """Raw subscriptions: consume and publish non-envelope messages on any exchange.
 
-Processes talk to each other in envelopes on the system exchange (C{messenger.py}). Some
-applications also speak other formats on other exchanges — the pump exchanges v03 JSON
-notifications on sr3-style exchanges (C{xpublic}, C{xs_<user>}, C{xreport}...). These helpers do
-that over the same transport: declare the exchange and a queue, bind topic patterns, consume
-with a prefetch limit, publish with confirms, and move a message that cannot be handled to its
-queue's dead-letter queue.
+Besides envelopes on the system exchange (C{messenger.py}), applications speak other formats
+on other exchanges: the pump's v03 JSON notifications on sr3-style exchanges (C{xpublic},
+C{xs_<user>}...). The process layer does that through these helpers, on the same transport.
 """
 
 from ion.core.messaging.transport import Properties
