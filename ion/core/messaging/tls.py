@@ -34,7 +34,7 @@ class TlsFileError(ValueError):
     """A CA, certificate or key file that cannot be used; the message names the file."""
 
 
-@attrs.define
+@attrs.define(eq=False)
 class ClientTls:
     """What an amqps:// connection trusts and presents. Make one with L{load}."""
 
