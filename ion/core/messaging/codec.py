@@ -97,30 +97,24 @@ def encode(obj):
 
 
 class _TooManyObjects(Exception):
-    pass
+    """A message holds more values than Limits.max_objects."""
 
 
 def _object_counters(limit):
-    """list_hook and object_hook for msgpack that raise _TooManyObjects once the message
-    decoded so far has more than limit values: the top one and the items of every array and
-    map decoded (a map item is a key and a value)."""
+    """list_hook and object_hook for msgpack counting values as L{Limits} says."""
     left = limit - 1
 
-    def count_array(items):
-        nonlocal left
-        left -= len(items)
-        if left < 0:
-            raise _TooManyObjects
-        return items
+    def counter(values_per_item):
+        def count(items):
+            nonlocal left
+            left -= values_per_item * len(items)
+            if left < 0:
+                raise _TooManyObjects
+            return items
 
-    def count_map(items):
-        nonlocal left
-        left -= 2 * len(items)
-        if left < 0:
-            raise _TooManyObjects
-        return items
+        return count
 
-    return count_array, count_map
+    return counter(1), counter(2)
 
 
 def decode(data, limits):

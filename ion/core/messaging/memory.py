@@ -4,18 +4,11 @@ This is the embedded default transport, not a test double. One L{MemoryBroker} h
 queues and bindings; any number of L{MemoryTransport} connections attach to it, each with its
 own user name, consumers and exclusive queues.
 
-What it keeps from RabbitMQ:
-
-  - exchanges C{topic}, C{direct} and C{fanout}, plus the default exchange C{''} that routes to the
-    queue named by the routing key; a message reaches each matching queue exactly once;
-  - topic words are separated by dots and may be empty (C{*.b} matches C{.b}); C{*} is one word,
-    C{#} zero or more; the empty routing key has zero words;
-  - redeclaring with the same arguments is a no-op; with different ones it fails;
-  - exclusive queues belong to the connection that declared them (others get L{QueueInUse}) and
-    vanish when it closes; auto-delete queues vanish when their last consumer is cancelled;
-  - each consumer has at most C{prefetch} unacknowledged deliveries (0 means no limit); a queue's
-    consumers take turns (round robin); nacked-with-requeue and cancelled-while-unacked messages
-    go back to the head of the queue with C{redelivered} set.
+Beyond what L{ion.core.messaging.transport} says every transport keeps, it keeps from RabbitMQ:
+the default exchange C{''} routes to the queue named by the routing key; topic words may be
+empty (C{*.b} matches C{.b}) and the empty routing key has zero words; redeclaring with other
+arguments fails; a queue's consumers take turns (round robin); cancelled-while-unacked messages
+go back to the head of the queue with C{redelivered} set.
 
 What it does not do: persistence (C{durable} is recorded only: everything dies with the
 process), message TTL (C{expiration} is carried but not enforced), dead-letter exchanges. So
@@ -27,21 +20,13 @@ on RabbitMQ, which keeps them).
 Callbacks are never run from inside C{publish}, C{ack}, C{nack} or C{cancel}: a message assigned to
 a consumer is queued on that consumer's connection and handed over from a C{callLater(0)} drain,
 in batches. A callback may return a Deferred or a coroutine; it need not ack before returning.
-
-Rules for consumers:
-
-  - an exception escaping a callback (raised, or failing the Deferred or coroutine it returned)
-    is logged; if the message was not acked or nacked yet it is nacked without requeue, i.e.
-    dropped, so that a poison message cannot loop forever;
-  - acking or nacking a delivery a second time raises TransportError (it is a bug);
-  - once the consumer is cancelled, its queue deleted or its connection closed, the message is
-    back in the queue (or gone with it) and a first ack or nack of the old delivery does nothing:
-    a handler finishing during shutdown is not an error.
+The rules for consumers are L{call_consumer}'s and L{IDelivery}'s; once a delivery's queue is
+deleted, a first ack or nack of it does nothing either (a handler finishing during shutdown is
+not an error).
 """
 
 import collections
 import functools
-import inspect
 import os
 import re
 import uuid
@@ -49,7 +34,6 @@ import uuid
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ion.core.messaging.transport import (
@@ -62,12 +46,13 @@ from ion.core.messaging.transport import (
     QueueInUse,
     TransportError,
     Unroutable,
+    body_bytes,
+    call_consumer,
+    check_exchange,
     check_headers,
 )
 
 log = Logger()
-
-EXCHANGE_TYPES = ("topic", "direct", "fanout")
 
 # Deliveries handed to callbacks per reactor turn: large enough for throughput, small enough
 # that a busy queue does not starve the rest of the reactor.
@@ -108,31 +93,29 @@ def topic_matches(pattern, routing_key):
     return regex.fullmatch("." + routing_key if routing_key else "") is not None
 
 
+@attrs.define(eq=False)
 class _Message:
     """A message sitting in one queue (each queue gets its own, for C{redelivered}).
 
     C{properties} is None for a message published without any: each delivery then gets fresh
     default Properties, so a backlog does not hold one Properties object per message."""
 
-    __slots__ = ("body", "exchange", "routing_key", "properties", "user_id", "redelivered")
-
-    def __init__(self, body, exchange, routing_key, properties, user_id):
-        self.body = body
-        self.exchange = exchange
-        self.routing_key = routing_key
-        self.properties = properties
-        self.user_id = user_id
-        self.redelivered = False
+    body: bytes
+    exchange: str
+    routing_key: str
+    properties: Properties | None
+    user_id: str
+    redelivered: bool = False
 
 
+@attrs.define(eq=False, slots=False)  # the routing index is built in _reindex
 class _Exchange:
-    def __init__(self, name, type, durable, auto_delete):
-        self.name = name
-        self.type = type
-        self.durable = durable
-        self.auto_delete = auto_delete
-        self.bindings = {}  # (queue name, binding key) -> _Queue
-        self._stale = True
+    name: str
+    type: str
+    durable: bool
+    auto_delete: bool
+    bindings: dict = attrs.Factory(dict)  # (queue name, binding key) -> _Queue
+    _stale: bool = True
 
     def add_binding(self, queue, key):
         self.bindings[(queue.name, key)] = queue
@@ -195,16 +178,16 @@ class _DefaultExchange:
         return () if queue is None else (queue,)
 
 
+@attrs.define(eq=False)
 class _Queue:
-    def __init__(self, name, durable, owner, auto_delete):
-        self.name = name
-        self.durable = durable
-        self.owner = owner  # the MemoryTransport of an exclusive queue, else None
-        self.auto_delete = auto_delete
-        self.messages = collections.deque()
-        self.consumers = []
-        self.bindings = set()  # (exchange name, binding key)
-        self._turn = 0
+    name: str
+    durable: bool
+    owner: object  # the MemoryTransport of an exclusive queue, else None
+    auto_delete: bool
+    messages: collections.deque = attrs.Factory(collections.deque)
+    consumers: list = attrs.Factory(list)
+    bindings: set = attrs.Factory(set)  # (exchange name, binding key)
+    _turn: int = 0
 
     def put(self, message):
         self.messages.append(message)
@@ -261,17 +244,12 @@ class _Delivery:
         return None
 
     def ack(self):
-        """Settle the message: it is gone from the queue. Acking or nacking a second time
-        raises TransportError; after the consumer was cancelled or its connection closed the
-        message is already back in the queue and a first ack or nack does nothing."""
         consumer = self._settle("ack")
         if consumer is not None:
             del consumer.unacked[self]
             consumer.queue_state.dispatch()
 
     def nack(self, requeue=True):
-        """Refuse the message: with requeue it goes back to the head of its queue marked
-        redelivered, otherwise it is dropped. Same double-settle rule as L{ack}."""
         consumer = self._settle("nack")
         if consumer is not None:
             message = consumer.unacked.pop(self)
@@ -305,32 +283,8 @@ class _Consumer:
         self.unacked[delivery] = message
         self._transport._hand_over(delivery)
 
-    def invoke(self, delivery):
-        try:
-            result = self._callback(delivery)
-        except Exception:
-            self._failed(Failure(), delivery)
-            return
-        if result is not None and (
-            isinstance(result, defer.Deferred) or inspect.iscoroutine(result)
-        ):
-            defer.ensureDeferred(result).addErrback(self._failed, delivery)
-
-    def _failed(self, failure, delivery):
-        if delivery.settled:
-            outcome = "it had already been settled"
-        elif not self.active:
-            outcome = "it had already returned to the queue"
-        else:
-            outcome = "message dropped"
-            delivery.nack(requeue=False)
-        log.failure(
-            "consumer of queue {queue!r} failed on message {routing_key!r}; {outcome}",
-            failure,
-            queue=self.queue,
-            routing_key=delivery.routing_key,
-            outcome=outcome,
-        )
+    def inactive(self):
+        return not self.active
 
 
 STOPPED_EMPTY = "stopped with nothing queued"
@@ -376,20 +330,15 @@ class MemoryBroker:
             os.fsync(f.fileno())
         os.replace(temporary, self.run_record)
 
-    def durable_messages(self):
-        """Messages in durable queues: waiting, or delivered and not yet acked."""
-        return sum(
-            len(q.messages) + sum(len(c.unacked) for c in q.consumers)
-            for q in self._queues.values()
-            if q.durable
-        )
-
     def record_stop(self):
-        """Note in the run record how this run ended: with nothing left in durable queues, or
-        with messages that die with the process (the next run's C{lost_messages})."""
+        """Note in the run record how this run ended: with nothing left in durable queues
+        (waiting, or delivered and not yet acked), or with messages that die with the process
+        (the next run's C{lost_messages})."""
         if self.run_record is None:
             return 0
-        left = self.durable_messages()
+        left = sum(
+            len(q.messages) + self.unacked(q.name) for q in self._queues.values() if q.durable
+        )
         self._write_record(STOPPED_EMPTY if not left else f"stopped with {left} messages queued")
         return left
 
@@ -445,24 +394,12 @@ class MemoryBroker:
         return queue
 
     def _declare_exchange(self, name, type, durable, auto_delete):
-        if not name:
-            raise TransportError("the default exchange '' cannot be declared")
-        if type not in EXCHANGE_TYPES:
-            raise TransportError(
-                f"unknown exchange type {type!r} for {name!r};"
-                f" use one of {', '.join(EXCHANGE_TYPES)}"
-            )
+        check_exchange(name, type)
         exchange = self._exchanges.get(name)
         if exchange is None:
             self._exchanges[name] = _Exchange(name, type, durable, auto_delete)
-            return
-        wanted = {"type": type, "durable": durable, "auto_delete": auto_delete}
-        for key, value in wanted.items():
-            if getattr(exchange, key) != value:
-                raise TransportError(
-                    f"exchange {name!r} already declared with {key}={getattr(exchange, key)!r},"
-                    f" not {value!r}"
-                )
+        else:
+            _check_same("exchange", exchange, type=type, durable=durable, auto_delete=auto_delete)
 
     def _delete_exchange(self, name, if_unused):
         if not name:
@@ -486,13 +423,7 @@ class MemoryBroker:
         self._accessible_queue(name, owner)
         if exclusive and queue.owner is None:
             raise QueueInUse(f"queue {name!r} already exists and is not exclusive")
-        wanted = {"durable": durable, "auto_delete": auto_delete}
-        for key, value in wanted.items():
-            if getattr(queue, key) != value:
-                raise TransportError(
-                    f"queue {name!r} already declared with {key}={getattr(queue, key)!r},"
-                    f" not {value!r}"
-                )
+        _check_same("queue", queue, durable=durable, auto_delete=auto_delete)
         return name
 
     def _delete_queue(self, owner, name):
@@ -563,6 +494,16 @@ class MemoryBroker:
             self._remove_queue(queue)
 
 
+def _check_same(kind, declared, **wanted):
+    """Raise TransportError unless a redeclare asks for what was declared."""
+    for key, value in wanted.items():
+        if getattr(declared, key) != value:
+            raise TransportError(
+                f"{kind} {declared.name!r} already declared with {key}={getattr(declared, key)!r},"
+                f" not {value!r}"
+            )
+
+
 _NEW, _OPEN, _CLOSED = "new", "open", "closed"
 
 
@@ -573,8 +514,7 @@ class MemoryTransport:
     C{reactor} is anything with C{callLater}; deliveries are handed to callbacks from it.
     Every method returns a Deferred, failed with a L{TransportError} subclass on refusal.
     Operations before C{connect()} fail with TransportError, after C{close()} with
-    ConnectionLost. Consumer rules (callback exceptions, double acks) are in the module
-    docstring."""
+    ConnectionLost."""
 
     def __init__(self, broker, reactor, user="ion"):
         self.broker = broker
@@ -612,15 +552,12 @@ class MemoryTransport:
         """An in-process broker connection is never lost, only closed: nothing to report."""
 
     def connect(self):
-        """Attach to the broker. Fires with this transport."""
         if self._state is _CLOSED:
             return defer.fail(self._unavailable())
         self._state = _OPEN
         return defer.succeed(self)
 
     def close(self):
-        """Cancel this connection's consumers (their unacked messages are requeued) and delete
-        its exclusive queues. Closing twice is harmless."""
         if self._state is _OPEN:
             self.broker._disconnect(self)
         self._state = _CLOSED
@@ -631,25 +568,18 @@ class MemoryTransport:
         return defer.succeed(None)
 
     def declare_exchange(self, name, type="topic", durable=False, auto_delete=False):
-        """Create the exchange if missing; fails with TransportError if it exists with other
-        arguments."""
         return self._do(self.broker._declare_exchange, name, type, durable, auto_delete)
 
     def delete_exchange(self, name, if_unused=False):
-        """Delete the exchange and its bindings; missing is fine. With if_unused, fails with
-        TransportError while a queue is bound to it."""
         return self._do(self.broker._delete_exchange, name, if_unused)
 
     def declare_queue(self, name="", durable=False, exclusive=False, auto_delete=False):
-        """Create the queue if missing and fire with its name (generated when name is '')."""
         return self._do(self.broker._declare_queue, self, name, durable, exclusive, auto_delete)
 
     def delete_queue(self, name):
-        """Delete the queue, its messages and bindings; its consumers stop. Missing is fine."""
         return self._do(self.broker._delete_queue, self, name)
 
     def queue_depth(self, name):
-        """Fire with the messages ready in the queue; NotFound when there is none."""
         return self._do(self.broker.queue_depth, name)
 
     def bind(self, queue, exchange, routing_key):
@@ -666,19 +596,16 @@ class MemoryTransport:
             return defer.fail(self._unavailable())
         # Every queued copy gets its own Properties and headers dict, as if it had crossed a
         # wire: neither the publisher nor another receiver can change it afterwards.
-        if properties is not None:
-            if properties.headers:
-                try:
+        try:
+            if properties is not None:
+                if properties.headers:
                     check_headers(properties.headers)
-                except ValueError:
-                    return defer.fail()
-            properties = attrs.evolve(
-                properties, user_id=self.user, headers=dict(properties.headers)
-            )
-        if type(body) is not bytes:
-            if not isinstance(body, (bytearray, memoryview)):
-                return defer.fail(TypeError(f"body must be bytes, got {type(body).__name__}"))
-            body = bytes(body)
+                properties = attrs.evolve(
+                    properties, user_id=self.user, headers=dict(properties.headers)
+                )
+            body = body_bytes(body)
+        except Exception:
+            return defer.fail()
         target = self.broker._exchanges.get(exchange)
         if target is None:
             return defer.fail(NotFound(f"no exchange {exchange!r}"))
@@ -694,8 +621,6 @@ class MemoryTransport:
         return defer.succeed(None)
 
     def consume(self, queue, callback, prefetch=100):
-        """Deliver messages of queue to callback(IDelivery), at most prefetch unacked at a time
-        (0: no limit). Fires with an IConsumer. See the class docstring for callback errors."""
         return self._do(self.broker._consume, self, queue, callback, prefetch)
 
     def _hand_over(self, delivery):
@@ -714,7 +639,7 @@ class MemoryTransport:
                 delivery = outbox.popleft()
                 consumer = delivery._consumer
                 if consumer is not None and consumer.active:
-                    consumer.invoke(delivery)
+                    call_consumer(consumer._callback, delivery, consumer.queue, consumer.inactive)
         finally:
             self._draining = False
         if outbox and self._state is _OPEN:

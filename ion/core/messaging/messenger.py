@@ -15,7 +15,6 @@ The copy is not mandatory and its failures are only logged (at debug): tracing n
 send.
 """
 
-
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -129,9 +128,7 @@ class Messenger:
             try:
                 env = codec.decode_envelope(delivery.body, self.limits)
             except codec.DecodeError as e:
-                log.warn(
-                    "dropped an undecodable message on {queue}: {error}", queue=queue, error=e
-                )
+                log.warn("dropped an undecodable message on {queue}: {error}", queue=queue, error=e)
                 delivery.nack(requeue=False)
                 return
             handler(Message(env.headers, env.content, delivery.properties.user_id, delivery))

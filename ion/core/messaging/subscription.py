@@ -1,11 +1,8 @@
 """Raw subscriptions: consume and publish non-envelope messages on any exchange.
 
-Processes talk to each other in envelopes on the system exchange (C{messenger.py}). Some
-applications also speak other formats on other exchanges — the pump exchanges v03 JSON
-notifications on sr3-style exchanges (C{xpublic}, C{xs_<user>}, C{xreport}...). These helpers do
-that over the same transport: declare the exchange and a queue, bind topic patterns, consume
-with a prefetch limit, publish with confirms, and move a message that cannot be handled to its
-queue's dead-letter queue.
+Besides envelopes on the system exchange (C{messenger.py}), applications speak other formats
+on other exchanges: the pump's v03 JSON notifications on sr3-style exchanges (C{xpublic},
+C{xs_<user>}...). The process layer does that through these helpers, on the same transport.
 """
 
 from ion.core.messaging.transport import Properties
@@ -33,7 +30,9 @@ async def subscribe(
     """Declare exchange and queue, bind each key, and deliver to callback(IDelivery).
     The callback acks or nacks each delivery itself. Returns the consumer."""
     await transport.declare_exchange(exchange, exchange_type, durable=durable)
-    await transport.declare_queue(queue, durable=durable, exclusive=exclusive, auto_delete=auto_delete)
+    await transport.declare_queue(
+        queue, durable=durable, exclusive=exclusive, auto_delete=auto_delete
+    )
     for key in keys:
         await transport.bind(queue, exchange, key)
     return await transport.consume(queue, callback, prefetch=prefetch)

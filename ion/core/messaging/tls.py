@@ -17,6 +17,7 @@ C{load}; every problem with them is a ValueError of one line naming the file.
 import datetime
 import re
 
+import attrs
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -26,23 +27,21 @@ from twisted.internet import ssl
 
 from ion.core.credentials import read_private_file
 
-_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
-)
+_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 class TlsFileError(ValueError):
     """A CA, certificate or key file that cannot be used; the message names the file."""
 
 
+@attrs.define(eq=False)
 class ClientTls:
     """What an amqps:// connection trusts and presents. Make one with L{load}."""
 
-    def __init__(self, trust_root=None, certificate=None, chain=(), user=None):
-        self._trust_root = trust_root
-        self._certificate = certificate  # a twisted PrivateCertificate, or None
-        self._chain = list(chain)
-        self.user = user
+    _trust_root: object = None
+    _certificate: object = None  # a twisted PrivateCertificate, or None
+    _chain: list = attrs.Factory(list)
+    user: str | None = None
 
     @property
     def has_certificate(self):
@@ -51,8 +50,7 @@ class ClientTls:
 
     @classmethod
     def load(cls, ca_file=None, cert_file=None, key_file=None):
-        """
-        Read and check the files; None leaves a part out. A client certificate needs its key
+        """Read and check the files; None leaves a part out. A client certificate needs its key
         and the key its certificate.
 
         @raise TlsFileError: a file is missing or unreadable, holds no (or a bad) PEM
@@ -180,7 +178,8 @@ def describe_failure(error):
     if not isinstance(error, SSL.Error):
         return None
     reasons = [
-        entry[2] for entry in (error.args[0] if error.args else ())
+        entry[2]
+        for entry in (error.args[0] if error.args else ())
         if isinstance(entry, tuple) and len(entry) == 3 and entry[2]
     ]
     reason = "; ".join(reasons) or str(error)

@@ -20,9 +20,17 @@ Semantics every transport keeps:
     publish past them fails with ValueError.
 """
 
+import inspect
+
 import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
+log = Logger()
+
+EXCHANGE_TYPES = ("topic", "direct", "fanout")
 
 HEADER_DEPTH = 16  # levels of nested maps and lists in headers, the headers map included
 HEADER_VALUES = 10_000  # values in headers, nested ones included
@@ -43,6 +51,57 @@ def check_headers(headers):
         for item in items:
             if isinstance(item, (dict, list, tuple)):
                 pending.append((item, depth + 1))
+
+
+def check_exchange(name, type):
+    """Raise TransportError unless an exchange C{name} of C{type} may be declared."""
+    if not name:
+        raise TransportError("the default exchange '' cannot be declared")
+    if type not in EXCHANGE_TYPES:
+        raise TransportError(
+            f"unknown exchange type {type!r} for {name!r}; use one of {', '.join(EXCHANGE_TYPES)}"
+        )
+
+
+def body_bytes(body):
+    """The body of a publish as bytes; TypeError when it is not bytes-like."""
+    if type(body) is bytes:
+        return body
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        raise TypeError(f"body must be bytes, got {type(body).__name__}")
+    return bytes(body)
+
+
+def call_consumer(callback, delivery, queue, requeued=None):
+    """Hand delivery to a consumer's callback, which may return a Deferred or a coroutine.
+
+    An exception escaping it (raised, or failing what it returned) is logged; if the message
+    is not settled, nor back in the queue (C{requeued()}), it is nacked without requeue, i.e.
+    dropped, so that a poison message cannot loop forever."""
+    try:
+        result = callback(delivery)
+    except Exception:
+        _consumer_failed(Failure(), delivery, queue, requeued)
+        return
+    if inspect.isawaitable(result):
+        defer.ensureDeferred(result).addErrback(_consumer_failed, delivery, queue, requeued)
+
+
+def _consumer_failed(failure, delivery, queue, requeued):
+    if delivery.settled:
+        outcome = "it had already been settled"
+    elif requeued is not None and requeued():
+        outcome = "it had already returned to the queue"
+    else:
+        outcome = "message dropped"
+        delivery.nack(requeue=False)
+    log.failure(
+        "consumer of queue {queue!r} failed on message {routing_key!r}; {outcome}",
+        failure,
+        queue=queue,
+        routing_key=delivery.routing_key,
+        outcome=outcome,
+    )
 
 
 class TransportError(Exception):
@@ -95,10 +154,13 @@ class IDelivery(Interface):
     settled = Attribute("bool: ack() or nack() was called")
 
     def ack():
-        """Settle the message: it is gone from the queue."""
+        """Settle the message: it is gone from the queue. Acking or nacking a second time
+        raises TransportError; once the consumer was cancelled or its connection closed, the
+        message is back in the queue and a first ack or nack does nothing."""
 
     def nack(requeue=True):
-        """Refuse the message; with requeue it goes back to the head of its queue."""
+        """Refuse the message: with requeue it goes back to the head of its queue marked
+        redelivered, otherwise it is dropped. Same double-settle rule as L{ack}."""
 
 
 class IConsumer(Interface):
@@ -119,23 +181,25 @@ class ITransport(Interface):
     )
 
     def connect():
-        """Open the connection."""
+        """Open the connection; fires with this transport."""
 
     def close():
-        """Close; consumers are cancelled, exclusive queues deleted."""
+        """Cancel this connection's consumers (their unacked messages are requeued), delete
+        its exclusive queues and close. Closing twice is harmless."""
 
     def declare_exchange(name, type="topic", durable=False, auto_delete=False):
-        """Create the exchange if missing (idempotent)."""
+        """Create the exchange if missing; fails with TransportError if it exists with other
+        arguments."""
 
     def delete_exchange(name, if_unused=False):
         """Delete the exchange and its bindings (missing is fine); with if_unused, fails with
         TransportError instead while a queue is bound to it."""
 
     def declare_queue(name, durable=False, exclusive=False, auto_delete=False):
-        """Create the queue if missing (idempotent); returns its name."""
+        """Create the queue if missing and fire with its name (generated when name is '')."""
 
     def delete_queue(name):
-        """Delete the queue and the messages in it."""
+        """Delete the queue, its messages and bindings; its consumers stop. Missing is fine."""
 
     def queue_depth(name):
         """Fires with the number of messages ready in the queue (those delivered and not yet
@@ -145,14 +209,15 @@ class ITransport(Interface):
         """Route messages matching routing_key on exchange into queue."""
 
     def unbind(queue, exchange, routing_key):
-        """Remove a binding."""
+        """Remove a binding; removing a missing binding is fine."""
 
     def publish(exchange, routing_key, body, properties=None, mandatory=True):
         """Publish bytes. Fires when the broker has accepted the message (confirmed);
         fails with Unroutable when mandatory and no queue matched."""
 
     def consume(queue, callback, prefetch=100):
-        """Deliver messages of queue to callback(IDelivery); returns an IConsumer."""
+        """Deliver messages of queue to callback(IDelivery), at most prefetch unacked at a time
+        (0: no limit); fires with an IConsumer. See L{call_consumer} for callback errors."""
 
     def on_connection_lost(listener):
         """Call listener(ConnectionLost) whenever the connection is lost unexpectedly (a

@@ -25,19 +25,9 @@ While the connection is down, operations fail at once with C{ConnectionLost}; C{
 tells when it is back. Queues with server-generated names cannot be declared again under the
 same name, so they and their consumers do not survive a reconnect.
 
-The modules, all private behind this one:
-
-  - C{_wire}: the spec (amqp0-9-1.xml), field tables (bounded when decoding), the frame codec;
-  - C{_address}: AMQP URLs;
-  - C{_protocol}: the connection's protocol (a Twisted C{Protocol}): frames, handshake, channels
-    and their synchronous calls, heartbeats;
-  - C{_session}: one live connection: control, publish and consumer channels;
-  - C{_publish}: the publish channel in confirm mode, with returns;
-  - C{_consume}: consumers, deliveries and ack batching;
-  - C{_transport}: L{AmqpTransport}, the ClientService and what was declared.
-
-No AMQP library is used, so none of its internals can break this package: the protocol
-class, the codec and the spec loader are ours. A publish is one write; deliveries, confirms
+Its modules are private behind this one. No AMQP library is used, so none of its internals
+can break this package: the protocol class (C{_protocol}), the codec and the spec loader
+(C{_wire}) are ours. A publish is one write; deliveries, confirms
 and returns reach their handlers as soon as their last frame is read; the acks of a reactor
 turn go together (C{_consume._Acks}).
 """

@@ -2,26 +2,24 @@
 
 import urllib.parse
 
-import attr
+import attrs
 
 from ion.core.log import redact
 
 DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
 
 
-@attr.s(frozen=True, slots=True, repr=False)
+@attrs.frozen(repr=False)
 class AmqpAddress:
     """Where and as whom to connect, from C{amqp[s]://user:password@host:port/vhost}.
+    Its str() and repr() show the password as C{***}."""
 
-    Its str() and repr() show the password as C{***}.
-    """
-
-    tls = attr.ib()
-    host = attr.ib()
-    port = attr.ib()
-    user = attr.ib()
-    password = attr.ib()
-    vhost = attr.ib()
+    tls: bool
+    host: str
+    port: int
+    user: str
+    password: str
+    vhost: str
 
     @classmethod
     def parse(cls, url):

@@ -3,18 +3,19 @@
 import collections
 import uuid
 
-from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ion.core.messaging.amqp._protocol import _as_deferred, _spawn
-from ion.core.messaging.transport import IConsumer, IDelivery, Properties, TransportError
+from ion.core.messaging.transport import (
+    IConsumer,
+    IDelivery,
+    Properties,
+    TransportError,
+    call_consumer,
+)
 
 log = Logger()
-
-
-# Consumers and deliveries.
 
 
 class _Acks:
@@ -92,16 +93,8 @@ class _Acks:
 
 @implementer(IDelivery)
 class _Delivery:
-    __slots__ = (
-        "body",
-        "exchange",
-        "routing_key",
-        "properties",
-        "redelivered",
-        "_acks",
-        "_tag",
-        "_settled",
-    )
+    __slots__ = ("body", "exchange", "routing_key", "properties", "redelivered")
+    __slots__ += ("_acks", "_tag", "settled")
 
     def __init__(self, acks, message):
         self.body = message.body
@@ -111,31 +104,22 @@ class _Delivery:
         self.redelivered = message.redelivered
         self._acks = acks
         self._tag = message.delivery_tag
-        self._settled = False
-
-    @property
-    def settled(self):
-        return self._settled
+        self.settled = False
 
     def _settle(self, action):
-        if self._settled:
+        if self.settled:
             raise TransportError(
                 f"cannot {action} message {self.routing_key!r}: it was already acked or nacked"
             )
-        self._settled = True
+        self.settled = True
         return not self._acks.channel.closed
 
     def ack(self):
-        """Settle the message: it is gone from the queue. Acking or nacking twice raises
-        TransportError. Once the consumer was cancelled or the connection lost the broker has
-        put the message back in the queue, and a first ack or nack does nothing. The ack goes
-        to the broker at the end of the reactor turn (before the consumer's channel closes)."""
+        # Sent at the end of the reactor turn (before the consumer's channel closes).
         if self._settle("ack"):
             self._acks.ack(self._tag)
 
     def nack(self, requeue=True):
-        """Refuse the message: with requeue it goes back to the head of its queue marked
-        redelivered, otherwise it is dropped. Same double-settle rule as L{ack}."""
         if self._settle("nack"):
             self._acks.nack(self._tag, requeue)
 
@@ -230,31 +214,7 @@ class _Consumer:
     def deliver(self, channel, acks, message):
         if not self.active or channel is not self.channel:
             return
-        delivery = _Delivery(acks, message)
-        try:
-            result = self._callback(delivery)
-        except Exception:
-            self._failed(Failure(), delivery)
-            return
-        if isinstance(result, defer.Deferred) or hasattr(result, "__await__"):
-            defer.ensureDeferred(result).addErrback(self._failed, delivery)
-
-    def _failed(self, failure, delivery):
-        if delivery.settled:
-            log.failure(
-                "consumer of queue {queue!r} failed after settling message {routing_key!r}",
-                failure,
-                queue=self.queue,
-                routing_key=delivery.routing_key,
-            )
-            return
-        log.failure(
-            "consumer of queue {queue!r} failed on message {routing_key!r}; message dropped",
-            failure,
-            queue=self.queue,
-            routing_key=delivery.routing_key,
-        )
-        delivery.nack(requeue=False)
+        call_consumer(self._callback, _Delivery(acks, message), self.queue)
 
 
 def _properties_from_amqp(amqp):

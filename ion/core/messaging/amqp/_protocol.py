@@ -7,6 +7,7 @@ import functools
 import struct
 import types
 
+import attrs
 from twisted.internet import defer, task
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
@@ -58,21 +59,19 @@ def _closed_error(klass, code, text):
     return ConnectionLost(f"the broker closed the connection: {code} {text}")
 
 
+@attrs.define(eq=False)
 class _IncomingContent:
     """A content-carrying method (basic.deliver, basic.return) waiting for its header and body
     frames. C{error} says why its properties could not be decoded: the body frames of such a
     delivery are counted and dropped."""
 
-    __slots__ = ("method", "args", "properties", "size", "chunks", "received", "error")
-
-    def __init__(self, method, args):
-        self.method = method
-        self.args = args
-        self.properties = None
-        self.size = 0
-        self.chunks = []
-        self.received = 0
-        self.error = None
+    method: object
+    args: list
+    properties: dict | None = None
+    size: int = 0
+    chunks: list = attrs.Factory(list)
+    received: int = 0
+    error: str | None = None
 
 
 class _Channel:

@@ -1,8 +1,9 @@
 """Publishing on one channel in confirm mode, with mandatory returns matched to publishes."""
 
 import collections
+import itertools
 
-import attr
+import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -13,14 +14,14 @@ from ion.core.messaging.transport import ConnectionLost, TransportError, Unrouta
 log = Logger()
 
 
-@attr.s(slots=True)
+@attrs.define
 class _Publish:
-    exchange = attr.ib()
-    routing_key = attr.ib()
-    body = attr.ib()
-    properties = attr.ib()
-    mandatory = attr.ib()
-    deferred = attr.ib(factory=defer.Deferred)
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: dict
+    mandatory: bool
+    deferred: defer.Deferred = attrs.Factory(defer.Deferred)
 
 
 class _Publisher:
@@ -123,9 +124,7 @@ class _Publisher:
             self._draining = False
 
     def _discard(self, message):
-        if self.backlog and self.backlog[0] is message:
-            self.backlog.popleft()
-        elif self.backlog and message in self.backlog:
+        if self.backlog and message in self.backlog:
             self.backlog.remove(message)
 
     def returned(self, channel, message):
@@ -136,11 +135,7 @@ class _Publisher:
         if channel is not self.channel:
             return
         if multiple:
-            tags = []
-            for t in self.unconfirmed:
-                if t > tag:
-                    break
-                tags.append(t)
+            tags = list(itertools.takewhile(lambda t: t <= tag, self.unconfirmed))
         else:
             tags = [tag] if tag in self.unconfirmed else []
         unroutable = self._match_returns(tags) if self.returns else ()

@@ -1,5 +1,6 @@
 """One live AMQP connection: handshake, control channel, publish channel, consumer channels."""
 
+import contextlib
 import platform
 
 from twisted.internet import defer
@@ -23,9 +24,6 @@ CLIENT_CAPABILITIES = {
     "authentication_failure_close": True,
     "per_consumer_qos": True,
 }
-
-
-# One connection.
 
 
 class _Session:
@@ -99,10 +97,8 @@ class _Session:
         if acks is not None:
             acks.flush()
         if not channel.closed and not self.is_lost:
-            try:
+            with contextlib.suppress(TransportError):
                 await channel.call("channel_close", reply_code=200, reply_text="closed by client")
-            except TransportError:
-                pass
             channel.close(None)
         self.release(channel)
 
@@ -125,10 +121,14 @@ class _Session:
                 self.control = await self.open_channel()
             return await self.control.call(method, **arguments)
 
-    def deliver(self, channel, message):
+    def _acks(self, channel):
         acks = self.acks.get(channel)
         if acks is None:
             acks = self.acks[channel] = _Acks(self, channel)
+        return acks
+
+    def deliver(self, channel, message):
+        acks = self._acks(channel)
         acks.received(message.delivery_tag)
         consumer = self.consumers.get(message.consumer_tag)
         if consumer is not None:
@@ -137,9 +137,7 @@ class _Session:
     def reject(self, channel, arguments, error):
         """Refuse a delivery whose properties cannot be decoded: nack without requeue (to the
         queue's dead-letter exchange, if it has one), log it once, keep the connection."""
-        acks = self.acks.get(channel)
-        if acks is None:
-            acks = self.acks[channel] = _Acks(self, channel)
+        acks = self._acks(channel)
         tag = arguments["delivery_tag"]
         acks.received(tag)
         acks.nack(tag, requeue=False)
@@ -169,8 +167,6 @@ class _Session:
             "connection_close", reply_code=200, reply_text="closed by client"
         )
         closing.addTimeout(CLOSE_TIMEOUT, self.transport.reactor)
-        try:
+        with contextlib.suppress(Exception):
             await closing
-        except Exception:
-            pass
         self.client.transport.loseConnection()

@@ -1,8 +1,9 @@
 """L{AmqpTransport}: the reconnecting connection and what it declared, behind ITransport."""
 
+import contextlib
 import urllib.parse
 
-import attr
+import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -24,14 +25,11 @@ from ion.core.messaging.transport import (
     Properties,
     QueueInUse,
     TransportError,
+    body_bytes,
+    check_exchange,
 )
 
 log = Logger()
-
-EXCHANGE_TYPES = ("topic", "direct", "fanout")
-
-
-# The transport.
 
 
 class _ProtocolFactory(Factory):
@@ -56,8 +54,7 @@ class _ShieldedEndpoint(Factory):
     machine (Twisted 26.10) has no transition for a connection lost while C{prepareConnection}
     runs or after it failed: automat raises NoTransition out of connectionLost. Both happen
     here: the broker closes a connection it refused, a restore is cut. The loss of such a
-    connection goes to our protocol only; a failed prepare already counts as a failed attempt.
-    """
+    connection goes to our protocol only; a failed prepare already counts as a failed attempt."""
 
     noisy = False
 
@@ -114,12 +111,7 @@ class AmqpTransport:
 
     Every method returns a Deferred, failed with a L{TransportError} subclass on refusal.
     Operations before C{connect()} fail with TransportError, while disconnected and after
-    C{close()} with ConnectionLost.
-
-    Callback rule: an exception escaping a consumer callback (raised, or failing the Deferred
-    or coroutine it returned) is logged and, if the callback had not acked or nacked the
-    message, the message is nacked without requeue, i.e. dropped.
-    """
+    C{close()} with ConnectionLost. Consumer callbacks follow L{call_consumer}'s rule."""
 
     # RabbitMQ keeps the persistent messages of durable queues across its restarts.
     lost_messages = False
@@ -150,7 +142,7 @@ class AmqpTransport:
                     f"the client certificate {tls_cert_file} has no CN: name the broker user "
                     "in the URL (amqps://user@host/)"
                 )
-            self.address = attr.evolve(self.address, user=self._tls.user)
+            self.address = attrs.evolve(self.address, user=self._tls.user)
         self.user = self.address.user
         self.reactor = reactor
         self.heartbeat = heartbeat
@@ -244,10 +236,10 @@ class AmqpTransport:
 
     def whenConnected(self):
         """Fires with this transport once it is connected (on the next turn if it is now)."""
-        if self._service is None:
-            return defer.fail(TransportError("AMQP transport is not connected; call connect()"))
-        if not self._service.running:
-            return defer.fail(ConnectionLost(f"{self.address}: transport is closed"))
+        try:
+            self._check_open()
+        except TransportError:
+            return defer.fail()
         # The ClientService learns of a lost connection after our protocol, whose errbacks may
         # call here first, and it refuses calls from its own callbacks: ask on the next turn.
         waiting = task.deferLater(self.reactor, 0, self._service.whenConnected)
@@ -290,15 +282,11 @@ class AmqpTransport:
         await self._restore(session)
 
     async def _restore(self, session):
-        """Declare again what this transport declared before, and re-attach consumers. A lock
-        on an exclusive queue (the broker has not yet noticed the old connection died) or the
-        loss of this connection fails the attempt, to be retried with everything; only what
-        the broker refused on a live connection is dropped."""
+        """Declare again what this transport declared before, and re-attach consumers; only
+        what the broker refused on a live connection is dropped (see L{_redo})."""
         for name, (type, durable, auto_delete) in list(self._exchanges.items()):
-            try:
-                await self._declare_exchange_on(session, name, type, durable, auto_delete)
-            except TransportError as e:
-                self._forget("exchange", name, e, session)
+            step = self._declare_exchange_on(session, name, type, durable, auto_delete)
+            if not await self._redo(session, step, "exchange", name):
                 self._exchanges.pop(name, None)
         for name, (durable, exclusive, auto_delete, generated) in list(self._queues.items()):
             if generated:
@@ -307,43 +295,44 @@ class AmqpTransport:
                 )
                 self._drop_queue(name)
                 continue
-            try:
-                await self._declare_queue_on(session, name, durable, exclusive, auto_delete)
-            except TransportError as e:
-                self._forget("queue", name, e, session)
+            step = self._declare_queue_on(session, name, durable, exclusive, auto_delete)
+            if not await self._redo(session, step, "queue", name):
                 self._drop_queue(name)
         for queue, exchange, key in list(self._bindings):
-            try:
-                await session.control_call(
-                    "queue_bind", queue=queue, exchange=exchange, routing_key=key
-                )
-            except TransportError as e:
-                self._forget("binding", f"{exchange}/{key} -> {queue}", e, session)
+            step = session.control_call(
+                "queue_bind", queue=queue, exchange=exchange, routing_key=key
+            )
+            if not await self._redo(session, step, "binding", f"{exchange}/{key} -> {queue}"):
                 self._bindings.pop((queue, exchange, key), None)
         # Everything a handler may use is declared again by now; from the first consumer on,
         # deliveries arrive and are handled while the others are attached.
         self._session = session
         for consumer in list(self._consumers):
-            try:
-                await consumer.attach(session)
-            except TransportError as e:
-                self._forget("consumer of", consumer.queue, e, session)
+            step = consumer.attach(session)
+            if not await self._redo(session, step, "consumer of", consumer.queue):
                 consumer.active = False
                 self._consumers.pop(consumer, None)
 
-    def _forget(self, what, name, error, session):
-        """Log that the broker refused to restore something, which the caller then drops.
-        Raises error instead when it says nothing about the thing itself: the connection was
-        lost (dropping then would lose one more consumer at every cut restore, until the
-        transport is deaf) or an exclusive queue is still held by the previous connection."""
-        if isinstance(error, (ConnectionLost, QueueInUse)) or session.is_lost:
-            raise error
-        log.error(
-            "AMQP: after reconnecting, could not restore {what} {name!r}: {error}",
-            what=what,
-            name=name,
-            error=error,
-        )
+    async def _redo(self, session, step, what, name):
+        """Await step (restoring something); when the broker refuses it, log that and return
+        False: the caller drops the thing. Raises instead when the error says nothing about the
+        thing itself: the connection was lost (dropping then would lose one more consumer at
+        every cut restore, until the transport is deaf) or an exclusive queue is still held by
+        the previous connection (the broker has not yet noticed it died): the attempt fails,
+        to be retried with everything."""
+        try:
+            await step
+        except TransportError as error:
+            if isinstance(error, (ConnectionLost, QueueInUse)) or session.is_lost:
+                raise
+            log.error(
+                "AMQP: after reconnecting, could not restore {what} {name!r}: {error}",
+                what=what,
+                name=name,
+                error=error,
+            )
+            return False
+        return True
 
     def _session_lost(self, session, reason):
         if session is not self._session:
@@ -366,11 +355,14 @@ class AmqpTransport:
         """listener(ConnectionLost) is called each time the connection is lost (not on close)."""
         self._loss_listeners.append(listener)
 
-    def _live_session(self):
+    def _check_open(self):
         if self._service is None:
             raise TransportError("AMQP transport is not connected; call connect() first")
         if not self._service.running:
             raise ConnectionLost(f"{self.address}: transport is closed")
+
+    def _live_session(self):
+        self._check_open()
         session = self._session
         if session is None or session.is_lost:
             raise ConnectionLost(f"not connected to {self.address} (reconnecting)")
@@ -378,8 +370,6 @@ class AmqpTransport:
 
     @_as_deferred
     async def close(self):
-        """Cancel this connection's consumers (the broker requeues their unacked messages),
-        delete its exclusive queues and close the connection. Closing twice is harmless."""
         self._may_retry = False
         if self._service is None:
             return
@@ -395,10 +385,8 @@ class AmqpTransport:
             )
             for name, (_, exclusive, _, _) in list(self._queues.items()):
                 if exclusive:
-                    try:
+                    with contextlib.suppress(TransportError):
                         await session.control_call("queue_delete", queue=name)
-                    except TransportError:
-                        pass
             await session.close()
         await self._service.stopService()
 
@@ -426,24 +414,13 @@ class AmqpTransport:
 
     @_as_deferred
     async def declare_exchange(self, name, type="topic", durable=False, auto_delete=False):
-        """Create the exchange if missing; fails with TransportError if it exists with other
-        arguments."""
         session = self._live_session()
-        _shortstr(name, "exchange name")
-        if not name:
-            raise TransportError("the default exchange '' cannot be declared")
-        if type not in EXCHANGE_TYPES:
-            raise TransportError(
-                f"unknown exchange type {type!r} for {name!r}; "
-                f"use one of {', '.join(EXCHANGE_TYPES)}"
-            )
+        check_exchange(_shortstr(name, "exchange name"), type)
         await self._declare_exchange_on(session, name, type, durable, auto_delete)
         self._exchanges[name] = (type, durable, auto_delete)
 
     @_as_deferred
     async def delete_exchange(self, name, if_unused=False):
-        """Delete the exchange and its bindings; missing is fine. With if_unused, fails with
-        TransportError (the broker's 406 "in use") while a queue is bound to it."""
         session = self._live_session()
         if not _shortstr(name, "exchange name"):
             raise TransportError("the default exchange '' cannot be deleted")
@@ -454,7 +431,6 @@ class AmqpTransport:
 
     @_as_deferred
     async def declare_queue(self, name="", durable=False, exclusive=False, auto_delete=False):
-        """Create the queue if missing and fire with its name (generated when name is '')."""
         session = self._live_session()
         _shortstr(name, "queue name")
         declared = await self._declare_queue_on(session, name, durable, exclusive, auto_delete)
@@ -463,8 +439,7 @@ class AmqpTransport:
 
     @_as_deferred
     async def queue_depth(self, name):
-        """Fire with the messages ready in the queue (a passive declare: nothing is created;
-        NotFound when the queue does not exist)."""
+        """A passive declare: nothing is created."""
         session = self._live_session()
         result = await session.control_call(
             "queue_declare", queue=_shortstr(name, "queue name"), passive=True
@@ -473,7 +448,6 @@ class AmqpTransport:
 
     @_as_deferred
     async def delete_queue(self, name):
-        """Delete the queue, its messages and bindings; its consumers stop. Missing is fine."""
         session = self._live_session()
         await session.control_call("queue_delete", queue=_shortstr(name, "queue name"))
         self._drop_queue(name)
@@ -489,13 +463,11 @@ class AmqpTransport:
 
     @_as_deferred
     async def bind(self, queue, exchange, routing_key):
-        """Route messages matching routing_key on exchange into queue."""
         await self._binding("queue_bind", queue, exchange, routing_key)
         self._bindings[(queue, exchange, routing_key)] = None
 
     @_as_deferred
     async def unbind(self, queue, exchange, routing_key):
-        """Remove a binding; removing a missing binding is fine."""
         await self._binding("queue_unbind", queue, exchange, routing_key)
         self._bindings.pop((queue, exchange, routing_key), None)
 
@@ -519,14 +491,10 @@ class AmqpTransport:
         C{properties.user_id} is set to this connection's user."""
         try:
             session = self._live_session()
-            if not isinstance(body, bytes):
-                if not isinstance(body, (bytearray, memoryview)):
-                    raise TypeError(f"body must be bytes, got {type(body).__name__}")
-                body = bytes(body)
             message = _Publish(
                 _shortstr(exchange, "exchange name"),
                 _shortstr(routing_key, "routing key"),
-                body,
+                body_bytes(body),
                 _amqp_properties(properties or Properties(), self.user),
                 bool(mandatory),
             )
@@ -536,8 +504,7 @@ class AmqpTransport:
 
     @_as_deferred
     async def consume(self, queue, callback, prefetch=None):
-        """Deliver messages of queue to callback(IDelivery), at most prefetch unacked at a time
-        (0: no limit; default: the transport's). Fires with an IConsumer."""
+        """As L{ITransport.consume}; prefetch defaults to the transport's."""
         session = self._live_session()
         if not callable(callback):
             raise TypeError(f"consume needs a callable, got {callback!r}")

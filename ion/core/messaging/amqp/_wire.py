@@ -406,7 +406,6 @@ def _content_frames(channel, klass, properties, body, max_body):
     return b"".join(parts)
 
 
-
 def _shortstr(value, what):
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str, got {type(value).__name__}")
