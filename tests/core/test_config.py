@@ -13,7 +13,7 @@ from ion.core.config import (
     ConfigKeyError,
     SCHEMA,
     parse_define,
-    read_literal_file,
+    read_literal_tree,
 )
 
 
@@ -24,9 +24,13 @@ def write(path, text):
     return path
 
 
+def read_literal_file(path, expect=dict):
+    return read_literal_tree(path, expect)[0]
+
+
 class ReadLiteralFileTests(SynchronousTestCase):
     """
-    L{read_literal_file} reads literals and reports bad files as one line
+    L{read_literal_tree} reads literals and reports bad files as one line
     naming the file and line.
     """
 

@@ -22,7 +22,7 @@ import os
 
 import attrs
 
-from ion.core.config import ConfigError, read_literal_file
+from ion.core.config import ConfigError, read_literal_tree
 
 APP_KEYS = {
     "type": str,
@@ -97,10 +97,9 @@ def _check_keys(path, data, keys, where=""):
 
 def _read(path):
     try:
-        data = read_literal_file(path, expect=dict)
+        return read_literal_tree(path)[0]
     except ConfigError as e:
         raise AppFileError(str(e)) from None
-    return data
 
 
 def read_app(path):
