@@ -28,11 +28,11 @@ from ion.core.process.process import Process
 log = Logger()
 
 
+@attrs.define
 class RunningApp:
-    def __init__(self, spec, module, state):
-        self.spec = spec
-        self.module = module
-        self.state = state
+    spec: object
+    module: object
+    state: object
 
     @property
     def name(self):

@@ -280,10 +280,8 @@ async def _react(reactor, args):
     leave with that status (SystemExit, which react turns into the exit status)."""
     try:
         result = await _run(reactor, args)
-    except UsageError as e:
-        raise _fail(e, USAGE)
-    except (ConfigError, ValueError) as e:
-        # A config file, credentials file or broker URL that cannot be used.
+    except (UsageError, ConfigError, ValueError) as e:
+        # Also a config file, credentials file or broker URL that cannot be used.
         raise _fail(e, USAGE)
     except RemoteError as e:
         raise _fail(e, REMOTE_ERROR)
