@@ -18,6 +18,8 @@ import ast
 import copy
 import os
 
+import attrs
+
 _MISSING = object()
 
 COMMAND_LINE = "command line"
@@ -194,22 +196,15 @@ def _merge_into(target, source):
             target[key] = copy.deepcopy(value)
 
 
-def _split_path(key):
-    parts = key.split(".")
-    if not all(parts):
-        raise ValueError(f"bad key {key!r}: empty part in dotted key")
-    return parts
-
-
+@attrs.frozen
 class Setting:
     """The kind of value a config key takes: C{check(value)} returns what is wrong, or None.
 
     @ivar kind: what the value must be, for an error (C{"a number > 0"}).
     """
 
-    def __init__(self, kind, test):
-        self.kind = kind
-        self._test = test
+    kind: str
+    _test: object
 
     def check(self, value):
         return None if self._test(value) else f"must be {self.kind}, got {value!r}"
@@ -276,14 +271,6 @@ SCHEMA = {
 }
 
 
-def _layer_label(name, path):
-    if name == COMMAND_LINE:
-        return "-D/--define"
-    if path is not None:
-        return path
-    return f"config layer {name!r}"
-
-
 class Config:
     """Named configuration layers, lowest first, merged deeply at lookup time.
 
@@ -297,10 +284,9 @@ class Config:
         self._paths = {}
 
     @classmethod
-    def load(cls, res_dir="res", extra_layers=()):
+    def load(cls, res_dir="res"):
         """Build a config from C{<res_dir>/config/ion.config} (required) and
-        C{<res_dir>/config/ionlocal.config} (if present), then C{extra_layers}, an iterable of
-        C{(name, mapping)}.
+        C{<res_dir>/config/ionlocal.config} (if present).
 
         @raise ConfigError: a file is missing, malformed or of the wrong shape.
         """
@@ -313,8 +299,6 @@ class Config:
             _check_layer(mapping, path, node)
             config._layers.append((name, mapping))
             config._paths[name] = path
-        for name, mapping in extra_layers:
-            config.add_layer(name, mapping)
         return config
 
     @property
@@ -372,7 +356,9 @@ class Config:
     def _origin(self, module, key):
         for name, mapping in reversed(self.layers):
             if key in mapping.get(module, {}):
-                return _layer_label(name, self._paths.get(name))
+                if name == COMMAND_LINE:
+                    return "-D/--define"
+                return self._paths.get(name, f"config layer {name!r}")
         return None
 
     def unknown_modules(self, known=()):
@@ -405,7 +391,9 @@ class Config:
         """
         if not module:
             raise ValueError(f"empty module name; expected {DEFINE_FORM}")
-        parts = _split_path(key)
+        parts = key.split(".")
+        if not all(parts):
+            raise ValueError(f"bad key {key!r}: empty part in dotted key")
         target = self._defines.setdefault(module, {})
         for part in parts[:-1]:
             if not isinstance(target.get(part), dict):

@@ -203,7 +203,8 @@ class ConfigLoadTests(SynchronousTestCase):
             os.path.join(self.config_dir, "ionlocal.config"),
             "{'m': {'b': 'local', 'c': 'local', 'd': 'local'}}",
         )
-        config = Config.load(self.res, extra_layers=[("app", {"m": {"c": "app", "d": "app"}})])
+        config = Config.load(self.res)
+        config.add_layer("app", {"m": {"c": "app", "d": "app"}})
         config.define("m", "d", "cli")
         config.add_layer("rel", {"m": {"d": "rel"}})
         self.assertEqual(config.section("m"), {"a": "ion", "b": "local", "c": "app", "d": "cli"})
