@@ -130,11 +130,11 @@ def url_parts(url):
     return scheme, (parts.hostname or "").lower(), port, user, password, parts.path or "/"
 
 
+@attrs.frozen(repr=False)
 class Credentials:
     """The lines of a credentials file, in file order, looked up by URL."""
 
-    def __init__(self, entries=()):
-        self.entries = tuple(entries)
+    entries: tuple = attrs.field(default=(), converter=tuple)
 
     def __repr__(self):
         return f"<Credentials: {len(self.entries)} entries>"
@@ -147,13 +147,16 @@ class Credentials:
 
     @classmethod
     def load(cls, path):
-        """
-        Read the credentials file at C{path}.
+        """Read the credentials file at C{path}.
 
         @raise CredentialsError: the file is missing or unreadable, not a regular file, open
             to group or others, not UTF-8, or has a malformed line.
         """
-        return cls.parse(_read_private(path), path)
+        try:
+            text = read_private_file(path).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CredentialsError(f"credentials file {path} is not UTF-8 text") from None
+        return cls.parse(text, path)
 
     @classmethod
     def parse(cls, text, path="<credentials>"):
@@ -208,16 +211,6 @@ def find_password(credentials, url):
         return None
     best = _best(credentials, scheme, host, port, user, path)
     return None if best is None else best.password
-
-
-def _read_private(path):
-    """The text of the credentials file at C{path}, after checking that only its owner has
-    access."""
-    data = read_private_file(path)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CredentialsError(f"credentials file {path} is not UTF-8 text") from None
 
 
 def read_private_file(path, what="credentials file"):

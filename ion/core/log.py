@@ -27,13 +27,6 @@ _PAIRS = "a list of (namespace, level) pairs"
 _LEVEL_NAMES = ", ".join(level.name for level in LogLevel.iterconstants())
 
 
-def _parse_level(name):
-    try:
-        return LogLevel.levelWithName(name.lower())
-    except InvalidLogLevelError:
-        return None
-
-
 def read_levels_file(path):
     """The C{(namespace, LogLevel)} pairs of one log levels file, in file order.
 
@@ -54,13 +47,14 @@ def read_levels_file(path):
                 line,
             )
         namespace, name = entry
-        level = _parse_level(name)
-        if level is None:
+        try:
+            level = LogLevel.levelWithName(name.lower())
+        except InvalidLogLevelError:
             raise ConfigError(
                 f"unknown log level {name!r} in {entry!r}; valid levels are {_LEVEL_NAMES}",
                 path,
                 line,
-            )
+            ) from None
         levels.append((namespace, level))
     return levels
 
