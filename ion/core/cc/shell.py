@@ -11,12 +11,8 @@ C{twistd -n cc} opens it when stdin is a terminal (not with C{--no-shell}):
 The container keeps running while you type. A helper starts its operation and returns at once;
 the outcome is printed above the prompt when it arrives, like the container's log lines, without
 disturbing the line being typed. Ctrl-D, Ctrl-C, C{exit()} or C{quit()} leave the shell, which
-stops the container.
-
-Two layers: L{ShellHelpers} (the commands, against a container and a print function, no terminal)
-and the terminal plumbing: L{ShellTerminal} (conch's manhole, printing above the prompt) and
-L{TerminalShell} (raw mode on stdio, log lines diverted, the terminal restored), which
-L{start_shell} runs.
+stops the container. L{ShellHelpers} are the commands (no terminal); L{start_shell} runs them
+on the terminal.
 """
 
 import fcntl
