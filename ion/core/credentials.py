@@ -35,8 +35,6 @@ For example::
     credentials = Credentials.load(os.path.expanduser("~/.config/ion/credentials.conf"))
     credentials.find("sftp://feed.example.org/data/x.bin")       # a Credential, or None
     credentials.password("amqp://ion@rabbit.example.org/")       # "s3cret", or None
-
-L{load_credentials} and L{find_password} are the same for callers that want a list.
 """
 
 import os
@@ -179,9 +177,17 @@ class Credentials:
         return _best(self.entries, scheme, host, port, user, _without_dots(path))
 
     def password(self, url):
-        """The password for the user named in C{url} (a broker URL, say), or C{None} when the
-        URL names no user or no line with a password serves it."""
-        return find_password(self.entries, url)
+        """The password of the line for the scheme, host, port (default ports filled in) and
+        user of C{url} (a broker URL, say); C{None} when the URL names no user, or no line
+        serves it."""
+        try:
+            scheme, host, port, user, _, path = url_parts(url)
+        except ValueError:
+            return None
+        if user is None or scheme not in DEFAULT_PORTS:
+            return None
+        best = _best(self.entries, scheme, host, port, user, path)
+        return None if best is None else best.password
 
 
 def _best(entries, scheme, host, port, user, path):
@@ -191,26 +197,6 @@ def _best(entries, scheme, host, port, user, path):
             if best is None or len(entry.path) > len(best.path):
                 best = entry
     return best
-
-
-def load_credentials(path):
-    """The lines of the credentials file at C{path}: a list of L{Credential}, in file order.
-    Raises L{CredentialsError} as L{Credentials.load} does."""
-    return list(Credentials.load(path))
-
-
-def find_password(credentials, url):
-    """The password of the line (of C{credentials}, any iterable of L{Credential}) for the
-    scheme, host, port (default ports filled in) and user of C{url}; C{None} when the URL names
-    no user, or no line serves it."""
-    try:
-        scheme, host, port, user, _, path = url_parts(url)
-    except ValueError:
-        return None
-    if user is None or scheme not in DEFAULT_PORTS:
-        return None
-    best = _best(credentials, scheme, host, port, user, path)
-    return None if best is None else best.password
 
 
 def read_private_file(path, what="credentials file"):

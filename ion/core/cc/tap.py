@@ -29,9 +29,8 @@ from ion.core.cc.service import CORE_APPS, ContainerService
 from ion.core.config import SCHEMA, Config, ConfigError, parse_define
 from ion.core.credentials import (
     DEFAULT_CREDENTIALS,
+    Credentials,
     CredentialsError,
-    find_password,
-    load_credentials,
 )
 
 log = Logger()
@@ -307,7 +306,7 @@ def broker_url_with_password(url, path=None, default=DEFAULT_CREDENTIALS, certif
         password, where = None, f"{os.path.expanduser(default)} (no such file)"
     else:
         where = path or os.path.expanduser(default)
-        password = find_password(load_credentials(where), url)
+        password = Credentials.load(where).password(url)
     if password is None:
         raise CredentialsError(f"no password for {parts.username}@{parts.hostname} in {where}")
     userinfo, _, host = parts.netloc.rpartition("@")
