@@ -15,6 +15,7 @@ stops the container. L{ShellHelpers} are the commands (no terminal); L{start_she
 on the terminal.
 """
 
+import builtins
 import fcntl
 import itertools
 import os
@@ -62,6 +63,8 @@ HELP = [
     ("container", "the Container itself"),
     ("exit(), Ctrl-D, Ctrl-C", "leave the shell and stop the container"),
 ]
+# The helpers the shell offers, in the order its banner lists them.
+HELPERS = "ps apps containers spawn send rpc kill start_app stop_app msc help".split()
 
 
 class ShellProcess(Process):
@@ -136,9 +139,7 @@ class ShellHelpers:
 
     def namespace(self):
         """The names the shell offers."""
-        names = ["ps", "apps", "containers", "msc", "spawn", "send", "rpc", "kill", "start_app",
-                 "stop_app", "help"]
-        namespace = {name: getattr(self, name) for name in names}
+        namespace = {name: getattr(self, name) for name in HELPERS}
         namespace["container"] = self.container
         return namespace
 
@@ -147,8 +148,7 @@ class ShellHelpers:
         return (
             f"ION shell: container {self.container.id}, system {self.container.sysname}, "
             f"apps: {apps}\n"
-            "Helpers: ps() apps() containers() spawn() send() rpc() kill() start_app() "
-            "stop_app() msc() help(); "
+            f"Helpers: {' '.join(name + '()' for name in HELPERS)}; "
             "Ctrl-D or Ctrl-C leaves (and stops the container).\n"
         )
 
@@ -381,8 +381,6 @@ def completions(namespace, word):
     calling or evaluating anything: attributes are looked up with getattr only."""
     *path, partial = word.split(".")
     if not path:
-        import builtins
-
         candidates = set(namespace) | set(dir(builtins))
         prefix = ""
     else:
