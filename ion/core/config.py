@@ -1,24 +1,24 @@
-"""
-Layered configuration read from Python literal files and the command line.
+"""Layered configuration read from Python literal files and the command line.
 
 A config file is a dict literal keyed by module name::
 
     {'ion.core.process': {'rpc_timeout': 15}}
 
-Layers are kept lowest first (C{ion.config} < C{ionlocal.config} < app and rel
-layers < command line) and merged deeply each time a value is asked for, so a layer
-added later is seen by the next lookup.
+Layers are kept lowest first (C{ion.config} < C{ionlocal.config} < app and rel layers < command
+line) and merged deeply each time a value is asked for, so a layer added later is seen by the next
+lookup.
 
-The keys ION itself reads are in L{SCHEMA}, each with the kind of value it takes:
-L{Config.check} finds a value of the wrong type or out of range once the layers are
-merged (C{twistd cc} calls it before anything starts), and L{Config.add_layer} checks
-the values a layer added later brings, so a typo is one line at start, not a TypeError
-at the first use.
+The keys ION itself reads are in L{SCHEMA}, each with the kind of value it takes: L{Config.check}
+finds a value of the wrong type or out of range once the layers are merged (C{twistd cc} calls it
+before anything starts), and L{Config.add_layer} checks the values a layer added later brings, so a
+typo is one line at start, not a TypeError at the first use.
 """
 
 import ast
 import copy
 import os
+
+import attrs
 
 _MISSING = object()
 
@@ -27,8 +27,7 @@ DEFINE_FORM = "module:key=value"
 
 
 class ConfigError(Exception):
-    """
-    Bad configuration input: the message names the file (and line when known).
+    """Bad configuration input: the message names the file (and line when known).
 
     @ivar problem: what is wrong, without the location.
     @ivar path: the file at fault, or C{None}.
@@ -50,9 +49,7 @@ class ConfigError(Exception):
 
 
 class ConfigKeyError(ConfigError, KeyError):
-    """
-    A config value was asked for that no layer defines.
-    """
+    """A config value was asked for that no layer defines."""
 
 
 def _type_names(expect):
@@ -63,9 +60,7 @@ def _type_names(expect):
 
 
 def _first_non_literal(node):
-    """
-    Find the innermost node that stops C{node} from being a literal.
-    """
+    """Find the innermost node that stops C{node} from being a literal."""
     if isinstance(node, ast.Dict):
         children = []
         for key, value in zip(node.keys, node.values):
@@ -85,11 +80,10 @@ def _first_non_literal(node):
 
 
 def _find_duplicate_key(node):
-    """
-    Find a dict key that appears twice in the same literal dict.
+    """Find a dict key that appears twice in the same literal dict.
 
-    Python keeps the last of two equal keys silently; in a config file that
-    almost always means a section or setting was lost by accident.
+    Python keeps the last of two equal keys silently; in a config file that almost always means a
+    section or setting was lost by accident.
     """
     for child in ast.walk(node):
         if isinstance(child, ast.Dict):
@@ -107,11 +101,11 @@ def _find_duplicate_key(node):
 
 
 def read_literal_tree(path, expect=dict, what=None):
-    """
-    Read a file holding one Python literal, returning C{(value, node)}.
+    """Read a file holding one Python literal (never executing anything; comments allowed),
+    returning C{(value, node)}.
 
-    C{node} is the parsed expression, so callers validating the value further
-    can point at the line of an offending entry (see L{node_line}).
+    C{node} is the parsed expression, so callers validating the value further can point at the line
+    of an offending entry (see L{node_line}).
 
     @param expect: the type (or tuple of types) the top level must have.
     @param what: how to describe the expected top level in an error, e.g.
@@ -155,23 +149,8 @@ def read_literal_tree(path, expect=dict, what=None):
     return value, node
 
 
-def read_literal_file(path, expect=dict, what=None):
-    """
-    Read a file holding one Python literal (never executing anything).
-
-    Comments are allowed. Errors name the file and, where known, the line.
-
-    @param expect: the type (or tuple of types) the top level must have.
-    @param what: how to describe the expected top level in an error.
-    @raise ConfigError: the file is missing, unreadable, not a literal or of
-        the wrong type.
-    """
-    return read_literal_tree(path, expect, what)[0]
-
-
 def node_line(node, where):
-    """
-    The line of an entry inside a literal node read by L{read_literal_tree}.
+    """The line of an entry inside a literal node read by L{read_literal_tree}.
 
     @param where: a dict key (the line of its value is returned) or a list or
         tuple index.
@@ -217,23 +196,15 @@ def _merge_into(target, source):
             target[key] = copy.deepcopy(value)
 
 
-def _split_path(key):
-    parts = key.split(".")
-    if not all(parts):
-        raise ValueError(f"bad key {key!r}: empty part in dotted key")
-    return parts
-
-
+@attrs.frozen
 class Setting:
-    """
-    The kind of value a config key takes: C{check(value)} returns what is wrong, or None.
+    """The kind of value a config key takes: C{check(value)} returns what is wrong, or None.
 
     @ivar kind: what the value must be, for an error (C{"a number > 0"}).
     """
 
-    def __init__(self, kind, test):
-        self.kind = kind
-        self._test = test
+    kind: str
+    _test: object
 
     def check(self, value):
         return None if self._test(value) else f"must be {self.kind}, got {value!r}"
@@ -300,20 +271,11 @@ SCHEMA = {
 }
 
 
-def _layer_label(name, path):
-    if name == COMMAND_LINE:
-        return "-D/--define"
-    if path is not None:
-        return path
-    return f"config layer {name!r}"
-
-
 class Config:
-    """
-    Named configuration layers, lowest first, merged deeply at lookup time.
+    """Named configuration layers, lowest first, merged deeply at lookup time.
 
-    Values set with L{define} live in a C{'command line'} layer that always
-    stays on top, whatever is added after it.
+    Values set with L{define} live in a C{'command line'} layer that always stays on top, whatever
+    is added after it.
     """
 
     def __init__(self):
@@ -322,11 +284,9 @@ class Config:
         self._paths = {}
 
     @classmethod
-    def load(cls, res_dir="res", extra_layers=()):
-        """
-        Build a config from C{<res_dir>/config/ion.config} (required) and
-        C{<res_dir>/config/ionlocal.config} (if present), then C{extra_layers},
-        an iterable of C{(name, mapping)}.
+    def load(cls, res_dir="res"):
+        """Build a config from C{<res_dir>/config/ion.config} (required) and
+        C{<res_dir>/config/ionlocal.config} (if present).
 
         @raise ConfigError: a file is missing, malformed or of the wrong shape.
         """
@@ -339,24 +299,19 @@ class Config:
             _check_layer(mapping, path, node)
             config._layers.append((name, mapping))
             config._paths[name] = path
-        for name, mapping in extra_layers:
-            config.add_layer(name, mapping)
         return config
 
     @property
     def layers(self):
-        """
-        The layers as a list of C{(name, dict)}, lowest first, including the
-        command line layer when something was defined.
-        """
+        """The layers as a list of C{(name, dict)}, lowest first, including the command line layer
+        when something was defined."""
         layers = list(self._layers)
         if self._defines:
             layers.append((COMMAND_LINE, self._defines))
         return layers
 
     def add_layer(self, name, mapping):
-        """
-        Add a layer above all others except the command line layer.
+        """Add a layer above all others except the command line layer.
 
         The mapping is copied: changing it afterwards does not change the config.
 
@@ -372,8 +327,7 @@ class Config:
             raise
 
     def check(self, modules=None):
-        """
-        Check the merged values of the keys in L{SCHEMA} (of C{modules}, default all).
+        """Check the merged values of the keys in L{SCHEMA} (of C{modules}, default all).
 
         @raise ConfigError: one line naming the layer the bad value comes from (its
             file, C{-D/--define} or its layer name), the module, the key and the value.
@@ -391,10 +345,8 @@ class Config:
                     raise ConfigError(f"{module}:{key} {problem}", self._origin(module, key))
 
     def check_with(self, layers):
-        """
-        L{check} the values as they will be once C{layers} (C{(name, mapping)}, the
-        config of the apps about to start) are added, without adding them.
-        """
+        """L{check} the values as they will be once C{layers} (C{(name, mapping)}, the config of the
+        apps about to start) are added, without adding them."""
         probe = copy.copy(self)
         probe._layers = list(self._layers)
         for name, mapping in layers:
@@ -404,25 +356,23 @@ class Config:
     def _origin(self, module, key):
         for name, mapping in reversed(self.layers):
             if key in mapping.get(module, {}):
-                return _layer_label(name, self._paths.get(name))
+                if name == COMMAND_LINE:
+                    return "-D/--define"
+                return self._paths.get(name, f"config layer {name!r}")
         return None
 
     def unknown_modules(self, known=()):
-        """
-        The modules set on the command line (C{-D}) that neither L{SCHEMA}, a config
-        layer, nor C{known} (the modules the apps about to start configure) mention:
-        most likely a typo, as nothing reads them.
-        """
+        """The modules set on the command line (C{-D}) that neither L{SCHEMA}, a config layer, nor
+        C{known} (the modules the apps about to start configure) mention: most likely a typo, as
+        nothing reads them."""
         mentioned = set(SCHEMA) | set(known)
         for _name, mapping in self._layers:
             mentioned.update(mapping)
         return sorted(module for module in self._defines if module not in mentioned)
 
     def unknown_keys(self):
-        """
-        The C{(module, key)} set on the command line (C{-D}) for a module of L{SCHEMA}
-        that has no such key: a misspelt key would otherwise be ignored silently.
-        """
+        """The C{(module, key)} set on the command line (C{-D}) for a module of L{SCHEMA} that has
+        no such key: a misspelt key would otherwise be ignored silently."""
         return sorted(
             (module, key)
             for module, section in self._defines.items()
@@ -432,17 +382,18 @@ class Config:
         )
 
     def define(self, module, key, value):
-        """
-        Set C{key} of C{module} in the command line layer.
+        """Set C{key} of C{module} in the command line layer.
 
-        A dotted key (C{'transfer.workers'}) sets a value inside nested dicts,
-        creating them as needed.
+        A dotted key (C{'transfer.workers'}) sets a value inside nested dicts, creating them as
+        needed.
 
         @raise ValueError: empty module or key, or an empty part in a dotted key.
         """
         if not module:
             raise ValueError(f"empty module name; expected {DEFINE_FORM}")
-        parts = _split_path(key)
+        parts = key.split(".")
+        if not all(parts):
+            raise ValueError(f"bad key {key!r}: empty part in dotted key")
         target = self._defines.setdefault(module, {})
         for part in parts[:-1]:
             if not isinstance(target.get(part), dict):
@@ -451,9 +402,7 @@ class Config:
         target[parts[-1]] = value
 
     def section(self, module):
-        """
-        A fresh dict of C{module}'s settings, merged deeply across all layers.
-        """
+        """A fresh dict of C{module}'s settings, merged deeply across all layers."""
         merged = {}
         for _name, mapping in self.layers:
             if module in mapping:
@@ -461,11 +410,10 @@ class Config:
         return merged
 
     def get(self, module, key, default=_MISSING):
-        """
-        The current value of C{key} in C{module}'s section.
+        """The current value of C{key} in C{module}'s section.
 
-        A key not found as is but containing dots is looked up as a path into
-        nested dicts (C{'transfer.workers'}).
+        A key not found as is but containing dots is looked up as a path into nested dicts
+        (C{'transfer.workers'}).
 
         @raise ConfigKeyError: no layer defines it and no default was given.
         """
@@ -494,11 +442,10 @@ class Config:
 
 
 def parse_define(text):
-    """
-    Parse a command line override C{module:key=value}.
+    """Parse a command line override C{module:key=value}.
 
-    The value is read as a Python literal when it is one (C{5}, C{True},
-    C{[1, 2]}) and kept as a string otherwise (C{amqp://host}).
+    The value is read as a Python literal when it is one (C{5}, C{True}, C{[1, 2]}) and kept as a
+    string otherwise (C{amqp://host}).
 
     @return: C{(module, key, value)}
     @raise ValueError: C{text} is not of the form C{module:key=value}.

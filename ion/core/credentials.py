@@ -35,8 +35,6 @@ For example::
     credentials = Credentials.load(os.path.expanduser("~/.config/ion/credentials.conf"))
     credentials.find("sftp://feed.example.org/data/x.bin")       # a Credential, or None
     credentials.password("amqp://ion@rabbit.example.org/")       # "s3cret", or None
-
-L{load_credentials} and L{find_password} are the same for callers that want a list.
 """
 
 import os
@@ -130,11 +128,11 @@ def url_parts(url):
     return scheme, (parts.hostname or "").lower(), port, user, password, parts.path or "/"
 
 
+@attrs.frozen(repr=False)
 class Credentials:
     """The lines of a credentials file, in file order, looked up by URL."""
 
-    def __init__(self, entries=()):
-        self.entries = tuple(entries)
+    entries: tuple = attrs.field(default=(), converter=tuple)
 
     def __repr__(self):
         return f"<Credentials: {len(self.entries)} entries>"
@@ -147,13 +145,16 @@ class Credentials:
 
     @classmethod
     def load(cls, path):
-        """
-        Read the credentials file at C{path}.
+        """Read the credentials file at C{path}.
 
         @raise CredentialsError: the file is missing or unreadable, not a regular file, open
             to group or others, not UTF-8, or has a malformed line.
         """
-        return cls.parse(_read_private(path), path)
+        try:
+            text = read_private_file(path).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CredentialsError(f"credentials file {path} is not UTF-8 text") from None
+        return cls.parse(text, path)
 
     @classmethod
     def parse(cls, text, path="<credentials>"):
@@ -176,9 +177,17 @@ class Credentials:
         return _best(self.entries, scheme, host, port, user, _without_dots(path))
 
     def password(self, url):
-        """The password for the user named in C{url} (a broker URL, say), or C{None} when the
-        URL names no user or no line with a password serves it."""
-        return find_password(self.entries, url)
+        """The password of the line for the scheme, host, port (default ports filled in) and
+        user of C{url} (a broker URL, say); C{None} when the URL names no user, or no line
+        serves it."""
+        try:
+            scheme, host, port, user, _, path = url_parts(url)
+        except ValueError:
+            return None
+        if user is None or scheme not in DEFAULT_PORTS:
+            return None
+        best = _best(self.entries, scheme, host, port, user, path)
+        return None if best is None else best.password
 
 
 def _best(entries, scheme, host, port, user, path):
@@ -188,36 +197,6 @@ def _best(entries, scheme, host, port, user, path):
             if best is None or len(entry.path) > len(best.path):
                 best = entry
     return best
-
-
-def load_credentials(path):
-    """The lines of the credentials file at C{path}: a list of L{Credential}, in file order.
-    Raises L{CredentialsError} as L{Credentials.load} does."""
-    return list(Credentials.load(path))
-
-
-def find_password(credentials, url):
-    """The password of the line (of C{credentials}, any iterable of L{Credential}) for the
-    scheme, host, port (default ports filled in) and user of C{url}; C{None} when the URL names
-    no user, or no line serves it."""
-    try:
-        scheme, host, port, user, _, path = url_parts(url)
-    except ValueError:
-        return None
-    if user is None or scheme not in DEFAULT_PORTS:
-        return None
-    best = _best(credentials, scheme, host, port, user, path)
-    return None if best is None else best.password
-
-
-def _read_private(path):
-    """The text of the credentials file at C{path}, after checking that only its owner has
-    access."""
-    data = read_private_file(path)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CredentialsError(f"credentials file {path} is not UTF-8 text") from None
 
 
 def read_private_file(path, what="credentials file"):

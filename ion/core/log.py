@@ -1,10 +1,8 @@
-"""
-Per-namespace log levels and password redaction on top of L{twisted.logger}.
+"""Per-namespace log levels and password redaction on top of L{twisted.logger}.
 
-Levels come from C{res/config/loglevels.cfg} (and an optional
-C{loglevelslocal.cfg}): a literal list of C{(namespace, level)} pairs where a
-namespace covers the dotted names below it. Every line written through
-L{make_observer} has the passwords of URLs replaced by C{***}.
+Levels come from C{res/config/loglevels.cfg} (and an optional C{loglevelslocal.cfg}): a literal
+list of C{(namespace, level)} pairs where a namespace covers the dotted names below it. Every
+line written through L{make_observer} has the passwords of URLs replaced by C{***}.
 """
 
 import os
@@ -29,18 +27,9 @@ _PAIRS = "a list of (namespace, level) pairs"
 _LEVEL_NAMES = ", ".join(level.name for level in LogLevel.iterconstants())
 
 
-def _parse_level(name):
-    try:
-        return LogLevel.levelWithName(name.lower())
-    except InvalidLogLevelError:
-        return None
-
-
 def read_levels_file(path):
-    """
-    Read one log levels file.
+    """The C{(namespace, LogLevel)} pairs of one log levels file, in file order.
 
-    @return: a list of C{(namespace, LogLevel)} in file order.
     @raise ConfigError: the file is missing or malformed, or names an unknown level.
     """
     entries, node = read_literal_tree(path, (list, tuple), _PAIRS)
@@ -58,23 +47,22 @@ def read_levels_file(path):
                 line,
             )
         namespace, name = entry
-        level = _parse_level(name)
-        if level is None:
+        try:
+            level = LogLevel.levelWithName(name.lower())
+        except InvalidLogLevelError:
             raise ConfigError(
                 f"unknown log level {name!r} in {entry!r}; valid levels are {_LEVEL_NAMES}",
                 path,
                 line,
-            )
+            ) from None
         levels.append((namespace, level))
     return levels
 
 
 def load_levels(res_dir="res"):
-    """
-    Read C{<res_dir>/config/loglevels.cfg} (required) and then
-    C{loglevelslocal.cfg} (if present).
+    """The C{(namespace, LogLevel)} pairs of C{<res_dir>/config/loglevels.cfg} (required),
+    then C{loglevelslocal.cfg} (if present); later entries win.
 
-    @return: a list of C{(namespace, LogLevel)}; later entries win.
     @raise ConfigError: a file is missing or malformed, or names an unknown level.
     """
     required, local = (os.path.join(res_dir, "config", name) for name in LEVELS_FILES)
@@ -85,8 +73,7 @@ def load_levels(res_dir="res"):
 
 
 def level_predicate(levels, default=LogLevel.info):
-    """
-    A filter predicate passing events at or above their namespace's level.
+    """A filter predicate passing events at or above their namespace's level.
 
     @param levels: C{(namespace, LogLevel)} pairs; later pairs win. A namespace
         covers the dotted names below it unless they have their own pair.
@@ -109,23 +96,20 @@ _NOT_IN_USER = frozenset("/?#") | frozenset(" \t")
 
 
 def redact(text):
-    """
-    Replace the password of every URL with credentials in C{text} by C{***}.
+    """Replace the password of every URL with credentials in C{text} by C{***}.
 
-    C{amqp://user:secret@host/vh} becomes C{amqp://user:***@host/vh}; URLs
-    without a password are left alone.
+    C{amqp://user:secret@host/vh} becomes C{amqp://user:***@host/vh}; URLs without a password
+    are left alone.
 
-    The text is free (a message, a repr, a traceback), so where a URL ends is a
-    guess, and the guess is made so that no part of a password shows: a
-    password may hold any character but a line break (a quote, a space, C{@},
-    C{/}, C{?}, C{#}, brackets, as written unescaped by someone), so it is
-    taken to run from the C{:} after the user name to the I{last} C{@} before
-    the end of the line or the start of the next URL. A URL without a password
-    but with a port, followed later on its line by an C{@} (C{http://h:80/a@b}),
-    is therefore shown as C{http://h:***@b}: hidden too much rather than too
-    little.
+    The text is free (a message, a repr, a traceback), so where a URL ends is a guess, and the
+    guess is made so that no part of a password shows: a password may hold any character but a
+    line break (a quote, a space, C{@}, C{/}, C{?}, C{#}, brackets, as written unescaped by
+    someone), so it is taken to run from the C{:} after the user name to the I{last} C{@}
+    before the end of the line or the start of the next URL. A URL without a password but with
+    a port, followed later on its line by an C{@} (C{http://h:80/a@b}), is therefore shown as
+    C{http://h:***@b}: hidden too much rather than too little.
     """
-    starts = [m for m in _SCHEME.finditer(text)]
+    starts = list(_SCHEME.finditer(text))
     if not starts:
         return text
     out = []
@@ -156,45 +140,12 @@ def redact(text):
     return "".join(out)
 
 
-_KEPT_FIELDS = ("log_time", "log_level", "log_namespace")
-
-
-@implementer(ILogObserver)
-class RedactingObserver:
-    """
-    Pass events on with every password in their text redacted.
-
-    The wrapped observer receives a copy of each event whose C{log_format} is
-    the redacted, fully formatted message (traceback included) and which keeps
-    only time, level, namespace and system: the raw fields and the failure,
-    which may hold secrets, are dropped.
-    """
-
-    def __init__(self, observer):
-        self._observer = observer
-
-    def __call__(self, event):
-        text = redact(eventAsText(event, includeTimestamp=False, includeSystem=False))
-        safe = {key: event[key] for key in _KEPT_FIELDS if key in event}
-        safe["log_format"] = text.replace("{", "{{").replace("}", "}}")
-        if event.get("log_system") is not None:
-            try:
-                safe["log_system"] = redact(str(event["log_system"]))
-            except Exception:  # noqa: BLE001 -- a log line must never raise
-                safe["log_system"] = "UNFORMATTABLE"
-        self._observer(safe)
-
-
 @implementer(ILogObserver)
 class RedactedTextFileObserver:
-    """
-    Write each event to C{file} as one classic text line, C{<time> [<system>] <text>}
-    (continuation lines indented by a tab), with every password redacted.
-
-    The same lines as L{RedactingObserver} wrapped around a L{textFileLogObserver}, at half
-    the cost: the event is formatted once, and the timestamp text (whole seconds) is reused
-    for the events of the same second.
-    """
+    """Write each event to C{file} as one classic text line, C{<time> [<system>] <text>}
+    (continuation lines indented by a tab), with every password redacted. The lines of a
+    L{textFileLogObserver}, at half the cost: the event is formatted once, and the timestamp
+    text (whole seconds) is reused for the events of the same second."""
 
     def __init__(self, file):
         self._file = file
@@ -235,13 +186,10 @@ class RedactedTextFileObserver:
 
 
 def make_observer(file, levels, default=LogLevel.info):
-    """
-    An observer writing redacted text lines to C{file}, filtered by C{levels}.
+    """An observer writing redacted text lines to C{file}, filtered by C{levels}.
 
     @param file: a text file, as for L{textFileLogObserver}.
     @param levels: C{(namespace, LogLevel)} pairs, e.g. from L{load_levels}.
     @param default: the level for namespaces no pair covers.
     """
-    return FilteringLogObserver(
-        RedactedTextFileObserver(file), [level_predicate(levels, default)]
-    )
+    return FilteringLogObserver(RedactedTextFileObserver(file), [level_predicate(levels, default)])

@@ -13,7 +13,7 @@ from ion.core.config import (
     ConfigKeyError,
     SCHEMA,
     parse_define,
-    read_literal_file,
+    read_literal_tree,
 )
 
 
@@ -24,9 +24,13 @@ def write(path, text):
     return path
 
 
+def read_literal_file(path, expect=dict):
+    return read_literal_tree(path, expect)[0]
+
+
 class ReadLiteralFileTests(SynchronousTestCase):
     """
-    L{read_literal_file} reads literals and reports bad files as one line
+    L{read_literal_tree} reads literals and reports bad files as one line
     naming the file and line.
     """
 
@@ -199,7 +203,8 @@ class ConfigLoadTests(SynchronousTestCase):
             os.path.join(self.config_dir, "ionlocal.config"),
             "{'m': {'b': 'local', 'c': 'local', 'd': 'local'}}",
         )
-        config = Config.load(self.res, extra_layers=[("app", {"m": {"c": "app", "d": "app"}})])
+        config = Config.load(self.res)
+        config.add_layer("app", {"m": {"c": "app", "d": "app"}})
         config.define("m", "d", "cli")
         config.add_layer("rel", {"m": {"d": "rel"}})
         self.assertEqual(config.section("m"), {"a": "ion", "b": "local", "c": "app", "d": "cli"})

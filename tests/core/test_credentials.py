@@ -11,8 +11,6 @@ from ion.core.credentials import (
     Credential,
     Credentials,
     CredentialsError,
-    find_password,
-    load_credentials,
 )
 
 SECRET = "s3cr3t-Pa55"
@@ -73,16 +71,16 @@ class CredentialsFileTests(FileWriting, unittest.SynchronousTestCase):
     def test_lookup_table(self):
         """A URL's user gets the password of the first line with the same scheme, host, port
         (default ports filled in; host case does not matter) and user."""
-        credentials = load_credentials(self.write(LINES))
+        credentials = Credentials.load(self.write(LINES))
         for url, expected in LOOKUPS:
-            self.assertEqual(find_password(credentials, url), expected, url)
+            self.assertEqual(credentials.password(url), expected, url)
 
     def test_group_or_world_readable_refused(self):
         """A file that group or others may read (or write) is refused, whatever it holds; the
         error names the file and the fix."""
         for mode in (0o644, 0o640, 0o604, 0o660, 0o602):
             path = self.write(LINES, mode)
-            e = self.assertRaises(CredentialsError, load_credentials, path)
+            e = self.assertRaises(CredentialsError, Credentials.load, path)
             self.assertIn(path, str(e))
             self.assertIn(f"{mode:04o}", str(e))
             self.assertIn("chmod 600", str(e))
@@ -90,7 +88,7 @@ class CredentialsFileTests(FileWriting, unittest.SynchronousTestCase):
 
     def test_owner_only_modes_accepted(self):
         for mode in (0o600, 0o400):
-            self.assertEqual(len(load_credentials(self.write(LINES, mode))), 7)
+            self.assertEqual(len(Credentials.load(self.write(LINES, mode))), 7)
 
     def test_bad_lines(self):
         """A malformed line, or a broker line that is not amqp[s]://user:password@host[:port]/,
@@ -116,37 +114,38 @@ class CredentialsFileTests(FileWriting, unittest.SynchronousTestCase):
         ]
         for line in bad:
             path = self.write(f"# first\n\n{line}\n")
-            e = self.assertRaises(CredentialsError, load_credentials, path)
+            e = self.assertRaises(CredentialsError, Credentials.load, path)
             self.assertIn("line 3", str(e))
             self.assertNotIn(SECRET, str(e))
             self.assertNotIn(line, str(e))
 
     def test_password_never_in_error_text(self):
         """No error from reading the file repeats a password or the repr of a credential."""
-        credentials = load_credentials(self.write(LINES))
+        credentials = Credentials.load(self.write(LINES))
         self.assertNotIn(SECRET, repr(credentials))
         errors = [
-            self.assertRaises(CredentialsError, load_credentials, self.write(LINES, 0o644)),
-            self.assertRaises(CredentialsError, load_credentials, self.write(f"{SECRET}\n")),
-            self.assertRaises(CredentialsError, load_credentials, self.mktemp()),
-            self.assertRaises(CredentialsError, load_credentials, self.write(f"amqp://a:{SECRET}@h/x")),
+            self.assertRaises(CredentialsError, Credentials.load, self.write(LINES, 0o644)),
+            self.assertRaises(CredentialsError, Credentials.load, self.write(f"{SECRET}\n")),
+            self.assertRaises(CredentialsError, Credentials.load, self.mktemp()),
+            self.assertRaises(CredentialsError, Credentials.load, self.write(f"amqp://a:{SECRET}@h/x")),
         ]
         for e in errors:
             self.assertNotIn(SECRET, str(e))
 
     def test_missing_and_unusable_files(self):
         path = self.mktemp()
-        self.assertIn(path, str(self.assertRaises(CredentialsError, load_credentials, path)))
+        self.assertIn(path, str(self.assertRaises(CredentialsError, Credentials.load, path)))
         os.mkdir(path, 0o700)
-        self.assertIn("regular file", str(self.assertRaises(CredentialsError, load_credentials, path)))
+        self.assertIn("regular file", str(self.assertRaises(CredentialsError, Credentials.load, path)))
         binary = self.mktemp()
         with open(binary, "wb") as f:
             f.write(b"amqp://a:\xff@h/\n")
         os.chmod(binary, 0o600)
-        self.assertIn("UTF-8", str(self.assertRaises(CredentialsError, load_credentials, binary)))
+        self.assertIn("UTF-8", str(self.assertRaises(CredentialsError, Credentials.load, binary)))
 
     def test_comments_and_blank_lines_only(self):
-        self.assertEqual(load_credentials(self.write("# nothing yet\n\n   \n\t# indented\n")), [])
+        path = self.write("# nothing yet\n\n   \n\t# indented\n")
+        self.assertEqual(Credentials.load(path).entries, ())
 
 
 # Broker accounts and the pump's logins, side by side in one file.
@@ -168,15 +167,15 @@ class OneFileForEverySchemeTests(FileWriting, unittest.SynchronousTestCase):
 
     def test_broker_and_pump_lookups(self):
         """A file with an amqp line and sftp, ftp and https lines serves the broker lookup
-        (load_credentials/find_password, Credentials.password) and the pump's
+        (Credentials.password) and the pump's
         (Credentials.find)."""
         path = self.write(MIXED)
-        lines = load_credentials(path)
+        lines = Credentials.load(path)
         self.assertEqual([c.scheme for c in lines], ["amqp"] + ["sftp"] * 4 + ["ftp", "https"])
         for url in ("amqp://ion@rabbit.example/", "amqp://ion@RABBIT.example:5672/vhost"):
-            self.assertEqual(find_password(lines, url), SECRET)
-        self.assertIsNone(find_password(lines, "amqps://ion@rabbit.example/"))
-        self.assertIsNone(find_password(lines, "amqp://bob@rabbit.example/"))
+            self.assertEqual(lines.password(url), SECRET)
+        self.assertIsNone(lines.password("amqps://ion@rabbit.example/"))
+        self.assertIsNone(lines.password("amqp://bob@rabbit.example/"))
         creds = Credentials.load(path)
         self.assertEqual(creds.password("amqp://ion@rabbit.example/"), SECRET)
         self.assertEqual(creds.password("sftp://ion@rabbit.example/x"), "sftp-pw")
@@ -190,7 +189,7 @@ class OneFileForEverySchemeTests(FileWriting, unittest.SynchronousTestCase):
         self.assertEqual(creds.find("https://data.example.org/private/a").user, "alice")
         self.assertIsNone(creds.find("https://data.example.org/public/a"))
         self.assertIsNone(creds.find("http://data.example.org/private/a"))
-        self.assertEqual(creds.find("amqp://rabbit.example/"), lines[0])
+        self.assertEqual(creds.find("amqp://rabbit.example/"), lines.entries[0])
 
     def test_default_ports(self):
         """Each scheme's default port is filled in, on the line and in the URL looked up."""
@@ -249,4 +248,4 @@ class OneFileForEverySchemeTests(FileWriting, unittest.SynchronousTestCase):
         creds = Credentials.load(self.write(MIXED))
         self.assertNotIn(SECRET, repr(creds))
         self.assertNotIn(SECRET, repr(creds.entries))
-        self.assertNotIn(SECRET, repr(load_credentials(self.write(MIXED))))
+        self.assertNotIn(SECRET, repr(list(Credentials.load(self.write(MIXED)))))

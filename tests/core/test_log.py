@@ -12,7 +12,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from ion.core.config import ConfigError
 from ion.core.log import (
     RedactedTextFileObserver,
-    RedactingObserver,
     level_predicate,
     load_levels,
     make_observer,
@@ -251,7 +250,7 @@ def assertHidden(testcase, password, shown):
 
 class ObserverTests(SynchronousTestCase):
     """
-    L{RedactingObserver} and L{make_observer} never write a password.
+    L{make_observer} never writes a password.
     """
 
     def setUp(self):
@@ -346,34 +345,6 @@ class ObserverTests(SynchronousTestCase):
         text = self.output.getvalue()
         self.assertNotIn("hidden", text)
         self.assertIn("shown", text)
-
-    def test_wrappedObserverGetsNoRawFields(self):
-        """
-        The wrapped observer sees only redacted text and metadata, no raw fields
-        or failure.
-        """
-        seen = []
-        observer = RedactingObserver(seen.append)
-        failure = Failure(ValueError("amqp://u:pw@h"))
-        observer(
-            {
-                "log_format": "{url}",
-                "url": "amqp://u:pw@h",
-                "log_failure": failure,
-                "log_level": LogLevel.error,
-                "log_namespace": "ion",
-                "log_system": "conn amqp://u:pw@h",
-                "log_time": 1.0,
-            }
-        )
-        [safe] = seen
-        self.assertNotIn("url", safe)
-        self.assertNotIn("log_failure", safe)
-        self.assertNotIn("pw", repr(safe))
-        self.assertEqual(safe["log_level"], LogLevel.error)
-        self.assertEqual(safe["log_namespace"], "ion")
-        self.assertEqual(safe["log_system"], "conn amqp://u:***@h")
-        self.assertTrue(safe["log_format"].startswith("amqp://u:***@h\n"))
 
     def test_linesAsTwistedWritesThem(self):
         """

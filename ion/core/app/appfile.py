@@ -22,7 +22,7 @@ import os
 
 import attrs
 
-from ion.core.config import ConfigError, read_literal_file
+from ion.core.config import ConfigError, read_literal_tree
 
 APP_KEYS = {
     "type": str,
@@ -34,7 +34,6 @@ APP_KEYS = {
     "registered": list,
     "config": dict,
 }
-APP_REQUIRED = ("type", "name", "mod")
 REL_KEYS = {"type": str, "name": str, "description": str, "version": str, "apps": list}
 REL_APP_KEYS = {"name": str, "version": str, "config": dict, "args": dict, "mult": int}
 
@@ -78,7 +77,7 @@ def _type_name(t):
     return {str: "a string", list: "a list", tuple: "a tuple", dict: "a dict", int: "an int"}[t]
 
 
-def _check_keys(path, data, keys, where=""):
+def _check_keys(path, data, keys, required=(), where=""):
     unknown = sorted(set(data) - set(keys), key=str)
     if unknown:
         raise AppFileError(
@@ -93,23 +92,22 @@ def _check_keys(path, data, keys, where=""):
                     f"{path}: key {key!r}{where} must be {_type_name(expected)}, "
                     f"got {type(value).__name__}"
                 )
+    for key in required:
+        if key not in data:
+            raise AppFileError(f"{path}: missing key {key!r}{where}")
 
 
 def _read(path):
     try:
-        data = read_literal_file(path, expect=dict)
+        return read_literal_tree(path)[0]
     except ConfigError as e:
         raise AppFileError(str(e)) from None
-    return data
 
 
 def read_app(path):
     """Parse and check an .app file; returns an AppSpec."""
     data = _read(path)
-    _check_keys(path, data, APP_KEYS)
-    for key in APP_REQUIRED:
-        if key not in data:
-            raise AppFileError(f"{path}: missing key {key!r}")
+    _check_keys(path, data, APP_KEYS, ("type", "name", "mod"))
     if data["type"] != "application":
         raise AppFileError(f"{path}: key 'type' must be 'application', got {data['type']!r}")
     mod = tuple(data["mod"])
@@ -150,10 +148,7 @@ def _check_config(path, config, where):
 def read_rel(path):
     """Parse and check a .rel file; returns a RelSpec."""
     data = _read(path)
-    _check_keys(path, data, REL_KEYS)
-    for key in ("type", "name", "apps"):
-        if key not in data:
-            raise AppFileError(f"{path}: missing key {key!r}")
+    _check_keys(path, data, REL_KEYS, ("type", "name", "apps"))
     if data["type"] != "release":
         raise AppFileError(f"{path}: key 'type' must be 'release', got {data['type']!r}")
     entries = []
@@ -163,9 +158,7 @@ def read_rel(path):
             entry = {"name": entry}
         if not isinstance(entry, dict):
             raise AppFileError(f"{path}: apps[{i}] must be a dict or an app name")
-        _check_keys(path, entry, REL_APP_KEYS, where)
-        if "name" not in entry:
-            raise AppFileError(f"{path}: missing key 'name'{where}")
+        _check_keys(path, entry, REL_APP_KEYS, ("name",), where)
         if entry.get("mult", 1) < 1:
             raise AppFileError(f"{path}: key 'mult'{where} must be 1 or more")
         _check_config(path, entry.get("config", {}), f"apps[{i}].config")

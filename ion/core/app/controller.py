@@ -28,11 +28,11 @@ from ion.core.process.process import Process
 log = Logger()
 
 
+@attrs.define
 class RunningApp:
-    def __init__(self, spec, module, state):
-        self.spec = spec
-        self.module = module
-        self.state = state
+    spec: object
+    module: object
+    state: object
 
     @property
     def name(self):
@@ -157,12 +157,11 @@ class AppController:
     async def stop(self, name):
         app = self.running.pop(name)
         stop = getattr(app.module, "stop", None)
+        result = None
         if stop is not None:
             result = stop(self.container, app.state)
-        elif app.state is not None and hasattr(app.state, "terminate"):
-            result = None if app.state.lifecycle.final else app.state.terminate()
-        else:
-            result = None
+        elif hasattr(app.state, "terminate") and not app.state.lifecycle.final:
+            result = app.state.terminate()
         if inspect.isawaitable(result):
             await result
         log.info("stopped app {name}", name=name)

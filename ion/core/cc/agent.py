@@ -75,14 +75,15 @@ class ContainerAgent(ServiceProcess):
 
     def _tick(self):
         now = self.container.clock.seconds()
-        limit = self._interval() * self.config("missed_heartbeats", 3, module=CONFIG)
+        missed = self.config("missed_heartbeats", 3, module=CONFIG)
+        limit = self._interval() * missed
         for cid, peer in list(self.peers.items()):
             if cid != self.container.id and now - peer["seen"] > limit:
                 del self.peers[cid]
                 self.log.warn(
                     "container {cid} missed {n} heartbeats: dropped from the peer table",
                     cid=cid,
-                    n=self.config("missed_heartbeats", 3, module=CONFIG),
+                    n=missed,
                 )
         d = defer.Deferred.fromCoroutine(self._broadcast("heartbeat"))
         d.addErrback(lambda f: self.log.info("heartbeat not sent: {e}", e=f.value))

@@ -11,14 +11,11 @@ Usage::
                               the rabbitmqctl commands giving a user a pump role (see
                               ion.core.cc.roles); --apply runs them on the local broker
 
-A broker URL with a user and no password (C{amqp://alice@rabbit.example/}) gets its password
-from the credentials file, as for C{twistd cc}: C{--credentials PATH}, by default
-~/.config/ion/credentials.conf when it exists. So no password needs to be on the command line,
-where C{ps} shows it to every user of the machine. For amqps://, C{--broker-ca FILE} names the
-CA certificates to trust, and C{--broker-cert FILE --broker-key FILE} a client certificate,
-which logs in with EXTERNAL (no password at all), as for C{twistd cc}. A user with no password
-there (other than C{guest}) is an error, as is no broker at all: the embedded memory:// broker
-of a container lives in that container's process, out of reach.
+The broker options are those of C{twistd cc}. A broker URL with a user and no password gets
+it from the credentials file (C{--credentials}), so no password is on the command line, where
+C{ps} shows it to every user of the machine; a user without one there is an error (but
+C{guest}, and a C{--broker-cert} login), as is a memory:// broker: it lives in its container's
+process, out of reach.
 
 C{containers} and C{ps} print aligned tables, the other commands JSON; C{--json} prints any
 result as JSON (one line, for scripts). Exit status: 0 ok, 1 the remote side answered with an
@@ -280,10 +277,8 @@ async def _react(reactor, args):
     leave with that status (SystemExit, which react turns into the exit status)."""
     try:
         result = await _run(reactor, args)
-    except UsageError as e:
-        raise _fail(e, USAGE)
-    except (ConfigError, ValueError) as e:
-        # A config file, credentials file or broker URL that cannot be used.
+    except (UsageError, ConfigError, ValueError) as e:
+        # Also a config file, credentials file or broker URL that cannot be used.
         raise _fail(e, USAGE)
     except RemoteError as e:
         raise _fail(e, REMOTE_ERROR)

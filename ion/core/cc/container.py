@@ -149,12 +149,11 @@ class Container:
         await self.transport.close()
         log.info("container {id} stopped", id=self.id)
 
-    async def spawn(self, spec, name=None, args=None, parent=None, register=False):
-        """Create, initialize and activate a process; returns it once it can receive.
-        C{register=True} reserves C{name} in the registry (unique in this container)."""
+    async def spawn(self, spec, name=None, args=None, parent=None):
+        """Create, initialize and activate a process; returns it once it can receive."""
         cls = resolve(spec)
         proc = cls(self, self.registry.next_pid(), name=name, args=args, parent=parent)
-        self.registry.add(proc, registered=name if register else None)
+        self.registry.add(proc)
         try:
             await proc.initialize()
             await proc.activate()

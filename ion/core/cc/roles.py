@@ -129,10 +129,8 @@ def steps(user, role, vhost="/", public=PUBLIC_EXCHANGE, add=True, password=True
     return result
 
 
-def command_line(rabbitmqctl, node, step):
-    """The shell command of one step, quoted to paste into a shell."""
-    argv = [rabbitmqctl] + (["-n", node] if node else []) + list(step.args)
-    return " ".join(shlex.quote(a) for a in argv)
+def _argv(rabbitmqctl, node, step):
+    return [rabbitmqctl] + (["-n", node] if node else []) + list(step.args)
 
 
 # Exit statuses of `ion broker-setup` (as the other `ion` commands: 2 is a usage error).
@@ -165,7 +163,7 @@ def broker_setup(args, stdin, stdout, stderr, getpass=None):
         if any(step.password for step in todo):
             stdout.write("# (add_user asks for the password; or use --apply)\n")
         for step in todo:
-            stdout.write(command_line(ctl, args.node, step) + "\n")
+            stdout.write(shlex.join(_argv(ctl, args.node, step)) + "\n")
         return OK
     ctl = args.rabbitmqctl or shutil.which("rabbitmqctl")
     if ctl is None or not (os.path.isfile(ctl) and os.access(ctl, os.X_OK)):
@@ -213,10 +211,9 @@ def _read_password(user, stdin, getpass=None):
 
 def _run(ctl, node, step, secret):
     """Run one step; None when it succeeded, else why not (rabbitmqctl's own words)."""
-    argv = [ctl] + (["-n", node] if node else []) + list(step.args)
     try:
         done = subprocess.run(
-            argv,
+            _argv(ctl, node, step),
             input=f"{secret}\n" if step.password else "",
             capture_output=True,
             text=True,

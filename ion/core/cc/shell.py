@@ -11,14 +11,11 @@ C{twistd -n cc} opens it when stdin is a terminal (not with C{--no-shell}):
 The container keeps running while you type. A helper starts its operation and returns at once;
 the outcome is printed above the prompt when it arrives, like the container's log lines, without
 disturbing the line being typed. Ctrl-D, Ctrl-C, C{exit()} or C{quit()} leave the shell, which
-stops the container.
-
-Two layers: L{ShellHelpers} (the commands, against a container and a print function, no terminal)
-and the terminal plumbing: L{ShellTerminal} (conch's manhole, printing above the prompt) and
-L{TerminalShell} (raw mode on stdio, log lines diverted, the terminal restored), which
-L{start_shell} runs.
+stops the container. L{ShellHelpers} are the commands (no terminal); L{start_shell} runs them
+on the terminal.
 """
 
+import builtins
 import fcntl
 import itertools
 import os
@@ -34,6 +31,7 @@ from twisted.internet import defer, fdesc, stdio
 from twisted.logger import Logger
 from twisted.python import threadable
 
+from ion.core.cc.cli import format_table
 from ion.core.process import NoSuchReceiver, Process
 
 log = Logger()
@@ -65,6 +63,8 @@ HELP = [
     ("container", "the Container itself"),
     ("exit(), Ctrl-D, Ctrl-C", "leave the shell and stop the container"),
 ]
+# The helpers the shell offers, in the order its banner lists them.
+HELPERS = "ps apps containers spawn send rpc kill start_app stop_app msc help".split()
 
 
 class ShellProcess(Process):
@@ -123,14 +123,6 @@ def format_value(value):
     return pprint.pformat(value, width=100, sort_dicts=False)
 
 
-def format_table(header, rows):
-    """Left-aligned columns, as wide as their widest cell."""
-    rows = [tuple("" if cell is None else str(cell) for cell in row) for row in [header, *rows]]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
-
-
 class ShellHelpers:
     """The shell's commands, working against one container.
 
@@ -147,9 +139,7 @@ class ShellHelpers:
 
     def namespace(self):
         """The names the shell offers."""
-        names = ["ps", "apps", "containers", "msc", "spawn", "send", "rpc", "kill", "start_app",
-                 "stop_app", "help"]
-        namespace = {name: getattr(self, name) for name in names}
+        namespace = {name: getattr(self, name) for name in HELPERS}
         namespace["container"] = self.container
         return namespace
 
@@ -158,8 +148,7 @@ class ShellHelpers:
         return (
             f"ION shell: container {self.container.id}, system {self.container.sysname}, "
             f"apps: {apps}\n"
-            "Helpers: ps() apps() containers() spawn() send() rpc() kill() start_app() "
-            "stop_app() msc() help(); "
+            f"Helpers: {' '.join(name + '()' for name in HELPERS)}; "
             "Ctrl-D or Ctrl-C leaves (and stops the container).\n"
         )
 
@@ -201,6 +190,10 @@ class ShellHelpers:
                 self._process = await self.container.spawn(ShellProcess, name="shell")
             return self._process
 
+    async def _rpc(self, dest, op, content=None, timeout=None):
+        proc = await self.shell_process()
+        return await proc.rpc(dest, op, content, timeout=timeout)
+
     # -- the helpers ------------------------------------------------------------------------
 
     def help(self):
@@ -221,15 +214,11 @@ class ShellHelpers:
             label = "  " * depth + proc.name
             app = app_of.get(proc.pid, "")
             rows.append((label, proc.pid, type(proc).__name__, proc.state, restarts, app))
-            counts = getattr(proc, "restarts", {})
             ids = {}
-            for child_id in counts:
-                try:
-                    current = proc.child(child_id)
-                except KeyError:
-                    current = None
+            for child_id, count in getattr(proc, "restarts", {}).items():
+                current = proc.child(child_id)  # None while it restarts
                 if current is not None:
-                    ids[current.pid] = counts[child_id]
+                    ids[current.pid] = count
             for child in list(proc.children):
                 walk(child, depth + 1, ids.get(child.pid, ""))
 
@@ -239,10 +228,6 @@ class ShellHelpers:
 
     def containers(self):
         """Print the containers of this system, as the container agents know them."""
-
-        async def ask():
-            proc = await self.shell_process()
-            return await proc.rpc("ccagent", "containers")
 
         def table(rows):
             return format_table(
@@ -254,7 +239,7 @@ class ShellHelpers:
                 ],
             )
 
-        return self._start("containers()", ask(), table)
+        return self._start("containers()", self._rpc("ccagent", "containers"), table)
 
     def msc(self, conv_id=None, last=20, svg=None):
         """Print a message sequence chart from the system's observer (the observer app's
@@ -263,13 +248,12 @@ class ShellHelpers:
         request = {"last": last} if conv_id is None else {"conv_id": conv_id}
 
         async def chart():
-            proc = await self.shell_process()
             try:
                 if svg is not None:
                     path = os.path.abspath(svg) if isinstance(svg, str) else svg
-                    written = await proc.rpc("observer", "svg", dict(request, path=path))
+                    written = await self._rpc("observer", "svg", dict(request, path=path))
                     self.print(f"wrote {written}")
-                return await proc.rpc("observer", "msc", request)
+                return await self._rpc("observer", "msc", request)
             except NoSuchReceiver:
                 raise LookupError(
                     "no observer in this system: start res/apps/observer.app"
@@ -293,9 +277,8 @@ class ShellHelpers:
             if container not in (None, self.container.id):
                 if not isinstance(module_or_class, str):
                     raise ValueError("to spawn in another container, name the module as a string")
-                proc = await self.shell_process()
                 request = {"module": module_or_class, "name": name, "args": args or None}
-                return await proc.rpc(f"ccagent_{container}", "spawn", request)
+                return await self._rpc(f"ccagent_{container}", "spawn", request)
             proc = await self.container.spawn(module_or_class, name=name, args=args or None)
             return proc.pid
 
@@ -312,19 +295,13 @@ class ShellHelpers:
 
     def rpc(self, dest, op, content=None, timeout=None):
         """Call op on dest from the shell process; prints the reply (also C{.result})."""
-
-        async def call():
-            proc = await self.shell_process()
-            return await proc.rpc(dest, op, content, timeout=timeout)
-
-        return self._start(f"rpc({dest!r}, {op!r})", call())
+        return self._start(f"rpc({dest!r}, {op!r})", self._rpc(dest, op, content, timeout))
 
     def kill(self, pid_or_name):
         """Terminate a process, given its pid or a name only one process has."""
 
         async def kill():
-            proc = await self.container.terminate(self._find_process(pid_or_name))
-            return proc
+            return await self.container.terminate(self._find_process(pid_or_name))
 
         return self._start(f"kill({pid_or_name!r})", kill(), lambda proc: f"terminated {proc!r}")
 
@@ -404,8 +381,6 @@ def completions(namespace, word):
     calling or evaluating anything: attributes are looked up with getattr only."""
     *path, partial = word.split(".")
     if not path:
-        import builtins
-
         candidates = set(namespace) | set(dir(builtins))
         prefix = ""
     else:

@@ -14,6 +14,8 @@ ion.core.cc.service.
 import ast
 import os
 import sys
+from types import SimpleNamespace
+from urllib.parse import quote, urlsplit
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -22,9 +24,14 @@ import ion
 from ion.core import log as ionlog
 from ion.core.app.appfile import AppFileError
 from ion.core.app.controller import AppController
-from ion.core.cc.service import CORE_APPS
+from ion.core.cc.container import check_broker_url
+from ion.core.cc.service import CORE_APPS, ContainerService
 from ion.core.config import SCHEMA, Config, ConfigError, parse_define
-from ion.core.credentials import DEFAULT_CREDENTIALS
+from ion.core.credentials import (
+    DEFAULT_CREDENTIALS,
+    Credentials,
+    CredentialsError,
+)
 
 log = Logger()
 
@@ -172,8 +179,6 @@ class Options(usage.Options):
         self["sysname"] = self["sysname"] or cargs.get("sysname") or config.get(
             "ion.core.messaging", "sysname", "ion"
         )
-        from ion.core.cc.container import check_broker_url
-
         try:
             self["broker_url"] = self._with_password(self._broker_url(config))
             check_broker_url(self["broker_url"])
@@ -192,7 +197,9 @@ class Options(usage.Options):
         apparg = {k[len("apparg_") :]: v for k, v in cargs.items() if k.startswith("apparg_")}
         self["apparg"] = apparg
         try:
-            plan = AppController(_PlanContext(config, res), apparg).plan(CORE_APPS + self["files"])
+            # AppController.plan checks the files before any container exists.
+            context = SimpleNamespace(config=config, res_dir=res)
+            plan = AppController(context, apparg).plan(CORE_APPS + self["files"])
             layers = [layer for _spec, _kwargs, app_layers, _mult in plan for layer in app_layers]
             config.check_with(layers)
         except (AppFileError, ConfigError) as e:
@@ -203,10 +210,6 @@ class Options(usage.Options):
         url = self["broker"] or config.get("ion.core.messaging", "broker", "memory://")
         if not (self["broker-host"] or self["broker-port"] or self["broker-user"] or self["broker-vhost"]):
             return url
-        from urllib.parse import quote, urlsplit
-
-        from ion.core.cc.container import check_broker_url
-
         check_broker_url(url)  # the parts below are then safe to take
         base = urlsplit(url if url.startswith("amqp") else "amqp://guest@localhost:5672/")
         host = self["broker-host"] or base.hostname or "localhost"
@@ -290,10 +293,6 @@ def broker_url_with_password(url, path=None, default=DEFAULT_CREDENTIALS, certif
     not tried with some default password. Exceptions: user C{guest} (RabbitMQ's default
     account, password guest) and a C{certificate} login (EXTERNAL, no password). C{twistd cc}
     and the C{ion} command line both use this."""
-    from urllib.parse import quote, urlsplit
-
-    from ion.core.credentials import CredentialsError, find_password, load_credentials
-
     try:
         parts = urlsplit(url)
         needs_password = parts.username is not None and parts.password is None
@@ -307,7 +306,7 @@ def broker_url_with_password(url, path=None, default=DEFAULT_CREDENTIALS, certif
         password, where = None, f"{os.path.expanduser(default)} (no such file)"
     else:
         where = path or os.path.expanduser(default)
-        password = find_password(load_credentials(where), url)
+        password = Credentials.load(where).password(url)
     if password is None:
         raise CredentialsError(f"no password for {parts.username}@{parts.hostname} in {where}")
     userinfo, _, host = parts.netloc.rpartition("@")
@@ -315,17 +314,7 @@ def broker_url_with_password(url, path=None, default=DEFAULT_CREDENTIALS, certif
     return parts._replace(netloc=netloc).geturl()
 
 
-class _PlanContext:
-    """What AppController.plan needs to check files before any container exists."""
-
-    def __init__(self, config, res_dir):
-        self.config = config
-        self.res_dir = res_dir
-
-
 def makeService(options):
     from twisted.internet import reactor
-
-    from ion.core.cc.service import ContainerService
 
     return ContainerService(options, reactor)

@@ -12,13 +12,14 @@ sysname, and stay isolated when they don't).
 
 import itertools
 import os
+import pathlib
 
 from twisted.internet import defer
 
 from ion.core.cc.container import Container, default_container_id, make_transport
 from ion.core.config import Config
 
-_RES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__)))), "res")
+_RES = os.fspath(pathlib.Path(__file__).parents[3] / "res")
 _ids = itertools.count(1)
 
 

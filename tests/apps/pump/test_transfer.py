@@ -276,8 +276,6 @@ class CredentialsTests(SynchronousTestCase):
         self.assertEqual(creds.find("https://data.example.org/x").password, SECRET)
         broker = "amqp://ion@rabbit.example.org/"
         self.assertEqual(creds.password(broker), "broker-pw")
-        lines = core_credentials.load_credentials(path)
-        self.assertEqual(core_credentials.find_password(lines, broker), "broker-pw")
         self.assertIsNone(creds.find("sftp://rabbit.example.org/"))
 
 
