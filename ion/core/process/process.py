@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ion.core.conversation.conversation import Conversations
-from ion.core.conversation.errors import ApplicationError
+from ion.core.conversation.errors import ApplicationError, ProcessTerminated
 from ion.core.log import redact
 from ion.core.messaging import names, subscription
 from ion.core.messaging.transport import ConnectionLost
@@ -275,7 +275,7 @@ class Process:
         for claim in claims:
             claim.release()
         await self._stop_serving()
-        self.conversations.fail_all(f"{self.name} terminated")
+        self.conversations.fail_open(ProcessTerminated(f"{self.name} terminated"))
         self.conversations.close()
         consumer, self._own_consumer = self._own_consumer, None
         if consumer is not None:
