@@ -11,7 +11,6 @@ conversation and with its performative for the others. These are pure functions:
 from xml.sax.saxutils import escape, quoteattr
 
 OPENING = ("request", "inform")
-FAILING = ("failure", "refuse")
 
 _MIN_COLUMN = 8
 _MAX_COLUMN = 40
@@ -59,21 +58,17 @@ class Lifelines:
     C{labels} (key -> text) and C{ends} (for each message, its (sender key, receiver key))."""
 
     def __init__(self, messages):
-        names = {}
-        for m in messages:
-            sender = m.get("sender")
-            if sender is not None:
-                names.setdefault(str(sender), str(m.get("sender-name") or sender))
         # A request to a service goes to a name; whoever answers in that conversation is the
         # process behind it.
-        answered_by = {}
+        names, answered_by, opened_to = {}, {}, {}
         for m in messages:
-            if m.get("performative") not in OPENING and m.get("sender") is not None:
-                answered_by.setdefault(m.get("conv-id"), str(m["sender"]))
-        opened_to = {}
-        for m in messages:
+            sender, conv_id = m.get("sender"), m.get("conv-id")
             if m.get("performative") in OPENING:
-                opened_to.setdefault(m.get("conv-id"), str(m.get("receiver")))
+                opened_to.setdefault(conv_id, str(m.get("receiver")))
+            elif sender is not None:
+                answered_by.setdefault(conv_id, str(sender))
+            if sender is not None:
+                names.setdefault(str(sender), str(m.get("sender-name") or sender))
 
         self.columns = []
         self.labels = {}
@@ -107,10 +102,7 @@ def _tags(messages):
 
 
 def _title(messages):
-    conversations = []
-    for m in messages:
-        if m.get("conv-id") not in conversations:
-            conversations.append(m.get("conv-id"))
+    conversations = list(dict.fromkeys(m.get("conv-id") for m in messages))
     if len(conversations) == 1:
         first = min(messages, key=conv_seq)
         return (
