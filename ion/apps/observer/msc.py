@@ -211,18 +211,14 @@ def render_svg(messages):
     ]
     for key, x in xs.items():
         box = int(len(lanes.labels[key]) * _CHAR) + 16
-        out.append(
+        out += [
             f'<rect x="{x - box // 2}" y="{_TOP - 34}" width="{box}" height="22" rx="3" '
-            'fill="#f5f5f5" stroke="black"/>'
-        )
-        out.append(
+            'fill="#f5f5f5" stroke="black"/>',
             f'<text x="{x}" y="{_TOP - 19}" text-anchor="middle">'
-            f"{escape(lanes.labels[key])}</text>"
-        )
-        out.append(
+            f"{escape(lanes.labels[key])}</text>",
             f'<line x1="{x}" y1="{_TOP - 12}" x2="{x}" y2="{bottom}" stroke="#888" '
-            'stroke-dasharray="4 4"/>'
-        )
+            'stroke-dasharray="4 4"/>',
+        ]
     for i, (tag, message, (sender, receiver)) in enumerate(zip(tags, messages, lanes.ends)):
         y = _TOP + (i + 1) * _ROW
         color = _COLORS.get(message.get("performative"), "black")
@@ -230,19 +226,17 @@ def render_svg(messages):
         label = escape(arrow_label(message))
         out.append(f'<text x="10" y="{y + 4}" fill="#555">{escape(tag)}</text>')
         if a == b:
-            out.append(
+            out += [
                 f'<path d="M{a},{y - 8} h30 v16 h-30" fill="none" stroke={quoteattr(color)} '
-                'marker-end="url(#head)"/>'
-            )
-            out.append(f'<text x="{a + 36}" y="{y + 4}" fill={quoteattr(color)}>{label}</text>')
+                'marker-end="url(#head)"/>',
+                f'<text x="{a + 36}" y="{y + 4}" fill={quoteattr(color)}>{label}</text>',
+            ]
         else:
-            out.append(
+            out += [
                 f'<line x1="{a}" y1="{y}" x2="{b}" y2="{y}" stroke={quoteattr(color)} '
-                'marker-end="url(#head)"/>'
-            )
-            out.append(
+                'marker-end="url(#head)"/>',
                 f'<text x="{(a + b) // 2}" y="{y - 5}" text-anchor="middle" '
-                f"fill={quoteattr(color)}>{label}</text>"
-            )
+                f"fill={quoteattr(color)}>{label}</text>",
+            ]
     out.append("</svg>")
     return "\n".join(out) + "\n"

@@ -76,11 +76,9 @@ class Conversation:
         return self.state in P.FINAL
 
     def transition(self, event):
-        before = self.state
         self.state = P.next_state(self.protocol, self.role, self.state, event)
         if self.final:
             self.owner._finished(self)
-        return before
 
     def _record(self, direction, headers):
         self.log.append((direction, {k: v for k, v in headers.items() if k != "ts"}))
