@@ -11,7 +11,6 @@ conversation and with its performative for the others. These are pure functions:
 from xml.sax.saxutils import escape, quoteattr
 
 OPENING = ("request", "inform")
-FAILING = ("failure", "refuse")
 
 _MIN_COLUMN = 8
 _MAX_COLUMN = 40
@@ -59,21 +58,17 @@ class Lifelines:
     C{labels} (key -> text) and C{ends} (for each message, its (sender key, receiver key))."""
 
     def __init__(self, messages):
-        names = {}
-        for m in messages:
-            sender = m.get("sender")
-            if sender is not None:
-                names.setdefault(str(sender), str(m.get("sender-name") or sender))
         # A request to a service goes to a name; whoever answers in that conversation is the
         # process behind it.
-        answered_by = {}
+        names, answered_by, opened_to = {}, {}, {}
         for m in messages:
-            if m.get("performative") not in OPENING and m.get("sender") is not None:
-                answered_by.setdefault(m.get("conv-id"), str(m["sender"]))
-        opened_to = {}
-        for m in messages:
+            sender, conv_id = m.get("sender"), m.get("conv-id")
             if m.get("performative") in OPENING:
-                opened_to.setdefault(m.get("conv-id"), str(m.get("receiver")))
+                opened_to.setdefault(conv_id, str(m.get("receiver")))
+            elif sender is not None:
+                answered_by.setdefault(conv_id, str(sender))
+            if sender is not None:
+                names.setdefault(str(sender), str(m.get("sender-name") or sender))
 
         self.columns = []
         self.labels = {}
@@ -107,10 +102,7 @@ def _tags(messages):
 
 
 def _title(messages):
-    conversations = []
-    for m in messages:
-        if m.get("conv-id") not in conversations:
-            conversations.append(m.get("conv-id"))
+    conversations = list(dict.fromkeys(m.get("conv-id") for m in messages))
     if len(conversations) == 1:
         first = min(messages, key=conv_seq)
         return (
@@ -219,18 +211,14 @@ def render_svg(messages):
     ]
     for key, x in xs.items():
         box = int(len(lanes.labels[key]) * _CHAR) + 16
-        out.append(
+        out += [
             f'<rect x="{x - box // 2}" y="{_TOP - 34}" width="{box}" height="22" rx="3" '
-            'fill="#f5f5f5" stroke="black"/>'
-        )
-        out.append(
+            'fill="#f5f5f5" stroke="black"/>',
             f'<text x="{x}" y="{_TOP - 19}" text-anchor="middle">'
-            f"{escape(lanes.labels[key])}</text>"
-        )
-        out.append(
+            f"{escape(lanes.labels[key])}</text>",
             f'<line x1="{x}" y1="{_TOP - 12}" x2="{x}" y2="{bottom}" stroke="#888" '
-            'stroke-dasharray="4 4"/>'
-        )
+            'stroke-dasharray="4 4"/>',
+        ]
     for i, (tag, message, (sender, receiver)) in enumerate(zip(tags, messages, lanes.ends)):
         y = _TOP + (i + 1) * _ROW
         color = _COLORS.get(message.get("performative"), "black")
@@ -238,19 +226,17 @@ def render_svg(messages):
         label = escape(arrow_label(message))
         out.append(f'<text x="10" y="{y + 4}" fill="#555">{escape(tag)}</text>')
         if a == b:
-            out.append(
+            out += [
                 f'<path d="M{a},{y - 8} h30 v16 h-30" fill="none" stroke={quoteattr(color)} '
-                'marker-end="url(#head)"/>'
-            )
-            out.append(f'<text x="{a + 36}" y="{y + 4}" fill={quoteattr(color)}>{label}</text>')
+                'marker-end="url(#head)"/>',
+                f'<text x="{a + 36}" y="{y + 4}" fill={quoteattr(color)}>{label}</text>',
+            ]
         else:
-            out.append(
+            out += [
                 f'<line x1="{a}" y1="{y}" x2="{b}" y2="{y}" stroke={quoteattr(color)} '
-                'marker-end="url(#head)"/>'
-            )
-            out.append(
+                'marker-end="url(#head)"/>',
                 f'<text x="{(a + b) // 2}" y="{y - 5}" text-anchor="middle" '
-                f"fill={quoteattr(color)}>{label}</text>"
-            )
+                f"fill={quoteattr(color)}>{label}</text>",
+            ]
     out.append("</svg>")
     return "\n".join(out) + "\n"

@@ -42,16 +42,12 @@ class Observer(ServiceProcess):
         self._trace_consumer = await messenger.listen(queue, self._observe)
 
     async def on_deactivate(self):
-        await self._stop_observing()
-
-    async def on_terminate(self):
-        await self._stop_observing()
-
-    async def _stop_observing(self):
         # The queue is auto-delete: it goes with its consumer.
         consumer, self._trace_consumer = self._trace_consumer, None
         if consumer is not None:
             await consumer.cancel()
+
+    on_terminate = on_deactivate
 
     def _observe(self, msg):
         record = dict(msg.headers)
@@ -87,9 +83,7 @@ class Observer(ServiceProcess):
                     code=404,
                 )
             return sorted(kept, key=msc.conv_seq)
-        if isinstance(last, bool) or not isinstance(last, int) or last <= 0:
-            raise ApplicationError(f"last must be a positive integer, got {last!r}")
-        return list(self.messages)[-last:]
+        return list(self.messages)[-_positive(last) :]
 
     def chart(self, conv_id=None, last=DEFAULT_LAST):
         """The text chart of one conversation or of the last messages."""
@@ -134,18 +128,21 @@ class Observer(ServiceProcess):
 
     def op_conversations(self, content, headers):
         last = _chart_args(content).get("last")
-        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last <= 0):
-            raise ApplicationError(f"last must be a positive integer, got {last!r}")
-        return self.summaries(last)
+        return self.summaries(None if last is None else _positive(last))
+
+
+def _positive(last):
+    if isinstance(last, bool) or not isinstance(last, int) or last <= 0:
+        raise ApplicationError(f"last must be a positive integer, got {last!r}")
+    return last
 
 
 def _chart_args(content, extra=()):
     if content is None:
         return {}
     if not isinstance(content, dict):
-        raise ApplicationError(
-            f"expected a dict like {{'conv_id': ...}} or {{'last': 20}}, got {type(content).__name__}"
-        )
+        example = "{'conv_id': ...} or {'last': 20}"
+        raise ApplicationError(f"expected a dict like {example}, got {type(content).__name__}")
     allowed = ("conv_id", "last") + extra
     unknown = sorted(str(k) for k in content if k not in allowed)
     if unknown:

@@ -21,7 +21,6 @@ from ion.core.conversation import protocols as P
 from ion.core.conversation.errors import (
     ConversationTimeout,
     NoSuchReceiver,
-    ProcessTerminated,
     RemoteError,
     error_from_wire,
     error_to_wire,
@@ -40,6 +39,14 @@ class Refused(RemoteError):
     """The participant of a request refused it."""
 
 
+def _fire(waiters, ok, value):
+    """Fire (and forget) the waiters not cancelled yet; none are added once the answer is known."""
+    for d in waiters:
+        if not d.called:
+            d.callback(value) if ok else d.errback(value)
+    waiters.clear()
+
+
 class Conversation:
     """One conversation seen from one side. C{state} follows the protocol table."""
 
@@ -54,7 +61,6 @@ class Conversation:
         self.seq = 0
         self.log = collections.deque(maxlen=LOG_LIMIT)
         self.timer = None
-        self.request_headers = None
         self.user_id = None  # the identity this conversation acts for
         # initiator side: what the peer said, and who waits for it
         self._agreement = None  # (ok, value) once agreed/refused/ended before agreeing
@@ -70,11 +76,9 @@ class Conversation:
         return self.state in P.FINAL
 
     def transition(self, event):
-        before = self.state
         self.state = P.next_state(self.protocol, self.role, self.state, event)
         if self.final:
             self.owner._finished(self)
-        return before
 
     def _record(self, direction, headers):
         self.log.append((direction, {k: v for k, v in headers.items() if k != "ts"}))
@@ -108,10 +112,7 @@ class Conversation:
     def _agree(self, ok, value):
         if self._agreement is None:
             self._agreement = (ok, value)
-            waiters, self._agree_waiters = self._agree_waiters, []
-            for d in waiters:
-                if not d.called:
-                    d.callback(value) if ok else d.errback(value)
+            _fire(self._agree_waiters, ok, value)
 
     def _settle(self, ok, value):
         """Record the outcome and fire the waiters (an error also answers agreement)."""
@@ -119,10 +120,7 @@ class Conversation:
             self._agree(False, value)
         if self._outcome is None:
             self._outcome = (ok, value)
-            waiters, self._result_waiters = self._result_waiters, []
-            for d in waiters:
-                if not d.called:
-                    d.callback(value) if ok else d.errback(value)
+            _fire(self._result_waiters, ok, value)
 
     # -- participant side ------------------------------------------------------------------
 
@@ -194,9 +192,7 @@ class Conversations:
     async def _say(self, conv, performative, content):
         """Send performative in conv (participant side), moving its state first."""
         if conv.final:
-            log.info(
-                "{conv!r}: not sending {p}: the conversation already ended", conv=conv, p=performative
-            )
+            log.info("{conv!r}: {p} not sent: the conversation ended", conv=conv, p=performative)
             return
         conv.transition(performative)
         headers = self._headers(conv, performative)
@@ -248,10 +244,6 @@ class Conversations:
             log.info("{conv!r}: the caller's deadline passed; its answer will not be sent",
                      conv=conv)
 
-    def fail_all(self, reason):
-        """End every open initiator conversation with C{ProcessTerminated(reason)}."""
-        self.fail_open(ProcessTerminated(reason))
-
     def fail_open(self, error):
         """End every open initiator conversation with error (e.g. the connection was lost,
         so the answers they wait for are gone)."""
@@ -282,48 +274,52 @@ class Conversations:
             conv._record("in", headers)
             self._initiator_event(conv, performative, content)
             return None
-        if (conv_id, role) in self.tombstones:
-            self.collect()
-            if (conv_id, role) in self.tombstones:
-                log.info(
-                    "dropped {p} for finished conversation {conv} from {sender}",
-                    p=performative, conv=conv_id, sender=headers.get("sender"),
-                )
-                return None
-        if starts and conv is None and isinstance(conv_id, str) and conv_id:
-            protocol = headers.get("protocol") or "rpc"
-            if (protocol, P.PARTICIPANT) not in P.TABLES:
-                log.warn("dropped a message of unknown protocol {protocol!r} from {sender}",
-                         protocol=protocol, sender=headers.get("sender"))
-                return None
-            conv = Conversation(
-                self, conv_id, protocol, P.PARTICIPANT, headers.get("reply-to"), headers.get("op")
-            )
-            conv.request_headers = headers
-            conv.seq = int(headers.get("conv-seq", 1)) if isinstance(headers.get("conv-seq"), int) else 1
-            conv._record("in", headers)
-            try:
-                conv.transition(performative)
-            except P.ProtocolViolation as e:
-                log.warn("{conv!r}: {error}", conv=conv, error=e)
-                return None
-            if not conv.final:
-                self.open[(conv_id, P.PARTICIPANT)] = conv
-                reply_by = headers.get("reply-by")
-                if isinstance(reply_by, (int, float)):
-                    delay = reply_by / 1000.0 - self.clock.seconds() + PARTICIPANT_GRACE
-                    if delay <= 0:
-                        log.info("{conv!r}: dropped: its caller's deadline passed before it "
-                                 "arrived", conv=conv)
-                        conv.transition(P.TIMEOUT)
-                        return None
-                    conv.timer = self.clock.callLater(delay, self._expire, conv, delay)
-            return conv
+        self.collect()
+        if (conv_id, role) not in self.tombstones:
+            if starts and conv is None and isinstance(conv_id, str) and conv_id:
+                return self._participate(conv_id, performative, headers)
         log.info(
-            "dropped {p} for unknown conversation {conv} from {sender}",
-            p=performative, conv=conv_id, sender=headers.get("sender"),
+            "dropped {p} for {what} conversation {conv} from {sender}",
+            p=performative,
+            what="finished" if (conv_id, role) in self.tombstones else "unknown",
+            conv=conv_id,
+            sender=headers.get("sender"),
         )
         return None
+
+    def _participate(self, conv_id, performative, headers):
+        """The participant Conversation that a request or inform starts, or None."""
+        protocol = headers.get("protocol") or "rpc"
+        if (protocol, P.PARTICIPANT) not in P.TABLES:
+            log.warn(
+                "dropped a message of unknown protocol {protocol!r} from {sender}",
+                protocol=protocol,
+                sender=headers.get("sender"),
+            )
+            return None
+        conv = Conversation(
+            self, conv_id, protocol, P.PARTICIPANT, headers.get("reply-to"), headers.get("op")
+        )
+        seq = headers.get("conv-seq")
+        conv.seq = seq if isinstance(seq, int) else 1
+        conv._record("in", headers)
+        try:
+            conv.transition(performative)
+        except P.ProtocolViolation as e:
+            log.warn("{conv!r}: {error}", conv=conv, error=e)
+            return None
+        if conv.final:
+            return conv
+        self.open[(conv_id, P.PARTICIPANT)] = conv
+        reply_by = headers.get("reply-by")
+        if isinstance(reply_by, (int, float)):
+            delay = reply_by / 1000.0 - self.clock.seconds() + PARTICIPANT_GRACE
+            if delay <= 0:
+                log.info("{conv!r}: dropped: its caller's deadline had passed", conv=conv)
+                conv.transition(P.TIMEOUT)
+                return None
+            conv.timer = self.clock.callLater(delay, self._expire, conv, delay)
+        return conv
 
     def _initiator_event(self, conv, performative, content):
         try:

@@ -36,8 +36,6 @@ class RemoteError(ConversationError):
         self.code = code
         self.type = type
         self.message = message
-        self.receiver = receiver
-        self.op = op
 
 
 class ConversationTimeout(ConversationError):
@@ -45,9 +43,6 @@ class ConversationTimeout(ConversationError):
 
     def __init__(self, receiver, op, timeout):
         super().__init__(f"no reply from {receiver!r} to {op!r} within {timeout:g} s")
-        self.receiver = receiver
-        self.op = op
-        self.timeout = timeout
 
 
 class NoSuchReceiver(ConversationError):
@@ -55,7 +50,6 @@ class NoSuchReceiver(ConversationError):
 
     def __init__(self, receiver):
         super().__init__(f"no process or service named {receiver!r} in this system")
-        self.receiver = receiver
 
 
 class ProcessTerminated(ConversationError):
@@ -79,10 +73,5 @@ def error_from_wire(content, receiver=None, op=None):
     code = content.get("code", 500)
     if not isinstance(code, int):
         code = 500
-    return RemoteError(
-        code,
-        str(content.get("type", "Error")),
-        str(content.get("message", "")),
-        receiver=receiver,
-        op=op,
-    )
+    type_, message = str(content.get("type", "Error")), str(content.get("message", ""))
+    return RemoteError(code, type_, message, receiver, op)

@@ -82,8 +82,6 @@ class ProtocolViolation(Exception):
 
     def __init__(self, protocol, role, state, event):
         super().__init__(f"{protocol} {role}: {event!r} is not allowed in state {state!r}")
-        self.state = state
-        self.event = event
 
 
 def next_state(protocol, role, state, event):

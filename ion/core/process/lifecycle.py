@@ -28,6 +28,20 @@ class IllegalTransition(Exception):
         self.event = event
 
 
+def _public(name):
+    """The public method for the input C{name}: IllegalTransition where Automat has none."""
+
+    def method(self):
+        before = self.state
+        try:
+            getattr(self, "_" + name)()
+        except NoTransition:
+            raise IllegalTransition(before, name) from None
+
+    method.__name__ = name
+    return method
+
+
 class Lifecycle:
     """Lifecycle states of one process. L{state} is one of the names above."""
 
@@ -89,27 +103,11 @@ class Lifecycle:
     def state(self):
         return self._serialize()
 
-    def _input(self, name):
-        before = self.state
-        try:
-            getattr(self, "_" + name)()
-        except NoTransition:
-            raise IllegalTransition(before, name) from None
-
-    def initialize(self):
-        self._input("initialize")
-
-    def activate(self):
-        self._input("activate")
-
-    def deactivate(self):
-        self._input("deactivate")
-
-    def terminate(self):
-        self._input("terminate")
-
-    def fail(self):
-        self._input("fail")
+    initialize = _public("initialize")
+    activate = _public("activate")
+    deactivate = _public("deactivate")
+    terminate = _public("terminate")
+    fail = _public("fail")
 
     @property
     def final(self):

@@ -24,6 +24,7 @@ The process reaches its container through C{self.container}, which offers C{mess
 C{clock}, C{sysname}, C{id} and C{spawn(...)}.
 """
 
+import contextlib
 import contextvars
 import inspect
 import os
@@ -34,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ion.core.conversation.conversation import Conversations
-from ion.core.conversation.errors import ApplicationError
+from ion.core.conversation.errors import ApplicationError, ProcessTerminated
 from ion.core.log import redact
 from ion.core.messaging import names, subscription
 from ion.core.messaging.transport import ConnectionLost
@@ -58,6 +59,13 @@ async def _maybe_await(value):
     if inspect.isawaitable(value):
         return await value
     return value
+
+
+async def _cancel(consumer):
+    """Cancel C{consumer} (if any); a consumer whose connection was lost is ended already."""
+    if consumer is not None:
+        with contextlib.suppress(ConnectionLost):
+            await consumer.cancel()
 
 
 @attr.s(auto_attribs=True, eq=False)
@@ -146,10 +154,8 @@ class Process:
         except BaseException as e:
             self.lifecycle.fail()
             if statedir.expected(e):
-                # Bad arguments or configuration (the convention of every check, also for a
-                # supervisor's child) or an environment failure: the message says it all, and
-                # the caller (the boot, a supervisor's restart) reports it; said here too, it
-                # would be printed twice.
+                # Its message says it all, and the caller (the boot, a supervisor's restart)
+                # reports it: said here too, it would be printed twice.
                 self.log.debug(
                     "{proc!r}: lifecycle hook {hook} failed: {error}",
                     proc=self,
@@ -201,12 +207,7 @@ class Process:
             await self._stop_service()
             await self._drain(self.stop_timeout() if timeout is None else timeout)
             await self._stop_serving()
-        for child in reversed(list(self.children)):
-            if not child.lifecycle.final:
-                try:
-                    await child.terminate(timeout)
-                except Exception:
-                    self.log.failure("{proc!r}: child {child!r} failed to terminate", proc=self, child=child)
+        await self._terminate_children(timeout)
         try:
             await _maybe_await(self.on_terminate())
         except BaseException:
@@ -224,13 +225,16 @@ class Process:
         self.lifecycle.fail()
         self.log.error("{proc!r} crashed: {reason}", proc=self, reason=reason)
         await self._release()
+        await self._terminate_children()
+        self._notify_exit()
+
+    async def _terminate_children(self, timeout=None):
         for child in reversed(list(self.children)):
             if not child.lifecycle.final:
                 try:
-                    await child.terminate()
+                    await child.terminate(timeout)
                 except Exception:
-                    self.log.failure("{proc!r}: child {child!r} failed to terminate", proc=self, child=child)
-        self._notify_exit()
+                    self.log.failure("{proc!r}: {child!r} failed to stop", proc=self, child=child)
 
     async def _stop_service(self):
         """Stop taking requests from a service queue (see ServiceProcess)."""
@@ -242,10 +246,7 @@ class Process:
         subscriptions, self._subscriptions = self._subscriptions, []
         for sub in subscriptions:
             sub.consumer, consumer = None, sub.consumer
-            try:
-                await consumer.cancel()
-            except ConnectionLost:
-                pass
+            await _cancel(consumer)
 
     async def _drain(self, timeout):
         pending = list(self._inflight) + list(self._in_hand)
@@ -275,7 +276,7 @@ class Process:
         for claim in claims:
             claim.release()
         await self._stop_serving()
-        self.conversations.fail_all(f"{self.name} terminated")
+        self.conversations.fail_open(ProcessTerminated(f"{self.name} terminated"))
         self.conversations.close()
         consumer, self._own_consumer = self._own_consumer, None
         if consumer is not None:
@@ -501,7 +502,7 @@ class Process:
         return msg.user_id
 
     async def _serve(self, msg, conv):
-        headers = msg.headers
+        headers, op = msg.headers, msg.headers.get("op")
         conv.user_id = self._identity(msg)
         headers["user-id"] = conv.user_id
         # This coroutine runs in its own copy of the context (Deferred.fromCoroutine), so the
@@ -513,16 +514,14 @@ class Process:
         self._inflight.add(done)
         try:
             try:
-                method = self._op(headers.get("op"))
+                method = self._op(op)
                 if conv.protocol == "request" and not getattr(method, "explicit_agree", False):
                     await conv.agree()
                 result, error = await _maybe_await(method(msg.content, headers)), None
             except ApplicationError as e:
                 result, error = None, e
             except Exception as e:
-                self.log.failure(
-                    "{proc!r}: op {op!r} raised; the caller gets a 500", proc=self, op=headers.get("op")
-                )
+                self.log.failure("{proc!r}: {op!r} raised; the caller gets a 500", proc=self, op=op)
                 result, error = None, e
             try:
                 await self.conversations.finish(conv, result, error)
@@ -578,8 +577,4 @@ class ServiceProcess(Process):
 
     async def _stop_service(self):
         consumer, self._service_consumer = self._service_consumer, None
-        if consumer is not None:
-            try:
-                await consumer.cancel()
-            except ConnectionLost:
-                pass
+        await _cancel(consumer)

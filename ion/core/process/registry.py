@@ -71,15 +71,9 @@ class ProcessRegistry:
     def __iter__(self):
         return iter(list(self._by_pid.values()))
 
-    def __len__(self):
-        return len(self._by_pid)
-
     def get(self, pid_or_name):
-        proc = self._by_pid.get(pid_or_name)
-        if proc is None:
-            pid = self._names.get(pid_or_name)
-            proc = self._by_pid.get(pid) if pid else None
-        return proc
+        """The live process with that pid or registered name, or None."""
+        return self._by_pid.get(pid_or_name) or self._by_pid.get(self._names.get(pid_or_name))
 
     def add(self, proc, registered=None):
         if registered is not None:
@@ -91,9 +85,7 @@ class ProcessRegistry:
 
     def remove(self, proc):
         self._by_pid.pop(proc.pid, None)
-        for name, pid in list(self._names.items()):
-            if pid == proc.pid:
-                del self._names[name]
+        self._names = {name: pid for name, pid in self._names.items() if pid != proc.pid}
 
     def top_level(self):
         """Processes without a parent, in spawn order."""

@@ -57,10 +57,29 @@ from ion.core.process.lifecycle import FAILED, IllegalTransition
 from ion.core.process.process import Process
 from ion.core.process.statedir import EnvironmentFailure
 
-CHILD_KEYS = ("args", "id", "name", "restart", "shutdown", "spec")
-SUPERVISOR_KEYS = ("children", "intensity", "period", "strategy")
 RESTART_TYPES = ("permanent", "transient", "temporary")
 STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
+
+
+def _non_negative(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+# key -> (default, check, what is valid), in the order of the checks (and of ChildSpec's fields).
+CHILD_KEYS = {
+    "id": (None, lambda v: isinstance(v, str) and v, "a non-empty string"),
+    "spec": (None, lambda v: isinstance(v, (str, type)), "a Process class or 'module[:Class]'"),
+    "name": (None, lambda v: v is None or isinstance(v, str), "a string"),
+    "args": ({}, lambda v: isinstance(v, dict), "a dict"),
+    "restart": ("permanent", lambda v: v in RESTART_TYPES, f"one of {', '.join(RESTART_TYPES)}"),
+    "shutdown": (5000, lambda v: v is None or _non_negative(v), "milliseconds (>= 0) or None"),
+}
+SUPERVISOR_KEYS = {
+    "strategy": ("one_for_one", lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+    "intensity": (3, lambda v: isinstance(v, int) and _non_negative(v), "an int >= 0"),
+    "period": (10, lambda v: _non_negative(v) and v > 0, "seconds (> 0)"),
+    "children": ([], lambda v: isinstance(v, (list, tuple)), "a list of child specs"),
+}
 
 
 class ChildStartError(Exception):
@@ -87,87 +106,45 @@ class ChildSpec:
 
     id: str
     spec: object
-    name: object = None
-    args: dict = attrs.field(factory=dict)
-    restart: str = "permanent"
-    shutdown: object = 5000
+    name: object
+    args: dict = attrs.field(converter=dict)
+    restart: str
+    shutdown: object
 
 
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _checked(given, checks, prefix, noun, plural):
+    """The values of C{given} for the keys of C{checks}, in order, defaults filled in; a
+    ValueError starting with C{prefix} for the first unknown key or invalid value."""
+    unknown = sorted(set(given) - set(checks), key=str)
+    if unknown:
+        valid = ", ".join(sorted(checks))
+        raise ValueError(f"{prefix}unknown {noun} {unknown[0]!r}; valid {plural} are {valid}")
+    values = []
+    for key, (default, check, what) in checks.items():
+        values.append(given.get(key, default))
+        if not check(values[-1]):
+            raise ValueError(f"{prefix}{noun} {key!r} must be {what}, got {values[-1]!r}")
+    return values
 
 
 def check_child_specs(children):
-    """The child specs as [ChildSpec], in order; ValueError naming the child and key otherwise."""
-    if not isinstance(children, (list, tuple)):
-        raise ValueError(f"'children' must be a list of child specs, got {children!r}")
-    checked, ids = [], set()
+    """The child specs (a list) as [ChildSpec], in order; ValueError naming the child and key
+    otherwise."""
+    checked = []
     for i, child in enumerate(children):
         where = f"child spec {i}"
         if not isinstance(child, dict):
             raise ValueError(f"{where}: must be a dict, got {child!r}")
         if isinstance(child.get("id"), str):
             where = f"child spec {i} ({child['id']!r})"
-        unknown = sorted(set(child) - set(CHILD_KEYS), key=str)
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown key {unknown[0]!r}; valid keys are {', '.join(CHILD_KEYS)}"
-            )
         for key in ("id", "spec"):
             if key not in child:
                 raise ValueError(f"{where}: missing key {key!r}")
-        child_id = child["id"]
-        if not isinstance(child_id, str) or not child_id:
-            raise ValueError(f"{where}: key 'id' must be a non-empty string, got {child_id!r}")
-        if child_id in ids:
-            raise ValueError(f"{where}: duplicate id {child_id!r}; ids must be unique")
-        ids.add(child_id)
-        if not isinstance(child["spec"], (str, type)):
-            raise ValueError(
-                f"{where}: key 'spec' must be a Process class or 'module[:Class]', "
-                f"got {child['spec']!r}"
-            )
-        name = child.get("name")
-        if name is not None and not isinstance(name, str):
-            raise ValueError(f"{where}: key 'name' must be a string, got {name!r}")
-        args = child.get("args", {})
-        if not isinstance(args, dict):
-            raise ValueError(f"{where}: key 'args' must be a dict, got {args!r}")
-        restart = child.get("restart", "permanent")
-        if restart not in RESTART_TYPES:
-            raise ValueError(
-                f"{where}: key 'restart' must be one of {', '.join(RESTART_TYPES)}, "
-                f"got {restart!r}"
-            )
-        shutdown = child.get("shutdown", 5000)
-        if shutdown is not None and not (_is_number(shutdown) and shutdown >= 0):
-            raise ValueError(
-                f"{where}: key 'shutdown' must be milliseconds (>= 0) or None, got {shutdown!r}"
-            )
-        checked.append(ChildSpec(child_id, child["spec"], name, args, restart, shutdown))
+        spec = ChildSpec(*_checked(child, CHILD_KEYS, f"{where}: ", "key", "keys"))
+        if any(spec.id == other.id for other in checked):
+            raise ValueError(f"{where}: duplicate id {spec.id!r}; ids must be unique")
+        checked.append(spec)
     return checked
-
-
-def _check_supervisor_args(args):
-    unknown = sorted(set(args) - set(SUPERVISOR_KEYS), key=str)
-    if unknown:
-        raise ValueError(
-            f"unknown supervisor argument {unknown[0]!r}; "
-            f"valid ones are {', '.join(SUPERVISOR_KEYS)}"
-        )
-    strategy = args.get("strategy", "one_for_one")
-    if strategy not in STRATEGIES:
-        raise ValueError(
-            f"supervisor argument 'strategy' must be one of {', '.join(STRATEGIES)}, "
-            f"got {strategy!r}"
-        )
-    intensity = args.get("intensity", 3)
-    if not (isinstance(intensity, int) and not isinstance(intensity, bool) and intensity >= 0):
-        raise ValueError(f"supervisor argument 'intensity' must be an int >= 0, got {intensity!r}")
-    period = args.get("period", 10)
-    if not (_is_number(period) and period > 0):
-        raise ValueError(f"supervisor argument 'period' must be seconds (> 0), got {period!r}")
-    return strategy, intensity, period
 
 
 class Supervisor(Process):
@@ -175,8 +152,10 @@ class Supervisor(Process):
 
     def __init__(self, container, pid, name=None, args=None, parent=None):
         super().__init__(container, pid, name, args, parent)
-        self.strategy, self.intensity, self.period = _check_supervisor_args(self.args)
-        self.child_specs = check_child_specs(self.args.get("children", []))
+        self.strategy, self.intensity, self.period, children = _checked(
+            self.args, SUPERVISOR_KEYS, "", "supervisor argument", "ones"
+        )
+        self.child_specs = check_child_specs(children)
         self.restarts = {spec.id: 0 for spec in self.child_specs}
         self._running = {}  # child id -> its live process
         self._ended = set()  # ids of children that ended and are not to be restarted
@@ -210,21 +189,20 @@ class Supervisor(Process):
 
     async def terminate(self, timeout=None):
         """Stop the children (last first, each within its shutdown time), then this process."""
-        if self.lifecycle.final:
-            raise IllegalTransition(self.state, "terminate")
-        self._stopping = True
-        async with self._busy:
-            await self._stop_children()
+        await self._stop_for("terminate")
         await super().terminate(timeout)
 
     async def crash(self, reason):
         """Stop the children (last first, each within its shutdown time), then crash."""
+        await self._stop_for("crash")
+        await super().crash(reason)
+
+    async def _stop_for(self, event):
         if self.lifecycle.final:
-            raise IllegalTransition(self.state, "crash")
+            raise IllegalTransition(self.state, event)
         self._stopping = True
         async with self._busy:
             await self._stop_children()
-        await super().crash(reason)
 
     async def _start_child(self, spec):
         proc = await self.container.spawn(
