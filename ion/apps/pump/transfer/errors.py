@@ -45,15 +45,17 @@ class TransferError(Exception):
     """A transfer failed; C{code} is HTTP-like, C{transient} says whether a retry may succeed."""
 
     code = 499
-    transient = True
 
-    def __init__(self, message, code=None, transient=None):
+    def __init__(self, message, code=None):
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = int(code)
-        if transient is not None:
-            self.transient = bool(transient)
+
+    @property
+    def transient(self):
+        """Whether a retry may succeed: exactly when the code is one of L{TRANSIENT_CODES}."""
+        return self.code in TRANSIENT_CODES
 
     def __repr__(self):
         return (
@@ -65,35 +67,26 @@ class NotFound(TransferError):
     """The remote file or directory does not exist."""
 
     code = 404
-    transient = False
 
 
 class AuthFailed(TransferError):
     """The server refused our credentials or the operation (HTTP 401 and 403 alike)."""
 
     code = 403
-    transient = False
 
 
 class ServerNotTrusted(TransferError):
     """The server's TLS certificate or SSH host key could not be verified; nothing was sent."""
 
     code = 403
-    transient = False
 
 
 class ChecksumMismatch(TransferError):
     """The received bytes do not hash to the expected value."""
 
-    code = 499
-    transient = True
-
 
 class SizeMismatch(TransferError):
     """The number of bytes received differs from the announced size."""
-
-    code = 499
-    transient = True
 
 
 class ShortTransfer(SizeMismatch):
@@ -105,28 +98,24 @@ class TooLarge(SizeMismatch):
     the transfer is cut at once and not worth trying again."""
 
     code = 413
-    transient = False
 
 
 class TransferTimeout(TransferError):
     """No connection within the connect timeout, or no byte for the idle timeout."""
 
     code = 504
-    transient = True
 
 
 class ConnectionFailed(TransferError):
     """The server could not be reached, dropped the connection or answered with a 5xx."""
 
     code = 503
-    transient = True
 
 
 class LocalFailure(TransferError):
     """Reading or writing a local file failed."""
 
     code = 500
-    transient = True
 
     @classmethod
     def from_os_error(cls, what, exc):
@@ -138,7 +127,7 @@ class LocalFailure(TransferError):
         reason = exc.strerror or str(exc)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EIO):
             return cls(f"{what}: {reason}")
-        return cls(f"{what}: {reason}", code=422, transient=False)
+        return cls(f"{what}: {reason}", code=422)
 
 
 class Refused(TransferError):
@@ -146,11 +135,9 @@ class Refused(TransferError):
     "not found" nor "not allowed")."""
 
     code = 422
-    transient = False
 
 
 class BadRequest(TransferError):
     """The request itself is unusable: a bad URL, an unknown checksum method, ..."""
 
     code = 422
-    transient = False

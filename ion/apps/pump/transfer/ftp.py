@@ -293,7 +293,6 @@ class _Collector:
             raise TransferError(
                 f"{self.shown}: listing larger than {MAX_LISTING_BYTES} bytes",
                 code=413,
-                transient=False,
             )
         self.chunks.append(data)
 

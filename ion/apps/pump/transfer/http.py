@@ -443,7 +443,6 @@ class _BufferWriter:
             raise TransferError(
                 f"{self.shown}: index page larger than {self.limit} bytes",
                 code=413,
-                transient=False,
             )
 
 

@@ -80,6 +80,8 @@ def check_method(method):
 def _lowest(*limits):
     """The lowest of the C{limits} that are not C{None}, or C{None}."""
     return min((limit for limit in limits if limit is not None), default=None)
+
+
 def is_inflight_name(name):
     """Whether the file name C{name} looks like a temporary file: L{sweep} would remove it."""
     return name.startswith(".") and name.endswith(INFLIGHT_SUFFIX)
@@ -466,7 +468,6 @@ class InflightFile:
                 raise LocalFailure(
                     f"cannot write {self.dest_path}: {self._shown(crossed.depth)} {crossed}",
                     code=422,
-                    transient=False,
                 ) from None
             except OSError as exc:
                 self._root.release()
@@ -493,7 +494,6 @@ class InflightFile:
                 f"cannot finish {self.dest_path}: its directory was replaced during the "
                 f"transfer ({why})",
                 code=422,
-                transient=False,
             ) from None
         try:
             now, held = os.fstat(fd), os.fstat(self._dir_fd)
@@ -503,7 +503,6 @@ class InflightFile:
             raise LocalFailure(
                 f"cannot finish {self.dest_path}: its directory was replaced during the transfer",
                 code=422,
-                transient=False,
             )
 
     def _close_directory(self):

@@ -25,9 +25,7 @@ class OutgoingFile:
         info = os.fstat(self._file.fileno())
         if not stat.S_ISREG(info.st_mode):
             self._file.close()
-            raise LocalFailure(
-                f"cannot send {path}: not a regular file", code=422, transient=False
-            )
+            raise LocalFailure(f"cannot send {path}: not a regular file", code=422)
         self.size = info.st_size
         self.mtime = info.st_mtime
         self.mode = stat.S_IMODE(info.st_mode)

@@ -84,9 +84,7 @@ MAX_REDIRECTS = 5
 OWN_ADDRESSES_TTL = 60.0
 
 _UNRESERVED = re.compile(r"%([0-9A-Fa-f]{2})")
-_UNRESERVED_CHARS = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
-)
+_UNRESERVED_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _ZERO_NET = ipaddress.ip_network("0.0.0.0/8")
 
 
@@ -94,7 +92,6 @@ class Forbidden(TransferError):
     """The URL policy refuses the URL or the address it resolves to (403, never retried)."""
 
     code = 403
-    transient = False
 
 
 @attrs.frozen
@@ -443,12 +440,8 @@ class UrlPolicy:
             return Access(self, normal, trusted=False, credentials=False)
         matched = [p for p in self.prefixes if normal.under(p.url)]
         if not matched:
-            raise Forbidden(
-                f"URL of source {source!r} is under none of the subscription's sources"
-            )
-        return Access(
-            self, normal, trusted=False, credentials=any(p.credentials for p in matched)
-        )
+            raise Forbidden(f"URL of source {source!r} is under none of the subscription's sources")
+        return Access(self, normal, trusted=False, credentials=any(p.credentials for p in matched))
 
     async def addresses(self, reactor, scheme, host, port, trusted=False):
         """The addresses C{host} resolves to, once, each checked: any for a C{trusted}
