@@ -31,11 +31,10 @@ import os
 from twisted.python.threadpool import ThreadPool
 
 from ion.apps.pump.args import TransferSettings
-from ion.apps.pump.transfer.credentials import Credentials
-from ion.core.credentials import DEFAULT_CREDENTIALS
 from ion.apps.pump.transfer.http import HTTPConnections
 from ion.apps.pump.transfer.limits import HostLimiter
 from ion.apps.pump.transfer.operations import get, list, put
+from ion.core.credentials import DEFAULT_CREDENTIALS, Credentials
 
 
 def load_credentials(path):
