@@ -62,12 +62,11 @@ from ion.apps.pump.transfer.errors import (
     TransferTimeout,
 )
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
-from ion.apps.pump.transfer.listings import parse_html_index
+from ion.apps.pump.transfer.listings import ListingBuffer, parse_html_index
 from ion.apps.pump.transfer.location import request_url
+from ion.apps.pump.transfer.outgoing import ProgressReader
 from ion.apps.pump.transfer.policy import MAX_REDIRECTS, AddressesEndpoint, Forbidden
 
-# An index page larger than this is not a directory listing we want to hold in memory.
-MAX_INDEX_BYTES = 32 * 1024 * 1024
 PUT_CHUNK_SIZE = 64 * 1024
 
 _PEM_CERTIFICATE = re.compile(
@@ -290,10 +289,12 @@ async def _send(agent, location, settings, method, url, headers, timer, body):
 
 
 class _BodyReceiver(Protocol):
-    """Hands each chunk of a response body to C{write}; C{done} fires at the end."""
+    """Hands each chunk of a response body to C{sink} (an L{InflightFile} or a
+    L{ListingBuffer}), paused while the sink has too much waiting for the disk; C{done} fires
+    at the end."""
 
-    def __init__(self, write, timer):
-        self._write = write
+    def __init__(self, sink, timer):
+        self._sink = sink
         self._timer = timer
         self.received = 0
         self.error = None
@@ -309,14 +310,14 @@ class _BodyReceiver(Protocol):
         self._timer.touch()
         self.received += len(data)
         try:
-            self._write(data)
+            self._sink.write(data)
         except Exception as exc:
             self.error = exc
             self.abort()
             return
-        if self._write.backlogged:
+        if self._sink.backlogged:
             self.transport.pauseProducing()
-            self._write.drained().addCallback(self._resume)
+            self._sink.drained().addCallback(self._resume)
 
     def _resume(self, _):
         if not self.done.called:
@@ -339,8 +340,8 @@ class _Discard(Protocol):
         self.transport.stopProducing()
 
 
-async def _receive_body(location, response, write, timer, idle):
-    receiver = _BodyReceiver(write, timer)
+async def _receive_body(location, response, sink, timer, idle):
+    receiver = _BodyReceiver(sink, timer)
     timer.expire = receiver.abort
     response.deliverBody(receiver)
     try:
@@ -375,8 +376,8 @@ def _last_modified(response):
         return None
 
 
-async def _get(reactor, location, settings, write):
-    """GET C{location}, feeding the body to C{write}; returns the response."""
+async def _get(reactor, location, settings, sink):
+    """GET C{location}, feeding the body to C{sink}; returns the response."""
     timeouts = settings.timeouts
     timer = IdleTimer(reactor, timeouts.idle, first=timeouts.connect + timeouts.idle)
     if settings.http_connections is None:
@@ -391,70 +392,25 @@ async def _get(reactor, location, settings, write):
                 raise _status_error(location, response)
             _check_encoding(location, response)
             if response.length != UNKNOWN_LENGTH:
-                write.declare(response.length)
+                sink.declare(response.length)
         except BaseException:
             response.deliverBody(_Discard())
             raise
-        await _receive_body(location, response, write, timer, timeouts.idle)
+        await _receive_body(location, response, sink, timer, timeouts.idle)
         return response
     finally:
         timer.stop()
 
 
-class _SinkWriter:
-    def __init__(self, sink):
-        self.sink = sink
-
-    def __call__(self, data):
-        self.sink.write(data)
-
-    def declare(self, length):
-        self.sink.declare(length)
-
-    @property
-    def backlogged(self):
-        return self.sink.backlogged
-
-    def drained(self):
-        return self.sink.drained()
-
-
-class _BufferWriter:
-    """Collects an index page in memory, up to C{limit} bytes."""
-
-    backlogged = False
-
-    def __init__(self, limit, shown):
-        self.chunks = []
-        self.size = 0
-        self.limit = limit
-        self.shown = shown
-
-    def __call__(self, data):
-        self.size += len(data)
-        self._check(self.size)
-        self.chunks.append(data)
-
-    def declare(self, length):
-        self._check(length)
-
-    def _check(self, size):
-        if size > self.limit:
-            raise TransferError(
-                f"{self.shown}: index page larger than {self.limit} bytes",
-                code=413,
-            )
-
-
 async def fetch(reactor, location, sink, settings):
     """Stream the body of a GET into C{sink}; returns C{(Last-Modified, None)}."""
-    response = await _get(reactor, location, settings, _SinkWriter(sink))
+    response = await _get(reactor, location, settings, sink)
     return _last_modified(response), None
 
 
 async def listdir(reactor, location, settings):
     """The entries of the index page at C{location} (see L{parse_html_index})."""
-    buffer = _BufferWriter(MAX_INDEX_BYTES, location.shown)
+    buffer = ListingBuffer(f"{location.shown}: index page")
     response = await _get(reactor, location, settings, buffer)
     content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].decode("latin-1")
     match = re.search(r"charset=([\w.:-]+)", content_type, re.IGNORECASE)
@@ -466,27 +422,12 @@ async def listdir(reactor, location, settings):
     return parse_html_index(text, location.request_url)
 
 
-class _TouchingReader:
-    """A file-like view of an L{OutgoingFile} that notes each read as progress."""
-
-    def __init__(self, outgoing, timer):
-        self._outgoing = outgoing
-        self._timer = timer
-
-    def read(self, length):
-        self._timer.touch()
-        return self._outgoing.read(length)
-
-    def close(self):
-        """The caller closes the file."""
-
-
 async def store(reactor, outgoing, location, settings):
     """PUT C{outgoing} to C{location} (no temporary name: HTTP has no rename)."""
     timeouts = settings.timeouts
     timer = IdleTimer(reactor, timeouts.idle, first=timeouts.connect + timeouts.idle)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
-    body = FileBodyProducer(_TouchingReader(outgoing, timer), cooperator, PUT_CHUNK_SIZE)
+    body = FileBodyProducer(ProgressReader(outgoing, timer.touch), cooperator, PUT_CHUNK_SIZE)
     body.length = outgoing.size
     agent = _agent(reactor, settings)
     try:

@@ -27,7 +27,11 @@ import time
 from html.parser import HTMLParser
 from urllib.parse import unquote, urljoin, urlsplit
 
+from ion.apps.pump.transfer.errors import TransferError
 from ion.apps.pump.transfer.results import Entry
+
+# A listing larger than this is not one we want to hold in memory.
+MAX_LISTING_BYTES = 32 * 1024 * 1024
 
 _MONTHS = {name: number for number, name in enumerate(calendar.month_abbr) if name}
 
@@ -36,6 +40,28 @@ _HTML_DATE = re.compile(
     r"|(?P<dmy>\d{1,2}-[A-Za-z]{3}-\d{4})[ :](?P<dmytime>\d{2}:\d{2}(?::\d{2})?)"
 )
 _HTML_SIZE = re.compile(r"^(?P<number>\d+(?:\.\d+)?)(?P<unit>[KMGTP]i?B?|B)?$", re.IGNORECASE)
+
+
+class ListingBuffer:
+    """A listing received in memory (a sink for the schemes' receivers), refused as too
+    large (413) past C{limit} bytes received or announced; C{what} names it in that error."""
+
+    backlogged = False
+
+    def __init__(self, what, limit=MAX_LISTING_BYTES):
+        self.chunks = []
+        self.size = 0
+        self.what = what
+        self.limit = limit
+
+    def write(self, data):
+        self.size += len(data)
+        self.declare(self.size)
+        self.chunks.append(data)
+
+    def declare(self, size):
+        if size > self.limit:
+            raise TransferError(f"{self.what} larger than {self.limit} bytes", code=413)
 
 
 class _IndexScanner(HTMLParser):
