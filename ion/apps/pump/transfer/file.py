@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from ion.apps.pump.transfer.errors import AuthFailed, BadRequest, LocalFailure, NotFound
 from ion.apps.pump.transfer.inflight import InflightFile
-from ion.apps.pump.transfer.results import Entry
+from ion.apps.pump.transfer.results import Entry, entry_type
 
 CHUNK_SIZE = 256 * 1024
 # Give the reactor a turn after this many chunks (4 MiB) so a big copy does not starve it.
@@ -190,13 +190,8 @@ def _listdir(location):
 
 def _entry(name, info):
     """The L{Entry} for a file, directory or symbolic link; C{None} for devices, fifos..."""
-    if stat.S_ISLNK(info.st_mode):
-        kind = "link"
-    elif stat.S_ISDIR(info.st_mode):
-        kind = "dir"
-    elif stat.S_ISREG(info.st_mode):
-        kind = "file"
-    else:
+    kind = entry_type(info.st_mode)
+    if kind is None:
         return None
     size = info.st_size if kind == "file" else None
     return Entry(name, size, info.st_mtime, stat.S_IMODE(info.st_mode), kind)

@@ -454,32 +454,26 @@ class InflightFile:
     def _open_directory(self):
         """Open the directory of C{dest_path} from the root, making what is missing; once more
         from a freshly opened root if a directory vanished on the way."""
-        for attempt in (0, 1):
-            root_fd = self._root.acquire(reopen=attempt > 0)
+        for retry in (False, True):
+            root_fd = self._root.acquire(reopen=retry)
             try:
                 self._dir_fd = _walk(root_fd, self._below, make=True)
-            except FileNotFoundError as exc:
+            except BaseException as exc:
                 self._root.release()
-                if attempt == 0:
+                if isinstance(exc, _NotADirectory):
+                    where = os.path.join(self._root.path, *self._below[: exc.depth + 1])
+                    raise LocalFailure(
+                        f"cannot write {self.dest_path}: {where} {exc}", code=422
+                    ) from None
+                if isinstance(exc, FileNotFoundError) and not retry:
                     continue
-                raise LocalFailure.from_os_error(f"cannot create {self.temp_path}", exc) from None
-            except _NotADirectory as crossed:
-                self._root.release()
-                raise LocalFailure(
-                    f"cannot write {self.dest_path}: {self._shown(crossed.depth)} {crossed}",
-                    code=422,
-                ) from None
-            except OSError as exc:
-                self._root.release()
-                raise LocalFailure.from_os_error(f"cannot create {self.temp_path}", exc) from None
-            except BaseException:
-                self._root.release()
+                if isinstance(exc, OSError):
+                    raise LocalFailure.from_os_error(
+                        f"cannot create {self.temp_path}", exc
+                    ) from None
                 raise
             self._root_fd = root_fd
             return
-
-    def _shown(self, depth):
-        return os.path.join(self._root.path, *self._below[: depth + 1])
 
     def _check_directory(self):
         """
@@ -489,21 +483,19 @@ class InflightFile:
         try:
             fd = _walk(self._root_fd, self._below, make=False)
         except (OSError, _NotADirectory) as exc:
-            why = str(exc) if isinstance(exc, _NotADirectory) else "gone"
-            raise LocalFailure(
-                f"cannot finish {self.dest_path}: its directory was replaced during the "
-                f"transfer ({why})",
-                code=422,
-            ) from None
-        try:
-            now, held = os.fstat(fd), os.fstat(self._dir_fd)
-        finally:
-            os.close(fd)
-        if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
-            raise LocalFailure(
-                f"cannot finish {self.dest_path}: its directory was replaced during the transfer",
-                code=422,
-            )
+            why = f" ({exc})" if isinstance(exc, _NotADirectory) else " (gone)"
+        else:
+            try:
+                now, held = os.fstat(fd), os.fstat(self._dir_fd)
+            finally:
+                os.close(fd)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return
+            why = ""
+        raise LocalFailure(
+            f"cannot finish {self.dest_path}: its directory was replaced during the transfer" + why,
+            code=422,
+        )
 
     def _close_directory(self):
         if self._dir_fd is not None:

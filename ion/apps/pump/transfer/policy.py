@@ -503,24 +503,20 @@ class Access:
         return await self.policy.addresses(reactor, scheme, host, port, self.trusted)
 
 
-async def client_endpoint(reactor, location, settings):
-    """The endpoint to reach C{location} (sftp, ftp) with: the host name under a trusted
-    access (or none), else the address C{settings.access} checked."""
+async def connect(reactor, location, settings, protocol):
+    """Connect C{protocol} to C{location} (sftp, ftp): to the host name under a trusted
+    access (or none), else to an address C{settings.access} checked. A failure to connect
+    becomes a L{TransferError} (L{TransferTimeout}, or L{ConnectionFailed} for a host that
+    does not resolve, a refused or failed connection)."""
+    shown, host, port = location.shown, location.host, location.port
     timeout = settings.timeouts.connect
     access = settings.access
-    if access is None or access.trusted:
-        return HostnameEndpoint(reactor, location.host, location.port, timeout=timeout)
-    addresses = await access.addresses(reactor, location.scheme, location.host, location.port)
-    return AddressesEndpoint(reactor, addresses, location.port, timeout)
-
-
-async def connect(reactor, location, settings, protocol):
-    """Connect C{protocol} to C{location} (sftp, ftp) through L{client_endpoint}; a failure
-    to connect becomes a L{TransferError} (L{TransferTimeout}, or L{ConnectionFailed} for a
-    host that does not resolve, a refused or failed connection)."""
-    shown = location.shown
     try:
-        endpoint = await client_endpoint(reactor, location, settings)
+        if access is None or access.trusted:
+            endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+        else:
+            addresses = await access.addresses(reactor, location.scheme, host, port)
+            endpoint = AddressesEndpoint(reactor, addresses, port, timeout)
         return await cancellable(connectProtocol(endpoint, protocol))
     except (net_error.TimeoutError, net_error.ConnectingCancelledError):
         raise TransferTimeout(
@@ -528,7 +524,7 @@ async def connect(reactor, location, settings, protocol):
         ) from None
     except net_error.DNSLookupError:
         # Not a ConnectError: without this it would reach the caller as a server fault.
-        raise ConnectionFailed(f"{shown}: cannot resolve host {location.host!r}") from None
+        raise ConnectionFailed(f"{shown}: cannot resolve host {host!r}") from None
     except net_error.ConnectionRefusedError:
         raise ConnectionFailed(f"{shown}: connection refused") from None
     except net_error.ConnectError as exc:
