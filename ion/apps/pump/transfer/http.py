@@ -26,6 +26,7 @@ import functools
 import re
 from urllib.parse import urljoin, urlsplit
 
+import attrs
 from OpenSSL import SSL
 from twisted.internet import error as net_error
 from twisted.internet import ssl
@@ -93,22 +94,20 @@ def _restricted(settings):
     return None if access is None or access.trusted else access.policy
 
 
-@implementer(IStreamClientEndpoint)
-class _CheckedEndpoint:
-    """Connects to the addresses the policy checked for the URI's host, not to the name."""
+@implementer(IAgentEndpointFactory)
+class _CheckedEndpoints:
+    """Endpoints to the addresses the policy checked for a URI's host, not to the name."""
 
-    def __init__(self, reactor, policy, uri, tls, timeout):
+    def __init__(self, reactor, policy, tls, timeout):
         self._reactor = reactor
         self._policy = policy
-        self._uri = uri
         self._tls = tls
         self._timeout = timeout
 
-    def connect(self, factory):
-        return Deferred.fromCoroutine(self._connect(factory))
+    def endpointForURI(self, uri):
+        return _Endpoint(lambda factory: Deferred.fromCoroutine(self._connect(uri, factory)))
 
-    async def _connect(self, factory):
-        uri = self._uri
+    async def _connect(self, uri, factory):
         scheme, host = uri.scheme.decode("ascii"), uri.host.decode("ascii")
         addresses = await self._policy.addresses(self._reactor, scheme, host, uri.port)
         wrap = None
@@ -119,14 +118,10 @@ class _CheckedEndpoint:
         return await endpoint.connect(factory)
 
 
-@implementer(IAgentEndpointFactory)
-class _CheckedEndpoints:
-    def __init__(self, reactor, policy, tls, timeout):
-        self._args = (reactor, policy, tls, timeout)
-
-    def endpointForURI(self, uri):
-        reactor, policy, tls, timeout = self._args
-        return _CheckedEndpoint(reactor, policy, uri, tls, timeout)
+@implementer(IStreamClientEndpoint)
+@attrs.frozen
+class _Endpoint:
+    connect: object
 
 
 def _agent(reactor, settings, pool=None):

@@ -39,18 +39,11 @@ class MinRate:
         """
         if value is None or (not isinstance(value, bool) and value == 0):
             return None
-        if isinstance(value, dict) and not set(value) - {"bytes_per_s", "window"}:
-            fields = value
-        elif not isinstance(value, (bool, dict)) and isinstance(value, (int, float)):
-            fields = {"bytes_per_s": value}
-        else:
-            fields = None
+        fields = value if isinstance(value, dict) else {"bytes_per_s": value}
         default = cls()
-        rate = window = None
-        if fields is not None:
-            rate = fields.get("bytes_per_s", default.bytes_per_s)
-            window = fields.get("window", default.window)
-        if not all(
+        rate = fields.get("bytes_per_s", default.bytes_per_s)
+        window = fields.get("window", default.window)
+        if set(fields) - {"bytes_per_s", "window"} or not all(
             not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0
             for v in (rate, window)
         ):

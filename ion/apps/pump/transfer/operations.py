@@ -166,19 +166,7 @@ async def _fetch(reactor, location, sink, settings, min_rate):
         watch.stop()
 
 
-async def put(
-    reactor,
-    src_path,
-    url,
-    *,
-    timeouts=Timeouts(),
-    credentials=None,
-    limiter=None,
-    ca_file=None,
-    known_hosts=None,
-    pool=None,
-    http_connections=None,
-):
+async def put(reactor, src_path, url, *, credentials=None, limiter=None, **settings):
     """
     Send the local file C{src_path} to C{url}.
 
@@ -187,11 +175,13 @@ async def put(
     C{pool} is used as in L{get} by the file scheme; an http PUT always opens a connection of
     its own (a request with a body is not retried on a kept connection the server closed).
 
+    @param settings: C{timeouts}, C{ca_file}, C{known_hosts}, C{pool} and C{http_connections},
+        as in L{get} (the fields of L{Settings}).
     @return: a L{TransferResult} for the bytes sent (C{path} is the redacted URL).
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
     """
     location = locate(url, credentials)
-    settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool)
+    settings = Settings(**settings)
     async with _slot(limiter, url):
         outgoing = OutgoingFile(src_path)
         try:
@@ -207,27 +197,16 @@ async def put(
         )
 
 
-async def list(
-    reactor,
-    url,
-    *,
-    timeouts=Timeouts(),
-    credentials=None,
-    limiter=None,
-    ca_file=None,
-    known_hosts=None,
-    pool=None,
-    http_connections=None,
-):
+async def list(reactor, url, *, credentials=None, limiter=None, **settings):
     """
     The entries of the remote directory C{url}, sorted by name (C{.} and C{..} left out).
-    C{http_connections} as in L{get}; C{pool} reads local (file) directories.
+    C{settings} as in L{put}; C{pool} reads local (file) directories.
 
     @rtype: a list of L{Entry}
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
     """
     location = locate(url, credentials)
-    settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool)
+    settings = Settings(**settings)
     async with _slot(limiter, url):
         entries = await _SCHEMES[location.scheme].listdir(reactor, location, settings)
     return sorted(
