@@ -48,6 +48,7 @@ from ion.apps.pump.transfer.errors import (
     TooLarge,
     TransferError,
 )
+from ion.apps.pump.transfer.limits import SharedResult
 from ion.apps.pump.transfer.results import TransferResult
 
 CHECKSUM_METHODS = ("sha512", "md5")
@@ -97,40 +98,6 @@ def inflight_name(dest_path):
 
 def b64digest(hasher):
     return base64.b64encode(hasher.digest()).decode("ascii")
-
-
-class _Outcome:
-    """The outcome of a disk job for any number of observers: cancelling an observer leaves
-    the job running (a thread cannot be stopped) and the others waiting for it."""
-
-    def __init__(self, d):
-        self._observers = []
-        self._result = None
-        self.done = False
-        d.addBoth(self._fire)
-
-    def _fire(self, result):
-        self.done, self._result = True, result
-        observers, self._observers = self._observers, []
-        for d in observers:
-            self._tell(d)
-
-    def _tell(self, d):
-        if d.called:
-            return
-        if isinstance(self._result, Failure):
-            d.errback(self._result)
-        else:
-            d.callback(self._result)
-
-    def observe(self):
-        """A new Deferred with the job's result."""
-        d = Deferred()
-        if self.done:
-            self._tell(d)
-        else:
-            self._observers.append(d)
-        return d
 
 
 class DestinationRoot:
@@ -265,7 +232,7 @@ class InflightFile:
         self._pending = []
         self._pending_bytes = 0
         self._streaming = False
-        self._job = None  # the _Outcome of the last disk job
+        self._job = None  # the SharedResult of the last disk job
         self._error = None  # the TransferError a streaming job failed with
         self._waiting = []  # Deferreds of drained()
         self._removal = None
@@ -381,7 +348,7 @@ class InflightFile:
             idle = succeed(None) if self._job is None else self._job.observe()
             idle.addErrback(lambda _: None)
             idle.addCallback(lambda _: self._run(self._remove).observe())
-            self._removal = _Outcome(idle)
+            self._removal = SharedResult(idle)
         return self._removal.observe()
 
     def _check_size(self):
@@ -396,7 +363,7 @@ class InflightFile:
                 )
 
     def _run(self, work, *args):
-        """Run C{work} in the pool (or at once without one); the L{_Outcome}."""
+        """Run C{work} in the pool (or at once without one); the L{SharedResult}."""
         if self._pool is None:
             try:
                 d = succeed(work(*args))
@@ -404,7 +371,7 @@ class InflightFile:
                 d = fail()
         else:
             d = deferToThreadPool(self._reactor, self._pool, work, *args)
-        return _Outcome(d)
+        return SharedResult(d)
 
     def _stream(self):
         """From now on, write to disk as the bytes come (starting with creating the file)."""

@@ -63,7 +63,6 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ion.apps.pump.transfer.errors import (
@@ -72,7 +71,7 @@ from ion.apps.pump.transfer.errors import (
     TransferError,
     TransferTimeout,
 )
-from ion.apps.pump.transfer.limits import cancellable
+from ion.apps.pump.transfer.limits import SharedResult, cancellable
 from ion.core.credentials import DEFAULT_PORTS
 
 # What a notice may name without being from the pump's own user.
@@ -318,27 +317,19 @@ class OwnAddresses:
         self._read = read
         self._addresses = None
         self._when = None
-        self._waiting = []
+        self._reading = None  # a SharedResult, for every caller that comes while it runs
 
     async def get(self, reactor):
         if self._addresses is not None and time.monotonic() - self._when < self.ttl:
             return self._addresses
-        waiter = defer.Deferred()
-        self._waiting.append(waiter)
-        if len(self._waiting) == 1:
+        if self._reading is None or self._reading.done:
             reading = threads.deferToThreadPool(reactor, reactor.getThreadPool(), self._read)
-            reading.addBoth(self._done)
-        return await waiter
+            self._reading = SharedResult(reading.addCallback(self._fresh))
+        return await self._reading.observe()
 
-    def _done(self, result):
-        waiting, self._waiting = self._waiting, []
-        if isinstance(result, Failure):
-            for waiter in waiting:
-                waiter.errback(result)
-            return
-        self._addresses, self._when = result, time.monotonic()
-        for waiter in waiting:
-            waiter.callback(result)
+    def _fresh(self, addresses):
+        self._addresses, self._when = addresses, time.monotonic()
+        return addresses
 
 
 @implementer(IResolutionReceiver)
