@@ -195,10 +195,10 @@ def _failures(reason):
 
 
 def _untrusted(reason):
-    for failure in _failures(reason):
-        if failure.check(SSL.Error) or type(failure.value).__name__ == "VerificationError":
-            return True
-    return False
+    return any(
+        failure.check(SSL.Error) or type(failure.value).__name__ == "VerificationError"
+        for failure in _failures(reason)
+    )
 
 
 def _request_error(location, reason, timer, timeouts):

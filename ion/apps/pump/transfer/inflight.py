@@ -35,7 +35,7 @@ import secrets
 import threading
 import time
 
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
@@ -76,11 +76,6 @@ def check_method(method):
             code=417,
         )
     return method
-
-
-def _lowest(*limits):
-    """The lowest of the C{limits} that are not C{None}, or C{None}."""
-    return min((limit for limit in limits if limit is not None), default=None)
 
 
 def is_inflight_name(name):
@@ -224,7 +219,7 @@ class InflightFile:
         self.expected_size = expected_size
         self.declared_size = None
         self.max_size = max_size
-        self._limit = _lowest(expected_size, max_size)
+        self._limit = min((n for n in (expected_size, max_size) if n is not None), default=None)
         self._hashers = {method: hashlib.new(check_method(method)) for method in methods}
         self._reactor = reactor
         self._pool = pool
@@ -365,13 +360,8 @@ class InflightFile:
     def _run(self, work, *args):
         """Run C{work} in the pool (or at once without one); the L{SharedResult}."""
         if self._pool is None:
-            try:
-                d = succeed(work(*args))
-            except BaseException:
-                d = fail()
-        else:
-            d = deferToThreadPool(self._reactor, self._pool, work, *args)
-        return SharedResult(d)
+            return SharedResult(maybeDeferred(work, *args))
+        return SharedResult(deferToThreadPool(self._reactor, self._pool, work, *args))
 
     def _stream(self):
         """From now on, write to disk as the bytes come (starting with creating the file)."""

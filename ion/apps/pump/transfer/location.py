@@ -90,9 +90,8 @@ def request_url(url):
     parts = urlsplit(url)
     if not parts.hostname:
         raise BadRequest(f"{redact(url)}: no host in URL")
-    netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-    if ":" in parts.hostname:
-        netloc = f"[{parts.hostname}]" + ("" if parts.port is None else f":{parts.port}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
     # Agents send ASCII: percent-encode what is not, leave existing escapes alone.
     return quote(
         urlunsplit((parts.scheme.lower(), netloc, parts.path or "/", parts.query, "")),
