@@ -21,7 +21,6 @@ import time
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.protocol import Protocol
 from twisted.protocols.basic import FileSender
 from twisted.protocols.ftp import CommandFailed, FTPClient, FTPError
 
@@ -34,7 +33,7 @@ from ion.apps.pump.transfer.errors import (
     TransferError,
     TransferTimeout,
 )
-from ion.apps.pump.transfer.inflight import inflight_name
+from ion.apps.pump.transfer.inflight import SinkReceiver, inflight_name
 from ion.apps.pump.transfer.limits import IdleTimer
 from ion.apps.pump.transfer.policy import connect
 from ion.apps.pump.transfer.listings import ListingBuffer, parse_list_line, parse_mlsd_line
@@ -115,38 +114,15 @@ class _Control(FTPClient):
             self.session.closed.callback(None)
 
 
-class _Receiver(Protocol):
-    """Hands each chunk of a data connection to C{sink} (an L{InflightFile} or a
-    L{ListingBuffer}), paused while the sink has too much waiting for the disk."""
+class _Receiver(SinkReceiver):
+    """Hands a data connection's bytes to C{sink}."""
 
     def __init__(self, session, sink):
+        super().__init__(sink, session.timer)
         self.session = session
-        self.sink = sink
-        self.error = None
-        self.received = 0
 
     def connectionMade(self):
         self.session.data_transport = self.transport
-
-    def dataReceived(self, data):
-        if self.error is not None:
-            return
-        self.session.timer.touch()
-        self.received += len(data)
-        try:
-            self.sink.write(data)
-        except Exception as exc:
-            self.error = exc
-            self.transport.abortConnection()
-            return
-        if self.sink.backlogged:
-            self.transport.pauseProducing()
-            self.sink.drained().addCallback(self._resume)
-
-    def _resume(self, _):
-        if self.transport.connected:
-            self.session.timer.touch()
-            self.transport.resumeProducing()
 
     async def receive(self, transfer):
         """Wait for the data C{transfer} (a Deferred) feeding this receiver; an error met by

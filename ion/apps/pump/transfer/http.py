@@ -62,6 +62,7 @@ from ion.apps.pump.transfer.errors import (
     TransferError,
     TransferTimeout,
 )
+from ion.apps.pump.transfer.inflight import SinkReceiver
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
 from ion.apps.pump.transfer.listings import ListingBuffer, parse_html_index
 from ion.apps.pump.transfer.location import request_url
@@ -283,41 +284,19 @@ async def _send(agent, location, settings, method, url, headers, timer, body):
         raise _request_error(location, Failure(), timer, settings.timeouts) from None
 
 
-class _BodyReceiver(Protocol):
-    """Hands each chunk of a response body to C{sink} (an L{InflightFile} or a
-    L{ListingBuffer}), paused while the sink has too much waiting for the disk; C{done} fires
-    at the end."""
+class _BodyReceiver(SinkReceiver):
+    """Hands a response body to C{sink}; C{done} fires at the end."""
 
     def __init__(self, sink, timer):
-        self._sink = sink
-        self._timer = timer
-        self.received = 0
-        self.error = None
+        super().__init__(sink, timer)
         self.done = Deferred(lambda _: self.abort())
 
     def abort(self):
         if self.transport is not None:
             self.transport.stopProducing()
 
-    def dataReceived(self, data):
-        if self.error is not None:
-            return
-        self._timer.touch()
-        self.received += len(data)
-        try:
-            self._sink.write(data)
-        except Exception as exc:
-            self.error = exc
-            self.abort()
-            return
-        if self._sink.backlogged:
-            self.transport.pauseProducing()
-            self._sink.drained().addCallback(self._resume)
-
-    def _resume(self, _):
-        if not self.done.called:
-            self._timer.touch()
-            self.transport.resumeProducing()
+    def receiving(self):
+        return not self.done.called
 
     def connectionLost(self, reason):
         if self.done.called:

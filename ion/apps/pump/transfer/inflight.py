@@ -36,6 +36,7 @@ import threading
 import time
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
@@ -93,6 +94,47 @@ def inflight_name(dest_path):
 
 def b64digest(hasher):
     return base64.b64encode(hasher.digest()).decode("ascii")
+
+
+class SinkReceiver(Protocol):
+    """
+    Hands each chunk a connection receives to C{sink} (an L{InflightFile}, or anything with
+    its C{write}, C{backlogged} and C{drained}), pausing the connection while the sink has
+    too much waiting for the disk; each chunk is progress for the C{timer}. What the sink
+    raises is kept as C{error} and ends the connection (L{abort}).
+    """
+
+    def __init__(self, sink, timer):
+        self.sink = sink
+        self.timer = timer
+        self.received = 0
+        self.error = None
+
+    def abort(self):
+        self.transport.abortConnection()
+
+    def receiving(self):
+        return self.transport.connected
+
+    def dataReceived(self, data):
+        if self.error is not None:
+            return
+        self.timer.touch()
+        self.received += len(data)
+        try:
+            self.sink.write(data)
+        except Exception as exc:
+            self.error = exc
+            self.abort()
+            return
+        if self.sink.backlogged:
+            self.transport.pauseProducing()
+            self.sink.drained().addCallback(self._resume)
+
+    def _resume(self, _):
+        if self.receiving():
+            self.timer.touch()
+            self.transport.resumeProducing()
 
 
 class DestinationRoot:
