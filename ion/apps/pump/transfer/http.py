@@ -9,7 +9,8 @@ host name): see L{ion.apps.pump.transfer.policy}. A PUT follows no redirect.
 
 treq is not used for transfers: its client always asks for and decodes gzip
 content-encoding, which would hand us other bytes than the file's (a C{.gz} file served with
-C{Content-Encoding: gzip} arrives decompressed) and break sizes and checksums. We ask for the identity encoding and refuse any other.
+C{Content-Encoding: gzip} arrives decompressed) and break sizes and checksums. We ask for the
+identity encoding and refuse any other.
 
 https certificates are verified by default against the system's trust store, or against the
 certificate authorities of C{ca_file}; a failed verification is L{ServerNotTrusted}.

@@ -306,10 +306,6 @@ async def _with_session(reactor, location, settings, work):
         await session.close()
 
 
-def _is_dir(attrs):
-    return stat.S_ISDIR(attrs.get("permissions", 0))
-
-
 async def _drain(pending):
     """Wait out requests in flight whose answers no longer matter."""
     while pending:
@@ -362,7 +358,7 @@ async def fetch(reactor, location, sink, settings):
     async def work(client, session):
         path = location.path.encode("utf-8")
         attrs = await client.getAttrs(path, followLinks=1)
-        if _is_dir(attrs):
+        if stat.S_ISDIR(attrs.get("permissions", 0)):
             raise BadRequest(f"{location.shown}: is a directory")
         if "size" in attrs:
             sink.declare(attrs["size"])
