@@ -104,10 +104,8 @@ async def get(
         raise TooLarge(
             f"{location.shown}: announced size {expected_size} bytes is over max_size {max_size}"
         )
-    methods = []
-    for method in (expected_checksum[0] if expected_checksum else None, cod):
-        if method is not None and method not in methods:
-            methods.append(check_method(method))
+    wanted = (expected_checksum[0] if expected_checksum else None, cod)
+    methods = [check_method(method) for method in dict.fromkeys(wanted) if method is not None]
     settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool, access)
     async with _slot(limiter, url):
         sink = InflightFile(
@@ -130,10 +128,8 @@ async def get(
             except BaseException:
                 await sink.discard()
                 raise
-            if mtime is None:
-                mtime = source_mtime
-            if mode is None:
-                mode = source_mode
+            mtime = source_mtime if mtime is None else mtime
+            mode = source_mode if mode is None else mode
             return await sink.finish(
                 tuple(expected_checksum) if expected_checksum else None,
                 mtime,

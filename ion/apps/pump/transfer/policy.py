@@ -242,6 +242,14 @@ def normalize(url):
     return NormalUrl(scheme, host, port or DEFAULT_PORTS[scheme], path, parts.query, userinfo)
 
 
+def _normalized(url, error, what):
+    """The L{NormalUrl} of C{url}, else C{error("what: why")}."""
+    try:
+        return normalize(url)
+    except ValueError as e:
+        raise error(f"{what}: {e}") from None
+
+
 def _as_ipv4(address):
     """The IPv4 address an IPv6 one stands for (mapped C{::ffff:a.b.c.d} or compatible
     C{::a.b.c.d}), else None."""
@@ -384,10 +392,7 @@ def _prefix(entry, who):
             f"{who}: a sources prefix holds no user or password (logins go in the "
             "credentials file)"
         )
-    try:
-        normal = normalize(entry)
-    except ValueError as e:
-        raise ValueError(f"{who}: sources prefix {entry!r}: {e}") from None
+    normal = _normalized(entry, ValueError, f"{who}: sources prefix {entry!r}")
     if normal.query:
         raise ValueError(f"{who}: sources prefix {entry!r} has a ?query")
     return _Prefix(normal, credentials)
@@ -416,10 +421,7 @@ class UrlPolicy:
     def judge(self, url, source):
         """The L{Access} a notice from C{source} has to C{url}; L{Forbidden} when the policy
         refuses it, L{BadRequest} for a URL that cannot be normalized."""
-        try:
-            normal = normalize(url)
-        except ValueError as e:
-            raise BadRequest(f"unusable URL: {e}") from None
+        normal = _normalized(url, BadRequest, "unusable URL")
         if source is not None and source == self.own_user:
             return Access(self, normal, trusted=True, credentials=True)
         if self.prefixes is None:
@@ -475,10 +477,7 @@ class Access:
     def redirect(self, url):
         """The L{Access} for a redirect to C{url} (http or https only); L{Forbidden} when the
         policy refuses it. Credentials never follow a redirect."""
-        try:
-            normal = normalize(url)
-        except ValueError as e:
-            raise Forbidden(f"redirect to an unusable URL: {e}") from None
+        normal = _normalized(url, Forbidden, "redirect to an unusable URL")
         if normal.scheme not in ("http", "https"):
             raise Forbidden(f"redirect to a {normal.scheme}: URL refused")
         if self.trusted:
