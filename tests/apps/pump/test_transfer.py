@@ -128,13 +128,15 @@ class ErrorTests(SynchronousTestCase):
         ]
         self.assertGreater(len(classes), 10)
         for cls in classes:
-            self.assertEqual(cls.transient, cls.code in TRANSIENT_CODES, cls)
+            error = cls("x")
+            self.assertEqual(error.transient, error.code in TRANSIENT_CODES, cls)
+        self.assertFalse(LocalFailure("x", code=422).transient)
 
     def test_override(self):
         """
-        Code and transience can be given per instance; the message is the str.
+        The code can be given per instance (transience follows it); the message is the str.
         """
-        error = TransferError("server answered 502", code=503, transient=True)
+        error = TransferError("server answered 502", code=503)
         self.assertEqual(
             (str(error), error.code, error.transient), ("server answered 502", 503, True)
         )

@@ -10,12 +10,10 @@ Three operations, each an C{async def} taking the reactor first:
   - L{list}C{(reactor, url, ...)} -> [L{Entry}]: the entries of a remote directory.
 
 Failures raise L{TransferError} subclasses whose C{transient} and C{code} tell a caller whether
-to retry and what to report. Supporting pieces: L{Timeouts} (connect and idle), L{HostLimiter}
-(concurrent transfers per host), L{Credentials} (the credentials file, shared with the
-container: see L{ion.core.credentials}), L{HTTPConnections}
-(http(s) connections kept open between transfers). A long-running caller also passes a started
-C{ThreadPool} as C{pool=}: the local disk work (create, write, fsync, rename) then runs there
-instead of blocking the reactor.
+to retry and what to report. Supporting pieces: L{Timeouts}, L{HostLimiter}, L{Credentials}
+(the file shared with the container: L{ion.core.credentials}) and L{HTTPConnections}. A
+long-running caller also passes a started C{ThreadPool} as C{pool=}: the local disk work then
+runs there instead of blocking the reactor (see L{ion.apps.pump.transfer.worker}).
 """
 
 from ion.apps.pump.transfer.errors import (

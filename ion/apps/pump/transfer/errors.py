@@ -5,33 +5,8 @@ error has: C{transient} (a retry may succeed) and C{code} (the report code to pu
 pump's report codes: 4xx the request's fault, 5xx the remote side's or ours). Only codes of
 that list are used: an HTTP 401 is reported as 403, an HTTP 502 as 503.
 
-Each error, its code, whether it is transient and when it is raised::
-
-    NotFound           404 (410)    no        the remote file or directory does not exist (gone)
-    AuthFailed         403          no        credentials missing or refused, permission denied
-    ServerNotTrusted   403          no        TLS certificate or SSH host key not verified
-    Refused            422          no        the server refuses the request for good
-                                              (HTTP 4xx, FTP 5xx)
-    BadRequest         417, 422     no        unusable URL or checksum method, unsupported operation
-    ChecksumMismatch   499          yes       the received bytes do not match the announced checksum
-    ShortTransfer      499          yes       fewer bytes arrived than announced (connection cut)
-    SizeMismatch       499          yes       the server announces another size than the caller
-    TooLarge           413          no        more bytes than announced or than max_size
-    LocalFailure       500 or 422   500 only  local disk full or failing (500); path unusable (422)
-    ConnectionFailed   503          yes       connection refused or lost, server busy
-                                              (HTTP 5xx, FTP 4xx)
-    TransferTimeout    504          yes       no connection within connect s, no byte for idle s,
-                                              or under min_rate
-
 An error is transient exactly when its code is one of L{TRANSIENT_CODES} (499, 500, 503, 504),
 so a caller that only sees the code (after it crossed the wire) decides the same way.
-
-L{TooLarge} is permanent: a server sending more than it announced (or than the caller allows)
-is not asked again, and the code is one a caller seeing only the code does not retry either.
-
-L{ChecksumMismatch} is transient: the usual cause is a file rewritten upstream while it was
-being fetched, which a later attempt gets right. A caller's retry horizon turns a mismatch
-that persists into a permanent failure (code 499) -- this module cannot tell the two apart.
 
 Messages never hold passwords: every URL in them went through L{ion.core.log.redact}.
 """
@@ -45,15 +20,17 @@ class TransferError(Exception):
     """A transfer failed; C{code} is HTTP-like, C{transient} says whether a retry may succeed."""
 
     code = 499
-    transient = True
 
-    def __init__(self, message, code=None, transient=None):
+    def __init__(self, message, code=None):
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = int(code)
-        if transient is not None:
-            self.transient = bool(transient)
+
+    @property
+    def transient(self):
+        """Whether a retry may succeed: exactly when the code is one of L{TRANSIENT_CODES}."""
+        return self.code in TRANSIENT_CODES
 
     def __repr__(self):
         return (
@@ -62,38 +39,31 @@ class TransferError(Exception):
 
 
 class NotFound(TransferError):
-    """The remote file or directory does not exist."""
+    """The remote file or directory does not exist (410 when the server says it is gone)."""
 
     code = 404
-    transient = False
 
 
 class AuthFailed(TransferError):
     """The server refused our credentials or the operation (HTTP 401 and 403 alike)."""
 
     code = 403
-    transient = False
 
 
 class ServerNotTrusted(TransferError):
     """The server's TLS certificate or SSH host key could not be verified; nothing was sent."""
 
     code = 403
-    transient = False
 
 
 class ChecksumMismatch(TransferError):
-    """The received bytes do not hash to the expected value."""
-
-    code = 499
-    transient = True
+    """The received bytes do not hash to the expected value. Transient: the usual cause is a
+    file rewritten upstream while it was fetched, which a later attempt gets right; a caller's
+    retry horizon turns a mismatch that persists into a permanent failure."""
 
 
 class SizeMismatch(TransferError):
     """The number of bytes received differs from the announced size."""
-
-    code = 499
-    transient = True
 
 
 class ShortTransfer(SizeMismatch):
@@ -102,31 +72,30 @@ class ShortTransfer(SizeMismatch):
 
 class TooLarge(SizeMismatch):
     """More bytes than announced, or than the caller's C{max_size}, arrived or are announced:
-    the transfer is cut at once and not worth trying again."""
+    the transfer is cut at once, and a server sending more than it announced is not asked
+    again (permanent)."""
 
     code = 413
-    transient = False
 
 
 class TransferTimeout(TransferError):
-    """No connection within the connect timeout, or no byte for the idle timeout."""
+    """No connection within the connect timeout, no byte for the idle timeout, or slower
+    than the caller's C{min_rate}."""
 
     code = 504
-    transient = True
 
 
 class ConnectionFailed(TransferError):
-    """The server could not be reached, dropped the connection or answered with a 5xx."""
+    """The server could not be reached, dropped the connection or is busy (HTTP 5xx, FTP 4xx)."""
 
     code = 503
-    transient = True
 
 
 class LocalFailure(TransferError):
-    """Reading or writing a local file failed."""
+    """Reading or writing a local file failed: the disk is full or failing (500), or the path
+    is unusable (422, see L{from_os_error})."""
 
     code = 500
-    transient = True
 
     @classmethod
     def from_os_error(cls, what, exc):
@@ -138,7 +107,7 @@ class LocalFailure(TransferError):
         reason = exc.strerror or str(exc)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EIO):
             return cls(f"{what}: {reason}")
-        return cls(f"{what}: {reason}", code=422, transient=False)
+        return cls(f"{what}: {reason}", code=422)
 
 
 class Refused(TransferError):
@@ -146,11 +115,10 @@ class Refused(TransferError):
     "not found" nor "not allowed")."""
 
     code = 422
-    transient = False
 
 
 class BadRequest(TransferError):
-    """The request itself is unusable: a bad URL, an unknown checksum method, ..."""
+    """The request itself is unusable: a bad URL, an unknown checksum method (417), an
+    operation the server does not support."""
 
     code = 422
-    transient = False

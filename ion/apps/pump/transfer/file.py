@@ -12,14 +12,13 @@ import errno
 import os
 import stat
 
-from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
-from twisted.python.failure import Failure
 
 from ion.apps.pump.transfer.errors import AuthFailed, BadRequest, LocalFailure, NotFound
 from ion.apps.pump.transfer.inflight import InflightFile
-from ion.apps.pump.transfer.results import Entry
+from ion.apps.pump.transfer.limits import SharedResult
+from ion.apps.pump.transfer.results import Entry, entry_type
 
 CHUNK_SIZE = 256 * 1024
 # Give the reactor a turn after this many chunks (4 MiB) so a big copy does not starve it.
@@ -83,27 +82,16 @@ class _Source:
         return await self._call(self._read, size)
 
     def close(self):
-        if self._job is not None:
-            self._job.addBoth(lambda _: self._close())
+        if self._job is not None and not self._job.done:
+            self._job.observe().addBoth(lambda _: self._close())
         else:
             self._close()
 
     async def _call(self, work, *args):
         if self._pool is None:
             return work(*args)
-        job = self._job = deferToThreadPool(self._reactor, self._pool, work, *args)
-        outcome = Deferred()
-
-        def settle(result):
-            self._job = None
-            if not outcome.called:
-                if isinstance(result, Failure):
-                    outcome.errback(result)
-                else:
-                    outcome.callback(result)
-
-        job.addBoth(settle)
-        return await outcome
+        self._job = SharedResult(deferToThreadPool(self._reactor, self._pool, work, *args))
+        return await self._job.observe()
 
     # -- in the pool --------------------------------------------------------------------
 
@@ -190,13 +178,8 @@ def _listdir(location):
 
 def _entry(name, info):
     """The L{Entry} for a file, directory or symbolic link; C{None} for devices, fifos..."""
-    if stat.S_ISLNK(info.st_mode):
-        kind = "link"
-    elif stat.S_ISDIR(info.st_mode):
-        kind = "dir"
-    elif stat.S_ISREG(info.st_mode):
-        kind = "file"
-    else:
+    kind = entry_type(info.st_mode)
+    if kind is None:
         return None
     size = info.st_size if kind == "file" else None
     return Entry(name, size, info.st_mtime, stat.S_IMODE(info.st_mode), kind)

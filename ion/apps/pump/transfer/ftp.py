@@ -21,7 +21,6 @@ import time
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.protocol import Protocol
 from twisted.protocols.basic import FileSender
 from twisted.protocols.ftp import CommandFailed, FTPClient, FTPError
 
@@ -34,12 +33,11 @@ from ion.apps.pump.transfer.errors import (
     TransferError,
     TransferTimeout,
 )
-from ion.apps.pump.transfer.inflight import inflight_name
+from ion.apps.pump.transfer.inflight import SinkReceiver, inflight_name
 from ion.apps.pump.transfer.limits import IdleTimer
 from ion.apps.pump.transfer.policy import connect
-from ion.apps.pump.transfer.listings import parse_list_line, parse_mlsd_line
-
-MAX_LISTING_BYTES = 32 * 1024 * 1024
+from ion.apps.pump.transfer.listings import ListingBuffer, parse_list_line, parse_mlsd_line
+from ion.apps.pump.transfer.outgoing import ProgressReader
 
 
 def _wire(text, what="the path"):
@@ -116,40 +114,27 @@ class _Control(FTPClient):
             self.session.closed.callback(None)
 
 
-class _Receiver(Protocol):
-    """Hands each chunk of a data connection to C{write}; with a C{sink} (an
-    L{InflightFile}), the connection is paused while the sink has too much waiting for the
-    disk."""
+class _Receiver(SinkReceiver):
+    """Hands a data connection's bytes to C{sink}."""
 
-    def __init__(self, session, write, sink=None):
+    def __init__(self, session, sink):
+        super().__init__(sink, session.timer)
         self.session = session
-        self.write = write
-        self.sink = sink
-        self.error = None
-        self.received = 0
 
     def connectionMade(self):
         self.session.data_transport = self.transport
 
-    def dataReceived(self, data):
-        if self.error is not None:
-            return
-        self.session.timer.touch()
-        self.received += len(data)
+    async def receive(self, transfer):
+        """Wait for the data C{transfer} (a Deferred) feeding this receiver; an error met by
+        the sink (the disk, a size bound) wins over the one the connection ends with."""
         try:
-            self.write(data)
-        except Exception as exc:
-            self.error = exc
-            self.transport.abortConnection()
-            return
-        if self.sink is not None and self.sink.backlogged:
-            self.transport.pauseProducing()
-            self.sink.drained().addCallback(self._resume)
-
-    def _resume(self, _):
-        if self.transport.connected:
-            self.session.timer.touch()
-            self.transport.resumeProducing()
+            await transfer
+        except Exception:
+            if self.error is not None:
+                raise self.error from None
+            raise
+        if self.error is not None:
+            raise self.error
 
 
 def _reply(exc):
@@ -260,15 +245,8 @@ async def fetch(reactor, location, sink, settings):
         if size and size[-1][4:].strip().isdigit():
             sink.declare(int(size[-1][4:].strip()))
         mtime = _mdtm(await _optional(session, "MDTM " + path))
-        receiver = _Receiver(session, sink.write, sink)
-        try:
-            await control.retrieveFile(path, receiver)
-        except Exception:
-            if receiver.error is not None:
-                raise receiver.error from None
-            raise
-        if receiver.error is not None:
-            raise receiver.error
+        receiver = _Receiver(session, sink)
+        await receiver.receive(control.retrieveFile(path, receiver))
         return mtime, None
 
     return await _with_session(reactor, location, settings, work)
@@ -279,31 +257,12 @@ async def _features(session):
     return {line.strip().split(" ")[0].upper() for line in reply[1:-1]}
 
 
-class _Collector:
-    """Collects a listing in memory, up to C{MAX_LISTING_BYTES}."""
-
-    def __init__(self, shown):
-        self.chunks = []
-        self.size = 0
-        self.shown = shown
-
-    def __call__(self, data):
-        self.size += len(data)
-        if self.size > MAX_LISTING_BYTES:
-            raise TransferError(
-                f"{self.shown}: listing larger than {MAX_LISTING_BYTES} bytes",
-                code=413,
-                transient=False,
-            )
-        self.chunks.append(data)
-
-    def lines(self):
-        text = b"".join(self.chunks)
-        try:
-            decoded = text.decode("utf-8")
-        except UnicodeDecodeError:
-            decoded = text.decode("latin-1")
-        return [line.rstrip("\r") for line in decoded.split("\n") if line.strip()]
+def _lines(text):
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError:
+        decoded = text.decode("latin-1")
+    return [line.rstrip("\r") for line in decoded.split("\n") if line.strip()]
 
 
 async def listdir(reactor, location, settings):
@@ -312,44 +271,19 @@ async def listdir(reactor, location, settings):
     async def work(session):
         control = session.control
         use_mlsd = "MLSD" in await _features(session)
-        collector = _Collector(location.shown)
-        receiver = _Receiver(session, collector)
+        buffer = ListingBuffer(f"{location.shown}: listing")
+        receiver = _Receiver(session, buffer)
         command = ("MLSD " if use_mlsd else "LIST ") + _wire(location.path)
-        try:
-            await control.receiveFromConnection([command], receiver)
-        except Exception:
-            if receiver.error is not None:
-                raise receiver.error from None
-            raise
-        if receiver.error is not None:
-            raise receiver.error
+        await receiver.receive(control.receiveFromConnection([command], receiver))
         now = reactor.seconds()
         entries = []
-        for line in collector.lines():
+        for line in _lines(b"".join(buffer.chunks)):
             entry = parse_mlsd_line(line) if use_mlsd else parse_list_line(line, now)
             if entry is not None:
                 entries.append(entry)
         return entries
 
     return await _with_session(reactor, location, settings, work)
-
-
-class _TouchingReader:
-    """A file-like view of an L{OutgoingFile} that notes each read as progress."""
-
-    def __init__(self, outgoing, timer):
-        self._outgoing = outgoing
-        self._timer = timer
-        self.error = None
-
-    def read(self, length):
-        self._timer.touch()
-        try:
-            return self._outgoing.read(length)
-        except Exception as exc:
-            # Raised inside the data connection's producer: kept to be reported by store.
-            self.error = exc
-            raise
 
 
 async def _rename(session, old, new):
@@ -391,7 +325,7 @@ async def store(reactor, outgoing, location, settings):
                 directory = posixpath.dirname(location.path) or "/"
                 raise _command_error(location, exc, f"cannot write in {directory}") from None
             session.data_transport = consumer.transport
-            reader = _TouchingReader(outgoing, session.timer)
+            reader = ProgressReader(outgoing, session.timer.touch)
             try:
                 await FileSender().beginFileTransfer(reader, consumer)
             except Exception:

@@ -9,7 +9,8 @@ host name): see L{ion.apps.pump.transfer.policy}. A PUT follows no redirect.
 
 treq is not used for transfers: its client always asks for and decodes gzip
 content-encoding, which would hand us other bytes than the file's (a C{.gz} file served with
-C{Content-Encoding: gzip} arrives decompressed) and break sizes and checksums. We ask for the identity encoding and refuse any other.
+C{Content-Encoding: gzip} arrives decompressed) and break sizes and checksums. We ask for the
+identity encoding and refuse any other.
 
 https certificates are verified by default against the system's trust store, or against the
 certificate authorities of C{ca_file}; a failed verification is L{ServerNotTrusted}.
@@ -26,6 +27,7 @@ import functools
 import re
 from urllib.parse import urljoin, urlsplit
 
+import attrs
 from OpenSSL import SSL
 from twisted.internet import error as net_error
 from twisted.internet import ssl
@@ -61,13 +63,13 @@ from ion.apps.pump.transfer.errors import (
     TransferError,
     TransferTimeout,
 )
+from ion.apps.pump.transfer.inflight import SinkReceiver
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
-from ion.apps.pump.transfer.listings import parse_html_index
+from ion.apps.pump.transfer.listings import ListingBuffer, parse_html_index
 from ion.apps.pump.transfer.location import request_url
+from ion.apps.pump.transfer.outgoing import ProgressReader
 from ion.apps.pump.transfer.policy import MAX_REDIRECTS, AddressesEndpoint, Forbidden
 
-# An index page larger than this is not a directory listing we want to hold in memory.
-MAX_INDEX_BYTES = 32 * 1024 * 1024
 PUT_CHUNK_SIZE = 64 * 1024
 
 _PEM_CERTIFICATE = re.compile(
@@ -94,22 +96,20 @@ def _restricted(settings):
     return None if access is None or access.trusted else access.policy
 
 
-@implementer(IStreamClientEndpoint)
-class _CheckedEndpoint:
-    """Connects to the addresses the policy checked for the URI's host, not to the name."""
+@implementer(IAgentEndpointFactory)
+class _CheckedEndpoints:
+    """Endpoints to the addresses the policy checked for a URI's host, not to the name."""
 
-    def __init__(self, reactor, policy, uri, tls, timeout):
+    def __init__(self, reactor, policy, tls, timeout):
         self._reactor = reactor
         self._policy = policy
-        self._uri = uri
         self._tls = tls
         self._timeout = timeout
 
-    def connect(self, factory):
-        return Deferred.fromCoroutine(self._connect(factory))
+    def endpointForURI(self, uri):
+        return _Endpoint(lambda factory: Deferred.fromCoroutine(self._connect(uri, factory)))
 
-    async def _connect(self, factory):
-        uri = self._uri
+    async def _connect(self, uri, factory):
         scheme, host = uri.scheme.decode("ascii"), uri.host.decode("ascii")
         addresses = await self._policy.addresses(self._reactor, scheme, host, uri.port)
         wrap = None
@@ -120,14 +120,10 @@ class _CheckedEndpoint:
         return await endpoint.connect(factory)
 
 
-@implementer(IAgentEndpointFactory)
-class _CheckedEndpoints:
-    def __init__(self, reactor, policy, tls, timeout):
-        self._args = (reactor, policy, tls, timeout)
-
-    def endpointForURI(self, uri):
-        reactor, policy, tls, timeout = self._args
-        return _CheckedEndpoint(reactor, policy, uri, tls, timeout)
+@implementer(IStreamClientEndpoint)
+@attrs.frozen
+class _Endpoint:
+    connect: object
 
 
 def _agent(reactor, settings, pool=None):
@@ -201,10 +197,10 @@ def _failures(reason):
 
 
 def _untrusted(reason):
-    for failure in _failures(reason):
-        if failure.check(SSL.Error) or type(failure.value).__name__ == "VerificationError":
-            return True
-    return False
+    return any(
+        failure.check(SSL.Error) or type(failure.value).__name__ == "VerificationError"
+        for failure in _failures(reason)
+    )
 
 
 def _request_error(location, reason, timer, timeouts):
@@ -289,39 +285,19 @@ async def _send(agent, location, settings, method, url, headers, timer, body):
         raise _request_error(location, Failure(), timer, settings.timeouts) from None
 
 
-class _BodyReceiver(Protocol):
-    """Hands each chunk of a response body to C{write}; C{done} fires at the end."""
+class _BodyReceiver(SinkReceiver):
+    """Hands a response body to C{sink}; C{done} fires at the end."""
 
-    def __init__(self, write, timer):
-        self._write = write
-        self._timer = timer
-        self.received = 0
-        self.error = None
+    def __init__(self, sink, timer):
+        super().__init__(sink, timer)
         self.done = Deferred(lambda _: self.abort())
 
     def abort(self):
         if self.transport is not None:
             self.transport.stopProducing()
 
-    def dataReceived(self, data):
-        if self.error is not None:
-            return
-        self._timer.touch()
-        self.received += len(data)
-        try:
-            self._write(data)
-        except Exception as exc:
-            self.error = exc
-            self.abort()
-            return
-        if self._write.backlogged:
-            self.transport.pauseProducing()
-            self._write.drained().addCallback(self._resume)
-
-    def _resume(self, _):
-        if not self.done.called:
-            self._timer.touch()
-            self.transport.resumeProducing()
+    def receiving(self):
+        return not self.done.called
 
     def connectionLost(self, reason):
         if self.done.called:
@@ -339,8 +315,8 @@ class _Discard(Protocol):
         self.transport.stopProducing()
 
 
-async def _receive_body(location, response, write, timer, idle):
-    receiver = _BodyReceiver(write, timer)
+async def _receive_body(location, response, sink, timer, idle):
+    receiver = _BodyReceiver(sink, timer)
     timer.expire = receiver.abort
     response.deliverBody(receiver)
     try:
@@ -375,8 +351,8 @@ def _last_modified(response):
         return None
 
 
-async def _get(reactor, location, settings, write):
-    """GET C{location}, feeding the body to C{write}; returns the response."""
+async def _get(reactor, location, settings, sink):
+    """GET C{location}, feeding the body to C{sink}; returns the response."""
     timeouts = settings.timeouts
     timer = IdleTimer(reactor, timeouts.idle, first=timeouts.connect + timeouts.idle)
     if settings.http_connections is None:
@@ -391,71 +367,25 @@ async def _get(reactor, location, settings, write):
                 raise _status_error(location, response)
             _check_encoding(location, response)
             if response.length != UNKNOWN_LENGTH:
-                write.declare(response.length)
+                sink.declare(response.length)
         except BaseException:
             response.deliverBody(_Discard())
             raise
-        await _receive_body(location, response, write, timer, timeouts.idle)
+        await _receive_body(location, response, sink, timer, timeouts.idle)
         return response
     finally:
         timer.stop()
 
 
-class _SinkWriter:
-    def __init__(self, sink):
-        self.sink = sink
-
-    def __call__(self, data):
-        self.sink.write(data)
-
-    def declare(self, length):
-        self.sink.declare(length)
-
-    @property
-    def backlogged(self):
-        return self.sink.backlogged
-
-    def drained(self):
-        return self.sink.drained()
-
-
-class _BufferWriter:
-    """Collects an index page in memory, up to C{limit} bytes."""
-
-    backlogged = False
-
-    def __init__(self, limit, shown):
-        self.chunks = []
-        self.size = 0
-        self.limit = limit
-        self.shown = shown
-
-    def __call__(self, data):
-        self.size += len(data)
-        self._check(self.size)
-        self.chunks.append(data)
-
-    def declare(self, length):
-        self._check(length)
-
-    def _check(self, size):
-        if size > self.limit:
-            raise TransferError(
-                f"{self.shown}: index page larger than {self.limit} bytes",
-                code=413,
-                transient=False,
-            )
-
-
 async def fetch(reactor, location, sink, settings):
     """Stream the body of a GET into C{sink}; returns C{(Last-Modified, None)}."""
-    response = await _get(reactor, location, settings, _SinkWriter(sink))
+    response = await _get(reactor, location, settings, sink)
     return _last_modified(response), None
 
 
 async def listdir(reactor, location, settings):
     """The entries of the index page at C{location} (see L{parse_html_index})."""
-    buffer = _BufferWriter(MAX_INDEX_BYTES, location.shown)
+    buffer = ListingBuffer(f"{location.shown}: index page")
     response = await _get(reactor, location, settings, buffer)
     content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].decode("latin-1")
     match = re.search(r"charset=([\w.:-]+)", content_type, re.IGNORECASE)
@@ -467,27 +397,12 @@ async def listdir(reactor, location, settings):
     return parse_html_index(text, location.request_url)
 
 
-class _TouchingReader:
-    """A file-like view of an L{OutgoingFile} that notes each read as progress."""
-
-    def __init__(self, outgoing, timer):
-        self._outgoing = outgoing
-        self._timer = timer
-
-    def read(self, length):
-        self._timer.touch()
-        return self._outgoing.read(length)
-
-    def close(self):
-        """The caller closes the file."""
-
-
 async def store(reactor, outgoing, location, settings):
     """PUT C{outgoing} to C{location} (no temporary name: HTTP has no rename)."""
     timeouts = settings.timeouts
     timer = IdleTimer(reactor, timeouts.idle, first=timeouts.connect + timeouts.idle)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
-    body = FileBodyProducer(_TouchingReader(outgoing, timer), cooperator, PUT_CHUNK_SIZE)
+    body = FileBodyProducer(ProgressReader(outgoing, timer.touch), cooperator, PUT_CHUNK_SIZE)
     body.length = outgoing.size
     agent = _agent(reactor, settings)
     try:

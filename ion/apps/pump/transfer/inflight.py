@@ -35,7 +35,8 @@ import secrets
 import threading
 import time
 
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
@@ -48,6 +49,7 @@ from ion.apps.pump.transfer.errors import (
     TooLarge,
     TransferError,
 )
+from ion.apps.pump.transfer.limits import SharedResult
 from ion.apps.pump.transfer.results import TransferResult
 
 CHECKSUM_METHODS = ("sha512", "md5")
@@ -77,9 +79,6 @@ def check_method(method):
     return method
 
 
-def _lowest(*limits):
-    """The lowest of the C{limits} that are not C{None}, or C{None}."""
-    return min((limit for limit in limits if limit is not None), default=None)
 def is_inflight_name(name):
     """Whether the file name C{name} looks like a temporary file: L{sweep} would remove it."""
     return name.startswith(".") and name.endswith(INFLIGHT_SUFFIX)
@@ -97,38 +96,45 @@ def b64digest(hasher):
     return base64.b64encode(hasher.digest()).decode("ascii")
 
 
-class _Outcome:
-    """The outcome of a disk job for any number of observers: cancelling an observer leaves
-    the job running (a thread cannot be stopped) and the others waiting for it."""
+class SinkReceiver(Protocol):
+    """
+    Hands each chunk a connection receives to C{sink} (an L{InflightFile}, or anything with
+    its C{write}, C{backlogged} and C{drained}), pausing the connection while the sink has
+    too much waiting for the disk; each chunk is progress for the C{timer}. What the sink
+    raises is kept as C{error} and ends the connection (L{abort}).
+    """
 
-    def __init__(self, d):
-        self._observers = []
-        self._result = None
-        self.done = False
-        d.addBoth(self._fire)
+    def __init__(self, sink, timer):
+        self.sink = sink
+        self.timer = timer
+        self.received = 0
+        self.error = None
 
-    def _fire(self, result):
-        self.done, self._result = True, result
-        observers, self._observers = self._observers, []
-        for d in observers:
-            self._tell(d)
+    def abort(self):
+        self.transport.abortConnection()
 
-    def _tell(self, d):
-        if d.called:
+    def receiving(self):
+        return self.transport.connected
+
+    def dataReceived(self, data):
+        if self.error is not None:
             return
-        if isinstance(self._result, Failure):
-            d.errback(self._result)
-        else:
-            d.callback(self._result)
+        self.timer.touch()
+        self.received += len(data)
+        try:
+            self.sink.write(data)
+        except Exception as exc:
+            self.error = exc
+            self.abort()
+            return
+        if self.sink.backlogged:
+            self.transport.pauseProducing()
+            self.sink.drained().addCallback(self._resume)
 
-    def observe(self):
-        """A new Deferred with the job's result."""
-        d = Deferred()
-        if self.done:
-            self._tell(d)
-        else:
-            self._observers.append(d)
-        return d
+    def _resume(self, _):
+        if self.receiving():
+            self.timer.touch()
+            self.transport.resumeProducing()
 
 
 class DestinationRoot:
@@ -255,7 +261,7 @@ class InflightFile:
         self.expected_size = expected_size
         self.declared_size = None
         self.max_size = max_size
-        self._limit = _lowest(expected_size, max_size)
+        self._limit = min((n for n in (expected_size, max_size) if n is not None), default=None)
         self._hashers = {method: hashlib.new(check_method(method)) for method in methods}
         self._reactor = reactor
         self._pool = pool
@@ -263,7 +269,7 @@ class InflightFile:
         self._pending = []
         self._pending_bytes = 0
         self._streaming = False
-        self._job = None  # the _Outcome of the last disk job
+        self._job = None  # the SharedResult of the last disk job
         self._error = None  # the TransferError a streaming job failed with
         self._waiting = []  # Deferreds of drained()
         self._removal = None
@@ -379,7 +385,7 @@ class InflightFile:
             idle = succeed(None) if self._job is None else self._job.observe()
             idle.addErrback(lambda _: None)
             idle.addCallback(lambda _: self._run(self._remove).observe())
-            self._removal = _Outcome(idle)
+            self._removal = SharedResult(idle)
         return self._removal.observe()
 
     def _check_size(self):
@@ -394,15 +400,10 @@ class InflightFile:
                 )
 
     def _run(self, work, *args):
-        """Run C{work} in the pool (or at once without one); the L{_Outcome}."""
+        """Run C{work} in the pool (or at once without one); the L{SharedResult}."""
         if self._pool is None:
-            try:
-                d = succeed(work(*args))
-            except BaseException:
-                d = fail()
-        else:
-            d = deferToThreadPool(self._reactor, self._pool, work, *args)
-        return _Outcome(d)
+            return SharedResult(maybeDeferred(work, *args))
+        return SharedResult(deferToThreadPool(self._reactor, self._pool, work, *args))
 
     def _stream(self):
         """From now on, write to disk as the bytes come (starting with creating the file)."""
@@ -452,33 +453,26 @@ class InflightFile:
     def _open_directory(self):
         """Open the directory of C{dest_path} from the root, making what is missing; once more
         from a freshly opened root if a directory vanished on the way."""
-        for attempt in (0, 1):
-            root_fd = self._root.acquire(reopen=attempt > 0)
+        for retry in (False, True):
+            root_fd = self._root.acquire(reopen=retry)
             try:
                 self._dir_fd = _walk(root_fd, self._below, make=True)
-            except FileNotFoundError as exc:
+            except BaseException as exc:
                 self._root.release()
-                if attempt == 0:
+                if isinstance(exc, _NotADirectory):
+                    where = os.path.join(self._root.path, *self._below[: exc.depth + 1])
+                    raise LocalFailure(
+                        f"cannot write {self.dest_path}: {where} {exc}", code=422
+                    ) from None
+                if isinstance(exc, FileNotFoundError) and not retry:
                     continue
-                raise LocalFailure.from_os_error(f"cannot create {self.temp_path}", exc) from None
-            except _NotADirectory as crossed:
-                self._root.release()
-                raise LocalFailure(
-                    f"cannot write {self.dest_path}: {self._shown(crossed.depth)} {crossed}",
-                    code=422,
-                    transient=False,
-                ) from None
-            except OSError as exc:
-                self._root.release()
-                raise LocalFailure.from_os_error(f"cannot create {self.temp_path}", exc) from None
-            except BaseException:
-                self._root.release()
+                if isinstance(exc, OSError):
+                    raise LocalFailure.from_os_error(
+                        f"cannot create {self.temp_path}", exc
+                    ) from None
                 raise
             self._root_fd = root_fd
             return
-
-    def _shown(self, depth):
-        return os.path.join(self._root.path, *self._below[: depth + 1])
 
     def _check_directory(self):
         """
@@ -488,23 +482,19 @@ class InflightFile:
         try:
             fd = _walk(self._root_fd, self._below, make=False)
         except (OSError, _NotADirectory) as exc:
-            why = str(exc) if isinstance(exc, _NotADirectory) else "gone"
-            raise LocalFailure(
-                f"cannot finish {self.dest_path}: its directory was replaced during the "
-                f"transfer ({why})",
-                code=422,
-                transient=False,
-            ) from None
-        try:
-            now, held = os.fstat(fd), os.fstat(self._dir_fd)
-        finally:
-            os.close(fd)
-        if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
-            raise LocalFailure(
-                f"cannot finish {self.dest_path}: its directory was replaced during the transfer",
-                code=422,
-                transient=False,
-            )
+            why = f" ({exc})" if isinstance(exc, _NotADirectory) else " (gone)"
+        else:
+            try:
+                now, held = os.fstat(fd), os.fstat(self._dir_fd)
+            finally:
+                os.close(fd)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return
+            why = ""
+        raise LocalFailure(
+            f"cannot finish {self.dest_path}: its directory was replaced during the transfer" + why,
+            code=422,
+        )
 
     def _close_directory(self):
         if self._dir_fd is not None:

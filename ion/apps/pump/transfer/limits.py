@@ -1,4 +1,4 @@
-"""Timeouts, the minimum rate and per-host concurrency limits for transfers."""
+"""Timeouts, the minimum rate, per-host concurrency limits, and Deferred helpers for transfers."""
 
 import collections
 
@@ -39,18 +39,11 @@ class MinRate:
         """
         if value is None or (not isinstance(value, bool) and value == 0):
             return None
-        if isinstance(value, dict) and not set(value) - {"bytes_per_s", "window"}:
-            fields = value
-        elif not isinstance(value, (bool, dict)) and isinstance(value, (int, float)):
-            fields = {"bytes_per_s": value}
-        else:
-            fields = None
+        fields = value if isinstance(value, dict) else {"bytes_per_s": value}
         default = cls()
-        rate = window = None
-        if fields is not None:
-            rate = fields.get("bytes_per_s", default.bytes_per_s)
-            window = fields.get("window", default.window)
-        if not all(
+        rate = fields.get("bytes_per_s", default.bytes_per_s)
+        window = fields.get("window", default.window)
+        if set(fields) - {"bytes_per_s", "window"} or not all(
             not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0
             for v in (rate, window)
         ):
@@ -170,6 +163,40 @@ def cancellable(d):
 
     d.addBoth(forward)
     return outer
+
+
+class SharedResult:
+    """The result of C{d} (a disk job, say) for any number of observers: cancelling an
+    observer leaves C{d} running (a thread cannot be stopped) and the others waiting for it."""
+
+    def __init__(self, d):
+        self._observers = []
+        self._result = None
+        self.done = False
+        d.addBoth(self._fire)
+
+    def _fire(self, result):
+        self.done, self._result = True, result
+        observers, self._observers = self._observers, []
+        for d in observers:
+            self._tell(d)
+
+    def _tell(self, d):
+        if d.called:
+            return
+        if isinstance(self._result, Failure):
+            d.errback(self._result)
+        else:
+            d.callback(self._result)
+
+    def observe(self):
+        """A new Deferred with the job's result."""
+        d = Deferred()
+        if self.done:
+            self._tell(d)
+        else:
+            self._observers.append(d)
+        return d
 
 
 def host_key(url):

@@ -27,7 +27,11 @@ import time
 from html.parser import HTMLParser
 from urllib.parse import unquote, urljoin, urlsplit
 
+from ion.apps.pump.transfer.errors import TransferError
 from ion.apps.pump.transfer.results import Entry
+
+# A listing larger than this is not one we want to hold in memory.
+MAX_LISTING_BYTES = 32 * 1024 * 1024
 
 _MONTHS = {name: number for number, name in enumerate(calendar.month_abbr) if name}
 
@@ -36,6 +40,28 @@ _HTML_DATE = re.compile(
     r"|(?P<dmy>\d{1,2}-[A-Za-z]{3}-\d{4})[ :](?P<dmytime>\d{2}:\d{2}(?::\d{2})?)"
 )
 _HTML_SIZE = re.compile(r"^(?P<number>\d+(?:\.\d+)?)(?P<unit>[KMGTP]i?B?|B)?$", re.IGNORECASE)
+
+
+class ListingBuffer:
+    """A listing received in memory (a sink for the schemes' receivers), refused as too
+    large (413) past C{limit} bytes received or announced; C{what} names it in that error."""
+
+    backlogged = False
+
+    def __init__(self, what, limit=MAX_LISTING_BYTES):
+        self.chunks = []
+        self.size = 0
+        self.what = what
+        self.limit = limit
+
+    def write(self, data):
+        self.size += len(data)
+        self.declare(self.size)
+        self.chunks.append(data)
+
+    def declare(self, size):
+        if size > self.limit:
+            raise TransferError(f"{self.what} larger than {self.limit} bytes", code=413)
 
 
 class _IndexScanner(HTMLParser):
@@ -84,14 +110,7 @@ def _html_mtime(text):
             day, month, year = match.group("dmy").split("-")
             hour, minute, *second = match.group("dmytime").split(":")
             month = _MONTHS[month.title()]
-            stamp = (
-                int(year),
-                month,
-                int(day),
-                int(hour),
-                int(minute),
-                int(second[0]) if second else 0,
-            )
+            stamp = (int(year), month, int(day), int(hour), int(minute), int((second or [0])[0]))
         return float(calendar.timegm(stamp)), rest
     except (ValueError, KeyError):
         return None, rest
@@ -241,27 +260,14 @@ def parse_list_line(line, now):
         return Entry(name, size, float(mtime), _permissions(match.group("perms")), kind)
     match = _DOS_LIST.match(line)
     if match:
-        year = int(match.group("year"))
+        year, month, day, minute = map(int, match.group("year", "month", "day", "minute"))
         if year < 100:
             year += 2000 if year < 70 else 1900
         hour = int(match.group("hour")) % 12 if match.group("ampm") else int(match.group("hour"))
         if (match.group("ampm") or "").upper() == "PM":
             hour += 12
-        stamp = (
-            year,
-            int(match.group("month")),
-            int(match.group("day")),
-            hour,
-            int(match.group("minute")),
-            0,
-        )
-        is_dir = match.group("size") == "<DIR>"
-        size = None if is_dir else int(match.group("size"))
-        return Entry(
-            match.group("name"),
-            size,
-            float(calendar.timegm(stamp)),
-            None,
-            "dir" if is_dir else "file",
-        )
+        mtime = float(calendar.timegm((year, month, day, hour, minute, 0)))
+        if match.group("size") == "<DIR>":
+            return Entry(match.group("name"), None, mtime, None, "dir")
+        return Entry(match.group("name"), int(match.group("size")), mtime, None, "file")
     return None

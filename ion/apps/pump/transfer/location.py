@@ -15,20 +15,8 @@ _URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
 
 @attrs.frozen
 class Settings:
-    """
-    How to reach a server, beyond its URL.
-
-    @ivar ca_file: PEM file of the certificate authorities trusted for https (default: the
-        system's trust store).
-    @ivar known_hosts: OpenSSH known_hosts file holding the sftp servers' host keys
-        (default C{~/.ssh/known_hosts}); a server whose key is not there is refused.
-    @ivar http_connections: the caller's kept-open http(s) connections (an
-        L{ion.apps.pump.transfer.http.HTTPConnections}), or C{None}: one connection a request.
-    @ivar pool: the caller's C{ThreadPool} for local disk work, or C{None}: done in the
-        reactor thread.
-    @ivar access: the L{ion.apps.pump.transfer.policy.Access} of a notice's URL: connections
-        go only to the addresses it accepts. C{None}: a trusted URL, no address check.
-    """
+    """How to reach a server, beyond its URL: each field is the argument of that name of
+    L{ion.apps.pump.transfer.get}, where it is described; C{None} for the default."""
 
     timeouts: Timeouts = Timeouts()
     ca_file: str | None = None
@@ -90,9 +78,8 @@ def request_url(url):
     parts = urlsplit(url)
     if not parts.hostname:
         raise BadRequest(f"{redact(url)}: no host in URL")
-    netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-    if ":" in parts.hostname:
-        netloc = f"[{parts.hostname}]" + ("" if parts.port is None else f":{parts.port}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
     # Agents send ASCII: percent-encode what is not, leave existing escapes alone.
     return quote(
         urlunsplit((parts.scheme.lower(), netloc, parts.path or "/", parts.query, "")),

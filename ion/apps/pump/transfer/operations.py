@@ -104,10 +104,8 @@ async def get(
         raise TooLarge(
             f"{location.shown}: announced size {expected_size} bytes is over max_size {max_size}"
         )
-    methods = []
-    for method in (expected_checksum[0] if expected_checksum else None, cod):
-        if method is not None and method not in methods:
-            methods.append(check_method(method))
+    wanted = (expected_checksum[0] if expected_checksum else None, cod)
+    methods = [check_method(method) for method in dict.fromkeys(wanted) if method is not None]
     settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool, access)
     async with _slot(limiter, url):
         sink = InflightFile(
@@ -130,10 +128,8 @@ async def get(
             except BaseException:
                 await sink.discard()
                 raise
-            if mtime is None:
-                mtime = source_mtime
-            if mode is None:
-                mode = source_mode
+            mtime = source_mtime if mtime is None else mtime
+            mode = source_mode if mode is None else mode
             return await sink.finish(
                 tuple(expected_checksum) if expected_checksum else None,
                 mtime,
@@ -166,19 +162,7 @@ async def _fetch(reactor, location, sink, settings, min_rate):
         watch.stop()
 
 
-async def put(
-    reactor,
-    src_path,
-    url,
-    *,
-    timeouts=Timeouts(),
-    credentials=None,
-    limiter=None,
-    ca_file=None,
-    known_hosts=None,
-    pool=None,
-    http_connections=None,
-):
+async def put(reactor, src_path, url, *, credentials=None, limiter=None, **settings):
     """
     Send the local file C{src_path} to C{url}.
 
@@ -187,11 +171,13 @@ async def put(
     C{pool} is used as in L{get} by the file scheme; an http PUT always opens a connection of
     its own (a request with a body is not retried on a kept connection the server closed).
 
+    @param settings: C{timeouts}, C{ca_file}, C{known_hosts}, C{pool} and C{http_connections},
+        as in L{get} (the fields of L{Settings}).
     @return: a L{TransferResult} for the bytes sent (C{path} is the redacted URL).
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
     """
     location = locate(url, credentials)
-    settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool)
+    settings = Settings(**settings)
     async with _slot(limiter, url):
         outgoing = OutgoingFile(src_path)
         try:
@@ -207,27 +193,16 @@ async def put(
         )
 
 
-async def list(
-    reactor,
-    url,
-    *,
-    timeouts=Timeouts(),
-    credentials=None,
-    limiter=None,
-    ca_file=None,
-    known_hosts=None,
-    pool=None,
-    http_connections=None,
-):
+async def list(reactor, url, *, credentials=None, limiter=None, **settings):
     """
     The entries of the remote directory C{url}, sorted by name (C{.} and C{..} left out).
-    C{http_connections} as in L{get}; C{pool} reads local (file) directories.
+    C{settings} as in L{put}; C{pool} reads local (file) directories.
 
     @rtype: a list of L{Entry}
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
     """
     location = locate(url, credentials)
-    settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool)
+    settings = Settings(**settings)
     async with _slot(limiter, url):
         entries = await _SCHEMES[location.scheme].listdir(reactor, location, settings)
     return sorted(

@@ -25,9 +25,7 @@ class OutgoingFile:
         info = os.fstat(self._file.fileno())
         if not stat.S_ISREG(info.st_mode):
             self._file.close()
-            raise LocalFailure(
-                f"cannot send {path}: not a regular file", code=422, transient=False
-            )
+            raise LocalFailure(f"cannot send {path}: not a regular file", code=422)
         self.size = info.st_size
         self.mtime = info.st_mtime
         self.mode = stat.S_IMODE(info.st_mode)
@@ -51,3 +49,27 @@ class OutgoingFile:
 
     def close(self):
         self._file.close()
+
+
+class ProgressReader:
+    """
+    A file-like view of an L{OutgoingFile} for a producer (http PUT, FTP STOR): each read is
+    noted with C{touch} (progress for the idle timer), the error a read fails with is kept as
+    C{error} (the producer calling it may swallow it), and closing is left to the caller.
+    """
+
+    def __init__(self, outgoing, touch):
+        self._outgoing = outgoing
+        self._touch = touch
+        self.error = None
+
+    def read(self, length):
+        self._touch()
+        try:
+            return self._outgoing.read(length)
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    def close(self):
+        """The caller closes the file."""

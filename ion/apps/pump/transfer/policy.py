@@ -63,7 +63,6 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ion.apps.pump.transfer.errors import (
@@ -72,7 +71,7 @@ from ion.apps.pump.transfer.errors import (
     TransferError,
     TransferTimeout,
 )
-from ion.apps.pump.transfer.limits import cancellable
+from ion.apps.pump.transfer.limits import SharedResult, cancellable
 from ion.core.credentials import DEFAULT_PORTS
 
 # What a notice may name without being from the pump's own user.
@@ -84,9 +83,7 @@ MAX_REDIRECTS = 5
 OWN_ADDRESSES_TTL = 60.0
 
 _UNRESERVED = re.compile(r"%([0-9A-Fa-f]{2})")
-_UNRESERVED_CHARS = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
-)
+_UNRESERVED_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _ZERO_NET = ipaddress.ip_network("0.0.0.0/8")
 
 
@@ -94,7 +91,6 @@ class Forbidden(TransferError):
     """The URL policy refuses the URL or the address it resolves to (403, never retried)."""
 
     code = 403
-    transient = False
 
 
 @attrs.frozen
@@ -246,6 +242,14 @@ def normalize(url):
     return NormalUrl(scheme, host, port or DEFAULT_PORTS[scheme], path, parts.query, userinfo)
 
 
+def _normalized(url, error, what):
+    """The L{NormalUrl} of C{url}, else C{error("what: why")}."""
+    try:
+        return normalize(url)
+    except ValueError as e:
+        raise error(f"{what}: {e}") from None
+
+
 def _as_ipv4(address):
     """The IPv4 address an IPv6 one stands for (mapped C{::ffff:a.b.c.d} or compatible
     C{::a.b.c.d}), else None."""
@@ -321,27 +325,19 @@ class OwnAddresses:
         self._read = read
         self._addresses = None
         self._when = None
-        self._waiting = []
+        self._reading = None  # a SharedResult, for every caller that comes while it runs
 
     async def get(self, reactor):
         if self._addresses is not None and time.monotonic() - self._when < self.ttl:
             return self._addresses
-        waiter = defer.Deferred()
-        self._waiting.append(waiter)
-        if len(self._waiting) == 1:
+        if self._reading is None or self._reading.done:
             reading = threads.deferToThreadPool(reactor, reactor.getThreadPool(), self._read)
-            reading.addBoth(self._done)
-        return await waiter
+            self._reading = SharedResult(reading.addCallback(self._fresh))
+        return await self._reading.observe()
 
-    def _done(self, result):
-        waiting, self._waiting = self._waiting, []
-        if isinstance(result, Failure):
-            for waiter in waiting:
-                waiter.errback(result)
-            return
-        self._addresses, self._when = result, time.monotonic()
-        for waiter in waiting:
-            waiter.callback(result)
+    def _fresh(self, addresses):
+        self._addresses, self._when = addresses, time.monotonic()
+        return addresses
 
 
 @implementer(IResolutionReceiver)
@@ -396,10 +392,7 @@ def _prefix(entry, who):
             f"{who}: a sources prefix holds no user or password (logins go in the "
             "credentials file)"
         )
-    try:
-        normal = normalize(entry)
-    except ValueError as e:
-        raise ValueError(f"{who}: sources prefix {entry!r}: {e}") from None
+    normal = _normalized(entry, ValueError, f"{who}: sources prefix {entry!r}")
     if normal.query:
         raise ValueError(f"{who}: sources prefix {entry!r} has a ?query")
     return _Prefix(normal, credentials)
@@ -428,10 +421,7 @@ class UrlPolicy:
     def judge(self, url, source):
         """The L{Access} a notice from C{source} has to C{url}; L{Forbidden} when the policy
         refuses it, L{BadRequest} for a URL that cannot be normalized."""
-        try:
-            normal = normalize(url)
-        except ValueError as e:
-            raise BadRequest(f"unusable URL: {e}") from None
+        normal = _normalized(url, BadRequest, "unusable URL")
         if source is not None and source == self.own_user:
             return Access(self, normal, trusted=True, credentials=True)
         if self.prefixes is None:
@@ -443,12 +433,8 @@ class UrlPolicy:
             return Access(self, normal, trusted=False, credentials=False)
         matched = [p for p in self.prefixes if normal.under(p.url)]
         if not matched:
-            raise Forbidden(
-                f"URL of source {source!r} is under none of the subscription's sources"
-            )
-        return Access(
-            self, normal, trusted=False, credentials=any(p.credentials for p in matched)
-        )
+            raise Forbidden(f"URL of source {source!r} is under none of the subscription's sources")
+        return Access(self, normal, trusted=False, credentials=any(p.credentials for p in matched))
 
     async def addresses(self, reactor, scheme, host, port, trusted=False):
         """The addresses C{host} resolves to, once, each checked: any for a C{trusted}
@@ -491,10 +477,7 @@ class Access:
     def redirect(self, url):
         """The L{Access} for a redirect to C{url} (http or https only); L{Forbidden} when the
         policy refuses it. Credentials never follow a redirect."""
-        try:
-            normal = normalize(url)
-        except ValueError as e:
-            raise Forbidden(f"redirect to an unusable URL: {e}") from None
+        normal = _normalized(url, Forbidden, "redirect to an unusable URL")
         if normal.scheme not in ("http", "https"):
             raise Forbidden(f"redirect to a {normal.scheme}: URL refused")
         if self.trusted:
@@ -510,24 +493,20 @@ class Access:
         return await self.policy.addresses(reactor, scheme, host, port, self.trusted)
 
 
-async def client_endpoint(reactor, location, settings):
-    """The endpoint to reach C{location} (sftp, ftp) with: the host name under a trusted
-    access (or none), else the address C{settings.access} checked."""
+async def connect(reactor, location, settings, protocol):
+    """Connect C{protocol} to C{location} (sftp, ftp): to the host name under a trusted
+    access (or none), else to an address C{settings.access} checked. A failure to connect
+    becomes a L{TransferError} (L{TransferTimeout}, or L{ConnectionFailed} for a host that
+    does not resolve, a refused or failed connection)."""
+    shown, host, port = location.shown, location.host, location.port
     timeout = settings.timeouts.connect
     access = settings.access
-    if access is None or access.trusted:
-        return HostnameEndpoint(reactor, location.host, location.port, timeout=timeout)
-    addresses = await access.addresses(reactor, location.scheme, location.host, location.port)
-    return AddressesEndpoint(reactor, addresses, location.port, timeout)
-
-
-async def connect(reactor, location, settings, protocol):
-    """Connect C{protocol} to C{location} (sftp, ftp) through L{client_endpoint}; a failure
-    to connect becomes a L{TransferError} (L{TransferTimeout}, or L{ConnectionFailed} for a
-    host that does not resolve, a refused or failed connection)."""
-    shown = location.shown
     try:
-        endpoint = await client_endpoint(reactor, location, settings)
+        if access is None or access.trusted:
+            endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+        else:
+            addresses = await access.addresses(reactor, location.scheme, host, port)
+            endpoint = AddressesEndpoint(reactor, addresses, port, timeout)
         return await cancellable(connectProtocol(endpoint, protocol))
     except (net_error.TimeoutError, net_error.ConnectingCancelledError):
         raise TransferTimeout(
@@ -535,7 +514,7 @@ async def connect(reactor, location, settings, protocol):
         ) from None
     except net_error.DNSLookupError:
         # Not a ConnectError: without this it would reach the caller as a server fault.
-        raise ConnectionFailed(f"{shown}: cannot resolve host {location.host!r}") from None
+        raise ConnectionFailed(f"{shown}: cannot resolve host {host!r}") from None
     except net_error.ConnectionRefusedError:
         raise ConnectionFailed(f"{shown}: connection refused") from None
     except net_error.ConnectError as exc:

@@ -1,5 +1,7 @@
 """What a transfer returns: the outcome of a get, and the entries of a directory listing."""
 
+import stat
+
 import attrs
 
 
@@ -38,3 +40,13 @@ class Entry:
     mtime: float | None
     mode: int | None
     type: str
+
+
+def entry_type(mode):
+    """The L{Entry} type of a file with C{mode}: C{'link'}, C{'dir'}, C{'file'}, or C{None}
+    for what is none of them (devices, fifos, sockets), which listings leave out."""
+    if stat.S_ISLNK(mode):
+        return "link"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "file" if stat.S_ISREG(mode) else None

@@ -39,7 +39,7 @@ from ion.apps.pump.transfer.errors import (
 from ion.apps.pump.transfer.inflight import inflight_name
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
 from ion.apps.pump.transfer.policy import connect
-from ion.apps.pump.transfer.results import Entry
+from ion.apps.pump.transfer.results import Entry, entry_type
 
 CHUNK_SIZE = 32 * 1024
 WINDOW = 16
@@ -306,10 +306,6 @@ async def _with_session(reactor, location, settings, work):
         await session.close()
 
 
-def _is_dir(attrs):
-    return stat.S_ISDIR(attrs.get("permissions", 0))
-
-
 async def _drain(pending):
     """Wait out requests in flight whose answers no longer matter."""
     while pending:
@@ -362,7 +358,7 @@ async def fetch(reactor, location, sink, settings):
     async def work(client, session):
         path = location.path.encode("utf-8")
         attrs = await client.getAttrs(path, followLinks=1)
-        if _is_dir(attrs):
+        if stat.S_ISDIR(attrs.get("permissions", 0)):
             raise BadRequest(f"{location.shown}: is a directory")
         if "size" in attrs:
             sink.declare(attrs["size"])
@@ -410,13 +406,8 @@ def _entry(name, attrs):
     mtime = None if mtime is None else float(mtime)
     if mode is None:
         return Entry(name, attrs.get("size"), mtime, None, "file")
-    if stat.S_ISLNK(mode):
-        kind = "link"
-    elif stat.S_ISDIR(mode):
-        kind = "dir"
-    elif stat.S_ISREG(mode):
-        kind = "file"
-    else:
+    kind = entry_type(mode)
+    if kind is None:
         return None
     size = attrs.get("size") if kind == "file" else None
     return Entry(name, size, mtime, stat.S_IMODE(mode), kind)

@@ -1,27 +1,21 @@
 """The transfers of one long-running process: settings, limits and resources, start to close.
 
 L{Transfers} holds what every transfer of a process shares: its timeouts, its credentials, its
-bounds on a get (C{max_size}, C{min_rate}), a limit of C{parallel} transfers at a time and of
-C{per_host} at a time to one server, a thread pool of C{parallel} threads for the local disk
-work (create, write, fsync, rename: the reactor thread never waits for the disk) and the
-kept-open http(s) connections (at most C{per_host} idle ones to a server). The transfer
-service and the consumers each own one.
+bounds on a get, a limit of C{parallel} transfers at a time and of C{per_host} to one server
+(L{HostLimiter}), a thread pool of C{parallel} threads for the local disk work (the reactor
+thread never waits for the disk) and the kept-open http(s) connections (L{HTTPConnections}).
+The transfer service and the consumers each own one.
 
-Settings (L{ion.apps.pump.args.TransferSettings} defines and checks them; C{who} names the owner
-in the errors):
+Settings (L{ion.apps.pump.args.TransferSettings} checks them; C{who} names the owner in the
+errors):
 
   - C{timeouts} {connect, idle}: seconds (defaults 10 and 30);
   - C{parallel}: transfers at a time (default 8);
-  - C{per_host}: transfers at a time to one server (default 4), lowered to C{parallel - 1} when
-    C{parallel} > 1, so one server never holds every slot. A transfer takes its server's slot
-    before one of the C{parallel} ones (see L{HostLimiter}): transfers waiting for a busy server
-    hold none of those, and transfers to other servers go ahead;
-  - C{max_size}: the most bytes a get takes (default 10 GiB; None for no limit): a larger
-    announced size is refused before connecting, a transfer going past it is cut (413, not
-    retried);
+  - C{per_host}: transfers at a time to one server (default 4), at most C{parallel - 1};
+  - C{max_size}: the most bytes a get takes (default 10 GiB; None for no limit), as in
+    L{ion.apps.pump.transfer.get};
   - C{min_rate}: {bytes_per_s, window} (default 1024 bytes/s over 60 s), a number of bytes per
-    second, or 0/None for none: a get receiving fewer than C{bytes_per_s * window} bytes in the
-    last C{window} seconds fails as too slow (504, retried later);
+    second, or 0/None for none: a slower get fails (504, retried later; see L{MinRate});
   - C{credentials}: path of the credentials file (default C{~/.config/ion/credentials.conf} when it
     exists). A file readable by group or others, unreadable or malformed, is refused.
 """
@@ -31,11 +25,10 @@ import os
 from twisted.python.threadpool import ThreadPool
 
 from ion.apps.pump.args import TransferSettings
-from ion.apps.pump.transfer.credentials import Credentials
-from ion.core.credentials import DEFAULT_CREDENTIALS
 from ion.apps.pump.transfer.http import HTTPConnections
 from ion.apps.pump.transfer.limits import HostLimiter
 from ion.apps.pump.transfer.operations import get, list, put
+from ion.core.credentials import DEFAULT_CREDENTIALS, Credentials
 
 
 def load_credentials(path):
