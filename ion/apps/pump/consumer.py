@@ -73,7 +73,6 @@ see L{ion.apps.pump.filters}); C{reannounce} is {exchange, base_url}; C{transfer
 {timeouts, per_host, credentials} (see L{ion.apps.pump.transfer.worker}).
 """
 
-import collections
 import copy
 import hashlib
 import json
@@ -310,15 +309,11 @@ class Consumer(ServiceProcess):
     def _stop_timers(self):
         self._stopping = True
         if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
             self.dupcache.flush()
-        self._flush_call = None
-        if self._retry_call is not None and self._retry_call.active():
-            self._retry_call.cancel()
-        self._retry_call = None
-        if self._sweep_call is not None and self._sweep_call.active():
-            self._sweep_call.cancel()
-        self._sweep_call = None
+        for call in (self._flush_call, self._retry_call, self._sweep_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._flush_call = self._retry_call = self._sweep_call = None
 
     async def op_stats(self, content, headers):
         """The counters: received, accepted, rejected, invalid, duplicates, discarded,
@@ -442,25 +437,11 @@ class Consumer(ServiceProcess):
                 message=message,
             )
             await self._fail(notice, key, 413, message, delivery.routing_key)
-            self._ack(delivery)
-            return
-        try:
-            path = self.destination_for(notice)
-        except paths.UnsafePath as e:
-            self.log.warn("consumer {name}: {reason}", name=self.subscription, reason=e)
-            await self._fail(notice, key, 422, str(e), delivery.routing_key)
-            self._ack(delivery)
-            return
-        try:
-            access = self.policy.judge(url, notice.source)
-        except TransferError as e:
-            self._refused(url, e.code, e.message)
-            await self._fail(notice, key, e.code, e.message, delivery.routing_key)
-            self._ack(delivery)
-            return
-        result, failure = await self._fetch(notice, url, path, access)
+            failure = None
+        else:
+            failure = await self._attempt(notice, url, key, delivery.routing_key)
         if failure is None:
-            await self._delivered(notice, key, path, result)
+            pass
         elif failure.transient:
             await self.retries.add(
                 key, notice.to_dict(), delivery.routing_key, failure.code, failure.message
@@ -480,6 +461,26 @@ class Consumer(ServiceProcess):
             await self._fail(notice, key, failure.code, failure.message, delivery.routing_key)
         self._ack(delivery)
 
+    async def _attempt(self, notice, url, key, routing_key):
+        """Place, judge and fetch a notice's file: None once it is delivered or refused
+        (reported), else the outcome.Failure of the fetch."""
+        try:
+            path = self.destination_for(notice)
+        except paths.UnsafePath as e:
+            self.log.warn("consumer {name}: {reason}", name=self.subscription, reason=e)
+            await self._fail(notice, key, 422, str(e), routing_key)
+            return None
+        try:
+            access = self.policy.judge(url, notice.source)
+        except TransferError as e:
+            self._refused(url, e.code, e.message)
+            await self._fail(notice, key, e.code, e.message, routing_key)
+            return None
+        result, failure = await self._fetch(notice, url, path, access)
+        if failure is None:
+            await self._delivered(notice, key, path, result)
+        return failure
+
     def _refused(self, url, code, message):
         self.log.warn(
             "consumer {name}: {url} refused ({code} {message})",
@@ -495,9 +496,7 @@ class Consumer(ServiceProcess):
         relPath (a leading C{/} allowed: it is relative to baseUrl all the same)."""
         if notice.retrieve_path:
             check_retrieve_path(notice)
-        return paths.destination(
-            self.directory, notice, self.mode, real_root=self.real_directory
-        )
+        return paths.destination(self.directory, notice, self.mode, real_root=self.real_directory)
 
     async def _fetch(self, notice, url, path, access=None):
         """(TransferResult, None) when the file is in place, else (None, outcome.Failure).
@@ -590,23 +589,10 @@ class Consumer(ServiceProcess):
         await self._publish(target["exchange"], announced.topic(), announced.to_json())
 
     async def _refuse_invalid(self, delivery, notice, error):
-        self.stats["invalid"] += 1
-        source = notice.source
-        known = isinstance(source, str) and source
-        self.log.warn(
-            "consumer {name}: invalid notice {key!r} ({reason}){what}",
-            name=self.subscription,
-            key=delivery.routing_key,
-            reason=error,
-            what=" reported to its source" if known else "; no source to report to",
-        )
-        if known:
-            key = hashlib.sha256(delivery.body).hexdigest()
-            await self._fail(notice, key, 417, f"invalid notice: {error}", delivery.routing_key)
-        self._ack(delivery)
+        what = f"invalid notice {delivery.routing_key!r} ({error})"
+        await self._refuse(delivery, notice, 417, f"invalid notice: {error}", what)
 
     async def _refuse_oversized(self, delivery, limit):
-        self.stats["invalid"] += 1
         size = len(delivery.body)
         fields = None
         # The bytes are in memory already; decoding them once finds whom to tell.
@@ -614,25 +600,32 @@ class Consumer(ServiceProcess):
             fields = json.loads(delivery.body)
         except (ValueError, RecursionError):
             pass
-        source = fields.get("source") if isinstance(fields, dict) else None
+        if not isinstance(fields, dict):
+            fields = {}
+        kept = {
+            k: fields[k]
+            for k in _OVERSIZE_KEEP
+            if k in fields and len(json.dumps(fields[k])) <= 4096
+        }
+        message = f"message of {size} bytes is over the limit of {limit}"
+        what = f"message {delivery.routing_key!r} of {size} bytes is over the limit of {limit}"
+        await self._refuse(delivery, Notice(kept), 413, message, what)
+
+    async def _refuse(self, delivery, notice, code, message, what):
+        """Count, log and ack a message refused as it is; its source, when the notice names
+        one, gets a C{code} report."""
+        self.stats["invalid"] += 1
+        source = notice.source
         known = isinstance(source, str) and source
         self.log.warn(
-            "consumer {name}: message {key!r} of {size} bytes is over the limit of {limit}{what}",
+            "consumer {name}: {what}{told}",
             name=self.subscription,
-            key=delivery.routing_key,
-            size=size,
-            limit=limit,
-            what=" (reported to its source)" if known else "; no source to report to",
+            what=what,
+            told=" (reported to its source)" if known else "; no source to report to",
         )
         if known:
-            kept = collections.OrderedDict(
-                (k, fields[k])
-                for k in _OVERSIZE_KEEP
-                if k in fields and len(json.dumps(fields[k])) <= 4096
-            )
             key = hashlib.sha256(delivery.body).hexdigest()
-            message = f"message of {size} bytes is over the limit of {limit}"
-            await self._fail(Notice(dict(kept)), key, 413, message, delivery.routing_key)
+            await self._fail(notice, key, code, message, delivery.routing_key)
         self._ack(delivery)
 
     # -- retries -------------------------------------------------------------------------
@@ -682,23 +675,9 @@ class Consumer(ServiceProcess):
             self.retries.done(entry)
             return
         notice = Notice(copy.deepcopy(entry.body))
-        try:
-            path = self.destination_for(notice)
-        except paths.UnsafePath as e:
-            await self._fail(notice, entry.key, 422, str(e), entry.routing_key)
-            self.retries.done(entry)
-            return
         url = notice.url()
-        try:
-            access = self.policy.judge(url, notice.source)
-        except TransferError as e:
-            self._refused(url, e.code, e.message)
-            await self._fail(notice, entry.key, e.code, e.message, entry.routing_key)
-            self.retries.done(entry)
-            return
-        result, failure = await self._fetch(notice, url, path, access)
+        failure = await self._attempt(notice, url, entry.key, entry.routing_key)
         if failure is None:
-            await self._delivered(notice, entry.key, path, result)
             self.retries.done(entry)
             return
         if failure.transient and self.retries.failed_again(entry, failure.code, failure.message):
