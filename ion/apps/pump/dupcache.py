@@ -30,8 +30,6 @@ class DupCache:
     """Keys seen within the last C{ttl} seconds, persisted at C{path} (see the module docstring)."""
 
     def __init__(self, path, ttl, clock, reactor=None, compact_min_lines=COMPACT_MIN_LINES):
-        if not ttl > 0:
-            raise ValueError(f"dup cache ttl must be a number of seconds > 0, got {ttl!r}")
         self.path = path
         self.ttl = ttl
         self.clock = clock
@@ -44,9 +42,6 @@ class DupCache:
         self._journal.replay(self._replay)
         if self._journal.lines > len(self._entries):
             self.compact()
-
-    def __repr__(self):
-        return f"<DupCache {self.path} {len(self._entries)} keys>"
 
     def __len__(self):
         self.purge()

@@ -274,7 +274,10 @@ class PollService(ServiceProcess):
                 name=self.source,
             )
         self.stats = {
-            "passes": 0, "failed_passes": 0, "skipped": 0, **{key: 0 for key in _PASS_COUNTERS}
+            "passes": 0,
+            "failed_passes": 0,
+            "skipped": 0,
+            **{key: 0 for key in _PASS_COUNTERS},
         }
         self.last_pass = None
         self._loop = None
@@ -399,22 +402,17 @@ class PollService(ServiceProcess):
             rel_dir = pending.pop()
             try:
                 entries = await self._list(rel_dir)
-            except RemoteError as e:
-                if e.code == 404 and rel_dir:
+            except defer.CancelledError:
+                raise
+            except Exception as e:
+                remote = isinstance(e, RemoteError)
+                if remote and e.code == 404 and rel_dir:
                     # Gone since its parent was listed: its files are forgotten below.
                     continue
                 complete = False
                 counts["errors"] += 1
-                first_error = (
-                    first_error or f"cannot list {self._dir_url(rel_dir)}: {e.code} {e.message}"
-                )
-                continue
-            except defer.CancelledError:
-                raise
-            except Exception as e:
-                complete = False
-                counts["errors"] += 1
-                first_error = first_error or f"cannot list {self._dir_url(rel_dir)}: {e}"
+                why = f"{e.code} {e.message}" if remote else e
+                first_error = first_error or f"cannot list {self._dir_url(rel_dir)}: {why}"
                 continue
             await self.store.visited(rel_dir, number)
             try:

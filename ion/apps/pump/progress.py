@@ -27,6 +27,7 @@ from twisted.internet import defer, task
 from ion.apps.pump.args import ProgressArgs
 from ion.core.process import ServiceProcess
 
+
 def human_bytes(count):
     """A byte rate or size for people: 512 B, 3.1 kB, 12.0 MB..."""
     for unit in ("B", "kB", "MB", "GB", "TB"):
@@ -82,6 +83,20 @@ class Progress(ServiceProcess):
                 found.append((child_id, proc))
         return found
 
+    async def _stats(self, key, silent):
+        """[(child id, stats)] of the running consumers or polls (C{key}) that answer; those
+        that do not are named in C{silent} (a consumer by its process name)."""
+        answers = []
+        for child_id, proc in self._running(key):
+            try:
+                stats = await self.rpc(proc.pid, "stats", timeout=self.settings["timeout"])
+            except Exception as e:
+                self.log.debug("progress: no stats from {id}: {e}", id=child_id, e=e)
+                silent.append(proc.name or child_id if key == "consumers" else child_id)
+            else:
+                answers.append((child_id, stats))
+        return answers
+
     async def summarize(self):
         """Collect the consumers' stats and log the summary line; returns it (None when it
         was not logged: still idle)."""
@@ -89,18 +104,17 @@ class Progress(ServiceProcess):
         elapsed = max(now - self._last_time, 1e-9)
         self._last_time = now
         totals = {
-            "delivered": 0, "bytes": 0, "queued": 0, "in_hand": 0, "receiving": 0, "retrying": 0
+            "delivered": 0,
+            "bytes": 0,
+            "queued": 0,
+            "in_hand": 0,
+            "receiving": 0,
+            "retrying": 0,
         }
         new_files = new_bytes = 0
         failures = {}
         silent = []
-        for child_id, proc in self._running("consumers"):
-            try:
-                stats = await self.rpc(proc.pid, "stats", timeout=self.settings["timeout"])
-            except Exception as e:
-                self.log.debug("progress: no stats from {id}: {e}", id=child_id, e=e)
-                silent.append(proc.name or child_id)
-                continue
+        for child_id, stats in await self._stats("consumers", silent):
             delivered, size = stats.get("delivered", 0), stats.get("bytes", 0)
             # Received, not delivered, bytes make the rate: a long transfer shows its own.
             received = stats.get("bytes_received", 0)
@@ -114,18 +128,11 @@ class Progress(ServiceProcess):
             totals["delivered"] += delivered
             totals["bytes"] += size
             totals["receiving"] += receiving
-            totals["queued"] += stats.get("queued") or 0
-            totals["in_hand"] += stats.get("in_hand", 0)
-            totals["retrying"] += stats.get("retrying", 0)
+            for key in ("queued", "in_hand", "retrying"):
+                totals[key] += stats.get(key) or 0
             for code, n in (stats.get("failures") or {}).items():
                 failures[code] = failures.get(code, 0) + n
-        for child_id, proc in self._running("polls"):
-            try:
-                stats = await self.rpc(proc.pid, "stats", timeout=self.settings["timeout"])
-            except Exception as e:
-                self.log.debug("progress: no stats from {id}: {e}", id=child_id, e=e)
-                silent.append(child_id)
-                continue
+        for child_id, stats in await self._stats("polls", silent):
             if stats.get("failed_passes"):
                 failures[child_id] = stats["failed_passes"]
         busy = new_files or totals["queued"] or totals["in_hand"] or totals["retrying"] or silent

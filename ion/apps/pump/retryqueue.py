@@ -74,11 +74,6 @@ class RetryQueue:
         reactor=None,
         compact_min_lines=COMPACT_MIN_LINES,
     ):
-        for name, value in (("initial", initial), ("maximum", maximum), ("horizon", horizon)):
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"retry {name} must be a number of seconds > 0, got {value!r}")
-        if not (isinstance(jitter, (int, float)) and 0 <= jitter < 1):
-            raise ValueError(f"retry jitter must be a fraction in [0, 1), got {jitter!r}")
         self.path = path
         self.clock = clock
         self.initial = initial
@@ -98,9 +93,6 @@ class RetryQueue:
             self._push(entry)
         if self._journal.lines > len(self._entries):
             self.compact()
-
-    def __repr__(self):
-        return f"<RetryQueue {self.path} {len(self._entries)} entries>"
 
     def __len__(self):
         return len(self._entries)
@@ -182,7 +174,7 @@ class RetryQueue:
         entry.attempts += 1
         entry.code = code
         entry.message = message
-        if self.past_horizon(entry, now):
+        if now >= entry.first_failed + self.horizon:
             return False
         entry.due = self._next_due(now, entry.first_failed, entry.attempts)
         self._write(
@@ -207,10 +199,6 @@ class RetryQueue:
         self._write({"op": "done", "id": entry.id})
         if self._journal.lines > max(self.compact_min_lines, 4 * len(self._entries)):
             self.compact()
-
-    def past_horizon(self, entry, now=None):
-        now = self.clock.seconds() if now is None else now
-        return now >= entry.first_failed + self.horizon
 
     def _next_due(self, now, first_failed, attempts):
         return min(now + self.delay(attempts), first_failed + self.horizon)
