@@ -18,26 +18,17 @@ two pumps never share one.
 
 kwargs (from C{res/apps/pump.app}, a rel file's C{args} or C{-a "apparg_pump={...}"}):
 
-  - C{polls}: a list of poll args (see L{ion.apps.pump.poll}), each with a unique C{name}: C{url},
-    C{interval}, C{accept}, C{reject}, C{exchange}, C{min_age}, C{recursive}, C{state_dir},
-    C{base_url}...;
-  - C{subscriptions}: a list of consumer args (see L{ion.apps.pump.consumer}), each with a unique
-    C{name}: C{exchange}, C{topics}, C{accept}, C{reject}, C{directory}, C{mirror}, C{strip}...;
+  - C{polls}, C{subscriptions}: lists of poll and consumer args (L{ion.apps.pump.args}), each
+    with a unique C{name};
   - C{transfer}: {workers: N transfer service instances (default 2; the polls list through them),
-    timeouts, per_host, credentials, parallel, max_size, min_rate}: the settings of
-    L{ion.apps.pump.transfer.worker}. Consumers fetch files themselves with the same timeouts,
-    per_host and credentials (a subscription's own C{transfer} wins) and their own C{parallel};
-    C{max_size} and C{min_rate} given here are the subscriptions' defaults too;
-  - C{ingest}: ingest args (see L{ion.apps.pump.ingest}), e.g. {users: ['alice', 'bob']} for the
-    exchanges C{xs_alice}, C{xs_bob} (default: the pump's user's only);
-  - C{report_router}: report router args (see L{ion.apps.pump.report_router}), e.g. C{log_path};
-  - C{progress}: {interval: seconds between summary lines (default 10)};
-  - C{user}: the pump's broker user: it names the queues (C{q_<user>....}) and the exchange the
-    polls announce to (C{xs_<user>}); default the config C{ion.apps.pump: user}, else the
-    container's broker login (C{ion} on the embedded broker); see L{ion.apps.pump.user}.
+    and the settings of L{ion.apps.pump.transfer.worker}}. Consumers fetch files themselves with
+    the same timeouts, per_host and credentials (a subscription's own C{transfer} wins) and their
+    own C{parallel}; C{max_size} and C{min_rate} given here are the subscriptions' defaults too;
+  - C{ingest}, C{report_router}, C{progress}: the args of those processes;
+  - C{user}: the pump's broker user, naming its queues (C{q_<user>....}) and the exchange the
+    polls announce to (C{xs_<user>}); default: see L{ion.apps.pump.user}.
 
-The kwargs are L{ion.apps.pump.args.PumpArgs}; anything else is an error naming the valid
-kwargs.
+The kwargs are L{ion.apps.pump.args.PumpArgs}; anything else is an error naming the valid ones.
 """
 
 import os

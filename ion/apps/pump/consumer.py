@@ -16,34 +16,26 @@ patterns C{topics}. For each message, in this order:
      cache kept on disk (C{dupcache.py}) for C{dup_ttl} seconds: acked, counted, no report. With
      C{discard} (benchmarks) the message ends here: its key is remembered (written to the
      file once per reactor turn) and it is acked;
-  4. a C{size} over C{max_size} (default 10 GiB): one 413 report, nothing fetched, no retry;
-     place it under C{directory} (mirror, directory, or strip=N; see L{ion.apps.pump.paths}); a
-     path that could leave the tree: one 422 report, nothing touched on disk (a C{retrievePath}
-     passes the same rules). Then judge its URL by the URL policy of C{sources} and the notice's
-     C{source} (L{ion.apps.pump.transfer.policy}): refused, one log line and a 403 report, never
-     retried;
-  5. fetch the file itself (L{ion.apps.pump.transfer.worker.Transfers}, with the C{transfer}
-     settings: timeouts, per_host, credentials), verified against the notice's size and
-     checksum, at most C{parallel} transfers at a time, each given up after C{transfer_timeout}
-     seconds, cut when it passes the announced size or C{max_size} (413, not retried) or
-     receives less than C{min_rate} (default {bytes_per_s: 1024, window: 60}: fewer than
-     bytes_per_s * window bytes in the last window seconds; 504, retried). Delivered:
-     optional re-announce (sarra mode), a 201 report, the key added to the duplicate cache.
-     A transient failure (see L{ion.apps.pump.outcome}: 499/500/503/504) goes to the on-disk
-     retry queue (C{retryqueue.py}); a permanent one gets one failure report.
+  4. a C{size} over C{max_size}: one 413 report, nothing fetched; place it under C{directory}
+     (L{ion.apps.pump.paths}; a C{retrievePath} passes the same rules): a path that could leave
+     the tree, one 422 report, nothing touched on disk. Its URL is judged by the policy of
+     C{sources} and the notice's C{source} (L{ion.apps.pump.transfer.policy}): refused, a 403
+     report, never retried;
+  5. fetch the file (L{ion.apps.pump.transfer.worker.Transfers} with the C{transfer} settings),
+     verified against the notice's size and checksum, at most C{parallel} at a time, each
+     given up after C{transfer_timeout} seconds, cut past the announced size or C{max_size}
+     (413) or under C{min_rate} (504, retried). Delivered: optional re-announce (sarra mode),
+     a 201 report, the key added to the duplicate cache. A transient failure
+     (L{ion.apps.pump.outcome}) goes to the on-disk retry queue; a permanent one gets one
+     report. The fetch runs in the consumer's own process, not as a call to the C{transfer}
+     service, which doubled the broker messages of every delivery; to fetch more at a time,
+     run more consumers of the subscription (they share its queue). Directories are made and
+     the file written from a descriptor of C{directory} held open (L{DestinationRoot}), never
+     through a symbolic link: a link below C{directory}, also one planted during the fetch,
+     fails the file with 422.
 
-     The fetch runs in the consumer's own process rather than as a call to the C{transfer}
-     service: a call per file doubled the broker messages of every delivery. To fetch more at
-     a time, run more consumers of the same subscription (they share its queue), in this
-     container or others.
-
-     The file's directories are made, and the file written, in the transfer's disk thread from
-     a descriptor of C{directory} held open (L{DestinationRoot}), never through a symbolic link:
-     a link below C{directory}, also one planted during the fetch, fails the file with 422.
-
-On start, temporary files (C{.<name>.<random>.inflight}) that a killed earlier run left in the
-destination tree are removed, in a thread (files other processes are writing are kept; one
-changed in the last few seconds is looked at again a few seconds later).
+On start, temporary files (C{.<name>.<random>.inflight}) a killed earlier run left in the tree
+are removed in a thread (those being written are kept; recently changed ones looked at later).
 
 The message is acked only once its outcome is durable, so a crash at any point leaves the
 message in the broker or its outcome on disk:
@@ -63,14 +55,8 @@ the cache write downloads again and reports again under the same C{report_id}, w
 router drops: each outcome reaches its source once.
 
 Reports are copies of the notice with C{report} {code, timeCompleted, message} and C{report_id},
-published persistent and confirmed to C{report_exchange} (default C{xreport}) with the notice's
-topic. C{self.stats} counts what happened; op C{stats} returns it.
-
-Args (L{ion.apps.pump.args.ConsumerArgs}, checked before anything starts): C{name} is
-required, C{directory} too unless C{discard} is set; C{filters} is an ordered list of
-C{('accept'|'reject', regex)}, or C{accept}/C{reject} give two lists (rejects are tried first;
-see L{ion.apps.pump.filters}); C{reannounce} is {exchange, base_url}; C{transfer} is
-{timeouts, per_host, credentials} (see L{ion.apps.pump.transfer.worker}).
+published persistent and confirmed to C{report_exchange} with the notice's topic. Op C{stats}
+returns the counters. Args: L{ion.apps.pump.args.ConsumerArgs}, checked before anything starts.
 """
 
 import copy

@@ -32,11 +32,8 @@ percent-encoded tricks -- is skipped with a warning), and names that a URL canno
 Temporary files of transfers (C{.<name>.<random>.inflight}, being written into the polled tree)
 are skipped quietly: the file is listed under its own name once complete.
 
-Filters (C{accept}, C{reject} lists of regexes, or C{filters}, an ordered list of
-C{('accept'|'reject', regex)}; see L{ion.apps.pump.filters}) match the whole relPath:
-the first matching rule decides; with C{accept} rules, an unmatched file is rejected unless
-C{accept_unmatched} says otherwise. A file whose mtime is less than C{min_age} seconds old waits
-for a later pass (it may still be being written).
+Filters (L{ion.apps.pump.filters}) match the whole relPath. A file whose mtime is less than
+C{min_age} seconds old waits for a later pass (it may still be being written).
 
 State: what was announced lives in C{<state_dir>/seen.sqlite3} (default state_dir
 C{var/pump/poll-<name>}), one row per file (directory, name) -> (size, mtime), so a restart
@@ -110,13 +107,10 @@ def unfetchable(name):
 
 
 class SeenFiles:
-    """What a poll has announced: (directory, name) -> (size, mtime), in SQLite at C{path}.
-
-    SQLite (in the standard library, unlike a usable dbm on every Python) keeps the rows on
-    disk with atomic commits; only the rows of the directory being looked at are read. Opening
-    reads and writes on the calling thread (once, at start); the methods run in a thread of
-    C{reactor}'s pool, one at a time in the order called, and return Deferreds.
-    """
+    """What a poll has announced: (directory, name) -> (size, mtime), in SQLite at C{path}
+    (atomic commits; only the rows of the directory being looked at are read). Opening runs on
+    the calling thread; the methods run in C{reactor}'s pool, one at a time in the order
+    called, and return Deferreds."""
 
     def __init__(self, path, root, reactor=None):
         directory = os.path.dirname(path)
@@ -380,10 +374,9 @@ class PollService(ServiceProcess):
 
     async def op_stats(self, content, headers):
         """Totals: passes, failed_passes (passes with an error), skipped (passes not run
-        because one was running), listed,
-        announced, unchanged, young (waiting for min_age), rejected (filters), unsafe (names
-        skipped), skipped_entries (links and the like), errors (listings or publishes that
-        failed), and C{known}: files in the state."""
+        because one was running), listed, announced, unchanged, young (waiting for min_age),
+        rejected (filters), unsafe (names skipped), skipped_entries (links and the like), errors
+        (listings or publishes that failed), and C{known}: files in the state."""
         stats = dict(self.stats)
         stats["known"] = await self.store.count()
         return stats
