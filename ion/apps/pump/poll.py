@@ -165,15 +165,6 @@ class SeenFiles:
         return {name: (size, mtime) for name, size, mtime in rows}
 
     @_in_thread
-    def get(self, rel_path):
-        """(size, mtime) as last announced for C{rel_path}, or None."""
-        rel_dir, _, name = rel_path.rpartition("/")
-        row = self.db.execute(
-            "SELECT size, mtime FROM files WHERE dir = ? AND name = ?", (rel_dir, name)
-        ).fetchone()
-        return None if row is None else tuple(row)
-
-    @_in_thread
     def start_pass(self):
         self.passes += 1
         with self.db:
