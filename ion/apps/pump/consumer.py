@@ -622,17 +622,14 @@ class Consumer(ServiceProcess):
             return
         due = self.retries.next_due()
         call = self._retry_call
-        if due is None:
-            if call is not None and call.active():
-                call.cancel()
-            self._retry_call = None
-            return
         if call is not None and call.active():
-            if call.getTime() <= due:
+            if due is not None and call.getTime() <= due:
                 return
             call.cancel()
-        clock = self.container.clock
-        self._retry_call = clock.callLater(max(0, due - clock.seconds()), self._run_retries)
+        self._retry_call = None
+        if due is not None:
+            clock = self.container.clock
+            self._retry_call = clock.callLater(max(0, due - clock.seconds()), self._run_retries)
 
     def _run_retries(self):
         self._retry_call = None

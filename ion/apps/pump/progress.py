@@ -1,23 +1,18 @@
 """Progress: one summary line of the pump's deliveries every C{interval} seconds (default 10).
 
-L{Progress} runs under the pump's supervisor and asks the consumers named in C{consumers} (their
-child ids in that supervisor, e.g. C{consumer.pump}) for their C{stats} each interval, then logs
-at info, for all of them together::
+L{Progress} asks the consumers and polls named in C{consumers} and C{polls} (child ids in the
+pump's supervisor, e.g. C{consumer.pump}) for their C{stats} each interval and logs, at info::
 
     pump: 12.4 files/s, 3.1 MB/s; 1240 delivered; 310 queued, 8 in hand, 0 retrying; failures: none
 
-files/s are the deliveries since the previous line, bytes/s the bytes received since then
-(of files delivered, failed or still on their way); "queued" is the notices waiting in the
-consumers' queues on the broker; "in hand" is the messages taken from the broker and not
-settled yet (waiting for or in a transfer), with the bytes of the files being fetched
-received so far, e.g. "2 in hand (1.3 GB received)"; "retrying" the
-files in the on-disk retry queues; failures count the files given up on, by report code, since
-the consumers started, and the failed passes of each poll in C{polls} (child ids: a source that
-cannot be listed shows as C{failures: poll.source=12}). While nothing moves and nothing waits,
-one "idle" line is logged and then nothing until work arrives or the failures change. A consumer
-that does not answer in C{timeout} seconds (the broker is down, or it is stuck) is named on the
-line, by its process name (the service C{ion rpc} calls it by), instead of being counted as
-idle::
+files/s counts deliveries since the previous line, bytes/s bytes received (of files delivered,
+failed or on their way); "queued" is the notices waiting on the broker; "in hand" the messages
+taken and not settled yet, with the bytes being fetched, e.g. "2 in hand (1.3 GB received)";
+"retrying" the files in the retry queues; failures count the files given up on, by report
+code, and each poll's failed passes (C{failures: poll.source=12}). While nothing moves and
+nothing waits, one "idle" line is logged, then nothing until work arrives or the failures
+change. A consumer not answering in C{timeout} seconds (broker down, or stuck) is named by its
+process name instead of being counted as idle::
 
     pump: 0.0 files/s, 0 B/s; 1240 delivered; 0 queued, 0 in hand, 0 retrying; failures: none; not answering: pump.consumer.pump
 """

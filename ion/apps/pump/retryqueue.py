@@ -18,9 +18,8 @@ makes a finished entry come back once after a restart, where the consumer's dupl
 recognises it. The file is rewritten with the pending entries when it holds more than four times
 as many records as entries.
 
-Times come from C{clock.seconds()} (the container's clock: C{task.Clock} in tests). The fsyncs
-and rewrites of the file run in threads of C{reactor}'s pool (see L{ion.apps.pump.journal});
-adds that wait for their fsync together share one.
+Times come from C{clock.seconds()}; the fsyncs and rewrites run in threads of C{reactor}'s pool
+(L{ion.apps.pump.journal}), and adds that wait for their fsync together share one.
 """
 
 import heapq
