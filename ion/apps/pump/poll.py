@@ -9,20 +9,13 @@ C{mtime} and C{mode} when the listing tells them, and the identity C{{method: co
 (default C{xs_<user>}, where the pump's ingest picks it up) with the notice's topic, persistent
 and confirmed by the broker.
 
-Listings the poll can read (see L{ion.apps.pump.transfer.listings}):
-
-  - C{file://} (or C{file:relative/dir/}, made absolute): the local directory; symbolic links are
-    not followed. A local directory that does not exist is created only when C{create} is true
-    (the pump app's own default source sets it); otherwise each pass fails, saying so;
-  - C{http://}, C{https://}: HTML index pages from twisted.web's static.File, Apache
-    mod_autoindex, nginx autoindex, or any page linking its children followed by a date and a
-    size. A change is what the page shows changing: static.File pages give no dates and round
-    sizes over 1 KiB (C{4K}), so there only a small file's change of size is seen (a larger file
-    is announced once); Apache's rounded sizes (C{1.2K}) leave its dates to show changes. Pages
-    with names only (python's http.server) announce each file once;
-  - C{sftp://}: the server's directory listing (exact sizes, mtimes to the second, modes);
-  - C{ftp://}: MLSD when the server offers it, else LIST in the Unix or DOS layout (mtimes to
-    the minute at best).
+Listings (L{ion.apps.pump.transfer.listings} reads them): C{file://} (or C{file:relative/dir/},
+made absolute; symbolic links not followed; a missing directory is created only when C{create}
+is true, as for the pump app's own default source, else each pass fails, saying so), C{sftp://},
+C{ftp://} (mtimes to the minute at best), and C{http(s)://} index pages, where a change is what
+the page shows changing: static.File pages give no dates and round sizes over 1 KiB, so only a
+small file's change of size is seen (a larger file is announced once); pages with names only
+(python's http.server) announce each file once.
 
 Only files are announced: links (where the listing tells them apart) are skipped, and
 directories are descended into when C{recursive} (the default). Every listed name passes
