@@ -206,9 +206,7 @@ class Consumer(ServiceProcess):
             self.transfers = Transfers(self.container.reactor, args.transfer, who=args.who)
         self._working = set()  # duplicate keys of the messages being fetched
         self._declared = set()
-        self._retry_call = None
-        self._flush_call = None
-        self._sweep_call = None
+        self._retry_call = self._flush_call = self._sweep_call = None
         self._stopping = False
 
     async def on_activate(self):
@@ -324,12 +322,6 @@ class Consumer(ServiceProcess):
 
     # -- one message ---------------------------------------------------------------------
 
-    def _on_delivery(self, delivery):
-        self.stats["received"] += 1
-        # Most messages (filtered, duplicates, discarded) are settled by now, without a
-        # coroutine or a Deferred; the others have work that waits for the broker or a transfer.
-        return self._triage(delivery)
-
     def _ack(self, delivery):
         """Settle a message whose outcome is durable (a separate method: tests simulate a
         crash before the ack by overriding it)."""
@@ -347,9 +339,11 @@ class Consumer(ServiceProcess):
             message = f"failed twice, moved to {self.queue}.dead: {reason}"
             await self._fail(notice, dup_key(notice), 500, message, delivery.routing_key)
 
-    def _triage(self, delivery):
+    def _on_delivery(self, delivery):
         """Settle what needs no waiting (undecodable, filtered, fileOp, duplicate, discarded)
-        and return None; otherwise return the coroutine that finishes the message."""
+        and return None: most messages, without a coroutine or a Deferred; otherwise return
+        the coroutine that finishes the message."""
+        self.stats["received"] += 1
         body = delivery.body
         limit = self.settings["max_notice_bytes"]
         if len(body) > limit:

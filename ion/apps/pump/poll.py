@@ -251,15 +251,9 @@ class PollService(ServiceProcess):
                 "will be announced again (files already delivered are skipped as duplicates)",
                 name=self.source,
             )
-        self.stats = {
-            "passes": 0,
-            "failed_passes": 0,
-            "skipped": 0,
-            **{key: 0 for key in _PASS_COUNTERS},
-        }
+        self.stats = dict.fromkeys(("passes", "failed_passes", "skipped", *_PASS_COUNTERS), 0)
         self.last_pass = None
         self._loop = None
-        self._loop_done = None
         self._pass = None
         self._declared = False
         self._stopping = False
@@ -268,8 +262,8 @@ class PollService(ServiceProcess):
     def on_activate(self):
         self._loop = task.LoopingCall(self._tick)
         self._loop.clock = self.container.clock
-        self._loop_done = self._loop.start(self.settings["interval"], now=True)
-        self._loop_done.addErrback(
+        done = self._loop.start(self.settings["interval"], now=True)
+        done.addErrback(
             lambda f: self.log.failure("poll {name}: the poll loop failed", f, name=self.source)
         )
 
