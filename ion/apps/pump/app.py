@@ -18,26 +18,17 @@ two pumps never share one.
 
 kwargs (from C{res/apps/pump.app}, a rel file's C{args} or C{-a "apparg_pump={...}"}):
 
-  - C{polls}: a list of poll args (see L{ion.apps.pump.poll}), each with a unique C{name}: C{url},
-    C{interval}, C{accept}, C{reject}, C{exchange}, C{min_age}, C{recursive}, C{state_dir},
-    C{base_url}...;
-  - C{subscriptions}: a list of consumer args (see L{ion.apps.pump.consumer}), each with a unique
-    C{name}: C{exchange}, C{topics}, C{accept}, C{reject}, C{directory}, C{mirror}, C{strip}...;
+  - C{polls}, C{subscriptions}: lists of poll and consumer args (L{ion.apps.pump.args}), each
+    with a unique C{name};
   - C{transfer}: {workers: N transfer service instances (default 2; the polls list through them),
-    timeouts, per_host, credentials, parallel, max_size, min_rate}: the settings of
-    L{ion.apps.pump.transfer.worker}. Consumers fetch files themselves with the same timeouts,
-    per_host and credentials (a subscription's own C{transfer} wins) and their own C{parallel};
-    C{max_size} and C{min_rate} given here are the subscriptions' defaults too;
-  - C{ingest}: ingest args (see L{ion.apps.pump.ingest}), e.g. {users: ['alice', 'bob']} for the
-    exchanges C{xs_alice}, C{xs_bob} (default: the pump's user's only);
-  - C{report_router}: report router args (see L{ion.apps.pump.report_router}), e.g. C{log_path};
-  - C{progress}: {interval: seconds between summary lines (default 10)};
-  - C{user}: the pump's broker user: it names the queues (C{q_<user>....}) and the exchange the
-    polls announce to (C{xs_<user>}); default the config C{ion.apps.pump: user}, else the
-    container's broker login (C{ion} on the embedded broker); see L{ion.apps.pump.user}.
+    and the settings of L{ion.apps.pump.transfer.worker}}. Consumers fetch files themselves with
+    the same timeouts, per_host and credentials (a subscription's own C{transfer} wins) and their
+    own C{parallel}; C{max_size} and C{min_rate} given here are the subscriptions' defaults too;
+  - C{ingest}, C{report_router}, C{progress}: the args of those processes;
+  - C{user}: the pump's broker user, naming its queues (C{q_<user>....}) and the exchange the
+    polls announce to (C{xs_<user>}); default: see L{ion.apps.pump.user}.
 
-The kwargs are L{ion.apps.pump.args.PumpArgs}; anything else is an error naming the valid
-kwargs.
+The kwargs are L{ion.apps.pump.args.PumpArgs}; anything else is an error naming the valid ones.
 """
 
 import os
@@ -56,96 +47,84 @@ from ion.core.process import Supervisor
 _BOUNDS = ("max_size", "min_rate")
 
 
+def _child(app_name, child_id, module, args, named=True, **more):
+    """A supervisor child running C{ion.apps.pump.<module>}, serving C{<app>.<child_id>} if
+    C{named}."""
+    child = {"id": child_id, "spec": f"ion.apps.pump.{module}", "args": args, **more}
+    if named:
+        child["name"] = f"{app_name}.{child_id}"
+    return child
+
+
+def _named_children(app_name, entries, kind, check, prepare, plural):
+    """The children for C{entries} (consumer or poll args, each given to C{prepare}), checked
+    with C{check}; ValueError on a bad entry or a name used twice."""
+    children = {}
+    for args in map(dict, entries):
+        prepare(args)
+        checked = check.parse(args)
+        child_id = f"{kind}.{checked.name}"
+        if child_id in children:
+            raise ValueError(f"{app_name}: two {plural} are named {checked.name!r}")
+        # Messages in hand get the process's stop_grace to finish.
+        shutdown = int(checked.stop_grace * 1000) + 5000
+        children[child_id] = _child(app_name, child_id, kind, args, shutdown=shutdown)
+    return children
+
+
 def plan(app_name="pump", **kwargs):
     """The supervisor args for these kwargs, checked; ValueError naming the problem."""
     pump = PumpArgs.parse(kwargs, who=app_name)
-    user = pump.user
     transfer = pump.transfer_settings
     fetching = {k: v for k, v in transfer.items() if k not in ("parallel", *_BOUNDS)}
     # Every copy of the app (a rel's mult) keeps its state in a directory of its own.
     state_root = os.path.join("var", app_name)
-    router_args = dict(pump.report_router)
-    router_args.setdefault("state_dir", os.path.join(state_root, "report_router"))
-    ingest_args = dict(pump.ingest)
-    if user is not None:
-        router_args.setdefault("user", user)
-        ingest_args.setdefault("user", user)
-    ReportRouterArgs.parse(router_args)
-    IngestArgs.parse(ingest_args)
-    progress_args = dict(pump.progress)
 
-    children = [
-        {
-            "id": "report_router",
-            "name": f"{app_name}.report_router",
-            "spec": "ion.apps.pump.report_router",
-            "args": router_args,
-        }
-    ]
-    for i in range(1, pump.workers + 1):
-        children.append(
-            {"id": f"transfer{i}", "spec": "ion.apps.pump.transfer_service", "args": dict(transfer)}
-        )
-    children.append(
-        {"id": "ingest", "name": f"{app_name}.ingest", "spec": "ion.apps.pump.ingest",
-         "args": ingest_args}
-    )
-    names = set()
-    consumer_ids = []
-    for args in map(dict, pump.subscriptions):
-        if user is not None:
-            args.setdefault("user", user)
+    def prepare(args, prefix=""):
+        if pump.user is not None:
+            args.setdefault("user", pump.user)
         if isinstance(args.get("name"), str):
-            args.setdefault("state_dir", os.path.join(state_root, args["name"]))
+            args.setdefault("state_dir", os.path.join(state_root, prefix + args["name"]))
+
+    def prepare_consumer(args):
+        prepare(args)
         if fetching:
             args["transfer"] = dict(fetching, **(args.get("transfer") or {}))
         for key in _BOUNDS:
             if key in transfer:
                 args.setdefault(key, transfer[key])
-        checked = ConsumerArgs.parse(args)
-        if checked.name in names:
-            raise ValueError(f"{app_name}: two subscriptions are named {checked.name!r}")
-        names.add(checked.name)
-        consumer_ids.append(f"consumer.{checked.name}")
-        children.append(
-            {
-                "id": consumer_ids[-1],
-                "name": f"{app_name}.{consumer_ids[-1]}",
-                "spec": "ion.apps.pump.consumer",
-                "args": args,
-                # Messages in hand get the consumer's stop_grace to finish.
-                "shutdown": int(checked.stop_grace * 1000) + 5000,
-            }
-        )
-    names = set()
-    poll_ids = []
-    for args in map(dict, pump.polls):
-        if user is not None:
-            args.setdefault("user", user)
-        if isinstance(args.get("name"), str):
-            args.setdefault("state_dir", os.path.join(state_root, f"poll-{args['name']}"))
-        checked = PollArgs.parse(args)
-        if checked.name in names:
-            raise ValueError(f"{app_name}: two polls are named {checked.name!r}")
-        names.add(checked.name)
-        poll_ids.append(f"poll.{checked.name}")
-        children.append(
-            {
-                "id": poll_ids[-1],
-                "name": f"{app_name}.poll.{checked.name}",
-                "spec": "ion.apps.pump.poll",
-                "args": args,
-                "shutdown": int(checked.stop_grace * 1000) + 5000,
-            }
-        )
-    progress_args.setdefault("consumers", consumer_ids)
-    progress_args.setdefault("polls", poll_ids)
+
+    router_args = dict(pump.report_router)
+    router_args.setdefault("state_dir", os.path.join(state_root, "report_router"))
+    ingest_args = dict(pump.ingest)
+    for args in (router_args, ingest_args):
+        if pump.user is not None:
+            args.setdefault("user", pump.user)
+    ReportRouterArgs.parse(router_args)
+    IngestArgs.parse(ingest_args)
+    consumers = _named_children(
+        app_name, pump.subscriptions, "consumer", ConsumerArgs, prepare_consumer, "subscriptions"
+    )
+    polls = _named_children(
+        app_name, pump.polls, "poll", PollArgs, lambda args: prepare(args, "poll-"), "polls"
+    )
+    progress_args = dict(pump.progress)
+    progress_args.setdefault("consumers", list(consumers))
+    progress_args.setdefault("polls", list(polls))
     progress_args.setdefault("name", app_name)
     ProgressArgs.parse(progress_args)
-    children.append(
-        {"id": "progress", "name": f"{app_name}.progress", "spec": "ion.apps.pump.progress",
-         "args": progress_args}
-    )
+    workers = [
+        _child(app_name, f"transfer{i}", "transfer_service", dict(transfer), named=False)
+        for i in range(1, pump.workers + 1)
+    ]
+    children = [
+        _child(app_name, "report_router", "report_router", router_args),
+        *workers,
+        _child(app_name, "ingest", "ingest", ingest_args),
+        *consumers.values(),
+        *polls.values(),
+        _child(app_name, "progress", "progress", progress_args),
+    ]
     return {"children": children, "strategy": "rest_for_one"}
 
 

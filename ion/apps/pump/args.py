@@ -425,26 +425,20 @@ class ReportRouterArgs(_Arguments):
     prefetch = attrs.field(default=100, validator=COUNT)
 
 
+_CHILD_IDS = _check(
+    lambda v: isinstance(v, (list, tuple)) and all(isinstance(c, str) for c in v),
+    "a list of child ids",
+)
+
+
 @attrs.frozen(kw_only=True)
 class ProgressArgs(_Arguments):
     """The progress line (L{ion.apps.pump.progress}): C{consumers} and C{polls} are child ids in
     the pump's supervisor, C{name} starts the line."""
 
     who = _fixed_who("progress")
-    consumers = attrs.field(
-        default=(),
-        validator=_check(
-            lambda v: isinstance(v, (list, tuple)) and all(isinstance(c, str) for c in v),
-            "a list of child ids",
-        ),
-    )
-    polls = attrs.field(
-        default=(),
-        validator=_check(
-            lambda v: isinstance(v, (list, tuple)) and all(isinstance(c, str) for c in v),
-            "a list of child ids",
-        ),
-    )
+    consumers = attrs.field(default=(), validator=_CHILD_IDS)
+    polls = attrs.field(default=(), validator=_CHILD_IDS)
     interval = attrs.field(default=10, validator=SECONDS)
     name = attrs.field(default="pump", validator=_check(lambda v: isinstance(v, str), "a string"))
     timeout = attrs.field(default=5, validator=SECONDS)

@@ -16,34 +16,26 @@ patterns C{topics}. For each message, in this order:
      cache kept on disk (C{dupcache.py}) for C{dup_ttl} seconds: acked, counted, no report. With
      C{discard} (benchmarks) the message ends here: its key is remembered (written to the
      file once per reactor turn) and it is acked;
-  4. a C{size} over C{max_size} (default 10 GiB): one 413 report, nothing fetched, no retry;
-     place it under C{directory} (mirror, directory, or strip=N; see L{ion.apps.pump.paths}); a
-     path that could leave the tree: one 422 report, nothing touched on disk (a C{retrievePath}
-     passes the same rules). Then judge its URL by the URL policy of C{sources} and the notice's
-     C{source} (L{ion.apps.pump.transfer.policy}): refused, one log line and a 403 report, never
-     retried;
-  5. fetch the file itself (L{ion.apps.pump.transfer.worker.Transfers}, with the C{transfer}
-     settings: timeouts, per_host, credentials), verified against the notice's size and
-     checksum, at most C{parallel} transfers at a time, each given up after C{transfer_timeout}
-     seconds, cut when it passes the announced size or C{max_size} (413, not retried) or
-     receives less than C{min_rate} (default {bytes_per_s: 1024, window: 60}: fewer than
-     bytes_per_s * window bytes in the last window seconds; 504, retried). Delivered:
-     optional re-announce (sarra mode), a 201 report, the key added to the duplicate cache.
-     A transient failure (see L{ion.apps.pump.outcome}: 499/500/503/504) goes to the on-disk
-     retry queue (C{retryqueue.py}); a permanent one gets one failure report.
+  4. a C{size} over C{max_size}: one 413 report, nothing fetched; place it under C{directory}
+     (L{ion.apps.pump.paths}; a C{retrievePath} passes the same rules): a path that could leave
+     the tree, one 422 report, nothing touched on disk. Its URL is judged by the policy of
+     C{sources} and the notice's C{source} (L{ion.apps.pump.transfer.policy}): refused, a 403
+     report, never retried;
+  5. fetch the file (L{ion.apps.pump.transfer.worker.Transfers} with the C{transfer} settings),
+     verified against the notice's size and checksum, at most C{parallel} at a time, each
+     given up after C{transfer_timeout} seconds, cut past the announced size or C{max_size}
+     (413) or under C{min_rate} (504, retried). Delivered: optional re-announce (sarra mode),
+     a 201 report, the key added to the duplicate cache. A transient failure
+     (L{ion.apps.pump.outcome}) goes to the on-disk retry queue; a permanent one gets one
+     report. The fetch runs in the consumer's own process, not as a call to the C{transfer}
+     service, which doubled the broker messages of every delivery; to fetch more at a time,
+     run more consumers of the subscription (they share its queue). Directories are made and
+     the file written from a descriptor of C{directory} held open (L{DestinationRoot}), never
+     through a symbolic link: a link below C{directory}, also one planted during the fetch,
+     fails the file with 422.
 
-     The fetch runs in the consumer's own process rather than as a call to the C{transfer}
-     service: a call per file doubled the broker messages of every delivery. To fetch more at
-     a time, run more consumers of the same subscription (they share its queue), in this
-     container or others.
-
-     The file's directories are made, and the file written, in the transfer's disk thread from
-     a descriptor of C{directory} held open (L{DestinationRoot}), never through a symbolic link:
-     a link below C{directory}, also one planted during the fetch, fails the file with 422.
-
-On start, temporary files (C{.<name>.<random>.inflight}) that a killed earlier run left in the
-destination tree are removed, in a thread (files other processes are writing are kept; one
-changed in the last few seconds is looked at again a few seconds later).
+On start, temporary files (C{.<name>.<random>.inflight}) a killed earlier run left in the tree
+are removed in a thread (those being written are kept; recently changed ones looked at later).
 
 The message is acked only once its outcome is durable, so a crash at any point leaves the
 message in the broker or its outcome on disk:
@@ -63,17 +55,10 @@ the cache write downloads again and reports again under the same C{report_id}, w
 router drops: each outcome reaches its source once.
 
 Reports are copies of the notice with C{report} {code, timeCompleted, message} and C{report_id},
-published persistent and confirmed to C{report_exchange} (default C{xreport}) with the notice's
-topic. C{self.stats} counts what happened; op C{stats} returns it.
-
-Args (L{ion.apps.pump.args.ConsumerArgs}, checked before anything starts): C{name} is
-required, C{directory} too unless C{discard} is set; C{filters} is an ordered list of
-C{('accept'|'reject', regex)}, or C{accept}/C{reject} give two lists (rejects are tried first;
-see L{ion.apps.pump.filters}); C{reannounce} is {exchange, base_url}; C{transfer} is
-{timeouts, per_host, credentials} (see L{ion.apps.pump.transfer.worker}).
+published persistent and confirmed to C{report_exchange} with the notice's topic. Op C{stats}
+returns the counters. Args: L{ion.apps.pump.args.ConsumerArgs}, checked before anything starts.
 """
 
-import collections
 import copy
 import hashlib
 import json
@@ -221,9 +206,7 @@ class Consumer(ServiceProcess):
             self.transfers = Transfers(self.container.reactor, args.transfer, who=args.who)
         self._working = set()  # duplicate keys of the messages being fetched
         self._declared = set()
-        self._retry_call = None
-        self._flush_call = None
-        self._sweep_call = None
+        self._retry_call = self._flush_call = self._sweep_call = None
         self._stopping = False
 
     async def on_activate(self):
@@ -310,15 +293,11 @@ class Consumer(ServiceProcess):
     def _stop_timers(self):
         self._stopping = True
         if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
             self.dupcache.flush()
-        self._flush_call = None
-        if self._retry_call is not None and self._retry_call.active():
-            self._retry_call.cancel()
-        self._retry_call = None
-        if self._sweep_call is not None and self._sweep_call.active():
-            self._sweep_call.cancel()
-        self._sweep_call = None
+        for call in (self._flush_call, self._retry_call, self._sweep_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._flush_call = self._retry_call = self._sweep_call = None
 
     async def op_stats(self, content, headers):
         """The counters: received, accepted, rejected, invalid, duplicates, discarded,
@@ -343,12 +322,6 @@ class Consumer(ServiceProcess):
 
     # -- one message ---------------------------------------------------------------------
 
-    def _on_delivery(self, delivery):
-        self.stats["received"] += 1
-        # Most messages (filtered, duplicates, discarded) are settled by now, without a
-        # coroutine or a Deferred; the others have work that waits for the broker or a transfer.
-        return self._triage(delivery)
-
     def _ack(self, delivery):
         """Settle a message whose outcome is durable (a separate method: tests simulate a
         crash before the ack by overriding it)."""
@@ -366,9 +339,11 @@ class Consumer(ServiceProcess):
             message = f"failed twice, moved to {self.queue}.dead: {reason}"
             await self._fail(notice, dup_key(notice), 500, message, delivery.routing_key)
 
-    def _triage(self, delivery):
+    def _on_delivery(self, delivery):
         """Settle what needs no waiting (undecodable, filtered, fileOp, duplicate, discarded)
-        and return None; otherwise return the coroutine that finishes the message."""
+        and return None: most messages, without a coroutine or a Deferred; otherwise return
+        the coroutine that finishes the message."""
+        self.stats["received"] += 1
         body = delivery.body
         limit = self.settings["max_notice_bytes"]
         if len(body) > limit:
@@ -442,25 +417,11 @@ class Consumer(ServiceProcess):
                 message=message,
             )
             await self._fail(notice, key, 413, message, delivery.routing_key)
-            self._ack(delivery)
-            return
-        try:
-            path = self.destination_for(notice)
-        except paths.UnsafePath as e:
-            self.log.warn("consumer {name}: {reason}", name=self.subscription, reason=e)
-            await self._fail(notice, key, 422, str(e), delivery.routing_key)
-            self._ack(delivery)
-            return
-        try:
-            access = self.policy.judge(url, notice.source)
-        except TransferError as e:
-            self._refused(url, e.code, e.message)
-            await self._fail(notice, key, e.code, e.message, delivery.routing_key)
-            self._ack(delivery)
-            return
-        result, failure = await self._fetch(notice, url, path, access)
+            failure = None
+        else:
+            failure = await self._attempt(notice, url, key, delivery.routing_key)
         if failure is None:
-            await self._delivered(notice, key, path, result)
+            pass
         elif failure.transient:
             await self.retries.add(
                 key, notice.to_dict(), delivery.routing_key, failure.code, failure.message
@@ -480,6 +441,26 @@ class Consumer(ServiceProcess):
             await self._fail(notice, key, failure.code, failure.message, delivery.routing_key)
         self._ack(delivery)
 
+    async def _attempt(self, notice, url, key, routing_key):
+        """Place, judge and fetch a notice's file: None once it is delivered or refused
+        (reported), else the outcome.Failure of the fetch."""
+        try:
+            path = self.destination_for(notice)
+        except paths.UnsafePath as e:
+            self.log.warn("consumer {name}: {reason}", name=self.subscription, reason=e)
+            await self._fail(notice, key, 422, str(e), routing_key)
+            return None
+        try:
+            access = self.policy.judge(url, notice.source)
+        except TransferError as e:
+            self._refused(url, e.code, e.message)
+            await self._fail(notice, key, e.code, e.message, routing_key)
+            return None
+        result, failure = await self._fetch(notice, url, path, access)
+        if failure is None:
+            await self._delivered(notice, key, path, result)
+        return failure
+
     def _refused(self, url, code, message):
         self.log.warn(
             "consumer {name}: {url} refused ({code} {message})",
@@ -495,9 +476,7 @@ class Consumer(ServiceProcess):
         relPath (a leading C{/} allowed: it is relative to baseUrl all the same)."""
         if notice.retrieve_path:
             check_retrieve_path(notice)
-        return paths.destination(
-            self.directory, notice, self.mode, real_root=self.real_directory
-        )
+        return paths.destination(self.directory, notice, self.mode, real_root=self.real_directory)
 
     async def _fetch(self, notice, url, path, access=None):
         """(TransferResult, None) when the file is in place, else (None, outcome.Failure).
@@ -590,23 +569,10 @@ class Consumer(ServiceProcess):
         await self._publish(target["exchange"], announced.topic(), announced.to_json())
 
     async def _refuse_invalid(self, delivery, notice, error):
-        self.stats["invalid"] += 1
-        source = notice.source
-        known = isinstance(source, str) and source
-        self.log.warn(
-            "consumer {name}: invalid notice {key!r} ({reason}){what}",
-            name=self.subscription,
-            key=delivery.routing_key,
-            reason=error,
-            what=" reported to its source" if known else "; no source to report to",
-        )
-        if known:
-            key = hashlib.sha256(delivery.body).hexdigest()
-            await self._fail(notice, key, 417, f"invalid notice: {error}", delivery.routing_key)
-        self._ack(delivery)
+        what = f"invalid notice {delivery.routing_key!r} ({error})"
+        await self._refuse(delivery, notice, 417, f"invalid notice: {error}", what)
 
     async def _refuse_oversized(self, delivery, limit):
-        self.stats["invalid"] += 1
         size = len(delivery.body)
         fields = None
         # The bytes are in memory already; decoding them once finds whom to tell.
@@ -614,25 +580,32 @@ class Consumer(ServiceProcess):
             fields = json.loads(delivery.body)
         except (ValueError, RecursionError):
             pass
-        source = fields.get("source") if isinstance(fields, dict) else None
+        if not isinstance(fields, dict):
+            fields = {}
+        kept = {
+            k: fields[k]
+            for k in _OVERSIZE_KEEP
+            if k in fields and len(json.dumps(fields[k])) <= 4096
+        }
+        message = f"message of {size} bytes is over the limit of {limit}"
+        what = f"message {delivery.routing_key!r} of {size} bytes is over the limit of {limit}"
+        await self._refuse(delivery, Notice(kept), 413, message, what)
+
+    async def _refuse(self, delivery, notice, code, message, what):
+        """Count, log and ack a message refused as it is; its source, when the notice names
+        one, gets a C{code} report."""
+        self.stats["invalid"] += 1
+        source = notice.source
         known = isinstance(source, str) and source
         self.log.warn(
-            "consumer {name}: message {key!r} of {size} bytes is over the limit of {limit}{what}",
+            "consumer {name}: {what}{told}",
             name=self.subscription,
-            key=delivery.routing_key,
-            size=size,
-            limit=limit,
-            what=" (reported to its source)" if known else "; no source to report to",
+            what=what,
+            told=" (reported to its source)" if known else "; no source to report to",
         )
         if known:
-            kept = collections.OrderedDict(
-                (k, fields[k])
-                for k in _OVERSIZE_KEEP
-                if k in fields and len(json.dumps(fields[k])) <= 4096
-            )
             key = hashlib.sha256(delivery.body).hexdigest()
-            message = f"message of {size} bytes is over the limit of {limit}"
-            await self._fail(Notice(dict(kept)), key, 413, message, delivery.routing_key)
+            await self._fail(notice, key, code, message, delivery.routing_key)
         self._ack(delivery)
 
     # -- retries -------------------------------------------------------------------------
@@ -643,17 +616,14 @@ class Consumer(ServiceProcess):
             return
         due = self.retries.next_due()
         call = self._retry_call
-        if due is None:
-            if call is not None and call.active():
-                call.cancel()
-            self._retry_call = None
-            return
         if call is not None and call.active():
-            if call.getTime() <= due:
+            if due is not None and call.getTime() <= due:
                 return
             call.cancel()
-        clock = self.container.clock
-        self._retry_call = clock.callLater(max(0, due - clock.seconds()), self._run_retries)
+        self._retry_call = None
+        if due is not None:
+            clock = self.container.clock
+            self._retry_call = clock.callLater(max(0, due - clock.seconds()), self._run_retries)
 
     def _run_retries(self):
         self._retry_call = None
@@ -682,23 +652,9 @@ class Consumer(ServiceProcess):
             self.retries.done(entry)
             return
         notice = Notice(copy.deepcopy(entry.body))
-        try:
-            path = self.destination_for(notice)
-        except paths.UnsafePath as e:
-            await self._fail(notice, entry.key, 422, str(e), entry.routing_key)
-            self.retries.done(entry)
-            return
         url = notice.url()
-        try:
-            access = self.policy.judge(url, notice.source)
-        except TransferError as e:
-            self._refused(url, e.code, e.message)
-            await self._fail(notice, entry.key, e.code, e.message, entry.routing_key)
-            self.retries.done(entry)
-            return
-        result, failure = await self._fetch(notice, url, path, access)
+        failure = await self._attempt(notice, url, entry.key, entry.routing_key)
         if failure is None:
-            await self._delivered(notice, entry.key, path, result)
             self.retries.done(entry)
             return
         if failure.transient and self.retries.failed_again(entry, failure.code, failure.message):

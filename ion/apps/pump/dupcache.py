@@ -1,11 +1,9 @@
 """A set of recently seen keys that survives restarts: the pump's duplicate suppression.
 
-Each key is kept for C{ttl} seconds after it was last added. The set lives in memory and in an
-append-only file of JSON lines C{{"key": ..., "expires": ...}}; opening the cache reads the file
-back (a later line for a key wins, expired keys are dropped, a torn last line from a crash is
-skipped). The file is rewritten with only the live keys (to a temporary name, fsynced, renamed)
-when it holds more than twice as many lines as live keys, so it stays proportional to what is
-remembered.
+Each key is kept for C{ttl} seconds after it was last added, in memory and in a journal
+(L{ion.apps.pump.journal}) of lines C{{"key": ..., "expires": ...}}: a later line for a key
+wins, expired keys are dropped on reading, and the file is rewritten with the live keys when it
+holds more than twice as many lines.
 
 C{add} writes the line through to the operating system before it returns (a crash of the
 process loses nothing) but does not fsync it: callers that must survive a power loss wait for
@@ -14,8 +12,7 @@ report the report router recognises by its id and drops. C{add(key, flush=False)
 line in the process's buffer until C{flush()}, for callers adding keys in bulk (the consumer's
 discard mode flushes once per reactor turn).
 
-Times come from C{clock.seconds()} (the container's clock, a C{task.Clock} in tests). The fsyncs
-and rewrites of the file run in threads of C{reactor}'s pool (see L{ion.apps.pump.journal}).
+Times come from C{clock.seconds()}; the disk waits run in threads of C{reactor}'s pool.
 """
 
 import collections
@@ -30,8 +27,6 @@ class DupCache:
     """Keys seen within the last C{ttl} seconds, persisted at C{path} (see the module docstring)."""
 
     def __init__(self, path, ttl, clock, reactor=None, compact_min_lines=COMPACT_MIN_LINES):
-        if not ttl > 0:
-            raise ValueError(f"dup cache ttl must be a number of seconds > 0, got {ttl!r}")
         self.path = path
         self.ttl = ttl
         self.clock = clock
@@ -44,9 +39,6 @@ class DupCache:
         self._journal.replay(self._replay)
         if self._journal.lines > len(self._entries):
             self.compact()
-
-    def __repr__(self):
-        return f"<DupCache {self.path} {len(self._entries)} keys>"
 
     def __len__(self):
         self.purge()

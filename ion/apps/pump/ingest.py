@@ -87,13 +87,8 @@ class Ingest(ServiceProcess):
         users = self.settings.users
         self.users = list(users) if users is not None else [self.user]
         self.subscriber = f"{self.user}.ingest"
-        self.stats = {
-            "received": 0,
-            "published": 0,
-            "invalid": 0,
-            "refused": 0,
-            "by_source": {},
-        }
+        counters = ("received", "published", "invalid", "refused")
+        self.stats = dict(dict.fromkeys(counters, 0), by_source={})
         self._declared = set()
         self._refusals_unlogged = 0
         self._refusal_logged_at = None
@@ -119,11 +114,8 @@ class Ingest(ServiceProcess):
         exchange they were published to), by_source {source: notices published}."""
         return dict(self.stats, by_source=dict(self.stats["by_source"]))
 
-    def _on_delivery(self, delivery):
+    async def _on_delivery(self, delivery):
         self.stats["received"] += 1
-        return self._ingest(delivery)
-
-    async def _ingest(self, delivery):
         user_id = getattr(delivery.properties, "user_id", None)
         try:
             source = source_of(

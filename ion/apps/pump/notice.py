@@ -16,10 +16,9 @@ that is off by less than 1e-4 s); L{format_time} writes a plain fraction of at m
 Routing keys (L{topic_for}): the prefix, then one word per directory of relPath (the file name
 is not part of the key), joined with dots. Like sr3, C{#} is written C{%23} and C{*} is written
 C{%22} (sic: sr3's choice, kept so keys match), and a dot inside a directory name is left alone,
-so C{a.b/f} gives C{v03.a.b} exactly as sr3 does; C{escape_dots=True} writes it C{%2E} instead for
-networks that want one word per directory. A key longer than 255 bytes (the AMQP limit) loses
-whole words from its end, never part of one, so it stays a valid, coarser key that bindings
-such as C{v03.a.#} still match (sr3 cuts at the byte limit, splitting the last word).
+so C{a.b/f} gives C{v03.a.b} exactly as sr3 does. A key longer than 255 bytes (the AMQP limit)
+loses whole words from its end, never part of one, so it stays a valid, coarser key that
+bindings such as C{v03.a.#} still match (sr3 cuts at the byte limit, splitting the last word).
 """
 
 import base64
@@ -138,7 +137,7 @@ def parse_time(text):
     return whole + float(f"0.{digits}" + (f"e{exponent}" if exponent else ""))
 
 
-def topic_for(rel_path, prefix="v03", *, escape_dots=False):
+def topic_for(rel_path, prefix="v03"):
     """The AMQP routing key for a file at C{rel_path}: prefix + its directories, at most 255 bytes.
 
     See the module docstring for the escaping and truncation rules.
@@ -149,8 +148,6 @@ def topic_for(rel_path, prefix="v03", *, escape_dots=False):
     words = [prefix]
     for directory in rel_path.lstrip("/").split("/")[:-1]:
         word = "".join(_TOPIC_ESCAPES.get(c, c) for c in directory)
-        if escape_dots:
-            word = word.replace(".", "%2E")
         limit -= 1 + len(word.encode("utf-8"))
         if limit < 0:
             break
@@ -223,8 +220,6 @@ class Notice:
     @classmethod
     def from_dict(cls, fields):
         """A Notice holding a deep copy of C{fields} (legacy sr3 key names read as current ones)."""
-        if not isinstance(fields, dict):
-            raise InvalidNotice("message", f"expected a JSON object, got {type(fields).__name__}")
         return cls._adopt(copy.deepcopy(fields))
 
     @classmethod
@@ -321,10 +316,10 @@ class Notice:
             return base + path
         return f"{base}/{path}"
 
-    def topic(self, prefix="v03", *, escape_dots=False):
+    def topic(self, prefix="v03"):
         """The routing key to publish this message with (see L{topic_for})."""
         _require_string(self._fields, "relPath")
-        return topic_for(self.rel_path, prefix, escape_dots=escape_dots)
+        return topic_for(self.rel_path, prefix)
 
     def with_report(self, code, message, time):
         """A copy of this message carrying C{report} {code, timeCompleted, message}.
@@ -399,6 +394,12 @@ def _require_string(fields, key):
         raise InvalidNotice(key, f"must be a non-empty string, got {_show(value)}")
 
 
+def _require_object(field, value, shape=""):
+    if not isinstance(value, dict):
+        what = f"an object {shape}" if shape else "an object"
+        raise InvalidNotice(field, f"must be {what}, got {_show(value)}")
+
+
 def _check_time(value, field):
     # Fast path for the common case, a well-formed time on a date seen recently; anything
     # else goes through parse_time, which says what is wrong.
@@ -435,10 +436,7 @@ def _decode_base64(value):
 
 
 def _check_identity(identity):
-    if not isinstance(identity, dict):
-        raise InvalidNotice(
-            "identity", f"must be an object {{method, value}}, got {_show(identity)}"
-        )
+    _require_object("identity", identity, "{method, value}")
     method, value = identity.get("method"), identity.get("value")
     if method not in IDENTITY_METHODS:
         raise InvalidNotice(
@@ -465,8 +463,7 @@ def _check_identity(identity):
 
 
 def _check_file_op(file_op):
-    if not isinstance(file_op, dict):
-        raise InvalidNotice("fileOp", f"must be an object, got {_show(file_op)}")
+    _require_object("fileOp", file_op)
     if frozenset(file_op) not in FILE_OP_SHAPES:
         shapes = ", ".join("{" + "+".join(sorted(s)) + "}" for s in FILE_OP_SHAPES)
         raise InvalidNotice(
@@ -480,10 +477,7 @@ def _check_file_op(file_op):
 
 
 def _check_content(content, size):
-    if not isinstance(content, dict):
-        raise InvalidNotice(
-            "content", f"must be an object {{encoding, value}}, got {_show(content)}"
-        )
+    _require_object("content", content, "{encoding, value}")
     encoding, value = content.get("encoding"), content.get("value")
     if encoding not in CONTENT_ENCODINGS:
         raise InvalidNotice(
@@ -506,10 +500,7 @@ def _check_content(content, size):
 
 
 def _check_report(report):
-    if not isinstance(report, dict):
-        raise InvalidNotice(
-            "report", f"must be an object {{code, timeCompleted, message}}, got {_show(report)}"
-        )
+    _require_object("report", report, "{code, timeCompleted, message}")
     code = report.get("code")
     if type(code) is not int or not 100 <= code <= 599:
         raise InvalidNotice("report.code", f"must be an HTTP-like integer code, got {_show(code)}")

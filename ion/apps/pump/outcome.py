@@ -12,10 +12,8 @@ transfer service yet):
 
 import attrs
 
-from ion.apps.pump.transfer.errors import TransferError
+from ion.apps.pump.transfer.errors import TRANSIENT_CODES, TransferError
 from ion.core.process import ConversationTimeout, NoSuchReceiver, RemoteError
-
-TRANSIENT_CODES = frozenset({499, 500, 503, 504})
 
 
 def is_transient(code):

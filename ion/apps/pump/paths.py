@@ -118,12 +118,8 @@ def safe_relpath(rel_path, *, allow_leading_slash=False):
     return parts
 
 
-def safe_name(name):
+def safe_name(name, first=True):
     """A single directory entry name (listing entry, link or rename name), or UnsafePath."""
-    return _check_name(name, first=True)
-
-
-def _check_name(name, first):
     _check_text("name", name)
     if "/" in name:
         raise UnsafePath(f"unsafe name {_show(name)}: contains '/'")
@@ -148,7 +144,7 @@ def resolve_under(root, rel_parts, *, real_root=None):
     if not rel_parts:
         raise UnsafePath("unsafe path '': no components to place under the root")
     for index, part in enumerate(rel_parts):
-        _check_name(part, first=index == 0)
+        safe_name(part, first=index == 0)
     base = real_root if real_root is not None else os.path.realpath(root)
     probe = base
     for part in rel_parts:

@@ -9,20 +9,13 @@ C{mtime} and C{mode} when the listing tells them, and the identity C{{method: co
 (default C{xs_<user>}, where the pump's ingest picks it up) with the notice's topic, persistent
 and confirmed by the broker.
 
-Listings the poll can read (see L{ion.apps.pump.transfer.listings}):
-
-  - C{file://} (or C{file:relative/dir/}, made absolute): the local directory; symbolic links are
-    not followed. A local directory that does not exist is created only when C{create} is true
-    (the pump app's own default source sets it); otherwise each pass fails, saying so;
-  - C{http://}, C{https://}: HTML index pages from twisted.web's static.File, Apache
-    mod_autoindex, nginx autoindex, or any page linking its children followed by a date and a
-    size. A change is what the page shows changing: static.File pages give no dates and round
-    sizes over 1 KiB (C{4K}), so there only a small file's change of size is seen (a larger file
-    is announced once); Apache's rounded sizes (C{1.2K}) leave its dates to show changes. Pages
-    with names only (python's http.server) announce each file once;
-  - C{sftp://}: the server's directory listing (exact sizes, mtimes to the second, modes);
-  - C{ftp://}: MLSD when the server offers it, else LIST in the Unix or DOS layout (mtimes to
-    the minute at best).
+Listings (L{ion.apps.pump.transfer.listings} reads them): C{file://} (or C{file:relative/dir/},
+made absolute; symbolic links not followed; a missing directory is created only when C{create}
+is true, as for the pump app's own default source, else each pass fails, saying so), C{sftp://},
+C{ftp://} (mtimes to the minute at best), and C{http(s)://} index pages, where a change is what
+the page shows changing: static.File pages give no dates and round sizes over 1 KiB, so only a
+small file's change of size is seen (a larger file is announced once); pages with names only
+(python's http.server) announce each file once.
 
 Only files are announced: links (where the listing tells them apart) are skipped, and
 directories are descended into when C{recursive} (the default). Every listed name passes
@@ -32,11 +25,8 @@ percent-encoded tricks -- is skipped with a warning), and names that a URL canno
 Temporary files of transfers (C{.<name>.<random>.inflight}, being written into the polled tree)
 are skipped quietly: the file is listed under its own name once complete.
 
-Filters (C{accept}, C{reject} lists of regexes, or C{filters}, an ordered list of
-C{('accept'|'reject', regex)}; see L{ion.apps.pump.filters}) match the whole relPath:
-the first matching rule decides; with C{accept} rules, an unmatched file is rejected unless
-C{accept_unmatched} says otherwise. A file whose mtime is less than C{min_age} seconds old waits
-for a later pass (it may still be being written).
+Filters (L{ion.apps.pump.filters}) match the whole relPath. A file whose mtime is less than
+C{min_age} seconds old waits for a later pass (it may still be being written).
 
 State: what was announced lives in C{<state_dir>/seen.sqlite3} (default state_dir
 C{var/pump/poll-<name>}), one row per file (directory, name) -> (size, mtime), so a restart
@@ -110,13 +100,10 @@ def unfetchable(name):
 
 
 class SeenFiles:
-    """What a poll has announced: (directory, name) -> (size, mtime), in SQLite at C{path}.
-
-    SQLite (in the standard library, unlike a usable dbm on every Python) keeps the rows on
-    disk with atomic commits; only the rows of the directory being looked at are read. Opening
-    reads and writes on the calling thread (once, at start); the methods run in a thread of
-    C{reactor}'s pool, one at a time in the order called, and return Deferreds.
-    """
+    """What a poll has announced: (directory, name) -> (size, mtime), in SQLite at C{path}
+    (atomic commits; only the rows of the directory being looked at are read). Opening runs on
+    the calling thread; the methods run in C{reactor}'s pool, one at a time in the order
+    called, and return Deferreds."""
 
     def __init__(self, path, root, reactor=None):
         directory = os.path.dirname(path)
@@ -169,15 +156,6 @@ class SeenFiles:
         """{name: (size, mtime)} of the files announced in directory C{rel_dir} ('' the root)."""
         rows = self.db.execute("SELECT name, size, mtime FROM files WHERE dir = ?", (rel_dir,))
         return {name: (size, mtime) for name, size, mtime in rows}
-
-    @_in_thread
-    def get(self, rel_path):
-        """(size, mtime) as last announced for C{rel_path}, or None."""
-        rel_dir, _, name = rel_path.rpartition("/")
-        row = self.db.execute(
-            "SELECT size, mtime FROM files WHERE dir = ? AND name = ?", (rel_dir, name)
-        ).fetchone()
-        return None if row is None else tuple(row)
 
     @_in_thread
     def start_pass(self):
@@ -273,12 +251,9 @@ class PollService(ServiceProcess):
                 "will be announced again (files already delivered are skipped as duplicates)",
                 name=self.source,
             )
-        self.stats = {
-            "passes": 0, "failed_passes": 0, "skipped": 0, **{key: 0 for key in _PASS_COUNTERS}
-        }
+        self.stats = dict.fromkeys(("passes", "failed_passes", "skipped", *_PASS_COUNTERS), 0)
         self.last_pass = None
         self._loop = None
-        self._loop_done = None
         self._pass = None
         self._declared = False
         self._stopping = False
@@ -287,8 +262,8 @@ class PollService(ServiceProcess):
     def on_activate(self):
         self._loop = task.LoopingCall(self._tick)
         self._loop.clock = self.container.clock
-        self._loop_done = self._loop.start(self.settings["interval"], now=True)
-        self._loop_done.addErrback(
+        done = self._loop.start(self.settings["interval"], now=True)
+        done.addErrback(
             lambda f: self.log.failure("poll {name}: the poll loop failed", f, name=self.source)
         )
 
@@ -377,10 +352,9 @@ class PollService(ServiceProcess):
 
     async def op_stats(self, content, headers):
         """Totals: passes, failed_passes (passes with an error), skipped (passes not run
-        because one was running), listed,
-        announced, unchanged, young (waiting for min_age), rejected (filters), unsafe (names
-        skipped), skipped_entries (links and the like), errors (listings or publishes that
-        failed), and C{known}: files in the state."""
+        because one was running), listed, announced, unchanged, young (waiting for min_age),
+        rejected (filters), unsafe (names skipped), skipped_entries (links and the like), errors
+        (listings or publishes that failed), and C{known}: files in the state."""
         stats = dict(self.stats)
         stats["known"] = await self.store.count()
         return stats
@@ -399,22 +373,17 @@ class PollService(ServiceProcess):
             rel_dir = pending.pop()
             try:
                 entries = await self._list(rel_dir)
-            except RemoteError as e:
-                if e.code == 404 and rel_dir:
+            except defer.CancelledError:
+                raise
+            except Exception as e:
+                remote = isinstance(e, RemoteError)
+                if remote and e.code == 404 and rel_dir:
                     # Gone since its parent was listed: its files are forgotten below.
                     continue
                 complete = False
                 counts["errors"] += 1
-                first_error = (
-                    first_error or f"cannot list {self._dir_url(rel_dir)}: {e.code} {e.message}"
-                )
-                continue
-            except defer.CancelledError:
-                raise
-            except Exception as e:
-                complete = False
-                counts["errors"] += 1
-                first_error = first_error or f"cannot list {self._dir_url(rel_dir)}: {e}"
+                why = f"{e.code} {e.message}" if remote else e
+                first_error = first_error or f"cannot list {self._dir_url(rel_dir)}: {why}"
                 continue
             await self.store.visited(rel_dir, number)
             try:

@@ -1,23 +1,18 @@
 """Progress: one summary line of the pump's deliveries every C{interval} seconds (default 10).
 
-L{Progress} runs under the pump's supervisor and asks the consumers named in C{consumers} (their
-child ids in that supervisor, e.g. C{consumer.pump}) for their C{stats} each interval, then logs
-at info, for all of them together::
+L{Progress} asks the consumers and polls named in C{consumers} and C{polls} (child ids in the
+pump's supervisor, e.g. C{consumer.pump}) for their C{stats} each interval and logs, at info::
 
     pump: 12.4 files/s, 3.1 MB/s; 1240 delivered; 310 queued, 8 in hand, 0 retrying; failures: none
 
-files/s are the deliveries since the previous line, bytes/s the bytes received since then
-(of files delivered, failed or still on their way); "queued" is the notices waiting in the
-consumers' queues on the broker; "in hand" is the messages taken from the broker and not
-settled yet (waiting for or in a transfer), with the bytes of the files being fetched
-received so far, e.g. "2 in hand (1.3 GB received)"; "retrying" the
-files in the on-disk retry queues; failures count the files given up on, by report code, since
-the consumers started, and the failed passes of each poll in C{polls} (child ids: a source that
-cannot be listed shows as C{failures: poll.source=12}). While nothing moves and nothing waits,
-one "idle" line is logged and then nothing until work arrives or the failures change. A consumer
-that does not answer in C{timeout} seconds (the broker is down, or it is stuck) is named on the
-line, by its process name (the service C{ion rpc} calls it by), instead of being counted as
-idle::
+files/s counts deliveries since the previous line, bytes/s bytes received (of files delivered,
+failed or on their way); "queued" is the notices waiting on the broker; "in hand" the messages
+taken and not settled yet, with the bytes being fetched, e.g. "2 in hand (1.3 GB received)";
+"retrying" the files in the retry queues; failures count the files given up on, by report
+code, and each poll's failed passes (C{failures: poll.source=12}). While nothing moves and
+nothing waits, one "idle" line is logged, then nothing until work arrives or the failures
+change. A consumer not answering in C{timeout} seconds (broker down, or stuck) is named by its
+process name instead of being counted as idle::
 
     pump: 0.0 files/s, 0 B/s; 1240 delivered; 0 queued, 0 in hand, 0 retrying; failures: none; not answering: pump.consumer.pump
 """
@@ -26,6 +21,7 @@ from twisted.internet import defer, task
 
 from ion.apps.pump.args import ProgressArgs
 from ion.core.process import ServiceProcess
+
 
 def human_bytes(count):
     """A byte rate or size for people: 512 B, 3.1 kB, 12.0 MB..."""
@@ -82,6 +78,20 @@ class Progress(ServiceProcess):
                 found.append((child_id, proc))
         return found
 
+    async def _stats(self, key, silent):
+        """[(child id, stats)] of the running consumers or polls (C{key}) that answer; those
+        that do not are named in C{silent} (a consumer by its process name)."""
+        answers = []
+        for child_id, proc in self._running(key):
+            try:
+                stats = await self.rpc(proc.pid, "stats", timeout=self.settings["timeout"])
+            except Exception as e:
+                self.log.debug("progress: no stats from {id}: {e}", id=child_id, e=e)
+                silent.append(proc.name or child_id if key == "consumers" else child_id)
+            else:
+                answers.append((child_id, stats))
+        return answers
+
     async def summarize(self):
         """Collect the consumers' stats and log the summary line; returns it (None when it
         was not logged: still idle)."""
@@ -89,18 +99,17 @@ class Progress(ServiceProcess):
         elapsed = max(now - self._last_time, 1e-9)
         self._last_time = now
         totals = {
-            "delivered": 0, "bytes": 0, "queued": 0, "in_hand": 0, "receiving": 0, "retrying": 0
+            "delivered": 0,
+            "bytes": 0,
+            "queued": 0,
+            "in_hand": 0,
+            "receiving": 0,
+            "retrying": 0,
         }
         new_files = new_bytes = 0
         failures = {}
         silent = []
-        for child_id, proc in self._running("consumers"):
-            try:
-                stats = await self.rpc(proc.pid, "stats", timeout=self.settings["timeout"])
-            except Exception as e:
-                self.log.debug("progress: no stats from {id}: {e}", id=child_id, e=e)
-                silent.append(proc.name or child_id)
-                continue
+        for child_id, stats in await self._stats("consumers", silent):
             delivered, size = stats.get("delivered", 0), stats.get("bytes", 0)
             # Received, not delivered, bytes make the rate: a long transfer shows its own.
             received = stats.get("bytes_received", 0)
@@ -114,18 +123,11 @@ class Progress(ServiceProcess):
             totals["delivered"] += delivered
             totals["bytes"] += size
             totals["receiving"] += receiving
-            totals["queued"] += stats.get("queued") or 0
-            totals["in_hand"] += stats.get("in_hand", 0)
-            totals["retrying"] += stats.get("retrying", 0)
+            for key in ("queued", "in_hand", "retrying"):
+                totals[key] += stats.get(key) or 0
             for code, n in (stats.get("failures") or {}).items():
                 failures[code] = failures.get(code, 0) + n
-        for child_id, proc in self._running("polls"):
-            try:
-                stats = await self.rpc(proc.pid, "stats", timeout=self.settings["timeout"])
-            except Exception as e:
-                self.log.debug("progress: no stats from {id}: {e}", id=child_id, e=e)
-                silent.append(child_id)
-                continue
+        for child_id, stats in await self._stats("polls", silent):
             if stats.get("failed_passes"):
                 failures[child_id] = stats["failed_passes"]
         busy = new_files or totals["queued"] or totals["in_hand"] or totals["retrying"] or silent

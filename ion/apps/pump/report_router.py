@@ -103,14 +103,8 @@ class ReportRouter(ServiceProcess):
         self._unsure = set()
         self._held = {}  # report id being forwarded -> its copies from the sent queue, unacked
         self._markers = {}  # marker published -> Deferred fired when it comes back
-        self.stats = {
-            "received": 0,
-            "forwarded": 0,
-            "duplicates": 0,
-            "unroutable": 0,
-            "invalid": 0,
-            "by_source": {},
-        }
+        counters = ("received", "forwarded", "duplicates", "unroutable", "invalid")
+        self.stats = dict(dict.fromkeys(counters, 0), by_source={})
 
     async def on_activate(self):
         # What the broker took from earlier runs is read first (see the module docstring).
@@ -143,11 +137,8 @@ class ReportRouter(ServiceProcess):
         stats["by_source"] = {s: dict(codes) for s, codes in self.stats["by_source"].items()}
         return stats
 
-    def _on_delivery(self, delivery):
+    async def _on_delivery(self, delivery):
         self.stats["received"] += 1
-        return self._route(delivery)
-
-    async def _route(self, delivery):
         try:
             fields = json.loads(delivery.body)
         except (ValueError, RecursionError):
@@ -247,7 +238,7 @@ class ReportRouter(ServiceProcess):
         headers = delivery.properties.headers or {}
         rid = headers.get("report_id")
         if isinstance(rid, str) and rid in self._routing:
-            # Our forward waiting for its confirm: settled with it (see _route). Acked now, a
+            # Our forward waiting for its confirm: settled with it (see _on_delivery). Acked now, a
             # crash before the confirm would lose both the copy and the id.
             self._held.setdefault(rid, []).append(delivery)
             return

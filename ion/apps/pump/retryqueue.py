@@ -18,9 +18,8 @@ makes a finished entry come back once after a restart, where the consumer's dupl
 recognises it. The file is rewritten with the pending entries when it holds more than four times
 as many records as entries.
 
-Times come from C{clock.seconds()} (the container's clock: C{task.Clock} in tests). The fsyncs
-and rewrites of the file run in threads of C{reactor}'s pool (see L{ion.apps.pump.journal});
-adds that wait for their fsync together share one.
+Times come from C{clock.seconds()}; the fsyncs and rewrites run in threads of C{reactor}'s pool
+(L{ion.apps.pump.journal}), and adds that wait for their fsync together share one.
 """
 
 import heapq
@@ -74,11 +73,6 @@ class RetryQueue:
         reactor=None,
         compact_min_lines=COMPACT_MIN_LINES,
     ):
-        for name, value in (("initial", initial), ("maximum", maximum), ("horizon", horizon)):
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"retry {name} must be a number of seconds > 0, got {value!r}")
-        if not (isinstance(jitter, (int, float)) and 0 <= jitter < 1):
-            raise ValueError(f"retry jitter must be a fraction in [0, 1), got {jitter!r}")
         self.path = path
         self.clock = clock
         self.initial = initial
@@ -98,9 +92,6 @@ class RetryQueue:
             self._push(entry)
         if self._journal.lines > len(self._entries):
             self.compact()
-
-    def __repr__(self):
-        return f"<RetryQueue {self.path} {len(self._entries)} entries>"
 
     def __len__(self):
         return len(self._entries)
@@ -182,7 +173,7 @@ class RetryQueue:
         entry.attempts += 1
         entry.code = code
         entry.message = message
-        if self.past_horizon(entry, now):
+        if now >= entry.first_failed + self.horizon:
             return False
         entry.due = self._next_due(now, entry.first_failed, entry.attempts)
         self._write(
@@ -207,10 +198,6 @@ class RetryQueue:
         self._write({"op": "done", "id": entry.id})
         if self._journal.lines > max(self.compact_min_lines, 4 * len(self._entries)):
             self.compact()
-
-    def past_horizon(self, entry, now=None):
-        now = self.clock.seconds() if now is None else now
-        return now >= entry.first_failed + self.horizon
 
     def _next_due(self, now, first_failed, attempts):
         return min(now + self.delay(attempts), first_failed + self.horizon)

@@ -17,13 +17,10 @@ refused, 499 short or corrupt, 503 unreachable, 504 timed out, ...); callers dec
 retrying and reporting with C{ion.apps.pump.outcome.is_transient(code)}. Bad requests are 400.
 
 Args (L{ion.apps.pump.args.TransferServiceArgs}): the transfer settings of
-L{ion.apps.pump.transfer.worker} (C{timeouts} {connect, idle},
-C{parallel}, C{per_host}, C{credentials}, C{max_size}, C{min_rate}: a get over C{max_size} fails
-with 413), and C{service} (the name to serve under, default
-C{transfer}). N instances thus run at most N * C{parallel} transfers, N * C{per_host} to one
-server. A credentials file readable by group or others, or unreadable, stops the service from
-starting. Each instance owns its L{Transfers} (thread pool, kept-open connections) from start
-to terminate.
+L{ion.apps.pump.transfer.worker}, and C{service} (default C{transfer}). N instances run at most
+N * C{parallel} transfers, N * C{per_host} to one server. A credentials file readable by group
+or others, or unreadable, stops the service from starting. Each instance owns its L{Transfers}
+(thread pool, kept-open connections) from start to terminate.
 """
 
 from ion.apps.pump import transfer

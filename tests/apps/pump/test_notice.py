@@ -521,11 +521,6 @@ class TopicTests(unittest.SynchronousTestCase):
         self.assertEqual(topic_for("a/b/f", prefix="v03.post"), "v03.post.a.b")
         self.assertEqual(Notice.from_dict({"relPath": "a/f"}).topic("v02.post"), "v02.post.a")
 
-    def test_escape_dots(self):
-        """With escape_dots each directory stays one word: a dot is written %2E."""
-        self.assertEqual(topic_for("a.b/c/f", escape_dots=True), "v03.a%2Eb.c")
-        self.assertEqual(topic_for("1.2.3/f", escape_dots=True), "v03.1%2E2%2E3")
-
     def test_limit_at_word_boundary(self):
         """Over 255 bytes, whole trailing words are dropped: the key stays a prefix of the full one."""
         rel_path = "/".join(f"dir{i:04d}" for i in range(100)) + "/file"
