@@ -163,6 +163,8 @@ class Conversations:
         self.tombstones[key] = now + self._ttl()
         self.tombstones.move_to_end(key)
         self.recent.append(conv)
+        if conv.role == P.INITIATOR and conv.protocol == "rpc":
+            self.messenger.metrics.rpc_latency.observe((conv.op,), now - conv.started)
         self.collect(now)
 
     def collect(self, now=None):
@@ -212,6 +214,7 @@ class Conversations:
         """Open a conversation as initiator and send its first message. Returns the
         Conversation; C{conv.when_done()} gives the outcome (for inform: once sent)."""
         conv = Conversation(self, uuid.uuid4().hex, protocol, P.INITIATOR, receiver, op)
+        conv.started = self.clock.seconds()
         first = P.INFORM if protocol == "inform" else P.REQUEST
         headers = self._headers(conv, first)
         if user_id is not None:

@@ -21,6 +21,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from ion.core.messaging import codec, names
+from ion.core.metrics import Metrics
 from ion.core.messaging.transport import Properties, TransportError
 
 log = Logger()
@@ -45,7 +46,7 @@ class Messenger:
     """Sends and receives the envelopes of one system over C{transport}; a send is stamped
     C{ts} (milliseconds) from C{clock} (the container's)."""
 
-    def __init__(self, transport, sysname, clock, limits=None, config=None):
+    def __init__(self, transport, sysname, clock, limits=None, config=None, metrics=None):
         self.transport = transport
         self.clock = clock
         self.sysname = sysname
@@ -53,6 +54,7 @@ class Messenger:
         self.trace_exchange = f"{self.exchange}.trace"
         self.limits = limits or codec.Limits()
         self.config = config
+        self.metrics = metrics or Metrics()
 
     async def start(self):
         await self.transport.declare_exchange(self.exchange, "topic")
@@ -104,6 +106,7 @@ class Messenger:
         headers.setdefault("ts", int(self.clock.seconds() * 1000))
         headers.setdefault("encoding", "msgpack")
         body = codec.encode_envelope(codec.Envelope(headers=headers, content=content))
+        self.metrics.published.inc((headers.get("sender-name", ""),))
         if self.tracing():
             # Before the message itself: then an observer never sees a reply before its request.
             defer.Deferred.fromCoroutine(self._trace(receiver, headers, content, len(body)))

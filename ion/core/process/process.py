@@ -367,9 +367,12 @@ class Process:
         return sub.consumer
 
     def _delivery_handler(self, handler, sub):
+        consumed, key = self.container.metrics.consumed, (self.name,)
+
         def deliver(delivery):
             if self._draining:
                 return  # left unsettled: back to the queue when the subscription ends
+            consumed.inc(key)
             try:
                 result = handler(delivery)
             except Exception:
@@ -458,6 +461,7 @@ class Process:
         await subscription.publish(
             self.container.messenger.transport, exchange, routing_key, body, **options
         )
+        self.container.metrics.published.inc((self.name,))
 
     async def bind(self, queue, exchange, keys, exchange_type="topic", durable=True):
         """Bind the existing C{queue} to C{exchange} (declared first: C{exchange_type}, C{durable})
@@ -485,6 +489,7 @@ class Process:
             self.children.remove(child)
 
     def _receive(self, msg):
+        self.container.metrics.consumed.inc((self.name,))
         conv = self.conversations.receive(msg.headers, msg.content)
         if conv is None:
             msg.ack()
