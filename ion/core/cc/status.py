@@ -12,6 +12,7 @@ forwarded), what failed, its queue, its rates and its last error with its age.
 """
 
 import collections
+import json
 import os
 import re
 
@@ -48,7 +49,7 @@ def process_tree(container):
         counts = {}
         for child_id, n in getattr(proc, "restarts", {}).items():
             try:
-                counts[proc.child(child_id).pid] = n
+                counts[getattr(proc.child(child_id), "pid", None)] = n
             except KeyError:
                 pass
         for child in list(proc.children):
@@ -159,6 +160,7 @@ class Sampler:
                 "state": row["state"], "restarts": row["restarts"],
                 "queued": stats.get("queued"), "files_per_s": files, "bytes_per_s": size,
                 "done": _done(stats), "failed": _failed(stats),
+                "delivered": stats.get("delivered"),
                 "retrying": stats.get("retrying"),
                 "last_error": last and dict(last, age=round(now - last["time"], 1)),
             })
@@ -205,3 +207,87 @@ class Sampler:
             "retrying": sum(s.get("retrying") or 0 for s in latest.values()),
             "transfers": transfers,
         }
+
+
+def human(value, unit=""):
+    """A rate or size for people: C{1.2 k}, C{3.4 MB}; C{-} for unknown."""
+    if value is None:
+        return "-"
+    for prefix in ("", "k", "M", "G", "T"):
+        if abs(value) < 1000 or prefix == "T":
+            return f"{value:.1f} {prefix}{unit}".rstrip()
+        value /= 1000
+
+
+def status_table(statuses):
+    """C{ion status}: the headings, rows and the total line of the statuses of containers
+    (a list of what L{Sampler.status} returns), like C{sr3 status}."""
+    rows, workers = [], 0
+    totals = {"delivered": 0, "failed": 0, "files_per_s": 0.0, "bytes_per_s": 0.0, "queued": 0}
+    for status in statuses:
+        c = status["container"]
+        rows.append((c["id"], "container", "running", c["restarts"], "", "", "", "", "",
+                     f"{len(c['apps'])} apps, {c['processes']} processes"))
+        for w in status["workers"]:
+            workers += 1
+            # What was delivered, and how fast, is the consumers'; what failed is anyone's.
+            for key in totals if w.get("delivered") is not None else ("failed", "queued"):
+                totals[key] += w.get(key) or 0
+            error = w.get("last_error")
+            rows.append((
+                f"  {w['name']}", w["kind"], w["state"], w["restarts"],
+                "-" if w.get("queued") is None else w["queued"], human(w["files_per_s"]),
+                human(w["bytes_per_s"], "B"), w["done"], w["failed"],
+                f"{error['code']} {error['reason']} ({error['age']:.0f} s ago)" if error else "",
+            ))
+    headings = ("NAME", "KIND", "STATE", "RESTARTS", "QUEUED", "FILES/S", "BYTES/S", "DONE",
+                "FAILED", "LAST ERROR")
+    total = (f"{len(statuses)} container{'s' * (len(statuses) != 1)}, {workers} workers: "
+             f"{totals['delivered']} delivered, {totals['failed']} failed, {totals['queued']} queued, "
+             f"{human(totals['files_per_s'])} files/s, {human(totals['bytes_per_s'], 'B')}/s")
+    return headings, rows, total
+
+
+async def read_console(reactor, url, timeout, credentials=None):
+    """The status (L{Sampler.status}) served by the web console at C{url}, with the token of
+    its C{http://console@HOST:PORT/} line in the credentials file (C{credentials}, else the
+    default one, when it exists). TransportError when it cannot be reached; ValueError when it
+    refuses the token or C{url} is no console."""
+    from urllib.parse import urlsplit
+
+    from twisted.web.client import Agent, readBody
+    from twisted.web.http_headers import Headers
+
+    from ion.core.credentials import DEFAULT_CREDENTIALS, Credentials
+    from ion.core.messaging.transport import TransportError
+
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"--web: expected http://HOST:PORT, got {url!r}")
+    headers = Headers()
+    path = os.path.expanduser(credentials or DEFAULT_CREDENTIALS)
+    if credentials or os.path.exists(path):
+        token = Credentials.load(path).password(
+            f"http://console@{parts.hostname}:{parts.port or 80}/")
+        if token:
+            headers.addRawHeader(b"authorization", f"Bearer {token}".encode())
+    target = f"{url.rstrip('/')}/api/status".encode()
+    try:
+        asking = Agent(reactor).request(b"GET", target, headers)
+        asking.addTimeout(timeout, reactor)
+        response = await asking
+        body = await readBody(response)
+    except Exception as e:
+        raise TransportError(
+            f"cannot reach the web console at {url}: {e or 'timed out'} (is the container "
+            "running with --web? give its address with --web URL)") from None
+    if response.code == 401:
+        raise ValueError(f"the web console at {url} needs a token: add the line for "
+                         f"http://console@{parts.hostname}:{parts.port or 80}/ to {path}, "
+                         "the token as its password (console:TOKEN)")
+    try:
+        status = json.loads(body)
+        status["container"]["id"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{url} answered {response.code}, not an ION console status") from None
+    return status

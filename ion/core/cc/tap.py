@@ -231,7 +231,8 @@ class Options(usage.Options):
             token = Credentials.load(path).password(url) if os.path.exists(path) else None
             if not token:
                 raise ValueError(f"web console on {host}:{port} (not loopback) needs a token: "
-                                 f"a line http://console:TOKEN@{host}:{port}/ in {path}")
+                                 f"add the line for {url} to {path}, the token as its "
+                                 "password (console:TOKEN)")
         return host, port, token, explicit
 
     def _broker_url(self, config):

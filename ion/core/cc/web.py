@@ -139,9 +139,9 @@ class WebConsole(Service):
         if self.token is None:
             return True
         given = request.args.get(b"token", [b""])[0]
-        header = request.getHeader(b"authorization") or ""
-        if header.startswith("Bearer "):
-            given = header[7:].encode()
+        header = request.getHeader(b"authorization") or b""
+        if header.startswith(b"Bearer "):
+            given = header[7:]
         return hmac.compare_digest(given, self.token.encode())
 
 
