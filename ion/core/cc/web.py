@@ -261,7 +261,7 @@ function table(head, rows, id) {
 }
 function rate(v, unit) {
   if (v === null || v === undefined) return "-";
-  for (const p of ["", "k", "M", "G"]) { if (v < 1000 || p === "G") return v.toFixed(1) + " " + p + unit; v /= 1000; }
+  for (const p of ["", "k", "M", "G"]) { if (v < 1000 || p === "G") return (v.toFixed(1) + " " + p + unit).trim(); v /= 1000; }
 }
 function age(s) { return s < 120 ? Math.round(s) + " s" : Math.round(s / 60) + " min"; }
 function plot(points, title, unit) {
