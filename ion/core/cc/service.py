@@ -2,6 +2,7 @@
 
     ContainerService     boots once the reactor runs, reports a daemon's start, sets the exit
                          status, stops the reactor on SIGTERM/SIGINT
+      WebConsole         (with --web or config ion.core.cc web) the web console, ion.core.cc.web
       TransportService   the broker connection: the boot awaits its connect; closed last
       ProcessesService   on stop, ends the processes no app owns (a shell's, an agent's spawns)
       AppsService        starts the apps in dependency order; stops them in reverse

@@ -317,16 +317,19 @@ const render = {
     const c = await api("conversations");
     const row = v => [v.conv_id, v.process, v.role, v.protocol, v.op, v.peer, v.state];
     const head = ["conversation", "process", "role", "protocol", "op", "peer", "state"];
-    main.append(el("h2", {}, "Open"), table(head, c.open.map(row), "open"));
-    main.append(el("h2", {}, "Recent"), table(head, c.recent.map(row), "recent"));
-    main.append(el("h2", {}, "Observed"));
-    if (!c.observed) { main.append(el("p", {}, "no observer: start res/apps/observer.app")); return; }
-    main.append(table(["conversation", "protocol", "op", "participants", "final", "messages"],
-      c.observed.map(o => [el("a", {href: "#" + o.conv_id}, o.conv_id), o.protocol, o.op,
-        (o.participants || []).join(", "), o.final, o.messages]), "observed"));
-    const id = location.hash.slice(1);
+    const observed = c.observed || [];
+    // By default the newest finished conversation that is not the console's own asking.
+    const shown = observed.find(o => o.messages > 1 && !["conversations", "svg"].includes(o.op));
+    const id = location.hash.slice(1) || (shown ? shown.conv_id : "");
     if (/^[0-9a-f]+$/.test(id)) main.append(el("h2", {}, "Chart of " + id),
       el("img", {src: "/api/conversations/" + id + "/msc.svg" + q, alt: "chart of " + id}));
+    main.append(el("h2", {}, "Observed (newest first)"));
+    if (!c.observed) main.append(el("p", {}, "no observer: start res/apps/observer.app"));
+    else main.append(table(["conversation", "protocol", "op", "participants", "final", "messages"],
+      observed.slice(0, 20).map(o => [el("a", {href: "#" + o.conv_id}, o.conv_id), o.protocol, o.op,
+        (o.participants || []).join(", "), o.final, o.messages]), "observed"));
+    main.append(el("h2", {}, "Open here"), table(head, c.open.map(row), "open"));
+    main.append(el("h2", {}, "Recent here"), table(head, c.recent.slice(-20).map(row), "recent"));
   },
 };
 function workers(rows) {
