@@ -23,9 +23,10 @@ which logs in with EXTERNAL (no password at all), as for C{twistd cc}. A user wi
 there (other than C{guest}) is an error, as is no broker at all: the embedded memory:// broker
 of a container lives in that container's process, out of reach.
 
-C{containers}, C{ps} and C{status} print aligned tables, the other commands JSON; C{--json} prints any
-result as JSON (one line, for scripts). Exit status: 0 ok, 1 the remote side answered with an
-error (message on stderr), 2 usage error, 3 timeout, no such service, or no broker.
+C{containers}, C{ps} and C{status} print aligned tables, the other commands JSON; C{--json}
+prints any result as JSON (one line, for scripts). Exit status: 0 ok, 1 the remote side
+answered with an error (message on stderr), 2 usage error, 3 timeout, no such service, or no
+broker.
 """
 
 import argparse

@@ -243,7 +243,8 @@ def status_table(statuses):
     headings = ("NAME", "KIND", "STATE", "RESTARTS", "QUEUED", "FILES/S", "BYTES/S", "DONE",
                 "FAILED", "LAST ERROR")
     total = (f"{len(statuses)} container{'s' * (len(statuses) != 1)}, {workers} workers: "
-             f"{totals['delivered']} delivered, {totals['failed']} failed, {totals['queued']} queued, "
+             f"{totals['delivered']} delivered, {totals['failed']} failed, "
+             f"{totals['queued']} queued, "
              f"{human(totals['files_per_s'])} files/s, {human(totals['bytes_per_s'], 'B')}/s")
     return headings, rows, total
 

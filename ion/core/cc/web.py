@@ -15,7 +15,10 @@ The data come from the core process (its L{ion.core.cc.status.Sampler}) and, ove
 container agent and the observer: the console imports no app. Nothing is loaded from outside
 the console (no CDN). Bound to anything but loopback, every request needs the token (the
 password of the line C{http://console:TOKEN@HOST:PORT/} of the credentials file) as
-C{Authorization: Bearer TOKEN} or C{?token=TOKEN}.
+C{Authorization: Bearer TOKEN} or C{?token=TOKEN}. Without a token, on loopback, a request
+must name the console's own host (C{127.0.0.1}, C{localhost}, C{[::1]}): a web page a browser
+opened elsewhere cannot read the console through a host name of its own (DNS rebinding).
+Everything is read-only.
 """
 
 import hmac
@@ -28,6 +31,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from ion.core.cc.coreapp import ContainerProcess
 from ion.core.cc.status import process_tree
 
 log = Logger()
@@ -73,6 +77,7 @@ class WebConsole(Service):
         """Listen (CannotListenError when the port is taken)."""
         site = server.Site(_Root(self))
         site.displayTracebacks = False
+        site.noisy = False
         self.listening = self.reactor.listenTCP(self.port, site, interface=self.host)
         self.port = self.listening.getHost().port
         super().startService()
@@ -85,8 +90,6 @@ class WebConsole(Service):
 
     def core(self):
         """The container's core process (it samples and makes the calls), or None."""
-        from ion.core.cc.coreapp import ContainerProcess
-
         for proc in self.container.registry:
             if isinstance(proc, ContainerProcess) and not proc.lifecycle.final:
                 return proc
@@ -137,7 +140,8 @@ class WebConsole(Service):
 
     def allowed(self, request):
         if self.token is None:
-            return True
+            host = (request.getHeader(b"host") or b"").decode("latin-1").lower()
+            return host.rsplit(":", 1)[0] in ("127.0.0.1", "localhost", "[::1]", self.host)
         given = request.args.get(b"token", [b""])[0]
         header = request.getHeader(b"authorization") or b""
         if header.startswith(b"Bearer "):
@@ -261,15 +265,21 @@ function table(head, rows, id) {
 }
 function rate(v, unit) {
   if (v === null || v === undefined) return "-";
-  for (const p of ["", "k", "M", "G"]) { if (v < 1000 || p === "G") return (v.toFixed(1) + " " + p + unit).trim(); v /= 1000; }
+  for (const p of ["", "k", "M", "G"]) {
+    if (v < 1000 || p === "G") return (v.toFixed(1) + " " + p + unit).trim();
+    v /= 1000;
+  }
 }
 function age(s) { return s < 120 ? Math.round(s) + " s" : Math.round(s / 60) + " min"; }
 function plot(points, title, unit) {
   const ns = "http://www.w3.org/2000/svg", w = 600, h = 120;
   const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("class", "plot"); svg.setAttribute("width", w); svg.setAttribute("height", h + 20);
+  svg.setAttribute("class", "plot");
+  svg.setAttribute("width", w);
+  svg.setAttribute("height", h + 20);
   const max = Math.max(1e-9, ...points.map(p => p[1]));
-  const t0 = points.length ? points[0][0] : 0, t1 = points.length ? points[points.length - 1][0] : 1;
+  const t0 = points.length ? points[0][0] : 0;
+  const t1 = points.length ? points[points.length - 1][0] : 1;
   const line = document.createElementNS(ns, "polyline");
   line.setAttribute("fill", "none"); line.setAttribute("stroke", "#25a");
   line.setAttribute("points", points.map(p => ((p[0] - t0) / Math.max(t1 - t0, 1) * w).toFixed(1)
@@ -287,7 +297,8 @@ const render = {
     const c = s.container;
     main.append(el("h2", {}, "Containers"));
     main.append(s.containers ? table(["container", "host", "pid", "uptime", "apps"],
-      s.containers.map(p => [p.container, p.host, p.os_pid, age(p.uptime || 0), (p.apps || []).join(", ")]), "containers")
+      s.containers.map(p => [p.container, p.host, p.os_pid, age(p.uptime || 0),
+                             (p.apps || []).join(", ")]), "containers")
       : el("p", {}, "this container only: " + c.id));
     main.append(el("h2", {}, "Container " + c.id), el("p", {},
       "system " + c.sysname + ", up " + age(c.uptime) + ", apps: " + c.apps.join(", ")
@@ -311,7 +322,8 @@ const render = {
     main.append(el("h2", {}, "Transfers under way"), table(["file", "received", "size", "process"],
       p.transfers.map(t => [t.file, t.received, t.size ?? "?", t.process])));
     main.append(el("h2", {}, "Last failures"), table(["when", "code", "file", "reason", "process"],
-      p.failures.slice().reverse().map(f => [new Date(f.time * 1000).toISOString(), f.code, f.file ?? "", f.reason, f.process]), "failures"));
+      p.failures.slice().reverse().map(f => [new Date(f.time * 1000).toISOString(), f.code,
+                                             f.file ?? "", f.reason, f.process]), "failures"));
   },
   async conversations(main) {
     const c = await api("conversations");
@@ -333,10 +345,13 @@ const render = {
   },
 };
 function workers(rows) {
-  return table(["name", "kind", "state", "restarts", "queued", "files/s", "bytes/s", "done", "failed", "last error"],
-    rows.map(w => [w.name, w.kind, el("span", {className: w.state}, w.state), w.restarts, w.queued ?? "-",
+  const head = ["name", "kind", "state", "restarts", "queued", "files/s", "bytes/s", "done",
+                "failed", "last error"];
+  return table(head, rows.map(w => [w.name, w.kind, el("span", {className: w.state}, w.state),
+      w.restarts, w.queued ?? "-",
       rate(w.files_per_s, ""), rate(w.bytes_per_s, "B"), w.done, w.failed,
-      w.last_error ? w.last_error.code + " " + w.last_error.reason + " (" + age(w.last_error.age) + " ago)" : ""]), "workers");
+      w.last_error ? w.last_error.code + " " + w.last_error.reason + " ("
+        + age(w.last_error.age) + " ago)" : ""]), "workers");
 }
 async function api(path) {
   const r = await fetch("/api/" + path + q);
@@ -345,7 +360,11 @@ async function api(path) {
 }
 async function refresh() {
   const main = el("main", {id: "main"});
-  try { await render[page](main); } catch (e) { main.append(el("p", {className: "bad"}, String(e))); }
+  try {
+    await render[page](main);
+  } catch (e) {
+    main.append(el("p", {className: "bad"}, String(e)));
+  }
   document.getElementById("main").replaceWith(main);
   document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
 }

@@ -21,8 +21,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from ion.core.messaging import codec, names
-from ion.core.metrics import Metrics
 from ion.core.messaging.transport import Properties, TransportError
+from ion.core.metrics import Metrics
 
 log = Logger()
 
@@ -46,7 +46,7 @@ class Messenger:
     """Sends and receives the envelopes of one system over C{transport}; a send is stamped
     C{ts} (milliseconds) from C{clock} (the container's)."""
 
-    def __init__(self, transport, sysname, clock, limits=None, config=None, metrics=None):
+    def __init__(self, transport, sysname, clock, limits=None, config=None):
         self.transport = transport
         self.clock = clock
         self.sysname = sysname
@@ -54,7 +54,7 @@ class Messenger:
         self.trace_exchange = f"{self.exchange}.trace"
         self.limits = limits or codec.Limits()
         self.config = config
-        self.metrics = metrics or Metrics()
+        self.metrics = Metrics()  # the container's (ion.core.metrics)
 
     async def start(self):
         await self.transport.declare_exchange(self.exchange, "topic")

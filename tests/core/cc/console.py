@@ -23,9 +23,9 @@ _tags = itertools.count(1)
 SAMPLE = 0.2  # seconds between samples, to keep the tests short
 
 
-async def get(url, token=None, header=False):
+async def get(url, token=None, header=False, headers=None):
     """(status code, body bytes, content type) of GET url."""
-    headers = Headers()
+    headers = Headers({k: [v] for k, v in (headers or {}).items()})
     if token is not None and header:
         headers.addRawHeader(b"authorization", f"Bearer {token}".encode())
     elif token is not None:

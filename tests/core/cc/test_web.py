@@ -193,6 +193,14 @@ class TokenTests(unittest.TestCase):
         self.assertEqual(
             (await get(pump.url + "/metrics", token="s3cret-t0ken", header=True))[0], 200)
 
+    async def test_loopback_host_names_only(self):
+        """On loopback without a token, a request for another host name (a page that
+        rebound its own name to 127.0.0.1) is refused."""
+        pump = await RunningPump().start(self)
+        self.assertEqual((await get(pump.url + "/api/status"))[0], 200)
+        headers = {"host": f"evil.example:{pump.console.port}"}
+        self.assertEqual((await get(pump.url + "/api/status", headers=headers))[0], 401)
+
 
 def write_private(path, text):
     with open(path, "w") as f:
