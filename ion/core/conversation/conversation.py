@@ -54,6 +54,7 @@ class Conversation:
         self.seq = 0
         self.log = collections.deque(maxlen=LOG_LIMIT)
         self.timer = None
+        self.started = owner.clock.seconds()  # for the rpc latency metric
         self.request_headers = None
         self.user_id = None  # the identity this conversation acts for
         # initiator side: what the peer said, and who waits for it
@@ -214,7 +215,6 @@ class Conversations:
         """Open a conversation as initiator and send its first message. Returns the
         Conversation; C{conv.when_done()} gives the outcome (for inform: once sent)."""
         conv = Conversation(self, uuid.uuid4().hex, protocol, P.INITIATOR, receiver, op)
-        conv.started = self.clock.seconds()
         first = P.INFORM if protocol == "inform" else P.REQUEST
         headers = self._headers(conv, first)
         if user_id is not None:
