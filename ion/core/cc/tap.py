@@ -12,6 +12,7 @@ ion.core.cc.service.
 """
 
 import ast
+import ipaddress
 import os
 import sys
 
@@ -210,7 +211,6 @@ class Options(usage.Options):
         """C{(host, port, token, explicit)} of the web console, or None: off. C{explicit}: given
         by the user (C{--web}, C{-D}, a config file), not by an app's defaults, so that a port
         taken is an error rather than a console left out."""
-        from ion.core.cc.web import is_loopback, parse_address
         from ion.core.credentials import Credentials
 
         spec, explicit = self["web"], True
@@ -349,6 +349,25 @@ def broker_url_with_password(url, path=None, default=DEFAULT_CREDENTIALS, certif
     userinfo, _, host = parts.netloc.rpartition("@")
     netloc = f"{userinfo}:{quote(password, safe='')}@{host}"
     return parts._replace(netloc=netloc).geturl()
+
+
+def parse_address(text):
+    """C{(host, port)} of C{[HOST:]PORT} (host default 127.0.0.1; C{[::1]:8580} for IPv6);
+    ValueError naming what is wrong."""
+    host, sep, port = str(text).rpartition(":")
+    host = host.strip("[]") if sep else "127.0.0.1"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"web: expected [ADDRESS:]PORT, got {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _PlanContext:

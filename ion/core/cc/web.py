@@ -22,7 +22,6 @@ Everything is read-only.
 """
 
 import hmac
-import ipaddress
 import json
 import re
 
@@ -42,25 +41,6 @@ HEADERS = {
     b"x-content-type-options": b"nosniff",
     b"cache-control": b"no-store",
 }
-
-
-def parse_address(text):
-    """C{(host, port)} of C{[HOST:]PORT} (host default 127.0.0.1; C{[::1]:8580} for IPv6);
-    ValueError naming what is wrong."""
-    host, sep, port = str(text).rpartition(":")
-    host = host.strip("[]") if sep else "127.0.0.1"
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"web: expected [ADDRESS:]PORT, got {text!r}")
-    return host or "127.0.0.1", int(port)
-
-
-def is_loopback(host):
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class WebConsole(Service):
