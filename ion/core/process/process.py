@@ -539,8 +539,10 @@ class Process:
             msg.ack()
 
     def _op(self, op):
-        if self.state != ACTIVE:
-            raise ApplicationError(f"{self.name} is not active ({self.state})", code=503)
+        if self.state != ACTIVE or self._draining:
+            # Stopping: an op now could run while on_terminate closes what it needs.
+            state = "stopping" if self.state == ACTIVE else self.state
+            raise ApplicationError(f"{self.name} is not active ({state})", code=503)
         method = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if method is None:
             raise ApplicationError(f"{self.name} has no op {op!r}", code=404)
