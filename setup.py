@@ -29,6 +29,7 @@ setup(
         "attrs>=24.1",
         "automat>=22.10",
         "cryptography",
+        "prometheus-client==0.26.0",
         "pyopenssl",
         "service-identity",
         "zope.interface",

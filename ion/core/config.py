@@ -261,6 +261,10 @@ SCHEMA = {
     "ion.core.conversation": {
         "tombstone_ttl": Setting("a number >= 0", lambda v: _is_number(v) and v >= 0),
     },
+    "ion.core.cc": {
+        "web": Setting("[ADDRESS:]PORT or None", lambda v: v is None or isinstance(v, (int, str))),
+        "sample_interval": _positive_number(),
+    },
     "ion.core.cc.agent": {
         "heartbeat_interval": _positive_number(),
         "missed_heartbeats": _positive_int(),

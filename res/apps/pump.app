@@ -43,4 +43,7 @@
     ),
     'applications': ['ioncore'],
     'registered': [],
+    # The web console (ion.core.cc.web) on loopback; if that port is taken, the pump runs
+    # without it. --web [ADDRESS:]PORT chooses another; -D ion.core.cc:web=None turns it off.
+    'config': {'ion.core.cc': {'web': '127.0.0.1:8580'}},
 }

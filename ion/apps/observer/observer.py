@@ -6,7 +6,7 @@ C{ion.apps.observer}, read when it starts; default 10000), indexed by conv-id. O
 
   - C{msc} C{{'conv_id': id}} or C{{'last': n}} (default: the last 20 messages) -> the text chart;
   - C{svg} the same plus C{'path'} (ending in C{.svg}) -> writes the SVG chart there, returns the
-    path;
+    path; without C{'path'} -> the SVG text (the web console's charts);
   - C{conversations} (optionally C{{'last': n}}) -> one summary dict per conversation kept.
 The shell's C{msc()} asks for its charts over rpc, like any other client.
 """
@@ -124,7 +124,9 @@ class Observer(ServiceProcess):
 
     def op_svg(self, content, headers):
         args = _chart_args(content, extra=("path",))
-        return self.write_svg(args.pop("path", None), **args)
+        if "path" not in args:
+            return msc.render_svg(self.select(**args))
+        return self.write_svg(args.pop("path"), **args)
 
     def op_conversations(self, content, headers):
         last = _chart_args(content).get("last")

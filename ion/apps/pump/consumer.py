@@ -199,6 +199,8 @@ class Consumer(ServiceProcess):
             "retried": 0,
             "failures": {},
         }
+        self.last_failures = collections.deque(maxlen=50)  # for the web console
+        self._labels = (self.name, self.subscription)  # of its metrics
         self.transfers = None
         self.root = None
         if not self.discard:
@@ -318,6 +320,13 @@ class Consumer(ServiceProcess):
         stats["bytes_received"] = 0 if received is None else received.total
         stats["bytes_in_flight"] = 0 if received is None else received.in_flight
         stats["queued"] = queued
+        stats["last_failures"] = list(self.last_failures)
+        running = [] if received is None else received._running
+        stats["transfers"] = [
+            {"file": redact(sink.what), "received": sink.size,
+             "size": sink.expected_size or sink.declared_size}
+            for sink in running
+        ]
         return stats
 
     # -- one message ---------------------------------------------------------------------
@@ -500,7 +509,11 @@ class Consumer(ServiceProcess):
         try:
             fetching = defer.Deferred.fromCoroutine(self._get(url, path, options))
             fetching.addTimeout(self.settings["transfer_timeout"], self.container.clock)
-            return await fetching, None
+            started = self.container.clock.seconds()
+            result = await fetching
+            self.container.metrics.transfer_duration.observe(
+                self._labels, self.container.clock.seconds() - started)
+            return result, None
         except defer.TimeoutError:
             timeout = self.settings["transfer_timeout"]
             return None, Failure(504, f"transfer not done after {timeout} s")
@@ -521,6 +534,8 @@ class Consumer(ServiceProcess):
         self.dupcache.add(key)
         self.stats["delivered"] += 1
         self.stats["bytes"] += size
+        self.container.metrics.delivered.inc(self._labels)
+        self.container.metrics.bytes.inc(self._labels, size)
         self.log.info(
             "consumer {name}: delivered {path} ({size} bytes)",
             name=self.subscription,
@@ -531,6 +546,9 @@ class Consumer(ServiceProcess):
     async def _fail(self, notice, key, code, message, routing_key=None):
         failures = self.stats["failures"]
         failures[str(code)] = failures.get(str(code), 0) + 1
+        self.container.metrics.failed.inc((*self._labels, str(code)))
+        self.last_failures.append({"time": self.container.clock.seconds(), "code": code,
+                                   "file": notice.rel_path, "reason": redact(str(message))})
         await self._report(notice, key, code, message, routing_key)
 
     # -- reports and re-announcements ----------------------------------------------------

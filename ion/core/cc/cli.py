@@ -6,6 +6,9 @@ Usage::
     ion ping [--broker URL] [--credentials PATH] [--sysname S] [--timeout T] <service>
     ion containers            the containers of the system (from their agents)
     ion ps [container]        processes of one container (or of every container)
+    ion status [--web URL]    every container and worker: state, queue, rates, counts, last
+                              error (like sr3 status); --web reads a container's web console
+                              instead of the broker (memory://: default http://127.0.0.1:8580)
     ion spawn <module> [--container ID]
     ion broker-setup --user NAME --role subscriber|source|feeder|admin [--apply]
                               the rabbitmqctl commands giving a user a pump role (see
@@ -17,9 +20,10 @@ C{ps} shows it to every user of the machine; a user without one there is an erro
 C{guest}, and a C{--broker-cert} login), as is a memory:// broker: it lives in its container's
 process, out of reach.
 
-C{containers} and C{ps} print aligned tables, the other commands JSON; C{--json} prints any
-result as JSON (one line, for scripts). Exit status: 0 ok, 1 the remote side answered with an
-error (message on stderr), 2 usage error, 3 timeout, no such service, or no broker.
+C{containers}, C{ps} and C{status} print aligned tables, the other commands JSON; C{--json}
+prints any result as JSON (one line, for scripts). Exit status: 0 ok, 1 the remote side
+answered with an error (message on stderr), 2 usage error, 3 timeout, no such service, or no
+broker.
 """
 
 import argparse
@@ -111,6 +115,9 @@ def build_parser():
     sub.add_parser("containers", parents=[common], help="list the containers of the system")
     p = sub.add_parser("ps", parents=[common], help="list processes")
     p.add_argument("container", nargs="?")
+    p = sub.add_parser("status", parents=[common], help="containers and workers at a glance")
+    p.add_argument("--web", metavar="URL", help="a container's web console, e.g. "
+                   "http://127.0.0.1:8580 (token: the credentials file's http://console@ line)")
     p = sub.add_parser("spawn", parents=[common], help="spawn a process in a container")
     p.add_argument("module")
     p.add_argument("--container", help="container id (default: any one)")
@@ -160,6 +167,11 @@ async def _run(reactor, args):
 
     config = Config.load(args.res or find_res_dir())
     url = broker_url(args, config)
+    if args.command == "status" and (args.web or check_broker_url(url) == "memory"):
+        from ion.core.cc.status import read_console
+
+        web = args.web or "http://127.0.0.1:8580"
+        return [await read_console(reactor, web, args.timeout, args.credentials)]
     if check_broker_url(url) == "memory":
         # A memory:// broker lives inside one process: this one's would be new and empty.
         raise UsageError(
@@ -210,6 +222,10 @@ async def _command(client, args):
             cid = peer["container"]
             result[cid] = await client.rpc(f"cc_{cid}", "ps", None, timeout=t)
         return result
+    if args.command == "status":
+        peers = await client.rpc("ccagent", "containers", None, timeout=t)
+        return [await client.rpc(f"cc_{p['container']}", "status", None, timeout=t)
+                for p in peers]
     if args.command == "spawn":
         dest = f"ccagent_{args.container}" if args.container else "ccagent"
         return await client.rpc(dest, "spawn", {"module": args.module}, timeout=t)
@@ -251,7 +267,14 @@ def _ps_table(result, args):
     return f"{table}\n{len(rows)} process{'es' if len(rows) != 1 else ''}"
 
 
-_TABLES = {"containers": _containers_table, "ps": _ps_table}
+def _status_table(statuses, args):
+    from ion.core.cc.status import status_table
+
+    headings, rows, total = status_table(statuses)
+    return f"{format_table(headings, rows)}\n{total}"
+
+
+_TABLES = {"containers": _containers_table, "ps": _ps_table, "status": _status_table}
 
 
 def main(argv=None):

@@ -80,6 +80,7 @@ class Container:
         self.res_dir = res_dir
         limits = codec.Limits.from_config(config.section(MESSAGING))
         self.messenger = Messenger(transport, self.sysname, self.clock, limits, config)
+        self.metrics = self.messenger.metrics
         self.registry = ProcessRegistry(self.id)
         self.apps = AppController(self)
         self.running = False

@@ -2,6 +2,7 @@
 
     ContainerService     boots once the reactor runs, reports a daemon's start, sets the exit
                          status, stops the reactor on SIGTERM/SIGINT
+      WebConsole         (with --web or config ion.core.cc web) the web console, ion.core.cc.web
       TransportService   the broker connection: the boot awaits its connect; closed last
       ProcessesService   on stop, ends the processes no app owns (a shell's, an agent's spawns)
       AppsService        starts the apps in dependency order; stops them in reverse
@@ -180,6 +181,8 @@ class ContainerService(MultiService):
         """Build the tree, awaiting each child as it is added, then open the shell (a tty)."""
         opts = self.options
         self.container = self._make_container()
+        if opts.get("web_console"):
+            self._start_console(*opts["web_console"])
         transport = TransportService(self.container, opts["broker_retry"])
         transport.setServiceParent(self)
         await transport.connected
@@ -199,6 +202,23 @@ class ContainerService(MultiService):
 
             done = start_shell(self.container, self.reactor, self.output)
             done.addCallback(lambda _: self._stop_reactor())
+
+    def _start_console(self, host, port, token, explicit):
+        """The web console (first: a port given and taken fails the boot before anything
+        starts; the default port taken leaves the container without a console)."""
+        from twisted.internet.error import CannotListenError
+
+        from ion.core.cc.web import WebConsole
+
+        console = WebConsole(self.container, self.reactor, host, port, token)
+        try:
+            console.setServiceParent(self)
+        except CannotListenError as e:
+            console.disownServiceParent()
+            why = f"web console: cannot listen on {host}:{port}: {e.socketError}"
+            if explicit:
+                raise ValueError(why) from None
+            log.warn("{why}; running without it", why=why)
 
     def _make_container(self):
         """The Container of the options, with the embedded broker of a memory:// URL."""

@@ -12,6 +12,7 @@ ion.core.cc.service.
 """
 
 import ast
+import ipaddress
 import os
 import sys
 from types import SimpleNamespace
@@ -133,6 +134,9 @@ class Options(usage.Options):
         ["sysname", "s", None, "System name: containers with the same sysname on one broker form one system."],
         ["args", "a", None, "Container args: k=v,k=v or a dict literal; apparg_<app>={...} sets an app's kwargs."],
         ["res", None, None, "The res/ directory (default ./res, else the one shipped with ION)."],
+        ["web", None, None, "Serve the web console on [ADDRESS:]PORT (address default 127.0.0.1; "
+         "default: config ion.core.cc web). Off loopback it needs a token: the password of the "
+         "line http://console:TOKEN@ADDRESS:PORT/ of the credentials file."],
     ]
 
     def __init__(self):
@@ -205,6 +209,38 @@ class Options(usage.Options):
         except (AppFileError, ConfigError) as e:
             fail_input(e)
         _warn_unused(config, apparg, plan, layers)
+        try:
+            self["web_console"] = self._web(config, layers)
+        except ValueError as e:
+            fail_input(e)
+
+    def _web(self, config, app_layers):
+        """C{(host, port, token, explicit)} of the web console, or None: off. C{explicit}: given
+        by the user (C{--web}, C{-D}, a config file), not by an app's defaults, so that a port
+        taken is an error rather than a console left out."""
+        from ion.core.credentials import Credentials
+
+        spec, explicit = self["web"], True
+        if spec is None:
+            from_apps = [layer["ion.core.cc"]["web"] for _name, layer in app_layers
+                         if "web" in (layer.get("ion.core.cc") or {})]
+            defined = any(m == "ion.core.cc" and k == "web" for m, k, _v in self["defines"])
+            spec = config.get("ion.core.cc", "web", None)
+            if from_apps and not defined:
+                spec, explicit = from_apps[-1], False
+        if spec is None or spec is False:
+            return None
+        host, port = parse_address(spec)
+        token = None
+        if not is_loopback(host):
+            path = os.path.expanduser(self["credentials"] or self.default_credentials)
+            url = f"http://console@{host}:{port}/"
+            token = Credentials.load(path).password(url) if os.path.exists(path) else None
+            if not token:
+                raise ValueError(f"web console on {host}:{port} (not loopback) needs a token: "
+                                 f"add the line for {url} to {path}, the token as its "
+                                 "password (console:TOKEN)")
+        return host, port, token, explicit
 
     def _broker_url(self, config):
         url = self["broker"] or config.get("ion.core.messaging", "broker", "memory://")
@@ -312,6 +348,25 @@ def broker_url_with_password(url, path=None, default=DEFAULT_CREDENTIALS, certif
     userinfo, _, host = parts.netloc.rpartition("@")
     netloc = f"{userinfo}:{quote(password, safe='')}@{host}"
     return parts._replace(netloc=netloc).geturl()
+
+
+def parse_address(text):
+    """C{(host, port)} of C{[HOST:]PORT} (host default 127.0.0.1; C{[::1]:8580} for IPv6);
+    ValueError naming what is wrong."""
+    host, sep, port = str(text).rpartition(":")
+    host = host.strip("[]") if sep else "127.0.0.1"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"web: expected [ADDRESS:]PORT, got {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def makeService(options):

@@ -61,6 +61,7 @@ class Conversation:
         self.seq = 0
         self.log = collections.deque(maxlen=LOG_LIMIT)
         self.timer = None
+        self.started = owner.clock.seconds()  # for the rpc latency metric
         self.user_id = None  # the identity this conversation acts for
         # initiator side: what the peer said, and who waits for it
         self._agreement = None  # (ok, value) once agreed/refused/ended before agreeing
@@ -161,6 +162,8 @@ class Conversations:
         self.tombstones[key] = now + self._ttl()
         self.tombstones.move_to_end(key)
         self.recent.append(conv)
+        if conv.role == P.INITIATOR and conv.protocol == "rpc":
+            self.messenger.metrics.rpc_latency.observe((conv.op,), now - conv.started)
         self.collect(now)
 
     def collect(self, now=None):

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from ion.core.messaging import codec, names
 from ion.core.messaging.transport import Properties, TransportError
+from ion.core.metrics import Metrics
 
 log = Logger()
 
@@ -52,6 +53,7 @@ class Messenger:
         self.trace_exchange = f"{self.exchange}.trace"
         self.limits = limits or codec.Limits()
         self.config = config
+        self.metrics = Metrics()  # the container's (ion.core.metrics)
 
     async def start(self):
         await self.transport.declare_exchange(self.exchange, "topic")
@@ -103,6 +105,7 @@ class Messenger:
         headers.setdefault("ts", int(self.clock.seconds() * 1000))
         headers.setdefault("encoding", "msgpack")
         body = codec.encode_envelope(codec.Envelope(headers=headers, content=content))
+        self.metrics.published.inc((headers.get("sender-name", ""),))
         if self.tracing():
             # Before the message itself: then an observer never sees a reply before its request.
             defer.Deferred.fromCoroutine(self._trace(receiver, headers, content, len(body)))

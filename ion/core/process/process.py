@@ -368,9 +368,12 @@ class Process:
         return sub.consumer
 
     def _delivery_handler(self, handler, sub):
+        consumed, key = self.container.metrics.consumed, (self.name,)
+
         def deliver(delivery):
             if self._draining:
                 return  # left unsettled: back to the queue when the subscription ends
+            consumed.inc(key)
             try:
                 result = handler(delivery)
             except Exception:
@@ -459,6 +462,7 @@ class Process:
         await subscription.publish(
             self.container.messenger.transport, exchange, routing_key, body, **options
         )
+        self.container.metrics.published.inc((self.name,))
 
     async def bind(self, queue, exchange, keys, exchange_type="topic", durable=True):
         """Bind the existing C{queue} to C{exchange} (declared first: C{exchange_type}, C{durable})
@@ -486,6 +490,7 @@ class Process:
             self.children.remove(child)
 
     def _receive(self, msg):
+        self.container.metrics.consumed.inc((self.name,))
         conv = self.conversations.receive(msg.headers, msg.content)
         if conv is None:
             msg.ack()
@@ -533,8 +538,10 @@ class Process:
             msg.ack()
 
     def _op(self, op):
-        if self.state != ACTIVE:
-            raise ApplicationError(f"{self.name} is not active ({self.state})", code=503)
+        if self.state != ACTIVE or self._draining:
+            # Stopping: an op now could run while on_terminate closes what it needs.
+            state = "stopping" if self.state == ACTIVE else self.state
+            raise ApplicationError(f"{self.name} is not active ({state})", code=503)
         method = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if method is None:
             raise ApplicationError(f"{self.name} has no op {op!r}", code=404)

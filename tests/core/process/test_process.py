@@ -245,6 +245,20 @@ class ProcessScenarios:
         self.assertNotIn(proc.pid, [row[0] for row in c.ps()])
         await self.assertFailure(defer.ensureDeferred(proc.terminate()), IllegalTransition)
 
+    async def test_no_ops_while_stopping(self):
+        """While a process stops (on_terminate closing what its ops need), a call gets 503
+        rather than an op that runs against closed resources."""
+        c, echo, caller = await self.pair()
+        closing = defer.Deferred()
+        proc = await c.spawn(Hooks, args={})
+        proc.on_terminate = lambda: closing
+        stopping = defer.ensureDeferred(proc.terminate())
+        e = await self.assertFailure(caller.rpc(proc.pid, "ping"), RemoteError)
+        self.assertEqual(e.code, 503)
+        self.assertIn("stopping", str(e))
+        closing.callback(None)
+        await stopping
+
     async def test_failing_hooks(self):
         """A hook that raises moves the process to FAILED; spawn reports the error and the
         process is not left registered or listening."""
