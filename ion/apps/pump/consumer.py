@@ -59,6 +59,7 @@ published persistent and confirmed to C{report_exchange} with the notice's topic
 returns the counters. Args: L{ion.apps.pump.args.ConsumerArgs}, checked before anything starts.
 """
 
+import collections
 import copy
 import hashlib
 import json
