@@ -190,11 +190,13 @@ class MqttFlowTests(FlowScenario, unittest.TestCase):
             found.update(self.delivered(os.path.join(self.root, "b")))
             return found
 
+        await until(lambda: both() == self.files, timeout=20, what="60 files")
         await until(lambda: a.stats["delivered"] + b.stats["delivered"] >= 60, timeout=20,
-                    what="60 files delivered")
-        self.assertEqual(both(), self.files)
+                    what="60 files reported")
         self.assertGreater(a.stats["delivered"], 0)
         self.assertGreater(b.stats["delivered"], 0)
         self.assertEqual(poll.stats["announced"], 60)
-        # At least once: Mosquitto (2.0.11) now and then hands a shared message to both.
-        self.assertLess(a.stats["delivered"] + b.stats["delivered"], 66)
+        # At least once: Mosquitto (2.0.11) at times hands one shared message to both
+        # instances while their in-flight windows are full (each instance's duplicate cache
+        # is its own).
+        self.assertLess(a.stats["delivered"] + b.stats["delivered"], 90)
