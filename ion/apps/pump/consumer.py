@@ -604,6 +604,8 @@ class Consumer(ServiceProcess):
 
     def _keep_reports(self, error):
         """The broker refused a report: this one and the next go to the local report log."""
+        if self._kept_reports is not None:
+            return  # refused too while the first refusal was on its way
         path = os.path.join(self.state_dir, "reports.jsonl")
         self._kept_reports = Journal(path, DiskQueue(self.container.reactor))
         self._kept_reports.open_for_append()
