@@ -200,7 +200,7 @@ async def run(reactor, args):
             profile.enable()
         start = time.perf_counter()
         consumer = await container.spawn(Consumer, args=consumer_args)
-        await wait(reactor, lambda: consumer.stats["received"] >= args.n and not consumer._tasks)
+        await wait(reactor, lambda: consumer.stats["received"] >= args.n and not consumer.in_hand)
         rate = args.n / (time.perf_counter() - start)
         if profile is not None:
             profile.disable()
