@@ -203,3 +203,20 @@ class MqttFlowTests(FlowScenario, unittest.TestCase):
         # instances while their in-flight windows are full (each instance's duplicate cache
         # is its own).
         self.assertLess(a.stats["delivered"] + b.stats["delivered"], 90)
+
+
+class BrokerArgTests(unittest.SynchronousTestCase):
+    def test_bad_broker_url(self):
+        """A broker that is not amqp[s]:// or mqtt[s]:// is one line that never quotes the
+        URL (it may hold a password); the queue is a name."""
+        from ion.apps.pump.args import BadArgument, ConsumerArgs, PollArgs
+
+        for cls, extra in ((ConsumerArgs, {"directory": "/x"}), (PollArgs, {"url": "file:/x"})):
+            with self.assertRaises(BadArgument) as caught:
+                cls.parse(dict(name="t", broker="ftp://u:s3cret@h/", **extra))
+            self.assertNotIn("s3cret", str(caught.exception))
+            self.assertIn("broker must be an amqp[s]:// or mqtt[s]:// URL", str(caught.exception))
+        with self.assertRaises(BadArgument):
+            ConsumerArgs.parse({"name": "t", "directory": "/x", "queue": "a/b"})
+        args = ConsumerArgs.parse({"name": "t", "directory": "/x", "broker": "mqtt://h/"})
+        self.assertIsNone(args.report_exchange)  # xs_<login> on that broker
