@@ -26,6 +26,7 @@ setup(
     install_requires=[
         "twisted[tls,conch]>=23.10",
         "msgpack>=1.0",
+        "paho-mqtt==2.2.0",
         "attrs>=24.1",
         "automat>=22.10",
         "cryptography",

@@ -5,6 +5,12 @@ subscriber that only acks.
     venv/bin/python bench/consume.py --transport memory
     venv/bin/python bench/consume.py --transport amqp --broker amqp://guest:guest@127.0.0.1:5672/
     venv/bin/python bench/consume.py --transport amqp --profile consume.prof   # cProfile the drain
+    venv/bin/python bench/consume.py --transport mqtt --broker mqtt://127.0.0.1:1883/
+
+Over MQTT the container runs on memory:// and the consumer is a flow with its own `broker`
+(a persistent session, QoS 1, manual acks); the baseline is a raw MQTT subscriber on the same
+broker. The broker must queue n messages for an offline session (Mosquitto's
+max_queued_messages defaults to 1000).
 
 The queue is filled first (n v03 notices, one in ten a repeat of an earlier one, one in ten
 rejected by the filter), then drained. Prints one result line:
@@ -88,7 +94,65 @@ async def wait(reactor, done):
         await task.deferLater(reactor, 0.001, lambda: None)
 
 
+async def run_mqtt(reactor, args):
+    from ion.core.messaging.mqtt import MqttTransport
+
+    container = Container(test_config(), reactor, make_transport("memory://", reactor),
+                          sysname="bench")
+    await container.start()
+    state = tempfile.mkdtemp(prefix="ion-bench-consume-")
+    tag = f"{os.getpid()}"
+    publisher = MqttTransport(args.broker, reactor, session=f"bench_pub_{tag}")
+    await publisher.connect()
+
+    async def fill_mqtt():
+        window = []
+        for key, body in notices(args.n):
+            window.append(publisher.publish(EXCHANGE, key, body, mandatory=False))
+            if len(window) >= 500:
+                await defer.gatherResults(window)
+                window = []
+        await defer.gatherResults(window)
+
+    try:
+        sink = MqttTransport(args.broker, reactor, session=f"bench_sink_{tag}",
+                             session_expiry=600)
+        await sink.connect()
+        await sink.bind(f"q_bench.baseline{tag}", EXCHANGE, "v03.#")
+        await sink.close()
+        await fill_mqtt()
+        received = []
+        sink = MqttTransport(args.broker, reactor, session=f"bench_sink_{tag}",
+                             session_expiry=0, prefetch=args.prefetch)
+        start = time.perf_counter()
+        await sink.connect()
+        await sink.consume("q", lambda d: (received.append(1), d.ack()), args.prefetch)
+        await wait(reactor, lambda: len(received) >= args.n)
+        baseline = args.n / (time.perf_counter() - start)
+        await sink.close()
+
+        consumer_args = {"name": f"bench{tag}", "broker": args.broker, "exchange": EXCHANGE,
+                         "topics": ["v03.#"], "filters": FILTERS, "discard": True,
+                         "state_dir": state, "prefetch": args.prefetch}
+        consumer = await container.spawn(Consumer, args=consumer_args)
+        await consumer.terminate()
+        await fill_mqtt()
+        start = time.perf_counter()
+        consumer = await container.spawn(Consumer, args=consumer_args)
+        await wait(reactor, lambda: consumer.stats["received"] >= args.n)
+        rate = args.n / (time.perf_counter() - start)
+        await consumer.terminate()
+        print(f"consume transport=mqtt n={args.n} rate={rate:.0f} msgs/s "
+              f"baseline={baseline:.0f} msgs/s", flush=True)
+    finally:
+        await publisher.close()
+        await container.stop()
+        shutil.rmtree(state, ignore_errors=True)
+
+
 async def run(reactor, args):
+    if args.transport == "mqtt":
+        return await run_mqtt(reactor, args)
     url = "memory://" if args.transport == "memory" else args.broker
     container = Container(test_config(), reactor, make_transport(url, reactor), sysname="bench")
     await container.start()
@@ -136,7 +200,7 @@ async def run(reactor, args):
             profile.enable()
         start = time.perf_counter()
         consumer = await container.spawn(Consumer, args=consumer_args)
-        await wait(reactor, lambda: consumer.stats["received"] >= args.n and not consumer._tasks)
+        await wait(reactor, lambda: consumer.stats["received"] >= args.n and not consumer.in_hand)
         rate = args.n / (time.perf_counter() - start)
         if profile is not None:
             profile.disable()
@@ -160,7 +224,7 @@ async def run(reactor, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--transport", choices=["memory", "amqp"], default="memory")
+    parser.add_argument("--transport", choices=["memory", "amqp", "mqtt"], default="memory")
     parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("-n", type=int, default=20000)
     parser.add_argument("--prefetch", type=int, default=100)

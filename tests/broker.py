@@ -117,6 +117,9 @@ class PrivateBroker:
     # `xl_`/`xr_`/`xs_` exchanges and the public ones (`xpublic`). The pump itself runs as
     # one of the full-rights users and declares xpublic, xreport and the xr_ exchanges.
     restricted_users = ("rita", "ross")
+    # The read-only account of a public sr3 pump (password = name), with the permissions sr3's
+    # documentation gives it: its own queues, read xpublic, write xs_anonymous.
+    public_user = "anonymous"
     # A user with no password (full rights on '/'), who logs in with EXTERNAL and the client
     # certificate `client_cert_file` / `client_key_file` (CN tess, signed by `ca_file`).
     cert_user = "tess"
@@ -153,7 +156,7 @@ class PrivateBroker:
 
     def url_for(self, user):
         """The URL for one of `users` or `restricted_users` (its password is its name)."""
-        if user not in self.users + self.restricted_users:
+        if user not in self.users + self.restricted_users + (self.public_user,):
             raise ValueError(
                 f"{user!r} is not one of the broker's users {self.users + self.restricted_users}"
             )
@@ -241,6 +244,7 @@ class PrivateBroker:
         accounts = [(self.user, self.password, "administrator")]
         accounts += [(name, name, "") for name in self.users]
         restricted = [(name, name, "") for name in self.restricted_users]
+        public = self.public_user
         return {
             "vhosts": [{"name": "/"}],
             "users": [
@@ -250,7 +254,7 @@ class PrivateBroker:
                     "hashing_algorithm": "rabbit_password_hashing_sha256",
                     "tags": tags,
                 }
-                for name, password, tags in accounts + restricted
+                for name, password, tags in accounts + restricted + [(public, public, "")]
             ]
             + [
                 {
@@ -273,6 +277,15 @@ class PrivateBroker:
                     "read": f"^q_{name}.*|^x[lrs]_{name}.*|^x.*public$",
                 }
                 for name, _, _ in restricted
+            ]
+            + [
+                {
+                    "user": public,
+                    "vhost": "/",
+                    "configure": f"^q_{public}.*",
+                    "write": f"^q_{public}.*|^xs_{public}$",
+                    "read": f"^q_{public}.*|^xpublic$",
+                }
             ],
         }
 

@@ -14,15 +14,16 @@ comment::
     sftp://bob@feed.example.org/ ssh_key=~/.ssh/id_ed25519
     sftp://carol:pw@other.example.org/incoming/
 
-  - Schemes: amqp, amqps, http, https, ftp, sftp. The port defaults to the scheme's (amqp 5672,
-    amqps 5671, http 80, https 443, ftp 21, sftp 22); host names are not case sensitive.
+  - Schemes: amqp, amqps, mqtt, mqtts, http, https, ftp, sftp. The port defaults to the
+    scheme's (amqp 5672, amqps 5671, mqtt 1883, mqtts 8883, http 80, https 443, ftp 21, sftp
+    22); host names are not case sensitive.
   - The user and password are percent-encoded as in any URL (C{p%40ss} is C{p@ss}; encode
     C{@ : / ? # %} and blanks). The password is optional, e.g. for an sftp line with a key.
   - A path other than C{/} restricts the line to URLs under that path; the longest match wins,
     the first line among equals.
   - Option C{ssh_key=PATH}: a private key file (OpenSSH or PEM format, without passphrase)
     tried before the password for sftp; C{~} is expanded.
-  - A broker line (amqp, amqps) is exactly C{amqp[s]://user:password@host[:port]/}: its
+  - A broker line (amqp, amqps, mqtt, mqtts) is exactly C{amqp[s]://user:password@host[:port]/}: its
     password serves that user on every virtual host, so it takes no path and no option.
 
 The file must be a regular file readable by its owner only (C{chmod 600}): a file that group
@@ -44,8 +45,9 @@ from urllib.parse import unquote, urlsplit
 import attrs
 
 DEFAULT_CREDENTIALS = "~/.config/ion/credentials.conf"
-DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671, "http": 80, "https": 443, "ftp": 21, "sftp": 22}
-BROKER_SCHEMES = ("amqp", "amqps")
+DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671, "mqtt": 1883, "mqtts": 8883, "http": 80,
+                 "https": 443, "ftp": 21, "sftp": 22}
+BROKER_SCHEMES = ("amqp", "amqps", "mqtt", "mqtts")
 OPTIONS = ("ssh_key",)
 # Shown in errors, which go through ion.core.log.redact: written so that no part of it looks
 # like a password in a URL (redact would mask "[:password]@host" too).
@@ -53,7 +55,7 @@ LINE_FORMAT = (
     "scheme://user@host[:port][/path] [option=value ...], "
     "a password (if any) after the user as user:password"
 )
-BROKER_LINE_FORMAT = "amqp[s]://user:password@host[:port]/"
+BROKER_LINE_FORMAT = "amqp[s]|mqtt[s]://user:password@host[:port]/"
 
 
 class CredentialsError(ValueError):

@@ -265,6 +265,18 @@ def _check_reannounce(instance, attribute, value):
         )
 
 
+def _check_broker(instance, attribute, value):
+    # Never quoted: the URL may hold a password.
+    if value is not None and not (
+        isinstance(value, str) and re.match(r"(amqps?|mqtts?)://", value, re.I | re.A)
+    ):
+        raise BadArgument(f"{instance.who}: broker must be an amqp[s]:// or mqtt[s]:// URL")
+
+
+BROKER = attrs.field(default=None, validator=_check_broker)
+QUEUE = attrs.field(default=None, validator=_check(_is_name, "a queue name", optional=True))
+
+
 def _check_sources(instance, attribute, value):
     UrlPolicy(value, who=instance.who)
 
@@ -278,6 +290,8 @@ class ConsumerArgs(_Named):
 
     name = attrs.field(default=None)
     who = attrs.field(init=False, default=_named(KIND), eq=False, repr=False)
+    broker = BROKER
+    queue = QUEUE
     exchange = attrs.field(default="xpublic", validator=EXCHANGE)
     topics = attrs.field(
         default=attrs.Factory(lambda: ["v03.#"]),
@@ -320,7 +334,11 @@ class ConsumerArgs(_Named):
     )
     sources = attrs.field(default=None, validator=_check_sources)
     max_notice_bytes = attrs.field(default=MAX_NOTICE_BYTES, validator=COUNT)
-    report_exchange = attrs.field(default="xreport", validator=EXCHANGE)
+    # None: C{xs_<login>} on a broker of the consumer's own (as sr3 subscribers report).
+    report_exchange = attrs.field(
+        default=attrs.Factory(lambda self: None if self.broker else "xreport", takes_self=True),
+        validator=OPTIONAL_EXCHANGE,
+    )
     stop_grace = attrs.field(default=10, validator=SECONDS_OR_ZERO)
 
 
@@ -367,6 +385,7 @@ class PollArgs(_Named):
 
     name = attrs.field(default=None)
     who = attrs.field(init=False, default=_named(KIND), eq=False, repr=False)
+    broker = BROKER
     url = attrs.field(default=None, converter=attrs.Converter(_poll_url, takes_self=True))
     interval = attrs.field(default=2, validator=SECONDS)
     filters = attrs.field(default=None)

@@ -71,6 +71,8 @@ from twisted.internet import defer, threads
 from ion.apps.pump import paths
 from ion.apps.pump.args import ConsumerArgs
 from ion.apps.pump.dupcache import DupCache
+from ion.apps.pump.flow import open_flow_broker
+from ion.apps.pump.journal import DiskQueue, Journal, json_line
 from ion.apps.pump.notice import (
     REPORT_CODES,
     InvalidNotice,
@@ -91,7 +93,7 @@ from ion.apps.pump.transfer.policy import UrlPolicy, normalize
 from ion.apps.pump.transfer.worker import Transfers
 from ion.apps.pump.user import own_prefix, pump_user
 from ion.core.log import redact
-from ion.core.process import EnvironmentFailure, ServiceProcess
+from ion.core.process import ConnectionLost, EnvironmentFailure, ServiceProcess, TransportError
 
 # Fields copied into the report of an oversized message (the rest could be what is too big).
 _OVERSIZE_KEEP = ("pubTime", "baseUrl", "relPath", "retrievePath", "source", "size", "mtime")
@@ -157,11 +159,18 @@ class Consumer(ServiceProcess):
         self.directory = os.path.abspath(args.directory) if args.directory else None
         self.mode = args.mode
         self.user = pump_user(self, args.user)
-        self.queue = f"q_{own_prefix(self, self.user)}consumer.{self.subscription}"
+        self.queue = args.queue or f"q_{own_prefix(self, self.user)}consumer.{self.subscription}"
         self.subscriber = f"{self.user}.{self.subscription}"
         self.policy = UrlPolicy(args.sources, own_user=self.user, who=args.who)
         self.state_dir = args.state_dir or os.path.join("var", "pump", self.subscription)
         self.claim_directory(self.state_dir)
+        self.broker, self.report_exchange = None, args.report_exchange
+        if args.broker:
+            self.broker, self.queue = open_flow_broker(
+                self, args.broker, "consumer", self.subscription, self.state_dir, args.queue
+            )
+            self.report_exchange = args.report_exchange or f"xs_{self.broker.user}"
+        self._kept_reports = None  # the local report log, once the broker refused a report
         clock = self.container.clock
         self.real_directory = None
         if self.directory is not None:
@@ -213,6 +222,8 @@ class Consumer(ServiceProcess):
         self._stopping = False
 
     async def on_activate(self):
+        if self.broker is not None:
+            await self.broker.connect()
         await self.subscribe(
             self.settings["exchange"],
             self.settings["topics"],
@@ -220,6 +231,8 @@ class Consumer(ServiceProcess):
             queue=self.queue,
             durable=True,
             prefetch=self.settings["prefetch"],
+            transport=self.broker,
+            exchange_type=None if self.broker else "topic",
         )
         self._schedule_retries()
         self._sweep(sweep, self.real_directory)
@@ -277,6 +290,8 @@ class Consumer(ServiceProcess):
         await super().crash(reason)
 
     async def on_terminate(self):
+        if self._kept_reports is not None:
+            await self._kept_reports.close()
         await self.dupcache.close()
         await self.retries.close()
         await self._close_transfers()
@@ -310,7 +325,7 @@ class Consumer(ServiceProcess):
         fetched now) and queued (messages waiting in the subscription's queue on the broker;
         None when the broker did not say)."""
         try:
-            queued = await self.queue_depth(self.queue)
+            queued = await self.queue_depth(self.queue, self.broker)
         except Exception as e:
             self.log.debug("consumer {name}: no queue depth: {e}", name=self.subscription, e=e)
             queued = None
@@ -570,7 +585,32 @@ class Consumer(ServiceProcess):
             topic = notice.topic()
         except (InvalidNotice, ValueError):
             topic = routing_key or "v03"
-        await self._publish(self.settings["report_exchange"], topic, reported.to_json())
+        if self.broker is None:
+            await self._publish(self.report_exchange, topic, reported.to_json())
+        elif self._kept_reports is None:
+            try:
+                await self.publish(self.report_exchange, topic, reported.to_json(),
+                                   transport=self.broker)
+                return
+            except ConnectionLost:
+                raise  # the message is not acked: it comes back
+            except TransportError as e:
+                self._keep_reports(e)
+        if self._kept_reports is not None:
+            self._kept_reports.append(json_line(reported.to_dict()))
+            await self._kept_reports.sync()
+
+    def _keep_reports(self, error):
+        """The broker refused a report: this one and the next go to the local report log."""
+        if self._kept_reports is not None:
+            return  # refused too while the first refusal was on its way
+        path = os.path.join(self.state_dir, "reports.jsonl")
+        self._kept_reports = Journal(path, DiskQueue(self.container.reactor))
+        self._kept_reports.open_for_append()
+        self.log.warn(
+            "consumer {name}: reports cannot go to {exchange} ({error}); they are kept in {path}",
+            name=self.subscription, exchange=self.report_exchange, error=error, path=path,
+        )
 
     async def _reannounce(self, notice, path, result):
         """Announce the delivered file downstream with our own baseUrl (sarra mode)."""

@@ -89,6 +89,10 @@ class Journal:
                         apply(json.loads(line))
                     except (ValueError, KeyError, TypeError):
                         self.skipped_lines += 1
+        self.open_for_append()
+
+    def open_for_append(self):
+        """Open the file for appending without reading it (a log nobody replays)."""
         self._file = open(self.path, "a", encoding="utf-8")
 
     def append(self, line, flush=True):

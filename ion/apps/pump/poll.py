@@ -59,6 +59,7 @@ from ion.apps.pump.args import PollArgs
 from ion.apps.pump.journal import DiskQueue
 from ion.apps.pump.notice import Notice, format_time
 from ion.apps.pump.transfer.inflight import is_inflight_name
+from ion.apps.pump.flow import open_flow_broker
 from ion.apps.pump.user import pump_user
 from ion.core.process import RemoteError, ServiceProcess
 
@@ -232,6 +233,11 @@ class PollService(ServiceProcess):
             )
         state_dir = args.state_dir or os.path.join("var", "pump", f"poll-{self.source}")
         self.claim_directory(state_dir)
+        self.broker = None
+        if args.broker:
+            # Announced there, to xs_<login> (or exchange), which that pump declares.
+            self.broker, _ = open_flow_broker(self, args.broker, "poll", self.source, state_dir)
+            self.exchange = args.exchange or f"xs_{self.broker.user}"
         self.store = SeenFiles(
             os.path.join(state_dir, "seen.sqlite3"), self.url, self.container.reactor
         )
@@ -255,11 +261,13 @@ class PollService(ServiceProcess):
         self.last_pass = None
         self._loop = None
         self._pass = None
-        self._declared = False
+        self._declared = self.broker is not None
         self._stopping = False
         self._last_error = None
 
-    def on_activate(self):
+    async def on_activate(self):
+        if self.broker is not None:
+            await self.broker.connect()
         self._loop = task.LoopingCall(self._tick)
         self._loop.clock = self.container.clock
         done = self._loop.start(self.settings["interval"], now=True)
@@ -553,7 +561,8 @@ class PollService(ServiceProcess):
     async def _publish(self, rel_path, entry, now, declare):
         notice = Notice(self.notice_for(rel_path, entry, now))
         await self.publish(
-            self.exchange, notice.topic(), notice.to_json(), persistent=True, declare=declare
+            self.exchange, notice.topic(), notice.to_json(), persistent=True, declare=declare,
+            transport=self.broker,
         )
 
 

@@ -334,7 +334,7 @@ def broker_url_with_password(url, path=None, default=DEFAULT_CREDENTIALS, certif
         needs_password = parts.username is not None and parts.password is None
     except ValueError:
         return url  # reported when the transport parses it
-    if not needs_password or parts.scheme.lower() not in ("amqp", "amqps"):
+    if not needs_password or parts.scheme.lower() not in ("amqp", "amqps", "mqtt", "mqtts"):
         return url
     if certificate or parts.username == "guest":
         return url

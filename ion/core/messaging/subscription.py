@@ -27,9 +27,11 @@ async def subscribe(
     auto_delete=False,
     prefetch=100,
 ):
-    """Declare exchange and queue, bind each key, and deliver to callback(IDelivery).
-    The callback acks or nacks each delivery itself. Returns the consumer."""
-    await transport.declare_exchange(exchange, exchange_type, durable=durable)
+    """Declare exchange (unless C{exchange_type} is None) and queue, bind each key, and
+    deliver to callback(IDelivery). The callback acks or nacks each delivery itself. Returns
+    the consumer."""
+    if exchange_type:
+        await transport.declare_exchange(exchange, exchange_type, durable=durable)
     await transport.declare_queue(
         queue, durable=durable, exclusive=exclusive, auto_delete=auto_delete
     )

@@ -8,6 +8,7 @@ from ion.core.conversation.errors import (
     RemoteError,
 )
 from ion.core.conversation.conversation import Refused
+from ion.core.messaging.transport import ConnectionLost, TransportError
 from ion.core.process.lifecycle import IllegalTransition
 from ion.core.process.process import Process, ServiceProcess, explicit_agree
 from ion.core.process.registry import SpawnError
@@ -16,6 +17,7 @@ from ion.core.process.supervisor import Supervisor
 
 __all__ = [
     "ApplicationError",
+    "ConnectionLost",
     "ConversationTimeout",
     "DirectoryInUse",
     "EnvironmentFailure",
@@ -28,5 +30,6 @@ __all__ = [
     "ServiceProcess",
     "SpawnError",
     "Supervisor",
+    "TransportError",
     "explicit_agree",
 ]

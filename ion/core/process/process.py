@@ -101,6 +101,7 @@ class Process:
         self._draining = False
         self._exit_observers = []
         self._claims = []
+        self._brokers = []  # connections of the process's own (open_broker)
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name} ({self.pid}) {self.state}>"
@@ -276,6 +277,12 @@ class Process:
         for claim in claims:
             claim.release()
         await self._stop_serving()
+        brokers, self._brokers = self._brokers, []
+        for broker in brokers:
+            try:
+                await broker.close()
+            except Exception:
+                self.log.failure("{proc!r}: could not close {broker!r}", proc=self, broker=broker)
         self.conversations.fail_open(ProcessTerminated(f"{self.name} terminated"))
         self.conversations.close()
         consumer, self._own_consumer = self._own_consumer, None
@@ -334,7 +341,18 @@ class Process:
         """One-way message (inform) to dest; raises NoSuchReceiver if nobody listens there."""
         await self._open("inform", dest, op, content, None).when_done()
 
-    async def subscribe(self, exchange, keys, handler, queue=None, **options):
+    def open_broker(self, url):
+        """A connection of this process's own to the broker at C{url} (C{amqp[s]://} or
+        C{mqtt[s]://}; a password from the credentials file), not yet connected, closed when
+        the process ends: for work on another broker than the container's (a pump's flow on a
+        remote pump). Pass it as C{transport} to L{subscribe} and L{publish}; C{await
+        broker.connect()} first (an MQTT one names its persistent session by its C{session},
+        set before). Its C{user} is the login. ValueError for a URL that names no such broker."""
+        broker = self.container.open_broker(url)
+        self._brokers.append(broker)
+        return broker
+
+    async def subscribe(self, exchange, keys, handler, queue=None, transport=None, **options):
         """Consume raw (non-envelope) messages from C{exchange} bound with topic patterns
         C{keys}: handler(delivery) gets C{body}, C{routing_key}, C{properties} (with the trusted
         C{user_id}), C{redelivered}, and must C{ack()} or C{nack(requeue)} each one. It may return
@@ -349,7 +367,11 @@ class Process:
         with the headers C{dead-reason}, C{dead-exchange} and C{dead-routing-key}, then
         C{on_dead_letter(delivery, reason)} runs, then the message is acked. On terminate no
         new message is taken (those arriving go back to the queue), those in hand get
-        C{stop_timeout()} seconds, then the subscription ends."""
+        C{stop_timeout()} seconds, then the subscription ends.
+
+        C{transport}: a connection of L{open_broker} to consume from instead of the
+        container's; with C{exchange_type=None} the exchange is not declared (a remote pump's
+        exchanges are its own). Dead letters still go to the container's broker."""
         if queue is None:
             queue = f"{self.pid}.sub{len(self._subscriptions) + 1}"
             options.setdefault("exclusive", True)
@@ -357,7 +379,7 @@ class Process:
             options.setdefault("durable", False)
         sub = _Subscription(queue, options.get("durable", True), options.get("exclusive", False))
         sub.consumer = await subscription.subscribe(
-            self.container.messenger.transport,
+            transport or self.container.messenger.transport,
             exchange,
             queue,
             list(keys),
@@ -456,11 +478,13 @@ class Process:
         """How many deliveries and tracked works are in hand now."""
         return len(self._in_hand)
 
-    async def publish(self, exchange, routing_key, body, **options):
+    async def publish(self, exchange, routing_key, body, transport=None, **options):
         """Publish a raw message (bytes) to exchange; fires when the broker confirmed it.
-        Options: headers, content_type, persistent (default True), mandatory, declare."""
+        Options: headers, content_type, persistent (default True), mandatory, declare;
+        C{transport}: a connection of L{open_broker} instead of the container's."""
         await subscription.publish(
-            self.container.messenger.transport, exchange, routing_key, body, **options
+            transport or self.container.messenger.transport, exchange, routing_key, body,
+            **options,
         )
         self.container.metrics.published.inc((self.name,))
 
@@ -473,10 +497,10 @@ class Process:
         for key in [keys] if isinstance(keys, str) else keys:
             await transport.bind(queue, exchange, key)
 
-    async def queue_depth(self, queue):
+    async def queue_depth(self, queue, transport=None):
         """The number of messages waiting in C{queue} on the broker (not counting those
         delivered and not yet acked); NotFound when it does not exist."""
-        return await self.container.messenger.transport.queue_depth(queue)
+        return await (transport or self.container.messenger.transport).queue_depth(queue)
 
     async def spawn_child(self, spec, name=None, args=None):
         """Spawn a process supervised by this one; it is terminated before this one."""
