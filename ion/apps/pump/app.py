@@ -1,6 +1,6 @@
 """Starts the pump app: one rest_for_one supervisor over, in this order, the report router, the
-transfer service workers, the ingest, one consumer per subscription, one poll per source, and
-the progress summary.
+transfer service workers, the ingest, one consumer per subscription, one poll per source, one
+watch per watched tree, and the progress summary.
 
 Each process is named and serves its name (L{ion.core.process.ServiceProcess}):
 C{<app>.report_router}, C{<app>.ingest}, C{<app>.consumer.<subscription>}, C{<app>.poll.<poll>},
@@ -23,6 +23,9 @@ kwargs (from C{res/apps/pump.app}, a rel file's C{args} or C{-a "apparg_pump={..
     C{base_url}...;
   - C{subscriptions}: a list of consumer args (see L{ion.apps.pump.consumer}), each with a unique
     C{name}: C{exchange}, C{topics}, C{accept}, C{reject}, C{directory}, C{mirror}, C{strip}...;
+  - C{watches}: a list of watch args (see L{ion.apps.pump.watch}), each with a unique C{name}
+    (among polls and watches): C{path}, C{exchange}, C{accept}, C{reject}, C{events},
+    C{base_url}, C{coalesce}, C{min_age}, C{state_dir};
   - C{transfer}: {workers: N transfer service instances (default 2; the polls list through them),
     timeouts, per_host, credentials, parallel, max_size, min_rate}: the settings of
     L{ion.apps.pump.transfer.worker}. Consumers fetch files themselves with the same timeouts,
@@ -49,6 +52,7 @@ from ion.apps.pump.args import (
     ProgressArgs,
     PumpArgs,
     ReportRouterArgs,
+    WatchArgs,
 )
 from ion.core.process import Supervisor
 
@@ -134,6 +138,24 @@ def plan(app_name="pump", **kwargs):
                 "id": poll_ids[-1],
                 "name": f"{app_name}.poll.{checked.name}",
                 "spec": "ion.apps.pump.poll",
+                "args": args,
+                "shutdown": int(checked.stop_grace * 1000) + 5000,
+            }
+        )
+    for args in map(dict, pump.watches):
+        if user is not None:
+            args.setdefault("user", user)
+        if isinstance(args.get("name"), str):
+            args.setdefault("state_dir", os.path.join(state_root, f"watch-{args['name']}"))
+        checked = WatchArgs.parse(args)
+        if checked.name in names:
+            raise ValueError(f"{app_name}: a poll or another watch is named {checked.name!r}")
+        names.add(checked.name)
+        children.append(
+            {
+                "id": f"watch.{checked.name}",
+                "name": f"{app_name}.watch.{checked.name}",
+                "spec": "ion.apps.pump.watch",
                 "args": args,
                 "shutdown": int(checked.stop_grace * 1000) + 5000,
             }

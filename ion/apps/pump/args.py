@@ -392,6 +392,52 @@ class PollArgs(_Named):
     create = attrs.field(default=False, converter=bool)
 
 
+WATCH_EVENTS = ("create", "modify", "delete", "rename", "link", "mkdir", "rmdir")
+
+
+def _check_events(instance, attribute, value):
+    if not isinstance(value, (list, tuple)) or not set(value) <= set(WATCH_EVENTS):
+        raise BadArgument(
+            f"{instance.who}: events must be a list of {', '.join(WATCH_EVENTS)}, got {value!r}"
+        )
+
+
+def _watch_base_url(value, self):
+    if value is not None and (not isinstance(value, str) or ":" not in value):
+        raise BadArgument(f"{self.who}: base_url must be a URL, got {value!r}")
+    return value and root_url(value)
+
+
+@attrs.frozen(kw_only=True)
+class WatchArgs(_Named):
+    """A watch (L{ion.apps.pump.watch}); C{name} and C{path} are required."""
+
+    KIND = "watch"
+
+    name = attrs.field(default=None)
+    who = attrs.field(init=False, default=_named(KIND), eq=False, repr=False)
+    path = attrs.field(default=None, validator=_check(lambda v: isinstance(v, str) and v, "a path"))
+    exchange = attrs.field(default=None, validator=OPTIONAL_EXCHANGE)
+    user = attrs.field(default=None, validator=OPTIONAL_USER)
+    filters = attrs.field(default=None)
+    accept = attrs.field(default=None)
+    reject = attrs.field(default=None)
+    accept_unmatched = attrs.field(default=None)
+    filter = _derived(
+        lambda self: Filter.from_args(
+            self.filters, self.accept, self.reject, self.accept_unmatched, self.who
+        )
+    )
+    events = attrs.field(default=WATCH_EVENTS, validator=_check_events)
+    base_url = attrs.field(
+        default=None, converter=attrs.Converter(_watch_base_url, takes_self=True)
+    )
+    coalesce = attrs.field(default=1, validator=SECONDS_OR_ZERO)
+    min_age = attrs.field(default=0, validator=SECONDS_OR_ZERO)
+    state_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
+    stop_grace = attrs.field(default=10, validator=SECONDS_OR_ZERO)
+
+
 @attrs.frozen(kw_only=True)
 class IngestArgs(_Arguments):
     """The ingest (L{ion.apps.pump.ingest}); C{users} None: the pump's user only."""
@@ -511,6 +557,7 @@ class PumpArgs(_Arguments):
     subscriptions = _given_or(lambda: DEFAULT_SUBSCRIPTIONS, _entries)
     transfer = _given_or(dict, _app_transfer)
     user = attrs.field(default=None, validator=OPTIONAL_USER)
+    watches = _given_or(tuple, _entries)
 
     @property
     def workers(self):

@@ -180,6 +180,12 @@ class SeenFiles:
         return None if row is None else tuple(row)
 
     @_in_thread
+    def everything(self):
+        """{relPath: (size, mtime)} of every file known."""
+        rows = self.db.execute("SELECT dir, name, size, mtime FROM files")
+        return {f"{d}/{n}" if d else n: (size, mtime) for d, n, size, mtime in rows}
+
+    @_in_thread
     def start_pass(self):
         self.passes += 1
         with self.db:
