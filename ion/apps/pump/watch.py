@@ -104,7 +104,7 @@ def _kind(mode):
     return None
 
 
-def _describe(path):
+def describe(path):
     """(size, mtime, mode, sha512 base64) of a regular file, or None when it is not one (gone,
     replaced by a link...)."""
     try:
@@ -359,7 +359,7 @@ class Watch(ServiceProcess):
     async def _announce_file(self, rel, file_op=None):
         found = await threads.deferToThreadPool(
             self.container.reactor, self.container.reactor.getThreadPool(),
-            _describe, self._path(rel),
+            describe, self._path(rel),
         )
         if found is None or rel in self.pending:
             return

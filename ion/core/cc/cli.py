@@ -7,6 +7,10 @@ Usage::
     ion containers            the containers of the system (from their agents)
     ion ps [container]        processes of one container (or of every container)
     ion spawn <module> [--container ID]
+    ion post [--broker URL] [--exchange X] [--base-url URL] [--topic-prefix v03] [--user NAME]
+             PATH...          announce files once (a directory: every file below it); exit
+                              status 0, 1 broker unreachable or a publish not confirmed, 2 bad
+                              arguments or an unreadable path (see ion.apps.pump.post)
     ion broker-setup --user NAME --role subscriber|source|feeder|admin [--apply]
                               the rabbitmqctl commands giving a user a pump role (see
                               ion.core.cc.roles); --apply runs them on the local broker
@@ -30,6 +34,7 @@ import base64
 import json
 import os
 import sys
+from urllib.parse import quote
 
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
@@ -117,6 +122,14 @@ def build_parser():
     p = sub.add_parser("spawn", parents=[common], help="spawn a process in a container")
     p.add_argument("module")
     p.add_argument("--container", help="container id (default: any one)")
+    p = sub.add_parser("post", parents=[common], help="announce files once (sr3's post)")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--exchange", help="exchange to post to (default xs_<user>)")
+    p.add_argument("--base-url", help="the URL the files are fetched from (default: the file: "
+                   "URL of the current directory; relPaths are relative to it)")
+    p.add_argument("--topic-prefix", default="v03", help="routing key prefix (default v03)")
+    p.add_argument("--user", help="the user whose xs_<user> is posted to (default: the broker "
+                   "URL's user)")
     p = sub.add_parser(
         "broker-setup",
         help="print (or --apply) the rabbitmqctl commands giving a user a role on a shared pump",
@@ -213,6 +226,14 @@ async def _command(client, args):
             cid = peer["container"]
             result[cid] = await client.rpc(f"cc_{cid}", "ps", None, timeout=t)
         return result
+    if args.command == "post":
+        from ion.apps.pump.post import post_files
+
+        user = args.user or client.container.transport.user
+        exchange = args.exchange or f"xs_{user}"
+        base_url = args.base_url or "file://" + quote(os.path.abspath(os.curdir), safe="/") + "/"
+        count = await post_files(client, args.files, exchange, base_url, args.topic_prefix)
+        return f"announced {count} files to {exchange}"
     if args.command == "spawn":
         dest = f"ccagent_{args.container}" if args.container else "ccagent"
         return await client.rpc(dest, "spawn", {"module": args.module}, timeout=t)
@@ -272,6 +293,14 @@ def main(argv=None):
         from ion.core.cc.roles import broker_setup
 
         return broker_setup(args, sys.stdin, sys.stdout, sys.stderr)
+    if args.command == "post":
+        from ion.apps.pump.post import Unpostable, files_to_post
+
+        try:
+            args.files = files_to_post(args.paths)
+        except Unpostable as e:
+            sys.stderr.write(f"ion: {e}\n")
+            return USAGE
     task.react(_react, [args])
 
 
@@ -288,9 +317,13 @@ async def _react(reactor, args):
     except RemoteError as e:
         raise _fail(e, REMOTE_ERROR)
     except (ConversationTimeout, NoSuchReceiver, NoSuchContainer, TransportError) as e:
-        raise _fail(e, UNREACHABLE)
-    except Exception:
+        raise _fail(e, REMOTE_ERROR if args.command == "post" else UNREACHABLE)
+    except Exception as e:
+        if args.command == "post":  # a publish the broker did not confirm
+            raise _fail(f"not all files announced: {e}", REMOTE_ERROR)
         raise _fail(Failure().getTraceback(), REMOTE_ERROR)
+    if args.command == "post":
+        return print(result)
     table = None if args.json else _TABLES.get(args.command)
     print(_to_json(result) if table is None else table(result, args))
 
