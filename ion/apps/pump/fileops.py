@@ -18,6 +18,7 @@ import os
 import posixpath
 import shutil
 import stat
+from urllib.parse import unquote, urlsplit
 
 from ion.apps.pump import paths
 from ion.apps.pump.transfer.errors import LocalFailure
@@ -34,6 +35,24 @@ def operation(file_op):
     if "hlink" in file_op:
         return "hlink"
     return "link" if "link" in file_op else "mkdir"
+
+
+def renamed_from(base_url, old_rel):
+    """The C{fileOp} C{rename} value for a file that was at C{old_rel}: as sr3 writes it, the
+    old file's path in the URL's terms, baseUrl's path followed by the old relPath."""
+    return unquote(urlsplit(base_url).path).rstrip("/") + "/" + old_rel
+
+
+def old_relpath(base_url, value):
+    """The old relPath a C{rename} (or C{hlink}) value names: the value with baseUrl's path
+    taken off (sr3's form), or the value itself when it is relative; UnsafePath for an
+    absolute path elsewhere, which cannot be placed under the destination."""
+    if not value.startswith("/"):
+        return value
+    base = unquote(urlsplit(base_url).path).rstrip("/") + "/"
+    if not value.startswith(base):
+        raise paths.UnsafePath(f"unsafe old name {value!r}: not below baseUrl's path {base!r}")
+    return value[len(base) :]
 
 
 def check_link_target(target, link_parts):

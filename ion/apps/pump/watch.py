@@ -11,14 +11,16 @@ for each change that C{events} selects:
     still open for writing is not announced; a file whose mtime is less than C{min_age} seconds
     old waits until it is that old;
   - C{delete}: C{fileOp} {remove: ''} for an announced file removed, or moved out of the tree;
-  - C{rename}: the new name's notice with C{fileOp} {rename: <old relPath>}, full metadata; a
-    directory renamed: {rename: <old>, directory: ''}. A file never announced under its old
+  - C{rename}: the new name's notice with C{fileOp} {rename: <old>}, full metadata, where
+    <old> is the old file's path in baseUrl's terms as sr3 writes it (baseUrl's path, then
+    the old relPath); a directory renamed: {rename: <old>, directory: ''}. A file never announced under its old
     name (written as a temporary name, then renamed) is announced as created;
   - C{link}: a symbolic link, C{fileOp} {link: <its target, as readlink gives it>};
   - C{mkdir}, C{rmdir}: C{fileOp} {directory: ''} and {remove: '', directory: ''}.
 
 Filters (C{accept}, C{reject}, C{filters}; see L{ion.apps.pump.filters}) match the relPath.
-C{baseUrl} is C{base_url}, by default the C{file:} URL of the watched directory.
+C{baseUrl} is C{base_url}, by default the C{file:} URL of the watched directory (written
+without a trailing C{/}, as sr3 does).
 
 What was announced is kept in C{<state_dir>/seen.sqlite3} (the poll's store; default state_dir
 C{var/pump/watch-<name>}). On start the watch lists the tree and announces what changed while
@@ -40,6 +42,7 @@ from twisted.internet import defer, inotify, threads
 from twisted.python.filepath import FilePath
 
 from ion.apps.pump.args import WatchArgs, root_url
+from ion.apps.pump.fileops import renamed_from
 from ion.apps.pump.notice import Notice, format_time
 from ion.apps.pump.poll import SeenFiles
 from ion.apps.pump.transfer.inflight import is_inflight_name
@@ -137,7 +140,9 @@ class Watch(ServiceProcess):
         self.root = os.path.abspath(args.path)
         if not os.path.isdir(self.root):
             raise EnvironmentFailure(f"{args.who}: path {args.path} is not a directory")
-        self.base_url = args.base_url or root_url("file:" + self.root)
+        # Without a trailing '/', as sr3 writes baseUrls: an sr3 subscriber finds a rename's
+        # old file by replacing baseUrl's path in it with its own directory.
+        self.base_url = (args.base_url or root_url("file:" + self.root)).rstrip("/")
         self.events = set(args.events)
         self.user = pump_user(self, args.user)
         self.exchange = args.exchange or f"xs_{self.user}"
@@ -314,7 +319,8 @@ class Watch(ServiceProcess):
                 self._store(name)
                 self._store(new + name[len(old):], value)
             if "rename" in self.events:
-                self._announce_op(new, {"rename": old, "directory": ""}, "rename")
+                self._announce_op(new, {"rename": renamed_from(self.base_url, old), "directory": ""},
+                                 "rename")
             self._follow(self._watch_tree(new))
             return
         call = self.pending.pop(old, None)
@@ -326,9 +332,10 @@ class Watch(ServiceProcess):
             return self._schedule(new)
         self.known.pop(old)
         self._store(old)
+        file_op = {"rename": renamed_from(self.base_url, old)}
         if os.path.islink(self._path(new)):
-            return self._announce_link(new, {"rename": old})
-        self._follow(self._announce_file(new, {"rename": old}))
+            return self._announce_link(new, file_op)
+        self._follow(self._announce_file(new, file_op))
 
     def _follow(self, coroutine):
         d = self.track(coroutine)

@@ -79,3 +79,16 @@ class ApplyTests(unittest.SynchronousTestCase):
         """mkdir where a file is: 422, not retried."""
         e = self.assertRaises(LocalFailure, self.apply, "mkdir", "d/f")
         self.assertEqual((e.code, e.transient), (422, False))
+
+
+class RenameValueTests(unittest.SynchronousTestCase):
+    def test_sr3_form(self):
+        """A rename's old name is written as sr3 writes it (baseUrl's path, then the old
+        relPath) and read back from that form or a relative one; an absolute path elsewhere
+        is refused."""
+        base = "file:///data/my%20tree/"
+        self.assertEqual(fileops.renamed_from(base, "a/f"), "/data/my tree/a/f")
+        self.assertEqual(fileops.old_relpath(base, "/data/my tree/a/f"), "a/f")
+        self.assertEqual(fileops.old_relpath("http://h/", "/a/f"), "a/f")
+        self.assertEqual(fileops.old_relpath(base, "a/f"), "a/f")
+        self.assertRaises(UnsafePath, fileops.old_relpath, base, "/etc/passwd")
