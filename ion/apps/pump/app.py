@@ -1,6 +1,6 @@
 """Starts the pump app: one rest_for_one supervisor over, in this order, the report router, the
-transfer service workers, the ingest, one consumer per subscription, one poll per source, one
-watch per watched tree, and the progress summary.
+transfer service workers, the ingest, one consumer per subscription, one sender per
+destination, one poll per source, one watch per watched tree, and the progress summary.
 
 Each process is named and serves its name (L{ion.core.process.ServiceProcess}):
 C{<app>.report_router}, C{<app>.ingest}, C{<app>.consumer.<subscription>}, C{<app>.poll.<poll>},
@@ -23,6 +23,9 @@ kwargs (from C{res/apps/pump.app}, a rel file's C{args} or C{-a "apparg_pump={..
     C{base_url}...;
   - C{subscriptions}: a list of consumer args (see L{ion.apps.pump.consumer}), each with a unique
     C{name}: C{exchange}, C{topics}, C{accept}, C{reject}, C{directory}, C{mirror}, C{strip}...;
+  - C{senders}: a list of sender args (see L{ion.apps.pump.sender}), each with a unique C{name}
+    (among subscriptions and senders): a subscription's args but C{directory}, plus
+    C{destination}, C{events} and C{post_exchange};
   - C{watches}: a list of watch args (see L{ion.apps.pump.watch}), each with a unique C{name}
     (among polls and watches): C{path}, C{exchange}, C{accept}, C{reject}, C{events},
     C{base_url}, C{coalesce}, C{min_age}, C{state_dir};
@@ -52,6 +55,7 @@ from ion.apps.pump.args import (
     ProgressArgs,
     PumpArgs,
     ReportRouterArgs,
+    SenderArgs,
     WatchArgs,
 )
 from ion.core.process import Supervisor
@@ -119,6 +123,27 @@ def plan(app_name="pump", **kwargs):
                 "args": args,
                 # Messages in hand get the consumer's stop_grace to finish.
                 "shutdown": int(checked.stop_grace * 1000) + 5000,
+            }
+        )
+    for args in map(dict, pump.senders):
+        if user is not None:
+            args.setdefault("user", user)
+        if isinstance(args.get("name"), str):
+            args.setdefault("state_dir", os.path.join(state_root, f"sender-{args['name']}"))
+        if fetching:
+            args["transfer"] = dict(fetching, **(args.get("transfer") or {}))
+        checked = SenderArgs.parse(args)
+        if checked.name in names:
+            raise ValueError(f"{app_name}: a subscription or sender is named {checked.name!r}")
+        names.add(checked.name)
+        consumer_ids.append(f"sender.{checked.name}")
+        children.append(
+            {
+                "id": consumer_ids[-1],
+                "name": f"{app_name}.{consumer_ids[-1]}",
+                "spec": "ion.apps.pump.sender",
+                "args": args,
+                "shutdown": int(args.get("stop_grace", 10) * 1000) + 5000,
             }
         )
     names = set()

@@ -324,6 +324,76 @@ class ConsumerArgs(_Named):
     stop_grace = attrs.field(default=10, validator=SECONDS_OR_ZERO)
 
 
+WATCH_EVENTS = ("create", "modify", "delete", "rename", "link", "mkdir", "rmdir")
+
+
+def _check_events(instance, attribute, value):
+    if not isinstance(value, (list, tuple)) or not set(value) <= set(WATCH_EVENTS):
+        raise BadArgument(
+            f"{instance.who}: events must be a list of {', '.join(WATCH_EVENTS)}, got {value!r}"
+        )
+
+
+SENDER_SCHEMES = ("file", "sftp", "ftp", "http", "https")
+# A consumer's arguments that a sender takes as they are.
+_SENDER_SHARED = (
+    "name", "exchange", "topics", "filters", "accept", "reject", "accept_unmatched", "mirror",
+    "strip", "parallel", "prefetch", "user", "state_dir", "retry_initial", "retry_max",
+    "retry_horizon", "retry_jitter", "dup_ttl", "transfer_timeout", "max_size", "min_rate",
+    "transfer", "sources", "max_notice_bytes", "report_exchange", "stop_grace",
+)
+
+
+def _sender_destination(value, self):
+    if not isinstance(value, str) or not value:
+        raise BadArgument(f"{self.who}: destination (the URL to send to) is required")
+    scheme = value.split(":", 1)[0].lower() if ":" in value else ""
+    if scheme not in SENDER_SCHEMES:
+        raise BadArgument(
+            f"{self.who}: destination {value!r} must be a URL with scheme one of "
+            f"{', '.join(SENDER_SCHEMES)} (a local directory is file:dir/)"
+        )
+    return root_url(value)
+
+
+@attrs.frozen(kw_only=True)
+class SenderArgs(_Named):
+    """A sender (L{ion.apps.pump.sender}): a consumer's arguments (but C{directory},
+    C{discard} and C{reannounce}) plus C{destination} (required), C{events} and
+    C{post_exchange}."""
+
+    KIND = "sender"
+
+    name = attrs.field(default=None)
+    who = attrs.field(init=False, default=_named(KIND), eq=False, repr=False)
+    destination = attrs.field(
+        default=None, converter=attrs.Converter(_sender_destination, takes_self=True)
+    )
+    events = attrs.field(default=WATCH_EVENTS, validator=_check_events)
+    post_exchange = attrs.field(default=None, validator=OPTIONAL_EXCHANGE)
+
+    @classmethod
+    def names(cls):
+        return super().names() + list(_SENDER_SHARED[1:])
+
+    @classmethod
+    def parse(cls, args, who=None):
+        """The sender's own arguments, checked here; the consumer's, by L{ConsumerArgs}."""
+        if not isinstance(args, dict):
+            raise BadArgument(f"{cls._who_of(args)}: arguments must be a dict, got {args!r}")
+        sender = super().parse({k: v for k, v in args.items() if k not in _SENDER_SHARED[1:]})
+        try:
+            ConsumerArgs.parse(cls.consumer_args(args, "staging"))
+        except BadArgument as e:
+            raise BadArgument(str(e).replace("consumer", "sender", 1)) from None
+        return sender
+
+    @staticmethod
+    def consumer_args(args, directory):
+        """The consumer arguments among a sender's C{args}, its files staged in C{directory}."""
+        return dict({k: v for k, v in args.items() if k in _SENDER_SHARED}, directory=directory)
+
+
 def root_url(url):
     """The directory URL a poll lists: with a trailing C{/}; a relative or bare C{file:} path made
     absolute (and percent-encoded, since the transfer library decodes file URLs)."""
@@ -390,16 +460,6 @@ class PollArgs(_Named):
     # Only the pump's own default source is created: a mistyped path is an error, not a new
     # and silently empty source.
     create = attrs.field(default=False, converter=bool)
-
-
-WATCH_EVENTS = ("create", "modify", "delete", "rename", "link", "mkdir", "rmdir")
-
-
-def _check_events(instance, attribute, value):
-    if not isinstance(value, (list, tuple)) or not set(value) <= set(WATCH_EVENTS):
-        raise BadArgument(
-            f"{instance.who}: events must be a list of {', '.join(WATCH_EVENTS)}, got {value!r}"
-        )
 
 
 def _watch_base_url(value, self):
@@ -558,6 +618,7 @@ class PumpArgs(_Arguments):
     transfer = _given_or(dict, _app_transfer)
     user = attrs.field(default=None, validator=OPTIONAL_USER)
     watches = _given_or(tuple, _entries)
+    senders = _given_or(tuple, _entries)
 
     @property
     def workers(self):

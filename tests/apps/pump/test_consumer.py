@@ -1231,10 +1231,10 @@ class AmqpConsumerTests(OnPrivateRabbitMQ, ConsumerScenarios, unittest.TestCase)
 
 class AppArgsTests(unittest.SynchronousTestCase):
     def test_unknown_kwarg(self):
-        """An unknown app argument (senders are not implemented yet) is a clear error naming
-        the valid ones; so are bad subscriptions."""
-        e = self.assertRaises(ValueError, pump_app.plan, senders=[])
-        self.assertIn("unknown argument 'senders'", str(e))
+        """An unknown app argument is a clear error naming the valid ones; so are bad
+        subscriptions."""
+        e = self.assertRaises(ValueError, pump_app.plan, sendres=[])
+        self.assertIn("unknown argument 'sendres'", str(e))
         self.assertIn("subscriptions", str(e))
         e = self.assertRaises(
             ValueError, pump_app.plan, subscriptions=[{"name": "a", "directory": "/x"}] * 2

@@ -1,0 +1,184 @@
+"""The sender: files announced by notices pushed to sftp, ftp and file destinations, with
+reports, retries and post_exchange."""
+
+import base64
+import hashlib
+import itertools
+import os
+import time
+
+from twisted.internet import reactor, task
+from twisted.trial import unittest
+
+from ion.apps.pump import app as pump_app
+from ion.apps.pump.args import SenderArgs
+from ion.apps.pump.sender import Sender
+from ion.apps.pump.transfer import sftp as sftp_scheme
+from ion.core.cc.testing import make_container
+from ion.core.messaging.memory import MemoryBroker
+from tests.apps.pump.fixtures import Collector, file_url, notice_fields
+from tests.apps.pump.servers import settle, start_ftp, start_sftp, write_file
+from tests.broker import get_broker, skip_or_fail_without_rabbitmq
+from tests.waiting import quiet, until
+
+_tags = itertools.count(1)
+
+
+def sha512(data):
+    return base64.b64encode(hashlib.sha512(data).digest()).decode()
+
+
+class SenderScenarios:
+    """Scenarios on each transport (hooks: C{url}, C{broker})."""
+
+    async def setUp(self):
+        self.tag = f"s{os.getpid()}x{next(_tags)}"
+        self.clock = task.Clock()
+        self.clock.advance(time.time())
+        self.c = await make_container(
+            self, url=self.url, memory_broker=self.broker, clock=self.clock
+        )
+        self.user = self.c.transport.user
+        self.xpublic, self.xreport, self.xpost = (
+            f"{x}_{self.tag}" for x in ("xpublic", "xreport", "xpost")
+        )
+        self.collector = await self.c.spawn(Collector)
+        for exchange in (self.xreport, self.xpost):
+            await self.collector.listen(exchange)
+        self.base = os.path.abspath(self.mktemp())
+        self.src = os.path.join(self.base, "src")
+        self.remote = os.path.join(self.base, "remote")
+        os.makedirs(os.path.join(self.remote, "obs"))
+        self.credentials = write_file(os.path.join(self.base, "credentials.conf"), b"")
+        os.chmod(self.credentials, 0o600)
+
+    async def start(self, destination, **args):
+        args = dict(
+            {"name": self.tag, "exchange": self.xpublic, "destination": destination,
+             "state_dir": os.path.join(self.base, "state"), "report_exchange": self.xreport,
+             "post_exchange": self.xpost, "transfer": {"credentials": self.credentials},
+             "retry_initial": 1, "retry_jitter": 0},
+            **args,
+        )
+        proc = await self.c.spawn(Sender, args=args)
+        self.addCleanup(lambda: None if proc.lifecycle.final else proc.terminate())
+        return proc
+
+    async def post(self, rel, data):
+        """Write C{src/rel} and publish its notice (from the pump's own user, whose file: URLs
+        a subscription trusts)."""
+        os.makedirs(os.path.dirname(os.path.join(self.src, rel)), exist_ok=True)
+        path = write_file(os.path.join(self.src, rel), data)
+        fields = notice_fields(file_url(self.src), rel, data, source=self.user)
+        await self.collector.post(fields, exchange=self.xpublic)
+        return path
+
+    def reports(self):
+        return [(b["relPath"], b["report"]["code"]) for b in self.collector.bodies(self.xreport)]
+
+    async def test_file_destination(self):
+        """A file sent to a file: destination arrives whole under its mirrored path; its source
+        gets one 201 report; post_exchange announces it where it went."""
+        await self.start("file:" + self.remote + "/")
+        await self.post("obs/new/a.txt", b"hello")
+        await until(lambda: self.reports(), what="a report")
+        await quiet(0.1)
+        self.assertEqual(self.reports(), [("obs/new/a.txt", 201)])
+        with open(os.path.join(self.remote, "obs", "new", "a.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"hello")
+        (posted,) = self.collector.bodies(self.xpost)
+        self.assertEqual(posted["baseUrl"], file_url(self.remote).rstrip("/"))
+        self.assertEqual(posted["relPath"], "obs/new/a.txt")
+        self.assertEqual(posted["identity"], {"method": "sha512", "value": sha512(b"hello")})
+
+    async def test_sftp_destination_down_then_up(self):
+        """To sftp (a conch server on loopback): with the server down the file waits in the
+        retry queue; once the server is up it is delivered, with one 201 report; no temporary
+        file is left at the destination."""
+        server = start_sftp(self, self.remote, user="bob", password="pw")
+        self.addCleanup(settle)
+        known = write_file(os.path.join(self.base, "known_hosts"),
+                           server.known_hosts_line().encode())
+        self.patch(sftp_scheme, "DEFAULT_KNOWN_HOSTS", known)
+        port = server.port.getHost().port
+        write_file(self.credentials, f"sftp://bob:pw@127.0.0.1:{port}/\n".encode())
+        await server.port.stopListening()
+        proc = await self.start(f"sftp://bob@127.0.0.1:{port}/obs/", strip=1)
+        await self.post("x/b.bin", b"b" * 100_000)
+        await until(lambda: proc.stats["retrying"] == 1, what="a retry")
+        self.assertEqual(self.reports(), [])
+        server.port = reactor.listenTCP(port, server.factory, interface="127.0.0.1")
+        for _ in range(20):
+            self.clock.advance(5)
+            if self.reports():
+                break
+            await quiet(0.2)
+        await until(lambda: self.reports(), what="a report")
+        await quiet(0.1)
+        self.assertEqual(self.reports(), [("x/b.bin", 201)])
+        self.assertEqual(os.listdir(os.path.join(self.remote, "obs")), ["b.bin"])
+
+    async def test_ftp_destination(self):
+        """To ftp: the file arrives under its final name only."""
+        server = start_ftp(self, self.remote)
+        self.addCleanup(settle)
+        port = server.port.getHost().port
+        write_file(self.credentials, f"ftp://carol:secret@127.0.0.1:{port}/\n".encode())
+        await self.start(server.url + "/obs/", mirror=False)
+        await self.post("deep/c.txt", b"c" * 5000)
+        await until(lambda: self.reports(), what="a report")
+        self.assertEqual(self.reports(), [("deep/c.txt", 201)])
+        self.assertEqual(os.listdir(os.path.join(self.remote, "obs")), ["c.txt"])
+
+    async def test_hostile_paths(self):
+        """A relPath that would leave the destination is refused (422), nothing sent."""
+        await self.start("file:" + self.remote + "/")
+        fields = notice_fields(file_url(self.src), "../escape", b"x", source=self.user)
+        await self.collector.post(fields, exchange=self.xpublic, routing_key="v03")
+        await until(lambda: self.reports(), what="a report")
+        self.assertEqual(self.reports(), [("../escape", 422)])
+        self.assertEqual(sorted(os.listdir(self.base)), ["credentials.conf", "remote", "state"])
+
+
+class MemorySenderTests(SenderScenarios, unittest.TestCase):
+    url = "memory://"
+
+    async def setUp(self):
+        self.broker = MemoryBroker()
+        await super().setUp()
+
+
+class AmqpSenderTests(SenderScenarios, unittest.TestCase):
+    timeout = 120
+
+    async def setUp(self):
+        skip_or_fail_without_rabbitmq()
+        self.url, self.broker = get_broker().url, None
+        await super().setUp()
+
+
+class SenderArgsTests(unittest.SynchronousTestCase):
+    def test_args(self):
+        """A sender takes a consumer's args plus its own; bad ones are named in one line."""
+        args = SenderArgs.parse({"name": "s", "destination": "sftp://u@h/d"})
+        self.assertEqual(args.destination, "sftp://u@h/d/")
+        for bad, said in [
+            ({"name": "s"}, "destination"),
+            ({"name": "s", "destination": "gopher://h/"}, "scheme"),
+            ({"name": "s", "destination": "file:x", "parallel": 0}, "sender s: parallel"),
+            ({"name": "s", "destination": "file:x", "directory": "y"}, "unknown argument"),
+        ]:
+            e = self.assertRaises(ValueError, SenderArgs.parse, bad)
+            self.assertIn(said, str(e))
+
+    def test_plan(self):
+        """The pump app starts one sender per entry, after the consumers, with its state
+        under var/<app>/."""
+        plan = pump_app.plan(senders=[{"name": "out", "destination": "sftp://u@h/d/"}])
+        (child,) = [c for c in plan["children"] if c["spec"] == "ion.apps.pump.sender"]
+        self.assertEqual(child["name"], "pump.sender.out")
+        self.assertEqual(child["args"]["state_dir"], os.path.join("var", "pump", "sender-out"))
+        e = self.assertRaises(
+            ValueError, pump_app.plan, senders=[{"name": "pump", "destination": "file:x"}]
+        )
+        self.assertIn("named 'pump'", str(e))
