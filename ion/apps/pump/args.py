@@ -222,6 +222,16 @@ class TransferServiceArgs(TransferSettings):
     service = attrs.field(default="transfer", validator=_check(_is_name, "a service name"))
 
 
+WATCH_EVENTS = ("create", "modify", "delete", "rename", "link", "mkdir", "rmdir")
+
+
+def _check_events(instance, attribute, value):
+    if not isinstance(value, (list, tuple)) or not set(value) <= set(WATCH_EVENTS):
+        raise BadArgument(
+            f"{instance.who}: events must be a list of {', '.join(WATCH_EVENTS)}, got {value!r}"
+        )
+
+
 def _consumer_mode(self):
     if self.strip is not None:
         return f"strip={self.strip}"
@@ -298,6 +308,7 @@ class ConsumerArgs(_Named):
         default=None, validator=_check(lambda v: _is_int(v) and v >= 0, "an int >= 0", True)
     )
     mode = _derived(_consumer_mode)
+    events = attrs.field(default=WATCH_EVENTS, validator=_check_events)
     parallel = attrs.field(default=8, validator=COUNT)
     prefetch = attrs.field(default=100, validator=COUNT)
     user = attrs.field(default=None, validator=OPTIONAL_USER)
@@ -322,16 +333,6 @@ class ConsumerArgs(_Named):
     max_notice_bytes = attrs.field(default=MAX_NOTICE_BYTES, validator=COUNT)
     report_exchange = attrs.field(default="xreport", validator=EXCHANGE)
     stop_grace = attrs.field(default=10, validator=SECONDS_OR_ZERO)
-
-
-WATCH_EVENTS = ("create", "modify", "delete", "rename", "link", "mkdir", "rmdir")
-
-
-def _check_events(instance, attribute, value):
-    if not isinstance(value, (list, tuple)) or not set(value) <= set(WATCH_EVENTS):
-        raise BadArgument(
-            f"{instance.who}: events must be a list of {', '.join(WATCH_EVENTS)}, got {value!r}"
-        )
 
 
 SENDER_SCHEMES = ("file", "sftp", "ftp", "http", "https")

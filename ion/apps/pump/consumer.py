@@ -10,8 +10,9 @@ patterns C{topics}. For each message, in this order:
      stamped it); a body over C{max_notice_bytes}: likewise with 413;
   2. filter the notice's URL (C{notice.url()}) through the accept/reject rules (first full match
      wins; unmatched URLs are accepted unless C{accept_unmatched} is False); rejected: acked,
-     counted, no report. Notices with a C{fileOp} (links, renames, removals, directories) are
-     not carried out yet: acked and counted as C{unsupported};
+     counted, no report. A notice with a C{fileOp} (rename, remove, link, mkdir, rmdir) is
+     carried out under C{directory} when C{events} (default all) allows it, else acked and
+     counted as C{unsupported}: see L{ion.apps.pump.fileops.AppliesFileOps};
   3. suppress duplicates (L{dup_key}: identity and relPath, or relPath, mtime and size) with a
      cache kept on disk (C{dupcache.py}) for C{dup_ttl} seconds: acked, counted, no report. With
      C{discard} (benchmarks) the message ends here: its key is remembered (written to the
@@ -85,6 +86,7 @@ from twisted.internet import defer, threads
 from ion.apps.pump import paths
 from ion.apps.pump.args import ConsumerArgs
 from ion.apps.pump.dupcache import DupCache
+from ion.apps.pump.fileops import AppliesFileOps
 from ion.apps.pump.notice import (
     REPORT_CODES,
     InvalidNotice,
@@ -158,7 +160,7 @@ def make_report(notice, code, message, when):
     return reported
 
 
-class Consumer(ServiceProcess):
+class Consumer(AppliesFileOps, ServiceProcess):
     """One subscription: notices in, verified files and reports out (see the module docstring)."""
 
     service_optional = True  # named by the pump app: its name is a service (ion rpc)
@@ -170,6 +172,7 @@ class Consumer(ServiceProcess):
         self.discard = args.discard
         self.directory = os.path.abspath(args.directory) if args.directory else None
         self.mode = args.mode
+        self.events = set(args.events)
         self.user = pump_user(self, args.user)
         self.queue = f"q_{own_prefix(self, self.user)}consumer.{self.subscription}"
         self.subscriber = f"{self.user}.{self.subscription}"
@@ -208,6 +211,7 @@ class Consumer(ServiceProcess):
             "duplicates": 0,
             "discarded": 0,
             "unsupported": 0,
+            "file_ops": 0,
             "delivered": 0,
             "bytes": 0,
             "retrying": len(self.retries),
@@ -322,8 +326,8 @@ class Consumer(ServiceProcess):
 
     async def op_stats(self, content, headers):
         """The counters: received, accepted, rejected, invalid, duplicates, discarded,
-        unsupported (fileOp notices), delivered, bytes, retrying, retried, failures {code: n},
-        in_hand (messages and retries being worked on now), bytes_received (by all transfers
+        unsupported (fileOps not in events), file_ops (carried out), delivered, bytes,
+        retrying, retried, failures {code: n}, in_hand (messages and retries being worked on now), bytes_received (by all transfers
         since the start, delivered or not), bytes_in_flight (those of the files being
         fetched now) and queued (messages waiting in the subscription's queue on the broker;
         None when the broker did not say)."""
@@ -396,17 +400,8 @@ class Consumer(ServiceProcess):
             self._ack(delivery)
             return None
         self.stats["accepted"] += 1
-        if notice.file_op is not None:
-            # Links, renames, removals and directories are not carried out yet.
-            self.stats["unsupported"] += 1
-            self.log.info(
-                "consumer {name}: fileOp {op} for {path!r} is not supported yet; skipped",
-                name=self.subscription,
-                op=sorted(notice.file_op),
-                path=notice.rel_path,
-            )
-            self._ack(delivery)
-            return None
+        if notice.file_op is not None and not self.discard:
+            return self._file_op(delivery, notice, url)
         key = dup_key(notice)
         # A copy arriving while the first is still being fetched is a duplicate too: the first
         # one's message stays unacked until its outcome is durable.

@@ -20,8 +20,10 @@ import shutil
 import stat
 from urllib.parse import unquote, urlsplit
 
+from twisted.internet import threads
+
 from ion.apps.pump import paths
-from ion.apps.pump.transfer.errors import LocalFailure
+from ion.apps.pump.transfer.errors import LocalFailure, TransferError
 
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -164,3 +166,67 @@ def apply(root, op, parts, old=None, target=None):
             os.close(fd)
         root.release()
 
+
+
+class AppliesFileOps:
+    """What a consumer (and a sender) does with a notice that has a C{fileOp}: the operation,
+    if C{events} allows it, on the file where the notice's relPath places it, reported to the
+    source (201, or the refusal's code) and remembered in the duplicate cache. A rename or
+    hard link whose old file is missing downloads the new file instead (a renamed directory
+    or link is made anew). C{_operate} does the operation (a consumer: L{apply} under its
+    directory, in its transfer thread pool)."""
+
+    def placed(self, notice, rel_path=None):
+        """The components of where the notice's file (or C{rel_path}) goes below the
+        destination; paths.UnsafePath when it would leave it."""
+        if rel_path is not None:
+            notice = notice.copy()
+            notice.rel_path = rel_path
+        path = paths.destination(
+            self.real_directory, notice, self.mode, real_root=self.real_directory
+        )
+        return os.path.relpath(path, self.real_directory).split(os.sep)
+
+    async def _operate(self, op, parts, old, target):
+        return await threads.deferToThreadPool(
+            self.container.reactor, self.transfers.pool, apply, self.root, op, parts, old, target
+        )
+
+    async def _file_op(self, delivery, notice, url):
+        file_op = notice.file_op
+        op = operation(file_op)
+        key = f"fileOp {op}\n{notice.rel_path}\n{notice.pub_time}"
+        if key in self.dupcache:
+            self.stats["duplicates"] += 1
+            return self._ack(delivery)
+        if ("link" if op == "hlink" else op) not in self.events:
+            self.stats["unsupported"] += 1
+            return self._ack(delivery)
+        try:
+            parts = self.placed(notice)
+            old = None
+            if op in ("rename", "hlink"):
+                old = self.placed(notice, old_relpath(notice.base_url, file_op[op]))
+            done = await self._operate(op, parts, old, file_op.get("link"))
+            if done is None and ("link" in file_op or "directory" in file_op):
+                done = await self._operate(
+                    "link" if "link" in file_op else "mkdir", parts, None, file_op.get("link")
+                )
+        except paths.UnsafePath as e:
+            self.log.warn("consumer {name}: {reason}", name=self.subscription, reason=e)
+            await self._fail(notice, key, 422, str(e), delivery.routing_key)
+            return self._ack(delivery)
+        except TransferError as e:
+            await self._fail(notice, key, e.code, e.message, delivery.routing_key)
+            return self._ack(delivery)
+        if done is None:  # the old file is missing: fetch the new one
+            notice.file_op = None
+            return await self._deliver_new(delivery, notice, url, key)
+        await self._report(notice, key, 201, done)
+        self.dupcache.add(key)
+        self.stats["file_ops"] += 1
+        self.log.info(
+            "consumer {name}: {op} {path}: {done}",
+            name=self.subscription, op=op, path="/".join(parts), done=done,
+        )
+        self._ack(delivery)

@@ -19,7 +19,7 @@ For each file notice:
      relPath where it went, identity sha512) before the 201 report: sr3's post_exchange.
 
 File operations (C{fileOp}) are carried out at the destination as C{events} allows, for a
-C{file:} destination (L{ion.apps.pump.fileops}); other destinations report 501 for them.
+C{file:} destination (L{ion.apps.pump.fileops}); other destinations refuse them (422).
 
 Args: L{ion.apps.pump.args.SenderArgs}; state in C{state_dir} (default
 C{var/pump/sender-<name>}).
@@ -36,7 +36,7 @@ from ion.apps.pump.args import SenderArgs
 from ion.apps.pump.consumer import Consumer
 from ion.apps.pump.outcome import Failure, classify
 from ion.apps.pump.poll import local_directory
-from ion.apps.pump.transfer import ChecksumMismatch
+from ion.apps.pump.transfer import ChecksumMismatch, TransferError
 from ion.apps.pump.transfer.inflight import DestinationRoot
 from ion.apps.pump.user import own_prefix
 
@@ -73,12 +73,14 @@ class Sender(Consumer):
             self.container.reactor, self.transfers.pool, function, *args
         )
 
-    def placed(self, notice):
-        """The components of a notice's file below the destination (UnsafePath if unsafe)."""
-        path = paths.destination(
-            self.real_directory, notice, self.mode, real_root=self.real_directory
-        )
-        return os.path.relpath(path, self.real_directory).split(os.sep)
+    async def _operate(self, op, parts, old, target):
+        """A file operation at the destination: under a file: destination's root."""
+        if self.target_root is None:
+            raise TransferError(
+                f"file operations are not carried out on {self.destination.split(':')[0]} "
+                "destinations", code=422, transient=False,
+            )
+        return await self._thread(fileops.apply, self.target_root, op, parts, old, target)
 
     def destination_for(self, notice):
         """The URL a notice's file is sent to; raises paths.UnsafePath."""

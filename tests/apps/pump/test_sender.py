@@ -130,6 +130,26 @@ class SenderScenarios:
         self.assertEqual(self.reports(), [("deep/c.txt", 201)])
         self.assertEqual(os.listdir(os.path.join(self.remote, "obs")), ["c.txt"])
 
+    async def test_file_ops_at_file_destination(self):
+        """Renames and removals are carried out at a file: destination; a hostile rename or
+        link target is refused (422) and nothing is written."""
+        await self.start("file:" + self.remote + "/")
+        await self.post("r/a", b"data")
+        await until(lambda: self.reports(), what="a report")
+        base = file_url(self.src)
+        for rel, file_op in [
+            ("r/b", {"rename": self.src + "/r/a"}),
+            ("r/l", {"link": "../../../etc/passwd"}),
+            ("r/c", {"rename": "/etc/passwd"}),
+        ]:
+            fields = notice_fields(base, rel, source=self.user, fileOp=file_op)
+            await self.collector.post(fields, exchange=self.xpublic)
+        await until(lambda: len(self.reports()) == 4, what="4 reports")
+        self.assertEqual(
+            sorted(self.reports()), [("r/a", 201), ("r/b", 201), ("r/c", 422), ("r/l", 422)]
+        )
+        self.assertEqual(os.listdir(os.path.join(self.remote, "r")), ["b"])
+
     async def test_hostile_paths(self):
         """A relPath that would leave the destination is refused (422), nothing sent."""
         await self.start("file:" + self.remote + "/")
