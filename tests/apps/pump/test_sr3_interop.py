@@ -8,8 +8,10 @@ import os
 from twisted.internet import defer, task, threads
 from twisted.trial import unittest
 
+from ion.apps.pump.consumer import Consumer
 from ion.apps.pump.watch import Watch
 from ion.core.cc.testing import make_container
+from tests.apps.pump.fixtures import delete_queues
 from tests.apps.pump.sr3 import Sr3, skip_or_fail_without_sr3
 from tests.broker import get_broker, skip_or_fail_without_rabbitmq
 from tests.waiting import quiet, until
@@ -99,3 +101,29 @@ class Sr3InteropTests(unittest.TestCase):
         os.remove(os.path.join(self.src, "a", "f2"))
         write(os.path.join(self.src, "probe"), "again")
         await self.until_tree({"probe": "again", "a": "/", "a/b": "/"}, "remove, rewrite")
+
+    async def test_sr3_watch_to_ion_consumer(self):
+        """An ION consumer mirrors what an sr3 watch announces: creates in new directories, a
+        rename (sr3's fileOp, old name as sr3 writes it) and a removal."""
+        exchange = f"xs_{self.tag}"
+        c = await make_container(self, url=self.broker.url)
+        consumer = await c.spawn(Consumer, args={
+            "name": self.tag, "exchange": exchange, "directory": self.dest,
+            "state_dir": self.state, "report_exchange": f"xreport_{self.tag}",
+            "sources": ["file://" + self.src + "/"]})
+        self.addCleanup(lambda: None if consumer.lifecycle.final else consumer.terminate())
+        self.addCleanup(lambda: delete_queues(self.broker.url, [consumer.queue]))
+        config = self.sr3.configure("watch", self.tag, [
+            f"post_exchange {exchange}", f"post_baseUrl file:{self.src}",
+            f"post_baseDir {self.src}", f"path {self.src}", "logLevel info",
+        ])
+        self.sr3.foreground(config)
+        await self.probe()
+        write(os.path.join(self.src, "a", "b", "f1"), "one")
+        await self.until_tree({"probe": "p", "a": "/", "a/b": "/", "a/b/f1": "one"}, "creates")
+        os.rename(os.path.join(self.src, "a", "b", "f1"), os.path.join(self.src, "a", "f2"))
+        await self.until_tree({"probe": "p", "a": "/", "a/b": "/", "a/f2": "one"}, "rename")
+        os.remove(os.path.join(self.src, "a", "f2"))
+        await self.until_tree({"probe": "p", "a": "/", "a/b": "/"}, "remove")
+        # mkdir a, mkdir a/b, the rename and the removal carried out; probe and f1 fetched.
+        self.assertEqual((consumer.stats["file_ops"], consumer.stats["delivered"]), (4, 2))
