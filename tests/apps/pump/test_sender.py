@@ -95,13 +95,8 @@ class SenderScenarios:
         """To sftp (a conch server on loopback): with the server down the file waits in the
         retry queue; once the server is up it is delivered, with one 201 report; no temporary
         file is left at the destination."""
-        server = start_sftp(self, self.remote, user="bob", password="pw")
-        self.addCleanup(settle)
-        known = write_file(os.path.join(self.base, "known_hosts"),
-                           server.known_hosts_line().encode())
-        self.patch(sftp_scheme, "DEFAULT_KNOWN_HOSTS", known)
+        server = self.sftp_server()
         port = server.port.getHost().port
-        write_file(self.credentials, f"sftp://bob:pw@127.0.0.1:{port}/\n".encode())
         await server.port.stopListening()
         proc = await self.start(f"sftp://bob@127.0.0.1:{port}/obs/", strip=1)
         await self.post("x/b.bin", b"b" * 100_000)
@@ -117,6 +112,43 @@ class SenderScenarios:
         await quiet(0.1)
         self.assertEqual(self.reports(), [("x/b.bin", 201)])
         self.assertEqual(os.listdir(os.path.join(self.remote, "obs")), ["b.bin"])
+
+    async def test_partial_upload_never_visible(self):
+        """An sftp upload cut in the middle leaves nothing at the final name (only a temporary
+        name); the retry delivers the whole file there."""
+        server = self.sftp_server()
+        obs = os.path.join(self.remote, "obs")
+        proc = await self.start(f"sftp://bob@127.0.0.1:{server.port.getHost().port}/obs/",
+                                strip=1)
+        data = os.urandom(20_000_000)
+        await self.post("x/big.bin", data)
+        await until(lambda: [n for n in os.listdir(obs) if n.endswith(".inflight")],
+                    what="an upload under a temporary name")
+        for protocol in list(server.factory.connections):
+            protocol.transport.abortConnection()
+        await until(lambda: proc.stats["retrying"] == 1, what="a retry")
+        self.assertNotIn("big.bin", os.listdir(obs))
+        for _ in range(50):
+            self.clock.advance(5)
+            if self.reports():
+                break
+            await quiet(0.2)
+        await until(lambda: self.reports(), what="a report")
+        self.assertEqual(self.reports(), [("x/big.bin", 201)])
+        with open(os.path.join(obs, "big.bin"), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    def sftp_server(self):
+        """An sftp server over the remote tree, its key known and bob's login in the
+        credentials file."""
+        server = start_sftp(self, self.remote, user="bob", password="pw")
+        self.addCleanup(settle)
+        known = write_file(os.path.join(self.base, "known_hosts"),
+                           server.known_hosts_line().encode())
+        self.patch(sftp_scheme, "DEFAULT_KNOWN_HOSTS", known)
+        port = server.port.getHost().port
+        write_file(self.credentials, f"sftp://bob:pw@127.0.0.1:{port}/\n".encode())
+        return server
 
     async def test_ftp_destination(self):
         """To ftp: the file arrives under its final name only."""
