@@ -327,10 +327,10 @@ class Consumer(AppliesFileOps, ServiceProcess):
     async def op_stats(self, content, headers):
         """The counters: received, accepted, rejected, invalid, duplicates, discarded,
         unsupported (fileOps not in events), file_ops (carried out), delivered, bytes,
-        retrying, retried, failures {code: n}, in_hand (messages and retries being worked on now), bytes_received (by all transfers
-        since the start, delivered or not), bytes_in_flight (those of the files being
-        fetched now) and queued (messages waiting in the subscription's queue on the broker;
-        None when the broker did not say)."""
+        retrying, retried, failures {code: n}, in_hand (messages and retries being worked on
+        now), bytes_received (by all transfers since the start, delivered or not),
+        bytes_in_flight (those of the files being fetched now) and queued (messages waiting
+        in the subscription's queue on the broker; None when the broker did not say)."""
         try:
             queued = await self.queue_depth(self.queue)
         except Exception as e:

@@ -13,8 +13,9 @@ for each change that C{events} selects:
   - C{delete}: C{fileOp} {remove: ''} for an announced file removed, or moved out of the tree;
   - C{rename}: the new name's notice with C{fileOp} {rename: <old>}, full metadata, where
     <old> is the old file's path in baseUrl's terms as sr3 writes it (baseUrl's path, then
-    the old relPath); a directory renamed: {rename: <old>, directory: ''}. A file never announced under its old
-    name (written as a temporary name, then renamed) is announced as created;
+    the old relPath); a directory renamed: {rename: <old>, directory: ''}. A file never
+    announced under its old name (written as a temporary name, then renamed) is announced
+    as created;
   - C{link}: a symbolic link, C{fileOp} {link: <its target, as readlink gives it>};
   - C{mkdir}, C{rmdir}: C{fileOp} {directory: ''} and {remove: '', directory: ''}.
 
@@ -157,7 +158,9 @@ class Watch(ServiceProcess):
         self.writing = set()  # files created and not closed yet
         self.pending = {}  # relPath -> DelayedCall announcing it
         self.moved_from = None  # (relPath, is_dir, DelayedCall) waiting for its pair
-        self.stats = dict.fromkeys(("announced", "removed", "renamed", "links", "dirs", "errors"), 0)
+        self.stats = dict.fromkeys(
+            ("announced", "removed", "renamed", "links", "dirs", "errors"), 0
+        )
         self.notifier = None
         self._tail = defer.succeed(None)
         self._declare = "topic"
@@ -319,8 +322,8 @@ class Watch(ServiceProcess):
                 self._store(name)
                 self._store(new + name[len(old):], value)
             if "rename" in self.events:
-                self._announce_op(new, {"rename": renamed_from(self.base_url, old), "directory": ""},
-                                 "rename")
+                file_op = {"rename": renamed_from(self.base_url, old), "directory": ""}
+                self._announce_op(new, file_op, "rename")
             self._follow(self._watch_tree(new))
             return
         call = self.pending.pop(old, None)
