@@ -26,7 +26,9 @@ without a trailing C{/}, as sr3 does).
 What was announced is kept in C{<state_dir>/seen.sqlite3} (the poll's store; default state_dir
 C{var/pump/watch-<name>}). On start the watch lists the tree and announces what changed while
 it was stopped: files new or changed since announced, and files announced then removed since
-(as removed). So a stop loses nothing; at worst a file is announced again.
+(as removed). So a stop loses nothing; at worst a file is announced again. A notice the
+broker does not take (it is down) is logged once, and the same catch-up pass runs every
+L{RETRY} seconds until the broker takes them again.
 
 inotify gives no pairing of the two halves of a rename through Twisted (it drops the cookie):
 a C{IN_MOVED_FROM} followed at once by a C{IN_MOVED_TO} is a rename, which is what the kernel
@@ -62,6 +64,8 @@ MASK = (
 # How long an IN_MOVED_FROM waits for its IN_MOVED_TO before it is a move out of the tree.
 PAIRING = 0.05
 LINK = -1  # the size kept for a symbolic link
+UNSENT = -2  # the size kept for a file whose removal is still to be announced
+RETRY = 5  # seconds from a failed publish to the catch-up pass that announces again
 
 
 class _TreeNotify(inotify.INotify):
@@ -163,18 +167,44 @@ class Watch(ServiceProcess):
         )
         self.notifier = None
         self._tail = defer.succeed(None)
+        self._retry = None
         self._declare = "topic"
 
     async def on_activate(self):
         self.known = await self.store.everything()
         self.notifier = _TreeNotify(reactor=self.container.reactor)
         self.notifier.startReading()
+        await self._catch_up()
+
+    async def _catch_up(self):
+        """Announce what differs between the tree and what was announced (at start, and
+        after a publish failed)."""
+        self._retry = None
         seen = set()
         await self._watch_tree("", seen)
         for rel in sorted(set(self.known) - seen, reverse=True):
             self._removed(rel)
 
+    def _unsent(self, rel, state, error):
+        """A notice the broker did not take: C{rel} is no longer taken as announced (a removal
+        as still to announce), and a catch-up pass runs in L{RETRY} seconds."""
+        self.stats["errors"] += 1
+        if state is None:
+            self.known[rel] = (UNSENT, 0)
+        elif state is not False:
+            self.known.pop(rel, None)
+        if self._retry is None:
+            self.log.warn(
+                "watch {name}: cannot publish to {exchange} ({error}); trying again in {s} s",
+                name=self.settings.name, exchange=self.exchange, error=error, s=RETRY,
+            )
+            self._retry = self.container.clock.callLater(
+                RETRY, lambda: self._follow(self._catch_up())
+            )
+
     async def on_terminate(self):
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
         for call in self.pending.values():
             call.cancel()
         self.pending.clear()
@@ -445,7 +475,10 @@ class Watch(ServiceProcess):
             )
         finally:
             sent.callback(None)
-        await publishing
+        try:
+            await publishing
+        except Exception as e:
+            return self._unsent(rel, state, e)
         self._declare = None
         if state is not False:
             self._store(rel, state)

@@ -222,6 +222,29 @@ class WatchScenarios:
              ("sub/new", None, 3)],
         )
 
+    async def test_publish_failure_caught_up(self):
+        """Notices the broker does not take are announced by a catch-up pass a few seconds
+        later: a file and a removal are not lost."""
+        write(os.path.join(self.tree, "gone"), b"1")
+        proc = await self.start()
+        await self.settle()
+        await self.expect([("gone", None, 1)])
+        publish = proc.publish
+
+        async def refused(*args, **kwargs):
+            raise RuntimeError("broker away")
+
+        proc.publish = refused
+        write(os.path.join(self.tree, "new"), b"22")
+        os.remove(os.path.join(self.tree, "gone"))
+        await self.settle()
+        await until(lambda: proc.stats["errors"] == 2)
+        self.assertEqual(self.got(), [])
+        proc.publish = publish
+        self.clock.advance(5)
+        await self.settle()  # the file found by the catch-up pass waits `coalesce` too
+        await self.expect([("gone", {"remove": ""}, None), ("new", None, 2)], ordered=False)
+
     async def test_not_a_directory(self):
         """A path that is not a directory stops the watch from starting, saying so."""
         with self.assertRaises(Exception) as caught:
