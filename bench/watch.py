@@ -34,9 +34,9 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import pump as bench  # noqa: E402  (bench/pump.py: processes, /proc figures, sr3's venv)
+from bench import pump as bench  # noqa: E402  (child processes, /proc figures, sr3's venv)
 
 EXCHANGES = {"ion": "xwatch_ion", "sr3": "xwatch_sr3"}
 PROBE = "probe.dat"

@@ -607,19 +607,19 @@ def _given_or(default, validator):
 @attrs.frozen(kw_only=True)
 class PumpArgs(_Arguments):
     """The pump app's kwargs (L{ion.apps.pump.app}); C{who} is the app's name. The entries of
-    C{polls}, C{subscriptions}, C{ingest}, C{report_router} and C{progress} are the dicts the
-    processes are given (and check); C{transfer} holds the transfer settings and L{workers}."""
+    C{polls}, C{watches}, C{subscriptions}, C{senders}, C{ingest}, C{report_router} and
+    C{progress} are the dicts the processes are given (and check); C{transfer} holds the transfer settings and L{workers}."""
 
     who = attrs.field(default="pump", eq=False, repr=False)
     ingest = _given_or(dict, _DICT)
     polls = _given_or(tuple, _entries)
     progress = _given_or(dict, _DICT)
     report_router = _given_or(dict, _DICT)
+    senders = _given_or(tuple, _entries)
     subscriptions = _given_or(lambda: DEFAULT_SUBSCRIPTIONS, _entries)
     transfer = _given_or(dict, _app_transfer)
     user = attrs.field(default=None, validator=OPTIONAL_USER)
     watches = _given_or(tuple, _entries)
-    senders = _given_or(tuple, _entries)
 
     @property
     def workers(self):

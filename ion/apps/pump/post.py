@@ -4,10 +4,11 @@ L{files_to_post} turns the paths given (a directory: every regular file below it
 links not followed) into (path, relPath) pairs, relPath relative to the current directory;
 L{post_files} publishes one v03 notice per file through a process, with sha512 identity, size,
 mtime and mode, persistent and confirmed by the broker. The command line (L{ion.core.cc.cli})
-connects, calls them, and prints how many files were announced.
+calls L{prepare} before it connects and L{run} once connected, and prints what run returns.
 """
 
 import os
+from urllib.parse import quote
 
 from twisted.internet import defer, threads
 
@@ -79,3 +80,16 @@ async def post_files(process, files, exchange, base_url, prefix="v03"):
             if not ok:
                 failure.raiseException()
     return confirmed
+
+
+def prepare(args):
+    """C{ion post}: the files of C{args.paths} into C{args.files}; Unpostable (exit 2)."""
+    args.files = files_to_post(args.paths)
+
+
+async def run(client, args):
+    """C{ion post}: announce C{args.files} through the CLI's process C{client}."""
+    exchange = args.exchange or f"xs_{args.user or client.container.transport.user}"
+    base_url = args.base_url or "file://" + quote(os.path.abspath(os.curdir), safe="/") + "/"
+    count = await post_files(client, args.files, exchange, base_url, args.topic_prefix)
+    return f"announced {count} files to {exchange}"

@@ -31,10 +31,10 @@ error (message on stderr), 2 usage error, 3 timeout, no such service, or no brok
 
 import argparse
 import base64
+import importlib
 import json
 import os
 import sys
-from urllib.parse import quote
 
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
@@ -153,6 +153,21 @@ def build_parser():
     return parser
 
 
+# Commands an application provides, by module name: the module is imported only when its
+# command runs (the core never imports an app; without the app the command says so). It has
+# prepare(args) (check the arguments before connecting: ValueError) and async run(client,
+# args) returning the line to print.
+APP_COMMANDS = {"post": "ion.apps.pump.post"}
+
+
+def app_command(name):
+    """The module of the application command C{name}; UsageError when it is not installed."""
+    try:
+        return importlib.import_module(APP_COMMANDS[name])
+    except ImportError as e:
+        raise UsageError(f"{name}: the application providing it is not installed ({e})")
+
+
 class _Client(Process):
     """The process the CLI talks through."""
 
@@ -226,14 +241,8 @@ async def _command(client, args):
             cid = peer["container"]
             result[cid] = await client.rpc(f"cc_{cid}", "ps", None, timeout=t)
         return result
-    if args.command == "post":
-        from ion.apps.pump.post import post_files
-
-        user = args.user or client.container.transport.user
-        exchange = args.exchange or f"xs_{user}"
-        base_url = args.base_url or "file://" + quote(os.path.abspath(os.curdir), safe="/") + "/"
-        count = await post_files(client, args.files, exchange, base_url, args.topic_prefix)
-        return f"announced {count} files to {exchange}"
+    if args.command in APP_COMMANDS:
+        return await app_command(args.command).run(client, args)
     if args.command == "spawn":
         dest = f"ccagent_{args.container}" if args.container else "ccagent"
         return await client.rpc(dest, "spawn", {"module": args.module}, timeout=t)
@@ -293,14 +302,12 @@ def main(argv=None):
         from ion.core.cc.roles import broker_setup
 
         return broker_setup(args, sys.stdin, sys.stdout, sys.stderr)
-    if args.command == "post":
-        from ion.apps.pump.post import Unpostable, files_to_post
-
-        try:
-            args.files = files_to_post(args.paths)
-        except Unpostable as e:
-            sys.stderr.write(f"ion: {e}\n")
-            return USAGE
+    try:
+        if args.command in APP_COMMANDS:
+            app_command(args.command).prepare(args)
+    except (UsageError, ValueError) as e:
+        sys.stderr.write(f"ion: {e}\n")
+        return USAGE
     task.react(_react, [args])
 
 
@@ -322,7 +329,7 @@ async def _react(reactor, args):
         if args.command == "post":  # a publish the broker did not confirm
             raise _fail(f"not all files announced: {e}", REMOTE_ERROR)
         raise _fail(Failure().getTraceback(), REMOTE_ERROR)
-    if args.command == "post":
+    if args.command in APP_COMMANDS:
         return print(result)
     table = None if args.json else _TABLES.get(args.command)
     print(_to_json(result) if table is None else table(result, args))
