@@ -15,8 +15,10 @@ has been announced. Before the clock starts, a probe file must be announced (the
 - sr3: `sr3 start watch/bench` from the venv of bench/pump.py (var/bench/sr3venv), HOME in the
   temp dir; sum sha512 (sr3's default), logLevel warning.
 
-The rate is files / (last notice - writer start). CPU is utime+stime of the container or of the
-sr3 instances over the same interval; peak RSS is their VmHWM. One line per system, then:
+The rate is files / (last notice - writer start); `writer_files_per_s` is how fast the writer
+wrote them, the most a watch can announce (plus its coalescing delay: 1 s for ION). CPU is
+utime+stime of the container or of the sr3 instances over the same interval; peak RSS is
+their VmHWM. One line per system, then:
 
     watch ratio ion/sr3 files_per_s=... cpu_s_per_file=... peak_rss_mb=...
 """
@@ -105,8 +107,9 @@ def measure(system, args, children, broker, tree, pids, alive):
         writer = children.start(
             [sys.executable, "-c", WRITER, tree, str(args.n), str(args.size), str(args.dirs)]
         )
-        done = counter.wait(lambda s: len(s) >= args.n, args.timeout, alive)
         writer.wait()
+        written = time.time() - began
+        done = counter.wait(lambda s: len(s) >= args.n, args.timeout, alive)
         cpu = sum(bench.cpu_seconds(p) for p in pids()) - cpu_before
         rss = sum(bench.peak_rss_mb(p) for p in pids())
         seconds = counter.last - began if done else None
@@ -116,7 +119,8 @@ def measure(system, args, children, broker, tree, pids, alive):
     state = "" if done else f" incomplete={len(counter.seen)}/{args.n}"
     print(
         f"watch system={system} n={args.n} files_per_s={rate:.1f} "
-        f"cpu_s_per_file={cpu / args.n:.5f} peak_rss_mb={rss:.1f}{state}",
+        f"cpu_s_per_file={cpu / args.n:.5f} peak_rss_mb={rss:.1f} "
+        f"writer_files_per_s={args.n / written:.1f}{state}",
         flush=True,
     )
     return rate, cpu / args.n, rss
