@@ -65,6 +65,7 @@ MASK = (
 PAIRING = 0.05
 LINK = -1  # the size kept for a symbolic link
 UNSENT = -2  # the size kept for a file whose removal is still to be announced
+WORKING = 64  # files being read and announced at a time
 RETRY = 5  # seconds from a failed publish to the catch-up pass that announces again
 
 
@@ -168,6 +169,9 @@ class Watch(ServiceProcess):
         self.notifier = None
         self._tail = defer.succeed(None)
         self._retry = None
+        # Files read and announced at a time: a burst of thousands waits here, not as
+        # thousands of coroutines and thread jobs in memory at once.
+        self._working = defer.DeferredSemaphore(WORKING)
         self._declare = "topic"
 
     async def on_activate(self):
@@ -394,7 +398,7 @@ class Watch(ServiceProcess):
     def _due(self, rel):
         del self.pending[rel]
         if rel not in self.writing:
-            self._follow(self._announce_file(rel))
+            self._follow(self._working.run(lambda: defer.ensureDeferred(self._announce_file(rel))))
 
     async def _announce_file(self, rel, file_op=None):
         found = await threads.deferToThreadPool(
