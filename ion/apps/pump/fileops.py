@@ -205,6 +205,8 @@ class AppliesFileOps:
         try:
             parts = self.placed(notice)
             old = None
+            if op == "link":
+                check_link_target(file_op["link"], parts)
             if op in ("rename", "hlink"):
                 old = self.placed(notice, old_relpath(notice.base_url, file_op[op]))
             done = await self._operate(op, parts, old, file_op.get("link"))

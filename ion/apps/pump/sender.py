@@ -18,8 +18,10 @@ For each file notice:
   4. with C{post_exchange}, the file is announced there as sent (baseUrl C{destination},
      relPath where it went, identity sha512) before the 201 report: sr3's post_exchange.
 
-File operations (C{fileOp}) are carried out at the destination as C{events} allows, for a
-C{file:} destination (L{ion.apps.pump.fileops}); other destinations refuse them (422).
+File operations (C{fileOp}) are carried out at the destination as C{events} allows: under
+a C{file:} destination's directory (L{ion.apps.pump.fileops}), or on the sftp or ftp server
+(rename, remove, mkdir, rmdir; links on sftp only); http(s) refuses them (422). On sftp and
+ftp, missing directories are made, and the size of a file sent is checked on the server.
 
 Args: L{ion.apps.pump.args.SenderArgs}; state in C{state_dir} (default
 C{var/pump/sender-<name>}).
@@ -27,7 +29,7 @@ C{var/pump/sender-<name>}).
 
 import hashlib
 import os
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 from twisted.internet import defer, threads
 
@@ -74,13 +76,16 @@ class Sender(Consumer):
         )
 
     async def _operate(self, op, parts, old, target):
-        """A file operation at the destination: under a file: destination's root."""
-        if self.target_root is None:
-            raise TransferError(
-                f"file operations are not carried out on {self.destination.split(':')[0]} "
-                "destinations", code=422, transient=False,
-            )
-        return await self._thread(fileops.apply, self.target_root, op, parts, old, target)
+        """A file operation at the destination: under a file: destination's root, else on
+        the sftp or ftp server (a hard link nowhere but file:)."""
+        if self.target_root is not None:
+            return await self._thread(fileops.apply, self.target_root, op, parts, old, target)
+        if op == "hlink":
+            raise TransferError(f"no hard links on {self.destination}", code=422, transient=False)
+        url = self.destination + quote("/".join(parts))
+        base = unquote(urlsplit(self.destination).path)
+        old_path = None if old is None else base + "/".join(old)
+        return await self.transfers.operate(url, op, old=old_path, target=target)
 
     def destination_for(self, notice):
         """The URL a notice's file is sent to; raises paths.UnsafePath."""

@@ -150,17 +150,55 @@ class SenderScenarios:
         write_file(self.credentials, f"sftp://bob:pw@127.0.0.1:{port}/\n".encode())
         return server
 
+    async def test_sftp_file_ops(self):
+        """At an sftp destination, missing directories are made for a file, and a rename, a
+        link, mkdir, a removal and rmdir are carried out on the server."""
+        server = self.sftp_server()
+        url = f"sftp://bob@127.0.0.1:{server.port.getHost().port}/"
+        await self.start(url)
+        await self.post("r/deep/a", b"data")
+        await until(lambda: self.reports(), what="a report")
+        self.assertEqual(self.reports(), [("r/deep/a", 201)])
+        tree = os.path.join(self.remote, "r")
+        for rel, file_op, check in [
+            ("r/b", {"rename": self.src + "/r/deep/a"},
+             lambda: os.path.exists(os.path.join(tree, "b"))),
+            ("r/ln", {"link": "b"}, lambda: os.readlink(os.path.join(tree, "ln")) == "b"),
+            ("r/m", {"directory": ""}, lambda: os.path.isdir(os.path.join(tree, "m"))),
+            ("r/b", {"remove": ""}, lambda: not os.path.exists(os.path.join(tree, "b"))),
+            ("r/m", {"remove": "", "directory": ""},
+             lambda: not os.path.exists(os.path.join(tree, "m"))),
+        ]:
+            self.collector.got.clear()
+            fields = notice_fields(file_url(self.src), rel, source=self.user, fileOp=file_op)
+            await self.collector.post(fields, exchange=self.xpublic)
+            await until(lambda: self.reports(), what=f"a report for {file_op}")
+            self.assertEqual(self.reports(), [(rel, 201)], file_op)
+            self.assertTrue(check(), file_op)
+
     async def test_ftp_destination(self):
-        """To ftp: the file arrives under its final name only."""
+        """To ftp: the file arrives under its final name only, in a directory made for it; a
+        rename and a removal are carried out on the server; a link is refused (422)."""
         server = start_ftp(self, self.remote)
         self.addCleanup(settle)
         port = server.port.getHost().port
         write_file(self.credentials, f"ftp://carol:secret@127.0.0.1:{port}/\n".encode())
-        await self.start(server.url + "/obs/", mirror=False)
-        await self.post("deep/c.txt", b"c" * 5000)
+        await self.start(server.url + "/obs/", strip=1)
+        await self.post("deep/new/c.txt", b"c" * 5000)
         await until(lambda: self.reports(), what="a report")
-        self.assertEqual(self.reports(), [("deep/c.txt", 201)])
-        self.assertEqual(os.listdir(os.path.join(self.remote, "obs")), ["c.txt"])
+        self.assertEqual(self.reports(), [("deep/new/c.txt", 201)])
+        self.assertEqual(os.listdir(os.path.join(self.remote, "obs", "new")), ["c.txt"])
+        for rel, file_op, code in [
+            ("deep/new/d.txt", {"rename": self.src + "/deep/new/c.txt"}, 201),
+            ("deep/new/ln", {"link": "d.txt"}, 422),
+            ("deep/new/d.txt", {"remove": ""}, 201),
+        ]:
+            self.collector.got.clear()
+            fields = notice_fields(file_url(self.src), rel, source=self.user, fileOp=file_op)
+            await self.collector.post(fields, exchange=self.xpublic)
+            await until(lambda: self.reports(), what=f"a report for {file_op}")
+            self.assertEqual(self.reports(), [(rel, code)], file_op)
+        self.assertEqual(os.listdir(os.path.join(self.remote, "obs", "new")), [])
 
     async def test_file_ops_at_file_destination(self):
         """Renames and removals are carried out at a file: destination; a hostile rename or

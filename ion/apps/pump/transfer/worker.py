@@ -35,7 +35,7 @@ from ion.apps.pump.transfer.credentials import Credentials
 from ion.core.credentials import DEFAULT_CREDENTIALS
 from ion.apps.pump.transfer.http import HTTPConnections
 from ion.apps.pump.transfer.limits import HostLimiter
-from ion.apps.pump.transfer.operations import get, list, put
+from ion.apps.pump.transfer.operations import get, list, operate, put
 
 
 def load_credentials(path):
@@ -131,3 +131,6 @@ class Transfers:
 
     async def list(self, url):
         return await self._run(list, url)
+
+    async def operate(self, url, op, old=None, target=None):
+        return await self._run(operate, url, op, old=old, target=target)
