@@ -677,6 +677,13 @@ class Consumer(AppliesFileOps, ServiceProcess):
             self.retries.done(entry)
             return
         notice = Notice(copy.deepcopy(entry.body))
+        if notice.file_op is not None:
+            outcome = await self._carry_out(notice, entry.key, entry.routing_key, entry)
+            if outcome == "settled":
+                self.retries.done(entry)
+            if outcome is not None:
+                return
+            notice.file_op = None  # the old file is missing: the new one is fetched below
         try:
             path = self.destination_for(notice)
         except paths.UnsafePath as e:

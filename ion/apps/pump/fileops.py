@@ -196,12 +196,24 @@ class AppliesFileOps:
         file_op = notice.file_op
         op = operation(file_op)
         key = f"fileOp {op}\n{notice.rel_path}\n{notice.pub_time}"
-        if key in self.dupcache:
+        if key in self.dupcache or self.retries.has_key(key):
             self.stats["duplicates"] += 1
             return self._ack(delivery)
         if ("link" if op == "hlink" else op) not in self.events:
             self.stats["unsupported"] += 1
             return self._ack(delivery)
+        if await self._carry_out(notice, key, delivery.routing_key) is None:
+            # The old file is missing: the new one is fetched instead.
+            notice.file_op = None
+            return await self._deliver_new(delivery, notice, url, key)
+        self._ack(delivery)
+
+    async def _carry_out(self, notice, key, routing_key, entry=None):
+        """Carry out a notice's fileOp: C{settled} once reported (201 or the refusal),
+        C{retrying} when a transient failure is kept in the retry queue (C{entry}: the retry
+        being run), None when a rename's old file is missing."""
+        file_op = notice.file_op
+        op = operation(file_op)
         try:
             parts = self.placed(notice)
             old = None
@@ -216,14 +228,20 @@ class AppliesFileOps:
                 )
         except paths.UnsafePath as e:
             self.log.warn("consumer {name}: {reason}", name=self.subscription, reason=e)
-            await self._fail(notice, key, 422, str(e), delivery.routing_key)
-            return self._ack(delivery)
+            await self._fail(notice, key, 422, str(e), routing_key)
+            return "settled"
         except TransferError as e:
-            await self._fail(notice, key, e.code, e.message, delivery.routing_key)
-            return self._ack(delivery)
-        if done is None:  # the old file is missing: fetch the new one
-            notice.file_op = None
-            return await self._deliver_new(delivery, notice, url, key)
+            if e.transient and entry is None:
+                await self.retries.add(key, notice.to_dict(), routing_key, e.code, e.message)
+                self.stats["retrying"] = len(self.retries)
+                self._schedule_retries()
+                return "retrying"
+            if e.transient and self.retries.failed_again(entry, e.code, e.message):
+                return "retrying"
+            await self._fail(notice, key, e.code, e.message, routing_key)
+            return "settled"
+        if done is None:
+            return None
         await self._report(notice, key, 201, done)
         self.dupcache.add(key)
         self.stats["file_ops"] += 1
@@ -231,4 +249,4 @@ class AppliesFileOps:
             "consumer {name}: {op} {path}: {done}",
             name=self.subscription, op=op, path="/".join(parts), done=done,
         )
-        self._ack(delivery)
+        return "settled"

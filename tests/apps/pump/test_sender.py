@@ -113,6 +113,30 @@ class SenderScenarios:
         self.assertEqual(self.reports(), [("x/b.bin", 201)])
         self.assertEqual(os.listdir(os.path.join(self.remote, "obs")), ["b.bin"])
 
+    async def test_sftp_file_op_retried(self):
+        """A removal while the sftp server is down waits in the retry queue and is carried
+        out once the server is back, with one 201 report."""
+        server = self.sftp_server()
+        port = server.port.getHost().port
+        proc = await self.start(f"sftp://bob@127.0.0.1:{port}/")
+        await self.post("r/a", b"data")
+        await until(lambda: self.reports(), what="a report")
+        self.collector.got.clear()
+        await server.port.stopListening()
+        fields = notice_fields(file_url(self.src), "r/a", source=self.user, fileOp={"remove": ""})
+        await self.collector.post(fields, exchange=self.xpublic)
+        await until(lambda: proc.stats["retrying"] == 1, what="a retry")
+        server.port = reactor.listenTCP(port, server.factory, interface="127.0.0.1")
+        for _ in range(20):
+            self.clock.advance(5)
+            if self.reports():
+                break
+            await quiet(0.2)
+        await until(lambda: self.reports(), what="a report")
+        await quiet(0.1)
+        self.assertEqual(self.reports(), [("r/a", 201)])
+        self.assertEqual(os.listdir(os.path.join(self.remote, "r")), [])
+
     async def test_partial_upload_never_visible(self):
         """An sftp upload cut in the middle leaves nothing at the final name (only a temporary
         name); the retry delivers the whole file there."""
