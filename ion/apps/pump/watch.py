@@ -20,6 +20,8 @@ for each change that C{events} selects:
   - C{mkdir}, C{rmdir}: C{fileOp} {directory: ''} and {remove: '', directory: ''}.
 
 Filters (C{accept}, C{reject}, C{filters}; see L{ion.apps.pump.filters}) match the relPath.
+A name that a consumer would refuse (L{ion.apps.pump.paths}) or a URL cannot carry (C{?},
+C{#}, C{%XX}) is skipped with a warning, as the poll does.
 C{baseUrl} is C{base_url}, by default the C{file:} URL of the watched directory (written
 without a trailing C{/}, as sr3 does).
 
@@ -47,7 +49,8 @@ from twisted.python.filepath import FilePath
 from ion.apps.pump.args import WatchArgs, root_url
 from ion.apps.pump.fileops import renamed_from
 from ion.apps.pump.notice import Notice, format_time
-from ion.apps.pump.poll import SeenFiles
+from ion.apps.pump import paths
+from ion.apps.pump.poll import SeenFiles, unfetchable
 from ion.apps.pump.transfer.inflight import is_inflight_name
 from ion.apps.pump.user import pump_user
 from ion.core.process import EnvironmentFailure, ServiceProcess
@@ -385,7 +388,18 @@ class Watch(ServiceProcess):
     # -- announcing ----------------------------------------------------------------------
 
     def _wanted(self, rel, event):
-        return event in self.events and self.settings.filter.accepts(rel)
+        if event not in self.events or not self.settings.filter.accepts(rel):
+            return False
+        try:  # a name a consumer would refuse, or a URL could not carry, is not announced
+            paths.safe_relpath(rel)
+            why = unfetchable(rel)
+            if why is not None:
+                raise paths.UnsafePath(f"unusable name {rel!r}: {why}")
+        except paths.UnsafePath as e:
+            self.stats["errors"] += 1
+            self.log.warn("watch {name}: skipped: {reason}", name=self.settings.name, reason=e)
+            return False
+        return True
 
     def _schedule(self, rel, delay=None):
         """Announce the file C{rel} C{coalesce} seconds from now, unless changed again before."""

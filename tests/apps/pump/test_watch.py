@@ -198,6 +198,14 @@ class WatchScenarios:
         await self.settle()
         await self.expect([("c", None, 1)])
 
+    async def test_unusable_names_skipped(self):
+        """Names a consumer would refuse or a URL cannot carry are not announced."""
+        await self.start()
+        for name in ("line\nbreak", "q?x", "pct%41", "ok"):
+            write(os.path.join(self.tree, name), b"1")
+        await self.settle()
+        await self.expect([("ok", None, 1)])
+
     async def test_restart_catch_up(self):
         """Files written while the watch was stopped are announced when it starts again, and
         files removed meanwhile are announced as removed; unchanged ones are not announced."""
