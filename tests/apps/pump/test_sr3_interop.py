@@ -128,7 +128,9 @@ class Sr3InteropTests(unittest.TestCase):
         os.remove(os.path.join(self.src, "a", "f2"))
         await self.until_tree({"probe": "p", "a": "/", "a/b": "/"}, "remove")
         # The rename and the removal were carried out as such (not fetched again).
-        messages = [b["report"]["message"] for b in collector.bodies()]
-        self.assertIn("renamed from a/b/f1", messages)
-        self.assertIn("removed", messages)
+        def messages():
+            return [b["report"]["message"] for b in collector.bodies()]
+
+        await until(lambda: "removed" in messages(), what=lambda _: messages())
+        self.assertIn("renamed from a/b/f1", messages())
         self.assertEqual(consumer.stats["delivered"], 2)
