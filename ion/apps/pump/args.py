@@ -461,6 +461,7 @@ class PollArgs(_Named):
     # Only the pump's own default source is created: a mistyped path is an error, not a new
     # and silently empty source.
     create = attrs.field(default=False, converter=bool)
+    announce_removals = attrs.field(default=False, converter=bool)
 
 
 def _watch_base_url(value, self):
