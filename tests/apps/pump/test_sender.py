@@ -17,7 +17,7 @@ from ion.apps.pump.transfer import sftp as sftp_scheme
 from ion.core.cc.testing import make_container
 from ion.core.messaging.memory import MemoryBroker
 from tests.apps.pump.fixtures import Collector, file_url, notice_fields
-from tests.apps.pump.servers import settle, start_ftp, start_sftp, write_file
+from tests.apps.pump.servers import settle, start_ftp, start_http, start_sftp, write_file
 from tests.broker import get_broker, skip_or_fail_without_rabbitmq
 from tests.waiting import quiet, until
 
@@ -243,6 +243,24 @@ class SenderScenarios:
             sorted(self.reports()), [("r/a", 201), ("r/b", 201), ("r/c", 422), ("r/l", 422)]
         )
         self.assertEqual(os.listdir(os.path.join(self.remote, "r")), ["b"])
+
+    async def test_http_destination(self):
+        """To http(s): a PUT of the file (directory mode: the server takes one name); a file
+        operation is refused (422)."""
+        server = start_http(self, self.remote)
+        self.addCleanup(settle)
+        await self.start(server.url + "/upload/", mirror=False)
+        await self.post("any/e.txt", b"e" * 300)
+        await until(lambda: self.reports(), what="a report")
+        self.assertEqual(self.reports(), [("any/e.txt", 201)])
+        with open(os.path.join(self.remote, "e.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"e" * 300)
+        self.collector.got.clear()
+        fields = notice_fields(file_url(self.src), "any/e.txt", source=self.user,
+                               fileOp={"remove": ""})
+        await self.collector.post(fields, exchange=self.xpublic)
+        await until(lambda: self.reports(), what="a report")
+        self.assertEqual(self.reports(), [("any/e.txt", 422)])
 
     async def test_hostile_paths(self):
         """A relPath that would leave the destination is refused (422), nothing sent."""
