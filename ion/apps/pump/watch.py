@@ -39,6 +39,7 @@ word from Twisted; a restart catches up with them.
 """
 
 import base64
+import collections
 import hashlib
 import os
 import stat
@@ -68,7 +69,7 @@ MASK = (
 PAIRING = 0.05
 LINK = -1  # the size kept for a symbolic link
 UNSENT = -2  # the size kept for a file whose removal is still to be announced
-WORKING = 64  # files being read and announced at a time
+WORKING = 64  # files being read at a time
 RETRY = 5  # seconds from a failed publish to the catch-up pass that announces again
 
 
@@ -170,10 +171,11 @@ class Watch(ServiceProcess):
             ("announced", "removed", "renamed", "links", "dirs", "errors"), 0
         )
         self.notifier = None
-        self._tail = defer.succeed(None)
+        self._outbox = collections.deque()  # (relPath, Notice, state) to publish, in order
+        self._sending = False
         self._retry = None
-        # Files read and announced at a time: a burst of thousands waits here, not as
-        # thousands of coroutines and thread jobs in memory at once.
+        # Files read at a time: a burst of thousands waits here, not as thousands of
+        # coroutines and thread jobs in memory at once.
         self._working = defer.DeferredSemaphore(WORKING)
         self._declare = "topic"
 
@@ -209,23 +211,35 @@ class Watch(ServiceProcess):
                 RETRY, lambda: self._follow(self._catch_up())
             )
 
-    async def on_terminate(self):
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        for call in self.pending.values():
-            call.cancel()
-        self.pending.clear()
-        if self.moved_from is not None and self.moved_from[2].active():
-            self.moved_from[2].cancel()
-        if self.notifier is not None:
-            self.notifier.close()
-        await self._tail
-        await self.store.close()
+    def stop_timeout(self):
+        """Notices not yet confirmed get C{stop_grace} seconds on terminate."""
+        return self.settings.stop_grace
+
+    async def terminate(self, timeout=None):
+        """Stop watching (no event or timer starts an announcement), then stop as every
+        process does: the announcements in hand get C{stop_grace} seconds. What is left
+        unannounced is found by the catch-up pass of the next start."""
+        if not self.lifecycle.final:
+            self._stop_watching()
+        await super().terminate(timeout)
 
     async def crash(self, reason):
-        if not self.lifecycle.final and self.notifier is not None:
-            self.notifier.close()
+        if not self.lifecycle.final:
+            self._stop_watching()
         await super().crash(reason)
+
+    def _stop_watching(self):
+        calls = [self._retry, *self.pending.values(), self.moved_from and self.moved_from[2]]
+        for call in calls:
+            if call is not None and call.active():
+                call.cancel()
+        self.pending.clear()
+        self.moved_from = None
+        if self.notifier is not None:
+            self.notifier.close()
+
+    async def on_terminate(self):
+        await self.store.close()
 
     async def op_stats(self, content, headers):
         """Counters: announced (files), removed, renamed, links, dirs (made or removed),
@@ -439,7 +453,7 @@ class Watch(ServiceProcess):
         if file_op:
             fields["fileOp"] = file_op
             self.stats["renamed"] += 1
-        await self._publish(rel, fields, (size, mtime))
+        self._publish(rel, fields, (size, mtime))
         self.stats["announced"] += 1
 
     def _announce_link(self, rel, file_op=None):
@@ -449,12 +463,12 @@ class Watch(ServiceProcess):
         target, mtime = found
         self.stats["links"] += 1
         fields = {"mtime": format_time(mtime), "fileOp": dict(file_op or {}, link=target)}
-        self._follow(self._publish(rel, fields, (LINK, mtime)))
+        self._publish(rel, fields, (LINK, mtime))
 
     def _announce_op(self, rel, file_op, event):
         if self._wanted(rel, event):
             self.stats["dirs" if "directory" in file_op else "renamed"] += 1
-            self._follow(self._publish(rel, {"fileOp": file_op}))
+            self._publish(rel, {"fileOp": file_op})
 
     def _removed(self, rel, directory=False):
         call = self.pending.pop(rel, None)
@@ -469,37 +483,55 @@ class Watch(ServiceProcess):
         if not self._wanted(rel, "delete"):
             return self._store(rel)
         self.stats["removed"] += 1
-        self._follow(self._publish(rel, {"fileOp": {"remove": ""}}, None))
+        self._publish(rel, {"fileOp": {"remove": ""}}, None)
 
-    async def _publish(self, rel, fields, state=False):
-        """Publish one notice, in the order announced: the next one is sent once this one is
-        (not confirmed: publishes on one channel keep their order). Once confirmed, C{state}
-        (size, mtime) is stored as announced for C{rel}, or with None, C{rel} is forgotten."""
+    def _publish(self, rel, fields, state=False):
+        """Queue one notice; L{_send} publishes the queue in order. Once it is confirmed,
+        C{state} (size, mtime) is stored as announced for C{rel}, or with None, C{rel} is
+        forgotten."""
         if state:
             self.known[rel] = state
         notice = Notice(
             {"pubTime": format_time(self.container.clock.seconds()), "baseUrl": self.base_url,
              "relPath": rel, **fields}
         )
-        previous, sent = self._tail, defer.Deferred()
-        self._tail = sent
-        await previous
+        self._outbox.append((rel, notice, state))
+        if not self._sending:
+            self._follow(self._send())
+
+    async def _send(self):
+        """Publish the queued notices in order, without waiting for each confirm (publishes on
+        one channel keep their order); the first one declares the exchange and is waited for,
+        so that the exchange exists before any other is published."""
+        self._sending = True
         try:
-            publishing = defer.Deferred.fromCoroutine(
-                self.publish(
-                    self.exchange, notice.topic(), notice.to_json(), persistent=True,
-                    declare=self._declare,
+            while self._outbox:
+                rel, notice, state = self._outbox.popleft()
+                publishing = self.track(
+                    self.publish(self.exchange, notice.topic(), notice.to_json(),
+                                 persistent=True, declare=self._declare)
                 )
-            )
+                if self._declare is not None:
+                    try:
+                        await publishing
+                    except Exception as e:
+                        self._unsent(rel, state, e)
+                        continue
+                    self._declare = None
+                    self._sent(None, rel, state)
+                else:
+                    publishing.addCallbacks(
+                        self._sent, self._unsent_failure, (rel, state), None, (rel, state)
+                    )
         finally:
-            sent.callback(None)
-        try:
-            await publishing
-        except Exception as e:
-            return self._unsent(rel, state, e)
-        self._declare = None
+            self._sending = False
+
+    def _sent(self, _, rel, state):
         if state is not False:
             self._store(rel, state)
+
+    def _unsent_failure(self, failure, rel, state):
+        self._unsent(rel, state, failure.value)
 
     def _store(self, rel, state=None):
         """Keep C{state} (size, mtime) as announced for C{rel} on disk, or forget C{rel}."""
