@@ -168,6 +168,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
     def on_init(self):
         args = self.settings = ConsumerArgs.parse(self.args)
         self.subscription = args.name
+        self.label = args.who  # starts its log lines: "consumer <name>" (a sender's: "sender")
         self.filter = args.filter
         self.discard = args.discard
         self.directory = os.path.abspath(args.directory) if args.directory else None
@@ -256,8 +257,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
         removed, young = result
         if removed:
             self.log.info(
-                "consumer {name}: removed {n} temporary files left by an earlier run",
-                name=self.subscription,
+                "{name}: removed {n} temporary files left by an earlier run",
+                name=self.label,
                 n=len(removed),
             )
         if young and not self._stopping:
@@ -268,9 +269,9 @@ class Consumer(AppliesFileOps, ServiceProcess):
 
     def _sweep_failed(self, failure):
         self.log.failure(
-            "consumer {name}: looking for old temporary files failed",
+            "{name}: looking for old temporary files failed",
             failure,
-            name=self.subscription,
+            name=self.label,
         )
 
     def stop_timeout(self):
@@ -334,7 +335,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
         try:
             queued = await self.queue_depth(self.queue)
         except Exception as e:
-            self.log.debug("consumer {name}: no queue depth: {e}", name=self.subscription, e=e)
+            self.log.debug("{name}: no queue depth: {e}", name=self.label, e=e)
             queued = None
         stats = dict(self.stats)
         stats["failures"] = dict(self.stats["failures"])
@@ -382,8 +383,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
         except InvalidNotice as e:
             self.stats["invalid"] += 1
             self.log.warn(
-                "consumer {name}: undecodable message {key!r} dropped: {reason}",
-                name=self.subscription,
+                "{name}: undecodable message {key!r} dropped: {reason}",
+                name=self.label,
                 key=delivery.routing_key,
                 reason=e,
             )
@@ -396,7 +397,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
         url = notice.url()
         if not self.filter.accepts(url):
             self.stats["rejected"] += 1
-            self.log.debug("consumer {name}: rejected {url}", name=self.subscription, url=url)
+            self.log.debug("{name}: rejected {url}", name=self.label, url=url)
             self._ack(delivery)
             return None
         self.stats["accepted"] += 1
@@ -431,8 +432,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
         if max_size is not None and notice.size is not None and notice.size > max_size:
             message = f"announced size {notice.size} bytes is over max_size {max_size}"
             self.log.warn(
-                "consumer {name}: {url} refused: {message}",
-                name=self.subscription,
+                "{name}: {url} refused: {message}",
+                name=self.label,
                 url=url,
                 message=message,
             )
@@ -442,7 +443,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
         try:
             path = self.destination_for(notice)
         except paths.UnsafePath as e:
-            self.log.warn("consumer {name}: {reason}", name=self.subscription, reason=e)
+            self.log.warn("{name}: {reason}", name=self.label, reason=e)
             await self._fail(notice, key, 422, str(e), delivery.routing_key)
             self._ack(delivery)
             return
@@ -462,8 +463,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
             )
             self.stats["retrying"] = len(self.retries)
             self.log.info(
-                "consumer {name}: {url} failed ({code} {message}); will retry",
-                name=self.subscription,
+                "{name}: {url} failed ({code} {message}); will retry",
+                name=self.label,
                 url=url,
                 code=failure.code,
                 message=failure.message,
@@ -477,8 +478,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
 
     def _refused(self, url, code, message):
         self.log.warn(
-            "consumer {name}: {url} refused ({code} {message})",
-            name=self.subscription,
+            "{name}: {url} refused ({code} {message})",
+            name=self.label,
             url=redact(url),
             code=code,
             message=message,
@@ -538,8 +539,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
         self.stats["delivered"] += 1
         self.stats["bytes"] += size
         self.log.info(
-            "consumer {name}: delivered {path} ({size} bytes)",
-            name=self.subscription,
+            "{name}: delivered {path} ({size} bytes)",
+            name=self.label,
             path=path,
             size=size,
         )
@@ -589,8 +590,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
         source = notice.source
         known = isinstance(source, str) and source
         self.log.warn(
-            "consumer {name}: invalid notice {key!r} ({reason}){what}",
-            name=self.subscription,
+            "{name}: invalid notice {key!r} ({reason}){what}",
+            name=self.label,
             key=delivery.routing_key,
             reason=error,
             what=" reported to its source" if known else "; no source to report to",
@@ -612,8 +613,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
         source = fields.get("source") if isinstance(fields, dict) else None
         known = isinstance(source, str) and source
         self.log.warn(
-            "consumer {name}: message {key!r} of {size} bytes is over the limit of {limit}{what}",
-            name=self.subscription,
+            "{name}: message {key!r} of {size} bytes is over the limit of {limit}{what}",
+            name=self.label,
             key=delivery.routing_key,
             size=size,
             limit=limit,
@@ -664,7 +665,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
             await self._try_again(entry)
         except Exception as e:
             self.log.failure(
-                "consumer {name}: retrying {path!r} failed", name=self.subscription, path=entry.key
+                "{name}: retrying {path!r} failed", name=self.label, path=entry.key
             )
             if not self.retries.failed_again(entry, 500, f"{type(e).__name__}: {e}"):
                 self.retries.done(entry)
@@ -705,8 +706,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
             return
         if failure.transient and self.retries.failed_again(entry, failure.code, failure.message):
             self.log.info(
-                "consumer {name}: {url} failed again ({code} {message}); attempt {n}",
-                name=self.subscription,
+                "{name}: {url} failed again ({code} {message}); attempt {n}",
+                name=self.label,
                 url=url,
                 code=failure.code,
                 message=failure.message,
@@ -715,8 +716,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
             return
         why = "gave up after the retry horizon" if failure.transient else "failed"
         self.log.warn(
-            "consumer {name}: {url} {why}: {code} {message}",
-            name=self.subscription,
+            "{name}: {url} {why}: {code} {message}",
+            name=self.label,
             url=url,
             why=why,
             code=failure.code,

@@ -227,7 +227,7 @@ class AppliesFileOps:
                     "link" if "link" in file_op else "mkdir", parts, None, file_op.get("link")
                 )
         except paths.UnsafePath as e:
-            self.log.warn("consumer {name}: {reason}", name=self.subscription, reason=e)
+            self.log.warn("{name}: {reason}", name=self.label, reason=e)
             await self._fail(notice, key, 422, str(e), routing_key)
             return "settled"
         except TransferError as e:
@@ -246,7 +246,7 @@ class AppliesFileOps:
         self.dupcache.add(key)
         self.stats["file_ops"] += 1
         self.log.info(
-            "consumer {name}: {op} {path}: {done}",
-            name=self.subscription, op=op, path="/".join(parts), done=done,
+            "{name}: {op} {path}: {done}",
+            name=self.label, op=op, path="/".join(parts), done=done,
         )
         return "settled"

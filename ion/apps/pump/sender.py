@@ -60,6 +60,7 @@ class Sender(Consumer):
         self.args = consumer_args
         super().on_init()
         self.queue = f"q_{own_prefix(self, self.user)}sender.{self.subscription}"
+        self.label = sender.who
         self.destination = sender.destination
         self.events = set(sender.events)
         local = local_directory(self.destination)
