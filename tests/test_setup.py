@@ -31,7 +31,7 @@ def imported_modules(*directories):
                         names.update(alias.name.split(".")[0] for alias in node.names)
                     elif isinstance(node, ast.ImportFrom) and node.level == 0:
                         names.add(node.module.split(".")[0])
-    return names - set(sys.stdlib_module_names) - {"ion", "tests"}
+    return names - set(sys.stdlib_module_names) - {"ion", "tests", "bench"}
 
 
 def distributions(modules):

@@ -1,6 +1,6 @@
 """Starts the pump app: one rest_for_one supervisor over, in this order, the report router, the
-transfer service workers, the ingest, one consumer per subscription, one poll per source, and
-the progress summary.
+transfer service workers, the ingest, one consumer per subscription, one sender per
+destination, one poll per source, one watch per watched tree, and the progress summary.
 
 Each process is named and serves its name (L{ion.core.process.ServiceProcess}):
 C{<app>.report_router}, C{<app>.ingest}, C{<app>.consumer.<subscription>}, C{<app>.poll.<poll>},
@@ -20,6 +20,10 @@ kwargs (from C{res/apps/pump.app}, a rel file's C{args} or C{-a "apparg_pump={..
 
   - C{polls}, C{subscriptions}: lists of poll and consumer args (L{ion.apps.pump.args}), each
     with a unique C{name};
+  - C{senders}: sender args (L{ion.apps.pump.sender}): a subscription's args but C{directory},
+    plus C{destination}, C{events}, C{post_exchange}; names unique among subscriptions and
+    senders;
+  - C{watches}: watch args (L{ion.apps.pump.watch}); names unique among polls and watches;
   - C{transfer}: {workers: N transfer service instances (default 2; the polls list through them),
     and the settings of L{ion.apps.pump.transfer.worker}}. Consumers fetch files themselves with
     the same timeouts, per_host and credentials (a subscription's own C{transfer} wins) and their
@@ -40,6 +44,8 @@ from ion.apps.pump.args import (
     ProgressArgs,
     PumpArgs,
     ReportRouterArgs,
+    SenderArgs,
+    WatchArgs,
 )
 from ion.core.process import Supervisor
 
@@ -56,16 +62,21 @@ def _child(app_name, child_id, module, args, named=True, **more):
     return child
 
 
-def _named_children(app_name, entries, kind, check, prepare, plural):
-    """The children for C{entries} (consumer or poll args, each given to C{prepare}), checked
-    with C{check}; ValueError on a bad entry or a name used twice."""
+def _names(children):
+    return {child_id.partition(".")[2] for child_id in children}
+
+
+def _named_children(app_name, entries, kind, check, prepare, plural, taken=(), clash=None):
+    """The children for C{entries} (args of one kind, each given to C{prepare}), checked with
+    C{check}; ValueError on a bad entry or a name used twice (here or in C{taken})."""
     children = {}
     for args in map(dict, entries):
         prepare(args)
         checked = check.parse(args)
         child_id = f"{kind}.{checked.name}"
-        if child_id in children:
-            raise ValueError(f"{app_name}: two {plural} are named {checked.name!r}")
+        if child_id in children or checked.name in taken:
+            clash = clash or f"two {plural} are named"
+            raise ValueError(f"{app_name}: {clash} {checked.name!r}")
         # Messages in hand get the process's stop_grace to finish.
         shutdown = int(checked.stop_grace * 1000) + 5000
         children[child_id] = _child(app_name, child_id, kind, args, shutdown=shutdown)
@@ -94,6 +105,11 @@ def plan(app_name="pump", **kwargs):
             if key in transfer:
                 args.setdefault(key, transfer[key])
 
+    def prepare_sender(args):
+        prepare(args, "sender-")
+        if fetching:
+            args["transfer"] = dict(fetching, **(args.get("transfer") or {}))
+
     router_args = dict(pump.report_router)
     router_args.setdefault("state_dir", os.path.join(state_root, "report_router"))
     ingest_args = dict(pump.ingest)
@@ -105,11 +121,19 @@ def plan(app_name="pump", **kwargs):
     consumers = _named_children(
         app_name, pump.subscriptions, "consumer", ConsumerArgs, prepare_consumer, "subscriptions"
     )
+    senders = _named_children(
+        app_name, pump.senders, "sender", SenderArgs, prepare_sender, "senders",
+        taken=_names(consumers), clash="a subscription or sender is named",
+    )
     polls = _named_children(
         app_name, pump.polls, "poll", PollArgs, lambda args: prepare(args, "poll-"), "polls"
     )
+    watches = _named_children(
+        app_name, pump.watches, "watch", WatchArgs, lambda args: prepare(args, "watch-"),
+        "watches", taken=_names(polls), clash="a poll or another watch is named",
+    )
     progress_args = dict(pump.progress)
-    progress_args.setdefault("consumers", list(consumers))
+    progress_args.setdefault("consumers", [*consumers, *senders])
     progress_args.setdefault("polls", list(polls))
     progress_args.setdefault("name", app_name)
     ProgressArgs.parse(progress_args)
@@ -122,7 +146,9 @@ def plan(app_name="pump", **kwargs):
         *workers,
         _child(app_name, "ingest", "ingest", ingest_args),
         *consumers.values(),
+        *senders.values(),
         *polls.values(),
+        *watches.values(),
         _child(app_name, "progress", "progress", progress_args),
     ]
     return {"children": children, "strategy": "rest_for_one"}

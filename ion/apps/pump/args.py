@@ -222,6 +222,16 @@ class TransferServiceArgs(TransferSettings):
     service = attrs.field(default="transfer", validator=_check(_is_name, "a service name"))
 
 
+WATCH_EVENTS = ("create", "modify", "delete", "rename", "link", "mkdir", "rmdir")
+
+
+def _check_events(instance, attribute, value):
+    if not isinstance(value, (list, tuple)) or not set(value) <= set(WATCH_EVENTS):
+        raise BadArgument(
+            f"{instance.who}: events must be a list of {', '.join(WATCH_EVENTS)}, got {value!r}"
+        )
+
+
 def _consumer_mode(self):
     if self.strip is not None:
         return f"strip={self.strip}"
@@ -312,6 +322,7 @@ class ConsumerArgs(_Named):
         default=None, validator=_check(lambda v: _is_int(v) and v >= 0, "an int >= 0", True)
     )
     mode = _derived(_consumer_mode)
+    events = attrs.field(default=WATCH_EVENTS, validator=_check_events)
     parallel = attrs.field(default=8, validator=COUNT)
     prefetch = attrs.field(default=100, validator=COUNT)
     user = attrs.field(default=None, validator=OPTIONAL_USER)
@@ -340,6 +351,66 @@ class ConsumerArgs(_Named):
         validator=OPTIONAL_EXCHANGE,
     )
     stop_grace = attrs.field(default=10, validator=SECONDS_OR_ZERO)
+
+
+SENDER_SCHEMES = ("file", "sftp", "ftp", "http", "https")
+# A consumer's arguments that a sender takes as they are.
+_SENDER_SHARED = (
+    "name", "exchange", "topics", "filters", "accept", "reject", "accept_unmatched", "mirror",
+    "strip", "parallel", "prefetch", "user", "state_dir", "retry_initial", "retry_max",
+    "retry_horizon", "retry_jitter", "dup_ttl", "transfer_timeout", "max_size", "min_rate",
+    "transfer", "sources", "max_notice_bytes", "report_exchange", "stop_grace",
+)
+
+
+def _sender_destination(value, self):
+    if not isinstance(value, str) or not value:
+        raise BadArgument(f"{self.who}: destination (the URL to send to) is required")
+    scheme = value.split(":", 1)[0].lower() if ":" in value else ""
+    if scheme not in SENDER_SCHEMES:
+        raise BadArgument(
+            f"{self.who}: destination {value!r} must be a URL with scheme one of "
+            f"{', '.join(SENDER_SCHEMES)} (a local directory is file:dir/)"
+        )
+    return root_url(value)
+
+
+@attrs.frozen(kw_only=True)
+class SenderArgs(_Named):
+    """A sender (L{ion.apps.pump.sender}): a consumer's arguments (but C{directory},
+    C{discard} and C{reannounce}) plus C{destination} (required), C{events} and
+    C{post_exchange}."""
+
+    KIND = "sender"
+
+    name = attrs.field(default=None)
+    who = attrs.field(init=False, default=_named(KIND), eq=False, repr=False)
+    destination = attrs.field(
+        default=None, converter=attrs.Converter(_sender_destination, takes_self=True)
+    )
+    events = attrs.field(default=WATCH_EVENTS, validator=_check_events)
+    post_exchange = attrs.field(default=None, validator=OPTIONAL_EXCHANGE)
+
+    @classmethod
+    def names(cls):
+        return super().names() + list(_SENDER_SHARED[1:])
+
+    @classmethod
+    def parse(cls, args, who=None):
+        """The sender's own arguments, checked here; the consumer's, by L{ConsumerArgs}."""
+        if not isinstance(args, dict):
+            raise BadArgument(f"{cls._who_of(args)}: arguments must be a dict, got {args!r}")
+        sender = super().parse({k: v for k, v in args.items() if k not in _SENDER_SHARED[1:]})
+        try:
+            ConsumerArgs.parse(cls.consumer_args(args, "staging"))
+        except BadArgument as e:
+            raise BadArgument(str(e).replace("consumer", "sender", 1)) from None
+        return sender
+
+    @staticmethod
+    def consumer_args(args, directory):
+        """The consumer arguments among a sender's C{args}, its files staged in C{directory}."""
+        return dict({k: v for k, v in args.items() if k in _SENDER_SHARED}, directory=directory)
 
 
 def root_url(url):
@@ -409,6 +480,43 @@ class PollArgs(_Named):
     # Only the pump's own default source is created: a mistyped path is an error, not a new
     # and silently empty source.
     create = attrs.field(default=False, converter=bool)
+    announce_removals = attrs.field(default=False, converter=bool)
+
+
+def _watch_base_url(value, self):
+    if value is not None and (not isinstance(value, str) or ":" not in value):
+        raise BadArgument(f"{self.who}: base_url must be a URL, got {value!r}")
+    return value and root_url(value)
+
+
+@attrs.frozen(kw_only=True)
+class WatchArgs(_Named):
+    """A watch (L{ion.apps.pump.watch}); C{name} and C{path} are required."""
+
+    KIND = "watch"
+
+    name = attrs.field(default=None)
+    who = attrs.field(init=False, default=_named(KIND), eq=False, repr=False)
+    path = attrs.field(default=None, validator=_check(lambda v: isinstance(v, str) and v, "a path"))
+    exchange = attrs.field(default=None, validator=OPTIONAL_EXCHANGE)
+    user = attrs.field(default=None, validator=OPTIONAL_USER)
+    filters = attrs.field(default=None)
+    accept = attrs.field(default=None)
+    reject = attrs.field(default=None)
+    accept_unmatched = attrs.field(default=None)
+    filter = _derived(
+        lambda self: Filter.from_args(
+            self.filters, self.accept, self.reject, self.accept_unmatched, self.who
+        )
+    )
+    events = attrs.field(default=WATCH_EVENTS, validator=_check_events)
+    base_url = attrs.field(
+        default=None, converter=attrs.Converter(_watch_base_url, takes_self=True)
+    )
+    coalesce = attrs.field(default=1, validator=SECONDS_OR_ZERO)
+    min_age = attrs.field(default=0, validator=SECONDS_OR_ZERO)
+    state_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
+    stop_grace = attrs.field(default=10, validator=SECONDS_OR_ZERO)
 
 
 @attrs.frozen(kw_only=True)
@@ -513,17 +621,19 @@ def _given_or(default, validator):
 @attrs.frozen(kw_only=True)
 class PumpArgs(_Arguments):
     """The pump app's kwargs (L{ion.apps.pump.app}); C{who} is the app's name. The entries of
-    C{polls}, C{subscriptions}, C{ingest}, C{report_router} and C{progress} are the dicts the
-    processes are given (and check); C{transfer} holds the transfer settings and L{workers}."""
+    C{polls}, C{watches}, C{subscriptions}, C{senders}, C{ingest}, C{report_router} and
+    C{progress} are the dicts the processes are given (and check); C{transfer} holds the transfer settings and L{workers}."""
 
     who = attrs.field(default="pump", eq=False, repr=False)
     ingest = _given_or(dict, _DICT)
     polls = _given_or(tuple, _entries)
     progress = _given_or(dict, _DICT)
     report_router = _given_or(dict, _DICT)
+    senders = _given_or(tuple, _entries)
     subscriptions = _given_or(lambda: DEFAULT_SUBSCRIPTIONS, _entries)
     transfer = _given_or(dict, _app_transfer)
     user = attrs.field(default=None, validator=OPTIONAL_USER)
+    watches = _given_or(tuple, _entries)
 
     @property
     def workers(self):

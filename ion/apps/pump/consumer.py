@@ -10,8 +10,9 @@ patterns C{topics}. For each message, in this order:
      stamped it); a body over C{max_notice_bytes}: likewise with 413;
   2. filter the notice's URL (C{notice.url()}) through the accept/reject rules (first full match
      wins; unmatched URLs are accepted unless C{accept_unmatched} is False); rejected: acked,
-     counted, no report. Notices with a C{fileOp} (links, renames, removals, directories) are
-     not carried out yet: acked and counted as C{unsupported};
+     counted, no report. A notice with a C{fileOp} (rename, remove, link, mkdir, rmdir) is
+     carried out under C{directory} when C{events} (default all) allows it, else acked and
+     counted as C{unsupported}: see L{ion.apps.pump.fileops.AppliesFileOps};
   3. suppress duplicates (L{dup_key}: identity and relPath, or relPath, mtime and size) with a
      cache kept on disk (C{dupcache.py}) for C{dup_ttl} seconds: acked, counted, no report. With
      C{discard} (benchmarks) the message ends here: its key is remembered (written to the
@@ -73,6 +74,7 @@ from ion.apps.pump.args import ConsumerArgs
 from ion.apps.pump.dupcache import DupCache
 from ion.apps.pump.flow import open_flow_broker
 from ion.apps.pump.journal import DiskQueue, Journal, json_line
+from ion.apps.pump.fileops import AppliesFileOps
 from ion.apps.pump.notice import (
     REPORT_CODES,
     InvalidNotice,
@@ -146,7 +148,7 @@ def make_report(notice, code, message, when):
     return reported
 
 
-class Consumer(ServiceProcess):
+class Consumer(AppliesFileOps, ServiceProcess):
     """One subscription: notices in, verified files and reports out (see the module docstring)."""
 
     service_optional = True  # named by the pump app: its name is a service (ion rpc)
@@ -154,10 +156,12 @@ class Consumer(ServiceProcess):
     def on_init(self):
         args = self.settings = ConsumerArgs.parse(self.args)
         self.subscription = args.name
+        self.label = args.who  # starts its log lines: "consumer <name>" (a sender's: "sender")
         self.filter = args.filter
         self.discard = args.discard
         self.directory = os.path.abspath(args.directory) if args.directory else None
         self.mode = args.mode
+        self.events = set(args.events)
         self.user = pump_user(self, args.user)
         self.queue = args.queue or f"q_{own_prefix(self, self.user)}consumer.{self.subscription}"
         self.subscriber = f"{self.user}.{self.subscription}"
@@ -203,6 +207,7 @@ class Consumer(ServiceProcess):
             "duplicates": 0,
             "discarded": 0,
             "unsupported": 0,
+            "file_ops": 0,
             "delivered": 0,
             "bytes": 0,
             "retrying": len(self.retries),
@@ -251,8 +256,8 @@ class Consumer(ServiceProcess):
         removed, young = result
         if removed:
             self.log.info(
-                "consumer {name}: removed {n} temporary files left by an earlier run",
-                name=self.subscription,
+                "{name}: removed {n} temporary files left by an earlier run",
+                name=self.label,
                 n=len(removed),
             )
         if young and not self._stopping:
@@ -263,9 +268,9 @@ class Consumer(ServiceProcess):
 
     def _sweep_failed(self, failure):
         self.log.failure(
-            "consumer {name}: looking for old temporary files failed",
+            "{name}: looking for old temporary files failed",
             failure,
-            name=self.subscription,
+            name=self.label,
         )
 
     def stop_timeout(self):
@@ -319,15 +324,15 @@ class Consumer(ServiceProcess):
 
     async def op_stats(self, content, headers):
         """The counters: received, accepted, rejected, invalid, duplicates, discarded,
-        unsupported (fileOp notices), delivered, bytes, retrying, retried, failures {code: n},
-        in_hand (messages and retries being worked on now), bytes_received (by all transfers
-        since the start, delivered or not), bytes_in_flight (those of the files being
-        fetched now) and queued (messages waiting in the subscription's queue on the broker;
-        None when the broker did not say)."""
+        unsupported (fileOps not in events), file_ops (carried out), delivered, bytes,
+        retrying, retried, failures {code: n}, in_hand (messages and retries being worked on
+        now), bytes_received (by all transfers since the start, delivered or not),
+        bytes_in_flight (those of the files being fetched now) and queued (messages waiting
+        in the subscription's queue on the broker; None when the broker did not say)."""
         try:
             queued = await self.queue_depth(self.queue, self.broker)
         except Exception as e:
-            self.log.debug("consumer {name}: no queue depth: {e}", name=self.subscription, e=e)
+            self.log.debug("{name}: no queue depth: {e}", name=self.label, e=e)
             queued = None
         stats = dict(self.stats)
         stats["failures"] = dict(self.stats["failures"])
@@ -378,8 +383,8 @@ class Consumer(ServiceProcess):
         except InvalidNotice as e:
             self.stats["invalid"] += 1
             self.log.warn(
-                "consumer {name}: undecodable message {key!r} dropped: {reason}",
-                name=self.subscription,
+                "{name}: undecodable message {key!r} dropped: {reason}",
+                name=self.label,
                 key=delivery.routing_key,
                 reason=e,
             )
@@ -392,21 +397,12 @@ class Consumer(ServiceProcess):
         url = notice.url()
         if not self.filter.accepts(url):
             self.stats["rejected"] += 1
-            self.log.debug("consumer {name}: rejected {url}", name=self.subscription, url=url)
+            self.log.debug("{name}: rejected {url}", name=self.label, url=url)
             self._ack(delivery)
             return None
         self.stats["accepted"] += 1
-        if notice.file_op is not None:
-            # Links, renames, removals and directories are not carried out yet.
-            self.stats["unsupported"] += 1
-            self.log.info(
-                "consumer {name}: fileOp {op} for {path!r} is not supported yet; skipped",
-                name=self.subscription,
-                op=sorted(notice.file_op),
-                path=notice.rel_path,
-            )
-            self._ack(delivery)
-            return None
+        if notice.file_op is not None and not self.discard:
+            return self._file_op(delivery, notice, url)
         key = dup_key(notice)
         # A copy arriving while the first is still being fetched is a duplicate too: the first
         # one's message stays unacked until its outcome is durable.
@@ -436,8 +432,8 @@ class Consumer(ServiceProcess):
         if max_size is not None and notice.size is not None and notice.size > max_size:
             message = f"announced size {notice.size} bytes is over max_size {max_size}"
             self.log.warn(
-                "consumer {name}: {url} refused: {message}",
-                name=self.subscription,
+                "{name}: {url} refused: {message}",
+                name=self.label,
                 url=url,
                 message=message,
             )
@@ -453,8 +449,8 @@ class Consumer(ServiceProcess):
             )
             self.stats["retrying"] = len(self.retries)
             self.log.info(
-                "consumer {name}: {url} failed ({code} {message}); will retry",
-                name=self.subscription,
+                "{name}: {url} failed ({code} {message}); will retry",
+                name=self.label,
                 url=url,
                 code=failure.code,
                 message=failure.message,
@@ -472,7 +468,7 @@ class Consumer(ServiceProcess):
         try:
             path = self.destination_for(notice)
         except paths.UnsafePath as e:
-            self.log.warn("consumer {name}: {reason}", name=self.subscription, reason=e)
+            self.log.warn("{name}: {reason}", name=self.label, reason=e)
             await self._fail(notice, key, 422, str(e), routing_key)
             return None
         try:
@@ -488,8 +484,8 @@ class Consumer(ServiceProcess):
 
     def _refused(self, url, code, message):
         self.log.warn(
-            "consumer {name}: {url} refused ({code} {message})",
-            name=self.subscription,
+            "{name}: {url} refused ({code} {message})",
+            name=self.label,
             url=redact(url),
             code=code,
             message=message,
@@ -553,8 +549,8 @@ class Consumer(ServiceProcess):
         self.container.metrics.delivered.inc(self._labels)
         self.container.metrics.bytes.inc(self._labels, size)
         self.log.info(
-            "consumer {name}: delivered {path} ({size} bytes)",
-            name=self.subscription,
+            "{name}: delivered {path} ({size} bytes)",
+            name=self.label,
             path=path,
             size=size,
         )
@@ -608,8 +604,8 @@ class Consumer(ServiceProcess):
         self._kept_reports = Journal(path, DiskQueue(self.container.reactor))
         self._kept_reports.open_for_append()
         self.log.warn(
-            "consumer {name}: reports cannot go to {exchange} ({error}); they are kept in {path}",
-            name=self.subscription, exchange=self.report_exchange, error=error, path=path,
+            "{name}: reports cannot go to {exchange} ({error}); they are kept in {path}",
+            name=self.label, exchange=self.report_exchange, error=error, path=path,
         )
 
     async def _reannounce(self, notice, path, result):
@@ -657,8 +653,8 @@ class Consumer(ServiceProcess):
         source = notice.source
         known = isinstance(source, str) and source
         self.log.warn(
-            "consumer {name}: {what}{told}",
-            name=self.subscription,
+            "{name}: {what}{told}",
+            name=self.label,
             what=what,
             told=" (reported to its source)" if known else "; no source to report to",
         )
@@ -698,7 +694,7 @@ class Consumer(ServiceProcess):
             await self._try_again(entry)
         except Exception as e:
             self.log.failure(
-                "consumer {name}: retrying {path!r} failed", name=self.subscription, path=entry.key
+                "{name}: retrying {path!r} failed", name=self.label, path=entry.key
             )
             if not self.retries.failed_again(entry, 500, f"{type(e).__name__}: {e}"):
                 self.retries.done(entry)
@@ -711,6 +707,13 @@ class Consumer(ServiceProcess):
             self.retries.done(entry)
             return
         notice = Notice(copy.deepcopy(entry.body))
+        if notice.file_op is not None:
+            outcome = await self._carry_out(notice, entry.key, entry.routing_key, entry)
+            if outcome == "settled":
+                self.retries.done(entry)
+            if outcome is not None:
+                return
+            notice.file_op = None  # the old file is missing: the new one is fetched below
         url = notice.url()
         failure = await self._attempt(notice, url, entry.key, entry.routing_key)
         if failure is None:
@@ -718,8 +721,8 @@ class Consumer(ServiceProcess):
             return
         if failure.transient and self.retries.failed_again(entry, failure.code, failure.message):
             self.log.info(
-                "consumer {name}: {url} failed again ({code} {message}); attempt {n}",
-                name=self.subscription,
+                "{name}: {url} failed again ({code} {message}); attempt {n}",
+                name=self.label,
                 url=url,
                 code=failure.code,
                 message=failure.message,
@@ -728,8 +731,8 @@ class Consumer(ServiceProcess):
             return
         why = "gave up after the retry horizon" if failure.transient else "failed"
         self.log.warn(
-            "consumer {name}: {url} {why}: {code} {message}",
-            name=self.subscription,
+            "{name}: {url} {why}: {code} {message}",
+            name=self.label,
             url=url,
             why=why,
             code=failure.code,

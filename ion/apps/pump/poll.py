@@ -41,6 +41,10 @@ tree of any size is polled with memory bounded by its largest directory. One dir
 listing is one reply of the transfer service, so it must fit the messaging limits
 (C{ion.core.messaging: max_message_bytes}, 16 MB by default: some 150,000 entries).
 
+With C{announce_removals} (default False), a file announced before and gone from the listing
+(its directory too) is announced as removed, C{fileOp} {remove: ''}, before it is forgotten;
+a poll cannot tell a rename from a removal and a new file.
+
 A pass still running when the next one is due makes that one skip (counted as C{skipped}).
 Op C{poll} runs a pass now (or waits for the running one) and returns the counters of the
 last pass; op C{stats} returns the totals.
@@ -69,6 +73,7 @@ _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _PASS_COUNTERS = (
     "listed",
     "announced",
+    "removed",
     "unchanged",
     "young",
     "rejected",
@@ -159,6 +164,21 @@ class SeenFiles:
         return {name: (size, mtime) for name, size, mtime in rows}
 
     @_in_thread
+    def get(self, rel_path):
+        """(size, mtime) as last announced for C{rel_path}, or None."""
+        rel_dir, _, name = rel_path.rpartition("/")
+        row = self.db.execute(
+            "SELECT size, mtime FROM files WHERE dir = ? AND name = ?", (rel_dir, name)
+        ).fetchone()
+        return None if row is None else tuple(row)
+
+    @_in_thread
+    def everything(self):
+        """{relPath: (size, mtime)} of every file known."""
+        rows = self.db.execute("SELECT dir, name, size, mtime FROM files")
+        return {f"{d}/{n}" if d else n: (size, mtime) for d, n, size, mtime in rows}
+
+    @_in_thread
     def start_pass(self):
         self.passes += 1
         with self.db:
@@ -192,6 +212,14 @@ class SeenFiles:
         with self.db:
             self.db.execute("DELETE FROM files")
             self.db.execute("DELETE FROM dirs")
+
+    @_in_thread
+    def unvisited(self, pass_number):
+        """[(dir, name)] of the files of every directory pass C{pass_number} did not list."""
+        return self.db.execute(
+            "SELECT dir, name FROM files WHERE dir NOT IN (SELECT dir FROM dirs WHERE pass = ?)",
+            (pass_number,),
+        ).fetchall()
 
     @_in_thread
     def forget_unvisited(self, pass_number):
@@ -360,9 +388,10 @@ class PollService(ServiceProcess):
 
     async def op_stats(self, content, headers):
         """Totals: passes, failed_passes (passes with an error), skipped (passes not run
-        because one was running), listed, announced, unchanged, young (waiting for min_age),
-        rejected (filters), unsafe (names skipped), skipped_entries (links and the like), errors
-        (listings or publishes that failed), and C{known}: files in the state."""
+        because one was running), listed, announced, removed (with announce_removals),
+        unchanged, young (waiting for min_age), rejected (filters), unsafe (names skipped),
+        skipped_entries (links and the like), errors (listings or publishes that failed), and
+        C{known}: files in the state."""
         stats = dict(self.stats)
         stats["known"] = await self.store.count()
         return stats
@@ -404,7 +433,15 @@ class PollService(ServiceProcess):
                 break
             pending.extend(reversed(subdirs))
         if complete and not self._stopping:
-            await self.store.forget_unvisited(number)
+            try:
+                if self.settings.announce_removals:
+                    counts["removed"] += await self._announce_removals(
+                        await self.store.unvisited(number)
+                    )
+                await self.store.forget_unvisited(number)
+            except PublishFailed as e:
+                counts["errors"] += 1
+                first_error = first_error or str(e)
         self._note_errors(first_error, counts["errors"])
         elapsed = clock.seconds() - started
         self.stats["passes"] += 1
@@ -485,6 +522,8 @@ class PollService(ServiceProcess):
             wanted.append((name, rel_path, entry))
         gone = [name for name in known if name not in present]
         if gone:
+            if self.settings.announce_removals:
+                counts["removed"] += await self._announce_removals([(rel_dir, n) for n in gone])
             await self.store.forget(rel_dir, gone)
         size = self.settings["batch"]
         for start in range(0, len(wanted), size):
@@ -557,6 +596,34 @@ class PollService(ServiceProcess):
                     f"cannot publish to {self.exchange}: {failure.getErrorMessage()}"
                 )
         return len(confirmed)
+
+    async def _announce_removals(self, rows):
+        """Announce the files [(directory, name)] announced before and gone now as removed
+        (fileOp remove); how many. PublishFailed when one is not confirmed: they stay known,
+        and the next pass announces them again."""
+        now = self.container.clock.seconds()
+        declare = None if self._declared else "topic"
+        notices = [
+            Notice({"pubTime": format_time(now), "baseUrl": self.base_url,
+                    "relPath": f"{rel_dir}/{name}" if rel_dir else name,
+                    "fileOp": {"remove": ""}})
+            for rel_dir, name in rows
+        ]
+        results = await defer.DeferredList(
+            [
+                defer.ensureDeferred(self.publish(
+                    self.exchange, n.topic(), n.to_json(), persistent=True, declare=declare
+                ))
+                for n in notices
+            ],
+            consumeErrors=True,
+        )
+        for ok, failure in results:
+            if not ok:
+                raise PublishFailed(
+                    f"cannot publish to {self.exchange}: {failure.getErrorMessage()}"
+                )
+        return len(notices)
 
     async def _publish(self, rel_path, entry, now, declare):
         notice = Notice(self.notice_for(rel_path, entry, now))

@@ -10,6 +10,10 @@ Usage::
                               error (like sr3 status); --web reads a container's web console
                               instead of the broker (memory://: default http://127.0.0.1:8580)
     ion spawn <module> [--container ID]
+    ion post [--broker URL] [--exchange X] [--base-url URL] [--topic-prefix v03] [--user NAME]
+             PATH...          announce files once (a directory: every file below it); exit
+                              status 0, 1 broker unreachable or a publish not confirmed, 2 bad
+                              arguments or an unreadable path (see ion.apps.pump.post)
     ion broker-setup --user NAME --role subscriber|source|feeder|admin [--apply]
                               the rabbitmqctl commands giving a user a pump role (see
                               ion.core.cc.roles); --apply runs them on the local broker
@@ -28,6 +32,7 @@ broker.
 
 import argparse
 import base64
+import importlib
 import json
 import os
 import sys
@@ -121,6 +126,14 @@ def build_parser():
     p = sub.add_parser("spawn", parents=[common], help="spawn a process in a container")
     p.add_argument("module")
     p.add_argument("--container", help="container id (default: any one)")
+    p = sub.add_parser("post", parents=[common], help="announce files once (sr3's post)")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--exchange", help="exchange to post to (default xs_<user>)")
+    p.add_argument("--base-url", help="the URL the files are fetched from (default: the file: "
+                   "URL of the current directory; relPaths are relative to it)")
+    p.add_argument("--topic-prefix", default="v03", help="routing key prefix (default v03)")
+    p.add_argument("--user", help="the user whose xs_<user> is posted to (default: the broker "
+                   "URL's user)")
     p = sub.add_parser(
         "broker-setup",
         help="print (or --apply) the rabbitmqctl commands giving a user a role on a shared pump",
@@ -142,6 +155,21 @@ def build_parser():
     p.add_argument("--rabbitmqctl", help="the rabbitmqctl to run (default: the one on PATH)")
     p.add_argument("--node", help="the RabbitMQ node (rabbitmqctl -n; default its own)")
     return parser
+
+
+# Commands an application provides, by module name: the module is imported only when its
+# command runs (the core never imports an app; without the app the command says so). It has
+# prepare(args) (check the arguments before connecting: ValueError) and async run(client,
+# args) returning the line to print.
+APP_COMMANDS = {"post": "ion.apps.pump.post"}
+
+
+def app_command(name):
+    """The module of the application command C{name}; UsageError when it is not installed."""
+    try:
+        return importlib.import_module(APP_COMMANDS[name])
+    except ImportError as e:
+        raise UsageError(f"{name}: the application providing it is not installed ({e})")
 
 
 class _Client(Process):
@@ -226,6 +254,8 @@ async def _command(client, args):
         peers = await client.rpc("ccagent", "containers", None, timeout=t)
         return [await client.rpc(f"cc_{p['container']}", "status", None, timeout=t)
                 for p in peers]
+    if args.command in APP_COMMANDS:
+        return await app_command(args.command).run(client, args)
     if args.command == "spawn":
         dest = f"ccagent_{args.container}" if args.container else "ccagent"
         return await client.rpc(dest, "spawn", {"module": args.module}, timeout=t)
@@ -292,6 +322,12 @@ def main(argv=None):
         from ion.core.cc.roles import broker_setup
 
         return broker_setup(args, sys.stdin, sys.stdout, sys.stderr)
+    try:
+        if args.command in APP_COMMANDS:
+            app_command(args.command).prepare(args)
+    except (UsageError, ValueError) as e:
+        sys.stderr.write(f"ion: {e}\n")
+        return USAGE
     task.react(_react, [args])
 
 
@@ -306,9 +342,13 @@ async def _react(reactor, args):
     except RemoteError as e:
         raise _fail(e, REMOTE_ERROR)
     except (ConversationTimeout, NoSuchReceiver, NoSuchContainer, TransportError) as e:
-        raise _fail(e, UNREACHABLE)
-    except Exception:
+        raise _fail(e, REMOTE_ERROR if args.command == "post" else UNREACHABLE)
+    except Exception as e:
+        if args.command == "post":  # a publish the broker did not confirm
+            raise _fail(f"not all files announced: {e}", REMOTE_ERROR)
         raise _fail(Failure().getTraceback(), REMOTE_ERROR)
+    if args.command in APP_COMMANDS:
+        return print(result)
     table = None if args.json else _TABLES.get(args.command)
     print(_to_json(result) if table is None else table(result, args))
 

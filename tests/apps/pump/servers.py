@@ -421,7 +421,8 @@ class _RootedSFTPServer:
         return _sftp_call(os.readlink, self._path(path)).encode()
 
     def makeLink(self, linkPath, targetPath):
-        _sftp_call(os.symlink, targetPath.decode(), self._path(linkPath))
+        # As OpenSSH's server reads SSH_FXP_SYMLINK: the first path is the link's target.
+        _sftp_call(os.symlink, linkPath.decode(), self._path(targetPath))
 
     def realPath(self, path):
         return ("/" + posixpath.normpath("/" + path.decode()).lstrip("/")).encode()

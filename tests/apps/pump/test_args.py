@@ -355,7 +355,7 @@ class PumpArgsTests(ArgumentsCase):
             (
                 {"pols": []},
                 "pump: unknown argument 'pols'; valid ones are ingest, polls, "
-                "progress, report_router, subscriptions, transfer, user",
+                "progress, report_router, senders, subscriptions, transfer, user, watches",
             ),
             ({"polls": {}}, "pump: polls must be a list, got {}"),
             ({"subscriptions": ["c"]}, "pump: each of subscriptions must be a dict, got 'c'"),

@@ -667,15 +667,62 @@ class ConsumerScenarios:
         self.assertEqual(self.consumer.stats["duplicates"], 2)
         self.assertEqual(self.reports(), [])
 
-    async def test_file_ops_skipped(self):
-        """Notices with a fileOp (links, renames, removals) are not carried out yet: acked and
-        counted, nothing fetched or reported."""
+    def op(self, rel_path, **file_op):
+        """Post a notice of rel_path with fileOp `file_op`."""
+        return self.post(notice_fields(self.base_url, rel_path, fileOp=file_op))
+
+    async def test_file_ops(self):
+        """rename (old name as sr3 writes it), link, mkdir, remove and rmdir are carried out
+        under the destination, each reported 201."""
         await self.pump()
-        await self.post(notice_fields(self.base_url, "o/f.dat", fileOp={"remove": ""}))
+        await self.post_file("a/f1", b"one")
+        await self.wait_reports(1)
+        await self.op("a/f2", rename=self.src + "/a/f1")
+        await self.op("a/ln", link="f2")
+        await self.op("d/e", directory="")
+        await self.wait_reports(4)
+        self.assertEqual(os.readlink(os.path.join(self.dest, "a", "ln")), "f2")
+        self.assertTrue(os.path.isdir(os.path.join(self.dest, "d", "e")))
+        self.assertEqual(self.dest_files(), ["a/f2", "a/ln"])
+        await self.op("a/f2", remove="")
+        await self.op("d", remove="", directory="")
+        reports = await self.wait_reports(6)
+        self.assertEqual([r["report"]["code"] for r in reports], [201] * 6)
+        self.assertIn("renamed from a/f1", [r["report"]["message"] for r in reports])
+        self.assertEqual(self.dest_files(), ["a/ln"])
+        self.assertEqual(self.consumer.stats["file_ops"], 5)
+
+    async def test_rename_of_missing_file_downloads(self):
+        """A rename whose old file is not at the destination fetches the new one."""
+        await self.pump()
+        write_source(self.src, "n/new", b"fresh")
+        fields = notice_fields(self.base_url, "n/new", b"fresh", fileOp={"rename": "n/old"})
+        await self.post(fields)
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["code"], 201)
+        self.assertEqual(self.dest_files(), ["n/new"])
+
+    async def test_hostile_file_ops(self):
+        """A link target that is absolute or leads out, or an old name outside the source's
+        tree, is refused with 422 and nothing is written."""
+        await self.pump()
+        await self.op("l1", link="/etc/passwd")
+        await self.op("a/l2", link="../../outside")
+        await self.op("stolen", rename="/etc/passwd")
+        await self.op("stolen2", rename="../../x")
+        reports = await self.wait_reports(4)
+        self.assertEqual([r["report"]["code"] for r in reports], [422] * 4)
+        self.assertEqual(self.dest_files(), [])
+
+    async def test_file_ops_not_in_events(self):
+        """Operations left out of `events` are acked and counted, not carried out."""
+        await self.pump(events=["create", "modify"])
+        await self.post_file("k", b"keep")
+        await self.wait_reports(1)
+        await self.op("k", remove="")
         await until(lambda: self.consumer.stats["unsupported"] == 1)
         await self.settle()
-        await self.quiet()
-        self.assertEqual((self.reports(), self.dest_files()), ([], []))
+        self.assertEqual(self.dest_files(), ["k"])
 
     async def test_directory_removed_between_files(self):
         """A destination directory removed after a delivery into it is made again for the
@@ -1231,10 +1278,10 @@ class AmqpConsumerTests(OnPrivateRabbitMQ, ConsumerScenarios, unittest.TestCase)
 
 class AppArgsTests(unittest.SynchronousTestCase):
     def test_unknown_kwarg(self):
-        """An unknown app argument (senders are not implemented yet) is a clear error naming
-        the valid ones; so are bad subscriptions."""
-        e = self.assertRaises(ValueError, pump_app.plan, senders=[])
-        self.assertIn("unknown argument 'senders'", str(e))
+        """An unknown app argument is a clear error naming the valid ones; so are bad
+        subscriptions."""
+        e = self.assertRaises(ValueError, pump_app.plan, sendres=[])
+        self.assertIn("unknown argument 'sendres'", str(e))
         self.assertIn("subscriptions", str(e))
         e = self.assertRaises(
             ValueError, pump_app.plan, subscriptions=[{"name": "a", "directory": "/x"}] * 2

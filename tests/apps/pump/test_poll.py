@@ -256,6 +256,33 @@ class PollTests(unittest.TestCase):
         self.assertIsNone(await seen(proc.store, "drop/sub/f"))
         self.assertEqual(await seen(proc.store, "keep/f"), (1, OLD))
 
+    async def test_announce_removals(self):
+        """With announce_removals, a file gone from the listing, also with its whole
+        directory, is announced once as removed (fileOp remove) and forgotten; without it
+        (the default) nothing is announced."""
+        write_old(self.src, "d/gone", b"g")
+        write_old(self.src, "drop/sub/f", b"d")
+        write_old(self.src, "keep", b"k")
+        proc = await self.start_poll(announce_removals=True)
+        self.collector.got.clear()
+        os.unlink(os.path.join(self.src, "d", "gone"))
+        os.unlink(os.path.join(self.src, "drop", "sub", "f"))
+        os.rmdir(os.path.join(self.src, "drop", "sub"))
+        await proc.poll_now()
+        await quiet()
+        self.assertEqual(
+            sorted((b["relPath"], b["fileOp"]) for b in self.collector.bodies()),
+            [("d/gone", {"remove": ""}), ("drop/sub/f", {"remove": ""})],
+        )
+        self.assertEqual(proc.last_pass["removed"], 2)
+        self.collector.got.clear()
+        self.assertEqual(await self.announced(proc), [])
+        await proc.terminate()
+        quiet_poll = await self.start_poll(state_dir=self.state + "2")
+        self.collector.got.clear()
+        os.unlink(os.path.join(self.src, "keep"))
+        self.assertEqual(await self.announced(quiet_poll), [])
+
     async def test_state_survives_restart(self):
         """A new poll process on the same state does not announce unchanged files again,
         only what changed while it was away."""

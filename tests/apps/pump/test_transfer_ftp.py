@@ -203,10 +203,15 @@ class FTPTests(TestCase):
 
     async def test_putNoDirectory(self):
         """
-        Putting into a missing directory fails permanently and leaves nothing.
+        Putting into a missing directory makes it (and its parents); one that cannot be made
+        (a file is in the way) fails permanently and leaves nothing.
         """
         src = write_file(os.path.join(self.local, "up.bin"), b"x")
+        await transfer.put(
+            reactor, src, self.server.url + "/nope/deeper/up.bin", credentials=self.creds
+        )
+        self.assertEqual(os.listdir(os.path.join(self.root, "nope", "deeper")), ["up.bin"])
         with self.assertRaises(NotFound):
             await transfer.put(
-                reactor, src, self.server.url + "/nope/up.bin", credentials=self.creds
+                reactor, src, self.server.url + "/data.bin/up.bin", credentials=self.creds
             )

@@ -258,14 +258,23 @@ class SFTPTests(TestCase):
 
     async def test_putNoDirectory(self):
         """
-        Putting into a missing remote directory is L{NotFound}.
+        Putting into a missing remote directory makes it (and its parents); a directory that
+        cannot be made (a file is in the way) is a L{TransferError}, nothing written.
         """
         src = write_file(os.path.join(self.local, "up.bin"), b"x")
-        with self.assertRaises(NotFound):
+        await transfer.put(
+            reactor,
+            src,
+            self.server.url + "/nope/deeper/up.bin",
+            credentials=self.creds,
+            known_hosts=self.known_hosts,
+        )
+        self.assertEqual(os.listdir(os.path.join(self.root, "nope", "deeper")), ["up.bin"])
+        with self.assertRaises(transfer.TransferError):
             await transfer.put(
                 reactor,
                 src,
-                self.server.url + "/nope/up.bin",
+                self.server.url + "/data.bin/up.bin",
                 credentials=self.creds,
                 known_hosts=self.known_hosts,
             )

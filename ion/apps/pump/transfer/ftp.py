@@ -30,6 +30,7 @@ from ion.apps.pump.transfer.errors import (
     ConnectionFailed,
     NotFound,
     Refused,
+    SizeMismatch,
     TransferError,
     TransferTimeout,
 )
@@ -316,13 +317,15 @@ async def store(reactor, outgoing, location, settings):
         path = _wire(location.path)
         temp = _wire(inflight_name(location.path))
         features = await _features(session)
+        directory = posixpath.dirname(location.path) or "/"
+        if directory != "/" and await _optional(session, "CWD " + _wire(directory)) is None:
+            await _makedirs(session, directory)
         consumer_ready, done = control.storeFile(temp)
         _fail_with(consumer_ready, done)
         try:
             try:
                 consumer = await consumer_ready
             except CommandFailed as exc:
-                directory = posixpath.dirname(location.path) or "/"
                 raise _command_error(location, exc, f"cannot write in {directory}") from None
             session.data_transport = consumer.transport
             reader = ProgressReader(outgoing, session.timer.touch)
@@ -340,9 +343,52 @@ async def store(reactor, outgoing, location, settings):
                 stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(outgoing.mtime))
                 await _optional(session, f"MFMT {stamp} {temp}")
             await _rename(session, temp, path)
+            size = _size(await _optional(session, "SIZE " + path))
+            if size is not None and size != outgoing.sent:
+                raise SizeMismatch(f"{location.shown}: {size} bytes arrived of {outgoing.sent}")
         except BaseException:
             done.addErrback(lambda _: None)
             await _optional(session, "DELE " + temp)
             raise
 
     await _with_session(reactor, location, settings, work)
+
+
+def _size(reply):
+    """The size in a C{SIZE} reply, or None."""
+    try:
+        return int(reply[-1][4:].strip()) if reply else None
+    except ValueError:
+        return None
+
+
+async def _makedirs(session, directory):
+    """C{MKD} each directory of the path C{directory} (failures are the next command's)."""
+    parts = [p for p in directory.split("/") if p]
+    for depth in range(1, len(parts) + 1):
+        await _optional(session, "MKD " + _wire("/" * directory.startswith("/")
+                                                + "/".join(parts[:depth])))
+
+
+async def operate(reactor, location, settings, op, old=None, target=None):
+    """The file operation C{op} on the server at C{location}: delete, rmdir, mkdir or rename
+    (from the path C{old}); a phrase saying what was done, or None for a rename whose old file
+    is missing. Links are refused: FTP has no command for them."""
+
+    async def work(session):
+        path = _wire(location.path)
+        if op == "mkdir":
+            await _makedirs(session, location.path)
+            return "directory made"
+        if op == "rename":
+            if await _optional(session, "RNFR " + _wire(old)) is None:
+                return None
+            await _makedirs(session, posixpath.dirname(location.path))
+            await session.control.queueStringCommand("RNTO " + path)
+            return f"renamed from {old}"
+        if op in ("delete", "rmdir"):
+            done = await _optional(session, ("DELE " if op == "delete" else "RMD ") + path)
+            return "already gone" if done is None else "removed"
+        raise BadRequest(f"{location.shown}: ftp has no command for a {op}")
+
+    return await _with_session(reactor, location, settings, work)

@@ -1,11 +1,12 @@
-"""The three transfer operations -- get, put, list -- dispatched to the scheme modules."""
+"""The transfer operations -- get, put, list, and operate (file operations on a server) --
+dispatched to the scheme modules."""
 
 import contextlib
 
 from twisted.internet.defer import Deferred
 
 from ion.apps.pump.transfer import file, ftp, http, sftp
-from ion.apps.pump.transfer.errors import TooLarge, TransferTimeout
+from ion.apps.pump.transfer.errors import BadRequest, TooLarge, TransferTimeout
 from ion.apps.pump.transfer.inflight import InflightFile, check_method
 from ion.apps.pump.transfer.limits import RateWatch, Timeouts
 from ion.apps.pump.transfer.location import Settings, locate
@@ -208,3 +209,35 @@ async def list(reactor, url, *, credentials=None, limiter=None, **settings):
     return sorted(
         (entry for entry in entries if entry.name not in (".", "..")), key=lambda e: e.name
     )
+
+
+async def operate(
+    reactor,
+    url,
+    op,
+    *,
+    old=None,
+    target=None,
+    timeouts=Timeouts(),
+    credentials=None,
+    limiter=None,
+    ca_file=None,
+    known_hosts=None,
+    pool=None,
+    http_connections=None,
+):
+    """
+    A file operation at C{url} on an sftp or ftp server: C{delete}, C{rmdir}, C{mkdir},
+    C{rename} (from C{old}, a path on the same server) or C{link} (to C{target}; sftp only).
+
+    @return: a phrase saying what was done, or None for a rename whose old file is missing.
+    @raise TransferError: see L{ion.apps.pump.transfer.errors}; BadRequest for an operation
+        the scheme has no request for.
+    """
+    location = locate(url, credentials)
+    scheme = _SCHEMES[location.scheme]
+    if scheme not in (sftp, ftp):
+        raise BadRequest(f"{location.shown}: no file operations over {location.scheme}")
+    settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool)
+    async with _slot(limiter, url):
+        return await scheme.operate(reactor, location, settings, op, old, target)

@@ -33,6 +33,7 @@ from ion.apps.pump.transfer.errors import (
     LocalFailure,
     NotFound,
     ServerNotTrusted,
+    SizeMismatch,
     TransferError,
     TransferTimeout,
 )
@@ -451,10 +452,17 @@ async def store(reactor, outgoing, location, settings):
         path = location.path
         temp = inflight_name(path).encode("utf-8")
         flags = filetransfer.FXF_WRITE | filetransfer.FXF_CREAT | filetransfer.FXF_EXCL
+        directory = posixpath.dirname(path) or "/"
         try:
             handle = await client.openFile(temp, flags, {})
         except filetransfer.SFTPError as exc:
-            raise _sftp_error(location, exc, posixpath.dirname(path) or "/") from None
+            if exc.code != filetransfer.FX_NO_SUCH_FILE:
+                raise _sftp_error(location, exc, directory) from None
+            await _makedirs(client, directory)
+            try:
+                handle = await client.openFile(temp, flags, {})
+            except filetransfer.SFTPError as exc:
+                raise _sftp_error(location, exc, directory) from None
         try:
             try:
                 await _write_from(handle, outgoing)
@@ -464,6 +472,9 @@ async def store(reactor, outgoing, location, settings):
             attrs = {"permissions": outgoing.mode, "atime": mtime, "mtime": mtime}
             await client.setAttrs(temp, attrs)
             await _rename(client, session, temp, path.encode("utf-8"))
+            size = (await client.getAttrs(path.encode("utf-8"))).get("size")
+            if size is not None and size != outgoing.sent:
+                raise SizeMismatch(f"{location.shown}: {size} bytes arrived of {outgoing.sent}")
         except BaseException:
             if session.connected:
                 try:
@@ -473,3 +484,50 @@ async def store(reactor, outgoing, location, settings):
             raise
 
     await _with_session(reactor, location, settings, work)
+
+
+async def _makedirs(client, directory):
+    """Make each directory of the path C{directory} (failures are the next request's)."""
+    parts = [p for p in directory.split("/") if p]
+    for depth in range(1, len(parts) + 1):
+        name = "/" * directory.startswith("/") + "/".join(parts[:depth])
+        try:
+            await client.makeDirectory(name.encode("utf-8"), {})
+        except filetransfer.SFTPError:
+            pass
+
+
+async def operate(reactor, location, settings, op, old=None, target=None):
+    """The file operation C{op} on the server at C{location}: delete, rmdir, mkdir, rename
+    (from the path C{old}) or link (to C{target}); a phrase saying what was done, or None for
+    a rename whose old file is missing."""
+
+    async def work(client, session):
+        path = location.path.encode("utf-8")
+        try:
+            if op == "mkdir":
+                await _makedirs(client, location.path)
+                return "directory made"
+            if op in ("delete", "rmdir"):
+                await (client.removeFile if op == "delete" else client.removeDirectory)(path)
+                return "removed"
+            await _makedirs(client, posixpath.dirname(location.path))
+            if op == "rename":
+                await _rename(client, session, old.encode("utf-8"), path)
+                return f"renamed from {old}"
+        except filetransfer.SFTPError as exc:
+            if exc.code != filetransfer.FX_NO_SUCH_FILE:
+                raise
+            return None if op == "rename" else "already gone"
+        if op == "link":
+            try:
+                await client.removeFile(path)
+            except filetransfer.SFTPError:
+                pass
+            # OpenSSH reads SSH_FXP_SYMLINK's paths the other way round from the draft
+            # (target first), and the servers met are OpenSSH's: sent in its order.
+            await client.makeLink(target.encode("utf-8"), path)
+            return f"linked to {target}"
+        raise BadRequest(f"{location.shown}: sftp has no request for a {op}")
+
+    return await _with_session(reactor, location, settings, work)

@@ -27,7 +27,7 @@ from twisted.python.threadpool import ThreadPool
 from ion.apps.pump.args import TransferSettings
 from ion.apps.pump.transfer.http import HTTPConnections
 from ion.apps.pump.transfer.limits import HostLimiter
-from ion.apps.pump.transfer.operations import get, list, put
+from ion.apps.pump.transfer.operations import get, list, operate, put
 from ion.core.credentials import DEFAULT_CREDENTIALS, Credentials
 
 
@@ -124,3 +124,6 @@ class Transfers:
 
     async def list(self, url):
         return await self._run(list, url)
+
+    async def operate(self, url, op, old=None, target=None):
+        return await self._run(operate, url, op, old=old, target=target)

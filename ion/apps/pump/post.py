@@ -1,0 +1,95 @@
+"""C{ion post}: announce files once, as sr3's C{post} does, from a shell or a script.
+
+L{files_to_post} turns the paths given (a directory: every regular file below it, symbolic
+links not followed) into (path, relPath) pairs, relPath relative to the current directory;
+L{post_files} publishes one v03 notice per file through a process, with sha512 identity, size,
+mtime and mode, persistent and confirmed by the broker. The command line (L{ion.core.cc.cli})
+calls L{prepare} before it connects and L{run} once connected, and prints what run returns.
+"""
+
+import os
+from urllib.parse import quote
+
+from twisted.internet import defer, threads
+
+from ion.apps.pump.notice import Notice, format_time
+from ion.apps.pump.watch import describe
+
+# Notices in flight (published, not yet confirmed) at a time.
+WINDOW = 100
+
+
+class Unpostable(ValueError):
+    """A path that cannot be announced (missing, unreadable, outside the current directory)."""
+
+
+def files_to_post(paths, base_dir=None):
+    """[(path, relPath)] of the files named by C{paths}, relative to C{base_dir} (default the
+    current directory); Unpostable naming the first path that cannot be announced."""
+    base = os.path.abspath(base_dir or os.curdir)
+    found = []
+    for given in paths:
+        path = os.path.abspath(given)
+        if os.path.relpath(path, base).split(os.sep)[0] == os.pardir:
+            raise Unpostable(f"{given}: not below the current directory {base}")
+        if os.path.isdir(path) and not os.path.islink(path):
+            for top, dirs, names in os.walk(path):
+                dirs.sort()
+                below = (os.path.join(top, name) for name in sorted(names))
+                found += [p for p in below if os.path.isfile(p) and not os.path.islink(p)]
+        elif os.path.isfile(path):
+            found.append(path)
+        else:
+            raise Unpostable(f"{given}: not a file or directory")
+    for path in found:
+        if not os.access(path, os.R_OK):
+            raise Unpostable(f"{path}: not readable")
+    return [(path, os.path.relpath(path, base).replace(os.sep, "/")) for path in found]
+
+
+async def post_files(process, files, exchange, base_url, prefix="v03"):
+    """Announce C{files} [(path, relPath)] to C{exchange} through C{process}; returns how many
+    were confirmed. A file gone or unreadable by the time it is read is skipped (not counted).
+    Raises what the first publish that failed raised, after the others in flight ended."""
+    reactor = process.container.reactor
+    now = process.container.clock.seconds
+    confirmed = 0
+
+    async def one(path, rel):
+        found = await threads.deferToThreadPool(reactor, reactor.getThreadPool(), describe, path)
+        if found is None:
+            return 0
+        size, mtime, mode, digest = found
+        notice = Notice(
+            {"pubTime": format_time(now()), "baseUrl": base_url, "relPath": rel,
+             "identity": {"method": "sha512", "value": digest}, "size": size,
+             "mtime": format_time(mtime), "mode": f"{mode & 0o7777:o}"}
+        )
+        await process.publish(
+            exchange, notice.topic(prefix), notice.to_json(), persistent=True, declare="topic"
+        )
+        return 1
+
+    for start in range(0, len(files), WINDOW):
+        results = await defer.DeferredList(
+            [defer.ensureDeferred(one(*f)) for f in files[start : start + WINDOW]],
+            consumeErrors=True,
+        )
+        confirmed += sum(value for ok, value in results if ok)
+        for ok, failure in results:
+            if not ok:
+                failure.raiseException()
+    return confirmed
+
+
+def prepare(args):
+    """C{ion post}: the files of C{args.paths} into C{args.files}; Unpostable (exit 2)."""
+    args.files = files_to_post(args.paths)
+
+
+async def run(client, args):
+    """C{ion post}: announce C{args.files} through the CLI's process C{client}."""
+    exchange = args.exchange or f"xs_{args.user or client.container.transport.user}"
+    base_url = args.base_url or "file://" + quote(os.path.abspath(os.curdir), safe="/") + "/"
+    count = await post_files(client, args.files, exchange, base_url, args.topic_prefix)
+    return f"announced {count} files to {exchange}"

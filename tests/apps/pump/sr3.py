@@ -1,0 +1,93 @@
+"""Real sr3 (MetPX-Sarracenia 3.x) for the interop tests: find it, configure it, run it.
+
+sr3 lives in a venv of its own, C{var/bench/sr3venv} under the project (the one bench/pump.py
+makes; C{.ci/run} makes it in CI with C{pip install metpx-sr3[amqp]}). Without it the interop
+tests skip, saying how to get it, or fail when C{CI} is set. Each L{Sr3} gets a HOME of its
+own, so its configs, credentials, state and logs stay in the test's temp dir.
+"""
+
+import glob
+import os
+import pwd
+import signal
+import subprocess
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+SR3 = os.path.join(ROOT, "var", "bench", "sr3venv", "bin", "sr3")
+
+
+def skip_or_fail_without_sr3():
+    if os.access(SR3, os.X_OK):
+        return
+    reason = (
+        f"sr3 is not installed at {SR3}; make it with: python3 -m venv var/bench/sr3venv && "
+        "var/bench/sr3venv/bin/pip install 'metpx-sr3[amqp]'"
+    )
+    if os.environ.get("CI"):
+        raise AssertionError(f"CI is set and {reason}")
+    raise unittest.SkipTest(reason)
+
+
+class Sr3:
+    """One sr3 component configuration run in the foreground as a child process."""
+
+    def __init__(self, home, broker):
+        self.home = home
+        self.broker = broker
+        self.config_dir = os.path.join(home, ".config", "sr3")
+        os.makedirs(self.config_dir, exist_ok=True)
+        credentials = os.path.join(self.config_dir, "credentials.conf")
+        with open(credentials, "w") as f:
+            f.write(f"amqp://guest:guest@{broker.host}:{broker.port}/\n")
+        os.chmod(credentials, 0o600)
+        self.env = dict(os.environ, HOME=home, USER=pwd.getpwuid(os.getuid()).pw_name)
+        self.env.pop("VIRTUAL_ENV", None)
+        self.procs = []
+
+    def configure(self, component, name, lines):
+        """Write C{component}/C{name}.conf: the broker line, then C{lines}."""
+        directory = os.path.join(self.config_dir, component)
+        os.makedirs(directory, exist_ok=True)
+        os.makedirs(os.path.join(self.home, ".cache", "sr3", component, name), exist_ok=True)
+        broker = f"amqp://guest@{self.broker.host}:{self.broker.port}/"
+        key = "post_broker" if component in ("watch", "post") else "broker"
+        with open(os.path.join(directory, f"{name}.conf"), "w") as f:
+            f.write("\n".join([f"{key} {broker}", *lines, ""]))
+        return f"{component}/{name}"
+
+    def run(self, *words, timeout=60):
+        """Run C{sr3 WORDS} to its end: the CompletedProcess."""
+        return subprocess.run([SR3, *words], env=self.env, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=timeout)
+
+    def foreground(self, config):
+        """Start C{sr3 foreground CONFIG}; stopped by L{stop}."""
+        log = open(os.path.join(self.home, config.replace("/", "_") + ".out"), "w")
+        proc = subprocess.Popen([SR3, "foreground", config], env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        self.procs.append((proc, log))
+        return proc
+
+    def output(self):
+        """What the foreground runs and sr3's logs said (for failure messages)."""
+        text = []
+        for path in glob.glob(os.path.join(self.home, "*.out")) + glob.glob(
+            os.path.join(self.home, ".cache", "sr3", "log", "*.log")
+        ):
+            with open(path, errors="replace") as f:
+                text.append(f"== {path}\n" + "".join(f.readlines()[-30:]))
+        return "\n".join(text)
+
+    def stop(self):
+        for proc, log in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            log.close()
+        self.procs.clear()

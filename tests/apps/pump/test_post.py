@@ -1,0 +1,96 @@
+"""`ion post`: files announced once from the command line, and its exit statuses."""
+
+import base64
+import hashlib
+import os
+import subprocess
+import sys
+
+from twisted.internet import threads
+from twisted.trial import unittest
+
+from ion.apps.pump.post import Unpostable, files_to_post
+from ion.core.cc.testing import make_container
+from tests.apps.pump.fixtures import Collector
+from tests.broker import get_broker, skip_or_fail_without_rabbitmq
+from tests.waiting import quiet, until
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def post(cwd, *args):
+    """Run `ion post ARGS` in C{cwd}: the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", "ion", "post", *args], cwd=cwd, capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT, HOME=cwd), timeout=60,
+    )
+
+
+class FilesTests(unittest.SynchronousTestCase):
+    def test_files_below(self):
+        """A directory gives every regular file below it (links not followed), relPaths
+        relative to the current directory; a path outside it or missing is refused."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(base, "d", "e"))
+        for rel in ("d/a", "d/e/b", "c"):
+            with open(os.path.join(base, rel), "w") as f:
+                f.write(rel)
+        os.symlink("a", os.path.join(base, "d", "ln"))
+        got = files_to_post([os.path.join(base, "d"), os.path.join(base, "c")], base)
+        self.assertEqual([rel for _, rel in got], ["d/a", "d/e/b", "c"])
+        for bad in (os.path.dirname(base), os.path.join(base, "missing")):
+            self.assertRaises(Unpostable, files_to_post, [bad], base)
+
+
+class PostTests(unittest.TestCase):
+    timeout = 120
+
+    async def setUp(self):
+        skip_or_fail_without_rabbitmq()
+        self.broker = get_broker()
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(self.dir, "data", "sub"))
+        for rel, data in (("data/one", b"1"), ("data/sub/two", b"22")):
+            with open(os.path.join(self.dir, rel), "wb") as f:
+                f.write(data)
+
+    async def test_announces_with_confirms(self):
+        """Every file below the directory is announced once, with sha512 identity, size, mtime
+        and mode, on sr3's topic; the command prints how many and exits 0."""
+        exchange = f"xs_post{os.getpid()}"
+        c = await make_container(self, url=self.broker.url)
+        collector = await c.spawn(Collector)
+        await collector.listen(exchange)
+        result = await threads.deferToThread(
+            post, self.dir, "--broker", self.broker.url, "--exchange", exchange,
+            "--base-url", "http://files.example/", "data",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), f"announced 2 files to {exchange}")
+        await until(lambda: len(collector.got) == 2)
+        await quiet(0.2)
+        got = {body["relPath"]: (key, body) for _, key, body in collector.got}
+        self.assertEqual(sorted(got), ["data/one", "data/sub/two"])
+        key, body = got["data/sub/two"]
+        self.assertEqual(key, "v03.data.sub")
+        digest = base64.b64encode(hashlib.sha512(b"22").digest()).decode()
+        self.assertEqual(body["identity"], {"method": "sha512", "value": digest})
+        self.assertEqual((body["size"], body["baseUrl"]), (2, "http://files.example/"))
+        self.assertIn("mtime", body)
+        self.assertIn("mode", body)
+
+    async def test_exit_statuses(self):
+        """1: broker unreachable, or a publish the broker refuses (not confirmed); 2: a bad
+        argument or a path that cannot be read. One line on stderr each."""
+        cases = [
+            (("--broker", "amqp://127.0.0.1:1/", "--timeout", "3", "data"), 1),
+            (("--broker", self.broker.url_for("rita"), "--exchange", "xs_ross", "data"), 1),
+            (("--broker", self.broker.url, "missing"), 2),
+            (("--broker", self.broker.url, "/etc/hostname"), 2),
+            (("--broker", self.broker.url, "--bogus", "data"), 2),
+        ]
+        for args, status in cases:
+            result = await threads.deferToThread(post, self.dir, *args)
+            self.assertEqual(result.returncode, status, (args, result.stderr))
+            self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+            self.assertNotIn("Traceback", result.stderr)

@@ -1,0 +1,136 @@
+"""Interop with real sr3 on one private RabbitMQ node: ION's notices applied by an sr3
+subscribe, and sr3's notices applied by an ION consumer (field names, fileOp shapes and
+routing keys exactly sr3's)."""
+
+import itertools
+import os
+
+from twisted.internet import defer, task, threads
+from twisted.trial import unittest
+
+from ion.apps.pump.consumer import Consumer
+from ion.apps.pump.watch import Watch
+from ion.core.cc.testing import make_container
+from tests.apps.pump.fixtures import Collector, delete_queues
+from tests.apps.pump.sr3 import Sr3, skip_or_fail_without_sr3
+from tests.broker import get_broker, skip_or_fail_without_rabbitmq
+from tests.waiting import quiet, until
+
+_tags = itertools.count(1)
+
+
+def tree_of(root):
+    """{relPath: content, or '-> target' for a link, or '/' for a directory} below root."""
+    found = {}
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(top, name)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                found[rel] = "-> " + os.readlink(path)
+            elif os.path.isdir(path):
+                found[rel] = "/"
+            else:
+                with open(path) as f:
+                    found[rel] = f.read()
+    return found
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+class Sr3InteropTests(unittest.TestCase):
+    timeout = 180
+
+    async def setUp(self):
+        skip_or_fail_without_rabbitmq()
+        skip_or_fail_without_sr3()
+        self.broker = get_broker()
+        self.tag = f"i{os.getpid()}x{next(_tags)}"
+        base = os.path.abspath(self.mktemp())
+        self.sr3 = Sr3(os.path.join(base, "home"), self.broker)
+        self.addCleanup(lambda: threads.deferToThread(self.sr3.stop))
+        self.src = os.path.join(base, "src")
+        self.dest = os.path.join(base, "dest")
+        self.state = os.path.join(base, "state")
+        os.makedirs(self.src)
+        os.makedirs(self.dest)
+
+    async def until_tree(self, wanted, what):
+        try:
+            await until(lambda: tree_of(self.dest) == wanted, timeout=60,
+                        what=lambda _: f"{what}: {tree_of(self.dest)} != {wanted}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.sr3.output()}") from None
+
+    async def probe(self):
+        """Write the probe file until it arrives: sr3 may bind its queue after the first."""
+        for attempt in range(30):
+            write(os.path.join(self.src, "probe"), "p")
+            try:
+                await until(lambda: tree_of(self.dest) == {"probe": "p"}, timeout=2)
+                return
+            except AssertionError:
+                pass
+        raise AssertionError(f"the probe never arrived\n{self.sr3.output()}")
+
+    async def test_ion_watch_to_sr3_subscribe(self):
+        """An sr3 subscribe mirrors what an ION watch announces: creates in new directories,
+        a rewrite, a rename and a removal."""
+        exchange = f"xs_{self.tag}"
+        clock = task.Clock()
+        c = await make_container(self, url=self.broker.url)
+        watch = await c.spawn(Watch, args={
+            "name": "w", "path": self.src, "state_dir": self.state, "exchange": exchange,
+            "coalesce": 0.2})
+        self.addCleanup(lambda: None if watch.lifecycle.final else watch.terminate())
+        config = self.sr3.configure("subscribe", self.tag, [
+            f"exchange {exchange}", f"queueName q_guest.subscribe.{self.tag}",
+            "topicPrefix v03", "subtopic #", "logLevel info", f"directory {self.dest}",
+            "mirror on", "accept .*",
+        ])
+        self.sr3.foreground(config)
+        await self.probe()
+        write(os.path.join(self.src, "a", "b", "f1"), "one")
+        await self.until_tree({"probe": "p", "a": "/", "a/b": "/", "a/b/f1": "one"}, "creates")
+        os.rename(os.path.join(self.src, "a", "b", "f1"), os.path.join(self.src, "a", "f2"))
+        await self.until_tree({"probe": "p", "a": "/", "a/b": "/", "a/f2": "one"}, "rename")
+        os.remove(os.path.join(self.src, "a", "f2"))
+        write(os.path.join(self.src, "probe"), "again")
+        await self.until_tree({"probe": "again", "a": "/", "a/b": "/"}, "remove, rewrite")
+
+    async def test_sr3_watch_to_ion_consumer(self):
+        """An ION consumer mirrors what an sr3 watch announces: creates in new directories, a
+        rename (sr3's fileOp, old name as sr3 writes it) and a removal."""
+        exchange = f"xs_{self.tag}"
+        c = await make_container(self, url=self.broker.url)
+        collector = await c.spawn(Collector)
+        await collector.listen(f"xreport_{self.tag}")
+        consumer = await c.spawn(Consumer, args={
+            "name": self.tag, "exchange": exchange, "directory": self.dest,
+            "state_dir": self.state, "report_exchange": f"xreport_{self.tag}",
+            "sources": ["file://" + self.src + "/"]})
+        self.addCleanup(lambda: None if consumer.lifecycle.final else consumer.terminate())
+        self.addCleanup(lambda: delete_queues(self.broker.url, [consumer.queue]))
+        config = self.sr3.configure("watch", self.tag, [
+            f"post_exchange {exchange}", f"post_baseUrl file:{self.src}",
+            f"post_baseDir {self.src}", f"path {self.src}", "logLevel info",
+        ])
+        self.sr3.foreground(config)
+        await self.probe()
+        write(os.path.join(self.src, "a", "b", "f1"), "one")
+        await self.until_tree({"probe": "p", "a": "/", "a/b": "/", "a/b/f1": "one"}, "creates")
+        os.rename(os.path.join(self.src, "a", "b", "f1"), os.path.join(self.src, "a", "f2"))
+        await self.until_tree({"probe": "p", "a": "/", "a/b": "/", "a/f2": "one"}, "rename")
+        os.remove(os.path.join(self.src, "a", "f2"))
+        await self.until_tree({"probe": "p", "a": "/", "a/b": "/"}, "remove")
+        # The rename and the removal were carried out as such (not fetched again).
+        def messages():
+            return [b["report"]["message"] for b in collector.bodies()]
+
+        await until(lambda: "removed" in messages(), what=lambda _: messages())
+        self.assertIn("renamed from a/b/f1", messages())
+        self.assertEqual(consumer.stats["delivered"], 2)
