@@ -77,8 +77,8 @@ def _named_children(app_name, entries, kind, check, prepare, plural, taken=(), c
         if child_id in children or checked.name in taken:
             clash = clash or f"two {plural} are named"
             raise ValueError(f"{app_name}: {clash} {checked.name!r}")
-        # Messages in hand get the process's stop_grace to finish.
-        shutdown = int(checked.stop_grace * 1000) + 5000
+        # Messages in hand get the process's stop_grace (checked by now) to finish.
+        shutdown = int(args.get("stop_grace", 10) * 1000) + 5000
         children[child_id] = _child(app_name, child_id, kind, args, shutdown=shutdown)
     return children
 

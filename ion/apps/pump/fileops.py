@@ -126,8 +126,9 @@ def apply(root, op, parts, old=None, target=None):
                 os.mkdir(name, dir_fd=parent)
             except FileExistsError:
                 if not stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
-                    raise LocalFailure(f"mkdir {'/'.join(parts)}: not a directory", code=422,
-                                       transient=False) from None
+                    raise LocalFailure(
+                        f"mkdir {'/'.join(parts)}: not a directory", code=422
+                    ) from None
             return "directory made"
         if op == "delete":
             try:

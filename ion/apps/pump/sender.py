@@ -82,7 +82,7 @@ class Sender(Consumer):
         if self.target_root is not None:
             return await self._thread(fileops.apply, self.target_root, op, parts, old, target)
         if op == "hlink":
-            raise TransferError(f"no hard links on {self.destination}", code=422, transient=False)
+            raise TransferError(f"no hard links on {self.destination}", code=422)
         url = self.destination + quote("/".join(parts))
         base = unquote(urlsplit(self.destination).path)
         old_path = None if old is None else base + "/".join(old)
