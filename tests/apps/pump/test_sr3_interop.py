@@ -31,8 +31,11 @@ def tree_of(root):
             elif os.path.isdir(path):
                 found[rel] = "/"
             else:
-                with open(path) as f:
-                    found[rel] = f.read()
+                try:
+                    with open(path) as f:
+                        found[rel] = f.read()
+                except FileNotFoundError:
+                    pass  # a temporary file renamed into place while we looked
     return found
 
 
