@@ -5,14 +5,13 @@ own (exclusive, deleted with it) and keeps the headers of the last C{keep} messa
 C{ion.apps.observer}, read when it starts; default 10000), indexed by conv-id. Ops:
 
   - C{msc} C{{'conv_id': id}} or C{{'last': n}} (default: the last 20 messages) -> the text chart;
-  - C{svg} the same plus C{'path'} (ending in C{.svg}) -> writes the SVG chart there, returns the
-    path; without C{'path'} -> the SVG text (the web console's charts);
+  - C{svg} the same -> the SVG text (the web console's and the shell's charts). The observer
+    never writes files for its callers: any process of the system may call it;
   - C{conversations} (optionally C{{'last': n}}) -> one summary dict per conversation kept.
 The shell's C{msc()} asks for its charts over rpc, like any other client.
 """
 
 import collections
-import os
 
 from ion.apps.observer import msc
 from ion.core.process import ApplicationError, ServiceProcess
@@ -89,16 +88,6 @@ class Observer(ServiceProcess):
         """The text chart of one conversation or of the last messages."""
         return msc.render_text(self.select(conv_id, last))
 
-    def write_svg(self, path, conv_id=None, last=DEFAULT_LAST):
-        """Write the SVG chart to path (which must end in .svg); returns the absolute path."""
-        if not isinstance(path, str) or not path.endswith(".svg"):
-            raise ApplicationError(f"path must be a file name ending in .svg, got {path!r}")
-        svg = msc.render_svg(self.select(conv_id, last))
-        path = os.path.abspath(path)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(svg)
-        return path
-
     def summaries(self, last=None):
         """One dict per conversation kept, oldest first: conv_id, protocol, op, participants,
         final (the performative of its latest message) and messages (how many are kept)."""
@@ -123,10 +112,7 @@ class Observer(ServiceProcess):
         return self.chart(**_chart_args(content))
 
     def op_svg(self, content, headers):
-        args = _chart_args(content, extra=("path",))
-        if "path" not in args:
-            return msc.render_svg(self.select(**args))
-        return self.write_svg(args.pop("path"), **args)
+        return msc.render_svg(self.select(**_chart_args(content)))
 
     def op_conversations(self, content, headers):
         last = _chart_args(content).get("last")
@@ -139,13 +125,13 @@ def _positive(last):
     return last
 
 
-def _chart_args(content, extra=()):
+def _chart_args(content):
     if content is None:
         return {}
     if not isinstance(content, dict):
         example = "{'conv_id': ...} or {'last': 20}"
         raise ApplicationError(f"expected a dict like {example}, got {type(content).__name__}")
-    allowed = ("conv_id", "last") + extra
+    allowed = ("conv_id", "last")
     unknown = sorted(str(k) for k in content if k not in allowed)
     if unknown:
         raise ApplicationError(f"unknown keys {unknown}; valid keys are {list(allowed)}")

@@ -27,7 +27,7 @@ import tty
 
 from twisted.conch.insults import insults
 from twisted.conch.manhole import ColoredManhole, ManholeInterpreter
-from twisted.internet import defer, fdesc, stdio
+from twisted.internet import defer, fdesc, stdio, threads
 from twisted.logger import Logger
 from twisted.python import threadable
 
@@ -243,16 +243,20 @@ class ShellHelpers:
 
     def msc(self, conv_id=None, last=20, svg=None):
         """Print a message sequence chart from the system's observer (the observer app's
-        C{observer} service, asked over rpc); with svg='file.svg' the observer also writes it
-        as SVG (on its own host)."""
+        C{observer} service, asked over rpc); with svg='file.svg' the shell also writes it as
+        SVG there (on the shell's host)."""
         request = {"last": last} if conv_id is None else {"conv_id": conv_id}
 
         async def chart():
             try:
                 if svg is not None:
-                    path = os.path.abspath(svg) if isinstance(svg, str) else svg
-                    written = await self._rpc("observer", "svg", dict(request, path=path))
-                    self.print(f"wrote {written}")
+                    text = await self._rpc("observer", "svg", request)
+                    path = os.path.abspath(svg)
+                    await threads.deferToThreadPool(
+                        self.container.reactor, self.container.reactor.getThreadPool(),
+                        _write_text, path, text,
+                    )
+                    self.print(f"wrote {path}")
                 return await self._rpc("observer", "msc", request)
             except NoSuchReceiver:
                 raise LookupError(
@@ -629,3 +633,8 @@ def start_shell(container, reactor, output, stdin=0, stdout=1):
     shell = TerminalShell(container, reactor, output, stdin, stdout)
     shell.start()
     return shell.done
+
+
+def _write_text(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
