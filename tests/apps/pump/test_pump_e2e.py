@@ -112,7 +112,6 @@ class PumpFlowTests(unittest.TestCase):
         """A tree of 1,000 files in nested directories is mirrored exactly (every sha512
         equal) and reported to its source once per file; then a modified file is delivered
         again and the unchanged ones are not."""
-        started = time.monotonic()
         make_tree(self.src, 1000, random.Random(1))
         await self.start_pump("file://" + self.src)
         self.assertEqual(
@@ -144,7 +143,6 @@ class PumpFlowTests(unittest.TestCase):
         self.assertEqual(self.delivered(), 1001)
         self.assertEqual(self.reports().count("top3/sub4/file43.bin"), 2)
         self.assertEqual(inflight_files(self.dest), [])
-        self.assertLess(time.monotonic() - started, 15)
 
     async def test_processes_named(self):
         """Every pump process shows its name in ps() and answers `stats` by that name, as
