@@ -87,9 +87,10 @@ class Credential:
         )
 
 
-def _without_dots(path):
-    """C{path} with its C{.} and C{..} segments resolved, as a server reads it: a line for
-    C{/private/} must not serve C{/private/../ok/x}."""
+def remove_dot_segments(path):
+    """C{path} (absolute) with its C{.} and C{..} segments resolved, as a server reads it: a
+    line for C{/private/} must not serve C{/private/../ok/x}; a C{..} never climbs above
+    C{/}; a path ending in C{.} or C{..} ends in C{/}."""
     kept = []
     segments = path.split("/")
     for segment in segments:
@@ -176,7 +177,7 @@ class Credentials:
             scheme, host, port, user, _, path = url_parts(url)
         except ValueError:
             return None
-        return _best(self.entries, scheme, host, port, user, _without_dots(path))
+        return _best(self.entries, scheme, host, port, user, remove_dot_segments(path))
 
     def password(self, url):
         """The password of the line for the scheme, host, port (default ports filled in) and

@@ -13,7 +13,6 @@ descriptor, opening each one without following a symbolic link, so a link plante
 root cannot send an operation elsewhere.
 """
 
-import errno
 import os
 import posixpath
 import shutil
@@ -24,9 +23,7 @@ from twisted.internet import threads
 
 from ion.apps.pump import paths
 from ion.apps.pump.transfer.errors import LocalFailure, TransferError
-
-_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
+from ion.apps.pump.transfer.inflight import NotADirectoryOnTheWay, walk_below
 
 def operation(file_op):
     """The event name of a valid C{fileOp}: delete, rmdir, rename, link, hlink or mkdir."""
@@ -73,31 +70,17 @@ def check_link_target(target, link_parts):
 def _parent(root_fd, parts, make):
     """The descriptor of the directory holding C{parts[-1]}, reached from C{root_fd} without
     following links (made when missing if C{make}); None when missing and not C{make}."""
-    fd = root_fd
     try:
-        for part in parts[:-1]:
-            try:
-                child = os.open(part, _DIRECTORY, dir_fd=fd)
-            except FileNotFoundError:
-                if not make:
-                    return None
-                try:
-                    os.mkdir(part, dir_fd=fd)
-                except FileExistsError:
-                    pass
-                child = os.open(part, _DIRECTORY, dir_fd=fd)
-            if fd != root_fd:
-                os.close(fd)
-            fd = child
-    except OSError as e:
-        if fd != root_fd:
-            os.close(fd)
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise paths.UnsafePath(
-                f"unsafe path {'/'.join(parts)!r}: a directory on the way is a symbolic link "
-                "or a file"
-            ) from None
-        raise
+        fd = walk_below(root_fd, parts[:-1], make)
+    except FileNotFoundError:
+        if make:
+            raise
+        return None
+    except NotADirectoryOnTheWay:
+        raise paths.UnsafePath(
+            f"unsafe path {'/'.join(parts)!r}: a directory on the way is a symbolic link "
+            "or a file"
+        ) from None
     return os.dup(fd) if fd == root_fd else fd
 
 

@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python import threadable
 
 from ion.core.cc.cli import format_table
+from ion.core.cc.status import process_tree
 from ion.core.process import NoSuchReceiver, Process
 
 log = Logger()
@@ -203,27 +204,11 @@ class ShellHelpers:
 
     def ps(self):
         """Print the process tree: app > supervisor > process, with states and restarts."""
-        app_of = {}
-        for app in self.container.apps.running.values():
-            pid = getattr(app.state, "pid", None)
-            if pid:
-                app_of[pid] = app.name
-        rows = []
-
-        def walk(proc, depth, restarts):
-            label = "  " * depth + proc.name
-            app = app_of.get(proc.pid, "")
-            rows.append((label, proc.pid, type(proc).__name__, proc.state, restarts, app))
-            ids = {}
-            for child_id, count in getattr(proc, "restarts", {}).items():
-                current = proc.child(child_id)  # None while it restarts
-                if current is not None:
-                    ids[current.pid] = count
-            for child in list(proc.children):
-                walk(child, depth + 1, ids.get(child.pid, ""))
-
-        for proc in self.container.registry.top_level():
-            walk(proc, 0, "")
+        rows = [
+            ("  " * r["depth"] + r["name"], r["pid"], r["class"], r["state"],
+             r["restarts"] or "", r["app"])
+            for r in process_tree(self.container)
+        ]
         self.print(format_table(("name", "pid", "class", "state", "restarts", "app"), rows))
 
     def containers(self):

@@ -14,7 +14,6 @@ forwarded), what failed, its queue, its rates and its last error with its age.
 import collections
 import json
 import os
-import re
 
 from twisted.internet import defer, task
 
@@ -23,12 +22,6 @@ HOUR = 3600
 WINDOW = 60  # seconds the rates are taken over
 # The counter that says what a worker did, by the first key its stats have.
 DONE_KEYS = ("delivered", "announced", "published", "forwarded")
-
-
-def kind_of(proc):
-    """C{consumer}, C{poll}, C{report_router}...: the class name in words."""
-    name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(proc).__name__).lower()
-    return name.removesuffix("_service") or name
 
 
 def process_tree(container):

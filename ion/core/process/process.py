@@ -29,7 +29,7 @@ import contextvars
 import inspect
 import os
 
-import attr
+import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -68,7 +68,7 @@ async def _cancel(consumer):
             await consumer.cancel()
 
 
-@attr.s(auto_attribs=True, eq=False)
+@attrs.define(eq=False)
 class _Subscription:
     """One subscription of a process: where its dead letters go, and whether it still holds
     its messages (once cancelled, the unsettled ones are back in the queue)."""

@@ -456,10 +456,10 @@ class InflightFile:
         for retry in (False, True):
             root_fd = self._root.acquire(reopen=retry)
             try:
-                self._dir_fd = _walk(root_fd, self._below, make=True)
+                self._dir_fd = walk_below(root_fd, self._below, make=True)
             except BaseException as exc:
                 self._root.release()
-                if isinstance(exc, _NotADirectory):
+                if isinstance(exc, NotADirectoryOnTheWay):
                     where = os.path.join(self._root.path, *self._below[: exc.depth + 1])
                     raise LocalFailure(
                         f"cannot write {self.dest_path}: {where} {exc}", code=422
@@ -480,9 +480,9 @@ class InflightFile:
         one replaced by a link (or moved away) while the file streamed in fails the file.
         """
         try:
-            fd = _walk(self._root_fd, self._below, make=False)
-        except (OSError, _NotADirectory) as exc:
-            why = f" ({exc})" if isinstance(exc, _NotADirectory) else " (gone)"
+            fd = walk_below(self._root_fd, self._below, make=False)
+        except (OSError, NotADirectoryOnTheWay) as exc:
+            why = f" ({exc})" if isinstance(exc, NotADirectoryOnTheWay) else " (gone)"
         else:
             try:
                 now, held = os.fstat(fd), os.fstat(self._dir_fd)
@@ -588,7 +588,7 @@ class InflightFile:
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class _NotADirectory(Exception):
+class NotADirectoryOnTheWay(Exception):
     """The component at C{depth} below the root is a symbolic link or not a directory."""
 
     def __init__(self, depth, link):
@@ -616,13 +616,13 @@ def _components(root, directory, dest_path):
     return parts
 
 
-def _walk(root_fd, parts, make):
+def walk_below(root_fd, parts, make):
     """
     The descriptor of the directory C{parts} below C{root_fd} (C{root_fd} itself for no
     parts), each opened relative to its parent without following a link; missing ones made
     when C{make}. Runs blocking.
 
-    @raise _NotADirectory: a component is a link or not a directory.
+    @raise NotADirectoryOnTheWay: a component is a link or not a directory.
     @raise OSError: any other failure.
     """
     fd = root_fd
@@ -637,7 +637,7 @@ def _walk(root_fd, parts, make):
                     link = stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode)
                 except OSError:
                     link = False
-                raise _NotADirectory(depth, link) from None
+                raise NotADirectoryOnTheWay(depth, link) from None
             if fd != root_fd:
                 os.close(fd)
             fd = child
@@ -772,8 +772,8 @@ def sweep_files(paths, min_age=SWEEP_MIN_AGE, root=None):
                 if root_fd is None:
                     dir_fd = os.open(directory or ".", flags)
                 else:
-                    dir_fd = _walk(root_fd, _components(root, directory, path), make=False)
-            except (OSError, BadRequest, _NotADirectory):
+                    dir_fd = walk_below(root_fd, _components(root, directory, path), make=False)
+            except (OSError, BadRequest, NotADirectoryOnTheWay):
                 continue  # gone already, or not reachable without a link
             try:
                 _sweep_one(dir_fd, name, path, min_age, removed, young)

@@ -212,23 +212,12 @@ async def list(reactor, url, *, credentials=None, limiter=None, **settings):
 
 
 async def operate(
-    reactor,
-    url,
-    op,
-    *,
-    old=None,
-    target=None,
-    timeouts=Timeouts(),
-    credentials=None,
-    limiter=None,
-    ca_file=None,
-    known_hosts=None,
-    pool=None,
-    http_connections=None,
+    reactor, url, op, *, old=None, target=None, credentials=None, limiter=None, **settings
 ):
     """
     A file operation at C{url} on an sftp or ftp server: C{delete}, C{rmdir}, C{mkdir},
     C{rename} (from C{old}, a path on the same server) or C{link} (to C{target}; sftp only).
+    C{settings} as in L{put}.
 
     @return: a phrase saying what was done, or None for a rename whose old file is missing.
     @raise TransferError: see L{ion.apps.pump.transfer.errors}; BadRequest for an operation
@@ -238,6 +227,6 @@ async def operate(
     scheme = _SCHEMES[location.scheme]
     if scheme not in (sftp, ftp):
         raise BadRequest(f"{location.shown}: no file operations over {location.scheme}")
-    settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool)
+    settings = Settings(**settings)
     async with _slot(limiter, url):
         return await scheme.operate(reactor, location, settings, op, old, target)

@@ -72,7 +72,7 @@ from ion.apps.pump.transfer.errors import (
     TransferTimeout,
 )
 from ion.apps.pump.transfer.limits import SharedResult, cancellable
-from ion.core.credentials import DEFAULT_PORTS
+from ion.core.credentials import DEFAULT_PORTS, remove_dot_segments
 
 # What a notice may name without being from the pump's own user.
 DEFAULT_SCHEMES = ("http", "https", "sftp", "ftp")
@@ -183,28 +183,14 @@ def _decode_unreserved(segment):
     return _UNRESERVED.sub(one, segment)
 
 
-def _remove_dots(segments):
-    out = []
-    for segment in segments:
-        if segment == "..":
-            if out:
-                out.pop()
-        elif segment != ".":
-            out.append(segment)
-    return out
-
-
 def _normal_path(path, decode_all):
     if decode_all:
         # A local path: decoded once, as the file scheme opens it.
-        segments = unquote(path).split("/")[1:]
+        path = unquote(path)
     else:
-        segments = [_decode_unreserved(s) for s in path.split("/")[1:]]
-    trailing = segments[-1:] in ([""], [".."], ["."])
-    kept = _remove_dots(segments)
-    normal = "/" + "/".join(kept)
-    if trailing and not normal.endswith("/"):
-        normal += "/"
+        path = "/".join(_decode_unreserved(s) for s in path.split("/"))
+    # What stands before the first "/" is no part of the path (only file:x has something).
+    normal = remove_dot_segments("/" + path.partition("/")[2])
     # What a server decodes further must not turn into a step up either.
     layer = normal
     for _ in range(8):
