@@ -152,6 +152,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
     """One subscription: notices in, verified files and reports out (see the module docstring)."""
 
     service_optional = True  # named by the pump app: its name is a service (ion rpc)
+    kind = "consumer"  # the component in its queue's name, q_<user>.<kind>.<name>
 
     def on_init(self):
         args = self.settings = ConsumerArgs.parse(self.args)
@@ -163,7 +164,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
         self.mode = args.mode
         self.events = set(args.events)
         self.user = pump_user(self, args.user)
-        self.queue = args.queue or f"q_{own_prefix(self, self.user)}consumer.{self.subscription}"
+        self.queue = args.queue or f"q_{own_prefix(self, self.user)}{self.kind}.{self.subscription}"
         self.subscriber = f"{self.user}.{self.subscription}"
         self.policy = UrlPolicy(args.sources, own_user=self.user, who=args.who)
         self.state_dir = args.state_dir or os.path.join("var", "pump", self.subscription)
@@ -171,7 +172,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
         self.broker, self.report_exchange = None, args.report_exchange
         if args.broker:
             self.broker, self.queue = open_flow_broker(
-                self, args.broker, "consumer", self.subscription, self.state_dir, args.queue
+                self, args.broker, self.kind, self.subscription, self.state_dir, args.queue
             )
             self.report_exchange = args.report_exchange or f"xs_{self.broker.user}"
         self._kept_reports = None  # the local report log, once the broker refused a report
