@@ -15,6 +15,7 @@ from ion.apps.pump.sender import Sender
 from ion.apps.pump.watch import Watch
 from ion.core.cc.container import make_transport
 from ion.core.cc.testing import make_container
+from ion.core.messaging.mqtt import MqttTransport
 from ion.core.messaging.transport import ConnectionLost, Properties
 from tests.apps.pump.fixtures import delete_queues, encode, file_url, notice_fields, topic, until
 from tests.apps.pump.fixtures import write_source
@@ -243,9 +244,24 @@ class MqttFlowTests(FlowScenario, unittest.TestCase):
 
     async def test_shared_subscription(self):
         """Two instances of one subscription (one queue, two state directories) split the
-        work: every file delivered, both busy."""
+        work: 200 files, each delivered once and reported once, both instances busy. They
+        report to the exchange they read (xs_anonymous): the reports come back to them and
+        are not taken for announcements."""
         container = await make_container(self)
-        self.write(60)
+        reports = []
+        watcher = MqttTransport(self.mosquitto.url, reactor, session=f"reports_{self.tag}")
+        self.addCleanup(watcher.close)
+        await watcher.connect()
+        await watcher.bind(f"reports_{self.tag}", "xs_anonymous", "v03.#")
+
+        def report(delivery):
+            fields = json.loads(delivery.body)
+            if "report" in fields:
+                reports.append((fields["relPath"], fields["report"]["code"]))
+            delivery.ack()
+
+        await watcher.consume(f"reports_{self.tag}", report)
+        self.write(200)
         queue = f"q_anonymous.consumer.{self.tag}"
         a = await self.consumer(container, self.mosquitto.url, name="a", queue=queue,
                                 exchange="xs_anonymous")
@@ -258,17 +274,17 @@ class MqttFlowTests(FlowScenario, unittest.TestCase):
             found.update(self.delivered(os.path.join(self.root, "b")))
             return found
 
-        await until(lambda: both() == self.files, timeout=20, what="60 files")
-        await until(lambda: a.stats["delivered"] + b.stats["delivered"] >= 60, timeout=20,
-                    what="60 files reported")
+        await until(lambda: both() == self.files, timeout=40, what="200 files")
+        await until(lambda: len(reports) >= 200, timeout=20,
+                    what=lambda _: f"200 reports, got {len(reports)}")
+        # Every report back at the instances: nothing more can be on its way.
+        await until(lambda: a.stats["reports"] + b.stats["reports"] == len(reports),
+                    timeout=20, what="the reports back at the instances")
+        self.assertEqual(poll.stats["announced"], 200)
+        self.assertEqual(a.stats["delivered"] + b.stats["delivered"], 200)
+        self.assertEqual(sorted(reports), sorted((rel, 201) for rel in self.files))
         self.assertGreater(a.stats["delivered"], 0)
         self.assertGreater(b.stats["delivered"], 0)
-        self.assertEqual(poll.stats["announced"], 60)
-        # At least once: Mosquitto (2.0.11) at times hands one shared message to both
-        # instances while their in-flight windows are full (each instance's duplicate cache
-        # is its own).
-        self.assertLess(a.stats["delivered"] + b.stats["delivered"], 90)
-
 
     async def test_watch_to_consumer(self):
         """watch -> MQTT -> consumer: every file written arrives, byte for byte."""
