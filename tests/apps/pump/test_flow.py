@@ -164,7 +164,7 @@ class RemoteAmqpPumpTests(FlowScenario, unittest.TestCase):
         """Reports to an exchange the account may not write are kept in the local report log,
         with one warning."""
         self.write(3)
-        proc = await self.consumer(self.container, self.url, report_exchange="xreport")
+        await self.consumer(self.container, self.url, report_exchange="xreport")
         warnings = []
         globalLogPublisher.addObserver(warnings.append)
         self.addCleanup(globalLogPublisher.removeObserver, warnings.append)
@@ -236,8 +236,8 @@ class MqttFlowTests(FlowScenario, unittest.TestCase):
         """poll -> MQTT -> consumer: every file arrives, byte for byte."""
         container = await make_container(self)
         self.write(30)
-        proc = await self.consumer(container, self.mosquitto.url, exchange="xs_anonymous")
-        poll = await self.poll(container)
+        await self.consumer(container, self.mosquitto.url, exchange="xs_anonymous")
+        await self.poll(container)
         directory = os.path.join(self.root, self.tag)
         await until(lambda: self.delivered(directory) == self.files, timeout=20,
                     what=lambda _: f"30 files, got {len(self.delivered(directory))}")
