@@ -356,7 +356,7 @@ class ConsumerArgs(_Named):
 SENDER_SCHEMES = ("file", "sftp", "ftp", "http", "https")
 # A consumer's arguments that a sender takes as they are.
 _SENDER_SHARED = (
-    "name", "exchange", "topics", "filters", "accept", "reject", "accept_unmatched", "mirror",
+    "name", "broker", "queue", "exchange", "topics", "filters", "accept", "reject", "accept_unmatched", "mirror",
     "strip", "parallel", "prefetch", "user", "state_dir", "retry_initial", "retry_max",
     "retry_horizon", "retry_jitter", "dup_ttl", "transfer_timeout", "max_size", "min_rate",
     "transfer", "sources", "max_notice_bytes", "report_exchange", "stop_grace",
@@ -498,6 +498,7 @@ class WatchArgs(_Named):
     name = attrs.field(default=None)
     who = attrs.field(init=False, default=_named(KIND), eq=False, repr=False)
     path = attrs.field(default=None, validator=_check(lambda v: isinstance(v, str) and v, "a path"))
+    broker = BROKER
     exchange = attrs.field(default=None, validator=OPTIONAL_EXCHANGE)
     user = attrs.field(default=None, validator=OPTIONAL_USER)
     filters = attrs.field(default=None)
@@ -521,7 +522,8 @@ class WatchArgs(_Named):
 
 @attrs.frozen(kw_only=True)
 class IngestArgs(_Arguments):
-    """The ingest (L{ion.apps.pump.ingest}); C{users} None: the pump's user only."""
+    """The ingest (L{ion.apps.pump.ingest}); C{users} None: the pump's user only. It takes no
+    C{broker}: see L{INGEST_BROKER}."""
 
     who = _fixed_who("ingest")
     users = attrs.field(
@@ -537,6 +539,21 @@ class IngestArgs(_Arguments):
     report_exchange = attrs.field(default="xreport", validator=EXCHANGE)
     prefetch = attrs.field(default=100, validator=COUNT)
     max_notice_bytes = attrs.field(default=MAX_NOTICE_BYTES, validator=COUNT)
+
+    @classmethod
+    def parse(cls, args, who=None):
+        if isinstance(args, dict) and "broker" in args:
+            raise BadArgument(INGEST_BROKER)
+        return super().parse(args, who)
+
+
+# Why the ingest has no broker of its own (README.txt says the same).
+INGEST_BROKER = (
+    "ingest: broker is not an ingest argument: the ingest feeds the pump on the container's "
+    "own broker (it reads every user's xs_ exchange and writes xpublic, which only that "
+    "pump's admin may, and stamps source from the publisher that broker vouches for, which "
+    "MQTT does not carry); to take notices from another pump, give a subscription a broker"
+)
 
 
 @attrs.frozen(kw_only=True)

@@ -8,21 +8,23 @@ patterns C{topics}. For each message, in this order:
   1. decode and validate the v03 notice. Undecodable: logged and acked. Valid JSON that fails
      validation: a 417 report when the body names its C{source} (on C{xpublic} the pump's ingest
      stamped it); a body over C{max_notice_bytes}: likewise with 413;
-  2. filter the notice's URL (C{notice.url()}) through the accept/reject rules (first full match
+  2. a message carrying C{report} is someone's outcome, not an announcement: acked, counted
+     (C{reports}), nothing fetched (sr3 takes C{report} out of what it announces);
+  3. filter the notice's URL (C{notice.url()}) through the accept/reject rules (first full match
      wins; unmatched URLs are accepted unless C{accept_unmatched} is False); rejected: acked,
      counted, no report. A notice with a C{fileOp} (rename, remove, link, mkdir, rmdir) is
      carried out under C{directory} when C{events} (default all) allows it, else acked and
      counted as C{unsupported}: see L{ion.apps.pump.fileops.AppliesFileOps};
-  3. suppress duplicates (L{dup_key}: identity and relPath, or relPath, mtime and size) with a
+  4. suppress duplicates (L{dup_key}: identity and relPath, or relPath, mtime and size) with a
      cache kept on disk (C{dupcache.py}) for C{dup_ttl} seconds: acked, counted, no report. With
      C{discard} (benchmarks) the message ends here: its key is remembered (written to the
      file once per reactor turn) and it is acked;
-  4. a C{size} over C{max_size}: one 413 report, nothing fetched; place it under C{directory}
+  5. a C{size} over C{max_size}: one 413 report, nothing fetched; place it under C{directory}
      (L{ion.apps.pump.paths}; a C{retrievePath} passes the same rules): a path that could leave
      the tree, one 422 report, nothing touched on disk. Its URL is judged by the policy of
      C{sources} and the notice's C{source} (L{ion.apps.pump.transfer.policy}): refused, a 403
      report, never retried;
-  5. fetch the file (L{ion.apps.pump.transfer.worker.Transfers} with the C{transfer} settings),
+  6. fetch the file (L{ion.apps.pump.transfer.worker.Transfers} with the C{transfer} settings),
      verified against the notice's size and checksum, at most C{parallel} at a time, each
      given up after C{transfer_timeout} seconds, cut past the announced size or C{max_size}
      (413) or under C{min_rate} (504, retried). Delivered: optional re-announce (sarra mode),
@@ -152,6 +154,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
     """One subscription: notices in, verified files and reports out (see the module docstring)."""
 
     service_optional = True  # named by the pump app: its name is a service (ion rpc)
+    kind = "consumer"  # the component in its queue's name, q_<user>.<kind>.<name>
 
     def on_init(self):
         args = self.settings = ConsumerArgs.parse(self.args)
@@ -163,7 +166,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
         self.mode = args.mode
         self.events = set(args.events)
         self.user = pump_user(self, args.user)
-        self.queue = args.queue or f"q_{own_prefix(self, self.user)}consumer.{self.subscription}"
+        self.queue = args.queue or f"q_{own_prefix(self, self.user)}{self.kind}.{self.subscription}"
         self.subscriber = f"{self.user}.{self.subscription}"
         self.policy = UrlPolicy(args.sources, own_user=self.user, who=args.who)
         self.state_dir = args.state_dir or os.path.join("var", "pump", self.subscription)
@@ -171,7 +174,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
         self.broker, self.report_exchange = None, args.report_exchange
         if args.broker:
             self.broker, self.queue = open_flow_broker(
-                self, args.broker, "consumer", self.subscription, self.state_dir, args.queue
+                self, args.broker, self.kind, self.subscription, self.state_dir, args.queue
             )
             self.report_exchange = args.report_exchange or f"xs_{self.broker.user}"
         self._kept_reports = None  # the local report log, once the broker refused a report
@@ -207,6 +210,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
             "duplicates": 0,
             "discarded": 0,
             "unsupported": 0,
+            "reports": 0,
             "file_ops": 0,
             "delivered": 0,
             "bytes": 0,
@@ -324,7 +328,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
 
     async def op_stats(self, content, headers):
         """The counters: received, accepted, rejected, invalid, duplicates, discarded,
-        unsupported (fileOps not in events), file_ops (carried out), delivered, bytes,
+        unsupported (fileOps not in events), reports (messages that were reports, not
+        announcements: skipped), file_ops (carried out), delivered, bytes,
         retrying, retried, failures {code: n}, in_hand (messages and retries being worked on
         now), bytes_received (by all transfers since the start, delivered or not),
         bytes_in_flight (those of the files being fetched now) and queued (messages waiting
@@ -394,6 +399,12 @@ class Consumer(AppliesFileOps, ServiceProcess):
             notice.validate()
         except InvalidNotice as e:
             return self._refuse_invalid(delivery, notice, e)
+        if notice.report is not None:
+            # Someone's outcome, not an announcement: fetching it would deliver the file
+            # again (a flow reading the exchange its own instances report to gets them all).
+            self.stats["reports"] += 1
+            self._ack(delivery)
+            return None
         url = notice.url()
         if not self.filter.accepts(url):
             self.stats["rejected"] += 1
@@ -406,7 +417,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
         key = dup_key(notice)
         # A copy arriving while the first is still being fetched is a duplicate too: the first
         # one's message stays unacked until its outcome is durable.
-        if key in self.dupcache or key in self._working or self.retries.has_key(key):
+        if self.knows(key) or any(other.knows(key) for other in self.instances()):
             self.stats["duplicates"] += 1
             self._ack(delivery)
             return None
@@ -420,6 +431,23 @@ class Consumer(AppliesFileOps, ServiceProcess):
             return None
         self._working.add(key)
         return self._deliver_new(delivery, notice, url, key)
+
+    def knows(self, key):
+        """Whether this instance delivered C{key} (within C{dup_ttl}), is fetching it now or
+        will retry it."""
+        return key in self.dupcache or key in self._working or self.retries.has_key(key)
+
+    def instances(self):
+        """The other running instances of this subscription in this container: consumers of
+        the same queue on the same broker. A copy of a notice one of them holds is a
+        duplicate here too: on MQTT a shared subscription may hand one message to two of
+        them (a session taken over, or ended with the message unacknowledged)."""
+        mine = (self.settings.broker, self.queue)
+        return [
+            proc for proc in self.container.registry
+            if proc is not self and isinstance(proc, Consumer) and not proc.lifecycle.final
+            and hasattr(proc, "retries") and (proc.settings.broker, proc.queue) == mine
+        ]
 
     async def _deliver_new(self, delivery, notice, url, key):
         try:
@@ -703,7 +731,9 @@ class Consumer(AppliesFileOps, ServiceProcess):
             self._schedule_retries()
 
     async def _try_again(self, entry):
-        if entry.key in self.dupcache:
+        if entry.key in self.dupcache or any(
+            entry.key in other.dupcache for other in self.instances()
+        ):
             self.retries.done(entry)
             return
         notice = Notice(copy.deepcopy(entry.body))

@@ -1,4 +1,4 @@
-"""A flow's own broker: the connection of a subscription or a poll that works on another pump.
+"""A flow's own broker: the connection of a subscription, sender, poll or watch on another pump.
 
 A flow given a C{broker} URL (C{amqp[s]://} or C{mqtt[s]://}) opens a connection of its own
 there (L{ion.core.process.Process.open_broker}) and declares only what a read-only account of

@@ -14,6 +14,7 @@ from twisted.internet import defer, threads
 
 from ion.apps.pump.notice import Notice, format_time
 from ion.apps.pump.watch import describe
+from ion.core.process import TransportError
 
 # Notices in flight (published, not yet confirmed) at a time.
 WINDOW = 100
@@ -47,9 +48,9 @@ def files_to_post(paths, base_dir=None):
     return [(path, os.path.relpath(path, base).replace(os.sep, "/")) for path in found]
 
 
-async def post_files(process, files, exchange, base_url, prefix="v03"):
-    """Announce C{files} [(path, relPath)] to C{exchange} through C{process}; returns how many
-    were confirmed. A file gone or unreadable by the time it is read is skipped (not counted).
+async def post_files(process, files, exchange, base_url, prefix="v03", transport=None):
+    """Announce C{files} [(path, relPath)] to C{exchange} through C{process} (on C{transport},
+    a connection of its own, when given); returns how many were confirmed. A file gone or unreadable by the time it is read is skipped (not counted).
     Raises what the first publish that failed raised, after the others in flight ended."""
     reactor = process.container.reactor
     now = process.container.clock.seconds
@@ -66,7 +67,8 @@ async def post_files(process, files, exchange, base_url, prefix="v03"):
              "mtime": format_time(mtime), "mode": f"{mode & 0o7777:o}"}
         )
         await process.publish(
-            exchange, notice.topic(prefix), notice.to_json(), persistent=True, declare="topic"
+            exchange, notice.topic(prefix), notice.to_json(), persistent=True,
+            declare=None if transport is not None else "topic", transport=transport,
         )
         return 1
 
@@ -88,8 +90,20 @@ def prepare(args):
 
 
 async def run(client, args):
-    """C{ion post}: announce C{args.files} through the CLI's process C{client}."""
-    exchange = args.exchange or f"xs_{args.user or client.container.transport.user}"
+    """C{ion post}: announce C{args.files} through the CLI's process C{client}; to an MQTT
+    broker (C{args.post_broker}, set by the CLI) through a connection of the process's own,
+    declaring nothing there."""
+    transport = None
+    if getattr(args, "post_broker", None):
+        transport = client.open_broker(args.post_broker)
+        connecting = transport.connect()
+        connecting.addTimeout(args.timeout, client.container.reactor)
+        try:
+            await connecting
+        except defer.TimeoutError:
+            raise TransportError(f"cannot reach broker {transport.address}: timed out") from None
+    login = (transport or client.container.transport).user
+    exchange = args.exchange or f"xs_{args.user or login}"
     base_url = args.base_url or "file://" + quote(os.path.abspath(os.curdir), safe="/") + "/"
-    count = await post_files(client, args.files, exchange, base_url, args.topic_prefix)
+    count = await post_files(client, args.files, exchange, base_url, args.topic_prefix, transport)
     return f"announced {count} files to {exchange}"

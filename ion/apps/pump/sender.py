@@ -18,6 +18,10 @@ For each file notice:
   4. with C{post_exchange}, the file is announced there as sent (baseUrl C{destination},
      relPath where it went, identity sha512) before the 201 report: sr3's post_exchange.
 
+With C{broker} (and optionally C{queue}), the notices come from that broker, through the
+sender's own connection, as a consumer's do (L{ion.apps.pump.flow}); its reports go to
+C{xs_<login>} there. C{post_exchange} announcements go to the container's broker.
+
 File operations (C{fileOp}) are carried out at the destination as C{events} allows: under
 a C{file:} destination's directory (L{ion.apps.pump.fileops}), or on the sftp or ftp server
 (rename, remove, mkdir, rmdir; links on sftp only); http(s) refuses them (422). On sftp and
@@ -40,11 +44,12 @@ from ion.apps.pump.outcome import Failure, classify
 from ion.apps.pump.poll import local_directory
 from ion.apps.pump.transfer import ChecksumMismatch, TransferError
 from ion.apps.pump.transfer.inflight import DestinationRoot
-from ion.apps.pump.user import own_prefix
 
 
 class Sender(Consumer):
     """Notices in, files sent to C{destination}, reports out (see the module docstring)."""
+
+    kind = "sender"
 
     def on_init(self):
         sender = self.sender = SenderArgs.parse(self.args)
@@ -59,7 +64,6 @@ class Sender(Consumer):
             }
         self.args = consumer_args
         super().on_init()
-        self.queue = f"q_{own_prefix(self, self.user)}sender.{self.subscription}"
         self.label = sender.who
         self.destination = sender.destination
         self.events = set(sender.events)

@@ -3,7 +3,9 @@
 A L{Watch} (one per C{watches} entry of the pump app) watches every directory of C{path} with
 Twisted's L{twisted.internet.inotify}, directories made later included, and publishes a v03
 notice (persistent, confirmed) to C{exchange} (default C{xs_<user>}, where the ingest takes it)
-for each change that C{events} selects:
+for each change that C{events} selects. With C{broker}, the notices go to that broker
+through the watch's own connection (L{ion.apps.pump.flow}), to C{exchange} or C{xs_<login>}
+there, and no exchange is declared:
 
   - C{create}, C{modify}: a regular file once it is closed after writing, with C{identity}
     sha512, C{size}, C{mtime} and C{mode}. A file is announced C{coalesce} seconds (default 1)
@@ -49,6 +51,7 @@ from twisted.python.filepath import FilePath
 
 from ion.apps.pump.args import WatchArgs, root_url
 from ion.apps.pump.fileops import renamed_from
+from ion.apps.pump.flow import open_flow_broker
 from ion.apps.pump.notice import Notice, format_time
 from ion.apps.pump import paths
 from ion.apps.pump.poll import SeenFiles, unfetchable
@@ -158,6 +161,11 @@ class Watch(ServiceProcess):
         self.exchange = args.exchange or f"xs_{self.user}"
         state_dir = args.state_dir or os.path.join("var", "pump", f"watch-{args.name}")
         self.claim_directory(state_dir)
+        self.broker = None
+        if args.broker:
+            # Announced there, to xs_<login> (or exchange), which that pump declares.
+            self.broker, _ = open_flow_broker(self, args.broker, "watch", args.name, state_dir)
+            self.exchange = args.exchange or f"xs_{self.broker.user}"
         self.store = SeenFiles(
             os.path.join(state_dir, "seen.sqlite3"), root_url("file:" + self.root),
             self.container.reactor,
@@ -177,9 +185,11 @@ class Watch(ServiceProcess):
         # Files read at a time: a burst of thousands waits here, not as thousands of
         # coroutines and thread jobs in memory at once.
         self._working = defer.DeferredSemaphore(WORKING)
-        self._declare = "topic"
+        self._declare = None if self.broker is not None else "topic"
 
     async def on_activate(self):
+        if self.broker is not None:
+            await self.broker.connect()
         self.known = await self.store.everything()
         self.notifier = _TreeNotify(reactor=self.container.reactor)
         self.notifier.startReading()
@@ -509,7 +519,7 @@ class Watch(ServiceProcess):
                 rel, notice, state = self._outbox.popleft()
                 publishing = self.track(
                     self.publish(self.exchange, notice.topic(), notice.to_json(),
-                                 persistent=True, declare=self._declare)
+                                 persistent=True, declare=self._declare, transport=self.broker)
                 )
                 if self._declare is not None:
                     try:

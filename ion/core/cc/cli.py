@@ -11,7 +11,8 @@ Usage::
                               instead of the broker (memory://: default http://127.0.0.1:8580)
     ion spawn <module> [--container ID]
     ion post [--broker URL] [--exchange X] [--base-url URL] [--topic-prefix v03] [--user NAME]
-             PATH...          announce files once (a directory: every file below it); exit
+             PATH...          announce files once (a directory: every file below it), on
+                              an AMQP or an MQTT (mqtt[s]://, sr3's layout) broker; exit
                               status 0, 1 broker unreachable or a publish not confirmed, 2 bad
                               arguments or an unreadable path (see ion.apps.pump.post)
     ion broker-setup --user NAME --role subscriber|source|feeder|admin [--apply]
@@ -200,7 +201,11 @@ async def _run(reactor, args):
 
         web = args.web or "http://127.0.0.1:8580"
         return [await read_console(reactor, web, args.timeout, args.credentials)]
-    if check_broker_url(url) == "memory":
+    if args.command == "post" and url.split(":", 1)[0].lower() in ("mqtt", "mqtts"):
+        # Posted through a connection of the command's process (an MQTT broker cannot carry
+        # the container's own messages): the container itself runs on memory://.
+        args.post_broker, url = url, "memory://"
+    elif check_broker_url(url) == "memory":
         # A memory:// broker lives inside one process: this one's would be new and empty.
         raise UsageError(
             "no broker: give --broker amqp://... (a container on the embedded memory:// "

@@ -653,6 +653,33 @@ class ConsumerScenarios:
         self.assertEqual(len(self.reports()), 1)
         self.assertEqual(self.consumer.stats["delivered"], 1)
 
+    async def test_instances_share_duplicates(self):
+        """Two instances of one subscription in one container (one queue, two state
+        directories): copies of one notice reaching either while the other fetches it, or
+        after it delivered it, are duplicates; one download, one report."""
+        c = await self.pump(consumer=HeldConsumer)
+        other = await self.spawn_consumer(c, HeldConsumer, state_dir=os.path.join(self.base, "s2"))
+        instances = (self.consumer, other)
+        data = b"once"
+        write_source(self.src, "d/f.dat", data)
+        fields = notice_fields(self.base_url, "d/f.dat", data)
+        await self.post(fields)
+        await until(lambda: any(i.started.called for i in instances))
+        # Deliveries go round robin: one of these two reaches the instance not fetching.
+        await self.post(fields)
+        await self.post(fields)
+        await until(lambda: sum(i.stats["duplicates"] for i in instances) == 2)
+        for i in instances:
+            i.release.callback(None)
+        await self.wait_reports(1)
+        for _ in range(2):
+            await self.post(dict(fields, pubTime="20300101T000000"))
+        await until(lambda: sum(i.stats["duplicates"] for i in instances) == 4)
+        await self.settle()
+        self.assertEqual(len(self.reports()), 1)
+        self.assertEqual(sum(i.stats["delivered"] for i in instances), 1)
+        self.assertEqual(sum(i.stats["received"] for i in instances), 5)
+
     async def test_discard(self):
         """In discard mode notices are filtered, deduplicated and acked, nothing is fetched
         or reported."""

@@ -2,17 +2,20 @@
 
 import base64
 import hashlib
+import json
 import os
 import subprocess
 import sys
 
-from twisted.internet import threads
+from twisted.internet import reactor, threads
 from twisted.trial import unittest
 
 from ion.apps.pump.post import Unpostable, files_to_post
 from ion.core.cc.testing import make_container
 from tests.apps.pump.fixtures import Collector
+from ion.core.messaging.mqtt import MqttTransport
 from tests.broker import get_broker, skip_or_fail_without_rabbitmq
+from tests.mosquitto import get_mosquitto
 from tests.waiting import quiet, until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -94,3 +97,39 @@ class PostTests(unittest.TestCase):
             self.assertEqual(result.returncode, status, (args, result.stderr))
             self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
             self.assertNotIn("Traceback", result.stderr)
+
+
+class MqttPostTests(unittest.TestCase):
+    timeout = 60
+
+    async def test_post_over_mqtt(self):
+        """With an mqtt:// broker the files are announced there in sr3's layout (exchange
+        xs_anonymous as the first topic level), confirmed; an unreachable one is exit 1."""
+        mosquitto = get_mosquitto()
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(base, "data", "sub"))
+        with open(os.path.join(base, "data", "sub", "two"), "wb") as f:
+            f.write(b"22")
+        got = []
+        queue = f"q_post{os.getpid()}"
+        watcher = MqttTransport(mosquitto.url, reactor, session=queue)
+        self.addCleanup(watcher.close)
+        await watcher.connect()
+        await watcher.bind(queue, "xs_anonymous", "v03.#")
+
+        def take(delivery):
+            got.append((delivery.exchange, delivery.routing_key, json.loads(delivery.body)))
+            delivery.ack()
+
+        await watcher.consume(queue, take)
+        result = await threads.deferToThread(post, base, "--broker", mosquitto.url, "data")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), "announced 1 files to xs_anonymous")
+        await until(lambda: len(got) == 1)
+        exchange, key, body = got[0]
+        self.assertEqual((exchange, key, body["relPath"], body["size"]),
+                         ("xs_anonymous", "v03.data.sub", "data/sub/two", 2))
+        result = await threads.deferToThread(
+            post, base, "--broker", "mqtt://127.0.0.1:1/", "--timeout", "3", "data")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
