@@ -56,6 +56,10 @@ CHECKSUM_METHODS = ("sha512", "md5")
 INFLIGHT_SUFFIX = ".inflight"
 # Seconds since its last change before an unlocked temporary file counts as abandoned.
 SWEEP_MIN_AGE = 5
+# The same for the part file and block record of a partitioned transfer, which a later
+# attempt resumes (see ion.apps.pump.transfer.blocks).
+RESUMABLE_SUFFIXES = (".part.inflight", ".blocks.inflight")
+RESUMABLE_MIN_AGE = 2 * 24 * 3600
 # Bodies up to this size are written in one go once complete; bigger ones stream to disk.
 BUFFER_LIMIT = 1024 * 1024
 # A streaming source is paused while this many bytes wait for the disk.
@@ -229,6 +233,7 @@ class InflightFile:
     @param root: the L{DestinationRoot} (or the path of the directory) that C{dest_path} is
         under: the directories between them are reached without following links and made
         when missing. Default: the directory of C{dest_path}, which must exist.
+    @param temp_name: the name of the temporary file (default: a fresh L{inflight_name}).
     @ivar declared_size: the size the server announced (Content-Length, stat), or C{None}.
     """
 
@@ -242,11 +247,15 @@ class InflightFile:
         pool=None,
         max_size=None,
         root=None,
+        temp_name=None,
     ):
         self.dest_path = dest_path
-        self.temp_path = inflight_name(dest_path)
-        self.what = what or dest_path
         directory, self._name = os.path.split(dest_path)
+        if temp_name is None:
+            self.temp_path = inflight_name(dest_path)
+        else:
+            self.temp_path = os.path.join(directory, temp_name)
+        self.what = what or dest_path
         self._directory = directory or "."
         self._temp_name = os.path.basename(self.temp_path)
         # A root of our own is opened by our first disk job and closed by our last.
@@ -674,6 +683,21 @@ def _write_all(fd, chunks):
                 data = data[os.write(fd, data) :]
 
 
+def _write_at(fd, chunks, offset):
+    """Write all of C{chunks} at C{offset} in C{fd}, in as few system calls as the OS allows."""
+    for start in range(0, len(chunks), _IOV_MAX):
+        batch = chunks[start : start + _IOV_MAX]
+        written = os.pwritev(fd, batch, offset)
+        total = sum(map(len, batch))
+        if written < total:
+            data = memoryview(b"".join(batch))[written:]
+            position = offset + written
+            while data:
+                n = os.pwrite(fd, data, position)
+                data, position = data[n:], position + n
+        offset += total
+
+
 class DirectorySyncs:
     """
     fsync of directories, shared: a caller returns once an fsync of its directory that started
@@ -738,7 +762,9 @@ def sweep(root, min_age=SWEEP_MIN_AGE):
     writing any more: those whose writer was killed before it could remove them. A file whose
     C{flock} is held is being written and is left alone, and so is one modified less than
     C{min_age} seconds ago (its writer may have created it and not locked it yet): those are
-    returned as young, for L{sweep_files} to look at again once C{min_age} has passed. Runs
+    returned as young, for L{sweep_files} to look at again once C{min_age} has passed. The part
+    file and block record of a partitioned transfer (L{RESUMABLE_SUFFIXES}) are left for
+    C{RESUMABLE_MIN_AGE} since their last change, for the next attempt to resume. Runs
     blocking (call it in a thread). The tree is walked by directory descriptors (C{os.fwalk})
     and each file removed through its directory's: a link swapped into the tree meanwhile
     cannot send a removal elsewhere.
@@ -799,6 +825,9 @@ def _sweep_one(dir_fd, name, path, min_age, removed, young):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return  # its writer is alive
+        age = time.time() - os.fstat(fd).st_mtime
+        if name.endswith(RESUMABLE_SUFFIXES) and age < RESUMABLE_MIN_AGE:
+            return  # a partitioned transfer's, resumed by its next attempt
         # Checked with the lock held: a writer that locks it from now on is too late.
         if os.fstat(fd).st_mtime > time.time() - min_age:
             young.append(path)  # maybe created a moment ago, its lock not taken yet
