@@ -8,12 +8,16 @@ import base64
 import hashlib
 import os
 import re
+import signal
+import subprocess
+import sys
 
 from twisted.internet import reactor
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server, static
 
+import ion
 from ion.apps.pump import transfer
 from ion.apps.pump.transfer import ChecksumMismatch, ConnectionFailed, Credentials, TransferError
 from ion.apps.pump.transfer.blocks import (
@@ -25,6 +29,7 @@ from ion.apps.pump.transfer.blocks import (
 )
 from ion.apps.pump.transfer.errors import BadRequest
 from ion.apps.pump.transfer.inflight import sweep
+from tests.waiting import until
 from tests.apps.pump.servers import (
     leftovers,
     pattern,
@@ -65,6 +70,7 @@ class _Ranged(resource.Resource):
         self.served = []  # the first byte of each range, in the order the answers started
         self.delay = 0
         self.fail_after = None
+        self.stall = False
 
     def render_GET(self, request):
         asked = request.getHeader(b"range")
@@ -72,6 +78,8 @@ class _Ranged(resource.Resource):
             asked = asked.decode()
             self.ranges.append(asked)
             if self.fail_after is not None and len(self.ranges) > self.fail_after:
+                if self.stall:
+                    return server.NOT_DONE_YET  # never answered
                 request.setResponseCode(503)
                 return b"down"
         first = int(re.search(r"bytes=(\d+)-", asked).group(1)) if asked else 0
@@ -266,6 +274,59 @@ class HTTPBlockTests(_BlockTests, TestCase):
         with open(self.dest, "rb") as f:
             self.assertEqual(f.read(), self.data)
         self.assertEqual(result.size, SIZE)
+        self.assertEqual(leftovers(self.local), [])
+
+    async def test_resumeAfterKill(self):
+        """
+        A process killed (SIGKILL) half way through leaves its part file and record; the next
+        attempt fetches only the blocks the record lacks (counted at the server).
+        """
+        self.ranged.fail_after, self.ranged.stall = 4, True
+        checksum = sha512(self.data)
+        script = (
+            "import sys\n"
+            "from twisted.internet import task\n"
+            "from twisted.python.threadpool import ThreadPool\n"
+            "from ion.apps.pump import transfer\n"
+            "from ion.apps.pump.transfer.blocks import BlockSettings\n"
+            "def main(reactor):\n"
+            "    pool = ThreadPool(0, 2); pool.start()\n"
+            "    return transfer.get(reactor, sys.argv[1], sys.argv[2], pool=pool,\n"
+            "        expected_size=int(sys.argv[3]), expected_checksum=('sha512', sys.argv[4]),\n"
+            f"        blocks=BlockSettings({BLOCK}, {BLOCK}, 1))\n"
+            "task.react(lambda reactor: __import__('twisted.internet.defer').internet.defer"
+            ".Deferred.fromCoroutine(main(reactor)))\n"
+        )
+        url = self.server.url + "/ranged/big.bin"
+        checkout = os.path.dirname(os.path.dirname(os.path.abspath(ion.__file__)))
+        env = dict(os.environ, PYTHONPATH=checkout)
+        child = subprocess.Popen(
+            [sys.executable, "-c", script, url, self.dest, str(SIZE), checksum],
+            env=env, stdin=subprocess.DEVNULL,
+        )
+        self.addCleanup(lambda: child.poll() is None and child.kill())
+
+        def record_lines():
+            names = [n for n in leftovers(self.local) if n.endswith(".blocks.inflight")]
+            if not names:
+                return 0
+            with open(os.path.join(self.local, names[0]), "rb") as f:
+                return f.read().count(b"\n")
+
+        # The header and four blocks recorded; the fifth request hangs.
+        def four_recorded():
+            self.assertIsNone(child.poll(), "the child ended early")
+            return record_lines() == 5 and len(self.ranged.ranges) == 5
+
+        await until(four_recorded, 30, "four blocks recorded by the child")
+        child.send_signal(signal.SIGKILL)
+        await until(lambda: child.poll() is not None, 10, "the child to die")
+        self.ranged.ranges.clear()
+        self.ranged.fail_after = None
+        await self.get("big.bin", expected_size=SIZE, expected_checksum=("sha512", checksum))
+        self.assertEqual(len(self.ranged.ranges), 9 - 4)
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), self.data)
         self.assertEqual(leftovers(self.local), [])
 
     async def test_newVersion(self):
