@@ -57,6 +57,7 @@ from ion.apps.pump.transfer.errors import (
 from ion.apps.pump.transfer.inflight import (
     BACKLOG_LIMIT,
     RESUMABLE_SUFFIXES,
+    WRITE_BATCH,
     InflightFile,
     _write_at,
     b64digest,
@@ -345,8 +346,8 @@ class PartialFile(InflightFile):
 
 class BlockSink:
     """
-    Receives one block of a L{PartialFile}: each chunk is written at its offset in the part
-    file by a pool job (one at a time), the source paused while C{BACKLOG_LIMIT} bytes wait.
+    Receives one block of a L{PartialFile}: the chunks are written at their offset in the part
+    file by pool jobs (one at a time, of at least C{WRITE_BATCH} bytes but the last), the source paused while C{BACKLOG_LIMIT} bytes wait.
     Anything past the block's length fails it; L{close} fails it when bytes are missing or,
     given C{methods} and an expected checksum, when they do not hash to it.
     """
@@ -383,7 +384,8 @@ class BlockSink:
         self.partial.size += len(data)
         self._pending.append(data)
         self._pending_bytes += len(data)
-        self._flush()
+        if self._pending_bytes >= WRITE_BATCH:
+            self._flush()
 
     @property
     def backlogged(self):
@@ -420,7 +422,7 @@ class BlockSink:
         if isinstance(result, Failure):
             error = result.value
             self._error = error if isinstance(error, TransferError) else LocalFailure(str(error))
-        else:
+        elif self._pending_bytes >= WRITE_BATCH:
             self._flush()
         waiting, self._waiting = self._waiting, []
         for d in waiting:
@@ -428,7 +430,9 @@ class BlockSink:
 
     async def settle(self):
         """Wait until the bytes received are written (or writing failed)."""
-        while self._job is not None:
+        while self._job is not None or (self._pending and self._error is None):
+            if self._job is None:
+                self._flush()
             await self._job.observe().addErrback(lambda _: None)
 
     async def close(self, expected_checksum=None):

@@ -5,7 +5,8 @@ The disk work (create, write, hash, fsync, rename, directory fsync) runs in a th
 by the caller, one job at a time per file, so a transfer waiting for the disk never holds up the
 reactor; without a pool it runs at once in the calling thread. A body of up to
 C{BUFFER_LIMIT} bytes is kept in memory and written in a single job at the end (a failed
-transfer then never touches the disk); a bigger one streams to disk as it arrives, its source
+transfer then never touches the disk); a bigger one streams to disk as it arrives (the first
+bytes at once, then in jobs of at least C{WRITE_BATCH} bytes), its source
 paused (L{InflightFile.backlogged}, L{InflightFile.drained}) while C{BACKLOG_LIMIT} bytes wait
 for the disk. Renames into one directory that finish close together share one fsync of the
 directory.
@@ -64,6 +65,9 @@ RESUMABLE_MIN_AGE = 2 * 24 * 3600
 BUFFER_LIMIT = 1024 * 1024
 # A streaming source is paused while this many bytes wait for the disk.
 BACKLOG_LIMIT = 2 * 1024 * 1024
+# Bytes gathered before a disk job writes them (a job per network read costs a thread hop
+# each); the last ones go with the commit.
+WRITE_BATCH = 512 * 1024
 # Buffers one os.writev call may take (IOV_MAX on Linux).
 _IOV_MAX = 1024
 
@@ -278,6 +282,7 @@ class InflightFile:
         self._pending = []
         self._pending_bytes = 0
         self._streaming = False
+        self._batches = 0  # disk jobs given bytes so far
         self._job = None  # the SharedResult of the last disk job
         self._error = None  # the TransferError a streaming job failed with
         self._waiting = []  # Deferreds of drained()
@@ -333,7 +338,9 @@ class InflightFile:
         self._pending.append(data)
         self._pending_bytes += len(data)
         if self._streaming:
-            self._flush()
+            # The first bytes go at once: a file being received shows on disk.
+            if self._pending_bytes >= WRITE_BATCH or self._batches == 0:
+                self._flush()
         elif self._pending_bytes > BUFFER_LIMIT:
             self._stream()
 
@@ -425,6 +432,7 @@ class InflightFile:
         if self._job is not None or self._error is not None or self._removal is not None:
             return
         chunks, self._pending, self._pending_bytes = self._pending, [], 0
+        self._batches += bool(chunks)
         self._job = self._run(self._write, chunks)
         self._job.observe().addBoth(self._written)
 
@@ -433,7 +441,7 @@ class InflightFile:
         if isinstance(result, Failure):
             error = result.value
             self._error = error if isinstance(error, TransferError) else LocalFailure(str(error))
-        elif self._pending:
+        elif self._pending_bytes >= WRITE_BATCH or (self._pending and self._batches == 0):
             self._flush()
         self._release_waiting()
 
