@@ -45,9 +45,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from pump import SR3_VENV, BenchError, Children, peak_rss_mb, start_http_server  # noqa: E402
+from bench.pump import (  # noqa: E402  (child processes, /proc figures, sr3's venv)
+    SR3_VENV,
+    BenchError,
+    Children,
+    peak_rss_mb,
+    start_http_server,
+)
 
 CHUNK = 8 * 1024 * 1024
 
