@@ -242,9 +242,14 @@ class HTTPBlockTests(_BlockTests, TestCase):
         at its offset, and the whole-file checksum is verified once they are all in.
         """
         self.ranged.delay = 0.3
+        seen = []
+        active = type("Active", (), {"add": lambda _, sink: seen.append(sink),
+                                      "discard": lambda _, sink: None})()
         await self.get(
-            "big.bin", expected_size=SIZE, expected_checksum=("sha512", sha512(self.data))
+            "big.bin", expected_size=SIZE, expected_checksum=("sha512", sha512(self.data)),
+            active=active,
         )
+        self.assertEqual(seen[0].progress(), "9/9 blocks, 8.0 MiB of 8.0 MiB")
         with open(self.dest, "rb") as f:
             self.assertEqual(f.read(), self.data)
         self.assertNotEqual(self.ranged.served[0], 0)
