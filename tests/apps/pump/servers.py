@@ -665,10 +665,13 @@ class FTPServer:
     """
     A twisted FTP server on 127.0.0.1 over C{root}: user C{user} logs in with C{password};
     anonymous logins are refused. Files named in C{stalled_names} send 50000 bytes, then stall.
-    With C{mlsd=True} the server also answers C{MLSD}.
+    With C{mlsd=True} the server also answers C{MLSD}; it answers C{REST} unless C{rest=False}
+    (twisted's own server has no REST).
     """
 
-    def __init__(self, root, user="carol", password="secret", stalled_names=(), mlsd=False):
+    def __init__(
+        self, root, user="carol", password="secret", stalled_names=(), mlsd=False, rest=True
+    ):
         checker = InMemoryUsernamePasswordDatabaseDontUse()
         # twisted's FTP server hands the checker text, not bytes.
         checker.addUser(user, password)
@@ -677,6 +680,8 @@ class FTPServer:
         self.factory.allowAnonymous = False
         if mlsd:
             self.factory.protocol = _MLSDFTP
+        elif not rest:
+            self.factory.protocol = ftp.FTP
         self.user = user
         self.port = None
 

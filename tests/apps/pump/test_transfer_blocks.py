@@ -473,6 +473,25 @@ class FTPBlockTests(_BlockTests, TestCase):
         # Block 0 starts at 0: its RETR needs no REST.
         return len(self.server.factory.restarts) + 1
 
+    async def test_noRest(self):
+        """
+        A server without REST gets the file in one stream, and so does every later file
+        from it.
+        """
+        server = start_ftp(self, self.root, user="carol", password=SECRET, rest=False)
+        port = server.port.getHost().port
+        creds = Credentials.parse(f"ftp://carol:{SECRET}@127.0.0.1:{port}/\n")
+        blocks = BlockSettings(threshold=BLOCK, size=BLOCK)
+        for dest in (self.dest, self.dest + "2"):
+            result = await transfer.get(
+                reactor, server.url + "/big.bin", dest, credentials=creds, pool=self.pool,
+                expected_size=SIZE, expected_checksum=("sha512", sha512(self.data)),
+                blocks=blocks,
+            )
+            self.assertEqual((result.size, result.blocks), (SIZE, 0))
+        self.assertEqual(len(blocks.no_range), 1)
+        self.assertEqual(leftovers(self.local), [])
+
     async def test_restOffsets(self):
         """
         Each block but the first is asked for at its own offset.

@@ -3,7 +3,8 @@
 One control connection per operation, logged in as the URL's or credentials file's user
 (C{anonymous} when none is given). A get asks C{SIZE} and C{MDTM} (when the server answers
 them) for the announced size and mtime, then streams C{RETR} to disk; a block of a partitioned
-transfer is C{REST} then C{RETR}, its data connection closed at the block's end. A put sends C{STOR} to
+transfer is C{REST} then C{RETR}, its data connection closed at the block's end (a server
+answering REST with 500-504 cannot serve blocks: L{RangeIgnored}). A put sends C{STOR} to
 C{.<name>.<random>.inflight} beside the target, then renames it with C{RNFR}/C{RNTO} (removing
 an existing target first if the server refuses to replace it); the mtime follows with C{MFMT}
 when the server lists it in C{FEAT}. A list uses C{MLSD} when C{FEAT} lists it, else C{LIST}
@@ -31,6 +32,7 @@ from ion.apps.pump.transfer.errors import (
     BadRequest,
     ConnectionFailed,
     NotFound,
+    RangeIgnored,
     Refused,
     SizeMismatch,
     TransferError,
@@ -297,7 +299,16 @@ async def fetch_range(reactor, location, sink, settings, offset, length):
         receiver = _RangeReceiver(session, sink, length)
         transfer = session.control.retrieveFile(_wire(location.path), receiver, offset)
         transfer.addBoth(receiver.ended)
-        await receiver.receive(receiver.finished)
+        try:
+            await receiver.receive(receiver.finished)
+        except CommandFailed as exc:
+            # 500-504: REST not understood or not implemented (550 and others stay errors).
+            if offset and _reply(exc)[:3] in ("500", "501", "502", "504"):
+                raise RangeIgnored(
+                    f"{location.shown}: the server does not restart transfers (REST): "
+                    f"{_reply(exc)!r}"
+                ) from None
+            raise
 
     return await _with_session(reactor, location, settings, work)
 
