@@ -71,6 +71,7 @@ class _Ranged(resource.Resource):
         self.delay = 0
         self.fail_after = None
         self.stall = False
+        self.fail_code = 503
 
     def render_GET(self, request):
         asked = request.getHeader(b"range")
@@ -80,7 +81,7 @@ class _Ranged(resource.Resource):
             if self.fail_after is not None and len(self.ranges) > self.fail_after:
                 if self.stall:
                     return server.NOT_DONE_YET  # never answered
-                request.setResponseCode(503)
+                request.setResponseCode(self.fail_code)
                 return b"down"
         first = int(re.search(r"bytes=(\d+)-", asked).group(1)) if asked else 0
         path = os.path.join(self.root, *(p.decode() for p in request.postpath))
@@ -350,6 +351,18 @@ class HTTPBlockTests(_BlockTests, TestCase):
         self.assertEqual(len(self.ranged.ranges), 9)
         with open(self.dest, "rb") as f:
             self.assertEqual(f.read(), self.data)
+
+    async def test_permanentFailure(self):
+        """
+        A permanent failure (the file is gone) leaves no part file behind: no attempt will
+        resume it.
+        """
+        self.ranged.fail_after = 2
+        self.ranged.fail_code = 404
+        with self.assertRaises(TransferError) as caught:
+            await self.get("big.bin", expected_size=SIZE)
+        self.assertEqual(caught.exception.code, 404)
+        self.assertEqual(leftovers(self.local), [])
 
     async def test_noRange(self):
         """

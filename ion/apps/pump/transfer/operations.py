@@ -184,7 +184,9 @@ async def _get_blocks(
             await partial.discard()
             note_no_range(blocks, location)
             return None
-        except BaseException:
+        except BaseException as exc:
+            # Kept for the next attempt, unless there will be none (a permanent failure).
+            partial.keep = getattr(exc, "transient", True)
             await partial.discard()
             raise
         result = await partial.finish(checksum, mtime, mode)
