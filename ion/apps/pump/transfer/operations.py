@@ -222,7 +222,8 @@ async def _get_block(
                     partial.blocks[number][1], {}, mtime, mode, dest_path,
                     blocks=len(partial.blocks), complete=False,
                 )
-        except BaseException:
+        except BaseException as exc:
+            partial.keep = getattr(exc, "transient", True)
             await partial.discard()
             raise
         # Each block was verified against its own checksum as it came.
