@@ -95,6 +95,8 @@ class Outcome:
     def describe(self):
         if self.timed_out:
             how = "was killed after its timeout"
+        elif self.code is None and self.signal is None:
+            how = "did not run"
         elif self.code is None:
             how = f"was killed by signal {self.signal}"
         else:
