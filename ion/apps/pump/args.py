@@ -24,8 +24,10 @@ from urllib.parse import quote, urlsplit
 
 import attrs
 
+from ion.apps.pump.completion import OnComplete
 from ion.apps.pump.filters import Filter
 from ion.apps.pump.notice import MAX_NOTICE_BYTES
+from ion.apps.pump.transfer.blocks import MIN_BLOCK_SIZE, BlockSettings
 from ion.apps.pump.transfer.limits import MinRate, Timeouts
 from ion.apps.pump.transfer.policy import UrlPolicy
 
@@ -291,6 +293,13 @@ def _check_sources(instance, attribute, value):
     UrlPolicy(value, who=instance.who)
 
 
+def _on_complete(value, self):
+    try:
+        return OnComplete.parse(value, self.who, _is_name)
+    except ValueError as e:
+        raise BadArgument(str(e)) from None
+
+
 @attrs.frozen(kw_only=True)
 class ConsumerArgs(_Named):
     """A subscription (L{ion.apps.pump.consumer}); C{name} is required, C{directory} too
@@ -351,6 +360,26 @@ class ConsumerArgs(_Named):
         validator=OPTIONAL_EXCHANGE,
     )
     stop_grace = attrs.field(default=10, validator=SECONDS_OR_ZERO)
+    # Partitioned transfers (ion.apps.pump.transfer.blocks) and the completion trigger
+    # (ion.apps.pump.completion).
+    block_threshold = attrs.field(
+        default=64 * 1024**2,
+        validator=_check(lambda v: _is_int(v) and v >= 0, "bytes, an int >= 0 (0: off)"),
+    )
+    block_size = attrs.field(
+        default=None,
+        validator=_check(
+            lambda v: _is_int(v) and v >= MIN_BLOCK_SIZE, f"bytes, an int >= {MIN_BLOCK_SIZE}",
+            optional=True,
+        ),
+    )
+    block_parallel = attrs.field(default=4, validator=COUNT)
+    blocks = _derived(
+        lambda self: BlockSettings(self.block_threshold, self.block_size, self.block_parallel)
+    )
+    on_complete = attrs.field(
+        default=None, converter=attrs.Converter(_on_complete, takes_self=True)
+    )
 
 
 SENDER_SCHEMES = ("file", "sftp", "ftp", "http", "https")

@@ -73,6 +73,7 @@ from twisted.internet import defer, threads
 
 from ion.apps.pump import paths
 from ion.apps.pump.args import ConsumerArgs
+from ion.apps.pump.completion import run_command
 from ion.apps.pump.dupcache import DupCache
 from ion.apps.pump.flow import open_flow_broker
 from ion.apps.pump.journal import DiskQueue, Journal, json_line
@@ -87,6 +88,7 @@ from ion.apps.pump.notice import (
 from ion.apps.pump.outcome import Failure, classify
 from ion.apps.pump.retryqueue import RetryQueue
 from ion.apps.pump.transfer import TransferError
+from ion.apps.pump.transfer.blocks import sr3_block
 from ion.apps.pump.transfer.inflight import (
     SWEEP_MIN_AGE,
     DestinationRoot,
@@ -351,6 +353,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
         stats["transfers"] = [
             {"file": redact(sink.what), "received": sink.size,
              "size": sink.expected_size or sink.declared_size}
+            | ({"blocks": sink.progress()} if hasattr(sink, "progress") else {})
             for sink in running
         ]
         return stats
@@ -506,8 +509,13 @@ class Consumer(AppliesFileOps, ServiceProcess):
             await self._fail(notice, key, e.code, e.message, routing_key)
             return None
         result, failure = await self._fetch(notice, url, path, access)
-        if failure is None:
+        if failure is None and not result.complete:
+            await self._block_in(notice, key, path, result)
+        elif failure is None:
             await self._delivered(notice, key, path, result)
+            on_complete = getattr(self.settings, "on_complete", None)
+            if on_complete is not None and on_complete.applies(result):
+                await self._on_complete(on_complete, notice, key, path, routing_key)
         return failure
 
     def _refused(self, url, code, message):
@@ -546,7 +554,15 @@ class Consumer(AppliesFileOps, ServiceProcess):
             options["mode"] = int(notice.mode, 8)
         # The directories of `path` are made by the transfer, from the root's descriptor.
         options["dest_root"] = self.root
+        blocks = getattr(self.settings, "blocks", None)
+        if blocks is not None:
+            options["blocks"] = blocks
         try:
+            if "blocks" in notice:
+                # One block of a file sr3 announced in blocks: its size and identity are the
+                # block's.
+                options["block"] = sr3_block(notice["blocks"], notice.size)
+                options.pop("cod", None)
             fetching = defer.Deferred.fromCoroutine(self._get(url, path, options))
             fetching.addTimeout(self.settings["transfer_timeout"], self.container.clock)
             started = self.container.clock.seconds()
@@ -582,6 +598,34 @@ class Consumer(AppliesFileOps, ServiceProcess):
             path=path,
             size=size,
         )
+
+    async def _block_in(self, notice, key, path, result):
+        """One block of an sr3 block notice is in, not yet the whole file: a 206 report."""
+        await self._report(notice, key, 206, f"block in ({result.size} bytes)")
+        self.dupcache.add(key)
+        self.log.info("{name}: {path}: a block is in ({size} bytes)", name=self.label,
+                      path=path, size=result.size)
+
+    async def _on_complete(self, on_complete, notice, key, path, routing_key):
+        """The completion trigger (L{ion.apps.pump.completion}): the notice to
+        C{complete_exchange}, then the command; a failed command is a 500 report."""
+        if on_complete.complete_exchange is not None:
+            done = notice.copy()
+            done.report = None
+            await self._publish(on_complete.complete_exchange, done.topic(), done.to_json())
+        if on_complete.command is None:
+            return
+        outcome = await run_command(
+            self.container.reactor, on_complete.command, path, on_complete.timeout
+        )
+        program = on_complete.command[0]
+        if outcome.ok:
+            self.log.info("{name}: on_complete {program} {path}: exited 0", name=self.label,
+                          program=program, path=path)
+            return
+        message = f"on_complete {program} {outcome.describe()}"
+        self.log.warn("{name}: {path}: {message}", name=self.label, path=path, message=message)
+        await self._fail(notice, key, 500, message, routing_key)
 
     async def _fail(self, notice, key, code, message, routing_key=None):
         failures = self.stats["failures"]

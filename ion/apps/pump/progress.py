@@ -11,7 +11,8 @@ taken and not settled yet, with the bytes being fetched, e.g. "2 in hand (1.3 GB
 "retrying" the files in the retry queues; failures count the files given up on, by report
 code, and each poll's failed passes (C{failures: poll.source=12}). While nothing moves and
 nothing waits, one "idle" line is logged, then nothing until work arrives or the failures
-change. A consumer not answering in C{timeout} seconds (broker down, or stuck) is named by its
+change. A file coming in blocks (a partitioned transfer) adds its own progress, for at most
+three files: C{; big.nc: 3/16 blocks, 1.2 GiB of 4.0 GiB}. A consumer not answering in C{timeout} seconds (broker down, or stuck) is named by its
 process name instead of being counted as idle::
 
     pump: 0.0 files/s, 0 B/s; 1240 delivered; 0 queued, 0 in hand, 0 retrying; failures: none; not answering: pump.consumer.pump
@@ -21,6 +22,10 @@ from twisted.internet import defer, task
 
 from ion.apps.pump.args import ProgressArgs
 from ion.core.process import ServiceProcess
+
+
+# Files in blocks whose progress a line shows.
+MAX_PARTITIONED = 3
 
 
 def human_bytes(count):
@@ -107,6 +112,7 @@ class Progress(ServiceProcess):
             "retrying": 0,
         }
         new_files = new_bytes = 0
+        partitioned = []  # "name: 3/16 blocks, 1.2 GiB of 4.0 GiB" of the files coming in blocks
         failures = {}
         silent = []
         for child_id, stats in await self._stats("consumers", silent):
@@ -127,6 +133,10 @@ class Progress(ServiceProcess):
                 totals[key] += stats.get(key) or 0
             for code, n in (stats.get("failures") or {}).items():
                 failures[code] = failures.get(code, 0) + n
+            for running in stats.get("transfers") or ():
+                if running.get("blocks"):
+                    name = str(running.get("file", "")).rsplit("/", 1)[-1]
+                    partitioned.append(f"{name}: {running['blocks']}")
         for child_id, stats in await self._stats("polls", silent):
             if stats.get("failed_passes"):
                 failures[child_id] = stats["failed_passes"]
@@ -145,6 +155,10 @@ class Progress(ServiceProcess):
                 + (f" ({human_bytes(totals['receiving'])} received)" if totals["receiving"] else "")
                 + f", {totals['retrying']} retrying; failures: {failed}"
             )
+            if partitioned:
+                shown = "; ".join(partitioned[:MAX_PARTITIONED])
+                more = len(partitioned) - MAX_PARTITIONED
+                line += f"; {shown}" + (f" (and {more} more)" if more > 0 else "")
             if silent:
                 line += f"; not answering: {', '.join(silent)}"
         else:

@@ -466,8 +466,10 @@ class _QuickUserAuth(userauth.SSHUserAuthServer):
 class _TrackingSSHFactory(factory.SSHFactory):
     def __init__(self):
         self.connections = set()
+        self.accepted = 0
 
     def buildProtocol(self, addr):
+        self.accepted += 1
         protocol = super().buildProtocol(addr)
         lost = protocol.connectionLost
         self.connections.add(protocol)
@@ -556,11 +558,32 @@ class _FTPShell(ftp.FTPShell):
     def __init__(self, root, stalled_names):
         super().__init__(root)
         self.stalled_names = stalled_names
+        self.restart_at = 0  # set by REST, for the next RETR
 
     def openForReading(self, path):
         if path and path[-1] in self.stalled_names:
             return succeed(_StallingReader())
-        return super().openForReading(path)
+        offset, self.restart_at = self.restart_at, 0
+        d = super().openForReading(path)
+        d.addCallback(_EarlyClose)
+        if offset:
+            d.addCallback(lambda reader: (reader.fObj.seek(offset), reader)[1])
+        return d
+
+
+@implementer(ftp.IReadFile)
+class _EarlyClose:
+    """A file reader whose client may close the data connection before the end (as a client
+    fetching one block of a file does): that ends the transfer, it is no error to log."""
+
+    def __init__(self, reader):
+        self.fObj = reader.fObj
+        self._reader = reader
+
+    def send(self, consumer):
+        d = self._reader.send(consumer)
+        d.addErrback(lambda failure: failure.trap(Exception) and None)
+        return d
 
 
 @implementer(IRealm)
@@ -576,10 +599,24 @@ class _FTPRealm:
         raise NotImplementedError()
 
 
-class _MLSDFTP(ftp.FTP):
+class _RestFTP(ftp.FTP):
+    """twisted's FTP server plus C{REST} (a RETR starting at an offset), each offset asked
+    for kept in the factory's C{restarts}."""
+
+    FEATURES = ftp.FTP.FEATURES + ["REST STREAM"]
+
+    def ftp_REST(self, value):
+        if not value.isdigit():
+            return fail(ftp.CmdSyntaxError(value))
+        self.shell.restart_at = int(value)
+        self.factory.restarts.append(int(value))
+        return (ftp.REQ_FILE_ACTN_PENDING_FURTHER_INFO,)
+
+
+class _MLSDFTP(_RestFTP):
     """twisted's FTP server plus C{MLSD} (RFC 3659), listed in C{FEAT}."""
 
-    FEATURES = ftp.FTP.FEATURES + ["MLSD"]
+    FEATURES = _RestFTP.FEATURES + ["MLSD"]
 
     def ftp_MLSD(self, path=""):
         if self.dtpInstance is None or not self.dtpInstance.isConnected:
@@ -603,9 +640,12 @@ class _MLSDFTP(ftp.FTP):
 
 
 class _TrackingFTPFactory(ftp.FTPFactory):
+    protocol = _RestFTP
+
     def __init__(self, portal):
         super().__init__(portal)
         self.connections = set()
+        self.restarts = []
 
     def buildProtocol(self, addr):
         protocol = super().buildProtocol(addr)
@@ -625,10 +665,13 @@ class FTPServer:
     """
     A twisted FTP server on 127.0.0.1 over C{root}: user C{user} logs in with C{password};
     anonymous logins are refused. Files named in C{stalled_names} send 50000 bytes, then stall.
-    With C{mlsd=True} the server also answers C{MLSD}.
+    With C{mlsd=True} the server also answers C{MLSD}; it answers C{REST} unless C{rest=False}
+    (twisted's own server has no REST).
     """
 
-    def __init__(self, root, user="carol", password="secret", stalled_names=(), mlsd=False):
+    def __init__(
+        self, root, user="carol", password="secret", stalled_names=(), mlsd=False, rest=True
+    ):
         checker = InMemoryUsernamePasswordDatabaseDontUse()
         # twisted's FTP server hands the checker text, not bytes.
         checker.addUser(user, password)
@@ -637,6 +680,8 @@ class FTPServer:
         self.factory.allowAnonymous = False
         if mlsd:
             self.factory.protocol = _MLSDFTP
+        elif not rest:
+            self.factory.protocol = ftp.FTP
         self.user = user
         self.port = None
 

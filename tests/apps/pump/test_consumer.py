@@ -1295,6 +1295,77 @@ class ConsumerScenarios:
         await sup.terminate()
 
 
+    # -- partitioned transfers and the completion trigger ------------------------------------
+
+    def hook(self, status=0, stderr=""):
+        """An on_complete command (an argument list, no shell string) that appends the path
+        it is given to hook.log, writes C{stderr} and exits with C{status}."""
+        log = os.path.join(self.base, "hook.log")
+        script = f'echo "$1" >> {log}; printf "{stderr}" >&2; exit {status}'
+        return ["/bin/sh", "-c", script, "hook"], log
+
+    async def test_partitioned_with_on_complete(self):
+        """A file above block_threshold arrives in blocks over http; the on_complete command
+        runs once with its path and its notice goes to complete_exchange; a command that
+        fails is a 500 report carrying its last stderr line."""
+        server = start_http(self, self.src)
+        self.base_url = f"{server.url}/files/"
+        command, log = self.hook()
+        complete = self.name("xcomplete")
+        c = await self.receivers()
+        await self.collector.listen(complete)
+        self.consumer = await self.spawn_consumer(
+            c, block_threshold=256 * 1024, block_size=256 * 1024,
+            on_complete={"command": command, "complete_exchange": complete, "timeout": 10},
+        )
+        data = os.urandom(1024 * 1024 + 3)
+        await self.post_file("big/f.dat", data)
+        await self.post_file("small.dat", b"small")  # below the threshold: no trigger
+        reports = await self.wait_reports(2)
+        self.assertEqual(sorted(r["report"]["code"] for r in reports), [201, 201])
+        with open(os.path.join(self.dest, "big", "f.dat"), "rb") as f:
+            self.assertEqual(f.read(), data)
+        await until(lambda: self.collector.bodies(complete), what="the completion notice")
+        with open(log) as f:
+            self.assertEqual(f.read(), os.path.join(os.path.realpath(self.dest), "big", "f.dat")
+                             + "\n")
+        self.assertEqual([n["relPath"] for n in self.collector.bodies(complete)], ["big/f.dat"])
+
+    async def test_on_complete_failure_reported(self):
+        """A command exiting non-zero is logged and reported (500) with its last stderr line;
+        with all_files it runs for small files too."""
+        command, log = self.hook(status=3, stderr="first\\nno space left on archive")
+        await self.pump(on_complete={"command": command, "all_files": True})
+        await self.post_file("f.dat", b"data")
+        reports = await self.wait_reports(2)
+        self.assertEqual([r["report"]["code"] for r in reports], [201, 500])
+        self.assertIn("exited 3: no space left on archive", reports[1]["report"]["message"])
+        with open(log) as f:
+            self.assertEqual(len(f.read().splitlines()), 1)
+
+    async def test_sr3_block_notices(self):
+        """sr3's notices of one file's blocks (its v03 blocks field, a manifest) are each
+        fetched as a range and reported 206, and the last one puts the file in place (201)."""
+        server = start_http(self, self.src)
+        self.base_url = f"{server.url}/files/"
+        await self.pump()
+        step = 100_000
+        data = os.urandom(2 * step + 10)
+        write_source(self.src, "b/f.dat", data)
+        parts = [data[i:i + step] for i in range(0, len(data), step)]
+        manifest = {str(n): {"size": len(p), "identity": "x"} for n, p in enumerate(parts)}
+        for number in (2, 0, 1):
+            fields = notice_fields(self.base_url, "b/f.dat", parts[number])
+            fields["blocks"] = {"method": "inplace", "size": step, "number": number,
+                                "manifest": manifest}
+            await self.post(fields)
+            await until(lambda: len(self.reports()) == 3 - number if number else 3)
+        reports = await self.wait_reports(3)
+        self.assertEqual([r["report"]["code"] for r in reports], [206, 206, 201])
+        with open(os.path.join(self.dest, "b", "f.dat"), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+
 class MemoryConsumerTests(OnMemory, ConsumerScenarios, unittest.TestCase):
     """The scenarios on the memory:// transport."""
 

@@ -393,6 +393,22 @@ class ProgressTests(unittest.TestCase):
         b.stats.update(delivered=1, bytes=100, bytes_received=100)
         self.assertIn("pump: 0.1 files/s, 10 B/s; 16 delivered", await tick())
 
+    async def test_block_progress(self):
+        """A file coming in blocks shows its own progress on the line."""
+        clock, sup = await self.start_progress()
+        a, progress = sup.child("consumer.a"), sup.child("progress")
+        a.stats.update(in_hand=1, bytes_in_flight=1_288_490_188, transfers=[
+            {"file": "http://h/data/big.nc", "received": 1_288_490_188, "size": 4 * 1024**3,
+             "blocks": "3/16 blocks, 1.2 GiB of 4.0 GiB"},
+            {"file": "http://h/data/small.nc", "received": 10, "size": 100},
+        ])
+        clock.advance(10)
+        await quiet()
+        self.assertTrue(
+            progress.last_line.endswith("failures: none; big.nc: 3/16 blocks, 1.2 GiB of 4.0 GiB"),
+            progress.last_line,
+        )
+
     async def test_consumer_not_answering(self):
         """A consumer that gives no stats (broker down, stuck) is named on every line, never
         taken for an idle pump."""

@@ -122,3 +122,10 @@ class BadRequest(TransferError):
     operation the server does not support."""
 
     code = 422
+
+
+class RangeIgnored(TransferError):
+    """The server answered a range request with the whole file: it cannot serve blocks (the
+    partitioned transfer falls back to one stream)."""
+
+    code = 503

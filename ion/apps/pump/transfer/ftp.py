@@ -2,7 +2,9 @@
 
 One control connection per operation, logged in as the URL's or credentials file's user
 (C{anonymous} when none is given). A get asks C{SIZE} and C{MDTM} (when the server answers
-them) for the announced size and mtime, then streams C{RETR} to disk. A put sends C{STOR} to
+them) for the announced size and mtime, then streams C{RETR} to disk; a block of a partitioned
+transfer is C{REST} then C{RETR}, its data connection closed at the block's end (a server
+answering REST with 500-504 cannot serve blocks: L{RangeIgnored}). A put sends C{STOR} to
 C{.<name>.<random>.inflight} beside the target, then renames it with C{RNFR}/C{RNTO} (removing
 an existing target first if the server refuses to replace it); the mtime follows with C{MFMT}
 when the server lists it in C{FEAT}. A list uses C{MLSD} when C{FEAT} lists it, else C{LIST}
@@ -23,12 +25,14 @@ from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.protocols.basic import FileSender
 from twisted.protocols.ftp import CommandFailed, FTPClient, FTPError
+from twisted.python.failure import Failure
 
 from ion.apps.pump.transfer.errors import (
     AuthFailed,
     BadRequest,
     ConnectionFailed,
     NotFound,
+    RangeIgnored,
     Refused,
     SizeMismatch,
     TransferError,
@@ -249,6 +253,62 @@ async def fetch(reactor, location, sink, settings):
         receiver = _Receiver(session, sink)
         await receiver.receive(control.retrieveFile(path, receiver))
         return mtime, None
+
+    return await _with_session(reactor, location, settings, work)
+
+
+class _RangeReceiver(_Receiver):
+    """Hands the first C{length} bytes of a data connection to C{sink}, then closes it;
+    C{finished} fires then, or with the transfer's own end."""
+
+    def __init__(self, session, sink, length):
+        super().__init__(session, sink)
+        self.remaining = length
+        self.finished = Deferred()
+
+    def dataReceived(self, data):
+        if self.remaining <= 0:
+            return
+        data = data[: self.remaining]
+        self.remaining -= len(data)
+        super().dataReceived(data)
+        if self.remaining == 0 and self.error is None:
+            self.transport.abortConnection()
+            self._finish(None)
+
+    def _finish(self, result):
+        if not self.finished.called:
+            self.finished.callback(result)
+
+    def ended(self, result):
+        """The transfer's own end: its error, unless the range was complete by then."""
+        if self.finished.called:
+            return None
+        if isinstance(result, Failure) and self.error is None:
+            self.finished.errback(result)
+        else:
+            self._finish(None)
+        return None
+
+
+async def fetch_range(reactor, location, sink, settings, offset, length):
+    """C{REST offset} then C{RETR}, C{length} bytes of it into C{sink} (a block); the data
+    connection is closed once they are in."""
+
+    async def work(session):
+        receiver = _RangeReceiver(session, sink, length)
+        transfer = session.control.retrieveFile(_wire(location.path), receiver, offset)
+        transfer.addBoth(receiver.ended)
+        try:
+            await receiver.receive(receiver.finished)
+        except CommandFailed as exc:
+            # 500-504: REST not understood or not implemented (550 and others stay errors).
+            if offset and _reply(exc)[:3] in ("500", "501", "502", "504"):
+                raise RangeIgnored(
+                    f"{location.shown}: the server does not restart transfers (REST): "
+                    f"{_reply(exc)!r}"
+                ) from None
+            raise
 
     return await _with_session(reactor, location, settings, work)
 

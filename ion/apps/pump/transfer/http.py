@@ -14,7 +14,9 @@ identity encoding and refuse any other.
 
 https certificates are verified by default against the system's trust store, or against the
 certificate authorities of C{ca_file}; a failed verification is L{ServerNotTrusted}.
-No C{Range} request is ever sent: every GET fetches the whole file.
+A partitioned transfer (L{ion.apps.pump.transfer.blocks}) GETs each block with a C{Range}
+header (L{fetch_range}); the answer must be a 206 whose C{Content-Range} is the range asked
+for, a 200 (the server ignores ranges) is L{RangeIgnored}.
 
 GETs reuse the connections of the caller's L{HTTPConnections} when given: a connection goes back
 to them only after a complete response; one cut short, refused or with an error status is
@@ -57,6 +59,7 @@ from ion.apps.pump.transfer.errors import (
     ConnectionFailed,
     LocalFailure,
     NotFound,
+    RangeIgnored,
     Refused,
     ServerNotTrusted,
     ShortTransfer,
@@ -248,11 +251,13 @@ def _origin(url):
     return (parts.scheme, parts.hostname, parts.port)
 
 
-async def _request(agent, location, settings, method, timer, body=None):
+async def _request(agent, location, settings, method, timer, body=None, byte_range=None):
     """Send a request, following a GET's redirects; returns the response once its headers
-    are in."""
+    are in. C{byte_range}: C{(first, last)} byte asked for."""
     url = location.request_url
     headers = _headers(location)
+    if byte_range is not None:
+        headers.setRawHeaders(b"Range", [b"bytes=%d-%d" % byte_range])
     access = settings.access
     for _ in range(MAX_REDIRECTS + 1):
         response = await _send(agent, location, settings, method, url, headers, timer, body)
@@ -351,8 +356,24 @@ def _last_modified(response):
         return None
 
 
-async def _get(reactor, location, settings, sink):
-    """GET C{location}, feeding the body to C{sink}; returns the response."""
+def _check_range(location, response, byte_range):
+    """A 206 answering C{byte_range}, or the error saying why not."""
+    if response.code == 200:
+        raise RangeIgnored(f"{location.shown}: the server ignores range requests")
+    if response.code != 206:
+        raise _status_error(location, response)
+    content_range = (response.headers.getRawHeaders(b"content-range") or [b""])[0]
+    match = re.fullmatch(rb"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", content_range)
+    if match is None or (int(match.group(1)), int(match.group(2))) != byte_range:
+        raise Refused(
+            f"{location.shown}: asked for bytes {byte_range[0]}-{byte_range[1]}, the server "
+            f"answered {content_range.decode('latin-1')[:80]!r}"
+        )
+
+
+async def _get(reactor, location, settings, sink, byte_range=None):
+    """GET C{location} (C{byte_range}: only those bytes), feeding the body to C{sink};
+    returns the response."""
     timeouts = settings.timeouts
     timer = IdleTimer(reactor, timeouts.idle, first=timeouts.connect + timeouts.idle)
     if settings.http_connections is None:
@@ -360,10 +381,14 @@ async def _get(reactor, location, settings, sink):
     else:
         agent = settings.http_connections.agent(settings)
     try:
-        response = await _request(agent, location, settings, b"GET", timer)
+        response = await _request(
+            agent, location, settings, b"GET", timer, byte_range=byte_range
+        )
         timer.touch()
         try:
-            if response.code != 200:
+            if byte_range is not None:
+                _check_range(location, response, byte_range)
+            elif response.code != 200:
                 raise _status_error(location, response)
             _check_encoding(location, response)
             if response.length != UNKNOWN_LENGTH:
@@ -381,6 +406,11 @@ async def fetch(reactor, location, sink, settings):
     """Stream the body of a GET into C{sink}; returns C{(Last-Modified, None)}."""
     response = await _get(reactor, location, settings, sink)
     return _last_modified(response), None
+
+
+async def fetch_range(reactor, location, sink, settings, offset, length):
+    """Stream the C{length} bytes at C{offset} of the file into C{sink} (a block)."""
+    await _get(reactor, location, settings, sink, (offset, offset + length - 1))
 
 
 async def listdir(reactor, location, settings):

@@ -5,7 +5,8 @@ The disk work (create, write, hash, fsync, rename, directory fsync) runs in a th
 by the caller, one job at a time per file, so a transfer waiting for the disk never holds up the
 reactor; without a pool it runs at once in the calling thread. A body of up to
 C{BUFFER_LIMIT} bytes is kept in memory and written in a single job at the end (a failed
-transfer then never touches the disk); a bigger one streams to disk as it arrives, its source
+transfer then never touches the disk); a bigger one streams to disk as it arrives (the first
+bytes at once, then in jobs of at least C{WRITE_BATCH} bytes), its source
 paused (L{InflightFile.backlogged}, L{InflightFile.drained}) while C{BACKLOG_LIMIT} bytes wait
 for the disk. Renames into one directory that finish close together share one fsync of the
 directory.
@@ -56,10 +57,17 @@ CHECKSUM_METHODS = ("sha512", "md5")
 INFLIGHT_SUFFIX = ".inflight"
 # Seconds since its last change before an unlocked temporary file counts as abandoned.
 SWEEP_MIN_AGE = 5
+# The same for the part file and block record of a partitioned transfer, which a later
+# attempt resumes (see ion.apps.pump.transfer.blocks).
+RESUMABLE_SUFFIXES = (".part.inflight", ".blocks.inflight")
+RESUMABLE_MIN_AGE = 2 * 24 * 3600
 # Bodies up to this size are written in one go once complete; bigger ones stream to disk.
 BUFFER_LIMIT = 1024 * 1024
 # A streaming source is paused while this many bytes wait for the disk.
 BACKLOG_LIMIT = 2 * 1024 * 1024
+# Bytes gathered before a disk job writes them (a job per network read costs a thread hop
+# each); the last ones go with the commit.
+WRITE_BATCH = 512 * 1024
 # Buffers one os.writev call may take (IOV_MAX on Linux).
 _IOV_MAX = 1024
 
@@ -229,6 +237,7 @@ class InflightFile:
     @param root: the L{DestinationRoot} (or the path of the directory) that C{dest_path} is
         under: the directories between them are reached without following links and made
         when missing. Default: the directory of C{dest_path}, which must exist.
+    @param temp_name: the name of the temporary file (default: a fresh L{inflight_name}).
     @ivar declared_size: the size the server announced (Content-Length, stat), or C{None}.
     """
 
@@ -242,11 +251,15 @@ class InflightFile:
         pool=None,
         max_size=None,
         root=None,
+        temp_name=None,
     ):
         self.dest_path = dest_path
-        self.temp_path = inflight_name(dest_path)
-        self.what = what or dest_path
         directory, self._name = os.path.split(dest_path)
+        if temp_name is None:
+            self.temp_path = inflight_name(dest_path)
+        else:
+            self.temp_path = os.path.join(directory, temp_name)
+        self.what = what or dest_path
         self._directory = directory or "."
         self._temp_name = os.path.basename(self.temp_path)
         # A root of our own is opened by our first disk job and closed by our last.
@@ -269,6 +282,7 @@ class InflightFile:
         self._pending = []
         self._pending_bytes = 0
         self._streaming = False
+        self._batches = 0  # disk jobs given bytes so far
         self._job = None  # the SharedResult of the last disk job
         self._error = None  # the TransferError a streaming job failed with
         self._waiting = []  # Deferreds of drained()
@@ -324,7 +338,9 @@ class InflightFile:
         self._pending.append(data)
         self._pending_bytes += len(data)
         if self._streaming:
-            self._flush()
+            # The first bytes go at once: a file being received shows on disk.
+            if self._pending_bytes >= WRITE_BATCH or self._batches == 0:
+                self._flush()
         elif self._pending_bytes > BUFFER_LIMIT:
             self._stream()
 
@@ -416,6 +432,7 @@ class InflightFile:
         if self._job is not None or self._error is not None or self._removal is not None:
             return
         chunks, self._pending, self._pending_bytes = self._pending, [], 0
+        self._batches += bool(chunks)
         self._job = self._run(self._write, chunks)
         self._job.observe().addBoth(self._written)
 
@@ -424,7 +441,7 @@ class InflightFile:
         if isinstance(result, Failure):
             error = result.value
             self._error = error if isinstance(error, TransferError) else LocalFailure(str(error))
-        elif self._pending:
+        elif self._pending_bytes >= WRITE_BATCH or (self._pending and self._batches == 0):
             self._flush()
         self._release_waiting()
 
@@ -674,6 +691,21 @@ def _write_all(fd, chunks):
                 data = data[os.write(fd, data) :]
 
 
+def _write_at(fd, chunks, offset):
+    """Write all of C{chunks} at C{offset} in C{fd}, in as few system calls as the OS allows."""
+    for start in range(0, len(chunks), _IOV_MAX):
+        batch = chunks[start : start + _IOV_MAX]
+        written = os.pwritev(fd, batch, offset)
+        total = sum(map(len, batch))
+        if written < total:
+            data = memoryview(b"".join(batch))[written:]
+            position = offset + written
+            while data:
+                n = os.pwrite(fd, data, position)
+                data, position = data[n:], position + n
+        offset += total
+
+
 class DirectorySyncs:
     """
     fsync of directories, shared: a caller returns once an fsync of its directory that started
@@ -738,7 +770,9 @@ def sweep(root, min_age=SWEEP_MIN_AGE):
     writing any more: those whose writer was killed before it could remove them. A file whose
     C{flock} is held is being written and is left alone, and so is one modified less than
     C{min_age} seconds ago (its writer may have created it and not locked it yet): those are
-    returned as young, for L{sweep_files} to look at again once C{min_age} has passed. Runs
+    returned as young, for L{sweep_files} to look at again once C{min_age} has passed. The part
+    file and block record of a partitioned transfer (L{RESUMABLE_SUFFIXES}) are left for
+    C{RESUMABLE_MIN_AGE} since their last change, for the next attempt to resume. Runs
     blocking (call it in a thread). The tree is walked by directory descriptors (C{os.fwalk})
     and each file removed through its directory's: a link swapped into the tree meanwhile
     cannot send a removal elsewhere.
@@ -799,6 +833,9 @@ def _sweep_one(dir_fd, name, path, min_age, removed, young):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return  # its writer is alive
+        age = time.time() - os.fstat(fd).st_mtime
+        if name.endswith(RESUMABLE_SUFFIXES) and age < RESUMABLE_MIN_AGE:
+            return  # a partitioned transfer's, resumed by its next attempt
         # Checked with the lock held: a writer that locks it from now on is too late.
         if os.fstat(fd).st_mtime > time.time() - min_age:
             young.append(path)  # maybe created a moment ago, its lock not taken yet

@@ -1,6 +1,7 @@
 """Timeouts, the minimum rate, per-host concurrency limits, and Deferred helpers for transfers."""
 
 import collections
+import contextlib
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
@@ -275,3 +276,16 @@ class HostLimiter:
         """How many transfers to C{url}'s host hold a slot now."""
         semaphore = self._semaphores.get(host_key(url))
         return 0 if semaphore is None else semaphore.limit - semaphore.tokens
+
+
+@contextlib.asynccontextmanager
+async def slot(limiter, url):
+    """Hold one of C{limiter}'s slots for the server of C{url} (none when C{limiter} is None)."""
+    if limiter is None:
+        yield
+        return
+    key = await limiter.acquire(url)
+    try:
+        yield
+    finally:
+        limiter.release(key)

@@ -1,14 +1,21 @@
 """The transfer operations -- get, put, list, and operate (file operations on a server) --
 dispatched to the scheme modules."""
 
-import contextlib
-
+import attrs
 from twisted.internet.defer import Deferred
 
 from ion.apps.pump.transfer import file, ftp, http, sftp
-from ion.apps.pump.transfer.errors import BadRequest, TooLarge, TransferTimeout
+from ion.apps.pump.transfer.blocks import (
+    PartialFile,
+    block_size,
+    fetch_block,
+    fetch_blocks,
+    note_no_range,
+    version_key,
+)
+from ion.apps.pump.transfer.errors import BadRequest, RangeIgnored, TooLarge, TransferTimeout
 from ion.apps.pump.transfer.inflight import InflightFile, check_method
-from ion.apps.pump.transfer.limits import RateWatch, Timeouts
+from ion.apps.pump.transfer.limits import RateWatch, Timeouts, slot
 from ion.apps.pump.transfer.location import Settings, locate
 from ion.apps.pump.transfer.outgoing import OutgoingFile
 from ion.apps.pump.transfer.results import TransferResult
@@ -17,18 +24,6 @@ _SCHEMES = {"file": file, "http": http, "https": http, "sftp": sftp, "ftp": ftp}
 
 # Only permission bits travel; set-id bits from a remote server are never applied.
 MODE_MASK = 0o777
-
-
-@contextlib.asynccontextmanager
-async def _slot(limiter, url):
-    if limiter is None:
-        yield
-        return
-    key = await limiter.acquire(url)
-    try:
-        yield
-    finally:
-        limiter.release(key)
 
 
 async def get(
@@ -53,6 +48,8 @@ async def get(
     min_rate=None,
     dest_root=None,
     access=None,
+    blocks=None,
+    block=None,
 ):
     """
     Fetch C{url} into the local file C{dest_path}.
@@ -88,6 +85,12 @@ async def get(
         the directories in between are made when missing and never reached through a
         symbolic link (a link there fails the transfer with 422). Default: the directory of
         C{dest_path}, which must exist.
+    @param blocks: L{BlockSettings}: a file of C{expected_size} at least their C{threshold}
+        is fetched in blocks (see L{ion.apps.pump.transfer.blocks}); C{None}: never.
+    @param block: C{(file size, block size, number, length)} of the one block an sr3 notice
+        names (L{ion.apps.pump.transfer.blocks.sr3_block}): only that block is fetched, its
+        C{expected_checksum} checked, and the file is put in place once its last block is
+        in; until then the result has C{complete} false.
     @param access: the L{Access} the URL policy gave the notice naming C{url}
         (L{ion.apps.pump.transfer.policy}): its normalized URL is fetched, the credentials
         file serves it only when the access allows, and connections (redirects included) go
@@ -108,7 +111,26 @@ async def get(
     wanted = (expected_checksum[0] if expected_checksum else None, cod)
     methods = [check_method(method) for method in dict.fromkeys(wanted) if method is not None]
     settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool, access)
-    async with _slot(limiter, url):
+    checksum = tuple(expected_checksum) if expected_checksum else None
+    mode = None if mode is None else mode & MODE_MASK
+    if block is not None:
+        if max_size is not None and block[0] > max_size:
+            raise TooLarge(
+                f"{location.shown}: announced file size {block[0]} bytes is over max_size "
+                f"{max_size}"
+            )
+        return await _get_block(
+            reactor, location, url, dest_path, block, checksum, mtime, mode, settings,
+            limiter, active, dest_root,
+        )
+    if blocks is not None and blocks.applies(location, expected_size):
+        result = await _get_blocks(
+            reactor, location, url, dest_path, expected_size, methods or ["sha512"],
+            checksum, mtime, mode, settings, limiter, active, dest_root, blocks, min_rate,
+        )
+        if result is not None:
+            return result
+    async with slot(limiter, url):
         sink = InflightFile(
             dest_path,
             methods or ["sha512"],
@@ -130,15 +152,86 @@ async def get(
                 await sink.discard()
                 raise
             mtime = source_mtime if mtime is None else mtime
-            mode = source_mode if mode is None else mode
-            return await sink.finish(
-                tuple(expected_checksum) if expected_checksum else None,
-                mtime,
-                None if mode is None else mode & MODE_MASK,
-            )
+            mode = source_mode & MODE_MASK if mode is None and source_mode is not None else mode
+            return await sink.finish(checksum, mtime, mode)
         finally:
             if active is not None:
                 active.discard(sink)
+
+
+async def _get_blocks(
+    reactor, location, url, dest_path, size, methods, checksum, mtime, mode, settings,
+    limiter, active, dest_root, blocks, min_rate,
+):
+    """A partitioned get; None when the server ignores ranges (fetch the file whole)."""
+    step = block_size(size, blocks.size)
+    version = checksum[1] if checksum else mtime
+    key = version_key(location.shown, size, step, version)
+    partial = PartialFile(
+        dest_path, size, step, key, methods, location.shown, reactor, settings.pool, dest_root
+    )
+    if active is not None:
+        active.add(partial)
+    try:
+        try:
+            await partial.open()
+            fetching = Deferred.fromCoroutine(
+                fetch_blocks(reactor, location, partial, blocks, settings, limiter, url)
+            )
+            await _watched(reactor, location, fetching, min_rate, lambda: partial.size)
+        except RangeIgnored:
+            partial.keep = False
+            await partial.discard()
+            note_no_range(blocks, location)
+            return None
+        except BaseException as exc:
+            # Kept for the next attempt, unless there will be none (a permanent failure).
+            partial.keep = getattr(exc, "transient", True)
+            await partial.discard()
+            raise
+        result = await partial.finish(checksum, mtime, mode)
+        return attrs.evolve(result, blocks=len(partial.blocks))
+    finally:
+        if active is not None:
+            active.discard(partial)
+
+
+async def _get_block(
+    reactor, location, url, dest_path, block, checksum, mtime, mode, settings, limiter,
+    active, dest_root,
+):
+    """The one block of an sr3 block notice; the file is put in place with its last block."""
+    total, step, number, _ = block
+    key = version_key(location.shown, total, step, mtime)
+    partial = PartialFile(
+        dest_path, total, step, key, ["sha512"], location.shown, reactor, settings.pool,
+        dest_root,
+    )
+    if active is not None:
+        active.add(partial)
+    try:
+        try:
+            await partial.open()
+            if number not in partial.done:
+                await fetch_block(
+                    reactor, location, partial, number, settings, limiter, url, checksum
+                )
+            if not partial.complete:
+                await partial.discard()
+                return TransferResult(
+                    partial.blocks[number][1], {}, mtime, mode, dest_path,
+                    blocks=len(partial.blocks), complete=False,
+                )
+        except BaseException as exc:
+            partial.keep = getattr(exc, "transient", True)
+            await partial.discard()
+            raise
+        # Each block was verified against its own checksum as it came.
+        result = await partial.finish(None, mtime, mode)
+        return attrs.evolve(result, blocks=len(partial.blocks))
+    finally:
+        if active is not None:
+            active.discard(partial)
 
 
 async def _fetch(reactor, location, sink, settings, min_rate):
@@ -146,9 +239,15 @@ async def _fetch(reactor, location, sink, settings, min_rate):
     fetching = Deferred.fromCoroutine(
         _SCHEMES[location.scheme].fetch(reactor, location, sink, settings)
     )
+    return await _watched(reactor, location, fetching, min_rate, lambda: sink.size)
+
+
+async def _watched(reactor, location, fetching, min_rate, count):
+    """The result of C{fetching}, cancelled as too slow when C{count()} grows slower than
+    C{min_rate}."""
     if min_rate is None:
         return await fetching
-    watch = RateWatch(reactor, min_rate, lambda: sink.size, fetching.cancel)
+    watch = RateWatch(reactor, min_rate, count, fetching.cancel)
     try:
         return await fetching
     except BaseException:
@@ -179,7 +278,7 @@ async def put(reactor, src_path, url, *, credentials=None, limiter=None, **setti
     """
     location = locate(url, credentials)
     settings = Settings(**settings)
-    async with _slot(limiter, url):
+    async with slot(limiter, url):
         outgoing = OutgoingFile(src_path)
         try:
             await _SCHEMES[location.scheme].store(reactor, outgoing, location, settings)
@@ -204,7 +303,7 @@ async def list(reactor, url, *, credentials=None, limiter=None, **settings):
     """
     location = locate(url, credentials)
     settings = Settings(**settings)
-    async with _slot(limiter, url):
+    async with slot(limiter, url):
         entries = await _SCHEMES[location.scheme].listdir(reactor, location, settings)
     return sorted(
         (entry for entry in entries if entry.name not in (".", "..")), key=lambda e: e.name
@@ -228,5 +327,5 @@ async def operate(
     if scheme not in (sftp, ftp):
         raise BadRequest(f"{location.shown}: no file operations over {location.scheme}")
     settings = Settings(**settings)
-    async with _slot(limiter, url):
+    async with slot(limiter, url):
         return await scheme.operate(reactor, location, settings, op, old, target)

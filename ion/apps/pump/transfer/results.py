@@ -15,6 +15,9 @@ class TransferResult:
     @ivar mtime: the modification time applied (seconds since the epoch), or C{None}.
     @ivar mode: the permission bits applied, or C{None} when the source did not say.
     @ivar path: the final path.
+    @ivar blocks: how many blocks the file was fetched in (0: in one stream).
+    @ivar complete: false for the result of one block of an sr3 block notice when the
+        file still lacks others (C{size} is then the block's).
     """
 
     size: int
@@ -22,6 +25,8 @@ class TransferResult:
     mtime: float | None
     mode: int | None
     path: str
+    blocks: int = 0
+    complete: bool = True
 
 
 @attrs.frozen

@@ -7,6 +7,8 @@ L{ServerNotTrusted} before any credential is sent. Authentication tries the C{ss
 credentials file first, then the password (also answering keyboard-interactive prompts with
 it), each once.
 
+A partitioned transfer reads each block on a connection of its own (L{fetch_range}).
+
 Reads and writes are pipelined: at most C{WINDOW} requests of C{CHUNK_SIZE} bytes are in
 flight, so memory stays bounded whatever the file size. A put writes C{.<name>.<random>.inflight}
 in the target directory, sets mode and mtime, and renames it onto the target (with the
@@ -319,16 +321,19 @@ async def _drain(pending):
             pass
 
 
-async def _read_into(handle, sink):
-    """Read the open file C{handle} from start to end into C{sink}, C{WINDOW} reads in flight
-    (their answers wait while the sink has too much waiting for the disk)."""
+async def _read_into(handle, sink, offset=0, end=None):
+    """Read the open file C{handle} from C{offset} to C{end} (default: its end) into C{sink},
+    C{WINDOW} reads in flight (their answers wait while the sink has too much waiting for the
+    disk)."""
     pending = deque()
-    offset = 0
     try:
         while True:
-            while len(pending) < WINDOW:
-                pending.append((offset, CHUNK_SIZE, handle.readChunk(offset, CHUNK_SIZE)))
-                offset += CHUNK_SIZE
+            while len(pending) < WINDOW and (end is None or offset < end):
+                size = CHUNK_SIZE if end is None else min(CHUNK_SIZE, end - offset)
+                pending.append((offset, size, handle.readChunk(offset, size)))
+                offset += size
+            if not pending:
+                return
             start, length, d = pending.popleft()
             try:
                 data = await d
@@ -376,6 +381,20 @@ async def fetch(reactor, location, sink, settings):
         )
 
     return await _with_session(reactor, location, settings, work)
+
+
+async def fetch_range(reactor, location, sink, settings, offset, length):
+    """Stream the C{length} bytes at C{offset} of the remote file into C{sink} (a block)."""
+
+    async def work(client, session):
+        handle = await client.openFile(location.path.encode("utf-8"), filetransfer.FXF_READ, {})
+        try:
+            await _read_into(handle, sink, offset, offset + length)
+        finally:
+            if session.connected:
+                await handle.close()
+
+    await _with_session(reactor, location, settings, work)
 
 
 async def listdir(reactor, location, settings):

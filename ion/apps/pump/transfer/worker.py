@@ -42,6 +42,11 @@ def load_credentials(path):
     return Credentials.load(os.path.expanduser(path))
 
 
+def _received(sink):
+    """Bytes C{sink} received in this run: a resumed partitioned file had some already."""
+    return sink.size - getattr(sink, "resumed", 0)
+
+
 class Received:
     """Bytes received by a process's gets: L{total} since it started (delivered, failed or
     still on their way; it only grows) and L{in_flight}, those of the gets running now."""
@@ -56,11 +61,11 @@ class Received:
     def discard(self, sink):
         if sink in self._running:
             self._running.remove(sink)
-            self._ended += sink.size
+            self._ended += _received(sink)
 
     @property
     def in_flight(self):
-        return sum(sink.size for sink in self._running)
+        return sum(_received(sink) for sink in self._running)
 
     @property
     def total(self):

@@ -1,0 +1,237 @@
+"""Big-file benchmark: one large file over loopback HTTP, fetched by ION in one stream and in
+4 parallel blocks, by curl, and by sr3's downloader, in the same run; MB/s, CPU seconds and
+peak RSS of each.
+
+    venv/bin/python bench/bigfile.py                 # a 2 GiB file
+    venv/bin/python bench/bigfile.py --size 256M     # smaller (K, M, G suffixes: binary)
+    venv/bin/python bench/bigfile.py --no-sr3        # without sr3
+
+The file (random bytes, written once, its sha512 computed as it is written) is served by
+twisted.web (static.File, which serves ranges) in a process of its own, as in
+C{bench/pump.py}, so the server's CPU is charged to nobody. Each system runs in a child
+process of its own, writing into an empty directory; the file is checked against its sha512
+after each run and removed before the next.
+
+- C{ion-stream}, C{ion-blocks}: a child process runs the transfer library as a consumer does
+  (L{ion.apps.pump.transfer.worker.Transfers}, its thread pool and kept-open connections)
+  with the notice's size and sha512: ION verifies the checksum (hashing as it receives in one
+  stream; reading the file back once at the end in blocks). C{ion-blocks}: block_threshold 1,
+  block_parallel 4, the default block size (16 blocks of at least 8 MiB).
+- C{curl}: C{curl -s -o <file> <url>}; curl verifies nothing.
+- C{sr3}: a child process in sr3's venv (C{var/bench/sr3venv}, see C{bench/pump.py}) fetching
+  with C{sarracenia.transfer.https.Https}, the class sr3 subscribe downloads http with (its
+  C{get} into the local file), without a broker; sr3 verifies nothing on this path.
+
+Times: ION and sr3 children time their own transfer (imports and start-up excluded); curl is
+timed from spawn to exit. CPU is the child's user + system seconds (C{RUSAGE_CHILDREN} before and after), peak RSS
+its C{VmHWM} (sampled every 20 ms while it runs). One line per system:
+
+    bigfile system=curl size_mb=2048 mb_per_s=... cpu_s=... peak_rss_mb=... verified=yes
+
+then one ratio line: ION's stream against curl (target >= 0.8) and ION's best against sr3.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.pump import (  # noqa: E402  (child processes, /proc figures, sr3's venv)
+    SR3_VENV,
+    BenchError,
+    Children,
+    peak_rss_mb,
+    start_http_server,
+)
+
+CHUNK = 8 * 1024 * 1024
+
+# Fetches argv[1] into argv[2] with ION's transfers; prints {"seconds": s}.
+ION_CHILD = """
+import json, sys, time
+from twisted.internet import defer, task
+from ion.apps.pump.transfer.blocks import BlockSettings
+from ion.apps.pump.transfer.worker import Transfers
+
+async def main(reactor):
+    url, dest, size, sha512, blocks = sys.argv[1:6]
+    transfers = Transfers(reactor, {"max_size": None, "min_rate": 0,
+                                    "timeouts": {"connect": 10, "idle": 120}})
+    settings = BlockSettings(threshold=1, parallel=4) if blocks == "1" else None
+    started = time.monotonic()
+    result = await transfers.get(url, dest, expected_size=int(size),
+                                 expected_checksum=("sha512", sha512), blocks=settings)
+    seconds = time.monotonic() - started
+    await transfers.close()
+    print(json.dumps({"seconds": seconds, "blocks": result.blocks}), flush=True)
+
+task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
+"""
+
+# Fetches argv[1] (base URL) + argv[2] (name) into argv[3] with sr3's http downloader.
+SR3_CHILD = """
+import json, sys, time
+import sarracenia.config
+from sarracenia.transfer.https import Https
+
+base, name, dest, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+options = sarracenia.config.default_config()
+options.sendTo = base
+transfer = Https("http", options)
+transfer.connect()
+transfer.cd("d")
+started = time.monotonic()
+got = transfer.get({"baseUrl": base, "relPath": name, "size": size}, name, dest, 0, 0, size)
+seconds = time.monotonic() - started
+transfer.close()
+print(json.dumps({"seconds": seconds, "bytes": got}), flush=True)
+"""
+
+
+def parse_size(text):
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    if text[-1:].upper() in units:
+        return int(float(text[:-1]) * units[text[-1].upper()])
+    return int(text)
+
+
+def make_file(path, size):
+    """Write C{size} random-looking bytes to C{path}; their sha512 (base64)."""
+    import base64
+
+    hasher = hashlib.sha512()
+    seed = os.urandom(CHUNK)
+    with open(path, "wb") as f:
+        written = 0
+        n = 0
+        while written < size:
+            # A different block each time (no two blocks alike), cheaply.
+            chunk = (n.to_bytes(8, "big") + seed[8:])[: size - written]
+            f.write(chunk)
+            hasher.update(chunk)
+            written += len(chunk)
+            n += 1
+    return base64.b64encode(hasher.digest()).decode()
+
+
+def sha512_of(path):
+    import base64
+
+    hasher = hashlib.sha512()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            hasher.update(chunk)
+    return base64.b64encode(hasher.digest()).decode()
+
+
+def run_child(cmd, env=None, timed_by_child=True):
+    """Run C{cmd}; (seconds, cpu seconds, peak RSS MiB, what it printed)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            stdin=subprocess.DEVNULL)
+    # VmHWM of the process after exec: wait4's ru_maxrss would count the memory of this
+    # script, which the child was forked from.
+    peak = [0.0]
+
+    def watch():
+        while proc.poll() is None:
+            try:
+                peak[0] = max(peak[0], peak_rss_mb(proc.pid))
+            except Exception:
+                pass
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    out, err = proc.communicate()
+    watcher.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child is reaped: counted
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    wall = time.monotonic() - started
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-5:]
+        raise BenchError(f"{cmd[0]} exited {proc.returncode}: {' | '.join(tail)}")
+    printed = {}
+    if timed_by_child:
+        printed = json.loads(out.decode().strip().splitlines()[-1])
+    seconds = printed.get("seconds", wall)
+    return seconds, cpu, peak[0], printed
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="2G", help="file size (default 2G)")
+    parser.add_argument("--no-sr3", action="store_true", help="leave sr3 out")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir")
+    args = parser.parse_args(argv)
+    size = parse_size(args.size)
+    children = Children()
+    work = tempfile.mkdtemp(prefix="ion-bench-bigfile-")
+    if not args.keep:
+        children.cleanups.append(lambda: shutil.rmtree(work, ignore_errors=True))
+    results = {}
+    try:
+        source = os.path.join(work, "source")
+        dest_dir = os.path.join(work, "dest")
+        os.makedirs(os.path.join(source, "d"))
+        os.makedirs(dest_dir)
+        checksum = make_file(os.path.join(source, "d", "big.bin"), size)
+        _, port = start_http_server(children, source)
+        base = f"http://127.0.0.1:{port}"
+        url = f"{base}/d/big.bin"
+        dest = os.path.join(dest_dir, "big.bin")
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        systems = [
+            ("curl", ["curl", "-s", "-o", dest, url], None, False),
+            ("ion-stream", [sys.executable, "-c", ION_CHILD, url, dest, str(size), checksum, "0"],
+             env, True),
+            ("ion-blocks", [sys.executable, "-c", ION_CHILD, url, dest, str(size), checksum, "1"],
+             env, True),
+        ]
+        sr3_python = os.path.join(SR3_VENV, "bin", "python")
+        if not args.no_sr3:
+            if not os.path.exists(sr3_python):
+                raise BenchError(f"no sr3 venv at {SR3_VENV} (bench/pump.py --vs-sr3 makes it)")
+            sr3_env = dict(os.environ)
+            sr3_env.pop("PYTHONPATH", None)
+            systems.append(("sr3", [sr3_python, "-c", SR3_CHILD, base, "big.bin", dest,
+                                    str(size)], sr3_env, True))
+        for name, cmd, child_env, timed in systems:
+            seconds, cpu, rss, _ = run_child(cmd, child_env, timed)
+            verified = os.path.exists(dest) and os.path.getsize(dest) == size \
+                and sha512_of(dest) == checksum
+            results[name] = (size / 1024**2 / seconds, cpu, rss)
+            print(
+                f"bigfile system={name} size_mb={size / 1024**2:.0f} "
+                f"mb_per_s={size / 1024**2 / seconds:.1f} cpu_s={cpu:.2f} "
+                f"peak_rss_mb={rss:.1f} verified={'yes' if verified else 'NO'}",
+                flush=True,
+            )
+            for leftover in os.listdir(dest_dir):
+                os.remove(os.path.join(dest_dir, leftover))
+        ion_best = max(results["ion-stream"][0], results["ion-blocks"][0])
+        line = f"bigfile ratio ion-stream/curl mb_per_s={results['ion-stream'][0] / results['curl'][0]:.2f}"
+        if "sr3" in results:
+            line += f" ion-best/sr3 mb_per_s={ion_best / results['sr3'][0]:.2f}"
+        print(line, flush=True)
+    except BenchError as e:
+        print(f"bigfile bench: {e}", file=sys.stderr)
+        return 1
+    finally:
+        children.stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
