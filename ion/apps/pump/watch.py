@@ -50,6 +50,7 @@ from twisted.python.filepath import FilePath
 from ion.apps.pump.args import WatchArgs, root_url
 from ion.apps.pump.fileops import renamed_from
 from ion.apps.pump.notice import Notice, format_time
+from ion.apps.pump.outcome import RecentFailures
 from ion.apps.pump import paths
 from ion.apps.pump.poll import SeenFiles, unfetchable
 from ion.apps.pump.transfer.inflight import is_inflight_name
@@ -170,6 +171,7 @@ class Watch(ServiceProcess):
         self.stats = dict.fromkeys(
             ("announced", "removed", "renamed", "links", "dirs", "errors"), 0
         )
+        self.last_failures = RecentFailures(self.container.clock)  # ion status, the console
         self.notifier = None
         self._outbox = collections.deque()  # (relPath, Notice, state) to publish, in order
         self._sending = False
@@ -198,6 +200,7 @@ class Watch(ServiceProcess):
         """A notice the broker did not take: C{rel} is no longer taken as announced (a removal
         as still to announce), and a catch-up pass runs in L{RETRY} seconds."""
         self.stats["errors"] += 1
+        self.last_failures.add(503, f"cannot publish to {self.exchange}: {error}")
         if state is None:
             self.known[rel] = (UNSENT, 0)
         elif state is not False:
@@ -243,8 +246,11 @@ class Watch(ServiceProcess):
 
     async def op_stats(self, content, headers):
         """Counters: announced (files), removed, renamed, links, dirs (made or removed),
-        errors; C{known}: files announced and present, C{watched}: directories."""
-        return dict(self.stats, known=len(self.known), watched=len(self.dirs))
+        errors; C{known}: files announced and present, C{watched}: directories;
+        C{last_failures}: the latest errors, each {time, code, reason} and the C{file} of a
+        name skipped (L{RecentFailures})."""
+        return dict(self.stats, known=len(self.known), watched=len(self.dirs),
+                    last_failures=self.last_failures.as_list())
 
     # -- the tree ------------------------------------------------------------------------
 
@@ -300,8 +306,9 @@ class Watch(ServiceProcess):
         # An exception here would end Twisted's reading of every event.
         try:
             self._dispatch_event(filepath, mask)
-        except Exception:
+        except Exception as e:
             self.stats["errors"] += 1
+            self.last_failures.add(500, f"an event failed: {type(e).__name__}: {e}")
             self.log.failure("watch {name}: an event failed", name=self.settings.name)
 
     def _dispatch_event(self, filepath, mask):
@@ -397,6 +404,7 @@ class Watch(ServiceProcess):
 
     def _failed(self, failure):
         self.stats["errors"] += 1
+        self.last_failures.add(500, f"an announcement failed: {failure.getErrorMessage()}")
         self.log.failure("watch {name}: an announcement failed", failure, name=self.settings.name)
 
     # -- announcing ----------------------------------------------------------------------
@@ -411,6 +419,7 @@ class Watch(ServiceProcess):
                 raise paths.UnsafePath(f"unusable name {rel!r}: {why}")
         except paths.UnsafePath as e:
             self.stats["errors"] += 1
+            self.last_failures.add(422, f"skipped: {e}", rel)
             self.log.warn("watch {name}: skipped: {reason}", name=self.settings.name, reason=e)
             return False
         return True

@@ -199,12 +199,16 @@ class WatchScenarios:
         await self.expect([("c", None, 1)])
 
     async def test_unusable_names_skipped(self):
-        """Names a consumer would refuse or a URL cannot carry are not announced."""
-        await self.start()
+        """Names a consumer would refuse or a URL cannot carry are not announced; each is
+        among the watch's last failures (422, with its name)."""
+        proc = await self.start()
         for name in ("line\nbreak", "q?x", "pct%41", "ok"):
             write(os.path.join(self.tree, name), b"1")
         await self.settle()
         await self.expect([("ok", None, 1)])
+        failures = (await proc.op_stats(None, {}))["last_failures"]
+        self.assertEqual(sorted((f["code"], f["file"]) for f in failures),
+                         [(422, "line\nbreak"), (422, "pct%41"), (422, "q?x")])
 
     async def test_restart_catch_up(self):
         """Files written while the watch was stopped are announced when it starts again, and
@@ -248,6 +252,11 @@ class WatchScenarios:
         await self.settle()
         await until(lambda: proc.stats["errors"] == 2)
         self.assertEqual(self.got(), [])
+        # What `ion status` shows as the watch's last error (its stats' last_failures).
+        (error,) = (await proc.op_stats(None, {}))["last_failures"]
+        self.assertEqual((error["code"], error["times"]), (503, 2))
+        self.assertIn("cannot publish to", error["reason"])
+        self.assertIn("broker away", error["reason"])
         proc.publish = publish
         self.clock.advance(5)
         await self.settle()  # the file found by the catch-up pass waits `coalesce` too
