@@ -203,6 +203,21 @@ class SeenFiles:
             )
 
     @_in_thread
+    def update(self, changes):
+        """Remember or forget many files in one commit: {relPath: (size, mtime), or None to
+        forget it} (a watch's group commit)."""
+        remembered, forgotten = [], []
+        for rel_path, state in changes.items():
+            rel_dir, _, name = rel_path.rpartition("/")
+            if state is None:
+                forgotten.append((rel_dir, name))
+            else:
+                remembered.append((rel_dir, name, *state))
+        with self.db:
+            self.db.executemany("DELETE FROM files WHERE dir = ? AND name = ?", forgotten)
+            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", remembered)
+
+    @_in_thread
     def visited(self, rel_dir, pass_number):
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO dirs VALUES (?, ?)", (rel_dir, pass_number))
