@@ -234,6 +234,23 @@ class WatchScenarios:
              ("sub/new", None, 3)],
         )
 
+    async def test_burst_recorded_before_stop(self):
+        """A burst of files announced together is recorded as announced (in a few commits,
+        not one per file) even when the watch stops as soon as the broker confirmed them:
+        started again, it announces none of them a second time."""
+        proc = await self.start()
+        names = [f"d{i % 3}/f{i:03d}" for i in range(300)]
+        for name in names:
+            write(os.path.join(self.tree, name), name.encode())
+        await self.settle()
+        await until(lambda: len(self.got()) == 3 + len(names), what=lambda _: len(self.got()))
+        await proc.terminate()
+        self.collector.got.clear()
+        await self.start()
+        await self.settle()
+        await quiet(0.2)
+        self.assertEqual(self.got(), [])
+
     async def test_publish_failure_caught_up(self):
         """Notices the broker does not take are announced by a catch-up pass a few seconds
         later: a file and a removal are not lost."""
