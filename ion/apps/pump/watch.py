@@ -138,14 +138,14 @@ def describe(path):
 
 
 def _describe_all(paths):
-    """L{describe} of each path (None for one that cannot be read): one thread job for the
+    """L{describe} of each path, or the OSError reading it raised: one thread job for the
     files that came due together, rather than a job, a Deferred and a thread hop for each."""
     found = []
     for path in paths:
         try:
             found.append(describe(path))
-        except OSError:
-            found.append(None)
+        except OSError as e:
+            found.append(e)
     return found
 
 
@@ -501,6 +501,8 @@ class Watch(ServiceProcess):
         try:
             for rel, one in zip(rels, found):
                 try:
+                    if isinstance(one, OSError):
+                        raise one
                     self._announce_found(rel, one)
                 except Exception:  # one file's failure is not the others'
                     self._failed(failure.Failure())
