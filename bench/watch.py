@@ -3,6 +3,7 @@ files as a writer creates them, and of `sr3 watch` on the same workload and brok
 
     venv/bin/python bench/watch.py                 # ION, then sr3, and the ratio
     venv/bin/python bench/watch.py --only ion -n 2000
+    venv/bin/python bench/watch.py --only ion --profile watch.prof   # cProfile the container
 
 The workload: a writer process (started when the clock starts) creates `-n` files of `--size`
 random bytes over `--dirs` directories of a watched tree, as fast as it can. Each system
@@ -139,8 +140,10 @@ def run_ion(args, children, broker, work):
     }
     app_file = os.path.join(work, "ion", "watch.app")
     bench.write_literal(app_file, app)
+    profile = ["--profile", args.profile, "--savestats"] if args.profile else []
     proc = children.start(
-        [*bench.TWISTD, "--pidfile=", "-n", "cc", "--no-shell", "--broker", broker.url, app_file],
+        [*bench.TWISTD, "--pidfile=", *profile, "-n", "cc", "--no-shell", "--broker", broker.url,
+         app_file],
         cwd=os.path.join(work, "ion"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env=dict(os.environ, PYTHONPATH=bench.ROOT),
     )
@@ -208,7 +211,12 @@ def main(argv=None):
     parser.add_argument("--only", choices=("ion", "sr3"), help="run one system only")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per system")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
+    parser.add_argument(
+        "--profile", metavar="PATH", help="cProfile the ION container (twistd --profile) into PATH"
+    )
     args = parser.parse_args(argv)
+    if args.profile:
+        args.profile = os.path.abspath(args.profile)
     from tests.broker import PrivateBroker, find_rabbitmq_server
 
     if find_rabbitmq_server() is None:

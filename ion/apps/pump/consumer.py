@@ -62,7 +62,6 @@ published persistent and confirmed to C{report_exchange} with the notice's topic
 returns the counters. Args: L{ion.apps.pump.args.ConsumerArgs}, checked before anything starts.
 """
 
-import collections
 import copy
 import hashlib
 import json
@@ -85,7 +84,7 @@ from ion.apps.pump.notice import (
     format_time,
     parse_time,
 )
-from ion.apps.pump.outcome import Failure, classify
+from ion.apps.pump.outcome import Failure, RecentFailures, classify
 from ion.apps.pump.retryqueue import RetryQueue
 from ion.apps.pump.transfer import TransferError
 from ion.apps.pump.transfer.blocks import sr3_block
@@ -220,7 +219,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
             "retried": 0,
             "failures": {},
         }
-        self.last_failures = collections.deque(maxlen=50)  # for the web console
+        self.last_failures = RecentFailures(self.container.clock)  # ion status, the console
         self._labels = (self.name, self.subscription)  # of its metrics
         self.transfers = None
         self.root = None
@@ -348,7 +347,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
         stats["bytes_received"] = 0 if received is None else received.total
         stats["bytes_in_flight"] = 0 if received is None else received.in_flight
         stats["queued"] = queued
-        stats["last_failures"] = list(self.last_failures)
+        stats["last_failures"] = self.last_failures.as_list()
         running = [] if received is None else received._running
         stats["transfers"] = [
             {"file": redact(sink.what), "received": sink.size,
@@ -631,8 +630,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
         failures = self.stats["failures"]
         failures[str(code)] = failures.get(str(code), 0) + 1
         self.container.metrics.failed.inc((*self._labels, str(code)))
-        self.last_failures.append({"time": self.container.clock.seconds(), "code": code,
-                                   "file": notice.rel_path, "reason": redact(str(message))})
+        self.last_failures.add(code, message, notice.rel_path)
         await self._report(notice, key, code, message, routing_key)
 
     # -- reports and re-announcements ----------------------------------------------------

@@ -40,6 +40,7 @@ import json
 from ion.apps.pump.args import IngestArgs
 from ion.apps.pump.consumer import make_report, report_id
 from ion.apps.pump.notice import InvalidNotice, Notice, format_time
+from ion.apps.pump.outcome import RecentFailures
 from ion.apps.pump.user import pump_user
 from ion.core.process import ServiceProcess
 
@@ -90,6 +91,7 @@ class Ingest(ServiceProcess):
         counters = ("received", "published", "invalid", "refused")
         self.stats = dict(dict.fromkeys(counters, 0), by_source={})
         self._declared = set()
+        self.last_failures = RecentFailures(self.container.clock)  # ion status, the console
         self._refusals_unlogged = 0
         self._refusal_logged_at = None
 
@@ -111,8 +113,11 @@ class Ingest(ServiceProcess):
 
     def op_stats(self, content, headers):
         """Counters: received, published, invalid, refused (not posted by the user of the
-        exchange they were published to), by_source {source: notices published}."""
-        return dict(self.stats, by_source=dict(self.stats["by_source"]))
+        exchange they were published to), by_source {source: notices published};
+        C{last_failures}: the latest refused (403) and invalid (417) notices, each {time,
+        code, reason} (L{RecentFailures})."""
+        return dict(self.stats, by_source=dict(self.stats["by_source"]),
+                    last_failures=self.last_failures.as_list())
 
     async def _on_delivery(self, delivery):
         self.stats["received"] += 1
@@ -127,6 +132,7 @@ class Ingest(ServiceProcess):
             )
         except NotPostedHere as e:
             self.stats["refused"] += 1
+            self.last_failures.add(403, f"refused {delivery.routing_key!r}: {e}")
             delivery.ack()
             self._log_refusal(delivery, e)
             return
@@ -174,6 +180,8 @@ class Ingest(ServiceProcess):
         """Log an invalid notice and send its source a 417 report (the fields it had, when it
         was a JSON object within the size limit)."""
         self.stats["invalid"] += 1
+        self.last_failures.add(
+            417, f"invalid notice {delivery.routing_key!r} from {source}: {error}")
         self.log.warn(
             "ingest: invalid notice {key!r} from {source} on {exchange} ({reason}); reported",
             key=delivery.routing_key,

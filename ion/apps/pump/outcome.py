@@ -8,11 +8,16 @@ transfer service yet):
     503 unavailable, 504 timed out;
   - permanent (one failure report, no retry): every other code, in practice the 4xx ones (404 not
     found, 403 refused, 417 unusable checksum method, 422 unusable path, ...).
+
+L{RecentFailures} keeps a worker's last failures for C{ion status} and the web console.
 """
+
+import collections
 
 import attrs
 
 from ion.apps.pump.transfer.errors import TRANSIENT_CODES, TransferError
+from ion.core.log import redact
 from ion.core.process import ConversationTimeout, NoSuchReceiver, RemoteError
 
 
@@ -47,3 +52,37 @@ def classify(error):
     if isinstance(error, NoSuchReceiver):
         return Failure(503, f"no transfer service is running ({error})")
     return Failure(500, f"{type(error).__name__}: {error}")
+
+
+class RecentFailures:
+    """The last failures of one worker (consumer, sender, poll, watch, ingest), which its
+    C{stats} op returns as C{last_failures}: C{ion status} shows the newest as the worker's
+    last error with its age, the web console lists them.
+
+    Each is a dict {time, code, reason} (and C{file} when one file failed); the reason is
+    redacted, since a URL in it may carry a password. The same failure again (same code,
+    reason and file, as a poll that cannot list its server meets it every pass) does not
+    push the others out: the newest entry takes the later time and counts it in C{times}.
+    """
+
+    def __init__(self, clock, keep=50):
+        self.clock = clock
+        self._kept = collections.deque(maxlen=keep)
+
+    def add(self, code, reason, file=None):
+        entry = {"time": self.clock.seconds(), "code": code, "reason": redact(str(reason))}
+        if file is not None:
+            entry["file"] = file
+        last = self._kept[-1] if self._kept else None
+        if last is not None and all(last.get(k) == entry.get(k) for k in ("code", "reason", "file")):
+            last["time"] = entry["time"]
+            last["times"] = last.get("times", 1) + 1
+            return
+        self._kept.append(entry)
+
+    def __len__(self):
+        return len(self._kept)
+
+    def as_list(self):
+        """Copies of the failures kept, oldest first (what C{stats} returns)."""
+        return [dict(entry) for entry in self._kept]

@@ -62,6 +62,7 @@ from ion.apps.pump import paths
 from ion.apps.pump.args import PollArgs
 from ion.apps.pump.journal import DiskQueue
 from ion.apps.pump.notice import Notice, format_time
+from ion.apps.pump.outcome import RecentFailures, classify
 from ion.apps.pump.transfer.inflight import is_inflight_name
 from ion.apps.pump.flow import open_flow_broker
 from ion.apps.pump.user import pump_user
@@ -202,6 +203,21 @@ class SeenFiles:
             )
 
     @_in_thread
+    def update(self, changes):
+        """Remember or forget many files in one commit: {relPath: (size, mtime), or None to
+        forget it} (a watch's group commit)."""
+        remembered, forgotten = [], []
+        for rel_path, state in changes.items():
+            rel_dir, _, name = rel_path.rpartition("/")
+            if state is None:
+                forgotten.append((rel_dir, name))
+            else:
+                remembered.append((rel_dir, name, *state))
+        with self.db:
+            self.db.executemany("DELETE FROM files WHERE dir = ? AND name = ?", forgotten)
+            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", remembered)
+
+    @_in_thread
     def visited(self, rel_dir, pass_number):
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO dirs VALUES (?, ?)", (rel_dir, pass_number))
@@ -292,6 +308,7 @@ class PollService(ServiceProcess):
         self._declared = self.broker is not None
         self._stopping = False
         self._last_error = None
+        self.last_failures = RecentFailures(self.container.clock)  # ion status, the console
 
     async def on_activate(self):
         if self.broker is not None:
@@ -378,6 +395,7 @@ class PollService(ServiceProcess):
             return None
         self.stats["errors"] += 1
         self.stats["failed_passes"] += 1
+        self.last_failures.add(500, f"pass failed: {failure.getErrorMessage()}")
         self.log.failure("poll {name}: pass failed", failure, name=self.source)
         return None
 
@@ -390,9 +408,11 @@ class PollService(ServiceProcess):
         """Totals: passes, failed_passes (passes with an error), skipped (passes not run
         because one was running), listed, announced, removed (with announce_removals),
         unchanged, young (waiting for min_age), rejected (filters), unsafe (names skipped),
-        skipped_entries (links and the like), errors (listings or publishes that failed), and
-        C{known}: files in the state."""
+        skipped_entries (links and the like), errors (listings or publishes that failed),
+        C{known}: files in the state, and C{last_failures}: the latest failed passes' first
+        errors, each {time, code, reason} (L{RecentFailures})."""
         stats = dict(self.stats)
+        stats["last_failures"] = self.last_failures.as_list()
         stats["known"] = await self.store.count()
         return stats
 
@@ -404,7 +424,7 @@ class PollService(ServiceProcess):
         number = await self.store.start_pass()
         counts = dict.fromkeys(_PASS_COUNTERS, 0)
         complete = True
-        first_error = None
+        first_error = first_code = None
         pending = [""]
         while pending and not self._stopping:
             rel_dir = pending.pop()
@@ -419,8 +439,11 @@ class PollService(ServiceProcess):
                     continue
                 complete = False
                 counts["errors"] += 1
-                why = f"{e.code} {e.message}" if remote else e
-                first_error = first_error or f"cannot list {self._dir_url(rel_dir)}: {why}"
+                if first_error is None:
+                    failure = classify(e)
+                    first_code = failure.code
+                    why = f"{e.code} {e.message}" if remote else e
+                    first_error = f"cannot list {self._dir_url(rel_dir)}: {why}"
                 continue
             await self.store.visited(rel_dir, number)
             try:
@@ -429,7 +452,8 @@ class PollService(ServiceProcess):
                 # The broker refused or went away: the next pass tries again.
                 complete = False
                 counts["errors"] += 1
-                first_error = first_error or str(e)
+                if first_error is None:
+                    first_error, first_code = str(e), 503
                 break
             pending.extend(reversed(subdirs))
         if complete and not self._stopping:
@@ -441,8 +465,11 @@ class PollService(ServiceProcess):
                 await self.store.forget_unvisited(number)
             except PublishFailed as e:
                 counts["errors"] += 1
-                first_error = first_error or str(e)
+                if first_error is None:
+                    first_error, first_code = str(e), 503
         self._note_errors(first_error, counts["errors"])
+        if first_error is not None:
+            self.last_failures.add(first_code, first_error)
         elapsed = clock.seconds() - started
         self.stats["passes"] += 1
         if first_error is not None:

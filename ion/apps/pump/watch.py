@@ -43,16 +43,19 @@ word from Twisted; a restart catches up with them.
 import base64
 import collections
 import hashlib
+import heapq
 import os
 import stat
 
-from twisted.internet import defer, inotify, threads
+from twisted.internet import inotify, threads
+from twisted.python import failure
 from twisted.python.filepath import FilePath
 
 from ion.apps.pump.args import WatchArgs, root_url
 from ion.apps.pump.fileops import renamed_from
 from ion.apps.pump.flow import open_flow_broker
 from ion.apps.pump.notice import Notice, format_time
+from ion.apps.pump.outcome import RecentFailures
 from ion.apps.pump import paths
 from ion.apps.pump.poll import SeenFiles, unfetchable
 from ion.apps.pump.transfer.inflight import is_inflight_name
@@ -72,7 +75,9 @@ MASK = (
 PAIRING = 0.05
 LINK = -1  # the size kept for a symbolic link
 UNSENT = -2  # the size kept for a file whose removal is still to be announced
-WORKING = 64  # files being read at a time
+BATCH = 256  # files read and hashed by one thread job
+BATCHES = 2  # such jobs at a time
+MAX_TOPICS = 10_000  # routing keys of directories kept
 RETRY = 5  # seconds from a failed publish to the catch-up pass that announces again
 
 
@@ -135,6 +140,18 @@ def describe(path):
     return st.st_size, st.st_mtime, st.st_mode, base64.b64encode(digest).decode("ascii")
 
 
+def _describe_all(paths):
+    """L{describe} of each path, or the OSError reading it raised: one thread job for the
+    files that came due together, rather than a job, a Deferred and a thread hop for each."""
+    found = []
+    for path in paths:
+        try:
+            found.append(describe(path))
+        except OSError as e:
+            found.append(e)
+    return found
+
+
 def _link(path):
     """(target, mtime) of a symbolic link, or None."""
     try:
@@ -173,18 +190,25 @@ class Watch(ServiceProcess):
         self.known = {}  # relPath -> (size or LINK, mtime) as announced
         self.dirs = set()  # relPaths of the watched directories ('' the root)
         self.writing = set()  # files created and not closed yet
-        self.pending = {}  # relPath -> DelayedCall announcing it
+        # relPath -> when it is due to be announced. One timer (for the earliest) serves
+        # them all: a burst of thousands of files is not thousands of DelayedCalls.
+        self.pending = {}
+        self._due_heap = []  # (when, relPath), also of some no longer pending (superseded)
+        self._timer = None
+        self._to_describe = collections.deque()  # relPaths due, waiting for a thread job
+        self._describing = 0  # thread jobs running
+        self._unstored = {}  # relPath -> (size, mtime) or None, for the next state commit
+        self._storing = False
         self.moved_from = None  # (relPath, is_dir, DelayedCall) waiting for its pair
         self.stats = dict.fromkeys(
             ("announced", "removed", "renamed", "links", "dirs", "errors"), 0
         )
+        self.last_failures = RecentFailures(self.container.clock)  # ion status, the console
         self.notifier = None
         self._outbox = collections.deque()  # (relPath, Notice, state) to publish, in order
-        self._sending = False
+        self._declaring = False  # the first publish, which declares the exchange, is out
+        self._topics = {}  # directory relPath -> routing key
         self._retry = None
-        # Files read at a time: a burst of thousands waits here, not as thousands of
-        # coroutines and thread jobs in memory at once.
-        self._working = defer.DeferredSemaphore(WORKING)
         self._declare = None if self.broker is not None else "topic"
 
     async def on_activate(self):
@@ -208,6 +232,7 @@ class Watch(ServiceProcess):
         """A notice the broker did not take: C{rel} is no longer taken as announced (a removal
         as still to announce), and a catch-up pass runs in L{RETRY} seconds."""
         self.stats["errors"] += 1
+        self.last_failures.add(503, f"cannot publish to {self.exchange}: {error}")
         if state is None:
             self.known[rel] = (UNSENT, 0)
         elif state is not False:
@@ -239,22 +264,31 @@ class Watch(ServiceProcess):
         await super().crash(reason)
 
     def _stop_watching(self):
-        calls = [self._retry, *self.pending.values(), self.moved_from and self.moved_from[2]]
+        calls = [self._retry, self._timer, self.moved_from and self.moved_from[2]]
         for call in calls:
             if call is not None and call.active():
                 call.cancel()
+        self._timer = None
         self.pending.clear()
+        self._due_heap.clear()
+        self._to_describe.clear()
         self.moved_from = None
         if self.notifier is not None:
             self.notifier.close()
 
     async def on_terminate(self):
+        if self._unstored:  # confirmed since the last commit
+            changes, self._unstored = self._unstored, {}
+            await self.store.update(changes)
         await self.store.close()
 
     async def op_stats(self, content, headers):
         """Counters: announced (files), removed, renamed, links, dirs (made or removed),
-        errors; C{known}: files announced and present, C{watched}: directories."""
-        return dict(self.stats, known=len(self.known), watched=len(self.dirs))
+        errors; C{known}: files announced and present, C{watched}: directories;
+        C{last_failures}: the latest errors, each {time, code, reason} and the C{file} of a
+        name skipped (L{RecentFailures})."""
+        return dict(self.stats, known=len(self.known), watched=len(self.dirs),
+                    last_failures=self.last_failures.as_list())
 
     # -- the tree ------------------------------------------------------------------------
 
@@ -262,7 +296,11 @@ class Watch(ServiceProcess):
         return os.path.join(self.root, rel) if rel else self.root
 
     def _rel(self, filepath):
-        return os.path.relpath(os.fsdecode(filepath.path), self.root).replace(os.sep, "/")
+        path = os.fsdecode(filepath.path)
+        prefix = self.root.rstrip(os.sep) + os.sep
+        if path.startswith(prefix):  # every event's path: cheaper than relpath
+            return path[len(prefix):].replace(os.sep, "/")
+        return os.path.relpath(path, self.root).replace(os.sep, "/")
 
     async def _watch_tree(self, rel_dir, seen=None):
         """Watch C{rel_dir} and every directory below, then list each one: files new or changed
@@ -310,8 +348,9 @@ class Watch(ServiceProcess):
         # An exception here would end Twisted's reading of every event.
         try:
             self._dispatch_event(filepath, mask)
-        except Exception:
+        except Exception as e:
             self.stats["errors"] += 1
+            self.last_failures.add(500, f"an event failed: {type(e).__name__}: {e}")
             self.log.failure("watch {name}: an event failed", name=self.settings.name)
 
     def _dispatch_event(self, filepath, mask):
@@ -387,9 +426,7 @@ class Watch(ServiceProcess):
                 self._announce_op(new, file_op, "rename")
             self._follow(self._watch_tree(new))
             return
-        call = self.pending.pop(old, None)
-        if call is not None:
-            call.cancel()
+        self.pending.pop(old, None)
         self.writing.discard(old)
         if old not in self.known or "rename" not in self.events:
             self._removed(old)
@@ -407,6 +444,7 @@ class Watch(ServiceProcess):
 
     def _failed(self, failure):
         self.stats["errors"] += 1
+        self.last_failures.add(500, f"an announcement failed: {failure.getErrorMessage()}")
         self.log.failure("watch {name}: an announcement failed", failure, name=self.settings.name)
 
     # -- announcing ----------------------------------------------------------------------
@@ -421,28 +459,76 @@ class Watch(ServiceProcess):
                 raise paths.UnsafePath(f"unusable name {rel!r}: {why}")
         except paths.UnsafePath as e:
             self.stats["errors"] += 1
+            self.last_failures.add(422, f"skipped: {e}", rel)
             self.log.warn("watch {name}: skipped: {reason}", name=self.settings.name, reason=e)
             return False
         return True
 
     def _schedule(self, rel, delay=None):
-        """Announce the file C{rel} C{coalesce} seconds from now, unless changed again before."""
-        call = self.pending.pop(rel, None)
-        if call is not None:
-            call.cancel()
+        """Announce the file C{rel} C{coalesce} seconds from now, unless changed again before
+        (a later call supersedes this one)."""
+        clock = self.container.clock
         delay = self.settings.coalesce if delay is None else delay
-        self.pending[rel] = self.container.clock.callLater(delay, self._due, rel)
+        when = self.pending[rel] = clock.seconds() + delay
+        heapq.heappush(self._due_heap, (when, rel))
+        if self._timer is None:
+            self._timer = clock.callLater(delay, self._fire)
+        elif when < self._timer.getTime():
+            self._timer.reset(delay)
 
-    def _due(self, rel):
-        del self.pending[rel]
-        if rel not in self.writing:
-            self._follow(self._working.run(lambda: defer.ensureDeferred(self._announce_file(rel))))
+    def _fire(self):
+        """The files due now, described together (L{_describe_next}); the timer is set again
+        for the next one due."""
+        self._timer = None
+        clock = self.container.clock
+        now = clock.seconds()
+        heap = self._due_heap
+        while heap and heap[0][0] <= now:
+            when, rel = heapq.heappop(heap)
+            if self.pending.get(rel) == when:
+                del self.pending[rel]
+                if rel not in self.writing:
+                    self._to_describe.append(rel)
+        if heap:
+            self._timer = clock.callLater(max(heap[0][0] - now, 0), self._fire)
+        self._describe_next()
+
+    def _describe_next(self):
+        while self._to_describe and self._describing < BATCHES:
+            batch = [self._to_describe.popleft()
+                     for _ in range(min(BATCH, len(self._to_describe)))]
+            self._describing += 1
+            self._follow(self._describe_batch(batch))
+
+    async def _describe_batch(self, rels):
+        try:
+            found = await threads.deferToThreadPool(
+                self.container.reactor, self.container.reactor.getThreadPool(),
+                _describe_all, [self._path(rel) for rel in rels],
+            )
+        finally:
+            self._describing -= 1
+        try:
+            for rel, one in zip(rels, found):
+                try:
+                    if isinstance(one, OSError):
+                        raise one
+                    self._announce_found(rel, one)
+                except Exception:  # one file's failure is not the others'
+                    self._failed(failure.Failure())
+        finally:
+            self._describe_next()
 
     async def _announce_file(self, rel, file_op=None):
         found = await threads.deferToThreadPool(
             self.container.reactor, self.container.reactor.getThreadPool(),
             describe, self._path(rel),
         )
+        self._announce_found(rel, found, file_op)
+
+    def _announce_found(self, rel, found, file_op=None):
+        """Announce the file C{rel} as L{describe} C{found} it, unless it is gone, changed
+        since (due again), or unchanged since announced."""
         if found is None or rel in self.pending:
             return
         size, mtime, mode, digest = found
@@ -481,9 +567,7 @@ class Watch(ServiceProcess):
             self._publish(rel, {"fileOp": file_op})
 
     def _removed(self, rel, directory=False):
-        call = self.pending.pop(rel, None)
-        if call is not None:
-            call.cancel()
+        self.pending.pop(rel, None)
         self.writing.discard(rel)
         if directory:
             self.dirs.discard(rel)
@@ -506,35 +590,43 @@ class Watch(ServiceProcess):
              "relPath": rel, **fields}
         )
         self._outbox.append((rel, notice, state))
-        if not self._sending:
-            self._follow(self._send())
+        self._send()
 
-    async def _send(self):
+    def _send(self):
         """Publish the queued notices in order, without waiting for each confirm (publishes on
-        one channel keep their order); the first one declares the exchange and is waited for,
-        so that the exchange exists before any other is published."""
-        self._sending = True
-        try:
-            while self._outbox:
-                rel, notice, state = self._outbox.popleft()
-                publishing = self.track(
-                    self.publish(self.exchange, notice.topic(), notice.to_json(),
-                                 persistent=True, declare=self._declare, transport=self.broker)
-                )
-                if self._declare is not None:
-                    try:
-                        await publishing
-                    except Exception as e:
-                        self._unsent(rel, state, e)
-                        continue
-                    self._declare = None
-                    self._sent(None, rel, state)
-                else:
-                    publishing.addCallbacks(
-                        self._sent, self._unsent_failure, (rel, state), None, (rel, state)
-                    )
-        finally:
-            self._sending = False
+        one channel keep their order), and without a coroutine of its own for each: the
+        first one declares the exchange and is waited for, so that the exchange exists
+        before any other is published; until then the others wait in the outbox."""
+        while self._outbox and not self._declaring:
+            rel, notice, state = self._outbox.popleft()
+            rel_dir = rel.rpartition("/")[0]
+            topic = self._topics.get(rel_dir)
+            if topic is None:
+                if len(self._topics) >= MAX_TOPICS:
+                    self._topics.clear()
+                topic = self._topics[rel_dir] = notice.topic()
+            publishing = self.track(
+                self.publish(self.exchange, topic, notice.to_json(), persistent=True,
+                             declare=self._declare, transport=self.broker)
+            )
+            if self._declare is None:
+                publishing.addCallbacks(
+                    self._sent, self._unsent_failure, (rel, state), None, (rel, state))
+            else:
+                self._declaring = True
+                publishing.addCallbacks(
+                    self._declared, self._declare_failed, (rel, state), None, (rel, state))
+
+    def _declared(self, _, rel, state):
+        self._declaring = False
+        self._declare = None
+        self._sent(None, rel, state)
+        self._send()
+
+    def _declare_failed(self, failure, rel, state):
+        self._declaring = False  # the next notice declares again
+        self._unsent(rel, state, failure.value)
+        self._send()
 
     def _sent(self, _, rel, state):
         if state is not False:
@@ -544,12 +636,20 @@ class Watch(ServiceProcess):
         self._unsent(rel, state, failure.value)
 
     def _store(self, rel, state=None):
-        """Keep C{state} (size, mtime) as announced for C{rel} on disk, or forget C{rel}."""
-        rel_dir, _, name = rel.rpartition("/")
-        if state is None:
-            self.store.forget(rel_dir, [name])
-        else:
-            self.store.record(rel_dir, [(name, *state)])
+        """Keep C{state} (size, mtime) as announced for C{rel} on disk, or forget C{rel}.
+        Written by L{_write_states}: what comes in while one commit runs is the next one."""
+        self._unstored[rel] = state
+        if not self._storing:
+            self._follow(self._write_states())
+
+    async def _write_states(self):
+        self._storing = True
+        try:
+            while self._unstored:
+                changes, self._unstored = self._unstored, {}
+                await self.store.update(changes)
+        finally:
+            self._storing = False
 
 
 process_class = Watch

@@ -56,7 +56,11 @@ def process_tree(container):
 def _failed(stats):
     if isinstance(stats.get("failures"), dict):
         return sum(n for n in stats["failures"].values() if isinstance(n, int))
-    return stats.get("failed_passes", stats.get("invalid", 0))
+    # A poll's failed passes, an ingest's invalid notices, a watch's errors.
+    for key in ("failed_passes", "invalid", "errors"):
+        if isinstance(stats.get(key), int):
+            return stats[key]
+    return 0
 
 
 def _done(stats):

@@ -186,6 +186,10 @@ class IngestTests(unittest.TestCase):
         key, report = reports["bob"]
         self.assertEqual((key, report["report"]["code"]), ("v03.z", 417))
         self.assertEqual(self.ingest.stats["invalid"], 2)
+        # `ion status` shows the newest as the ingest's last error.
+        failures = self.ingest.op_stats(None, {})["last_failures"]
+        self.assertEqual([f["code"] for f in failures], [417, 417])
+        self.assertIn("'v03.z' from bob", failures[-1]["reason"] + failures[0]["reason"])
 
     async def test_other_exchanges_ignored(self):
         """Only the configured users' exchanges are read."""
@@ -207,6 +211,8 @@ class IngestTests(unittest.TestCase):
         await until(lambda: self.ingest.stats["refused"] == 3)
         await quiet()
         self.assertEqual(self.collector.got, [])
+        failures = self.ingest.op_stats(None, {})["last_failures"]
+        self.assertEqual([f["code"] for f in failures], [403] * 3)
         self.assertEqual(self.ingest.stats["published"], 0)
         queue = "q_ion.ingest.xs_alice"
         self.assertEqual((self.broker.queue_depth(queue), self.broker.unacked(queue)), (0, 0))

@@ -199,12 +199,16 @@ class WatchScenarios:
         await self.expect([("c", None, 1)])
 
     async def test_unusable_names_skipped(self):
-        """Names a consumer would refuse or a URL cannot carry are not announced."""
-        await self.start()
+        """Names a consumer would refuse or a URL cannot carry are not announced; each is
+        among the watch's last failures (422, with its name)."""
+        proc = await self.start()
         for name in ("line\nbreak", "q?x", "pct%41", "ok"):
             write(os.path.join(self.tree, name), b"1")
         await self.settle()
         await self.expect([("ok", None, 1)])
+        failures = (await proc.op_stats(None, {}))["last_failures"]
+        self.assertEqual(sorted((f["code"], f["file"]) for f in failures),
+                         [(422, "line\nbreak"), (422, "pct%41"), (422, "q?x")])
 
     async def test_restart_catch_up(self):
         """Files written while the watch was stopped are announced when it starts again, and
@@ -230,6 +234,23 @@ class WatchScenarios:
              ("sub/new", None, 3)],
         )
 
+    async def test_burst_recorded_before_stop(self):
+        """A burst of files announced together is recorded as announced (in a few commits,
+        not one per file) even when the watch stops as soon as the broker confirmed them:
+        started again, it announces none of them a second time."""
+        proc = await self.start()
+        names = [f"d{i % 3}/f{i:03d}" for i in range(300)]
+        for name in names:
+            write(os.path.join(self.tree, name), name.encode())
+        await self.settle()
+        await until(lambda: len(self.got()) == 3 + len(names), what=lambda _: len(self.got()))
+        await proc.terminate()
+        self.collector.got.clear()
+        await self.start()
+        await self.settle()
+        await quiet(0.2)
+        self.assertEqual(self.got(), [])
+
     async def test_publish_failure_caught_up(self):
         """Notices the broker does not take are announced by a catch-up pass a few seconds
         later: a file and a removal are not lost."""
@@ -248,6 +269,11 @@ class WatchScenarios:
         await self.settle()
         await until(lambda: proc.stats["errors"] == 2)
         self.assertEqual(self.got(), [])
+        # What `ion status` shows as the watch's last error (its stats' last_failures).
+        (error,) = (await proc.op_stats(None, {}))["last_failures"]
+        self.assertEqual((error["code"], error["times"]), (503, 2))
+        self.assertIn("cannot publish to", error["reason"])
+        self.assertIn("broker away", error["reason"])
         proc.publish = publish
         self.clock.advance(5)
         await self.settle()  # the file found by the catch-up pass waits `coalesce` too

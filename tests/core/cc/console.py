@@ -46,7 +46,7 @@ class RunningPump:
     """The pump of a test (see the module docstring); C{url} is its broker."""
 
     async def start(self, testcase, url="memory://", tag=None, apps=(), host="127.0.0.1",
-                    token=None):
+                    token=None, polls=()):
         self.tag = tag = tag or f"{os.getpid()}-{next(_tags)}"
         self.user, self.sysname = f"ops-{tag}", f"ops-{tag}"
         base = os.path.abspath(testcase.mktemp())
@@ -65,7 +65,8 @@ class RunningPump:
         self.sup = await pump_app.start(
             c, types.SimpleNamespace(name="pump"), user=self.user,
             polls=[{"name": "src", "url": "file://" + self.src, "interval": 0.2,
-                    "state_dir": os.path.join(base, "poll")}],
+                    "state_dir": os.path.join(base, "poll")},
+                   *[dict(p, state_dir=os.path.join(base, f"poll-{p['name']}")) for p in polls]],
             ingest={"exchange": xpublic, "report_exchange": xreport},
             subscriptions=[{"name": "sub", "directory": self.dest, "exchange": xpublic,
                             "report_exchange": xreport,
@@ -94,15 +95,17 @@ class RunningPump:
                     what=f"{target} deliveries")
         await self.sampled(lambda row: row["delivered"] >= target)
 
-    async def sampled(self, check):
-        """Wait for a sample whose consumer row passes C{check}."""
+    async def sampled(self, check, name=None):
+        """Wait for a sample whose consumer row (or the row of the worker named C{name})
+        passes C{check}."""
         sampler = self.core.sampler
 
         def seen():
-            rows = [w for w in sampler.status()["workers"] if w["kind"] == "Consumer"]
+            rows = [w for w in sampler.status()["workers"]
+                    if (w["name"] == name if name else w["kind"] == "Consumer")]
             return rows and check(rows[0])
 
-        await until(seen, timeout=10, what="a sample of the consumer")
+        await until(seen, timeout=10, what=f"a sample of {name or 'the consumer'}")
         # One more: the rates need two samples that both hold the new counts.
         count = len(sampler.samples)
         await until(lambda: len(sampler.samples) > count + 1, timeout=10)

@@ -1,15 +1,17 @@
 """`ion status` (ion.core.cc.status): the table and --json on both transports, through the
-broker (amqp) and through a container's web console (memory://), and the rates of a sample."""
+broker (amqp) and through a container's web console (memory://), a poll's last error, and the
+rates of a sample."""
 
 import json
 import os
+import socket
 
 from twisted.internet import threads
 from twisted.trial import unittest
 
 from ion.core.cc.status import Sampler, human, status_table
 from tests.broker import get_broker
-from tests.core.cc.console import RunningPump, drop_queues
+from tests.core.cc.console import RunningPump, drop_queues, get_json
 from tests.core.cc.test_cli import run_cli
 
 
@@ -75,6 +77,69 @@ class StatusCommandTests(unittest.TestCase):
         result = await threads.deferToThread(run_cli, "status", *where)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("pump.consumer.sub", result.stdout)
+
+
+def closed_port():
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PollErrors:
+    """A poll that cannot list its server shows why, and how long ago, in `ion status`
+    (table and --json) and in /api/status. C{where(pump)}: how `ion status` reaches it."""
+
+    async def test_poll_cannot_list(self):
+        """A poll of a closed port: its row has the last error (503, the URL, the reason)
+        and its age, and counts the failed passes."""
+        url = f"http://127.0.0.1:{closed_port()}/data/"
+        pump = await self.start(polls=[{"name": "dead", "url": url, "interval": 0.2}])
+        await pump.sampled(lambda row: row["last_error"] is not None, name="pump.poll.dead")
+        status = await get_json(pump.url + "/api/status")
+        (row,) = [w for w in status["workers"] if w["name"] == "pump.poll.dead"]
+        self.assertEqual((row["kind"], row["state"]), ("PollService", "ACTIVE"))
+        self.assertGreater(row["failed"], 0)
+        error = row["last_error"]
+        self.assertEqual(error["code"], 503)
+        self.assertIn(f"cannot list {url}", error["reason"])
+        self.assertIn("refused", error["reason"].lower())
+        self.assertTrue(0 <= error["age"] < 30, error)
+        (healthy,) = [w for w in status["workers"] if w["name"] == "pump.poll.src"]
+        self.assertIsNone(healthy["last_error"])
+        result = await threads.deferToThread(run_cli, "status", "--json", *self.where(pump))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        (status,) = json.loads(result.stdout)
+        (row,) = [w for w in status["workers"] if w["name"] == "pump.poll.dead"]
+        self.assertEqual(row["last_error"]["code"], 503)
+        self.assertIn(f"cannot list {url}", row["last_error"]["reason"])
+        self.assertTrue(0 <= row["last_error"]["age"] < 30, row)
+        result = await threads.deferToThread(run_cli, "status", *self.where(pump))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        (line,) = [line for line in result.stdout.splitlines() if "pump.poll.dead" in line]
+        self.assertIn(f"503 cannot list {url}", line)
+        self.assertRegex(line, r"\(\d+ s ago\)$")
+
+
+class MemoryPollErrorTests(PollErrors, unittest.TestCase):
+    async def start(self, **kw):
+        return await RunningPump().start(self, **kw)
+
+    def where(self, pump):
+        return ["--web", pump.url]
+
+
+class AmqpPollErrorTests(PollErrors, unittest.TestCase):
+    async def start(self, **kw):
+        broker = get_broker()
+        self.broker = broker
+        tag = f"{os.getpid()}-status-poll"
+        await drop_queues(self, broker, tag)
+        self.pump = await RunningPump().start(self, url=broker.url, tag=tag, **kw)
+        return self.pump
+
+    def where(self, pump):
+        return ["--broker", self.broker.url, "-s", pump.sysname]
 
 
 class RatesTests(unittest.SynchronousTestCase):
