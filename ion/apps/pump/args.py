@@ -351,6 +351,8 @@ class ConsumerArgs(_Named):
         validator=OPTIONAL_EXCHANGE,
     )
     stop_grace = attrs.field(default=10, validator=SECONDS_OR_ZERO)
+    instances = attrs.field(default=1, validator=COUNT)
+    shared_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
 
 
 SENDER_SCHEMES = ("file", "sftp", "ftp", "http", "https")
@@ -359,7 +361,8 @@ _SENDER_SHARED = (
     "name", "exchange", "topics", "filters", "accept", "reject", "accept_unmatched", "mirror",
     "strip", "parallel", "prefetch", "user", "state_dir", "retry_initial", "retry_max",
     "retry_horizon", "retry_jitter", "dup_ttl", "transfer_timeout", "max_size", "min_rate",
-    "transfer", "sources", "max_notice_bytes", "report_exchange", "stop_grace",
+    "transfer", "sources", "max_notice_bytes", "report_exchange", "stop_grace", "instances",
+    "shared_dir",
 )
 
 
@@ -481,6 +484,9 @@ class PollArgs(_Named):
     # and silently empty source.
     create = attrs.field(default=False, converter=bool)
     announce_removals = attrs.field(default=False, converter=bool)
+    instances = attrs.field(default=1, validator=COUNT)
+    shared_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
+    single_active = attrs.field(default=False, converter=bool)
 
 
 def _watch_base_url(value, self):
