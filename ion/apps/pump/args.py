@@ -523,6 +523,10 @@ class WatchArgs(_Named):
     min_age = attrs.field(default=0, validator=SECONDS_OR_ZERO)
     state_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
     stop_grace = attrs.field(default=10, validator=SECONDS_OR_ZERO)
+    instances = attrs.field(default=1, validator=COUNT)
+    shared_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
+    single_active = attrs.field(default=False, converter=bool)
+    standby_interval = attrs.field(default=10, validator=SECONDS)
 
 
 @attrs.frozen(kw_only=True)

@@ -44,7 +44,7 @@ import hashlib
 import os
 import stat
 
-from twisted.internet import defer, inotify, threads
+from twisted.internet import defer, inotify, task, threads
 from twisted.python.filepath import FilePath
 
 from ion.apps.pump.args import WatchArgs, root_url
@@ -54,7 +54,7 @@ from ion.apps.pump import paths
 from ion.apps.pump.poll import SeenFiles, unfetchable
 from ion.apps.pump.transfer.inflight import is_inflight_name
 from ion.apps.pump.user import pump_user
-from ion.core.process import EnvironmentFailure, ServiceProcess
+from ion.core.process import EnvironmentFailure, Lease, ServiceProcess
 
 MASK = (
     inotify.IN_CREATE
@@ -158,10 +158,15 @@ class Watch(ServiceProcess):
         self.exchange = args.exchange or f"xs_{self.user}"
         state_dir = args.state_dir or os.path.join("var", "pump", f"watch-{args.name}")
         self.claim_directory(state_dir)
+        # The instances of a watch share what was announced; one of them watches at a time.
         self.store = SeenFiles(
-            os.path.join(state_dir, "seen.sqlite3"), root_url("file:" + self.root),
-            self.container.reactor,
+            os.path.join(args.shared_dir or state_dir, "seen.sqlite3"),
+            root_url("file:" + self.root), self.container.reactor,
         )
+        self.lease = None
+        self._standby = None
+        if args.single_active or args.instances > 1:
+            self.lease = Lease(self, f"watch.{self.user}.{args.name}", on_lost=self._lease_lost)
         self.known = {}  # relPath -> (size or LINK, mtime) as announced
         self.dirs = set()  # relPaths of the watched directories ('' the root)
         self.writing = set()  # files created and not closed yet
@@ -180,10 +185,40 @@ class Watch(ServiceProcess):
         self._declare = "topic"
 
     async def on_activate(self):
+        if self.lease is not None:
+            self._stand_by()
+            return
+        await self._start_watching()
+
+    async def _start_watching(self):
         self.known = await self.store.everything()
         self.notifier = _TreeNotify(reactor=self.container.reactor)
         self.notifier.startReading()
         await self._catch_up()
+
+    def _stand_by(self):
+        """Try for the lease now and every C{standby_interval} seconds until it is held."""
+        self._standby = task.LoopingCall(lambda: self.track(self._try_lease()))
+        self._standby.clock = self.container.clock
+        self._standby.start(self.settings.standby_interval, now=True).addErrback(
+            lambda f: self.log.failure("watch {name}: standby failed", f, name=self.settings.name)
+        )
+
+    async def _try_lease(self):
+        if not await self.lease.try_acquire() or self._standby is None:
+            return
+        standby, self._standby = self._standby, None
+        if standby.running:
+            standby.stop()
+        self.log.info("watch {name}: now the active watch", name=self.settings.name)
+        await self._start_watching()
+
+    def _lease_lost(self):
+        self.log.warn("watch {name}: no longer the active watch", name=self.settings.name)
+        self._stop_watching()
+        self.notifier = None
+        if not self.lifecycle.final and self._standby is None:
+            self._stand_by()
 
     async def _catch_up(self):
         """Announce what differs between the tree and what was announced (at start, and
@@ -226,9 +261,14 @@ class Watch(ServiceProcess):
     async def crash(self, reason):
         if not self.lifecycle.final:
             self._stop_watching()
+            if self.lease is not None:
+                await self.lease.release()
         await super().crash(reason)
 
     def _stop_watching(self):
+        standby, self._standby = self._standby, None
+        if standby is not None and standby.running:
+            standby.stop()
         calls = [self._retry, *self.pending.values(), self.moved_from and self.moved_from[2]]
         for call in calls:
             if call is not None and call.active():
@@ -239,6 +279,8 @@ class Watch(ServiceProcess):
             self.notifier.close()
 
     async def on_terminate(self):
+        if self.lease is not None:
+            await self.lease.release()
         await self.store.close()
 
     async def op_stats(self, content, headers):

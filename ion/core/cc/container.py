@@ -178,6 +178,11 @@ class Container:
         L{ion.core.process.Process.open_broker}), with the default credentials file."""
         return make_flow_transport(url, self.reactor)
 
+    @property
+    def embedded_broker(self):
+        """True on memory://: the broker lives in this OS process, no other can reach it."""
+        return getattr(self.transport, "broker", None) is not None
+
     def open_connection(self):
         """A new, unconnected transport to this container's own broker: the embedded one's
         when the transport is memory://, else one for C{broker_url} (TransportError when it was

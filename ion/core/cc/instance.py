@@ -1,0 +1,109 @@
+"""C{python -m ion.core.cc.instance}: the OS process of one instance (see
+L{ion.core.process.instances}, which starts it).
+
+Reads one line from stdin, a Python literal (read with C{ast.literal_eval}) with C{broker_url},
+C{broker_tls}, C{sysname}, C{config} (the container's config layers), C{res_dir},
+C{container_id}, C{spec}, C{name} and C{args}; starts a container on that broker, spawns the
+process, and writes C{READY <class>} to stdout. It stops (the process, then the container,
+exit status 0) when stdin reaches end-of-file -- the parent closed it or died -- or on
+SIGTERM/SIGINT; it exits 1 when the process ends by itself, and 2 when it could not start it
+for bad input (bad args, a state directory in use), with one line on stderr. Log lines go to
+stderr, filtered by the levels of C{res_dir}, for the parent to relay.
+"""
+
+import ast
+import sys
+
+from twisted.internet import defer, protocol, stdio, task
+from twisted.logger import Logger, globalLogBeginner
+
+log = Logger()
+
+
+class _Watch(protocol.Protocol):
+    """Stdin: its end is the signal to stop."""
+
+    def __init__(self):
+        self.closed = defer.Deferred()
+
+    def dataReceived(self, data):
+        pass
+
+    def connectionLost(self, reason=None):
+        if not self.closed.called:
+            self.closed.callback(None)
+
+
+async def run(reactor, launch):
+    from ion.core import log as ionlog
+    from ion.core.cc.container import Container, make_transport
+    from ion.core.config import Config
+    from ion.core.process.statedir import expected
+
+    res_dir = launch["res_dir"]
+    globalLogBeginner.beginLoggingTo(
+        [ionlog.make_observer(sys.stderr, ionlog.load_levels(res_dir))],
+        redirectStandardIO=False,
+    )
+    config = Config()
+    for name, mapping in launch["config"]:
+        config.add_layer(name, mapping)
+    transport = make_transport(launch["broker_url"], reactor, **launch["broker_tls"])
+    container = Container(config, reactor, transport, container_id=launch["container_id"],
+                          sysname=launch["sysname"], res_dir=res_dir)
+    container.broker_url = launch["broker_url"]
+    container.broker_tls = dict(launch["broker_tls"])
+    watch = _Watch()
+    stdio.StandardIO(watch, reactor=reactor)
+    stop = defer.Deferred()
+    finished = defer.Deferred()
+    watch.closed.addCallback(lambda _: stop.called or stop.callback("stop"))
+
+    def shutting_down():
+        # SIGTERM/SIGINT: the reactor waits for the process and the container to stop.
+        if not stop.called:
+            stop.callback("signal")
+        return finished
+
+    reactor.addSystemEventTrigger("before", "shutdown", shutting_down)
+    try:
+        await container.start()
+        proc = await container.spawn(launch["spec"], name=launch["name"], args=launch["args"])
+    except Exception as e:
+        cause = e.__cause__ if e.__cause__ is not None else e
+        if expected(e) or expected(cause):
+            sys.stderr.write(f"{launch['name']}: {e}\n")
+            code = 2 if isinstance(e, ValueError) or getattr(e, "bad_input", False) else 1
+        else:
+            log.failure("{name}: could not start", name=launch["name"])
+            code = 1
+        await container.stop()
+        raise SystemExit(code)
+    proc.add_exit_observer(lambda p: stop.called or stop.callback("ended"))
+    watch.transport.write(f"READY {type(proc).__name__}\n".encode())
+    why = await stop
+    if why == "ended":
+        log.error("{name}: its process ended ({state})", name=launch["name"], state=proc.state)
+        await container.stop()
+        raise SystemExit(1)
+    try:
+        if not proc.lifecycle.final:
+            await proc.terminate()
+        await container.stop()
+    finally:
+        finished.callback(None)
+
+
+def main():
+    line = sys.stdin.buffer.readline()
+    try:
+        launch = ast.literal_eval(line.decode("utf-8"))
+        launch["spec"], launch["name"], launch["args"]
+    except (ValueError, SyntaxError, KeyError, TypeError):
+        sys.stderr.write("ion.core.cc.instance: expected one launch line on stdin\n")
+        raise SystemExit(2)
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor, launch)))
+
+
+if __name__ == "__main__":
+    main()
