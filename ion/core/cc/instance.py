@@ -14,7 +14,7 @@ stderr, filtered by the levels of C{res_dir}, for the parent to relay.
 import ast
 import sys
 
-from twisted.internet import defer, protocol, stdio, task
+from twisted.internet import defer, error, protocol, stdio
 from twisted.logger import Logger, globalLogBeginner
 
 log = Logger()
@@ -38,7 +38,6 @@ async def run(reactor, launch):
     from ion.core import log as ionlog
     from ion.core.cc.container import Container, make_transport
     from ion.core.config import Config
-    from ion.core.process.statedir import expected
 
     res_dir = launch["res_dir"]
     globalLogBeginner.beginLoggingTo(
@@ -67,6 +66,15 @@ async def run(reactor, launch):
 
     reactor.addSystemEventTrigger("before", "shutdown", shutting_down)
     try:
+        return await _serve(container, launch, watch, stop)
+    finally:
+        finished.callback(None)
+
+
+async def _serve(container, launch, watch, stop):
+    from ion.core.process.statedir import expected
+
+    try:
         await container.start()
         proc = await container.spawn(launch["spec"], name=launch["name"], args=launch["args"])
     except Exception as e:
@@ -78,20 +86,18 @@ async def run(reactor, launch):
             log.failure("{name}: could not start", name=launch["name"])
             code = 1
         await container.stop()
-        raise SystemExit(code)
+        return code
     proc.add_exit_observer(lambda p: stop.called or stop.callback("ended"))
     watch.transport.write(f"READY {type(proc).__name__}\n".encode())
     why = await stop
     if why == "ended":
         log.error("{name}: its process ended ({state})", name=launch["name"], state=proc.state)
         await container.stop()
-        raise SystemExit(1)
-    try:
-        if not proc.lifecycle.final:
-            await proc.terminate()
-        await container.stop()
-    finally:
-        finished.callback(None)
+        return 1
+    if not proc.lifecycle.final:
+        await proc.terminate()
+    await container.stop()
+    return 0
 
 
 def main():
@@ -102,7 +108,26 @@ def main():
     except (ValueError, SyntaxError, KeyError, TypeError):
         sys.stderr.write("ion.core.cc.instance: expected one launch line on stdin\n")
         raise SystemExit(2)
-    task.react(lambda reactor: defer.ensureDeferred(run(reactor, launch)))
+    from twisted.internet import reactor
+
+    code = [1]
+
+    def go():
+        d = defer.ensureDeferred(run(reactor, launch))
+        d.addCallbacks(lambda result: code.__setitem__(0, result),
+                       lambda f: log.failure("{name}: failed", f, name=launch["name"]))
+        d.addBoth(lambda _: reactor.running and _stop(reactor))
+
+    reactor.callWhenRunning(go)
+    reactor.run()
+    sys.exit(code[0])
+
+
+def _stop(reactor):
+    try:
+        reactor.stop()
+    except error.ReactorNotRunning:  # already stopping (a signal)
+        pass
 
 
 if __name__ == "__main__":

@@ -33,7 +33,10 @@ import sys
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger, LogLevel
 
+import ion
 from ion.core.process.process import Process
+
+_CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ion.__file__)))
 
 READY = b"READY"
 _LINE = re.compile(r"^\S+ \[(?P<namespace>[^\]#]+)#(?P<level>\w+)\] (?P<text>.*)$", re.S)
@@ -125,11 +128,16 @@ class OSInstance(Process):
         if self.container.broker_url is None:
             raise ValueError(f"{self.name}: OS instances need a broker URL (amqp://)")
         child = self._child = _Child(self)
+        env = dict(os.environ)
+        # The child runs the code this process runs, wherever it was imported from.
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_CODE_ROOT, env.get("PYTHONPATH")) if p
+        )
         self._transport = self.container.reactor.spawnProcess(
             child,
             sys.executable,
             [sys.executable, "-m", "ion.core.cc.instance"],
-            env=dict(os.environ),
+            env=env,
             path=os.getcwd(),
             childFDs={0: "w", 1: "r", 2: "r"},
         )
