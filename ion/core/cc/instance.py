@@ -79,13 +79,17 @@ async def _serve(container, launch, watch, stop):
         proc = await container.spawn(launch["spec"], name=launch["name"], args=launch["args"])
     except Exception as e:
         cause = e.__cause__ if e.__cause__ is not None else e
+        line = None
         if expected(e) or expected(cause):
-            sys.stderr.write(f"{launch['name']}: {e}\n")
+            line = f"{launch['name']}: {e}\n"
             code = 2 if isinstance(e, ValueError) or getattr(e, "bad_input", False) else 1
         else:
             log.failure("{name}: could not start", name=launch["name"])
             code = 1
         await container.stop()
+        if line is not None:  # last: the parent takes the last line of stderr for the reason
+            sys.stderr.write(line)
+            sys.stderr.flush()
         return code
     proc.add_exit_observer(lambda p: stop.called or stop.callback("ended"))
     watch.transport.write(f"READY {type(proc).__name__}\n".encode())

@@ -35,6 +35,7 @@ from twisted.logger import Logger, LogLevel
 
 import ion
 from ion.core.process.process import Process
+from ion.core.process.statedir import EnvironmentFailure
 
 _CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ion.__file__)))
 
@@ -81,17 +82,19 @@ class _Child(protocol.ProcessProtocol):
 class _StartFailed(Exception):
     def __init__(self, code, errors):
         self.code = code
-        last = next((line for line in reversed(errors) if line.strip()), "")
+        # The child's own error line, not one of its log lines.
+        last = next((line for line in reversed(errors)
+                     if line.strip() and not _LINE.match(line)), "")
         super().__init__(last or f"exited with status {code} before it was ready")
 
 
-class InstanceFailed(Exception):
-    """The child failed to start its process: its own error line (C{bad_input} when the
-    child exited 2: bad arguments or a state directory in use)."""
+class InstanceFailed(EnvironmentFailure):
+    """The child failed to start its process: its own error line, reported in one line."""
 
-    def __init__(self, message, bad_input):
-        super().__init__(message)
-        self.bad_input = bad_input
+
+class InstanceRefused(InstanceFailed, ValueError):
+    """The child refused its process for bad input (exit status 2: bad arguments, a state
+    directory another live process owns): exit status 2 at boot, as in this process."""
 
 
 class OSInstance(Process):
@@ -148,7 +151,7 @@ class OSInstance(Process):
         try:
             self.kind = await child.ready
         except _StartFailed as e:
-            raise InstanceFailed(f"{self.target}: {e}", bad_input=e.code == 2) from None
+            raise (InstanceRefused if e.code == 2 else InstanceFailed)(str(e)) from None
         finally:
             if timer.active():
                 timer.cancel()
