@@ -82,9 +82,11 @@ def _named_children(app_name, entries, kind, check, prepare, plural, taken=(), c
             raise ValueError(f"{app_name}: {clash} {checked.name!r}")
         # Messages in hand get the process's stop_grace (checked by now) to finish.
         shutdown = int(args.get("stop_grace", 10) * 1000) + 5000
-        if checked.instances > 1:
-            children.update(_instances(app_name, child_id, kind, args, checked.instances,
-                                       shutdown, os_instances))
+        # Checked by now (a sender's, among the consumer arguments it takes).
+        instances = args.get("instances", 1)
+        if instances > 1:
+            children.update(_instances(app_name, child_id, kind, args, instances, shutdown,
+                                       os_instances))
         else:
             children[child_id] = _child(app_name, child_id, kind, args, shutdown=shutdown)
     return children
