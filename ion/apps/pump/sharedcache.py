@@ -257,7 +257,9 @@ class SharedDupCache:
 
     def __contains__(self, key):
         now = self.clock.seconds()
-        if now - self._last_turn >= self.refresh_every and self._turn is None:
+        if now - self._last_turn >= self.refresh_every and self._turn is None and (
+            not self._closed
+        ):
             self._start_turn()
         expires = self._entries.get(key)
         return expires is not None and expires > now
