@@ -223,3 +223,52 @@ class InstanceProcessTests(Setup, unittest.TestCase):
         with open(first.log_path) as f:
             log = f.read()
         self.assertIn("[pump.consumer.sub.1]", log)
+
+
+class PollInstancesTests(Setup, unittest.TestCase):
+    timeout = 300
+
+    async def test_single_active_failover(self):
+        """A poll with two OS instances: one polls, the other stands by; kill -9 of the active
+        one: the other announces the new files within two intervals (plus the time to list),
+        and no file is announced twice."""
+        broker = get_broker()
+        tag = f"pinst{os.getpid()}x{next(_tags)}"
+        self.prepare(tag)
+        self.queues.append(f"lease.{tag}.poll.{tag}.src")
+        await delete_queues(broker.url, self.queues)
+        self.addCleanup(delete_queues, broker.url, self.queues)
+        c = await make_container(self, url=broker.url, sysname=tag)
+        collector = await c.spawn(Collector)
+        await collector.listen(f"xs_{tag}")
+        kwargs = pump_kwargs(tag, self.base, self.credentials)
+        del kwargs["subscriptions"]
+        kwargs["polls"] = [{"name": "src", "url": file_url(self.src), "interval": 1,
+                            "instances": 2, "state_dir": os.path.join(self.base, "state", "src")}]
+        sup = await c.spawn(Supervisor, name="pump-sup", args=plan("pump", os_instances=True,
+                                                                  **kwargs))
+        proxies = [sup.child("poll.src.1"), sup.child("poll.src.2")]
+
+        def announced():
+            return collections.Counter(b["relPath"] for b in collector.bodies(f"xs_{tag}"))
+
+        first = self.files(20, "a", 3)
+        await until(lambda: set(announced()) >= set(first), timeout=60, what="first files")
+        stats = [await collector.rpc(p.pid, "stats") for p in proxies]
+        active = [i for i, s in enumerate(stats) if s["passes"] > 0]
+        self.assertEqual(len(active), 1, stats)
+        standby = stats[1 - active[0]]
+        self.assertGreater(standby["standby"], 0, stats)
+        self.assertEqual(standby["passes"], 0, stats)
+
+        os.kill(proxies[active[0]].os_pid, signal.SIGKILL)
+        killed = reactor.seconds()
+        second = self.files(10, "b", 4)
+        await until(lambda: set(announced()) >= set(first) | set(second), timeout=60,
+                    what="the files written after the kill")
+        # Two intervals, and the time a pass takes to list and publish on a loaded machine.
+        self.assertLess(reactor.seconds() - killed, 2 * 1 + 8)
+        await task.deferLater(reactor, 2.5, lambda: None)
+        self.assertEqual({k: n for k, n in announced().items() if n != 1}, {})
+        self.assertEqual(set(announced()), set(first) | set(second))
+        await sup.terminate()
