@@ -6,12 +6,13 @@ C{broker_tls}, C{sysname}, C{config} (the container's config layers), C{res_dir}
 C{container_id}, C{spec}, C{name} and C{args}; starts a container on that broker, spawns the
 process, and writes C{READY <class>} to stdout. It stops (the process, then the container,
 exit status 0) when stdin reaches end-of-file -- the parent closed it or died -- or on
-SIGTERM/SIGINT; it exits 1 when the process ends by itself, and 2 when it could not start it
+SIGTERM (SIGINT is ignored: a Ctrl-C reaches the container, which stops its instances); it exits 1 when the process ends by itself, and 2 when it could not start it
 for bad input (bad args, a state directory in use), with one line on stderr. Log lines go to
 stderr, filtered by the levels of C{res_dir}, for the parent to relay.
 """
 
 import ast
+import signal
 import sys
 
 from twisted.internet import defer, error, protocol, stdio
@@ -123,7 +124,12 @@ def main():
         d.addBoth(lambda _: reactor.running and _stop(reactor))
 
     reactor.callWhenRunning(go)
-    reactor.run()
+    # Its container decides when it stops (the pipe): a Ctrl-C meant for the container's
+    # terminal, sent to the whole process group, must not end it behind the supervisor's
+    # back. SIGTERM (someone asking this process) stops it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(_stop, reactor))
+    reactor.run(installSignalHandlers=False)
     sys.exit(code[0])
 
 
