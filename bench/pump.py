@@ -8,6 +8,7 @@ on the same workload, the same broker and the same server.
     venv/bin/python bench/pump.py --poll               # ION fed by its own poll of the server
     venv/bin/python bench/pump.py -n 500 --size 65536 --dirs 5 --keep
     venv/bin/python bench/pump.py --profile pump.prof  # cProfile the container (pstats file)
+    venv/bin/python bench/pump.py --instances 1,2      # the subscription as 1, then 2 OS processes
 
 The workload: `-n` files of `--size` random bytes spread over `--dirs` directories, served by
 twisted.web (static.File on 127.0.0.1, port 0, no access log) in a process of its own, so the
@@ -49,7 +50,10 @@ CPU or memory):
     pump system=sr3 n=2000 files_per_s=... (the same fields)
     pump ratio ion/sr3 files_per_s=... cpu_s_per_file=... peak_rss_mb=...
 
-(each result is one line; `incomplete=k/n` ends it when not every file arrived within
+With --instances 1,2 (a list) ION runs once per count, each in a fresh directory with its
+subscription's `instances` set to it (on amqp, OS processes of their own: CPU and RSS are
+summed over the container and its instance processes); each line then ends with
+`instances=N`. (each result is one line; `incomplete=k/n` ends it when not every file arrived within
 --timeout). Every child process (HTTP server, container, sr3 instances, RabbitMQ) is stopped
 at the end, also on errors and on SIGTERM; --keep leaves the temp dir in place and prints
 where.
@@ -413,6 +417,7 @@ class Measurement:
         self.cpu = None
         self.rss = None
         self.support_cpu = {}  # CPU seconds of the broker and the HTTP server
+        self.instances = None  # the subscription's instances, with --instances
         self.delivered = 0
         self.verified = 0
 
@@ -435,6 +440,7 @@ class Measurement:
             f"cpu_s_per_file={self.per_file(self.cpu)} peak_rss_mb={rss} "
             f"transport={self.transport} feed={self.feed} verified={self.verified}/{self.n}"
             f"{support}{state}"
+            + (f" instances={self.instances}" if self.instances else "")
         )
 
 
@@ -506,7 +512,26 @@ def group_pids(pgid):
 # -- ION -----------------------------------------------------------------------------------------
 
 
-def ion_app(directory, base_url, poll_url=None):
+def instance_pids(parent):
+    """The OS processes of the instances a container (pid `parent`) runs."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if (int(stat[stat.rindex(")") + 2 :].split()[1]) == parent
+                and b"ion.core.cc.instance" in cmdline):
+            found.append(int(name))
+    return found
+
+
+def ion_app(directory, base_url, poll_url=None, instances=1):
     """The pump app of res/apps/pump.app with its subscription writing to `directory` and
     fetching from `base_url` (the bench's notices come from source `bench`, not the pump's
     user: the URL policy needs it listed), and a poll of `poll_url` every second in place of
@@ -521,6 +546,7 @@ def ion_app(directory, base_url, poll_url=None):
                 "directory": directory,
                 "mirror": True,
                 "sources": [base_url],
+                "instances": instances,
             }
         ],
         "transfer": {"workers": 2},
@@ -573,13 +599,14 @@ class ContainerOutput:
         return "".join(self.lines[-n:])
 
 
-def run_ion(setup):
-    args, work = setup.args, os.path.join(setup.work, "ion")
+def run_ion(setup, instances=1):
+    args = setup.args
+    work = os.path.join(setup.work, f"ion-{instances}" if args.instances else "ion")
     dest = os.path.join(work, "destination")
     os.makedirs(work, exist_ok=True)
     app_files = [os.path.join(work, "benchpump.app")]
     poll_url = setup.base_url if args.poll else None
-    write_literal(app_files[0], ion_app(dest, setup.base_url, poll_url))
+    write_literal(app_files[0], ion_app(dest, setup.base_url, poll_url, instances))
     mark = os.path.join(work, "mark.json")
     url = "memory://" if args.transport == "memory" else setup.broker.url
     if args.transport == "memory" and not args.poll:
@@ -640,7 +667,10 @@ def run_ion(setup):
         return started["time"]
 
     try:
-        result = measure("ion", setup, dest, lambda: [proc.pid], alive, warm, publish_all)
+        result = measure("ion", setup, dest, lambda: [proc.pid, *instance_pids(proc.pid)],
+                         alive, warm, publish_all)
+        if args.instances:
+            result.instances = instances
         if result.seconds is None:
             print(output.tail(), file=sys.stderr)
     finally:
@@ -782,6 +812,11 @@ def parse_args(argv):
         action="store_true",
         help="ION only: the pump polls the HTTP server itself instead of getting posted notices",
     )
+    parser.add_argument(
+        "--instances",
+        metavar="N,M",
+        help="ION only: run once per count with the subscription's instances set to it (1,2)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dirs")
     parser.add_argument(
         "--profile", metavar="PATH", help="cProfile the ION container (twistd --profile) into PATH"
@@ -792,6 +827,15 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.profile:
         args.profile = os.path.abspath(args.profile)
+    if args.instances is not None:
+        try:
+            args.instances = [int(n) for n in args.instances.split(",")]
+        except ValueError:
+            parser.error(f"--instances must be counts separated by commas, got {args.instances!r}")
+        if not args.instances or min(args.instances) < 1:
+            parser.error("--instances: every count must be at least 1")
+        if args.vs_sr3:
+            parser.error("--instances compares ION with itself: leave out --vs-sr3")
     if args.n < 1 or args.size < 1 or args.dirs < 1:
         parser.error("-n, --size and --dirs must be at least 1")
     if args.vs_sr3 and args.poll:
@@ -826,6 +870,10 @@ def run(args, children):
         setup.broker.start()
         declare_exchange(setup.broker.url)
 
+    if args.instances:
+        for n in args.instances:
+            print(run_ion(setup, n).line(), flush=True)
+        return
     ion = run_ion(setup)
     print(ion.line(), flush=True)
     if not args.vs_sr3:

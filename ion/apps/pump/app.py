@@ -63,12 +63,15 @@ def _child(app_name, child_id, module, args, named=True, **more):
 
 
 def _names(children):
-    return {child_id.partition(".")[2] for child_id in children}
+    """The flow names of C{children} (an OS instance's are in the args it passes on)."""
+    return {(child["args"].get("args") or child["args"])["name"] for child in children.values()}
 
 
-def _named_children(app_name, entries, kind, check, prepare, plural, taken=(), clash=None):
+def _named_children(app_name, entries, kind, check, prepare, plural, taken=(), clash=None,
+                    os_instances=False):
     """The children for C{entries} (args of one kind, each given to C{prepare}), checked with
-    C{check}; ValueError on a bad entry or a name used twice (here or in C{taken})."""
+    C{check}; ValueError on a bad entry or a name used twice (here or in C{taken}). An entry
+    with C{instances} N > 1 gives N children (L{_instances})."""
     children = {}
     for args in map(dict, entries):
         prepare(args)
@@ -79,12 +82,48 @@ def _named_children(app_name, entries, kind, check, prepare, plural, taken=(), c
             raise ValueError(f"{app_name}: {clash} {checked.name!r}")
         # Messages in hand get the process's stop_grace (checked by now) to finish.
         shutdown = int(args.get("stop_grace", 10) * 1000) + 5000
-        children[child_id] = _child(app_name, child_id, kind, args, shutdown=shutdown)
+        # Checked by now (a sender's, among the consumer arguments it takes).
+        instances = args.get("instances", 1)
+        if instances > 1:
+            children.update(_instances(app_name, child_id, kind, args, instances, shutdown,
+                                       os_instances))
+        else:
+            children[child_id] = _child(app_name, child_id, kind, args, shutdown=shutdown)
     return children
 
 
-def plan(app_name="pump", **kwargs):
-    """The supervisor args for these kwargs, checked; ValueError naming the problem."""
+def _instances(app_name, child_id, kind, args, n, shutdown, os_instances):
+    """The N children of a flow with C{instances} N: C{<child id>.<i>}, serving
+    C{<app>.<child id>.<i>}, each with its own state directory C{<state_dir>.<i>} and the
+    flow's C{state_dir} as their C{shared_dir} (the shared duplicate cache, a poll's shared
+    seen-set). On a broker that other OS processes can reach, each runs in an OS process of
+    its own (L{ion.core.process.instances.OSInstance}); on the embedded broker, in this
+    container."""
+    children = {}
+    state_dir = args["state_dir"]
+    for i in range(1, n + 1):
+        own = dict(args, state_dir=f"{state_dir}.{i}")
+        own.setdefault("shared_dir", state_dir)
+        instance_id = f"{child_id}.{i}"
+        if not os_instances:
+            children[instance_id] = _child(app_name, instance_id, kind, own, shutdown=shutdown)
+            continue
+        name = f"{app_name}.{instance_id}"
+        children[instance_id] = {
+            "id": instance_id,
+            "spec": "ion.core.process.instances:OSInstance",
+            "name": name,
+            "args": {"spec": f"ion.apps.pump.{kind}", "name": name, "args": own,
+                     "shutdown": shutdown / 1000},
+            # The instance's own shutdown comes first; then the supervisor abandons it.
+            "shutdown": shutdown + 5000,
+        }
+    return children
+
+
+def plan(app_name="pump", os_instances=False, **kwargs):
+    """The supervisor args for these kwargs, checked; ValueError naming the problem. With
+    C{os_instances}, the instances of a flow run in OS processes of their own."""
     pump = PumpArgs.parse(kwargs, who=app_name)
     transfer = pump.transfer_settings
     fetching = {k: v for k, v in transfer.items() if k not in ("parallel", *_BOUNDS)}
@@ -119,18 +158,22 @@ def plan(app_name="pump", **kwargs):
     ReportRouterArgs.parse(router_args)
     IngestArgs.parse(ingest_args)
     consumers = _named_children(
-        app_name, pump.subscriptions, "consumer", ConsumerArgs, prepare_consumer, "subscriptions"
+        app_name, pump.subscriptions, "consumer", ConsumerArgs, prepare_consumer, "subscriptions",
+        os_instances=os_instances,
     )
     senders = _named_children(
         app_name, pump.senders, "sender", SenderArgs, prepare_sender, "senders",
         taken=_names(consumers), clash="a subscription or sender is named",
+        os_instances=os_instances,
     )
     polls = _named_children(
-        app_name, pump.polls, "poll", PollArgs, lambda args: prepare(args, "poll-"), "polls"
+        app_name, pump.polls, "poll", PollArgs, lambda args: prepare(args, "poll-"), "polls",
+        os_instances=os_instances,
     )
     watches = _named_children(
         app_name, pump.watches, "watch", WatchArgs, lambda args: prepare(args, "watch-"),
         "watches", taken=_names(polls), clash="a poll or another watch is named",
+        os_instances=os_instances,
     )
     progress_args = dict(pump.progress)
     progress_args.setdefault("consumers", [*consumers, *senders])
@@ -155,5 +198,5 @@ def plan(app_name="pump", **kwargs):
 
 
 async def start(container, app, **kwargs):
-    args = plan(app.name, **kwargs)
+    args = plan(app.name, os_instances=not container.embedded_broker, **kwargs)
     return await container.spawn(Supervisor, name=f"{app.name}-sup", args=args)

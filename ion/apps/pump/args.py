@@ -380,15 +380,18 @@ class ConsumerArgs(_Named):
     on_complete = attrs.field(
         default=None, converter=attrs.Converter(_on_complete, takes_self=True)
     )
+    instances = attrs.field(default=1, validator=COUNT)
+    shared_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
 
 
 SENDER_SCHEMES = ("file", "sftp", "ftp", "http", "https")
 # A consumer's arguments that a sender takes as they are.
 _SENDER_SHARED = (
-    "name", "broker", "queue", "exchange", "topics", "filters", "accept", "reject", "accept_unmatched", "mirror",
-    "strip", "parallel", "prefetch", "user", "state_dir", "retry_initial", "retry_max",
+    "name", "broker", "queue", "exchange", "topics", "filters", "accept", "reject",
+    "accept_unmatched", "mirror", "strip", "parallel", "prefetch", "user", "state_dir", "retry_initial", "retry_max",
     "retry_horizon", "retry_jitter", "dup_ttl", "transfer_timeout", "max_size", "min_rate",
-    "transfer", "sources", "max_notice_bytes", "report_exchange", "stop_grace",
+    "transfer", "sources", "max_notice_bytes", "report_exchange", "stop_grace", "instances",
+    "shared_dir",
 )
 
 
@@ -510,6 +513,9 @@ class PollArgs(_Named):
     # and silently empty source.
     create = attrs.field(default=False, converter=bool)
     announce_removals = attrs.field(default=False, converter=bool)
+    instances = attrs.field(default=1, validator=COUNT)
+    shared_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
+    single_active = attrs.field(default=False, converter=bool)
 
 
 def _watch_base_url(value, self):
@@ -547,6 +553,10 @@ class WatchArgs(_Named):
     min_age = attrs.field(default=0, validator=SECONDS_OR_ZERO)
     state_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
     stop_grace = attrs.field(default=10, validator=SECONDS_OR_ZERO)
+    instances = attrs.field(default=1, validator=COUNT)
+    shared_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
+    single_active = attrs.field(default=False, converter=bool)
+    standby_interval = attrs.field(default=10, validator=SECONDS)
 
 
 @attrs.frozen(kw_only=True)

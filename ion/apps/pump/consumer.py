@@ -74,6 +74,7 @@ from ion.apps.pump import paths
 from ion.apps.pump.args import ConsumerArgs
 from ion.apps.pump.completion import run_command
 from ion.apps.pump.dupcache import DupCache
+from ion.apps.pump.sharedcache import SharedDupCache
 from ion.apps.pump.flow import open_flow_broker
 from ion.apps.pump.journal import DiskQueue, Journal, json_line
 from ion.apps.pump.fileops import AppliesFileOps
@@ -191,9 +192,15 @@ class Consumer(AppliesFileOps, ServiceProcess):
             # Resolved once: the files go where the directory was when the consumer started.
             self.real_directory = os.path.realpath(self.directory)
         reactor = self.container.reactor
-        self.dupcache = DupCache(
-            os.path.join(self.state_dir, "dupcache.jsonl"), args.dup_ttl, clock, reactor
-        )
+        if args.shared_dir:
+            # Instances of one subscription: one cache file that all of them write.
+            self.dupcache = SharedDupCache(
+                os.path.join(args.shared_dir, "dupcache.jsonl"), args.dup_ttl, clock, reactor
+            )
+        else:
+            self.dupcache = DupCache(
+                os.path.join(self.state_dir, "dupcache.jsonl"), args.dup_ttl, clock, reactor
+            )
         self.retries = RetryQueue(
             os.path.join(self.state_dir, "retries.jsonl"),
             clock,
@@ -425,14 +432,19 @@ class Consumer(AppliesFileOps, ServiceProcess):
             return None
         if self.discard:
             # Written out once per reactor turn rather than once per message.
-            self.dupcache.add(key, flush=False)
+            added = self.dupcache.add(key, flush=False)
+            if added is not None:  # a shared cache: a failed turn is logged there
+                added.addErrback(lambda _: None)
             if self._flush_call is None:
                 self._flush_call = self.container.reactor.callLater(0, self._flush_dupcache)
             self.stats["discarded"] += 1
             self._ack(delivery)
             return None
         self._working.add(key)
-        return self._deliver_new(delivery, notice, url, key)
+        # A redelivered message may have been delivered by another instance that died before
+        # its ack: its key is then in the shared cache, which is read again first.
+        shared = delivery.redelivered and getattr(self.dupcache, "shared", False)
+        return self._deliver_new(delivery, notice, url, key, shared)
 
     def knows(self, key):
         """Whether this instance delivered C{key} (within C{dup_ttl}), is fetching it now or
@@ -451,8 +463,14 @@ class Consumer(AppliesFileOps, ServiceProcess):
             and hasattr(proc, "retries") and (proc.settings.broker, proc.queue) == mine
         ]
 
-    async def _deliver_new(self, delivery, notice, url, key):
+    async def _deliver_new(self, delivery, notice, url, key, refresh=False):
         try:
+            if refresh:
+                await self.dupcache.refresh()
+                if key in self.dupcache:
+                    self.stats["duplicates"] += 1
+                    self._ack(delivery)
+                    return
             await self._deliver(delivery, notice, url, key)
         finally:
             self._working.discard(key)
@@ -586,7 +604,9 @@ class Consumer(AppliesFileOps, ServiceProcess):
             await self._reannounce(notice, path, result)
         size = result.size
         await self._report(notice, key, 201, f"delivered ({size} bytes)")
-        self.dupcache.add(key)
+        added = self.dupcache.add(key)
+        if added is not None:  # a shared cache: in its file before the message is acked
+            await added
         self.stats["delivered"] += 1
         self.stats["bytes"] += size
         self.container.metrics.delivered.inc(self._labels)

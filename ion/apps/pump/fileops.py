@@ -227,7 +227,9 @@ class AppliesFileOps:
         if done is None:
             return None
         await self._report(notice, key, 201, done)
-        self.dupcache.add(key)
+        added = self.dupcache.add(key)
+        if added is not None:  # a shared cache (instances)
+            await added
         self.stats["file_ops"] += 1
         self.log.info(
             "{name}: {op} {path}: {done}",

@@ -66,7 +66,7 @@ from ion.apps.pump.outcome import RecentFailures, classify
 from ion.apps.pump.transfer.inflight import is_inflight_name
 from ion.apps.pump.flow import open_flow_broker
 from ion.apps.pump.user import pump_user
-from ion.core.process import RemoteError, ServiceProcess
+from ion.core.process import Lease, RemoteError, ServiceProcess
 
 COD = {"method": "cod", "value": "sha512"}
 
@@ -181,7 +181,9 @@ class SeenFiles:
 
     @_in_thread
     def start_pass(self):
-        self.passes += 1
+        # Read again: the instances of a poll share the store, one pass after the other.
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'pass'").fetchone()
+        self.passes = (int(row[0]) if row else 0) + 1
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('pass', ?)", (str(self.passes),))
         return self.passes
@@ -282,9 +284,14 @@ class PollService(ServiceProcess):
             # Announced there, to xs_<login> (or exchange), which that pump declares.
             self.broker, _ = open_flow_broker(self, args.broker, "poll", self.source, state_dir)
             self.exchange = args.exchange or f"xs_{self.broker.user}"
+        # The instances of a poll share what was announced; one of them polls at a time.
         self.store = SeenFiles(
-            os.path.join(state_dir, "seen.sqlite3"), self.url, self.container.reactor
+            os.path.join(args.shared_dir or state_dir, "seen.sqlite3"), self.url,
+            self.container.reactor,
         )
+        self.lease = None
+        if args.single_active or args.instances > 1:
+            self.lease = Lease(self, f"poll.{self.user}.{self.source}", on_lost=self._lease_lost)
         if self.store.reset:
             self.log.warn(
                 "poll {name}: url changed to {url}; every file will be announced again",
@@ -301,7 +308,9 @@ class PollService(ServiceProcess):
                 "will be announced again (files already delivered are skipped as duplicates)",
                 name=self.source,
             )
-        self.stats = dict.fromkeys(("passes", "failed_passes", "skipped", *_PASS_COUNTERS), 0)
+        self.stats = dict.fromkeys(
+            ("passes", "failed_passes", "skipped", "standby", *_PASS_COUNTERS), 0
+        )
         self.last_pass = None
         self._loop = None
         self._pass = None
@@ -309,6 +318,7 @@ class PollService(ServiceProcess):
         self._stopping = False
         self._last_error = None
         self.last_failures = RecentFailures(self.container.clock)  # ion status, the console
+        self._acquiring = False
 
     async def on_activate(self):
         if self.broker is not None:
@@ -336,12 +346,23 @@ class PollService(ServiceProcess):
         if not self.lifecycle.final:
             self._stop_polling()
             self._cancel_pass()
+            await self._release_lease()
             await self.store.close()
         await super().crash(reason)
 
     async def on_terminate(self):
         self._cancel_pass()
+        await self._release_lease()
         await self.store.close()
+
+    async def _release_lease(self):
+        if self.lease is not None:
+            await self.lease.release()
+
+    def _lease_lost(self):
+        # Another instance may hold it by now: the pass under way announces no more.
+        self.log.warn("poll {name}: no longer the active poll", name=self.source)
+        self._cancel_pass()
 
     def _stop_polling(self):
         self._stopping = True
@@ -355,15 +376,38 @@ class PollService(ServiceProcess):
     def _tick(self):
         # Nothing returned: the loop keeps its rhythm, and a pass still running makes this
         # tick skip.
+        if self.lease is not None and not self.lease.held:
+            if not self._stopping and not self._acquiring:
+                self._acquiring = True  # cleared when the attempt ends, maybe at once
+                self.track(self._acquire_and_poll()).addErrback(
+                    lambda f: self.log.failure("poll {name}: standby failed", f, name=self.source)
+                )
+            return
         if self._pass is not None:
             self.stats["skipped"] += 1
             self.log.debug("poll {name}: previous pass still running; skipped", name=self.source)
             return
         self.poll_now()
 
+    async def _acquire_and_poll(self):
+        """Standby: try for the lease; once it is held, poll now."""
+        try:
+            if not await self.lease.try_acquire():
+                self.stats["standby"] += 1
+                return
+        finally:
+            self._acquiring = False
+        if self._stopping:
+            return
+        self.log.info("poll {name}: now the active poll", name=self.source)
+        await self.poll_now()
+
     def poll_now(self):
         """Start a pass unless one is running; returns a Deferred firing (with None) when the
-        pass under way, new or not, has ended, whatever its outcome."""
+        pass under way, new or not, has ended, whatever its outcome. A standby poll (another
+        holds the lease) runs none."""
+        if self.lease is not None and not self.lease.held and self._pass is None:
+            return defer.succeed(None)
         if self._pass is None and not self._stopping:
             d = self.track(self._run_pass())
             d.addErrback(self._pass_failed)

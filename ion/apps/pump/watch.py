@@ -47,7 +47,7 @@ import heapq
 import os
 import stat
 
-from twisted.internet import inotify, threads
+from twisted.internet import inotify, task, threads
 from twisted.python import failure
 from twisted.python.filepath import FilePath
 
@@ -60,7 +60,7 @@ from ion.apps.pump import paths
 from ion.apps.pump.poll import SeenFiles, unfetchable
 from ion.apps.pump.transfer.inflight import is_inflight_name
 from ion.apps.pump.user import pump_user
-from ion.core.process import EnvironmentFailure, ServiceProcess
+from ion.core.process import EnvironmentFailure, Lease, ServiceProcess
 
 MASK = (
     inotify.IN_CREATE
@@ -183,10 +183,15 @@ class Watch(ServiceProcess):
             # Announced there, to xs_<login> (or exchange), which that pump declares.
             self.broker, _ = open_flow_broker(self, args.broker, "watch", args.name, state_dir)
             self.exchange = args.exchange or f"xs_{self.broker.user}"
+        # The instances of a watch share what was announced; one of them watches at a time.
         self.store = SeenFiles(
-            os.path.join(state_dir, "seen.sqlite3"), root_url("file:" + self.root),
-            self.container.reactor,
+            os.path.join(args.shared_dir or state_dir, "seen.sqlite3"),
+            root_url("file:" + self.root), self.container.reactor,
         )
+        self.lease = None
+        self._standby = None
+        if args.single_active or args.instances > 1:
+            self.lease = Lease(self, f"watch.{self.user}.{args.name}", on_lost=self._lease_lost)
         self.known = {}  # relPath -> (size or LINK, mtime) as announced
         self.dirs = set()  # relPaths of the watched directories ('' the root)
         self.writing = set()  # files created and not closed yet
@@ -214,10 +219,40 @@ class Watch(ServiceProcess):
     async def on_activate(self):
         if self.broker is not None:
             await self.broker.connect()
+        if self.lease is not None:
+            self._stand_by()
+            return
+        await self._start_watching()
+
+    async def _start_watching(self):
         self.known = await self.store.everything()
         self.notifier = _TreeNotify(reactor=self.container.reactor)
         self.notifier.startReading()
         await self._catch_up()
+
+    def _stand_by(self):
+        """Try for the lease now and every C{standby_interval} seconds until it is held."""
+        self._standby = task.LoopingCall(lambda: self.track(self._try_lease()))
+        self._standby.clock = self.container.clock
+        self._standby.start(self.settings.standby_interval, now=True).addErrback(
+            lambda f: self.log.failure("watch {name}: standby failed", f, name=self.settings.name)
+        )
+
+    async def _try_lease(self):
+        if not await self.lease.try_acquire() or self._standby is None:
+            return
+        standby, self._standby = self._standby, None
+        if standby.running:
+            standby.stop()
+        self.log.info("watch {name}: now the active watch", name=self.settings.name)
+        await self._start_watching()
+
+    def _lease_lost(self):
+        self.log.warn("watch {name}: no longer the active watch", name=self.settings.name)
+        self._stop_watching()
+        self.notifier = None
+        if not self.lifecycle.final and self._standby is None:
+            self._stand_by()
 
     async def _catch_up(self):
         """Announce what differs between the tree and what was announced (at start, and
@@ -261,9 +296,14 @@ class Watch(ServiceProcess):
     async def crash(self, reason):
         if not self.lifecycle.final:
             self._stop_watching()
+            if self.lease is not None:
+                await self.lease.release()
         await super().crash(reason)
 
     def _stop_watching(self):
+        standby, self._standby = self._standby, None
+        if standby is not None and standby.running:
+            standby.stop()
         calls = [self._retry, self._timer, self.moved_from and self.moved_from[2]]
         for call in calls:
             if call is not None and call.active():
@@ -280,6 +320,8 @@ class Watch(ServiceProcess):
         if self._unstored:  # confirmed since the last commit
             changes, self._unstored = self._unstored, {}
             await self.store.update(changes)
+        if self.lease is not None:
+            await self.lease.release()
         await self.store.close()
 
     async def op_stats(self, content, headers):

@@ -103,6 +103,10 @@ class Container:
         self.registry = ProcessRegistry(self.id)
         self.apps = AppController(self)
         self.running = False
+        # How to reach the broker again (another connection, an instance's OS process): set
+        # by whoever made the transport (the service, make_container); None for memory://.
+        self.broker_url = None
+        self.broker_tls = {}
 
     def __repr__(self):
         return f"<Container {self.id} sysname={self.sysname}>"
@@ -173,6 +177,22 @@ class Container:
         """A new, unconnected transport to the broker at C{url} for one process (see
         L{ion.core.process.Process.open_broker}), with the default credentials file."""
         return make_flow_transport(url, self.reactor)
+
+    @property
+    def embedded_broker(self):
+        """True on memory://: the broker lives in this OS process, no other can reach it."""
+        return getattr(self.transport, "broker", None) is not None
+
+    def open_connection(self):
+        """A new, unconnected transport to this container's own broker: the embedded one's
+        when the transport is memory://, else one for C{broker_url} (TransportError when it was
+        not given)."""
+        broker = getattr(self.transport, "broker", None)
+        if broker is not None:
+            return make_transport("memory://", self.reactor, broker)
+        if self.broker_url is None:
+            raise TransportError(f"container {self.id}: no broker URL to open another connection")
+        return make_transport(self.broker_url, self.reactor, **self.broker_tls)
 
     async def spawn(self, spec, name=None, args=None, parent=None):
         """Create, initialize and activate a process; returns it once it can receive."""

@@ -246,6 +246,8 @@ class ContainerService(MultiService):
             res_dir=opts["res"],
         )
         container.apps.apparg = opts["apparg"]
+        container.broker_url = opts["broker_url"]
+        container.broker_tls = dict(opts["broker_tls"])
         log.info(
             "ION {version}: container {id}, broker {url}, sysname {sysname}",
             version=ion.__version__,

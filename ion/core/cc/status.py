@@ -153,7 +153,9 @@ class Sampler:
             failures = stats.get("last_failures") or []
             last = failures[-1] if failures else None
             rows.append({
-                "name": row["name"], "kind": row["class"], "pid": row["pid"],
+                # An instance in an OS process of its own names the class it runs there.
+                "name": row["name"], "kind": stats.get("kind") or row["class"],
+                "pid": row["pid"], "os_pid": stats.get("os_pid"),
                 "state": row["state"], "restarts": row["restarts"],
                 "queued": stats.get("queued"), "files_per_s": files, "bytes_per_s": size,
                 "done": _done(stats), "failed": _failed(stats),

@@ -46,6 +46,7 @@ async def make_container(testcase, url="memory://", memory_broker=None, sysname=
         res_dir=_RES,
         clock=clock,
     )
+    container.broker_url = url
     await container.start()
     testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(container.stop()))
     return container

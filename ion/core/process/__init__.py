@@ -9,6 +9,7 @@ from ion.core.conversation.errors import (
 )
 from ion.core.conversation.conversation import Refused
 from ion.core.messaging.transport import ConnectionLost, TransportError
+from ion.core.process.lease import Lease
 from ion.core.process.lifecycle import IllegalTransition
 from ion.core.process.process import Process, ServiceProcess, explicit_agree
 from ion.core.process.registry import SpawnError
@@ -22,6 +23,7 @@ __all__ = [
     "DirectoryInUse",
     "EnvironmentFailure",
     "IllegalTransition",
+    "Lease",
     "NoSuchReceiver",
     "Process",
     "ProcessTerminated",

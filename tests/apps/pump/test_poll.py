@@ -652,3 +652,69 @@ class PollCommandTest(unittest.TestCase):
         progress = [line for line in output.splitlines() if "poll.s=" in line]
         self.assertTrue(progress, output)
         self.assertIn("poll.l=", progress[-1])
+
+
+class SingleActiveTests(unittest.TestCase):
+    """Polls of one source sharing a lease and their seen-set: one polls at a time, and
+    another takes over within two intervals when it dies, announcing each file once."""
+
+    async def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(time.time())
+        self.c = await make_container(self, memory_broker=MemoryBroker(), clock=self.clock)
+        self.collector = await self.c.spawn(Collector)
+        await self.collector.listen("xs_ion")
+        self.lister = await self.c.spawn(FakeLister)
+        self.base = os.path.abspath(self.mktemp())
+        self.root = "sftp://feed.example/data/"
+
+    async def start_poll(self, i):
+        proc = await self.c.spawn(PollService, args={
+            "name": "remote", "url": self.root, "interval": 10, "single_active": True,
+            "state_dir": os.path.join(self.base, f"remote.{i}"),
+            "shared_dir": os.path.join(self.base, "remote"),
+        })
+        self.addCleanup(lambda: None if proc.lifecycle.final else proc.terminate())
+        return proc
+
+    async def tick(self, seconds):
+        self.clock.advance(seconds)
+        await until(lambda: all(p._pass is None and not p._acquiring for p in self.polls))
+        await quiet()
+
+    def announced(self):
+        return sorted(body["relPath"] for body in self.collector.bodies())
+
+    async def test_failover(self):
+        self.lister.listings[self.root] = [entry("a"), entry("b")]
+        self.polls = [await self.start_poll(1), await self.start_poll(2)]
+        first, second = self.polls
+        await self.tick(0)
+        self.assertEqual(self.announced(), ["a", "b"])
+        self.lister.listings[self.root].append(entry("c"))
+        await self.tick(10)
+        self.assertEqual(self.announced(), ["a", "b", "c"])
+        # Only the holder listed; the other stood by.
+        self.assertEqual((first.stats["passes"], second.stats["passes"]), (2, 0))
+        self.assertGreaterEqual(second.stats["standby"], 2)
+        await first.crash("killed")
+        self.lister.listings[self.root].append(entry("d"))
+        await self.tick(10)
+        await self.tick(10)  # within two intervals
+        self.assertEqual(self.announced(), ["a", "b", "c", "d"])
+        self.assertGreaterEqual(second.stats["passes"], 1)
+        # A restarted instance stands by while the other holds the lease.
+        self.polls.append(await self.start_poll(3))
+        self.lister.listings[self.root].append(entry("e"))
+        await self.tick(10)
+        self.assertEqual(self.announced(), ["a", "b", "c", "d", "e"])
+        self.assertEqual(self.polls[2].stats["passes"], 0)
+
+    async def test_one_polls_without_the_lease_arg_too_when_instances(self):
+        """instances > 1 (as the pump app passes it to each instance) means single-active."""
+        proc = await self.c.spawn(PollService, args={
+            "name": "other", "url": self.root, "interval": 10, "instances": 2,
+            "state_dir": os.path.join(self.base, "o1"),
+        })
+        self.addCleanup(proc.terminate)
+        self.assertIsNotNone(proc.lease)

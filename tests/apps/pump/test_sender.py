@@ -314,3 +314,23 @@ class SenderArgsTests(unittest.SynchronousTestCase):
             ValueError, pump_app.plan, senders=[{"name": "pump", "destination": "file:x"}]
         )
         self.assertIn("named 'pump'", str(e))
+
+
+class SenderInstancesPlanTests(unittest.SynchronousTestCase):
+    def test_plan_instances(self):
+        """A sender with instances 2 is two children, each with its own state directory and
+        the sender's as the shared one; in OS processes on a broker others reach."""
+        plan = pump_app.plan(
+            os_instances=True,
+            senders=[{"name": "out", "destination": "sftp://u@h/d/", "instances": 2}])
+        by_id = {c["id"]: c for c in plan["children"]}
+        one, two = by_id["sender.out.1"], by_id["sender.out.2"]
+        self.assertEqual(one["spec"], "ion.core.process.instances:OSInstance")
+        self.assertEqual(one["args"]["spec"], "ion.apps.pump.sender")
+        self.assertEqual(one["args"]["args"]["state_dir"], "var/pump/sender-out.1")
+        self.assertEqual(two["args"]["args"]["shared_dir"], "var/pump/sender-out")
+        plan = pump_app.plan(
+            senders=[{"name": "out", "destination": "sftp://u@h/d/", "instances": 2}])
+        by_id = {c["id"]: c for c in plan["children"]}
+        self.assertEqual(by_id["sender.out.2"]["spec"], "ion.apps.pump.sender")
+        self.assertEqual(by_id["sender.out.2"]["name"], "pump.sender.out.2")
