@@ -327,8 +327,9 @@ class Consumer(AppliesFileOps, ServiceProcess):
         unsupported (fileOps not in events), file_ops (carried out), delivered, bytes,
         retrying, retried, failures {code: n}, in_hand (messages and retries being worked on
         now), bytes_received (by all transfers since the start, delivered or not),
-        bytes_in_flight (those of the files being fetched now) and queued (messages waiting
-        in the subscription's queue on the broker; None when the broker did not say)."""
+        bytes_in_flight (those of the files being fetched now), queued (messages waiting
+        in the subscription's queue on the broker; None when the broker did not say) and
+        byte_rate_max (the bandwidth limit, None for none)."""
         try:
             queued = await self.queue_depth(self.queue, self.broker)
         except Exception as e:
@@ -342,6 +343,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
         stats["bytes_in_flight"] = 0 if received is None else received.in_flight
         stats["queued"] = queued
         stats["last_failures"] = list(self.last_failures)
+        stats["byte_rate_max"] = self.settings.transfer.byte_rate_max
         running = [] if received is None else received._running
         stats["transfers"] = [
             {"file": redact(sink.what), "received": sink.size,

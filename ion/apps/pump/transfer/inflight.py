@@ -129,6 +129,8 @@ class SinkReceiver(Protocol):
             return
         if self.sink.backlogged:
             self.transport.pauseProducing()
+            if getattr(self.sink, "pacing", False):
+                self.timer.hold()  # a bandwidth limit's wait is not the server's silence
             self.sink.drained().addCallback(self._resume)
 
     def _resume(self, _):

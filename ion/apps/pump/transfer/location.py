@@ -24,6 +24,7 @@ class Settings:
     http_connections: object = None
     pool: object = None
     access: object = None
+    pacers: tuple = ()
 
 
 @attrs.frozen

@@ -8,7 +8,8 @@ from twisted.internet.defer import Deferred
 from ion.apps.pump.transfer import file, ftp, http, sftp
 from ion.apps.pump.transfer.errors import BadRequest, TooLarge, TransferTimeout
 from ion.apps.pump.transfer.inflight import InflightFile, check_method
-from ion.apps.pump.transfer.limits import RateWatch, Timeouts
+from ion.apps.pump.transfer.limits import RateWatch, Timeouts, host_key
+from ion.apps.pump.transfer.pacing import PacedSink
 from ion.apps.pump.transfer.location import Settings, locate
 from ion.apps.pump.transfer.outgoing import OutgoingFile
 from ion.apps.pump.transfer.results import TransferResult
@@ -53,6 +54,7 @@ async def get(
     min_rate=None,
     dest_root=None,
     access=None,
+    pacers=None,
 ):
     """
     Fetch C{url} into the local file C{dest_path}.
@@ -92,6 +94,8 @@ async def get(
         (L{ion.apps.pump.transfer.policy}): its normalized URL is fetched, the credentials
         file serves it only when the access allows, and connections (redirects included) go
         only to addresses it accepts. C{None}: a URL the caller trusts, fetched as it is.
+    @param pacers: the caller's L{ion.apps.pump.transfer.pacing.Pacers}: the bytes are read
+        no faster than their limits allow.
     @return: a L{TransferResult}; its checksum holds every method computed (C{sha512} when
         none was asked for).
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
@@ -108,6 +112,7 @@ async def get(
     wanted = (expected_checksum[0] if expected_checksum else None, cod)
     methods = [check_method(method) for method in dict.fromkeys(wanted) if method is not None]
     settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool, access)
+    chosen = () if pacers is None else pacers.for_host(host_key(url))
     async with _slot(limiter, url):
         sink = InflightFile(
             dest_path,
@@ -123,8 +128,9 @@ async def get(
             active.add(sink)
         try:
             try:
+                fed = sink if not chosen else PacedSink(sink, chosen, reactor)
                 source_mtime, source_mode = await _fetch(
-                    reactor, location, sink, settings, min_rate
+                    reactor, location, fed, settings, min_rate
                 )
             except BaseException:
                 await sink.discard()
@@ -163,7 +169,8 @@ async def _fetch(reactor, location, sink, settings, min_rate):
         watch.stop()
 
 
-async def put(reactor, src_path, url, *, credentials=None, limiter=None, **settings):
+async def put(reactor, src_path, url, *, credentials=None, limiter=None, pacers=None,
+              **settings):
     """
     Send the local file C{src_path} to C{url}.
 
@@ -174,11 +181,13 @@ async def put(reactor, src_path, url, *, credentials=None, limiter=None, **setti
 
     @param settings: C{timeouts}, C{ca_file}, C{known_hosts}, C{pool} and C{http_connections},
         as in L{get} (the fields of L{Settings}).
+    @param pacers: as in L{get}; sftp writes keep to them (other schemes' puts are not paced).
     @return: a L{TransferResult} for the bytes sent (C{path} is the redacted URL).
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
     """
     location = locate(url, credentials)
-    settings = Settings(**settings)
+    chosen = () if pacers is None else pacers.for_host(host_key(url))
+    settings = Settings(**settings, pacers=chosen)
     async with _slot(limiter, url):
         outgoing = OutgoingFile(src_path)
         try:
@@ -194,7 +203,7 @@ async def put(reactor, src_path, url, *, credentials=None, limiter=None, **setti
         )
 
 
-async def list(reactor, url, *, credentials=None, limiter=None, **settings):
+async def list(reactor, url, *, credentials=None, limiter=None, pacers=None, **settings):
     """
     The entries of the remote directory C{url}, sorted by name (C{.} and C{..} left out).
     C{settings} as in L{put}; C{pool} reads local (file) directories.
@@ -225,6 +234,7 @@ async def operate(
     known_hosts=None,
     pool=None,
     http_connections=None,
+    pacers=None,
 ):
     """
     A file operation at C{url} on an sftp or ftp server: C{delete}, C{rmdir}, C{mkdir},

@@ -39,6 +39,7 @@ from ion.apps.pump.transfer.errors import (
 )
 from ion.apps.pump.transfer.inflight import inflight_name
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
+from ion.apps.pump.transfer.pacing import wait
 from ion.apps.pump.transfer.policy import connect
 from ion.apps.pump.transfer.results import Entry, entry_type
 
@@ -319,9 +320,10 @@ async def _drain(pending):
             pass
 
 
-async def _read_into(handle, sink):
+async def _read_into(handle, sink, timer=None):
     """Read the open file C{handle} from start to end into C{sink}, C{WINDOW} reads in flight
-    (their answers wait while the sink has too much waiting for the disk)."""
+    (their answers wait while the sink has too much waiting for the disk, or while its
+    bandwidth limit says so: then C{timer}, the idle timer, is held)."""
     pending = deque()
     offset = 0
     try:
@@ -337,7 +339,11 @@ async def _read_into(handle, sink):
                 return
             sink.write(data)
             if sink.backlogged:
+                if timer is not None and getattr(sink, "pacing", False):
+                    timer.hold()
                 await sink.drained()
+                if timer is not None:
+                    timer.touch()
             if len(data) < length:
                 # A short read (end of file, or a server with smaller reads): what is in
                 # flight beyond it is useless; carry on from where this read ended.
@@ -365,7 +371,7 @@ async def fetch(reactor, location, sink, settings):
             sink.declare(attrs["size"])
         handle = await client.openFile(path, filetransfer.FXF_READ, {})
         try:
-            await _read_into(handle, sink)
+            await _read_into(handle, sink, session.timer)
         finally:
             if session.connected:
                 await handle.close()
@@ -414,16 +420,24 @@ def _entry(name, attrs):
     return Entry(name, size, mtime, stat.S_IMODE(mode), kind)
 
 
-async def _write_from(handle, outgoing):
-    """Write C{outgoing} to the open file C{handle}, C{WINDOW} writes in flight."""
+async def _write_from(handle, outgoing, session):
+    """Write C{outgoing} to the open file C{handle}, C{WINDOW} writes in flight, at the
+    pace of the session's bandwidth limits (C{settings.pacers})."""
     pending = deque()
     offset = 0
+    pacers = session.settings.pacers
     try:
         while data := outgoing.read(CHUNK_SIZE):
             pending.append(handle.writeChunk(offset, data))
             offset += len(data)
             if len(pending) >= WINDOW:
                 await pending.popleft()
+            if pacers:
+                for pacer in pacers:
+                    pacer.spend(len(data))
+                session.timer.hold()
+                await wait(session.reactor, pacers)
+                session.timer.touch()
         while pending:
             await pending.popleft()
     finally:
@@ -465,7 +479,7 @@ async def store(reactor, outgoing, location, settings):
                 raise _sftp_error(location, exc, directory) from None
         try:
             try:
-                await _write_from(handle, outgoing)
+                await _write_from(handle, outgoing, session)
             finally:
                 await handle.close()
             mtime = int(outgoing.mtime)

@@ -16,6 +16,12 @@ errors):
     L{ion.apps.pump.transfer.get};
   - C{min_rate}: {bytes_per_s, window} (default 1024 bytes/s over 60 s), a number of bytes per
     second, or 0/None for none: a slower get fails (504, retried later; see L{MinRate});
+  - C{byte_rate_max}: bytes per second for all the owner's transfers together, and
+    C{host_byte_rate_max} for those to one server (default None: no limit; at least 1024 and
+    not below C{min_rate}); reads and sftp writes are paced (L{ion.apps.pump.transfer.pacing});
+  - C{dead_time}: seconds an sftp or ftp session is kept open, idle, for the next transfer to
+    the same server, then logged out and closed (default 180; 0: one session per transfer);
+    see L{ion.apps.pump.transfer.sessions};
   - C{credentials}: path of the credentials file (default C{~/.config/ion/credentials.conf} when it
     exists). A file readable by group or others, unreadable or malformed, is refused.
 """
@@ -28,6 +34,7 @@ from ion.apps.pump.args import TransferSettings
 from ion.apps.pump.transfer.http import HTTPConnections
 from ion.apps.pump.transfer.limits import HostLimiter
 from ion.apps.pump.transfer.operations import get, list, operate, put
+from ion.apps.pump.transfer.pacing import Pacers
 from ion.core.credentials import DEFAULT_CREDENTIALS, Credentials
 
 
@@ -87,6 +94,7 @@ class Transfers:
         self._trigger = reactor.addSystemEventTrigger("during", "shutdown", self.pool.stop)
         self.http_connections = HTTPConnections(reactor, checked.per_host)
         self.received = Received()
+        self.pacers = Pacers(reactor, checked.byte_rate_max, checked.host_byte_rate_max)
         self._closed = False
 
     async def close(self):
@@ -110,6 +118,7 @@ class Transfers:
             limiter=self.limiter,
             pool=self.pool,
             http_connections=self.http_connections,
+            pacers=self.pacers if self.pacers.limited else None,
         )
 
     async def get(self, url, path, **options):
