@@ -600,6 +600,8 @@ class ReportRouterArgs(_Arguments):
     state_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
     dup_ttl = attrs.field(default=3600, validator=SECONDS)
     log_path = attrs.field(default=None, validator=OPTIONAL_PATH)
+    log_max_bytes = attrs.field(default=64 * 1024 * 1024, validator=COUNT)
+    log_keep = attrs.field(default=4, validator=COUNT)
     prefetch = attrs.field(default=100, validator=COUNT)
 
 

@@ -83,6 +83,7 @@ from ion.apps.pump.notice import (
     parse_time,
 )
 from ion.apps.pump.outcome import Failure, classify
+from ion.apps.pump.retention import Retention
 from ion.apps.pump.retryqueue import RetryQueue
 from ion.apps.pump.transfer import TransferError
 from ion.apps.pump.transfer.inflight import (
@@ -225,6 +226,12 @@ class Consumer(AppliesFileOps, ServiceProcess):
         self._declared = set()
         self._retry_call = self._flush_call = self._sweep_call = None
         self._stopping = False
+        self.retention = None
+        if args.retention is not None and self.transfers is not None:
+            self.retention = Retention(
+                clock, reactor, self.transfers.pool, self.real_directory,
+                args.retention["after_days"], args.retention["archive"], self.log, args.who,
+            )
 
     async def on_activate(self):
         if self.broker is not None:
@@ -241,6 +248,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
         )
         self._schedule_retries()
         self._sweep(sweep, self.real_directory)
+        if self.retention is not None:
+            self.retention.start()
 
     def _sweep(self, function, *args):
         """Remove the temporary files of killed earlier runs, in a pool thread."""
@@ -315,6 +324,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
 
     def _stop_timers(self):
         self._stopping = True
+        if self.retention is not None:
+            self.retention.stop()
         if self._flush_call is not None and self._flush_call.active():
             self.dupcache.flush()
         for call in (self._flush_call, self._retry_call, self._sweep_call):

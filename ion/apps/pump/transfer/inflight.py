@@ -650,6 +650,19 @@ def _walk(root_fd, parts, make):
     return fd
 
 
+def open_below(root_fd, parts, make=False):
+    """
+    The descriptor of the directory C{parts} (names) below C{root_fd}, each opened from its
+    parent without following a link, missing ones made when C{make}; the caller closes it.
+    Runs blocking; raises OSError (ENOTDIR for a link or a file on the way).
+    """
+    try:
+        fd = _walk(root_fd, parts, make)
+    except _NotADirectory:
+        raise NotADirectoryError(errno.ENOTDIR, "a link or a file on the way") from None
+    return os.dup(fd) if fd == root_fd else fd
+
+
 def _enter(parent, name, make):
     try:
         return os.open(name, _DIRECTORY_FLAGS, dir_fd=parent)
