@@ -209,7 +209,7 @@ class TransferSettings(_Arguments):
     timeouts = attrs.field(
         default=attrs.Factory(Timeouts), converter=attrs.Converter(_timeouts, takes_self=True)
     )
-    # Bandwidth limits and kept-open sessions (issue 18 part B).
+    # Bandwidth limits and kept-open sessions.
     byte_rate_max = attrs.field(default=None, validator=OPTIONAL_RATE)
     host_byte_rate_max = attrs.field(default=None, validator=OPTIONAL_RATE)
     dead_time = attrs.field(default=180, validator=SECONDS_OR_ZERO)
@@ -379,7 +379,7 @@ class ConsumerArgs(_Named):
     transfer_timeout = attrs.field(default=600, validator=SECONDS)
     max_size = _max_size()
     min_rate = _min_rate()
-    # Issue 18 part B: bandwidth, dead time, retry bursts, heartbeats, retention.
+    # Bandwidth, kept-open sessions, retry bursts, heartbeats, retention.
     byte_rate_max = attrs.field(default=None, validator=OPTIONAL_RATE)
     dead_time = attrs.field(default=180, validator=SECONDS_OR_ZERO)
     retry_burst = attrs.field(default=5, validator=COUNT)

@@ -8,7 +8,10 @@ web console come from them. L{Sampler.status} is what C{ion status} prints (op C
 C{cc_<containerid>}) and C{/api/status} serves; L{Sampler.pump} is C{/api/pump}.
 
 A worker's row says what it did (C{done}: files delivered, announced, published or reports
-forwarded), what failed, its queue, its rates and its last error with its age.
+forwarded), what failed, its queue, its rates and its last error with its age. Its state is
+shown as C{down (heartbeat past due)} when its stats carry a C{heartbeat} whose C{due} time
+has passed (the pump's heartbeat files, L{ion.apps.pump.heartbeat}: the process answers but
+its heartbeat stopped, a stuck disk say) and C{down (link)} when they say its C{link} is down.
 """
 
 import collections
@@ -23,6 +26,8 @@ HOUR = 3600
 WINDOW = 60  # seconds the rates are taken over
 # The counter that says what a worker did, by the first key its stats have.
 DONE_KEYS = ("delivered", "announced", "published", "forwarded")
+# Seconds past its due time before a heartbeat counts as missed.
+HEARTBEAT_GRACE = 1.0
 
 
 def kind_of(proc):
@@ -72,6 +77,18 @@ def _done(stats):
 
 def _bytes(stats):
     return stats.get("bytes_received", stats.get("bytes", 0)) or 0
+
+
+def _state(state, stats, now):
+    """A worker's state as shown: C{down} when its heartbeat (C{stats['heartbeat']}, a dict
+    with C{due}) is past due at C{now} or its link (C{stats['link']}) is down."""
+    heartbeat = stats.get("heartbeat")
+    due = heartbeat.get("due") if isinstance(heartbeat, dict) else None
+    if isinstance(due, (int, float)) and now > due + HEARTBEAT_GRACE:
+        return "down (heartbeat past due)"
+    if stats.get("link") == "down":
+        return "down (link)"
+    return state
 
 
 class Sampler:
@@ -157,7 +174,7 @@ class Sampler:
             last = failures[-1] if failures else None
             rows.append({
                 "name": row["name"], "kind": row["class"], "pid": row["pid"],
-                "state": row["state"], "restarts": row["restarts"],
+                "state": _state(row["state"], stats, now), "restarts": row["restarts"],
                 "queued": stats.get("queued"), "files_per_s": files, "bytes_per_s": size,
                 "done": _done(stats), "failed": _failed(stats),
                 "delivered": stats.get("delivered"),
