@@ -4,6 +4,7 @@ reports, retries and post_exchange."""
 import base64
 import hashlib
 import itertools
+import json
 import os
 import time
 
@@ -112,6 +113,45 @@ class SenderScenarios:
         await quiet(0.1)
         self.assertEqual(self.reports(), [("x/b.bin", 201)])
         self.assertEqual(os.listdir(os.path.join(self.remote, "obs")), ["b.bin"])
+
+    async def test_sftp_down_retry_bursts(self):
+        """With the sftp server down, the files wait in the retry queue while the link is tried
+        in bursts (3 tries 3 s apart, then a 30 s pause: no try in it), one try for all the
+        files; once the server is back every file is delivered with one 201 report. The
+        heartbeat says the link is down, then up, and is pushed to the destination."""
+        server = self.sftp_server()
+        port = server.port.getHost().port
+        await server.port.stopListening()
+        proc = await self.start(f"sftp://bob@127.0.0.1:{port}/obs/", strip=1, retry_burst=3,
+                                retry_burst_gap=3, retry_pause=30, heartbeat=5,
+                                heartbeat_remote=True)
+        names = [f"x/f{n}.bin" for n in range(3)]
+        for name in names:
+            await self.post(name, name.encode() * 1000)
+        await until(lambda: proc.stats["retrying"] == 3, what="three files waiting")
+        self.assertEqual((proc.link.state, proc.link.tries), ("down", 1))
+        for tries in (2, 3):
+            self.clock.advance(3)
+            await until(lambda: proc.link.tries == tries, what=f"try {tries}")
+        for _ in range(3):  # inside the pause: nobody tries
+            self.clock.advance(3)
+            await quiet(0.05)
+        self.assertEqual((proc.link.tries, self.reports()), (3, []))
+        await until(lambda: proc.heartbeat.last and proc.heartbeat.last["link"] == "down",
+                    what="a heartbeat saying the link is down")
+        server.port = reactor.listenTCP(port, server.factory, interface="127.0.0.1")
+        self.clock.advance(30 - 9)
+        await until(lambda: len(self.reports()) == 3, what="three reports")
+        await quiet(0.1)
+        self.assertEqual(sorted(self.reports()), [(name, 201) for name in names])
+        self.assertEqual((proc.link.state, proc.stats["retrying"]), ("up", 0))
+        self.clock.advance(5)
+        remote = os.path.join(self.remote, "obs", f"{self.tag}.heartbeat")
+        await until(lambda: os.path.exists(remote), what="the heartbeat at the destination")
+        with open(remote) as f:
+            self.assertEqual(json.load(f)["files_done"], 3)
+        self.assertEqual(sorted(n for n in os.listdir(os.path.join(self.remote, "obs"))
+                                if n.endswith(".bin")), ["f0.bin", "f1.bin", "f2.bin"])
 
     async def test_sftp_file_op_retried(self):
         """A removal while the sftp server is down waits in the retry queue and is carried
