@@ -25,6 +25,7 @@ class Settings:
     pool: object = None
     access: object = None
     pacers: tuple = ()
+    sessions: object = None
 
 
 @attrs.frozen

@@ -55,6 +55,7 @@ async def get(
     dest_root=None,
     access=None,
     pacers=None,
+    sessions=None,
 ):
     """
     Fetch C{url} into the local file C{dest_path}.
@@ -96,6 +97,8 @@ async def get(
         only to addresses it accepts. C{None}: a URL the caller trusts, fetched as it is.
     @param pacers: the caller's L{ion.apps.pump.transfer.pacing.Pacers}: the bytes are read
         no faster than their limits allow.
+    @param sessions: the caller's L{ion.apps.pump.transfer.sessions.Sessions}: sftp and ftp
+        sessions kept open between transfers to trusted URLs (no C{access}).
     @return: a L{TransferResult}; its checksum holds every method computed (C{sha512} when
         none was asked for).
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
@@ -111,7 +114,9 @@ async def get(
         )
     wanted = (expected_checksum[0] if expected_checksum else None, cod)
     methods = [check_method(method) for method in dict.fromkeys(wanted) if method is not None]
-    settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool, access)
+    settings = Settings(
+        timeouts, ca_file, known_hosts, http_connections, pool, access, sessions=sessions
+    )
     chosen = () if pacers is None else pacers.for_host(host_key(url))
     async with _slot(limiter, url):
         sink = InflightFile(
@@ -235,6 +240,7 @@ async def operate(
     pool=None,
     http_connections=None,
     pacers=None,
+    sessions=None,
 ):
     """
     A file operation at C{url} on an sftp or ftp server: C{delete}, C{rmdir}, C{mkdir},
@@ -248,6 +254,6 @@ async def operate(
     scheme = _SCHEMES[location.scheme]
     if scheme not in (sftp, ftp):
         raise BadRequest(f"{location.shown}: no file operations over {location.scheme}")
-    settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool)
+    settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool, sessions=sessions)
     async with _slot(limiter, url):
         return await scheme.operate(reactor, location, settings, op, old, target)

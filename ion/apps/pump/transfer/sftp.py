@@ -1,6 +1,7 @@
 """The C{sftp} scheme: twisted.conch's SSH client and SFTP (version 3) file transfer client.
 
-One SSH connection per operation. The server's host key must be in the known_hosts file
+One SSH connection per operation, or kept open between operations for C{dead_time} seconds
+(L{ion.apps.pump.transfer.sessions}). The server's host key must be in the known_hosts file
 (C{known_hosts=}, default C{~/.ssh/known_hosts}; entries for a port other than 22 are written
 C{[host]:port}, as OpenSSH does): an unknown or changed key is refused with
 L{ServerNotTrusted} before any credential is sent. Authentication tries the C{ssh_key} of the
@@ -40,6 +41,7 @@ from ion.apps.pump.transfer.errors import (
 from ion.apps.pump.transfer.inflight import inflight_name
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
 from ion.apps.pump.transfer.pacing import wait
+from ion.apps.pump.transfer.sessions import session_key
 from ion.apps.pump.transfer.policy import connect
 from ion.apps.pump.transfer.results import Entry, entry_type
 
@@ -63,10 +65,24 @@ class _Session:
         self.connected = False
         self.key = _load_key(location) if location.ssh_key else None
         self.server_extensions = {}
+        self.client = None
         timeouts = settings.timeouts
         self.timer = IdleTimer(
             reactor, timeouts.idle, self.abort, first=timeouts.connect + timeouts.idle
         )
+
+    def usable(self):
+        """Whether the session may carry another transfer (kept open, nothing failed)."""
+        return self.connected and self.failure is None and self.client is not None
+
+    def rearm(self, settings):
+        """Start another transfer on this kept session: its settings and a new idle timer."""
+        self.settings = settings
+        self.timer = IdleTimer(self.reactor, settings.timeouts.idle, self.abort)
+
+    async def logout(self):
+        """End the session (SSH disconnect)."""
+        await self.close()
 
     def fail(self, error):
         """Record the first error that explains the end of the connection."""
@@ -287,14 +303,28 @@ def _sftp_error(location, exc, path):
 
 
 async def _with_session(reactor, location, settings, work):
-    """Connect, run C{work(client, session)}, disconnect; errors become L{TransferError}s."""
+    """Connect (or take a kept session: L{ion.apps.pump.transfer.sessions}), run
+    C{work(client, session)}, then keep the session or disconnect; errors become
+    L{TransferError}s."""
     if not location.user:
         raise BadRequest(f"{location.shown}: no user name (give it in the URL or credentials)")
-    session = _Session(reactor, location, settings)
+    sessions = settings.sessions if settings.access is None else None
+    key = None if sessions is None else session_key(location, settings)
+    session = None if sessions is None else sessions.take(key)
+    clean = False
+    if session is not None:
+        session.rearm(settings)
+    else:
+        session = _Session(reactor, location, settings)
     try:
-        await connect(reactor, location, settings, _ClientTransport(session))
-        client = await cancellable(session.ready)
-        return await work(client, session)
+        if session.client is None:
+            if sessions is not None:
+                sessions.opened += 1
+            await connect(reactor, location, settings, _ClientTransport(session))
+            session.client = await cancellable(session.ready)
+        result = await work(session.client, session)
+        clean = True
+        return result
     except (CancelledError, TransferError):
         raise
     except filetransfer.SFTPError as exc:
@@ -305,7 +335,10 @@ async def _with_session(reactor, location, settings, work):
         raise session.failure or ConnectionFailed(f"{location.shown}: connection lost") from None
     finally:
         session.timer.stop()
-        await session.close()
+        if clean and sessions is not None:
+            sessions.give(key, session)
+        else:
+            await session.close()
 
 
 async def _drain(pending):

@@ -35,6 +35,7 @@ from ion.apps.pump.transfer.http import HTTPConnections
 from ion.apps.pump.transfer.limits import HostLimiter
 from ion.apps.pump.transfer.operations import get, list, operate, put
 from ion.apps.pump.transfer.pacing import Pacers
+from ion.apps.pump.transfer.sessions import Sessions
 from ion.core.credentials import DEFAULT_CREDENTIALS, Credentials
 
 
@@ -95,6 +96,7 @@ class Transfers:
         self.http_connections = HTTPConnections(reactor, checked.per_host)
         self.received = Received()
         self.pacers = Pacers(reactor, checked.byte_rate_max, checked.host_byte_rate_max)
+        self.sessions = Sessions(reactor, checked.dead_time, checked.per_host)
         self._closed = False
 
     async def close(self):
@@ -106,6 +108,7 @@ class Transfers:
         self.reactor.removeSystemEventTrigger(self._trigger)
         self.pool.stop()
         await self.http_connections.close()
+        await self.sessions.close()
 
     async def _run(self, operation, *args, **kwargs):
         # The limiter holds both the per-server and the `parallel` slots.
@@ -119,6 +122,7 @@ class Transfers:
             pool=self.pool,
             http_connections=self.http_connections,
             pacers=self.pacers if self.pacers.limited else None,
+            sessions=self.sessions,
         )
 
     async def get(self, url, path, **options):
