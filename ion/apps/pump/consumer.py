@@ -37,6 +37,11 @@ patterns C{topics}. For each message, in this order:
 
 On start, temporary files (C{.<name>.<random>.inflight}) a killed earlier run left in the tree
 are removed in a thread (those being written are kept; recently changed ones looked at later).
+With C{retention}, delivered files older than its C{after_days} are archived or removed
+(L{ion.apps.pump.retention}); with C{heartbeat}, a heartbeat file is written
+(L{ion.apps.pump.heartbeat}); C{byte_rate_max} limits the downloads together
+(L{ion.apps.pump.transfer.pacing}). The link's state (L{ion.apps.pump.link}) follows the
+fetches' outcomes.
 
 The message is acked only once its outcome is durable, so a crash at any point leaves the
 message in the broker or its outcome on disk:
