@@ -163,6 +163,10 @@ class SenderScenarios:
         await until(lambda: self.reports(), what="a report")
         self.collector.got.clear()
         await server.port.stopListening()
+        # Down means the session kept open since the file was sent goes too.
+        for protocol in list(server.factory.connections):
+            protocol.transport.abortConnection()
+        await until(lambda: not server.factory.connections, what="the session closed")
         fields = notice_fields(file_url(self.src), "r/a", source=self.user, fileOp={"remove": ""})
         await self.collector.post(fields, exchange=self.xpublic)
         await until(lambda: proc.stats["retrying"] == 1, what="a retry")
