@@ -217,3 +217,19 @@ class RealTransferTests(TestCase):
         expected = (size - transfers.pacers.shared.burst) / RATE
         self.assertTrue(0.9 * expected <= elapsed <= 1.1 * expected + 0.3, f"{elapsed:.2f} s")
         self.assertEqual(os.path.getsize(os.path.join(self.root, "up.bin")), size)
+
+    async def test_http_put_paced(self):
+        """
+        An http PUT keeps to the limit too.
+        """
+        size = RATE + 256 * 1024
+        source = os.path.join(self.dest, "up.bin")
+        write_file(source, os.urandom(size))
+        server = start_http(self, self.root)
+        transfers = self.transfers()
+        started = time.monotonic()
+        await transfers.put(source, f"{server.url}/upload/up.bin")
+        elapsed = time.monotonic() - started
+        expected = (size - transfers.pacers.shared.burst) / RATE
+        self.assertTrue(0.9 * expected <= elapsed <= 1.1 * expected + 0.3, f"{elapsed:.2f} s")
+        self.assertEqual(os.path.getsize(os.path.join(self.root, "up.bin")), size)
