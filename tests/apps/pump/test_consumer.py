@@ -571,6 +571,34 @@ class ConsumerScenarios:
         self.assertEqual(self.router.stats["by_source"], {"alice": {"201": 6}})
         await self.settle()
 
+    async def test_retention_and_heartbeat(self):
+        """With retention, delivered files older than after_days move to archive/YYYYMM/DD/
+        at the next pass of the container's clock; with heartbeat, the heartbeat file in the
+        state directory counts the files delivered and its due time is in the stats."""
+        clock = task.Clock()
+        clock.advance(MTIME + 10 * 86400)
+        archive = os.path.join(self.base, "archive")
+        await self.pump(clock=clock, retention={"after_days": 2, "archive": archive},
+                        heartbeat=30)
+        await self.post_file("obs/a.dat", b"a")
+        await self.post_file("obs/b.dat", b"b")
+        await self.wait_reports(2)
+        self.assertEqual(self.dest_files(), ["obs/a.dat", "obs/b.dat"])
+        clock.advance(3600)
+        day = os.path.join(archive, *time.strftime("%Y%m %d", time.gmtime(MTIME)).split())
+        await until(lambda: os.path.exists(os.path.join(day, "obs", "b.dat")),
+                    what="the files archived")
+        self.assertEqual(self.dest_files(), [])
+        await until(lambda: self.consumer.heartbeat.last["files_done"] == 2,
+                    what="a heartbeat with the files")
+        path = os.path.join(self.state, f"{self.subscription}.heartbeat")
+        with open(path) as f:
+            written = json.load(f)
+        self.assertEqual((written["files_done"], written["link"]), (2, "up"))
+        stats = await self.collector.rpc(self.consumer.pid, "stats")
+        self.assertEqual(stats["heartbeat"]["due"], clock.seconds() + 30)
+        await self.settle()
+
     async def test_end_to_end_http(self):
         """The same over http: files served by a web server are fetched and verified."""
         server = start_http(self, self.src)
