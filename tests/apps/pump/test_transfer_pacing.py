@@ -15,7 +15,7 @@ from ion.apps.pump.transfer import sftp as sftp_scheme
 from ion.apps.pump.transfer.limits import IdleTimer
 from ion.apps.pump.transfer.pacing import MIN_BURST, PacedSink, Pacer, Pacers, take
 from ion.apps.pump.transfer.worker import Transfers
-from tests.apps.pump.servers import settle, start_http, start_sftp, write_file
+from tests.apps.pump.servers import settle, start_ftp, start_http, start_sftp, write_file
 
 
 class PacerTests(SynchronousTestCase):
@@ -229,6 +229,22 @@ class RealTransferTests(TestCase):
         transfers = self.transfers()
         started = time.monotonic()
         await transfers.put(source, f"{server.url}/upload/up.bin")
+        elapsed = time.monotonic() - started
+        expected = (size - transfers.pacers.shared.burst) / RATE
+        self.assertTrue(0.9 * expected <= elapsed <= 1.1 * expected + 0.3, f"{elapsed:.2f} s")
+        self.assertEqual(os.path.getsize(os.path.join(self.root, "up.bin")), size)
+
+    async def test_ftp_put_paced(self):
+        """
+        An ftp STOR keeps to the limit too.
+        """
+        size = RATE + 256 * 1024
+        source = os.path.join(self.dest, "up.bin")
+        write_file(source, os.urandom(size))
+        server = start_ftp(self, self.root, user="carol", password="pw")
+        transfers = self.transfers()
+        started = time.monotonic()
+        await transfers.put(source, f"ftp://carol:pw@127.0.0.1:{server.port.getHost().port}/up.bin")
         elapsed = time.monotonic() - started
         expected = (size - transfers.pacers.shared.burst) / RATE
         self.assertTrue(0.9 * expected <= elapsed <= 1.1 * expected + 0.3, f"{elapsed:.2f} s")

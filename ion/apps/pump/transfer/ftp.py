@@ -345,6 +345,37 @@ def _fail_with(consumer_ready, done):
     done.addErrback(failed)
 
 
+class _PacedSender(FileSender):
+    """A L{FileSender} that waits, before reading the next chunk, while C{pacers} are in
+    debt (the reader spends them); C{timer}, the idle timer, is held meanwhile."""
+
+    def __init__(self, reactor, pacers, timer):
+        self._reactor = reactor
+        self._pacers = pacers
+        self._timer = timer
+        self._call = None
+
+    def resumeProducing(self):
+        delay = max((pacer.delay() for pacer in self._pacers), default=0)
+        if delay <= 0:
+            return super().resumeProducing()
+        # A pull producer is asked again only after it wrote: the wait ends with a call.
+        if self._call is None:
+            self._timer.hold()
+            self._call = self._reactor.callLater(delay, self._resume)
+
+    def _resume(self):
+        self._call = None
+        if self.deferred is not None:
+            self.resumeProducing()
+
+    def stopProducing(self):
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        super().stopProducing()
+
+
 async def store(reactor, outgoing, location, settings):
     """C{STOR} to a temporary name beside the target, then C{RNFR}/C{RNTO} into place."""
 
@@ -364,9 +395,11 @@ async def store(reactor, outgoing, location, settings):
             except CommandFailed as exc:
                 raise _command_error(location, exc, f"cannot write in {directory}") from None
             session.data_transport = consumer.transport
-            reader = ProgressReader(outgoing, session.timer.touch)
+            pacers = session.settings.pacers
+            reader = ProgressReader(outgoing, session.timer.touch, pacers)
+            sender = _PacedSender(reactor, pacers, session.timer) if pacers else FileSender()
             try:
-                await FileSender().beginFileTransfer(reader, consumer)
+                await sender.beginFileTransfer(reader, consumer)
             except Exception:
                 # The data connection ended early: the reader or the control reply says why.
                 if reader.error is not None:

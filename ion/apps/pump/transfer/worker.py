@@ -18,7 +18,7 @@ errors):
     second, or 0/None for none: a slower get fails (504, retried later; see L{MinRate});
   - C{byte_rate_max}: bytes per second for all the owner's transfers together, and
     C{host_byte_rate_max} for those to one server (default None: no limit; at least 1024 and
-    not below C{min_rate}); reads, sftp writes and http PUTs are paced
+    not below C{min_rate}); reads and sftp, ftp and http puts are paced
     (L{ion.apps.pump.transfer.pacing});
   - C{dead_time}: seconds an sftp or ftp session is kept open, idle, for the next transfer to
     the same server, then logged out and closed (default 180; 0: one session per transfer);
