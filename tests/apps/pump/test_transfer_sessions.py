@@ -77,6 +77,18 @@ class SessionsTests(SynchronousTestCase):
         none.give("k", session)
         self.assertEqual((none.idle(), session.open), (0, False))
 
+    def test_given_back_after_close(self):
+        """
+        A session whose transfer ends after the sessions were closed (the owner stopping)
+        is closed, not kept with a timer.
+        """
+        clock = Clock()
+        sessions = Sessions(clock, 180)
+        self.successResultOf(Deferred.fromCoroutine(sessions.close()))
+        session = _FakeSession()
+        sessions.give("k", session)
+        self.assertEqual((sessions.idle(), session.open, clock.getDelayedCalls()), (0, False, []))
+
 
 class DeadTimeTests(TestCase):
     """Real servers on loopback; the dead time runs on a fake clock."""

@@ -28,6 +28,7 @@ class Sessions:
         self.opened = 0  # sessions made (counted by the schemes), for tests and stats
         self.expired = 0  # closed after dead_time idle
         self._idle = {}  # key -> [(session, delayed call)], the newest last
+        self._closed = False
 
     def take(self, key):
         """An idle session for C{key} still open, or None."""
@@ -47,7 +48,12 @@ class Sessions:
     def give(self, key, session):
         """Keep C{session} (whose work ended cleanly) idle for C{key}, or close it."""
         parked = self._idle.setdefault(key, [])
-        if self.dead_time <= 0 or not session.usable() or len(parked) >= self.per_key:
+        if (
+            self._closed
+            or self.dead_time <= 0
+            or not session.usable()
+            or len(parked) >= self.per_key
+        ):
             if not parked:
                 del self._idle[key]
             return Deferred.fromCoroutine(session.close())
@@ -68,7 +74,8 @@ class Sessions:
         return sum(len(parked) for parked in self._idle.values())
 
     async def close(self):
-        """Log out and close every idle session."""
+        """Log out and close every idle session; those given back later are closed."""
+        self._closed = True
         idle, self._idle = self._idle, {}
         for parked in idle.values():
             for session, call in parked:
