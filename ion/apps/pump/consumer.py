@@ -790,7 +790,9 @@ class Consumer(AppliesFileOps, ServiceProcess):
         if failure.transient and self.retries.failed_again(
             entry, failure.code, failure.message, due=self._retry_due(failure)
         ):
-            self.log.info(
+            # While a link is down its files all wait for it: one line per try would flood.
+            log = self.log.debug if self.link.state == "down" else self.log.info
+            log(
                 "{name}: {url} failed again ({code} {message}); attempt {n}",
                 name=self.label,
                 url=url,

@@ -65,6 +65,27 @@ class Link:
         elif failure.code == LINK_DOWN:
             self.failed(failure.message, counted=self.state != "down")
 
+    def due(self):
+        """When a file that could not go should come back: the next try, or, when that has
+        come and another transfer is trying the link now, C{gap} from now (never a time
+        past, which would bring it straight back while the try goes on)."""
+        now = self.clock.seconds()
+        if self.next_try is None or self.next_try <= now:
+            return now + self.gap
+        return self.next_try
+
+    def blocked(self):
+        """The L{Failure} of a transfer that may not try yet (the link is down and its next
+        try has not come), else None: a caller with work to do before the transfer (staging a
+        file) asks first. (A transfer arriving while another tries the link waits for that
+        try's outcome in L{attempt}.)"""
+        if self.state == "down" and self.clock.seconds() < self.next_try:
+            return self._down()
+        return None
+
+    def _down(self):
+        return Failure(LINK_DOWN, f"link down: {self.reason}")
+
     async def attempt(self, work):
         """
         Run C{work()} (an async callable returning C{(result, Failure or None)}) through the
@@ -80,7 +101,7 @@ class Link:
             if self.state == "down" and (
                 self._probe is not None or self.clock.seconds() < self.next_try
             ):
-                return None, Failure(LINK_DOWN, f"link down: {self.reason}")
+                return None, self._down()
         probing = self.state == "down"
         if probing:
             self._probe = []

@@ -105,6 +105,9 @@ class Sender(Consumer):
     async def _fetch(self, notice, url, target, access=None):
         """(TransferResult of the put, None) once the file is at C{target}, else (None,
         outcome.Failure)."""
+        blocked = self.link.blocked()
+        if blocked is not None:
+            return None, blocked  # nothing staged for a link that will not be tried
         source = local_directory(url) if url.startswith("file://") else None
         staged = None
         try:
@@ -156,7 +159,7 @@ class Sender(Consumer):
     def _retry_due(self, failure):
         """A file whose link is down is due at the link's next try (retry bursts)."""
         if failure.code == 503 and self.link.state == "down":
-            return self.link.next_try
+            return self.link.due()
         return None
 
     async def _push_heartbeat(self, path):

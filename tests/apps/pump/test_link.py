@@ -76,6 +76,7 @@ class LinkTests(SynchronousTestCase):
         self.assertEqual(self.tries, 2)
         self.assertEqual([w[0][1].code for w in waiting], [503] * 3)
         self.assertEqual(self.link.tries, 2)
+        self.assertEqual(self.link.due(), self.clock.seconds() + 3)
         self.clock.advance(3)
         gate = Deferred()
         probe = self.attempt(None, gate)
@@ -84,6 +85,22 @@ class LinkTests(SynchronousTestCase):
         self.assertEqual(self.tries, 3 + 3)
         self.assertEqual([w[0] for w in waiting], [("sent", None)] * 3)
         self.assertEqual(self.link.state, "up")
+
+    def test_blocked_until_next_try(self):
+        """
+        Before the next try a transfer is blocked (a sender stages nothing for it); a file
+        that could not go while a probe ran comes back a gap later, never at a time past.
+        """
+        self.attempt(DOWN)
+        self.clock.advance(2)
+        self.assertEqual(self.link.blocked().code, 503)
+        self.assertEqual(self.link.due(), self.clock.seconds() + 1)
+        self.clock.advance(1)
+        self.assertIsNone(self.link.blocked())
+        gate = Deferred()
+        self.attempt(DOWN, gate)
+        self.assertEqual(self.link.due(), self.clock.seconds() + 3)
+        gate.callback(None)
 
     def test_parallel_failures_one_try(self):
         """
