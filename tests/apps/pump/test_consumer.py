@@ -1353,6 +1353,22 @@ class AppArgsTests(unittest.SynchronousTestCase):
             [(5000, 10), (7, 10)],
         )
 
+    def test_pump_rate_and_dead_time(self):
+        """The pump's byte_rate_max limits its transfer services only; its dead_time and
+        host_byte_rate_max are every subscription's and sender's default."""
+        plan = pump_app.plan(
+            transfer={"byte_rate_max": 10**6, "host_byte_rate_max": 10**5, "dead_time": 60},
+            subscriptions=[{"name": "a", "directory": "a", "byte_rate_max": 5000}],
+            senders=[{"name": "s", "destination": "sftp://u@h/d/"}],
+        )
+        args = {c["id"]: c["args"] for c in plan["children"]}
+        self.assertEqual(args["transfer1"]["byte_rate_max"], 10**6)
+        for child in ("consumer.a", "sender.s"):
+            self.assertEqual(args[child]["dead_time"], 60)
+            self.assertEqual(args[child]["transfer"]["host_byte_rate_max"], 10**5)
+            self.assertNotIn("byte_rate_max", args[child]["transfer"])
+        self.assertEqual(args["consumer.a"]["byte_rate_max"], 5000)
+
     def test_app_file(self):
         """res/apps/pump.app passes the app checks and its kwargs make a valid plan."""
         spec = read_app(os.path.join(RES, "apps", "pump.app"))
