@@ -28,8 +28,8 @@ kwargs (from C{res/apps/pump.app}, a rel file's C{args} or C{-a "apparg_pump={..
     and the settings of L{ion.apps.pump.transfer.worker}}. Consumers fetch files themselves with
     the same timeouts, per_host and credentials (a subscription's own C{transfer} wins) and their
     own C{parallel}; C{max_size}, C{min_rate} and C{dead_time} given here are the subscriptions'
-    and senders' defaults too; C{byte_rate_max} here limits each transfer service instance
-    only (a subscription or sender sets its own);
+    defaults too (C{dead_time} the senders' too); C{byte_rate_max} here limits each transfer
+    service instance only (a subscription or sender sets its own);
   - C{ingest}, C{report_router}, C{progress}: the args of those processes;
   - C{user}: the pump's broker user, naming its queues (C{q_<user>....}) and the exchange the
     polls announce to (C{xs_<user>}); default: see L{ion.apps.pump.user}.
@@ -114,9 +114,8 @@ def plan(app_name="pump", **kwargs):
         prepare(args, "sender-")
         if fetching:
             args["transfer"] = dict(fetching, **(args.get("transfer") or {}))
-        for key in _BOUNDS:
-            if key in transfer:
-                args.setdefault(key, transfer[key])
+        if "dead_time" in transfer:
+            args.setdefault("dead_time", transfer["dead_time"])
 
     router_args = dict(pump.report_router)
     router_args.setdefault("state_dir", os.path.join(state_root, "report_router"))
