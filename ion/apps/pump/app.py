@@ -27,7 +27,9 @@ kwargs (from C{res/apps/pump.app}, a rel file's C{args} or C{-a "apparg_pump={..
   - C{transfer}: {workers: N transfer service instances (default 2; the polls list through them),
     and the settings of L{ion.apps.pump.transfer.worker}}. Consumers fetch files themselves with
     the same timeouts, per_host and credentials (a subscription's own C{transfer} wins) and their
-    own C{parallel}; C{max_size} and C{min_rate} given here are the subscriptions' defaults too;
+    own C{parallel}; C{max_size}, C{min_rate} and C{dead_time} given here are the subscriptions'
+    defaults too (C{dead_time} the senders' too); C{byte_rate_max} here limits each transfer
+    service instance only (a subscription or sender sets its own);
   - C{ingest}, C{report_router}, C{progress}: the args of those processes;
   - C{user}: the pump's broker user, naming its queues (C{q_<user>....}) and the exchange the
     polls announce to (C{xs_<user>}); default: see L{ion.apps.pump.user}.
@@ -50,7 +52,10 @@ from ion.apps.pump.args import (
 from ion.core.process import Supervisor
 
 # Transfer settings that are consumer args of their own (a subscription may set its own).
-_BOUNDS = ("max_size", "min_rate")
+_BOUNDS = ("max_size", "min_rate", "dead_time")
+# The transfer services' own: a subscription or sender sets its own limit (a copy of the
+# services' would multiply it).
+_SERVICE_ONLY = ("parallel", "byte_rate_max")
 
 
 def _child(app_name, child_id, module, args, named=True, **more):
@@ -126,7 +131,7 @@ def plan(app_name="pump", os_instances=False, **kwargs):
     C{os_instances}, the instances of a flow run in OS processes of their own."""
     pump = PumpArgs.parse(kwargs, who=app_name)
     transfer = pump.transfer_settings
-    fetching = {k: v for k, v in transfer.items() if k not in ("parallel", *_BOUNDS)}
+    fetching = {k: v for k, v in transfer.items() if k not in (*_SERVICE_ONLY, *_BOUNDS)}
     # Every copy of the app (a rel's mult) keeps its state in a directory of its own.
     state_root = os.path.join("var", app_name)
 
@@ -148,6 +153,8 @@ def plan(app_name="pump", os_instances=False, **kwargs):
         prepare(args, "sender-")
         if fetching:
             args["transfer"] = dict(fetching, **(args.get("transfer") or {}))
+        if "dead_time" in transfer:
+            args.setdefault("dead_time", transfer["dead_time"])
 
     router_args = dict(pump.report_router)
     router_args.setdefault("state_dir", os.path.join(state_root, "report_router"))

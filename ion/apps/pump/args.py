@@ -36,6 +36,8 @@ from ion.apps.pump.transfer.policy import UrlPolicy
 NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
 MAX_SIZE = 10 * 1024**3
 POLL_SCHEMES = ("file", "http", "https", "sftp", "ftp")
+# The lowest bandwidth limit: slower, one chunk's wait would outlast the idle timeouts.
+MIN_BYTE_RATE = 1024
 
 
 class BadArgument(ValueError):
@@ -74,6 +76,11 @@ EXCHANGE = _check(_is_name, "an exchange name")
 OPTIONAL_EXCHANGE = _check(_is_name, "an exchange name", optional=True)
 OPTIONAL_USER = _check(_is_name, "a user name", optional=True)
 OPTIONAL_PATH = _check(lambda v: isinstance(v, str) and v != "", "a path", optional=True)
+OPTIONAL_RATE = _check(
+    lambda v: _is_number(v) and v >= MIN_BYTE_RATE,
+    f"bytes per second >= {MIN_BYTE_RATE} (or None for no limit)",
+    optional=True,
+)
 
 
 def _pattern_list(value):
@@ -204,6 +211,19 @@ class TransferSettings(_Arguments):
     timeouts = attrs.field(
         default=attrs.Factory(Timeouts), converter=attrs.Converter(_timeouts, takes_self=True)
     )
+    # Bandwidth limits and kept-open sessions.
+    byte_rate_max = attrs.field(default=None, validator=OPTIONAL_RATE)
+    host_byte_rate_max = attrs.field(default=None, validator=OPTIONAL_RATE)
+    dead_time = attrs.field(default=180, validator=SECONDS_OR_ZERO)
+
+    def __attrs_post_init__(self):
+        for key in ("byte_rate_max", "host_byte_rate_max"):
+            rate = getattr(self, key)
+            if rate is not None and self.min_rate is not None and rate < self.min_rate.bytes_per_s:
+                raise BadArgument(
+                    f"{self.who}: {key} {rate!r} is below min_rate's "
+                    f"{self.min_rate.bytes_per_s:g} bytes/s: every transfer would fail as too slow"
+                )
 
     @classmethod
     def parse(cls, args, who="transfers"):
@@ -249,11 +269,30 @@ def _consumer_transfer(value, self):
         raise BadArgument(
             f"{self.who}: transfer must be a dict of transfer settings, got {value!r}"
         )
-    own = {"parallel": self.parallel, "max_size": self.max_size, "min_rate": self.min_rate}
+    own = {"parallel": self.parallel, "max_size": self.max_size, "min_rate": self.min_rate,
+           "byte_rate_max": self.byte_rate_max, "dead_time": self.dead_time}
     for key in own:
         if key in value:
             raise BadArgument(f"{self.who}: {key} is a consumer argument, not a transfer setting")
     return TransferSettings.parse(dict(value, **own), self.who)
+
+
+def _retention(value, self):
+    """A consumer's C{retention}: None, or C{{'after_days': N, 'archive': dir or None}}
+    (L{ion.apps.pump.retention})."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, dict)
+        or set(value) != {"after_days", "archive"}
+        or not (_is_number(value["after_days"]) and value["after_days"] > 0)
+        or not (value["archive"] is None or (isinstance(value["archive"], str) and value["archive"]))
+    ):
+        raise BadArgument(
+            f"{self.who}: retention must be {{'after_days': days > 0, 'archive': a directory "
+            f"or None to remove}}, got {value!r}"
+        )
+    return dict(value)
 
 
 def _check_directory(instance, attribute, value):
@@ -349,6 +388,16 @@ class ConsumerArgs(_Named):
     transfer_timeout = attrs.field(default=600, validator=SECONDS)
     max_size = _max_size()
     min_rate = _min_rate()
+    # Bandwidth, kept-open sessions, retry bursts, heartbeats, retention.
+    byte_rate_max = attrs.field(default=None, validator=OPTIONAL_RATE)
+    dead_time = attrs.field(default=180, validator=SECONDS_OR_ZERO)
+    retry_burst = attrs.field(default=5, validator=COUNT)
+    retry_burst_gap = attrs.field(default=3, validator=SECONDS)
+    retry_pause = attrs.field(default=30, validator=SECONDS)
+    heartbeat = attrs.field(default=None, validator=_check(
+        lambda v: _is_number(v) and v > 0, "seconds > 0 (or None for none)", optional=True))
+    heartbeat_remote = attrs.field(default=False, converter=bool)
+    retention = attrs.field(default=None, converter=attrs.Converter(_retention, takes_self=True))
     transfer = attrs.field(
         default=None, converter=attrs.Converter(_consumer_transfer, takes_self=True)
     )
@@ -391,7 +440,8 @@ _SENDER_SHARED = (
     "accept_unmatched", "mirror", "strip", "parallel", "prefetch", "user", "state_dir", "retry_initial", "retry_max",
     "retry_horizon", "retry_jitter", "dup_ttl", "transfer_timeout", "max_size", "min_rate",
     "transfer", "sources", "max_notice_bytes", "report_exchange", "stop_grace", "instances",
-    "shared_dir",
+    "shared_dir", "byte_rate_max", "dead_time", "retry_burst", "retry_burst_gap", "retry_pause",
+    "heartbeat", "heartbeat_remote",
 )
 
 
@@ -605,6 +655,8 @@ class ReportRouterArgs(_Arguments):
     state_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
     dup_ttl = attrs.field(default=3600, validator=SECONDS)
     log_path = attrs.field(default=None, validator=OPTIONAL_PATH)
+    log_max_bytes = attrs.field(default=64 * 1024 * 1024, validator=COUNT)
+    log_keep = attrs.field(default=4, validator=COUNT)
     prefetch = attrs.field(default=100, validator=COUNT)
 
 

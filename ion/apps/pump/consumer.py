@@ -39,6 +39,11 @@ patterns C{topics}. For each message, in this order:
 
 On start, temporary files (C{.<name>.<random>.inflight}) a killed earlier run left in the tree
 are removed in a thread (those being written are kept; recently changed ones looked at later).
+With C{retention}, delivered files older than its C{after_days} are archived or removed
+(L{ion.apps.pump.retention}); with C{heartbeat}, a heartbeat file is written
+(L{ion.apps.pump.heartbeat}); C{byte_rate_max} limits the downloads together
+(L{ion.apps.pump.transfer.pacing}). The link's state (L{ion.apps.pump.link}) follows the
+fetches' outcomes.
 
 The message is acked only once its outcome is durable, so a crash at any point leaves the
 message in the broker or its outcome on disk:
@@ -71,13 +76,15 @@ import attrs
 from twisted.internet import defer, threads
 
 from ion.apps.pump import paths
-from ion.apps.pump.args import ConsumerArgs
+from ion.apps.pump.args import BadArgument, ConsumerArgs
 from ion.apps.pump.completion import run_command
 from ion.apps.pump.dupcache import DupCache
 from ion.apps.pump.sharedcache import SharedDupCache
 from ion.apps.pump.flow import open_flow_broker
 from ion.apps.pump.journal import DiskQueue, Journal, json_line
 from ion.apps.pump.fileops import AppliesFileOps
+from ion.apps.pump.heartbeat import Heartbeat
+from ion.apps.pump.link import Link
 from ion.apps.pump.notice import (
     REPORT_CODES,
     InvalidNotice,
@@ -86,6 +93,7 @@ from ion.apps.pump.notice import (
     parse_time,
 )
 from ion.apps.pump.outcome import Failure, RecentFailures, classify
+from ion.apps.pump.retention import Retention
 from ion.apps.pump.retryqueue import RetryQueue
 from ion.apps.pump.transfer import TransferError
 from ion.apps.pump.transfer.blocks import sr3_block
@@ -237,6 +245,29 @@ class Consumer(AppliesFileOps, ServiceProcess):
         self._declared = set()
         self._retry_call = self._flush_call = self._sweep_call = None
         self._stopping = False
+        self.link = Link(clock, args.retry_burst, args.retry_burst_gap, args.retry_pause)
+        self.heartbeat = None
+        if args.heartbeat is not None:
+            push = None
+            if args.heartbeat_remote:
+                push = self._push_heartbeat
+                if not self.pushes_heartbeats:
+                    raise BadArgument(
+                        f"{args.who}: heartbeat_remote is for senders (a consumer's heartbeat "
+                        f"is in its state_dir already), got {args.heartbeat_remote!r}"
+                    )
+            self.heartbeat = Heartbeat(
+                clock, reactor,
+                reactor.getThreadPool() if self.transfers is None else self.transfers.pool,
+                os.path.join(self.state_dir, f"{self.subscription}.heartbeat"),
+                args.heartbeat, args.who, self._heartbeat_state, self.log, push,
+            )
+        self.retention = None
+        if args.retention is not None and self.transfers is not None:
+            self.retention = Retention(
+                clock, reactor, self.transfers.pool, self.real_directory,
+                args.retention["after_days"], args.retention["archive"], self.log, args.who,
+            )
 
     async def on_activate(self):
         if self.broker is not None:
@@ -253,6 +284,10 @@ class Consumer(AppliesFileOps, ServiceProcess):
         )
         self._schedule_retries()
         self._sweep(sweep, self.real_directory)
+        if self.retention is not None:
+            self.retention.start()
+        if self.heartbeat is not None:
+            self.heartbeat.start()
 
     def _sweep(self, function, *args):
         """Remove the temporary files of killed earlier runs, in a pool thread."""
@@ -327,6 +362,10 @@ class Consumer(AppliesFileOps, ServiceProcess):
 
     def _stop_timers(self):
         self._stopping = True
+        if self.retention is not None:
+            self.retention.stop()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if self._flush_call is not None and self._flush_call.active():
             self.dupcache.flush()
         for call in (self._flush_call, self._retry_call, self._sweep_call):
@@ -340,8 +379,10 @@ class Consumer(AppliesFileOps, ServiceProcess):
         announcements: skipped), file_ops (carried out), delivered, bytes,
         retrying, retried, failures {code: n}, in_hand (messages and retries being worked on
         now), bytes_received (by all transfers since the start, delivered or not),
-        bytes_in_flight (those of the files being fetched now) and queued (messages waiting
-        in the subscription's queue on the broker; None when the broker did not say)."""
+        bytes_in_flight (those of the files being fetched now), queued (messages waiting
+        in the subscription's queue on the broker; None when the broker did not say) and
+        byte_rate_max (the bandwidth limit, None for none), link, link_since and
+        link_next_try (L{Link.describe}) and, with C{heartbeat}, the last heartbeat written."""
         try:
             queued = await self.queue_depth(self.queue, self.broker)
         except Exception as e:
@@ -355,6 +396,10 @@ class Consumer(AppliesFileOps, ServiceProcess):
         stats["bytes_in_flight"] = 0 if received is None else received.in_flight
         stats["queued"] = queued
         stats["last_failures"] = self.last_failures.as_list()
+        stats["byte_rate_max"] = self.settings.transfer.byte_rate_max
+        stats.update(self.link.describe())
+        if self.heartbeat is not None:
+            stats["heartbeat"] = self.heartbeat.last
         running = [] if received is None else received._running
         stats["transfers"] = [
             {"file": redact(sink.what), "received": sink.size,
@@ -493,7 +538,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
             pass
         elif failure.transient:
             await self.retries.add(
-                key, notice.to_dict(), delivery.routing_key, failure.code, failure.message
+                key, notice.to_dict(), delivery.routing_key, failure.code, failure.message,
+                due=self._retry_due(failure),
             )
             self.stats["retrying"] = len(self.retries)
             self.log.info(
@@ -526,6 +572,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
             await self._fail(notice, key, e.code, e.message, routing_key)
             return None
         result, failure = await self._fetch(notice, url, path, access)
+        self._note_link(failure)
         if failure is None and not result.complete:
             await self._block_in(notice, key, path, result)
         elif failure is None:
@@ -534,6 +581,27 @@ class Consumer(AppliesFileOps, ServiceProcess):
             if on_complete is not None and on_complete.applies(result):
                 await self._on_complete(on_complete, notice, key, path, routing_key)
         return failure
+
+    def _note_link(self, failure):
+        """The link's state follows the outcome of each fetch (a sender's follows its sends)."""
+        self.link.note(failure)
+
+    def _retry_due(self, failure):
+        """When a file that failed transiently is due again: None for the retry queue's
+        backoff (a sender's link that is down says otherwise: L{ion.apps.pump.link})."""
+        return None
+
+    # Whether heartbeat_remote is possible (a sender's destination is remote).
+    pushes_heartbeats = False
+
+    def _heartbeat_state(self):
+        failures = sum(self.stats["failures"].values())
+        return dict(
+            {"files_done": self.stats["delivered"], "failures": failures}, **self.link.describe()
+        )
+
+    async def _push_heartbeat(self, path):
+        raise NotImplementedError("a consumer's heartbeat stays in its state_dir")
 
     def _refused(self, url, code, message):
         self.log.warn(
@@ -811,8 +879,12 @@ class Consumer(AppliesFileOps, ServiceProcess):
         if failure is None:
             self.retries.done(entry)
             return
-        if failure.transient and self.retries.failed_again(entry, failure.code, failure.message):
-            self.log.info(
+        if failure.transient and self.retries.failed_again(
+            entry, failure.code, failure.message, due=self._retry_due(failure)
+        ):
+            # While a link is down its files all wait for it: one line per try would flood.
+            log = self.log.debug if self.link.state == "down" else self.log.info
+            log(
                 "{name}: {url} failed again ({code} {message}); attempt {n}",
                 name=self.label,
                 url=url,

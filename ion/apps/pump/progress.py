@@ -6,7 +6,8 @@ pump's supervisor, e.g. C{consumer.pump}) for their C{stats} each interval and l
     pump: 12.4 files/s, 3.1 MB/s; 1240 delivered; 310 queued, 8 in hand, 0 retrying; failures: none
 
 files/s counts deliveries since the previous line, bytes/s bytes received (of files delivered,
-failed or on their way); "queued" is the notices waiting on the broker; "in hand" the messages
+failed or on their way), followed by C{(limit 2.1 MB/s)} when consumers have a bandwidth limit
+(C{byte_rate_max}; the sum of theirs); "queued" is the notices waiting on the broker; "in hand" the messages
 taken and not settled yet, with the bytes being fetched, e.g. "2 in hand (1.3 GB received)";
 "retrying" the files in the retry queues; failures count the files given up on, by report
 code, and each poll's failed passes (C{failures: poll.source=12}). While nothing moves and
@@ -113,6 +114,7 @@ class Progress(ServiceProcess):
         }
         new_files = new_bytes = 0
         partitioned = []  # "name: 3/16 blocks, 1.2 GiB of 4.0 GiB" of the files coming in blocks
+        limits = []
         failures = {}
         silent = []
         for child_id, stats in await self._stats("consumers", silent):
@@ -129,6 +131,8 @@ class Progress(ServiceProcess):
             totals["delivered"] += delivered
             totals["bytes"] += size
             totals["receiving"] += receiving
+            if stats.get("byte_rate_max"):
+                limits.append(stats["byte_rate_max"])
             for key in ("queued", "in_hand", "retrying"):
                 totals[key] += stats.get(key) or 0
             for code, n in (stats.get("failures") or {}).items():
@@ -150,7 +154,9 @@ class Progress(ServiceProcess):
         if busy:
             line = (
                 f"{self.settings['name']}: {new_files / elapsed:.1f} files/s, "
-                f"{human_bytes(new_bytes / elapsed)}/s; {totals['delivered']} delivered; "
+                f"{human_bytes(new_bytes / elapsed)}/s"
+                + (f" (limit {human_bytes(sum(limits))}/s)" if limits else "")
+                + f"; {totals['delivered']} delivered; "
                 f"{totals['queued']} queued, {totals['in_hand']} in hand"
                 + (f" ({human_bytes(totals['receiving'])} received)" if totals["receiving"] else "")
                 + f", {totals['retrying']} retrying; failures: {failed}"

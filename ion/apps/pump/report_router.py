@@ -24,7 +24,10 @@ again, it goes to C{q_<exchange>.report_router.dead} (L{ion.core.process.Process
 
 With C{log_path}, each report handled is also written to that file as one JSON line
 {time, source, code, routing_key, relPath, report_id, message, outcome}, in ASCII (other
-characters, unencodable ones included, as JSON escapes).
+characters, unencodable ones included, as JSON escapes). Once it holds C{log_max_bytes}
+(default 64 MiB) it is renamed C{<log_path>.1} (the older ones shifted up to
+C{<log_path>.<log_keep>}, default 4, the oldest dropped) and a new one started, so a pump
+running for months keeps at most C{(log_keep + 1) * log_max_bytes} of it.
 
 Exactly once across crashes. The order (publish, remember, ack) leaves one gap: a crash after
 the broker took the publish but before the id was written down. The broker's own record closes
@@ -289,6 +292,21 @@ class ReportRouter(ServiceProcess):
         # written as UTF-8, and would cost the line; escaped, it reads back as it came.
         self._log_file.write(json.dumps(line) + "\n")
         self._log_file.flush()
+        if self._log_file.tell() >= self.settings["log_max_bytes"]:
+            self._log_file.close()
+            rotate(self.settings["log_path"], self.settings["log_keep"])
+            self._log_file = open(self.settings["log_path"], "a", encoding="utf-8")
+
+
+def rotate(path, keep):
+    """Rename C{path} to C{path.1}, shifting C{path.1}... up to C{path.<keep>} (the oldest
+    is dropped); what is missing is skipped."""
+    for n in range(keep - 1, 0, -1):
+        try:
+            os.replace(f"{path}.{n}", f"{path}.{n + 1}")
+        except FileNotFoundError:
+            pass
+    os.replace(path, f"{path}.1")
 
 
 process_class = ReportRouter

@@ -10,7 +10,8 @@ C{first failure + horizon}, and an entry failing at or after its horizon is give
 File: JSON lines, appended; one record per event, replayed on open::
 
     {"op": "add", "entry": {id, key, body, routing_key, first_failed, attempts, due, code, message}}
-    {"op": "update", "id": ..., "attempts": ..., "due": ..., "code": ..., "message": ...}
+    {"op": "update", "id": ..., "attempts": ..., "due": ..., "code": ..., "message": ...,
+     "first_failed": ...}
     {"op": "done", "id": ...}
 
 Only C{add} is fsynced. A lost C{update} makes an entry due earlier than planned, a lost C{done}
@@ -122,6 +123,7 @@ class RetryQueue:
                 entry.due = record["due"]
                 entry.code = record["code"]
                 entry.message = record["message"]
+                entry.first_failed = record.get("first_failed", entry.first_failed)
         elif op == "done":
             self._entries.pop(record["id"], None)
         else:
@@ -136,9 +138,10 @@ class RetryQueue:
             base *= self.rng.uniform(1 - self.jitter, 1 + self.jitter)
         return base
 
-    def add(self, key, body, routing_key, code, message):
+    def add(self, key, body, routing_key, code, message, due=None):
         """Record a notice whose first attempt just failed. Returns a Deferred firing with its
-        L{RetryEntry} once the record is fsynced (it is pending in memory at once)."""
+        L{RetryEntry} once the record is fsynced (it is pending in memory at once). C{due}:
+        when to try again, instead of the backoff (a link's next try)."""
         now = self.clock.seconds()
         entry = RetryEntry(
             id=uuid.uuid4().hex,
@@ -147,7 +150,7 @@ class RetryQueue:
             routing_key=routing_key,
             first_failed=now,
             attempts=1,
-            due=self._next_due(now, now, 1),
+            due=self._next_due(now, now, 1) if due is None else due,
             code=code,
             message=message,
         )
@@ -166,16 +169,21 @@ class RetryQueue:
 
         return self._journal.sync().addCallbacks(lambda _: entry, not_kept)
 
-    def failed_again(self, entry, code, message):
+    def failed_again(self, entry, code, message, due=None):
         """Note another failed attempt. Returns True if the entry is rescheduled, False if its
-        horizon has passed (the caller reports the failure and calls L{done})."""
+        horizon has passed (the caller reports the failure and calls L{done}). With C{due}
+        (a link's next try, while the link is down) the entry is due then, whatever its
+        horizon: a file waiting for its link is never given up."""
         now = self.clock.seconds()
         entry.attempts += 1
         entry.code = code
         entry.message = message
-        if now >= entry.first_failed + self.horizon:
+        if due is None and now >= entry.first_failed + self.horizon:
             return False
-        entry.due = self._next_due(now, entry.first_failed, entry.attempts)
+        if due is not None:
+            # The horizon counts from the link's return: its first failure after is a new one.
+            entry.first_failed = now
+        entry.due = self._next_due(now, entry.first_failed, entry.attempts) if due is None else due
         self._write(
             {
                 "op": "update",
@@ -184,6 +192,7 @@ class RetryQueue:
                 "due": entry.due,
                 "code": code,
                 "message": message,
+                "first_failed": entry.first_failed,
             }
         )
         self._push(entry)

@@ -27,6 +27,14 @@ a C{file:} destination's directory (L{ion.apps.pump.fileops}), or on the sftp or
 (rename, remove, mkdir, rmdir; links on sftp only); http(s) refuses them (422). On sftp and
 ftp, missing directories are made, and the size of a file sent is checked on the server.
 
+A destination that cannot be reached (a connection failure, 503) takes the sender's link
+down: the file waits in the retry queue and the link is tried again in bursts (C{retry_burst}
+tries C{retry_burst_gap} seconds apart, then C{retry_pause}), one file at a time, the others
+waiting for its outcome; none is given up while the link is down (L{ion.apps.pump.link}).
+sftp and ftp sessions stay open between files for C{dead_time} seconds
+(L{ion.apps.pump.transfer.sessions}); C{heartbeat} and C{heartbeat_remote} are described in
+L{ion.apps.pump.heartbeat}.
+
 Args: L{ion.apps.pump.args.SenderArgs}; state in C{state_dir} (default
 C{var/pump/sender-<name>}).
 """
@@ -101,6 +109,9 @@ class Sender(Consumer):
     async def _fetch(self, notice, url, target, access=None):
         """(TransferResult of the put, None) once the file is at C{target}, else (None,
         outcome.Failure)."""
+        blocked = self.link.blocked()
+        if blocked is not None:
+            return None, blocked  # nothing staged for a link that will not be tried
         source = local_directory(url) if url.startswith("file://") else None
         staged = None
         try:
@@ -111,6 +122,19 @@ class Sender(Consumer):
                 if failure is not None:
                     return None, failure
                 source = staged
+            return await self.link.attempt(lambda: self._send(notice, url, source, target))
+        except paths.UnsafePath as e:
+            return None, Failure(422, str(e))
+        except Exception as e:
+            return None, classify(e)
+        finally:
+            if staged is not None:
+                await self._thread(_remove, staged)
+
+    async def _send(self, notice, url, source, target):
+        """(TransferResult, None) once the local file C{source} is at C{target}, else (None,
+        outcome.Failure)."""
+        try:
             if self.target_root is not None:
                 parts = self.placed(notice)
                 if len(parts) > 1:
@@ -129,9 +153,24 @@ class Sender(Consumer):
             return None, Failure(422, str(e))
         except Exception as e:
             return None, classify(e)
-        finally:
-            if staged is not None:
-                await self._thread(_remove, staged)
+
+    # The link's state follows the sends (L{Link.attempt}), not the staging fetches.
+    pushes_heartbeats = True
+
+    def _note_link(self, failure):
+        pass
+
+    def _retry_due(self, failure):
+        """A file whose link is down is due at the link's next try (retry bursts)."""
+        if failure.code == 503 and self.link.state == "down":
+            return self.link.due()
+        return None
+
+    async def _push_heartbeat(self, path):
+        """Put the heartbeat file at the destination, when the link is not down."""
+        if self.transfers is None or self.link.state == "down":
+            return
+        await self.transfers.put(path, self.destination + quote(os.path.basename(path)))
 
     async def _reannounce(self, notice, target, result):
         """Announce the file sent on C{post_exchange}, as found at the destination."""

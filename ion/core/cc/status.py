@@ -8,7 +8,10 @@ web console come from them. L{Sampler.status} is what C{ion status} prints (op C
 C{cc_<containerid>}) and C{/api/status} serves; L{Sampler.pump} is C{/api/pump}.
 
 A worker's row says what it did (C{done}: files delivered, announced, published or reports
-forwarded), what failed, its queue, its rates and its last error with its age.
+forwarded), what failed, its queue, its rates and its last error with its age. Its state is
+shown as C{down (heartbeat past due)} when its stats carry a C{heartbeat} whose C{due} time
+has passed (the pump's heartbeat files, L{ion.apps.pump.heartbeat}: the process answers but
+its heartbeat stopped, a stuck disk say) and C{down (link)} when they say its C{link} is down.
 """
 
 import collections
@@ -22,6 +25,8 @@ HOUR = 3600
 WINDOW = 60  # seconds the rates are taken over
 # The counter that says what a worker did, by the first key its stats have.
 DONE_KEYS = ("delivered", "announced", "published", "forwarded")
+# Seconds past its due time before a heartbeat counts as missed.
+HEARTBEAT_GRACE = 1.0
 
 
 def process_tree(container):
@@ -69,6 +74,18 @@ def _done(stats):
 
 def _bytes(stats):
     return stats.get("bytes_received", stats.get("bytes", 0)) or 0
+
+
+def _state(state, stats, now):
+    """A worker's state as shown: C{down} when its heartbeat (C{stats['heartbeat']}, a dict
+    with C{due}) is past due at C{now} or its link (C{stats['link']}) is down."""
+    heartbeat = stats.get("heartbeat")
+    due = heartbeat.get("due") if isinstance(heartbeat, dict) else None
+    if isinstance(due, (int, float)) and now > due + HEARTBEAT_GRACE:
+        return "down (heartbeat past due)"
+    if stats.get("link") == "down":
+        return "down (link)"
+    return state
 
 
 class Sampler:
@@ -156,7 +173,7 @@ class Sampler:
                 # An instance in an OS process of its own names the class it runs there.
                 "name": row["name"], "kind": stats.get("kind") or row["class"],
                 "pid": row["pid"], "os_pid": stats.get("os_pid"),
-                "state": row["state"], "restarts": row["restarts"],
+                "state": _state(row["state"], stats, now), "restarts": row["restarts"],
                 "queued": stats.get("queued"), "files_per_s": files, "bytes_per_s": size,
                 "done": _done(stats), "failed": _failed(stats),
                 "delivered": stats.get("delivered"),

@@ -167,7 +167,7 @@ class ConsumerArgsTests(ArgumentsCase):
                 dict(CONSUMER, transfer={"speed": 1}),
                 "consumer c: unknown transfer setting "
                 "'speed'; valid ones are credentials, max_size, min_rate, parallel, per_host, "
-                "timeouts",
+                "timeouts, byte_rate_max, host_byte_rate_max, dead_time",
             ),
         ]
         for args, message in table:
@@ -335,7 +335,8 @@ class TransferSettingsTests(ArgumentsCase):
             TransferServiceArgs.parse,
             {"workers": 2},
             "transfer service 1: unknown argument 'workers'; valid ones are credentials, "
-            "max_size, min_rate, parallel, per_host, timeouts, service",
+            "max_size, min_rate, parallel, per_host, timeouts, byte_rate_max, host_byte_rate_max, "
+            "dead_time, service",
             who="transfer service 1",
         )
 
@@ -364,7 +365,8 @@ class PumpArgsTests(ArgumentsCase):
             (
                 {"transfer": {"speed": 1}},
                 "pump: unknown transfer argument 'speed'; valid ones "
-                "are workers, credentials, max_size, min_rate, parallel, per_host, timeouts",
+                "are workers, credentials, max_size, min_rate, parallel, per_host, timeouts, "
+                "byte_rate_max, host_byte_rate_max, dead_time",
             ),
             (
                 {"transfer": {"per_host": 0}},

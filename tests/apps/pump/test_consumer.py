@@ -571,6 +571,34 @@ class ConsumerScenarios:
         self.assertEqual(self.router.stats["by_source"], {"alice": {"201": 6}})
         await self.settle()
 
+    async def test_retention_and_heartbeat(self):
+        """With retention, delivered files older than after_days move to archive/YYYYMM/DD/
+        at the next pass of the container's clock; with heartbeat, the heartbeat file in the
+        state directory counts the files delivered and its due time is in the stats."""
+        clock = task.Clock()
+        clock.advance(MTIME + 10 * 86400)
+        archive = os.path.join(self.base, "archive")
+        await self.pump(clock=clock, retention={"after_days": 2, "archive": archive},
+                        heartbeat=30)
+        await self.post_file("obs/a.dat", b"a")
+        await self.post_file("obs/b.dat", b"b")
+        await self.wait_reports(2)
+        self.assertEqual(self.dest_files(), ["obs/a.dat", "obs/b.dat"])
+        clock.advance(3600)
+        day = os.path.join(archive, *time.strftime("%Y%m %d", time.gmtime(MTIME)).split())
+        await until(lambda: os.path.exists(os.path.join(day, "obs", "b.dat")),
+                    what="the files archived")
+        self.assertEqual(self.dest_files(), [])
+        await until(lambda: self.consumer.heartbeat.last["files_done"] == 2,
+                    what="a heartbeat with the files")
+        path = os.path.join(self.state, f"{self.subscription}.heartbeat")
+        with open(path) as f:
+            written = json.load(f)
+        self.assertEqual((written["files_done"], written["link"]), (2, "up"))
+        stats = await self.collector.rpc(self.consumer.pid, "stats")
+        self.assertEqual(stats["heartbeat"]["due"], clock.seconds() + 30)
+        await self.settle()
+
     async def test_end_to_end_http(self):
         """The same over http: files served by a web server are fetched and verified."""
         server = start_http(self, self.src)
@@ -1422,6 +1450,22 @@ class AppArgsTests(unittest.SynchronousTestCase):
             [(args[f"consumer.{n}"]["max_size"], args[f"consumer.{n}"]["min_rate"]) for n in "ab"],
             [(5000, 10), (7, 10)],
         )
+
+    def test_pump_rate_and_dead_time(self):
+        """The pump's byte_rate_max limits its transfer services only; its dead_time and
+        host_byte_rate_max are every subscription's and sender's default."""
+        plan = pump_app.plan(
+            transfer={"byte_rate_max": 10**6, "host_byte_rate_max": 10**5, "dead_time": 60},
+            subscriptions=[{"name": "a", "directory": "a", "byte_rate_max": 5000}],
+            senders=[{"name": "s", "destination": "sftp://u@h/d/"}],
+        )
+        args = {c["id"]: c["args"] for c in plan["children"]}
+        self.assertEqual(args["transfer1"]["byte_rate_max"], 10**6)
+        for child in ("consumer.a", "sender.s"):
+            self.assertEqual(args[child]["dead_time"], 60)
+            self.assertEqual(args[child]["transfer"]["host_byte_rate_max"], 10**5)
+            self.assertNotIn("byte_rate_max", args[child]["transfer"])
+        self.assertEqual(args["consumer.a"]["byte_rate_max"], 5000)
 
     def test_app_file(self):
         """res/apps/pump.app passes the app checks and its kwargs make a valid plan."""

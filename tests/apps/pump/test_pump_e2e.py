@@ -383,6 +383,10 @@ class ProgressTests(unittest.TestCase):
             "0.0 files/s, 300.0 kB/s; 20 delivered; 40 queued, 1 in hand (3.0 MB received), ",
             await tick(),
         )
+        # A bandwidth limit shows beside the rate.
+        b.stats.update(byte_rate_max=2_000_000)
+        self.assertIn("0.0 files/s, 0 B/s (limit 2.0 MB/s); 20 delivered", await tick())
+        b.stats.update(byte_rate_max=None)
         a.stats.update(in_hand=0, bytes_in_flight=0)
         b.stats.update(retrying=0)
         # Nothing delivered, nothing in hand, but notices waiting on the broker: not idle.

@@ -211,6 +211,29 @@ class RouterScenarios:
             lines.index(("alice", 201, "forwarded")), lines.index(("alice", 201, "duplicate"))
         )
 
+    async def test_report_log_rotated(self):
+        """The report log is rotated at log_max_bytes, keeping log_keep old files: its size
+        stays bounded however long the pump runs, and no line is lost or split."""
+        log_path = os.path.join(os.path.abspath(self.mktemp()), "reports.log")
+        router = await self.start(log_path=log_path, log_max_bytes=400, log_keep=2)
+        for n in range(12):
+            await self.collector.post(report(report_id=str(n)), self.xreport)
+        await until(lambda: router.stats["received"] == 12)
+        await self.settle()
+        directory = os.path.dirname(log_path)
+        self.assertEqual(sorted(os.listdir(directory)),
+                         ["reports.log", "reports.log.1", "reports.log.2"])
+        ids = []
+        for name in ("reports.log.2", "reports.log.1", "reports.log"):
+            with open(os.path.join(directory, name)) as f:
+                ids += [json.loads(line)["report_id"] for line in f]
+            if name != "reports.log":
+                self.assertLess(os.path.getsize(os.path.join(directory, name)), 400 + 300)
+        # The newest lines are all there; only the oldest files were dropped.
+        self.assertEqual(len(set(ids)), len(ids))
+        self.assertLess(len(ids), 12)
+        self.assertIn("11", ids)
+
     async def test_report_log_unencodable_text(self):
         """A relPath or message holding a lone surrogate (what undecodable bytes in a file
         name become) is written to the log escaped: its line is there, one JSON object that

@@ -4,6 +4,7 @@ reports, retries and post_exchange."""
 import base64
 import hashlib
 import itertools
+import json
 import os
 import time
 
@@ -113,6 +114,54 @@ class SenderScenarios:
         self.assertEqual(self.reports(), [("x/b.bin", 201)])
         self.assertEqual(os.listdir(os.path.join(self.remote, "obs")), ["b.bin"])
 
+    async def test_sftp_down_retry_bursts(self):
+        """With the sftp server down, the files wait in the retry queue while the link is tried
+        in bursts (3 tries 3 s apart, then a 30 s pause: no try in it), one try for all the
+        files; once the server is back every file is delivered with one 201 report. The
+        heartbeat says the link is down, then up, and is pushed to the destination."""
+        server = self.sftp_server()
+        port = server.port.getHost().port
+        await server.port.stopListening()
+        proc = await self.start(f"sftp://bob@127.0.0.1:{port}/obs/", strip=1, retry_burst=3,
+                                retry_burst_gap=3, retry_pause=30, heartbeat=5,
+                                heartbeat_remote=True)
+        names = [f"x/f{n}.bin" for n in range(3)]
+        for name in names:
+            await self.post(name, name.encode() * 1000)
+        await until(lambda: proc.stats["retrying"] == 3, what="three files waiting")
+        self.assertEqual((proc.link.state, proc.link.tries), ("down", 1))
+        for tries in (2, 3):
+            self.clock.advance(3)
+            await until(lambda: proc.link.tries == tries, what=f"try {tries}")
+        for _ in range(3):  # inside the pause: nobody tries
+            self.clock.advance(3)
+            await quiet(0.05)
+        self.assertEqual((proc.link.tries, self.reports()), (3, []))
+        await until(lambda: proc.heartbeat.last and proc.heartbeat.last["link"] == "down",
+                    what="a heartbeat saying the link is down")
+        server.port = reactor.listenTCP(port, server.factory, interface="127.0.0.1")
+        self.clock.advance(30 - 9)
+        await until(lambda: len(self.reports()) == 3, what="three reports")
+        await quiet(0.1)
+        self.assertEqual(sorted(self.reports()), [(name, 201) for name in names])
+        self.assertEqual((proc.link.state, proc.stats["retrying"]), ("up", 0))
+        self.clock.advance(5)
+        remote = os.path.join(self.remote, "obs", f"{self.tag}.heartbeat")
+
+        def pushed():
+            try:
+                with open(remote) as f:
+                    return json.load(f)
+            except (OSError, ValueError):
+                return None
+
+        # (A beat written as the link came back may have gone out with 0 files done.)
+        await until(lambda: (pushed() or {}).get("files_done") == 3,
+                    what="the heartbeat at the destination")
+        self.assertEqual(pushed()["link"], "up")
+        self.assertEqual(sorted(n for n in os.listdir(os.path.join(self.remote, "obs"))
+                                if n.endswith(".bin")), ["f0.bin", "f1.bin", "f2.bin"])
+
     async def test_sftp_file_op_retried(self):
         """A removal while the sftp server is down waits in the retry queue and is carried
         out once the server is back, with one 201 report."""
@@ -123,6 +172,10 @@ class SenderScenarios:
         await until(lambda: self.reports(), what="a report")
         self.collector.got.clear()
         await server.port.stopListening()
+        # Down means the session kept open since the file was sent goes too.
+        for protocol in list(server.factory.connections):
+            protocol.transport.abortConnection()
+        await until(lambda: not server.factory.connections, what="the session closed")
         fields = notice_fields(file_url(self.src), "r/a", source=self.user, fileOp={"remove": ""})
         await self.collector.post(fields, exchange=self.xpublic)
         await until(lambda: proc.stats["retrying"] == 1, what="a retry")

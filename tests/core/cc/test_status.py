@@ -9,7 +9,7 @@ import socket
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from ion.core.cc.status import Sampler, human, status_table
+from ion.core.cc.status import _state, Sampler, human, status_table
 from tests.broker import get_broker
 from tests.core.cc.console import RunningPump, drop_queues, get_json
 from tests.core.cc.test_cli import run_cli
@@ -178,3 +178,12 @@ class RatesTests(unittest.SynchronousTestCase):
         self.assertEqual(total, "1 container, 2 workers: 10 delivered, 3 failed, 7 queued, "
                                 "2.5 files/s, 2.5 MB/s")
         self.assertEqual((human(None), human(999), human(1234, "B")), ("-", "999.0", "1.2 kB"))
+
+    def test_heartbeat_past_due_is_down(self):
+        """A worker whose heartbeat is past due (a second's grace), or whose link is down, is
+        shown down; one on time keeps its lifecycle state."""
+        on_time = {"heartbeat": {"due": 100.0}, "link": "up"}
+        self.assertEqual(_state("ACTIVE", on_time, 100.5), "ACTIVE")
+        self.assertEqual(_state("ACTIVE", on_time, 101.5), "down (heartbeat past due)")
+        self.assertEqual(_state("ACTIVE", {"link": "down"}, 0), "down (link)")
+        self.assertEqual(_state("ACTIVE", {"heartbeat": None}, 1e9), "ACTIVE")

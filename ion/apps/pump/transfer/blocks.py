@@ -63,6 +63,7 @@ from ion.apps.pump.transfer.inflight import (
     b64digest,
 )
 from ion.apps.pump.transfer.limits import slot
+from ion.apps.pump.transfer.pacing import PacedSink
 
 log = Logger()
 
@@ -461,14 +462,17 @@ class BlockSink:
 
 
 async def fetch_block(reactor, location, partial, index, settings, limiter, url,
-                      expected_checksum=None):
-    """Fetch block C{index} of C{partial} from C{location} and record it done."""
+                      expected_checksum=None, pacers=()):
+    """Fetch block C{index} of C{partial} from C{location} and record it done; its bytes are
+    spent from C{pacers} (L{ion.apps.pump.transfer.pacing}), shared with every other transfer
+    of their scope."""
     methods = () if expected_checksum is None else (expected_checksum[0],)
     sink = partial.block(index, methods)
+    fed = PacedSink(sink, pacers, reactor) if pacers else sink
     async with slot(limiter, url):
         try:
             await SCHEMES[location.scheme].fetch_range(
-                reactor, location, sink, settings, sink.offset, sink.length
+                reactor, location, fed, settings, sink.offset, sink.length
             )
             await sink.close(expected_checksum)
         except BaseException:
@@ -477,7 +481,7 @@ async def fetch_block(reactor, location, partial, index, settings, limiter, url,
     await partial.mark(index)
 
 
-async def fetch_blocks(reactor, location, partial, blocks, settings, limiter, url):
+async def fetch_blocks(reactor, location, partial, blocks, settings, limiter, url, pacers=()):
     """
     Fetch the blocks C{partial} lacks, C{blocks.parallel} at a time, in order of offset. The
     first failure cancels the others and is raised once they have stopped.
@@ -490,7 +494,9 @@ async def fetch_blocks(reactor, location, partial, blocks, settings, limiter, ur
         for index in queue:
             if failures:
                 return
-            await fetch_block(reactor, location, partial, index, settings, limiter, url)
+            await fetch_block(
+                reactor, location, partial, index, settings, limiter, url, pacers=pacers
+            )
 
     workers = [
         Deferred.fromCoroutine(worker()) for _ in range(min(blocks.parallel, len(missing)))

@@ -1,6 +1,7 @@
 """The C{ftp} scheme: twisted.protocols.ftp's client in passive mode, binary type.
 
-One control connection per operation, logged in as the URL's or credentials file's user
+One control connection per operation (or kept open between operations for C{dead_time}
+seconds, then C{QUIT}: L{ion.apps.pump.transfer.sessions}), logged in as the URL's or credentials file's user
 (C{anonymous} when none is given). A get asks C{SIZE} and C{MDTM} (when the server answers
 them) for the announced size and mtime, then streams C{RETR} to disk; a block of a partitioned
 transfer is C{REST} then C{RETR}, its data connection closed at the block's end (a server
@@ -43,6 +44,7 @@ from ion.apps.pump.transfer.limits import IdleTimer
 from ion.apps.pump.transfer.policy import connect
 from ion.apps.pump.transfer.listings import ListingBuffer, parse_list_line, parse_mlsd_line
 from ion.apps.pump.transfer.outgoing import ProgressReader
+from ion.apps.pump.transfer.sessions import session_key
 
 
 def _wire(text, what="the path"):
@@ -62,6 +64,7 @@ class _Session:
         self.settings = settings
         self.data_transport = None
         self.connected = False
+        self.logged_in = False
         self.closed = Deferred()
         timeouts = settings.timeouts
         self.timer = IdleTimer(
@@ -84,6 +87,22 @@ class _Session:
         if self.control.transport is not None and not self.closed.called:
             self.control.transport.loseConnection()
             await self.closed
+
+    def usable(self):
+        """Whether the session may carry another transfer (logged in, still connected)."""
+        return self.logged_in and self.connected and not self.closed.called
+
+    def rearm(self, settings):
+        """Start another transfer on this kept session: its settings and a new idle timer."""
+        self.settings = settings
+        self.data_transport = None
+        self.timer = IdleTimer(self.reactor, settings.timeouts.idle, self.abort)
+
+    async def logout(self):
+        """Say C{QUIT} and close the control connection."""
+        if self.usable():
+            self.control.quit().addErrback(lambda _: None)
+        await self.close()
 
 
 class _Control(FTPClient):
@@ -195,12 +214,26 @@ async def _login(session, location):
 
 
 async def _with_session(reactor, location, settings, work):
-    """Connect and log in, run C{work(session)}, disconnect; errors become L{TransferError}s."""
-    session = _Session(reactor, location, settings)
+    """Connect and log in (or take a kept session: L{ion.apps.pump.transfer.sessions}), run
+    C{work(session)}, then keep the session or disconnect; errors become L{TransferError}s."""
+    sessions = settings.sessions if settings.access is None else None
+    key = None if sessions is None else session_key(location, settings)
+    session = None if sessions is None else sessions.take(key)
+    clean = False
+    if session is not None:
+        session.rearm(settings)
+    else:
+        session = _Session(reactor, location, settings)
     try:
-        await connect(reactor, location, settings, session.control)
-        await _login(session, location)
-        return await work(session)
+        if not session.logged_in:
+            if sessions is not None:
+                sessions.opened += 1
+            await connect(reactor, location, settings, session.control)
+            await _login(session, location)
+            session.logged_in = True
+        result = await work(session)
+        clean = True
+        return result
     except (CancelledError, TransferError):
         raise
     except CommandFailed as exc:
@@ -216,7 +249,10 @@ async def _with_session(reactor, location, settings, work):
         raise ConnectionFailed(f"{location.shown}: connection lost") from None
     finally:
         session.timer.stop()
-        await session.close()
+        if clean and sessions is not None:
+            sessions.give(key, session)
+        else:
+            await session.close()
 
 
 async def _optional(session, command):
@@ -369,6 +405,37 @@ def _fail_with(consumer_ready, done):
     done.addErrback(failed)
 
 
+class _PacedSender(FileSender):
+    """A L{FileSender} that waits, before reading the next chunk, while C{pacers} are in
+    debt (the reader spends them); C{timer}, the idle timer, is held meanwhile."""
+
+    def __init__(self, reactor, pacers, timer):
+        self._reactor = reactor
+        self._pacers = pacers
+        self._timer = timer
+        self._call = None
+
+    def resumeProducing(self):
+        delay = max((pacer.delay() for pacer in self._pacers), default=0)
+        if delay <= 0:
+            return super().resumeProducing()
+        # A pull producer is asked again only after it wrote: the wait ends with a call.
+        if self._call is None:
+            self._timer.hold()
+            self._call = self._reactor.callLater(delay, self._resume)
+
+    def _resume(self):
+        self._call = None
+        if self.deferred is not None:
+            self.resumeProducing()
+
+    def stopProducing(self):
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        super().stopProducing()
+
+
 async def store(reactor, outgoing, location, settings):
     """C{STOR} to a temporary name beside the target, then C{RNFR}/C{RNTO} into place."""
 
@@ -388,9 +455,11 @@ async def store(reactor, outgoing, location, settings):
             except CommandFailed as exc:
                 raise _command_error(location, exc, f"cannot write in {directory}") from None
             session.data_transport = consumer.transport
-            reader = ProgressReader(outgoing, session.timer.touch)
+            pacers = session.settings.pacers
+            reader = ProgressReader(outgoing, session.timer.touch, pacers)
+            sender = _PacedSender(reactor, pacers, session.timer) if pacers else FileSender()
             try:
-                await FileSender().beginFileTransfer(reader, consumer)
+                await sender.beginFileTransfer(reader, consumer)
             except Exception:
                 # The data connection ended early: the reader or the control reply says why.
                 if reader.error is not None:

@@ -431,8 +431,27 @@ async def store(reactor, outgoing, location, settings):
     """PUT C{outgoing} to C{location} (no temporary name: HTTP has no rename)."""
     timeouts = settings.timeouts
     timer = IdleTimer(reactor, timeouts.idle, first=timeouts.connect + timeouts.idle)
-    cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
-    body = FileBodyProducer(ProgressReader(outgoing, timer.touch), cooperator, PUT_CHUNK_SIZE)
+    pacers = settings.pacers
+
+    def in_debt():
+        # Not after the last chunk: the producer's end (its empty read) comes in the same
+        # tick, before the server's answer can stop the cooperator under it.
+        return outgoing.sent < outgoing.size and any(pacer.delay() > 0 for pacer in pacers)
+
+    def schedule(work):
+        # The next chunks wait for the bandwidth limit, if any (a wait that is ours).
+        delay = max((pacer.delay() for pacer in pacers), default=0)
+        if delay:
+            timer.hold()
+        return reactor.callLater(delay, work)
+
+    if pacers:
+        # A tick of the cooperator ends as soon as the limit is reached.
+        cooperator = Cooperator(terminationPredicateFactory=lambda: in_debt, scheduler=schedule)
+    else:
+        cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+    reader = ProgressReader(outgoing, timer.touch, pacers)
+    body = FileBodyProducer(reader, cooperator, PUT_CHUNK_SIZE)
     body.length = outgoing.size
     agent = _agent(reactor, settings)
     try:

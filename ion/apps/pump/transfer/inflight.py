@@ -137,6 +137,8 @@ class SinkReceiver(Protocol):
             return
         if self.sink.backlogged:
             self.transport.pauseProducing()
+            if getattr(self.sink, "pacing", False):
+                self.timer.hold()  # a bandwidth limit's wait is not the server's silence
             self.sink.drained().addCallback(self._resume)
 
     def _resume(self, _):
@@ -663,6 +665,19 @@ def walk_below(root_fd, parts, make):
             os.close(fd)
         raise
     return fd
+
+
+def open_below(root_fd, parts, make=False):
+    """
+    The descriptor of the directory C{parts} (names) below C{root_fd}, each opened from its
+    parent without following a link, missing ones made when C{make}; the caller closes it.
+    Runs blocking; raises OSError (ENOTDIR for a link or a file on the way).
+    """
+    try:
+        fd = walk_below(root_fd, parts, make)
+    except NotADirectoryOnTheWay:
+        raise NotADirectoryError(errno.ENOTDIR, "a link or a file on the way") from None
+    return os.dup(fd) if fd == root_fd else fd
 
 
 def _enter(parent, name, make):

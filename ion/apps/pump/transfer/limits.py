@@ -113,17 +113,24 @@ class IdleTimer:
     def __init__(self, reactor, seconds, expire=None, first=None):
         self.expire = expire
         self.expired = False
+        self._held = False
         self._reactor = reactor
         self._seconds = seconds
         self._deadline = reactor.seconds() + (seconds if first is None else first)
         self._call = reactor.callLater(self._deadline - reactor.seconds(), self._check)
 
     def touch(self):
-        """Note activity: the countdown starts again."""
+        """Note activity: the countdown starts again (and a L{hold} ends)."""
+        self._held = False
         self._deadline = self._reactor.seconds() + self._seconds
         if self._call is not None and self._call.getTime() > self._deadline:
             # Only after a longer first delay can the new deadline come before the call.
             self._call.reset(self._seconds)
+
+    def hold(self):
+        """Do not count the time until the next L{touch}: the transfer is waiting on purpose
+        (a bandwidth limit), not for the server."""
+        self._held = True
 
     def stop(self):
         """Never fire."""
@@ -132,6 +139,8 @@ class IdleTimer:
         self._call = None
 
     def _check(self):
+        if self._held:
+            self._deadline = self._reactor.seconds() + self._seconds
         remaining = self._deadline - self._reactor.seconds()
         if remaining > 0:
             self._call = self._reactor.callLater(remaining, self._check)

@@ -24,6 +24,8 @@ class Settings:
     http_connections: object = None
     pool: object = None
     access: object = None
+    pacers: tuple = ()
+    sessions: object = None
 
 
 @attrs.frozen

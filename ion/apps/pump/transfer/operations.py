@@ -15,7 +15,8 @@ from ion.apps.pump.transfer.blocks import (
 )
 from ion.apps.pump.transfer.errors import BadRequest, RangeIgnored, TooLarge, TransferTimeout
 from ion.apps.pump.transfer.inflight import InflightFile, check_method
-from ion.apps.pump.transfer.limits import RateWatch, Timeouts, slot
+from ion.apps.pump.transfer.limits import RateWatch, Timeouts, host_key, slot
+from ion.apps.pump.transfer.pacing import PacedSink
 from ion.apps.pump.transfer.location import Settings, locate
 from ion.apps.pump.transfer.outgoing import OutgoingFile
 from ion.apps.pump.transfer.results import TransferResult
@@ -50,6 +51,8 @@ async def get(
     access=None,
     blocks=None,
     block=None,
+    pacers=None,
+    sessions=None,
 ):
     """
     Fetch C{url} into the local file C{dest_path}.
@@ -95,6 +98,10 @@ async def get(
         (L{ion.apps.pump.transfer.policy}): its normalized URL is fetched, the credentials
         file serves it only when the access allows, and connections (redirects included) go
         only to addresses it accepts. C{None}: a URL the caller trusts, fetched as it is.
+    @param pacers: the caller's L{ion.apps.pump.transfer.pacing.Pacers}: the bytes are read
+        no faster than their limits allow.
+    @param sessions: the caller's L{ion.apps.pump.transfer.sessions.Sessions}: sftp and ftp
+        sessions kept open between transfers to trusted URLs (no C{access}).
     @return: a L{TransferResult}; its checksum holds every method computed (C{sha512} when
         none was asked for).
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
@@ -110,7 +117,10 @@ async def get(
         )
     wanted = (expected_checksum[0] if expected_checksum else None, cod)
     methods = [check_method(method) for method in dict.fromkeys(wanted) if method is not None]
-    settings = Settings(timeouts, ca_file, known_hosts, http_connections, pool, access)
+    settings = Settings(
+        timeouts, ca_file, known_hosts, http_connections, pool, access, sessions=sessions
+    )
+    chosen = () if pacers is None else pacers.for_host(host_key(url))
     checksum = tuple(expected_checksum) if expected_checksum else None
     mode = None if mode is None else mode & MODE_MASK
     if block is not None:
@@ -121,12 +131,13 @@ async def get(
             )
         return await _get_block(
             reactor, location, url, dest_path, block, checksum, mtime, mode, settings,
-            limiter, active, dest_root,
+            limiter, active, dest_root, chosen,
         )
     if blocks is not None and blocks.applies(location, expected_size):
         result = await _get_blocks(
             reactor, location, url, dest_path, expected_size, methods or ["sha512"],
             checksum, mtime, mode, settings, limiter, active, dest_root, blocks, min_rate,
+            chosen,
         )
         if result is not None:
             return result
@@ -145,8 +156,9 @@ async def get(
             active.add(sink)
         try:
             try:
+                fed = sink if not chosen else PacedSink(sink, chosen, reactor)
                 source_mtime, source_mode = await _fetch(
-                    reactor, location, sink, settings, min_rate
+                    reactor, location, fed, settings, min_rate
                 )
             except BaseException:
                 await sink.discard()
@@ -161,7 +173,7 @@ async def get(
 
 async def _get_blocks(
     reactor, location, url, dest_path, size, methods, checksum, mtime, mode, settings,
-    limiter, active, dest_root, blocks, min_rate,
+    limiter, active, dest_root, blocks, min_rate, pacers,
 ):
     """A partitioned get; None when the server ignores ranges (fetch the file whole)."""
     step = block_size(size, blocks.size)
@@ -176,7 +188,9 @@ async def _get_blocks(
         try:
             await partial.open()
             fetching = Deferred.fromCoroutine(
-                fetch_blocks(reactor, location, partial, blocks, settings, limiter, url)
+                fetch_blocks(
+                    reactor, location, partial, blocks, settings, limiter, url, pacers
+                )
             )
             await _watched(reactor, location, fetching, min_rate, lambda: partial.size)
         except RangeIgnored:
@@ -198,7 +212,7 @@ async def _get_blocks(
 
 async def _get_block(
     reactor, location, url, dest_path, block, checksum, mtime, mode, settings, limiter,
-    active, dest_root,
+    active, dest_root, pacers,
 ):
     """The one block of an sr3 block notice; the file is put in place with its last block."""
     total, step, number, _ = block
@@ -214,7 +228,8 @@ async def _get_block(
             await partial.open()
             if number not in partial.done:
                 await fetch_block(
-                    reactor, location, partial, number, settings, limiter, url, checksum
+                    reactor, location, partial, number, settings, limiter, url, checksum,
+                    pacers,
                 )
             if not partial.complete:
                 await partial.discard()
@@ -262,7 +277,8 @@ async def _watched(reactor, location, fetching, min_rate, count):
         watch.stop()
 
 
-async def put(reactor, src_path, url, *, credentials=None, limiter=None, **settings):
+async def put(reactor, src_path, url, *, credentials=None, limiter=None, pacers=None,
+              **settings):
     """
     Send the local file C{src_path} to C{url}.
 
@@ -273,11 +289,14 @@ async def put(reactor, src_path, url, *, credentials=None, limiter=None, **setti
 
     @param settings: C{timeouts}, C{ca_file}, C{known_hosts}, C{pool} and C{http_connections},
         as in L{get} (the fields of L{Settings}).
+    @param pacers: as in L{get}; sftp, ftp and http puts keep to them (file copies are not
+        paced).
     @return: a L{TransferResult} for the bytes sent (C{path} is the redacted URL).
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
     """
     location = locate(url, credentials)
-    settings = Settings(**settings)
+    chosen = () if pacers is None else pacers.for_host(host_key(url))
+    settings = Settings(**settings, pacers=chosen)
     async with slot(limiter, url):
         outgoing = OutgoingFile(src_path)
         try:
@@ -293,7 +312,7 @@ async def put(reactor, src_path, url, *, credentials=None, limiter=None, **setti
         )
 
 
-async def list(reactor, url, *, credentials=None, limiter=None, **settings):
+async def list(reactor, url, *, credentials=None, limiter=None, pacers=None, **settings):
     """
     The entries of the remote directory C{url}, sorted by name (C{.} and C{..} left out).
     C{settings} as in L{put}; C{pool} reads local (file) directories.
@@ -311,7 +330,8 @@ async def list(reactor, url, *, credentials=None, limiter=None, **settings):
 
 
 async def operate(
-    reactor, url, op, *, old=None, target=None, credentials=None, limiter=None, **settings
+    reactor, url, op, *, old=None, target=None, credentials=None, limiter=None, pacers=None,
+    **settings
 ):
     """
     A file operation at C{url} on an sftp or ftp server: C{delete}, C{rmdir}, C{mkdir},
@@ -326,6 +346,6 @@ async def operate(
     scheme = _SCHEMES[location.scheme]
     if scheme not in (sftp, ftp):
         raise BadRequest(f"{location.shown}: no file operations over {location.scheme}")
-    settings = Settings(**settings)
+    settings = Settings(**settings)  # no data moves: pacers do not apply
     async with slot(limiter, url):
         return await scheme.operate(reactor, location, settings, op, old, target)

@@ -54,22 +54,27 @@ class OutgoingFile:
 class ProgressReader:
     """
     A file-like view of an L{OutgoingFile} for a producer (http PUT, FTP STOR): each read is
-    noted with C{touch} (progress for the idle timer), the error a read fails with is kept as
+    noted with C{touch} (progress for the idle timer) and spent from C{pacers} (bandwidth
+    limits: the producer's driver waits for them), the error a read fails with is kept as
     C{error} (the producer calling it may swallow it), and closing is left to the caller.
     """
 
-    def __init__(self, outgoing, touch):
+    def __init__(self, outgoing, touch, pacers=()):
         self._outgoing = outgoing
         self._touch = touch
+        self._pacers = pacers
         self.error = None
 
     def read(self, length):
         self._touch()
         try:
-            return self._outgoing.read(length)
+            data = self._outgoing.read(length)
         except Exception as exc:
             self.error = exc
             raise
+        for pacer in self._pacers:
+            pacer.spend(len(data))
+        return data
 
     def close(self):
         """The caller closes the file."""

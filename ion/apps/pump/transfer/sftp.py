@@ -1,6 +1,7 @@
 """The C{sftp} scheme: twisted.conch's SSH client and SFTP (version 3) file transfer client.
 
-One SSH connection per operation. The server's host key must be in the known_hosts file
+One SSH connection per operation, or kept open between operations for C{dead_time} seconds
+(L{ion.apps.pump.transfer.sessions}). The server's host key must be in the known_hosts file
 (C{known_hosts=}, default C{~/.ssh/known_hosts}; entries for a port other than 22 are written
 C{[host]:port}, as OpenSSH does): an unknown or changed key is refused with
 L{ServerNotTrusted} before any credential is sent. Authentication tries the C{ssh_key} of the
@@ -41,6 +42,8 @@ from ion.apps.pump.transfer.errors import (
 )
 from ion.apps.pump.transfer.inflight import inflight_name
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
+from ion.apps.pump.transfer.pacing import wait
+from ion.apps.pump.transfer.sessions import session_key
 from ion.apps.pump.transfer.policy import connect
 from ion.apps.pump.transfer.results import Entry, entry_type
 
@@ -64,10 +67,24 @@ class _Session:
         self.connected = False
         self.key = _load_key(location) if location.ssh_key else None
         self.server_extensions = {}
+        self.client = None
         timeouts = settings.timeouts
         self.timer = IdleTimer(
             reactor, timeouts.idle, self.abort, first=timeouts.connect + timeouts.idle
         )
+
+    def usable(self):
+        """Whether the session may carry another transfer (kept open, nothing failed)."""
+        return self.connected and self.failure is None and self.client is not None
+
+    def rearm(self, settings):
+        """Start another transfer on this kept session: its settings and a new idle timer."""
+        self.settings = settings
+        self.timer = IdleTimer(self.reactor, settings.timeouts.idle, self.abort)
+
+    async def logout(self):
+        """End the session (SSH disconnect)."""
+        await self.close()
 
     def fail(self, error):
         """Record the first error that explains the end of the connection."""
@@ -288,14 +305,28 @@ def _sftp_error(location, exc, path):
 
 
 async def _with_session(reactor, location, settings, work):
-    """Connect, run C{work(client, session)}, disconnect; errors become L{TransferError}s."""
+    """Connect (or take a kept session: L{ion.apps.pump.transfer.sessions}), run
+    C{work(client, session)}, then keep the session or disconnect; errors become
+    L{TransferError}s."""
     if not location.user:
         raise BadRequest(f"{location.shown}: no user name (give it in the URL or credentials)")
-    session = _Session(reactor, location, settings)
+    sessions = settings.sessions if settings.access is None else None
+    key = None if sessions is None else session_key(location, settings)
+    session = None if sessions is None else sessions.take(key)
+    clean = False
+    if session is not None:
+        session.rearm(settings)
+    else:
+        session = _Session(reactor, location, settings)
     try:
-        await connect(reactor, location, settings, _ClientTransport(session))
-        client = await cancellable(session.ready)
-        return await work(client, session)
+        if session.client is None:
+            if sessions is not None:
+                sessions.opened += 1
+            await connect(reactor, location, settings, _ClientTransport(session))
+            session.client = await cancellable(session.ready)
+        result = await work(session.client, session)
+        clean = True
+        return result
     except (CancelledError, TransferError):
         raise
     except filetransfer.SFTPError as exc:
@@ -306,7 +337,10 @@ async def _with_session(reactor, location, settings, work):
         raise session.failure or ConnectionFailed(f"{location.shown}: connection lost") from None
     finally:
         session.timer.stop()
-        await session.close()
+        if clean and sessions is not None:
+            sessions.give(key, session)
+        else:
+            await session.close()
 
 
 async def _drain(pending):
@@ -321,10 +355,10 @@ async def _drain(pending):
             pass
 
 
-async def _read_into(handle, sink, offset=0, end=None):
+async def _read_into(handle, sink, timer=None, offset=0, end=None):
     """Read the open file C{handle} from C{offset} to C{end} (default: its end) into C{sink},
     C{WINDOW} reads in flight (their answers wait while the sink has too much waiting for the
-    disk)."""
+    disk, or while its bandwidth limit says so: then C{timer}, the idle timer, is held)."""
     pending = deque()
     try:
         while True:
@@ -342,7 +376,11 @@ async def _read_into(handle, sink, offset=0, end=None):
                 return
             sink.write(data)
             if sink.backlogged:
+                if timer is not None and getattr(sink, "pacing", False):
+                    timer.hold()
                 await sink.drained()
+                if timer is not None:
+                    timer.touch()
             if len(data) < length:
                 # A short read (end of file, or a server with smaller reads): what is in
                 # flight beyond it is useless; carry on from where this read ended.
@@ -370,7 +408,7 @@ async def fetch(reactor, location, sink, settings):
             sink.declare(attrs["size"])
         handle = await client.openFile(path, filetransfer.FXF_READ, {})
         try:
-            await _read_into(handle, sink)
+            await _read_into(handle, sink, session.timer)
         finally:
             if session.connected:
                 await handle.close()
@@ -389,7 +427,7 @@ async def fetch_range(reactor, location, sink, settings, offset, length):
     async def work(client, session):
         handle = await client.openFile(location.path.encode("utf-8"), filetransfer.FXF_READ, {})
         try:
-            await _read_into(handle, sink, offset, offset + length)
+            await _read_into(handle, sink, session.timer, offset, offset + length)
         finally:
             if session.connected:
                 await handle.close()
@@ -433,16 +471,24 @@ def _entry(name, attrs):
     return Entry(name, size, mtime, stat.S_IMODE(mode), kind)
 
 
-async def _write_from(handle, outgoing):
-    """Write C{outgoing} to the open file C{handle}, C{WINDOW} writes in flight."""
+async def _write_from(handle, outgoing, session):
+    """Write C{outgoing} to the open file C{handle}, C{WINDOW} writes in flight, at the
+    pace of the session's bandwidth limits (C{settings.pacers})."""
     pending = deque()
     offset = 0
+    pacers = session.settings.pacers
     try:
         while data := outgoing.read(CHUNK_SIZE):
             pending.append(handle.writeChunk(offset, data))
             offset += len(data)
             if len(pending) >= WINDOW:
                 await pending.popleft()
+            if pacers:
+                for pacer in pacers:
+                    pacer.spend(len(data))
+                session.timer.hold()
+                await wait(session.reactor, pacers)
+                session.timer.touch()
         while pending:
             await pending.popleft()
     finally:
@@ -484,7 +530,7 @@ async def store(reactor, outgoing, location, settings):
                 raise _sftp_error(location, exc, directory) from None
         try:
             try:
-                await _write_from(handle, outgoing)
+                await _write_from(handle, outgoing, session)
             finally:
                 await handle.close()
             mtime = int(outgoing.mtime)

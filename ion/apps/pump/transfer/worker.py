@@ -16,6 +16,13 @@ errors):
     L{ion.apps.pump.transfer.get};
   - C{min_rate}: {bytes_per_s, window} (default 1024 bytes/s over 60 s), a number of bytes per
     second, or 0/None for none: a slower get fails (504, retried later; see L{MinRate});
+  - C{byte_rate_max}: bytes per second for all the owner's transfers together, and
+    C{host_byte_rate_max} for those to one server (default None: no limit; at least 1024 and
+    not below C{min_rate}); reads and sftp, ftp and http puts are paced
+    (L{ion.apps.pump.transfer.pacing});
+  - C{dead_time}: seconds an sftp or ftp session is kept open, idle, for the next transfer to
+    the same server, then logged out and closed (default 180; 0: one session per transfer);
+    see L{ion.apps.pump.transfer.sessions};
   - C{credentials}: path of the credentials file (default C{~/.config/ion/credentials.conf} when it
     exists). A file readable by group or others, unreadable or malformed, is refused.
 """
@@ -28,6 +35,8 @@ from ion.apps.pump.args import TransferSettings
 from ion.apps.pump.transfer.http import HTTPConnections
 from ion.apps.pump.transfer.limits import HostLimiter
 from ion.apps.pump.transfer.operations import get, list, operate, put
+from ion.apps.pump.transfer.pacing import Pacers
+from ion.apps.pump.transfer.sessions import Sessions
 from ion.core.credentials import DEFAULT_CREDENTIALS, Credentials
 
 
@@ -92,6 +101,8 @@ class Transfers:
         self._trigger = reactor.addSystemEventTrigger("during", "shutdown", self.pool.stop)
         self.http_connections = HTTPConnections(reactor, checked.per_host)
         self.received = Received()
+        self.pacers = Pacers(reactor, checked.byte_rate_max, checked.host_byte_rate_max)
+        self.sessions = Sessions(reactor, checked.dead_time, checked.per_host)
         self._closed = False
 
     async def close(self):
@@ -103,6 +114,7 @@ class Transfers:
         self.reactor.removeSystemEventTrigger(self._trigger)
         self.pool.stop()
         await self.http_connections.close()
+        await self.sessions.close()
 
     async def _run(self, operation, *args, **kwargs):
         # The limiter holds both the per-server and the `parallel` slots.
@@ -115,6 +127,8 @@ class Transfers:
             limiter=self.limiter,
             pool=self.pool,
             http_connections=self.http_connections,
+            pacers=self.pacers if self.pacers.limited else None,
+            sessions=self.sessions,
         )
 
     async def get(self, url, path, **options):
