@@ -3,9 +3,13 @@ suppression, with downloads off (`discard`), against a baseline measured in the 
 subscriber that only acks.
 
     venv/bin/python bench/consume.py --transport memory
+    venv/bin/python bench/consume.py --transport amqp            # on a private RabbitMQ node
+    venv/bin/python bench/consume.py --transport amqp --vs-sr3   # and sr3 on the same notices
     venv/bin/python bench/consume.py --transport amqp --broker amqp://guest:guest@127.0.0.1:5672/
     venv/bin/python bench/consume.py --transport amqp --profile consume.prof   # cProfile the drain
     venv/bin/python bench/consume.py --transport mqtt --broker mqtt://127.0.0.1:1883/
+
+On amqp without --broker the script starts a private RabbitMQ node of its own (tests/broker.py).
 
 Over MQTT the container runs on memory:// and the consumer is a flow with its own `broker`
 (a persistent session, QoS 1, manual acks); the baseline is a raw MQTT subscriber on the same
@@ -16,6 +20,12 @@ The queue is filled first (n v03 notices, one in ten a repeat of an earlier one,
 rejected by the filter), then drained. Prints one result line:
 
     consume transport=memory n=20000 rate=... msgs/s baseline=... msgs/s
+
+With --vs-sr3 (amqp only) an sr3 `subscribe` (the venv of bench/pump.py, `download off`, the
+same reject/accept rules, duplicate suppression on, prefetch as given) drains the same notices
+from a queue of its own on the same broker, filled while it is stopped; its rate runs from the
+first message taken until the queue holds none ready (the last prefetch window may still be in
+its hands), and is added to the line as `sr3=... msgs/s`.
 """
 
 import argparse
@@ -24,14 +34,16 @@ import base64
 import hashlib
 import json
 import os
+import pwd
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from twisted.internet import defer, task  # noqa: E402
+from twisted.internet import defer, task, threads  # noqa: E402
 
 from ion.apps.pump.consumer import Consumer  # noqa: E402
 from ion.apps.pump.notice import format_time  # noqa: E402
@@ -210,29 +222,127 @@ async def run(reactor, args):
         await consumer.terminate()
         if not expected:
             raise SystemExit(f"consume: counts do not add up: {stats}")
-        print(
+        line = (
             f"consume transport={args.transport} n={args.n} rate={rate:.0f} msgs/s "
-            f"baseline={baseline:.0f} msgs/s",
-            flush=True,
+            f"baseline={baseline:.0f} msgs/s"
         )
         for queue in (baseline_queue, consumer_queue):
             await container.transport.delete_queue(queue)
+        if args.vs_sr3:
+            sr3_rate = await run_sr3(reactor, container, publisher, args, url)
+            line += f" sr3={sr3_rate:.0f} msgs/s"
+        print(line, flush=True)
     finally:
         await container.stop()
         shutil.rmtree(state, ignore_errors=True)
 
 
+SR3_CONFIG = "consume"
+SR3_QUEUE = f"q_guest.subscribe.{SR3_CONFIG}"
+
+
+def sr3_config(url, prefetch):
+    """An sr3 subscribe that takes the notices without downloading, with the ION consumer's
+    filters and duplicate suppression."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    lines = [
+        f"broker amqp://{parts.username}@{parts.hostname}:{parts.port}/",
+        f"exchange {EXCHANGE}",
+        # Order matters: subtopic binds with the queue name and prefix given before it.
+        f"queueName {SR3_QUEUE}",
+        "topicPrefix v03",
+        "subtopic #",
+        "instances 1",
+        "logLevel warning",
+        "download off",
+        "nodupe_ttl 300",
+        f"prefetch {prefetch}",
+    ]
+    lines += [f"{kind} {pattern}" for kind, pattern in FILTERS]
+    return "\n".join(lines) + "\n"
+
+
+async def run_sr3(reactor, container, publisher, args, url):
+    """sr3's rate on the same notices (see the module docstring)."""
+    from bench.pump import sr3_command
+
+    sr3 = sr3_command()
+    home = tempfile.mkdtemp(prefix="ion-bench-consume-sr3-")
+    config_dir = os.path.join(home, ".config", "sr3")
+    os.makedirs(os.path.join(config_dir, "subscribe"))
+    os.makedirs(os.path.join(home, ".cache", "sr3", "subscribe", SR3_CONFIG))
+    credentials = os.path.join(config_dir, "credentials.conf")
+    with open(credentials, "w") as f:
+        f.write(url + "\n")
+    os.chmod(credentials, 0o600)
+    with open(os.path.join(config_dir, "subscribe", f"{SR3_CONFIG}.conf"), "w") as f:
+        f.write(sr3_config(url, args.prefetch))
+    # sr3 finds its own instances by owner: USER must name the user we run as.
+    env = dict(os.environ, HOME=home, USER=pwd.getpwuid(os.getuid()).pw_name)
+    env.pop("VIRTUAL_ENV", None)
+    log = os.path.join(home, "sr3.out")
+
+    def sr3_run(word):
+        with open(log, "a") as out:
+            subprocess.run(
+                [sr3, word, f"subscribe/{SR3_CONFIG}"], env=env, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=subprocess.STDOUT, timeout=120,
+            )
+
+    transport = container.transport
+    try:
+        await transport.delete_queue(SR3_QUEUE)
+        await threads.deferToThread(sr3_run, "declare")
+        await fill(publisher, args.n)
+        if await transport.queue_depth(SR3_QUEUE) != args.n:
+            raise SystemExit(f"consume: sr3's queue was not filled; see {log}")
+        starting = threads.deferToThread(sr3_run, "start")
+        while await transport.queue_depth(SR3_QUEUE) == args.n:
+            await task.deferLater(reactor, 0.001, lambda: None)
+        start = time.perf_counter()
+        while await transport.queue_depth(SR3_QUEUE) > 0:
+            await task.deferLater(reactor, 0.001, lambda: None)
+        rate = args.n / (time.perf_counter() - start)
+        await starting
+        return rate
+    finally:
+        await threads.deferToThread(sr3_run, "stop")
+        await transport.delete_queue(SR3_QUEUE)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transport", choices=["memory", "amqp", "mqtt"], default="memory")
-    parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument(
+        "--broker",
+        help="the broker URL (mqtt: required; amqp: default a private RabbitMQ node)",
+    )
     parser.add_argument("-n", type=int, default=20000)
     parser.add_argument("--prefetch", type=int, default=100)
     parser.add_argument(
         "--profile", metavar="FILE", help="write a cProfile of the consumer's drain to FILE"
     )
+    parser.add_argument("--vs-sr3", action="store_true", help="amqp: sr3 on the same notices")
     args = parser.parse_args()
-    task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor, args)))
+    if args.vs_sr3 and args.transport != "amqp":
+        parser.error("--vs-sr3 needs --transport amqp")
+    if args.transport == "mqtt" and not args.broker:
+        parser.error("--transport mqtt needs --broker mqtt://...")
+    broker = None
+    if args.transport == "amqp" and not args.broker:
+        from tests.broker import PrivateBroker
+
+        broker = PrivateBroker()
+        broker.start()
+        args.broker = broker.url
+    try:
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor, args)))
+    finally:
+        if broker is not None:
+            broker.cleanup()
 
 
 if __name__ == "__main__":

@@ -20,10 +20,16 @@ both see the same share of whatever else loads the machine); the best rate of ea
 Prints one result line per measurement:
     messaging transport=memory test=oneway size=200 rate=... msgs/s
     messaging transport=amqp test=oneway size=200 ion=... pika=... ratio=0.xx msgs/s
+        cpu_us ion=... pika=... cpu_ratio=0.xx
+On amqp it also gives the CPU time each side took per message (one-way) or per call (rpc,
+both ends), the least of the repeats, and their ratio: on a machine others load too, the
+rates move with their load, the CPU per message much less. Each side is charged for its
+sending and receiving ends (both live in this process), not for the broker's work.
 """
 
 import argparse
 import os
+import resource
 import sys
 import time
 
@@ -292,6 +298,15 @@ class PikaRun:
             self._finish()
 
 
+def cpu_seconds():
+    """CPU time (user and system) of this process so far. Each side runs while the other
+    waits (pika in a thread while the reactor waits for it; ION on the reactor while no pika
+    connection is open), so the difference over a measurement is that side's alone: unlike
+    a rate, it hardly moves with the load other processes put on the machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def pika_measure(url, test, size, seconds, in_flight=1):
     """Run one baseline in a thread (the reactor only waits meanwhile); a Deferred of
     (count, elapsed seconds)."""
@@ -316,11 +331,12 @@ async def run(reactor, args, url):
             unit = "msgs/s" if test == "oneway" else "calls/s"
 
             async def ion():
+                before = cpu_seconds()
                 count, seconds = await measure(*measure_args, args.seconds)
-                return count / seconds
+                return count / seconds, (cpu_seconds() - before) / count
 
             if args.transport == "memory":
-                rate = max([await ion() for _ in range(args.repeat)])
+                rate = max([(await ion())[0] for _ in range(args.repeat)])
                 print(
                     f"messaging transport=memory test={test} size={size} rate={rate:.0f} {unit}",
                     flush=True,
@@ -330,19 +346,23 @@ async def run(reactor, args, url):
             kind = "oneway" if test == "oneway" else "rpc"
 
             async def pika():
+                before = cpu_seconds()
                 count, seconds = await pika_measure(url, kind, size, args.seconds, in_flight)
-                return count / seconds
+                return count / seconds, (cpu_seconds() - before) / count
 
             # ION, pika, pika, ION, ...: both see the same share of the machine's other load.
-            ion_rates, pika_rates = [], []
-            order = [(ion, ion_rates), (pika, pika_rates)]
+            ion_runs, pika_runs = [], []
+            order = [(ion, ion_runs), (pika, pika_runs)]
             for i in range(args.repeat):
-                for run_one, rates in order if i % 2 == 0 else order[::-1]:
-                    rates.append(await run_one())
-            ion_rate, pika_rate = max(ion_rates), max(pika_rates)
+                for run_one, runs in order if i % 2 == 0 else order[::-1]:
+                    runs.append(await run_one())
+            ion_rate, pika_rate = max(r for r, _ in ion_runs), max(r for r, _ in pika_runs)
+            ion_cpu, pika_cpu = min(c for _, c in ion_runs), min(c for _, c in pika_runs)
             print(
                 f"messaging transport=amqp test={test} size={size} ion={ion_rate:.0f} "
-                f"pika={pika_rate:.0f} ratio={ion_rate / pika_rate:.2f} {unit}",
+                f"pika={pika_rate:.0f} ratio={ion_rate / pika_rate:.2f} {unit} "
+                f"cpu_us ion={ion_cpu * 1e6:.0f} pika={pika_cpu * 1e6:.0f} "
+                f"cpu_ratio={ion_cpu / pika_cpu:.2f}",
                 flush=True,
             )
     finally:

@@ -679,7 +679,9 @@ class Consumer(AppliesFileOps, ServiceProcess):
         self.stats["bytes"] += size
         self.container.metrics.delivered.inc(self._labels)
         self.container.metrics.bytes.inc(self._labels, size)
-        self.log.info(
+        # A line per file at debug: at info it cost more than the broker's work per file, and
+        # the progress process sums the deliveries up at info every interval.
+        self.log.debug(
             "{name}: delivered {path} ({size} bytes)",
             name=self.label,
             path=path,

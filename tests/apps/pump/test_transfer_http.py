@@ -388,6 +388,38 @@ class HTTPConnectionsTests(TestCase):
         self.assertEqual(self.server.site.accepted, 3)
         self.assertNothingLeft()
 
+    async def test_idleConnectionsClosed(self):
+        """
+        A kept connection unused for C{idle_timeout} seconds is closed by us: a server that
+        never closes its side does not hold our sockets.
+        """
+        self.connections = transfer.HTTPConnections(reactor, per_host=2, idle_timeout=0.2)
+        self.addCleanup(self.connections.close)
+        await self.get(0)
+        self.assertEqual(len(self.server.site.connections), 1)
+        await until(
+            lambda: not self.server.site.connections, timeout=10, what="the idle connection closed"
+        )
+
+    async def test_keptAtMostPerHost(self):
+        """
+        Twelve GETs at once (no limiter: each opens a connection) leave at most C{per_host}
+        (here one, below Twisted's default of two) connections kept open to the server; the
+        others are closed once their response is in.
+        """
+        self.connections = transfer.HTTPConnections(reactor, per_host=1)
+        self.addCleanup(self.connections.close)
+        await gatherResults([self.get(n) for n in range(12)])
+        self.assertGreater(self.server.site.accepted, 1)
+        await until(
+            lambda: len(self.server.site.connections) <= 1,
+            timeout=10,
+            what="the connections past per_host closed",
+        )
+        await quiet()
+        self.assertLessEqual(len(self.server.site.connections), 1)
+        self.assertNothingLeft()
+
     async def test_close(self):
         """
         Closing the connections leaves none open.

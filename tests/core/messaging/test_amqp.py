@@ -21,6 +21,7 @@ from ion.core.messaging.amqp import (
     encode_table,
     load_spec,
 )
+from ion.core.messaging.amqp import _wire
 from ion.core.messaging.transport import (
     ConnectionLost,
     NotFound,
@@ -289,6 +290,79 @@ class SpecTests(unittest.SynchronousTestCase):
         for name in ("ack", "nack", "cancel", "deliver", "return"):
             self.assertFalse(basic.methods[name].response, name)
         self.assertTrue(spec.classes["confirm"].methods["select-ok"].response)
+
+
+class FrameFastPathTests(unittest.SynchronousTestCase):
+    """The per-message frames take short cuts (basic.publish, basic.deliver, basic.ack, kept
+    content properties); the bytes and values must be those of the general codec."""
+
+    def setUp(self):
+        self.spec = load_spec()
+        self.basic = self.spec.classes["basic"]
+
+    def test_publish_frame(self):
+        """basic.publish is encoded byte for byte as the general method encoder does, also
+        with non-ASCII names; a name over 255 bytes is a ValueError."""
+        publish = self.basic.methods["publish"]
+        for channel, exchange, key, mandatory in (
+            (1, "ion.bench", "host_1.2", True),
+            (7, "", "q_bench.consumer", False),
+            (2047, "xr_é", "v03.données.#", True),
+        ):
+            self.assertEqual(
+                _wire._publish_frame(channel, exchange, key, mandatory),
+                _wire._method_frame(channel, publish, (0, exchange, key, mandatory, False)),
+            )
+        self.assertRaises(ValueError, _wire._publish_frame, 1, "x", "é" * 128, True)
+
+    def test_deliver_and_ack_arguments(self):
+        """basic.deliver and basic.ack decode to the values of the general decoder, a routing
+        key that is not UTF-8 included (kept as bytes)."""
+        for method, args in (
+            ("deliver", ("ion.abc", 2**63 + 5, True, "xpublic", "v03.a.b")),
+            ("deliver", ("", 1, False, "", b"v03.\xff")),
+            ("ack", (12345, True)),
+            ("ack", (1, False)),
+        ):
+            spec_method = self.basic.methods[method]
+            kinds = _wire._field_types(spec_method)
+            payload = _wire._encode_fields(kinds, args)
+            fast = {"deliver": _wire._decode_deliver, "ack": _wire._decode_ack}[method]
+            self.assertEqual(fast(payload, 0), _wire._decode_fields(kinds, payload, 0))
+
+    def test_kept_properties(self):
+        """Content properties seen before encode to the same bytes and decode to equal, fresh
+        dicts (a receiver changing one changes no other message); those with headers are
+        decoded each time."""
+        plain = {"user-id": "guest", "delivery-mode": 2, "content-type": "application/json"}
+        with_headers = dict(plain, headers={"report_id": "abc"})
+        for properties in (plain, with_headers, plain):
+            encoded = _wire._encode_properties_kept(self.basic, properties)
+            self.assertEqual(encoded, _wire._encode_properties(self.basic, properties))
+            data = b"\0\0" + encoded + b"tail"
+            first, end = _wire._decode_properties_kept(self.basic, data, 2, 2 + len(encoded))
+            self.assertEqual(end, 2 + len(encoded))
+            self.assertEqual(first, properties)
+            first["user-id"] = "someone else"
+            if "headers" in first:
+                first["headers"]["report_id"] = "changed"
+            second, _ = _wire._decode_properties_kept(self.basic, data, 2, 2 + len(encoded))
+            self.assertEqual(second, properties)
+
+    def test_kept_properties_truncated(self):
+        """Properties cut short end past the frame (which the protocol refuses), as with the
+        general decoder, also when the whole of them was decoded before; a cut in the flags
+        raises."""
+        plain = {"user-id": "guest", "delivery-mode": 1}
+        encoded = _wire._encode_properties_kept(self.basic, plain)
+        _wire._decode_properties_kept(self.basic, encoded, 0, len(encoded))
+        cut = len(encoded) - 3
+        for _ in range(2):
+            _, end = _wire._decode_properties_kept(self.basic, encoded, 0, cut)
+            self.assertGreater(end, cut)
+            self.assertEqual(end, _wire._decode_properties(self.basic, encoded[:cut], 0)[1])
+        with self.assertRaises(struct.error):
+            _wire._decode_properties_kept(self.basic, encoded, 0, 1)
 
 
 class BrokerTestCase(unittest.TestCase):

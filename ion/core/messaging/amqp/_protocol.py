@@ -13,8 +13,10 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
 
 from ion.core.messaging.amqp._wire import (
+    _ACK_ID,
     _BODY_FRAME,
     _CONTENT_HEADER,
+    _DELIVER_ID,
     _FRAME,
     _FRAME_END_OCTET,
     _HEADER_FRAME,
@@ -24,13 +26,16 @@ from ion.core.messaging.amqp._wire import (
     _PROTOCOL_HEADER,
     FieldTableError,
     _content_frames,
+    _decode_ack,
+    _decode_deliver,
     _decode_fields,
-    _decode_properties,
+    _decode_properties_kept,
     _field_names,
     _field_types,
     _frame,
     _method_frame,
     _ProtocolError,
+    _publish_frame,
 )
 from ion.core.messaging.tls import describe_failure
 from ion.core.messaging.transport import ConnectionLost, NotFound, QueueInUse, TransportError
@@ -186,9 +191,9 @@ class _Protocol(Protocol):
     def send_publish(self, channel, exchange, routing_key, mandatory, properties, body):
         """basic.publish with its content, in one write. Raises (before writing anything)
         when a field cannot be encoded."""
-        data = _method_frame(
-            channel, self._basic_publish, (0, exchange, routing_key, mandatory, False)
-        ) + _content_frames(channel, self._basic, properties, body, self.frame_max - 8)
+        data = _publish_frame(channel, exchange, routing_key, mandatory) + _content_frames(
+            channel, self._basic, properties, body, self.frame_max - 8
+        )
         self.transport.write(data)
 
     def send_ack(self, channel, tag, multiple):
@@ -232,7 +237,13 @@ class _Protocol(Protocol):
             method = self._methods.get(method_id)
             if method is None:
                 raise _ProtocolError(f"unknown method {method_id >> 16}.{method_id & 0xFFFF}")
-            args, pos = _decode_fields(_field_types(method), data, start + 4)
+            # The methods that come with every message, decoded without the general loop.
+            if method_id == _DELIVER_ID:
+                args, pos = _decode_deliver(data, start + 4)
+            elif method_id == _ACK_ID:
+                args, pos = _decode_ack(data, start + 4)
+            else:
+                args, pos = _decode_fields(_field_types(method), data, start + 4)
             if pos > end:
                 raise _ProtocolError(f"truncated {method.klass.name}.{method.name}")
             if channel in self._incoming:
@@ -253,10 +264,10 @@ class _Protocol(Protocol):
             # broker: what we cannot read fails that message only. The frame's length, not
             # its properties, says where the next frame starts, so the stream stays in step.
             try:
-                incoming.properties, pos = _decode_properties(
-                    klass, data[start:end], _CONTENT_HEADER.size
+                incoming.properties, pos = _decode_properties_kept(
+                    klass, data, start + _CONTENT_HEADER.size, end
                 )
-                if pos > end - start:
+                if pos > end:
                     raise FieldTableError("the properties run past the end of the frame")
             except (FieldTableError, ValueError, IndexError, struct.error) as e:
                 incoming.properties = {}
