@@ -27,6 +27,7 @@ from ion.core.messaging.transport import (
     TransportError,
     body_bytes,
     check_exchange,
+    check_queue_arguments,
 )
 
 log = Logger()
@@ -159,7 +160,7 @@ class AmqpTransport:
         # until it is lost.
         self._session = None
         self._exchanges = {}  # name -> (type, durable, auto_delete)
-        self._queues = {}  # name -> (durable, exclusive, auto_delete, server-named)
+        self._queues = {}  # name -> (durable, exclusive, auto_delete, server-named, arguments)
         self._bindings = {}  # (queue, exchange, routing key) -> None
         self._consumers = {}  # _Consumer -> None
         self._loss_listeners = []
@@ -288,14 +289,17 @@ class AmqpTransport:
             step = self._declare_exchange_on(session, name, type, durable, auto_delete)
             if not await self._redo(session, step, "exchange", name):
                 self._exchanges.pop(name, None)
-        for name, (durable, exclusive, auto_delete, generated) in list(self._queues.items()):
+        for name, declared in list(self._queues.items()):
+            durable, exclusive, auto_delete, generated, arguments = declared
             if generated:
                 log.warn(
                     "AMQP: server-named queue {name!r} does not survive the reconnect", name=name
                 )
                 self._drop_queue(name)
                 continue
-            step = self._declare_queue_on(session, name, durable, exclusive, auto_delete)
+            step = self._declare_queue_on(
+                session, name, durable, exclusive, auto_delete, arguments
+            )
             if not await self._redo(session, step, "queue", name):
                 self._drop_queue(name)
         for queue, exchange, key in list(self._bindings):
@@ -383,7 +387,7 @@ class AmqpTransport:
                 [defer.Deferred.fromCoroutine(c._close_channel()) for c in consumers],
                 consumeErrors=True,
             )
-            for name, (_, exclusive, _, _) in list(self._queues.items()):
+            for name, (_, exclusive, _, _, _) in list(self._queues.items()):
                 if exclusive:
                     with contextlib.suppress(TransportError):
                         await session.control_call("queue_delete", queue=name)
@@ -402,13 +406,14 @@ class AmqpTransport:
         )
         session.publisher.known_exchanges.add(name)
 
-    async def _declare_queue_on(self, session, name, durable, exclusive, auto_delete):
+    async def _declare_queue_on(self, session, name, durable, exclusive, auto_delete, arguments):
         result = await session.control_call(
             "queue_declare",
             queue=name,
             durable=durable,
             exclusive=exclusive,
             auto_delete=auto_delete,
+            arguments=arguments,
         )
         return result.queue
 
@@ -430,11 +435,16 @@ class AmqpTransport:
             del self._bindings[binding]
 
     @_as_deferred
-    async def declare_queue(self, name="", durable=False, exclusive=False, auto_delete=False):
+    async def declare_queue(
+        self, name="", durable=False, exclusive=False, auto_delete=False, arguments=None
+    ):
         session = self._live_session()
         _shortstr(name, "queue name")
-        declared = await self._declare_queue_on(session, name, durable, exclusive, auto_delete)
-        self._queues[declared] = (durable, exclusive, auto_delete, not name)
+        arguments = check_queue_arguments(name, durable, exclusive, auto_delete, arguments)
+        declared = await self._declare_queue_on(
+            session, name, durable, exclusive, auto_delete, arguments
+        )
+        self._queues[declared] = (durable, exclusive, auto_delete, not name, arguments)
         return declared
 
     @_as_deferred
