@@ -251,6 +251,10 @@ SCHEMA = {
             "max_map_len", "max_objects",
         )},
         "prefetch": _positive_int(),
+        "queue_type": Setting(
+            "'auto', 'classic' or 'quorum'", lambda v: v in ("auto", "classic", "quorum")
+        ),
+        "delivery_limit": _positive_int(),
         "memory_run_record": _text(optional=True),
         "trace": _BOOL,
     },
