@@ -240,7 +240,11 @@ _BOOL = Setting("True or False", lambda v: isinstance(v, bool))
 #: shipped apps (set in their .app files). Other keys and modules are the user's own.
 SCHEMA = {
     "ion.core.messaging": {
-        "broker": _text(),
+        "broker": Setting(
+            "a broker URL, or a list of them",
+            lambda v: (isinstance(v, str) and v != "")
+            or (isinstance(v, list) and v and all(isinstance(u, str) and u for u in v)),
+        ),
         "broker_ca": _text(optional=True),
         "broker_cert": _text(optional=True),
         "broker_key": _text(optional=True),
