@@ -450,7 +450,19 @@ class Process:
             await self._failed(Failure(), delivery, sub)
 
     async def _failed(self, failure, delivery, sub):
-        """The failure policy of subscriptions: requeue once, then dead-letter."""
+        """The failure policy of subscriptions: requeue until the delivery limit, then
+        dead-letter. A lost broker connection says nothing about the message: it is given
+        back (a no-op when it was the subscription's connection that went) and not counted."""
+        if failure.check(ConnectionLost) and not delivery.settled and sub.consumer is not None:
+            self.log.warn(
+                "{proc!r}: message {key!r} from {queue} not finished ({error}); requeued",
+                proc=self,
+                key=delivery.routing_key,
+                queue=sub.queue,
+                error=redact(failure.getErrorMessage()),
+            )
+            delivery.nack(requeue=True)
+            return
         if delivery.settled:
             outcome = "it was settled already"
         elif sub.consumer is None:

@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from ion.core.cc.testing import make_container, test_config
 from ion.core.messaging.memory import MemoryBroker
-from ion.core.process import Process
+from ion.core.process import ConnectionLost, Process
 from tests.broker import get_broker
 from tests.waiting import until
 
@@ -236,6 +236,27 @@ class SubscribeScenarios:
         self.assertIn("1 ops or messages still in hand after 3 s", lines[0])
         self.assertEqual(await self.c.transport.queue_depth(self.queue), 1)
 
+
+    async def test_lost_connection_is_not_the_message_fault(self):
+        """A handler failing because a broker connection was lost (its report could not be
+        published) gets the message back however often that happens: it is not dead-lettered
+        as a poison message."""
+        proc = await self.start()
+        calls = []
+
+        def handle(delivery):
+            calls.append(delivery.redelivered)
+            if len(calls) < 4:
+                raise ConnectionLost("connection lost before the broker confirmed the publish")
+            delivery.ack()
+
+        proc.handle = handle
+        await self.post(proc, "a.b", b"fine")
+        await until_true(lambda: len(calls) == 4)
+        self.assertEqual(calls, [False, True, True, True])
+        await proc.terminate()
+        self.assertEqual(proc.dead, [])
+        self.assertEqual(self.flushLoggedErrors(ConnectionLost), [])
 
     # -- quorum queues: a delivery limit --------------------------------------------------------
 
