@@ -65,11 +65,11 @@ def queue_counts(node):
 def connected_node(brokers, user):
     """The node of a cluster holding `user`'s connections (the pump's)."""
     node = brokers.running_node()
-    out = node.ctl("list_connections", "--no-table-headers", "user", "node", timeout=60)
-    nodes = {fields[1] for fields in map(str.split, out.splitlines())
-             if len(fields) == 2 and fields[0] == user}
+    out = node.ctl("list_connections", "--no-table-headers", "user", "port", timeout=60)
+    ports = {fields[1] for fields in map(str.split, out.splitlines())
+             if len(fields) == 2 and fields[0] == user}  # port: the node's AMQP port
     for candidate in brokers.nodes:
-        if candidate.nodename in nodes:
+        if str(candidate.port) in ports:
             return candidate
     return None
 
