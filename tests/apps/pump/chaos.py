@@ -78,7 +78,7 @@ class ChaosFlow:
     """One pump flow of `count` files on `brokers` (a PrivateBroker or a PrivateCluster);
     `testcase` gives `mktemp` and `addCleanup` (trial's, or the bench's stand-in)."""
 
-    def __init__(self, testcase, brokers, count, seed, tag, before_start=0.6):
+    def __init__(self, testcase, brokers, count, seed, tag, before_start=0.6, dup_ttl=None):
         self.testcase = testcase
         self.brokers = brokers
         self.cluster = isinstance(brokers, PrivateCluster)
@@ -103,7 +103,7 @@ class ChaosFlow:
             pass
         os.chmod(credentials, 0o600)
         self.app_path = write_app(
-            os.path.join(self.base, "chaos.app"), tag, self.dest, credentials
+            os.path.join(self.base, "chaos.app"), tag, self.dest, credentials, dup_ttl
         )
         self.consumer_queue = f"q_{tag}.{tag}.consumer.sub"
         self.queues = [
