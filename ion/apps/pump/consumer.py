@@ -46,9 +46,10 @@ message in the broker or its outcome on disk:
   - transient failure: retry entry fsynced -> ack (the retry queue owns the work from then on);
   - permanent failure and 4xx outcomes: report confirmed -> ack.
 
-A message whose handling fails (a bug, or the broker went away while reporting) is handed
-back once; failing again, it goes to the queue C{<queue>.dead} and its source gets a 500 report
-(L{ion.core.process.Process.subscribe}).
+A message whose handling fails (a bug, a poison message) is handed back once (on a quorum
+queue, C{queue_type}: until returned C{delivery_limit} times); failing again, it goes to the
+queue C{<queue>.dead} and its source gets a 500 report (L{ion.core.process.Process.subscribe}).
+A failure because the broker connection went is not counted: the message comes back.
 
 A crash after the report but before the ack redelivers the message; the duplicate cache then
 says it was delivered and it is acked without a second report. A crash between the report and
