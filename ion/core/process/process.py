@@ -376,8 +376,8 @@ class Process:
         settling its message gets it back (requeued, C{redelivered} set) until it was returned
         C{delivery_limit} times (on a classic queue, which only tells whether a message was
         delivered before: once); when it fails then too, the message is published, confirmed,
-        to the queue C{<queue>.dead} (declared then, durable like C{queue}; through the default exchange)
-        with the headers C{dead-reason}, C{dead-exchange} and C{dead-routing-key}, then
+        to the queue C{<queue>.dead} (declared then, durable like C{queue}; through the
+        default exchange) with the headers C{dead-reason}, C{dead-exchange} and C{dead-routing-key}, then
         C{on_dead_letter(delivery, reason)} runs, then the message is acked. On terminate no
         new message is taken (those arriving go back to the queue), those in hand get
         C{stop_timeout()} seconds, then the subscription ends.
