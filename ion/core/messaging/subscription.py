@@ -145,5 +145,7 @@ async def dead_letter(
         headers=headers,
         timestamp=props.timestamp,
     )
-    await transport.declare_queue(dead, durable=durable, exclusive=exclusive, arguments=arguments)
+    await transport.declare_queue(
+        dead, durable=durable, exclusive=exclusive, arguments=arguments
+    )
     await transport.publish("", dead, delivery.body, properties, mandatory=True)
