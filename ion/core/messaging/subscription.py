@@ -124,9 +124,10 @@ async def dead_letter(
     transport, delivery, queue, reason, durable=True, exclusive=False, arguments=None
 ):
     """Publish a copy of C{delivery} (taken from C{queue}) to the queue C{<queue>.dead}, declared
-    first (C{durable}, C{exclusive}, C{arguments}), through the default exchange, with its headers plus
-    DEAD_REASON, DEAD_EXCHANGE and DEAD_ROUTING_KEY; fires once the broker confirmed it. The
-    same on every transport (RabbitMQ's own dead-lettering has no counterpart in memory://).
+    first (C{durable}, C{exclusive}, C{arguments}), through the default exchange, with its
+    headers (less C{x-delivery-count}) plus DEAD_REASON, DEAD_EXCHANGE and DEAD_ROUTING_KEY;
+    fires once the broker confirmed it. The same on every transport, and with a report: the
+    queue's own dead-lettering (quorum queues) is for a process that dies holding a message.
     Settling C{delivery} is the caller's."""
     dead = f"{queue}.dead"
     props = delivery.properties
