@@ -79,7 +79,7 @@ class _Subscription:
     durable: bool
     exclusive: bool
     delivery_limit: int = 1
-    dead_arguments: dict = attr.Factory(dict)
+    dead_arguments: object = None  # of <queue>.dead (None: none)
     consumer: object = None
 
 
