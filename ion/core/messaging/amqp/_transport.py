@@ -267,7 +267,9 @@ class AmqpTransport:
 
     def connect(self):
         """Connect, authenticate and open the channels. Fires with this transport; fails
-        (and gives up) if the first attempt fails; called again then, it tries once more.
+        (and gives up) if the first attempt fails (given several brokers: after as many
+        attempts, so that each may refuse the handshake once); called again then, it tries
+        once more.
         Later losses are repaired on their own."""
         if self._service is not None and not self._may_retry:
             return self.whenConnected()
@@ -287,7 +289,8 @@ class AmqpTransport:
             ),
         )
         self._service.startService()
-        self._connected = self._service.whenConnected(failAfterFailures=1)
+        # With several brokers, each may refuse the handshake once before connect() fails.
+        self._connected = self._service.whenConnected(failAfterFailures=len(self.addresses))
         self._connected.addCallbacks(lambda _: self, self._first_attempt_failed)
         return self._connected
 
