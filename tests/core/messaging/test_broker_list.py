@@ -6,6 +6,7 @@ import os
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols import portforward
 from twisted.trial import unittest
 
@@ -77,6 +78,11 @@ class BrokerListTests(OptionParsing, unittest.SynchronousTestCase):
         line = self.bad("--broker", "amqp://guest:sekrit@h1/", "--broker", "memory://")
         self.assertIn("all amqp:// or all amqps://", line)
         self.assertNotIn("sekrit", line)
+
+
+class _HangUp(Protocol):
+    def connectionMade(self):
+        self.transport.loseConnection()
 
 
 class _Forwarder(portforward.ProxyFactory):
@@ -154,6 +160,23 @@ class BrokerListFailoverTests(unittest.TestCase):
         fresh = [d.body for d in inbox.deliveries if not d.redelivered]
         self.assertEqual(fresh, [b"one", b"two"])
         self.assertEqual(set(inbox.bodies), {b"one", b"two"})
+
+    async def test_first_refuses_the_handshake(self):
+        """A first broker that takes the TCP connection and then drops it (a node still
+        booting) does not fail the connect: the next broker of the list is tried."""
+        closer = Factory.forProtocol(_HangUp)
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(closer)
+        self.addCleanup(port.stopListening)
+        second = _Forwarder(_free_port(), self.broker)
+        await second.start()
+        self.addCleanup(second.stop)
+        t = AmqpTransport(
+            f"amqp://alice:alice@127.0.0.1:{port.getHost().port}/,{second.url()}", reactor,
+            retry_policy=lambda attempt: 0.1,
+        )
+        await t.connect()
+        self.addCleanup(t.close)
+        self.assertEqual(t.address.port, second.listen_port)
 
     async def test_none_answers(self):
         """When no broker of the list answers, the first connect fails naming each one."""
