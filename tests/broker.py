@@ -124,7 +124,9 @@ class PrivateBroker:
     # certificate `client_cert_file` / `client_key_file` (CN tess, signed by `ca_file`).
     cert_user = "tess"
 
-    def __init__(self, server=None, nodename=None, client_certificates=False):
+    def __init__(
+        self, server=None, nodename=None, client_certificates=False, cookie=None, port_offset=None
+    ):
         """With `client_certificates`, the TLS listener asks every client for a certificate
         signed by `ca_file` (verify_peer, fail_if_no_peer_cert) and offers EXTERNAL login (the
         rabbitmq_auth_mechanism_ssl plugin, user from the certificate's CN); else it takes any
@@ -138,7 +140,10 @@ class PrivateBroker:
         # The second node of a process looks for ports half the range away, so that it never
         # takes those of a parallel worker's node that has not started listening yet.
         offset = _PORT_SLOTS // 2 if client_certificates else 0
+        if port_offset is not None:
+            offset = port_offset
         self.port, self.dist_port, self.tls_port = _free_ports(3, offset)
+        self.cookie = cookie or secrets.token_hex(20).upper()
         self.base = tempfile.mkdtemp(prefix="ion-rabbitmq-")
         self.process = None
         self.start_seconds = None
@@ -209,7 +214,7 @@ class PrivateBroker:
             os.makedirs(os.path.join(self.base, d), exist_ok=True)
         cookie = os.path.join(home, ".erlang.cookie")
         with open(cookie, "w") as f:
-            f.write(secrets.token_hex(20).upper())
+            f.write(self.cookie)
         os.chmod(cookie, 0o400)
         plugins = "rabbitmq_auth_mechanism_ssl" if self.client_certificates else ""
         with open(os.path.join(self.base, "enabled_plugins"), "w") as f:
@@ -412,6 +417,21 @@ class PrivateBroker:
     def resume(self):
         """Let a paused node run again (SIGCONT)."""
         self._signal(signal.SIGCONT)
+
+    def ctl(self, *args, timeout=120):
+        """Run the real `rabbitmqctl` (next to the server script) against this node; returns
+        its output, BrokerError with it when it fails."""
+        ctl = os.path.join(os.path.dirname(self.server), "rabbitmqctl")
+        out = subprocess.run(
+            [ctl, "-n", self.nodename, "-q", *args],
+            env=self._environment(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if out.returncode != 0:
+            raise BrokerError(f"rabbitmqctl {' '.join(args)} on {self.nodename}: {out.stderr}")
+        return out.stdout
 
     def cleanup(self):
         """Stop the node and remove its directory."""
@@ -660,8 +680,88 @@ def _read_method(s):
     return struct.unpack("!HH", payload[:4]), payload[4:]
 
 
+class PrivateCluster:
+    """`size` private nodes on this machine joined into one RabbitMQ cluster (one Erlang
+    cookie; `rabbitmqctl join_cluster` to the first), each with its own node name, ports and
+    data, so a test may kill -9 one node and start it again (it rejoins by itself). `url` lists
+    every node's AMQP URL, for a container given the whole cluster."""
+
+    def __init__(self, size=3):
+        cookie = secrets.token_hex(20).upper()
+        pid = os.getpid()
+        # Slots a quarter of the range away from the single node's, spread so that the
+        # clusters of parallel workers do not pick the same ports before they listen.
+        self.nodes = [
+            PrivateBroker(
+                nodename=f"iontest-{pid}-c{i}@localhost",
+                cookie=cookie,
+                port_offset=_PORT_SLOTS // 4 + 97 * i,
+            )
+            for i in range(size)
+        ]
+        self.start_seconds = None
+
+    def __repr__(self):
+        return f"<PrivateCluster {', '.join(n.nodename for n in self.nodes)}>"
+
+    @property
+    def url(self):
+        return ",".join(node.url for node in self.nodes)
+
+    def url_for(self, user):
+        return ",".join(node.url_for(user) for node in self.nodes)
+
+    def start(self):
+        """Start every node (at once), then join the others to the first."""
+        import concurrent.futures
+
+        began = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(lambda node: node.start(), self.nodes))
+        first = self.nodes[0].nodename
+        for node in self.nodes[1:]:
+            node.ctl("stop_app")
+            node.ctl("join_cluster", first)
+            node.ctl("start_app")
+            deadline = time.monotonic() + START_TIMEOUT
+            while not amqp_ready(node.host, node.port, node.user, node.password):
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"{node!r} not ready after joining {first}")
+                time.sleep(0.1)
+        self.start_seconds = time.monotonic() - began
+
+    def running_node(self):
+        """A node that runs (to ask with rabbitmqctl)."""
+        for node in self.nodes:
+            if node.running:
+                return node
+        raise BrokerError(f"no node of {self!r} runs")
+
+    def cleanup(self):
+        for node in self.nodes:
+            node.cleanup()
+
+
 _shared = None
 _certs = None
+_cluster = None
+
+
+def get_cluster():
+    """A 3-node cluster of private nodes shared like `get_broker()`'s node, started on first
+    use (some 20-30 s), so only the tests that need it pay for it. Tests that kill a node
+    must start it again."""
+    global _cluster
+    skip_or_fail_without_rabbitmq()
+    if _cluster is None:
+        cluster = PrivateCluster()
+        atexit.register(cluster.cleanup)
+        cluster.start()
+        _cluster = cluster
+    for node in _cluster.nodes:
+        if not node.running:
+            node.start()
+    return _cluster
 
 
 def get_cert_broker():

@@ -240,7 +240,11 @@ _BOOL = Setting("True or False", lambda v: isinstance(v, bool))
 #: shipped apps (set in their .app files). Other keys and modules are the user's own.
 SCHEMA = {
     "ion.core.messaging": {
-        "broker": _text(),
+        "broker": Setting(
+            "a broker URL, or a list of them",
+            lambda v: (isinstance(v, str) and v != "")
+            or (isinstance(v, list) and v and all(isinstance(u, str) and u for u in v)),
+        ),
         "broker_ca": _text(optional=True),
         "broker_cert": _text(optional=True),
         "broker_key": _text(optional=True),
@@ -251,6 +255,10 @@ SCHEMA = {
             "max_map_len", "max_objects",
         )},
         "prefetch": _positive_int(),
+        "queue_type": Setting(
+            "'auto', 'classic' or 'quorum'", lambda v: v in ("auto", "classic", "quorum")
+        ),
+        "delivery_limit": _positive_int(),
         "memory_run_record": _text(optional=True),
         "trace": _BOOL,
     },

@@ -326,6 +326,7 @@ def _check_broker(instance, attribute, value):
 
 BROKER = attrs.field(default=None, validator=_check_broker)
 QUEUE = attrs.field(default=None, validator=_check(_is_name, "a queue name", optional=True))
+OPTIONAL_COUNT_FIELD = attrs.field(default=None, validator=OPTIONAL_COUNT)
 
 
 def _check_sources(instance, attribute, value):
@@ -373,6 +374,13 @@ class ConsumerArgs(_Named):
     events = attrs.field(default=WATCH_EVENTS, validator=_check_events)
     parallel = attrs.field(default=8, validator=COUNT)
     prefetch = attrs.field(default=100, validator=COUNT)
+    queue_type = attrs.field(
+        default=None,
+        validator=_check(
+            lambda v: v in ("auto", "classic", "quorum"), "'auto', 'classic' or 'quorum'", True
+        ),
+    )
+    delivery_limit = OPTIONAL_COUNT_FIELD
     user = attrs.field(default=None, validator=OPTIONAL_USER)
     state_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
     discard = attrs.field(default=False, converter=bool)
@@ -437,7 +445,8 @@ SENDER_SCHEMES = ("file", "sftp", "ftp", "http", "https")
 # A consumer's arguments that a sender takes as they are.
 _SENDER_SHARED = (
     "name", "broker", "queue", "exchange", "topics", "filters", "accept", "reject",
-    "accept_unmatched", "mirror", "strip", "parallel", "prefetch", "user", "state_dir", "retry_initial", "retry_max",
+    "accept_unmatched", "mirror", "strip", "parallel", "prefetch", "queue_type", "delivery_limit",
+    "user", "state_dir", "retry_initial", "retry_max",
     "retry_horizon", "retry_jitter", "dup_ttl", "transfer_timeout", "max_size", "min_rate",
     "transfer", "sources", "max_notice_bytes", "report_exchange", "stop_grace", "instances",
     "shared_dir", "byte_rate_max", "dead_time", "retry_burst", "retry_burst_gap", "retry_pause",

@@ -53,9 +53,10 @@ message in the broker or its outcome on disk:
   - transient failure: retry entry fsynced -> ack (the retry queue owns the work from then on);
   - permanent failure and 4xx outcomes: report confirmed -> ack.
 
-A message whose handling fails (a bug, or the broker went away while reporting) is handed
-back once; failing again, it goes to the queue C{<queue>.dead} and its source gets a 500 report
-(L{ion.core.process.Process.subscribe}).
+A message whose handling fails (a bug, a poison message) is handed back once (on a quorum
+queue, C{queue_type}: until returned C{delivery_limit} times); failing again, it goes to the
+queue C{<queue>.dead} and its source gets a 500 report (L{ion.core.process.Process.subscribe}).
+A failure because the broker connection went is not counted: the message comes back.
 
 A crash after the report but before the ack redelivers the message; the duplicate cache then
 says it was delivered and it is acked without a second report. A crash between the report and
@@ -107,7 +108,13 @@ from ion.apps.pump.transfer.policy import UrlPolicy, normalize
 from ion.apps.pump.transfer.worker import Transfers
 from ion.apps.pump.user import own_prefix, pump_user
 from ion.core.log import redact
-from ion.core.process import ConnectionLost, EnvironmentFailure, ServiceProcess, TransportError
+from ion.core.process import (
+    ConnectionLost,
+    EnvironmentFailure,
+    ServiceProcess,
+    TransportError,
+    returns_of,
+)
 
 # Fields copied into the report of an oversized message (the rest could be what is too big).
 _OVERSIZE_KEEP = ("pubTime", "baseUrl", "relPath", "retrievePath", "source", "size", "mtime")
@@ -279,6 +286,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
             queue=self.queue,
             durable=True,
             prefetch=self.settings["prefetch"],
+            queue_type=self.settings["queue_type"],
+            delivery_limit=self.settings["delivery_limit"],
             transport=self.broker,
             exchange_type=None if self.broker else "topic",
         )
@@ -417,15 +426,16 @@ class Consumer(AppliesFileOps, ServiceProcess):
         delivery.ack()
 
     async def on_dead_letter(self, delivery, reason):
-        """A message that failed twice (a bug, or the broker went away while reporting): its
-        source gets a 500 report when the message was a notice naming one."""
+        """A message that failed on every delivery (a bug, or the broker went away while
+        reporting): its source gets a 500 report when the message was a notice naming one."""
         try:
             notice = Notice.from_json(delivery.body, max_bytes=self.settings["max_notice_bytes"])
             notice.validate()
         except InvalidNotice:
             return
         if isinstance(notice.source, str) and notice.source:
-            message = f"failed twice, moved to {self.queue}.dead: {reason}"
+            times = returns_of(delivery) + 1
+            message = f"failed {times} times, moved to {self.queue}.dead: {reason}"
             await self._fail(notice, dup_key(notice), 500, message, delivery.routing_key)
 
     def _on_delivery(self, delivery):

@@ -91,7 +91,9 @@ def _positive_seconds(text):
 
 def build_parser():
     common = _Parser(add_help=False)
-    common.add_argument("--broker", help="broker URL (default: config ion.core.messaging broker)")
+    common.add_argument("--broker", action="append",
+                        help="broker URL (default: config ion.core.messaging broker); several "
+                        "(a cluster's nodes, tried in turn): comma-separated or repeated")
     common.add_argument(
         "--credentials",
         help="credentials file giving the password of a broker URL with a user and none "
@@ -186,7 +188,10 @@ def broker_url(args, config):
     file when it names a user and no password. CredentialsError when the file is unusable."""
     from ion.core.cc.tap import broker_url_with_password
 
-    url = args.broker or config.get("ion.core.messaging", "broker", "memory://")
+    url = ",".join(args.broker) if args.broker else None
+    url = url or config.get("ion.core.messaging", "broker", "memory://")
+    if isinstance(url, list):
+        url = ",".join(url)
     certificate = args.broker_cert or config.get("ion.core.messaging", "broker_cert", None)
     return broker_url_with_password(url, args.credentials, default_credentials, bool(certificate))
 

@@ -32,11 +32,23 @@ def default_container_id():
 
 def check_broker_url(url):
     """The URL's scheme (C{memory}, C{amqp} or C{amqps}); ValueError (never quoting a password)
-    when C{url} cannot name a broker. No connection is made."""
+    when C{url} cannot name a broker. C{url} may list several amqp[s]:// brokers, tried in
+    turn (see L{ion.core.messaging.amqp.split_urls}). No connection is made."""
+    from ion.core.messaging.amqp import AmqpAddress, split_urls
+
+    urls = split_urls(url)
+    schemes = {one.split(":", 1)[0].lower() for one in urls}
+    if len(urls) > 1:
+        if not schemes <= {"amqp", "amqps"} or len(schemes) > 1:
+            raise ValueError(
+                "a list of brokers must be all amqp:// or all amqps:// URLs (memory:// is one "
+                "in-process broker)"
+            )
+        for one in urls:
+            AmqpAddress.parse(one)
+        return schemes.pop()
     scheme = url.split(":", 1)[0].lower()
     if scheme in ("amqp", "amqps"):
-        from ion.core.messaging.amqp import AmqpAddress
-
         AmqpAddress.parse(url)
     elif scheme != "memory":
         raise ValueError(

@@ -114,7 +114,6 @@ class Options(usage.Options):
     )
     optFlags = [["no-shell", None, "Do not open the interactive shell."]]
     optParameters = [
-        ["broker", None, None, "Broker URL: memory:// (default, in-process), amqp://user@host:port/vhost, amqps://..."],
         ["broker-host", None, None, "Broker host (amqp)."],
         ["broker-port", None, None, "Broker port (amqp).", int],
         ["broker-vhost", None, None, "Broker virtual host (amqp)."],
@@ -141,6 +140,7 @@ class Options(usage.Options):
 
     def __init__(self):
         super().__init__()
+        self["broker"] = None
         self["defines"] = []
         self["files"] = []
         self["container_args"] = {}
@@ -149,6 +149,13 @@ class Options(usage.Options):
         """Print the ION version and exit."""
         print(f"ION {ion.__version__}")
         sys.exit(0)
+
+    def opt_broker(self, url):
+        """Broker URL: memory:// (default, in-process), amqp://user@host:port/vhost,
+        amqps://...; several amqp[s] brokers (the nodes of a cluster), tried in turn on
+        connect and reconnect: comma-separated, amqp://user@host1,host2:5673/vhost, or
+        --broker repeated."""
+        self["broker"] = f"{self['broker']},{url}" if self["broker"] else url
 
     def opt_define(self, text):
         """Override config: module:key=value (repeatable)."""
@@ -244,9 +251,14 @@ class Options(usage.Options):
 
     def _broker_url(self, config):
         url = self["broker"] or config.get("ion.core.messaging", "broker", "memory://")
+        if isinstance(url, list):
+            url = ",".join(url)
         if not (self["broker-host"] or self["broker-port"] or self["broker-user"] or self["broker-vhost"]):
             return url
         check_broker_url(url)  # the parts below are then safe to take
+        if len(_split_urls(url)) > 1:
+            raise ValueError("--broker-host, --broker-port, --broker-user and --broker-vhost "
+                             "change one broker URL: write each broker's URL in --broker")
         base = urlsplit(url if url.startswith("amqp") else "amqp://guest@localhost:5672/")
         host = self["broker-host"] or base.hostname or "localhost"
         port = self["broker-port"] or base.port or (5671 if base.scheme == "amqps" else 5672)
@@ -272,6 +284,12 @@ class Options(usage.Options):
                                             bool(certificate))
         except ValueError as e:
             fail_input(e)
+
+
+def _split_urls(url):
+    from ion.core.messaging.amqp import split_urls
+
+    return split_urls(url)
 
 
 def _warn_unused(config, apparg, plan, layers):
@@ -329,6 +347,16 @@ def broker_url_with_password(url, path=None, default=DEFAULT_CREDENTIALS, certif
     not tried with some default password. Exceptions: user C{guest} (RabbitMQ's default
     account, password guest) and a C{certificate} login (EXTERNAL, no password). C{twistd cc}
     and the C{ion} command line both use this."""
+    from ion.core.messaging.amqp import split_urls
+
+    try:
+        urls = split_urls(url)
+    except ValueError:
+        return url  # reported when the transport parses it
+    if len(urls) > 1:
+        return ",".join(
+            broker_url_with_password(one, path, default, certificate) for one in urls
+        )
     try:
         parts = urlsplit(url)
         needs_password = parts.username is not None and parts.password is None

@@ -10,8 +10,15 @@ empty (C{*.b} matches C{.b}) and the empty routing key has zero words; redeclari
 arguments fails; a queue's consumers take turns (round robin); cancelled-while-unacked messages
 go back to the head of the queue with C{redelivered} set.
 
+Queue arguments (L{QUEUE_ARGUMENTS}) are kept as RabbitMQ keeps them: a quorum queue counts
+the returns of each message (nack with requeue, a consumer cancelled or a connection closed
+while holding it), marks a redelivery with the C{x-delivery-count} header, and past its
+C{x-delivery-limit} dead-letters the message (through C{x-dead-letter-exchange} with
+C{x-dead-letter-routing-key}, with the C{x-first-death-*} headers) or drops it when it has
+no dead-letter exchange; a message nacked without requeue is dead-lettered the same way.
+
 What it does not do: persistence (C{durable} is recorded only: everything dies with the
-process), message TTL (C{expiration} is carried but not enforced), dead-letter exchanges. So
+process), message TTL (C{expiration} is carried but not enforced). So
 that a process depending on queued messages can tell it needs to recover, a broker given a
 C{run_record} file notes there how its run ended; when the previous run crashed or stopped with
 messages still in durable queues, C{lost_messages} is true (on every transport: always false
@@ -41,7 +48,13 @@ from ion.core.messaging.transport import (
     IConsumer,
     IDelivery,
     ITransport,
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_ROUTING_KEY,
+    DELIVERY_COUNT,
+    DELIVERY_LIMIT,
+    QUEUE_TYPE,
     NotFound,
+    PreconditionFailed,
     Properties,
     QueueInUse,
     TransportError,
@@ -50,6 +63,7 @@ from ion.core.messaging.transport import (
     call_consumer,
     check_exchange,
     check_headers,
+    check_queue_arguments,
 )
 
 log = Logger()
@@ -106,6 +120,7 @@ class _Message:
     properties: Properties | None
     user_id: str
     redelivered: bool = False
+    returns: int = 0  # counted by quorum queues (x-delivery-count)
 
 
 @attrs.define(eq=False, slots=False)  # the routing index is built in _reindex
@@ -187,7 +202,13 @@ class _Queue:
     messages: collections.deque = attrs.Factory(collections.deque)
     consumers: list = attrs.Factory(list)
     bindings: set = attrs.Factory(set)  # (exchange name, binding key)
+    arguments: dict = attrs.Factory(dict)
+    broker: object = None  # the MemoryBroker, which dead-letters
     _turn: int = 0
+
+    @property
+    def quorum(self):
+        return self.arguments.get(QUEUE_TYPE) == "quorum"
 
     def put(self, message):
         self.messages.append(message)
@@ -195,9 +216,15 @@ class _Queue:
             self.dispatch()
 
     def requeue(self, messages):
-        """Put messages back at the head, in their original order, marked redelivered."""
+        """Put messages back at the head, in their original order, marked redelivered; a
+        quorum queue counts the return and dead-letters a message past its delivery limit."""
+        limit = self.arguments.get(DELIVERY_LIMIT) if self.quorum else None
         for message in reversed(messages):
             message.redelivered = True
+            message.returns += 1
+            if limit is not None and message.returns > limit:
+                self.broker._dead_letter(self, message, "delivery_limit")
+                continue
             self.messages.appendleft(message)
         self.dispatch()
 
@@ -224,7 +251,11 @@ class _Delivery:
         self.body = message.body
         self.exchange = message.exchange
         self.routing_key = message.routing_key
-        self.properties = message.properties or Properties(user_id=message.user_id)
+        properties = message.properties or Properties(user_id=message.user_id)
+        if message.returns and consumer.queue_state.quorum:
+            headers = dict(properties.headers, **{DELIVERY_COUNT: message.returns})
+            properties = attrs.evolve(properties, headers=headers)
+        self.properties = properties
         self.redelivered = message.redelivered
         self._consumer = consumer
 
@@ -253,10 +284,12 @@ class _Delivery:
         consumer = self._settle("nack")
         if consumer is not None:
             message = consumer.unacked.pop(self)
+            queue = consumer.queue_state
             if requeue:
-                consumer.queue_state.requeue([message])
+                queue.requeue([message])
             else:
-                consumer.queue_state.dispatch()
+                queue.broker._dead_letter(queue, message, "rejected")
+                queue.dispatch()
 
 
 @implementer(IConsumer)
@@ -413,18 +446,55 @@ class MemoryBroker:
             queue.bindings.discard((name, key))
         del self._exchanges[name]
 
-    def _declare_queue(self, owner, name, durable, exclusive, auto_delete):
+    def _declare_queue(self, owner, name, durable, exclusive, auto_delete, arguments=None):
         if not name:
             name = f"amq.gen-{uuid.uuid4().hex}"
+        arguments = check_queue_arguments(name, durable, exclusive, auto_delete, arguments)
         queue = self._queues.get(name)
         if queue is None:
-            self._queues[name] = _Queue(name, durable, owner if exclusive else None, auto_delete)
+            self._queues[name] = _Queue(
+                name, durable, owner if exclusive else None, auto_delete, arguments=arguments,
+                broker=self,
+            )
             return name
         self._accessible_queue(name, owner)
         if exclusive and queue.owner is None:
             raise QueueInUse(f"queue {name!r} already exists and is not exclusive")
         _check_same("queue", queue, durable=durable, auto_delete=auto_delete)
+        if queue.arguments != arguments:
+            raise PreconditionFailed(
+                f"queue {name!r} already declared with arguments {queue.arguments!r}, "
+                f"not {arguments!r}"
+            )
         return name
+
+    def _dead_letter(self, queue, message, reason):
+        """Route a message a queue gives up (C{reason}: delivery_limit, rejected) through the
+        queue's dead-letter exchange, with RabbitMQ's x-first-death headers; without one (or
+        when that exchange is gone, or routes nowhere) the message is dropped, as there."""
+        exchange_name = queue.arguments.get(DEAD_LETTER_EXCHANGE)
+        if exchange_name is None:
+            return
+        exchange = self._exchanges.get(exchange_name)
+        if exchange is None:
+            return
+        key = queue.arguments.get(DEAD_LETTER_ROUTING_KEY, message.routing_key)
+        properties = message.properties or Properties(user_id=message.user_id)
+        headers = dict(properties.headers)
+        headers.pop(DELIVERY_COUNT, None)
+        headers.setdefault("x-first-death-reason", reason)
+        headers.setdefault("x-first-death-queue", queue.name)
+        headers.setdefault("x-first-death-exchange", message.exchange)
+        for target in exchange.route(key):
+            target.put(
+                _Message(
+                    message.body,
+                    exchange_name,
+                    key,
+                    attrs.evolve(properties, headers=dict(headers)),
+                    message.user_id,
+                )
+            )
 
     def _delete_queue(self, owner, name):
         if name in self._queues:
@@ -495,10 +565,10 @@ class MemoryBroker:
 
 
 def _check_same(kind, declared, **wanted):
-    """Raise TransportError unless a redeclare asks for what was declared."""
+    """Raise PreconditionFailed unless a redeclare asks for what was declared."""
     for key, value in wanted.items():
         if getattr(declared, key) != value:
-            raise TransportError(
+            raise PreconditionFailed(
                 f"{kind} {declared.name!r} already declared with {key}={getattr(declared, key)!r},"
                 f" not {value!r}"
             )
@@ -573,8 +643,12 @@ class MemoryTransport:
     def delete_exchange(self, name, if_unused=False):
         return self._do(self.broker._delete_exchange, name, if_unused)
 
-    def declare_queue(self, name="", durable=False, exclusive=False, auto_delete=False):
-        return self._do(self.broker._declare_queue, self, name, durable, exclusive, auto_delete)
+    def declare_queue(
+        self, name="", durable=False, exclusive=False, auto_delete=False, arguments=None
+    ):
+        return self._do(
+            self.broker._declare_queue, self, name, durable, exclusive, auto_delete, arguments
+        )
 
     def delete_queue(self, name):
         return self._do(self.broker._delete_queue, self, name)

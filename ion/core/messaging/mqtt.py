@@ -423,7 +423,11 @@ class MqttTransport:
     async def delete_exchange(self, name, if_unused=False):
         pass
 
-    async def declare_queue(self, name, durable=False, exclusive=False, auto_delete=False):
+    async def declare_queue(
+        self, name, durable=False, exclusive=False, auto_delete=False, arguments=None
+    ):
+        # A queue is the session's subscriptions; RabbitMQ's queue arguments have no MQTT
+        # counterpart (the broker's own settings bound redeliveries there).
         return name
 
     async def delete_queue(self, name):

@@ -5,13 +5,63 @@ on other exchanges: the pump's v03 JSON notifications on sr3-style exchanges (C{
 C{xs_<user>}...). The process layer does that through these helpers, on the same transport.
 """
 
-from ion.core.messaging.transport import Properties
+from ion.core.messaging.transport import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_ROUTING_KEY,
+    DELIVERY_COUNT,
+    DELIVERY_LIMIT,
+    QUEUE_TYPE,
+    QUEUE_TYPES,
+    Properties,
+)
 
 # Headers of a dead-lettered message: why, and where it was published.
 DEAD_REASON = "dead-reason"
 DEAD_EXCHANGE = "dead-exchange"
 DEAD_ROUTING_KEY = "dead-routing-key"
 REASON_CHARS = 1000  # of the reason kept
+
+# Returns of a message before it is dead-lettered, on a quorum queue (classic queues tell
+# only whether a message was delivered before: their limit is 1).
+DEFAULT_DELIVERY_LIMIT = 10
+
+
+def queue_type_for(asked, cluster):
+    """The queue type of a shared durable queue: C{asked} ('classic', 'quorum', or 'auto' /
+    None: quorum on a cluster (C{cluster}: the broker URL names several hosts), else classic).
+    ValueError for another value."""
+    if asked in (None, "auto"):
+        return "quorum" if cluster else "classic"
+    if asked not in QUEUE_TYPES:
+        raise ValueError(f"queue_type must be 'auto', 'classic' or 'quorum', got {asked!r}")
+    return asked
+
+
+def queue_arguments(queue, queue_type, delivery_limit):
+    """C{(arguments of queue, arguments of <queue>.dead)} for a shared durable queue of
+    C{queue_type}: a quorum queue gives up a message returned more than C{delivery_limit}
+    times (the process gave it back, or died holding it) and dead-letters it to
+    C{<queue>.dead}, itself a quorum queue; a classic queue has no arguments."""
+    if queue_type != "quorum":
+        return {}, {}
+    return (
+        {
+            QUEUE_TYPE: "quorum",
+            DELIVERY_LIMIT: delivery_limit,
+            DEAD_LETTER_EXCHANGE: "",
+            DEAD_LETTER_ROUTING_KEY: f"{queue}.dead",
+        },
+        {QUEUE_TYPE: "quorum"},
+    )
+
+
+def returns_of(delivery):
+    """How many times the message of C{delivery} was returned to its queue before: a quorum
+    queue's C{x-delivery-count}, else 1 when it is marked redelivered, else 0."""
+    count = (delivery.properties.headers or {}).get(DELIVERY_COUNT)
+    if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+        return count
+    return 1 if delivery.redelivered else 0
 
 
 async def subscribe(
@@ -26,14 +76,20 @@ async def subscribe(
     exclusive=False,
     auto_delete=False,
     prefetch=100,
+    arguments=None,
+    dead_arguments=None,
 ):
-    """Declare exchange (unless C{exchange_type} is None) and queue, bind each key, and
-    deliver to callback(IDelivery). The callback acks or nacks each delivery itself. Returns
-    the consumer."""
+    """Declare exchange (unless C{exchange_type} is None) and queue (with C{arguments}; when
+    they name a dead-letter routing key, that queue is declared first, with
+    C{dead_arguments}), bind each key, and deliver to callback(IDelivery). The callback acks
+    or nacks each delivery itself. Returns the consumer."""
     if exchange_type:
         await transport.declare_exchange(exchange, exchange_type, durable=durable)
+    dead = (arguments or {}).get(DEAD_LETTER_ROUTING_KEY)
+    if dead:
+        await transport.declare_queue(dead, durable=True, arguments=dead_arguments)
     await transport.declare_queue(
-        queue, durable=durable, exclusive=exclusive, auto_delete=auto_delete
+        queue, durable=durable, exclusive=exclusive, auto_delete=auto_delete, arguments=arguments
     )
     for key in keys:
         await transport.bind(queue, exchange, key)
@@ -64,11 +120,14 @@ async def publish(
     await transport.publish(exchange, routing_key, body, properties, mandatory=mandatory)
 
 
-async def dead_letter(transport, delivery, queue, reason, durable=True, exclusive=False):
+async def dead_letter(
+    transport, delivery, queue, reason, durable=True, exclusive=False, arguments=None
+):
     """Publish a copy of C{delivery} (taken from C{queue}) to the queue C{<queue>.dead}, declared
-    first (C{durable}, C{exclusive}), through the default exchange, with its headers plus
-    DEAD_REASON, DEAD_EXCHANGE and DEAD_ROUTING_KEY; fires once the broker confirmed it. The
-    same on every transport (RabbitMQ's own dead-lettering has no counterpart in memory://).
+    first (C{durable}, C{exclusive}, C{arguments}), through the default exchange, with its
+    headers (less C{x-delivery-count}) plus DEAD_REASON, DEAD_EXCHANGE and DEAD_ROUTING_KEY;
+    fires once the broker confirmed it. The same on every transport, and with a report: the
+    queue's own dead-lettering (quorum queues) is for a process that dies holding a message.
     Settling C{delivery} is the caller's."""
     dead = f"{queue}.dead"
     props = delivery.properties
@@ -76,6 +135,7 @@ async def dead_letter(transport, delivery, queue, reason, durable=True, exclusiv
     if not isinstance(key, str):
         key = bytes(key).decode("utf-8", "replace")
     headers = dict(props.headers or {})
+    headers.pop(DELIVERY_COUNT, None)
     headers[DEAD_REASON] = reason[:REASON_CHARS]
     headers[DEAD_EXCHANGE] = delivery.exchange
     headers[DEAD_ROUTING_KEY] = key
@@ -86,5 +146,7 @@ async def dead_letter(transport, delivery, queue, reason, durable=True, exclusiv
         headers=headers,
         timestamp=props.timestamp,
     )
-    await transport.declare_queue(dead, durable=durable, exclusive=exclusive)
+    await transport.declare_queue(
+        dead, durable=durable, exclusive=exclusive, arguments=arguments
+    )
     await transport.publish("", dead, delivery.body, properties, mandatory=True)

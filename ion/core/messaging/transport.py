@@ -32,6 +32,18 @@ log = Logger()
 
 EXCHANGE_TYPES = ("topic", "direct", "fanout")
 
+# The queue arguments ION uses, with RabbitMQ's meaning: a quorum queue (replicated on a
+# cluster) returns a message at most `x-delivery-limit` times, then dead-letters it through
+# `x-dead-letter-exchange` with `x-dead-letter-routing-key`; redelivered messages carry
+# DELIVERY_COUNT, the number of earlier returns.
+QUEUE_TYPE = "x-queue-type"
+DELIVERY_LIMIT = "x-delivery-limit"
+DEAD_LETTER_EXCHANGE = "x-dead-letter-exchange"
+DEAD_LETTER_ROUTING_KEY = "x-dead-letter-routing-key"
+DELIVERY_COUNT = "x-delivery-count"
+QUEUE_ARGUMENTS = (QUEUE_TYPE, DELIVERY_LIMIT, DEAD_LETTER_EXCHANGE, DEAD_LETTER_ROUTING_KEY)
+QUEUE_TYPES = ("classic", "quorum")
+
 HEADER_DEPTH = 16  # levels of nested maps and lists in headers, the headers map included
 HEADER_VALUES = 10_000  # values in headers, nested ones included
 
@@ -61,6 +73,27 @@ def check_exchange(name, type):
         raise TransportError(
             f"unknown exchange type {type!r} for {name!r}; use one of {', '.join(EXCHANGE_TYPES)}"
         )
+
+
+def check_queue_arguments(name, durable, exclusive, auto_delete, arguments):
+    """The queue arguments as a dict (None: {}); PreconditionFailed when they are not ones
+    ION uses, or ask for a quorum queue that is not durable, or exclusive or auto-delete
+    (RabbitMQ refuses those too)."""
+    arguments = dict(arguments or {})
+    unknown = sorted(set(arguments) - set(QUEUE_ARGUMENTS))
+    if unknown:
+        raise PreconditionFailed(f"queue {name!r}: unsupported arguments {', '.join(unknown)}")
+    kind = arguments.get(QUEUE_TYPE, "classic")
+    if kind not in QUEUE_TYPES:
+        raise PreconditionFailed(f"queue {name!r}: unknown {QUEUE_TYPE} {kind!r}")
+    limit = arguments.get(DELIVERY_LIMIT)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise PreconditionFailed(f"queue {name!r}: {DELIVERY_LIMIT} must be an int >= 0")
+    if kind == "quorum" and (not durable or exclusive or auto_delete):
+        raise PreconditionFailed(
+            f"queue {name!r}: a quorum queue must be durable, not exclusive nor auto-delete"
+        )
+    return arguments
 
 
 def body_bytes(body):
@@ -129,6 +162,11 @@ class NotFound(TransportError):
     """The named exchange or queue does not exist."""
 
 
+class PreconditionFailed(TransportError):
+    """A declare asked for other properties or arguments than those the broker holds (the
+    queue exists as a classic queue and a quorum one is asked for, say)."""
+
+
 @attrs.frozen
 class Properties:
     """AMQP basic properties a transport carries. C{user_id} is set by the transport on publish
@@ -195,8 +233,10 @@ class ITransport(Interface):
         """Delete the exchange and its bindings (missing is fine); with if_unused, fails with
         TransportError instead while a queue is bound to it."""
 
-    def declare_queue(name, durable=False, exclusive=False, auto_delete=False):
-        """Create the queue if missing and fire with its name (generated when name is '')."""
+    def declare_queue(name, durable=False, exclusive=False, auto_delete=False, arguments=None):
+        """Create the queue if missing and fire with its name (generated when name is '').
+        C{arguments} are RabbitMQ's optional queue arguments (L{QUEUE_ARGUMENTS}); a redeclare
+        with other flags or arguments fails with L{PreconditionFailed}."""
 
     def delete_queue(name):
         """Delete the queue, its messages and bindings; its consumers stop. Missing is fine."""

@@ -8,6 +8,7 @@ from ion.core.conversation.errors import (
     RemoteError,
 )
 from ion.core.conversation.conversation import Refused
+from ion.core.messaging.subscription import returns_of
 from ion.core.messaging.transport import ConnectionLost, TransportError
 from ion.core.process.lease import Lease
 from ion.core.process.lifecycle import IllegalTransition
@@ -34,4 +35,5 @@ __all__ = [
     "Supervisor",
     "TransportError",
     "explicit_agree",
+    "returns_of",
 ]

@@ -38,11 +38,12 @@ from ion.core.conversation.conversation import Conversations
 from ion.core.conversation.errors import ApplicationError, ProcessTerminated
 from ion.core.log import redact
 from ion.core.messaging import names, subscription
-from ion.core.messaging.transport import ConnectionLost
+from ion.core.messaging.transport import ConnectionLost, PreconditionFailed
 from ion.core.process import statedir
 from ion.core.process.lifecycle import ACTIVE, IllegalTransition, Lifecycle
 
 CONFIG = "ion.core.process"
+MESSAGING = "ion.core.messaging"
 
 # The participant conversation being served in the current task (identity flows from it).
 _serving = contextvars.ContextVar("ion_serving", default=None)
@@ -70,12 +71,15 @@ async def _cancel(consumer):
 
 @attrs.define(eq=False)
 class _Subscription:
-    """One subscription of a process: where its dead letters go, and whether it still holds
-    its messages (once cancelled, the unsettled ones are back in the queue)."""
+    """One subscription of a process: where its dead letters go, after how many returns, and
+    whether it still holds its messages (once cancelled, the unsettled ones are back in the
+    queue)."""
 
     queue: str
     durable: bool
     exclusive: bool
+    delivery_limit: int = 1
+    dead_arguments: object = None  # of <queue>.dead (None: none)
     consumer: object = None
 
 
@@ -137,7 +141,7 @@ class Process:
         pass
 
     def on_dead_letter(self, delivery, reason):
-        """A message of a subscription failed twice and is now in C{<queue>.dead} (see
+        """A message of a subscription failed for good and is now in C{<queue>.dead} (see
         L{subscribe}); C{reason} is the handler's error. Sync or async; the message is acked
         once this returns. Override to tell someone (a failure report)."""
 
@@ -358,13 +362,22 @@ class Process:
         C{user_id}), C{redelivered}, and must C{ack()} or C{nack(requeue)} each one. It may return
         an awaitable: the message is in hand until that finishes. The queue is durable and
         named C{queue} (default: an exclusive one named after this process). Options:
-        exchange_type, durable, exclusive, auto_delete, prefetch.
+        exchange_type, durable, exclusive, auto_delete, prefetch, queue_type, delivery_limit.
+
+        A named durable queue that is neither exclusive nor auto-delete is shared: its
+        C{queue_type} (default config C{ion.core.messaging: queue_type}, 'auto': quorum when
+        the broker URL names several hosts, else classic) may be 'quorum', replicated on a
+        RabbitMQ cluster, which also dead-letters to C{<queue>.dead} a message returned more
+        than C{delivery_limit} times (default config C{delivery_limit}, 10): a message that
+        kills its process each time cannot loop forever. A queue that exists with another
+        type is a ValueError naming it (nothing is changed on the broker).
 
         The process owns the rest. A handler that raises (or whose awaitable fails) before
-        settling its message gets it back once (requeued, C{redelivered} set); when it fails on
-        the redelivered message too, the message is published, confirmed, to the queue
-        C{<queue>.dead} (declared then, durable like C{queue}; through the default exchange)
-        with the headers C{dead-reason}, C{dead-exchange} and C{dead-routing-key}, then
+        settling its message gets it back (requeued, C{redelivered} set) until it was returned
+        C{delivery_limit} times (on a classic queue, which only tells whether a message was
+        delivered before: once); when it fails then too, the message is published, confirmed,
+        to the queue C{<queue>.dead} (declared then, durable like C{queue}; through the
+        default exchange) with the headers C{dead-reason}, C{dead-exchange} and C{dead-routing-key}, then
         C{on_dead_letter(delivery, reason)} runs, then the message is acked. On terminate no
         new message is taken (those arriving go back to the queue), those in hand get
         C{stop_timeout()} seconds, then the subscription ends.
@@ -372,20 +385,43 @@ class Process:
         C{transport}: a connection of L{open_broker} to consume from instead of the
         container's; with C{exchange_type=None} the exchange is not declared (a remote pump's
         exchanges are its own). Dead letters still go to the container's broker."""
+        asked_type = options.pop("queue_type", None)
+        limit = options.pop("delivery_limit", None)
         if queue is None:
             queue = f"{self.pid}.sub{len(self._subscriptions) + 1}"
             options.setdefault("exclusive", True)
             options.setdefault("auto_delete", True)
             options.setdefault("durable", False)
         sub = _Subscription(queue, options.get("durable", True), options.get("exclusive", False))
-        sub.consumer = await subscription.subscribe(
-            transport or self.container.messenger.transport,
-            exchange,
-            queue,
-            list(keys),
-            self._delivery_handler(handler, sub),
-            **options,
-        )
+        transport = transport or self.container.messenger.transport
+        shared = sub.durable and not sub.exclusive and not options.get("auto_delete", False)
+        if shared:
+            if asked_type is None:
+                asked_type = self.config("queue_type", "auto", module=MESSAGING)
+            if limit is None:
+                limit = self.config(
+                    "delivery_limit", subscription.DEFAULT_DELIVERY_LIMIT, module=MESSAGING
+                )
+            kind = subscription.queue_type_for(asked_type, getattr(transport, "cluster", False))
+            arguments, sub.dead_arguments = subscription.queue_arguments(queue, kind, limit)
+            if kind == "quorum":
+                sub.delivery_limit = limit
+            options.update(arguments=arguments, dead_arguments=sub.dead_arguments)
+        try:
+            sub.consumer = await subscription.subscribe(
+                transport,
+                exchange,
+                queue,
+                list(keys),
+                self._delivery_handler(handler, sub),
+                **options,
+            )
+        except PreconditionFailed as e:
+            raise ValueError(
+                f"{self.name}: queue {queue!r} exists on the broker with other properties than "
+                f"asked (queue_type {asked_type!r}): {e}; delete the queue (its messages go "
+                f"with it) or ask for its present type"
+            ) from None
         self._subscriptions.append(sub)
         return sub.consumer
 
@@ -414,13 +450,25 @@ class Process:
             await self._failed(Failure(), delivery, sub)
 
     async def _failed(self, failure, delivery, sub):
-        """The failure policy of subscriptions: requeue once, then dead-letter."""
+        """The failure policy of subscriptions: requeue until the delivery limit, then
+        dead-letter. A lost broker connection says nothing about the message: it is given
+        back (a no-op when it was the subscription's connection that went) and not counted."""
+        if failure.check(ConnectionLost) and not delivery.settled and sub.consumer is not None:
+            self.log.warn(
+                "{proc!r}: message {key!r} from {queue} not finished ({error}); requeued",
+                proc=self,
+                key=delivery.routing_key,
+                queue=sub.queue,
+                error=redact(failure.getErrorMessage()),
+            )
+            delivery.nack(requeue=True)
+            return
         if delivery.settled:
             outcome = "it was settled already"
         elif sub.consumer is None:
             outcome = "it is back in the queue already"
-        elif not delivery.redelivered:
-            outcome = "requeued once"
+        elif subscription.returns_of(delivery) < sub.delivery_limit:
+            outcome = "requeued"
         else:
             outcome = f"it had been redelivered: moving it to {sub.queue}.dead"
         key = delivery.routing_key
@@ -434,14 +482,15 @@ class Process:
         )
         if delivery.settled or sub.consumer is None:
             return
-        if not delivery.redelivered:
+        returns = subscription.returns_of(delivery)
+        if returns < sub.delivery_limit:
             delivery.nack(requeue=True)
             return
         reason = redact(f"{failure.type.__name__}: {failure.getErrorMessage()}")
         try:
             await subscription.dead_letter(
                 self.container.messenger.transport, delivery, sub.queue, reason, sub.durable,
-                sub.exclusive,
+                sub.exclusive, sub.dead_arguments,
             )
         except ConnectionLost:
             return  # the message is back in its queue

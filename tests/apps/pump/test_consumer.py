@@ -869,7 +869,7 @@ class ConsumerScenarios:
         (report,) = await self.wait_reports(1)
         self.assertEqual(report["report"]["code"], 500)
         message = report["report"]["message"]
-        self.assertIn(f"failed twice, moved to {dead}: RuntimeError: a bug", message)
+        self.assertIn(f"failed 2 times, moved to {dead}: RuntimeError: a bug", message)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
         await self.settle()
         await self.until_counts(1, 0, queue=dead)

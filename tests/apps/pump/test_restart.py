@@ -77,10 +77,11 @@ def put_files(src, staging, files):
         os.rename(temp, target)
 
 
-def write_app(path, tag, dest, credentials):
+def write_app(path, tag, dest, credentials, dup_ttl=None):
     """A pump .app: one poll of `src/` under the working directory (every 0.5 s, no minimum
     age), one subscription mirroring into `dest`, the test's own exchanges and queues (named
-    after `tag`), state in the default places under `var/pump/`, a report log."""
+    after `tag`), state in the default places under `var/pump/`, a report log; `dup_ttl`
+    (seconds) for the consumer's and the router's duplicate caches, when given."""
     kwargs = {
         "user": tag,
         "polls": [{"name": "src", "url": "file:src/", "interval": 0.5, "min_age": 0}],
@@ -99,6 +100,9 @@ def write_app(path, tag, dest, credentials):
         "report_router": {"exchange": f"xreport-{tag}", "log_path": "var/pump/reports.jsonl"},
         "progress": {"interval": 5},
     }
+    if dup_ttl is not None:
+        kwargs["subscriptions"][0]["dup_ttl"] = dup_ttl
+        kwargs["report_router"]["dup_ttl"] = dup_ttl
     return write_pump_app(path, kwargs, "the pump under a restart test")
 
 

@@ -21,6 +21,7 @@ from ion.core.messaging.transport import (
     IDelivery,
     ITransport,
     NotFound,
+    PreconditionFailed,
     Properties,
     QueueInUse,
     TransportError,
@@ -642,6 +643,80 @@ class TransportSemantics:
         one.properties.headers["hop"] = 2
         (other,) = await second.wait(1)
         self.assertEqual(other.properties.headers, {"hop": 1})
+
+
+    async def quorum_queue(self, transport, limit):
+        """A quorum queue returning a message at most C{limit} times, dead-lettering through
+        the default exchange to C{<name>.dead} (declared too); returns both names."""
+        name = self.unique("quorum")
+        dead = await self.queue(transport, "quorum.dead", durable=True)
+        arguments = {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": limit,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": dead,
+        }
+        await transport.declare_queue(name, durable=True, arguments=arguments)
+        self.addCleanup(self._delete_quietly, transport, name)
+        return name, dead, arguments
+
+    async def test_quorum_counts_returns_and_dead_letters_past_the_limit(self):
+        """A quorum queue marks each redelivery with x-delivery-count (the returns so far)
+        and, once a message was returned more than x-delivery-limit times, dead-letters it
+        instead of delivering it again: a poison message cannot loop forever."""
+        (t,) = await self.make_transports(1)
+        name, dead, _ = await self.quorum_queue(t, limit=2)
+        await t.publish("", name, b"poison", Properties(delivery_mode=2, headers={"k": "v"}))
+        counts = []
+        done = defer.Deferred()
+
+        def refuse(delivery):
+            counts.append(delivery.properties.headers.get("x-delivery-count", 0))
+            delivery.nack(requeue=True)
+            if len(counts) == 3:
+                done.callback(None)
+
+        consumer = await t.consume(name, refuse)
+        await done.addTimeout(WAIT, reactor)
+        graveyard = Inbox()
+        await t.consume(dead, graveyard)
+        (buried,) = await graveyard.wait(1)
+        await consumer.cancel()
+        self.assertEqual(counts, [0, 1, 2])
+        self.assertEqual(buried.body, b"poison")
+        self.assertEqual(buried.properties.headers["k"], "v")
+        self.assertEqual(buried.properties.headers["x-first-death-queue"], name)
+        self.assertEqual(buried.properties.headers["x-first-death-reason"], "delivery_limit")
+        self.assertEqual(await t.queue_depth(name), 0)
+
+    async def test_quorum_redeclare_and_mismatch(self):
+        """Declaring a quorum queue again with the same arguments is fine; asking for a
+        classic queue of that name, or another limit, fails with PreconditionFailed (and
+        the connection stays usable); a classic queue is not turned into a quorum one."""
+        (t,) = await self.make_transports(1)
+        name, _, arguments = await self.quorum_queue(t, limit=3)
+        self.assertEqual(await t.declare_queue(name, durable=True, arguments=arguments), name)
+        with self.assertRaises(PreconditionFailed):
+            await t.declare_queue(name, durable=True)
+        with self.assertRaises(PreconditionFailed):
+            await t.declare_queue(name, durable=True, arguments=dict(arguments, **{
+                "x-delivery-limit": 4}))
+        classic = await self.queue(t, "classic", durable=True)
+        with self.assertRaises(PreconditionFailed):
+            await t.declare_queue(classic, durable=True, arguments={"x-queue-type": "quorum"})
+        await t.publish("", classic, b"still usable")
+        inbox = Inbox()
+        await t.consume(classic, inbox)
+        await inbox.wait(1)
+
+    async def test_quorum_queue_must_be_durable_and_shared(self):
+        """A quorum queue cannot be transient, exclusive or auto-delete: refused."""
+        (t,) = await self.make_transports(1)
+        quorum = {"x-queue-type": "quorum"}
+        for flags in [{}, {"durable": True, "exclusive": True},
+                      {"durable": True, "auto_delete": True}]:
+            with self.assertRaises(PreconditionFailed):
+                await t.declare_queue(self.unique("bad"), arguments=quorum, **flags)
 
 
 class MemoryRunRecordTests(unittest.TestCase):

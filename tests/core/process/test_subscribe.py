@@ -11,8 +11,9 @@ from twisted.trial import unittest
 
 from ion.core.cc.testing import make_container, test_config
 from ion.core.messaging.memory import MemoryBroker
-from ion.core.process import Process
+from ion.core.process import ConnectionLost, Process
 from tests.broker import get_broker
+from tests.waiting import until
 
 
 class Subscriber(Process):
@@ -46,7 +47,7 @@ class SubscribeScenarios:
         """A name of its own on a broker the tests share."""
         return base
 
-    async def start(self, clock=None, config=None, durable=True):
+    async def start(self, clock=None, config=None, durable=True, **options):
         self.broker = self.new_broker()
         self.c = await make_container(
             self,
@@ -63,7 +64,7 @@ class SubscribeScenarios:
         for queue in (self.queue, f"{self.queue}.dead"):
             self.addCleanup(self.delete_queue, queue)
         await proc.subscribe(
-            self.exchange, ["#"], proc._on_delivery, queue=self.queue, durable=durable
+            self.exchange, ["#"], proc._on_delivery, queue=self.queue, durable=durable, **options
         )
         return proc
 
@@ -234,6 +235,93 @@ class SubscribeScenarios:
         self.assertEqual(len(lines), 1, lines)
         self.assertIn("1 ops or messages still in hand after 3 s", lines[0])
         self.assertEqual(await self.c.transport.queue_depth(self.queue), 1)
+
+
+    async def test_lost_connection_is_not_the_message_fault(self):
+        """A handler failing because a broker connection was lost (its report could not be
+        published) gets the message back however often that happens: it is not dead-lettered
+        as a poison message."""
+        proc = await self.start()
+        calls = []
+
+        def handle(delivery):
+            calls.append(delivery.redelivered)
+            if len(calls) < 4:
+                raise ConnectionLost("connection lost before the broker confirmed the publish")
+            delivery.ack()
+
+        proc.handle = handle
+        await self.post(proc, "a.b", b"fine")
+        await until_true(lambda: len(calls) == 4)
+        self.assertEqual(calls, [False, True, True, True])
+        await proc.terminate()
+        self.assertEqual(proc.dead, [])
+        self.assertEqual(self.flushLoggedErrors(ConnectionLost), [])
+
+    # -- quorum queues: a delivery limit --------------------------------------------------------
+
+    async def test_quorum_poison_dead_lettered_after_the_limit(self):
+        """On a quorum queue a message whose handler always fails is given back until it was
+        returned `delivery_limit` times (each redelivery counted by the broker), then goes
+        to `<queue>.dead` and the hook is told: it never loops forever."""
+        proc = await self.start(queue_type="quorum", delivery_limit=3)
+        counts = []
+
+        def handle(delivery):
+            counts.append(delivery.properties.headers.get("x-delivery-count", 0))
+            raise ValueError("poison")
+
+        proc.handle = handle
+        await self.post(proc, "a.b", b"poison")
+        await proc.dead_lettered
+        self.assertEqual(counts, [0, 1, 2, 3])
+        self.assertEqual(proc.dead, [("a.b", "ValueError: poison", False, 1)])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 4)
+        (dead,) = await self.dead_letters(1)
+        self.assertEqual(dead.body, b"poison")
+        self.assertEqual(dead.properties.headers["dead-reason"], "ValueError: poison")
+        self.assertNotIn("x-delivery-count", dead.properties.headers)
+        await proc.terminate()
+        self.assertEqual(await self.c.transport.queue_depth(self.queue), 0)
+
+    async def test_quorum_message_that_kills_its_consumer(self):
+        """A message whose consumer dies holding it every time (the process never gets to
+        fail it) is dead-lettered by the queue itself once returned more than the limit."""
+        proc = await self.start(queue_type="quorum", delivery_limit=2)
+        held = []
+        proc.handle = held.append
+        await self.post(proc, "a.b", b"killer")
+        await until_true(lambda: held)
+        await proc.terminate()  # unsettled: back to the queue, returns 1
+        for returns in (2, 3):
+            taken = []
+            consumer = await self.c.transport.consume(self.queue, taken.append)
+            await until_true(lambda: taken)
+            self.assertEqual(taken[0].properties.headers.get("x-delivery-count"), returns - 1)
+            await consumer.cancel()
+        (dead,) = await self.dead_letters(1)
+        self.assertEqual(dead.body, b"killer")
+        self.assertEqual(dead.properties.headers["x-first-death-reason"], "delivery_limit")
+        self.assertEqual(await self.c.transport.queue_depth(self.queue), 0)
+
+    async def test_queue_type_mismatch_is_one_clear_error(self):
+        """A queue that exists as a classic queue is not silently used as a quorum one: the
+        subscribe fails with a ValueError naming the process and the queue, and the broker
+        keeps the queue as it was."""
+        await self.start()
+        proc = await self.c.spawn(Subscriber)
+        with self.assertRaises(ValueError) as caught:
+            await proc.subscribe(
+                self.exchange, ["#"], lambda d: d.ack(), queue=self.queue, queue_type="quorum"
+            )
+        self.assertIn(f"queue {self.queue!r} exists on the broker", str(caught.exception))
+        self.assertIn("'quorum'", str(caught.exception))
+        self.assertEqual(await self.c.transport.queue_depth(self.queue), 0)
+
+
+async def until_true(condition):
+    """Wait (bounded) for condition() on real I/O."""
+    await until(condition, timeout=10)
 
 
 class MemorySubscribeTests(SubscribeScenarios, unittest.TestCase):

@@ -21,6 +21,9 @@ What it guarantees on the wire:
   - heartbeats are on (10 s by default); TLS (amqps://) always verifies the broker's certificate
     and host name.
 
+Given several brokers (a cluster's nodes; L{split_urls}), each connection attempt tries them in
+turn from the one that worked last, so a lost node costs one reconnect to the next.
+
 While the connection is down, operations fail at once with C{ConnectionLost}; C{whenConnected()}
 tells when it is back. Queues with server-generated names cannot be declared again under the
 same name, so they and their consumers do not survive a reconnect.
@@ -32,7 +35,7 @@ and returns reach their handlers as soon as their last frame is read; the acks o
 turn go together (C{_consume._Acks}).
 """
 
-from ion.core.messaging.amqp._address import AmqpAddress
+from ion.core.messaging.amqp._address import AmqpAddress, split_urls
 from ion.core.messaging.amqp._transport import AmqpTransport
 from ion.core.messaging.amqp._wire import (
     TABLE_DEPTH,
@@ -52,4 +55,5 @@ __all__ = [
     "decode_table",
     "encode_table",
     "load_spec",
+    "split_urls",
 ]

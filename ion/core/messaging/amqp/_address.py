@@ -1,5 +1,6 @@
 """AMQP URLs: where and as whom to connect."""
 
+import re
 import urllib.parse
 
 import attrs
@@ -7,6 +8,31 @@ import attrs
 from ion.core.log import redact
 
 DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
+
+# A comma that starts another URL (the text after it has a scheme).
+_NEXT_URL = re.compile(r"\s*,\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_urls(text):
+    """The broker URLs of C{text}: several URLs separated by commas
+    (C{amqp://u@h1/,amqp://u@h2/}), and a URL whose host part lists several hosts
+    (C{amqp://u@h1:5672,h2:5673/vhost}, the same login and vhost on each) stands for one URL
+    per host. Order is kept. ValueError (never quoting a password) for an empty entry."""
+    urls = []
+    for url in _NEXT_URL.split(text.strip()):
+        scheme, sep, rest = url.partition("://")
+        netloc, slash, path = rest.partition("/")
+        userinfo, at, hosts = netloc.rpartition("@")
+        if not sep or "," not in hosts:
+            urls.append(url)
+            continue
+        for host in hosts.split(","):
+            if not host.strip():
+                raise ValueError(f"bad broker URL {redact(url)!r}: an empty host in its list")
+            urls.append(f"{scheme}://{userinfo}{at}{host.strip()}{slash}{path}")
+    if any(not url for url in urls):
+        raise ValueError(f"bad broker URL list {redact(text)!r}: an empty entry")
+    return urls
 
 
 @attrs.frozen(repr=False)

@@ -38,7 +38,13 @@ from ion.core.messaging.amqp._wire import (
     _publish_frame,
 )
 from ion.core.messaging.tls import describe_failure
-from ion.core.messaging.transport import ConnectionLost, NotFound, QueueInUse, TransportError
+from ion.core.messaging.transport import (
+    ConnectionLost,
+    NotFound,
+    PreconditionFailed,
+    QueueInUse,
+    TransportError,
+)
 
 log = Logger()
 
@@ -58,7 +64,9 @@ def _argument_layout(method):
 def _closed_error(klass, code, text):
     """The error for a channel.close or connection.close from the broker."""
     if klass == "channel":
-        return {404: NotFound, 405: QueueInUse}.get(code, TransportError)(text)
+        return {404: NotFound, 405: QueueInUse, 406: PreconditionFailed}.get(
+            code, TransportError
+        )(text)
     if code in (402, 403, 530):
         return TransportError(f"the broker refused the connection: {text}")
     return ConnectionLost(f"the broker closed the connection: {code} {text}")

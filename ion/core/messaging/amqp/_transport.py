@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ion.core.messaging.amqp._address import AmqpAddress
+from ion.core.messaging.amqp._address import AmqpAddress, split_urls
 from ion.core.messaging.amqp._consume import _Consumer
 from ion.core.messaging.amqp._protocol import _as_deferred, _Protocol, _spawn
 from ion.core.messaging.amqp._publish import _amqp_properties, _Publish
@@ -27,6 +27,7 @@ from ion.core.messaging.transport import (
     TransportError,
     body_bytes,
     check_exchange,
+    check_queue_arguments,
 )
 
 log = Logger()
@@ -44,6 +45,52 @@ class _ProtocolFactory(Factory):
     def buildProtocol(self, addr):
         self.built = _Session(self.transport, self.transport._make_client).client
         return self.built
+
+
+class _BrokerList:
+    """The endpoint of a transport given several brokers (the nodes of a cluster): each
+    C{connect} tries them in turn, from the one that worked last, until one accepts the TCP
+    (and TLS) connection, and fails only when none does, naming each one's error. So the
+    ClientService stays the one reconnect loop, and its backoff applies to a whole round.
+
+    The transport's C{address} is set to the broker being tried before each attempt: the
+    protocol built for it logs in with that broker's user, password and vhost."""
+
+    def __init__(self, transport, choices):
+        self._transport = transport
+        self._choices = choices  # [(AmqpAddress, endpoint)]
+        self._first = 0  # where the next round starts
+
+    def __repr__(self):
+        return ", ".join(str(address) for address, _ in self._choices)
+
+    def connect(self, factory):
+        return defer.Deferred.fromCoroutine(self._connect(factory))
+
+    async def _connect(self, factory):
+        errors = []
+        count = len(self._choices)
+        for step in range(count):
+            index = (self._first + step) % count
+            address, endpoint = self._choices[index]
+            self._transport.address = address
+            try:
+                connected = await endpoint.connect(factory)
+            except defer.CancelledError:
+                raise
+            except Exception as e:
+                errors.append(f"{address}: {e}")
+                continue
+            self._first = index
+            return connected
+        raise ConnectionLost("; ".join(errors))
+
+    def failed(self, address):
+        """The broker at C{address} took the connection but the handshake or restore failed:
+        start the next round with the one after it."""
+        for index, (candidate, _) in enumerate(self._choices):
+            if candidate is address:
+                self._first = (index + 1) % len(self._choices)
 
 
 class _ShieldedEndpoint(Factory):
@@ -95,7 +142,11 @@ class _Shield(Protocol):
 
 @implementer(ITransport)
 class AmqpTransport:
-    """One reconnecting connection to RabbitMQ at C{url} (amqp:// or amqps://).
+    """One reconnecting connection to RabbitMQ at C{url} (amqp:// or amqps://), or to the
+    first that answers of several brokers (the nodes of a cluster): C{url} may list URLs
+    separated by commas, or hosts (L{split_urls}). They are tried in turn on connect and on
+    every reconnect, each with its own login; C{address} is the one in use (or last tried),
+    C{cluster} is true when there are several.
 
     C{heartbeat} is the AMQP heartbeat in seconds (0 turns it off); C{prefetch} is the default
     for L{consume}. For amqps:// (see L{ion.core.messaging.tls}): C{tls_ca_file} is a PEM file
@@ -128,7 +179,12 @@ class AmqpTransport:
         retry_policy=None,
         connect_timeout=30.0,
     ):
-        self.address = AmqpAddress.parse(url)
+        urls = split_urls(url)
+        self.addresses = [AmqpAddress.parse(one) for one in urls]
+        self.address = self.addresses[0]
+        self.cluster = len(self.addresses) > 1
+        if len({address.tls for address in self.addresses}) > 1:
+            raise ValueError("the broker URLs of a list must all be amqp:// or all amqps://")
         files = (tls_ca_file, tls_cert_file, tls_key_file)
         if not self.address.tls and any(f is not None for f in files):
             raise ValueError(
@@ -136,13 +192,20 @@ class AmqpTransport:
             )
         self._tls = ClientTls.load(*files) if self.address.tls else None
         self.external = self._tls is not None and self._tls.has_certificate
-        if self.external and urllib.parse.urlsplit(url).username is None:
-            if self._tls.user is None:
-                raise ValueError(
-                    f"the client certificate {tls_cert_file} has no CN: name the broker user "
-                    "in the URL (amqps://user@host/)"
-                )
-            self.address = attrs.evolve(self.address, user=self._tls.user)
+        if self.external:
+            for i, one in enumerate(urls):
+                if urllib.parse.urlsplit(one).username is not None:
+                    continue
+                if self._tls.user is None:
+                    raise ValueError(
+                        f"the client certificate {tls_cert_file} has no CN: name the broker "
+                        "user in the URL (amqps://user@host/)"
+                    )
+                self.addresses[i] = attrs.evolve(self.addresses[i], user=self._tls.user)
+            self.address = self.addresses[0]
+        if len({address.user for address in self.addresses}) > 1:
+            # Messages carry the connection's user as user_id: it must not change on failover.
+            raise ValueError("the broker URLs of a list must all name the same user")
         self.user = self.address.user
         self.reactor = reactor
         self.heartbeat = heartbeat
@@ -152,6 +215,7 @@ class AmqpTransport:
             initialDelay=0.5, maxDelay=30.0, factor=1.6
         )
         self._service = None  # the ClientService, from connect() on
+        self._brokers = None  # its _BrokerList
         self._may_retry = False  # the first connect() failed: connect() may try again
         self._connected = None  # what connect() returned
         # The session in use: from the moment its consumers are re-attached (their handlers
@@ -159,7 +223,7 @@ class AmqpTransport:
         # until it is lost.
         self._session = None
         self._exchanges = {}  # name -> (type, durable, auto_delete)
-        self._queues = {}  # name -> (durable, exclusive, auto_delete, server-named)
+        self._queues = {}  # name -> (durable, exclusive, auto_delete, server-named, arguments)
         self._bindings = {}  # (queue, exchange, routing key) -> None
         self._consumers = {}  # _Consumer -> None
         self._loss_listeners = []
@@ -168,16 +232,26 @@ class AmqpTransport:
         state = "new" if self._service is None else "open" if self._service.running else "closed"
         return f"<AmqpTransport {self.address} {state}>"
 
+    @property
+    def brokers(self):
+        """The broker URLs, passwords hidden, as one text (for messages)."""
+        return ", ".join(str(address) for address in self.addresses)
+
     # Connection.
 
     def _endpoint(self):
-        address = self.address
-        endpoint = HostnameEndpoint(
-            self.reactor, address.host, address.port, timeout=self.connect_timeout
-        )
-        if not address.tls:
-            return endpoint
-        return wrapClientTLS(self._tls.creator(address.host), endpoint)
+        choices = []
+        for address in self.addresses:
+            endpoint = HostnameEndpoint(
+                self.reactor, address.host, address.port, timeout=self.connect_timeout
+            )
+            if address.tls:
+                endpoint = wrapClientTLS(self._tls.creator(address.host), endpoint)
+            choices.append((address, endpoint))
+        if len(choices) == 1:
+            return choices[0][1]
+        self._brokers = _BrokerList(self, choices)
+        return self._brokers
 
     def _make_client(self, session):
         address = self.address
@@ -193,7 +267,9 @@ class AmqpTransport:
 
     def connect(self):
         """Connect, authenticate and open the channels. Fires with this transport; fails
-        (and gives up) if the first attempt fails; called again then, it tries once more.
+        (and gives up) if the first attempt fails (given several brokers: after as many
+        attempts, so that each may refuse the handshake once); called again then, it tries
+        once more.
         Later losses are repaired on their own."""
         if self._service is not None and not self._may_retry:
             return self.whenConnected()
@@ -213,7 +289,8 @@ class AmqpTransport:
             ),
         )
         self._service.startService()
-        self._connected = self._service.whenConnected(failAfterFailures=1)
+        # With several brokers, each may refuse the handshake once before connect() fails.
+        self._connected = self._service.whenConnected(failAfterFailures=len(self.addresses))
         self._connected.addCallbacks(lambda _: self, self._first_attempt_failed)
         return self._connected
 
@@ -223,7 +300,7 @@ class AmqpTransport:
         error = failure.value
         if not isinstance(error, TransportError):
             error = ConnectionLost(error)
-        error = type(error)(f"cannot connect to {self.address}: {error}")
+        error = type(error)(f"cannot connect to {self.brokers}: {error}")
         # Failed from inside the ClientService's state machine, which cannot stop from there.
         stopping = task.deferLater(self.reactor, 0, self._service.stopService)
         return stopping.addCallback(self._forget_service, error)
@@ -266,6 +343,8 @@ class AmqpTransport:
                 error = ConnectionLost(f"no AMQP handshake within {self.connect_timeout} s")
             if not session.is_lost:
                 session.client.transport.abortConnection()
+            if self._brokers is not None:
+                self._brokers.failed(self.address)
             if self._connected.called:
                 log.warn(
                     "AMQP: setting up the connection to {address} failed: {error}",
@@ -288,14 +367,17 @@ class AmqpTransport:
             step = self._declare_exchange_on(session, name, type, durable, auto_delete)
             if not await self._redo(session, step, "exchange", name):
                 self._exchanges.pop(name, None)
-        for name, (durable, exclusive, auto_delete, generated) in list(self._queues.items()):
+        for name, declared in list(self._queues.items()):
+            durable, exclusive, auto_delete, generated, arguments = declared
             if generated:
                 log.warn(
                     "AMQP: server-named queue {name!r} does not survive the reconnect", name=name
                 )
                 self._drop_queue(name)
                 continue
-            step = self._declare_queue_on(session, name, durable, exclusive, auto_delete)
+            step = self._declare_queue_on(
+                session, name, durable, exclusive, auto_delete, arguments
+            )
             if not await self._redo(session, step, "queue", name):
                 self._drop_queue(name)
         for queue, exchange, key in list(self._bindings):
@@ -383,7 +465,7 @@ class AmqpTransport:
                 [defer.Deferred.fromCoroutine(c._close_channel()) for c in consumers],
                 consumeErrors=True,
             )
-            for name, (_, exclusive, _, _) in list(self._queues.items()):
+            for name, (_, exclusive, _, _, _) in list(self._queues.items()):
                 if exclusive:
                     with contextlib.suppress(TransportError):
                         await session.control_call("queue_delete", queue=name)
@@ -402,13 +484,14 @@ class AmqpTransport:
         )
         session.publisher.known_exchanges.add(name)
 
-    async def _declare_queue_on(self, session, name, durable, exclusive, auto_delete):
+    async def _declare_queue_on(self, session, name, durable, exclusive, auto_delete, arguments):
         result = await session.control_call(
             "queue_declare",
             queue=name,
             durable=durable,
             exclusive=exclusive,
             auto_delete=auto_delete,
+            arguments=arguments,
         )
         return result.queue
 
@@ -430,11 +513,16 @@ class AmqpTransport:
             del self._bindings[binding]
 
     @_as_deferred
-    async def declare_queue(self, name="", durable=False, exclusive=False, auto_delete=False):
+    async def declare_queue(
+        self, name="", durable=False, exclusive=False, auto_delete=False, arguments=None
+    ):
         session = self._live_session()
         _shortstr(name, "queue name")
-        declared = await self._declare_queue_on(session, name, durable, exclusive, auto_delete)
-        self._queues[declared] = (durable, exclusive, auto_delete, not name)
+        arguments = check_queue_arguments(name, durable, exclusive, auto_delete, arguments)
+        declared = await self._declare_queue_on(
+            session, name, durable, exclusive, auto_delete, arguments
+        )
+        self._queues[declared] = (durable, exclusive, auto_delete, not name, arguments)
         return declared
 
     @_as_deferred
