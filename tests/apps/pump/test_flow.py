@@ -48,13 +48,17 @@ class FlowScenario:
         return found
 
     def tree(self, directory):
-        """{relPath: bytes} of the files below C{directory}."""
+        """{relPath: bytes} of the files below C{directory}; a file renamed or removed while
+        the tree is read (a temporary name going into place) is left out."""
         found = {}
         for top, dirs, names in os.walk(directory):
             for name in names:
                 path = os.path.join(top, name)
-                with open(path, "rb") as f:
-                    found[os.path.relpath(path, directory)] = f.read()
+                try:
+                    with open(path, "rb") as f:
+                        found[os.path.relpath(path, directory)] = f.read()
+                except FileNotFoundError:
+                    continue
         return found
 
     async def sender(self, container, broker, **args):
