@@ -18,10 +18,18 @@ import unittest
 BINARY = "/usr/sbin/mosquitto"
 
 
+MISSING = "mosquitto is not installed (apt-get install mosquitto)"
+
+
+def find_mosquitto():
+    """Path of the `mosquitto` binary, or None when Mosquitto is not installed."""
+    return BINARY if os.access(BINARY, os.X_OK) else shutil.which("mosquitto")
+
+
 def skip_or_fail_without_mosquitto():
-    if os.access(BINARY, os.X_OK) or shutil.which("mosquitto"):
+    if find_mosquitto():
         return
-    reason = "mosquitto is not installed (apt-get install mosquitto) to run the MQTT tests"
+    reason = f"{MISSING} to run the MQTT tests"
     if os.environ.get("CI"):
         raise AssertionError(f"CI is set and {reason}")
     raise unittest.SkipTest(reason)
@@ -33,7 +41,9 @@ class PrivateMosquitto:
     host = "127.0.0.1"
 
     def __init__(self):
-        self.binary = BINARY if os.access(BINARY, os.X_OK) else shutil.which("mosquitto")
+        self.binary = find_mosquitto()
+        if self.binary is None:
+            raise RuntimeError(MISSING)
         self.base = tempfile.mkdtemp(prefix="ion-mosquitto-")
         with socket.socket() as s:
             s.bind((self.host, 0))

@@ -18,20 +18,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 SR3 = os.path.join(ROOT, "var", "bench", "sr3venv", "bin", "sr3")
 
 
-def skip_or_fail_without_sr3(mqtt=False):
-    """Skip (fail under CI) without sr3, or with C{mqtt} without its paho-mqtt."""
+def sr3_missing(mqtt=False):
+    """Why sr3 cannot run here (with C{mqtt}, over MQTT), saying how to get it; None if it
+    can."""
     make = (
         "make it with: python3 -m venv var/bench/sr3venv && "
         "var/bench/sr3venv/bin/pip install 'metpx-sr3[amqp,mqtt]'"
     )
     if not os.access(SR3, os.X_OK):
-        reason = f"sr3 is not installed at {SR3}; {make}"
-    elif mqtt and subprocess.run(
+        return f"sr3 is not installed at {SR3}; {make}"
+    if mqtt and subprocess.run(
         [os.path.join(os.path.dirname(SR3), "python"), "-c", "import paho.mqtt.client"],
         capture_output=True, stdin=subprocess.DEVNULL, timeout=60,
     ).returncode != 0:
-        reason = f"sr3 at {SR3} lacks paho-mqtt for MQTT; {make}"
-    else:
+        return f"sr3 at {SR3} lacks paho-mqtt for MQTT; {make}"
+    return None
+
+
+def skip_or_fail_without_sr3(mqtt=False):
+    """Skip (fail under CI) without sr3, or with C{mqtt} without its paho-mqtt."""
+    reason = sr3_missing(mqtt)
+    if reason is None:
         return
     if os.environ.get("CI"):
         raise AssertionError(f"CI is set and {reason}")
