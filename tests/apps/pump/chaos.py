@@ -170,6 +170,10 @@ class ChaosFlow:
         await self.start_child()
         later_put = False
         for kind, after in events:
+            if not later_put and after > len(self.first):
+                # A kill point past the first files: the others must be on their way first.
+                put_files(self.src, self.staging, self.later)
+                later_put = True
             await self.collector.when_ok(after).addTimeout(timeout, reactor)
             await self.kill(kind)
             if not later_put:
