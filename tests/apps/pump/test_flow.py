@@ -10,6 +10,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from ion.apps.pump.consumer import Consumer
+from ion.apps.pump.ingest import Ingest
 from ion.apps.pump.poll import PollService
 from ion.apps.pump.sender import Sender
 from ion.apps.pump.watch import Watch
@@ -18,8 +19,8 @@ from ion.core.cc.testing import make_container
 from ion.core.messaging.mqtt import MqttTransport
 from ion.core.messaging.transport import ConnectionLost, Properties
 from tests.apps.pump.fixtures import delete_queues, encode, file_url, notice_fields, topic, until
-from tests.apps.pump.fixtures import write_source
-from tests.broker import get_broker, skip_or_fail_without_rabbitmq
+from tests.apps.pump.fixtures import quiet, write_source
+from tests.broker import BrokerError, get_broker, skip_or_fail_without_rabbitmq
 from tests.mosquitto import get_mosquitto
 
 _names = itertools.count(1)
@@ -220,6 +221,70 @@ class RemoteAmqpPumpTests(FlowScenario, unittest.TestCase):
         self.assertEqual({n["baseUrl"] for n in self.got_reports}, {file_url(self.source)[:-1]})
         self.assertEqual(self.refusals()[before:], [])
 
+    async def test_ingest_feeds_a_remote_pump(self):
+        """An ingest given the remote pump's broker (its feeder's login) takes what anonymous
+        and rita post to their xs_ exchanges there and publishes it to that pump's xpublic,
+        stamped with the poster whatever the body says; a notice claiming another user_id is
+        refused by RabbitMQ, one without user_id by the ingest; an invalid one is reported
+        (417) on that pump's xreport; nothing goes to the container's own broker."""
+        queues = [f"q_guest.ingest.xs_{user}" for user in ("anonymous", "rita")]
+        await delete_queues(self.broker.url, queues)  # an earlier run's
+        self.addCleanup(delete_queues, self.broker.url, queues + [q + ".dead" for q in queues])
+        got = {}
+        await self.pump.declare_exchange("xreport", "topic", durable=True)
+        for exchange in ("xpublic", "xreport"):
+            queue = f"pump_{exchange}.{self.tag}"
+            self.addCleanup(delete_queues, self.broker.url, [queue])
+            await self.pump.declare_queue(queue, durable=True)
+            await self.pump.bind(queue, exchange, f"v03.{self.tag}.#")
+            got[exchange] = []
+
+            def take(delivery, into=got[exchange]):
+                into.append(json.loads(delivery.body))
+                delivery.ack()
+
+            await self.pump.consume(queue, take)
+        ingest = await self.container.spawn(
+            Ingest, args={"broker": self.broker.url, "users": ["anonymous", "rita"]}
+        )
+        self.assertEqual((ingest.user, ingest.broker.user), ("guest", "guest"))
+        posters = {}
+        for user in ("anonymous", "rita"):
+            posters[user] = make_transport(self.broker.url_for(user), reactor)
+            await posters[user].connect()
+            self.addCleanup(posters[user].close)
+
+        def notice(name, **fields):
+            return notice_fields("file:///x/", f"{self.tag}/{name}", b"d", **fields)
+
+        async def post(user, fields):
+            await posters[user].publish(f"xs_{user}", topic(fields["relPath"]), encode(fields),
+                                        Properties(), mandatory=False)
+
+        await post("anonymous", notice("a", source="rita"))
+        await post("rita", notice("b", source="anonymous"))
+        key, body = f"v03.{self.tag}", encode(notice("c"))
+        with self.assertRaises(BrokerError) as caught:
+            await threads.deferToThread(
+                self.broker.publish_raw, "anonymous", "xs_anonymous", key, body, user_id="rita"
+            )
+        self.assertIn("PRECONDITION_FAILED", str(caught.exception))
+        await threads.deferToThread(self.broker.publish_raw, "anonymous", "xs_anonymous", key,
+                                    body)
+        # JSON (the setUp's reader of xs_anonymous decodes it), but no notice.
+        await posters["anonymous"].publish("xs_anonymous", key, b'{"relPath": 5}', Properties())
+        await until(lambda: len(got["xpublic"]) == 2 and got["xreport"]
+                    and ingest.stats["refused"] == 1, timeout=20,
+                    what=lambda _: f"2 notices, 1 report, 1 refused: {got}, {ingest.stats}")
+        await quiet()
+        self.assertEqual(sorted((n["relPath"], n["source"]) for n in got["xpublic"]),
+                         [(f"{self.tag}/a", "anonymous"), (f"{self.tag}/b", "rita")])
+        (report,) = got["xreport"]
+        self.assertEqual((report["source"], report["report"]["code"]), ("anonymous", 417))
+        self.assertEqual(ingest.stats["by_source"], {"anonymous": 1, "rita": 1})
+        local = set(self.container.transport.broker.exchanges())
+        self.assertEqual(local & {"xpublic", "xreport", "xs_anonymous", "xr_anonymous"}, set())
+
 
 class MqttFlowTests(FlowScenario, unittest.TestCase):
     """Polls and subscriptions over a private Mosquitto."""
@@ -328,16 +393,22 @@ class BrokerArgTests(unittest.SynchronousTestCase):
         args = ConsumerArgs.parse({"name": "t", "directory": "/x", "broker": "mqtt://h/"})
         self.assertIsNone(args.report_exchange)  # xs_<login> on that broker
 
-    def test_ingest_takes_no_broker(self):
-        """An ingest given a broker (AMQP or MQTT) is refused with one line saying why and
-        what to use instead, never quoting the URL."""
+    def test_ingest_takes_no_mqtt_broker(self):
+        """An ingest given an MQTT broker is refused with one line saying why and what to use
+        instead, never quoting the URL; another URL that is not amqp[s]:// is refused too; an
+        amqp[s]:// one is taken."""
         from ion.apps.pump.args import BadArgument, IngestArgs
 
-        for url in ("amqp://u:s3cret@h/", "mqtt://u:s3cret@h/"):
+        for url in ("mqtt://u:s3cret@h/", "MQTTS://u:s3cret@h/"):
             with self.assertRaises(BadArgument) as caught:
                 IngestArgs.parse({"broker": url})
             message = str(caught.exception)
-            self.assertTrue(message.startswith("ingest: broker is not an ingest argument"))
-            self.assertIn("give a subscription a broker", message)
+            self.assertTrue(message.startswith("ingest: broker must be amqp[s]://, not MQTT"))
+            self.assertIn("give a subscription the MQTT broker", message)
             self.assertNotIn("s3cret", message)
             self.assertNotIn("\n", message)
+        with self.assertRaises(BadArgument) as caught:
+            IngestArgs.parse({"broker": "ftp://u:s3cret@h/"})
+        self.assertEqual(str(caught.exception), "ingest: broker must be an amqp[s]:// URL")
+        for url in ("amqp://u@h/", "amqps://u@h/v"):
+            self.assertEqual(IngestArgs.parse({"broker": url}).broker, url)
