@@ -94,19 +94,19 @@ class Ingest(ServiceProcess):
     service_optional = True  # named by the pump app: its name is a service (ion rpc)
 
     def on_init(self):
-        self.settings = IngestArgs.parse(self.args)
+        args = self.settings = IngestArgs.parse(self.args)
         self.broker = None
-        if self.settings.broker:
-            self.broker, _ = open_flow_broker(self, self.settings.broker, "ingest", "ingest", None)
-            self.user = self.settings.user or self.broker.user
-            login = self.broker.user
+        if args.broker:
+            self.broker, _ = open_flow_broker(self, args.broker, "ingest", "ingest", None)
+            # There the feeder's queues are its login's, and the login stands for the pump's
+            # user unless told.
+            self.login = self.broker.user
+            self.user = args.user or self.login
+            self.queue_prefix = f"q_{self.login}.ingest"
         else:
-            self.user = pump_user(self, self.settings.user)
-            login = self.container.transport.user
-        # The login of the ingest's connection: its messages on xs_<user> are the pump's own.
-        self.login = login
-        # The feeder's queues: named after the login it holds them with on another broker.
-        self.queue_prefix = f"q_{login if self.broker else self.user}.ingest"
+            self.user = pump_user(self, args.user)
+            self.login = self.container.transport.user
+            self.queue_prefix = f"q_{self.user}.ingest"
         users = self.settings.users
         self.users = list(users) if users is not None else [self.user]
         self.subscriber = f"{self.user}.ingest"
