@@ -618,12 +618,31 @@ class WatchArgs(_Named):
     standby_interval = attrs.field(default=10, validator=SECONDS)
 
 
+def _check_ingest_broker(instance, attribute, value):
+    # Never quoted: the URL may hold a password.
+    if value is None:
+        return
+    if isinstance(value, str) and re.match(r"mqtts?://", value, re.I | re.A):
+        raise BadArgument(INGEST_MQTT)
+    if not (isinstance(value, str) and re.match(r"amqps?://", value, re.I | re.A)):
+        raise BadArgument(f"{instance.who}: broker must be an amqp[s]:// URL")
+
+
+# Why the ingest takes no MQTT broker (README.txt says the same).
+INGEST_MQTT = (
+    "ingest: broker must be amqp[s]://, not MQTT: the ingest stamps source from the publisher "
+    "the broker vouches for (AMQP user_id), which MQTT does not carry; give a subscription the "
+    "MQTT broker instead"
+)
+
+
 @attrs.frozen(kw_only=True)
 class IngestArgs(_Arguments):
-    """The ingest (L{ion.apps.pump.ingest}); C{users} None: the pump's user only. It takes no
-    C{broker}: see L{INGEST_BROKER}."""
+    """The ingest (L{ion.apps.pump.ingest}); C{users} None: the pump's user only. C{broker}:
+    the AMQP broker of the pump it feeds, when not the container's (MQTT: L{INGEST_MQTT})."""
 
     who = _fixed_who("ingest")
+    broker = attrs.field(default=None, validator=_check_ingest_broker)
     users = attrs.field(
         default=None,
         validator=_check(
@@ -637,21 +656,6 @@ class IngestArgs(_Arguments):
     report_exchange = attrs.field(default="xreport", validator=EXCHANGE)
     prefetch = attrs.field(default=100, validator=COUNT)
     max_notice_bytes = attrs.field(default=MAX_NOTICE_BYTES, validator=COUNT)
-
-    @classmethod
-    def parse(cls, args, who=None):
-        if isinstance(args, dict) and "broker" in args:
-            raise BadArgument(INGEST_BROKER)
-        return super().parse(args, who)
-
-
-# Why the ingest has no broker of its own (README.txt says the same).
-INGEST_BROKER = (
-    "ingest: broker is not an ingest argument: the ingest feeds the pump on the container's "
-    "own broker (it reads every user's xs_ exchange and writes xpublic, which only that "
-    "pump's admin may, and stamps source from the publisher that broker vouches for, which "
-    "MQTT does not carry); to take notices from another pump, give a subscription a broker"
-)
 
 
 @attrs.frozen(kw_only=True)

@@ -32,6 +32,16 @@ are things the broker vouches for:
     name (C{user}), so a message on the pump's own C{xs_<user>} from that login is taken too. A
     message without C{user_id} (clients need not set it, and then nothing is checked) is taken
     only on a single-user pump, where C{users} is just the pump's own user.
+
+Given a C{broker} (C{amqp[s]://}), the ingest feeds the pump on that broker instead of the
+container's: with a connection of its own (L{ion.apps.pump.flow.open_flow_broker}) it declares
+the C{xr_<u>} exchanges there, consumes C{xs_<u>} there through the queues
+C{q_<login>.ingest.xs_<u>}, and publishes notices and reports there; its login stands for the
+pump's user unless C{user} is given. It is that pump's feeder, so its login needs the rights
+to declare and write those exchanges and queues. The checks above hold as they are: RabbitMQ
+checks C{user_id} on any node. Dead letters go to the container's broker, as every flow's.
+An MQTT broker is refused (L{ion.apps.pump.args.INGEST_MQTT}): MQTT carries no publisher the
+broker vouches for.
 """
 
 import hashlib
@@ -39,6 +49,7 @@ import json
 
 from ion.apps.pump.args import IngestArgs
 from ion.apps.pump.consumer import make_report, report_id
+from ion.apps.pump.flow import open_flow_broker
 from ion.apps.pump.notice import InvalidNotice, Notice, format_time
 from ion.apps.pump.outcome import RecentFailures
 from ion.apps.pump.user import pump_user
@@ -83,8 +94,19 @@ class Ingest(ServiceProcess):
     service_optional = True  # named by the pump app: its name is a service (ion rpc)
 
     def on_init(self):
-        self.settings = IngestArgs.parse(self.args)
-        self.user = pump_user(self, self.settings.user)
+        args = self.settings = IngestArgs.parse(self.args)
+        self.broker = None
+        if args.broker:
+            self.broker, _ = open_flow_broker(self, args.broker, "ingest", "ingest", None)
+            # There the feeder's queues are its login's, and the login stands for the pump's
+            # user unless told.
+            self.login = self.broker.user
+            self.user = args.user or self.login
+            self.queue_prefix = f"q_{self.login}.ingest"
+        else:
+            self.user = pump_user(self, args.user)
+            self.login = self.container.transport.user
+            self.queue_prefix = f"q_{self.user}.ingest"
         users = self.settings.users
         self.users = list(users) if users is not None else [self.user]
         self.subscriber = f"{self.user}.ingest"
@@ -96,19 +118,23 @@ class Ingest(ServiceProcess):
         self._refusal_logged_at = None
 
     async def on_activate(self):
+        if self.broker is not None:
+            await self.broker.connect()
+        transport = self.broker or self.container.transport
         for user in self.users:
             # Declared before any report goes there: a source may read its xr_ exchange but
             # not declare it (ion.core.cc.roles), so it can subscribe to its reports
             # before its first post only if the pump declared the exchange.
-            await self.container.transport.declare_exchange(f"xr_{user}", "topic", durable=True)
+            await transport.declare_exchange(f"xr_{user}", "topic", durable=True)
             exchange = f"xs_{user}"
             await self.subscribe(
                 exchange,
                 ["#"],
                 self._on_delivery,
-                queue=f"q_{self.user}.ingest.{exchange}",
+                queue=f"{self.queue_prefix}.{exchange}",
                 durable=True,
                 prefetch=self.settings["prefetch"],
+                transport=self.broker,
             )
 
     def op_stats(self, content, headers):
@@ -128,7 +154,7 @@ class Ingest(ServiceProcess):
                 user_id,
                 self.users,
                 pump=self.user,
-                login=self.container.transport.user,
+                login=self.login,
             )
         except NotPostedHere as e:
             self.stats["refused"] += 1
@@ -173,7 +199,9 @@ class Ingest(ServiceProcess):
 
     async def _publish(self, exchange, routing_key, body):
         declare = None if exchange in self._declared else "topic"
-        await self.publish(exchange, routing_key, body, persistent=True, declare=declare)
+        await self.publish(
+            exchange, routing_key, body, persistent=True, declare=declare, transport=self.broker
+        )
         self._declared.add(exchange)
 
     async def _refuse(self, delivery, source, error):

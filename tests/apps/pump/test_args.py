@@ -281,7 +281,7 @@ class ProcessArgsTests(ArgumentsCase):
                 IngestArgs,
                 {"colour": 1},
                 "ingest: unknown argument 'colour'; valid ones are "
-                "users, user, exchange, report_exchange, prefetch, max_notice_bytes",
+                "broker, users, user, exchange, report_exchange, prefetch, max_notice_bytes",
             ),
             (
                 ReportRouterArgs,

@@ -1,6 +1,7 @@
 """Flows on a broker of their own: a container on memory:// subscribing to a remote pump with a
 read-only sr3 account (AMQP), and polls and subscriptions over MQTT v5 (Mosquitto)."""
 
+import datetime
 import itertools
 import json
 import os
@@ -10,6 +11,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from ion.apps.pump.consumer import Consumer
+from ion.apps.pump.ingest import Ingest
 from ion.apps.pump.poll import PollService
 from ion.apps.pump.sender import Sender
 from ion.apps.pump.watch import Watch
@@ -18,8 +20,8 @@ from ion.core.cc.testing import make_container
 from ion.core.messaging.mqtt import MqttTransport
 from ion.core.messaging.transport import ConnectionLost, Properties
 from tests.apps.pump.fixtures import delete_queues, encode, file_url, notice_fields, topic, until
-from tests.apps.pump.fixtures import write_source
-from tests.broker import get_broker, skip_or_fail_without_rabbitmq
+from tests.apps.pump.fixtures import quiet, write_source
+from tests.broker import BrokerError, get_broker, skip_or_fail_without_rabbitmq
 from tests.mosquitto import get_mosquitto
 
 _names = itertools.count(1)
@@ -127,21 +129,34 @@ class RemoteAmqpPumpTests(FlowScenario, unittest.TestCase):
                                     Properties(content_type="application/json", delivery_mode=2),
                                     mandatory=False)
 
-    def refusals(self):
+    def refusals(self, since):
+        """The node's log lines saying it refused anonymous something, stamped C{since} (a
+        UTC datetime) or later. Chosen by their stamps: the node writes its log up to a few
+        seconds late, so an earlier test's refusals may reach the files during this one. A
+        line with no stamp is kept."""
         text = ""
         for name in os.listdir(self.broker.log_dir):
             path = os.path.join(self.broker.log_dir, name)
             if os.path.isfile(path):
                 with open(path, errors="replace") as f:
                     text += f.read()
-        return [line for line in text.splitlines()
-                if "access_refused" in line.lower() and "anonymous" in line]
+        found = []
+        for line in text.splitlines():
+            if "access_refused" not in line.lower() or "anonymous" not in line:
+                continue
+            try:
+                stamp = datetime.datetime.fromisoformat(line[:32])
+            except ValueError:
+                stamp = None
+            if stamp is None or stamp.tzinfo is None or stamp >= since:
+                found.append(line)
+        return found
 
     async def test_subscribe_to_a_public_pump(self):
         """Files announced on the remote xpublic are delivered; the account's permissions are
         never refused; reports go to xs_anonymous; a restart of the remote node loses
         nothing."""
-        before = len(self.refusals())
+        since = datetime.datetime.now(datetime.timezone.utc)
         self.write(40)
         proc = await self.consumer(self.container, self.url)
         self.assertEqual(proc.queue, f"q_anonymous.consumer.{self.tag}")
@@ -160,7 +175,7 @@ class RemoteAmqpPumpTests(FlowScenario, unittest.TestCase):
         # A report on its way when the node went down fails its message, which comes back
         # (Process.subscribe's failure policy logs it).
         self.flushLoggedErrors(ConnectionLost)
-        self.assertEqual(self.refusals()[before:], [])
+        self.assertEqual(self.refusals(since), [])
         self.assertFalse(os.path.exists(os.path.join(self.root, "state", self.tag,
                                                      "reports.jsonl")))
 
@@ -190,7 +205,7 @@ class RemoteAmqpPumpTests(FlowScenario, unittest.TestCase):
     async def test_sender_from_a_public_pump(self):
         """A sender takes the notices of the remote xpublic through its own queue there and
         sends the files to its destination; its reports go to xs_anonymous."""
-        before = len(self.refusals())
+        since = datetime.datetime.now(datetime.timezone.utc)
         self.write(6)
         proc = await self.sender(self.container, self.url)
         self.assertEqual(proc.queue, f"q_anonymous.sender.{self.tag}")
@@ -201,11 +216,11 @@ class RemoteAmqpPumpTests(FlowScenario, unittest.TestCase):
                     what=lambda _: f"6 files sent, got {sorted(self.tree(sent))}")
         await until(lambda: len(self.got_reports) == 6, timeout=20, what="6 reports")
         self.assertEqual({r["report"]["code"] for r in self.got_reports}, {201})
-        self.assertEqual(self.refusals()[before:], [])
+        self.assertEqual(self.refusals(since), [])
 
     async def test_watch_to_a_remote_pump(self):
         """A watch announces to the remote pump's xs_anonymous, declaring nothing there."""
-        before = len(self.refusals())
+        since = datetime.datetime.now(datetime.timezone.utc)
         await self.watch(self.container, self.url)
         self.write(4)
         # got_reports reads xs_anonymous: here it holds the watch's notices (the directories
@@ -218,7 +233,71 @@ class RemoteAmqpPumpTests(FlowScenario, unittest.TestCase):
         self.assertEqual({n["size"] for n in files().values()},
                          {len(data) for data in self.files.values()})
         self.assertEqual({n["baseUrl"] for n in self.got_reports}, {file_url(self.source)[:-1]})
-        self.assertEqual(self.refusals()[before:], [])
+        self.assertEqual(self.refusals(since), [])
+
+    async def test_ingest_feeds_a_remote_pump(self):
+        """An ingest given the remote pump's broker (its feeder's login) takes what anonymous
+        and rita post to their xs_ exchanges there and publishes it to that pump's xpublic,
+        stamped with the poster whatever the body says; a notice claiming another user_id is
+        refused by RabbitMQ, one without user_id by the ingest; an invalid one is reported
+        (417) on that pump's xreport; nothing goes to the container's own broker."""
+        queues = [f"q_guest.ingest.xs_{user}" for user in ("anonymous", "rita")]
+        await delete_queues(self.broker.url, queues)  # an earlier run's
+        self.addCleanup(delete_queues, self.broker.url, queues + [q + ".dead" for q in queues])
+        got = {}
+        await self.pump.declare_exchange("xreport", "topic", durable=True)
+        for exchange in ("xpublic", "xreport"):
+            queue = f"pump_{exchange}.{self.tag}"
+            self.addCleanup(delete_queues, self.broker.url, [queue])
+            await self.pump.declare_queue(queue, durable=True)
+            await self.pump.bind(queue, exchange, f"v03.{self.tag}.#")
+            got[exchange] = []
+
+            def take(delivery, into=got[exchange]):
+                into.append(json.loads(delivery.body))
+                delivery.ack()
+
+            await self.pump.consume(queue, take)
+        ingest = await self.container.spawn(
+            Ingest, args={"broker": self.broker.url, "users": ["anonymous", "rita"]}
+        )
+        self.assertEqual((ingest.user, ingest.broker.user), ("guest", "guest"))
+        posters = {}
+        for user in ("anonymous", "rita"):
+            posters[user] = make_transport(self.broker.url_for(user), reactor)
+            await posters[user].connect()
+            self.addCleanup(posters[user].close)
+
+        def notice(name, **fields):
+            return notice_fields("file:///x/", f"{self.tag}/{name}", b"d", **fields)
+
+        async def post(user, fields):
+            await posters[user].publish(f"xs_{user}", topic(fields["relPath"]), encode(fields),
+                                        Properties(), mandatory=False)
+
+        await post("anonymous", notice("a", source="rita"))
+        await post("rita", notice("b", source="anonymous"))
+        key, body = f"v03.{self.tag}", encode(notice("c"))
+        with self.assertRaises(BrokerError) as caught:
+            await threads.deferToThread(
+                self.broker.publish_raw, "anonymous", "xs_anonymous", key, body, user_id="rita"
+            )
+        self.assertIn("PRECONDITION_FAILED", str(caught.exception))
+        await threads.deferToThread(self.broker.publish_raw, "anonymous", "xs_anonymous", key,
+                                    body)
+        # JSON (the setUp's reader of xs_anonymous decodes it), but no notice.
+        await posters["anonymous"].publish("xs_anonymous", key, b'{"relPath": 5}', Properties())
+        await until(lambda: len(got["xpublic"]) == 2 and got["xreport"]
+                    and ingest.stats["refused"] == 1, timeout=20,
+                    what=lambda _: f"2 notices, 1 report, 1 refused: {got}, {ingest.stats}")
+        await quiet()
+        self.assertEqual(sorted((n["relPath"], n["source"]) for n in got["xpublic"]),
+                         [(f"{self.tag}/a", "anonymous"), (f"{self.tag}/b", "rita")])
+        (report,) = got["xreport"]
+        self.assertEqual((report["source"], report["report"]["code"]), ("anonymous", 417))
+        self.assertEqual(ingest.stats["by_source"], {"anonymous": 1, "rita": 1})
+        local = set(self.container.transport.broker.exchanges())
+        self.assertEqual(local & {"xpublic", "xreport", "xs_anonymous", "xr_anonymous"}, set())
 
 
 class MqttFlowTests(FlowScenario, unittest.TestCase):
@@ -328,16 +407,22 @@ class BrokerArgTests(unittest.SynchronousTestCase):
         args = ConsumerArgs.parse({"name": "t", "directory": "/x", "broker": "mqtt://h/"})
         self.assertIsNone(args.report_exchange)  # xs_<login> on that broker
 
-    def test_ingest_takes_no_broker(self):
-        """An ingest given a broker (AMQP or MQTT) is refused with one line saying why and
-        what to use instead, never quoting the URL."""
+    def test_ingest_takes_no_mqtt_broker(self):
+        """An ingest given an MQTT broker is refused with one line saying why and what to use
+        instead, never quoting the URL; another URL that is not amqp[s]:// is refused too; an
+        amqp[s]:// one is taken."""
         from ion.apps.pump.args import BadArgument, IngestArgs
 
-        for url in ("amqp://u:s3cret@h/", "mqtt://u:s3cret@h/"):
+        for url in ("mqtt://u:s3cret@h/", "MQTTS://u:s3cret@h/"):
             with self.assertRaises(BadArgument) as caught:
                 IngestArgs.parse({"broker": url})
             message = str(caught.exception)
-            self.assertTrue(message.startswith("ingest: broker is not an ingest argument"))
-            self.assertIn("give a subscription a broker", message)
+            self.assertTrue(message.startswith("ingest: broker must be amqp[s]://, not MQTT"))
+            self.assertIn("give a subscription the MQTT broker", message)
             self.assertNotIn("s3cret", message)
             self.assertNotIn("\n", message)
+        with self.assertRaises(BadArgument) as caught:
+            IngestArgs.parse({"broker": "ftp://u:s3cret@h/"})
+        self.assertEqual(str(caught.exception), "ingest: broker must be an amqp[s]:// URL")
+        for url in ("amqp://u@h/", "amqps://u@h/v"):
+            self.assertEqual(IngestArgs.parse({"broker": url}).broker, url)
