@@ -286,7 +286,10 @@ def _retention(value, self):
         not isinstance(value, dict)
         or set(value) != {"after_days", "archive"}
         or not (_is_number(value["after_days"]) and value["after_days"] > 0)
-        or not (value["archive"] is None or (isinstance(value["archive"], str) and value["archive"]))
+        or not (
+            value["archive"] is None
+            or (isinstance(value["archive"], str) and value["archive"])
+        )
     ):
         raise BadArgument(
             f"{self.who}: retention must be {{'after_days': days > 0, 'archive': a directory "
@@ -742,8 +745,9 @@ def _given_or(default, validator):
 @attrs.frozen(kw_only=True)
 class PumpArgs(_Arguments):
     """The pump app's kwargs (L{ion.apps.pump.app}); C{who} is the app's name. The entries of
-    C{polls}, C{watches}, C{subscriptions}, C{senders}, C{ingest}, C{report_router} and
-    C{progress} are the dicts the processes are given (and check); C{transfer} holds the transfer settings and L{workers}."""
+    C{polls}, C{watches}, C{subscriptions}, C{senders}, C{ingest}, C{report_router} and C{progress}
+    are the dicts the processes are given (and check); C{transfer} holds the transfer settings and
+    L{workers}."""
 
     who = attrs.field(default="pump", eq=False, repr=False)
     ingest = _given_or(dict, _DICT)

@@ -70,7 +70,9 @@ class OnComplete:
             raise ValueError(f"{who}: on_complete timeout must be seconds > 0, got {timeout!r}")
         all_files = value.get("all_files", False)
         if not isinstance(all_files, bool):
-            raise ValueError(f"{who}: on_complete all_files must be True or False, got {all_files!r}")
+            raise ValueError(
+                f"{who}: on_complete all_files must be True or False, got {all_files!r}"
+            )
         return cls(None if command is None else tuple(command), exchange, timeout, all_files)
 
     def applies(self, result):

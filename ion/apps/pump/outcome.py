@@ -74,7 +74,8 @@ class RecentFailures:
         if file is not None:
             entry["file"] = file
         last = self._kept[-1] if self._kept else None
-        if last is not None and all(last.get(k) == entry.get(k) for k in ("code", "reason", "file")):
+        same = ("code", "reason", "file")
+        if last is not None and all(last.get(k) == entry.get(k) for k in same):
             last["time"] = entry["time"]
             last["times"] = last.get("times", 1) + 1
             return

@@ -50,8 +50,9 @@ def files_to_post(paths, base_dir=None):
 
 async def post_files(process, files, exchange, base_url, prefix="v03", transport=None):
     """Announce C{files} [(path, relPath)] to C{exchange} through C{process} (on C{transport},
-    a connection of its own, when given); returns how many were confirmed. A file gone or unreadable by the time it is read is skipped (not counted).
-    Raises what the first publish that failed raised, after the others in flight ended."""
+    a connection of its own, when given); returns how many were confirmed. A file gone or unreadable
+    by the time it is read is skipped (not counted). Raises what the first publish that failed
+    raised, after the others in flight ended."""
     reactor = process.container.reactor
     now = process.container.clock.seconds
     confirmed = 0

@@ -7,14 +7,14 @@ pump's supervisor, e.g. C{consumer.pump}) for their C{stats} each interval and l
 
 files/s counts deliveries since the previous line, bytes/s bytes received (of files delivered,
 failed or on their way), followed by C{(limit 2.1 MB/s)} when consumers have a bandwidth limit
-(C{byte_rate_max}; the sum of theirs); "queued" is the notices waiting on the broker; "in hand" the messages
-taken and not settled yet, with the bytes being fetched, e.g. "2 in hand (1.3 GB received)";
-"retrying" the files in the retry queues; failures count the files given up on, by report
-code, and each poll's failed passes (C{failures: poll.source=12}). While nothing moves and
-nothing waits, one "idle" line is logged, then nothing until work arrives or the failures
-change. A file coming in blocks (a partitioned transfer) adds its own progress, for at most
-three files: C{; big.nc: 3/16 blocks, 1.2 GiB of 4.0 GiB}. A consumer not answering in C{timeout} seconds (broker down, or stuck) is named by its
-process name instead of being counted as idle::
+(C{byte_rate_max}; the sum of theirs); "queued" is the notices waiting on the broker; "in hand" the
+messages taken and not settled yet, with the bytes being fetched, e.g. "2 in hand (1.3 GB
+received)"; "retrying" the files in the retry queues; failures count the files given up on, by
+report code, and each poll's failed passes (C{failures: poll.source=12}). While nothing moves and
+nothing waits, one "idle" line is logged, then nothing until work arrives or the failures change. A
+file coming in blocks (a partitioned transfer) adds its own progress, for at most three files: C{;
+big.nc: 3/16 blocks, 1.2 GiB of 4.0 GiB}. A consumer not answering in C{timeout} seconds (broker
+down, or stuck) is named by its process name instead of being counted as idle::
 
     pump: 0.0 files/s, 0 B/s; 1240 delivered; 0 queued, 0 in hand, 0 retrying; failures: none; not answering: pump.consumer.pump
 """

@@ -2,13 +2,13 @@
 L{ion.core.process.instances}, which starts it).
 
 Reads one line from stdin, a Python literal (read with C{ast.literal_eval}) with C{broker_url},
-C{broker_tls}, C{sysname}, C{config} (the container's config layers), C{res_dir},
-C{container_id}, C{spec}, C{name} and C{args}; starts a container on that broker, spawns the
-process, and writes C{READY <class>} to stdout. It stops (the process, then the container,
-exit status 0) when stdin reaches end-of-file -- the parent closed it or died -- or on
-SIGTERM (SIGINT is ignored: a Ctrl-C reaches the container, which stops its instances); it exits 1 when the process ends by itself, and 2 when it could not start it
-for bad input (bad args, a state directory in use), with one line on stderr. Log lines go to
-stderr, filtered by the levels of C{res_dir}, for the parent to relay.
+C{broker_tls}, C{sysname}, C{config} (the container's config layers), C{res_dir}, C{container_id},
+C{spec}, C{name} and C{args}; starts a container on that broker, spawns the process, and writes
+C{READY <class>} to stdout. It stops (the process, then the container, exit status 0) when stdin
+reaches end-of-file -- the parent closed it or died -- or on SIGTERM (SIGINT is ignored: a Ctrl-C
+reaches the container, which stops its instances); it exits 1 when the process ends by itself, and 2
+when it could not start it for bad input (bad args, a state directory in use), with one line on
+stderr. Log lines go to stderr, filtered by the levels of C{res_dir}, for the parent to relay.
 """
 
 import ast

@@ -253,7 +253,8 @@ class Options(usage.Options):
         url = self["broker"] or config.get("ion.core.messaging", "broker", "memory://")
         if isinstance(url, list):
             url = ",".join(url)
-        if not (self["broker-host"] or self["broker-port"] or self["broker-user"] or self["broker-vhost"]):
+        parts = ("broker-host", "broker-port", "broker-user", "broker-vhost")
+        if not any(self[part] for part in parts):
             return url
         check_broker_url(url)  # the parts below are then safe to take
         if len(_split_urls(url)) > 1:

@@ -3,12 +3,12 @@ instance of a pump flow with C{instances: N}, for work one Python process cannot
 
 L{OSInstance} is an ordinary process to its supervisor. Activating it starts C{python -m
 ion.core.cc.instance} (L{ion.core.cc.instance}) with the container's working directory and
-environment, and writes one line to the child's stdin: a Python literal with the broker URL
-and TLS files, the sysname, the config layers, the resource directory, and the spec, name and
-args of the process to run (the URL's password travels there, never on the command line). The
-child starts a container of its own on the same broker, spawns that process, and says
-C{READY <class>} on stdout; only then is the instance active. A child that ends before that fails the
-activation with its last line of stderr (exit status 2, bad input, fails it as a ValueError).
+environment, and writes one line to the child's stdin: a Python literal with the broker URL and TLS
+files, the sysname, the config layers, the resource directory, and the spec, name and args of the
+process to run (the URL's password travels there, never on the command line). The child starts a
+container of its own on the same broker, spawns that process, and says C{READY <class>} on stdout;
+only then is the instance active. A child that ends before that fails the activation with its last
+line of stderr (exit status 2, bad input, fails it as a ValueError).
 
 The pipe to the child's stdin stays open while the instance lives: the child stops when it
 reads end-of-file, so it ends with the container however the container ends (a stop, SIGTERM,

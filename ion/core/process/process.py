@@ -372,15 +372,15 @@ class Process:
         kills its process each time cannot loop forever. A queue that exists with another
         type is a ValueError naming it (nothing is changed on the broker).
 
-        The process owns the rest. A handler that raises (or whose awaitable fails) before
-        settling its message gets it back (requeued, C{redelivered} set) until it was returned
+        The process owns the rest. A handler that raises (or whose awaitable fails) before settling
+        its message gets it back (requeued, C{redelivered} set) until it was returned
         C{delivery_limit} times (on a classic queue, which only tells whether a message was
-        delivered before: once); when it fails then too, the message is published, confirmed,
-        to the queue C{<queue>.dead} (declared then, durable like C{queue}; through the
-        default exchange) with the headers C{dead-reason}, C{dead-exchange} and C{dead-routing-key}, then
-        C{on_dead_letter(delivery, reason)} runs, then the message is acked. On terminate no
-        new message is taken (those arriving go back to the queue), those in hand get
-        C{stop_timeout()} seconds, then the subscription ends.
+        delivered before: once); when it fails then too, the message is published, confirmed, to the
+        queue C{<queue>.dead} (declared then, durable like C{queue}; through the default exchange)
+        with the headers C{dead-reason}, C{dead-exchange} and C{dead-routing-key}, then
+        C{on_dead_letter(delivery, reason)} runs, then the message is acked. On terminate no new
+        message is taken (those arriving go back to the queue), those in hand get C{stop_timeout()}
+        seconds, then the subscription ends.
 
         C{transport}: a connection of L{open_broker} to consume from instead of the
         container's; with C{exchange_type=None} the exchange is not declared (a remote pump's

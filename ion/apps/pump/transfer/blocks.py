@@ -347,10 +347,11 @@ class PartialFile(InflightFile):
 
 class BlockSink:
     """
-    Receives one block of a L{PartialFile}: the chunks are written at their offset in the part
-    file by pool jobs (one at a time, of at least C{WRITE_BATCH} bytes but the last), the source paused while C{BACKLOG_LIMIT} bytes wait.
-    Anything past the block's length fails it; L{close} fails it when bytes are missing or,
-    given C{methods} and an expected checksum, when they do not hash to it.
+    Receives one block of a L{PartialFile}: the chunks are written at their offset in the part file
+    by pool jobs (one at a time, of at least C{WRITE_BATCH} bytes but the last), the source paused
+    while C{BACKLOG_LIMIT} bytes wait. Anything past the block's length fails it; L{close} fails it
+    when bytes are missing or, given C{methods} and an expected checksum, when they do not hash to
+    it.
     """
 
     def __init__(self, partial, index, methods=()):

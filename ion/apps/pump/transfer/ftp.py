@@ -1,15 +1,15 @@
 """The C{ftp} scheme: twisted.protocols.ftp's client in passive mode, binary type.
 
-One control connection per operation (or kept open between operations for C{dead_time}
-seconds, then C{QUIT}: L{ion.apps.pump.transfer.sessions}), logged in as the URL's or credentials file's user
-(C{anonymous} when none is given). A get asks C{SIZE} and C{MDTM} (when the server answers
-them) for the announced size and mtime, then streams C{RETR} to disk; a block of a partitioned
-transfer is C{REST} then C{RETR}, its data connection closed at the block's end (a server
-answering REST with 500-504 cannot serve blocks: L{RangeIgnored}). A put sends C{STOR} to
-C{.<name>.<random>.inflight} beside the target, then renames it with C{RNFR}/C{RNTO} (removing
-an existing target first if the server refuses to replace it); the mtime follows with C{MFMT}
-when the server lists it in C{FEAT}. A list uses C{MLSD} when C{FEAT} lists it, else C{LIST}
-(see L{ion.apps.pump.transfer.listings} for the formats read).
+One control connection per operation (or kept open between operations for C{dead_time} seconds, then
+C{QUIT}: L{ion.apps.pump.transfer.sessions}), logged in as the URL's or credentials file's user
+(C{anonymous} when none is given). A get asks C{SIZE} and C{MDTM} (when the server answers them) for
+the announced size and mtime, then streams C{RETR} to disk; a block of a partitioned transfer is
+C{REST} then C{RETR}, its data connection closed at the block's end (a server answering REST with
+500-504 cannot serve blocks: L{RangeIgnored}). A put sends C{STOR} to C{.<name>.<random>.inflight}
+beside the target, then renames it with C{RNFR}/C{RNTO} (removing an existing target first if the
+server refuses to replace it); the mtime follows with C{MFMT} when the server lists it in C{FEAT}. A
+list uses C{MLSD} when C{FEAT} lists it, else C{LIST} (see L{ion.apps.pump.transfer.listings} for
+the formats read).
 
 Passive data connections go to the control connection's peer address, whatever address the
 PASV reply names.

@@ -449,7 +449,10 @@ def _publish_frame(channel, exchange, routing_key, mandatory):
     if len(name) > 255 or len(key) > 255:
         raise ValueError(f"short string longer than 255 bytes: {max(name, key, key=len)[:40]!r}...")
     payload = b"".join(
-        (_PUBLISH_HEAD, bytes((len(name),)), name, bytes((len(key),)), key, b"\x01" if mandatory else b"\x00")
+        (
+            _PUBLISH_HEAD, bytes((len(name),)), name, bytes((len(key),)), key,
+            b"\x01" if mandatory else b"\x00",
+        )
     )
     return b"".join((_FRAME.pack(_METHOD_FRAME, channel, len(payload)), payload, _FRAME_END))
 
