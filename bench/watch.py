@@ -17,7 +17,10 @@ has been announced. Before the clock starts, a probe file must be announced (the
   temp dir; sum sha512 (sr3's default), logLevel warning.
 
 The rate is files / (last notice - writer start); `writer_files_per_s` is how fast the writer
-wrote them, the most a watch can announce (plus its coalescing delay: 1 s for ION). CPU is
+wrote them, the most a watch can announce (plus its coalescing delay: 1 s for ION). The trees
+are made under $TMPDIR: on a disk-backed /tmp the writer itself made only 2,500-16,000 files/s
+on the project's 2-core machine, which then capped the figure, so compare with
+`TMPDIR=/dev/shm` (tmpfs: about 50,000 files/s there, the watch's own rate shows). CPU is
 utime+stime of the container or of the sr3 instances over the same interval; peak RSS is
 their VmHWM. One line per system, then:
 
