@@ -19,6 +19,7 @@ Reply codes: 530 is L{AuthFailed}, 550 L{NotFound}, other 4xx replies L{Connecti
 """
 
 import calendar
+import functools
 import posixpath
 import time
 
@@ -44,7 +45,7 @@ from ion.apps.pump.transfer.limits import IdleTimer
 from ion.apps.pump.transfer.policy import connect
 from ion.apps.pump.transfer.listings import ListingBuffer, parse_list_line, parse_mlsd_line
 from ion.apps.pump.transfer.outgoing import ProgressReader
-from ion.apps.pump.transfer.sessions import session_key
+from ion.apps.pump.transfer.sessions import borrowed
 
 
 def _wire(text, what="the path"):
@@ -216,43 +217,27 @@ async def _login(session, location):
 async def _with_session(reactor, location, settings, work):
     """Connect and log in (or take a kept session: L{ion.apps.pump.transfer.sessions}), run
     C{work(session)}, then keep the session or disconnect; errors become L{TransferError}s."""
-    sessions = settings.sessions if settings.access is None else None
-    key = None if sessions is None else session_key(location, settings)
-    session = None if sessions is None else sessions.take(key)
-    clean = False
-    if session is not None:
-        session.rearm(settings)
-    else:
-        session = _Session(reactor, location, settings)
-    try:
-        if not session.logged_in:
-            if sessions is not None:
-                sessions.opened += 1
-            await connect(reactor, location, settings, session.control)
-            await _login(session, location)
-            session.logged_in = True
-        result = await work(session)
-        clean = True
-        return result
-    except (CancelledError, TransferError):
-        raise
-    except CommandFailed as exc:
-        raise _command_error(location, exc, "command failed") from None
-    except (FTPError, net_error.ConnectionLost, net_error.ConnectionDone) as exc:
-        if session.timer.expired:
-            raise TransferTimeout(
-                f"{location.shown}: no data for {settings.timeouts.idle:g} s"
-            ) from None
-        inner = _inner_command_failure(exc)
-        if inner is not None:
-            raise _command_error(location, inner, "command failed") from None
-        raise ConnectionFailed(f"{location.shown}: connection lost") from None
-    finally:
-        session.timer.stop()
-        if clean and sessions is not None:
-            sessions.give(key, session)
-        else:
-            await session.close()
+    new = functools.partial(_Session, reactor, location, settings)
+    async with borrowed(location, settings, new) as session:
+        try:
+            if not session.logged_in:
+                await connect(reactor, location, settings, session.control)
+                await _login(session, location)
+                session.logged_in = True
+            return await work(session)
+        except (CancelledError, TransferError):
+            raise
+        except CommandFailed as exc:
+            raise _command_error(location, exc, "command failed") from None
+        except (FTPError, net_error.ConnectionLost, net_error.ConnectionDone) as exc:
+            if session.timer.expired:
+                raise TransferTimeout(
+                    f"{location.shown}: no data for {settings.timeouts.idle:g} s"
+                ) from None
+            inner = _inner_command_failure(exc)
+            if inner is not None:
+                raise _command_error(location, inner, "command failed") from None
+            raise ConnectionFailed(f"{location.shown}: connection lost") from None
 
 
 async def _optional(session, command):

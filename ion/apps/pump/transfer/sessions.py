@@ -15,6 +15,8 @@ L{ion.apps.pump.transfer.policy}). At most C{per_key} idle sessions are kept per
 login (the transfers' C{per_host}, the most that can be busy at once).
 """
 
+import contextlib
+
 from twisted.internet.defer import Deferred
 
 
@@ -90,3 +92,32 @@ def session_key(location, settings):
         location.scheme, location.host, location.port, location.user, location.password,
         location.ssh_key, settings.known_hosts,
     )
+
+
+@contextlib.asynccontextmanager
+async def borrowed(location, settings, make):
+    """
+    The session one piece of work runs in: an idle one of C{settings.sessions} for this server
+    and login (rearmed with C{settings}), else C{make()}, a new one (counted in C{opened}).
+    Only transfers of trusted URLs (no C{settings.access}) share sessions. On the way out its
+    idle timer stops, and it is given back when the work ended cleanly, else closed.
+    """
+    sessions = settings.sessions if settings.access is None else None
+    key = None if sessions is None else session_key(location, settings)
+    session = None if sessions is None else sessions.take(key)
+    if session is not None:
+        session.rearm(settings)
+    else:
+        session = make()
+        if sessions is not None:
+            sessions.opened += 1
+    clean = False
+    try:
+        yield session
+        clean = True
+    finally:
+        session.timer.stop()
+        if clean and sessions is not None:
+            sessions.give(key, session)
+        else:
+            await session.close()

@@ -16,6 +16,7 @@ in the target directory, sets mode and mtime, and renames it onto the target (wi
 C{posix-rename@openssh.com} extension when the server offers it, else remove-then-rename).
 """
 
+import functools
 import os
 import posixpath
 import stat
@@ -43,7 +44,7 @@ from ion.apps.pump.transfer.errors import (
 from ion.apps.pump.transfer.inflight import inflight_name
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
 from ion.apps.pump.transfer.pacing import wait
-from ion.apps.pump.transfer.sessions import session_key
+from ion.apps.pump.transfer.sessions import borrowed
 from ion.apps.pump.transfer.policy import connect
 from ion.apps.pump.transfer.results import Entry, entry_type
 
@@ -310,37 +311,23 @@ async def _with_session(reactor, location, settings, work):
     L{TransferError}s."""
     if not location.user:
         raise BadRequest(f"{location.shown}: no user name (give it in the URL or credentials)")
-    sessions = settings.sessions if settings.access is None else None
-    key = None if sessions is None else session_key(location, settings)
-    session = None if sessions is None else sessions.take(key)
-    clean = False
-    if session is not None:
-        session.rearm(settings)
-    else:
-        session = _Session(reactor, location, settings)
-    try:
-        if session.client is None:
-            if sessions is not None:
-                sessions.opened += 1
-            await connect(reactor, location, settings, _ClientTransport(session))
-            session.client = await cancellable(session.ready)
-        result = await work(session.client, session)
-        clean = True
-        return result
-    except (CancelledError, TransferError):
-        raise
-    except filetransfer.SFTPError as exc:
-        raise _sftp_error(location, exc, location.path) from None
-    except NotImplementedError:
-        raise BadRequest(f"{location.shown}: operation not supported by the server") from None
-    except (net_error.ConnectionLost, net_error.ConnectionDone, EOFError):
-        raise session.failure or ConnectionFailed(f"{location.shown}: connection lost") from None
-    finally:
-        session.timer.stop()
-        if clean and sessions is not None:
-            sessions.give(key, session)
-        else:
-            await session.close()
+    new = functools.partial(_Session, reactor, location, settings)
+    async with borrowed(location, settings, new) as session:
+        try:
+            if session.client is None:
+                await connect(reactor, location, settings, _ClientTransport(session))
+                session.client = await cancellable(session.ready)
+            return await work(session.client, session)
+        except (CancelledError, TransferError):
+            raise
+        except filetransfer.SFTPError as exc:
+            raise _sftp_error(location, exc, location.path) from None
+        except NotImplementedError:
+            raise BadRequest(f"{location.shown}: operation not supported by the server") from None
+        except (net_error.ConnectionLost, net_error.ConnectionDone, EOFError):
+            raise session.failure or ConnectionFailed(
+                f"{location.shown}: connection lost"
+            ) from None
 
 
 async def _drain(pending):
