@@ -493,28 +493,9 @@ class Setup:
         return cpu
 
 
-def group_pids(pgid):
-    """The processes of a process group."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2 :].split()[2]) == pgid:
-            found.append(int(name))
-    return found
-
-
-# -- ION -----------------------------------------------------------------------------------------
-
-
-def instance_pids(parent):
-    """The OS processes of the instances a container (pid `parent`) runs."""
-    found = []
+def _processes():
+    """(pid, fields of /proc/<pid>/stat after the command name, /proc/<pid>/cmdline) of every
+    process still there."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -525,10 +506,23 @@ def instance_pids(parent):
                 cmdline = f.read()
         except OSError:
             continue
-        if (int(stat[stat.rindex(")") + 2 :].split()[1]) == parent
-                and b"ion.core.cc.instance" in cmdline):
-            found.append(int(name))
-    return found
+        yield int(name), stat[stat.rindex(")") + 2 :].split(), cmdline
+
+
+def group_pids(pgid):
+    """The processes of a process group."""
+    return [pid for pid, fields, _ in _processes() if int(fields[2]) == pgid]
+
+
+# -- ION -----------------------------------------------------------------------------------------
+
+
+def instance_pids(parent):
+    """The OS processes of the instances a container (pid `parent`) runs."""
+    return [
+        pid for pid, fields, cmdline in _processes()
+        if int(fields[1]) == parent and b"ion.core.cc.instance" in cmdline
+    ]
 
 
 def ion_app(directory, base_url, poll_url=None, instances=1):
