@@ -453,7 +453,7 @@ _SENDER_SHARED = (
     "retry_horizon", "retry_jitter", "dup_ttl", "transfer_timeout", "max_size", "min_rate",
     "transfer", "sources", "max_notice_bytes", "report_exchange", "stop_grace", "instances",
     "shared_dir", "byte_rate_max", "dead_time", "retry_burst", "retry_burst_gap", "retry_pause",
-    "heartbeat", "heartbeat_remote",
+    "heartbeat", "heartbeat_remote", "block_threshold", "block_size", "block_parallel",
 )
 
 
