@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
@@ -28,7 +29,8 @@ from ion.apps.pump.transfer.blocks import (
     human,
     sr3_block,
 )
-from ion.apps.pump.transfer.errors import BadRequest
+from ion.apps.pump.transfer.errors import BadRequest, LocalFailure
+from ion.apps.pump.transfer.sendblocks import SendRecord, sweep_records
 from ion.apps.pump.transfer.inflight import sweep
 from tests.waiting import until
 from tests.apps.pump.servers import (
@@ -775,3 +777,47 @@ class FTPPutBlockTests(_PutBlockTests, TestCase):
         self.server.factory.stores.clear()
         await self.put(blocks=blocks)
         self.assertEqual(self.block_offsets(), [0])
+
+
+class SendRecordTests(SynchronousTestCase):
+    """
+    The sender's local record of a put in blocks.
+    """
+
+    def setUp(self):
+        self.directory = os.path.join(os.path.abspath(self.mktemp()), "blocks")
+
+    def record(self):
+        return SendRecord(self.directory, "k" * 16, 10, 4, 3, "sftp://h/f", reactor, None)
+
+    def test_locked(self):
+        """
+        Two puts of one file at once: the second fails with 503 (retried later) and leaves
+        the first one's record alone.
+        """
+        first = self.record()
+        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(first.open())), set())
+        self.successResultOf(Deferred.fromCoroutine(first.reset()))
+        self.successResultOf(Deferred.fromCoroutine(first.add(1)))
+        failure = self.failureResultOf(Deferred.fromCoroutine(self.record().open()), LocalFailure)
+        self.assertEqual(failure.value.code, 503)
+        self.successResultOf(Deferred.fromCoroutine(first.close()))
+        again = self.record()
+        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(again.open())), {1})
+        self.successResultOf(Deferred.fromCoroutine(again.drop()))
+        self.assertEqual(os.listdir(self.directory), [])
+
+    def test_sweep(self):
+        """
+        Records unchanged for two days (sends given up on) are removed; younger ones and
+        other files stay.
+        """
+        os.makedirs(self.directory)
+        now = time.time()
+        for name, age in (("old.blocks", 3 * 86400), ("young.blocks", 3600),
+                          ("other", 3 * 86400)):
+            path = write_file(os.path.join(self.directory, name), b"{}\n")
+            os.utime(path, (now - age, now - age))
+        self.assertEqual(sweep_records(self.directory, now=now), ["old.blocks"])
+        self.assertEqual(sorted(os.listdir(self.directory)), ["other", "young.blocks"])
+        self.assertEqual(sweep_records(self.directory + "-none"), [])
