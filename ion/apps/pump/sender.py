@@ -184,11 +184,12 @@ class Sender(Consumer):
 
     async def op_stats(self, content, headers):
         """A consumer's stats (L{Consumer.op_stats}); C{transfers} also lists the files being
-        sent in blocks, with their C{blocks} progress (C{3/16 blocks, 1.2 GiB of 4.0 GiB})."""
+        sent in blocks: C{received} (the bytes the destination took so far), C{size} and
+        their C{blocks} progress (C{3/16 blocks, 1.2 GiB of 4.0 GiB})."""
         stats = await super().op_stats(content, headers)
         sending = () if self.transfers is None else self.transfers.sending
         stats["transfers"] = list(stats["transfers"]) + [
-            {"file": redact(state.what), "sent": state.size, "size": state.expected_size,
+            {"file": redact(state.what), "received": state.size, "size": state.expected_size,
              "blocks": state.progress()}
             for state in sending
         ]
