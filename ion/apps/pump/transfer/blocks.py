@@ -33,6 +33,9 @@ that server; this is logged once per server.
 sr3 sends a partitioned file as one notice per block, each with a C{blocks} field (see
 L{sr3_block}); each such notice fetches its one block into the same part file and record, and
 the notice that completes the record puts the file in place.
+
+Puts in blocks (a sender's, to sftp and ftp) are in L{ion.apps.pump.transfer.sendblocks}; they
+keep their record with L{BlockRecord} and run their blocks with L{run_blocks}, as gets do.
 """
 
 import fcntl
