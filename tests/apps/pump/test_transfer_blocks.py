@@ -537,12 +537,14 @@ class _PutBlockTests:
         self.data = os.urandom(PUT_SIZE)
         self.src = write_file(os.path.join(self.local, "big.bin"), self.data)
         self.pool = start_pool(self)
+        self.active = set()  # the puts in blocks under way
         self.addCleanup(settle)
 
     def put(self, name="in/big.bin", **kwargs):
         kwargs.setdefault("blocks", self.blocks)
         kwargs.setdefault("record_dir", self.records)
         kwargs.setdefault("pool", self.pool)
+        kwargs.setdefault("active", self.active)
         kwargs.update(self.options())
         return Deferred.fromCoroutine(transfer.put(reactor, self.src, self.url(name), **kwargs))
 
@@ -658,6 +660,8 @@ class SFTPPutBlockTests(_PutBlockTests, TestCase):
         putting.cancel()
         with self.assertRaises(CancelledError):
             await putting
+        # A cancelled coroutine's Deferred fires at once; its record is closed after.
+        await until(lambda: not self.active, 10, "the cancelled put to end")
         await settle()
 
     async def test_putResumeAfterKill(self):

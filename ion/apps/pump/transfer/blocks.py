@@ -43,6 +43,7 @@ import hashlib
 import json
 import os
 import stat
+import threading
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
@@ -166,7 +167,10 @@ class BlockRecord:
     back, and only complete lines count. Its methods do disk work: pool threads only.
 
     Used by L{PartialFile} (beside the file received) and by the sender's record of blocks
-    sent (L{ion.apps.pump.transfer.sendblocks}).
+    sent (L{ion.apps.pump.transfer.sendblocks}). A job whose caller was cancelled runs on in
+    its thread: one lock orders the uses of the descriptor, so that it is never closed (and
+    its number reused, or its C{flock} held on by the write still in the kernel) while an
+    L{add} is writing through it.
 
     @ivar name: its file name, relative to the C{dir_fd} its methods are given.
     @ivar fd: the descriptor it is appended through, once L{open}.
@@ -177,6 +181,7 @@ class BlockRecord:
         self.count = count
         self.what = what
         self.fd = None
+        self._lock = threading.Lock()
         self._header = json.dumps(
             {"size": size, "block_size": size_of_block, "blocks": count}
         ).encode()
@@ -207,35 +212,47 @@ class BlockRecord:
     def open(self, dir_fd):
         """Open (or make) the record for appending; nothing is written."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            self.fd = os.open(self.name, flags, 0o666, dir_fd=dir_fd)
-        except OSError as exc:
-            raise LocalFailure.from_os_error(f"cannot write the block record of {self.what}",
-                                             exc) from None
+        with self._lock:
+            try:
+                self.fd = os.open(self.name, flags, 0o666, dir_fd=dir_fd)
+            except OSError as exc:
+                raise LocalFailure.from_os_error(
+                    f"cannot write the block record of {self.what}", exc
+                ) from None
 
     def reset(self):
         """Empty the open record: its header only, durably."""
-        try:
-            os.ftruncate(self.fd, 0)
-            os.write(self.fd, self._header + b"\n")
-            os.fdatasync(self.fd)
-        except OSError as exc:
-            raise LocalFailure.from_os_error(f"cannot write the block record of {self.what}",
-                                             exc) from None
+        with self._lock:
+            try:
+                os.ftruncate(self._open_fd(), 0)
+                os.write(self.fd, self._header + b"\n")
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                raise LocalFailure.from_os_error(
+                    f"cannot write the block record of {self.what}", exc
+                ) from None
 
     def add(self, index):
         """Record block C{index} as done, durably."""
-        try:
-            os.write(self.fd, b"%d\n" % index)
-            os.fdatasync(self.fd)
-        except OSError as exc:
-            raise LocalFailure.from_os_error(f"cannot record a block of {self.what}",
-                                             exc) from None
+        with self._lock:
+            try:
+                os.write(self._open_fd(), b"%d\n" % index)
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                raise LocalFailure.from_os_error(
+                    f"cannot record a block of {self.what}", exc
+                ) from None
+
+    def _open_fd(self):
+        if self.fd is None:
+            raise LocalFailure(f"the block record of {self.what} is closed")
+        return self.fd
 
     def close(self):
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            os.close(fd)
+        with self._lock:
+            if self.fd is not None:
+                fd, self.fd = self.fd, None
+                os.close(fd)
 
     def drop(self, dir_fd):
         """Close and remove the record."""

@@ -56,22 +56,37 @@ class OutgoingFile:
         except OSError as exc:
             raise LocalFailure.from_os_error(f"cannot read {self.path}", exc) from None
 
-    def hash_whole(self):
-        """C{{method: base64 digest}} of the whole file's C{size} bytes, read once (a put in
-        blocks reads them out of order); blocking: call it in a thread.
+    def whole_hash(self):
+        """A job computing the C{{method: base64 digest}} of the whole file's C{size} bytes,
+        read once (a put in blocks reads them out of order), to run in a thread. It reads
+        through a descriptor of its own, which it closes: the file may be closed (its
+        descriptor's number reused) while the job runs on after its caller gave up.
 
-        @raise LocalFailure: the file is shorter than it was when opened.
+        @raise LocalFailure: (from the job) the file is shorter than it was when opened.
         """
+        fd = os.dup(self._file.fileno())
         hashers = {method: hashlib.new(method) for method in self._hashers}
-        offset = 0
-        while offset < self.size:
-            data = self.read_at(offset, min(_HASH_READ, self.size - offset))
-            if not data:
-                raise LocalFailure(f"{self.path} shrank while being sent")
-            for hasher in hashers.values():
-                hasher.update(data)
-            offset += len(data)
-        return {method: b64digest(hasher) for method, hasher in hashers.items()}
+
+        def job():
+            try:
+                offset = 0
+                while offset < self.size:
+                    try:
+                        data = os.pread(fd, min(_HASH_READ, self.size - offset), offset)
+                    except OSError as exc:
+                        raise LocalFailure.from_os_error(
+                            f"cannot read {self.path}", exc
+                        ) from None
+                    if not data:
+                        raise LocalFailure(f"{self.path} shrank while being sent")
+                    for hasher in hashers.values():
+                        hasher.update(data)
+                    offset += len(data)
+                return {method: b64digest(hasher) for method, hasher in hashers.items()}
+            finally:
+                os.close(fd)
+
+        return job
 
     def close(self):
         self._file.close()

@@ -230,7 +230,7 @@ async def put_blocks(reactor, location, url, outgoing, settings, blocks, record_
             state.size = state.resumed = sum(state.blocks[i][1] for i in done)
             # The whole file's checksum, read in the pool while the blocks go; waited for
             # however they end (the file is closed after).
-            hashing = _in_pool(reactor, settings.pool, outgoing.hash_whole)
+            hashing = _in_pool(reactor, settings.pool, outgoing.whole_hash())
             try:
                 await _send_missing(reactor, location, url, outgoing, settings, blocks, scheme,
                                     temp, state, record, limiter)
