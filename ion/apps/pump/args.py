@@ -24,7 +24,6 @@ from urllib.parse import quote, urlsplit
 
 import attrs
 
-from ion.apps.pump.completion import OnComplete
 from ion.apps.pump.filters import Filter
 from ion.apps.pump.notice import MAX_NOTICE_BYTES
 from ion.apps.pump.transfer.blocks import MIN_BLOCK_SIZE, BlockSettings
@@ -346,11 +345,49 @@ def _check_sources(instance, attribute, value):
     UrlPolicy(value, who=instance.who)
 
 
+def _is_command(value):
+    # Strings without a NUL, the first (the program) not empty.
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(isinstance(a, str) and "\0" not in a for a in value)
+        and value[0] != ""
+    )
+
+
+@attrs.frozen(kw_only=True)
+class OnComplete(_Arguments):
+    """A consumer's C{on_complete}, what it does once a file is complete in place
+    (L{ion.apps.pump.completion}): a C{command}, a C{complete_exchange} or both."""
+
+    UNKNOWN = "key"
+
+    who = attrs.field(default="on_complete", eq=False, repr=False)
+    command = attrs.field(
+        default=None,
+        validator=_check(
+            _is_command,
+            "a list of strings (the program, then its arguments; no shell)",
+            optional=True,
+        ),
+    )
+    complete_exchange = attrs.field(default=None, validator=OPTIONAL_EXCHANGE)
+    timeout = attrs.field(default=60, validator=SECONDS)
+    all_files = attrs.field(
+        default=False, validator=_check(lambda v: isinstance(v, bool), "True or False")
+    )
+
+    def __attrs_post_init__(self):
+        if self.command is None and self.complete_exchange is None:
+            raise BadArgument(f"{self.who}: needs a command, a complete_exchange or both")
+
+    def applies(self, result):
+        """Whether the trigger runs for a delivered file's L{TransferResult}."""
+        return self.all_files or result.blocks > 0
+
+
 def _on_complete(value, self):
-    try:
-        return OnComplete.parse(value, self.who, _is_name)
-    except ValueError as e:
-        raise BadArgument(str(e)) from None
+    return None if value is None else OnComplete.parse(value, who=f"{self.who}: on_complete")
 
 
 @attrs.frozen(kw_only=True)
