@@ -105,15 +105,28 @@ def _max_size():
 
 
 def _min_rate():
-    """C{min_rate}: see L{MinRate.parse} for its forms; a MinRate, or None for none."""
+    """C{min_rate}: C{{'bytes_per_s': n, 'window': s}} (either key may be left out for its
+    default), a number (bytes per second over the default window), or C{0}/C{None} for none;
+    a L{MinRate}, or None."""
 
     def convert(value, self):
-        if isinstance(value, MinRate):
+        if isinstance(value, MinRate) or value is None:
             return value
-        try:
-            return MinRate.parse(value, self.who)
-        except ValueError as e:
-            raise BadArgument(str(e)) from None
+        if not isinstance(value, bool) and value == 0:
+            return None
+        fields = value if isinstance(value, dict) else {"bytes_per_s": value}
+        default = MinRate()
+        rate = fields.get("bytes_per_s", default.bytes_per_s)
+        window = fields.get("window", default.window)
+        if set(fields) - {"bytes_per_s", "window"} or not all(
+            _is_number(v) and v > 0 for v in (rate, window)
+        ):
+            raise BadArgument(
+                f"{self.who}: min_rate must be {{'bytes_per_s': n, 'window': seconds}} (numbers "
+                f"> 0), a number of bytes per second, or 0 for none, got {value!r}"
+            )
+        return MinRate(rate, window)
+
     return attrs.field(
         default=attrs.Factory(MinRate), converter=attrs.Converter(convert, takes_self=True)
     )
