@@ -40,6 +40,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ion.apps.pump.dupcache import key_line
 from ion.apps.pump.journal import DiskQueue
 
 log = Logger()
@@ -52,10 +53,6 @@ _MAX_BACKOFF = 0.05
 
 class LockTimeout(OSError):
     """The lock of a shared cache stayed held by another writer for C{LOCK_PATIENCE} s."""
-
-
-def _line(key, expires):
-    return f'{{"key": {json.dumps(key)}, "expires": {float(expires)!r}}}\n'
 
 
 def _parse(raw):
@@ -207,7 +204,7 @@ class SharedFile:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 for key, expires in latest.items():
                     if expires > now:
-                        f.write(_line(key, expires))
+                        f.write(key_line(key, expires))
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(temp, self.path)
@@ -291,7 +288,7 @@ class SharedDupCache:
         shared file (C{flush} is accepted for DupCache's interface: keys are always batched)."""
         expires = self.clock.seconds() + self.ttl
         self._entries[key] = expires
-        self._pending.append(_line(key, expires))
+        self._pending.append(key_line(key, expires))
         d = defer.Deferred()
         self._waiting.append(d)
         if self._turn is None:
