@@ -308,13 +308,8 @@ class Notice:
         """
         for key in ("baseUrl", "relPath"):
             _require_string(self._fields, key)
-        base = self.base_url
         path = self.retrieve_path or self.rel_path
-        if base.endswith("/") and path.startswith("/"):
-            return base + path[1:]
-        if base.endswith("/") or path.startswith("/"):
-            return base + path
-        return f"{base}/{path}"
+        return self.base_url.removesuffix("/") + "/" + path.removeprefix("/")
 
     def topic(self, prefix="v03"):
         """The routing key to publish this message with (see L{topic_for})."""
