@@ -138,11 +138,21 @@ def check_retrieve_path(notice):
 def dup_key(notice):
     """The duplicate-suppression key of a valid notice: its identity (unless C{cod}, whose value
     names an algorithm) with its relPath, else relPath, mtime and size. The relPath is part of
-    the key so that the same bytes announced under two names are delivered twice."""
+    the key so that the same bytes announced under two names are delivered twice. A notice
+    of one block (sr3's C{blocks}) adds the block's number, the block size and the file's
+    mtime: two blocks of equal bytes or length are not copies of each other, nor is an
+    unchanged block of a file's new version (its other blocks go to a new part file)."""
     identity = notice.identity
     if identity is not None and identity.get("method") != "cod":
-        return f"{identity['method']}:{identity['value']}\n{notice.rel_path}"
-    return f"{notice.rel_path}\n{notice.mtime}\n{notice.size}"
+        key = f"{identity['method']}:{identity['value']}\n{notice.rel_path}"
+    else:
+        key = f"{notice.rel_path}\n{notice.mtime}\n{notice.size}"
+    blocks = notice.get("blocks")
+    if isinstance(blocks, dict):
+        number, size = blocks.get("number"), blocks.get("size")
+        if type(number) is int and type(size) is int:
+            key += f"\nblock {number} of {size}\n{notice.mtime}"
+    return key
 
 
 def report_id(subscriber, source, key, code):
@@ -789,6 +799,13 @@ class Consumer(AppliesFileOps, ServiceProcess):
         announced.report = None
         identity = notice.identity
         sha512 = result.checksum.get("sha512")
+        if "blocks" in announced:
+            # The last block of a file announced in blocks: the whole file is in place here,
+            # and announced whole.
+            del announced["blocks"]
+            announced.size = result.size
+            identity = None
+            announced.identity = None
         if (identity is None or identity.get("method") == "cod") and sha512:
             announced.identity = {"method": "sha512", "value": sha512}
         await self._publish(target["exchange"], announced.topic(), announced.to_json())
