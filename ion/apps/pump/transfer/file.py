@@ -115,6 +115,12 @@ class _Source:
         if not stat.S_ISREG(info.st_mode):
             self._close()
             raise BadRequest(f"{shown}: not a regular file")
+        if self._position:
+            try:
+                os.lseek(self._fd, self._position, os.SEEK_SET)
+            except OSError as exc:
+                self._close()
+                raise LocalFailure.from_os_error(f"cannot read {shown}", exc) from None
         self._ahead = self._read(CHUNK_SIZE)
         return info
 
@@ -125,7 +131,7 @@ class _Source:
                 self._close()
                 return b""
         try:
-            data = os.pread(self._fd, size, self._position)
+            data = os.read(self._fd, size)
             self._position += len(data)
         except OSError as exc:
             self._close()
