@@ -194,6 +194,24 @@ class WatchedBlocksScenarios:
         await until(lambda: self.content("f.dat") == data, timeout=30, what="the file")
         await until(lambda: self.consumer.stats["delivered"] == 1, what="one delivery")
 
+    async def test_whole_file_reannounced(self):
+        """A consumer in sarra mode announces a file put together from blocks once, whole:
+        its size and sha512, no blocks field."""
+        xsarra = self.name("xsarra")
+        c = await self.pump(retry_initial=0.1,
+                            reannounce={"exchange": xsarra, "base_url": "http://me/"})
+        await self.collector.listen(xsarra)
+        await self.start_watch(c)
+        data = os.urandom(2 * BLOCK + 3)
+        write_source(self.src, "f.dat", data)
+        await until(lambda: self.collector.bodies(xsarra), timeout=30, what="a re-announce")
+        await self.quiet()
+        [announced] = self.collector.bodies(xsarra)
+        self.assertEqual((announced["size"], announced["identity"]),
+                         (len(data), {"method": "sha512", "value": sha512(data)}))
+        self.assertNotIn("blocks", announced)
+        self.assertEqual(self.content("f.dat"), data)
+
 
 class MemoryWatchedBlocksTests(OnMemory, WatchedBlocksScenarios, unittest.TestCase):
     """On the memory:// transport."""
