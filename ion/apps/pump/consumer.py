@@ -259,6 +259,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
             self.root = DestinationRoot(self.real_directory, make=True)
             self.transfers = Transfers(self.container.reactor, args.transfer, who=args.who)
         self._working = set()  # duplicate keys of the messages being fetched
+        self._block_turns = {}  # destination path -> DeferredLock (see _block_turn)
         self._declared = set()
         self._retry_call = self._flush_call = self._sweep_call = None
         self._stopping = False
@@ -662,12 +663,16 @@ class Consumer(AppliesFileOps, ServiceProcess):
         blocks = getattr(self.settings, "blocks", None)
         if blocks is not None:
             options["blocks"] = blocks
+        turn = None
         try:
             if "blocks" in notice:
                 # One block of a file sr3 announced in blocks: its size and identity are the
                 # block's.
                 options["block"] = sr3_block(notice["blocks"], notice.size)
                 options.pop("cod", None)
+                waiting = self._block_turn(path)
+                await waiting.acquire()
+                turn = waiting
             fetching = defer.Deferred.fromCoroutine(self._get(url, path, options))
             fetching.addTimeout(self.settings["transfer_timeout"], self.container.clock)
             started = self.container.clock.seconds()
@@ -680,6 +685,21 @@ class Consumer(AppliesFileOps, ServiceProcess):
             return None, Failure(504, f"transfer not done after {timeout} s")
         except Exception as e:
             return None, classify(e)
+        finally:
+            if turn is not None:
+                turn.release()
+                if not turn.locked and not turn.waiting:
+                    del self._block_turns[path]
+
+    def _block_turn(self, path):
+        """The lock the notices of one file's blocks take in turn: each block is written
+        into the file's one part file, which a transfer holds under an exclusive lock while
+        it writes (L{ion.apps.pump.transfer.blocks.PartialFile}); blocks arriving together
+        would otherwise fail all but one (503) and wait out the retry queue's backoff."""
+        turn = self._block_turns.get(path)
+        if turn is None:
+            turn = self._block_turns[path] = defer.DeferredLock()
+        return turn
 
     async def _get(self, url, path, options):
         """One transfer (a separate method: tests make transfers fail by overriding it)."""
