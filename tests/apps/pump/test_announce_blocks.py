@@ -16,6 +16,8 @@ from ion.apps.pump.consumer import dup_key
 from ion.apps.pump.notice import Notice, block_lengths, block_notices, block_step
 from ion.apps.pump.transfer import blocks as transfer_blocks
 from ion.apps.pump.transfer.blocks import sr3_block
+from ion.apps.pump.poll import PollService
+from ion.apps.pump.transfer_service import TransferService
 from ion.apps.pump.watch import Watch, describe
 from tests.apps.pump.fixtures import until, write_source
 from tests.apps.pump.servers import start_http
@@ -193,6 +195,28 @@ class WatchedBlocksScenarios:
         write_source(self.src, "f.dat", data)
         await until(lambda: self.content("f.dat") == data, timeout=30, what="the file")
         await until(lambda: self.consumer.stats["delivered"] == 1, what="one delivery")
+
+    async def test_poll_blocks(self):
+        """A poll's blocks (equal lengths, no checksums) are each fetched, none taken for a
+        copy of another, and the file arrives whole."""
+        credentials = os.path.join(self.base, "poll-credentials.conf")
+        with open(credentials, "w"):
+            pass
+        os.chmod(credentials, 0o600)
+        c = await self.pump(retry_initial=0.1)
+        await c.spawn(TransferService, args={"credentials": credentials})
+        data = os.urandom(3 * BLOCK + 2)
+        write_source(self.src, "p/f.dat", data)
+        os.utime(os.path.join(self.src, "p", "f.dat"), (1700000000, 1700000000))
+        poll = await c.spawn(PollService, args={
+            "name": "p", "url": "file://" + self.src + "/", "exchange": self.xpublic,
+            "state_dir": os.path.join(self.base, "poll"), "interval": 3600,
+            "block_size": BLOCK})
+        self.addCleanup(lambda: None if poll.lifecycle.final else poll.terminate())
+        await poll.poll_now()
+        await until(lambda: self.content("p/f.dat") == data, timeout=30, what="the file")
+        await until(lambda: self.consumer.stats["delivered"] == 1, what="one delivery")
+        self.assertEqual(self.consumer.stats["duplicates"], 0)
 
     async def test_whole_file_reannounced(self):
         """A consumer in sarra mode announces a file put together from blocks once, whole:
