@@ -155,6 +155,21 @@ def dup_key(notice):
     return key
 
 
+def whole_file(notice, result):
+    """The notice of a delivered file: C{notice}, or when it named the block that completed a
+    file announced in blocks, a copy naming the whole file (no C{blocks}, the file's size,
+    its sha512 from C{result} when computed), for what is said of the file downstream (the
+    re-announce, the completion trigger's notice, the 201 report)."""
+    if "blocks" not in notice:
+        return notice
+    whole = notice.copy()
+    del whole["blocks"]
+    whole.size = result.size
+    sha512 = result.checksum.get("sha512")
+    whole.identity = {"method": "sha512", "value": sha512} if sha512 else None
+    return whole
+
+
 def report_id(subscriber, source, key, code):
     """The stable id of a report: the same outcome of the same notice for the same subscriber
     always has the same id, so the report router can drop repeats."""
@@ -597,6 +612,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
         if failure is None and not result.complete:
             await self._block_in(notice, key, path, result)
         elif failure is None:
+            notice = whole_file(notice, result)
             await self._delivered(notice, key, path, result)
             on_complete = getattr(self.settings, "on_complete", None)
             if on_complete is not None and on_complete.applies(result):
@@ -819,13 +835,6 @@ class Consumer(AppliesFileOps, ServiceProcess):
         announced.report = None
         identity = notice.identity
         sha512 = result.checksum.get("sha512")
-        if "blocks" in announced:
-            # The last block of a file announced in blocks: the whole file is in place here,
-            # and announced whole.
-            del announced["blocks"]
-            announced.size = result.size
-            identity = None
-            announced.identity = None
         if (identity is None or identity.get("method") == "cod") and sha512:
             announced.identity = {"method": "sha512", "value": sha512}
         await self._publish(target["exchange"], announced.topic(), announced.to_json())

@@ -220,20 +220,24 @@ class WatchedBlocksScenarios:
 
     async def test_whole_file_reannounced(self):
         """A consumer in sarra mode announces a file put together from blocks once, whole:
-        its size and sha512, no blocks field."""
-        xsarra = self.name("xsarra")
+        its size and sha512, no blocks field; so does its completion trigger."""
+        xsarra, xdone = self.name("xsarra"), self.name("xdone")
         c = await self.pump(retry_initial=0.1,
-                            reannounce={"exchange": xsarra, "base_url": "http://me/"})
+                            reannounce={"exchange": xsarra, "base_url": "http://me/"},
+                            on_complete={"complete_exchange": xdone})
         await self.collector.listen(xsarra)
+        await self.collector.listen(xdone)
         await self.start_watch(c)
         data = os.urandom(2 * BLOCK + 3)
         write_source(self.src, "f.dat", data)
-        await until(lambda: self.collector.bodies(xsarra), timeout=30, what="a re-announce")
+        await until(lambda: self.collector.bodies(xsarra) and self.collector.bodies(xdone),
+                    timeout=30, what="a re-announce and a completion notice")
         await self.quiet()
-        [announced] = self.collector.bodies(xsarra)
-        self.assertEqual((announced["size"], announced["identity"]),
-                         (len(data), {"method": "sha512", "value": sha512(data)}))
-        self.assertNotIn("blocks", announced)
+        for exchange in (xsarra, xdone):
+            [announced] = self.collector.bodies(exchange)
+            self.assertEqual((announced["size"], announced["identity"]),
+                             (len(data), {"method": "sha512", "value": sha512(data)}))
+            self.assertNotIn("blocks", announced)
         self.assertEqual(self.content("f.dat"), data)
 
 
