@@ -75,6 +75,10 @@ EXCHANGE = _check(_is_name, "an exchange name")
 OPTIONAL_EXCHANGE = _check(_is_name, "an exchange name", optional=True)
 OPTIONAL_USER = _check(_is_name, "a user name", optional=True)
 OPTIONAL_PATH = _check(lambda v: isinstance(v, str) and v != "", "a path", optional=True)
+BLOCK_SIZE = _check(
+    lambda v: _is_int(v) and v >= MIN_BLOCK_SIZE, f"bytes, an int >= {MIN_BLOCK_SIZE}",
+    optional=True,
+)
 OPTIONAL_RATE = _check(
     lambda v: _is_number(v) and v >= MIN_BYTE_RATE,
     f"bytes per second >= {MIN_BYTE_RATE} (or None for no limit)",
@@ -473,13 +477,7 @@ class ConsumerArgs(_Flow):
         default=64 * 1024**2,
         validator=_check(lambda v: _is_int(v) and v >= 0, "bytes, an int >= 0 (0: off)"),
     )
-    block_size = attrs.field(
-        default=None,
-        validator=_check(
-            lambda v: _is_int(v) and v >= MIN_BLOCK_SIZE, f"bytes, an int >= {MIN_BLOCK_SIZE}",
-            optional=True,
-        ),
-    )
+    block_size = attrs.field(default=None, validator=BLOCK_SIZE)
     block_parallel = attrs.field(default=4, validator=COUNT)
     blocks = _derived(
         lambda self: BlockSettings(self.block_threshold, self.block_size, self.block_parallel)
@@ -590,6 +588,8 @@ class _Announcer(_Flow):
     filter = _filter()
     min_age = attrs.field(default=0, validator=SECONDS_OR_ZERO)
     single_active = attrs.field(default=False, converter=bool)
+    # A file bigger than this is announced in blocks, as sr3's blocksize (None: whole files).
+    block_size = attrs.field(default=None, validator=BLOCK_SIZE)
 
 
 @attrs.frozen(kw_only=True)

@@ -289,8 +289,7 @@ async def put(reactor, src_path, url, *, credentials=None, limiter=None, pacers=
 
     @param settings: C{timeouts}, C{ca_file}, C{known_hosts}, C{pool} and C{http_connections},
         as in L{get} (the fields of L{Settings}).
-    @param pacers: as in L{get}; sftp, ftp and http puts keep to them (file copies are not
-        paced).
+    @param pacers: as in L{get}; every scheme's puts keep to them.
     @return: a L{TransferResult} for the bytes sent (C{path} is the redacted URL).
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
     """
