@@ -50,7 +50,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, succe
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ion.apps.pump.transfer import ftp, http, sftp
+from ion.apps.pump.transfer import file, ftp, http, sftp
 from ion.apps.pump.transfer.errors import (
     BadRequest,
     ChecksumMismatch,
@@ -82,6 +82,9 @@ RECORD_LIMIT = 64 * 1024
 _READ_SIZE = 1024 * 1024
 SCHEMES = {"http": http, "https": http, "sftp": sftp, "ftp": ftp}
 SEND_SCHEMES = {"sftp": sftp, "ftp": ftp}
+# A block named by a notice may be read from a local file too (a watch announces file: URLs);
+# only the network schemes are partitioned by the consumer's own choice (SCHEMES).
+RANGE_SCHEMES = dict(SCHEMES, file=file)
 
 
 @attrs.frozen
@@ -550,7 +553,7 @@ async def fetch_block(reactor, location, partial, index, settings, limiter, url,
     fed = PacedSink(sink, pacers, reactor) if pacers else sink
     async with slot(limiter, url):
         try:
-            await SCHEMES[location.scheme].fetch_range(
+            await RANGE_SCHEMES[location.scheme].fetch_range(
                 reactor, location, fed, settings, sink.offset, sink.length
             )
             await sink.close(expected_checksum)

@@ -290,8 +290,7 @@ async def put(reactor, src_path, url, *, credentials=None, limiter=None, pacers=
 
     @param settings: C{timeouts}, C{ca_file}, C{known_hosts}, C{pool} and C{http_connections},
         as in L{get} (the fields of L{Settings}).
-    @param pacers: as in L{get}; sftp, ftp and http puts keep to them (file copies are not
-        paced).
+    @param pacers: as in L{get}; every scheme's puts keep to them.
     @param blocks: L{BlockSettings}: with C{record_dir}, a file of at least their
         C{threshold} bytes sent to sftp or ftp goes in blocks, resumed from a record in
         C{record_dir} (see L{ion.apps.pump.transfer.sendblocks}); C{None}: one stream.
