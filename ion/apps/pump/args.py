@@ -489,10 +489,9 @@ class ConsumerArgs(_Flow):
 
 SENDER_SCHEMES = ("file", "sftp", "ftp", "http", "https")
 # A consumer's arguments that a sender does not take (its C{events} are its own); it takes
-# the others as they are.
+# the others as they are (block_threshold, block_size and block_parallel too: its puts).
 _NOT_FOR_SENDERS = (
-    "directory", "discard", "reannounce", "retention", "events", "block_threshold",
-    "block_size", "block_parallel", "on_complete",
+    "directory", "discard", "reannounce", "retention", "events", "on_complete",
 )
 _SENDER_SHARED = [name for name in ConsumerArgs.names() if name not in _NOT_FOR_SENDERS]
 
