@@ -58,6 +58,9 @@ from ion.apps.pump.transfer.inflight import DestinationRoot
 from ion.apps.pump.transfer.sendblocks import sweep_records
 from ion.core.log import redact
 
+# The failure reported for a notice of one block (announced with block_size / blocksize).
+BLOCK_NOTICE = "a sender takes whole-file notices, not one block of a file announced in blocks"
+
 # The directory (in the state_dir, or shared_dir) of the records of puts in blocks.
 BLOCK_RECORDS = "blocks"
 
@@ -134,6 +137,11 @@ class Sender(Consumer):
     async def _fetch(self, notice, url, target, access=None):
         """(TransferResult of the put, None) once the file is at C{target}, else (None,
         outcome.Failure)."""
+        if "blocks" in notice:
+            # One block of a file announced in blocks: a sender sends whole files only (its own
+            # blocks are its choice, L{ion.apps.pump.transfer.sendblocks}), and a block's
+            # identity cannot check the whole file sent. Refused, never half sent.
+            return None, Failure(422, BLOCK_NOTICE)
         blocked = self.link.blocked()
         if blocked is not None:
             return None, blocked  # nothing staged for a link that will not be tried

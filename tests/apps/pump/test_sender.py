@@ -13,6 +13,7 @@ from twisted.trial import unittest
 
 from ion.apps.pump import app as pump_app
 from ion.apps.pump.args import SenderArgs
+from ion.apps.pump.notice import block_notices
 from ion.apps.pump.sender import Sender
 from ion.apps.pump.transfer import sftp as sftp_scheme
 from ion.core.cc.testing import make_container
@@ -92,6 +93,23 @@ class SenderScenarios:
         self.assertEqual(posted["baseUrl"], file_url(self.remote).rstrip("/"))
         self.assertEqual(posted["relPath"], "obs/new/a.txt")
         self.assertEqual(posted["identity"], {"method": "sha512", "value": sha512(b"hello")})
+
+    async def test_block_notices_refused(self):
+        """The notices of a file announced in blocks are each refused with one 422 report, and
+        nothing is written at the destination: a sender sends whole files only."""
+        await self.start("file:" + self.remote + "/")
+        data = b"0123456789" * 1000
+        os.makedirs(self.src, exist_ok=True)
+        write_file(os.path.join(self.src, "big.bin"), data)
+        fields = notice_fields(file_url(self.src), "big.bin", data, source=self.user)
+        step = 4096
+        parts = [data[i:i + step] for i in range(0, len(data), step)]
+        for one in block_notices(fields, step, [(len(p), sha512(p)) for p in parts]):
+            await self.collector.post(one, exchange=self.xpublic)
+        await until(lambda: len(self.reports()) == len(parts), what="a report per block")
+        await quiet(0.1)
+        self.assertEqual(self.reports(), [("big.bin", 422)] * len(parts))
+        self.assertEqual([files for _, _, files in os.walk(self.remote) if files], [])
 
     async def test_sftp_destination_down_then_up(self):
         """To sftp (a conch server on loopback): with the server down the file waits in the
