@@ -60,32 +60,10 @@ def parse_args_option(text):
         if not isinstance(value, dict):
             raise usage.UsageError("-a/--args: not a dict literal")
         return value
-    result = {}
-    parts = text.split(",")
-    i = 0
-    while i < len(parts):
-        if not parts[i].strip():
-            i += 1
-            continue
-        key, sep, raw = parts[i].partition("=")
-        if not sep or not key.strip():
-            raise usage.UsageError(f"-a/--args: expected key=value, got {parts[i]!r}")
-        i += 1
-        # a value may itself hold commas ([1, 2], {'a': 1, 'b': 2}): take more parts until
-        # its brackets and quotes are closed
-        while i < len(parts) and _open_brackets(raw):
-            raw += "," + parts[i]
-            i += 1
-        try:
-            result[key.strip()] = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            result[key.strip()] = raw
-    return result
-
-
-def _open_brackets(text):
-    depth, quote = 0, None
-    for ch in text:
+    # Pairs are split at the commas outside brackets and quotes: a value may hold commas
+    # ([1, 2], {'a': 1, 'b': 2}).
+    pairs, start, depth, quote = [], 0, 0, None
+    for i, ch in enumerate(text + ","):
         if quote:
             if ch == quote:
                 quote = None
@@ -95,7 +73,20 @@ def _open_brackets(text):
             depth += 1
         elif ch in ")]}":
             depth -= 1
-    return depth > 0 or quote is not None
+        elif ch == "," and depth <= 0:
+            pairs.append(text[start:i])
+            start = i + 1
+    pairs.append(text[start:])  # what an unclosed bracket or quote left
+    result = {}
+    for pair in filter(str.strip, pairs):
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise usage.UsageError(f"-a/--args: expected key=value, got {pair!r}")
+        try:
+            result[key.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            result[key.strip()] = raw
+    return result
 
 
 def fail_input(message):
@@ -190,8 +181,12 @@ class Options(usage.Options):
         self["sysname"] = self["sysname"] or cargs.get("sysname") or config.get(
             "ion.core.messaging", "sysname", "ion"
         )
+        # A client certificate names its user itself, and logs in without a password.
+        certificate = self["broker-cert"] or config.get("ion.core.messaging", "broker_cert", None)
         try:
-            self["broker_url"] = self._with_password(self._broker_url(config))
+            self["broker_url"] = broker_url_with_password(
+                self._broker_url(config, certificate), self["credentials"],
+                self.default_credentials, bool(certificate))
             check_broker_url(self["broker_url"])
             self["broker_tls"] = broker_tls(
                 self["broker_url"], self["broker-ca"], self["broker-cert"], self["broker-key"],
@@ -225,8 +220,6 @@ class Options(usage.Options):
         """C{(host, port, token, explicit)} of the web console, or None: off. C{explicit}: given
         by the user (C{--web}, C{-D}, a config file), not by an app's defaults, so that a port
         taken is an error rather than a console left out."""
-        from ion.core.credentials import Credentials
-
         spec, explicit = self["web"], True
         if spec is None:
             from_apps = [layer["ion.core.cc"]["web"] for _name, layer in app_layers
@@ -249,24 +242,25 @@ class Options(usage.Options):
                                  "password (console:TOKEN)")
         return host, port, token, explicit
 
-    def _broker_url(self, config):
+    def _broker_url(self, config, certificate):
         url = self["broker"] or config.get("ion.core.messaging", "broker", "memory://")
         if isinstance(url, list):
             url = ",".join(url)
         parts = ("broker-host", "broker-port", "broker-user", "broker-vhost")
         if not any(self[part] for part in parts):
             return url
+        from ion.core.messaging.amqp import split_urls
+
         check_broker_url(url)  # the parts below are then safe to take
-        if len(_split_urls(url)) > 1:
+        if len(split_urls(url)) > 1:
             raise ValueError("--broker-host, --broker-port, --broker-user and --broker-vhost "
                              "change one broker URL: write each broker's URL in --broker")
         base = urlsplit(url if url.startswith("amqp") else "amqp://guest@localhost:5672/")
         host = self["broker-host"] or base.hostname or "localhost"
         port = self["broker-port"] or base.port or (5671 if base.scheme == "amqps" else 5672)
         user = self["broker-user"] or base.username
-        certificate = self["broker-cert"] or config.get("ion.core.messaging", "broker_cert", None)
         if user is None and not certificate:
-            user = "guest"  # a client certificate names its user itself
+            user = "guest"
         auth = ""
         if user is not None:
             auth = quote(user, safe="") + (f":{base.password}" if base.password else "") + "@"
@@ -274,23 +268,6 @@ class Options(usage.Options):
         return f"{base.scheme}://{auth}{host}:{port}/{quote(vhost, safe='')}"
 
     default_credentials = DEFAULT_CREDENTIALS
-
-    def _with_password(self, url):
-        """The broker URL with the password from the credentials file (see
-        L{broker_url_with_password}); a file that cannot be used stops here."""
-        try:
-            certificate = self["broker-cert"] or self["config"].get(
-                "ion.core.messaging", "broker_cert", None)
-            return broker_url_with_password(url, self["credentials"], self.default_credentials,
-                                            bool(certificate))
-        except ValueError as e:
-            fail_input(e)
-
-
-def _split_urls(url):
-    from ion.core.messaging.amqp import split_urls
-
-    return split_urls(url)
 
 
 def _warn_unused(config, apparg, plan, layers):
