@@ -94,22 +94,15 @@ def build_parser():
     common.add_argument("--broker", action="append",
                         help="broker URL (default: config ion.core.messaging broker); several "
                         "(a cluster's nodes, tried in turn): comma-separated or repeated")
-    common.add_argument(
-        "--credentials",
-        help="credentials file giving the password of a broker URL with a user and none "
-        f"(default {DEFAULT_CREDENTIALS} when it exists)",
-    )
-    common.add_argument("--broker-ca", metavar="FILE",
-                        help="amqps://: PEM CA certificates trusted for the broker "
-                        "(default: config broker_ca, else the system's)")
-    common.add_argument("--broker-cert", metavar="FILE",
-                        help="amqps://: PEM client certificate; the login is then EXTERNAL")
-    common.add_argument("--broker-key", metavar="FILE",
-                        help="amqps://: unencrypted PEM key of --broker-cert, mode 0600")
-    common.add_argument("-s", "--sysname", help="system name (default: config, 'ion')")
+    # The options C{twistd cc} shares, as it explains them.
+    from ion.core.cc.tap import Options
+
+    for name, short, _default, text, *_ in Options.optParameters:
+        if name in ("credentials", "broker-ca", "broker-cert", "broker-key", "sysname", "res"):
+            flags = [f"-{short}", f"--{name}"] if short else [f"--{name}"]
+            common.add_argument(*flags, help=text)
     common.add_argument("--timeout", type=_positive_seconds, default=10.0,
                         help="seconds (default 10)")
-    common.add_argument("--res", help="res/ directory (default ./res or the installed one)")
     common.add_argument("--json", action="store_true", help="print the result as JSON")
     parser = _Parser(prog="ion", description="Talk to a running ION system.")
     parser.add_argument("--version", action="version", version=f"ION {ion.__version__}")
