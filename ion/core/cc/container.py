@@ -75,25 +75,6 @@ def make_transport(url, reactor, memory_broker=None, **tls_files):
     return AmqpTransport(url, reactor, **tls_files)
 
 
-def make_flow_transport(url, reactor, credentials=None):
-    """A transport of its own for a process working on another broker (a pump's flow on a
-    remote pump): C{amqp[s]://} or C{mqtt[s]://}, the password from the credentials file when
-    the URL names a user and no password (see L{ion.core.cc.tap.broker_url_with_password}).
-    ValueError (never quoting a password) for another scheme or an unusable URL."""
-    from ion.core.cc.tap import broker_url_with_password
-
-    scheme = url.split(":", 1)[0].lower()
-    if scheme in ("mqtt", "mqtts"):
-        from ion.core.messaging.mqtt import MqttTransport
-
-        return MqttTransport(broker_url_with_password(url, credentials), reactor)
-    if scheme not in ("amqp", "amqps"):
-        raise ValueError(
-            f"unsupported broker URL scheme {scheme!r} for a flow: use amqp[s]:// or mqtt[s]://"
-        )
-    return make_transport(broker_url_with_password(url, credentials), reactor)
-
-
 class Container:
     """A running container. Start with C{await start()}, stop with C{await stop()}."""
 
@@ -186,9 +167,24 @@ class Container:
         log.info("container {id} stopped", id=self.id)
 
     def open_broker(self, url):
-        """A new, unconnected transport to the broker at C{url} for one process (see
-        L{ion.core.process.Process.open_broker}), with the default credentials file."""
-        return make_flow_transport(url, self.reactor)
+        """A new, unconnected transport for one process (see
+        L{ion.core.process.Process.open_broker}) working on another broker (a pump's flow on a
+        remote pump): C{amqp[s]://} or C{mqtt[s]://}, the password from the default
+        credentials file when the URL names a user and no password (see
+        L{ion.core.cc.tap.broker_url_with_password}). ValueError (never quoting a password)
+        for another scheme or an unusable URL."""
+        from ion.core.cc.tap import broker_url_with_password
+
+        scheme = url.split(":", 1)[0].lower()
+        if scheme in ("mqtt", "mqtts"):
+            from ion.core.messaging.mqtt import MqttTransport
+
+            return MqttTransport(broker_url_with_password(url), self.reactor)
+        if scheme not in ("amqp", "amqps"):
+            raise ValueError(
+                f"unsupported broker URL scheme {scheme!r} for a flow: use amqp[s]:// or mqtt[s]://"
+            )
+        return make_transport(broker_url_with_password(url), self.reactor)
 
     @property
     def embedded_broker(self):
