@@ -1,8 +1,9 @@
-"""Raw subscriptions: consume and publish non-envelope messages on any exchange.
+"""Raw subscriptions: the queues of non-envelope messages on any exchange, and their dead letters.
 
 Besides envelopes on the system exchange (C{messenger.py}), applications speak other formats
 on other exchanges: the pump's v03 JSON notifications on sr3-style exchanges (C{xpublic},
-C{xs_<user>}...). The process layer does that through these helpers, on the same transport.
+C{xs_<user>}...). The process layer subscribes to them (L{ion.core.process.Process.subscribe})
+with the queue types and dead-lettering of these helpers, on the same transport.
 """
 
 from ion.core.messaging.transport import (
@@ -62,62 +63,6 @@ def returns_of(delivery):
     if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
         return count
     return 1 if delivery.redelivered else 0
-
-
-async def subscribe(
-    transport,
-    exchange,
-    queue,
-    keys,
-    callback,
-    *,
-    exchange_type="topic",
-    durable=True,
-    exclusive=False,
-    auto_delete=False,
-    prefetch=100,
-    arguments=None,
-    dead_arguments=None,
-):
-    """Declare exchange (unless C{exchange_type} is None) and queue (with C{arguments}; when
-    they name a dead-letter routing key, that queue is declared first, with
-    C{dead_arguments}), bind each key, and deliver to callback(IDelivery). The callback acks
-    or nacks each delivery itself. Returns the consumer."""
-    if exchange_type:
-        await transport.declare_exchange(exchange, exchange_type, durable=durable)
-    dead = (arguments or {}).get(DEAD_LETTER_ROUTING_KEY)
-    if dead:
-        await transport.declare_queue(dead, durable=True, arguments=dead_arguments)
-    await transport.declare_queue(
-        queue, durable=durable, exclusive=exclusive, auto_delete=auto_delete, arguments=arguments
-    )
-    for key in keys:
-        await transport.bind(queue, exchange, key)
-    return await transport.consume(queue, callback, prefetch=prefetch)
-
-
-async def publish(
-    transport,
-    exchange,
-    routing_key,
-    body,
-    *,
-    headers=None,
-    content_type="application/json",
-    persistent=True,
-    mandatory=False,
-    declare=None,
-):
-    """Publish body; fires once the broker has taken it (publisher confirm).
-    C{declare='topic'} (or another type) declares the exchange (durable) first."""
-    if declare:
-        await transport.declare_exchange(exchange, declare, durable=True)
-    properties = Properties(
-        content_type=content_type,
-        delivery_mode=2 if persistent else 1,
-        headers=dict(headers or {}),
-    )
-    await transport.publish(exchange, routing_key, body, properties, mandatory=mandatory)
 
 
 async def dead_letter(

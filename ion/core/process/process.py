@@ -38,7 +38,7 @@ from ion.core.conversation.conversation import Conversations
 from ion.core.conversation.errors import ApplicationError, ProcessTerminated
 from ion.core.log import redact
 from ion.core.messaging import names, subscription
-from ion.core.messaging.transport import ConnectionLost, PreconditionFailed
+from ion.core.messaging.transport import ConnectionLost, PreconditionFailed, Properties
 from ion.core.process import statedir
 from ion.core.process.lifecycle import ACTIVE, IllegalTransition, Lifecycle
 
@@ -356,13 +356,15 @@ class Process:
         self._brokers.append(broker)
         return broker
 
-    async def subscribe(self, exchange, keys, handler, queue=None, transport=None, **options):
+    async def subscribe(self, exchange, keys, handler, queue=None, transport=None,
+                        exchange_type="topic", durable=None, exclusive=None, auto_delete=None,
+                        prefetch=100, queue_type=None, delivery_limit=None):
         """Consume raw (non-envelope) messages from C{exchange} bound with topic patterns
         C{keys}: handler(delivery) gets C{body}, C{routing_key}, C{properties} (with the trusted
         C{user_id}), C{redelivered}, and must C{ack()} or C{nack(requeue)} each one. It may return
         an awaitable: the message is in hand until that finishes. The queue is durable and
-        named C{queue} (default: an exclusive one named after this process). Options:
-        exchange_type, durable, exclusive, auto_delete, prefetch, queue_type, delivery_limit.
+        named C{queue} (default: an exclusive, auto-delete, transient one named after this
+        process); C{exchange_type} (durable like the queue) is declared first.
 
         A named durable queue that is neither exclusive nor auto-delete is shared: its
         C{queue_type} (default config C{ion.core.messaging: queue_type}, 'auto': quorum when
@@ -385,41 +387,47 @@ class Process:
         C{transport}: a connection of L{open_broker} to consume from instead of the
         container's; with C{exchange_type=None} the exchange is not declared (a remote pump's
         exchanges are its own). Dead letters still go to the container's broker."""
-        asked_type = options.pop("queue_type", None)
-        limit = options.pop("delivery_limit", None)
-        if queue is None:
+        unnamed = queue is None
+        if unnamed:
             queue = f"{self.pid}.sub{len(self._subscriptions) + 1}"
-            options.setdefault("exclusive", True)
-            options.setdefault("auto_delete", True)
-            options.setdefault("durable", False)
-        sub = _Subscription(queue, options.get("durable", True), options.get("exclusive", False))
+        durable = not unnamed if durable is None else durable
+        exclusive = unnamed if exclusive is None else exclusive
+        auto_delete = unnamed if auto_delete is None else auto_delete
+        sub = _Subscription(queue, durable, exclusive)
         transport = transport or self.container.messenger.transport
-        shared = sub.durable and not sub.exclusive and not options.get("auto_delete", False)
-        if shared:
-            if asked_type is None:
-                asked_type = self.config("queue_type", "auto", module=MESSAGING)
-            if limit is None:
-                limit = self.config(
+        arguments = dead = None
+        if durable and not exclusive and not auto_delete:  # shared
+            if queue_type is None:
+                queue_type = self.config("queue_type", "auto", module=MESSAGING)
+            if delivery_limit is None:
+                delivery_limit = self.config(
                     "delivery_limit", subscription.DEFAULT_DELIVERY_LIMIT, module=MESSAGING
                 )
-            kind = subscription.queue_type_for(asked_type, getattr(transport, "cluster", False))
-            arguments, sub.dead_arguments = subscription.queue_arguments(queue, kind, limit)
-            if kind == "quorum":
-                sub.delivery_limit = limit
-            options.update(arguments=arguments, dead_arguments=sub.dead_arguments)
+            kind = subscription.queue_type_for(queue_type, getattr(transport, "cluster", False))
+            arguments, sub.dead_arguments = subscription.queue_arguments(
+                queue, kind, delivery_limit
+            )
+            if kind == "quorum":  # it dead-letters to <queue>.dead, declared first
+                sub.delivery_limit = delivery_limit
+                dead = f"{queue}.dead"
         try:
-            sub.consumer = await subscription.subscribe(
-                transport,
-                exchange,
-                queue,
-                list(keys),
-                self._delivery_handler(handler, sub),
-                **options,
+            if exchange_type:
+                await transport.declare_exchange(exchange, exchange_type, durable=durable)
+            if dead is not None:
+                await transport.declare_queue(dead, durable=True, arguments=sub.dead_arguments)
+            await transport.declare_queue(
+                queue, durable=durable, exclusive=exclusive, auto_delete=auto_delete,
+                arguments=arguments,
+            )
+            for key in keys:
+                await transport.bind(queue, exchange, key)
+            sub.consumer = await transport.consume(
+                queue, self._delivery_handler(handler, sub), prefetch=prefetch
             )
         except PreconditionFailed as e:
             raise ValueError(
                 f"{self.name}: queue {queue!r} exists on the broker with other properties than "
-                f"asked (queue_type {asked_type!r}): {e}; delete the queue (its messages go "
+                f"asked (queue_type {queue_type!r}): {e}; delete the queue (its messages go "
                 f"with it) or ask for its present type"
             ) from None
         self._subscriptions.append(sub)
@@ -463,11 +471,12 @@ class Process:
             )
             delivery.nack(requeue=True)
             return
+        retry = subscription.returns_of(delivery) < sub.delivery_limit
         if delivery.settled:
             outcome = "it was settled already"
         elif sub.consumer is None:
             outcome = "it is back in the queue already"
-        elif subscription.returns_of(delivery) < sub.delivery_limit:
+        elif retry:
             outcome = "requeued"
         else:
             outcome = f"it had been redelivered: moving it to {sub.queue}.dead"
@@ -482,8 +491,7 @@ class Process:
         )
         if delivery.settled or sub.consumer is None:
             return
-        returns = subscription.returns_of(delivery)
-        if returns < sub.delivery_limit:
+        if retry:
             delivery.nack(requeue=True)
             return
         reason = redact(f"{failure.type.__name__}: {failure.getErrorMessage()}")
@@ -527,14 +535,18 @@ class Process:
         """How many deliveries and tracked works are in hand now."""
         return len(self._in_hand)
 
-    async def publish(self, exchange, routing_key, body, transport=None, **options):
+    async def publish(self, exchange, routing_key, body, transport=None, headers=None,
+                      content_type="application/json", persistent=True, mandatory=False,
+                      declare=None):
         """Publish a raw message (bytes) to exchange; fires when the broker confirmed it.
-        Options: headers, content_type, persistent (default True), mandatory, declare;
+        C{declare='topic'} (or another type) declares the exchange (durable) first;
         C{transport}: a connection of L{open_broker} instead of the container's."""
-        await subscription.publish(
-            transport or self.container.messenger.transport, exchange, routing_key, body,
-            **options,
-        )
+        transport = transport or self.container.messenger.transport
+        if declare:
+            await transport.declare_exchange(exchange, declare, durable=True)
+        delivery_mode = 2 if persistent else 1
+        properties = Properties(content_type, delivery_mode, headers=dict(headers or {}))
+        await transport.publish(exchange, routing_key, body, properties, mandatory=mandatory)
         self.container.metrics.published.inc((self.name,))
 
     async def bind(self, queue, exchange, keys, exchange_type="topic", durable=True):
