@@ -150,16 +150,13 @@ class Conversations:
     def __len__(self):
         return len(self.open)
 
-    def _ttl(self):
-        return self.config.get(CONFIG, "tombstone_ttl", 60)
-
     def _finished(self, conv):
         key = (conv.conv_id, conv.role)
         self.open.pop(key, None)
         if conv.timer is not None and conv.timer.active():
             conv.timer.cancel()
         now = self.clock.seconds()
-        self.tombstones[key] = now + self._ttl()
+        self.tombstones[key] = now + self.config.get(CONFIG, "tombstone_ttl", 60)
         self.tombstones.move_to_end(key)
         self.recent.append(conv)
         if conv.role == P.INITIATOR and conv.protocol == "rpc":
