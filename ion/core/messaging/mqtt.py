@@ -250,18 +250,15 @@ class MqttTransport:
     def connect(self):
         """Connect and subscribe what was bound. Fires with this transport; the first attempt
         failing fails it (TransportError naming the broker); later losses are repaired."""
-        if self._client is not None:
-            return self.whenConnected()
-        if not self.session:
-            self.session = f"ion_{id(self):x}"
-        self._client = self._make_client()
-        self._misc = task.LoopingCall(self._loop_misc)
-        self._misc.clock = self.reactor
-        self._misc.start(1.0, now=False)
-        first = defer.Deferred()
-        self._waiting.append(first)
-        self._start_attempt(first_attempt=True)
-        return first
+        if self._client is None:
+            if not self.session:
+                self.session = f"ion_{id(self):x}"
+            self._client = self._make_client()
+            self._misc = task.LoopingCall(self._loop_misc)
+            self._misc.clock = self.reactor
+            self._misc.start(1.0, now=False)
+            self._start_attempt(first_attempt=True)
+        return self.whenConnected()
 
     def whenConnected(self):
         if self._closed:
