@@ -30,8 +30,6 @@ from ion.core.messaging.amqp._wire import (
     _decode_deliver,
     _decode_fields,
     _decode_properties_kept,
-    _field_names,
-    _field_types,
     _frame,
     _method_frame,
     _ProtocolError,
@@ -56,9 +54,8 @@ _DEFAULTS = {"bit": False, "shortstr": "", "longstr": b"", "table": {}}
 @functools.cache
 def _argument_layout(method):
     """name -> position of a method's arguments, and their defaults."""
-    names = _field_names(method)
-    defaults = tuple(_DEFAULTS.get(kind, 0) for kind in _field_types(method))
-    return {name: i for i, name in enumerate(names)}, defaults
+    defaults = tuple(_DEFAULTS.get(kind, 0) for kind in method.types)
+    return {name: i for i, name in enumerate(method.names)}, defaults
 
 
 def _closed_error(klass, code, text):
@@ -251,7 +248,7 @@ class _Protocol(Protocol):
             elif method_id == _ACK_ID:
                 args, pos = _decode_ack(data, start + 4)
             else:
-                args, pos = _decode_fields(_field_types(method), data, start + 4)
+                args, pos = _decode_fields(method.types, data, start + 4)
             if pos > end:
                 raise _ProtocolError(f"truncated {method.klass.name}.{method.name}")
             if channel in self._incoming:
@@ -317,7 +314,7 @@ class _Protocol(Protocol):
     def _reject(self, number, incoming):
         channel = self.channels.get(number)
         if channel is not None:
-            arguments = dict(zip(_field_names(incoming.method), incoming.args))
+            arguments = dict(zip(incoming.method.names, incoming.args))
             self.session.reject(channel, arguments, incoming.error)
 
     def _dispatch(self, number, method, args, content):
@@ -327,7 +324,7 @@ class _Protocol(Protocol):
             # requeues deliveries) has no one to go to.
             return
         message = types.SimpleNamespace()
-        message.__dict__.update(zip(_field_names(method), args))
+        message.__dict__.update(zip(method.names, args))
         if content is not None:
             message.body, message.properties = content
         if method.response:
