@@ -37,8 +37,18 @@ from twisted.python.failure import Failure
 from ion.core.conversation.conversation import Conversations
 from ion.core.conversation.errors import ApplicationError, ProcessTerminated
 from ion.core.log import redact
-from ion.core.messaging import names, subscription
-from ion.core.messaging.transport import ConnectionLost, PreconditionFailed, Properties
+from ion.core.messaging import names
+from ion.core.messaging.transport import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_ROUTING_KEY,
+    DELIVERY_COUNT,
+    DELIVERY_LIMIT,
+    QUEUE_TYPE,
+    QUEUE_TYPES,
+    ConnectionLost,
+    PreconditionFailed,
+    Properties,
+)
 from ion.core.process import statedir
 from ion.core.process.lifecycle import ACTIVE, IllegalTransition, Lifecycle
 
@@ -47,6 +57,16 @@ MESSAGING = "ion.core.messaging"
 
 # The participant conversation being served in the current task (identity flows from it).
 _serving = contextvars.ContextVar("ion_serving", default=None)
+
+# Headers of a dead-lettered message: why, and where it was published.
+DEAD_REASON = "dead-reason"
+DEAD_EXCHANGE = "dead-exchange"
+DEAD_ROUTING_KEY = "dead-routing-key"
+REASON_CHARS = 1000  # of the reason kept
+
+# Returns of a message before it is dead-lettered, on a quorum queue (classic queues tell
+# only whether a message was delivered before: their limit is 1).
+DEFAULT_DELIVERY_LIMIT = 10
 
 
 def explicit_agree(op):
@@ -67,6 +87,44 @@ async def _cancel(consumer):
     if consumer is not None:
         with contextlib.suppress(ConnectionLost):
             await consumer.cancel()
+
+
+def queue_type_for(asked, cluster):
+    """The queue type of a shared durable queue: C{asked} ('classic', 'quorum', or 'auto' /
+    None: quorum on a cluster (C{cluster}: the broker URL names several hosts), else classic).
+    ValueError for another value."""
+    if asked in (None, "auto"):
+        return "quorum" if cluster else "classic"
+    if asked not in QUEUE_TYPES:
+        raise ValueError(f"queue_type must be 'auto', 'classic' or 'quorum', got {asked!r}")
+    return asked
+
+
+def queue_arguments(queue, queue_type, delivery_limit):
+    """C{(arguments of queue, arguments of <queue>.dead)} for a shared durable queue of
+    C{queue_type}: a quorum queue gives up a message returned more than C{delivery_limit}
+    times (the process gave it back, or died holding it) and dead-letters it to
+    C{<queue>.dead}, itself a quorum queue; a classic queue has no arguments."""
+    if queue_type != "quorum":
+        return {}, {}
+    return (
+        {
+            QUEUE_TYPE: "quorum",
+            DELIVERY_LIMIT: delivery_limit,
+            DEAD_LETTER_EXCHANGE: "",
+            DEAD_LETTER_ROUTING_KEY: f"{queue}.dead",
+        },
+        {QUEUE_TYPE: "quorum"},
+    )
+
+
+def returns_of(delivery):
+    """How many times the message of C{delivery} was returned to its queue before: a quorum
+    queue's C{x-delivery-count}, else 1 when it is marked redelivered, else 0."""
+    count = (delivery.properties.headers or {}).get(DELIVERY_COUNT)
+    if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+        return count
+    return 1 if delivery.redelivered else 0
 
 
 @attrs.define(eq=False)
@@ -401,12 +459,10 @@ class Process:
                 queue_type = self.config("queue_type", "auto", module=MESSAGING)
             if delivery_limit is None:
                 delivery_limit = self.config(
-                    "delivery_limit", subscription.DEFAULT_DELIVERY_LIMIT, module=MESSAGING
+                    "delivery_limit", DEFAULT_DELIVERY_LIMIT, module=MESSAGING
                 )
-            kind = subscription.queue_type_for(queue_type, getattr(transport, "cluster", False))
-            arguments, sub.dead_arguments = subscription.queue_arguments(
-                queue, kind, delivery_limit
-            )
+            kind = queue_type_for(queue_type, getattr(transport, "cluster", False))
+            arguments, sub.dead_arguments = queue_arguments(queue, kind, delivery_limit)
             if kind == "quorum":  # it dead-letters to <queue>.dead, declared first
                 sub.delivery_limit = delivery_limit
                 dead = f"{queue}.dead"
@@ -471,7 +527,7 @@ class Process:
             )
             delivery.nack(requeue=True)
             return
-        retry = subscription.returns_of(delivery) < sub.delivery_limit
+        retry = returns_of(delivery) < sub.delivery_limit
         if delivery.settled:
             outcome = "it was settled already"
         elif sub.consumer is None:
@@ -496,10 +552,7 @@ class Process:
             return
         reason = redact(f"{failure.type.__name__}: {failure.getErrorMessage()}")
         try:
-            await subscription.dead_letter(
-                self.container.messenger.transport, delivery, sub.queue, reason, sub.durable,
-                sub.exclusive, sub.dead_arguments,
-            )
+            await self._dead_letter(delivery, sub, reason)
         except ConnectionLost:
             return  # the message is back in its queue
         except Exception:
@@ -512,6 +565,37 @@ class Process:
             self.log.failure("{proc!r}: on_dead_letter failed", proc=self)
         if not delivery.settled:
             delivery.ack()
+
+    async def _dead_letter(self, delivery, sub, reason):
+        """Publish a copy of C{delivery} to the queue C{<queue>.dead} of its subscription
+        C{sub}, declared first (durable and exclusive as the subscription's queue), through the
+        default exchange of the container's broker, with its headers (less
+        C{x-delivery-count}) plus DEAD_REASON, DEAD_EXCHANGE and DEAD_ROUTING_KEY; fires once
+        the broker confirmed it. The same on every transport, and with a report: the queue's
+        own dead-lettering (quorum queues) is for a process that dies holding a message.
+        Settling C{delivery} is the caller's."""
+        dead = f"{sub.queue}.dead"
+        props = delivery.properties
+        key = delivery.routing_key
+        if not isinstance(key, str):
+            key = bytes(key).decode("utf-8", "replace")
+        headers = dict(props.headers or {})
+        headers.pop(DELIVERY_COUNT, None)
+        headers[DEAD_REASON] = reason[:REASON_CHARS]
+        headers[DEAD_EXCHANGE] = delivery.exchange
+        headers[DEAD_ROUTING_KEY] = key
+        properties = Properties(
+            content_type=props.content_type,
+            delivery_mode=2 if sub.durable else 1,
+            message_id=props.message_id,
+            headers=headers,
+            timestamp=props.timestamp,
+        )
+        transport = self.container.messenger.transport
+        await transport.declare_queue(
+            dead, durable=sub.durable, exclusive=sub.exclusive, arguments=sub.dead_arguments
+        )
+        await transport.publish("", dead, delivery.body, properties, mandatory=True)
 
     def track(self, work):
         """Run C{work} (a coroutine or Deferred) as work in hand: counted in L{in_hand}, and
