@@ -33,6 +33,8 @@ from ion.core.credentials import (
     Credentials,
     CredentialsError,
 )
+from ion.core.messaging.amqp import split_urls
+from ion.core.messaging.tls import ClientTls
 
 log = Logger()
 
@@ -249,8 +251,6 @@ class Options(usage.Options):
         parts = ("broker-host", "broker-port", "broker-user", "broker-vhost")
         if not any(self[part] for part in parts):
             return url
-        from ion.core.messaging.amqp import split_urls
-
         check_broker_url(url)  # the parts below are then safe to take
         if len(split_urls(url)) > 1:
             raise ValueError("--broker-host, --broker-port, --broker-user and --broker-vhost "
@@ -293,8 +293,6 @@ def broker_tls(url, ca_file=None, cert_file=None, key_file=None, config=None):
     amqps:// URLs only; C{~} is expanded. The files are read once here to check them.
     ValueError (one line naming the file) when they cannot be used, or are given for a URL
     that is not amqps://. C{twistd cc} and the C{ion} command line both use this."""
-    from ion.core.messaging.tls import ClientTls
-
     given = {"tls_ca_file": ca_file, "tls_cert_file": cert_file, "tls_key_file": key_file}
     if url.split(":", 1)[0].lower() != "amqps":
         if any(path is not None for path in given.values()):
@@ -325,8 +323,6 @@ def broker_url_with_password(url, path=None, default=DEFAULT_CREDENTIALS, certif
     not tried with some default password. Exceptions: user C{guest} (RabbitMQ's default
     account, password guest) and a C{certificate} login (EXTERNAL, no password). C{twistd cc}
     and the C{ion} command line both use this."""
-    from ion.core.messaging.amqp import split_urls
-
     try:
         urls = split_urls(url)
     except ValueError:
