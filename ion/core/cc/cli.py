@@ -248,11 +248,8 @@ async def _command(client, args):
                     "(ion containers lists them)"
                 ) from None
         peers = await client.rpc("ccagent", "containers", None, timeout=t)
-        result = {}
-        for peer in peers:
-            cid = peer["container"]
-            result[cid] = await client.rpc(f"cc_{cid}", "ps", None, timeout=t)
-        return result
+        return {p["container"]: await client.rpc(f"cc_{p['container']}", "ps", None, timeout=t)
+                for p in peers}
     if args.command == "status":
         peers = await client.rpc("ccagent", "containers", None, timeout=t)
         return [await client.rpc(f"cc_{p['container']}", "status", None, timeout=t)
