@@ -235,10 +235,8 @@ class ShellHelpers:
 
     def apps(self):
         """Print the running apps."""
-        rows = []
-        for name, app in self.container.apps.running.items():
-            top = getattr(app.state, "pid", "")
-            rows.append((name, app.spec.version, top, app.spec.description))
+        rows = [(name, app.spec.version, getattr(app.state, "pid", ""), app.spec.description)
+                for name, app in self.container.apps.running.items()]
         self.print(format_table(("app", "version", "top process", "description"), rows))
 
     def spawn(self, module_or_class, name=None, container=None, **args):

@@ -32,11 +32,8 @@ HEARTBEAT_GRACE = 1.0
 def process_tree(container):
     """Rows (dicts) of the live processes, each parent followed by its children, with the app
     it belongs to, its depth in the tree and how often its supervisor restarted it."""
-    app_of = {}
-    for app in container.apps.running.values():
-        pid = getattr(app.state, "pid", None)
-        if pid:
-            app_of[pid] = app.name
+    app_of = {app.state.pid: app.name for app in container.apps.running.values()
+              if getattr(app.state, "pid", None)}
     rows = []
 
     def walk(proc, depth, app, restarts):

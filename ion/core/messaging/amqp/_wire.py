@@ -343,12 +343,9 @@ def _encode_properties(klass, properties):
     flags, 15 per 16-bit word with the first property in the high bit and the low bit set when
     another word follows, then the values present in spec order."""
     layout = _property_layout(klass)
-    present = []
-    for name, value in properties.items():
-        if value is not None:
-            position, kind = layout[name]
-            present.append((position, kind, value))
-    present.sort()
+    present = sorted(
+        (*layout[name], value) for name, value in properties.items() if value is not None
+    )
     words = [0] * (len(layout) // 15 + 1)
     for position, _, _ in present:
         words[position // 15] |= 1 << (15 - position % 15)
