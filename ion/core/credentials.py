@@ -245,13 +245,10 @@ def _parse_line(line, where):
             break
         options.append(word)
     try:
-        parts = urlsplit(url)
-    except ValueError:  # its message may quote the user and password
-        raise CredentialsError(f"{where}: malformed URL; expected {LINE_FORMAT}") from None
-    try:
         scheme, host, port, user, password, path = url_parts(url)
-    except ValueError:
-        raise CredentialsError(f"{where}: bad port number") from None
+    except ValueError as e:  # url_parts says what, never quoting the URL
+        raise CredentialsError(f"{where}: {e}; expected {LINE_FORMAT}") from None
+    parts = urlsplit(url)  # it has parsed already
     if "://" not in url or not scheme or not host:
         raise CredentialsError(f"{where}: expected {LINE_FORMAT}")
     if scheme not in DEFAULT_PORTS:
