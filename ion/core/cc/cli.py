@@ -270,7 +270,8 @@ def format_table(headings, rows):
     return "\n".join(lines)
 
 
-def _containers_table(peers, args):
+def containers_table(peers, args=None):
+    """The containers of a system (the agents' C{containers} rows) as a table and a count."""
     rows = [
         (
             p.get("container"),
@@ -304,7 +305,7 @@ def _status_table(statuses, args):
     return f"{format_table(headings, rows)}\n{total}"
 
 
-_TABLES = {"containers": _containers_table, "ps": _ps_table, "status": _status_table}
+_TABLES = {"containers": containers_table, "ps": _ps_table, "status": _status_table}
 
 
 def main(argv=None):

@@ -32,7 +32,7 @@ from twisted.internet import defer, fdesc, stdio, threads
 from twisted.logger import Logger
 from twisted.python import threadable
 
-from ion.core.cc.cli import format_table
+from ion.core.cc.cli import containers_table, format_table
 from ion.core.cc.status import process_tree
 from ion.core.process import NoSuchReceiver, Process
 
@@ -195,18 +195,7 @@ class ShellHelpers:
 
     def containers(self):
         """Print the containers of this system, as the container agents know them."""
-
-        def table(rows):
-            return format_table(
-                ("container", "host", "os pid", "uptime s", "last beat s", "apps"),
-                [
-                    (r["container"], r["host"], r["os_pid"], r["uptime"], r["last_heartbeat"],
-                     ", ".join(r["apps"]))
-                    for r in rows
-                ],
-            )
-
-        return self._start("containers()", self._rpc("ccagent", "containers"), table)
+        return self._start("containers()", self._rpc("ccagent", "containers"), containers_table)
 
     def msc(self, conv_id=None, last=20, svg=None):
         """Print a message sequence chart from the observer app (svg='x.svg' also writes SVG).
