@@ -166,57 +166,52 @@ class Options(usage.Options):
         self["files"] = list(files)
 
     def postOptions(self):
+        """Read and check everything the container needs; bad input is one line on stderr and
+        exit status 2 (L{fail_input})."""
+        try:
+            self._check()
+        except (AppFileError, ConfigError, ValueError) as e:
+            fail_input(e)
+
+    def _check(self):
         if self["args"]:
             self["container_args"] = parse_args_option(self["args"])
         res = self["res"] or find_res_dir()
         self["res"] = res
-        try:
-            config = Config.load(res)
-            for module, key, value in self["defines"]:
-                config.define(module, key, value)
-            levels = ionlog.load_levels(res)
-        except (ConfigError, ValueError) as e:
-            fail_input(e)
+        config = Config.load(res)
+        for module, key, value in self["defines"]:
+            config.define(module, key, value)
         self["config"] = config
-        self["levels"] = levels
+        self["levels"] = ionlog.load_levels(res)
         cargs = self["container_args"]
         self["sysname"] = self["sysname"] or cargs.get("sysname") or config.get(
             "ion.core.messaging", "sysname", "ion"
         )
         # A client certificate names its user itself, and logs in without a password.
         certificate = self["broker-cert"] or config.get("ion.core.messaging", "broker_cert", None)
-        try:
-            self["broker_url"] = broker_url_with_password(
-                self._broker_url(config, certificate), self["credentials"],
-                self.default_credentials, bool(certificate))
-            check_broker_url(self["broker_url"])
-            self["broker_tls"] = broker_tls(
-                self["broker_url"], self["broker-ca"], self["broker-cert"], self["broker-key"],
-                config,
-            )
-        except ValueError as e:
-            fail_input(e)
+        self["broker_url"] = broker_url_with_password(
+            self._broker_url(config, certificate), self["credentials"],
+            self.default_credentials, bool(certificate))
+        check_broker_url(self["broker_url"])
+        self["broker_tls"] = broker_tls(
+            self["broker_url"], self["broker-ca"], self["broker-cert"], self["broker-key"],
+            config,
+        )
         retry = self["broker-retry"]
         if retry is None:
             retry = config.get("ion.core.messaging", "broker_retry", 0)
         if isinstance(retry, bool) or not isinstance(retry, (int, float)) or not retry >= 0:
-            fail_input(f"--broker-retry / broker_retry: seconds >= 0 expected, got {retry!r}")
+            raise ValueError(f"--broker-retry / broker_retry: seconds >= 0 expected, got {retry!r}")
         self["broker_retry"] = retry
         apparg = {k[len("apparg_") :]: v for k, v in cargs.items() if k.startswith("apparg_")}
         self["apparg"] = apparg
-        try:
-            # AppController.plan checks the files before any container exists.
-            context = SimpleNamespace(config=config, res_dir=res)
-            plan = AppController(context, apparg).plan(CORE_APPS + self["files"])
-            layers = [layer for _spec, _kwargs, app_layers, _mult in plan for layer in app_layers]
-            config.check_with(layers)
-        except (AppFileError, ConfigError) as e:
-            fail_input(e)
+        # AppController.plan checks the files before any container exists.
+        context = SimpleNamespace(config=config, res_dir=res)
+        plan = AppController(context, apparg).plan(CORE_APPS + self["files"])
+        layers = [layer for _spec, _kwargs, app_layers, _mult in plan for layer in app_layers]
+        config.check_with(layers)
         _warn_unused(config, apparg, plan, layers)
-        try:
-            self["web_console"] = self._web(config, layers)
-        except ValueError as e:
-            fail_input(e)
+        self["web_console"] = self._web(config, layers)
 
     def _web(self, config, app_layers):
         """C{(host, port, token, explicit)} of the web console, or None: off. C{explicit}: given
