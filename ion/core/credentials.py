@@ -38,6 +38,7 @@ For example::
     credentials.password("amqp://ion@rabbit.example.org/")       # "s3cret", or None
 """
 
+import itertools
 import os
 import stat
 from urllib.parse import unquote, urlsplit
@@ -239,11 +240,7 @@ def _parse_line(line, where):
     show nothing of the line: any part of it may be (or hold) a password."""
     # A URL has no blanks, so a blank ends it; what follows is options, then maybe a comment.
     url, *words = line.split()
-    options = []
-    for word in words:
-        if word.startswith("#"):
-            break
-        options.append(word)
+    options = list(itertools.takewhile(lambda word: not word.startswith("#"), words))
     try:
         scheme, host, port, user, password, path = url_parts(url)
     except ValueError as e:  # url_parts says what, never quoting the URL
