@@ -4,6 +4,7 @@ channels and their synchronous calls, and heartbeats. What the broker sends on i
 
 import collections
 import functools
+import platform
 import struct
 import types
 
@@ -12,6 +13,7 @@ from twisted.internet import defer, task
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
 
+import ion
 from ion.core.messaging.amqp._wire import (
     _ACK_ID,
     _BODY_FRAME,
@@ -49,6 +51,21 @@ log = Logger()
 FRAME_MIN_SIZE = 4096  # the largest frame either side may send before connection.tune
 MAX_UNSEEN_HEARTBEATS = 3  # intervals without a byte from the broker before it is given up
 _DEFAULTS = {"bit": False, "shortstr": "", "longstr": b"", "table": {}}
+# Who we are and what we can do, told to the broker in connection.start-ok.
+CLIENT_PROPERTIES = {
+    "product": "ION",
+    "version": ion.__version__,
+    "platform": f"Python {platform.python_version()} (Twisted)",
+    "capabilities": {
+        "publisher_confirms": True,
+        "consumer_cancel_notify": True,
+        "basic.nack": True,
+        "exchange_exchange_bindings": True,
+        "connection.blocked": True,
+        "authentication_failure_close": True,
+        "per_consumer_qos": True,
+    },
+}
 
 
 @functools.cache
@@ -374,7 +391,7 @@ class _Protocol(Protocol):
             0,
             self.method("connection_start_ok"),
             {
-                "client_properties": self.session.client_properties(),
+                "client_properties": CLIENT_PROPERTIES,
                 "mechanism": mechanism,
                 "response": self._response,
                 "locale": "en_US",
