@@ -89,9 +89,6 @@ class Messenger:
         await self.transport.declare_queue(queue, exclusive=exclusive, auto_delete=auto_delete)
         await self.transport.bind(queue, self.exchange, key)
 
-    async def delete_receiver(self, queue):
-        await self.transport.delete_queue(queue)
-
     async def declare_trace_receiver(self, queue):
         """Create an exclusive queue that gets the trace copy of every traced send of this
         system (read it with L{listen})."""

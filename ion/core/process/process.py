@@ -351,7 +351,7 @@ class Process:
         if consumer is not None:
             try:
                 await consumer.cancel()
-                await self.container.messenger.delete_receiver(self.pid)
+                await self.container.messenger.transport.delete_queue(self.pid)
             except ConnectionLost:
                 pass  # the queue went with the connection
             except Exception:
