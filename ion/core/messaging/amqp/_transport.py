@@ -64,10 +64,8 @@ class _BrokerList:
     def __repr__(self):
         return ", ".join(str(address) for address, _ in self._choices)
 
-    def connect(self, factory):
-        return defer.Deferred.fromCoroutine(self._connect(factory))
-
-    async def _connect(self, factory):
+    @_as_deferred
+    async def connect(self, factory):
         errors = []
         count = len(self._choices)
         for step in range(count):
