@@ -38,25 +38,23 @@ def check_broker_url(url):
 
     urls = split_urls(url)
     schemes = {one.split(":", 1)[0].lower() for one in urls}
-    if len(urls) > 1:
-        if not schemes <= {"amqp", "amqps"} or len(schemes) > 1:
-            raise ValueError(
-                "a list of brokers must be all amqp:// or all amqps:// URLs (memory:// is one "
-                "in-process broker)"
-            )
-        for one in urls:
-            AmqpAddress.parse(one)
-        return schemes.pop()
-    scheme = url.split(":", 1)[0].lower()
-    if scheme in ("amqp", "amqps"):
-        AmqpAddress.parse(url)
-    elif scheme != "memory":
+    if len(urls) > 1 and (not schemes <= {"amqp", "amqps"} or len(schemes) > 1):
+        raise ValueError(
+            "a list of brokers must be all amqp:// or all amqps:// URLs (memory:// is one "
+            "in-process broker)"
+        )
+    scheme = schemes.pop()
+    if scheme == "memory":
+        if url.lower() != "memory://":
+            # the embedded broker has no host, port or path: anything there is a mistake
+            raise ValueError("a memory:// broker URL takes no host or path: write memory://")
+        return scheme
+    if scheme not in ("amqp", "amqps"):
         raise ValueError(
             f"unsupported broker URL scheme {scheme!r}: use memory://, amqp:// or amqps://"
         )
-    elif url.lower() != "memory://":
-        # the embedded broker has no host, port or path: anything there is a mistake
-        raise ValueError("a memory:// broker URL takes no host or path: write memory://")
+    for one in urls:
+        AmqpAddress.parse(one)
     return scheme
 
 
