@@ -41,12 +41,9 @@ def process_tree(container):
         rows.append({"pid": proc.pid, "name": proc.name, "class": type(proc).__name__,
                      "state": proc.state, "app": app, "depth": depth, "restarts": restarts,
                      "parent": proc.parent.pid if proc.parent else None})
-        counts = {}
-        for child_id, n in getattr(proc, "restarts", {}).items():
-            try:
-                counts[getattr(proc.child(child_id), "pid", None)] = n
-            except KeyError:
-                pass
+        # A supervisor counts restarts by child id: child() has each of them.
+        restarts = getattr(proc, "restarts", {})
+        counts = {getattr(proc.child(c), "pid", None): n for c, n in restarts.items()}
         for child in list(proc.children):
             walk(child, depth + 1, app, counts.get(child.pid, 0))
 
