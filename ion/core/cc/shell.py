@@ -62,7 +62,7 @@ class Pending:
         self.done = False
         self.result = None
         self.error = None
-        self._waiters = []
+        self._done = defer.Deferred()
         # Lets the shell tell the handle a helper just returned (not echoed) from an old one.
         self.number = next(_numbers)
 
@@ -76,17 +76,13 @@ class Pending:
         return f"<{self.what}: {outcome}>"
 
     def when_done(self):
-        if self.done:
-            return defer.succeed(self)
         d = defer.Deferred()
-        self._waiters.append(d)
+        self._done.addCallback(lambda _: d.callback(self))
         return d
 
     def _finish(self, result=None, error=None):
         self.done, self.result, self.error = True, result, error
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(self)
+        self._done.callback(None)
 
 
 def describe_error(error):
