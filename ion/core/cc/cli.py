@@ -168,10 +168,6 @@ def app_command(name):
         raise UsageError(f"{name}: the application providing it is not installed ({e})")
 
 
-class _Client(Process):
-    """The process the CLI talks through."""
-
-
 # The file read when --credentials is not given (tests point it elsewhere).
 default_credentials = DEFAULT_CREDENTIALS
 
@@ -220,7 +216,7 @@ async def _run(reactor, args):
     except (defer.TimeoutError, TransportError, OSError) as e:
         raise TransportError(f"cannot reach broker {redact(url)}: {e or 'timed out'}") from None
     try:
-        client = await container.spawn(_Client, name="ion-cli")
+        client = await container.spawn(Process, name="ion-cli")  # what the CLI talks through
         return await _command(client, args)
     finally:
         await container.stop()
