@@ -270,9 +270,7 @@ class _Delivery:
                 f"cannot {action} message {self.routing_key!r}: it was already acked or nacked"
             )
         self._consumer = None
-        if consumer.active:
-            return consumer
-        return None
+        return consumer if consumer.active else None  # a gone consumer's messages are back
 
     def ack(self):
         consumer = self._settle("ack")
