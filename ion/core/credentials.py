@@ -183,14 +183,12 @@ class Credentials:
     def password(self, url):
         """The password of the line for the scheme, host, port (default ports filled in) and
         user of C{url} (a broker URL, say); C{None} when the URL names no user, or no line
-        serves it."""
+        serves it (L{find}'s line, when the URL names a user)."""
         try:
-            scheme, host, port, user, _, path = url_parts(url)
+            user = url_parts(url)[3]
         except ValueError:
             return None
-        if user is None or scheme not in DEFAULT_PORTS:
-            return None
-        best = _best(self.entries, scheme, host, port, user, path)
+        best = None if user is None else self.find(url)
         return None if best is None else best.password
 
 
