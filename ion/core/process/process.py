@@ -467,16 +467,13 @@ class Process:
                 sub.delivery_limit = delivery_limit
                 dead = f"{queue}.dead"
         try:
-            if exchange_type:
-                await transport.declare_exchange(exchange, exchange_type, durable=durable)
             if dead is not None:
                 await transport.declare_queue(dead, durable=True, arguments=sub.dead_arguments)
             await transport.declare_queue(
                 queue, durable=durable, exclusive=exclusive, auto_delete=auto_delete,
                 arguments=arguments,
             )
-            for key in keys:
-                await transport.bind(queue, exchange, key)
+            await self.bind(queue, exchange, keys, exchange_type, durable, transport)
             sub.consumer = await transport.consume(
                 queue, self._delivery_handler(handler, sub), prefetch=prefetch
             )
@@ -633,12 +630,14 @@ class Process:
         await transport.publish(exchange, routing_key, body, properties, mandatory=mandatory)
         self.container.metrics.published.inc((self.name,))
 
-    async def bind(self, queue, exchange, keys, exchange_type="topic", durable=True):
-        """Bind the existing C{queue} to C{exchange} (declared first: C{exchange_type}, C{durable})
-        with each routing pattern of C{keys}, so that the queue's one consumer also receives
-        what is published there."""
-        transport = self.container.messenger.transport
-        await transport.declare_exchange(exchange, exchange_type, durable=durable)
+    async def bind(self, queue, exchange, keys, exchange_type="topic", durable=True,
+                   transport=None):
+        """Bind the existing C{queue} to C{exchange} (declared first: C{exchange_type}, C{durable};
+        None: not declared) with each routing pattern of C{keys}, so that the queue's one
+        consumer also receives what is published there."""
+        transport = transport or self.container.messenger.transport
+        if exchange_type:
+            await transport.declare_exchange(exchange, exchange_type, durable=durable)
         for key in [keys] if isinstance(keys, str) else keys:
             await transport.bind(queue, exchange, key)
 
