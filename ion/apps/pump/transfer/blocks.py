@@ -296,7 +296,7 @@ class PartialFile(InflightFile):
             self._hash([data])
             offset += len(data)
 
-    def _commit(self, chunks, expected_checksum, mtime, mode):
+    def _commit(self, chunks, unhashed, expected_checksum, mtime, mode):
         """Hash the whole file once, verify it, then commit as any received file."""
         try:
             self._hash_file()
@@ -314,7 +314,7 @@ class PartialFile(InflightFile):
         self._drop_record()
         self.keep = False
         # Hashed and verified: the commit adds no bytes.
-        return super()._commit([], None, mtime, mode)
+        return super()._commit([], [], None, mtime, mode)
 
     def _drop_record(self):
         if self._record_fd is not None:

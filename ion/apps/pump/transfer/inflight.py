@@ -1,15 +1,17 @@
 """A file being received: written under a temporary name beside its destination and renamed
 onto it only once its size and checksum are verified.
 
-The disk work (create, write, hash, fsync, rename, directory fsync) runs in a thread pool given
-by the caller, one job at a time per file, so a transfer waiting for the disk never holds up the
-reactor; without a pool it runs at once in the calling thread. A body of up to
-C{BUFFER_LIMIT} bytes is kept in memory and written in a single job at the end (a failed
-transfer then never touches the disk); a bigger one streams to disk as it arrives (the first
-bytes at once, then in jobs of at least C{WRITE_BATCH} bytes), its source
-paused (L{InflightFile.backlogged}, L{InflightFile.drained}) while C{BACKLOG_LIMIT} bytes wait
-for the disk. Renames into one directory that finish close together share one fsync of the
-directory.
+The disk work (create, write, fsync, rename, directory fsync) and the hashing run in a thread
+pool given by the caller, so a transfer waiting for the disk never holds up the reactor; without
+a pool they run at once in the calling thread. A body of up to C{BUFFER_LIMIT} bytes is kept in
+memory and hashed and written in a single job at the end (a failed transfer then never touches
+the disk); a bigger one streams to disk as it arrives (the first bytes at once, then in jobs of
+at least C{WRITE_BATCH} bytes), its source paused (L{InflightFile.backlogged},
+L{InflightFile.drained}) while C{BACKLOG_LIMIT} bytes wait for the disk or for the hashing.
+Hashing and writing are two lanes, each one job at a time per file, in order: the hash of one
+batch runs in one thread while the write of another runs in a second, so a big file costs the
+longer of the two (hashing sha512 is the slower), not their sum. Renames into one directory
+that finish close together share one fsync of the directory.
 
 The writer holds an exclusive C{flock} on its temporary file from creation to rename, so a file
 left behind by a killed process (the lock dies with it) can be told from one being written:
@@ -36,7 +38,13 @@ import secrets
 import threading
 import time
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
@@ -283,13 +291,18 @@ class InflightFile:
         # Chunks received and not yet handed to a disk job, and their size.
         self._pending = []
         self._pending_bytes = 0
+        # The same chunks, until they are handed to a hashing job.
+        self._unhashed = []
+        self._unhashed_bytes = 0
         self._streaming = False
         self._batches = 0  # disk jobs given bytes so far
-        self._job = None  # the SharedResult of the last disk job
+        self._job = None  # the SharedResult of the running disk job
+        self._hash_job = None  # the SharedResult of the running hashing job
         self._error = None  # the TransferError a streaming job failed with
         self._waiting = []  # Deferreds of drained()
         self._removal = None
-        # Touched by the disk jobs only (one at a time), then read here once they are done.
+        # Touched by the disk jobs only (one at a time), then read here once they are done;
+        # the hashers likewise by the hashing jobs, then by the commit.
         self._fd = None
         self._created = False
         self._root_fd = None  # acquired from the root while the directory is open
@@ -339,22 +352,27 @@ class InflightFile:
             raise self._error
         self._pending.append(data)
         self._pending_bytes += len(data)
+        self._unhashed.append(data)
+        self._unhashed_bytes += len(data)
         if self._streaming:
             # The first bytes go at once: a file being received shows on disk.
             if self._pending_bytes >= WRITE_BATCH or self._batches == 0:
                 self._flush()
         elif self._pending_bytes > BUFFER_LIMIT:
             self._stream()
+        # Streaming, a hashing job runs whenever a batch waits: never backlogged without one.
+        if self._streaming and self._unhashed_bytes >= WRITE_BATCH:
+            self._flush_hash()
 
     @property
     def backlogged(self):
         """Whether the source should pause until L{drained} fires: too many bytes wait for
-        the disk."""
-        return self._pending_bytes >= BACKLOG_LIMIT
+        the disk or for the hashing."""
+        return max(self._pending_bytes, self._unhashed_bytes) >= BACKLOG_LIMIT
 
     def drained(self):
-        """A Deferred that fires once the bytes waiting for the disk have been handed to it
-        (or the file failed or was discarded: the next L{write} says which)."""
+        """A Deferred that fires once the bytes waiting for the disk and the hashing have been
+        handed to them (or the file failed or was discarded: the next L{write} says which)."""
         if not self.backlogged or self._error is not None or self._removal is not None:
             return succeed(None)
         d = Deferred()
@@ -376,15 +394,18 @@ class InflightFile:
         try:
             self._check_size()
             # Each streaming job done may start the next with what came meanwhile.
-            while self._job is not None:
-                await self._job.observe()
+            while self._job is not None or self._hash_job is not None:
+                await (self._job or self._hash_job).observe()
             if self._error is not None:
                 raise self._error
         except BaseException:
             await self.discard()
             raise
         chunks, self._pending, self._pending_bytes = self._pending, [], 0
-        job = self._job = self._run(self._commit, chunks, expected_checksum, mtime, mode)
+        unhashed, self._unhashed, self._unhashed_bytes = self._unhashed, [], 0
+        job = self._job = self._run(
+            self._commit, chunks, unhashed, expected_checksum, mtime, mode
+        )
         try:
             return await job.observe()
         except CancelledError:
@@ -399,9 +420,11 @@ class InflightFile:
         """
         if self._removal is None:
             self._pending, self._pending_bytes = [], 0
+            self._unhashed, self._unhashed_bytes = [], 0
             self._release_waiting()
-            idle = succeed(None) if self._job is None else self._job.observe()
-            idle.addErrback(lambda _: None)
+            # No job starts from now on: the removal follows those running.
+            running = [job.observe() for job in (self._job, self._hash_job) if job is not None]
+            idle = DeferredList(running, consumeErrors=True)
             idle.addCallback(lambda _: self._run(self._remove).observe())
             self._removal = SharedResult(idle)
         return self._removal.observe()
@@ -441,18 +464,43 @@ class InflightFile:
     def _written(self, result):
         self._job = None
         if isinstance(result, Failure):
-            error = result.value
-            self._error = error if isinstance(error, TransferError) else LocalFailure(str(error))
+            self._failed(result)
         elif self._pending_bytes >= WRITE_BATCH or (self._pending and self._batches == 0):
             self._flush()
-        self._release_waiting()
+        self._wake()
+
+    def _flush_hash(self):
+        """Hand the chunks not yet hashed to a hashing job, unless one is running."""
+        if self._hash_job is not None or self._error is not None or self._removal is not None:
+            return
+        chunks, self._unhashed, self._unhashed_bytes = self._unhashed, [], 0
+        self._hash_job = self._run(self._hash, chunks)
+        self._hash_job.observe().addBoth(self._hashed)
+
+    def _hashed(self, result):
+        self._hash_job = None
+        if isinstance(result, Failure):
+            self._failed(result)
+        elif self._unhashed_bytes >= WRITE_BATCH:
+            self._flush_hash()
+        self._wake()
+
+    def _failed(self, failure):
+        if self._error is None:
+            error = failure.value
+            self._error = error if isinstance(error, TransferError) else LocalFailure(str(error))
+
+    def _wake(self):
+        """Fire L{drained}'s Deferreds once nothing holds the source back any more."""
+        if not self.backlogged or self._error is not None or self._removal is not None:
+            self._release_waiting()
 
     def _release_waiting(self):
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(None)
 
-    # -- the disk side (a pool thread, one job at a time per file) --------------------------
+    # -- the disk side (pool threads, one job at a time per file and lane) -------------------
 
     def _create(self):
         self._open_directory()
@@ -530,8 +578,7 @@ class InflightFile:
                 hasher.update(chunk)
 
     def _write(self, chunks):
-        """Hash and append C{chunks}, creating the file first if need be."""
-        self._hash(chunks)
+        """Append C{chunks}, creating the file first if need be."""
         if self._fd is None:
             self._create()
         try:
@@ -539,10 +586,11 @@ class InflightFile:
         except OSError as exc:
             raise LocalFailure.from_os_error(f"cannot write {self.temp_path}", exc) from None
 
-    def _commit(self, chunks, expected_checksum, mtime, mode):
-        """Write the last C{chunks}, verify, then make the file durable at its name."""
+    def _commit(self, chunks, unhashed, expected_checksum, mtime, mode):
+        """Hash the last C{unhashed} chunks and write the last C{chunks}, verify, then make the
+        file durable at its name."""
         try:
-            self._hash(chunks)
+            self._hash(unhashed)
             self._verify(expected_checksum)
             streamed = self._fd is not None
             if not streamed:
