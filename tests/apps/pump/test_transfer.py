@@ -729,6 +729,75 @@ class InflightFilePoolTests(TestCase):
         with open(self.dest, "rb") as f:
             self.assertEqual(f.read(), data)
 
+    async def test_hashingBesideWriting(self):
+        """
+        A streaming body is hashed in a pool thread while its writes are held up: the two run
+        side by side, not one after the other.
+        """
+        hashed = []
+        original = InflightFile._hash
+
+        def hash_chunks(sink, chunks):
+            hashed.append((threading.current_thread(), sum(map(len, chunks))))
+            original(sink, chunks)
+
+        self.patch(InflightFile, "_hash", hash_chunks)
+        reached, release = self.block(InflightFile, "_write")
+        data = os.urandom(BACKLOG_LIMIT)
+        sink = self.sink(expected_size=len(data))
+        await self.until(reached)
+        for start in range(0, len(data) - 65536, 65536):
+            sink.write(data[start : start + 65536])
+        # Hashed while the write is still held.
+        await until(lambda: sum(n for _, n in hashed) >= inflight.WRITE_BATCH, 10, "hashing")
+        self.assertNotIn(threading.current_thread(), [thread for thread, _ in hashed])
+        release.set()
+        sink.write(data[len(data) - 65536 :])
+        await sink.finish(("sha512", sha512(data)))
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    async def test_slowHashingPausesTheSource(self):
+        """
+        While the hashing is behind, the source is paused once C{BACKLOG_LIMIT} bytes wait for
+        it, however fast the disk is; L{InflightFile.drained} fires once they were handed over.
+        """
+        reached, release = self.block(InflightFile, "_hash")
+        data = os.urandom(inflight.WRITE_BATCH + BACKLOG_LIMIT + 65536)
+        sink = self.sink(expected_size=len(data))
+        written = 0
+        while written < len(data) - 65536:
+            sink.write(data[written : written + 65536])
+            written += 65536
+        await self.until(reached)
+        self.assertTrue(sink.backlogged)
+        drained = sink.drained()
+        # The disk takes every byte; the source stays paused for the hashing.
+        await until(lambda: os.path.getsize(sink.temp_path) == written, 10, "the writes")
+        self.assertTrue(sink.backlogged)
+        self.assertNoResult(drained)
+        release.set()
+        await drained
+        sink.write(data[written:])
+        await sink.finish(("sha512", sha512(data)))
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    async def test_bigChunkOfUnknownSize(self):
+        """
+        One chunk bigger than the backlog, of a body of unknown size, is hashed and written:
+        the source never waits for nothing.
+        """
+        data = os.urandom(BACKLOG_LIMIT + BUFFER_LIMIT)
+        sink = self.sink()
+        sink.write(data)
+        await sink.drained()
+        self.assertFalse(sink.backlogged)
+        result = await sink.finish(("sha512", sha512(data)))
+        self.assertEqual(result.size, len(data))
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), data)
+
     async def test_cancelBeforeRename(self):
         """
         A commit cancelled before its rename ends with C{CancelledError}, the previous file
