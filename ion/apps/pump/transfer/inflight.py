@@ -10,8 +10,10 @@ at least C{WRITE_BATCH} bytes), its source paused (L{InflightFile.backlogged},
 L{InflightFile.drained}) while C{BACKLOG_LIMIT} bytes wait for the disk or for the hashing.
 Hashing and writing are two lanes, each one job at a time per file, in order: the hash of one
 batch runs in one thread while the write of another runs in a second, so a big file costs the
-longer of the two (hashing sha512 is the slower), not their sum. Renames into one directory
-that finish close together share one fsync of the directory.
+longer of the two (hashing sha512 is the slower), not their sum. Every C{SYNC_BATCH} bytes
+written, a third job fdatasyncs them while the rest comes in, so the fsync before the rename
+(which stays) finds little left to write. Renames into one directory that finish close
+together share one fsync of the directory.
 
 The writer holds an exclusive C{flock} on its temporary file from creation to rename, so a file
 left behind by a killed process (the lock dies with it) can be told from one being written:
@@ -76,6 +78,9 @@ BACKLOG_LIMIT = 2 * 1024 * 1024
 # Bytes gathered before a disk job writes them (a job per network read costs a thread hop
 # each); the last ones go with the commit.
 WRITE_BATCH = 512 * 1024
+# A streaming file's bytes are fdatasynced in the background each time this many more are
+# written, so that the fsync before the rename has little left to write.
+SYNC_BATCH = 32 * 1024 * 1024
 # Buffers one os.writev call may take (IOV_MAX on Linux).
 _IOV_MAX = 1024
 
@@ -298,6 +303,9 @@ class InflightFile:
         self._batches = 0  # disk jobs given bytes so far
         self._job = None  # the SharedResult of the running disk job
         self._hash_job = None  # the SharedResult of the running hashing job
+        self._sync_job = None  # the SharedResult of the running background fdatasync
+        self._on_disk = 0  # bytes written by the disk jobs done
+        self._synced = 0  # bytes written when the last background fdatasync started
         self._error = None  # the TransferError a streaming job failed with
         self._waiting = []  # Deferreds of drained()
         self._removal = None
@@ -394,8 +402,8 @@ class InflightFile:
         try:
             self._check_size()
             # Each streaming job done may start the next with what came meanwhile.
-            while self._job is not None or self._hash_job is not None:
-                await (self._job or self._hash_job).observe()
+            while running := self._running():
+                await running[0].observe()
             if self._error is not None:
                 raise self._error
         except BaseException:
@@ -423,8 +431,7 @@ class InflightFile:
             self._unhashed, self._unhashed_bytes = [], 0
             self._release_waiting()
             # No job starts from now on: the removal follows those running.
-            running = [job.observe() for job in (self._job, self._hash_job) if job is not None]
-            idle = DeferredList(running, consumeErrors=True)
+            idle = DeferredList([job.observe() for job in self._running()], consumeErrors=True)
             idle.addCallback(lambda _: self._run(self._remove).observe())
             self._removal = SharedResult(idle)
         return self._removal.observe()
@@ -452,22 +459,53 @@ class InflightFile:
             self._streaming = True
             self._flush()
 
+    def _running(self):
+        """The L{SharedResult}s of the jobs running: disk, hashing, background sync."""
+        return [job for job in (self._job, self._hash_job, self._sync_job) if job is not None]
+
     def _flush(self):
         """Hand the pending bytes to a disk job, unless one is running."""
         if self._job is not None or self._error is not None or self._removal is not None:
             return
+        size = self._pending_bytes
         chunks, self._pending, self._pending_bytes = self._pending, [], 0
         self._batches += bool(chunks)
         self._job = self._run(self._write, chunks)
-        self._job.observe().addBoth(self._written)
+        self._job.observe().addBoth(self._written, size)
 
-    def _written(self, result):
+    def _written(self, result, size):
         self._job = None
         if isinstance(result, Failure):
             self._failed(result)
-        elif self._pending_bytes >= WRITE_BATCH or (self._pending and self._batches == 0):
-            self._flush()
+        else:
+            self._on_disk += size
+            self._sync_early()
+            if self._pending_bytes >= WRITE_BATCH or (self._pending and self._batches == 0):
+                self._flush()
         self._wake()
+
+    def _sync_early(self):
+        """Once C{SYNC_BATCH} more bytes are written, fdatasync them in a job beside the
+        writes (unless one runs): the disk writes them while the rest comes in, and the fsync
+        before the rename has only the last ones left."""
+        if (
+            self._sync_job is not None
+            or self._on_disk - self._synced < SYNC_BATCH
+            or self._error is not None
+            or self._removal is not None
+        ):
+            return
+        self._synced = self._on_disk
+        self._sync_job = self._run(self._sync)
+        self._sync_job.observe().addBoth(self._synced_early)
+
+    def _synced_early(self, result):
+        self._sync_job = None
+        if isinstance(result, Failure):
+            self._failed(result)
+            self._wake()
+        else:
+            self._sync_early()
 
     def _flush_hash(self):
         """Hand the chunks not yet hashed to a hashing job, unless one is running."""
@@ -576,6 +614,13 @@ class InflightFile:
         for hasher in self._hashers.values():
             for chunk in chunks:
                 hasher.update(chunk)
+
+    def _sync(self):
+        """fdatasync what is written so far (beside the disk jobs: the file is open)."""
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise LocalFailure.from_os_error(f"cannot write {self.temp_path}", exc) from None
 
     def _write(self, chunks):
         """Append C{chunks}, creating the file first if need be."""
