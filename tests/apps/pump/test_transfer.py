@@ -6,6 +6,7 @@ constant memory is checked in C{test_transfer_memory}.
 """
 
 import base64
+import errno
 import hashlib
 import os
 import shutil
@@ -782,6 +783,56 @@ class InflightFilePoolTests(TestCase):
         await sink.finish(("sha512", sha512(data)))
         with open(self.dest, "rb") as f:
             self.assertEqual(f.read(), data)
+
+    async def test_syncedWhileStreaming(self):
+        """
+        A streaming file is fdatasynced each C{SYNC_BATCH} bytes while it arrives, not only
+        before its rename.
+        """
+        self.patch(inflight, "SYNC_BATCH", BUFFER_LIMIT)
+        synced = []
+        original = InflightFile._sync
+
+        def sync(sink):
+            synced.append(os.path.getsize(sink.temp_path))
+            original(sink)
+
+        self.patch(InflightFile, "_sync", sync)
+        data = os.urandom(4 * BUFFER_LIMIT)
+        sink = self.sink(expected_size=len(data))
+        for start in range(0, len(data) - 65536, 65536):
+            sink.write(data[start : start + 65536])
+            if sink.backlogged:
+                await sink.drained()
+        await until(lambda: synced, 10, "a background sync")
+        sink.write(data[len(data) - 65536 :])
+        await sink.finish(("sha512", sha512(data)))
+        self.assertGreaterEqual(synced[0], BUFFER_LIMIT)
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    async def test_backgroundSyncFails(self):
+        """
+        A background fdatasync that fails (the disk) fails the file with a local failure and
+        leaves nothing behind.
+        """
+        self.patch(inflight, "SYNC_BATCH", BUFFER_LIMIT)
+
+        def fdatasync(fd):
+            raise OSError(errno.EIO, "Input/output error")
+
+        self.patch(inflight.os, "fdatasync", fdatasync)
+        data = os.urandom(4 * BUFFER_LIMIT)
+        sink = self.sink(expected_size=len(data))
+        with self.assertRaises(LocalFailure) as caught:
+            for start in range(0, len(data), 65536):
+                sink.write(data[start : start + 65536])
+                if sink.backlogged:
+                    await sink.drained()
+            await sink.finish(("sha512", sha512(data)))
+        self.assertIn("Input/output error", str(caught.exception))
+        await sink.discard()
+        self.assertEqual(os.listdir(self.dir), [])
 
     async def test_bigChunkOfUnknownSize(self):
         """
