@@ -181,6 +181,7 @@ class PartialFile(InflightFile):
         self._hash_early = False
         self._hashed = 0  # bytes from the start hashed so far
         self._next_hash = 0  # the first block not yet handed to a hashing job
+        self._hash_job = None  # the SharedResult of the hashing job running
 
     def progress(self):
         """C{3/16 blocks, 1.2 GiB of 4.0 GiB}."""
@@ -214,6 +215,10 @@ class PartialFile(InflightFile):
     @property
     def complete(self):
         return len(self.done) == len(self.blocks)
+
+    def _running(self):
+        jobs = super()._running()
+        return jobs if self._hash_job is None else jobs + [self._hash_job]
 
     def _hash_blocks(self):
         """Hand the blocks done from where the hashing stands to a hashing job, unless one is

@@ -40,13 +40,7 @@ import secrets
 import threading
 import time
 
-from twisted.internet.defer import (
-    CancelledError,
-    Deferred,
-    DeferredList,
-    maybeDeferred,
-    succeed,
-)
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
@@ -158,6 +152,120 @@ class SinkReceiver(Protocol):
         if self.receiving():
             self.timer.touch()
             self.transport.resumeProducing()
+
+
+class Lane:
+    """
+    Chunks handed over by the reactor thread, given in order to C{work} by one job at a time
+    in C{pool}; a job goes on with the chunks that came while it worked, so a busy lane costs
+    no round trip through the reactor between batches. A job starts once C{batch} bytes wait
+    (with C{eager}, also as long as no bytes were given yet); it takes all that wait each
+    time, and ends when fewer than C{batch} are left or the lane is closed. Without a pool
+    the jobs run at once in the calling thread.
+
+    C{progress} is called in the reactor thread when a job takes bytes after L{watch} asked
+    for it, and with the failure when a job fails.
+
+    @ivar waiting: bytes put and not yet taken by a job.
+    @ivar job: the L{SharedResult} of the job running, or C{None}.
+    """
+
+    def __init__(self, reactor, pool, work, batch, progress, eager=False):
+        self._reactor = reactor
+        self._pool = pool
+        self._work = work
+        self._batch = batch
+        self._progress = progress
+        self._eager = eager
+        self._lock = threading.Lock()
+        self._chunks = []
+        self.waiting = 0
+        self._given = 0  # bytes taken by jobs so far
+        self._running = False
+        self._closed = False
+        self._watched = False
+        self.job = None
+
+    def put(self, data, hold=False):
+        """Queue C{data}; unless C{hold}, start a job if a batch waits."""
+        with self._lock:
+            self._chunks.append(data)
+            self.waiting += len(data)
+        if not hold:
+            self.poke()
+
+    def poke(self):
+        """Start a job if a batch waits and none runs."""
+        with self._lock:
+            if self._running or not self._due():
+                return
+            self._running = True
+        self._start(False)
+
+    def kick(self):
+        """Start a job now, unless one runs: it gives C{work} what waits, even nothing."""
+        with self._lock:
+            if self._running or self._closed:
+                return
+            self._running = True
+        self._start(True)
+
+    def watch(self):
+        """Have the next job to take bytes tell C{progress}."""
+        with self._lock:
+            self._watched = True
+
+    def take(self):
+        """The chunks waiting (no job runs: they are the caller's now)."""
+        with self._lock:
+            chunks, self._chunks, self.waiting = self._chunks, [], 0
+        return chunks
+
+    def close(self):
+        """No job takes any more chunks; those waiting are dropped."""
+        with self._lock:
+            self._closed = True
+            self._chunks, self.waiting = [], 0
+
+    def _due(self):
+        return not self._closed and (
+            self.waiting >= self._batch or (self._eager and self._given == 0 and self._chunks)
+        )
+
+    def _start(self, forced):
+        if self._pool is None:
+            d = maybeDeferred(self._loop, forced)
+        else:
+            d = deferToThreadPool(self._reactor, self._pool, self._loop, forced)
+        self.job = job = SharedResult(d)
+        job.observe().addBoth(self._ended, job)
+
+    def _loop(self, forced):
+        """The job (a pool thread): give C{work} what waits until too little does."""
+        try:
+            while True:
+                with self._lock:
+                    if not (forced or self._due()):
+                        self._running = False
+                        return
+                    forced = False
+                    chunks, self._chunks = self._chunks, []
+                    size, self.waiting = self.waiting, 0
+                    self._given += size
+                    tell, self._watched = self._watched and size > 0, False
+                if tell and self._pool is not None:
+                    self._reactor.callFromThread(self._progress)
+                self._work(chunks)
+        except BaseException:
+            with self._lock:
+                self._running = False
+            raise
+
+    def _ended(self, result, job):
+        if self.job is job:
+            self.job = None
+        if isinstance(result, Failure):
+            self._progress(result)
 
 
 class DestinationRoot:
@@ -293,22 +401,18 @@ class InflightFile:
         self._hashers = {method: hashlib.new(check_method(method)) for method in methods}
         self._reactor = reactor
         self._pool = pool
-        # Chunks received and not yet handed to a disk job, and their size.
-        self._pending = []
-        self._pending_bytes = 0
-        # The same chunks, until they are handed to a hashing job.
-        self._unhashed = []
-        self._unhashed_bytes = 0
+        # The chunks received go to two lanes of pool jobs: written to disk, and hashed.
+        self._writes = Lane(reactor, pool, self._write, WRITE_BATCH, self._wake, eager=True)
+        self._hashes = Lane(reactor, pool, self._hash, WRITE_BATCH, self._wake)
         self._streaming = False
-        self._batches = 0  # disk jobs given bytes so far
-        self._job = None  # the SharedResult of the running disk job
-        self._hash_job = None  # the SharedResult of the running hashing job
         self._sync_job = None  # the SharedResult of the running background fdatasync
-        self._on_disk = 0  # bytes written by the disk jobs done
+        self._on_disk = 0  # bytes written (by the disk jobs)
+        self._sync_asked = 0  # bytes written when the last background fdatasync was asked for
         self._synced = 0  # bytes written when the last background fdatasync started
         self._error = None  # the TransferError a streaming job failed with
         self._waiting = []  # Deferreds of drained()
         self._removal = None
+        self._commit_job = None
         # Touched by the disk jobs only (one at a time), then read here once they are done;
         # the hashers likewise by the hashing jobs, then by the commit.
         self._fd = None
@@ -358,33 +462,26 @@ class InflightFile:
             raise TooLarge(f"{self.what}: more than the {self._limit} bytes {what} arrived")
         if self._error is not None:
             raise self._error
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        self._unhashed.append(data)
-        self._unhashed_bytes += len(data)
-        if self._streaming:
-            # The first bytes go at once: a file being received shows on disk.
-            if self._pending_bytes >= WRITE_BATCH or self._batches == 0:
-                self._flush()
-        elif self._pending_bytes > BUFFER_LIMIT:
+        # Streaming, each lane has a job running whenever a batch waits (the first bytes are
+        # written at once: a file being received shows on disk).
+        hold = not self._streaming
+        self._writes.put(data, hold)
+        self._hashes.put(data, hold)
+        if hold and self._writes.waiting > BUFFER_LIMIT:
             self._stream()
-        # Streaming, a hashing job runs whenever a batch waits: never backlogged without one.
-        if self._streaming and self._unhashed_bytes >= WRITE_BATCH:
-            self._flush_hash()
 
     @property
     def backlogged(self):
         """Whether the source should pause until L{drained} fires: too many bytes wait for
         the disk or for the hashing."""
-        return max(self._pending_bytes, self._unhashed_bytes) >= BACKLOG_LIMIT
+        return max(self._writes.waiting, self._hashes.waiting) >= BACKLOG_LIMIT
 
     def drained(self):
         """A Deferred that fires once the bytes waiting for the disk and the hashing have been
         handed to them (or the file failed or was discarded: the next L{write} says which)."""
-        if not self.backlogged or self._error is not None or self._removal is not None:
-            return succeed(None)
         d = Deferred()
         self._waiting.append(d)
+        self._wake()
         return d
 
     async def finish(self, expected_checksum=None, mtime=None, mode=None):
@@ -409,9 +506,8 @@ class InflightFile:
         except BaseException:
             await self.discard()
             raise
-        chunks, self._pending, self._pending_bytes = self._pending, [], 0
-        unhashed, self._unhashed, self._unhashed_bytes = self._unhashed, [], 0
-        job = self._job = self._run(
+        chunks, unhashed = self._writes.take(), self._hashes.take()
+        job = self._commit_job = self._run(
             self._commit, chunks, unhashed, expected_checksum, mtime, mode
         )
         try:
@@ -427,11 +523,12 @@ class InflightFile:
         fires once it is gone; the removal happens whether or not anyone waits for it.
         """
         if self._removal is None:
-            self._pending, self._pending_bytes = [], 0
-            self._unhashed, self._unhashed_bytes = [], 0
+            self._writes.close()
+            self._hashes.close()
             self._release_waiting()
             # No job starts from now on: the removal follows those running.
-            idle = DeferredList([job.observe() for job in self._running()], consumeErrors=True)
+            running = self._running() + [self._commit_job] * (self._commit_job is not None)
+            idle = DeferredList([job.observe() for job in running], consumeErrors=True)
             idle.addCallback(lambda _: self._run(self._remove).observe())
             self._removal = SharedResult(idle)
         return self._removal.observe()
@@ -457,32 +554,13 @@ class InflightFile:
         """From now on, write to disk as the bytes come (starting with creating the file)."""
         if not self._streaming:
             self._streaming = True
-            self._flush()
+            self._writes.kick()
+            self._hashes.poke()
 
     def _running(self):
-        """The L{SharedResult}s of the jobs running: disk, hashing, background sync."""
-        return [job for job in (self._job, self._hash_job, self._sync_job) if job is not None]
-
-    def _flush(self):
-        """Hand the pending bytes to a disk job, unless one is running."""
-        if self._job is not None or self._error is not None or self._removal is not None:
-            return
-        size = self._pending_bytes
-        chunks, self._pending, self._pending_bytes = self._pending, [], 0
-        self._batches += bool(chunks)
-        self._job = self._run(self._write, chunks)
-        self._job.observe().addBoth(self._written, size)
-
-    def _written(self, result, size):
-        self._job = None
-        if isinstance(result, Failure):
-            self._failed(result)
-        else:
-            self._on_disk += size
-            self._sync_early()
-            if self._pending_bytes >= WRITE_BATCH or (self._pending and self._batches == 0):
-                self._flush()
-        self._wake()
+        """The L{SharedResult}s of the jobs running: the lanes', the background sync's."""
+        jobs = [self._writes.job, self._hashes.job, self._sync_job]
+        return [job for job in jobs if job is not None]
 
     def _sync_early(self):
         """Once C{SYNC_BATCH} more bytes are written, fdatasync them in a job beside the
@@ -507,31 +585,25 @@ class InflightFile:
         else:
             self._sync_early()
 
-    def _flush_hash(self):
-        """Hand the chunks not yet hashed to a hashing job, unless one is running."""
-        if self._hash_job is not None or self._error is not None or self._removal is not None:
-            return
-        chunks, self._unhashed, self._unhashed_bytes = self._unhashed, [], 0
-        self._hash_job = self._run(self._hash, chunks)
-        self._hash_job.observe().addBoth(self._hashed)
-
-    def _hashed(self, result):
-        self._hash_job = None
-        if isinstance(result, Failure):
-            self._failed(result)
-        elif self._unhashed_bytes >= WRITE_BATCH:
-            self._flush_hash()
-        self._wake()
-
     def _failed(self, failure):
         if self._error is None:
             error = failure.value
             self._error = error if isinstance(error, TransferError) else LocalFailure(str(error))
 
-    def _wake(self):
-        """Fire L{drained}'s Deferreds once nothing holds the source back any more."""
-        if not self.backlogged or self._error is not None or self._removal is not None:
-            self._release_waiting()
+    def _wake(self, failure=None):
+        """Fire L{drained}'s Deferreds once nothing holds the source back any more (a lane
+        calls it when it takes bytes while asked to, or when its job fails: C{failure})."""
+        if failure is not None:
+            self._failed(failure)
+        if not self._waiting:
+            return
+        if self._error is None and self._removal is None and self.backlogged:
+            # Told when a lane takes its bytes from now on; they may be taken already.
+            self._writes.watch()
+            self._hashes.watch()
+            if self.backlogged:
+                return
+        self._release_waiting()
 
     def _release_waiting(self):
         waiting, self._waiting = self._waiting, []
@@ -623,13 +695,18 @@ class InflightFile:
             raise LocalFailure.from_os_error(f"cannot write {self.temp_path}", exc) from None
 
     def _write(self, chunks):
-        """Append C{chunks}, creating the file first if need be."""
+        """Append C{chunks}, creating the file first if need be; ask for a background sync
+        each C{SYNC_BATCH} bytes."""
         if self._fd is None:
             self._create()
         try:
             _write_all(self._fd, chunks)
         except OSError as exc:
             raise LocalFailure.from_os_error(f"cannot write {self.temp_path}", exc) from None
+        self._on_disk += sum(map(len, chunks))
+        if self._pool is not None and self._on_disk - self._sync_asked >= SYNC_BATCH:
+            self._sync_asked = self._on_disk
+            self._reactor.callFromThread(self._sync_early)
 
     def _commit(self, chunks, unhashed, expected_checksum, mtime, mode):
         """Hash the last C{unhashed} chunks and write the last C{chunks}, verify, then make the
