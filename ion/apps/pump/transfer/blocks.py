@@ -471,7 +471,8 @@ class BlockSink:
             self._flush()
         waiting, self._waiting = self._waiting, []
         for d in waiting:
-            d.callback(None)
+            if not d.called:  # not cancelled meanwhile
+                d.callback(None)
 
     async def settle(self):
         """Wait until the bytes received are written (or writing failed)."""

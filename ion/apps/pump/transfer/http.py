@@ -345,6 +345,7 @@ class _BodyReceiver(SinkReceiver):
         return not self.done.called
 
     def connectionLost(self, reason):
+        self.stop_waiting()
         if self.done.called:
             return
         if self.error is not None:

@@ -117,7 +117,8 @@ class SinkReceiver(Protocol):
     Hands each chunk a connection receives to C{sink} (an L{InflightFile}, or anything with
     its C{write}, C{backlogged} and C{drained}), pausing the connection while the sink has
     too much waiting for the disk; each chunk is progress for the C{timer}. What the sink
-    raises is kept as C{error} and ends the connection (L{abort}).
+    raises is kept as C{error} and ends the connection (L{abort}). A wait still running when
+    the connection ends is cancelled (a bandwidth limit's timer does not outlive it).
     """
 
     def __init__(self, sink, timer):
@@ -125,6 +126,7 @@ class SinkReceiver(Protocol):
         self.timer = timer
         self.received = 0
         self.error = None
+        self._draining = None  # the sink's drained() while the connection is paused
 
     def abort(self):
         self.transport.abortConnection()
@@ -147,12 +149,24 @@ class SinkReceiver(Protocol):
             self.transport.pauseProducing()
             if getattr(self.sink, "pacing", False):
                 self.timer.hold()  # a bandwidth limit's wait is not the server's silence
-            self.sink.drained().addCallback(self._resume)
+            self._draining = self.sink.drained()
+            self._draining.addCallback(self._resume)
 
     def _resume(self, _):
+        self._draining = None
         if self.receiving():
             self.timer.touch()
             self.transport.resumeProducing()
+
+    def connectionLost(self, reason):
+        self.stop_waiting()
+
+    def stop_waiting(self):
+        """Cancel the wait for the sink, if one runs: nothing is to be resumed any more."""
+        draining, self._draining = self._draining, None
+        if draining is not None and not draining.called:
+            draining.addErrback(lambda _: None)
+            draining.cancel()
 
 
 class Lane:
@@ -609,7 +623,8 @@ class InflightFile:
     def _release_waiting(self):
         waiting, self._waiting = self._waiting, []
         for d in waiting:
-            d.callback(None)
+            if not d.called:  # not cancelled meanwhile
+                d.callback(None)
 
     # -- the disk side (pool threads, one job at a time per file and lane) -------------------
 
