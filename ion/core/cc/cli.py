@@ -11,6 +11,7 @@ Usage::
                               instead of the broker (memory://: default http://127.0.0.1:8580)
     ion spawn <module> [--container ID]
     ion post [--broker URL] [--exchange X] [--base-url URL] [--topic-prefix v03] [--user NAME]
+             [--block-size BYTES]
              PATH...          announce files once (a directory: every file below it), on
                               an AMQP or an MQTT (mqtt[s]://, sr3's layout) broker; exit
                               status 0, 1 broker unreachable or a publish not confirmed, 2 bad
@@ -137,6 +138,9 @@ def build_parser():
     p.add_argument("--topic-prefix", default="v03", help="routing key prefix (default v03)")
     p.add_argument("--user", help="the user whose xs_<user> is posted to (default: the broker "
                    "URL's user)")
+    p.add_argument("--block-size", type=int, metavar="BYTES",
+                   help="announce a file bigger than this as one notice per block, as sr3's "
+                   "blocksize (default: whole files)")
     p = sub.add_parser(
         "broker-setup",
         help="print (or --apply) the rabbitmqctl commands giving a user a role on a shared pump",
