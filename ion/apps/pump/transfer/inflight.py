@@ -8,13 +8,13 @@ memory and hashed and written in a single job at the end (a failed transfer then
 the disk); a bigger one streams to disk as it arrives (the first bytes at once, then in jobs of
 at least C{WRITE_BATCH} bytes), its source paused (L{InflightFile.backlogged},
 L{InflightFile.drained}) while C{BACKLOG_LIMIT} bytes wait for the disk or for the hashing.
-Hashing and writing are two lanes (L{Lane}), each one job at a time per file, in order: the
-hash of one batch runs in one thread while the write of another runs in a second, so a big file
-costs the longer of the two (hashing sha512 is the slower), not their sum; a lane's job goes on
-with the bytes that came while it worked, without a round trip through the reactor. Every C{SYNC_BATCH} bytes
-written, a third job fdatasyncs them while the rest comes in, so the fsync before the rename
-(which stays) finds little left to write. Renames into one directory that finish close
-together share one fsync of the directory.
+Hashing and writing are two lanes (L{Lane}), each one job at a time per file, in order: the hash
+of one batch runs in one thread while the write of another runs in a second, so a big file costs
+the longer of the two (hashing sha512 is the slower), not their sum; a lane's job goes on with
+the bytes that came while it worked, without a round trip through the reactor. Every
+C{SYNC_BATCH} bytes written, a third job fdatasyncs them while the rest comes in, so the fsync
+before the rename (which stays) finds little left to write. Renames into one directory that
+finish close together share one fsync of the directory.
 
 The writer holds an exclusive C{flock} on its temporary file from creation to rename, so a file
 left behind by a killed process (the lock dies with it) can be told from one being written:
