@@ -5,6 +5,7 @@ peak RSS of each.
     venv/bin/python bench/bigfile.py                 # a 2 GiB file
     venv/bin/python bench/bigfile.py --size 256M     # smaller (K, M, G suffixes: binary)
     venv/bin/python bench/bigfile.py --no-sr3        # without sr3
+    venv/bin/python bench/bigfile.py --repeat 3      # each system 3 times, in turn
 
 The file (random bytes, written once, its sha512 computed as it is written) is served by
 twisted.web (static.File, which serves ranges) in a process of its own, as in
@@ -23,12 +24,20 @@ after each run and removed before the next.
   C{get} into the local file), without a broker; sr3 verifies nothing on this path.
 
 Times: ION and sr3 children time their own transfer (imports and start-up excluded); curl is
-timed from spawn to exit. CPU is the child's user + system seconds (C{RUSAGE_CHILDREN} before and after), peak RSS
-its C{VmHWM} (sampled every 20 ms while it runs). One line per system:
+timed from spawn to exit. CPU is the child's user + system seconds (C{RUSAGE_CHILDREN} before
+and after), peak RSS its C{VmHWM} (sampled every 20 ms while it runs). One line per system:
 
     bigfile system=curl size_mb=2048 mb_per_s=... cpu_s=... peak_rss_mb=... verified=yes
 
 then one ratio line: ION's stream against curl (target >= 0.8) and ION's best against sr3.
+With C{--repeat N} the systems run in turn N times (a busy machine moves every figure: compare
+figures of one round), each line and ratio line carrying C{round=}, then a line of the median
+ratios.
+
+Before them, the ceiling of verification on this machine: C{sha512} hashed in memory by one
+thread (MB/s of its CPU time). ION hashes what it receives in one thread beside the writes, so
+one stream cannot go faster than that, whatever the network; the machine's load average
+(before and after) is printed too.
 """
 
 import argparse
@@ -37,6 +46,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,6 +106,21 @@ seconds = time.monotonic() - started
 transfer.close()
 print(json.dumps({"seconds": seconds, "bytes": got}), flush=True)
 """
+
+
+def hash_ceiling(size=256 * 1024 * 1024):
+    """MB/s of sha512 over C{size} bytes in memory, by this thread's CPU time."""
+    data = os.urandom(CHUNK)
+    hasher = hashlib.sha512()
+    started = time.thread_time()
+    for _ in range(size // CHUNK):
+        hasher.update(data)
+    return size / 1024**2 / (time.thread_time() - started)
+
+
+def load():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def parse_size(text):
@@ -174,6 +199,7 @@ def main(argv=None):
     parser.add_argument("--size", default="2G", help="file size (default 2G)")
     parser.add_argument("--no-sr3", action="store_true", help="leave sr3 out")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every system")
     args = parser.parse_args(argv)
     size = parse_size(args.size)
     children = Children()
@@ -207,24 +233,39 @@ def main(argv=None):
             sr3_env.pop("PYTHONPATH", None)
             systems.append(("sr3", [sr3_python, "-c", SR3_CHILD, base, "big.bin", dest,
                                     str(size)], sr3_env, True))
-        for name, cmd, child_env, timed in systems:
-            seconds, cpu, rss, _ = run_child(cmd, child_env, timed)
-            verified = os.path.exists(dest) and os.path.getsize(dest) == size \
-                and sha512_of(dest) == checksum
-            results[name] = (size / 1024**2 / seconds, cpu, rss)
-            print(
-                f"bigfile system={name} size_mb={size / 1024**2:.0f} "
-                f"mb_per_s={size / 1024**2 / seconds:.1f} cpu_s={cpu:.2f} "
-                f"peak_rss_mb={rss:.1f} verified={'yes' if verified else 'NO'}",
-                flush=True,
-            )
-            for leftover in os.listdir(dest_dir):
-                os.remove(os.path.join(dest_dir, leftover))
-        ion_best = max(results["ion-stream"][0], results["ion-blocks"][0])
-        line = f"bigfile ratio ion-stream/curl mb_per_s={results['ion-stream'][0] / results['curl'][0]:.2f}"
-        if "sr3" in results:
-            line += f" ion-best/sr3 mb_per_s={ion_best / results['sr3'][0]:.2f}"
-        print(line, flush=True)
+        print(f"bigfile ceiling sha512 mb_per_s={hash_ceiling():.1f} (one thread, in memory) "
+              f"load={load()}", flush=True)
+        ratios = []
+        for round_ in range(1, args.repeat + 1):
+            tag = f" round={round_}" if args.repeat > 1 else ""
+            for name, cmd, child_env, timed in systems:
+                seconds, cpu, rss, _ = run_child(cmd, child_env, timed)
+                verified = os.path.exists(dest) and os.path.getsize(dest) == size \
+                    and sha512_of(dest) == checksum
+                results[name] = (size / 1024**2 / seconds, cpu, rss)
+                print(
+                    f"bigfile system={name}{tag} size_mb={size / 1024**2:.0f} "
+                    f"mb_per_s={size / 1024**2 / seconds:.1f} cpu_s={cpu:.2f} "
+                    f"peak_rss_mb={rss:.1f} verified={'yes' if verified else 'NO'}",
+                    flush=True,
+                )
+                for leftover in os.listdir(dest_dir):
+                    os.remove(os.path.join(dest_dir, leftover))
+            ion_best = max(results["ion-stream"][0], results["ion-blocks"][0])
+            ratio = (results["ion-stream"][0] / results["curl"][0],
+                     ion_best / results["sr3"][0] if "sr3" in results else None)
+            ratios.append(ratio)
+            line = f"bigfile ratio{tag} ion-stream/curl mb_per_s={ratio[0]:.2f}"
+            if ratio[1] is not None:
+                line += f" ion-best/sr3 mb_per_s={ratio[1]:.2f}"
+            print(line, flush=True)
+        if args.repeat > 1:
+            line = "bigfile ratio median ion-stream/curl mb_per_s="
+            line += f"{statistics.median(r[0] for r in ratios):.2f}"
+            if ratios[0][1] is not None:
+                line += f" ion-best/sr3 mb_per_s={statistics.median(r[1] for r in ratios):.2f}"
+            print(line, flush=True)
+        print(f"bigfile load after={load()}", flush=True)
     except BenchError as e:
         print(f"bigfile bench: {e}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ constant memory is checked in C{test_transfer_memory}.
 """
 
 import base64
+import errno
 import hashlib
 import os
 import shutil
@@ -726,6 +727,130 @@ class InflightFilePoolTests(TestCase):
         for start in range(BACKLOG_LIMIT, len(data), 65536):
             sink.write(data[start : start + 65536])
         await sink.finish(("sha512", sha512(data)))
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    async def test_hashingBesideWriting(self):
+        """
+        A streaming body is hashed in a pool thread while its writes are held up: the two run
+        side by side, not one after the other.
+        """
+        hashed = []
+        original = InflightFile._hash
+
+        def hash_chunks(sink, chunks):
+            hashed.append((threading.current_thread(), sum(map(len, chunks))))
+            original(sink, chunks)
+
+        self.patch(InflightFile, "_hash", hash_chunks)
+        reached, release = self.block(InflightFile, "_write")
+        data = os.urandom(BACKLOG_LIMIT)
+        sink = self.sink(expected_size=len(data))
+        await self.until(reached)
+        for start in range(0, len(data) - 65536, 65536):
+            sink.write(data[start : start + 65536])
+        # Hashed while the write is still held.
+        await until(lambda: sum(n for _, n in hashed) >= inflight.WRITE_BATCH, 10, "hashing")
+        self.assertNotIn(threading.current_thread(), [thread for thread, _ in hashed])
+        release.set()
+        sink.write(data[len(data) - 65536 :])
+        await sink.finish(("sha512", sha512(data)))
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    async def test_slowHashingPausesTheSource(self):
+        """
+        While the hashing is behind, the source is paused once C{BACKLOG_LIMIT} bytes wait for
+        it, however fast the disk is; L{InflightFile.drained} fires once they were handed over.
+        """
+        reached, release = self.block(InflightFile, "_hash")
+        data = os.urandom(inflight.WRITE_BATCH + BACKLOG_LIMIT + 65536)
+        sink = self.sink(expected_size=len(data))
+        written = inflight.WRITE_BATCH
+        sink.write(data[:written])
+        await self.until(reached)  # a hashing job took these bytes, and is held up
+        while written < inflight.WRITE_BATCH + BACKLOG_LIMIT:
+            sink.write(data[written : written + 65536])
+            written += 65536
+        drained = sink.drained()
+        # The disk takes the bytes (all but less than a batch); the source stays paused for
+        # the hashing.
+        await until(
+            lambda: os.path.getsize(sink.temp_path) > written - inflight.WRITE_BATCH,
+            10,
+            "the writes",
+        )
+        self.assertTrue(sink.backlogged)
+        self.assertNoResult(drained)
+        release.set()
+        await drained
+        sink.write(data[written:])
+        await sink.finish(("sha512", sha512(data)))
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    async def test_syncedWhileStreaming(self):
+        """
+        A streaming file is fdatasynced each C{SYNC_BATCH} bytes while it arrives, not only
+        before its rename.
+        """
+        self.patch(inflight, "SYNC_BATCH", BUFFER_LIMIT)
+        synced = []
+        original = InflightFile._sync
+
+        def sync(sink):
+            synced.append(os.path.getsize(sink.temp_path))
+            original(sink)
+
+        self.patch(InflightFile, "_sync", sync)
+        data = os.urandom(4 * BUFFER_LIMIT)
+        sink = self.sink(expected_size=len(data))
+        for start in range(0, len(data) - 65536, 65536):
+            sink.write(data[start : start + 65536])
+            if sink.backlogged:
+                await sink.drained()
+        await until(lambda: synced, 10, "a background sync")
+        sink.write(data[len(data) - 65536 :])
+        await sink.finish(("sha512", sha512(data)))
+        self.assertGreaterEqual(synced[0], BUFFER_LIMIT)
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    async def test_backgroundSyncFails(self):
+        """
+        A background fdatasync that fails (the disk) fails the file with a local failure and
+        leaves nothing behind.
+        """
+        self.patch(inflight, "SYNC_BATCH", BUFFER_LIMIT)
+
+        def fdatasync(fd):
+            raise OSError(errno.EIO, "Input/output error")
+
+        self.patch(inflight.os, "fdatasync", fdatasync)
+        data = os.urandom(4 * BUFFER_LIMIT)
+        sink = self.sink(expected_size=len(data))
+        with self.assertRaises(LocalFailure) as caught:
+            for start in range(0, len(data), 65536):
+                sink.write(data[start : start + 65536])
+                if sink.backlogged:
+                    await sink.drained()
+            await sink.finish(("sha512", sha512(data)))
+        self.assertIn("Input/output error", str(caught.exception))
+        await sink.discard()
+        self.assertEqual(os.listdir(self.dir), [])
+
+    async def test_bigChunkOfUnknownSize(self):
+        """
+        One chunk bigger than the backlog, of a body of unknown size, is hashed and written:
+        the source never waits for nothing.
+        """
+        data = os.urandom(BACKLOG_LIMIT + BUFFER_LIMIT)
+        sink = self.sink()
+        sink.write(data)
+        await sink.drained()
+        self.assertFalse(sink.backlogged)
+        result = await sink.finish(("sha512", sha512(data)))
+        self.assertEqual(result.size, len(data))
         with open(self.dest, "rb") as f:
             self.assertEqual(f.read(), data)
 

@@ -25,6 +25,7 @@ from ion.apps.pump.transfer import ChecksumMismatch, ConnectionFailed, Credentia
 from ion.apps.pump.transfer.blocks import (
     MAX_BLOCKS,
     BlockSettings,
+    PartialFile,
     block_size,
     human,
     sr3_block,
@@ -263,6 +264,54 @@ class HTTPBlockTests(_BlockTests, TestCase):
         self.assertEqual(sorted(self.ranged.ranges), sorted(
             f"bytes={o}-{min(o + BLOCK, SIZE) - 1}" for o in range(0, SIZE, BLOCK)
         ))
+
+    async def test_hashedAsBlocksCome(self):
+        """
+        The whole-file checksum is computed as the blocks from the start of the file come in,
+        not all after the last one: every byte is read back once, the first ones while later
+        blocks are still to be asked for.
+        """
+        read = []
+        original = PartialFile._hash_range
+
+        def hash_range(partial, offset, end):
+            read.append((offset, end, len(self.ranged.ranges)))
+            return original(partial, offset, end)
+
+        self.patch(PartialFile, "_hash_range", hash_range)
+        single = BlockSettings(threshold=BLOCK, size=BLOCK, parallel=1)
+        result = await self.get(
+            "big.bin", expected_size=SIZE, expected_checksum=("sha512", sha512(self.data)),
+            blocks=single,
+        )
+        self.assertEqual(result.checksum["sha512"], sha512(self.data))
+        spans = [(offset, end) for offset, end, _ in read if end > offset]
+        self.assertEqual([offset for offset, _ in spans], [0] + [end for _, end in spans[:-1]])
+        self.assertEqual(spans[-1][1], SIZE)
+        self.assertLess(read[0][2], 9)
+
+    async def test_resumedBlocksHashed(self):
+        """
+        A resumed file's blocks from the first attempt are read back for the checksum with the
+        new ones: a block spoiled on disk meanwhile fails the file, which starts afresh.
+        """
+        self.ranged.fail_after = 4
+        checksum = ("sha512", sha512(self.data))
+        single = BlockSettings(threshold=BLOCK, size=BLOCK, parallel=1)
+        with self.assertRaises(ConnectionFailed):
+            await self.get("big.bin", expected_size=SIZE, expected_checksum=checksum,
+                           blocks=single)
+        [part] = [name for name in leftovers(self.local) if name.endswith(".part.inflight")]
+        with open(os.path.join(self.local, part), "r+b") as f:
+            f.seek(BLOCK + 10)
+            f.write(b"spoiled")
+        self.ranged.fail_after = None
+        with self.assertRaises(ChecksumMismatch):
+            await self.get("big.bin", expected_size=SIZE, expected_checksum=checksum)
+        self.assertEqual(leftovers(self.local), [])
+        await self.get("big.bin", expected_size=SIZE, expected_checksum=checksum)
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), self.data)
 
     async def test_resume(self):
         """

@@ -11,8 +11,10 @@ import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 
 from ion.apps.pump import transfer
 from ion.apps.pump.transfer import (
@@ -26,6 +28,7 @@ from ion.apps.pump.transfer import (
     Timeouts,
     TransferTimeout,
 )
+from ion.apps.pump.transfer import http
 from ion.apps.pump.transfer.inflight import BUFFER_LIMIT
 from tests.apps.pump.servers import (
     leftovers,
@@ -42,6 +45,18 @@ SECRET = "pa55-w0rd-XyZ"
 
 def sha512(data):
     return base64.b64encode(hashlib.sha512(data).digest()).decode()
+
+
+async def connect(testcase, url, ca_file=None):
+    """A connection to C{url}'s server as a transfer's agent makes it (closed at the end of
+    C{testcase}); its protocol."""
+    tls = BrowserLikePolicyForHTTPS(trustRoot=http._trust_root(ca_file))
+    endpoints = http._Endpoints(reactor, tls, 10)
+    protocol = await endpoints.endpointForURI(URI.fromBytes(url.encode())).connect(
+        Factory.forProtocol(Protocol)
+    )
+    testcase.addCleanup(protocol.transport.loseConnection)
+    return protocol
 
 
 class HTTPTests(TestCase):
@@ -334,6 +349,15 @@ class HTTPConnectionsTests(TestCase):
             )
         )
 
+    async def test_largeReads(self):
+        """
+        A transfer's connection reads up to C{READ_SIZE} bytes at a time from its socket
+        (Twisted's default is 64 KiB): a big body costs fewer passes through the parsers.
+        """
+        protocol = await connect(self, self.server.url)
+        self.assertEqual(protocol.transport.bufferSize, http.READ_SIZE)
+        self.assertGreater(http.READ_SIZE, 65536)
+
     async def test_sequentialGetsShareOneConnection(self):
         """
         Twenty GETs one after the other go over one connection, and every file arrives whole.
@@ -456,6 +480,13 @@ class HTTPSTests(TestCase):
             reactor, self.server.url + "/files/small.txt", self.dest, ca_file=self.ca_file
         )
         self.assertEqual(result.size, 5)
+
+    async def test_largeReads(self):
+        """
+        Under TLS too, the connection reads up to C{READ_SIZE} bytes at a time.
+        """
+        protocol = await connect(self, self.server.url, self.ca_file)
+        self.assertEqual(protocol.transport.transport.bufferSize, http.READ_SIZE)
 
     async def test_untrusted(self):
         """

@@ -22,7 +22,10 @@ All disk work runs in the caller's thread pool; an exclusive C{flock} on the par
 two transfers of one process or of two processes from writing it at once (the second fails
 with 503, retried later).
 
-When the last block is in, the whole file is read back once to compute its checksum, which is
+The whole-file checksum is computed by reading the file back, block by block in order: in a
+partitioned get, as soon as the blocks from the start of the file up to one are in (a pool
+job hashes them while the next blocks arrive), so that once the last block is in only the
+blocks not hashed yet are read; for an sr3 block notice, once the last block is in. It is
 verified against the notice's; a mismatch removes both files (the next attempt starts from
 nothing). Then mtime, mode, fsync and rename, as for any received file (L{InflightFile}).
 
@@ -302,6 +305,10 @@ class PartialFile(InflightFile):
         self._record = BlockRecord(
             self.record_name, size, size_of_block, len(self.blocks), dest_path
         )
+        self._hash_early = False
+        self._hashed = 0  # bytes from the start hashed so far
+        self._next_hash = 0  # the first block not yet handed to a hashing job
+        self._hash_job = None  # the SharedResult of the hashing job running
 
     def progress(self):
         """C{3/16 blocks, 1.2 GiB of 4.0 GiB}."""
@@ -315,6 +322,12 @@ class PartialFile(InflightFile):
         self.done = await self._run(self._open).observe()
         self.size = self.resumed = sum(self.blocks[i][1] for i in self.done)
 
+    def hash_early(self):
+        """From now on, hash the blocks in (those resumed too) as soon as those before them are,
+        in a pool job beside the transfers: L{finish} then reads back only what is left."""
+        self._hash_early = True
+        self._hash_blocks()
+
     def block(self, index, methods=()):
         """The L{BlockSink} receiving block C{index}."""
         return BlockSink(self, index, methods)
@@ -323,10 +336,38 @@ class PartialFile(InflightFile):
         """Record block C{index} as done, durably (its bytes first)."""
         await self._run(self._mark, index).observe()
         self.done.add(index)
+        if self._hash_early:
+            self._hash_blocks()
 
     @property
     def complete(self):
         return len(self.done) == len(self.blocks)
+
+    def _running(self):
+        jobs = super()._running()
+        return jobs if self._hash_job is None else jobs + [self._hash_job]
+
+    def _hash_blocks(self):
+        """Hand the blocks done from where the hashing stands to a hashing job, unless one is
+        running (its end starts the next)."""
+        if self._hash_job is not None or self._error is not None or self._removal is not None:
+            return
+        first = self._next_hash
+        while self._next_hash in self.done:
+            self._next_hash += 1
+        if self._next_hash == first:
+            return
+        offset, length = self.blocks[self._next_hash - 1]
+        self._hash_job = self._run(self._hash_range, self._hashed, offset + length)
+        self._hash_job.observe().addBoth(self._blocks_hashed)
+
+    def _blocks_hashed(self, result):
+        self._hash_job = None
+        if isinstance(result, Failure):
+            self._failed(result)
+            return
+        self._hashed = result
+        self._hash_blocks()
 
     # -- the disk side (pool threads) --------------------------------------------------------
 
@@ -376,34 +417,36 @@ class PartialFile(InflightFile):
                                              exc) from None
         self._record.add(index)
 
-    def _hash_file(self):
-        offset = 0
-        while offset < self.expected_size:
-            data = os.pread(self._fd, min(_READ_SIZE, self.expected_size - offset), offset)
-            if not data:
-                raise LocalFailure(f"{self.temp_path}: shorter than {self.expected_size} bytes")
-            self._hash([data])
-            offset += len(data)
-
-    def _commit(self, chunks, expected_checksum, mtime, mode):
-        """Hash the whole file once, verify it, then commit as any received file."""
+    def _hash_range(self, offset, end):
+        """Hash the bytes of the part file from C{offset} (where the hashing stands) to
+        C{end}; C{end}."""
         try:
-            self._hash_file()
+            while offset < end:
+                data = os.pread(self._fd, min(_READ_SIZE, end - offset), offset)
+                if not data:
+                    raise LocalFailure(f"{self.temp_path}: shorter than {self.expected_size} bytes")
+                self._hash([data])
+                offset += len(data)
+        except OSError as exc:
+            raise LocalFailure.from_os_error(f"cannot read {self.temp_path}", exc) from None
+        return end
+
+    def _commit(self, chunks, unhashed, expected_checksum, mtime, mode):
+        """Hash what is left of the file, verify it, then commit as any received file."""
+        try:
+            self._hash_range(self._hashed, self.expected_size)
             self._verify(expected_checksum)
         except ChecksumMismatch:
             self.keep = False  # bad bytes somewhere: start afresh next time
             self._remove()
             raise
-        except OSError as exc:
-            self._remove()
-            raise LocalFailure.from_os_error(f"cannot read {self.temp_path}", exc) from None
         except BaseException:
             self._remove()
             raise
         self._drop_record()
         self.keep = False
         # Hashed and verified: the commit adds no bytes.
-        return super()._commit([], None, mtime, mode)
+        return super()._commit([], [], None, mtime, mode)
 
     def _drop_record(self):
         self._record.drop(self._dir_fd)
@@ -509,7 +552,8 @@ class BlockSink:
             self._flush()
         waiting, self._waiting = self._waiting, []
         for d in waiting:
-            d.callback(None)
+            if not d.called:  # not cancelled meanwhile
+                d.callback(None)
 
     async def settle(self):
         """Wait until the bytes received are written (or writing failed)."""

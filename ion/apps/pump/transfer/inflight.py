@@ -1,15 +1,20 @@
 """A file being received: written under a temporary name beside its destination and renamed
 onto it only once its size and checksum are verified.
 
-The disk work (create, write, hash, fsync, rename, directory fsync) runs in a thread pool given
-by the caller, one job at a time per file, so a transfer waiting for the disk never holds up the
-reactor; without a pool it runs at once in the calling thread. A body of up to
-C{BUFFER_LIMIT} bytes is kept in memory and written in a single job at the end (a failed
-transfer then never touches the disk); a bigger one streams to disk as it arrives (the first
-bytes at once, then in jobs of at least C{WRITE_BATCH} bytes), its source
-paused (L{InflightFile.backlogged}, L{InflightFile.drained}) while C{BACKLOG_LIMIT} bytes wait
-for the disk. Renames into one directory that finish close together share one fsync of the
-directory.
+The disk work (create, write, fsync, rename, directory fsync) and the hashing run in a thread
+pool given by the caller, so a transfer waiting for the disk never holds up the reactor; without
+a pool they run at once in the calling thread. A body of up to C{BUFFER_LIMIT} bytes is kept in
+memory and hashed and written in a single job at the end (a failed transfer then never touches
+the disk); a bigger one streams to disk as it arrives (the first bytes at once, then in jobs of
+at least C{WRITE_BATCH} bytes), its source paused (L{InflightFile.backlogged},
+L{InflightFile.drained}) while C{BACKLOG_LIMIT} bytes wait for the disk or for the hashing.
+Hashing and writing are two lanes (L{Lane}), each one job at a time per file, in order: the hash
+of one batch runs in one thread while the write of another runs in a second, so a big file costs
+the longer of the two (hashing sha512 is the slower), not their sum; a lane's job goes on with
+the bytes that came while it worked, without a round trip through the reactor. Every
+C{SYNC_BATCH} bytes written, a third job fdatasyncs them while the rest comes in, so the fsync
+before the rename (which stays) finds little left to write. Renames into one directory that
+finish close together share one fsync of the directory.
 
 The writer holds an exclusive C{flock} on its temporary file from creation to rename, so a file
 left behind by a killed process (the lock dies with it) can be told from one being written:
@@ -36,7 +41,7 @@ import secrets
 import threading
 import time
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
@@ -68,6 +73,9 @@ BACKLOG_LIMIT = 2 * 1024 * 1024
 # Bytes gathered before a disk job writes them (a job per network read costs a thread hop
 # each); the last ones go with the commit.
 WRITE_BATCH = 512 * 1024
+# A streaming file's bytes are fdatasynced in the background each time this many more are
+# written, so that the fsync before the rename has little left to write.
+SYNC_BATCH = 32 * 1024 * 1024
 # Buffers one os.writev call may take (IOV_MAX on Linux).
 _IOV_MAX = 1024
 
@@ -109,7 +117,8 @@ class SinkReceiver(Protocol):
     Hands each chunk a connection receives to C{sink} (an L{InflightFile}, or anything with
     its C{write}, C{backlogged} and C{drained}), pausing the connection while the sink has
     too much waiting for the disk; each chunk is progress for the C{timer}. What the sink
-    raises is kept as C{error} and ends the connection (L{abort}).
+    raises is kept as C{error} and ends the connection (L{abort}). A wait still running when
+    the connection ends is cancelled (a bandwidth limit's timer does not outlive it).
     """
 
     def __init__(self, sink, timer):
@@ -117,6 +126,7 @@ class SinkReceiver(Protocol):
         self.timer = timer
         self.received = 0
         self.error = None
+        self._draining = None  # the sink's drained() while the connection is paused
 
     def abort(self):
         self.transport.abortConnection()
@@ -139,12 +149,138 @@ class SinkReceiver(Protocol):
             self.transport.pauseProducing()
             if getattr(self.sink, "pacing", False):
                 self.timer.hold()  # a bandwidth limit's wait is not the server's silence
-            self.sink.drained().addCallback(self._resume)
+            self._draining = self.sink.drained()
+            self._draining.addCallback(self._resume)
 
     def _resume(self, _):
+        self._draining = None
         if self.receiving():
             self.timer.touch()
             self.transport.resumeProducing()
+
+    def connectionLost(self, reason):
+        self.stop_waiting()
+
+    def stop_waiting(self):
+        """Cancel the wait for the sink, if one runs: nothing is to be resumed any more."""
+        draining, self._draining = self._draining, None
+        if draining is not None and not draining.called:
+            draining.addErrback(lambda _: None)
+            draining.cancel()
+
+
+class Lane:
+    """
+    Chunks handed over by the reactor thread, given in order to C{work} by one job at a time
+    in C{pool}; a job goes on with the chunks that came while it worked, so a busy lane costs
+    no round trip through the reactor between batches. A job starts once C{batch} bytes wait
+    (with C{eager}, also as long as no bytes were given yet); it takes all that wait each
+    time, and ends when fewer than C{batch} are left or the lane is closed. Without a pool
+    the jobs run at once in the calling thread.
+
+    C{progress} is called in the reactor thread when a job takes bytes after L{watch} asked
+    for it, and with the failure when a job fails.
+
+    @ivar waiting: bytes put and not yet taken by a job.
+    @ivar job: the L{SharedResult} of the job running, or C{None}.
+    """
+
+    def __init__(self, reactor, pool, work, batch, progress, eager=False):
+        self._reactor = reactor
+        self._pool = pool
+        self._work = work
+        self._batch = batch
+        self._progress = progress
+        self._eager = eager
+        self._lock = threading.Lock()
+        self._chunks = []
+        self.waiting = 0
+        self._given = 0  # bytes taken by jobs so far
+        self._running = False
+        self._closed = False
+        self._watched = False
+        self.job = None
+
+    def put(self, data, hold=False):
+        """Queue C{data}; unless C{hold}, start a job if a batch waits."""
+        with self._lock:
+            self._chunks.append(data)
+            self.waiting += len(data)
+        if not hold:
+            self.poke()
+
+    def poke(self):
+        """Start a job if a batch waits and none runs."""
+        with self._lock:
+            if self._running or not self._due():
+                return
+            self._running = True
+        self._start(False)
+
+    def kick(self):
+        """Start a job now, unless one runs: it gives C{work} what waits, even nothing."""
+        with self._lock:
+            if self._running or self._closed:
+                return
+            self._running = True
+        self._start(True)
+
+    def watch(self):
+        """Have the next job to take bytes tell C{progress}."""
+        with self._lock:
+            self._watched = True
+
+    def take(self):
+        """The chunks waiting (no job runs: they are the caller's now)."""
+        with self._lock:
+            chunks, self._chunks, self.waiting = self._chunks, [], 0
+        return chunks
+
+    def close(self):
+        """No job takes any more chunks; those waiting are dropped."""
+        with self._lock:
+            self._closed = True
+            self._chunks, self.waiting = [], 0
+
+    def _due(self):
+        return not self._closed and (
+            self.waiting >= self._batch or (self._eager and self._given == 0 and self._chunks)
+        )
+
+    def _start(self, forced):
+        if self._pool is None:
+            d = maybeDeferred(self._loop, forced)
+        else:
+            d = deferToThreadPool(self._reactor, self._pool, self._loop, forced)
+        self.job = job = SharedResult(d)
+        job.observe().addBoth(self._ended, job)
+
+    def _loop(self, forced):
+        """The job (a pool thread): give C{work} what waits until too little does."""
+        try:
+            while True:
+                with self._lock:
+                    if not (forced or self._due()):
+                        self._running = False
+                        return
+                    forced = False
+                    chunks, self._chunks = self._chunks, []
+                    size, self.waiting = self.waiting, 0
+                    self._given += size
+                    tell, self._watched = self._watched and size > 0, False
+                if tell and self._pool is not None:
+                    self._reactor.callFromThread(self._progress)
+                self._work(chunks)
+        except BaseException:
+            with self._lock:
+                self._running = False
+            raise
+
+    def _ended(self, result, job):
+        if self.job is job:
+            self.job = None
+        if isinstance(result, Failure):
+            self._progress(result)
 
 
 class DestinationRoot:
@@ -280,16 +416,20 @@ class InflightFile:
         self._hashers = {method: hashlib.new(check_method(method)) for method in methods}
         self._reactor = reactor
         self._pool = pool
-        # Chunks received and not yet handed to a disk job, and their size.
-        self._pending = []
-        self._pending_bytes = 0
+        # The chunks received go to two lanes of pool jobs: written to disk, and hashed.
+        self._writes = Lane(reactor, pool, self._write, WRITE_BATCH, self._wake, eager=True)
+        self._hashes = Lane(reactor, pool, self._hash, WRITE_BATCH, self._wake)
         self._streaming = False
-        self._batches = 0  # disk jobs given bytes so far
-        self._job = None  # the SharedResult of the last disk job
+        self._sync_job = None  # the SharedResult of the running background fdatasync
+        self._on_disk = 0  # bytes written (by the disk jobs)
+        self._sync_asked = 0  # bytes written when the last background fdatasync was asked for
+        self._synced = 0  # bytes written when the last background fdatasync started
         self._error = None  # the TransferError a streaming job failed with
         self._waiting = []  # Deferreds of drained()
         self._removal = None
-        # Touched by the disk jobs only (one at a time), then read here once they are done.
+        self._commit_job = None
+        # Touched by the disk jobs only (one at a time), then read here once they are done;
+        # the hashers likewise by the hashing jobs, then by the commit.
         self._fd = None
         self._created = False
         self._root_fd = None  # acquired from the root while the directory is open
@@ -337,28 +477,26 @@ class InflightFile:
             raise TooLarge(f"{self.what}: more than the {self._limit} bytes {what} arrived")
         if self._error is not None:
             raise self._error
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        if self._streaming:
-            # The first bytes go at once: a file being received shows on disk.
-            if self._pending_bytes >= WRITE_BATCH or self._batches == 0:
-                self._flush()
-        elif self._pending_bytes > BUFFER_LIMIT:
+        # Streaming, each lane has a job running whenever a batch waits (the first bytes are
+        # written at once: a file being received shows on disk).
+        hold = not self._streaming
+        self._writes.put(data, hold)
+        self._hashes.put(data, hold)
+        if hold and self._writes.waiting > BUFFER_LIMIT:
             self._stream()
 
     @property
     def backlogged(self):
         """Whether the source should pause until L{drained} fires: too many bytes wait for
-        the disk."""
-        return self._pending_bytes >= BACKLOG_LIMIT
+        the disk or for the hashing."""
+        return max(self._writes.waiting, self._hashes.waiting) >= BACKLOG_LIMIT
 
     def drained(self):
-        """A Deferred that fires once the bytes waiting for the disk have been handed to it
-        (or the file failed or was discarded: the next L{write} says which)."""
-        if not self.backlogged or self._error is not None or self._removal is not None:
-            return succeed(None)
+        """A Deferred that fires once the bytes waiting for the disk and the hashing have been
+        handed to them (or the file failed or was discarded: the next L{write} says which)."""
         d = Deferred()
         self._waiting.append(d)
+        self._wake()
         return d
 
     async def finish(self, expected_checksum=None, mtime=None, mode=None):
@@ -376,15 +514,17 @@ class InflightFile:
         try:
             self._check_size()
             # Each streaming job done may start the next with what came meanwhile.
-            while self._job is not None:
-                await self._job.observe()
+            while running := self._running():
+                await running[0].observe()
             if self._error is not None:
                 raise self._error
         except BaseException:
             await self.discard()
             raise
-        chunks, self._pending, self._pending_bytes = self._pending, [], 0
-        job = self._job = self._run(self._commit, chunks, expected_checksum, mtime, mode)
+        chunks, unhashed = self._writes.take(), self._hashes.take()
+        job = self._commit_job = self._run(
+            self._commit, chunks, unhashed, expected_checksum, mtime, mode
+        )
         try:
             return await job.observe()
         except CancelledError:
@@ -398,10 +538,12 @@ class InflightFile:
         fires once it is gone; the removal happens whether or not anyone waits for it.
         """
         if self._removal is None:
-            self._pending, self._pending_bytes = [], 0
+            self._writes.close()
+            self._hashes.close()
             self._release_waiting()
-            idle = succeed(None) if self._job is None else self._job.observe()
-            idle.addErrback(lambda _: None)
+            # No job starts from now on: the removal follows those running.
+            running = self._running() + [self._commit_job] * (self._commit_job is not None)
+            idle = DeferredList([job.observe() for job in running], consumeErrors=True)
             idle.addCallback(lambda _: self._run(self._remove).observe())
             self._removal = SharedResult(idle)
         return self._removal.observe()
@@ -427,32 +569,64 @@ class InflightFile:
         """From now on, write to disk as the bytes come (starting with creating the file)."""
         if not self._streaming:
             self._streaming = True
-            self._flush()
+            self._writes.kick()
+            self._hashes.poke()
 
-    def _flush(self):
-        """Hand the pending bytes to a disk job, unless one is running."""
-        if self._job is not None or self._error is not None or self._removal is not None:
+    def _running(self):
+        """The L{SharedResult}s of the jobs running: the lanes', the background sync's."""
+        jobs = [self._writes.job, self._hashes.job, self._sync_job]
+        return [job for job in jobs if job is not None]
+
+    def _sync_early(self):
+        """Once C{SYNC_BATCH} more bytes are written, fdatasync them in a job beside the
+        writes (unless one runs): the disk writes them while the rest comes in, and the fsync
+        before the rename has only the last ones left."""
+        if (
+            self._sync_job is not None
+            or self._on_disk - self._synced < SYNC_BATCH
+            or self._error is not None
+            or self._removal is not None
+        ):
             return
-        chunks, self._pending, self._pending_bytes = self._pending, [], 0
-        self._batches += bool(chunks)
-        self._job = self._run(self._write, chunks)
-        self._job.observe().addBoth(self._written)
+        self._synced = self._on_disk
+        self._sync_job = self._run(self._sync)
+        self._sync_job.observe().addBoth(self._synced_early)
 
-    def _written(self, result):
-        self._job = None
+    def _synced_early(self, result):
+        self._sync_job = None
         if isinstance(result, Failure):
-            error = result.value
+            self._failed(result)
+            self._wake()
+        else:
+            self._sync_early()
+
+    def _failed(self, failure):
+        if self._error is None:
+            error = failure.value
             self._error = error if isinstance(error, TransferError) else LocalFailure(str(error))
-        elif self._pending_bytes >= WRITE_BATCH or (self._pending and self._batches == 0):
-            self._flush()
+
+    def _wake(self, failure=None):
+        """Fire L{drained}'s Deferreds once nothing holds the source back any more (a lane
+        calls it when it takes bytes while asked to, or when its job fails: C{failure})."""
+        if failure is not None:
+            self._failed(failure)
+        if not self._waiting:
+            return
+        if self._error is None and self._removal is None and self.backlogged:
+            # Told when a lane takes its bytes from now on; they may be taken already.
+            self._writes.watch()
+            self._hashes.watch()
+            if self.backlogged:
+                return
         self._release_waiting()
 
     def _release_waiting(self):
         waiting, self._waiting = self._waiting, []
         for d in waiting:
-            d.callback(None)
+            if not d.called:  # not cancelled meanwhile
+                d.callback(None)
 
-    # -- the disk side (a pool thread, one job at a time per file) --------------------------
+    # -- the disk side (pool threads, one job at a time per file and lane) -------------------
 
     def _create(self):
         self._open_directory()
@@ -529,20 +703,32 @@ class InflightFile:
             for chunk in chunks:
                 hasher.update(chunk)
 
+    def _sync(self):
+        """fdatasync what is written so far (beside the disk jobs: the file is open)."""
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise LocalFailure.from_os_error(f"cannot write {self.temp_path}", exc) from None
+
     def _write(self, chunks):
-        """Hash and append C{chunks}, creating the file first if need be."""
-        self._hash(chunks)
+        """Append C{chunks}, creating the file first if need be; ask for a background sync
+        each C{SYNC_BATCH} bytes."""
         if self._fd is None:
             self._create()
         try:
             _write_all(self._fd, chunks)
         except OSError as exc:
             raise LocalFailure.from_os_error(f"cannot write {self.temp_path}", exc) from None
+        self._on_disk += sum(map(len, chunks))
+        if self._pool is not None and self._on_disk - self._sync_asked >= SYNC_BATCH:
+            self._sync_asked = self._on_disk
+            self._reactor.callFromThread(self._sync_early)
 
-    def _commit(self, chunks, expected_checksum, mtime, mode):
-        """Write the last C{chunks}, verify, then make the file durable at its name."""
+    def _commit(self, chunks, unhashed, expected_checksum, mtime, mode):
+        """Hash the last C{unhashed} chunks and write the last C{chunks}, verify, then make the
+        file durable at its name."""
         try:
-            self._hash(chunks)
+            self._hash(unhashed)
             self._verify(expected_checksum)
             streamed = self._fd is not None
             if not streamed:

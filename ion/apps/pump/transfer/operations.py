@@ -188,6 +188,7 @@ async def _get_blocks(
     try:
         try:
             await partial.open()
+            partial.hash_early()
             fetching = Deferred.fromCoroutine(
                 fetch_blocks(
                     reactor, location, partial, blocks, settings, limiter, url, pacers
