@@ -78,8 +78,10 @@ class ChaosFlow:
     """One pump flow of `count` files on `brokers` (a PrivateBroker or a PrivateCluster);
     `testcase` gives `mktemp` and `addCleanup` (trial's, or the bench's stand-in)."""
 
-    def __init__(self, testcase, brokers, count, seed, tag, before_start=0.6, dup_ttl=None):
+    def __init__(self, testcase, brokers, count, seed, tag, before_start=0.6, dup_ttl=None,
+                 child_env=None):
         self.testcase = testcase
+        self.child_env = child_env  # more environment of the pump's process
         self.brokers = brokers
         self.cluster = isinstance(brokers, PrivateCluster)
         self.url = brokers.url  # the pump logs in as guest
@@ -147,7 +149,9 @@ class ChaosFlow:
 
     def start_child(self):
         log_path = os.path.join(self.base, "pump.log")
-        child = PumpChild(self.url, self.tag, self.app_path, self.base, log_path)
+        child = PumpChild(
+            self.url, self.tag, self.app_path, self.base, log_path, env=self.child_env
+        )
         self.children.append(child)
         return threads.deferToThread(child.wait_ready)
 
