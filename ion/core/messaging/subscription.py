@@ -37,22 +37,93 @@ def queue_type_for(asked, cluster):
     return asked
 
 
+# The queue a quorum queue dead-letters to by itself (a message returned more than its
+# delivery limit: its process died holding it each time): C{<queue>.poison}. The process
+# consuming the queue also consumes that one and moves each message to C{<queue>.dead}, with a
+# reason, telling its C{on_dead_letter} hook (L{ion.core.process.Process.subscribe}).
+POISON_SUFFIX = ".poison"
+# Returns of a message of a poison queue before it is dropped (should moving it kill its
+# process each time); more than the queue's own limit, which a message reaches by the
+# processes that die or stop holding it, possibly while it is on its way to the poison queue.
+POISON_DELIVERY_LIMIT = 20
+
+
 def queue_arguments(queue, queue_type, delivery_limit):
-    """C{(arguments of queue, arguments of <queue>.dead)} for a shared durable queue of
-    C{queue_type}: a quorum queue gives up a message returned more than C{delivery_limit}
-    times (the process gave it back, or died holding it) and dead-letters it to
-    C{<queue>.dead}, itself a quorum queue; a classic queue has no arguments."""
+    """C{(arguments of queue, arguments of <queue>.dead, arguments of <queue>.poison)} for a
+    shared durable queue of C{queue_type}: a quorum queue gives up a message returned more
+    than C{delivery_limit} times (the process gave it back, or died holding it) and
+    dead-letters it to C{<queue>.poison}, a quorum queue that itself drops a message returned
+    more than L{POISON_DELIVERY_LIMIT} times (nothing loops forever); C{<queue>.dead} is a
+    quorum queue too. A classic queue has no arguments (and no poison queue: None)."""
     if queue_type != "quorum":
-        return {}, {}
+        return {}, {}, None
     return (
         {
             QUEUE_TYPE: "quorum",
             DELIVERY_LIMIT: delivery_limit,
             DEAD_LETTER_EXCHANGE: "",
-            DEAD_LETTER_ROUTING_KEY: f"{queue}.dead",
+            DEAD_LETTER_ROUTING_KEY: f"{queue}{POISON_SUFFIX}",
         },
         {QUEUE_TYPE: "quorum"},
+        {QUEUE_TYPE: "quorum", DELIVERY_LIMIT: POISON_DELIVERY_LIMIT},
     )
+
+
+def given_up(delivery):
+    """C{(exchange, routing key)} a message taken from a poison queue was first published
+    with, from the headers the broker added when it dead-lettered it (C{x-death}, else the
+    C{x-first-death-exchange}); the delivery's own where the headers say nothing usable."""
+    headers = delivery.properties.headers or {}
+    exchange, key = headers.get("x-first-death-exchange"), None
+    deaths = headers.get("x-death")
+    if isinstance(deaths, (list, tuple)) and deaths and isinstance(deaths[-1], dict):
+        first = deaths[-1]  # the newest death first: the last is the first one
+        exchange = first.get("exchange", exchange)
+        keys = first.get("routing-keys")
+        if isinstance(keys, (list, tuple)) and keys:
+            key = keys[0]
+    if isinstance(exchange, bytes):
+        exchange = exchange.decode("utf-8", "replace")
+    if isinstance(key, bytes):
+        key = key.decode("utf-8", "replace")
+    if not isinstance(exchange, str):
+        exchange = delivery.exchange
+    if not isinstance(key, str):
+        key = delivery.routing_key
+    return exchange, key
+
+
+class GivenUp:
+    """A message taken from a poison queue, seen as the message its queue gave up: the
+    exchange and routing key it was first published with (L{given_up}), returned
+    C{returns} times (its C{x-delivery-count}); settling it settles the poison queue's
+    delivery."""
+
+    def __init__(self, delivery, returns):
+        self._delivery = delivery
+        self.body = delivery.body
+        self.exchange, self.routing_key = given_up(delivery)
+        props = delivery.properties
+        self.properties = Properties(
+            content_type=props.content_type,
+            delivery_mode=props.delivery_mode,
+            message_id=props.message_id,
+            user_id=props.user_id,
+            headers={**(props.headers or {}), DELIVERY_COUNT: returns},
+            timestamp=props.timestamp,
+            expiration=props.expiration,
+        )
+        self.redelivered = True
+
+    @property
+    def settled(self):
+        return self._delivery.settled
+
+    def ack(self):
+        self._delivery.ack()
+
+    def nack(self, requeue=True):
+        self._delivery.nack(requeue)
 
 
 def returns_of(delivery):
@@ -81,8 +152,9 @@ async def subscribe(
 ):
     """Declare exchange (unless C{exchange_type} is None) and queue (with C{arguments}; when
     they name a dead-letter routing key, that queue is declared first, with
-    C{dead_arguments}), bind each key, and deliver to callback(IDelivery). The callback acks
-    or nacks each delivery itself. Returns the consumer."""
+    C{dead_arguments}), bind each key (none: C{keys} empty), and deliver to
+    callback(IDelivery). The callback acks or nacks each delivery itself. Returns the
+    consumer."""
     if exchange_type:
         await transport.declare_exchange(exchange, exchange_type, durable=durable)
     dead = (arguments or {}).get(DEAD_LETTER_ROUTING_KEY)

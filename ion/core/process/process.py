@@ -142,8 +142,10 @@ class Process:
 
     def on_dead_letter(self, delivery, reason):
         """A message of a subscription failed for good and is now in C{<queue>.dead} (see
-        L{subscribe}); C{reason} is the handler's error. Sync or async; the message is acked
-        once this returns. Override to tell someone (a failure report)."""
+        L{subscribe}); C{reason} is the handler's error, or says that the quorum queue gave
+        the message up (its C{routing_key} then the one it was published with). Sync or
+        async; the message is acked once this returns. Override to tell someone (a failure
+        report)."""
 
     def stop_timeout(self):
         """Seconds the work in hand (ops, deliveries, tracked work) gets to finish when the
@@ -367,10 +369,13 @@ class Process:
         A named durable queue that is neither exclusive nor auto-delete is shared: its
         C{queue_type} (default config C{ion.core.messaging: queue_type}, 'auto': quorum when
         the broker URL names several hosts, else classic) may be 'quorum', replicated on a
-        RabbitMQ cluster, which also dead-letters to C{<queue>.dead} a message returned more
-        than C{delivery_limit} times (default config C{delivery_limit}, 10): a message that
-        kills its process each time cannot loop forever. A queue that exists with another
-        type is a ValueError naming it (nothing is changed on the broker).
+        RabbitMQ cluster, which also dead-letters to C{<queue>.poison} a message returned
+        more than C{delivery_limit} times (default config C{delivery_limit}, 10): a message
+        that kills its process each time cannot loop forever. The process consumes
+        C{<queue>.poison} too: each message there is moved to C{<queue>.dead} (as below, its
+        C{dead-exchange} and C{dead-routing-key} those it was first published with), then
+        C{on_dead_letter} runs, then it is acked. A queue that exists with another type is
+        a ValueError naming it (nothing is changed on the broker).
 
         The process owns the rest. A handler that raises (or whose awaitable fails) before settling
         its message gets it back (requeued, C{redelivered} set) until it was returned
@@ -403,10 +408,15 @@ class Process:
                     "delivery_limit", subscription.DEFAULT_DELIVERY_LIMIT, module=MESSAGING
                 )
             kind = subscription.queue_type_for(asked_type, getattr(transport, "cluster", False))
-            arguments, sub.dead_arguments = subscription.queue_arguments(queue, kind, limit)
+            arguments, sub.dead_arguments, poison_arguments = subscription.queue_arguments(
+                queue, kind, limit
+            )
             if kind == "quorum":
                 sub.delivery_limit = limit
-            options.update(arguments=arguments, dead_arguments=sub.dead_arguments)
+            # The queue's own dead-letter target (the poison queue) is declared before it.
+            options.update(arguments=arguments, dead_arguments=poison_arguments)
+        else:
+            poison_arguments = None
         try:
             sub.consumer = await subscription.subscribe(
                 transport,
@@ -423,7 +433,60 @@ class Process:
                 f"with it) or ask for its present type"
             ) from None
         self._subscriptions.append(sub)
+        if poison_arguments is not None:
+            poison = _Subscription(f"{queue}{subscription.POISON_SUFFIX}", True, False)
+            poison.consumer = await subscription.subscribe(
+                transport, None, poison.queue, [], self._poison_handler(sub), durable=True,
+                exchange_type=None, prefetch=options.get("prefetch", 100),
+                arguments=poison_arguments,
+            )
+            self._subscriptions.append(poison)
         return sub.consumer
+
+    def _poison_handler(self, sub):
+        def deliver(delivery):
+            if not self._draining:
+                self._hold(defer.Deferred.fromCoroutine(self._bury(delivery, sub)))
+
+        return deliver
+
+    async def _bury(self, delivery, sub):
+        """A message the quorum queue of C{sub} gave up by itself (returned more than its
+        delivery limit: its process died holding it, or gave it back, each time), taken from
+        C{<queue>.poison}: moved to C{<queue>.dead} with a reason, C{on_dead_letter} told,
+        then acked. Told once: a crash before the ack tells again (the hook's reports are
+        known by their id)."""
+        given = subscription.GivenUp(delivery, sub.delivery_limit)
+        reason = (
+            f"the broker gave it up after it was returned more than {sub.delivery_limit} "
+            f"times (delivery_limit): its consumer died or gave it back each time"
+        )
+        self.log.warn(
+            "{proc!r}: message {key!r} of {queue} {reason}; moving it to {queue}.dead",
+            proc=self,
+            key=given.routing_key,
+            queue=sub.queue,
+            reason=reason,
+        )
+        try:
+            await subscription.dead_letter(
+                self.container.messenger.transport, given, sub.queue, reason, sub.durable,
+                sub.exclusive, sub.dead_arguments,
+            )
+        except ConnectionLost:
+            return  # back in the poison queue
+        except Exception:
+            self.log.failure("{proc!r}: could not dead-letter {key!r}; it stays in "
+                             "{queue}.poison", proc=self, key=given.routing_key, queue=sub.queue)
+            if not delivery.settled:
+                delivery.nack(requeue=True)  # counted: dropped past the limit
+            return
+        try:
+            await _maybe_await(self.on_dead_letter(given, reason))
+        except Exception:
+            self.log.failure("{proc!r}: on_dead_letter failed", proc=self)
+        if not delivery.settled:
+            delivery.ack()
 
     def _delivery_handler(self, handler, sub):
         consumed, key = self.container.metrics.consumed, (self.name,)

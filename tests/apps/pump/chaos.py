@@ -114,7 +114,8 @@ class ChaosFlow:
             f"q_xreport-{tag}.report_router",
             f"q_{tag}.{tag}.report_router.sent",
         ]
-        self.dead_queues = [f"{q}.dead" for q in self.queues]
+        # Dead letters: the processes' own, and those the quorum queues gave up.
+        self.dead_queues = [f"{q}.{kind}" for q in self.queues for kind in ("dead", "poison")]
         self.collector_queue = f"q_{tag}.test.reports"
         self.children = []
         self.collector = self.asker = None
