@@ -31,9 +31,13 @@ the samples of the last 20 minutes (of the last two thirds of a shorter run) mus
 1 MB per 10 minutes:
 
     soak minutes=30 rate_files_per_s=... max_files_per_s=... files=... rss_start_mb=...
-        rss_end_mb=... slope_mb_per_10min=... window_min=20.0 result=ok
+        rss_end_mb=... slope_mb_per_10min=... window_min=20.0 samples=... most_behind=...
+        load=.../... result=ok
 
-(`result=FAILED` and exit status 1 above the limit, or when a file is not reported.)
+(`result=FAILED` and exit status 1 above the limit, or when a file is not reported;
+`most_behind`: the most files fed and not yet reported at once; `load`: the machine's
+1-minute load average when the feed started and ended: a machine busier than during the
+probe lowers the rate the pump can keep below the one it is fed at.)
 """
 
 import argparse
@@ -194,7 +198,9 @@ async def soak(reactor, args, run, brokers):
     max_rate = args.probe_files / (time.monotonic() - began)
     rate = max(1, int(max_rate / 2))
     pid = flow.children[-1].proc.pid
-    samples, fed, batches, index = [], set(), {}, 0
+    samples, fed, batches, index, behind = [], set(), {}, 0, 0
+    load_start = os.getloadavg()[0]
+    probed = len(flow.collector.ok)
     started = time.monotonic()
     deadline = started + args.minutes * 60
     next_sample = started
@@ -212,10 +218,13 @@ async def soak(reactor, args, run, brokers):
             del batches[top]
             for root in (flow.src, flow.dest):
                 shutil.rmtree(os.path.join(root, *top.split("/")), ignore_errors=True)
+        # Files fed and not reported yet: a pump that cannot keep up (a busy machine) shows here.
+        behind = max(behind, len(fed) - (len(flow.collector.ok) - probed))
         if time.monotonic() >= next_sample:
             samples.append((time.monotonic() - started, rss_mb(pid)))
             next_sample += SAMPLE_INTERVAL
         await task.deferLater(reactor, 1, lambda: None)
+    load_end = os.getloadavg()[0]
     missing = set(fed) - flow.collector.ok
     waited = time.monotonic()
     while missing and time.monotonic() - waited < args.timeout:
@@ -230,7 +239,7 @@ async def soak(reactor, args, run, brokers):
         f"soak minutes={args.minutes:g} rate_files_per_s={rate} max_files_per_s={max_rate:.1f} "
         f"files={len(fed)} rss_start_mb={samples[0][1]:.1f} rss_end_mb={samples[-1][1]:.1f} "
         f"slope_mb_per_10min={slope:.2f} window_min={window / 60:.1f} samples={len(recent)} "
-        f"result={result}"
+        f"most_behind={behind} load={load_start:.1f}/{load_end:.1f} result={result}"
     )
     flow.children[-1].stop()
     return 0 if ok else 1
