@@ -474,7 +474,11 @@ class Process:
                 sub.exclusive, sub.dead_arguments,
             )
         except ConnectionLost:
-            return  # back in the poison queue
+            # Back in the poison queue: with its connection, or given back here when the
+            # connection lost was the container's (a no-op when it was its own).
+            if not delivery.settled:
+                delivery.nack(requeue=True)
+            return
         except Exception:
             self.log.failure("{proc!r}: could not dead-letter {key!r}; it stays in "
                              "{queue}.poison", proc=self, key=given.routing_key, queue=sub.queue)
