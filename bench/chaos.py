@@ -222,6 +222,9 @@ async def soak(reactor, args, run, brokers):
         behind = max(behind, len(fed) - (len(flow.collector.ok) - probed))
         if time.monotonic() >= next_sample:
             samples.append((time.monotonic() - started, rss_mb(pid)))
+            if args.rss_log:
+                with open(args.rss_log, "a") as f:
+                    f.write(f"{samples[-1][0]:.0f} {samples[-1][1]:.2f} {behind}\n")
             next_sample += SAMPLE_INTERVAL
         await task.deferLater(reactor, 1, lambda: None)
     load_end = os.getloadavg()[0]
@@ -261,6 +264,8 @@ def parse(argv):
                         "that they are full, at their steady size, before the window)")
     parser.add_argument("--trace", metavar="DIR",
                         help="soak: trace the pump's memory, a snapshot a minute into DIR")
+    parser.add_argument("--rss-log", metavar="FILE",
+                        help="soak: append each sample to FILE (seconds, RSS MB, files behind)")
     parser.add_argument("--compare", metavar="DIR",
                         help="print what grew between the first and last snapshot in DIR")
     parser.add_argument("--timeout", type=float, default=600.0,
