@@ -21,8 +21,9 @@ dead-lettered; no temporary file left) and one line printed:
 (`accounting=FAILED: <why>` and exit status 1 when a check fails.)
 
 Soak: the same pump, first timed on a burst of `--probe-files` files (its maximum rate), then
-fed for `--minutes` at half that rate (files appear in the polled tree every second; each one
-reported is removed from source and destination, so the disk stays small), with `--dup-ttl`
+fed for `--minutes` at half that rate (a batch of files appears in the polled tree every
+second, in a directory of its own; once all of a batch is reported, its directories are
+removed from source and destination, so the trees keep a steady size), with `--dup-ttl`
 300 s (the caches of keys seen then reach their steady size before the window: with the
 default hour they would grow, as designed, through a 30-minute run). The pump's RSS
 (VmRSS of the twistd child) is sampled every 10 s; the slope of a least-squares line through
@@ -30,9 +31,13 @@ the samples of the last 20 minutes (of the last two thirds of a shorter run) mus
 1 MB per 10 minutes:
 
     soak minutes=30 rate_files_per_s=... max_files_per_s=... files=... rss_start_mb=...
-        rss_end_mb=... slope_mb_per_10min=... window_min=20.0 result=ok
+        rss_end_mb=... slope_mb_per_10min=... window_min=20.0 samples=... most_behind=...
+        load=.../... result=ok
 
-(`result=FAILED` and exit status 1 above the limit, or when a file is not reported.)
+(`result=FAILED` and exit status 1 above the limit, or when a file is not reported;
+`most_behind`: the most files fed and not yet reported at once; `load`: the machine's
+1-minute load average when the feed started and ended: a machine busier than during the
+probe lowers the rate the pump can keep below the one it is fed at.)
 """
 
 import argparse
@@ -142,10 +147,50 @@ def slope_per_10_minutes(samples):
     return cov / var * 600
 
 
+def trace_env(directory):
+    """The environment that makes the pump child trace its memory into C{directory}
+    (C{bench/memtrace/sitecustomize.py})."""
+    os.makedirs(directory, exist_ok=True)
+    hook = os.path.join(ROOT, "bench", "memtrace")
+    return {"ION_MEMTRACE": os.path.abspath(directory), "PYTHONPATH": f"{hook}:{ROOT}"}
+
+
+def compare(directory, top=25):
+    """Print what grew between the first and the last snapshot of a traced soak."""
+    import json
+    import tracemalloc
+
+    snaps = sorted(f for f in os.listdir(directory) if f.startswith("snap-"))
+    if len(snaps) < 2:
+        print(f"chaos: fewer than two snapshots in {directory}", file=sys.stderr)
+        return 1
+    first, last = (os.path.join(directory, snaps[i]) for i in (0, -1))
+    old = tracemalloc.Snapshot.load(first)
+    new = tracemalloc.Snapshot.load(last)
+    print(f"{snaps[0]} -> {snaps[-1]}")
+    for kind in ("lineno", "traceback"):
+        print(f"-- growth by {kind}")
+        for stat in new.compare_to(old, kind)[: top if kind == "lineno" else 8]:
+            if stat.size_diff <= 0:
+                continue
+            print(f"{stat.size_diff / 1024:+10.1f} KiB {stat.count_diff:+8d} blocks  "
+                  f"{stat.size / 1024:10.1f} KiB total")
+            for line in stat.traceback.format()[-(2 if kind == "lineno" else 16):]:
+                print("    " + line)
+    types = sorted(f for f in os.listdir(directory) if f.startswith("types-"))
+    with open(os.path.join(directory, types[0])) as f:
+        before = json.load(f)
+    with open(os.path.join(directory, types[-1])) as f:
+        after = json.load(f)
+    grown = sorted(((after[k] - before.get(k, 0), k) for k in after), reverse=True)
+    print("-- live objects by type: " + ", ".join(f"{k} {d:+d}" for d, k in grown[:top] if d > 0))
+    return 0
+
+
 async def soak(reactor, args, run, brokers):
     flow = ChaosFlow(
         run, brokers, args.probe_files, 1, f"benchsoak{os.getpid()}", before_start=1,
-        dup_ttl=args.dup_ttl,
+        dup_ttl=args.dup_ttl, child_env=trace_env(args.trace) if args.trace else None,
     )
     await flow.set_up()
     began = time.monotonic()
@@ -153,28 +198,36 @@ async def soak(reactor, args, run, brokers):
     max_rate = args.probe_files / (time.monotonic() - began)
     rate = max(1, int(max_rate / 2))
     pid = flow.children[-1].proc.pid
-    samples, fed, removed, index = [], {}, set(), 0
+    samples, fed, batches, index, behind = [], set(), {}, 0, 0
+    load_start = os.getloadavg()[0]
+    probed = len(flow.collector.ok)
     started = time.monotonic()
     deadline = started + args.minutes * 60
     next_sample = started
     while time.monotonic() < deadline:
         batch = make_files(index, rate)
-        batch = {f"soak/{index:07d}/{path}": data for path, data in batch.items()}
-        index += 1
+        top = f"soak/{index:07d}"
+        batch = {f"{top}/{path}": data for path, data in batch.items()}
         put_files(flow.src, flow.staging, batch)
-        fed.update(dict.fromkeys(batch))
-        done = [p for p in flow.collector.ok if p in fed and p not in removed]
-        for path in done:
+        fed.update(batch)
+        batches[top] = set(batch)
+        index += 1
+        # A batch all reported goes, directories too: the trees keep a steady size (a tree
+        # growing by 16 directories a second is not the steady state the soak measures).
+        for top in [top for top, paths in batches.items() if paths <= flow.collector.ok]:
+            del batches[top]
             for root in (flow.src, flow.dest):
-                try:
-                    os.remove(os.path.join(root, *path.split("/")))
-                except FileNotFoundError:
-                    pass
-            removed.add(path)
+                shutil.rmtree(os.path.join(root, *top.split("/")), ignore_errors=True)
+        # Files fed and not reported yet: a pump that cannot keep up (a busy machine) shows here.
+        behind = max(behind, len(fed) - (len(flow.collector.ok) - probed))
         if time.monotonic() >= next_sample:
             samples.append((time.monotonic() - started, rss_mb(pid)))
+            if args.rss_log:
+                with open(args.rss_log, "a") as f:
+                    f.write(f"{samples[-1][0]:.0f} {samples[-1][1]:.2f} {behind}\n")
             next_sample += SAMPLE_INTERVAL
         await task.deferLater(reactor, 1, lambda: None)
+    load_end = os.getloadavg()[0]
     missing = set(fed) - flow.collector.ok
     waited = time.monotonic()
     while missing and time.monotonic() - waited < args.timeout:
@@ -189,7 +242,7 @@ async def soak(reactor, args, run, brokers):
         f"soak minutes={args.minutes:g} rate_files_per_s={rate} max_files_per_s={max_rate:.1f} "
         f"files={len(fed)} rss_start_mb={samples[0][1]:.1f} rss_end_mb={samples[-1][1]:.1f} "
         f"slope_mb_per_10min={slope:.2f} window_min={window / 60:.1f} samples={len(recent)} "
-        f"result={result}"
+        f"most_behind={behind} load={load_start:.1f}/{load_end:.1f} result={result}"
     )
     flow.children[-1].stop()
     return 0 if ok else 1
@@ -209,6 +262,12 @@ def parse(argv):
     parser.add_argument("--dup-ttl", type=float, default=300.0,
                         help="soak: seconds the duplicate caches keep a key (default 300, so "
                         "that they are full, at their steady size, before the window)")
+    parser.add_argument("--trace", metavar="DIR",
+                        help="soak: trace the pump's memory, a snapshot a minute into DIR")
+    parser.add_argument("--rss-log", metavar="FILE",
+                        help="soak: append each sample to FILE (seconds, RSS MB, files behind)")
+    parser.add_argument("--compare", metavar="DIR",
+                        help="print what grew between the first and last snapshot in DIR")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds to wait for the files of a phase")
     args = parser.parse_args(argv)
@@ -221,6 +280,8 @@ def parse(argv):
 
 def main(argv=None):
     args = parse(argv)
+    if args.compare:
+        sys.exit(compare(args.compare))
     base = tempfile.mkdtemp(prefix="ion-chaos-")
     brokers = start_brokers(args.cluster)
     run = Run(base)

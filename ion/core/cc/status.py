@@ -70,6 +70,12 @@ def _bytes(stats):
     return stats.get("bytes_received", stats.get("bytes", 0)) or 0
 
 
+def counts(stats):
+    """What the history keeps of a worker's stats: C{(done, bytes, is a consumer)} (one that
+    delivers files: its stats have C{delivered})."""
+    return _done(stats), _bytes(stats), "delivered" in stats
+
+
 def _state(state, stats, now):
     """A worker's state as shown: C{down} when its heartbeat (C{stats['heartbeat']}, a dict
     with C{due}) is past due at C{now} or its link (C{stats['link']}) is down."""
@@ -89,7 +95,9 @@ class Sampler:
         self.process = process
         self.container = process.container
         self.keep = keep
-        self.samples = collections.deque()  # (time, {process name: stats})
+        # (time, {process name: counts(stats)}): an hour of them, at most a few hundred KB.
+        self.samples = collections.deque()
+        self.latest = {}  # {process name: stats} of the last sample, in full
         self.started = self.container.clock.seconds()
         self._loop = None
 
@@ -121,7 +129,10 @@ class Sampler:
         now = self.container.clock.seconds()
         taken = {p.name: stats for p, (ok, stats) in zip(workers, answers)
                  if ok and isinstance(stats, dict)}
-        self.samples.append((now, taken))
+        # The history keeps counts only: an hour of whole stats (each worker's transfers,
+        # failures, sources...) grew the container by megabytes through its first hour.
+        self.latest = taken
+        self.samples.append((now, {name: counts(stats) for name, stats in taken.items()}))
         while self.samples and self.samples[0][0] < now - self.keep:
             self.samples.popleft()
         metrics = self.container.metrics
@@ -144,9 +155,9 @@ class Sampler:
         if start_time == end_time:
             start_time, start = kept[-2]
         elapsed = end_time - start_time
-        files, size = _done(end) - _done(start), _bytes(end) - _bytes(start)
+        files, size = end[0] - start[0], end[1] - start[1]
         if files < 0 or size < 0:  # restarted: counting from zero again
-            files, size = _done(end), _bytes(end)
+            files, size = end[0], end[1]
         return files / elapsed, size / elapsed
 
     def status(self):
@@ -154,7 +165,7 @@ class Sampler:
         container = self.container
         now = container.clock.seconds()
         tree = process_tree(container)
-        latest = self.samples[-1][1] if self.samples else {}
+        latest = self.latest
         rows = []
         for row in tree:
             stats = latest.get(row["name"])
@@ -190,11 +201,11 @@ class Sampler:
         """The pump page's data: the workers' rows and stats, an hour of total rates, reports
         by code, the last 50 failures, the retry queues and the transfers under way."""
         status = self.status()
-        latest = self.samples[-1][1] if self.samples else {}
+        latest = self.latest
         history, before = [], None
         for t, taken in self.samples:
-            totals = (t, sum(_done(s) for s in taken.values() if "delivered" in s),
-                      sum(_bytes(s) for s in taken.values() if "delivered" in s))
+            totals = (t, sum(done for done, _, consumer in taken.values() if consumer),
+                      sum(size for _, size, consumer in taken.values() if consumer))
             if before is not None and t > before[0]:
                 elapsed = t - before[0]
                 history.append([t, max(totals[1] - before[1], 0) / elapsed,

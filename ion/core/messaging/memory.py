@@ -14,8 +14,9 @@ Queue arguments (L{QUEUE_ARGUMENTS}) are kept as RabbitMQ keeps them: a quorum q
 the returns of each message (nack with requeue, a consumer cancelled or a connection closed
 while holding it), marks a redelivery with the C{x-delivery-count} header, and past its
 C{x-delivery-limit} dead-letters the message (through C{x-dead-letter-exchange} with
-C{x-dead-letter-routing-key}, with the C{x-first-death-*} headers) or drops it when it has
-no dead-letter exchange; a message nacked without requeue is dead-lettered the same way.
+C{x-dead-letter-routing-key}, with the C{x-first-death-*} and C{x-death} headers) or drops
+it when it has no dead-letter exchange; a message nacked without requeue is dead-lettered
+the same way.
 
 What it does not do: persistence (C{durable} is recorded only: everything dies with the
 process), message TTL (C{expiration} is carried but not enforced). So
@@ -483,6 +484,14 @@ class MemoryBroker:
         headers.setdefault("x-first-death-reason", reason)
         headers.setdefault("x-first-death-queue", queue.name)
         headers.setdefault("x-first-death-exchange", message.exchange)
+        # The deaths so far, newest first, with where the message was published (RabbitMQ's
+        # x-death, less its time stamp).
+        deaths = [d for d in headers.get("x-death", []) if isinstance(d, dict)]
+        deaths.insert(0, {
+            "count": 1, "reason": reason, "queue": queue.name, "exchange": message.exchange,
+            "routing-keys": [message.routing_key],
+        })
+        headers["x-death"] = deaths
         for target in exchange.route(key):
             target.put(
                 _Message(

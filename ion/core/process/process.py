@@ -100,22 +100,93 @@ def queue_type_for(asked, cluster):
     return asked
 
 
+# The queue a quorum queue dead-letters to by itself (a message returned more than its
+# delivery limit: its process died holding it each time): C{<queue>.poison}. The process
+# consuming the queue also consumes that one and moves each message to C{<queue>.dead}, with a
+# reason, telling its C{on_dead_letter} hook (L{ion.core.process.Process.subscribe}).
+POISON_SUFFIX = ".poison"
+# Returns of a message of a poison queue before it is dropped (should moving it kill its
+# process each time); more than the queue's own limit, which a message reaches by the
+# processes that die or stop holding it, possibly while it is on its way to the poison queue.
+POISON_DELIVERY_LIMIT = 20
+
+
 def queue_arguments(queue, queue_type, delivery_limit):
-    """C{(arguments of queue, arguments of <queue>.dead)} for a shared durable queue of
-    C{queue_type}: a quorum queue gives up a message returned more than C{delivery_limit}
-    times (the process gave it back, or died holding it) and dead-letters it to
-    C{<queue>.dead}, itself a quorum queue; a classic queue has no arguments."""
+    """C{(arguments of queue, arguments of <queue>.dead, arguments of <queue>.poison)} for a
+    shared durable queue of C{queue_type}: a quorum queue gives up a message returned more
+    than C{delivery_limit} times (the process gave it back, or died holding it) and
+    dead-letters it to C{<queue>.poison}, a quorum queue that itself drops a message returned
+    more than L{POISON_DELIVERY_LIMIT} times (nothing loops forever); C{<queue>.dead} is a
+    quorum queue too. A classic queue has no arguments (and no poison queue: None)."""
     if queue_type != "quorum":
-        return {}, {}
+        return {}, {}, None
     return (
         {
             QUEUE_TYPE: "quorum",
             DELIVERY_LIMIT: delivery_limit,
             DEAD_LETTER_EXCHANGE: "",
-            DEAD_LETTER_ROUTING_KEY: f"{queue}.dead",
+            DEAD_LETTER_ROUTING_KEY: f"{queue}{POISON_SUFFIX}",
         },
         {QUEUE_TYPE: "quorum"},
+        {QUEUE_TYPE: "quorum", DELIVERY_LIMIT: POISON_DELIVERY_LIMIT},
     )
+
+
+def given_up(delivery):
+    """C{(exchange, routing key)} a message taken from a poison queue was first published
+    with, from the headers the broker added when it dead-lettered it (C{x-death}, else the
+    C{x-first-death-exchange}); the delivery's own where the headers say nothing usable."""
+    headers = delivery.properties.headers or {}
+    exchange, key = headers.get("x-first-death-exchange"), None
+    deaths = headers.get("x-death")
+    if isinstance(deaths, (list, tuple)) and deaths and isinstance(deaths[-1], dict):
+        first = deaths[-1]  # the newest death first: the last is the first one
+        exchange = first.get("exchange", exchange)
+        keys = first.get("routing-keys")
+        if isinstance(keys, (list, tuple)) and keys:
+            key = keys[0]
+    if isinstance(exchange, bytes):
+        exchange = exchange.decode("utf-8", "replace")
+    if isinstance(key, bytes):
+        key = key.decode("utf-8", "replace")
+    if not isinstance(exchange, str):
+        exchange = delivery.exchange
+    if not isinstance(key, str):
+        key = delivery.routing_key
+    return exchange, key
+
+
+class GivenUp:
+    """A message taken from a poison queue, seen as the message its queue gave up: the
+    exchange and routing key it was first published with (L{given_up}), returned
+    C{returns} times (its C{x-delivery-count}); settling it settles the poison queue's
+    delivery."""
+
+    def __init__(self, delivery, returns):
+        self._delivery = delivery
+        self.body = delivery.body
+        self.exchange, self.routing_key = given_up(delivery)
+        props = delivery.properties
+        self.properties = Properties(
+            content_type=props.content_type,
+            delivery_mode=props.delivery_mode,
+            message_id=props.message_id,
+            user_id=props.user_id,
+            headers={**(props.headers or {}), DELIVERY_COUNT: returns},
+            timestamp=props.timestamp,
+            expiration=props.expiration,
+        )
+        self.redelivered = True
+
+    @property
+    def settled(self):
+        return self._delivery.settled
+
+    def ack(self):
+        self._delivery.ack()
+
+    def nack(self, requeue=True):
+        self._delivery.nack(requeue)
 
 
 def returns_of(delivery):
@@ -200,8 +271,10 @@ class Process:
 
     def on_dead_letter(self, delivery, reason):
         """A message of a subscription failed for good and is now in C{<queue>.dead} (see
-        L{subscribe}); C{reason} is the handler's error. Sync or async; the message is acked
-        once this returns. Override to tell someone (a failure report)."""
+        L{subscribe}); C{reason} is the handler's error, or says that the quorum queue gave
+        the message up (its C{routing_key} then the one it was published with). Sync or
+        async; the message is acked once this returns. Override to tell someone (a failure
+        report)."""
 
     def stop_timeout(self):
         """Seconds the work in hand (ops, deliveries, tracked work) gets to finish when the
@@ -427,10 +500,13 @@ class Process:
         A named durable queue that is neither exclusive nor auto-delete is shared: its
         C{queue_type} (default config C{ion.core.messaging: queue_type}, 'auto': quorum when
         the broker URL names several hosts, else classic) may be 'quorum', replicated on a
-        RabbitMQ cluster, which also dead-letters to C{<queue>.dead} a message returned more
-        than C{delivery_limit} times (default config C{delivery_limit}, 10): a message that
-        kills its process each time cannot loop forever. A queue that exists with another
-        type is a ValueError naming it (nothing is changed on the broker).
+        RabbitMQ cluster, which also dead-letters to C{<queue>.poison} a message returned
+        more than C{delivery_limit} times (default config C{delivery_limit}, 10): a message
+        that kills its process each time cannot loop forever. The process consumes
+        C{<queue>.poison} too: each message there is moved to C{<queue>.dead} (as below, its
+        C{dead-exchange} and C{dead-routing-key} those it was first published with), then
+        C{on_dead_letter} runs, then it is acked. A queue that exists with another type is
+        a ValueError naming it (nothing is changed on the broker).
 
         The process owns the rest. A handler that raises (or whose awaitable fails) before settling
         its message gets it back (requeued, C{redelivered} set) until it was returned
@@ -453,7 +529,7 @@ class Process:
         auto_delete = unnamed if auto_delete is None else auto_delete
         sub = _Subscription(queue, durable, exclusive)
         transport = transport or self.container.messenger.transport
-        arguments = dead = None
+        arguments = poison = poison_arguments = None
         if durable and not exclusive and not auto_delete:  # shared
             if queue_type is None:
                 queue_type = self.config("queue_type", "auto", module=MESSAGING)
@@ -462,13 +538,15 @@ class Process:
                     "delivery_limit", DEFAULT_DELIVERY_LIMIT, module=MESSAGING
                 )
             kind = queue_type_for(queue_type, getattr(transport, "cluster", False))
-            arguments, sub.dead_arguments = queue_arguments(queue, kind, delivery_limit)
-            if kind == "quorum":  # it dead-letters to <queue>.dead, declared first
+            arguments, sub.dead_arguments, poison_arguments = queue_arguments(
+                queue, kind, delivery_limit
+            )
+            if kind == "quorum":  # it dead-letters to <queue>.poison, declared first
                 sub.delivery_limit = delivery_limit
-                dead = f"{queue}.dead"
+                poison = f"{queue}{POISON_SUFFIX}"
         try:
-            if dead is not None:
-                await transport.declare_queue(dead, durable=True, arguments=sub.dead_arguments)
+            if poison is not None:
+                await transport.declare_queue(poison, durable=True, arguments=poison_arguments)
             await transport.declare_queue(
                 queue, durable=durable, exclusive=exclusive, auto_delete=auto_delete,
                 arguments=arguments,
@@ -484,7 +562,59 @@ class Process:
                 f"with it) or ask for its present type"
             ) from None
         self._subscriptions.append(sub)
+        if poison is not None:
+            buried = _Subscription(poison, True, False)
+            buried.consumer = await transport.consume(
+                poison, self._poison_handler(sub), prefetch=prefetch
+            )
+            self._subscriptions.append(buried)
         return sub.consumer
+
+    def _poison_handler(self, sub):
+        def deliver(delivery):
+            if not self._draining:
+                self._hold(defer.Deferred.fromCoroutine(self._bury(delivery, sub)))
+
+        return deliver
+
+    async def _bury(self, delivery, sub):
+        """A message the quorum queue of C{sub} gave up by itself (returned more than its
+        delivery limit: its process died holding it, or gave it back, each time), taken from
+        C{<queue>.poison}: moved to C{<queue>.dead} with a reason, C{on_dead_letter} told,
+        then acked. Told once: a crash before the ack tells again (the hook's reports are
+        known by their id)."""
+        given = GivenUp(delivery, sub.delivery_limit)
+        reason = (
+            f"the broker gave it up after it was returned more than {sub.delivery_limit} "
+            f"times (delivery_limit): its consumer died or gave it back each time"
+        )
+        self.log.warn(
+            "{proc!r}: message {key!r} of {queue} {reason}; moving it to {queue}.dead",
+            proc=self,
+            key=given.routing_key,
+            queue=sub.queue,
+            reason=reason,
+        )
+        try:
+            await self._dead_letter(given, sub, reason)
+        except ConnectionLost:
+            # Back in the poison queue: with its connection, or given back here when the
+            # connection lost was the container's (a no-op when it was its own).
+            if not delivery.settled:
+                delivery.nack(requeue=True)
+            return
+        except Exception:
+            self.log.failure("{proc!r}: could not dead-letter {key!r}; it stays in "
+                             "{queue}.poison", proc=self, key=given.routing_key, queue=sub.queue)
+            if not delivery.settled:
+                delivery.nack(requeue=True)  # counted: dropped past the limit
+            return
+        try:
+            await _maybe_await(self.on_dead_letter(given, reason))
+        except Exception:
+            self.log.failure("{proc!r}: on_dead_letter failed", proc=self)
+        if not delivery.settled:
+            delivery.ack()
 
     def _delivery_handler(self, handler, sub):
         consumed, key = self.container.metrics.consumed, (self.name,)

@@ -31,6 +31,7 @@ from twisted.internet import defer, reactor, task, threads
 
 from ion.apps.pump.transfer.inflight import INFLIGHT_SUFFIX, SWEEP_MIN_AGE
 from ion.core.cc.testing import make_container
+from ion.core.messaging.transport import NotFound
 from ion.core.process import Process
 from tests.apps.pump.fixtures import delete_queues, until
 from tests.apps.pump.test_crash import PumpChild
@@ -53,7 +54,7 @@ class Asker(Process):
 def queue_counts(node):
     """{queue: (ready, unacked)} on a node (of a cluster: the whole cluster's queues)."""
     out = node.ctl("list_queues", "--no-table-headers", "name", "messages_ready",
-                   "messages_unacknowledged", timeout=60)
+                   "messages_unacknowledged", timeout=180)
     counts = {}
     for line in out.splitlines():
         fields = line.split()
@@ -65,7 +66,7 @@ def queue_counts(node):
 def connected_node(brokers, user):
     """The node of a cluster holding `user`'s connections (the pump's)."""
     node = brokers.running_node()
-    out = node.ctl("list_connections", "--no-table-headers", "user", "port", timeout=60)
+    out = node.ctl("list_connections", "--no-table-headers", "user", "port", timeout=180)
     ports = {fields[1] for fields in map(str.split, out.splitlines())
              if len(fields) == 2 and fields[0] == user}  # port: the node's AMQP port
     for candidate in brokers.nodes:
@@ -78,8 +79,10 @@ class ChaosFlow:
     """One pump flow of `count` files on `brokers` (a PrivateBroker or a PrivateCluster);
     `testcase` gives `mktemp` and `addCleanup` (trial's, or the bench's stand-in)."""
 
-    def __init__(self, testcase, brokers, count, seed, tag, before_start=0.6, dup_ttl=None):
+    def __init__(self, testcase, brokers, count, seed, tag, before_start=0.6, dup_ttl=None,
+                 child_env=None):
         self.testcase = testcase
+        self.child_env = child_env  # more environment of the pump's process
         self.brokers = brokers
         self.cluster = isinstance(brokers, PrivateCluster)
         self.url = brokers.url  # the pump logs in as guest
@@ -112,7 +115,8 @@ class ChaosFlow:
             f"q_xreport-{tag}.report_router",
             f"q_{tag}.{tag}.report_router.sent",
         ]
-        self.dead_queues = [f"{q}.dead" for q in self.queues]
+        # Dead letters: the processes' own, and those the quorum queues gave up.
+        self.dead_queues = [f"{q}.{kind}" for q in self.queues for kind in ("dead", "poison")]
         self.collector_queue = f"q_{tag}.test.reports"
         self.children = []
         self.collector = self.asker = None
@@ -147,7 +151,9 @@ class ChaosFlow:
 
     def start_child(self):
         log_path = os.path.join(self.base, "pump.log")
-        child = PumpChild(self.url, self.tag, self.app_path, self.base, log_path)
+        child = PumpChild(
+            self.url, self.tag, self.app_path, self.base, log_path, env=self.child_env
+        )
         self.children.append(child)
         return threads.deferToThread(child.wait_ready)
 
@@ -205,10 +211,28 @@ class ChaosFlow:
         self.kills[kind.split()[0]] += 1
         self.log.append((round(at, 1), reported, kind))
 
+    async def ready_counts(self):
+        """{queue: messages ready} of the pump's queues (0: none, or no such queue), asked
+        over AMQP: milliseconds, where a `rabbitmqctl` is an Erlang VM started (seconds of
+        CPU on a busy machine, a minute at worst)."""
+        counts = {}
+        for queue in self.queues + self.dead_queues:
+            try:
+                counts[queue] = await self.asker.queue_depth(queue)
+            except NotFound:
+                counts[queue] = 0
+        return counts
+
     async def queues_settled(self, timeout=60):
+        """Wait until no message is ready in any pump queue (over AMQP), then until the
+        broker's own counts (`rabbitmqctl`) say none is ready or unacknowledged either."""
         node = self.brokers.running_node() if self.cluster else self.brokers
         wanted = self.queues + self.dead_queues
         seen = {}
+
+        async def none_ready():
+            seen.update(await self.ready_counts())
+            return not any(seen.values())
 
         async def settled():
             counts = await threads.deferToThread(queue_counts, node)
@@ -216,6 +240,7 @@ class ChaosFlow:
             return all(counts.get(q, (0, 0)) == (0, 0) for q in wanted)
 
         try:
+            await until(none_ready, timeout=timeout, interval=0.2)
             await until(settled, timeout=timeout, interval=1)
         except AssertionError:
             raise AssertionError(f"messages left in the pump's queues: {seen}") from None

@@ -34,6 +34,7 @@ from ion.apps.pump.transfer.limits import MinRate
 from ion.core.app.appfile import read_app
 from ion.core.cc.testing import make_container
 from ion.core.messaging.memory import MemoryBroker
+from ion.core.process import returns_of
 from tests.apps.pump.fixtures import (
     Collector,
     MTIME,
@@ -41,6 +42,7 @@ from tests.apps.pump.fixtures import (
     file_url,
     notice_fields,
     quiet,
+    topic,
     unblock_after,
     until,
     write_source,
@@ -873,6 +875,40 @@ class ConsumerScenarios:
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
         await self.settle()
         await self.until_counts(1, 0, queue=dead)
+        self.assertEqual(self.consumer.stats["failures"], {"500": 1})
+        self.assertEqual(self.dest_files(), [])
+
+    async def test_given_up_by_its_quorum_queue_is_reported_once(self):
+        """A notice whose consumer dies holding it each time is given up by the subscription's
+        quorum queue once returned more than `delivery_limit` times; a consumer of the
+        subscription then moves it to the `.dead` queue and its source gets one 500 report
+        saying so, with the notice's topic. Nothing is fetched; nothing is left unsettled."""
+        c = await self.pump(queue_type="quorum", delivery_limit=1)
+        queue = self.consumer_queue
+        self.durable_queues.update((f"{queue}.dead", f"{queue}.poison"))
+        await self.consumer.terminate()
+        await self.post_file("poison/f.dat", b"x")
+        for returns in (0, 1):  # taken and abandoned, as by a consumer killed holding it
+            taken = []
+            consumer = await c.transport.consume(queue, taken.append)
+            await until(lambda: taken, what="the notice")
+            self.assertEqual(returns_of(taken[0]), returns)
+            await consumer.cancel()
+        await self.until_counts(1, 0, queue=f"{queue}.poison")
+        self.assertEqual(self.reports(), [])
+
+        self.consumer = await self.spawn_consumer(c, queue_type="quorum", delivery_limit=1)
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["code"], 500)
+        self.assertEqual(report["relPath"], "poison/f.dat")
+        self.assertIn(f"failed 2 times, moved to {queue}.dead: the broker gave it up after it "
+                      f"was returned more than 1 times (delivery_limit)",
+                      report["report"]["message"])
+        self.assertEqual([key for exchange, key, _ in self.collector.got if exchange == "xr_alice"],
+                         [topic("poison/f.dat")])
+        await self.until_counts(1, 0, queue=f"{queue}.dead")
+        await self.settle(f"{queue}.poison")
+        await self.settle()
         self.assertEqual(self.consumer.stats["failures"], {"500": 1})
         self.assertEqual(self.dest_files(), [])
 

@@ -42,14 +42,14 @@ _tags = itertools.count(1)
 class PumpChild:
     """`twistd -n cc <app>` as a child process; its output goes to `log_path`."""
 
-    def __init__(self, url, sysname, app_path, cwd, log_path):
+    def __init__(self, url, sysname, app_path, cwd, log_path, env=None):
         cmd = [*TWISTD, "--pidfile=", "-n", "cc", "--no-shell", "--broker", url, "-s", sysname, app_path]
         self.log_path = log_path
         self._log = open(log_path, "a")
         self.proc = subprocess.Popen(
             cmd,
             cwd=cwd,
-            env=dict(os.environ, PYTHONPATH=ROOT),
+            env={**os.environ, "PYTHONPATH": ROOT, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -9,7 +9,7 @@ import socket
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from ion.core.cc.status import _state, Sampler, human, status_table
+from ion.core.cc.status import _state, Sampler, counts, human, status_table
 from tests.broker import get_broker
 from tests.core.cc.console import RunningPump, drop_queues, get_json
 from tests.core.cc.test_cli import run_cli
@@ -151,7 +151,9 @@ class RatesTests(unittest.SynchronousTestCase):
     def test_last_minute(self):
         """Rates are taken over the last minute of samples; a restarted worker (its counts
         went down) counts from zero; one sample is not enough to tell."""
-        stats = lambda n, size: {"c": {"delivered": n, "bytes_received": size}}  # noqa: E731
+        def stats(n, size):
+            return {"c": counts({"delivered": n, "bytes_received": size})}
+
         sampler = self.sampler([(0, stats(0, 0)), (50, stats(100, 1000)),
                                 (100, stats(160, 7000)), (110, stats(170, 8000))])
         self.assertEqual(sampler._rates("c"), (70 / 60, 7000 / 60))

@@ -14,6 +14,7 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from ion.core.messaging.memory import MemoryBroker, MemoryTransport, topic_matches
+from ion.core.process.process import given_up
 from ion.core.messaging.transport import (
     HEADER_DEPTH,
     ConnectionLost,
@@ -687,6 +688,8 @@ class TransportSemantics:
         self.assertEqual(buried.properties.headers["k"], "v")
         self.assertEqual(buried.properties.headers["x-first-death-queue"], name)
         self.assertEqual(buried.properties.headers["x-first-death-reason"], "delivery_limit")
+        # Where it was published, as the process that moves it to its .dead queue reads it.
+        self.assertEqual(given_up(buried), ("", name))
         self.assertEqual(await t.queue_depth(name), 0)
 
     async def test_quorum_redeclare_and_mismatch(self):

@@ -11,6 +11,7 @@ from twisted.trial import unittest
 
 from ion.core.cc.testing import make_container, test_config
 from ion.core.messaging.memory import MemoryBroker
+from ion.core.messaging.transport import NotFound
 from ion.core.process import ConnectionLost, Process
 from tests.broker import get_broker
 from tests.waiting import until
@@ -61,7 +62,7 @@ class SubscribeScenarios:
         self.queue = self.name("q_sub")
         proc = await self.c.spawn(Subscriber)
         proc.queue = self.queue
-        for queue in (self.queue, f"{self.queue}.dead"):
+        for queue in (self.queue, f"{self.queue}.dead", f"{self.queue}.poison"):
             self.addCleanup(self.delete_queue, queue)
         await proc.subscribe(
             self.exchange, ["#"], proc._on_delivery, queue=self.queue, durable=durable, **options
@@ -286,7 +287,9 @@ class SubscribeScenarios:
 
     async def test_quorum_message_that_kills_its_consumer(self):
         """A message whose consumer dies holding it every time (the process never gets to
-        fail it) is dead-lettered by the queue itself once returned more than the limit."""
+        fail it) is given up by the queue itself once returned more than the limit, into
+        `<queue>.poison`; a process of the subscription then moves it to `<queue>.dead` with
+        a reason and the routing key it was published with, and its hook is told, once."""
         proc = await self.start(queue_type="quorum", delivery_limit=2)
         held = []
         proc.handle = held.append
@@ -299,10 +302,36 @@ class SubscribeScenarios:
             await until_true(lambda: taken)
             self.assertEqual(taken[0].properties.headers.get("x-delivery-count"), returns - 1)
             await consumer.cancel()
+        transport = self.c.transport
+        await until_true(lambda: transport.queue_depth(f"{self.queue}.poison"))
+        self.assertEqual(await transport.queue_depth(self.queue), 0)
+        await self.assertFailure(transport.queue_depth(f"{self.queue}.dead"), NotFound)
+
+        second = await self.c.spawn(Subscriber)
+        second.queue = self.queue
+        second.handle = lambda delivery: delivery.ack()
+        await second.subscribe(self.exchange, ["#"], second._on_delivery, queue=self.queue,
+                               queue_type="quorum", delivery_limit=2)
+        await second.dead_lettered
+        reason = ("the broker gave it up after it was returned more than 2 times "
+                  "(delivery_limit): its consumer died or gave it back each time")
+        self.assertEqual(second.dead, [("a.b", reason, False, 1)])
         (dead,) = await self.dead_letters(1)
         self.assertEqual(dead.body, b"killer")
-        self.assertEqual(dead.properties.headers["x-first-death-reason"], "delivery_limit")
-        self.assertEqual(await self.c.transport.queue_depth(self.queue), 0)
+        headers = dead.properties.headers
+        self.assertEqual(headers["x-first-death-reason"], "delivery_limit")
+        self.assertEqual(
+            (headers["dead-reason"], headers["dead-exchange"], headers["dead-routing-key"]),
+            (reason, self.exchange, "a.b"),
+        )
+
+        async def poison_empty():
+            return await transport.queue_depth(f"{self.queue}.poison") == 0
+
+        await until_true(poison_empty)  # acked once the hook returned
+        await second.terminate()
+        self.assertEqual(len(second.dead), 1)
+        self.assertEqual(await transport.queue_depth(self.queue), 0)
 
     async def test_queue_type_mismatch_is_one_clear_error(self):
         """A queue that exists as a classic queue is not silently used as a quorum one: the
