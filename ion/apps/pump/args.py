@@ -578,6 +578,8 @@ class PollArgs(_Named):
     instances = attrs.field(default=1, validator=COUNT)
     shared_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
     single_active = attrs.field(default=False, converter=bool)
+    # What its listings may read from the server, bytes/s (ion.apps.pump.poll).
+    byte_rate_max = attrs.field(default=None, validator=OPTIONAL_RATE)
 
 
 def _watch_base_url(value, self):

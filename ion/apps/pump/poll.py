@@ -45,6 +45,12 @@ With C{announce_removals} (default False), a file announced before and gone from
 (its directory too) is announced as removed, C{fileOp} {remove: ''}, before it is forgotten;
 a poll cannot tell a rename from a removal and a new file.
 
+With C{byte_rate_max} (bytes/s, default None: no limit) the listings keep to that rate
+together (L{ion.apps.pump.transfer.pacing}): the transfer service says how many bytes each
+listing read from the server (index page, LIST/MLSD data, READDIR names; nothing for a local
+directory), the poll spends them from its bucket and, in debt, waits before it lists the next
+directory. A pass may start with a quarter second's worth (64 KiB at least) at once.
+
 A pass still running when the next one is due makes that one skip (counted as C{skipped}).
 Op C{poll} runs a pass now (or waits for the running one) and returns the counters of the
 last pass; op C{stats} returns the totals.
@@ -64,6 +70,7 @@ from ion.apps.pump.journal import DiskQueue
 from ion.apps.pump.notice import Notice, format_time
 from ion.apps.pump.outcome import RecentFailures, classify
 from ion.apps.pump.transfer.inflight import is_inflight_name
+from ion.apps.pump.transfer.pacing import Pacer, take
 from ion.apps.pump.flow import open_flow_broker
 from ion.apps.pump.user import pump_user
 from ion.core.process import Lease, RemoteError, ServiceProcess
@@ -308,6 +315,9 @@ class PollService(ServiceProcess):
                 "will be announced again (files already delivered are skipped as duplicates)",
                 name=self.source,
             )
+        self.pacers = ()
+        if args.byte_rate_max is not None:
+            self.pacers = (Pacer(self.container.clock, args.byte_rate_max),)
         self.stats = dict.fromkeys(
             ("passes", "failed_passes", "skipped", "standby", *_PASS_COUNTERS), 0
         )
@@ -546,12 +556,20 @@ class PollService(ServiceProcess):
         return self.url + (rel_dir + "/" if rel_dir else "")
 
     async def _list(self, rel_dir):
-        return await self.rpc(
-            "transfer",
-            "list",
-            {"url": self._dir_url(rel_dir)},
-            timeout=self.settings["list_timeout"],
+        request = {"url": self._dir_url(rel_dir)}
+        if self.pacers:
+            request["with_bytes"] = True
+        reply = await self.rpc(
+            "transfer", "list", request, timeout=self.settings["list_timeout"]
         )
+        if not self.pacers:
+            return reply
+        entries = reply.get("entries") if isinstance(reply, dict) else None
+        size = reply.get("bytes") if isinstance(reply, dict) else None
+        if not isinstance(entries, list) or type(size) is not int or size < 0:
+            raise ValueError("the transfer service's listing does not say its size in bytes")
+        await take(self.container.clock, self.pacers, size)
+        return entries
 
     async def _directory(self, rel_dir, entries, counts):
         """Announce what changed among one directory's entries; returns its subdirectories."""
