@@ -227,9 +227,10 @@ class Notice:
         """A Notice owning C{fields} (nobody else holds it), legacy key names renamed in place."""
         if not isinstance(fields, dict):
             raise InvalidNotice("message", f"expected a JSON object, got {type(fields).__name__}")
-        for old, new in _LEGACY_KEYS.items():
-            if old in fields and new not in fields:
-                fields[new] = fields.pop(old)
+        if "integrity" in fields or "retPath" in fields:
+            for old, new in _LEGACY_KEYS.items():
+                if old in fields and new not in fields:
+                    fields[new] = fields.pop(old)
         return cls(fields)
 
     @classmethod
@@ -242,7 +243,8 @@ class Notice:
         if isinstance(data, str):
             size = len(data.encode("utf-8", "surrogatepass"))
         else:
-            data = bytes(data)
+            if type(data) is not bytes:
+                data = bytes(data)
             size = len(data)
         if size > max_bytes:
             raise InvalidNotice("message", f"{size} bytes is over the limit of {max_bytes}")
@@ -252,11 +254,20 @@ class Notice:
             except UnicodeDecodeError as e:
                 raise InvalidNotice("message", f"not valid UTF-8 (byte {e.start})") from None
         try:
-            fields = _DECODER.decode(data)
+            # The decoder's scanner at once: a message is one object with nothing around it.
+            # Anything else (whitespace, errors) goes through decode, which says what is wrong.
+            fields, end = _SCAN(data, 0)
+            if end != len(data):
+                fields = _DECODER.decode(data)
         except RecursionError:
             raise InvalidNotice("message", "JSON nested too deeply") from None
-        except ValueError as e:
-            raise InvalidNotice("message", f"not JSON ({e})") from None
+        except (ValueError, StopIteration):
+            try:
+                fields = _DECODER.decode(data)
+            except RecursionError:
+                raise InvalidNotice("message", "JSON nested too deeply") from None
+            except ValueError as e:
+                raise InvalidNotice("message", f"not JSON ({e})") from None
         # Freshly decoded: nobody else holds these objects, so no copy is needed.
         return cls._adopt(fields)
 
@@ -306,10 +317,12 @@ class Notice:
 
         The join puts exactly one C{/} between the two; nothing is percent-encoded.
         """
-        for key in ("baseUrl", "relPath"):
-            _require_string(self._fields, key)
-        base = self.base_url
-        path = self.retrieve_path or self.rel_path
+        fields = self._fields
+        base, rel_path = fields.get("baseUrl"), fields.get("relPath")
+        if type(base) is not str or type(rel_path) is not str or not base or not rel_path:
+            for key in ("baseUrl", "relPath"):
+                _require_string(fields, key)
+        path = fields.get("retrievePath") or rel_path
         if base.endswith("/") and path.startswith("/"):
             return base + path[1:]
         if base.endswith("/") or path.startswith("/"):
@@ -343,7 +356,9 @@ class Notice:
         """Check every known field; return self, or raise InvalidNotice naming the first bad one."""
         fields = self._fields
         for key in ("pubTime", "baseUrl", "relPath"):
-            _require_string(fields, key)
+            value = fields.get(key)
+            if type(value) is not str or not value:
+                _require_string(fields, key)
         _check_time(fields["pubTime"], "pubTime")
         if not _URL_SCHEME.match(fields["baseUrl"]):
             raise InvalidNotice(
@@ -384,6 +399,7 @@ def _refuse_constant(name):
 
 # One decoder for every message (json.loads builds a new one per call when given options).
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+_SCAN = _DECODER.scan_once
 
 
 def _require_string(fields, key):
@@ -435,7 +451,20 @@ def _decode_base64(value):
         return None
 
 
+# The base64 text of an md5 or sha512 digest (16 or 64 bytes: 22 or 86 characters and '=='):
+# what L{_check_identity} accepts for them, told without decoding.
+_DIGEST_TEXT = {
+    "md5": re.compile(r"[A-Za-z0-9+/]{22}==", re.ASCII),
+    "sha512": re.compile(r"[A-Za-z0-9+/]{86}==", re.ASCII),
+}
+
+
 def _check_identity(identity):
+    if type(identity) is dict:
+        digest = _DIGEST_TEXT.get(identity.get("method"))
+        value = identity.get("value")
+        if digest is not None and type(value) is str and digest.fullmatch(value):
+            return
     _require_object("identity", identity, "{method, value}")
     method, value = identity.get("method"), identity.get("value")
     if method not in IDENTITY_METHODS:
