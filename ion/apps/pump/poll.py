@@ -67,7 +67,7 @@ from twisted.internet import defer, task
 from ion.apps.pump import paths
 from ion.apps.pump.args import PollArgs
 from ion.apps.pump.journal import DiskQueue
-from ion.apps.pump.notice import Notice, format_time
+from ion.apps.pump.notice import Notice, format_time, topic_for
 from ion.apps.pump.outcome import RecentFailures, classify
 from ion.apps.pump.transfer.inflight import is_inflight_name
 from ion.apps.pump.transfer.pacing import Pacer, take
@@ -78,6 +78,10 @@ from ion.core.process import Lease, RemoteError, ServiceProcess
 COD = {"method": "cod", "value": "sha512"}
 
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+# A listed name of these characters only, not starting with a dot, passes every check of
+# paths.safe_name and of unfetchable (no '%', '?', '#', ':', '/', '\\', control characters,
+# no '.' or '..', no inflight name, at most 255 bytes): the usual name, told by one regex.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_+=,@~-][A-Za-z0-9_.+=,@~-]{0,254}", re.ASCII)
 _PASS_COUNTERS = (
     "listed",
     "announced",
@@ -575,50 +579,72 @@ class PollService(ServiceProcess):
         """Announce what changed among one directory's entries; returns its subdirectories."""
         now = self.container.clock.seconds()
         min_age = self.settings["min_age"]
+        recursive = self.settings["recursive"]
+        accepts = None if self.filter.accepts_everything else self.filter.accepts
         known = await self.store.directory(rel_dir)
+        prefix = f"{rel_dir}/" if rel_dir else ""
+        room = paths.PATH_MAX_BYTES - len(prefix.encode("utf-8"))
+        plain = _PLAIN_NAME.fullmatch
         present = set()
         subdirs = []
         wanted = []
+        listed = unchanged = 0
         for entry in entries:
-            counts["listed"] += 1
-            name = entry.get("name") if isinstance(entry, dict) else None
-            if isinstance(name, str) and is_inflight_name(name):
-                counts["skipped_entries"] += 1
-                continue
-            rel_path = self._checked(rel_dir, name)
-            if rel_path is None:
-                counts["unsafe"] += 1
-                continue
+            listed += 1
+            name = entry.get("name") if type(entry) is dict else None
+            # The usual name passes every check of _checked at once (see _PLAIN_NAME).
+            if type(name) is str and plain(name) and len(name) <= room:
+                rel_path = prefix + name
+            else:
+                if isinstance(name, str) and is_inflight_name(name):
+                    counts["skipped_entries"] += 1
+                    continue
+                rel_path = self._checked(rel_dir, name)
+                if rel_path is None:
+                    counts["unsafe"] += 1
+                    continue
             kind = entry.get("type")
-            if kind == "dir":
-                if self.settings["recursive"]:
-                    subdirs.append(rel_path)
-                continue
             if kind != "file":
-                counts["skipped_entries"] += 1
+                if kind == "dir":
+                    if recursive:
+                        subdirs.append(rel_path)
+                else:
+                    counts["skipped_entries"] += 1
                 continue
             present.add(name)
-            if not self.filter.accepts(rel_path):
+            if accepts is not None and not accepts(rel_path):
                 counts["rejected"] += 1
                 continue
             size, mtime = entry.get("size"), entry.get("mtime")
             if known.get(name) == (size, mtime):
-                counts["unchanged"] += 1
+                unchanged += 1
                 continue
             if min_age and mtime is not None and now - mtime < min_age:
                 counts["young"] += 1
                 continue
             wanted.append((name, rel_path, entry))
+        counts["listed"] += listed
+        counts["unchanged"] += unchanged
         gone = [name for name in known if name not in present]
         if gone:
             if self.settings.announce_removals:
                 counts["removed"] += await self._announce_removals([(rel_dir, n) for n in gone])
             await self.store.forget(rel_dir, gone)
         size = self.settings["batch"]
-        for start in range(0, len(wanted), size):
-            if self._stopping:
-                break
-            counts["announced"] += await self._announce(rel_dir, wanted[start : start + size])
+        # A batch's rows are written while the next batch is published: each one only once
+        # its own notices are confirmed, the pass on only once all are written.
+        recording = []
+        try:
+            for start in range(0, len(wanted), size):
+                if self._stopping:
+                    break
+                announced, written = await self._announce(rel_dir, wanted[start : start + size])
+                counts["announced"] += announced
+                if written is not None:
+                    recording.append(written)
+        finally:
+            if recording:
+                await defer.gatherResults(recording, consumeErrors=True)
         return subdirs
 
     def _checked(self, rel_dir, name):
@@ -640,10 +666,11 @@ class PollService(ServiceProcess):
             return None
         return rel_path
 
-    def notice_for(self, rel_path, entry, now):
-        """The v03 notice fields announcing the listed file C{entry} at C{rel_path}."""
+    def notice_for(self, rel_path, entry, now, pub_time=None):
+        """The v03 notice fields announcing the listed file C{entry} at C{rel_path}
+        (C{pub_time}: C{now} formatted, when the caller has it)."""
         fields = {
-            "pubTime": format_time(now),
+            "pubTime": pub_time or format_time(now),
             "baseUrl": self.base_url,
             "relPath": rel_path,
         }
@@ -657,14 +684,19 @@ class PollService(ServiceProcess):
         return fields
 
     async def _announce(self, rel_dir, batch):
-        """Publish a batch of notices, then record the confirmed ones; raises PublishFailed
-        after recording them when some were not confirmed. Returns how many were."""
+        """Publish a batch of notices (files of one directory), then record the confirmed
+        ones; raises PublishFailed after recording them when some were not confirmed. Returns
+        how many were, and the Deferred of their recording (None when none was)."""
         now = self.container.clock.seconds()
+        pub_time = format_time(now)
         # Until a publish has declared the exchange, each one of the batch declares it.
         declare = None if self._declared else "topic"
+        topic = topic_for(batch[0][1])  # the files of one directory share it
         results = await defer.DeferredList(
             [
-                defer.Deferred.fromCoroutine(self._publish(rel_path, entry, now, declare))
+                defer.Deferred.fromCoroutine(
+                    self._publish(rel_path, entry, now, declare, topic, pub_time)
+                )
                 for _, rel_path, entry in batch
             ],
             consumeErrors=True,
@@ -674,9 +706,12 @@ class PollService(ServiceProcess):
             for (ok, _), (name, _, entry) in zip(results, batch)
             if ok
         ]
+        written = None
         if confirmed:
             self._declared = True
-            await self.store.record(rel_dir, confirmed)
+            written = self.store.record(rel_dir, confirmed)
+        if not all(ok for ok, _ in results) and written is not None:
+            await written
         for ok, failure in results:
             if not ok:
                 if failure.check(defer.CancelledError):
@@ -684,7 +719,7 @@ class PollService(ServiceProcess):
                 raise PublishFailed(
                     f"cannot publish to {self.exchange}: {failure.getErrorMessage()}"
                 )
-        return len(confirmed)
+        return len(confirmed), written
 
     async def _announce_removals(self, rows):
         """Announce the files [(directory, name)] announced before and gone now as removed
@@ -714,11 +749,11 @@ class PollService(ServiceProcess):
                 )
         return len(notices)
 
-    async def _publish(self, rel_path, entry, now, declare):
-        notice = Notice(self.notice_for(rel_path, entry, now))
+    async def _publish(self, rel_path, entry, now, declare, topic=None, pub_time=None):
+        notice = Notice(self.notice_for(rel_path, entry, now, pub_time))
         await self.publish(
-            self.exchange, notice.topic(), notice.to_json(), persistent=True, declare=declare,
-            transport=self.broker,
+            self.exchange, topic or notice.topic(), notice.to_json(), persistent=True,
+            declare=declare, transport=self.broker,
         )
 
 

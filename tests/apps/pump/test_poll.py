@@ -105,6 +105,26 @@ class ArgsTests(unittest.SynchronousTestCase):
         )["filter"]
         self.assertEqual([ordered.accepts(p) for p in ("keep/x", "other/x")], [True, False])
 
+    def test_plain_names_pass_every_check(self):
+        """The names a poll takes without the full checks (the usual ones, for speed) are
+        names the full checks accept; the others still get them."""
+        import random
+
+        from ion.apps.pump import paths, poll
+
+        rng = random.Random(7)
+        alphabet = "aZ09_.+=,@~-%?#:/\\ \x00\x7fé"
+        names = [".", "..", "-", "C:", ".x.inflight", "a" * 255, "a" * 256, "%2e%2e"]
+        names += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 8)))
+                  for _ in range(20000)]
+        taken = 0
+        for name in names:
+            if poll._PLAIN_NAME.fullmatch(name):
+                taken += 1
+                paths.safe_name(name)
+                self.assertIsNone(unfetchable(name), name)
+        self.assertGreater(taken, 100)
+
     def test_unfetchable(self):
         """Names a URL cannot carry back to the server are recognised."""
         for name in ("a?b", "a#b", "100%41"):
