@@ -96,11 +96,31 @@ class _IndexScanner(HTMLParser):
             self.links[-1][1].append(data)
 
 
+# A link to a direct child, made of characters that urljoin and urlsplit leave alone and not
+# starting with a dot: its URL is the page's URL followed by it (the usual link of an index).
+_CHILD_HREF = re.compile(r"[A-Za-z0-9_~+=,@!$&'()*-][A-Za-z0-9_.~+=,@!$&'()*%-]*/?", re.ASCII)
+# Dates read from index pages: a page repeats them, and strptime is slow.
+_MTIMES = {}
+_MTIMES_KEPT = 4096
+
+
 def _html_mtime(text):
     match = _HTML_DATE.search(text)
     if match is None:
         return None, text
     rest = text[: match.start()] + " " + text[match.end() :]
+    when = match.group()
+    mtime = _MTIMES.get(when)
+    if mtime is None:
+        mtime = _read_date(match)
+        if len(_MTIMES) >= _MTIMES_KEPT:
+            _MTIMES.clear()
+        _MTIMES[when] = mtime
+    return mtime, rest
+
+
+def _read_date(match):
+    """Seconds since the epoch of an L{_HTML_DATE} match, or None when it is no date."""
     try:
         if match.group("iso"):
             clock = match.group("isotime")
@@ -111,9 +131,9 @@ def _html_mtime(text):
             hour, minute, *second = match.group("dmytime").split(":")
             month = _MONTHS[month.title()]
             stamp = (int(year), month, int(day), int(hour), int(minute), int((second or [0])[0]))
-        return float(calendar.timegm(stamp)), rest
+        return float(calendar.timegm(stamp))
     except (ValueError, KeyError):
-        return None, rest
+        return None
 
 
 def _html_size(text):
@@ -142,12 +162,16 @@ def parse_html_index(text, base_url):
     scanner.close()
     entries = {}
     for href, after in scanner.links:
-        target = urlsplit(urljoin(base_url, href.strip()))
-        if (target.scheme, target.netloc) != (base.scheme, base.netloc) or target.query:
-            continue
-        if not target.path.startswith(base.path):
-            continue
-        rest = target.path[len(base.path) :]
+        href = href.strip()
+        if _CHILD_HREF.fullmatch(href):
+            rest = href  # what the general case below finds, without parsing two URLs
+        else:
+            target = urlsplit(urljoin(base_url, href))
+            if (target.scheme, target.netloc) != (base.scheme, base.netloc) or target.query:
+                continue
+            if not target.path.startswith(base.path):
+                continue
+            rest = target.path[len(base.path) :]
         kind = "dir" if rest.endswith("/") else "file"
         rest = rest.rstrip("/")
         name = unquote(rest)
