@@ -24,6 +24,7 @@ LIST times have minute precision at best and are read as UTC.
 import calendar
 import re
 import time
+from html import unescape
 from html.parser import HTMLParser
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -62,6 +63,65 @@ class ListingBuffer:
     def declare(self, size):
         if size > self.limit:
             raise TransferError(f"{self.what} larger than {self.limit} bytes", code=413)
+
+
+# The tags of a page, one match each: comments, declarations and processing instructions
+# (group 1 None), or a start or end tag (group 1 '/' or '', group 2 its name, group 3 its
+# attributes, quoted values kept whole).
+_TAG = re.compile(
+    r"<!--.*?(?:-->|\Z)|<[!?][^>]*>"
+    r"|<(/?)([A-Za-z][^\t\n\r\f />]*)((?:[^>\"']|\"[^\"]*\"|'[^']*')*)>",
+    re.DOTALL,
+)
+_HREF = re.compile(
+    r"""(?:^|[\s/"'])href\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>]+))""", re.IGNORECASE
+)
+
+
+def scan_links(text):
+    """Each link's href with the pieces of text that follow it, up to the next link or the end
+    of its table row (a tag in between counts as a space), as L{_IndexScanner} collects them,
+    read with regular expressions: a few times faster on the pages of a large directory. A
+    page where some C{<} starts no tag those read (broken markup) goes to L{_IndexScanner},
+    whose ways with broken markup are html.parser's."""
+    tags = list(_TAG.finditer(text))
+    if len(tags) != text.count("<"):
+        scanner = _IndexScanner()
+        scanner.feed(text)
+        scanner.close()
+        return scanner.links
+    links = []
+    in_anchor = row_closed = False
+    pos = 0
+    for match in tags:
+        start = match.start()
+        if start > pos and links and not in_anchor and not row_closed:
+            links[-1][1].append(unescape(text[pos:start]))
+        pos = match.end()
+        tag = match.group(2)
+        if tag is None:
+            continue
+        tag = tag.lower()
+        if match.group(1):
+            if tag == "a":
+                in_anchor = False
+            elif tag == "tr":
+                row_closed = True
+            elif links:
+                links[-1][1].append(" ")
+        elif tag == "a":
+            href = _HREF.search(match.group(3))
+            if href is not None:
+                value = href.group(1)
+                if value is None:
+                    value = href.group(2) if href.group(2) is not None else href.group(3)
+                links.append((unescape(value), []))
+                in_anchor, row_closed = True, False
+        elif links:
+            links[-1][1].append(" ")
+    if pos < len(text) and links and not in_anchor and not row_closed:
+        links[-1][1].append(unescape(text[pos:]))
+    return links
 
 
 class _IndexScanner(HTMLParser):
@@ -157,11 +217,8 @@ def parse_html_index(text, base_url):
     if not base_url.endswith("/"):
         base_url += "/"
     base = urlsplit(base_url)
-    scanner = _IndexScanner()
-    scanner.feed(text)
-    scanner.close()
     entries = {}
-    for href, after in scanner.links:
+    for href, after in scan_links(text):
         href = href.strip()
         if _CHILD_HREF.fullmatch(href):
             rest = href  # what the general case below finds, without parsing two URLs
