@@ -4,7 +4,6 @@ announced) and on an unchanged re-poll, and its peak RSS, over file: and over HT
     venv/bin/python bench/poll.py                          # 1,000,000 files, file: and http
     venv/bin/python bench/poll.py -n 100000 --dirs 100     # a smaller tree while iterating
     venv/bin/python bench/poll.py --schemes http --profile poll.prof   # cProfile (pstats file)
-    venv/bin/python bench/poll.py --vs-sr3 -n 100000 --dirs 100        # and sr3's poll
 
 The tree: `-n` empty files spread evenly over `--dirs` directories (`dNNNN/fNNNNNNN.dat`), made
 once under `--tree` (default /tmp/ion-bench-poll-<n>x<dirs>, kept for the next run: a file
@@ -30,11 +29,15 @@ its start to its end (nothing is announced). Prints one line per system, scheme 
     poll system=ion scheme=file n=1000000 dirs=1000 pass=repoll seconds=...
         entries_per_s=... peak_rss_mb=... unchanged=1000000
 
-peak_rss_mb is the child's VmHWM after that pass. With --vs-sr3 (file: only: sr3's poll of
-an HTTP server needs a page layout of its own) sr3's `poll` (the venv of bench/pump.py) polls
-the same tree on a private RabbitMQ node, posting to an exchange where a queue counts the
-notices; its first pass is timed from `sr3 start` until the queue holds n notices, and its
-peak RSS is that of its instance process.
+peak_rss_mb is the child's VmHWM after that pass. With ION_ROOT=<checkout> in the environment
+the child runs that checkout's ION (system=ion@<checkout>), for a before/after comparison in
+one run.
+
+sr3's poll is not run: it gathers the notices of a whole pass in one list in memory before
+posting any (flowcb/poll: poll_directory extends one list over the tree), so a pass over
+1,000,000 files holds a million notices at once, and on the first pass each one is checked
+against its duplicate cache and posted to a broker (an AMQP node of its own), which is
+bench/pump.py's and bench/consume.py's comparison to make, not this one's.
 """
 
 import argparse
@@ -48,7 +51,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.environ.get("ION_ROOT", ROOT))
 
 EXCHANGE = "xs_bench"
 STALL = 30.0  # seconds without progress before the bench gives up
@@ -196,17 +199,20 @@ def run_ion_child(args):
 
 def ion(args, scheme, url):
     command = [sys.executable, os.path.abspath(__file__), "--child", url, "-n", str(args.n)]
+    # ION_ROOT: another checkout's code in the child (a before/after comparison).
+    root = os.environ.get("ION_ROOT", ROOT)
     if args.profile:
         command += ["--profile", f"{args.profile}.{scheme}"]
     child = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=dict(
-        os.environ, PYTHONPATH=ROOT))
+        os.environ, PYTHONPATH=root))
     if child.returncode != 0:
         raise SystemExit(f"poll bench: the ION child failed ({child.returncode})")
     for line in child.stdout.splitlines():
         result = json.loads(line)
         extra = (f"announced={result['announced']}" if result["pass"] == "first"
                  else f"unchanged={result['unchanged']}")
-        print(f"poll system=ion scheme={scheme} n={args.n} dirs={args.dirs} "
+        system = "ion" if root == ROOT else f"ion@{root}"
+        print(f"poll system={system} scheme={scheme} n={args.n} dirs={args.dirs} "
               f"pass={result['pass']} seconds={result['seconds']:.2f} "
               f"entries_per_s={args.n / result['seconds']:.0f} "
               f"peak_rss_mb={result['rss']:.0f} {extra}", flush=True)
@@ -232,7 +238,6 @@ def main():
     parser.add_argument("--schemes", default="file,http", help="file,http (default both)")
     parser.add_argument("--profile", metavar="FILE",
                         help="cProfile each ION child's passes to FILE.<scheme>")
-    parser.add_argument("--vs-sr3", action="store_true", help="sr3's poll of the same tree")
     parser.add_argument("--child", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -245,7 +250,7 @@ def main():
         parser.error("-n must be at least --dirs, and --dirs at least 1")
     tree = args.tree or os.path.join(tempfile.gettempdir(),
                                      f"ion-bench-poll-{args.n}x{args.dirs}")
-    if "file" in schemes or args.vs_sr3:
+    if "file" in schemes:
         make_tree(tree, args.n, args.dirs)
     load = os.getloadavg()[0]
     print(f"poll bench: load average {load:.2f} at the start", file=sys.stderr, flush=True)
@@ -259,10 +264,6 @@ def main():
         finally:
             server.kill()
             server.wait()
-    if args.vs_sr3:
-        from bench.poll_sr3 import run_sr3
-
-        run_sr3(args, tree)
 
 
 if __name__ == "__main__":
