@@ -25,11 +25,13 @@ one confirmed by the broker and its file recorded in the poll's seen-set); the r
 its start to its end (nothing is announced). Prints one line per system, scheme and pass:
 
     poll system=ion scheme=file n=1000000 dirs=1000 pass=first seconds=...
-        entries_per_s=... peak_rss_mb=... announced=1000000
+        entries_per_s=... cpu_us_per_entry=... peak_rss_mb=... announced=1000000
     poll system=ion scheme=file n=1000000 dirs=1000 pass=repoll seconds=...
-        entries_per_s=... peak_rss_mb=... unchanged=1000000
+        entries_per_s=... cpu_us_per_entry=... peak_rss_mb=... unchanged=1000000
 
-peak_rss_mb is the child's VmHWM after that pass. With ION_ROOT=<checkout> in the environment
+cpu_us_per_entry is the child's CPU time over the pass (all its threads: the poll, the
+transfer service, the broker, the subscriber; not the index server's) per file, a figure a
+busy machine skews less than entries/s. peak_rss_mb is the child's VmHWM after that pass. With ION_ROOT=<checkout> in the environment
 the child runs that checkout's ION (system=ion@<checkout>), for a before/after comparison in
 one run.
 
@@ -173,21 +175,23 @@ def run_ion_child(args):
             # The loop's first pass starts at once: that one is the first pass timed.
             if profile is not None:
                 profile.enable()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             await poll.poll_now()
             await wait(reactor, lambda: sink.received >= args.n,
                        lambda: (sink.received, dict(poll.stats), poll.last_failures.as_list()))
             seconds = time.perf_counter() - start
             print(json.dumps({"pass": "first", "seconds": seconds, "rss": peak_rss_mb(),
+                              "cpu": time.process_time() - cpu,
                               "announced": poll.last_pass["announced"],
                               "received": sink.received}), flush=True)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             await poll.poll_now()
-            seconds = time.perf_counter() - start
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
             if profile is not None:
                 profile.disable()
                 profile.dump_stats(args.profile)
             print(json.dumps({"pass": "repoll", "seconds": seconds, "rss": peak_rss_mb(),
+                              "cpu": cpu,
                               "unchanged": poll.last_pass["unchanged"],
                               "announced": poll.last_pass["announced"]}), flush=True)
         finally:
@@ -215,6 +219,7 @@ def ion(args, scheme, url):
         print(f"poll system={system} scheme={scheme} n={args.n} dirs={args.dirs} "
               f"pass={result['pass']} seconds={result['seconds']:.2f} "
               f"entries_per_s={args.n / result['seconds']:.0f} "
+              f"cpu_us_per_entry={result['cpu'] / args.n * 1e6:.1f} "
               f"peak_rss_mb={result['rss']:.0f} {extra}", flush=True)
 
 
