@@ -481,39 +481,22 @@ class PollService(ServiceProcess):
         started = clock.seconds()
         number = await self.store.start_pass()
         counts = dict.fromkeys(_PASS_COUNTERS, 0)
-        complete = True
-        first_error = first_code = None
         pending = [""]
-        while pending and not self._stopping:
-            rel_dir = pending.pop()
-            try:
-                entries = await self._list(rel_dir)
-            except defer.CancelledError:
-                raise
-            except Exception as e:
-                remote = isinstance(e, RemoteError)
-                if remote and e.code == 404 and rel_dir:
-                    # Gone since its parent was listed: its files are forgotten below.
-                    continue
-                complete = False
-                counts["errors"] += 1
-                if first_error is None:
-                    failure = classify(e)
-                    first_code = failure.code
-                    why = f"{e.code} {e.message}" if remote else e
-                    first_error = f"cannot list {self._dir_url(rel_dir)}: {why}"
-                continue
-            await self.store.visited(rel_dir, number)
-            try:
-                subdirs = await self._directory(rel_dir, entries, counts)
-            except PublishFailed as e:
-                # The broker refused or went away: the next pass tries again.
-                complete = False
-                counts["errors"] += 1
-                if first_error is None:
-                    first_error, first_code = str(e), 503
-                break
-            pending.extend(reversed(subdirs))
+        # The listing of the directory next in line is asked for while this one is worked
+        # through (one at a time: paced listings still read one after the other); the rows
+        # known of a directory are read while it is listed.
+        ahead = {}
+        visits = []
+        try:
+            complete, first_error, first_code = await self._walk(
+                number, pending, ahead, visits, counts
+            )
+        finally:
+            for listing in ahead.values():
+                listing.addErrback(lambda _: None)
+                listing.cancel()
+            if visits:
+                await defer.gatherResults(visits, consumeErrors=True)
         if complete and not self._stopping:
             try:
                 if self.settings.announce_removals:
@@ -543,6 +526,50 @@ class PollService(ServiceProcess):
                 listed=counts["listed"],
                 t=elapsed,
             )
+
+    async def _walk(self, number, pending, ahead, visits, counts):
+        """List the directories of C{pending} (a stack) and announce what changed: (whether
+        every directory was listed and announced, the first error, its code)."""
+        complete = True
+        first_error = first_code = None
+        while pending and not self._stopping:
+            rel_dir = pending.pop()
+            listing = ahead.pop(rel_dir, None)
+            if listing is None:
+                listing = defer.Deferred.fromCoroutine(self._list(rel_dir))
+            known = self.store.directory(rel_dir)
+            try:
+                entries = await listing
+            except defer.CancelledError:
+                raise
+            except Exception as e:
+                known.addErrback(lambda _: None)  # not needed after all
+                remote = isinstance(e, RemoteError)
+                if remote and e.code == 404 and rel_dir:
+                    # Gone since its parent was listed: its files are forgotten below.
+                    continue
+                complete = False
+                counts["errors"] += 1
+                if first_error is None:
+                    failure = classify(e)
+                    first_code = failure.code
+                    why = f"{e.code} {e.message}" if remote else e
+                    first_error = f"cannot list {self._dir_url(rel_dir)}: {why}"
+                continue
+            visits.append(self.store.visited(rel_dir, number))
+            if pending and pending[-1] not in ahead:
+                ahead[pending[-1]] = defer.Deferred.fromCoroutine(self._list(pending[-1]))
+            try:
+                subdirs = await self._directory(rel_dir, entries, counts, known)
+            except PublishFailed as e:
+                # The broker refused or went away: the next pass tries again.
+                complete = False
+                counts["errors"] += 1
+                if first_error is None:
+                    first_error, first_code = str(e), 503
+                break
+            pending.extend(reversed(subdirs))
+        return complete, first_error, first_code
 
     def _note_errors(self, first, count):
         """Warn about a pass's failures, once while the same first failure repeats (then at
@@ -575,13 +602,14 @@ class PollService(ServiceProcess):
         await take(self.container.clock, self.pacers, size)
         return entries
 
-    async def _directory(self, rel_dir, entries, counts):
-        """Announce what changed among one directory's entries; returns its subdirectories."""
+    async def _directory(self, rel_dir, entries, counts, known=None):
+        """Announce what changed among one directory's entries; returns its subdirectories.
+        C{known}: the Deferred of its rows in the store, when already asked for."""
         now = self.container.clock.seconds()
         min_age = self.settings["min_age"]
         recursive = self.settings["recursive"]
         accepts = None if self.filter.accepts_everything else self.filter.accepts
-        known = await self.store.directory(rel_dir)
+        known = await (known if known is not None else self.store.directory(rel_dir))
         prefix = f"{rel_dir}/" if rel_dir else ""
         room = paths.PATH_MAX_BYTES - len(prefix.encode("utf-8"))
         plain = _PLAIN_NAME.fullmatch
