@@ -36,8 +36,10 @@ flight again, and the consumers' duplicate suppression absorbs that. Files gone 
 listing are forgotten (announced again if they come back); so are whole directories that a
 complete pass did not see. Changing C{url} starts from an empty state.
 
-Memory: a pass lists one directory at a time and looks up only that directory's rows, so a
-tree of any size is polled with memory bounded by its largest directory. One directory's
+Memory: a pass works through one directory at a time and looks up only that directory's
+rows; the listing of the directory next in line is read meanwhile, and may wait for its turn
+while a subtree is walked (one per level at most), so a tree of any size is polled with memory
+bounded by its largest directory times its depth. One directory's
 listing is one reply of the transfer service, so it must fit the messaging limits
 (C{ion.core.messaging: max_message_bytes}, 16 MB by default: some 150,000 entries).
 
