@@ -214,10 +214,6 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _positive_number():
-    return Setting("a number > 0", lambda v: _is_number(v) and v > 0)
-
-
 def _positive_int(digits=False):
     # The message size limits also take a string of digits (see codec.Limits.from_config).
     def test(value):
@@ -235,6 +231,7 @@ def _text(optional=False):
 
 
 _BOOL = Setting("True or False", lambda v: isinstance(v, bool))
+_POSITIVE_NUMBER = Setting("a number > 0", lambda v: _is_number(v) and v > 0)
 
 #: The config keys ION reads, per module: res/config/ion.config's, and those of the
 #: shipped apps (set in their .app files). Other keys and modules are the user's own.
@@ -263,18 +260,18 @@ SCHEMA = {
         "trace": _BOOL,
     },
     "ion.core.process": {
-        "rpc_timeout": _positive_number(),
-        "terminate_timeout": _positive_number(),
+        "rpc_timeout": _POSITIVE_NUMBER,
+        "terminate_timeout": _POSITIVE_NUMBER,
     },
     "ion.core.conversation": {
         "tombstone_ttl": Setting("a number >= 0", lambda v: _is_number(v) and v >= 0),
     },
     "ion.core.cc": {
         "web": Setting("[ADDRESS:]PORT or None", lambda v: v is None or isinstance(v, (int, str))),
-        "sample_interval": _positive_number(),
+        "sample_interval": _POSITIVE_NUMBER,
     },
     "ion.core.cc.agent": {
-        "heartbeat_interval": _positive_number(),
+        "heartbeat_interval": _POSITIVE_NUMBER,
         "missed_heartbeats": _positive_int(),
     },
     "ion.apps.hello": {"greeting": Setting("a string", lambda v: isinstance(v, str))},

@@ -38,6 +38,7 @@ For example::
     credentials.password("amqp://ion@rabbit.example.org/")       # "s3cret", or None
 """
 
+import itertools
 import os
 import stat
 from urllib.parse import unquote, urlsplit
@@ -182,14 +183,12 @@ class Credentials:
     def password(self, url):
         """The password of the line for the scheme, host, port (default ports filled in) and
         user of C{url} (a broker URL, say); C{None} when the URL names no user, or no line
-        serves it."""
+        serves it (L{find}'s line, when the URL names a user)."""
         try:
-            scheme, host, port, user, _, path = url_parts(url)
+            user = url_parts(url)[3]
         except ValueError:
             return None
-        if user is None or scheme not in DEFAULT_PORTS:
-            return None
-        best = _best(self.entries, scheme, host, port, user, path)
+        best = None if user is None else self.find(url)
         return None if best is None else best.password
 
 
@@ -239,19 +238,12 @@ def _parse_line(line, where):
     show nothing of the line: any part of it may be (or hold) a password."""
     # A URL has no blanks, so a blank ends it; what follows is options, then maybe a comment.
     url, *words = line.split()
-    options = []
-    for word in words:
-        if word.startswith("#"):
-            break
-        options.append(word)
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # its message may quote the user and password
-        raise CredentialsError(f"{where}: malformed URL; expected {LINE_FORMAT}") from None
+    options = list(itertools.takewhile(lambda word: not word.startswith("#"), words))
     try:
         scheme, host, port, user, password, path = url_parts(url)
-    except ValueError:
-        raise CredentialsError(f"{where}: bad port number") from None
+    except ValueError as e:  # url_parts says what, never quoting the URL
+        raise CredentialsError(f"{where}: {e}; expected {LINE_FORMAT}") from None
+    parts = urlsplit(url)  # it has parsed already
     if "://" not in url or not scheme or not host:
         raise CredentialsError(f"{where}: expected {LINE_FORMAT}")
     if scheme not in DEFAULT_PORTS:

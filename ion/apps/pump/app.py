@@ -141,20 +141,15 @@ def plan(app_name="pump", os_instances=False, **kwargs):
         if isinstance(args.get("name"), str):
             args.setdefault("state_dir", os.path.join(state_root, prefix + args["name"]))
 
-    def prepare_consumer(args):
-        prepare(args)
+    def prepare_fetching(args, prefix="", bounds=_BOUNDS):
+        """A subscription's or sender's args: the transfer settings and C{bounds} given
+        here are its defaults."""
+        prepare(args, prefix)
         if fetching:
             args["transfer"] = dict(fetching, **(args.get("transfer") or {}))
-        for key in _BOUNDS:
+        for key in bounds:
             if key in transfer:
                 args.setdefault(key, transfer[key])
-
-    def prepare_sender(args):
-        prepare(args, "sender-")
-        if fetching:
-            args["transfer"] = dict(fetching, **(args.get("transfer") or {}))
-        if "dead_time" in transfer:
-            args.setdefault("dead_time", transfer["dead_time"])
 
     router_args = dict(pump.report_router)
     router_args.setdefault("state_dir", os.path.join(state_root, "report_router"))
@@ -165,11 +160,12 @@ def plan(app_name="pump", os_instances=False, **kwargs):
     ReportRouterArgs.parse(router_args)
     IngestArgs.parse(ingest_args)
     consumers = _named_children(
-        app_name, pump.subscriptions, "consumer", ConsumerArgs, prepare_consumer, "subscriptions",
+        app_name, pump.subscriptions, "consumer", ConsumerArgs, prepare_fetching, "subscriptions",
         os_instances=os_instances,
     )
     senders = _named_children(
-        app_name, pump.senders, "sender", SenderArgs, prepare_sender, "senders",
+        app_name, pump.senders, "sender", SenderArgs,
+        lambda args: prepare_fetching(args, "sender-", ("dead_time",)), "senders",
         taken=_names(consumers), clash="a subscription or sender is named",
         os_instances=os_instances,
     )

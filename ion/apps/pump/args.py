@@ -24,7 +24,6 @@ from urllib.parse import quote, urlsplit
 
 import attrs
 
-from ion.apps.pump.completion import OnComplete
 from ion.apps.pump.filters import Filter
 from ion.apps.pump.notice import MAX_NOTICE_BYTES
 from ion.apps.pump.transfer.blocks import MIN_BLOCK_SIZE, BlockSettings
@@ -76,6 +75,10 @@ EXCHANGE = _check(_is_name, "an exchange name")
 OPTIONAL_EXCHANGE = _check(_is_name, "an exchange name", optional=True)
 OPTIONAL_USER = _check(_is_name, "a user name", optional=True)
 OPTIONAL_PATH = _check(lambda v: isinstance(v, str) and v != "", "a path", optional=True)
+BLOCK_SIZE = _check(
+    lambda v: _is_int(v) and v >= MIN_BLOCK_SIZE, f"bytes, an int >= {MIN_BLOCK_SIZE}",
+    optional=True,
+)
 OPTIONAL_RATE = _check(
     lambda v: _is_number(v) and v >= MIN_BYTE_RATE,
     f"bytes per second >= {MIN_BYTE_RATE} (or None for no limit)",
@@ -89,20 +92,6 @@ def _pattern_list(value):
         and len(value) > 0
         and all(isinstance(item, str) and item for item in value)
     )
-
-
-def _named(kind):
-    """The C{who} of a process with a name, C{<kind> <name>}, once the name is checked."""
-
-    def who(self):
-        if not _is_name(self.name):
-            raise BadArgument(
-                f"{kind} name must be letters, digits, '_' and '-' (dots between words), "
-                f"got {self.name!r}"
-            )
-        return f"{kind} {self.name}"
-
-    return attrs.Factory(who, takes_self=True)
 
 
 def _fixed_who(text):
@@ -120,15 +109,27 @@ def _max_size():
 
 
 def _min_rate():
-    """C{min_rate}: see L{MinRate.parse} for its forms; a MinRate, or None for none."""
+    """C{min_rate}: C{{'bytes_per_s': n, 'window': s}} (either key may be left out for its
+    default), a number (bytes per second over the default window), or C{0}/C{None} for none;
+    a L{MinRate}, or None."""
 
     def convert(value, self):
-        if isinstance(value, MinRate):
+        if isinstance(value, MinRate) or value is None:
             return value
-        try:
-            return MinRate.parse(value, self.who)
-        except ValueError as e:
-            raise BadArgument(str(e)) from None
+        if not isinstance(value, bool) and value == 0:
+            return None
+        fields = value if isinstance(value, dict) else {"bytes_per_s": value}
+        default = MinRate()
+        rate = fields.get("bytes_per_s", default.bytes_per_s)
+        window = fields.get("window", default.window)
+        if set(fields) - {"bytes_per_s", "window"} or not all(
+            _is_number(v) and v > 0 for v in (rate, window)
+        ):
+            raise BadArgument(
+                f"{self.who}: min_rate must be {{'bytes_per_s': n, 'window': seconds}} (numbers "
+                f"> 0), a number of bytes per second, or 0 for none, got {value!r}"
+            )
+        return MinRate(rate, window)
 
     return attrs.field(
         default=attrs.Factory(MinRate), converter=attrs.Converter(convert, takes_self=True)
@@ -168,16 +169,6 @@ class _Arguments:
 
     def __getitem__(self, key):
         return getattr(self, key)
-
-
-class _Named(_Arguments):
-    __slots__ = ()
-    KIND = None
-
-    @classmethod
-    def _who_of(cls, args):
-        name = args.get("name") if isinstance(args, dict) else None
-        return f"{cls.KIND} {name!r}"
 
 
 def _timeouts(value, self):
@@ -245,13 +236,10 @@ class TransferServiceArgs(TransferSettings):
 
 
 WATCH_EVENTS = ("create", "modify", "delete", "rename", "link", "mkdir", "rmdir")
-
-
-def _check_events(instance, attribute, value):
-    if not isinstance(value, (list, tuple)) or not set(value) <= set(WATCH_EVENTS):
-        raise BadArgument(
-            f"{instance.who}: events must be a list of {', '.join(WATCH_EVENTS)}, got {value!r}"
-        )
+_EVENTS = _check(
+    lambda v: isinstance(v, (list, tuple)) and set(v) <= set(WATCH_EVENTS),
+    f"a list of {', '.join(WATCH_EVENTS)}",
+)
 
 
 def _consumer_mode(self):
@@ -277,25 +265,17 @@ def _consumer_transfer(value, self):
     return TransferSettings.parse(dict(value, **own), self.who)
 
 
-def _retention(value, self):
-    """A consumer's C{retention}: None, or C{{'after_days': N, 'archive': dir or None}}
-    (L{ion.apps.pump.retention})."""
-    if value is None:
-        return None
-    if (
-        not isinstance(value, dict)
-        or set(value) != {"after_days", "archive"}
-        or not (_is_number(value["after_days"]) and value["after_days"] > 0)
-        or not (
-            value["archive"] is None
-            or (isinstance(value["archive"], str) and value["archive"])
-        )
-    ):
-        raise BadArgument(
-            f"{self.who}: retention must be {{'after_days': days > 0, 'archive': a directory "
-            f"or None to remove}}, got {value!r}"
-        )
-    return dict(value)
+# A consumer's C{retention}: None, or C{{'after_days': N, 'archive': dir or None}}
+# (L{ion.apps.pump.retention}).
+_RETENTION = _check(
+    lambda v: isinstance(v, dict)
+    and set(v) == {"after_days", "archive"}
+    and _is_number(v["after_days"])
+    and v["after_days"] > 0
+    and (v["archive"] is None or (isinstance(v["archive"], str) and v["archive"] != "")),
+    "{'after_days': days > 0, 'archive': a directory or None to remove}",
+    optional=True,
+)
 
 
 def _check_directory(instance, attribute, value):
@@ -307,16 +287,13 @@ def _check_directory(instance, attribute, value):
         raise BadArgument(f"{instance.who}: directory must be a path, got {value!r}")
 
 
-def _check_reannounce(instance, attribute, value):
-    if value is not None and (
-        not isinstance(value, dict)
-        or set(value) != {"exchange", "base_url"}
-        or not all(isinstance(v, str) and v for v in value.values())
-    ):
-        raise BadArgument(
-            f"{instance.who}: reannounce must be {{'exchange': ..., 'base_url': ...}}, "
-            f"got {value!r}"
-        )
+_REANNOUNCE = _check(
+    lambda v: isinstance(v, dict)
+    and set(v) == {"exchange", "base_url"}
+    and all(isinstance(x, str) and x for x in v.values()),
+    "{'exchange': ..., 'base_url': ...}",
+    optional=True,
+)
 
 
 def _check_broker(instance, attribute, value):
@@ -327,54 +304,131 @@ def _check_broker(instance, attribute, value):
         raise BadArgument(f"{instance.who}: broker must be an amqp[s]:// or mqtt[s]:// URL")
 
 
-BROKER = attrs.field(default=None, validator=_check_broker)
-QUEUE = attrs.field(default=None, validator=_check(_is_name, "a queue name", optional=True))
-OPTIONAL_COUNT_FIELD = attrs.field(default=None, validator=OPTIONAL_COUNT)
+def _named_who(self):
+    """The C{who} of a process with a name, C{<kind> <name>}, once the name is checked."""
+    if not _is_name(self.name):
+        raise BadArgument(
+            f"{self.KIND} name must be letters, digits, '_' and '-' (dots between words), "
+            f"got {self.name!r}"
+        )
+    return f"{self.KIND} {self.name}"
+
+
+@attrs.frozen(kw_only=True)
+class _Named(_Arguments):
+    """A process with a C{name}: required, and checked first (every other message carries
+    it in C{who})."""
+
+    KIND = None
+
+    name = attrs.field(default=None)
+    who = attrs.field(
+        init=False, default=attrs.Factory(_named_who, takes_self=True), eq=False, repr=False
+    )
+
+    @classmethod
+    def _who_of(cls, args):
+        name = args.get("name") if isinstance(args, dict) else None
+        return f"{cls.KIND} {name!r}"
+
+
+def _filter():
+    """C{filter}: the L{Filter} of C{filters}, C{accept}, C{reject} and C{accept_unmatched}."""
+    return _derived(
+        lambda self: Filter.from_args(
+            self.filters, self.accept, self.reject, self.accept_unmatched, self.who
+        )
+    )
+
+
+@attrs.frozen(kw_only=True)
+class _Flow(_Named):
+    """What subscriptions, polls and watches share: a broker of their own, accept/reject
+    rules (each kind adds its C{accept_unmatched} and C{filter}), the user, the state
+    directory, the stop grace and the instances."""
+
+    broker = attrs.field(default=None, validator=_check_broker)
+    filters = attrs.field(default=None)
+    accept = attrs.field(default=None)
+    reject = attrs.field(default=None)
+    user = attrs.field(default=None, validator=OPTIONAL_USER)
+    state_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
+    stop_grace = attrs.field(default=10, validator=SECONDS_OR_ZERO)
+    instances = attrs.field(default=1, validator=COUNT)
+    shared_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
 
 
 def _check_sources(instance, attribute, value):
     UrlPolicy(value, who=instance.who)
 
 
-def _on_complete(value, self):
-    try:
-        return OnComplete.parse(value, self.who, _is_name)
-    except ValueError as e:
-        raise BadArgument(str(e)) from None
+def _is_command(value):
+    # Strings without a NUL, the first (the program) not empty.
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(isinstance(a, str) and "\0" not in a for a in value)
+        and value[0] != ""
+    )
 
 
 @attrs.frozen(kw_only=True)
-class ConsumerArgs(_Named):
+class OnComplete(_Arguments):
+    """A consumer's C{on_complete}, what it does once a file is complete in place
+    (L{ion.apps.pump.completion}): a C{command}, a C{complete_exchange} or both."""
+
+    UNKNOWN = "key"
+
+    who = attrs.field(default="on_complete", eq=False, repr=False)
+    command = attrs.field(
+        default=None,
+        validator=_check(
+            _is_command,
+            "a list of strings (the program, then its arguments; no shell)",
+            optional=True,
+        ),
+    )
+    complete_exchange = attrs.field(default=None, validator=OPTIONAL_EXCHANGE)
+    timeout = attrs.field(default=60, validator=SECONDS)
+    all_files = attrs.field(
+        default=False, validator=_check(lambda v: isinstance(v, bool), "True or False")
+    )
+
+    def __attrs_post_init__(self):
+        if self.command is None and self.complete_exchange is None:
+            raise BadArgument(f"{self.who}: needs a command, a complete_exchange or both")
+
+    def applies(self, result):
+        """Whether the trigger runs for a delivered file's L{TransferResult}."""
+        return self.all_files or result.blocks > 0
+
+
+def _on_complete(value, self):
+    return None if value is None else OnComplete.parse(value, who=f"{self.who}: on_complete")
+
+
+@attrs.frozen(kw_only=True)
+class ConsumerArgs(_Flow):
     """A subscription (L{ion.apps.pump.consumer}); C{name} is required, C{directory} too
     unless C{discard} is set."""
 
     KIND = "consumer"
 
-    name = attrs.field(default=None)
-    who = attrs.field(init=False, default=_named(KIND), eq=False, repr=False)
-    broker = BROKER
-    queue = QUEUE
+    queue = attrs.field(default=None, validator=_check(_is_name, "a queue name", optional=True))
     exchange = attrs.field(default="xpublic", validator=EXCHANGE)
     topics = attrs.field(
         default=attrs.Factory(lambda: ["v03.#"]),
         validator=_check(_pattern_list, "a non-empty list of patterns"),
     )
-    filters = attrs.field(default=None)
-    accept = attrs.field(default=None)
-    reject = attrs.field(default=None)
-    accept_unmatched = attrs.field(default=True)
-    filter = _derived(
-        lambda self: Filter.from_args(
-            self.filters, self.accept, self.reject, bool(self.accept_unmatched), self.who
-        )
-    )
+    accept_unmatched = attrs.field(default=True, converter=bool)
+    filter = _filter()
     directory = attrs.field(default=None, validator=_check_directory)
     mirror = attrs.field(default=True, converter=bool)
     strip = attrs.field(
         default=None, validator=_check(lambda v: _is_int(v) and v >= 0, "an int >= 0", True)
     )
     mode = _derived(_consumer_mode)
-    events = attrs.field(default=WATCH_EVENTS, validator=_check_events)
+    events = attrs.field(default=WATCH_EVENTS, validator=_EVENTS)
     parallel = attrs.field(default=8, validator=COUNT)
     prefetch = attrs.field(default=100, validator=COUNT)
     queue_type = attrs.field(
@@ -383,11 +437,9 @@ class ConsumerArgs(_Named):
             lambda v: v in ("auto", "classic", "quorum"), "'auto', 'classic' or 'quorum'", True
         ),
     )
-    delivery_limit = OPTIONAL_COUNT_FIELD
-    user = attrs.field(default=None, validator=OPTIONAL_USER)
-    state_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
+    delivery_limit = attrs.field(default=None, validator=OPTIONAL_COUNT)
     discard = attrs.field(default=False, converter=bool)
-    reannounce = attrs.field(default=None, validator=_check_reannounce)
+    reannounce = attrs.field(default=None, validator=_REANNOUNCE)
     retry_initial = attrs.field(default=2, validator=SECONDS)
     retry_max = attrs.field(default=300, validator=SECONDS)
     retry_horizon = attrs.field(default=3600, validator=SECONDS)
@@ -408,7 +460,7 @@ class ConsumerArgs(_Named):
     heartbeat = attrs.field(default=None, validator=_check(
         lambda v: _is_number(v) and v > 0, "seconds > 0 (or None for none)", optional=True))
     heartbeat_remote = attrs.field(default=False, converter=bool)
-    retention = attrs.field(default=None, converter=attrs.Converter(_retention, takes_self=True))
+    retention = attrs.field(default=None, validator=_RETENTION)
     transfer = attrs.field(
         default=None, converter=attrs.Converter(_consumer_transfer, takes_self=True)
     )
@@ -419,20 +471,13 @@ class ConsumerArgs(_Named):
         default=attrs.Factory(lambda self: None if self.broker else "xreport", takes_self=True),
         validator=OPTIONAL_EXCHANGE,
     )
-    stop_grace = attrs.field(default=10, validator=SECONDS_OR_ZERO)
     # Partitioned transfers (ion.apps.pump.transfer.blocks) and the completion trigger
     # (ion.apps.pump.completion).
     block_threshold = attrs.field(
         default=64 * 1024**2,
         validator=_check(lambda v: _is_int(v) and v >= 0, "bytes, an int >= 0 (0: off)"),
     )
-    block_size = attrs.field(
-        default=None,
-        validator=_check(
-            lambda v: _is_int(v) and v >= MIN_BLOCK_SIZE, f"bytes, an int >= {MIN_BLOCK_SIZE}",
-            optional=True,
-        ),
-    )
+    block_size = attrs.field(default=None, validator=BLOCK_SIZE)
     block_parallel = attrs.field(default=4, validator=COUNT)
     blocks = _derived(
         lambda self: BlockSettings(self.block_threshold, self.block_size, self.block_parallel)
@@ -440,21 +485,15 @@ class ConsumerArgs(_Named):
     on_complete = attrs.field(
         default=None, converter=attrs.Converter(_on_complete, takes_self=True)
     )
-    instances = attrs.field(default=1, validator=COUNT)
-    shared_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
 
 
 SENDER_SCHEMES = ("file", "sftp", "ftp", "http", "https")
-# A consumer's arguments that a sender takes as they are.
-_SENDER_SHARED = (
-    "name", "broker", "queue", "exchange", "topics", "filters", "accept", "reject",
-    "accept_unmatched", "mirror", "strip", "parallel", "prefetch", "queue_type", "delivery_limit",
-    "user", "state_dir", "retry_initial", "retry_max",
-    "retry_horizon", "retry_jitter", "dup_ttl", "transfer_timeout", "max_size", "min_rate",
-    "transfer", "sources", "max_notice_bytes", "report_exchange", "stop_grace", "instances",
-    "shared_dir", "byte_rate_max", "dead_time", "retry_burst", "retry_burst_gap", "retry_pause",
-    "heartbeat", "heartbeat_remote",
+# A consumer's arguments that a sender does not take (its C{events} are its own); it takes
+# the others as they are (block_threshold, block_size and block_parallel too: its puts).
+_NOT_FOR_SENDERS = (
+    "directory", "discard", "reannounce", "retention", "events", "on_complete",
 )
+_SENDER_SHARED = [name for name in ConsumerArgs.names() if name not in _NOT_FOR_SENDERS]
 
 
 def _sender_destination(value, self):
@@ -471,18 +510,15 @@ def _sender_destination(value, self):
 
 @attrs.frozen(kw_only=True)
 class SenderArgs(_Named):
-    """A sender (L{ion.apps.pump.sender}): a consumer's arguments (but C{directory},
-    C{discard} and C{reannounce}) plus C{destination} (required), C{events} and
-    C{post_exchange}."""
+    """A sender (L{ion.apps.pump.sender}): a consumer's arguments (but those of
+    C{_NOT_FOR_SENDERS}) plus C{destination} (required), C{events} and C{post_exchange}."""
 
     KIND = "sender"
 
-    name = attrs.field(default=None)
-    who = attrs.field(init=False, default=_named(KIND), eq=False, repr=False)
     destination = attrs.field(
         default=None, converter=attrs.Converter(_sender_destination, takes_self=True)
     )
-    events = attrs.field(default=WATCH_EVENTS, validator=_check_events)
+    events = attrs.field(default=WATCH_EVENTS, validator=_EVENTS)
     post_exchange = attrs.field(default=None, validator=OPTIONAL_EXCHANGE)
 
     @classmethod
@@ -533,93 +569,63 @@ def _poll_url(value, self):
     return root_url(value)
 
 
-def _poll_base_url(value, self):
-    if value is None:
-        return self.url
-    if not isinstance(value, str) or ":" not in value:
-        raise BadArgument(f"{self.who}: base_url must be a URL, got {value!r}")
-    return root_url(value)
-
-
-@attrs.frozen(kw_only=True)
-class PollArgs(_Named):
-    """A poll (L{ion.apps.pump.poll}); C{name} and C{url} are required. With C{accept} rules
-    and no C{accept_unmatched}, files no rule matches are not announced."""
-
-    KIND = "poll"
-
-    name = attrs.field(default=None)
-    who = attrs.field(init=False, default=_named(KIND), eq=False, repr=False)
-    broker = BROKER
-    url = attrs.field(default=None, converter=attrs.Converter(_poll_url, takes_self=True))
-    interval = attrs.field(default=2, validator=SECONDS)
-    filters = attrs.field(default=None)
-    accept = attrs.field(default=None)
-    reject = attrs.field(default=None)
-    accept_unmatched = attrs.field(default=None)
-    filter = _derived(
-        lambda self: Filter.from_args(
-            self.filters, self.accept, self.reject, self.accept_unmatched, self.who
-        )
-    )
-    exchange = attrs.field(default=None, validator=OPTIONAL_EXCHANGE)
-    user = attrs.field(default=None, validator=OPTIONAL_USER)
-    min_age = attrs.field(default=0, validator=SECONDS_OR_ZERO)
-    recursive = attrs.field(default=True, converter=bool)
-    state_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
-    base_url = attrs.field(default=None, converter=attrs.Converter(_poll_base_url, takes_self=True))
-    batch = attrs.field(default=100, validator=COUNT)
-    list_timeout = attrs.field(default=60, validator=SECONDS)
-    stop_grace = attrs.field(default=10, validator=SECONDS_OR_ZERO)
-    # Only the pump's own default source is created: a mistyped path is an error, not a new
-    # and silently empty source.
-    create = attrs.field(default=False, converter=bool)
-    announce_removals = attrs.field(default=False, converter=bool)
-    instances = attrs.field(default=1, validator=COUNT)
-    shared_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
-    single_active = attrs.field(default=False, converter=bool)
-    # What its listings may read from the server, bytes/s (ion.apps.pump.poll).
-    byte_rate_max = attrs.field(default=None, validator=OPTIONAL_RATE)
-
-
-def _watch_base_url(value, self):
+def _base_url(value, self):
+    """A poll's or watch's C{base_url}, made a directory URL (None stays None)."""
     if value is not None and (not isinstance(value, str) or ":" not in value):
         raise BadArgument(f"{self.who}: base_url must be a URL, got {value!r}")
     return value and root_url(value)
 
 
 @attrs.frozen(kw_only=True)
-class WatchArgs(_Named):
+class _Announcer(_Flow):
+    """What polls and watches share: the exchange they announce to, C{min_age},
+    C{single_active}, and rules that, with C{accept} rules and no C{accept_unmatched}, leave
+    out the files no rule matches."""
+
+    exchange = attrs.field(default=None, validator=OPTIONAL_EXCHANGE)
+    accept_unmatched = attrs.field(default=None)
+    filter = _filter()
+    min_age = attrs.field(default=0, validator=SECONDS_OR_ZERO)
+    single_active = attrs.field(default=False, converter=bool)
+    # A file bigger than this is announced in blocks, as sr3's blocksize (None: whole files).
+    block_size = attrs.field(default=None, validator=BLOCK_SIZE)
+
+
+@attrs.frozen(kw_only=True)
+class PollArgs(_Announcer):
+    """A poll (L{ion.apps.pump.poll}); C{name} and C{url} are required."""
+
+    KIND = "poll"
+
+    url = attrs.field(default=None, converter=attrs.Converter(_poll_url, takes_self=True))
+    interval = attrs.field(default=2, validator=SECONDS)
+    recursive = attrs.field(default=True, converter=bool)
+    base_url = attrs.field(  # None: the polled url
+        default=None,
+        converter=attrs.Converter(lambda v, s: _base_url(v, s) or s.url, takes_self=True),
+    )
+    batch = attrs.field(default=100, validator=COUNT)
+    list_timeout = attrs.field(default=60, validator=SECONDS)
+    # Only the pump's own default source is created: a mistyped path is an error, not a new
+    # and silently empty source.
+    create = attrs.field(default=False, converter=bool)
+    announce_removals = attrs.field(default=False, converter=bool)
+    # What its listings may read from the server, bytes/s (ion.apps.pump.poll).
+    byte_rate_max = attrs.field(default=None, validator=OPTIONAL_RATE)
+
+
+@attrs.frozen(kw_only=True)
+class WatchArgs(_Announcer):
     """A watch (L{ion.apps.pump.watch}); C{name} and C{path} are required."""
 
     KIND = "watch"
 
-    name = attrs.field(default=None)
-    who = attrs.field(init=False, default=_named(KIND), eq=False, repr=False)
     path = attrs.field(default=None, validator=_check(lambda v: isinstance(v, str) and v, "a path"))
-    broker = BROKER
-    exchange = attrs.field(default=None, validator=OPTIONAL_EXCHANGE)
-    user = attrs.field(default=None, validator=OPTIONAL_USER)
-    filters = attrs.field(default=None)
-    accept = attrs.field(default=None)
-    reject = attrs.field(default=None)
-    accept_unmatched = attrs.field(default=None)
-    filter = _derived(
-        lambda self: Filter.from_args(
-            self.filters, self.accept, self.reject, self.accept_unmatched, self.who
-        )
-    )
-    events = attrs.field(default=WATCH_EVENTS, validator=_check_events)
+    events = attrs.field(default=WATCH_EVENTS, validator=_EVENTS)
     base_url = attrs.field(
-        default=None, converter=attrs.Converter(_watch_base_url, takes_self=True)
+        default=None, converter=attrs.Converter(_base_url, takes_self=True)
     )
     coalesce = attrs.field(default=1, validator=SECONDS_OR_ZERO)
-    min_age = attrs.field(default=0, validator=SECONDS_OR_ZERO)
-    state_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
-    stop_grace = attrs.field(default=10, validator=SECONDS_OR_ZERO)
-    instances = attrs.field(default=1, validator=COUNT)
-    shared_dir = attrs.field(default=None, validator=OPTIONAL_PATH)
-    single_active = attrs.field(default=False, converter=bool)
     standby_interval = attrs.field(default=10, validator=SECONDS)
 
 

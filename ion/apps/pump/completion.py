@@ -1,6 +1,6 @@
 """The completion trigger: what a subscription does once a file is complete in place.
 
-The C{on_complete} argument of a consumer (L{OnComplete}):
+The C{on_complete} argument of a consumer (L{ion.apps.pump.args.OnComplete}):
 
   - C{command}: a local command as a list of strings (never a shell string), run with the
     file's path appended as its last argument, stdin closed, in the pump's environment;
@@ -25,59 +25,6 @@ from twisted.internet.protocol import ProcessProtocol
 # The tail of a command's stderr that is kept, for its last line.
 STDERR_TAIL = 4096
 MAX_LINE = 300
-
-
-@attrs.frozen
-class OnComplete:
-    """A checked C{on_complete} argument (see the module docstring)."""
-
-    command: tuple | None = None
-    complete_exchange: str | None = None
-    timeout: float = 60
-    all_files: bool = False
-
-    @classmethod
-    def parse(cls, value, who, is_exchange):
-        """The L{OnComplete} of the argument C{value} (None stays None); ValueError naming
-        C{who}, the key and the value otherwise. C{is_exchange} checks an exchange name."""
-        if value is None:
-            return None
-        keys = ("command", "complete_exchange", "timeout", "all_files")
-        if not isinstance(value, dict) or set(value) - set(keys):
-            raise ValueError(
-                f"{who}: on_complete must be a dict with keys {', '.join(keys)}, got {value!r}"
-            )
-        command = value.get("command")
-        if command is not None and (
-            not isinstance(command, (list, tuple))
-            or not command
-            or not all(isinstance(a, str) and "\0" not in a for a in command)
-            or not command[0]
-        ):
-            raise ValueError(
-                f"{who}: on_complete command must be a list of strings (the program, then its "
-                f"arguments; no shell), got {command!r}"
-            )
-        exchange = value.get("complete_exchange")
-        if exchange is not None and not is_exchange(exchange):
-            raise ValueError(
-                f"{who}: on_complete complete_exchange must be an exchange name, got {exchange!r}"
-            )
-        if command is None and exchange is None:
-            raise ValueError(f"{who}: on_complete needs a command, a complete_exchange or both")
-        timeout = value.get("timeout", 60)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"{who}: on_complete timeout must be seconds > 0, got {timeout!r}")
-        all_files = value.get("all_files", False)
-        if not isinstance(all_files, bool):
-            raise ValueError(
-                f"{who}: on_complete all_files must be True or False, got {all_files!r}"
-            )
-        return cls(None if command is None else tuple(command), exchange, timeout, all_files)
-
-    def applies(self, result):
-        """Whether the trigger runs for a delivered file's L{TransferResult}."""
-        return self.all_files or result.blocks > 0
 
 
 @attrs.frozen

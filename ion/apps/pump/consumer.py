@@ -138,11 +138,36 @@ def check_retrieve_path(notice):
 def dup_key(notice):
     """The duplicate-suppression key of a valid notice: its identity (unless C{cod}, whose value
     names an algorithm) with its relPath, else relPath, mtime and size. The relPath is part of
-    the key so that the same bytes announced under two names are delivered twice."""
+    the key so that the same bytes announced under two names are delivered twice. A notice
+    of one block (sr3's C{blocks}) adds the block's number, the block size and the file's
+    mtime: two blocks of equal bytes or length are not copies of each other, nor is an
+    unchanged block of a file's new version (its other blocks go to a new part file)."""
     identity = notice.identity
     if identity is not None and identity.get("method") != "cod":
-        return f"{identity['method']}:{identity['value']}\n{notice.rel_path}"
-    return f"{notice.rel_path}\n{notice.mtime}\n{notice.size}"
+        key = f"{identity['method']}:{identity['value']}\n{notice.rel_path}"
+    else:
+        key = f"{notice.rel_path}\n{notice.mtime}\n{notice.size}"
+    blocks = notice.get("blocks")
+    if isinstance(blocks, dict):
+        number, size = blocks.get("number"), blocks.get("size")
+        if type(number) is int and type(size) is int:
+            key += f"\nblock {number} of {size}\n{notice.mtime}"
+    return key
+
+
+def whole_file(notice, result):
+    """The notice of a delivered file: C{notice}, or when it named the block that completed a
+    file announced in blocks, a copy naming the whole file (no C{blocks}, the file's size,
+    its sha512 from C{result} when computed), for what is said of the file downstream (the
+    re-announce, the completion trigger's notice, the 201 report)."""
+    if "blocks" not in notice:
+        return notice
+    whole = notice.copy()
+    del whole["blocks"]
+    whole.size = result.size
+    sha512 = result.checksum.get("sha512")
+    whole.identity = {"method": "sha512", "value": sha512} if sha512 else None
+    return whole
 
 
 def report_id(subscriber, source, key, code):
@@ -250,6 +275,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
             self.root = DestinationRoot(self.real_directory, make=True)
             self.transfers = Transfers(self.container.reactor, args.transfer, who=args.who)
         self._working = set()  # duplicate keys of the messages being fetched
+        self._block_turns = {}  # destination path -> DeferredLock (see _block_turn)
         self._declared = set()
         self._retry_call = self._flush_call = self._sweep_call = None
         self._stopping = False
@@ -588,6 +614,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
         if failure is None and not result.complete:
             await self._block_in(notice, key, path, result)
         elif failure is None:
+            notice = whole_file(notice, result)
             await self._delivered(notice, key, path, result)
             on_complete = getattr(self.settings, "on_complete", None)
             if on_complete is not None and on_complete.applies(result):
@@ -654,12 +681,16 @@ class Consumer(AppliesFileOps, ServiceProcess):
         blocks = getattr(self.settings, "blocks", None)
         if blocks is not None:
             options["blocks"] = blocks
+        turn = None
         try:
             if "blocks" in notice:
                 # One block of a file sr3 announced in blocks: its size and identity are the
                 # block's.
                 options["block"] = sr3_block(notice["blocks"], notice.size)
                 options.pop("cod", None)
+                waiting = self._block_turn(path)
+                await waiting.acquire()
+                turn = waiting
             fetching = defer.Deferred.fromCoroutine(self._get(url, path, options))
             fetching.addTimeout(self.settings["transfer_timeout"], self.container.clock)
             started = self.container.clock.seconds()
@@ -672,6 +703,21 @@ class Consumer(AppliesFileOps, ServiceProcess):
             return None, Failure(504, f"transfer not done after {timeout} s")
         except Exception as e:
             return None, classify(e)
+        finally:
+            if turn is not None:
+                turn.release()
+                if not turn.locked and not turn.waiting:
+                    del self._block_turns[path]
+
+    def _block_turn(self, path):
+        """The lock the notices of one file's blocks take in turn: each block is written
+        into the file's one part file, which a transfer holds under an exclusive lock while
+        it writes (L{ion.apps.pump.transfer.blocks.PartialFile}); blocks arriving together
+        would otherwise fail all but one (503) and wait out the retry queue's backoff."""
+        turn = self._block_turns.get(path)
+        if turn is None:
+            turn = self._block_turns[path] = defer.DeferredLock()
+        return turn
 
     async def _get(self, url, path, options):
         """One transfer (a separate method: tests make transfers fail by overriding it)."""

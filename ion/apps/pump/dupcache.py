@@ -73,7 +73,7 @@ class DupCache:
         if key in entries:
             del entries[key]
         entries[key] = expires
-        self._journal.append(_line(key, expires), flush=flush)
+        self._journal.append(key_line(key, expires), flush=flush)
         self.purge(now)
         lines = self._journal.lines
         if lines > self.compact_min_lines and lines > 2 * len(entries):
@@ -97,7 +97,7 @@ class DupCache:
         """Rewrite the file with the live keys only (atomically: temporary file, rename); a
         Deferred firing when done."""
         self.purge()
-        return self._journal.rewrite(_line(key, expires) for key, expires in self._entries.items())
+        return self._journal.rewrite(key_line(key, expires) for key, expires in self._entries.items())
 
     def sync(self):
         """A Deferred firing once the keys added so far survive a power loss (fsync)."""
@@ -112,7 +112,7 @@ class DupCache:
 _quote = json.encoder.encode_basestring_ascii
 
 
-def _line(key, expires):
+def key_line(key, expires):
     """The file's line for a key: {"key": ..., "expires": ...} (formatted by hand: this runs
     for every message)."""
     return f'{{"key": {_quote(key)}, "expires": {float(expires)!r}}}\n'

@@ -113,18 +113,12 @@ def apply(root, op, parts, old=None, target=None):
                         f"mkdir {'/'.join(parts)}: not a directory", code=422
                     ) from None
             return "directory made"
-        if op == "delete":
+        if op in ("delete", "rmdir"):
             try:
-                os.unlink(name, dir_fd=parent)
+                (os.unlink if op == "delete" else shutil.rmtree)(name, dir_fd=parent)
             except FileNotFoundError:
                 return "already gone"
-            return "removed"
-        if op == "rmdir":
-            try:
-                shutil.rmtree(name, dir_fd=parent)
-            except FileNotFoundError:
-                return "already gone"
-            return "directory removed"
+            return "removed" if op == "delete" else "directory removed"
         if op == "link":
             temp = f".{name}.link.inflight"
             os.symlink(target, temp, dir_fd=parent)

@@ -45,7 +45,6 @@ broker vouches for.
 """
 
 import hashlib
-import json
 
 from ion.apps.pump.args import IngestArgs
 from ion.apps.pump.consumer import make_report, report_id
@@ -217,18 +216,13 @@ class Ingest(ServiceProcess):
             exchange=delivery.exchange,
             reason=error,
         )
-        fields = None
-        if len(delivery.body) <= self.settings["max_notice_bytes"]:
-            try:
-                fields = json.loads(delivery.body)
-            except (ValueError, RecursionError):
-                pass
-        if not isinstance(fields, dict):
-            fields = {"pubTime": format_time(self.container.clock.seconds())}
-        notice = Notice(fields)
+        now = self.container.clock.seconds()
+        try:
+            notice = Notice.from_json(delivery.body, max_bytes=self.settings["max_notice_bytes"])
+        except InvalidNotice:  # not a JSON object within the size limit
+            notice = Notice({"pubTime": format_time(now)})
         notice.source = source
         key = hashlib.sha256(delivery.body).hexdigest()
-        now = self.container.clock.seconds()
         report = make_report(notice, 417, f"invalid notice: {error}", now)
         report["report_id"] = report_id(self.subscriber, source, key, 417)
         key = delivery.routing_key

@@ -57,13 +57,13 @@ class Link:
         self._set("down")
         return self.next_try
 
-    def note(self, failure):
-        """Record the outcome of a transfer that is not gated (a consumer's fetch): None for
-        success, else its L{Failure}."""
+    def note(self, failure, probing=False):
+        """Record the outcome of a transfer (a consumer's fetch is not gated; L{attempt}'s
+        are, C{probing} for the probe's): None for success, else its L{Failure}."""
         if failure is None or failure.code < 500:
             self.succeeded()  # a 4xx is the server's answer: the link works
         elif failure.code == LINK_DOWN:
-            self.failed(failure.message, counted=self.state != "down")
+            self.failed(failure.message, counted=probing or self.state != "down")
 
     def due(self):
         """When a file that could not go should come back: the next try, or, when that has
@@ -110,10 +110,7 @@ class Link:
         except BaseException:
             self._wake(probing)
             raise
-        if failure is None or failure.code < 500:
-            self.succeeded()
-        elif failure.code == LINK_DOWN:
-            self.failed(failure.message, counted=probing or self.state != "down")
+        self.note(failure, probing)
         self._wake(probing)
         return result, failure
 

@@ -19,6 +19,13 @@ C{%22} (sic: sr3's choice, kept so keys match), and a dot inside a directory nam
 so C{a.b/f} gives C{v03.a.b} exactly as sr3 does. A key longer than 255 bytes (the AMQP limit)
 loses whole words from its end, never part of one, so it stays a valid, coarser key that
 bindings such as C{v03.a.#} still match (sr3 cuts at the byte limit, splitting the last word).
+
+A file bigger than a poster's C{block_size} is announced in blocks (L{block_notices}), the way
+sr3 3.x posts with C{blocksize}: one notice per block, each with the file's other fields, its
+own C{size} and C{identity} (the block's), and C{blocks: {method: 'inplace', size: <block
+size>, number: <n>, manifest: {'<i>': {size, identity}}}}, the manifest naming every block of
+the file (C{identity} there is the block's identity value). Every block but the last has the
+block size; a consumer fetches block C{n} at offset C{n * size}.
 """
 
 import base64
@@ -82,6 +89,9 @@ _TIME_FORM = "YYYYMMDDTHHMMSS[.fraction] (UTC)"
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:", re.ASCII)
 _MODE = re.compile(r"[0-7]{1,4}", re.ASCII)
 _TOPIC_ESCAPES = {"#": "%23", "*": "%22"}
+# A file is announced in at most this many blocks: ION's consumers take no more (the same
+# limit as L{ion.apps.pump.transfer.blocks.MAX_BLOCKS}, which a test checks).
+MAX_BLOCKS = 1024
 
 
 class InvalidNotice(ValueError):
@@ -160,6 +170,57 @@ def topic_for(rel_path, prefix="v03"):
             break
         words.append(word)
     return ".".join(words)
+
+
+def block_step(size, block_size):
+    """The block size a file of C{size} bytes is announced in, given a poster's
+    C{block_size}: None (one whole-file notice) when C{block_size} is None or the file is not
+    bigger than it; else C{block_size}, grown when needed so the file has at most
+    L{MAX_BLOCKS} blocks."""
+    if block_size is None or size is None or size <= block_size:
+        return None
+    return max(block_size, -(-size // MAX_BLOCKS))
+
+
+def block_lengths(size, step):
+    """The length of each block of a file of C{size} bytes in blocks of C{step}."""
+    return [min(step, size - offset) for offset in range(0, size, step)]
+
+
+def block_notices(fields, step, blocks):
+    """
+    The notice fields announcing a file in blocks, one dict per block, as sr3 3.x writes them
+    (see the module docstring).
+
+    @param fields: the file's notice fields (C{pubTime}, C{baseUrl}, C{relPath}, C{mtime},
+        C{mode}, C{identity}...); their C{size} and C{identity} are replaced by each block's.
+    @param step: the block size (L{block_step}).
+    @param blocks: C{[(length, identity value)]} of each block, in order; an identity value
+        of None keeps the file's identity (a poll's C{cod}: no checksum is known) and puts
+        its value in the manifest.
+    @return: a list of new dicts (C{fields} is not changed); they share one manifest, which
+        nobody may change (a file of many blocks would otherwise cost the square of their
+        count).
+    """
+    identity = fields.get("identity")
+    method = identity.get("method") if isinstance(identity, dict) else None
+    manifest = {}
+    for number, (length, value) in enumerate(blocks):
+        if value is None and isinstance(identity, dict):
+            value = identity.get("value")
+        manifest[str(number)] = {"size": length, "identity": value}
+    notices = []
+    for number, (length, value) in enumerate(blocks):
+        one = _copy_fields(fields)
+        one["size"] = length
+        if value is not None and method is not None:
+            one["identity"] = {"method": method, "value": value}
+        one["blocks"] = {
+            "method": "inplace", "size": step, "number": number,
+            "manifest": manifest,
+        }
+        notices.append(one)
+    return notices
 
 
 class _Field:
@@ -329,11 +390,7 @@ class Notice:
             for key in ("baseUrl", "relPath"):
                 _require_string(fields, key)
         path = fields.get("retrievePath") or rel_path
-        if base.endswith("/") and path.startswith("/"):
-            return base + path[1:]
-        if base.endswith("/") or path.startswith("/"):
-            return base + path
-        return f"{base}/{path}"
+        return base.removesuffix("/") + "/" + path.removeprefix("/")
 
     def topic(self, prefix="v03"):
         """The routing key to publish this message with (see L{topic_for})."""

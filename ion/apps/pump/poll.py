@@ -5,7 +5,10 @@ service's C{list} op, and publishes one notice for every file that is new or cha
 was last announced (changed: another size or mtime). Each notice carries C{pubTime}, C{baseUrl}
 (C{base_url}, default the polled url), C{relPath} (relative to the polled directory), C{size},
 C{mtime} and C{mode} when the listing tells them, and the identity C{{method: cod, value: sha512}}
-(listings carry no checksums: the consumer computes one on download). It goes to C{exchange}
+(listings carry no checksums: the consumer computes one on download); with C{block_size}, a
+file bigger than that whose size the listing gives is announced as one notice per block, as
+sr3 writes them (L{ion.apps.pump.notice.block_notices}), its row written once every one of
+them was confirmed. It goes to C{exchange}
 (default C{xs_<user>}, where the pump's ingest picks it up) with the notice's topic, persistent
 and confirmed by the broker.
 
@@ -69,7 +72,9 @@ from twisted.internet import defer, task
 from ion.apps.pump import paths
 from ion.apps.pump.args import PollArgs
 from ion.apps.pump.journal import DiskQueue
-from ion.apps.pump.notice import Notice, format_time, topic_for
+from ion.apps.pump.notice import (
+    Notice, block_lengths, block_notices, block_step, format_time, topic_for,
+)
 from ion.apps.pump.outcome import RecentFailures, classify
 from ion.apps.pump.transfer.inflight import is_inflight_name
 from ion.apps.pump.transfer.pacing import Pacer, take
@@ -780,11 +785,32 @@ class PollService(ServiceProcess):
         return len(notices)
 
     async def _publish(self, rel_path, entry, now, declare, topic=None, pub_time=None):
-        notice = Notice(self.notice_for(rel_path, entry, now, pub_time))
-        await self.publish(
-            self.exchange, topic or notice.topic(), notice.to_json(), persistent=True,
-            declare=declare, transport=self.broker,
+        """Announce one listed file: one notice, or with C{block_size} one per block of a
+        bigger file whose size the listing gives (each block's identity the file's C{cod}:
+        no checksum is known). Raises what the first publish not confirmed raised.
+        C{topic}, C{pub_time}: its batch's (one directory's), when the caller has them."""
+        fields = self.notice_for(rel_path, entry, now, pub_time)
+        step = block_step(fields.get("size"), self.settings.block_size)
+        if step is None:
+            notice = Notice(fields)
+            await self.publish(
+                self.exchange, topic or notice.topic(), notice.to_json(), persistent=True,
+                declare=declare, transport=self.broker,
+            )
+            return
+        lengths = block_lengths(fields["size"], step)
+        notices = [Notice(one) for one in block_notices(fields, step, [(n, None) for n in lengths])]
+        topic = notices[0].topic()
+        results = await defer.DeferredList(
+            [defer.ensureDeferred(self.publish(
+                self.exchange, topic, notice.to_json(), persistent=True, declare=declare,
+                transport=self.broker,
+            )) for notice in notices],
+            consumeErrors=True,
         )
+        for ok, failure in results:
+            if not ok:
+                failure.raiseException()
 
 
 process_class = PollService

@@ -27,7 +27,8 @@ With C{log_path}, each report handled is also written to that file as one JSON l
 characters, unencodable ones included, as JSON escapes). Once it holds C{log_max_bytes}
 (default 64 MiB) it is renamed C{<log_path>.1} (the older ones shifted up to
 C{<log_path>.<log_keep>}, default 4, the oldest dropped) and a new one started, so a pump
-running for months keeps at most C{(log_keep + 1) * log_max_bytes} of it.
+running for months keeps at most C{(log_keep + 1) * log_max_bytes} of it. The lines are written
+in batches by a pool thread (L{ReportLog}), never on the reactor thread.
 
 Exactly once across crashes. The order (publish, remember, ack) leaves one gap: a crash after
 the broker took the publish but before the id was written down. The broker's own record closes
@@ -64,6 +65,7 @@ from twisted.internet import defer
 
 from ion.apps.pump.args import NAME, ReportRouterArgs
 from ion.apps.pump.dupcache import DupCache
+from ion.apps.pump.journal import DiskQueue
 from ion.apps.pump.user import own_prefix, pump_user
 from ion.core.process import ServiceProcess
 
@@ -93,12 +95,14 @@ class ReportRouter(ServiceProcess):
             self.container.clock,
             self.container.reactor,
         )
-        self._log_file = None
+        self.report_log = None
         if self.settings["log_path"]:
-            directory = os.path.dirname(self.settings["log_path"])
-            if directory:
-                os.makedirs(directory, exist_ok=True)
-            self._log_file = open(self.settings["log_path"], "a", encoding="utf-8")
+            self.report_log = ReportLog(
+                self.settings["log_path"],
+                self.settings["log_max_bytes"],
+                self.settings["log_keep"],
+                DiskQueue(self.container.reactor),
+            )
         self._declared = set()
         self._routing = {}  # report id being forwarded -> Deferreds of its later copies
         # Ids whose forward failed unconfirmed (the connection went): the broker may or may not
@@ -129,8 +133,8 @@ class ReportRouter(ServiceProcess):
         )
 
     async def on_terminate(self):
-        if self._log_file is not None:
-            self._log_file.close()
+        if self.report_log is not None:
+            await self.report_log.close()
         await self.seen.close()
 
     def op_stats(self, content, headers):
@@ -275,7 +279,7 @@ class ReportRouter(ServiceProcess):
             self._markers.pop(marker, None)
 
     def _write_log(self, fields, delivery, source, code, outcome):
-        if self._log_file is None:
+        if self.report_log is None:
             return
         report = fields.get("report") or {}
         line = {
@@ -290,12 +294,53 @@ class ReportRouter(ServiceProcess):
         }
         # ASCII with escapes: a lone surrogate (undecodable bytes in a file name) cannot be
         # written as UTF-8, and would cost the line; escaped, it reads back as it came.
-        self._log_file.write(json.dumps(line) + "\n")
-        self._log_file.flush()
-        if self._log_file.tell() >= self.settings["log_max_bytes"]:
-            self._log_file.close()
-            rotate(self.settings["log_path"], self.settings["log_keep"])
-            self._log_file = open(self.settings["log_path"], "a", encoding="utf-8")
+        self.report_log.append(json.dumps(line) + "\n")
+
+
+class ReportLog:
+    """The report log at C{path}, rotated at C{max_bytes} keeping C{keep} old files (see the
+    module docstring). L{append} only buffers: the lines buffered meanwhile are written
+    together by one call on C{disk} (a L{DiskQueue}), which opens, writes, flushes and
+    rotates in a pool thread, one batch at a time and in order."""
+
+    def __init__(self, path, max_bytes, keep, disk):
+        self.path, self.max_bytes, self.keep = path, max_bytes, keep
+        self._disk = disk
+        self._buffer = []
+        self._file = None
+
+    def append(self, line):
+        self._buffer.append(line)
+        if len(self._buffer) == 1:  # no batch waiting yet: this line starts one
+            self._disk.turn(self._write_buffer)
+
+    def _write_buffer(self):
+        batch, self._buffer = self._buffer, []
+        return self._disk.in_thread(self._write, batch)
+
+    def _write(self, batch):
+        if self._file is None:
+            directory = os.path.dirname(self.path)
+            if directory:
+                os.makedirs(directory, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+        for line in batch:
+            self._file.write(line)
+            if self._file.tell() >= self.max_bytes:
+                self._file.close()
+                rotate(self.path, self.keep)
+                self._file = open(self.path, "a", encoding="utf-8")
+        self._file.flush()
+
+    def flushed(self):
+        """A Deferred firing once every line appended so far is written."""
+        return self._disk.turn(lambda: None)
+
+    async def close(self):
+        await self.flushed()
+        if self._file is not None:
+            await self._disk.run(self._file.close)
+            self._file = None
 
 
 def rotate(path, keep):

@@ -33,6 +33,8 @@ import attrs
 from ion.apps.pump.journal import DiskQueue, Journal, json_line
 
 COMPACT_MIN_LINES = 1000
+# The fields an "update" record carries: those another failed attempt changes.
+_UPDATED = ("attempts", "due", "code", "message", "first_failed")
 
 
 @attrs.define
@@ -119,11 +121,9 @@ class RetryQueue:
         elif op == "update":
             entry = self._entries.get(record["id"])
             if entry is not None:
-                entry.attempts = record["attempts"]
-                entry.due = record["due"]
-                entry.code = record["code"]
-                entry.message = record["message"]
-                entry.first_failed = record.get("first_failed", entry.first_failed)
+                record.setdefault("first_failed", entry.first_failed)  # not in older files
+                for name in _UPDATED:
+                    setattr(entry, name, record[name])
         elif op == "done":
             self._entries.pop(record["id"], None)
         else:
@@ -184,17 +184,7 @@ class RetryQueue:
             # The horizon counts from the link's return: its first failure after is a new one.
             entry.first_failed = now
         entry.due = self._next_due(now, entry.first_failed, entry.attempts) if due is None else due
-        self._write(
-            {
-                "op": "update",
-                "id": entry.id,
-                "attempts": entry.attempts,
-                "due": entry.due,
-                "code": code,
-                "message": message,
-                "first_failed": entry.first_failed,
-            }
-        )
+        self._write({"op": "update", "id": entry.id, **{k: getattr(entry, k) for k in _UPDATED}})
         self._push(entry)
         return True
 

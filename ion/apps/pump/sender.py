@@ -14,7 +14,10 @@ For each file notice:
      other URL is fetched and verified into C{<state_dir>/staging} first;
   3. it is sent with the transfer library's put: written to a temporary name and renamed
      into place on sftp, ftp and file (a reader at the destination never sees part of it),
-     a PUT on http(s); the bytes sent are checked against the notice's sha512 identity;
+     a PUT on http(s); the bytes sent are checked against the notice's sha512 identity. A
+     file of at least C{block_threshold} bytes goes to sftp and ftp in blocks, resumed after
+     a kill or a cut from a record in C{<state_dir>/blocks}
+     (L{ion.apps.pump.transfer.sendblocks});
   4. with C{post_exchange}, the file is announced there as sent (baseUrl C{destination},
      relPath where it went, identity sha512) before the 201 report: sr3's post_exchange.
 
@@ -52,6 +55,14 @@ from ion.apps.pump.outcome import Failure, classify
 from ion.apps.pump.poll import local_directory
 from ion.apps.pump.transfer import ChecksumMismatch, TransferError
 from ion.apps.pump.transfer.inflight import DestinationRoot
+from ion.apps.pump.transfer.sendblocks import sweep_records
+from ion.core.log import redact
+
+# The failure reported for a notice of one block (announced with block_size / blocksize).
+BLOCK_NOTICE = "a sender takes whole-file notices, not one block of a file announced in blocks"
+
+# The directory (in the state_dir, or shared_dir) of the records of puts in blocks.
+BLOCK_RECORDS = "blocks"
 
 
 class Sender(Consumer):
@@ -77,6 +88,23 @@ class Sender(Consumer):
         self.events = set(sender.events)
         local = local_directory(self.destination)
         self.target_root = None if local is None else DestinationRoot(local, make=True)
+        # Where the records of the puts in blocks are kept (shared by the instances).
+        self.record_dir = os.path.join(
+            self.settings.shared_dir or self.state_dir, BLOCK_RECORDS
+        )
+
+    async def on_activate(self):
+        await super().on_activate()
+        if self.transfers is not None:
+            sweeping = self._thread(sweep_records, self.record_dir)
+            sweeping.addCallbacks(self._records_swept, self._sweep_failed)
+
+    def _records_swept(self, removed):
+        if removed:
+            self.log.info(
+                "{name}: removed {n} block records of sends given up on",
+                name=self.label, n=len(removed),
+            )
 
     def _close_transfers(self):
         if self.target_root is not None:
@@ -109,6 +137,11 @@ class Sender(Consumer):
     async def _fetch(self, notice, url, target, access=None):
         """(TransferResult of the put, None) once the file is at C{target}, else (None,
         outcome.Failure)."""
+        if "blocks" in notice:
+            # One block of a file announced in blocks: a sender sends whole files only (its own
+            # blocks are its choice, L{ion.apps.pump.transfer.sendblocks}), and a block's
+            # identity cannot check the whole file sent. Refused, never half sent.
+            return None, Failure(422, BLOCK_NOTICE)
         blocked = self.link.blocked()
         if blocked is not None:
             return None, blocked  # nothing staged for a link that will not be tried
@@ -139,10 +172,13 @@ class Sender(Consumer):
                 parts = self.placed(notice)
                 if len(parts) > 1:
                     await self._thread(fileops.apply, self.target_root, "mkdir", parts[:-1])
-            sending = defer.Deferred.fromCoroutine(self.transfers.put(source, target))
+            identity = notice.identity or {}
+            sending = defer.Deferred.fromCoroutine(self.transfers.put(
+                source, target, blocks=self.settings.blocks, record_dir=self.record_dir,
+                version=identity.get("value"),
+            ))
             sending.addTimeout(self.settings["transfer_timeout"], self.container.clock)
             result = await sending
-            identity = notice.identity or {}
             sent = result.checksum.get("sha512")
             if identity.get("method") == "sha512" and sent and sent != identity["value"]:
                 raise ChecksumMismatch(f"{url}: the file sent is not the one announced")
@@ -153,6 +189,19 @@ class Sender(Consumer):
             return None, Failure(422, str(e))
         except Exception as e:
             return None, classify(e)
+
+    async def op_stats(self, content, headers):
+        """A consumer's stats (L{Consumer.op_stats}); C{transfers} also lists the files being
+        sent in blocks: C{received} (the bytes the destination took so far), C{size} and
+        their C{blocks} progress (C{3/16 blocks, 1.2 GiB of 4.0 GiB})."""
+        stats = await super().op_stats(content, headers)
+        sending = () if self.transfers is None else self.transfers.sending
+        stats["transfers"] = list(stats["transfers"]) + [
+            {"file": redact(state.what), "received": state.size, "size": state.expected_size,
+             "blocks": state.progress()}
+            for state in sending
+        ]
+        return stats
 
     # The link's state follows the sends (L{Link.attempt}), not the staging fetches.
     pushes_heartbeats = True

@@ -33,14 +33,14 @@ import fcntl
 import json
 import os
 import random
-import tempfile
 import time
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ion.apps.pump.journal import DiskQueue
+from ion.apps.pump.dupcache import key_line
+from ion.apps.pump.journal import DiskQueue, _replace_file as replace_file
 
 log = Logger()
 
@@ -52,10 +52,6 @@ _MAX_BACKOFF = 0.05
 
 class LockTimeout(OSError):
     """The lock of a shared cache stayed held by another writer for C{LOCK_PATIENCE} s."""
-
-
-def _line(key, expires):
-    return f'{{"key": {json.dumps(key)}, "expires": {float(expires)!r}}}\n'
 
 
 def _parse(raw):
@@ -76,9 +72,7 @@ class SharedFile:
         self.path = path
         self.compact_min_lines = compact_min_lines
         self.patience = patience
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        self._directory = directory
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self._lock_fd = os.open(
             path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644
         )
@@ -202,26 +196,9 @@ class SharedFile:
         for key, expires in self._read_all():
             latest.pop(key, None)
             latest[key] = expires
-        fd, temp = tempfile.mkstemp(prefix=".compact.", dir=self._directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                for key, expires in latest.items():
-                    if expires > now:
-                        f.write(_line(key, expires))
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(temp, self.path)
-        except BaseException:
-            try:
-                os.unlink(temp)
-            except OSError:
-                pass
-            raise
-        directory = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        # As a journal's rewrite: a temporary file, fsynced, renamed over path.
+        live = (key_line(key, expires) for key, expires in latest.items() if expires > now)
+        replace_file(self.path, live).close()
         self.compactions += 1
         self._current()
 
@@ -291,7 +268,7 @@ class SharedDupCache:
         shared file (C{flush} is accepted for DupCache's interface: keys are always batched)."""
         expires = self.clock.seconds() + self.ttl
         self._entries[key] = expires
-        self._pending.append(_line(key, expires))
+        self._pending.append(key_line(key, expires))
         d = defer.Deferred()
         self._waiting.append(d)
         if self._turn is None:

@@ -25,6 +25,8 @@ or others, or unreadable, stops the service from starting. Each instance owns it
 (thread pool, kept-open connections) from start to terminate.
 """
 
+import attrs
+
 from ion.apps.pump import transfer
 from ion.apps.pump.args import TransferServiceArgs
 from ion.apps.pump.transfer.worker import Transfers
@@ -55,11 +57,12 @@ class TransferService(ServiceProcess):
     async def op_get(self, content, headers):
         url, path = _strings(content, "get", "url", "path")
         options = {}
-        size = content.get("size")
-        if size is not None:
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise ApplicationError(f"get: size must be an int >= 0, got {size!r}")
-            options["expected_size"] = size
+        for key, (option, valid, what) in _GET_OPTIONS.items():
+            value = content.get(key)
+            if value is not None:
+                if isinstance(value, bool) or not valid(value):
+                    raise ApplicationError(f"get: {key} must be {what}, got {value!r}")
+                options[option] = value
         identity = content.get("identity")
         if identity is not None:
             if not isinstance(identity, dict):
@@ -69,16 +72,6 @@ class TransferService(ServiceProcess):
                 options["cod"] = value
             elif method in ("sha512", "md5"):
                 options["expected_checksum"] = (method, value)
-        mtime = content.get("mtime")
-        if mtime is not None:
-            if isinstance(mtime, bool) or not isinstance(mtime, (int, float)):
-                raise ApplicationError(f"get: mtime must be seconds since the epoch, got {mtime!r}")
-            options["mtime"] = mtime
-        mode = content.get("mode")
-        if mode is not None:
-            if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
-                raise ApplicationError(f"get: mode must be permission bits (int), got {mode!r}")
-            options["mode"] = mode
         result = await self._run(lambda: self.transfers.get(url, path, **options))
         return _result(result)
 
@@ -92,11 +85,16 @@ class TransferService(ServiceProcess):
         if not isinstance(with_bytes, bool):
             raise ApplicationError(f"list: with_bytes must be true or false, got {with_bytes!r}")
         entries = await self._run(self.transfers.list, url)
-        listed = [
-            {"name": e.name, "size": e.size, "mtime": e.mtime, "mode": e.mode, "type": e.type}
-            for e in entries
-        ]
+        listed = [attrs.asdict(entry) for entry in entries]
         return {"entries": listed, "bytes": entries.bytes} if with_bytes else listed
+
+
+# The optional numbers of a get: key -> (transfer option, check (bools fail), what it must be).
+_GET_OPTIONS = {
+    "size": ("expected_size", lambda v: isinstance(v, int) and v >= 0, "an int >= 0"),
+    "mtime": ("mtime", lambda v: isinstance(v, (int, float)), "seconds since the epoch"),
+    "mode": ("mode", lambda v: isinstance(v, int) and 0 <= v <= 0o7777, "permission bits (int)"),
+}
 
 
 def _strings(content, op, *keys):

@@ -54,10 +54,10 @@ from twisted.python.filepath import FilePath
 from ion.apps.pump.args import WatchArgs, root_url
 from ion.apps.pump.fileops import renamed_from
 from ion.apps.pump.flow import open_flow_broker
-from ion.apps.pump.notice import Notice, format_time
+from ion.apps.pump.notice import Notice, block_notices, block_step, format_time
 from ion.apps.pump.outcome import RecentFailures
 from ion.apps.pump import paths
-from ion.apps.pump.poll import SeenFiles, unfetchable
+from ion.apps.pump.poll import COD, SeenFiles, unfetchable
 from ion.apps.pump.transfer.inflight import is_inflight_name
 from ion.apps.pump.user import pump_user
 from ion.core.process import EnvironmentFailure, Lease, ServiceProcess
@@ -79,6 +79,7 @@ BATCH = 256  # files read and hashed by one thread job
 BATCHES = 2  # such jobs at a time
 MAX_TOPICS = 10_000  # routing keys of directories kept
 RETRY = 5  # seconds from a failed publish to the catch-up pass that announces again
+READ_SIZE = 1024 * 1024  # bytes read at a time to hash a file in blocks
 
 
 class _TreeNotify(inotify.INotify):
@@ -125,9 +126,11 @@ def _kind(mode):
     return None
 
 
-def describe(path):
-    """(size, mtime, mode, sha512 base64) of a regular file, or None when it is not one (gone,
-    replaced by a link...)."""
+def describe(path, block_size=None):
+    """(size, mtime, mode, sha512 base64, blocks) of a regular file, or None when it is not one
+    (gone, replaced by a link...). C{blocks} is None, or for a file to be announced in blocks
+    (L{block_step} of its size and C{block_size}) C{(step, [(length, sha512 base64)])} of each
+    block, the file's own digest then None."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
@@ -136,17 +139,39 @@ def describe(path):
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None
+        step = block_step(st.st_size, block_size)
+        if step is not None:
+            blocks = _block_digests(f, step)
+            return st.st_size, st.st_mtime, st.st_mode, None, (step, blocks)
         digest = hashlib.file_digest(f, "sha512").digest()
-    return st.st_size, st.st_mtime, st.st_mode, base64.b64encode(digest).decode("ascii")
+    return st.st_size, st.st_mtime, st.st_mode, base64.b64encode(digest).decode("ascii"), None
 
 
-def _describe_all(paths):
+def _block_digests(f, step):
+    """[(length, sha512 base64)] of each C{step} bytes of the open file C{f}, read once to its
+    end (a file growing meanwhile is announced again once closed)."""
+    found = []
+    buffer = memoryview(bytearray(READ_SIZE))
+    hasher, length = hashlib.sha512(), 0
+    while True:
+        n = f.readinto(buffer[: min(READ_SIZE, step - length)])
+        if n:
+            hasher.update(buffer[:n])
+            length += n
+        if length and (length == step or not n):
+            found.append((length, base64.b64encode(hasher.digest()).decode("ascii")))
+            hasher, length = hashlib.sha512(), 0
+        if not n:
+            return found
+
+
+def _describe_all(paths, block_size=None):
     """L{describe} of each path, or the OSError reading it raised: one thread job for the
     files that came due together, rather than a job, a Deferred and a thread hop for each."""
     found = []
     for path in paths:
         try:
-            found.append(describe(path))
+            found.append(describe(path, block_size))
         except OSError as e:
             found.append(e)
     return found
@@ -546,7 +571,7 @@ class Watch(ServiceProcess):
         try:
             found = await threads.deferToThreadPool(
                 self.container.reactor, self.container.reactor.getThreadPool(),
-                _describe_all, [self._path(rel) for rel in rels],
+                _describe_all, [self._path(rel) for rel in rels], self.settings.block_size,
             )
         finally:
             self._describing -= 1
@@ -564,7 +589,7 @@ class Watch(ServiceProcess):
     async def _announce_file(self, rel, file_op=None):
         found = await threads.deferToThreadPool(
             self.container.reactor, self.container.reactor.getThreadPool(),
-            describe, self._path(rel),
+            describe, self._path(rel), self.settings.block_size,
         )
         self._announce_found(rel, found, file_op)
 
@@ -573,7 +598,7 @@ class Watch(ServiceProcess):
         since (due again), or unchanged since announced."""
         if found is None or rel in self.pending:
             return
-        size, mtime, mode, digest = found
+        size, mtime, mode, digest, blocks = found
         if file_op is None and self.known.get(rel) == (size, mtime):
             return
         young = self.settings.min_age - (self.container.clock.seconds() - mtime)
@@ -583,7 +608,10 @@ class Watch(ServiceProcess):
         if not self._wanted(rel, event):
             return
         fields = {
-            "identity": {"method": "sha512", "value": digest},
+            # A file hashed in blocks has no digest of its own: a rename of it, carried out
+            # as such, fetches nothing; where the old file is missing, the consumer fetches
+            # the new one and computes its checksum (cod).
+            "identity": {"method": "sha512", "value": digest} if digest else dict(COD),
             "size": size,
             "mtime": format_time(mtime),
             "mode": f"{mode & 0o7777:o}",
@@ -591,6 +619,15 @@ class Watch(ServiceProcess):
         if file_op:
             fields["fileOp"] = file_op
             self.stats["renamed"] += 1
+        elif blocks is not None:
+            step, digests = blocks
+            if sum(length for length, _ in digests) != size:
+                return self._schedule(rel)  # changed while read: described again
+            fields["identity"] = {"method": "sha512", "value": None}  # each block's own
+            for one in block_notices(fields, step, digests):
+                self._publish(rel, one, (size, mtime))
+            self.stats["announced"] += 1
+            return
         self._publish(rel, fields, (size, mtime))
         self.stats["announced"] += 1
 
@@ -671,7 +708,9 @@ class Watch(ServiceProcess):
         self._send()
 
     def _sent(self, _, rel, state):
-        if state is not False:
+        if state is None or (state is not False and self.known.get(rel) == state):
+            # Not a file's state that a failed publish (one of its blocks) or a newer
+            # announcement of it has replaced since.
             self._store(rel, state)
 
     def _unsent_failure(self, failure, rel, state):

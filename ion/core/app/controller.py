@@ -98,16 +98,13 @@ class AppController:
             if entry is not None:
                 kwargs.update(entry.args)
                 layers.append((f"rel entry {name}", entry.config))
-            kwargs.update(self._apparg(name))
+            apparg = self.apparg.get(name, {})
+            if not isinstance(apparg, dict):
+                raise AppFileError(f"apparg_{name}: must be a dict literal, got {apparg!r}")
+            kwargs.update(apparg)
             mult = entry.mult if entry is not None else 1
             plan.append((spec, kwargs, layers, mult))
         return plan
-
-    def _apparg(self, name):
-        value = self.apparg.get(name, {})
-        if not isinstance(value, dict):
-            raise AppFileError(f"apparg_{name}: must be a dict literal, got {value!r}")
-        return value
 
     def _check_registered(self, specs):
         owner = {}

@@ -11,6 +11,7 @@ Usage::
                               instead of the broker (memory://: default http://127.0.0.1:8580)
     ion spawn <module> [--container ID]
     ion post [--broker URL] [--exchange X] [--base-url URL] [--topic-prefix v03] [--user NAME]
+             [--block-size BYTES]
              PATH...          announce files once (a directory: every file below it), on
                               an AMQP or an MQTT (mqtt[s]://, sr3's layout) broker; exit
                               status 0, 1 broker unreachable or a publish not confirmed, 2 bad
@@ -94,22 +95,15 @@ def build_parser():
     common.add_argument("--broker", action="append",
                         help="broker URL (default: config ion.core.messaging broker); several "
                         "(a cluster's nodes, tried in turn): comma-separated or repeated")
-    common.add_argument(
-        "--credentials",
-        help="credentials file giving the password of a broker URL with a user and none "
-        f"(default {DEFAULT_CREDENTIALS} when it exists)",
-    )
-    common.add_argument("--broker-ca", metavar="FILE",
-                        help="amqps://: PEM CA certificates trusted for the broker "
-                        "(default: config broker_ca, else the system's)")
-    common.add_argument("--broker-cert", metavar="FILE",
-                        help="amqps://: PEM client certificate; the login is then EXTERNAL")
-    common.add_argument("--broker-key", metavar="FILE",
-                        help="amqps://: unencrypted PEM key of --broker-cert, mode 0600")
-    common.add_argument("-s", "--sysname", help="system name (default: config, 'ion')")
+    # The options C{twistd cc} shares, as it explains them.
+    from ion.core.cc.tap import Options
+
+    for name, short, _default, text, *_ in Options.optParameters:
+        if name in ("credentials", "broker-ca", "broker-cert", "broker-key", "sysname", "res"):
+            flags = [f"-{short}", f"--{name}"] if short else [f"--{name}"]
+            common.add_argument(*flags, help=text)
     common.add_argument("--timeout", type=_positive_seconds, default=10.0,
                         help="seconds (default 10)")
-    common.add_argument("--res", help="res/ directory (default ./res or the installed one)")
     common.add_argument("--json", action="store_true", help="print the result as JSON")
     parser = _Parser(prog="ion", description="Talk to a running ION system.")
     parser.add_argument("--version", action="version", version=f"ION {ion.__version__}")
@@ -137,6 +131,9 @@ def build_parser():
     p.add_argument("--topic-prefix", default="v03", help="routing key prefix (default v03)")
     p.add_argument("--user", help="the user whose xs_<user> is posted to (default: the broker "
                    "URL's user)")
+    p.add_argument("--block-size", type=int, metavar="BYTES",
+                   help="announce a file bigger than this as one notice per block, as sr3's "
+                   "blocksize (default: whole files)")
     p = sub.add_parser(
         "broker-setup",
         help="print (or --apply) the rabbitmqctl commands giving a user a role on a shared pump",
@@ -173,10 +170,6 @@ def app_command(name):
         return importlib.import_module(APP_COMMANDS[name])
     except ImportError as e:
         raise UsageError(f"{name}: the application providing it is not installed ({e})")
-
-
-class _Client(Process):
-    """The process the CLI talks through."""
 
 
 # The file read when --credentials is not given (tests point it elsewhere).
@@ -227,7 +220,7 @@ async def _run(reactor, args):
     except (defer.TimeoutError, TransportError, OSError) as e:
         raise TransportError(f"cannot reach broker {redact(url)}: {e or 'timed out'}") from None
     try:
-        client = await container.spawn(_Client, name="ion-cli")
+        client = await container.spawn(Process, name="ion-cli")  # what the CLI talks through
         return await _command(client, args)
     finally:
         await container.stop()
@@ -255,11 +248,8 @@ async def _command(client, args):
                     "(ion containers lists them)"
                 ) from None
         peers = await client.rpc("ccagent", "containers", None, timeout=t)
-        result = {}
-        for peer in peers:
-            cid = peer["container"]
-            result[cid] = await client.rpc(f"cc_{cid}", "ps", None, timeout=t)
-        return result
+        return {p["container"]: await client.rpc(f"cc_{p['container']}", "ps", None, timeout=t)
+                for p in peers}
     if args.command == "status":
         peers = await client.rpc("ccagent", "containers", None, timeout=t)
         return [await client.rpc(f"cc_{p['container']}", "status", None, timeout=t)
@@ -280,7 +270,8 @@ def format_table(headings, rows):
     return "\n".join(lines)
 
 
-def _containers_table(peers, args):
+def containers_table(peers, args=None):
+    """The containers of a system (the agents' C{containers} rows) as a table and a count."""
     rows = [
         (
             p.get("container"),
@@ -314,7 +305,7 @@ def _status_table(statuses, args):
     return f"{format_table(headings, rows)}\n{total}"
 
 
-_TABLES = {"containers": _containers_table, "ps": _ps_table, "status": _status_table}
+_TABLES = {"containers": containers_table, "ps": _ps_table, "status": _status_table}
 
 
 def main(argv=None):

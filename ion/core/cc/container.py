@@ -38,25 +38,23 @@ def check_broker_url(url):
 
     urls = split_urls(url)
     schemes = {one.split(":", 1)[0].lower() for one in urls}
-    if len(urls) > 1:
-        if not schemes <= {"amqp", "amqps"} or len(schemes) > 1:
-            raise ValueError(
-                "a list of brokers must be all amqp:// or all amqps:// URLs (memory:// is one "
-                "in-process broker)"
-            )
-        for one in urls:
-            AmqpAddress.parse(one)
-        return schemes.pop()
-    scheme = url.split(":", 1)[0].lower()
-    if scheme in ("amqp", "amqps"):
-        AmqpAddress.parse(url)
-    elif scheme != "memory":
+    if len(urls) > 1 and (not schemes <= {"amqp", "amqps"} or len(schemes) > 1):
+        raise ValueError(
+            "a list of brokers must be all amqp:// or all amqps:// URLs (memory:// is one "
+            "in-process broker)"
+        )
+    scheme = schemes.pop()
+    if scheme == "memory":
+        if url.lower() != "memory://":
+            # the embedded broker has no host, port or path: anything there is a mistake
+            raise ValueError("a memory:// broker URL takes no host or path: write memory://")
+        return scheme
+    if scheme not in ("amqp", "amqps"):
         raise ValueError(
             f"unsupported broker URL scheme {scheme!r}: use memory://, amqp:// or amqps://"
         )
-    elif url.lower() != "memory://":
-        # the embedded broker has no host, port or path: anything there is a mistake
-        raise ValueError("a memory:// broker URL takes no host or path: write memory://")
+    for one in urls:
+        AmqpAddress.parse(one)
     return scheme
 
 
@@ -73,25 +71,6 @@ def make_transport(url, reactor, memory_broker=None, **tls_files):
     from ion.core.messaging.amqp import AmqpTransport
 
     return AmqpTransport(url, reactor, **tls_files)
-
-
-def make_flow_transport(url, reactor, credentials=None):
-    """A transport of its own for a process working on another broker (a pump's flow on a
-    remote pump): C{amqp[s]://} or C{mqtt[s]://}, the password from the credentials file when
-    the URL names a user and no password (see L{ion.core.cc.tap.broker_url_with_password}).
-    ValueError (never quoting a password) for another scheme or an unusable URL."""
-    from ion.core.cc.tap import broker_url_with_password
-
-    scheme = url.split(":", 1)[0].lower()
-    if scheme in ("mqtt", "mqtts"):
-        from ion.core.messaging.mqtt import MqttTransport
-
-        return MqttTransport(broker_url_with_password(url, credentials), reactor)
-    if scheme not in ("amqp", "amqps"):
-        raise ValueError(
-            f"unsupported broker URL scheme {scheme!r} for a flow: use amqp[s]:// or mqtt[s]://"
-        )
-    return make_transport(broker_url_with_password(url, credentials), reactor)
 
 
 class Container:
@@ -186,9 +165,24 @@ class Container:
         log.info("container {id} stopped", id=self.id)
 
     def open_broker(self, url):
-        """A new, unconnected transport to the broker at C{url} for one process (see
-        L{ion.core.process.Process.open_broker}), with the default credentials file."""
-        return make_flow_transport(url, self.reactor)
+        """A new, unconnected transport for one process (see
+        L{ion.core.process.Process.open_broker}) working on another broker (a pump's flow on a
+        remote pump): C{amqp[s]://} or C{mqtt[s]://}, the password from the default
+        credentials file when the URL names a user and no password (see
+        L{ion.core.cc.tap.broker_url_with_password}). ValueError (never quoting a password)
+        for another scheme or an unusable URL."""
+        from ion.core.cc.tap import broker_url_with_password
+
+        scheme = url.split(":", 1)[0].lower()
+        if scheme in ("mqtt", "mqtts"):
+            from ion.core.messaging.mqtt import MqttTransport
+
+            return MqttTransport(broker_url_with_password(url), self.reactor)
+        if scheme not in ("amqp", "amqps"):
+            raise ValueError(
+                f"unsupported broker URL scheme {scheme!r} for a flow: use amqp[s]:// or mqtt[s]://"
+            )
+        return make_transport(broker_url_with_password(url), self.reactor)
 
     @property
     def embedded_broker(self):

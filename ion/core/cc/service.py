@@ -260,17 +260,15 @@ class ContainerService(MultiService):
     def _boot_failed(self, failure):
         cause = _expected_cause(failure.value)
         code = 2 if isinstance(cause, (ValueError, AppFileError)) else 1
+        why = ionlog.redact(str(failure.value))
         self.exit_code = code
         if cause is None:  # a bug: its traceback helps
             log.failure("container failed to start", failure, level=LogLevel.critical)
         elif not isinstance(sys.stderr, LoggingFile):
             # Else twistd sends stderr to the log: the line below is the log's record of it.
-            log.critical("container failed to start: {why}", why=ionlog.redact(str(failure.value)))
-        sys.stderr.write(f"cc: container failed to start: {ionlog.redact(str(failure.value))}\n")
-        self._exit_after_shutdown(code, ionlog.redact(str(failure.value)))
-        self._stop_reactor()
+            log.critical("container failed to start: {why}", why=why)
+        sys.stderr.write(f"cc: container failed to start: {why}\n")
 
-    def _exit_after_shutdown(self, code, why):
         # twistd has no way to set the exit status; this runs after twistd has cleaned up (the
         # pid file is gone), and only then is a daemon's caller told: it may start again.
         def leave():
@@ -280,6 +278,7 @@ class ContainerService(MultiService):
             os._exit(code)
 
         atexit.register(leave)
+        self._stop_reactor()
 
     def stopService(self):
         Service.stopService(self)

@@ -17,6 +17,7 @@ on the terminal.
 
 import builtins
 import fcntl
+import inspect
 import itertools
 import os
 import pprint
@@ -31,7 +32,7 @@ from twisted.internet import defer, fdesc, stdio, threads
 from twisted.logger import Logger
 from twisted.python import threadable
 
-from ion.core.cc.cli import format_table
+from ion.core.cc.cli import containers_table, format_table
 from ion.core.cc.status import process_tree
 from ion.core.process import NoSuchReceiver, Process
 
@@ -40,32 +41,9 @@ log = Logger()
 # How long a stopping reactor waits for the terminal to take the last output.
 FLUSH_TIMEOUT = 2
 
-HELP = [
-    ("ps()", "the process tree: app > supervisor > process, with states and restarts"),
-    ("containers()", "the containers of this system (from the container agents)"),
-    (
-        "msc(conv_id=None, last=20, svg=None)",
-        "message sequence chart from the observer app (svg='x.svg' also writes SVG)",
-    ),
-    ("apps()", "list the running apps"),
-    (
-        "spawn(module_or_class, name=None, container=None, **args)",
-        "spawn a process (here, or in another container); prints its pid",
-    ),
-    ("send(dest, op, content=None)", "send a one-way message to a service or pid"),
-    (
-        "rpc(dest, op, content=None, timeout=None)",
-        "call an op on a service or pid; prints the reply",
-    ),
-    ("kill(pid_or_name)", "terminate a process"),
-    ("start_app(path_or_name)", "start an app (.app or .rel file, or an app name in res/apps)"),
-    ("stop_app(name)", "stop a running app"),
-    ("help()", "this list"),
-    ("container", "the Container itself"),
-    ("exit(), Ctrl-D, Ctrl-C", "leave the shell and stop the container"),
-]
-# The helpers the shell offers, in the order its banner lists them.
-HELPERS = "ps apps containers spawn send rpc kill start_app stop_app msc help".split()
+# The helpers the shell offers, in the order help() and the banner list them. The first line of
+# each one's docstring is its line in help().
+HELPERS = "ps containers msc apps spawn send rpc kill start_app stop_app help".split()
 
 
 class ShellProcess(Process):
@@ -84,7 +62,7 @@ class Pending:
         self.done = False
         self.result = None
         self.error = None
-        self._waiters = []
+        self._done = defer.Deferred()
         # Lets the shell tell the handle a helper just returned (not echoed) from an old one.
         self.number = next(_numbers)
 
@@ -98,17 +76,13 @@ class Pending:
         return f"<{self.what}: {outcome}>"
 
     def when_done(self):
-        if self.done:
-            return defer.succeed(self)
         d = defer.Deferred()
-        self._waiters.append(d)
+        self._done.addCallback(lambda _: d.callback(self))
         return d
 
     def _finish(self, result=None, error=None):
         self.done, self.result, self.error = True, result, error
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(self)
+        self._done.callback(None)
 
 
 def describe_error(error):
@@ -198,9 +172,13 @@ class ShellHelpers:
     # -- the helpers ------------------------------------------------------------------------
 
     def help(self):
-        """Print the helpers, one line each."""
-        width = max(len(usage) for usage, _ in HELP)
-        self.print("\n".join(f"{usage.ljust(width)}  {text}" for usage, text in HELP))
+        """Print this list: each helper and what it does."""
+        helpers = [getattr(self, name) for name in HELPERS]
+        rows = [(f"{h.__name__}{inspect.signature(h)}", h.__doc__.split("\n")[0]) for h in helpers]
+        rows += [("container", "the Container itself"),
+                 ("exit(), Ctrl-D, Ctrl-C", "leave the shell and stop the container")]
+        width = max(len(usage) for usage, _ in rows)
+        self.print("\n".join(f"{usage.ljust(width)}  {text}" for usage, text in rows))
 
     def ps(self):
         """Print the process tree: app > supervisor > process, with states and restarts."""
@@ -213,23 +191,13 @@ class ShellHelpers:
 
     def containers(self):
         """Print the containers of this system, as the container agents know them."""
-
-        def table(rows):
-            return format_table(
-                ("container", "host", "os pid", "uptime s", "last beat s", "apps"),
-                [
-                    (r["container"], r["host"], r["os_pid"], r["uptime"], r["last_heartbeat"],
-                     ", ".join(r["apps"]))
-                    for r in rows
-                ],
-            )
-
-        return self._start("containers()", self._rpc("ccagent", "containers"), table)
+        return self._start("containers()", self._rpc("ccagent", "containers"), containers_table)
 
     def msc(self, conv_id=None, last=20, svg=None):
-        """Print a message sequence chart from the system's observer (the observer app's
-        C{observer} service, asked over rpc); with svg='file.svg' the shell also writes it as
-        SVG there (on the shell's host)."""
+        """Print a message sequence chart from the observer app (svg='x.svg' also writes SVG).
+
+        The chart comes from the system's C{observer} service, asked over rpc; the SVG file
+        is written on the shell's host."""
         request = {"last": last} if conv_id is None else {"conv_id": conv_id}
 
         async def chart():
@@ -252,15 +220,15 @@ class ShellHelpers:
 
     def apps(self):
         """Print the running apps."""
-        rows = []
-        for name, app in self.container.apps.running.items():
-            top = getattr(app.state, "pid", "")
-            rows.append((name, app.spec.version, top, app.spec.description))
+        rows = [(name, app.spec.version, getattr(app.state, "pid", ""), app.spec.description)
+                for name, app in self.container.apps.running.items()]
         self.print(format_table(("app", "version", "top process", "description"), rows))
 
     def spawn(self, module_or_class, name=None, container=None, **args):
-        """Spawn a process, here or (container=<id>) through another container's agent;
-        prints its pid (also C{.result} of what it returns)."""
+        """Spawn a process, here or in another container; prints its pid.
+
+        With container=<id>, through that container's agent. The pid is also C{.result} of
+        what it returns."""
 
         async def spawn():
             if container not in (None, self.container.id):
@@ -274,7 +242,7 @@ class ShellHelpers:
         return self._start(f"spawn({module_or_class!r})", spawn())
 
     def send(self, dest, op, content=None):
-        """Send a one-way message from the shell process."""
+        """Send a one-way message from the shell process to a service or pid."""
 
         async def send():
             proc = await self.shell_process()
@@ -283,7 +251,10 @@ class ShellHelpers:
         return self._start(f"send({dest!r}, {op!r})", send(), lambda _: f"sent {op!r} to {dest!r}")
 
     def rpc(self, dest, op, content=None, timeout=None):
-        """Call op on dest from the shell process; prints the reply (also C{.result})."""
+        """Call an op on a service or pid; prints the reply.
+
+        The call is made from the shell process; the reply is also C{.result} of what it
+        returns."""
         return self._start(f"rpc({dest!r}, {op!r})", self._rpc(dest, op, content, timeout))
 
     def kill(self, pid_or_name):

@@ -32,11 +32,8 @@ HEARTBEAT_GRACE = 1.0
 def process_tree(container):
     """Rows (dicts) of the live processes, each parent followed by its children, with the app
     it belongs to, its depth in the tree and how often its supervisor restarted it."""
-    app_of = {}
-    for app in container.apps.running.values():
-        pid = getattr(app.state, "pid", None)
-        if pid:
-            app_of[pid] = app.name
+    app_of = {app.state.pid: app.name for app in container.apps.running.values()
+              if getattr(app.state, "pid", None)}
     rows = []
 
     def walk(proc, depth, app, restarts):
@@ -44,12 +41,9 @@ def process_tree(container):
         rows.append({"pid": proc.pid, "name": proc.name, "class": type(proc).__name__,
                      "state": proc.state, "app": app, "depth": depth, "restarts": restarts,
                      "parent": proc.parent.pid if proc.parent else None})
-        counts = {}
-        for child_id, n in getattr(proc, "restarts", {}).items():
-            try:
-                counts[getattr(proc.child(child_id), "pid", None)] = n
-            except KeyError:
-                pass
+        # A supervisor counts restarts by child id: child() has each of them.
+        restarts = getattr(proc, "restarts", {})
+        counts = {getattr(proc.child(c), "pid", None): n for c, n in restarts.items()}
         for child in list(proc.children):
             walk(child, depth + 1, app, counts.get(child.pid, 0))
 

@@ -33,6 +33,8 @@ from ion.core.credentials import (
     Credentials,
     CredentialsError,
 )
+from ion.core.messaging.amqp import split_urls
+from ion.core.messaging.tls import ClientTls
 
 log = Logger()
 
@@ -60,32 +62,10 @@ def parse_args_option(text):
         if not isinstance(value, dict):
             raise usage.UsageError("-a/--args: not a dict literal")
         return value
-    result = {}
-    parts = text.split(",")
-    i = 0
-    while i < len(parts):
-        if not parts[i].strip():
-            i += 1
-            continue
-        key, sep, raw = parts[i].partition("=")
-        if not sep or not key.strip():
-            raise usage.UsageError(f"-a/--args: expected key=value, got {parts[i]!r}")
-        i += 1
-        # a value may itself hold commas ([1, 2], {'a': 1, 'b': 2}): take more parts until
-        # its brackets and quotes are closed
-        while i < len(parts) and _open_brackets(raw):
-            raw += "," + parts[i]
-            i += 1
-        try:
-            result[key.strip()] = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            result[key.strip()] = raw
-    return result
-
-
-def _open_brackets(text):
-    depth, quote = 0, None
-    for ch in text:
+    # Pairs are split at the commas outside brackets and quotes: a value may hold commas
+    # ([1, 2], {'a': 1, 'b': 2}).
+    pairs, start, depth, quote = [], 0, 0, None
+    for i, ch in enumerate(text + ","):
         if quote:
             if ch == quote:
                 quote = None
@@ -95,7 +75,20 @@ def _open_brackets(text):
             depth += 1
         elif ch in ")]}":
             depth -= 1
-    return depth > 0 or quote is not None
+        elif ch == "," and depth <= 0:
+            pairs.append(text[start:i])
+            start = i + 1
+    pairs.append(text[start:])  # what an unclosed bracket or quote left
+    result = {}
+    for pair in filter(str.strip, pairs):
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise usage.UsageError(f"-a/--args: expected key=value, got {pair!r}")
+        try:
+            result[key.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            result[key.strip()] = raw
+    return result
 
 
 def fail_input(message):
@@ -173,60 +166,57 @@ class Options(usage.Options):
         self["files"] = list(files)
 
     def postOptions(self):
+        """Read and check everything the container needs; bad input is one line on stderr and
+        exit status 2 (L{fail_input})."""
+        try:
+            self._check()
+        except (AppFileError, ConfigError, ValueError) as e:
+            fail_input(e)
+
+    def _check(self):
         if self["args"]:
             self["container_args"] = parse_args_option(self["args"])
         res = self["res"] or find_res_dir()
         self["res"] = res
-        try:
-            config = Config.load(res)
-            for module, key, value in self["defines"]:
-                config.define(module, key, value)
-            levels = ionlog.load_levels(res)
-        except (ConfigError, ValueError) as e:
-            fail_input(e)
+        config = Config.load(res)
+        for module, key, value in self["defines"]:
+            config.define(module, key, value)
         self["config"] = config
-        self["levels"] = levels
+        self["levels"] = ionlog.load_levels(res)
         cargs = self["container_args"]
         self["sysname"] = self["sysname"] or cargs.get("sysname") or config.get(
             "ion.core.messaging", "sysname", "ion"
         )
-        try:
-            self["broker_url"] = self._with_password(self._broker_url(config))
-            check_broker_url(self["broker_url"])
-            self["broker_tls"] = broker_tls(
-                self["broker_url"], self["broker-ca"], self["broker-cert"], self["broker-key"],
-                config,
-            )
-        except ValueError as e:
-            fail_input(e)
+        # A client certificate names its user itself, and logs in without a password.
+        certificate = self["broker-cert"] or config.get("ion.core.messaging", "broker_cert", None)
+        self["broker_url"] = broker_url_with_password(
+            self._broker_url(config, certificate), self["credentials"],
+            self.default_credentials, bool(certificate))
+        check_broker_url(self["broker_url"])
+        self["broker_tls"] = broker_tls(
+            self["broker_url"], self["broker-ca"], self["broker-cert"], self["broker-key"],
+            config,
+        )
         retry = self["broker-retry"]
         if retry is None:
             retry = config.get("ion.core.messaging", "broker_retry", 0)
         if isinstance(retry, bool) or not isinstance(retry, (int, float)) or not retry >= 0:
-            fail_input(f"--broker-retry / broker_retry: seconds >= 0 expected, got {retry!r}")
+            raise ValueError(f"--broker-retry / broker_retry: seconds >= 0 expected, got {retry!r}")
         self["broker_retry"] = retry
         apparg = {k[len("apparg_") :]: v for k, v in cargs.items() if k.startswith("apparg_")}
         self["apparg"] = apparg
-        try:
-            # AppController.plan checks the files before any container exists.
-            context = SimpleNamespace(config=config, res_dir=res)
-            plan = AppController(context, apparg).plan(CORE_APPS + self["files"])
-            layers = [layer for _spec, _kwargs, app_layers, _mult in plan for layer in app_layers]
-            config.check_with(layers)
-        except (AppFileError, ConfigError) as e:
-            fail_input(e)
+        # AppController.plan checks the files before any container exists.
+        context = SimpleNamespace(config=config, res_dir=res)
+        plan = AppController(context, apparg).plan(CORE_APPS + self["files"])
+        layers = [layer for _spec, _kwargs, app_layers, _mult in plan for layer in app_layers]
+        config.check_with(layers)
         _warn_unused(config, apparg, plan, layers)
-        try:
-            self["web_console"] = self._web(config, layers)
-        except ValueError as e:
-            fail_input(e)
+        self["web_console"] = self._web(config, layers)
 
     def _web(self, config, app_layers):
         """C{(host, port, token, explicit)} of the web console, or None: off. C{explicit}: given
         by the user (C{--web}, C{-D}, a config file), not by an app's defaults, so that a port
         taken is an error rather than a console left out."""
-        from ion.core.credentials import Credentials
-
         spec, explicit = self["web"], True
         if spec is None:
             from_apps = [layer["ion.core.cc"]["web"] for _name, layer in app_layers
@@ -249,7 +239,7 @@ class Options(usage.Options):
                                  "password (console:TOKEN)")
         return host, port, token, explicit
 
-    def _broker_url(self, config):
+    def _broker_url(self, config, certificate):
         url = self["broker"] or config.get("ion.core.messaging", "broker", "memory://")
         if isinstance(url, list):
             url = ",".join(url)
@@ -257,16 +247,15 @@ class Options(usage.Options):
         if not any(self[part] for part in parts):
             return url
         check_broker_url(url)  # the parts below are then safe to take
-        if len(_split_urls(url)) > 1:
+        if len(split_urls(url)) > 1:
             raise ValueError("--broker-host, --broker-port, --broker-user and --broker-vhost "
                              "change one broker URL: write each broker's URL in --broker")
         base = urlsplit(url if url.startswith("amqp") else "amqp://guest@localhost:5672/")
         host = self["broker-host"] or base.hostname or "localhost"
         port = self["broker-port"] or base.port or (5671 if base.scheme == "amqps" else 5672)
         user = self["broker-user"] or base.username
-        certificate = self["broker-cert"] or config.get("ion.core.messaging", "broker_cert", None)
         if user is None and not certificate:
-            user = "guest"  # a client certificate names its user itself
+            user = "guest"
         auth = ""
         if user is not None:
             auth = quote(user, safe="") + (f":{base.password}" if base.password else "") + "@"
@@ -274,23 +263,6 @@ class Options(usage.Options):
         return f"{base.scheme}://{auth}{host}:{port}/{quote(vhost, safe='')}"
 
     default_credentials = DEFAULT_CREDENTIALS
-
-    def _with_password(self, url):
-        """The broker URL with the password from the credentials file (see
-        L{broker_url_with_password}); a file that cannot be used stops here."""
-        try:
-            certificate = self["broker-cert"] or self["config"].get(
-                "ion.core.messaging", "broker_cert", None)
-            return broker_url_with_password(url, self["credentials"], self.default_credentials,
-                                            bool(certificate))
-        except ValueError as e:
-            fail_input(e)
-
-
-def _split_urls(url):
-    from ion.core.messaging.amqp import split_urls
-
-    return split_urls(url)
 
 
 def _warn_unused(config, apparg, plan, layers):
@@ -316,8 +288,6 @@ def broker_tls(url, ca_file=None, cert_file=None, key_file=None, config=None):
     amqps:// URLs only; C{~} is expanded. The files are read once here to check them.
     ValueError (one line naming the file) when they cannot be used, or are given for a URL
     that is not amqps://. C{twistd cc} and the C{ion} command line both use this."""
-    from ion.core.messaging.tls import ClientTls
-
     given = {"tls_ca_file": ca_file, "tls_cert_file": cert_file, "tls_key_file": key_file}
     if url.split(":", 1)[0].lower() != "amqps":
         if any(path is not None for path in given.values()):
@@ -348,8 +318,6 @@ def broker_url_with_password(url, path=None, default=DEFAULT_CREDENTIALS, certif
     not tried with some default password. Exceptions: user C{guest} (RabbitMQ's default
     account, password guest) and a C{certificate} login (EXTERNAL, no password). C{twistd cc}
     and the C{ion} command line both use this."""
-    from ion.core.messaging.amqp import split_urls
-
     try:
         urls = split_urls(url)
     except ValueError:

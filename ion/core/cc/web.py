@@ -70,10 +70,8 @@ class WebConsole(Service):
 
     def core(self):
         """The container's core process (it samples and makes the calls), or None."""
-        for proc in self.container.registry:
-            if isinstance(proc, ContainerProcess) and not proc.lifecycle.final:
-                return proc
-        return None
+        return next((p for p in self.container.registry
+                     if isinstance(p, ContainerProcess) and not p.lifecycle.final), None)
 
     async def api(self, path):
         """The JSON document (or SVG text) of an API path; LookupError when there is none."""

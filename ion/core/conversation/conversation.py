@@ -39,14 +39,6 @@ class Refused(RemoteError):
     """The participant of a request refused it."""
 
 
-def _fire(waiters, ok, value):
-    """Fire (and forget) the waiters not cancelled yet; none are added once the answer is known."""
-    for d in waiters:
-        if not d.called:
-            d.callback(value) if ok else d.errback(value)
-    waiters.clear()
-
-
 class Conversation:
     """One conversation seen from one side. C{state} follows the protocol table."""
 
@@ -63,11 +55,9 @@ class Conversation:
         self.timer = None
         self.started = owner.clock.seconds()  # for the rpc latency metric
         self.user_id = None  # the identity this conversation acts for
-        # initiator side: what the peer said, and who waits for it
-        self._agreement = None  # (ok, value) once agreed/refused/ended before agreeing
-        self._outcome = None  # (ok, value) once the conversation's result is known
-        self._agree_waiters = []
-        self._result_waiters = []
+        # initiator side: what the peer said, as (ok, value), once known
+        self._agreement = defer.Deferred()  # agreed, refused, or ended before agreeing
+        self._outcome = defer.Deferred()  # the conversation's result
 
     def __repr__(self):
         return f"<Conversation {self.protocol} {self.role} {self.conv_id} {self.state}>"
@@ -89,20 +79,24 @@ class Conversation:
     def when_agreed(self):
         """A Deferred: True once the participant agreed; fails if it refused or the
         conversation ended first."""
-        return self._wait(self._agreement, self._agree_waiters)
+        return self._wait(self._agreement)
 
     def when_done(self):
         """A Deferred of the outcome: the result content, or a typed error. Cancelling it
         cancels the conversation (a late answer is then dropped)."""
-        return self._wait(self._outcome, self._result_waiters)
+        return self._wait(self._outcome)
 
-    def _wait(self, known, waiters):
-        if known is not None:
-            ok, value = known
-            return defer.succeed(value) if ok else defer.fail(value)
-        d = defer.Deferred(lambda d: self.cancel())
-        waiters.append(d)
-        return d
+    def _wait(self, answer):
+        waiter = defer.Deferred(lambda _: self.cancel())
+
+        def answered(result):
+            ok, value = result
+            if not waiter.called:  # else cancelled
+                waiter.callback(value) if ok else waiter.errback(value)
+            return result
+
+        answer.addCallback(answered)
+        return waiter
 
     def cancel(self):
         """Give up on this conversation (initiator): final state C{cancelled}."""
@@ -111,17 +105,15 @@ class Conversation:
             self._settle(False, defer.CancelledError(f"conversation {self.conv_id} cancelled"))
 
     def _agree(self, ok, value):
-        if self._agreement is None:
-            self._agreement = (ok, value)
-            _fire(self._agree_waiters, ok, value)
+        if not self._agreement.called:
+            self._agreement.callback((ok, value))
 
     def _settle(self, ok, value):
         """Record the outcome and fire the waiters (an error also answers agreement)."""
         if not ok:
             self._agree(False, value)
-        if self._outcome is None:
-            self._outcome = (ok, value)
-            _fire(self._result_waiters, ok, value)
+        if not self._outcome.called:
+            self._outcome.callback((ok, value))
 
     # -- participant side ------------------------------------------------------------------
 
@@ -150,16 +142,13 @@ class Conversations:
     def __len__(self):
         return len(self.open)
 
-    def _ttl(self):
-        return self.config.get(CONFIG, "tombstone_ttl", 60)
-
     def _finished(self, conv):
         key = (conv.conv_id, conv.role)
         self.open.pop(key, None)
         if conv.timer is not None and conv.timer.active():
             conv.timer.cancel()
         now = self.clock.seconds()
-        self.tombstones[key] = now + self._ttl()
+        self.tombstones[key] = now + self.config.get(CONFIG, "tombstone_ttl", 60)
         self.tombstones.move_to_end(key)
         self.recent.append(conv)
         if conv.role == P.INITIATOR and conv.protocol == "rpc":

@@ -29,6 +29,14 @@ class EncodeError(TypeError):
     """An object cannot be represented in msgpack (the message names the offending type)."""
 
 
+def _digits(value):
+    """A string of digits as an int; any other value as it is."""
+    try:
+        return int(value.strip().replace("_", "")) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
 def _positive_int(instance, attribute, value):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
@@ -54,21 +62,9 @@ class Limits:
     def from_config(cls, section):
         """Build limits from a config section (a mapping). Keys named like the attributes
         override the defaults; other keys belong to other settings and are ignored. Values
-        may be ints or strings of digits."""
-        values = {}
-        for field in attrs.fields(cls):
-            if field.name not in section:
-                continue
-            value = section[field.name]
-            if isinstance(value, str):
-                try:
-                    value = int(value.strip().replace("_", ""))
-                except ValueError:
-                    raise ValueError(
-                        f"{field.name} must be a positive integer, got {section[field.name]!r}"
-                    ) from None
-            values[field.name] = value
-        return cls(**values)
+        may be ints or strings of digits (C{"16_000_000"}); the validators refuse the rest."""
+        names = {field.name for field in attrs.fields(cls)}
+        return cls(**{key: _digits(value) for key, value in section.items() if key in names})
 
 
 def _refuse(obj):

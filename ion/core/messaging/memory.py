@@ -270,9 +270,7 @@ class _Delivery:
                 f"cannot {action} message {self.routing_key!r}: it was already acked or nacked"
             )
         self._consumer = None
-        if consumer.active:
-            return consumer
-        return None
+        return consumer if consumer.active else None  # a gone consumer's messages are back
 
     def ack(self):
         consumer = self._settle("ack")
@@ -666,33 +664,25 @@ class MemoryTransport:
         """Route body to every matching queue once. Fires with None at once (the broker has
         it), or fails with NotFound (no such exchange) or, when mandatory, Unroutable.
         C{properties.user_id} is set to this connection's user."""
-        if self._state is not _OPEN:
-            return defer.fail(self._unavailable())
+        return self._do(self._publish, exchange, routing_key, body, properties, mandatory)
+
+    def _publish(self, exchange, routing_key, body, properties, mandatory):
         # Every queued copy gets its own Properties and headers dict, as if it had crossed a
         # wire: neither the publisher nor another receiver can change it afterwards.
-        try:
-            if properties is not None:
-                if properties.headers:
-                    check_headers(properties.headers)
-                properties = attrs.evolve(
-                    properties, user_id=self.user, headers=dict(properties.headers)
-                )
-            body = body_bytes(body)
-        except Exception:
-            return defer.fail()
-        target = self.broker._exchanges.get(exchange)
-        if target is None:
-            return defer.fail(NotFound(f"no exchange {exchange!r}"))
-        queues = target.route(routing_key)
-        if not queues:
-            if mandatory:
-                return defer.fail(Unroutable(exchange, routing_key))
-            return defer.succeed(None)
+        if properties is not None:
+            if properties.headers:
+                check_headers(properties.headers)
+            properties = attrs.evolve(
+                properties, user_id=self.user, headers=dict(properties.headers)
+            )
+        body = body_bytes(body)
+        queues = self.broker._exchange(exchange).route(routing_key)
+        if not queues and mandatory:
+            raise Unroutable(exchange, routing_key)
         for i, queue in enumerate(queues):
             if i and properties is not None:
                 properties = attrs.evolve(properties, headers=dict(properties.headers))
             queue.put(_Message(body, exchange, routing_key, properties, self.user))
-        return defer.succeed(None)
 
     def consume(self, queue, callback, prefetch=100):
         return self._do(self.broker._consume, self, queue, callback, prefetch)

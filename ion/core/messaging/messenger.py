@@ -43,15 +43,16 @@ class Message:
 
 class Messenger:
     """Sends and receives the envelopes of one system over C{transport}; a send is stamped
-    C{ts} (milliseconds) from C{clock} (the container's)."""
+    C{ts} (milliseconds) from C{clock} (the container's). C{limits} bound what is decoded
+    (L{codec.Limits}); C{config} is the container's."""
 
-    def __init__(self, transport, sysname, clock, limits=None, config=None):
+    def __init__(self, transport, sysname, clock, limits, config):
         self.transport = transport
         self.clock = clock
         self.sysname = sysname
         self.exchange = names.system_exchange(sysname)
         self.trace_exchange = f"{self.exchange}.trace"
-        self.limits = limits or codec.Limits()
+        self.limits = limits
         self.config = config
         self.metrics = Metrics()  # the container's (ion.core.metrics)
 
@@ -75,8 +76,6 @@ class Messenger:
 
     def tracing(self):
         """Whether sends are traced now (config C{ion.core.messaging: {'trace': ...}})."""
-        if self.config is None:
-            return False
         # The top layer that sets the key wins, as in Config.get; walked here because Config.get
         # merges whole sections when no layer sets it (the usual case), too slow for every send.
         for _name, layer in reversed(self.config.layers):
@@ -89,9 +88,6 @@ class Messenger:
         """Create queue (if missing) and route messages addressed to C{key} into it."""
         await self.transport.declare_queue(queue, exclusive=exclusive, auto_delete=auto_delete)
         await self.transport.bind(queue, self.exchange, key)
-
-    async def delete_receiver(self, queue):
-        await self.transport.delete_queue(queue)
 
     async def declare_trace_receiver(self, queue):
         """Create an exclusive queue that gets the trace copy of every traced send of this

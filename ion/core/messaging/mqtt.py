@@ -35,7 +35,7 @@ import collections
 import ssl
 from urllib.parse import unquote, urlsplit
 
-import attr
+import attrs
 from paho.mqtt import client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as MqttProperties
@@ -70,14 +70,14 @@ def filter_of(queue, exchange, pattern):
     return "/".join(["$share", queue, exchange] + words)
 
 
-@attr.s(auto_attribs=True, frozen=True)
+@attrs.frozen
 class MqttAddress:
     """A parsed C{mqtt[s]://[user[:password]@]host[:port]/} URL; repr() shows no password."""
 
     host: str
     port: int
     user: str | None
-    password: str | None = attr.ib(repr=False)
+    password: str | None = attrs.field(repr=False)
     tls: bool
 
     @classmethod
@@ -101,19 +101,19 @@ class MqttAddress:
         return f"mqtt{'s' if self.tls else ''}://{who}{self.host}:{self.port}/"
 
 
-@attr.s(eq=False)
+@attrs.define(eq=False)
 class _Delivery:
     """One message from the broker (L{IDelivery})."""
 
-    _transport = attr.ib()
-    _generation = attr.ib()
-    mid = attr.ib()
-    body = attr.ib()
-    exchange = attr.ib()
-    routing_key = attr.ib()
-    properties = attr.ib()
-    redelivered = attr.ib()
-    settled = attr.ib(default=False)
+    _transport: object
+    _generation: int
+    mid: int
+    body: bytes
+    exchange: str
+    routing_key: str
+    properties: Properties
+    redelivered: bool
+    settled: bool = False
 
     def ack(self):
         if not self.settled:
@@ -129,10 +129,12 @@ class _Delivery:
             self.ack()
 
 
-@attr.s(eq=False)
+@attrs.define(eq=False)
 class _Consumer:
-    queue = attr.ib()
-    _transport = attr.ib()
+    queue: str
+    _transport: object
+    callback: object
+    prefetch: int
 
     def cancel(self):
         self._transport._cancel(self)
@@ -250,18 +252,15 @@ class MqttTransport:
     def connect(self):
         """Connect and subscribe what was bound. Fires with this transport; the first attempt
         failing fails it (TransportError naming the broker); later losses are repaired."""
-        if self._client is not None:
-            return self.whenConnected()
-        if not self.session:
-            self.session = f"ion_{id(self):x}"
-        self._client = self._make_client()
-        self._misc = task.LoopingCall(self._loop_misc)
-        self._misc.clock = self.reactor
-        self._misc.start(1.0, now=False)
-        first = defer.Deferred()
-        self._waiting.append(first)
-        self._start_attempt(first_attempt=True)
-        return first
+        if self._client is None:
+            if not self.session:
+                self.session = f"ion_{id(self):x}"
+            self._client = self._make_client()
+            self._misc = task.LoopingCall(self._loop_misc)
+            self._misc.clock = self.reactor
+            self._misc.start(1.0, now=False)
+            self._start_attempt(first_attempt=True)
+        return self.whenConnected()
 
     def whenConnected(self):
         if self._closed:
@@ -508,9 +507,7 @@ class MqttTransport:
     async def consume(self, queue, callback, prefetch=None):
         if self._consumer is not None:
             raise TransportError(f"{self.address}: one consumer per MQTT transport")
-        self._consumer = _Consumer(queue, self)
-        self._consumer.callback = callback
-        self._consumer.prefetch = prefetch or self.prefetch
+        self._consumer = _Consumer(queue, self, callback, prefetch or self.prefetch)
         self.reactor.callLater(0, self._deliver)
         return self._consumer
 

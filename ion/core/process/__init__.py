@@ -8,11 +8,10 @@ from ion.core.conversation.errors import (
     RemoteError,
 )
 from ion.core.conversation.conversation import Refused
-from ion.core.messaging.subscription import returns_of
 from ion.core.messaging.transport import ConnectionLost, TransportError
 from ion.core.process.lease import Lease
 from ion.core.process.lifecycle import IllegalTransition
-from ion.core.process.process import Process, ServiceProcess, explicit_agree
+from ion.core.process.process import Process, ServiceProcess, explicit_agree, returns_of
 from ion.core.process.registry import SpawnError
 from ion.core.process.statedir import DirectoryInUse, EnvironmentFailure
 from ion.core.process.supervisor import Supervisor

@@ -180,7 +180,8 @@ class OSInstance(Process):
         Logger(namespace=namespace).emit(level, "[{instance}] {text}", instance=self.target,
                                          text=text)
 
-    async def _stop_child(self):
+    async def on_terminate(self):
+        """Close the child's stdin and wait for it to end, killing it after C{shutdown} s."""
         self._stopping = True
         child, transport = self._child, self._transport
         if child is None or child.ended.called:
@@ -204,9 +205,6 @@ class OSInstance(Process):
         elif why == "start":
             self.log.warn("{name}: OS process {pid} not ready within {s} s; killed",
                           name=self.target, pid=self.os_pid, s=self.start_timeout)
-
-    async def on_terminate(self):
-        await self._stop_child()
 
     async def crash(self, reason):
         if not self.lifecycle.final:

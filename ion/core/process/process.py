@@ -37,8 +37,18 @@ from twisted.python.failure import Failure
 from ion.core.conversation.conversation import Conversations
 from ion.core.conversation.errors import ApplicationError, ProcessTerminated
 from ion.core.log import redact
-from ion.core.messaging import names, subscription
-from ion.core.messaging.transport import ConnectionLost, PreconditionFailed
+from ion.core.messaging import names
+from ion.core.messaging.transport import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_ROUTING_KEY,
+    DELIVERY_COUNT,
+    DELIVERY_LIMIT,
+    QUEUE_TYPE,
+    QUEUE_TYPES,
+    ConnectionLost,
+    PreconditionFailed,
+    Properties,
+)
 from ion.core.process import statedir
 from ion.core.process.lifecycle import ACTIVE, IllegalTransition, Lifecycle
 
@@ -47,6 +57,16 @@ MESSAGING = "ion.core.messaging"
 
 # The participant conversation being served in the current task (identity flows from it).
 _serving = contextvars.ContextVar("ion_serving", default=None)
+
+# Headers of a dead-lettered message: why, and where it was published.
+DEAD_REASON = "dead-reason"
+DEAD_EXCHANGE = "dead-exchange"
+DEAD_ROUTING_KEY = "dead-routing-key"
+REASON_CHARS = 1000  # of the reason kept
+
+# Returns of a message before it is dead-lettered, on a quorum queue (classic queues tell
+# only whether a message was delivered before: their limit is 1).
+DEFAULT_DELIVERY_LIMIT = 10
 
 
 def explicit_agree(op):
@@ -67,6 +87,44 @@ async def _cancel(consumer):
     if consumer is not None:
         with contextlib.suppress(ConnectionLost):
             await consumer.cancel()
+
+
+def queue_type_for(asked, cluster):
+    """The queue type of a shared durable queue: C{asked} ('classic', 'quorum', or 'auto' /
+    None: quorum on a cluster (C{cluster}: the broker URL names several hosts), else classic).
+    ValueError for another value."""
+    if asked in (None, "auto"):
+        return "quorum" if cluster else "classic"
+    if asked not in QUEUE_TYPES:
+        raise ValueError(f"queue_type must be 'auto', 'classic' or 'quorum', got {asked!r}")
+    return asked
+
+
+def queue_arguments(queue, queue_type, delivery_limit):
+    """C{(arguments of queue, arguments of <queue>.dead)} for a shared durable queue of
+    C{queue_type}: a quorum queue gives up a message returned more than C{delivery_limit}
+    times (the process gave it back, or died holding it) and dead-letters it to
+    C{<queue>.dead}, itself a quorum queue; a classic queue has no arguments."""
+    if queue_type != "quorum":
+        return {}, {}
+    return (
+        {
+            QUEUE_TYPE: "quorum",
+            DELIVERY_LIMIT: delivery_limit,
+            DEAD_LETTER_EXCHANGE: "",
+            DEAD_LETTER_ROUTING_KEY: f"{queue}.dead",
+        },
+        {QUEUE_TYPE: "quorum"},
+    )
+
+
+def returns_of(delivery):
+    """How many times the message of C{delivery} was returned to its queue before: a quorum
+    queue's C{x-delivery-count}, else 1 when it is marked redelivered, else 0."""
+    count = (delivery.properties.headers or {}).get(DELIVERY_COUNT)
+    if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+        return count
+    return 1 if delivery.redelivered else 0
 
 
 @attrs.define(eq=False)
@@ -293,7 +351,7 @@ class Process:
         if consumer is not None:
             try:
                 await consumer.cancel()
-                await self.container.messenger.delete_receiver(self.pid)
+                await self.container.messenger.transport.delete_queue(self.pid)
             except ConnectionLost:
                 pass  # the queue went with the connection
             except Exception:
@@ -356,13 +414,15 @@ class Process:
         self._brokers.append(broker)
         return broker
 
-    async def subscribe(self, exchange, keys, handler, queue=None, transport=None, **options):
+    async def subscribe(self, exchange, keys, handler, queue=None, transport=None,
+                        exchange_type="topic", durable=None, exclusive=None, auto_delete=None,
+                        prefetch=100, queue_type=None, delivery_limit=None):
         """Consume raw (non-envelope) messages from C{exchange} bound with topic patterns
         C{keys}: handler(delivery) gets C{body}, C{routing_key}, C{properties} (with the trusted
         C{user_id}), C{redelivered}, and must C{ack()} or C{nack(requeue)} each one. It may return
         an awaitable: the message is in hand until that finishes. The queue is durable and
-        named C{queue} (default: an exclusive one named after this process). Options:
-        exchange_type, durable, exclusive, auto_delete, prefetch, queue_type, delivery_limit.
+        named C{queue} (default: an exclusive, auto-delete, transient one named after this
+        process); C{exchange_type} (durable like the queue) is declared first.
 
         A named durable queue that is neither exclusive nor auto-delete is shared: its
         C{queue_type} (default config C{ion.core.messaging: queue_type}, 'auto': quorum when
@@ -385,41 +445,42 @@ class Process:
         C{transport}: a connection of L{open_broker} to consume from instead of the
         container's; with C{exchange_type=None} the exchange is not declared (a remote pump's
         exchanges are its own). Dead letters still go to the container's broker."""
-        asked_type = options.pop("queue_type", None)
-        limit = options.pop("delivery_limit", None)
-        if queue is None:
+        unnamed = queue is None
+        if unnamed:
             queue = f"{self.pid}.sub{len(self._subscriptions) + 1}"
-            options.setdefault("exclusive", True)
-            options.setdefault("auto_delete", True)
-            options.setdefault("durable", False)
-        sub = _Subscription(queue, options.get("durable", True), options.get("exclusive", False))
+        durable = not unnamed if durable is None else durable
+        exclusive = unnamed if exclusive is None else exclusive
+        auto_delete = unnamed if auto_delete is None else auto_delete
+        sub = _Subscription(queue, durable, exclusive)
         transport = transport or self.container.messenger.transport
-        shared = sub.durable and not sub.exclusive and not options.get("auto_delete", False)
-        if shared:
-            if asked_type is None:
-                asked_type = self.config("queue_type", "auto", module=MESSAGING)
-            if limit is None:
-                limit = self.config(
-                    "delivery_limit", subscription.DEFAULT_DELIVERY_LIMIT, module=MESSAGING
+        arguments = dead = None
+        if durable and not exclusive and not auto_delete:  # shared
+            if queue_type is None:
+                queue_type = self.config("queue_type", "auto", module=MESSAGING)
+            if delivery_limit is None:
+                delivery_limit = self.config(
+                    "delivery_limit", DEFAULT_DELIVERY_LIMIT, module=MESSAGING
                 )
-            kind = subscription.queue_type_for(asked_type, getattr(transport, "cluster", False))
-            arguments, sub.dead_arguments = subscription.queue_arguments(queue, kind, limit)
-            if kind == "quorum":
-                sub.delivery_limit = limit
-            options.update(arguments=arguments, dead_arguments=sub.dead_arguments)
+            kind = queue_type_for(queue_type, getattr(transport, "cluster", False))
+            arguments, sub.dead_arguments = queue_arguments(queue, kind, delivery_limit)
+            if kind == "quorum":  # it dead-letters to <queue>.dead, declared first
+                sub.delivery_limit = delivery_limit
+                dead = f"{queue}.dead"
         try:
-            sub.consumer = await subscription.subscribe(
-                transport,
-                exchange,
-                queue,
-                list(keys),
-                self._delivery_handler(handler, sub),
-                **options,
+            if dead is not None:
+                await transport.declare_queue(dead, durable=True, arguments=sub.dead_arguments)
+            await transport.declare_queue(
+                queue, durable=durable, exclusive=exclusive, auto_delete=auto_delete,
+                arguments=arguments,
+            )
+            await self.bind(queue, exchange, keys, exchange_type, durable, transport)
+            sub.consumer = await transport.consume(
+                queue, self._delivery_handler(handler, sub), prefetch=prefetch
             )
         except PreconditionFailed as e:
             raise ValueError(
                 f"{self.name}: queue {queue!r} exists on the broker with other properties than "
-                f"asked (queue_type {asked_type!r}): {e}; delete the queue (its messages go "
+                f"asked (queue_type {queue_type!r}): {e}; delete the queue (its messages go "
                 f"with it) or ask for its present type"
             ) from None
         self._subscriptions.append(sub)
@@ -463,11 +524,12 @@ class Process:
             )
             delivery.nack(requeue=True)
             return
+        retry = returns_of(delivery) < sub.delivery_limit
         if delivery.settled:
             outcome = "it was settled already"
         elif sub.consumer is None:
             outcome = "it is back in the queue already"
-        elif subscription.returns_of(delivery) < sub.delivery_limit:
+        elif retry:
             outcome = "requeued"
         else:
             outcome = f"it had been redelivered: moving it to {sub.queue}.dead"
@@ -482,16 +544,12 @@ class Process:
         )
         if delivery.settled or sub.consumer is None:
             return
-        returns = subscription.returns_of(delivery)
-        if returns < sub.delivery_limit:
+        if retry:
             delivery.nack(requeue=True)
             return
         reason = redact(f"{failure.type.__name__}: {failure.getErrorMessage()}")
         try:
-            await subscription.dead_letter(
-                self.container.messenger.transport, delivery, sub.queue, reason, sub.durable,
-                sub.exclusive, sub.dead_arguments,
-            )
+            await self._dead_letter(delivery, sub, reason)
         except ConnectionLost:
             return  # the message is back in its queue
         except Exception:
@@ -504,6 +562,37 @@ class Process:
             self.log.failure("{proc!r}: on_dead_letter failed", proc=self)
         if not delivery.settled:
             delivery.ack()
+
+    async def _dead_letter(self, delivery, sub, reason):
+        """Publish a copy of C{delivery} to the queue C{<queue>.dead} of its subscription
+        C{sub}, declared first (durable and exclusive as the subscription's queue), through the
+        default exchange of the container's broker, with its headers (less
+        C{x-delivery-count}) plus DEAD_REASON, DEAD_EXCHANGE and DEAD_ROUTING_KEY; fires once
+        the broker confirmed it. The same on every transport, and with a report: the queue's
+        own dead-lettering (quorum queues) is for a process that dies holding a message.
+        Settling C{delivery} is the caller's."""
+        dead = f"{sub.queue}.dead"
+        props = delivery.properties
+        key = delivery.routing_key
+        if not isinstance(key, str):
+            key = bytes(key).decode("utf-8", "replace")
+        headers = dict(props.headers or {})
+        headers.pop(DELIVERY_COUNT, None)
+        headers[DEAD_REASON] = reason[:REASON_CHARS]
+        headers[DEAD_EXCHANGE] = delivery.exchange
+        headers[DEAD_ROUTING_KEY] = key
+        properties = Properties(
+            content_type=props.content_type,
+            delivery_mode=2 if sub.durable else 1,
+            message_id=props.message_id,
+            headers=headers,
+            timestamp=props.timestamp,
+        )
+        transport = self.container.messenger.transport
+        await transport.declare_queue(
+            dead, durable=sub.durable, exclusive=sub.exclusive, arguments=sub.dead_arguments
+        )
+        await transport.publish("", dead, delivery.body, properties, mandatory=True)
 
     def track(self, work):
         """Run C{work} (a coroutine or Deferred) as work in hand: counted in L{in_hand}, and
@@ -527,22 +616,28 @@ class Process:
         """How many deliveries and tracked works are in hand now."""
         return len(self._in_hand)
 
-    async def publish(self, exchange, routing_key, body, transport=None, **options):
+    async def publish(self, exchange, routing_key, body, transport=None, headers=None,
+                      content_type="application/json", persistent=True, mandatory=False,
+                      declare=None):
         """Publish a raw message (bytes) to exchange; fires when the broker confirmed it.
-        Options: headers, content_type, persistent (default True), mandatory, declare;
+        C{declare='topic'} (or another type) declares the exchange (durable) first;
         C{transport}: a connection of L{open_broker} instead of the container's."""
-        await subscription.publish(
-            transport or self.container.messenger.transport, exchange, routing_key, body,
-            **options,
-        )
+        transport = transport or self.container.messenger.transport
+        if declare:
+            await transport.declare_exchange(exchange, declare, durable=True)
+        delivery_mode = 2 if persistent else 1
+        properties = Properties(content_type, delivery_mode, headers=dict(headers or {}))
+        await transport.publish(exchange, routing_key, body, properties, mandatory=mandatory)
         self.container.metrics.published.inc((self.name,))
 
-    async def bind(self, queue, exchange, keys, exchange_type="topic", durable=True):
-        """Bind the existing C{queue} to C{exchange} (declared first: C{exchange_type}, C{durable})
-        with each routing pattern of C{keys}, so that the queue's one consumer also receives
-        what is published there."""
-        transport = self.container.messenger.transport
-        await transport.declare_exchange(exchange, exchange_type, durable=durable)
+    async def bind(self, queue, exchange, keys, exchange_type="topic", durable=True,
+                   transport=None):
+        """Bind the existing C{queue} to C{exchange} (declared first: C{exchange_type}, C{durable};
+        None: not declared) with each routing pattern of C{keys}, so that the queue's one
+        consumer also receives what is published there."""
+        transport = transport or self.container.messenger.transport
+        if exchange_type:
+            await transport.declare_exchange(exchange, exchange_type, durable=durable)
         for key in [keys] if isinstance(keys, str) else keys:
             await transport.bind(queue, exchange, key)
 

@@ -1,4 +1,4 @@
-"""The processes of one container: pids, registered names, and how a spec becomes a process.
+"""The processes of one container: their pids, and how a spec becomes a process.
 
 A spawn spec is a Process subclass, or a string: C{'pkg.module:Class'}, C{'pkg.module.Class'}, or
 C{'pkg.module'} when that module names its process class in C{process_class} (or defines exactly
@@ -63,7 +63,6 @@ class ProcessRegistry:
         self.container_id = container_id
         self._counter = itertools.count(1)
         self._by_pid = {}
-        self._names = {}
 
     def next_pid(self):
         return f"{self.container_id}.{next(self._counter)}"
@@ -71,21 +70,16 @@ class ProcessRegistry:
     def __iter__(self):
         return iter(list(self._by_pid.values()))
 
-    def get(self, pid_or_name):
-        """The live process with that pid or registered name, or None."""
-        return self._by_pid.get(pid_or_name) or self._by_pid.get(self._names.get(pid_or_name))
+    def get(self, pid):
+        """The live process with that pid, or None."""
+        return self._by_pid.get(pid)
 
-    def add(self, proc, registered=None):
-        if registered is not None:
-            if registered in self._names:
-                raise SpawnError(f"name {registered!r} is already registered")
-            self._names[registered] = proc.pid
+    def add(self, proc):
         self._by_pid[proc.pid] = proc
         proc.add_exit_observer(self.remove)
 
     def remove(self, proc):
         self._by_pid.pop(proc.pid, None)
-        self._names = {name: pid for name, pid in self._names.items() if pid != proc.pid}
 
     def top_level(self):
         """Processes without a parent, in spawn order."""

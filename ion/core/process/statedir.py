@@ -24,11 +24,6 @@ class EnvironmentFailure(Exception):
     one line without a traceback, exit status 1 at boot."""
 
 
-def unusable(what, path, error):
-    """The L{EnvironmentFailure} for the OSError C{error} on C{path}, C{what} naming its use."""
-    return EnvironmentFailure(f"{what} {path}: {error.strerror or error}")
-
-
 def expected(error):
     """Whether C{error} is bad input (a ValueError or C{bad_input}) or an environment failure
     (C{environment}): its message says it all, without a traceback."""
@@ -68,7 +63,8 @@ def claim(path, owner):
             0o644,
         )
     except OSError as e:
-        raise unusable("cannot create state directory", path, e) from None
+        why = e.strerror or e
+        raise EnvironmentFailure(f"cannot create state directory {path}: {why}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:

@@ -19,6 +19,7 @@ from twisted.conch.ssh import factory, filetransfer, keys, session, userauth
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import reactor, ssl, tcp
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.protocols import ftp
 from twisted.python import components
@@ -334,6 +335,12 @@ class _SFTPFile:
             if flags & sftp_flag:
                 mode |= os_flag
         self.fd = _sftp_call(os.open, path, mode, 0o644)
+        self.first_write = None
+        self.written = 0
+        self.writing = bool(flags & filetransfer.FXF_WRITE)
+        if self.writing:
+            server.sftp.writing += 1
+            server.sftp.most_writing = max(server.sftp.most_writing, server.sftp.writing)
 
     def readChunk(self, offset, length):
         if self.stall and offset > 0:
@@ -344,7 +351,13 @@ class _SFTPFile:
         return data
 
     def writeChunk(self, offset, data):
+        stall = self.server.sftp.stall_writes_from
+        if stall is not None and offset >= stall:
+            return Deferred()  # never answered
+        if self.first_write is None:
+            self.first_write = offset
         _sftp_call(os.pwrite, self.fd, data, offset)
+        self.written += len(data)
 
     def getAttrs(self):
         return _sftp_attrs(_sftp_call(os.fstat, self.fd))
@@ -354,6 +367,12 @@ class _SFTPFile:
 
     def close(self):
         os.close(self.fd)
+        if self.writing:
+            self.server.sftp.writing -= 1
+        if self.first_write is not None:
+            self.server.sftp.writes.append(
+                (os.path.basename(self.path), self.first_write, self.written)
+            )
 
 
 class _SFTPDirectory:
@@ -380,6 +399,7 @@ class _RootedSFTPServer:
     def __init__(self, avatar):
         self.root = avatar.root
         self.stalled_names = avatar.stalled_names
+        self.sftp = avatar.sftp  # the SFTPServer: its writes and stall_writes_from
 
     def _path(self, path):
         relative = posixpath.normpath("/" + path.decode()).lstrip("/")
@@ -432,10 +452,11 @@ class _RootedSFTPServer:
 
 
 class _SFTPAvatar(avatar.ConchUser):
-    def __init__(self, root, stalled_names):
+    def __init__(self, root, stalled_names, sftp):
         super().__init__()
         self.root = root
         self.stalled_names = stalled_names
+        self.sftp = sftp
         self.channelLookup[b"session"] = session.SSHSession
         self.subsystemLookup[b"sftp"] = filetransfer.FileTransferServer
 
@@ -448,12 +469,13 @@ components.registerAdapter(_RootedSFTPServer, _SFTPAvatar, filetransfer.ISFTPSer
 
 @implementer(IRealm)
 class _SFTPRealm:
-    def __init__(self, root, stalled_names):
+    def __init__(self, root, stalled_names, sftp):
         self.root = root
         self.stalled_names = stalled_names
+        self.sftp = sftp
 
     def requestAvatar(self, avatarId, mind, *interfaces):
-        user = _SFTPAvatar(self.root, self.stalled_names)
+        user = _SFTPAvatar(self.root, self.stalled_names, self.sftp)
         return interfaces[0], user, user.logout
 
 
@@ -496,19 +518,25 @@ class SFTPServer:
     """
     A conch SFTP server on 127.0.0.1 over C{root}: user C{user} logs in with C{password} or
     with the key L{ssh_key}C{("client")}. Reads of files named in C{stalled_names} are never
-    answered past their first chunk.
+    answered past their first chunk; writes at or past offset C{stall_writes_from} (when
+    set) are never answered. Each file handle closed after writes is listed in C{writes}:
+    C{(name, offset of its first write, bytes written)}; C{most_writing} is the most
+    handles open for writing at once.
     """
 
     def __init__(self, root, user="bob", password="secret", stalled_names=()):
         self.root = root
         self.user = user
+        self.writes = []
+        self.stall_writes_from = None
+        self.writing = self.most_writing = 0
         self.host_key = ssh_key("host")
         checkers = [
             InMemoryUsernamePasswordDatabaseDontUse(**{user: password.encode()}),
             SSHPublicKeyChecker(InMemorySSHKeyDB({user.encode(): [ssh_key("client").public()]})),
         ]
         self.factory = _TrackingSSHFactory()
-        self.factory.portal = Portal(_SFTPRealm(root, set(stalled_names)), checkers)
+        self.factory.portal = Portal(_SFTPRealm(root, set(stalled_names), self), checkers)
         self.factory.publicKeys = {b"ssh-ed25519": self.host_key.public()}
         self.factory.privateKeys = {b"ssh-ed25519": self.host_key}
         self.factory.services = dict(self.factory.services)
@@ -560,6 +588,20 @@ class _FTPShell(ftp.FTPShell):
         self.stalled_names = stalled_names
         self.restart_at = 0  # set by REST, for the next RETR
 
+    def openForWriting(self, path):
+        """As twisted's, but after C{REST n} the file is kept and written from offset n."""
+        offset, self.restart_at = self.restart_at, 0
+        if not offset:
+            return super().openForWriting(path)
+        target = self._path(path)
+        try:
+            fd = os.open(target.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        except OSError as e:
+            return ftp.errnoToFailure(e.errno, path)
+        f = os.fdopen(fd, "wb")
+        f.seek(offset)
+        return succeed(ftp._FileWriter(f))
+
     def openForReading(self, path):
         if path and path[-1] in self.stalled_names:
             return succeed(_StallingReader())
@@ -599,11 +641,43 @@ class _FTPRealm:
         raise NotImplementedError()
 
 
+class _RestartRefused(ftp.FTPCmdError):
+    def response(self):
+        return "451 Append/Restart not permitted, try again"
+
+
+class _Unavailable(ftp.FTPCmdError):
+    def response(self):
+        return "450 Requested file action not taken"
+
+
 class _RestFTP(ftp.FTP):
-    """twisted's FTP server plus C{REST} (a RETR starting at an offset), each offset asked
-    for kept in the factory's C{restarts}."""
+    """twisted's FTP server plus C{REST} (a RETR or STOR starting at an offset), each offset
+    asked for kept in the factory's C{restarts}, and the offset of each C{STOR} in C{stores}.
+    Without the factory's C{store_rest}, a STOR after REST is refused as ProFTPD does by
+    default (451)."""
 
     FEATURES = ftp.FTP.FEATURES + ["REST STREAM"]
+
+    def ftp_STOR(self, path):
+        factory = self.factory
+        offset = self.shell.restart_at if self.shell is not None else 0
+        if offset and not factory.store_rest:
+            self.shell.restart_at = 0
+            return fail(_RestartRefused())
+        if factory.refuse_stores_after is not None \
+                and len(factory.stores) >= factory.refuse_stores_after:
+            self.shell.restart_at = 0
+            return fail(_Unavailable())
+        factory.stores.append((path, offset))
+        factory.storing += 1
+        factory.most_storing = max(factory.most_storing, factory.storing)
+
+        def ended(result):
+            factory.storing -= 1
+            return result
+
+        return defer.maybeDeferred(super().ftp_STOR, path).addBoth(ended)
 
     def ftp_REST(self, value):
         if not value.isdigit():
@@ -646,6 +720,10 @@ class _TrackingFTPFactory(ftp.FTPFactory):
         super().__init__(portal)
         self.connections = set()
         self.restarts = []
+        self.stores = []
+        self.store_rest = True
+        self.refuse_stores_after = None  # then every STOR is refused (450)
+        self.storing = self.most_storing = 0
 
     def buildProtocol(self, addr):
         protocol = super().buildProtocol(addr)
@@ -666,11 +744,13 @@ class FTPServer:
     A twisted FTP server on 127.0.0.1 over C{root}: user C{user} logs in with C{password};
     anonymous logins are refused. Files named in C{stalled_names} send 50000 bytes, then stall.
     With C{mlsd=True} the server also answers C{MLSD}; it answers C{REST} unless C{rest=False}
-    (twisted's own server has no REST).
+    (twisted's own server has no REST); with C{store_rest=False} it refuses a STOR after REST
+    (451, as ProFTPD does by default).
     """
 
     def __init__(
-        self, root, user="carol", password="secret", stalled_names=(), mlsd=False, rest=True
+        self, root, user="carol", password="secret", stalled_names=(), mlsd=False, rest=True,
+        store_rest=True,
     ):
         checker = InMemoryUsernamePasswordDatabaseDontUse()
         # twisted's FTP server hands the checker text, not bytes.
@@ -678,6 +758,7 @@ class FTPServer:
         portal = Portal(_FTPRealm(root, set(stalled_names)), [checker])
         self.factory = _TrackingFTPFactory(portal)
         self.factory.allowAnonymous = False
+        self.factory.store_rest = store_rest
         if mlsd:
             self.factory.protocol = _MLSDFTP
         elif not rest:

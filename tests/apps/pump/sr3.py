@@ -18,26 +18,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 SR3 = os.path.join(ROOT, "var", "bench", "sr3venv", "bin", "sr3")
 
 
-def sr3_missing(mqtt=False):
-    """Why sr3 cannot run here (with C{mqtt}, over MQTT), saying how to get it; None if it
-    can."""
+def _sr3_imports(module):
+    """Whether sr3's python imports C{module}."""
+    return subprocess.run(
+        [os.path.join(os.path.dirname(SR3), "python"), "-c", f"import {module}"],
+        capture_output=True, stdin=subprocess.DEVNULL, timeout=60,
+    ).returncode == 0
+
+
+def sr3_missing(mqtt=False, reassemble=False):
+    """Why sr3 cannot run here (with C{mqtt}, over MQTT; with C{reassemble}, putting files
+    announced in blocks together), saying how to get it; None if it can."""
     make = (
         "make it with: python3 -m venv var/bench/sr3venv && "
-        "var/bench/sr3venv/bin/pip install 'metpx-sr3[amqp,mqtt]'"
+        "var/bench/sr3venv/bin/pip install 'metpx-sr3[amqp,mqtt,reassemble]'"
     )
     if not os.access(SR3, os.X_OK):
         return f"sr3 is not installed at {SR3}; {make}"
-    if mqtt and subprocess.run(
-        [os.path.join(os.path.dirname(SR3), "python"), "-c", "import paho.mqtt.client"],
-        capture_output=True, stdin=subprocess.DEVNULL, timeout=60,
-    ).returncode != 0:
+    if mqtt and not _sr3_imports("paho.mqtt.client"):
         return f"sr3 at {SR3} lacks paho-mqtt for MQTT; {make}"
+    if reassemble and not _sr3_imports("flufl.lock"):
+        return f"sr3 at {SR3} lacks flufl.lock for its block_reassembly; {make}"
     return None
 
 
-def skip_or_fail_without_sr3(mqtt=False):
-    """Skip (fail under CI) without sr3, or with C{mqtt} without its paho-mqtt."""
-    reason = sr3_missing(mqtt)
+def skip_or_fail_without_sr3(mqtt=False, reassemble=False):
+    """Skip (fail under CI) without sr3, or with C{mqtt} without its paho-mqtt, or with
+    C{reassemble} without its flufl.lock."""
+    reason = sr3_missing(mqtt, reassemble)
     if reason is None:
         return
     if os.environ.get("CI"):

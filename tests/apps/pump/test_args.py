@@ -189,6 +189,49 @@ class ConsumerArgsTests(ArgumentsCase):
         self.assertRaises(AttributeError, setattr, args, "parallel", 0)
 
 
+class OnCompleteTests(ArgumentsCase):
+    """A consumer's on_complete argument (ion.apps.pump.completion runs it)."""
+
+    def test_parse(self):
+        """A command is a list of strings; timeout and all_files have defaults; no
+        on_complete is None."""
+        parsed = ConsumerArgs.parse(dict(CONSUMER, on_complete={"command": ["/bin/true", "-x"]}))
+        on_complete = parsed.on_complete
+        self.assertEqual(
+            (on_complete.command, on_complete.complete_exchange, on_complete.timeout),
+            (["/bin/true", "-x"], None, 60),
+        )
+        self.assertFalse(on_complete.all_files)
+        self.assertIsNone(ConsumerArgs.parse(CONSUMER).on_complete)
+
+    def test_refused(self):
+        """A shell string, an empty or non-string command, a bad exchange, timeout or key is
+        one line naming the process, the key and the value."""
+        who = "consumer c: on_complete: "
+        command = "command must be a list of strings (the program, then its arguments; no shell)"
+        for value, message in [
+            ({"command": "rm -rf /tmp/x"}, f"{command}, got 'rm -rf /tmp/x'"),
+            ({"command": []}, f"{command}, got []"),
+            ({"command": ["ok", 3]}, f"{command}, got ['ok', 3]"),
+            ({"command": [""]}, f"{command}, got ['']"),
+            ({"command": ["a\0b"]}, f"{command}, got ['a\\x00b']"),
+            (
+                {"complete_exchange": "no spaces"},
+                "complete_exchange must be an exchange name, got 'no spaces'",
+            ),
+            ({"command": ["x"], "timeout": 0}, "timeout must be seconds > 0, got 0"),
+            ({"command": ["x"], "all_files": "yes"}, "all_files must be True or False, got 'yes'"),
+            (
+                {"command": ["x"], "shell": True},
+                "unknown key 'shell'; valid ones are command, complete_exchange, timeout, "
+                "all_files",
+            ),
+            ({}, "needs a command, a complete_exchange or both"),
+            ("x", "arguments must be a dict, got 'x'"),
+        ]:
+            self.assertRefused(ConsumerArgs.parse, dict(CONSUMER, on_complete=value), who + message)
+
+
 class PollArgsTests(ArgumentsCase):
     def test_defaults(self):
         args = PollArgs.parse(POLL)

@@ -1,52 +1,14 @@
 """
-Tests for L{ion.apps.pump.completion}: the on_complete argument and its command, run as a real
-child process.
+Tests for L{ion.apps.pump.completion}: the on_complete command, run as a real child process
+(the argument's checks are in test_args).
 """
 
 import os
 
 from twisted.internet import reactor
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import TestCase
 
-from ion.apps.pump.completion import OnComplete, run_command
-
-
-def is_name(value):
-    return isinstance(value, str) and value.isidentifier()
-
-
-class OnCompleteArgTests(SynchronousTestCase):
-    """
-    The on_complete argument.
-    """
-
-    def test_parse(self):
-        """
-        A command is a list of strings; timeout and all_files have defaults.
-        """
-        parsed = OnComplete.parse({"command": ["/bin/true", "-x"]}, "consumer c", is_name)
-        self.assertEqual(parsed, OnComplete(("/bin/true", "-x"), None, 60, False))
-        self.assertIsNone(OnComplete.parse(None, "consumer c", is_name))
-
-    def test_refused(self):
-        """
-        A shell string, an empty or non-string command, a bad exchange, timeout or key is
-        one line naming the process and the key.
-        """
-        for value, text in [
-            ({"command": "rm -rf /tmp/x"}, "command must be a list of strings"),
-            ({"command": []}, "command must be a list"),
-            ({"command": ["ok", 3]}, "command must be a list"),
-            ({"complete_exchange": "no spaces"}, "complete_exchange"),
-            ({"command": ["x"], "timeout": 0}, "timeout"),
-            ({"command": ["x"], "all_files": "yes"}, "all_files"),
-            ({"command": ["x"], "shell": True}, "keys"),
-            ({}, "needs a command"),
-        ]:
-            with self.assertRaises(ValueError) as caught:
-                OnComplete.parse(value, "consumer c", is_name)
-            self.assertIn("consumer c: on_complete", str(caught.exception))
-            self.assertIn(text, str(caught.exception))
+from ion.apps.pump.completion import run_command
 
 
 class RunCommandTests(TestCase):

@@ -12,6 +12,7 @@ from twisted.web import client
 from ion.apps.pump.notice import Notice, parse_time
 from ion.apps.pump.args import PollArgs, root_url
 from ion.apps.pump.poll import PollService, SeenFiles, unfetchable
+from ion.apps.pump.transfer.blocks import sr3_block
 from ion.apps.pump.transfer_service import TransferService
 from ion.core.cc.testing import call_op, make_container
 from ion.core.messaging.memory import MemoryBroker
@@ -271,6 +272,28 @@ class PollTests(unittest.TestCase):
         self.assertLess(extra, spent / 2)
         self.assertGreaterEqual(spent, 2.0 * 0.99)
         self.assertLessEqual(spent, 2.0 * 1.1 + extra)
+
+    async def test_announces_blocks(self):
+        """With block_size, a listed file bigger than that is announced as one notice per
+        block as sr3 writes them, each with the file's cod identity (no checksum is known)
+        and read by the accept side as its block; a smaller file whole; the file is recorded
+        once every block was confirmed, and not announced again."""
+        size = 2 * 65536 + 1
+        write_old(self.src, "d/big", os.urandom(size))
+        write_old(self.src, "small", b"s")
+        proc = await self.start_poll(block_size=65536)
+        bodies = self.collector.bodies()
+        big = sorted((b for b in bodies if b["relPath"] == "d/big"),
+                     key=lambda b: b["blocks"]["number"])
+        self.assertEqual([sr3_block(b["blocks"], b["size"]) for b in big],
+                         [(size, 65536, 0, 65536), (size, 65536, 1, 65536), (size, 65536, 2, 1)])
+        for body in big:
+            Notice(body).validate()
+            self.assertEqual(body["identity"], {"method": "cod", "value": "sha512"})
+        [small] = [b for b in bodies if b["relPath"] == "small"]
+        self.assertNotIn("blocks", small)
+        self.collector.got.clear()
+        self.assertEqual(await self.announced(proc), [])
 
     async def test_changes(self):
         """A second pass announces nothing; a file with another size or mtime is announced

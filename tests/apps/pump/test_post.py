@@ -11,6 +11,7 @@ from twisted.internet import reactor, threads
 from twisted.trial import unittest
 
 from ion.apps.pump.post import Unpostable, files_to_post
+from ion.apps.pump.transfer.blocks import sr3_block
 from ion.core.cc.testing import make_container
 from tests.apps.pump.fixtures import Collector
 from ion.core.messaging.mqtt import MqttTransport
@@ -81,6 +82,42 @@ class PostTests(unittest.TestCase):
         self.assertEqual((body["size"], body["baseUrl"]), (2, "http://files.example/"))
         self.assertIn("mtime", body)
         self.assertIn("mode", body)
+
+    async def test_block_size(self):
+        """With --block-size, a file bigger than that is announced as one notice per block,
+        as sr3 writes them (each with its block's sha512, read by the accept side as its
+        block); a smaller file whole. A block size under 64 KiB is refused (exit 2)."""
+        exchange = f"xs_postb{os.getpid()}"
+        data = os.urandom(3 * 65536 + 5)
+        with open(os.path.join(self.dir, "data", "big"), "wb") as f:
+            f.write(data)
+        c = await make_container(self, url=self.broker.url)
+        collector = await c.spawn(Collector)
+        await collector.listen(exchange)
+        result = await threads.deferToThread(
+            post, self.dir, "--broker", self.broker.url, "--exchange", exchange,
+            "--block-size", "65536", "data",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), f"announced 3 files to {exchange}")
+        await until(lambda: len(collector.got) == 2 + 4)
+        await quiet(0.2)
+        bodies = [body for _, _, body in collector.got]
+        big = sorted((b for b in bodies if b["relPath"] == "data/big"),
+                     key=lambda b: b["blocks"]["number"])
+        for number, body in enumerate(big):
+            part = data[number * 65536:(number + 1) * 65536]
+            self.assertEqual(sr3_block(body["blocks"], body["size"]),
+                             (len(data), 65536, number, len(part)))
+            digest = base64.b64encode(hashlib.sha512(part).digest()).decode()
+            self.assertEqual(body["identity"], {"method": "sha512", "value": digest})
+        self.assertEqual(len(big), 4)
+        self.assertFalse([b for b in bodies if b["relPath"] != "data/big" and "blocks" in b])
+        result = await threads.deferToThread(
+            post, self.dir, "--broker", self.broker.url, "--block-size", "1000", "data")
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertEqual(result.stderr.strip().splitlines(), [result.stderr.strip()])
+        self.assertIn("--block-size must be at least 65536", result.stderr)
 
     async def test_exit_statuses(self):
         """1: broker unreachable, or a publish the broker refuses (not confirmed); 2: a bad

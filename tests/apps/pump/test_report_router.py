@@ -198,6 +198,7 @@ class RouterScenarios:
         await self.collector.post(report(source=None, report_id="2"), self.xreport)
         await until(lambda: router.stats["received"] == 3)
         await self.settle()
+        await router.report_log.flushed()
         with open(log_path) as f:
             lines = [(line["source"], line["code"], line["outcome"]) for line in map(json.loads, f)]
         # Reports are handled concurrently: only a copy's order after its first is certain.
@@ -220,6 +221,7 @@ class RouterScenarios:
             await self.collector.post(report(report_id=str(n)), self.xreport)
         await until(lambda: router.stats["received"] == 12)
         await self.settle()
+        await router.report_log.flushed()
         directory = os.path.dirname(log_path)
         self.assertEqual(sorted(os.listdir(directory)),
                          ["reports.log", "reports.log.1", "reports.log.2"])
@@ -247,6 +249,7 @@ class RouterScenarios:
         await self.collector.post(report(odd, source=None, report_id="2"), self.xreport)
         await until(lambda: router.stats["received"] == 2)
         await self.settle()
+        await router.report_log.flushed()
         with open(log_path, "rb") as f:
             lines = [json.loads(line) for line in f.read().splitlines()]
         got = sorted((line["outcome"], line["relPath"], line["message"]) for line in lines)

@@ -13,6 +13,7 @@ from twisted.trial import unittest
 
 from ion.apps.pump import app as pump_app
 from ion.apps.pump.args import SenderArgs
+from ion.apps.pump.notice import block_notices
 from ion.apps.pump.sender import Sender
 from ion.apps.pump.transfer import sftp as sftp_scheme
 from ion.core.cc.testing import make_container
@@ -23,6 +24,7 @@ from tests.broker import get_broker, skip_or_fail_without_rabbitmq
 from tests.waiting import quiet, until
 
 _tags = itertools.count(1)
+BLOCK = 256 * 1024  # block sizes of the tests of sends in blocks
 
 
 def sha512(data):
@@ -91,6 +93,23 @@ class SenderScenarios:
         self.assertEqual(posted["baseUrl"], file_url(self.remote).rstrip("/"))
         self.assertEqual(posted["relPath"], "obs/new/a.txt")
         self.assertEqual(posted["identity"], {"method": "sha512", "value": sha512(b"hello")})
+
+    async def test_block_notices_refused(self):
+        """The notices of a file announced in blocks are each refused with one 422 report, and
+        nothing is written at the destination: a sender sends whole files only."""
+        await self.start("file:" + self.remote + "/")
+        data = b"0123456789" * 1000
+        os.makedirs(self.src, exist_ok=True)
+        write_file(os.path.join(self.src, "big.bin"), data)
+        fields = notice_fields(file_url(self.src), "big.bin", data, source=self.user)
+        step = 4096
+        parts = [data[i:i + step] for i in range(0, len(data), step)]
+        for one in block_notices(fields, step, [(len(p), sha512(p)) for p in parts]):
+            await self.collector.post(one, exchange=self.xpublic)
+        await until(lambda: len(self.reports()) == len(parts), what="a report per block")
+        await quiet(0.1)
+        self.assertEqual(self.reports(), [("big.bin", 422)] * len(parts))
+        self.assertEqual([files for _, _, files in os.walk(self.remote) if files], [])
 
     async def test_sftp_destination_down_then_up(self):
         """To sftp (a conch server on loopback): with the server down the file waits in the
@@ -331,6 +350,68 @@ class MemorySenderTests(SenderScenarios, unittest.TestCase):
     async def setUp(self):
         self.broker = MemoryBroker()
         await super().setUp()
+
+
+    async def test_sftp_blocks(self):
+        """A file over block_threshold goes to sftp in blocks, each written at its offset,
+        several at a time; it arrives whole (one 201, its identity checked) and the block
+        record is removed."""
+        server = self.sftp_server()
+        await self.start(f"sftp://bob@127.0.0.1:{server.port.getHost().port}/obs/", strip=1,
+                         block_threshold=BLOCK, block_size=BLOCK, block_parallel=3)
+        data = os.urandom(8 * BLOCK + 7)
+        await self.post("x/big.bin", data)
+        await until(lambda: self.reports(), what="a report")
+        self.assertEqual(self.reports(), [("x/big.bin", 201)])
+        with open(os.path.join(self.remote, "obs", "big.bin"), "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertEqual(sorted(o for _, o, _ in server.writes),
+                         list(range(0, len(data), BLOCK)))
+        self.assertGreater(server.most_writing, 1)
+        self.assertEqual(os.listdir(os.path.join(self.base, "state", "blocks")), [])
+
+    async def test_sftp_blocks_resumed(self):
+        """A send in blocks cut (the server stops answering, the transfer times out) after
+        four blocks is retried from the retry queue and sends only the five missing."""
+        server = self.sftp_server()
+        server.stall_writes_from = 4 * BLOCK
+        proc = await self.start(f"sftp://bob@127.0.0.1:{server.port.getHost().port}/obs/",
+                                strip=1, block_threshold=BLOCK, block_size=BLOCK,
+                                block_parallel=1, transfer_timeout=30)
+        data = os.urandom(8 * BLOCK + 7)
+        await self.post("x/big.bin", data)
+        records = os.path.join(self.base, "state", "blocks")
+
+        def recorded():
+            names = os.listdir(records) if os.path.isdir(records) else []
+            if not names:
+                return 0
+            with open(os.path.join(records, names[0]), "rb") as f:
+                return f.read().count(b"\n") - 1
+
+        await until(lambda: recorded() == 4, what="four blocks recorded")
+        await until(lambda: [len(s.done) for s in proc.transfers.sending] == [4],
+                    what="four blocks counted")
+        stats = await proc.op_stats({}, {})
+        (sending,) = stats["transfers"]
+        self.assertTrue(sending["blocks"].startswith("4/9 blocks, "), sending)
+        self.assertEqual(sending["size"], len(data))
+        self.clock.advance(30)  # the transfer times out: retried later
+        await until(lambda: proc.stats["retrying"] == 1, what="a retry")
+        server.stall_writes_from = None
+        server.writes.clear()
+        for _ in range(50):
+            self.clock.advance(5)
+            if self.reports():
+                break
+            await quiet(0.2)
+        await until(lambda: self.reports(), what="a report")
+        self.assertEqual(self.reports(), [("x/big.bin", 201)])
+        self.assertEqual(sorted(o for _, o, _ in server.writes),
+                         list(range(4 * BLOCK, len(data), BLOCK)))
+        with open(os.path.join(self.remote, "obs", "big.bin"), "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertEqual(os.listdir(os.path.join(self.remote, "obs")), ["big.bin"])
 
 
 class AmqpSenderTests(SenderScenarios, unittest.TestCase):

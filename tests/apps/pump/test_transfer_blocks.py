@@ -11,8 +11,10 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server, static
@@ -27,7 +29,8 @@ from ion.apps.pump.transfer.blocks import (
     human,
     sr3_block,
 )
-from ion.apps.pump.transfer.errors import BadRequest
+from ion.apps.pump.transfer.errors import BadRequest, LocalFailure
+from ion.apps.pump.transfer.sendblocks import SendRecord, sweep_records
 from ion.apps.pump.transfer.inflight import sweep
 from tests.waiting import until
 from tests.apps.pump.servers import (
@@ -43,6 +46,9 @@ from tests.apps.pump.servers import (
 SECRET = "pa55-w0rd-XyZ"
 SIZE = 8 * 1024 * 1024 + 12345
 BLOCK = 1024 * 1024  # 9 blocks, the last one short
+# Puts: 9 blocks too, smaller (sftp writes cost more than reads).
+PUT_BLOCK = 256 * 1024
+PUT_SIZE = 8 * PUT_BLOCK + 12345
 
 
 def sha512(data):
@@ -511,3 +517,311 @@ class FTPBlockTests(_BlockTests, TestCase):
         """
         await self.get("big.bin", expected_size=SIZE)
         self.assertEqual(sorted(self.server.factory.restarts), list(range(BLOCK, SIZE, BLOCK)))
+
+
+class _PutBlockTests:
+    """
+    Puts in blocks (L{ion.apps.pump.transfer.sendblocks}); hooks: C{url(name)}, C{options()},
+    C{block_offsets()} (the offset each block was written at, as the server saw it) and
+    C{cut_after(n)} / C{uncut()} (the server fails or stalls every block after the n-th).
+    """
+
+    blocks = BlockSettings(threshold=PUT_BLOCK, size=PUT_BLOCK, parallel=4)
+
+    def setUp(self):
+        self.root = os.path.abspath(self.mktemp())
+        self.local = os.path.abspath(self.mktemp())
+        self.records = os.path.join(self.local, "records")
+        os.makedirs(os.path.join(self.root, "in"))
+        os.makedirs(self.local)
+        self.data = os.urandom(PUT_SIZE)
+        self.src = write_file(os.path.join(self.local, "big.bin"), self.data)
+        self.pool = start_pool(self)
+        self.active = set()  # the puts in blocks under way
+        self.addCleanup(settle)
+
+    def put(self, name="in/big.bin", **kwargs):
+        kwargs.setdefault("blocks", self.blocks)
+        kwargs.setdefault("record_dir", self.records)
+        kwargs.setdefault("pool", self.pool)
+        kwargs.setdefault("active", self.active)
+        kwargs.update(self.options())
+        return Deferred.fromCoroutine(transfer.put(reactor, self.src, self.url(name), **kwargs))
+
+    def arrived(self):
+        with open(os.path.join(self.root, "in", "big.bin"), "rb") as f:
+            return f.read()
+
+    def record_lines(self):
+        names = os.listdir(self.records) if os.path.isdir(self.records) else []
+        if not names:
+            return 0
+        with open(os.path.join(self.records, names[0]), "rb") as f:
+            return f.read().count(b"\n")
+
+    async def test_putBlocks(self):
+        """
+        A file above the threshold is sent in blocks, each written at its own offset into
+        one temporary file, parallel; it arrives byte-exact under its name, with nothing
+        left at the server or in the record directory; progress counts the blocks.
+        """
+        seen = []
+        active = type("Active", (), {"add": lambda _, state: seen.append(state),
+                                      "discard": lambda _, state: None})()
+        result = await self.put(active=active)
+        self.assertEqual(self.arrived(), self.data)
+        self.assertEqual((result.size, result.blocks), (PUT_SIZE, 9))
+        self.assertEqual(result.checksum["sha512"], sha512(self.data))
+        self.assertEqual(sorted(self.block_offsets()), list(range(0, PUT_SIZE, PUT_BLOCK)))
+        self.assertEqual(seen[0].progress(), "9/9 blocks, 2.0 MiB of 2.0 MiB")
+        self.assertEqual(os.listdir(os.path.join(self.root, "in")), ["big.bin"])
+        self.assertEqual(os.listdir(self.records), [])
+        self.assertGreater(self.most_at_once(), 1)
+
+    async def test_putBelowThreshold(self):
+        """
+        A file below the threshold, or a put given no record directory, goes in one stream.
+        """
+        result = await self.put(blocks=BlockSettings(threshold=PUT_SIZE + 1, size=PUT_BLOCK))
+        self.assertEqual(result.blocks, 0)
+        result = await self.put(record_dir=None)
+        self.assertEqual(result.blocks, 0)
+        self.assertEqual(self.arrived(), self.data)
+        self.assertEqual(self.block_offsets(), [0, 0])
+
+    async def test_putResume(self):
+        """
+        A put cut after four blocks keeps its record; the next sends only the five blocks
+        missing (counted at the server), and the file arrives whole.
+        """
+        single = BlockSettings(threshold=PUT_BLOCK, size=PUT_BLOCK, parallel=1)
+        self.cut_after(4)
+        putting = self.put(blocks=single)
+        await self.until_cut(putting)
+        self.assertEqual(self.record_lines(), 5)  # the header and four blocks
+        self.assertFalse(os.path.exists(os.path.join(self.root, "in", "big.bin")))
+        self.uncut()
+        result = await self.put()
+        self.assertEqual(sorted(self.block_offsets()),
+                         list(range(4 * PUT_BLOCK, PUT_SIZE, PUT_BLOCK)))
+        self.assertEqual(result.blocks, 9)
+        self.assertEqual(self.arrived(), self.data)
+        self.assertEqual(os.listdir(self.records), [])
+
+    async def test_putNewVersion(self):
+        """
+        Blocks recorded for another version of the file (another identity) are not reused.
+        """
+        self.cut_after(4)
+        single = BlockSettings(threshold=PUT_BLOCK, size=PUT_BLOCK, parallel=1)
+        putting = self.put(blocks=single, version="old identity")
+        await self.until_cut(putting)
+        self.uncut()
+        await self.put(version="new identity")
+        self.assertEqual(len(self.block_offsets()), 9)
+        self.assertEqual(self.arrived(), self.data)
+
+
+class SFTPPutBlockTests(_PutBlockTests, TestCase):
+    """
+    Puts in blocks over sftp: each block written at its offset on a connection of its own.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.server = start_sftp(self, self.root, user="bob", password=SECRET)
+        self.known_hosts = write_file(
+            os.path.join(self.mktemp() + "-known_hosts"), self.server.known_hosts_line().encode()
+        )
+        port = self.server.port.getHost().port
+        self.creds = Credentials.parse(f"sftp://bob:{SECRET}@127.0.0.1:{port}/\n")
+
+    def url(self, name):
+        return self.server.url + "/" + name
+
+    def options(self):
+        return {"credentials": self.creds, "known_hosts": self.known_hosts}
+
+    def block_offsets(self):
+        return [offset for _, offset, _ in self.server.writes]
+
+    def most_at_once(self):
+        return self.server.most_writing
+
+    def cut_after(self, n):
+        self.server.stall_writes_from = n * PUT_BLOCK
+
+    def uncut(self):
+        self.server.stall_writes_from = None
+        self.server.writes.clear()
+
+    async def until_cut(self, putting):
+        await until(lambda: self.record_lines() == 5, 30, "four blocks recorded")
+        putting.cancel()
+        with self.assertRaises(CancelledError):
+            await putting
+        # A cancelled coroutine's Deferred fires at once; its record is closed after.
+        await until(lambda: not self.active, 10, "the cancelled put to end")
+        await settle()
+
+    async def test_putResumeAfterKill(self):
+        """
+        A process killed (SIGKILL) after four blocks were acknowledged leaves its record; the
+        next put sends only the blocks the record lacks (counted at the server).
+        """
+        self.server.stall_writes_from = 4 * PUT_BLOCK
+        script = (
+            "import sys\n"
+            "from twisted.internet import task\n"
+            "from twisted.internet.defer import Deferred\n"
+            "from twisted.python.threadpool import ThreadPool\n"
+            "from ion.apps.pump import transfer\n"
+            "from ion.apps.pump.transfer import Credentials\n"
+            "from ion.apps.pump.transfer.blocks import BlockSettings\n"
+            "def main(reactor):\n"
+            "    pool = ThreadPool(0, 2); pool.start()\n"
+            "    return Deferred.fromCoroutine(transfer.put(reactor, sys.argv[1], sys.argv[2],\n"
+            "        pool=pool, record_dir=sys.argv[3], known_hosts=sys.argv[4],\n"
+            "        credentials=Credentials.parse(sys.argv[5]),\n"
+            f"        blocks=BlockSettings({PUT_BLOCK}, {PUT_BLOCK}, 1)))\n"
+            "task.react(main)\n"
+        )
+        port = self.server.port.getHost().port
+        checkout = os.path.dirname(os.path.dirname(os.path.abspath(ion.__file__)))
+        child = subprocess.Popen(
+            [sys.executable, "-c", script, self.src, self.url("in/big.bin"), self.records,
+             self.known_hosts, f"sftp://bob:{SECRET}@127.0.0.1:{port}/\n"],
+            env=dict(os.environ, PYTHONPATH=checkout), stdin=subprocess.DEVNULL,
+        )
+        self.addCleanup(lambda: child.poll() is None and child.kill())
+
+        def four_recorded():
+            self.assertIsNone(child.poll(), "the child ended early")
+            return self.record_lines() == 5
+
+        await until(four_recorded, 30, "four blocks recorded by the child")
+        child.send_signal(signal.SIGKILL)
+        await until(lambda: child.poll() is not None, 10, "the child to die")
+        self.uncut()
+        result = await self.put()
+        self.assertEqual(sorted(self.block_offsets()),
+                         list(range(4 * PUT_BLOCK, PUT_SIZE, PUT_BLOCK)))
+        self.assertEqual(result.blocks, 9)
+        self.assertEqual(self.arrived(), self.data)
+        self.assertEqual(os.listdir(os.path.join(self.root, "in")), ["big.bin"])
+
+
+class FTPPutBlockTests(_PutBlockTests, TestCase):
+    """
+    Puts in blocks over ftp: block 0 a STOR, then each other block REST + STOR.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.server = start_ftp(self, self.root, user="carol", password=SECRET)
+        port = self.server.port.getHost().port
+        self.creds = Credentials.parse(f"ftp://carol:{SECRET}@127.0.0.1:{port}/\n")
+
+    def url(self, name):
+        return self.server.url + "/" + name
+
+    def options(self):
+        return {"credentials": self.creds}
+
+    def block_offsets(self):
+        return [offset for _, offset in self.server.factory.stores]
+
+    def most_at_once(self):
+        return self.server.factory.most_storing
+
+    def cut_after(self, n):
+        self.server.factory.refuse_stores_after = n
+
+    def uncut(self):
+        self.server.factory.refuse_stores_after = None
+        self.server.factory.stores.clear()
+
+    async def until_cut(self, putting):
+        with self.assertRaises(ConnectionFailed):
+            await putting
+
+    async def test_noRestInFeatures(self):
+        """
+        A server whose FEAT lists no REST gets the file in one stream (no block tried), and
+        so does every later file to it.
+        """
+        server = start_ftp(self, self.root, user="carol", password=SECRET, rest=False)
+        port = server.port.getHost().port
+        creds = Credentials.parse(f"ftp://carol:{SECRET}@127.0.0.1:{port}/\n")
+        blocks = BlockSettings(threshold=PUT_BLOCK, size=PUT_BLOCK)
+        for _ in range(2):
+            result = await transfer.put(
+                reactor, self.src, server.url + "/in/big.bin", credentials=creds,
+                pool=self.pool, blocks=blocks, record_dir=self.records,
+            )
+            self.assertEqual((result.size, result.blocks), (PUT_SIZE, 0))
+        self.assertEqual(len(blocks.no_store_range), 1)
+        self.assertEqual(self.arrived(), self.data)
+        self.assertEqual(os.listdir(os.path.join(self.root, "in")), ["big.bin"])
+
+    async def test_storeRestRefused(self):
+        """
+        A server refusing a STOR after REST (451, as ProFTPD does by default) makes the put
+        fall back to one stream: the file arrives whole, the blocks' temporary file and
+        record are removed, and the next file to it goes in one stream at once.
+        """
+        self.server.factory.store_rest = False
+        blocks = BlockSettings(threshold=PUT_BLOCK, size=PUT_BLOCK)
+        result = await self.put(blocks=blocks)
+        self.assertEqual((result.size, result.blocks), (PUT_SIZE, 0))
+        self.assertEqual(self.arrived(), self.data)
+        self.assertEqual(os.listdir(os.path.join(self.root, "in")), ["big.bin"])
+        self.assertEqual(os.listdir(self.records), [])
+        self.assertEqual(len(blocks.no_store_range), 1)
+        self.server.factory.stores.clear()
+        await self.put(blocks=blocks)
+        self.assertEqual(self.block_offsets(), [0])
+
+
+class SendRecordTests(SynchronousTestCase):
+    """
+    The sender's local record of a put in blocks.
+    """
+
+    def setUp(self):
+        self.directory = os.path.join(os.path.abspath(self.mktemp()), "blocks")
+
+    def record(self):
+        return SendRecord(self.directory, "k" * 16, 10, 4, 3, "sftp://h/f", reactor, None)
+
+    def test_locked(self):
+        """
+        Two puts of one file at once: the second fails with 503 (retried later) and leaves
+        the first one's record alone.
+        """
+        first = self.record()
+        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(first.open())), set())
+        self.successResultOf(Deferred.fromCoroutine(first.reset()))
+        self.successResultOf(Deferred.fromCoroutine(first.add(1)))
+        failure = self.failureResultOf(Deferred.fromCoroutine(self.record().open()), LocalFailure)
+        self.assertEqual(failure.value.code, 503)
+        self.successResultOf(Deferred.fromCoroutine(first.close()))
+        again = self.record()
+        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(again.open())), {1})
+        self.successResultOf(Deferred.fromCoroutine(again.drop()))
+        self.assertEqual(os.listdir(self.directory), [])
+
+    def test_sweep(self):
+        """
+        Records unchanged for two days (sends given up on) are removed; younger ones and
+        other files stay.
+        """
+        os.makedirs(self.directory)
+        now = time.time()
+        for name, age in (("old.blocks", 3 * 86400), ("young.blocks", 3600),
+                          ("other", 3 * 86400)):
+            path = write_file(os.path.join(self.directory, name), b"{}\n")
+            os.utime(path, (now - age, now - age))
+        self.assertEqual(sweep_records(self.directory, now=now), ["old.blocks"])
+        self.assertEqual(sorted(os.listdir(self.directory)), ["other", "young.blocks"])
+        self.assertEqual(sweep_records(self.directory + "-none"), [])

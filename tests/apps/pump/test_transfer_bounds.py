@@ -284,11 +284,14 @@ class SettingsTests(SynchronousTestCase):
         self.assertEqual(checked.min_rate, MinRate(1024, 60))
 
     def test_forms(self):
-        self.assertEqual(MinRate.parse({"bytes_per_s": 10, "window": 5}), MinRate(10, 5))
-        self.assertEqual(MinRate.parse({"window": 5}), MinRate(1024, 5))
-        self.assertEqual(MinRate.parse(512), MinRate(512, 60))
-        self.assertIsNone(MinRate.parse(0))
-        self.assertIsNone(MinRate.parse(None))
+        def min_rate(value):
+            return TransferSettings.parse({"min_rate": value}).min_rate
+
+        self.assertEqual(min_rate({"bytes_per_s": 10, "window": 5}), MinRate(10, 5))
+        self.assertEqual(min_rate({"window": 5}), MinRate(1024, 5))
+        self.assertEqual(min_rate(512), MinRate(512, 60))
+        self.assertIsNone(min_rate(0))
+        self.assertIsNone(min_rate(None))
         self.assertIsNone(TransferSettings.parse({"max_size": None}).max_size)
 
     def test_bad(self):

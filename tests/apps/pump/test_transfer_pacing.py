@@ -249,3 +249,29 @@ class RealTransferTests(TestCase):
         expected = (size - transfers.pacers.shared.burst) / RATE
         self.assertTrue(0.9 * expected <= elapsed <= 1.1 * expected + 0.3, f"{elapsed:.2f} s")
         self.assertEqual(os.path.getsize(os.path.join(self.root, "up.bin")), size)
+
+    async def test_file_copies_paced(self):
+        """
+        Copies from a file: URL (a consumer's get) and to one (a sender's put) keep to the
+        limit too (1 s for 1 MiB past the burst, each with a bucket of its own).
+        """
+        size = RATE + 256 * 1024
+        source = os.path.join(self.root, "in.bin")
+        data = os.urandom(size)
+        write_file(source, data)
+        for url_of, copy in (
+            (lambda: "file://" + source,
+             lambda t, url: t.get(url, os.path.join(self.dest, "got.bin"), expected_size=size)),
+            (lambda: "file://" + os.path.join(self.dest, "put.bin"),
+             lambda t, url: t.put(source, url)),
+        ):
+            transfers = self.transfers()
+            started = time.monotonic()
+            await copy(transfers, url_of())
+            elapsed = time.monotonic() - started
+            expected = (size - transfers.pacers.shared.burst) / RATE
+            self.assertTrue(0.9 * expected <= elapsed <= 1.1 * expected + 0.3,
+                            f"{url_of()}: {elapsed:.2f} s, expected {expected:.2f} s")
+        for name in ("got.bin", "put.bin"):
+            with open(os.path.join(self.dest, name), "rb") as f:
+                self.assertEqual(f.read(), data, name)

@@ -79,7 +79,7 @@ class AgentTests(unittest.TestCase):
         pending = helpers.containers()
         await pending.when_done()
         self.assertIn(b.id, printed[-1])
-        self.assertTrue(printed[-1].startswith("container"))
+        self.assertTrue(printed[-1].startswith("CONTAINER"))
         pending = helpers.spawn("ion.apps.hello.service", container=b.id)
         await pending.when_done()
         self.assertTrue(pending.result.startswith(b.id + "."))

@@ -325,7 +325,7 @@ class FrameFastPathTests(unittest.SynchronousTestCase):
             ("ack", (1, False)),
         ):
             spec_method = self.basic.methods[method]
-            kinds = _wire._field_types(spec_method)
+            kinds = spec_method.types
             payload = _wire._encode_fields(kinds, args)
             fast = {"deliver": _wire._decode_deliver, "ack": _wire._decode_ack}[method]
             self.assertEqual(fast(payload, 0), _wire._decode_fields(kinds, payload, 0))

@@ -33,6 +33,9 @@ that server; this is logged once per server.
 sr3 sends a partitioned file as one notice per block, each with a C{blocks} field (see
 L{sr3_block}); each such notice fetches its one block into the same part file and record, and
 the notice that completes the record puts the file in place.
+
+Puts in blocks (a sender's, to sftp and ftp) are in L{ion.apps.pump.transfer.sendblocks}; they
+keep their record with L{BlockRecord} and run their blocks with L{run_blocks}, as gets do.
 """
 
 import fcntl
@@ -40,13 +43,14 @@ import hashlib
 import json
 import os
 import stat
+import threading
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ion.apps.pump.transfer import ftp, http, sftp
+from ion.apps.pump.transfer import file, ftp, http, sftp
 from ion.apps.pump.transfer.errors import (
     BadRequest,
     ChecksumMismatch,
@@ -77,6 +81,10 @@ MIN_BLOCK_SIZE = 64 * 1024
 RECORD_LIMIT = 64 * 1024
 _READ_SIZE = 1024 * 1024
 SCHEMES = {"http": http, "https": http, "sftp": sftp, "ftp": ftp}
+SEND_SCHEMES = {"sftp": sftp, "ftp": ftp}
+# A block named by a notice may be read from a local file too (a watch announces file: URLs);
+# only the network schemes are partitioned by the consumer's own choice (SCHEMES).
+RANGE_SCHEMES = dict(SCHEMES, file=file)
 
 
 @attrs.frozen
@@ -89,12 +97,15 @@ class BlockSettings:
     @ivar parallel: blocks fetched at a time.
     @ivar no_range: hosts (C{scheme://host:port}) that ignored a range request; shared by
         the transfers of one owner.
+    @ivar no_store_range: hosts that refused a write at an offset (ftp C{REST} before
+        C{STOR}); files are sent to them in one stream.
     """
 
     threshold: int = 64 * 1024 * 1024
     size: int | None = None
     parallel: int = 4
     no_range: set = attrs.field(factory=set, eq=False)
+    no_store_range: set = attrs.field(factory=set, eq=False)
 
     def applies(self, location, size):
         """Whether a file of C{size} bytes at C{location} is fetched in blocks."""
@@ -104,6 +115,16 @@ class BlockSettings:
             and size >= self.threshold
             and location.scheme in SCHEMES
             and _host(location) not in self.no_range
+        )
+
+    def sends(self, location, size):
+        """Whether a file of C{size} bytes is sent to C{location} in blocks (sftp and ftp
+        only: file copies and http PUTs go in one stream)."""
+        return (
+            self.threshold > 0
+            and size >= self.threshold
+            and location.scheme in SEND_SCHEMES
+            and _host(location) not in self.no_store_range
         )
 
 
@@ -141,6 +162,110 @@ def human(n):
         n /= 1024
 
 
+class BlockRecord:
+    """
+    The on-disk record of the blocks of one file that are done: a JSON header line (the file
+    size, block size and block count: a record of another plan is not this file's), then one
+    block number a line, each appended and fdatasynced. At most L{RECORD_LIMIT} bytes are read
+    back, and only complete lines count. Its methods do disk work: pool threads only.
+
+    Used by L{PartialFile} (beside the file received) and by the sender's record of blocks
+    sent (L{ion.apps.pump.transfer.sendblocks}). A job whose caller was cancelled runs on in
+    its thread: one lock orders the uses of the descriptor, so that it is never closed (and
+    its number reused, or its C{flock} held on by the write still in the kernel) while an
+    L{add} is writing through it.
+
+    @ivar name: its file name, relative to the C{dir_fd} its methods are given.
+    @ivar fd: the descriptor it is appended through, once L{open}.
+    """
+
+    def __init__(self, name, size, size_of_block, count, what):
+        self.name = name
+        self.count = count
+        self.what = what
+        self.fd = None
+        self._lock = threading.Lock()
+        self._header = json.dumps(
+            {"size": size, "block_size": size_of_block, "blocks": count}
+        ).encode()
+
+    def read(self, dir_fd):
+        """The numbers of the blocks recorded done; an empty set for no record, or one of
+        another plan, or not a regular file."""
+        try:
+            fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:
+            return set()
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return set()
+            data = os.read(fd, RECORD_LIMIT + 1)
+        finally:
+            os.close(fd)
+        lines = data.split(b"\n")
+        if len(data) > RECORD_LIMIT or lines[0] != self._header:
+            return set()
+        done = set()
+        # The last line is complete only when followed by a newline.
+        for line in lines[1:-1]:
+            if line.isdigit() and int(line) < self.count:
+                done.add(int(line))
+        return done
+
+    def open(self, dir_fd):
+        """Open (or make) the record for appending; nothing is written."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        with self._lock:
+            try:
+                self.fd = os.open(self.name, flags, 0o666, dir_fd=dir_fd)
+            except OSError as exc:
+                raise LocalFailure.from_os_error(
+                    f"cannot write the block record of {self.what}", exc
+                ) from None
+
+    def reset(self):
+        """Empty the open record: its header only, durably."""
+        with self._lock:
+            try:
+                os.ftruncate(self._open_fd(), 0)
+                os.write(self.fd, self._header + b"\n")
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                raise LocalFailure.from_os_error(
+                    f"cannot write the block record of {self.what}", exc
+                ) from None
+
+    def add(self, index):
+        """Record block C{index} as done, durably."""
+        with self._lock:
+            try:
+                os.write(self._open_fd(), b"%d\n" % index)
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                raise LocalFailure.from_os_error(
+                    f"cannot record a block of {self.what}", exc
+                ) from None
+
+    def _open_fd(self):
+        if self.fd is None:
+            raise LocalFailure(f"the block record of {self.what} is closed")
+        return self.fd
+
+    def close(self):
+        with self._lock:
+            if self.fd is not None:
+                fd, self.fd = self.fd, None
+                os.close(fd)
+
+    def drop(self, dir_fd):
+        """Close and remove the record."""
+        self.close()
+        try:
+            os.unlink(self.name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+
+
 class PartialFile(InflightFile):
     """
     A file received in blocks: its part file and block record (see the module docstring).
@@ -174,7 +299,9 @@ class PartialFile(InflightFile):
         self.done = set()
         self.resumed = 0
         self.keep = True
-        self._record_fd = None
+        self._record = BlockRecord(
+            self.record_name, size, size_of_block, len(self.blocks), dest_path
+        )
 
     def progress(self):
         """C{3/16 blocks, 1.2 GiB of 4.0 GiB}."""
@@ -200,11 +327,6 @@ class PartialFile(InflightFile):
     @property
     def complete(self):
         return len(self.done) == len(self.blocks)
-
-    def _header(self):
-        return json.dumps(
-            {"size": self.expected_size, "block_size": self.block_size, "blocks": len(self.blocks)}
-        ).encode()
 
     # -- the disk side (pool threads) --------------------------------------------------------
 
@@ -233,9 +355,12 @@ class PartialFile(InflightFile):
                 os.close(fd)
                 raise
             self._fd, self._created = fd, True
-            done = self._read_record() if os.fstat(fd).st_size == self.expected_size else set()
-            self._open_record(fresh=not done)
+            done = set()
+            if os.fstat(fd).st_size == self.expected_size:
+                done = self._record.read(self._dir_fd)
+            self._record.open(self._dir_fd)
             if not done:
+                self._record.reset()
                 os.ftruncate(fd, 0)
             os.ftruncate(fd, self.expected_size)
             return done
@@ -243,49 +368,13 @@ class PartialFile(InflightFile):
             self._release()
             raise
 
-    def _read_record(self):
-        try:
-            fd = os.open(
-                self.record_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd
-            )
-        except OSError:
-            return set()
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return set()
-            data = os.read(fd, RECORD_LIMIT + 1)
-        finally:
-            os.close(fd)
-        lines = data.split(b"\n")
-        if len(data) > RECORD_LIMIT or lines[0] != self._header():
-            return set()
-        done = set()
-        # The last line is complete only when followed by a newline.
-        for line in lines[1:-1]:
-            if line.isdigit() and int(line) < len(self.blocks):
-                done.add(int(line))
-        return done
-
-    def _open_record(self, fresh):
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            self._record_fd = os.open(self.record_name, flags, 0o666, dir_fd=self._dir_fd)
-            if fresh:
-                os.ftruncate(self._record_fd, 0)
-                os.write(self._record_fd, self._header() + b"\n")
-                os.fdatasync(self._record_fd)
-        except OSError as exc:
-            raise LocalFailure.from_os_error(f"cannot write the block record of {self.dest_path}",
-                                             exc) from None
-
     def _mark(self, index):
         try:
             os.fdatasync(self._fd)
-            os.write(self._record_fd, b"%d\n" % index)
-            os.fdatasync(self._record_fd)
         except OSError as exc:
             raise LocalFailure.from_os_error(f"cannot record a block of {self.dest_path}",
                                              exc) from None
+        self._record.add(index)
 
     def _hash_file(self):
         offset = 0
@@ -317,19 +406,11 @@ class PartialFile(InflightFile):
         return super()._commit([], None, mtime, mode)
 
     def _drop_record(self):
-        if self._record_fd is not None:
-            fd, self._record_fd = self._record_fd, None
-            os.close(fd)
-        try:
-            os.unlink(self.record_name, dir_fd=self._dir_fd)
-        except FileNotFoundError:
-            pass
+        self._record.drop(self._dir_fd)
 
     def _release(self):
         """Close both files (releasing the lock) and the directory, removing nothing."""
-        if self._record_fd is not None:
-            fd, self._record_fd = self._record_fd, None
-            os.close(fd)
+        self._record.close()
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
@@ -472,7 +553,7 @@ async def fetch_block(reactor, location, partial, index, settings, limiter, url,
     fed = PacedSink(sink, pacers, reactor) if pacers else sink
     async with slot(limiter, url):
         try:
-            await SCHEMES[location.scheme].fetch_range(
+            await RANGE_SCHEMES[location.scheme].fetch_range(
                 reactor, location, fed, settings, sink.offset, sink.length
             )
             await sink.close(expected_checksum)
@@ -488,19 +569,32 @@ async def fetch_blocks(reactor, location, partial, blocks, settings, limiter, ur
     first failure cancels the others and is raised once they have stopped.
     """
     missing = [i for i in range(len(partial.blocks)) if i not in partial.done]
-    queue = iter(missing)
+
+    async def fetch(index):
+        await fetch_block(
+            reactor, location, partial, index, settings, limiter, url, pacers=pacers
+        )
+
+    await run_blocks(missing, blocks.parallel, fetch)
+
+
+async def run_blocks(indexes, parallel, work):
+    """
+    Run C{work(index)} for each of C{indexes}, in order, C{parallel} at a time. The first
+    failure cancels the others and is raised once they have stopped; cancelling this
+    cancels them all.
+    """
+    queue = iter(indexes)
     failures = []
 
     async def worker():
         for index in queue:
             if failures:
                 return
-            await fetch_block(
-                reactor, location, partial, index, settings, limiter, url, pacers=pacers
-            )
+            await work(index)
 
     workers = [
-        Deferred.fromCoroutine(worker()) for _ in range(min(blocks.parallel, len(missing)))
+        Deferred.fromCoroutine(worker()) for _ in range(min(parallel, len(indexes)))
     ]
 
     def failed(failure):
@@ -532,6 +626,18 @@ def note_no_range(blocks, location):
         blocks.no_range.add(host)
         log.warn(
             "{host} ignores range requests: files from it are fetched in one stream",
+            host=host,
+        )
+
+
+def note_no_store_range(blocks, location):
+    """Remember (and log, once) a server that refuses writes at an offset."""
+    host = _host(location)
+    if host not in blocks.no_store_range:
+        blocks.no_store_range.add(host)
+        log.warn(
+            "{host} refuses writes at an offset (REST before STOR): files to it are sent "
+            "in one stream",
             host=host,
         )
 

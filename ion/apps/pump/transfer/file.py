@@ -6,6 +6,11 @@ last component nor a named pipe waiting for a writer can redirect or stall it, a
 with C{fstat} on the descriptor: only a regular file is copied (anything else is a permanent
 422). The open and the reads run in the caller's thread pool, so a slow disk never holds up
 the reactor (without a pool they run at once); directory listings are read there too.
+
+Copies keep to the caller's bandwidth limits (L{ion.apps.pump.transfer.pacing}) as the network
+schemes do: a get's sink is a L{PacedSink} (made by L{ion.apps.pump.transfer.operations.get}),
+a put writes through one over C{settings.pacers}, and L{copy} reads no further chunk while it
+is backlogged. L{fetch_range} copies one block of a file announced in blocks.
 """
 
 import errno
@@ -18,6 +23,7 @@ from twisted.internet.threads import deferToThreadPool
 from ion.apps.pump.transfer.errors import AuthFailed, BadRequest, LocalFailure, NotFound
 from ion.apps.pump.transfer.inflight import InflightFile
 from ion.apps.pump.transfer.limits import SharedResult
+from ion.apps.pump.transfer.pacing import PacedSink
 from ion.apps.pump.transfer.results import Entry, entry_type
 
 CHUNK_SIZE = 256 * 1024
@@ -41,8 +47,9 @@ def _source_error(shown, exc):
 
 
 async def copy(reactor, read, sink):
-    """Move chunks from C{await read(size)} to C{sink} (an L{InflightFile}) until C{read}
-    returns nothing, waiting whenever the sink has too much waiting for the disk."""
+    """Move chunks from C{await read(size)} to C{sink} (an L{InflightFile}, or a L{PacedSink}
+    over one) until C{read} returns nothing, waiting whenever the sink has too much waiting
+    for the disk or its pacers are in debt."""
     chunks = 0
     while data := await read(CHUNK_SIZE):
         sink.write(data)
@@ -61,10 +68,12 @@ class _Source:
     end; L{close} then closes the file after it.
     """
 
-    def __init__(self, reactor, pool, location):
+    def __init__(self, reactor, pool, location, offset=0, end=None):
         self._reactor = reactor
         self._pool = pool
         self._location = location
+        self._position = offset
+        self._end = end  # None: read to the end of the file
         self._fd = None
         self._ahead = None  # the chunk read with the open
         self._job = None  # the pool job running, if any
@@ -106,12 +115,24 @@ class _Source:
         if not stat.S_ISREG(info.st_mode):
             self._close()
             raise BadRequest(f"{shown}: not a regular file")
+        if self._position:
+            try:
+                os.lseek(self._fd, self._position, os.SEEK_SET)
+            except OSError as exc:
+                self._close()
+                raise LocalFailure.from_os_error(f"cannot read {shown}", exc) from None
         self._ahead = self._read(CHUNK_SIZE)
         return info
 
     def _read(self, size):
+        if self._end is not None:
+            size = min(size, self._end - self._position)
+            if size <= 0:
+                self._close()
+                return b""
         try:
             data = os.read(self._fd, size)
+            self._position += len(data)
         except OSError as exc:
             self._close()
             raise LocalFailure.from_os_error(f"cannot read {self._location.shown}", exc) from None
@@ -137,8 +158,20 @@ async def fetch(reactor, location, sink, settings):
     return info.st_mtime, stat.S_IMODE(info.st_mode)
 
 
+async def fetch_range(reactor, location, sink, settings, offset, length):
+    """Copy the C{length} bytes at C{offset} of the local file at C{location} into C{sink} (a
+    block: L{ion.apps.pump.transfer.blocks.BlockSink}, which fails a short one)."""
+    source = _Source(reactor, settings.pool, location, offset, offset + length)
+    try:
+        await source.open()
+        await copy(reactor, source.read, sink)
+    finally:
+        source.close()
+
+
 async def store(reactor, outgoing, location, settings):
-    """Copy C{outgoing} to the local path of C{location} (inflight name, then rename)."""
+    """Copy C{outgoing} to the local path of C{location} (inflight name, then rename), no
+    faster than C{settings.pacers} allow."""
     sink = InflightFile(
         location.path, methods=(), what=location.shown, reactor=reactor, pool=settings.pool
     )
@@ -148,7 +181,8 @@ async def store(reactor, outgoing, location, settings):
         async def read(size):
             return outgoing.read(size)
 
-        await copy(reactor, read, sink)
+        pacers = settings.pacers
+        await copy(reactor, read, PacedSink(sink, pacers, reactor) if pacers else sink)
     except BaseException:
         await sink.discard()
         raise

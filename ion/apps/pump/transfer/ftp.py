@@ -8,6 +8,8 @@ C{REST} then C{RETR}, its data connection closed at the block's end (a server an
 500-504 cannot serve blocks: L{RangeIgnored}). A put sends C{STOR} to C{.<name>.<random>.inflight}
 beside the target, then renames it with C{RNFR}/C{RNTO} (removing an existing target first if the
 server refuses to replace it); the mtime follows with C{MFMT} when the server lists it in C{FEAT}. A
+put in blocks (L{ion.apps.pump.transfer.sendblocks}) sends block 0 as a C{STOR}, then each other
+block as C{REST <offset>} + C{STOR} of one temporary file, on a session each (L{store_range}). A
 list uses C{MLSD} when C{FEAT} lists it, else C{LIST} (see L{ion.apps.pump.transfer.listings} for
 the formats read).
 
@@ -422,49 +424,145 @@ class _PacedSender(FileSender):
         super().stopProducing()
 
 
+async def _send(reactor, session, location, name, source, offset=0):
+    """C{STOR} C{source} (C{read(n)}) as C{name}, after C{REST offset} when not 0; done once
+    the server replied 226. A refusal of the write at an offset (L{REST_REFUSED}) is
+    L{RangeIgnored}."""
+    try:
+        await _stor(reactor, session, location, name, source, offset)
+    except (CommandFailed, FTPError, net_error.ConnectionLost) as exc:
+        failed = exc if isinstance(exc, CommandFailed) else _inner_command_failure(exc)
+        if offset and failed is not None and _reply(failed)[:3] in REST_REFUSED:
+            raise RangeIgnored(
+                f"{location.shown}: the server does not take writes at an offset "
+                f"(REST before STOR): {_reply(failed)!r}"
+            ) from None
+        raise
+
+
+async def _stor(reactor, session, location, name, source, offset):
+    control = session.control
+    directory = posixpath.dirname(location.path) or "/"
+    consumer_ready, done = control.storeFile(name, offset)
+    _fail_with(consumer_ready, done)
+    try:
+        try:
+            consumer = await consumer_ready
+        except CommandFailed as exc:
+            if offset:
+                raise  # _send tells a refused REST from other failures
+            raise _command_error(location, exc, f"cannot write in {directory}") from None
+        session.data_transport = consumer.transport
+        pacers = session.settings.pacers
+        reader = ProgressReader(source, session.timer.touch, pacers)
+        sender = _PacedSender(reactor, pacers, session.timer) if pacers else FileSender()
+        try:
+            await sender.beginFileTransfer(reader, consumer)
+        except Exception:
+            # The data connection ended early: the reader or the control reply says why.
+            if reader.error is not None:
+                raise reader.error from None
+            await done
+            raise ConnectionFailed(f"{location.shown}: data connection closed early") from None
+        consumer.finish()
+        await done
+    finally:
+        done.addErrback(lambda _: None)
+
+
+async def _commit(session, location, temp, outgoing, size, features):
+    """MFMT (when the server has it), rename C{temp} onto the target, check its C{size}."""
+    path = _wire(location.path)
+    if "MFMT" in features:
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(outgoing.mtime))
+        await _optional(session, f"MFMT {stamp} {temp}")
+    await _rename(session, temp, path)
+    arrived = _size(await _optional(session, "SIZE " + path))
+    if arrived is not None and arrived != size:
+        raise SizeMismatch(f"{location.shown}: {arrived} bytes arrived of {size}")
+
+
+async def _make_directory(session, location):
+    directory = posixpath.dirname(location.path) or "/"
+    if directory != "/" and await _optional(session, "CWD " + _wire(directory)) is None:
+        await _makedirs(session, directory)
+
+
 async def store(reactor, outgoing, location, settings):
     """C{STOR} to a temporary name beside the target, then C{RNFR}/C{RNTO} into place."""
 
     async def work(session):
-        control = session.control
-        path = _wire(location.path)
         temp = _wire(inflight_name(location.path))
         features = await _features(session)
-        directory = posixpath.dirname(location.path) or "/"
-        if directory != "/" and await _optional(session, "CWD " + _wire(directory)) is None:
-            await _makedirs(session, directory)
-        consumer_ready, done = control.storeFile(temp)
-        _fail_with(consumer_ready, done)
+        await _make_directory(session, location)
         try:
-            try:
-                consumer = await consumer_ready
-            except CommandFailed as exc:
-                raise _command_error(location, exc, f"cannot write in {directory}") from None
-            session.data_transport = consumer.transport
-            pacers = session.settings.pacers
-            reader = ProgressReader(outgoing, session.timer.touch, pacers)
-            sender = _PacedSender(reactor, pacers, session.timer) if pacers else FileSender()
-            try:
-                await sender.beginFileTransfer(reader, consumer)
-            except Exception:
-                # The data connection ended early: the reader or the control reply says why.
-                if reader.error is not None:
-                    raise reader.error from None
-                await done
-                raise ConnectionFailed(f"{location.shown}: data connection closed early") from None
-            consumer.finish()
-            await done
-            if "MFMT" in features:
-                stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(outgoing.mtime))
-                await _optional(session, f"MFMT {stamp} {temp}")
-            await _rename(session, temp, path)
-            size = _size(await _optional(session, "SIZE " + path))
-            if size is not None and size != outgoing.sent:
-                raise SizeMismatch(f"{location.shown}: {size} bytes arrived of {outgoing.sent}")
+            await _send(reactor, session, location, temp, outgoing)
+            await _commit(session, location, temp, outgoing, outgoing.sent, features)
         except BaseException:
-            done.addErrback(lambda _: None)
             await _optional(session, "DELE " + temp)
             raise
+
+    await _with_session(reactor, location, settings, work)
+
+
+# A put in blocks (L{ion.apps.pump.transfer.sendblocks}): block 0 is a plain STOR (which
+# truncates: it goes first, alone), every other block REST <offset> then STOR, each on a
+# session of its own; a server refusing that cannot take blocks (L{RangeIgnored}).
+
+# Replies refusing a STOR at an offset: REST not understood (500-504), an invalid REST
+# parameter (554, RFC 959), or ProFTPD's "Append/Restart not permitted" (451, its default
+# unless AllowStoreRestart is on).
+REST_REFUSED = ("451", "500", "501", "502", "504", "554")
+# Block 0 is sent alone, before the others: its STOR (no REST) truncates the file.
+FIRST_BLOCK_ALONE = True
+
+
+async def store_begin(reactor, location, settings, temp, needed=None):
+    """Ready the server for the temporary file C{temp} of a put in blocks: its directory made
+    when missing; with C{needed}, whether C{temp} is there with at least C{needed} bytes
+    (blocks sent before: kept). Returns whether it was kept. A server whose C{FEAT} lists no
+    C{REST} is L{RangeIgnored}."""
+
+    async def work(session):
+        if "REST" not in await _features(session):
+            # No REST STREAM in FEAT (RFC 3659): not even tried, for a refused REST would
+            # not stop the STOR queued after it, which would truncate the file.
+            raise RangeIgnored(f"{location.shown}: the server lists no REST in FEAT")
+        if needed is not None:
+            size = _size(await _optional(session, "SIZE " + _wire(temp)))
+            if size is not None and size >= needed:
+                return True
+        await _make_directory(session, location)
+        return False
+
+    return await _with_session(reactor, location, settings, work)
+
+
+async def store_range(reactor, location, settings, temp, source, offset):
+    """C{REST offset} (none for 0) then C{STOR temp} of C{source} (a block's bytes); done once
+    the server replied 226."""
+
+    async def work(session):
+        await _send(reactor, session, location, _wire(temp), source, offset)
+
+    await _with_session(reactor, location, settings, work)
+
+
+async def store_end(reactor, location, settings, temp, outgoing):
+    """Commit the temporary file C{temp} of a put in blocks (MFMT, rename, size)."""
+
+    async def work(session):
+        features = await _features(session)
+        await _commit(session, location, _wire(temp), outgoing, outgoing.size, features)
+
+    await _with_session(reactor, location, settings, work)
+
+
+async def store_discard(reactor, location, settings, temp):
+    """Remove the temporary file C{temp} of a put in blocks (gone already: fine)."""
+
+    async def work(session):
+        await _optional(session, "DELE " + _wire(temp))
 
     await _with_session(reactor, location, settings, work)
 

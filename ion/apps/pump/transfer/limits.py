@@ -31,29 +31,6 @@ class MinRate:
     bytes_per_s: float = 1024
     window: float = 60
 
-    @classmethod
-    def parse(cls, value, who="transfers"):
-        """
-        The L{MinRate} of a setting: C{{'bytes_per_s': n, 'window': s}} (either key may be
-        left out for its default), a number (bytes per second over the default window), or
-        C{0}/C{None} for none (returns C{None}). ValueError for anything else.
-        """
-        if value is None or (not isinstance(value, bool) and value == 0):
-            return None
-        fields = value if isinstance(value, dict) else {"bytes_per_s": value}
-        default = cls()
-        rate = fields.get("bytes_per_s", default.bytes_per_s)
-        window = fields.get("window", default.window)
-        if set(fields) - {"bytes_per_s", "window"} or not all(
-            not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0
-            for v in (rate, window)
-        ):
-            raise ValueError(
-                f"{who}: min_rate must be {{'bytes_per_s': n, 'window': seconds}} (numbers "
-                f"> 0), a number of bytes per second, or 0 for none, got {value!r}"
-            )
-        return cls(rate, window)
-
 
 class RateWatch:
     """

@@ -20,6 +20,7 @@ from ion.apps.pump.transfer.pacing import PacedSink
 from ion.apps.pump.transfer.location import Settings, locate
 from ion.apps.pump.transfer.outgoing import OutgoingFile
 from ion.apps.pump.transfer.results import Listing, TransferResult
+from ion.apps.pump.transfer.sendblocks import put_blocks
 
 _SCHEMES = {"file": file, "http": http, "https": http, "sftp": sftp, "ftp": ftp}
 
@@ -278,7 +279,7 @@ async def _watched(reactor, location, fetching, min_rate, count):
 
 
 async def put(reactor, src_path, url, *, credentials=None, limiter=None, pacers=None,
-              **settings):
+              blocks=None, record_dir=None, version=None, active=None, **settings):
     """
     Send the local file C{src_path} to C{url}.
 
@@ -289,20 +290,37 @@ async def put(reactor, src_path, url, *, credentials=None, limiter=None, pacers=
 
     @param settings: C{timeouts}, C{ca_file}, C{known_hosts}, C{pool} and C{http_connections},
         as in L{get} (the fields of L{Settings}).
-    @param pacers: as in L{get}; sftp, ftp and http puts keep to them (file copies are not
-        paced).
+    @param pacers: as in L{get}; every scheme's puts keep to them.
+    @param blocks: L{BlockSettings}: with C{record_dir}, a file of at least their
+        C{threshold} bytes sent to sftp or ftp goes in blocks, resumed from a record in
+        C{record_dir} (see L{ion.apps.pump.transfer.sendblocks}); C{None}: one stream.
+    @param version: what names the file's version in that record (the notice's identity);
+        C{None}: the local mtime.
+    @param active: told C{add(state)} and C{discard(state)} of a put in blocks
+        (L{ion.apps.pump.transfer.sendblocks.OutgoingBlocks}), for progress figures.
     @return: a L{TransferResult} for the bytes sent (C{path} is the redacted URL).
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
     """
     location = locate(url, credentials)
     chosen = () if pacers is None else pacers.for_host(host_key(url))
     settings = Settings(**settings, pacers=chosen)
-    async with slot(limiter, url):
-        outgoing = OutgoingFile(src_path)
-        try:
-            await _SCHEMES[location.scheme].store(reactor, outgoing, location, settings)
-        finally:
+    outgoing = OutgoingFile(src_path)
+    try:
+        if (
+            blocks is not None
+            and record_dir is not None
+            and blocks.sends(location, outgoing.size)
+        ):
+            result = await put_blocks(
+                reactor, location, url, outgoing, settings, blocks, record_dir, version,
+                limiter, active,
+            )
+            if result is not None:
+                return result
             outgoing.close()
+            outgoing = OutgoingFile(src_path)
+        async with slot(limiter, url):
+            await _SCHEMES[location.scheme].store(reactor, outgoing, location, settings)
         return TransferResult(
             outgoing.sent,
             outgoing.checksum(),
@@ -310,6 +328,8 @@ async def put(reactor, src_path, url, *, credentials=None, limiter=None, pacers=
             outgoing.mode & MODE_MASK,
             location.shown,
         )
+    finally:
+        outgoing.close()
 
 
 async def list(reactor, url, *, credentials=None, limiter=None, pacers=None, **settings):

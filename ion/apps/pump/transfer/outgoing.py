@@ -7,6 +7,8 @@ import stat
 from ion.apps.pump.transfer.errors import LocalFailure
 from ion.apps.pump.transfer.inflight import b64digest
 
+_HASH_READ = 1024 * 1024
+
 
 class OutgoingFile:
     """
@@ -47,8 +49,73 @@ class OutgoingFile:
         """C{{method: base64 digest}} of the bytes read so far."""
         return {method: b64digest(hasher) for method, hasher in self._hashers.items()}
 
+    def read_at(self, offset, length):
+        """Up to C{length} bytes at C{offset} (a block of a put in blocks; not hashed)."""
+        try:
+            return os.pread(self._file.fileno(), length, offset)
+        except OSError as exc:
+            raise LocalFailure.from_os_error(f"cannot read {self.path}", exc) from None
+
+    def whole_hash(self):
+        """A job computing the C{{method: base64 digest}} of the whole file's C{size} bytes,
+        read once (a put in blocks reads them out of order), to run in a thread. It reads
+        through a descriptor of its own, which it closes: the file may be closed (its
+        descriptor's number reused) while the job runs on after its caller gave up.
+
+        @raise LocalFailure: (from the job) the file is shorter than it was when opened.
+        """
+        fd = os.dup(self._file.fileno())
+        hashers = {method: hashlib.new(method) for method in self._hashers}
+
+        def job():
+            try:
+                offset = 0
+                while offset < self.size:
+                    try:
+                        data = os.pread(fd, min(_HASH_READ, self.size - offset), offset)
+                    except OSError as exc:
+                        raise LocalFailure.from_os_error(
+                            f"cannot read {self.path}", exc
+                        ) from None
+                    if not data:
+                        raise LocalFailure(f"{self.path} shrank while being sent")
+                    for hasher in hashers.values():
+                        hasher.update(data)
+                    offset += len(data)
+                return {method: b64digest(hasher) for method, hasher in hashers.items()}
+            finally:
+                os.close(fd)
+
+        return job
+
     def close(self):
         self._file.close()
+
+
+class BlockReader:
+    """
+    The bytes of one block of an L{OutgoingFile}, from C{offset} for C{length} bytes, read in
+    order through L{read} (as L{OutgoingFile.read}); C{sent} counts them, C{counted} (when
+    given) is told each read's length (progress).
+    """
+
+    def __init__(self, outgoing, offset, length, counted=None):
+        self._outgoing = outgoing
+        self._position = offset
+        self._end = offset + length
+        self._counted = counted
+        self.sent = 0
+
+    def read(self, length):
+        length = min(length, self._end - self._position)
+        if length <= 0:
+            return b""
+        data = self._outgoing.read_at(self._position, length)
+        self._position += len(data)
+        self.sent += len(data)
+        if self._counted is not None:
+            self._counted(len(data))
+        return data
 
 
 class ProgressReader:

@@ -121,9 +121,7 @@ class NormalUrl:
         """Whether this URL is C{prefix} or below it (on path segment boundaries)."""
         if self.origin != prefix.origin:
             return False
-        base = prefix.path
-        if base.endswith("/"):
-            return self.path.startswith(base) or self.path == base[:-1]
+        base = prefix.path.removesuffix("/")
         return self.path == base or self.path.startswith(base + "/")
 
 

@@ -8,7 +8,8 @@ L{ServerNotTrusted} before any credential is sent. Authentication tries the C{ss
 credentials file first, then the password (also answering keyboard-interactive prompts with
 it), each once.
 
-A partitioned transfer reads each block on a connection of its own (L{fetch_range}).
+A partitioned transfer reads each block on a connection of its own (L{fetch_range}); a put in
+blocks writes each at its offset into one temporary file, likewise (L{store_range}).
 
 Reads and writes are pipelined: at most C{WINDOW} requests of C{CHUNK_SIZE} bytes are in
 flight, so memory stays bounded whatever the file size. A put writes C{.<name>.<random>.inflight}
@@ -459,11 +460,11 @@ def _entry(name, attrs):
     return Entry(name, size, mtime, stat.S_IMODE(mode), kind)
 
 
-async def _write_from(handle, outgoing, session):
-    """Write C{outgoing} to the open file C{handle}, C{WINDOW} writes in flight, at the
-    pace of the session's bandwidth limits (C{settings.pacers})."""
+async def _write_from(handle, outgoing, session, offset=0):
+    """Write C{outgoing} (anything with C{read(n)}) to the open file C{handle} from C{offset}
+    on, C{WINDOW} writes in flight, at the pace of the session's bandwidth limits
+    (C{settings.pacers}); each write's reply is waited for."""
     pending = deque()
-    offset = 0
     pacers = session.settings.pacers
     try:
         while data := outgoing.read(CHUNK_SIZE):
@@ -498,36 +499,46 @@ async def _rename(client, session, old, new):
         await client.renameFile(old, new)
 
 
+async def _open_new(client, location, temp, flags):
+    """Open C{temp} with C{flags} (creating it), making its directory when missing."""
+    directory = posixpath.dirname(location.path) or "/"
+    try:
+        return await client.openFile(temp, flags, {})
+    except filetransfer.SFTPError as exc:
+        if exc.code != filetransfer.FX_NO_SUCH_FILE:
+            raise _sftp_error(location, exc, directory) from None
+    await _makedirs(client, directory)
+    try:
+        return await client.openFile(temp, flags, {})
+    except filetransfer.SFTPError as exc:
+        raise _sftp_error(location, exc, directory) from None
+
+
+async def _commit(client, session, location, temp, outgoing, size):
+    """Mode and mtime on C{temp}, renamed onto the target, whose size must be C{size}."""
+    path = location.path
+    mtime = int(outgoing.mtime)
+    attrs = {"permissions": outgoing.mode, "atime": mtime, "mtime": mtime}
+    await client.setAttrs(temp, attrs)
+    await _rename(client, session, temp, path.encode("utf-8"))
+    arrived = (await client.getAttrs(path.encode("utf-8"))).get("size")
+    if arrived is not None and arrived != size:
+        raise SizeMismatch(f"{location.shown}: {arrived} bytes arrived of {size}")
+
+
 async def store(reactor, outgoing, location, settings):
     """Send C{outgoing} to a temporary name beside the target, then rename it into place."""
 
     async def work(client, session):
-        path = location.path
-        temp = inflight_name(path).encode("utf-8")
+        temp = inflight_name(location.path).encode("utf-8")
         flags = filetransfer.FXF_WRITE | filetransfer.FXF_CREAT | filetransfer.FXF_EXCL
-        directory = posixpath.dirname(path) or "/"
-        try:
-            handle = await client.openFile(temp, flags, {})
-        except filetransfer.SFTPError as exc:
-            if exc.code != filetransfer.FX_NO_SUCH_FILE:
-                raise _sftp_error(location, exc, directory) from None
-            await _makedirs(client, directory)
-            try:
-                handle = await client.openFile(temp, flags, {})
-            except filetransfer.SFTPError as exc:
-                raise _sftp_error(location, exc, directory) from None
+        handle = await _open_new(client, location, temp, flags)
         try:
             try:
                 await _write_from(handle, outgoing, session)
             finally:
                 await handle.close()
-            mtime = int(outgoing.mtime)
-            attrs = {"permissions": outgoing.mode, "atime": mtime, "mtime": mtime}
-            await client.setAttrs(temp, attrs)
-            await _rename(client, session, temp, path.encode("utf-8"))
-            size = (await client.getAttrs(path.encode("utf-8"))).get("size")
-            if size is not None and size != outgoing.sent:
-                raise SizeMismatch(f"{location.shown}: {size} bytes arrived of {outgoing.sent}")
+            await _commit(client, session, location, temp, outgoing, outgoing.sent)
         except BaseException:
             if session.connected:
                 try:
@@ -535,6 +546,72 @@ async def store(reactor, outgoing, location, settings):
                 except Exception:
                     pass
             raise
+
+    await _with_session(reactor, location, settings, work)
+
+
+# A put in blocks (L{ion.apps.pump.transfer.sendblocks}): the temporary file is made (or found
+# again), each block written at its offset on a session of its own, then the file committed.
+
+
+async def store_begin(reactor, location, settings, temp, needed=None):
+    """Make the temporary file C{temp} (a server path beside the target) of a put in blocks,
+    empty, its directory made when missing; with C{needed}, keep it instead when it is there
+    with at least C{needed} bytes (blocks sent before). Returns whether it was kept."""
+
+    async def work(client, session):
+        name = temp.encode("utf-8")
+        if needed is not None:
+            try:
+                size = (await client.getAttrs(name)).get("size")
+            except filetransfer.SFTPError:
+                size = -1
+            if size is None or size >= needed:
+                return True
+        flags = filetransfer.FXF_WRITE | filetransfer.FXF_CREAT | filetransfer.FXF_TRUNC
+        handle = await _open_new(client, location, name, flags)
+        await handle.close()
+        return False
+
+    return await _with_session(reactor, location, settings, work)
+
+
+async def store_range(reactor, location, settings, temp, source, offset):
+    """Write C{source} (C{read(n)}: a block's bytes) into C{temp} from C{offset}; done once
+    the server acknowledged every write and the close."""
+
+    async def work(client, session):
+        name = temp.encode("utf-8")
+        try:
+            handle = await client.openFile(name, filetransfer.FXF_WRITE, {})
+        except filetransfer.SFTPError as exc:
+            raise _sftp_error(location, exc, temp) from None
+        try:
+            await _write_from(handle, source, session, offset)
+        finally:
+            if session.connected:
+                await handle.close()
+
+    await _with_session(reactor, location, settings, work)
+
+
+async def store_end(reactor, location, settings, temp, outgoing):
+    """Commit the temporary file C{temp} of a put in blocks (mode, mtime, rename, size)."""
+
+    async def work(client, session):
+        await _commit(client, session, location, temp.encode("utf-8"), outgoing, outgoing.size)
+
+    await _with_session(reactor, location, settings, work)
+
+
+async def store_discard(reactor, location, settings, temp):
+    """Remove the temporary file C{temp} of a put in blocks (gone already: fine)."""
+
+    async def work(client, session):
+        try:
+            await client.removeFile(temp.encode("utf-8"))
+        except filetransfer.SFTPError:
+            pass
 
     await _with_session(reactor, location, settings, work)
 

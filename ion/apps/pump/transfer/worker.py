@@ -101,6 +101,7 @@ class Transfers:
         self._trigger = reactor.addSystemEventTrigger("during", "shutdown", self.pool.stop)
         self.http_connections = HTTPConnections(reactor, checked.per_host)
         self.received = Received()
+        self.sending = set()  # the puts in blocks running (OutgoingBlocks), for progress
         self.pacers = Pacers(reactor, checked.byte_rate_max, checked.host_byte_rate_max)
         self.sessions = Sessions(reactor, checked.dead_time, checked.per_host)
         self._closed = False
@@ -138,8 +139,10 @@ class Transfers:
         options.setdefault("min_rate", self.min_rate)
         return await self._run(get, url, path, active=self.received, **options)
 
-    async def put(self, path, url):
-        return await self._run(put, path, url)
+    async def put(self, path, url, **options):
+        """L{ion.apps.pump.transfer.put} of C{path} to C{url} (options: blocks, record_dir,
+        version); a put in blocks is in L{sending} while it runs."""
+        return await self._run(put, path, url, active=self.sending, **options)
 
     async def list(self, url):
         return await self._run(list, url)

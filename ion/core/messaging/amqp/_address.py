@@ -84,15 +84,11 @@ class AmqpAddress:
             vhost=vhost,
         )
 
-    @property
-    def scheme(self):
-        return "amqps" if self.tls else "amqp"
-
     def __str__(self):
         host = f"[{self.host}]" if ":" in self.host else self.host
         user = urllib.parse.quote(self.user, safe="")
         vhost = urllib.parse.quote(self.vhost, safe="")
-        return f"{self.scheme}://{user}:***@{host}:{self.port}/{vhost}"
+        return f"amqp{'s' if self.tls else ''}://{user}:***@{host}:{self.port}/{vhost}"
 
     def __repr__(self):
         return f"AmqpAddress({str(self)!r})"

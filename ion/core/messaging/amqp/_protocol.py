@@ -4,6 +4,7 @@ channels and their synchronous calls, and heartbeats. What the broker sends on i
 
 import collections
 import functools
+import platform
 import struct
 import types
 
@@ -12,6 +13,7 @@ from twisted.internet import defer, task
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
 
+import ion
 from ion.core.messaging.amqp._wire import (
     _ACK_ID,
     _BODY_FRAME,
@@ -30,8 +32,6 @@ from ion.core.messaging.amqp._wire import (
     _decode_deliver,
     _decode_fields,
     _decode_properties_kept,
-    _field_names,
-    _field_types,
     _frame,
     _method_frame,
     _ProtocolError,
@@ -51,14 +51,28 @@ log = Logger()
 FRAME_MIN_SIZE = 4096  # the largest frame either side may send before connection.tune
 MAX_UNSEEN_HEARTBEATS = 3  # intervals without a byte from the broker before it is given up
 _DEFAULTS = {"bit": False, "shortstr": "", "longstr": b"", "table": {}}
+# Who we are and what we can do, told to the broker in connection.start-ok.
+CLIENT_PROPERTIES = {
+    "product": "ION",
+    "version": ion.__version__,
+    "platform": f"Python {platform.python_version()} (Twisted)",
+    "capabilities": {
+        "publisher_confirms": True,
+        "consumer_cancel_notify": True,
+        "basic.nack": True,
+        "exchange_exchange_bindings": True,
+        "connection.blocked": True,
+        "authentication_failure_close": True,
+        "per_consumer_qos": True,
+    },
+}
 
 
 @functools.cache
 def _argument_layout(method):
     """name -> position of a method's arguments, and their defaults."""
-    names = _field_names(method)
-    defaults = tuple(_DEFAULTS.get(kind, 0) for kind in _field_types(method))
-    return {name: i for i, name in enumerate(names)}, defaults
+    defaults = tuple(_DEFAULTS.get(kind, 0) for kind in method.types)
+    return {name: i for i, name in enumerate(method.names)}, defaults
 
 
 def _closed_error(klass, code, text):
@@ -251,7 +265,7 @@ class _Protocol(Protocol):
             elif method_id == _ACK_ID:
                 args, pos = _decode_ack(data, start + 4)
             else:
-                args, pos = _decode_fields(_field_types(method), data, start + 4)
+                args, pos = _decode_fields(method.types, data, start + 4)
             if pos > end:
                 raise _ProtocolError(f"truncated {method.klass.name}.{method.name}")
             if channel in self._incoming:
@@ -317,7 +331,7 @@ class _Protocol(Protocol):
     def _reject(self, number, incoming):
         channel = self.channels.get(number)
         if channel is not None:
-            arguments = dict(zip(_field_names(incoming.method), incoming.args))
+            arguments = dict(zip(incoming.method.names, incoming.args))
             self.session.reject(channel, arguments, incoming.error)
 
     def _dispatch(self, number, method, args, content):
@@ -327,7 +341,7 @@ class _Protocol(Protocol):
             # requeues deliveries) has no one to go to.
             return
         message = types.SimpleNamespace()
-        message.__dict__.update(zip(_field_names(method), args))
+        message.__dict__.update(zip(method.names, args))
         if content is not None:
             message.body, message.properties = content
         if method.response:
@@ -377,7 +391,7 @@ class _Protocol(Protocol):
             0,
             self.method("connection_start_ok"),
             {
-                "client_properties": self.session.client_properties(),
+                "client_properties": CLIENT_PROPERTIES,
                 "mechanism": mechanism,
                 "response": self._response,
                 "locale": "en_US",

@@ -107,7 +107,8 @@ class _Publisher:
                     except ConnectionLost:
                         raise
                     except TransportError as e:
-                        self._discard(message)
+                        if self.backlog and message in self.backlog:
+                            self.backlog.remove(message)
                         message.deferred.errback(e)
                     else:
                         self.known_exchanges.add(message.exchange)
@@ -122,10 +123,6 @@ class _Publisher:
             self.connection_lost()
         finally:
             self._draining = False
-
-    def _discard(self, message):
-        if self.backlog and message in self.backlog:
-            self.backlog.remove(message)
 
     def returned(self, channel, message):
         if channel is self.channel:

@@ -1,12 +1,10 @@
 """One live AMQP connection: handshake, control channel, publish channel, consumer channels."""
 
 import contextlib
-import platform
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-import ion
 from ion.core.messaging.amqp._consume import _Acks
 from ion.core.messaging.amqp._publish import _Publisher
 from ion.core.messaging.transport import ConnectionLost, TransportError
@@ -14,16 +12,6 @@ from ion.core.messaging.transport import ConnectionLost, TransportError
 log = Logger()
 
 CLOSE_TIMEOUT = 5.0
-
-CLIENT_CAPABILITIES = {
-    "publisher_confirms": True,
-    "consumer_cancel_notify": True,
-    "basic.nack": True,
-    "exchange_exchange_bindings": True,
-    "connection.blocked": True,
-    "authentication_failure_close": True,
-    "per_consumer_qos": True,
-}
 
 
 class _Session:
@@ -42,14 +30,6 @@ class _Session:
         self.closing = False
         self.prepared = False  # set up, as the ClientService's prepareConnection
         self.client = client_factory(self)
-
-    def client_properties(self):
-        return {
-            "product": "ION",
-            "version": ion.__version__,
-            "platform": f"Python {platform.python_version()} (Twisted)",
-            "capabilities": CLIENT_CAPABILITIES,
-        }
 
     async def open(self):
         """Authenticate, open the vhost and the publish channel."""

@@ -64,10 +64,8 @@ class _BrokerList:
     def __repr__(self):
         return ", ".join(str(address) for address, _ in self._choices)
 
-    def connect(self, factory):
-        return defer.Deferred.fromCoroutine(self._connect(factory))
-
-    async def _connect(self, factory):
+    @_as_deferred
+    async def connect(self, factory):
         errors = []
         count = len(self._choices)
         for step in range(count):
@@ -331,7 +329,7 @@ class AmqpTransport:
     async def _prepare(self, session):
         """Set up a new connection: the ClientService's prepareConnection. A failure fails
         the attempt, which the ClientService retries after its backoff."""
-        setup = defer.Deferred.fromCoroutine(self._set_up(session))
+        setup = defer.Deferred.fromCoroutine(self._restore(session))
         setup.addTimeout(self.connect_timeout, self.reactor)
         try:
             await setup
@@ -356,13 +354,11 @@ class AmqpTransport:
         if self._connected.called:
             log.info("AMQP: reconnected to {address}", address=self.address)
 
-    async def _set_up(self, session):
-        await session.open()
-        await self._restore(session)
-
     async def _restore(self, session):
-        """Declare again what this transport declared before, and re-attach consumers; only
-        what the broker refused on a live connection is dropped (see L{_redo})."""
+        """Open the session, declare again what this transport declared before, and re-attach
+        consumers; only what the broker refused on a live connection is dropped (see
+        L{_redo})."""
+        await session.open()
         for name, (type, durable, auto_delete) in list(self._exchanges.items()):
             step = self._declare_exchange_on(session, name, type, durable, auto_delete)
             if not await self._redo(session, step, "exchange", name):

@@ -30,7 +30,9 @@ def load_spec():
     C{classes} maps names to classes: C{name}, C{id}, C{fields} (the content properties) and
     C{methods}, which maps names to methods: C{klass}, C{name}, C{id}, C{fields}, C{content} (a
     message follows) and C{response} (it answers a call). A field has a C{name} as the spec
-    writes it ("delivery-tag") and a primitive C{type} ("octet", "shortstr", "table", ...)."""
+    writes it ("delivery-tag") and a primitive C{type} ("octet", "shortstr", "table", ...); a
+    method's C{types} are those of its fields, its C{names} theirs as identifiers
+    ("delivery_tag", "global_")."""
     root = ElementTree.parse(SPEC_FILE).getroot()
     domains = {domain.get("name"): domain.get("type") for domain in root.iter("domain")}
 
@@ -48,11 +50,14 @@ def load_spec():
         answers = {response.get("name") for m in methods for response in m.findall("response")}
         for method in methods:
             name = method.get("name")
+            arguments = fields(method)
             klass.methods[name] = _Part(
                 klass=klass,
                 name=name,
                 id=int(method.get("index")),
-                fields=fields(method),
+                fields=arguments,
+                types=tuple(field.type for field in arguments),
+                names=tuple(_python_name(field.name) for field in arguments),
                 content=method.get("content") == "1",
                 response=name in answers,
             )
@@ -248,16 +253,6 @@ class _ProtocolError(Exception):
     """The broker sent bytes that are not AMQP 0-9-1 as we know it."""
 
 
-@functools.cache
-def _field_types(method):
-    return tuple(field.type for field in method.fields)
-
-
-@functools.cache
-def _field_names(method):
-    return tuple(_python_name(field.name) for field in method.fields)
-
-
 def _python_name(name):
     """A spec name as an identifier: "delivery-tag" -> "delivery_tag", "global" -> "global_"."""
     name = name.replace("-", "_")
@@ -348,12 +343,9 @@ def _encode_properties(klass, properties):
     flags, 15 per 16-bit word with the first property in the high bit and the low bit set when
     another word follows, then the values present in spec order."""
     layout = _property_layout(klass)
-    present = []
-    for name, value in properties.items():
-        if value is not None:
-            position, kind = layout[name]
-            present.append((position, kind, value))
-    present.sort()
+    present = sorted(
+        (*layout[name], value) for name, value in properties.items() if value is not None
+    )
     words = [0] * (len(layout) // 15 + 1)
     for position, _, _ in present:
         words[position // 15] |= 1 << (15 - position % 15)
@@ -431,7 +423,7 @@ def _frame(kind, channel, payload):
 
 def _method_frame(channel, method, args):
     payload = _METHOD_ID.pack(method.klass.id << 16 | method.id) + _encode_fields(
-        _field_types(method), args
+        method.types, args
     )
     return _frame(_METHOD_FRAME, channel, payload)
 
