@@ -10,6 +10,10 @@ subscriber that only acks.
     venv/bin/python bench/consume.py --transport mqtt            # on a private Mosquitto
     venv/bin/python bench/consume.py --transport mqtt --vs-sr3 --broker mqtt://127.0.0.1:1883/
 
+cpu_us and baseline_cpu_us are this process's CPU microseconds per notice over the same drains
+(all its threads; the broker's are not counted): a figure that a busy machine skews less than
+the rates.
+
 Without --broker the script starts a broker of its own: a private RabbitMQ node for amqp
 (tests/broker.py), a private Mosquitto for mqtt (tests/mosquitto.py).
 
@@ -23,7 +27,8 @@ added to the line as `amqp=... msgs/s`.
 The queue is filled first (n v03 notices, one in ten a repeat of an earlier one, one in ten
 rejected by the filter), then drained. Prints one result line:
 
-    consume transport=memory n=20000 rate=... msgs/s baseline=... msgs/s
+    consume transport=memory n=20000 rate=... msgs/s baseline=... msgs/s cpu_us=...
+        baseline_cpu_us=...
     consume transport=mqtt n=20000 rate=... msgs/s baseline=... msgs/s amqp=... msgs/s sr3=...
 
 With --vs-sr3 (amqp or mqtt) an sr3 `subscribe` (the venv of bench/pump.py, `download off`,
@@ -209,7 +214,8 @@ async def run_queued(reactor, args):
     result = await drain(reactor, args, url, with_sr3=args.vs_sr3)
     line = (
         f"consume transport={args.transport} n={args.n} rate={result['rate']:.0f} msgs/s "
-        f"baseline={result['baseline']:.0f} msgs/s"
+        f"baseline={result['baseline']:.0f} msgs/s cpu_us={result['cpu'] * 1e6:.1f} "
+        f"baseline_cpu_us={result['baseline_cpu'] * 1e6:.1f}"
     )
     if args.vs_sr3:
         line += f" sr3={result['sr3']:.0f} msgs/s"
@@ -243,12 +249,13 @@ async def drain(reactor, args, url, with_baseline=True, with_sr3=False):
             await sink.terminate()
             await fill(publish, args.n)
             sink = await container.spawn(RawSink)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             await sink.subscribe(
                 EXCHANGE, ["v03.#"], sink.take, queue=baseline_queue, prefetch=args.prefetch
             )
             await wait(reactor, lambda: sink.received >= args.n)
             result["baseline"] = args.n / (time.perf_counter() - start)
+            result["baseline_cpu"] = (time.process_time() - cpu) / args.n
             await sink.terminate()
 
         consumer_args = {
@@ -269,10 +276,11 @@ async def drain(reactor, args, url, with_baseline=True, with_sr3=False):
         profile = cProfile.Profile() if args.profile else None
         if profile is not None:
             profile.enable()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         consumer = await container.spawn(Consumer, args=consumer_args)
         await wait(reactor, lambda: consumer.stats["received"] >= args.n and not consumer.in_hand)
         result["rate"] = args.n / (time.perf_counter() - start)
+        result["cpu"] = (time.process_time() - cpu) / args.n
         if profile is not None:
             profile.disable()
             profile.dump_stats(args.profile)

@@ -610,6 +610,8 @@ class PollArgs(_Announcer):
     # and silently empty source.
     create = attrs.field(default=False, converter=bool)
     announce_removals = attrs.field(default=False, converter=bool)
+    # What its listings may read from the server, bytes/s (ion.apps.pump.poll).
+    byte_rate_max = attrs.field(default=None, validator=OPTIONAL_RATE)
 
 
 @attrs.frozen(kw_only=True)

@@ -108,7 +108,11 @@ class DupCache:
         return self._journal.close()
 
 
+# json.dumps of a string, without its per-call set-up: this runs for every message.
+_quote = json.encoder.encode_basestring_ascii
+
+
 def key_line(key, expires):
     """The file's line for a key: {"key": ..., "expires": ...} (formatted by hand: this runs
     for every message)."""
-    return f'{{"key": {json.dumps(key)}, "expires": {float(expires)!r}}}\n'
+    return f'{{"key": {_quote(key)}, "expires": {float(expires)!r}}}\n'

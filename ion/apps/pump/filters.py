@@ -57,6 +57,11 @@ class Filter:
         rules.accept_unmatched = bool(accept_unmatched)
         return rules
 
+    @property
+    def accepts_everything(self):
+        """Whether every string is accepted (no rules, and unmatched ones are accepted)."""
+        return not self.rules and self.accept_unmatched
+
     def accepts(self, text):
         for accept, regex in self.rules:
             if regex.fullmatch(text):

@@ -36,6 +36,7 @@ import datetime
 import json
 import math
 import re
+import time
 
 CONTENT_TYPE = "application/json"
 MAX_NOTICE_BYTES = 1024 * 1024
@@ -110,6 +111,9 @@ def _show(value, limit=60):
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_YEAR_10000 = 253402300800  # seconds since the epoch
+
+
 def format_time(epoch):
     """Seconds since the epoch -> C{YYYYMMDDTHHMMSS[.fraction]} in UTC (fraction up to 9 digits)."""
     if not math.isfinite(epoch):
@@ -118,11 +122,14 @@ def format_time(epoch):
     nanos = round((epoch - whole) * 1_000_000_000)
     if nanos == 1_000_000_000:
         whole, nanos = whole + 1, 0
-    when = datetime.datetime(1970, 1, 1) + datetime.timedelta(seconds=whole)
-    stamp = (
-        f"{when.year:04d}{when.month:02d}{when.day:02d}"
-        f"T{when.hour:02d}{when.minute:02d}{when.second:02d}"
-    )
+    if 0 <= whole < _YEAR_10000:
+        # A fraction of the cost of datetime arithmetic, which the other years need.
+        year, month, day, hour, minute, second = time.gmtime(whole)[:6]
+    else:
+        when = datetime.datetime(1970, 1, 1) + datetime.timedelta(seconds=whole)
+        year, month, day = when.year, when.month, when.day
+        hour, minute, second = when.hour, when.minute, when.second
+    stamp = f"{year:04d}{month:02d}{day:02d}T{hour:02d}{minute:02d}{second:02d}"
     fraction = f"{nanos:09d}".rstrip("0")
     return f"{stamp}.{fraction}" if fraction else stamp
 
@@ -288,9 +295,10 @@ class Notice:
         """A Notice owning C{fields} (nobody else holds it), legacy key names renamed in place."""
         if not isinstance(fields, dict):
             raise InvalidNotice("message", f"expected a JSON object, got {type(fields).__name__}")
-        for old, new in _LEGACY_KEYS.items():
-            if old in fields and new not in fields:
-                fields[new] = fields.pop(old)
+        if "integrity" in fields or "retPath" in fields:
+            for old, new in _LEGACY_KEYS.items():
+                if old in fields and new not in fields:
+                    fields[new] = fields.pop(old)
         return cls(fields)
 
     @classmethod
@@ -303,7 +311,8 @@ class Notice:
         if isinstance(data, str):
             size = len(data.encode("utf-8", "surrogatepass"))
         else:
-            data = bytes(data)
+            if type(data) is not bytes:
+                data = bytes(data)
             size = len(data)
         if size > max_bytes:
             raise InvalidNotice("message", f"{size} bytes is over the limit of {max_bytes}")
@@ -313,23 +322,31 @@ class Notice:
             except UnicodeDecodeError as e:
                 raise InvalidNotice("message", f"not valid UTF-8 (byte {e.start})") from None
         try:
-            fields = _DECODER.decode(data)
+            # The decoder's scanner at once: a message is one object with nothing around it.
+            # Anything else (whitespace, errors) goes through decode, which says what is wrong.
+            fields, end = _SCAN(data, 0)
+            if end != len(data):
+                fields = _DECODER.decode(data)
         except RecursionError:
             raise InvalidNotice("message", "JSON nested too deeply") from None
-        except ValueError as e:
-            raise InvalidNotice("message", f"not JSON ({e})") from None
+        except (ValueError, StopIteration):
+            try:
+                fields = _DECODER.decode(data)
+            except RecursionError:
+                raise InvalidNotice("message", "JSON nested too deeply") from None
+            except ValueError as e:
+                raise InvalidNotice("message", f"not JSON ({e})") from None
         # Freshly decoded: nobody else holds these objects, so no copy is needed.
         return cls._adopt(fields)
 
     def to_json(self):
         """The message as compact UTF-8 JSON bytes, keys in their original order."""
         try:
-            text = json.dumps(self._fields, separators=(",", ":"), ensure_ascii=False)
-            return text.encode("utf-8")
+            return _ENCODER.encode(self._fields).encode("utf-8")
         except UnicodeEncodeError:
             # A lone surrogate (legal in JSON text as an escape) cannot be written as UTF-8:
             # escape every non-ASCII character instead, which decodes to the same value.
-            return json.dumps(self._fields, separators=(",", ":")).encode("ascii")
+            return _ASCII_ENCODER.encode(self._fields).encode("ascii")
 
     def to_dict(self):
         """A deep copy of every field of the message."""
@@ -367,10 +384,13 @@ class Notice:
 
         The join puts exactly one C{/} between the two; nothing is percent-encoded.
         """
-        for key in ("baseUrl", "relPath"):
-            _require_string(self._fields, key)
-        path = self.retrieve_path or self.rel_path
-        return self.base_url.removesuffix("/") + "/" + path.removeprefix("/")
+        fields = self._fields
+        base, rel_path = fields.get("baseUrl"), fields.get("relPath")
+        if type(base) is not str or type(rel_path) is not str or not base or not rel_path:
+            for key in ("baseUrl", "relPath"):
+                _require_string(fields, key)
+        path = fields.get("retrievePath") or rel_path
+        return base.removesuffix("/") + "/" + path.removeprefix("/")
 
     def topic(self, prefix="v03"):
         """The routing key to publish this message with (see L{topic_for})."""
@@ -399,7 +419,9 @@ class Notice:
         """Check every known field; return self, or raise InvalidNotice naming the first bad one."""
         fields = self._fields
         for key in ("pubTime", "baseUrl", "relPath"):
-            _require_string(fields, key)
+            value = fields.get(key)
+            if type(value) is not str or not value:
+                _require_string(fields, key)
         _check_time(fields["pubTime"], "pubTime")
         if not _URL_SCHEME.match(fields["baseUrl"]):
             raise InvalidNotice(
@@ -440,6 +462,10 @@ def _refuse_constant(name):
 
 # One decoder for every message (json.loads builds a new one per call when given options).
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+_SCAN = _DECODER.scan_once
+# And one encoder of each kind (json.dumps with options builds one per call).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def _require_string(fields, key):
@@ -491,7 +517,20 @@ def _decode_base64(value):
         return None
 
 
+# The base64 text of an md5 or sha512 digest (16 or 64 bytes: 22 or 86 characters and '=='):
+# what L{_check_identity} accepts for them, told without decoding.
+_DIGEST_TEXT = {
+    "md5": re.compile(r"[A-Za-z0-9+/]{22}==", re.ASCII),
+    "sha512": re.compile(r"[A-Za-z0-9+/]{86}==", re.ASCII),
+}
+
+
 def _check_identity(identity):
+    if type(identity) is dict:
+        digest = _DIGEST_TEXT.get(identity.get("method"))
+        value = identity.get("value")
+        if digest is not None and type(value) is str and digest.fullmatch(value):
+            return
     _require_object("identity", identity, "{method, value}")
     method, value = identity.get("method"), identity.get("value")
     if method not in IDENTITY_METHODS:

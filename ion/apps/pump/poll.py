@@ -39,14 +39,22 @@ flight again, and the consumers' duplicate suppression absorbs that. Files gone 
 listing are forgotten (announced again if they come back); so are whole directories that a
 complete pass did not see. Changing C{url} starts from an empty state.
 
-Memory: a pass lists one directory at a time and looks up only that directory's rows, so a
-tree of any size is polled with memory bounded by its largest directory. One directory's
+Memory: a pass works through one directory at a time and looks up only that directory's
+rows; the listing of the directory next in line is read meanwhile, and may wait for its turn
+while a subtree is walked (one per level at most), so a tree of any size is polled with memory
+bounded by its largest directory times its depth. One directory's
 listing is one reply of the transfer service, so it must fit the messaging limits
 (C{ion.core.messaging: max_message_bytes}, 16 MB by default: some 150,000 entries).
 
 With C{announce_removals} (default False), a file announced before and gone from the listing
 (its directory too) is announced as removed, C{fileOp} {remove: ''}, before it is forgotten;
 a poll cannot tell a rename from a removal and a new file.
+
+With C{byte_rate_max} (bytes/s, default None: no limit) the listings keep to that rate
+together (L{ion.apps.pump.transfer.pacing}): the transfer service says how many bytes each
+listing read from the server (index page, LIST/MLSD data, READDIR names; nothing for a local
+directory), the poll spends them from its bucket and, in debt, waits before it lists the next
+directory. A pass may start with a quarter second's worth (64 KiB at least) at once.
 
 A pass still running when the next one is due makes that one skip (counted as C{skipped}).
 Op C{poll} runs a pass now (or waits for the running one) and returns the counters of the
@@ -64,9 +72,12 @@ from twisted.internet import defer, task
 from ion.apps.pump import paths
 from ion.apps.pump.args import PollArgs
 from ion.apps.pump.journal import DiskQueue
-from ion.apps.pump.notice import Notice, block_lengths, block_notices, block_step, format_time
+from ion.apps.pump.notice import (
+    Notice, block_lengths, block_notices, block_step, format_time, topic_for,
+)
 from ion.apps.pump.outcome import RecentFailures, classify
 from ion.apps.pump.transfer.inflight import is_inflight_name
+from ion.apps.pump.transfer.pacing import Pacer, take
 from ion.apps.pump.flow import open_flow_broker
 from ion.apps.pump.user import pump_user
 from ion.core.process import Lease, RemoteError, ServiceProcess
@@ -74,6 +85,10 @@ from ion.core.process import Lease, RemoteError, ServiceProcess
 COD = {"method": "cod", "value": "sha512"}
 
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+# A listed name of these characters only, not starting with a dot, passes every check of
+# paths.safe_name and of unfetchable (no '%', '?', '#', ':', '/', '\\', control characters,
+# no '.' or '..', no inflight name, at most 255 bytes): the usual name, told by one regex.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_+=,@~-][A-Za-z0-9_.+=,@~-]{0,254}", re.ASCII)
 _PASS_COUNTERS = (
     "listed",
     "announced",
@@ -311,6 +326,9 @@ class PollService(ServiceProcess):
                 "will be announced again (files already delivered are skipped as duplicates)",
                 name=self.source,
             )
+        self.pacers = ()
+        if args.byte_rate_max is not None:
+            self.pacers = (Pacer(self.container.clock, args.byte_rate_max),)
         self.stats = dict.fromkeys(
             ("passes", "failed_passes", "skipped", "standby", *_PASS_COUNTERS), 0
         )
@@ -470,39 +488,22 @@ class PollService(ServiceProcess):
         started = clock.seconds()
         number = await self.store.start_pass()
         counts = dict.fromkeys(_PASS_COUNTERS, 0)
-        complete = True
-        first_error = first_code = None
         pending = [""]
-        while pending and not self._stopping:
-            rel_dir = pending.pop()
-            try:
-                entries = await self._list(rel_dir)
-            except defer.CancelledError:
-                raise
-            except Exception as e:
-                remote = isinstance(e, RemoteError)
-                if remote and e.code == 404 and rel_dir:
-                    # Gone since its parent was listed: its files are forgotten below.
-                    continue
-                complete = False
-                counts["errors"] += 1
-                if first_error is None:
-                    failure = classify(e)
-                    first_code = failure.code
-                    why = f"{e.code} {e.message}" if remote else e
-                    first_error = f"cannot list {self._dir_url(rel_dir)}: {why}"
-                continue
-            await self.store.visited(rel_dir, number)
-            try:
-                subdirs = await self._directory(rel_dir, entries, counts)
-            except PublishFailed as e:
-                # The broker refused or went away: the next pass tries again.
-                complete = False
-                counts["errors"] += 1
-                if first_error is None:
-                    first_error, first_code = str(e), 503
-                break
-            pending.extend(reversed(subdirs))
+        # The listing of the directory next in line is asked for while this one is worked
+        # through (one at a time: paced listings still read one after the other); the rows
+        # known of a directory are read while it is listed.
+        ahead = {}
+        visits = []
+        try:
+            complete, first_error, first_code = await self._walk(
+                number, pending, ahead, visits, counts
+            )
+        finally:
+            for listing in ahead.values():
+                listing.addErrback(lambda _: None)
+                listing.cancel()
+            if visits:
+                await defer.gatherResults(visits, consumeErrors=True)
         if complete and not self._stopping:
             try:
                 if self.settings.announce_removals:
@@ -533,6 +534,50 @@ class PollService(ServiceProcess):
                 t=elapsed,
             )
 
+    async def _walk(self, number, pending, ahead, visits, counts):
+        """List the directories of C{pending} (a stack) and announce what changed: (whether
+        every directory was listed and announced, the first error, its code)."""
+        complete = True
+        first_error = first_code = None
+        while pending and not self._stopping:
+            rel_dir = pending.pop()
+            listing = ahead.pop(rel_dir, None)
+            if listing is None:
+                listing = defer.Deferred.fromCoroutine(self._list(rel_dir))
+            known = self.store.directory(rel_dir)
+            try:
+                entries = await listing
+            except defer.CancelledError:
+                raise
+            except Exception as e:
+                known.addErrback(lambda _: None)  # not needed after all
+                remote = isinstance(e, RemoteError)
+                if remote and e.code == 404 and rel_dir:
+                    # Gone since its parent was listed: its files are forgotten below.
+                    continue
+                complete = False
+                counts["errors"] += 1
+                if first_error is None:
+                    failure = classify(e)
+                    first_code = failure.code
+                    why = f"{e.code} {e.message}" if remote else e
+                    first_error = f"cannot list {self._dir_url(rel_dir)}: {why}"
+                continue
+            visits.append(self.store.visited(rel_dir, number))
+            if pending and pending[-1] not in ahead:
+                ahead[pending[-1]] = defer.Deferred.fromCoroutine(self._list(pending[-1]))
+            try:
+                subdirs = await self._directory(rel_dir, entries, counts, known)
+            except PublishFailed as e:
+                # The broker refused or went away: the next pass tries again.
+                complete = False
+                counts["errors"] += 1
+                if first_error is None:
+                    first_error, first_code = str(e), 503
+                break
+            pending.extend(reversed(subdirs))
+        return complete, first_error, first_code
+
     def _note_errors(self, first, count):
         """Warn about a pass's failures, once while the same first failure repeats (then at
         debug: the progress line counts the failed passes)."""
@@ -549,61 +594,92 @@ class PollService(ServiceProcess):
         return self.url + (rel_dir + "/" if rel_dir else "")
 
     async def _list(self, rel_dir):
-        return await self.rpc(
-            "transfer",
-            "list",
-            {"url": self._dir_url(rel_dir)},
-            timeout=self.settings["list_timeout"],
+        request = {"url": self._dir_url(rel_dir)}
+        if self.pacers:
+            request["with_bytes"] = True
+        reply = await self.rpc(
+            "transfer", "list", request, timeout=self.settings["list_timeout"]
         )
+        if not self.pacers:
+            return reply
+        entries = reply.get("entries") if isinstance(reply, dict) else None
+        size = reply.get("bytes") if isinstance(reply, dict) else None
+        if not isinstance(entries, list) or type(size) is not int or size < 0:
+            raise ValueError("the transfer service's listing does not say its size in bytes")
+        await take(self.container.clock, self.pacers, size)
+        return entries
 
-    async def _directory(self, rel_dir, entries, counts):
-        """Announce what changed among one directory's entries; returns its subdirectories."""
+    async def _directory(self, rel_dir, entries, counts, known=None):
+        """Announce what changed among one directory's entries; returns its subdirectories.
+        C{known}: the Deferred of its rows in the store, when already asked for."""
         now = self.container.clock.seconds()
         min_age = self.settings["min_age"]
-        known = await self.store.directory(rel_dir)
+        recursive = self.settings["recursive"]
+        accepts = None if self.filter.accepts_everything else self.filter.accepts
+        known = await (known if known is not None else self.store.directory(rel_dir))
+        prefix = f"{rel_dir}/" if rel_dir else ""
+        room = paths.PATH_MAX_BYTES - len(prefix.encode("utf-8"))
+        plain = _PLAIN_NAME.fullmatch
         present = set()
         subdirs = []
         wanted = []
+        listed = unchanged = 0
         for entry in entries:
-            counts["listed"] += 1
-            name = entry.get("name") if isinstance(entry, dict) else None
-            if isinstance(name, str) and is_inflight_name(name):
-                counts["skipped_entries"] += 1
-                continue
-            rel_path = self._checked(rel_dir, name)
-            if rel_path is None:
-                counts["unsafe"] += 1
-                continue
+            listed += 1
+            name = entry.get("name") if type(entry) is dict else None
+            # The usual name passes every check of _checked at once (see _PLAIN_NAME).
+            if type(name) is str and plain(name) and len(name) <= room:
+                rel_path = prefix + name
+            else:
+                if isinstance(name, str) and is_inflight_name(name):
+                    counts["skipped_entries"] += 1
+                    continue
+                rel_path = self._checked(rel_dir, name)
+                if rel_path is None:
+                    counts["unsafe"] += 1
+                    continue
             kind = entry.get("type")
-            if kind == "dir":
-                if self.settings["recursive"]:
-                    subdirs.append(rel_path)
-                continue
             if kind != "file":
-                counts["skipped_entries"] += 1
+                if kind == "dir":
+                    if recursive:
+                        subdirs.append(rel_path)
+                else:
+                    counts["skipped_entries"] += 1
                 continue
             present.add(name)
-            if not self.filter.accepts(rel_path):
+            if accepts is not None and not accepts(rel_path):
                 counts["rejected"] += 1
                 continue
             size, mtime = entry.get("size"), entry.get("mtime")
             if known.get(name) == (size, mtime):
-                counts["unchanged"] += 1
+                unchanged += 1
                 continue
             if min_age and mtime is not None and now - mtime < min_age:
                 counts["young"] += 1
                 continue
             wanted.append((name, rel_path, entry))
+        counts["listed"] += listed
+        counts["unchanged"] += unchanged
         gone = [name for name in known if name not in present]
         if gone:
             if self.settings.announce_removals:
                 counts["removed"] += await self._announce_removals([(rel_dir, n) for n in gone])
             await self.store.forget(rel_dir, gone)
         size = self.settings["batch"]
-        for start in range(0, len(wanted), size):
-            if self._stopping:
-                break
-            counts["announced"] += await self._announce(rel_dir, wanted[start : start + size])
+        # A batch's rows are written while the next batch is published: each one only once
+        # its own notices are confirmed, the pass on only once all are written.
+        recording = []
+        try:
+            for start in range(0, len(wanted), size):
+                if self._stopping:
+                    break
+                announced, written = await self._announce(rel_dir, wanted[start : start + size])
+                counts["announced"] += announced
+                if written is not None:
+                    recording.append(written)
+        finally:
+            if recording:
+                await defer.gatherResults(recording, consumeErrors=True)
         return subdirs
 
     def _checked(self, rel_dir, name):
@@ -625,10 +701,11 @@ class PollService(ServiceProcess):
             return None
         return rel_path
 
-    def notice_for(self, rel_path, entry, now):
-        """The v03 notice fields announcing the listed file C{entry} at C{rel_path}."""
+    def notice_for(self, rel_path, entry, now, pub_time=None):
+        """The v03 notice fields announcing the listed file C{entry} at C{rel_path}
+        (C{pub_time}: C{now} formatted, when the caller has it)."""
         fields = {
-            "pubTime": format_time(now),
+            "pubTime": pub_time or format_time(now),
             "baseUrl": self.base_url,
             "relPath": rel_path,
         }
@@ -642,14 +719,19 @@ class PollService(ServiceProcess):
         return fields
 
     async def _announce(self, rel_dir, batch):
-        """Publish a batch of notices, then record the confirmed ones; raises PublishFailed
-        after recording them when some were not confirmed. Returns how many were."""
+        """Publish a batch of notices (files of one directory), then record the confirmed
+        ones; raises PublishFailed after recording them when some were not confirmed. Returns
+        how many were, and the Deferred of their recording (None when none was)."""
         now = self.container.clock.seconds()
+        pub_time = format_time(now)
         # Until a publish has declared the exchange, each one of the batch declares it.
         declare = None if self._declared else "topic"
+        topic = topic_for(batch[0][1])  # the files of one directory share it
         results = await defer.DeferredList(
             [
-                defer.Deferred.fromCoroutine(self._publish(rel_path, entry, now, declare))
+                defer.Deferred.fromCoroutine(
+                    self._publish(rel_path, entry, now, declare, topic, pub_time)
+                )
                 for _, rel_path, entry in batch
             ],
             consumeErrors=True,
@@ -659,9 +741,12 @@ class PollService(ServiceProcess):
             for (ok, _), (name, _, entry) in zip(results, batch)
             if ok
         ]
+        written = None
         if confirmed:
             self._declared = True
-            await self.store.record(rel_dir, confirmed)
+            written = self.store.record(rel_dir, confirmed)
+        if not all(ok for ok, _ in results) and written is not None:
+            await written
         for ok, failure in results:
             if not ok:
                 if failure.check(defer.CancelledError):
@@ -669,7 +754,7 @@ class PollService(ServiceProcess):
                 raise PublishFailed(
                     f"cannot publish to {self.exchange}: {failure.getErrorMessage()}"
                 )
-        return len(confirmed)
+        return len(confirmed), written
 
     async def _announce_removals(self, rows):
         """Announce the files [(directory, name)] announced before and gone now as removed
@@ -699,16 +784,17 @@ class PollService(ServiceProcess):
                 )
         return len(notices)
 
-    async def _publish(self, rel_path, entry, now, declare):
+    async def _publish(self, rel_path, entry, now, declare, topic=None, pub_time=None):
         """Announce one listed file: one notice, or with C{block_size} one per block of a
         bigger file whose size the listing gives (each block's identity the file's C{cod}:
-        no checksum is known). Raises what the first publish not confirmed raised."""
-        fields = self.notice_for(rel_path, entry, now)
+        no checksum is known). Raises what the first publish not confirmed raised.
+        C{topic}, C{pub_time}: its batch's (one directory's), when the caller has them."""
+        fields = self.notice_for(rel_path, entry, now, pub_time)
         step = block_step(fields.get("size"), self.settings.block_size)
         if step is None:
             notice = Notice(fields)
             await self.publish(
-                self.exchange, notice.topic(), notice.to_json(), persistent=True,
+                self.exchange, topic or notice.topic(), notice.to_json(), persistent=True,
                 declare=declare, transport=self.broker,
             )
             return

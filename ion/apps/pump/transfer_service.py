@@ -10,7 +10,9 @@ request goes to one of them. Ops (content -> reply):
     checked. C{mtime} (seconds since the epoch) and C{mode} (permission bits) are applied when
     given, else the server's when it tells them. Nothing unverified ever appears at C{path}.
   - C{put} {path, url} -> the same map, for the bytes sent.
-  - C{list} {url} -> [{name, size, mtime, mode, type}], sorted by name.
+  - C{list} {url} -> [{name, size, mtime, mode, type}], sorted by name; with C{with_bytes:
+    True}, {entries: that list, bytes: what the listing took to read from the server} (a
+    poll with a C{byte_rate_max} paces its listings by it).
 
 A failed transfer is an L{ApplicationError} with the library's HTTP-like code (404 missing, 403
 refused, 499 short or corrupt, 503 unreachable, 504 timed out, ...); callers decide between
@@ -79,7 +81,12 @@ class TransferService(ServiceProcess):
 
     async def op_list(self, content, headers):
         (url,) = _strings(content, "list", "url")
-        return [attrs.asdict(entry) for entry in await self._run(self.transfers.list, url)]
+        with_bytes = content.get("with_bytes", False)
+        if not isinstance(with_bytes, bool):
+            raise ApplicationError(f"list: with_bytes must be true or false, got {with_bytes!r}")
+        entries = await self._run(self.transfers.list, url)
+        listed = [attrs.asdict(entry) for entry in entries]
+        return {"entries": listed, "bytes": entries.bytes} if with_bytes else listed
 
 
 # The optional numbers of a get: key -> (transfer option, check (bools fail), what it must be).

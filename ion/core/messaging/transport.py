@@ -116,7 +116,7 @@ def call_consumer(callback, delivery, queue, requeued=None):
     except Exception:
         _consumer_failed(Failure(), delivery, queue, requeued)
         return
-    if inspect.isawaitable(result):
+    if result is not None and inspect.isawaitable(result):
         defer.ensureDeferred(result).addErrback(_consumer_failed, delivery, queue, requeued)
 
 

@@ -7,6 +7,7 @@ import time
 from twisted.internet import defer, reactor, task
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
+from twisted.web import client
 
 from ion.apps.pump.notice import Notice, parse_time
 from ion.apps.pump.args import PollArgs, root_url
@@ -17,6 +18,7 @@ from ion.core.cc.testing import call_op, make_container
 from ion.core.messaging.memory import MemoryBroker
 from ion.core.process import ApplicationError, ServiceProcess
 from tests.apps.pump.fixtures import Collector, quiet, until, write_source
+from tests.apps.pump.servers import settle, start_http
 
 OLD = time.time() - 3600
 
@@ -103,6 +105,26 @@ class ArgsTests(unittest.SynchronousTestCase):
             {"name": "p", "url": "file:x", "filters": [("accept", "keep/.*"), ("reject", ".*")]}
         )["filter"]
         self.assertEqual([ordered.accepts(p) for p in ("keep/x", "other/x")], [True, False])
+
+    def test_plain_names_pass_every_check(self):
+        """The names a poll takes without the full checks (the usual ones, for speed) are
+        names the full checks accept; the others still get them."""
+        import random
+
+        from ion.apps.pump import paths, poll
+
+        rng = random.Random(7)
+        alphabet = "aZ09_.+=,@~-%?#:/\\ \x00\x7fé"
+        names = [".", "..", "-", "C:", ".x.inflight", "a" * 255, "a" * 256, "%2e%2e"]
+        names += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 8)))
+                  for _ in range(20000)]
+        taken = 0
+        for name in names:
+            if poll._PLAIN_NAME.fullmatch(name):
+                taken += 1
+                paths.safe_name(name)
+                self.assertIsNone(unfetchable(name), name)
+        self.assertGreater(taken, 100)
 
     def test_unfetchable(self):
         """Names a URL cannot carry back to the server are recognised."""
@@ -221,6 +243,35 @@ class PollTests(unittest.TestCase):
         self.assertEqual(got["top.txt"][1], "v03")
         stats = await call_op(proc, "stats")
         self.assertEqual((stats["announced"], stats["known"], stats["passes"]), (2, 2, 1))
+
+    async def test_byte_rate_max_paces_listings(self):
+        """With byte_rate_max, a poll of a real HTTP index takes the time its listings' bytes
+        need at that rate (within 10%), past the bucket's first 64 KiB; without, far less.
+        Every file is announced all the same."""
+        names = [f"{d}/{'n' * 60}{i:03d}.dat" for d in ("a", "b", "c") for i in range(150)]
+        for rel_path in names:
+            write_old(self.src, rel_path, b"x")
+        server = start_http(self, self.src)
+        self.addCleanup(settle)
+        url = server.url + "/files/"
+        agent = client.Agent(reactor)
+        total = 0
+        for page in ("", "a/", "b/", "c/"):
+            response = await agent.request(b"GET", (url + page).encode())
+            total += len(await client.readBody(response))
+        burst = 64 * 1024
+        # Two seconds of pacing: the rate that moves what is past the burst in that time.
+        rate = (total - burst) / 2.0
+        unpaced = await self.start_poll(name="unpaced", url=url, state_dir=self.state + "-u")
+        self.assertEqual(len(self.collector.bodies()), len(names))
+        self.collector.got.clear()
+        paced = await self.start_poll(name="paced", url=url, byte_rate_max=rate)
+        self.assertEqual(sorted(b["relPath"] for b in self.collector.bodies()), sorted(names))
+        spent = paced.last_pass["seconds"]
+        extra = unpaced.last_pass["seconds"]
+        self.assertLess(extra, spent / 2)
+        self.assertGreaterEqual(spent, 2.0 * 0.99)
+        self.assertLessEqual(spent, 2.0 * 1.1 + extra)
 
     async def test_announces_blocks(self):
         """With block_size, a listed file bigger than that is announced as one notice per

@@ -161,6 +161,8 @@ class FTPTests(TestCase):
         )
         self.assertEqual(entries[0].mode, 0o640)
         self.assertIsNotNone(entries[0].mtime)
+        # What the listing read (a poll's byte_rate_max spends it): a line per name.
+        self.assertGreater(entries.bytes, sum(len(e.name) + 20 for e in entries))
 
     async def test_listMLSD(self):
         """

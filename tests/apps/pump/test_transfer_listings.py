@@ -61,6 +61,26 @@ class HTMLIndexTests(SynchronousTestCase):
     L{parse_html_index} reads the index pages of common servers.
     """
 
+    def test_scanners_agree(self):
+        """
+        The regular expressions that read a large page quickly find the links and the text
+        after each that html.parser finds, on every server's page and on broken markup.
+        """
+        from ion.apps.pump.transfer.listings import _IndexScanner, scan_links
+
+        broken = NGINX.replace('<a href="bulletins/">', '<a href="bulletins/"').replace(
+            "</pre>", "< /pre>"
+        )
+        for page in (APACHE_TABLE, APACHE_PRE, NGINX, TWISTED, broken, "", "<a href=x>"):
+            scanner = _IndexScanner()
+            scanner.feed(page)
+            scanner.close()
+            self.assertEqual(
+                [(href, "".join(after)) for href, after in scan_links(page)],
+                [(href, "".join(after)) for href, after in scanner.links],
+                page,
+            )
+
     def test_apacheTable(self):
         """
         Apache's table layout: dates, rounded sizes (None) and exact ones; sort and parent

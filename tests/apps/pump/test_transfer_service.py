@@ -165,6 +165,7 @@ class TransferServiceScenarios:
             ("get", {"url": "file:///x", "path": "/tmp/y", "size": -1}),
             ("put", {"path": 3, "url": "file:///x"}),
             ("list", {}),
+            ("list", {"url": "file:///x", "with_bytes": "yes"}),
         ]:
             e = await self.assertFailure(self.caller.rpc("transfer", op, content), RemoteError)
             self.assertEqual(e.code, 400, (op, content))
@@ -269,6 +270,21 @@ class TransferServiceResourceTests(unittest.TestCase):
         self.assertEqual(self.server.site.accepted, 1)
         self.assertEqual(self.service.transfers.pool.max, 3)
         self.assertTrue(self.service.transfers.pool.started)
+
+    async def test_list_says_the_bytes_it_read(self):
+        """With with_bytes, a listing says how many bytes it read from the server: an index
+        page's length (what a poll's byte_rate_max spends); a local directory reads none."""
+        url = self.server.url + "/files/"
+        page = os.path.join(self.dest, "index.html")
+        await self.caller.rpc("transfer", "get", {"url": url, "path": page})
+        reply = await self.caller.rpc("transfer", "list", {"url": url, "with_bytes": True})
+        self.assertEqual([e["name"] for e in reply["entries"]], ["f.dat"])
+        self.assertEqual(reply["bytes"], os.path.getsize(page))
+        local = await self.caller.rpc(
+            "transfer", "list", {"url": "file://" + self.dest, "with_bytes": True}
+        )
+        self.assertEqual(([e["name"] for e in local["entries"]], local["bytes"]),
+                         (["index.html"], 0))
 
     async def test_terminate_releases(self):
         """Terminating an instance stops its threads and closes its connections."""

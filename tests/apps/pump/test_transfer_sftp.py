@@ -218,6 +218,8 @@ class SFTPTests(TestCase):
         self.assertEqual(
             entries[0], transfer.Entry("data.bin", len(self.data), 1.5e9, 0o640, "file")
         )
+        # What the listing read (a poll's byte_rate_max spends it): names and long names.
+        self.assertGreater(entries.bytes, 2 * sum(len(e.name) for e in entries))
 
     async def test_listNotFound(self):
         """

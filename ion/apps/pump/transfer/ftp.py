@@ -47,6 +47,7 @@ from ion.apps.pump.transfer.limits import IdleTimer
 from ion.apps.pump.transfer.policy import connect
 from ion.apps.pump.transfer.listings import ListingBuffer, parse_list_line, parse_mlsd_line
 from ion.apps.pump.transfer.outgoing import ProgressReader
+from ion.apps.pump.transfer.results import Listing
 from ion.apps.pump.transfer.sessions import borrowed
 
 
@@ -360,7 +361,7 @@ async def listdir(reactor, location, settings):
         command = ("MLSD " if use_mlsd else "LIST ") + _wire(location.path)
         await receiver.receive(control.receiveFromConnection([command], receiver))
         now = reactor.seconds()
-        entries = []
+        entries = Listing(bytes=buffer.size)
         for line in _lines(b"".join(buffer.chunks)):
             entry = parse_mlsd_line(line) if use_mlsd else parse_list_line(line, now)
             if entry is not None:

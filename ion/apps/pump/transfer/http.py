@@ -74,6 +74,7 @@ from ion.apps.pump.transfer.listings import ListingBuffer, parse_html_index
 from ion.apps.pump.transfer.location import request_url
 from ion.apps.pump.transfer.outgoing import ProgressReader
 from ion.apps.pump.transfer.policy import MAX_REDIRECTS, AddressesEndpoint, Forbidden
+from ion.apps.pump.transfer.results import Listing
 
 PUT_CHUNK_SIZE = 64 * 1024
 # The most bytes a connection reads from its socket at a time (Twisted's default is 64 KiB):
@@ -465,7 +466,7 @@ async def listdir(reactor, location, settings):
         text = b"".join(buffer.chunks).decode(charset, "replace")
     except LookupError:
         text = b"".join(buffer.chunks).decode("utf-8", "replace")
-    return parse_html_index(text, location.request_url)
+    return Listing(parse_html_index(text, location.request_url), buffer.size)
 
 
 async def store(reactor, outgoing, location, settings):

@@ -24,6 +24,7 @@ LIST times have minute precision at best and are read as UTC.
 import calendar
 import re
 import time
+from html import unescape
 from html.parser import HTMLParser
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -64,6 +65,65 @@ class ListingBuffer:
             raise TransferError(f"{self.what} larger than {self.limit} bytes", code=413)
 
 
+# The tags of a page, one match each: comments, declarations and processing instructions
+# (group 1 None), or a start or end tag (group 1 '/' or '', group 2 its name, group 3 its
+# attributes, quoted values kept whole).
+_TAG = re.compile(
+    r"<!--.*?(?:-->|\Z)|<[!?][^>]*>"
+    r"|<(/?)([A-Za-z][^\t\n\r\f />]*)((?:[^>\"']|\"[^\"]*\"|'[^']*')*)>",
+    re.DOTALL,
+)
+_HREF = re.compile(
+    r"""(?:^|[\s/"'])href\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>]+))""", re.IGNORECASE
+)
+
+
+def scan_links(text):
+    """Each link's href with the pieces of text that follow it, up to the next link or the end
+    of its table row (a tag in between counts as a space), as L{_IndexScanner} collects them,
+    read with regular expressions: a few times faster on the pages of a large directory. A
+    page where some C{<} starts no tag those read (broken markup) goes to L{_IndexScanner},
+    whose ways with broken markup are html.parser's."""
+    tags = list(_TAG.finditer(text))
+    if len(tags) != text.count("<"):
+        scanner = _IndexScanner()
+        scanner.feed(text)
+        scanner.close()
+        return scanner.links
+    links = []
+    in_anchor = row_closed = False
+    pos = 0
+    for match in tags:
+        start = match.start()
+        if start > pos and links and not in_anchor and not row_closed:
+            links[-1][1].append(unescape(text[pos:start]))
+        pos = match.end()
+        tag = match.group(2)
+        if tag is None:
+            continue
+        tag = tag.lower()
+        if match.group(1):
+            if tag == "a":
+                in_anchor = False
+            elif tag == "tr":
+                row_closed = True
+            elif links:
+                links[-1][1].append(" ")
+        elif tag == "a":
+            href = _HREF.search(match.group(3))
+            if href is not None:
+                value = href.group(1)
+                if value is None:
+                    value = href.group(2) if href.group(2) is not None else href.group(3)
+                links.append((unescape(value), []))
+                in_anchor, row_closed = True, False
+        elif links:
+            links[-1][1].append(" ")
+    if pos < len(text) and links and not in_anchor and not row_closed:
+        links[-1][1].append(unescape(text[pos:]))
+    return links
+
+
 class _IndexScanner(HTMLParser):
     """Collects each link's href with the text that follows it, up to the next link or row."""
 
@@ -96,11 +156,31 @@ class _IndexScanner(HTMLParser):
             self.links[-1][1].append(data)
 
 
+# A link to a direct child, made of characters that urljoin and urlsplit leave alone and not
+# starting with a dot: its URL is the page's URL followed by it (the usual link of an index).
+_CHILD_HREF = re.compile(r"[A-Za-z0-9_~+=,@!$&'()*-][A-Za-z0-9_.~+=,@!$&'()*%-]*/?", re.ASCII)
+# Dates read from index pages: a page repeats them, and strptime is slow.
+_MTIMES = {}
+_MTIMES_KEPT = 4096
+
+
 def _html_mtime(text):
     match = _HTML_DATE.search(text)
     if match is None:
         return None, text
     rest = text[: match.start()] + " " + text[match.end() :]
+    when = match.group()
+    mtime = _MTIMES.get(when)
+    if mtime is None:
+        mtime = _read_date(match)
+        if len(_MTIMES) >= _MTIMES_KEPT:
+            _MTIMES.clear()
+        _MTIMES[when] = mtime
+    return mtime, rest
+
+
+def _read_date(match):
+    """Seconds since the epoch of an L{_HTML_DATE} match, or None when it is no date."""
     try:
         if match.group("iso"):
             clock = match.group("isotime")
@@ -111,9 +191,9 @@ def _html_mtime(text):
             hour, minute, *second = match.group("dmytime").split(":")
             month = _MONTHS[month.title()]
             stamp = (int(year), month, int(day), int(hour), int(minute), int((second or [0])[0]))
-        return float(calendar.timegm(stamp)), rest
+        return float(calendar.timegm(stamp))
     except (ValueError, KeyError):
-        return None, rest
+        return None
 
 
 def _html_size(text):
@@ -137,17 +217,18 @@ def parse_html_index(text, base_url):
     if not base_url.endswith("/"):
         base_url += "/"
     base = urlsplit(base_url)
-    scanner = _IndexScanner()
-    scanner.feed(text)
-    scanner.close()
     entries = {}
-    for href, after in scanner.links:
-        target = urlsplit(urljoin(base_url, href.strip()))
-        if (target.scheme, target.netloc) != (base.scheme, base.netloc) or target.query:
-            continue
-        if not target.path.startswith(base.path):
-            continue
-        rest = target.path[len(base.path) :]
+    for href, after in scan_links(text):
+        href = href.strip()
+        if _CHILD_HREF.fullmatch(href):
+            rest = href  # what the general case below finds, without parsing two URLs
+        else:
+            target = urlsplit(urljoin(base_url, href))
+            if (target.scheme, target.netloc) != (base.scheme, base.netloc) or target.query:
+                continue
+            if not target.path.startswith(base.path):
+                continue
+            rest = target.path[len(base.path) :]
         kind = "dir" if rest.endswith("/") else "file"
         rest = rest.rstrip("/")
         name = unquote(rest)

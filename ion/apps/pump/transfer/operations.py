@@ -19,7 +19,7 @@ from ion.apps.pump.transfer.limits import RateWatch, Timeouts, host_key, slot
 from ion.apps.pump.transfer.pacing import PacedSink
 from ion.apps.pump.transfer.location import Settings, locate
 from ion.apps.pump.transfer.outgoing import OutgoingFile
-from ion.apps.pump.transfer.results import TransferResult
+from ion.apps.pump.transfer.results import Listing, TransferResult
 from ion.apps.pump.transfer.sendblocks import put_blocks
 
 _SCHEMES = {"file": file, "http": http, "https": http, "sftp": sftp, "ftp": ftp}
@@ -338,15 +338,16 @@ async def list(reactor, url, *, credentials=None, limiter=None, pacers=None, **s
     The entries of the remote directory C{url}, sorted by name (C{.} and C{..} left out).
     C{settings} as in L{put}; C{pool} reads local (file) directories.
 
-    @rtype: a list of L{Entry}
+    @rtype: a L{Listing} (a list of L{Entry}, and the bytes read)
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
     """
     location = locate(url, credentials)
     settings = Settings(**settings)
     async with slot(limiter, url):
         entries = await _SCHEMES[location.scheme].listdir(reactor, location, settings)
-    return sorted(
-        (entry for entry in entries if entry.name not in (".", "..")), key=lambda e: e.name
+    return Listing(
+        sorted((entry for entry in entries if entry.name not in (".", "..")), key=lambda e: e.name),
+        getattr(entries, "bytes", 0),
     )
 
 

@@ -47,6 +47,17 @@ class Entry:
     type: str
 
 
+class Listing(list):
+    """The L{Entry} values of one directory listing, and in C{bytes} how many bytes the
+    listing took to read from the server: the index page (http), the C{LIST}/C{MLSD} data
+    (ftp), the names and long names of the C{READDIR} replies (sftp); 0 for a local
+    directory, whose listing moves nothing over a link."""
+
+    def __init__(self, entries=(), bytes=0):
+        super().__init__(entries)
+        self.bytes = bytes
+
+
 def entry_type(mode):
     """The L{Entry} type of a file with C{mode}: C{'link'}, C{'dir'}, C{'file'}, or C{None}
     for what is none of them (devices, fifos, sockets), which listings leave out."""

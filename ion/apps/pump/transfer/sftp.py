@@ -47,7 +47,7 @@ from ion.apps.pump.transfer.limits import IdleTimer, cancellable
 from ion.apps.pump.transfer.pacing import wait
 from ion.apps.pump.transfer.sessions import borrowed
 from ion.apps.pump.transfer.policy import connect
-from ion.apps.pump.transfer.results import Entry, entry_type
+from ion.apps.pump.transfer.results import Entry, Listing, entry_type
 
 CHUNK_SIZE = 32 * 1024
 WINDOW = 16
@@ -428,14 +428,15 @@ async def listdir(reactor, location, settings):
 
     async def work(client, session):
         directory = await client.openDirectory(location.path.encode("utf-8"))
-        entries = []
+        entries = Listing()
         try:
             while True:
                 try:
                     names = await directory.read()
                 except EOFError:
                     break
-                for name, _, attrs in names:
+                for name, long_name, attrs in names:
+                    entries.bytes += len(name) + len(long_name)
                     entry = _entry(name.decode("utf-8", "surrogateescape"), attrs)
                     if entry is not None:
                         entries.append(entry)

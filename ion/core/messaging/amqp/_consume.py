@@ -93,18 +93,26 @@ class _Acks:
 
 @implementer(IDelivery)
 class _Delivery:
-    __slots__ = ("body", "exchange", "routing_key", "properties", "redelivered")
-    __slots__ += ("_acks", "_tag", "settled")
+    __slots__ = ("body", "exchange", "routing_key", "_amqp_properties", "_properties")
+    __slots__ += ("redelivered", "_acks", "_tag", "settled")
 
     def __init__(self, acks, message):
         self.body = message.body
         self.exchange = message.exchange
         self.routing_key = message.routing_key
-        self.properties = _properties_from_amqp(message.properties)
+        self._amqp_properties = message.properties
+        self._properties = None
         self.redelivered = message.redelivered
         self._acks = acks
         self._tag = message.delivery_tag
         self.settled = False
+
+    @property
+    def properties(self):
+        # Made when first asked for: many consumers (a pump's) never look at them.
+        if self._properties is None:
+            self._properties = _properties_from_amqp(self._amqp_properties)
+        return self._properties
 
     def _settle(self, action):
         if self.settled:
