@@ -516,6 +516,8 @@ class PollService(ServiceProcess):
         because one was running), listed, announced, removed (with announce_removals),
         unchanged, young (waiting for min_age), rejected (filters), unsafe (names skipped),
         skipped_entries (links and the like), errors (listings or publishes that failed),
+        standby (tries for the lease lost), followed (the active poll's announcements a
+        standby recorded), refused (notices a standby refused: another user's, or unsafe),
         C{known}: files in the state, and C{last_failures}: the latest failed passes' first
         errors, each {time, code, reason} (L{RecentFailures})."""
         stats = dict(self.stats)
