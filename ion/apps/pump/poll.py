@@ -98,12 +98,13 @@ from ion.apps.pump.transfer.blocks import sr3_block
 from ion.apps.pump.transfer.errors import TransferError
 from ion.apps.pump.transfer.inflight import is_inflight_name
 from ion.apps.pump.transfer.pacing import Pacer, take
-from ion.apps.pump.flow import open_flow_broker
-from ion.apps.pump.user import pump_user
+from ion.apps.pump.flow import instance_tag, open_flow_broker
+from ion.apps.pump.user import own_prefix, pump_user
 from ion.core.process import Lease, RemoteError, ServiceProcess
 
 COD = {"method": "cod", "value": "sha512"}
 
+_MQTT = re.compile(r"mqtts?://", re.I | re.A)
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 # A listed name of these characters only, not starting with a dot, passes every check of
 # paths.safe_name and of unfetchable (no '%', '?', '#', ':', '/', '\\', control characters,
@@ -321,9 +322,12 @@ class PollService(ServiceProcess):
         state_dir = args.state_dir or os.path.join("var", "pump", f"poll-{self.source}")
         self.claim_directory(state_dir)
         self.broker = None
+        queue = f"q_{own_prefix(self, self.user)}poll.{self.source}"  # its flow queue's name
         if args.broker:
             # Announced there, to xs_<login> (or exchange), which that pump declares.
-            self.broker, _ = open_flow_broker(self, args.broker, "poll", self.source, state_dir)
+            self.broker, queue = open_flow_broker(
+                self, args.broker, "poll", self.source, state_dir
+            )
             self.exchange = args.exchange or f"xs_{self.broker.user}"
         # The instances of a poll share what was announced; one of them polls at a time.
         self.store = SeenFiles(
@@ -333,6 +337,12 @@ class PollService(ServiceProcess):
         self.lease = None
         if args.single_active or args.instances > 1:
             self.lease = Lease(self, f"poll.{self.user}.{self.source}", on_lost=self._lease_lost)
+        # The queue a standby follows the active poll with: named as the flow's own queue
+        # (an sr3 pump's account may declare only those), one per state directory. MQTT
+        # says nothing of who published: nothing there could be trusted.
+        self._standby_queue = None
+        if self.lease is not None and not _MQTT.match(args.broker or ""):
+            self._standby_queue = f"{queue}.standby.{instance_tag(state_dir)}"
         if self.store.reset:
             self.log.warn(
                 "poll {name}: url changed to {url}; every file will be announced again",
@@ -530,13 +540,13 @@ class PollService(ServiceProcess):
     async def _follow(self):
         """Subscribe to the announcements of the active poll, unless subscribed already
         (see the module docstring)."""
-        if self._following is not None:
+        if self._following is not None or self._standby_queue is None:
             return
         try:
             self._following = await self.subscribe(
-                self.exchange, ["v03.#"], self._take_followed, transport=self.broker,
-                exchange_type=None if self.broker is not None else "topic", durable=True,
-                prefetch=self.settings.batch,
+                self.exchange, ["v03.#"], self._take_followed, queue=self._standby_queue,
+                transport=self.broker, exchange_type=None if self.broker is not None else "topic",
+                durable=True, exclusive=True, auto_delete=True, prefetch=self.settings.batch,
             )
         except Exception as e:
             # Tried again at the next interval; said once while the same error repeats.
@@ -556,8 +566,10 @@ class PollService(ServiceProcess):
             change = self._followed_change(delivery)
         except (ValueError, TypeError, paths.UnsafePath, TransferError) as e:
             # Not the active poll's notice (an anonymous or hostile poster): never recorded.
+            # Said aloud the first time; counted always.
             self.stats["refused"] += 1
-            self.log.debug(
+            level = self.log.warn if self.stats["refused"] == 1 else self.log.debug
+            level(
                 "poll {name}: standby refused a notice on {exchange}: {why}",
                 name=self.source, exchange=self.exchange, why=e,
             )
@@ -631,7 +643,7 @@ class PollService(ServiceProcess):
         target = None
         idle = empty = 0
         try:
-            while idle < _DRAIN_IDLE_ROUNDS:
+            while idle < _DRAIN_IDLE_ROUNDS and not self._stopping:
                 received = self._received
                 if self._writing is not None:
                     await self._chain(self._writing)

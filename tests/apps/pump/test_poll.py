@@ -821,11 +821,11 @@ class StandbyScenarios:
         self.root = f"sftp://feed.example/{os.getpid()}.{id(self)}/"
         self.polls = []
 
-    async def start_poll(self, host, i):
+    async def start_poll(self, host, i, **args):
         proc = await self.hosts[host].spawn(PollService, args={
             "name": "remote", "url": self.root, "interval": 10, "single_active": True,
             "batch": 2, "block_size": 64 * 1024,
-            "state_dir": os.path.join(self.base, f"host{host}", f"remote.{i}"),
+            "state_dir": os.path.join(self.base, f"host{host}", f"remote.{i}"), **args,
         })
         self.addCleanup(lambda: None if proc.lifecycle.final else proc.terminate())
         self.polls.append(proc)
@@ -850,13 +850,13 @@ class StandbyScenarios:
     def listing(self, *entries):
         self.lister.listings[self.root] = [entry("sub", type="dir"), *entries]
 
-    async def two_polls(self):
+    async def two_polls(self, **args):
         """The two polls, active one first, once the active one announced what is listed
         (after the standby began to follow it)."""
         listings, self.lister.listings = self.lister.listings, {self.root: []}
-        await self.start_poll(0, 1)
+        await self.start_poll(0, 1, **args)
         await self.settle()
-        await self.start_poll(1, 1)
+        await self.start_poll(1, 1, **args)
         await self.settle()
         active, standby = self.polls
         self.assertTrue(active.lease.held)
@@ -984,3 +984,22 @@ class AmqpStandbyTests(StandbyScenarios, unittest.TestCase):
         )
         await threads.deferToThread(self.broker.publish_raw, "alice", exchange, routing_key, body)
         return 2
+
+    async def test_on_another_pump(self):
+        """Polls announcing on another pump (C{broker}, as a restricted account there, which
+        may declare only its own q_<login> queues) follow each other there."""
+        self.exchange = "xs_rita"
+        await self.collector.listen(self.exchange)
+        self.listing(entry("a"), entry("b"))
+        self.lister.listings[self.root + "sub/"] = []
+        active, standby = await self.two_polls(broker=self.broker.url_for("rita"))
+        self.assertTrue(standby._standby_queue.startswith("q_rita.poll.remote.standby."))
+        await until(lambda: standby.store.get("b"), what="the standby following")
+        await active.crash("killed")
+        self.listing(entry("a"), entry("b"), entry("c"))
+        await self.tick(10)
+        await self.tick(10)
+        self.assertTrue(standby.lease.held)
+        announced = self.announced()
+        self.assertEqual(announced, {("a", None): 1, ("b", None): 1, ("c", None): 1})
+        self.assertEqual(standby.stats["refused"], 0)
