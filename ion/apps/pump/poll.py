@@ -60,7 +60,8 @@ Single-active (C{single_active}, or C{instances} > 1): only the holder of the le
 L{ion.core.process.Lease} polls. A standby follows the holder's announcements so that a
 takeover announces only what is new or changed, with or without a C{shared_dir}, across
 hosts too: it subscribes to C{exchange} (on C{broker} when set) with an exclusive,
-auto-delete queue of its own bound with C{v03.#}, and records into its own seen-set, in
+auto-delete queue of its own, C{q_<login>.poll.<name>.standby.<tag>} (the tag kept in its
+state directory), bound with C{v03.#}, and records into its own seen-set, in
 batches in the pool (at most C{batch} notices unacked), every notice that is the active
 poll's: published by the poll's own broker user (the C{user_id} the broker checks: a notice
 of another user, or of none, is refused and counted as C{refused}), with this poll's
@@ -72,7 +73,8 @@ notices as it held when it took over), then ends the subscription and polls. A s
 that was not running misses what was announced meanwhile (its queue went with it, which
 leaves nothing to pile up on the broker): its rows are then older, never newer, than what
 was announced, so after a takeover those files are announced again (the consumers drop the
-duplicates) and none is skipped.
+duplicates) and none is skipped. On an MQTT C{broker}, which does not say who published,
+a standby follows nothing.
 
 A pass still running when the next one is due makes that one skip (counted as C{skipped}).
 Op C{poll} runs a pass now (or waits for the running one) and returns the counters of the
