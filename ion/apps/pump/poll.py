@@ -446,7 +446,7 @@ class PollService(ServiceProcess):
         if self._acquiring:
             return  # trying for the lease, or taking over
         if self.lease is not None and not self.lease.held:
-            if not self._stopping and not self._acquiring:
+            if not self._stopping:
                 self._acquiring = True  # cleared when the attempt ends, maybe at once
                 self.track(self._acquire_and_poll()).addErrback(
                     lambda f: self.log.failure("poll {name}: standby failed", f, name=self.source)
