@@ -947,6 +947,27 @@ class StandbyScenarios:
         self.assertEqual(announced[("x", None)], posted + 1)  # the poster's, then the poll's
         self.assertEqual(announced[("a", None)], 1)
 
+    async def test_removal_forgets(self):
+        """A file the active poll announced removed is forgotten by the standby too: when it
+        comes back (the same size and mtime) after the takeover, it is announced."""
+        self.listing(entry("a"), entry("b"))
+        self.lister.listings[self.root + "sub/"] = []
+        active, standby = await self.two_polls(announce_removals=True)
+        await until(lambda: standby.store.get("b"), what="the standby following")
+        self.listing(entry("a"))
+        await self.tick(10)
+        self.assertEqual(active.stats["removed"], 1)
+        await until(
+            lambda: standby.store.get("b").addCallback(lambda row: row is None),
+            what="the standby forgetting b",
+        )
+        await active.crash("killed")
+        self.listing(entry("a"), entry("b"))
+        await self.tick(10)
+        await self.tick(10)
+        self.assertTrue(standby.lease.held)
+        self.assertEqual(self.announced(), {("a", None): 1, ("b", None): 3})
+
 
 class MemoryStandbyTests(StandbyScenarios, unittest.TestCase):
     async def containers(self, count):
