@@ -73,8 +73,10 @@ notices as it held when it took over), then ends the subscription and polls. A s
 that was not running misses what was announced meanwhile (its queue went with it, which
 leaves nothing to pile up on the broker): its rows are then older, never newer, than what
 was announced, so after a takeover those files are announced again (the consumers drop the
-duplicates) and none is skipped. On an MQTT C{broker}, which does not say who published,
-a standby follows nothing.
+duplicates) and none is skipped. Without C{announce_removals} a standby is not told of
+removals: a file removed and put back unchanged (same size and mtime) while another polled
+is taken, after the takeover, for the one announced before. On an MQTT C{broker}, which
+does not say who published, a standby follows nothing.
 
 A pass still running when the next one is due makes that one skip (counted as C{skipped}).
 Op C{poll} runs a pass now (or waits for the running one) and returns the counters of the
