@@ -56,6 +56,28 @@ listing read from the server (index page, LIST/MLSD data, READDIR names; nothing
 directory), the poll spends them from its bucket and, in debt, waits before it lists the next
 directory. A pass may start with a quarter second's worth (64 KiB at least) at once.
 
+Single-active (C{single_active}, or C{instances} > 1): only the holder of the lease
+L{ion.core.process.Lease} polls. A standby follows the holder's announcements so that a
+takeover announces only what is new or changed, with or without a C{shared_dir}, across
+hosts too: it subscribes to C{exchange} (on C{broker} when set) with an exclusive,
+auto-delete queue of its own, C{q_<login>.poll.<name>.standby.<tag>} (the tag kept in its
+state directory), bound with C{v03.#}, and records into its own seen-set, in
+batches in the pool (at most C{batch} notices unacked), every notice that is the active
+poll's: published by the poll's own broker user (the C{user_id} the broker checks: a notice
+of another user, or of none, is refused and counted as C{refused}), with this poll's
+C{baseUrl}, a relPath that is a safe name in the tree, and a valid size and mtime. A file
+announced in blocks is recorded with its last block; a removal (C{fileOp} remove) forgets
+the file. Two polls announcing the same C{baseUrl} are taken for one. On taking over, the
+standby first records what is still queued for it (until the queue is empty, or as many
+notices as it held when it took over), then ends the subscription and polls. A standby
+that was not running misses what was announced meanwhile (its queue went with it, which
+leaves nothing to pile up on the broker): its rows are then older, never newer, than what
+was announced, so after a takeover those files are announced again (the consumers drop the
+duplicates) and none is skipped. Without C{announce_removals} a standby is not told of
+removals: a file removed and put back unchanged (same size and mtime) while another polled
+is taken, after the takeover, for the one announced before. On an MQTT C{broker}, which
+does not say who published, a standby follows nothing.
+
 A pass still running when the next one is due makes that one skip (counted as C{skipped}).
 Op C{poll} runs a pass now (or waits for the running one) and returns the counters of the
 last pass; op C{stats} returns the totals.
@@ -73,22 +95,28 @@ from ion.apps.pump import paths
 from ion.apps.pump.args import PollArgs
 from ion.apps.pump.journal import DiskQueue
 from ion.apps.pump.notice import (
-    Notice, block_lengths, block_notices, block_step, format_time, topic_for,
+    Notice, block_lengths, block_notices, block_step, format_time, parse_time, topic_for,
 )
 from ion.apps.pump.outcome import RecentFailures, classify
+from ion.apps.pump.transfer.blocks import sr3_block
+from ion.apps.pump.transfer.errors import TransferError
 from ion.apps.pump.transfer.inflight import is_inflight_name
 from ion.apps.pump.transfer.pacing import Pacer, take
-from ion.apps.pump.flow import open_flow_broker
-from ion.apps.pump.user import pump_user
+from ion.apps.pump.flow import instance_tag, open_flow_broker
+from ion.apps.pump.user import own_prefix, pump_user
 from ion.core.process import Lease, RemoteError, ServiceProcess
 
 COD = {"method": "cod", "value": "sha512"}
 
+_MQTT = re.compile(r"mqtts?://", re.I | re.A)
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 # A listed name of these characters only, not starting with a dot, passes every check of
 # paths.safe_name and of unfetchable (no '%', '?', '#', ':', '/', '\\', control characters,
 # no '.' or '..', no inflight name, at most 255 bytes): the usual name, told by one regex.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_+=,@~-][A-Za-z0-9_.+=,@~-]{0,254}", re.ASCII)
+# Turns of the reactor without a delivery after which a standby taking over stops waiting
+# for the rest of what is queued for it.
+_DRAIN_IDLE_ROUNDS = 1000
 _PASS_COUNTERS = (
     "listed",
     "announced",
@@ -298,9 +326,12 @@ class PollService(ServiceProcess):
         state_dir = args.state_dir or os.path.join("var", "pump", f"poll-{self.source}")
         self.claim_directory(state_dir)
         self.broker = None
+        queue = f"q_{own_prefix(self, self.user)}poll.{self.source}"  # its flow queue's name
         if args.broker:
             # Announced there, to xs_<login> (or exchange), which that pump declares.
-            self.broker, _ = open_flow_broker(self, args.broker, "poll", self.source, state_dir)
+            self.broker, queue = open_flow_broker(
+                self, args.broker, "poll", self.source, state_dir
+            )
             self.exchange = args.exchange or f"xs_{self.broker.user}"
         # The instances of a poll share what was announced; one of them polls at a time.
         self.store = SeenFiles(
@@ -310,6 +341,12 @@ class PollService(ServiceProcess):
         self.lease = None
         if args.single_active or args.instances > 1:
             self.lease = Lease(self, f"poll.{self.user}.{self.source}", on_lost=self._lease_lost)
+        # The queue a standby follows the active poll with: named as the flow's own queue
+        # (an sr3 pump's account may declare only those), one per state directory. MQTT
+        # says nothing of who published: nothing there could be trusted.
+        self._standby_queue = None
+        if self.lease is not None and not _MQTT.match(args.broker or ""):
+            self._standby_queue = f"{queue}.standby.{instance_tag(state_dir)}"
         if self.store.reset:
             self.log.warn(
                 "poll {name}: url changed to {url}; every file will be announced again",
@@ -330,7 +367,8 @@ class PollService(ServiceProcess):
         if args.byte_rate_max is not None:
             self.pacers = (Pacer(self.container.clock, args.byte_rate_max),)
         self.stats = dict.fromkeys(
-            ("passes", "failed_passes", "skipped", "standby", *_PASS_COUNTERS), 0
+            ("passes", "failed_passes", "skipped", "standby", "followed", "refused",
+             *_PASS_COUNTERS), 0
         )
         self.last_pass = None
         self._loop = None
@@ -340,6 +378,15 @@ class PollService(ServiceProcess):
         self._last_error = None
         self.last_failures = RecentFailures(self.container.clock)  # ion status, the console
         self._acquiring = False
+        # Standby: the subscription to the active poll's announcements, what came from it
+        # and awaits its write (relPath -> (size, mtime), or None: forget it), the
+        # deliveries settled once written, the write under way, deliveries so far.
+        self._following = None
+        self._follow_error = None
+        self._followed = {}
+        self._followed_deliveries = []
+        self._writing = None
+        self._received = 0
 
     async def on_activate(self):
         if self.broker is not None:
@@ -367,6 +414,7 @@ class PollService(ServiceProcess):
         if not self.lifecycle.final:
             self._stop_polling()
             self._cancel_pass()
+            self._followed = {}  # not written: the store closes now
             await self._release_lease()
             await self.store.close()
         await super().crash(reason)
@@ -397,8 +445,10 @@ class PollService(ServiceProcess):
     def _tick(self):
         # Nothing returned: the loop keeps its rhythm, and a pass still running makes this
         # tick skip.
+        if self._acquiring:
+            return  # trying for the lease, or taking over
         if self.lease is not None and not self.lease.held:
-            if not self._stopping and not self._acquiring:
+            if not self._stopping:
                 self._acquiring = True  # cleared when the attempt ends, maybe at once
                 self.track(self._acquire_and_poll()).addErrback(
                     lambda f: self.log.failure("poll {name}: standby failed", f, name=self.source)
@@ -411,11 +461,16 @@ class PollService(ServiceProcess):
         self.poll_now()
 
     async def _acquire_and_poll(self):
-        """Standby: try for the lease; once it is held, poll now."""
+        """Standby: try for the lease, following the active poll meanwhile; once it is held,
+        record what the last holder announced, then poll now."""
         try:
             if not await self.lease.try_acquire():
                 self.stats["standby"] += 1
+                if not self._stopping:
+                    await self._follow()
                 return
+            if not self._stopping:
+                await self._stop_following()
         finally:
             self._acquiring = False
         if self._stopping:
@@ -426,8 +481,9 @@ class PollService(ServiceProcess):
     def poll_now(self):
         """Start a pass unless one is running; returns a Deferred firing (with None) when the
         pass under way, new or not, has ended, whatever its outcome. A standby poll (another
-        holds the lease) runs none."""
-        if self.lease is not None and not self.lease.held and self._pass is None:
+        holds the lease), or one taking over, runs none."""
+        standby = self.lease is not None and (not self.lease.held or self._acquiring)
+        if standby and self._pass is None:
             return defer.succeed(None)
         if self._pass is None and not self._stopping:
             d = self.track(self._run_pass())
@@ -474,12 +530,146 @@ class PollService(ServiceProcess):
         because one was running), listed, announced, removed (with announce_removals),
         unchanged, young (waiting for min_age), rejected (filters), unsafe (names skipped),
         skipped_entries (links and the like), errors (listings or publishes that failed),
+        standby (tries for the lease lost), followed (the active poll's announcements a
+        standby recorded), refused (notices a standby refused: another user's, or unsafe),
         C{known}: files in the state, and C{last_failures}: the latest failed passes' first
         errors, each {time, code, reason} (L{RecentFailures})."""
         stats = dict(self.stats)
         stats["last_failures"] = self.last_failures.as_list()
         stats["known"] = await self.store.count()
         return stats
+
+    # -- standby: following the active poll ----------------------------------------------
+
+    async def _follow(self):
+        """Subscribe to the announcements of the active poll, unless subscribed already
+        (see the module docstring)."""
+        if self._following is not None or self._standby_queue is None:
+            return
+        try:
+            self._following = await self.subscribe(
+                self.exchange, ["v03.#"], self._take_followed, queue=self._standby_queue,
+                transport=self.broker, exchange_type=None if self.broker is not None else "topic",
+                durable=True, exclusive=True, auto_delete=True, prefetch=self.settings.batch,
+            )
+        except Exception as e:
+            # Tried again at the next interval; said once while the same error repeats.
+            why = str(e)
+            level = self.log.warn if why != self._follow_error else self.log.debug
+            level(
+                "poll {name}: standby cannot follow the active poll on {exchange}: {why}",
+                name=self.source, exchange=self.exchange, why=why,
+            )
+            self._follow_error = why
+            return
+        self._follow_error = None
+
+    def _take_followed(self, delivery):
+        self._received += 1
+        try:
+            change = self._followed_change(delivery)
+        except (ValueError, TypeError, paths.UnsafePath, TransferError) as e:
+            # Not the active poll's notice (an anonymous or hostile poster): never recorded.
+            # Said aloud the first time; counted always.
+            self.stats["refused"] += 1
+            level = self.log.warn if self.stats["refused"] == 1 else self.log.debug
+            level(
+                "poll {name}: standby refused a notice on {exchange}: {why}",
+                name=self.source, exchange=self.exchange, why=e,
+            )
+            change = None
+        if change is None:
+            delivery.ack()
+            return
+        rel_path, state = change
+        self._followed[rel_path] = state
+        self._followed_deliveries.append(delivery)
+        if self._writing is None:
+            self._writing = self.track(self._write_followed())
+
+    def _followed_change(self, delivery):
+        """C{(relPath, (size, mtime))} that a notice of the active poll announced, or
+        C{(relPath, None)} when it announced the file removed; None for a notice of another
+        flow (or a block but the last); ValueError (or UnsafePath, a TransferError) for one
+        that the poll cannot have published."""
+        user = delivery.properties.user_id
+        own = (self.broker or self.container.messenger.transport).user
+        if user is None or user != own:
+            raise ValueError(f"published by {user!r}, not by the poll's user {own!r}")
+        notice = Notice.from_json(delivery.body).validate()
+        if notice.base_url != self.base_url or "retrievePath" in notice or "report" in notice:
+            return None
+        rel_path = notice.rel_path
+        paths.safe_relpath(rel_path)
+        name = rel_path.rpartition("/")[2]
+        why = unfetchable(name)
+        if why is not None or is_inflight_name(name):
+            raise ValueError(f"relPath {rel_path!r} cannot be a polled file")
+        file_op = notice.file_op
+        if file_op is not None:
+            return (rel_path, None) if list(file_op) == ["remove"] else None
+        size = notice.size
+        if "blocks" in notice:
+            size, step, number, _ = sr3_block(notice["blocks"], size)
+            if number != (size - 1) // step:
+                return None  # the file is recorded with its last block
+        mtime = None if notice.mtime is None else parse_time(notice.mtime)
+        return rel_path, (size, mtime)
+
+    async def _write_followed(self):
+        """Write what was followed, in batches, settling each batch's deliveries after."""
+        try:
+            while self._followed:
+                changes, self._followed = self._followed, {}
+                deliveries, self._followed_deliveries = self._followed_deliveries, []
+                try:
+                    await self.store.update(changes)
+                except Exception:
+                    # Not remembered: those files are announced again after a takeover.
+                    self.log.failure("poll {name}: standby could not record the active "
+                                     "poll's announcements", name=self.source)
+                else:
+                    self.stats["followed"] += len(changes)
+                for delivery in deliveries:
+                    if not delivery.settled:
+                        delivery.ack()
+        finally:
+            self._writing = None
+
+    async def _stop_following(self):
+        """Now the holder: record what the last one announced and is still queued for this
+        poll (until the queue is empty twice in a row, or as many notices as it held when
+        asked first came, or no progress), then end the subscription."""
+        consumer, self._following = self._following, None
+        if consumer is None:
+            return
+        reactor = self.container.reactor
+        target = None
+        idle = empty = 0
+        try:
+            while idle < _DRAIN_IDLE_ROUNDS and not self._stopping:
+                received = self._received
+                if self._writing is not None:
+                    await self._chain(self._writing)
+                depth = await self.queue_depth(consumer.queue, transport=self.broker)
+                if target is None:
+                    target = received + depth + self.settings.batch
+                busy = bool(self._followed) or self._writing is not None
+                empty = empty + 1 if depth == 0 and not busy else 0
+                if empty == 2 or self._received >= target:
+                    break
+                idle = 0 if self._received != received else idle + 1
+                # A turn of the reactor: deliveries on their way arrive.
+                await task.deferLater(reactor, 0, lambda: None)
+        except Exception as e:
+            self.log.warn(
+                "poll {name}: could not take in all the last holder announced ({why}); "
+                "some files may be announced again",
+                name=self.source, why=e,
+            )
+        await self.unsubscribe(consumer)
+        if self._writing is not None:
+            await self._chain(self._writing)
 
     # -- one pass ------------------------------------------------------------------------
 

@@ -570,6 +570,21 @@ class Process:
             self._subscriptions.append(buried)
         return sub.consumer
 
+    async def unsubscribe(self, consumer):
+        """End the subscription whose consumer L{subscribe} returned (and that of its
+        C{<queue>.poison}) before the process ends: no more deliveries, and its unsettled
+        messages go back to the queue (an auto-delete queue goes away). Ending one already
+        ended does nothing."""
+        ended = [sub for sub in self._subscriptions if sub.consumer is consumer]
+        if not ended:
+            return
+        poison = f"{ended[0].queue}{POISON_SUFFIX}"
+        ended += [sub for sub in self._subscriptions if sub.queue == poison]
+        for sub in ended:
+            self._subscriptions.remove(sub)
+            sub.consumer, cancelled = None, sub.consumer
+            await _cancel(cancelled)
+
     def _poison_handler(self, sub):
         def deliver(delivery):
             if not self._draining:

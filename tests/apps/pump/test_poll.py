@@ -4,7 +4,7 @@ import os
 import threading
 import time
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web import client
@@ -15,10 +15,11 @@ from ion.apps.pump.poll import PollService, SeenFiles, unfetchable
 from ion.apps.pump.transfer.blocks import sr3_block
 from ion.apps.pump.transfer_service import TransferService
 from ion.core.cc.testing import call_op, make_container
-from ion.core.messaging.memory import MemoryBroker
+from ion.core.messaging.memory import MemoryBroker, MemoryTransport
 from ion.core.process import ApplicationError, ServiceProcess
 from tests.apps.pump.fixtures import Collector, quiet, until, write_source
 from tests.apps.pump.servers import settle, start_http
+from tests.broker import get_broker
 
 OLD = time.time() - 3600
 
@@ -792,3 +793,234 @@ class SingleActiveTests(unittest.TestCase):
         })
         self.addCleanup(proc.terminate)
         self.assertIsNotNone(proc.lease)
+
+
+class StandbyScenarios:
+    """Polls of one source in containers on different hosts (one broker, each poll with its
+    own state directory, no shared_dir): the standby follows what the active one announces,
+    so that after a takeover no file is announced twice and none is missed."""
+
+    async def containers(self, count):
+        """C{count} containers on one broker (as on different hosts), sharing C{self.clock}."""
+        raise NotImplementedError
+
+    async def post_as_another_user(self, exchange, routing_key, body):
+        """Publish C{body} as a broker user other than the polls'; how many times."""
+        raise NotImplementedError
+
+    async def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(time.time())
+        self.hub, *self.hosts = await self.containers(3)
+        self.user = self.hub.transport.user
+        self.exchange = f"xs_{self.user}"
+        self.collector = await self.hub.spawn(Collector)
+        await self.collector.listen(self.exchange)
+        self.lister = await self.hub.spawn(FakeLister)
+        self.base = os.path.abspath(self.mktemp())
+        self.root = f"sftp://feed.example/{os.getpid()}.{id(self)}/"
+        self.polls = []
+
+    async def start_poll(self, host, i, **args):
+        proc = await self.hosts[host].spawn(PollService, args={
+            "name": "remote", "url": self.root, "interval": 10, "single_active": True,
+            "batch": 2, "block_size": 64 * 1024,
+            "state_dir": os.path.join(self.base, f"host{host}", f"remote.{i}"), **args,
+        })
+        self.addCleanup(lambda: None if proc.lifecycle.final else proc.terminate())
+        self.polls.append(proc)
+        return proc
+
+    async def settle(self):
+        await until(lambda: all(p._pass is None and not p._acquiring for p in self.polls))
+        await quiet()
+
+    async def tick(self, seconds):
+        self.clock.advance(seconds)
+        await self.settle()
+
+    def announced(self):
+        """{(relPath, block number or None): times announced}."""
+        counts = {}
+        for body in self.collector.bodies():
+            key = (body["relPath"], (body.get("blocks") or {}).get("number"))
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def listing(self, *entries):
+        self.lister.listings[self.root] = [entry("sub", type="dir"), *entries]
+
+    async def two_polls(self, **args):
+        """The two polls, active one first, once the active one announced what is listed
+        (after the standby began to follow it)."""
+        listings, self.lister.listings = self.lister.listings, {self.root: []}
+        await self.start_poll(0, 1, **args)
+        await self.settle()
+        await self.start_poll(1, 1, **args)
+        await self.settle()
+        active, standby = self.polls
+        self.assertTrue(active.lease.held)
+        await until(lambda: standby._following is not None, what="the standby following")
+        self.lister.listings = listings
+        await self.tick(10)
+        return active, standby
+
+    async def test_takeover_announces_each_file_once(self):
+        """The standby records what the active poll announced (fractional mtimes, a file in
+        blocks, a file in a subdirectory, changes, what is still queued when it takes over):
+        after the takeover it announces only the file that is new."""
+        mtime = OLD + 0.123456
+        self.listing(entry("a", mtime=mtime), entry("b"), entry("big", size=200 * 1024))
+        self.lister.listings[self.root + "sub/"] = [entry("c", size=7)]
+        active, standby = await self.two_polls()
+        self.assertEqual(active.stats["announced"], 4)
+        self.listing(entry("a", mtime=mtime), entry("b", size=2), entry("big", size=200 * 1024),
+                     entry("e"))
+        await self.tick(10)
+        self.assertEqual(active.stats["announced"], 6)
+        await until(lambda: standby.store.get("e"), what="the standby following")
+        self.assertEqual(standby.stats["followed"], 6)
+        before = self.announced()
+        self.assertEqual(before[("b", None)], 2)
+        self.assertEqual(sum(before.values()), 9)  # a, b twice, c, e, big in 4 blocks
+        # The next pass's announcements are still queued for the standby when it takes over:
+        # its writes wait until then.
+        gate = defer.Deferred()
+        update = standby.store.update
+
+        async def held_update(changes):
+            await gate
+            return await update(changes)
+
+        standby.store.update = held_update
+        self.lister.listings[self.root + "sub/"].extend(entry(f"n{i}") for i in range(7))
+        await self.tick(10)
+        await until(lambda: active.stats["announced"] == 13)
+        await active.crash("killed")
+        self.listing(entry("a", mtime=mtime), entry("b", size=2), entry("big", size=200 * 1024),
+                     entry("e"), entry("f"))
+        self.clock.advance(10)
+        await until(lambda: standby.lease.held or standby.stats["standby"] > 3)
+        self.clock.advance(10)
+        await until(lambda: standby.lease.held, what="the takeover")
+        gate.callback(None)
+        await self.settle()
+        self.assertGreaterEqual(standby.stats["passes"], 1)
+        after = self.announced()
+        self.assertEqual(after[("f", None)], 1)
+        del after[("f", None)]
+        self.assertEqual(
+            {key: count for key, count in after.items() if count > 1}, {("b", None): 2}
+        )
+        self.assertEqual(standby.stats["refused"], 0)
+        # And from now on it announces the new ones once.
+        self.lister.listings[self.root].append(entry("g"))
+        await self.tick(10)
+        self.assertEqual(self.announced()[("g", None)], 1)
+        self.assertEqual(sum(self.announced().values()), sum(after.values()) + 2)
+
+    async def test_notices_of_others_mark_nothing_seen(self):
+        """A notice another broker user posts into the exchange (with the poll's baseUrl and
+        a listed file's size and mtime), or one of the poll's user outside the tree, does not
+        make the standby skip a file after the takeover."""
+        self.listing(entry("a"))
+        self.lister.listings[self.root + "sub/"] = []
+        active, standby = await self.two_polls()
+        fields = active.notice_for("x", entry("x"), self.clock.seconds())
+        posted = await self.post_as_another_user(
+            self.exchange, "v03", Notice(fields).to_json()
+        )
+        outside = active.notice_for("../x", entry("x"), self.clock.seconds())
+        await self.collector.post(outside, self.exchange, "v03")
+        # Then one of the poll's user, which the standby takes after those.
+        last = active.notice_for("y", entry("y"), self.clock.seconds())
+        await self.collector.post(last, self.exchange, "v03")
+        await until(lambda: standby.store.get("y"), what="the standby following")
+        self.assertIsNone(await standby.store.get("x"))
+        self.assertEqual(standby.stats["refused"], posted + 1)
+        await active.crash("killed")
+        self.listing(entry("a"), entry("x"))
+        await self.tick(10)
+        await self.tick(10)
+        self.assertTrue(standby.lease.held)
+        announced = self.announced()
+        self.assertEqual(announced[("x", None)], posted + 1)  # the poster's, then the poll's
+        self.assertEqual(announced[("a", None)], 1)
+
+    async def test_removal_forgets(self):
+        """A file the active poll announced removed is forgotten by the standby too: when it
+        comes back (the same size and mtime) after the takeover, it is announced."""
+        self.listing(entry("a"), entry("b"))
+        self.lister.listings[self.root + "sub/"] = []
+        active, standby = await self.two_polls(announce_removals=True)
+        await until(lambda: standby.store.get("b"), what="the standby following")
+        self.listing(entry("a"))
+        await self.tick(10)
+        self.assertEqual(active.stats["removed"], 1)
+        await until(
+            lambda: standby.store.get("b").addCallback(lambda row: row is None),
+            what="the standby forgetting b",
+        )
+        await active.crash("killed")
+        self.listing(entry("a"), entry("b"))
+        await self.tick(10)
+        await self.tick(10)
+        self.assertTrue(standby.lease.held)
+        self.assertEqual(self.announced(), {("a", None): 1, ("b", None): 3})
+
+
+class MemoryStandbyTests(StandbyScenarios, unittest.TestCase):
+    async def containers(self, count):
+        self.broker = MemoryBroker()
+        return [
+            await make_container(self, memory_broker=self.broker, clock=self.clock)
+            for _ in range(count)
+        ]
+
+    async def post_as_another_user(self, exchange, routing_key, body):
+        other = MemoryTransport(self.broker, reactor, user="mallory")
+        await other.connect()
+        try:
+            await other.publish(exchange, routing_key, body)
+        finally:
+            await other.close()
+        return 1
+
+
+class AmqpStandbyTests(StandbyScenarios, unittest.TestCase):
+    timeout = 120
+
+    async def containers(self, count):
+        self.broker = get_broker()
+        sysname = f"standby{os.getpid()}x{id(self) % 10000}"
+        return [
+            await make_container(self, url=self.broker.url, sysname=sysname, clock=self.clock)
+            for _ in range(count)
+        ]
+
+    async def post_as_another_user(self, exchange, routing_key, body):
+        # With the user id the broker checks, and with none (nothing checked).
+        await threads.deferToThread(
+            self.broker.publish_raw, "alice", exchange, routing_key, body, user_id="alice"
+        )
+        await threads.deferToThread(self.broker.publish_raw, "alice", exchange, routing_key, body)
+        return 2
+
+    async def test_on_another_pump(self):
+        """Polls announcing on another pump (C{broker}, as a restricted account there, which
+        may declare only its own q_<login> queues) follow each other there."""
+        self.exchange = "xs_rita"
+        await self.collector.listen(self.exchange)
+        self.listing(entry("a"), entry("b"))
+        self.lister.listings[self.root + "sub/"] = []
+        active, standby = await self.two_polls(broker=self.broker.url_for("rita"))
+        self.assertTrue(standby._standby_queue.startswith("q_rita.poll.remote.standby."))
+        await until(lambda: standby.store.get("b"), what="the standby following")
+        await active.crash("killed")
+        self.listing(entry("a"), entry("b"), entry("c"))
+        await self.tick(10)
+        await self.tick(10)
+        self.assertTrue(standby.lease.held)
+        announced = self.announced()
+        self.assertEqual(announced, {("a", None): 1, ("b", None): 1, ("c", None): 1})
+        self.assertEqual(standby.stats["refused"], 0)

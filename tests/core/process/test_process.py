@@ -10,6 +10,7 @@ from twisted.trial import unittest
 
 from ion.core.cc.testing import call_op, make_container
 from tests.broker import get_broker
+from tests.waiting import until
 from ion.core.messaging.memory import MemoryBroker
 from ion.core.process import (
     ApplicationError,
@@ -399,6 +400,25 @@ class RawSubscriptionTests(unittest.TestCase):
         # the durable queue stays (messages wait for the subscriber to come back)
         await c.transport.publish("xpublic", "v03.a.c", b"later")
         self.assertEqual(c.transport.broker.queue_depth("q_test.sub"), 1)
+
+    async def test_unsubscribe(self):
+        """Ending one subscription early stops its deliveries and hands back the messages it
+        held; the process's other subscriptions go on, and it ends as before."""
+        c = await make_container(self)
+        proc = await c.spawn(Caller)
+        held, others = [], []
+        ended = await proc.subscribe("xpublic", ["v03.#"], held.append, queue="q_test.unsub")
+        await proc.subscribe("xpublic", ["v03.#"], lambda d: others.append(d.ack()), durable=True)
+        await proc.publish("xpublic", "v03.a", b"one")
+        await until(lambda: held and others)
+        await proc.unsubscribe(ended)
+        await proc.unsubscribe(ended)  # ended already: nothing happens
+        depth = c.transport.broker.queue_depth
+        self.assertEqual(depth("q_test.unsub"), 1)  # the one it held, back
+        await proc.publish("xpublic", "v03.b", b"two")
+        await until(lambda: len(others) == 2)
+        self.assertEqual((len(held), depth("q_test.unsub")), (1, 2))
+        await proc.terminate()
 
 
 class AmqpProcessTests(ProcessScenarios, unittest.TestCase):
