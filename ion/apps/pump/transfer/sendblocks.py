@@ -54,7 +54,7 @@ from ion.apps.pump.transfer.blocks import (
 from ion.apps.pump.transfer.errors import LocalFailure, RangeIgnored
 from ion.apps.pump.transfer.inflight import INFLIGHT_SUFFIX, RESUMABLE_MIN_AGE
 from ion.apps.pump.transfer.limits import slot
-from ion.apps.pump.transfer.outgoing import BlockReader
+from ion.apps.pump.transfer.outgoing import BlockReader, remove_left
 from ion.apps.pump.transfer.results import TransferResult
 
 RECORD_SUFFIX = ".blocks"
@@ -295,10 +295,8 @@ async def _send_missing(reactor, location, url, outgoing, settings, blocks, sche
 
 
 async def _forget(reactor, location, settings, scheme, temp, record, limiter, url):
-    """Remove the temporary file on the server (best effort) and the record."""
-    try:
-        async with slot(limiter, url):
-            await scheme.store_discard(reactor, location, settings, temp)
-    except Exception:
-        pass
+    """Remove the temporary file on the server (best effort, logged when it fails) and the
+    record."""
+    async with slot(limiter, url):
+        await remove_left(scheme.store_discard, reactor, location, settings, temp)
     await record.drop()
