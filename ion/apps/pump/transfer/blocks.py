@@ -7,7 +7,7 @@ C{DEFAULT_COUNT} blocks, and at least C{MIN_DEFAULT_SIZE}); C{parallel} blocks a
 time, each taking a slot of the caller's L{HostLimiter} like any transfer, each by range: an
 HTTP C{Range} request, sftp reads at offsets, ftp C{REST} then C{RETR} cut at the block's end.
 Whatever the notice claims, a file has at most L{MAX_BLOCKS} blocks (the block size grows to
-fit), and a block streams to disk as it arrives (at most C{BACKLOG_LIMIT} bytes of it wait in
+fit), and a block streams to disk as it arrives (at most C{BLOCK_BACKLOG} bytes of it wait in
 memory): a hostile size costs neither memory nor slots.
 
 The bytes go into one L{PartialFile} beside the destination, C{.<name>.<key>.part.inflight},
@@ -62,9 +62,7 @@ from ion.apps.pump.transfer.errors import (
     TransferError,
 )
 from ion.apps.pump.transfer.inflight import (
-    BACKLOG_LIMIT,
     RESUMABLE_SUFFIXES,
-    WRITE_BATCH,
     InflightFile,
     Lane,
     _write_at,
@@ -84,6 +82,11 @@ MIN_BLOCK_SIZE = 64 * 1024
 # A record holds a header and at most MAX_BLOCKS short lines: anything longer is not ours.
 RECORD_LIMIT = 64 * 1024
 _READ_SIZE = 1024 * 1024
+# A block's source is paused while this many bytes wait for the disk, and its writes go in
+# jobs of at least BLOCK_BATCH bytes: smaller than a single stream's (inflight.BACKLOG_LIMIT,
+# WRITE_BATCH), as block_parallel blocks each hold that much at once.
+BLOCK_BACKLOG = 2 * 1024 * 1024
+BLOCK_BATCH = 512 * 1024
 SCHEMES = {"http": http, "https": http, "sftp": sftp, "ftp": ftp}
 SEND_SCHEMES = {"sftp": sftp, "ftp": ftp}
 # A block named by a notice may be read from a local file too (a watch announces file: URLs);
@@ -473,9 +476,9 @@ class PartialFile(InflightFile):
 class BlockSink:
     """
     Receives one block of a L{PartialFile}: the chunks are written at their offset in the part
-    file by a L{Lane} of pool jobs (one at a time, of at least C{WRITE_BATCH} bytes but the
+    file by a L{Lane} of pool jobs (one at a time, of at least C{BLOCK_BATCH} bytes but the
     last; a job goes on with the chunks that came while it wrote), the source paused while
-    C{BACKLOG_LIMIT} bytes wait. Anything past the block's length fails it; L{close} fails it
+    C{BLOCK_BACKLOG} bytes wait. Anything past the block's length fails it; L{close} fails it
     when bytes are missing or, given C{methods} and an expected checksum, when they do not hash
     to it.
     """
@@ -488,7 +491,7 @@ class BlockSink:
                     f"{self.offset + self.length - 1})"
         self.received = 0
         self._written = 0  # by the lane's jobs, one at a time
-        self._lane = Lane(partial._reactor, partial._pool, self._write_chunks, WRITE_BATCH,
+        self._lane = Lane(partial._reactor, partial._pool, self._write_chunks, BLOCK_BATCH,
                           self._wake)
         self._error = None
         self._waiting = []
@@ -513,7 +516,7 @@ class BlockSink:
 
     @property
     def backlogged(self):
-        return self._lane.waiting >= BACKLOG_LIMIT
+        return self._lane.waiting >= BLOCK_BACKLOG
 
     def drained(self):
         if not self.backlogged or self._error is not None:
