@@ -68,10 +68,15 @@ CHUNK = 8 * 1024 * 1024
 
 # Fetches argv[1] into argv[2] with ION's transfers; prints {"seconds": s}.
 ION_CHILD = """
-import json, sys, time
+import json, os, sys, time
 from twisted.internet import defer, task
 from ion.apps.pump.transfer.blocks import BlockSettings
 from ion.apps.pump.transfer.worker import Transfers
+
+profile = os.environ.get("ION_BENCH_PROFILE")
+if profile:
+    import cProfile, pstats
+    profiler = cProfile.Profile()
 
 async def main(reactor):
     url, dest, size, sha512, blocks = sys.argv[1:6]
@@ -79,9 +84,15 @@ async def main(reactor):
                                     "timeouts": {"connect": 10, "idle": 120}})
     settings = BlockSettings(threshold=1, parallel=4) if blocks == "1" else None
     started = time.monotonic()
+    if profile:
+        profiler.enable()
     result = await transfers.get(url, dest, expected_size=int(size),
                                  expected_checksum=("sha512", sha512), blocks=settings)
     seconds = time.monotonic() - started
+    if profile:
+        profiler.disable()
+        with open(profile, "w") as out:
+            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
     await transfers.close()
     print(json.dumps({"seconds": seconds, "blocks": result.blocks}), flush=True)
 
@@ -200,6 +211,9 @@ def main(argv=None):
     parser.add_argument("--no-sr3", action="store_true", help="leave sr3 out")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every system")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="profile ION's reactor thread (cProfile) into FILE.stream and "
+                        "FILE.blocks (slower: compare figures of unprofiled runs only)")
     args = parser.parse_args(argv)
     size = parse_size(args.size)
     children = Children()
@@ -218,12 +232,18 @@ def main(argv=None):
         url = f"{base}/d/big.bin"
         dest = os.path.join(dest_dir, "big.bin")
         env = dict(os.environ, PYTHONPATH=ROOT)
+
+        def ion_env(kind):
+            if args.profile is None:
+                return env
+            return dict(env, ION_BENCH_PROFILE=f"{args.profile}.{kind}")
+
         systems = [
             ("curl", ["curl", "-s", "-o", dest, url], None, False),
             ("ion-stream", [sys.executable, "-c", ION_CHILD, url, dest, str(size), checksum, "0"],
-             env, True),
+             ion_env("stream"), True),
             ("ion-blocks", [sys.executable, "-c", ION_CHILD, url, dest, str(size), checksum, "1"],
-             env, True),
+             ion_env("blocks"), True),
         ]
         sr3_python = os.path.join(SR3_VENV, "bin", "python")
         if not args.no_sr3:

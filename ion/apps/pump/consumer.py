@@ -964,6 +964,11 @@ class Consumer(AppliesFileOps, ServiceProcess):
         )
         await self._fail(notice, entry.key, failure.code, failure.message, entry.routing_key)
         self.retries.done(entry)
+        await self._given_up(notice, url)
+
+    async def _given_up(self, notice, url):
+        """The file of C{notice} is given up for good: no attempt follows (a sender removes
+        what its puts in blocks left at the destination)."""
 
 
 process_class = Consumer

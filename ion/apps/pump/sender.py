@@ -190,6 +190,23 @@ class Sender(Consumer):
         except Exception as e:
             return None, classify(e)
 
+    async def _given_up(self, notice, url):
+        """A put in blocks of a file given up for good leaves nothing behind: its temporary
+        file at the destination and its record are removed (best effort)."""
+        size = notice.size
+        if self.transfers is None or self.target_root is not None or not size:
+            return
+        try:
+            await self.transfers.forget_put(
+                self.destination_for(notice), size, blocks=self.settings.blocks,
+                record_dir=self.record_dir, version=(notice.identity or {}).get("value"),
+            )
+        except Exception as e:
+            self.log.warn(
+                "{name}: cannot remove what the put in blocks of {url} left: {why}",
+                name=self.label, url=url, why=classify(e).message,
+            )
+
     async def op_stats(self, content, headers):
         """A consumer's stats (L{Consumer.op_stats}); C{transfers} also lists the files being
         sent in blocks: C{received} (the bytes the destination took so far), C{size} and

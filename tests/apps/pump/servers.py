@@ -20,7 +20,7 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import reactor, ssl, tcp
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.protocols import ftp
 from twisted.python import components
 from twisted.python.filepath import FilePath
@@ -225,7 +225,7 @@ class HTTPServer:
         return self
 
     async def stop(self):
-        await self.port.stopListening()
+        await maybeDeferred(self.port.stopListening)  # stopped before: None
         for protocol in list(self.site.connections):
             protocol.transport.abortConnection()
         await settle()
@@ -560,7 +560,7 @@ class SFTPServer:
         return path
 
     async def stop(self):
-        await self.port.stopListening()
+        await maybeDeferred(self.port.stopListening)  # stopped before: None
         for protocol in list(self.factory.connections):
             protocol.transport.abortConnection()
         await settle()
@@ -729,11 +729,16 @@ class _TrackingFTPFactory(ftp.FTPFactory):
         protocol = super().buildProtocol(addr)
         if protocol is not None:
             lost = protocol.connectionLost
+            inner = getattr(protocol, "wrappedProtocol", protocol)
             self.connections.add(protocol)
 
             def connectionLost(reason):
                 self.connections.discard(protocol)
-                return lost(reason)
+                result = lost(reason)
+                # A STOR whose data connection ends after the control connection was cut
+                # would reply (rearm the idle timeout, read on) on the lost connection.
+                inner.reply = inner.setTimeout = inner.resumeProducing = lambda *args: None
+                return result
 
             protocol.connectionLost = connectionLost
         return protocol
@@ -772,7 +777,7 @@ class FTPServer:
         return self
 
     async def stop(self):
-        await self.port.stopListening()
+        await maybeDeferred(self.port.stopListening)  # stopped before: None
         for protocol in list(self.factory.connections):
             protocol.transport.abortConnection()
         await settle()

@@ -19,7 +19,14 @@ from ion.apps.pump.transfer import sftp as sftp_scheme
 from ion.core.cc.testing import make_container
 from ion.core.messaging.memory import MemoryBroker
 from tests.apps.pump.fixtures import Collector, file_url, notice_fields
-from tests.apps.pump.servers import settle, start_ftp, start_http, start_sftp, write_file
+from tests.apps.pump.servers import (
+    leftovers,
+    settle,
+    start_ftp,
+    start_http,
+    start_sftp,
+    write_file,
+)
 from tests.broker import get_broker, skip_or_fail_without_rabbitmq
 from tests.waiting import quiet, until
 
@@ -412,6 +419,36 @@ class MemorySenderTests(SenderScenarios, unittest.TestCase):
         with open(os.path.join(self.remote, "obs", "big.bin"), "rb") as f:
             self.assertEqual(f.read(), data)
         self.assertEqual(os.listdir(os.path.join(self.remote, "obs")), ["big.bin"])
+
+
+    async def test_sftp_blocks_given_up(self):
+        """A send in blocks cut after four blocks keeps its temporary file at the server
+        while it is retried; given up for good past the retry horizon, it is reported failed
+        and leaves nothing: neither the temporary file at the server nor the record."""
+        server = self.sftp_server()
+        server.stall_writes_from = 4 * BLOCK
+        proc = await self.start(f"sftp://bob@127.0.0.1:{server.port.getHost().port}/obs/",
+                                strip=1, block_threshold=BLOCK, block_size=BLOCK,
+                                block_parallel=1, transfer_timeout=30, retry_horizon=60)
+        await self.post("x/big.bin", os.urandom(8 * BLOCK + 7))
+        records = os.path.join(self.base, "state", "blocks")
+        obs = os.path.join(self.remote, "obs")
+        await until(lambda: [len(s.done) for s in proc.transfers.sending] == [4],
+                    what="four blocks sent")
+        self.clock.advance(30)  # the transfer times out: retried later
+        await until(lambda: proc.stats["retrying"] == 1, what="a retry")
+        self.assertEqual(len(leftovers(obs)), 1)
+        for _ in range(100):
+            self.clock.advance(5)
+            if self.reports():
+                break
+            await quiet(0.1)
+        await until(lambda: self.reports(), what="a report")
+        ((path, code),) = self.reports()
+        self.assertEqual(path, "x/big.bin")
+        self.assertNotEqual(code, 201)
+        await until(lambda: os.listdir(obs) == [], what="the temporary file removed")
+        self.assertEqual(os.listdir(records), [])
 
 
 class AmqpSenderTests(SenderScenarios, unittest.TestCase):

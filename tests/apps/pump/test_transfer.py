@@ -54,6 +54,7 @@ from ion.apps.pump.transfer.inflight import (
     InflightFile,
 )
 from ion.apps.pump.transfer.limits import IdleTimer
+from ion.apps.pump.transfer.outgoing import OutgoingFile
 from ion.core import credentials as core_credentials
 from tests.apps.pump.fixtures import unblock_after
 from tests.apps.pump.servers import leftovers, write_file
@@ -1289,6 +1290,59 @@ class LocalSafetyTests(TestCase):
         self.assertEqual(result.size, len(self.big))
         self.assertGreater(len(threads), 2)
         self.assertNotIn(threading.main_thread(), threads)
+
+    async def test_putSourceReadInPool(self):
+        """
+        With a pool, a put to a file: URL reads and hashes its source in the pool's threads,
+        in chunks of a MiB, never in the reactor's; the copy arrives whole with its checksum.
+        """
+        reads = []
+        real_read = OutgoingFile.read
+
+        def reading(outgoing, size):
+            reads.append((threading.current_thread(), size))
+            return real_read(outgoing, size)
+
+        self.patch(OutgoingFile, "read", reading)
+        dest = os.path.join(self.root, "out.bin")
+        result = await transfer.put(reactor, self.big_src, "file://" + dest, pool=self.pool)
+        with open(dest, "rb") as f:
+            self.assertEqual(f.read(), self.big)
+        self.assertEqual(result.checksum, {"sha512": sha512(self.big)})
+        self.assertNotIn(threading.main_thread(), [thread for thread, _ in reads])
+        self.assertEqual({size for _, size in reads}, {1024 * 1024})
+
+    async def test_putCancelledWaitsForRead(self):
+        """
+        A put cancelled while the pool reads its source ends once that read is done (the
+        source is closed after it, never under it), leaving nothing in the destination.
+        """
+        reached, release = threading.Event(), threading.Event()
+        real_read = OutgoingFile.read
+        closed_under_read = []
+
+        def blocked(outgoing, size):
+            reached.set()
+            release.wait(10)
+            closed_under_read.append(outgoing._file.closed)
+            return real_read(outgoing, size)
+
+        self.patch(OutgoingFile, "read", blocked)
+        self.addCleanup(release.set)
+        dest = os.path.join(self.root, "out.bin")
+        d = Deferred.fromCoroutine(
+            transfer.put(reactor, self.big_src, "file://" + dest, pool=self.pool)
+        )
+        await until(reached.is_set, 10, "the read to be reached")
+        ended = []
+        d.addBoth(lambda result: ended.append(True) or result)
+        d.cancel()
+        self.assertEqual(ended, [])
+        release.set()
+        with self.assertRaises(CancelledError):
+            await d
+        self.assertEqual(closed_under_read, [False])
+        self.assertEqual(os.listdir(self.root), [])
 
     async def test_cancelWhileOpeningInPool(self):
         """

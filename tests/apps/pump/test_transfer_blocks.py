@@ -31,6 +31,7 @@ from ion.apps.pump.transfer.blocks import (
     sr3_block,
 )
 from ion.apps.pump.transfer.errors import BadRequest, LocalFailure
+from ion.apps.pump.transfer.operations import forget_put
 from ion.apps.pump.transfer.sendblocks import SendRecord, sweep_records
 from ion.apps.pump.transfer.inflight import sweep
 from tests.waiting import until
@@ -655,6 +656,33 @@ class _PutBlockTests:
                          list(range(4 * PUT_BLOCK, PUT_SIZE, PUT_BLOCK)))
         self.assertEqual(result.blocks, 9)
         self.assertEqual(self.arrived(), self.data)
+        self.assertEqual(os.listdir(self.records), [])
+
+    async def test_forgetGivenUp(self):
+        """
+        A put cut after four blocks keeps its temporary file at the server and its record, for
+        the next attempt to resume; once the caller gives the file up for good, L{forget_put}
+        removes both. The record of another version is not this file's: nothing is removed.
+        """
+        single = BlockSettings(threshold=PUT_BLOCK, size=PUT_BLOCK, parallel=1)
+        self.cut_after(4)
+        putting = self.put(blocks=single, version="v1")
+        await self.until_cut(putting)
+        self.uncut()
+        incoming = os.path.join(self.root, "in")
+        self.assertEqual(len(leftovers(incoming)), 1)
+
+        def forget(version):
+            return forget_put(
+                reactor, self.url("in/big.bin"), PUT_SIZE, blocks=self.blocks,
+                record_dir=self.records, version=version, pool=self.pool, **self.options()
+            )
+
+        self.assertFalse(await forget("v2"))
+        self.assertEqual(len(leftovers(incoming)), 1)
+        self.assertEqual(len(os.listdir(self.records)), 1)
+        self.assertTrue(await forget("v1"))
+        self.assertEqual(os.listdir(incoming), [])
         self.assertEqual(os.listdir(self.records), [])
 
     async def test_putNewVersion(self):

@@ -9,6 +9,7 @@ import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from ion.apps.pump import transfer
@@ -18,9 +19,11 @@ from ion.apps.pump.transfer import (
     Credentials,
     NotFound,
     Timeouts,
+    TransferError,
     TransferTimeout,
 )
 from ion.apps.pump.transfer.inflight import BUFFER_LIMIT
+from ion.apps.pump.transfer.pacing import Pacers
 from tests.apps.pump.servers import leftovers, partly_written, settle, start_ftp, write_file
 from tests.waiting import until
 
@@ -202,6 +205,55 @@ class FTPTests(TestCase):
                 self.assertEqual(f.read(), self.data)
         self.assertEqual(os.listdir(os.path.join(self.root, "sub")), ["up.bin"])
         self.assertEqual(result.size, len(self.data))
+
+    async def test_putLostRemovesTemporaryFile(self):
+        """
+        A put whose connection is lost mid-file fails transiently and removes its temporary
+        file at the server on a new session (the lost one cannot): the retry sends to a new
+        name, and nothing is left behind.
+        """
+        src = write_file(os.path.join(self.local, "up.bin"), os.urandom(2 * 1024 * 1024))
+        putting = Deferred.fromCoroutine(
+            transfer.put(
+                reactor, src, self.server.url + "/sub/up.bin", pacers=Pacers(reactor, 256 * 1024),
+                **{"credentials": self.creds}
+            )
+        )
+        sub = os.path.join(self.root, "sub")
+        await until(lambda: partly_written(sub), 10, "a partly written file at the server")
+        for protocol in list(self.server.factory.connections):
+            protocol.transport.abortConnection()
+        with self.assertRaises(TransferError) as caught:
+            await putting
+        self.assertTrue(caught.exception.transient)
+        self.assertEqual(os.listdir(sub), [])
+
+    async def test_putLostServerGone(self):
+        """
+        When the temporary file of a lost put cannot be removed (the server is gone too),
+        the put fails with its own error and the removal's failure is logged.
+        """
+        src = write_file(os.path.join(self.local, "up.bin"), os.urandom(2 * 1024 * 1024))
+        putting = Deferred.fromCoroutine(
+            transfer.put(
+                reactor, src, self.server.url + "/sub/up.bin", pacers=Pacers(reactor, 256 * 1024),
+                **{"credentials": self.creds}
+            )
+        )
+        sub = os.path.join(self.root, "sub")
+        await until(lambda: partly_written(sub), 10, "a partly written file at the server")
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        await self.server.stop()
+        with self.assertRaises(TransferError) as caught:
+            await putting
+        self.assertTrue(caught.exception.transient)
+        self.assertNotIn("remove", caught.exception.message)
+        self.assertEqual(len(leftovers(sub)), 1)
+        warned = [formatEvent(e) for e in logged if e.get("log_level") == LogLevel.warn]
+        self.assertTrue(any("cannot remove the temporary file" in w for w in warned), warned)
+        self.assertFalse(any(SECRET in w for w in warned), warned)
 
     async def test_putNoDirectory(self):
         """

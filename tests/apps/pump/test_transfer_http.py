@@ -29,6 +29,7 @@ from ion.apps.pump.transfer import (
     TransferTimeout,
 )
 from ion.apps.pump.transfer import http
+from ion.apps.pump.transfer.blocks import BlockSettings
 from ion.apps.pump.transfer.inflight import BUFFER_LIMIT
 from tests.apps.pump.servers import (
     leftovers,
@@ -357,6 +358,28 @@ class HTTPConnectionsTests(TestCase):
         protocol = await connect(self, self.server.url)
         self.assertEqual(protocol.transport.bufferSize, http.READ_SIZE)
         self.assertGreater(http.READ_SIZE, 65536)
+
+    async def test_blockReadsSmaller(self):
+        """
+        A whole-file GET's connection reads up to C{READ_SIZE} bytes at a time; the blocks of
+        a partitioned get, several connections at once, read up to the smaller
+        C{SMALL_READ_SIZE} each (memory stays flat), on connections of their own.
+        """
+        sizes = []
+        real = http._large_reads
+
+        def recording(protocol, size):
+            sizes.append(size)
+            return real(protocol, size)
+
+        self.patch(http, "_large_reads", recording)
+        await self.get(1)
+        self.assertEqual(sizes, [http.READ_SIZE])
+        sizes.clear()
+        await self.get(2, expected_size=len(self.data),
+                       blocks=BlockSettings(threshold=1, size=1024, parallel=2))
+        self.assertEqual(set(sizes), {http.SMALL_READ_SIZE})
+        self.assertGreater(http.READ_SIZE, http.SMALL_READ_SIZE)
 
     async def test_sequentialGetsShareOneConnection(self):
         """

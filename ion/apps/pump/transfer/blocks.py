@@ -7,7 +7,7 @@ C{DEFAULT_COUNT} blocks, and at least C{MIN_DEFAULT_SIZE}); C{parallel} blocks a
 time, each taking a slot of the caller's L{HostLimiter} like any transfer, each by range: an
 HTTP C{Range} request, sftp reads at offsets, ftp C{REST} then C{RETR} cut at the block's end.
 Whatever the notice claims, a file has at most L{MAX_BLOCKS} blocks (the block size grows to
-fit), and a block streams to disk as it arrives (at most C{BACKLOG_LIMIT} bytes of it wait in
+fit), and a block streams to disk as it arrives (at most C{BLOCK_BACKLOG} bytes of it wait in
 memory): a hostile size costs neither memory nor slots.
 
 The bytes go into one L{PartialFile} beside the destination, C{.<name>.<key>.part.inflight},
@@ -62,10 +62,9 @@ from ion.apps.pump.transfer.errors import (
     TransferError,
 )
 from ion.apps.pump.transfer.inflight import (
-    BACKLOG_LIMIT,
     RESUMABLE_SUFFIXES,
-    WRITE_BATCH,
     InflightFile,
+    Lane,
     _write_at,
     b64digest,
 )
@@ -83,6 +82,11 @@ MIN_BLOCK_SIZE = 64 * 1024
 # A record holds a header and at most MAX_BLOCKS short lines: anything longer is not ours.
 RECORD_LIMIT = 64 * 1024
 _READ_SIZE = 1024 * 1024
+# A block's source is paused while this many bytes wait for the disk, and its writes go in
+# jobs of at least BLOCK_BATCH bytes: smaller than a single stream's (inflight.BACKLOG_LIMIT,
+# WRITE_BATCH), as block_parallel blocks each hold that much at once.
+BLOCK_BACKLOG = 2 * 1024 * 1024
+BLOCK_BATCH = 512 * 1024
 SCHEMES = {"http": http, "https": http, "sftp": sftp, "ftp": ftp}
 SEND_SCHEMES = {"sftp": sftp, "ftp": ftp}
 # A block named by a notice may be read from a local file too (a watch announces file: URLs);
@@ -471,11 +475,12 @@ class PartialFile(InflightFile):
 
 class BlockSink:
     """
-    Receives one block of a L{PartialFile}: the chunks are written at their offset in the part file
-    by pool jobs (one at a time, of at least C{WRITE_BATCH} bytes but the last), the source paused
-    while C{BACKLOG_LIMIT} bytes wait. Anything past the block's length fails it; L{close} fails it
-    when bytes are missing or, given C{methods} and an expected checksum, when they do not hash to
-    it.
+    Receives one block of a L{PartialFile}: the chunks are written at their offset in the part
+    file by a L{Lane} of pool jobs (one at a time, of at least C{BLOCK_BATCH} bytes but the
+    last; a job goes on with the chunks that came while it wrote), the source paused while
+    C{BLOCK_BACKLOG} bytes wait. Anything past the block's length fails it; L{close} fails it
+    when bytes are missing or, given C{methods} and an expected checksum, when they do not hash
+    to it.
     """
 
     def __init__(self, partial, index, methods=()):
@@ -485,10 +490,9 @@ class BlockSink:
         self.what = f"{partial.what} (block {index}: bytes {self.offset}-" \
                     f"{self.offset + self.length - 1})"
         self.received = 0
-        self._written = 0
-        self._pending = []
-        self._pending_bytes = 0
-        self._job = None
+        self._written = 0  # by the lane's jobs, one at a time
+        self._lane = Lane(partial._reactor, partial._pool, self._write_chunks, BLOCK_BATCH,
+                          self._wake)
         self._error = None
         self._waiting = []
         self._hashers = {m: hashlib.new(m) for m in methods}
@@ -508,48 +512,42 @@ class BlockSink:
             raise self._error
         self.received += len(data)
         self.partial.size += len(data)
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        if self._pending_bytes >= WRITE_BATCH:
-            self._flush()
+        self._lane.put(data)
 
     @property
     def backlogged(self):
-        return self._pending_bytes >= BACKLOG_LIMIT
+        return self._lane.waiting >= BLOCK_BACKLOG
 
     def drained(self):
         if not self.backlogged or self._error is not None:
             return succeed(None)
         d = Deferred()
         self._waiting.append(d)
+        # Told when the lane takes its bytes from now on; they may be taken already.
+        self._lane.watch()
+        self._wake()
         return d
 
-    def _flush(self):
-        if self._job is not None or self._error is not None or not self._pending:
-            return
-        chunks, self._pending, self._pending_bytes = self._pending, [], 0
-        offset = self.offset + self._written
-        self._written += sum(map(len, chunks))
-        self._job = self.partial._run(self._write_at, chunks, offset)
-        self._job.observe().addBoth(self._done)
-
-    def _write_at(self, chunks, offset):
+    def _write_chunks(self, chunks):
+        """The lane's work (a pool thread): hash C{chunks} and write them at their offset."""
         for hasher in self._hashers.values():
             for chunk in chunks:
                 hasher.update(chunk)
         try:
-            _write_at(self.partial._fd, chunks, offset)
+            _write_at(self.partial._fd, chunks, self.offset + self._written)
         except OSError as exc:
             raise LocalFailure.from_os_error(f"cannot write {self.partial.temp_path}",
                                              exc) from None
+        self._written += sum(map(len, chunks))
 
-    def _done(self, result):
-        self._job = None
-        if isinstance(result, Failure):
-            error = result.value
+    def _wake(self, failure=None):
+        """Fire L{drained}'s Deferreds once the source may go on: the lane took its bytes, or
+        failed (C{failure}: the next L{write} raises it)."""
+        if failure is not None and self._error is None:
+            error = failure.value
             self._error = error if isinstance(error, TransferError) else LocalFailure(str(error))
-        elif self._pending_bytes >= WRITE_BATCH:
-            self._flush()
+        if self._error is None and self.backlogged:
+            return
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             if not d.called:  # not cancelled meanwhile
@@ -557,10 +555,13 @@ class BlockSink:
 
     async def settle(self):
         """Wait until the bytes received are written (or writing failed)."""
-        while self._job is not None or (self._pending and self._error is None):
-            if self._job is None:
-                self._flush()
-            await self._job.observe().addErrback(lambda _: None)
+        while (job := self._lane.job) is not None or (self._lane.waiting and self._error is None):
+            if job is None:
+                self._lane.kick()
+                job = self._lane.job
+                if job is None:
+                    return  # the lane is closed
+            await job.observe().addErrback(lambda _: None)
 
     async def close(self, expected_checksum=None):
         """All bytes written, the block complete (and matching C{expected_checksum},
@@ -582,7 +583,7 @@ class BlockSink:
 
     async def abandon(self):
         """The block failed: its bytes no longer count."""
-        self._pending, self._pending_bytes = [], 0
+        self._lane.close()
         await self.settle()
         self.partial.size -= self.received
 

@@ -5,7 +5,8 @@ A source file is opened with C{O_NOFOLLOW | O_NONBLOCK}, so neither a symbolic l
 last component nor a named pipe waiting for a writer can redirect or stall it, and is checked
 with C{fstat} on the descriptor: only a regular file is copied (anything else is a permanent
 422). The open and the reads run in the caller's thread pool, so a slow disk never holds up
-the reactor (without a pool they run at once); directory listings are read there too.
+the reactor (without a pool they run at once); directory listings are read there too, and so
+is the source of a put (read and hashed a MiB at a time).
 
 Copies keep to the caller's bandwidth limits (L{ion.apps.pump.transfer.pacing}) as the network
 schemes do: a get's sink is a L{PacedSink} (made by L{ion.apps.pump.transfer.operations.get}),
@@ -27,6 +28,8 @@ from ion.apps.pump.transfer.pacing import PacedSink
 from ion.apps.pump.transfer.results import Entry, entry_type
 
 CHUNK_SIZE = 256 * 1024
+# A put reads (and hashes) its source in chunks of this size, each a job in the pool.
+PUT_CHUNK_SIZE = 1024 * 1024
 # Give the reactor a turn after this many chunks (4 MiB) so a big copy does not starve it.
 CHUNKS_PER_TURN = 16
 _SOURCE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -46,12 +49,12 @@ def _source_error(shown, exc):
     return LocalFailure.from_os_error(shown, exc)
 
 
-async def copy(reactor, read, sink):
+async def copy(reactor, read, sink, size=CHUNK_SIZE):
     """Move chunks from C{await read(size)} to C{sink} (an L{InflightFile}, or a L{PacedSink}
     over one) until C{read} returns nothing, waiting whenever the sink has too much waiting
     for the disk or its pacers are in debt."""
     chunks = 0
-    while data := await read(CHUNK_SIZE):
+    while data := await read(size):
         sink.write(data)
         chunks += 1
         if sink.backlogged:
@@ -171,19 +174,28 @@ async def fetch_range(reactor, location, sink, settings, offset, length):
 
 async def store(reactor, outgoing, location, settings):
     """Copy C{outgoing} to the local path of C{location} (inflight name, then rename), no
-    faster than C{settings.pacers} allow."""
-    sink = InflightFile(
-        location.path, methods=(), what=location.shown, reactor=reactor, pool=settings.pool
-    )
+    faster than C{settings.pacers} allow. The source is read and hashed in the pool (at once
+    without one); a read still running when the copy fails or is cancelled is waited for, so
+    the caller closes the source only once no thread reads it."""
+    pool = settings.pool
+    sink = InflightFile(location.path, methods=(), what=location.shown, reactor=reactor, pool=pool)
+    reading = None
+
+    async def read(size):
+        nonlocal reading
+        if pool is None:
+            return outgoing.read(size)
+        reading = SharedResult(deferToThreadPool(reactor, pool, outgoing.read, size))
+        return await reading.observe()
+
     try:
         sink.declare(outgoing.size)
-
-        async def read(size):
-            return outgoing.read(size)
-
         pacers = settings.pacers
-        await copy(reactor, read, PacedSink(sink, pacers, reactor) if pacers else sink)
+        target = PacedSink(sink, pacers, reactor) if pacers else sink
+        await copy(reactor, read, target, PUT_CHUNK_SIZE)
     except BaseException:
+        if reading is not None and not reading.done:
+            await reading.observe().addErrback(lambda _: None)
         await sink.discard()
         raise
     await sink.finish(mtime=outgoing.mtime, mode=outgoing.mode)

@@ -46,7 +46,7 @@ from ion.apps.pump.transfer.inflight import SinkReceiver, inflight_name
 from ion.apps.pump.transfer.limits import IdleTimer
 from ion.apps.pump.transfer.policy import connect
 from ion.apps.pump.transfer.listings import ListingBuffer, parse_list_line, parse_mlsd_line
-from ion.apps.pump.transfer.outgoing import ProgressReader
+from ion.apps.pump.transfer.outgoing import ProgressReader, remove_left
 from ion.apps.pump.transfer.results import Listing
 from ion.apps.pump.transfer.sessions import borrowed
 
@@ -489,20 +489,39 @@ async def _make_directory(session, location):
 
 
 async def store(reactor, outgoing, location, settings):
-    """C{STOR} to a temporary name beside the target, then C{RNFR}/C{RNTO} into place."""
+    """C{STOR} to a temporary name beside the target, then C{RNFR}/C{RNTO} into place. A
+    failed send removes its temporary file: on its session, or on a new one when the session
+    is lost (not when cancelled: that must end at once); a retry sends to a new name."""
+    temp = inflight_name(location.path)
+    left = []  # the temporary file, while a failure may leave it behind
 
     async def work(session):
-        temp = _wire(inflight_name(location.path))
+        name = _wire(temp)
         features = await _features(session)
         await _make_directory(session, location)
+        left.append(temp)
         try:
-            await _send(reactor, session, location, temp, outgoing)
-            await _commit(session, location, temp, outgoing, outgoing.sent, features)
+            await _send(reactor, session, location, name, outgoing)
+            await _commit(session, location, name, outgoing, outgoing.sent, features)
+            left.clear()
         except BaseException:
-            await _optional(session, "DELE " + temp)
+            if session.connected:
+                try:
+                    await _optional(session, "DELE " + name)
+                except Exception:
+                    pass  # the session died meanwhile: a new one removes the file
+                if session.connected:
+                    left.clear()  # removed, or refused: not there, or not ours to remove
             raise
 
-    await _with_session(reactor, location, settings, work)
+    try:
+        await _with_session(reactor, location, settings, work)
+    except CancelledError:
+        raise
+    except BaseException:
+        if left:
+            await remove_left(store_discard, reactor, location, settings, temp)
+        raise
 
 
 # A put in blocks (L{ion.apps.pump.transfer.sendblocks}): block 0 is a plain STOR (which

@@ -20,7 +20,7 @@ from ion.apps.pump.transfer.pacing import PacedSink
 from ion.apps.pump.transfer.location import Settings, locate
 from ion.apps.pump.transfer.outgoing import OutgoingFile
 from ion.apps.pump.transfer.results import Listing, TransferResult
-from ion.apps.pump.transfer.sendblocks import put_blocks
+from ion.apps.pump.transfer.sendblocks import forget_blocks, put_blocks
 
 _SCHEMES = {"file": file, "http": http, "https": http, "sftp": sftp, "ftp": ftp}
 
@@ -331,6 +331,23 @@ async def put(reactor, src_path, url, *, credentials=None, limiter=None, pacers=
         )
     finally:
         outgoing.close()
+
+
+async def forget_put(reactor, url, size, *, blocks, record_dir, version, credentials=None,
+                     limiter=None, pacers=None, **settings):
+    """
+    The put of a file of C{size} bytes to C{url} is given up for good (no attempt follows):
+    what a put of it in blocks left -- its temporary file at the server, its record in
+    C{record_dir} -- is removed (see L{ion.apps.pump.transfer.sendblocks.forget_blocks};
+    C{blocks}, C{record_dir} and C{version} as given to L{put}). C{settings} as in L{put}.
+
+    @return: whether a put in blocks was forgotten.
+    """
+    location = locate(url, credentials)
+    settings = Settings(**settings)  # no data moves: pacers do not apply
+    return await forget_blocks(
+        reactor, location, url, size, settings, blocks, record_dir, version, limiter
+    )
 
 
 async def list(reactor, url, *, credentials=None, limiter=None, pacers=None, **settings):

@@ -1,13 +1,40 @@
-"""A local file being sent: read in chunks and hashed on the way."""
+"""A local file being sent: read in chunks and hashed on the way; the removal of what a send
+that failed left at the server."""
 
 import hashlib
 import os
 import stat
 
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+
 from ion.apps.pump.transfer.errors import LocalFailure
 from ion.apps.pump.transfer.inflight import b64digest
 
 _HASH_READ = 1024 * 1024
+log = Logger()
+
+
+async def remove_left(discard, reactor, location, settings, temp):
+    """
+    Remove the temporary file C{temp} a failed send left at the server with C{discard} (a
+    scheme's C{store_discard}, on a session of its own), best effort: a failure is logged,
+    never raised (the send's own error is the one that matters).
+
+    @return: whether the file is gone (or was never there).
+    """
+    try:
+        await discard(reactor, location, settings, temp)
+    except CancelledError:
+        raise
+    except Exception as exc:
+        log.warn(
+            "{what}: cannot remove the temporary file {temp} a failed send left at the "
+            "server: {why}",
+            what=location.shown, temp=temp, why=getattr(exc, "message", None) or str(exc),
+        )
+        return False
+    return True
 
 
 class OutgoingFile:

@@ -22,8 +22,9 @@ record lacks, if the temporary file is still on the server with at least the byt
 blocks recorded (else it starts afresh). When the last block is in, the file's mode and mtime
 are set, it is renamed into place and its size checked on the server, as for any put; then
 the record is removed. A permanent failure removes the temporary file and the record; a
-transient one keeps both. Records left behind (a file given up on) are removed by
-L{sweep_records} after L{RESUMABLE_MIN_AGE}.
+transient one keeps both, for the next attempt; when the caller gives the file up for good
+(its retry horizon passed), L{forget_blocks} removes them. Records left behind otherwise (a
+process killed for good) are removed by L{sweep_records} after L{RESUMABLE_MIN_AGE}.
 
 The whole file's checksum (of the local file, read once in the pool while the blocks go) is
 the result's, as a single-stream put's is of the bytes it read.
@@ -54,7 +55,7 @@ from ion.apps.pump.transfer.blocks import (
 from ion.apps.pump.transfer.errors import LocalFailure, RangeIgnored
 from ion.apps.pump.transfer.inflight import INFLIGHT_SUFFIX, RESUMABLE_MIN_AGE
 from ion.apps.pump.transfer.limits import slot
-from ion.apps.pump.transfer.outgoing import BlockReader
+from ion.apps.pump.transfer.outgoing import BlockReader, remove_left
 from ion.apps.pump.transfer.results import TransferResult
 
 RECORD_SUFFIX = ".blocks"
@@ -259,6 +260,40 @@ async def put_blocks(reactor, location, url, outgoing, settings, blocks, record_
             active.discard(state)
 
 
+async def forget_blocks(reactor, location, url, size, settings, blocks, record_dir, version,
+                        limiter):
+    """
+    A put of C{size} bytes to C{location} is given up for good: if it went in blocks (a record
+    of it is in C{record_dir}; C{version} as for L{put_blocks}, which must be given), remove
+    its temporary file at the server (best effort, logged when it fails) and its record. A put
+    of it running now (its record locked) is left alone.
+
+    @return: whether a put in blocks was forgotten.
+    """
+    scheme = SEND_SCHEMES.get(location.scheme)
+    if scheme is None or version is None or not blocks.sends(location, size):
+        return False
+    step = block_size(size, blocks.size)
+    key = version_key(location.shown, size, step, version)
+    path = os.path.join(record_dir, key + RECORD_SUFFIX)
+    if not await _in_pool(reactor, settings.pool, lambda: os.path.lexists(path)):
+        return False
+    record = SendRecord(
+        record_dir, key, size, step, len(ranges(size, step)), location.shown, reactor,
+        settings.pool,
+    )
+    try:
+        await record.open()
+    except LocalFailure:
+        return False  # being sent again, or its directory unusable: the sweep gets it
+    try:
+        await _forget(reactor, location, settings, scheme, temp_path(location.path, key), record,
+                      limiter, url)
+    finally:
+        await record.close()
+    return True
+
+
 def _in_pool(reactor, pool, work):
     if pool is None:
         return maybeDeferred(work)
@@ -295,10 +330,8 @@ async def _send_missing(reactor, location, url, outgoing, settings, blocks, sche
 
 
 async def _forget(reactor, location, settings, scheme, temp, record, limiter, url):
-    """Remove the temporary file on the server (best effort) and the record."""
-    try:
-        async with slot(limiter, url):
-            await scheme.store_discard(reactor, location, settings, temp)
-    except Exception:
-        pass
+    """Remove the temporary file on the server (best effort, logged when it fails) and the
+    record."""
+    async with slot(limiter, url):
+        await remove_left(scheme.store_discard, reactor, location, settings, temp)
     await record.drop()

@@ -44,6 +44,7 @@ from ion.apps.pump.transfer.errors import (
 )
 from ion.apps.pump.transfer.inflight import inflight_name
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
+from ion.apps.pump.transfer.outgoing import remove_left
 from ion.apps.pump.transfer.pacing import wait
 from ion.apps.pump.transfer.sessions import borrowed
 from ion.apps.pump.transfer.policy import connect
@@ -527,27 +528,44 @@ async def _commit(client, session, location, temp, outgoing, size):
 
 
 async def store(reactor, outgoing, location, settings):
-    """Send C{outgoing} to a temporary name beside the target, then rename it into place."""
+    """Send C{outgoing} to a temporary name beside the target, then rename it into place. A
+    failed send removes its temporary file: on its session, or on a new one when the session
+    is lost (not when cancelled: that must end at once); a retry sends to a new name."""
+    temp = inflight_name(location.path)
+    left = []  # the temporary file, while a failure may leave it behind
 
     async def work(client, session):
-        temp = inflight_name(location.path).encode("utf-8")
+        name = temp.encode("utf-8")
         flags = filetransfer.FXF_WRITE | filetransfer.FXF_CREAT | filetransfer.FXF_EXCL
-        handle = await _open_new(client, location, temp, flags)
+        handle = await _open_new(client, location, name, flags)
+        left.append(temp)
         try:
             try:
                 await _write_from(handle, outgoing, session)
             finally:
-                await handle.close()
-            await _commit(client, session, location, temp, outgoing, outgoing.sent)
+                if session.connected:
+                    await handle.close()
+            await _commit(client, session, location, name, outgoing, outgoing.sent)
+            left.clear()
         except BaseException:
             if session.connected:
                 try:
-                    await client.removeFile(temp)
+                    await client.removeFile(name)
+                    left.clear()
+                except filetransfer.SFTPError:
+                    left.clear()  # not there (any more)
                 except Exception:
                     pass
             raise
 
-    await _with_session(reactor, location, settings, work)
+    try:
+        await _with_session(reactor, location, settings, work)
+    except CancelledError:
+        raise
+    except BaseException:
+        if left:
+            await remove_left(store_discard, reactor, location, settings, temp)
+        raise
 
 
 # A put in blocks (L{ion.apps.pump.transfer.sendblocks}): the temporary file is made (or found

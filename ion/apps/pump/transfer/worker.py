@@ -34,7 +34,7 @@ from twisted.python.threadpool import ThreadPool
 from ion.apps.pump.args import TransferSettings
 from ion.apps.pump.transfer.http import HTTPConnections
 from ion.apps.pump.transfer.limits import HostLimiter
-from ion.apps.pump.transfer.operations import get, list, operate, put
+from ion.apps.pump.transfer.operations import forget_put, get, list, operate, put
 from ion.apps.pump.transfer.pacing import Pacers
 from ion.apps.pump.transfer.sessions import Sessions
 from ion.core.credentials import DEFAULT_CREDENTIALS, Credentials
@@ -143,6 +143,11 @@ class Transfers:
         """L{ion.apps.pump.transfer.put} of C{path} to C{url} (options: blocks, record_dir,
         version); a put in blocks is in L{sending} while it runs."""
         return await self._run(put, path, url, active=self.sending, **options)
+
+    async def forget_put(self, url, size, **options):
+        """L{ion.apps.pump.transfer.operations.forget_put} of a put to C{url} of C{size} bytes
+        given up for good (options: blocks, record_dir, version, as given to L{put})."""
+        return await self._run(forget_put, url, size, **options)
 
     async def list(self, url):
         return await self._run(list, url)
