@@ -157,11 +157,23 @@ def plan(app_name="pump", os_instances=False, **kwargs):
     for args in (router_args, ingest_args):
         if pump.user is not None:
             args.setdefault("user", pump.user)
-    ReportRouterArgs.parse(router_args)
+    router = ReportRouterArgs.parse(router_args)
     IngestArgs.parse(ingest_args)
+
+    def prepare_subscription(args):
+        prepare_fetching(args)
+        # Reporting to this router's exchange on this broker as its user, a subscription
+        # publishes its reports to xr_<source> itself (ion.apps.pump.consumer, "Reports").
+        if (
+            not args.get("broker")
+            and args.get("report_exchange", "xreport") == router.exchange
+            and args.get("user") == router.user
+        ):
+            args.setdefault("report_direct", True)
+
     consumers = _named_children(
-        app_name, pump.subscriptions, "consumer", ConsumerArgs, prepare_fetching, "subscriptions",
-        os_instances=os_instances,
+        app_name, pump.subscriptions, "consumer", ConsumerArgs, prepare_subscription,
+        "subscriptions", os_instances=os_instances,
     )
     senders = _named_children(
         app_name, pump.senders, "sender", SenderArgs,

@@ -471,6 +471,9 @@ class ConsumerArgs(_Flow):
         default=attrs.Factory(lambda self: None if self.broker else "xreport", takes_self=True),
         validator=OPTIONAL_EXCHANGE,
     )
+    # Set by the pump app when its report router reads report_exchange: a first delivery's
+    # report goes straight to xr_<source> (ion.apps.pump.consumer, "Reports").
+    report_direct = attrs.field(default=False, converter=bool)
     # Partitioned transfers (ion.apps.pump.transfer.blocks) and the completion trigger
     # (ion.apps.pump.completion).
     block_threshold = attrs.field(

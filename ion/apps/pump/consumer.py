@@ -64,8 +64,22 @@ the cache write downloads again and reports again under the same C{report_id}, w
 router drops: each outcome reaches its source once.
 
 Reports are copies of the notice with C{report} {code, timeCompleted, message} and C{report_id},
-published persistent and confirmed to C{report_exchange} with the notice's topic. Op C{stats}
-returns the counters. Args: L{ion.apps.pump.args.ConsumerArgs}, checked before anything starts.
+published persistent and confirmed to C{report_exchange} with the notice's topic. With
+C{report_direct} (the pump app sets it for a subscription reporting to its own report router's
+exchange on the container's broker, as the router's user), the report of a first delivery
+(not redelivered) whose C{source} is a usable name goes instead straight to C{xr_<source>}
+(declared topic, durable), with a C{report_id} header: one publish, routed by the broker,
+instead of a hop through the router. Before the first report to a source the router's sent
+queue (L{ion.apps.pump.report_router}) is bound to C{xr_<source>}, so the router sees a copy of
+each such report in the same routing step, remembers its id, counts and logs it. Every other
+report (a redelivered message's, a retry's, a file op's, a dead letter's, an invalid notice's)
+goes to C{report_exchange} with a C{maybe_sent} header: the router reads its sent queue up to
+now before it decides, and drops a report already there, so a crash between the report and the
+cache write still reaches the source once. A report to C{xr_<source>} whose confirm never came
+(the broker may have kept it in the sent queue and not at the source) goes to the router again,
+marked C{unconfirmed}, and is forwarded whatever the sent queue says (at least once). Op
+C{stats} returns the counters. Args: L{ion.apps.pump.args.ConsumerArgs}, checked before
+anything starts.
 """
 
 import copy
@@ -77,7 +91,7 @@ import attrs
 from twisted.internet import defer, threads
 
 from ion.apps.pump import paths
-from ion.apps.pump.args import BadArgument, ConsumerArgs
+from ion.apps.pump.args import NAME, BadArgument, ConsumerArgs
 from ion.apps.pump.completion import run_command
 from ion.apps.pump.dupcache import DupCache
 from ion.apps.pump.sharedcache import SharedDupCache
@@ -94,6 +108,7 @@ from ion.apps.pump.notice import (
     parse_time,
 )
 from ion.apps.pump.outcome import Failure, RecentFailures, classify
+from ion.apps.pump.report_router import sent_queue
 from ion.apps.pump.retention import Retention
 from ion.apps.pump.retryqueue import RetryQueue
 from ion.apps.pump.transfer import TransferError
@@ -221,6 +236,14 @@ class Consumer(AppliesFileOps, ServiceProcess):
             )
             self.report_exchange = args.report_exchange or f"xs_{self.broker.user}"
         self._kept_reports = None  # the local report log, once the broker refused a report
+        # Reports straight to xr_<source> (see "Reports" in the module docstring): the report
+        # router's sent queue, bound to each xr_ exchange before the first report goes there.
+        self._copy_queue = None
+        if getattr(args, "report_direct", False) and self.broker is None:
+            self._copy_queue = sent_queue(self, self.user)
+        self._routes = set()  # the xr_ exchanges the copy queue is bound to
+        self._first = set()  # keys being handled from a first delivery (not redelivered)
+        self._unconfirmed = set()  # ids of reports whose publish to xr_<source> got no confirm
         clock = self.container.clock
         self.real_directory = None
         if self.directory is not None:
@@ -547,6 +570,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
         ]
 
     async def _deliver_new(self, delivery, notice, url, key, refresh=False):
+        if not delivery.redelivered:
+            self._first.add(key)
         try:
             if refresh:
                 await self.dupcache.refresh()
@@ -557,6 +582,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
             await self._deliver(delivery, notice, url, key)
         finally:
             self._working.discard(key)
+            self._first.discard(key)
 
     async def _deliver(self, delivery, notice, url, key):
         max_size = self.settings["max_size"]
@@ -783,23 +809,39 @@ class Consumer(AppliesFileOps, ServiceProcess):
 
     # -- reports and re-announcements ----------------------------------------------------
 
-    async def _publish(self, exchange, routing_key, body):
+    async def _publish(self, exchange, routing_key, body, headers=None):
         declare = None
         if exchange not in self._declared:
             declare = "topic"
-        await self.publish(exchange, routing_key, body, declare=declare)
+        await self.publish(exchange, routing_key, body, headers=headers, declare=declare)
         self._declared.add(exchange)
 
     async def _report(self, notice, key, code, message, routing_key=None):
         """Publish a report (confirmed) for C{notice}; the routing key is the notice's topic,
         or C{routing_key} when it has no usable relPath."""
         reported = make_report(notice, code, message, self.container.clock.seconds())
-        reported["report_id"] = report_id(self.subscriber, notice.source, key, code)
+        rid = reported["report_id"] = report_id(self.subscriber, notice.source, key, code)
         try:
             topic = notice.topic()
         except (InvalidNotice, ValueError):
             topic = routing_key or "v03"
-        if self.broker is None:
+        if self._copy_queue is not None:
+            source = notice.source
+            if (
+                key in self._first
+                and rid not in self._unconfirmed
+                and isinstance(source, str)
+                and NAME.fullmatch(source)
+            ):
+                await self._report_direct(source, topic, reported, rid)
+                return
+            # Perhaps reported before (a redelivery, a retry): the router decides.
+            headers = {"report_id": rid, "maybe_sent": True}
+            if rid in self._unconfirmed:
+                headers["unconfirmed"] = True
+            await self._publish(self.report_exchange, topic, reported.to_json(), headers)
+            self._unconfirmed.discard(rid)
+        elif self.broker is None:
             await self._publish(self.report_exchange, topic, reported.to_json())
         elif self._kept_reports is None:
             try:
@@ -813,6 +855,22 @@ class Consumer(AppliesFileOps, ServiceProcess):
         if self._kept_reports is not None:
             self._kept_reports.append(json_line(reported.to_dict()))
             await self._kept_reports.sync()
+
+    async def _report_direct(self, source, topic, reported, rid):
+        """Publish a report (confirmed) to C{xr_<source>}, the router's sent queue bound there
+        first, so that the router knows of it."""
+        exchange = f"xr_{source}"
+        if exchange not in self._routes:
+            await self.bind(self._copy_queue, exchange, "#")
+            self._routes.add(exchange)
+        headers = {"report_id": rid, "direct": self._copy_queue}
+        try:
+            await self.publish(exchange, topic, reported.to_json(), headers=headers)
+        except Exception:
+            # The broker may have kept it in some queues and not in others: when the notice
+            # comes back, the router forwards its report whatever its sent queue says.
+            self._unconfirmed.add(rid)
+            raise
 
     def _keep_reports(self, error):
         """The broker refused a report: this one and the next go to the local report log."""

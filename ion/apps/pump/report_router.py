@@ -41,6 +41,17 @@ C{x_<user>.report_router.sent} (also bound to that queue) and waits until the ma
 through, by which time every copy the broker took earlier has been read and remembered, and
 only then decides. Reports without a C{report_id} are forwarded at least once.
 
+Reports that skip the hop. A subscription of the pump app publishes the report of a first
+delivery straight to C{xr_<source>} (L{ion.apps.pump.consumer}, C{report_direct}), having
+bound this router's sent queue there first: the router reads the copy there, remembers its id,
+counts it as forwarded and logs it (a copy carrying a C{direct} header naming this sent queue;
+copies naming another router's are only remembered). The reports of that subscription that
+may repeat one (a redelivered message's, a retry's) come through C{xreport} with a
+C{maybe_sent} header, and are read like a redelivered report: after a marker, so a copy the
+consumer published before it crashed is known first. One marked C{unconfirmed} (the
+consumer's publish to C{xr_<source>} got no confirm) is forwarded whatever the sent queue
+holds.
+
 Several routers on one queue. Each sent queue is bound to every C{xr_} exchange its router
 has published to, so it also gets the forwards of the other routers to those sources: a
 router knows their ids too, and drops a report another router forwarded. One gap remains: a
@@ -83,7 +94,7 @@ class ReportRouter(ServiceProcess):
         # routed once, however many pumps run. The bookkeeping is each router's own.
         self.queue = f"q_{self.settings['exchange']}.report_router"
         own = own_prefix(self, self.user)
-        self.sent_queue = f"q_{own}report_router.sent"
+        self.sent_queue = sent_queue(self, self.user)
         self.marker_exchange = f"x_{own}report_router.sent"
         state_dir = self.settings["state_dir"] or os.path.join("var", "pump", "report_router")
         self.claim_directory(state_dir)
@@ -173,9 +184,15 @@ class ReportRouter(ServiceProcess):
         rid = fields.get("report_id")
         if not isinstance(rid, str):
             rid = None
+        headers = delivery.properties.headers or {}
+        # A consumer's report to xr_<source> that got no confirm: forwarded whatever the sent
+        # queue says (the broker may have kept it there and not at the source).
+        forced = rid is not None and headers.get("unconfirmed") is True
+        if forced:
+            self._unsure.add(rid)
         if (
             rid is not None
-            and delivery.redelivered
+            and (delivery.redelivered or headers.get("maybe_sent") is True)
             and rid not in self.seen
             and rid not in self._unsure
         ):
@@ -186,7 +203,7 @@ class ReportRouter(ServiceProcess):
             waiter = defer.Deferred()
             self._routing[rid].append(waiter)
             await waiter
-        if rid is not None and rid in self.seen:
+        if rid is not None and rid in self.seen and not forced:
             self.stats["duplicates"] += 1
             self.log.info(
                 "report router: report {rid} already forwarded to {source}; dropped",
@@ -237,7 +254,8 @@ class ReportRouter(ServiceProcess):
         self._declared.add(exchange)
 
     def _on_sent(self, delivery):
-        """A copy of a report the broker took from us (or a marker): remember its id."""
+        """A copy of a report the broker took from us or from one of our consumers (or a
+        marker): remember its id."""
         headers = delivery.properties.headers or {}
         rid = headers.get("report_id")
         if isinstance(rid, str) and rid in self._routing:
@@ -249,11 +267,36 @@ class ReportRouter(ServiceProcess):
         # the source has it: the broker persists queue by queue.
         if isinstance(rid, str) and rid not in self.seen and rid not in self._unsure:
             self.seen.add(rid)
+            if headers.get("direct") == self.sent_queue:
+                self._count_direct(delivery, "forwarded")
+        elif delivery.redelivered and headers.get("direct") == self.sent_queue:
+            # Perhaps not logged: the run that remembered its id may have died just then.
+            self._count_direct(delivery, "duplicate")
         delivery.ack()
         marker = headers.get("marker")
         waiter = self._markers.pop(marker, None) if isinstance(marker, str) else None
         if waiter is not None:
             waiter.callback(None)
+
+    def _count_direct(self, delivery, outcome):
+        """Count and log a report one of our consumers published to its source itself."""
+        try:
+            fields = json.loads(delivery.body)
+        except (ValueError, RecursionError):
+            fields = None
+        report = fields.get("report") if isinstance(fields, dict) else None
+        code = report.get("code") if isinstance(report, dict) else None
+        source = delivery.exchange[len("xr_"):]
+        if not isinstance(code, int) or not delivery.exchange.startswith("xr_"):
+            return
+        self.stats["received"] += 1
+        if outcome == "forwarded":
+            self.stats["forwarded"] += 1
+            codes = self.stats["by_source"].setdefault(source, {})
+            codes[str(code)] = codes.get(str(code), 0) + 1
+        else:
+            self.stats["duplicates"] += 1
+        self._write_log(fields, delivery, source, code, outcome)
 
     async def _catch_up(self):
         """Return once the sent queue has been read up to now: every report the broker took
@@ -296,6 +339,11 @@ class ReportRouter(ServiceProcess):
             self._log_file.close()
             rotate(self.settings["log_path"], self.settings["log_keep"])
             self._log_file = open(self.settings["log_path"], "a", encoding="utf-8")
+
+
+def sent_queue(process, user):
+    """The name of the sent queue of the report router of C{user} in C{process}'s system."""
+    return f"q_{own_prefix(process, user)}report_router.sent"
 
 
 def rotate(path, keep):

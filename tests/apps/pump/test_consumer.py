@@ -34,7 +34,7 @@ from ion.apps.pump.transfer.limits import MinRate
 from ion.core.app.appfile import read_app
 from ion.core.cc.testing import make_container
 from ion.core.messaging.memory import MemoryBroker
-from ion.core.process import returns_of
+from ion.core.process import ConnectionLost, returns_of
 from tests.apps.pump.fixtures import (
     Collector,
     MTIME,
@@ -261,6 +261,21 @@ class NoAckConsumer(Consumer):
 
     def _ack(self, delivery):
         self.unacked = getattr(self, "unacked", 0) + 1
+
+
+class UnconfirmedConsumer(Consumer):
+    """Its first report to a source is kept by the broker in the report router's sent queue
+    only, and its confirm never comes (in effect, as across a broker crash): the message
+    comes back."""
+
+    async def publish(self, exchange, routing_key, body, **kw):
+        if exchange.startswith("xr_") and not getattr(self, "lost", False):
+            self.lost = True
+            # The router's marker exchange reaches its sent queue alone.
+            marker_exchange = "x_" + self._copy_queue[len("q_"):]
+            await super().publish(marker_exchange, routing_key, body, **kw)
+            raise ConnectionLost("no confirm")
+        await super().publish(exchange, routing_key, body, **kw)
 
 
 class ForgetfulConsumer(Consumer):
@@ -1303,6 +1318,51 @@ class ConsumerScenarios:
         await self.quiet()
         self.assertEqual(len(self.reports()), 1)
         self.assertEqual(self.router.stats["forwarded"], 1)
+
+    # -- reports straight to the source (report_direct, set by the pump app) -------------
+
+    async def test_report_direct(self):
+        """With report_direct each report is published once, to xr_<source> and the router's
+        sent queue, never to xreport; the router counts it as forwarded."""
+        await self.pump(report_direct=True)
+        await self.collector.listen(self.xreport)
+        files = {f"d/f{i}.dat": os.urandom(100 + i) for i in range(3)}
+        for rel_path, data in files.items():
+            await self.post_file(rel_path, data)
+        reports = await self.wait_reports(3)
+        self.assertEqual(sorted(r["relPath"] for r in reports), sorted(files))
+        self.assertEqual(self.reports("bob"), [])
+        self.assertEqual(self.collector.bodies(self.xreport), [])
+        await until(lambda: self.router.stats["forwarded"] == 3)
+        self.assertEqual(self.router.stats["by_source"], {"alice": {"201": 3}})
+
+    async def test_report_direct_crash_before_cache_write(self):
+        """With report_direct, a crash between the report and the cache write: the file is
+        fetched again and its second report goes through the router, which knows the first
+        from its sent queue and drops it; the source hears once."""
+        await self.pump(consumer=ForgetfulConsumer, report_direct=True)
+        await self.collector.listen(self.xreport)
+        await self.post_file("c/f.dat", b"twice fetched")
+        await until(lambda: self.consumer.stats["delivered"] == 2)
+        await until(lambda: self.router.stats["duplicates"] == 1)
+        await self.settle()
+        await self.quiet()
+        self.assertEqual(len(self.reports()), 1)
+        self.assertEqual(len(self.collector.bodies(self.xreport)), 1)
+        self.assertEqual(self.router.stats["forwarded"], 1)
+
+    async def test_report_direct_unconfirmed_forwarded_again(self):
+        """A report to xr_<source> whose confirm never came may be in the router's sent queue
+        and not at the source: when the message comes back, the router forwards its report
+        whatever its sent queue says, so the source gets it."""
+        await self.pump(consumer=UnconfirmedConsumer, report_direct=True)
+        await self.post_file("c/f.dat", b"confirm lost")
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["code"], 201)
+        await self.settle()
+        await self.quiet()
+        self.assertEqual(len(self.reports()), 1)
+        self.flushLoggedErrors(ConnectionLost)
 
     # -- the app -----------------------------------------------------------------------------
 

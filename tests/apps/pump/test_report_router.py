@@ -148,6 +148,29 @@ class RouterScenarios:
         await self.quiet()
         self.assertEqual(len(self.collector.bodies("xr_alice")), 3)
 
+    async def test_maybe_sent_reads_the_sent_queue_first(self):
+        """A report marked maybe_sent (a consumer's report that may repeat one it published to
+        xr_<source> itself) is decided once the sent queue is read up to now: the copy there
+        makes it a duplicate, however late it is read, and is counted and logged as
+        forwarded."""
+        log = os.path.join(os.path.abspath(self.mktemp()), "reports.jsonl")
+        router = await self.start(cls=LateReadingRouter, log_path=log)
+        await router.bind(router.sent_queue, "xr_alice", "#")
+        body = json.dumps(report(report_id="r1")).encode()
+        direct = {"report_id": "r1", "direct": router.sent_queue}
+        await self.collector.publish("xr_alice", "v03.a", body, headers=direct)
+        maybe = {"report_id": "r1", "maybe_sent": True}
+        await self.collector.publish(self.xreport, "v03.a", body, headers=maybe)
+        await until(lambda: router.stats["duplicates"] == 1)
+        await self.settle()
+        await self.quiet()
+        self.assertEqual(len(self.collector.bodies("xr_alice")), 1)
+        self.assertEqual(router.stats["forwarded"], 1)
+        self.assertEqual(router.stats["by_source"], {"alice": {"201": 1}})
+        with open(log) as f:
+            outcomes = [json.loads(line)["outcome"] for line in f]
+        self.assertEqual(outcomes, ["forwarded", "duplicate"])
+
     async def test_crash_after_publish(self):
         """A router dying after the broker took a forwarded report, before it wrote the id down
         or acked: the next router gets the report again, reads its sent queue up to a marker,
