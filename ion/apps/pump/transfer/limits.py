@@ -1,7 +1,6 @@
 """Timeouts, the minimum rate, per-host concurrency limits, and Deferred helpers for transfers."""
 
 import collections
-import contextlib
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
@@ -264,14 +263,27 @@ class HostLimiter:
         return 0 if semaphore is None else semaphore.limit - semaphore.tokens
 
 
-@contextlib.asynccontextmanager
-async def slot(limiter, url):
-    """Hold one of C{limiter}'s slots for the server of C{url} (none when C{limiter} is None)."""
-    if limiter is None:
-        yield
-        return
-    key = await limiter.acquire(url)
-    try:
-        yield
-    finally:
-        limiter.release(key)
+def slot(limiter, url):
+    """Hold one of C{limiter}'s slots for the server of C{url} (none when C{limiter} is None):
+    an async context manager."""
+    return _Slot(limiter, url)
+
+
+class _Slot:
+    # A class, not an asynccontextmanager generator: one is entered per transfer, and the
+    # generator's machinery cost more than the slot itself.
+    __slots__ = ("_limiter", "_url", "_key")
+
+    def __init__(self, limiter, url):
+        self._limiter = limiter
+        self._url = url
+        self._key = None
+
+    async def __aenter__(self):
+        if self._limiter is not None:
+            self._key = await self._limiter.acquire(self._url)
+
+    async def __aexit__(self, *exc_info):
+        if self._limiter is not None:
+            self._limiter.release(self._key)
+        return False

@@ -46,6 +46,7 @@ C{/proc/net/if_inet6}, with what C{gethostname()} resolves to, looked up in a th
 once a minute.
 """
 
+import functools
 import ipaddress
 import re
 import socket
@@ -154,6 +155,8 @@ def _numeric_ipv4(host):
     return str(ipaddress.IPv4Address(value))
 
 
+# A pump fetches from few hosts: each spelling is worked out once (ValueErrors are not kept).
+@functools.lru_cache(maxsize=1024)
 def _normal_host(host):
     if not host:
         raise ValueError("no host")

@@ -117,9 +117,11 @@ class Transfers:
         await self.http_connections.close()
         await self.sessions.close()
 
-    async def _run(self, operation, *args, **kwargs):
+    # The operations are coroutines handed back as they are: a coroutine layer of our own
+    # around each would be passed through on every step of every transfer.
+    def _run(self, operation, *args, **kwargs):
         # The limiter holds both the per-server and the `parallel` slots.
-        return await operation(
+        return operation(
             self.reactor,
             *args,
             **kwargs,
@@ -132,25 +134,29 @@ class Transfers:
             sessions=self.sessions,
         )
 
-    async def get(self, url, path, **options):
+    def get(self, url, path, **options):
         """L{ion.apps.pump.transfer.get} of C{url} into C{path} (options: expected_size,
-        expected_checksum, cod, mtime, mode, dest_root), bounded by C{max_size} and C{min_rate}."""
+        expected_checksum, cod, mtime, mode, dest_root), bounded by C{max_size} and C{min_rate}:
+        the coroutine."""
         options.setdefault("max_size", self.max_size)
         options.setdefault("min_rate", self.min_rate)
-        return await self._run(get, url, path, active=self.received, **options)
+        return self._run(get, url, path, active=self.received, **options)
 
-    async def put(self, path, url, **options):
+    def put(self, path, url, **options):
         """L{ion.apps.pump.transfer.put} of C{path} to C{url} (options: blocks, record_dir,
-        version); a put in blocks is in L{sending} while it runs."""
-        return await self._run(put, path, url, active=self.sending, **options)
+        version); a put in blocks is in L{sending} while it runs. The coroutine."""
+        return self._run(put, path, url, active=self.sending, **options)
 
-    async def forget_put(self, url, size, **options):
+    def forget_put(self, url, size, **options):
         """L{ion.apps.pump.transfer.operations.forget_put} of a put to C{url} of C{size} bytes
-        given up for good (options: blocks, record_dir, version, as given to L{put})."""
-        return await self._run(forget_put, url, size, **options)
+        given up for good (options: blocks, record_dir, version, as given to L{put}): the
+        coroutine."""
+        return self._run(forget_put, url, size, **options)
 
-    async def list(self, url):
-        return await self._run(list, url)
+    def list(self, url):
+        """L{ion.apps.pump.transfer.list} of C{url}: the coroutine."""
+        return self._run(list, url)
 
-    async def operate(self, url, op, old=None, target=None):
-        return await self._run(operate, url, op, old=old, target=target)
+    def operate(self, url, op, old=None, target=None):
+        """L{ion.apps.pump.transfer.operate}: the coroutine."""
+        return self._run(operate, url, op, old=old, target=target)
