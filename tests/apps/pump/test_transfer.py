@@ -358,6 +358,19 @@ class IdleTimerTests(SynchronousTestCase):
         clock.advance(1)
         self.assertEqual(fired, [1])
 
+    def test_firstDelayUntouched(self):
+        """
+        Without a touch, the longer first delay holds: the timer fires only once it is over.
+        """
+        clock = Clock()
+        fired = []
+        IdleTimer(clock, 1, lambda: fired.append(clock.seconds()), first=10)
+        for _ in range(9):
+            clock.advance(1)
+        self.assertEqual(fired, [])
+        clock.advance(1)
+        self.assertEqual(fired, [10])
+
     def test_stop(self):
         """
         A stopped timer never fires and leaves no call pending.

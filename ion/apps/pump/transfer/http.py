@@ -235,11 +235,22 @@ class HTTPConnections:
         return gatherResults([pool.closeCachedConnections() for pool in pools])
 
 
-def _headers(location):
-    headers = Headers({b"Accept-Encoding": [b"identity"], b"User-Agent": [b"ion-pump"]})
-    if location.user is not None and location.password is not None:
+_PLAIN_HEADERS = Headers({b"Accept-Encoding": [b"identity"], b"User-Agent": [b"ion-pump"]})
+
+
+def _headers(location, byte_range=None):
+    """The headers of a request to C{location}: the shared plain ones when there is neither
+    a login nor a range to add (never changed: the agent copies them to add C{Host}), else a
+    copy of them with those added."""
+    login = location.user is not None and location.password is not None
+    if not login and byte_range is None:
+        return _PLAIN_HEADERS
+    headers = _PLAIN_HEADERS.copy()
+    if login:
         token = f"{location.user}:{location.password}".encode("utf-8")
         headers.setRawHeaders(b"Authorization", [b"Basic " + base64.b64encode(token)])
+    if byte_range is not None:
+        headers.setRawHeaders(b"Range", [b"bytes=%d-%d" % byte_range])
     return headers
 
 
@@ -306,9 +317,7 @@ async def _request(agent, location, settings, method, timer, body=None, byte_ran
     """Send a request, following a GET's redirects; returns the response once its headers
     are in. C{byte_range}: C{(first, last)} byte asked for."""
     url = location.request_url
-    headers = _headers(location)
-    if byte_range is not None:
-        headers.setRawHeaders(b"Range", [b"bytes=%d-%d" % byte_range])
+    headers = _headers(location, byte_range)
     access = settings.access
     for _ in range(MAX_REDIRECTS + 1):
         response = await _send(agent, location, settings, method, url, headers, timer, body)
@@ -324,7 +333,7 @@ async def _request(agent, location, settings, method, timer, body=None, byte_ran
         elif urlsplit(following).scheme.lower() not in ("http", "https"):
             raise Forbidden(f"{location.shown}: redirect to a non-http URL refused")
         following = request_url(following)
-        if _origin(following) != _origin(url):
+        if _origin(following) != _origin(url) and headers.hasHeader(b"Authorization"):
             headers.removeHeader(b"Authorization")
         url = following
     raise Refused(f"{location.shown}: more than {MAX_REDIRECTS} redirects")

@@ -83,7 +83,8 @@ class IdleTimer:
 
     C{expire} may be replaced as the transfer goes from one phase to the next. Touching only
     records the time: the timer is rescheduled when it fires early, so a transfer delivering
-    many small chunks costs no timer churn.
+    many small chunks costs no timer churn. Its first call comes after C{seconds} at most
+    (even when C{first} is longer), so no touch ever has to move it sooner.
     """
 
     def __init__(self, reactor, seconds, expire=None, first=None):
@@ -92,16 +93,14 @@ class IdleTimer:
         self._held = False
         self._reactor = reactor
         self._seconds = seconds
-        self._deadline = reactor.seconds() + (seconds if first is None else first)
-        self._call = reactor.callLater(self._deadline - reactor.seconds(), self._check)
+        delay = seconds if first is None else first
+        self._deadline = reactor.seconds() + delay
+        self._call = reactor.callLater(min(delay, seconds), self._check)
 
     def touch(self):
         """Note activity: the countdown starts again (and a L{hold} ends)."""
         self._held = False
         self._deadline = self._reactor.seconds() + self._seconds
-        if self._call is not None and self._call.getTime() > self._deadline:
-            # Only after a longer first delay can the new deadline come before the call.
-            self._call.reset(self._seconds)
 
     def hold(self):
         """Do not count the time until the next L{touch}: the transfer is waiting on purpose
