@@ -12,9 +12,19 @@ class Schemes(Mapping):
 
     def __init__(self, **modules):
         self._modules = modules
+        self._imported = {}
 
     def __getitem__(self, scheme):
-        return importlib.import_module(f"ion.apps.pump.transfer.{self._modules[scheme]}")
+        module = self._imported.get(scheme)
+        if module is None:
+            name = self._modules[scheme]
+            module = self._imported[scheme] = importlib.import_module(
+                f"ion.apps.pump.transfer.{name}"
+            )
+        return module
+
+    def __contains__(self, scheme):
+        return scheme in self._modules
 
     def __iter__(self):
         return iter(self._modules)
