@@ -223,10 +223,11 @@ class ContainerService(MultiService):
     def _make_container(self):
         """The Container of the options, with the embedded broker of a memory:// URL."""
         from ion.core.cc.container import Container, check_broker_url, make_transport
-        from ion.core.messaging.memory import MemoryBroker
 
         opts = self.options
         if check_broker_url(opts["broker_url"]) == "memory":
+            from ion.core.messaging.memory import MemoryBroker
+
             record = opts["config"].get("ion.core.messaging", "memory_run_record", None)
             self.memory_broker = MemoryBroker(run_record=record)
             if self.memory_broker.lost_messages:

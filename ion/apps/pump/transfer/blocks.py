@@ -53,7 +53,6 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, succe
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ion.apps.pump.transfer import file, ftp, http, sftp
 from ion.apps.pump.transfer.errors import (
     BadRequest,
     ChecksumMismatch,
@@ -70,6 +69,7 @@ from ion.apps.pump.transfer.inflight import (
 )
 from ion.apps.pump.transfer.limits import slot
 from ion.apps.pump.transfer.pacing import PacedSink
+from ion.apps.pump.transfer.schemes import Schemes
 
 log = Logger()
 
@@ -87,11 +87,11 @@ _READ_SIZE = 1024 * 1024
 # WRITE_BATCH), as block_parallel blocks each hold that much at once.
 BLOCK_BACKLOG = 2 * 1024 * 1024
 BLOCK_BATCH = 512 * 1024
-SCHEMES = {"http": http, "https": http, "sftp": sftp, "ftp": ftp}
-SEND_SCHEMES = {"sftp": sftp, "ftp": ftp}
+SCHEMES = Schemes(http="http", https="http", sftp="sftp", ftp="ftp")
+SEND_SCHEMES = Schemes(sftp="sftp", ftp="ftp")
 # A block named by a notice may be read from a local file too (a watch announces file: URLs);
 # only the network schemes are partitioned by the consumer's own choice (SCHEMES).
-RANGE_SCHEMES = dict(SCHEMES, file=file)
+RANGE_SCHEMES = Schemes(http="http", https="http", sftp="sftp", ftp="ftp", file="file")
 
 
 @attrs.frozen

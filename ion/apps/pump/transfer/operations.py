@@ -4,7 +4,6 @@ dispatched to the scheme modules."""
 import attrs
 from twisted.internet.defer import Deferred
 
-from ion.apps.pump.transfer import file, ftp, http, sftp
 from ion.apps.pump.transfer.blocks import (
     PartialFile,
     block_size,
@@ -20,9 +19,10 @@ from ion.apps.pump.transfer.pacing import PacedSink
 from ion.apps.pump.transfer.location import Settings, locate
 from ion.apps.pump.transfer.outgoing import OutgoingFile
 from ion.apps.pump.transfer.results import Listing, TransferResult
+from ion.apps.pump.transfer.schemes import Schemes
 from ion.apps.pump.transfer.sendblocks import forget_blocks, put_blocks
 
-_SCHEMES = {"file": file, "http": http, "https": http, "sftp": sftp, "ftp": ftp}
+_SCHEMES = Schemes(file="file", http="http", https="http", sftp="sftp", ftp="ftp")
 
 # Only permission bits travel; set-id bits from a remote server are never applied.
 MODE_MASK = 0o777
@@ -382,9 +382,9 @@ async def operate(
         the scheme has no request for.
     """
     location = locate(url, credentials)
-    scheme = _SCHEMES[location.scheme]
-    if scheme not in (sftp, ftp):
+    if location.scheme not in ("sftp", "ftp"):
         raise BadRequest(f"{location.shown}: no file operations over {location.scheme}")
+    scheme = _SCHEMES[location.scheme]
     settings = Settings(**settings)  # no data moves: pacers do not apply
     async with slot(limiter, url):
         return await scheme.operate(reactor, location, settings, op, old, target)
