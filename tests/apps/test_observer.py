@@ -247,7 +247,7 @@ class ObserverTests(unittest.TestCase):
         c = await make_container(self, config=config)
         observer = await c.spawn(Observer)
         a = await c.spawn(Caller)
-        w = await c.spawn(Worker)
+        await c.spawn(Worker)
         for i in range(4):
             await a.send("obs_c", "compute", i)
         last = a.conversations.recent[-1].conv_id

@@ -6,7 +6,7 @@ consumer, ION poll -> sr3 subscribe (sr3's topic layout and properties)."""
 import itertools
 import os
 
-from twisted.internet import defer, task, threads
+from twisted.internet import threads
 from twisted.trial import unittest
 
 from ion.apps.pump.consumer import Consumer
@@ -18,7 +18,7 @@ from tests.apps.pump.sr3 import Sr3, skip_or_fail_without_sr3
 from tests.apps.pump.test_post import post
 from tests.broker import get_broker, skip_or_fail_without_rabbitmq
 from tests.mosquitto import get_mosquitto
-from tests.waiting import quiet, until
+from tests.waiting import until
 
 _tags = itertools.count(1)
 
@@ -88,7 +88,6 @@ class Sr3InteropTests(unittest.TestCase):
         """An sr3 subscribe mirrors what an ION watch announces: creates in new directories,
         a rewrite, a rename and a removal."""
         exchange = f"xs_{self.tag}"
-        clock = task.Clock()
         c = await make_container(self, url=self.broker.url)
         watch = await c.spawn(Watch, args={
             "name": "w", "path": self.src, "state_dir": self.state, "exchange": exchange,

@@ -14,8 +14,7 @@ from ion.apps.pump.args import WatchArgs
 from ion.apps.pump.watch import Watch
 from ion.core.cc.testing import make_container
 from ion.core.messaging.memory import MemoryBroker
-from ion.core.process import EnvironmentFailure
-from tests.apps.pump.fixtures import Collector, file_url
+from tests.apps.pump.fixtures import Collector
 from tests.broker import get_broker, skip_or_fail_without_rabbitmq
 from tests.waiting import quiet, until
 

@@ -1,7 +1,6 @@
 """The web console (ion.core.cc.web): its JSON API and /metrics against a running pump on both
 transports, its pages, the observer's charts, the token off loopback, and the port at boot."""
 
-import json
 import os
 import socket
 
@@ -9,7 +8,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from ion.core.cc import tap
 from tests.broker import get_broker
 from tests.core.cc.console import RunningPump, drop_queues, get, get_json
 from tests.core.cc.test_tap import OptionParsing, twistd
