@@ -472,9 +472,10 @@ class Process:
         with Refused), C{await conv.when_done()} for the result."""
         return self._open("request", dest, op, content, timeout)
 
-    async def send(self, dest, op, content=None):
-        """One-way message (inform) to dest; raises NoSuchReceiver if nobody listens there."""
-        await self._open("inform", dest, op, content, None).when_done()
+    def send(self, dest, op, content=None):
+        """One-way message (inform) to dest. Returns a Deferred firing with None once the
+        broker took it, failing with NoSuchReceiver if nobody listens there."""
+        return self._open("inform", dest, op, content, None).when_done()
 
     def open_broker(self, url):
         """A connection of this process's own to the broker at C{url} (C{amqp[s]://} or
@@ -820,14 +821,17 @@ class Process:
                 method = self._op(op)
                 if conv.protocol == "request" and not getattr(method, "explicit_agree", False):
                     await conv.agree()
-                result, error = await _maybe_await(method(msg.content, headers)), None
+                result, error = method(msg.content, headers), None
+                if inspect.isawaitable(result):
+                    result = await result
             except ApplicationError as e:
                 result, error = None, e
             except Exception as e:
                 self.log.failure("{proc!r}: {op!r} raised; the caller gets a 500", proc=self, op=op)
                 result, error = None, e
             try:
-                await self.conversations.finish(conv, result, error)
+                if conv.protocol != "inform":  # an inform has no answer
+                    await self.conversations.finish(conv, result, error)
             except Exception:
                 self.log.failure("{proc!r}: could not answer {to}", proc=self, to=conv.peer)
         finally:

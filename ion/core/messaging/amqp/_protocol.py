@@ -6,9 +6,7 @@ import collections
 import functools
 import platform
 import struct
-import types
 
-import attrs
 from twisted.internet import defer, task
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
@@ -86,19 +84,42 @@ def _closed_error(klass, code, text):
     return ConnectionLost(f"the broker closed the connection: {code} {text}")
 
 
-@attrs.define(eq=False)
 class _IncomingContent:
     """A content-carrying method (basic.deliver, basic.return) waiting for its header and body
     frames. C{error} says why its properties could not be decoded: the body frames of such a
     delivery are counted and dropped."""
 
-    method: object
-    args: list
-    properties: dict | None = None
-    size: int = 0
-    chunks: list = attrs.Factory(list)
-    received: int = 0
-    error: str | None = None
+    __slots__ = ("method", "args", "properties", "size", "chunks", "received", "error")
+
+    def __init__(self, method, args):
+        self.method = method
+        self.args = args
+        self.properties = None
+        self.size = 0
+        self.chunks = []
+        self.received = 0
+        self.error = None
+
+
+class _Message:
+    """What the broker sent with a method: its arguments (as attributes named as in the
+    spec's C{names}) and, for content, C{body} and C{properties}."""
+
+    def __init__(self, names, args):
+        self.__dict__.update(zip(names, args))
+
+
+class _Deliver:
+    """The arguments and content of one basic.deliver, built without the general loop."""
+
+    __slots__ = ("consumer_tag", "delivery_tag", "redelivered", "exchange", "routing_key")
+    __slots__ += ("body", "properties")
+
+    def __init__(self, args, body, properties):
+        self.consumer_tag, self.delivery_tag, self.redelivered, self.exchange = args[:4]
+        self.routing_key = args[4]
+        self.body = body
+        self.properties = properties
 
 
 class _Channel:
@@ -178,7 +199,6 @@ class _Protocol(Protocol):
                 ("channel_close", self._channel_close),
                 ("basic_deliver", session.deliver),
                 ("basic_return", session.publisher.returned),
-                ("basic_ack", self._acked),
                 ("basic_nack", self._nacked),
                 ("basic_cancel", self._cancelled),
             )
@@ -270,7 +290,13 @@ class _Protocol(Protocol):
                 raise _ProtocolError(f"truncated {method.klass.name}.{method.name}")
             if channel in self._incoming:
                 raise _ProtocolError("a method arrived before the content it interrupts")
-            if method.content:
+            if method_id == _ACK_ID:
+                # A publisher confirm (of several publishes when `multiple`), straight to
+                # the publisher.
+                confirmed = self.channels.get(channel)
+                if confirmed is not None:
+                    self._confirm(confirmed, args[0], args[1], None)
+            elif method.content:
                 self._incoming[channel] = _IncomingContent(method, args)
             else:
                 self._dispatch(channel, method, args, None)
@@ -326,6 +352,17 @@ class _Protocol(Protocol):
             )
         chunks = incoming.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if incoming.method is self._basic_deliver:
+            # The method of every message received, straight to the session.
+            delivered = self.channels.get(channel)
+            if delivered is not None:
+                try:
+                    self.session.deliver(
+                        delivered, _Deliver(incoming.args, body, incoming.properties)
+                    )
+                except Exception:
+                    log.failure("AMQP: handling basic.deliver from the broker failed")
+            return
         self._dispatch(channel, incoming.method, incoming.args, (body, incoming.properties))
 
     def _reject(self, number, incoming):
@@ -340,8 +377,7 @@ class _Protocol(Protocol):
             # Released: the session closed it, and what the broker still sent on it (it
             # requeues deliveries) has no one to go to.
             return
-        message = types.SimpleNamespace()
-        message.__dict__.update(zip(method.names, args))
+        message = _Message(method.names, args)
         if content is not None:
             message.body, message.properties = content
         if method.response:
@@ -440,8 +476,13 @@ class _Protocol(Protocol):
             del self.channels[channel.id]
         self.session.channel_failed(channel, message)
 
-    def _acked(self, channel, message):
-        self.session.publisher.confirmed(channel, message.delivery_tag, message.multiple, None)
+    def _confirm(self, channel, tag, multiple, error):
+        # A publisher's Deferred callbacks that raise stay in their Deferreds; this guards
+        # the connection against the rest.
+        try:
+            self.session.publisher.confirmed(channel, tag, multiple, error)
+        except Exception:
+            log.failure("AMQP: handling a publisher confirm from the broker failed")
 
     def _nacked(self, channel, message):
         error = TransportError("the broker could not take the message (basic.nack)")
