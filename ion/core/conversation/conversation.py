@@ -204,20 +204,19 @@ class Conversations:
             headers["reply-to"] = self.sender
         return headers
 
-    async def _say(self, conv, performative, content):
-        """Send performative in conv (participant side), moving its state first."""
+    def _say(self, conv, performative, content):
+        """Send performative in conv (participant side), moving its state first. Returns a
+        Deferred that fires once it was sent, or dropped because its initiator is gone."""
         if conv.final:
             log.info("{conv!r}: {p} not sent: the conversation ended", conv=conv, p=performative)
-            return
+            return defer.succeed(None)
         conv.transition(performative)
         headers = self._headers(conv, performative)
         headers["status"] = "ERROR" if performative in (P.FAILURE, P.REFUSE) else "OK"
         conv._record("out", headers)
-        try:
-            await self.messenger.send(conv.peer, headers, content)
-        except Unroutable:
-            log.info("{conv!r}: the initiator {to} is gone; {p} dropped", conv=conv,
-                     to=conv.peer, p=performative)
+        return self.messenger.send(conv.peer, headers, content).addErrback(
+            _initiator_gone, conv, performative
+        )
 
     def initiate(self, protocol, receiver, op, content, timeout=None, user_id=None):
         """Open a conversation as initiator and send its first message. Returns the
@@ -357,16 +356,23 @@ class Conversations:
 
     # -- participant outcome ---------------------------------------------------------------
 
-    async def finish(self, conv, result=None, error=None):
+    def finish(self, conv, result=None, error=None):
         """Send the outcome of a served request (inform_result or failure). For a request
-        not yet agreed, agree first (FIPA: agree precedes the result)."""
+        not yet agreed, agree first (FIPA: agree precedes the result). Returns a Deferred
+        that fires once it was sent."""
         if conv.protocol == "inform" or conv.final:
             if conv.final and conv.state != P.REFUSED and conv.protocol != "inform":
                 log.info("{conv!r}: outcome not sent: the conversation already ended", conv=conv)
-            return
-        if error is None:
-            if conv.protocol == "request" and conv.state == "received":
-                await self._say(conv, P.AGREE, None)
-            await self._say(conv, P.INFORM_RESULT, result)
-        else:
-            await self._say(conv, P.FAILURE, error_to_wire(error))
+            return defer.succeed(None)
+        if error is not None:
+            return self._say(conv, P.FAILURE, error_to_wire(error))
+        if conv.protocol == "request" and conv.state == "received":
+            agreed = self._say(conv, P.AGREE, None)
+            return agreed.addCallback(lambda _: self._say(conv, P.INFORM_RESULT, result))
+        return self._say(conv, P.INFORM_RESULT, result)
+
+
+def _initiator_gone(failure, conv, performative):
+    failure.trap(Unroutable)
+    log.info("{conv!r}: the initiator {to} is gone; {p} dropped", conv=conv, to=conv.peer,
+             p=performative)
