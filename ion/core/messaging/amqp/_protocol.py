@@ -204,6 +204,7 @@ class _Protocol(Protocol):
             )
         }
         self._unread = b""
+        self._batch = None  # frames to write at the end of dataReceived, or None
         self._incoming = {}  # channel number -> _IncomingContent
         self._last_read = clock.seconds()
         self._closed_by_broker = None  # the error of the broker's connection.close
@@ -228,7 +229,7 @@ class _Protocol(Protocol):
         args = list(args)
         for name, value in arguments.items():
             args[positions[name]] = value
-        self.transport.write(_method_frame(channel, method, args))
+        self._write(_method_frame(channel, method, args))
 
     def send_publish(self, channel, exchange, routing_key, mandatory, properties, body):
         """basic.publish with its content, in one write. Raises (before writing anything)
@@ -236,13 +237,27 @@ class _Protocol(Protocol):
         data = _publish_frame(channel, exchange, routing_key, mandatory) + _content_frames(
             channel, self._basic, properties, body, self.frame_max - 8
         )
-        self.transport.write(data)
+        self._write(data)
 
     def send_ack(self, channel, tag, multiple):
-        self.transport.write(_method_frame(channel, self._basic_ack, (tag, multiple)))
+        self._write(_method_frame(channel, self._basic_ack, (tag, multiple)))
 
     def send_nack(self, channel, tag, requeue):
-        self.transport.write(_method_frame(channel, self._basic_nack, (tag, False, requeue)))
+        self._write(_method_frame(channel, self._basic_nack, (tag, False, requeue)))
+
+    def _write(self, data):
+        # While the broker's bytes are handled, what they make us send (publishes, replies,
+        # acks) waits in _batch for one write at the end; other writes go at once.
+        batch = self._batch
+        if batch is None:
+            self.transport.write(data)
+        else:
+            batch.append(data)
+
+    def _write_batch(self):
+        batch, self._batch = self._batch, None
+        if batch:
+            self.transport.writeSequence(batch)
 
     # Reading.
 
@@ -251,6 +266,7 @@ class _Protocol(Protocol):
         if self._unread:
             data = self._unread + data
         pos, size = 0, len(data)
+        self._batch = []
         try:
             while size - pos > _FRAME.size:
                 kind, channel, length = _FRAME.unpack_from(data, pos)
@@ -269,8 +285,10 @@ class _Protocol(Protocol):
         except Exception:
             log.failure("AMQP: cannot read what the broker sent; dropping the connection")
             self._unread = b""
+            self._batch = None
             self.transport.abortConnection()
             return
+        self._write_batch()
         self._unread = data[pos:]
 
     def _frame_received(self, kind, channel, data, start, end):
@@ -461,7 +479,7 @@ class _Protocol(Protocol):
         self._closed_by_broker = _closed_error("connection", message.reply_code, message.reply_text)
         self.send_method(0, self.method("connection_close_ok"), {})
         self._fail(self._closed_by_broker)
-        self.transport.loseConnection()
+        self.lose_connection()
 
     def _blocked(self, channel, message):
         log.warn("AMQP: the broker blocked publishing: {reason}", reason=message.reason)
@@ -523,7 +541,13 @@ class _Protocol(Protocol):
             set_no_delay(True)
         self.transport.write(_PROTOCOL_HEADER)
 
+    def lose_connection(self):
+        """Close the connection once what was written is sent."""
+        self._write_batch()
+        self.transport.loseConnection()
+
     def connectionLost(self, reason):
+        self._batch = None
         if self._beat is not None and self._beat.running:
             self._beat.stop()
         if self._check is not None and self._check.active():
