@@ -278,8 +278,8 @@ class _Protocol(Protocol):
                     break
                 if data[end] != _FRAME_END_OCTET:
                     raise _ProtocolError("a frame does not end with the frame-end octet")
-                pos = end + 1
-                self._frame_received(kind, channel, data, start, end)
+                after = self._frame_received(kind, channel, data, start, end, size)
+                pos = end + 1 if after is None else after
                 if self.transport.disconnecting:
                     break
         except Exception:
@@ -291,7 +291,9 @@ class _Protocol(Protocol):
         self._write_batch()
         self._unread = data[pos:]
 
-    def _frame_received(self, kind, channel, data, start, end):
+    def _frame_received(self, kind, channel, data, start, end, size):
+        """Handle the frame in data[start:end]. Returns None, or for a delivery taken whole
+        with the frames after it (data ends at C{size}), where the next frame starts."""
         if kind == _METHOD_FRAME:
             (method_id,) = _METHOD_ID.unpack_from(data, start)
             method = self._methods.get(method_id)
@@ -314,6 +316,11 @@ class _Protocol(Protocol):
                 confirmed = self.channels.get(channel)
                 if confirmed is not None:
                     self._confirm(confirmed, args[0], args[1], None)
+            elif method_id == _DELIVER_ID:
+                after = self._whole_delivery(channel, args, data, end + 1, size)
+                if after is None:
+                    self._incoming[channel] = _IncomingContent(method, args)
+                return after
             elif method.content:
                 self._incoming[channel] = _IncomingContent(method, args)
             else:
@@ -353,6 +360,63 @@ class _Protocol(Protocol):
                 self._content_received(channel, incoming)
         elif kind != _HEARTBEAT_FRAME:
             raise _ProtocolError(f"unknown frame type {kind}")
+
+    def _whole_delivery(self, channel, args, data, pos, size):
+        """Take the basic.deliver whose arguments were just read together with its content
+        when its header and its only body frame follow in data (up to C{size}), with
+        properties that decode; returns where the next frame starts. Returns None, having
+        taken nothing, for anything else: L{_frame_received} reads that frame by frame."""
+        if size - pos <= _FRAME.size + _CONTENT_HEADER.size:
+            return None
+        kind, number, length = _FRAME.unpack_from(data, pos)
+        start = pos + _FRAME.size
+        end = start + length
+        if (
+            kind != _HEADER_FRAME
+            or number != channel
+            or length > self.frame_max
+            or end >= size
+            or data[end] != _FRAME_END_OCTET
+        ):
+            return None
+        class_id, _, body_size = _CONTENT_HEADER.unpack_from(data, start)
+        if class_id != self._basic.id:
+            return None
+        try:
+            properties, after = _decode_properties_kept(
+                self._basic, data, start + _CONTENT_HEADER.size, end
+            )
+        except (FieldTableError, ValueError, IndexError, struct.error):
+            return None
+        if after > end:
+            return None
+        pos = end + 1
+        if body_size == 0:
+            body = b""
+        else:
+            if size - pos <= _FRAME.size:
+                return None
+            kind, number, length = _FRAME.unpack_from(data, pos)
+            start = pos + _FRAME.size
+            end = start + length
+            if (
+                kind != _BODY_FRAME
+                or number != channel
+                or length != body_size
+                or length > self.frame_max
+                or end >= size
+                or data[end] != _FRAME_END_OCTET
+            ):
+                return None
+            body = data[start:end]
+            pos = end + 1
+        delivered = self.channels.get(channel)
+        if delivered is not None:
+            try:
+                self.session.deliver(delivered, _Deliver(args, body, properties))
+            except Exception:
+                log.failure("AMQP: handling basic.deliver from the broker failed")
+        return pos
 
     def _content_received(self, channel, incoming):
         del self._incoming[channel]
