@@ -448,6 +448,73 @@ class DeliveryReadingTests(unittest.SynchronousTestCase):
             self.assertEqual(self.read(data, step), whole, f"read {step} bytes at a time")
 
 
+class _CountingTransport(StringTransport):
+    def __init__(self):
+        super().__init__()
+        self.calls = []  # ("write" or "writeSequence", bytes written)
+
+    def write(self, data):
+        self.calls.append(("write", data))
+        super().write(data)
+
+    def writeSequence(self, seq):
+        self.calls.append(("writeSequence", b"".join(seq)))
+        super().writeSequence(seq)
+
+    def loseConnection(self):
+        self.calls.append(("loseConnection", b""))
+        super().loseConnection()
+
+
+class BatchedWriteTests(unittest.SynchronousTestCase):
+    """What handling the broker's bytes makes us send goes out in one write, in order, before
+    the connection is closed; other writes go at once."""
+
+    def setUp(self):
+        self.session = _RecordingSession()
+        self.protocol = _Protocol(self.session, load_spec(), "/", "PLAIN", b"", 0, task.Clock())
+        self.transport = _CountingTransport()
+        self.protocol.makeConnection(self.transport)
+        self.protocol.channel(1)
+        self.transport.calls.clear()
+        self.basic = load_spec().classes["basic"]
+
+    def deliveries(self, n):
+        deliver = self.basic.methods["deliver"]
+        data = b""
+        for tag in range(1, n + 1):
+            data += _wire._method_frame(1, deliver, ("ion.c", tag, False, "x", "k"))
+            data += _wire._content_frames(1, self.basic, {}, b"body", 4088)
+        return data
+
+    def ack_frame(self, tag):
+        return _wire._method_frame(1, self.basic.methods["ack"], (tag, False))
+
+    def test_acks_of_one_read_in_one_write(self):
+        """The acks that three deliveries of one read make go out in one write, in order."""
+        self.session.deliver = lambda channel, message: self.protocol.send_ack(
+            1, message.delivery_tag, False
+        )
+        self.protocol.dataReceived(self.deliveries(3))
+        acks = b"".join(self.ack_frame(tag) for tag in (1, 2, 3))
+        self.assertEqual(self.transport.calls, [("writeSequence", acks)])
+        self.protocol.send_ack(1, 4, False)
+        self.assertEqual(self.transport.calls[-1], ("write", self.ack_frame(4)))
+
+    def test_written_before_closing(self):
+        """A handler that sends, then closes the connection: what it sent is written first."""
+        def deliver(channel, message):
+            self.protocol.send_ack(1, message.delivery_tag, False)
+            self.protocol.lose_connection()
+
+        self.session.deliver = deliver
+        self.protocol.dataReceived(self.deliveries(1))
+        self.assertEqual(
+            self.transport.calls,
+            [("writeSequence", self.ack_frame(1)), ("loseConnection", b"")],
+        )
+
+
 class BrokerTestCase(unittest.TestCase):
     """Runs on the private RabbitMQ node; skipped (or failed under CI) without RabbitMQ."""
 
