@@ -12,7 +12,7 @@ bounded by the traffic of one TTL.
 """
 
 import collections
-import secrets
+import os
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -221,7 +221,7 @@ class Conversations:
     def initiate(self, protocol, receiver, op, content, timeout=None, user_id=None):
         """Open a conversation as initiator and send its first message. Returns the
         Conversation; C{conv.when_done()} gives the outcome (for inform: once sent)."""
-        conv = Conversation(self, secrets.token_hex(16), protocol, P.INITIATOR, receiver, op)
+        conv = Conversation(self, os.urandom(16).hex(), protocol, P.INITIATOR, receiver, op)
         first = P.INFORM if protocol == "inform" else P.REQUEST
         headers = self._headers(conv, first)
         if user_id is not None:

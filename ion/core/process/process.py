@@ -843,7 +843,7 @@ class Process:
         except Exception as e:
             self.log.failure("{proc!r}: {op!r} raised; the caller gets a 500", proc=self, op=op)
             return self._answer(conv, None, e)
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             return defer.Deferred.fromCoroutine(self._serve_later(msg, conv, None, result))
         return self._answer(conv, result, None)
 
