@@ -24,6 +24,7 @@ from ion.core.messaging.amqp import (
     load_spec,
 )
 from ion.core.messaging.amqp import _wire
+from ion.core.messaging.amqp._consume import _Acks
 from ion.core.messaging.amqp._protocol import _Protocol
 from ion.core.messaging.transport import (
     ConnectionLost,
@@ -500,6 +501,31 @@ class BatchedWriteTests(unittest.SynchronousTestCase):
         self.assertEqual(self.transport.calls, [("writeSequence", acks)])
         self.protocol.send_ack(1, 4, False)
         self.assertEqual(self.transport.calls[-1], ("write", self.ack_frame(4)))
+
+    def test_acks_sent_with_the_read(self):
+        """Deliveries acked while their read is handled are acked at its end, in one
+        basic.ack with multiple, with no timer; an ack outside a read waits for the turn."""
+        clock = task.Clock()
+        self.session.transport = types.SimpleNamespace(reactor=clock)
+        self.session.client = self.protocol
+        self.session.is_lost = False
+        acks = _Acks(self.session, self.protocol.channels[1])
+
+        def deliver(channel, message):
+            acks.received(message.delivery_tag)
+            acks.ack(message.delivery_tag)
+
+        self.session.deliver = deliver
+        self.protocol.dataReceived(self.deliveries(3))
+        multiple = _wire._method_frame(1, self.basic.methods["ack"], (3, True))
+        self.assertEqual(self.transport.calls, [("writeSequence", multiple)])
+        self.assertEqual(clock.getDelayedCalls(), [])
+        acks.received(4)
+        acks.ack(4)
+        self.assertEqual(len(self.transport.calls), 1)
+        clock.advance(0)
+        last = _wire._method_frame(1, self.basic.methods["ack"], (4, True))
+        self.assertEqual(self.transport.calls[-1], ("write", last))
 
     def test_written_before_closing(self):
         """A handler that sends, then closes the connection: what it sent is written first."""

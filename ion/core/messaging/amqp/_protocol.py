@@ -205,6 +205,7 @@ class _Protocol(Protocol):
         }
         self._unread = b""
         self._batch = None  # frames to write at the end of dataReceived, or None
+        self._after_read = []  # calls to make then, before they are written
         self._incoming = {}  # channel number -> _IncomingContent
         self._last_read = clock.seconds()
         self._closed_by_broker = None  # the error of the broker's connection.close
@@ -259,6 +260,14 @@ class _Protocol(Protocol):
         if batch:
             self.transport.writeSequence(batch)
 
+    def after_read(self, call):
+        """Call C{call()} once the broker's bytes being handled now are, just before what
+        they make us send is written, and return True; return False outside such a read."""
+        if self._batch is None:
+            return False
+        self._after_read.append(call)
+        return True
+
     # Reading.
 
     def dataReceived(self, data):
@@ -286,8 +295,12 @@ class _Protocol(Protocol):
             log.failure("AMQP: cannot read what the broker sent; dropping the connection")
             self._unread = b""
             self._batch = None
+            self._after_read = []
             self.transport.abortConnection()
             return
+        after, self._after_read = self._after_read, []
+        for call in after:
+            call()
         self._write_batch()
         self._unread = data[pos:]
 
@@ -612,6 +625,7 @@ class _Protocol(Protocol):
 
     def connectionLost(self, reason):
         self._batch = None
+        self._after_read = []
         if self._beat is not None and self._beat.running:
             self._beat.stop()
         if self._check is not None and self._check.active():
