@@ -3,6 +3,7 @@
     venv/bin/python bench/messaging.py --transport memory
     venv/bin/python bench/messaging.py --transport amqp
     venv/bin/python bench/messaging.py --transport amqp --broker amqp://guest:guest@127.0.0.1:5672/
+    venv/bin/python bench/messaging.py --transport amqp --profile messaging.prof  # cProfile ION
 
 On amqp the script starts a private RabbitMQ node of its own (tests/broker.py) unless --broker
 names one, and interleaves the ION measurements with a raw pika baseline doing the same work on
@@ -28,6 +29,7 @@ sending and receiving ends (both live in this process), not for the broker's wor
 """
 
 import argparse
+import cProfile
 import os
 import resource
 import sys
@@ -317,6 +319,7 @@ def pika_measure(url, test, size, seconds, in_flight=1):
 
 
 async def run(reactor, args, url):
+    profile = cProfile.Profile() if args.profile else None
     container = Container(test_config(), reactor, make_transport(url, reactor), sysname="bench")
     await container.start()
     try:
@@ -327,12 +330,19 @@ async def run(reactor, args, url):
             ("rpc_sequential", RPC_SIZE, ion_rpc, (sink, source, 1)),
             ("rpc_inflight100", RPC_SIZE, ion_rpc, (sink, source, 100)),
         ]
+        tests = [test for test in tests if test[0] in args.tests]
         for test, size, measure, measure_args in tests:
             unit = "msgs/s" if test == "oneway" else "calls/s"
 
             async def ion():
                 before = cpu_seconds()
-                count, seconds = await measure(*measure_args, args.seconds)
+                if profile is not None:
+                    profile.enable()
+                try:
+                    count, seconds = await measure(*measure_args, args.seconds)
+                finally:
+                    if profile is not None:
+                        profile.disable()
                 return count / seconds, (cpu_seconds() - before) / count
 
             if args.transport == "memory":
@@ -367,6 +377,8 @@ async def run(reactor, args, url):
             )
     finally:
         await container.stop()
+        if profile is not None:
+            profile.dump_stats(args.profile)
 
 
 def main():
@@ -380,6 +392,13 @@ def main():
         "--repeat", type=int, default=2, help="measurements of each kind; the best one is shown"
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 4096])
+    parser.add_argument(
+        "--profile", metavar="FILE", help="write a cProfile of the ION measurements to FILE"
+    )
+    parser.add_argument(
+        "--tests", nargs="+", default=["oneway", "rpc_sequential", "rpc_inflight100"],
+        help="the measurements to run",
+    )
     args = parser.parse_args()
 
     broker = None

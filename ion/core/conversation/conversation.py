@@ -12,7 +12,7 @@ bounded by the traffic of one TTL.
 """
 
 import collections
-import uuid
+import os
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -55,9 +55,11 @@ class Conversation:
         self.timer = None
         self.started = owner.clock.seconds()  # for the rpc latency metric
         self.user_id = None  # the identity this conversation acts for
-        # initiator side: what the peer said, as (ok, value), once known
-        self._agreement = defer.Deferred()  # agreed, refused, or ended before agreeing
-        self._outcome = defer.Deferred()  # the conversation's result
+        # Initiator side: what the peer said, as (ok, value), once known, and the Deferreds
+        # of those waiting for it. A participant never waits, so it makes none.
+        self._agreement = None  # agreed, refused, or ended before agreeing
+        self._outcome = None  # the conversation's result
+        self._waiters = None  # [(wants the outcome, Deferred)]
 
     def __repr__(self):
         return f"<Conversation {self.protocol} {self.role} {self.conv_id} {self.state}>"
@@ -72,31 +74,34 @@ class Conversation:
             self.owner._finished(self)
 
     def _record(self, direction, headers):
-        self.log.append((direction, {k: v for k, v in headers.items() if k != "ts"}))
+        kept = dict(headers)
+        kept.pop("ts", None)
+        self.log.append((direction, kept))
 
     # -- initiator side --------------------------------------------------------------------
 
     def when_agreed(self):
         """A Deferred: True once the participant agreed; fails if it refused or the
         conversation ended first."""
-        return self._wait(self._agreement)
+        return self._wait(False, self._agreement)
 
     def when_done(self):
         """A Deferred of the outcome: the result content, or a typed error. Cancelling it
         cancels the conversation (a late answer is then dropped)."""
-        return self._wait(self._outcome)
+        return self._wait(True, self._outcome)
 
-    def _wait(self, answer):
-        waiter = defer.Deferred(lambda _: self.cancel())
-
-        def answered(result):
-            ok, value = result
-            if not waiter.called:  # else cancelled
-                waiter.callback(value) if ok else waiter.errback(value)
-            return result
-
-        answer.addCallback(answered)
+    def _wait(self, outcome, known):
+        waiter = defer.Deferred(self._cancel_waiter)
+        if known is not None:
+            _answer(waiter, known)
+        elif self._waiters is None:
+            self._waiters = [(outcome, waiter)]
+        else:
+            self._waiters.append((outcome, waiter))
         return waiter
+
+    def _cancel_waiter(self, waiter):
+        self.cancel()
 
     def cancel(self):
         """Give up on this conversation (initiator): final state C{cancelled}."""
@@ -105,15 +110,27 @@ class Conversation:
             self._settle(False, defer.CancelledError(f"conversation {self.conv_id} cancelled"))
 
     def _agree(self, ok, value):
-        if not self._agreement.called:
-            self._agreement.callback((ok, value))
+        if self._agreement is None:
+            self._agreement = (ok, value)
+            self._answer_waiters(False, self._agreement)
 
     def _settle(self, ok, value):
         """Record the outcome and fire the waiters (an error also answers agreement)."""
         if not ok:
             self._agree(False, value)
-        if not self._outcome.called:
-            self._outcome.callback((ok, value))
+        if self._outcome is None:
+            self._outcome = (ok, value)
+            self._answer_waiters(True, self._outcome)
+
+    def _answer_waiters(self, outcome, answer):
+        waiters = self._waiters
+        if not waiters:
+            return
+        # Those answered now leave the list first: a waiter's callbacks may wait again.
+        self._waiters = [w for w in waiters if w[0] is not outcome] or None
+        for wants, waiter in waiters:
+            if wants is outcome:
+                _answer(waiter, answer)
 
     # -- participant side ------------------------------------------------------------------
 
@@ -124,6 +141,12 @@ class Conversation:
     async def refuse(self, reason, code=403):
         """Refuse a request; final. The initiator gets L{Refused} with the reason."""
         await self.owner._say(self, P.REFUSE, {"code": code, "type": "Refused", "message": reason})
+
+
+def _answer(waiter, answer):
+    ok, value = answer
+    if not waiter.called:  # else cancelled
+        waiter.callback(value) if ok else waiter.errback(value)
 
 
 class Conversations:
@@ -181,25 +204,24 @@ class Conversations:
             headers["reply-to"] = self.sender
         return headers
 
-    async def _say(self, conv, performative, content):
-        """Send performative in conv (participant side), moving its state first."""
+    def _say(self, conv, performative, content):
+        """Send performative in conv (participant side), moving its state first. Returns a
+        Deferred that fires once it was sent, or dropped because its initiator is gone."""
         if conv.final:
             log.info("{conv!r}: {p} not sent: the conversation ended", conv=conv, p=performative)
-            return
+            return defer.succeed(None)
         conv.transition(performative)
         headers = self._headers(conv, performative)
         headers["status"] = "ERROR" if performative in (P.FAILURE, P.REFUSE) else "OK"
         conv._record("out", headers)
-        try:
-            await self.messenger.send(conv.peer, headers, content)
-        except Unroutable:
-            log.info("{conv!r}: the initiator {to} is gone; {p} dropped", conv=conv,
-                     to=conv.peer, p=performative)
+        return self.messenger.send(conv.peer, headers, content).addErrback(
+            _initiator_gone, conv, performative
+        )
 
     def initiate(self, protocol, receiver, op, content, timeout=None, user_id=None):
         """Open a conversation as initiator and send its first message. Returns the
         Conversation; C{conv.when_done()} gives the outcome (for inform: once sent)."""
-        conv = Conversation(self, uuid.uuid4().hex, protocol, P.INITIATOR, receiver, op)
+        conv = Conversation(self, os.urandom(16).hex(), protocol, P.INITIATOR, receiver, op)
         first = P.INFORM if protocol == "inform" else P.REQUEST
         headers = self._headers(conv, first)
         if user_id is not None:
@@ -222,8 +244,7 @@ class Conversations:
                 conv.transition(P.FAILURE)
             conv._settle(False, error)
 
-        d = defer.Deferred.fromCoroutine(self.messenger.send(receiver, headers, content))
-        d.addCallbacks(sent, not_sent)
+        self.messenger.send(receiver, headers, content).addCallbacks(sent, not_sent)
         return conv
 
     def _expire(self, conv, timeout):
@@ -335,16 +356,23 @@ class Conversations:
 
     # -- participant outcome ---------------------------------------------------------------
 
-    async def finish(self, conv, result=None, error=None):
+    def finish(self, conv, result=None, error=None):
         """Send the outcome of a served request (inform_result or failure). For a request
-        not yet agreed, agree first (FIPA: agree precedes the result)."""
+        not yet agreed, agree first (FIPA: agree precedes the result). Returns a Deferred
+        that fires once it was sent."""
         if conv.protocol == "inform" or conv.final:
             if conv.final and conv.state != P.REFUSED and conv.protocol != "inform":
                 log.info("{conv!r}: outcome not sent: the conversation already ended", conv=conv)
-            return
-        if error is None:
-            if conv.protocol == "request" and conv.state == "received":
-                await self._say(conv, P.AGREE, None)
-            await self._say(conv, P.INFORM_RESULT, result)
-        else:
-            await self._say(conv, P.FAILURE, error_to_wire(error))
+            return defer.succeed(None)
+        if error is not None:
+            return self._say(conv, P.FAILURE, error_to_wire(error))
+        if conv.protocol == "request" and conv.state == "received":
+            agreed = self._say(conv, P.AGREE, None)
+            return agreed.addCallback(lambda _: self._say(conv, P.INFORM_RESULT, result))
+        return self._say(conv, P.INFORM_RESULT, result)
+
+
+def _initiator_gone(failure, conv, performative):
+    failure.trap(Unroutable)
+    log.info("{conv!r}: the initiator {to} is gone; {p} dropped", conv=conv, to=conv.peer,
+             p=performative)

@@ -12,6 +12,8 @@ C{max_objects} bytes are counted (hooks on every array and map, which cost time)
 ones decode at full speed.
 """
 
+import threading
+
 import attrs
 import msgpack
 
@@ -79,11 +81,25 @@ def _refuse(obj):
     )
 
 
+# A Packer per thread, made once: msgpack.packb makes a new one for every message.
+_packers = threading.local()
+
+
+def _packer():
+    packer = _packers.__dict__.get("packer")
+    if packer is None:
+        packer = _packers.packer = msgpack.Packer(
+            use_bin_type=True, datetime=False, default=_refuse
+        )
+    return packer
+
+
 def encode(obj):
     """Pack obj into msgpack bytes (str as str, bytes as bin). Raises EncodeError for values
     msgpack cannot carry: unsupported types, integers beyond 64 bits, too deep nesting."""
     try:
-        return msgpack.packb(obj, use_bin_type=True, datetime=False, default=_refuse)
+        # A Packer starts afresh after a failed pack, and _refuse never packs: no reentry.
+        return _packer().pack(obj)
     except EncodeError:
         raise
     except OverflowError as e:

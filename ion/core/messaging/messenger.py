@@ -95,17 +95,23 @@ class Messenger:
         await self.transport.declare_queue(queue, exclusive=True, auto_delete=True)
         await self.transport.bind(queue, self.trace_exchange, "")
 
-    async def send(self, receiver, headers, content):
-        """Publish an envelope to receiver; fails with Unroutable if nobody listens there."""
+    def send(self, receiver, headers, content):
+        """Publish an envelope to receiver. Returns a Deferred, failed with Unroutable if
+        nobody listens there, or with the error that kept the envelope from being sent."""
         headers["receiver"] = receiver
-        headers.setdefault("ts", int(self.clock.seconds() * 1000))
-        headers.setdefault("encoding", "msgpack")
-        body = codec.encode_envelope(codec.Envelope(headers=headers, content=content))
+        if "ts" not in headers:
+            headers["ts"] = int(self.clock.seconds() * 1000)
+        if "encoding" not in headers:
+            headers["encoding"] = "msgpack"
+        try:
+            body = codec.encode_envelope(codec.Envelope(headers=headers, content=content))
+        except Exception:
+            return defer.fail()
         self.metrics.published.inc((headers.get("sender-name", ""),))
         if self.tracing():
             # Before the message itself: then an observer never sees a reply before its request.
             defer.Deferred.fromCoroutine(self._trace(receiver, headers, content, len(body)))
-        await self.transport.publish(self.exchange, receiver, body, Properties(), mandatory=True)
+        return self.transport.publish(self.exchange, receiver, body, None, mandatory=True)
 
     async def _trace(self, receiver, headers, content, size):
         """Publish the trace copy of a sent envelope. Not awaited by L{send} and never fails:

@@ -472,9 +472,10 @@ class Process:
         with Refused), C{await conv.when_done()} for the result."""
         return self._open("request", dest, op, content, timeout)
 
-    async def send(self, dest, op, content=None):
-        """One-way message (inform) to dest; raises NoSuchReceiver if nobody listens there."""
-        await self._open("inform", dest, op, content, None).when_done()
+    def send(self, dest, op, content=None):
+        """One-way message (inform) to dest. Returns a Deferred firing with None once the
+        broker took it, failing with NoSuchReceiver if nobody listens there."""
+        return self._open("inform", dest, op, content, None).when_done()
 
     def open_broker(self, url):
         """A connection of this process's own to the broker at C{url} (C{amqp[s]://} or
@@ -808,8 +809,31 @@ class Process:
         if conv is None:
             msg.ack()
             return
-        d = defer.Deferred.fromCoroutine(self._serve(msg, conv))
-        d.addErrback(lambda f: self.log.failure("{proc!r}: serving a message failed", f, proc=self))
+        conv.user_id = self._identity(msg)
+        msg.headers["user-id"] = conv.user_id
+        # Registered before the op runs: the op may hand control to others (who may terminate
+        # this process) before it returns.
+        done = defer.Deferred()
+        self._inflight.add(done)
+        # The op runs in a copy of the context, so that the conversation it serves (and what
+        # else it sets) never leaks to other tasks.
+        try:
+            pending = contextvars.copy_context().run(self._serve, msg, conv)
+        except Exception:
+            self.log.failure("{proc!r}: serving a message failed", proc=self)
+            pending = None
+        if pending is None:
+            self._served(None, msg, done)
+        else:
+            pending.addErrback(
+                lambda f: self.log.failure("{proc!r}: serving a message failed", f, proc=self)
+            )
+            pending.addBoth(self._served, msg, done)
+
+    def _served(self, _, msg, done):
+        self._inflight.discard(done)
+        done.callback(None)
+        msg.ack()
 
     def _identity(self, msg):
         """Who this request acts for: the broker-validated sender, or, from a peer of our own
@@ -819,36 +843,57 @@ class Process:
             return claimed
         return msg.user_id
 
-    async def _serve(self, msg, conv):
-        headers, op = msg.headers, msg.headers.get("op")
-        conv.user_id = self._identity(msg)
-        headers["user-id"] = conv.user_id
-        # This coroutine runs in its own copy of the context (Deferred.fromCoroutine), so the
-        # value never leaks to other tasks and needs no reset.
+    def _serve(self, msg, conv):
+        """Run the op that conv asks for and answer it. Returns None when that is done, else
+        a Deferred: most ops are plain functions, run and answered without a coroutine."""
         _serving.set(conv)
-        # Registered before the op runs: the op may hand control to others (who may terminate
-        # this process) before it returns.
-        done = defer.Deferred()
-        self._inflight.add(done)
+        op = msg.headers.get("op")
         try:
-            try:
-                method = self._op(op)
-                if conv.protocol == "request" and not getattr(method, "explicit_agree", False):
-                    await conv.agree()
-                result, error = await _maybe_await(method(msg.content, headers)), None
-            except ApplicationError as e:
-                result, error = None, e
-            except Exception as e:
-                self.log.failure("{proc!r}: {op!r} raised; the caller gets a 500", proc=self, op=op)
-                result, error = None, e
-            try:
-                await self.conversations.finish(conv, result, error)
-            except Exception:
-                self.log.failure("{proc!r}: could not answer {to}", proc=self, to=conv.peer)
-        finally:
-            self._inflight.discard(done)
-            done.callback(None)
-            msg.ack()
+            method = self._op(op)
+            if conv.protocol == "request" and not getattr(method, "explicit_agree", False):
+                return defer.Deferred.fromCoroutine(self._serve_later(msg, conv, method, None))
+            result = method(msg.content, msg.headers)
+        except ApplicationError as e:
+            return self._answer(conv, None, e)
+        except Exception as e:
+            self.log.failure("{proc!r}: {op!r} raised; the caller gets a 500", proc=self, op=op)
+            return self._answer(conv, None, e)
+        if result is not None and inspect.isawaitable(result):
+            return defer.Deferred.fromCoroutine(self._serve_later(msg, conv, None, result))
+        return self._answer(conv, result, None)
+
+    async def _serve_later(self, msg, conv, method, work):
+        """The rest of L{_serve} for a request (agreed before its op runs, unless the op
+        agrees itself) or an op that is a coroutine (C{work})."""
+        op = msg.headers.get("op")
+        try:
+            if method is not None:
+                await conv.agree()
+                work = method(msg.content, msg.headers)
+            result, error = (await work if inspect.isawaitable(work) else work), None
+        except ApplicationError as e:
+            result, error = None, e
+        except Exception as e:
+            self.log.failure("{proc!r}: {op!r} raised; the caller gets a 500", proc=self, op=op)
+            result, error = None, e
+        answered = self._answer(conv, result, error)
+        if answered is not None:
+            await answered
+
+    def _answer(self, conv, result, error):
+        """Send the outcome of an op (an inform has none). Returns the Deferred of the send,
+        which logs a failure to answer, or None."""
+        if conv.protocol == "inform":
+            return None
+        try:
+            answered = self.conversations.finish(conv, result, error)
+        except Exception:
+            self.log.failure("{proc!r}: could not answer {to}", proc=self, to=conv.peer)
+            return None
+        return answered.addErrback(
+            lambda f: self.log.failure("{proc!r}: could not answer {to}", f, proc=self,
+                                       to=conv.peer)
+        )
 
     def _op(self, op):
         if self.state != ACTIVE or self._draining:

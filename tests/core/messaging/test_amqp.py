@@ -6,8 +6,10 @@ import decimal
 import os
 import socket
 import struct
+import types
 
 from twisted.internet import defer, reactor, task, threads
+from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
@@ -22,6 +24,8 @@ from ion.core.messaging.amqp import (
     load_spec,
 )
 from ion.core.messaging.amqp import _wire
+from ion.core.messaging.amqp._consume import _Acks
+from ion.core.messaging.amqp._protocol import _Protocol
 from ion.core.messaging.transport import (
     ConnectionLost,
     NotFound,
@@ -363,6 +367,178 @@ class FrameFastPathTests(unittest.SynchronousTestCase):
             self.assertEqual(end, _wire._decode_properties(self.basic, encoded[:cut], 0)[1])
         with self.assertRaises(struct.error):
             _wire._decode_properties_kept(self.basic, encoded, 0, 1)
+
+
+class _RecordingSession:
+    """What a protocol hands its session of the deliveries it reads."""
+
+    def __init__(self):
+        self.seen = []
+        self.publisher = types.SimpleNamespace(returned=None, confirmed=None)
+
+    def deliver(self, channel, message):
+        self.seen.append(
+            (
+                "delivered",
+                channel.id,
+                message.consumer_tag,
+                message.delivery_tag,
+                message.redelivered,
+                message.exchange,
+                message.routing_key,
+                bytes(message.body),
+                message.properties,
+            )
+        )
+
+    def reject(self, channel, arguments, error):
+        self.seen.append(("rejected", channel.id, arguments["delivery_tag"], error))
+
+
+class DeliveryReadingTests(unittest.SynchronousTestCase):
+    """A delivery is read the same whether its frames arrive together (taken whole, in one
+    step) or cut anywhere across reads (taken frame by frame)."""
+
+    def stream(self):
+        basic = load_spec().classes["basic"]
+        deliver = basic.methods["deliver"]
+        bad_headers = _wire._EncodedTable(b"\x00\x00\x00\x03\x01aZ")  # an unknown type
+        messages = [
+            (1, {"user-id": "guest", "delivery-mode": 1}, b"x" * 200),
+            (2, {"user-id": "guest", "headers": {"sum": "abc", "n": [1, 2]}}, b"{}"),
+            (1, {"content-type": "application/json"}, b""),
+            (2, {"user-id": "guest"}, bytes(range(256)) * 40),  # several body frames
+            (1, {"user-id": "guest", "headers": bad_headers}, b"refused"),
+            (1, {"user-id": "guest", "delivery-mode": 2}, b"after"),
+        ]
+        data = b""
+        for tag, (channel, properties, body) in enumerate(messages, 1):
+            args = (f"ion.c{channel}", tag, tag % 2 == 0, "xpublic", f"v03.k{tag}")
+            data += _wire._method_frame(channel, deliver, args)
+            data += _wire._content_frames(channel, basic, properties, body, 4096 - 8)
+        return data
+
+    def read(self, data, step):
+        session = _RecordingSession()
+        protocol = _Protocol(session, load_spec(), "/", "PLAIN", b"", 0, task.Clock())
+        protocol.makeConnection(StringTransport())
+        protocol.channel(1)
+        protocol.channel(2)
+        for start in range(0, len(data), step):
+            protocol.dataReceived(data[start : start + step])
+        self.assertEqual(protocol._unread, b"")
+        self.assertFalse(protocol.transport.disconnecting)
+        return session.seen
+
+    def test_whole_and_cut_alike(self):
+        """Deliveries with small, empty and multi-frame bodies, headers, and properties that
+        cannot be decoded (refused), read whole or cut at every 1, 7, ... bytes."""
+        data = self.stream()
+        whole = self.read(data, len(data))
+        kinds = ["delivered"] * 4 + ["rejected", "delivered"]
+        self.assertEqual([seen[0] for seen in whole], kinds)
+        properties = {"user-id": "guest", "delivery-mode": 1}
+        self.assertEqual(
+            whole[0][1:], (1, "ion.c1", 1, False, "xpublic", "v03.k1", b"x" * 200, properties)
+        )
+        self.assertEqual(whole[1][-1]["headers"], {"sum": "abc", "n": [1, 2]})
+        self.assertEqual(whole[2][-2], b"")
+        self.assertEqual(whole[3][-2], bytes(range(256)) * 40)
+        self.assertEqual(whole[4][:3], ("rejected", 1, 5))
+        for step in (1, 7, 19, 213, 4096):
+            self.assertEqual(self.read(data, step), whole, f"read {step} bytes at a time")
+
+
+class _CountingTransport(StringTransport):
+    def __init__(self):
+        super().__init__()
+        self.calls = []  # ("write" or "writeSequence", bytes written)
+
+    def write(self, data):
+        self.calls.append(("write", data))
+        super().write(data)
+
+    def writeSequence(self, seq):
+        self.calls.append(("writeSequence", b"".join(seq)))
+        super().writeSequence(seq)
+
+    def loseConnection(self):
+        self.calls.append(("loseConnection", b""))
+        super().loseConnection()
+
+
+class BatchedWriteTests(unittest.SynchronousTestCase):
+    """What handling the broker's bytes makes us send goes out in one write, in order, before
+    the connection is closed; other writes go at once."""
+
+    def setUp(self):
+        self.session = _RecordingSession()
+        self.protocol = _Protocol(self.session, load_spec(), "/", "PLAIN", b"", 0, task.Clock())
+        self.transport = _CountingTransport()
+        self.protocol.makeConnection(self.transport)
+        self.protocol.channel(1)
+        self.transport.calls.clear()
+        self.basic = load_spec().classes["basic"]
+
+    def deliveries(self, n):
+        deliver = self.basic.methods["deliver"]
+        data = b""
+        for tag in range(1, n + 1):
+            data += _wire._method_frame(1, deliver, ("ion.c", tag, False, "x", "k"))
+            data += _wire._content_frames(1, self.basic, {}, b"body", 4088)
+        return data
+
+    def ack_frame(self, tag):
+        return _wire._method_frame(1, self.basic.methods["ack"], (tag, False))
+
+    def test_acks_of_one_read_in_one_write(self):
+        """The acks that three deliveries of one read make go out in one write, in order."""
+        self.session.deliver = lambda channel, message: self.protocol.send_ack(
+            1, message.delivery_tag, False
+        )
+        self.protocol.dataReceived(self.deliveries(3))
+        acks = b"".join(self.ack_frame(tag) for tag in (1, 2, 3))
+        self.assertEqual(self.transport.calls, [("writeSequence", acks)])
+        self.protocol.send_ack(1, 4, False)
+        self.assertEqual(self.transport.calls[-1], ("write", self.ack_frame(4)))
+
+    def test_acks_sent_with_the_read(self):
+        """Deliveries acked while their read is handled are acked at its end, in one
+        basic.ack with multiple, with no timer; an ack outside a read waits for the turn."""
+        clock = task.Clock()
+        self.session.transport = types.SimpleNamespace(reactor=clock)
+        self.session.client = self.protocol
+        self.session.is_lost = False
+        acks = _Acks(self.session, self.protocol.channels[1])
+
+        def deliver(channel, message):
+            acks.received(message.delivery_tag)
+            acks.ack(message.delivery_tag)
+
+        self.session.deliver = deliver
+        self.protocol.dataReceived(self.deliveries(3))
+        multiple = _wire._method_frame(1, self.basic.methods["ack"], (3, True))
+        self.assertEqual(self.transport.calls, [("writeSequence", multiple)])
+        self.assertEqual(clock.getDelayedCalls(), [])
+        acks.received(4)
+        acks.ack(4)
+        self.assertEqual(len(self.transport.calls), 1)
+        clock.advance(0)
+        last = _wire._method_frame(1, self.basic.methods["ack"], (4, True))
+        self.assertEqual(self.transport.calls[-1], ("write", last))
+
+    def test_written_before_closing(self):
+        """A handler that sends, then closes the connection: what it sent is written first."""
+        def deliver(channel, message):
+            self.protocol.send_ack(1, message.delivery_tag, False)
+            self.protocol.lose_connection()
+
+        self.session.deliver = deliver
+        self.protocol.dataReceived(self.deliveries(1))
+        self.assertEqual(
+            self.transport.calls,
+            [("writeSequence", self.ack_frame(1)), ("loseConnection", b"")],
+        )
 
 
 class BrokerTestCase(unittest.TestCase):

@@ -18,13 +18,17 @@ from ion.core.messaging.transport import (
 log = Logger()
 
 
+_AFTER_READ = object()  # _Acks._flush: flushed at the end of the read under way
+
+
 class _Acks:
     """Sends the acks and nacks of one consumer channel.
 
-    Acks wait for the end of the reactor turn. Then the run of settled messages at the head of
-    the channel's unsettled ones goes as one basic.ack with C{multiple}, and acks behind a
-    message still being worked on go one by one, so that a slow message never holds back the
-    prefetch window. A nack goes at once, after the acks before it. Every delivery on the
+    Acks made while the broker's bytes are handled wait for the end of that read (they go out
+    with what else it makes us send); others wait for the end of the reactor turn. Then the
+    run of settled messages at the head of the channel's unsettled ones goes as one basic.ack
+    with C{multiple}, and acks behind a message still being worked on go one by one, so that a
+    slow message never holds back the prefetch window. A nack goes at once, after the acks before it. Every delivery on the
     channel is counted, also those no consumer takes, so that C{multiple} never covers a message
     nobody settled."""
 
@@ -42,7 +46,10 @@ class _Acks:
     def ack(self, tag):
         self._acked.add(tag)
         if self._flush is None:
-            self._flush = self.session.transport.reactor.callLater(0, self.flush)
+            if self.session.client.after_read(self.flush):
+                self._flush = _AFTER_READ
+            else:
+                self._flush = self.session.transport.reactor.callLater(0, self.flush)
 
     def nack(self, tag, requeue):
         self.flush()
@@ -84,7 +91,7 @@ class _Acks:
 
     def _cancel(self):
         flush, self._flush = self._flush, None
-        if flush is not None and flush.active():
+        if flush is not None and flush is not _AFTER_READ and flush.active():
             flush.cancel()
 
     def _writable(self):
@@ -123,7 +130,7 @@ class _Delivery:
         return not self._acks.channel.closed
 
     def ack(self):
-        # Sent at the end of the reactor turn (before the consumer's channel closes).
+        # Sent at the end of the read or reactor turn (before the consumer's channel closes).
         if self._settle("ack"):
             self._acks.ack(self._tag)
 

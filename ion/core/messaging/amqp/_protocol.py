@@ -6,9 +6,7 @@ import collections
 import functools
 import platform
 import struct
-import types
 
-import attrs
 from twisted.internet import defer, task
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
@@ -86,19 +84,42 @@ def _closed_error(klass, code, text):
     return ConnectionLost(f"the broker closed the connection: {code} {text}")
 
 
-@attrs.define(eq=False)
 class _IncomingContent:
     """A content-carrying method (basic.deliver, basic.return) waiting for its header and body
     frames. C{error} says why its properties could not be decoded: the body frames of such a
     delivery are counted and dropped."""
 
-    method: object
-    args: list
-    properties: dict | None = None
-    size: int = 0
-    chunks: list = attrs.Factory(list)
-    received: int = 0
-    error: str | None = None
+    __slots__ = ("method", "args", "properties", "size", "chunks", "received", "error")
+
+    def __init__(self, method, args):
+        self.method = method
+        self.args = args
+        self.properties = None
+        self.size = 0
+        self.chunks = []
+        self.received = 0
+        self.error = None
+
+
+class _Message:
+    """What the broker sent with a method: its arguments (as attributes named as in the
+    spec's C{names}) and, for content, C{body} and C{properties}."""
+
+    def __init__(self, names, args):
+        self.__dict__.update(zip(names, args))
+
+
+class _Deliver:
+    """The arguments and content of one basic.deliver, built without the general loop."""
+
+    __slots__ = ("consumer_tag", "delivery_tag", "redelivered", "exchange", "routing_key")
+    __slots__ += ("body", "properties")
+
+    def __init__(self, args, body, properties):
+        self.consumer_tag, self.delivery_tag, self.redelivered, self.exchange = args[:4]
+        self.routing_key = args[4]
+        self.body = body
+        self.properties = properties
 
 
 class _Channel:
@@ -178,12 +199,13 @@ class _Protocol(Protocol):
                 ("channel_close", self._channel_close),
                 ("basic_deliver", session.deliver),
                 ("basic_return", session.publisher.returned),
-                ("basic_ack", self._acked),
                 ("basic_nack", self._nacked),
                 ("basic_cancel", self._cancelled),
             )
         }
         self._unread = b""
+        self._batch = None  # frames to write at the end of dataReceived, or None
+        self._after_read = []  # calls to make then, before they are written
         self._incoming = {}  # channel number -> _IncomingContent
         self._last_read = clock.seconds()
         self._closed_by_broker = None  # the error of the broker's connection.close
@@ -208,7 +230,7 @@ class _Protocol(Protocol):
         args = list(args)
         for name, value in arguments.items():
             args[positions[name]] = value
-        self.transport.write(_method_frame(channel, method, args))
+        self._write(_method_frame(channel, method, args))
 
     def send_publish(self, channel, exchange, routing_key, mandatory, properties, body):
         """basic.publish with its content, in one write. Raises (before writing anything)
@@ -216,13 +238,35 @@ class _Protocol(Protocol):
         data = _publish_frame(channel, exchange, routing_key, mandatory) + _content_frames(
             channel, self._basic, properties, body, self.frame_max - 8
         )
-        self.transport.write(data)
+        self._write(data)
 
     def send_ack(self, channel, tag, multiple):
-        self.transport.write(_method_frame(channel, self._basic_ack, (tag, multiple)))
+        self._write(_method_frame(channel, self._basic_ack, (tag, multiple)))
 
     def send_nack(self, channel, tag, requeue):
-        self.transport.write(_method_frame(channel, self._basic_nack, (tag, False, requeue)))
+        self._write(_method_frame(channel, self._basic_nack, (tag, False, requeue)))
+
+    def _write(self, data):
+        # While the broker's bytes are handled, what they make us send (publishes, replies,
+        # acks) waits in _batch for one write at the end; other writes go at once.
+        batch = self._batch
+        if batch is None:
+            self.transport.write(data)
+        else:
+            batch.append(data)
+
+    def _write_batch(self):
+        batch, self._batch = self._batch, None
+        if batch:
+            self.transport.writeSequence(batch)
+
+    def after_read(self, call):
+        """Call C{call()} once the broker's bytes being handled now are, just before what
+        they make us send is written, and return True; return False outside such a read."""
+        if self._batch is None:
+            return False
+        self._after_read.append(call)
+        return True
 
     # Reading.
 
@@ -231,6 +275,7 @@ class _Protocol(Protocol):
         if self._unread:
             data = self._unread + data
         pos, size = 0, len(data)
+        self._batch = []
         try:
             while size - pos > _FRAME.size:
                 kind, channel, length = _FRAME.unpack_from(data, pos)
@@ -242,18 +287,26 @@ class _Protocol(Protocol):
                     break
                 if data[end] != _FRAME_END_OCTET:
                     raise _ProtocolError("a frame does not end with the frame-end octet")
-                pos = end + 1
-                self._frame_received(kind, channel, data, start, end)
+                after = self._frame_received(kind, channel, data, start, end, size)
+                pos = end + 1 if after is None else after
                 if self.transport.disconnecting:
                     break
         except Exception:
             log.failure("AMQP: cannot read what the broker sent; dropping the connection")
             self._unread = b""
+            self._batch = None
+            self._after_read = []
             self.transport.abortConnection()
             return
+        after, self._after_read = self._after_read, []
+        for call in after:
+            call()
+        self._write_batch()
         self._unread = data[pos:]
 
-    def _frame_received(self, kind, channel, data, start, end):
+    def _frame_received(self, kind, channel, data, start, end, size):
+        """Handle the frame in data[start:end]. Returns None, or for a delivery taken whole
+        with the frames after it (data ends at C{size}), where the next frame starts."""
         if kind == _METHOD_FRAME:
             (method_id,) = _METHOD_ID.unpack_from(data, start)
             method = self._methods.get(method_id)
@@ -270,7 +323,18 @@ class _Protocol(Protocol):
                 raise _ProtocolError(f"truncated {method.klass.name}.{method.name}")
             if channel in self._incoming:
                 raise _ProtocolError("a method arrived before the content it interrupts")
-            if method.content:
+            if method_id == _ACK_ID:
+                # A publisher confirm (of several publishes when `multiple`), straight to
+                # the publisher.
+                confirmed = self.channels.get(channel)
+                if confirmed is not None:
+                    self._confirm(confirmed, args[0], args[1], None)
+            elif method_id == _DELIVER_ID:
+                after = self._whole_delivery(channel, args, data, end + 1, size)
+                if after is None:
+                    self._incoming[channel] = _IncomingContent(method, args)
+                return after
+            elif method.content:
                 self._incoming[channel] = _IncomingContent(method, args)
             else:
                 self._dispatch(channel, method, args, None)
@@ -310,6 +374,63 @@ class _Protocol(Protocol):
         elif kind != _HEARTBEAT_FRAME:
             raise _ProtocolError(f"unknown frame type {kind}")
 
+    def _whole_delivery(self, channel, args, data, pos, size):
+        """Take the basic.deliver whose arguments were just read together with its content
+        when its header and its only body frame follow in data (up to C{size}), with
+        properties that decode; returns where the next frame starts. Returns None, having
+        taken nothing, for anything else: L{_frame_received} reads that frame by frame."""
+        if size - pos <= _FRAME.size + _CONTENT_HEADER.size:
+            return None
+        kind, number, length = _FRAME.unpack_from(data, pos)
+        start = pos + _FRAME.size
+        end = start + length
+        if (
+            kind != _HEADER_FRAME
+            or number != channel
+            or length > self.frame_max
+            or end >= size
+            or data[end] != _FRAME_END_OCTET
+        ):
+            return None
+        class_id, _, body_size = _CONTENT_HEADER.unpack_from(data, start)
+        if class_id != self._basic.id:
+            return None
+        try:
+            properties, after = _decode_properties_kept(
+                self._basic, data, start + _CONTENT_HEADER.size, end
+            )
+        except (FieldTableError, ValueError, IndexError, struct.error):
+            return None
+        if after > end:
+            return None
+        pos = end + 1
+        if body_size == 0:
+            body = b""
+        else:
+            if size - pos <= _FRAME.size:
+                return None
+            kind, number, length = _FRAME.unpack_from(data, pos)
+            start = pos + _FRAME.size
+            end = start + length
+            if (
+                kind != _BODY_FRAME
+                or number != channel
+                or length != body_size
+                or length > self.frame_max
+                or end >= size
+                or data[end] != _FRAME_END_OCTET
+            ):
+                return None
+            body = data[start:end]
+            pos = end + 1
+        delivered = self.channels.get(channel)
+        if delivered is not None:
+            try:
+                self.session.deliver(delivered, _Deliver(args, body, properties))
+            except Exception:
+                log.failure("AMQP: handling basic.deliver from the broker failed")
+        return pos
+
     def _content_received(self, channel, incoming):
         del self._incoming[channel]
         if incoming.error is not None:
@@ -326,6 +447,17 @@ class _Protocol(Protocol):
             )
         chunks = incoming.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if incoming.method is self._basic_deliver:
+            # The method of every message received, straight to the session.
+            delivered = self.channels.get(channel)
+            if delivered is not None:
+                try:
+                    self.session.deliver(
+                        delivered, _Deliver(incoming.args, body, incoming.properties)
+                    )
+                except Exception:
+                    log.failure("AMQP: handling basic.deliver from the broker failed")
+            return
         self._dispatch(channel, incoming.method, incoming.args, (body, incoming.properties))
 
     def _reject(self, number, incoming):
@@ -340,8 +472,7 @@ class _Protocol(Protocol):
             # Released: the session closed it, and what the broker still sent on it (it
             # requeues deliveries) has no one to go to.
             return
-        message = types.SimpleNamespace()
-        message.__dict__.update(zip(method.names, args))
+        message = _Message(method.names, args)
         if content is not None:
             message.body, message.properties = content
         if method.response:
@@ -425,7 +556,7 @@ class _Protocol(Protocol):
         self._closed_by_broker = _closed_error("connection", message.reply_code, message.reply_text)
         self.send_method(0, self.method("connection_close_ok"), {})
         self._fail(self._closed_by_broker)
-        self.transport.loseConnection()
+        self.lose_connection()
 
     def _blocked(self, channel, message):
         log.warn("AMQP: the broker blocked publishing: {reason}", reason=message.reason)
@@ -440,8 +571,13 @@ class _Protocol(Protocol):
             del self.channels[channel.id]
         self.session.channel_failed(channel, message)
 
-    def _acked(self, channel, message):
-        self.session.publisher.confirmed(channel, message.delivery_tag, message.multiple, None)
+    def _confirm(self, channel, tag, multiple, error):
+        # A publisher's Deferred callbacks that raise stay in their Deferreds; this guards
+        # the connection against the rest.
+        try:
+            self.session.publisher.confirmed(channel, tag, multiple, error)
+        except Exception:
+            log.failure("AMQP: handling a publisher confirm from the broker failed")
 
     def _nacked(self, channel, message):
         error = TransportError("the broker could not take the message (basic.nack)")
@@ -482,7 +618,14 @@ class _Protocol(Protocol):
             set_no_delay(True)
         self.transport.write(_PROTOCOL_HEADER)
 
+    def lose_connection(self):
+        """Close the connection once what was written is sent."""
+        self._write_batch()
+        self.transport.loseConnection()
+
     def connectionLost(self, reason):
+        self._batch = None
+        self._after_read = []
         if self._beat is not None and self._beat.running:
             self._beat.stop()
         if self._check is not None and self._check.active():

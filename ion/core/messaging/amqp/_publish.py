@@ -1,7 +1,6 @@
 """Publishing on one channel in confirm mode, with mandatory returns matched to publishes."""
 
 import collections
-import itertools
 
 import attrs
 from twisted.internet import defer
@@ -19,7 +18,7 @@ class _Publish:
     exchange: str
     routing_key: str
     body: bytes
-    properties: dict
+    properties: dict | bytes  # AMQP content properties, or their encoding
     mandatory: bool
     deferred: defer.Deferred = attrs.Factory(defer.Deferred)
 
@@ -131,19 +130,30 @@ class _Publisher:
     def confirmed(self, channel, tag, multiple, error):
         if channel is not self.channel:
             return
+        unconfirmed = self.unconfirmed
         if multiple:
-            tags = list(itertools.takewhile(lambda t: t <= tag, self.unconfirmed))
+            tags = []
+            for t in unconfirmed:
+                if t > tag:
+                    break
+                tags.append(t)
         else:
-            tags = [tag] if tag in self.unconfirmed else []
-        unroutable = self._match_returns(tags) if self.returns else ()
-        settled = [(t, self.unconfirmed.pop(t)) for t in tags]
-        for t, message in settled:
-            if t in unroutable:
-                message.deferred.errback(Unroutable(message.exchange, message.routing_key))
-            elif error is not None:
-                message.deferred.errback(error)
-            else:
-                message.deferred.callback(None)
+            tags = [tag] if tag in unconfirmed else []
+        if self.returns or error is not None:
+            unroutable = self._match_returns(tags) if self.returns else ()
+            settled = [(t, unconfirmed.pop(t)) for t in tags]
+            for t, message in settled:
+                if t in unroutable:
+                    message.deferred.errback(Unroutable(message.exchange, message.routing_key))
+                elif error is not None:
+                    message.deferred.errback(error)
+                else:
+                    message.deferred.callback(None)
+            return
+        # The usual case: all taken. Every one leaves the table before any caller hears.
+        settled = [unconfirmed.pop(t).deferred for t in tags]
+        for deferred in settled:
+            deferred.callback(None)
 
     def _match_returns(self, tags):
         matched = set()

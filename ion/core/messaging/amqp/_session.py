@@ -149,4 +149,4 @@ class _Session:
         closing.addTimeout(CLOSE_TIMEOUT, self.transport.reactor)
         with contextlib.suppress(Exception):
             await closing
-        self.client.transport.loseConnection()
+        self.client.lose_connection()

@@ -17,7 +17,7 @@ from ion.core.messaging.amqp._consume import _Consumer
 from ion.core.messaging.amqp._protocol import _as_deferred, _Protocol, _spawn
 from ion.core.messaging.amqp._publish import _amqp_properties, _Publish
 from ion.core.messaging.amqp._session import _Session
-from ion.core.messaging.amqp._wire import _shortstr, load_spec
+from ion.core.messaging.amqp._wire import _encode_properties, _shortstr, load_spec
 from ion.core.messaging.tls import ClientTls
 from ion.core.messaging.transport import (
     ConnectionLost,
@@ -225,6 +225,7 @@ class AmqpTransport:
         self._bindings = {}  # (queue, exchange, routing key) -> None
         self._consumers = {}  # _Consumer -> None
         self._loss_listeners = []
+        self._default_properties = None  # those of Properties(), encoded when first used
 
     def __repr__(self):
         state = "new" if self._service is None else "open" if self._service.running else "closed"
@@ -575,11 +576,19 @@ class AmqpTransport:
         C{properties.user_id} is set to this connection's user."""
         try:
             session = self._live_session()
+            if properties is None:
+                amqp = self._default_properties
+                if amqp is None:
+                    amqp = self._default_properties = _encode_properties(
+                        load_spec().classes["basic"], _amqp_properties(Properties(), self.user)
+                    )
+            else:
+                amqp = _amqp_properties(properties, self.user)
             message = _Publish(
                 _shortstr(exchange, "exchange name"),
                 _shortstr(routing_key, "routing key"),
                 body_bytes(body),
-                _amqp_properties(properties or Properties(), self.user),
+                amqp,
                 bool(mandatory),
             )
         except Exception:

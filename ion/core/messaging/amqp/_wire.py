@@ -471,10 +471,11 @@ def _decode_ack(data, pos):
 
 
 def _content_frames(channel, klass, properties, body, max_body):
-    """The header frame and the body frames of one message, as one bytes object."""
-    header = _CONTENT_HEADER.pack(klass.id, 0, len(body)) + _encode_properties_kept(
-        klass, properties
-    )
+    """The header frame and the body frames of one message, as one bytes object. C{properties}
+    is a dict for L{_encode_properties}, or bytes it made."""
+    if type(properties) is not bytes:
+        properties = _encode_properties_kept(klass, properties)
+    header = _CONTENT_HEADER.pack(klass.id, 0, len(body)) + properties
     parts = [_FRAME.pack(_HEADER_FRAME, channel, len(header)), header, _FRAME_END]
     for start in range(0, len(body), max_body):
         chunk = body if len(body) <= max_body else body[start : start + max_body]
