@@ -133,6 +133,42 @@ class ArgsTests(unittest.SynchronousTestCase):
         for name in ("plain", "100%", "a b", "%zz"):
             self.assertIsNone(unfetchable(name), name)
 
+    def test_plain_notices_are_the_general_ones(self):
+        """A usual file's notice, written by the poll's fast path, is byte for byte the
+        notice the general path writes (names of any script and escapes, any mtime);
+        entries it cannot write (no size, an odd mtime, a lone surrogate, a file announced
+        in blocks) are left to the general path."""
+        import random
+        import types
+
+        from ion.apps.pump import poll
+
+        rng = random.Random(21)
+        base = types.SimpleNamespace(base_url='https://h/a "b"\\/é/')
+        now = 1764979200.25
+        head = poll.notice_head(poll.format_time(now), base.base_url)
+        stamps = {}
+        mtimes = [0, 1.5, 0.000000001, 1764979199.9999999999, 253402300799.5, OLD]
+        mtimes += [rng.uniform(0, 4e9) for _ in range(3000)] + [rng.randrange(0, 4e9)] * 3
+        names = ["a", 'q"uote', "back\\slash", "tab\there", "é/ü/ß", "雪.dat", "\x7f\x01"]
+        for mtime in mtimes:
+            rel_path = rng.choice(names) + str(rng.randrange(10))
+            item = entry(rel_path, size=rng.randrange(0, 1 << 40), mtime=mtime,
+                         mode=rng.randrange(0, 0o177777))
+            body = poll.plain_notice_json(head, rel_path, item, stamps, None)
+            expected = Notice(PollService.notice_for(base, rel_path, item, now)).to_json()
+            self.assertEqual(body, expected, (rel_path, item))
+        unusual = [
+            entry("a", size=None), entry("a", mtime=None), entry("a", mode=None),
+            entry("a", mtime=float("nan")), entry("a", mtime=-1.5), entry("a", mtime=1e12),
+            entry("a", mtime=True), entry("a", size=True),
+        ]
+        for item in unusual:
+            self.assertIsNone(poll.plain_notice_json(head, "a", item, stamps, None), item)
+        self.assertIsNone(poll.plain_notice_json(head, "\udcff", entry("x"), stamps, None))
+        self.assertIsNone(poll.plain_notice_json(head, "a", entry("a", size=11), stamps, 10))
+        self.assertIsNotNone(poll.plain_notice_json(head, "a", entry("a", size=10), stamps, 10))
+
 
 class SeenFilesTests(unittest.TestCase):
     async def test_store(self):

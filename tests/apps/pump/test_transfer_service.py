@@ -6,11 +6,13 @@ import base64
 import hashlib
 import os
 
+import attrs
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from ion.apps.pump import outcome, transfer
 from ion.apps.pump.transfer import CredentialsError
+from ion.apps.pump.transfer.results import Entry
 from ion.apps.pump.transfer.worker import Transfers
 from ion.apps.pump.transfer_service import TransferService
 from ion.core.cc.testing import make_container
@@ -149,6 +151,9 @@ class TransferServiceScenarios:
             [(e["name"], e["type"], e["size"]) for e in entries],
             [("out.dat", "file", len(data)), ("sub", "dir", None)],
         )
+        # Every field of an Entry, and no other key.
+        fields = {field.name for field in attrs.fields(Entry)}
+        self.assertEqual([set(e) for e in entries], [fields, fields])
 
     async def test_list_missing_is_404(self):
         e = await self.assertFailure(
