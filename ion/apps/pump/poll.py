@@ -1,7 +1,8 @@
 """The poll: announce the files of a directory tree, local or remote, as v03 notices.
 
 A L{PollService} (one per source) lists C{url} every C{interval} seconds through the C{transfer}
-service's C{list} op, and publishes one notice for every file that is new or changed since it
+service's C{list} op (a local C{file:} tree it reads itself, in pool threads, the same way),
+and publishes one notice for every file that is new or changed since it
 was last announced (changed: another size or mtime). Each notice carries C{pubTime}, C{baseUrl}
 (C{base_url}, default the polled url), C{relPath} (relative to the polled directory), C{size},
 C{mtime} and C{mode} when the listing tells them, and the identity C{{method: cod, value: sha512}}
@@ -68,7 +69,7 @@ import sqlite3
 from json.encoder import encode_basestring
 from urllib.parse import unquote, urlsplit
 
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 
 from ion.apps.pump import paths
 from ion.apps.pump.args import PollArgs
@@ -77,6 +78,8 @@ from ion.apps.pump.notice import (
     Notice, block_lengths, block_notices, block_step, format_time, topic_for,
 )
 from ion.apps.pump.outcome import RecentFailures, classify
+from ion.apps.pump.transfer.errors import TransferError
+from ion.apps.pump.transfer.file import list_local
 from ion.apps.pump.transfer.inflight import is_inflight_name
 from ion.apps.pump.transfer.pacing import Pacer, take
 from ion.apps.pump.flow import open_flow_broker
@@ -385,6 +388,7 @@ class PollService(ServiceProcess):
         self._loop = None
         self._pass = None
         self._declared = self.broker is not None
+        self._local = local_directory(self.url)
         self._stamps = {}  # whole second -> its text in notices' mtimes (mtime_text)
         self._stopping = False
         self._last_error = None
@@ -601,7 +605,7 @@ class PollService(ServiceProcess):
                 raise
             except Exception as e:
                 known.addErrback(lambda _: None)  # not needed after all
-                remote = isinstance(e, RemoteError)
+                remote = isinstance(e, (RemoteError, TransferError))
                 if remote and e.code == 404 and rel_dir:
                     # Gone since its parent was listed: its files are forgotten below.
                     continue
@@ -644,6 +648,14 @@ class PollService(ServiceProcess):
         return self.url + (rel_dir + "/" if rel_dir else "")
 
     async def _list(self, rel_dir):
+        if self._local is not None:
+            # A local directory is read here, in a pool thread: through the transfer service
+            # each entry would be made an Entry, then a dict, then a message and back.
+            reactor = self.container.reactor
+            return await threads.deferToThreadPool(
+                reactor, reactor.getThreadPool(), list_local,
+                os.path.join(self._local, rel_dir), self._dir_url(rel_dir),
+            )
         request = {"url": self._dir_url(rel_dir)}
         if self.pacers:
             request["with_bytes"] = True

@@ -12,6 +12,8 @@ from twisted.trial import unittest
 
 from ion.apps.pump import outcome, transfer
 from ion.apps.pump.transfer import CredentialsError
+from ion.apps.pump.transfer.errors import NotFound
+from ion.apps.pump.transfer.file import list_local
 from ion.apps.pump.transfer.results import Entry
 from ion.apps.pump.transfer.worker import Transfers
 from ion.apps.pump.transfer_service import TransferService
@@ -154,6 +156,15 @@ class TransferServiceScenarios:
         # Every field of an Entry, and no other key.
         fields = {field.name for field in attrs.fields(Entry)}
         self.assertEqual([set(e) for e in entries], [fields, fields])
+        # A poll of a local tree reads it itself: the same entries (links not followed,
+        # fifos left out).
+        os.symlink("out.dat", os.path.join(self.dest, "link"))
+        os.mkfifo(os.path.join(self.dest, "fifo"))
+        entries = await self.caller.rpc("transfer", "list", {"url": "file://" + self.dest})
+        self.assertEqual([e["name"] for e in entries], ["link", "out.dat", "sub"])
+        self.assertEqual(list_local(self.dest, "shown"), entries)
+        e = self.assertRaises(NotFound, list_local, self.dest + "/nope", "the/nope")
+        self.assertIn("the/nope", str(e))
 
     async def test_list_missing_is_404(self):
         e = await self.assertFailure(
