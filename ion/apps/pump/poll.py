@@ -41,9 +41,9 @@ listing are forgotten (announced again if they come back); so are whole director
 complete pass did not see. Changing C{url} starts from an empty state.
 
 Memory: a pass works through one directory at a time and looks up only that directory's
-rows; the listing of the directory next in line is read meanwhile, and may wait for its turn
-while a subtree is walked (one per level at most), so a tree of any size is polled with memory
-bounded by its largest directory times its depth. One directory's
+rows; the listing of the directory next in line and its rows are read meanwhile, and may wait
+for their turn while a subtree is walked (one per level at most), so a tree of any size is
+polled with memory bounded by its largest directory times its depth. A remote directory's
 listing is one reply of the transfer service, so it must fit the messaging limits
 (C{ion.core.messaging: max_message_bytes}, 16 MB by default: some 150,000 entries).
 
@@ -543,9 +543,9 @@ class PollService(ServiceProcess):
         number = await self.store.start_pass()
         counts = dict.fromkeys(_PASS_COUNTERS, 0)
         pending = [""]
-        # The listing of the directory next in line is asked for while this one is worked
-        # through (one at a time: paced listings still read one after the other); the rows
-        # known of a directory are read while it is listed.
+        # The listing of the directory next in line, and its rows known, are asked for while
+        # this one is worked through (one at a time: paced listings still read one after the
+        # other).
         ahead = {}
         visits = []
         try:
@@ -553,7 +553,8 @@ class PollService(ServiceProcess):
                 number, pending, ahead, visits, counts
             )
         finally:
-            for listing in ahead.values():
+            for listing, known in ahead.values():
+                known.addErrback(lambda _: None)
                 listing.addErrback(lambda _: None)
                 listing.cancel()
             if visits:
@@ -595,10 +596,7 @@ class PollService(ServiceProcess):
         first_error = first_code = None
         while pending and not self._stopping:
             rel_dir = pending.pop()
-            listing = ahead.pop(rel_dir, None)
-            if listing is None:
-                listing = defer.Deferred.fromCoroutine(self._list(rel_dir))
-            known = self.store.directory(rel_dir)
+            listing, known = ahead.pop(rel_dir, None) or self._ask(rel_dir)
             try:
                 entries = await listing
             except defer.CancelledError:
@@ -619,7 +617,7 @@ class PollService(ServiceProcess):
                 continue
             visits.append(self.store.visited(rel_dir, number))
             if pending and pending[-1] not in ahead:
-                ahead[pending[-1]] = defer.Deferred.fromCoroutine(self._list(pending[-1]))
+                ahead[pending[-1]] = self._ask(pending[-1])
             try:
                 subdirs = await self._directory(rel_dir, entries, counts, known)
             except PublishFailed as e:
@@ -631,6 +629,10 @@ class PollService(ServiceProcess):
                 break
             pending.extend(reversed(subdirs))
         return complete, first_error, first_code
+
+    def _ask(self, rel_dir):
+        """The Deferreds of the listing of C{rel_dir} and of its rows known."""
+        return defer.Deferred.fromCoroutine(self._list(rel_dir)), self.store.directory(rel_dir)
 
     def _note_errors(self, first, count):
         """Warn about a pass's failures, once while the same first failure repeats (then at

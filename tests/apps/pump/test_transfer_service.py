@@ -3,6 +3,7 @@
 The op scenarios run on the memory:// transport and on the private RabbitMQ node."""
 
 import base64
+import contextlib
 import hashlib
 import os
 
@@ -430,3 +431,27 @@ class OutcomeTests(unittest.SynchronousTestCase):
         for error, code, transient in cases:
             failure = outcome.classify(error)
             self.assertEqual((failure.code, failure.transient), (code, transient), error)
+
+
+class LocalListingTests(unittest.SynchronousTestCase):
+    def test_entry_removed_while_listed(self):
+        """A file removed between the directory's read and its lstat is left out of the
+        listing (a poll would otherwise take the whole directory for removed)."""
+        from unittest import mock
+
+        from ion.apps.pump.transfer import file
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        for name in ("a", "b", "c"):
+            write_source(directory, name, b"x")
+        real = os.scandir
+
+        def removing(path):
+            entries = list(real(path))
+            os.remove(os.path.join(directory, "b"))
+            return contextlib.nullcontext(entries)
+
+        with mock.patch.object(file.os, "scandir", removing):
+            entries = list_local(directory, "shown")
+        self.assertEqual([e["name"] for e in entries], ["a", "c"])
