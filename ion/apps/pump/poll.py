@@ -653,11 +653,18 @@ class PollService(ServiceProcess):
         if self._local is not None:
             # A local directory is read here, in a pool thread: through the transfer service
             # each entry would be made an Entry, then a dict, then a message and back.
-            reactor = self.container.reactor
-            return await threads.deferToThreadPool(
+            reactor, shown = self.container.reactor, self._dir_url(rel_dir)
+            listing = threads.deferToThreadPool(
                 reactor, reactor.getThreadPool(), list_local,
-                os.path.join(self._local, rel_dir), self._dir_url(rel_dir),
+                os.path.join(self._local, rel_dir), shown,
             )
+            timeout = self.settings["list_timeout"]
+            listing.addTimeout(timeout, self.container.clock)
+            try:
+                return await listing
+            except defer.TimeoutError:
+                # A hung file system (NFS): the pass fails, saying so, as a remote one would.
+                raise TransferError(f"{shown}: not listed in {timeout} s", code=504) from None
         request = {"url": self._dir_url(rel_dir)}
         if self.pacers:
             request["with_bytes"] = True

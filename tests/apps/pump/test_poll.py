@@ -540,6 +540,26 @@ class PollTests(unittest.TestCase):
         stats = await call_op(proc, "stats")
         self.assertGreaterEqual(stats["failed_passes"], 2)
 
+    async def test_hung_local_directory_times_out(self):
+        """A local directory that does not answer (a hung network file system) fails the
+        pass after list_timeout with a 504, as a remote listing that does not come would."""
+        from ion.apps.pump import poll
+
+        release = threading.Event()
+        self.addCleanup(release.set)
+        real = poll.list_local
+
+        def hanging(path, shown):
+            release.wait(30)
+            return real(path, shown)
+
+        self.patch(poll, "list_local", hanging)
+        proc = await self.start_poll(list_timeout=0.2)
+        stats = await call_op(proc, "stats")
+        self.assertEqual(stats["failed_passes"], 1)
+        self.assertEqual(stats["last_failures"][0]["code"], 504)
+        self.assertIn("not listed in 0.2 s", stats["last_failures"][0]["reason"])
+
     async def test_unconfirmed_not_recorded(self):
         """A file whose announcement the broker did not confirm is not recorded: the next
         pass announces it; the ones confirmed are not announced again."""
