@@ -137,25 +137,28 @@ def notice_head(pub_time, base_url):
 
 
 def plain_notice_json(head, rel_path, entry, stamps, block_size):
-    """The JSON bytes of the notice announcing the usual listed file C{entry} (an exact
-    size, one notice with C{block_size}, an mtime from 1970 to 9999, a mode) at C{rel_path}:
-    the bytes of C{Notice(notice_for(...)).to_json()}, written at a fraction of its cost;
-    None for any other entry, which goes that way. C{head}: L{notice_head}'s;
-    C{stamps}: as for L{mtime_text}."""
+    """The JSON bytes of the notice announcing the usual listed file C{entry} at C{rel_path}
+    (a size, mtime and mode each an int -- the mtime a float too, from 1970 to 9999 -- or
+    None; one notice with C{block_size}): the bytes of C{Notice(notice_for(...)).to_json()},
+    written at a fraction of its cost; None for any other entry, which goes that way.
+    C{head}: L{notice_head}'s; C{stamps}: as for L{mtime_text}."""
     size, mtime, mode = entry.get("size"), entry.get("mtime"), entry.get("mode")
-    if (
-        type(size) is not int
-        or (block_size is not None and size > block_size)
-        or type(mtime) not in (float, int)
-        or not 0 <= mtime < _YEAR_10000
-        or type(mode) is not int
-    ):
-        return None
+    text = [head, encode_basestring(rel_path)]
+    if size is not None:
+        if type(size) is not int or (block_size is not None and size > block_size):
+            return None
+        text.append(f',"size":{size}')
+    if mtime is not None:
+        if type(mtime) not in (float, int) or not 0 <= mtime < _YEAR_10000:
+            return None
+        text.append(f',"mtime":"{mtime_text(mtime, stamps)}"')
+    if mode is not None:
+        if type(mode) is not int:
+            return None
+        text.append(f',"mode":"{mode & 0o7777:o}"')
+    text.append(_COD_TAIL)
     try:
-        return (
-            f'{head}{encode_basestring(rel_path)},"size":{size},'
-            f'"mtime":"{mtime_text(mtime, stamps)}","mode":"{mode & 0o7777:o}"{_COD_TAIL}'
-        ).encode("utf-8")
+        return "".join(text).encode("utf-8")
     except UnicodeEncodeError:
         return None  # a lone surrogate: Notice.to_json escapes it
 

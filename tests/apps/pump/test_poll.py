@@ -153,15 +153,17 @@ class ArgsTests(unittest.SynchronousTestCase):
         names = ["a", 'q"uote', "back\\slash", "tab\there", "é/ü/ß", "雪.dat", "\x7f\x01"]
         for mtime in mtimes:
             rel_path = rng.choice(names) + str(rng.randrange(10))
-            item = entry(rel_path, size=rng.randrange(0, 1 << 40), mtime=mtime,
-                         mode=rng.randrange(0, 0o177777))
+            # An index page gives no mode, some no size (rounded) or no date.
+            item = entry(rel_path, size=rng.choice([rng.randrange(0, 1 << 40), None]),
+                         mtime=rng.choice([mtime, mtime, None]),
+                         mode=rng.choice([rng.randrange(0, 0o177777), None]))
             body = poll.plain_notice_json(head, rel_path, item, stamps, None)
             expected = Notice(PollService.notice_for(base, rel_path, item, now)).to_json()
             self.assertEqual(body, expected, (rel_path, item))
         unusual = [
-            entry("a", size=None), entry("a", mtime=None), entry("a", mode=None),
             entry("a", mtime=float("nan")), entry("a", mtime=-1.5), entry("a", mtime=1e12),
-            entry("a", mtime=True), entry("a", size=True),
+            entry("a", mtime=True), entry("a", size=True), entry("a", size=1.0),
+            entry("a", mode="644"), entry("a", mtime="1"),
         ]
         for item in unusual:
             self.assertIsNone(poll.plain_notice_json(head, "a", item, stamps, None), item)
