@@ -71,9 +71,9 @@ class ListingBuffer:
 
 
 # The tags of a page, one match each: the usual link, C{<a href="...">text</a>}, whole (group
-# 4 its href: two tags at once, the text between them being no link's), comments,
-# declarations and processing instructions (groups 1 and 4 None), or a start or end tag
-# (group 1 '/' or '', group 2 its name, group 3 its attributes, quoted values kept whole).
+# 1 its href: two tags in one match, the text between them being no link's), comments,
+# declarations and processing instructions (groups 1 and 3 None), or a start or end tag
+# (group 2 '/' or '', group 3 its name, group 4 its attributes, quoted values kept whole).
 _TAG = re.compile(
     r'<a href="([^"]*)">[^<]*</a>'
     r"|<!--.*?(?:-->|\Z)|<[!?][^>]*>"
@@ -92,8 +92,8 @@ def scan_links(text):
     page where some C{<} starts no tag those read (broken markup) goes to L{_IndexScanner},
     whose ways with broken markup are html.parser's."""
     tags = list(_TAG.finditer(text))
-    links = sum(1 for match in tags if match.group(1) is not None)  # two tags each
-    if len(tags) + links != text.count("<"):
+    whole_links = sum(1 for match in tags if match.group(1) is not None)  # two "<" each
+    if len(tags) + whole_links != text.count("<"):
         scanner = _IndexScanner()
         scanner.feed(text)
         scanner.close()
