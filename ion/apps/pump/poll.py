@@ -169,14 +169,15 @@ def mtime_text(epoch, stamps):
     seconds, and format_time's calendar work is most of its cost)."""
     whole = int(epoch)
     nanos = round((epoch - whole) * 1_000_000_000)
-    if not 0 < nanos < 1_000_000_000:
+    if nanos == 1_000_000_000:
         return format_time(epoch)
     stamp = stamps.get(whole)
     if stamp is None:
         if len(stamps) >= _STAMPS_KEPT:
             stamps.clear()
         stamp = stamps[whole] = format_time(whole)
-    return f"{stamp}.{nanos:09d}".rstrip("0")
+    # Index pages and FTP give whole minutes: no fraction.
+    return f"{stamp}.{nanos:09d}".rstrip("0") if nanos else stamp
 
 
 class SeenFiles:
