@@ -150,7 +150,8 @@ class ArgsTests(unittest.SynchronousTestCase):
         stamps = {}
         mtimes = [0, 1.5, 0.000000001, 1764979199.9999999999, 253402300799.5, OLD]
         mtimes += [rng.uniform(0, 4e9) for _ in range(3000)] + [rng.randrange(0, 4_000_000_000)] * 3
-        mtimes += [float(rng.randrange(0, 4_000_000_000) // 60 * 60) for _ in range(100)]  # index pages
+        # Index pages give whole minutes.
+        mtimes += [float(rng.randrange(0, 4_000_000_000) // 60 * 60) for _ in range(100)]
         mtimes += [1.0000000001, 2.9999999996]
         names = ["a", 'q"uote', "back\\slash", "tab\there", "é/ü/ß", "雪.dat", "\x7f\x01"]
         for mtime in mtimes:
