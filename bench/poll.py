@@ -3,7 +3,7 @@ announced) and on an unchanged re-poll, and its peak RSS, over file: and over HT
 
     venv/bin/python bench/poll.py                          # 1,000,000 files, file: and http
     venv/bin/python bench/poll.py -n 100000 --dirs 100     # a smaller tree while iterating
-    venv/bin/python bench/poll.py --schemes http --profile poll.prof   # cProfile (pstats file)
+    venv/bin/python bench/poll.py --schemes http --profile poll.prof   # poll.prof.http.first...
 
 The tree: `-n` empty files spread evenly over `--dirs` directories (`dNNNN/fNNNNNNN.dat`), made
 once under `--tree` (default /tmp/ion-bench-poll-<n>x<dirs>, kept for the next run: a file
@@ -102,6 +102,11 @@ def make_tree(root, n, dirs):
     """n empty files over dirs directories under root (kept; done once)."""
     done = root + ".complete"  # beside the tree: the poll would announce it
     if os.path.exists(done):
+        with open(done) as f:
+            made = f.read().split()
+        if made != [str(n), str(dirs)]:
+            raise SystemExit(f"poll bench: {root} holds {' files in '.join(made)} directories, "
+                             f"not {n} in {dirs}: use another --tree")
         return
     shutil.rmtree(root, ignore_errors=True)
     started = time.perf_counter()
@@ -172,7 +177,6 @@ def run_ion_child(args):
                 "name": "bench", "url": args.url, "exchange": EXCHANGE, "state_dir": state,
                 "interval": 86400,
             })
-            # The loop's first pass starts at once: that one is the first pass timed.
             if profile is not None:
                 profile.enable()
             start, cpu = time.perf_counter(), time.process_time()
@@ -180,6 +184,11 @@ def run_ion_child(args):
             await wait(reactor, lambda: sink.received >= args.n,
                        lambda: (sink.received, dict(poll.stats), poll.last_failures.as_list()))
             seconds = time.perf_counter() - start
+            if profile is not None:
+                profile.disable()
+                profile.dump_stats(f"{args.profile}.first")
+                profile = cProfile.Profile()
+                profile.enable()
             print(json.dumps({"pass": "first", "seconds": seconds, "rss": peak_rss_mb(),
                               "cpu": time.process_time() - cpu,
                               "announced": poll.last_pass["announced"],
@@ -189,7 +198,7 @@ def run_ion_child(args):
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
             if profile is not None:
                 profile.disable()
-                profile.dump_stats(args.profile)
+                profile.dump_stats(f"{args.profile}.repoll")
             print(json.dumps({"pass": "repoll", "seconds": seconds, "rss": peak_rss_mb(),
                               "cpu": cpu,
                               "unchanged": poll.last_pass["unchanged"],
@@ -242,7 +251,7 @@ def main():
     parser.add_argument("--tree", help="where the tree is (made if missing)")
     parser.add_argument("--schemes", default="file,http", help="file,http (default both)")
     parser.add_argument("--profile", metavar="FILE",
-                        help="cProfile each ION child's passes to FILE.<scheme>")
+                        help="cProfile each ION child's passes to FILE.<scheme>.<pass>")
     parser.add_argument("--child", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -1,7 +1,8 @@
 """The poll: announce the files of a directory tree, local or remote, as v03 notices.
 
 A L{PollService} (one per source) lists C{url} every C{interval} seconds through the C{transfer}
-service's C{list} op, and publishes one notice for every file that is new or changed since it
+service's C{list} op (a local C{file:} tree it reads itself, in pool threads, the same way),
+and publishes one notice for every file that is new or changed since it
 was last announced (changed: another size or mtime). Each notice carries C{pubTime}, C{baseUrl}
 (C{base_url}, default the polled url), C{relPath} (relative to the polled directory), C{size},
 C{mtime} and C{mode} when the listing tells them, and the identity C{{method: cod, value: sha512}}
@@ -40,9 +41,9 @@ listing are forgotten (announced again if they come back); so are whole director
 complete pass did not see. Changing C{url} starts from an empty state.
 
 Memory: a pass works through one directory at a time and looks up only that directory's
-rows; the listing of the directory next in line is read meanwhile, and may wait for its turn
-while a subtree is walked (one per level at most), so a tree of any size is polled with memory
-bounded by its largest directory times its depth. One directory's
+rows; the listing of the directory next in line and its rows are read meanwhile, and may wait
+for their turn while a subtree is walked (one per level at most), so a tree of any size is
+polled with memory bounded by its largest directory times its depth. A remote directory's
 listing is one reply of the transfer service, so it must fit the messaging limits
 (C{ion.core.messaging: max_message_bytes}, 16 MB by default: some 150,000 entries).
 
@@ -87,9 +88,10 @@ import functools
 import os
 import re
 import sqlite3
+from json.encoder import encode_basestring
 from urllib.parse import unquote, urlsplit
 
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 
 from ion.apps.pump import paths
 from ion.apps.pump.args import PollArgs
@@ -100,6 +102,7 @@ from ion.apps.pump.notice import (
 from ion.apps.pump.outcome import RecentFailures, classify
 from ion.apps.pump.transfer.blocks import sr3_block
 from ion.apps.pump.transfer.errors import TransferError
+from ion.apps.pump.transfer.file import list_local
 from ion.apps.pump.transfer.inflight import is_inflight_name
 from ion.apps.pump.transfer.pacing import Pacer, take
 from ion.apps.pump.flow import instance_tag, open_flow_broker
@@ -107,6 +110,9 @@ from ion.apps.pump.user import own_prefix, pump_user
 from ion.core.process import Lease, RemoteError, ServiceProcess
 
 COD = {"method": "cod", "value": "sha512"}
+_COD_TAIL = ',"identity":{"method":"cod","value":"sha512"}}'
+_YEAR_10000 = 253402300800  # seconds since the epoch: format_time's fast range ends there
+_STAMPS_KEPT = 4096
 
 _MQTT = re.compile(r"mqtts?://", re.I | re.A)
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
@@ -150,6 +156,55 @@ def unfetchable(name):
     if _ESCAPE.search(name):
         return "contains a %XX escape, which a URL would decode"
     return None
+
+
+def notice_head(pub_time, base_url):
+    """The start of L{plain_notice_json}'s notices published at C{pub_time} (its text)."""
+    return f'{{"pubTime":"{pub_time}","baseUrl":{encode_basestring(base_url)},"relPath":'
+
+
+def plain_notice_json(head, rel_path, entry, stamps, block_size):
+    """The JSON bytes of the notice announcing the usual listed file C{entry} at C{rel_path}
+    (a size, mtime and mode each an int -- the mtime a float too, from 1970 to 9999 -- or
+    None; one notice with C{block_size}): the bytes of C{Notice(notice_for(...)).to_json()},
+    written at a fraction of its cost; None for any other entry, which goes that way.
+    C{head}: L{notice_head}'s; C{stamps}: as for L{mtime_text}."""
+    size, mtime, mode = entry.get("size"), entry.get("mtime"), entry.get("mode")
+    text = [head, encode_basestring(rel_path)]
+    if size is not None:
+        if type(size) is not int or (block_size is not None and size > block_size):
+            return None
+        text.append(f',"size":{size}')
+    if mtime is not None:
+        if type(mtime) not in (float, int) or not 0 <= mtime < _YEAR_10000:
+            return None
+        text.append(f',"mtime":"{mtime_text(mtime, stamps)}"')
+    if mode is not None:
+        if type(mode) is not int:
+            return None
+        text.append(f',"mode":"{mode & 0o7777:o}"')
+    text.append(_COD_TAIL)
+    try:
+        return "".join(text).encode("utf-8")
+    except UnicodeEncodeError:
+        return None  # a lone surrogate: Notice.to_json escapes it
+
+
+def mtime_text(epoch, stamps):
+    """C{format_time(epoch)} for a finite C{epoch} from 1970 to 9999, the text of its whole
+    second kept in C{stamps} (a dict the caller keeps; files of a directory share their
+    seconds, and format_time's calendar work is most of its cost)."""
+    whole = int(epoch)
+    nanos = round((epoch - whole) * 1_000_000_000)
+    if nanos == 1_000_000_000:
+        return format_time(epoch)
+    stamp = stamps.get(whole)
+    if stamp is None:
+        if len(stamps) >= _STAMPS_KEPT:
+            stamps.clear()
+        stamp = stamps[whole] = format_time(whole)
+    # Index pages and FTP give whole minutes: no fraction.
+    return f"{stamp}.{nanos:09d}".rstrip("0") if nanos else stamp
 
 
 class SeenFiles:
@@ -374,6 +429,8 @@ class PollService(ServiceProcess):
         self._loop = None
         self._pass = None
         self._declared = self.broker is not None
+        self._local = local_directory(self.url)
+        self._stamps = {}  # whole second -> its text in notices' mtimes (mtime_text)
         self._stopping = False
         self._last_error = None
         self.last_failures = RecentFailures(self.container.clock)  # ion status, the console
@@ -679,9 +736,9 @@ class PollService(ServiceProcess):
         number = await self.store.start_pass()
         counts = dict.fromkeys(_PASS_COUNTERS, 0)
         pending = [""]
-        # The listing of the directory next in line is asked for while this one is worked
-        # through (one at a time: paced listings still read one after the other); the rows
-        # known of a directory are read while it is listed.
+        # The listing of the directory next in line, and its rows known, are asked for while
+        # this one is worked through (one at a time: paced listings still read one after the
+        # other).
         ahead = {}
         visits = []
         try:
@@ -689,7 +746,8 @@ class PollService(ServiceProcess):
                 number, pending, ahead, visits, counts
             )
         finally:
-            for listing in ahead.values():
+            for listing, known in ahead.values():
+                known.addErrback(lambda _: None)
                 listing.addErrback(lambda _: None)
                 listing.cancel()
             if visits:
@@ -731,17 +789,14 @@ class PollService(ServiceProcess):
         first_error = first_code = None
         while pending and not self._stopping:
             rel_dir = pending.pop()
-            listing = ahead.pop(rel_dir, None)
-            if listing is None:
-                listing = defer.Deferred.fromCoroutine(self._list(rel_dir))
-            known = self.store.directory(rel_dir)
+            listing, known = ahead.pop(rel_dir, None) or self._ask(rel_dir)
             try:
                 entries = await listing
             except defer.CancelledError:
                 raise
             except Exception as e:
                 known.addErrback(lambda _: None)  # not needed after all
-                remote = isinstance(e, RemoteError)
+                remote = isinstance(e, (RemoteError, TransferError))
                 if remote and e.code == 404 and rel_dir:
                     # Gone since its parent was listed: its files are forgotten below.
                     continue
@@ -755,7 +810,7 @@ class PollService(ServiceProcess):
                 continue
             visits.append(self.store.visited(rel_dir, number))
             if pending and pending[-1] not in ahead:
-                ahead[pending[-1]] = defer.Deferred.fromCoroutine(self._list(pending[-1]))
+                ahead[pending[-1]] = self._ask(pending[-1])
             try:
                 subdirs = await self._directory(rel_dir, entries, counts, known)
             except PublishFailed as e:
@@ -767,6 +822,10 @@ class PollService(ServiceProcess):
                 break
             pending.extend(reversed(subdirs))
         return complete, first_error, first_code
+
+    def _ask(self, rel_dir):
+        """The Deferreds of the listing of C{rel_dir} and of its rows known."""
+        return defer.Deferred.fromCoroutine(self._list(rel_dir)), self.store.directory(rel_dir)
 
     def _note_errors(self, first, count):
         """Warn about a pass's failures, once while the same first failure repeats (then at
@@ -784,6 +843,21 @@ class PollService(ServiceProcess):
         return self.url + (rel_dir + "/" if rel_dir else "")
 
     async def _list(self, rel_dir):
+        if self._local is not None:
+            # A local directory is read here, in a pool thread: through the transfer service
+            # each entry would be made an Entry, then a dict, then a message and back.
+            reactor, shown = self.container.reactor, self._dir_url(rel_dir)
+            listing = threads.deferToThreadPool(
+                reactor, reactor.getThreadPool(), list_local,
+                os.path.join(self._local, rel_dir), shown,
+            )
+            timeout = self.settings["list_timeout"]
+            listing.addTimeout(timeout, self.container.clock)
+            try:
+                return await listing
+            except defer.TimeoutError:
+                # A hung file system (NFS): the pass fails, saying so, as a remote one would.
+                raise TransferError(f"{shown}: not listed in {timeout} s", code=504) from None
         request = {"url": self._dir_url(rel_dir)}
         if self.pacers:
             request["with_bytes"] = True
@@ -917,15 +991,24 @@ class PollService(ServiceProcess):
         # Until a publish has declared the exchange, each one of the batch declares it.
         declare = None if self._declared else "topic"
         topic = topic_for(batch[0][1])  # the files of one directory share it
-        results = await defer.DeferredList(
-            [
-                defer.Deferred.fromCoroutine(
+        head = notice_head(pub_time, self.base_url)
+        stamps = self._stamps
+        block_size = self.settings.block_size
+        exchange, broker, publish = self.exchange, self.broker, self.publish
+        publishing = []
+        for _, rel_path, entry in batch:
+            body = plain_notice_json(head, rel_path, entry, stamps, block_size)
+            if body is None:
+                d = defer.Deferred.fromCoroutine(
                     self._publish(rel_path, entry, now, declare, topic, pub_time)
                 )
-                for _, rel_path, entry in batch
-            ],
-            consumeErrors=True,
-        )
+            else:
+                d = defer.ensureDeferred(
+                    publish(exchange, topic, body, persistent=True, declare=declare,
+                            transport=broker)
+                )
+            publishing.append(d)
+        results = await defer.DeferredList(publishing, consumeErrors=True)
         confirmed = [
             (name, entry.get("size"), entry.get("mtime"))
             for (ok, _), (name, _, entry) in zip(results, batch)

@@ -134,6 +134,47 @@ class ArgsTests(unittest.SynchronousTestCase):
         for name in ("plain", "100%", "a b", "%zz"):
             self.assertIsNone(unfetchable(name), name)
 
+    def test_plain_notices_are_the_general_ones(self):
+        """A usual file's notice, written by the poll's fast path, is byte for byte the
+        notice the general path writes (names of any script and escapes, any mtime);
+        entries it cannot write (no size, an odd mtime, a lone surrogate, a file announced
+        in blocks) are left to the general path."""
+        import random
+        import types
+
+        from ion.apps.pump import poll
+
+        rng = random.Random(21)
+        base = types.SimpleNamespace(base_url='https://h/a "b"\\/é/')
+        now = 1764979200.25
+        head = poll.notice_head(poll.format_time(now), base.base_url)
+        stamps = {}
+        mtimes = [0, 1.5, 0.000000001, 1764979199.9999999999, 253402300799.5, OLD]
+        mtimes += [rng.uniform(0, 4e9) for _ in range(3000)] + [rng.randrange(0, 4_000_000_000)] * 3
+        # Index pages give whole minutes.
+        mtimes += [float(rng.randrange(0, 4_000_000_000) // 60 * 60) for _ in range(100)]
+        mtimes += [1.0000000001, 2.9999999996]
+        names = ["a", 'q"uote', "back\\slash", "tab\there", "é/ü/ß", "雪.dat", "\x7f\x01"]
+        for mtime in mtimes:
+            rel_path = rng.choice(names) + str(rng.randrange(10))
+            # An index page gives no mode, some no size (rounded) or no date.
+            item = entry(rel_path, size=rng.choice([rng.randrange(0, 1 << 40), None]),
+                         mtime=rng.choice([mtime, mtime, None]),
+                         mode=rng.choice([rng.randrange(0, 0o177777), None]))
+            body = poll.plain_notice_json(head, rel_path, item, stamps, None)
+            expected = Notice(PollService.notice_for(base, rel_path, item, now)).to_json()
+            self.assertEqual(body, expected, (rel_path, item))
+        unusual = [
+            entry("a", mtime=float("nan")), entry("a", mtime=-1.5), entry("a", mtime=1e12),
+            entry("a", mtime=True), entry("a", size=True), entry("a", size=1.0),
+            entry("a", mode="644"), entry("a", mtime="1"),
+        ]
+        for item in unusual:
+            self.assertIsNone(poll.plain_notice_json(head, "a", item, stamps, None), item)
+        self.assertIsNone(poll.plain_notice_json(head, "\udcff", entry("x"), stamps, None))
+        self.assertIsNone(poll.plain_notice_json(head, "a", entry("a", size=11), stamps, 10))
+        self.assertIsNotNone(poll.plain_notice_json(head, "a", entry("a", size=10), stamps, 10))
+
 
 class SeenFilesTests(unittest.TestCase):
     async def test_store(self):
@@ -504,6 +545,26 @@ class PollTests(unittest.TestCase):
         self.assertIn("no such file or directory", warned[0])
         stats = await call_op(proc, "stats")
         self.assertGreaterEqual(stats["failed_passes"], 2)
+
+    async def test_hung_local_directory_times_out(self):
+        """A local directory that does not answer (a hung network file system) fails the
+        pass after list_timeout with a 504, as a remote listing that does not come would."""
+        from ion.apps.pump import poll
+
+        release = threading.Event()
+        self.addCleanup(release.set)
+        real = poll.list_local
+
+        def hanging(path, shown):
+            release.wait(30)
+            return real(path, shown)
+
+        self.patch(poll, "list_local", hanging)
+        proc = await self.start_poll(list_timeout=0.2)
+        stats = await call_op(proc, "stats")
+        self.assertEqual(stats["failed_passes"], 1)
+        self.assertEqual(stats["last_failures"][0]["code"], 504)
+        self.assertIn("not listed in 0.2 s", stats["last_failures"][0]["reason"])
 
     async def test_unconfirmed_not_recorded(self):
         """A file whose announcement the broker did not confirm is not recorded: the next

@@ -71,7 +71,14 @@ class HTMLIndexTests(SynchronousTestCase):
         broken = NGINX.replace('<a href="bulletins/">', '<a href="bulletins/"').replace(
             "</pre>", "< /pre>"
         )
-        for page in (APACHE_TABLE, APACHE_PRE, NGINX, TWISTED, broken, "", "<a href=x>"):
+        odd = (
+            '<a href="x">in <b>bold</b></a> 1 <a href="y" >y</a>2<a href=\'z\'>z</a>3'
+            '<A HREF="u">u</A>4<a href="v">a>b</a>5<a href="w&amp;x">w</a>&lt;6<a href="">e</a>'
+            '<tr><a href="q">q</a></tr>after<!-- c --><a href="r">r'
+        )
+        pages = (APACHE_TABLE, APACHE_PRE, NGINX, TWISTED, broken, "", "<a href=x>", odd)
+        pages += ('<!-- <a href="c">c</a> --><a href="d">d</a> 1',)
+        for page in pages:
             scanner = _IndexScanner()
             scanner.feed(page)
             scanner.close()
@@ -80,6 +87,27 @@ class HTMLIndexTests(SynchronousTestCase):
                 [(href, "".join(after)) for href, after in scanner.links],
                 page,
             )
+
+    def test_details_read_at_once(self):
+        """
+        The date and size after a link, read at once in the usual layout, are what reading
+        them one after the other finds, whatever the text.
+        """
+        import random
+
+        from ion.apps.pump.transfer import listings
+
+        rng = random.Random(21)
+        pieces = ["05-Mar-2024 14:07", "2024-03-05 14:08:09", "2024-03-05T14:08", "1-Jan-1970",
+                  " ", "  ", "\t", "\n", "-", "17", "0017", "17B", "1.5K", "2M", "x", "1",
+                  "6-Foo-2024 10:00", "\u0663", "\xa0"]
+        texts = ["   05-Mar-2024 14:07   123456\n", "  2024-03-05 14:07  - ", "2024-03-05 14:07 7b"]
+        texts += ["".join(rng.choice(pieces) for _ in range(rng.randrange(1, 6)))
+                  for _ in range(20000)]
+        for text in texts:
+            mtime, rest = listings._html_mtime(text)
+            self.assertEqual(listings._html_details(text), (mtime, listings._html_size(rest)),
+                             repr(text))
 
     def test_apacheTable(self):
         """

@@ -3,14 +3,19 @@
 The op scenarios run on the memory:// transport and on the private RabbitMQ node."""
 
 import base64
+import contextlib
 import hashlib
 import os
 
+import attrs
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from ion.apps.pump import outcome, transfer
 from ion.apps.pump.transfer import CredentialsError
+from ion.apps.pump.transfer.errors import NotFound
+from ion.apps.pump.transfer.file import list_local
+from ion.apps.pump.transfer.results import Entry
 from ion.apps.pump.transfer.worker import Transfers
 from ion.apps.pump.transfer_service import TransferService
 from ion.core.cc.testing import make_container
@@ -149,6 +154,18 @@ class TransferServiceScenarios:
             [(e["name"], e["type"], e["size"]) for e in entries],
             [("out.dat", "file", len(data)), ("sub", "dir", None)],
         )
+        # Every field of an Entry, and no other key.
+        fields = {field.name for field in attrs.fields(Entry)}
+        self.assertEqual([set(e) for e in entries], [fields, fields])
+        # A poll of a local tree reads it itself: the same entries (links not followed,
+        # fifos left out).
+        os.symlink("out.dat", os.path.join(self.dest, "link"))
+        os.mkfifo(os.path.join(self.dest, "fifo"))
+        entries = await self.caller.rpc("transfer", "list", {"url": "file://" + self.dest})
+        self.assertEqual([e["name"] for e in entries], ["link", "out.dat", "sub"])
+        self.assertEqual(list_local(self.dest, "shown"), entries)
+        e = self.assertRaises(NotFound, list_local, self.dest + "/nope", "the/nope")
+        self.assertIn("the/nope", str(e))
 
     async def test_list_missing_is_404(self):
         e = await self.assertFailure(
@@ -414,3 +431,27 @@ class OutcomeTests(unittest.SynchronousTestCase):
         for error, code, transient in cases:
             failure = outcome.classify(error)
             self.assertEqual((failure.code, failure.transient), (code, transient), error)
+
+
+class LocalListingTests(unittest.SynchronousTestCase):
+    def test_entry_removed_while_listed(self):
+        """A file removed between the directory's read and its lstat is left out of the
+        listing (a poll would otherwise take the whole directory for removed)."""
+        from unittest import mock
+
+        from ion.apps.pump.transfer import file
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        for name in ("a", "b", "c"):
+            write_source(directory, name, b"x")
+        real = os.scandir
+
+        def removing(path):
+            entries = list(real(path))
+            os.remove(os.path.join(directory, "b"))
+            return contextlib.nullcontext(entries)
+
+        with mock.patch.object(file.os, "scandir", removing):
+            entries = list_local(directory, "shown")
+        self.assertEqual([e["name"] for e in entries], ["a", "c"])

@@ -212,14 +212,51 @@ async def listdir(reactor, location, settings):
 def _listdir(location):
     entries = []
     try:
-        with os.scandir(location.path) as names:
-            for name in names:
-                entry = _entry(name.name, name.stat(follow_symlinks=False))
-                if entry is not None:
-                    entries.append(entry)
+        for name, info in _scan(location.path):
+            entry = _entry(name, info)
+            if entry is not None:
+                entries.append(entry)
     except OSError as exc:
         raise _source_error(location.shown, exc) from None
     return entries
+
+
+def list_local(path, shown):
+    """The entries of the local directory C{path} as the transfer service's C{list} op gives
+    them, C{{name, size, mtime, mode, type}} sorted by name (symbolic links not followed),
+    read on the calling thread: a poll of a local tree lists it in its own pool jobs, without
+    the service's conversions. L{TransferError} as C{list}'s, C{shown} naming the directory."""
+    entries = []
+    try:
+        for name, info in _scan(path):
+            kind = entry_type(info.st_mode)
+            if kind is not None:
+                entries.append({
+                    "name": name,
+                    "size": info.st_size if kind == "file" else None,
+                    "mtime": info.st_mtime,
+                    "mode": stat.S_IMODE(info.st_mode),
+                    "type": kind,
+                })
+    except OSError as exc:
+        raise _source_error(shown, exc) from None
+    entries.sort(key=_by_name)
+    return entries
+
+
+def _by_name(entry):
+    return entry["name"]
+
+
+def _scan(path):
+    """(name, lstat result) of each entry of the directory C{path}; one removed between the
+    directory's read and its lstat is left out (the directory is still there)."""
+    with os.scandir(path) as names:
+        for name in names:
+            try:
+                yield name.name, name.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
 
 
 def _entry(name, info):

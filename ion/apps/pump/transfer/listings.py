@@ -41,6 +41,11 @@ _HTML_DATE = re.compile(
     r"|(?P<dmy>\d{1,2}-[A-Za-z]{3}-\d{4})[ :](?P<dmytime>\d{2}:\d{2}(?::\d{2})?)"
 )
 _HTML_SIZE = re.compile(r"^(?P<number>\d+(?:\.\d+)?)(?P<unit>[KMGTP]i?B?|B)?$", re.IGNORECASE)
+# The usual text after a link: a date, then an exact size in bytes or '-', in spaces. What
+# _html_mtime and _html_size read from it, read at once.
+_HTML_DETAILS = re.compile(
+    rf"[ \t\r\n]*(?P<date>{_HTML_DATE.pattern})[ \t\r\n]+(?:(?P<bytes>\d+)[Bb]?|-)[ \t\r\n]*"
+)
 
 
 class ListingBuffer:
@@ -65,11 +70,13 @@ class ListingBuffer:
             raise TransferError(f"{self.what} larger than {self.limit} bytes", code=413)
 
 
-# The tags of a page, one match each: comments, declarations and processing instructions
-# (group 1 None), or a start or end tag (group 1 '/' or '', group 2 its name, group 3 its
-# attributes, quoted values kept whole).
+# The tags of a page, one match each: the usual link, C{<a href="...">text</a>}, whole (group
+# 1 its href: two tags in one match, the text between them being no link's), comments,
+# declarations and processing instructions (groups 1 and 3 None), or a start or end tag
+# (group 2 '/' or '', group 3 its name, group 4 its attributes, quoted values kept whole).
 _TAG = re.compile(
-    r"<!--.*?(?:-->|\Z)|<[!?][^>]*>"
+    r'<a href="([^"]*)">[^<]*</a>'
+    r"|<!--.*?(?:-->|\Z)|<[!?][^>]*>"
     r"|<(/?)([A-Za-z][^\t\n\r\f />]*)((?:[^>\"']|\"[^\"]*\"|'[^']*')*)>",
     re.DOTALL,
 )
@@ -85,7 +92,8 @@ def scan_links(text):
     page where some C{<} starts no tag those read (broken markup) goes to L{_IndexScanner},
     whose ways with broken markup are html.parser's."""
     tags = list(_TAG.finditer(text))
-    if len(tags) != text.count("<"):
+    whole_links = sum(1 for match in tags if match.group(1) is not None)  # two "<" each
+    if len(tags) + whole_links != text.count("<"):
         scanner = _IndexScanner()
         scanner.feed(text)
         scanner.close()
@@ -98,11 +106,16 @@ def scan_links(text):
         if start > pos and links and not in_anchor and not row_closed:
             links[-1][1].append(unescape(text[pos:start]))
         pos = match.end()
-        tag = match.group(2)
+        href = match.group(1)
+        if href is not None:
+            links.append((unescape(href), []))
+            in_anchor = row_closed = False
+            continue
+        tag = match.group(3)
         if tag is None:
             continue
         tag = tag.lower()
-        if match.group(1):
+        if match.group(2):
             if tag == "a":
                 in_anchor = False
             elif tag == "tr":
@@ -110,7 +123,7 @@ def scan_links(text):
             elif links:
                 links[-1][1].append(" ")
         elif tag == "a":
-            href = _HREF.search(match.group(3))
+            href = _HREF.search(match.group(4))
             if href is not None:
                 value = href.group(1)
                 if value is None:
@@ -164,19 +177,33 @@ _MTIMES = {}
 _MTIMES_KEPT = 4096
 
 
+def _html_details(text):
+    """(mtime, exact size or None) read from the text after a link."""
+    match = _HTML_DETAILS.fullmatch(text)
+    if match is None:
+        mtime, rest = _html_mtime(text)
+        return mtime, _html_size(rest)
+    size = match.group("bytes")
+    return _date(match, match.group("date")), None if size is None else int(size)
+
+
 def _html_mtime(text):
     match = _HTML_DATE.search(text)
     if match is None:
         return None, text
     rest = text[: match.start()] + " " + text[match.end() :]
-    when = match.group()
+    return _date(match, match.group()), rest
+
+
+def _date(match, when):
+    """The seconds of the date C{when} that C{match} found (L{_read_date}), remembered."""
     mtime = _MTIMES.get(when)
     if mtime is None:
         mtime = _read_date(match)
         if len(_MTIMES) >= _MTIMES_KEPT:
             _MTIMES.clear()
         _MTIMES[when] = mtime
-    return mtime, rest
+    return mtime
 
 
 def _read_date(match):
@@ -234,8 +261,9 @@ def parse_html_index(text, base_url):
         name = unquote(rest)
         if not rest or "/" in rest or name in (".", ".."):
             continue
-        mtime, remainder = _html_mtime("".join(after))
-        size = _html_size(remainder) if kind == "file" else None
+        mtime, size = _html_details("".join(after))
+        if kind != "file":
+            size = None
         entry = Entry(name, size, mtime, None, kind)
         known = entries.get(name)
         # Apache can link the icon and the name: keep the link followed by the details.
