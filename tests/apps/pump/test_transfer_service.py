@@ -13,7 +13,8 @@ from twisted.trial import unittest
 
 from ion.apps.pump import outcome, transfer
 from ion.apps.pump.transfer import CredentialsError
-from ion.apps.pump.transfer.errors import NotFound
+from ion.apps.pump.transfer import file as local_file
+from ion.apps.pump.transfer.errors import NotFound, TransferError
 from ion.apps.pump.transfer.file import list_local
 from ion.apps.pump.transfer.results import Entry
 from ion.apps.pump.transfer.worker import Transfers
@@ -166,6 +167,10 @@ class TransferServiceScenarios:
         self.assertEqual(list_local(self.dest, "shown"), entries)
         e = self.assertRaises(NotFound, list_local, self.dest + "/nope", "the/nope")
         self.assertIn("the/nope", str(e))
+        # A directory of more entries than the bound is refused, not held in memory.
+        self.patch(local_file, "MAX_LOCAL_ENTRIES", 2)
+        e = self.assertRaises(TransferError, list_local, self.dest, "the/dest")
+        self.assertEqual((e.code, str(e)), (413, "the/dest: more than 2 entries"))
 
     async def test_list_missing_is_404(self):
         e = await self.assertFailure(

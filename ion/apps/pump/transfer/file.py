@@ -21,13 +21,19 @@ import stat
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 
-from ion.apps.pump.transfer.errors import AuthFailed, BadRequest, LocalFailure, NotFound
+from ion.apps.pump.transfer.errors import (
+    AuthFailed, BadRequest, LocalFailure, NotFound, TransferError,
+)
 from ion.apps.pump.transfer.inflight import InflightFile
 from ion.apps.pump.transfer.limits import SharedResult
 from ion.apps.pump.transfer.pacing import PacedSink
 from ion.apps.pump.transfer.results import Entry, entry_type
 
 CHUNK_SIZE = 256 * 1024
+# A local directory of more entries than this is refused by a poll's listing (413), as a
+# remote listing past listings.MAX_LISTING_BYTES is: anyone who can write in the tree could
+# otherwise make the poll hold any number of entries in memory at once.
+MAX_LOCAL_ENTRIES = 250_000
 # A put reads (and hashes) its source in chunks of this size, each a job in the pool.
 PUT_CHUNK_SIZE = 1024 * 1024
 # Give the reactor a turn after this many chunks (4 MiB) so a big copy does not starve it.
@@ -225,10 +231,14 @@ def list_local(path, shown):
     """The entries of the local directory C{path} as the transfer service's C{list} op gives
     them, C{{name, size, mtime, mode, type}} sorted by name (symbolic links not followed),
     read on the calling thread: a poll of a local tree lists it in its own pool jobs, without
-    the service's conversions. L{TransferError} as C{list}'s, C{shown} naming the directory."""
+    the service's conversions. L{TransferError} as C{list}'s, C{shown} naming the directory;
+    one of code 413 for a directory of more than L{MAX_LOCAL_ENTRIES} entries."""
     entries = []
+    limit = MAX_LOCAL_ENTRIES
     try:
         for name, info in _scan(path):
+            if len(entries) >= limit:
+                raise TransferError(f"{shown}: more than {limit} entries", code=413)
             kind = entry_type(info.st_mode)
             if kind is not None:
                 entries.append({
