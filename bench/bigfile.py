@@ -11,14 +11,18 @@ The file (random bytes, written once, its sha512 computed as it is written) is s
 twisted.web (static.File, which serves ranges) in a process of its own, as in
 C{bench/pump.py}, so the server's CPU is charged to nobody. Each system runs in a child
 process of its own, writing into an empty directory; the file is checked against its sha512
-after each run and removed before the next.
+after each run and removed before the next, and the disk synced (C{os.sync}) after the source
+is written and between systems, so that no system runs beside another's writeback.
 
 - C{ion-stream}, C{ion-blocks}: a child process runs the transfer library as a consumer does
   (L{ion.apps.pump.transfer.worker.Transfers}, its thread pool and kept-open connections)
   with the notice's size and sha512: ION verifies the checksum (hashing as it receives in one
   stream; reading the file back once at the end in blocks). C{ion-blocks}: block_threshold 1,
   block_parallel 4, the default block size (16 blocks of at least 8 MiB).
-- C{curl}: C{curl -s -o <file> <url>}; curl verifies nothing.
+- C{curl}: C{curl -s -o <file> <url>}; curl verifies nothing, and its file may still be in
+  the page cache only when it exits.
+- C{curl-sync}: the same, then C{sync -d <file>} (fdatasync): the file as durable as ION
+  leaves it (ION fdatasyncs as it receives and before the rename), timed to the sync's end.
 - C{sr3}: a child process in sr3's venv (C{var/bench/sr3venv}, see C{bench/pump.py}) fetching
   with C{sarracenia.transfer.https.Https}, the class sr3 subscribe downloads http with (its
   C{get} into the local file), without a broker; sr3 verifies nothing on this path.
@@ -29,7 +33,8 @@ and after), peak RSS its C{VmHWM} (sampled every 20 ms while it runs). One line 
 
     bigfile system=curl size_mb=2048 mb_per_s=... cpu_s=... peak_rss_mb=... verified=yes
 
-then one ratio line: ION's stream against curl (target >= 0.8) and ION's best against sr3.
+then one ratio line: ION's stream against curl (target >= 0.8) and against curl-sync, and
+ION's best against sr3.
 With C{--repeat N} the systems run in turn N times (a busy machine moves every figure: compare
 figures of one round), each line and ratio line carrying C{round=}, then a line of the median
 ratios.
@@ -227,6 +232,7 @@ def main(argv=None):
         os.makedirs(os.path.join(source, "d"))
         os.makedirs(dest_dir)
         checksum = make_file(os.path.join(source, "d", "big.bin"), size)
+        os.sync()  # the source's writeback is not left to run during the first systems
         _, port = start_http_server(children, source)
         base = f"http://127.0.0.1:{port}"
         url = f"{base}/d/big.bin"
@@ -240,6 +246,9 @@ def main(argv=None):
 
         systems = [
             ("curl", ["curl", "-s", "-o", dest, url], None, False),
+            # As durable as ION leaves a file: its data on disk (fdatasync) before it counts.
+            ("curl-sync", ["sh", "-c", 'curl -s -o "$0" "$1" && sync -d "$0"', dest, url],
+             None, False),
             ("ion-stream", [sys.executable, "-c", ION_CHILD, url, dest, str(size), checksum, "0"],
              ion_env("stream"), True),
             ("ion-blocks", [sys.executable, "-c", ION_CHILD, url, dest, str(size), checksum, "1"],
@@ -271,17 +280,21 @@ def main(argv=None):
                 )
                 for leftover in os.listdir(dest_dir):
                     os.remove(os.path.join(dest_dir, leftover))
+                os.sync()  # nor one system's writeback during the next
             ion_best = max(results["ion-stream"][0], results["ion-blocks"][0])
             ratio = (results["ion-stream"][0] / results["curl"][0],
-                     ion_best / results["sr3"][0] if "sr3" in results else None)
+                     ion_best / results["sr3"][0] if "sr3" in results else None,
+                     results["ion-stream"][0] / results["curl-sync"][0])
             ratios.append(ratio)
             line = f"bigfile ratio{tag} ion-stream/curl mb_per_s={ratio[0]:.2f}"
+            line += f" ion-stream/curl-sync mb_per_s={ratio[2]:.2f}"
             if ratio[1] is not None:
                 line += f" ion-best/sr3 mb_per_s={ratio[1]:.2f}"
             print(line, flush=True)
         if args.repeat > 1:
             line = "bigfile ratio median ion-stream/curl mb_per_s="
             line += f"{statistics.median(r[0] for r in ratios):.2f}"
+            line += f" ion-stream/curl-sync mb_per_s={statistics.median(r[2] for r in ratios):.2f}"
             if ratios[0][1] is not None:
                 line += f" ion-best/sr3 mb_per_s={statistics.median(r[1] for r in ratios):.2f}"
             print(line, flush=True)
