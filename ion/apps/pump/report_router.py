@@ -153,13 +153,8 @@ class ReportRouter(ServiceProcess):
 
     async def _on_delivery(self, delivery):
         self.stats["received"] += 1
-        try:
-            fields = json.loads(delivery.body)
-        except (ValueError, RecursionError):
-            fields = None
-        report = fields.get("report") if isinstance(fields, dict) else None
-        code = report.get("code") if isinstance(report, dict) else None
-        if isinstance(code, bool) or not isinstance(code, int):
+        fields, code = _parse_report(delivery.body)
+        if code is None:
             self.stats["invalid"] += 1
             self.log.warn(
                 "report router: not a report (a JSON object with report.code), key {key!r}; "
@@ -280,14 +275,9 @@ class ReportRouter(ServiceProcess):
 
     def _count_direct(self, delivery, outcome):
         """Count and log a report one of our consumers published to its source itself."""
-        try:
-            fields = json.loads(delivery.body)
-        except (ValueError, RecursionError):
-            fields = None
-        report = fields.get("report") if isinstance(fields, dict) else None
-        code = report.get("code") if isinstance(report, dict) else None
+        fields, code = _parse_report(delivery.body)
         source = delivery.exchange[len("xr_"):]
-        if not isinstance(code, int) or not delivery.exchange.startswith("xr_"):
+        if code is None or not delivery.exchange.startswith("xr_"):
             return
         self.stats["received"] += 1
         if outcome == "forwarded":
@@ -358,3 +348,17 @@ def rotate(path, keep):
 
 
 process_class = ReportRouter
+
+
+def _parse_report(body):
+    """C{(fields, code)} of a report's body: its JSON object and its C{report}'s integer
+    C{code}; C{code} is None for anything else (then C{fields} may be None too)."""
+    try:
+        fields = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, None
+    report = fields.get("report") if isinstance(fields, dict) else None
+    code = report.get("code") if isinstance(report, dict) else None
+    if isinstance(code, bool) or not isinstance(code, int):
+        return fields, None
+    return fields, code
