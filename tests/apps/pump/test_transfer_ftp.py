@@ -5,6 +5,7 @@ Tests for the ftp scheme of L{ion.apps.pump.transfer}, against twisted's FTP ser
 import base64
 import hashlib
 import os
+import threading
 import time
 
 from twisted.internet import reactor
@@ -24,7 +25,14 @@ from ion.apps.pump.transfer import (
 )
 from ion.apps.pump.transfer.inflight import BUFFER_LIMIT
 from ion.apps.pump.transfer.pacing import Pacers
-from tests.apps.pump.servers import leftovers, partly_written, settle, start_ftp, write_file
+from tests.apps.pump.servers import (
+    leftovers,
+    partly_written,
+    settle,
+    source_threads,
+    start_ftp,
+    write_file,
+)
 from tests.waiting import until
 
 SECRET = "ftp-Pa55-word"
@@ -205,6 +213,24 @@ class FTPTests(TestCase):
                 self.assertEqual(f.read(), self.data)
         self.assertEqual(os.listdir(os.path.join(self.root, "sub")), ["up.bin"])
         self.assertEqual(result.size, len(self.data))
+
+    async def test_putSourceReadInPool(self):
+        """
+        With a pool, a put opens and reads its source in the pool's threads, never in the
+        reactor's: a slow disk does not hold up other transfers. The copy arrives whole,
+        with the checksum of its bytes.
+        """
+        pool, threads = source_threads(self)
+        src = write_file(os.path.join(self.local, "up.bin"), self.data)
+        result = await transfer.put(
+            reactor, src, self.server.url + "/sub/up.bin", credentials=self.creds,
+            pool=pool,
+        )
+        with open(os.path.join(self.root, "sub", "up.bin"), "rb") as f:
+            self.assertEqual(f.read(), self.data)
+        self.assertEqual(result.checksum, {"sha512": sha512(self.data)})
+        self.assertGreater(len(threads), 2)
+        self.assertNotIn(threading.main_thread(), threads)
 
     async def test_putLostRemovesTemporaryFile(self):
         """
