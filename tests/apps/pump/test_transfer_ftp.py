@@ -23,7 +23,9 @@ from ion.apps.pump.transfer import (
     TransferError,
     TransferTimeout,
 )
+from ion.apps.pump.transfer.errors import LocalFailure
 from ion.apps.pump.transfer.inflight import BUFFER_LIMIT
+from ion.apps.pump.transfer.outgoing import OutgoingFile
 from ion.apps.pump.transfer.pacing import Pacers
 from tests.apps.pump.servers import (
     leftovers,
@@ -231,6 +233,30 @@ class FTPTests(TestCase):
         self.assertEqual(result.checksum, {"sha512": sha512(self.data)})
         self.assertGreater(len(threads), 2)
         self.assertNotIn(threading.main_thread(), threads)
+
+    async def test_putSourceReadFails(self):
+        """
+        A put whose source cannot be read part way fails with that error (not a hang on the
+        data connection), and leaves no temporary file at the server.
+        """
+        pool, _ = source_threads(self)
+        reads = []
+        reading = OutgoingFile.read
+
+        def failing(outgoing, length):
+            reads.append(length)
+            if len(reads) > 1:
+                raise LocalFailure("cannot read up.bin: disk gone")
+            return reading(outgoing, length)
+
+        self.patch(OutgoingFile, "read", failing)
+        src = write_file(os.path.join(self.local, "up.bin"), os.urandom(3 * 1024 * 1024))
+        with self.assertRaises(LocalFailure):
+            await transfer.put(
+                reactor, src, self.server.url + "/sub/up.bin", credentials=self.creds,
+                pool=pool,
+            )
+        self.assertEqual(leftovers(os.path.join(self.root, "sub")), [])
 
     async def test_putLostRemovesTemporaryFile(self):
         """

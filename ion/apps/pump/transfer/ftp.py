@@ -433,7 +433,7 @@ class _Sender:
             return
         self._taking = True
         taking = Deferred.fromCoroutine(self._reader.take(CHUNK_SIZE))
-        taking.addCallbacks(self._took, self._end)
+        taking.addCallbacks(self._took, self._failed)
 
     def _resume(self):
         self._call = None
@@ -448,6 +448,13 @@ class _Sender:
             self._end(None)
             return
         self._consumer.write(data)
+
+    def _failed(self, failure):
+        # The data connection ends with what was sent: the caller discards it.
+        if self.deferred is not None:
+            self._consumer.unregisterProducer()
+            self._consumer.finish()
+        self._end(failure)
 
     def _end(self, result):
         self._taking = False
