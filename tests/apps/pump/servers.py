@@ -6,6 +6,7 @@ import ipaddress
 import os
 import posixpath
 import stat
+import threading
 import time
 
 from cryptography import x509
@@ -24,10 +25,12 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.protocols import ftp
 from twisted.python import components
 from twisted.python.filepath import FilePath
+from twisted.python.threadpool import ThreadPool
 from twisted.web import resource, server, static
 from zope.interface import implementer
 
 from ion.apps.pump.transfer.inflight import INFLIGHT_SUFFIX
+from ion.apps.pump.transfer.outgoing import OutgoingFile
 from tests.waiting import until
 
 
@@ -36,6 +39,30 @@ def write_file(path, data):
     with open(path, "wb") as f:
         f.write(data)
     return path
+
+
+def source_threads(testcase):
+    """
+    A pool of two threads for puts, and the list of the threads that open and read the
+    sources of puts (L{OutgoingFile}) during C{testcase}.
+    """
+    pool = ThreadPool(minthreads=0, maxthreads=2)
+    pool.start()
+    testcase.addCleanup(pool.stop)
+    threads = []
+    opening, reading = OutgoingFile.__init__, OutgoingFile.read
+
+    def opened(outgoing, *args, **kwargs):
+        threads.append(threading.current_thread())
+        opening(outgoing, *args, **kwargs)
+
+    def read(outgoing, length):
+        threads.append(threading.current_thread())
+        return reading(outgoing, length)
+
+    testcase.patch(OutgoingFile, "__init__", opened)
+    testcase.patch(OutgoingFile, "read", read)
+    return pool, threads
 
 
 def leftovers(directory):

@@ -5,6 +5,7 @@ Tests for the ftp scheme of L{ion.apps.pump.transfer}, against twisted's FTP ser
 import base64
 import hashlib
 import os
+import threading
 import time
 
 from twisted.internet import reactor
@@ -22,9 +23,18 @@ from ion.apps.pump.transfer import (
     TransferError,
     TransferTimeout,
 )
+from ion.apps.pump.transfer.errors import LocalFailure
 from ion.apps.pump.transfer.inflight import BUFFER_LIMIT
+from ion.apps.pump.transfer.outgoing import OutgoingFile
 from ion.apps.pump.transfer.pacing import Pacers
-from tests.apps.pump.servers import leftovers, partly_written, settle, start_ftp, write_file
+from tests.apps.pump.servers import (
+    leftovers,
+    partly_written,
+    settle,
+    source_threads,
+    start_ftp,
+    write_file,
+)
 from tests.waiting import until
 
 SECRET = "ftp-Pa55-word"
@@ -205,6 +215,48 @@ class FTPTests(TestCase):
                 self.assertEqual(f.read(), self.data)
         self.assertEqual(os.listdir(os.path.join(self.root, "sub")), ["up.bin"])
         self.assertEqual(result.size, len(self.data))
+
+    async def test_putSourceReadInPool(self):
+        """
+        With a pool, a put opens and reads its source in the pool's threads, never in the
+        reactor's: a slow disk does not hold up other transfers. The copy arrives whole,
+        with the checksum of its bytes.
+        """
+        pool, threads = source_threads(self)
+        src = write_file(os.path.join(self.local, "up.bin"), self.data)
+        result = await transfer.put(
+            reactor, src, self.server.url + "/sub/up.bin", credentials=self.creds,
+            pool=pool,
+        )
+        with open(os.path.join(self.root, "sub", "up.bin"), "rb") as f:
+            self.assertEqual(f.read(), self.data)
+        self.assertEqual(result.checksum, {"sha512": sha512(self.data)})
+        self.assertGreater(len(threads), 2)
+        self.assertNotIn(threading.main_thread(), threads)
+
+    async def test_putSourceReadFails(self):
+        """
+        A put whose source cannot be read part way fails with that error (not a hang on the
+        data connection), and leaves no temporary file at the server.
+        """
+        pool, _ = source_threads(self)
+        reads = []
+        reading = OutgoingFile.read
+
+        def failing(outgoing, length):
+            reads.append(length)
+            if len(reads) > 1:
+                raise LocalFailure("cannot read up.bin: disk gone")
+            return reading(outgoing, length)
+
+        self.patch(OutgoingFile, "read", failing)
+        src = write_file(os.path.join(self.local, "up.bin"), os.urandom(3 * 1024 * 1024))
+        with self.assertRaises(LocalFailure):
+            await transfer.put(
+                reactor, src, self.server.url + "/sub/up.bin", credentials=self.creds,
+                pool=pool,
+            )
+        self.assertEqual(leftovers(os.path.join(self.root, "sub")), [])
 
     async def test_putLostRemovesTemporaryFile(self):
         """

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import os
 import stat
+import threading
 import time
 
 from twisted.internet import reactor
@@ -36,6 +37,7 @@ from tests.apps.pump.servers import (
     make_tls,
     partly_written,
     settle,
+    source_threads,
     start_http,
     write_file,
 )
@@ -314,6 +316,20 @@ class HTTPTests(TestCase):
         with open(os.path.join(self.root, "up.bin"), "rb") as f:
             self.assertEqual(f.read(), self.data)
         self.assertEqual(result.checksum, {"sha512": sha512(self.data)})
+
+    async def test_putSourceReadInPool(self):
+        """
+        With a pool, a PUT opens and reads its source in the pool's threads, never in the
+        reactor's; the body arrives whole, with the checksum of its bytes.
+        """
+        pool, threads = source_threads(self)
+        src = write_file(os.path.join(self.dest_dir, "up.bin"), self.data)
+        result = await transfer.put(reactor, src, self.server.url + "/upload/up.bin", pool=pool)
+        with open(os.path.join(self.root, "up.bin"), "rb") as f:
+            self.assertEqual(f.read(), self.data)
+        self.assertEqual(result.checksum, {"sha512": sha512(self.data)})
+        self.assertGreater(len(threads), 1)
+        self.assertNotIn(threading.main_thread(), threads)
 
 
 class HTTPConnectionsTests(TestCase):

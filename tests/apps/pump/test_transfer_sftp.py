@@ -7,6 +7,7 @@ import base64
 import hashlib
 import os
 import stat
+import threading
 import time
 
 from twisted.internet import reactor
@@ -32,6 +33,7 @@ from tests.apps.pump.servers import (
     leftovers,
     partly_written,
     settle,
+    source_threads,
     ssh_key,
     start_sftp,
     write_file,
@@ -260,6 +262,24 @@ class SFTPTests(TestCase):
         self.assertEqual((info.st_mtime, stat.S_IMODE(info.st_mode)), (1.4e9, 0o604))
         self.assertEqual(os.listdir(os.path.join(self.root, "sub")), ["up.bin"])
         self.assertEqual(result.checksum, {"sha512": sha512(self.data)})
+
+    async def test_putSourceReadInPool(self):
+        """
+        With a pool, a put opens and reads its source in the pool's threads, never in the
+        reactor's: a slow disk does not hold up other transfers. The copy arrives whole,
+        with the checksum of its bytes.
+        """
+        pool, threads = source_threads(self)
+        src = write_file(os.path.join(self.local, "up.bin"), self.data)
+        result = await transfer.put(
+            reactor, src, self.server.url + "/sub/up.bin", credentials=self.creds,
+            known_hosts=self.known_hosts, pool=pool,
+        )
+        with open(os.path.join(self.root, "sub", "up.bin"), "rb") as f:
+            self.assertEqual(f.read(), self.data)
+        self.assertEqual(result.checksum, {"sha512": sha512(self.data)})
+        self.assertGreater(len(threads), 2)
+        self.assertNotIn(threading.main_thread(), threads)
 
     async def test_putLostRemovesTemporaryFile(self):
         """

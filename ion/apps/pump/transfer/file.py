@@ -26,6 +26,7 @@ from ion.apps.pump.transfer.errors import (
 )
 from ion.apps.pump.transfer.inflight import InflightFile
 from ion.apps.pump.transfer.limits import SharedResult
+from ion.apps.pump.transfer.outgoing import PUT_CHUNK_SIZE
 from ion.apps.pump.transfer.pacing import PacedSink
 from ion.apps.pump.transfer.results import Entry, entry_type
 
@@ -34,8 +35,6 @@ CHUNK_SIZE = 256 * 1024
 # remote listing past listings.MAX_LISTING_BYTES is: anyone who can write in the tree could
 # otherwise make the poll hold any number of entries in memory at once.
 MAX_LOCAL_ENTRIES = 250_000
-# A put reads (and hashes) its source in chunks of this size, each a job in the pool.
-PUT_CHUNK_SIZE = 1024 * 1024
 # Give the reactor a turn after this many chunks (4 MiB) so a big copy does not starve it.
 CHUNKS_PER_TURN = 16
 _SOURCE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -181,27 +180,15 @@ async def fetch_range(reactor, location, sink, settings, offset, length):
 async def store(reactor, outgoing, location, settings):
     """Copy C{outgoing} to the local path of C{location} (inflight name, then rename), no
     faster than C{settings.pacers} allow. The source is read and hashed in the pool (at once
-    without one); a read still running when the copy fails or is cancelled is waited for, so
-    the caller closes the source only once no thread reads it."""
+    without one: see L{OutgoingFile.take}); its caller closes it once no thread reads it."""
     pool = settings.pool
     sink = InflightFile(location.path, methods=(), what=location.shown, reactor=reactor, pool=pool)
-    reading = None
-
-    async def read(size):
-        nonlocal reading
-        if pool is None:
-            return outgoing.read(size)
-        reading = SharedResult(deferToThreadPool(reactor, pool, outgoing.read, size))
-        return await reading.observe()
-
     try:
         sink.declare(outgoing.size)
         pacers = settings.pacers
         target = PacedSink(sink, pacers, reactor) if pacers else sink
-        await copy(reactor, read, target, PUT_CHUNK_SIZE)
+        await copy(reactor, outgoing.take, target, PUT_CHUNK_SIZE)
     except BaseException:
-        if reading is not None and not reading.done:
-            await reading.observe().addErrback(lambda _: None)
         await sink.discard()
         raise
     await sink.finish(mtime=outgoing.mtime, mode=outgoing.mode)

@@ -27,9 +27,10 @@ import time
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.protocols.basic import FileSender
+from twisted.internet.interfaces import IPullProducer
 from twisted.protocols.ftp import CommandFailed, FTPClient, FTPError
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ion.apps.pump.transfer.errors import (
     AuthFailed,
@@ -393,35 +394,82 @@ def _fail_with(consumer_ready, done):
     done.addErrback(failed)
 
 
-class _PacedSender(FileSender):
-    """A L{FileSender} that waits, before reading the next chunk, while C{pacers} are in
-    debt (the reader spends them); C{timer}, the idle timer, is held meanwhile."""
+# A STOR writes its source to the data connection in pieces of this size.
+CHUNK_SIZE = 64 * 1024
+
+
+@implementer(IPullProducer)
+class _Sender:
+    """
+    A pull producer writing what C{reader.take} gives (pieces of C{CHUNK_SIZE}, read in the
+    pool) to a consumer, one piece per request. Before taking the next piece it waits while
+    C{pacers} are in debt (the reader spends them); C{timer}, the idle timer, is held
+    meanwhile.
+    """
 
     def __init__(self, reactor, pacers, timer):
         self._reactor = reactor
         self._pacers = pacers
         self._timer = timer
         self._call = None
+        self._taking = False
+        self.deferred = None
+
+    def beginFileTransfer(self, reader, consumer):
+        """Send all of C{reader} to C{consumer}; a Deferred fired at its end."""
+        self._reader, self._consumer = reader, consumer
+        self.deferred = Deferred()
+        consumer.registerProducer(self, False)
+        return self.deferred
 
     def resumeProducing(self):
+        if self.deferred is None or self._taking or self._call is not None:
+            return
         delay = max((pacer.delay() for pacer in self._pacers), default=0)
-        if delay <= 0:
-            return super().resumeProducing()
-        # A pull producer is asked again only after it wrote: the wait ends with a call.
-        if self._call is None:
+        if delay > 0:
+            # A pull producer is asked again only after it wrote: the wait ends with a call.
             self._timer.hold()
             self._call = self._reactor.callLater(delay, self._resume)
+            return
+        self._taking = True
+        taking = Deferred.fromCoroutine(self._reader.take(CHUNK_SIZE))
+        taking.addCallbacks(self._took, self._failed)
 
     def _resume(self):
         self._call = None
+        self.resumeProducing()
+
+    def _took(self, data):
+        self._taking = False
+        if self.deferred is None:
+            return
+        if not data:
+            self._consumer.unregisterProducer()
+            self._end(None)
+            return
+        self._consumer.write(data)
+
+    def _failed(self, failure):
+        # The data connection ends with what was sent: the caller discards it.
         if self.deferred is not None:
-            self.resumeProducing()
+            self._consumer.unregisterProducer()
+            self._consumer.finish()
+        self._end(failure)
+
+    def _end(self, result):
+        self._taking = False
+        if self.deferred is not None:
+            d, self.deferred = self.deferred, None
+            if result is None:
+                d.callback(None)
+            else:
+                d.errback(result)
 
     def stopProducing(self):
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-        super().stopProducing()
+        self._end(Failure(ConnectionFailed("the data connection asked to stop")))
 
 
 async def _send(reactor, session, location, name, source, offset=0):
@@ -455,7 +503,7 @@ async def _stor(reactor, session, location, name, source, offset):
         session.data_transport = consumer.transport
         pacers = session.settings.pacers
         reader = ProgressReader(source, session.timer.touch, pacers)
-        sender = _PacedSender(reactor, pacers, session.timer) if pacers else FileSender()
+        sender = _Sender(reactor, pacers, session.timer)
         try:
             await sender.beginFileTransfer(reader, consumer)
         except Exception:

@@ -490,6 +490,22 @@ async def listdir(reactor, location, settings):
     return Listing(parse_html_index(text, location.request_url), buffer.size)
 
 
+class _BodyProducer(FileBodyProducer):
+    """A L{FileBodyProducer} of what C{reader.take} gives (read in the pool): its task waits
+    for each piece before writing it."""
+
+    def _writeloop(self, consumer):
+        while True:
+            piece = []
+            taking = Deferred.fromCoroutine(self._inputFile.take(self._readSize))
+            taking.addCallback(piece.append)
+            yield taking
+            if not piece[0]:
+                self._inputFile.close()
+                break
+            consumer.write(piece[0])
+
+
 async def store(reactor, outgoing, location, settings):
     """PUT C{outgoing} to C{location} (no temporary name: HTTP has no rename)."""
     timeouts = settings.timeouts
@@ -514,7 +530,7 @@ async def store(reactor, outgoing, location, settings):
     else:
         cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
     reader = ProgressReader(outgoing, timer.touch, pacers)
-    body = FileBodyProducer(reader, cooperator, PUT_CHUNK_SIZE)
+    body = _BodyProducer(reader, cooperator, PUT_CHUNK_SIZE)
     body.length = outgoing.size
     agent = _agent(reactor, settings)
     try:

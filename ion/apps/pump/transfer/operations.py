@@ -17,7 +17,7 @@ from ion.apps.pump.transfer.inflight import InflightFile, check_method
 from ion.apps.pump.transfer.limits import RateWatch, Timeouts, host_key, slot
 from ion.apps.pump.transfer.pacing import PacedSink
 from ion.apps.pump.transfer.location import Settings, locate
-from ion.apps.pump.transfer.outgoing import OutgoingFile
+from ion.apps.pump.transfer.outgoing import open_outgoing
 from ion.apps.pump.transfer.results import Listing, TransferResult
 from ion.apps.pump.transfer.schemes import Schemes
 from ion.apps.pump.transfer.sendblocks import forget_blocks, put_blocks
@@ -305,7 +305,7 @@ async def put(reactor, src_path, url, *, credentials=None, limiter=None, pacers=
     location = locate(url, credentials)
     chosen = () if pacers is None else pacers.for_host(host_key(url))
     settings = Settings(**settings, pacers=chosen)
-    outgoing = OutgoingFile(src_path)
+    outgoing = await open_outgoing(reactor, settings.pool, src_path)
     try:
         if (
             blocks is not None
@@ -318,8 +318,9 @@ async def put(reactor, src_path, url, *, credentials=None, limiter=None, pacers=
             )
             if result is not None:
                 return result
+            await outgoing.settled()
             outgoing.close()
-            outgoing = OutgoingFile(src_path)
+            outgoing = await open_outgoing(reactor, settings.pool, src_path)
         async with slot(limiter, url):
             await _SCHEMES[location.scheme].store(reactor, outgoing, location, settings)
         return TransferResult(
@@ -330,6 +331,8 @@ async def put(reactor, src_path, url, *, credentials=None, limiter=None, pacers=
             location.shown,
         )
     finally:
+        # A read the pool is doing when the put fails or is cancelled ends first.
+        await outgoing.settled()
         outgoing.close()
 
 

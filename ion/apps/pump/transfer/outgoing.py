@@ -1,17 +1,23 @@
-"""A local file being sent: read in chunks and hashed on the way; the removal of what a send
-that failed left at the server."""
+"""A local file being sent: opened, read in chunks and hashed on the way by jobs in the
+caller's thread pool (at once without one), so a slow disk never holds up the reactor; the
+removal of what a send that failed left at the server."""
 
 import hashlib
 import os
 import stat
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from ion.apps.pump.transfer.errors import LocalFailure
 from ion.apps.pump.transfer.inflight import b64digest
+from ion.apps.pump.transfer.limits import SharedResult
 
 _HASH_READ = 1024 * 1024
+# A put reads (and hashes) its source in chunks of this size, each a job in the pool; a
+# chunk is read only once the one before it was taken: one chunk in memory per reader.
+PUT_CHUNK_SIZE = 1024 * 1024
 log = Logger()
 
 
@@ -37,14 +43,57 @@ async def remove_left(discard, reactor, location, settings, temp):
     return True
 
 
+async def open_outgoing(reactor, pool, path, methods=("sha512",)):
+    """
+    The L{OutgoingFile} at C{path}, opened in C{pool} (at once without one). Cancelled
+    while the pool opens it, the file is closed once the open is done.
+    """
+    if pool is None:
+        return OutgoingFile(path, methods)
+    job = SharedResult(
+        deferToThreadPool(reactor, pool, OutgoingFile, path, methods, reactor, pool)
+    )
+    try:
+        return await job.observe()
+    except CancelledError:
+        job.observe().addCallbacks(lambda outgoing: outgoing.close(), lambda _: None)
+        raise
+
+
+class _Chunks:
+    """
+    Bytes taken in pieces of any size from chunks read by C{read_chunk()} (a job in the
+    pool), one chunk at a time: the next is read once this one was taken.
+    """
+
+    def __init__(self, outgoing, read_chunk):
+        self._outgoing = outgoing
+        self._read_chunk = read_chunk
+        self._chunk = b""
+        self._taken = 0
+
+    async def take(self, length):
+        if self._taken >= len(self._chunk):
+            self._chunk = await self._outgoing.in_pool(self._read_chunk)
+            self._taken = 0
+        data = self._chunk[self._taken:self._taken + length]
+        self._taken += len(data)
+        return data
+
+
 class OutgoingFile:
     """
     The local source of a put. C{size}, C{mtime} and C{mode} are those of the open file;
     L{read} hashes what it returns so the checksum of exactly the bytes sent is known.
+    L{take} is the way to read it from the reactor: its disk work runs in C{pool}.
     """
 
-    def __init__(self, path, methods=("sha512",)):
+    def __init__(self, path, methods=("sha512",), reactor=None, pool=None):
         self.path = path
+        self._reactor = reactor
+        self._pool = pool
+        self._jobs = set()  # the pool jobs running (SharedResult)
+        self._closing = False
         try:
             # Non-blocking: a named pipe at the path must not wait for a writer.
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -60,16 +109,43 @@ class OutgoingFile:
         self.mode = stat.S_IMODE(info.st_mode)
         self.sent = 0
         self._hashers = {method: hashlib.new(method) for method in methods}
+        self._chunks = _Chunks(self, lambda: self.read(PUT_CHUNK_SIZE))
+
+    async def take(self, length):
+        """Up to C{length} next bytes (read and hashed in the pool); C{b""} at the end.
+        C{sent} counts the bytes taken."""
+        data = await self._chunks.take(length)
+        self.sent += len(data)
+        return data
+
+    def in_pool(self, work):
+        """A Deferred of C{work()} run in the pool (at once without one). A job still running
+        when the file is closed is let end first."""
+        if self._pool is None:
+            return maybeDeferred(work)
+        job = SharedResult(deferToThreadPool(self._reactor, self._pool, work))
+        self._jobs.add(job)
+        job.observe().addBoth(lambda _: self._ended(job))
+        return job.observe()
+
+    def _ended(self, job):
+        self._jobs.discard(job)
+        if self._closing and not self._jobs:
+            self._file.close()
+
+    async def settled(self):
+        """Once no pool job reads the file."""
+        for job in list(self._jobs):
+            await job.observe().addErrback(lambda _: None)
 
     def read(self, length):
-        """Up to C{length} next bytes; C{b""} at the end."""
+        """Up to C{length} next bytes; C{b""} at the end (disk work: a pool thread)."""
         try:
             data = self._file.read(length)
         except OSError as exc:
             raise LocalFailure.from_os_error(f"cannot read {self.path}", exc) from None
         for hasher in self._hashers.values():
             hasher.update(data)
-        self.sent += len(data)
         return data
 
     def checksum(self):
@@ -116,14 +192,17 @@ class OutgoingFile:
         return job
 
     def close(self):
-        self._file.close()
+        """Close the file, after the pool jobs reading it, if any."""
+        self._closing = True
+        if not self._jobs:
+            self._file.close()
 
 
 class BlockReader:
     """
     The bytes of one block of an L{OutgoingFile}, from C{offset} for C{length} bytes, read in
-    order through L{read} (as L{OutgoingFile.read}); C{sent} counts them, C{counted} (when
-    given) is told each read's length (progress).
+    order through L{take} (as L{OutgoingFile.take}); C{sent} counts them, C{counted} (when
+    given) is told each piece's length (progress).
     """
 
     def __init__(self, outgoing, offset, length, counted=None):
@@ -131,14 +210,20 @@ class BlockReader:
         self._position = offset
         self._end = offset + length
         self._counted = counted
+        self._chunks = _Chunks(outgoing, self._read_chunk)
         self.sent = 0
 
-    def read(self, length):
-        length = min(length, self._end - self._position)
+    def _read_chunk(self):
+        """The next chunk of the block (disk work: a pool thread)."""
+        length = min(PUT_CHUNK_SIZE, self._end - self._position)
         if length <= 0:
             return b""
         data = self._outgoing.read_at(self._position, length)
         self._position += len(data)
+        return data
+
+    async def take(self, length):
+        data = await self._chunks.take(length)
         self.sent += len(data)
         if self._counted is not None:
             self._counted(len(data))
@@ -147,9 +232,9 @@ class BlockReader:
 
 class ProgressReader:
     """
-    A file-like view of an L{OutgoingFile} for a producer (http PUT, FTP STOR): each read is
-    noted with C{touch} (progress for the idle timer) and spent from C{pacers} (bandwidth
-    limits: the producer's driver waits for them), the error a read fails with is kept as
+    A view of an L{OutgoingFile} (its L{take}) for a producer (http PUT, FTP STOR): each
+    piece taken is noted with C{touch} (progress for the idle timer) and spent from C{pacers} (bandwidth
+    limits: the producer's driver waits for them), the error a take fails with is kept as
     C{error} (the producer calling it may swallow it), and closing is left to the caller.
     """
 
@@ -159,10 +244,10 @@ class ProgressReader:
         self._pacers = pacers
         self.error = None
 
-    def read(self, length):
+    async def take(self, length):
         self._touch()
         try:
-            data = self._outgoing.read(length)
+            data = await self._outgoing.take(length)
         except Exception as exc:
             self.error = exc
             raise

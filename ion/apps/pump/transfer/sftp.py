@@ -462,13 +462,13 @@ def _entry(name, attrs):
 
 
 async def _write_from(handle, outgoing, session, offset=0):
-    """Write C{outgoing} (anything with C{read(n)}) to the open file C{handle} from C{offset}
+    """Write C{outgoing} (anything with an async C{take(n)}) to the open file C{handle} from C{offset}
     on, C{WINDOW} writes in flight, at the pace of the session's bandwidth limits
     (C{settings.pacers}); each write's reply is waited for."""
     pending = deque()
     pacers = session.settings.pacers
     try:
-        while data := outgoing.read(CHUNK_SIZE):
+        while data := await outgoing.take(CHUNK_SIZE):
             pending.append(handle.writeChunk(offset, data))
             offset += len(data)
             if len(pending) >= WINDOW:
