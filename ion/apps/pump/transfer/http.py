@@ -492,18 +492,22 @@ async def listdir(reactor, location, settings):
 
 class _BodyProducer(FileBodyProducer):
     """A L{FileBodyProducer} of what C{reader.take} gives (read in the pool): its task waits
-    for each piece before writing it."""
+    for each piece before writing it, and ends with the last of C{length} bytes. Not after
+    one more read: the server may answer as soon as it has them all, and the request's end
+    stops the cooperator while that read runs (which failed the put with SchedulerStopped)."""
 
     def _writeloop(self, consumer):
-        while True:
+        left = self.length
+        while left > 0:
             piece = []
-            taking = Deferred.fromCoroutine(self._inputFile.take(self._readSize))
+            taking = Deferred.fromCoroutine(self._inputFile.take(min(self._readSize, left)))
             taking.addCallback(piece.append)
             yield taking
             if not piece[0]:
-                self._inputFile.close()
-                break
+                break  # the file shrank: the request fails short of its Content-Length
             consumer.write(piece[0])
+            left -= len(piece[0])
+        self._inputFile.close()
 
 
 async def store(reactor, outgoing, location, settings):
@@ -513,8 +517,8 @@ async def store(reactor, outgoing, location, settings):
     pacers = settings.pacers
 
     def in_debt():
-        # Not after the last chunk: the producer's end (its empty read) comes in the same
-        # tick, before the server's answer can stop the cooperator under it.
+        # Not after the last chunk: the producer ends with its last write, in the same tick,
+        # before the server's answer can stop the cooperator under it.
         return outgoing.sent < outgoing.size and any(pacer.delay() > 0 for pacer in pacers)
 
     def schedule(work):
