@@ -8,7 +8,10 @@ timeouts (driven by the injected clock) and cancellation.
 A finished conversation leaves a tombstone for C{tombstone_ttl} seconds (config
 C{ion.core.conversation}, default 60): a late or duplicate message for it is dropped and logged
 at info, never dispatched. Tombstones are collected as new ones are laid, so memory stays
-bounded by the traffic of one TTL.
+bounded by the traffic of one TTL. The TTL is read from the config at most once a second.
+
+Deadlines (the initiator's timeout, the participant's copy of its caller's reply-by) share one
+clock timer per process (L{Deadlines}).
 """
 
 import collections
@@ -249,6 +252,9 @@ class Conversations:
         self.tombstones = collections.OrderedDict()
         self.recent = collections.deque(maxlen=LOG_LIMIT)
         self.deadlines = Deadlines(clock, self._expire)
+        self._ttl = None  # tombstone_ttl, looked up again once a second of the clock has passed
+        self._ttl_until = None
+        self._collect_at = None  # no tombstone expires before this (None: none is kept)
 
     def __len__(self):
         return len(self.open)
@@ -258,8 +264,14 @@ class Conversations:
         self.open.pop(key, None)
         self.deadlines.clear(conv)
         now = self.clock.seconds()
-        self.tombstones[key] = now + self.config.get(CONFIG, "tombstone_ttl", 60)
+        if self._ttl_until is None or not now < self._ttl_until:
+            self._ttl = self.config.get(CONFIG, "tombstone_ttl", 60)
+            self._ttl_until = now + 1.0
+        expires = now + self._ttl
+        self.tombstones[key] = expires
         self.tombstones.move_to_end(key)
+        if self._collect_at is None:
+            self._collect_at = expires
         self.recent.append(conv)
         if conv.role == P.INITIATOR and conv.protocol == "rpc":
             self.messenger.metrics.rpc_latency.observe((conv.op,), now - conv.started)
@@ -268,11 +280,16 @@ class Conversations:
     def collect(self, now=None):
         """Forget tombstones whose TTL has passed."""
         now = self.clock.seconds() if now is None else now
-        while self.tombstones:
-            key, expires = next(iter(self.tombstones.items()))
+        if self._collect_at is None or now < self._collect_at:
+            return
+        tombstones = self.tombstones
+        while tombstones:
+            key, expires = next(iter(tombstones.items()))
             if expires > now:
-                break
-            del self.tombstones[key]
+                self._collect_at = expires
+                return
+            del tombstones[key]
+        self._collect_at = None
 
     # -- sending ---------------------------------------------------------------------------
 
