@@ -8,10 +8,15 @@ timeouts (driven by the injected clock) and cancellation.
 A finished conversation leaves a tombstone for C{tombstone_ttl} seconds (config
 C{ion.core.conversation}, default 60): a late or duplicate message for it is dropped and logged
 at info, never dispatched. Tombstones are collected as new ones are laid, so memory stays
-bounded by the traffic of one TTL.
+bounded by the traffic of one TTL. The TTL is read from the config at most once a second.
+
+Deadlines (the initiator's timeout, the participant's copy of its caller's reply-by) share one
+clock timer per process (L{Deadlines}).
 """
 
 import collections
+import heapq
+import math
 import os
 
 from twisted.internet import defer
@@ -31,6 +36,8 @@ log = Logger()
 
 CONFIG = "ion.core.conversation"
 LOG_LIMIT = 16  # messages kept per conversation log (headers only)
+TICKS = 20  # deadlines are kept in buckets of 1/TICKS s (they still fire at their own time)
+SLACK = 1e-6  # a deadline this close is due: clock arithmetic may land a hair before it
 # A participant keeps working this long past the caller's reply-by, for clock skew.
 PARTICIPANT_GRACE = 1.0
 
@@ -52,7 +59,7 @@ class Conversation:
         self.state = P.START
         self.seq = 0
         self.log = collections.deque(maxlen=LOG_LIMIT)
-        self.timer = None
+        self.deadline = None  # (when, timeout, its bucket) while one is set
         self.started = owner.clock.seconds()  # for the rpc latency metric
         self.user_id = None  # the identity this conversation acts for
         # Initiator side: what the peer said, as (ok, value), once known, and the Deferreds
@@ -149,6 +156,89 @@ def _answer(waiter, answer):
         waiter.callback(value) if ok else waiter.errback(value)
 
 
+class Deadlines:
+    """The deadlines of many conversations on one clock timer.
+
+    A timer per conversation costs a C{callLater} and a C{cancel} per message; most are
+    cancelled long before they would fire. Here deadlines sit in buckets of 1/L{TICKS} s, so
+    clearing one is a dict removal, and a single C{DelayedCall} is armed for the earliest
+    deadline of the earliest bucket still holding any: each deadline still fires at its own
+    time, never earlier, and the clock wakes about once per timeout while none are missed.
+    """
+
+    def __init__(self, clock, expire):
+        self.clock = clock
+        self._expire = expire  # called with (conv, timeout) once its deadline passed
+        self._buckets = {}  # tick -> {conv: None}
+        self._ticks = []  # heap of the ticks of _buckets (and of some emptied since)
+        self._alarm = None  # the DelayedCall, when armed
+        self._alarm_at = None
+
+    def set(self, conv, timeout):
+        """Expire conv in timeout seconds unless L{clear}ed first."""
+        when = self.clock.seconds() + timeout
+        tick = math.ceil(when * TICKS)
+        bucket = self._buckets.get(tick)
+        if bucket is None:
+            bucket = self._buckets[tick] = {}
+            heapq.heappush(self._ticks, tick)
+        bucket[conv] = None
+        conv.deadline = (when, timeout, tick)
+        if self._alarm_at is None or when < self._alarm_at:
+            self._arm(when)
+
+    def clear(self, conv):
+        """Forget conv's deadline, if any."""
+        if conv.deadline is None:
+            return
+        tick = conv.deadline[2]
+        conv.deadline = None
+        bucket = self._buckets.get(tick)
+        if bucket is not None:
+            bucket.pop(conv, None)
+            if not bucket:
+                del self._buckets[tick]
+
+    def stop(self):
+        """Forget every deadline and disarm the timer."""
+        for bucket in self._buckets.values():
+            for conv in bucket:
+                conv.deadline = None
+        self._buckets.clear()
+        self._ticks.clear()
+        if self._alarm is not None and self._alarm.active():
+            self._alarm.cancel()
+        self._alarm = self._alarm_at = None
+
+    def _arm(self, when):
+        if self._alarm is not None and self._alarm.active():
+            self._alarm.cancel()
+        self._alarm_at = when
+        delay = max(0.0, when - SLACK - self.clock.seconds())
+        self._alarm = self.clock.callLater(delay, self._ring)
+
+    def _ring(self):
+        self._alarm = self._alarm_at = None
+        now = self.clock.seconds() + SLACK
+        due = []
+        ticks = self._ticks
+        while ticks:
+            bucket = self._buckets.get(ticks[0])
+            if bucket is None:  # emptied since
+                heapq.heappop(ticks)
+                continue
+            passed = [conv for conv in bucket if conv.deadline[0] <= now]
+            for conv in passed:
+                due.append((conv, conv.deadline[1]))
+                self.clear(conv)
+            if bucket:  # some of its deadlines are yet to come
+                self._arm(min(conv.deadline[0] for conv in bucket))
+                break
+            heapq.heappop(ticks)
+        for conv, timeout in due:
+            self._expire(conv, timeout)
+
+
 class Conversations:
     """The conversation table of one process (see the module docstring)."""
 
@@ -161,6 +251,10 @@ class Conversations:
         self.open = {}
         self.tombstones = collections.OrderedDict()
         self.recent = collections.deque(maxlen=LOG_LIMIT)
+        self.deadlines = Deadlines(clock, self._expire)
+        self._ttl = None  # tombstone_ttl, looked up again once a second of the clock has passed
+        self._ttl_until = None
+        self._collect_at = None  # no tombstone expires before this (None: none is kept)
 
     def __len__(self):
         return len(self.open)
@@ -168,11 +262,16 @@ class Conversations:
     def _finished(self, conv):
         key = (conv.conv_id, conv.role)
         self.open.pop(key, None)
-        if conv.timer is not None and conv.timer.active():
-            conv.timer.cancel()
+        self.deadlines.clear(conv)
         now = self.clock.seconds()
-        self.tombstones[key] = now + self.config.get(CONFIG, "tombstone_ttl", 60)
+        if self._ttl_until is None or not now < self._ttl_until:
+            self._ttl = self.config.get(CONFIG, "tombstone_ttl", 60)
+            self._ttl_until = now + 1.0
+        expires = now + self._ttl
+        self.tombstones[key] = expires
         self.tombstones.move_to_end(key)
+        if self._collect_at is None:
+            self._collect_at = expires
         self.recent.append(conv)
         if conv.role == P.INITIATOR and conv.protocol == "rpc":
             self.messenger.metrics.rpc_latency.observe((conv.op,), now - conv.started)
@@ -181,11 +280,16 @@ class Conversations:
     def collect(self, now=None):
         """Forget tombstones whose TTL has passed."""
         now = self.clock.seconds() if now is None else now
-        while self.tombstones:
-            key, expires = next(iter(self.tombstones.items()))
+        if self._collect_at is None or now < self._collect_at:
+            return
+        tombstones = self.tombstones
+        while tombstones:
+            key, expires = next(iter(tombstones.items()))
             if expires > now:
-                break
-            del self.tombstones[key]
+                self._collect_at = expires
+                return
+            del tombstones[key]
+        self._collect_at = None
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -232,7 +336,8 @@ class Conversations:
         conv.transition(first)
         if not conv.final:
             self.open[(conv.conv_id, P.INITIATOR)] = conv
-            conv.timer = self.clock.callLater(timeout, self._expire, conv, timeout)
+            if timeout is not None:
+                self.deadlines.set(conv, timeout)
 
         def sent(_):
             if protocol == "inform":
@@ -268,9 +373,7 @@ class Conversations:
 
     def close(self):
         """The process is gone: stop every timer and forget open conversations."""
-        for conv in list(self.open.values()):
-            if conv.timer is not None and conv.timer.active():
-                conv.timer.cancel()
+        self.deadlines.stop()
         self.open.clear()
 
     # -- receiving -------------------------------------------------------------------------
@@ -331,7 +434,7 @@ class Conversations:
                 log.info("{conv!r}: dropped: its caller's deadline had passed", conv=conv)
                 conv.transition(P.TIMEOUT)
                 return None
-            conv.timer = self.clock.callLater(delay, self._expire, conv, delay)
+            self.deadlines.set(conv, delay)
         return conv
 
     def _initiator_event(self, conv, performative, content):

@@ -264,6 +264,10 @@ class _Delivery:
     def settled(self):
         return self._consumer is None
 
+    @property
+    def user_id(self):
+        return self.properties.user_id
+
     def _settle(self, action):
         consumer = self._consumer
         if consumer is None:

@@ -136,6 +136,6 @@ class Messenger:
                 log.warn("dropped an undecodable message on {queue}: {error}", queue=queue, error=e)
                 delivery.nack(requeue=False)
                 return
-            handler(Message(env.headers, env.content, delivery.properties.user_id, delivery))
+            handler(Message(env.headers, env.content, delivery.user_id, delivery))
 
         return await self.transport.consume(queue, on_delivery, prefetch=prefetch)

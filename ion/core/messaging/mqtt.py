@@ -115,6 +115,10 @@ class _Delivery:
     redelivered: bool
     settled: bool = False
 
+    @property
+    def user_id(self):
+        return self.properties.user_id
+
     def ack(self):
         if not self.settled:
             self.settled = True

@@ -188,6 +188,7 @@ class IDelivery(Interface):
     exchange = Attribute("name of the exchange it was published to")
     routing_key = Attribute("str")
     properties = Attribute("Properties")
+    user_id = Attribute("C{properties.user_id}, read without making the whole Properties")
     redelivered = Attribute("bool: this message was delivered before and not acked")
     settled = Attribute("bool: ack() or nack() was called")
 

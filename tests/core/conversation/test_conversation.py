@@ -9,6 +9,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from ion.core.conversation import protocols as P
+from ion.core.conversation.conversation import Deadlines
 from ion.core.cc.testing import make_container
 from tests.broker import get_broker
 from tests.waiting import until
@@ -76,6 +77,78 @@ class TableTests(unittest.SynchronousTestCase):
             # every non-final state can time out (except the one-message inform's start)
             for state in states - P.FINAL - {"start"}:
                 self.assertIn((state, "timeout"), legal, (protocol, role, state))
+
+
+class _Conv:
+    deadline = None
+
+
+class DeadlinesTests(unittest.SynchronousTestCase):
+    """Many conversations' deadlines on one clock timer."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(0.1 + 0.2)  # a time that is not a round float
+        self.expired = []
+        self.deadlines = Deadlines(self.clock, lambda conv, timeout: self.expired.append(
+            (conv, timeout, self.clock.seconds())))
+
+    def test_each_fires_at_its_own_time(self):
+        """A deadline fires once its timeout has passed, never earlier, whatever else is
+        pending, in order, with the timeout it was set with; one timer serves them all."""
+        convs = [_Conv() for _ in range(5)]
+        timeouts = [3, 1, 1.01, 2.5, 1.02]
+        for conv, timeout in zip(convs, timeouts):
+            self.deadlines.set(conv, timeout)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        start = self.clock.seconds()
+        for step in [0.5, 0.5, 0.005, 0.005, 0.005, 0.005, 1.48, 0.5]:
+            self.clock.advance(step)
+            now = self.clock.seconds() - start
+            self.assertEqual(sorted(t for _, t, _ in self.expired),
+                             sorted(t for t in timeouts if t <= now + 1e-9))
+        self.assertEqual([t for _, t, _ in self.expired], [1, 1.01, 1.02, 2.5, 3])
+        for conv, timeout, when in self.expired:
+            self.assertGreaterEqual(when - start, timeout - 1e-9)
+            self.assertLess(when - start, timeout + 0.5)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_cleared_never_fires(self):
+        """A cleared deadline (the conversation finished) never fires; others still do, and
+        once none is left the clock has nothing pending."""
+        first, second = _Conv(), _Conv()
+        self.deadlines.set(first, 1)
+        self.deadlines.set(second, 2)
+        self.deadlines.clear(first)
+        self.clock.advance(1)
+        self.assertEqual(self.expired, [])
+        self.clock.advance(1)
+        self.assertEqual([c for c, _, _ in self.expired], [second])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        third = _Conv()
+        self.deadlines.set(third, 5)
+        self.deadlines.clear(third)
+        self.clock.advance(5)
+        self.assertEqual(len(self.expired), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_earlier_deadline_rearms(self):
+        """A deadline set after a later one still fires on time."""
+        late, soon = _Conv(), _Conv()
+        self.deadlines.set(late, 10)
+        self.deadlines.set(soon, 0.5)
+        self.clock.advance(0.5)
+        self.assertEqual([c for c, _, _ in self.expired], [soon])
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_stop(self):
+        """Stopping forgets every deadline and leaves no timer behind."""
+        for timeout in (1, 2):
+            self.deadlines.set(_Conv(), timeout)
+        self.deadlines.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(3)
+        self.assertEqual(self.expired, [])
 
 
 class Worker(ServiceProcess):
@@ -197,6 +270,25 @@ class ConversationScenarios:
         client.conversations.collect()
         self.assertEqual(len(client.conversations.tombstones), 0)
         self.assertEqual(len(client.conversations), 0)
+
+    async def test_timeouts_of_calls_in_flight(self):
+        """Of several calls in flight, each times out at its own time, not earlier, and a
+        call answered in time does not time out."""
+        clock = task.Clock()
+        c, worker, client = await self.setup(clock)
+        worker.gate = defer.Deferred()
+        calls = [client.rpc("worker", "work", n, timeout=t) for n, t in enumerate([2, 1, 3])]
+        await until(lambda: len(worker.conversations) == 3)
+        clock.advance(0.99)
+        for d in calls:
+            self.assertNoResult(d)
+        clock.advance(0.01)
+        self.failureResultOf(calls[1], ConversationTimeout)
+        self.assertNoResult(calls[0])
+        worker.gate.callback(None)
+        self.assertEqual(await calls[0], {"done": 0})
+        self.assertEqual(await calls[2], {"done": 2})
+        clock.advance(5)
 
     async def test_participant_deadline(self):
         """A participant whose caller's deadline has passed does not send its answer."""

@@ -410,6 +410,7 @@ class DeliveryReadingTests(unittest.SynchronousTestCase):
             (2, {"user-id": "guest"}, bytes(range(256)) * 40),  # several body frames
             (1, {"user-id": "guest", "headers": bad_headers}, b"refused"),
             (1, {"user-id": "guest", "delivery-mode": 2}, b"after"),
+            (2, {"user-id": "guest"}, b"m" * 2000),  # written apart from its frame
         ]
         data = b""
         for tag, (channel, properties, body) in enumerate(messages, 1):
@@ -435,7 +436,7 @@ class DeliveryReadingTests(unittest.SynchronousTestCase):
         cannot be decoded (refused), read whole or cut at every 1, 7, ... bytes."""
         data = self.stream()
         whole = self.read(data, len(data))
-        kinds = ["delivered"] * 4 + ["rejected", "delivered"]
+        kinds = ["delivered"] * 4 + ["rejected", "delivered", "delivered"]
         self.assertEqual([seen[0] for seen in whole], kinds)
         properties = {"user-id": "guest", "delivery-mode": 1}
         self.assertEqual(
@@ -445,6 +446,7 @@ class DeliveryReadingTests(unittest.SynchronousTestCase):
         self.assertEqual(whole[2][-2], b"")
         self.assertEqual(whole[3][-2], bytes(range(256)) * 40)
         self.assertEqual(whole[4][:3], ("rejected", 1, 5))
+        self.assertEqual(whole[6][-2], b"m" * 2000)
         for step in (1, 7, 19, 213, 4096):
             self.assertEqual(self.read(data, step), whole, f"read {step} bytes at a time")
 
@@ -453,12 +455,14 @@ class _CountingTransport(StringTransport):
     def __init__(self):
         super().__init__()
         self.calls = []  # ("write" or "writeSequence", bytes written)
+        self.sequences = []  # the pieces of each writeSequence
 
     def write(self, data):
         self.calls.append(("write", data))
         super().write(data)
 
     def writeSequence(self, seq):
+        self.sequences.append(list(seq))
         self.calls.append(("writeSequence", b"".join(seq)))
         super().writeSequence(seq)
 
@@ -501,6 +505,20 @@ class BatchedWriteTests(unittest.SynchronousTestCase):
         self.assertEqual(self.transport.calls, [("writeSequence", acks)])
         self.protocol.send_ack(1, 4, False)
         self.assertEqual(self.transport.calls[-1], ("write", self.ack_frame(4)))
+
+    def test_publish_in_one_write(self):
+        """A publish outside a read is written at once in one call: its method, header and
+        body frames; a large body goes to the transport as it is, not copied."""
+        self.protocol.frame_max = 4096
+        bodies = [b"s" * 200, b"b" * 4000, b"m" * 9000]
+        for body in bodies:
+            self.transport.calls.clear()
+            self.protocol.send_publish(1, "x", "k", True, {}, body)
+            frames = _wire._publish_frame(1, "x", "k", True) + _wire._content_frames(
+                1, self.basic, {}, body, 4088
+            )
+            self.assertEqual(self.transport.calls, [("writeSequence", frames)])
+        self.assertTrue(any(part is bodies[1] for part in self.transport.sequences[1]))
 
     def test_acks_sent_with_the_read(self):
         """Deliveries acked while their read is handled are acked at its end, in one

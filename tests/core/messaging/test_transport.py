@@ -601,6 +601,7 @@ class TransportSemantics:
         first, second = await inbox.wait(2)
         self.assertEqual(first.properties, attrs.evolve(claimed, user_id=t1.user))
         self.assertEqual(second.properties.user_id, t1.user)
+        self.assertEqual((first.user_id, second.user_id), (t1.user, t1.user))
         self.assertNotEqual(t1.user, t2.user)
 
     async def test_header_limits(self):

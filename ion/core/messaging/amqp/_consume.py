@@ -121,6 +121,10 @@ class _Delivery:
             self._properties = _properties_from_amqp(self._amqp_properties)
         return self._properties
 
+    @property
+    def user_id(self):
+        return self._amqp_properties.get("user-id")
+
     def _settle(self, action):
         if self.settled:
             raise TransportError(

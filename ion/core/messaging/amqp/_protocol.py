@@ -25,7 +25,7 @@ from ion.core.messaging.amqp._wire import (
     _METHOD_ID,
     _PROTOCOL_HEADER,
     FieldTableError,
-    _content_frames,
+    _content_parts,
     _decode_ack,
     _decode_deliver,
     _decode_fields,
@@ -235,10 +235,15 @@ class _Protocol(Protocol):
     def send_publish(self, channel, exchange, routing_key, mandatory, properties, body):
         """basic.publish with its content, in one write. Raises (before writing anything)
         when a field cannot be encoded."""
-        data = _publish_frame(channel, exchange, routing_key, mandatory) + _content_frames(
-            channel, self._basic, properties, body, self.frame_max - 8
+        parts = _content_parts(
+            channel, self._basic, properties, body, self.frame_max - 8,
+            _publish_frame(channel, exchange, routing_key, mandatory),
         )
-        self._write(data)
+        batch = self._batch
+        if batch is None:
+            self.transport.writeSequence(parts)
+        else:
+            batch += parts
 
     def send_ack(self, channel, tag, multiple):
         self._write(_method_frame(channel, self._basic_ack, (tag, multiple)))

@@ -470,17 +470,42 @@ def _decode_ack(data, pos):
     return [delivery_tag, bool(bits & 1)], pos + 9
 
 
-def _content_frames(channel, klass, properties, body, max_body):
-    """The header frame and the body frames of one message, as one bytes object. C{properties}
-    is a dict for L{_encode_properties}, or bytes it made."""
+# Bodies up to this size are copied into the frames around them; larger ones are written as
+# they are, so that a message's body is copied once on its way out (into the socket buffer).
+_JOIN_BODY_MAX = 1024
+
+
+def _content_parts(channel, klass, properties, body, max_body, head=b""):
+    """The header frame and the body frames of one message, after C{head}, as a list of
+    bytes to write in order: a large body that fits one frame is not copied. C{properties} is
+    a dict for L{_encode_properties}, or bytes it made."""
     if type(properties) is not bytes:
         properties = _encode_properties_kept(klass, properties)
-    header = _CONTENT_HEADER.pack(klass.id, 0, len(body)) + properties
-    parts = [_FRAME.pack(_HEADER_FRAME, channel, len(header)), header, _FRAME_END]
-    for start in range(0, len(body), max_body):
-        chunk = body if len(body) <= max_body else body[start : start + max_body]
-        parts += (_FRAME.pack(_BODY_FRAME, channel, len(chunk)), chunk, _FRAME_END)
-    return b"".join(parts)
+    size = len(body)
+    header = _CONTENT_HEADER.pack(klass.id, 0, size) + properties
+    frames = [head, _FRAME.pack(_HEADER_FRAME, channel, len(header)), header, _FRAME_END]
+    if not size:  # no body frame
+        return [b"".join(frames)]
+    if size <= max_body:
+        frames.append(_FRAME.pack(_BODY_FRAME, channel, size))
+        if size <= _JOIN_BODY_MAX:
+            frames += (body, _FRAME_END)
+            return [b"".join(frames)]
+        return [b"".join(frames), body, _FRAME_END]
+    parts = []
+    for start in range(0, size, max_body):
+        chunk = body[start : start + max_body]  # bytes: a transport takes no memoryview
+        frames.append(_FRAME.pack(_BODY_FRAME, channel, len(chunk)))
+        parts += (b"".join(frames), chunk)
+        frames = [_FRAME_END]
+    parts.append(_FRAME_END)
+    return parts
+
+
+def _content_frames(channel, klass, properties, body, max_body):
+    """The header frame and the body frames of one message, as one bytes object (see
+    L{_content_parts})."""
+    return b"".join(_content_parts(channel, klass, properties, body, max_body))
 
 
 def _shortstr(value, what):
