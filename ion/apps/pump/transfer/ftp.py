@@ -47,7 +47,7 @@ from ion.apps.pump.transfer.inflight import SinkReceiver, inflight_name
 from ion.apps.pump.transfer.limits import IdleTimer
 from ion.apps.pump.transfer.policy import connect
 from ion.apps.pump.transfer.listings import ListingBuffer, parse_list_line, parse_mlsd_line
-from ion.apps.pump.transfer.outgoing import ProgressReader, remove_left
+from ion.apps.pump.transfer.outgoing import ProgressReader, store_or_remove_left
 from ion.apps.pump.transfer.results import Listing
 from ion.apps.pump.transfer.sessions import borrowed
 
@@ -562,14 +562,10 @@ async def store(reactor, outgoing, location, settings):
                     left.clear()  # removed, or refused: not there, or not ours to remove
             raise
 
-    try:
-        await _with_session(reactor, location, settings, work)
-    except CancelledError:
-        raise
-    except BaseException:
-        if left:
-            await remove_left(store_discard, reactor, location, settings, temp)
-        raise
+    await store_or_remove_left(
+        _with_session(reactor, location, settings, work), left, store_discard, reactor,
+        location, settings, temp,
+    )
 
 
 # A put in blocks (L{ion.apps.pump.transfer.sendblocks}): block 0 is a plain STOR (which

@@ -81,6 +81,23 @@ class _Chunks:
         return data
 
 
+async def store_or_remove_left(attempt, left, discard, reactor, location, settings, temp):
+    """
+    Await C{attempt} (a whole-file send to the temporary file C{temp}); if it fails while
+    C{left} is not empty (its session was lost before the file could be removed there),
+    remove C{temp} on a session of its own (L{remove_left}) and raise the send's error. A
+    cancelled send ends at once, leaving it.
+    """
+    try:
+        return await attempt
+    except CancelledError:
+        raise
+    except BaseException:
+        if left:
+            await remove_left(discard, reactor, location, settings, temp)
+        raise
+
+
 class OutgoingFile:
     """
     The local source of a put. C{size}, C{mtime} and C{mode} are those of the open file;

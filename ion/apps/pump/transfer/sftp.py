@@ -44,7 +44,7 @@ from ion.apps.pump.transfer.errors import (
 )
 from ion.apps.pump.transfer.inflight import inflight_name
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
-from ion.apps.pump.transfer.outgoing import remove_left
+from ion.apps.pump.transfer.outgoing import store_or_remove_left
 from ion.apps.pump.transfer.pacing import wait
 from ion.apps.pump.transfer.sessions import borrowed
 from ion.apps.pump.transfer.policy import connect
@@ -558,14 +558,10 @@ async def store(reactor, outgoing, location, settings):
                     pass
             raise
 
-    try:
-        await _with_session(reactor, location, settings, work)
-    except CancelledError:
-        raise
-    except BaseException:
-        if left:
-            await remove_left(store_discard, reactor, location, settings, temp)
-        raise
+    await store_or_remove_left(
+        _with_session(reactor, location, settings, work), left, store_discard, reactor,
+        location, settings, temp,
+    )
 
 
 # A put in blocks (L{ion.apps.pump.transfer.sendblocks}): the temporary file is made (or found
