@@ -123,6 +123,8 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9_+=,@~-][A-Za-z0-9_.+=,@~-]{0,254}", re.ASC
 # Turns of the reactor without a delivery after which a standby taking over stops waiting
 # for the rest of what is queued for it.
 _DRAIN_IDLE_ROUNDS = 1000
+# Seconds a standby taking over waits before it believes its queue is empty.
+_DRAIN_SETTLE = 0.1
 _PASS_COUNTERS = (
     "listed",
     "announced",
@@ -716,8 +718,11 @@ class PollService(ServiceProcess):
                 if empty == 2 or self._received >= target:
                     break
                 idle = 0 if self._received != received else idle + 1
-                # A turn of the reactor: deliveries on their way arrive.
-                await task.deferLater(reactor, 0, lambda: None)
+                # Deliveries on their way arrive: a turn of the reactor, or, once the queue
+                # looks empty, a moment (messages the broker already pushed are not counted
+                # in its depth while they cross the connection).
+                await task.deferLater(reactor, _DRAIN_SETTLE if empty else 0,
+                                      lambda: None)
         except Exception as e:
             self.log.warn(
                 "poll {name}: could not take in all the last holder announced ({why}); "
