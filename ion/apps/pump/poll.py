@@ -69,8 +69,11 @@ of another user, or of none, is refused and counted as C{refused}), with this po
 C{baseUrl}, a relPath that is a safe name in the tree, and a valid size and mtime. A file
 announced in blocks is recorded with its last block; a removal (C{fileOp} remove) forgets
 the file. Two polls announcing the same C{baseUrl} are taken for one. On taking over, the
-standby first records what is still queued for it (until the queue is empty, or as many
-notices as it held when it took over), then ends the subscription and polls. A standby
+standby first records what is still queued for it, then ends the subscription and polls.
+It knows it has read all of it when a marker comes back: it publishes one (a random token)
+to C{xs_<login>.poll.<name>.standby}, an exchange its queue alone is bound to with its tag,
+and the broker queues the marker behind every notice routed to it before, notices still on
+their way over the connection included (a standby waits at most a minute for it). A standby
 that was not running misses what was announced meanwhile (its queue went with it, which
 leaves nothing to pile up on the broker): its rows are then older, never newer, than what
 was announced, so after a takeover those files are announced again (the consumers drop the
@@ -87,6 +90,7 @@ last pass; op C{stats} returns the totals.
 import functools
 import os
 import re
+import secrets
 import sqlite3
 from json.encoder import encode_basestring
 from urllib.parse import unquote, urlsplit
@@ -120,11 +124,8 @@ _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 # paths.safe_name and of unfetchable (no '%', '?', '#', ':', '/', '\\', control characters,
 # no '.' or '..', no inflight name, at most 255 bytes): the usual name, told by one regex.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_+=,@~-][A-Za-z0-9_.+=,@~-]{0,254}", re.ASCII)
-# Turns of the reactor without a delivery after which a standby taking over stops waiting
-# for the rest of what is queued for it.
-_DRAIN_IDLE_ROUNDS = 1000
-# Seconds a standby taking over waits before it believes its queue is empty.
-_DRAIN_SETTLE = 0.1
+# Seconds a standby taking over waits for its marker to come back before it polls anyway.
+_MARKER_TIMEOUT = 60
 _PASS_COUNTERS = (
     "listed",
     "announced",
@@ -403,7 +404,11 @@ class PollService(ServiceProcess):
         # says nothing of who published: nothing there could be trusted.
         self._standby_queue = None
         if self.lease is not None and not _MQTT.match(args.broker or ""):
-            self._standby_queue = f"{queue}.standby.{instance_tag(state_dir)}"
+            self._standby_tag = instance_tag(state_dir)
+            self._standby_queue = f"{queue}.standby.{self._standby_tag}"
+            # Where its markers go: an exchange of the same account (xs_<login>...: it may
+            # declare and write those), bound to each standby's queue by the standby's tag.
+            self._marker_exchange = f"xs_{queue[2:]}.standby"
         if self.store.reset:
             self.log.warn(
                 "poll {name}: url changed to {url}; every file will be announced again",
@@ -445,7 +450,7 @@ class PollService(ServiceProcess):
         self._followed = {}
         self._followed_deliveries = []
         self._writing = None
-        self._received = 0
+        self._marker = None  # taking over: (token, Deferred fired when it comes back)
 
     async def on_activate(self):
         if self.broker is not None:
@@ -494,6 +499,8 @@ class PollService(ServiceProcess):
 
     def _stop_polling(self):
         self._stopping = True
+        if self._marker is not None:
+            self._marker[1].cancel()  # a takeover under way polls no more
         if self._loop is not None and self._loop.running:
             self._loop.stop()
 
@@ -605,13 +612,21 @@ class PollService(ServiceProcess):
         (see the module docstring)."""
         if self._following is not None or self._standby_queue is None:
             return
+        consumer = None
         try:
-            self._following = await self.subscribe(
+            consumer = await self.subscribe(
                 self.exchange, ["v03.#"], self._take_followed, queue=self._standby_queue,
                 transport=self.broker, exchange_type=None if self.broker is not None else "topic",
                 durable=True, exclusive=True, auto_delete=True, prefetch=self.settings.batch,
             )
+            await self.bind(
+                self._standby_queue, self._marker_exchange, self._standby_tag,
+                transport=self.broker,
+            )
+            self._following = consumer
         except Exception as e:
+            if consumer is not None:
+                await self.unsubscribe(consumer)
             # Tried again at the next interval; said once while the same error repeats.
             why = str(e)
             level = self.log.warn if why != self._follow_error else self.log.debug
@@ -624,7 +639,15 @@ class PollService(ServiceProcess):
         self._follow_error = None
 
     def _take_followed(self, delivery):
-        self._received += 1
+        headers = delivery.properties.headers
+        if headers and "marker" in headers:
+            # A marker: this poll's own, back after what was queued before it, or a stale
+            # or forged one (nothing happens).
+            marker = self._marker
+            if marker is not None and headers["marker"] == marker[0] and not marker[1].called:
+                marker[1].callback(None)
+            delivery.ack()
+            return
         try:
             change = self._followed_change(delivery)
         except (ValueError, TypeError, paths.UnsafePath, TransferError) as e:
@@ -697,38 +720,38 @@ class PollService(ServiceProcess):
 
     async def _stop_following(self):
         """Now the holder: record what the last one announced and is still queued for this
-        poll (until the queue is empty twice in a row, or as many notices as it held when
-        asked first came, or no progress), then end the subscription."""
+        poll, up to a marker published now (see the module docstring), then end the
+        subscription."""
         consumer, self._following = self._following, None
         if consumer is None:
             return
-        reactor = self.container.reactor
-        target = None
-        idle = empty = 0
+        token = secrets.token_hex(16)
+        back = defer.Deferred()
+        back.addTimeout(_MARKER_TIMEOUT, self.container.clock)
+        self._marker = (token, back)
         try:
-            while idle < _DRAIN_IDLE_ROUNDS and not self._stopping:
-                received = self._received
-                if self._writing is not None:
-                    await self._chain(self._writing)
-                depth = await self.queue_depth(consumer.queue, transport=self.broker)
-                if target is None:
-                    target = received + depth + self.settings.batch
-                busy = bool(self._followed) or self._writing is not None
-                empty = empty + 1 if depth == 0 and not busy else 0
-                if empty == 2 or self._received >= target:
-                    break
-                idle = 0 if self._received != received else idle + 1
-                # Deliveries on their way arrive: a turn of the reactor, or, once the queue
-                # looks empty, a moment (messages the broker already pushed are not counted
-                # in its depth while they cross the connection).
-                await task.deferLater(reactor, _DRAIN_SETTLE if empty else 0,
-                                      lambda: None)
+            await self.publish(
+                self._marker_exchange, self._standby_tag, b"{}", transport=self.broker,
+                headers={"marker": token}, persistent=False, mandatory=True,
+            )
+            await back
+        except defer.CancelledError:
+            pass  # stopping
         except Exception as e:
+            why = f"no marker back in {_MARKER_TIMEOUT} s" if isinstance(
+                e, defer.TimeoutError) else str(e)
             self.log.warn(
                 "poll {name}: could not take in all the last holder announced ({why}); "
                 "some files may be announced again",
-                name=self.source, why=e,
+                name=self.source, why=why,
             )
+        finally:
+            self._marker = None
+            if not back.called:
+                back.cancel()
+            back.addErrback(lambda _: None)  # ended one way or another: nothing left to say
+        if self._writing is not None:
+            await self._chain(self._writing)
         await self.unsubscribe(consumer)
         if self._writing is not None:
             await self._chain(self._writing)

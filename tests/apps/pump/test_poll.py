@@ -980,6 +980,41 @@ class StandbyScenarios:
         self.assertEqual(self.announced()[("g", None)], 1)
         self.assertEqual(sum(self.announced().values()), sum(after.values()) + 2)
 
+    async def test_takeover_waits_for_notices_on_their_way(self):
+        """Notices the broker has already handed to the standby but that are still on their
+        way (a slow link: each takes 0.3 s to arrive, in order) are recorded before the
+        standby polls: the queue's depth is 0 then, yet none of those files is announced
+        again."""
+        self.listing(entry("a"))
+        self.lister.listings[self.root + "sub/"] = []
+        active, standby = await self.two_polls()
+        await until(lambda: standby.store.get("a"), what="the standby following")
+        arriving = []
+        take = standby._take_followed
+
+        def late(delivery):
+            arriving.append(delivery)
+            reactor.callLater(0.3, lambda: take(arriving.pop(0)))
+
+        standby._take_followed = late
+        await standby.unsubscribe(standby._following)  # its queue goes: follow anew, slowly
+        standby._following = None
+        await standby._follow()
+        self.lister.listings[self.root + "sub/"] = [entry(f"n{i}") for i in range(6)]
+        await self.tick(10)
+        self.assertEqual(active.stats["announced"], 7)
+        await active.crash("killed")
+        self.clock.advance(10)
+        await until(lambda: standby.lease.held or standby.stats["standby"] > 3)
+        self.clock.advance(10)
+        await until(lambda: standby.lease.held, what="the takeover")
+        await self.settle()
+        self.assertGreaterEqual(standby.stats["passes"], 1)
+        self.assertEqual(standby.stats["followed"], 7)
+        self.assertEqual(
+            {key: count for key, count in self.announced().items() if count > 1}, {}
+        )
+
     async def test_notices_of_others_mark_nothing_seen(self):
         """A notice another broker user posts into the exchange (with the poll's baseUrl and
         a listed file's size and mtime), or one of the poll's user outside the tree, does not
