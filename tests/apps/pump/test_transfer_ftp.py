@@ -2,52 +2,27 @@
 Tests for the ftp scheme of L{ion.apps.pump.transfer}, against twisted's FTP server on loopback.
 """
 
-import base64
-import hashlib
 import os
-import threading
 import time
 
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from ion.apps.pump import transfer
-from ion.apps.pump.transfer import (
-    AuthFailed,
-    ChecksumMismatch,
-    Credentials,
-    NotFound,
-    Timeouts,
-    TransferError,
-    TransferTimeout,
-)
-from ion.apps.pump.transfer.errors import LocalFailure
-from ion.apps.pump.transfer.inflight import BUFFER_LIMIT
-from ion.apps.pump.transfer.outgoing import OutgoingFile
-from ion.apps.pump.transfer.pacing import Pacers
-from tests.apps.pump.servers import (
-    leftovers,
-    partly_written,
-    settle,
-    source_threads,
-    start_ftp,
-    write_file,
-)
-from tests.waiting import until
+from ion.apps.pump.transfer import AuthFailed, Credentials, NotFound, Timeouts, TransferTimeout
+from tests.apps.pump.remote_cases import RemoteTransferCases, sha512
+from tests.apps.pump.servers import leftovers, settle, start_ftp, write_file
 
 SECRET = "ftp-Pa55-word"
 
 
-def sha512(data):
-    return base64.b64encode(hashlib.sha512(data).digest()).decode()
-
-
-class FTPTests(TestCase):
+class FTPTests(RemoteTransferCases, TestCase):
     """
     get, put and list over ftp.
     """
+
+    secret = SECRET
 
     def setUp(self):
         self.root = os.path.abspath(self.mktemp())
@@ -74,6 +49,9 @@ class FTPTests(TestCase):
     def get(self, path, dest=None, **kwargs):
         kwargs.setdefault("credentials", self.creds)
         return transfer.get(reactor, self.server.url + path, dest or self.dest, **kwargs)
+
+    def options(self):
+        return {"credentials": self.creds}
 
     async def test_get(self):
         """
@@ -115,17 +93,6 @@ class FTPTests(TestCase):
         self.assertIn("550", str(caught.exception))
         self.assertEqual(os.listdir(self.local), [])
 
-    async def test_checksumMismatch(self):
-        """
-        A checksum mismatch leaves the previous file as it was.
-        """
-        write_file(self.dest, b"previous")
-        with self.assertRaises(ChecksumMismatch):
-            await self.get("/data.bin", expected_checksum=("sha512", sha512(b"other")))
-        with open(self.dest, "rb") as f:
-            self.assertEqual(f.read(), b"previous")
-        self.assertEqual(leftovers(self.local), [])
-
     async def test_stalled(self):
         """
         A data connection that goes quiet ends in L{TransferTimeout} after the idle time, while
@@ -143,21 +110,6 @@ class FTPTests(TestCase):
         self.assertTrue(0.5 <= time.monotonic() - start < 3)
         self.assertFalse(os.path.exists(self.dest))
         self.assertEqual(leftovers(self.local), [])
-
-    async def test_cancel(self):
-        """
-        Cancelling a transfer in progress removes its temporary file and closes the
-        connection (a file bigger than C{BUFFER_LIMIT} streams to disk from the start).
-        """
-        with open(os.path.join(self.root, "big-stall.bin"), "wb") as f:
-            f.truncate(2 * BUFFER_LIMIT)
-        d = Deferred.fromCoroutine(self.get("/big-stall.bin"))
-        await until(lambda: partly_written(self.local), 10, "a partly written file")
-        d.cancel()
-        with self.assertRaises(CancelledError):
-            await d
-        self.assertEqual(leftovers(self.local), [])
-        self.assertFalse(os.path.exists(self.dest))
 
     async def test_list(self):
         """
@@ -215,97 +167,6 @@ class FTPTests(TestCase):
                 self.assertEqual(f.read(), self.data)
         self.assertEqual(os.listdir(os.path.join(self.root, "sub")), ["up.bin"])
         self.assertEqual(result.size, len(self.data))
-
-    async def test_putSourceReadInPool(self):
-        """
-        With a pool, a put opens and reads its source in the pool's threads, never in the
-        reactor's: a slow disk does not hold up other transfers. The copy arrives whole,
-        with the checksum of its bytes.
-        """
-        pool, threads = source_threads(self)
-        src = write_file(os.path.join(self.local, "up.bin"), self.data)
-        result = await transfer.put(
-            reactor, src, self.server.url + "/sub/up.bin", credentials=self.creds,
-            pool=pool,
-        )
-        with open(os.path.join(self.root, "sub", "up.bin"), "rb") as f:
-            self.assertEqual(f.read(), self.data)
-        self.assertEqual(result.checksum, {"sha512": sha512(self.data)})
-        self.assertGreater(len(threads), 2)
-        self.assertNotIn(threading.main_thread(), threads)
-
-    async def test_putSourceReadFails(self):
-        """
-        A put whose source cannot be read part way fails with that error (not a hang on the
-        data connection), and leaves no temporary file at the server.
-        """
-        pool, _ = source_threads(self)
-        reads = []
-        reading = OutgoingFile.read
-
-        def failing(outgoing, length):
-            reads.append(length)
-            if len(reads) > 1:
-                raise LocalFailure("cannot read up.bin: disk gone")
-            return reading(outgoing, length)
-
-        self.patch(OutgoingFile, "read", failing)
-        src = write_file(os.path.join(self.local, "up.bin"), os.urandom(3 * 1024 * 1024))
-        with self.assertRaises(LocalFailure):
-            await transfer.put(
-                reactor, src, self.server.url + "/sub/up.bin", credentials=self.creds,
-                pool=pool,
-            )
-        self.assertEqual(leftovers(os.path.join(self.root, "sub")), [])
-
-    async def test_putLostRemovesTemporaryFile(self):
-        """
-        A put whose connection is lost mid-file fails transiently and removes its temporary
-        file at the server on a new session (the lost one cannot): the retry sends to a new
-        name, and nothing is left behind.
-        """
-        src = write_file(os.path.join(self.local, "up.bin"), os.urandom(2 * 1024 * 1024))
-        putting = Deferred.fromCoroutine(
-            transfer.put(
-                reactor, src, self.server.url + "/sub/up.bin", pacers=Pacers(reactor, 256 * 1024),
-                **{"credentials": self.creds}
-            )
-        )
-        sub = os.path.join(self.root, "sub")
-        await until(lambda: partly_written(sub), 10, "a partly written file at the server")
-        for protocol in list(self.server.factory.connections):
-            protocol.transport.abortConnection()
-        with self.assertRaises(TransferError) as caught:
-            await putting
-        self.assertTrue(caught.exception.transient)
-        self.assertEqual(os.listdir(sub), [])
-
-    async def test_putLostServerGone(self):
-        """
-        When the temporary file of a lost put cannot be removed (the server is gone too),
-        the put fails with its own error and the removal's failure is logged.
-        """
-        src = write_file(os.path.join(self.local, "up.bin"), os.urandom(2 * 1024 * 1024))
-        putting = Deferred.fromCoroutine(
-            transfer.put(
-                reactor, src, self.server.url + "/sub/up.bin", pacers=Pacers(reactor, 256 * 1024),
-                **{"credentials": self.creds}
-            )
-        )
-        sub = os.path.join(self.root, "sub")
-        await until(lambda: partly_written(sub), 10, "a partly written file at the server")
-        logged = []
-        globalLogPublisher.addObserver(logged.append)
-        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
-        await self.server.stop()
-        with self.assertRaises(TransferError) as caught:
-            await putting
-        self.assertTrue(caught.exception.transient)
-        self.assertNotIn("remove", caught.exception.message)
-        self.assertEqual(len(leftovers(sub)), 1)
-        warned = [formatEvent(e) for e in logged if e.get("log_level") == LogLevel.warn]
-        self.assertTrue(any("cannot remove the temporary file" in w for w in warned), warned)
-        self.assertFalse(any(SECRET in w for w in warned), warned)
 
     async def test_putNoDirectory(self):
         """

@@ -3,54 +3,36 @@ Tests for the sftp scheme of L{ion.apps.pump.transfer}, against a conch SFTP ser
 loopback.
 """
 
-import base64
-import hashlib
 import os
 import stat
-import threading
 import time
 
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from ion.apps.pump import transfer
 from ion.apps.pump.transfer import (
     AuthFailed,
     BadRequest,
-    ChecksumMismatch,
     Credentials,
     NotFound,
     ServerNotTrusted,
     Timeouts,
-    TransferError,
     TransferTimeout,
 )
-from ion.apps.pump.transfer.inflight import BUFFER_LIMIT
-from ion.apps.pump.transfer.pacing import Pacers
-from tests.apps.pump.servers import (
-    leftovers,
-    partly_written,
-    settle,
-    source_threads,
-    ssh_key,
-    start_sftp,
-    write_file,
-)
-from tests.waiting import until
+from tests.apps.pump.remote_cases import RemoteTransferCases, sha512
+from tests.apps.pump.servers import leftovers, settle, ssh_key, start_sftp, write_file
 
 SECRET = "sftp-Pa55-word"
 
 
-def sha512(data):
-    return base64.b64encode(hashlib.sha512(data).digest()).decode()
-
-
-class SFTPTests(TestCase):
+class SFTPTests(RemoteTransferCases, TestCase):
     """
     get, put and list over sftp, with host keys checked.
     """
+
+    secret = SECRET
 
     def setUp(self):
         self.root = os.path.abspath(self.mktemp())
@@ -82,6 +64,9 @@ class SFTPTests(TestCase):
         kwargs.setdefault("credentials", self.creds)
         kwargs.setdefault("known_hosts", self.known_hosts)
         return transfer.get(reactor, self.server.url + path, dest or self.dest, **kwargs)
+
+    def options(self):
+        return {"credentials": self.creds, "known_hosts": self.known_hosts}
 
     async def test_getWithPassword(self):
         """
@@ -164,17 +149,6 @@ class SFTPTests(TestCase):
         with self.assertRaises(BadRequest):
             await self.get("/sub")
 
-    async def test_checksumMismatch(self):
-        """
-        A checksum mismatch leaves the previous file as it was.
-        """
-        write_file(self.dest, b"previous")
-        with self.assertRaises(ChecksumMismatch):
-            await self.get("/data.bin", expected_checksum=("sha512", sha512(b"other")))
-        with open(self.dest, "rb") as f:
-            self.assertEqual(f.read(), b"previous")
-        self.assertEqual(leftovers(self.local), [])
-
     async def test_stalled(self):
         """
         Reads left unanswered end in L{TransferTimeout} after the idle time, while another
@@ -193,21 +167,6 @@ class SFTPTests(TestCase):
         self.assertTrue(2 <= time.monotonic() - start < 8)
         self.assertFalse(os.path.exists(self.dest))
         self.assertEqual(leftovers(self.local), [])
-
-    async def test_cancel(self):
-        """
-        Cancelling a transfer in progress removes its temporary file and closes the
-        connection (a file bigger than C{BUFFER_LIMIT} streams to disk from the start).
-        """
-        with open(os.path.join(self.root, "big-stall.bin"), "wb") as f:
-            f.truncate(2 * BUFFER_LIMIT)
-        d = Deferred.fromCoroutine(self.get("/big-stall.bin"))
-        await until(lambda: partly_written(self.local), 10, "a partly written file")
-        d.cancel()
-        with self.assertRaises(CancelledError):
-            await d
-        self.assertEqual(leftovers(self.local), [])
-        self.assertFalse(os.path.exists(self.dest))
 
     async def test_list(self):
         """
@@ -262,73 +221,6 @@ class SFTPTests(TestCase):
         self.assertEqual((info.st_mtime, stat.S_IMODE(info.st_mode)), (1.4e9, 0o604))
         self.assertEqual(os.listdir(os.path.join(self.root, "sub")), ["up.bin"])
         self.assertEqual(result.checksum, {"sha512": sha512(self.data)})
-
-    async def test_putSourceReadInPool(self):
-        """
-        With a pool, a put opens and reads its source in the pool's threads, never in the
-        reactor's: a slow disk does not hold up other transfers. The copy arrives whole,
-        with the checksum of its bytes.
-        """
-        pool, threads = source_threads(self)
-        src = write_file(os.path.join(self.local, "up.bin"), self.data)
-        result = await transfer.put(
-            reactor, src, self.server.url + "/sub/up.bin", credentials=self.creds,
-            known_hosts=self.known_hosts, pool=pool,
-        )
-        with open(os.path.join(self.root, "sub", "up.bin"), "rb") as f:
-            self.assertEqual(f.read(), self.data)
-        self.assertEqual(result.checksum, {"sha512": sha512(self.data)})
-        self.assertGreater(len(threads), 2)
-        self.assertNotIn(threading.main_thread(), threads)
-
-    async def test_putLostRemovesTemporaryFile(self):
-        """
-        A put whose connection is lost mid-file fails transiently and removes its temporary
-        file at the server on a new session (the lost one cannot): the retry sends to a new
-        name, and nothing is left behind.
-        """
-        src = write_file(os.path.join(self.local, "up.bin"), os.urandom(2 * 1024 * 1024))
-        putting = Deferred.fromCoroutine(
-            transfer.put(
-                reactor, src, self.server.url + "/sub/up.bin", pacers=Pacers(reactor, 256 * 1024),
-                **{"credentials": self.creds, "known_hosts": self.known_hosts}
-            )
-        )
-        sub = os.path.join(self.root, "sub")
-        await until(lambda: partly_written(sub), 10, "a partly written file at the server")
-        for protocol in list(self.server.factory.connections):
-            protocol.transport.abortConnection()
-        with self.assertRaises(TransferError) as caught:
-            await putting
-        self.assertTrue(caught.exception.transient)
-        self.assertEqual(os.listdir(sub), [])
-
-    async def test_putLostServerGone(self):
-        """
-        When the temporary file of a lost put cannot be removed (the server is gone too),
-        the put fails with its own error and the removal's failure is logged.
-        """
-        src = write_file(os.path.join(self.local, "up.bin"), os.urandom(2 * 1024 * 1024))
-        putting = Deferred.fromCoroutine(
-            transfer.put(
-                reactor, src, self.server.url + "/sub/up.bin", pacers=Pacers(reactor, 256 * 1024),
-                **{"credentials": self.creds, "known_hosts": self.known_hosts}
-            )
-        )
-        sub = os.path.join(self.root, "sub")
-        await until(lambda: partly_written(sub), 10, "a partly written file at the server")
-        logged = []
-        globalLogPublisher.addObserver(logged.append)
-        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
-        await self.server.stop()
-        with self.assertRaises(TransferError) as caught:
-            await putting
-        self.assertTrue(caught.exception.transient)
-        self.assertNotIn("remove", caught.exception.message)
-        self.assertEqual(len(leftovers(sub)), 1)
-        warned = [formatEvent(e) for e in logged if e.get("log_level") == LogLevel.warn]
-        self.assertTrue(any("cannot remove the temporary file" in w for w in warned), warned)
-        self.assertFalse(any(SECRET in w for w in warned), warned)
 
     async def test_putNoDirectory(self):
         """
