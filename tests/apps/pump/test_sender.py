@@ -130,12 +130,7 @@ class SenderScenarios:
         await until(lambda: proc.stats["retrying"] == 1, what="a retry")
         self.assertEqual(self.reports(), [])
         server.port = reactor.listenTCP(port, server.factory, interface="127.0.0.1")
-        for _ in range(20):
-            self.clock.advance(5)
-            if self.reports():
-                break
-            await quiet(0.2)
-        await until(lambda: self.reports(), what="a report")
+        await self.retried_until_reported()
         await quiet(0.1)
         self.assertEqual(self.reports(), [("x/b.bin", 201)])
         self.assertEqual(os.listdir(os.path.join(self.remote, "obs")), ["b.bin"])
@@ -206,12 +201,7 @@ class SenderScenarios:
         await self.collector.post(fields, exchange=self.xpublic)
         await until(lambda: proc.stats["retrying"] == 1, what="a retry")
         server.port = reactor.listenTCP(port, server.factory, interface="127.0.0.1")
-        for _ in range(20):
-            self.clock.advance(5)
-            if self.reports():
-                break
-            await quiet(0.2)
-        await until(lambda: self.reports(), what="a report")
+        await self.retried_until_reported()
         await quiet(0.1)
         self.assertEqual(self.reports(), [("r/a", 201)])
         self.assertEqual(os.listdir(os.path.join(self.remote, "r")), [])
@@ -231,15 +221,20 @@ class SenderScenarios:
             protocol.transport.abortConnection()
         await until(lambda: proc.stats["retrying"] == 1, what="a retry")
         self.assertNotIn("big.bin", os.listdir(obs))
-        for _ in range(50):
-            self.clock.advance(5)
-            if self.reports():
-                break
-            await quiet(0.2)
-        await until(lambda: self.reports(), what="a report")
+        await self.retried_until_reported(tries=50)
         self.assertEqual(self.reports(), [("x/big.bin", 201)])
         with open(os.path.join(obs, "big.bin"), "rb") as f:
             self.assertEqual(f.read(), data)
+
+    async def retried_until_reported(self, tries=20, pause=0.2):
+        """Move the clock on 5 s at a time (the retry queue's turns) until a report comes,
+        at most C{tries} times, then wait for it."""
+        for _ in range(tries):
+            self.clock.advance(5)
+            if self.reports():
+                break
+            await quiet(pause)
+        await until(lambda: self.reports(), what="a report")
 
     def sftp_server(self):
         """An sftp server over the remote tree, its key known and bob's login in the
@@ -407,12 +402,7 @@ class MemorySenderTests(SenderScenarios, unittest.TestCase):
         await until(lambda: proc.stats["retrying"] == 1, what="a retry")
         server.stall_writes_from = None
         server.writes.clear()
-        for _ in range(50):
-            self.clock.advance(5)
-            if self.reports():
-                break
-            await quiet(0.2)
-        await until(lambda: self.reports(), what="a report")
+        await self.retried_until_reported(tries=50)
         self.assertEqual(self.reports(), [("x/big.bin", 201)])
         self.assertEqual(sorted(o for _, o, _ in server.writes),
                          list(range(4 * BLOCK, len(data), BLOCK)))
@@ -438,12 +428,7 @@ class MemorySenderTests(SenderScenarios, unittest.TestCase):
         self.clock.advance(30)  # the transfer times out: retried later
         await until(lambda: proc.stats["retrying"] == 1, what="a retry")
         self.assertEqual(len(leftovers(obs)), 1)
-        for _ in range(100):
-            self.clock.advance(5)
-            if self.reports():
-                break
-            await quiet(0.1)
-        await until(lambda: self.reports(), what="a report")
+        await self.retried_until_reported(tries=100, pause=0.1)
         ((path, code),) = self.reports()
         self.assertEqual(path, "x/big.bin")
         self.assertNotEqual(code, 201)
