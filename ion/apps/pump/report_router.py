@@ -306,6 +306,10 @@ class ReportRouter(ServiceProcess):
             )
         finally:
             self._markers.pop(marker, None)
+            # Not published (the connection went): the wait ends here, and its timeout with it.
+            if not waiter.called:
+                waiter.cancel()
+            waiter.addErrback(lambda _: None)
 
     def _write_log(self, fields, delivery, source, code, outcome):
         if self._log_file is None:

@@ -1,13 +1,16 @@
 """The report router: each report to its source's xr_ exchange only, once."""
 
+import gc
 import json
 import os
 
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from ion.apps.pump.args import ReportRouterArgs
-from ion.apps.pump.report_router import ReportRouter
+from ion.apps.pump.report_router import CATCH_UP_TIMEOUT, ReportRouter
 from ion.core.cc.testing import make_container
+from ion.core.messaging.transport import TransportError
 from tests.apps.pump.fixtures import Collector, notice_fields, until
 from tests.apps.pump.test_consumer import OnMemory, OnPrivateRabbitMQ
 
@@ -185,6 +188,24 @@ class RouterScenarios:
         await self.quiet()
         self.assertEqual(len(self.collector.bodies("xr_alice")), 1)
         self.assertEqual(router.stats["forwarded"], 0)
+
+    async def test_catch_up_not_published(self):
+        """A marker that cannot be published (the connection went) fails the catch-up at
+        once, the report going back to the queue, and leaves no wait behind to fail unheard
+        when its time is up."""
+        clock = task.Clock()
+        router = await self.start(await self.container(clock=clock))
+
+        async def not_connected(*args, **kwargs):
+            raise TransportError("not connected (reconnecting)")
+
+        router.publish = not_connected
+        with self.assertRaises(TransportError):
+            await router._catch_up()
+        self.assertEqual(router._markers, {})
+        clock.advance(CATCH_UP_TIMEOUT + 1)
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(defer.TimeoutError), [])
 
     async def test_unroutable_and_invalid(self):
         """A report without a usable source, or a body that is not a report, is logged, acked
