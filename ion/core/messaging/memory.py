@@ -359,7 +359,9 @@ class MemoryBroker:
         directory = os.path.dirname(self.run_record)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        temporary = f"{self.run_record}.tmp"
+        # Its own temporary name: two containers started in one working directory each
+        # replace the record whole, never one the other's half-written file.
+        temporary = f"{self.run_record}.{os.getpid()}.tmp"
         with open(temporary, "w", encoding="utf-8") as f:
             f.write(text + "\n")
             f.flush()
