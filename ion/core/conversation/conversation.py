@@ -20,6 +20,7 @@ import math
 import os
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 
 from ion.core.conversation import protocols as P
@@ -40,6 +41,32 @@ TICKS = 20  # deadlines are kept in buckets of 1/TICKS s (they still fire at the
 SLACK = 1e-6  # a deadline this close is due: clock arithmetic may land a hair before it
 # A participant keeps working this long past the caller's reply-by, for clock skew.
 PARTICIPANT_GRACE = 1.0
+ID_POOL = 256  # conversation ids drawn from the kernel at once
+
+
+class _Ids:
+    """Conversation ids: 16 random bytes from C{os.urandom}, as 32 hex digits. The bytes of
+    L{ID_POOL} ids are drawn at once: a system call per message cost more than the rest of
+    opening a conversation. A forked child draws its own (it never reuses its parent's)."""
+
+    def __init__(self):
+        self._pool = ""
+        self._pos = 0
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self):
+        self._pool, self._pos = "", 0
+
+    def next(self):
+        pos = self._pos
+        if pos >= len(self._pool):
+            self._pool, pos = os.urandom(16 * ID_POOL).hex(), 0
+        self._pos = pos + 32
+        return self._pool[pos : pos + 32]
+
+
+_ids = _Ids()
 
 
 class Refused(RemoteError):
@@ -47,7 +74,11 @@ class Refused(RemoteError):
 
 
 class Conversation:
-    """One conversation seen from one side. C{state} follows the protocol table."""
+    """One conversation seen from one side. C{state} follows the protocol table. C{log}
+    holds the last L{LOG_LIMIT} messages, as C{(direction, headers without ts)}."""
+
+    __slots__ = ("owner", "conv_id", "protocol", "role", "peer", "op", "state", "seq", "log")
+    __slots__ += ("deadline", "started", "user_id", "_agreement", "_outcome", "_waiters")
 
     def __init__(self, owner, conv_id, protocol, role, peer, op):
         self.owner = owner
@@ -58,7 +89,7 @@ class Conversation:
         self.op = op
         self.state = P.START
         self.seq = 0
-        self.log = collections.deque(maxlen=LOG_LIMIT)
+        self.log = []  # a list: most conversations log one or two messages
         self.deadline = None  # (when, timeout, its bucket) while one is set
         self.started = owner.clock.seconds()  # for the rpc latency metric
         self.user_id = None  # the identity this conversation acts for
@@ -83,7 +114,10 @@ class Conversation:
     def _record(self, direction, headers):
         kept = dict(headers)
         kept.pop("ts", None)
-        self.log.append((direction, kept))
+        log = self.log
+        log.append((direction, kept))
+        if len(log) > LOG_LIMIT:
+            del log[0]
 
     # -- initiator side --------------------------------------------------------------------
 
@@ -325,7 +359,29 @@ class Conversations:
     def initiate(self, protocol, receiver, op, content, timeout=None, user_id=None):
         """Open a conversation as initiator and send its first message. Returns the
         Conversation; C{conv.when_done()} gives the outcome (for inform: once sent)."""
-        conv = Conversation(self, os.urandom(16).hex(), protocol, P.INITIATOR, receiver, op)
+        conv, headers = self._opened(protocol, receiver, op, timeout, user_id)
+        sent = self.messenger.send(receiver, headers, content)
+        if protocol == "inform":
+            sent.addCallbacks(_inform_sent, _not_sent, (conv,), None, (conv, receiver))
+        else:
+            sent.addErrback(_not_sent, conv, receiver)
+        return conv
+
+    def inform(self, receiver, op, content, user_id=None):
+        """Send a one-way message: an inform conversation, over once sent. Returns a Deferred
+        firing with None once the transport took it, failing with L{NoSuchReceiver} if nobody
+        listens at C{receiver}, or with the error that kept it from being sent: what
+        C{initiate("inform", ...).when_done()} gives, without the Deferred that waits for an
+        outcome (nobody else can ask this conversation for it)."""
+        _conv, headers = self._opened("inform", receiver, op, None, user_id)
+        return self.messenger.send(receiver, headers, content).addErrback(
+            _inform_not_sent, receiver
+        )
+
+    def _opened(self, protocol, receiver, op, timeout, user_id):
+        """A new initiator Conversation, moved past its first message, and that message's
+        headers."""
+        conv = Conversation(self, _ids.next(), protocol, P.INITIATOR, receiver, op)
         first = P.INFORM if protocol == "inform" else P.REQUEST
         headers = self._headers(conv, first)
         if user_id is not None:
@@ -338,19 +394,7 @@ class Conversations:
             self.open[(conv.conv_id, P.INITIATOR)] = conv
             if timeout is not None:
                 self.deadlines.set(conv, timeout)
-
-        def sent(_):
-            if protocol == "inform":
-                conv._settle(True, None)
-
-        def not_sent(f):
-            error = NoSuchReceiver(receiver) if f.check(Unroutable) else f.value
-            if not conv.final:
-                conv.transition(P.FAILURE)
-            conv._settle(False, error)
-
-        self.messenger.send(receiver, headers, content).addCallbacks(sent, not_sent)
-        return conv
+        return conv, headers
 
     def _expire(self, conv, timeout):
         if conv.final:
@@ -473,6 +517,23 @@ class Conversations:
             agreed = self._say(conv, P.AGREE, None)
             return agreed.addCallback(lambda _: self._say(conv, P.INFORM_RESULT, result))
         return self._say(conv, P.INFORM_RESULT, result)
+
+
+def _inform_sent(_, conv):
+    conv._settle(True, None)
+
+
+def _not_sent(failure, conv, receiver):
+    error = NoSuchReceiver(receiver) if failure.check(Unroutable) else failure.value
+    if not conv.final:
+        conv.transition(P.FAILURE)
+    conv._settle(False, error)
+
+
+def _inform_not_sent(failure, receiver):
+    if failure.check(Unroutable):
+        return Failure(NoSuchReceiver(receiver))
+    return failure
 
 
 def _initiator_gone(failure, conv, performative):

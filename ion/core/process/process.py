@@ -229,7 +229,7 @@ class Process:
         )
         self._own_consumer = None
         self._subscriptions = []
-        self._inflight = set()  # ops being served
+        self._inflight = {}  # conversation of each op being served -> Deferred once waited for
         self._in_hand = set()  # deliveries being handled, work started with track()
         self._draining = False
         self._exit_observers = []
@@ -385,7 +385,10 @@ class Process:
             await _cancel(consumer)
 
     async def _drain(self, timeout):
-        pending = list(self._inflight) + list(self._in_hand)
+        for conv, done in self._inflight.items():
+            if done is None:
+                self._inflight[conv] = defer.Deferred()
+        pending = list(self._inflight.values()) + list(self._in_hand)
         if not pending:
             return
         # Waited for through a Deferred of our own: a timeout cancelling the DeferredList
@@ -475,7 +478,9 @@ class Process:
     def send(self, dest, op, content=None):
         """One-way message (inform) to dest. Returns a Deferred firing with None once the
         broker took it, failing with NoSuchReceiver if nobody listens there."""
-        return self._open("inform", dest, op, content, None).when_done()
+        serving = _serving.get()
+        user_id = serving.user_id if serving is not None else None
+        return self.conversations.inform(dest, op, content, user_id)
 
     def open_broker(self, url):
         """A connection of this process's own to the broker at C{url} (C{amqp[s]://} or
@@ -812,9 +817,9 @@ class Process:
         conv.user_id = self._identity(msg)
         msg.headers["user-id"] = conv.user_id
         # Registered before the op runs: the op may hand control to others (who may terminate
-        # this process) before it returns.
-        done = defer.Deferred()
-        self._inflight.add(done)
+        # this process) before it returns. Its Deferred is made only when _drain waits for it:
+        # most ops are done before anyone could.
+        self._inflight[conv] = None
         # The op runs in a copy of the context, so that the conversation it serves (and what
         # else it sets) never leaks to other tasks.
         try:
@@ -823,16 +828,17 @@ class Process:
             self.log.failure("{proc!r}: serving a message failed", proc=self)
             pending = None
         if pending is None:
-            self._served(None, msg, done)
+            self._served(None, msg, conv)
         else:
             pending.addErrback(
                 lambda f: self.log.failure("{proc!r}: serving a message failed", f, proc=self)
             )
-            pending.addBoth(self._served, msg, done)
+            pending.addBoth(self._served, msg, conv)
 
-    def _served(self, _, msg, done):
-        self._inflight.discard(done)
-        done.callback(None)
+    def _served(self, _, msg, conv):
+        done = self._inflight.pop(conv, None)
+        if done is not None:
+            done.callback(None)
         msg.ack()
 
     def _identity(self, msg):
