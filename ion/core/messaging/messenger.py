@@ -76,13 +76,7 @@ class Messenger:
 
     def tracing(self):
         """Whether sends are traced now (config C{ion.core.messaging: {'trace': ...}})."""
-        # The top layer that sets the key wins, as in Config.get; walked here because Config.get
-        # merges whole sections when no layer sets it (the usual case), too slow for every send.
-        for _name, layer in reversed(self.config.layers):
-            section = layer.get(MESSAGING)
-            if section is not None and "trace" in section:
-                return bool(section["trace"])
-        return False
+        return bool(self.config.get(MESSAGING, "trace", False))
 
     async def declare_receiver(self, queue, key, exclusive=False, auto_delete=True):
         """Create queue (if missing) and route messages addressed to C{key} into it."""
