@@ -98,7 +98,7 @@ class Messenger:
         if "encoding" not in headers:
             headers["encoding"] = "msgpack"
         try:
-            body = codec.encode_envelope(codec.Envelope(headers=headers, content=content))
+            body = codec.encode_envelope_parts(headers, content)
         except Exception:
             return defer.fail()
         self.metrics.published.inc((headers.get("sender-name", ""),))
@@ -125,11 +125,11 @@ class Messenger:
 
         def on_delivery(delivery):
             try:
-                env = codec.decode_envelope(delivery.body, self.limits)
+                headers, content = codec.decode_envelope_parts(delivery.body, self.limits)
             except codec.DecodeError as e:
                 log.warn("dropped an undecodable message on {queue}: {error}", queue=queue, error=e)
                 delivery.nack(requeue=False)
                 return
-            handler(Message(env.headers, env.content, delivery.user_id, delivery))
+            handler(Message(headers, content, delivery.user_id, delivery))
 
         return await self.transport.consume(queue, on_delivery, prefetch=prefetch)

@@ -57,6 +57,8 @@ MESSAGING = "ion.core.messaging"
 
 # The participant conversation being served in the current task (identity flows from it).
 _serving = contextvars.ContextVar("ion_serving", default=None)
+# What ops return most, none of them awaitable.
+_PLAIN_RESULTS = frozenset([type(None), str, bytes, int, float, bool, dict, list, tuple])
 
 # Headers of a dead-lettered message: why, and where it was published.
 DEAD_REASON = "dead-reason"
@@ -864,7 +866,8 @@ class Process:
         except Exception as e:
             self.log.failure("{proc!r}: {op!r} raised; the caller gets a 500", proc=self, op=op)
             return self._answer(conv, None, e)
-        if result is not None and inspect.isawaitable(result):
+        # inspect.isawaitable asks the Awaitable ABC: costly for every plain result.
+        if type(result) not in _PLAIN_RESULTS and inspect.isawaitable(result):
             return defer.Deferred.fromCoroutine(self._serve_later(msg, conv, None, result))
         return self._answer(conv, result, None)
 
