@@ -7,7 +7,8 @@ timeouts (driven by the injected clock) and cancellation.
 
 A finished conversation leaves a tombstone for C{tombstone_ttl} seconds (config
 C{ion.core.conversation}, default 60): a late or duplicate message for it is dropped and logged
-at info, never dispatched. Tombstones are collected as new ones are laid, so memory stays
+at info, never dispatched. (A sent inform leaves none on its sender's side: nothing answers it,
+so whatever comes for it is dropped as for an unknown conversation.) Tombstones are collected as new ones are laid, so memory stays
 bounded by the traffic of one TTL. The TTL is read from the config at most once a second.
 
 Deadlines (the initiator's timeout, the participant's copy of its caller's reply-by) share one
@@ -294,22 +295,29 @@ class Conversations:
         return len(self.open)
 
     def _finished(self, conv):
+        self.recent.append(conv)
+        if conv.role == P.INITIATOR and conv.protocol == "inform":
+            # Sent and over: never open, and no tombstone, as nothing answers an inform (what
+            # comes for it is dropped all the same, as for an unknown conversation).
+            return
         key = (conv.conv_id, conv.role)
         self.open.pop(key, None)
-        self.deadlines.clear(conv)
+        if conv.deadline is not None:
+            self.deadlines.clear(conv)
         now = self.clock.seconds()
         if self._ttl_until is None or not now < self._ttl_until:
             self._ttl = self.config.get(CONFIG, "tombstone_ttl", 60)
             self._ttl_until = now + 1.0
         expires = now + self._ttl
-        self.tombstones[key] = expires
-        self.tombstones.move_to_end(key)
+        tombstones = self.tombstones
+        tombstones[key] = expires
+        tombstones.move_to_end(key)
         if self._collect_at is None:
             self._collect_at = expires
-        self.recent.append(conv)
         if conv.role == P.INITIATOR and conv.protocol == "rpc":
             self.messenger.metrics.rpc_latency.observe((conv.op,), now - conv.started)
-        self.collect(now)
+        if not now < self._collect_at:
+            self.collect(now)
 
     def collect(self, now=None):
         """Forget tombstones whose TTL has passed."""

@@ -832,12 +832,11 @@ class Process:
         if pending is None:
             self._served(None, msg, conv)
         else:
-            pending.addErrback(
-                lambda f: self.log.failure("{proc!r}: serving a message failed", f, proc=self)
-            )
             pending.addBoth(self._served, msg, conv)
 
-    def _served(self, _, msg, conv):
+    def _served(self, result, msg, conv):
+        if isinstance(result, Failure):
+            self.log.failure("{proc!r}: serving a message failed", result, proc=self)
         done = self._inflight.pop(conv, None)
         if done is not None:
             done.callback(None)
@@ -899,10 +898,10 @@ class Process:
         except Exception:
             self.log.failure("{proc!r}: could not answer {to}", proc=self, to=conv.peer)
             return None
-        return answered.addErrback(
-            lambda f: self.log.failure("{proc!r}: could not answer {to}", f, proc=self,
-                                       to=conv.peer)
-        )
+        return answered.addErrback(self._not_answered, conv)
+
+    def _not_answered(self, failure, conv):
+        self.log.failure("{proc!r}: could not answer {to}", failure, proc=self, to=conv.peer)
 
     def _op(self, op):
         if self.state != ACTIVE or self._draining:

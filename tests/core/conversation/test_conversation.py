@@ -393,6 +393,15 @@ class ConversationScenarios:
         self.assertEqual(client.conversations.recent[-1].protocol, "inform")
         self.assertEqual(client.conversations.recent[-1].state, "done")
 
+    async def test_inform_tombstone_on_receiving_side_only(self):
+        """A received inform leaves a tombstone (a duplicate is not served twice); the sender
+        keeps none, as nothing answers an inform."""
+        c, worker, client = await self.setup()
+        await client.send("worker", "work", "fire")
+        conv_id = client.conversations.recent[-1].conv_id
+        await until(lambda: (conv_id, P.PARTICIPANT) in worker.conversations.tombstones)
+        self.assertEqual(dict(client.conversations.tombstones), {})
+
     async def test_identity_propagates_two_hops(self):
         """The identity a request acts for flows into the calls made while handling it."""
         c, worker, client = await self.setup()
