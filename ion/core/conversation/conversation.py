@@ -80,6 +80,7 @@ class Conversation:
 
     __slots__ = ("owner", "conv_id", "protocol", "role", "peer", "op", "state", "seq", "log")
     __slots__ += ("deadline", "started", "user_id", "_agreement", "_outcome", "_waiters")
+    __slots__ += ("_table",)
 
     def __init__(self, owner, conv_id, protocol, role, peer, op):
         self.owner = owner
@@ -89,6 +90,7 @@ class Conversation:
         self.peer = peer
         self.op = op
         self.state = P.START
+        self._table = P.TABLES[(protocol, role)]
         self.seq = 0
         self.log = []  # a list: most conversations log one or two messages
         self.deadline = None  # (when, timeout, its bucket) while one is set
@@ -108,8 +110,13 @@ class Conversation:
         return self.state in P.FINAL
 
     def transition(self, event):
-        self.state = P.next_state(self.protocol, self.role, self.state, event)
-        if self.final:
+        """Move to the state the protocol table says (as L{P.next_state}: ProtocolViolation
+        for an event it does not allow); a final one ends the conversation."""
+        try:
+            state = self.state = self._table[self.state][event]
+        except KeyError:
+            raise P.ProtocolViolation(self.protocol, self.role, self.state, event) from None
+        if state in P.FINAL:
             self.owner._finished(self)
 
     def _record(self, direction, headers):
