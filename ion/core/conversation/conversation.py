@@ -386,8 +386,8 @@ class Conversations:
         """Send a one-way message: an inform conversation, over once sent. Returns a Deferred
         firing with None once the transport took it, failing with L{NoSuchReceiver} if nobody
         listens at C{receiver}, or with the error that kept it from being sent: what
-        C{initiate("inform", ...).when_done()} gives, without the Deferred that waits for an
-        outcome (nobody else can ask this conversation for it)."""
+        C{initiate("inform", ...).when_done()} gives, without the Deferred and callbacks that
+        record the outcome in the Conversation (kept in C{recent}, done once sent)."""
         _conv, headers = self._opened("inform", receiver, op, None, user_id)
         return self.messenger.send(receiver, headers, content).addErrback(
             _inform_not_sent, receiver
