@@ -8,8 +8,9 @@ timeouts (driven by the injected clock) and cancellation.
 A finished conversation leaves a tombstone for C{tombstone_ttl} seconds (config
 C{ion.core.conversation}, default 60): a late or duplicate message for it is dropped and logged
 at info, never dispatched. (A sent inform leaves none on its sender's side: nothing answers it,
-so whatever comes for it is dropped as for an unknown conversation.) Tombstones are collected as new ones are laid, so memory stays
-bounded by the traffic of one TTL. The TTL is read from the config at most once a second.
+so whatever comes for it is dropped as for an unknown conversation.) Tombstones are collected
+as new ones are laid, so memory stays bounded by the traffic of one TTL. The TTL is read from
+the config at most once a second.
 
 Deadlines (the initiator's timeout, the participant's copy of its caller's reply-by) share one
 clock timer per process (L{Deadlines}).
@@ -21,8 +22,8 @@ import math
 import os
 
 from twisted.internet import defer
-from twisted.python.failure import Failure
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ion.core.conversation import protocols as P
 from ion.core.conversation.errors import (
