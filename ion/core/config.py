@@ -6,7 +6,8 @@ A config file is a dict literal keyed by module name::
 
 Layers are kept lowest first (C{ion.config} < C{ionlocal.config} < app and rel layers < command
 line) and merged deeply each time a value is asked for, so a layer added later is seen by the next
-lookup.
+lookup. Plain values (and keys no layer sets) are remembered until a layer is added or a value
+defined: some are read for every message.
 
 The keys ION itself reads are in L{SCHEMA}, each with the kind of value it takes: L{Config.check}
 finds a value of the wrong type or out of range once the layers are merged (C{twistd cc} calls it
@@ -21,6 +22,8 @@ import os
 import attrs
 
 _MISSING = object()
+_ABSENT = object()  # Config._cache: no layer sets the key
+_PLAIN = (str, int, float, bool, type(None), bytes)
 
 COMMAND_LINE = "command line"
 DEFINE_FORM = "module:key=value"
@@ -291,6 +294,7 @@ class Config:
         self._layers = []
         self._defines = {}
         self._paths = {}
+        self._cache = {}  # (module, key) -> plain value or _ABSENT, as L{get} found it
 
     @classmethod
     def load(cls, res_dir="res"):
@@ -329,10 +333,12 @@ class Config:
         """
         _check_layer(mapping, name=name)
         self._layers.append((name, copy.deepcopy(mapping)))
+        self._cache = {}
         try:
             self.check(mapping)
         except ConfigError:
             self._layers.pop()
+            self._cache = {}
             raise
 
     def check(self, modules=None):
@@ -358,6 +364,7 @@ class Config:
         apps about to start) are added, without adding them."""
         probe = copy.copy(self)
         probe._layers = list(self._layers)
+        probe._cache = {}
         for name, mapping in layers:
             probe.add_layer(name, mapping)
         probe.check()
@@ -403,6 +410,7 @@ class Config:
         parts = key.split(".")
         if not all(parts):
             raise ValueError(f"bad key {key!r}: empty part in dotted key")
+        self._cache = {}
         target = self._defines.setdefault(module, {})
         for part in parts[:-1]:
             if not isinstance(target.get(part), dict):
@@ -426,12 +434,29 @@ class Config:
 
         @raise ConfigKeyError: no layer defines it and no default was given.
         """
-        # Fast path (this runs on every message): the top layer holding a plain value wins.
+        # Some run for every message: what was found plain or absent is remembered.
+        value = self._cache.get((module, key), _MISSING)
+        if value is _MISSING:
+            value = self._lookup(module, key)
+            if value is _ABSENT or isinstance(value, _PLAIN):
+                self._cache[(module, key)] = value
+        if value is not _ABSENT:
+            return value
+        if default is _MISSING:
+            raise ConfigKeyError(
+                f"no config value for {module}:{key}; set it in "
+                f"res/config/ionlocal.config or with -D {module}:{key}=VALUE"
+            )
+        return default
+
+    def _lookup(self, module, key):
+        """The value of L{get}, or _ABSENT; a dict is a fresh one."""
+        # The top layer holding a plain value wins.
         for _name, mapping in reversed(self.layers):
             found = mapping.get(module)
             if found is not None and key in found:
                 value = found[key]
-                if isinstance(value, (str, int, float, bool, type(None), bytes)):
+                if isinstance(value, _PLAIN):
                     return value
                 break
         section = self.section(module)
@@ -440,12 +465,7 @@ class Config:
         value = section
         for part in key.split("."):
             if not isinstance(value, dict) or part not in value:
-                if default is _MISSING:
-                    raise ConfigKeyError(
-                        f"no config value for {module}:{key}; set it in "
-                        f"res/config/ionlocal.config or with -D {module}:{key}=VALUE"
-                    )
-                return default
+                return _ABSENT
             value = value[part]
         return value
 

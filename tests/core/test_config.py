@@ -295,6 +295,26 @@ class ConfigTests(SynchronousTestCase):
         config.define("m", "a", 3)
         self.assertEqual(config.get("m", "a"), 3)
 
+    def test_absentThenSet(self):
+        """
+        A key no layer set, looked up (with a default), is found once a layer or a define
+        sets it; a dict value is a fresh one at every lookup.
+        """
+        config = Config()
+        config.add_layer("one", {"m": {"a": 1}})
+        self.assertEqual(config.get("m", "b", 7), 7)
+        self.assertEqual(config.get("m", "b", 8), 8)
+        config.add_layer("two", {"m": {"b": 2}})
+        self.assertEqual(config.get("m", "b", 7), 2)
+        self.assertEqual(config.get("m", "c", None), None)
+        config.define("m", "c", "x")
+        self.assertEqual(config.get("m", "c", None), "x")
+        config.add_layer("three", {"m": {"d": {"k": 1}}})
+        config.get("m", "d")["k"] = 2
+        self.assertEqual(config.get("m", "d"), {"k": 1})
+        self.assertRaises(ConfigKeyError, config.get, "m", "e")
+        self.assertRaises(ConfigKeyError, config.get, "m", "e")
+
     def test_sectionIsFresh(self):
         """
         Changing a returned section or the mapping given to C{add_layer} does not

@@ -7,8 +7,10 @@ timeouts (driven by the injected clock) and cancellation.
 
 A finished conversation leaves a tombstone for C{tombstone_ttl} seconds (config
 C{ion.core.conversation}, default 60): a late or duplicate message for it is dropped and logged
-at info, never dispatched. Tombstones are collected as new ones are laid, so memory stays
-bounded by the traffic of one TTL. The TTL is read from the config at most once a second.
+at info, never dispatched. (A sent inform leaves none on its sender's side: nothing answers it,
+so whatever comes for it is dropped as for an unknown conversation.) Tombstones are collected
+as new ones are laid, so memory stays bounded by the traffic of one TTL. The TTL is read from
+the config at most once a second.
 
 Deadlines (the initiator's timeout, the participant's copy of its caller's reply-by) share one
 clock timer per process (L{Deadlines}).
@@ -21,6 +23,7 @@ import os
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ion.core.conversation import protocols as P
 from ion.core.conversation.errors import (
@@ -40,6 +43,32 @@ TICKS = 20  # deadlines are kept in buckets of 1/TICKS s (they still fire at the
 SLACK = 1e-6  # a deadline this close is due: clock arithmetic may land a hair before it
 # A participant keeps working this long past the caller's reply-by, for clock skew.
 PARTICIPANT_GRACE = 1.0
+ID_POOL = 256  # conversation ids drawn from the kernel at once
+
+
+class _Ids:
+    """Conversation ids: 16 random bytes from C{os.urandom}, as 32 hex digits. The bytes of
+    L{ID_POOL} ids are drawn at once: a system call per message cost more than the rest of
+    opening a conversation. A forked child draws its own (it never reuses its parent's)."""
+
+    def __init__(self):
+        self._pool = ""
+        self._pos = 0
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self):
+        self._pool, self._pos = "", 0
+
+    def next(self):
+        pos = self._pos
+        if pos >= len(self._pool):
+            self._pool, pos = os.urandom(16 * ID_POOL).hex(), 0
+        self._pos = pos + 32
+        return self._pool[pos : pos + 32]
+
+
+_ids = _Ids()
 
 
 class Refused(RemoteError):
@@ -47,7 +76,12 @@ class Refused(RemoteError):
 
 
 class Conversation:
-    """One conversation seen from one side. C{state} follows the protocol table."""
+    """One conversation seen from one side. C{state} follows the protocol table. C{log}
+    holds the last L{LOG_LIMIT} messages, as C{(direction, headers without ts)}."""
+
+    __slots__ = ("owner", "conv_id", "protocol", "role", "peer", "op", "state", "seq", "log")
+    __slots__ += ("deadline", "started", "user_id", "_agreement", "_outcome", "_waiters")
+    __slots__ += ("_table",)
 
     def __init__(self, owner, conv_id, protocol, role, peer, op):
         self.owner = owner
@@ -57,8 +91,9 @@ class Conversation:
         self.peer = peer
         self.op = op
         self.state = P.START
+        self._table = P.TABLES[(protocol, role)]
         self.seq = 0
-        self.log = collections.deque(maxlen=LOG_LIMIT)
+        self.log = []  # a list: most conversations log one or two messages
         self.deadline = None  # (when, timeout, its bucket) while one is set
         self.started = owner.clock.seconds()  # for the rpc latency metric
         self.user_id = None  # the identity this conversation acts for
@@ -76,14 +111,22 @@ class Conversation:
         return self.state in P.FINAL
 
     def transition(self, event):
-        self.state = P.next_state(self.protocol, self.role, self.state, event)
-        if self.final:
+        """Move to the state the protocol table says (as L{P.next_state}: ProtocolViolation
+        for an event it does not allow); a final one ends the conversation."""
+        try:
+            state = self.state = self._table[self.state][event]
+        except KeyError:
+            raise P.ProtocolViolation(self.protocol, self.role, self.state, event) from None
+        if state in P.FINAL:
             self.owner._finished(self)
 
     def _record(self, direction, headers):
         kept = dict(headers)
         kept.pop("ts", None)
-        self.log.append((direction, kept))
+        log = self.log
+        log.append((direction, kept))
+        if len(log) > LOG_LIMIT:
+            del log[0]
 
     # -- initiator side --------------------------------------------------------------------
 
@@ -260,22 +303,29 @@ class Conversations:
         return len(self.open)
 
     def _finished(self, conv):
+        self.recent.append(conv)
+        if conv.role == P.INITIATOR and conv.protocol == "inform":
+            # Sent and over: never open, and no tombstone, as nothing answers an inform (what
+            # comes for it is dropped all the same, as for an unknown conversation).
+            return
         key = (conv.conv_id, conv.role)
         self.open.pop(key, None)
-        self.deadlines.clear(conv)
+        if conv.deadline is not None:
+            self.deadlines.clear(conv)
         now = self.clock.seconds()
         if self._ttl_until is None or not now < self._ttl_until:
             self._ttl = self.config.get(CONFIG, "tombstone_ttl", 60)
             self._ttl_until = now + 1.0
         expires = now + self._ttl
-        self.tombstones[key] = expires
-        self.tombstones.move_to_end(key)
+        tombstones = self.tombstones
+        tombstones[key] = expires
+        tombstones.move_to_end(key)
         if self._collect_at is None:
             self._collect_at = expires
-        self.recent.append(conv)
         if conv.role == P.INITIATOR and conv.protocol == "rpc":
             self.messenger.metrics.rpc_latency.observe((conv.op,), now - conv.started)
-        self.collect(now)
+        if not now < self._collect_at:
+            self.collect(now)
 
     def collect(self, now=None):
         """Forget tombstones whose TTL has passed."""
@@ -325,7 +375,29 @@ class Conversations:
     def initiate(self, protocol, receiver, op, content, timeout=None, user_id=None):
         """Open a conversation as initiator and send its first message. Returns the
         Conversation; C{conv.when_done()} gives the outcome (for inform: once sent)."""
-        conv = Conversation(self, os.urandom(16).hex(), protocol, P.INITIATOR, receiver, op)
+        conv, headers = self._opened(protocol, receiver, op, timeout, user_id)
+        sent = self.messenger.send(receiver, headers, content)
+        if protocol == "inform":
+            sent.addCallbacks(_inform_sent, _not_sent, (conv,), None, (conv, receiver))
+        else:
+            sent.addErrback(_not_sent, conv, receiver)
+        return conv
+
+    def inform(self, receiver, op, content, user_id=None):
+        """Send a one-way message: an inform conversation, over once sent. Returns a Deferred
+        firing with None once the transport took it, failing with L{NoSuchReceiver} if nobody
+        listens at C{receiver}, or with the error that kept it from being sent: what
+        C{initiate("inform", ...).when_done()} gives, without the Deferred and callbacks that
+        record the outcome in the Conversation (kept in C{recent}, done once sent)."""
+        _conv, headers = self._opened("inform", receiver, op, None, user_id)
+        return self.messenger.send(receiver, headers, content).addErrback(
+            _inform_not_sent, receiver
+        )
+
+    def _opened(self, protocol, receiver, op, timeout, user_id):
+        """A new initiator Conversation, moved past its first message, and that message's
+        headers."""
+        conv = Conversation(self, _ids.next(), protocol, P.INITIATOR, receiver, op)
         first = P.INFORM if protocol == "inform" else P.REQUEST
         headers = self._headers(conv, first)
         if user_id is not None:
@@ -338,19 +410,7 @@ class Conversations:
             self.open[(conv.conv_id, P.INITIATOR)] = conv
             if timeout is not None:
                 self.deadlines.set(conv, timeout)
-
-        def sent(_):
-            if protocol == "inform":
-                conv._settle(True, None)
-
-        def not_sent(f):
-            error = NoSuchReceiver(receiver) if f.check(Unroutable) else f.value
-            if not conv.final:
-                conv.transition(P.FAILURE)
-            conv._settle(False, error)
-
-        self.messenger.send(receiver, headers, content).addCallbacks(sent, not_sent)
-        return conv
+        return conv, headers
 
     def _expire(self, conv, timeout):
         if conv.final:
@@ -473,6 +533,23 @@ class Conversations:
             agreed = self._say(conv, P.AGREE, None)
             return agreed.addCallback(lambda _: self._say(conv, P.INFORM_RESULT, result))
         return self._say(conv, P.INFORM_RESULT, result)
+
+
+def _inform_sent(_, conv):
+    conv._settle(True, None)
+
+
+def _not_sent(failure, conv, receiver):
+    error = NoSuchReceiver(receiver) if failure.check(Unroutable) else failure.value
+    if not conv.final:
+        conv.transition(P.FAILURE)
+    conv._settle(False, error)
+
+
+def _inform_not_sent(failure, receiver):
+    if failure.check(Unroutable):
+        return Failure(NoSuchReceiver(receiver))
+    return failure
 
 
 def _initiator_gone(failure, conv, performative):

@@ -221,8 +221,13 @@ def _header_problem(headers):
 def encode_envelope(envelope):
     """Pack an Envelope. Raises EncodeError when headers are not a map of str to plain values
     or when any part cannot be encoded."""
-    data = encode({"headers": envelope.headers, "content": envelope.content})
-    problem = _header_problem(envelope.headers)
+    return encode_envelope_parts(envelope.headers, envelope.content)
+
+
+def encode_envelope_parts(headers, content):
+    """L{encode_envelope} of C{Envelope(headers, content)}, without making the Envelope."""
+    data = encode({"headers": headers, "content": content})
+    problem = _header_problem(headers)
     if problem is not None:
         raise EncodeError(f"cannot encode envelope: {problem}")
     return data
@@ -231,17 +236,24 @@ def encode_envelope(envelope):
 def decode_envelope(data, limits):
     """Unpack and validate an Envelope: a map with exactly the keys 'headers' and 'content',
     headers a map of str to plain values. Raises DecodeError otherwise."""
+    headers, content = decode_envelope_parts(data, limits)
+    return Envelope(headers=headers, content=content)
+
+
+def decode_envelope_parts(data, limits):
+    """L{decode_envelope}, as C{(headers, content)}: no Envelope made."""
     obj = decode(data, limits)
     if not isinstance(obj, dict):
         raise DecodeError(
             f"envelope must be a map with 'headers' and 'content', got {type(obj).__name__}"
         )
-    if obj.keys() != {"headers", "content"}:
+    if len(obj) != 2 or "headers" not in obj or "content" not in obj:
         keys = ", ".join(sorted(repr(k) for k in obj)[:5]) + (", ..." if len(obj) > 5 else "")
         raise DecodeError(
             f"envelope must be a map with 'headers' and 'content', got keys {keys or 'none'}"
         )
-    problem = _header_problem(obj["headers"])
+    headers = obj["headers"]
+    problem = _header_problem(headers)
     if problem is not None:
         raise DecodeError(f"bad envelope: {problem}")
-    return Envelope(headers=obj["headers"], content=obj["content"])
+    return headers, obj["content"]

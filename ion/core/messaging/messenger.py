@@ -76,13 +76,7 @@ class Messenger:
 
     def tracing(self):
         """Whether sends are traced now (config C{ion.core.messaging: {'trace': ...}})."""
-        # The top layer that sets the key wins, as in Config.get; walked here because Config.get
-        # merges whole sections when no layer sets it (the usual case), too slow for every send.
-        for _name, layer in reversed(self.config.layers):
-            section = layer.get(MESSAGING)
-            if section is not None and "trace" in section:
-                return bool(section["trace"])
-        return False
+        return bool(self.config.get(MESSAGING, "trace", False))
 
     async def declare_receiver(self, queue, key, exclusive=False, auto_delete=True):
         """Create queue (if missing) and route messages addressed to C{key} into it."""
@@ -104,7 +98,7 @@ class Messenger:
         if "encoding" not in headers:
             headers["encoding"] = "msgpack"
         try:
-            body = codec.encode_envelope(codec.Envelope(headers=headers, content=content))
+            body = codec.encode_envelope_parts(headers, content)
         except Exception:
             return defer.fail()
         self.metrics.published.inc((headers.get("sender-name", ""),))
@@ -131,11 +125,11 @@ class Messenger:
 
         def on_delivery(delivery):
             try:
-                env = codec.decode_envelope(delivery.body, self.limits)
+                headers, content = codec.decode_envelope_parts(delivery.body, self.limits)
             except codec.DecodeError as e:
                 log.warn("dropped an undecodable message on {queue}: {error}", queue=queue, error=e)
                 delivery.nack(requeue=False)
                 return
-            handler(Message(env.headers, env.content, delivery.user_id, delivery))
+            handler(Message(headers, content, delivery.user_id, delivery))
 
         return await self.transport.consume(queue, on_delivery, prefetch=prefetch)

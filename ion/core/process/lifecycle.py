@@ -37,6 +37,7 @@ def _public(name):
             getattr(self, "_" + name)()
         except NoTransition:
             raise IllegalTransition(before, name) from None
+        self._state = self._serialize()
 
     method.__name__ = name
     return method
@@ -46,6 +47,9 @@ class Lifecycle:
     """Lifecycle states of one process. L{state} is one of the names above."""
 
     _machine = MethodicalMachine()
+    # The state's name, kept as the public inputs move it: asking Automat (its serializer)
+    # costs more than the rest of checking that a process may serve a message.
+    _state = INIT
 
     @_machine.state(initial=True, serialized=INIT)
     def _init(self):
@@ -101,7 +105,7 @@ class Lifecycle:
 
     @property
     def state(self):
-        return self._serialize()
+        return self._state
 
     initialize = _public("initialize")
     activate = _public("activate")

@@ -57,6 +57,8 @@ MESSAGING = "ion.core.messaging"
 
 # The participant conversation being served in the current task (identity flows from it).
 _serving = contextvars.ContextVar("ion_serving", default=None)
+# What ops return most, none of them awaitable.
+_PLAIN_RESULTS = frozenset([type(None), str, bytes, int, float, bool, dict, list, tuple])
 
 # Headers of a dead-lettered message: why, and where it was published.
 DEAD_REASON = "dead-reason"
@@ -229,7 +231,7 @@ class Process:
         )
         self._own_consumer = None
         self._subscriptions = []
-        self._inflight = set()  # ops being served
+        self._inflight = {}  # conversation of each op being served -> Deferred once waited for
         self._in_hand = set()  # deliveries being handled, work started with track()
         self._draining = False
         self._exit_observers = []
@@ -385,7 +387,10 @@ class Process:
             await _cancel(consumer)
 
     async def _drain(self, timeout):
-        pending = list(self._inflight) + list(self._in_hand)
+        for conv, done in self._inflight.items():
+            if done is None:
+                self._inflight[conv] = defer.Deferred()
+        pending = list(self._inflight.values()) + list(self._in_hand)
         if not pending:
             return
         # Waited for through a Deferred of our own: a timeout cancelling the DeferredList
@@ -475,7 +480,9 @@ class Process:
     def send(self, dest, op, content=None):
         """One-way message (inform) to dest. Returns a Deferred firing with None once the
         broker took it, failing with NoSuchReceiver if nobody listens there."""
-        return self._open("inform", dest, op, content, None).when_done()
+        serving = _serving.get()
+        user_id = serving.user_id if serving is not None else None
+        return self.conversations.inform(dest, op, content, user_id)
 
     def open_broker(self, url):
         """A connection of this process's own to the broker at C{url} (C{amqp[s]://} or
@@ -812,9 +819,9 @@ class Process:
         conv.user_id = self._identity(msg)
         msg.headers["user-id"] = conv.user_id
         # Registered before the op runs: the op may hand control to others (who may terminate
-        # this process) before it returns.
-        done = defer.Deferred()
-        self._inflight.add(done)
+        # this process) before it returns. Its Deferred is made only when _drain waits for it:
+        # most ops are done before anyone could.
+        self._inflight[conv] = None
         # The op runs in a copy of the context, so that the conversation it serves (and what
         # else it sets) never leaks to other tasks.
         try:
@@ -823,16 +830,16 @@ class Process:
             self.log.failure("{proc!r}: serving a message failed", proc=self)
             pending = None
         if pending is None:
-            self._served(None, msg, done)
+            self._served(None, msg, conv)
         else:
-            pending.addErrback(
-                lambda f: self.log.failure("{proc!r}: serving a message failed", f, proc=self)
-            )
-            pending.addBoth(self._served, msg, done)
+            pending.addBoth(self._served, msg, conv)
 
-    def _served(self, _, msg, done):
-        self._inflight.discard(done)
-        done.callback(None)
+    def _served(self, result, msg, conv):
+        if isinstance(result, Failure):
+            self.log.failure("{proc!r}: serving a message failed", result, proc=self)
+        done = self._inflight.pop(conv, None)
+        if done is not None:
+            done.callback(None)
         msg.ack()
 
     def _identity(self, msg):
@@ -858,7 +865,8 @@ class Process:
         except Exception as e:
             self.log.failure("{proc!r}: {op!r} raised; the caller gets a 500", proc=self, op=op)
             return self._answer(conv, None, e)
-        if result is not None and inspect.isawaitable(result):
+        # inspect.isawaitable asks the Awaitable ABC: costly for every plain result.
+        if type(result) not in _PLAIN_RESULTS and inspect.isawaitable(result):
             return defer.Deferred.fromCoroutine(self._serve_later(msg, conv, None, result))
         return self._answer(conv, result, None)
 
@@ -890,10 +898,10 @@ class Process:
         except Exception:
             self.log.failure("{proc!r}: could not answer {to}", proc=self, to=conv.peer)
             return None
-        return answered.addErrback(
-            lambda f: self.log.failure("{proc!r}: could not answer {to}", f, proc=self,
-                                       to=conv.peer)
-        )
+        return answered.addErrback(self._not_answered, conv)
+
+    def _not_answered(self, failure, conv):
+        self.log.failure("{proc!r}: could not answer {to}", failure, proc=self, to=conv.peer)
 
     def _op(self, op):
         if self.state != ACTIVE or self._draining:

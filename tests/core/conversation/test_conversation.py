@@ -4,12 +4,15 @@ Scenario tests run on every transport through `ConversationScenarios` (memory he
 module adds the private RabbitMQ).
 """
 
+import os
+import re
+
 from twisted.internet import defer, task
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from ion.core.conversation import protocols as P
-from ion.core.conversation.conversation import Deadlines
+from ion.core.conversation.conversation import LOG_LIMIT, Conversation, Deadlines, _ids
 from ion.core.cc.testing import make_container
 from tests.broker import get_broker
 from tests.waiting import until
@@ -149,6 +152,45 @@ class DeadlinesTests(unittest.SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(3)
         self.assertEqual(self.expired, [])
+
+
+class IdTests(unittest.SynchronousTestCase):
+    def test_ids_are_random_hex(self):
+        """Conversation ids are 32 hex digits (16 random bytes), never repeated, also across
+        the draws from the kernel."""
+        ids = [_ids.next() for _ in range(1000)]
+        self.assertEqual(len(set(ids)), len(ids))
+        self.assertTrue(all(re.fullmatch("[0-9a-f]{32}", i) for i in ids))
+
+    def test_forked_child_draws_its_own(self):
+        """A forked child never hands out the ids its parent will: the ids drawn ahead of use
+        stay with the parent."""
+        _ids.next()  # ids drawn ahead now
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            try:
+                os.write(write, "".join(_ids.next() for _ in range(3)).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as f:
+            child = f.read().decode()
+        os.waitpid(pid, 0)
+        parent = "".join(_ids.next() for _ in range(3))
+        self.assertEqual(len(child), 96)
+        self.assertNotEqual(child, parent)
+
+
+class LogTests(unittest.SynchronousTestCase):
+    def test_log_keeps_the_last_messages(self):
+        """A conversation keeps the headers (less ts) of its last LOG_LIMIT messages only."""
+        owner = type("Owner", (), {"clock": task.Clock()})()
+        conv = Conversation(owner, "c1", "rpc", P.INITIATOR, "peer", "op")
+        for seq in range(1, LOG_LIMIT + 5):
+            conv._record("out", {"conv-seq": seq, "ts": 1})
+        self.assertEqual([h for _, h in conv.log],
+                         [{"conv-seq": seq} for seq in range(5, LOG_LIMIT + 5)])
 
 
 class Worker(ServiceProcess):
@@ -350,6 +392,15 @@ class ConversationScenarios:
         await client.send("worker", "work", "fire")
         self.assertEqual(client.conversations.recent[-1].protocol, "inform")
         self.assertEqual(client.conversations.recent[-1].state, "done")
+
+    async def test_inform_tombstone_on_receiving_side_only(self):
+        """A received inform leaves a tombstone (a duplicate is not served twice); the sender
+        keeps none, as nothing answers an inform."""
+        c, worker, client = await self.setup()
+        await client.send("worker", "work", "fire")
+        conv_id = client.conversations.recent[-1].conv_id
+        await until(lambda: (conv_id, P.PARTICIPANT) in worker.conversations.tombstones)
+        self.assertEqual(dict(client.conversations.tombstones), {})
 
     async def test_identity_propagates_two_hops(self):
         """The identity a request acts for flows into the calls made while handling it."""

@@ -520,6 +520,28 @@ class BatchedWriteTests(unittest.SynchronousTestCase):
             self.assertEqual(self.transport.calls, [("writeSequence", frames)])
         self.assertTrue(any(part is bodies[1] for part in self.transport.sequences[1]))
 
+    def test_publish_frames_reused_exactly(self):
+        """The method frames kept for reuse are those of their own publish: the same bytes
+        for each (channel, exchange, routing key, mandatory), also past the number kept;
+        a routing key too long is refused every time."""
+        from ion.core.messaging.amqp._protocol import PUBLISH_HEADS
+
+        targets = [(1 + i % 3, f"x{i % 5}", f"k.{i}", bool(i % 2))
+                   for i in range(PUBLISH_HEADS + 10)]
+        for channel, exchange, key, mandatory in targets + targets[:20] + targets[-20:]:
+            self.transport.calls.clear()
+            self.protocol.send_publish(channel, exchange, key, mandatory, {}, b"b")
+            frames = _wire._publish_frame(channel, exchange, key, mandatory) + (
+                _wire._content_frames(channel, self.basic, {}, b"b", 4088)
+            )
+            self.assertEqual(self.transport.calls, [("writeSequence", frames)])
+        self.transport.calls.clear()
+        for _ in range(2):
+            self.assertRaises(
+                ValueError, self.protocol.send_publish, 1, "x", "é" * 128, True, {}, b"b"
+            )
+        self.assertEqual(self.transport.calls, [])
+
     def test_acks_sent_with_the_read(self):
         """Deliveries acked while their read is handled are acked at its end, in one
         basic.ack with multiple, with no timer; an ack outside a read waits for the turn."""

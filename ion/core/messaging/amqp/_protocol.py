@@ -48,6 +48,7 @@ log = Logger()
 
 FRAME_MIN_SIZE = 4096  # the largest frame either side may send before connection.tune
 MAX_UNSEEN_HEARTBEATS = 3  # intervals without a byte from the broker before it is given up
+PUBLISH_HEADS = 1024  # basic.publish method frames kept for reuse
 _DEFAULTS = {"bit": False, "shortstr": "", "longstr": b"", "table": {}}
 # Who we are and what we can do, told to the broker in connection.start-ok.
 CLIENT_PROPERTIES = {
@@ -204,6 +205,7 @@ class _Protocol(Protocol):
             )
         }
         self._unread = b""
+        self._publish_heads = {}  # (channel, exchange, routing key, mandatory) -> method frame
         self._batch = None  # frames to write at the end of dataReceived, or None
         self._after_read = []  # calls to make then, before they are written
         self._incoming = {}  # channel number -> _IncomingContent
@@ -235,9 +237,16 @@ class _Protocol(Protocol):
     def send_publish(self, channel, exchange, routing_key, mandatory, properties, body):
         """basic.publish with its content, in one write. Raises (before writing anything)
         when a field cannot be encoded."""
+        # Most publishes go to a few routing keys: their method frames are made once.
+        key = (channel, exchange, routing_key, mandatory)
+        head = self._publish_heads.get(key)
+        if head is None:
+            head = _publish_frame(channel, exchange, routing_key, mandatory)
+            if len(self._publish_heads) >= PUBLISH_HEADS:
+                self._publish_heads.clear()
+            self._publish_heads[key] = head
         parts = _content_parts(
-            channel, self._basic, properties, body, self.frame_max - 8,
-            _publish_frame(channel, exchange, routing_key, mandatory),
+            channel, self._basic, properties, body, self.frame_max - 8, head
         )
         batch = self._batch
         if batch is None:
