@@ -443,6 +443,18 @@ class Conversations:
         starts one (request or inform) for the process to serve, else None (handled here)."""
         conv_id = headers.get("conv-id")
         performative = headers.get("performative")
+        protocol = headers.get("protocol")
+        if (type(conv_id) is not str or type(performative) is not str
+                or not (protocol is None or type(protocol) is str)):
+            # Hostile or broken: ids, performatives and protocols are strings (a list or a
+            # map could not even be looked up).
+            log.warn(
+                "dropped a message from {sender}: conv-id, performative and protocol must be "
+                "strings (got {types})",
+                sender=headers.get("sender"),
+                types=", ".join(type(v).__name__ for v in (conv_id, performative, protocol)),
+            )
+            return None
         starts = performative in (P.REQUEST, P.INFORM)
         role = P.PARTICIPANT if starts else P.INITIATOR
         conv = self.open.get((conv_id, role))
@@ -452,7 +464,7 @@ class Conversations:
             return None
         self.collect()
         if (conv_id, role) not in self.tombstones:
-            if starts and conv is None and isinstance(conv_id, str) and conv_id:
+            if starts and conv is None and conv_id:
                 return self._participate(conv_id, performative, headers)
         log.info(
             "dropped {p} for {what} conversation {conv} from {sender}",

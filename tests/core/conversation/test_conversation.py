@@ -386,6 +386,22 @@ class ConversationScenarios:
         worker.gate.callback(None)
         self.assertEqual(await client.rpc("worker", "work", "y"), {"done": "y"})
 
+    async def test_malformed_headers_dropped(self):
+        """A message whose conv-id, performative or protocol is not a string (a list, a map:
+        anyone on the broker may send one) is dropped with one warning naming what it got;
+        the process keeps serving."""
+        c, worker, client = await self.setup()
+        logs = LogCapture(self)
+        base = {"sender": "mallory", "conv-id": "c1", "conv-seq": 1, "protocol": "rpc",
+                "performative": "request", "op": "work", "reply-to": "mallory"}
+        for name, value in (("conv-id", ["x"]), ("performative", {"a": 1}),
+                            ("protocol", ["rpc"]), ("conv-id", None)):
+            await c.messenger.send(worker.pid, dict(base, **{name: value}), "x")
+        await until(lambda: len(logs.texts("must be strings")) == 4)
+        self.assertIn("got list, str, str", logs.texts("must be strings")[0])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(await client.rpc("worker", "work", "y"), {"done": "y"})
+
     async def test_inform_is_a_conversation(self):
         """A one-way inform is logged as a finished conversation on both sides."""
         c, worker, client = await self.setup()
