@@ -7,6 +7,7 @@ constant memory is checked in C{test_transfer_memory}.
 
 import base64
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
@@ -49,6 +50,7 @@ from ion.apps.pump.transfer import inflight
 from ion.apps.pump.transfer.inflight import (
     BACKLOG_LIMIT,
     BUFFER_LIMIT,
+    DIRECT_MIN,
     DestinationRoot,
     DirectorySyncs,
     InflightFile,
@@ -498,6 +500,28 @@ class InflightFileDiskTests(SynchronousTestCase):
         self.assertGreater(os.path.getsize(sink.temp_path), BUFFER_LIMIT // 2)
         result = self.finish(sink, ("sha512", sha512(data)))
         self.assertEqual(result.checksum, {"sha512": sha512(data)})
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertEqual(leftovers(self.dir), [])
+
+    def test_bigFileBypassesThePageCache(self):
+        """
+        A file of at least C{DIRECT_MIN} bytes streams to disk with O_DIRECT (not copied into
+        the page cache): every byte arrives, the unaligned tail and pieces of odd sizes
+        too, and the file is verified and renamed as any other.
+        """
+        data = os.urandom(DIRECT_MIN + 4096 * 3 + 77)
+        sink = InflightFile(self.dest, expected_size=len(data))
+        sizes = [10, 4095, 1024 * 1024 + 3, 5 * 1024 * 1024 - 1]
+        offset = 0
+        while offset < len(data):
+            size = sizes[offset % len(sizes)]
+            sink.write(data[offset : offset + size])
+            offset += size
+            self.assertTrue(fcntl.fcntl(sink._fd, fcntl.F_GETFL) & os.O_DIRECT)
+        self.assertEqual(os.path.getsize(sink.temp_path) % 4096, 0)
+        result = self.finish(sink, ("sha512", sha512(data)))
+        self.assertEqual(result.size, len(data))
         with open(self.dest, "rb") as f:
             self.assertEqual(f.read(), data)
         self.assertEqual(leftovers(self.dir), [])
