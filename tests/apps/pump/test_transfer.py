@@ -526,6 +526,28 @@ class InflightFileDiskTests(SynchronousTestCase):
             self.assertEqual(f.read(), data)
         self.assertEqual(leftovers(self.dir), [])
 
+    def test_directWritesRefused(self):
+        """
+        A file system that takes the O_DIRECT flag but refuses the writes (EINVAL) gets the
+        file through the page cache: every byte arrives.
+        """
+        write = os.write
+
+        def refusing(fd, data):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return write(fd, data)
+
+        self.patch(os, "write", refusing)
+        data = os.urandom(DIRECT_MIN + 4096 + 5)
+        sink = InflightFile(self.dest, expected_size=len(data))
+        for offset in range(0, len(data), 3 * 1024 * 1024):
+            sink.write(data[offset : offset + 3 * 1024 * 1024])
+        self.assertFalse(fcntl.fcntl(sink._fd, fcntl.F_GETFL) & os.O_DIRECT)
+        self.finish(sink, ("sha512", sha512(data)))
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), data)
+
     def test_unannouncedBodyStreamsPastTheLimit(self):
         """
         A body of unknown size starts streaming once it grows past C{BUFFER_LIMIT}.
