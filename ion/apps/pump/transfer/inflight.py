@@ -754,14 +754,14 @@ class InflightFile:
 
     def _start_direct(self):
         """Write the file with O_DIRECT from now on, if its file system allows it."""
+        buffer = mmap.mmap(-1, DIRECT_BUFFER)
         try:
             flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
             fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_DIRECT)
         except OSError:
+            buffer.close()
             return  # EINVAL: this file system writes through the page cache only
-        self._direct_on = True
-        self._direct = mmap.mmap(-1, DIRECT_BUFFER)
-        self._direct_fill = 0
+        self._direct, self._direct_fill, self._direct_on = buffer, 0, True
 
     def _write_direct(self, chunks):
         """Copy C{chunks} into the aligned buffer, writing it out each time it is full, and
