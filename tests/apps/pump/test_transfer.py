@@ -21,7 +21,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 import ion.apps.pump.transfer as transfer
 from ion.apps.pump.transfer import (
@@ -510,6 +510,8 @@ class InflightFileDiskTests(SynchronousTestCase):
         the page cache): every byte arrives, the unaligned tail and pieces of odd sizes
         too, and the file is verified and renamed as any other.
         """
+        if os.major(os.stat(self.dir).st_dev) == 0:
+            raise SkipTest("the test directory is not on a block device's file system")
         data = os.urandom(DIRECT_MIN + 4096 * 3 + 77)
         sink = InflightFile(self.dest, expected_size=len(data))
         sizes = [10, 4095, 1024 * 1024 + 3, 5 * 1024 * 1024 - 1]
@@ -525,6 +527,21 @@ class InflightFileDiskTests(SynchronousTestCase):
         with open(self.dest, "rb") as f:
             self.assertEqual(f.read(), data)
         self.assertEqual(leftovers(self.dir), [])
+
+    def test_noDirectWritesOffBlockDevices(self):
+        """
+        On a file system without a block device of its own (NFS, FUSE, tmpfs...), where
+        O_DIRECT can cost a round trip per write, a big file is written through the page
+        cache.
+        """
+        self.patch(inflight, "_on_block_device", lambda fd: False)
+        data = os.urandom(DIRECT_MIN + 5)
+        sink = InflightFile(self.dest, expected_size=len(data))
+        sink.write(data)
+        self.assertFalse(fcntl.fcntl(sink._fd, fcntl.F_GETFL) & os.O_DIRECT)
+        self.finish(sink, ("sha512", sha512(data)))
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), data)
 
     def test_directWritesRefused(self):
         """

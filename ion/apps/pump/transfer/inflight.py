@@ -16,7 +16,7 @@ C{SYNC_BATCH} bytes written, a third job fdatasyncs them while the rest comes in
 before the rename (which stays) finds little left to write. Renames into one directory that
 finish close together share one fsync of the directory. A streamed file of at least
 C{DIRECT_MIN} bytes (or of an unknown size) is written with C{O_DIRECT} where its file system
-allows it: its bytes are copied into an aligned buffer and written from there straight to the
+is a block device's and allows it: its bytes are copied into an aligned buffer and written from there straight to the
 device, the unaligned tail through the page cache at the end.
 
 The writer holds an exclusive C{flock} on its temporary file from creation to rename, so a file
@@ -85,7 +85,7 @@ SYNC_BATCH = 32 * 1024 * 1024
 # Buffers one os.writev call may take (IOV_MAX on Linux).
 _IOV_MAX = 1024
 # A streamed file of at least this many bytes (or of an unknown size) is written with
-# O_DIRECT where the file system allows it: from an aligned buffer of DIRECT_BUFFER bytes
+# O_DIRECT where the file system (of a block device: see _on_block_device) allows it: from an aligned buffer of DIRECT_BUFFER bytes
 # straight to the device, not copied into the page cache and written back from there
 # (measured: the copy into the page cache cost as much CPU as the sha512 of the bytes, and
 # the writeback more; a file being verified and fsynced is not read back through the cache).
@@ -753,7 +753,10 @@ class InflightFile:
             self._reactor.callFromThread(self._sync_early)
 
     def _start_direct(self):
-        """Write the file with O_DIRECT from now on, if its file system allows it."""
+        """Write the file with O_DIRECT from now on, if it is on a block device's file system
+        and that allows it."""
+        if not _on_block_device(self._fd):
+            return
         buffer = mmap.mmap(-1, DIRECT_BUFFER)
         try:
             flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
@@ -986,6 +989,15 @@ def _enter(parent, name, make):
     except FileExistsError:
         pass  # made meanwhile by another transfer, or a link: the open tells
     return os.open(name, _DIRECTORY_FLAGS, dir_fd=parent)
+
+
+def _on_block_device(fd):
+    """Whether the file open as C{fd} is on a file system of a block device (ext4, xfs...: a
+    device number with a major), where O_DIRECT writes go straight to the disk. Network and
+    virtual file systems (NFS, CIFS, FUSE, tmpfs, overlay; btrfs and ZFS too) have anonymous
+    device numbers (major 0): there O_DIRECT may mean a round trip per write, and their
+    files are written through the page cache."""
+    return os.major(os.fstat(fd).st_dev) != 0
 
 
 def _write_all(fd, chunks):
