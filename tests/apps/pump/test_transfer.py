@@ -7,6 +7,7 @@ constant memory is checked in C{test_transfer_memory}.
 
 import base64
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
@@ -20,7 +21,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 import ion.apps.pump.transfer as transfer
 from ion.apps.pump.transfer import (
@@ -49,6 +50,7 @@ from ion.apps.pump.transfer import inflight
 from ion.apps.pump.transfer.inflight import (
     BACKLOG_LIMIT,
     BUFFER_LIMIT,
+    DIRECT_MIN,
     DestinationRoot,
     DirectorySyncs,
     InflightFile,
@@ -501,6 +503,67 @@ class InflightFileDiskTests(SynchronousTestCase):
         with open(self.dest, "rb") as f:
             self.assertEqual(f.read(), data)
         self.assertEqual(leftovers(self.dir), [])
+
+    def test_bigFileBypassesThePageCache(self):
+        """
+        A file of at least C{DIRECT_MIN} bytes streams to disk with O_DIRECT (not copied into
+        the page cache): every byte arrives, the unaligned tail and pieces of odd sizes
+        too, and the file is verified and renamed as any other.
+        """
+        if os.major(os.stat(self.dir).st_dev) == 0:
+            raise SkipTest("the test directory is not on a block device's file system")
+        data = os.urandom(DIRECT_MIN + 4096 * 3 + 77)
+        sink = InflightFile(self.dest, expected_size=len(data))
+        sizes = [10, 4095, 1024 * 1024 + 3, 5 * 1024 * 1024 - 1]
+        offset = 0
+        while offset < len(data):
+            size = sizes[offset % len(sizes)]
+            sink.write(data[offset : offset + size])
+            offset += size
+            self.assertTrue(fcntl.fcntl(sink._fd, fcntl.F_GETFL) & os.O_DIRECT)
+        self.assertEqual(os.path.getsize(sink.temp_path) % 4096, 0)
+        result = self.finish(sink, ("sha512", sha512(data)))
+        self.assertEqual(result.size, len(data))
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertEqual(leftovers(self.dir), [])
+
+    def test_noDirectWritesOffBlockDevices(self):
+        """
+        On a file system without a block device of its own (NFS, FUSE, tmpfs...), where
+        O_DIRECT can cost a round trip per write, a big file is written through the page
+        cache.
+        """
+        self.patch(inflight, "_on_block_device", lambda fd: False)
+        data = os.urandom(DIRECT_MIN + 5)
+        sink = InflightFile(self.dest, expected_size=len(data))
+        sink.write(data)
+        self.assertFalse(fcntl.fcntl(sink._fd, fcntl.F_GETFL) & os.O_DIRECT)
+        self.finish(sink, ("sha512", sha512(data)))
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    def test_directWritesRefused(self):
+        """
+        A file system that takes the O_DIRECT flag but refuses the writes (EINVAL) gets the
+        file through the page cache: every byte arrives.
+        """
+        write = os.write
+
+        def refusing(fd, data):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return write(fd, data)
+
+        self.patch(os, "write", refusing)
+        data = os.urandom(DIRECT_MIN + 4096 + 5)
+        sink = InflightFile(self.dest, expected_size=len(data))
+        for offset in range(0, len(data), 3 * 1024 * 1024):
+            sink.write(data[offset : offset + 3 * 1024 * 1024])
+        self.assertFalse(fcntl.fcntl(sink._fd, fcntl.F_GETFL) & os.O_DIRECT)
+        self.finish(sink, ("sha512", sha512(data)))
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(), data)
 
     def test_unannouncedBodyStreamsPastTheLimit(self):
         """
