@@ -16,8 +16,8 @@ C{SYNC_BATCH} bytes written, a third job fdatasyncs them while the rest comes in
 before the rename (which stays) finds little left to write. Renames into one directory that
 finish close together share one fsync of the directory. A streamed file of at least
 C{DIRECT_MIN} bytes (or of an unknown size) is written with C{O_DIRECT} where its file system
-is a block device's and allows it: its bytes are copied into an aligned buffer and written from there straight to the
-device, the unaligned tail through the page cache at the end.
+is a block device's and allows it: its bytes are copied into an aligned buffer and written
+from there straight to the device, the unaligned tail through the page cache at the end.
 
 The writer holds an exclusive C{flock} on its temporary file from creation to rename, so a file
 left behind by a killed process (the lock dies with it) can be told from one being written:
@@ -85,10 +85,11 @@ SYNC_BATCH = 32 * 1024 * 1024
 # Buffers one os.writev call may take (IOV_MAX on Linux).
 _IOV_MAX = 1024
 # A streamed file of at least this many bytes (or of an unknown size) is written with
-# O_DIRECT where the file system (of a block device: see _on_block_device) allows it: from an aligned buffer of DIRECT_BUFFER bytes
-# straight to the device, not copied into the page cache and written back from there
-# (measured: the copy into the page cache cost as much CPU as the sha512 of the bytes, and
-# the writeback more; a file being verified and fsynced is not read back through the cache).
+# O_DIRECT where the file system (of a block device: see _on_block_device) allows it: from
+# an aligned buffer of DIRECT_BUFFER bytes straight to the device, not copied into the page
+# cache and written back from there (measured: the copy into the page cache cost as much CPU
+# as the sha512 of the bytes, and the writeback more; a file being verified and fsynced is
+# not read back through the cache).
 DIRECT_MIN = 16 * 1024 * 1024
 DIRECT_BUFFER = 4 * 1024 * 1024
 # What O_DIRECT asks of a write's length, offset and memory (the largest logical block size
