@@ -297,6 +297,11 @@ class Consumer(AppliesFileOps, ServiceProcess):
         if not self.discard:
             self.root = DestinationRoot(self.real_directory, make=True)
             self.transfers = Transfers(self.container.reactor, args.transfer, who=args.who)
+        # Directories of the tree seen to be no links: not looked at again per file (the
+        # transfers never follow a link below the root: one planted later fails there, 422).
+        self._known_dirs = None
+        if self.root is not None and self.writes_below_root:
+            self._known_dirs = paths.KnownDirectories()
         self._working = set()  # duplicate keys of the messages being fetched
         self._block_turns = {}  # destination path -> DeferredLock (see _block_turn)
         self._declared = set()
@@ -658,6 +663,9 @@ class Consumer(AppliesFileOps, ServiceProcess):
 
     # Whether heartbeat_remote is possible (a sender's destination is remote).
     pushes_heartbeats = False
+    # Whether the files of destination_for are written through self.root (never following a
+    # link below it): then a directory on the way is looked at once, not per file.
+    writes_below_root = True
 
     def _heartbeat_state(self):
         failures = sum(self.stats["failures"].values())
@@ -683,7 +691,10 @@ class Consumer(AppliesFileOps, ServiceProcess):
         relPath (a leading C{/} allowed: it is relative to baseUrl all the same)."""
         if notice.retrieve_path:
             check_retrieve_path(notice)
-        return paths.destination(self.directory, notice, self.mode, real_root=self.real_directory)
+        return paths.destination(
+            self.directory, notice, self.mode, real_root=self.real_directory,
+            known_dirs=self._known_dirs,
+        )
 
     async def _fetch(self, notice, url, path, access=None):
         """(TransferResult, None) when the file is in place, else (None, outcome.Failure).
