@@ -401,6 +401,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
             self._close_transfers()
             # The stores' queued disk work ends before the state directory is let go: a
             # consumer restarted on it must not see a rewrite of ours land after it opened.
+            self._flush_dupcache()
             await self.dupcache.close()
             await self.retries.close()
         await super().crash(reason)
@@ -408,6 +409,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
     async def on_terminate(self):
         if self._kept_reports is not None:
             await self._kept_reports.close()
+        self._flush_dupcache()
         await self.dupcache.close()
         await self.retries.close()
         await self._close_transfers()
@@ -420,8 +422,22 @@ class Consumer(AppliesFileOps, ServiceProcess):
             return defer.succeed(None)
         return defer.Deferred.fromCoroutine(transfers.close())
 
+    def _remember(self, key):
+        """Add C{key} to the duplicate cache; its line reaches the file at the end of the
+        reactor turn, with those of the other messages settled in it (one write, not one per
+        message). A crash in between loses only what the cache is there to save: the message
+        of a lost key is not acked yet, or it is and never comes back; redelivered, it is
+        fetched again and its report goes through the report router, which drops a repeat.
+        What C{add} returns: a Deferred for a shared cache (in its file once it fires)."""
+        added = self.dupcache.add(key, flush=False)
+        if self._flush_call is None:
+            self._flush_call = self.container.reactor.callLater(0, self._flush_dupcache)
+        return added
+
     def _flush_dupcache(self):
-        self._flush_call = None
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
         self.dupcache.flush()
 
     def _stop_timers(self):
@@ -543,11 +559,9 @@ class Consumer(AppliesFileOps, ServiceProcess):
             return None
         if self.discard:
             # Written out once per reactor turn rather than once per message.
-            added = self.dupcache.add(key, flush=False)
+            added = self._remember(key)
             if added is not None:  # a shared cache: a failed turn is logged there
                 added.addErrback(lambda _: None)
-            if self._flush_call is None:
-                self._flush_call = self.container.reactor.callLater(0, self._flush_dupcache)
             self.stats["discarded"] += 1
             self._ack(delivery)
             return None
@@ -767,7 +781,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
             await self._reannounce(notice, path, result)
         size = result.size
         await self._report(notice, key, 201, f"delivered ({size} bytes)")
-        added = self.dupcache.add(key)
+        added = self._remember(key)
         if added is not None:  # a shared cache: in its file before the message is acked
             await added
         self.stats["delivered"] += 1
@@ -786,7 +800,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
     async def _block_in(self, notice, key, path, result):
         """One block of an sr3 block notice is in, not yet the whole file: a 206 report."""
         await self._report(notice, key, 206, f"block in ({result.size} bytes)")
-        self.dupcache.add(key)
+        self._remember(key)
         self.log.info("{name}: {path}: a block is in ({size} bytes)", name=self.label,
                       path=path, size=result.size)
 
