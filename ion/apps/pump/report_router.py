@@ -296,8 +296,13 @@ class ReportRouter(ServiceProcess):
                 pass  # the connection went: the copy comes back, its id is known by then
 
     def _count_direct(self, delivery, outcome):
-        """Count and log a report one of our consumers published to its source itself."""
-        fields, code = _parse_report(delivery.body)
+        """Count and log a report one of our consumers published to its source itself (its
+        C{code} header spares reading the body, unless the body goes to the log)."""
+        code = None if self._log_file is not None else delivery.properties.headers.get("code")
+        if type(code) is int:
+            fields = None
+        else:
+            fields, code = _parse_report(delivery.body)
         source = delivery.exchange[len("xr_"):]
         if code is None or not delivery.exchange.startswith("xr_"):
             return
