@@ -68,7 +68,7 @@ published persistent and confirmed to C{report_exchange} with the notice's topic
 C{report_direct} (the pump app sets it for a subscription reporting to its own report router's
 exchange on the container's broker, as the router's user), the report of a first delivery
 (not redelivered) whose C{source} is a usable name goes instead straight to C{xr_<source>}
-(declared topic, durable), with a C{report_id} header: one publish, routed by the broker,
+(declared topic, durable), with C{report_id} and C{code} headers: one publish, routed by the broker,
 instead of a hop through the router. Before the first report to a source the router's sent
 queue (L{ion.apps.pump.report_router}) is bound to C{xr_<source>}, so the router sees a copy of
 each such report in the same routing step, remembers its id, counts and logs it. Every other
@@ -297,6 +297,11 @@ class Consumer(AppliesFileOps, ServiceProcess):
         if not self.discard:
             self.root = DestinationRoot(self.real_directory, make=True)
             self.transfers = Transfers(self.container.reactor, args.transfer, who=args.who)
+        # Directories of the tree seen to be no links: not looked at again per file (the
+        # transfers never follow a link below the root: one planted later fails there, 422).
+        self._known_dirs = None
+        if self.root is not None and self.writes_below_root:
+            self._known_dirs = paths.KnownDirectories()
         self._working = set()  # duplicate keys of the messages being fetched
         self._block_turns = {}  # destination path -> DeferredLock (see _block_turn)
         self._declared = set()
@@ -396,6 +401,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
             self._close_transfers()
             # The stores' queued disk work ends before the state directory is let go: a
             # consumer restarted on it must not see a rewrite of ours land after it opened.
+            self._flush_dupcache()
             await self.dupcache.close()
             await self.retries.close()
         await super().crash(reason)
@@ -403,6 +409,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
     async def on_terminate(self):
         if self._kept_reports is not None:
             await self._kept_reports.close()
+        self._flush_dupcache()
         await self.dupcache.close()
         await self.retries.close()
         await self._close_transfers()
@@ -415,8 +422,22 @@ class Consumer(AppliesFileOps, ServiceProcess):
             return defer.succeed(None)
         return defer.Deferred.fromCoroutine(transfers.close())
 
+    def _remember(self, key):
+        """Add C{key} to the duplicate cache; its line reaches the file at the end of the
+        reactor turn, with those of the other messages settled in it (one write, not one per
+        message). A crash in between loses only what the cache is there to save: the message
+        of a lost key is not acked yet, or it is and never comes back; redelivered, it is
+        fetched again and its report goes through the report router, which drops a repeat.
+        What C{add} returns: a Deferred for a shared cache (in its file once it fires)."""
+        added = self.dupcache.add(key, flush=False)
+        if self._flush_call is None:
+            self._flush_call = self.container.reactor.callLater(0, self._flush_dupcache)
+        return added
+
     def _flush_dupcache(self):
-        self._flush_call = None
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
         self.dupcache.flush()
 
     def _stop_timers(self):
@@ -538,11 +559,9 @@ class Consumer(AppliesFileOps, ServiceProcess):
             return None
         if self.discard:
             # Written out once per reactor turn rather than once per message.
-            added = self.dupcache.add(key, flush=False)
+            added = self._remember(key)
             if added is not None:  # a shared cache: a failed turn is logged there
                 added.addErrback(lambda _: None)
-            if self._flush_call is None:
-                self._flush_call = self.container.reactor.callLater(0, self._flush_dupcache)
             self.stats["discarded"] += 1
             self._ack(delivery)
             return None
@@ -658,6 +677,9 @@ class Consumer(AppliesFileOps, ServiceProcess):
 
     # Whether heartbeat_remote is possible (a sender's destination is remote).
     pushes_heartbeats = False
+    # Whether the files of destination_for are written through self.root (never following a
+    # link below it): then a directory on the way is looked at once, not per file.
+    writes_below_root = True
 
     def _heartbeat_state(self):
         failures = sum(self.stats["failures"].values())
@@ -683,7 +705,10 @@ class Consumer(AppliesFileOps, ServiceProcess):
         relPath (a leading C{/} allowed: it is relative to baseUrl all the same)."""
         if notice.retrieve_path:
             check_retrieve_path(notice)
-        return paths.destination(self.directory, notice, self.mode, real_root=self.real_directory)
+        return paths.destination(
+            self.directory, notice, self.mode, real_root=self.real_directory,
+            known_dirs=self._known_dirs,
+        )
 
     async def _fetch(self, notice, url, path, access=None):
         """(TransferResult, None) when the file is in place, else (None, outcome.Failure).
@@ -756,7 +781,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
             await self._reannounce(notice, path, result)
         size = result.size
         await self._report(notice, key, 201, f"delivered ({size} bytes)")
-        added = self.dupcache.add(key)
+        added = self._remember(key)
         if added is not None:  # a shared cache: in its file before the message is acked
             await added
         self.stats["delivered"] += 1
@@ -775,7 +800,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
     async def _block_in(self, notice, key, path, result):
         """One block of an sr3 block notice is in, not yet the whole file: a 206 report."""
         await self._report(notice, key, 206, f"block in ({result.size} bytes)")
-        self.dupcache.add(key)
+        self._remember(key)
         self.log.info("{name}: {path}: a block is in ({size} bytes)", name=self.label,
                       path=path, size=result.size)
 
@@ -863,7 +888,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
         if exchange not in self._routes:
             await self.bind(self._copy_queue, exchange, "#")
             self._routes.add(exchange)
-        headers = {"report_id": rid, "direct": self._copy_queue}
+        # The code: the router counts the report by it without reading the body.
+        headers = {"report_id": rid, "direct": self._copy_queue, "code": reported.report["code"]}
         try:
             await self.publish(exchange, topic, reported.to_json(), headers=headers)
         except Exception:

@@ -401,13 +401,15 @@ class Notice:
         """A copy of this message carrying C{report} {code, timeCompleted, message}.
 
         C{code} must be one of REPORT_CODES; C{time} is when it completed (seconds since the
-        epoch, from the caller's clock).
+        epoch, from the caller's clock). The copy is of the top level only (a report per
+        delivered file is made, sent and dropped): set its fields, do not change the values
+        it shares with this message in place.
         (Named L{with_report} because C{report} is the property holding a received report.)
         """
         if code not in REPORT_CODES:
             known = ", ".join(str(c) for c in REPORT_CODES)
             raise ValueError(f"unknown report code {code!r}; known codes are {known}")
-        reported = self.copy()
+        reported = Notice(dict(self._fields))
         reported._fields["report"] = {
             "code": code,
             "timeCompleted": format_time(time),

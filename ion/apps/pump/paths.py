@@ -131,12 +131,18 @@ def _within(path, root):
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def resolve_under(root, rel_parts, *, real_root=None):
+def resolve_under(root, rel_parts, *, real_root=None, known_dirs=None):
     """The absolute path of C{rel_parts} under the real path of C{root}, checked against symlinks.
 
     Raises UnsafePath if a component is unsafe or if an existing part of the result (a
     directory on the way, or the file itself) is a symbolic link resolving outside the root.
     C{real_root} is C{os.path.realpath(root)} when the caller knows it already.
+
+    C{known_dirs}, a L{KnownDirectories} of the caller's, spares the lstat of a directory on
+    the way that an earlier call found to be a directory, not a link. Only for a caller whose
+    writes never follow a link below the root whatever this said (the consumer's transfers
+    open each directory with C{O_NOFOLLOW}): a directory swapped for a link since is then
+    refused there, not here.
     """
     if isinstance(rel_parts, (str, bytes)):
         raise TypeError("rel_parts must be a list of components (see safe_relpath)")
@@ -147,8 +153,11 @@ def resolve_under(root, rel_parts, *, real_root=None):
         safe_name(part, first=index == 0)
     base = real_root if real_root is not None else os.path.realpath(root)
     probe = base
-    for part in rel_parts:
+    last = len(rel_parts) - 1
+    for index, part in enumerate(rel_parts):
         probe = os.path.join(probe, part)
+        if known_dirs is not None and index < last and probe in known_dirs:
+            continue
         try:
             mode = os.lstat(probe).st_mode
         except (FileNotFoundError, NotADirectoryError):
@@ -158,15 +167,36 @@ def resolve_under(root, rel_parts, *, real_root=None):
                 f"unsafe path {_show('/'.join(rel_parts))}: {_show(probe)} leads outside "
                 f"{_show(base)} through a symbolic link"
             )
+        if known_dirs is not None and index < last and stat.S_ISDIR(mode):
+            known_dirs.add(probe)
     return os.path.join(base, *rel_parts)
 
 
-def destination(root, notice, mode="mirror", *, allow_leading_slash=False, real_root=None):
+class KnownDirectories:
+    """The directories L{resolve_under} found to be directories (not links), at most C{limit}
+    of them (all forgotten when full)."""
+
+    def __init__(self, limit=4096):
+        self.limit = limit
+        self._paths = set()
+
+    def __contains__(self, path):
+        return path in self._paths
+
+    def add(self, path):
+        if len(self._paths) >= self.limit:
+            self._paths.clear()
+        self._paths.add(path)
+
+
+def destination(
+    root, notice, mode="mirror", *, allow_leading_slash=False, real_root=None, known_dirs=None
+):
     """Where a consumer writes the file a notice announces, checked by the rules above.
 
     Modes: C{mirror} keeps relPath's directories under C{root}; C{directory} puts every file
     directly in C{root}; C{strip=N} drops the first N components of relPath (always keeping the
-    file name, so a large N behaves like C{directory}).
+    file name, so a large N behaves like C{directory}). C{known_dirs}: see L{resolve_under}.
     """
     parts = safe_relpath(notice.rel_path, allow_leading_slash=allow_leading_slash)
     strip = _STRIP_MODE.fullmatch(mode) if isinstance(mode, str) else None
@@ -178,4 +208,4 @@ def destination(root, notice, mode="mirror", *, allow_leading_slash=False, real_
         raise ValueError(
             f"unknown destination mode {mode!r}; use 'mirror', 'directory' or 'strip=N'"
         )
-    return resolve_under(root, parts, real_root=real_root)
+    return resolve_under(root, parts, real_root=real_root, known_dirs=known_dirs)

@@ -117,6 +117,8 @@ class ReportRouter(ServiceProcess):
         self._unsure = set()
         self._held = {}  # report id being forwarded -> its copies from the sent queue, unacked
         self._markers = {}  # marker published -> Deferred fired when it comes back
+        self._copies = []  # copies read from the sent queue this reactor turn, to ack
+        self._settle_call = None
         counters = ("received", "forwarded", "duplicates", "unroutable", "invalid")
         self.stats = dict(dict.fromkeys(counters, 0), by_source={})
 
@@ -142,6 +144,7 @@ class ReportRouter(ServiceProcess):
     async def on_terminate(self):
         if self._log_file is not None:
             self._log_file.close()
+        self._settle_copies()
         await self.seen.close()
 
     def op_stats(self, content, headers):
@@ -261,21 +264,45 @@ class ReportRouter(ServiceProcess):
         # A copy of a forward whose confirm never came (the connection went) is no proof that
         # the source has it: the broker persists queue by queue.
         if isinstance(rid, str) and rid not in self.seen and rid not in self._unsure:
-            self.seen.add(rid)
+            # Written down with the other ids of this reactor turn, then acked (_settle_copies).
+            self.seen.add(rid, flush=False)
             if headers.get("direct") == self.sent_queue:
                 self._count_direct(delivery, "forwarded")
         elif delivery.redelivered and headers.get("direct") == self.sent_queue:
             # Perhaps not logged: the run that remembered its id may have died just then.
             self._count_direct(delivery, "duplicate")
-        delivery.ack()
+        self._copies.append(delivery)
+        if self._settle_call is None:
+            self._settle_call = self.container.reactor.callLater(0, self._settle_copies)
         marker = headers.get("marker")
         waiter = self._markers.pop(marker, None) if isinstance(marker, str) else None
         if waiter is not None:
             waiter.callback(None)
 
+    def _settle_copies(self):
+        """Write down the ids of the copies read this reactor turn (one write for all of
+        them), then ack the copies: a copy is acked only once its id is in the file."""
+        call, self._settle_call = self._settle_call, None
+        if call is not None and call.active():
+            call.cancel()
+        copies, self._copies = self._copies, []
+        if not copies:
+            return
+        self.seen.flush()
+        for delivery in copies:
+            try:
+                delivery.ack()
+            except Exception:
+                pass  # the connection went: the copy comes back, its id is known by then
+
     def _count_direct(self, delivery, outcome):
-        """Count and log a report one of our consumers published to its source itself."""
-        fields, code = _parse_report(delivery.body)
+        """Count and log a report one of our consumers published to its source itself (its
+        C{code} header spares reading the body, unless the body goes to the log)."""
+        code = None if self._log_file is not None else delivery.properties.headers.get("code")
+        if type(code) is int:
+            fields = None
+        else:
+            fields, code = _parse_report(delivery.body)
         source = delivery.exchange[len("xr_"):]
         if code is None or not delivery.exchange.startswith("xr_"):
             return

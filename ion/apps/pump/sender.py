@@ -222,6 +222,7 @@ class Sender(Consumer):
 
     # The link's state follows the sends (L{Link.attempt}), not the staging fetches.
     pushes_heartbeats = True
+    writes_below_root = False  # its files go to the destination URL
 
     def _note_link(self, failure):
         pass

@@ -287,11 +287,11 @@ class ForgetfulConsumer(Consumer):
         remember = self.dupcache.add
         self.forgotten = []
 
-        def add(key):
+        def add(key, flush=True):
             if not self.forgotten:
                 self.forgotten.append(key)
                 return
-            remember(key)
+            return remember(key, flush)
 
         self.dupcache.add = add
 

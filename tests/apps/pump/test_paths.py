@@ -5,7 +5,9 @@ import os
 from twisted.trial import unittest
 
 from ion.apps.pump.notice import Notice
+from ion.apps.pump import paths
 from ion.apps.pump.paths import (
+    KnownDirectories,
     UnsafePath,
     destination,
     resolve_under,
@@ -305,3 +307,61 @@ class ResolveUnderTests(TreeCase):
             resolve_under(self.root, ("a", "b.txt")),
             os.path.join(os.path.realpath(self.root), "a", "b.txt"),
         )
+
+
+class KnownDirectoriesTests(TreeCase):
+    """A caller whose writes never follow links (the consumer) looks at each directory of the
+    tree once, not once per file; the file itself is looked at every time."""
+
+    def lstats(self):
+        """Count the lstat calls of paths from now on."""
+        calls = []
+        real = os.lstat
+
+        def counting(path, *args, **kw):
+            calls.append(path)
+            return real(path, *args, **kw)
+
+        self.patch(paths.os, "lstat", counting)
+        return calls
+
+    def test_directory_looked_at_once(self):
+        """The second file of a directory costs one lstat (its own), not one per level."""
+        os.makedirs(os.path.join(self.root, "a", "b"))
+        known = KnownDirectories()
+        real = os.path.realpath(self.root)  # as the consumer passes it
+        destination(self.root, touch_notice("a/b/f1.dat"), real_root=real, known_dirs=known)
+        calls = self.lstats()
+        path = destination(
+            self.root, touch_notice("a/b/f2.dat"), real_root=real, known_dirs=known
+        )
+        self.assertEqual(calls, [path])
+
+    def test_file_link_still_refused(self):
+        """A file planted as a link to outside after its directory is known is still refused."""
+        os.makedirs(os.path.join(self.root, "a"))
+        known = KnownDirectories()
+        destination(self.root, touch_notice("a/f1.dat"), known_dirs=known)
+        os.symlink(self.sentinel, os.path.join(self.root, "a", "f2.dat"))
+        self.assertRaises(
+            UnsafePath, destination, self.root, touch_notice("a/f2.dat"), known_dirs=known
+        )
+
+    def test_links_not_remembered(self):
+        """A link inside the root is looked at for every file (only directories are known)."""
+        os.makedirs(os.path.join(self.root, "real"))
+        os.symlink(os.path.join(self.root, "real"), os.path.join(self.root, "alias"))
+        known = KnownDirectories()
+        real = os.path.realpath(self.root)
+        destination(self.root, touch_notice("alias/f1.dat"), real_root=real, known_dirs=known)
+        calls = self.lstats()
+        destination(self.root, touch_notice("alias/f2.dat"), real_root=real, known_dirs=known)
+        self.assertIn(os.path.join(real, "alias"), calls)
+
+    def test_bounded(self):
+        """At most `limit` directories are kept."""
+        known = KnownDirectories(limit=2)
+        for name in ("a", "b", "c"):
+            known.add(name)
+        self.assertNotIn("a", known)
+        self.assertIn("c", known)

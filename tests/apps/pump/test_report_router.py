@@ -69,6 +69,30 @@ class LateReadingRouter(ReportRouter):
         super()._on_sent(delivery)
 
 
+class AckCheckingRouter(ReportRouter):
+    """Notes, as each copy from its sent queue is acked, whether its report_id is in its file
+    then."""
+
+    def on_init(self):
+        super().on_init()
+        self.acked = []  # (report_id, in the file when acked)
+
+    def _on_sent(self, delivery):
+        router = self
+
+        class Checked:
+            def __getattr__(self, name):
+                return getattr(delivery, name)
+
+            def ack(self):
+                rid = delivery.properties.headers.get("report_id")
+                with open(router.seen.path) as f:
+                    router.acked.append((rid, rid in f.read()))
+                delivery.ack()
+
+        return super()._on_sent(Checked())
+
+
 class RouterScenarios:
     """Scenarios every transport must pass, written against the hooks of `OnMemory` (the
     private RabbitMQ's give each test its own report exchange)."""
@@ -173,6 +197,20 @@ class RouterScenarios:
         with open(log) as f:
             outcomes = [json.loads(line)["outcome"] for line in f]
         self.assertEqual(outcomes, ["forwarded", "duplicate"])
+
+    async def test_copies_acked_once_written_down(self):
+        """The ids of copies read from the sent queue (consumers' reports straight to their
+        source) are in the router's file by the time each copy is acked, several arriving
+        together as well: a crash after the ack cannot lose one."""
+        router = await self.start(cls=AckCheckingRouter)
+        await router.bind(router.sent_queue, "xr_alice", "#")
+        for n in range(5):
+            body = json.dumps(report(f"a/f{n}.dat", report_id=f"r{n}")).encode()
+            direct = {"report_id": f"r{n}", "direct": router.sent_queue}
+            await self.collector.publish("xr_alice", "v03.a", body, headers=direct)
+        await until(lambda: len(router.acked) == 5)
+        self.assertEqual(sorted(router.acked), [(f"r{n}", True) for n in range(5)])
+        self.assertEqual(router.stats["forwarded"], 5)
 
     async def test_crash_after_publish(self):
         """A router dying after the broker took a forwarded report, before it wrote the id down

@@ -394,6 +394,27 @@ class InflightFileTests(SynchronousTestCase):
         os.mkdir(self.dir)
         self.dest = os.path.join(self.dir, "data.bin")
 
+    def test_temporaryNamesDrawnInBulk(self):
+        """
+        Temporary names are all different, their random parts drawn from the OS's generator
+        64 at a time (one system call per 64 files, not one per file).
+        """
+        draws = []
+        real = inflight.secrets.token_bytes
+
+        def counting(n):
+            draws.append(n)
+            return real(n)
+
+        self.patch(inflight.secrets, "token_bytes", counting)
+        self.patch(inflight, "_tags", [])
+        names = {inflight.inflight_name(self.dest) for _ in range(128)}
+        self.assertEqual(len(names), 128)
+        self.assertEqual(draws, [6 * 64, 6 * 64])
+        for name in names:
+            self.assertTrue(inflight.is_inflight_name(os.path.basename(name)))
+            self.assertEqual(os.path.dirname(name), self.dir)
+
     def test_temporaryName(self):
         """
         Bytes go to C{.<name>.<random>.inflight} in the destination directory.

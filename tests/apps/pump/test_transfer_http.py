@@ -397,6 +397,29 @@ class HTTPConnectionsTests(TestCase):
         self.assertEqual(set(sizes), {http.SMALL_READ_SIZE})
         self.assertGreater(http.READ_SIZE, http.SMALL_READ_SIZE)
 
+    async def test_smallFileReadsSmaller(self):
+        """
+        The GET of a file announced at most C{SMALL_FILE_READ_SIZE} big reads that much at a
+        time (a read's buffer under the allocator's mapping threshold), on connections of its
+        own; one of unknown or larger size reads C{READ_SIZE}.
+        """
+        sizes = []
+        real = http._large_reads
+
+        def recording(protocol, size):
+            sizes.append(size)
+            return real(protocol, size)
+
+        self.patch(http, "_large_reads", recording)
+        await self.get(1, expected_size=len(self.data))
+        self.assertLessEqual(len(self.data), http.SMALL_FILE_READ_SIZE)
+        self.assertEqual(sizes, [http.SMALL_FILE_READ_SIZE])
+        await self.get(2, expected_size=len(self.data))
+        self.assertEqual(sizes, [http.SMALL_FILE_READ_SIZE])  # the same connection again
+        await self.get(3)
+        self.assertEqual(sizes, [http.SMALL_FILE_READ_SIZE, http.READ_SIZE])
+        self.assertLess(http.SMALL_FILE_READ_SIZE, 128 * 1024)
+
     async def test_sequentialGetsShareOneConnection(self):
         """
         Twenty GETs one after the other go over one connection, and every file arrives whole.

@@ -90,6 +90,12 @@ PUT_CHUNK_SIZE = 64 * 1024
 # 75-80), and so does a GET under a bandwidth limit: a read can overdraw the limit by its size.
 READ_SIZE = 1024 * 1024
 SMALL_READ_SIZE = 256 * 1024
+# A whole-file GET of a file announced at most this big reads this much at a time, on
+# connections of its own: a read's buffer is allocated at its full size, and one over the C
+# allocator's mapping threshold (128 KiB by default) is a fresh memory mapping, shrunk to the
+# bytes read and unmapped again, three system calls and page faults per read, which for a
+# small file cost more than the rest of its reading.
+SMALL_FILE_READ_SIZE = 64 * 1024
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
@@ -438,7 +444,13 @@ async def _get(reactor, location, settings, sink, byte_range=None):
     timeouts = settings.timeouts
     timer = IdleTimer(reactor, timeouts.idle, first=timeouts.connect + timeouts.idle)
     paced = isinstance(sink, PacedSink)
-    read_size = SMALL_READ_SIZE if byte_range is not None or paced else READ_SIZE
+    expected = getattr(sink, "expected_size", None)
+    if byte_range is not None or paced:
+        read_size = SMALL_READ_SIZE
+    elif expected is not None and expected <= SMALL_FILE_READ_SIZE:
+        read_size = SMALL_FILE_READ_SIZE
+    else:
+        read_size = READ_SIZE
     if settings.http_connections is None:
         agent = _agent(reactor, settings, read_size=read_size)
     else:

@@ -6,7 +6,8 @@ import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
 from twisted.python.failure import Failure
 
-from ion.core.credentials import url_parts
+from ion.apps.pump.transfer import origin
+from ion.core.credentials import DEFAULT_PORTS, url_parts
 
 
 @attrs.frozen
@@ -186,6 +187,10 @@ class SharedResult:
 
 def host_key(url):
     """The C{(scheme, host, port)} a URL connects to; local files all share one key."""
+    split = origin.split(url)
+    if split is not None:
+        where = split[0]
+        return (where.scheme, where.host, where.port or DEFAULT_PORTS[where.scheme])
     scheme, host, port, *_ = url_parts(url)  # the URL was checked when it was located
     if scheme == "file":
         return ("file", "", 0)

@@ -4,9 +4,10 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import attrs
 
+from ion.apps.pump.transfer import origin
 from ion.apps.pump.transfer.errors import BadRequest
 from ion.apps.pump.transfer.limits import Timeouts
-from ion.core.credentials import url_parts
+from ion.core.credentials import DEFAULT_PORTS, url_parts
 from ion.core.log import redact
 
 SCHEMES = ("file", "http", "https", "sftp", "ftp")
@@ -52,6 +53,20 @@ def locate(url, credentials=None):
 
     @raise BadRequest: unknown scheme or malformed URL.
     """
+    split = origin.split(url)
+    if split is not None:
+        # An http(s) URL without a login in it (nothing to redact), its origin parsed before.
+        where, path, query = split
+        user = password = ssh_key = None
+        if credentials is not None:
+            entry = credentials.find(url)
+            if entry is not None:
+                user, password, ssh_key = entry.user, entry.password, entry.ssh_key
+        port = where.port or DEFAULT_PORTS[where.scheme]
+        return Location(
+            url, where.scheme, where.host, port, unquote(path or "/"), user, password, ssh_key,
+            _request_url(where, path, query),
+        )
     shown = redact(url)
     try:
         scheme, host, port, user, password, path = url_parts(url)
@@ -77,6 +92,9 @@ def locate(url, credentials=None):
 
 def request_url(url):
     """C{url} as an http request names it: no user, password or fragment, ASCII only."""
+    split = origin.split(url)
+    if split is not None:
+        return _request_url(*split)
     parts = urlsplit(url)
     if not parts.hostname:
         raise BadRequest(f"{redact(url)}: no host in URL")
@@ -87,6 +105,16 @@ def request_url(url):
         urlunsplit((parts.scheme.lower(), netloc, parts.path or "/", parts.query, "")),
         safe=_URL_SAFE,
     )
+
+
+def _request_url(where, path, query):
+    """L{request_url} of the parts of L{origin.split}."""
+    host = f"[{where.host}]" if ":" in where.host else where.host
+    netloc = host if where.port is None else f"{host}:{where.port}"
+    text = f"{where.scheme}://{netloc}{path or '/'}"
+    if query:
+        text = f"{text}?{query}"
+    return quote(text, safe=_URL_SAFE)
 
 
 def _local_path(url, shown):

@@ -66,6 +66,7 @@ from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
 from zope.interface import implementer
 
+from ion.apps.pump.transfer import origin
 from ion.apps.pump.transfer.errors import (
     BadRequest,
     ConnectionFailed,
@@ -176,6 +177,11 @@ def _normal_host(host):
     return numeric if numeric is not None else host
 
 
+# A notice's host normalized once per host rather than once per notice (failures are not
+# kept: they raise again).
+_normal_host_of = functools.lru_cache(maxsize=256)(_normal_host)
+
+
 def _decode_unreserved(segment):
     def one(match):
         char = chr(int(match.group(1), 16))
@@ -209,6 +215,13 @@ def normalize(url):
     message never quotes the URL: it may hold a password)."""
     if not isinstance(url, str) or "\0" in url:
         raise ValueError("not a URL")
+    split = origin.split(url)
+    if split is not None:
+        # http(s) with no login in it: the origin's parts were taken apart before.
+        where, path, query = split
+        host = _normal_host_of(where.host)
+        path = _normal_path(path or "/", decode_all=False)
+        return NormalUrl(where.scheme, host, where.port or DEFAULT_PORTS[where.scheme], path, query)
     try:
         parts = urlsplit(url)
         port = parts.port
