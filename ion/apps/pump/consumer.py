@@ -68,8 +68,8 @@ published persistent and confirmed to C{report_exchange} with the notice's topic
 C{report_direct} (the pump app sets it for a subscription reporting to its own report router's
 exchange on the container's broker, as the router's user), the report of a first delivery
 (not redelivered) whose C{source} is a usable name goes instead straight to C{xr_<source>}
-(declared topic, durable), with C{report_id} and C{code} headers: one publish, routed by the broker,
-instead of a hop through the router. Before the first report to a source the router's sent
+(declared topic, durable), with C{report_id} and C{code} headers: one publish, routed by the
+broker, instead of a hop through the router. Before the first report to a source the router's sent
 queue (L{ion.apps.pump.report_router}) is bound to C{xr_<source>}, so the router sees a copy of
 each such report in the same routing step, remembers its id, counts and logs it. Every other
 report (a redelivered message's, a retry's, a file op's, a dead letter's, an invalid notice's)
