@@ -48,10 +48,11 @@ names. The next pass asks with it (C{unless}): a directory whose listing still h
 neither parsed into entries nor compared with the rows (no row is read), and its
 subdirectories are walked from what was kept. Any change to a directory's rows (a file
 recorded or forgotten, a standby's record, every file forgotten, the directory forgotten with
-its parent's entry, a url change) drops its digest, and a directory with a file too young
-(C{min_age}) or rejected by the filters, or whose pass ended before all its files were
-announced, keeps none: it is read again, so that a skipped directory never hides a file that
-is new or changed since its row was written. (sftp and ftp listings have no digest.)
+its parent's entry, a url change) drops its digest (a pass by a version of the poll that kept
+none, every digest), and a directory with a file too young (C{min_age}) or rejected by the
+filters, or whose pass ended before all its files were announced, keeps none: it is read
+again, so that a skipped directory never hides a file that is new or changed since its row
+was written. (sftp and ftp listings have no digest.)
 
 Memory: a pass works through one directory at a time and looks up only that directory's
 rows; the listing of the directory next in line and its rows are read meanwhile, and may wait
@@ -324,9 +325,18 @@ class SeenFiles:
     def start_pass(self):
         # Read again: the instances of a poll share the store, one pass after the other.
         row = self.db.execute("SELECT value FROM meta WHERE key = 'pass'").fetchone()
-        self.passes = (int(row[0]) if row else 0) + 1
+        last = int(row[0]) if row else 0
+        # The pass that last kept the digests: a pass since by a version of the poll that
+        # kept none (one before them) may have changed rows without dropping them.
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'pages_pass'").fetchone()
+        self.passes = last + 1
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('pass', ?)", (str(self.passes),))
+            if row is None or row[0] != str(last):
+                self.db.execute("DELETE FROM pages")
+            for key in ("pass", "pages_pass"):
+                self.db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(self.passes))
+                )
         return self.passes
 
     @_in_thread

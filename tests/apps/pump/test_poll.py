@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import sqlite3
 import threading
 import time
 
@@ -943,6 +944,22 @@ class UnchangedPageTests(unittest.TestCase):
             self.lister.listings[other + rel_dir] = self.lister.listings[self.root + rel_dir]
         moved = await self.start_poll(url=other)
         self.assertEqual((await self.announced(moved))[0], ["a", "b", "sub/c", "sub/deep/d"])
+
+    async def test_pass_by_an_older_poll(self):
+        """After a pass by a version of the poll that keeps no digests (the rows it changed
+        did not drop them), the next pass reads every directory whole."""
+        self.tree()
+        proc = await self.start_poll(url=self.root)
+        await self.announced(proc)
+        db = sqlite3.connect(proc.store.path)
+        with db:  # as that pass would: a file forgotten, the pass counted
+            db.execute("DELETE FROM files WHERE dir = 'sub' AND name = 'c'")
+            db.execute("UPDATE meta SET value = value + 1 WHERE key = 'pass'")
+        db.close()
+        self.assertEqual(await self.announced(proc), (["sub/c"], [
+            self.root, self.root + "sub/", self.root + "sub/deep/"
+        ]))
+        self.assertEqual(await self.announced(proc), ([], []))
 
     async def test_not_recursive_then_recursive(self):
         """A poll made recursive on the state of one that was not walks the subdirectories
