@@ -4,6 +4,7 @@ announced) and on an unchanged re-poll, and its peak RSS, over file: and over HT
     venv/bin/python bench/poll.py                          # 1,000,000 files, file: and http
     venv/bin/python bench/poll.py -n 100000 --dirs 100     # a smaller tree while iterating
     venv/bin/python bench/poll.py --schemes http --profile poll.prof   # poll.prof.http.first...
+    venv/bin/python bench/poll.py --touch                  # a file changed in every directory
 
 The tree: `-n` empty files spread evenly over `--dirs` directories (`dNNNN/fNNNNNNN.dat`), made
 once under `--tree` (default /tmp/ion-bench-poll-<n>x<dirs>, kept for the next run: a file
@@ -17,6 +18,13 @@ once under `--tree` (default /tmp/ion-bench-poll-<n>x<dirs>, kept for the next r
   The files themselves are not served (a poll reads only the pages); every page is the same
   on every request, so the second pass sees nothing changed.
 
+The re-poll of an unchanged tree finds every directory's listing as it was when its files were
+recorded (the digest the poll keeps): it reads no rows and compares no entries. With `--touch`,
+the first file of every directory has another mtime before the re-poll (file: `os.utime`, one
+second later; http: the index server is asked for `/_touch`, after which its pages show that
+file a minute later), so that every directory is read and compared with its rows, and one file
+in each announced again: the re-poll line then says `announced=<dirs>`.
+
 ION runs in a child process per scheme (so that its peak RSS is its own): a container on
 memory:// with one transfer service, the poll (`interval` one day: the passes are asked for)
 announcing to `xs_bench`, and a subscriber on that exchange that counts and acks every
@@ -27,7 +35,7 @@ its start to its end (nothing is announced). Prints one line per system, scheme 
     poll system=ion scheme=file n=1000000 dirs=1000 pass=first seconds=...
         entries_per_s=... cpu_us_per_entry=... peak_rss_mb=... announced=1000000
     poll system=ion scheme=file n=1000000 dirs=1000 pass=repoll seconds=...
-        entries_per_s=... cpu_us_per_entry=... peak_rss_mb=... unchanged=1000000
+        entries_per_s=... cpu_us_per_entry=... peak_rss_mb=... unchanged=1000000 announced=0
 
 cpu_us_per_entry is the child's CPU time over the pass (all its threads: the poll, the
 transfer service, the broker, the subscriber; not the index server's) per file, a figure a
@@ -51,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.environ.get("ION_ROOT", ROOT))
@@ -73,14 +82,20 @@ def page(title, rows):
     head += f'<h1>Index of {title}</h1><hr><pre><a href="../">../</a>\\n'
     return (head + "".join(rows) + "</pre><hr></body>\\n</html>\\n").encode()
 
-def row(name, size):
-    return f'<a href="{name}">{name}</a>{" " * (51 - len(name))}{stamp} {size:>19}\\n'
+touched = time.strftime("%d-%b-%Y %H:%M", time.gmtime(int(sys.argv[3]) + 60))
+state = {"touched": False}
+
+def row(name, size, when=stamp):
+    return f'<a href="{name}">{name}</a>{" " * (51 - len(name))}{when} {size:>19}\\n'
 
 class Index(resource.Resource):
     isLeaf = True
     def render_GET(self, request):
         request.setHeader(b"content-type", b"text/html")
         path = request.path.decode()
+        if path == "/_touch":
+            state["touched"] = True
+            return b"touched"
         if path == "/":
             return page("/", [row(f"d{d:04d}/", "-") for d in range(dirs)])
         name = path.strip("/")
@@ -88,7 +103,10 @@ class Index(resource.Resource):
             request.setResponseCode(404)
             return b"no such directory"
         d = int(name[1:])
-        return page(path, [row(f"f{i:07d}.dat", 0) for i in range(d, n, dirs)])
+        rows = [row(f"f{i:07d}.dat", 0) for i in range(d, n, dirs)]
+        if state["touched"]:
+            rows[0] = row(f"f{d:07d}.dat", 0, touched)
+        return page(path, rows)
 
 site = server.Site(Index())
 site.log = lambda request: None
@@ -162,6 +180,20 @@ def run_ion_child(args):
             elif time.monotonic() - since > STALL:
                 raise SystemExit(f"poll bench: no progress for {STALL:.0f} s: {now}")
 
+    async def touch(reactor, url):
+        """Another mtime for the first file of every directory (--touch)."""
+        if url.startswith("file://"):
+            root = url[len("file://"):]
+            for directory in sorted(os.listdir(root)):
+                first = os.path.join(root, directory, f"f{int(directory[1:]):07d}.dat")
+                mtime = os.stat(first).st_mtime + 1
+                os.utime(first, (mtime, mtime))
+            return
+        from twisted.internet import threads
+
+        with await threads.deferToThread(urllib.request.urlopen, url + "_touch") as reply:
+            reply.read()
+
     async def run(reactor):
         container = Container(test_config(), reactor, make_transport("memory://", reactor),
                               sysname="bench")
@@ -193,6 +225,8 @@ def run_ion_child(args):
                               "cpu": time.process_time() - cpu,
                               "announced": poll.last_pass["announced"],
                               "received": sink.received}), flush=True)
+            if args.touch:
+                await touch(reactor, args.url)
             start, cpu = time.perf_counter(), time.process_time()
             await poll.poll_now()
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -216,6 +250,8 @@ def ion(args, scheme, url):
     root = os.environ.get("ION_ROOT", ROOT)
     if args.profile:
         command += ["--profile", f"{args.profile}.{scheme}"]
+    if args.touch:
+        command.append("--touch")
     child = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=dict(
         os.environ, PYTHONPATH=root))
     if child.returncode != 0:
@@ -223,7 +259,7 @@ def ion(args, scheme, url):
     for line in child.stdout.splitlines():
         result = json.loads(line)
         extra = (f"announced={result['announced']}" if result["pass"] == "first"
-                 else f"unchanged={result['unchanged']}")
+                 else f"unchanged={result['unchanged']} announced={result['announced']}")
         system = "ion" if root == ROOT else f"ion@{root}"
         print(f"poll system={system} scheme={scheme} n={args.n} dirs={args.dirs} "
               f"pass={result['pass']} seconds={result['seconds']:.2f} "
@@ -252,6 +288,8 @@ def main():
     parser.add_argument("--schemes", default="file,http", help="file,http (default both)")
     parser.add_argument("--profile", metavar="FILE",
                         help="cProfile each ION child's passes to FILE.<scheme>.<pass>")
+    parser.add_argument("--touch", action="store_true",
+                        help="change one file in every directory before the re-poll")
     parser.add_argument("--child", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -40,6 +40,20 @@ flight again, and the consumers' duplicate suppression absorbs that. Files gone 
 listing are forgotten (announced again if they come back); so are whole directories that a
 complete pass did not see. Changing C{url} starts from an empty state.
 
+Unchanged directories (C{file:} and C{http(s):}): a listing comes with a digest of all it was
+read from (an index page's bytes, URL and content type; a local directory's names and lstat
+types, modes, sizes and mtimes); once every file of a directory was announced and recorded,
+the store keeps that digest for it, with what its listing counts and its subdirectories'
+names. The next pass asks with it (C{unless}): a directory whose listing still has it is
+neither parsed into entries nor compared with the rows (no row is read), and its
+subdirectories are walked from what was kept. Any change to a directory's rows (a file
+recorded or forgotten, a standby's record, every file forgotten, the directory forgotten with
+its parent's entry, a url change) drops its digest (a pass by a version of the poll that kept
+none, every digest), and a directory with a file too young (C{min_age}) or rejected by the
+filters, or whose pass ended before all its files were announced, keeps none: it is read
+again, so that a skipped directory never hides a file that is new or changed since its row
+was written. (sftp and ftp listings have no digest.)
+
 Memory: a pass works through one directory at a time and looks up only that directory's
 rows; the listing of the directory next in line and its rows are read meanwhile, and may wait
 for their turn while a subtree is walked (one per level at most), so a tree of any size is
@@ -88,6 +102,7 @@ last pass; op C{stats} returns the totals.
 """
 
 import functools
+import json
 import os
 import re
 import secrets
@@ -137,6 +152,25 @@ _PASS_COUNTERS = (
     "skipped_entries",
     "errors",
 )
+# What a pass over a listing adds to the pass's counters, kept with its digest
+# (SeenFiles.page_read): "files" the files it lists, unchanged when the listing is.
+_PAGE_COUNTERS = ("listed", "files", "unsafe", "skipped_entries")
+
+
+class _Listed:
+    """A directory listed for a pass: its C{entries} and the Deferred of its rows C{known},
+    the C{digest} of its listing (None: the scheme gives none); or, for a listing unchanged
+    since its rows were written, only the C{summary} L{SeenFiles.page_read} kept of it."""
+
+    __slots__ = ("entries", "known", "digest", "summary")
+
+    def __init__(self, entries, known, digest=None, summary=None):
+        self.entries, self.known, self.digest, self.summary = entries, known, digest, summary
+
+    def discard(self):
+        """Not used after all (the pass ended first)."""
+        if self.known is not None:
+            self.known.addErrback(lambda _: None)
 
 
 class PublishFailed(Exception):
@@ -238,11 +272,16 @@ class SeenFiles:
                 "WITHOUT ROWID"
             )
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS pages (dir TEXT PRIMARY KEY, digest TEXT, "
+                "summary TEXT) WITHOUT ROWID"
+            )
             row = self.db.execute("SELECT value FROM meta WHERE key = 'root'").fetchone()
             self.reset = row is not None and row[0] != root
             if self.reset:
                 self.db.execute("DELETE FROM files")
                 self.db.execute("DELETE FROM dirs")
+                self.db.execute("DELETE FROM pages")
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('root', ?)", (root,))
             row = self.db.execute("SELECT value FROM meta WHERE key = 'pass'").fetchone()
             self.passes = int(row[0]) if row else 0
@@ -287,15 +326,25 @@ class SeenFiles:
     def start_pass(self):
         # Read again: the instances of a poll share the store, one pass after the other.
         row = self.db.execute("SELECT value FROM meta WHERE key = 'pass'").fetchone()
-        self.passes = (int(row[0]) if row else 0) + 1
+        last = int(row[0]) if row else 0
+        # The pass that last kept the digests: a pass since by a version of the poll that
+        # kept none (one before them) may have changed rows without dropping them.
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'pages_pass'").fetchone()
+        self.passes = last + 1
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('pass', ?)", (str(self.passes),))
+            if row is None or row[0] != str(last):
+                self.db.execute("DELETE FROM pages")
+            for key in ("pass", "pages_pass"):
+                self.db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(self.passes))
+                )
         return self.passes
 
     @_in_thread
     def record(self, rel_dir, rows):
         """Remember [(name, size, mtime)] of C{rel_dir} as announced (one commit)."""
         with self.db:
+            self.db.execute("DELETE FROM pages WHERE dir = ?", (rel_dir,))
             self.db.executemany(
                 "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
                 ((rel_dir, name, size, mtime) for name, size, mtime in rows),
@@ -304,8 +353,47 @@ class SeenFiles:
     @_in_thread
     def forget(self, rel_dir, names):
         with self.db:
+            self.db.execute("DELETE FROM pages WHERE dir = ?", (rel_dir,))
             self.db.executemany(
                 "DELETE FROM files WHERE dir = ? AND name = ?", ((rel_dir, n) for n in names)
+            )
+
+    @_in_thread
+    def page(self, rel_dir):
+        """C{(digest, summary)} of the listing of C{rel_dir} as L{page_read} wrote it, or
+        None: none written since the directory's rows last changed (or unreadable)."""
+        row = self.db.execute(
+            "SELECT digest, summary FROM pages WHERE dir = ?", (rel_dir,)
+        ).fetchone()
+        if row is None:
+            return None
+        digest, summary = row
+        try:
+            summary = json.loads(summary)
+        except (TypeError, ValueError):
+            return None
+        counts = [summary.get(key) for key in _PAGE_COUNTERS] if type(summary) is dict else [None]
+        dirs = summary.get("dirs") if type(summary) is dict else None
+        if (
+            type(digest) is not str
+            or any(type(n) is not int or n < 0 for n in counts)
+            or type(dirs) is not list
+            or any(type(name) is not str for name in dirs)
+        ):
+            return None
+        return digest, summary
+
+    @_in_thread
+    def page_read(self, rel_dir, digest, summary):
+        """Remember that the rows of C{rel_dir} are what its listing of C{digest} made of
+        them, every file of it announced and recorded, with C{summary}: the counters of
+        L{_PAGE_COUNTERS} a pass over that page adds, and its C{dirs} (names). Any later
+        change to the directory's rows (L{record}, L{forget}, L{update}, L{forget_all},
+        L{forget_unvisited}) forgets it."""
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO pages VALUES (?, ?, ?)",
+                (rel_dir, digest, json.dumps(summary)),
             )
 
     @_in_thread
@@ -319,7 +407,9 @@ class SeenFiles:
                 forgotten.append((rel_dir, name))
             else:
                 remembered.append((rel_dir, name, *state))
+        touched = {rel_dir for rel_dir, _ in forgotten} | {row[0] for row in remembered}
         with self.db:
+            self.db.executemany("DELETE FROM pages WHERE dir = ?", ((d,) for d in touched))
             self.db.executemany("DELETE FROM files WHERE dir = ? AND name = ?", forgotten)
             self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", remembered)
 
@@ -334,6 +424,7 @@ class SeenFiles:
         with self.db:
             self.db.execute("DELETE FROM files")
             self.db.execute("DELETE FROM dirs")
+            self.db.execute("DELETE FROM pages")
 
     @_in_thread
     def unvisited(self, pass_number):
@@ -347,10 +438,11 @@ class SeenFiles:
     def forget_unvisited(self, pass_number):
         """Forget the files of every directory a complete pass C{pass_number} did not list."""
         with self.db:
-            self.db.execute(
-                "DELETE FROM files WHERE dir NOT IN (SELECT dir FROM dirs WHERE pass = ?)",
-                (pass_number,),
-            )
+            for table in ("files", "pages"):
+                self.db.execute(
+                    f"DELETE FROM {table} WHERE dir NOT IN (SELECT dir FROM dirs WHERE pass = ?)",
+                    (pass_number,),
+                )
             self.db.execute("DELETE FROM dirs WHERE pass != ?", (pass_number,))
 
     @_in_thread
@@ -774,9 +866,8 @@ class PollService(ServiceProcess):
                 number, pending, ahead, visits, counts
             )
         finally:
-            for listing, known in ahead.values():
-                known.addErrback(lambda _: None)
-                listing.addErrback(lambda _: None)
+            for listing in ahead.values():
+                listing.addCallbacks(_Listed.discard, lambda _: None)
                 listing.cancel()
             if visits:
                 await defer.gatherResults(visits, consumeErrors=True)
@@ -817,13 +908,12 @@ class PollService(ServiceProcess):
         first_error = first_code = None
         while pending and not self._stopping:
             rel_dir = pending.pop()
-            listing, known = ahead.pop(rel_dir, None) or self._ask(rel_dir)
+            listing = ahead.pop(rel_dir, None) or self._ask(rel_dir)
             try:
-                entries = await listing
+                listed = await listing
             except defer.CancelledError:
                 raise
             except Exception as e:
-                known.addErrback(lambda _: None)  # not needed after all
                 remote = isinstance(e, (RemoteError, TransferError))
                 if remote and e.code == 404 and rel_dir:
                     # Gone since its parent was listed: its files are forgotten below.
@@ -839,8 +929,13 @@ class PollService(ServiceProcess):
             visits.append(self.store.visited(rel_dir, number))
             if pending and pending[-1] not in ahead:
                 ahead[pending[-1]] = self._ask(pending[-1])
+            if listed.summary is not None:
+                pending.extend(reversed(self._unchanged_page(rel_dir, listed.summary, counts)))
+                continue
             try:
-                subdirs = await self._directory(rel_dir, entries, counts, known)
+                subdirs = await self._directory(
+                    rel_dir, listed.entries, counts, listed.known, listed.digest
+                )
             except PublishFailed as e:
                 # The broker refused or went away: the next pass tries again.
                 complete = False
@@ -852,8 +947,49 @@ class PollService(ServiceProcess):
         return complete, first_error, first_code
 
     def _ask(self, rel_dir):
-        """The Deferreds of the listing of C{rel_dir} and of its rows known."""
-        return defer.Deferred.fromCoroutine(self._list(rel_dir)), self.store.directory(rel_dir)
+        """The Deferred of the L{_Listed} of C{rel_dir}."""
+        return defer.Deferred.fromCoroutine(self._listed(rel_dir))
+
+    async def _listed(self, rel_dir):
+        """The L{_Listed} of C{rel_dir}: first the digest of its listing when last read whole
+        (L{SeenFiles.page}), then its listing, asked for C{unless} that digest: when the
+        listing still has it, only the summary kept with it, and no row is read; else the
+        listing and the rows (at once when there was no digest to ask with)."""
+        page = await self.store.page(rel_dir)
+        known = None if page is not None else self.store.directory(rel_dir)
+        try:
+            entries, digest, unchanged = await self._list(rel_dir, page and page[0])
+        except BaseException:
+            if known is not None:
+                known.addErrback(lambda _: None)  # not needed after all
+            raise
+        if unchanged:
+            return _Listed(None, None, digest, page[1])
+        if known is None:
+            known = self.store.directory(rel_dir)
+        return _Listed(entries, known, digest)
+
+    def _unchanged_page(self, rel_dir, summary, counts):
+        """Count a directory whose listing is the one read last time, every file of it
+        announced then (its C{summary}, L{SeenFiles.page_read}); its subdirectories."""
+        counts["listed"] += summary["listed"]
+        counts["unchanged"] += summary["files"]
+        counts["unsafe"] += summary["unsafe"]
+        counts["skipped_entries"] += summary["skipped_entries"]
+        if not self.settings["recursive"]:
+            return []
+        prefix = f"{rel_dir}/" if rel_dir else ""
+        room = paths.PATH_MAX_BYTES - len(prefix.encode("utf-8"))
+        subdirs = []
+        for name in summary["dirs"]:
+            # As _directory took them (the rows are the poll's own, but checked all the same).
+            if _PLAIN_NAME.fullmatch(name) and len(name) <= room:
+                subdirs.append(prefix + name)
+            else:
+                rel_path = self._checked(rel_dir, name)
+                if rel_path is not None:
+                    subdirs.append(rel_path)
+        return subdirs
 
     def _note_errors(self, first, count):
         """Warn about a pass's failures, once while the same first failure repeats (then at
@@ -870,40 +1006,59 @@ class PollService(ServiceProcess):
     def _dir_url(self, rel_dir):
         return self.url + (rel_dir + "/" if rel_dir else "")
 
-    async def _list(self, rel_dir):
+    async def _list(self, rel_dir, unless=None):
+        """(entries, the listing's digest or None, whether that is C{unless}: then no
+        entries) of C{rel_dir}."""
         if self._local is not None:
             # A local directory is read here, in a pool thread: through the transfer service
             # each entry would be made an Entry, then a dict, then a message and back.
             reactor, shown = self.container.reactor, self._dir_url(rel_dir)
             listing = threads.deferToThreadPool(
                 reactor, reactor.getThreadPool(), list_local,
-                os.path.join(self._local, rel_dir), shown,
+                os.path.join(self._local, rel_dir), shown, unless,
             )
             timeout = self.settings["list_timeout"]
             listing.addTimeout(timeout, self.container.clock)
             try:
-                return await listing
+                listed = await listing
             except defer.TimeoutError:
                 # A hung file system (NFS): the pass fails, saying so, as a remote one would.
                 raise TransferError(f"{shown}: not listed in {timeout} s", code=504) from None
-        request = {"url": self._dir_url(rel_dir)}
+            return listed, listed.digest, listed.unchanged
+        request = {"url": self._dir_url(rel_dir), "digest": True}
         if self.pacers:
             request["with_bytes"] = True
+        if unless is not None:
+            request["unless"] = unless
         reply = await self.rpc(
             "transfer", "list", request, timeout=self.settings["list_timeout"]
         )
-        if not self.pacers:
-            return reply
-        entries = reply.get("entries") if isinstance(reply, dict) else None
-        size = reply.get("bytes") if isinstance(reply, dict) else None
-        if not isinstance(entries, list) or type(size) is not int or size < 0:
-            raise ValueError("the transfer service's listing does not say its size in bytes")
-        await take(self.container.clock, self.pacers, size)
-        return entries
+        digest, unchanged = None, False
+        if isinstance(reply, dict):
+            entries, size = reply.get("entries"), reply.get("bytes")
+            if "digest" in reply:
+                digest, unchanged = reply.get("digest"), reply.get("unchanged")
+                if digest is not None and (type(digest) is not str or not digest):
+                    raise ValueError("the transfer service's listing has a bad digest")
+                if unchanged is not False and (unchanged is not True or digest != unless):
+                    raise ValueError("the transfer service says an unknown page is unchanged")
+        else:
+            entries, size = reply, None  # a transfer service that gives no digest
+        if not unchanged and not isinstance(entries, list):
+            raise ValueError("the transfer service's listing is no list of entries")
+        if self.pacers:
+            if type(size) is not int or size < 0:
+                raise ValueError("the transfer service's listing does not say its size in bytes")
+            await take(self.container.clock, self.pacers, size)
+        return entries, digest, unchanged
 
-    async def _directory(self, rel_dir, entries, counts, known=None):
+    async def _directory(self, rel_dir, entries, counts, known=None, digest=None):
         """Announce what changed among one directory's entries; returns its subdirectories.
-        C{known}: the Deferred of its rows in the store, when already asked for."""
+        C{known}: the Deferred of its rows in the store, when already asked for. C{digest}:
+        its listing's; once every file it lists is announced and recorded, the rows are
+        marked as that listing's (L{SeenFiles.page_read}), and a later pass that finds the
+        same listing skips it."""
+        before = dict(counts)
         now = self.container.clock.seconds()
         min_age = self.settings["min_age"]
         recursive = self.settings["recursive"]
@@ -914,6 +1069,7 @@ class PollService(ServiceProcess):
         plain = _PLAIN_NAME.fullmatch
         present = set()
         subdirs = []
+        dirs = []
         wanted = []
         listed = unchanged = 0
         for entry in entries:
@@ -933,6 +1089,7 @@ class PollService(ServiceProcess):
             kind = entry.get("type")
             if kind != "file":
                 if kind == "dir":
+                    dirs.append(name)
                     if recursive:
                         subdirs.append(rel_path)
                 else:
@@ -972,6 +1129,15 @@ class PollService(ServiceProcess):
         finally:
             if recording:
                 await defer.gatherResults(recording, consumeErrors=True)
+        if digest is not None and not self._stopping:
+            added = {key: counts[key] - before[key] for key in counts}
+            # Only a listing all of whose files are recorded as listed: one with a file too
+            # young or rejected (filters may change) is read again the next time.
+            if added["announced"] == len(wanted) and not (added["young"] or added["rejected"]):
+                summary = {key: added.get(key, 0) for key in _PAGE_COUNTERS}
+                summary["files"] = added["unchanged"] + added["announced"]
+                summary["dirs"] = dirs
+                await self.store.page_read(rel_dir, digest, summary)
         return subdirs
 
     def _checked(self, rel_dir, name):

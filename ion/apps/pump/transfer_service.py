@@ -78,18 +78,41 @@ class TransferService(ServiceProcess):
         return _result(await self._run(self.transfers.put, path, url))
 
     async def op_list(self, content, headers):
+        """The entries of directory C{url}: a list of {name, size, mtime, mode, type}. With
+        C{with_bytes} (true), {entries, bytes}: the bytes read from the server too. With
+        C{digest} (true), {entries, bytes, digest, unchanged}: the digest of an index page
+        (None for other schemes); with C{unless}, a digest the page had before, an unchanged
+        page is not read into entries (C{entries} None, C{unchanged} true)."""
         (url,) = _strings(content, "list", "url")
-        with_bytes = content.get("with_bytes", False)
-        if not isinstance(with_bytes, bool):
-            raise ApplicationError(f"list: with_bytes must be true or false, got {with_bytes!r}")
-        entries = await self._run(self.transfers.list, url)
+        flags = {}
+        for key in ("with_bytes", "digest"):
+            flags[key] = content.get(key, False)
+            if not isinstance(flags[key], bool):
+                raise ApplicationError(f"list: {key} must be true or false, got {flags[key]!r}")
+        unless = content.get("unless")
+        if unless is not None and not (
+            isinstance(unless, str) and 0 < len(unless) <= _DIGEST_MAX and flags["digest"]
+        ):
+            raise ApplicationError(
+                f"list: unless must be a digest (with digest true), got {unless!r}"[:200]
+            )
+        entries = await self._run(self.transfers.list, url, unless)
+        if entries.unchanged:
+            return {"entries": None, "bytes": entries.bytes, "digest": entries.digest,
+                    "unchanged": True}
         # Written out rather than attrs.asdict: a large directory's listing is built here.
         listed = [
             {"name": e.name, "size": e.size, "mtime": e.mtime, "mode": e.mode, "type": e.type}
             for e in entries
         ]
-        return {"entries": listed, "bytes": entries.bytes} if with_bytes else listed
+        if flags["digest"]:
+            return {"entries": listed, "bytes": entries.bytes, "digest": entries.digest,
+                    "unchanged": False}
+        return {"entries": listed, "bytes": entries.bytes} if flags["with_bytes"] else listed
 
+
+# The longest digest a list's C{unless} may be (a sha256 in hex is 64 characters).
+_DIGEST_MAX = 128
 
 # The optional numbers of a get: key -> (transfer option, check (bools fail), what it must be).
 _GET_OPTIONS = {

@@ -1,6 +1,9 @@
 """The poll: what it announces, what it remembers across restarts, what it skips."""
 
+import hashlib
+import json
 import os
+import sqlite3
 import threading
 import time
 
@@ -12,6 +15,7 @@ from twisted.web import client
 from ion.apps.pump.notice import Notice, parse_time
 from ion.apps.pump.args import PollArgs, root_url
 from ion.apps.pump.poll import PollService, SeenFiles, unfetchable
+from ion.apps.pump.transfer import http
 from ion.apps.pump.transfer.blocks import sr3_block
 from ion.apps.pump.transfer_service import TransferService
 from ion.core.cc.testing import call_op, make_container
@@ -50,6 +54,26 @@ class FakeLister(ServiceProcess):
         if isinstance(answer, int):
             raise ApplicationError(f"listing {content['url']} failed", code=answer)
         return answer
+
+
+class PageLister(FakeLister):
+    """A `transfer` service answering as for index pages: asked for a `digest`, each listing
+    with the digest of its entries, none (`unchanged`) when that is `unless`; `whole` the
+    urls it gave entries for."""
+
+    def on_init(self):
+        super().on_init()
+        self.whole = []
+
+    async def op_list(self, content, headers):
+        entries = await super().op_list(content, headers)
+        if not content.get("digest"):
+            return entries
+        digest = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+        if content.get("unless") == digest:
+            return {"entries": None, "bytes": 0, "digest": digest, "unchanged": True}
+        self.whole.append(content["url"])
+        return {"entries": entries, "bytes": 0, "digest": digest, "unchanged": False}
 
 
 async def seen(store, rel_path):
@@ -315,6 +339,56 @@ class PollTests(unittest.TestCase):
         self.assertGreaterEqual(spent, 2.0 * 0.99)
         self.assertLessEqual(spent, 2.0 * 1.1 + extra)
 
+    async def test_unchanged_local_directories_not_compared(self):
+        """A second pass over a local tree reads no directory's rows (what it lists is what it
+        listed when they were written); a file changed in place, the same size, is
+        announced all the same, and its directory's rows read."""
+        write_old(self.src, "top", b"t")
+        path = write_old(self.src, "d/f", b"f")
+        proc = await self.start_poll()
+        self.collector.got.clear()
+        read = []
+        original = proc.store.directory
+
+        def directory(rel_dir):
+            read.append(rel_dir)
+            return original(rel_dir)
+
+        proc.store.directory = directory
+        self.assertEqual(await self.announced(proc), [])
+        self.assertEqual((read, proc.last_pass["unchanged"]), ([], 2))
+        write_old(self.src, "d/f", b"g", mtime=OLD + 1)
+        self.assertEqual(await self.announced(proc), ["d/f"])
+        self.assertEqual(read, ["d"])
+        self.assertEqual(await seen(proc.store, "d/f"), (1, os.stat(path).st_mtime))
+
+    async def test_unchanged_index_pages_not_parsed(self):
+        """Over an HTTP index, a second pass parses no page and announces nothing; a new
+        file gets its directory's page, and only that one, parsed, and is announced."""
+        write_old(self.src, "top", b"t")
+        write_old(self.src, "d/f", b"f")
+        server = start_http(self, self.src)
+        self.addCleanup(settle)
+        url = server.url + "/files/"
+        parsed = []
+        original = http.parse_html_index
+
+        def parse(text, base_url):
+            parsed.append(base_url)
+            return original(text, base_url)
+
+        self.patch(http, "parse_html_index", parse)
+        proc = await self.start_poll(url=url)
+        self.assertEqual(sorted(b["relPath"] for b in self.collector.bodies()), ["d/f", "top"])
+        self.assertEqual(len(parsed), 2)
+        self.collector.got.clear()
+        del parsed[:]
+        self.assertEqual(await self.announced(proc), [])
+        self.assertEqual((parsed, proc.last_pass["unchanged"]), ([], 2))
+        write_old(self.src, "d/g", b"g")
+        self.assertEqual(await self.announced(proc), ["d/g"])
+        self.assertEqual(parsed, [url + "d/"])
+
     async def test_announces_blocks(self):
         """With block_size, a listed file bigger than that is announced as one notice per
         block as sr3 writes them, each with the file's cod identity (no checksum is known)
@@ -555,9 +629,9 @@ class PollTests(unittest.TestCase):
         self.addCleanup(release.set)
         real = poll.list_local
 
-        def hanging(path, shown):
+        def hanging(path, shown, unless=None):
             release.wait(30)
-            return real(path, shown)
+            return real(path, shown, unless)
 
         self.patch(poll, "list_local", hanging)
         proc = await self.start_poll(list_timeout=0.2)
@@ -606,13 +680,15 @@ class PollTests(unittest.TestCase):
 class FakeListingTests(unittest.TestCase):
     """A poll against a fake transfer service: hostile listings, failures, overlapping passes."""
 
+    lister_class = FakeLister
+
     async def setUp(self):
         self.clock = task.Clock()
         self.clock.advance(time.time())
         self.c = await make_container(self, memory_broker=MemoryBroker(), clock=self.clock)
         self.collector = await self.c.spawn(Collector)
         await self.collector.listen("xs_ion")
-        self.lister = await self.c.spawn(FakeLister)
+        self.lister = await self.c.spawn(self.lister_class)
         self.state = os.path.abspath(self.mktemp())
 
     async def start_poll(self, **args):
@@ -751,6 +827,151 @@ class FakeListingTests(unittest.TestCase):
         await proc.poll_now()
         await quiet()
         self.assertEqual([b.get("size") for b in self.collector.bodies()], [None, 5])
+
+
+class UnchangedPageTests(unittest.TestCase):
+    """A remote directory whose index page is the one read last time, every file of it
+    announced then, is not read again; anything that may have left a file of it unannounced
+    or its row changed makes the next pass read it."""
+
+    lister_class = PageLister
+    setUp = FakeListingTests.setUp
+    start_poll = FakeListingTests.start_poll
+    root = "http://feed.example/data/"
+
+    def tree(self):
+        self.lister.listings[self.root] = [entry("a"), entry("b"), entry("sub", type="dir")]
+        self.lister.listings[self.root + "sub/"] = [entry("c"), entry("deep", type="dir")]
+        self.lister.listings[self.root + "sub/deep/"] = [entry("d")]
+
+    async def announced(self, proc):
+        """A pass: the relPaths it announced, sorted; the urls it read whole."""
+        self.collector.got.clear()
+        del self.lister.whole[:]
+        await proc.poll_now()
+        await quiet()
+        return sorted(b["relPath"] for b in self.collector.bodies()), self.lister.whole
+
+    async def test_unchanged_pages_not_read(self):
+        """A second pass reads no page whole and announces nothing, counting every file as
+        unchanged and walking every directory; a changed page below an unchanged one is
+        read and its change announced."""
+        self.tree()
+        proc = await self.start_poll(url=self.root)
+        everything = ["a", "b", "sub/c", "sub/deep/d"]
+        self.assertEqual((await self.announced(proc))[0], everything)
+        self.assertEqual(await self.announced(proc), ([], []))
+        self.assertEqual(len(self.lister.calls), 6)  # every directory listed twice
+        counts = {k: proc.last_pass[k] for k in ("listed", "unchanged", "announced")}
+        self.assertEqual(counts, {"listed": 6, "unchanged": 4, "announced": 0})
+        self.assertTrue(proc.last_pass["complete"])
+        self.lister.listings[self.root + "sub/deep/"] = [entry("d", size=2)]
+        self.assertEqual(await self.announced(proc), (["sub/deep/d"], [self.root + "sub/deep/"]))
+        self.assertEqual(await self.announced(proc), ([], []))
+
+    async def test_rows_changed_since_read_again(self):
+        """A page unchanged whose rows changed since it was read -- a file forgotten, one
+        recorded from another poll's announcement (a standby's), every file forgotten (a
+        broker that lost notices) -- is read again and what is not known announced."""
+        self.tree()
+        proc = await self.start_poll(url=self.root)
+        await self.announced(proc)
+        await proc.store.forget("sub", ["c"])
+        self.assertEqual(await self.announced(proc), (["sub/c"], [self.root + "sub/"]))
+        await proc.store.update({"sub/deep/d": (7, OLD)})
+        self.assertEqual((await self.announced(proc))[0], ["sub/deep/d"])
+        await proc.store.forget_all()
+        self.assertEqual((await self.announced(proc))[0], ["a", "b", "sub/c", "sub/deep/d"])
+        self.assertEqual(await self.announced(proc), ([], []))
+
+    async def test_pass_ended_part_way_read_again(self):
+        """A page some of whose files were not announced (the broker did not confirm one) is
+        read again by the next pass, which announces them, even though the page is the
+        same."""
+        self.tree()
+        original = PollService.publish
+        failing = {"b"}
+
+        async def publish(proc, exchange, key, body, **options):
+            if Notice.from_json(body).rel_path in failing:
+                raise ConnectionError("broker went away")
+            await original(proc, exchange, key, body, **options)
+
+        self.patch(PollService, "publish", publish)
+        proc = await self.start_poll(url=self.root)
+        self.assertEqual((await self.announced(proc))[0], ["a"])
+        self.assertFalse(proc.last_pass["complete"])
+        failing.clear()
+        self.assertEqual((await self.announced(proc))[0], ["b", "sub/c", "sub/deep/d"])
+        self.assertEqual(await self.announced(proc), ([], []))
+
+    async def test_young_or_rejected_files_read_again(self):
+        """A page with a file too young to announce is read again until it is announced;
+        one with files the filters rejected is read again, so that a poll with other filters
+        on the same state announces them."""
+        now = self.clock.seconds()
+        self.lister.listings[self.root] = [entry("old"), entry("new", mtime=now - 5)]
+        proc = await self.start_poll(url=self.root, min_age=60)
+        self.assertEqual((await self.announced(proc))[0], ["old"])
+        self.clock.advance(10)
+        self.assertEqual((await self.announced(proc))[0], [])
+        self.clock.advance(60)
+        self.assertEqual((await self.announced(proc))[0], ["new"])
+        self.assertEqual(await self.announced(proc), ([], []))
+        await proc.terminate()
+        self.lister.listings[self.root].append(entry("x.tmp"))
+        strict = await self.start_poll(url=self.root, reject=[r".*\.tmp"])
+        self.assertEqual((await self.announced(strict))[0], [])  # "x.tmp" rejected
+        self.assertEqual((await self.announced(strict))[0], [])
+        await strict.terminate()
+        lenient = await self.start_poll(url=self.root)
+        self.assertEqual((await self.announced(lenient))[0], ["x.tmp"])
+
+    async def test_directory_gone_and_back(self):
+        """A directory gone from its parent's page is forgotten with its page: when it comes
+        back, the same, its files are announced again; so are a tree's after the poll's url
+        changed to another server with the same pages."""
+        self.tree()
+        proc = await self.start_poll(url=self.root)
+        await self.announced(proc)
+        sub = self.lister.listings[self.root].pop()
+        self.assertEqual(await self.announced(proc), ([], [self.root]))
+        self.lister.listings[self.root].append(sub)
+        self.assertEqual((await self.announced(proc))[0], ["sub/c", "sub/deep/d"])
+        await proc.terminate()
+        other = "http://mirror.example/data/"
+        for rel_dir in ("", "sub/", "sub/deep/"):
+            self.lister.listings[other + rel_dir] = self.lister.listings[self.root + rel_dir]
+        moved = await self.start_poll(url=other)
+        self.assertEqual((await self.announced(moved))[0], ["a", "b", "sub/c", "sub/deep/d"])
+
+    async def test_pass_by_an_older_poll(self):
+        """After a pass by a version of the poll that keeps no digests (the rows it changed
+        did not drop them), the next pass reads every directory whole."""
+        self.tree()
+        proc = await self.start_poll(url=self.root)
+        await self.announced(proc)
+        db = sqlite3.connect(proc.store.path)
+        with db:  # as that pass would: a file forgotten, the pass counted
+            db.execute("DELETE FROM files WHERE dir = 'sub' AND name = 'c'")
+            db.execute("UPDATE meta SET value = value + 1 WHERE key = 'pass'")
+        db.close()
+        self.assertEqual(await self.announced(proc), (["sub/c"], [
+            self.root, self.root + "sub/", self.root + "sub/deep/"
+        ]))
+        self.assertEqual(await self.announced(proc), ([], []))
+
+    async def test_not_recursive_then_recursive(self):
+        """A poll made recursive on the state of one that was not walks the subdirectories
+        of the pages that are unchanged, and announces their files."""
+        self.tree()
+        flat = await self.start_poll(url=self.root, recursive=False)
+        self.assertEqual((await self.announced(flat))[0], ["a", "b"])
+        self.assertEqual(await self.announced(flat), ([], []))
+        await flat.terminate()
+        deep = await self.start_poll(url=self.root)
+        self.assertEqual((await self.announced(deep))[0], ["sub/c", "sub/deep/d"])
+        self.assertNotIn(self.root, self.lister.whole)
 
 
 class PollCommandTest(unittest.TestCase):

@@ -29,7 +29,7 @@ from ion.apps.pump.transfer import (
     Timeouts,
     TransferTimeout,
 )
-from ion.apps.pump.transfer import http
+from ion.apps.pump.transfer import http, listings
 from ion.apps.pump.transfer.blocks import BlockSettings
 from ion.apps.pump.transfer.inflight import BUFFER_LIMIT
 from tests.apps.pump.servers import (
@@ -299,6 +299,39 @@ class HTTPTests(TestCase):
             [(e.name, e.type, e.size) for e in entries],
             [("data.bin", "file", None), ("small.txt", "file", 5), ("sub", "dir", None)],
         )
+
+    async def test_listUnless(self):
+        """
+        A listing has the digest of its page; asked for C{unless} that digest, an unchanged
+        page gives no entries and says so; another page (a new file) gives its entries.
+        """
+        url = self.server.url + "/files/"
+        first = await transfer.list(reactor, url)
+        self.assertEqual(len(first.digest), 64)
+        self.assertFalse(first.unchanged)
+        again = await transfer.list(reactor, url, unless=first.digest)
+        self.assertEqual((list(again), again.unchanged, again.digest), ([], True, first.digest))
+        self.assertEqual(again.bytes, first.bytes)
+        write_file(os.path.join(self.root, "new.txt"), b"new")
+        changed = await transfer.list(reactor, url, unless=first.digest)
+        self.assertFalse(changed.unchanged)
+        self.assertNotEqual(changed.digest, first.digest)
+        self.assertIn("new.txt", [e.name for e in changed])
+
+    def test_pageDigest(self):
+        """
+        A page's digest is of all that its entries are read from: its bytes, its URL (links
+        are relative to it) and its content type (the charset).
+        """
+        page = b"<a href=x>x</a>"
+        digest = listings.page_digest("http://h/d/", "text/html", page)
+        self.assertEqual(digest, listings.page_digest("http://h/d/", "text/html", page))
+        for other in [
+            listings.page_digest("http://h/d/", "text/html", b"<a href=y>y</a>"),
+            listings.page_digest("http://h/e/", "text/html", b"<a href=x>x</a>"),
+            listings.page_digest("http://h/d/", "text/html; charset=latin-1", b"<a href=x>x</a>"),
+        ]:
+            self.assertNotEqual(other, digest)
 
     async def test_listNotFound(self):
         """

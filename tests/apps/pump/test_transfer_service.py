@@ -172,6 +172,42 @@ class TransferServiceScenarios:
         e = self.assertRaises(TransferError, list_local, self.dest, "the/dest")
         self.assertEqual((e.code, str(e)), (413, "the/dest: more than 2 entries"))
 
+    def test_local_listing_digest(self):
+        """A local listing's digest is the same while nothing listed changes; anything a
+        listing tells changing changes it (a file's mtime alone, its mode, its size, a new
+        name); asked for C{unless} the current digest, no entries are made."""
+        path = write_source(self.src, "f", b"f")
+        first = list_local(self.src, "shown")
+        self.assertEqual(len(first.digest), 64)
+        again = list_local(self.src, "shown", first.digest)
+        self.assertEqual((list(again), again.unchanged, again.digest), ([], True, first.digest))
+        digests = {first.digest}
+        for change in [
+            lambda: os.utime(path, ns=(1, os.stat(path).st_mtime_ns + 1)),
+            lambda: os.chmod(path, 0o600),
+            lambda: write_source(self.src, "f", b"g"),  # the same size, another mtime
+            lambda: write_source(self.src, "f", b"longer"),
+            lambda: write_source(self.src, "g", b""),
+        ]:
+            change()
+            listed = list_local(self.src, "shown", first.digest)
+            self.assertFalse(listed.unchanged)
+            self.assertNotIn(listed.digest, digests)
+            digests.add(listed.digest)
+            self.assertEqual(listed, list_local(self.src, "shown"))
+
+    async def test_list_digest(self):
+        """Asked for a digest, list answers {entries, bytes, digest, unchanged}: a local
+        directory has no digest, and is listed whatever C{unless} says."""
+        write_source(self.src, "f", b"f")
+        reply = await self.caller.rpc(
+            "transfer", "list", {"url": "file://" + self.src, "digest": True, "unless": "ab"}
+        )
+        self.assertEqual(
+            (reply["digest"], reply["unchanged"], [e["name"] for e in reply["entries"]]),
+            (None, False, ["f"]),
+        )
+
     async def test_list_missing_is_404(self):
         e = await self.assertFailure(
             self.caller.rpc("transfer", "list", {"url": "file://" + self.base + "/nope"}),
@@ -188,6 +224,10 @@ class TransferServiceScenarios:
             ("put", {"path": 3, "url": "file:///x"}),
             ("list", {}),
             ("list", {"url": "file:///x", "with_bytes": "yes"}),
+            ("list", {"url": "file:///x", "digest": 1}),
+            ("list", {"url": "file:///x", "unless": "ab"}),  # without digest
+            ("list", {"url": "file:///x", "digest": True, "unless": 5}),
+            ("list", {"url": "file:///x", "digest": True, "unless": "a" * 129}),
         ]:
             e = await self.assertFailure(self.caller.rpc("transfer", op, content), RemoteError)
             self.assertEqual(e.code, 400, (op, content))

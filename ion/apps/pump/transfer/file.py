@@ -15,6 +15,7 @@ is backlogged. L{fetch_range} copies one block of a file announced in blocks.
 """
 
 import errno
+import hashlib
 import os
 import stat
 
@@ -28,7 +29,7 @@ from ion.apps.pump.transfer.inflight import InflightFile
 from ion.apps.pump.transfer.limits import SharedResult
 from ion.apps.pump.transfer.outgoing import PUT_CHUNK_SIZE
 from ion.apps.pump.transfer.pacing import PacedSink
-from ion.apps.pump.transfer.results import Entry, entry_type
+from ion.apps.pump.transfer.results import Entry, Listing, entry_type
 
 CHUNK_SIZE = 256 * 1024
 # A local directory of more entries than this is refused by a poll's listing (413), as a
@@ -194,9 +195,9 @@ async def store(reactor, outgoing, location, settings):
     await sink.finish(mtime=outgoing.mtime, mode=outgoing.mode)
 
 
-async def listdir(reactor, location, settings):
+async def listdir(reactor, location, settings, unless=None):
     """The entries of the local directory at C{location} (symbolic links are not followed),
-    read in the pool when there is one."""
+    read in the pool when there is one; C{unless} is ignored (no digest here)."""
     if settings.pool is None:
         return _listdir(location)
     return await deferToThreadPool(reactor, settings.pool, _listdir, location)
@@ -214,46 +215,69 @@ def _listdir(location):
     return entries
 
 
-def list_local(path, shown):
+def list_local(path, shown, unless=None):
     """The entries of the local directory C{path} as the transfer service's C{list} op gives
     them, C{{name, size, mtime, mode, type}} sorted by name (symbolic links not followed),
     read on the calling thread: a poll of a local tree lists it in its own pool jobs, without
     the service's conversions. L{TransferError} as C{list}'s, C{shown} naming the directory;
-    one of code 413 for a directory of more than L{MAX_LOCAL_ENTRIES} entries."""
-    entries = []
-    limit = MAX_LOCAL_ENTRIES
+    one of code 413 for a directory of more than L{MAX_LOCAL_ENTRIES} entries.
+
+    @return: a L{Listing} of them (maps, not L{Entry} values), its C{digest} that of C{path}
+        and of every entry's name, type, mode, size and mtime (in nanoseconds): all that the
+        maps are made of. No entries, C{unchanged}, when that digest is C{unless}."""
     try:
-        for name, info in _scan(path):
-            if len(entries) >= limit:
-                raise TransferError(f"{shown}: more than {limit} entries", code=413)
-            kind = entry_type(info.st_mode)
-            if kind is not None:
-                entries.append({
-                    "name": name,
-                    "size": info.st_size if kind == "file" else None,
-                    "mtime": info.st_mtime,
-                    "mode": stat.S_IMODE(info.st_mode),
-                    "type": kind,
-                })
+        rows = _scan(path, MAX_LOCAL_ENTRIES, shown)
     except OSError as exc:
         raise _source_error(shown, exc) from None
-    entries.sort(key=_by_name)
+    rows.sort()  # by name: no two are the same
+    digest = hashlib.sha256(_LOCAL_LISTING)
+    digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
+    # A name holds no "/" and no NUL: the fields and the entries are told apart.
+    text = "\0".join([
+        f"{name}/{info.st_mode}/{info.st_size}/{info.st_mtime_ns}" for name, info in rows
+    ])
+    digest.update(text.encode("utf-8", "surrogateescape"))
+    digest = digest.hexdigest()
+    if unless is not None and digest == unless:
+        return Listing(digest=digest, unchanged=True)
+    entries = Listing(digest=digest)
+    for name, info in rows:
+        kind = entry_type(info.st_mode)
+        if kind is not None:
+            entries.append({
+                "name": name,
+                "size": info.st_size if kind == "file" else None,
+                "mtime": info.st_mtime,
+                "mode": stat.S_IMODE(info.st_mode),
+                "type": kind,
+            })
     return entries
 
 
-def _by_name(entry):
-    return entry["name"]
+# Part of every local listing's digest: a change to what list_local gives for the same
+# directory (a new version of it) changes every digest.
+_LOCAL_LISTING = b"ion local listing 1\n"
 
 
-def _scan(path):
-    """(name, lstat result) of each entry of the directory C{path}; one removed between the
-    directory's read and its lstat is left out (the directory is still there)."""
-    with os.scandir(path) as names:
-        for name in names:
-            try:
-                yield name.name, name.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
+def _scan(path, limit=None, shown=None):
+    """[(name, lstat result)] of the entries of the directory C{path}; one removed between the
+    directory's read and its lstat is left out (the directory is still there). Each lstat is
+    relative to the directory's descriptor: the kernel does not walk the path again. More
+    than C{limit} entries: L{TransferError} 413, C{shown} naming the directory."""
+    rows = []
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with os.scandir(fd) as names:
+            for name in names:
+                if limit is not None and len(rows) >= limit:
+                    raise TransferError(f"{shown}: more than {limit} entries", code=413)
+                try:
+                    rows.append((name.name, name.stat(follow_symlinks=False)))
+                except FileNotFoundError:
+                    continue
+    finally:
+        os.close(fd)
+    return rows
 
 
 def _entry(name, info):

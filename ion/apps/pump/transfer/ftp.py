@@ -351,8 +351,9 @@ def _lines(text):
     return [line.rstrip("\r") for line in decoded.split("\n") if line.strip()]
 
 
-async def listdir(reactor, location, settings):
-    """The entries of the remote directory, from C{MLSD} or C{LIST}."""
+async def listdir(reactor, location, settings, unless=None):
+    """The entries of the remote directory, from C{MLSD} or C{LIST}; C{unless} is ignored
+    (no digest here)."""
 
     async def work(session):
         control = session.control

@@ -70,7 +70,7 @@ from ion.apps.pump.transfer.errors import (
 )
 from ion.apps.pump.transfer.inflight import SinkReceiver
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
-from ion.apps.pump.transfer.listings import ListingBuffer, parse_html_index
+from ion.apps.pump.transfer.listings import ListingBuffer, page_digest, parse_html_index
 from ion.apps.pump.transfer.location import request_url
 from ion.apps.pump.transfer.outgoing import ProgressReader
 from ion.apps.pump.transfer.pacing import PacedSink
@@ -488,18 +488,23 @@ async def fetch_range(reactor, location, sink, settings, offset, length):
     await _get(reactor, location, settings, sink, (offset, offset + length - 1))
 
 
-async def listdir(reactor, location, settings):
-    """The entries of the index page at C{location} (see L{parse_html_index})."""
+async def listdir(reactor, location, settings, unless=None):
+    """The entries of the index page at C{location} (see L{parse_html_index}), with the
+    page's L{page_digest}; none, C{unchanged}, when that is C{unless} (the page not parsed)."""
     buffer = ListingBuffer(f"{location.shown}: index page")
     response = await _get(reactor, location, settings, buffer)
     content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].decode("latin-1")
+    body = b"".join(buffer.chunks)
+    digest = page_digest(location.request_url, content_type, body)
+    if unless is not None and digest == unless:
+        return Listing(bytes=buffer.size, digest=digest, unchanged=True)
     match = re.search(r"charset=([\w.:-]+)", content_type, re.IGNORECASE)
     charset = match.group(1) if match else "utf-8"
     try:
-        text = b"".join(buffer.chunks).decode(charset, "replace")
+        text = body.decode(charset, "replace")
     except LookupError:
-        text = b"".join(buffer.chunks).decode("utf-8", "replace")
-    return Listing(parse_html_index(text, location.request_url), buffer.size)
+        text = body.decode("utf-8", "replace")
+    return Listing(parse_html_index(text, location.request_url), buffer.size, digest)
 
 
 class _BodyProducer(FileBodyProducer):

@@ -22,6 +22,7 @@ LIST times have minute precision at best and are read as UTC.
 """
 
 import calendar
+import hashlib
 import re
 import time
 from html import unescape
@@ -233,6 +234,21 @@ def _html_size(text):
             exact = unit in ("", "B") and "." not in match.group("number")
             return int(match.group("number")) if exact else None
     return None
+
+
+# Part of every page digest: a change to what parse_html_index reads from a page (a new
+# version of it) changes every digest, so that no page is taken as read the same as before.
+_PAGE_READER = b"ion index page reader 1\n"
+
+
+def page_digest(url, content_type, body):
+    """A digest of the index page C{body} fetched from C{url} with C{content_type}: all that
+    L{parse_html_index} reads it from (a page with the same digest lists the same entries)."""
+    digest = hashlib.sha256(_PAGE_READER)
+    digest.update(url.encode("utf-8", "surrogatepass") + b"\n")
+    digest.update(content_type.encode("latin-1", "replace") + b"\n")
+    digest.update(body)
+    return digest.hexdigest()
 
 
 def parse_html_index(text, base_url):

@@ -353,10 +353,13 @@ async def forget_put(reactor, url, size, *, blocks, record_dir, version, credent
     )
 
 
-async def list(reactor, url, *, credentials=None, limiter=None, pacers=None, **settings):
+async def list(reactor, url, *, unless=None, credentials=None, limiter=None, pacers=None,
+               **settings):
     """
     The entries of the remote directory C{url}, sorted by name (C{.} and C{..} left out).
-    C{settings} as in L{put}; C{pool} reads local (file) directories.
+    C{settings} as in L{put}; C{pool} reads local (file) directories. C{unless}: a digest an
+    index page (http) had before (the listing's C{digest}): a page that still has it is not
+    parsed, and the listing says C{unchanged} (other schemes give no digest: always listed).
 
     @rtype: a L{Listing} (a list of L{Entry}, and the bytes read)
     @raise TransferError: see L{ion.apps.pump.transfer.errors}.
@@ -364,10 +367,12 @@ async def list(reactor, url, *, credentials=None, limiter=None, pacers=None, **s
     location = locate(url, credentials)
     settings = Settings(**settings)
     async with slot(limiter, url):
-        entries = await _SCHEMES[location.scheme].listdir(reactor, location, settings)
+        entries = await _SCHEMES[location.scheme].listdir(reactor, location, settings, unless)
     return Listing(
         sorted((entry for entry in entries if entry.name not in (".", "..")), key=lambda e: e.name),
         getattr(entries, "bytes", 0),
+        getattr(entries, "digest", None),
+        getattr(entries, "unchanged", False),
     )
 
 

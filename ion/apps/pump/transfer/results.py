@@ -51,11 +51,17 @@ class Listing(list):
     """The L{Entry} values of one directory listing, and in C{bytes} how many bytes the
     listing took to read from the server: the index page (http), the C{LIST}/C{MLSD} data
     (ftp), the names and long names of the C{READDIR} replies (sftp); 0 for a local
-    directory, whose listing moves nothing over a link."""
+    directory, whose listing moves nothing over a link.
 
-    def __init__(self, entries=(), bytes=0):
+    C{digest}: for an index page (http), L{ion.apps.pump.transfer.listings.page_digest} of
+    what was read, else None. C{unchanged}: true when the listing was asked for C{unless} that
+    digest and the page had it: then it holds no entries (the page was not parsed)."""
+
+    def __init__(self, entries=(), bytes=0, digest=None, unchanged=False):
         super().__init__(entries)
         self.bytes = bytes
+        self.digest = digest
+        self.unchanged = unchanged
 
 
 def entry_type(mode):

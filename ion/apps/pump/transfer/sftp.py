@@ -424,8 +424,8 @@ async def fetch_range(reactor, location, sink, settings, offset, length):
     await _with_session(reactor, location, settings, work)
 
 
-async def listdir(reactor, location, settings):
-    """The entries of the remote directory."""
+async def listdir(reactor, location, settings, unless=None):
+    """The entries of the remote directory; C{unless} is ignored (no digest here)."""
 
     async def work(client, session):
         directory = await client.openDirectory(location.path.encode("utf-8"))

@@ -153,9 +153,10 @@ class Transfers:
         coroutine."""
         return self._run(forget_put, url, size, **options)
 
-    def list(self, url):
-        """L{ion.apps.pump.transfer.list} of C{url}: the coroutine."""
-        return self._run(list, url)
+    def list(self, url, unless=None):
+        """L{ion.apps.pump.transfer.list} of C{url} (C{unless}: a page digest): the
+        coroutine."""
+        return self._run(list, url, unless=unless)
 
     def operate(self, url, op, old=None, target=None):
         """L{ion.apps.pump.transfer.operate}: the coroutine."""
