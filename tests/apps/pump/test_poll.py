@@ -35,6 +35,21 @@ def write_old(directory, rel_path, data, mtime=OLD):
     return path
 
 
+def unconfirmed(testcase, *names):
+    """Make the broker refuse, for the rest of C{testcase}, the announcements of the files
+    named in the set returned (C{names} first; the test may change it)."""
+    failing = set(names)
+    original = PollService.publish
+
+    async def publish(proc, exchange, key, body, **options):
+        if Notice.from_json(body).rel_path in failing:
+            raise ConnectionError("broker went away")
+        await original(proc, exchange, key, body, **options)
+
+    testcase.patch(PollService, "publish", publish)
+    return failing
+
+
 class FakeLister(ServiceProcess):
     """A `transfer` service whose `list` answers from `listings` {url: entries or an error
     code}; with `gate` set, every list waits for it."""
@@ -645,15 +660,7 @@ class PollTests(unittest.TestCase):
         pass announces it; the ones confirmed are not announced again."""
         for name in ("a", "b", "c"):
             write_old(self.src, name, b"x")
-        original = PollService.publish
-        failing = {"b"}
-
-        async def publish(proc, exchange, key, body, **options):
-            if Notice.from_json(body).rel_path in failing:
-                raise ConnectionError("broker went away")
-            await original(proc, exchange, key, body, **options)
-
-        self.patch(PollService, "publish", publish)
+        failing = unconfirmed(self, "b")
         proc = await self.start_poll()
         await quiet()
         self.assertEqual(sorted(b["relPath"] for b in self.collector.bodies()), ["a", "c"])
@@ -889,15 +896,7 @@ class UnchangedPageTests(unittest.TestCase):
         read again by the next pass, which announces them, even though the page is the
         same."""
         self.tree()
-        original = PollService.publish
-        failing = {"b"}
-
-        async def publish(proc, exchange, key, body, **options):
-            if Notice.from_json(body).rel_path in failing:
-                raise ConnectionError("broker went away")
-            await original(proc, exchange, key, body, **options)
-
-        self.patch(PollService, "publish", publish)
+        failing = unconfirmed(self, "b")
         proc = await self.start_poll(url=self.root)
         self.assertEqual((await self.announced(proc))[0], ["a"])
         self.assertFalse(proc.last_pass["complete"])

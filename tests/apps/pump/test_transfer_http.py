@@ -408,12 +408,8 @@ class HTTPConnectionsTests(TestCase):
         self.assertEqual(protocol.transport.bufferSize, http.READ_SIZE)
         self.assertGreater(http.READ_SIZE, 65536)
 
-    async def test_blockReadsSmaller(self):
-        """
-        A whole-file GET's connection reads up to C{READ_SIZE} bytes at a time; the blocks of
-        a partitioned get, several connections at once, read up to the smaller
-        C{SMALL_READ_SIZE} each (memory stays flat), on connections of their own.
-        """
+    def read_sizes(self):
+        """The sizes the GETs from now on read at a time, as they ask for them."""
         sizes = []
         real = http._large_reads
 
@@ -422,6 +418,15 @@ class HTTPConnectionsTests(TestCase):
             return real(protocol, size)
 
         self.patch(http, "_large_reads", recording)
+        return sizes
+
+    async def test_blockReadsSmaller(self):
+        """
+        A whole-file GET's connection reads up to C{READ_SIZE} bytes at a time; the blocks of
+        a partitioned get, several connections at once, read up to the smaller
+        C{SMALL_READ_SIZE} each (memory stays flat), on connections of their own.
+        """
+        sizes = self.read_sizes()
         await self.get(1)
         self.assertEqual(sizes, [http.READ_SIZE])
         sizes.clear()
@@ -436,14 +441,7 @@ class HTTPConnectionsTests(TestCase):
         time (a read's buffer under the allocator's mapping threshold), on connections of its
         own; one of unknown or larger size reads C{READ_SIZE}.
         """
-        sizes = []
-        real = http._large_reads
-
-        def recording(protocol, size):
-            sizes.append(size)
-            return real(protocol, size)
-
-        self.patch(http, "_large_reads", recording)
+        sizes = self.read_sizes()
         await self.get(1, expected_size=len(self.data))
         self.assertLessEqual(len(self.data), http.SMALL_FILE_READ_SIZE)
         self.assertEqual(sizes, [http.SMALL_FILE_READ_SIZE])
