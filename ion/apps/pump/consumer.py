@@ -554,7 +554,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
         key = dup_key(notice)
         # A copy arriving while the first is still being fetched is a duplicate too: the first
         # one's message stays unacked until its outcome is durable.
-        if self.knows(key) or any(other.knows(key) for other in self.instances()):
+        others = self.instances()
+        if self.knows(key) or (others and any(other.knows(key) for other in others)):
             self.stats["duplicates"] += 1
             self._ack(delivery)
             return None
@@ -592,6 +593,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
             cached = self._siblings = (version, [
                 proc for proc in registry if proc is not self and isinstance(proc, Consumer)
             ])
+        if not cached[1]:
+            return []
         mine = (self.settings.broker, self.queue)
         return [
             proc for proc in cached[1]
