@@ -341,7 +341,10 @@ class Notice:
                 raise InvalidNotice("message", "JSON nested too deeply") from None
             except ValueError as e:
                 raise InvalidNotice("message", f"not JSON ({e})") from None
-        # Freshly decoded: nobody else holds these objects, so no copy is needed.
+        # Freshly decoded: nobody else holds these objects, so no copy is needed. The common
+        # case (an object without legacy keys) is adopted as it is, without the call.
+        if type(fields) is dict and "integrity" not in fields and "retPath" not in fields:
+            return cls(fields)
         return cls._adopt(fields)
 
     def to_json(self):
