@@ -211,6 +211,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
     """One subscription: notices in, verified files and reports out (see the module docstring)."""
 
     service_optional = True  # named by the pump app: its name is a service (ion rpc)
+    _siblings = None  # (registry version, the other Consumers then): see instances()
     kind = "consumer"  # the component in its queue's name, q_<user>.<kind>.<name>
 
     def on_init(self):
@@ -553,7 +554,8 @@ class Consumer(AppliesFileOps, ServiceProcess):
         key = dup_key(notice)
         # A copy arriving while the first is still being fetched is a duplicate too: the first
         # one's message stays unacked until its outcome is durable.
-        if self.knows(key) or any(other.knows(key) for other in self.instances()):
+        others = self.instances()
+        if self.knows(key) or (others and any(other.knows(key) for other in others)):
             self.stats["duplicates"] += 1
             self._ack(delivery)
             return None
@@ -581,11 +583,23 @@ class Consumer(AppliesFileOps, ServiceProcess):
         the same queue on the same broker. A copy of a notice one of them holds is a
         duplicate here too: on MQTT a shared subscription may hand one message to two of
         them (a session taken over, or ended with the message unacknowledged)."""
+        registry = self.container.registry
+        version = getattr(registry, "version", None)
+        cached = self._siblings
+        if version is None or cached is None or cached[0] != version:
+            # The other consumers, scanned for again only when a process was added or
+            # removed (this is asked for each new message). Which queue one reads is known
+            # once it started, which may be after it joined the registry: told below.
+            cached = self._siblings = (version, [
+                proc for proc in registry if proc is not self and isinstance(proc, Consumer)
+            ])
+        if not cached[1]:
+            return []
         mine = (self.settings.broker, self.queue)
         return [
-            proc for proc in self.container.registry
-            if proc is not self and isinstance(proc, Consumer) and not proc.lifecycle.final
-            and hasattr(proc, "retries") and (proc.settings.broker, proc.queue) == mine
+            proc for proc in cached[1]
+            if not proc.lifecycle.final and hasattr(proc, "retries")
+            and (proc.settings.broker, proc.queue) == mine
         ]
 
     async def _deliver_new(self, delivery, notice, url, key, refresh=False):

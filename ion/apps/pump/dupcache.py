@@ -34,6 +34,9 @@ class DupCache:
         # key -> expiry, oldest first: with one ttl, expiries grow along the order, so purging
         # only ever looks at the front.
         self._entries = collections.OrderedDict()
+        # At most the expiry of the oldest entry: until then L{purge} has nothing to do
+        # (looked at on every add). Lower is harmless: purge looks and sets it again.
+        self._purge_at = float("-inf")
         self._journal = Journal(path, DiskQueue(reactor))
         self._now = clock.seconds()
         self._journal.replay(self._replay)
@@ -73,8 +76,11 @@ class DupCache:
         if key in entries:
             del entries[key]
         entries[key] = expires
+        if expires < self._purge_at:  # a clock set back: this one may expire first
+            self._purge_at = expires
         self._journal.append(key_line(key, expires), flush=flush)
-        self.purge(now)
+        if now >= self._purge_at:
+            self.purge(now)
         lines = self._journal.lines
         if lines > self.compact_min_lines and lines > 2 * len(entries):
             self.compact()
@@ -90,8 +96,10 @@ class DupCache:
         while entries:
             key, expires = next(iter(entries.items()))
             if expires > now:
-                break
+                self._purge_at = expires
+                return
             del entries[key]
+        self._purge_at = float("inf")
 
     def compact(self):
         """Rewrite the file with the live keys only (atomically: temporary file, rename); a

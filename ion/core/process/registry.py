@@ -63,6 +63,10 @@ class ProcessRegistry:
         self.container_id = container_id
         self._counter = itertools.count(1)
         self._by_pid = {}
+        # Bumped on every add and remove: a caller that derives something from the set of
+        # processes (a consumer's sibling instances, looked up per message) can keep it
+        # until this changes instead of scanning every process again.
+        self.version = 0
 
     def next_pid(self):
         return f"{self.container_id}.{next(self._counter)}"
@@ -76,10 +80,12 @@ class ProcessRegistry:
 
     def add(self, proc):
         self._by_pid[proc.pid] = proc
+        self.version += 1
         proc.add_exit_observer(self.remove)
 
     def remove(self, proc):
-        self._by_pid.pop(proc.pid, None)
+        if self._by_pid.pop(proc.pid, None) is not None:
+            self.version += 1
 
     def top_level(self):
         """Processes without a parent, in spawn order."""

@@ -728,6 +728,38 @@ class ConsumerScenarios:
         self.assertEqual(sum(i.stats["delivered"] for i in instances), 1)
         self.assertEqual(sum(i.stats["received"] for i in instances), 5)
 
+    async def test_instance_started_later_shares_duplicates(self):
+        """An instance started after another one has taken messages is one the other knows
+        of: a copy of the notice the new one is fetching, reaching the first, is a duplicate
+        there too (one download, one report)."""
+        c = await self.pump(consumer=HeldConsumer)
+        first = self.consumer
+        first.release.callback(None)
+        await self.post_file("d/a.dat", b"a")
+        await self.wait_reports(1)  # the first has looked for other instances: none then
+        other = await self.spawn_consumer(
+            c, HeldConsumer, state_dir=os.path.join(self.base, "s2")
+        )
+        done = 1
+        for i in range(6):  # round robin: one of these reaches the new instance, which holds it
+            data = b"%d" % i
+            write_source(self.src, f"d/f{i}.dat", data)
+            fields = notice_fields(self.base_url, f"d/f{i}.dat", data)
+            await self.post(fields)
+            await until(lambda: other.started.called or len(self.reports()) > done)
+            if other.started.called:
+                break
+            done += 1
+        self.assertTrue(other.started.called)
+        await self.post(fields)
+        await self.post(fields)
+        await until(lambda: first.stats["duplicates"] + other.stats["duplicates"] == 2)
+        other.release.callback(None)
+        await self.wait_reports(done + 1)
+        await self.settle()
+        self.assertEqual(len(self.reports()), done + 1)
+        self.assertEqual(first.stats["duplicates"] + other.stats["duplicates"], 2)
+
     async def test_discard(self):
         """In discard mode notices are filtered, deduplicated and acked, nothing is fetched
         or reported."""

@@ -453,14 +453,24 @@ def _decode_deliver(data, pos):
     """The arguments of basic.deliver (consumer-tag, delivery-tag, redelivered, exchange,
     routing-key) as L{_decode_fields} decodes them: (values, position after them)."""
     end = pos + 1 + data[pos]
-    consumer_tag = _text(data[pos + 1 : end])
+    consumer_tag = data[pos + 1 : end]
     delivery_tag, bits = _TAG_AND_BITS.unpack_from(data, end)
     pos = end + 9
     end = pos + 1 + data[pos]
-    exchange = _text(data[pos + 1 : end])
+    exchange = data[pos + 1 : end]
     pos = end
     end = pos + 1 + data[pos]
-    routing_key = _text(data[pos + 1 : end])
+    routing_key = data[pos + 1 : end]
+    try:
+        # The three names at once (every message has them); one that is not UTF-8 stays
+        # bytes, as _text leaves it.
+        consumer_tag, exchange, routing_key = (
+            consumer_tag.decode(), exchange.decode(), routing_key.decode()
+        )
+    except (UnicodeDecodeError, AttributeError):
+        consumer_tag, exchange, routing_key = (
+            _text(consumer_tag), _text(exchange), _text(routing_key)
+        )
     return [consumer_tag, delivery_tag, bool(bits & 1), exchange, routing_key], end
 
 
