@@ -117,7 +117,9 @@ class ReportRouter(ServiceProcess):
         self._unsure = set()
         self._held = {}  # report id being forwarded -> its copies from the sent queue, unacked
         self._markers = {}  # marker published -> Deferred fired when it comes back
-        self._copies = []  # copies read from the sent queue this reactor turn, to ack
+        # Copies read from the sent queue this reactor turn, to ack, each with how to log it
+        # (None: not at all) once its id is written down.
+        self._copies = []
         self._settle_call = None
         counters = ("received", "forwarded", "duplicates", "unroutable", "invalid")
         self.stats = dict(dict.fromkeys(counters, 0), by_source={})
@@ -142,9 +144,9 @@ class ReportRouter(ServiceProcess):
         )
 
     async def on_terminate(self):
+        self._settle_copies()  # logs what it settles: before the log closes
         if self._log_file is not None:
             self._log_file.close()
-        self._settle_copies()
         await self.seen.close()
 
     def op_stats(self, content, headers):
@@ -263,25 +265,32 @@ class ReportRouter(ServiceProcess):
             return
         # A copy of a forward whose confirm never came (the connection went) is no proof that
         # the source has it: the broker persists queue by queue.
+        outcome = None
         if isinstance(rid, str) and rid not in self.seen and rid not in self._unsure:
-            # Written down with the other ids of this reactor turn, then acked (_settle_copies).
+            # Written down with the other ids of this reactor turn, then logged and acked
+            # (_settle_copies): a run killed in between reads the copy again and logs it then,
+            # never twice.
             self.seen.add(rid, flush=False)
             if headers.get("direct") == self.sent_queue:
-                self._count_direct(delivery, "forwarded")
+                outcome = "forwarded"
         elif delivery.redelivered and headers.get("direct") == self.sent_queue:
             # Perhaps not logged: the run that remembered its id may have died just then.
-            self._count_direct(delivery, "duplicate")
-        self._copies.append(delivery)
+            outcome = "duplicate"
+        self._copies.append((delivery, outcome))
         if self._settle_call is None:
             self._settle_call = self.container.reactor.callLater(0, self._settle_copies)
         marker = headers.get("marker")
         waiter = self._markers.pop(marker, None) if isinstance(marker, str) else None
         if waiter is not None:
+            # What was read up to the marker is written down and logged before the report
+            # waiting for it is decided.
+            self._settle_copies()
             waiter.callback(None)
 
     def _settle_copies(self):
         """Write down the ids of the copies read this reactor turn (one write for all of
-        them), then ack the copies: a copy is acked only once its id is in the file."""
+        them), then count and log them and ack them: a copy is logged and acked only once its
+        id is in the file."""
         call, self._settle_call = self._settle_call, None
         if call is not None and call.active():
             call.cancel()
@@ -289,7 +298,9 @@ class ReportRouter(ServiceProcess):
         if not copies:
             return
         self.seen.flush()
-        for delivery in copies:
+        for delivery, outcome in copies:
+            if outcome is not None:
+                self._count_direct(delivery, outcome)
             try:
                 delivery.ack()
             except Exception:

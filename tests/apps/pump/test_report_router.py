@@ -92,6 +92,15 @@ class AckCheckingRouter(ReportRouter):
 
         return super()._on_sent(Checked())
 
+    def _write_log(self, fields, delivery, source, code, outcome):
+        if self.logged is not None:
+            rid = (fields or {}).get("report_id")
+            with open(self.seen.path) as f:
+                self.logged.append((rid, outcome, rid in f.read()))
+        return super()._write_log(fields, delivery, source, code, outcome)
+
+    logged = None  # (report_id, outcome, in the file when logged), set by a test
+
 
 class RouterScenarios:
     """Scenarios every transport must pass, written against the hooks of `OnMemory` (the
@@ -211,6 +220,20 @@ class RouterScenarios:
         await until(lambda: len(router.acked) == 5)
         self.assertEqual(sorted(router.acked), [(f"r{n}", True) for n in range(5)])
         self.assertEqual(router.stats["forwarded"], 5)
+
+    async def test_copies_logged_once_written_down(self):
+        """A copy is logged as forwarded only once its id is in the router's file: a router
+        killed in between reads the copy again and logs it then, not twice."""
+        log = os.path.join(os.path.abspath(self.mktemp()), "reports.jsonl")
+        router = await self.start(cls=AckCheckingRouter, log_path=log)
+        router.logged = []
+        await router.bind(router.sent_queue, "xr_alice", "#")
+        for n in range(3):
+            body = json.dumps(report(f"a/f{n}.dat", report_id=f"r{n}")).encode()
+            direct = {"report_id": f"r{n}", "direct": router.sent_queue}
+            await self.collector.publish("xr_alice", "v03.a", body, headers=direct)
+        await until(lambda: len(router.acked) == 3)
+        self.assertEqual(sorted(router.logged), [(f"r{n}", "forwarded", True) for n in range(3)])
 
     async def test_crash_after_publish(self):
         """A router dying after the broker took a forwarded report, before it wrote the id down
