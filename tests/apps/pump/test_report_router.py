@@ -207,17 +207,23 @@ class RouterScenarios:
             outcomes = [json.loads(line)["outcome"] for line in f]
         self.assertEqual(outcomes, ["forwarded", "duplicate"])
 
+    async def publish_direct(self, router, count):
+        """Publish C{count} reports to xr_alice as a consumer does itself (a copy on the
+        router's sent queue, its id in C{report_id}: r0, r1...), and wait until the
+        L{AckCheckingRouter} acked every copy."""
+        await router.bind(router.sent_queue, "xr_alice", "#")
+        for n in range(count):
+            body = json.dumps(report(f"a/f{n}.dat", report_id=f"r{n}")).encode()
+            direct = {"report_id": f"r{n}", "direct": router.sent_queue}
+            await self.collector.publish("xr_alice", "v03.a", body, headers=direct)
+        await until(lambda: len(router.acked) == count)
+
     async def test_copies_acked_once_written_down(self):
         """The ids of copies read from the sent queue (consumers' reports straight to their
         source) are in the router's file by the time each copy is acked, several arriving
         together as well: a crash after the ack cannot lose one."""
         router = await self.start(cls=AckCheckingRouter)
-        await router.bind(router.sent_queue, "xr_alice", "#")
-        for n in range(5):
-            body = json.dumps(report(f"a/f{n}.dat", report_id=f"r{n}")).encode()
-            direct = {"report_id": f"r{n}", "direct": router.sent_queue}
-            await self.collector.publish("xr_alice", "v03.a", body, headers=direct)
-        await until(lambda: len(router.acked) == 5)
+        await self.publish_direct(router, 5)
         self.assertEqual(sorted(router.acked), [(f"r{n}", True) for n in range(5)])
         self.assertEqual(router.stats["forwarded"], 5)
 
@@ -227,12 +233,7 @@ class RouterScenarios:
         log = os.path.join(os.path.abspath(self.mktemp()), "reports.jsonl")
         router = await self.start(cls=AckCheckingRouter, log_path=log)
         router.logged = []
-        await router.bind(router.sent_queue, "xr_alice", "#")
-        for n in range(3):
-            body = json.dumps(report(f"a/f{n}.dat", report_id=f"r{n}")).encode()
-            direct = {"report_id": f"r{n}", "direct": router.sent_queue}
-            await self.collector.publish("xr_alice", "v03.a", body, headers=direct)
-        await until(lambda: len(router.acked) == 3)
+        await self.publish_direct(router, 3)
         self.assertEqual(sorted(router.logged), [(f"r{n}", "forwarded", True) for n in range(3)])
 
     async def test_crash_after_publish(self):
