@@ -1,6 +1,6 @@
 """Twisted's TLS support (pyOpenSSL, cryptography, service_identity) loaded when a connection
 first needs it, so that a container that makes no TLS connection does not carry it: about
-14 MB of resident memory, a third of a small container's.
+14 MB of resident memory, a quarter of a small container's.
 
 Twisted asks for pyOpenSSL as its reactor and a few networking modules are first imported
 (C{twisted.internet.posixbase}, C{tcp}, C{endpoints}, C{twisted.web.client}) and, when it is
@@ -61,11 +61,6 @@ def defer():
     if _finder not in sys.meta_path:
         sys.meta_path.insert(0, _finder)
     return True
-
-
-def deferred():
-    """Whether Twisted's TLS support is deferred and not loaded yet."""
-    return _finder in sys.meta_path
 
 
 def load():
