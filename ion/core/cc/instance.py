@@ -113,6 +113,9 @@ def main():
     except (ValueError, SyntaxError, KeyError, TypeError):
         sys.stderr.write("ion.core.cc.instance: expected one launch line on stdin\n")
         raise SystemExit(2)
+    from ion.core import lazytls
+
+    lazytls.defer()  # before the reactor's import (see ion.core.lazytls)
     from twisted.internet import reactor
 
     code = [1]

@@ -18,23 +18,29 @@ import sys
 from types import SimpleNamespace
 from urllib.parse import quote, urlsplit
 
-from twisted.logger import Logger
-from twisted.python import usage
+from ion.core import lazytls
 
-import ion
-from ion.core import log as ionlog
-from ion.core.app.appfile import AppFileError
-from ion.core.app.controller import AppController
-from ion.core.cc.container import check_broker_url
-from ion.core.cc.service import CORE_APPS, ContainerService
-from ion.core.config import SCHEMA, Config, ConfigError, parse_define
-from ion.core.credentials import (
+# First, before anything imports Twisted's reactor or endpoints: a container that makes no TLS
+# connection never loads pyOpenSSL.
+lazytls.defer()
+
+from twisted.logger import Logger  # noqa: E402
+from twisted.python import usage  # noqa: E402
+
+import ion  # noqa: E402
+from ion.core import log as ionlog  # noqa: E402
+from ion.core.app.appfile import AppFileError  # noqa: E402
+from ion.core.app.controller import AppController  # noqa: E402
+from ion.core.cc.container import check_broker_url  # noqa: E402
+from ion.core.cc.service import CORE_APPS, ContainerService  # noqa: E402
+from ion.core.config import SCHEMA, Config, ConfigError, parse_define  # noqa: E402
+from ion.core.credentials import (  # noqa: E402
     DEFAULT_CREDENTIALS,
     Credentials,
     CredentialsError,
 )
-from ion.core.messaging.amqp import split_urls
-from ion.core.messaging.tls import ClientTls
+from ion.core.messaging.amqp import split_urls  # noqa: E402
+from ion.core.messaging.tls import ClientTls  # noqa: E402
 
 log = Logger()
 

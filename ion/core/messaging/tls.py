@@ -12,19 +12,19 @@ client certificate in PEM, optionally followed by the intermediate CA certificat
 and the CA the broker trusts; C{key_file} holds its private key, PEM and unencrypted, and must
 be private to its owner (mode 0600) like the credentials file. The files are read once, by
 C{load}; every problem with them is a ValueError of one line naming the file.
+
+pyOpenSSL and cryptography are imported by L{ClientTls.load} (see L{ion.core.lazytls}): a
+process on amqp:// never loads them.
 """
 
 import datetime
 import re
 
-import attrs
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
-from OpenSSL import crypto
-from twisted.internet import ssl
+import sys
 
+import attrs
+
+from ion.core import lazytls
 from ion.core.credentials import read_private_file
 
 _CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
@@ -59,6 +59,11 @@ class ClientTls:
         @raise ValueError: the key file is open to group or others (the message gives the
             chmod that fixes it), as for the credentials file.
         """
+        lazytls.load()
+        from cryptography.x509.oid import NameOID
+        from OpenSSL import crypto
+        from twisted.internet import ssl
+
         if (cert_file is None) != (key_file is None):
             raise TlsFileError(
                 "a broker client certificate needs its key and a key its certificate: give "
@@ -90,6 +95,8 @@ class ClientTls:
     def creator(self, host):
         """The client connection creator for a broker at C{host} (wrapClientTLS's first
         argument): verifies the broker's certificate and that it names C{host}."""
+        from twisted.internet import ssl
+
         extra = {"extraCertChain": self._chain} if self._chain else None
         return ssl.optionsForClientTLS(
             host,
@@ -110,6 +117,8 @@ def _read(path, what):
 def _certificates(data, what, path):
     """The certificates of the PEM blocks in C{data}, in file order (other blocks, a key for
     instance, are skipped)."""
+    from cryptography import x509
+
     blocks = _CERTIFICATE.findall(data)
     if not blocks:
         raise TlsFileError(f"{what} {path} holds no PEM certificate")
@@ -123,6 +132,9 @@ def _certificates(data, what, path):
 
 
 def _private_key(path):
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
     data = read_private_file(path, "broker key file")
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -137,12 +149,17 @@ def _private_key(path):
 
 
 def _public_bytes(public_key):
+    from cryptography.hazmat.primitives import serialization
+
     return public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
 
 def _twisted(certificate):
+    from OpenSSL import crypto
+    from twisted.internet import ssl
+
     return ssl.Certificate(crypto.X509.from_cryptography(certificate))
 
 
@@ -161,6 +178,8 @@ _REFUSED_CERTIFICATE = (
 def describe_failure(error):
     """One line saying why a TLS handshake failed, for an exception that ended the
     connection; None when C{error} is not about TLS."""
+    if "OpenSSL.SSL" not in sys.modules:
+        return None  # no TLS connection was made: TLS support was never loaded
     from OpenSSL import SSL
     from service_identity import VerificationError
 

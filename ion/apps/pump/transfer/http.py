@@ -13,7 +13,8 @@ C{Content-Encoding: gzip} arrives decompressed) and break sizes and checksums. W
 identity encoding and refuse any other.
 
 https certificates are verified by default against the system's trust store, or against the
-certificate authorities of C{ca_file}; a failed verification is L{ServerNotTrusted}.
+certificate authorities of C{ca_file}; a failed verification is L{ServerNotTrusted}. TLS
+support is loaded by the first https request (L{ion.core.lazytls}), not by plain http.
 A partitioned transfer (L{ion.apps.pump.transfer.blocks}) GETs each block with a C{Range}
 header (L{fetch_range}); the answer must be a 206 whose C{Content-Range} is the range asked
 for, a 200 (the server ignores ranges) is L{RangeIgnored}.
@@ -27,12 +28,11 @@ without a body on a kept connection the server has meanwhile closed).
 import base64
 import functools
 import re
+import sys
 from urllib.parse import urljoin, urlsplit
 
 import attrs
-from OpenSSL import SSL
 from twisted.internet import error as net_error
-from twisted.internet import ssl
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -76,6 +76,7 @@ from ion.apps.pump.transfer.outgoing import ProgressReader
 from ion.apps.pump.transfer.pacing import PacedSink
 from ion.apps.pump.transfer.policy import MAX_REDIRECTS, AddressesEndpoint, Forbidden
 from ion.apps.pump.transfer.results import Listing
+from ion.core import lazytls
 
 PUT_CHUNK_SIZE = 64 * 1024
 # The most bytes a connection reads from its socket at a time (Twisted's default is 64 KiB):
@@ -112,6 +113,9 @@ def _trust_root(ca_file):
         raise LocalFailure.from_os_error(f"cannot read CA file {ca_file}", exc) from None
     if not blocks:
         raise BadRequest(f"CA file {ca_file} holds no PEM certificate")
+    lazytls.load()
+    from twisted.internet import ssl
+
     return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in blocks])
 
 
@@ -149,6 +153,7 @@ class _Endpoints:
             self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._timeout
         )
         if uri.scheme == b"https":
+            lazytls.load()
             endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
         return _Endpoint(
             lambda factory: endpoint.connect(factory).addCallback(_large_reads, self._read_size)
@@ -175,6 +180,7 @@ class _CheckedEndpoints:
         wrap = None
         if scheme == "https":
             # TLS verifies the host name, whichever checked address answers.
+            lazytls.load()
             wrap = functools.partial(wrapClientTLS, self._tls.creatorForNetloc(uri.host, uri.port))
         endpoint = AddressesEndpoint(self._reactor, addresses, uri.port, self._timeout, wrap)
         return _large_reads(await endpoint.connect(factory), self._read_size)
@@ -268,8 +274,9 @@ def _failures(reason):
 
 
 def _untrusted(reason):
+    ssl_module = sys.modules.get("OpenSSL.SSL")  # not loaded: no TLS connection was made
     return any(
-        failure.check(SSL.Error) or type(failure.value).__name__ == "VerificationError"
+        (ssl_module is not None and failure.check(ssl_module.Error)) or type(failure.value).__name__ == "VerificationError"
         for failure in _failures(reason)
     )
 

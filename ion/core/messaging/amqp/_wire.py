@@ -1,13 +1,15 @@
 """The AMQP 0-9-1 wire format: the spec of its methods, field tables (bounded when decoding)
-and the frame codec."""
+and the frame codec.
 
-import decimal
+decimal and xml.etree are imported when first needed (a decimal in a table, the spec read at
+the first connection): a container on memory:// never loads them."""
+
 import functools
 import io
 import keyword
 import os
 import struct
-from xml.etree import ElementTree
+import sys
 
 from ion.core.messaging.transport import HEADER_DEPTH, HEADER_VALUES
 
@@ -33,6 +35,8 @@ def load_spec():
     writes it ("delivery-tag") and a primitive C{type} ("octet", "shortstr", "table", ...); a
     method's C{types} are those of its fields, its C{names} theirs as identifiers
     ("delivery_tag", "global_")."""
+    from xml.etree import ElementTree
+
     root = ElementTree.parse(SPEC_FILE).getroot()
     domains = {domain.get("name"): domain.get("type") for domain in root.iter("domain")}
 
@@ -133,13 +137,18 @@ def _encode_value(out, value, depth, budget):
             _encode_value(items, item, depth + 1, budget)
         data = items.getvalue()
         out.write(b"A" + struct.pack("!I", len(data)) + data)
-    elif isinstance(value, decimal.Decimal):
+    elif _is_decimal(value):
         sign, digits, exponent = value.as_tuple()
         if not isinstance(exponent, int) or not -255 <= exponent <= 0:
             raise ValueError(f"decimal {value} cannot be sent (scale 0..255 only)")
         out.write(b"D" + struct.pack("!Bi", -exponent, int(value.scaleb(-exponent))))
     else:
         raise TypeError(f"a field table cannot hold {type(value).__name__} values")
+
+
+def _is_decimal(value):
+    decimal = sys.modules.get("decimal")  # not imported: nothing can be a Decimal
+    return decimal is not None and isinstance(value, decimal.Decimal)
 
 
 _SCALARS = {
@@ -196,6 +205,8 @@ def _decode_value(data, pos, depth, budget):
     if kind == b"V":
         return None, pos
     if kind == b"D":
+        import decimal
+
         scale, value = struct.unpack_from("!Bi", data, pos)
         return decimal.Decimal(value).scaleb(-scale), pos + 5
     if kind in (b"S", b"x", b"A", b"F"):
