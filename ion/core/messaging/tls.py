@@ -19,7 +19,6 @@ process on amqp:// never loads them.
 
 import datetime
 import re
-
 import sys
 
 import attrs

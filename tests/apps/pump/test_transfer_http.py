@@ -6,11 +6,14 @@ loopback.
 import base64
 import hashlib
 import os
+import json
 import stat
+import subprocess
+import sys
 import threading
 import time
 
-from twisted.internet import reactor
+from twisted.internet import reactor, threads
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.threadpool import ThreadPool
@@ -44,6 +47,33 @@ from tests.apps.pump.servers import (
 from tests.waiting import quiet, until
 
 SECRET = "pa55-w0rd-XyZ"
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+# In a fresh Python, as in a container: TLS deferred (ion.core.lazytls) before the reactor and the
+# transfers are imported; then one https GET with the CA (argv[2]) and one without.
+DEFERRED_GET = """
+import json, sys
+from ion.core import lazytls
+deferred = lazytls.defer()
+from twisted.internet import defer, task
+from ion.apps.pump import transfer
+from ion.apps.pump.transfer import ServerNotTrusted
+before = "OpenSSL" in sys.modules
+
+async def main(reactor):
+    url, ca_file, dest = sys.argv[1:4]
+    size = (await transfer.get(reactor, url, dest + "/trusted", ca_file=ca_file)).size
+    try:
+        await transfer.get(reactor, url, dest + "/untrusted")
+        untrusted = "fetched"
+    except ServerNotTrusted as e:
+        untrusted = "ServerNotTrusted" if not e.transient else "transient"
+    print(json.dumps({"deferred": deferred, "before": before, "size": size,
+                      "untrusted": untrusted}))
+
+task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+"""
 
 
 def sha512(data):
@@ -580,6 +610,26 @@ class HTTPSTests(TestCase):
         """
         protocol = await connect(self, self.server.url, self.ca_file)
         self.assertEqual(protocol.transport.transport.bufferSize, http.READ_SIZE)
+
+    async def test_tls_loaded_by_first_request(self):
+        """
+        In a process that deferred TLS (a container, L{ion.core.lazytls}), pyOpenSSL is not
+        loaded until the first https request, which then verifies the server: trusted with
+        C{ca_file}, refused for good without it.
+        """
+        os.makedirs(self.dest)
+        result = await threads.deferToThread(
+            subprocess.run,
+            [sys.executable, "-c", DEFERRED_GET, self.server.url + "/files/small.txt",
+             self.ca_file, self.dest],
+            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+            timeout=60,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(
+            json.loads(result.stdout),
+            {"deferred": True, "before": False, "size": 5, "untrusted": "ServerNotTrusted"},
+        )
 
     async def test_untrusted(self):
         """

@@ -274,9 +274,11 @@ def _failures(reason):
 
 
 def _untrusted(reason):
-    ssl_module = sys.modules.get("OpenSSL.SSL")  # not loaded: no TLS connection was made
+    # Without OpenSSL.SSL loaded no TLS connection was made, so none failed verification.
+    tls_error = getattr(sys.modules.get("OpenSSL.SSL"), "Error", None)
     return any(
-        (ssl_module is not None and failure.check(ssl_module.Error)) or type(failure.value).__name__ == "VerificationError"
+        (tls_error is not None and failure.check(tls_error))
+        or type(failure.value).__name__ == "VerificationError"
         for failure in _failures(reason)
     )
 
