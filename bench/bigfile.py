@@ -39,6 +39,19 @@ With C{--repeat N} the systems run in turn N times (a busy machine moves every f
 figures of one round), each line and ratio line carrying C{round=}, then a line of the median
 ratios.
 
+After each round's ratio line, a budget line says where one stream's CPU goes and why it
+cannot go faster: the CPU seconds per GiB of ION's transfer (its own count, imports
+excluded: the reactor thread, the sha512 jobs, the rest), of the twisted.web server while it
+served ION (read from its C{/proc} stat), of curl and its server; then two ceilings of one
+stream on this machine: the MB/s at which ION and the server together would keep all the
+cores busy, and the MB/s of the one thread hashing at the speed it hashed; and the target
+(0.8x curl) as a share of the lower one. Over 100% the target is out of reach whatever the
+scheduling; close to it, only with both cores busy all the time.
+
+    bigfile budget cpu_s_per_gib: ion-stream=2.00 (reactor=0.35 sha512=1.27 rest=0.38)
+        server=0.68 | curl=0.97 server=0.49; one-stream ceiling mb_per_s: 2_cores=765
+        sha512_thread=806; target 0.8x curl=677 (88% of the lower ceiling)
+
 Before them, the ceiling of verification on this machine: C{sha512} hashed in memory by one
 thread (MB/s of its CPU time). ION hashes what it receives in one thread beside the writes, so
 one stream cannot go faster than that, whatever the network; the machine's load average
@@ -65,18 +78,38 @@ from bench.pump import (  # noqa: E402  (child processes, /proc figures, sr3's v
     SR3_VENV,
     BenchError,
     Children,
+    cpu_seconds,
     peak_rss_mb,
     start_http_server,
 )
+
+# The share of curl's MB/s that ION's one stream is to reach.
+TARGET = 0.8
 
 CHUNK = 8 * 1024 * 1024
 
 # Fetches argv[1] into argv[2] with ION's transfers; prints {"seconds": s}.
 ION_CHILD = """
-import json, os, sys, time
+import json, os, resource, sys, threading, time
 from twisted.internet import defer, task
 from ion.apps.pump.transfer.blocks import BlockSettings
+from ion.apps.pump.transfer.inflight import InflightFile
 from ion.apps.pump.transfer.worker import Transfers
+
+# The CPU time of the hashing jobs (one at a time per file; the lock for parallel blocks').
+hashing = [0.0]
+hashing_lock = threading.Lock()
+hash_chunks = InflightFile._hash
+
+def timed_hash(self, chunks):
+    started = time.thread_time()
+    try:
+        return hash_chunks(self, chunks)
+    finally:
+        with hashing_lock:
+            hashing[0] += time.thread_time() - started
+
+InflightFile._hash = timed_hash
 
 profile = os.environ.get("ION_BENCH_PROFILE")
 if profile:
@@ -89,17 +122,23 @@ async def main(reactor):
                                     "timeouts": {"connect": 10, "idle": 120}})
     settings = BlockSettings(threshold=1, parallel=4) if blocks == "1" else None
     started = time.monotonic()
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    reactor_cpu = time.thread_time()
     if profile:
         profiler.enable()
     result = await transfers.get(url, dest, expected_size=int(size),
                                  expected_checksum=("sha512", sha512), blocks=settings)
     seconds = time.monotonic() - started
+    reactor_cpu = time.thread_time() - reactor_cpu
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime + after.ru_stime) - (cpu.ru_utime + cpu.ru_stime)
     if profile:
         profiler.disable()
         with open(profile, "w") as out:
             pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
     await transfers.close()
-    print(json.dumps({"seconds": seconds, "blocks": result.blocks}), flush=True)
+    print(json.dumps({"seconds": seconds, "blocks": result.blocks, "transfer_cpu": cpu,
+                      "reactor_cpu": reactor_cpu, "hash_cpu": hashing[0]}), flush=True)
 
 task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
 """
@@ -132,6 +171,33 @@ def hash_ceiling(size=256 * 1024 * 1024):
     for _ in range(size // CHUNK):
         hasher.update(data)
     return size / 1024**2 / (time.thread_time() - started)
+
+
+def budget_line(tag, size, results, costs):
+    """The CPU budget of one stream in this round: the CPU seconds per GiB of ION's transfer
+    (its reactor thread, the sha512 jobs, the rest: the pool's writes and hand-offs) and of
+    the server while it served it, then the fastest one stream could go with all the
+    machine's cores to the two of them, and that its one hashing thread allows at the speed
+    it hashed, against the target of L{TARGET} times curl's MB/s."""
+    gib = size / 1024**3
+    _, served, printed = costs["ion-stream"]
+    ion = printed["transfer_cpu"] / gib
+    reactor = printed["reactor_cpu"] / gib
+    sha512 = printed["hash_cpu"] / gib
+    server = served / gib
+    curl_cpu, curl_served, _ = costs["curl"]
+    cores = len(os.sched_getaffinity(0))
+    cpu_bound = cores / (ion + server) * 1024
+    hash_bound = 1024 / sha512
+    target = TARGET * results["curl"][0]
+    return (
+        f"bigfile budget{tag} cpu_s_per_gib: ion-stream={ion:.2f} (reactor={reactor:.2f} "
+        f"sha512={sha512:.2f} rest={ion - reactor - sha512:.2f}) server={server:.2f} | "
+        f"curl={curl_cpu / gib:.2f} server={curl_served / gib:.2f}; one-stream ceiling "
+        f"mb_per_s: {cores}_cores={cpu_bound:.0f} sha512_thread={hash_bound:.0f}; "
+        f"target {TARGET}x curl={target:.0f} "
+        f"({target / min(cpu_bound, hash_bound):.0%} of the lower ceiling)"
+    )
 
 
 def load():
@@ -233,7 +299,7 @@ def main(argv=None):
         os.makedirs(dest_dir)
         checksum = make_file(os.path.join(source, "d", "big.bin"), size)
         os.sync()  # the source's writeback is not left to run during the first systems
-        _, port = start_http_server(children, source)
+        server, port = start_http_server(children, source)
         base = f"http://127.0.0.1:{port}"
         url = f"{base}/d/big.bin"
         dest = os.path.join(dest_dir, "big.bin")
@@ -265,10 +331,13 @@ def main(argv=None):
         print(f"bigfile ceiling sha512 mb_per_s={hash_ceiling():.1f} (one thread, in memory) "
               f"load={load()}", flush=True)
         ratios = []
+        costs = {}
         for round_ in range(1, args.repeat + 1):
             tag = f" round={round_}" if args.repeat > 1 else ""
             for name, cmd, child_env, timed in systems:
-                seconds, cpu, rss, _ = run_child(cmd, child_env, timed)
+                served = cpu_seconds(server.pid)
+                seconds, cpu, rss, printed = run_child(cmd, child_env, timed)
+                costs[name] = (cpu, cpu_seconds(server.pid) - served, printed)
                 verified = os.path.exists(dest) and os.path.getsize(dest) == size \
                     and sha512_of(dest) == checksum
                 results[name] = (size / 1024**2 / seconds, cpu, rss)
@@ -291,6 +360,7 @@ def main(argv=None):
             if ratio[1] is not None:
                 line += f" ion-best/sr3 mb_per_s={ratio[1]:.2f}"
             print(line, flush=True)
+            print(budget_line(tag, size, results, costs), flush=True)
         if args.repeat > 1:
             line = "bigfile ratio median ion-stream/curl mb_per_s="
             line += f"{statistics.median(r[0] for r in ratios):.2f}"
