@@ -6,6 +6,7 @@ peak RSS of each.
     venv/bin/python bench/bigfile.py --size 256M     # smaller (K, M, G suffixes: binary)
     venv/bin/python bench/bigfile.py --no-sr3        # without sr3
     venv/bin/python bench/bigfile.py --repeat 3      # each system 3 times, in turn
+    venv/bin/python bench/bigfile.py --no-floor      # without the py-floor baseline
 
 The file (random bytes, written once, its sha512 computed as it is written) is served by
 twisted.web (static.File, which serves ranges) in a process of its own, as in
@@ -23,6 +24,11 @@ is written and between systems, so that no system runs beside another's writebac
   the page cache only when it exits.
 - C{curl-sync}: the same, then C{sync -d <file>} (fdatasync): the file as durable as ION
   leaves it (ION fdatasyncs as it receives and before the rename), timed to the sync's end.
+- C{py-floor} (unless C{--no-floor}): the least a Python process verifying one stream does
+  (see C{FLOOR_CHILD}): a plain socket read into reused page-aligned slabs, one thread
+  hashing them (sha512, checked at the end), one writing them with O_DIRECT, fdatasync and
+  rename; no Twisted, no limits, no checks along the way. What it reaches against curl
+  bounds what any reworking of ION's receiving could reach on this machine.
 - C{sr3}: a child process in sr3's venv (C{var/bench/sr3venv}, see C{bench/pump.py}) fetching
   with C{sarracenia.transfer.https.Https}, the class sr3 subscribe downloads http with (its
   C{get} into the local file), without a broker; sr3 verifies nothing on this path.
@@ -42,15 +48,17 @@ ratios.
 After each round's ratio line, a budget line says where one stream's CPU goes and why it
 cannot go faster: the CPU seconds per GiB of ION's transfer (its own count, imports
 excluded: the reactor thread, the sha512 jobs, the rest), of the twisted.web server while it
-served ION (read from its C{/proc} stat), of curl and its server; then two ceilings of one
-stream on this machine: the MB/s at which ION and the server together would keep all the
-cores busy, and the MB/s of the one thread hashing at the speed it hashed; and the target
-(0.8x curl) as a share of the lower one. Over 100% the target is out of reach whatever the
-scheduling; close to it, only with both cores busy all the time.
+served ION (read from its C{/proc} stat), of py-floor and curl and the server's for each;
+then two ceilings of one stream on this machine: the MB/s at which ION and the server
+together would keep all the cores busy, and the MB/s of the one thread hashing at the speed
+it hashed; the target (0.8x curl) as a share of the lower one (over 100%: out of reach
+whatever the scheduling; close to it, only with every core busy all the time), and
+py-floor's MB/s against curl's:
 
     bigfile budget cpu_s_per_gib: ion-stream=2.00 (reactor=0.35 sha512=1.27 rest=0.38)
-        server=0.68 | curl=0.97 server=0.49; one-stream ceiling mb_per_s: 2_cores=765
-        sha512_thread=806; target 0.8x curl=677 (88% of the lower ceiling)
+        server=0.68 | py-floor=1.58 server=0.64 | curl=0.97 server=0.49; one-stream
+        ceiling mb_per_s: 2_cores=765 sha512_thread=806; target 0.8x curl=677 (88% of the
+        lower ceiling); py-floor/curl mb_per_s=0.85
 
 Before them, the ceiling of verification on this machine: C{sha512} hashed in memory by one
 thread (MB/s of its CPU time). ION hashes what it receives in one thread beside the writes, so
@@ -143,6 +151,101 @@ async def main(reactor):
 task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
 """
 
+# The floor: what a process of this Python gets out of the same GET when it does only what
+# one verified stream must (no Twisted, no checks, no pauses): fetches argv[1] (host),
+# argv[2] (port), argv[3] (path) into argv[4], argv[5] bytes whose sha512 is argv[6], as
+# ION does: the socket read into page-aligned slabs, one thread hashing them and one
+# writing them with O_DIRECT, then fdatasync and rename. Prints what ION's child does.
+FLOOR_CHILD = """
+import base64, fcntl, hashlib, json, mmap, os, queue, resource, socket, sys, threading, time
+
+host, port, path, dest, size, sha512 = sys.argv[1:7]
+size, port = int(size), int(port)
+SLAB = 4 * 1024 * 1024
+started = time.monotonic()
+cpu = resource.getrusage(resource.RUSAGE_SELF)
+reactor_cpu = time.thread_time()
+sock = socket.create_connection((host, port))
+sock.sendall(b"GET %s HTTP/1.1\\r\\nHost: %s\\r\\nAccept-Encoding: identity\\r\\n\\r\\n"
+             % (path.encode(), host.encode()))
+head = b""
+while b"\\r\\n\\r\\n" not in head:
+    head += sock.recv(65536)
+head, body = head.split(b"\\r\\n\\r\\n", 1)
+assert head.split()[1] == b"200", head[:80]
+temp = dest + ".floor"
+fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+slabs = queue.Queue()
+for _ in range(3):
+    slabs.put(mmap.mmap(-1, SLAB))
+hashes, writes = queue.Queue(), queue.Queue()
+hasher = hashlib.sha512()
+users = {}
+lock = threading.Lock()
+
+def done(slab):
+    with lock:
+        users[id(slab)] -= 1
+        if not users[id(slab)]:
+            slabs.put(slab)
+
+def hash_slabs():
+    while (item := hashes.get()) is not None:
+        with memoryview(item[0]) as view:
+            hasher.update(view[:item[1]])
+        done(item[0])
+
+def write_slabs():
+    offset = 0
+    while (item := writes.get()) is not None:
+        slab, n = item
+        if n % 4096:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        with memoryview(slab) as view:
+            offset += os.pwrite(fd, view[:n], offset)
+        done(slab)
+
+threads = [threading.Thread(target=hash_slabs), threading.Thread(target=write_slabs)]
+for thread in threads:
+    thread.start()
+got = 0
+while got < size:
+    slab = slabs.get()
+    with memoryview(slab) as view:
+        fill = len(body)
+        view[:fill] = body
+        body = b""
+        while fill < SLAB and got + fill < size:
+            n = sock.recv_into(view[fill:], min(SLAB - fill, size - got - fill))
+            if not n:
+                sys.exit("connection lost")
+            fill += n
+    got += fill
+    with lock:
+        users[id(slab)] = 2
+    hashes.put((slab, fill))
+    writes.put((slab, fill))
+hashes.put(None)
+writes.put(None)
+for thread in threads:
+    thread.join()
+sock.close()
+if base64.b64encode(hasher.digest()).decode() != sha512:
+    sys.exit("checksum mismatch")
+os.fdatasync(fd)
+os.close(fd)
+os.rename(temp, dest)
+directory = os.open(os.path.dirname(dest), os.O_RDONLY)
+os.fsync(directory)
+os.close(directory)
+seconds = time.monotonic() - started
+reactor_cpu = time.thread_time() - reactor_cpu
+after = resource.getrusage(resource.RUSAGE_SELF)
+cpu = (after.ru_utime + after.ru_stime) - (cpu.ru_utime + cpu.ru_stime)
+print(json.dumps({"seconds": seconds, "transfer_cpu": cpu, "reactor_cpu": reactor_cpu}),
+      flush=True)
+"""
+
 # Fetches argv[1] (base URL) + argv[2] (name) into argv[3] with sr3's http downloader.
 SR3_CHILD = """
 import json, sys, time
@@ -178,26 +281,36 @@ def budget_line(tag, size, results, costs):
     (its reactor thread, the sha512 jobs, the rest: the pool's writes and hand-offs) and of
     the server while it served it, then the fastest one stream could go with all the
     machine's cores to the two of them, and that its one hashing thread allows at the speed
-    it hashed, against the target of L{TARGET} times curl's MB/s."""
+    it hashed, against the target of L{TARGET} times curl's MB/s; the same CPU figures of
+    C{py-floor} and curl, and how close to curl C{py-floor} came."""
     gib = size / 1024**3
-    _, served, printed = costs["ion-stream"]
-    ion = printed["transfer_cpu"] / gib
+
+    def cpu(name):
+        total, served, printed = costs[name]
+        return printed.get("transfer_cpu", total) / gib, served / gib, printed
+
+    ion, server, printed = cpu("ion-stream")
     reactor = printed["reactor_cpu"] / gib
     sha512 = printed["hash_cpu"] / gib
-    server = served / gib
-    curl_cpu, curl_served, _ = costs["curl"]
     cores = len(os.sched_getaffinity(0))
     cpu_bound = cores / (ion + server) * 1024
     hash_bound = 1024 / sha512
     target = TARGET * results["curl"][0]
-    return (
+    line = (
         f"bigfile budget{tag} cpu_s_per_gib: ion-stream={ion:.2f} (reactor={reactor:.2f} "
-        f"sha512={sha512:.2f} rest={ion - reactor - sha512:.2f}) server={server:.2f} | "
-        f"curl={curl_cpu / gib:.2f} server={curl_served / gib:.2f}; one-stream ceiling "
-        f"mb_per_s: {cores}_cores={cpu_bound:.0f} sha512_thread={hash_bound:.0f}; "
-        f"target {TARGET}x curl={target:.0f} "
+        f"sha512={sha512:.2f} rest={ion - reactor - sha512:.2f}) server={server:.2f}"
+    )
+    for name in ("py-floor", "curl"):
+        if name in costs:
+            line += " | {}={:.2f} server={:.2f}".format(name, *cpu(name)[:2])
+    line += (
+        f"; one-stream ceiling mb_per_s: {cores}_cores={cpu_bound:.0f} "
+        f"sha512_thread={hash_bound:.0f}; target {TARGET}x curl={target:.0f} "
         f"({target / min(cpu_bound, hash_bound):.0%} of the lower ceiling)"
     )
+    if "py-floor" in results:
+        line += f"; py-floor/curl mb_per_s={results['py-floor'][0] / results['curl'][0]:.2f}"
+    return line
 
 
 def load():
@@ -280,6 +393,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="2G", help="file size (default 2G)")
     parser.add_argument("--no-sr3", action="store_true", help="leave sr3 out")
+    parser.add_argument("--no-floor", action="store_true", help="leave py-floor out")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every system")
     parser.add_argument("--profile", metavar="FILE",
@@ -320,6 +434,10 @@ def main(argv=None):
             ("ion-blocks", [sys.executable, "-c", ION_CHILD, url, dest, str(size), checksum, "1"],
              ion_env("blocks"), True),
         ]
+        if not args.no_floor:
+            systems.append(("py-floor", [sys.executable, "-c", FLOOR_CHILD, "127.0.0.1",
+                                         str(port), "/d/big.bin", dest, str(size), checksum],
+                            None, True))
         sr3_python = os.path.join(SR3_VENV, "bin", "python")
         if not args.no_sr3:
             if not os.path.exists(sr3_python):
