@@ -53,12 +53,12 @@ then two ceilings of one stream on this machine: the MB/s at which ION and the s
 together would keep all the cores busy, and the MB/s of the one thread hashing at the speed
 it hashed; the target (0.8x curl) as a share of the lower one (over 100%: out of reach
 whatever the scheduling; close to it, only with every core busy all the time), and
-py-floor's MB/s against curl's:
+py-floor's MB/s against curl's. A round on a busy 2-core machine (one line):
 
-    bigfile budget cpu_s_per_gib: ion-stream=2.00 (reactor=0.35 sha512=1.27 rest=0.38)
-        server=0.68 | py-floor=1.58 server=0.64 | curl=0.97 server=0.49; one-stream
-        ceiling mb_per_s: 2_cores=765 sha512_thread=806; target 0.8x curl=677 (88% of the
-        lower ceiling); py-floor/curl mb_per_s=0.85
+    bigfile budget cpu_s_per_gib: ion-stream=1.97 (reactor=0.35 sha512=1.28 rest=0.35)
+        server=0.72 | py-floor=1.64 server=0.71 | curl=0.94 server=0.59; one-stream
+        ceiling mb_per_s: 2_cores=760 sha512_thread=798; target 0.8x curl=430 (57% of the
+        lower ceiling); py-floor/curl mb_per_s=0.99
 
 Before them, the ceiling of verification on this machine: C{sha512} hashed in memory by one
 thread (MB/s of its CPU time). ION hashes what it receives in one thread beside the writes, so
