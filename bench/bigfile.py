@@ -42,8 +42,8 @@ and after), peak RSS its C{VmHWM} (sampled every 20 ms while it runs). One line 
 then one ratio line: ION's stream against curl (target >= 0.8) and against curl-sync, and
 ION's best against sr3.
 With C{--repeat N} the systems run in turn N times (a busy machine moves every figure: compare
-figures of one round), each line and ratio line carrying C{round=}, then a line of the median
-ratios.
+figures of one round), each line and ratio line carrying C{round=}, then a budget line of
+the median of each figure and a line of the median ratios.
 
 After each round's ratio line, a budget line says where one stream's CPU goes and why it
 cannot go faster: the CPU seconds per GiB of ION's transfer (its own count, imports
@@ -276,13 +276,13 @@ def hash_ceiling(size=256 * 1024 * 1024):
     return size / 1024**2 / (time.thread_time() - started)
 
 
-def budget_line(tag, size, results, costs):
-    """The CPU budget of one stream in this round: the CPU seconds per GiB of ION's transfer
-    (its reactor thread, the sha512 jobs, the rest: the pool's writes and hand-offs) and of
-    the server while it served it, then the fastest one stream could go with all the
-    machine's cores to the two of them, and that its one hashing thread allows at the speed
-    it hashed, against the target of L{TARGET} times curl's MB/s; the same CPU figures of
-    C{py-floor} and curl, and how close to curl C{py-floor} came."""
+def budget(size, results, costs):
+    """The CPU budget of one stream in this round (CPU seconds per GiB; MB/s), by name: ION's
+    transfer (its reactor thread, the sha512 jobs, the rest: the pool's writes and
+    hand-offs) and the server's while it served it, then the fastest one stream could go
+    with all the machine's cores to the two of them, and that its one hashing thread allows
+    at the speed it hashed, the target of L{TARGET} times curl's MB/s; the same CPU figures
+    of C{py-floor} and curl, and how close to curl C{py-floor} came."""
     gib = size / 1024**3
 
     def cpu(name):
@@ -290,26 +290,42 @@ def budget_line(tag, size, results, costs):
         return printed.get("transfer_cpu", total) / gib, served / gib, printed
 
     ion, server, printed = cpu("ion-stream")
-    reactor = printed["reactor_cpu"] / gib
-    sha512 = printed["hash_cpu"] / gib
-    cores = len(os.sched_getaffinity(0))
-    cpu_bound = cores / (ion + server) * 1024
-    hash_bound = 1024 / sha512
-    target = TARGET * results["curl"][0]
-    line = (
-        f"bigfile budget{tag} cpu_s_per_gib: ion-stream={ion:.2f} (reactor={reactor:.2f} "
-        f"sha512={sha512:.2f} rest={ion - reactor - sha512:.2f}) server={server:.2f}"
-    )
+    figures = {
+        "ion": ion,
+        "reactor": printed["reactor_cpu"] / gib,
+        "sha512": printed["hash_cpu"] / gib,
+        "server": server,
+    }
     for name in ("py-floor", "curl"):
         if name in costs:
-            line += " | {}={:.2f} server={:.2f}".format(name, *cpu(name)[:2])
-    line += (
-        f"; one-stream ceiling mb_per_s: {cores}_cores={cpu_bound:.0f} "
-        f"sha512_thread={hash_bound:.0f}; target {TARGET}x curl={target:.0f} "
-        f"({target / min(cpu_bound, hash_bound):.0%} of the lower ceiling)"
-    )
+            figures[name], figures[name + " server"], _ = cpu(name)
+    figures["cpu_bound"] = len(os.sched_getaffinity(0)) / (ion + server) * 1024
+    figures["hash_bound"] = 1024 / figures["sha512"]
+    figures["target"] = TARGET * results["curl"][0]
     if "py-floor" in results:
-        line += f"; py-floor/curl mb_per_s={results['py-floor'][0] / results['curl'][0]:.2f}"
+        figures["floor/curl"] = results["py-floor"][0] / results["curl"][0]
+    return figures
+
+
+def budget_line(tag, figures):
+    """The budget line of L{budget}'s C{figures}."""
+    f = figures
+    line = (
+        f"bigfile budget{tag} cpu_s_per_gib: ion-stream={f['ion']:.2f} (reactor="
+        f"{f['reactor']:.2f} sha512={f['sha512']:.2f} rest="
+        f"{f['ion'] - f['reactor'] - f['sha512']:.2f}) server={f['server']:.2f}"
+    )
+    for name in ("py-floor", "curl"):
+        if name in f:
+            line += f" | {name}={f[name]:.2f} server={f[name + ' server']:.2f}"
+    lower = min(f["cpu_bound"], f["hash_bound"])
+    line += (
+        f"; one-stream ceiling mb_per_s: {len(os.sched_getaffinity(0))}_cores="
+        f"{f['cpu_bound']:.0f} sha512_thread={f['hash_bound']:.0f}; target {TARGET}x curl="
+        f"{f['target']:.0f} ({f['target'] / lower:.0%} of the lower ceiling)"
+    )
+    if "floor/curl" in f:
+        line += f"; py-floor/curl mb_per_s={f['floor/curl']:.2f}"
     return line
 
 
@@ -450,6 +466,7 @@ def main(argv=None):
               f"load={load()}", flush=True)
         ratios = []
         costs = {}
+        budgets = []
         for round_ in range(1, args.repeat + 1):
             tag = f" round={round_}" if args.repeat > 1 else ""
             for name, cmd, child_env, timed in systems:
@@ -478,8 +495,11 @@ def main(argv=None):
             if ratio[1] is not None:
                 line += f" ion-best/sr3 mb_per_s={ratio[1]:.2f}"
             print(line, flush=True)
-            print(budget_line(tag, size, results, costs), flush=True)
+            budgets.append(budget(size, results, costs))
+            print(budget_line(tag, budgets[-1]), flush=True)
         if args.repeat > 1:
+            medians = {key: statistics.median(b[key] for b in budgets) for key in budgets[0]}
+            print(budget_line(" median", medians), flush=True)
             line = "bigfile ratio median ion-stream/curl mb_per_s="
             line += f"{statistics.median(r[0] for r in ratios):.2f}"
             line += f" ion-stream/curl-sync mb_per_s={statistics.median(r[2] for r in ratios):.2f}"
