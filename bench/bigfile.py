@@ -47,18 +47,19 @@ the median of each figure and a line of the median ratios.
 
 After each round's ratio line, a budget line says where one stream's CPU goes and why it
 cannot go faster: the CPU seconds per GiB of ION's transfer (its own count, imports
-excluded: the reactor thread, the sha512 jobs, the rest), of the twisted.web server while it
-served ION (read from its C{/proc} stat), of py-floor and curl and the server's for each;
+excluded: the reactor thread, the sha512 jobs, the writing jobs, the rest: the pool's
+hand-offs, syncs and commit), of the twisted.web server while it served ION (read from its
+C{/proc} stat), of py-floor and curl and the server's for each;
 then two ceilings of one stream on this machine: the MB/s at which ION and the server
 together would keep all the cores busy, and the MB/s of the one thread hashing at the speed
 it hashed; the target (0.8x curl) as a share of the lower one (over 100%: out of reach
 whatever the scheduling; close to it, only with every core busy all the time), and
 py-floor's MB/s against curl's. A round on a busy 2-core machine (one line):
 
-    bigfile budget cpu_s_per_gib: ion-stream=1.97 (reactor=0.35 sha512=1.28 rest=0.35)
-        server=0.72 | py-floor=1.64 server=0.71 | curl=0.94 server=0.59; one-stream
-        ceiling mb_per_s: 2_cores=760 sha512_thread=798; target 0.8x curl=430 (57% of the
-        lower ceiling); py-floor/curl mb_per_s=0.99
+    bigfile budget cpu_s_per_gib: ion-stream=2.27 (reactor=0.45 sha512=1.48 writes=0.24
+        rest=0.10) server=0.88 | py-floor=1.62 server=0.68 | curl=1.32 server=0.94;
+        one-stream ceiling mb_per_s: 2_cores=649 sha512_thread=693; target 0.8x curl=516
+        (79% of the lower ceiling); py-floor/curl mb_per_s=0.54
 
 Before them, the ceiling of verification on this machine: C{sha512} hashed in memory by one
 thread (MB/s of its CPU time). ION hashes what it receives in one thread beside the writes, so
@@ -104,20 +105,26 @@ from ion.apps.pump.transfer.blocks import BlockSettings
 from ion.apps.pump.transfer.inflight import InflightFile
 from ion.apps.pump.transfer.worker import Transfers
 
-# The CPU time of the hashing jobs (one at a time per file; the lock for parallel blocks').
-hashing = [0.0]
-hashing_lock = threading.Lock()
-hash_chunks = InflightFile._hash
+# The CPU time of the hashing and of the writing jobs of the files received (the lock for
+# parallel blocks').
+spent = {"_hash": 0.0, "_write": 0.0}
+spent_lock = threading.Lock()
 
-def timed_hash(self, chunks):
-    started = time.thread_time()
-    try:
-        return hash_chunks(self, chunks)
-    finally:
-        with hashing_lock:
-            hashing[0] += time.thread_time() - started
+def timed(name):
+    work = getattr(InflightFile, name)
 
-InflightFile._hash = timed_hash
+    def timed_work(self, chunks):
+        started = time.thread_time()
+        try:
+            return work(self, chunks)
+        finally:
+            with spent_lock:
+                spent[name] += time.thread_time() - started
+
+    setattr(InflightFile, name, timed_work)
+
+timed("_hash")
+timed("_write")
 
 profile = os.environ.get("ION_BENCH_PROFILE")
 if profile:
@@ -146,7 +153,8 @@ async def main(reactor):
             pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
     await transfers.close()
     print(json.dumps({"seconds": seconds, "blocks": result.blocks, "transfer_cpu": cpu,
-                      "reactor_cpu": reactor_cpu, "hash_cpu": hashing[0]}), flush=True)
+                      "reactor_cpu": reactor_cpu, "hash_cpu": spent["_hash"],
+                      "write_cpu": spent["_write"]}), flush=True)
 
 task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
 """
@@ -277,12 +285,13 @@ def hash_ceiling(size=256 * 1024 * 1024):
 
 
 def budget(size, results, costs):
-    """The CPU budget of one stream in this round (CPU seconds per GiB; MB/s), by name: ION's
-    transfer (its reactor thread, the sha512 jobs, the rest: the pool's writes and
-    hand-offs) and the server's while it served it, then the fastest one stream could go
-    with all the machine's cores to the two of them, and that its one hashing thread allows
-    at the speed it hashed, the target of L{TARGET} times curl's MB/s; the same CPU figures
-    of C{py-floor} and curl, and how close to curl C{py-floor} came."""
+    """The CPU budget of one stream in this round (CPU s per GiB; MB/s), by name: ION's
+    transfer (its reactor thread, the sha512 jobs, the writing jobs, the rest: the pool's
+    hand-offs, syncs and commit) and the server's while it served it, then the fastest one
+    stream could go with all the machine's cores to the two of them, and that its one
+    hashing thread allows at the speed it hashed, the target of L{TARGET} times curl's
+    MB/s; the same CPU figures of C{py-floor} and curl, and how close to curl C{py-floor}
+    came."""
     gib = size / 1024**3
 
     def cpu(name):
@@ -294,6 +303,7 @@ def budget(size, results, costs):
         "ion": ion,
         "reactor": printed["reactor_cpu"] / gib,
         "sha512": printed["hash_cpu"] / gib,
+        "writes": printed["write_cpu"] / gib,
         "server": server,
     }
     for name in ("py-floor", "curl"):
@@ -312,8 +322,8 @@ def budget_line(tag, figures):
     f = figures
     line = (
         f"bigfile budget{tag} cpu_s_per_gib: ion-stream={f['ion']:.2f} (reactor="
-        f"{f['reactor']:.2f} sha512={f['sha512']:.2f} rest="
-        f"{f['ion'] - f['reactor'] - f['sha512']:.2f}) server={f['server']:.2f}"
+        f"{f['reactor']:.2f} sha512={f['sha512']:.2f} writes={f['writes']:.2f} rest="
+        f"{f['ion'] - f['reactor'] - f['sha512'] - f['writes']:.2f}) server={f['server']:.2f}"
     )
     for name in ("py-floor", "curl"):
         if name in f:
