@@ -376,18 +376,19 @@ class _RecordingSession:
         self.seen = []
         self.publisher = types.SimpleNamespace(returned=None, confirmed=None)
 
-    def deliver(self, channel, message):
+    def deliver(self, channel, args, body, properties):
+        consumer_tag, delivery_tag, redelivered, exchange, routing_key = args
         self.seen.append(
             (
                 "delivered",
                 channel.id,
-                message.consumer_tag,
-                message.delivery_tag,
-                message.redelivered,
-                message.exchange,
-                message.routing_key,
-                bytes(message.body),
-                message.properties,
+                consumer_tag,
+                delivery_tag,
+                redelivered,
+                exchange,
+                routing_key,
+                bytes(body),
+                properties,
             )
         )
 
@@ -497,8 +498,8 @@ class BatchedWriteTests(unittest.SynchronousTestCase):
 
     def test_acks_of_one_read_in_one_write(self):
         """The acks that three deliveries of one read make go out in one write, in order."""
-        self.session.deliver = lambda channel, message: self.protocol.send_ack(
-            1, message.delivery_tag, False
+        self.session.deliver = lambda channel, args, body, properties: self.protocol.send_ack(
+            1, args[1], False
         )
         self.protocol.dataReceived(self.deliveries(3))
         acks = b"".join(self.ack_frame(tag) for tag in (1, 2, 3))
@@ -551,16 +552,16 @@ class BatchedWriteTests(unittest.SynchronousTestCase):
         self.session.is_lost = False
         acks = _Acks(self.session, self.protocol.channels[1])
 
-        def deliver(channel, message):
-            acks.received(message.delivery_tag)
-            acks.ack(message.delivery_tag)
+        def deliver(channel, args, body, properties):
+            acks.unsettled.append(args[1])
+            acks.ack(args[1])
 
         self.session.deliver = deliver
         self.protocol.dataReceived(self.deliveries(3))
         multiple = _wire._method_frame(1, self.basic.methods["ack"], (3, True))
         self.assertEqual(self.transport.calls, [("writeSequence", multiple)])
         self.assertEqual(clock.getDelayedCalls(), [])
-        acks.received(4)
+        acks.unsettled.append(4)
         acks.ack(4)
         self.assertEqual(len(self.transport.calls), 1)
         clock.advance(0)
@@ -569,8 +570,8 @@ class BatchedWriteTests(unittest.SynchronousTestCase):
 
     def test_written_before_closing(self):
         """A handler that sends, then closes the connection: what it sent is written first."""
-        def deliver(channel, message):
-            self.protocol.send_ack(1, message.delivery_tag, False)
+        def deliver(channel, args, body, properties):
+            self.protocol.send_ack(1, args[1], False)
             self.protocol.lose_connection()
 
         self.session.deliver = deliver

@@ -110,19 +110,6 @@ class _Message:
         self.__dict__.update(zip(names, args))
 
 
-class _Deliver:
-    """The arguments and content of one basic.deliver, built without the general loop."""
-
-    __slots__ = ("consumer_tag", "delivery_tag", "redelivered", "exchange", "routing_key")
-    __slots__ += ("body", "properties")
-
-    def __init__(self, args, body, properties):
-        self.consumer_tag, self.delivery_tag, self.redelivered, self.exchange = args[:4]
-        self.routing_key = args[4]
-        self.body = body
-        self.properties = properties
-
-
 class _Channel:
     """One channel. Its synchronous calls get their replies in the order they were sent."""
 
@@ -198,7 +185,6 @@ class _Protocol(Protocol):
                 ("connection_blocked", self._blocked),
                 ("connection_unblocked", self._unblocked),
                 ("channel_close", self._channel_close),
-                ("basic_deliver", session.deliver),
                 ("basic_return", session.publisher.returned),
                 ("basic_nack", self._nacked),
                 ("basic_cancel", self._cancelled),
@@ -440,7 +426,7 @@ class _Protocol(Protocol):
         delivered = self.channels.get(channel)
         if delivered is not None:
             try:
-                self.session.deliver(delivered, _Deliver(args, body, properties))
+                self.session.deliver(delivered, args, body, properties)
             except Exception:
                 log.failure("AMQP: handling basic.deliver from the broker failed")
         return pos
@@ -466,9 +452,7 @@ class _Protocol(Protocol):
             delivered = self.channels.get(channel)
             if delivered is not None:
                 try:
-                    self.session.deliver(
-                        delivered, _Deliver(incoming.args, body, incoming.properties)
-                    )
+                    self.session.deliver(delivered, incoming.args, body, incoming.properties)
                 except Exception:
                     log.failure("AMQP: handling basic.deliver from the broker failed")
             return
