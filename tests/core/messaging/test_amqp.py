@@ -9,6 +9,7 @@ import struct
 import types
 
 from twisted.internet import defer, reactor, task, threads
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
@@ -25,7 +26,7 @@ from ion.core.messaging.amqp import (
 )
 from ion.core.messaging.amqp import _wire
 from ion.core.messaging.amqp._consume import _Acks
-from ion.core.messaging.amqp._protocol import _Protocol
+from ion.core.messaging.amqp._protocol import EARLY_WRITE, _Protocol
 from ion.core.messaging.transport import (
     ConnectionLost,
     NotFound,
@@ -472,6 +473,14 @@ class _CountingTransport(StringTransport):
         super().loseConnection()
 
 
+class _SocketTransport(_CountingTransport, FileDescriptor):
+    """A transport that writes to a socket itself, as TCP's: C{doWrite} hands its buffer to
+    the socket (counted here)."""
+
+    def doWrite(self):
+        self.calls.append(("doWrite", b""))
+
+
 class BatchedWriteTests(unittest.SynchronousTestCase):
     """What handling the broker's bytes makes us send goes out in one write, in order, before
     the connection is closed; other writes go at once."""
@@ -567,6 +576,58 @@ class BatchedWriteTests(unittest.SynchronousTestCase):
         clock.advance(0)
         last = _wire._method_frame(1, self.basic.methods["ack"], (4, True))
         self.assertEqual(self.transport.calls[-1], ("write", last))
+
+    def acking(self):
+        """A session.deliver that acks each delivery through the channel's L{_Acks}, with the
+        number of writes made before each delivery."""
+        clock = task.Clock()
+        self.session.transport = types.SimpleNamespace(reactor=clock)
+        self.session.client = self.protocol
+        self.session.is_lost = False
+        acks = _Acks(self.session, self.protocol.channels[1])
+        writes_before = []
+
+        def deliver(channel, args, body, properties):
+            writes_before.append(len(self.transport.calls))
+            acks.unsettled.append(args[1])
+            acks.ack(args[1])
+
+        self.session.deliver = deliver
+        return writes_before
+
+    def test_acks_written_early_in_a_long_read(self):
+        """In a read of many deliveries, the acks of the first EARLY_WRITE are written before
+        the next one is handled (the broker refills the prefetch window meanwhile); the rest
+        at the end of the read."""
+        writes_before = self.acking()
+        self.protocol.dataReceived(self.deliveries(EARLY_WRITE + 10))
+        ack = self.basic.methods["ack"]
+        self.assertEqual(
+            self.transport.calls,
+            [
+                ("writeSequence", _wire._method_frame(1, ack, (EARLY_WRITE, True))),
+                ("writeSequence", _wire._method_frame(1, ack, (EARLY_WRITE + 10, True))),
+            ],
+        )
+        self.assertEqual(writes_before, [0] * EARLY_WRITE + [1] * 10)
+
+    def test_sent_now_on_a_socket(self):
+        """On a transport that writes to a socket itself, what a read made us send is handed
+        to the socket at once (early in a long read too), not at the reactor's next turn;
+        never once the transport is closing (closing is the reactor's to finish)."""
+        self.transport = _SocketTransport()
+        self.protocol.makeConnection(self.transport)
+        self.transport.calls.clear()
+        self.acking()
+        self.protocol.dataReceived(self.deliveries(EARLY_WRITE + 1))
+        self.assertEqual(
+            [kind for kind, _ in self.transport.calls],
+            ["writeSequence", "doWrite", "writeSequence", "doWrite"],
+        )
+        self.transport.loseConnection()
+        self.transport.calls.clear()
+        self.protocol.dataReceived(self.deliveries(1))
+        self.assertEqual([kind for kind, _ in self.transport.calls], ["writeSequence"])
 
     def test_written_before_closing(self):
         """A handler that sends, then closes the connection: what it sent is written first."""
