@@ -477,6 +477,8 @@ class _SocketTransport(_CountingTransport, FileDescriptor):
     """A transport that writes to a socket itself, as TCP's: C{doWrite} hands its buffer to
     the socket (counted here)."""
 
+    connected = True
+
     def doWrite(self):
         self.calls.append(("doWrite", b""))
 

@@ -276,7 +276,7 @@ class _Protocol(Protocol):
         reactor's to do); a failed send is left to the reactor too, which sees it again at
         its next turn."""
         transport = self.transport
-        if self._socket and not transport.disconnecting:
+        if self._socket and transport.connected and not transport.disconnecting:
             transport.doWrite()
 
     def after_read(self, call):
