@@ -114,13 +114,15 @@ def call_consumer(callback, delivery, queue, requeued=None):
     try:
         result = callback(delivery)
     except Exception:
-        _consumer_failed(Failure(), delivery, queue, requeued)
+        consumer_failed(Failure(), delivery, queue, requeued)
         return
     if result is not None and inspect.isawaitable(result):
-        defer.ensureDeferred(result).addErrback(_consumer_failed, delivery, queue, requeued)
+        defer.ensureDeferred(result).addErrback(consumer_failed, delivery, queue, requeued)
 
 
-def _consumer_failed(failure, delivery, queue, requeued):
+def consumer_failed(failure, delivery, queue, requeued):
+    """What L{call_consumer} does with a C{failure} of the consumer of C{queue} on
+    C{delivery} (for transports that make that call inline)."""
     if delivery.settled:
         outcome = "it had already been settled"
     elif requeued is not None and requeued():

@@ -9,6 +9,7 @@ import struct
 import types
 
 from twisted.internet import defer, reactor, task, threads
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
@@ -25,7 +26,7 @@ from ion.core.messaging.amqp import (
 )
 from ion.core.messaging.amqp import _wire
 from ion.core.messaging.amqp._consume import _Acks
-from ion.core.messaging.amqp._protocol import _Protocol
+from ion.core.messaging.amqp._protocol import EARLY_WRITE, _Protocol
 from ion.core.messaging.transport import (
     ConnectionLost,
     NotFound,
@@ -376,18 +377,19 @@ class _RecordingSession:
         self.seen = []
         self.publisher = types.SimpleNamespace(returned=None, confirmed=None)
 
-    def deliver(self, channel, message):
+    def deliver(self, channel, args, body, properties):
+        consumer_tag, delivery_tag, redelivered, exchange, routing_key = args
         self.seen.append(
             (
                 "delivered",
                 channel.id,
-                message.consumer_tag,
-                message.delivery_tag,
-                message.redelivered,
-                message.exchange,
-                message.routing_key,
-                bytes(message.body),
-                message.properties,
+                consumer_tag,
+                delivery_tag,
+                redelivered,
+                exchange,
+                routing_key,
+                bytes(body),
+                properties,
             )
         )
 
@@ -471,6 +473,16 @@ class _CountingTransport(StringTransport):
         super().loseConnection()
 
 
+class _SocketTransport(_CountingTransport, FileDescriptor):
+    """A transport that writes to a socket itself, as TCP's: C{doWrite} hands its buffer to
+    the socket (counted here)."""
+
+    connected = True
+
+    def doWrite(self):
+        self.calls.append(("doWrite", b""))
+
+
 class BatchedWriteTests(unittest.SynchronousTestCase):
     """What handling the broker's bytes makes us send goes out in one write, in order, before
     the connection is closed; other writes go at once."""
@@ -497,8 +509,8 @@ class BatchedWriteTests(unittest.SynchronousTestCase):
 
     def test_acks_of_one_read_in_one_write(self):
         """The acks that three deliveries of one read make go out in one write, in order."""
-        self.session.deliver = lambda channel, message: self.protocol.send_ack(
-            1, message.delivery_tag, False
+        self.session.deliver = lambda channel, args, body, properties: self.protocol.send_ack(
+            1, args[1], False
         )
         self.protocol.dataReceived(self.deliveries(3))
         acks = b"".join(self.ack_frame(tag) for tag in (1, 2, 3))
@@ -551,26 +563,78 @@ class BatchedWriteTests(unittest.SynchronousTestCase):
         self.session.is_lost = False
         acks = _Acks(self.session, self.protocol.channels[1])
 
-        def deliver(channel, message):
-            acks.received(message.delivery_tag)
-            acks.ack(message.delivery_tag)
+        def deliver(channel, args, body, properties):
+            acks.unsettled.append(args[1])
+            acks.ack(args[1])
 
         self.session.deliver = deliver
         self.protocol.dataReceived(self.deliveries(3))
         multiple = _wire._method_frame(1, self.basic.methods["ack"], (3, True))
         self.assertEqual(self.transport.calls, [("writeSequence", multiple)])
         self.assertEqual(clock.getDelayedCalls(), [])
-        acks.received(4)
+        acks.unsettled.append(4)
         acks.ack(4)
         self.assertEqual(len(self.transport.calls), 1)
         clock.advance(0)
         last = _wire._method_frame(1, self.basic.methods["ack"], (4, True))
         self.assertEqual(self.transport.calls[-1], ("write", last))
 
+    def acking(self):
+        """A session.deliver that acks each delivery through the channel's L{_Acks}, with the
+        number of writes made before each delivery."""
+        clock = task.Clock()
+        self.session.transport = types.SimpleNamespace(reactor=clock)
+        self.session.client = self.protocol
+        self.session.is_lost = False
+        acks = _Acks(self.session, self.protocol.channels[1])
+        writes_before = []
+
+        def deliver(channel, args, body, properties):
+            writes_before.append(len(self.transport.calls))
+            acks.unsettled.append(args[1])
+            acks.ack(args[1])
+
+        self.session.deliver = deliver
+        return writes_before
+
+    def test_acks_written_early_in_a_long_read(self):
+        """In a read of many deliveries, the acks of the first EARLY_WRITE are written before
+        the next one is handled (the broker refills the prefetch window meanwhile); the rest
+        at the end of the read."""
+        writes_before = self.acking()
+        self.protocol.dataReceived(self.deliveries(EARLY_WRITE + 10))
+        ack = self.basic.methods["ack"]
+        self.assertEqual(
+            self.transport.calls,
+            [
+                ("writeSequence", _wire._method_frame(1, ack, (EARLY_WRITE, True))),
+                ("writeSequence", _wire._method_frame(1, ack, (EARLY_WRITE + 10, True))),
+            ],
+        )
+        self.assertEqual(writes_before, [0] * EARLY_WRITE + [1] * 10)
+
+    def test_sent_now_on_a_socket(self):
+        """On a transport that writes to a socket itself, what a read made us send is handed
+        to the socket at once (early in a long read too), not at the reactor's next turn;
+        never once the transport is closing (closing is the reactor's to finish)."""
+        self.transport = _SocketTransport()
+        self.protocol.makeConnection(self.transport)
+        self.transport.calls.clear()
+        self.acking()
+        self.protocol.dataReceived(self.deliveries(EARLY_WRITE + 1))
+        self.assertEqual(
+            [kind for kind, _ in self.transport.calls],
+            ["writeSequence", "doWrite", "writeSequence", "doWrite"],
+        )
+        self.transport.loseConnection()
+        self.transport.calls.clear()
+        self.protocol.dataReceived(self.deliveries(1))
+        self.assertEqual([kind for kind, _ in self.transport.calls], ["writeSequence"])
+
     def test_written_before_closing(self):
         """A handler that sends, then closes the connection: what it sent is written first."""
-        def deliver(channel, message):
-            self.protocol.send_ack(1, message.delivery_tag, False)
+        def deliver(channel, args, body, properties):
+            self.protocol.send_ack(1, args[1], False)
             self.protocol.lose_connection()
 
         self.session.deliver = deliver

@@ -1,9 +1,12 @@
 """Consumers that outlive connections, their deliveries, and acks batched per reactor turn."""
 
 import collections
+import inspect
 import uuid
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ion.core.messaging.amqp._protocol import _as_deferred, _spawn
@@ -12,7 +15,7 @@ from ion.core.messaging.transport import (
     IDelivery,
     Properties,
     TransportError,
-    call_consumer,
+    consumer_failed,
 )
 
 log = Logger()
@@ -35,13 +38,11 @@ class _Acks:
     def __init__(self, session, channel):
         self.session = session
         self.channel = channel
-        self._unsettled = collections.deque()  # delivery tags received, oldest first
+        # The delivery tags received, oldest first: the session appends each one.
+        self.unsettled = collections.deque()
         self._acked = set()  # acked, not yet sent
-        self._sent = set()  # acked or nacked on the wire, still in _unsettled
+        self._sent = set()  # acked or nacked on the wire, still in unsettled
         self._flush = None
-
-    def received(self, tag):
-        self._unsettled.append(tag)
 
     def ack(self, tag):
         self._acked.add(tag)
@@ -64,7 +65,7 @@ class _Acks:
         if not acked or not self._writable():
             acked.clear()
             return
-        unsettled, sent = self._unsettled, self._sent
+        unsettled, sent = self.unsettled, self._sent
         last = None
         while unsettled:
             tag = unsettled[0]
@@ -103,15 +104,14 @@ class _Delivery:
     __slots__ = ("body", "exchange", "routing_key", "_amqp_properties", "_properties")
     __slots__ += ("redelivered", "_acks", "_tag", "settled")
 
-    def __init__(self, acks, message):
-        self.body = message.body
-        self.exchange = message.exchange
-        self.routing_key = message.routing_key
-        self._amqp_properties = message.properties
+    def __init__(self, acks, args, body, properties):
+        # args: those of basic.deliver (consumer tag, delivery tag, redelivered, exchange,
+        # routing key).
+        _, self._tag, self.redelivered, self.exchange, self.routing_key = args
+        self.body = body
+        self._amqp_properties = properties
         self._properties = None
-        self.redelivered = message.redelivered
         self._acks = acks
-        self._tag = message.delivery_tag
         self.settled = False
 
     @property
@@ -125,22 +125,27 @@ class _Delivery:
     def user_id(self):
         return self._amqp_properties.get("user-id")
 
-    def _settle(self, action):
-        if self.settled:
-            raise TransportError(
-                f"cannot {action} message {self.routing_key!r}: it was already acked or nacked"
-            )
-        self.settled = True
-        return not self._acks.channel.closed
+    def _settled_twice(self, action):
+        return TransportError(
+            f"cannot {action} message {self.routing_key!r}: it was already acked or nacked"
+        )
 
     def ack(self):
         # Sent at the end of the read or reactor turn (before the consumer's channel closes).
-        if self._settle("ack"):
-            self._acks.ack(self._tag)
+        if self.settled:
+            raise self._settled_twice("ack")
+        self.settled = True
+        acks = self._acks
+        if not acks.channel.closed:
+            acks.ack(self._tag)
 
     def nack(self, requeue=True):
-        if self._settle("nack"):
-            self._acks.nack(self._tag, requeue)
+        if self.settled:
+            raise self._settled_twice("nack")
+        self.settled = True
+        acks = self._acks
+        if not acks.channel.closed:
+            acks.nack(self._tag, requeue)
 
 
 @implementer(IConsumer)
@@ -230,10 +235,20 @@ class _Consumer:
         if self._session is session:
             _spawn(self._close_channel(), "closing a cancelled consumer's channel")
 
-    def deliver(self, channel, acks, message):
+    def deliver(self, channel, acks, args, body, properties):
+        """Hand a basic.deliver (see L{_Session.deliver}) to the callback, as
+        L{ion.core.messaging.transport.call_consumer} does: that call, inlined, since it is
+        made for every message."""
         if not self.active or channel is not self.channel:
             return
-        call_consumer(self._callback, _Delivery(acks, message), self.queue)
+        delivery = _Delivery(acks, args, body, properties)
+        try:
+            result = self._callback(delivery)
+        except Exception:
+            consumer_failed(Failure(), delivery, self.queue, None)
+            return
+        if result is not None and inspect.isawaitable(result):
+            defer.ensureDeferred(result).addErrback(consumer_failed, delivery, self.queue, None)
 
 
 def _properties_from_amqp(amqp):

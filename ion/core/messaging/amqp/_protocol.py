@@ -8,6 +8,7 @@ import platform
 import struct
 
 from twisted.internet import defer, task
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
 
@@ -49,6 +50,9 @@ log = Logger()
 FRAME_MIN_SIZE = 4096  # the largest frame either side may send before connection.tune
 MAX_UNSEEN_HEARTBEATS = 3  # intervals without a byte from the broker before it is given up
 PUBLISH_HEADS = 1024  # basic.publish method frames kept for reuse
+# Deliveries taken in one read after which what they made us send (their acks) is written
+# without waiting for the end of the read: the broker refills the prefetch window meanwhile.
+EARLY_WRITE = 50
 _DEFAULTS = {"bit": False, "shortstr": "", "longstr": b"", "table": {}}
 # Who we are and what we can do, told to the broker in connection.start-ok.
 CLIENT_PROPERTIES = {
@@ -108,19 +112,6 @@ class _Message:
 
     def __init__(self, names, args):
         self.__dict__.update(zip(names, args))
-
-
-class _Deliver:
-    """The arguments and content of one basic.deliver, built without the general loop."""
-
-    __slots__ = ("consumer_tag", "delivery_tag", "redelivered", "exchange", "routing_key")
-    __slots__ += ("body", "properties")
-
-    def __init__(self, args, body, properties):
-        self.consumer_tag, self.delivery_tag, self.redelivered, self.exchange = args[:4]
-        self.routing_key = args[4]
-        self.body = body
-        self.properties = properties
 
 
 class _Channel:
@@ -198,7 +189,6 @@ class _Protocol(Protocol):
                 ("connection_blocked", self._blocked),
                 ("connection_unblocked", self._unblocked),
                 ("channel_close", self._channel_close),
-                ("basic_deliver", session.deliver),
                 ("basic_return", session.publisher.returned),
                 ("basic_nack", self._nacked),
                 ("basic_cancel", self._cancelled),
@@ -208,6 +198,8 @@ class _Protocol(Protocol):
         self._publish_heads = {}  # (channel, exchange, routing key, mandatory) -> method frame
         self._batch = None  # frames to write at the end of dataReceived, or None
         self._after_read = []  # calls to make then, before they are written
+        self._taken = 0  # deliveries taken in the read under way since its last write
+        self._socket = False  # whether the transport writes to a socket itself (not TLS)
         self._incoming = {}  # channel number -> _IncomingContent
         self._last_read = clock.seconds()
         self._closed_by_broker = None  # the error of the broker's connection.close
@@ -269,10 +261,23 @@ class _Protocol(Protocol):
         else:
             batch.append(data)
 
-    def _write_batch(self):
+    def _write_batch(self, now=False):
         batch, self._batch = self._batch, None
         if batch:
             self.transport.writeSequence(batch)
+            if now:
+                self._send_now()
+
+    def _send_now(self):
+        """Hand what was written to the socket now rather than at the reactor's next turn:
+        a reply or an ack is on its way a turn sooner, and the broker works on it while we
+        go on. Only on a plain TCP transport (its doWrite, which a TLS transport has not),
+        never once it is closing (its doWrite then finishes the close, which is the
+        reactor's to do); a failed send is left to the reactor too, which sees it again at
+        its next turn."""
+        transport = self.transport
+        if self._socket and transport.connected and not transport.disconnecting:
+            transport.doWrite()
 
     def after_read(self, call):
         """Call C{call()} once the broker's bytes being handled now are, just before what
@@ -282,6 +287,19 @@ class _Protocol(Protocol):
         self._after_read.append(call)
         return True
 
+    def _write_early(self):
+        """Write what the read under way made us send so far, acks first settled, and hand
+        it to the socket now (a plain TCP transport only writes at the next reactor turn)."""
+        self._taken = 0
+        after, self._after_read = self._after_read, []
+        for call in after:
+            call()
+        batch = self._batch
+        if batch:
+            self._batch = []
+            self.transport.writeSequence(batch)
+            self._send_now()
+
     # Reading.
 
     def dataReceived(self, data):
@@ -290,6 +308,7 @@ class _Protocol(Protocol):
             data = self._unread + data
         pos, size = 0, len(data)
         self._batch = []
+        self._taken = 0
         try:
             while size - pos > _FRAME.size:
                 kind, channel, length = _FRAME.unpack_from(data, pos)
@@ -305,6 +324,8 @@ class _Protocol(Protocol):
                 pos = end + 1 if after is None else after
                 if self.transport.disconnecting:
                     break
+                if self._taken >= EARLY_WRITE:
+                    self._write_early()
         except Exception:
             log.failure("AMQP: cannot read what the broker sent; dropping the connection")
             self._unread = b""
@@ -315,7 +336,7 @@ class _Protocol(Protocol):
         after, self._after_read = self._after_read, []
         for call in after:
             call()
-        self._write_batch()
+        self._write_batch(now=True)
         self._unread = data[pos:]
 
     def _frame_received(self, kind, channel, data, start, end, size):
@@ -438,9 +459,10 @@ class _Protocol(Protocol):
             body = data[start:end]
             pos = end + 1
         delivered = self.channels.get(channel)
+        self._taken += 1
         if delivered is not None:
             try:
-                self.session.deliver(delivered, _Deliver(args, body, properties))
+                self.session.deliver(delivered, args, body, properties)
             except Exception:
                 log.failure("AMQP: handling basic.deliver from the broker failed")
         return pos
@@ -464,11 +486,10 @@ class _Protocol(Protocol):
         if incoming.method is self._basic_deliver:
             # The method of every message received, straight to the session.
             delivered = self.channels.get(channel)
+            self._taken += 1
             if delivered is not None:
                 try:
-                    self.session.deliver(
-                        delivered, _Deliver(incoming.args, body, incoming.properties)
-                    )
+                    self.session.deliver(delivered, incoming.args, body, incoming.properties)
                 except Exception:
                     log.failure("AMQP: handling basic.deliver from the broker failed")
             return
@@ -630,6 +651,7 @@ class _Protocol(Protocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        self._socket = isinstance(self.transport, FileDescriptor)
         self.transport.write(_PROTOCOL_HEADER)
 
     def lose_connection(self):

@@ -107,19 +107,25 @@ class _Session:
             acks = self.acks[channel] = _Acks(self, channel)
         return acks
 
-    def deliver(self, channel, message):
-        acks = self._acks(channel)
-        acks.received(message.delivery_tag)
-        consumer = self.consumers.get(message.consumer_tag)
+    def deliver(self, channel, args, body, properties):
+        """A basic.deliver on C{channel}: C{args} are its (consumer tag, delivery tag,
+        redelivered, exchange, routing key), C{properties} its content properties (a dict
+        keyed by spec name). Every delivery is counted for the channel's acks, also one that
+        no consumer takes."""
+        acks = self.acks.get(channel)
+        if acks is None:
+            acks = self._acks(channel)
+        acks.unsettled.append(args[1])
+        consumer = self.consumers.get(args[0])
         if consumer is not None:
-            consumer.deliver(channel, acks, message)
+            consumer.deliver(channel, acks, args, body, properties)
 
     def reject(self, channel, arguments, error):
         """Refuse a delivery whose properties cannot be decoded: nack without requeue (to the
         queue's dead-letter exchange, if it has one), log it once, keep the connection."""
         acks = self._acks(channel)
         tag = arguments["delivery_tag"]
-        acks.received(tag)
+        acks.unsettled.append(tag)
         acks.nack(tag, requeue=False)
         consumer = self.consumers.get(arguments["consumer_tag"])
         log.warn(
