@@ -207,6 +207,12 @@ def make_report(notice, code, message, when):
     return reported
 
 
+# Seconds the keys added to the duplicate cache wait before their lines are written: a
+# write per file (one per reactor turn, each turn settling one file) cost the reactor thread
+# a system call per file, and waiting for the GIL after it.
+DUPCACHE_FLUSH_DELAY = 0.1
+
+
 class Consumer(AppliesFileOps, ServiceProcess):
     """One subscription: notices in, verified files and reports out (see the module docstring)."""
 
@@ -424,15 +430,18 @@ class Consumer(AppliesFileOps, ServiceProcess):
         return defer.Deferred.fromCoroutine(transfers.close())
 
     def _remember(self, key):
-        """Add C{key} to the duplicate cache; its line reaches the file at the end of the
-        reactor turn, with those of the other messages settled in it (one write, not one per
-        message). A crash in between loses only what the cache is there to save: the message
-        of a lost key is not acked yet, or it is and never comes back; redelivered, it is
-        fetched again and its report goes through the report router, which drops a repeat.
-        What C{add} returns: a Deferred for a shared cache (in its file once it fires)."""
+        """Add C{key} to the duplicate cache; its line reaches the file at most
+        L{DUPCACHE_FLUSH_DELAY} seconds later, with those of the other messages settled
+        meanwhile (one write, not one per message). A crash in between loses only what the
+        cache is there to save: the message of a lost key is not acked yet, or it is and never
+        comes back; redelivered, it is fetched again and its report goes through the report
+        router, which drops a repeat. What C{add} returns: a Deferred for a shared cache (in
+        its file once it fires)."""
         added = self.dupcache.add(key, flush=False)
         if self._flush_call is None:
-            self._flush_call = self.container.reactor.callLater(0, self._flush_dupcache)
+            self._flush_call = self.container.reactor.callLater(
+                DUPCACHE_FLUSH_DELAY, self._flush_dupcache
+            )
         return added
 
     def _flush_dupcache(self):
