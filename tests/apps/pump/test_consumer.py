@@ -1037,6 +1037,24 @@ class ConsumerScenarios:
         await self.settle()
         self.assertEqual(self.consumer.stats["retrying"], 1)
 
+    async def test_transfer_timeout(self):
+        """A transfer still running after transfer_timeout is given up (504, kept for a retry),
+        and the message is acked: a stuck server does not hold a file forever."""
+        clock = task.Clock()
+        await self.pump(clock=clock, consumer=HeldConsumer, transfer_timeout=30)
+        await self.post_file("t/f.dat", b"stuck")
+        await self.consumer.started
+        # (The transfer started in the test's turn: its deadline is set once the turn is over.)
+        await until(clock.getDelayedCalls)
+        clock.advance(29)
+        self.assertEqual(self.consumer.stats["retrying"], 0)
+        clock.advance(1)
+        await until(lambda: self.consumer.stats["retrying"] == 1)
+        await self.settle()
+        (entry,) = list(self.consumer.retries)
+        self.assertEqual((entry.code, entry.message), (504, "transfer not done after 30 s"))
+        self.assertEqual(self.reports(), [])
+
     async def test_retry_then_success(self):
         """A transfer failing twice with 503 is retried and then delivered: one 201 report."""
         clock = task.Clock()
