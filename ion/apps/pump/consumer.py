@@ -79,7 +79,9 @@ goes to C{report_exchange} with a C{maybe_sent} header: the router reads its sen
 now before it decides, and drops a report already there, so a crash between the report and the
 cache write still reaches the source once. A report to C{xr_<source>} whose confirm never came
 (the broker may have kept it in the sent queue and not at the source) goes to the router again,
-marked C{unconfirmed}, and is forwarded whatever the sent queue says (at least once). Op
+marked C{unconfirmed}, and is forwarded whatever the sent queue says (at least once); its id is
+kept in C{<state_dir>/unconfirmed.jsonl} for C{dup_ttl}, so a consumer killed before the
+message came back leaves it to the next one on that directory. Op
 C{stats} returns the counters. Args: L{ion.apps.pump.args.ConsumerArgs}, checked before
 anything starts.
 """
@@ -262,7 +264,6 @@ class Consumer(AppliesFileOps, ServiceProcess):
             self._copy_queue = sent_queue(self, self.user)
         self._routes = set()  # the xr_ exchanges the copy queue is bound to
         self._first = set()  # keys being handled from a first delivery (not redelivered)
-        self._unconfirmed = set()  # ids of reports whose publish to xr_<source> got no confirm
         self._held_reports = []  # direct reports waiting to go together: (publish args, Deferred)
         self._held_call = None
         clock = self.container.clock
@@ -286,6 +287,12 @@ class Consumer(AppliesFileOps, ServiceProcess):
             self.dupcache = DupCache(
                 os.path.join(self.state_dir, "dupcache.jsonl"), args.dup_ttl, clock, reactor
             )
+        # Ids of reports whose publish to xr_<source> got no confirm, kept on disk (for dup_ttl):
+        # a consumer killed before the message comes back still has the router forward its
+        # report whatever the sent queue says (the broker may have kept it there only).
+        self._unconfirmed = DupCache(
+            os.path.join(self.state_dir, "unconfirmed.jsonl"), args.dup_ttl, clock, reactor
+        )
         self.retries = RetryQueue(
             os.path.join(self.state_dir, "retries.jsonl"),
             clock,
@@ -424,6 +431,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
             # consumer restarted on it must not see a rewrite of ours land after it opened.
             self._flush_dupcache()
             await self.dupcache.close()
+            await self._unconfirmed.close()
             await self.retries.close()
         await super().crash(reason)
 
@@ -432,6 +440,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
             await self._kept_reports.close()
         self._flush_dupcache()
         await self.dupcache.close()
+        await self._unconfirmed.close()
         await self.retries.close()
         await self._close_transfers()
 
@@ -900,7 +909,6 @@ class Consumer(AppliesFileOps, ServiceProcess):
             if rid in self._unconfirmed:
                 headers["unconfirmed"] = True
             await self._publish(self.report_exchange, topic, reported.to_json(), headers)
-            self._unconfirmed.discard(rid)
         elif self.broker is None:
             await self._publish(self.report_exchange, topic, reported.to_json())
         elif self._kept_reports is None:

@@ -279,6 +279,18 @@ class UnconfirmedConsumer(Consumer):
         await super().publish(exchange, routing_key, body, **kw)
 
 
+class UnconfirmedThenStopped(UnconfirmedConsumer):
+    """Loses its first report's confirm as L{UnconfirmedConsumer} does, then takes no more
+    messages, as if killed before the message came back."""
+
+    async def publish(self, exchange, routing_key, body, **kw):
+        try:
+            await super().publish(exchange, routing_key, body, **kw)
+        except ConnectionLost:
+            self._draining = True  # what comes now stays unsettled, back at the stop
+            raise
+
+
 class ForgetfulConsumer(Consumer):
     """Loses its first duplicate-cache write and its first ack: the message comes back, as
     after a crash between the report and the cache write."""
@@ -1393,6 +1405,22 @@ class ConsumerScenarios:
         whatever its sent queue says, so the source gets it."""
         await self.pump(consumer=UnconfirmedConsumer, report_direct=True)
         await self.post_file("c/f.dat", b"confirm lost")
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["code"], 201)
+        await self.settle()
+        await self.quiet()
+        self.assertEqual(len(self.reports()), 1)
+        self.flushLoggedErrors(ConnectionLost)
+
+    async def test_report_direct_unconfirmed_survives_a_stop(self):
+        """A report to xr_<source> whose confirm never came, from a consumer that stops before
+        the message comes back: the next consumer on its state directory has the router
+        forward the report whatever its sent queue says, so the source gets it once."""
+        c = await self.pump(consumer=UnconfirmedThenStopped, report_direct=True)
+        await self.post_file("c/f.dat", b"confirm lost, then the consumer")
+        await until(lambda: getattr(self.consumer, "lost", False), what="the confirm lost")
+        await self.consumer.terminate()
+        self.consumer = await self.spawn_consumer(c, report_direct=True)
         (report,) = await self.wait_reports(1)
         self.assertEqual(report["report"]["code"], 201)
         await self.settle()
