@@ -1448,6 +1448,18 @@ class ConsumerScenarios:
         await self.settle()
         await until(lambda: self.router.stats["forwarded"] == 3)
 
+    async def test_report_direct_held_reports_never_fill_the_prefetch(self):
+        """Direct reports wait for at most half the prefetch: with prefetch 4, two reports
+        go at once, whatever REPORT_WINDOW says, and the next messages keep coming."""
+        self.patch(consumer_module, "REPORT_WINDOW", 600)
+        await self.pump(report_direct=True, prefetch=4)
+        files = {f"p/f{i}.dat": os.urandom(60 + i) for i in range(6)}
+        for rel_path, data in files.items():
+            await self.post_file(rel_path, data)
+        reports = await self.wait_reports(6)
+        self.assertEqual(sorted(r["relPath"] for r in reports), sorted(files))
+        await self.settle()
+
     async def test_report_direct_held_report_goes_at_stop(self):
         """A consumer stopped while a direct report waits for others publishes it then: the
         source gets it and the message is acked, without waiting for REPORT_WINDOW."""
