@@ -21,6 +21,7 @@ from twisted.internet import defer, task, threads
 from twisted.trial import unittest
 
 from ion.apps.pump import app as pump_app
+from ion.apps.pump import consumer as consumer_module
 from ion.apps.pump import journal, paths
 from ion.apps.pump.args import ConsumerArgs
 from ion.apps.pump.consumer import Consumer, dup_key, make_report, report_id
@@ -276,6 +277,18 @@ class UnconfirmedConsumer(Consumer):
             await super().publish(marker_exchange, routing_key, body, **kw)
             raise ConnectionLost("no confirm")
         await super().publish(exchange, routing_key, body, **kw)
+
+
+class UnconfirmedThenStopped(UnconfirmedConsumer):
+    """Loses its first report's confirm as L{UnconfirmedConsumer} does, then takes no more
+    messages, as if killed before the message came back."""
+
+    async def publish(self, exchange, routing_key, body, **kw):
+        try:
+            await super().publish(exchange, routing_key, body, **kw)
+        except ConnectionLost:
+            self._draining = True  # what comes now stays unsettled, back at the stop
+            raise
 
 
 class ForgetfulConsumer(Consumer):
@@ -1416,6 +1429,67 @@ class ConsumerScenarios:
         await self.quiet()
         self.assertEqual(len(self.reports()), 1)
         self.flushLoggedErrors(ConnectionLost)
+
+    async def test_report_direct_unconfirmed_survives_a_stop(self):
+        """A report to xr_<source> whose confirm never came, from a consumer that stops before
+        the message comes back: the next consumer on its state directory has the router
+        forward the report whatever its sent queue says, so the source gets it once."""
+        c = await self.pump(consumer=UnconfirmedThenStopped, report_direct=True)
+        await self.post_file("c/f.dat", b"confirm lost, then the consumer")
+        await until(lambda: getattr(self.consumer, "lost", False), what="the confirm lost")
+        await self.consumer.terminate()
+        self.consumer = await self.spawn_consumer(c, report_direct=True)
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["report"]["code"], 201)
+        await self.settle()
+        await self.quiet()
+        self.assertEqual(len(self.reports()), 1)
+        self.flushLoggedErrors(ConnectionLost)
+
+    async def test_report_direct_reports_go_together(self):
+        """Direct reports wait for each other (REPORT_WINDOW) and go together once
+        REPORT_BATCH wait: none reaches the source before, all of them after, each once, and
+        every message is acked."""
+        self.patch(consumer_module, "REPORT_WINDOW", 600)
+        self.patch(consumer_module, "REPORT_BATCH", 3)
+        await self.pump(report_direct=True)
+        files = {f"b/f{i}.dat": os.urandom(50 + i) for i in range(3)}
+        for rel_path, data in list(files.items())[:2]:
+            await self.post_file(rel_path, data)
+        await until(lambda: len(self.consumer._held_reports) == 2, what="two reports held")
+        await self.quiet()
+        self.assertEqual(self.reports(), [])
+        rel_path, data = list(files.items())[2]
+        await self.post_file(rel_path, data)
+        reports = await self.wait_reports(3)
+        self.assertEqual(sorted(r["relPath"] for r in reports), sorted(files))
+        await self.settle()
+        await until(lambda: self.router.stats["forwarded"] == 3)
+
+    async def test_report_direct_held_reports_never_fill_the_prefetch(self):
+        """Direct reports wait for at most half the prefetch: with prefetch 4, two reports
+        go at once, whatever REPORT_WINDOW says, and the next messages keep coming."""
+        self.patch(consumer_module, "REPORT_WINDOW", 600)
+        await self.pump(report_direct=True, prefetch=4)
+        files = {f"p/f{i}.dat": os.urandom(60 + i) for i in range(6)}
+        for rel_path, data in files.items():
+            await self.post_file(rel_path, data)
+        reports = await self.wait_reports(6)
+        self.assertEqual(sorted(r["relPath"] for r in reports), sorted(files))
+        await self.settle()
+
+    async def test_report_direct_held_report_goes_at_stop(self):
+        """A consumer stopped while a direct report waits for others publishes it then: the
+        source gets it and the message is acked, without waiting for REPORT_WINDOW."""
+        self.patch(consumer_module, "REPORT_WINDOW", 600)
+        await self.pump(report_direct=True)
+        await self.post_file("s/f.dat", b"held")
+        await until(lambda: len(self.consumer._held_reports) == 1, what="a report held")
+        await self.consumer.terminate()
+        (report,) = await self.wait_reports(1)
+        self.assertEqual(report["relPath"], "s/f.dat")
+        await self.settle()
+        await until(lambda: self.router.stats["forwarded"] == 1)
 
     # -- the app -----------------------------------------------------------------------------
 
