@@ -66,24 +66,23 @@ router drops: each outcome reaches its source once.
 Reports are copies of the notice with C{report} {code, timeCompleted, message} and C{report_id},
 published persistent and confirmed to C{report_exchange} with the notice's topic. With
 C{report_direct} (the pump app sets it for a subscription reporting to its own report router's
-exchange on the container's broker, as the router's user), the report of a first delivery
-(not redelivered) whose C{source} is a usable name goes instead straight to C{xr_<source>}
-(declared topic, durable), with C{report_id} and C{code} headers: one publish, routed by the
-broker, instead of a hop through the router. Such reports wait up to C{REPORT_WINDOW} (50 ms)
-for others and go together (a stopping consumer publishes those waiting at once); the message
-waits unacked meanwhile, as it does for any confirm. Before the first report to a source the router's sent
-queue (L{ion.apps.pump.report_router}) is bound to C{xr_<source>}, so the router sees a copy of
-each such report in the same routing step, remembers its id, counts and logs it. Every other
-report (a redelivered message's, a retry's, a file op's, a dead letter's, an invalid notice's)
-goes to C{report_exchange} with a C{maybe_sent} header: the router reads its sent queue up to
-now before it decides, and drops a report already there, so a crash between the report and the
-cache write still reaches the source once. A report to C{xr_<source>} whose confirm never came
-(the broker may have kept it in the sent queue and not at the source) goes to the router again,
-marked C{unconfirmed}, and is forwarded whatever the sent queue says (at least once); its id is
-kept in C{<state_dir>/unconfirmed.jsonl} for C{dup_ttl}, so a consumer killed before the
-message came back leaves it to the next one on that directory. Op
-C{stats} returns the counters. Args: L{ion.apps.pump.args.ConsumerArgs}, checked before
-anything starts.
+exchange on the container's broker, as the router's user), the report of a first delivery (not
+redelivered) whose C{source} is a usable name goes instead straight to C{xr_<source>} (declared
+topic, durable), with C{report_id} and C{code} headers: one publish, routed by the broker, instead
+of a hop through the router. Such reports wait up to C{REPORT_WINDOW} (50 ms) for others and go
+together (a stopping consumer publishes those waiting at once); the message waits unacked meanwhile,
+as it does for any confirm. Before the first report to a source the router's sent queue
+(L{ion.apps.pump.report_router}) is bound to C{xr_<source>}, so the router sees a copy of each such
+report in the same routing step, remembers its id, counts and logs it. Every other report (a
+redelivered message's, a retry's, a file op's, a dead letter's, an invalid notice's) goes to
+C{report_exchange} with a C{maybe_sent} header: the router reads its sent queue up to now before it
+decides, and drops a report already there, so a crash between the report and the cache write still
+reaches the source once. A report to C{xr_<source>} whose confirm never came (the broker may have
+kept it in the sent queue and not at the source) goes to the router again, marked C{unconfirmed},
+and is forwarded whatever the sent queue says (at least once); its id is kept in
+C{<state_dir>/unconfirmed.jsonl} for C{dup_ttl}, so a consumer killed before the message came back
+leaves it to the next one on that directory. Op C{stats} returns the counters. Args:
+L{ion.apps.pump.args.ConsumerArgs}, checked before anything starts.
 """
 
 import copy
