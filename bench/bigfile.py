@@ -43,7 +43,11 @@ then one ratio line: ION's stream against curl (target >= 0.8) and against curl-
 ION's best against sr3.
 With C{--repeat N} the systems run in turn N times (a busy machine moves every figure: compare
 figures of one round), each line and ratio line carrying C{round=}, then a budget line of
-the median of each figure and a line of the median ratios.
+the median of each figure and a line of the median ratios. Each round starts one system
+later than the one before (round 2 with the second system, and so on): the system that ran
+just before moves a figure (sr3, the same code on the same file, measured 330 to 970 MB/s
+and 0.7 to 2.8 CPU s by its place in the order), so use 6 rounds or more, one per system,
+and quote the medians.
 
 After each round's ratio line, a budget line says where one stream's CPU goes and why it
 cannot go faster: the CPU seconds per GiB of ION's transfer (its own count, imports
@@ -479,7 +483,10 @@ def main(argv=None):
         budgets = []
         for round_ in range(1, args.repeat + 1):
             tag = f" round={round_}" if args.repeat > 1 else ""
-            for name, cmd, child_env, timed in systems:
+            # Each round starts one system later: what runs just before a system moves its
+            # figures (sr3's MB/s ranged 330-970 by its place), so rounds vary the order.
+            shift = (round_ - 1) % len(systems)
+            for name, cmd, child_env, timed in systems[shift:] + systems[:shift]:
                 served = cpu_seconds(server.pid)
                 seconds, cpu, rss, printed = run_child(cmd, child_env, timed)
                 costs[name] = (cpu, cpu_seconds(server.pid) - served, printed)
