@@ -45,8 +45,8 @@ With C{--repeat N} the systems run in turn N times (a busy machine moves every f
 figures of one round), each line and ratio line carrying C{round=}, then a budget line of
 the median of each figure and a line of the median ratios. Each round starts one system
 later than the one before (round 2 with the second system, and so on): the system that ran
-just before moves a figure (sr3, the same code on the same file, measured 330 to 970 MB/s
-and 0.7 to 2.8 CPU s by its place in the order), so use 6 rounds or more, one per system,
+just before moves a figure (sr3, the same code on the same file, measured 290 to 970 MB/s
+and 0.65 to 3.2 CPU s by its place in the order), so use 6 rounds or more, one per system,
 and quote the medians.
 
 After each round's ratio line, a budget line says where one stream's CPU goes and why it
