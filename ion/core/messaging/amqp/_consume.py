@@ -27,13 +27,13 @@ _AFTER_READ = object()  # _Acks._flush: flushed at the end of the read under way
 class _Acks:
     """Sends the acks and nacks of one consumer channel.
 
-    Acks made while the broker's bytes are handled wait for the end of that read (they go out
-    with what else it makes us send); others wait for the end of the reactor turn. Then the
-    run of settled messages at the head of the channel's unsettled ones goes as one basic.ack
-    with C{multiple}, and acks behind a message still being worked on go one by one, so that a
-    slow message never holds back the prefetch window. A nack goes at once, after the acks before it. Every delivery on the
-    channel is counted, also those no consumer takes, so that C{multiple} never covers a message
-    nobody settled."""
+    Acks made while the broker's bytes are handled wait for the end of that read, or, in a long
+    read, for every C{EARLY_WRITE} (50) deliveries, and go out with what else it makes us send;
+    others wait for the end of the reactor turn. Then the run of settled messages at the head of the
+    channel's unsettled ones goes as one basic.ack with C{multiple}, and acks behind a message still
+    being worked on go one by one, so that a slow message never holds back the prefetch window. A
+    nack goes at once, after the acks before it. Every delivery on the channel is counted, also
+    those no consumer takes, so that C{multiple} never covers a message nobody settled."""
 
     def __init__(self, session, channel):
         self.session = session
