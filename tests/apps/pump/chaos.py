@@ -31,7 +31,7 @@ from twisted.internet import defer, reactor, task, threads
 
 from ion.apps.pump.transfer.inflight import INFLIGHT_SUFFIX, SWEEP_MIN_AGE
 from ion.core.cc.testing import make_container
-from ion.core.messaging.transport import NotFound
+from ion.core.messaging.transport import ConnectionLost, NotFound
 from ion.core.process import Process
 from tests.apps.pump.fixtures import delete_queues, until
 from tests.apps.pump.test_crash import PumpChild
@@ -214,13 +214,16 @@ class ChaosFlow:
     async def ready_counts(self):
         """{queue: messages ready} of the pump's queues (0: none, or no such queue), asked
         over AMQP: milliseconds, where a `rabbitmqctl` is an Erlang VM started (seconds of
-        CPU on a busy machine, a minute at worst)."""
+        CPU on a busy machine, a minute at worst). Right after a broker kill the asker's own
+        connection may still be coming back: its queues then count as not known yet."""
         counts = {}
         for queue in self.queues + self.dead_queues:
             try:
                 counts[queue] = await self.asker.queue_depth(queue)
             except NotFound:
                 counts[queue] = 0
+            except ConnectionLost:
+                counts[queue] = "not known: the asker is reconnecting"
         return counts
 
     async def queues_settled(self, timeout=60):
