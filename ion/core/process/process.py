@@ -901,6 +901,14 @@ class Process:
         return answered.addErrback(self._not_answered, conv)
 
     def _not_answered(self, failure, conv):
+        if failure.check(ConnectionLost):
+            # The broker went away, or the container is closing its connection: the caller
+            # gets no answer and times out or asks again, as after any loss. Nothing to debug.
+            self.log.warn(
+                "{proc!r}: could not answer {to}: {error}",
+                proc=self, to=conv.peer, error=failure.value,
+            )
+            return
         self.log.failure("{proc!r}: could not answer {to}", failure, proc=self, to=conv.peer)
 
     def _op(self, op):

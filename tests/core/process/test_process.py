@@ -5,7 +5,7 @@ transport here, the private RabbitMQ in the AMQP test module.
 """
 
 from twisted.internet import defer, reactor, task
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from ion.core.cc.testing import call_op, make_container
@@ -170,6 +170,27 @@ class ProcessScenarios:
         echo.held.callback("late")
         self.assertEqual(await caller.rpc("echo", "echo", "after", timeout=5), "after")
         self.assertEqual(len(caller.conversations), 0)
+
+    async def test_answer_lost_with_the_connection_is_a_warning(self):
+        """An answer that cannot be sent because the server's connection is gone (a broker
+        lost, a container closing) is a warning naming the caller, not a logged error."""
+        c = await self.container()
+        echo = await c.spawn(Echo)
+        other = await self.container()
+        caller = await other.spawn(Caller)
+        echo.holding = defer.Deferred()
+        caller.rpc("echo", "hold", None, timeout=30).addErrback(lambda _: None)
+        await echo.holding
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        await c.transport.close()
+        echo.held.callback("too late")
+        await until(lambda: any("could not answer" in e.get("log_format", "") for e in events))
+        warned = [e for e in events if "could not answer" in e.get("log_format", "")]
+        self.assertEqual(warned[0]["log_level"], LogLevel.warn)
+        self.assertIn(caller.pid, formatEvent(warned[0]))
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     async def test_default_timeout_from_config(self):
         """Without an explicit timeout, rpc uses ion.core.process rpc_timeout (looked up now)."""
