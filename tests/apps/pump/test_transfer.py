@@ -18,8 +18,9 @@ import threading
 import time
 
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
@@ -976,7 +977,8 @@ class InflightFilePoolTests(TestCase):
         """
         A commit cancelled after its rename returns its result: the file is in place.
         """
-        reached, release = self.block(inflight.directories, "sync")
+        # Its directory is closed once the rename is durable, whichever way it was made so.
+        reached, release = self.block(InflightFile, "_close_directory")
         sink = self.sink()
         sink.write(b"new")
         d = Deferred.fromCoroutine(sink.finish())
@@ -1002,6 +1004,135 @@ class InflightFilePoolTests(TestCase):
         release.set()
         await gone
         self.assertEqual(os.listdir(self.dir), [])
+
+
+class GroupCommitTests(TestCase):
+    """
+    Files received whole that are committed while a commit job runs share the next job, and
+    where syncfs can stand for fsyncs, its two syncfs; each file's failure stays its own.
+    """
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.mkdir(self.dir)
+        self.pool = ThreadPool(minthreads=0, maxthreads=2)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.syncfs = []
+        original = inflight._syncfs
+
+        def syncfs(fd):
+            self.syncfs.append(threading.current_thread())
+            original(fd)
+
+        self.patch(inflight, "_syncfs", syncfs)
+        self.fsyncs = []
+        fsync = os.fsync
+        self.patch(inflight.os, "fsync", lambda fd: (self.fsyncs.append(fd), fsync(fd))[1])
+
+    def syncfs_everywhere(self):
+        """Let syncfs stand for fsyncs whatever the test directory's file system: the
+        grouping is what is tested, not the choice of file systems."""
+        self.patch(inflight, "_syncfs_device", lambda fd: os.fstat(fd).st_dev)
+
+    def sink(self, name):
+        return InflightFile(os.path.join(self.dir, name), reactor=reactor, pool=self.pool)
+
+    async def commit_while_one_runs(self, bodies, announced=None):
+        """Commit a first file, held in its job, then C{bodies} ({name: bytes}, each with the
+        checksum C{announced} gives for it, else its own) while it is; release the first.
+        Returns {name: result or Failure} of those."""
+        reached, release = threading.Event(), threading.Event()
+        prepare = InflightFile._prepare
+
+        def held(sink, *args):
+            if sink.dest_path.endswith("first"):
+                reached.set()
+                release.wait(10)
+            return prepare(sink, *args)
+
+        self.patch(InflightFile, "_prepare", held)
+        self.addCleanup(release.set)
+        first = self.sink("first")
+        first.write(b"1")
+        done = [Deferred.fromCoroutine(first.finish(("sha512", sha512(b"1"))))]
+        await until(reached.is_set, 10, "the first commit to run")
+        for name, body in bodies.items():
+            sink = self.sink(name)
+            sink.write(body)
+            checksum = (announced or {}).get(name, sha512(body))
+            done.append(Deferred.fromCoroutine(sink.finish(("sha512", checksum))))
+        release.set()
+        outcomes = await DeferredList(done, consumeErrors=True)
+        return dict(zip(["first", *bodies], (outcome for _, outcome in outcomes)))
+
+    async def test_filesWaitingShareOneJob(self):
+        """
+        Three files committed while a commit job runs go together in the next job, with one
+        syncfs before their renames and one after, no fsync at all, in a pool thread.
+        """
+        self.syncfs_everywhere()
+        bodies = {"a": b"aa", "b": b"bbb", "c": os.urandom(BUFFER_LIMIT)}
+        results = await self.commit_while_one_runs(bodies)
+        for name, body in bodies.items():
+            self.assertEqual(results[name].size, len(body))
+            with open(os.path.join(self.dir, name), "rb") as f:
+                self.assertEqual(f.read(), body)
+        group = inflight.GroupCommit.of(reactor, self.pool)
+        self.assertEqual((group.jobs, group.files), (2, 4))
+        self.assertEqual(len(self.syncfs), 4)
+        self.assertNotIn(threading.main_thread(), self.syncfs)
+        self.assertEqual(self.fsyncs, [])
+        self.assertEqual(leftovers(self.dir), [])
+
+    async def test_oneBadFileFailsAlone(self):
+        """
+        A checksum mismatch in a group fails that file alone: the others are in place, the
+        previous version of the bad one too, and no temporary file is left.
+        """
+        self.syncfs_everywhere()
+        write_file(os.path.join(self.dir, "b"), b"previous")
+        bodies = {"a": b"aa", "b": b"tampered", "c": b"cc"}
+        results = await self.commit_while_one_runs(bodies, {"b": sha512(b"announced")})
+        self.assertIsInstance(results["b"], Failure)
+        results["b"].trap(ChecksumMismatch)
+        self.assertEqual((results["a"].size, results["c"].size), (2, 2))
+        for name, body in {"a": b"aa", "b": b"previous", "c": b"cc"}.items():
+            with open(os.path.join(self.dir, name), "rb") as f:
+                self.assertEqual(f.read(), body)
+        self.assertEqual(leftovers(self.dir), [])
+
+    async def test_syncfsFailureFailsItsFiles(self):
+        """
+        A syncfs that fails before the renames fails every file it was to make durable, as
+        a local failure naming the error: none is renamed, none is left behind.
+        """
+        self.syncfs_everywhere()
+        write_file(os.path.join(self.dir, "a"), b"previous")
+
+        def failing(fd):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        self.patch(inflight, "_syncfs", failing)
+        results = await self.commit_while_one_runs({"a": b"new", "b": b"bb"})
+        for name in ("first", "a", "b"):
+            results[name].trap(LocalFailure)
+            self.assertIn("Input/output error", str(results[name].value))
+        self.assertEqual(os.listdir(self.dir), ["a"])
+        with open(os.path.join(self.dir, "a"), "rb") as f:
+            self.assertEqual(f.read(), b"previous")
+
+    async def test_fsyncsWhereSyncfsWillNotDo(self):
+        """
+        On a file system where syncfs cannot stand for fsyncs, each file of a group is
+        fsynced, and its directory too, as a streamed one is.
+        """
+        self.patch(inflight, "_syncfs_device", lambda fd: None)
+        results = await self.commit_while_one_runs({"a": b"aa", "b": b"bb"})
+        self.assertEqual((results["a"].size, results["b"].size), (2, 2))
+        self.assertEqual(self.syncfs, [])
+        self.assertEqual(len(self.fsyncs), 6)  # three files, each and its directory
+        self.assertEqual(leftovers(self.dir), [])
 
 
 class DirectorySyncsTests(SynchronousTestCase):

@@ -284,6 +284,8 @@ class PartialFile(InflightFile):
     @ivar size: bytes in the part file: those of the blocks done and of those arriving.
     """
 
+    commits_in_groups = False  # its _commit hashes the part file and drops the record first
+
     def __init__(
         self, dest_path, size, size_of_block, key, methods, what, reactor, pool, root=None
     ):

@@ -14,7 +14,10 @@ the longer of the two (hashing sha512 is the slower), not their sum; a lane's jo
 the bytes that came while it worked, without a round trip through the reactor. Every
 C{SYNC_BATCH} bytes written, a third job fdatasyncs them while the rest comes in, so the fsync
 before the rename (which stays) finds little left to write. Renames into one directory that
-finish close together share one fsync of the directory. A streamed file of at least
+finish close together share one fsync of the directory. Files received whole are committed
+together by their pool's L{GroupCommit}: those waiting go in one job, and on a local disk's
+file system one C{syncfs} before their renames and one after stand for their fsyncs and
+their directories'. A streamed file of at least
 C{DIRECT_MIN} bytes (or of an unknown size) is written with C{O_DIRECT} where its file system
 is a block device's and allows it: its bytes are copied into an aligned buffer and written
 from there straight to the device, the unaligned tail through the page cache at the end.
@@ -35,15 +38,20 @@ its directory is still the one its path leads to.
 """
 
 import base64
+import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import mmap
 import os
-import stat
+import re
 import secrets
+import stat
+import sys
 import threading
 import time
+import weakref
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.internet.protocol import Protocol
@@ -414,6 +422,10 @@ class InflightFile:
     @ivar declared_size: the size the server announced (Content-Length, stat), or C{None}.
     """
 
+    # Whether a body received whole is committed by the pool's GroupCommit (which runs the
+    # steps of _commit itself): not for a subclass with a _commit of its own.
+    commits_in_groups = True
+
     def __init__(
         self,
         dest_path,
@@ -562,9 +574,13 @@ class InflightFile:
             await self.discard()
             raise
         chunks, unhashed = self._writes.take(), self._hashes.take()
-        job = self._commit_job = self._run(
-            self._commit, chunks, unhashed, expected_checksum, mtime, mode
-        )
+        args = (chunks, unhashed, expected_checksum, mtime, mode)
+        if self._pool is not None and not self._streaming and self.commits_in_groups:
+            # Received whole: committed with the other small files of the moment.
+            job = SharedResult(GroupCommit.of(self._reactor, self._pool).commit(self, args))
+        else:
+            job = self._run(self._commit, *args)
+        self._commit_job = job
         try:
             return await job.observe()
         except CancelledError:
@@ -852,48 +868,66 @@ class InflightFile:
     def _commit(self, chunks, unhashed, expected_checksum, mtime, mode):
         """Hash the last C{unhashed} chunks and write the last C{chunks}, verify, then make the
         file durable at its name."""
-        try:
-            self._hash(unhashed)
-            self._verify(expected_checksum)
+        with self._finishing():
             streamed = self._fd is not None
-            if not streamed:
-                self._create()
-            fd = self._fd
-            if self._direct is not None:
-                self._write_direct(chunks)
-                self._flush_direct()
-            else:
-                _write_all(fd, chunks)
-            if mode is not None:
-                os.fchmod(fd, mode)
-            if mtime is not None:
-                os.utime(fd, (mtime, mtime))
-            os.fsync(fd)
+            result = self._prepare(chunks, unhashed, expected_checksum, mtime, mode)
+            os.fsync(self._fd)
             if streamed and self._below:
                 self._check_directory()
-            with self._lock:
-                if self._abandoned:
-                    raise CancelledError()
-                os.rename(
-                    self._temp_name,
-                    self._name,
-                    src_dir_fd=self._dir_fd,
-                    dst_dir_fd=self._dir_fd,
-                )
-            # Closed (and unlocked) only once renamed: a sweep never takes a file in use.
-            self._fd = None
-            self._created = False
-            os.close(fd)
+            self._place()
             directories.sync(self._directory, self._dir_fd)
             self._close_directory()
+        return result
+
+    @contextlib.contextmanager
+    def _finishing(self):
+        """Around the steps of a commit: one that fails removes the temporary file (and
+        closes the directory); an OSError becomes a L{LocalFailure}."""
+        try:
+            yield
         except OSError as exc:
             self._remove()
             raise LocalFailure.from_os_error(f"cannot finish {self.dest_path}", exc) from None
         except BaseException:
             self._remove()
             raise
+
+    def _prepare(self, chunks, unhashed, expected_checksum, mtime, mode):
+        """The commit up to its fsync: hash and verify, write the last chunks (creating the
+        file if it was not streamed), apply C{mode} and C{mtime}. Returns the
+        L{TransferResult} the commit will have."""
+        self._hash(unhashed)
+        self._verify(expected_checksum)
+        if self._fd is None:
+            self._create()
+        if self._direct is not None:
+            self._write_direct(chunks)
+            self._flush_direct()
+        else:
+            _write_all(self._fd, chunks)
+        if mode is not None:
+            os.fchmod(self._fd, mode)
+        if mtime is not None:
+            os.utime(self._fd, (mtime, mtime))
         checksum = {method: b64digest(hasher) for method, hasher in self._hashers.items()}
         return TransferResult(self.size, checksum, mtime, mode, self.dest_path)
+
+    def _place(self):
+        """Rename the written file onto its name, unless the commit was abandoned, and close
+        it (the directory stays open for its fsync)."""
+        with self._lock:
+            if self._abandoned:
+                raise CancelledError()
+            os.rename(
+                self._temp_name,
+                self._name,
+                src_dir_fd=self._dir_fd,
+                dst_dir_fd=self._dir_fd,
+            )
+        # Closed (and unlocked) only once renamed: a sweep never takes a file in use.
+        fd, self._fd = self._fd, None
+        self._created = False
+        os.close(fd)
 
     def _verify(self, expected_checksum):
         if expected_checksum is not None:
@@ -1098,6 +1132,183 @@ class _Directory:
 
 
 directories = DirectorySyncs()
+
+
+# Commits waiting for a job of their pool's group commit, at most this many per job.
+GROUP_COMMIT_MAX = 64
+
+
+class GroupCommit:
+    """
+    The commits of files received whole (not streamed), done together: one pool job writes
+    the files that are waiting, makes them durable with one C{syncfs} of their file system,
+    renames them, and makes the renames durable with a second one, where a file and its
+    directory fsynced one by one would cost two fsyncs each (each a journal commit and a
+    cache flush of the device: on the 2-core test machine about 1 ms of system CPU per
+    file, against 0.1-0.3 ms for its share of a batch's syncfs).
+
+    One job runs at a time per pool: the commits asked for while it runs wait for the next,
+    so a lone file goes at once and a busy pump's files share their syncfs (group commit).
+    C{syncfs} stands for the fsyncs only where it is as good: on a block device's file
+    system (ext4, xfs: L{_syncfs_device}) on Linux 5.8 or later, where it reports the
+    write-back errors of the file system since the descriptor it is given was opened (that
+    of a directory opened before any of the files it covers was written). Elsewhere (NFS,
+    FUSE, tmpfs, overlay, another OS) each file is committed as a streamed one is, fsyncs
+    and all, in the same job.
+    """
+
+    _of = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, reactor, pool):
+        """The group commit of C{pool}, made on first use."""
+        group = cls._of.get(pool)
+        if group is None:
+            group = cls._of[pool] = cls(reactor, pool)
+        return group
+
+    def __init__(self, reactor, pool):
+        self._reactor = reactor
+        self._pool = weakref.ref(pool)  # not kept alive by its entry in _of
+        self._waiting = []  # (InflightFile, args of _prepare, Deferred)
+        self._running = False
+        self.jobs = 0  # jobs run, and files committed by them: their mean batch
+        self.files = 0
+
+    def commit(self, sink, args):
+        """A Deferred with the L{TransferResult} of committing C{sink} (as
+        L{InflightFile._commit} with C{args}), or its failure."""
+        d = Deferred()
+        self._waiting.append((sink, args, d))
+        if not self._running:
+            self._next()
+        return d
+
+    def _next(self, _=None):
+        batch = self._waiting[:GROUP_COMMIT_MAX]
+        del self._waiting[:GROUP_COMMIT_MAX]
+        self._running = bool(batch)
+        if not batch:
+            return
+        self.jobs += 1
+        self.files += len(batch)
+        files = [(sink, args) for sink, args, _ in batch]
+        job = deferToThreadPool(self._reactor, self._pool(), _commit_together, files)
+        job.addBoth(self._done, batch).addBoth(self._next)
+
+    def _done(self, outcomes, batch):
+        if isinstance(outcomes, Failure):  # _commit_together itself failed: every file did
+            outcomes = [outcomes] * len(batch)
+        for (_, _, d), outcome in zip(batch, outcomes):
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
+
+
+def _commit_together(files):
+    """
+    Pool job of L{GroupCommit}: commit C{files} (L{InflightFile}, args of its C{_prepare});
+    a list of their L{TransferResult}s or L{Failure}s, in order. Each file's steps are those
+    of L{InflightFile._commit}; a step that fails fails that file alone, except a syncfs,
+    which fails the files it was to make durable.
+    """
+    outcomes = [None] * len(files)
+    devices = {}  # device -> [(index, sink, result)] of the files prepared there
+    for i, (sink, args) in enumerate(files):
+        try:
+            with sink._finishing():
+                result = sink._prepare(*args)
+                device = _syncfs_device(sink._dir_fd)
+                if device is None:
+                    os.fsync(sink._fd)
+                    sink._place()
+                    directories.sync(sink._directory, sink._dir_fd)
+                    sink._close_directory()
+                    outcomes[i] = result
+                else:
+                    devices.setdefault(device, []).append((i, sink, result))
+        except BaseException:
+            outcomes[i] = Failure()
+    for prepared in devices.values():
+        try:
+            _syncfs(prepared[0][1]._dir_fd)
+        except OSError as exc:
+            for i, sink, _ in prepared:
+                outcomes[i] = _failed_commit(sink, exc)
+            continue
+        placed = []
+        for i, sink, result in prepared:
+            try:
+                with sink._finishing():
+                    sink._place()
+                placed.append((i, sink, result))
+            except BaseException:
+                outcomes[i] = Failure()
+        if not placed:
+            continue
+        try:
+            _syncfs(placed[0][1]._dir_fd)
+        except OSError as exc:
+            for i, sink, _ in placed:
+                outcomes[i] = _failed_commit(sink, exc)
+            continue
+        for i, sink, result in placed:
+            try:
+                with sink._finishing():
+                    sink._close_directory()
+                outcomes[i] = result
+            except BaseException:
+                outcomes[i] = Failure()
+    return outcomes
+
+
+def _failed_commit(sink, exc):
+    """The L{Failure} of C{sink}'s commit failing with C{exc} (its temporary file removed)."""
+    try:
+        with sink._finishing():
+            raise exc
+    except BaseException:
+        return Failure()
+
+
+@functools.cache
+def _syncfs_function():
+    """C{syncfs(fd)} raising OSError, where it reports write-back errors (Linux 5.8 and later,
+    through the C library); else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    release = tuple(int(n) for n in re.findall(r"\d+", os.uname().release)[:2])
+    if release < (5, 8):
+        return None
+    try:
+        import ctypes
+
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+
+    def syncfs(fd):
+        if function(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    return syncfs
+
+
+def _syncfs(fd):
+    _syncfs_function()(fd)
+
+
+def _syncfs_device(fd):
+    """The device number of the file system of C{fd} when a syncfs there makes its files and
+    directories as durable as their fsyncs would, else None (see L{GroupCommit})."""
+    if _syncfs_function() is None:
+        return None
+    device = os.fstat(fd).st_dev
+    return device if os.major(device) != 0 else None
 
 
 def _fsync_directory(fd):
