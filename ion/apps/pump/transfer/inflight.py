@@ -1231,36 +1231,39 @@ def _commit_together(files):
         except BaseException:
             outcomes[i] = Failure()
     for prepared in devices.values():
-        try:
-            _syncfs(prepared[0][1]._dir_fd)
-        except OSError as exc:
-            for i, sink, _ in prepared:
-                outcomes[i] = _failed_commit(sink, exc)
-            continue
-        placed = []
-        for i, sink, result in prepared:
-            try:
-                with sink._finishing():
-                    sink._place()
-                placed.append((i, sink, result))
-            except BaseException:
-                outcomes[i] = Failure()
-        if not placed:
-            continue
-        try:
-            _syncfs(placed[0][1]._dir_fd)
-        except OSError as exc:
-            for i, sink, _ in placed:
-                outcomes[i] = _failed_commit(sink, exc)
-            continue
-        for i, sink, result in placed:
-            try:
-                with sink._finishing():
-                    sink._close_directory()
-                outcomes[i] = result
-            except BaseException:
-                outcomes[i] = Failure()
+        placed = _each(_synced(prepared, outcomes), lambda sink: sink._place(), outcomes)
+        closed = _each(_synced(placed, outcomes), lambda sink: sink._close_directory(), outcomes)
+        for i, _, result in closed:
+            outcomes[i] = result
     return outcomes
+
+
+def _synced(members, outcomes):
+    """C{members} (index, L{InflightFile}, result) once one syncfs of their file system has
+    succeeded; none if it failed, each of them then failed with its error in C{outcomes}."""
+    if members:
+        try:
+            _syncfs(members[0][1]._dir_fd)
+        except OSError as exc:
+            for i, sink, _ in members:
+                outcomes[i] = _failed_commit(sink, exc)
+            return []
+    return members
+
+
+def _each(members, step, outcomes):
+    """Those of C{members} (index, L{InflightFile}, result) for which C{step(sink)} succeeded;
+    each other one's failure in C{outcomes} (its temporary file removed)."""
+    done = []
+    for member in members:
+        i, sink, _ = member
+        try:
+            with sink._finishing():
+                step(sink)
+            done.append(member)
+        except BaseException:
+            outcomes[i] = Failure()
+    return done
 
 
 def _failed_commit(sink, exc):
