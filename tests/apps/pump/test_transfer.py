@@ -1022,7 +1022,8 @@ class GroupCommitTests(TestCase):
         original = inflight._syncfs
 
         def syncfs(fd):
-            self.syncfs.append(threading.current_thread())
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            self.syncfs.append((threading.current_thread(), regular))
             original(fd)
 
         self.patch(inflight, "_syncfs", syncfs)
@@ -1069,7 +1070,9 @@ class GroupCommitTests(TestCase):
     async def test_filesWaitingShareOneJob(self):
         """
         Three files committed while a commit job runs go together in the next job, with one
-        syncfs before their renames and one after, no fsync at all, in a pool thread.
+        syncfs before their renames and one after, no fsync at all, in a pool thread. Each
+        syncfs goes through a file's own descriptor (not a directory's, which may be shared:
+        another job's syncfs may have taken the report of a write-back error from it).
         """
         self.syncfs_everywhere()
         bodies = {"a": b"aa", "b": b"bbb", "c": os.urandom(BUFFER_LIMIT)}
@@ -1081,7 +1084,9 @@ class GroupCommitTests(TestCase):
         group = inflight.GroupCommit.of(reactor, self.pool)
         self.assertEqual((group.jobs, group.files), (2, 4))
         self.assertEqual(len(self.syncfs), 4)
-        self.assertNotIn(threading.main_thread(), self.syncfs)
+        for thread, regular in self.syncfs:
+            self.assertIsNot(thread, threading.main_thread())
+            self.assertTrue(regular)
         self.assertEqual(self.fsyncs, [])
         self.assertEqual(leftovers(self.dir), [])
 

@@ -1152,7 +1152,7 @@ class GroupCommit:
     C{syncfs} stands for the fsyncs only where it is as good: on a block device's file
     system (ext4, xfs: L{_syncfs_device}) on Linux 5.8 or later, where it reports the
     write-back errors of the file system since the descriptor it is given was opened (that
-    of a directory opened before any of the files it covers was written). Elsewhere (NFS,
+    of the group's first file, opened before any of the files was written). Elsewhere (NFS,
     FUSE, tmpfs, overlay, another OS) each file is committed as a streamed one is, fsyncs
     and all, in the same job.
     """
@@ -1231,19 +1231,34 @@ def _commit_together(files):
         except BaseException:
             outcomes[i] = Failure()
     for prepared in devices.values():
-        placed = _each(_synced(prepared, outcomes), lambda sink: sink._place(), outcomes)
-        closed = _each(_synced(placed, outcomes), lambda sink: sink._close_directory(), outcomes)
+        # Both syncfs go through the first file's own descriptor (a copy: the file is closed
+        # once renamed), opened before any write of the group, so they report every write-back
+        # error since. One shared with other jobs, such as the destination root's, might have
+        # had an error reported to another job already.
+        try:
+            probe = os.dup(prepared[0][1]._fd)
+        except OSError as exc:
+            for i, sink, _ in prepared:
+                outcomes[i] = _failed_commit(sink, exc)
+            continue
+        try:
+            placed = _each(_synced(prepared, probe, outcomes), lambda s: s._place(), outcomes)
+            closed = _each(
+                _synced(placed, probe, outcomes), lambda s: s._close_directory(), outcomes
+            )
+        finally:
+            os.close(probe)
         for i, _, result in closed:
             outcomes[i] = result
     return outcomes
 
 
-def _synced(members, outcomes):
-    """C{members} (index, L{InflightFile}, result) once one syncfs of their file system has
+def _synced(members, probe, outcomes):
+    """C{members} (index, L{InflightFile}, result) once a syncfs through C{probe} has
     succeeded; none if it failed, each of them then failed with its error in C{outcomes}."""
     if members:
         try:
-            _syncfs(members[0][1]._dir_fd)
+            _syncfs(probe)
         except OSError as exc:
             for i, sink, _ in members:
                 outcomes[i] = _failed_commit(sink, exc)
