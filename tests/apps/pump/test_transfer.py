@@ -1032,9 +1032,10 @@ class GroupCommitTests(TestCase):
         self.patch(inflight.os, "fsync", lambda fd: (self.fsyncs.append(fd), fsync(fd))[1])
 
     def syncfs_everywhere(self):
-        """Let syncfs stand for fsyncs whatever the test directory's file system: the
-        grouping is what is tested, not the choice of file systems."""
+        """Let syncfs stand for fsyncs whatever the test directory's file system and the
+        dirty data of the machine: the grouping is what is tested, not those choices."""
         self.patch(inflight, "_syncfs_device", lambda fd: os.fstat(fd).st_dev)
+        self.patch(inflight, "_little_dirty", lambda: True)
 
     def sink(self, name):
         return InflightFile(os.path.join(self.dir, name), reactor=reactor, pool=self.pool)
@@ -1127,11 +1128,42 @@ class GroupCommitTests(TestCase):
         with open(os.path.join(self.dir, "a"), "rb") as f:
             self.assertEqual(f.read(), b"previous")
 
+    async def test_fsyncsWhileMuchIsDirty(self):
+        """
+        While the machine holds much data not yet written, a group's files are fsynced one
+        by one: a syncfs would have to write and wait for all of it.
+        """
+        self.syncfs_everywhere()
+        self.patch(inflight, "_little_dirty", lambda: False)
+        results = await self.commit_while_one_runs({"a": b"aa", "b": b"bb"})
+        self.assertEqual((results["a"].size, results["b"].size), (2, 2))
+        self.assertEqual(self.syncfs, [])
+        self.assertEqual(len(self.fsyncs), 6)  # three files, each and its directory
+
+    def test_littleDirtyReadsMeminfo(self):
+        """
+        Dirty and Writeback together decide; an unreadable or odd meminfo means "not
+        little", so that the fsyncs are kept.
+        """
+        meminfo = os.path.join(self.dir, "meminfo")
+        limit_kb = inflight.SYNCFS_DIRTY_MAX // 1024
+        for text, little in [
+            ("MemFree: 5 kB\nDirty: 2324 kB\nWriteback: 0 kB\n", True),
+            (f"Dirty: {limit_kb - 10} kB\nWriteback: 10 kB\n", True),
+            (f"Dirty: {limit_kb - 10} kB\nWriteback: 11 kB\n", False),
+            ("MemFree: 5 kB\n", False),
+            ("Dirty: lots\n", False),
+        ]:
+            write_file(meminfo, text.encode())
+            self.assertEqual(inflight._little_dirty(meminfo), little, text)
+        self.assertFalse(inflight._little_dirty(os.path.join(self.dir, "none")))
+
     async def test_fsyncsWhereSyncfsWillNotDo(self):
         """
         On a file system where syncfs cannot stand for fsyncs, each file of a group is
         fsynced, and its directory too, as a streamed one is.
         """
+        self.patch(inflight, "_little_dirty", lambda: True)
         self.patch(inflight, "_syncfs_device", lambda fd: None)
         results = await self.commit_while_one_runs({"a": b"aa", "b": b"bb"})
         self.assertEqual((results["a"].size, results["b"].size), (2, 2))
