@@ -871,13 +871,18 @@ class InflightFile:
         with self._finishing():
             streamed = self._fd is not None
             result = self._prepare(chunks, unhashed, expected_checksum, mtime, mode)
-            os.fsync(self._fd)
-            if streamed and self._below:
-                self._check_directory()
-            self._place()
-            directories.sync(self._directory, self._dir_fd)
-            self._close_directory()
+            self._durably_placed(streamed)
         return result
+
+    def _durably_placed(self, streamed):
+        """The commit from its fsync on: fsync, check a streamed file's directory, rename,
+        fsync the directory, close it."""
+        os.fsync(self._fd)
+        if streamed and self._below:
+            self._check_directory()
+        self._place()
+        directories.sync(self._directory, self._dir_fd)
+        self._close_directory()
 
     @contextlib.contextmanager
     def _finishing(self):
@@ -1044,12 +1049,18 @@ def _enter(parent, name, make):
 
 
 def _on_block_device(fd):
-    """Whether the file open as C{fd} is on a file system of a block device (ext4, xfs...: a
-    device number with a major), where O_DIRECT writes go straight to the disk. Network and
-    virtual file systems (NFS, CIFS, FUSE, tmpfs, overlay; btrfs and ZFS too) have anonymous
-    device numbers (major 0): there O_DIRECT may mean a round trip per write, and their
-    files are written through the page cache."""
-    return os.major(os.fstat(fd).st_dev) != 0
+    """Whether the file open as C{fd} is on a file system of a block device, where O_DIRECT
+    writes go straight to the disk (see L{_block_device}); elsewhere O_DIRECT may mean a round
+    trip per write, and files are written through the page cache."""
+    return _block_device(fd) is not None
+
+
+def _block_device(fd):
+    """The device number of the file system of C{fd} if it is a block device's (ext4, xfs...:
+    a number with a major), else None: network and virtual file systems (NFS, CIFS, FUSE,
+    tmpfs, overlay; btrfs and ZFS too) have anonymous device numbers (major 0)."""
+    device = os.fstat(fd).st_dev
+    return device if os.major(device) != 0 else None
 
 
 def _write_all(fd, chunks):
@@ -1225,10 +1236,7 @@ def _commit_together(files):
                 result = sink._prepare(*args)
                 device = _syncfs_device(sink._dir_fd) if quiet else None
                 if device is None:
-                    os.fsync(sink._fd)
-                    sink._place()
-                    directories.sync(sink._directory, sink._dir_fd)
-                    sink._close_directory()
+                    sink._durably_placed(streamed=False)
                     outcomes[i] = result
                 else:
                     devices.setdefault(device, []).append((i, sink, result))
@@ -1348,10 +1356,7 @@ def _little_dirty(meminfo="/proc/meminfo"):
 def _syncfs_device(fd):
     """The device number of the file system of C{fd} when a syncfs there makes its files and
     directories as durable as their fsyncs would, else None (see L{GroupCommit})."""
-    if _syncfs_function() is None:
-        return None
-    device = os.fstat(fd).st_dev
-    return device if os.major(device) != 0 else None
+    return _block_device(fd) if _syncfs_function() is not None else None
 
 
 def _fsync_directory(fd):
