@@ -136,12 +136,14 @@ class Journal:
 
         return syncing.addCallbacks(synced, failed)
 
-    def rewrite(self, lines):
+    def rewrite(self, lines, count=None):
         """Replace the file's content with C{lines} (an iterable of text lines, taken now),
         atomically; returns a Deferred firing once the new file is in place (or, when that
-        failed, logged, with the old file kept and appended to)."""
-        snapshot = list(lines)
-        self.lines = len(snapshot)
+        failed, logged, with the old file kept and appended to). Given their C{count}, the
+        lines are taken later, in the disk's thread, off the reactor thread: C{lines} must
+        then read only what nothing changes (a snapshot)."""
+        snapshot = list(lines) if count is None else lines
+        self.lines = len(snapshot) if count is None else count
         after = []  # lines appended from now on: the new file gets them too
         self._rewrites.append(after)
 

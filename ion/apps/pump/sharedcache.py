@@ -1,7 +1,7 @@
 """A duplicate cache that several OS processes write at once: the instances of one flow.
 
-The keys live in one file of JSON lines (C{{"key": ..., "expires": ...}}, as in
-L{ion.apps.pump.dupcache}) that every writer appends to, and a lock file beside it
+The keys live in one file of JSON lines (C{{"id": ..., "expires": ...}}, a key's digest and
+its expiry, as in L{ion.apps.pump.dupcache}) that every writer appends to, and a lock file beside it
 (C{<path>.lock}) that is never replaced. Every read-modify-write of the file holds an exclusive
 C{flock} on the lock file:
 
@@ -39,7 +39,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ion.apps.pump.dupcache import key_line
+from ion.apps.pump.dupcache import digest, key_line, parse_record
 from ion.apps.pump.journal import DiskQueue, _replace_file as replace_file
 
 log = Logger()
@@ -55,13 +55,11 @@ class LockTimeout(OSError):
 
 
 def _parse(raw):
-    """(key, expires) of one line, or None when it does not parse (a torn line)."""
+    """(digest, expires) of one line, or None when it does not parse (a torn line)."""
     try:
-        record = json.loads(raw)
-        key, expires = record["key"], float(record["expires"])
+        return parse_record(json.loads(raw))
     except (ValueError, KeyError, TypeError):
         return None
-    return (key, expires) if isinstance(key, str) else None
 
 
 class SharedFile:
@@ -218,7 +216,7 @@ class SharedDupCache:
         self.refresh_every = refresh_every
         self._file = SharedFile(path, compact_min_lines)
         self._disk = DiskQueue(reactor)
-        self._entries = {}  # key -> expiry
+        self._entries = {}  # key digest -> expiry
         self._pending = []  # lines not yet in a turn
         self._waiting = []  # Deferreds of the keys in _pending
         self._turn = None  # the turn under way
@@ -238,7 +236,7 @@ class SharedDupCache:
             not self._closed
         ):
             self._start_turn()
-        expires = self._entries.get(key)
+        expires = self._entries.get(digest(key))
         return expires is not None and expires > now
 
     @property
@@ -266,6 +264,7 @@ class SharedDupCache:
     def add(self, key, flush=True):
         """Remember C{key} for C{ttl} seconds from now; a Deferred firing once it is in the
         shared file (C{flush} is accepted for DupCache's interface: keys are always batched)."""
+        key = digest(key)
         expires = self.clock.seconds() + self.ttl
         self._entries[key] = expires
         self._pending.append(key_line(key, expires))

@@ -12,7 +12,7 @@ import random
 import sys
 import time
 
-from ion.apps.pump.dupcache import key_line
+from ion.apps.pump.dupcache import digest, key_line
 from ion.apps.pump.sharedcache import SharedFile
 
 
@@ -27,15 +27,15 @@ def main(path, seed, ops, result):
         if draw < 0.7 or not live:
             key = f"{seed}-{i}"
             live[key] = now + 3600
-            lines.append(key_line(key, live[key]))
+            lines.append(key_line(digest(key), live[key]))
         elif draw < 0.8:
             key = rng.choice(list(live))
             live[key] = now + 3600
-            lines.append(key_line(key, live[key]))
+            lines.append(key_line(digest(key), live[key]))
         elif draw < 0.9:
             key = f"{seed}-gone-{i}"
             expired.add(key)
-            lines.append(key_line(key, now - 1))
+            lines.append(key_line(digest(key), now - 1))
         shared.exchange(lines, now, live=len(live), compact=rng.random() < 0.002)
     shared.close()
     with open(result, "w") as f:

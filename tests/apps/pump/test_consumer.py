@@ -22,10 +22,10 @@ from twisted.trial import unittest
 
 from ion.apps.pump import app as pump_app
 from ion.apps.pump import consumer as consumer_module
-from ion.apps.pump import journal, paths
+from ion.apps.pump import dupcache, journal, paths
 from ion.apps.pump.args import ConsumerArgs
 from ion.apps.pump.consumer import Consumer, dup_key, make_report, report_id
-from ion.apps.pump.dupcache import DupCache
+from ion.apps.pump.dupcache import DupCache, digest
 from ion.apps.pump.notice import Notice
 from ion.apps.pump.report_router import ReportRouter
 from ion.apps.pump.retryqueue import RetryQueue
@@ -149,6 +149,34 @@ class DupCacheTests(unittest.SynchronousTestCase):
         self.assertNotIn("k", cache)
         self.assertEqual(len(cache), 0)
 
+    def test_added_again_outlives_its_first_batch(self):
+        """A key added again is a duplicate for ttl seconds from its last add, also after the
+        keys added with it the first time are forgotten."""
+        cache = DupCache(self.path, 10, self.clock)
+        cache.add("again")
+        cache.add("once")
+        self.clock.advance(5)
+        cache.add("again")
+        self.clock.advance(6)
+        cache.add("later")  # forgets the first batch
+        self.assertNotIn("once", cache)
+        self.assertIn("again", cache)
+        self.clock.advance(4)
+        self.assertNotIn("again", cache)
+        self.assertIn("later", cache)
+
+    def test_memory_follows_the_ttl(self):
+        """At a steady rate, the cache holds little more than the keys of the last ttl: an
+        hour of keys, not a day's, whatever the process's age."""
+        cache = DupCache(self.path, 10, self.clock)
+        for second in range(30):  # 100 keys a second for three ttls
+            for i in range(100):
+                cache.add(f"k{second}.{i}", flush=False)
+            self.clock.advance(1)
+        self.assertEqual(len(cache), 900)  # added at 21 to 29 s: live at 30 s
+        self.assertLessEqual(len(cache._entries), 1000 * (1 + 2 * dupcache.BATCH_SPAN))
+        cache.close()
+
     def test_survives_restart(self):
         """Keys are read back when the cache is opened again; expired ones are dropped and a
         torn last line (a crash while writing) is skipped."""
@@ -166,7 +194,23 @@ class DupCacheTests(unittest.SynchronousTestCase):
         self.assertEqual(again.skipped_lines, 1)
         again.close()
         with open(self.path) as f:
-            self.assertEqual([json.loads(line)["key"] for line in f], ["new"])
+            self.assertEqual([json.loads(line)["id"] for line in f], [digest("new").hex()])
+
+    def test_reads_a_cache_of_full_keys(self):
+        """A cache written by an older pump (each line the whole key) still holds its keys:
+        after an upgrade, files delivered before it are not fetched again."""
+        os.makedirs(os.path.dirname(self.path))
+        with open(self.path, "w") as f:
+            now = self.clock.seconds()
+            f.write(json.dumps({"key": "sha512:abc\n/a/x", "expires": now + 5}) + "\n")
+            f.write(json.dumps({"key": "gone", "expires": now - 1}) + "\n")
+        cache = DupCache(self.path, 10, self.clock)
+        self.assertIn("sha512:abc\n/a/x", cache)
+        self.assertNotIn("gone", cache)
+        self.assertNotIn("sha512:abd\n/a/x", cache)
+        self.clock.advance(6)
+        self.assertNotIn("sha512:abc\n/a/x", cache)
+        cache.close()
 
     def test_buffered_adds(self):
         """Keys added with flush=False are known at once and reach the file at flush()."""
@@ -176,7 +220,9 @@ class DupCacheTests(unittest.SynchronousTestCase):
         self.assertIn("later", cache)
         cache.flush()
         with open(self.path) as f:
-            self.assertEqual([json.loads(line)["key"] for line in f], ["now", "later"])
+            self.assertEqual(
+                [json.loads(line)["id"] for line in f], [digest("now").hex(), digest("later").hex()]
+            )
         cache.close()
 
     def test_compaction(self):
@@ -189,7 +235,7 @@ class DupCacheTests(unittest.SynchronousTestCase):
         with open(self.path) as f:
             lines = f.readlines()
         self.assertLessEqual(len(lines), 10)
-        self.assertEqual({json.loads(line)["key"] for line in lines}, {"same"})
+        self.assertEqual({json.loads(line)["id"] for line in lines}, {digest("same").hex()})
 
 
 class RetryQueueTests(unittest.SynchronousTestCase):

@@ -8,6 +8,7 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from ion.apps.pump.args import ReportRouterArgs
+from ion.apps.pump.dupcache import digest
 from ion.apps.pump.report_router import CATCH_UP_TIMEOUT, ReportRouter
 from ion.core.cc.testing import make_container
 from ion.core.messaging.transport import TransportError
@@ -86,8 +87,7 @@ class AckCheckingRouter(ReportRouter):
 
             def ack(self):
                 rid = delivery.properties.headers.get("report_id")
-                with open(router.seen.path) as f:
-                    router.acked.append((rid, rid in f.read()))
+                router.acked.append((rid, router.in_file(rid)))
                 delivery.ack()
 
         return super()._on_sent(Checked())
@@ -95,9 +95,13 @@ class AckCheckingRouter(ReportRouter):
     def _write_log(self, fields, delivery, source, code, outcome):
         if self.logged is not None:
             rid = (fields or {}).get("report_id")
-            with open(self.seen.path) as f:
-                self.logged.append((rid, outcome, rid in f.read()))
+            self.logged.append((rid, outcome, self.in_file(rid)))
         return super()._write_log(fields, delivery, source, code, outcome)
+
+    def in_file(self, rid):
+        """Whether the router's file of seen ids holds C{rid} (as its digest)."""
+        with open(self.seen.path) as f:
+            return digest(rid).hex() in f.read()
 
     logged = None  # (report_id, outcome, in the file when logged), set by a test
 
