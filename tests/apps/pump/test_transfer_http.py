@@ -513,6 +513,41 @@ class HTTPConnectionsTests(TestCase):
         await self.get(1)
         self.assertEqual(self.server.site.accepted, 2)
 
+    async def test_keptConnectionDroppedAsTheRequestArrives(self):
+        """
+        A kept connection the server drops as the next GET reaches it (its idle timeout and
+        our request crossing): the GET is sent again on a new connection, and the file
+        arrives.
+        """
+        await self.get(0)
+        for protocol in list(self.server.site.connections):
+            protocol.dataReceived = lambda data, p=protocol: p.transport.abortConnection()
+        await self.get(1)
+        self.assertEqual(self.server.site.accepted, 2)
+        self.assertNothingLeft()
+
+    async def test_ipv6Server(self):
+        """
+        GETs to a server named by an IPv6 address share a kept connection and name the
+        server in C{Host} as the URL does, brackets kept.
+        """
+        port = reactor.listenTCP(0, self.server.site, interface="::1")
+        self.addCleanup(port.stopListening)
+        hosts = []
+        self.server.site.log = lambda request: hosts.append(request.getHeader(b"host"))
+        number = port.getHost().port
+        for n in range(2):
+            await transfer.get(
+                reactor,
+                f"http://[::1]:{number}/files/f.bin",
+                os.path.join(self.dest_dir, f"v6-{n}.bin"),
+                expected_checksum=("sha512", sha512(self.data)),
+                http_connections=self.connections,
+                pool=self.pool,
+            )
+        self.assertEqual(hosts, [b"[::1]:%d" % number] * 2)
+        self.assertEqual(self.server.site.accepted, 1)
+
     async def test_failedResponseNotReused(self):
         """
         A connection whose response was refused (404) or cut short is closed, not reused.
