@@ -25,8 +25,9 @@ closed. A PUT always opens a connection of its own (only a request without a bod
 again on a new connection when a kept one turns out closed by the server). The kept
 connections are Twisted's L{HTTP11ClientProtocol}, used without its C{Agent} and connection
 pool, and a host name is resolved and encoded only when a connection is made: a kept GET of a
-4 KiB file, everything in the pump's transfer included, went from 1.41M to 1.27M instructions
-(callgrind).
+4 KiB file from a trusted URL, everything in the pump's transfer included, went from 1.41M to
+1.27M instructions (callgrind); under a restricted access, whose endpoints were already made
+only to connect, the pump's bench made 4% fewer Python calls per file.
 """
 
 import base64
