@@ -45,8 +45,9 @@ checked. CPU is utime+stime (all threads) from /proc/<pid>/stat over the same in
 kernel_cpu_share the part of it that is stime: on an ext4 without a journal (this machine's),
 creating a file right after many were deleted (a previous run's tree) makes the kernel look
 past each recently deleted inode, so that share (and the CPU per file) is higher for whichever
-system runs first after a deletion. Peak RSS is VmHWM from /proc/<pid>/status at the end. The broker's (the RabbitMQ node's process
-group) and the HTTP server's CPU over the interval are shown too. Prints one result line per
+system runs first after a deletion. Peak RSS is VmHWM from /proc/<pid>/status at the end.
+The broker's (the RabbitMQ node's process group) and the HTTP server's CPU over the interval
+are shown too. Prints one result line per
 system, and with --vs-sr3 a ratio line (ion/sr3: above 1 means ION is faster, or uses more
 CPU or memory):
 
@@ -476,7 +477,8 @@ def measure(system, setup, dest, pids, alive, warm, publish_all):
     result.support_cpu = {k: support_after[k] - support_before[k] for k in support_after}
     if alive():
         result.cpu = sum(cpu_seconds(pid) for pid in pids()) - before
-        result.kernel_cpu = sum(cpu_seconds(pid, kernel_only=True) for pid in pids()) - kernel_before
+        kernel = sum(cpu_seconds(pid, kernel_only=True) for pid in pids())
+        result.kernel_cpu = kernel - kernel_before
         result.rss = sum(peak_rss_mb(pid) for pid in pids())
     if done is not None:
         result.seconds = done - began

@@ -39,8 +39,8 @@ class DupCache:
         self.clock = clock
         self.compact_min_lines = compact_min_lines
         self._entries = {}  # key digest -> expiry
-        # The digests in the order added, in batches of BATCH_SPAN of the ttl: deques of
-        # [latest expiry, digests]. Purging forgets a whole batch once its latest expiry is
+        # The digests in the order added, in batches of BATCH_SPAN of the ttl: a deque of
+        # [latest expiry, [digests]]. Purging forgets a whole batch once its latest expiry is
         # past: a sixteenth of the keys at a time on the reactor thread, with 8 bytes a key
         # here where an ordered dict's links took about 50.
         self._batches = collections.deque()

@@ -1,9 +1,9 @@
 """A duplicate cache that several OS processes write at once: the instances of one flow.
 
 The keys live in one file of JSON lines (C{{"id": ..., "expires": ...}}, a key's digest and
-its expiry, as in L{ion.apps.pump.dupcache}) that every writer appends to, and a lock file beside it
-(C{<path>.lock}) that is never replaced. Every read-modify-write of the file holds an exclusive
-C{flock} on the lock file:
+its expiry, as in L{ion.apps.pump.dupcache}) that every writer appends to, and a lock file
+beside it (C{<path>.lock}) that is never replaced. Every read-modify-write of the file holds
+an exclusive C{flock} on the lock file:
 
   - a writer that finds the lock held sleeps a random, growing while (1 ms doubling up to 50 ms,
     uniformly drawn below it, so that writers out of step do not keep meeting) and tries again,
