@@ -21,13 +21,13 @@ for, a 200 (the server ignores ranges) is L{RangeIgnored}.
 
 GETs reuse the connections of the caller's L{HTTPConnections} when given: a connection goes back
 to them only after a complete response; one cut short, refused or with an error status is
-closed. A PUT always opens a connection of its own (only a request without a body is sent
-again on a new connection when a kept one turns out closed by the server). The kept
-connections are Twisted's L{HTTP11ClientProtocol}, used without its C{Agent} and connection
-pool, and a host name is resolved and encoded only when a connection is made: a kept GET of a
-4 KiB file from a trusted URL, everything in the pump's transfer included, went from 1.41M to
-1.27M instructions (callgrind); under a restricted access, whose endpoints were already made
-only to connect, the pump's bench made 4% fewer Python calls per file.
+closed. A PUT always opens a connection of its own (Twisted retries only idempotent requests
+without a body on a kept connection the server has meanwhile closed). Kept GETs take their
+connection from Twisted's C{HTTPConnectionPool} without going through its C{Agent}
+(L{_KeptAgent}), and a host name is resolved and encoded only when a connection is made: a
+kept GET of a 4 KiB file from a trusted URL, everything in the pump's transfer included, went
+from 1.41M to 1.31M instructions (callgrind); under a restricted access, whose endpoints were
+already made only to connect, the pump's bench made 4% fewer Python calls per file.
 """
 
 import base64
@@ -42,16 +42,10 @@ from twisted.internet.abstract import FileDescriptor, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
-from twisted.web._newclient import (
-    HTTP11ClientProtocol,
-    Request,
-    RequestNotSent,
-    RequestTransmissionFailed,
-    ResponseNeverReceived,
-)
+from twisted.web._newclient import Request
 from twisted.web.client import (
     URI,
     Agent,
@@ -257,9 +251,9 @@ class HTTPConnections:
             kind = (settings.ca_file, restricted, read_size)
             pool = self._pools.get(kind)
             if pool is None:
-                pool = self._pools[kind] = _KeptConnections(
-                    self._reactor, self.per_host, self.idle_timeout
-                )
+                pool = self._pools[kind] = HTTPConnectionPool(self._reactor, persistent=True)
+                pool.maxPersistentPerHost = self.per_host
+                pool.cachedConnectionTimeout = self.idle_timeout
             endpoints = _endpoints(self._reactor, settings, read_size)
             agent = self._agents[key] = _KeptAgent(endpoints, pool)
         return agent
@@ -267,85 +261,14 @@ class HTTPConnections:
     def close(self):
         """Close the idle connections; a Deferred that fires once they are closed."""
         pools, self._pools, self._agents = list(self._pools.values()), {}, {}
-        return gatherResults([pool.close() for pool in pools])
-
-
-class _KeptConnections:
-    """The idle connections of one kind, by (scheme, host, port): at most C{per_host} each,
-    the oldest dropped first, each closed after C{idle_timeout} seconds unused."""
-
-    def __init__(self, reactor, per_host, idle_timeout):
-        self._reactor = reactor
-        self.per_host = per_host
-        self.idle_timeout = idle_timeout
-        self._idle = {}  # key -> [HTTP11ClientProtocol], oldest first
-        self._timeouts = {}  # HTTP11ClientProtocol -> its IDelayedCall
-
-    def take(self, key):
-        """An idle connection to C{key} ready for a request, or None."""
-        idle = self._idle.get(key)
-        while idle:
-            connection = idle.pop()
-            self._timeouts.pop(connection).cancel()
-            if not idle:
-                del self._idle[key]
-            if connection.state == "QUIESCENT":
-                return connection
-        return None
-
-    def put(self, key, connection):
-        """Keep C{connection} (its response complete, the server keeping it open)."""
-        if connection.state != "QUIESCENT":
-            return
-        if self.per_host < 1:
-            connection.transport.loseConnection()
-            return
-        while len(self._idle.get(key, ())) >= self.per_host:
-            self._drop(key, self._idle[key][0])
-        self._idle.setdefault(key, []).append(connection)
-        self._timeouts[connection] = self._reactor.callLater(
-            self.idle_timeout, self._drop, key, connection
-        )
-
-    def _drop(self, key, connection):
-        idle = self._idle[key]
-        idle.remove(connection)
-        if not idle:
-            del self._idle[key]
-        timeout = self._timeouts.pop(connection)
-        if timeout.active():
-            timeout.cancel()
-        connection.transport.loseConnection()
-
-    def close(self):
-        """Close every idle connection; a Deferred firing once they are closed."""
-        idle, self._idle = self._idle, {}
-        for timeout in self._timeouts.values():
-            timeout.cancel()
-        self._timeouts = {}
-        return gatherResults([c.abort() for kept in idle.values() for c in kept])
-
-
-class _ClientFactory(Factory):
-    """L{HTTP11ClientProtocol}s that hand themselves to C{quiescent} once idle again."""
-
-    noisy = False
-
-    def __init__(self, quiescent):
-        self._quiescent = quiescent
-
-    def buildProtocol(self, addr):
-        return HTTP11ClientProtocol(self._quiescent)
-
-
-# Failures of a request on a kept connection that the server had closed meanwhile: nothing
-# of the request was taken in, so a GET is sent again, once, on a new connection.
-_NOT_TAKEN = (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
+        return gatherResults([pool.closeCachedConnections() for pool in pools])
 
 
 class _KeptAgent:
-    """GETs (C{request}, as an Agent's) over the connections kept in C{pool}, made through
-    C{endpoints} (L{_Endpoints} or L{_CheckedEndpoints})."""
+    """GETs (C{request}, as an Agent's) over the connections kept in C{pool} (an
+    C{HTTPConnectionPool}), made through C{endpoints} (L{_Endpoints} or L{_CheckedEndpoints}):
+    what the Agent does for such a request, without its URL and endpoint work per request and
+    its copy of the headers."""
 
     def __init__(self, endpoints, pool):
         self._endpoints = endpoints
@@ -364,22 +287,8 @@ class _KeptAgent:
         request = Request(
             b"GET", parsed.originForm, self._with_host(headers, parsed), None, persistent=True
         )
-        connection = self._pool.take(key)
-        if connection is None:
-            return self._connect(key, endpoint).addCallback(lambda c: c.request(request))
-        sent = connection.request(request)
-        sent.addErrback(self._again, key, endpoint, request)
-        return sent
-
-    def _connect(self, key, endpoint):
-        return endpoint.connect(_ClientFactory(lambda c: self._pool.put(key, c)))
-
-    def _again(self, reason, key, endpoint, request):
-        if not reason.check(*_NOT_TAKEN) or any(
-            failure.check(CancelledError) for failure in getattr(reason.value, "reasons", ())
-        ):
-            return reason
-        return self._connect(key, endpoint).addCallback(lambda c: c.request(request))
+        connecting = self._pool.getConnection(key, endpoint)
+        return connecting.addCallback(lambda connection: connection.request(request))
 
     def _with_host(self, headers, uri):
         """C{headers} with C{Host} for C{uri} (the plain ones shared per host: few), as
