@@ -25,7 +25,8 @@ patterns C{topics}. For each message, in this order:
      C{sources} and the notice's C{source} (L{ion.apps.pump.transfer.policy}): refused, a 403
      report, never retried;
   6. fetch the file (L{ion.apps.pump.transfer.worker.Transfers} with the C{transfer} settings),
-     verified against the notice's size and checksum, at most C{parallel} at a time, each
+     verified against the notice's size and checksum, at most C{parallel} at a time (a file
+     received whole waits for its commit to disk without its slot, within a bound), each
      given up after C{transfer_timeout} seconds, cut past the announced size or C{max_size}
      (413) or under C{min_rate} (504, retried). Delivered: optional re-announce (sarra mode),
      a 201 report, the key added to the duplicate cache. A transient failure

@@ -18,7 +18,7 @@ import threading
 import time
 
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -1107,6 +1107,78 @@ class GroupCommitTests(TestCase):
             with open(os.path.join(self.dir, name), "rb") as f:
                 self.assertEqual(f.read(), body)
         self.assertEqual(leftovers(self.dir), [])
+
+    async def held_gets(self, sizes):
+        """Get, through one server's single slot, a first file whose commit is held in its
+        job, then files of C{sizes} (bytes) one after the other; returns the first's
+        Deferred, the others' Deferreds, the limiter, the source URL prefix and the
+        Event that releases the held commit."""
+        reached, release = threading.Event(), threading.Event()
+        prepare = InflightFile._prepare
+
+        def held(sink, *args):
+            if sink.dest_path.endswith("first"):
+                reached.set()
+                release.wait(10)
+            return prepare(sink, *args)
+
+        self.patch(InflightFile, "_prepare", held)
+        self.addCleanup(release.set)
+        source = os.path.join(self.dir, "source")
+        os.mkdir(source)
+        limiter = HostLimiter(per_host=1)
+        bodies = {"first": b"1"} | {f"f{n}": os.urandom(size) for n, size in enumerate(sizes)}
+        gets = {}
+        for name, body in bodies.items():
+            write_file(os.path.join(source, name), body)
+            gets[name] = Deferred.fromCoroutine(
+                transfer.get(
+                    reactor,
+                    "file://" + os.path.join(source, name),
+                    os.path.join(self.dir, name),
+                    expected_checksum=("sha512", sha512(body)),
+                    limiter=limiter,
+                    pool=self.pool,
+                )
+            )
+        await until(reached.is_set, 10, "the first commit to run")
+        return gets.pop("first"), gets, limiter, "file://" + source, release
+
+    async def test_slotFreedForTheCommit(self):
+        """
+        A file received whole gives its server's slot up while it waits for the disk: the
+        transfers after it from that server go on meanwhile (through a single slot, the
+        server is not held by a commit), and each file is in place, verified, once done.
+        """
+        first, others, limiter, url, release = await self.held_gets([10, 20, 30])
+        group = inflight.GroupCommit.of(reactor, self.pool)
+        await until(lambda: group.held == 61, 10, "the later files to wait for the commit")
+        self.assertEqual(limiter.active(url + "/first"), 0)
+        self.assertFalse(first.called)
+        release.set()
+        await first
+        results = await gatherResults(list(others.values()))
+        self.assertEqual([r.size for r in results], [10, 20, 30])
+        for name in ["first", *others]:
+            self.assertTrue(os.path.exists(os.path.join(self.dir, name)))
+        self.assertEqual((group.held, leftovers(self.dir)), (0, []))
+
+    async def test_slotKeptPastTheBacklog(self):
+        """
+        Past C{GROUP_BACKLOG_MAX} bytes waiting for the commits, a transfer keeps its
+        server's slot until its file is committed: what a fast server can send piles up in
+        memory no further than that.
+        """
+        self.patch(inflight, "GROUP_BACKLOG_MAX", 25)
+        first, others, limiter, url, release = await self.held_gets([10, 20, 30])
+        group = inflight.GroupCommit.of(reactor, self.pool)
+        await until(lambda: group.held == 31, 10, "the second and third files to be received")
+        self.assertEqual(limiter.active(url + "/first"), 1)
+        self.assertEqual(group.held, 31)  # the fourth file waits for the slot, not received
+        release.set()
+        results = await gatherResults([first] + list(others.values()))
+        self.assertEqual([r.size for r in results], [1, 10, 20, 30])
+        self.assertEqual((group.held, leftovers(self.dir)), (0, []))
 
     async def test_syncfsFailureFailsItsFiles(self):
         """

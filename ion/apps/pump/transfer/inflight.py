@@ -575,7 +575,7 @@ class InflightFile:
             raise
         chunks, unhashed = self._writes.take(), self._hashes.take()
         args = (chunks, unhashed, expected_checksum, mtime, mode)
-        if self._pool is not None and not self._streaming and self.commits_in_groups:
+        if self._grouped:
             # Received whole: committed with the other small files of the moment.
             job = SharedResult(GroupCommit.of(self._reactor, self._pool).commit(self, args))
         else:
@@ -587,6 +587,21 @@ class InflightFile:
             with self._lock:
                 self._abandoned = True
             return await job.observe()
+
+    @property
+    def _grouped(self):
+        # Received whole: L{finish} hands it to its pool's GroupCommit.
+        return self._pool is not None and not self._streaming and self.commits_in_groups
+
+    def commit_waits_apart(self):
+        """Whether L{finish} will leave this file to its pool's L{GroupCommit} with room
+        there for its bytes (L{GROUP_BACKLOG_MAX}): the transfer that received it may give
+        its server's slot up before the commit, its connection being free."""
+        return (
+            self._grouped
+            and self._error is None
+            and GroupCommit.of(self._reactor, self._pool).room_for(self.size)
+        )
 
     def discard(self):
         """
@@ -1147,6 +1162,11 @@ directories = DirectorySyncs()
 
 # Commits waiting for a job of their pool's group commit, at most this many per job.
 GROUP_COMMIT_MAX = 64
+# The bytes of the files waiting for (or in) a pool's group commit, held in memory, up to
+# which a transfer gives its server's slot up once its file is received (see
+# InflightFile.commit_waits_apart); beyond them it keeps the slot until its file is committed,
+# so that the transfers of the moment, not a faster network, bound what waits for the disk.
+GROUP_BACKLOG_MAX = 16 * 1024 * 1024
 
 
 class GroupCommit:
@@ -1188,12 +1208,18 @@ class GroupCommit:
         self._running = False
         self.jobs = 0  # jobs run, and files committed by them: their mean batch
         self.files = 0
+        self.held = 0  # bytes of the files waiting or being committed
+
+    def room_for(self, size):
+        """Whether C{size} more bytes may wait for the commits (L{GROUP_BACKLOG_MAX})."""
+        return self.held + size <= GROUP_BACKLOG_MAX
 
     def commit(self, sink, args):
         """A Deferred with the L{TransferResult} of committing C{sink} (as
         L{InflightFile._commit} with C{args}), or its failure."""
         d = Deferred()
         self._waiting.append((sink, args, d))
+        self.held += sink.size
         if not self._running:
             self._next()
         return d
@@ -1211,6 +1237,7 @@ class GroupCommit:
         job.addBoth(self._done, batch).addBoth(self._next)
 
     def _done(self, outcomes, batch):
+        self.held -= sum(sink.size for sink, _, _ in batch)
         if isinstance(outcomes, Failure):  # _commit_together itself failed: every file did
             outcomes = [outcomes] * len(batch)
         for (_, _, d), outcome in zip(batch, outcomes):

@@ -286,8 +286,14 @@ class _Slot:
     async def __aenter__(self):
         if self._limiter is not None:
             self._key = await self._limiter.acquire(self._url)
+        return self
 
     async def __aexit__(self, *exc_info):
-        if self._limiter is not None:
-            self._limiter.release(self._key)
+        self.leave()
         return False
+
+    def leave(self):
+        """Give the slot up before the end of the block (once: the end then frees nothing)."""
+        if self._limiter is not None:
+            limiter, self._limiter = self._limiter, None
+            limiter.release(self._key)

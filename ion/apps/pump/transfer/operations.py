@@ -142,7 +142,7 @@ async def get(
         )
         if result is not None:
             return result
-    async with slot(limiter, url):
+    async with slot(limiter, url) as taken:
         sink = InflightFile(
             dest_path,
             methods or ["sha512"],
@@ -166,6 +166,10 @@ async def get(
                 raise
             mtime = source_mtime if mtime is None else mtime
             mode = source_mode & MODE_MASK if mode is None and source_mode is not None else mode
+            if sink.commit_waits_apart():
+                # Received whole, the file waits for the disk without the server: the next
+                # transfer takes its slot meanwhile.
+                taken.leave()
             return await sink.finish(checksum, mtime, mode)
         finally:
             if active is not None:
