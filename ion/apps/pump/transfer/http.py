@@ -452,7 +452,9 @@ class _BodyReceiver(SinkReceiver):
             return
         if self.error is not None:
             self.done.errback(self.error)
-        elif reason.check(ResponseDone, PotentialDataLoss):
+        # isinstance, not Failure.check: check names every class of the value's MRO, a
+        # cost on every response body received.
+        elif isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             self.done.callback(None)
         else:
             self.done.errback(reason)
