@@ -1040,10 +1040,9 @@ class GroupCommitTests(TestCase):
     def sink(self, name):
         return InflightFile(os.path.join(self.dir, name), reactor=reactor, pool=self.pool)
 
-    async def commit_while_one_runs(self, bodies, announced=None):
-        """Commit a first file, held in its job, then C{bodies} ({name: bytes}, each with the
-        checksum C{announced} gives for it, else its own) while it is; release the first.
-        Returns {name: result or Failure} of those."""
+    def hold_first(self):
+        """Hold the commit of the file named C{first} in its job; two Events: the job has
+        reached it, and (set by the test) let it go on."""
         reached, release = threading.Event(), threading.Event()
         prepare = InflightFile._prepare
 
@@ -1055,6 +1054,13 @@ class GroupCommitTests(TestCase):
 
         self.patch(InflightFile, "_prepare", held)
         self.addCleanup(release.set)
+        return reached, release
+
+    async def commit_while_one_runs(self, bodies, announced=None):
+        """Commit a first file, held in its job, then C{bodies} ({name: bytes}, each with the
+        checksum C{announced} gives for it, else its own) while it is; release the first.
+        Returns {name: result or Failure} of those."""
+        reached, release = self.hold_first()
         first = self.sink("first")
         first.write(b"1")
         done = [Deferred.fromCoroutine(first.finish(("sha512", sha512(b"1"))))]
@@ -1113,17 +1119,7 @@ class GroupCommitTests(TestCase):
         job, then files of C{sizes} (bytes) one after the other; returns the first's
         Deferred, the others' Deferreds, the limiter, the source URL prefix and the
         Event that releases the held commit."""
-        reached, release = threading.Event(), threading.Event()
-        prepare = InflightFile._prepare
-
-        def held(sink, *args):
-            if sink.dest_path.endswith("first"):
-                reached.set()
-                release.wait(10)
-            return prepare(sink, *args)
-
-        self.patch(InflightFile, "_prepare", held)
-        self.addCleanup(release.set)
+        reached, release = self.hold_first()
         source = os.path.join(self.dir, "source")
         os.mkdir(source)
         limiter = HostLimiter(per_host=1)
