@@ -1157,15 +1157,27 @@ class GroupCommitTests(TestCase):
         self.assertEqual([r.size for r in results], [10, 20, 30])
         for name in ["first", *others]:
             self.assertTrue(os.path.exists(os.path.join(self.dir, name)))
-        self.assertEqual((group.held, leftovers(self.dir)), (0, []))
+        self.assertEqual((group.held, group.held_files, leftovers(self.dir)), (0, 0, []))
 
-    async def test_slotKeptPastTheBacklog(self):
+    def test_slotKeptPastTheBacklog(self):
         """
         Past C{GROUP_BACKLOG_MAX} bytes waiting for the commits, a transfer keeps its
         server's slot until its file is committed: what a fast server can send piles up in
         memory no further than that.
         """
         self.patch(inflight, "GROUP_BACKLOG_MAX", 25)
+        return Deferred.fromCoroutine(self.slot_kept())
+
+    def test_slotKeptPastTheFiles(self):
+        """
+        Past C{GROUP_BACKLOG_FILES} files waiting for the commits, likewise.
+        """
+        self.patch(inflight, "GROUP_BACKLOG_FILES", 2)
+        return Deferred.fromCoroutine(self.slot_kept())
+
+    async def slot_kept(self):
+        """A first file's commit held, the second file (10 bytes) waits for the commits
+        without its slot and the third (20) with it, the fourth (30) waits for the slot."""
         first, others, limiter, url, release = await self.held_gets([10, 20, 30])
         group = inflight.GroupCommit.of(reactor, self.pool)
         await until(lambda: group.held == 31, 10, "the second and third files to be received")
@@ -1174,7 +1186,7 @@ class GroupCommitTests(TestCase):
         release.set()
         results = await gatherResults([first] + list(others.values()))
         self.assertEqual([r.size for r in results], [1, 10, 20, 30])
-        self.assertEqual((group.held, leftovers(self.dir)), (0, []))
+        self.assertEqual((group.held, group.held_files, leftovers(self.dir)), (0, 0, []))
 
     async def test_syncfsFailureFailsItsFiles(self):
         """
