@@ -548,6 +548,53 @@ class HTTPConnectionsTests(TestCase):
         self.assertEqual(hosts, [b"[::1]:%d" % number] * 2)
         self.assertEqual(self.server.site.accepted, 1)
 
+    async def test_originsPastTheKeptOnes(self):
+        """
+        Past the origins whose parse is kept, GETs still go to the right server with the
+        right C{Host}, on kept connections.
+        """
+        self.patch(http, "_SHARED_HOST_HEADERS", 1)
+        hosts = []
+        self.server.site.log = lambda request: hosts.append(request.getHeader(b"host"))
+        number = URI.fromBytes(self.server.url.encode()).port
+        for n, name in enumerate(["127.0.0.1", "localhost", "127.0.0.1", "localhost"]):
+            await transfer.get(
+                reactor,
+                f"http://{name}:{number}/files/f.bin",
+                os.path.join(self.dest_dir, f"o-{n}.bin"),
+                expected_checksum=("sha512", sha512(self.data)),
+                http_connections=self.connections,
+                pool=self.pool,
+            )
+        names = [b"127.0.0.1", b"localhost", b"127.0.0.1", b"localhost"]
+        self.assertEqual(hosts, [b"%b:%d" % (name, number) for name in names])
+        self.assertEqual(self.server.site.accepted, 2)
+
+    def test_requestTargetAsTwistedParses(self):
+        """
+        A kept GET's pool key, C{Host} and request target are those Twisted's C{URI} gives,
+        whether the URL is cut after its authority or parsed whole.
+        """
+        agent = http._KeptAgent(http._Endpoints(reactor, None, 10), None)
+        for url in [
+            b"http://example.org/a/b%20c.txt",
+            b"http://example.org:8080/a;p?q=1&r=/x",
+            b"https://example.org/",
+            b"https://example.org:443/x",
+            b"http://[::1]:8000/v6",
+            b"http://example.org?q=/a",
+            b"http://example.org",
+            b"http://u@example.org/x",
+            b"http://example.org/a#frag",
+        ]:
+            parsed = URI.fromBytes(url)
+            for _ in range(2):  # parsed, then kept
+                origin, target = agent._parse(url)
+                self.assertEqual(target, parsed.originForm, url)
+                self.assertEqual(origin.key, (parsed.scheme, parsed.host, parsed.port), url)
+        self.assertEqual(agent._parse(b"http://[::1]:8000/v6")[0].host, b"[::1]:8000")
+        self.assertEqual(agent._parse(b"https://example.org:443/x")[0].host, b"example.org")
+
     async def test_failedResponseNotReused(self):
         """
         A connection whose response was refused (404) or cut short is closed, not reused.
