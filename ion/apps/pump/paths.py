@@ -151,11 +151,18 @@ def resolve_under(root, rel_parts, *, real_root=None, known_dirs=None):
         raise UnsafePath("unsafe path '': no components to place under the root")
     for index, part in enumerate(rel_parts):
         safe_name(part, first=index == 0)
+    return _resolve(root, rel_parts, real_root, known_dirs)
+
+
+def _resolve(root, rel_parts, real_root, known_dirs):
+    """L{resolve_under} of components already checked (a non-empty list)."""
     base = real_root if real_root is not None else os.path.realpath(root)
-    probe = base
+    # The components hold no separator: each probe is its parent's path, "/" and the name.
+    prefix = base if base.endswith(os.sep) else base + os.sep
     last = len(rel_parts) - 1
     for index, part in enumerate(rel_parts):
-        probe = os.path.join(probe, part)
+        probe = prefix + part
+        prefix = probe + os.sep
         if known_dirs is not None and index < last and probe in known_dirs:
             continue
         try:
@@ -208,4 +215,6 @@ def destination(
         raise ValueError(
             f"unknown destination mode {mode!r}; use 'mirror', 'directory' or 'strip=N'"
         )
-    return resolve_under(root, parts, real_root=real_root, known_dirs=known_dirs)
+    # safe_relpath checked every component; one that is now first is checked as a first one.
+    _check_component("path", notice.rel_path, parts[0], True)
+    return _resolve(root, parts, real_root, known_dirs)

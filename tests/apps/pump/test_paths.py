@@ -249,6 +249,19 @@ class ModeTests(TreeCase):
         """Stripping happens after the checks: a '..' in the dropped part still refuses."""
         self.assertRaises(UnsafePath, destination, self.root, touch_notice("../b/f"), "strip=1")
 
+    def test_first_component_after_stripping(self):
+        """The component a mode leaves first is checked as a first one: a file name such as
+        C{C:f} that directory or strip=N would put first is refused as a drive letter."""
+        notice = touch_notice("a/C:f")
+        self.assertEqual(
+            destination(self.root, notice, "mirror"),
+            os.path.join(os.path.realpath(self.root), "a", "C:f"),
+        )
+        for mode in ("directory", "strip=1"):
+            with self.assertRaises(UnsafePath) as caught:
+                destination(self.root, notice, mode)
+            self.assertIn("drive letter", str(caught.exception))
+
     def test_unknown_mode(self):
         """A misspelt mode names the valid ones."""
         for mode in ("flat", "strip=", "strip=-1", "strip=x", None):
