@@ -595,8 +595,9 @@ class InflightFile:
 
     def commit_waits_apart(self):
         """Whether L{finish} will leave this file to its pool's L{GroupCommit} with room
-        there for it (L{GROUP_BACKLOG_MAX}, L{GROUP_BACKLOG_FILES}): the transfer that received it may give
-        its server's slot up before the commit, its connection being free."""
+        there for it (L{GROUP_BACKLOG_MAX}, L{GROUP_BACKLOG_FILES}): the transfer that
+        received it may give its server's slot up before the commit, its connection being
+        free."""
         return (
             self._grouped
             and self._error is None
