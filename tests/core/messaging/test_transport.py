@@ -723,6 +723,21 @@ class TransportSemantics:
                 await t.declare_queue(self.unique("bad"), arguments=quorum, **flags)
 
 
+class PropertiesTests(unittest.SynchronousTestCase):
+    def test_copiedKeepsEveryField(self):
+        """
+        C{Properties.copied} is C{attrs.evolve} with C{user_id} and a headers dict of its
+        own: every field is carried (one added later and left out of it fails here).
+        """
+        values = {
+            field.name: f"v-{field.name}" for field in attrs.fields(Properties)
+        } | {"headers": {"k": [1]}, "delivery_mode": 2, "timestamp": 7}
+        original = Properties(**values)
+        copy = original.copied("someone")
+        self.assertEqual(copy, attrs.evolve(original, user_id="someone"))
+        self.assertIsNot(copy.headers, original.headers)
+
+
 class MemoryRunRecordTests(unittest.TestCase):
     """The embedded broker keeps nothing across restarts, but tells the next run when its
     previous one ended with messages of durable queues (`lost_messages`)."""
