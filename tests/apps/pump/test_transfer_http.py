@@ -416,11 +416,11 @@ class HTTPConnectionsTests(TestCase):
         self.pool.start()
         self.addCleanup(self.pool.stop)
 
-    def get(self, n, **kwargs):
+    def get(self, n, url=None, **kwargs):
         return Deferred.fromCoroutine(
             transfer.get(
                 reactor,
-                self.url,
+                url or self.url,
                 os.path.join(self.dest_dir, f"{n}.bin"),
                 expected_checksum=("sha512", sha512(self.data)),
                 http_connections=self.connections,
@@ -537,14 +537,7 @@ class HTTPConnectionsTests(TestCase):
         self.server.site.log = lambda request: hosts.append(request.getHeader(b"host"))
         number = port.getHost().port
         for n in range(2):
-            await transfer.get(
-                reactor,
-                f"http://[::1]:{number}/files/f.bin",
-                os.path.join(self.dest_dir, f"v6-{n}.bin"),
-                expected_checksum=("sha512", sha512(self.data)),
-                http_connections=self.connections,
-                pool=self.pool,
-            )
+            await self.get(f"v6-{n}", url=f"http://[::1]:{number}/files/f.bin")
         self.assertEqual(hosts, [b"[::1]:%d" % number] * 2)
         self.assertEqual(self.server.site.accepted, 1)
 
@@ -553,19 +546,12 @@ class HTTPConnectionsTests(TestCase):
         Past the origins whose parse is kept, GETs still go to the right server with the
         right C{Host}, on kept connections.
         """
-        self.patch(http, "_SHARED_HOST_HEADERS", 1)
+        self.patch(http, "_KEPT_ORIGINS", 1)
         hosts = []
         self.server.site.log = lambda request: hosts.append(request.getHeader(b"host"))
         number = URI.fromBytes(self.server.url.encode()).port
         for n, name in enumerate(["127.0.0.1", "localhost", "127.0.0.1", "localhost"]):
-            await transfer.get(
-                reactor,
-                f"http://{name}:{number}/files/f.bin",
-                os.path.join(self.dest_dir, f"o-{n}.bin"),
-                expected_checksum=("sha512", sha512(self.data)),
-                http_connections=self.connections,
-                pool=self.pool,
-            )
+            await self.get(f"o-{n}", url=f"http://{name}:{number}/files/f.bin")
         names = [b"127.0.0.1", b"localhost", b"127.0.0.1", b"localhost"]
         self.assertEqual(hosts, [b"%b:%d" % (name, number) for name in names])
         self.assertEqual(self.server.site.accepted, 2)

@@ -272,13 +272,12 @@ class _KeptAgent:
     C{HTTPConnectionPool}), made through C{endpoints} (L{_Endpoints} or L{_CheckedEndpoints}):
     what the Agent does for such a request, without its URL and endpoint work per request and
     its copy of the headers. A URL's C{scheme://host:port} is parsed once (L{_Origin}, kept
-    for a few origins); the request target is the rest of the URL."""
+    for L{_KEPT_ORIGINS} origins); the request target is the rest of the URL."""
 
     def __init__(self, endpoints, pool):
         self._endpoints = endpoints
         self._pool = pool
         self._origins = {}  # b"scheme://netloc" -> _Origin
-        self._host_headers = {}  # Host value -> the plain headers with it
 
     def request(self, method, uri, headers=None, bodyProducer=None):
         if method != b"GET" or bodyProducer is not None:
@@ -287,9 +286,12 @@ class _KeptAgent:
             origin, target = self._parse(uri)
         except Exception:
             return fail()
-        request = Request(
-            b"GET", target, self._with_host(headers, origin.host), None, persistent=True
-        )
+        if headers is not _PLAIN_HEADERS:
+            headers = headers.copy()
+            headers.addRawHeader(b"Host", origin.host)
+        else:
+            headers = origin.plain_headers
+        request = Request(b"GET", target, headers, None, persistent=True)
         connecting = self._pool.getConnection(origin.key, origin.endpoint)
         return connecting.addCallback(lambda connection: connection.request(request))
 
@@ -306,7 +308,7 @@ class _KeptAgent:
         origin = self._origins.get(prefix)
         if origin is None:
             origin = self._origin(URI.fromBytes(prefix))
-            if len(self._origins) < _SHARED_HOST_HEADERS:
+            if len(self._origins) < _KEPT_ORIGINS:
                 self._origins[prefix] = origin
         return origin, uri[cut:]
 
@@ -316,37 +318,29 @@ class _KeptAgent:
             host = b"[" + host + b"]"
         if (uri.scheme, uri.port) not in ((b"http", 80), (b"https", 443)):
             host = b"%b:%d" % (host, uri.port)
+        plain_headers = _PLAIN_HEADERS.copy()
+        plain_headers.addRawHeader(b"Host", host)
         return _Origin(
-            (uri.scheme, uri.host, uri.port), self._endpoints.endpointForURI(uri), host
+            (uri.scheme, uri.host, uri.port),
+            self._endpoints.endpointForURI(uri),
+            host,
+            plain_headers,
         )
-
-    def _with_host(self, headers, host):
-        """C{headers} with C{Host: host} (the plain ones shared per host: few)."""
-        if headers is _PLAIN_HEADERS:
-            shared = self._host_headers.get(host)
-            if shared is None:
-                shared = headers.copy()
-                shared.addRawHeader(b"Host", host)
-                if len(self._host_headers) < _SHARED_HOST_HEADERS:
-                    self._host_headers[host] = shared
-            return shared
-        headers = headers.copy()
-        headers.addRawHeader(b"Host", host)
-        return headers
 
 
 @attrs.frozen
 class _Origin:
     """What the requests to one C{scheme://host:port} share: the pool's key, the endpoint,
-    and C{Host} as Twisted's agent writes it (an IPv6 address in brackets, the port unless
-    the scheme's own)."""
+    C{Host} as Twisted's agent writes it (an IPv6 address in brackets, the port unless the
+    scheme's own), and the plain headers with it (never changed: see L{_headers})."""
 
     key: tuple
     endpoint: object
     host: bytes
+    plain_headers: object
 
 
-_SHARED_HOST_HEADERS = 64  # origins parsed and hosts' plain headers kept; others: each time
+_KEPT_ORIGINS = 64  # origins parsed once and kept; the URLs of others are parsed each time
 
 
 _PLAIN_HEADERS = Headers({b"Accept-Encoding": [b"identity"], b"User-Agent": [b"ion-pump"]})
