@@ -42,7 +42,8 @@ it is consuming, and its first transfer (imports, first connections) is behind i
 The clock runs from the first publish until every file exists at its final name with the
 right size (the destination tree is scanned every 20 ms, less often once a scan takes over
 2 ms of CPU: the scans take at most a tenth of a core); then every file's sha512 is
-checked. CPU is utime+stime (all threads) from /proc/<pid>/stat over the same interval, and
+checked. Each system starts with the page cache written out (`sync`), the served tree
+included. CPU is utime+stime (all threads) from /proc/<pid>/stat over the same interval, and
 kernel_cpu_share the part of it that is stime: on an ext4 without a journal (this machine's),
 creating a file right after many were deleted (a previous run's tree) makes the kernel look
 past each recently deleted inode, so that share (and the CPU per file) is higher for whichever
@@ -468,6 +469,11 @@ def measure(system, setup, dest, pids, alive, warm, publish_all):
     the notices and returns the wall time of the first publish."""
     feed = "poll" if setup.args.poll and system == "ion" else "post"
     result = Measurement(system, len(setup.files), setup.args.transport, feed)
+    # The tree this script wrote (and an earlier system's files) may still wait in the page
+    # cache: written out now, not by the kernel's write-back in the middle of a run, nor by
+    # the first syncfs of ION's group commits, which also falls back to an fsync per file
+    # while the system holds over 64 MB not yet written (a tree of 16,000 files of 4 KiB).
+    os.sync()
     cpu_at_start = warm()
     before = sum(cpu_seconds(pid) for pid in pids()) if cpu_at_start is None else cpu_at_start
     # Read here also when the start was marked inside the container (memory://): a little
