@@ -2,6 +2,7 @@
 process that collects what arrives on an exchange, and waiting for a condition."""
 
 import base64
+import gc
 import hashlib
 import json
 import os
@@ -61,6 +62,14 @@ def topic(rel_path):
 
 def file_url(directory):
     return "file://" + os.path.abspath(directory) + "/"
+
+
+def without_collector(testcase):
+    """Turn the garbage collector off for the test: what a test then sees freed was freed by
+    its reference count, held by no cycle."""
+    if gc.isenabled():
+        gc.disable()
+        testcase.addCleanup(gc.enable)
 
 
 def unblock_after(testcase, fifo, seconds):

@@ -16,10 +16,11 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -59,7 +60,7 @@ from ion.apps.pump.transfer.inflight import (
 from ion.apps.pump.transfer.limits import IdleTimer
 from ion.apps.pump.transfer.outgoing import OutgoingFile
 from ion.core import credentials as core_credentials
-from tests.apps.pump.fixtures import unblock_after
+from tests.apps.pump.fixtures import unblock_after, without_collector
 from tests.apps.pump.servers import leftovers, write_file
 from tests.waiting import until
 
@@ -383,6 +384,27 @@ class IdleTimerTests(SynchronousTestCase):
         timer.stop()
         clock.advance(10)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_stoppedLetsItsUserGo(self):
+        """
+        Stopped, a timer no longer holds what it was to call: a transfer holding its timer,
+        whose method that was, is freed once dropped, not left in a cycle for the garbage
+        collector.
+        """
+        without_collector(self)
+
+        class Transfer:
+            def __init__(self):
+                self.timer = IdleTimer(Clock(), 5, self.abort)
+
+            def abort(self):
+                pass
+
+        user = Transfer()
+        user.timer.stop()
+        freed = weakref.ref(user)
+        del user
+        self.assertIsNone(freed())
 
 
 class InflightFileTests(SynchronousTestCase):
@@ -1039,6 +1061,23 @@ class GroupCommitTests(TestCase):
 
     def sink(self, name):
         return InflightFile(os.path.join(self.dir, name), reactor=reactor, pool=self.pool)
+
+    async def test_committedFileFreedAtOnce(self):
+        """
+        A file received whole and committed is freed as soon as it is dropped: no cycle
+        leaves it, per file, to the garbage collector's passes.
+        """
+        self.syncfs_everywhere()
+        without_collector(self)
+        sink = self.sink("a")
+        sink.write(b"data")
+        await sink.finish()
+        freed = weakref.ref(sink)
+        del sink
+        await deferLater(reactor, 0, lambda: None)  # out of the calls that returned the result
+        self.assertIsNone(freed())
+        with open(os.path.join(self.dir, "a"), "rb") as f:
+            self.assertEqual(f.read(), b"data")
 
     def hold_first(self):
         """Hold the commit of the file named C{first} in its job; two Events: the job has

@@ -12,10 +12,12 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 from twisted.internet import reactor, threads
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
@@ -44,6 +46,7 @@ from tests.apps.pump.servers import (
     start_http,
     write_file,
 )
+from tests.apps.pump.fixtures import without_collector
 from tests.waiting import quiet, until
 
 SECRET = "pa55-w0rd-XyZ"
@@ -132,6 +135,25 @@ class HTTPTests(TestCase):
         self.assertEqual((result.mtime, result.mode), (1_500_000_000.0, None))
         self.assertEqual(os.stat(self.dest).st_mtime, 1_500_000_000)
         self.assertNothingLeft()
+
+    async def test_bodyReceiverFreedAtOnce(self):
+        """
+        Once a GET is done, what received its body is freed: no cycle leaves it, per file,
+        to the garbage collector's passes.
+        """
+        without_collector(self)
+        made = []
+
+        class Receiver(http._BodyReceiver):
+            def __init__(self, *args):
+                super().__init__(*args)
+                made.append(weakref.ref(self))
+
+        self.patch(http, "_BodyReceiver", Receiver)
+        await transfer.get(reactor, self.server.url + "/files/small.txt", self.dest)
+        await deferLater(reactor, 0, lambda: None)  # out of the calls that returned the body
+        self.assertEqual(len(made), 1)
+        self.assertIsNone(made[0]())
 
     async def test_nonAsciiName(self):
         """

@@ -37,6 +37,7 @@ import base64
 import functools
 import re
 import sys
+import weakref
 from urllib.parse import urljoin, urlsplit
 
 import attrs
@@ -466,7 +467,10 @@ class _BodyReceiver(SinkReceiver):
 
     def __init__(self, sink, timer):
         super().__init__(sink, timer)
-        self.done = Deferred(lambda _: self.abort())
+        # Cancelling reaches the receiver by a weak reference: a strong one would make a
+        # cycle (receiver, Deferred, canceller), left for the garbage collector each body.
+        receiver = weakref.ref(self)
+        self.done = Deferred(lambda _: _abort(receiver()))
 
     def abort(self):
         if self.transport is not None:
@@ -487,6 +491,11 @@ class _BodyReceiver(SinkReceiver):
             self.done.callback(None)
         else:
             self.done.errback(reason)
+
+
+def _abort(receiver):
+    if receiver is not None:
+        receiver.abort()
 
 
 class _Discard(Protocol):

@@ -463,9 +463,12 @@ class InflightFile:
         self._hashers = {method: hashlib.new(check_method(method)) for method in methods}
         self._reactor = reactor
         self._pool = pool
-        # The chunks received go to two lanes of pool jobs: written to disk, and hashed.
-        self._writes = Lane(reactor, pool, self._write, WRITE_BATCH, self._wake, eager=True)
-        self._hashes = Lane(reactor, pool, self._hash, WRITE_BATCH, self._wake)
+        # The chunks received wait in _buffer until the commit. Once streaming, they go to two
+        # lanes of pool jobs instead: written to disk, and hashed. (Lanes only then: theirs
+        # and ours are references both ways, a cycle that only the garbage collector frees.)
+        self._buffer = []
+        self._buffered = 0
+        self._writes = self._hashes = None
         self._streaming = False
         # Set when streaming starts; read by the disk jobs: write with O_DIRECT if possible.
         self._direct_wanted = False
@@ -529,18 +532,23 @@ class InflightFile:
             raise TooLarge(f"{self.what}: more than the {self._limit} bytes {what} arrived")
         if self._error is not None:
             raise self._error
-        # Streaming, each lane has a job running whenever a batch waits (the first bytes are
-        # written at once: a file being received shows on disk).
-        hold = not self._streaming
-        self._writes.put(data, hold)
-        self._hashes.put(data, hold)
-        if hold and self._writes.waiting > BUFFER_LIMIT:
+        if self._streaming:
+            # Each lane has a job running whenever a batch waits (the first bytes are written
+            # at once: a file being received shows on disk).
+            self._writes.put(data)
+            self._hashes.put(data)
+            return
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._buffered > BUFFER_LIMIT:
             self._stream()
 
     @property
     def backlogged(self):
         """Whether the source should pause until L{drained} fires: too many bytes wait for
         the disk or for the hashing."""
+        if not self._streaming:
+            return False  # at most BUFFER_LIMIT bytes wait, for the commit
         return max(self._writes.waiting, self._hashes.waiting) >= BACKLOG_LIMIT
 
     def drained(self):
@@ -573,7 +581,10 @@ class InflightFile:
         except BaseException:
             await self.discard()
             raise
-        chunks, unhashed = self._writes.take(), self._hashes.take()
+        if self._streaming:
+            chunks, unhashed = self._writes.take(), self._hashes.take()
+        else:
+            chunks = unhashed = self._take_buffer()
         args = (chunks, unhashed, expected_checksum, mtime, mode)
         if self._grouped:
             # Received whole: committed with the other small files of the moment.
@@ -610,8 +621,11 @@ class InflightFile:
         fires once it is gone; the removal happens whether or not anyone waits for it.
         """
         if self._removal is None:
-            self._writes.close()
-            self._hashes.close()
+            if self._streaming:
+                self._writes.close()
+                self._hashes.close()
+            else:
+                self._take_buffer()
             self._release_waiting()
             # No job starts from now on: the removal follows those running.
             running = self._running() + [self._commit_job] * (self._commit_job is not None)
@@ -642,12 +656,25 @@ class InflightFile:
         if not self._streaming:
             self._streaming = True
             self._direct_wanted = self._limit is None or self._limit >= DIRECT_MIN
+            pool, reactor = self._pool, self._reactor
+            self._writes = Lane(reactor, pool, self._write, WRITE_BATCH, self._wake, eager=True)
+            self._hashes = Lane(reactor, pool, self._hash, WRITE_BATCH, self._wake)
+            for chunk in self._take_buffer():
+                self._writes.put(chunk, hold=True)
+                self._hashes.put(chunk, hold=True)
             self._writes.kick()
             self._hashes.poke()
 
+    def _take_buffer(self):
+        """The chunks received before streaming (or a commit): the caller's from now on."""
+        chunks, self._buffer, self._buffered = self._buffer, [], 0
+        return chunks
+
     def _running(self):
         """The L{SharedResult}s of the jobs running: the lanes', the background sync's."""
-        jobs = [self._writes.job, self._hashes.job, self._sync_job]
+        jobs = [self._sync_job]
+        if self._streaming:
+            jobs += [self._writes.job, self._hashes.job]
         return [job for job in jobs if job is not None]
 
     def _sync_early(self):
@@ -686,7 +713,8 @@ class InflightFile:
         if not self._waiting:
             return
         if self._error is None and self._removal is None and self.backlogged:
-            # Told when a lane takes its bytes from now on; they may be taken already.
+            # Told when a lane takes its bytes from now on (backlogged: streaming); they may
+            # be taken already.
             self._writes.watch()
             self._hashes.watch()
             if self.backlogged:

@@ -53,10 +53,11 @@ class RateWatch:
         self._call = reactor.callLater(self._step, self._check)
 
     def stop(self):
-        """Never fire."""
+        """Never fire (and let C{expire} go: it often refers back to the timer's user)."""
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+        self.expire = None
 
     def _check(self):
         now, count = self._reactor.seconds(), self._count()
@@ -109,10 +110,11 @@ class IdleTimer:
         self._held = True
 
     def stop(self):
-        """Never fire."""
+        """Never fire (and let C{expire} go: it often refers back to the timer's user)."""
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+        self.expire = None
 
     def _check(self):
         if self._held:
