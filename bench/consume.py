@@ -65,6 +65,7 @@ from twisted.internet import defer, task, threads  # noqa: E402
 
 from ion.apps.pump.consumer import Consumer  # noqa: E402
 from ion.apps.pump.notice import CONTENT_TYPE, format_time  # noqa: E402
+from ion.core.cc import heap  # noqa: E402
 from ion.core.cc.container import Container, make_transport  # noqa: E402
 from ion.core.cc.testing import test_config  # noqa: E402
 from ion.core.messaging.transport import Properties, TransportError  # noqa: E402
@@ -228,6 +229,7 @@ async def drain(reactor, args, url, with_baseline=True, with_sr3=False):
     C{with_sr3} sr3's on the same broker (C{sr3})."""
     container = Container(test_config(), reactor, make_transport(url, reactor), sysname="bench")
     await container.start()
+    heap.settle()  # as a booted container does
     state = tempfile.mkdtemp(prefix="ion-bench-consume-")
     baseline_queue = "q_bench.baseline"
     consumer_queue = "q_bench.consumer.bench"

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet import defer, task, threads  # noqa: E402
 
+from ion.core.cc import heap  # noqa: E402
 from ion.core.cc.container import Container, make_transport  # noqa: E402
 from ion.core.cc.testing import test_config  # noqa: E402
 from ion.core.process import Process, ServiceProcess  # noqa: E402
@@ -322,6 +323,7 @@ async def run(reactor, args, url):
     profile = cProfile.Profile() if args.profile else None
     container = Container(test_config(), reactor, make_transport(url, reactor), sysname="bench")
     await container.start()
+    heap.settle()  # as a booted container does
     try:
         sink = await container.spawn(Sink)
         source = await container.spawn(Source)

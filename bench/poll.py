@@ -156,6 +156,7 @@ def run_ion_child(args):
 
     from ion.apps.pump.poll import PollService
     from ion.apps.pump.transfer_service import TransferService
+    from ion.core.cc import heap
     from ion.core.cc.container import Container, make_transport
     from ion.core.cc.testing import test_config
     from ion.core.process import Process
@@ -209,6 +210,7 @@ def run_ion_child(args):
                 "name": "bench", "url": args.url, "exchange": EXCHANGE, "state_dir": state,
                 "interval": 86400,
             })
+            heap.settle()  # as a booted container does
             if profile is not None:
                 profile.enable()
             start, cpu = time.perf_counter(), time.process_time()

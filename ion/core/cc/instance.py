@@ -18,6 +18,8 @@ import sys
 from twisted.internet import defer, error, protocol, stdio
 from twisted.logger import Logger, globalLogBeginner
 
+from ion.core.cc import heap
+
 log = Logger()
 
 
@@ -93,6 +95,7 @@ async def _serve(container, launch, watch, stop):
             sys.stderr.flush()
         return code
     proc.add_exit_observer(lambda p: stop.called or stop.callback("ended"))
+    heap.settle()
     watch.transport.write(f"READY {type(proc).__name__}\n".encode())
     why = await stop
     if why == "ended":

@@ -24,6 +24,7 @@ from twisted.logger import ILogObserver, Logger, LoggingFile, LogLevel
 import ion
 from ion.core import log as ionlog
 from ion.core.app.appfile import AppFileError
+from ion.core.cc import heap
 
 log = Logger()
 
@@ -175,7 +176,7 @@ class ContainerService(MultiService):
 
     def _boot(self):
         d = defer.Deferred.fromCoroutine(self.boot())
-        d.addErrback(self._boot_failed)
+        d.addCallbacks(lambda _: heap.settle(), self._boot_failed)
 
     async def boot(self):
         """Build the tree, awaiting each child as it is added, then open the shell (a tty)."""

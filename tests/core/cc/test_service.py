@@ -4,10 +4,11 @@ import os
 
 from twisted.application.service import Service
 from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from ion.apps.hello.service import HelloService
-from ion.core.cc import tap
+from ion.core.cc import heap, tap
 from ion.core.cc.service import AppsService, ContainerService, ProcessesService, TransportService
 
 RES = os.path.join(
@@ -30,6 +31,22 @@ class ServiceTreeTests(unittest.TestCase):
         Service.startService(service)
         await service.boot()
         return service
+
+    async def test_heap_settled_once_booted(self):
+        """A container booted as twistd boots it settles its heap (L{heap.settle}) once, when
+        its apps run: before, the boot's objects would still be in the making."""
+        running = []
+        self.patch(heap, "settle", lambda: running.append(list(service.container.apps.running)))
+        opts = tap.Options()
+        opts.parseOptions(["--res", RES, "--no-shell", "hello"])
+        service = ContainerService(opts, reactor)
+        Service.startService(service)
+        self.addCleanup(service.stopService)
+        service._boot()
+        while not running:
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(len(running), 1)
+        self.assertIn("hello", running[0])
 
     async def test_children_start_in_order(self):
         """Booted, the tree is the connection, the processes, then the apps, all running."""
