@@ -42,16 +42,20 @@ it is consuming, and its first transfer (imports, first connections) is behind i
 The clock runs from the first publish until every file exists at its final name with the
 right size (the destination tree is scanned every 20 ms, less often once a scan takes over
 2 ms of CPU: the scans take at most a tenth of a core); then every file's sha512 is
-checked. Each system starts with the page cache written out (`sync`), the served tree
-included. CPU is utime+stime (all threads) from /proc/<pid>/stat over the same interval, and
-kernel_cpu_share the part of it that is stime: on an ext4 without a journal (this machine's),
-creating a file right after many were deleted (a previous run's tree) makes the kernel look
-past each recently deleted inode, so that share (and the CPU per file) is higher for whichever
-system runs first after a deletion. Peak RSS is VmHWM from /proc/<pid>/status at the end.
-The broker's (the RabbitMQ node's process group) and the HTTP server's CPU over the interval
-are shown too. Prints one result line per
-system, and with --vs-sr3 a ratio line (ion/sr3: above 1 means ION is faster, or uses more
-CPU or memory):
+checked. CPU is utime+stime (all threads) from /proc/<pid>/stat over the same interval, and
+kernel_cpu_share the part of it that is stime. Peak RSS is VmHWM from /proc/<pid>/status at
+the end. The broker's (the RabbitMQ node's process group) and the HTTP server's CPU over the
+interval are shown too.
+
+Each system starts with the page cache written out (`sync`), the served tree included. On an
+ext4 without a journal (this machine's root), creating a file shortly after many were deleted
+makes the kernel look past each recently deleted inode: measured right after a previous run's
+cleanup, the same code took up to twice the CPU per file. So a run first waits until the
+files the last run removed are no longer recent (`after_deletions`: 35 s after that cleanup,
+with the kernel's default write-back settings), and nothing is deleted between the systems.
+
+Prints one result line per system, and with --vs-sr3 a ratio line (ion/sr3: above 1 means ION
+is faster, or uses more CPU or memory):
 
     pump system=ion n=2000 files_per_s=... cpu_s_per_file=... peak_rss_mb=... transport=amqp
         feed=post verified=2000/2000 kernel_cpu_share=... broker_cpu_s_per_file=...
@@ -101,6 +105,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SCAN_INTERVAL = 0.02
 PROBE = "probe/probe.dat"  # fetched before the clock starts (see warm_up)
 PUBLISH_WINDOW = 500  # unconfirmed publishes at most, for the in-container poster
+# When this script last removed a run's files (see after_deletions).
+DELETED_MARK = os.path.join(tempfile.gettempdir(), "ion-bench-pump.deleted")
 
 # The HTTP server: static files, no access log, prints its port and serves until killed.
 HTTP_SERVER = """
@@ -882,12 +888,46 @@ def parse_args(argv):
     return args
 
 
+def deletion_memory():
+    """Seconds for which ext4 without a journal (this machine's root) remembers a deleted
+    inode: it allocates no new inode in its place until then (dirty_expire_centisecs, plus 5
+    s while the inode's table block is not written back yet), and finds the next free one by
+    looking past each of them, for every file created meanwhile."""
+    try:
+        with open("/proc/sys/vm/dirty_expire_centisecs") as f:
+            expire = int(f.read()) / 100
+    except (OSError, ValueError):
+        expire = 30
+    return expire + 5
+
+
+def after_deletions():
+    """Wait until the files an earlier run of this script removed are no longer recently
+    deleted (see the module docstring). Right after, ION's file creations took twice the CPU
+    per file: kernel share 0.52-0.56, against 0.23-0.25 after a 45 s pause (the same code,
+    6,000 files)."""
+    try:
+        left = os.stat(DELETED_MARK).st_mtime + deletion_memory() - time.time()
+    except OSError:
+        return
+    if left > 0:
+        print(f"pump bench: waiting {left:.0f} s after the last run's deletions", file=sys.stderr)
+        time.sleep(left)
+
+
+def remove_tree(path):
+    shutil.rmtree(path, ignore_errors=True)
+    with open(DELETED_MARK, "w"):
+        pass
+
+
 def run(args, children):
+    after_deletions()
     work = tempfile.mkdtemp(prefix="ion-bench-pump-")
     if args.keep:
         print(f"pump bench: temp dir {work}", file=sys.stderr)
     else:
-        children.cleanups.append(lambda: shutil.rmtree(work, ignore_errors=True))
+        children.cleanups.append(lambda: remove_tree(work))
     setup = Setup(args, children, work)
     setup.source = os.path.join(work, "source")
     setup.files, probe_file = make_tree(setup.source, args.n, args.size, args.dirs)
