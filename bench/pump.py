@@ -51,8 +51,8 @@ Each system starts with the page cache written out (`sync`), the served tree inc
 ext4 without a journal (this machine's root), creating a file shortly after many were deleted
 makes the kernel look past each recently deleted inode: measured right after a previous run's
 cleanup, the same code took up to twice the CPU per file. So a run first waits until the
-files the last run removed are no longer recent (`after_deletions`: 35 s after that cleanup,
-with the kernel's default write-back settings), and nothing is deleted between the systems.
+files the last run removed are no longer recent (`after_deletions`: a minute after that
+cleanup), and nothing is deleted between the systems.
 
 Prints one result line per system, and with --vs-sr3 a ratio line (ion/sr3: above 1 means ION
 is faster, or uses more CPU or memory):
@@ -888,26 +888,19 @@ def parse_args(argv):
     return args
 
 
-def deletion_memory():
-    """Seconds for which ext4 without a journal (this machine's root) remembers a deleted
-    inode: it allocates no new inode in its place until then (dirty_expire_centisecs, plus 5
-    s while the inode's table block is not written back yet), and finds the next free one by
-    looking past each of them, for every file created meanwhile."""
-    try:
-        with open("/proc/sys/vm/dirty_expire_centisecs") as f:
-            expire = int(f.read()) / 100
-    except (OSError, ValueError):
-        expire = 30
-    return expire + 5
+# How long ext4 without a journal keeps a deleted inode from being reused once the block of its
+# inode table is written back (300 s while it is not): it looks past each such inode for every
+# file created meanwhile (fs/ext4/ialloc.c, RECENTCY_MIN).
+DELETION_MEMORY = 60
 
 
 def after_deletions():
     """Wait until the files an earlier run of this script removed are no longer recently
     deleted (see the module docstring). Right after, ION's file creations took twice the CPU
-    per file: kernel share 0.52-0.56, against 0.23-0.25 after a 45 s pause (the same code,
-    6,000 files)."""
+    per file: kernel share 0.52-0.56, against 0.23-0.25 after a pause (the same code, 6,000
+    files)."""
     try:
-        left = os.stat(DELETED_MARK).st_mtime + deletion_memory() - time.time()
+        left = os.stat(DELETED_MARK).st_mtime + DELETION_MEMORY + 1 - time.time()
     except OSError:
         return
     if left > 0:
@@ -916,7 +909,10 @@ def after_deletions():
 
 
 def remove_tree(path):
+    """Remove `path`, write the removals out (so the kernel remembers them DELETION_MEMORY
+    seconds, not 300) and record when, for the next run's `after_deletions`."""
     shutil.rmtree(path, ignore_errors=True)
+    os.sync()
     with open(DELETED_MARK, "w"):
         pass
 
