@@ -1,12 +1,11 @@
 """The garbage collector's settings for a container's OS process, once it has booted.
 
 Reference counting frees almost everything a running container makes; the cyclic collector
-only looks for what it cannot. By default it looks often, at everything: a pass over the young
-objects every 700 allocations beyond the frees, and from time to time over every object alive,
-the modules, classes and apps the boot made included. In a pump moving small files, the young
-objects are mostly the transfers in flight, there again at every pass, and the collector took
-50-90 us of CPU per file (bench/pump.py, 8,000 files of 4 KiB; about 5% of the container's
-CPU), while the pump's per-file objects were freed by their reference counts alone.
+only looks for what it cannot. By default it looks often: a pass over the young objects every
+700 allocations beyond the frees, and from time to time over every object alive, the modules,
+classes and apps the boot made included. In a pump moving small files the young objects are
+mostly the transfers in flight, there again at every pass. Even with no cycle left per file,
+that cost 35-70 us of CPU per file in about 650 passes (bench/pump.py, 8,000 files of 4 KiB).
 
 So, once booted, a container process collects once, sets what the boot made apart from the
 collector's passes (`gc.freeze`), and passes over the young objects every L{YOUNG_THRESHOLD}
@@ -17,7 +16,7 @@ made at boot that becomes a cycle of garbage stays (an app stopped from the shel
 import gc
 
 # Allocations beyond frees between two passes over the young objects (Python's default: 700).
-# At 5,000, a pump moving 8,000 small files made 3 passes, not about 600, and kept the same
+# At 5,000, a pump moving 8,000 small files made 3 passes, not about 650, and kept the same
 # peak RSS.
 YOUNG_THRESHOLD = 5000
 

@@ -37,6 +37,7 @@ from ion.apps.pump.transfer import (
 from ion.apps.pump.transfer import http, listings
 from ion.apps.pump.transfer.blocks import BlockSettings
 from ion.apps.pump.transfer.inflight import BUFFER_LIMIT
+from tests.apps.pump.fixtures import without_collector
 from tests.apps.pump.servers import (
     leftovers,
     make_tls,
@@ -46,7 +47,6 @@ from tests.apps.pump.servers import (
     start_http,
     write_file,
 )
-from tests.apps.pump.fixtures import without_collector
 from tests.waiting import quiet, until
 
 SECRET = "pa55-w0rd-XyZ"

@@ -29,10 +29,12 @@ class SettleTests(SynchronousTestCase):
         self.assertEqual(gc.get_threshold()[0], heap.YOUNG_THRESHOLD)
 
     def test_later_cycles_collected(self):
-        """A cycle of garbage made after settling is still collected."""
+        """A cycle of garbage made after settling is still collected by the collector's own
+        passes: at the latest once YOUNG_THRESHOLD more objects are alive."""
         heap.settle()
         node = _Node()
         freed = weakref.ref(node)
         del node
-        gc.collect(0)
+        kept = [[] for _ in range(heap.YOUNG_THRESHOLD + 1)]
         self.assertIsNone(freed())
+        self.assertEqual(len(kept), heap.YOUNG_THRESHOLD + 1)

@@ -53,11 +53,10 @@ class RateWatch:
         self._call = reactor.callLater(self._step, self._check)
 
     def stop(self):
-        """Never fire (and let C{expire} go: it often refers back to the timer's user)."""
+        """Never fire."""
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-        self.expire = None
 
     def _check(self):
         now, count = self._reactor.seconds(), self._count()
