@@ -189,7 +189,8 @@ class ChaosFlow:
             put_files(self.src, self.staging, self.later)
         everything = set(self.files)
         await until(lambda: self.collector.ok == everything, timeout=timeout,
-                    what=f"a 201 for every file ({len(everything)})")
+                    what=f"a 201 for every file ({len(everything)}; ION_CHAOS_SEED={self.seed}"
+                    f" replays the kills)")
 
     async def kill(self, kind):
         at = time.monotonic() - self.started
