@@ -469,7 +469,6 @@ class InflightFile:
         self._buffer = []
         self._buffered = 0
         self._writes = self._hashes = None
-        self._streaming = False
         # Set when streaming starts; read by the disk jobs: write with O_DIRECT if possible.
         self._direct_wanted = False
         self._sync_job = None  # the SharedResult of the running background fdatasync
@@ -654,7 +653,6 @@ class InflightFile:
     def _stream(self):
         """From now on, write to disk as the bytes come (starting with creating the file)."""
         if not self._streaming:
-            self._streaming = True
             self._direct_wanted = self._limit is None or self._limit >= DIRECT_MIN
             pool, reactor = self._pool, self._reactor
             self._writes = Lane(reactor, pool, self._write, WRITE_BATCH, self._wake, eager=True)
@@ -664,6 +662,11 @@ class InflightFile:
                 self._hashes.put(chunk, hold=True)
             self._writes.kick()
             self._hashes.poke()
+
+    @property
+    def _streaming(self):
+        """Whether the bytes go to disk as they come (L{_stream}): the lanes exist."""
+        return self._writes is not None
 
     def _take_buffer(self):
         """The chunks received before streaming (or a commit): the caller's from now on."""
