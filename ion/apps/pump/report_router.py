@@ -64,7 +64,11 @@ does not prove the source has it. So the copy of a forward of this run is held u
 the forward's confirm (then the id is written down and the copy acked), and a forward that
 failed unconfirmed is forwarded again when its report comes back, whatever the sent queue says:
 across a broker crash a source may receive a report again, with the same C{report_id} (at
-least once, never lost).
+least once, never lost). The ids of such forwards are written down as the failure is known
+(C{<state_dir>/unsure_ids.jsonl}, for C{dup_ttl}): a router killed after the broker came back
+and before the report did leaves them to the next one. A broker and a router dying at the same
+instant (the power of a machine running both) is not covered: the router never learns that its
+forward failed.
 """
 
 import json
@@ -113,8 +117,14 @@ class ReportRouter(ServiceProcess):
         self._declared = set()
         self._routing = {}  # report id being forwarded -> Deferreds of its later copies
         # Ids whose forward failed unconfirmed (the connection went): the broker may or may not
-        # have kept it at the source, so a copy seen on the sent queue proves nothing.
-        self._unsure = set()
+        # have kept it at the source, so a copy seen on the sent queue proves nothing. On disk:
+        # a router killed before the report came back leaves them to the next one.
+        self._unsure = DupCache(
+            os.path.join(state_dir, "unsure_ids.jsonl"),
+            self.settings["dup_ttl"],
+            self.container.clock,
+            self.container.reactor,
+        )
         self._held = {}  # report id being forwarded -> its copies from the sent queue, unacked
         self._markers = {}  # marker published -> Deferred fired when it comes back
         # Copies read from the sent queue this reactor turn, to ack, each with how to log it
@@ -148,6 +158,7 @@ class ReportRouter(ServiceProcess):
         if self._log_file is not None:
             self._log_file.close()
         await self.seen.close()
+        await self._unsure.close()
 
     def op_stats(self, content, headers):
         """Counters: received, forwarded, duplicates, unroutable, invalid, and
@@ -226,10 +237,9 @@ class ReportRouter(ServiceProcess):
                 if rid is not None:
                     self._unsure.add(rid)
                 raise
-            if rid is not None:
-                self._unsure.discard(rid)
-                if rid not in self.seen:
-                    self.seen.add(rid)
+            # Still in _unsure, which no longer matters: what is in seen is decided by seen.
+            if rid is not None and rid not in self.seen:
+                self.seen.add(rid)
             self.stats["forwarded"] += 1
             codes = self.stats["by_source"].setdefault(source, {})
             codes[str(code)] = codes.get(str(code), 0) + 1

@@ -11,7 +11,7 @@ from ion.apps.pump.args import ReportRouterArgs
 from ion.apps.pump.dupcache import digest
 from ion.apps.pump.report_router import CATCH_UP_TIMEOUT, ReportRouter
 from ion.core.cc.testing import make_container
-from ion.core.messaging.transport import TransportError
+from ion.core.messaging.transport import ConnectionLost, TransportError
 from tests.apps.pump.fixtures import Collector, notice_fields, until
 from tests.apps.pump.test_consumer import OnMemory, OnPrivateRabbitMQ
 
@@ -36,6 +36,9 @@ class _Unacked:
     def ack(self):
         pass
 
+    def nack(self, requeue=True):
+        pass
+
 
 class CrashingRouter(ReportRouter):
     """Dies, in effect, once the broker took a forwarded report: the id is never written down,
@@ -47,6 +50,19 @@ class CrashingRouter(ReportRouter):
 
     def _on_sent(self, delivery):
         pass
+
+    def _on_delivery(self, delivery):
+        return super()._on_delivery(_Unacked(delivery))
+
+
+class UnconfirmedRouter(ReportRouter):
+    """Its forwards fail as when the broker dies before confirming them; the report is not
+    given back before the router goes (the connection that went would have)."""
+
+    async def publish(self, exchange, routing_key, body, headers=None, **kw):
+        if exchange.startswith("xr_"):
+            raise ConnectionLost("the broker went before it confirmed")
+        return await super().publish(exchange, routing_key, body, headers=headers, **kw)
 
     def _on_delivery(self, delivery):
         return super()._on_delivery(_Unacked(delivery))
@@ -254,6 +270,26 @@ class RouterScenarios:
         await self.quiet()
         self.assertEqual(len(self.collector.bodies("xr_alice")), 1)
         self.assertEqual(router.stats["forwarded"], 0)
+
+    async def test_unconfirmed_forward_after_restart(self):
+        """A forward the broker never confirmed, its copy kept on the sent queue and not at the
+        source: the next router, started on the same directory before the report came back,
+        forwards it when it does (the copy proves nothing), and the source hears once."""
+        failing = await self.start(cls=UnconfirmedRouter)
+        await self.collector.post(report(report_id="unsure"), self.xreport)
+        await until(lambda: "unsure" in failing._unsure)
+        await failing.terminate()
+        # What the broker kept of the forward: the copy on the sent queue, none at the source.
+        body = json.dumps(report(report_id="unsure")).encode()
+        await self.collector.publish(
+            failing.marker_exchange, "v03.a", body, headers={"report_id": "unsure"}
+        )
+        router = await self.start(cls=LateReadingRouter)
+        await until(lambda: router.stats["forwarded"] == 1)
+        await self.settle()
+        await self.quiet()
+        self.assertEqual(len(self.collector.bodies("xr_alice")), 1)
+        self.assertEqual(router.stats["duplicates"], 0)
 
     async def test_catch_up_not_published(self):
         """A marker that cannot be published (the connection went) fails the catch-up at
