@@ -1277,6 +1277,29 @@ class GroupCommitTests(TestCase):
             self.assertEqual(inflight._little_dirty(meminfo), little, text)
         self.assertFalse(inflight._little_dirty(os.path.join(self.dir, "none")))
 
+    def test_littleDirtyAskedOnceAWhile(self):
+        """
+        The system's answer is read again only once L{inflight.DIRTY_CHECK_INTERVAL} has
+        passed: a busy pump's group commits, milliseconds apart, do not each read meminfo.
+        """
+        reads = []
+
+        def read(meminfo):
+            reads.append(meminfo)
+            return len(reads) == 1
+
+        now = [1000.0]
+        self.patch(inflight, "_read_little_dirty", read)
+        self.patch(inflight, "_dirty_checked", [float("-inf"), False])
+        self.patch(inflight, "_monotonic", lambda: now[0])
+        self.assertTrue(inflight._little_dirty())
+        now[0] += inflight.DIRTY_CHECK_INTERVAL / 2
+        self.assertTrue(inflight._little_dirty())
+        self.assertEqual(reads, ["/proc/meminfo"])
+        now[0] += inflight.DIRTY_CHECK_INTERVAL
+        self.assertFalse(inflight._little_dirty())
+        self.assertEqual(len(reads), 2)
+
     async def test_fsyncsWhereSyncfsWillNotDo(self):
         """
         On a file system where syncfs cannot stand for fsyncs, each file of a group is

@@ -594,9 +594,10 @@ async def _get(reactor, location, settings, sink, byte_range=None):
 
 
 async def fetch(reactor, location, sink, settings):
-    """Stream the body of a GET into C{sink}; returns C{(Last-Modified, None)}."""
+    """Stream the body of a GET into C{sink}; returns C{(Last-Modified, None)}, the date as a
+    function parsing it when called (most notices carry their own mtime: no date to parse)."""
     response = await _get(reactor, location, settings, sink)
-    return _last_modified(response), None
+    return functools.partial(_last_modified, response), None
 
 
 async def fetch_range(reactor, location, sink, settings, offset, length):

@@ -1404,9 +1404,28 @@ def _syncfs(fd):
 SYNCFS_DIRTY_MAX = 64 * 1024 * 1024
 
 
-def _little_dirty(meminfo="/proc/meminfo"):
+# How long the system's answer stands: reading /proc/meminfo takes about 50 us, most of it
+# the kernel's, and a busy pump's group commits come every few milliseconds, a few files each.
+DIRTY_CHECK_INTERVAL = 0.1
+_dirty_checked = [float("-inf"), False]  # when /proc/meminfo was last read, and its answer
+_monotonic = time.monotonic
+
+
+def _little_dirty(meminfo=None):
     """Whether the system's data waiting to be written is at most C{SYNCFS_DIRTY_MAX} (False
-    when that cannot be read)."""
+    when that cannot be read); the system's answer (C{meminfo} not given) is read again at
+    most every L{DIRTY_CHECK_INTERVAL} seconds."""
+    if meminfo is not None:
+        return _read_little_dirty(meminfo)
+    now = _monotonic()
+    checked = _dirty_checked
+    if not checked[0] <= now < checked[0] + DIRTY_CHECK_INTERVAL:
+        checked[1] = _read_little_dirty("/proc/meminfo")
+        checked[0] = now
+    return checked[1]
+
+
+def _read_little_dirty(meminfo):
     waiting, found = 0, False
     try:
         with open(meminfo, "rb") as f:

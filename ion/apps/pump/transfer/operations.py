@@ -164,7 +164,9 @@ async def get(
             except BaseException:
                 await sink.discard()
                 raise
-            mtime = source_mtime if mtime is None else mtime
+            if mtime is None:
+                # A scheme may give the source's mtime as a function: parsed only when needed.
+                mtime = source_mtime() if callable(source_mtime) else source_mtime
             mode = source_mode & MODE_MASK if mode is None and source_mode is not None else mode
             if sink.commit_waits_apart():
                 # Received whole, the file waits for the disk without the server: the next
