@@ -188,9 +188,41 @@ class ChaosFlow:
         if not later_put:
             put_files(self.src, self.staging, self.later)
         everything = set(self.files)
-        await until(lambda: self.collector.ok == everything, timeout=timeout,
-                    what=f"a 201 for every file ({len(everything)}; ION_CHAOS_SEED={self.seed}"
-                    f" replays the kills)")
+        try:
+            await until(lambda: self.collector.ok == everything, timeout=timeout,
+                        what=f"a 201 for every file ({len(everything)}; ION_CHAOS_SEED="
+                        f"{self.seed} replays the kills)")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.diagnosis(everything - self.collector.ok)}")
+
+    def diagnosis(self, missing, shown=5):
+        """What the destination, the router's log and the pump's log say of the files in
+        `missing` (the first `shown` of them): for a flow that timed out."""
+        lines = [f"{len(missing)} files without a 201; kills (s, reported, what) {self.log}"]
+        routed = collections.defaultdict(list)
+        try:
+            with open(os.path.join(self.base, "var", "pump", "reports.jsonl")) as f:
+                for line in f:
+                    entry = json.loads(line)
+                    routed[entry.get("relPath")].append(
+                        (entry.get("code"), entry.get("outcome"), entry.get("report_id"))
+                    )
+        except (OSError, ValueError) as e:
+            lines.append(f"router log unreadable: {e}")
+        try:
+            with open(os.path.join(self.base, "pump.log"), encoding="utf-8",
+                      errors="replace") as f:
+                log = f.read().splitlines()
+        except OSError:
+            log = []
+        for rel_path in sorted(missing)[:shown]:
+            placed = os.path.exists(os.path.join(self.dest, *rel_path.split("/")))
+            lines.append(f"{rel_path}: at its final name {placed}; router log "
+                         f"{routed.get(rel_path, [])}; pump log:")
+            marks = {rel_path.rsplit("/", 1)[-1]}
+            marks.update(rid for _, _, rid in routed.get(rel_path, []) if rid)
+            lines.extend("    " + line[:300] for line in log if any(m in line for m in marks))
+        return "\n".join(lines)
 
     async def kill(self, kind):
         at = time.monotonic() - self.started
