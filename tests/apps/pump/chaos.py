@@ -157,14 +157,18 @@ class ChaosFlow:
         self.children.append(child)
         return threads.deferToThread(child.wait_ready)
 
+    async def consumer_stats(self):
+        """The running pump's consumer's stats ({} if it cannot tell: the broker is down or
+        it is starting)."""
+        try:
+            return await self.asker.rpc("pump.consumer.sub", "stats", {}, timeout=5)
+        except Exception:
+            return {}
+
     async def consumer_duplicates(self):
         """The running pump's consumer's count of suppressed duplicates (0 if it cannot
-        tell: the broker is down or it is starting)."""
-        try:
-            stats = await self.asker.rpc("pump.consumer.sub", "stats", {}, timeout=5)
-        except Exception:
-            return 0
-        return stats.get("duplicates", 0)
+        tell)."""
+        return (await self.consumer_stats()).get("duplicates", 0)
 
     async def run(self, events, timeout=120):
         """Put the first files, start the pump, play `events` [(kind, reported files)] in
@@ -193,7 +197,16 @@ class ChaosFlow:
                         what=f"a 201 for every file ({len(everything)}; ION_CHAOS_SEED="
                         f"{self.seed} replays the kills)")
         except AssertionError as e:
-            raise AssertionError(f"{e}\n{self.diagnosis(everything - self.collector.ok)}")
+            stats = await self.consumer_stats()
+            counts = {k: stats.get(k) for k in ("delivered", "duplicates", "retrying", "failures")}
+            try:
+                routed = await self.asker.rpc("pump.report_router", "stats", {}, timeout=5)
+            except Exception as error:
+                routed = f"not known ({error})"
+            raise AssertionError(
+                f"{e}\nconsumer {counts}\nrouter {routed}\n"
+                f"{self.diagnosis(everything - self.collector.ok)}"
+            )
 
     def diagnosis(self, missing, shown=5):
         """What the destination, the router's log and the pump's log say of the files in
