@@ -16,9 +16,12 @@ patterns C{topics}. For each message, in this order:
      carried out under C{directory} when C{events} (default all) allows it, else acked and
      counted as C{unsupported}: see L{ion.apps.pump.fileops.AppliesFileOps};
   4. suppress duplicates (L{dup_key}: identity and relPath, or relPath, mtime and size) with a
-     cache kept on disk (C{dupcache.py}) for C{dup_ttl} seconds: acked, counted, no report. With
-     C{discard} (benchmarks) the message ends here: its key is remembered (written to the
-     file once per reactor turn) and it is acked;
+     cache kept on disk (C{dupcache.py}) for C{dup_ttl} seconds: acked, counted, no report. A
+     copy of a notice being fetched now is a duplicate too, but a redelivered one (perhaps
+     that fetch's own message, handed out again after a broker restart) waits for the fetch
+     to end and is fetched itself if that one did not deliver. With C{discard} (benchmarks)
+     the message ends here: its key is remembered (written to the file once per reactor
+     turn) and it is acked;
   5. a C{size} over C{max_size}: one 413 report, nothing fetched; place it under C{directory}
      (L{ion.apps.pump.paths}; a C{retrievePath} passes the same rules): a path that could leave
      the tree, one 422 report, nothing touched on disk. Its URL is judged by the policy of
@@ -337,7 +340,9 @@ class Consumer(AppliesFileOps, ServiceProcess):
         self._known_dirs = None
         if self.root is not None and self.writes_below_root:
             self._known_dirs = paths.KnownDirectories()
-        self._working = set()  # duplicate keys of the messages being fetched
+        # Duplicate keys of the messages being fetched -> Deferreds of the redelivered copies
+        # waiting for the fetch to be over (_after_holder).
+        self._working = {}
         self._block_turns = {}  # destination path -> DeferredLock (see _block_turn)
         self._declared = set()
         self._retry_call = self._flush_call = self._sweep_call = None
@@ -592,9 +597,12 @@ class Consumer(AppliesFileOps, ServiceProcess):
         if notice.file_op is not None and not self.discard:
             return self._file_op(delivery, notice, url)
         key = dup_key(notice)
-        # A copy arriving while the first is still being fetched is a duplicate too: the first
-        # one's message stays unacked until its outcome is durable.
         others = self.instances()
+        if delivery.redelivered and self._holder(key, others) is not None:
+            return self._after_holder(delivery, notice, url, key)
+        # A copy arriving while the first is still being fetched is a duplicate too: the first
+        # one's message stays unacked until its outcome is durable. (Unless the copy is that
+        # message, handed out again after the connection it came on went: see _after_holder.)
         if self.knows(key) or (others and any(other.knows(key) for other in others)):
             self.stats["duplicates"] += 1
             self._ack(delivery)
@@ -607,11 +615,42 @@ class Consumer(AppliesFileOps, ServiceProcess):
             self.stats["discarded"] += 1
             self._ack(delivery)
             return None
-        self._working.add(key)
+        self._working[key] = []
         # A redelivered message may have been delivered by another instance that died before
         # its ack: its key is then in the shared cache, which is read again first.
         shared = delivery.redelivered and getattr(self.dupcache, "shared", False)
         return self._deliver_new(delivery, notice, url, key, shared)
+
+    def _holder(self, key, others):
+        """The instance (this one or another of C{others}) fetching C{key} now, or None."""
+        if key in self._working:
+            return self
+        for other in others:
+            if key in getattr(other, "_working", ()):
+                return other
+        return None
+
+    async def _after_holder(self, delivery, notice, url, key):
+        """A redelivered copy of a notice an instance is fetching now: decided once that
+        fetch is over. The copy may be the very message of that fetch, handed out again when
+        the connection it came on went (a broker restart): acked at once as a duplicate, it
+        would leave nothing to try again with if that fetch then failed (its report unpublished
+        on the lost connection, say), and the file would never be reported."""
+        while True:
+            others = self.instances()
+            holder = self._holder(key, others)
+            if holder is None:
+                break
+            waiter = defer.Deferred()
+            holder._working[key].append(waiter)
+            await waiter
+        if self.knows(key) or (others and any(other.knows(key) for other in others)):
+            self.stats["duplicates"] += 1
+            self._ack(delivery)
+            return
+        self._working[key] = []
+        shared = getattr(self.dupcache, "shared", False)
+        await self._deliver_new(delivery, notice, url, key, shared)
 
     def knows(self, key):
         """Whether this instance delivered C{key} (within C{dup_ttl}), is fetching it now or
@@ -654,7 +693,10 @@ class Consumer(AppliesFileOps, ServiceProcess):
                     return
             await self._deliver(delivery, notice, url, key)
         finally:
-            self._working.discard(key)
+            # Redelivered copies waiting for this fetch decide now (see _after_holder).
+            for waiter in self._working.pop(key, ()):
+                if not waiter.called:
+                    waiter.callback(None)
             self._first.discard(key)
 
     async def _deliver(self, delivery, notice, url, key):

@@ -408,6 +408,48 @@ class HeldConsumer(Consumer):
         return await super()._get(url, path, options)
 
 
+class _GivenBack:
+    """A delivery on a connection that went: settling it does nothing (the broker has
+    handed the message out again)."""
+
+    def __init__(self, delivery):
+        self._delivery = delivery
+        self.settled = False
+
+    def __getattr__(self, name):
+        return getattr(self._delivery, name)
+
+    def ack(self):
+        self.settled = True
+
+    def nack(self, requeue=True):
+        self.settled = True
+
+
+class ReconnectedConsumer(HeldConsumer):
+    """Its first message comes again, redelivered, while its transfer is held, as when the
+    connection it came on goes and the broker hands it out again; the first report then
+    fails as a publish on the lost connection does."""
+
+    def on_init(self):
+        super().on_init()
+        self.given_back = self.report_failed = False
+
+    def _on_delivery(self, delivery):
+        if self.given_back:
+            return super()._on_delivery(delivery)
+        self.given_back = True
+        handling = super()._on_delivery(_GivenBack(delivery))
+        delivery.nack(requeue=True)
+        return handling
+
+    async def _report(self, *args, **kwargs):
+        if not self.report_failed:
+            self.report_failed = True
+            raise ConnectionLost("the connection went")
+        return await super()._report(*args, **kwargs)
+
+
 # -- two transports ----------------------------------------------------------------------
 
 
@@ -759,6 +801,25 @@ class ConsumerScenarios:
         await self.settle()
         self.assertEqual(len(self.reports()), 1)
         self.assertEqual(self.consumer.stats["delivered"], 1)
+
+    async def test_redelivered_copy_waits_for_the_fetch_in_hand(self):
+        """A notice handed out again while its first delivery is still being fetched (the
+        connection it came on went) is not acked as a duplicate at once: the first fetch
+        failing to report, the copy is fetched and reported. The file is reported once."""
+        await self.pump(consumer=ReconnectedConsumer)
+        data = b"reported in the end"
+        write_source(self.src, "d/f.dat", data)
+        await self.post(notice_fields(self.base_url, "d/f.dat", data))
+        await until(lambda: self.consumer.started.called and self.consumer.stats["received"] == 2)
+        self.consumer.release.callback(None)
+        await self.wait_reports(1)
+        await self.settle()
+        self.assertEqual([r["relPath"] for r in self.reports()], ["d/f.dat"])
+        self.assertEqual(self.consumer.stats["duplicates"], 0)
+        self.assertEqual(self.consumer.stats["delivered"], 1)
+        self.assertEqual(self.dest_files(), ["d/f.dat"])
+        # Logged as the failure of a message settled already (here the test gave it back).
+        self.assertEqual(len(self.flushLoggedErrors(ConnectionLost)), 1)
 
     async def test_instances_share_duplicates(self):
         """Two instances of one subscription in one container (one queue, two state
