@@ -1426,6 +1426,7 @@ def _little_dirty(meminfo=None):
 
 
 def _read_little_dirty(meminfo):
+    """L{_little_dirty} read from the file C{meminfo} now."""
     waiting, found = 0, False
     try:
         with open(meminfo, "rb") as f:
