@@ -603,7 +603,7 @@ class Consumer(AppliesFileOps, ServiceProcess):
         # A copy arriving while the first is still being fetched is a duplicate too: the first
         # one's message stays unacked until its outcome is durable. (Unless the copy is that
         # message, handed out again after the connection it came on went: see _after_holder.)
-        if self.knows(key) or (others and any(other.knows(key) for other in others)):
+        if self._known(key, others):
             self.stats["duplicates"] += 1
             self._ack(delivery)
             return None
@@ -644,13 +644,17 @@ class Consumer(AppliesFileOps, ServiceProcess):
             waiter = defer.Deferred()
             holder._working[key].append(waiter)
             await waiter
-        if self.knows(key) or (others and any(other.knows(key) for other in others)):
+        if self._known(key, others):
             self.stats["duplicates"] += 1
             self._ack(delivery)
             return
         self._working[key] = []
         shared = getattr(self.dupcache, "shared", False)
         await self._deliver_new(delivery, notice, url, key, shared)
+
+    def _known(self, key, others):
+        """Whether this instance or one of C{others} L{knows} C{key}."""
+        return self.knows(key) or any(other.knows(key) for other in others)
 
     def knows(self, key):
         """Whether this instance delivered C{key} (within C{dup_ttl}), is fetching it now or

@@ -157,18 +157,23 @@ class ChaosFlow:
         self.children.append(child)
         return threads.deferToThread(child.wait_ready)
 
-    async def consumer_stats(self):
-        """The running pump's consumer's stats ({} if it cannot tell: the broker is down or
-        it is starting)."""
+    async def stats_of(self, process):
+        """The stats of the running pump's `process` ({} if it cannot tell: the broker is
+        down or it is starting)."""
         try:
-            return await self.asker.rpc("pump.consumer.sub", "stats", {}, timeout=5)
+            return await self.asker.rpc(process, "stats", {}, timeout=5)
         except Exception:
             return {}
 
     async def consumer_duplicates(self):
         """The running pump's consumer's count of suppressed duplicates (0 if it cannot
         tell)."""
-        return (await self.consumer_stats()).get("duplicates", 0)
+        return (await self.stats_of("pump.consumer.sub")).get("duplicates", 0)
+
+    def router_log(self):
+        """The entries of the report router's log (`var/pump/reports.jsonl`)."""
+        with open(os.path.join(self.base, "var", "pump", "reports.jsonl")) as f:
+            return [json.loads(line) for line in f]
 
     async def run(self, events, timeout=120):
         """Put the first files, start the pump, play `events` [(kind, reported files)] in
@@ -197,12 +202,9 @@ class ChaosFlow:
                         what=f"a 201 for every file ({len(everything)}; ION_CHAOS_SEED="
                         f"{self.seed} replays the kills)")
         except AssertionError as e:
-            stats = await self.consumer_stats()
+            stats = await self.stats_of("pump.consumer.sub")
             counts = {k: stats.get(k) for k in ("delivered", "duplicates", "retrying", "failures")}
-            try:
-                routed = await self.asker.rpc("pump.report_router", "stats", {}, timeout=5)
-            except Exception as error:
-                routed = f"not known ({error})"
+            routed = await self.stats_of("pump.report_router")
             raise AssertionError(
                 f"{e}\nconsumer {counts}\nrouter {routed}\n"
                 f"{self.diagnosis(everything - self.collector.ok)}"
@@ -214,12 +216,10 @@ class ChaosFlow:
         lines = [f"{len(missing)} files without a 201; kills (s, reported, what) {self.log}"]
         routed = collections.defaultdict(list)
         try:
-            with open(os.path.join(self.base, "var", "pump", "reports.jsonl")) as f:
-                for line in f:
-                    entry = json.loads(line)
-                    routed[entry.get("relPath")].append(
-                        (entry.get("code"), entry.get("outcome"), entry.get("report_id"))
-                    )
+            for entry in self.router_log():
+                routed[entry.get("relPath")].append(
+                    (entry.get("code"), entry.get("outcome"), entry.get("report_id"))
+                )
         except (OSError, ValueError) as e:
             lines.append(f"router log unreadable: {e}")
         try:
@@ -313,10 +313,8 @@ class ChaosFlow:
                       f"reports not exactly once; events {self.log}")
         t.assertEqual(set(counts), {(p, 201) for p in self.files})
         logged = collections.defaultdict(set)
-        with open(os.path.join(self.base, "var", "pump", "reports.jsonl")) as f:
-            for line in f:
-                entry = json.loads(line)
-                logged[entry["relPath"]].add(entry["code"])
+        for entry in self.router_log():
+            logged[entry["relPath"]].add(entry["code"])
         t.assertEqual({p: c for p, c in logged.items() if c != {201}}, {})
         if forwarded_once:
             t.assertEqual(self.collector.copies, 0)

@@ -1274,8 +1274,8 @@ class GroupCommitTests(TestCase):
             ("Dirty: lots\n", False),
         ]:
             write_file(meminfo, text.encode())
-            self.assertEqual(inflight._little_dirty(meminfo), little, text)
-        self.assertFalse(inflight._little_dirty(os.path.join(self.dir, "none")))
+            self.assertEqual(inflight._read_little_dirty(meminfo), little, text)
+        self.assertFalse(inflight._read_little_dirty(os.path.join(self.dir, "none")))
 
     def test_littleDirtyAskedOnceAWhile(self):
         """
@@ -1284,7 +1284,7 @@ class GroupCommitTests(TestCase):
         """
         reads = []
 
-        def read(meminfo):
+        def read(meminfo="/proc/meminfo"):
             reads.append(meminfo)
             return len(reads) == 1
 

@@ -1411,22 +1411,20 @@ _dirty_checked = [float("-inf"), False]  # when /proc/meminfo was last read, and
 _monotonic = time.monotonic
 
 
-def _little_dirty(meminfo=None):
-    """Whether the system's data waiting to be written is at most C{SYNCFS_DIRTY_MAX} (False
-    when that cannot be read); the system's answer (C{meminfo} not given) is read again at
-    most every L{DIRTY_CHECK_INTERVAL} seconds."""
-    if meminfo is not None:
-        return _read_little_dirty(meminfo)
+def _little_dirty():
+    """Whether the system's data waiting to be written is at most C{SYNCFS_DIRTY_MAX}
+    (L{_read_little_dirty}), read again at most every L{DIRTY_CHECK_INTERVAL} seconds."""
     now = _monotonic()
     checked = _dirty_checked
     if not checked[0] <= now < checked[0] + DIRTY_CHECK_INTERVAL:
-        checked[1] = _read_little_dirty("/proc/meminfo")
+        checked[1] = _read_little_dirty()
         checked[0] = now
     return checked[1]
 
 
-def _read_little_dirty(meminfo):
-    """L{_little_dirty} read from the file C{meminfo} now."""
+def _read_little_dirty(meminfo="/proc/meminfo"):
+    """Whether C{meminfo}'s Dirty and Writeback come to at most C{SYNCFS_DIRTY_MAX} (False
+    when that cannot be read)."""
     waiting, found = 0, False
     try:
         with open(meminfo, "rb") as f:
