@@ -20,17 +20,16 @@ header (L{fetch_range}); the answer must be a 206 whose C{Content-Range} is the 
 for, a 200 (the server ignores ranges) is L{RangeIgnored}.
 
 GETs reuse the connections of the caller's L{HTTPConnections} when given: a connection goes back
-to them only after a complete response; one cut short, refused or with an error status is
-closed. A PUT always opens a connection of its own (Twisted retries only idempotent requests
-without a body on a kept connection the server has meanwhile closed). Kept GETs take their
-connection from Twisted's C{HTTPConnectionPool} without going through its C{Agent}
-(L{_KeptAgent}), and a host name is resolved and encoded only when a connection is made: a
-kept GET of a 4 KiB file from a trusted URL, everything in the pump's transfer included, went
-from 1.41M to 1.31M instructions (callgrind); under a restricted access, whose endpoints were
-already made only to connect, the pump's bench made 2% fewer Python calls per file. A URL's
-C{scheme://host:port} is parsed once (L{_Origin}) and the request target cut from the URL:
-Twisted's C{URI.fromBytes} and C{originForm} took about 25 us of the reactor's time per GET
-(their module's deprecation proxy), the request's preparation 38-51 us before, 8-10 after.
+to them only after a whole response that lets it be kept (one cut short, or broken, is
+closed). A PUT always opens a connection of its own, through Twisted's C{Agent} (Twisted
+retries only idempotent requests without a body on a kept connection the server has
+meanwhile closed), and so does a GET without L{HTTPConnections}. Kept GETs do not go through
+Twisted's HTTP client: L{ion.apps.pump.transfer.httpwire} writes each as one prepared string
+and parses its response under its own limits, which cut the pump container's CPU per 4 KiB
+file (see L{_KeptAgent}). A host name is resolved and encoded only when a connection is
+made, and a URL's C{scheme://host:port} is parsed once (L{_Origin}), the request target cut
+from the URL: Twisted's C{URI.fromBytes} and C{originForm} took about 25 us of the reactor's
+time per GET (their module's deprecation proxy).
 """
 
 import base64
@@ -49,7 +48,6 @@ from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
-from twisted.web._newclient import Request
 from twisted.web.client import (
     URI,
     Agent,
@@ -78,6 +76,14 @@ from ion.apps.pump.transfer.errors import (
     ShortTransfer,
     TransferError,
     TransferTimeout,
+)
+from ion.apps.pump.transfer.httpwire import (
+    BadResponse,
+    Stale,
+    Wire,
+    WirePool,
+    header_lines,
+    request_bytes,
 )
 from ion.apps.pump.transfer.inflight import SinkReceiver
 from ion.apps.pump.transfer.limits import IdleTimer, cancellable
@@ -230,7 +236,7 @@ def _endpoints(reactor, settings, read_size):
 
 class HTTPConnections:
     """
-    http(s) connections kept open between the transfers of one owner (a process), at most
+    http(s) connections kept open between the GETs of one owner (a process), at most
     C{per_host} idle ones to each server, each closed after C{idle_timeout} seconds unused.
     Connections made under different trust roots (C{ca_file}), or for trusted and restricted
     accesses (see L{ion.apps.pump.transfer.policy}), are never shared. L{close} when done.
@@ -255,9 +261,9 @@ class HTTPConnections:
             kind = (settings.ca_file, restricted, read_size)
             pool = self._pools.get(kind)
             if pool is None:
-                pool = self._pools[kind] = HTTPConnectionPool(self._reactor, persistent=True)
-                pool.maxPersistentPerHost = self.per_host
-                pool.cachedConnectionTimeout = self.idle_timeout
+                pool = self._pools[kind] = WirePool(
+                    self._reactor, self.per_host, self.idle_timeout
+                )
             endpoints = _endpoints(self._reactor, settings, read_size)
             agent = self._agents[key] = _KeptAgent(endpoints, pool)
         return agent
@@ -265,15 +271,16 @@ class HTTPConnections:
     def close(self):
         """Close the idle connections; a Deferred that fires once they are closed."""
         pools, self._pools, self._agents = list(self._pools.values()), {}, {}
-        return gatherResults([pool.closeCachedConnections() for pool in pools])
+        return gatherResults([pool.close() for pool in pools])
 
 
 class _KeptAgent:
-    """GETs (C{request}, as an Agent's) over the connections kept in C{pool} (an
-    C{HTTPConnectionPool}), made through C{endpoints} (L{_Endpoints} or L{_CheckedEndpoints}):
-    what the Agent does for such a request, without its URL and endpoint work per request and
-    its copy of the headers. A URL's C{scheme://host:port} is parsed once (L{_Origin}, kept
-    for L{_KEPT_ORIGINS} origins); the request target is the rest of the URL."""
+    """GETs (C{request}, as an Agent's) over the connections of C{pool} (a
+    L{WirePool}, see L{ion.apps.pump.transfer.httpwire}), made through C{endpoints}
+    (L{_Endpoints} or L{_CheckedEndpoints}). A URL's C{scheme://host:port} is parsed once
+    (L{_Origin}, kept for L{_KEPT_ORIGINS} origins); the request target is the rest of the
+    URL. A GET whose kept connection turns out to have been closed by the server (it ends
+    before a byte of the answer) goes again once, on a new connection."""
 
     def __init__(self, endpoints, pool):
         self._endpoints = endpoints
@@ -285,16 +292,27 @@ class _KeptAgent:
             raise ValueError("kept connections carry GETs without a body only")
         try:
             origin, target = self._parse(uri)
+            if headers is _PLAIN_HEADERS:
+                tail = origin.plain_tail
+            else:
+                lines = [(name, value) for name, values in headers.getAllRawHeaders()
+                         for value in values]
+                tail = origin.host_line + header_lines(lines) + b"\r\n"
+            data = request_bytes(target, tail)
         except Exception:
             return fail()
-        if headers is not _PLAIN_HEADERS:
-            headers = headers.copy()
-            headers.addRawHeader(b"Host", origin.host)
-        else:
-            headers = origin.plain_headers
-        request = Request(b"GET", target, headers, None, persistent=True)
-        connecting = self._pool.getConnection(origin.key, origin.endpoint)
-        return connecting.addCallback(lambda connection: connection.request(request))
+        wire = self._pool.take(origin.key)
+        if wire is None:
+            return self._connect(origin, data)
+        return wire.request(data).addErrback(self._again, origin, data)
+
+    def _connect(self, origin, data):
+        connecting = origin.endpoint.connect(self._pool.factory(origin.key))
+        return connecting.addCallback(Wire.request, data)
+
+    def _again(self, reason, origin, data):
+        reason.trap(Stale)
+        return self._connect(origin, data)
 
     def _parse(self, uri):
         """The L{_Origin} of C{uri} and its request target (origin form), as Twisted's
@@ -319,13 +337,15 @@ class _KeptAgent:
             host = b"[" + host + b"]"
         if (uri.scheme, uri.port) not in ((b"http", 80), (b"https", 443)):
             host = b"%b:%d" % (host, uri.port)
-        plain_headers = _PLAIN_HEADERS.copy()
-        plain_headers.addRawHeader(b"Host", host)
+        host_line = header_lines([(b"Host", host)])
+        plain = [(name, value) for name, values in _PLAIN_HEADERS.getAllRawHeaders()
+                 for value in values]
         return _Origin(
             (uri.scheme, uri.host, uri.port),
             self._endpoints.endpointForURI(uri),
             host,
-            plain_headers,
+            host_line,
+            host_line + header_lines(plain) + b"\r\n",
         )
 
 
@@ -333,12 +353,14 @@ class _KeptAgent:
 class _Origin:
     """What the requests to one C{scheme://host:port} share: the pool's key, the endpoint,
     C{Host} as Twisted's agent writes it (an IPv6 address in brackets, the port unless the
-    scheme's own), and the plain headers with it (never changed: see L{_headers})."""
+    scheme's own), its header line, and the header lines of a plain GET (L{_PLAIN_HEADERS})
+    with the blank line that ends them."""
 
     key: tuple
     endpoint: object
     host: bytes
-    plain_headers: object
+    host_line: bytes
+    plain_tail: bytes
 
 
 _KEPT_ORIGINS = 64  # origins parsed once and kept; the URLs of others are parsed each time
@@ -388,6 +410,8 @@ def _request_error(location, reason, timer, timeouts):
         )
     if reason.check(net_error.TimeoutError):
         return TransferTimeout(f"{location.shown}: no connection within {timeouts.connect:g} s")
+    if reason.check(BadResponse):
+        return ConnectionFailed(f"{location.shown}: bad response: {reason.getErrorMessage()}")
     if _untrusted(reason):
         return ServerNotTrusted(
             f"{location.shown}: TLS certificate not verified (give the issuing CA as ca_file "
@@ -517,6 +541,10 @@ async def _receive_body(location, response, sink, timer, idle):
         expected = "" if response.length == UNKNOWN_LENGTH else f" of {response.length}"
         raise ShortTransfer(
             f"{location.shown}: connection lost after {receiver.received}{expected} bytes"
+        ) from None
+    except BadResponse as exc:
+        raise ConnectionFailed(
+            f"{location.shown}: bad response after {receiver.received} bytes: {exc}"
         ) from None
 
 
