@@ -247,6 +247,7 @@ class WireTests(TestCase):
             (b"2\r\nok\r\n1" + b";x" * httpwire.MAX_CHUNK_LINE, "line too long"),
             (b"2\r\nok\r\n0\r\n" + b"X: y\r\n" * (httpwire.MAX_TRAILER // 5 + 1),
              "line too long"),
+            (b"2\r\nok\r\n0\r\nX: " + b"y" * httpwire.MAX_CHUNK_LINE, "line too long"),
         ]:
             wire, response, body = self.exchange([head, raw])
             self.assertEqual(body.data, b"ok"[: body.data.__len__()])

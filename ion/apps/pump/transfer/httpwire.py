@@ -10,8 +10,8 @@ found, split and checked in one go.
 
 What a server sends is read under limits, since any server a notice names may be hostile:
 a response head of at most L{MAX_HEAD} bytes and L{MAX_HEADERS} header lines, at most
-L{MAX_INTERIM} interim (1xx) responses before it, chunk-size lines of at most
-L{MAX_CHUNK_LINE} bytes, trailers of at most L{MAX_TRAILER} bytes. Framing that is not
+L{MAX_INTERIM} interim (1xx) responses before it, chunk-size and trailer lines of at most
+L{MAX_CHUNK_LINE} bytes, trailers of at most L{MAX_TRAILER} bytes in all. Framing that is not
 HTTP/1.1's (a malformed status line or header, a folded header, Content-Length and
 Transfer-Encoding together, Content-Lengths that differ, a transfer coding other than
 chunked) ends the connection with L{BadResponse}. Bytes a server sends past the end of a
@@ -36,8 +36,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 MAX_HEAD = 64 * 1024  # a response's status line and headers
 MAX_HEADERS = 100  # header lines in a response head
 MAX_INTERIM = 10  # 1xx responses before the final one
-MAX_CHUNK_LINE = 1024  # a chunk-size line, extensions included
-MAX_TRAILER = 64 * 1024  # the trailer lines after the last chunk
+MAX_CHUNK_LINE = 8 * 1024  # a chunk-size line (extensions included) or a trailer line
+MAX_TRAILER = 64 * 1024  # the trailer lines after the last chunk, in all
 MAX_EARLY = 1024 * 1024  # body bytes held for a response not yet given a protocol
 
 _HEAD_END = re.compile(rb"\n\r?\n")
@@ -231,8 +231,11 @@ class Wire(Protocol):
 
     def _head(self, data):
         self._heard = True
-        buffer = self._buffer + data if self._buffer else data
-        end = _HEAD_END.search(buffer, 0, MAX_HEAD + 3)
+        held = len(self._buffer)
+        buffer = self._buffer + data if held else data
+        # The bytes held were searched before: a head sent a byte at a time costs no more
+        # than one sent at once.
+        end = _HEAD_END.search(buffer, max(held - 2, 0), MAX_HEAD + 3)
         if end is None:
             if len(buffer) > MAX_HEAD:
                 self._fail(f"response head over {MAX_HEAD} bytes")
@@ -358,7 +361,9 @@ class Wire(Protocol):
                 if self._parse is _ignore:
                     return  # stopped
                 continue
-            limit = MAX_TRAILER - self._trailer if self._chunk == _TRAILER else MAX_CHUNK_LINE
+            limit = MAX_CHUNK_LINE
+            if self._chunk == _TRAILER:
+                limit = min(limit, MAX_TRAILER - self._trailer)
             newline = buffer.find(b"\n", position, position + limit + 1)
             if newline < 0:
                 if size - position > limit:
