@@ -11,7 +11,9 @@ path (`ion.apps.pump.transfer.http.fetch`: the URL policy's parse, the idle time
 status, encoding and size checks) into a sink that only counts bytes: no disk. The two
 clients differ only in the agent that carries the GET. They run alternately, `--rounds`
 times each (the first GETs of each round open the connections); CPU is this process's
-utime+stime over each round. Prints one line per client (the median round) and a ratio line:
+utime+stime over each round. `--client wire` (or `twisted`) runs one only, as for counting
+instructions per GET under callgrind (two runs of different `-n`, the difference divided by
+the difference of `-n`). Prints one line per client (the median round) and a ratio line:
 
     httpget client=wire n=20000 size=4096 gets_per_s=... cpu_us_per_get=...
     httpget client=twisted n=20000 size=4096 gets_per_s=... cpu_us_per_get=...
@@ -124,9 +126,14 @@ async def _main(reactor, args):
     try:
         port = int(server.stdout.readline())
         urls = [f"http://127.0.0.1:{port}/{name}" for name in names]
-        results = {"wire": [], "twisted": []}
+        clients = [
+            (client, kind)
+            for client, kind in (("wire", http.HTTPConnections), ("twisted", _TwistedConnections))
+            if args.client in ("both", client)
+        ]
+        results = {client: [] for client, _ in clients}
         for _ in range(args.rounds):
-            for client, kind in (("wire", http.HTTPConnections), ("twisted", _TwistedConnections)):
+            for client, kind in clients:
                 connections = kind(reactor, per_host=args.parallel)
                 results[client].append(
                     await _round(reactor, connections, urls, args.parallel, args.size)
@@ -140,6 +147,8 @@ async def _main(reactor, args):
                 f"gets_per_s={rate:.0f} cpu_us_per_get={cpu:.1f} "
                 f"rounds_cpu_us={','.join(f'{r[1]:.1f}' for r in rounds)}"
             )
+        if len(medians) < 2:
+            return
         wire, twisted = medians["wire"], medians["twisted"]
         print(
             f"httpget ratio wire/twisted cpu_us_per_get={wire[1] / twisted[1]:.2f} "
@@ -159,6 +168,10 @@ def main():
     parser.add_argument("--size", type=int, default=4096, help="bytes per file (default 4096)")
     parser.add_argument("--parallel", type=int, default=8, help="GETs at a time (default 8)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per client (default 3)")
+    parser.add_argument(
+        "--client", choices=("both", "wire", "twisted"), default="both",
+        help="run one client only (for callgrind: instructions per GET)",
+    )
     args = parser.parse_args()
     task.react(lambda reactor: defer.Deferred.fromCoroutine(_main(reactor, args)))
 
