@@ -697,6 +697,29 @@ class HTTPSTests(TestCase):
         )
         self.assertEqual(result.size, 5)
 
+    async def test_keptConnections(self):
+        """
+        Kept GETs over TLS: with C{ca_file}, two GETs share one connection and each file
+        arrives; without it, the server is not trusted and no connection is kept for it.
+        """
+        connections = transfer.HTTPConnections(reactor)
+        self.addCleanup(connections.close)
+        os.makedirs(self.dest)
+        for n in range(2):
+            result = await transfer.get(
+                reactor, self.server.url + "/files/small.txt", os.path.join(self.dest, f"{n}"),
+                ca_file=self.ca_file, http_connections=connections,
+            )
+            self.assertEqual(result.size, 5)
+        self.assertEqual(self.server.site.accepted, 1)
+        with self.assertRaises(ServerNotTrusted):
+            await transfer.get(
+                reactor, self.server.url + "/files/small.txt", os.path.join(self.dest, "x"),
+                http_connections=connections,
+            )
+        self.assertEqual(self.server.site.accepted, 2)
+        self.assertEqual(sorted(os.listdir(self.dest)), ["0", "1"])
+
     async def test_largeReads(self):
         """
         Under TLS too, the connection reads up to C{READ_SIZE} bytes at a time.

@@ -19,7 +19,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from ion.apps.pump import transfer
 from ion.apps.pump.transfer import httpwire
 from ion.apps.pump.transfer.errors import ConnectionFailed
-from ion.apps.pump.transfer.httpwire import BadResponse, Stale, WirePool
+from ion.apps.pump.transfer.httpwire import BadResponse, NoResponse, Stale, WirePool
 from tests.apps.pump.servers import leftovers, settle
 
 KEY = (b"http", b"example.org", 80)
@@ -282,12 +282,12 @@ class WireTests(TestCase):
         """
         A kept connection that ends before a byte of the answer fails the request with
         L{Stale} (it may go again); a new connection, or one that had begun to answer,
-        fails it with L{BadResponse}.
+        fails it with L{NoResponse}, which holds why the connection ended.
         """
         for reused, pieces, error in [
             (True, [], Stale),
-            (False, [], BadResponse),
-            (True, [b"HTTP/1.1 2"], BadResponse),
+            (False, [], NoResponse),
+            (True, [b"HTTP/1.1 2"], NoResponse),
         ]:
             wire = self.wire(reused=reused)
             outcome = []
@@ -296,6 +296,8 @@ class WireTests(TestCase):
                 wire.dataReceived(piece)
             wire.connectionLost(Failure(ConnectionFailed("closed")))
             outcome[0].trap(error)
+            if error is NoResponse:
+                self.assertEqual(outcome[0].value.reasons[0].getErrorMessage(), "closed")
 
     def test_earlyBodyBounded(self):
         """

@@ -459,10 +459,7 @@ class Wire(Protocol):
         waiting, self._waiting = self._waiting, None
         response, self._response = self._response, None
         if waiting is not None:
-            if self.reused and not self._heard:
-                waiting.errback(Stale())
-            else:
-                waiting.errback(BadResponse("the server closed the connection without an answer"))
+            waiting.errback(Stale() if self.reused and not self._heard else NoResponse(reason))
         elif response is not None:
             if self._close_ends:
                 response._ended(Failure(PotentialDataLoss()))
@@ -477,6 +474,16 @@ def _ignore(data):
 
 
 _DONE = Failure(ResponseDone())
+
+
+class NoResponse(Exception):
+    """The connection ended before a response came (a TLS handshake that failed, a server
+    that closed without a word). C{reasons}: the failure that ended it, as Twisted's
+    C{ResponseNeverReceived} has them."""
+
+    def __init__(self, reason):
+        super().__init__(f"the connection ended before a response: {reason.getErrorMessage()}")
+        self.reasons = [reason]
 
 
 class Stale(Exception):
