@@ -129,6 +129,22 @@ class WireTests(TestCase):
         wire, response, body = self.exchange([raw])
         self.assertWhole(wire, response, body, b"abc")
 
+    def test_tinyChunksHandedOverTogether(self):
+        """
+        The chunks of one read reach the body's protocol in one call, however small: a
+        server sending a byte per chunk does not cost a call per byte.
+        """
+        wire = self.wire()
+        responses = []
+        wire.request(GET).addCallback(responses.append)
+        wire.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        body = Body()
+        responses[0].deliverBody(body)
+        wire.dataReceived(b"1\r\nx\r\n" * 1000)
+        wire.dataReceived(b"1\r\ny\r\n" * 1000 + b"0\r\n\r\n")
+        self.assertEqual(body.chunks, [b"x" * 1000, b"y" * 1000])
+        self.assertIsInstance(body.reason.value, ResponseDone)
+
     def test_bareLineFeeds(self):
         """
         Lines ended by LF alone are read as CRLF ones.

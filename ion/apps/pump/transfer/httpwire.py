@@ -348,18 +348,17 @@ class Wire(Protocol):
         buffer = self._buffer + data if self._buffer else data
         self._buffer = b""
         position, size = 0, len(buffer)
-        response = self._response
+        pieces = []  # the chunks of this read, handed over at once: tiny chunks cost one call
+        failure = None
+        complete = False
         while position < size:
             if self._chunk == _DATA:
                 take = min(self._left, size - position)
-                piece = buffer if take == size else buffer[position : position + take]
+                pieces.append(buffer if take == size else buffer[position : position + take])
                 position += take
                 self._left -= take
                 if not self._left:
                     self._chunk = _DATA_END
-                response._data(piece)
-                if self._parse is _ignore:
-                    return  # stopped
                 continue
             limit = MAX_CHUNK_LINE
             if self._chunk == _TRAILER:
@@ -367,10 +366,10 @@ class Wire(Protocol):
             newline = buffer.find(b"\n", position, position + limit + 1)
             if newline < 0:
                 if size - position > limit:
-                    self._fail("chunk-size or trailer line too long")
+                    failure = "chunk-size or trailer line too long"
                 else:
                     self._buffer = buffer[position:]
-                return
+                break
             line = buffer[position:newline]
             position = newline + 1
             if line.endswith(b"\r"):
@@ -378,22 +377,30 @@ class Wire(Protocol):
             if self._chunk == _SIZE:
                 digits = line.split(b";", 1)[0].strip(b" \t")
                 if _CHUNK_SIZE.fullmatch(digits) is None:
-                    self._fail(f"malformed chunk-size line {line[:80]!r}")
-                    return
+                    failure = f"malformed chunk-size line {line[:80]!r}"
+                    break
                 self._left = int(digits, 16)
                 self._chunk = _DATA if self._left else _TRAILER
             elif self._chunk == _DATA_END:
                 if line:
-                    self._fail("chunk longer than its size")
-                    return
+                    failure = "chunk longer than its size"
+                    break
                 self._chunk = _SIZE
             elif line:
                 self._trailer += len(line) + 1
             else:
                 if position < size:
                     self._keep = False  # bytes after the response
-                self._complete()
-                return
+                complete = True
+                break
+        if pieces:
+            self._response._data(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            if self._parse is _ignore:
+                return  # stopped
+        if failure is not None:
+            self._fail(failure)
+        elif complete:
+            self._complete()
 
     def _complete(self):
         """The response ended whole: keep the connection or close it, then end its body."""
