@@ -286,13 +286,15 @@ class WireTests(TestCase):
 
     def test_unaskedBytes(self):
         """
-        Bytes on a kept connection while no request waits close it: it leaves the pool.
+        Bytes on a kept connection while no request waits close it: it leaves the pool at
+        once.
         """
         wire, response, body = self.exchange([b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"])
         wire.dataReceived(b"HTTP/1.1 200 OK\r\n")
         self.assertTrue(wire.transport.disconnecting)
+        self.assertIsNone(self.pool.take(KEY))  # at once, not when the end comes
         wire.connectionLost(Failure(ConnectionFailed("closed")))
-        self.assertIsNone(self.pool.take(KEY))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_stale(self):
         """

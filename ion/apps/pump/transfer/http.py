@@ -25,8 +25,8 @@ closed). A PUT always opens a connection of its own, through Twisted's C{Agent} 
 retries only idempotent requests without a body on a kept connection the server has
 meanwhile closed), and so does a GET without L{HTTPConnections}. Kept GETs do not go through
 Twisted's HTTP client: L{ion.apps.pump.transfer.httpwire} writes each as one prepared string
-and parses its response under its own limits, which cut the pump container's CPU per 4 KiB
-file (see L{_KeptAgent}). A host name is resolved and encoded only when a connection is
+and parses its response under its own limits, with half the instructions per GET (see
+L{_KeptAgent}). A host name is resolved and encoded only when a connection is
 made, and a URL's C{scheme://host:port} is parsed once (L{_Origin}), the request target cut
 from the URL: Twisted's C{URI.fromBytes} and C{originForm} took about 25 us of the reactor's
 time per GET (their module's deprecation proxy).
@@ -280,7 +280,14 @@ class _KeptAgent:
     (L{_Endpoints} or L{_CheckedEndpoints}). A URL's C{scheme://host:port} is parsed once
     (L{_Origin}, kept for L{_KEPT_ORIGINS} origins); the request target is the rest of the
     URL. A GET whose kept connection turns out to have been closed by the server (it ends
-    before a byte of the answer) goes again once, on a new connection."""
+    before a byte of the answer) goes again once, on a new connection.
+
+    Measured against Twisted's C{HTTP11ClientProtocol} on a persistent C{HTTPConnectionPool}
+    (what this agent used before), on the pump's own GET path (C{bench/httpget.py}, 4 KiB
+    files, 8 at a time, no disk): 362k against 766k instructions per GET (callgrind), 217
+    against 366 us of CPU per GET in one run; in the pump (C{bench/pump.py}, 20,000 files,
+    py-spy --gil), the container held the GIL 23.4 s against 26.8 s, the parse of the
+    responses now 5% of it where Twisted's client took about 11%."""
 
     def __init__(self, endpoints, pool):
         self._endpoints = endpoints

@@ -444,6 +444,7 @@ class Wire(Protocol):
         coming ends when the connection is closed (L{connectionLost})."""
         self._parse = _ignore
         self._keep = False
+        self.pool.lost(self)  # an idle one is not handed out while its end is on its way
         self.transport.abortConnection()
 
     def _cancel(self, waiting):
