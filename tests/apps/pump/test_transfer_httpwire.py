@@ -60,6 +60,15 @@ class WireTests(TestCase):
         wire.reused = reused
         return wire
 
+    def answered(self, head):
+        """A new wire whose GET got C{head} (a response's first bytes): the wire and the
+        response, its body not taken yet."""
+        wire = self.wire()
+        responses = []
+        wire.request(GET).addCallback(responses.append)
+        wire.dataReceived(head)
+        return wire, responses[0]
+
     def exchange(self, pieces, wire=None):
         """Send a GET over a (new) wire, feed it C{pieces}; the wire, the response (or the
         failure) and the body's collector."""
@@ -134,12 +143,9 @@ class WireTests(TestCase):
         The chunks of one read reach the body's protocol in one call, however small: a
         server sending a byte per chunk does not cost a call per byte.
         """
-        wire = self.wire()
-        responses = []
-        wire.request(GET).addCallback(responses.append)
-        wire.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        wire, response = self.answered(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         body = Body()
-        responses[0].deliverBody(body)
+        response.deliverBody(body)
         wire.dataReceived(b"1\r\nx\r\n" * 1000)
         wire.dataReceived(b"1\r\ny\r\n" * 1000 + b"0\r\n\r\n")
         self.assertEqual(body.chunks, [b"x" * 1000, b"y" * 1000])
@@ -322,15 +328,14 @@ class WireTests(TestCase):
         Body bytes that come before a protocol takes them are held; past C{MAX_EARLY} the
         connection is paused, and resumed once they are handed over.
         """
-        wire = self.wire()
-        responses = []
-        wire.request(GET).addCallback(responses.append)
         size = httpwire.MAX_EARLY + 10
-        wire.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (size + 5))
+        wire, response = self.answered(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (size + 5)
+        )
         wire.dataReceived(b"x" * size)
         self.assertEqual(wire.transport.producerState, "paused")
         body = Body()
-        responses[0].deliverBody(body)
+        response.deliverBody(body)
         self.assertEqual(wire.transport.producerState, "producing")
         wire.dataReceived(b"y" * 5)
         self.assertEqual(body.data, b"x" * size + b"y" * 5)
@@ -354,8 +359,9 @@ class WireTests(TestCase):
     def test_stopProducing(self):
         """
         A body's protocol that stops the transfer aborts the connection; its body ends with
-        C{ResponseFailed} once the connection is closed. A protocol that stops as it is given a response whose
-        bytes are all in gets nothing more.
+        C{ResponseFailed} once the connection is closed. A protocol that stops while held
+        bytes are handed over, or as it is given a response whose bytes are all in, gets
+        nothing more.
         """
         wire, response, body = self.exchange([b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab"])
         response.stopProducing()
@@ -366,16 +372,26 @@ class WireTests(TestCase):
         body.reason.trap(ResponseFailed)
         self.assertEqual(body.data, b"ab")
 
+        class StopAtOnce(Body):
+            def dataReceived(self, data):
+                super().dataReceived(data)
+                self.transport.stopProducing()
+
+        wire, response = self.answered(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab")
+        wire.dataReceived(b"cd")
+        stopping = StopAtOnce()
+        response.deliverBody(stopping)
+        self.assertEqual(stopping.data, b"ab")  # not the bytes held after those
+
         class Discard(Body):
             def connectionMade(self):
                 self.transport.stopProducing()
 
-        wire = self.wire()
-        responses = []
-        wire.request(GET).addCallback(responses.append)
-        wire.dataReceived(b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found")
+        wire, response = self.answered(
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found"
+        )
         discard = Discard()
-        responses[0].deliverBody(discard)
+        response.deliverBody(discard)
         self.assertEqual(discard.data, b"")
         self.assertIsInstance(discard.reason.value, ResponseDone)
         self.assertIs(self.pool.take(KEY), wire)  # the refusal came whole
