@@ -149,6 +149,23 @@ class DupCacheTests(unittest.SynchronousTestCase):
         self.assertNotIn("k", cache)
         self.assertEqual(len(cache), 0)
 
+    def test_expiry_in_whole_seconds(self):
+        """A key added within a second lives until the next whole second after ttl: at least
+        ttl, at most a second more; the keys added within one second share their expiry (one
+        object in memory, not one a key)."""
+        cache = DupCache(self.path, 10, self.clock)
+        self.clock.advance(0.25)
+        cache.add("a")
+        self.clock.advance(0.5)
+        cache.add("b")
+        self.assertIs(cache._entries[digest("a")], cache._entries[digest("b")])
+        self.clock.advance(10.2)  # 10.95: "a" was added 10.7 s ago
+        self.assertIn("a", cache)
+        self.clock.advance(0.05)  # 11.0
+        self.assertNotIn("a", cache)
+        self.assertNotIn("b", cache)
+        cache.close()
+
     def test_added_again_outlives_its_first_batch(self):
         """A key added again is a duplicate for ttl seconds from its last add, also after the
         keys added with it the first time are forgotten."""
