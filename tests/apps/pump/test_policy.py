@@ -97,6 +97,18 @@ class NormalizeTests(SynchronousTestCase):
             self.assertRaises(ValueError, normalize, url)
         self.assertEqual(normalize("file:///a/..%2fb").path, "/b")
 
+    def test_plain_paths_as_they_are(self):
+        """A path with nothing to decode and no dot segment is its own normal form; one step
+        away from that (a dot segment, a backslash, an escape) is still resolved or refused."""
+        for path in ("/", "/a/b.txt", "/obs/2026/12/08/x..y", "/a/.hidden/f", "/a//b/"):
+            self.assertEqual(normalize("http://h" + path).path, path, path)
+        self.assertEqual(normalize("http://h/a/./b").path, "/a/b")
+        self.assertEqual(normalize("http://h/a/b/..").path, "/a/")
+        self.assertEqual(normalize("http://h/%7Ea").path, "/~a")
+        self.assertEqual(normalize("http://h/a/%2e%2e/b").path, "/b")
+        for url in ("http://h/a\\..\\b", "http://h/a/..%5cb"):
+            self.assertRaises(ValueError, normalize, url)
+
     def test_user_and_query_kept(self):
         self.assertEqual(normalize("http://u:p%40@H/x?a=1").text(), "http://u:p%40@h:80/x?a=1")
 

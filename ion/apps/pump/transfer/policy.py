@@ -191,6 +191,17 @@ def _decode_unreserved(segment):
 
 
 def _normal_path(path, decode_all):
+    if (
+        not decode_all
+        and path[:1] == "/"
+        and "%" not in path
+        and "/." not in path
+        and "\\" not in path
+    ):
+        # Nothing to decode, no "." or ".." segment, nothing a server could read as one:
+        # already normal, as most URLs a notice names are (the steps below cost about 1.5%
+        # of the pump container's time per 4 KiB file).
+        return path
     if decode_all:
         # A local path: decoded once, as the file scheme opens it.
         path = unquote(path)
