@@ -195,6 +195,17 @@ class WireTests(TestCase):
         self.assertIsInstance(body.reason.value, PotentialDataLoss)
         self.assertIsNone(self.pool.take(KEY))
 
+    def test_untilCloseStopped(self):
+        """
+        A body without length whose protocol stopped it (a timeout) ends failed, not whole:
+        the connection's end is then no proof that the body was all there.
+        """
+        wire, response, body = self.exchange([b"HTTP/1.0 200 OK\r\n\r\nsome"])
+        response.stopProducing()
+        wire.connectionLost(Failure(ConnectionAborted()))
+        body.reason.trap(ResponseFailed)
+        self.assertEqual(body.data, b"some")
+
     def test_notKept(self):
         """
         C{Connection: close}, an HTTP/1.0 response, and bytes past the end of a response

@@ -88,18 +88,17 @@ class Headers(dict):
 
 class Response:
     """
-    The answer to a kept GET, once its head is in: C{version} (C{(1, 0)} or C{(1, 1)}),
-    C{code}, C{phrase}, C{headers} (L{Headers}) and C{length} (the body's size, or
-    C{UNKNOWN_LENGTH}), as Twisted's responses have them. The body goes to one protocol
+    The answer to a kept GET, once its head is in: C{code}, C{phrase}, C{headers}
+    (L{Headers}) and C{length} (the body's size, or C{UNKNOWN_LENGTH}), as Twisted's
+    responses have them. The body goes to one protocol
     (L{deliverBody}); until then what arrives of it is held, up to L{MAX_EARLY} bytes before
     the connection is paused.
     """
 
-    __slots__ = ("version", "code", "phrase", "headers", "length", "_wire", "_protocol",
+    __slots__ = ("code", "phrase", "headers", "length", "_wire", "_protocol",
                  "_early", "_early_size", "_end", "_stopped")
 
-    def __init__(self, version, code, phrase, headers, length, wire):
-        self.version = version
+    def __init__(self, code, phrase, headers, length, wire):
         self.code = code
         self.phrase = phrase
         self.headers = headers
@@ -202,7 +201,6 @@ class Wire(Protocol):
         self._interim = 0
         self._response = None  # the response whose body is coming
         self._keep = False
-        self._close_ends = False  # the body ends with the connection
         self._left = 0
         self._chunk = _SIZE
         self._trailer = 0
@@ -277,12 +275,11 @@ class Wire(Protocol):
         self._start_body(status, code, headers, rest)
 
     def _start_body(self, status, code, headers, rest):
-        version = (1, int(status.group(1)))
+        http10 = status.group(1) == b"0"
         connection = headers.get(b"connection")
-        self._keep = version == (1, 1) and not (
+        self._keep = not http10 and not (
             connection is not None and b"close" in b",".join(connection).lower()
         )
-        self._close_ends = False
         encoding = headers.get(b"transfer-encoding")
         lengths = headers.get(b"content-length")
         if code in (204, 304):
@@ -295,7 +292,7 @@ class Wire(Protocol):
             if lengths is not None:
                 self._fail("both Content-Length and Transfer-Encoding")
                 return
-            if version == (1, 0):
+            if http10:
                 self._fail("Transfer-Encoding in an HTTP/1.0 response")
                 return
             length, parse = UNKNOWN_LENGTH, self._chunked
@@ -312,10 +309,9 @@ class Wire(Protocol):
         else:
             length, parse = UNKNOWN_LENGTH, self._until_close
             self._keep = False
-            self._close_ends = True
         waiting, self._waiting = self._waiting, None
         phrase = status.group(3) or b""
-        response = self._response = Response(version, code, phrase, headers, length, self)
+        response = self._response = Response(code, phrase, headers, length, self)
         if parse is None:
             if rest:
                 self._keep = False  # bytes after a response without a body
@@ -463,13 +459,15 @@ class Wire(Protocol):
 
     def connectionLost(self, reason=None):
         self.pool.lost(self)
+        # Only a body read until the end, and not stopped, ends whole with the connection.
+        closing_ends = self._parse == self._until_close
         self._parse = _ignore
         waiting, self._waiting = self._waiting, None
         response, self._response = self._response, None
         if waiting is not None:
             waiting.errback(Stale() if self.reused and not self._heard else NoResponse(reason))
         elif response is not None:
-            if self._close_ends:
+            if closing_ends:
                 response._ended(Failure(PotentialDataLoss()))
             else:
                 response._ended(Failure(ResponseFailed([reason])))
